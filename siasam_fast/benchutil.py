@@ -1,0 +1,99 @@
+"""Shared plumbing of the benchmark scripts: environment record, table printing, CSV and plots."""
+
+from __future__ import annotations
+
+import csv
+import datetime as _dt
+import os
+import platform
+from collections.abc import Sequence
+from pathlib import Path
+
+RESULTS_DIR = Path(__file__).resolve().parent.parent / "benchmarks" / "results"
+
+
+def environment() -> dict:
+    """Device and library versions, recorded beside every benchmark row."""
+    import numpy
+    import torch
+
+    env = {
+        "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "host": platform.node(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "numpy": numpy.__version__,
+        "cpu": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+    }
+    if torch.cuda.is_available():
+        env["device"] = torch.cuda.get_device_name(0)
+        env["cuda"] = torch.version.cuda
+        major, minor = torch.cuda.get_device_capability(0)
+        env["capability"] = f"{major}.{minor}"
+    else:
+        env["device"] = "cpu"
+    for name in ("triton", "transformers", "deepspeed", "av"):
+        env[name] = _version(name)
+    env["dali"] = _version("nvidia.dali")
+    return env
+
+
+def _version(module: str) -> str:
+    try:
+        mod = __import__(module, fromlist=["__version__"])
+        return str(getattr(mod, "__version__", "unknown"))
+    except Exception:  # noqa: BLE001 - any import failure means "not installed" here
+        return "not installed"
+
+
+def format_table(rows: Sequence[dict], columns: Sequence[str] | None = None) -> str:
+    """A fixed-width text table (floats with 4 significant digits)."""
+    if not rows:
+        return "(no rows)"
+    columns = list(columns or rows[0].keys())
+
+    def fmt(value) -> str:
+        if isinstance(value, float):
+            return f"{value:.4g}"
+        return "" if value is None else str(value)
+
+    cells = [[fmt(r.get(c)) for c in columns] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
+    line = "  ".join(c.rjust(w) for c, w in zip(columns, widths))
+    sep = "  ".join("-" * w for w in widths)
+    body = ["  ".join(v.rjust(w) for v, w in zip(row, widths)) for row in cells]
+    return "\n".join([line, sep, *body])
+
+
+def markdown_table(rows: Sequence[dict], columns: Sequence[str] | None = None) -> str:
+    """The same table in Markdown, for the README."""
+    if not rows:
+        return ""
+    columns = list(columns or rows[0].keys())
+
+    def fmt(value) -> str:
+        return f"{value:.4g}" if isinstance(value, float) else ("" if value is None else str(value))
+
+    out = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    out += ["| " + " | ".join(fmt(r.get(c)) for c in columns) + " |" for r in rows]
+    return "\n".join(out)
+
+
+def write_csv(rows: Sequence[dict], path: str | os.PathLike, env: dict | None = None) -> Path:
+    """Write rows (each merged with ``env``) to ``path``; columns are the union of the keys."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    merged = [{**(env or {}), **r} for r in rows]
+    columns: list[str] = []
+    for r in merged:
+        columns += [k for k in r if k not in columns]
+    with path.open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(merged)
+    return path
+
+
+def results_path(name: str, out_dir: str | os.PathLike | None = None) -> Path:
+    return Path(out_dir) / name if out_dir else RESULTS_DIR / name

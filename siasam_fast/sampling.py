@@ -1,0 +1,303 @@
+"""Siamese sampling (SiaSamRea, NeurIPS 2021, section 3.2): which frames each clip of a video reads.
+
+One pure function, :func:`sample_siamese_clips`, turns (number of frames, config, rng) into the
+anchor clip and its siamese clips as frame indices [N, B]; every pipeline (PyAV, DALI, the
+benchmarks) calls it, so the index math exists once. It also returns the sorted unique frame set U
+and the map from every clip frame into U: siamese clips overlap heavily, so each frame is decoded
+and encoded once and then gathered per clip.
+
+Rules (DESIGN section 2):
+- the anchor start ``a`` is uniform over the first third of the video (``a < T / 3``), clamped so
+  that the whole group fits;
+- siamese starts are consecutive steps of ``start_spacing`` (d) next to the anchor: a+d, a-d, a+2d,
+  a-2d, ... (``pace="both"``) or a+d, a+2d, ... (``pace="after"``). Near either end of the video the
+  window of starts slides inward instead of clamping clips onto each other, so starts stay distinct
+  and consecutive;
+- every clip takes B frames with the same stride s;
+- a video too short for the group follows ``short_video``: "shrink_stride" (largest stride that fits,
+  then the spacing, then padding), "pad" (repeat the last frame) or "skip"; the reason is recorded.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, fields
+
+import numpy as np
+
+PACES = ("both", "after")
+SHORT_VIDEO_POLICIES = ("shrink_stride", "pad", "skip")
+EVAL_PLACEMENTS = ("middle", "uniform")
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """How clips are drawn from one video. Field names follow the paper (N, B, stride)."""
+
+    num_clips: int = 9  # N: the anchor plus N-1 siamese clips
+    frames_per_clip: int | tuple[int, int] = 8  # B, or (lo, hi): the largest B in range that fits
+    stride: int = 4  # s, frames between two sampled frames of a clip (same for every clip)
+    start_spacing: int = 1  # d, frames between consecutive clip starts
+    pace: str = "both"  # "both": a+d, a-d, a+2d, ...; "after": a+d, a+2d, ...
+    short_video: str = "shrink_stride"  # "shrink_stride" | "pad" | "skip"
+    min_frames: int = 1  # videos shorter than this are skipped (the paper skips < 40 frames)
+    eval_placement: str = "middle"  # "middle" | "uniform"
+    eval_clips: int = 1  # clips per video at evaluation (1 = anchor only, as in the paper)
+    anchor_copies: bool = False  # ablation: N copies of the anchor instead of siamese clips
+
+    def __post_init__(self) -> None:
+        fpc = self.frames_per_clip
+        if isinstance(fpc, (list, tuple)):
+            if len(fpc) != 2 or not all(isinstance(x, (int, np.integer)) for x in fpc):
+                raise ValueError(
+                    f"frames_per_clip={fpc!r}: give one integer B or a range [lo, hi] of two integers"
+                )
+            lo, hi = int(fpc[0]), int(fpc[1])
+            if not 1 <= lo <= hi:
+                raise ValueError(f"frames_per_clip={fpc!r}: the range needs 1 <= lo <= hi")
+            object.__setattr__(self, "frames_per_clip", (lo, hi))
+        elif not isinstance(fpc, (int, np.integer)) or fpc < 1:
+            raise ValueError(f"frames_per_clip={fpc!r}: must be an integer >= 1 or a range [lo, hi]")
+        for name in ("num_clips", "stride", "start_spacing", "min_frames", "eval_clips"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, np.integer)) or value < 1:
+                raise ValueError(f"{name}={value!r}: must be an integer >= 1")
+        _check_choice("pace", self.pace, PACES)
+        _check_choice("short_video", self.short_video, SHORT_VIDEO_POLICIES)
+        _check_choice("eval_placement", self.eval_placement, EVAL_PLACEMENTS)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> SamplingConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown sampling option(s) {unknown}; valid: {sorted(known)}")
+        return cls(**values)
+
+    @property
+    def frames_range(self) -> tuple[int, int]:
+        fpc = self.frames_per_clip
+        return fpc if isinstance(fpc, tuple) else (fpc, fpc)
+
+    @property
+    def max_frames_per_clip(self) -> int:
+        return self.frames_range[1]
+
+
+def _check_choice(name: str, value: str, valid: tuple[str, ...]) -> None:
+    if value not in valid:
+        raise ValueError(f"{name}={value!r}: valid values are {', '.join(valid)}")
+
+
+@dataclass
+class ClipIndices:
+    """The frames of one video's clips. ``clips[0]`` is the anchor clip.
+
+    ``unique`` is sorted and holds every frame of ``clips`` once; ``unique[inverse] == clips``.
+    ``skipped`` videos have empty arrays and ``reason`` says why; ``reason`` is also set (and
+    ``skipped`` false) when a short-video policy changed the request.
+    """
+
+    clips: np.ndarray  # [N, B] int64 frame indices
+    unique: np.ndarray  # [U] int64, sorted, unique
+    inverse: np.ndarray  # [N, B] int64 positions into unique
+    anchor_start: int = 0
+    stride: int = 1
+    start_spacing: int = 1
+    frames_per_clip: int = 0
+    skipped: bool = False
+    reason: str = ""
+    starts: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # [N]
+
+    @property
+    def num_clips(self) -> int:
+        return int(self.clips.shape[0])
+
+
+def clip_span(frames_per_clip: int, stride: int) -> int:
+    """Frames covered by one clip from its first to its last sampled frame."""
+    return (frames_per_clip - 1) * stride + 1
+
+
+def group_span(num_clips: int, frames_per_clip: int, stride: int, start_spacing: int) -> int:
+    """Frames covered by the anchor and its siamese clips together."""
+    return clip_span(frames_per_clip, stride) + (num_clips - 1) * start_spacing
+
+
+def _skipped(reason: str) -> ClipIndices:
+    empty = np.zeros((0, 0), np.int64)
+    return ClipIndices(empty, np.zeros(0, np.int64), empty, skipped=True, reason=reason)
+
+
+def _finish(starts: np.ndarray, B: int, s: int, d: int, T: int, reason: str) -> ClipIndices:
+    clips = starts[:, None] + s * np.arange(B, dtype=np.int64)[None, :]
+    clips = np.minimum(clips, T - 1)  # only "pad" ever reaches past the end
+    unique, inverse = np.unique(clips, return_inverse=True)
+    return ClipIndices(
+        clips=clips,
+        unique=unique.astype(np.int64),
+        inverse=inverse.reshape(clips.shape).astype(np.int64),
+        anchor_start=int(starts[0]),
+        stride=s,
+        start_spacing=d,
+        frames_per_clip=B,
+        reason=reason,
+        starts=starts,
+    )
+
+
+def _offset_window(N: int, pace: str, before: int, after: int) -> tuple[int, int]:
+    """Contiguous offsets [lo, lo + N - 1] (in units of d) around the anchor (offset 0).
+
+    ``before`` / ``after`` are how many steps fit before / after the anchor; the preferred window
+    (centred for "both", all after for "after") slides inward when it would leave the video.
+    """
+    lo = -((N - 1) // 2) if pace == "both" else 0
+    lo = max(lo, -before)
+    if lo + N - 1 > after:
+        lo = after - (N - 1)
+    return lo, lo + N - 1
+
+
+def _siamese_order(lo: int, hi: int) -> np.ndarray:
+    """Anchor first, then a+d, a-d, a+2d, a-2d, ...: nearest first, after before before."""
+    ks = [k for k in range(lo, hi + 1) if k != 0]
+    ks.sort(key=lambda k: (abs(k), -k))
+    return np.array([0, *ks], dtype=np.int64)
+
+
+def _choose_frames_per_clip(T: int, cfg: SamplingConfig, N: int) -> int:
+    lo, hi = cfg.frames_range
+    for b in range(hi, lo - 1, -1):
+        if group_span(N, b, cfg.stride, cfg.start_spacing) <= T:
+            return b
+    return lo
+
+
+def _fit_short(T: int, N: int, B: int, cfg: SamplingConfig) -> tuple[int, int, bool, str] | None:
+    """(stride, spacing, pad, reason) for a video shorter than the group, or None to skip."""
+    s, d = cfg.stride, cfg.start_spacing
+    need = group_span(N, B, s, d)
+    what = f"video has {T} frames, the group of {N} clips x {B} frames needs {need}"
+    if cfg.short_video == "skip":
+        return None
+    if cfg.short_video == "pad":
+        return s, d, True, f"padded with the last frame: {what}"
+    # shrink_stride: the largest stride that fits, then the largest spacing, then pad.
+    for s2 in range(s - 1, 0, -1):
+        if group_span(N, B, s2, d) <= T:
+            return s2, d, False, f"stride shrunk from {s} to {s2}: {what}"
+    for d2 in range(d - 1, 0, -1):
+        if group_span(N, B, 1, d2) <= T:
+            return 1, d2, False, f"stride shrunk from {s} to 1 and spacing from {d} to {d2}: {what}"
+    return 1, 1, True, f"stride shrunk from {s} to 1, spacing to 1, then padded: {what}"
+
+
+def sample_siamese_clips(
+    num_frames: int, config: SamplingConfig, rng: np.random.Generator
+) -> ClipIndices:
+    """Training clips of one video: the anchor clip and N-1 siamese clips (section 3.2)."""
+    T = int(num_frames)
+    cfg = config
+    if T < 1:
+        return _skipped(f"video has {T} frames")
+    if T < cfg.min_frames:
+        return _skipped(f"video has {T} frames, fewer than min_frames={cfg.min_frames}")
+    N = cfg.num_clips
+    B = _choose_frames_per_clip(T, cfg, N)
+    s, d, pad, reason = cfg.stride, cfg.start_spacing, False, ""
+    if group_span(N, B, s, d) > T:
+        fitted = _fit_short(T, N, B, cfg)
+        if fitted is None:
+            need = group_span(N, B, s, d)
+            return _skipped(
+                f"video has {T} frames, the group of {N} clips x {B} frames needs {need} "
+                "(short_video='skip')"
+            )
+        s, d, pad, reason = fitted
+
+    if pad:
+        # Every start as early as possible; frames past the end repeat the last frame.
+        a = 0
+        lo, hi = 0, N - 1
+    else:
+        max_start = T - clip_span(B, s)  # last start at which a clip still fits
+        a = _draw_anchor(T, max_start, N, d, rng)
+        if a is None:  # cannot happen when the group fits; kept as a guard for future edits
+            raise AssertionError(f"no feasible anchor start for T={T}, N={N}, B={B}, s={s}, d={d}")
+        a, note = a
+        reason = "; ".join(r for r in (reason, note) if r)
+        lo, hi = _offset_window(N, cfg.pace, a // d, (max_start - a) // d)
+    offsets = _siamese_order(lo, hi)
+    if cfg.anchor_copies:
+        offsets = np.zeros(N, np.int64)  # ablation: the anchor clip N times
+    return _finish(a + d * offsets, B, s, d, T, reason)
+
+
+def _draw_anchor(
+    T: int, max_start: int, N: int, d: int, rng: np.random.Generator
+) -> tuple[int, str] | None:
+    """Anchor start uniform over the first third among starts whose group fits."""
+    def feasible(starts: np.ndarray) -> np.ndarray:
+        return starts[(starts // d + (max_start - starts) // d) >= N - 1]
+
+    first_third = feasible(np.arange(min(math.ceil(T / 3), max_start + 1)))
+    if first_third.size:
+        return int(rng.choice(first_third)), ""
+    anywhere = feasible(np.arange(max_start + 1))
+    if anywhere.size == 0:
+        return None
+    return int(rng.choice(anywhere)), "no group fits with its anchor in the first third"
+
+
+def sample_eval_clips(
+    num_frames: int, config: SamplingConfig, num_clips: int | None = None
+) -> ClipIndices:
+    """Deterministic evaluation clips: ``num_clips`` (default ``config.eval_clips``) clips, one per
+    equal segment of the video. "middle": B frames with the training stride centred in the segment
+    (stride shrunk if the segment is too short); "uniform": B frames spread evenly over the segment.
+    """
+    T = int(num_frames)
+    cfg = config
+    E = int(num_clips or cfg.eval_clips)
+    if E < 1:
+        raise ValueError(f"num_clips={num_clips!r}: must be >= 1")
+    if T < 1:
+        return _skipped(f"video has {T} frames")
+    B = _choose_frames_per_clip(T, cfg, 1)
+    clips = np.empty((E, B), np.int64)
+    s_used, reason = cfg.stride, ""
+    for e in range(E):
+        seg_lo = (e * T) // E
+        seg_hi = max(((e + 1) * T) // E, seg_lo + 1)  # exclusive
+        seg_len = seg_hi - seg_lo
+        if cfg.eval_placement == "uniform":
+            clips[e] = seg_lo + ((np.arange(B) + 0.5) * seg_len / B).astype(np.int64)
+            s_used = 0  # not a constant stride
+        else:
+            s = cfg.stride
+            while s > 1 and clip_span(B, s) > seg_len:
+                s -= 1
+            if s != cfg.stride:
+                reason = f"stride shrunk from {cfg.stride} to {s} to fit a {seg_len}-frame segment"
+            s_used = s
+            start = seg_lo + max(0, (seg_len - clip_span(B, s)) // 2)
+            clips[e] = start + s * np.arange(B)
+    clips = np.minimum(clips, T - 1)
+    unique, inverse = np.unique(clips, return_inverse=True)
+    return ClipIndices(
+        clips=clips,
+        unique=unique.astype(np.int64),
+        inverse=inverse.reshape(clips.shape).astype(np.int64),
+        anchor_start=int(clips[0, 0]),
+        stride=s_used,
+        start_spacing=0,
+        frames_per_clip=B,
+        reason=reason,
+        starts=clips[:, 0].copy(),
+    )
+
+
+def example_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
+    """The generator for one example in one epoch: the same whatever the worker count or rank."""
+    return np.random.default_rng([int(seed), int(epoch), int(index)])
