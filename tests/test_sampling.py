@@ -1,0 +1,232 @@
+"""Property tests of siamese sampling (DESIGN section 2): one function, every pipeline calls it."""
+
+import math
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from siasam_fast.sampling import (
+    SamplingConfig,
+    clip_span,
+    example_rng,
+    group_span,
+    sample_eval_clips,
+    sample_siamese_clips,
+)
+
+configs = st.builds(
+    SamplingConfig,
+    num_clips=st.integers(1, 12),
+    frames_per_clip=st.one_of(
+        st.integers(1, 16), st.tuples(st.integers(1, 8), st.integers(8, 16))
+    ),
+    stride=st.integers(1, 8),
+    start_spacing=st.integers(1, 4),
+    pace=st.sampled_from(["both", "after"]),
+    short_video=st.sampled_from(["shrink_stride", "pad", "skip"]),
+)
+
+
+def check_invariants(r, T, cfg):
+    """What holds for every non-skipped result."""
+    N, B = r.clips.shape
+    assert N == cfg.num_clips
+    lo, hi = cfg.frames_range
+    assert lo <= B <= hi and B == r.frames_per_clip
+    # Indices in range.
+    assert r.clips.min() >= 0 and r.clips.max() <= T - 1
+    # U sorted, unique, covering every clip frame, and the map reconstructs the clips.
+    assert np.all(np.diff(r.unique) > 0)
+    assert set(r.unique.tolist()) == set(r.clips.ravel().tolist())
+    np.testing.assert_array_equal(r.unique[r.inverse], r.clips)
+    padded = "padded" in r.reason
+    if not padded:
+        # One stride for all clips.
+        if B > 1:
+            assert np.all(np.diff(r.clips, axis=1) == r.stride)
+        starts = np.sort(r.clips[:, 0])
+        # Consecutive, distinct starts (in steps of the spacing) containing the anchor.
+        if N > 1:
+            assert np.all(np.diff(starts) == r.start_spacing)
+        assert r.anchor_start == r.clips[0, 0]
+        assert r.stride <= cfg.stride and r.start_spacing <= cfg.start_spacing
+        # Siamese clips come nearest first: |offsets| never decrease.
+        offsets = np.abs(r.clips[:, 0] - r.anchor_start)
+        assert np.all(np.diff(offsets) >= 0)
+
+
+@settings(max_examples=300, deadline=None)
+@given(T=st.integers(1, 2000), cfg=configs, seed=st.integers(0, 2**32 - 1))
+def test_invariants(T, cfg, seed):
+    r = sample_siamese_clips(T, cfg, np.random.default_rng(seed))
+    if r.skipped:
+        assert cfg.short_video == "skip" and r.reason
+        assert group_span(cfg.num_clips, cfg.frames_range[0], cfg.stride, cfg.start_spacing) > T
+        return
+    check_invariants(r, T, cfg)
+
+
+@settings(max_examples=300, deadline=None)
+@given(T=st.integers(1, 2000), cfg=configs, seed=st.integers(0, 2**32 - 1))
+def test_anchor_in_first_third_whenever_feasible(T, cfg, seed):
+    r = sample_siamese_clips(T, cfg, np.random.default_rng(seed))
+    if r.skipped or "padded" in r.reason:
+        return
+    max_start = T - clip_span(r.frames_per_clip, r.stride)
+    d = r.start_spacing
+    feasible_first_third = [
+        a
+        for a in range(min(math.ceil(T / 3), max_start + 1))
+        if a // d + (max_start - a) // d >= cfg.num_clips - 1
+    ]
+    if feasible_first_third:
+        assert r.anchor_start < T / 3
+        assert "first third" not in r.reason
+    else:
+        assert "first third" in r.reason
+
+
+@settings(max_examples=100, deadline=None)
+@given(T=st.integers(1, 500), cfg=configs, seed=st.integers(0, 2**32 - 1))
+def test_same_seed_same_result(T, cfg, seed):
+    a = sample_siamese_clips(T, cfg, np.random.default_rng(seed))
+    b = sample_siamese_clips(T, cfg, np.random.default_rng(seed))
+    np.testing.assert_array_equal(a.clips, b.clips)
+    assert a.reason == b.reason
+
+
+def test_anchor_distribution_covers_first_third():
+    cfg = SamplingConfig(num_clips=9, frames_per_clip=8, stride=4)
+    T = 300
+    starts = {sample_siamese_clips(T, cfg, example_rng(0, 0, i)).anchor_start for i in range(2000)}
+    assert min(starts) == 0 and max(starts) == math.ceil(T / 3) - 1
+    assert len(starts) == math.ceil(T / 3)
+
+
+def test_design_example_unique_frames():
+    """DESIGN: with s=4 and 9 clips of 8 frames, 72 clip frames cover about 37 unique frames."""
+    r = sample_siamese_clips(500, SamplingConfig(), np.random.default_rng(1))
+    assert r.clips.size == 72
+    assert len(r.unique) == 37
+    assert r.reason == ""
+    # a+d, a-d, a+2d, a-2d, ...
+    a = r.anchor_start
+    assert r.clips[:, 0].tolist() == [a, a + 1, a - 1, a + 2, a - 2, a + 3, a - 3, a + 4, a - 4]
+
+
+def test_pace_after():
+    r = sample_siamese_clips(500, SamplingConfig(pace="after"), np.random.default_rng(1))
+    a = r.anchor_start
+    assert r.clips[:, 0].tolist() == [a + k for k in range(9)]
+
+
+def test_window_slides_at_video_start():
+    # Anchor 0 is forced (first third holds only start 0): no clip starts before frame 0.
+    cfg = SamplingConfig(num_clips=5, frames_per_clip=2, stride=1)
+    r = sample_siamese_clips(3 + 4, cfg, np.random.default_rng(0))
+    assert sorted(r.clips[:, 0].tolist()) == list(range(5))
+
+
+# Each short-video policy at lengths 1, span-1, span, span+N and very long.
+SPAN_CFG = dict(num_clips=9, frames_per_clip=8, stride=4, start_spacing=1)
+SPAN = group_span(9, 8, 4, 1)  # 37
+
+
+@pytest.mark.parametrize("T", [1, SPAN - 1, SPAN, SPAN + 9, 100_000])
+@pytest.mark.parametrize("policy", ["shrink_stride", "pad", "skip"])
+def test_short_video_policies(T, policy):
+    cfg = SamplingConfig(**SPAN_CFG, short_video=policy)
+    r = sample_siamese_clips(T, cfg, np.random.default_rng(0))
+    if T >= SPAN:
+        assert not r.skipped and r.reason == "" and r.stride == 4
+        check_invariants(r, T, cfg)
+        return
+    if policy == "skip":
+        assert r.skipped and f"video has {T} frames" in r.reason and "needs 37" in r.reason
+        return
+    assert not r.skipped and r.reason
+    check_invariants(r, T, cfg)
+    if policy == "pad":
+        assert "padded" in r.reason and r.stride == 4
+    elif T == SPAN - 1:
+        # One frame short: stride 3 fits (7 * 3 + 1 + 8 = 30 <= 36).
+        assert r.stride == 3 and "stride shrunk from 4 to 3" in r.reason
+    else:  # T == 1: nothing fits, so stride and spacing shrink to 1 and the rest is padding
+        assert r.stride == 1 and "padded" in r.reason
+        assert np.all(r.clips == 0)
+
+
+def test_min_frames_skips_like_the_paper():
+    cfg = SamplingConfig(min_frames=40)
+    r = sample_siamese_clips(39, cfg, np.random.default_rng(0))
+    assert r.skipped and "min_frames=40" in r.reason
+    assert not sample_siamese_clips(40, cfg, np.random.default_rng(0)).skipped
+
+
+def test_zero_frames_always_skipped():
+    for policy in ("shrink_stride", "pad", "skip"):
+        r = sample_siamese_clips(0, SamplingConfig(short_video=policy), np.random.default_rng(0))
+        assert r.skipped and "0 frames" in r.reason
+
+
+def test_frames_per_clip_range_grows_with_length():
+    cfg = SamplingConfig(num_clips=9, frames_per_clip=(5, 16), stride=2)
+    sizes = [sample_siamese_clips(T, cfg, np.random.default_rng(0)).frames_per_clip
+             for T in (10, 25, 30, 40, 1000)]
+    assert sizes == sorted(sizes)
+    assert sizes[0] == 5 and sizes[-1] == 16
+
+
+def test_anchor_copies_ablation():
+    r = sample_siamese_clips(200, SamplingConfig(anchor_copies=True), np.random.default_rng(3))
+    assert r.clips.shape == (9, 8)
+    assert np.all(r.clips == r.clips[0])
+    assert len(r.unique) == 8
+
+
+@pytest.mark.parametrize("placement", ["middle", "uniform"])
+@pytest.mark.parametrize("T", [1, 7, 40, 301])
+@pytest.mark.parametrize("E", [1, 3])
+def test_eval_clips(placement, T, E):
+    cfg = SamplingConfig(eval_placement=placement)
+    r = sample_eval_clips(T, cfg, E)
+    assert r.clips.shape[0] == E
+    assert r.clips.min() >= 0 and r.clips.max() < T
+    np.testing.assert_array_equal(r.unique[r.inverse], r.clips)
+    np.testing.assert_array_equal(r.clips, sample_eval_clips(T, cfg, E).clips)  # deterministic
+    if placement == "middle" and E == 1 and T == 301:
+        # Centred: as many frames before the clip as after it (within one frame).
+        before, after = r.clips[0, 0], T - 1 - r.clips[0, -1]
+        assert abs(before - after) <= 1 and r.stride == 4
+
+
+def test_example_rng_independent_of_order():
+    a = [example_rng(5, 2, i).integers(1 << 30) for i in range(10)]
+    b = [example_rng(5, 2, i).integers(1 << 30) for i in reversed(range(10))][::-1]
+    assert a == b
+    assert example_rng(5, 2, 0).integers(1 << 30) != example_rng(5, 3, 0).integers(1 << 30)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(num_clips=0), r"num_clips=0: must be an integer >= 1"),
+        (dict(stride=-1), r"stride=-1"),
+        (dict(frames_per_clip=(9, 5)), r"1 <= lo <= hi"),
+        (dict(frames_per_clip="8"), r"frames_per_clip='8'"),
+        (dict(pace="sideways"), r"pace='sideways': valid values are both, after"),
+        (dict(short_video="drop"), r"short_video='drop': valid values are shrink_stride, pad, skip"),
+        (dict(eval_placement="random"), r"eval_placement='random'"),
+    ],
+)
+def test_config_errors_name_the_value(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        SamplingConfig(**kwargs)
+
+
+def test_from_dict_rejects_unknown_keys():
+    with pytest.raises(ValueError, match=r"unknown sampling option\(s\) \['strides'\]"):
+        SamplingConfig.from_dict({"strides": 4})
+    assert SamplingConfig.from_dict({"frames_per_clip": [5, 16]}).frames_per_clip == (5, 16)
