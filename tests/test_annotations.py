@@ -1,0 +1,518 @@
+"""Annotation readers on small files in each release format, quirks included."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from siasam_fast.data.annotations import (
+    DATASETS,
+    AnnotationError,
+    load_annotations,
+    normalize_answer,
+)
+
+BOM = "\ufeff"
+
+
+def write(path, text: str, *, crlf: bool = False, bom: bool = False):
+    """Write text byte for byte: CRLF / BOM on request, no final newline unless the text has one."""
+    if crlf:
+        text = text.replace("\n", "\r\n")
+    path.write_bytes(((BOM if bom else "") + text).encode("utf-8"))
+    return path
+
+
+# ---------------------------------------------------------------- MSRVTT-QA / MSVD-QA official
+
+MSRVTT_JSON = (
+    "[\n"
+    '  {"answer": "  Couch ", "category_id": 5, "id": 0, "question": "what are three people '
+    'sitting on?", "video_id": 7010},\n'
+    '  {"answer": "caf\\u00e9", "category_id": 5, "id": 1, "question": "who is in the '
+    '\\u00e9cole? ", "video_id": 7010},\n'
+    '  {"answer": "two", "category_id": 12, "id": 2, "question": "  is there  a dog?", '
+    '"video_id": 9}\n'
+    "]"  # no final newline
+)
+
+
+def test_msrvtt_official_fields_and_quirks(tmp_path):
+    path = write(tmp_path / "test_qa.json", MSRVTT_JSON, crlf=True, bom=True)
+    exs = load_annotations("msrvtt_qa", path)
+    assert len(exs) == 3
+    a, b, c = exs
+    assert (a.qid, a.video_id, a.task) == ("0", "video7010", "open")
+    assert a.question == "what are three people sitting on?"
+    assert a.answer == "couch"  # stripped + lower-cased
+    assert a.question_type == "what"
+    assert a.extra == {"category_id": 5}
+    assert a.candidates is None and a.answer_index is None and a.start is None
+    assert b.answer == "café" and b.question == "who is in the école?"
+    assert b.question_type == "who"
+    assert c.video_id == "video9" and c.question == "is there a dog?"
+    assert c.question_type == "other"
+
+
+def test_msrvtt_official_missing_field_names_file_record_field(tmp_path):
+    recs = [
+        {"answer": "a", "id": 0, "question": "what?", "video_id": 1},
+        {"id": 1, "question": "what?", "video_id": 1},
+    ]
+    path = write(tmp_path / "train_qa.json", json.dumps(recs))
+    with pytest.raises(AnnotationError, match=r"train_qa\.json record 1: field 'answer' missing"):
+        load_annotations("msrvtt_qa", path)
+
+
+@pytest.mark.parametrize(
+    ("record", "message"),
+    [
+        ({"answer": ["a"], "id": 0, "question": "q", "video_id": 1}, "'answer' must be a string"),
+        ({"answer": "  ", "id": 0, "question": "q", "video_id": 1}, "'answer' is empty"),
+        ({"answer": "a", "id": 0, "question": "q", "video_id": "v1"}, "'video_id' must be an int"),
+        ({"answer": "a", "id": 0, "question": "q", "video_id": True}, "'video_id' must be an int"),
+    ],
+)
+def test_msrvtt_official_bad_values(tmp_path, record, message):
+    path = write(tmp_path / "val_qa.json", json.dumps([record]))
+    with pytest.raises(AnnotationError, match=rf"val_qa\.json record 0: field {message}"):
+        load_annotations("msrvtt_qa", path)
+
+
+def test_invalid_json_reports_line_and_column(tmp_path):
+    path = write(tmp_path / "train_qa.json", '[\n{"answer": "a",\n "id": }\n]')
+    with pytest.raises(AnnotationError, match=r"train_qa\.json line 3 column \d+: invalid JSON"):
+        load_annotations("msrvtt_qa", path)
+    path = write(tmp_path / "x_qa.json", '[1, {"a": 1}]')
+    with pytest.raises(AnnotationError, match=r"record 0: expected a JSON object, got int"):
+        load_annotations("msrvtt_qa", path)
+
+
+def test_msvd_official_maps_ids_through_youtube_mapping(tmp_path):
+    ann = tmp_path / "annotations"
+    ann.mkdir()
+    recs = [
+        {"answer": "Man ", "id": 7, "question": "who is cutting?", "video_id": 1},
+        {"answer": "onion", "id": 8, "question": "what is sliced?", "video_id": 2},
+    ]
+    write(ann / "train_qa.json", json.dumps(recs))
+    # Mapping one folder up, CRLF, a blank line, no final newline: found automatically.
+    write(tmp_path / "youtube_mapping.txt", "-4wsuPCjDBc_5_15 vid1\n\nabc_0_9 vid2", crlf=True)
+    exs = load_annotations("msvd_qa", ann, split="train")
+    assert [e.video_id for e in exs] == ["-4wsuPCjDBc_5_15", "abc_0_9"]
+    assert [e.qid for e in exs] == ["7", "8"]
+    assert exs[0].answer == "man" and exs[0].question_type == "who"
+    assert "category_id" not in exs[0].extra
+    # mapping=False keeps the vid<N> names of Xu et al.'s preprocessing.
+    exs = load_annotations("msvd_qa", ann / "train_qa.json", mapping=False)
+    assert [e.video_id for e in exs] == ["vid1", "vid2"]
+
+
+def test_msvd_mapping_errors(tmp_path):
+    recs = [{"answer": "a", "id": 0, "question": "what?", "video_id": 3}]
+    (tmp_path / "sub").mkdir()
+    path = write(tmp_path / "sub" / "test_qa.json", json.dumps(recs))
+    with pytest.raises(FileNotFoundError, match=r"youtube_mapping\.txt.*mapping=False"):
+        load_annotations("msvd_qa", path)
+    mapping = write(tmp_path / "map.txt", "clip_a vid1\nclip_b vid2\n")
+    with pytest.raises(AnnotationError, match=r"test_qa\.json record 0: field 'video_id' = 3"):
+        load_annotations("msvd_qa", path, mapping=mapping)
+    bad = write(tmp_path / "bad.txt", "clip_a vid1\nclip_b 2\n")
+    with pytest.raises(AnnotationError, match=r"bad\.txt line 2: expected '<clip name> vid<N>'"):
+        load_annotations("msvd_qa", path, mapping=bad)
+
+
+# ---------------------------------------------------------------- ClipBERT-style JSONL (open)
+
+
+def test_msrvtt_clipbert_jsonl(tmp_path):
+    lines = [
+        '{"answer": "Couch", "question": "what are three people sitting on?", '
+        '"video_id": "video6513", "answer_type": "what"}',
+        "",
+        '  {"answer": "man", "question": "\\u00e9 who talks? ", "video_id": "video6514"}  ',
+    ]
+    path = write(tmp_path / "val.jsonl", "\n".join(lines), crlf=True, bom=True)
+    exs = load_annotations("msrvtt_qa", path)
+    assert [(e.qid, e.video_id, e.answer) for e in exs] == [
+        ("val-0", "video6513", "couch"),
+        ("val-1", "video6514", "man"),
+    ]
+    assert exs[0].question_type == "what"
+    assert exs[1].question == "é who talks?"
+    assert exs[1].question_type == "other"  # first word is not a question word
+    write(tmp_path / "bad.jsonl", '{"answer": "a", "video_id": "video1"}\n')
+    with pytest.raises(AnnotationError, match=r"bad\.jsonl line 1: field 'question' missing"):
+        load_annotations("msrvtt_qa", tmp_path / "bad.jsonl")
+    write(tmp_path / "bad2.jsonl", '{"answer": "a", "question": "q", "video_id": "v"}\n\n{"a": }')
+    with pytest.raises(AnnotationError, match=r"bad2\.jsonl line 3 column \d+: invalid JSON"):
+        load_annotations("msrvtt_qa", tmp_path / "bad2.jsonl")
+
+
+# ---------------------------------------------------------------- ActivityNet-QA
+
+
+def _anet_files(tmp_path, questions, answers, split="val"):
+    q = write(tmp_path / f"{split}_q.json", json.dumps(questions), crlf=True)
+    a = write(tmp_path / f"{split}_a.json", json.dumps(answers), bom=True)
+    return q, a
+
+
+ANET_Q = [
+    {"video_name": "LDIemY9nO-4", "question": "are they drifting indoors ", "question_id": "q2"},
+    {"video_name": "-7wfTI8Qv1Q", "question": "what color is the car", "question_id": "q1"},
+]
+ANET_A = [
+    {"answer": "Red", "type": 4, "question_id": "q1"},
+    {"answer": "no", "type": 3, "question_id": "q2"},
+]
+
+
+def test_activitynet_joins_questions_and_answers(tmp_path):
+    q, a = _anet_files(tmp_path, ANET_Q, ANET_A)
+    exs = load_annotations("activitynet_qa", q)  # the *_a.json beside it is found
+    assert [e.qid for e in exs] == ["q2", "q1"]  # question-file order
+    first, second = exs
+    assert first.video_id == "v_LDIemY9nO-4"
+    assert first.question == "are they drifting indoors"
+    assert (first.answer, first.question_type, first.extra) == ("no", "yes_no", {"type": 3})
+    assert (second.answer, second.question_type) == ("red", "color")
+    # An explicit pair, a bare-id video naming and a folder + split give the same records.
+    assert [e.video_id for e in load_annotations("activitynet_qa", (q, a), video_prefix="")] == [
+        "LDIemY9nO-4",
+        "-7wfTI8Qv1Q",
+    ]
+    assert load_annotations("activitynet_qa", tmp_path, split="val") == exs
+
+
+@pytest.mark.parametrize(
+    ("questions", "answers", "message"),
+    [
+        (ANET_Q, ANET_A[:1], r"val_q\.json record 0: question_id 'q2' has no answer in .*val_a"),
+        (ANET_Q[:1], ANET_A, r"val_a\.json record 0: question_id 'q1' has no question"),
+        (ANET_Q + ANET_Q[:1], ANET_A, r"val_q\.json record 2: question_id 'q2' appears twice"),
+        (ANET_Q, ANET_A + ANET_A[:1], r"val_a\.json record 2: question_id 'q1' already answered"),
+        (
+            ANET_Q,
+            [ANET_A[0], {"answer": "x", "type": 9, "question_id": "q2"}],
+            r"val_a\.json record 1: field 'type' = 9 out of range 0\.\.8",
+        ),
+        (
+            ANET_Q,
+            [ANET_A[0], {"answer": "x", "question_id": "q2"}],
+            r"val_a\.json record 1: field 'type' missing",
+        ),
+    ],
+)
+def test_activitynet_join_errors(tmp_path, questions, answers, message):
+    q, _ = _anet_files(tmp_path, questions, answers)
+    with pytest.raises(AnnotationError, match=message):
+        load_annotations("activitynet_qa", q)
+
+
+def test_activitynet_needs_its_answer_file(tmp_path):
+    q = write(tmp_path / "questions.json", json.dumps(ANET_Q))
+    with pytest.raises(ValueError, match=r"cannot tell the answer file.*answers_path"):
+        load_annotations("activitynet_qa", q)
+    q = write(tmp_path / "test_q.json", json.dumps(ANET_Q))
+    with pytest.raises(FileNotFoundError, match=r"test_a\.json does not exist"):
+        load_annotations("activitynet_qa", q)
+
+
+# ---------------------------------------------------------------- How2QA
+
+HOW2QA_CSV = (
+    "NOuQuofjk44,[7.2:18.0],10,12,16,how many knife is there?,1\n"
+    "\n"
+    'DUEyiEnMVj4,[12.6:13.2],"his channel is called ""graphix""",b,c ,'
+    '"How poisonous, based on the clip?",  "the ""real"" one"  \n'
+    "ZCvwmQPIQCo,[60.0:60.0],Two,Three,Four,How many pots?,One"
+)
+
+
+def test_how2qa_csv(tmp_path):
+    path = write(tmp_path / "how2QA_val_release.csv", HOW2QA_CSV, crlf=True, bom=True)
+    exs = load_annotations("how2qa", path)
+    assert len(exs) == 3
+    for e in exs:
+        assert e.task == "mc" and len(e.candidates) == 4
+        assert e.candidates[e.answer_index] == e.answer
+    a, b, c = exs
+    assert (a.qid, a.video_id, a.start, a.end) == ("how2QA_val_release-0", "NOuQuofjk44", 7.2, 18.0)
+    assert a.question == "how many knife is there?" and a.answer == "1"
+    assert sorted(a.candidates) == ["1", "10", "12", "16"]
+    assert b.question == "How poisonous, based on the clip?"
+    assert b.answer == 'the "real" one'  # case kept for multiple choice
+    assert set(b.candidates) == {'his channel is called "graphix"', "b", "c", 'the "real" one'}
+    assert (c.start, c.end) == (60.0, 60.0)
+    # Same order on every call; the correct answer is not always last.
+    assert load_annotations("how2qa", path) == exs
+    assert {e.answer_index for e in exs} != {3}
+    plain = load_annotations("how2qa", path, shuffle_candidates=False)
+    assert [e.answer_index for e in plain] == [3, 3, 3]
+    assert plain[0].candidates == ["10", "12", "16", "1"]
+    assert load_annotations("how2qa", tmp_path, split="val") == exs
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        ("vid,[7.2-18.0],a,b,c,q,d", r"line 2: field 'timestamps' = '\[7\.2-18\.0\]' is not"),
+        ("vid,[18.0:7.2],a,b,c,q,d", r"line 2: field 'timestamps' .* ends before it starts"),
+        ("vid,[1:2],a,b,c,q", r"line 2: 6 fields, expected 7"),
+        ("vid,[1:2],a,,c,q,d", r"line 2: field 'wrong2' is empty"),
+    ],
+)
+def test_how2qa_csv_errors(tmp_path, line, message):
+    path = write(tmp_path / "h.csv", "v0,[0:1],a,b,c,q,d\n" + line + "\n")
+    with pytest.raises(AnnotationError, match=r"h\.csv " + message):
+        load_annotations("how2qa", path)
+
+
+def test_how2qa_value_jsonl(tmp_path):
+    recs = [
+        {
+            "vid_name": "clip_1",
+            "ts": "36.58-58.52",
+            "qid": 11,
+            "q": "What is he holding? ",
+            "a0": "a pen",
+            "a1": "a cup",
+            "a2": "a knife",
+            "a3": "a phone",
+            "answer_idx": 2,
+        },
+        {
+            "vid_name": "clip_2",
+            "qid": "12",
+            "q": "Where?",
+            "a0": "x",
+            "a1": "y",
+            "a2": "z",
+            "a3": "w",
+        },
+    ]
+    path = write(tmp_path / "how2qa_test.jsonl", "\n".join(map(json.dumps, recs)), crlf=True)
+    a, b = load_annotations("how2qa", path)
+    assert (a.qid, a.video_id, a.question, a.task) == ("11", "clip_1", "What is he holding?", "mc")
+    assert a.candidates == ["a pen", "a cup", "a knife", "a phone"]
+    assert (a.answer_index, a.answer, a.start, a.end) == (2, "a knife", 36.58, 58.52)
+    # Hidden-label test files: no answer_idx, no ts.
+    assert (b.answer_index, b.answer, b.start, b.end) == (None, None, None, None)
+    recs[0]["answer_idx"] = 4
+    write(path, json.dumps(recs[0]))
+    with pytest.raises(
+        AnnotationError, match=r"line 1: field 'answer_idx' = 4 out of range 0\.\.3"
+    ):
+        load_annotations("how2qa", path)
+
+
+# ---------------------------------------------------------------- TGIF-QA official TSV
+
+ACTION_TSV = (
+    "gif_name\tquestion\ta1\ta2\ta3\ta4\ta5\tanswer\tvid_id\tkey\n"
+    "tumblr_nk172bbdPI1u1lr18o1_250\tWhat does the butterfly do 10 or more than 10 times ?\t"
+    "stuff marshmallow\tholds a phone towards face\tfall over\ttalk\tflap wings\t4\tACTION4\t26\n"
+    'tumblr_x \t"What does the man say ""hi"" to ?"  \ta \tb\tc\td\te\t 0 \tACTION5\t27'
+)
+
+
+def test_tgif_action_official(tmp_path):
+    path = write(tmp_path / "Test_action_question.csv", ACTION_TSV, crlf=True, bom=True)
+    a, b = load_annotations("tgif_action", path)
+    assert (a.qid, a.video_id, a.task) == ("ACTION4", "tumblr_nk172bbdPI1u1lr18o1_250", "mc")
+    assert a.question == "What does the butterfly do 10 or more than 10 times ?"
+    assert a.candidates == [
+        "stuff marshmallow",
+        "holds a phone towards face",
+        "fall over",
+        "talk",
+        "flap wings",
+    ]
+    assert (a.answer_index, a.answer, a.extra) == (4, "flap wings", {"key": "26"})
+    assert (b.video_id, b.question) == ("tumblr_x", 'What does the man say "hi" to ?')
+    assert (b.answer_index, b.answer) == (0, "a")
+    assert load_annotations("tgif_action", tmp_path, split="test") == [a, b]
+
+
+def test_tgif_transition_frameqa_count_official(tmp_path):
+    trans = write(
+        tmp_path / "Train_transition_question.csv",
+        "gif_name\tquestion\ta1\ta2\ta3\ta4\ta5\tanswer\tvid_id\tkey\n"
+        "g1\tWhat does the man do after stand ?\tdance\twink\tx\ty\tz\t0\tTRANS88\t80\n",
+    )
+    (t,) = load_annotations("tgif_transition", trans)
+    assert (t.qid, t.answer, t.answer_index) == ("TRANS88", "dance", 0)
+
+    frameqa = write(
+        tmp_path / "Train_frameqa_question.csv",
+        "gif_name\tquestion\tanswer\ttype\tvid_id\tkey\tdescription\n"
+        "g2\twhat is the color of the shirt ?\tBlack \t2\tFRAMEQA4460\t87751\ta man in black .\n"
+        "g3\thow many men are sitting ?\ttwo\t1\tFRAMEQA51329\t67414\t\n",
+        crlf=True,
+    )
+    f1, f2 = load_annotations("tgif_frameqa", frameqa)
+    assert (f1.task, f1.answer, f1.question_type, f1.qid) == (
+        "open",
+        "black",
+        "color",
+        "FRAMEQA4460",
+    )
+    assert (f2.answer, f2.question_type) == ("two", "number")
+
+    count = write(
+        tmp_path / "Train_count_question.csv",
+        "gif_name\tquestion\tanswer\tvid_id\tkey\n"
+        "g4\tHow many times does the woman chew food ?\t4\tCOUNT1\t5",
+    )
+    (c,) = load_annotations("tgif_count", count)
+    assert (c.task, c.answer, c.video_id, c.qid) == ("count", "4", "g4", "COUNT1")
+
+
+@pytest.mark.parametrize(
+    ("dataset", "text", "message"),
+    [
+        (
+            "tgif_action",
+            "gif_name\tquestion\ta1\ta2\ta3\ta4\tanswer\n",
+            r"line 1: header lacks column\(s\) 'a5' needed for tgif_action",
+        ),
+        (
+            "tgif_action",
+            "gif_name\tquestion\ta1\ta2\ta3\ta4\ta5\tanswer\ng\tq\ta\tb\tc\td\te\t5\n",
+            r"line 2: field 'answer' = 5 out of range 0\.\.4",
+        ),
+        (
+            "tgif_action",
+            "gif_name\tquestion\ta1\ta2\ta3\ta4\ta5\tanswer\ng\tq\ta\tb\tc\n",
+            r"line 2: 5 fields, the header has 8: field 'a4' missing",
+        ),
+        (
+            "tgif_count",
+            "gif_name\tquestion\tanswer\n\ng\tq\tfour\n",
+            r"line 3: field 'answer' must be an integer, got 'four'",
+        ),
+        (
+            "tgif_count",
+            "gif_name\tquestion\tanswer\ng\tq\t-1\n",
+            r"line 2: field 'answer' = -1 is not a count",
+        ),
+        (
+            "tgif_frameqa",
+            "gif_name\tquestion\tanswer\ttype\ng\tq\ta\t7\n",
+            r"line 2: field 'type' = 7 out of range 0\.\.3",
+        ),
+        (
+            "tgif_frameqa",
+            "gif_name\tquestion\tanswer\ttype\ng\tq\ta\t0\textra\n",
+            r"line 2: 5 fields, the header has 4 .* unexpected 'extra'",
+        ),
+    ],
+)
+def test_tgif_official_errors(tmp_path, dataset, text, message):
+    path = write(tmp_path / "Train_x_question.csv", text, crlf=True)
+    with pytest.raises(AnnotationError, match=r"Train_x_question\.csv " + message):
+        load_annotations(dataset, path)
+
+
+# ---------------------------------------------------------------- TGIF-QA ClipBERT JSONL
+
+
+def test_tgif_clipbert_jsonl(tmp_path):
+    action = {
+        "gif_name": "tumblr_nk172bbdPI1u1lr18o1_250",
+        "question": "What does the butterfly do 10 or more than 10 times ?",
+        "options": [
+            "stuff marshmallow",
+            "holds a phone towards face",
+            "fall over",
+            "talk",
+            "flap wings",
+        ],
+        "answer": 4,
+    }
+    path = write(tmp_path / "action_train.jsonl", json.dumps(action) + "\n\n", crlf=True)
+    (a,) = load_annotations("tgif_action", path)
+    assert (a.qid, a.video_id, a.answer_index, a.answer) == (
+        "action_train-0",
+        "tumblr_nk172bbdPI1u1lr18o1_250",
+        4,
+        "flap wings",
+    )
+    assert a.candidates == action["options"] and a.extra == {}
+    assert load_annotations("tgif_action", tmp_path, split="train") == [a]
+
+    frameqa = {
+        "gif_name": "g",
+        "question": "what is placed ?",
+        "answer": "Cookie",
+        "answer_type": "object",
+    }
+    path = write(tmp_path / "frameqa_val.jsonl", json.dumps(frameqa, ensure_ascii=True))
+    (f,) = load_annotations("tgif_frameqa", path)
+    assert (f.task, f.answer, f.question_type) == ("open", "cookie", "object")
+
+    path = write(
+        tmp_path / "count_val.jsonl", json.dumps({"gif_name": "g", "question": "q", "answer": 3})
+    )
+    assert load_annotations("tgif_count", path)[0].answer == "3"
+
+    action["options"] = action["options"][:4]
+    path = write(tmp_path / "transition_val.jsonl", json.dumps(action))
+    with pytest.raises(AnnotationError, match=r"line 1: field 'options' must be a list of 5"):
+        load_annotations("tgif_transition", path)
+
+
+# ---------------------------------------------------------------- entry point
+
+
+def test_registry_and_entry_point_errors(tmp_path):
+    assert set(DATASETS) == {
+        "msrvtt_qa",
+        "msvd_qa",
+        "activitynet_qa",
+        "how2qa",
+        "tgif_action",
+        "tgif_transition",
+        "tgif_frameqa",
+        "tgif_count",
+    }
+    path = write(tmp_path / "train_qa.json", MSRVTT_JSON)
+    with pytest.raises(ValueError, match=r"dataset='msrvtt'.*msrvtt_qa, msvd_qa, activitynet_qa"):
+        load_annotations("msrvtt", path)
+    with pytest.raises(
+        ValueError,
+        match=r"fmt='csv' for msrvtt_qa: valid formats are auto, "
+        r"official, clipbert",
+    ):
+        load_annotations("msrvtt_qa", path, fmt="csv")
+    with pytest.raises(ValueError, match=r"unknown option\(s\) 'mapping' for msrvtt_qa"):
+        load_annotations("msrvtt_qa", path, mapping="x")
+    with pytest.raises(AnnotationError, match=r"looks like a JSON array.*how2qa reads official"):
+        load_annotations("how2qa", path)
+    with pytest.raises(ValueError, match=r"is a folder; pass split="):
+        load_annotations("msrvtt_qa", tmp_path)
+    with pytest.raises(FileNotFoundError, match=r"none of val_qa\.json, val\.jsonl"):
+        load_annotations("msrvtt_qa", tmp_path, split="val")
+    with pytest.raises(FileNotFoundError, match=r"does not exist"):
+        load_annotations("msrvtt_qa", tmp_path / "nope.json")
+    write(tmp_path / "train.jsonl", '{"answer": "a", "question": "q", "video_id": "video1"}')
+    with pytest.raises(
+        ValueError,
+        match=r"train_qa\.json \(official\) and train\.jsonl "
+        r"\(clipbert\); pass fmt=",
+    ):
+        load_annotations("msrvtt_qa", tmp_path, split="train")
+    assert len(load_annotations("msrvtt_qa", tmp_path, split="train", fmt="clipbert")) == 1
+    write(tmp_path / "empty.json", BOM + "\r\n  \n")
+    with pytest.raises(AnnotationError, match=r"empty\.json: file is empty"):
+        load_annotations("msrvtt_qa", tmp_path / "empty.json")
+    with pytest.raises(ValueError, match=r"expected one annotation file, got 2"):
+        load_annotations("msrvtt_qa", [path, path])
+
+
+def test_normalize_answer():
+    assert normalize_answer("  Ice  Cream \t") == "ice cream"
+    assert normalize_answer("Café") == "café"
+    assert normalize_answer("3") == "3"
