@@ -1,0 +1,126 @@
+"""DeepSpeed configurations: ZeRO stage 0-3 x fp16 / bf16 / fp32 (the files under configs/ds/).
+
+Plain DeepSpeed ignores the value "auto" (that is a HF Trainer feature), so every value is real.
+The run config owns the batch size and the clipping norm: :func:`finalize` writes them into the
+DeepSpeed dict at start-up, so one DeepSpeed file serves every model size.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+STAGES = (0, 1, 2, 3)
+PRECISIONS = ("fp16", "bf16", "fp32")
+
+# fp16 on V100: dynamic loss scaling. loss_scale 0 = dynamic; start at 2**16; halve on overflow
+# (the step is skipped), double after 1000 clean steps; hysteresis 2 tolerates one overflow first.
+FP16_DYNAMIC = {
+    "enabled": True,
+    "loss_scale": 0,
+    "initial_scale_power": 16,
+    "loss_scale_window": 1000,
+    "hysteresis": 2,
+    "min_loss_scale": 1,
+}
+
+
+def make_ds_config(stage: int, precision: str, micro_batch: int = 8, grad_clip: float = 1.0) -> dict:
+    if stage not in STAGES:
+        raise ValueError(f"ZeRO stage {stage!r}: valid stages are 0, 1, 2, 3")
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision {precision!r}: valid values are {', '.join(PRECISIONS)}")
+    zero: dict = {"stage": stage}
+    if stage >= 1:
+        zero.update(overlap_comm=True, contiguous_gradients=True,
+                    reduce_bucket_size=50_000_000, allgather_bucket_size=50_000_000)
+    if stage == 3:
+        zero.update(stage3_prefetch_bucket_size=50_000_000,
+                    stage3_param_persistence_threshold=100_000)
+    return {
+        "train_micro_batch_size_per_gpu": micro_batch,
+        "gradient_accumulation_steps": 1,
+        "gradient_clipping": grad_clip,
+        "zero_optimization": zero,
+        "fp16": dict(FP16_DYNAMIC) if precision == "fp16" else {"enabled": False},
+        "bf16": {"enabled": precision == "bf16"},
+        # torch AdamW and apex FusedAdam are as safe under ZeRO as DeepSpeed's own Adam.
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 1_000_000,  # the trainer logs; keep DeepSpeed quiet
+        "wall_clock_breakdown": False,
+    }
+
+
+def config_file_name(stage: int, precision: str) -> str:
+    return f"zero{stage}_{precision}.json"
+
+
+def default_precision() -> str:
+    """bf16 where the GPU has it (Ampere+), fp16 on V100, fp32 on CPU (DeepSpeed refuses fp16 there)."""
+    if not torch.cuda.is_available():
+        return "fp32"
+    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+
+
+def load_ds_config(path: str | None, precision: str = "auto", stage: int = 2) -> dict:
+    """The DeepSpeed dict from a file, or the default for this machine."""
+    if path:
+        p = Path(path)
+        if not p.is_file():
+            raise FileNotFoundError(f"DeepSpeed config {path!r} does not exist (see configs/ds/)")
+        config = json.loads(p.read_text())
+    else:
+        config = make_ds_config(stage, default_precision() if precision == "auto" else precision)
+    if precision != "auto":
+        config["fp16"] = dict(FP16_DYNAMIC) if precision == "fp16" else {"enabled": False}
+        config["bf16"] = {"enabled": precision == "bf16"}
+    return config
+
+
+def precision_of(config: dict) -> str:
+    if config.get("fp16", {}).get("enabled"):
+        return "fp16"
+    if config.get("bf16", {}).get("enabled"):
+        return "bf16"
+    return "fp32"
+
+
+def finalize(config: dict, micro_batch: int, grad_clip: float, world_size: int) -> dict:
+    """Write the run's batch size and clipping into the DeepSpeed dict; check it for this device."""
+    config = json.loads(json.dumps(config))
+    for key, value in list(config.items()):
+        if value == "auto" or (isinstance(value, dict) and "auto" in value.values()):
+            raise ValueError(f"DeepSpeed config key {key!r} uses 'auto', which plain DeepSpeed "
+                             "ignores: write a real value (see configs/ds/)")
+    accum = int(config.get("gradient_accumulation_steps", 1))
+    config["train_micro_batch_size_per_gpu"] = micro_batch
+    config["train_batch_size"] = micro_batch * accum * world_size
+    config["gradient_clipping"] = grad_clip
+    precision = precision_of(config)
+    if not torch.cuda.is_available() and precision == "fp16":
+        raise ValueError("fp16 needs a CUDA GPU (DeepSpeed refuses it on CPU): use a bf16 or fp32 "
+                         "config, e.g. configs/ds/zero2_fp32.json")
+    if torch.cuda.is_available() and precision == "bf16" and not torch.cuda.is_bf16_supported():
+        raise ValueError(f"{torch.cuda.get_device_name()} has no bf16 (e.g. V100): use "
+                         "configs/ds/zero2_fp16.json (fp16 with dynamic loss scaling)")
+    return config
+
+
+def write_all(directory: str | Path) -> list[Path]:
+    """Regenerate configs/ds/*.json (a test checks the files match this module)."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    written = []
+    for stage in STAGES:
+        for precision in PRECISIONS:
+            path = directory / config_file_name(stage, precision)
+            path.write_text(json.dumps(make_ds_config(stage, precision), indent=2) + "\n")
+            written.append(path)
+    return written
+
+
+if __name__ == "__main__":
+    for p in write_all(Path(__file__).resolve().parent.parent / "configs" / "ds"):
+        print(p)
