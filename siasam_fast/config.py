@@ -33,6 +33,7 @@ class DataConfig:
     test: str = ""
     format: str = "auto"  # annotation format: auto | official | clipbert | value
     manifest: str = ""  # video manifest from `siasam-fast index` (paths inside are absolute)
+    video_dir: str = ""  # re-roots the manifest's paths when the videos moved since indexing
     ans2label: str = ""  # answer vocabulary file; built from train (top-K) when empty
     num_answers: int = 1000  # K for the open-ended vocabulary built from train
     backend: str = "auto"  # auto (DALI with a GPU and DALI installed, else pyav) | pyav | dali
@@ -94,6 +95,7 @@ class TrainConfig:
     log_every: int = 10
     max_steps: int = 0  # stop after this many steps (0: run all epochs)
     precision: str = "auto"  # auto: from the DeepSpeed config | fp32 | fp16 | bf16
+    sync_timing: bool = False  # synchronise the GPU between phases to split the step time
 
     def __post_init__(self) -> None:
         _choice("train.optimizer", self.optimizer, OPTIMIZERS)

@@ -1,0 +1,81 @@
+"""The SiaSamRea objective, eq. 8: L = alpha * L_siamese + L_gt.
+
+L_gt per task (section 3.4): cross-entropy (open-ended), summed pairwise hinge
+max(0, 1 - (s_pos - s_neg)) (multiple choice), MSE (count). It covers the anchor clip or every clip
+(``siamese.gt_clips``). L_siamese is the soft cross-entropy between the soft label Q (eq. 5) and the
+anchor's prediction; for multiple choice the candidates' scores play the role of logits (K = M);
+for count the clips' scalar predictions are propagated instead of distributions.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from siasam_fast.config import SiameseConfig
+from siasam_fast.model import task_scores
+from siasam_fast.siamese import SiameseReasoning, siamese_count_loss
+
+IGNORE = -1  # label of examples without a usable target (answers outside the vocabulary)
+
+
+def _clip_weights(clip_mask: torch.Tensor, gt_clips: str) -> torch.Tensor:
+    """[V, N] float weights of the clips L_gt covers."""
+    if gt_clips == "anchor":
+        w = torch.zeros_like(clip_mask, dtype=torch.float32)
+        w[:, 0] = 1.0
+        return w
+    return clip_mask.float()
+
+
+def gt_loss(outputs: dict, batch: dict, task: str, gt_clips: str = "anchor") -> torch.Tensor:
+    """L_gt averaged over the covered clips of the videos that have a target."""
+    scores = task_scores(outputs, task).float()
+    V, N = scores.shape[:2]
+    weights = _clip_weights(batch["clip_mask"], gt_clips)
+    if task == "count":
+        target = batch["count"].float().view(V, 1).expand(V, N)
+        per_clip = (scores - target) ** 2
+        valid = torch.ones(V, dtype=torch.bool, device=scores.device)
+    else:
+        label = (batch["label"] if task == "open" else batch["answer_index"]).long()
+        valid = label != IGNORE
+        safe = label.clamp_min(0).view(V, 1).expand(V, N)
+        if task == "open":
+            per_clip = F.cross_entropy(scores.flatten(0, 1), safe.reshape(-1), reduction="none")
+            per_clip = per_clip.view(V, N)
+        else:  # summed pairwise hinge between the positive and every negative candidate
+            pos = scores.gather(2, safe[..., None])  # [V, N, 1]
+            hinge = (1.0 - (pos - scores)).clamp_min(0)
+            negatives = torch.ones_like(hinge, dtype=torch.bool).scatter(2, safe[..., None], False)
+            per_clip = (hinge * negatives).sum(2)
+    weights = weights * valid[:, None].float()
+    return (per_clip * weights).sum() / weights.sum().clamp_min(1.0)
+
+
+def siamese_term(outputs: dict, batch: dict, task: str, reasoning: SiameseReasoning) -> torch.Tensor:
+    """L_siamese (eq. 5 and the first term of eq. 8), averaged over videos."""
+    features = outputs["features"]
+    clip_mask = batch["clip_mask"]
+    if task == "count":
+        return siamese_count_loss(
+            features, outputs["prediction"], reasoning.theta1, reasoning.theta2,
+            omega=reasoning.omega, tau=reasoning.tau, clip_mask=clip_mask, skg=reasoning.skg,
+            detach_soft_label=reasoning.detach_soft_label,
+        )
+    return reasoning(features, task_scores(outputs, task), clip_mask=clip_mask, reduction="mean")
+
+
+def total_loss(outputs: dict, batch: dict, task: str, cfg: SiameseConfig,
+               reasoning: SiameseReasoning) -> tuple[torch.Tensor, dict]:
+    """L = alpha * L_siamese + L_gt (eq. 8); returns the loss and its parts as floats."""
+    l_gt = gt_loss(outputs, batch, task, cfg.gt_clips)
+    parts = {"loss_gt": l_gt.detach()}
+    loss = l_gt
+    num_clips = batch["clip_mask"].shape[1]
+    if cfg.alpha > 0 and num_clips > 1:
+        l_siamese = siamese_term(outputs, batch, task, reasoning)
+        loss = loss + cfg.alpha * l_siamese
+        parts["loss_siamese"] = l_siamese.detach()
+    parts["loss"] = loss.detach()
+    return loss, parts

@@ -1,0 +1,203 @@
+"""The ClipBERT-like VideoQA model that SiaSamRea trains (DESIGN section 2; SiaSamRea section 3.1).
+
+Reads top to bottom: sizes and builders, the visual encoder (a ResNet trunk over each video's
+unique frames, projection, 2x2 pooling, per-clip mean, 2-D position embeddings), the text
+embeddings (once per video), the multimodal BERT encoder over [text ; visual] whose [CLS] output is
+the clip-text feature f_i, and the three heads (open-ended classifier, multiple-choice scorer, count
+regressor). The SiaSamRea reasoning module (theta1, theta2 of eq. 5) lives here too so that its
+weights are trained and checkpointed with the model.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import BertConfig, BertModel, BertTokenizerFast, ResNetConfig, ResNetModel
+
+from siasam_fast.config import ModelConfig
+from siasam_fast.siamese import SiameseReasoning
+
+ASSETS = Path(__file__).resolve().parent / "assets"
+TINY_VOCAB = ASSETS / "tiny_vocab.txt"
+
+# Randomly initialised stand-ins: "tiny" for CPU runs and tests, the base sizes for benchmarks that
+# must not download weights. A path loads real weights with from_pretrained (no network access).
+VISUAL_PRESETS = {
+    # 3 stages, stride 16: a 64 px frame gives a 4x4 grid (2x2 after pooling).
+    "tiny": dict(embedding_size=16, hidden_sizes=[16, 32, 64], depths=[1, 1, 1], layer_type="basic"),
+    "resnet18": dict(embedding_size=64, hidden_sizes=[64, 128, 256, 512], depths=[2, 2, 2, 2],
+                     layer_type="basic"),
+    "resnet50": dict(embedding_size=64, hidden_sizes=[256, 512, 1024, 2048], depths=[3, 4, 6, 3],
+                     layer_type="bottleneck"),
+}
+TEXT_PRESETS = {
+    "tiny": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128,
+                 max_position_embeddings=128),
+    "bert-base": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
+                      intermediate_size=3072, max_position_embeddings=512),
+}
+
+
+def _is_path(name: str) -> bool:
+    return os.sep in name or Path(name).is_dir()
+
+
+def load_tokenizer(cfg: ModelConfig) -> BertTokenizerFast:
+    """The shipped tiny word-piece vocabulary, or a local from_pretrained directory."""
+    if cfg.tokenizer:
+        return BertTokenizerFast.from_pretrained(cfg.tokenizer, local_files_only=True)
+    if _is_path(cfg.text):
+        return BertTokenizerFast.from_pretrained(cfg.text, local_files_only=True)
+    # transformers 5 ignores vocab_file= silently (every word becomes [UNK]): pass the mapping.
+    words = TINY_VOCAB.read_text(encoding="utf-8").splitlines()
+    return BertTokenizerFast(vocab={w: i for i, w in enumerate(words)}, do_lower_case=True)
+
+
+def build_visual(name: str) -> ResNetModel:
+    if name in VISUAL_PRESETS:
+        return ResNetModel(ResNetConfig(**VISUAL_PRESETS[name]))
+    if _is_path(name):
+        return ResNetModel.from_pretrained(name, local_files_only=True)
+    raise ValueError(f"model.visual={name!r}: use {', '.join(VISUAL_PRESETS)} or a local directory")
+
+
+def build_text(name: str, vocab_size: int, dropout: float) -> BertModel:
+    if name in TEXT_PRESETS:
+        config = BertConfig(vocab_size=vocab_size, hidden_dropout_prob=dropout,
+                            attention_probs_dropout_prob=dropout, **TEXT_PRESETS[name])
+        return BertModel(config)
+    if _is_path(name):
+        return BertModel.from_pretrained(name, local_files_only=True)
+    raise ValueError(f"model.text={name!r}: use {', '.join(TEXT_PRESETS)} or a local directory")
+
+
+class VisualEmbeddings(nn.Module):
+    """Unique frames -> grid tokens per clip: ResNet, 1x1 projection, pooling, mean over B, 2-D pos."""
+
+    def __init__(self, trunk: ResNetModel, hidden: int, cfg: ModelConfig):
+        super().__init__()
+        self.trunk = trunk
+        channels = trunk.config.hidden_sizes[-1]
+        self.proj = nn.Conv2d(channels, hidden, kernel_size=1)
+        self.pool = cfg.grid_pool
+        self.row = nn.Embedding(cfg.max_grid, hidden)
+        self.col = nn.Embedding(cfg.max_grid, hidden)
+        self.norm = nn.LayerNorm(hidden)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.max_grid = cfg.max_grid
+
+    def encode_frames(self, frames: torch.Tensor) -> torch.Tensor:
+        """[F, C, H, W] -> [F, hidden, h, w]: each unique frame goes through the CNN once."""
+        x = self.trunk(pixel_values=frames).last_hidden_state
+        x = self.proj(x)
+        if self.pool > 1:
+            x = F.avg_pool2d(x, self.pool, ceil_mode=True)
+        return x
+
+    def forward(self, frames, num_unique, clip_index, frame_mask) -> torch.Tensor:
+        """frames [V, U, C, H, W] -> tokens [V, N, h*w, hidden] (one grid per clip)."""
+        V, U = frames.shape[:2]
+        valid = torch.arange(U, device=frames.device)[None, :] < num_unique[:, None]  # [V, U]
+        feats = self.encode_frames(frames[valid])  # [F, hidden, h, w], padding never encoded
+        grid = feats.new_zeros(V, U, *feats.shape[1:])
+        grid[valid] = feats
+        # Gather every clip's B frames through the index map, mean over the valid ones.
+        per_clip = grid[torch.arange(V, device=frames.device)[:, None, None], clip_index]
+        weights = frame_mask.to(per_clip.dtype)[..., None, None, None]
+        per_clip = (per_clip * weights).sum(2) / weights.sum(2).clamp_min(1)  # [V, N, hid, h, w]
+        V, N, hidden, h, w = per_clip.shape
+        if h > self.max_grid or w > self.max_grid:
+            raise ValueError(
+                f"visual grid {h}x{w} exceeds model.max_grid={self.max_grid}: raise max_grid, "
+                "grid_pool, or lower data.image_size"
+            )
+        tokens = per_clip.flatten(3).transpose(2, 3)  # [V, N, h*w, hidden]
+        rows = torch.arange(h, device=frames.device).repeat_interleave(w)
+        cols = torch.arange(w, device=frames.device).repeat(h)
+        tokens = tokens + self.row(rows) + self.col(cols)
+        return self.drop(self.norm(tokens))
+
+
+class SiaSamReaModel(nn.Module):
+    """ClipBERT-like model: f_i = [CLS]( BERT([question ; clip i]) ); heads per task."""
+
+    def __init__(self, cfg: ModelConfig, task: str, num_answers: int, vocab_size: int,
+                 num_clips: int, siamese_kwargs: dict | None = None):
+        super().__init__()
+        if task == "open" and num_answers < 1:
+            raise ValueError(f"num_answers={num_answers}: an open-ended head needs >= 1 answer")
+        self.task = task
+        self.text = build_text(cfg.text, vocab_size, cfg.dropout)
+        hidden = self.text.config.hidden_size
+        self.visual = VisualEmbeddings(build_visual(cfg.visual), hidden, cfg)
+        # g() of eq. 1: identity by default, a learned projection when asked for.
+        self.projection_head = nn.Linear(hidden, hidden) if cfg.projection_head else nn.Identity()
+        if task == "open":
+            self.head = nn.Sequential(nn.Linear(hidden, hidden * 2), nn.GELU(),
+                                      nn.LayerNorm(hidden * 2), nn.Linear(hidden * 2, num_answers))
+        else:  # one score per (question + candidate) for mc, one number for count
+            self.head = nn.Sequential(nn.Linear(hidden, hidden), nn.GELU(), nn.Linear(hidden, 1))
+        self.reasoning = SiameseReasoning(num_clips, **(siamese_kwargs or {}))
+
+    def text_embeddings(self, input_ids, attention_mask) -> torch.Tensor:
+        """Question tokens embedded once per video (reused by its N clips)."""
+        types = torch.zeros_like(input_ids)
+        return self.text.embeddings(input_ids=input_ids, token_type_ids=types)
+
+    def forward(self, batch: dict) -> dict:
+        """Returns ``features`` [V, N, D] (clip-text features after g) and, per task, ``logits``
+        [V, N, K] (open), ``scores`` [V, N, M] (mc) or ``prediction`` [V, N] (count)."""
+        frames = batch["frames"]
+        visual = self.visual(frames, batch["num_unique"], batch["clip_index"], batch["frame_mask"])
+        V, N, G, H = visual.shape
+        ids, mask = batch["input_ids"], batch["attention_mask"]
+        M = ids.shape[1] if ids.dim() == 3 else 1  # candidates per question (mc)
+        ids, mask = ids.reshape(V * M, -1), mask.reshape(V * M, -1)
+        text = self.text_embeddings(ids, mask)  # [V*M, L, H]
+        L = text.shape[1]
+        # Every (candidate, clip) pair: [text ; visual tokens of the clip].
+        text = text.view(V, M, 1, L, H).expand(V, M, N, L, H)
+        vis = visual.view(V, 1, N, G, H).expand(V, M, N, G, H)
+        hidden = torch.cat([text, vis], dim=3).reshape(V * M * N, L + G, H)
+        clip_mask = batch["clip_mask"].view(V, 1, N, 1).expand(V, M, N, G)
+        keys = torch.cat([mask.view(V, M, 1, L).expand(V, M, N, L).bool(), clip_mask], dim=3)
+        keys = keys.reshape(V * M * N, 1, 1, L + G)
+        additive = torch.zeros(keys.shape, dtype=hidden.dtype, device=hidden.device)
+        additive = additive.masked_fill(~keys, torch.finfo(hidden.dtype).min)
+        out = self.text.encoder(hidden, attention_mask=additive).last_hidden_state
+        cls = out[:, 0]
+        if self.text.pooler is not None:
+            cls = self.text.pooler(out)
+        cls = cls.view(V, M, N, H)
+        result = {"features": self.projection_head(cls.mean(1))}  # mc: mean over candidates
+        head = self.head(cls)
+        if self.task == "open":
+            result["logits"] = head[:, 0]  # [V, N, K]
+        elif self.task == "mc":
+            result["scores"] = head[..., 0].transpose(1, 2)  # [V, N, M]
+        else:
+            result["prediction"] = head[:, 0, :, 0]  # [V, N]
+        return result
+
+
+def task_scores(outputs: dict, task: str) -> torch.Tensor:
+    """The per-clip prediction tensor the siamese loss and evaluation read."""
+    return outputs[{"open": "logits", "mc": "scores", "count": "prediction"}[task]]
+
+
+def aggregate_clips(scores: torch.Tensor, clip_mask: torch.Tensor, how: str) -> torch.Tensor:
+    """Combine per-clip scores [V, E, ...] over valid clips (ClipBERT's multi-clip inference)."""
+    mask = clip_mask.view(*clip_mask.shape, *([1] * (scores.dim() - 2)))
+    if how == "mean":
+        w = mask.to(scores.dtype)
+        return (scores * w).sum(1) / w.sum(1).clamp_min(1)
+    filled = scores.masked_fill(~mask, float("-inf"))
+    if how == "max":
+        return filled.max(1).values
+    if how == "logsumexp":
+        return filled.logsumexp(1)
+    raise ValueError(f"aggregation={how!r}: valid values are mean, max, logsumexp")

@@ -1,0 +1,189 @@
+"""The ClipBERT-like model and the SiaSamRea objective (eq. 8) on tiny random inputs."""
+
+import pytest
+import torch
+
+from siasam_fast.config import ModelConfig, SiameseConfig
+from siasam_fast.losses import gt_loss, total_loss
+from siasam_fast.model import SiaSamReaModel, aggregate_clips, load_tokenizer
+
+V, N, B, S = 2, 3, 4, 64
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return load_tokenizer(ModelConfig())
+
+
+def make_batch(tokenizer, task, num_unique=(10, 7), M=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    U = max(num_unique)
+    batch = {
+        "frames": torch.randn(V, U, 3, S, S, generator=g),
+        "num_unique": torch.tensor(num_unique),
+        "clip_index": torch.stack([torch.randint(0, n, (N, B), generator=g) for n in num_unique]),
+        "frame_mask": torch.ones(V, N, B, dtype=torch.bool),
+        "clip_mask": torch.ones(V, N, dtype=torch.bool),
+        "label": torch.tensor([3, 1]),
+        "answer_index": torch.tensor([1, 3]),
+        "count": torch.tensor([2.0, 4.0]),
+    }
+    if task == "mc":
+        enc = tokenizer(["what color is the square?"] * (V * M), ["red", "blue", "green", "cyan"] * V,
+                        padding=True, return_tensors="pt")
+        batch["input_ids"] = enc["input_ids"].view(V, M, -1)
+        batch["attention_mask"] = enc["attention_mask"].view(V, M, -1)
+    else:
+        enc = tokenizer(["what color is the big square?", "how many rings"], padding=True,
+                        return_tensors="pt")
+        batch["input_ids"], batch["attention_mask"] = enc["input_ids"], enc["attention_mask"]
+    return batch
+
+
+def make_model(task, seed=0, **kw):
+    torch.manual_seed(seed)
+    model = SiaSamReaModel(ModelConfig(**kw), task, num_answers=6,
+                           vocab_size=len(load_tokenizer(ModelConfig())), num_clips=N)
+    return model.eval()
+
+
+def test_tokenizer_knows_real_words(tokenizer):
+    """transformers 5 ignores vocab_file=: the shipped vocabulary must really be used."""
+    tokens = tokenizer.tokenize("what color is the blinking frame? how many rings appear")
+    assert "[UNK]" not in tokens
+    assert tokens[:3] == ["what", "color", "is"]
+    # Unknown words fall back to word pieces, never [UNK].
+    assert "[UNK]" not in tokenizer.tokenize("zebra xylophone")
+
+
+@pytest.mark.parametrize("task, key, shape", [
+    ("open", "logits", (V, N, 6)), ("mc", "scores", (V, N, 4)), ("count", "prediction", (V, N)),
+])
+def test_output_shapes_and_gradients(tokenizer, task, key, shape):
+    model = make_model(task).train()
+    batch = make_batch(tokenizer, task)
+    out = model(batch)
+    assert out[key].shape == shape
+    assert out["features"].shape == (V, N, model.text.config.hidden_size)
+    loss, parts = total_loss(out, batch, task, SiameseConfig(), model.reasoning)
+    assert torch.isfinite(loss) and "loss_siamese" in parts
+    loss.backward()
+    missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None
+               and "pooler" not in n]
+    # Position embeddings of unused rows/columns and the theta of fixed W get no gradient; every
+    # module on the path does.
+    assert not [n for n in missing if not n.startswith(("visual.row", "visual.col"))], missing
+    assert model.reasoning.theta1.grad is not None and model.reasoning.theta1.grad.abs().sum() > 0
+
+
+def test_padding_does_not_change_outputs(tokenizer):
+    """Padded unique frames, padded clip frames and padded text tokens are invisible."""
+    model = make_model("open")
+    batch = make_batch(tokenizer, "open")
+    ref = model(batch)["logits"]
+    padded = dict(batch)
+    # Garbage in the padded unique frames of video 1 (it has 7 of 10).
+    frames = batch["frames"].clone()
+    frames[1, 7:] = 1e3
+    padded["frames"] = frames
+    # One more clip frame per clip, masked out and pointing at garbage.
+    padded["clip_index"] = torch.cat([batch["clip_index"], torch.full((V, N, 1), 9)], 2)
+    padded["frame_mask"] = torch.cat([batch["frame_mask"], torch.zeros(V, N, 1, dtype=torch.bool)], 2)
+    # Extra padding tokens.
+    padded["input_ids"] = torch.cat([batch["input_ids"], torch.zeros(V, 5, dtype=torch.long)], 1)
+    padded["attention_mask"] = torch.cat([batch["attention_mask"], torch.zeros(V, 5, dtype=torch.long)], 1)
+    torch.testing.assert_close(model(padded)["logits"], ref, rtol=1e-4, atol=1e-5)
+
+
+def test_dedup_and_per_clip_frames_agree(tokenizer):
+    """Encoding the unique frames once and gathering equals encoding every clip frame apart."""
+    model = make_model("open")
+    batch = make_batch(tokenizer, "open")
+    ref = model(batch)["logits"]
+    # The same clips with U = N * B (no de-duplication): frames laid out clip by clip.
+    flat = dict(batch)
+    rows = torch.arange(V)[:, None, None]
+    flat["frames"] = batch["frames"][rows, batch["clip_index"]].reshape(V, N * B, 3, S, S)
+    flat["num_unique"] = torch.full((V,), N * B)
+    flat["clip_index"] = torch.arange(N * B).view(1, N, B).expand(V, N, B).contiguous()
+    torch.testing.assert_close(model(flat)["logits"], ref, rtol=1e-4, atol=1e-5)
+
+
+def test_question_embedded_once_per_video(tokenizer, monkeypatch):
+    model = make_model("open")
+    batch = make_batch(tokenizer, "open")
+    calls = []
+    original = model.text.embeddings.forward
+
+    def spy(*args, **kwargs):
+        out = original(*args, **kwargs)
+        calls.append(out.shape[0])
+        return out
+
+    monkeypatch.setattr(model.text.embeddings, "forward", spy)
+    model(batch)
+    assert calls == [V]  # one row per video, not V * N
+
+
+def test_frames_encoded_once(tokenizer, monkeypatch):
+    model = make_model("open")
+    batch = make_batch(tokenizer, "open", num_unique=(10, 7))
+    seen = []
+    original = model.visual.encode_frames
+
+    def spy(frames):
+        seen.append(frames.shape[0])
+        return original(frames)
+
+    monkeypatch.setattr(model.visual, "encode_frames", spy)
+    model(batch)
+    assert seen == [17]  # 10 + 7 unique frames, padding never encoded
+
+
+def test_gt_losses_by_hand():
+    scores = torch.tensor([[[2.0, 0.5, 1.8, -1.0]], [[0.0, 0.0, 0.0, 0.0]]])  # [V=2, N=1, M=4]
+    batch = {"clip_mask": torch.ones(2, 1, dtype=torch.bool), "answer_index": torch.tensor([0, 2])}
+    # Video 0: positive 2.0; hinge terms max(0, 1 - (2 - s)) for s = 0.5, 1.8, -1 -> 0, 0.8, 0.
+    # Video 1: all zero: three negatives, each 1.
+    expected = (0.8 + 3.0) / 2
+    assert gt_loss({"scores": scores}, batch, "mc").item() == pytest.approx(expected)
+    logits = torch.tensor([[[1.0, 2.0, 3.0]], [[0.0, 0.0, 0.0]]])
+    batch = {"clip_mask": torch.ones(2, 1, dtype=torch.bool), "label": torch.tensor([2, -1])}
+    ce = torch.nn.functional.cross_entropy(logits[0], torch.tensor([2]))
+    assert gt_loss({"logits": logits}, batch, "open").item() == pytest.approx(ce.item())  # -1 ignored
+    pred = torch.tensor([[1.0, 5.0], [3.0, 3.0]])
+    batch = {"clip_mask": torch.ones(2, 2, dtype=torch.bool), "count": torch.tensor([2.0, 3.0])}
+    assert gt_loss({"prediction": pred}, batch, "count").item() == pytest.approx(0.5)
+    assert gt_loss({"prediction": pred}, batch, "count", "all").item() == pytest.approx((1 + 9) / 4)
+
+
+def test_alpha_zero_is_the_baseline(tokenizer):
+    model = make_model("open")
+    batch = make_batch(tokenizer, "open")
+    out = model(batch)
+    loss, parts = total_loss(out, batch, "open", SiameseConfig(alpha=0.0), model.reasoning)
+    assert "loss_siamese" not in parts
+    assert loss.item() == pytest.approx(gt_loss(out, batch, "open").item())
+    loss1, parts1 = total_loss(out, batch, "open", SiameseConfig(alpha=1.0), model.reasoning)
+    assert loss1.item() == pytest.approx(loss.item() + parts1["loss_siamese"].item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("how", ["mean", "max", "logsumexp"])
+def test_aggregate_clips_ignores_masked(how):
+    scores = torch.tensor([[[1.0, 2.0], [3.0, -1.0], [100.0, 100.0]]])
+    mask = torch.tensor([[True, True, False]])
+    got = aggregate_clips(scores, mask, how)
+    ref = {"mean": scores[:, :2].mean(1), "max": scores[:, :2].max(1).values,
+           "logsumexp": scores[:, :2].logsumexp(1)}[how]
+    torch.testing.assert_close(got, ref)
+
+
+def test_grid_too_large_is_a_clear_error(tokenizer):
+    model = make_model("open", max_grid=1, grid_pool=1)
+    with pytest.raises(ValueError, match=r"visual grid 4x4 exceeds model.max_grid=1"):
+        model(make_batch(tokenizer, "open"))
+
+
+def test_unknown_presets_name_the_valid_ones():
+    with pytest.raises(ValueError, match=r"model.visual='resnet9'.*tiny, resnet18, resnet50"):
+        make_model("open", visual="resnet9")
