@@ -1,0 +1,602 @@
+"""The VideoQA loader: QA examples + video manifest -> batches of de-duplicated frames (DESIGN 4).
+
+Each example's clips come from the one sampling function (``sample_siamese_clips`` with
+``example_rng(seed, epoch, example_index)`` for training, ``sample_eval_clips`` otherwise); the
+sorted unique frames U of the clips are decoded once and transformed once; clips are positions into
+U. Examples whose video is missing or corrupt in the manifest, or that the sampler's short-video
+policy skips, are dropped when the dataset is built (logged with counts and reasons), never at
+decode time.
+
+Batch contract (every backend yields it; the model consumes it). V videos in the batch, U_max the
+largest unique-frame count, N clips, B_max the largest frames-per-clip, S = image_size:
+
+==================  ==========================  ==============================================
+key                 type, shape                 meaning
+==================  ==========================  ==============================================
+``frames``          float [V, U_max, 3, S, S]   each video's unique frames in increasing frame
+                                                order, normalised (transforms.py); zeros past
+                                                ``num_unique[v]``
+``num_unique``      long [V]                    unique frames per video
+``clip_index``      long [V, N, B_max]          position in the U axis of clip n's frame b;
+                                                0 where ``frame_mask`` is False
+``frame_mask``      bool [V, N, B_max]          real frames (B varies per video when the config
+                                                gives a range of B: the tail is padding)
+``clip_mask``       bool [V, N]                 real clips (all True unless N varies)
+``frame_ids``       long [V, N, B_max]          original frame numbers in the video (manifest
+                                                numbering: presentation order); -1 at padding
+``clips``           float [V, N, B_max, 3,S,S]  only with ``output="clips"``:
+                                                ``frames[v, clip_index[v, n, b]]``, zeros at
+                                                padding
+``example_index``   long [V]                    index into the ``examples`` given to the loader
+``answer_index``    long [V]                    correct candidate (mc), -1 if unknown
+``label``           long [V]                    ``label_fn(example)``, -1 without a label_fn
+``count``           float [V]                   the count answer (count task), NaN otherwise
+``video_id``, ``qid``, ``question``, ``question_type``, ``task``, ``answer``: lists of str [V];
+``candidates``: list [V] of lists of str (empty unless mc)
+==================  ==========================  ==============================================
+
+Clip 0 is the anchor clip (training) or the first evaluation clip. With ``dedup=False`` every clip
+is decoded on its own (overlapping frames decoded again: the baseline the benchmarks compare
+against); the contract is the same with U = N * B (``clip_index`` is then ``arange``).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from siasam_fast.data.examples import QAExample
+from siasam_fast.pipeline.manifest import VideoRecord
+from siasam_fast.pipeline.pyav_decode import DEFAULT_SEEK_THRESHOLD, decode_frames
+from siasam_fast.pipeline.transforms import IMAGENET_MEAN, IMAGENET_STD, video_transform
+from siasam_fast.sampling import (
+    ClipIndices,
+    SamplingConfig,
+    example_rng,
+    sample_eval_clips,
+    sample_siamese_clips,
+)
+
+logger = logging.getLogger(__name__)
+
+TRAIN_SPLITS = ("train",)
+EVAL_SPLITS = ("val", "test", "eval")
+OUTPUTS = ("frames", "clips")
+BACKENDS = ("pyav",)  # implemented here
+PLANNED_BACKENDS = ("dali", "auto")  # names reserved for later issues
+
+
+@dataclass
+class VideoPlan:
+    """What one item reads: its example, its video and the clips' frame indices in that video."""
+
+    position: int  # position in the dataset
+    example_index: int  # index into the examples given to the dataset
+    example: QAExample
+    record: VideoRecord
+    clips: ClipIndices  # frame indices already shifted to the example's segment
+
+
+class VideoQADataset(Dataset):
+    """Map-style dataset over QA examples whose videos are ``ok`` in the manifest.
+
+    An item key is a position, or ``(epoch, position)`` as :class:`ShardedSampler` yields with
+    ``with_epoch=True`` (persistent DataLoader workers never see ``set_epoch`` on their copy of
+    the dataset, so the epoch travels with the key).
+    """
+
+    def __init__(
+        self,
+        examples: Sequence[QAExample],
+        manifest: dict[str, VideoRecord],
+        sampling_cfg: SamplingConfig | dict,
+        split: str = "train",
+        image_size: int = 224,
+        seed: int = 0,
+        dedup: bool = True,
+        label_fn: Callable[[QAExample], int] | None = None,
+        mean: tuple[float, float, float] = IMAGENET_MEAN,
+        std: tuple[float, float, float] = IMAGENET_STD,
+        dtype: torch.dtype = torch.float32,
+        seek_threshold: int = DEFAULT_SEEK_THRESHOLD,
+        decode_threads: int = 1,
+    ) -> None:
+        if isinstance(sampling_cfg, dict):
+            sampling_cfg = SamplingConfig.from_dict(sampling_cfg)
+        if split not in TRAIN_SPLITS + EVAL_SPLITS:
+            raise ValueError(
+                f"split={split!r}: valid splits are {', '.join(TRAIN_SPLITS + EVAL_SPLITS)} "
+                "(train samples siamese clips, the others evaluation clips)"
+            )
+        if image_size < 1:
+            raise ValueError(f"image_size={image_size}: must be >= 1")
+        self.examples = list(examples)
+        self.manifest = manifest
+        self.cfg = sampling_cfg
+        self.split = split
+        self.training = split in TRAIN_SPLITS
+        self.image_size = int(image_size)
+        self.seed = int(seed)
+        self.dedup = bool(dedup)
+        self.label_fn = label_fn
+        self.mean, self.std, self.dtype = tuple(mean), tuple(std), dtype
+        self.seek_threshold = int(seek_threshold)
+        self.decode_threads = int(decode_threads)
+        self.epoch = 0
+        self._filter()
+
+    # -- construction-time filtering ------------------------------------------------------------
+
+    def _filter(self) -> None:
+        by_name: dict[str, str | None] = {}
+        for vid in self.manifest:  # fallback lookup by file name for nested video folders
+            name = vid.rsplit("/", 1)[-1]
+            by_name[name] = None if name in by_name else vid
+        skip_memo: dict[int, str] = {}
+        self.indices: list[int] = []  # example index of each position
+        self.records: list[VideoRecord] = []
+        self.segments: list[tuple[int, int]] = []  # (first frame, frame count) per position
+        self.dropped: list[tuple[int, str, str]] = []  # (example index, qid, reason)
+        for i, ex in enumerate(self.examples):
+            record = self.manifest.get(ex.video_id)
+            if record is None and by_name.get(ex.video_id):
+                record = self.manifest[by_name[ex.video_id]]
+            if record is None:
+                self.dropped.append((i, ex.qid, "video missing from the manifest"))
+                continue
+            if not record.ok:
+                self.dropped.append((i, ex.qid, f"video corrupt: {_first(record.reason)}"))
+                continue
+            segment = segment_frames(ex, record)
+            if isinstance(segment, str):
+                self.dropped.append((i, ex.qid, segment))
+                continue
+            count = segment[1]
+            if count not in skip_memo:  # skipping depends on the frame count only
+                skip_memo[count] = self._skip_reason(count)
+            if skip_memo[count]:
+                self.dropped.append((i, ex.qid, f"sampler skipped: {skip_memo[count]}"))
+                continue
+            self.indices.append(i)
+            self.records.append(record)
+            self.segments.append(segment)
+        self.drop_reasons = Counter(_reason_kind(r) for _, _, r in self.dropped)
+        if self.dropped:
+            logger.warning(
+                "%s: kept %d of %d examples; dropped %d: %s",
+                self.split,
+                len(self.indices),
+                len(self.examples),
+                len(self.dropped),
+                ", ".join(f"{n} {k}" for k, n in self.drop_reasons.most_common()),
+            )
+        else:
+            logger.info("%s: kept all %d examples", self.split, len(self.indices))
+
+    def _skip_reason(self, num_frames: int) -> str:
+        if self.training:
+            clips = sample_siamese_clips(num_frames, self.cfg, example_rng(0, 0, 0))
+        else:
+            clips = sample_eval_clips(num_frames, self.cfg)
+        return clips.reason if clips.skipped else ""
+
+    # -- items ----------------------------------------------------------------------------------
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Epoch used for integer keys (in the main process; workers get it with the key)."""
+        self.epoch = int(epoch)
+
+    def plan(self, key: int | tuple[int, int]) -> VideoPlan:
+        """The example, video and frame indices of one item, without decoding anything."""
+        epoch, position = key if isinstance(key, tuple) else (self.epoch, key)
+        position = int(position)
+        if not 0 <= position < len(self.indices):
+            raise IndexError(f"position {position} out of range: the dataset has {len(self)} items")
+        index = self.indices[position]
+        first, count = self.segments[position]
+        if self.training:
+            clips = sample_siamese_clips(count, self.cfg, example_rng(self.seed, epoch, index))
+        else:
+            clips = sample_eval_clips(count, self.cfg)
+        if first:
+            clips.clips = clips.clips + first
+            clips.unique = clips.unique + first
+            clips.starts = clips.starts + first
+            clips.anchor_start += first
+        return VideoPlan(position, index, self.examples[index], self.records[position], clips)
+
+    def __getitem__(self, key: int | tuple[int, int]) -> dict:
+        plan = self.plan(key)
+        ci = plan.clips
+        if self.dedup:
+            raw = decode_frames(
+                plan.record,
+                ci.unique,
+                seek_threshold=self.seek_threshold,
+                threads=self.decode_threads,
+            )
+            clip_index = torch.from_numpy(ci.inverse)
+        else:  # baseline: every clip decoded on its own, overlapping frames decoded again
+            raw = np.concatenate([self._decode_clip(plan.record, clip) for clip in ci.clips])
+            clip_index = torch.arange(ci.clips.size, dtype=torch.long).view(ci.clips.shape)
+        frames = video_transform(raw, self.image_size, self.mean, self.std, self.dtype)
+        return {
+            "frames": frames,
+            "clip_index": clip_index,
+            "frame_ids": torch.from_numpy(ci.clips),
+            **example_fields(plan.example, plan.example_index, self.label_fn),
+        }
+
+    def _decode_clip(self, record: VideoRecord, clip: np.ndarray) -> np.ndarray:
+        unique, inverse = np.unique(clip, return_inverse=True)  # "pad" repeats the last frame
+        frames = decode_frames(
+            record, unique, seek_threshold=self.seek_threshold, threads=self.decode_threads
+        )
+        return frames[inverse.reshape(-1)]
+
+
+def segment_frames(example: QAExample, record: VideoRecord) -> tuple[int, int] | str:
+    """(first frame, frame count) of the example's segment, or why it is empty.
+
+    Seconds map to frames with the manifest's average fps: ``[floor(start * fps),
+    ceil(end * fps))`` clamped to the video (approximate for variable frame rate videos).
+    """
+    T = record.num_frames
+    if example.start is None and example.end is None:
+        return 0, T
+    if record.fps <= 0:
+        return f"segment given but the video's fps is unknown ({record.fps})"
+    eps = 1e-6  # 7.2 s * 25 fps is 180.00000000000003: not frame 181
+    first = 0 if example.start is None else math.floor(example.start * record.fps + eps)
+    end = T if example.end is None else math.ceil(example.end * record.fps - eps)
+    first, end = max(0, min(first, T)), max(0, min(end, T))
+    if end <= first:
+        return (
+            f"segment empty: [{example.start}, {example.end}] s is outside the video's "
+            f"{record.duration:.2f} s"
+        )
+    return first, end - first
+
+
+def _first(reason: str) -> str:
+    return reason.split(":")[0] if reason else "unknown"
+
+
+def _reason_kind(reason: str) -> str:
+    """Group drop reasons for the log ("video corrupt: invalid data", "sampler skipped", ...)."""
+    return reason if reason.startswith("video corrupt") else reason.split(":")[0]
+
+
+def example_fields(example: QAExample, example_index: int, label_fn=None) -> dict:
+    """The text and labels of one example as carried through a batch (see the batch contract)."""
+    count = math.nan
+    if example.task == "count" and example.answer is not None:
+        try:
+            count = float(example.answer)
+        except ValueError:
+            count = math.nan
+    return {
+        "example_index": int(example_index),
+        "video_id": example.video_id,
+        "qid": example.qid,
+        "question": example.question,
+        "question_type": example.question_type,
+        "task": example.task,
+        "answer": example.answer if example.answer is not None else "",
+        "candidates": list(example.candidates or []),
+        "answer_index": -1 if example.answer_index is None else int(example.answer_index),
+        "label": -1 if label_fn is None else int(label_fn(example)),
+        "count": count,
+    }
+
+
+# ----------------------------------------------------------------------------------------------
+# Collation
+
+
+TEXT_KEYS = ("video_id", "qid", "question", "question_type", "task", "answer", "candidates")
+
+
+def collate_videos(items: Sequence[dict], output: str = "frames") -> dict:
+    """Pad and stack items into the batch contract (module docstring)."""
+    if output not in OUTPUTS:
+        raise ValueError(f"output={output!r}: valid outputs are {', '.join(OUTPUTS)}")
+    if not items:
+        raise ValueError("cannot collate an empty batch")
+    V = len(items)
+    U = max(it["frames"].shape[0] for it in items)
+    N = max(it["clip_index"].shape[0] for it in items)
+    B = max(it["clip_index"].shape[1] for it in items)
+    _, C, H, W = items[0]["frames"].shape
+    frames = _batch_tensor((V, U, C, H, W), items[0]["frames"].dtype)
+    num_unique = torch.zeros(V, dtype=torch.long)
+    clip_index = torch.zeros((V, N, B), dtype=torch.long)
+    frame_mask = torch.zeros((V, N, B), dtype=torch.bool)
+    clip_mask = torch.zeros((V, N), dtype=torch.bool)
+    frame_ids = torch.full((V, N, B), -1, dtype=torch.long)
+    for v, it in enumerate(items):
+        u = it["frames"].shape[0]
+        n, b = it["clip_index"].shape
+        frames[v, :u] = it["frames"]
+        frames[v, u:] = 0
+        num_unique[v] = u
+        clip_index[v, :n, :b] = it["clip_index"]
+        frame_mask[v, :n, :b] = True
+        clip_mask[v, :n] = True
+        frame_ids[v, :n, :b] = it["frame_ids"]
+    batch = {
+        "frames": frames,
+        "num_unique": num_unique,
+        "clip_index": clip_index,
+        "frame_mask": frame_mask,
+        "clip_mask": clip_mask,
+        "frame_ids": frame_ids,
+        "example_index": torch.tensor([it["example_index"] for it in items], dtype=torch.long),
+        "answer_index": torch.tensor([it["answer_index"] for it in items], dtype=torch.long),
+        "label": torch.tensor([it["label"] for it in items], dtype=torch.long),
+        "count": torch.tensor([it["count"] for it in items], dtype=torch.float32),
+    }
+    for key in TEXT_KEYS:
+        batch[key] = [it[key] for it in items]
+    if output == "clips":
+        batch["clips"] = gather_clips(frames, clip_index, frame_mask)
+    return batch
+
+
+def _batch_tensor(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """An uninitialised tensor, in shared memory inside a DataLoader worker (as default_collate
+    does): the batch then reaches the main process without another copy."""
+    if torch.utils.data.get_worker_info() is not None:
+        try:
+            numel = math.prod(shape)
+            storage = torch.empty(0, dtype=dtype)._typed_storage()._new_shared(numel)
+            return torch.empty(0, dtype=dtype).set_(storage).view(shape)
+        except (AttributeError, RuntimeError):  # private API: fall back to a plain tensor
+            pass
+    return torch.empty(shape, dtype=dtype)
+
+
+def gather_clips(
+    frames: torch.Tensor, clip_index: torch.Tensor, frame_mask: torch.Tensor
+) -> torch.Tensor:
+    """[V, U, C, H, W] frames -> [V, N, B, C, H, W] clips, zeros where ``frame_mask`` is False."""
+    V = frames.shape[0]
+    rows = torch.arange(V, device=frames.device).view(V, 1, 1)
+    clips = frames[rows, clip_index]
+    return clips * frame_mask.view(*frame_mask.shape, 1, 1, 1).to(clips.dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# Sampling order
+
+
+class ShardedSampler(Sampler):
+    """Deterministic shuffle per (seed, epoch), split into ``world_size`` equal shards.
+
+    Like ``DistributedSampler``: shards are interleaved (rank r takes positions r, r + W, ...) and
+    made equal by wrapping around to the start of the order (or by dropping the tail with
+    ``drop_last``). ``state_dict`` holds the epoch and the position within this rank's shard, so a
+    resumed run continues with exactly the remaining examples. Used through :func:`build_loader`,
+    the position counts the examples the training loop has received (not those prefetched).
+    """
+
+    def __init__(
+        self,
+        num_examples: int,
+        *,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        shuffle: bool = True,
+        drop_last: bool = False,
+        with_epoch: bool = False,
+    ) -> None:
+        if world_size < 1:
+            raise ValueError(f"world_size={world_size}: must be >= 1")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank={rank}: must be in 0..{world_size - 1} (world_size)")
+        if num_examples < 0:
+            raise ValueError(f"num_examples={num_examples}: must be >= 0")
+        self.num_examples = int(num_examples)
+        self.seed, self.rank, self.world_size = int(seed), int(rank), int(world_size)
+        self.shuffle, self.drop_last, self.with_epoch = bool(shuffle), bool(drop_last), with_epoch
+        if drop_last:
+            self.num_samples = self.num_examples // self.world_size
+        else:
+            self.num_samples = math.ceil(self.num_examples / self.world_size)
+        self.epoch = 0
+        self.position = 0  # examples of this epoch's shard already consumed
+        self._resume_from = 0
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def set_epoch(self, epoch: int) -> None:
+        """Start epoch ``epoch`` from its beginning (a restored state for it is kept)."""
+        epoch = int(epoch)
+        if epoch != self.epoch:
+            self.epoch = epoch
+            self.position = 0
+            self._resume_from = 0
+
+    def shard(self, epoch: int | None = None) -> np.ndarray:
+        """This rank's dataset positions for ``epoch`` (default: the current one), in order."""
+        epoch = self.epoch if epoch is None else int(epoch)
+        n = self.num_examples
+        if self.shuffle:
+            order = np.random.default_rng([self.seed, epoch]).permutation(n)
+        else:
+            order = np.arange(n)
+        total = self.num_samples * self.world_size
+        if total > n and n > 0:
+            order = np.resize(order, total)  # wraps around: the start of the order again
+        order = order[:total]
+        return order[self.rank : total : self.world_size]
+
+    def __iter__(self):
+        start, self._resume_from = self._resume_from, 0
+        self.position = start
+        for position in self.shard()[start:]:
+            self.position += 1
+            yield (self.epoch, int(position)) if self.with_epoch else int(position)
+
+    def state_dict(self) -> dict:
+        return {
+            "epoch": self.epoch,
+            "position": self.position,
+            "seed": self.seed,
+            "num_examples": self.num_examples,
+            "world_size": self.world_size,
+            "rank": self.rank,
+            "shuffle": self.shuffle,
+            "drop_last": self.drop_last,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        for key in ("seed", "num_examples", "world_size", "shuffle", "drop_last"):
+            if key in state and state[key] != getattr(self, key):
+                raise ValueError(
+                    f"sampler state has {key}={state[key]!r} but this sampler has "
+                    f"{key}={getattr(self, key)!r}: resume with the same data and world size"
+                )
+        position = int(state["position"])
+        if not 0 <= position <= self.num_samples:
+            raise ValueError(f"sampler state position={position}: must be in 0..{self.num_samples}")
+        self.epoch = int(state["epoch"])
+        self.position = self._resume_from = position
+
+
+# ----------------------------------------------------------------------------------------------
+# The loader
+
+
+class VideoQALoader(DataLoader):
+    """A DataLoader that tracks how many examples the caller received (for exact resume)."""
+
+    def __iter__(self):
+        sampler = self.sampler
+        start = sampler._resume_from
+        consumed = 0
+        for batch in super().__iter__():
+            consumed += len(batch["example_index"])
+            sampler.position = start + consumed
+            yield batch
+
+    def set_epoch(self, epoch: int) -> None:
+        self.sampler.set_epoch(epoch)
+        self.dataset.set_epoch(epoch)
+
+    def state_dict(self) -> dict:
+        return self.sampler.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.sampler.load_state_dict(state)
+        self.dataset.set_epoch(self.sampler.epoch)
+
+
+def build_loader(
+    examples: Sequence[QAExample],
+    manifest: dict[str, VideoRecord],
+    sampling_cfg: SamplingConfig | dict,
+    split: str,
+    batch_size: int,
+    image_size: int = 224,
+    num_workers: int = 4,
+    seed: int = 0,
+    rank: int = 0,
+    world_size: int = 1,
+    backend: str = "pyav",
+    output: str = "frames",
+    dedup: bool = True,
+    pin_memory: bool | None = None,
+    label_fn: Callable[[QAExample], int] | None = None,
+    shuffle: bool | None = None,
+    drop_last: bool = False,
+    epoch: int = 0,
+    prefetch_factor: int = 2,
+    dtype: torch.dtype = torch.float32,
+    seek_threshold: int = DEFAULT_SEEK_THRESHOLD,
+    decode_threads: int = 1,
+    multiprocessing_context=None,
+) -> VideoQALoader:
+    """A loader of batches in the contract of the module docstring, one shard per rank.
+
+    Deterministic per (seed, epoch, rank) whatever ``num_workers``. ``shuffle`` defaults to True
+    for training. ``drop_last``: equal shards by dropping the tail (instead of wrapping) and no
+    partial last batch. ``pin_memory`` defaults to whether CUDA is available. Call
+    ``loader.set_epoch(e)`` before each epoch; ``loader.state_dict()`` / ``load_state_dict()``
+    save and restore the position within the epoch. ``label_fn`` must be picklable (a module-level
+    function) when workers do not fork.
+    """
+    if backend not in BACKENDS:
+        if backend in PLANNED_BACKENDS:
+            raise NotImplementedError(
+                f"backend={backend!r} is not implemented yet; available: {', '.join(BACKENDS)}"
+            )
+        raise ValueError(
+            f"backend={backend!r}: valid backends are {', '.join(BACKENDS + PLANNED_BACKENDS)} "
+            f"(implemented: {', '.join(BACKENDS)})"
+        )
+    if output not in OUTPUTS:
+        raise ValueError(f"output={output!r}: valid outputs are {', '.join(OUTPUTS)}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size={batch_size}: must be >= 1")
+    if num_workers < 0:
+        raise ValueError(f"num_workers={num_workers}: must be >= 0")
+    dataset = VideoQADataset(
+        examples,
+        manifest,
+        sampling_cfg,
+        split=split,
+        image_size=image_size,
+        seed=seed,
+        dedup=dedup,
+        label_fn=label_fn,
+        dtype=dtype,
+        seek_threshold=seek_threshold,
+        decode_threads=decode_threads,
+    )
+    sampler = ShardedSampler(
+        len(dataset),
+        seed=seed,
+        rank=rank,
+        world_size=world_size,
+        shuffle=dataset.training if shuffle is None else shuffle,
+        drop_last=drop_last,
+        with_epoch=True,
+    )
+    sampler.set_epoch(epoch)
+    dataset.set_epoch(epoch)
+    if pin_memory is None:
+        pin_memory = torch.cuda.is_available()
+    extra = {}
+    if num_workers > 0:
+        extra = {
+            "persistent_workers": True,
+            "prefetch_factor": prefetch_factor,
+            "multiprocessing_context": multiprocessing_context,
+        }
+    return VideoQALoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        num_workers=num_workers,
+        collate_fn=functools.partial(collate_videos, output=output),
+        pin_memory=pin_memory,
+        drop_last=drop_last,
+        # A private generator: creating worker iterators must not draw from the global torch RNG,
+        # or dropout masks after a mid-epoch resume would differ from the uninterrupted run's.
+        generator=torch.Generator().manual_seed(seed * 1009 + rank),
+        **extra,
+    )

@@ -1,0 +1,244 @@
+"""The video manifest: probing, statuses of bad files, incremental re-runs, atomic writes."""
+
+import json
+import os
+
+import av
+import numpy as np
+import pytest
+from videos import video_path, write_index_video
+
+from siasam_fast.pipeline import manifest as manifest_module
+from siasam_fast.pipeline.manifest import (
+    VideoRecord,
+    build_manifest,
+    load_manifest,
+    main_index,
+    probe_video,
+)
+
+
+def write_zero_frame_avi(path):
+    container = av.open(str(path), "w")
+    stream = container.add_stream("mjpeg", rate=25)
+    stream.width = stream.height = 32
+    stream.pix_fmt = "yuvj420p"
+    container.start_encoding()
+    container.close()
+
+
+def write_audio_only(path):
+    container = av.open(str(path), "w")
+    stream = container.add_stream("aac", rate=8000)
+    for i in range(4):
+        frame = av.AudioFrame.from_ndarray(
+            np.zeros((1, 1024), np.float32), format="fltp", layout="mono"
+        )
+        frame.sample_rate, frame.pts = 8000, i * 1024
+        for packet in stream.encode(frame):
+            container.mux(packet)
+    for packet in stream.encode():
+        container.mux(packet)
+    container.close()
+
+
+def faststart_copy(src, dst):
+    """Remux with the index (moov) first: truncating it keeps a readable header."""
+    with av.open(str(src)) as inp, av.open(str(dst), "w", options={"movflags": "faststart"}) as out:
+        stream = out.add_stream_from_template(inp.streams.video[0])
+        for packet in inp.demux(inp.streams.video[0]):
+            if packet.dts is not None:
+                packet.stream = stream
+                out.mux(packet)
+
+
+@pytest.fixture
+def video_dir(tmp_path):
+    """Good videos of three codecs (one nested) and every kind of bad file."""
+    folder = tmp_path / "videos"
+    write_index_video(video_path(folder, "video1", "h264"), 60, "h264", size=32, gop=12)
+    write_index_video(video_path(folder, "clip_vp9", "vp9"), 30, "vp9", size=32, gop=10)
+    write_index_video(video_path(folder / "sub", "x", "mjpeg"), 20, "mjpeg", size=32)
+    write_index_video(video_path(folder, "vfr", "h264"), 40, "h264", size=32, vfr=True)
+    (folder / "empty.mp4").write_bytes(b"")
+    data = (folder / "video1.mp4").read_bytes()
+    (folder / "truncated.mp4").write_bytes(data[: len(data) // 2])
+    long = write_index_video(tmp_path / "long.mp4", 120, "h264", size=32, gop=12)
+    faststart_copy(long, tmp_path / "fs.mp4")
+    fs = (tmp_path / "fs.mp4").read_bytes()
+    (folder / "truncated_faststart.mp4").write_bytes(fs[: len(fs) * 2 // 3])
+    garbled = bytearray(fs)
+    for i in range(len(fs) // 2, len(fs) // 2 + 300):
+        garbled[i] = (garbled[i] * 7 + 13) % 256
+    (folder / "garbled.mp4").write_bytes(bytes(garbled))
+    write_zero_frame_avi(folder / "zero.avi")
+    write_audio_only(folder / "audio.mp4")
+    (folder / "text.mp4").write_text("this is not a video\n" * 20)
+    (folder / "notes.txt").write_text("not indexed: not a video extension")
+    (folder / ".hidden.mp4").write_text("hidden files are skipped")
+    return folder
+
+
+GOOD = {"video1", "clip_vp9", "sub/x", "vfr"}
+CORRUPT = {
+    "empty": "empty file",
+    "truncated": "invalid data",
+    "truncated_faststart": "truncated",
+    "garbled": "invalid data",
+    "zero": "zero frames",
+    "audio": "no video stream",
+    "text": "invalid data",
+}
+
+
+def test_statuses_and_fields(video_dir, tmp_path):
+    out = tmp_path / "manifest.jsonl"
+    build = build_manifest(video_dir, out, workers=1, progress=False)
+    records = load_manifest(out)
+    assert set(records) == GOOD | set(CORRUPT)
+    assert {v for v, r in records.items() if r.ok} == GOOD
+    for vid, reason in CORRUPT.items():
+        assert records[vid].status == "corrupt" and records[vid].reason.startswith(reason), vid
+    h264 = records["video1"]
+    assert (h264.num_frames, h264.fps, h264.codec, h264.width, h264.height) == (
+        60,
+        25.0,
+        "h264",
+        32,
+        32,
+    )
+    assert h264.keyframes == [0, 12, 24, 36, 48] and len(h264.keyframe_pts) == 5
+    assert h264.duration == pytest.approx(2.4)
+    assert records["clip_vp9"].codec == "vp9" and records["clip_vp9"].keyframes == [0, 10, 20]
+    assert records["sub/x"].codec == "mjpeg" and records["sub/x"].keyframes == list(range(20))
+    assert records["sub/x"].relpath == "sub/x.avi"
+    assert records["vfr"].num_frames == 40
+    assert build.num_ok == 4 and build.num_corrupt == len(CORRUPT)
+    assert "corrupt x" in build.summary()
+    lines = out.read_text().splitlines()
+    assert len(lines) == len(records) and all(json.loads(line)["video_id"] for line in lines)
+
+
+def test_demux_mode_is_faster_but_misses_corrupt_data(video_dir, tmp_path):
+    records = build_manifest(
+        video_dir, tmp_path / "m.jsonl", workers=1, mode="demux", progress=False
+    )
+    assert records["garbled"].ok  # the trade-off: data corruption inside a demuxable stream
+    assert records["truncated_faststart"].reason.startswith("truncated")
+    for vid in ("empty", "truncated", "zero", "audio", "text"):
+        assert not records[vid].ok, vid
+    assert records["video1"].num_frames == 60 and records["video1"].keyframes == [0, 12, 24, 36, 48]
+    assert records["video1"].probe == "demux"
+    # A decode-mode run does not trust the weaker demux records: it probes everything again.
+    again = build_manifest(video_dir, tmp_path / "m.jsonl", workers=1, progress=False)
+    assert len(again.probed) == len(records) and not again["garbled"].ok
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="running as root: every file is readable")
+def test_unreadable_file_is_corrupt(video_dir, tmp_path):
+    path = video_dir / "video1.mp4"
+    path.chmod(0)
+    try:
+        record = probe_video(path, video_dir)
+    finally:
+        path.chmod(0o644)
+    assert record.status == "corrupt" and record.reason.startswith("unreadable")
+
+
+def test_probe_never_raises_on_a_missing_file(tmp_path):
+    record = probe_video(tmp_path / "gone.mp4", tmp_path)
+    assert record.status == "corrupt" and record.reason.startswith("unreadable")
+
+
+def test_rerun_probes_only_changed_files(video_dir, tmp_path):
+    out = tmp_path / "manifest.jsonl"
+    first = build_manifest(video_dir, out, workers=1, progress=False)
+    assert sorted(first.probed) == sorted(GOOD | set(CORRUPT)) and not first.reused
+    second = build_manifest(video_dir, out, workers=1, progress=False)
+    assert second.probed == [] and len(second.reused) == len(first)
+    assert second == first
+
+    # Same size, new mtime; a new file; a rewritten file; a removed file.
+    stat = (video_dir / "clip_vp9.webm").stat()
+    os.utime(video_dir / "clip_vp9.webm", ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    write_index_video(video_path(video_dir, "new", "h264"), 15, "h264", size=32)
+    write_index_video(video_path(video_dir, "video1", "h264"), 33, "h264", size=32)
+    (video_dir / "text.mp4").unlink()
+    third = build_manifest(video_dir, out, workers=1, progress=False)
+    assert sorted(third.probed) == ["clip_vp9", "new", "video1"]
+    assert third.removed == ["text"]
+    assert third["video1"].num_frames == 33 and third["new"].ok
+    assert set(load_manifest(out)) == set(third)
+
+
+def test_parallel_probing_matches_serial(video_dir, tmp_path):
+    serial = build_manifest(video_dir, tmp_path / "a.jsonl", workers=1, progress=False)
+    parallel = build_manifest(video_dir, tmp_path / "b.jsonl", workers=2, progress=False)
+    assert parallel == serial
+
+
+def test_write_is_atomic(video_dir, tmp_path, monkeypatch):
+    out = tmp_path / "manifest.jsonl"
+    build_manifest(video_dir, out, workers=1, progress=False)
+    before = out.read_bytes()
+    os.utime(video_dir / "video1.mp4", ns=(0, 10**9))  # forces a re-probe and a new write
+
+    calls = {"n": 0}
+    to_json = VideoRecord.to_json
+
+    def failing_to_json(self):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise OSError("disk full")
+        return to_json(self)
+
+    monkeypatch.setattr(VideoRecord, "to_json", failing_to_json)
+    with pytest.raises(OSError, match="disk full"):
+        build_manifest(video_dir, out, workers=1, progress=False)
+    assert out.read_bytes() == before  # the old manifest is intact
+    assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []
+
+
+def test_interrupted_run_keeps_what_it_probed(video_dir, tmp_path, monkeypatch):
+    out = tmp_path / "manifest.jsonl"
+    probe = manifest_module.probe_video
+    seen = []
+
+    def interrupted(path, video_dir, mode="decode"):
+        if len(seen) == 3:
+            raise KeyboardInterrupt
+        seen.append(path)
+        return probe(path, video_dir, mode)
+
+    monkeypatch.setattr(manifest_module, "probe_video", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        build_manifest(video_dir, out, workers=1, progress=False)
+    assert len(load_manifest(out)) == 3
+    monkeypatch.setattr(manifest_module, "probe_video", probe)
+    resumed = build_manifest(video_dir, out, workers=1, progress=False)
+    assert len(resumed.reused) == 3 and len(resumed.probed) == len(GOOD | set(CORRUPT)) - 3
+
+
+def test_load_manifest_reroots_paths(video_dir, tmp_path):
+    out = tmp_path / "manifest.jsonl"
+    build_manifest(video_dir, out, workers=1, progress=False)
+    moved = tmp_path / "moved"
+    video_dir.rename(moved)
+    records = load_manifest(out, video_dir=moved)
+    assert records["sub/x"].path == str(moved.resolve() / "sub" / "x.avi")
+    with pytest.raises(FileNotFoundError, match="build it with build_manifest"):
+        load_manifest(tmp_path / "missing.jsonl")
+    (tmp_path / "bad.jsonl").write_text('{"video_id": "a"\n')
+    with pytest.raises(ValueError, match="bad.jsonl:1: not a manifest record"):
+        load_manifest(tmp_path / "bad.jsonl")
+
+
+def test_cli_entry_point(video_dir, tmp_path, capsys):
+    out = tmp_path / "m.jsonl"
+    assert main_index([str(video_dir), "--out", str(out), "--workers", "1", "--no-progress"]) == 0
+    assert "4 ok" in capsys.readouterr().out
+    assert len(load_manifest(out)) == len(GOOD | set(CORRUPT))
+    with pytest.raises(ValueError, match="valid probe modes are decode, demux"):
+        build_manifest(video_dir, out, mode="fast")
+    with pytest.raises(NotADirectoryError, match="is not a folder"):
+        build_manifest(tmp_path / "nowhere", out)

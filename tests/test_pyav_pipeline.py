@@ -1,0 +1,485 @@
+"""The PyAV pipeline: exact frames by pts, transforms, the batch contract, sharding and resume."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from videos import index_image, read_index, read_indices, video_path, write_index_video
+
+from siasam_fast.data.examples import QAExample
+from siasam_fast.pipeline.dataset import (
+    ShardedSampler,
+    VideoQADataset,
+    build_loader,
+    collate_videos,
+    segment_frames,
+)
+from siasam_fast.pipeline.manifest import build_manifest
+from siasam_fast.pipeline.pyav_decode import DecodeError, DecodeStats, decode_frames
+from siasam_fast.pipeline.transforms import (
+    denormalize,
+    resized_shape,
+    video_transform,
+)
+from siasam_fast.sampling import (
+    SamplingConfig,
+    example_rng,
+    sample_eval_clips,
+    sample_siamese_clips,
+)
+
+SIZE = 32
+# name -> (codec, frames, writer options)
+VIDEOS = {
+    "h264": ("h264", 160, dict(gop=12, bframes=2)),
+    "h264_vfr": ("h264", 120, dict(gop=10, bframes=3, vfr=True)),
+    "vp9": ("vp9", 100, dict(gop=10)),
+    "vp9_vfr": ("vp9", 90, dict(gop=8, vfr=True)),
+    "mjpeg": ("mjpeg", 80, {}),
+    "short": ("h264", 30, dict(gop=12)),  # fits 9 clips x 6 frames at stride 4, not 8 frames
+    "tiny": ("h264", 10, dict(gop=12)),
+}
+CFG = SamplingConfig(num_clips=9, frames_per_clip=8, stride=4)
+
+
+@pytest.fixture(scope="module")
+def manifest(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("videos")
+    for name, (codec, n, options) in VIDEOS.items():
+        write_index_video(video_path(folder, name, codec), n, codec=codec, size=SIZE, **options)
+    (folder / "broken.mp4").write_bytes(b"not a video at all")
+    return build_manifest(folder, folder / "manifest.jsonl", workers=1, progress=False)
+
+
+def examples_for(names, **kwargs):
+    return [
+        QAExample(qid=f"q{i}", video_id=v, question="what?", **kwargs) for i, v in enumerate(names)
+    ]
+
+
+def check_batch_frames(batch, dedup=True):
+    """Every real clip frame shows the frame number in frame_ids; frames hold the sorted U
+    (``dedup``) or every clip frame in clip order."""
+    V, N, B = batch["clip_index"].shape
+    for v in range(V):
+        u = int(batch["num_unique"][v])
+        ids = read_indices(denormalize(batch["frames"][v, :u]))
+        real = batch["frame_ids"][v][batch["frame_mask"][v]].tolist()
+        assert ids == (sorted(set(real)) if dedup else real)
+        for n in range(N):
+            for b in range(B):
+                if not batch["frame_mask"][v, n, b]:
+                    continue
+                want = int(batch["frame_ids"][v, n, b])
+                assert ids[int(batch["clip_index"][v, n, b])] == want
+                if "clips" in batch:
+                    assert read_index(denormalize(batch["clips"][v, n, b])) == want
+
+
+# -- decoding ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["h264", "h264_vfr", "vp9", "vp9_vfr", "mjpeg"])
+def test_decode_returns_exactly_the_sampled_frames(manifest, name):
+    record = manifest[name]
+    assert record.ok and record.num_frames == VIDEOS[name][1]
+    rng = np.random.default_rng(0)
+    for trial in range(12):
+        clips = sample_siamese_clips(record.num_frames, CFG, example_rng(0, trial, 0))
+        stats = DecodeStats()
+        frames = decode_frames(record, clips.unique, stats=stats)
+        assert frames.dtype == np.uint8 and frames.shape == (len(clips.unique), SIZE, SIZE, 3)
+        assert read_indices(frames) == clips.unique.tolist()
+        assert stats.seek_targets == sorted(set(stats.seek_targets)), "a seek went backwards"
+        wanted = np.unique(rng.integers(0, record.num_frames, rng.integers(1, 30)))
+        assert read_indices(decode_frames(record, wanted)) == wanted.tolist()
+
+
+def test_decode_seeks_forward_only_and_skips_what_it_can(manifest):
+    record = manifest["h264"]  # keyframes every 12 frames, B-frames
+    assert record.keyframes[:4] == [0, 12, 24, 36]
+    stats = DecodeStats()
+    decode_frames(record, [150], stats=stats)
+    assert stats.seek_targets == [144] and stats.decoded < 12  # not decoded from the start
+    stats = DecodeStats()
+    decode_frames(record, [1, 3, 5, 40, 41, 100, 130, 159], stats=stats)
+    assert stats.seek_targets == [36, 96, 120, 156]
+    stats = DecodeStats()
+    decode_frames(record, [0, 5, 13], stats=stats)  # close ahead: no seek at all
+    assert stats.seeks == 0 and stats.decoded == 14
+    stats = DecodeStats()
+    decode_frames(record, [0, 150], stats=stats, seek_threshold=10**6)  # never seek
+    assert stats.seeks == 0 and stats.decoded == 151
+
+
+def test_decode_rejects_bad_requests(manifest):
+    record = manifest["h264"]
+    with pytest.raises(ValueError, match="sorted and unique"):
+        decode_frames(record, [5, 3])
+    with pytest.raises(ValueError, match="valid frames are 0..159"):
+        decode_frames(record, [0, 160])
+    with pytest.raises(ValueError, match="only manifest records with status 'ok'"):
+        decode_frames(manifest["broken"], [0])
+    assert decode_frames(record, []).shape == (0, SIZE, SIZE, 3)
+
+
+def test_decode_detects_a_stale_manifest(manifest):
+    from dataclasses import replace
+
+    stale = replace(manifest["short"], num_frames=40)
+    with pytest.raises(DecodeError, match="stream ended"):
+        decode_frames(stale, [35])
+
+
+# -- transforms --------------------------------------------------------------------------------
+
+
+def test_resized_shape():
+    assert resized_shape(240, 320, 224) == (224, 299)
+    assert resized_shape(720, 1280, 224) == (224, 398)
+    assert resized_shape(320, 240, 224) == (299, 224)
+    assert resized_shape(64, 64, 32) == (32, 32)
+
+
+def test_transform_resize_crop_normalise():
+    mean, std = (0.5, 0.4, 0.3), (0.2, 0.25, 0.5)
+    flat = np.full((2, 48, 64, 3), (30, 120, 200), np.uint8)
+    out = video_transform(flat, 24, mean, std)
+    assert out.shape == (2, 3, 24, 24) and out.dtype == torch.float32 and out.is_contiguous()
+    for c, value in enumerate((30, 120, 200)):
+        torch.testing.assert_close(
+            out[:, c], torch.full((2, 24, 24), (value / 255 - mean[c]) / std[c]), atol=1e-5, rtol=0
+        )
+    # A 48 x 64 frame: shorter side 48 -> 24, longer 64 -> 32, centre crop columns 4..28.
+    ramp = np.broadcast_to(np.arange(64, dtype=np.uint8)[None, :, None] * 4, (48, 64, 3))
+    out = denormalize(video_transform(ramp[None].copy(), 24)[0])
+    ref = torch.nn.functional.interpolate(
+        torch.from_numpy(ramp.copy()).permute(2, 0, 1)[None].float(),
+        size=(24, 32),
+        mode="bilinear",
+        antialias=True,
+        align_corners=False,
+    )[0, :, :, 4:28]
+    assert (out - ref).abs().max() <= 1.01  # uint8 resize: within one grey level
+
+
+def test_transform_keeps_the_index_code():
+    frames = np.stack([index_image(i, 64, 64) for i in (0, 1, 777, 65535)])
+    out = video_transform(frames, 32)
+    assert read_indices(denormalize(out)) == [0, 1, 777, 65535]
+
+
+# -- dataset and batch contract -----------------------------------------------------------------
+
+
+def test_batch_matches_the_sampler(manifest):
+    names = ["h264", "h264_vfr", "vp9", "mjpeg"]
+    loader = build_loader(
+        examples_for(names),
+        manifest,
+        CFG,
+        "train",
+        batch_size=2,
+        image_size=SIZE,
+        num_workers=0,
+        seed=3,
+        epoch=5,
+        output="clips",
+    )
+    seen = []
+    for batch in loader:
+        assert batch["frames"].shape[2:] == (3, SIZE, SIZE)
+        assert batch["clips"].shape[:3] == batch["clip_index"].shape
+        check_batch_frames(batch)
+        for v, index in enumerate(batch["example_index"].tolist()):
+            record = manifest[names[index]]
+            expected = sample_siamese_clips(record.num_frames, CFG, example_rng(3, 5, index))
+            assert batch["frame_ids"][v].tolist() == expected.clips.tolist()
+            assert batch["clip_index"][v].tolist() == expected.inverse.tolist()
+            assert int(batch["num_unique"][v]) == len(expected.unique)
+            seen.append(index)
+    assert sorted(seen) == [0, 1, 2, 3]
+
+
+def test_dedup_off_gives_the_same_clips(manifest):
+    names = ["h264", "vp9_vfr", "mjpeg"]
+    kwargs = dict(batch_size=3, image_size=SIZE, num_workers=0, seed=1, output="clips")
+    examples = examples_for(names)
+    on = next(iter(build_loader(examples, manifest, CFG, "train", **kwargs)))
+    off = next(iter(build_loader(examples, manifest, CFG, "train", dedup=False, **kwargs)))
+    assert torch.equal(on["frame_ids"], off["frame_ids"])
+    assert torch.equal(on["clips"], off["clips"])
+    assert off["num_unique"].tolist() == [CFG.num_clips * 8] * 3
+    assert (on["num_unique"] < off["num_unique"]).all()
+    assert off["clip_index"][0].flatten().tolist() == list(range(72))
+    check_batch_frames(off, dedup=False)
+
+
+def test_padding_and_masks_with_a_range_of_frames_per_clip(manifest):
+    cfg = SamplingConfig(num_clips=9, frames_per_clip=(4, 8), stride=4)
+    loader = build_loader(
+        examples_for(["h264", "short"]),
+        manifest,
+        cfg,
+        "train",
+        batch_size=2,
+        image_size=SIZE,
+        num_workers=0,
+        shuffle=False,
+        output="clips",
+    )
+    batch = next(iter(loader))
+    assert batch["clip_index"].shape == (2, 9, 8)
+    assert batch["frame_mask"][0].all()
+    assert batch["frame_mask"][1, :, :6].all() and not batch["frame_mask"][1, :, 6:].any()
+    assert batch["clip_mask"].all()
+    assert (batch["clip_index"][1, :, 6:] == 0).all()
+    assert (batch["frame_ids"][1, :, 6:] == -1).all()
+    assert (batch["clips"][1, :, 6:] == 0).all()
+    u = int(batch["num_unique"][1])
+    assert u < int(batch["num_unique"][0]) and (batch["frames"][1, u:] == 0).all()
+    check_batch_frames(batch)
+
+
+def test_collate_pads_a_varying_number_of_clips():
+    def item(n, b, u):
+        return {
+            "frames": torch.ones(u, 3, 4, 4),
+            "clip_index": torch.zeros(n, b, dtype=torch.long),
+            "frame_ids": torch.zeros(n, b, dtype=torch.long),
+            "example_index": 0,
+            "answer_index": -1,
+            "label": -1,
+            "count": math.nan,
+            "video_id": "v",
+            "qid": "q",
+            "question": "?",
+            "question_type": "",
+            "task": "open",
+            "answer": "",
+            "candidates": [],
+        }
+
+    batch = collate_videos([item(3, 2, 5), item(1, 4, 2)], output="clips")
+    assert batch["clip_mask"].tolist() == [[True, True, True], [True, False, False]]
+    assert batch["frame_mask"].sum().item() == 3 * 2 + 4
+    assert batch["clips"].shape == (2, 3, 4, 3, 4, 4)
+    with pytest.raises(ValueError, match="valid outputs are frames, clips"):
+        collate_videos([item(1, 1, 1)], output="pixels")
+
+
+def test_eval_mode_uses_the_evaluation_clips(manifest):
+    cfg = SamplingConfig(num_clips=9, frames_per_clip=8, stride=4, eval_clips=2)
+    loader = build_loader(
+        examples_for(["h264", "vp9"]),
+        manifest,
+        cfg,
+        "val",
+        batch_size=2,
+        image_size=SIZE,
+        num_workers=0,
+    )
+    batch = next(iter(loader))
+    assert batch["example_index"].tolist() == [0, 1]  # no shuffle for evaluation
+    for v, name in enumerate(["h264", "vp9"]):
+        expected = sample_eval_clips(manifest[name].num_frames, cfg)
+        assert batch["frame_ids"][v].tolist() == expected.clips.tolist()
+    check_batch_frames(batch)
+
+
+def test_segments_restrict_sampling(manifest):
+    record = manifest["h264"]  # 25 fps, 160 frames
+    ex = QAExample(
+        qid="a",
+        video_id="h264",
+        question="?",
+        task="mc",
+        start=2.0,
+        end=4.4,
+        candidates=["x", "y"],
+        answer_index=1,
+    )
+    assert segment_frames(ex, record) == (50, 60)
+    late = QAExample(qid="b", video_id="h264", question="?", start=100.0, end=110.0)
+    assert "segment empty" in segment_frames(late, record)
+    ds = VideoQADataset([ex, late], manifest, CFG, "train", image_size=SIZE)
+    assert len(ds) == 1 and ds.dropped[0][2].startswith("segment empty")
+    for epoch in range(5):
+        ds.set_epoch(epoch)
+        item = ds[0]
+        assert item["frame_ids"].min() >= 50 and item["frame_ids"].max() < 110
+        unique = sorted(set(item["frame_ids"].flatten().tolist()))
+        assert read_indices(denormalize(item["frames"])) == unique
+    assert item["candidates"] == ["x", "y"] and item["answer_index"] == 1
+
+
+def test_bad_examples_are_dropped_at_construction(manifest, caplog):
+    cfg = SamplingConfig(num_clips=9, frames_per_clip=8, stride=4, short_video="skip")
+    names = ["h264", "broken", "nowhere", "tiny", "vp9"]
+    with caplog.at_level("WARNING"):
+        ds = VideoQADataset(examples_for(names), manifest, cfg, "train", image_size=SIZE)
+    assert ds.indices == [0, 4]
+    reasons = {qid: reason for _, qid, reason in ds.dropped}
+    assert reasons["q1"].startswith("video corrupt")
+    assert reasons["q2"] == "video missing from the manifest"
+    assert reasons["q3"].startswith("sampler skipped: video has 10 frames")
+    assert "kept 2 of 5 examples; dropped 3" in caplog.text
+
+
+def test_labels_and_text_pass_through(manifest):
+    examples = [
+        QAExample(qid="o", video_id="mjpeg", question="what?", answer="dog", question_type="what"),
+        QAExample(qid="c", video_id="mjpeg", question="how many?", task="count", answer="3"),
+    ]
+    loader = build_loader(
+        examples,
+        manifest,
+        CFG,
+        "test",
+        batch_size=2,
+        image_size=SIZE,
+        num_workers=0,
+        label_fn=label_of,
+    )
+    batch = next(iter(loader))
+    assert batch["label"].tolist() == [5, 9]
+    assert batch["answer_index"].tolist() == [-1, -1]
+    assert batch["count"][1].item() == 3.0 and math.isnan(batch["count"][0].item())
+    assert batch["qid"] == ["o", "c"] and batch["question_type"] == ["what", ""]
+    assert batch["task"] == ["open", "count"] and batch["candidates"] == [[], []]
+
+
+def label_of(example):
+    return len(example.question)
+
+
+def test_unknown_backends_are_refused(manifest):
+    args = (examples_for(["h264"]), manifest, CFG, "train", 1)
+    with pytest.raises(NotImplementedError, match="'dali' is not implemented yet"):
+        build_loader(*args, backend="dali")
+    with pytest.raises(ValueError, match="valid backends are pyav, dali, auto"):
+        build_loader(*args, backend="opencv")
+    with pytest.raises(ValueError, match="valid splits"):
+        build_loader(examples_for(["h264"]), manifest, CFG, "training", 1)
+
+
+# -- order: determinism, shards, resume --------------------------------------------------------
+
+NAMES = ["h264", "h264_vfr", "vp9", "vp9_vfr", "mjpeg", "short"] * 2
+
+
+def run_epoch(manifest, epoch, num_workers, rank=0, world_size=1, batch_size=3, **kwargs):
+    loader = build_loader(
+        examples_for(NAMES),
+        manifest,
+        CFG,
+        "train",
+        batch_size=batch_size,
+        image_size=SIZE,
+        num_workers=num_workers,
+        seed=7,
+        rank=rank,
+        world_size=world_size,
+        epoch=epoch,
+        **kwargs,
+    )
+    return list(loader)
+
+
+def test_deterministic_per_seed_epoch_rank_whatever_the_workers(manifest):
+    serial = run_epoch(manifest, 2, num_workers=0, rank=1, world_size=2)
+    parallel = run_epoch(manifest, 2, num_workers=2, rank=1, world_size=2)
+    assert len(serial) == len(parallel) == 2
+    for a, b in zip(serial, parallel):
+        assert a["example_index"].tolist() == b["example_index"].tolist()
+        assert torch.equal(a["frame_ids"], b["frame_ids"])
+        assert torch.equal(a["frames"], b["frames"])
+    other = run_epoch(manifest, 3, num_workers=0, rank=1, world_size=2)
+    assert [b["example_index"].tolist() for b in other] != [
+        b["example_index"].tolist() for b in serial
+    ]
+
+
+def test_loader_epochs_with_persistent_workers(manifest):
+    loader = build_loader(
+        examples_for(NAMES),
+        manifest,
+        CFG,
+        "train",
+        batch_size=4,
+        image_size=SIZE,
+        num_workers=2,
+        seed=7,
+    )
+    ids = {}
+    for epoch in (0, 1):
+        loader.set_epoch(epoch)
+        ids[epoch] = torch.cat([b["frame_ids"].flatten() for b in loader]).tolist()
+    assert ids[0] != ids[1]  # the workers saw the new epoch (it travels with the key)
+    serial = run_epoch(manifest, 1, num_workers=0, batch_size=4)
+    assert ids[1] == torch.cat([b["frame_ids"].flatten() for b in serial]).tolist()
+
+
+@pytest.mark.parametrize("drop_last", [False, True])
+@pytest.mark.parametrize("num_examples, world_size", [(10, 3), (12, 4), (2, 3), (7, 1)])
+def test_shards_are_disjoint_equal_and_cover(num_examples, world_size, drop_last):
+    shards = [
+        list(
+            ShardedSampler(num_examples, seed=1, rank=r, world_size=world_size, drop_last=drop_last)
+        )
+        for r in range(world_size)
+    ]
+    assert len({len(s) for s in shards}) == 1
+    flat = [i for s in shards for i in s]
+    if drop_last:
+        assert len(flat) == len(set(flat)) == (num_examples // world_size) * world_size
+    else:
+        assert set(flat) == set(range(num_examples))
+        assert len(flat) - len(set(flat)) == len(flat) - num_examples  # only the wrap repeats
+    again = list(
+        ShardedSampler(num_examples, seed=1, rank=0, world_size=world_size, drop_last=drop_last)
+    )
+    assert again == shards[0]
+
+
+def test_sharded_loader_covers_the_dataset(manifest):
+    seen = []
+    for rank in range(3):
+        for batch in run_epoch(manifest, 0, num_workers=0, rank=rank, world_size=3):
+            seen += batch["example_index"].tolist()
+    assert sorted(seen) == list(range(len(NAMES)))
+
+
+def test_sampler_state_resumes_exactly():
+    sampler = ShardedSampler(23, seed=4, rank=1, world_size=2)
+    sampler.set_epoch(6)
+    full = list(sampler)
+    it = iter(sampler)
+    head = [next(it) for _ in range(5)]
+    state = sampler.state_dict()
+    assert state["position"] == 5 and state["epoch"] == 6
+    resumed = ShardedSampler(23, seed=4, rank=1, world_size=2)
+    resumed.load_state_dict(state)
+    assert head + list(resumed) == full
+    assert list(resumed) == full  # the following pass starts the epoch again
+    with pytest.raises(ValueError, match="world_size=3"):
+        ShardedSampler(23, seed=4, rank=1, world_size=3).load_state_dict(state)
+
+
+def test_loader_resume_continues_with_the_remaining_examples(manifest):
+    kwargs = dict(batch_size=2, image_size=SIZE, seed=7, num_workers=2)
+    loader = build_loader(examples_for(NAMES), manifest, CFG, "train", epoch=1, **kwargs)
+    full = [b["example_index"].tolist() for b in loader]
+    it = iter(loader)
+    first = [next(it) for _ in range(2)]  # the workers have prefetched more than this
+    state = loader.state_dict()
+    assert state["position"] == 4 and state["epoch"] == 1
+    del it
+    resumed = build_loader(examples_for(NAMES), manifest, CFG, "train", epoch=0, **kwargs)
+    resumed.load_state_dict(state)
+    rest = list(resumed)
+    assert [b["example_index"].tolist() for b in first + rest] == full
+    assert resumed.state_dict()["position"] == len(NAMES)
+    reference = run_epoch(manifest, 1, num_workers=0, batch_size=2)[2]
+    assert torch.equal(rest[0]["frame_ids"], reference["frame_ids"])
