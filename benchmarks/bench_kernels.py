@@ -1,0 +1,441 @@
+"""Fused siamese loss (Triton) vs the eager PyTorch reference vs torch.compile(reference).
+
+    python benchmarks/bench_kernels.py                  # full sweep on a GPU (slow: many compiles)
+    python benchmarks/bench_kernels.py --quick          # a few points + the two H100 targets
+    python benchmarks/bench_kernels.py --check --quick  # verify every impl first (float64 oracle)
+    python benchmarks/bench_kernels.py --interpret      # no GPU: CPU timings + interpreter check
+
+Times forward, backward and forward+backward at N = 9 clips, sweeping V (videos), K (answers) and
+D (feature size) for float16 / float32 / bfloat16, with ``triton.testing.do_bench`` medians and
+20 / 80 % quantiles. Prints a table, writes CSV + PNG under benchmarks/results/ (device and versions
+in every row) and reports the two H100 targets explicitly:
+  A. V=64, N=9, D=768, K=1500, fp16, fwd+bwd: >= 5x faster than eager, >= 1.5x than torch.compile;
+  B. V=4096, N=9, D=768, K=4096, fp16, fwd+bwd: within 2x of the memory floor at 3.0 TB/s.
+
+Byte model (the least each call must move, in the inputs' dtype; theta, the mask and the per-video
+statistics are under 0.1 % and left out):
+  forward:            read z [V, N, K] and f [V, N, D]                      -> z + f
+  backward, fwd+bwd:  read z and f once, write dz and df once               -> 2 (z + f)
+The fused kernels read z twice in a training step (once in each direction), so their fwd+bwd
+ceiling is about 2 / 3 of the copy bandwidth on logit-dominated shapes.
+
+Without a GPU the script says so, times the reference on CPU at small sizes (eager, plus
+torch.compile with --cpu-compile) and, with --interpret, runs a tiny Triton-interpreter
+correctness pass. Timings on CPU say nothing about GPU speed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # run from a checkout without installing
+
+N_CLIPS = 9
+NOMINAL_COPY_TBPS = 3.0  # H100 80GB device-to-device copy, measured (shared/HARDWARE.md)
+DTYPES = {"fp16": torch.float16, "fp32": torch.float32, "bf16": torch.bfloat16}
+IMPLS = ("triton", "eager", "compile", "compile-max")
+MODES = ("fwd", "bwd", "full")
+TARGET_A = dict(V=64, D=768, K=1500)
+TARGET_B = dict(V=4096, D=768, K=4096)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="a few sweep points and the two targets")
+    p.add_argument("--dtypes", default="fp16,fp32,bf16", help="comma list of fp16, fp32, bf16")
+    p.add_argument("--impls", default=",".join(IMPLS), help=f"comma list of {', '.join(IMPLS)}")
+    p.add_argument("--modes", default=",".join(MODES), help="comma list of fwd, bwd, full")
+    p.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
+    p.add_argument("--check", action="store_true", help="verify each impl vs float64 first")
+    p.add_argument("--no-targets", action="store_true", help="skip the two H100 target rows")
+    p.add_argument("--interpret", action="store_true",
+                   help="no GPU: also run a tiny Triton-interpreter correctness pass")  # fmt: skip
+    p.add_argument("--cpu-compile", action="store_true", help="no GPU: also time torch.compile")
+    p.add_argument("--tag", default="", help="suffix of the output file names")
+    args = p.parse_args(argv)
+    args.dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
+    args.impls = [i.strip() for i in args.impls.split(",") if i.strip()]
+    args.modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    for name, values, valid in (("dtypes", args.dtypes, DTYPES), ("impls", args.impls, IMPLS),
+                                ("modes", args.modes, MODES)):  # fmt: skip
+        bad = [v for v in values if v not in valid]
+        if bad:
+            p.error(f"--{name} {','.join(bad)}: valid values are {', '.join(valid)}")
+    return args
+
+
+# ------------------------------------------------------------------------------------------------
+# inputs, implementations, byte model
+
+
+def make_inputs(V, N, D, K, dtype, device, seed=0):
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    f = torch.randn(V, N, D, generator=g).to(device=device, dtype=dtype)
+    z = (3 * torch.randn(V, N, K, generator=g)).to(device=device, dtype=dtype)
+    t1 = (0.1 * torch.randn(N, generator=g)).to(device)
+    t2 = (0.1 * torch.randn(N, generator=g)).to(device)
+    mask = (torch.rand(V, N, generator=g) > 0.1).to(device)
+    for x in (f, z, t1, t2):
+        x.requires_grad_()
+    return f, z, t1, t2, mask
+
+
+def make_impls(names, device_type):
+    """name -> callable(f, z, t1, t2, mask) returning the mean loss."""
+    from siasam_fast.siamese import siamese_loss, siamese_loss_reference
+
+    impls = {}
+    for name in names:
+        if name == "triton":
+            impls[name] = lambda f, z, t1, t2, m: siamese_loss(f, z, t1, t2, clip_mask=m,
+                                                               impl="triton")  # fmt: skip
+        elif name == "eager":
+            impls[name] = lambda f, z, t1, t2, m: siamese_loss_reference(f, z, t1, t2, clip_mask=m)
+        elif name in ("compile", "compile-max"):
+            mode = "max-autotune" if name == "compile-max" else None
+            compiled = torch.compile(siamese_loss_reference, mode=mode, dynamic=False)
+
+            def call(f, z, t1, t2, m, compiled=compiled):
+                if device_type == "cuda":
+                    torch.compiler.cudagraph_mark_step_begin()  # max-autotune uses CUDA graphs
+                return compiled(f, z, t1, t2, clip_mask=m)
+
+            impls[name] = call
+    return impls
+
+
+def fresh_impls(names, device_type):
+    """New wrappers with an empty torch.compile cache: every shape / dtype compiles for itself,
+    and dynamo's recompile limit (8 per function) never silently sends a point back to eager."""
+    if any(n.startswith("compile") for n in names):
+        torch._dynamo.reset()
+    return make_impls(names, device_type)
+
+
+def bytes_moved(V, N, D, K, dtype, mode):
+    """The byte model of the module docstring."""
+    e = torch.empty((), dtype=dtype).element_size()
+    once = V * N * (K + D) * e
+    return once if mode == "fwd" else 2 * once
+
+
+# ------------------------------------------------------------------------------------------------
+# timing
+
+
+def _cpu_bench(fn, quantiles, grad_to_none=None, rep_s=0.5, min_reps=5):
+    """Median and quantiles (ms) with perf_counter: do_bench needs CUDA events."""
+    fn()
+    times = []
+    start = time.perf_counter()
+    while len(times) < min_reps or time.perf_counter() - start < rep_s:
+        if grad_to_none:
+            for x in grad_to_none:
+                x.grad = None
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    qs = statistics.quantiles(times, n=100, method="inclusive")
+    return [statistics.median(times) if q == 0.5 else qs[int(q * 100) - 1] for q in quantiles]
+
+
+def bench(fn, device_type, grad_to_none=None):
+    """(p50, p20, p80) in ms."""
+    quantiles = [0.5, 0.2, 0.8]
+    if device_type == "cuda":
+        import triton.testing
+
+        return triton.testing.do_bench(fn, quantiles=quantiles, grad_to_none=grad_to_none)
+    return _cpu_bench(fn, quantiles, grad_to_none)
+
+
+def time_impl(fn, inputs, mode, device_type):
+    f, z, t1, t2, m = inputs
+    leaves = [f, z, t1, t2]
+    if mode == "fwd":
+        return bench(lambda: fn(f, z, t1, t2, m), device_type)
+    if mode == "full":
+        return bench(lambda: fn(f, z, t1, t2, m).backward(), device_type, grad_to_none=leaves)
+    loss = fn(f, z, t1, t2, m)
+    return bench(lambda: loss.backward(retain_graph=True), device_type, grad_to_none=leaves)
+
+
+def copy_bandwidth_gbps(device_type):
+    """Measured device-to-device copy bandwidth (read + write), GB/s."""
+    if device_type != "cuda":
+        return None
+    src = torch.empty(2**28, dtype=torch.float32, device="cuda")  # 1 GiB
+    dst = torch.empty_like(src)
+    ms = bench(lambda: dst.copy_(src), device_type)[0]
+    return 2 * 2**30 / (ms * 1e-3) / 1e9
+
+
+# ------------------------------------------------------------------------------------------------
+# correctness
+
+
+def relative_errors(fn, V, N, D, K, dtype, device, seed=1):
+    """max |a - b| / max |b| of the loss and each gradient vs the float64 reference."""
+    from siasam_fast.siamese import siamese_loss_reference
+
+    inputs = make_inputs(V, N, D, K, dtype, device, seed)
+    f, z, t1, t2, m = inputs
+    loss = fn(f, z, t1, t2, m)
+    loss.backward()
+    ref_in = [x.detach().double().requires_grad_() for x in (f, z, t1, t2)]
+    ref = siamese_loss_reference(*ref_in, clip_mask=m)
+    ref.backward()
+    errs = {}
+    for name, a, b in zip(("loss", "d_features", "d_logits", "d_theta1", "d_theta2"),
+                          [loss, f.grad, z.grad, t1.grad, t2.grad],
+                          [ref] + [x.grad for x in ref_in]):  # fmt: skip
+        a, b = a.detach().double(), b.detach()
+        errs[name] = ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
+    return errs
+
+
+def run_checks(impl_names, shapes, dtypes, device):
+    print("\ncorrectness vs a float64 reference (max |err| / max |ref|, fresh random inputs)")
+    rows = []
+    for (V, D, K), dname in ((s, d) for s in shapes for d in dtypes):
+        for name, fn in fresh_impls(impl_names, device.type).items():
+            try:
+                errs = relative_errors(fn, V, N_CLIPS, D, K, DTYPES[dname], device)
+            except Exception as err:  # noqa: BLE001 - report, keep going
+                errs = {"error": f"{type(err).__name__}: {str(err)[:80]}"}
+            rows.append(dict(impl=name, dtype=dname, V=V, N=N_CLIPS, D=D, K=K, **errs))
+    from siasam_fast.benchutil import format_table
+
+    print(format_table(rows))
+    return rows
+
+
+# ------------------------------------------------------------------------------------------------
+# sweeps
+
+
+def sweep_points(quick, device_type):
+    if device_type != "cuda":
+        base = dict(V=16, D=128, K=256)
+        pts = [("V", dict(base, V=v)) for v in (4, 16, 64)]
+        pts += [("K", dict(base, K=k)) for k in (16, 1024)]
+        return pts
+    if quick:
+        pts = [("V", dict(V=v, D=768, K=1500)) for v in (16, 1024)]
+        pts += [("K", dict(V=256, D=768, K=k)) for k in (128, 16384)]
+        pts += [("D", dict(V=256, D=d, K=1500)) for d in (128, 4096)]
+        return pts
+    pts = [("V", dict(V=v, D=768, K=1500)) for v in (16, 64, 256, 1024, 4096)]
+    pts += [("K", dict(V=256, D=768, K=k)) for k in (16, 128, 1500, 4096, 16384, 65536)]
+    pts += [("D", dict(V=256, D=d, K=1500)) for d in (64, 256, 768, 2048, 4096)]
+    return pts
+
+
+def run_timings(impl_names, points, dtypes, modes, device):
+    rows = []
+    for (sweep, shape), dname in ((p, d) for p in points for d in dtypes):
+        V, D, K = shape["V"], shape["D"], shape["K"]
+        dtype = DTYPES[dname]
+        inputs = make_inputs(V, N_CLIPS, D, K, dtype, device)
+        for name, fn in fresh_impls(impl_names, device.type).items():
+            for mode in modes:
+                row = dict(sweep=sweep, dtype=dname, V=V, N=N_CLIPS, D=D, K=K, impl=name,
+                           mode=mode)  # fmt: skip
+                try:
+                    p50, p20, p80 = time_impl(fn, inputs, mode, device.type)
+                    nbytes = bytes_moved(V, N_CLIPS, D, K, dtype, mode)
+                    row.update(ms=p50, ms_p20=p20, ms_p80=p80, bytes=nbytes,
+                               gbps=nbytes / (p50 * 1e-3) / 1e9)  # fmt: skip
+                except Exception as err:  # noqa: BLE001 - one failing impl must not stop the run
+                    row.update(error=f"{type(err).__name__}: {str(err)[:100]}")
+                rows.append(row)
+                print(_one_line(row), flush=True)
+        del inputs
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return rows
+
+
+def _one_line(row):
+    head = f"{row['sweep']:>6} {row['dtype']} V={row['V']} D={row['D']} K={row['K']} " \
+           f"{row['impl']:>11} {row['mode']:>4}"  # fmt: skip
+    if "error" in row:
+        return f"{head}: {row['error']}"
+    return f"{head}: {row['ms']:.4f} ms  {row['gbps']:.0f} GB/s"
+
+
+def target_rows(rows, copy_gbps):
+    """Speedups for target A, floor ratio for target B (fp16, fwd+bwd)."""
+
+    def ms(shape, impl):
+        for r in rows:
+            if (r["sweep"] == "target" and r["impl"] == impl and r["mode"] == "full"
+                    and r["dtype"] == "fp16" and r["V"] == shape["V"] and r["K"] == shape["K"]
+                    and "ms" in r):  # fmt: skip
+                return r["ms"]
+        return None
+
+    out = []
+    tri_a = ms(TARGET_A, "triton")
+    eager_a = ms(TARGET_A, "eager")
+    compiled = [t for t in (ms(TARGET_A, "compile"), ms(TARGET_A, "compile-max")) if t]
+    row = dict(target="A: V=64 N=9 D=768 K=1500 fp16 fwd+bwd", triton_ms=tri_a)
+    if tri_a and eager_a:
+        row["vs_eager"] = eager_a / tri_a
+        row["goal_eager"] = ">= 5"
+    if tri_a and compiled:
+        row["vs_compile_best"] = min(compiled) / tri_a
+        row["goal_compile"] = ">= 1.5"
+    row["pass"] = bool(row.get("vs_eager", 0) >= 5 and row.get("vs_compile_best", 0) >= 1.5)
+    out.append(row)
+
+    tri_b = ms(TARGET_B, "triton")
+    nbytes = bytes_moved(TARGET_B["V"], N_CLIPS, TARGET_B["D"], TARGET_B["K"], torch.float16,
+                         "full")  # fmt: skip
+    floor_ms = nbytes / (NOMINAL_COPY_TBPS * 1e12) * 1e3
+    row = dict(target="B: V=4096 N=9 D=768 K=4096 fp16 fwd+bwd", triton_ms=tri_b,
+               floor_ms_3TBps=floor_ms, goal_floor="<= 2")  # fmt: skip
+    if tri_b:
+        row["floor_ratio"] = tri_b / floor_ms
+        if copy_gbps:
+            row["floor_ratio_measured_copy"] = tri_b / (nbytes / (copy_gbps * 1e9) * 1e3)
+        row["pass"] = row["floor_ratio"] <= 2
+    out.append(row)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# output
+
+
+def plot(rows, path, title):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sweeps = [s for s in ("V", "K", "D") if any(r["sweep"] == s for r in rows)]
+    if not sweeps:
+        return None
+    fig, axes = plt.subplots(1, len(sweeps), figsize=(5 * len(sweeps), 4), squeeze=False)
+    for ax, sweep in zip(axes[0], sweeps):
+        sel = [r for r in rows if r["sweep"] == sweep and r["mode"] == "full" and "ms" in r]
+        for impl in IMPLS:
+            for dname in DTYPES:
+                pts = sorted((r[sweep], r["ms"]) for r in sel
+                             if r["impl"] == impl and r["dtype"] == dname)  # fmt: skip
+                if pts:
+                    ax.plot(*zip(*pts), marker="o", label=f"{impl} {dname}")
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel(sweep)
+        ax.set_ylabel("fwd+bwd ms (median)")
+        ax.grid(True, alpha=0.3)
+    axes[0][-1].legend(fontsize=7)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def interpreter_pass():
+    """Tiny shapes through the Triton interpreter (CPU): correctness only, no timing."""
+    from siasam_fast.benchutil import format_table
+
+    if os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+        print("interpreter pass skipped: TRITON_INTERPRET was not set before Triton was imported")
+        return []
+    impls = make_impls(["triton"], "cpu")
+    cpu = torch.device("cpu")
+    rows = []
+    for (V, D, K), dname in (((3, 33, 100), "fp32"), ((2, 768, 1537), "fp16"),
+                             ((2, 33, 5), "bf16")):  # fmt: skip
+        errs = relative_errors(impls["triton"], V, N_CLIPS, D, K, DTYPES[dname], cpu)
+        rows.append(dict(impl="triton-interpreter", dtype=dname, V=V, N=N_CLIPS, D=D, K=K, **errs))
+    print("\nTriton interpreter correctness pass (max |err| / max |ref| vs float64)")
+    print(format_table(rows))
+    return rows
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    cuda = torch.cuda.is_available()
+    if not cuda and args.interpret:
+        os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports Triton kernels
+    from siasam_fast.benchutil import environment, format_table, results_path, write_csv
+
+    env = environment()
+    device = torch.device("cuda" if cuda else "cpu")
+    print("siamese loss benchmark:", ", ".join(f"{k}={env[k]}" for k in
+          ("device", "torch", "triton", "python")))  # fmt: skip
+    dtypes = list(args.dtypes)
+    if cuda:
+        if "bf16" in dtypes and not torch.cuda.is_bf16_supported():
+            print("bf16 not supported on this GPU: skipped")
+            dtypes.remove("bf16")
+        impl_names = args.impls
+    else:
+        print(
+            "\nNO CUDA GPU FOUND: the Triton kernels cannot be timed here. Timing the PyTorch "
+            "reference on CPU at small sizes instead (eager"
+            + (" and torch.compile" if args.cpu_compile else "; --cpu-compile adds torch.compile")
+            + "). These numbers say nothing about GPU speed; the H100 targets are not measured."
+        )
+        dtypes = [d for d in dtypes if d != "fp16"] or ["fp32"]  # fp16 matmuls are slow on CPU
+        impl_names = ["eager"] + (["compile"] if args.cpu_compile else [])
+        torch.set_num_threads(1)  # steadier numbers on shared machines (CI, dev boxes)
+    env["copy_gbps"] = copy_bandwidth_gbps(device.type)
+    if env["copy_gbps"]:
+        print(f"measured device copy bandwidth: {env['copy_gbps']:.0f} GB/s "
+              f"(targets use the nominal {NOMINAL_COPY_TBPS} TB/s)")  # fmt: skip
+
+    points = sweep_points(args.quick, device.type)
+    if cuda and not args.no_targets:
+        points += [("target", TARGET_A), ("target", TARGET_B)]
+
+    check_rows = []
+    if args.check:
+        shapes = sorted({(p["V"], p["D"], p["K"]) for _, p in points})
+        if cuda:
+            shapes = [s for s in shapes if s[0] * s[2] <= 4096 * 4096]
+        check_rows = run_checks(impl_names, shapes, dtypes, device)
+    interp_rows = interpreter_pass() if (not cuda and args.interpret) else []
+
+    rows = run_timings(impl_names, points, dtypes, args.modes, device)
+    cols = ["sweep", "dtype", "V", "N", "D", "K", "impl", "mode", "ms", "ms_p20", "ms_p80",
+            "gbps", "error"]  # fmt: skip
+    print("\n" + format_table(rows, [c for c in cols if any(c in r for r in rows)]))
+
+    targets = target_rows(rows, env["copy_gbps"]) if cuda and not args.no_targets else []
+    if targets:
+        print("\ntargets (H100, fp16, fwd+bwd)")
+        print(format_table(targets, list(dict.fromkeys(k for r in targets for k in r))))
+    elif not cuda:
+        print("\ntargets: not measured (they need the H100)")
+
+    slug = "".join(c if c.isalnum() else "-" for c in env["device"]).strip("-").lower()
+    stem = f"bench_kernels_{slug}{('_' + args.tag) if args.tag else ''}"
+    csv_path = write_csv(rows, results_path(f"{stem}.csv", args.out), env)
+    print(f"\nwrote {csv_path}")
+    for extra, name in ((check_rows + interp_rows, "check"), (targets, "targets")):
+        if extra:
+            print(f"wrote {write_csv(extra, results_path(f'{stem}_{name}.csv', args.out), env)}")
+    png = plot(rows, results_path(f"{stem}.png", args.out),
+               f"siamese loss, N={N_CLIPS}: {env['device']}, torch {env['torch']}, "
+               f"triton {env['triton']}")  # fmt: skip
+    if png:
+        print(f"wrote {png}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

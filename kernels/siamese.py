@@ -1,0 +1,451 @@
+"""Fused siamese loss: SKG + SKR + soft cross-entropy (SiaSamRea, NeurIPS 2021, eq. 1-5 and 8).
+
+One program per video. The N x N knowledge (eq. 1-2) lives in registers; the logits are streamed
+over K in tiles. Everything rests on one identity: with P = softmax(z) row-wise,
+
+    Q = c^T P,   c_j = omega * sum_i W1_i Â(i, j) + (1 - omega) * W2_j              (eq. 3-5)
+
+and, because every row of Â and both W sum to one (so does Q),
+
+    L = -sum_k Q_k log softmax(z_0)_k = lse_0 - sum_j c_j s_j,   s_j = <P_j, z_0>      (eq. 8)
+
+so the forward needs one online-softmax pass over z that keeps, per clip, the running max, the
+sum of exponentials and the exponential-weighted sum of the anchor's logits. Gradients (g the
+upstream gradient of the video's loss, gc_j = dL/dc_j = lse_0 - s_j):
+
+    dz_j   = g * (c_j P_j * (s_j - z_0) + [j = 0] (P_0 - Q))
+    dW1_i  = omega * r_i,  r_i = sum_j Â(i, j) gc_j;   dW2_j = (1 - omega) * gc_j
+    dtheta = W * (dW - <W, dW>)                                             (masked softmax)
+    dA_ij  = omega * W1_i * Â(i, j) * (gc_j - r_i)  on j != i, both valid   (row softmax, eq. 2)
+    M      = (dA + dA^T) / tau,   h = M f^   (f^ = f / max(|f|, eps); cos = f^ f^T is symmetric)
+    df_i   = (h_i - [|f_i| > eps] <f^_i, h_i> f^_i) / max(|f_i|, eps)
+             with <f^_i, h_i> = sum_j M_ij cos_ij from the N x N matrices alone
+
+so the features need one pass in each direction, and the backward reads z once and writes dz once:
+three passes over the logits per training step. Computing dz inside the forward (as Liger's
+cross-entropy does) would save one, but it would round dz to fp16 before the loss scale of fp16
+training multiplies it, flushing small gradients, so the scale is applied before the one rounding.
+
+Masking: clips with clip_mask False neither give nor receive knowledge (zero W1 / W2 and zero
+columns of Â, so c_j = 0) and their features / logits are never read: they may hold anything.
+Clip 0, the anchor, is always treated as valid. A clip with no valid other clip (N = 1, or a video
+whose only valid clip is the anchor) keeps its own prediction: Â(i, i) = 1, so such a video has
+Q = P_anchor (the limit of N identical clips).
+
+All arithmetic is fp32: fp16 / bf16 inputs are upcast as they are loaded, and the Gram matrix uses
+an IEEE fp32 dot (tiny next to the logits stream, exact products, the same on V100, where there is
+no bf16 anyway, and in the Triton interpreter). Nothing here needs more than sm_70.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+# Limits of the fused kernels (the reference in siasam_fast.siamese has none).
+MAX_CLIPS = 16  # N is padded to one 16-row tile: the smallest tile tl.dot accepts
+MAX_FEATURE_DIM = 4096
+MAX_CLASSES = 65536
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+EPS = 1e-12  # floor on |f|: F.normalize's default, = siasam_fast.siamese.EPS
+
+_EPS: tl.constexpr = tl.constexpr(EPS)
+BLOCK_N: tl.constexpr = tl.constexpr(16)
+LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)
+LN2: tl.constexpr = tl.constexpr(0.6931471805599453)
+
+
+@triton.jit
+def _clip_validity(mask_ptr, vid, N, HAS_MASK: tl.constexpr):
+    """Valid clips of one video: inside N, marked by clip_mask, and always the anchor."""
+    rows = tl.arange(0, BLOCK_N)
+    valid = rows < N
+    if HAS_MASK:
+        marked = tl.load(mask_ptr + vid * N + rows, mask=valid, other=0) != 0
+        valid = valid & (marked | (rows == 0))
+    return valid
+
+
+@triton.jit
+def _knowledge(cos, valid, inv_tau, SKG: tl.constexpr):
+    """Â (eq. 1-2) from the cosine matrix, plus the pair mask j != i over valid clips."""
+    rows = tl.arange(0, BLOCK_N)
+    diag = rows[:, None] == rows[None, :]
+    pair = valid[:, None] & valid[None, :] & (~diag)
+    # A clip without any valid other clip keeps its own prediction (documented fallback).
+    lone = tl.sum(pair.to(tl.int32), axis=1) == 0
+    support = pair | (lone[:, None] & diag)
+    if SKG:
+        a = tl.where(support, cos * (inv_tau * LOG2E), float("-inf"))  # eq. 1, in log2 units
+        e = tl.exp2(a - tl.max(a, axis=1)[:, None])
+        a_hat = e / tl.sum(e, axis=1)[:, None]  # eq. 2: softmax over j != i
+    else:
+        # "SKR only" ablation: uniform average over the other valid clips.
+        ones = support.to(tl.float32)
+        a_hat = ones / tl.sum(ones, axis=1)[:, None]
+    return a_hat, pair
+
+
+@triton.jit
+def _masked_softmax(theta_ptr, valid):
+    """W = softmax(theta) over the valid clips (zero on the others)."""
+    rows = tl.arange(0, BLOCK_N)
+    t = tl.load(theta_ptr + rows, mask=valid, other=float("-inf")).to(tl.float32)
+    e = tl.exp2((t - tl.max(t, axis=0)) * LOG2E)  # the anchor is valid: the max is finite
+    return e / tl.sum(e, axis=0)
+
+
+@triton.jit
+def _soft_label_coefficients(theta1_ptr, theta2_ptr, a_hat, valid, omega):
+    """c with Q = c^T P (eq. 3-5 folded into one length-N vector)."""
+    w1 = _masked_softmax(theta1_ptr, valid)
+    w2 = _masked_softmax(theta2_ptr, valid)
+    c = omega * tl.sum(w1[:, None] * a_hat, axis=0) + (1.0 - omega) * w2
+    return c, w1, w2
+
+
+@triton.jit
+def _siamese_fwd_kernel(
+    f_ptr,  # [V, N, D] features
+    z_ptr,  # [V, N, K] logits
+    theta1_ptr,  # [N]
+    theta2_ptr,  # [N]
+    mask_ptr,  # [V, N] uint8 (unused without HAS_MASK)
+    loss_ptr,  # [V] fp32, already multiplied by `scale`
+    q_ptr,  # [V, K] fp32 soft labels (WRITE_Q only)
+    cos_ptr,  # [V, 16, 16] fp32 cosine matrix, saved for backward (SKG only)
+    norm_ptr,  # [V, 16] fp32 max(|f_i|, eps) (SKG only)
+    lse_ptr,  # [V, 16] fp32 logsumexp of every clip's logits
+    s_ptr,  # [V, 16] fp32 s_j = <P_j, z_0>
+    N,
+    D,
+    K,
+    omega,
+    inv_tau,
+    scale,
+    HAS_MASK: tl.constexpr,
+    SKG: tl.constexpr,
+    WRITE_Q: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    vid = tl.program_id(0).to(tl.int64)
+    rows = tl.arange(0, BLOCK_N)
+    diag = rows[:, None] == rows[None, :]
+    valid = _clip_validity(mask_ptr, vid, N, HAS_MASK)
+    stat_offs = vid * BLOCK_N + rows
+
+    # ---- SKG: Gram matrix over D tiles, then cosine similarities (eq. 1) ----
+    if SKG:
+        f_rows = f_ptr + vid * N * D + rows[:, None] * D
+        gram = tl.zeros((BLOCK_N, BLOCK_N), dtype=tl.float32)
+        for d0 in range(0, D, BLOCK_D):
+            offs_d = d0 + tl.arange(0, BLOCK_D)
+            f = tl.load(
+                f_rows + offs_d[None, :], mask=valid[:, None] & (offs_d[None, :] < D), other=0.0
+            ).to(tl.float32)
+            gram += tl.dot(f, tl.trans(f), input_precision="ieee")
+        norm = tl.maximum(tl.sqrt(tl.sum(tl.where(diag, gram, 0.0), axis=1)), _EPS)
+        cos = gram / (norm[:, None] * norm[None, :])  # eq. 1: sigma(f_i)^T sigma(f_j)
+        tl.store(norm_ptr + stat_offs, norm)
+        tl.store(cos_ptr + vid * BLOCK_N * BLOCK_N + rows[:, None] * BLOCK_N + rows[None, :], cos)
+    else:
+        cos = tl.zeros((BLOCK_N, BLOCK_N), dtype=tl.float32)
+    a_hat, pair = _knowledge(cos, valid, inv_tau, SKG)
+    c, w1, w2 = _soft_label_coefficients(theta1_ptr, theta2_ptr, a_hat, valid, omega)
+
+    # ---- one pass over the logits: online softmax stats of every clip + s_j ----
+    z_base = z_ptr + vid * N * K
+    z_rows = z_base + rows[:, None] * K
+    m = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)  # running max (log2 units)
+    den = tl.zeros((BLOCK_N,), dtype=tl.float32)  # sum_k exp2(z2 - m)
+    num = tl.zeros((BLOCK_N,), dtype=tl.float32)  # sum_k exp2(z2 - m) * z_0k
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        in_k = offs_k < K
+        # Invalid clips read as zeros (finite stats, never used): their memory is never touched.
+        z = tl.load(z_rows + offs_k[None, :], mask=valid[:, None] & in_k[None, :], other=0.0)
+        z2 = tl.where(in_k[None, :], z.to(tl.float32) * LOG2E, float("-inf"))
+        z0 = tl.load(z_base + offs_k, mask=in_k, other=0.0).to(tl.float32)  # the anchor's row
+        m_new = tl.maximum(m, tl.max(z2, axis=1))
+        rescale = tl.exp2(m - m_new)
+        p = tl.exp2(z2 - m_new[:, None])
+        den = den * rescale + tl.sum(p, axis=1)
+        num = num * rescale + tl.sum(p * z0[None, :], axis=1)
+        m = m_new
+    lse = (m + tl.log2(den)) * LN2
+    s = num / den
+    tl.store(lse_ptr + stat_offs, lse)
+    tl.store(s_ptr + stat_offs, s)
+
+    lse0 = tl.sum(tl.where(rows == 0, lse, 0.0), axis=0)
+    loss = lse0 - tl.sum(c * s, axis=0)  # eq. 8 (first term) through Q = c^T P, sum_k Q_k = 1
+    tl.store(loss_ptr + vid, loss * scale)
+
+    if WRITE_Q:
+        lse2 = lse * LOG2E
+        for k0 in range(0, K, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            in_k = offs_k < K
+            z = tl.load(z_rows + offs_k[None, :], mask=valid[:, None] & in_k[None, :], other=0.0)
+            p = tl.exp2(z.to(tl.float32) * LOG2E - lse2[:, None])
+            q = tl.sum(c[:, None] * p, axis=0)  # eq. 5
+            tl.store(q_ptr + vid * K + offs_k, q, mask=in_k)
+
+
+@triton.jit
+def _siamese_bwd_kernel(
+    f_ptr,
+    z_ptr,
+    theta1_ptr,
+    theta2_ptr,
+    mask_ptr,
+    cos_ptr,
+    norm_ptr,
+    lse_ptr,
+    s_ptr,
+    grad_ptr,  # upstream gradient: one value (stride 0) or one per video
+    grad_stride,
+    dz_ptr,  # [V, N, K], the logits' dtype
+    df_ptr,  # [V, N, D], the features' dtype
+    dtheta_ptr,  # [V, 2, 16] fp32 per-video partial gradients of theta1 / theta2
+    N,
+    D,
+    K,
+    omega,
+    inv_tau,
+    scale,
+    HAS_MASK: tl.constexpr,
+    SKG: tl.constexpr,
+    DETACH: tl.constexpr,
+    NEED_DZ: tl.constexpr,
+    NEED_DF: tl.constexpr,
+    NEED_DTHETA: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    vid = tl.program_id(0).to(tl.int64)
+    rows = tl.arange(0, BLOCK_N)
+    valid = _clip_validity(mask_ptr, vid, N, HAS_MASK)
+    is_anchor = rows == 0
+    stat_offs = vid * BLOCK_N + rows
+
+    # Recompute the small N x N math from the saved cosine matrix (cheaper than storing it all).
+    if SKG:
+        cos = tl.load(cos_ptr + vid * BLOCK_N * BLOCK_N + rows[:, None] * BLOCK_N + rows[None, :])
+    else:
+        cos = tl.zeros((BLOCK_N, BLOCK_N), dtype=tl.float32)
+    a_hat, pair = _knowledge(cos, valid, inv_tau, SKG)
+    c, w1, w2 = _soft_label_coefficients(theta1_ptr, theta2_ptr, a_hat, valid, omega)
+    lse = tl.load(lse_ptr + stat_offs)
+    s = tl.load(s_ptr + stat_offs)
+    g = tl.load(grad_ptr + vid * grad_stride).to(tl.float32) * scale
+
+    if not DETACH:
+        lse0 = tl.sum(tl.where(is_anchor, lse, 0.0), axis=0)
+        gc = (lse0 - s) * g  # dL/dc_j = -<P_j, log softmax(z_0)>
+        r = tl.sum(a_hat * gc[None, :], axis=1)  # r_i = sum_j Â(i, j) gc_j
+        if NEED_DTHETA:
+            dw1 = omega * r
+            dw2 = (1.0 - omega) * gc
+            dth1 = w1 * (dw1 - tl.sum(w1 * dw1, axis=0))
+            dth2 = w2 * (dw2 - tl.sum(w2 * dw2, axis=0))
+            tl.store(dtheta_ptr + vid * 2 * BLOCK_N + rows, dth1)
+            tl.store(dtheta_ptr + vid * 2 * BLOCK_N + BLOCK_N + rows, dth2)
+        if SKG and NEED_DF:
+            # Through the row softmax of eq. 2 (lone clips' fixed Â(i, i) = 1 has no gradient).
+            da = tl.where(pair, omega * w1[:, None] * a_hat * (gc[None, :] - r[:, None]), 0.0)
+            mm = (da + tl.trans(da)) * inv_tau  # cos is symmetric: both (i, j) and (j, i)
+            proj = tl.sum(mm * cos, axis=1)  # <f^_i, h_i>
+            norm = tl.load(norm_ptr + stat_offs)
+            proj = tl.where(norm > _EPS, proj, 0.0)  # below eps, f^ = f / eps is linear in f
+            f_rows = f_ptr + vid * N * D + rows[:, None] * D
+            df_rows = df_ptr + vid * N * D + rows[:, None] * D
+            for d0 in range(0, D, BLOCK_D):
+                offs_d = d0 + tl.arange(0, BLOCK_D)
+                in_d = offs_d[None, :] < D
+                f = tl.load(f_rows + offs_d[None, :], mask=valid[:, None] & in_d, other=0.0)
+                f_hat = f.to(tl.float32) / norm[:, None]
+                h = tl.dot(mm, f_hat, input_precision="ieee")
+                df = (h - proj[:, None] * f_hat) / norm[:, None]
+                tl.store(
+                    df_rows + offs_d[None, :],
+                    df.to(df_ptr.dtype.element_ty),
+                    mask=(rows[:, None] < N) & in_d,
+                )
+
+    if NEED_DZ:
+        # One pass: read z, write dz. Invalid clips have c_j = 0 and get zeros.
+        lse2 = lse * LOG2E
+        z_base = z_ptr + vid * N * K
+        z_rows = z_base + rows[:, None] * K
+        dz_rows = dz_ptr + vid * N * K + rows[:, None] * K
+        for k0 in range(0, K, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            in_k = offs_k < K
+            z = tl.load(z_rows + offs_k[None, :], mask=valid[:, None] & in_k[None, :], other=0.0)
+            p = tl.exp2(z.to(tl.float32) * LOG2E - lse2[:, None])
+            q = tl.sum(c[:, None] * p, axis=0)  # eq. 5
+            dz = tl.where(is_anchor[:, None], p - q[None, :], 0.0)  # through log softmax(z_0)
+            if not DETACH:
+                z0 = tl.load(z_base + offs_k, mask=in_k, other=0.0).to(tl.float32)
+                dz += c[:, None] * p * (s[:, None] - z0[None, :])  # through Q (eq. 3-5)
+            tl.store(
+                dz_rows + offs_k[None, :],
+                (dz * g).to(dz_ptr.dtype.element_ty),
+                mask=(rows[:, None] < N) & in_k[None, :],
+            )
+
+
+@functools.cache
+def _sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 1 << 30  # the interpreter: wide tiles, i.e. fewer (slow) loop trips
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _launch_config(V: int, D: int, K: int, sm_count: int) -> tuple[int, int, int]:
+    """BLOCK_D, BLOCK_K and num_warps (heuristics, not yet tuned on hardware).
+
+    The logits dominate the traffic. With K % 16 == 0 Triton vectorises the loads (16 B per thread)
+    and a 16 x 256 tile over 8 warps puts two clips on each warp, so the per-row reductions stay
+    inside a warp; ptxas reports 58 (forward) / 80 (backward) registers at sm_90 and no spills,
+    i.e. 3-4 programs per SM. Other K load element by element; a 16 x 128 tile keeps those at about
+    100 registers. With fewer videos than SMs every program has an SM to itself: wide tiles then
+    cut the number of (latency-bound) loop trips. The feature tiles only feed a 16 x 16 product.
+    """
+    few_videos = V <= sm_count
+    block_d = min(max(triton.next_power_of_2(D), 16), 128 if few_videos else 64)
+    if few_videos:
+        block_k = 512
+    else:
+        block_k = 256 if K % 16 == 0 else 128
+    block_k = min(max(triton.next_power_of_2(K), 16), block_k)
+    num_warps = 8 if block_k >= 128 else 4
+    return block_d, block_k, num_warps
+
+
+def siamese_forward(features, logits, theta1, theta2, clip_mask, omega, tau, skg, scale, write_q):
+    """Launch the forward kernel. Inputs are validated by the caller (siasam_fast.siamese).
+
+    Returns (per-video loss * scale [V] fp32, Q [V, K] fp32 or None, saved stats for backward).
+    """
+    V, N, K = logits.shape
+    D = features.shape[-1] if skg else 1
+    dev = logits.device
+    features = features.contiguous() if skg else logits  # a placeholder pointer without SKG
+    logits = logits.contiguous()
+    theta1, theta2 = theta1.contiguous(), theta2.contiguous()
+    mask = clip_mask.contiguous().view(torch.uint8) if clip_mask is not None else logits
+    block_d, block_k, num_warps = _launch_config(V, D, K, _sm_count(logits.device))
+
+    f32 = dict(dtype=torch.float32, device=dev)
+    loss = torch.empty(V, **f32)
+    lse = torch.empty(V, 16, **f32)
+    s = torch.empty(V, 16, **f32)
+    cos = torch.empty(V, 16, 16, **f32) if skg else lse
+    norm = torch.empty(V, 16, **f32) if skg else lse
+    q = torch.empty(V, K, **f32) if write_q else loss
+    _siamese_fwd_kernel[(V,)](
+        features, logits, theta1, theta2, mask, loss, q, cos, norm, lse, s,
+        N, D, K, float(omega), 1.0 / float(tau), float(scale),
+        HAS_MASK=clip_mask is not None, SKG=skg, WRITE_Q=write_q,
+        BLOCK_D=block_d, BLOCK_K=block_k, num_warps=num_warps,
+    )  # fmt: skip
+    return loss, (q if write_q else None), (cos, norm, lse, s)
+
+
+def siamese_backward(
+    grad, features, logits, theta1, theta2, clip_mask, saved, omega, tau, skg, detach, scale,
+    need_dz, need_df, need_dtheta,
+):  # fmt: skip
+    """Launch the backward kernel; returns (d features, d logits, d theta1, d theta2), None where
+    a gradient is not needed (or is zero by construction: features without SKG, detach)."""
+    cos, norm, lse, s = saved
+    V, N, K = logits.shape
+    D = features.shape[-1] if skg else 1
+    need_df = need_df and skg and not detach
+    need_dtheta = need_dtheta and not detach
+    if not (need_dz or need_df or need_dtheta):
+        return None, None, None, None
+    features = features.contiguous() if skg else logits
+    logits = logits.contiguous()
+    theta1, theta2 = theta1.contiguous(), theta2.contiguous()
+    mask = clip_mask.contiguous().view(torch.uint8) if clip_mask is not None else logits
+    grad = grad.contiguous()
+    grad_stride = 1 if grad.numel() == V and grad.dim() == 1 else 0
+    block_d, block_k, num_warps = _launch_config(V, D, K, _sm_count(logits.device))
+
+    dz = torch.empty_like(logits) if need_dz else logits
+    df = torch.empty_like(features) if need_df else logits
+    dtheta = torch.empty(V, 2, 16, dtype=torch.float32, device=logits.device) if need_dtheta else s
+    _siamese_bwd_kernel[(V,)](
+        features, logits, theta1, theta2, mask, cos, norm, lse, s, grad, grad_stride,
+        dz, df, dtheta,
+        N, D, K, float(omega), 1.0 / float(tau), float(scale),
+        HAS_MASK=clip_mask is not None, SKG=skg, DETACH=detach,
+        NEED_DZ=need_dz, NEED_DF=need_df, NEED_DTHETA=need_dtheta,
+        BLOCK_D=block_d, BLOCK_K=block_k, num_warps=num_warps,
+    )  # fmt: skip
+    dth1 = dth2 = None
+    if need_dtheta:
+        dth = dtheta.sum(0)[:, :N]  # a deterministic reduction over videos
+        dth1, dth2 = dth[0].to(theta1.dtype), dth[1].to(theta2.dtype)
+    return (df if need_df else None), (dz if need_dz else None), dth1, dth2
+
+
+class SiameseLossFunction(torch.autograd.Function):
+    """Fused siamese loss; inputs validated by siasam_fast.siamese.siamese_loss."""
+
+    @staticmethod
+    def forward(
+        ctx, features, logits, theta1, theta2, clip_mask, omega, tau, skg, detach, reduction
+    ):
+        V = logits.shape[0]
+        scale = 1.0 / V if reduction == "mean" else 1.0
+        # Made contiguous once here, so that backward does not copy them again.
+        features = features.contiguous() if skg else None
+        logits, theta1, theta2 = logits.contiguous(), theta1.contiguous(), theta2.contiguous()
+        loss, _, saved = siamese_forward(
+            features, logits, theta1, theta2, clip_mask, omega, tau, skg, scale, write_q=False
+        )
+        ctx.save_for_backward(features, logits, theta1, theta2, clip_mask, *saved)
+        ctx.config = (omega, tau, skg, detach, scale)
+        return loss if reduction == "none" else loss.sum()
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        features, logits, theta1, theta2, clip_mask, *saved = ctx.saved_tensors
+        omega, tau, skg, detach, scale = ctx.config
+        need = ctx.needs_input_grad
+        df, dz, dth1, dth2 = siamese_backward(
+            grad_output, features, logits, theta1, theta2, clip_mask, saved,
+            omega, tau, skg, detach, scale,
+            need_dz=need[1], need_df=need[0], need_dtheta=need[2] or need[3],
+        )  # fmt: skip
+        return (
+            df if need[0] else None,
+            dz,
+            dth1 if need[2] else None,
+            dth2 if need[3] else None,
+            None, None, None, None, None, None,
+        )  # fmt: skip
+
+
+def siamese_loss(features, logits, theta1, theta2, clip_mask, omega, tau, skg, detach, reduction):
+    """Fused loss with autograd (features may be None without SKG)."""
+    return SiameseLossFunction.apply(
+        features, logits, theta1, theta2, clip_mask, omega, tau, skg, detach, reduction
+    )
+
+
+def siamese_soft_label(features, logits, theta1, theta2, clip_mask, omega, tau, skg):
+    """Q [V, K] fp32 (eq. 5), no autograd."""
+    with torch.no_grad():
+        _, q, _ = siamese_forward(
+            features, logits, theta1, theta2, clip_mask, omega, tau, skg, 1.0, write_q=True
+        )
+    return q
