@@ -14,8 +14,37 @@ Rules (DESIGN section 2):
   window of starts slides inward instead of clamping clips onto each other, so starts stay distinct
   and consecutive;
 - every clip takes B frames with the same stride s;
-- a video too short for the group follows ``short_video``: "shrink_stride" (largest stride that fits,
-  then the spacing, then padding), "pad" (repeat the last frame) or "skip"; the reason is recorded.
+- a video too short for the group follows ``short_video``: "shrink_stride" (largest stride that
+  fits, then the spacing, then padding), "pad" (repeat the last frame) or "skip"; the reason is
+  recorded.
+
+Keyframe-aware options (issue 7: fast random access). A decoder that seeks to the keyframe at or
+before the group's first frame decodes and throws away every frame from that keyframe up to the
+first frame the clips read (the *pre-roll*, ``r``); with keyframes seconds apart that is most of the
+decoding. Two options, both off by default, bias where the group lands; they only ever move the
+group earlier or reweight the anchor draw, so the rules above keep holding (anchor in the first
+third whenever a group fits there, consecutive starts, one stride, same N, B and short-video
+handling). They read the video's keyframes (``keyframes=record.keyframes``); without keyframes they
+do nothing and the result is exactly that of the options off (same draws from the same rng).
+
+- ``preroll_temperature`` (tau, frames; None = off): the anchor is drawn from the same feasible
+  starts as the uniform draw, with probability proportional to ``exp(-r / tau)``, ``r`` the
+  pre-roll of the group that anchor produces (left after the shift below, when both are on).
+  tau = inf is the paper's uniform draw; tau = 0 draws uniformly among the anchors of least
+  pre-roll (groups that start on a keyframe); in between every feasible anchor keeps a probability
+  at least ``exp(-gop / tau)`` times the likeliest one's (gop: the keyframe spacing), e.g. gop 32
+  and tau 16: an anchor just after a keyframe is e^2 = 7.4x likelier than one just before the next.
+- ``keyframe_max_shift`` (M, frames; 0 = off): the anchor is drawn as without it, then the whole
+  group moves back by ``min(r, M)`` frames (never before frame 0), so its pre-roll becomes
+  ``r - min(r, M)``: groups starting within M frames after a keyframe snap onto it, all others move
+  M frames earlier. In distribution: each keyframe-aligned group start gains the probability of the
+  M starts after it, and the M starts just before each keyframe lose theirs (as do the last M
+  anchors of the first third, which no later anchor moves onto). With M >= gop - 1 every group
+  starts on a keyframe.
+
+:func:`anchor_distribution` returns the exact distribution of the anchor start for a video, with or
+without the options (for ablation reports); ``siasam_fast.pipeline.planner`` models the frames the
+decoder decodes for a frame set.
 """
 
 from __future__ import annotations
@@ -44,20 +73,26 @@ class SamplingConfig:
     eval_placement: str = "middle"  # "middle" | "uniform"
     eval_clips: int = 1  # clips per video at evaluation (1 = anchor only, as in the paper)
     anchor_copies: bool = False  # ablation: N copies of the anchor instead of siamese clips
+    # Keyframe-aware options (module docstring), off by default; they need the video's keyframes.
+    preroll_temperature: float | None = None  # tau: P(anchor) ~ exp(-pre-roll / tau); None: off
+    keyframe_max_shift: int = 0  # M: move the group back <= M frames toward a keyframe; 0: off
 
     def __post_init__(self) -> None:
         fpc = self.frames_per_clip
         if isinstance(fpc, (list, tuple)):
             if len(fpc) != 2 or not all(isinstance(x, (int, np.integer)) for x in fpc):
                 raise ValueError(
-                    f"frames_per_clip={fpc!r}: give one integer B or a range [lo, hi] of two integers"
+                    f"frames_per_clip={fpc!r}: give one integer B or a range [lo, hi] "
+                    "of two integers"
                 )
             lo, hi = int(fpc[0]), int(fpc[1])
             if not 1 <= lo <= hi:
                 raise ValueError(f"frames_per_clip={fpc!r}: the range needs 1 <= lo <= hi")
             object.__setattr__(self, "frames_per_clip", (lo, hi))
         elif not isinstance(fpc, (int, np.integer)) or fpc < 1:
-            raise ValueError(f"frames_per_clip={fpc!r}: must be an integer >= 1 or a range [lo, hi]")
+            raise ValueError(
+                f"frames_per_clip={fpc!r}: must be an integer >= 1 or a range [lo, hi]"
+            )
         for name in ("num_clips", "stride", "start_spacing", "min_frames", "eval_clips"):
             value = getattr(self, name)
             if not isinstance(value, (int, np.integer)) or value < 1:
@@ -65,6 +100,24 @@ class SamplingConfig:
         _check_choice("pace", self.pace, PACES)
         _check_choice("short_video", self.short_video, SHORT_VIDEO_POLICIES)
         _check_choice("eval_placement", self.eval_placement, EVAL_PLACEMENTS)
+        tau = self.preroll_temperature
+        if tau is not None:
+            if (
+                isinstance(tau, bool)
+                or not isinstance(tau, (int, float, np.integer, np.floating))
+                or math.isnan(tau)
+                or tau < 0
+            ):
+                raise ValueError(
+                    f"preroll_temperature={tau!r}: must be None (off) or a number of frames >= 0 "
+                    "(0: always the least pre-roll; larger: closer to uniform; inf: uniform)"
+                )
+            object.__setattr__(self, "preroll_temperature", float(tau))
+        shift = self.keyframe_max_shift
+        if isinstance(shift, bool) or not isinstance(shift, (int, np.integer)) or shift < 0:
+            raise ValueError(
+                f"keyframe_max_shift={shift!r}: must be an integer number of frames >= 0 (0: off)"
+            )
 
     @classmethod
     def from_dict(cls, values: dict) -> SamplingConfig:
@@ -82,6 +135,11 @@ class SamplingConfig:
     @property
     def max_frames_per_clip(self) -> int:
         return self.frames_range[1]
+
+    @property
+    def keyframe_aware(self) -> bool:
+        """Whether a keyframe-aware option is on (then the sampler reads ``keyframes``)."""
+        return self.preroll_temperature is not None or self.keyframe_max_shift > 0
 
 
 def _check_choice(name: str, value: str, valid: tuple[str, ...]) -> None:
@@ -108,6 +166,7 @@ class ClipIndices:
     skipped: bool = False
     reason: str = ""
     starts: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # [N]
+    keyframe_shift: int = 0  # frames the group moved back toward a keyframe (keyframe_max_shift)
 
     @property
     def num_clips(self) -> int:
@@ -146,16 +205,16 @@ def _finish(starts: np.ndarray, B: int, s: int, d: int, T: int, reason: str) -> 
     )
 
 
-def _offset_window(N: int, pace: str, before: int, after: int) -> tuple[int, int]:
+def _offset_window(N: int, pace: str, before, after) -> tuple:
     """Contiguous offsets [lo, lo + N - 1] (in units of d) around the anchor (offset 0).
 
     ``before`` / ``after`` are how many steps fit before / after the anchor; the preferred window
     (centred for "both", all after for "after") slides inward when it would leave the video.
+    Works on arrays of anchors too (``before`` / ``after`` arrays).
     """
     lo = -((N - 1) // 2) if pace == "both" else 0
-    lo = max(lo, -before)
-    if lo + N - 1 > after:
-        lo = after - (N - 1)
+    lo = np.maximum(lo, -np.asarray(before))
+    lo = np.where(lo + N - 1 > after, np.asarray(after) - (N - 1), lo)
     return lo, lo + N - 1
 
 
@@ -194,11 +253,89 @@ def _fit_short(T: int, N: int, B: int, cfg: SamplingConfig) -> tuple[int, int, b
 
 
 def sample_siamese_clips(
-    num_frames: int, config: SamplingConfig, rng: np.random.Generator
+    num_frames: int,
+    config: SamplingConfig,
+    rng: np.random.Generator,
+    keyframes=None,
 ) -> ClipIndices:
-    """Training clips of one video: the anchor clip and N-1 siamese clips (section 3.2)."""
+    """Training clips of one video: the anchor clip and N-1 siamese clips (section 3.2).
+
+    ``keyframes``: the video's keyframes as frame indices in the numbering of ``num_frames``
+    (``VideoRecord.keyframes``; for a segment that starts at frame f, the keyframes minus f, where
+    values below 0 are keyframes before the segment). Only the keyframe-aware options read them
+    (module docstring); with the options off, or ``keyframes`` None or empty, the result is exactly
+    that of the options off.
+    """
     T = int(num_frames)
     cfg = config
+    plan = _plan(T, cfg)
+    if isinstance(plan, ClipIndices):
+        return plan  # skipped
+    N, B, s, d, pad, reason = plan
+    kf = _keyframe_array(keyframes) if cfg.keyframe_aware else None
+
+    if pad:
+        # Every start as early as possible; frames past the end repeat the last frame.
+        a = 0
+        lo, hi = 0, N - 1
+    else:
+        max_start = T - clip_span(B, s)  # last start at which a clip still fits
+        candidates, note = _anchor_candidates(T, max_start, N, d)
+        if candidates.size == 0:  # cannot happen when the group fits; a guard for future edits
+            raise AssertionError(f"no feasible anchor start for T={T}, N={N}, B={B}, s={s}, d={d}")
+        p = _anchor_probabilities(candidates, N, d, max_start, cfg, kf)
+        a = int(rng.choice(candidates) if p is None else rng.choice(candidates, p=p))
+        reason = "; ".join(r for r in (reason, note) if r)
+        lo, hi = (int(x) for x in _offset_window(N, cfg.pace, a // d, (max_start - a) // d))
+    offsets = _siamese_order(lo, hi)
+    if cfg.anchor_copies:
+        offsets = np.zeros(N, np.int64)  # ablation: the anchor clip N times
+    starts = a + d * offsets
+    shift = 0
+    if kf is not None and cfg.keyframe_max_shift:
+        first = int(starts.min())
+        shift = int(_shift_amount(first, _keyframe_distance(kf, first), cfg.keyframe_max_shift))
+    result = _finish(starts - shift, B, s, d, T, reason)
+    result.keyframe_shift = shift
+    return result
+
+
+def anchor_distribution(
+    num_frames: int, config: SamplingConfig, keyframes=None
+) -> tuple[np.ndarray, np.ndarray]:
+    """The exact distribution of the training anchor start: (sorted starts, probabilities).
+
+    What :func:`sample_siamese_clips` draws with the same arguments, keyframe-aware options
+    included (after the shift of ``keyframe_max_shift``): only starts of nonzero probability;
+    empty arrays for a skipped video.
+    """
+    T = int(num_frames)
+    plan = _plan(T, config)
+    if isinstance(plan, ClipIndices):
+        return np.zeros(0, np.int64), np.zeros(0, np.float64)
+    N, B, s, d, pad, _ = plan
+    if pad:
+        return np.zeros(1, np.int64), np.ones(1, np.float64)
+    kf = _keyframe_array(keyframes) if config.keyframe_aware else None
+    max_start = T - clip_span(B, s)
+    candidates, _ = _anchor_candidates(T, max_start, N, d)
+    p = _anchor_probabilities(candidates, N, d, max_start, config, kf)
+    if p is None:
+        p = np.full(candidates.size, 1.0 / candidates.size)
+    anchors = candidates
+    if kf is not None and config.keyframe_max_shift:
+        first = _group_first(candidates, N, d, max_start, config)
+        anchors = candidates - _shift_amount(
+            first, _keyframe_distance(kf, first), config.keyframe_max_shift
+        )
+    starts, inverse = np.unique(anchors, return_inverse=True)
+    p = np.bincount(inverse.reshape(-1), weights=p)
+    keep = p > 0  # preroll_temperature=0 rules some anchors out
+    return starts[keep].astype(np.int64), p[keep]
+
+
+def _plan(T: int, cfg: SamplingConfig) -> tuple[int, int, int, int, bool, str] | ClipIndices:
+    """(N, B, stride, spacing, pad, reason) for a T-frame video, or the skipped result."""
     if T < 1:
         return _skipped(f"video has {T} frames")
     if T < cfg.min_frames:
@@ -215,39 +352,84 @@ def sample_siamese_clips(
                 "(short_video='skip')"
             )
         s, d, pad, reason = fitted
-
-    if pad:
-        # Every start as early as possible; frames past the end repeat the last frame.
-        a = 0
-        lo, hi = 0, N - 1
-    else:
-        max_start = T - clip_span(B, s)  # last start at which a clip still fits
-        a = _draw_anchor(T, max_start, N, d, rng)
-        if a is None:  # cannot happen when the group fits; kept as a guard for future edits
-            raise AssertionError(f"no feasible anchor start for T={T}, N={N}, B={B}, s={s}, d={d}")
-        a, note = a
-        reason = "; ".join(r for r in (reason, note) if r)
-        lo, hi = _offset_window(N, cfg.pace, a // d, (max_start - a) // d)
-    offsets = _siamese_order(lo, hi)
-    if cfg.anchor_copies:
-        offsets = np.zeros(N, np.int64)  # ablation: the anchor clip N times
-    return _finish(a + d * offsets, B, s, d, T, reason)
+    return N, B, s, d, pad, reason
 
 
-def _draw_anchor(
-    T: int, max_start: int, N: int, d: int, rng: np.random.Generator
-) -> tuple[int, str] | None:
-    """Anchor start uniform over the first third among starts whose group fits."""
+def _anchor_candidates(T: int, max_start: int, N: int, d: int) -> tuple[np.ndarray, str]:
+    """The starts the anchor is drawn from: those in the first third whose group fits (any start
+    whose group fits when none does), and a note when the first third had none."""
+
     def feasible(starts: np.ndarray) -> np.ndarray:
         return starts[(starts // d + (max_start - starts) // d) >= N - 1]
 
     first_third = feasible(np.arange(min(math.ceil(T / 3), max_start + 1)))
     if first_third.size:
-        return int(rng.choice(first_third)), ""
-    anywhere = feasible(np.arange(max_start + 1))
-    if anywhere.size == 0:
+        return first_third, ""
+    return feasible(np.arange(max_start + 1)), "no group fits with its anchor in the first third"
+
+
+def _anchor_probabilities(
+    candidates: np.ndarray,
+    N: int,
+    d: int,
+    max_start: int,
+    cfg: SamplingConfig,
+    keyframes: np.ndarray | None,
+) -> np.ndarray | None:
+    """Probabilities of the anchor candidates under ``preroll_temperature``; None: uniform."""
+    tau = cfg.preroll_temperature
+    if tau is None or keyframes is None:
         return None
-    return int(rng.choice(anywhere)), "no group fits with its anchor in the first third"
+    first = _group_first(candidates, N, d, max_start, cfg)
+    preroll = _keyframe_distance(keyframes, first)
+    if cfg.keyframe_max_shift:  # weigh what is left after the shift
+        preroll = preroll - _shift_amount(first, preroll, cfg.keyframe_max_shift)
+    r = (preroll - preroll.min()).astype(np.float64)
+    if tau == 0:
+        weights = (r == 0).astype(np.float64)  # the greedy limit: least pre-roll only
+    elif math.isinf(tau):
+        weights = np.ones_like(r)
+    else:
+        weights = np.exp(-r / tau)
+    return weights / weights.sum()
+
+
+def _group_first(
+    anchors: np.ndarray, N: int, d: int, max_start: int, cfg: SamplingConfig
+) -> np.ndarray:
+    """First frame of the group each anchor start produces (its earliest clip start)."""
+    if cfg.anchor_copies:
+        return anchors
+    lo, _ = _offset_window(N, cfg.pace, anchors // d, (max_start - anchors) // d)
+    return anchors + d * lo
+
+
+def _keyframe_array(keyframes) -> np.ndarray | None:
+    """Sorted unique keyframe indices, or None when there are none."""
+    if keyframes is None:
+        return None
+    kf = np.asarray(keyframes)
+    if kf.size == 0:
+        return None
+    if not np.issubdtype(kf.dtype, np.integer):
+        raise ValueError(
+            f"keyframes={kf.reshape(-1)[:8].tolist()}...: must be integer frame indices "
+            "(VideoRecord.keyframes)"
+        )
+    return np.unique(kf.astype(np.int64).reshape(-1))
+
+
+def _keyframe_distance(keyframes: np.ndarray, frames):
+    """Frames from the keyframe at or before each frame up to it (the pre-roll of a decoder that
+    seeks there); frames with no keyframe at or before them count from frame 0."""
+    j = np.searchsorted(keyframes, frames, side="right") - 1
+    before = np.where(j >= 0, keyframes[np.maximum(j, 0)], 0)
+    return frames - before
+
+
+def _shift_amount(first, preroll, max_shift: int):
+    """How far ``keyframe_max_shift`` moves a group back: toward its keyframe, never before 0."""
+    return np.minimum(np.minimum(preroll, max_shift), np.maximum(first, 0))
 
 
 def sample_eval_clips(

@@ -7,8 +7,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from siasam_fast.config import load_config
 from siasam_fast.sampling import (
     SamplingConfig,
+    anchor_distribution,
     clip_span,
     example_rng,
     group_span,
@@ -230,3 +232,236 @@ def test_from_dict_rejects_unknown_keys():
     with pytest.raises(ValueError, match=r"unknown sampling option\(s\) \['strides'\]"):
         SamplingConfig.from_dict({"strides": 4})
     assert SamplingConfig.from_dict({"frames_per_clip": [5, 16]}).frames_per_clip == (5, 16)
+
+
+# -- keyframe-aware options (issue 7) -----------------------------------------------------------
+
+
+@st.composite
+def video_keyframes(draw, T):
+    """Keyframes of a T-frame video: a fixed GOP, or an irregular set (maybe without frame 0,
+    maybe with keyframes before 0 as a segment of a longer video has)."""
+    if draw(st.booleans()):
+        gop = draw(st.integers(1, 300))
+        offset = draw(st.integers(0, gop - 1))
+        return list(range(-offset, T, gop))
+    return sorted(draw(st.sets(st.integers(-60, T + 20), min_size=1, max_size=40)))
+
+
+keyframe_options = st.fixed_dictionaries(
+    {
+        "preroll_temperature": st.one_of(
+            st.none(), st.sampled_from([0.0, 0.5, 4.0, 32.0, math.inf])
+        ),
+        "keyframe_max_shift": st.sampled_from([0, 1, 3, 8, 50, 1000]),
+    }
+)
+
+
+def with_options(cfg, options):
+    return SamplingConfig(**{**cfg.__dict__, **options})
+
+
+def distance_to_keyframe(keyframes, frame):
+    """Frames from the keyframe at or before ``frame`` to it (from 0 if there is none)."""
+    before = [k for k in keyframes if k <= frame]
+    return frame - (max(before) if before else 0)
+
+
+def feasible_first_third(r, T, cfg):
+    max_start = T - clip_span(r.frames_per_clip, r.stride)
+    d = r.start_spacing
+    return [
+        a
+        for a in range(min(math.ceil(T / 3), max_start + 1))
+        if a // d + (max_start - a) // d >= cfg.num_clips - 1
+    ]
+
+
+class FixedAnchor:
+    """A stand-in rng whose draw is always ``anchor`` (to build the group around one anchor)."""
+
+    def __init__(self, anchor):
+        self.anchor = anchor
+
+    def choice(self, candidates, p=None):
+        assert self.anchor in list(candidates)
+        return self.anchor
+
+
+def _group_first_of(T, cfg, anchor):
+    """First frame of the group the (uniform) sampler builds around ``anchor``."""
+    plain = SamplingConfig(**{**cfg.__dict__, "preroll_temperature": None})
+    return sample_siamese_clips(T, plain, FixedAnchor(anchor)).starts.min()
+
+
+@settings(max_examples=300, deadline=None)
+@given(data=st.data(), T=st.integers(1, 1500), cfg=configs, options=keyframe_options,
+       seed=st.integers(0, 2**32 - 1))
+def test_keyframe_options_keep_the_papers_constraints(data, T, cfg, options, seed):
+    """Anchor in the first third whenever a group fits there, consecutive starts, one stride,
+    same N / B / stride / spacing / skipping as without the options."""
+    keyframes = data.draw(video_keyframes(T))
+    kcfg = with_options(cfg, options)
+    r = sample_siamese_clips(T, kcfg, np.random.default_rng(seed), keyframes=keyframes)
+    plain = sample_siamese_clips(T, cfg, np.random.default_rng(seed))
+    assert r.skipped == plain.skipped and r.reason == plain.reason
+    if r.skipped:
+        return
+    check_invariants(r, T, kcfg)
+    assert (r.frames_per_clip, r.stride, r.start_spacing) == (
+        plain.frames_per_clip, plain.stride, plain.start_spacing
+    )
+    if "padded" in r.reason:
+        np.testing.assert_array_equal(r.clips, plain.clips)
+        return
+    if feasible_first_third(r, T, cfg):
+        assert r.anchor_start < T / 3
+    # The result is the paper's group around a feasible anchor (FixedAnchor checks it is one of
+    # the uniform draw's candidates), moved back by at most keyframe_max_shift frames.
+    assert 0 <= r.keyframe_shift <= kcfg.keyframe_max_shift
+    paper = sample_siamese_clips(T, cfg, FixedAnchor(r.anchor_start + r.keyframe_shift))
+    np.testing.assert_array_equal(r.starts, paper.starts - r.keyframe_shift)
+    np.testing.assert_array_equal(r.clips, paper.clips - r.keyframe_shift)
+    again = sample_siamese_clips(T, kcfg, np.random.default_rng(seed), keyframes=keyframes)
+    np.testing.assert_array_equal(r.clips, again.clips)  # deterministic per rng
+
+
+@settings(max_examples=200, deadline=None)
+@given(data=st.data(), T=st.integers(1, 1500), cfg=configs, options=keyframe_options,
+       seed=st.integers(0, 2**32 - 1))
+def test_keyframe_options_without_keyframes_change_nothing(data, T, cfg, options, seed):
+    kcfg = with_options(cfg, options)
+    plain = sample_siamese_clips(T, cfg, np.random.default_rng(seed))
+    for keyframes in (None, []):
+        r = sample_siamese_clips(T, kcfg, np.random.default_rng(seed), keyframes=keyframes)
+        np.testing.assert_array_equal(r.clips, plain.clips)
+        assert r.reason == plain.reason and r.keyframe_shift == 0
+    # Options off: keyframes are not even read.
+    r = sample_siamese_clips(T, cfg, np.random.default_rng(seed),
+                             keyframes=data.draw(video_keyframes(T)))
+    np.testing.assert_array_equal(r.clips, plain.clips)
+
+
+@settings(max_examples=300, deadline=None)
+@given(data=st.data(), T=st.integers(1, 1500), cfg=configs,
+       max_shift=st.integers(1, 400), seed=st.integers(0, 2**32 - 1))
+def test_keyframe_shift_moves_the_same_group_back_toward_its_keyframe(
+    data, T, cfg, max_shift, seed
+):
+    """Same draw as without the option, the whole group moved back by min(pre-roll, M) frames
+    (never before frame 0): its pre-roll becomes pre-roll - shift."""
+    keyframes = data.draw(video_keyframes(T))
+    plain = sample_siamese_clips(T, cfg, np.random.default_rng(seed))
+    r = sample_siamese_clips(T, with_options(cfg, {"keyframe_max_shift": max_shift}),
+                             np.random.default_rng(seed), keyframes=keyframes)
+    if plain.skipped:
+        assert r.skipped
+        return
+    first = int(plain.starts.min())
+    preroll = distance_to_keyframe(keyframes, first)
+    assert r.keyframe_shift == min(preroll, max_shift, first)
+    np.testing.assert_array_equal(r.clips, np.maximum(plain.clips - r.keyframe_shift, 0)
+                                  if "padded" in r.reason else plain.clips - r.keyframe_shift)
+    assert distance_to_keyframe(keyframes, int(r.starts.min())) == preroll - r.keyframe_shift
+
+
+@settings(max_examples=150, deadline=None)
+@given(data=st.data(), T=st.integers(1, 600), cfg=configs, options=keyframe_options)
+def test_anchor_distribution_is_a_distribution_over_first_third_anchors(data, T, cfg, options):
+    keyframes = data.draw(video_keyframes(T))
+    kcfg = with_options(cfg, options)
+    starts, p = anchor_distribution(T, kcfg, keyframes)
+    r = sample_siamese_clips(T, kcfg, np.random.default_rng(0), keyframes=keyframes)
+    if r.skipped:
+        assert starts.size == 0
+        return
+    assert np.all(np.diff(starts) > 0) and np.all(p > 0)
+    assert math.isclose(p.sum(), 1.0)
+    assert r.anchor_start in starts.tolist()
+    if "padded" not in r.reason and feasible_first_third(r, T, cfg):
+        assert starts.max() < T / 3
+    # Options off (or no keyframes): the paper's uniform draw over the feasible first third.
+    if not kcfg.keyframe_aware:
+        assert np.allclose(p, 1 / p.size)
+
+
+@settings(max_examples=150, deadline=None)
+@given(gop=st.integers(2, 120), T=st.integers(60, 1500), tau=st.floats(0.25, 200),
+       cfg=configs)
+def test_preroll_temperature_is_an_exponential_tilt(gop, T, tau, cfg):
+    """P(anchor) is proportional to exp(-pre-roll / tau): every feasible anchor is kept, and
+    the mean pre-roll is never above the uniform draw's."""
+    keyframes = list(range(0, T, gop))
+    uniform_starts, uniform_p = anchor_distribution(T, cfg, keyframes)
+    kcfg = with_options(cfg, {"preroll_temperature": tau})
+    starts, p = anchor_distribution(T, kcfg, keyframes)
+    if starts.size == 0 or starts.size == 1:
+        return
+    np.testing.assert_array_equal(starts, uniform_starts)  # same support
+    r = sample_siamese_clips(T, kcfg, np.random.default_rng(0), keyframes=keyframes)
+    if "padded" in r.reason:
+        return
+    # Pre-roll of each anchor's group (the group's first frame, as the sampler places it).
+    preroll = np.array([
+        distance_to_keyframe(keyframes, int(_group_first_of(T, kcfg, a)))
+        for a in starts.tolist()
+    ])
+    expected = np.exp(-(preroll - preroll.min()) / tau)
+    np.testing.assert_allclose(p, expected / expected.sum(), rtol=1e-9)
+    assert (p * preroll).sum() <= (uniform_p * preroll).sum() + 1e-9
+
+
+def test_preroll_temperature_zero_draws_only_keyframe_aligned_groups():
+    cfg = SamplingConfig(preroll_temperature=0)
+    keyframes = list(range(0, 300, 16))
+    firsts = {
+        int(sample_siamese_clips(300, cfg, example_rng(0, 0, i), keyframes=keyframes).starts.min())
+        for i in range(300)
+    }
+    assert firsts and all(f % 16 == 0 for f in firsts)
+    assert len(firsts) == len([k for k in keyframes if k < 100 - 4])  # every aligned group drawn
+
+
+def test_sampler_follows_anchor_distribution():
+    """Empirical anchor frequencies match anchor_distribution (both options on)."""
+    cfg = SamplingConfig(preroll_temperature=6.0, keyframe_max_shift=3)
+    keyframes = list(range(0, 240, 12))
+    starts, p = anchor_distribution(240, cfg, keyframes)
+    draws = 6000
+    counts = np.zeros(starts.size)
+    for i in range(draws):
+        a = sample_siamese_clips(240, cfg, example_rng(1, 0, i), keyframes=keyframes).anchor_start
+        counts[np.searchsorted(starts, a)] += 1
+    assert np.abs(counts / draws - p).max() < 0.02
+
+
+def test_keyframe_options_config_fields_and_overrides():
+    cfg = load_config(overrides=["sampling.preroll_temperature=8",
+                                 "sampling.keyframe_max_shift=4"]).sampling
+    assert cfg.preroll_temperature == 8.0 and isinstance(cfg.preroll_temperature, float)
+    assert cfg.keyframe_max_shift == 4 and cfg.keyframe_aware
+    off = load_config(overrides=["sampling.preroll_temperature=null"]).sampling
+    assert off.preroll_temperature is None and not off.keyframe_aware
+    assert not SamplingConfig().keyframe_aware  # off by default
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(preroll_temperature=-1.0), r"preroll_temperature=-1.0: must be None \(off\)"),
+        (dict(preroll_temperature="hot"), r"preroll_temperature='hot'"),
+        (dict(preroll_temperature=float("nan")), r"preroll_temperature=nan"),
+        (dict(keyframe_max_shift=-2), r"keyframe_max_shift=-2: must be an integer"),
+        (dict(keyframe_max_shift=2.5), r"keyframe_max_shift=2.5"),
+    ],
+)
+def test_keyframe_option_errors_name_the_value(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        SamplingConfig(**kwargs)
+
+
+def test_keyframes_must_be_integers():
+    with pytest.raises(ValueError, match=r"keyframes=\[0.5"):
+        sample_siamese_clips(100, SamplingConfig(keyframe_max_shift=2), np.random.default_rng(0),
+                             keyframes=[0.5, 10.0])

@@ -206,7 +206,10 @@ class VideoQADataset(Dataset):
         index = self.indices[position]
         first, count = self.segments[position]
         if self.training:
-            clips = sample_siamese_clips(count, self.cfg, example_rng(self.seed, epoch, index))
+            clips = sample_siamese_clips(
+                count, self.cfg, example_rng(self.seed, epoch, index),
+                keyframes=np.subtract(self.records[position].keyframes, first),  # segment numbering
+            )
         else:
             clips = sample_eval_clips(count, self.cfg)
         if first:

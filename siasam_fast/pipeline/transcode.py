@@ -1,0 +1,714 @@
+"""One-time re-encode of a video folder for fast random access (issue 7).
+
+Real VideoQA videos (YouTube-derived MSRVTT, ActivityNet) have keyframes seconds apart, so reading
+the ~37 frames of a siamese group means decoding, and throwing away, every frame from the keyframe
+before it (``planner.py`` models the count). :func:`transcode` re-encodes every video of a folder
+once with a short fixed GOP:
+
+- a keyframe every ``gop`` frames exactly, closed GOPs (every keyframe an IDR: a seek there
+  decodes nothing from before it), no scene-cut keyframes in between (x264 ``sc_threshold=0``,
+  x265 ``scenecut=0``, NVENC ``no-scenecut``); the output manifest's keyframes are checked against
+  ``0, gop, 2 gop, ...`` and a video whose encoder did otherwise is reported (still kept);
+- yuv420p, constant frame rate at the source's average rate (frame ``i`` of the source is frame
+  ``i`` of the output: the frame count and order are kept, no frame is dropped or duplicated, so
+  annotations in frames or in seconds via fps keep pointing at the same content);
+- optional downscale to ``height`` (aspect kept, both sides even; never upscaled);
+- video only: audio and other streams are dropped (the models read frames only).
+
+Outputs mirror the source tree as ``<video_id>.mp4`` under ``dst_dir``. Videos are encoded in a
+process pool with a progress bar. Each output is written to a hidden temp name, verified (decoded
+by the manifest probe: status ok and as many frames as the source manifest counts), then renamed,
+so an interrupted file never looks complete; a re-run skips verified outputs and redoes the rest.
+Corrupt inputs (per the source manifest) and videos that fail to transcode are reported and
+skipped, never fatal. The destination manifest (``dst_dir/manifest.jsonl``) is written with the
+manifest module's functions, so training can use it directly.
+
+Encoders: PyAV encodes on the CPU with libx264 / libx265. Where FFmpeg has NVENC (h264_nvenc /
+hevc_nvenc) and an NVENC-capable GPU is present, ``encoder="auto"`` uses it (decoding, scaling and
+colour conversion stay on the CPU) and the summary says so. Datacenter Hopper / Ampere compute
+GPUs (H100, A100) have no NVENC: there the CPU encoder is used.
+
+The command line is ``siasam-fast transcode SRC_DIR DST_DIR --gop G [--height H] [--codec h264|hevc]
+[--workers W]`` (:func:`main_transcode`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import multiprocessing
+import os
+import time
+from collections.abc import Iterator, Sequence
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass, field
+from fractions import Fraction
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from siasam_fast.pipeline.manifest import (
+    PROBE_MODES,
+    VIDEO_EXTENSIONS,
+    VideoRecord,
+    build_manifest,
+    load_manifest,
+    probe_video,
+    write_manifest,
+)
+
+logger = logging.getLogger(__name__)
+
+CODECS = ("h264", "hevc")
+ENCODERS = ("auto", "cpu", "nvenc")
+CPU_ENCODERS = {"h264": "libx264", "hevc": "libx265"}
+NVENC_ENCODERS = {"h264": "h264_nvenc", "hevc": "hevc_nvenc"}
+# Quality defaults: visually lossless enough for 224-px training inputs; short GOPs cost bits,
+# so a slower preset than the usual "veryfast" keeps the disk growth down.
+DEFAULT_CRF = {"h264": 20, "hevc": 22}
+DEFAULT_PRESET = {"cpu": "fast", "nvenc": "p4"}
+MANIFEST_NAME = "manifest.jsonl"
+SOURCE_MANIFEST_NAME = "source_manifest.jsonl"
+PARAMS_NAME = "transcode.json"
+TEMP_SUFFIX = ".transcoding.mp4"  # hidden temp outputs: ".<name>.transcoding.mp4"
+# Consumer GPUs cap concurrent NVENC sessions (a handful): fewer encoding processes by default.
+NVENC_DEFAULT_WORKERS = 4
+
+
+@dataclass(frozen=True)
+class _Job:
+    """One video to transcode (picklable: sent to a pool process)."""
+
+    src: str
+    dst: str
+    dst_dir: str
+    video_id: str
+    expected_frames: int
+    gop: int
+    height: int | None
+    encoder: str
+    options: dict
+    threads: int
+    probe_mode: str
+
+
+@dataclass
+class TranscodeResult:
+    """What happened to one video."""
+
+    video_id: str
+    relpath: str  # source path relative to src_dir
+    status: str  # "done" (transcoded now) | "skipped" (already complete) | "failed"
+    reason: str = ""
+    bytes_in: int = 0
+    bytes_out: int = 0
+    seconds: float = 0.0
+    record: VideoRecord | None = None  # the output's manifest record (done / skipped)
+    irregular_keyframes: bool = False  # the output's keyframes are not exactly every gop frames
+
+
+@dataclass
+class TranscodeSummary:
+    """What :func:`transcode` returns; ``summary()`` is the text the CLI prints."""
+
+    dst_dir: Path
+    manifest_path: Path
+    encoder: str
+    hardware: bool  # NVENC
+    gop: int
+    height: int | None
+    codec: str
+    results: list[TranscodeResult] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def _with(self, *statuses: str) -> list[TranscodeResult]:
+        return [r for r in self.results if r.status in statuses]
+
+    @property
+    def done(self) -> list[TranscodeResult]:
+        return self._with("done")
+
+    @property
+    def skipped(self) -> list[TranscodeResult]:
+        return self._with("skipped")
+
+    @property
+    def failed(self) -> list[TranscodeResult]:
+        return self._with("failed")
+
+    @property
+    def bytes_in(self) -> int:
+        """Source bytes of the videos that have a verified output."""
+        return sum(r.bytes_in for r in self._with("done", "skipped"))
+
+    @property
+    def bytes_out(self) -> int:
+        return sum(r.bytes_out for r in self._with("done", "skipped"))
+
+    @property
+    def growth(self) -> float:
+        """Output bytes per source byte (1.5: the transcoded set takes 50% more disk)."""
+        return self.bytes_out / self.bytes_in if self.bytes_in else float("nan")
+
+    def summary(self) -> str:
+        kind = "NVENC (GPU)" if self.hardware else "CPU"
+        scale = f", height <= {self.height}" if self.height else ""
+        ok = len(self.done) + len(self.skipped)
+        text = (
+            f"transcode {self.codec} gop={self.gop}{scale} with {self.encoder} ({kind}): "
+            f"{len(self.done)} transcoded, {len(self.skipped)} already complete, "
+            f"{len(self.failed)} failed, in {self.seconds:.1f} s\n"
+            f"  disk: {ok} videos {_human(self.bytes_in)} -> {_human(self.bytes_out)} "
+            f"(x{self.growth:.2f}, {self.bytes_out - self.bytes_in:+,} bytes)\n"
+            f"  manifest: {self.manifest_path}"
+        )
+        irregular = [r for r in self._with("done", "skipped") if r.irregular_keyframes]
+        if irregular:
+            text += (
+                f"\n  {len(irregular)} outputs have keyframes other than every {self.gop} frames "
+                f"(encoder ignored the GOP settings?), e.g. {irregular[0].relpath}"
+            )
+        for r in self.failed[:20]:
+            text += f"\n  failed: {r.relpath}: {r.reason}"
+        if len(self.failed) > 20:
+            text += f"\n  ... and {len(self.failed) - 20} more"
+        return text
+
+
+def _human(n: float) -> str:
+    """Bytes in decimal units: 912 B, 45.1 kB, 3.2 GB."""
+    if abs(n) < 1000:
+        return f"{n:.0f} B"
+    for unit in ("kB", "MB", "GB"):
+        n /= 1000
+        if abs(n) < 1000:
+            return f"{n:.1f} {unit}"
+    return f"{n / 1000:.1f} TB"
+
+
+# ----------------------------------------------------------------------------------------------
+# Encoders
+
+
+def nvenc_available(codec: str = "h264") -> tuple[bool, str]:
+    """(whether the NVENC encoder of ``codec`` opens here, why not)."""
+    import av
+
+    name = NVENC_ENCODERS[_check_codec(codec)]
+    if name not in av.codecs_available:
+        return False, f"FFmpeg has no {name} encoder"
+    try:
+        ctx = av.CodecContext.create(name, "w")
+        ctx.width, ctx.height, ctx.pix_fmt = 256, 256, "yuv420p"
+        ctx.time_base, ctx.framerate = Fraction(1, 25), Fraction(25)
+        ctx.open()
+    except Exception as err:  # noqa: BLE001 - no GPU, no driver, no NVENC on this GPU, ...
+        return False, f"{name} does not open ({type(err).__name__}: {err})"
+    return True, ""
+
+
+def choose_encoder(codec: str = "h264", encoder: str = "auto") -> tuple[str, bool]:
+    """(FFmpeg encoder name, whether it is NVENC) for ``codec`` under the ``encoder`` policy."""
+    import av
+
+    _check_codec(codec)
+    if encoder not in ENCODERS:
+        raise ValueError(f"encoder={encoder!r}: valid encoders are {', '.join(ENCODERS)}")
+    if encoder in ("auto", "nvenc"):
+        ok, why = nvenc_available(codec)
+        if ok:
+            return NVENC_ENCODERS[codec], True
+        if encoder == "nvenc":
+            raise RuntimeError(f"encoder='nvenc' asked for, but {why}; use encoder='cpu' or 'auto'")
+        logger.info("NVENC not used: %s", why)
+    name = CPU_ENCODERS[codec]
+    if name not in av.codecs_available:
+        have = sorted(c for c in av.codecs_available if c in CPU_ENCODERS.values())
+        raise RuntimeError(
+            f"codec={codec!r} needs the {name} encoder, which this FFmpeg lacks "
+            f"(CPU encoders present: {', '.join(have) or 'none'})"
+        )
+    return name, False
+
+
+def encoder_options(
+    encoder: str, gop: int, crf: int | None, preset: str | None, bframes: int | None
+) -> dict:
+    """FFmpeg options for a fixed, closed GOP of ``gop`` frames without scene-cut keyframes."""
+    g = str(gop)
+    if encoder == "libx264":
+        options = {
+            "g": g,
+            "keyint_min": g,
+            "sc_threshold": "0",
+            "crf": str(DEFAULT_CRF["h264"] if crf is None else crf),
+            "preset": preset or DEFAULT_PRESET["cpu"],
+            "x264-params": f"keyint={g}:min-keyint={g}:scenecut=0:open-gop=0",
+        }
+    elif encoder == "libx265":
+        options = {
+            "crf": str(DEFAULT_CRF["hevc"] if crf is None else crf),
+            "preset": preset or DEFAULT_PRESET["cpu"],
+            "x265-params": f"keyint={g}:min-keyint={g}:scenecut=0:open-gop=0:log-level=error",
+        }
+    elif encoder in NVENC_ENCODERS.values():
+        options = {
+            "g": g,
+            "forced-idr": "1",
+            "strict_gop": "1",
+            "no-scenecut": "1",
+            "preset": preset or DEFAULT_PRESET["nvenc"],
+            "rc": "vbr",
+            "cq": str(23 if crf is None else crf),
+        }
+    else:
+        raise ValueError(f"encoder={encoder!r}: valid encoders are libx264, libx265, *_nvenc")
+    if bframes is not None:
+        options["bf"] = str(bframes)
+    return options
+
+
+# ----------------------------------------------------------------------------------------------
+# One video (runs in a pool process; never raises)
+
+
+def output_size(width: int, height: int, max_height: int | None) -> tuple[int, int]:
+    """(width, height) of the output: at most ``max_height`` high, aspect kept, both even."""
+    h = height if not max_height or max_height >= height else max_height
+    w = width if h == height else round(width * h / height)
+    return max(2, w - w % 2), max(2, h - h % 2)
+
+
+def temp_path(dst: Path) -> Path:
+    """The hidden name an output is written under until it is verified."""
+    return dst.with_name(f".{dst.stem}{TEMP_SUFFIX}")
+
+
+def _transcode_one(job: _Job) -> TranscodeResult:
+    start = time.perf_counter()
+    src, dst = Path(job.src), Path(job.dst)
+    result = TranscodeResult(job.video_id, "", "failed", bytes_in=_size(src))
+    tmp = temp_path(dst)
+    try:
+        if dst.exists():  # complete from an earlier run whose manifest was not written?
+            record = _verify(dst, job)
+            if isinstance(record, VideoRecord):
+                result.status, result.record = "skipped", record
+                result.bytes_out = record.size
+                result.irregular_keyframes = not _regular(record, job.gop)
+                return result
+            logger.info("%s: redoing it (%s)", dst, record)
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        frames = _encode(src, tmp, job)
+        if frames != job.expected_frames:
+            result.reason = (
+                f"the source decoded to {frames} frames but its manifest counts "
+                f"{job.expected_frames} (stale manifest?)"
+            )
+            return result
+        record = _verify(tmp, job)
+        if not isinstance(record, VideoRecord):
+            result.reason = f"output failed verification: {record}"
+            return result
+        os.replace(tmp, dst)  # the rename keeps size and mtime: the record stays valid
+        _name_record(record, dst, job)
+        result.status, result.record = "done", record
+        result.bytes_out = record.size
+        result.irregular_keyframes = not _regular(record, job.gop)
+    except Exception as err:  # noqa: BLE001 - a bad video fails alone, the run goes on
+        result.reason = f"{type(err).__name__}: {err}"
+    finally:
+        tmp.unlink(missing_ok=True)
+        result.seconds = time.perf_counter() - start
+    return result
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0
+
+
+def _encode(src: Path, tmp: Path, job: _Job) -> int:
+    """Decode ``src`` and encode every frame into ``tmp``; returns the number of frames."""
+    import av
+    from av.video.frame import PictureType
+
+    count = 0
+    with av.open(str(src)) as source, av.open(str(tmp), "w", format="mp4") as out:
+        stream = source.streams.video[0]
+        stream.thread_type = "AUTO"
+        rate = stream.average_rate or stream.guessed_rate or Fraction(25)
+        rate = Fraction(rate).limit_denominator(1001)
+        ostream = None
+        for frame in source.decode(stream):
+            if ostream is None:  # sized from the first frame: robust to odd headers
+                width, height = output_size(frame.width, frame.height, job.height)
+                ostream = out.add_stream(job.encoder, rate=rate)
+                ostream.width, ostream.height, ostream.pix_fmt = width, height, "yuv420p"
+                ostream.codec_context.time_base = 1 / rate
+                ostream.codec_context.thread_count = job.threads
+                ostream.options = dict(job.options)
+            image = frame.reformat(
+                width=width, height=height, format="yuv420p", interpolation="AREA"
+            )
+            # Constant frame rate: frame i at i / rate. No keyframe forced by the source's picture
+            # types (libx264 honours an input I-frame as a keyframe request).
+            image.pts, image.time_base = count, 1 / rate
+            image.pict_type = PictureType.NONE
+            for packet in ostream.encode(image):
+                out.mux(packet)
+            count += 1
+        if ostream is not None:
+            for packet in ostream.encode():
+                out.mux(packet)
+    return count
+
+
+def _verify(path: Path, job: _Job) -> VideoRecord | str:
+    """The output's manifest record if it is ok with the source's frame count, else why not."""
+    record = probe_video(path, job.dst_dir, job.probe_mode)
+    if not record.ok:
+        return f"the output is {record.status} ({record.reason})"
+    if record.num_frames != job.expected_frames:
+        return f"{record.num_frames} frames in the output, {job.expected_frames} in the source"
+    _name_record(record, Path(job.dst), job)
+    return record
+
+
+def _name_record(record: VideoRecord, dst: Path, job: _Job) -> None:
+    record.path = str(dst.resolve())
+    record.relpath = dst.relative_to(job.dst_dir).as_posix()
+    record.video_id = job.video_id
+
+
+def _regular(record: VideoRecord, gop: int) -> bool:
+    return record.keyframes == list(range(0, record.num_frames, gop))
+
+
+# ----------------------------------------------------------------------------------------------
+# A folder
+
+
+def transcode(
+    src_dir: str | os.PathLike,
+    dst_dir: str | os.PathLike,
+    gop: int,
+    height: int | None = None,
+    codec: str = "h264",
+    workers: int | None = None,
+    *,
+    encoder: str = "auto",
+    crf: int | None = None,
+    preset: str | None = None,
+    bframes: int | None = None,
+    source_manifest: str | os.PathLike | None = None,
+    probe_mode: str = "decode",
+    extensions: Sequence[str] = VIDEO_EXTENSIONS,
+    progress: bool = True,
+) -> TranscodeSummary:
+    """Re-encode every video under ``src_dir`` into ``dst_dir`` with a keyframe every ``gop``
+    frames (module docstring); returns the summary (``.summary()`` for text).
+
+    ``height``: downscale taller videos to this height (even; aspect kept; never upscaled).
+    ``codec``: "h264" or "hevc". ``workers``: encoding processes (default: all CPUs, or
+    ``NVENC_DEFAULT_WORKERS`` with NVENC; 0 or 1 encodes in this process). ``encoder``: "auto"
+    (NVENC when it works here, else CPU), "cpu" or "nvenc". ``crf`` / ``preset`` / ``bframes``:
+    quality settings (defaults: ``DEFAULT_CRF``, ``DEFAULT_PRESET``, the preset's B-frames).
+    ``source_manifest``: the manifest of ``src_dir`` (built or refreshed incrementally, so an
+    existing one from ``siasam-fast index`` costs nothing; default
+    ``dst_dir/source_manifest.jsonl``).
+    ``probe_mode``: how sources and outputs are probed ("decode": every frame, the default).
+    """
+    start = time.perf_counter()
+    src_dir, dst_dir = Path(src_dir).resolve(), Path(dst_dir).resolve()
+    _check_args(src_dir, dst_dir, gop, height, codec, workers, probe_mode)
+    name, hardware = choose_encoder(codec, encoder)
+    options = encoder_options(name, gop, crf, preset, bframes)
+    cpus = os.cpu_count() or 1
+    if workers is None:
+        workers = min(cpus, NVENC_DEFAULT_WORKERS) if hardware else cpus
+    threads = max(1, cpus // max(1, workers))
+    dst_dir.mkdir(parents=True, exist_ok=True)
+    logger.info("transcoding %s -> %s with %s (%s)", src_dir, dst_dir, name,
+                "NVENC" if hardware else "CPU")
+
+    sources = build_manifest(
+        src_dir,
+        Path(source_manifest) if source_manifest else dst_dir / SOURCE_MANIFEST_NAME,
+        workers=workers,
+        mode=probe_mode,
+        extensions=extensions,
+        progress=progress,
+    )
+    params = {"gop": gop, "height": height, "codec": codec, "crf": crf, "preset": preset,
+              "bframes": bframes}
+    fresh = _params_changed(dst_dir, params)
+    stamp = dst_dir / f".{PARAMS_NAME}.tmp"
+    stamp.write_text(json.dumps({**params, "encoder": name}, indent=1) + "\n")
+    os.replace(stamp, dst_dir / PARAMS_NAME)  # atomic: a torn file would force a full redo
+    for stale in dst_dir.rglob(f".*{TEMP_SUFFIX}"):  # left by an interrupted run
+        stale.unlink(missing_ok=True)
+
+    manifest_path = dst_dir / MANIFEST_NAME
+    old = _load_old(manifest_path) if not fresh else {}
+    records: dict[str, VideoRecord] = {}
+    summary = TranscodeSummary(dst_dir, manifest_path, name, hardware, gop, height, codec)
+    jobs: list[_Job] = []
+    for relpath in getattr(sources, "duplicates", []):
+        summary.results.append(TranscodeResult(
+            "", relpath, "failed", "another file has the same video_id (name without extension)"))
+    for vid, src in sorted(sources.items()):
+        if not src.ok:
+            summary.results.append(TranscodeResult(
+                vid, src.relpath, "failed", f"corrupt input: {src.reason}", bytes_in=src.size))
+            continue
+        dst = dst_dir / f"{vid}.mp4"
+        if fresh:
+            dst.unlink(missing_ok=True)  # made with other parameters
+        done = _complete(old.get(vid), dst, src)
+        if done is not None:
+            records[vid] = done
+            summary.results.append(TranscodeResult(
+                vid, src.relpath, "skipped", bytes_in=src.size, bytes_out=done.size, record=done,
+                irregular_keyframes=not _regular(done, gop)))
+            continue
+        jobs.append(_Job(str(Path(src.path)), str(dst), str(dst_dir), vid, src.num_frames, gop,
+                         height, name, options, threads, probe_mode))
+
+    relpaths = {vid: r.relpath for vid, r in sources.items()}
+    bar = tqdm(total=len(jobs), desc=f"transcode gop={gop}", unit="video", disable=not progress)
+    last_write = time.monotonic()
+    try:
+        for result in _run_all(jobs, workers):
+            result.relpath = relpaths[result.video_id]
+            summary.results.append(result)
+            if result.record is not None:
+                records[result.video_id] = result.record
+            if result.status == "failed":
+                logger.warning("transcode failed: %s: %s", result.relpath, result.reason)
+            bar.update(1)
+            bar.set_postfix_str(f"{_human(summary.bytes_in)} -> {_human(summary.bytes_out)}")
+            if time.monotonic() - last_write > 60:
+                write_manifest(records.values(), manifest_path)
+                last_write = time.monotonic()
+    except BaseException:
+        write_manifest(records.values(), manifest_path)  # what is done stays done
+        raise
+    finally:
+        bar.close()
+    write_manifest(records.values(), manifest_path)
+    # Re-index: every record just written is reused (same size and mtime); files of dst_dir that
+    # are not outputs of this run's sources are probed too, and vanished ones dropped.
+    build_manifest(dst_dir, manifest_path, workers=workers, mode=probe_mode, progress=False)
+    summary.seconds = time.perf_counter() - start
+    logger.info("%s", summary.summary())
+    return summary
+
+
+def _check_args(src_dir, dst_dir, gop, height, codec, workers, probe_mode) -> None:
+    if not src_dir.is_dir():
+        raise NotADirectoryError(f"src_dir={str(src_dir)!r} is not a folder")
+    if dst_dir == src_dir or dst_dir.is_relative_to(src_dir) or src_dir.is_relative_to(dst_dir):
+        raise ValueError(
+            f"dst_dir={str(dst_dir)!r} and src_dir={str(src_dir)!r} must not contain each other "
+            "(the outputs would be indexed as sources, or the sources as outputs)"
+        )
+    if isinstance(gop, bool) or not isinstance(gop, int) or gop < 1:
+        raise ValueError(f"gop={gop!r}: must be an integer >= 1 (frames between keyframes)")
+    if height is not None and (
+        isinstance(height, bool) or not isinstance(height, int) or height < 2 or height % 2
+    ):
+        raise ValueError(f"height={height!r}: must be an even integer >= 2 (4:2:0 chroma), or None")
+    _check_codec(codec)
+    if workers is not None and workers < 0:
+        raise ValueError(f"workers={workers}: must be >= 0 (0 or 1: in this process)")
+    if probe_mode not in PROBE_MODES:
+        raise ValueError(f"probe_mode={probe_mode!r}: valid modes are {', '.join(PROBE_MODES)}")
+
+
+def _check_codec(codec: str) -> str:
+    if codec not in CODECS:
+        raise ValueError(f"codec={codec!r}: valid codecs are {', '.join(CODECS)}")
+    return codec
+
+
+def _params_changed(dst_dir: Path, params: dict) -> bool:
+    path = dst_dir / PARAMS_NAME
+    if not path.is_file():
+        return False
+    try:
+        old = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return True
+    old = {k: old.get(k) for k in params}
+    if old != params:
+        logger.warning("%s: made with %s, now %s: every output is redone", dst_dir, old, params)
+        return True
+    return False
+
+
+def _load_old(path: Path) -> dict[str, VideoRecord]:
+    if not path.is_file():
+        return {}
+    try:
+        return load_manifest(path)
+    except ValueError as err:
+        logger.warning("ignoring %s (%s): existing outputs are verified again", path, err)
+        return {}
+
+
+def _complete(old: VideoRecord | None, dst: Path, src: VideoRecord) -> VideoRecord | None:
+    """The output's record when the manifest already verified this very file, else None (an
+    existing file without such a record is verified again by its job)."""
+    if old is None or not old.ok or old.num_frames != src.num_frames:
+        return None
+    try:
+        st = dst.stat()
+    except OSError:
+        return None
+    if st.st_size != old.size or st.st_mtime_ns != old.mtime_ns or st.st_mtime_ns < src.mtime_ns:
+        return None  # rewritten since, or the source changed after the output was made
+    return old
+
+
+def _run_all(jobs: list[_Job], workers: int) -> Iterator[TranscodeResult]:
+    """Results in completion order; a video that kills its process fails alone."""
+    if workers <= 1 or len(jobs) <= 1:
+        for job in jobs:
+            yield _transcode_one(job)
+        return
+    # spawn: the parent may hold torch / CUDA state that must not be forked.
+    context = multiprocessing.get_context("spawn")
+    crashed: list[_Job] = []
+    queue = iter(jobs)
+    with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
+        pending = {pool.submit(_transcode_one, job): job for job in _take(queue, 2 * workers)}
+        while pending:
+            done, _ = wait(pending, return_when=FIRST_COMPLETED)
+            for future in done:
+                job = pending.pop(future)
+                try:
+                    yield future.result()
+                except BrokenProcessPool:
+                    crashed.append(job)
+                    continue
+                if not crashed:
+                    for nxt in _take(queue, 1):
+                        pending[pool.submit(_transcode_one, nxt)] = nxt
+    crashed += list(queue)
+    # The pool died (an encoder or decoder crashed a process): one process per remaining video.
+    for job in crashed:
+        with ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
+            try:
+                yield pool.submit(_transcode_one, job).result()
+                continue
+            except BrokenProcessPool:
+                pass
+        temp_path(Path(job.dst)).unlink(missing_ok=True)
+        yield TranscodeResult(job.video_id, "", "failed", "transcoder crashed on this video")
+
+
+def _take(iterator: Iterator, n: int) -> list:
+    out = []
+    for item in iterator:
+        out.append(item)
+        if len(out) == n:
+            break
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line: `siasam-fast transcode SRC_DIR DST_DIR --gop G [--height H] [--codec h264|hevc]`
+
+
+def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
+    """The arguments of ``siasam-fast transcode`` (added to ``parser``, e.g. a subparser)."""
+    parser = parser or argparse.ArgumentParser(
+        prog="siasam-fast transcode",
+        description="Re-encode a video folder once with a short fixed GOP for fast random access.",
+    )
+    parser.add_argument("src_dir", help="folder of source videos (searched recursively)")
+    parser.add_argument("dst_dir", help="output folder (mirrors src_dir; gets manifest.jsonl)")
+    parser.add_argument("--gop", type=int, required=True, help="frames between keyframes, e.g. 16")
+    parser.add_argument("--height", type=int, default=None,
+                        help="downscale taller videos to this (even) height, aspect kept")
+    parser.add_argument("--codec", choices=CODECS, default="h264")
+    parser.add_argument("--workers", type=int, default=None,
+                        help="encoding processes (default: all CPUs; 4 with NVENC)")
+    parser.add_argument("--encoder", choices=ENCODERS, default="auto",
+                        help="auto: NVENC when present, else CPU (libx264 / libx265)")
+    parser.add_argument("--crf", type=int, default=None,
+                        help=f"quality (default {DEFAULT_CRF}; NVENC: cq 23)")
+    parser.add_argument("--preset", default=None,
+                        help=f"encoder preset (default {DEFAULT_PRESET})")
+    parser.add_argument("--bframes", type=int, default=None, help="B-frames (default: preset's)")
+    parser.add_argument("--source-manifest", default=None,
+                        help="manifest of src_dir, e.g. from `siasam-fast index` "
+                        f"(default: DST_DIR/{SOURCE_MANIFEST_NAME})")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return parser
+
+
+def main_transcode(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``siasam-fast transcode``; returns the exit status (0, or 1 when there were
+    sources and none has an output)."""
+    args = build_parser().parse_args(argv)
+    return run_from_args(args)
+
+
+def run_from_args(args: argparse.Namespace) -> int:
+    """Run a parsed ``siasam-fast transcode`` command line (for a CLI that adds a subparser)."""
+    summary = transcode(
+        args.src_dir,
+        args.dst_dir,
+        gop=args.gop,
+        height=args.height,
+        codec=args.codec,
+        workers=args.workers,
+        encoder=args.encoder,
+        crf=args.crf,
+        preset=args.preset,
+        bframes=args.bframes,
+        source_manifest=args.source_manifest,
+        progress=not args.no_progress,
+    )
+    print(summary.summary())
+    outputs = len(summary.done) + len(summary.skipped)
+    return 0 if outputs or not summary.results else 1
+
+
+def summary_row(summary: TranscodeSummary) -> dict:
+    """One flat dict of a summary (benchmarks write it to CSV)."""
+    return {
+        "encoder": summary.encoder,
+        "hardware": summary.hardware,
+        "gop": summary.gop,
+        "height": summary.height,
+        "codec": summary.codec,
+        "transcoded": len(summary.done),
+        "already_complete": len(summary.skipped),
+        "failed": len(summary.failed),
+        "bytes_in": summary.bytes_in,
+        "bytes_out": summary.bytes_out,
+        "growth": summary.growth,
+        "seconds": summary.seconds,
+    }
+
+
+__all__ = [
+    "TranscodeResult",
+    "TranscodeSummary",
+    "build_parser",
+    "choose_encoder",
+    "encoder_options",
+    "main_transcode",
+    "nvenc_available",
+    "output_size",
+    "run_from_args",
+    "summary_row",
+    "transcode",
+]

@@ -1,0 +1,252 @@
+"""Short-GOP transcoding: frame counts and content kept, keyframes every G, resumable, robust."""
+
+import os
+import shutil
+
+import av
+import numpy as np
+import pytest
+from videos import read_indices, video_path, write_index_video
+
+from siasam_fast.pipeline.manifest import load_manifest
+from siasam_fast.pipeline.planner import decode_cost
+from siasam_fast.pipeline.pyav_decode import DecodeStats, decode_frames
+from siasam_fast.pipeline.transcode import (
+    PARAMS_NAME,
+    TEMP_SUFFIX,
+    choose_encoder,
+    encoder_options,
+    main_transcode,
+    nvenc_available,
+    output_size,
+    temp_path,
+    transcode,
+)
+
+GOP = 8
+# name -> (codec, frames, (height, width), writer options)
+SOURCES = {
+    "long_gop": ("h264", 60, (64, 64), dict(gop=30, bframes=2)),
+    "sub/wide_vp9": ("vp9", 40, (48, 64), dict(gop=20)),
+    "vfr": ("h264", 45, (64, 64), dict(gop=25, vfr=True)),
+    "small": ("mjpeg", 20, (24, 24), {}),  # below the target height: not upscaled
+}
+HAS_X265 = "libx265" in av.codecs_available
+NVENC, NVENC_WHY = nvenc_available("h264")
+
+
+def write_sources(folder, names=SOURCES):
+    for name in names:
+        codec, n, size, options = SOURCES[name]
+        write_index_video(video_path(folder, name, codec), n, codec=codec, size=size, **options)
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory):
+    root = tmp_path_factory.mktemp("transcode")
+    src = root / "src"
+    write_sources(src)
+    (src / "garbage.mp4").write_bytes(b"this is not a video")
+    whole = (src / "long_gop.mp4").read_bytes()
+    (src / "truncated.mp4").write_bytes(whole[: len(whole) // 2])
+    summary = transcode(src, root / "dst", gop=GOP, height=32, workers=2, encoder="cpu",
+                        progress=False)
+    return src, root / "dst", summary
+
+
+def test_frames_keyframes_and_size(converted):
+    src, dst, summary = converted
+    sources = load_manifest(dst / "source_manifest.jsonl")
+    outputs = load_manifest(dst / "manifest.jsonl")
+    assert sorted(outputs) == sorted(SOURCES)
+    for vid, out in outputs.items():
+        assert out.ok and out.relpath == f"{vid}.mp4" and out.codec == "h264"
+        assert out.num_frames == sources[vid].num_frames == SOURCES[vid][1]
+        assert out.keyframes == list(range(0, out.num_frames, GOP)), vid
+        assert out.height % 2 == 0 and out.width % 2 == 0
+    assert (outputs["long_gop"].height, outputs["long_gop"].width) == (32, 32)
+    assert (outputs["sub/wide_vp9"].height, outputs["sub/wide_vp9"].width) == (32, 42)  # 4:3
+    assert (outputs["small"].height, outputs["small"].width) == (24, 24)  # never upscaled
+    assert outputs["long_gop"].fps == pytest.approx(25)
+    assert len(summary.done) == 4 and not summary.skipped
+    assert summary.bytes_in > 0 and summary.bytes_out == sum(r.size for r in outputs.values())
+    assert summary.growth == pytest.approx(summary.bytes_out / summary.bytes_in)
+    text = summary.summary()
+    assert "4 transcoded" in text and "disk: 4 videos" in text and "CPU" in text
+
+
+def test_content_preserved(converted):
+    """Frame i of every output shows index i, as in its source (the index-encoding videos)."""
+    _, dst, _ = converted
+    for vid, out in load_manifest(dst / "manifest.jsonl").items():
+        frames = decode_frames(out, np.arange(out.num_frames))
+        assert read_indices(frames) == list(range(out.num_frames)), vid
+
+
+def test_corrupt_inputs_reported_and_skipped(converted):
+    _, dst, summary = converted
+    failed = {r.relpath: r.reason for r in summary.failed}
+    assert set(failed) == {"garbage.mp4", "truncated.mp4"}
+    assert all(reason.startswith("corrupt input") for reason in failed.values())
+    assert not (dst / "garbage.mp4").exists() and not (dst / "truncated.mp4").exists()
+    assert "failed: garbage.mp4: corrupt input" in summary.summary()
+    assert not list(dst.rglob(f"*{TEMP_SUFFIX}"))
+
+
+def test_short_gop_reduces_measured_decoding(converted):
+    """The point of it all: the same late frames cost fewer decoded frames after transcoding,
+    as the cost model predicts."""
+    src, dst, _ = converted
+    before = load_manifest(dst / "source_manifest.jsonl")["long_gop"]
+    after = load_manifest(dst / "manifest.jsonl")["long_gop"]
+    frames = [27, 28, 29]
+    costs = []
+    for record in (before, after):
+        stats = DecodeStats()
+        assert read_indices(decode_frames(record, frames, stats=stats)) == frames
+        assert stats.decoded == decode_cost(record.keyframes, frames).decoded
+        costs.append(stats.decoded)
+    assert costs == [30, 6]  # from frame 0 (keyframes 0, 30) vs from keyframe 24
+
+
+def test_resume_skips_complete_and_redoes_partial(tmp_path):
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    write_sources(src, ["long_gop", "vfr", "small"])
+    first = transcode(src, dst, gop=GOP, workers=1, encoder="cpu", progress=False)
+    assert len(first.done) == 3
+    stamp = {p.name: p.stat().st_mtime_ns for p in dst.glob("*.mp4")}
+
+    again = transcode(src, dst, gop=GOP, workers=1, encoder="cpu", progress=False)
+    assert len(again.skipped) == 3 and not again.done
+    assert {p.name: p.stat().st_mtime_ns for p in dst.glob("*.mp4")} == stamp
+    assert again.bytes_out == first.bytes_out
+
+    # An interrupted run: a temp file left behind (never indexed) and a truncated output; a
+    # complete output whose record never reached the manifest; a deleted output.
+    temp_path(dst / "x.mp4").write_bytes(b"half an mp4")
+    data = (dst / "long_gop.mp4").read_bytes()
+    (dst / "long_gop.mp4").write_bytes(data[: len(data) // 3])
+    records = load_manifest(dst / "manifest.jsonl")
+    del records["vfr"]
+    from siasam_fast.pipeline.manifest import write_manifest
+
+    write_manifest(records.values(), dst / "manifest.jsonl")
+    (dst / "small.mp4").unlink()
+
+    resumed = transcode(src, dst, gop=GOP, workers=1, encoder="cpu", progress=False)
+    status = {r.video_id: r.status for r in resumed.results}
+    assert status == {"long_gop": "done", "small": "done", "vfr": "skipped"}
+    assert (dst / "vfr.mp4").stat().st_mtime_ns == stamp["vfr.mp4"]  # verified, not redone
+    assert not list(dst.rglob(f"*{TEMP_SUFFIX}"))
+    outputs = load_manifest(dst / "manifest.jsonl")
+    assert sorted(outputs) == ["long_gop", "small", "vfr"]
+    for out in outputs.values():
+        assert out.ok and out.keyframes == list(range(0, out.num_frames, GOP))
+        assert read_indices(decode_frames(out, [out.num_frames - 1])) == [out.num_frames - 1]
+
+    # Other parameters: every output is redone.
+    regop = transcode(src, dst, gop=4, workers=1, encoder="cpu", progress=False)
+    assert len(regop.done) == 3
+    assert all(r.keyframes == list(range(0, r.num_frames, 4))
+               for r in load_manifest(dst / "manifest.jsonl").values())
+    assert '"gop": 4' in (dst / PARAMS_NAME).read_text()
+
+
+@pytest.mark.skipif(not HAS_X265, reason="this FFmpeg has no libx265")
+def test_hevc(tmp_path):
+    src = tmp_path / "src"
+    write_sources(src, ["vfr"])
+    summary = transcode(src, tmp_path / "dst", gop=5, codec="hevc", height=32, workers=1,
+                        encoder="cpu", progress=False)
+    out = load_manifest(tmp_path / "dst" / "manifest.jsonl")["vfr"]
+    assert summary.encoder == "libx265" and out.codec == "hevc"
+    assert out.keyframes == list(range(0, 45, 5)) and out.height == 32
+    assert read_indices(decode_frames(out, np.arange(45))) == list(range(45))
+
+
+@pytest.mark.skipif(not NVENC, reason=f"no NVENC here: {NVENC_WHY}")
+def test_nvenc(tmp_path):
+    src = tmp_path / "src"
+    write_sources(src, ["long_gop", "vfr"])
+    summary = transcode(src, tmp_path / "dst", gop=GOP, workers=1, encoder="nvenc",
+                        progress=False)
+    assert summary.hardware and summary.encoder == "h264_nvenc" and "NVENC" in summary.summary()
+    for out in load_manifest(tmp_path / "dst" / "manifest.jsonl").values():
+        assert out.num_frames == SOURCES[out.video_id][1]
+        assert out.keyframes == list(range(0, out.num_frames, GOP))
+        assert read_indices(decode_frames(out, np.arange(out.num_frames))) == list(
+            range(out.num_frames))
+
+
+@pytest.mark.skipif(NVENC, reason="NVENC works here")
+def test_nvenc_requested_but_missing_says_why():
+    with pytest.raises(RuntimeError, match=r"encoder='nvenc' asked for, but .*encoder='cpu'"):
+        choose_encoder("h264", "nvenc")
+    assert choose_encoder("h264", "auto") == ("libx264", False)
+
+
+def test_cli(tmp_path, capsys):
+    src = tmp_path / "src"
+    write_sources(src, ["small"])
+    dst = tmp_path / "dst"
+    argv = [str(src), str(dst), "--gop", "4", "--height", "16", "--workers", "1",
+            "--encoder", "cpu", "--no-progress"]
+    assert main_transcode(argv) == 0
+    out = capsys.readouterr().out
+    assert "1 transcoded" in out and "disk: 1 videos" in out
+    record = load_manifest(dst / "manifest.jsonl")["small"]
+    assert record.height == 16 and record.keyframes == [0, 4, 8, 12, 16]
+    shutil.rmtree(src)
+    os.makedirs(src)
+    (src / "bad.mp4").write_bytes(b"nope")
+    assert main_transcode([str(src), str(tmp_path / "dst2"), "--gop", "4", "--no-progress",
+                           "--encoder", "cpu"]) == 1
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        (dict(gop=0), ValueError, r"gop=0: must be an integer >= 1"),
+        (dict(gop=8, height=31), ValueError, r"height=31: must be an even integer"),
+        (dict(gop=8, codec="vp9"), ValueError, r"codec='vp9': valid codecs are h264, hevc"),
+        (dict(gop=8, encoder="gpu"), ValueError, r"encoder='gpu': valid encoders are auto"),
+        (dict(gop=8, workers=-1), ValueError, r"workers=-1: must be >= 0"),
+    ],
+)
+def test_errors_name_the_value(tmp_path, kwargs, error, match):
+    (tmp_path / "src").mkdir()
+    with pytest.raises(error, match=match):
+        transcode(tmp_path / "src", tmp_path / "dst", progress=False, **kwargs)
+
+
+def test_folders_must_not_nest(tmp_path):
+    (tmp_path / "src").mkdir()
+    with pytest.raises(ValueError, match="must not contain each other"):
+        transcode(tmp_path / "src", tmp_path / "src" / "gop8", gop=8, progress=False)
+    with pytest.raises(NotADirectoryError, match="is not a folder"):
+        transcode(tmp_path / "nowhere", tmp_path / "dst", gop=8, progress=False)
+
+
+def test_output_size_and_options():
+    assert output_size(1280, 720, 240) == (426, 240)
+    assert output_size(1920, 1080, None) == (1920, 1080)
+    assert output_size(640, 360, 720) == (640, 360)  # never upscaled
+    assert output_size(641, 361, None) == (640, 360)  # even sides for 4:2:0
+    x264 = encoder_options("libx264", 16, None, None, None)
+    assert x264["g"] == x264["keyint_min"] == "16" and x264["sc_threshold"] == "0"
+    assert "open-gop=0" in x264["x264-params"] and "scenecut=0" in x264["x264-params"]
+    x265 = encoder_options("libx265", 16, 25, "medium", 2)
+    assert "keyint=16:min-keyint=16:scenecut=0:open-gop=0" in x265["x265-params"]
+    assert x265["crf"] == "25" and x265["bf"] == "2"
+    nv = encoder_options("h264_nvenc", 16, None, None, None)
+    assert nv["g"] == "16" and nv["no-scenecut"] == "1" and nv["forced-idr"] == "1"
+
+
+def test_duplicate_video_ids_reported(tmp_path):
+    src = tmp_path / "src"
+    write_sources(src, ["small"])
+    write_index_video(src / "small.mp4", 10, size=16)  # same video_id as small.avi
+    summary = transcode(src, tmp_path / "dst", gop=4, workers=1, encoder="cpu", progress=False)
+    assert [r.relpath for r in summary.done] == ["small.avi"]
+    assert [(r.relpath, r.status) for r in summary.failed] == [("small.mp4", "failed")]
+    assert "same video_id" in summary.summary()
