@@ -51,6 +51,12 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _transcode(args: argparse.Namespace) -> int:
+    from siasam_fast.pipeline.transcode import run_from_args
+
+    return run_from_args(args)
+
+
 def _demo(args: argparse.Namespace) -> int:
     from siasam_fast.demo import run_demo
 
@@ -87,6 +93,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override a config value, e.g. eval.num_clips=4")
     p.add_argument("--split", default=None, help="val or test (default: eval.split)")
 
+    p = sub.add_parser("transcode", help="re-encode videos once for fast random access "
+                       "(short GOP, constant frame rate)")
+    from siasam_fast.pipeline.transcode import build_parser as transcode_parser
+
+    transcode_parser(p)
+
     p = sub.add_parser("demo", help="train baseline vs SiaSamRea on synthetic data (CPU)")
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--videos", type=int, default=None, help="synthetic videos (default: demo's)")
@@ -100,8 +112,13 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["train"]:
         return _train(argparse.Namespace(), argv[1:])
     args = build_parser().parse_args(argv)
-    handler = {"synth": _synth, "index": _index, "eval": _eval, "demo": _demo}[args.command]
-    return handler(args)
+    handler = {"synth": _synth, "index": _index, "eval": _eval, "demo": _demo,
+               "transcode": _transcode}[args.command]
+    try:
+        return handler(args)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"siasam-fast {args.command}: error: {err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

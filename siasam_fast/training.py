@@ -1,0 +1,719 @@
+"""Training with DeepSpeed: ``deepspeed train.py --deepspeed_config configs/ds/... --config ...``.
+
+The same entry point runs as one CPU process without a launcher (``python train.py --config ...``:
+gloo, fp32, torch AdamW), under ``torchrun`` / ``deepspeed`` with several processes, and on GPUs
+with ZeRO 0-3 in fp16 (dynamic loss scaling, V100) or bf16 (Ampere and newer).
+
+The loop reads top to bottom in :func:`main`: set-up, data, model, optimizer and schedule,
+``deepspeed.initialize``, resume, then per step forward -> L = alpha * L_siamese + L_gt (eq. 8)
+-> ``engine.backward`` -> ``engine.step``; evaluation after each epoch; checkpoints every
+``train.save_every`` steps and at each epoch end.
+
+Checkpoints (``<out_dir>/checkpoints/<tag>/``) hold DeepSpeed's files (model, optimizer, scheduler,
+loss scaler) plus ``run_state.json`` (config, step, epoch, sampler position) and one
+``rng_rank<r>.json`` per rank: JSON, so resuming never unpickles anything of ours.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import hashlib
+import json
+import math
+import os
+import random
+import shutil
+import socket
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+if not torch.cuda.is_available():  # must precede `import deepspeed`
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+import deepspeed  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+from siasam_fast import ds_config  # noqa: E402
+from siasam_fast.config import Config, config_from_json, load_config  # noqa: E402
+from siasam_fast.data.annotations import load_annotations  # noqa: E402
+from siasam_fast.data.vocab import (  # noqa: E402
+    OOV_LABEL,
+    apply_answer_vocab,
+    build_answer_vocab,
+    load_ans2label,
+    save_ans2label,
+)
+from siasam_fast.losses import total_loss  # noqa: E402
+from siasam_fast.model import SiaSamReaModel, aggregate_clips, load_tokenizer, task_scores  # noqa: E402
+from siasam_fast.pipeline.loaders import build_video_loader  # noqa: E402
+from siasam_fast.pipeline.manifest import load_manifest  # noqa: E402
+
+# Config fields that may change between a checkpoint and the run resuming (or evaluating) it.
+RESUMABLE_CHANGES = {
+    "train.epochs", "train.max_steps", "train.out_dir", "train.log_every", "train.save_every",
+    "train.keep_checkpoints", "train.sync_timing", "data.num_workers", "data.backend",
+    "data.manifest", "data.video_dir", "data.train", "data.val", "data.test", "eval.batch_size",
+    "eval.num_clips", "eval.aggregation", "eval.split", "siamese.impl",
+}
+
+
+# ------------------------------------------------------------------------------------------------
+# Set-up
+
+
+def init_distributed() -> tuple[int, int, torch.device]:
+    """Rank, world size, device. A lone process gets the env a launcher would have set."""
+    if "RANK" not in os.environ:  # python train.py: no launcher
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=os.environ.get("MASTER_PORT", str(port)))
+    cuda = torch.cuda.is_available()
+    if not dist.is_initialized():
+        deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    local = int(os.environ.get("LOCAL_RANK", 0))
+    if cuda:
+        torch.cuda.set_device(local)
+        return rank, world, torch.device("cuda", local)
+    return rank, world, torch.device("cpu")
+
+
+def seed_everything(seed: int, rank: int) -> None:
+    random.seed(seed + rank)
+    np.random.seed((seed + rank) % 2**32)
+    torch.manual_seed(seed + rank)
+
+
+class TextEncoder:
+    """Tokenises each question once per video (question + candidate pairs for multiple choice)."""
+
+    def __init__(self, tokenizer, task: str, max_len: int):
+        self.tokenizer, self.task, self.max_len = tokenizer, task, max_len
+
+    def __call__(self, batch: dict) -> dict:
+        questions = batch["question"]
+        if self.task == "mc":
+            cands = batch["candidates"]
+            M = len(cands[0])
+            if any(len(c) != M for c in cands):
+                raise ValueError(f"every question needs the same number of candidates, got "
+                                 f"{sorted({len(c) for c in cands})}")
+            firsts = [q for q in questions for _ in range(M)]
+            seconds = [c for cs in cands for c in cs]
+            enc = self.tokenizer(firsts, seconds, padding=True, truncation=True,
+                                 max_length=self.max_len, return_tensors="pt")
+            V = len(questions)
+            return {k: enc[k].view(V, M, -1) for k in ("input_ids", "attention_mask")}
+        enc = self.tokenizer(list(questions), padding=True, truncation=True,
+                             max_length=self.max_len, return_tensors="pt")
+        return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+
+
+@dataclass
+class Data:
+    examples: dict  # split -> list[QAExample] (train OOV answers dropped)
+    labels: dict  # split -> {example index: label}
+    ans2label: dict
+    manifest: dict
+
+
+def _split_paths(spec: str) -> list[str]:
+    return [p.strip() for p in spec.split(",") if p.strip()]
+
+
+def load_data(cfg: Config, out_dir: Path | None, ans2label: dict | None = None) -> Data:
+    """Annotations of every configured split, the answer vocabulary and the manifest."""
+    d = cfg.data
+    if not d.manifest:
+        raise ValueError("data.manifest is empty: build one with `siasam-fast index VIDEO_DIR "
+                         "--out manifest.jsonl` and set data.manifest")
+    manifest = load_manifest(d.manifest, video_dir=d.video_dir or None)
+    examples = {}
+    for split in ("train", "val", "test"):
+        spec = getattr(d, split)
+        if spec:
+            examples[split] = [ex for p in _split_paths(spec)
+                               for ex in load_annotations(d.dataset, p, fmt=d.format, **d.options)]
+    if "train" not in examples and ans2label is None:
+        raise ValueError("data.train is empty: training needs the train annotations")
+    labels: dict = {}
+    if cfg.task == "open":
+        if ans2label is None:
+            ans2label = (load_ans2label(d.ans2label) if d.ans2label
+                         else build_answer_vocab(examples["train"], top_k=d.num_answers))
+        for split, exs in examples.items():
+            encoded = apply_answer_vocab(exs, ans2label, oov="drop" if split == "train" else "keep")
+            examples[split] = encoded.examples
+            labels[split] = encoded.labels
+    if out_dir is not None and ans2label:
+        save_ans2label(ans2label, out_dir / "ans2label.json")
+    return Data(examples, labels, ans2label or {}, manifest)
+
+
+class LabelLookup:
+    """label_fn for the loader: picklable (workers may spawn)."""
+
+    def __init__(self, examples, labels):
+        self.by_qid = {ex.qid: int(lab) for ex, lab in zip(examples, labels)}
+
+    def __call__(self, example) -> int:
+        return self.by_qid.get(example.qid, OOV_LABEL)
+
+
+def make_loader(cfg: Config, data: Data, split: str, rank: int, world: int, epoch: int = 0):
+    train = split == "train"
+    label_fn = LabelLookup(data.examples[split], data.labels[split]) if data.labels else None
+    sampling = cfg.sampling
+    if not train:  # evaluation: eval.num_clips clips per video, placed by sampling.eval_placement
+        sampling = type(sampling)(**{**sampling.__dict__, "eval_clips": cfg.eval.num_clips})
+    return build_video_loader(
+        data.examples[split], data.manifest, sampling, split=split,
+        batch_size=cfg.train.batch_size if train else cfg.eval.batch_size,
+        image_size=cfg.data.image_size, num_workers=cfg.data.num_workers, seed=cfg.train.seed,
+        rank=rank, world_size=world, backend=cfg.data.backend, dedup=cfg.data.dedup,
+        label_fn=label_fn, epoch=epoch,
+    )
+
+
+def build_model(cfg: Config, num_answers: int, vocab_size: int) -> SiaSamReaModel:
+    s = cfg.siamese
+    siamese_kwargs = dict(omega=s.omega, tau=s.tau, skg=s.skg, learn_w1=s.learn_w1,
+                          learn_w2=s.learn_w2, detach_soft_label=s.detach_soft_label, impl=s.impl)
+    return SiaSamReaModel(cfg.model, cfg.task, num_answers, vocab_size,
+                          num_clips=cfg.sampling.num_clips, siamese_kwargs=siamese_kwargs)
+
+
+def build_optimizer(model: torch.nn.Module, cfg: Config, device: torch.device):
+    """AdamW; no weight decay on biases and norms. DeepSpeed FusedAdam on CUDA, torch AdamW on
+    CPU, apex FusedAdam when asked for and installed."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim < 2 or "norm" in name.lower() else decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.train.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    choice = cfg.train.optimizer
+    if choice == "auto":
+        choice = "deepspeed" if device.type == "cuda" else "torch"
+    if choice == "apex":
+        try:
+            from apex.optimizers import FusedAdam as ApexFusedAdam
+        except ImportError as err:
+            raise ValueError("train.optimizer='apex' but apex is not installed (it is not on PyPI; "
+                             "see its README), use 'deepspeed' or 'torch'") from err
+        return ApexFusedAdam(groups, lr=cfg.train.lr, adam_w_mode=True), "apex FusedAdam"
+    if choice == "deepspeed":
+        if device.type != "cuda":
+            raise ValueError("train.optimizer='deepspeed' (FusedAdam) needs CUDA; use 'torch' on CPU")
+        from deepspeed.ops.adam import FusedAdam
+
+        return FusedAdam(groups, lr=cfg.train.lr, adam_w_mode=True), "DeepSpeed FusedAdam"
+    return torch.optim.AdamW(groups, lr=cfg.train.lr), "torch AdamW"
+
+
+def warmup_linear_decay(total_steps: int, warmup_ratio: float):
+    """Linear warm-up over the first ``warmup_ratio`` of the steps, then linear decay to zero."""
+    warmup = max(1, int(round(total_steps * warmup_ratio)))
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return max(0.0, (total_steps - step) / max(1, total_steps - warmup))
+
+    return factor
+
+
+def match_buffer_dtypes(module: torch.nn.Module) -> None:
+    """DeepSpeed's bf16 mode casts parameters but not buffers; BatchNorm then refuses bf16 input
+    with fp32 running statistics (CPU). Give every floating buffer its module's parameter dtype."""
+    for mod in module.modules():
+        params = list(mod.parameters(recurse=False))
+        if not params:
+            continue
+        for name, buf in mod.named_buffers(recurse=False):
+            if buf is not None and buf.is_floating_point() and buf.dtype != params[0].dtype:
+                setattr(mod, name, buf.to(params[0].dtype))
+
+
+def to_device(batch: dict, device: torch.device, dtype: torch.dtype) -> dict:
+    out = {}
+    for k, v in batch.items():
+        if torch.is_tensor(v):
+            v = v.to(device, non_blocking=True)
+            if v.is_floating_point() and k in ("frames", "clips"):
+                v = v.to(dtype)
+        out[k] = v
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# Evaluation
+
+
+@torch.no_grad()
+def evaluate(model, loader, cfg: Config, text: TextEncoder, device, dtype, desc="eval",
+             predictions: Path | None = None) -> dict:
+    """Top-1 accuracy (open / mc) overall and per question type, or MSE (count).
+
+    Every rank evaluates its shard; results are gathered and de-duplicated by example (shards are
+    padded to equal length by wrapping, which ZeRO-3's collective forward needs). ``predictions``:
+    a JSONL file of one row per example (qid, prediction, value) written by rank 0."""
+    was_training = model.training
+    model.eval()
+    rows: dict[int, tuple] = {}
+    rank0 = not dist.is_initialized() or dist.get_rank() == 0
+    for batch in tqdm(loader, desc=desc, disable=not rank0, leave=False):
+        batch.update(text(batch))
+        batch = to_device(batch, device, dtype)
+        outputs = model(batch)
+        scores = aggregate_clips(task_scores(outputs, cfg.task).float(), batch["clip_mask"],
+                                 cfg.eval.aggregation)
+        if cfg.task == "count":
+            pred = scores
+            target = batch["count"].float()
+            values = ((pred - target) ** 2).tolist()
+        else:
+            pred = scores.argmax(-1)
+            target = batch["label"] if cfg.task == "open" else batch["answer_index"]
+            values = (pred == target).float().tolist()
+        for idx, qid, qtype, p, value in zip(batch["example_index"].tolist(), batch["qid"],
+                                             batch["question_type"], pred.tolist(), values):
+            rows[idx] = (qtype, value, qid, p)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        gathered = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, rows)
+        rows = {k: v for part in gathered for k, v in part.items()}
+    model.train(was_training)
+    metric = "mse" if cfg.task == "count" else "accuracy"
+    result = {"num_examples": len(rows), metric: _mean(r[1] for r in rows.values())}
+    for qtype in sorted({r[0] for r in rows.values()}):
+        result[f"{metric}/{qtype or 'all'}"] = _mean(r[1] for r in rows.values() if r[0] == qtype)
+    if predictions is not None and rank0:
+        with predictions.open("w") as fh:
+            for idx in sorted(rows):
+                qtype, value, qid, p = rows[idx]
+                fh.write(json.dumps({"qid": qid, "question_type": qtype, "prediction": p,
+                                     metric: value}) + "\n")
+    return result
+
+
+def _mean(values) -> float:
+    values = list(values)
+    return float(sum(values) / len(values)) if values else float("nan")
+
+
+# ------------------------------------------------------------------------------------------------
+# Checkpoints
+
+
+def config_mismatches(saved: dict, current: dict, prefix: str = "") -> list[str]:
+    """Fields that differ and are not allowed to (RESUMABLE_CHANGES may)."""
+    out = []
+    for key in sorted(set(saved) | set(current)):
+        name = f"{prefix}{key}"
+        a, b = saved.get(key), current.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += config_mismatches(a, b, name + ".")
+        elif a != b and name not in RESUMABLE_CHANGES:
+            out.append(f"{name}: checkpoint has {a!r}, this run has {b!r}")
+    return out
+
+
+def _vocab_hash(ans2label: dict) -> str:
+    return hashlib.sha256(json.dumps(ans2label, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A tag directory, or a run / checkpoints directory (then its latest tag)."""
+    path = Path(path)
+    for base in (path, path / "checkpoints"):
+        if (base / "latest").is_file():
+            return base / (base / "latest").read_text().strip()
+    if (path / "run_state.json").is_file():
+        return path
+    raise FileNotFoundError(f"no checkpoint at {str(path)!r}: expected a tag directory with "
+                            "run_state.json, or a directory holding a 'latest' file")
+
+
+def _rng_state() -> dict:
+    state = {"torch": torch.get_rng_state().tolist(), "python": list(random.getstate()[1]),
+             "python_pos": random.getstate()[2], "numpy": None}
+    np_state = np.random.get_state()
+    state["numpy"] = [np_state[0], np_state[1].tolist(), *np_state[2:]]
+    if torch.cuda.is_available():
+        state["cuda"] = [s.tolist() for s in torch.cuda.get_rng_state_all()]
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
+    random.setstate((3, tuple(state["python"]), state["python_pos"]))
+    kind, keys, *rest = state["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), *rest))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in state["cuda"]])
+
+
+def save_checkpoint(engine, out_dir: Path, tag: str, run_state: dict, keep: int, rank: int) -> Path:
+    ckpt_dir = out_dir / "checkpoints"
+    engine.save_checkpoint(str(ckpt_dir), tag=tag)  # collective: every rank calls it
+    tag_dir = ckpt_dir / tag
+    if engine.zero_optimization_stage() == 3:
+        _save_gathered_weights(engine, tag_dir / "model_weights.pt", rank)
+    _write_json(tag_dir / f"rng_rank{rank}.json", _rng_state())
+    if rank == 0:
+        _write_json(tag_dir / "run_state.json", run_state)
+        tags = sorted((p for p in ckpt_dir.iterdir() if (p / "run_state.json").is_file()),
+                      key=lambda p: json.loads((p / "run_state.json").read_text())["step"])
+        for old in tags[:-keep] if keep > 0 else []:
+            if old.name != tag:
+                shutil.rmtree(old, ignore_errors=True)
+    if dist.is_initialized():
+        dist.barrier()
+    return tag_dir
+
+
+def _write_json(path: Path, value) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(value))
+    tmp.replace(path)  # atomic: an interrupted save never leaves half a file
+
+
+def load_run_state(tag_dir: Path, cfg: Config | None) -> dict:
+    state = json.loads((tag_dir / "run_state.json").read_text())
+    if cfg is not None:
+        problems = config_mismatches(state["config"], cfg.to_dict())
+        if problems:
+            raise ValueError(f"checkpoint {tag_dir} comes from an incompatible config:\n  "
+                             + "\n  ".join(problems))
+    return state
+
+
+# ------------------------------------------------------------------------------------------------
+# Logging
+
+
+class MetricsLog:
+    """Appends rows to a CSV (and TensorBoard when installed); rank 0 only."""
+
+    def __init__(self, path: Path, enabled: bool, resume_step: int | None = None):
+        self.path, self.enabled = path, enabled
+        self.writer = None
+        if not enabled:
+            return
+        if resume_step is not None and path.is_file():  # drop rows past the resumed step
+            with path.open() as fh:
+                rows = [r for r in csv.DictReader(fh) if int(r["step"]) <= resume_step]
+            self.columns = list(rows[0].keys()) if rows else None
+            with path.open("w", newline="") as fh:
+                if rows:
+                    w = csv.DictWriter(fh, fieldnames=self.columns)
+                    w.writeheader()
+                    w.writerows(rows)
+        elif path.is_file():
+            path.unlink()
+        self.columns = None
+        if path.is_file():
+            with path.open() as fh:
+                self.columns = next(csv.reader(fh), None)
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(path.parent / "tensorboard"))
+        except ImportError:
+            self.writer = None
+
+    def write(self, row: dict) -> None:
+        if not self.enabled:
+            return
+        new = not self.path.is_file() or self.columns is None
+        if new:
+            self.columns = list(row.keys())
+        with self.path.open("a", newline="") as fh:
+            w = csv.DictWriter(fh, fieldnames=self.columns, extrasaction="ignore")
+            if new:
+                w.writeheader()
+            w.writerow(row)
+        if self.writer is not None:
+            for k, v in row.items():
+                if isinstance(v, (int, float)) and k != "step":
+                    self.writer.add_scalar(f"{self.path.stem}/{k}", v, row["step"])
+
+
+# ------------------------------------------------------------------------------------------------
+# The loop
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="Train SiaSamRea with DeepSpeed.")
+    parser.add_argument("--config", default=None, help="run config (YAML), e.g. configs/demo.yaml")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config value, e.g. --set train.lr=1e-4 (repeatable)")
+    parser.add_argument("--resume", default=None, metavar="auto|PATH",
+                        help="continue a run: 'auto' = the latest checkpoint of train.out_dir")
+    parser.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)
+    parser = deepspeed.add_config_arguments(parser)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Train; a bad config, path or checkpoint ends with one clear line (exit status 2)."""
+    try:
+        return train(argv)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+def train(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    cfg = load_config(args.config, args.set)
+    rank, world, device = init_distributed()
+    out_dir = Path(cfg.train.out_dir)
+    rank0 = rank == 0
+    if rank0:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+    seed_everything(cfg.train.seed, rank)
+
+    # DeepSpeed config: precision and ZeRO from the file; batch size and clipping from ours.
+    ds = ds_config.load_ds_config(getattr(args, "deepspeed_config", None), cfg.train.precision)
+    ds = ds_config.finalize(ds, cfg.train.batch_size, cfg.train.grad_clip, world)
+    precision = ds_config.precision_of(ds)
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[precision]
+
+    tag_dir = None
+    if args.resume:
+        tag_dir = resolve_checkpoint(out_dir if args.resume == "auto" else args.resume)
+        saved_vocab = load_ans2label(tag_dir.parent.parent / "ans2label.json") \
+            if (tag_dir.parent.parent / "ans2label.json").is_file() else None
+    data = load_data(cfg, out_dir if rank0 else None,
+                     ans2label=saved_vocab if tag_dir is not None else None)
+    tokenizer = load_tokenizer(cfg.model)
+    text = TextEncoder(tokenizer, cfg.task, cfg.data.max_question_len)
+    train_loader = make_loader(cfg, data, "train", rank, world)
+    eval_split = cfg.eval.split if cfg.eval.split in data.examples else None
+    eval_loader = make_loader(cfg, data, eval_split, rank, world) if eval_split else None
+
+    steps_per_epoch = len(train_loader)
+    if steps_per_epoch == 0:
+        raise ValueError("the train split has no usable examples (see the log for the reasons)")
+    total_steps = steps_per_epoch * cfg.train.epochs
+    model = build_model(cfg, len(data.ans2label), len(tokenizer))
+    optimizer, optimizer_name = build_optimizer(model, cfg, device)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, warmup_linear_decay(total_steps, cfg.train.warmup_ratio))
+    engine, optimizer, _, scheduler = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds)
+    match_buffer_dtypes(engine.module)
+
+    step, start_epoch = 0, 0
+    resumed_sums: dict = {}
+    if tag_dir is not None:
+        state = load_run_state(tag_dir, cfg)
+        if state["vocab"] != _vocab_hash(data.ans2label):
+            raise ValueError(f"checkpoint {tag_dir} was trained with another answer vocabulary")
+        engine.load_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
+        step, start_epoch = state["step"], state["epoch"]
+        train_loader.load_state_dict(state["sampler"])
+        rng_file = tag_dir / f"rng_rank{rank}.json"
+        if rng_file.is_file():
+            _set_rng_state(json.loads(rng_file.read_text()))
+        if state["sampler"]["position"] >= len(train_loader.sampler):  # saved at an epoch end
+            start_epoch += 1
+        else:  # mid-epoch: the epoch's running loss sums continue
+            resumed_sums = state.get("epoch_sums", {})
+    steps_log = MetricsLog(out_dir / "metrics_steps.csv", rank0, step if tag_dir else None)
+    epochs_log = MetricsLog(out_dir / "metrics_epochs.csv", rank0, step if tag_dir else None)
+    if rank0:
+        print(f"siasam-fast: {world} process(es) on {device}, {precision}, ZeRO stage "
+              f"{engine.zero_optimization_stage()}, {optimizer_name}; {len(train_loader.dataset)} "
+              f"train examples, {steps_per_epoch} steps/epoch x {cfg.train.epochs} epochs; "
+              f"siamese alpha={cfg.siamese.alpha} N={cfg.sampling.num_clips} -> {out_dir}")
+
+    def run_state(epoch: int) -> dict:
+        return {"step": step, "epoch": epoch, "sampler": train_loader.state_dict(),
+                "epoch_sums": {**sums, "_steps": n_steps},
+                "config": cfg.to_dict(), "vocab": _vocab_hash(data.ans2label),
+                "precision": precision, "world_size": world}
+
+    def sync():
+        if cfg.train.sync_timing and device.type == "cuda":
+            torch.cuda.synchronize()
+
+    history: list[dict] = []
+    stop = False
+    t_run = time.perf_counter()
+    for epoch in range(start_epoch, cfg.train.epochs):
+        train_loader.set_epoch(epoch)  # keeps a restored mid-epoch position of this epoch
+        engine.train()
+        bar = tqdm(total=steps_per_epoch, initial=train_loader.sampler.position // max(
+            1, cfg.train.batch_size), desc=f"epoch {epoch + 1}/{cfg.train.epochs}",
+            disable=not rank0, dynamic_ncols=True)
+        sums = {k: v for k, v in resumed_sums.items() if k != "_steps"}
+        n_steps = int(resumed_sums.get("_steps", 0))
+        resumed_sums = {}
+        t_data = time.perf_counter()
+        for batch in train_loader:
+            batch.update(text(batch))
+            batch = to_device(batch, device, dtype)
+            sync()
+            t_fwd = time.perf_counter()
+            outputs = engine(batch)
+            loss, parts = total_loss(outputs, batch, cfg.task, cfg.siamese, engine.module.reasoning)
+            sync()
+            t_bwd = time.perf_counter()
+            engine.backward(loss)
+            sync()
+            t_opt = time.perf_counter()
+            engine.step()
+            sync()
+            t_end = time.perf_counter()
+            step += 1
+            n_steps += 1
+            if not math.isfinite(float(parts["loss"])) and precision != "fp16":
+                raise FloatingPointError(f"loss is {float(parts['loss'])} at step {step}: lower "
+                                         "train.lr or check the data (fp16 overflow steps are "
+                                         "skipped by the loss scaler instead)")
+            row = {"step": step, "epoch": epoch + 1, **{k: float(v) for k, v in parts.items()},
+                   "lr": scheduler.get_last_lr()[0],
+                   "loss_scale": float(getattr(optimizer, "cur_scale",
+                                               getattr(optimizer, "loss_scale", 1.0)) or 1.0),
+                   "skipped_steps": int(engine.skipped_steps),
+                   "data_s": t_fwd - t_data, "forward_s": t_bwd - t_fwd,
+                   "backward_s": t_opt - t_bwd, "optimizer_s": t_end - t_opt,
+                   "step_s": t_end - t_data,
+                   "videos_per_s": len(batch["example_index"]) * world / (t_end - t_data)}
+            for k in parts:
+                sums[k] = sums.get(k, 0.0) + row[k]
+            steps_log.write(row)
+            bar.update(1)
+            if step % max(1, cfg.train.log_every) == 0:
+                bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}")
+            if cfg.train.save_every and step % cfg.train.save_every == 0:
+                save_checkpoint(engine, out_dir, f"step{step}", run_state(epoch),
+                                cfg.train.keep_checkpoints, rank)
+            if cfg.train.max_steps and step >= cfg.train.max_steps:
+                stop = True
+                break
+            t_data = time.perf_counter()
+        bar.close()
+        epoch_done = not stop or train_loader.sampler.position >= len(train_loader.sampler)
+        if stop and not (cfg.train.save_every and step % cfg.train.save_every == 0):
+            save_checkpoint(engine, out_dir, f"step{step}", run_state(epoch),
+                            cfg.train.keep_checkpoints, rank)
+        if epoch_done:
+            metrics = evaluate(engine, eval_loader, cfg, text, device, dtype,
+                               desc=f"eval {eval_split}") if eval_loader is not None else {}
+            row = {"step": step, "epoch": epoch + 1,
+                   **{f"train_{k}": v / max(1, n_steps) for k, v in sums.items()},
+                   **{f"{eval_split}_{k}": v for k, v in metrics.items()},
+                   "elapsed_s": time.perf_counter() - t_run}
+            epochs_log.write(row)
+            history.append(row)
+            if rank0 and metrics:
+                key = "mse" if cfg.task == "count" else "accuracy"
+                print(f"epoch {epoch + 1}: train loss {row.get('train_loss', float('nan')):.4f}, "
+                      f"{eval_split} {key} {metrics[key]:.4f}")
+            if not stop:
+                save_checkpoint(engine, out_dir, f"step{step}", run_state(epoch),
+                                cfg.train.keep_checkpoints, rank)
+        if stop:
+            break
+
+    summary = {"steps": step, "epochs_completed": len(history), "precision": precision,
+               "zero_stage": engine.zero_optimization_stage(), "world_size": world,
+               "optimizer": optimizer_name, "train_seconds": time.perf_counter() - t_run,
+               "history": history}
+    if "test" in data.examples and not stop:
+        test_loader = make_loader(cfg, data, "test", rank, world)
+        summary["test"] = evaluate(engine, test_loader, cfg, text, device, dtype, desc="test",
+                                   predictions=out_dir / "predictions_test.jsonl")
+    if eval_split and history:
+        summary[eval_split] = {k[len(eval_split) + 1:]: v for k, v in history[-1].items()
+                               if k.startswith(eval_split + "_")}
+    if rank0:
+        _write_json(out_dir / "summary.json", summary)
+        final = summary.get("test") or summary.get(eval_split or "", {})
+        print(f"done: {step} steps in {summary['train_seconds']:.1f} s; final metrics {final}")
+    if dist.is_initialized():
+        dist.barrier()
+    return 0
+
+
+def evaluate_checkpoint(checkpoint: str, config_path: str | None = None,
+                        overrides: list[str] | None = None, split: str | None = None) -> dict:
+    """``siasam-fast eval``: load a checkpoint's weights and evaluate one split."""
+    tag_dir = resolve_checkpoint(checkpoint)
+    state = json.loads((tag_dir / "run_state.json").read_text())
+    saved = config_from_json(json.dumps(state["config"]))
+    cfg = load_config(config_path, overrides) if config_path else \
+        Config.from_dict(_apply(saved.to_dict(), overrides))
+    problems = config_mismatches(saved.to_dict(), cfg.to_dict())
+    problems = [p for p in problems if not p.startswith(("train.", "data."))]
+    if problems:
+        raise ValueError(f"checkpoint {tag_dir} does not fit this config:\n  " + "\n  ".join(problems))
+    split = split or cfg.eval.split
+    cfg.eval.split = split
+    run_dir = tag_dir.parent.parent
+    vocab_file = run_dir / "ans2label.json"
+    ans2label = load_ans2label(vocab_file) if vocab_file.is_file() else None
+    data = load_data(cfg, None, ans2label=ans2label)
+    if split not in data.examples:
+        raise ValueError(f"split {split!r} has no annotations in this config (data.{split} is empty)")
+    if state["vocab"] != _vocab_hash(data.ans2label):
+        raise ValueError(f"checkpoint {tag_dir} was trained with another answer vocabulary")
+    rank, world, device = init_distributed()
+    tokenizer = load_tokenizer(cfg.model)
+    model = build_model(cfg, len(data.ans2label), len(tokenizer))
+    model.load_state_dict(load_model_weights(tag_dir))
+    model.to(device)
+    loader = make_loader(cfg, data, split, rank, world)
+    text = TextEncoder(tokenizer, cfg.task, cfg.data.max_question_len)
+    return evaluate(model, loader, cfg, text, device, torch.float32, desc=f"eval {split}")
+
+
+def _apply(values: dict, overrides):
+    from siasam_fast.config import apply_overrides
+
+    return apply_overrides(values, overrides or [])
+
+
+def load_model_weights(tag_dir: Path) -> dict:
+    """Model weights of a checkpoint of any ZeRO stage, loaded with ``weights_only=True``.
+
+    ZeRO-3 partitions the parameters, so its saves also write the gathered ``model_weights.pt``;
+    for stages 0-2 DeepSpeed's ``mp_rank_00_model_states.pt`` holds the whole module."""
+    gathered = tag_dir / "model_weights.pt"
+    if gathered.is_file():
+        weights = torch.load(gathered, map_location="cpu", weights_only=True)
+    else:
+        states = torch.load(tag_dir / "mp_rank_00_model_states.pt", map_location="cpu",
+                            weights_only=True)
+        weights = states["module"]
+    return {k: v.float() if v.is_floating_point() else v for k, v in weights.items()}
+
+
+def _save_gathered_weights(engine, path: Path, rank: int) -> None:
+    """ZeRO-3: gather the partitioned parameters once and let rank 0 write them."""
+    params = list(engine.module.parameters())
+    with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+        if rank == 0:
+            state = {k: v.detach().cpu().clone() for k, v in engine.module.state_dict().items()}
+            tmp = path.with_suffix(".tmp")
+            torch.save(state, tmp)
+            tmp.replace(path)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,144 @@
+"""train.py end to end on CPU: one process without a launcher, 2 processes (gloo) with ZeRO 1-3,
+exact resume, standalone evaluation and refused checkpoints."""
+
+import csv
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from siasam_fast.data.synthetic import generate
+from siasam_fast.pipeline.manifest import build_manifest
+
+ROOT = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def synth(tmp_path_factory):
+    root = tmp_path_factory.mktemp("synth")
+    generate(root, num_videos=16, seed=3, size=64, workers=1, progress=False)
+    build_manifest(root / "videos", root / "manifest.jsonl", workers=1, progress=False)
+    return root
+
+
+def base_args(synth: Path, out: Path, *extra: str) -> list[str]:
+    ann = synth / "annotations"
+    sets = {
+        "data.train": ann / "train_qa.json", "data.val": ann / "val_qa.json", "data.test": "",
+        "data.manifest": synth / "manifest.jsonl", "data.num_workers": 1, "train.epochs": 2,
+        "train.batch_size": 4, "train.out_dir": out, "sampling.num_clips": 3,
+        "sampling.frames_per_clip": 4, "eval.batch_size": 8,
+    }
+    args = ["--config", str(ROOT / "configs" / "synthetic.yaml")]
+    for k, v in sets.items():
+        args += ["--set", f"{k}={v}"]
+    return args + list(extra)
+
+
+def run(cmd: list[str], timeout=600) -> subprocess.CompletedProcess:
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONUNBUFFERED": "1",
+           "OMP_NUM_THREADS": "1"}
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}"
+                             f"\n{proc.stderr[-5000:]}")
+    return proc
+
+
+def train(args: list[str]) -> subprocess.CompletedProcess:
+    return run([sys.executable, "train.py", *args])
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def losses(out: Path) -> list[float]:
+    with (out / "metrics_steps.csv").open() as fh:
+        return [float(r["loss"]) for r in csv.DictReader(fh)]
+
+
+def test_single_process_trains_evaluates_and_checkpoints(synth, tmp_path):
+    out = tmp_path / "run"
+    proc = train(base_args(synth, out, "--set", "train.save_every=3"))
+    assert "1 process(es) on cpu, fp32" in proc.stdout
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["epochs_completed"] == 2 and summary["precision"] == "fp32"
+    assert 0.0 <= summary["val"]["accuracy"] <= 1.0 and summary["val"]["num_examples"] > 0
+    steps = losses(out)
+    assert len(steps) == summary["steps"] and all(x == x for x in steps)  # no NaN
+    with (out / "metrics_epochs.csv").open() as fh:
+        epochs = list(csv.DictReader(fh))
+    assert [int(r["epoch"]) for r in epochs] == [1, 2] and "val_accuracy" in epochs[0]
+    tags = sorted(p.name for p in (out / "checkpoints").iterdir() if p.is_dir())
+    assert len(tags) == 2  # keep_checkpoints=2: older ones were removed
+    state = json.loads((out / "checkpoints" / tags[-1] / "run_state.json").read_text())
+    assert state["config"]["train"]["save_every"] == 3
+    assert (out / "ans2label.json").is_file()
+
+    # Standalone evaluation of the latest checkpoint gives the same accuracy as the last epoch.
+    proc = run([sys.executable, "-m", "siasam_fast.cli", "eval", "--checkpoint", str(out)])
+    assert f"'accuracy': {summary['val']['accuracy']}" in proc.stdout
+
+
+def test_resume_continues_the_same_run_exactly(synth, tmp_path):
+    full, part = tmp_path / "full", tmp_path / "part"
+    train(base_args(synth, full, "--set", "data.num_workers=2"))
+    train(base_args(synth, part, "--set", "data.num_workers=2", "--set", "train.max_steps=5"))
+    assert len(losses(part)) == 5
+    proc = train(base_args(synth, part, "--set", "data.num_workers=2", "--resume", "auto"))
+    assert "final metrics" in proc.stdout
+    # Same later losses, bit for bit (fp32 on CPU): model, optimizer, scheduler, data, RNG.
+    assert losses(part) == losses(full)
+    a = json.loads((full / "summary.json").read_text())
+    b = json.loads((part / "summary.json").read_text())
+    assert a["val"] == b["val"]
+    assert a["history"][-1]["train_loss"] == b["history"][-1]["train_loss"]
+
+
+def test_incompatible_checkpoint_is_refused(synth, tmp_path):
+    out = tmp_path / "run"
+    train(base_args(synth, out, "--set", "train.max_steps=2"))
+    with pytest.raises(AssertionError, match=r"model.dropout: checkpoint has 0.1, this run has 0.3"):
+        train(base_args(synth, out, "--set", "model.dropout=0.3", "--resume", "auto"))
+    with pytest.raises(AssertionError, match=r"sampling.num_clips: checkpoint has 3, this run has 4"):
+        run([sys.executable, "-m", "siasam_fast.cli", "eval", "--checkpoint", str(out),
+             "--set", "sampling.num_clips=4"])
+
+
+def test_fp16_on_cpu_is_a_clear_error(synth, tmp_path):
+    with pytest.raises(AssertionError, match=r"fp16 needs a CUDA GPU"):
+        train(base_args(synth, tmp_path / "r", "--deepspeed_config",
+                        str(ROOT / "configs/ds/zero2_fp16.json")))
+
+
+@pytest.mark.parametrize("stage, precision", [(1, "fp32"), (2, "bf16"), (3, "fp32")])
+def test_two_processes_with_zero(synth, tmp_path, stage, precision):
+    out = tmp_path / f"zero{stage}"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+           "--master_port", str(free_port()), "train.py",
+           "--deepspeed_config", str(ROOT / f"configs/ds/zero{stage}_{precision}.json"),
+           *base_args(synth, out, "--set", "train.epochs=1")]
+    proc = run(cmd)
+    assert f"2 process(es) on cpu, {precision}, ZeRO stage {stage}" in proc.stdout
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["zero_stage"] == stage
+    # Evaluation gathers both shards without duplicates: every val example once.
+    n_val = len(json.loads((synth / "annotations" / "val_qa.json").read_text()))
+    assert summary["val"]["num_examples"] == n_val
+    tag = (out / "checkpoints" / "latest").read_text().strip()
+    files = {p.name for p in (out / "checkpoints" / tag).iterdir()}
+    assert {"rng_rank0.json", "rng_rank1.json", "run_state.json"} <= files
+    if stage == 3:
+        assert "model_weights.pt" in files  # gathered, for weights_only evaluation
+    proc = run([sys.executable, "-m", "siasam_fast.cli", "eval", "--checkpoint", str(out)])
+    assert "'accuracy':" in proc.stdout
