@@ -141,8 +141,10 @@ def load_data(cfg: Config, out_dir: Path | None, ans2label: dict | None = None) 
     for split in ("train", "val", "test"):
         spec = getattr(d, split)
         if spec:
-            examples[split] = [ex for p in _split_paths(spec)
-                               for ex in load_annotations(d.dataset, p, fmt=d.format, **d.options)]
+            examples[split] = [
+                ex for p in _split_paths(spec)
+                for ex in load_annotations(d.dataset, p, split=split if Path(p).is_dir() else None,
+                                           fmt=d.format, **d.options)]
     if "train" not in examples and ans2label is None:
         raise ValueError("data.train is empty: training needs the train annotations")
     labels: dict = {}
