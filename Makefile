@@ -6,7 +6,9 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.siasam-installed
 # The CPU build of torch is pinned first: an unpinned torch would pull a multi-GB CUDA build.
-TORCH_CPU ?= torch==2.13.0
+# Triton is pinned for the interpreter tests and the sm_70 (V100) compile check: Triton 3.9 emits
+# PTX 9.4, which its bundled ptxas 12.9 cannot assemble and CUDA 13's ptxas no longer targets sm_70.
+TORCH_CPU ?= torch==2.13.0 triton==3.8.0
 EXTRAS ?= dev,gpu
 
 .PHONY: install test demo lint clean
@@ -16,7 +18,7 @@ install: $(STAMP)
 $(STAMP): setup.py
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q "$(TORCH_CPU)"
+	$(BIN)/python -m pip install -q $(TORCH_CPU)
 	$(BIN)/python -m pip install -q -e ".[$(EXTRAS)]"
 	@touch $(STAMP)
 

@@ -1,7 +1,8 @@
 """Decoding-pipeline throughput: videos/s and frames/s, with and without frame de-duplication.
 
     python benchmarks/bench_pipeline.py --backend pyav                  # full sweep
-    python benchmarks/bench_pipeline.py --backend pyav --quick          # CPU sanity check
+    python benchmarks/bench_pipeline.py --backend pyav dali             # both, in one run
+    python benchmarks/bench_pipeline.py --backend pyav dali --quick     # CPU sanity check
     python benchmarks/bench_pipeline.py --synthetic data/synthetic --workers 1 4 16
 
 Each video yields the siamese clips of training (N=9 clips x B=8 frames, stride 4, the same
@@ -10,20 +11,32 @@ gathers clips from them; "no dedup" decodes every clip on its own (the naive bas
 
 - ``synthetic``: an existing folder (``--synthetic DIR``) with ``manifest.jsonl`` (built into the
   work dir if absent); one example per video. Skipped when not given.
-- ``msrvtt-like``: 320x240 H.264, 30 fps; ``activitynet-like``: 1280x720 H.264, 30 fps. Textured
-  background panning under moving shapes and sensor noise (so the bitrate is realistic), a few
-  hundred frames, GOP 100 with B-frames, like the real datasets. Generated once and cached under
+- ``msrvtt-like``: 320x240, 30 fps; ``activitynet-like``: 1280x720, 30 fps. Textured background
+  panning under moving shapes and sensor noise (so the bitrate is realistic), a few hundred frames,
+  GOP 100 (H.264 with B-frames), like the real datasets. Generated once and cached under
   ``--work-dir``.
 
-Timing covers a whole epoch of the loader, worker start-up included (fork: tens of ms). Rows go to
-benchmarks/results/pipeline_<backend>.csv with the environment. Backends are a registry
-(``BACKENDS``): a DALI entry only needs a loader factory.
+Backends (a registry, ``BACKENDS``): ``pyav`` (DataLoader workers, swept over ``--workers``) and
+``dali`` (``fn.decoders.video`` on NVDEC with a GPU, else DALI's CPU decoder; ``--dali-workers``
+file-reading processes, run once). DALI's CPU decoder reads VP8 / VP9 / MJPEG only: when DALI runs
+on the CPU the generated sets are VP9 variants (``--codec auto``; every backend reads the same
+files, so the comparison stays like for like) and the synthetic set (H.264) is skipped for DALI.
+
+Timing covers a whole epoch of the loader (or ``--max-seconds`` of it), worker / pipeline start-up
+included (``first_batch_s`` shows it); ``steady_videos_per_s`` leaves the first batch out. Other
+columns: ``cpu_util``, CPU seconds of this process and its children
+(workers, DALI's readers) per wall second, i.e. cores kept busy; ``torch_mem_mb``,
+``torch.cuda.max_memory_allocated`` during the run; ``device_mem_mb``, the peak of the GPU memory
+in use by any allocator (DALI's pool included: it has no query of its own in 2.4) over the run, less
+what was in use before. Rows go to benchmarks/results/pipeline_<backends>.csv with the environment.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import resource
 import sys
 import time
 from collections.abc import Callable, Iterable
@@ -69,7 +82,39 @@ def _pyav_loader(examples, manifest, cfg, *, batch_size, image_size, workers, de
     )
 
 
-BACKENDS: dict[str, Backend] = {"pyav": Backend("pyav", _pyav_loader)}
+def _dali_loader(examples, manifest, cfg, *, batch_size, image_size, workers, dedup, seed):
+    from siasam_fast.pipeline.dali import build_dali_loader
+
+    return build_dali_loader(
+        examples,
+        manifest,
+        cfg,
+        "train",
+        batch_size=batch_size,
+        image_size=image_size,
+        num_workers=workers,
+        seed=seed,
+        dedup=dedup,
+        device=dali_device(),
+    )
+
+
+def dali_device() -> str:
+    return "gpu" if torch.cuda.is_available() else "cpu"
+
+
+BACKENDS: dict[str, Backend] = {
+    "pyav": Backend("pyav", _pyav_loader),
+    "dali": Backend("dali", _dali_loader, uses_workers=False),
+}
+# Codecs each backend decodes here: DALI's CPU decoder has no H.264.
+DALI_CPU_CODECS = ("vp8", "vp9", "mjpeg")
+
+
+def decodes(backend: str, codec: str) -> bool:
+    if backend == "dali" and dali_device() == "cpu":
+        return codec in DALI_CPU_CODECS
+    return True
 
 
 # ----------------------------------------------------------------------------------------------
@@ -85,17 +130,26 @@ class VideoSet:
     num_frames: int
     fps: int = 30
     gop: int = 100
+    codec: str = "h264"  # "h264" (libx264, B-frames) or "vp9" (libvpx, for DALI on the CPU)
+
+    @property
+    def folder_name(self) -> str:
+        return self.name if self.codec == "h264" else f"{self.name}-{self.codec}"
+
+    @property
+    def extension(self) -> str:
+        return ".mp4" if self.codec == "h264" else ".webm"
 
 
-def video_sets(quick: bool) -> list[VideoSet]:
+def video_sets(quick: bool, codec: str = "h264") -> list[VideoSet]:
     if quick:
         return [
-            VideoSet("msrvtt-like", 320, 240, 4, 150),
-            VideoSet("activitynet-like", 1280, 720, 2, 150),
+            VideoSet("msrvtt-like", 320, 240, 4, 150, codec=codec),
+            VideoSet("activitynet-like", 1280, 720, 2, 150, codec=codec),
         ]
     return [
-        VideoSet("msrvtt-like", 320, 240, 32, 300),
-        VideoSet("activitynet-like", 1280, 720, 8, 300),
+        VideoSet("msrvtt-like", 320, 240, 32, 300, codec=codec),
+        VideoSet("activitynet-like", 1280, 720, 8, 300, codec=codec),
     ]
 
 
@@ -112,7 +166,8 @@ def _texture(height: int, width: int, rng: np.random.Generator) -> np.ndarray:
 
 
 def write_textured_video(path: Path, spec: VideoSet, seed: int) -> None:
-    """Panning textured background, moving shapes and noise, H.264 (B-frames, GOP ``spec.gop``)."""
+    """Panning textured background, moving shapes and noise; H.264 (B-frames) or VP9, GOP
+    ``spec.gop``."""
     import av
 
     rng = np.random.default_rng(seed)
@@ -130,11 +185,18 @@ def write_textured_video(path: Path, spec: VideoSet, seed: int) -> None:
         )
         for _ in range(5)
     ]
-    tmp = path.with_suffix(".partial.mp4")
+    tmp = path.with_suffix(".partial" + spec.extension)
     container = av.open(str(tmp), "w")
-    stream = container.add_stream("libx264", rate=spec.fps)
+    if spec.codec == "h264":
+        stream = container.add_stream("libx264", rate=spec.fps)
+        stream.options = {"preset": "veryfast", "crf": "23", "g": str(spec.gop), "bf": "3"}
+    elif spec.codec == "vp9":
+        stream = container.add_stream("libvpx-vp9", rate=spec.fps)
+        stream.options = {"crf": "32", "b": "0", "g": str(spec.gop), "deadline": "realtime",
+                          "cpu-used": "8", "row-mt": "1"}
+    else:
+        raise ValueError(f"codec={spec.codec!r}: the generated sets are h264 or vp9")
     stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
-    stream.options = {"preset": "veryfast", "crf": "23", "g": str(spec.gop), "bf": "3"}
     for t in range(spec.num_frames):
         dy = int(margin * (1 + np.sin(t / 40.0)) / 2)
         dx = int(margin * (1 + np.cos(t / 55.0)) / 2)
@@ -154,20 +216,21 @@ def write_textured_video(path: Path, spec: VideoSet, seed: int) -> None:
 
 def prepare_set(spec: VideoSet, work_dir: Path, workers: int) -> dict:
     """Generate (once) and index a video set; returns the manifest records."""
-    folder = work_dir / spec.name
+    folder = work_dir / spec.folder_name
     folder.mkdir(parents=True, exist_ok=True)
     stamp = folder / "spec.json"
     wanted = json.dumps(spec.__dict__, sort_keys=True)
     if not stamp.exists() or stamp.read_text() != wanted:
-        for old in folder.glob("*.mp4"):
+        for old in [*folder.glob("*.mp4"), *folder.glob("*.webm")]:
             old.unlink()
         stamp.unlink(missing_ok=True)
-    missing = [i for i in range(spec.num_videos) if not (folder / f"video{i}.mp4").exists()]
+    name = "video{}" + spec.extension
+    missing = [i for i in range(spec.num_videos) if not (folder / name.format(i)).exists()]
     if missing:
         from tqdm.auto import tqdm
 
-        for i in tqdm(missing, desc=f"generating {spec.name}", unit="video"):
-            write_textured_video(folder / f"video{i}.mp4", spec, seed=i)
+        for i in tqdm(missing, desc=f"generating {spec.folder_name}", unit="video"):
+            write_textured_video(folder / name.format(i), spec, seed=i)
         stamp.write_text(wanted)
     return build_manifest(folder, folder / "manifest.jsonl", workers=workers, progress=False)
 
@@ -188,6 +251,32 @@ def synthetic_set(directory: Path, work_dir: Path, workers: int) -> dict | None:
 # Measuring
 
 
+def cpu_seconds() -> float:
+    """CPU time (user + system) of this process and its children, alive or reaped."""
+    try:
+        import psutil
+    except ImportError:  # reaped children only: workers still alive are missed
+        own = resource.getrusage(resource.RUSAGE_SELF)
+        kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+        return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+    proc = psutil.Process()
+    t = proc.cpu_times()
+    total = t.user + t.system + t.children_user + t.children_system
+    for child in proc.children(recursive=True):
+        try:
+            c = child.cpu_times()
+            total += c.user + c.system
+        except psutil.Error:  # exited meanwhile: counted with the reaped ones, or lost
+            pass
+    return total
+
+
+def device_memory_in_use() -> int:
+    """Bytes of GPU memory in use by every allocator of every process (DALI's pool included)."""
+    free, total = torch.cuda.mem_get_info()
+    return total - free
+
+
 def measure(
     backend: Backend,
     records: dict,
@@ -198,7 +287,10 @@ def measure(
     image_size: int,
     min_videos: int,
     seed: int = 0,
+    max_seconds: float | None = None,
 ) -> dict:
+    """One epoch of ``min_videos`` (rounded up to whole passes over the set), or what fits in
+    ``max_seconds``. ``steady_videos_per_s`` leaves out the first batch (start-up)."""
     ok = [vid for vid, r in sorted(records.items()) if r.ok]
     repeats = max(1, -(-min_videos // len(ok)))
     examples = [
@@ -206,6 +298,14 @@ def measure(
         for k in range(repeats)
         for vid in ok
     ]
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        torch_before = torch.cuda.memory_allocated()
+        device_before = device_peak = device_memory_in_use()
+    cpu_start = cpu_seconds()
+    start = time.perf_counter()
     loader = backend.make_loader(
         examples,
         records,
@@ -216,37 +316,187 @@ def measure(
         dedup=dedup,
         seed=seed,
     )
-    videos = clip_frames = unique = 0
+    videos = clip_frames = unique = first_videos = 0
     first_batch = None
-    start = time.perf_counter()
-    for batch in loader:
-        if first_batch is None:
-            first_batch = time.perf_counter() - start
+    batches = iter(loader)
+    for batch in batches:
         videos += len(batch["example_index"])
         clip_frames += int(batch["frame_mask"].sum())
         unique += int(batch["num_unique"].sum())
+        if first_batch is None:
+            first_batch, first_videos = time.perf_counter() - start, videos
+        if cuda:
+            device_peak = max(device_peak, device_memory_in_use())
+        if max_seconds is not None and time.perf_counter() - start > max_seconds:
+            break
+    if cuda:
+        torch.cuda.synchronize()
     seconds = time.perf_counter() - start
-    del loader
-    return {
+    cpu = cpu_seconds() - cpu_start
+    del batches, loader  # stops the workers / the pipeline
+    steady = (videos - first_videos) / (seconds - first_batch) if videos > first_videos else None
+    row = {
         "videos": videos,
         "seconds": seconds,
         "videos_per_s": videos / seconds,
+        "steady_videos_per_s": steady,
         "frames_per_s": clip_frames / seconds,  # output clip frames (N x B per video)
         "decoded_per_s": unique / seconds,  # frames decoded and transformed
         "unique_per_video": unique / max(videos, 1),
-        "first_batch_s": first_batch,  # worker start-up and the first batch
+        "first_batch_s": first_batch,  # worker / pipeline start-up and the first batch
+        "cpu_util": cpu / seconds,  # cores kept busy (this process and its children)
     }
+    if cuda:
+        row["torch_mem_mb"] = (torch.cuda.max_memory_allocated() - torch_before) / 2**20
+        row["device_mem_mb"] = (device_peak - device_before) / 2**20
+    return row
+
+
+def run_benchmark(
+    backend_names: list[str],
+    sets: list[tuple[str, dict, str]],
+    *,
+    worker_counts: list[int],
+    dali_workers: int,
+    batch_size: int,
+    image_size: int,
+    min_videos: int,
+    max_seconds: float | None = None,
+    log=print,
+) -> list[dict]:
+    """Rows for every (set, backend, dedup, workers); ``sets`` holds (name, records, codec)."""
+    rows = []
+    for name, records, codec in sets:
+        ok = [r for r in records.values() if r.ok]
+        if not ok:
+            log(f"{name}: no ok video, skipped")
+            continue
+        resolution = f"{ok[0].width}x{ok[0].height}"
+        for backend_name in backend_names:
+            backend = BACKENDS[backend_name]
+            if not decodes(backend_name, codec):
+                log(f"{name}: {backend_name} on {dali_device()} cannot decode {codec}, skipped")
+                continue
+            counts = worker_counts if backend.uses_workers else [dali_workers]
+            for dedup in (True, False):
+                for workers in counts:
+                    result = measure(
+                        backend,
+                        records,
+                        workers=workers,
+                        dedup=dedup,
+                        batch_size=batch_size,
+                        image_size=image_size,
+                        min_videos=min_videos,
+                        max_seconds=max_seconds,
+                    )
+                    device = dali_device() if backend_name == "dali" else "cpu"
+                    rows.append(
+                        {
+                            "set": name,
+                            "resolution": resolution,
+                            "codec": codec,
+                            "backend": backend_name,
+                            "decoder": device,
+                            "dedup": dedup,
+                            "workers": workers,
+                            "batch_size": batch_size,
+                            **result,
+                        }
+                    )
+                    log(
+                        f"  {name} {backend_name} dedup={dedup} workers={workers}: "
+                        f"{result['videos_per_s']:.2f} videos/s"
+                    )
+    return rows
+
+
+COLUMNS = [
+    "set",
+    "resolution",
+    "codec",
+    "backend",
+    "decoder",
+    "dedup",
+    "workers",
+    "videos",
+    "seconds",
+    "videos_per_s",
+    "steady_videos_per_s",
+    "frames_per_s",
+    "decoded_per_s",
+    "unique_per_video",
+    "first_batch_s",
+    "cpu_util",
+    "torch_mem_mb",
+    "device_mem_mb",
+]
+
+
+def start_up_bound(row: dict) -> bool:
+    """Fewer than 3 batches measured (a --max-seconds cap hit during start-up): the rate mostly
+    measures the start-up and the work still in flight is not counted."""
+    return row["videos"] < 3 * row.get("batch_size", 1)
+
+
+def summary_lines(rows: list[dict]) -> list[str]:
+    """Dedup speed-ups per (set, backend, workers) and DALI against the best PyAV row."""
+    lines = []
+    caveat = " (start-up bound: fewer than 3 batches measured)"
+    keys = sorted({(r["set"], r["backend"], r["workers"]) for r in rows}, key=str)
+    for name, backend, workers in keys:
+        pair = {
+            r["dedup"]: r
+            for r in rows
+            if (r["set"], r["backend"], r["workers"]) == (name, backend, workers)
+        }
+        if len(pair) == 2:
+            speedup = pair[True]["videos_per_s"] / pair[False]["videos_per_s"]
+            note = caveat if any(start_up_bound(r) for r in pair.values()) else ""
+            lines.append(
+                f"{name}, {backend}, {workers} workers: dedup is {speedup:.2f}x faster{note}"
+            )
+    for name in sorted({r["set"] for r in rows}):
+        dali = [r for r in rows if r["set"] == name and r["backend"] == "dali" and r["dedup"]]
+        pyav = [r for r in rows if r["set"] == name and r["backend"] == "pyav" and r["dedup"]]
+        if dali and pyav:
+            best = max(pyav, key=lambda r: r["videos_per_s"])
+            ratio = dali[0]["videos_per_s"] / best["videos_per_s"]
+            note = caveat if start_up_bound(dali[0]) or start_up_bound(best) else ""
+            lines.append(
+                f"{name}: dali ({dali[0]['decoder']}) {ratio:.2f}x the best pyav "
+                f"({best['workers']} workers), dedup on both{note}"
+            )
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--backend", default="pyav", choices=sorted(BACKENDS))
+    parser.add_argument(
+        "--backend",
+        nargs="+",
+        default=["pyav"],
+        choices=sorted(BACKENDS),
+        help="one or more backends, measured in the same run (default pyav)",
+    )
     parser.add_argument(
         "--workers",
         type=int,
         nargs="+",
         default=None,
-        help="DataLoader worker counts (default 1 4 16; --quick: 1 2)",
+        help="pyav DataLoader worker counts (default 1 4 16; --quick: 1 2)",
+    )
+    parser.add_argument(
+        "--dali-workers",
+        type=int,
+        default=None,
+        help="DALI's file-reading processes (default 4; --quick: 2)",
+    )
+    parser.add_argument(
+        "--codec",
+        choices=["auto", "h264", "vp9"],
+        default="auto",
+        help="codec of the generated sets (auto: vp9 when DALI decodes on the CPU, else h264)",
     )
     parser.add_argument(
         "--synthetic",
@@ -274,88 +524,71 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="videos per measurement (default 64; --quick: 16)",
     )
+    parser.add_argument(
+        "--max-seconds",
+        type=float,
+        default=None,
+        help="stop a measurement after this long (default: whole epoch of --min-videos)",
+    )
     parser.add_argument("--quick", action="store_true", help="few small videos: a CPU sanity run")
     parser.add_argument("--out-dir", type=Path, default=None, help="CSV folder")
     args = parser.parse_args(argv)
 
-    backend = BACKENDS[args.backend]
-    worker_counts = args.workers or ([1, 2] if args.quick else [1, 4, 16])
-    if not backend.uses_workers:
-        worker_counts = [0]
-    min_videos = args.min_videos or (16 if args.quick else 64)
-    probe_workers = max(1, min(8, torch.multiprocessing.cpu_count()))
+    backend_names = list(dict.fromkeys(args.backend))
+    if "dali" in backend_names:
+        from siasam_fast.pipeline.dali import dali_available
 
-    sets: list[tuple[str, dict]] = []
-    if args.synthetic is not None:
+        if not dali_available():
+            parser.error("--backend dali needs nvidia-dali (pip install 'siasam-fast[gpu]')")
+    worker_counts = args.workers or ([1, 2] if args.quick else [1, 4, 16])
+    dali_workers = args.dali_workers or (2 if args.quick else 4)
+    min_videos = args.min_videos or (16 if args.quick else 64)
+    probe_workers = max(1, min(8, os.cpu_count() or 1))
+    codec = args.codec
+    if codec == "auto":
+        codec = "vp9" if "dali" in backend_names and dali_device() == "cpu" else "h264"
+    if codec == "vp9" and "dali" in backend_names and dali_device() == "cpu":
+        print(
+            "DALI decodes on the CPU here (no GPU), where it reads VP8 / VP9 / MJPEG only: the "
+            "generated sets are VP9 for every backend in this run",
+            file=sys.stderr,
+        )
+
+    sets: list[tuple[str, dict, str]] = []
+    if args.synthetic is not None and (not args.sets or "synthetic" in args.sets):
         records = synthetic_set(args.synthetic, args.work_dir, probe_workers)
         if records:
-            sets.append(("synthetic", records))
-    for spec in video_sets(args.quick):
-        sets.append((spec.name, prepare_set(spec, args.work_dir, probe_workers)))
-    if args.sets:
-        sets = [(name, r) for name, r in sets if name in args.sets]
+            codecs = {r.codec for r in records.values() if r.ok}
+            sets.append(("synthetic", records, codecs.pop() if len(codecs) == 1 else "mixed"))
+    for spec in video_sets(args.quick, codec):
+        if not args.sets or spec.name in args.sets:
+            sets.append((spec.name, prepare_set(spec, args.work_dir, probe_workers), codec))
 
-    rows = []
-    for name, records in sets:
-        ok = [r for r in records.values() if r.ok]
-        if not ok:
-            print(f"{name}: no ok video, skipped", file=sys.stderr)
-            continue
-        resolution = f"{ok[0].width}x{ok[0].height}"
-        for dedup in (True, False):
-            for workers in worker_counts:
-                result = measure(
-                    backend,
-                    records,
-                    workers=workers,
-                    dedup=dedup,
-                    batch_size=args.batch_size,
-                    image_size=args.image_size,
-                    min_videos=min_videos,
-                )
-                row = {
-                    "set": name,
-                    "resolution": resolution,
-                    "backend": backend.name,
-                    "dedup": dedup,
-                    "workers": workers,
-                    **result,
-                }
-                rows.append(row)
-                print(
-                    f"  {name} dedup={dedup} workers={workers}: "
-                    f"{result['videos_per_s']:.2f} videos/s",
-                    file=sys.stderr,
-                )
+    rows = run_benchmark(
+        backend_names,
+        sets,
+        worker_counts=worker_counts,
+        dali_workers=dali_workers,
+        batch_size=args.batch_size,
+        image_size=args.image_size,
+        min_videos=min_videos,
+        max_seconds=args.max_seconds,
+        log=lambda text: print(text, file=sys.stderr),
+    )
 
     env = environment()  # after measuring: it imports heavy libraries the workers need not fork
-    columns = [
-        "set",
-        "resolution",
-        "dedup",
-        "workers",
-        "videos",
-        "seconds",
-        "videos_per_s",
-        "frames_per_s",
-        "decoded_per_s",
-        "unique_per_video",
-        "first_batch_s",
-    ]
     print(
-        f"\npipeline backend={backend.name} on {env['device']} ({env['cpu_count']} CPUs), "
-        f"N={SAMPLING.num_clips} clips x B={SAMPLING.frames_per_clip} frames, "
-        f"stride {SAMPLING.stride}, image {args.image_size}"
+        f"\npipeline backends={' '.join(backend_names)} on {env['device']} "
+        f"({env['cpu_count']} CPUs), N={SAMPLING.num_clips} clips x "
+        f"B={SAMPLING.frames_per_clip} frames, stride {SAMPLING.stride}, image {args.image_size}, "
+        f"batch {args.batch_size}"
     )
-    print(format_table(rows, columns))
-    for name, _ in sets:
-        for workers in worker_counts:
-            pair = {r["dedup"]: r for r in rows if r["set"] == name and r["workers"] == workers}
-            if len(pair) == 2:
-                speedup = pair[True]["videos_per_s"] / pair[False]["videos_per_s"]
-                print(f"{name}, {workers} workers: dedup is {speedup:.2f}x faster")
+    print(format_table(rows, [c for c in COLUMNS if any(c in r for r in rows)]))
+    for line in summary_lines(rows):
+        print(line)
     suffix = "_quick" if args.quick else ""
-    path = write_csv(rows, results_path(f"pipeline_{backend.name}{suffix}.csv", args.out_dir), env)
+    name = f"pipeline_{'_'.join(backend_names)}{suffix}.csv"
+    path = write_csv(rows, results_path(name, args.out_dir), env)
     print(f"wrote {path}")
     return 0
 

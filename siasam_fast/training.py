@@ -555,6 +555,8 @@ def train(argv: list[str] | None = None) -> int:
 
     history: list[dict] = []
     stop = False
+    first_step = step
+    step_seconds = 0.0  # time inside training steps (data wait included, evaluation excluded)
     t_run = time.perf_counter()
     for epoch in range(start_epoch, cfg.train.epochs):
         train_loader.set_epoch(epoch)  # keeps a restored mid-epoch position of this epoch
@@ -583,6 +585,7 @@ def train(argv: list[str] | None = None) -> int:
             t_end = time.perf_counter()
             step += 1
             n_steps += 1
+            step_seconds += t_end - t_data
             if not math.isfinite(float(parts["loss"])) and precision != "fp16":
                 raise FloatingPointError(f"loss is {float(parts['loss'])} at step {step}: lower "
                                          "train.lr or check the data (fp16 overflow steps are "
@@ -633,7 +636,11 @@ def train(argv: list[str] | None = None) -> int:
         if stop:
             break
 
+    steps_run = step - first_step
     summary = {"steps": step, "epochs_completed": len(history), "precision": precision,
+               "steps_per_s": steps_run / max(1e-9, step_seconds),  # training steps only
+               "peak_memory_gb": (torch.cuda.max_memory_allocated(device) / 2**30
+                                  if device.type == "cuda" else None),
                "zero_stage": engine.zero_optimization_stage(), "world_size": world,
                "optimizer": optimizer_name, "train_seconds": time.perf_counter() - t_run,
                "history": history}

@@ -71,7 +71,7 @@ TRAIN_SPLITS = ("train",)
 EVAL_SPLITS = ("val", "test", "eval")
 OUTPUTS = ("frames", "clips")
 BACKENDS = ("pyav",)  # implemented here
-PLANNED_BACKENDS = ("dali", "auto")  # names reserved for later issues
+OTHER_BACKENDS = ("dali", "auto")  # built by siasam_fast.pipeline.loaders
 
 
 @dataclass
@@ -542,14 +542,20 @@ def build_loader(
     save and restore the position within the epoch. ``label_fn`` must be picklable (a module-level
     function) when workers do not fork.
     """
+    if backend in OTHER_BACKENDS:  # one factory for every backend: loaders.build_video_loader
+        from siasam_fast.pipeline.loaders import build_video_loader
+
+        return build_video_loader(
+            examples, manifest, sampling_cfg, split, batch_size, backend=backend,
+            image_size=image_size, num_workers=num_workers, seed=seed, rank=rank,
+            world_size=world_size, output=output, dedup=dedup, pin_memory=pin_memory,
+            label_fn=label_fn, shuffle=shuffle, drop_last=drop_last, epoch=epoch,
+            prefetch_factor=prefetch_factor, dtype=dtype, seek_threshold=seek_threshold,
+            decode_threads=decode_threads, multiprocessing_context=multiprocessing_context,
+        )
     if backend not in BACKENDS:
-        if backend in PLANNED_BACKENDS:
-            raise NotImplementedError(
-                f"backend={backend!r} is not implemented yet; available: {', '.join(BACKENDS)}"
-            )
         raise ValueError(
-            f"backend={backend!r}: valid backends are {', '.join(BACKENDS + PLANNED_BACKENDS)} "
-            f"(implemented: {', '.join(BACKENDS)})"
+            f"backend={backend!r}: valid backends are {', '.join(BACKENDS + OTHER_BACKENDS)}"
         )
     if output not in OUTPUTS:
         raise ValueError(f"output={output!r}: valid outputs are {', '.join(OUTPUTS)}")

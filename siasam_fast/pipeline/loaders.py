@@ -39,5 +39,6 @@ def build_video_loader(examples, manifest, sampling_cfg, split, batch_size, back
         from siasam_fast.pipeline.dali import build_dali_loader
 
         return build_dali_loader(examples, manifest, sampling_cfg, split, batch_size, **kwargs)
+    kwargs.pop("device", None)  # a DALI-only argument
     return build_loader(examples, manifest, sampling_cfg, split, batch_size, backend="pyav",
                         **kwargs)

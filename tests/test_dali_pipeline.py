@@ -1,0 +1,463 @@
+"""The DALI pipeline: the same graph as on the GPU, run with DALI's CPU decoder (VP9 / MJPEG).
+
+Exact frames (frames show their own index), pixel agreement with the PyAV backend, the batch
+contract, order / shards / resume as PyAV, and the fault paths (corrupt in the manifest, a file that
+changes or gets damaged after indexing). GPU-only checks (H.264 with B-frames on NVDEC, fp16 on the
+device, DLPack without a copy) skip without CUDA.
+
+Pixel tolerance, in grey levels (0..255) after undoing the normalisation, measured on 2026-11
+with DALI 2.4 and PyAV 18.1 over sizes 24..96 (downscale, upscale, none), square, wide and tall:
+
+- grey content (the index videos: no chroma, so only resize / crop / normalise and the decoders'
+  rounding differ): max 2, mean <= 0.67 (MJPEG), <= 0.26 (VP9), 99th percentile 1. A crop window
+  one pixel off would show as differences near 200 at the cells' edges. Tolerance: max 3, mean 1.
+- colour texture: the decoders convert 4:2:0 to RGB differently (DALI and swscale upsample the
+  chroma differently; the colour matrix agrees, checked on flat colours within 2 levels), so
+  differences follow the chroma detail: at 48x80 / 60x84 -> 32 px, mean <= 1.5, 99th percentile
+  <= 7, max <= 13 (at native size: mean up to 5, max up to 34). Tolerance: mean 3, p99 12, max 32.
+- NVDEC (H.264, grey content, on an H200): max 2, mean 1.08-1.10, 99th percentile 2 (its YUV to
+  RGB conversion rounds differently from swscale's). Tolerance: max 4, mean 1.5.
+"""
+
+import os
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from videos import read_index, read_indices, video_path, write_index_video
+
+from siasam_fast.data.examples import QAExample
+from siasam_fast.pipeline import dali as dali_module
+from siasam_fast.pipeline.dali import DALIVideoLoader, build_dali_loader
+from siasam_fast.pipeline.dataset import build_loader
+from siasam_fast.pipeline.loaders import build_video_loader
+from siasam_fast.pipeline.manifest import build_manifest
+from siasam_fast.pipeline.transforms import denormalize
+from siasam_fast.sampling import SamplingConfig, example_rng, sample_siamese_clips
+
+pytest.importorskip("nvidia.dali")
+
+SIZE = 32  # image_size: the 64 px videos are downscaled (antialiased resize)
+CFG = SamplingConfig(num_clips=9, frames_per_clip=8, stride=4)
+# name -> (codec, frames, size, writer options)
+VIDEOS = {
+    "vp9": ("vp9", 100, 64, dict(gop=10)),
+    "vp9_vfr": ("vp9", 90, 64, dict(gop=8, vfr=True)),
+    "mjpeg": ("mjpeg", 80, 64, {}),
+    "wide": ("vp9", 60, (48, 80), dict(gop=10)),  # centre crop of a non-square frame
+}
+COLOUR = {"colour_vp9": ("vp9", (48, 80)), "colour_mjpeg": ("mjpeg", (60, 84))}
+INDEXED = ["vp9", "vp9_vfr", "mjpeg"]  # square: the crop keeps every cell of the index code
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def write_colour_video(path, num_frames, codec, size, seed=0):
+    """A panning colour texture (smooth chroma) with grain: realistic content for pixel checks."""
+    import av
+
+    height, width = size
+    gen = torch.Generator().manual_seed(seed)
+    base = torch.nn.functional.interpolate(
+        torch.rand(1, 3, height // 8 + 2, width // 8 + 2, generator=gen),
+        size=(height + 32, width + 32),
+        mode="bicubic",
+        align_corners=False,
+    )[0].permute(1, 2, 0)
+    base = (base.clamp(0, 1) * 255).to(torch.uint8).numpy()
+    rng = np.random.default_rng(seed)
+    encoder = {"vp9": "libvpx-vp9", "mjpeg": "mjpeg"}[codec]
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream(encoder, rate=25)
+        stream.width, stream.height = width, height
+        stream.pix_fmt = "yuv420p" if codec == "vp9" else "yuvj420p"
+        stream.options = (
+            {"g": "10", "crf": "20", "b": "0", "deadline": "realtime", "cpu-used": "8"}
+            if codec == "vp9"
+            else {"q:v": "3"}
+        )
+        for t in range(num_frames):
+            frame = base[t % 32 : t % 32 + height, (2 * t) % 32 : (2 * t) % 32 + width]
+            grain = rng.integers(-8, 9, frame.shape[:2])[..., None]
+            frame = np.clip(frame.astype(np.int16) + grain, 0, 255).astype(np.uint8)
+            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("dali_videos")
+    for name, (codec, n, size, options) in VIDEOS.items():
+        write_index_video(video_path(folder, name, codec), n, codec=codec, size=size, **options)
+    for name, (codec, size) in COLOUR.items():
+        write_colour_video(video_path(folder, name, codec), 40, codec, size)
+    (folder / "broken.webm").write_bytes(b"not a video at all")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def manifest(folder):
+    return build_manifest(folder, folder / "manifest.jsonl", workers=1, progress=False)
+
+
+def examples_for(names):
+    return [QAExample(qid=f"q{i}", video_id=v, question="what?") for i, v in enumerate(names)]
+
+
+def dali(examples, manifest, split="train", batch_size=2, **kwargs):
+    kwargs = {"image_size": SIZE, "num_workers": 0, "device": "cpu", **kwargs}
+    return build_dali_loader(examples, manifest, CFG, split, batch_size, **kwargs)
+
+
+def pyav(examples, manifest, split="train", batch_size=2, **kwargs):
+    kwargs = {"image_size": SIZE, "num_workers": 0, **kwargs}
+    return build_loader(examples, manifest, CFG, split, batch_size, **kwargs)
+
+
+def check_batch_frames(batch, dedup=True):
+    """Every real clip frame shows the number in frame_ids; frames hold the sorted U (``dedup``)
+    or every clip frame in clip order; zeros past num_unique."""
+    V, N, B = batch["clip_index"].shape
+    for v in range(V):
+        u = int(batch["num_unique"][v])
+        ids = read_indices(denormalize(batch["frames"][v, :u]))
+        real = batch["frame_ids"][v][batch["frame_mask"][v]].tolist()
+        assert ids == (sorted(set(real)) if dedup else real)
+        assert (batch["frames"][v, u:] == 0).all()
+        for n in range(N):
+            for b in range(B):
+                if batch["frame_mask"][v, n, b]:
+                    want = int(batch["frame_ids"][v, n, b])
+                    assert ids[int(batch["clip_index"][v, n, b])] == want
+                    if "clips" in batch:
+                        assert read_index(denormalize(batch["clips"][v, n, b])) == want
+
+
+def grey_levels(frames):
+    """Normalised [..., 3, S, S] -> 0..255 floats."""
+    return denormalize(frames.float().reshape(-1, *frames.shape[-3:]))
+
+
+# -- exact frames ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "dedup, output, num_workers",
+    [(True, "frames", 0), (True, "clips", 2), (False, "frames", 2), (False, "clips", 0)],
+)
+def test_frames_are_exactly_the_sampled_frames(manifest, dedup, output, num_workers):
+    names = INDEXED * 2
+    loader = dali(
+        examples_for(names), manifest, batch_size=4, seed=3, epoch=5, dedup=dedup,
+        output=output, num_workers=num_workers,
+    )
+    assert isinstance(loader, DALIVideoLoader) and len(loader) == 2
+    seen = []
+    for batch in loader:
+        assert batch["frames"].dtype == torch.float32 and batch["frames"].device.type == "cpu"
+        check_batch_frames(batch, dedup=dedup)
+        for v, index in enumerate(batch["example_index"].tolist()):
+            record = manifest[names[index]]
+            expected = sample_siamese_clips(record.num_frames, CFG, example_rng(3, 5, index))
+            assert batch["frame_ids"][v].tolist() == expected.clips.tolist()
+            if dedup:
+                assert int(batch["num_unique"][v]) == len(expected.unique)
+            else:
+                assert int(batch["num_unique"][v]) == expected.clips.size
+            seen.append(index)
+    assert sorted(seen) == list(range(len(names)))
+    assert loader.skipped == []
+
+
+# -- agreement with the PyAV backend -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("output, dedup", [("frames", True), ("clips", True), ("clips", False)])
+def test_batch_contract_is_the_pyav_one(manifest, output, dedup):
+    examples = examples_for(["vp9", "mjpeg", "wide", "vp9_vfr", "colour_vp9"])
+    kwargs = dict(batch_size=3, seed=1, output=output, dedup=dedup)
+    ours = list(dali(examples, manifest, **kwargs))
+    theirs = list(pyav(examples, manifest, **kwargs))
+    assert len(ours) == len(theirs) == 2
+    for a, b in zip(ours, theirs):
+        assert list(a) == list(b)  # same keys, same order
+        for key in a:
+            if isinstance(b[key], torch.Tensor):
+                assert a[key].dtype == b[key].dtype and a[key].shape == b[key].shape, key
+                if key not in ("frames", "clips"):
+                    assert torch.equal(a[key], b[key]) or key == "count", key
+            else:
+                assert a[key] == b[key], key
+        assert torch.equal(a["count"].isnan(), b["count"].isnan())
+
+
+def test_pixels_match_pyav_on_grey_content(manifest):
+    """Resize, crop and normalise mirror transforms.py: within rounding (module docstring)."""
+    cfg = SamplingConfig(num_clips=3, frames_per_clip=4, stride=4)
+    examples = examples_for(["vp9", "vp9_vfr", "mjpeg", "wide"])
+    for size in (SIZE, 40):  # downscale; 40 also crops the wide video off-centre by a half pixel
+        kwargs = dict(image_size=size, num_workers=0)
+        a = next(iter(build_dali_loader(examples, manifest, cfg, "val", 4, device="cpu", **kwargs)))
+        b = next(iter(build_loader(examples, manifest, cfg, "val", 4, **kwargs)))
+        diff = (grey_levels(a["frames"]) - grey_levels(b["frames"])).abs()
+        assert diff.max() <= 3 and diff.mean() <= 1.0, (size, diff.max(), diff.mean())
+
+
+def test_pixels_match_pyav_on_colour_content(manifest):
+    cfg = SamplingConfig(num_clips=3, frames_per_clip=4, stride=4)
+    examples = examples_for(list(COLOUR))
+    a = next(iter(build_dali_loader(examples, manifest, cfg, "val", 2, image_size=SIZE,
+                                    num_workers=0, device="cpu")))
+    b = next(iter(build_loader(examples, manifest, cfg, "val", 2, image_size=SIZE, num_workers=0)))
+    diff = (grey_levels(a["frames"]) - grey_levels(b["frames"])).abs()
+    assert diff.mean() <= 3 and diff.flatten().quantile(0.99) <= 12 and diff.max() <= 32
+
+
+# -- order: epochs, shards, resume -------------------------------------------------------------
+
+NAMES = ["vp9", "vp9_vfr", "mjpeg", "wide"] * 2 + ["vp9"]
+
+
+def order(batches):
+    return [b["example_index"].tolist() for b in batches]
+
+
+@pytest.mark.parametrize("drop_last", [False, True])
+def test_order_per_seed_epoch_rank_is_the_pyav_one(manifest, drop_last):
+    examples = examples_for(NAMES)
+    for rank in range(2):
+        for epoch in (0, 1):
+            kwargs = dict(batch_size=2, seed=7, rank=rank, world_size=2, epoch=epoch,
+                          drop_last=drop_last)
+            ours, theirs = dali(examples, manifest, **kwargs), pyav(examples, manifest, **kwargs)
+            assert len(ours) == len(theirs)
+            a, b = list(ours), list(theirs)
+            assert order(a) == order(b)
+            assert [x["frame_ids"].tolist() for x in a] == [x["frame_ids"].tolist() for x in b]
+            assert ours.state_dict() == theirs.state_dict()
+
+
+def test_set_epoch_changes_order_and_clips(manifest):
+    loader = dali(examples_for(NAMES), manifest, batch_size=3, seed=7, num_workers=2)
+    ids = {}
+    for epoch in (0, 1):
+        loader.set_epoch(epoch)
+        ids[epoch] = torch.cat([b["frame_ids"].flatten() for b in loader]).tolist()
+    assert ids[0] != ids[1]
+    reference = pyav(examples_for(NAMES), manifest, batch_size=3, seed=7, epoch=1)
+    assert ids[1] == torch.cat([b["frame_ids"].flatten() for b in reference]).tolist()
+
+
+def test_resume_continues_with_the_remaining_examples(manifest):
+    kwargs = dict(batch_size=2, seed=7, num_workers=2)
+    loader = dali(examples_for(NAMES), manifest, epoch=1, **kwargs)
+    full = order(loader)
+    it = iter(loader)
+    first = [next(it) for _ in range(2)]
+    state = loader.state_dict()
+    assert state["position"] == 4 and state["epoch"] == 1
+    it.close()  # stops this pass's pipeline and its reader processes
+    resumed = dali(examples_for(NAMES), manifest, epoch=0, **kwargs)
+    resumed.load_state_dict(state)
+    rest = list(resumed)
+    assert order(first + rest) == full
+    assert resumed.state_dict()["position"] == len(NAMES)
+    assert order(resumed) == full  # the next pass starts the epoch again
+    reference = list(pyav(examples_for(NAMES), manifest, batch_size=2, seed=7, epoch=1))[2]
+    assert torch.equal(rest[0]["frame_ids"], reference["frame_ids"])
+
+
+def test_frames_outlive_their_pipeline(manifest):
+    """Zero-copy tensors keep DALI's buffer alive after the pass (and its pipeline) ended."""
+    loader = dali(examples_for(INDEXED), manifest, batch_size=3)
+    kept = next(iter(loader))["frames"]
+    copy = kept.clone()
+    for _ in range(2):
+        list(loader)
+    assert torch.equal(kept, copy)
+
+
+# -- faults ------------------------------------------------------------------------------------
+
+
+def test_corrupt_in_manifest_never_reaches_dali(manifest, monkeypatch):
+    assert not manifest["broken"].ok
+    read = []
+    original = dali_module.read_encoded_batch
+
+    def recording(batches, info):
+        if info.iteration < len(batches):
+            read.extend(job[1] for job in batches[info.iteration])
+        return original(batches, info)
+
+    monkeypatch.setattr(dali_module, "read_encoded_batch", recording)
+    loader = dali(examples_for(["vp9", "broken", "mjpeg"]), manifest, batch_size=3)
+    batches = list(loader)
+    assert [qid for _, qid, _ in loader.dataset.dropped] == ["q1"]
+    assert sorted(batches[0]["video_id"]) == ["mjpeg", "vp9"]
+    assert read and not any("broken" in path for path in read)
+    assert loader.skipped == []
+
+
+@pytest.fixture
+def own_copy(folder, tmp_path):
+    """A folder of its own (three videos) and its manifest: the tests below damage files."""
+    for name in ("vp9", "vp9_vfr", "mjpeg"):
+        path = video_path(folder, name, VIDEOS[name][0])
+        shutil.copy2(path, tmp_path / path.name)
+    return tmp_path, build_manifest(tmp_path, tmp_path / "manifest.jsonl", workers=1,
+                                    progress=False)
+
+
+def damage(path, how):
+    st = os.stat(path)
+    data = bytearray(path.read_bytes())
+    if how == "truncate":
+        path.write_bytes(bytes(data[: len(data) // 2]))
+    elif how == "overwrite":  # same size, new mtime
+        data[len(data) // 3 :] = bytes(len(data) - len(data) // 3)
+        path.write_bytes(bytes(data))
+        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    else:  # "hidden": same size and mtime, damaged stream: only the decoder can tell
+        data[len(data) // 5 :] = bytes(len(data) - len(data) // 5)
+        path.write_bytes(bytes(data))
+        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+@pytest.mark.parametrize(
+    "how, batch_size, num_workers",
+    [("truncate", 3, 0), ("overwrite", 3, 2), ("truncate", 1, 2), ("hidden", 3, 0),
+     ("hidden", 2, 2)],
+)
+def test_file_turned_corrupt_after_indexing(own_copy, caplog, how, batch_size, num_workers):
+    """The damaged video is skipped with a warning naming it, the rest of the epoch goes on."""
+    folder, manifest = own_copy
+    damaged = video_path(folder, "vp9", "vp9")
+    damage(damaged, how)
+    names = ["vp9", "vp9_vfr", "mjpeg"] * 2
+    loader = dali(examples_for(names), manifest, batch_size=batch_size, shuffle=False,
+                  num_workers=num_workers)
+    with caplog.at_level("WARNING", logger="siasam_fast.pipeline.dali"):
+        batches = list(loader)
+    got = [i for b in batches for i in b["example_index"].tolist()]
+    assert got == [1, 2, 4, 5]  # the examples of vp9 (0 and 3) are left out, the others come
+    for batch in batches:
+        check_batch_frames(batch)
+    assert [path for path, _ in loader.skipped] == [str(damaged)] * 2
+    reason = loader.skipped[0][1]
+    if how == "hidden":
+        assert reason.startswith("decoding failed: ")
+    else:
+        assert reason.startswith("changed since the manifest was built")
+    assert f"skipping video {damaged}" in caplog.text
+    assert loader.state_dict()["position"] == len(names)  # skipped examples count as consumed
+    again = [i for b in loader for i in b["example_index"].tolist()]
+    assert again == got  # the next epoch skips the file without trying it
+
+
+def test_repeated_decode_failures_stop_the_run(own_copy, monkeypatch):
+    folder, manifest = own_copy
+    for name, codec in (("vp9", "vp9"), ("vp9_vfr", "vp9")):
+        damage(video_path(folder, name, codec), "hidden")
+    monkeypatch.setattr(dali_module, "MAX_FAILED_VIDEOS", 2)
+    loader = dali(examples_for(["vp9", "vp9_vfr", "mjpeg"]), manifest, batch_size=3,
+                  shuffle=False)
+    with pytest.raises(RuntimeError, match="failed to decode 2 videos in a row"):
+        list(loader)
+
+
+# -- arguments ---------------------------------------------------------------------------------
+
+
+def test_the_factory_builds_it_with_the_pyav_arguments(manifest):
+    loader = build_video_loader(
+        examples_for(INDEXED), manifest, CFG, "train", 3, backend="dali", device="cpu",
+        image_size=SIZE, num_workers=0, seed=0, rank=0, world_size=1, output="frames",
+        dedup=True, pin_memory=False, label_fn=None, shuffle=None, drop_last=False, epoch=0,
+        prefetch_factor=2, dtype=torch.float32, seek_threshold=8, decode_threads=1,
+        multiprocessing_context=None,
+    )
+    assert isinstance(loader, DALIVideoLoader) and loader.dataset.training
+    check_batch_frames(next(iter(loader)))
+
+
+def test_bad_arguments_name_the_valid_values(manifest):
+    args = (examples_for(["vp9"]), manifest, CFG, "train", 1)
+    with pytest.raises(ValueError, match="valid devices are gpu, cpu"):
+        build_dali_loader(*args, device="tpu")
+    with pytest.raises(ValueError, match="torch.float16 or torch.float32"):
+        build_dali_loader(*args, device="cpu", dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="valid outputs are frames, clips"):
+        build_dali_loader(*args, device="cpu", output="pixels")
+    with pytest.raises(ValueError, match="fork or spawn"):
+        build_dali_loader(*args, device="cpu", multiprocessing_context="forkserver")
+    with pytest.raises(ValueError, match="builds 'dali' loaders only"):
+        build_dali_loader(*args, backend="pyav")
+    with pytest.raises(ValueError, match="valid splits"):
+        build_dali_loader(examples_for(["vp9"]), manifest, CFG, "training", 1, device="cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="torch sees no CUDA device"):
+            build_dali_loader(*args, device="gpu")
+
+
+# -- GPU (NVDEC) -------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def h264_manifest(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("dali_h264")
+    write_index_video(folder / "bframes.mp4", 160, codec="h264", size=64, gop=12, bframes=3)
+    write_index_video(folder / "vfr.mp4", 120, codec="h264", size=64, gop=10, bframes=2,
+                      vfr=True)
+    write_index_video(folder / "long_gop.mp4", 200, codec="h264", size=64, gop=100, bframes=3)
+    return build_manifest(folder, folder / "manifest.jsonl", workers=1, progress=False)
+
+
+@requires_cuda
+@pytest.mark.gpu
+@pytest.mark.parametrize("dedup, output", [(True, "clips"), (False, "clips"), (True, "frames")])
+def test_gpu_h264_with_bframes_gives_the_sampled_frames(h264_manifest, dedup, output):
+    names = ["bframes", "vfr", "long_gop"] * 2
+    loader = build_dali_loader(
+        examples_for(names), h264_manifest, CFG, "train", 3, image_size=SIZE, device="gpu",
+        num_workers=2, dedup=dedup, output=output, seed=5,
+    )
+    for batch in loader:
+        assert batch["frames"].is_cuda and batch["frames"].dtype == torch.float16
+        check_batch_frames({k: v.cpu() if torch.is_tensor(v) else v for k, v in batch.items()},
+                           dedup=dedup)
+        for v, index in enumerate(batch["example_index"].tolist()):
+            record = h264_manifest[names[index]]
+            expected = sample_siamese_clips(record.num_frames, CFG, example_rng(5, 0, index))
+            assert batch["frame_ids"][v].tolist() == expected.clips.tolist()
+
+
+@requires_cuda
+@pytest.mark.gpu
+def test_gpu_frames_arrive_through_dlpack_without_a_copy(h264_manifest):
+    loader = build_dali_loader(
+        examples_for(["bframes", "vfr"]), h264_manifest, CFG, "train", 2, image_size=SIZE,
+        device="gpu", num_workers=0,
+    )
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    batch = next(iter(loader))
+    frames = batch["frames"]
+    assert frames.is_cuda and frames.dtype == torch.float16 and frames.is_contiguous()
+    assert frames.__dlpack_device__() == (2, loader.device_id)  # kDLCUDA: device memory
+    # A copy into torch's memory would have gone through torch's allocator; DALI's buffer did not.
+    assert torch.cuda.memory_allocated() - before < frames.numel() * frames.element_size()
+    try:  # where CuPy is installed, ask the CUDA runtime what the pointer is
+        import cupy
+    except ImportError:
+        cupy = None
+    if cupy is not None:
+        attributes = cupy.cuda.runtime.pointerGetAttributes(frames.data_ptr())
+        assert attributes.type == cupy.cuda.runtime.memoryTypeDevice
+    reference = build_loader(examples_for(["bframes", "vfr"]), h264_manifest, CFG, "train", 2,
+                             image_size=SIZE, num_workers=0)
+    expected = next(iter(reference))
+    diff = (grey_levels(frames.cpu()) - grey_levels(expected["frames"])).abs()
+    assert diff.max() <= 4 and diff.mean() <= 1.5  # NVDEC's colour conversion: module docstring
