@@ -172,7 +172,7 @@ def _reject_unknown(where: str, values: dict, known: dict) -> None:
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
-    """``section.key=value`` -> (["section", "key"], value parsed as YAML: 3, 0.5, true, [5, 16])."""
+    """``section.key=value`` -> (["section", "key"], the value parsed as YAML: 3, true, [5, 16])."""
     if "=" not in text:
         raise ValueError(f"override {text!r}: expected section.key=value, e.g. train.lr=1e-4")
     key, raw = text.split("=", 1)

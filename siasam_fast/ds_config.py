@@ -27,7 +27,8 @@ FP16_DYNAMIC = {
 }
 
 
-def make_ds_config(stage: int, precision: str, micro_batch: int = 8, grad_clip: float = 1.0) -> dict:
+def make_ds_config(stage: int, precision: str, micro_batch: int = 8,
+                   grad_clip: float = 1.0) -> dict:
     if stage not in STAGES:
         raise ValueError(f"ZeRO stage {stage!r}: valid stages are 0, 1, 2, 3")
     if precision not in PRECISIONS:
@@ -58,7 +59,7 @@ def config_file_name(stage: int, precision: str) -> str:
 
 
 def default_precision() -> str:
-    """bf16 where the GPU has it (Ampere+), fp16 on V100, fp32 on CPU (DeepSpeed refuses fp16 there)."""
+    """bf16 where the GPU has it (Ampere+), fp16 on V100, fp32 on CPU (no fp16 there)."""
     if not torch.cuda.is_available():
         return "fp32"
     return "bf16" if torch.cuda.is_bf16_supported() else "fp16"

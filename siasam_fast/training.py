@@ -215,7 +215,8 @@ def build_optimizer(model: torch.nn.Module, cfg: Config, device: torch.device):
         return ApexFusedAdam(groups, lr=cfg.train.lr, adam_w_mode=True), "apex FusedAdam"
     if choice == "deepspeed":
         if device.type != "cuda":
-            raise ValueError("train.optimizer='deepspeed' (FusedAdam) needs CUDA; use 'torch' on CPU")
+            raise ValueError("train.optimizer='deepspeed' (FusedAdam) needs CUDA; "
+                             "use 'torch' on CPU")
         from deepspeed.ops.adam import FusedAdam
 
         return FusedAdam(groups, lr=cfg.train.lr, adam_w_mode=True), "DeepSpeed FusedAdam"
@@ -671,7 +672,8 @@ def evaluate_checkpoint(checkpoint: str, config_path: str | None = None,
     problems = config_mismatches(saved.to_dict(), cfg.to_dict())
     problems = [p for p in problems if not p.startswith(("train.", "data."))]
     if problems:
-        raise ValueError(f"checkpoint {tag_dir} does not fit this config:\n  " + "\n  ".join(problems))
+        raise ValueError(f"checkpoint {tag_dir} does not fit this config:\n  "
+                         + "\n  ".join(problems))
     split = split or cfg.eval.split
     cfg.eval.split = split
     run_dir = tag_dir.parent.parent
@@ -679,7 +681,8 @@ def evaluate_checkpoint(checkpoint: str, config_path: str | None = None,
     ans2label = load_ans2label(vocab_file) if vocab_file.is_file() else None
     data = load_data(cfg, None, ans2label=ans2label)
     if split not in data.examples:
-        raise ValueError(f"split {split!r} has no annotations in this config (data.{split} is empty)")
+        raise ValueError(f"split {split!r} has no annotations in this config "
+                         f"(data.{split} is empty)")
     if state["vocab"] != _vocab_hash(data.ans2label):
         raise ValueError(f"checkpoint {tag_dir} was trained with another answer vocabulary")
     rank, world, device = init_distributed()

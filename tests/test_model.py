@@ -29,8 +29,8 @@ def make_batch(tokenizer, task, num_unique=(10, 7), M=4, seed=0):
         "count": torch.tensor([2.0, 4.0]),
     }
     if task == "mc":
-        enc = tokenizer(["what color is the square?"] * (V * M), ["red", "blue", "green", "cyan"] * V,
-                        padding=True, return_tensors="pt")
+        enc = tokenizer(["what color is the square?"] * (V * M),
+                        ["red", "blue", "green", "cyan"] * V, padding=True, return_tensors="pt")
         batch["input_ids"] = enc["input_ids"].view(V, M, -1)
         batch["attention_mask"] = enc["attention_mask"].view(V, M, -1)
     else:
@@ -88,10 +88,12 @@ def test_padding_does_not_change_outputs(tokenizer):
     padded["frames"] = frames
     # One more clip frame per clip, masked out and pointing at garbage.
     padded["clip_index"] = torch.cat([batch["clip_index"], torch.full((V, N, 1), 9)], 2)
-    padded["frame_mask"] = torch.cat([batch["frame_mask"], torch.zeros(V, N, 1, dtype=torch.bool)], 2)
+    no = torch.zeros(V, N, 1, dtype=torch.bool)
+    padded["frame_mask"] = torch.cat([batch["frame_mask"], no], 2)
     # Extra padding tokens.
     padded["input_ids"] = torch.cat([batch["input_ids"], torch.zeros(V, 5, dtype=torch.long)], 1)
-    padded["attention_mask"] = torch.cat([batch["attention_mask"], torch.zeros(V, 5, dtype=torch.long)], 1)
+    pad = torch.zeros(V, 5, dtype=torch.long)
+    padded["attention_mask"] = torch.cat([batch["attention_mask"], pad], 1)
     torch.testing.assert_close(model(padded)["logits"], ref, rtol=1e-4, atol=1e-5)
 
 
@@ -150,7 +152,8 @@ def test_gt_losses_by_hand():
     logits = torch.tensor([[[1.0, 2.0, 3.0]], [[0.0, 0.0, 0.0]]])
     batch = {"clip_mask": torch.ones(2, 1, dtype=torch.bool), "label": torch.tensor([2, -1])}
     ce = torch.nn.functional.cross_entropy(logits[0], torch.tensor([2]))
-    assert gt_loss({"logits": logits}, batch, "open").item() == pytest.approx(ce.item())  # -1 ignored
+    # The label -1 (an answer outside the vocabulary) is ignored.
+    assert gt_loss({"logits": logits}, batch, "open").item() == pytest.approx(ce.item())
     pred = torch.tensor([[1.0, 5.0], [3.0, 3.0]])
     batch = {"clip_mask": torch.ones(2, 2, dtype=torch.bool), "count": torch.tensor([2.0, 3.0])}
     assert gt_loss({"prediction": pred}, batch, "count").item() == pytest.approx(0.5)

@@ -219,7 +219,8 @@ def test_example_rng_independent_of_order():
         (dict(frames_per_clip=(9, 5)), r"1 <= lo <= hi"),
         (dict(frames_per_clip="8"), r"frames_per_clip='8'"),
         (dict(pace="sideways"), r"pace='sideways': valid values are both, after"),
-        (dict(short_video="drop"), r"short_video='drop': valid values are shrink_stride, pad, skip"),
+        (dict(short_video="drop"),
+         r"short_video='drop': valid values are shrink_stride, pad, skip"),
         (dict(eval_placement="random"), r"eval_placement='random'"),
     ],
 )

@@ -108,9 +108,11 @@ def test_resume_continues_the_same_run_exactly(synth, tmp_path):
 def test_incompatible_checkpoint_is_refused(synth, tmp_path):
     out = tmp_path / "run"
     train(base_args(synth, out, "--set", "train.max_steps=2"))
-    with pytest.raises(AssertionError, match=r"model.dropout: checkpoint has 0.1, this run has 0.3"):
+    mismatch = r"model.dropout: checkpoint has 0.1, this run has 0.3"
+    with pytest.raises(AssertionError, match=mismatch):
         train(base_args(synth, out, "--set", "model.dropout=0.3", "--resume", "auto"))
-    with pytest.raises(AssertionError, match=r"sampling.num_clips: checkpoint has 3, this run has 4"):
+    mismatch = r"sampling.num_clips: checkpoint has 3, this run has 4"
+    with pytest.raises(AssertionError, match=mismatch):
         run([sys.executable, "-m", "siasam_fast.cli", "eval", "--checkpoint", str(out),
              "--set", "sampling.num_clips=4"])
 
