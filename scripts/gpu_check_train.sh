@@ -1,0 +1,92 @@
+#!/usr/bin/env bash
+# One-shot GPU check of DeepSpeed training (issue 4, item 9), for a session with an H100 / H200.
+#
+# Needs DeepSpeed and PyAV on the machine (the H100 image lacks both): stage them here with
+# ../shared/tools/stage-gpu-wheels, carry the .stage folders, reassemble into /tmp/site, then
+#   PYTHONPATH=/tmp/site bash scripts/gpu_check_train.sh
+# What it checks, each printed as PASS / FAIL, with a table of summary.json numbers last:
+#   1. ZeRO-2 fp16 (dynamic loss scaling) + DeepSpeed FusedAdam, 300 steps: the loss falls, the
+#      loss scale moves, overflow steps are skipped, no NaN weights (the final eval is finite);
+#   2. the same in bf16;
+#   3. a checkpoint saved after 150 fp16 steps resumes and runs to 300;
+#   4. fp16 with the fused Triton siamese kernels (siamese.impl=triton);
+#   5. steps/s and peak GPU memory per ZeRO stage (0-3, fp16) on the ClipBERT-base-like config.
+# About 6-8 minutes on an H100 (FusedAdam's JIT build included).
+set -u
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/gpu_check_train}
+mkdir -p "$OUT"
+export PYTHONPATH="${PYTHONPATH:-}:$PWD" PYTHONUNBUFFERED=1
+PY=${PYTHON:-python3}
+# The launcher script may not be on PATH when DeepSpeed was installed with pip --target.
+read -r -a LAUNCH <<< "$(command -v deepspeed || echo "$PY -m deepspeed.launcher.runner")"
+DATA=data/gpu_synthetic
+
+if [ ! -f "$DATA/manifest.jsonl" ]; then
+  $PY -m siasam_fast.cli synth --out "$DATA" --videos 300 --seed 0 --size 64 --workers 8 \
+    > "$OUT/synth.log" 2>&1 || { echo "FAIL synth (see $OUT/synth.log)"; exit 1; }
+fi
+
+common=(--config configs/synthetic.yaml
+  --set "data.train=$DATA/annotations/train_qa.json" --set "data.val=$DATA/annotations/val_qa.json"
+  --set "data.test=" --set "data.manifest=$DATA/manifest.jsonl" --set data.num_workers=6
+  --set data.backend=pyav --set train.epochs=100 --set train.batch_size=16)
+
+run() {  # name, then train.py arguments
+  local name=$1; shift
+  if timeout 600 "${LAUNCH[@]}" --num_gpus 1 train.py "$@" > "$OUT/$name.log" 2>&1; then
+    echo "PASS $name"
+  else
+    echo "FAIL $name (exit $?, see $OUT/$name.log)"; tail -5 "$OUT/$name.log"
+  fi
+}
+
+run fp16_zero2 --deepspeed_config configs/ds/zero2_fp16.json "${common[@]}" \
+  --set train.max_steps=300 --set "train.out_dir=$OUT/fp16_zero2"
+run bf16_zero2 --deepspeed_config configs/ds/zero2_bf16.json "${common[@]}" \
+  --set train.max_steps=300 --set "train.out_dir=$OUT/bf16_zero2"
+run fp16_half --deepspeed_config configs/ds/zero2_fp16.json "${common[@]}" \
+  --set train.max_steps=150 --set "train.out_dir=$OUT/fp16_resume"
+run fp16_resume --deepspeed_config configs/ds/zero2_fp16.json "${common[@]}" \
+  --set train.max_steps=300 --set "train.out_dir=$OUT/fp16_resume" --resume auto
+run fp16_triton --deepspeed_config configs/ds/zero2_fp16.json "${common[@]}" \
+  --set train.max_steps=200 --set siamese.impl=triton --set "train.out_dir=$OUT/fp16_triton"
+for stage in 0 1 2 3; do
+  run "base_zero$stage" --deepspeed_config "configs/ds/zero${stage}_fp16.json" \
+    --config configs/clipbert_base.yaml --set "data.train=$DATA/annotations/train_qa.json" \
+    --set "data.val=" --set "data.test=" --set "data.manifest=$DATA/manifest.jsonl" \
+    --set data.backend=pyav --set data.num_workers=12 --set train.max_steps=40 \
+    --set "train.out_dir=$OUT/base_zero$stage"
+done
+
+$PY - "$OUT" <<'EOF'
+import csv, json, math, sys
+from pathlib import Path
+out = Path(sys.argv[1])
+rows = []
+for run in sorted(p for p in out.iterdir() if p.is_dir()):
+    steps_csv = run / "metrics_steps.csv"
+    if not steps_csv.is_file():
+        continue
+    steps = list(csv.DictReader(steps_csv.open()))
+    losses = [float(r["loss"]) for r in steps]
+    first, last = losses[:20], losses[-20:]
+    summary = json.loads((run / "summary.json").read_text()) if (run / "summary.json").is_file() else {}
+    rows.append({
+        "run": run.name, "steps": len(steps),
+        "loss first20": sum(first) / len(first), "loss last20": sum(last) / len(last),
+        "nan losses": sum(not math.isfinite(x) for x in losses),
+        "loss scale min/max": f"{min(float(r['loss_scale']) for r in steps):g}/"
+                              f"{max(float(r['loss_scale']) for r in steps):g}",
+        "skipped": steps[-1]["skipped_steps"],
+        "steps/s": summary.get("steps_per_s"), "peak GB": summary.get("peak_memory_gb"),
+        "zero": summary.get("zero_stage"), "precision": summary.get("precision"),
+        "optimizer": summary.get("optimizer"),
+    })
+    falls = rows[-1]["loss last20"] < rows[-1]["loss first20"]
+    print(("PASS" if falls and not rows[-1]["nan losses"] else "CHECK"), run.name,
+          "loss falls" if falls else "loss does not fall", flush=True)
+from siasam_fast.benchutil import environment, format_table, write_csv
+write_csv(rows, out / "train_check.csv", environment())
+print(format_table(rows))
+EOF
