@@ -74,6 +74,7 @@ from siasam_fast.pipeline.dataset import (
     collate_videos,
     example_fields,
     gather_clips,
+    plan_epochs,
 )
 from siasam_fast.pipeline.manifest import VideoRecord
 from siasam_fast.pipeline.pyav_decode import DEFAULT_SEEK_THRESHOLD
@@ -649,28 +650,11 @@ def build_dali_loader(
         num_threads = max(1, min(4, os.cpu_count() or 1))
     if num_threads < 1:
         raise ValueError(f"num_threads={num_threads}: must be >= 1")
-    dataset = VideoQADataset(
-        examples,
-        manifest,
-        sampling_cfg,
-        split=split,
-        image_size=image_size,
-        seed=seed,
-        dedup=dedup,
-        label_fn=label_fn,
-        dtype=dtype,
+    dataset, sampler = plan_epochs(
+        examples, manifest, sampling_cfg, split, seed=seed, rank=rank, world_size=world_size,
+        shuffle=shuffle, drop_last=drop_last, epoch=epoch, image_size=image_size, dedup=dedup,
+        label_fn=label_fn, dtype=dtype,
     )
-    sampler = ShardedSampler(
-        len(dataset),
-        seed=seed,
-        rank=rank,
-        world_size=world_size,
-        shuffle=dataset.training if shuffle is None else shuffle,
-        drop_last=drop_last,
-        with_epoch=True,
-    )
-    sampler.set_epoch(epoch)
-    dataset.set_epoch(epoch)
     return DALIVideoLoader(
         dataset,
         sampler,

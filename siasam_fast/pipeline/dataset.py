@@ -508,6 +508,38 @@ class VideoQALoader(DataLoader):
         self.dataset.set_epoch(self.sampler.epoch)
 
 
+def plan_epochs(
+    examples: Sequence[QAExample],
+    manifest: dict[str, VideoRecord],
+    sampling_cfg: SamplingConfig | dict,
+    split: str,
+    *,
+    seed: int,
+    rank: int,
+    world_size: int,
+    shuffle: bool | None,
+    drop_last: bool,
+    epoch: int,
+    **dataset_kwargs,
+) -> tuple[VideoQADataset, ShardedSampler]:
+    """The dataset (filtered examples, per-item plans) and this rank's sampler at ``epoch``: what
+    every backend shares before it decodes anything."""
+    dataset = VideoQADataset(examples, manifest, sampling_cfg, split=split, seed=seed,
+                             **dataset_kwargs)
+    sampler = ShardedSampler(
+        len(dataset),
+        seed=seed,
+        rank=rank,
+        world_size=world_size,
+        shuffle=dataset.training if shuffle is None else shuffle,
+        drop_last=drop_last,
+        with_epoch=True,
+    )
+    sampler.set_epoch(epoch)
+    dataset.set_epoch(epoch)
+    return dataset, sampler
+
+
 def build_loader(
     examples: Sequence[QAExample],
     manifest: dict[str, VideoRecord],
@@ -563,30 +595,12 @@ def build_loader(
         raise ValueError(f"batch_size={batch_size}: must be >= 1")
     if num_workers < 0:
         raise ValueError(f"num_workers={num_workers}: must be >= 0")
-    dataset = VideoQADataset(
-        examples,
-        manifest,
-        sampling_cfg,
-        split=split,
-        image_size=image_size,
-        seed=seed,
-        dedup=dedup,
-        label_fn=label_fn,
-        dtype=dtype,
-        seek_threshold=seek_threshold,
+    dataset, sampler = plan_epochs(
+        examples, manifest, sampling_cfg, split, seed=seed, rank=rank, world_size=world_size,
+        shuffle=shuffle, drop_last=drop_last, epoch=epoch, image_size=image_size, dedup=dedup,
+        label_fn=label_fn, dtype=dtype, seek_threshold=seek_threshold,
         decode_threads=decode_threads,
     )
-    sampler = ShardedSampler(
-        len(dataset),
-        seed=seed,
-        rank=rank,
-        world_size=world_size,
-        shuffle=dataset.training if shuffle is None else shuffle,
-        drop_last=drop_last,
-        with_epoch=True,
-    )
-    sampler.set_epoch(epoch)
-    dataset.set_epoch(epoch)
     if pin_memory is None:
         pin_memory = torch.cuda.is_available()
     extra = {}

@@ -28,21 +28,21 @@ videos probed so far and the next run resumes from them.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
-import multiprocessing
 import os
 import tempfile
 import time
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
-from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
-from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass, field, fields
 from fractions import Fraction
 from pathlib import Path
 
 from tqdm.auto import tqdm
+
+from siasam_fast.pipeline.workpool import imap_isolated
 
 logger = logging.getLogger(__name__)
 
@@ -468,60 +468,12 @@ def _probe_all(
     paths: list[Path], video_dir: Path, mode: str, workers: int
 ) -> Iterator[VideoRecord]:
     """Records in completion order. A file that kills its worker process is marked corrupt."""
-    if workers <= 1 or len(paths) <= 1:
-        for path in paths:
-            yield probe_video(path, video_dir, mode)
-        return
-    # spawn: the parent may hold torch / CUDA state that must not be forked.
-    context = multiprocessing.get_context("spawn")
-    crashed: list[Path] = []
-    with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
-        # Bounded in-flight work keeps the progress bar honest and memory flat.
-        pending: dict = {}
-        queue = iter(paths)
-        for path in _take(queue, 4 * workers):
-            pending[pool.submit(probe_video, path, video_dir, mode)] = path
-        while pending:
-            done, _ = wait(pending, return_when=FIRST_COMPLETED)
-            for future in done:
-                path = pending.pop(future)
-                try:
-                    yield future.result()
-                except BrokenProcessPool:
-                    crashed.append(path)
-                    continue
-                if not crashed:
-                    for nxt in _take(queue, 1):
-                        pending[pool.submit(probe_video, nxt, video_dir, mode)] = nxt
-        crashed += list(queue)
-    # The pool died (a decoder crashed a worker): probe the rest one per process, so only the
-    # file that crashes is marked corrupt.
-    for path in crashed:
-        yield _probe_isolated(path, video_dir, mode, context)
+    probe = functools.partial(probe_video, video_dir=video_dir, mode=mode)
+    crashed = functools.partial(_crashed_record, video_dir=video_dir, mode=mode)
+    yield from imap_isolated(probe, paths, workers, on_crash=crashed, in_flight_per_worker=4)
 
 
-def _take(iterator: Iterator, n: int) -> list:
-    out = []
-    for item in iterator:
-        out.append(item)
-        if len(out) == n:
-            break
-    return out
-
-
-def _probe_isolated(path: Path, video_dir: Path, mode: str, context) -> VideoRecord:
-    with ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
-        try:
-            pool.submit(os.getpid).result()
-        except BrokenProcessPool as err:
-            raise RuntimeError(
-                "the probing processes die before probing anything (is the main module "
-                "importable by a spawned process?); build the manifest with workers=1"
-            ) from err
-        try:
-            return pool.submit(probe_video, path, video_dir, mode).result()
-        except BrokenProcessPool:
-            pass
+def _crashed_record(path: Path, video_dir: Path, mode: str) -> VideoRecord:
     relpath = path.relative_to(video_dir).as_posix()
     st = path.stat()
     return VideoRecord(

@@ -37,12 +37,9 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import multiprocessing
 import os
 import time
 from collections.abc import Iterator, Sequence
-from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
-from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
@@ -58,6 +55,7 @@ from siasam_fast.pipeline.manifest import (
     probe_video,
     write_manifest,
 )
+from siasam_fast.pipeline.workpool import imap_isolated
 
 logger = logging.getLogger(__name__)
 
@@ -577,48 +575,12 @@ def _complete(old: VideoRecord | None, dst: Path, src: VideoRecord) -> VideoReco
 
 def _run_all(jobs: list[_Job], workers: int) -> Iterator[TranscodeResult]:
     """Results in completion order; a video that kills its process fails alone."""
-    if workers <= 1 or len(jobs) <= 1:
-        for job in jobs:
-            yield _transcode_one(job)
-        return
-    # spawn: the parent may hold torch / CUDA state that must not be forked.
-    context = multiprocessing.get_context("spawn")
-    crashed: list[_Job] = []
-    queue = iter(jobs)
-    with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
-        pending = {pool.submit(_transcode_one, job): job for job in _take(queue, 2 * workers)}
-        while pending:
-            done, _ = wait(pending, return_when=FIRST_COMPLETED)
-            for future in done:
-                job = pending.pop(future)
-                try:
-                    yield future.result()
-                except BrokenProcessPool:
-                    crashed.append(job)
-                    continue
-                if not crashed:
-                    for nxt in _take(queue, 1):
-                        pending[pool.submit(_transcode_one, nxt)] = nxt
-    crashed += list(queue)
-    # The pool died (an encoder or decoder crashed a process): one process per remaining video.
-    for job in crashed:
-        with ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
-            try:
-                yield pool.submit(_transcode_one, job).result()
-                continue
-            except BrokenProcessPool:
-                pass
-        temp_path(Path(job.dst)).unlink(missing_ok=True)
-        yield TranscodeResult(job.video_id, "", "failed", "transcoder crashed on this video")
+    yield from imap_isolated(_transcode_one, jobs, workers, on_crash=_crashed)
 
 
-def _take(iterator: Iterator, n: int) -> list:
-    out = []
-    for item in iterator:
-        out.append(item)
-        if len(out) == n:
-            break
-    return out
+def _crashed(job: _Job) -> TranscodeResult:
+    temp_path(Path(job.dst)).unlink(missing_ok=True)
+    return TranscodeResult(job.video_id, "", "failed", "transcoder crashed on this video")
 
 
 # ----------------------------------------------------------------------------------------------

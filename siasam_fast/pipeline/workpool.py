@@ -1,0 +1,72 @@
+"""A crash-tolerant process pool for per-video work (probing, transcoding).
+
+Video decoders and encoders can kill the process they run in on a bad file. ``imap_isolated`` runs
+a function over items in spawned processes with bounded in-flight work (progress bars stay honest,
+memory flat) and yields results in completion order; when a worker dies, the pool is abandoned and
+the remaining items run one per fresh process, so only the item that crashes fails.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
+
+
+def imap_isolated(fn: Callable, items: Iterable, workers: int, on_crash: Callable,
+                  in_flight_per_worker: int = 2) -> Iterator:
+    """``fn(item)`` for every item, in completion order; ``on_crash(item)`` for an item whose
+    process died. ``fn`` must be picklable (a module-level function)."""
+    items = list(items)
+    if workers <= 1 or len(items) <= 1:
+        yield from map(fn, items)
+        return
+    # spawn: the parent may hold torch / CUDA state that must not be forked.
+    context = multiprocessing.get_context("spawn")
+    crashed: list = []
+    queue = iter(items)
+    with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
+        pending = {pool.submit(fn, item): item for item in _take(queue, in_flight_per_worker
+                                                                 * workers)}
+        while pending:
+            done, _ = wait(pending, return_when=FIRST_COMPLETED)
+            for future in done:
+                item = pending.pop(future)
+                try:
+                    yield future.result()
+                except BrokenProcessPool:
+                    crashed.append(item)
+                    continue
+                if not crashed:
+                    for nxt in _take(queue, 1):
+                        pending[pool.submit(fn, nxt)] = nxt
+        crashed += list(queue)
+    for item in crashed:
+        yield _run_alone(fn, item, on_crash, context)
+
+
+def _run_alone(fn: Callable, item, on_crash: Callable, context):
+    with ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
+        try:
+            pool.submit(os.getpid).result()
+        except BrokenProcessPool as err:
+            raise RuntimeError(
+                "worker processes die before doing any work (is the main module importable by "
+                "a spawned process? run with workers=1)"
+            ) from err
+        try:
+            return pool.submit(fn, item).result()
+        except BrokenProcessPool:
+            pass
+    return on_crash(item)
+
+
+def _take(iterator: Iterator, n: int) -> list:
+    out = []
+    for item in iterator:
+        out.append(item)
+        if len(out) == n:
+            break
+    return out

@@ -1,0 +1,22 @@
+"""The crash-tolerant pool behind probing and transcoding: only the item that kills its process
+fails, every other item still yields its result."""
+
+import os
+
+from siasam_fast.pipeline.workpool import imap_isolated
+
+
+def square_or_die(x: int) -> int:
+    if x == 3:
+        os._exit(13)  # what a decoder segfault looks like to the pool
+    return x * x
+
+
+def test_a_crashing_item_fails_alone():
+    out = list(imap_isolated(square_or_die, range(8), workers=2, on_crash=lambda x: ("crash", x)))
+    assert sorted(o for o in out if isinstance(o, int)) == [x * x for x in range(8) if x != 3]
+    assert [o for o in out if not isinstance(o, int)] == [("crash", 3)]
+
+
+def test_serial_when_one_worker():
+    assert list(imap_isolated(abs, [-1, -2], workers=1, on_crash=None)) == [1, 2]
