@@ -277,6 +277,17 @@ def device_memory_in_use() -> int:
     return total - free
 
 
+def bench_examples(records: dict, min_videos: int) -> list[QAExample]:
+    """One question per ok video, repeated in whole passes until there are ``min_videos``."""
+    ok = [vid for vid, r in sorted(records.items()) if r.ok]
+    repeats = max(1, -(-min_videos // len(ok)))
+    return [
+        QAExample(qid=f"{vid}#{k}", video_id=vid, question="what happens?")
+        for k in range(repeats)
+        for vid in ok
+    ]
+
+
 def measure(
     backend: Backend,
     records: dict,
@@ -291,13 +302,7 @@ def measure(
 ) -> dict:
     """One epoch of ``min_videos`` (rounded up to whole passes over the set), or what fits in
     ``max_seconds``. ``steady_videos_per_s`` leaves out the first batch (start-up)."""
-    ok = [vid for vid, r in sorted(records.items()) if r.ok]
-    repeats = max(1, -(-min_videos // len(ok)))
-    examples = [
-        QAExample(qid=f"{vid}#{k}", video_id=vid, question="what happens?")
-        for k in range(repeats)
-        for vid in ok
-    ]
+    examples = bench_examples(records, min_videos)
     cuda = torch.cuda.is_available()
     if cuda:
         torch.cuda.synchronize()

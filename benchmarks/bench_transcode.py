@@ -44,10 +44,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_pipeline, when imported
 
-from bench_pipeline import VideoSet, prepare_set  # noqa: E402 - the generator, not a copy
+from bench_pipeline import VideoSet, bench_examples, prepare_set  # noqa: E402 - not a copy
 
 from siasam_fast.benchutil import environment, format_table, results_path, write_csv  # noqa: E402
-from siasam_fast.data.examples import QAExample  # noqa: E402
 from siasam_fast.pipeline.dataset import build_loader  # noqa: E402
 from siasam_fast.pipeline.manifest import load_manifest  # noqa: E402
 from siasam_fast.pipeline.planner import decode_cost, sampling_cost  # noqa: E402
@@ -124,13 +123,7 @@ def dali_loader_factory():
 def loader_rate(make_loader, records: dict, cfg: SamplingConfig, *, workers: int,
                 batch_size: int, image_size: int, min_videos: int, seed: int = 0) -> dict:
     """Videos/s over one training epoch of ``min_videos`` or more examples (start-up included)."""
-    ok = [vid for vid, r in sorted(records.items()) if r.ok]
-    repeats = max(1, -(-min_videos // len(ok)))
-    examples = [
-        QAExample(qid=f"{vid}#{k}", video_id=vid, question="what happens?")
-        for k in range(repeats)
-        for vid in ok
-    ]
+    examples = bench_examples(records, min_videos)
     loader = make_loader(examples, records, cfg, "train", batch_size=batch_size,
                          image_size=image_size, num_workers=workers, seed=seed)
     videos = 0
