@@ -1,0 +1,1006 @@
+"""Training throughput: a plain PyTorch baseline against the siasam-fast stack, one table (issue 6).
+
+    python benchmarks/bench_train.py --config configs/clipbert_base.yaml --steps 8      # a GPU
+    python benchmarks/bench_train.py --config configs/bench_tiny.yaml --steps 2        # CPU check
+    python benchmarks/bench_train.py --list                                            # variants
+
+The same model (``model.*`` of the config, randomly initialised), the same data (the config's
+train split, in the same order: one seed, one sampler) and the same recipe (AdamW, warm-up then
+linear decay, gradient clipping, L = alpha * L_siamese + L_gt of eq. 8) are trained for ``--steps``
+steps after ``--warmup`` untimed ones, under each variant:
+
+(a) baselines, plain PyTorch on one device without DeepSpeed:
+    ``baseline-fp32``  PyAV DataLoader with ``dedup=False`` (every clip's frames decoded on their
+                       own); the V videos x N clips of a batch reshaped into V*N one-clip
+                       pseudo-videos, so every clip's frames go through the CNN separately and the
+                       question is tokenised and embedded once per clip (model.py unchanged: the
+                       outputs are reshaped back to [V, N, ...] for the loss); the eager reference
+                       siamese loss; torch AdamW; fp32.
+    ``baseline-amp``   the same under torch.amp: fp16 autocast + GradScaler on CUDA, bf16 autocast
+                       on CPU.
+(b) siasam-fast:
+    ``fast-fp16``      DALI (NVDEC) loader, frames de-duplicated (each unique frame decoded and
+    ``fast-bf16``      encoded once), the question embedded once per video, the fused Triton
+                       siamese kernels, DeepSpeed ZeRO (``--zero-stage``, 2 by default) in fp16
+                       (dynamic loss scaling) or bf16, DeepSpeed FusedAdam.
+(c) one optimisation at a time, each added alone to ``baseline-amp`` (named ``amp-<what>``):
+    ``amp-question-once``  the model's own forward on each video (dedup still off, so the CNN still
+                           sees all N*B clip frames): the question is embedded once per video;
+    ``amp-dedup``          frames decoded once and encoded once (the model's de-duplicated
+                           forward, which also embeds the question once: model.py does both in one
+                           forward, so dedup minus question-once is the CNN's share);
+    ``amp-triton``         the fused Triton siamese kernels instead of the eager reference;
+    ``amp-fused-adam``     DeepSpeed FusedAdam instead of torch AdamW (foreach);
+    ``amp-deepspeed``      the DeepSpeed engine, ZeRO stage ``--zero-stage``, with its own mixed
+                           precision (fp16 + dynamic loss scaling on CUDA, bf16 on CPU) instead of
+                           torch.amp;
+    ``amp-dali``           the DALI loader (NVDEC), still without de-duplication.
+    Why added to the baseline rather than removed from siasam-fast: each row then differs from one
+    measured row (``base``) by exactly one thing, and a gain shows even when another part of the
+    stack is the bottleneck (removed from the fast stack, an optimisation that does not touch the
+    current bottleneck reads as zero). ``baseline-fp32`` -> ``baseline-amp`` is the mixed-precision
+    toggle; ``fast-*`` against ``baseline-amp`` is everything together.
+
+What a machine cannot run is reported, never dropped: a toggle whose subject is missing (Triton,
+FusedAdam, DALI on CPU, fp16 without CUDA, bf16 on V100) is a ``skipped`` row with the reason;
+the siasam-fast rows substitute what is missing (pyav for DALI, the reference for Triton, torch
+AdamW for FusedAdam) and say so in ``notes``. DALI's CPU decoder reads VP8 / VP9 / MJPEG, not
+the H.264 of the synthetic set, so DALI is a GPU-only option here.
+
+Columns (one row per variant; ``benchmarks/results/bench_train_<device>_<config>.csv``, with the
+device, library versions and config in every row, plus a .md table, a .png and a .json with the
+full config):
+
+- ``videos_per_s``, ``clips_per_s`` (= videos x N), ``step_ms``: from a pass of ``--steps`` steps
+  with no synchronisation other than what the stack does itself (GradScaler and DeepSpeed's fp16
+  overflow checks read a flag each step), closed by one device sync. These are the throughput.
+- ``step_ms_synced`` = ``data_ms + forward_ms + backward_ms + optimizer_ms``: means over a second
+  pass of ``--steps`` steps that synchronises the device between phases (timing mode). data: waiting
+  for the loader, tokenising, the host-to-device copy (and the pseudo-video reshape of the
+  baseline); forward: model + loss; backward; optimizer: clipping, unscaling, step, schedule.
+  ``data_wait_ms_nosync`` is the host's wait for data in the unsynchronised pass: where it is well
+  above zero the loader starves the GPU.
+- ``peak_gpu_mem_gb``: ``torch.cuda.max_memory_allocated`` over the run (model, optimizer, the
+  steps; DALI's own pool is not torch's and is not counted); ``n/a`` on CPU. ``peak_host_rss_gb``:
+  the process's peak resident memory (cumulative when variants share one process).
+- ``tflop_per_step``: the forward and backward FLOPs of one step of this variant, counted with
+  ``torch.utils.flop_counter.FlopCounterMode`` on one extra step after the timing (matrix products,
+  convolutions, attention; the siamese loss and elementwise work are not counted, they are
+  negligible here). De-duplication lowers it: fewer frames go through the CNN.
+  ``frames_encoded_per_video``: frames through the CNN per video (N*B without de-duplication).
+- ``mfu`` = tflop_per_step / step time / the card's dense fp16/bf16 tensor-core peak
+  (``PEAK_TFLOPS``, from NVIDIA's datasheets, sparsity excluded; the same peak for every variant, so
+  fp32 rows show how far plain fp32 is from it); ``n/a`` on CPU or an unknown GPU.
+- ``speedup_vs_baseline_fp32`` and ``speedup_vs_base`` (``base``: the row it differs from).
+- ``skipped_steps``: optimizer steps skipped by the fp16 loss scaler during the timed passes (they
+  make the optimizer look cheaper), ``final_loss`` a sanity check.
+
+Caveats. The loader runs ahead of the model: up to ``num_workers x prefetch_factor`` batches (pyav)
+may be ready when timing starts, so a short run understates a data-bound loader; raise ``--steps``
+to see the steady state (``data_wait_ms_nosync`` then grows). BatchNorm sees duplicated frames in
+the baseline and unique frames with de-duplication, so the two compute the same function in
+evaluation mode (tests check it) and slightly different batch statistics in training.
+
+Variants run one after the other: in-process on CPU, each in its own subprocess on CUDA
+(``--isolate``): DeepSpeed, DALI's reader processes and the CUDA caching allocator then start clean
+for every variant, its memory peak is its own, and a crash or out-of-memory ends that row only.
+``--profile [VARIANT ...]`` writes a torch.profiler chrome trace of ``--profile-steps`` extra steps
+per profiled variant (all when no name is given) under ``<out>/traces/`` (``--profile-gzip``:
+.json.gz, for large GPU traces); the phases are labelled ``data``, ``forward``, ``backward``,
+``optimizer``.
+
+When the config's manifest or train annotations are missing, a synthetic set is generated at the
+config's image size (``siasam_fast.data.synthetic``, ``--num-videos`` videos) into the manifest's
+folder, which must then be laid out as the generator writes it
+(``<dir>/annotations/train_qa.json``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import gc
+import json
+import logging
+import math
+import os
+import resource
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+
+try:  # siasam_fast.training imports DeepSpeed (and chooses its CPU accelerator when no GPU)
+    from siasam_fast import ds_config
+    from siasam_fast.benchutil import (
+        RESULTS_DIR,
+        environment,
+        format_table,
+        markdown_table,
+        write_csv,
+    )
+    from siasam_fast.config import Config, load_config
+    from siasam_fast.losses import total_loss
+    from siasam_fast.model import load_tokenizer
+    from siasam_fast.pipeline.dataset import gather_clips
+    from siasam_fast.pipeline.loaders import dali_available
+    from siasam_fast.training import (
+        TextEncoder,
+        build_model,
+        build_optimizer,
+        init_distributed,
+        load_data,
+        make_loader,
+        match_buffer_dtypes,
+        seed_everything,
+        to_device,
+        warmup_linear_decay,
+    )
+except ImportError as _err:  # pragma: no cover - an install problem, said plainly
+    raise SystemExit(f"bench_train.py needs siasam-fast and its dependencies importable "
+                     f"(DeepSpeed included: siasam_fast.training imports it): {_err}") from _err
+
+# ------------------------------------------------------------------------------------------------
+# Variants
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One way of training the same model on the same data."""
+
+    name: str
+    group: str  # "baseline" | "siasam-fast" | "toggle"
+    description: str
+    base: str = ""  # the measured row this one differs from
+    loader: str = "pyav"  # "pyav" | "dali"
+    dedup: bool = False  # unique frames decoded and encoded once
+    question_once: bool = False  # False: V*N one-clip pseudo-videos (question per clip)
+    siamese_impl: str = "reference"  # "reference" (eager) | "triton" (fused kernels)
+    engine: str = "torch"  # "torch" (plain loop) | "deepspeed" (ZeRO engine)
+    precision: str = "fp32"  # "fp32" | "amp" (torch.amp, or DeepSpeed's fp16 / bf16) | fp16 | bf16
+    optimizer: str = "torch"  # "torch" (AdamW) | "fused" (DeepSpeed FusedAdam)
+
+    def __post_init__(self) -> None:
+        if self.dedup and not self.question_once:
+            raise ValueError(f"variant {self.name}: dedup=True needs question_once=True (the "
+                             "model's de-duplicated forward embeds the question once per video)")
+
+
+_AMP = dict(precision="amp", base="baseline-amp")
+_FAST = dict(loader="dali", dedup=True, question_once=True, siamese_impl="triton",
+             engine="deepspeed", optimizer="fused", base="baseline-amp")
+VARIANTS: tuple[Variant, ...] = (
+    Variant("baseline-fp32", "baseline",
+            "plain PyTorch: pyav, no dedup, question per clip, eager loss, AdamW, fp32"),
+    Variant("baseline-amp", "baseline", "baseline-fp32 under torch.amp (fp16 + GradScaler on "
+            "CUDA, bf16 autocast on CPU)", precision="amp", base="baseline-fp32"),
+    Variant("fast-fp16", "siasam-fast", "DALI, dedup, question once, Triton loss, DeepSpeed ZeRO "
+            "fp16, FusedAdam", precision="fp16", **_FAST),
+    Variant("fast-bf16", "siasam-fast", "DALI, dedup, question once, Triton loss, DeepSpeed ZeRO "
+            "bf16, FusedAdam", precision="bf16", **_FAST),
+    Variant("amp-question-once", "toggle", "baseline-amp + question embedded once per video "
+            "(the model's forward; CNN still on all N*B clip frames)", question_once=True, **_AMP),
+    Variant("amp-dedup", "toggle", "baseline-amp + frames decoded and encoded once (the model's "
+            "de-duplicated forward: question once too)", dedup=True, question_once=True, **_AMP),
+    Variant("amp-triton", "toggle", "baseline-amp + fused Triton siamese kernels",
+            siamese_impl="triton", **_AMP),
+    Variant("amp-fused-adam", "toggle", "baseline-amp + DeepSpeed FusedAdam", optimizer="fused",
+            **_AMP),
+    Variant("amp-deepspeed", "toggle", "baseline-amp + DeepSpeed ZeRO engine (its fp16 / bf16 "
+            "instead of torch.amp)", engine="deepspeed", **_AMP),
+    Variant("amp-dali", "toggle", "baseline-amp + DALI (NVDEC) loader, no dedup", loader="dali",
+            **_AMP),
+)
+BY_NAME = {v.name: v for v in VARIANTS}
+
+# Dense fp16 / bf16 tensor-core peaks in TFLOP/s (NVIDIA datasheets: H100 SXM5 989.4 (1,979 with
+# sparsity), H100 PCIe 756, H100 NVL 835, H200 989, A100 312, V100 SXM2 125 / PCIe 112 / V100S 130,
+# L40S 362, A10 / A10G 125, L4 121). Matched in order against torch.cuda.get_device_name(): the
+# H100 SXM reports itself as "NVIDIA H100 80GB HBM3". HARDWARE.md: about 800 TFLOP/s measured for
+# a large bf16 matrix product on this project's H100, i.e. 81% of the datasheet number.
+PEAK_TFLOPS: tuple[tuple[str, float], ...] = (
+    ("GH200", 989.4), ("H200", 989.4), ("H100 PCIe", 756.0), ("H100 NVL", 835.0),
+    ("H100", 989.4), ("H800", 989.4), ("A100", 312.0), ("A800", 312.0), ("V100S", 130.0),
+    ("V100-PCIE", 112.0), ("V100", 125.0), ("L40S", 362.0), ("A10G", 125.0), ("A10", 125.0),
+    ("L4", 121.0),
+)
+PEAK_SOURCE = "NVIDIA datasheet, dense fp16/bf16 tensor core"
+
+
+def peak_tflops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, value in PEAK_TFLOPS:
+        if key in name:
+            return value
+    return None
+
+
+# ------------------------------------------------------------------------------------------------
+# A variant resolved for this machine
+
+
+@dataclass
+class Plan:
+    """What a variant runs here (substitutions in ``notes``), or why it cannot (``skip``)."""
+
+    variant: Variant
+    loader: str
+    siamese_impl: str
+    engine: str
+    precision: str  # fp32 | amp-fp16 | amp-bf16 (torch.amp) | fp16 | bf16 (DeepSpeed)
+    optimizer: str  # torch | fused
+    zero_stage: int
+    notes: list[str] = field(default_factory=list)
+    skip: str = ""
+
+
+def resolve(variant: Variant, device: torch.device, zero_stage: int) -> Plan:
+    cuda = device.type == "cuda"
+    plan = Plan(variant, variant.loader, variant.siamese_impl, variant.engine, variant.precision,
+                variant.optimizer, zero_stage)
+    toggle = variant.group == "toggle"
+
+    def missing(what: str, reason: str, fallback: str) -> str:
+        if toggle:
+            plan.skip = plan.skip or reason
+        else:
+            plan.notes.append(f"{fallback} instead of {what}: {reason}")
+        return fallback
+
+    if variant.loader == "dali":
+        reason = ""
+        if not cuda:
+            reason = ("DALI decodes H.264 on NVDEC only (its CPU decoder reads VP8/VP9/MJPEG, the "
+                      "synthetic set is H.264)")
+        elif not dali_available():
+            reason = "nvidia-dali is not installed"
+        if reason:
+            plan.loader = missing("DALI", reason, "pyav")
+    if variant.siamese_impl == "triton" and not cuda:
+        plan.siamese_impl = missing("Triton", "the fused Triton kernels need CUDA (the Triton "
+                                    "interpreter runs them on CPU, but that is no speed)",
+                                    "reference")
+    if variant.optimizer == "fused" and not cuda:
+        plan.optimizer = missing("FusedAdam", "DeepSpeed FusedAdam needs CUDA", "torch")
+    if variant.precision == "amp":
+        if variant.engine == "torch":
+            plan.precision = "amp-fp16" if cuda else "amp-bf16"
+        else:  # DeepSpeed's mixed precision in the same 16-bit type as torch.amp's
+            plan.precision = "fp16" if cuda else "bf16"
+    if plan.engine == "deepspeed" and plan.precision == "fp16" and not cuda:
+        plan.skip = plan.skip or "fp16 needs a CUDA GPU (DeepSpeed refuses it on CPU)"
+    if plan.precision in ("bf16", "amp-bf16") and cuda and not torch.cuda.is_bf16_supported():
+        plan.skip = plan.skip or f"{torch.cuda.get_device_name()} has no bf16 (e.g. V100)"
+    return plan
+
+
+# ------------------------------------------------------------------------------------------------
+# Data
+
+
+def ensure_data(cfg: Config, num_videos: int) -> None:
+    """Generate the config's synthetic set (at its image size) when its files are missing."""
+    manifest, train = Path(cfg.data.manifest), Path(cfg.data.train)
+    if not cfg.data.manifest or not cfg.data.train:
+        raise ValueError("the config needs data.train and data.manifest (see configs/"
+                         "bench_tiny.yaml)")
+    if manifest.is_file() and train.is_file():
+        return
+    root = manifest.parent
+    if train.resolve() != (root / "annotations" / "train_qa.json").resolve():
+        raise FileNotFoundError(
+            f"data.manifest={str(manifest)!r} or data.train={str(train)!r} is missing, and they "
+            f"are not laid out as the synthetic generator writes them ({root}/manifest.jsonl and "
+            f"{root}/annotations/train_qa.json), so the benchmark cannot generate them")
+    from siasam_fast.data.synthetic import generate
+    from siasam_fast.pipeline.manifest import build_manifest
+
+    t0 = time.perf_counter()
+    print(f"generating {num_videos} synthetic videos at {cfg.data.image_size} px into {root} ...",
+          flush=True)
+    generate(root, num_videos, seed=0, size=cfg.data.image_size, progress=False)
+    # Our own fresh files: indexing the packets is enough (no full-decode probe).
+    build_manifest(root / "videos", manifest, workers=0, mode="demux", progress=False)
+    print(f"generated in {time.perf_counter() - t0:.1f} s", flush=True)
+
+
+def fit_workers_to_shm(cfg: Config, plan: Plan, notes: list[str]) -> int:
+    """PyAV workers hand batches over in /dev/shm (prefetch_factor 2 each): fewer workers when
+    it cannot hold that (containers often give it 64 MB)."""
+    workers = cfg.data.num_workers
+    if plan.loader != "pyav" or workers <= 1 or not os.path.isdir("/dev/shm"):
+        return workers
+    st = os.statvfs("/dev/shm")
+    free = st.f_bavail * st.f_frsize
+    s = cfg.sampling
+    frames = s.num_clips * (max(s.frames_per_clip) if isinstance(s.frames_per_clip, tuple)
+                            else s.frames_per_clip)
+    batch = cfg.train.batch_size * frames * 3 * cfg.data.image_size ** 2 * 4
+    fit = max(1, int(0.5 * free // (2 * batch)))
+    if fit < workers:
+        notes.append(f"{fit} loader workers instead of {workers}: /dev/shm has "
+                     f"{free / 2**30:.1f} GiB free")
+        return fit
+    return workers
+
+
+def endless(loader, batch_size: int):
+    """Full batches forever (epochs wrap around; a short last batch is dropped)."""
+    epoch = 0
+    while True:
+        loader.set_epoch(epoch)
+        for batch in loader:
+            if len(batch["example_index"]) == batch_size:
+                yield batch
+        epoch += 1
+
+
+def single_clip_videos(batch: dict, text: TextEncoder) -> dict:
+    """The plain baseline's view of a batch decoded without de-duplication: V videos x N clips ->
+    V*N one-clip pseudo-videos, each with its own B frames and its own tokenised copy of the
+    question, in the batch contract the model reads (so model.py stays as it is)."""
+    frames, clip_index, frame_mask = batch["frames"], batch["clip_index"], batch["frame_mask"]
+    V, N, B = clip_index.shape
+    in_order = torch.arange(N * B).view(1, N, B).expand(V, N, B)
+    if frames.shape[1] == N * B and torch.equal(clip_index.cpu(), in_order):
+        clips = frames.reshape(V * N, B, *frames.shape[2:])  # clip n: U slots nB .. nB+B-1
+    else:  # B varies between videos, or a de-duplicated batch: gather (zeros at padding)
+        clips = gather_clips(frames, clip_index.to(frames.device),
+                             frame_mask.to(frames.device)).flatten(0, 1)
+    tokens = text({"question": [q for q in batch["question"] for _ in range(N)],
+                   "candidates": [c for c in batch["candidates"] for _ in range(N)]})
+    return {
+        "frames": clips,
+        "num_unique": frame_mask.reshape(V * N, B).sum(1),  # padding is a tail: never encoded
+        "clip_index": torch.arange(B).repeat(V * N, 1).view(V * N, 1, B),
+        "frame_mask": frame_mask.reshape(V * N, 1, B),
+        "clip_mask": batch["clip_mask"].reshape(V * N, 1),
+        **tokens,
+    }
+
+
+def per_video_outputs(outputs: dict, V: int, N: int) -> dict:
+    """Pseudo-video outputs [V*N, 1, ...] back to [V, N, ...] for the loss."""
+    return {k: v.reshape(V, N, *v.shape[2:]) for k, v in outputs.items()}
+
+
+LOSS_KEYS = ("clip_mask", "label", "answer_index", "count")
+MIN_ISOLATED_S = 30  # an isolated variant needs this much at least (start, imports, model build)
+
+# ------------------------------------------------------------------------------------------------
+# One variant's training step, in phases
+
+
+class Trainer:
+    """The model, optimizer and the four phases of a step for one plan."""
+
+    def __init__(self, plan: Plan, cfg: Config, data, tokenizer, device: torch.device,
+                 total_steps: int):
+        self.plan, self.cfg, self.device = plan, copy.deepcopy(cfg), device
+        cfg = self.cfg
+        cfg.siamese.impl = plan.siamese_impl
+        self.text = TextEncoder(tokenizer, cfg.task, cfg.data.max_question_len)
+        seed_everything(cfg.train.seed, 0)  # same initial weights in every variant
+        model = build_model(cfg, len(data.ans2label), len(tokenizer)).to(device)
+        self.num_params = sum(p.numel() for p in model.parameters())
+        optimizer, self.optimizer_name = self._optimizer(model, device)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, warmup_linear_decay(total_steps, cfg.train.warmup_ratio))
+        self.autocast = contextlib.nullcontext
+        self.scaler = None
+        if plan.engine == "deepspeed":
+            import deepspeed
+
+            init_distributed()
+            ds = ds_config.load_ds_config(None, plan.precision, stage=plan.zero_stage)
+            ds = ds_config.finalize(ds, cfg.train.batch_size, cfg.train.grad_clip, 1)
+            engine, optimizer, _, scheduler = deepspeed.initialize(
+                model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds)
+            match_buffer_dtypes(engine.module)
+            self.model, self.module = engine, engine.module
+            self.dtype = {"fp16": torch.float16, "bf16": torch.bfloat16,
+                          "fp32": torch.float32}[plan.precision]
+        else:
+            self.model = self.module = model
+            self.dtype = torch.float32
+            if plan.precision.startswith("amp-"):
+                amp_dtype = torch.float16 if plan.precision == "amp-fp16" else torch.bfloat16
+                self.autocast = lambda: torch.autocast(device.type, dtype=amp_dtype)
+                if amp_dtype == torch.float16:
+                    self.scaler = torch.amp.GradScaler(device.type)
+        self.optimizer, self.scheduler = optimizer, scheduler
+        self.params = [p for p in model.parameters() if p.requires_grad]
+
+    def _optimizer(self, model, device):
+        cfg = self.cfg
+        if self.plan.optimizer == "fused":
+            cfg.train.optimizer = "deepspeed"
+            try:
+                return build_optimizer(model, cfg, device)
+            except Exception as err:  # noqa: BLE001 - a JIT build can fail many ways
+                first = str(err).strip().splitlines()[0] if str(err).strip() else repr(err)
+                self.plan.notes.append(f"torch AdamW(fused=True) instead of DeepSpeed FusedAdam, "
+                                       f"which did not load: {first[:200]}")
+                cfg.train.optimizer = "torch"
+                plain, _ = build_optimizer(model, cfg, device)
+                groups = [{"params": g["params"], "weight_decay": g["weight_decay"]}
+                          for g in plain.param_groups]
+                return torch.optim.AdamW(groups, lr=cfg.train.lr, fused=True), \
+                    "torch AdamW (fused)"
+        cfg.train.optimizer = "torch"
+        optimizer, name = build_optimizer(model, cfg, device)
+        return optimizer, name + (" (foreach)" if device.type == "cuda" else "")
+
+    # -- phases ----------------------------------------------------------------------------------
+
+    def prepare(self, raw: dict) -> tuple[dict, dict, int]:
+        """Tokenise, reshape (baseline), copy to the device: (model batch, loss batch, frames
+        through the CNN)."""
+        encoded = int(raw["num_unique"].sum())
+        if self.plan.variant.question_once:
+            raw.update(self.text(raw))
+            batch = to_device(raw, self.device, self.dtype)
+            return batch, batch, encoded
+        single = to_device(single_clip_videos(raw, self.text), self.device, self.dtype)
+        targets = to_device({k: raw[k] for k in LOSS_KEYS}, self.device, self.dtype)
+        return single, targets, encoded
+
+    def forward(self, batch: dict, targets: dict) -> tuple[torch.Tensor, dict]:
+        with self.autocast():
+            outputs = self.model(batch)
+            if batch is not targets:  # pseudo-videos: back to [V, N, ...]
+                outputs = per_video_outputs(outputs, *targets["clip_mask"].shape)
+            return total_loss(outputs, targets, self.cfg.task, self.cfg.siamese,
+                              self.module.reasoning)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        if self.plan.engine == "deepspeed":
+            self.model.backward(loss)
+        elif self.scaler is not None:
+            self.scaler.scale(loss).backward()
+        else:
+            loss.backward()
+
+    def step(self) -> None:
+        if self.plan.engine == "deepspeed":
+            self.model.step()  # clipping, loss scaling, schedule, zero_grad
+            return
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        torch.nn.utils.clip_grad_norm_(self.params, self.cfg.train.grad_clip)
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def skipped_steps(self) -> float:
+        """Optimizer steps skipped by loss scaling so far (a counter or the scale's halvings)."""
+        if self.plan.engine == "deepspeed":
+            return float(self.model.skipped_steps)
+        if self.scaler is not None:  # GradScaler halves on overflow; growth is 2000 steps away
+            return math.log2(65536.0 / self.scaler.get_scale())
+        return 0.0
+
+    def close(self) -> None:
+        if self.plan.engine == "deepspeed" and hasattr(self.model, "destroy"):
+            with contextlib.suppress(Exception):  # frees ZeRO's buffers; best effort
+                self.model.destroy()
+        self.model = self.module = self.optimizer = self.scheduler = self.params = None
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def run_step(trainer: Trainer, batches, timing: bool) -> tuple[dict, torch.Tensor, int]:
+    """One step; with ``timing`` the device is synchronised after each phase."""
+    device = trainer.device
+    hold = (lambda: sync(device)) if timing else (lambda: None)
+    t0 = time.perf_counter()
+    with torch.profiler.record_function("data"):
+        batch, targets, encoded = trainer.prepare(next(batches))
+        hold()
+    t1 = time.perf_counter()
+    with torch.profiler.record_function("forward"):
+        loss, _ = trainer.forward(batch, targets)
+        hold()
+    t2 = time.perf_counter()
+    with torch.profiler.record_function("backward"):
+        trainer.backward(loss)
+        hold()
+    t3 = time.perf_counter()
+    with torch.profiler.record_function("optimizer"):
+        trainer.step()
+        hold()
+    t4 = time.perf_counter()
+    return {"data": t1 - t0, "forward": t2 - t1, "backward": t3 - t2, "optimizer": t4 - t3,
+            "step": t4 - t0}, loss, encoded
+
+
+def count_flops(trainer: Trainer, batches, notes: list[str]) -> float:
+    """FLOPs of one step's forward and backward (FlopCounterMode), then the step itself."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    batch, targets, _ = trainer.prepare(next(batches))
+    with FlopCounterMode(display=False) as counter:
+        loss, _ = trainer.forward(batch, targets)
+        forward = counter.get_total_flops()
+        trainer.backward(loss)
+    trainer.step()
+    total = float(counter.get_total_flops())
+    if total < 1.5 * forward:  # backward ran where the counter did not see it
+        notes.append("backward FLOPs not seen by FlopCounterMode: counted as 2x the forward")
+        total = 3.0 * forward
+    return total
+
+
+def _prepend(first, rest):
+    yield first
+    yield from rest
+
+
+def start_batches(plan: Plan, cfg: Config, data, notes: list[str]):
+    """The loader's endless batches; a DALI loader that fails before its first batch gives way
+    to pyav in the siasam-fast rows (said in the notes) and fails the DALI toggle."""
+    V = cfg.train.batch_size
+    batches = endless(make_loader(cfg, data, "train", 0, 1), V)
+    if plan.loader != "dali":
+        return batches
+    try:
+        first = next(batches)
+    except Exception as err:  # noqa: BLE001 - DALI raises plain RuntimeErrors
+        batches.close()
+        if plan.variant.group == "toggle":
+            raise
+        notes.append(f"pyav instead of DALI, whose loader failed: {_first_line(err)}")
+        plan.loader = cfg.data.backend = "pyav"
+        cfg.data.num_workers = fit_workers_to_shm(cfg, plan, notes)
+        return endless(make_loader(cfg, data, "train", 0, 1), V)
+    return _prepend(first, batches)
+
+
+# ------------------------------------------------------------------------------------------------
+# Running one variant
+
+
+def run_variant(plan: Plan, cfg: Config, args, device: torch.device) -> dict:
+    """Build, warm up, time (unsynchronised, then phase by phase), optionally profile."""
+    v = plan.variant
+    vcfg = copy.deepcopy(cfg)
+    vcfg.data.backend, vcfg.data.dedup = plan.loader, v.dedup
+    vcfg.data.num_workers = fit_workers_to_shm(vcfg, plan, plan.notes)
+    V, N = cfg.train.batch_size, cfg.sampling.num_clips
+    profiled = args.profile is not None and (not args.profile or v.name in args.profile)
+    profile_steps = args.profile_steps if profiled else 0
+    total_steps = args.warmup + 2 * args.steps + profile_steps + 1  # + the FLOP count
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    t_build = time.perf_counter()
+    data = load_data(vcfg, None)
+    tokenizer = load_tokenizer(vcfg.model)
+    usable = len(data.examples["train"])
+    if usable < V:
+        raise ValueError(f"the train split has {usable} examples, fewer than "
+                         f"train.batch_size={V}: generate more (--num-videos)")
+    if usable < V * total_steps:
+        plan.notes.append(f"{usable} train examples for {V * total_steps} per run: epochs wrap")
+    trainer = Trainer(plan, vcfg, data, tokenizer, device, total_steps)
+    num_params, optimizer_name = trainer.num_params, trainer.optimizer_name
+    batches = start_batches(plan, vcfg, data, plan.notes)
+    build_s = time.perf_counter() - t_build
+    try:
+        t_warm = time.perf_counter()
+        for _ in range(args.warmup):
+            run_step(trainer, batches, timing=False)
+        sync(device)
+        warmup_s = time.perf_counter() - t_warm
+        skipped0 = trainer.skipped_steps()
+
+        # Throughput: no synchronisation but the stack's own, one sync at the end.
+        waits, bounds, encoded = [], [], []
+        t_start = time.perf_counter()
+        for _ in range(args.steps):
+            times, loss, enc = run_step(trainer, batches, timing=False)
+            waits.append(times["data"])
+            bounds.append(time.perf_counter())
+            encoded.append(enc)
+        sync(device)
+        total = time.perf_counter() - t_start
+        gaps = [b - a for a, b in zip([t_start] + bounds[:-1], bounds)]
+
+        # Phase split: synchronised after every phase.
+        phases = []
+        for _ in range(args.steps):
+            times, loss, enc = run_step(trainer, batches, timing=True)
+            phases.append(times)
+            encoded.append(enc)
+        final_loss = float(loss.detach())
+        skipped = trainer.skipped_steps() - skipped0
+        mem = (torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda"
+               else None)
+        reserved = (torch.cuda.max_memory_reserved(device) / 1e9 if device.type == "cuda"
+                    else None)
+
+        trace = ""
+        if profiled:
+            trace = profile_variant(trainer, batches, args, v.name, device)
+        try:  # last: a failure here must not cost the timings
+            flops = count_flops(trainer, batches, plan.notes)
+        except Exception as err:  # noqa: BLE001
+            plan.notes.append(f"FLOPs not counted: {type(err).__name__}: {_first_line(err)}")
+            flops = None
+    finally:
+        batches.close()  # stops the loader's workers / DALI's readers
+        trainer.close()
+        del trainer
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    step_s = total / args.steps
+    peak = peak_tflops(device)
+    na = "n/a"
+    mean = {k: statistics.fmean(p[k] for p in phases) for k in phases[0]}
+    ms = 1e3
+    return {
+        **describe(plan),
+        "optimizer": optimizer_name,
+        "status": "ok",
+        "reason": "",
+        "videos_per_s": V / step_s,
+        "clips_per_s": V * N / step_s,
+        "step_ms": step_s * ms,
+        "step_ms_p50": statistics.median(gaps) * ms,
+        "step_ms_synced": mean["step"] * ms,
+        "step_ms_synced_p50": statistics.median(p["step"] for p in phases) * ms,
+        "data_ms": mean["data"] * ms,
+        "forward_ms": mean["forward"] * ms,
+        "backward_ms": mean["backward"] * ms,
+        "optimizer_ms": mean["optimizer"] * ms,
+        "data_wait_ms_nosync": statistics.fmean(waits) * ms,
+        "peak_gpu_mem_gb": "n/a" if mem is None else mem,
+        "peak_gpu_reserved_gb": "n/a" if reserved is None else reserved,
+        "peak_host_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+        "tflop_per_step": na if flops is None else flops / 1e12,
+        "achieved_tflops": na if flops is None else flops / step_s / 1e12,
+        "mfu": na if peak is None or flops is None else flops / step_s / (peak * 1e12),
+        "peak_tflops": "n/a" if peak is None else peak,
+        "frames_encoded_per_video": statistics.fmean(encoded) / V,
+        "num_params": num_params,
+        "skipped_steps": skipped,
+        "final_loss": final_loss,
+        "build_s": build_s,
+        "warmup_s": warmup_s,
+        "loader_workers": vcfg.data.num_workers,
+        "trace": trace,
+        "notes": "; ".join(plan.notes),
+    }
+
+
+def profile_variant(trainer: Trainer, batches, args, name: str, device: torch.device) -> str:
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda"
+                                           else [])
+    with profile(activities=activities) as prof:
+        for _ in range(args.profile_steps):
+            run_step(trainer, batches, timing=False)
+        sync(device)
+    folder = Path(args.out_dir) / "traces"
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"trace_{args.stem}_{name}.json{'.gz' if args.profile_gzip else ''}"
+    prof.export_chrome_trace(str(path))
+    return str(path)
+
+
+def describe(plan: Plan) -> dict:
+    v = plan.variant
+    engine = "torch" if plan.engine == "torch" else f"deepspeed-zero{plan.zero_stage}"
+    optimizer = {"torch": "torch AdamW", "fused": "DeepSpeed FusedAdam"}[plan.optimizer]
+    return {"variant": v.name, "group": v.group, "base": v.base, "loader": plan.loader,
+            "dedup": v.dedup, "question": "once" if v.question_once else "per clip",
+            "siamese_impl": plan.siamese_impl, "engine": engine, "precision": plan.precision,
+            "optimizer": optimizer, "description": v.description}
+
+
+def skipped_row(plan: Plan, status: str, reason: str) -> dict:
+    return {**describe(plan), "status": status, "reason": reason, "notes": "; ".join(plan.notes)}
+
+
+# ------------------------------------------------------------------------------------------------
+# Driver
+
+
+def run_in_process(plan: Plan, cfg: Config, args, device) -> dict:
+    try:
+        return run_variant(plan, cfg, args, device)
+    except Exception as err:  # noqa: BLE001 - one failed variant must not end the others
+        traceback.print_exc()
+        status = "oom" if isinstance(err, torch.cuda.OutOfMemoryError) else "failed"
+        return skipped_row(plan, status, f"{type(err).__name__}: {_first_line(err)}")
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return (text.splitlines()[0] if text else repr(err))[:300]
+
+
+def run_isolated(plan: Plan, args, argv: list[str], timeout: float | None) -> dict:
+    """The variant in a fresh interpreter: its row comes back as JSON, its output in a log."""
+    logs = Path(args.out_dir) / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    log = logs / f"{args.stem}_{plan.variant.name}.log"
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "row.json"
+        cmd = [sys.executable, str(Path(__file__).resolve()), *argv,
+               "--worker", plan.variant.name, "--worker-json", str(out)]
+        with log.open("w") as fh:
+            proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT,
+                                    start_new_session=True)
+            try:
+                rc = proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)  # the worker and its loader processes
+                proc.wait()
+                return skipped_row(plan, "timeout", f"no result within {timeout:.0f} s "
+                                   f"(log: {log})")
+        if out.is_file():
+            return json.loads(out.read_text())
+    tail = [line for line in log.read_text(errors="replace").splitlines() if line.strip()]
+    return skipped_row(plan, "failed", f"exit status {rc}: {tail[-1][:300] if tail else ''} "
+                       f"(log: {log})")
+
+
+def worker_main(args, cfg: Config, device: torch.device) -> int:
+    plan = resolve(BY_NAME[args.worker], device, args.zero_stage)
+    row = run_in_process(plan, cfg, args, device)
+    Path(args.worker_json).write_text(json.dumps(row))
+    return 0
+
+
+def add_speedups(rows: list[dict]) -> None:
+    speed = {r["variant"]: r["videos_per_s"] for r in rows if r.get("status") == "ok"}
+    for r in rows:
+        if r.get("status") != "ok":
+            continue
+        for column, ref in (("speedup_vs_baseline_fp32", "baseline-fp32"),
+                            ("speedup_vs_base", r.get("base"))):
+            r[column] = r["videos_per_s"] / speed[ref] if ref in speed else "n/a"
+
+
+TABLE = [("variant", "variant"), ("status", "status"), ("loader", "loader"),
+         ("precision", "precision"), ("videos/s", "videos_per_s"), ("clips/s", "clips_per_s"),
+         ("step_ms", "step_ms"), ("synced_ms", "step_ms_synced"), ("data_ms", "data_ms"),
+         ("fwd_ms", "forward_ms"), ("bwd_ms", "backward_ms"), ("opt_ms", "optimizer_ms"),
+         ("mem_GB", "peak_gpu_mem_gb"), ("TFLOP/step", "tflop_per_step"), ("MFU", "mfu"),
+         ("x_fp32", "speedup_vs_baseline_fp32"), ("x_base", "speedup_vs_base")]
+
+
+def table_rows(rows: list[dict]) -> list[dict]:
+    out = []
+    for r in rows:
+        row = {label: r.get(key, "") for label, key in TABLE}
+        if isinstance(row["MFU"], float):
+            row["MFU"] = f"{100 * row['MFU']:.1f}%"
+        out.append(row)
+    return out
+
+
+def plot(rows: list[dict], path: Path, title: str) -> Path | None:
+    ok = [r for r in rows if r.get("status") == "ok"]
+    if not ok:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [r["variant"] for r in ok]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 0.45 * len(ok) + 2))
+    colours = {"baseline": "tab:grey", "siasam-fast": "tab:green", "toggle": "tab:blue"}
+    ax1.barh(names, [r["videos_per_s"] for r in ok], color=[colours[r["group"]] for r in ok])
+    for i, r in enumerate(ok):
+        x = r.get("speedup_vs_baseline_fp32")
+        if isinstance(x, float):
+            ax1.text(r["videos_per_s"], i, f" {x:.2f}x", va="center", fontsize=8)
+    ax1.set_xlabel("videos/s (no phase syncs)")
+    ax1.invert_yaxis()
+    left = [0.0] * len(ok)
+    for phase, colour in (("data_ms", "tab:orange"), ("forward_ms", "tab:blue"),
+                          ("backward_ms", "tab:red"), ("optimizer_ms", "tab:purple")):
+        values = [r[phase] for r in ok]
+        ax2.barh(names, values, left=left, color=colour, label=phase[:-3])
+        left = [a + b for a, b in zip(left, values)]
+    ax2.set_xlabel("step time split, ms (synchronised between phases)")
+    ax2.invert_yaxis()
+    ax2.legend(fontsize=8)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default=str(ROOT / "configs" / "bench_tiny.yaml"),
+                   help="run config (YAML), e.g. configs/clipbert_base.yaml")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set train.batch_size=4 (repeatable)")
+    p.add_argument("--steps", type=int, default=10, help="timed steps per pass (two passes)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps first (>= 1)")
+    p.add_argument("--variants", nargs="+", default=None, metavar="NAME",
+                   help=f"variants to run (default: all): {', '.join(BY_NAME)}")
+    p.add_argument("--zero-stage", type=int, default=2, choices=ds_config.STAGES,
+                   help="DeepSpeed ZeRO stage of the DeepSpeed variants")
+    p.add_argument("--profile", nargs="*", default=None, metavar="NAME",
+                   help="write a chrome trace of these variants (no name: every variant)")
+    p.add_argument("--profile-steps", type=int, default=3, help="steps in each trace")
+    p.add_argument("--profile-gzip", action="store_true", help="write traces as .json.gz")
+    p.add_argument("--out", default=None, help="results folder (default: benchmarks/results)")
+    p.add_argument("--tag", default="", help="suffix of the result file names")
+    p.add_argument("--num-videos", type=int, default=384,
+                   help="videos to generate when the config's synthetic set is missing")
+    p.add_argument("--isolate", choices=("auto", "process", "none"), default="auto",
+                   help="each variant in its own process (auto: on CUDA) or all in this one")
+    p.add_argument("--variant-timeout", type=float, default=0,
+                   help="seconds one isolated variant may take (0: no limit)")
+    p.add_argument("--time-budget", type=float, default=0,
+                   help="seconds for all variants; the rest are skipped once spent (0: no limit)")
+    p.add_argument("--prepare-only", action="store_true",
+                   help="generate the config's synthetic set if missing, then exit")
+    p.add_argument("--list", action="store_true", help="list the variants and exit")
+    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--worker-json", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    unknown = [n for n in (args.variants or []) + (args.profile or []) if n not in BY_NAME]
+    if args.worker is not None and args.worker not in BY_NAME:
+        unknown.append(args.worker)
+    if unknown:
+        p.error(f"unknown variant(s) {unknown}; valid: {', '.join(BY_NAME)}")
+    if args.steps < 1 or args.warmup < 1 or args.profile_steps < 1:
+        p.error(f"--steps={args.steps}, --warmup={args.warmup}, --profile-steps="
+                f"{args.profile_steps}: each must be >= 1")
+    return args
+
+
+def worker_argv(args) -> list[str]:
+    """The options a worker process needs (the same measurement settings)."""
+    argv = ["--config", args.config, "--steps", str(args.steps), "--warmup", str(args.warmup),
+            "--zero-stage", str(args.zero_stage), "--profile-steps", str(args.profile_steps),
+            "--out", str(args.out_dir), "--tag", args.tag]
+    for item in args.set:
+        argv += ["--set", item]
+    if args.profile is not None:
+        argv += ["--profile", *args.profile]
+    if args.profile_gzip:
+        argv.append("--profile-gzip")
+    return argv
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.list:
+        for v in VARIANTS:
+            print(f"{v.name:18s} {v.group:12s} {v.description}")
+        return 0
+    for name in ("deepspeed", "DeepSpeed"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    try:
+        cfg = load_config(args.config, args.set)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+    slug = "".join(c if c.isalnum() else "-" for c in
+                   (torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu"))
+    args.stem = f"bench_train_{slug.strip('-').lower()}_{Path(args.config).stem}" + \
+        (f"_{args.tag}" if args.tag else "")
+    args.out_dir = Path(args.out) if args.out else RESULTS_DIR
+    if args.worker:
+        return worker_main(args, cfg, device)
+
+    try:
+        ensure_data(cfg, args.num_videos)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if args.prepare_only:
+        return 0
+    isolate = args.isolate == "process" or (args.isolate == "auto" and device.type == "cuda")
+    env = environment()
+    env.update(config=str(args.config), overrides=" ".join(args.set), visual=cfg.model.visual,
+               text=cfg.model.text, image_size=cfg.data.image_size,
+               batch_videos=cfg.train.batch_size, num_clips=cfg.sampling.num_clips,
+               frames_per_clip=str(cfg.sampling.frames_per_clip), stride=cfg.sampling.stride,
+               steps=args.steps, warmup=args.warmup, zero_stage=args.zero_stage,
+               isolated=isolate, peak_source=PEAK_SOURCE)
+    if device.type == "cuda":
+        env.update(tf32_matmul=torch.backends.cuda.matmul.allow_tf32,
+                   tf32_cudnn=torch.backends.cudnn.allow_tf32,
+                   cudnn_benchmark=torch.backends.cudnn.benchmark)
+    print("training benchmark:", ", ".join(f"{k}={env[k]}" for k in (
+        "device", "torch", "deepspeed", "dali", "triton", "config")), flush=True)
+
+    names = args.variants or list(BY_NAME)
+    rows: list[dict] = []
+    started = time.perf_counter()
+    for name in names:
+        plan = resolve(BY_NAME[name], device, args.zero_stage)
+        if plan.skip:
+            rows.append(skipped_row(plan, "skipped", plan.skip))
+            print(f"--- {name}: skipped ({plan.skip})", flush=True)
+            continue
+        left = args.time_budget - (time.perf_counter() - started) if args.time_budget else None
+        if left is not None and left < (MIN_ISOLATED_S if isolate else 1):
+            rows.append(skipped_row(plan, "skipped", f"--time-budget {args.time_budget:.0f} s "
+                                    "spent before this variant"))
+            print(f"--- {name}: skipped (time budget spent)", flush=True)
+            continue
+        print(f"--- {name}: {plan.variant.description}", flush=True)
+        t0 = time.perf_counter()
+        if isolate:
+            limits = [x for x in (args.variant_timeout or None, left) if x]
+            row = run_isolated(plan, args, worker_argv(args), min(limits) if limits else None)
+        else:
+            row = run_in_process(plan, cfg, args, device)
+        row["wall_s"] = time.perf_counter() - t0
+        rows.append(row)
+        if row["status"] == "ok":
+            print(f"    {row['videos_per_s']:.3g} videos/s, step {row['step_ms']:.4g} ms "
+                  f"({row['wall_s']:.0f} s)", flush=True)
+        else:
+            print(f"    {row['status']}: {row['reason']}", flush=True)
+    add_speedups(rows)
+
+    for r in rows:
+        r.setdefault("peak_tflops", "n/a")
+    csv_path = write_csv(rows, args.out_dir / f"{args.stem}.csv", env)
+    md_path = args.out_dir / f"{args.stem}.md"
+    md_path.write_text(markdown_table(table_rows(rows)) + "\n")
+    meta = {"env": env, "config": cfg.to_dict(), "argv": argv if argv is not None else
+            sys.argv[1:], "rows": rows}
+    (args.out_dir / f"{args.stem}.json").write_text(json.dumps(meta, indent=1, default=str))
+    png = plot(rows, args.out_dir / f"{args.stem}.png",
+               f"bench_train {Path(args.config).name} on {env['device']}: V={cfg.train.batch_size} "
+               f"N={cfg.sampling.num_clips} B={cfg.sampling.frames_per_clip} "
+               f"{cfg.data.image_size}px, torch {env['torch']}")
+    print(f"\nwrote {csv_path}, {md_path}" + (f", {png}" if png else ""))
+    for r in rows:
+        if r.get("trace"):
+            print(f"trace {r['variant']}: {r['trace']}")
+    print("\nnotes:")
+    for r in rows:
+        text = r["reason"] if r["status"] != "ok" else r.get("notes", "")
+        if text:
+            print(f"  {r['variant']}: [{r['status']}] {text}")
+    peak = next((r["peak_tflops"] for r in rows if r.get("peak_tflops") not in (None, "n/a")),
+                "n/a")
+    print(f"\n{env['device']} ({env['cpu_count']} CPUs), config {args.config}, "
+          f"V={cfg.train.batch_size} videos/step, N={cfg.sampling.num_clips} clips, "
+          f"{args.steps} timed steps x 2 passes after {args.warmup} warm-up; MFU against "
+          f"{peak} TFLOP/s ({PEAK_SOURCE}); x_fp32 / x_base: speed-up over baseline-fp32 / the "
+          "row's base")
+    print(format_table(table_rows(rows)))
+    return 0 if all(r["status"] in ("ok", "skipped") for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,191 @@
+#!/usr/bin/env bash
+# One prepared command for an H100 session (issue 6): the ClipBERT-base training-throughput
+# comparison of benchmarks/bench_train.py (plain PyTorch baseline vs siasam-fast, and each
+# optimisation alone), sized to finish in under 8 minutes. Run from the repository root:
+#
+#     bash scripts/gpu_bench_train.sh
+#
+# Steps (each prints its elapsed time):
+#  1. Staged packages, if any: the files of the .stage* folders carried with this call and of those
+#     earlier calls copied to /tmp/stage (one .stage folder per call: transfers are limited to
+#     64 MiB, and the machine stays warm only ~30 s between calls, so issue them back to back).
+#     part.* are reassembled (cat part.* | tar x), any other *.tar is unpacked, both into
+#     /tmp/stage; then *.whl install into /tmp/site with pip --target and *.tar.xz / *.tar.gz
+#     (installed trees) are extracted into /tmp/site, which goes on PYTHONPATH (its bin/ on PATH).
+#     Needed on the H100 image: deepspeed (+ hjson, pydantic, pydantic-core, annotated-types,
+#     typing-inspection: bench_train imports siasam_fast.training, which imports DeepSpeed),
+#     av (PyAV), nvidia-dali-cuda130 (else the siasam-fast rows use pyav and say so, and amp-dali is
+#     skipped). ../shared/tools/stage-gpu-wheels stages all of them. A small pack of DeepSpeed and
+#     its dependencies beside an existing staging (a few MB; on the CPU machine, repository root):
+#       d=$(mktemp -d); python3 -m pip download -q --no-deps --only-binary=:all: \
+#         --python-version 3.12 --implementation cp --platform manylinux_2_28_x86_64 \
+#         --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d "$d" hjson==3.1.0 \
+#         pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5 \
+#       && python3 -m pip wheel -q --no-deps deepspeed==0.19.8 -w "$d" \
+#       && mkdir -p .stage-ds && tar cf .stage-ds/deepspeed.tar -C "$d" .
+#     ninja, msgpack, psutil, py-cpuinfo and einops are on the image already.
+#  2. Import check: versions, or what is missing (the run stops without DeepSpeed or PyAV).
+#  3. DeepSpeed FusedAdam JIT build (ninja + nvcc, sm_90) in the background while the 224 px
+#     synthetic set is generated (384 videos under data/bench_train/, cached; 16 cores: ~30 s).
+#     If the build fails, the FusedAdam rows use torch AdamW(fused=True) and say so in their notes.
+#  4. bench_train.py --config configs/clipbert_base.yaml: 10 variants, each in its own process,
+#     3 warm-up + 2 x 8 timed steps each, traces of baseline-amp and fast-bf16; a time budget skips
+#     what no longer fits (said in the table) so the whole script ends by ~7.5 min.
+#  5. Results: benchmarks/results/bench_train_<gpu>_clipbert_base.{csv,md,png,json}, traces/ and
+#     logs/ there; copied to $OUT when it is set (7 files: csv, md, png, json, two traces,
+#     bench_train_logs.tgz with each variant's log and the console). Notes and table print last.
+#
+# Environment knobs: CONFIG (default configs/clipbert_base.yaml), STEPS (8), WARMUP (3),
+# VARIANTS (default: all), PROFILE ("baseline-amp fast-bf16"), DEADLINE_S (whole script, 450),
+# VARIANT_TIMEOUT_S (100), NUM_VIDEOS (384), SKIP_STAGE=1 (no staging step), PY (python3).
+# A CPU dry run of the flow: SKIP_STAGE=1 CONFIG=configs/bench_tiny.yaml STEPS=1 WARMUP=1
+# VARIANTS="baseline-fp32 fast-bf16" PROFILE=baseline-fp32 PY=.venv/bin/python bash <this file>
+#
+# What to look for in the traces (benchmarks/results/traces/*.json.gz; open in
+# https://ui.perfetto.dev or chrome://tracing; each step is labelled data / forward / backward /
+# optimizer on the CPU thread):
+#  - GPU idle during "data": the loader starves the GPU. baseline-amp: how long next() waits, the
+#    pinned host-to-device copy of 8 x 72 frames (~350 MB fp32) per step; fast-bf16: DALI's frames
+#    arrive on the GPU in fp16 (no large Memcpy HtoD in "data").
+#  - forward/backward: ResNet-50 convolution kernels dominate; baseline runs them on 576 frames per
+#    step, dedup on ~296: the kernels should be the same, about half as many frames. Look for
+#    nchwToNhwc / nhwcToNchw transposes around the convolutions (NCHW input to tensor-core kernels):
+#    channels_last would remove them (a next step, not done here).
+#  - the siamese loss: ~30 small eager kernels (softmax, bmm, ...) in baseline-amp vs two Triton
+#    kernels (forward, backward) in fast-bf16; microseconds either way next to the CNN.
+#  - optimizer: torch AdamW (foreach) launches multi_tensor_apply kernels per group, FusedAdam one
+#    multi_tensor_adam per chunk; GradScaler adds a non-finite check and a device-to-host sync
+#    (cudaStreamSynchronize / Memcpy DtoH) per step, DeepSpeed fp16 its own overflow check.
+#  - ZeRO-2 on one GPU: reduce-scatter / all-gather become copies (ncclKernel or memcpy) in the
+#    backward (overlap_comm: on a side stream); on 1 GPU they are pure overhead, paid back only
+#    across GPUs (docs/scaling.md).
+#  - gaps between kernels in the BERT part (72 sequences of ~28 tokens: small matrices): launch
+#    bound; CUDA graphs or larger batches would close them.
+set -uo pipefail
+cd "$(dirname "$0")/.." || exit 1
+T0=$SECONDS
+PY=${PY:-python3}
+CONFIG=${CONFIG:-configs/clipbert_base.yaml}
+STEPS=${STEPS:-8}
+WARMUP=${WARMUP:-3}
+VARIANTS=${VARIANTS:-}
+PROFILE=${PROFILE:-baseline-amp fast-bf16}
+DEADLINE_S=${DEADLINE_S:-450}
+VARIANT_TIMEOUT_S=${VARIANT_TIMEOUT_S:-100}
+NUM_VIDEOS=${NUM_VIDEOS:-384}
+SITE=/tmp/site
+STAGE=/tmp/stage
+RESULTS=benchmarks/results
+mkdir -p "$RESULTS/logs"
+say() { echo "[$((SECONDS - T0)) s] $*"; }
+
+# 1. staged wheels -------------------------------------------------------------------------------
+if [ "${SKIP_STAGE:-0}" != 1 ]; then
+  mkdir -p "$STAGE" "$SITE"
+  for d in .stage*; do
+    [ -d "$d" ] && cp -n "$d"/* "$STAGE"/ 2>/dev/null
+  done
+  if compgen -G "$STAGE/part.*" >/dev/null || compgen -G "$STAGE/*.tar" >/dev/null; then
+    stamp=$(ls -l "$STAGE"/part.* "$STAGE"/*.tar 2>/dev/null | md5sum | cut -c1-12)
+    if [ "$(cat "$SITE/.staged" 2>/dev/null)" != "$stamp" ]; then
+      say "unpacking the staged files into $STAGE, installing into $SITE"
+      if compgen -G "$STAGE/part.*" >/dev/null; then
+        (cd "$STAGE" && cat part.* | tar x) || say "warning: the staged parts are incomplete" \
+          "(copy every .stage folder first); installing what was extracted"
+      fi
+      for pack in "$STAGE"/*.tar; do
+        [ -f "$pack" ] && { tar xf "$pack" -C "$STAGE" || say "warning: $pack did not unpack"; }
+      done
+      if compgen -G "$STAGE/*.whl" >/dev/null; then
+        "$PY" -m pip install -q --no-index --no-deps --no-compile --target "$SITE" \
+          "$STAGE"/*.whl || say "warning: some staged wheels did not install"
+      fi
+      for tree in "$STAGE"/*.tar.xz "$STAGE"/*.tar.gz "$STAGE"/*.tgz; do
+        [ -f "$tree" ] && { tar xf "$tree" -C "$SITE" || say "warning: $tree did not extract"; }
+      done
+      echo "$stamp" > "$SITE/.staged"
+    fi
+  else
+    say "no staged parts (.stage*/ or $STAGE): using what the image has"
+  fi
+fi
+# siasam_fast and the kernels (installed as siasam_kernels) by path, without pip or the repo root
+# on sys.path (its kernels/ folder must not shadow PyPI's `kernels`, which transformers probes).
+mkdir -p /tmp/bench_train_path
+ln -sfn "$PWD/siasam_fast" /tmp/bench_train_path/siasam_fast
+ln -sfn "$PWD/kernels" /tmp/bench_train_path/siasam_kernels
+export PYTHONPATH="$SITE:/tmp/bench_train_path${PYTHONPATH:+:$PYTHONPATH}"
+export PATH="$SITE/bin:$PATH"
+export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}  # DeepSpeed's JIT builds: this GPU only
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONUNBUFFERED=1
+
+# 2. what is importable ----------------------------------------------------------------------------
+say "environment"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null
+df -h /dev/shm 2>/dev/null | tail -1 | awk '{print "  /dev/shm: " $2 " (" $4 " free)"}'
+"$PY" - <<'EOF'
+import importlib
+missing = []
+for name in ("torch", "triton", "transformers", "deepspeed", "av", "nvidia.dali", "siasam_fast",
+             "siasam_kernels"):
+    try:
+        module = importlib.import_module(name)
+        print(f"  {name:15s} {getattr(module, '__version__', 'ok')}")
+    except Exception as err:  # noqa: BLE001
+        print(f"  {name:15s} MISSING ({type(err).__name__}: {err})")
+        missing.append(name)
+import torch
+print(f"  cuda {torch.version.cuda}, device "
+      f"{torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'cpu (no GPU)'}")
+need = [m for m in missing if m in ("deepspeed", "av", "siasam_fast", "siasam_kernels")]
+if need:
+    raise SystemExit(f"cannot run without {need}: stage them with ../shared/tools/stage-gpu-wheels "
+                     "on the CPU machine, carry every .stage folder (one per call), then rerun")
+EOF
+[ $? -eq 0 ] || exit 3
+
+# 3. FusedAdam JIT build in the background, data in the foreground ---------------------------------
+BUILD=""
+if command -v nvidia-smi >/dev/null; then
+  say "building DeepSpeed FusedAdam (background) and generating the synthetic set"
+  ( timeout 300 "$PY" -c "from deepspeed.ops.op_builder import FusedAdamBuilder; \
+FusedAdamBuilder().load(); print('FusedAdam built')" ) > "$RESULTS/logs/fused_adam_build.log" 2>&1 &
+  BUILD=$!
+fi
+"$PY" benchmarks/bench_train.py --config "$CONFIG" --num-videos "$NUM_VIDEOS" --prepare-only \
+  || { say "data generation failed"; exit 4; }
+if [ -z "$BUILD" ]; then
+  say "data ready (no GPU: no FusedAdam build)"
+elif wait "$BUILD"; then
+  say "data ready, FusedAdam built"
+else
+  say "FusedAdam build failed (tail of $RESULTS/logs/fused_adam_build.log below): the FusedAdam" \
+    "rows fall back to torch AdamW(fused=True) and say so"
+  tail -5 "$RESULTS/logs/fused_adam_build.log"
+fi
+
+# 4. the benchmark --------------------------------------------------------------------------------
+BUDGET=$((DEADLINE_S - (SECONDS - T0) - 15))
+say "bench_train: $CONFIG, $STEPS steps x 2 passes, time budget ${BUDGET} s"
+# shellcheck disable=SC2086  # VARIANTS and PROFILE are lists of variant names
+"$PY" benchmarks/bench_train.py --config "$CONFIG" --steps "$STEPS" --warmup "$WARMUP" \
+  ${VARIANTS:+--variants $VARIANTS} --profile $PROFILE --profile-steps 2 --profile-gzip \
+  --isolate process \
+  --time-budget "$BUDGET" --variant-timeout "$VARIANT_TIMEOUT_S" 2>&1 \
+  | tee "$RESULTS/logs/console.log"
+STATUS=${PIPESTATUS[0]}
+
+# 5. results to $OUT, then the table last ---------------------------------------------------------
+STEM=$(ls -t "$RESULTS"/bench_train_*_"$(basename "$CONFIG" .yaml)".csv 2>/dev/null | head -1)
+STEM=${STEM%.csv}
+if [ -n "${OUT:-}" ] && [ -n "$STEM" ]; then
+  cp "$STEM".csv "$STEM".md "$STEM".png "$STEM".json "$OUT"/ 2>/dev/null
+  for t in "$RESULTS"/traces/trace_"$(basename "$STEM")"_*.json.gz; do
+    [ -f "$t" ] && cp "$t" "$OUT"/
+  done
+  tar czf "$OUT/bench_train_logs.tgz" -C "$RESULTS" logs 2>/dev/null
+  say "copied results to \$OUT: $(ls "$OUT" | tr '\n' ' ')"
+fi
+say "done (exit status $STATUS)"
+sed -n '/^notes:/,$p' "$RESULTS/logs/console.log"
+exit "$STATUS"
