@@ -903,6 +903,38 @@ def load_meta(source: str | os.PathLike | dict | SyntheticSet) -> dict:
     return json.loads(path.read_text(encoding="utf-8"))
 
 
+def evidence_frames(video: dict, question_type: str) -> np.ndarray:
+    """[T] bool: the frames of one video (an entry of meta["videos"]) that show the evidence of a
+    question type."""
+    key = EVIDENCE_OF[question_type]
+    spans = video["main"]["frames"] if key == "main" else video["events"][key]["frames"]
+    mask = np.zeros(video["num_frames"], bool)
+    for a, b in spans:
+        mask[a:b] = True
+    return mask
+
+
+def eval_clip_sees_evidence(
+    meta: str | os.PathLike | dict | SyntheticSet, sampling: SamplingConfig | None = None
+) -> dict[int, dict]:
+    """Per open-ended question id: its type and whether the evaluation clip(s) of
+    ``sample_eval_clips`` read a frame with its evidence ({"type": ..., "visible": bool}).
+
+    The per-question form of the ``eval`` column of :func:`evidence_visibility`, for splitting a
+    model's accuracy by what its one evaluation clip could see."""
+    meta = load_meta(meta)
+    cfg = sampling or SamplingConfig()
+    out: dict[int, dict] = {}
+    for video in meta["videos"].values():
+        ev = sample_eval_clips(video["num_frames"], cfg)
+        for qtype, q in video["questions"].items():
+            if "open_id" not in q:
+                continue
+            seen = ev.clips.size > 0 and bool(evidence_frames(video, qtype)[ev.clips].any())
+            out[int(q["open_id"])] = {"type": qtype, "split": video["split"], "visible": seen}
+    return out
+
+
 def evidence_visibility(
     meta: str | os.PathLike | dict | list[dict] | SyntheticSet,
     sampling: SamplingConfig | None = None,
@@ -945,11 +977,7 @@ def evidence_visibility(
             for d in range(draws)
         ]
         for qtype in qtypes:
-            key = EVIDENCE_OF[qtype]
-            spans = video["main"]["frames"] if key == "main" else video["events"][key]["frames"]
-            mask = np.zeros(T, bool)
-            for a, b in spans:
-                mask[a:b] = True
+            mask = evidence_frames(video, qtype)
             seen_eval = float(ev.clips.size > 0 and mask[ev.clips].any())
             anchor = union = clip_mean = 0.0
             for ci in draws_:
