@@ -461,3 +461,18 @@ def test_gpu_frames_arrive_through_dlpack_without_a_copy(h264_manifest):
     expected = next(iter(reference))
     diff = (grey_levels(frames.cpu()) - grey_levels(expected["frames"])).abs()
     assert diff.max() <= 4 and diff.mean() <= 1.5  # NVDEC's colour conversion: module docstring
+
+
+def test_auto_backend_falls_back_for_codecs_dali_cannot_decode(monkeypatch):
+    from types import SimpleNamespace
+
+    from siasam_fast.pipeline import loaders
+
+    monkeypatch.setattr(loaders.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(loaders, "dali_available", lambda: True)
+    h264 = {"a": SimpleNamespace(ok=True, codec="h264")}
+    gif = {**h264, "b": SimpleNamespace(ok=True, codec="gif")}
+    assert loaders.resolve_backend("auto", h264) == "dali"
+    assert loaders.resolve_backend("auto", gif) == "pyav"
+    with pytest.raises(ValueError, match="valid backends are auto, pyav, dali"):
+        loaders.resolve_backend("opencv")
