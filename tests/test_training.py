@@ -123,11 +123,17 @@ def test_fp16_on_cpu_is_a_clear_error(synth, tmp_path):
                         str(ROOT / "configs/ds/zero2_fp16.json")))
 
 
-@pytest.mark.parametrize("stage, precision", [(1, "fp32"), (2, "bf16"), (3, "fp32")])
-def test_two_processes_with_zero(synth, tmp_path, stage, precision):
+LAUNCHERS = {
+    "torchrun": [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"],
+    "deepspeed": [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2"],
+}
+
+
+@pytest.mark.parametrize("stage, precision, launcher",
+                         [(1, "fp32", "torchrun"), (2, "bf16", "deepspeed"), (3, "fp32", "torchrun")])
+def test_two_processes_with_zero(synth, tmp_path, stage, precision, launcher):
     out = tmp_path / f"zero{stage}"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-           "--master_port", str(free_port()), "train.py",
+    cmd = [*LAUNCHERS[launcher], "--master_port", str(free_port()), "train.py",
            "--deepspeed_config", str(ROOT / f"configs/ds/zero{stage}_{precision}.json"),
            *base_args(synth, out, "--set", "train.epochs=1")]
     proc = run(cmd)
