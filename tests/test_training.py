@@ -129,8 +129,9 @@ LAUNCHERS = {
 }
 
 
-@pytest.mark.parametrize("stage, precision, launcher",
-                         [(1, "fp32", "torchrun"), (2, "bf16", "deepspeed"), (3, "fp32", "torchrun")])
+@pytest.mark.parametrize("stage, precision, launcher", [
+    (1, "fp32", "torchrun"), (2, "bf16", "deepspeed"), (3, "fp32", "torchrun"),
+])
 def test_two_processes_with_zero(synth, tmp_path, stage, precision, launcher):
     out = tmp_path / f"zero{stage}"
     cmd = [*LAUNCHERS[launcher], "--master_port", str(free_port()), "train.py",
