@@ -1,0 +1,404 @@
+"""``siasam-fast demo`` / ``make demo``: one-clip baseline vs SiaSamRea on synthetic VideoQA, CPU.
+
+Steps: (1) generate the embedded synthetic set (:mod:`siasam_fast.data.synthetic`) under
+``<out>/data``, or reuse it when its meta.json says it was made with the same seed, size and knobs;
+(2) train the baseline (alpha = 0, the anchor clip only: ``sampling.num_clips=1``) and SiaSamRea
+(SKG + SKR, alpha = 1, N = 9 clips) one after the other, each in its own
+``python -m siasam_fast.training`` process (a clean DeepSpeed process, its progress bars streamed);
+(3) both are evaluated on the test split with the anchor clip only (middle placement), as the paper
+does; (4) a comparison table (overall, per synthetic question type, and split by whether the
+question's evidence shows on a frame of the evaluation clip), ``<out>/summary.json`` and
+``<out>/learning_curves.png``.
+
+The run settings are ``configs/demo.yaml`` (same hyper-parameters for both models; only the method
+switches differ, :data:`METHODS`); the synthetic-set knobs are :data:`SYNTHETIC`. Why these values,
+and what every measured experiment behind them gave, is in docs/experiments.md.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from collections import defaultdict
+from dataclasses import asdict, replace
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+DEMO_CONFIG = ROOT / "configs" / "demo.yaml"
+
+# The synthetic set of the demo (SynthConfig knobs; docs/experiments.md says why). Only the two
+# colour questions are written: "color" (the big object, visible in every frame: the control) and
+# "flash" (the border blinks on 1-2 frames of every 4: a stride-4 clip sees it all or not at all,
+# the case where siamese clips see what the anchor misses). Every event is still rendered.
+SYNTHETIC = {
+    "num_videos": 800,
+    "size": 48,
+    "question_types": ["color", "flash"],
+}
+# quick=True: a smoke test of the whole path (~20 s on 2 cores), not a measurement.
+QUICK_SYNTHETIC = {"num_videos": 24}
+QUICK_OVERRIDES = ["train.epochs=1", "train.batch_size=4", "eval.batch_size=8"]
+
+# The only differences between the two runs: the method switches.
+METHODS = {
+    "baseline": ["siamese.alpha=0", "sampling.num_clips=1"],
+    "siasamrea": ["siamese.alpha=1", "sampling.num_clips=9", "siamese.skg=true"],
+}
+
+
+# ------------------------------------------------------------------------------------------------
+# Data
+
+
+def synthetic_options(videos: int | None, quick: bool) -> dict:
+    opts = {**SYNTHETIC, **(QUICK_SYNTHETIC if quick else {})}
+    if videos is not None:
+        opts["num_videos"] = int(videos)
+    return opts
+
+
+def _normalised(value):
+    return json.loads(json.dumps(value))
+
+
+def dataset_matches(data_dir: Path, seed: int, options: dict) -> bool:
+    """Whether ``data_dir`` already holds the set :func:`ensure_dataset` would generate."""
+    from siasam_fast.data.synthetic import GENERATOR_VERSION, SynthConfig
+    from siasam_fast.pipeline.manifest import load_manifest
+
+    meta_file, manifest = data_dir / "meta.json", data_dir / "manifest.jsonl"
+    if not (meta_file.is_file() and manifest.is_file()):
+        return False
+    try:
+        meta = json.loads(meta_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    knobs = {k: v for k, v in options.items() if k != "num_videos"}
+    wanted = _normalised(asdict(SynthConfig.from_dict(knobs)))
+    if (meta.get("version"), meta.get("seed"), meta.get("num_videos"), meta.get("params")) != (
+        GENERATOR_VERSION,
+        seed,
+        options["num_videos"],
+        wanted,
+    ):
+        return False
+    try:
+        records = load_manifest(manifest)
+    except ValueError:  # a truncated or foreign manifest: generate again
+        return False
+    return sum(r.ok for r in records.values()) == options["num_videos"]
+
+
+def ensure_dataset(data_dir: str | os.PathLike, seed: int, options: dict, workers: int = 2) -> Path:
+    """Generate the synthetic set and its manifest, unless ``data_dir`` already holds it."""
+    from siasam_fast.data.synthetic import generate
+    from siasam_fast.pipeline.manifest import build_manifest
+
+    data_dir = Path(data_dir)
+    if dataset_matches(data_dir, seed, options):
+        print(f"demo: reusing the synthetic set in {data_dir}")
+        return data_dir
+    opts = dict(options)
+    n = opts.pop("num_videos")
+    result = generate(data_dir, n, seed=seed, workers=workers, **opts)
+    manifest = data_dir / "manifest.jsonl"
+    manifest.unlink(missing_ok=True)  # the videos were rewritten: probe them all again
+    build_manifest(data_dir / "videos", manifest, workers=workers)
+    print(f"demo: synthetic set: {result}")
+    return data_dir
+
+
+# ------------------------------------------------------------------------------------------------
+# Training (one subprocess per run)
+
+
+def data_overrides(data_dir: Path) -> list[str]:
+    ann = data_dir / "annotations"
+    return [
+        f"data.train={ann / 'train_qa.json'}",
+        f"data.val={ann / 'val_qa.json'}",
+        f"data.test={ann / 'test_qa.json'}",
+        f"data.manifest={data_dir / 'manifest.jsonl'}",
+    ]
+
+
+def train_command(config: Path, run_dir: Path, overrides: list[str]) -> list[str]:
+    cmd = [sys.executable, "-m", "siasam_fast.training", "--config", str(config)]
+    for item in [*overrides, f"train.out_dir={run_dir}"]:
+        cmd += ["--set", item]
+    return cmd
+
+
+def run_training(cmd: list[str], log: Path) -> float:
+    """Run one training process, its output streamed to stdout and copied to ``log``; returns
+    seconds. Raises RuntimeError if it fails."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)  # a clean single-process run, whatever launched us
+    started = time.perf_counter()
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with log.open("wb") as fh:
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        for chunk in iter(lambda: proc.stdout.read1(4096), b""):
+            fh.write(chunk)
+            sys.stdout.buffer.write(chunk)
+            sys.stdout.flush()
+        proc.wait()
+    if proc.returncode != 0:
+        raise RuntimeError(
+            f"training failed with exit code {proc.returncode} (log: {log}): " + " ".join(cmd)
+        )
+    return time.perf_counter() - started
+
+
+# ------------------------------------------------------------------------------------------------
+# Evaluation read-out: test accuracy per synthetic question type and by evidence visibility
+
+
+def eval_sampling(run_dir: Path):
+    """The clip sampling a finished run was evaluated with (its config's ``sampling`` section with
+    ``eval.num_clips`` clips per video, as training.py evaluates)."""
+    from siasam_fast.sampling import SamplingConfig
+
+    cfg = json.loads((run_dir / "config.json").read_text())
+    return replace(SamplingConfig.from_dict(cfg["sampling"]), eval_clips=cfg["eval"]["num_clips"])
+
+
+def _acc(values: list[float]) -> float | None:
+    return float(sum(values) / len(values)) if values else None
+
+
+def analyse_run(run_dir: str | os.PathLike, meta: dict) -> dict:
+    """Test accuracy of one finished run: overall, per question type, by evidence visibility in the
+    evaluation clip, plus its per-epoch curves."""
+    from siasam_fast.data.synthetic import eval_clip_sees_evidence
+
+    run_dir = Path(run_dir)
+    seen = eval_clip_sees_evidence(meta, eval_sampling(run_dir))
+    groups: dict[str, list[float]] = defaultdict(list)
+    with (run_dir / "predictions_test.jsonl").open() as fh:
+        for line in fh:
+            row = json.loads(line)
+            info = seen[int(row["qid"])]
+            value = float(row["accuracy"])
+            vis = "visible" if info["visible"] else "hidden"
+            groups["all"].append(value)
+            groups[vis].append(value)
+            groups[info["type"]].append(value)
+            groups[f"{info['type']}/{vis}"].append(value)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    history = [
+        {
+            "epoch": int(r["epoch"]),
+            "train_loss": float(r["train_loss"]),
+            "train_loss_gt": float(r.get("train_loss_gt") or r["train_loss"]),
+            "train_loss_siamese": float(r["train_loss_siamese"])
+            if r.get("train_loss_siamese")
+            else None,
+            "val_accuracy": float(r["val_accuracy"]) if r.get("val_accuracy") else None,
+        }
+        for r in csv.DictReader((run_dir / "metrics_epochs.csv").open())
+    ]
+    types = [t for t in meta["params"]["question_types"] if groups[t]]
+    return {
+        "accuracy": _acc(groups["all"]),
+        "num_test": len(groups["all"]),
+        "by_type": {t: _acc(groups[t]) for t in types},
+        "evidence_visible": _acc(groups["visible"]),
+        "evidence_hidden": _acc(groups["hidden"]),
+        "by_type_visibility": {
+            t: {
+                "visible": _acc(groups[f"{t}/visible"]),
+                "hidden": _acc(groups[f"{t}/hidden"]),
+                "num_visible": len(groups[f"{t}/visible"]),
+                "num_hidden": len(groups[f"{t}/hidden"]),
+            }
+            for t in types
+        },
+        "val_accuracy": history[-1]["val_accuracy"] if history else None,
+        "best_val_accuracy": max(
+            (h["val_accuracy"] for h in history if h["val_accuracy"] is not None), default=None
+        ),
+        "train_seconds": summary.get("train_seconds"),
+        "steps": summary.get("steps"),
+        "history": history,
+        "run_dir": str(run_dir),
+    }
+
+
+def comparison_rows(results: dict[str, dict]) -> list[dict]:
+    """One row per metric, one column per method (+ delta of the last two)."""
+    names = list(results)
+    first = results[names[0]]
+    metrics = [("overall", lambda r: r["accuracy"])]
+    for t in first["by_type"]:
+        metrics.append((t, lambda r, t=t: r["by_type"].get(t)))
+    metrics += [
+        ("evidence visible", lambda r: r["evidence_visible"]),
+        ("evidence hidden", lambda r: r["evidence_hidden"]),
+    ]
+    for t, v in first["by_type_visibility"].items():
+        if v["num_visible"] and v["num_hidden"]:  # only the types whose evidence can be missed
+            metrics += [
+                (
+                    f"{t}, visible (n={v['num_visible']})",
+                    lambda r, t=t: r["by_type_visibility"][t]["visible"],
+                ),
+                (
+                    f"{t}, hidden (n={v['num_hidden']})",
+                    lambda r, t=t: r["by_type_visibility"][t]["hidden"],
+                ),
+            ]
+    metrics.append(("val accuracy (last epoch)", lambda r: r["val_accuracy"]))
+    rows = []
+    for label, get in metrics:
+        row = {"test accuracy": label, **{n: get(results[n]) for n in names}}
+        a, b = row[names[0]], row[names[-1]]
+        row["delta"] = b - a if a is not None and b is not None else None
+        rows.append(row)
+    return rows
+
+
+def plot_curves(results: dict[str, dict], path: Path, title: str = "") -> Path:
+    """Train loss (total and L_gt) and val accuracy per epoch, one colour per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
+    for (name, res), color in zip(results.items(), ("tab:blue", "tab:red", "tab:green")):
+        h = res["history"]
+        epochs = [r["epoch"] for r in h]
+        ax_loss.plot(epochs, [r["train_loss"] for r in h], "-o", color=color, label=f"{name}: L")
+        if any(r["train_loss_siamese"] is not None for r in h):
+            ax_loss.plot(
+                epochs, [r["train_loss_gt"] for r in h], "--", color=color, label=f"{name}: L_gt"
+            )
+        ax_acc.plot(
+            epochs,
+            [math.nan if r["val_accuracy"] is None else r["val_accuracy"] for r in h],
+            "-o",
+            color=color,
+            label=name,
+        )
+    ax_loss.set(xlabel="epoch", ylabel="train loss (epoch mean)", title="train loss")
+    ax_acc.set(xlabel="epoch", ylabel="accuracy", title="val accuracy (anchor clip only)")
+    for ax in (ax_loss, ax_acc):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+# ------------------------------------------------------------------------------------------------
+# The demo
+
+
+def run_demo(
+    out_dir: str | os.PathLike = "runs/demo",
+    videos: int | None = None,
+    seed: int = 0,
+    quick: bool = False,
+    config: str | os.PathLike | None = None,
+) -> dict:
+    """Generate (or reuse) the synthetic set, train the baseline and SiaSamRea, compare them.
+
+    ``seed`` seeds both the synthetic set and the training runs; ``videos`` overrides the number of
+    synthetic videos; ``quick`` is a smoke test of the whole path (tiny set, one epoch). Returns
+    what it writes to ``<out_dir>/summary.json``."""
+    from siasam_fast.benchutil import environment, format_table
+    from siasam_fast.data.synthetic import eval_clip_sees_evidence, load_meta
+
+    started = time.perf_counter()
+    out = Path(out_dir).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    config = Path(config or DEMO_CONFIG)
+    if not config.is_file():
+        raise FileNotFoundError(
+            f"demo config {str(config)!r} does not exist (run from a checkout "
+            "of the repository, which holds configs/demo.yaml)"
+        )
+    seconds: dict[str, float] = {}
+
+    options = synthetic_options(videos, quick)
+    t = time.perf_counter()
+    data_dir = ensure_dataset(out / "data", seed, options)
+    seconds["data"] = time.perf_counter() - t
+    meta = load_meta(data_dir)
+
+    common = [*data_overrides(data_dir), f"train.seed={seed}", *(QUICK_OVERRIDES if quick else [])]
+    results = {}
+    for name, switches in METHODS.items():
+        run_dir = out / name
+        print(f"\ndemo: training {name} ({', '.join(switches)}) -> {run_dir}", flush=True)
+        seconds[name] = run_training(
+            train_command(config, run_dir, [*common, *switches]), log=out / f"{name}.log"
+        )
+        results[name] = analyse_run(run_dir, meta)
+
+    # What the evaluation clip can see, per question type of the test split (both runs are
+    # evaluated with the same sampling: only the method switches differ).
+    seen = [
+        v
+        for v in eval_clip_sees_evidence(meta, eval_sampling(out / "baseline")).values()
+        if v["split"] == "test"
+    ]
+    visibility = {
+        t: _acc([float(v["visible"]) for v in seen if v["type"] == t])
+        for t in meta["params"]["question_types"]
+    }
+
+    rows = comparison_rows(results)
+    base, sia = results["baseline"], results["siasamrea"]
+    title = (
+        f"synthetic VideoQA, {options['num_videos']} videos ({options['size']} px, "
+        f"questions: {', '.join(options['question_types'])}), seed {seed}"
+    )
+    plot = plot_curves(results, out / "learning_curves.png", title)
+    seconds["total"] = time.perf_counter() - started
+    summary = {
+        "baseline": base,
+        "siasamrea": sia,
+        "delta": sia["accuracy"] - base["accuracy"],
+        "config": {
+            "train_config": str(config),
+            "synthetic": {**options, "seed": seed, "dir": str(data_dir)},
+            "common_overrides": common,
+            "methods": METHODS,
+            "evaluation": "test split, one clip per video (eval.num_clips=1), placed by "
+            "sampling.eval_placement",
+            "quick": quick,
+        },
+        "eval_clip_evidence_visibility": visibility,
+        "table": rows,
+        "plot": str(plot),
+        "seconds": seconds["total"],
+        "seconds_by_stage": seconds,
+        "environment": environment(),
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+
+    print(f"\n{title}; test split ({base['num_test']} questions), anchor clip only")
+    print(format_table(rows))
+    print(
+        "evidence on a frame of the eval clip (test split): "
+        + ", ".join(f"{t} {v:.2f}" for t, v in visibility.items() if v is not None)
+    )
+    print(
+        f"delta (SiaSamRea - baseline) = {summary['delta']:+.4f}; "
+        f"{seconds['total']:.0f} s in total ("
+        + ", ".join(f"{k} {v:.0f} s" for k, v in seconds.items() if k != "total")
+        + f"); {out / 'summary.json'}, {plot}"
+    )
+    return summary

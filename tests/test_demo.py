@@ -1,0 +1,163 @@
+"""siasam-fast demo: the quick (smoke) path end to end, and reuse of the synthetic set."""
+
+import json
+import struct
+
+import pytest
+
+from siasam_fast import demo
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def quick_demo(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo")
+    summary = demo.run_demo(out, quick=True, seed=1)
+    return out, summary
+
+
+def test_summary_has_both_models_delta_config_and_time(quick_demo):
+    out, returned = quick_demo
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["delta"] == pytest.approx(returned["delta"])
+    for name in ("baseline", "siasamrea"):
+        res = summary[name]
+        assert 0.0 <= res["accuracy"] <= 1.0
+        assert res["num_test"] > 0
+        assert set(res["by_type"]) == set(demo.SYNTHETIC["question_types"])
+        for t, acc in res["by_type"].items():
+            vis = res["by_type_visibility"][t]
+            n_vis, n_hid = vis["num_visible"], vis["num_hidden"]
+            parts = [(vis["visible"], n_vis), (vis["hidden"], n_hid)]
+            weighted = sum(a * n for a, n in parts if n) / (n_vis + n_hid)
+            assert weighted == pytest.approx(acc)  # the visibility split partitions the type
+        assert res["history"] and res["history"][-1]["epoch"] == 1
+        assert "train_loss" in res["history"][0] and "val_accuracy" in res["history"][0]
+    assert summary["delta"] == pytest.approx(
+        summary["siasamrea"]["accuracy"] - summary["baseline"]["accuracy"]
+    )
+    # The two runs differ only in the method switches.
+    cfg = {n: json.loads((out / n / "config.json").read_text()) for n in ("baseline", "siasamrea")}
+    base, sia = cfg["baseline"], cfg["siasamrea"]
+    assert base["siamese"]["alpha"] == 0 and base["sampling"]["num_clips"] == 1
+    assert sia["siamese"]["alpha"] == 1 and sia["sampling"]["num_clips"] == 9
+    for section in ("data", "model", "train", "eval"):
+        a, b = dict(cfg["baseline"][section]), dict(cfg["siasamrea"][section])
+        a.pop("out_dir", None), b.pop("out_dir", None)
+        assert a == b, section
+    assert summary["config"]["quick"] is True and summary["config"]["synthetic"]["seed"] == 1
+    assert summary["seconds"] > 0 and summary["seconds_by_stage"]["siasamrea"] > 0
+    assert summary["table"][0]["test accuracy"] == "overall"
+
+
+def test_learning_curve_png(quick_demo):
+    out, summary = quick_demo
+    png = out / "learning_curves.png"
+    assert summary["plot"] == str(png)
+    head = png.read_bytes()[:24]
+    assert head[:8] == b"\x89PNG\r\n\x1a\n"
+    width, height = struct.unpack(">II", head[16:24])
+    assert width > 300 and height > 200
+
+
+def test_dataset_is_reused_only_when_it_matches(quick_demo):
+    out, _ = quick_demo
+    options = demo.synthetic_options(None, quick=True)
+    assert demo.dataset_matches(out / "data", 1, options)
+    assert not demo.dataset_matches(out / "data", 2, options)
+    assert not demo.dataset_matches(out / "data", 1, {**options, "num_videos": 25})
+    assert not demo.dataset_matches(out / "data", 1, {**options, "size": 32})
+    assert not demo.dataset_matches(out / "missing", 1, options)
+
+
+def test_a_damaged_manifest_is_not_reused(quick_demo, tmp_path):
+    import shutil
+
+    out, _ = quick_demo
+    options = demo.synthetic_options(None, quick=True)
+    copy = tmp_path / "data"
+    shutil.copytree(out / "data" / "annotations", copy / "annotations")
+    shutil.copy(out / "data" / "meta.json", copy / "meta.json")
+    lines = (out / "data" / "manifest.jsonl").read_text().splitlines()
+    (copy / "manifest.jsonl").write_text("\n".join(lines[:-1]) + "\n")  # one video missing
+    assert not demo.dataset_matches(copy, 1, options)
+    (copy / "manifest.jsonl").write_text("\n".join(lines[:-1]) + '\n{"video_id": ')  # truncated
+    assert not demo.dataset_matches(copy, 1, options)
+
+
+def test_per_question_visibility_agrees_with_the_aggregate_report(quick_demo):
+    from siasam_fast.data.synthetic import (
+        eval_clip_sees_evidence,
+        evidence_visibility,
+        load_meta,
+    )
+    from siasam_fast.sampling import SamplingConfig
+
+    out, _ = quick_demo
+    meta = load_meta(out / "data")
+    sampling = SamplingConfig()
+    per_question = eval_clip_sees_evidence(meta, sampling)
+    ids = {
+        q["open_id"]
+        for v in meta["videos"].values()
+        for q in v["questions"].values()
+        if "open_id" in q
+    }
+    assert set(per_question) == ids
+    report = evidence_visibility(meta, sampling, draws=1)
+    for qtype, row in report["by_type"].items():
+        mine = [v["visible"] for v in per_question.values() if v["type"] == qtype]
+        assert len(mine) == row["questions"]
+        assert sum(mine) / len(mine) == pytest.approx(row["eval"], abs=1e-4)
+
+
+def _result(acc, flash, flash_vis, flash_hid, val):
+    return {
+        "accuracy": acc,
+        "by_type": {"color": 1.0, "flash": flash},
+        "evidence_visible": 0.9,
+        "evidence_hidden": flash_hid,
+        "by_type_visibility": {
+            "color": {"visible": 1.0, "hidden": None, "num_visible": 4, "num_hidden": 0},
+            "flash": {"visible": flash_vis, "hidden": flash_hid, "num_visible": 1, "num_hidden": 3},
+        },
+        "val_accuracy": val,
+    }
+
+
+def test_comparison_rows():
+    rows = demo.comparison_rows(
+        {
+            "baseline": _result(0.75, 0.5, 1.0, 1 / 3, 0.7),
+            "siasamrea": _result(0.625, 0.25, 0.0, 1 / 3, None),
+        }
+    )
+    by_label = {r["test accuracy"]: r for r in rows}
+    # color is visible in every clip: no visible / hidden rows for it.
+    assert list(by_label) == [
+        "overall",
+        "color",
+        "flash",
+        "evidence visible",
+        "evidence hidden",
+        "flash, visible (n=1)",
+        "flash, hidden (n=3)",
+        "val accuracy (last epoch)",
+    ]
+    assert by_label["overall"]["delta"] == pytest.approx(-0.125)
+    assert by_label["flash, visible (n=1)"]["siasamrea"] == 0.0
+    assert by_label["flash, visible (n=1)"]["delta"] == pytest.approx(-1.0)
+    assert by_label["val accuracy (last epoch)"]["delta"] is None  # a missing value: no delta
+
+
+def test_a_failed_training_raises_and_keeps_its_log(tmp_path, capfd):
+    import sys
+
+    log = tmp_path / "logs" / "run.log"
+    cmd = [sys.executable, "-c", "import sys; print('step 1'); sys.exit(3)"]
+    with pytest.raises(RuntimeError, match=r"exit code 3 \(log: .*run\.log\)"):
+        demo.run_training(cmd, log)
+    assert "step 1" in log.read_text() and "step 1" in capfd.readouterr().out
+    ok = [sys.executable, "-c", "print('done')"]
+    assert demo.run_training(ok, log) > 0 and log.read_text().strip() == "done"
