@@ -1,0 +1,369 @@
+"""The paper's ablations (SiaSamRea, NeurIPS 2021, section 4.3) on the synthetic VideoQA set, CPU.
+
+    python benchmarks/ablation.py                      # every variant, seeds 0 1 2
+    python benchmarks/ablation.py --seeds 0 1 2 3 4 --variants baseline skg_skr
+    python benchmarks/ablation.py --quick              # smoke run: tiny set, one epoch, one seed
+    python benchmarks/ablation.py --jobs 2             # two trainings at a time (one thread each)
+
+Every variant trains with the demo's settings (configs/demo.yaml and the synthetic set of
+siasam_fast.demo; the same set for every seed), changing only the switches in :data:`VARIANTS`,
+and is evaluated on the test split with the anchor clip only. Per variant: mean and std over seeds
+of the test accuracy, overall, per question type, and on the questions whose evidence is visible /
+hidden in the evaluation clip. A table is printed; CSV (one row per run, and the summary) and a PNG
+go to benchmarks/results/ (``--out`` elsewhere). Runs already finished under ``--runs`` with the
+same command are reused, so an interrupted sweep continues where it stopped.
+
+Paper rows -> variants: Table 1 baseline / w/ SKR / w/ SKG + SKR -> baseline, skr_only, skg_skr;
+"without W1 / W2 / both" -> no_w1, no_w2, no_w1_w2; Table 2, 1 / 2 / 4 / 8 siamese clips ->
+clips_1, clips_2, clips_4, skg_skr (N = 9); "8 copies of the anchor" -> anchor_copies.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # run from a checkout without installing
+
+from siasam_fast import demo  # noqa: E402
+from siasam_fast.benchutil import (  # noqa: E402
+    environment,
+    format_table,
+    markdown_table,
+    results_path,
+    write_csv,
+)
+from siasam_fast.data.synthetic import load_meta  # noqa: E402
+
+SIAMESE = ["siamese.alpha=1", "siamese.skg=true", "sampling.num_clips=9"]
+# name -> (paper row, overrides on top of configs/demo.yaml). Only the method switches differ.
+VARIANTS: dict[str, tuple[str, list[str]]] = {
+    "baseline": ("baseline (alpha = 0, anchor only)", ["siamese.alpha=0", "sampling.num_clips=1"]),
+    "skr_only": ("w/ SKR (uniform A)", [*SIAMESE, "siamese.skg=false"]),
+    "skg_skr": ("w/ SKG + SKR (8 siamese clips)", SIAMESE),
+    "no_w1": ("without W1", [*SIAMESE, "siamese.learn_w1=false"]),
+    "no_w2": ("without W2", [*SIAMESE, "siamese.learn_w2=false"]),
+    "no_w1_w2": (
+        "without W1 and W2",
+        [*SIAMESE, "siamese.learn_w1=false", "siamese.learn_w2=false"],
+    ),
+    "clips_1": ("1 siamese clip", [*SIAMESE, "sampling.num_clips=2"]),
+    "clips_2": ("2 siamese clips", [*SIAMESE, "sampling.num_clips=3"]),
+    "clips_4": ("4 siamese clips", [*SIAMESE, "sampling.num_clips=5"]),
+    "anchor_copies": ("8 copies of the anchor", [*SIAMESE, "sampling.anchor_copies=true"]),
+}
+# Not in the default sweep (the paper's 12 clips; the stop-gradient and L_gt-on-every-clip probes
+# of docs/experiments.md). Ask for them by name with --variants.
+EXTRA_VARIANTS: dict[str, tuple[str, list[str]]] = {
+    "clips_12": ("12 siamese clips", [*SIAMESE, "sampling.num_clips=13"]),
+    "detach": (
+        "w/ SKG + SKR, stop-gradient through Q",
+        [*SIAMESE, "siamese.detach_soft_label=true"],
+    ),
+    "gt_all": ("w/ SKG + SKR, L_gt on every clip", [*SIAMESE, "siamese.gt_clips=all"]),
+    "baseline_gt_all": (
+        "alpha = 0, 9 clips, L_gt on every clip",
+        ["siamese.alpha=0", "sampling.num_clips=9", "siamese.gt_clips=all"],
+    ),
+}
+ALL_VARIANTS = {**VARIANTS, **EXTRA_VARIANTS}
+DEFAULT_SEEDS = (0, 1, 2)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="variants: " + ", ".join(ALL_VARIANTS),
+    )
+    p.add_argument(
+        "--seeds",
+        type=int,
+        nargs="+",
+        default=None,
+        help=f"training seeds (default {' '.join(map(str, DEFAULT_SEEDS))}; --quick: 0)",
+    )
+    p.add_argument(
+        "--variants",
+        nargs="+",
+        default=None,
+        metavar="NAME",
+        help="variants to run (default: the paper's, " + ", ".join(VARIANTS) + ")",
+    )
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="smoke run: the demo's quick set and one epoch (not a measurement)",
+    )
+    p.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        help="trainings at a time (default 1; each gets cores / jobs threads)",
+    )
+    p.add_argument(
+        "--out", default=None, help="folder of the CSV / PNG (default benchmarks/results/)"
+    )
+    p.add_argument(
+        "--runs",
+        default=None,
+        help="folder of the runs and the synthetic set (default runs/ablation, "
+        "runs/ablation-quick with --quick)",
+    )
+    p.add_argument("--data-seed", type=int, default=0, help="seed of the synthetic set")
+    p.add_argument(
+        "--videos", type=int, default=None, help="synthetic videos (default: the demo's)"
+    )
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="extra config override for every run (recorded in the CSV)",
+    )
+    args = p.parse_args(argv)
+    args.variants = args.variants or list(VARIANTS)
+    unknown = [v for v in args.variants if v not in ALL_VARIANTS]
+    if unknown:
+        p.error(f"unknown variant(s) {unknown}; valid: {', '.join(ALL_VARIANTS)}")
+    if args.seeds is None:
+        args.seeds = [0] if args.quick else list(DEFAULT_SEEDS)
+    if args.jobs < 1:
+        p.error(f"--jobs={args.jobs}: must be >= 1")
+    args.runs = Path(args.runs or ROOT / "runs" / ("ablation-quick" if args.quick else "ablation"))
+    return args
+
+
+def plan_runs(args: argparse.Namespace, data_dir: Path) -> list[dict]:
+    """One entry per (variant, seed): its run folder and training command."""
+    common = [
+        *demo.data_overrides(data_dir),
+        *(demo.QUICK_OVERRIDES if args.quick else []),
+        *args.set,
+    ]
+    runs = []
+    for variant in args.variants:
+        for seed in args.seeds:
+            run_dir = args.runs / f"{variant}-seed{seed}"
+            overrides = [*common, f"train.seed={seed}", *ALL_VARIANTS[variant][1]]
+            runs.append(
+                {
+                    "variant": variant,
+                    "seed": seed,
+                    "run_dir": run_dir,
+                    "cmd": demo.train_command(demo.DEMO_CONFIG, run_dir, overrides),
+                }
+            )
+    return runs
+
+
+def _finished(run: dict) -> bool:
+    """A finished run made by the same command (so its results can be reused)."""
+    d = run["run_dir"]
+    if not ((d / "summary.json").is_file() and (d / "predictions_test.jsonl").is_file()):
+        return False
+    cmd_file = d / "command.json"
+    return cmd_file.is_file() and json.loads(cmd_file.read_text()) == run["cmd"][1:]
+
+
+def execute(runs: list[dict], jobs: int) -> None:
+    """Run the unfinished trainings, ``jobs`` at a time, each logging to <run_dir>.log."""
+    todo = [r for r in runs if not _finished(r)]
+    print(
+        f"ablation: {len(runs)} runs, {len(runs) - len(todo)} already done, "
+        f"{len(todo)} to train, {jobs} at a time"
+    )
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": str(threads)}
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    running: list[tuple[dict, subprocess.Popen, float, object]] = []
+    queue = list(todo)
+    failed = []
+    while queue or running:
+        while queue and len(running) < jobs:
+            run = queue.pop(0)
+            run["run_dir"].mkdir(parents=True, exist_ok=True)
+            log = open(run["run_dir"].with_suffix(".log"), "wb")
+            proc = subprocess.Popen(run["cmd"], env=env, stdout=log, stderr=subprocess.STDOUT)
+            running.append((run, proc, time.perf_counter(), log))
+            print(f"  started {run['variant']} seed {run['seed']}", flush=True)
+        time.sleep(1.0)
+        for item in list(running):
+            run, proc, t0, log = item
+            if proc.poll() is None:
+                continue
+            running.remove(item)
+            log.close()
+            secs = time.perf_counter() - t0
+            if proc.returncode == 0:
+                (run["run_dir"] / "command.json").write_text(json.dumps(run["cmd"][1:]))
+                print(f"  done {run['variant']} seed {run['seed']} in {secs:.0f} s", flush=True)
+            else:
+                failed.append(run)
+                print(
+                    f"  FAILED {run['variant']} seed {run['seed']} (exit {proc.returncode}); "
+                    f"log {run['run_dir'].with_suffix('.log')}",
+                    flush=True,
+                )
+    if failed:
+        raise RuntimeError(
+            f"{len(failed)} training(s) failed: "
+            + ", ".join(f"{r['variant']}/seed{r['seed']}" for r in failed)
+        )
+
+
+def run_rows(runs: list[dict], meta: dict) -> list[dict]:
+    """One row per finished run: accuracies and seconds."""
+    rows = []
+    for run in runs:
+        res = demo.analyse_run(run["run_dir"], meta)
+        row = {
+            "variant": run["variant"],
+            "seed": run["seed"],
+            "accuracy": res["accuracy"],
+            "evidence_visible": res["evidence_visible"],
+            "evidence_hidden": res["evidence_hidden"],
+        }
+        for t, acc in res["by_type"].items():
+            row[t] = acc
+            vis = res["by_type_visibility"][t]
+            if vis["num_visible"] and vis["num_hidden"]:
+                row[f"{t}_visible"], row[f"{t}_hidden"] = vis["visible"], vis["hidden"]
+        row["best_val_accuracy"] = res["best_val_accuracy"]
+        row["train_seconds"] = res["train_seconds"]
+        row["num_test"] = res["num_test"]
+        rows.append(row)
+    return rows
+
+
+def _keys(rows: list[dict]) -> list[str]:
+    """The union of the rows' keys, in first-seen order (a run may lack a split, e.g. a type
+    whose evidence every evaluation clip sees has no visible / hidden columns)."""
+    return list(dict.fromkeys(k for r in rows for k in r))
+
+
+def summarise(rows: list[dict], variants: list[str]) -> list[dict]:
+    """Mean and std over seeds per variant (std is the sample std; 0 with one seed)."""
+    skip = ("variant", "seed", "num_test", "train_seconds")
+    metrics = [k for k in _keys(rows) if k not in skip]
+    out = []
+    base = [r["accuracy"] for r in rows if r["variant"] == "baseline"]
+    for v in variants:
+        mine = [r for r in rows if r["variant"] == v]
+        if not mine:
+            continue
+        row = {"variant": v, "paper row": ALL_VARIANTS[v][0], "seeds": len(mine)}
+        for m in metrics:
+            vals = [r[m] for r in mine if r.get(m) is not None]
+            if not vals:
+                continue
+            row[f"{m}_mean"] = statistics.fmean(vals)
+            row[f"{m}_std"] = statistics.stdev(vals) if len(vals) > 1 else 0.0
+        if base:
+            row["delta_vs_baseline"] = row["accuracy_mean"] - statistics.fmean(base)
+        row["train_seconds_mean"] = statistics.fmean(r["train_seconds"] for r in mine)
+        out.append(row)
+    return out
+
+
+def display_rows(summary: list[dict]) -> list[dict]:
+    """The printed table: mean +- std in percent."""
+
+    def pm(row, key):
+        if f"{key}_mean" not in row:
+            return ""
+        return f"{100 * row[f'{key}_mean']:.1f} +- {100 * row[f'{key}_std']:.1f}"
+
+    keys = [k[:-5] for k in _keys(summary) if k.endswith("_mean") and k != "train_seconds_mean"]
+    out = []
+    for row in summary:
+        d = {"variant": row["variant"], "seeds": row["seeds"]}
+        for k in keys:
+            d[k] = pm(row, k)
+        if "delta_vs_baseline" in row:
+            d["delta"] = f"{100 * row['delta_vs_baseline']:+.1f}"
+        d["train s"] = f"{row['train_seconds_mean']:.0f}"
+        out.append(d)
+    return out
+
+
+def plot(summary: list[dict], rows: list[dict], path: Path, title: str) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [r["variant"] for r in summary]
+    fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(names) + 2), 4))
+    x = range(len(names))
+    ax.bar(
+        x,
+        [100 * r["accuracy_mean"] for r in summary],
+        yerr=[100 * r["accuracy_std"] for r in summary],
+        capsize=4,
+        color="tab:blue",
+        alpha=0.7,
+        label="test accuracy (mean +- std)",
+    )
+    for i, name in enumerate(names):
+        pts = [100 * r["accuracy"] for r in rows if r["variant"] == name]
+        ax.plot([i] * len(pts), pts, "k.", ms=5)
+    ax.set_xticks(list(x), names, rotation=30, ha="right")
+    ax.set_ylabel("test accuracy (%), anchor clip only")
+    lo = min(100 * r["accuracy"] for r in rows)
+    ax.set_ylim(max(0, lo - 10), min(100, max(100 * r["accuracy"] for r in rows) + 5))
+    ax.grid(axis="y", alpha=0.3)
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    started = time.perf_counter()
+    options = demo.synthetic_options(args.videos, args.quick)
+    data_dir = demo.ensure_dataset(args.runs / "data", args.data_seed, options)
+    meta = load_meta(data_dir)
+    runs = plan_runs(args, data_dir)
+    execute(runs, args.jobs)
+    rows = run_rows(runs, meta)
+    summary = summarise(rows, args.variants)
+    env = environment()
+    tag = "ablation_quick" if args.quick else "ablation"
+    extra = {
+        "data_seed": args.data_seed,
+        "videos": options["num_videos"],
+        "question_types": " ".join(options["question_types"]),
+        "size": options["size"],
+        "config": str(demo.DEMO_CONFIG.relative_to(ROOT)),
+        "overrides": " ".join(args.set),
+    }
+    csv_runs = write_csv(rows, results_path(f"{tag}_runs.csv", args.out), {**env, **extra})
+    csv_sum = write_csv(summary, results_path(f"{tag}.csv", args.out), {**env, **extra})
+    title = (
+        f"SiaSamRea ablations, synthetic VideoQA ({options['num_videos']} videos, "
+        f"{'/'.join(options['question_types'])}), seeds {args.seeds}"
+    )
+    png = plot(summary, rows, results_path(f"{tag}.png", args.out), title)
+    table = display_rows(summary)
+    print(f"\n{title}; test accuracy (%), anchor clip only, mean +- std over seeds")
+    print(format_table(table))
+    md = results_path(f"{tag}.md", args.out)
+    md.write_text(f"{title}\n\n{markdown_table(table)}\n")
+    print(f"\n{time.perf_counter() - started:.0f} s; {csv_runs}, {csv_sum}, {png}, {md}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

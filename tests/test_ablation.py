@@ -1,0 +1,175 @@
+"""benchmarks/ablation.py: the variant table and the command line (no training here)."""
+
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import ablation  # noqa: E402
+
+from siasam_fast.config import load_config  # noqa: E402
+
+
+def overrides_of(name):
+    return dict(item.split("=", 1) for item in ablation.ALL_VARIANTS[name][1])
+
+
+def test_variants_cover_the_papers_ablations():
+    assert set(ablation.VARIANTS) == {
+        "baseline",
+        "skr_only",
+        "skg_skr",
+        "no_w1",
+        "no_w2",
+        "no_w1_w2",
+        "clips_1",
+        "clips_2",
+        "clips_4",
+        "anchor_copies",
+    }
+    assert overrides_of("baseline") == {"siamese.alpha": "0", "sampling.num_clips": "1"}
+    assert overrides_of("skr_only")["siamese.skg"] == "false"
+    assert overrides_of("skg_skr") == {
+        "siamese.alpha": "1",
+        "siamese.skg": "true",
+        "sampling.num_clips": "9",
+    }
+    assert overrides_of("no_w1")["siamese.learn_w1"] == "false"
+    assert "siamese.learn_w1" not in overrides_of("no_w2")
+    assert overrides_of("no_w1_w2")["siamese.learn_w2"] == "false"
+    # 1 / 2 / 4 siamese clips = N of 2 / 3 / 5 (the anchor is clip 0); 8 is skg_skr itself.
+    assert [overrides_of(f"clips_{k}")["sampling.num_clips"] for k in (1, 2, 4)] == ["2", "3", "5"]
+    assert overrides_of("anchor_copies")["sampling.anchor_copies"] == "true"
+    assert overrides_of("anchor_copies")["sampling.num_clips"] == "9"
+
+
+@pytest.mark.parametrize("name", sorted(ablation.ALL_VARIANTS))
+def test_every_variant_is_a_valid_config_that_differs_only_in_method_switches(name):
+    cfg = load_config(ROOT / "configs" / "demo.yaml", ablation.ALL_VARIANTS[name][1])
+    base = load_config(ROOT / "configs" / "demo.yaml")
+    for section in ("data", "model", "train", "eval"):  # the hyper-parameters stay the demo's
+        assert getattr(cfg, section) == getattr(base, section), section
+    # Later overrides win, so each variant's own switches are what the run gets.
+    for key, value in overrides_of(name).items():
+        section, field = key.split(".")
+        got = getattr(getattr(cfg, section), field)
+        expected = {"true": True, "false": False}.get(value, value)
+        assert got == type(got)(expected), key
+
+
+def test_defaults_and_options(tmp_path):
+    args = ablation.parse_args([])
+    assert args.seeds == [0, 1, 2] and args.variants == list(ablation.VARIANTS)
+    assert args.jobs == 1 and not args.quick and args.out is None
+    args = ablation.parse_args(
+        [
+            "--quick",
+            "--variants",
+            "baseline",
+            "skg_skr",
+            "--jobs",
+            "2",
+            "--out",
+            str(tmp_path),
+            "--runs",
+            str(tmp_path / "runs"),
+        ]
+    )
+    assert args.quick and args.seeds == [0] and args.jobs == 2
+    assert args.variants == ["baseline", "skg_skr"] and args.runs == tmp_path / "runs"
+    assert ablation.parse_args(["--seeds", "3", "4", "5"]).seeds == [3, 4, 5]
+
+
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        (["--variants", "nope"], "unknown variant(s) ['nope']"),
+        (["--jobs", "0"], "--jobs=0: must be >= 1"),
+    ],
+)
+def test_bad_options_are_refused(bad, message, capsys):
+    with pytest.raises(SystemExit):
+        ablation.parse_args(bad)
+    assert message in capsys.readouterr().err
+
+
+def test_plan_runs_builds_one_command_per_variant_and_seed(tmp_path):
+    args = ablation.parse_args(
+        [
+            "--variants",
+            "baseline",
+            "clips_2",
+            "--seeds",
+            "0",
+            "7",
+            "--runs",
+            str(tmp_path),
+            "--set",
+            "train.lr=0.002",
+        ]
+    )
+    runs = ablation.plan_runs(args, tmp_path / "data")
+    assert [(r["variant"], r["seed"]) for r in runs] == [
+        ("baseline", 0),
+        ("baseline", 7),
+        ("clips_2", 0),
+        ("clips_2", 7),
+    ]
+    cmd = runs[3]["cmd"]
+    assert cmd[:3] == [sys.executable, "-m", "siasam_fast.training"]
+    sets = [cmd[i + 1] for i, a in enumerate(cmd) if a == "--set"]
+    assert "train.seed=7" in sets and "sampling.num_clips=3" in sets and "train.lr=0.002" in sets
+    assert f"train.out_dir={tmp_path / 'clips_2-seed7'}" == sets[-1]
+    assert any(s.startswith("data.manifest=") for s in sets)
+    assert not ablation._finished(runs[0])
+
+
+def test_a_finished_run_is_reused_only_for_the_same_command(tmp_path):
+    import json
+
+    args = ablation.parse_args(["--variants", "baseline", "--seeds", "0", "--runs", str(tmp_path)])
+    run = ablation.plan_runs(args, tmp_path / "data")[0]
+    d = run["run_dir"]
+    d.mkdir()
+    (d / "summary.json").write_text("{}")
+    (d / "predictions_test.jsonl").write_text("")
+    assert not ablation._finished(run)  # no command.json: made by something else
+    (d / "command.json").write_text(json.dumps(run["cmd"][1:]))
+    assert ablation._finished(run)
+    (d / "command.json").write_text(json.dumps([*run["cmd"][1:], "--set", "train.lr=0.002"]))
+    assert not ablation._finished(run)
+
+
+def test_summary_mean_and_std():
+    rows = [
+        {"variant": v, "seed": s, "accuracy": a, "color": 1.0, "train_seconds": 1.0, "num_test": 10}
+        for v, s, a in [("baseline", 0, 0.5), ("baseline", 1, 0.7), ("skg_skr", 0, 0.8)]
+    ]
+    out = ablation.summarise(rows, ["baseline", "skg_skr"])
+    assert out[0]["accuracy_mean"] == pytest.approx(0.6)
+    assert out[0]["accuracy_std"] == pytest.approx(0.1414, abs=1e-3)
+    assert out[1]["delta_vs_baseline"] == pytest.approx(0.2)
+    assert out[1]["accuracy_std"] == 0.0
+    table = ablation.display_rows(out)
+    assert table[0]["accuracy"] == "60.0 +- 14.1" and table[1]["delta"] == "+20.0"
+
+
+def test_summary_keeps_columns_that_the_first_run_lacks():
+    rows = [
+        {"variant": "baseline", "seed": 0, "accuracy": 0.5, "train_seconds": 1.0},
+        {
+            "variant": "baseline",
+            "seed": 1,
+            "accuracy": 0.7,
+            "flash_hidden": 0.2,
+            "train_seconds": 3.0,
+        },
+    ]
+    out = ablation.summarise(rows, ["baseline", "skg_skr"])  # skg_skr has no runs: no row
+    assert len(out) == 1
+    assert out[0]["flash_hidden_mean"] == pytest.approx(0.2) and out[0]["flash_hidden_std"] == 0.0
+    assert out[0]["train_seconds_mean"] == pytest.approx(2.0)
+    assert ablation.display_rows(out)[0]["flash_hidden"] == "20.0 +- 0.0"
