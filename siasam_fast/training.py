@@ -23,6 +23,7 @@ import json
 import math
 import os
 import random
+import re
 import shutil
 import socket
 import sys
@@ -194,6 +195,26 @@ def build_model(cfg: Config, num_answers: int, vocab_size: int) -> SiaSamReaMode
                           num_clips=cfg.sampling.num_clips, siamese_kwargs=siamese_kwargs)
 
 
+def deepspeed_arch_list(value: str | None) -> str | None:
+    """TORCH_CUDA_ARCH_LIST as DeepSpeed 0.19's JIT builder can read it, or None if it can as is.
+
+    Its builder sorts the entries by ``int()`` of each dotted part, so the architecture-specific
+    entries that recent CUDA images set ("9.0a", "10.0f") stop FusedAdam's build with "invalid
+    literal for int() with base 10: '0a'" (seen on an H100 with torch 2.11). FusedAdam uses none
+    of their features: keep each entry's number (and its "+PTX"), drop duplicates.
+    """
+    if not value or not value.strip():
+        return None
+    out: list[str] = []
+    for entry in re.split(r"[;\s]+", value.strip()):
+        m = re.fullmatch(r"(\d+\.\d+)[a-zA-Z]*(\+PTX)?", entry)
+        fixed = (m.group(1) + (m.group(2) or "")) if m else entry
+        if fixed not in out:
+            out.append(fixed)
+    joined = ";".join(out)
+    return None if joined == value.strip() else joined
+
+
 def build_optimizer(model: torch.nn.Module, cfg: Config, device: torch.device):
     """AdamW; no weight decay on biases and norms. DeepSpeed FusedAdam on CUDA, torch AdamW on
     CPU, apex FusedAdam when asked for and installed."""
@@ -219,6 +240,11 @@ def build_optimizer(model: torch.nn.Module, cfg: Config, device: torch.device):
                              "use 'torch' on CPU")
         from deepspeed.ops.adam import FusedAdam
 
+        fixed = deepspeed_arch_list(os.environ.get("TORCH_CUDA_ARCH_LIST"))
+        if fixed is not None:
+            print(f"TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']!r} -> {fixed!r} "
+                  "for DeepSpeed's FusedAdam build (it cannot parse suffixed entries)")  # fmt: skip
+            os.environ["TORCH_CUDA_ARCH_LIST"] = fixed
         return FusedAdam(groups, lr=cfg.train.lr, adam_w_mode=True), "DeepSpeed FusedAdam"
     return torch.optim.AdamW(groups, lr=cfg.train.lr), "torch AdamW"
 

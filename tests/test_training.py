@@ -184,3 +184,23 @@ def test_count_task(synth, tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["val"]["num_examples"] == len(lines) - 1
     assert summary["val"]["mse"] >= 0
+
+
+@pytest.mark.parametrize(
+    "value, expected",
+    [
+        (None, None),
+        ("", None),
+        ("7.0;8.0;9.0", None),  # DeepSpeed reads it as is
+        ("9.0a", "9.0"),
+        ("8.0;9.0a;9.0", "8.0;9.0"),
+        ("10.0f+PTX 9.0a", "10.0+PTX;9.0"),
+    ],
+)
+def test_arch_list_made_readable_for_deepspeed_fused_adam(value, expected):
+    from siasam_fast.training import deepspeed_arch_list
+
+    assert deepspeed_arch_list(value) == expected
+    if expected:  # DeepSpeed 0.19's own sort key (op_builder/builder.py) must accept every entry
+        for cc in expected.split(";"):
+            tuple(int(part.split("+")[0]) for part in cc.split("."))
