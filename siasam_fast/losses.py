@@ -53,7 +53,9 @@ def gt_loss(outputs: dict, batch: dict, task: str, gt_clips: str = "anchor") -> 
     return (per_clip * weights).sum() / weights.sum().clamp_min(1.0)
 
 
-def siamese_term(outputs: dict, batch: dict, task: str, reasoning: SiameseReasoning) -> torch.Tensor:
+def siamese_term(
+    outputs: dict, batch: dict, task: str, reasoning: SiameseReasoning
+) -> torch.Tensor:
     """L_siamese (eq. 5 and the first term of eq. 8), averaged over videos."""
     features = outputs["features"]
     clip_mask = batch["clip_mask"]

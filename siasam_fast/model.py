@@ -28,7 +28,8 @@ TINY_VOCAB = ASSETS / "tiny_vocab.txt"
 # must not download weights. A path loads real weights with from_pretrained (no network access).
 VISUAL_PRESETS = {
     # 3 stages, stride 16: a 64 px frame gives a 4x4 grid (2x2 after pooling).
-    "tiny": dict(embedding_size=16, hidden_sizes=[16, 32, 64], depths=[1, 1, 1], layer_type="basic"),
+    "tiny": dict(embedding_size=16, hidden_sizes=[16, 32, 64], depths=[1, 1, 1],
+                 layer_type="basic"),
     "resnet18": dict(embedding_size=64, hidden_sizes=[64, 128, 256, 512], depths=[2, 2, 2, 2],
                      layer_type="basic"),
     "resnet50": dict(embedding_size=64, hidden_sizes=[256, 512, 1024, 2048], depths=[3, 4, 6, 3],
@@ -76,7 +77,8 @@ def build_text(name: str, vocab_size: int, dropout: float) -> BertModel:
 
 
 class VisualEmbeddings(nn.Module):
-    """Unique frames -> grid tokens per clip: ResNet, 1x1 projection, pooling, mean over B, 2-D pos."""
+    """Unique frames -> grid tokens per clip: ResNet, 1x1 projection, pooling, mean over B and
+    2-D position embeddings."""
 
     def __init__(self, trunk: ResNetModel, hidden: int, cfg: ModelConfig):
         super().__init__()
