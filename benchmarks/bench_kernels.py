@@ -56,14 +56,21 @@ def parse_args(argv=None):
     p.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
     p.add_argument("--check", action="store_true", help="verify each impl vs float64 first")
     p.add_argument("--no-targets", action="store_true", help="skip the two H100 target rows")
+    p.add_argument("--targets-only", action="store_true",
+                   help="time only the two target shapes (for the slow compile-max)")  # fmt: skip
     p.add_argument("--interpret", action="store_true",
                    help="no GPU: also run a tiny Triton-interpreter correctness pass")  # fmt: skip
     p.add_argument("--cpu-compile", action="store_true", help="no GPU: also time torch.compile")
     p.add_argument("--tag", default="", help="suffix of the output file names")
+    p.add_argument("--combine", nargs="+", metavar="CSV", default=None,
+                   help="no timing: merge the timing CSVs of runs on one card into one table "
+                        "(ms per impl, Triton's speed-ups) and report the targets")  # fmt: skip
     args = p.parse_args(argv)
     args.dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
     args.impls = [i.strip() for i in args.impls.split(",") if i.strip()]
     args.modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    if args.targets_only and args.no_targets:
+        p.error("--targets-only and --no-targets exclude each other")
     for name, values, valid in (("dtypes", args.dtypes, DTYPES), ("impls", args.impls, IMPLS),
                                 ("modes", args.modes, MODES)):  # fmt: skip
         bad = [v for v in values if v not in valid]
@@ -239,7 +246,8 @@ def sweep_points(quick, device_type):
     return pts
 
 
-def run_timings(impl_names, points, dtypes, modes, device):
+def run_timings(impl_names, points, dtypes, modes, device, on_row=None):
+    """Time every (point, dtype, impl, mode); ``on_row(rows)`` after each row (partial CSV)."""
     rows = []
     for (sweep, shape), dname in ((p, d) for p in points for d in dtypes):
         V, D, K = shape["V"], shape["D"], shape["K"]
@@ -258,6 +266,8 @@ def run_timings(impl_names, points, dtypes, modes, device):
                     row.update(error=f"{type(err).__name__}: {str(err)[:100]}")
                 rows.append(row)
                 print(_one_line(row), flush=True)
+                if on_row:
+                    on_row(rows)
         del inputs
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -366,8 +376,55 @@ def interpreter_pass():
     return rows
 
 
+def combine(paths, out_dir=None):
+    """Merge timing CSVs (e.g. Triton + eager, compile and compile-max from separate runs on one
+    card) into one row per (sweep, dtype, shape, mode) with each impl's ms and Triton's speed-ups,
+    then the targets. Check / target CSVs among ``paths`` are skipped."""
+    import csv
+
+    from siasam_fast.benchutil import format_table, results_path, write_csv
+
+    rows, devices, copy = [], set(), []
+    for path in paths:
+        with open(path, newline="") as fh:
+            for r in csv.DictReader(fh):
+                if "mode" not in r or "sweep" not in r or not r.get("ms"):
+                    continue
+                devices.add(r.get("device", "?"))
+                if r.get("copy_gbps"):
+                    copy.append(float(r["copy_gbps"]))
+                rows.append(dict(r, ms=float(r["ms"]), V=int(r["V"]), D=int(r["D"]), K=int(r["K"])))
+    if not rows:
+        raise SystemExit(f"--combine: no timing rows in {', '.join(map(str, paths))}")
+    if len(devices) > 1:
+        raise SystemExit(f"--combine: the CSVs come from different devices {sorted(devices)}; "
+                         "compare impls only within one card")  # fmt: skip
+    merged: dict = {}
+    for r in rows:
+        key = (r["sweep"], r["dtype"], r["V"], r["D"], r["K"], r["mode"])
+        merged.setdefault(key, {})[r["impl"]] = r["ms"]
+    table = []
+    for (sweep, dtype, V, D, K, mode), ms in merged.items():
+        row = dict(sweep=sweep, dtype=dtype, V=V, D=D, K=K, mode=mode)
+        row.update({f"{impl}_ms": ms[impl] for impl in IMPLS if impl in ms})
+        for impl in IMPLS[1:]:
+            if "triton" in ms and impl in ms:
+                row[f"x_vs_{impl}"] = ms[impl] / ms["triton"]
+        table.append(row)
+    cols = list(dict.fromkeys(k for r in table for k in r))
+    print(f"device: {devices.pop()}\n" + format_table(table, cols))
+    targets = target_rows(rows, statistics.median(copy) if copy else None)
+    print("\ntargets (fp16, fwd+bwd)")
+    print(format_table(targets, list(dict.fromkeys(k for r in targets for k in r))))
+    out = results_path("bench_kernels_combined.csv", out_dir or Path(paths[0]).parent)
+    print(f"\nwrote {write_csv(table, out)}")
+    return 0
+
+
 def main(argv=None):
     args = parse_args(argv)
+    if args.combine:
+        return combine(args.combine, args.out)
     cuda = torch.cuda.is_available()
     if not cuda and args.interpret:
         os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports Triton kernels
@@ -398,7 +455,7 @@ def main(argv=None):
         print(f"measured device copy bandwidth: {env['copy_gbps']:.0f} GB/s "
               f"(targets use the nominal {NOMINAL_COPY_TBPS} TB/s)")  # fmt: skip
 
-    points = sweep_points(args.quick, device.type)
+    points = [] if args.targets_only else sweep_points(args.quick, device.type)
     if cuda and not args.no_targets:
         points += [("target", TARGET_A), ("target", TARGET_B)]
 
@@ -410,7 +467,12 @@ def main(argv=None):
         check_rows = run_checks(impl_names, shapes, dtypes, device)
     interp_rows = interpreter_pass() if (not cuda and args.interpret) else []
 
-    rows = run_timings(impl_names, points, dtypes, args.modes, device)
+    slug = "".join(c if c.isalnum() else "-" for c in env["device"]).strip("-").lower()
+    stem = f"bench_kernels_{slug}{('_' + args.tag) if args.tag else ''}"
+    csv_path = results_path(f"{stem}.csv", args.out)
+    # The CSV is rewritten after every row, so a run stopped early keeps what it measured.
+    rows = run_timings(impl_names, points, dtypes, args.modes, device,
+                       on_row=lambda done: write_csv(done, csv_path, env))  # fmt: skip
     cols = ["sweep", "dtype", "V", "N", "D", "K", "impl", "mode", "ms", "ms_p20", "ms_p80",
             "gbps", "error"]  # fmt: skip
     print("\n" + format_table(rows, [c for c in cols if any(c in r for r in rows)]))
@@ -422,9 +484,7 @@ def main(argv=None):
     elif not cuda:
         print("\ntargets: not measured (they need the H100)")
 
-    slug = "".join(c if c.isalnum() else "-" for c in env["device"]).strip("-").lower()
-    stem = f"bench_kernels_{slug}{('_' + args.tag) if args.tag else ''}"
-    csv_path = write_csv(rows, results_path(f"{stem}.csv", args.out), env)
+    write_csv(rows, csv_path, env)
     print(f"\nwrote {csv_path}")
     for extra, name in ((check_rows + interp_rows, "check"), (targets, "targets")):
         if extra:

@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# One-shot GPU check of the fused siamese kernels (issue 3), sized for at most 7 minutes on an H100:
+#   1. the CUDA-only tests (auto dispatch, large shapes in fp16 / bf16 / fp32, the sm_70 / sm_80 /
+#      sm_90 compile check);
+#   2. bench_kernels --quick with --check: Triton and eager, every dtype and mode, each impl first
+#      verified against a float64 reference;
+#   3. the same points under torch.compile (default mode), fp16;
+#   4. torch.compile(mode="max-autotune") at the two target shapes, fp16, forward+backward.
+# Each step has its own time limit and prints PASS / FAIL with its time; logs and CSVs go to $OUT.
+# PREPARE, if set, is a command run in the background during step 1 only (e.g. generating the data
+# of a later check), so that it never competes with the timed steps.
+# Combine the CSVs' target rows with: python benchmarks/bench_kernels.py --combine $OUT/*.csv
+set -u
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/gpu_check_kernels}
+mkdir -p "$OUT"
+# kernels/ is the package siasam_kernels once installed; uninstalled, a link gives it that name.
+KP=$(mktemp -d) && ln -s "$PWD/kernels" "$KP/siasam_kernels"
+export PYTHONPATH="${PYTHONPATH:-}:$PWD:$KP" PYTHONUNBUFFERED=1
+PY=${PYTHON:-python3}
+
+step() {  # name, time limit in seconds, then the command
+  local name=$1 limit=$2 start=$SECONDS
+  shift 2
+  if timeout "$limit" "$@" > "$OUT/$name.log" 2>&1; then
+    echo "PASS $name ($((SECONDS - start)) s)"
+  else
+    echo "FAIL $name (exit $?, $((SECONDS - start)) s, see $OUT/$name.log)"
+    tail -15 "$OUT/$name.log"
+  fi
+}
+
+nvidia-smi --query-gpu=name,driver_version,clocks.max.sm,memory.total --format=csv
+if [ -n "${PREPARE:-}" ]; then
+  bash -c "$PREPARE" > "$OUT/prepare.log" 2>&1 &
+  prep=$!
+fi
+step pytest_gpu 150 $PY -m pytest -q -p no:cacheprovider tests/test_siamese_kernels.py
+if [ -n "${PREPARE:-}" ]; then
+  wait "$prep" && echo "PASS prepare" || { echo "FAIL prepare (exit $?)"; tail -5 "$OUT/prepare.log"; }
+fi
+step bench_triton_eager 170 $PY benchmarks/bench_kernels.py --quick --check --impls triton,eager \
+  --out "$OUT" --tag triton-eager
+step bench_compile 90 $PY benchmarks/bench_kernels.py --quick --impls compile --dtypes fp16 \
+  --out "$OUT" --tag compile
+step bench_compile_max 50 $PY benchmarks/bench_kernels.py --targets-only --impls compile-max \
+  --dtypes fp16 --modes full --out "$OUT" --tag compile-max
+$PY benchmarks/bench_kernels.py --combine "$OUT"/bench_kernels_*.csv 2>&1 | tee "$OUT/combined.log"

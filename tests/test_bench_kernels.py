@@ -1,0 +1,55 @@
+"""benchmarks/bench_kernels.py --combine: merging timing CSVs of separate runs on one card."""
+
+import csv
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import bench_kernels  # noqa: E402
+
+A, B = bench_kernels.TARGET_A, bench_kernels.TARGET_B
+
+
+def write(path, device, rows):
+    cols = ["device", "copy_gbps", "sweep", "dtype", "V", "N", "D", "K", "impl", "mode", "ms"]
+    with open(path, "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=cols)
+        w.writeheader()
+        for r in rows:
+            w.writerow({"device": device, "copy_gbps": 3000.0, "N": 9, **r})
+
+
+def row(shape, impl, ms, mode="full", sweep="target", dtype="fp16"):
+    return dict(sweep=sweep, dtype=dtype, impl=impl, mode=mode, ms=ms, **shape)
+
+
+def test_combine_merges_runs_and_reports_targets(tmp_path, capsys):
+    write(tmp_path / "a.csv", "GPU", [row(A, "triton", 0.5), row(A, "eager", 3.0),
+                                      row(B, "triton", 0.4)])  # fmt: skip
+    write(tmp_path / "b.csv", "GPU", [row(A, "compile", 1.0), row(A, "compile-max", 0.9)])
+    assert bench_kernels.main(["--combine", str(tmp_path / "a.csv"), str(tmp_path / "b.csv")]) == 0
+    merged = list(csv.DictReader(open(tmp_path / "bench_kernels_combined.csv")))
+    a = next(r for r in merged if int(r["V"]) == A["V"])
+    assert float(a["x_vs_eager"]) == pytest.approx(6.0)
+    assert float(a["x_vs_compile"]) == pytest.approx(2.0)
+    assert float(a["x_vs_compile-max"]) == pytest.approx(1.8)
+    out = capsys.readouterr().out
+    # A: 6x eager, 1.8x the best compile -> met; B: 0.4 ms vs a floor of about 0.24 ms -> met
+    targets = [line for line in out.splitlines() if line.strip().startswith(("A:", "B:"))]
+    assert len(targets) == 2 and all("True" in line for line in targets), out
+
+
+def test_combine_refuses_mixed_devices(tmp_path):
+    write(tmp_path / "a.csv", "H100", [row(A, "triton", 0.5)])
+    write(tmp_path / "b.csv", "V100", [row(A, "eager", 3.0)])
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks/bench_kernels.py"), "--combine",
+         str(tmp_path / "a.csv"), str(tmp_path / "b.csv")],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert proc.returncode != 0 and "different devices" in proc.stderr
