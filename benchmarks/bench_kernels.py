@@ -45,6 +45,7 @@ IMPLS = ("triton", "eager", "compile", "compile-max")
 MODES = ("fwd", "bwd", "full")
 TARGET_A = dict(V=64, D=768, K=1500)
 TARGET_B = dict(V=4096, D=768, K=4096)
+DEFAULT_GRID = "block_k=128,256,512;num_warps=4,8;num_stages=1,3"
 
 
 def parse_args(argv=None):
@@ -62,6 +63,9 @@ def parse_args(argv=None):
                    help="no GPU: also run a tiny Triton-interpreter correctness pass")  # fmt: skip
     p.add_argument("--cpu-compile", action="store_true", help="no GPU: also time torch.compile")
     p.add_argument("--tag", default="", help="suffix of the output file names")
+    p.add_argument("--sweep-configs", nargs="?", const=DEFAULT_GRID, default=None, metavar="GRID",
+                   help="time the Triton loss at the target shapes under every launch config of "
+                        f"GRID (default {DEFAULT_GRID!r}) and the built-in heuristic")  # fmt: skip
     p.add_argument("--combine", nargs="+", metavar="CSV", default=None,
                    help="no timing: merge the timing CSVs of runs on one card into one table "
                         "(ms per impl, Triton's speed-ups) and report the targets")  # fmt: skip
@@ -376,6 +380,68 @@ def interpreter_pass():
     return rows
 
 
+def parse_grid(text):
+    """"block_k=128,256;num_warps=4,8" -> the cartesian product as a list of dicts."""
+    import itertools
+
+    axes = []
+    for part in text.split(";"):
+        key, sep, values = part.partition("=")
+        try:
+            axes.append([(key.strip(), int(v)) for v in values.split(",") if v.strip()])
+        except ValueError:
+            raise SystemExit(f"--sweep-configs: {part!r} is not KEY=INT,INT,...") from None
+        if not sep or not axes[-1]:
+            raise SystemExit(f"--sweep-configs: {part!r} is not KEY=INT,INT,...")
+    return [dict(combo) for combo in itertools.product(*axes)]
+
+
+def sweep_configs(grid, dtypes, device, env, out_dir, tag):
+    """Triton fwd and fwd+bwd at the target shapes for the heuristic and each config of ``grid``
+    (through SIASAM_KERNEL_CONFIG): the data for choosing a GPU's launch heuristic."""
+    from siasam_kernels import siamese as ks
+
+    from siasam_fast.benchutil import format_table, results_path, write_csv
+
+    configs = [None] + parse_grid(grid)
+    for cfg in configs[1:]:  # refuse a bad grid before any timing
+        ks.config_override(",".join(f"{k}={v}" for k, v in cfg.items()))
+    fn = make_impls(["triton"], device.type)["triton"]
+    slug = "".join(c if c.isalnum() else "-" for c in env["device"]).strip("-").lower()
+    path = results_path(f"bench_kernels_{slug}_configs{('_' + tag) if tag else ''}.csv", out_dir)
+    rows, saved = [], os.environ.get(ks.CONFIG_ENV)
+    try:
+        # The interpreter (no GPU) only shows that the sweep runs: tiny shapes.
+        shapes = (TARGET_A, TARGET_B) if device.type == "cuda" else (dict(V=2, D=32, K=64),)
+        for shape, dname in ((s, d) for s in shapes for d in dtypes):
+            inputs = make_inputs(shape["V"], N_CLIPS, shape["D"], shape["K"], DTYPES[dname], device)
+            for cfg in configs:
+                text = ",".join(f"{k}={v}" for k, v in cfg.items()) if cfg else ""
+                os.environ[ks.CONFIG_ENV] = text
+                launch = ks._launch_settings(shape["V"], shape["D"], shape["K"], device)
+                row = dict(dtype=dname, N=N_CLIPS, **shape, config=text or "heuristic", **launch)
+                for mode in ("fwd", "full"):
+                    try:
+                        row[f"{mode}_ms"] = time_impl(fn, inputs, mode, device.type)[0]
+                    except Exception as err:  # noqa: BLE001 - e.g. out of shared memory
+                        row["error"] = f"{type(err).__name__}: {str(err)[:100]}"
+                        break
+                rows.append(row)
+                timing = row.get("error") or "  ".join(
+                    f"{m} {row[m + '_ms']:.4f} ms" for m in ("fwd", "full"))
+                print(f"{dname} V={shape['V']} K={shape['K']} {row['config']}: {timing}")
+                write_csv(rows, path, env)
+    finally:
+        if saved is None:
+            os.environ.pop(ks.CONFIG_ENV, None)
+        else:
+            os.environ[ks.CONFIG_ENV] = saved
+    rows.sort(key=lambda r: (r["dtype"], r["V"], r.get("full_ms", float("inf"))))
+    print("\n" + format_table(rows, list(dict.fromkeys(k for r in rows for k in r))))
+    print(f"\nwrote {path}")
+    return 0
+
+
 def combine(paths, out_dir=None):
     """Merge timing CSVs (e.g. Triton + eager, compile and compile-max from separate runs on one
     card) into one row per (sweep, dtype, shape, mode) with each impl's ms and Triton's speed-ups,
@@ -440,6 +506,9 @@ def main(argv=None):
             print("bf16 not supported on this GPU: skipped")
             dtypes.remove("bf16")
         impl_names = args.impls
+    elif args.sweep_configs:
+        print("\nNO CUDA GPU FOUND: --interpret runs the config sweep in the Triton interpreter "
+              "at a tiny shape; its timings say nothing about a GPU")  # fmt: skip
     else:
         print(
             "\nNO CUDA GPU FOUND: the Triton kernels cannot be timed here. Timing the PyTorch "
@@ -455,6 +524,11 @@ def main(argv=None):
         print(f"measured device copy bandwidth: {env['copy_gbps']:.0f} GB/s "
               f"(targets use the nominal {NOMINAL_COPY_TBPS} TB/s)")  # fmt: skip
 
+    if args.sweep_configs:
+        if not cuda and not args.interpret:
+            raise SystemExit("--sweep-configs times the Triton kernels: it needs a CUDA GPU "
+                             "(or --interpret for a slow functional run)")  # fmt: skip
+        return sweep_configs(args.sweep_configs, dtypes, device, env, args.out, args.tag)
     points = [] if args.targets_only else sweep_points(args.quick, device.type)
     if cuda and not args.no_targets:
         points += [("target", TARGET_A), ("target", TARGET_B)]

@@ -40,6 +40,7 @@ no bf16 anyway, and in the Triton interpreter). Nothing here needs more than sm_
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 import triton
@@ -307,8 +308,49 @@ def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
+CONFIG_ENV = "SIASAM_KERNEL_CONFIG"
+_CONFIG_KEYS = ("block_d", "block_k", "num_warps", "num_stages")
+
+
+def config_override(value: str | None) -> dict:
+    """Parse ``SIASAM_KERNEL_CONFIG`` ("block_k=256,num_warps=8,num_stages=2"; any subset of
+    block_d, block_k, num_warps, num_stages): launch settings that replace the heuristic's, for
+    tuning on a new GPU (``benchmarks/bench_kernels.py --sweep-configs``). Empty: none."""
+    out: dict = {}
+    for item in (value or "").replace(";", ",").split(","):
+        if not item.strip():
+            continue
+        key, sep, raw = item.partition("=")
+        key = key.strip()
+        if not sep or key not in _CONFIG_KEYS:
+            raise ValueError(f"{CONFIG_ENV}: {item.strip()!r} is not KEY=VALUE with KEY one of "
+                             f"{', '.join(_CONFIG_KEYS)}")  # fmt: skip
+        try:
+            val = int(raw)
+        except ValueError:
+            raise ValueError(f"{CONFIG_ENV}: {key}={raw.strip()!r} is not an integer") from None
+        lo, hi = {"block_d": (16, 4096), "block_k": (16, 65536), "num_warps": (1, 32),
+                  "num_stages": (1, 8)}[key]  # fmt: skip
+        power = key != "num_stages"
+        if not lo <= val <= hi or (power and val & (val - 1)):
+            kind = "a power of 2 " if power else ""
+            raise ValueError(f"{CONFIG_ENV}: {key}={val}: must be {kind}in [{lo}, {hi}]")
+        out[key] = val
+    return out
+
+
+def _launch_settings(V: int, D: int, K: int, device: torch.device) -> dict:
+    """Keyword arguments of a launch: the heuristic's, then any ``SIASAM_KERNEL_CONFIG``."""
+    block_d, block_k, num_warps = _launch_config(V, D, K, _sm_count(device))
+    settings = dict(BLOCK_D=block_d, BLOCK_K=block_k, num_warps=num_warps)
+    for key, val in config_override(os.environ.get(CONFIG_ENV)).items():
+        settings[key.upper() if key.startswith("block") else key] = val
+    return settings
+
+
 def _launch_config(V: int, D: int, K: int, sm_count: int) -> tuple[int, int, int]:
-    """BLOCK_D, BLOCK_K and num_warps (heuristics, not yet tuned on hardware).
+    """BLOCK_D, BLOCK_K and num_warps (heuristics; not yet tuned on hardware: the first H100
+    run found the kernels latency-bound, see the README's measurements).
 
     The logits dominate the traffic. With K % 16 == 0 Triton vectorises the loads (16 B per thread)
     and a 16 x 256 tile over 8 warps puts two clips on each warp, so the per-row reductions stay
@@ -340,7 +382,7 @@ def siamese_forward(features, logits, theta1, theta2, clip_mask, omega, tau, skg
     logits = logits.contiguous()
     theta1, theta2 = theta1.contiguous(), theta2.contiguous()
     mask = clip_mask.contiguous().view(torch.uint8) if clip_mask is not None else logits
-    block_d, block_k, num_warps = _launch_config(V, D, K, _sm_count(logits.device))
+    launch = _launch_settings(V, D, K, logits.device)
 
     f32 = dict(dtype=torch.float32, device=dev)
     loss = torch.empty(V, **f32)
@@ -352,8 +394,7 @@ def siamese_forward(features, logits, theta1, theta2, clip_mask, omega, tau, skg
     _siamese_fwd_kernel[(V,)](
         features, logits, theta1, theta2, mask, loss, q, cos, norm, lse, s,
         N, D, K, float(omega), 1.0 / float(tau), float(scale),
-        HAS_MASK=clip_mask is not None, SKG=skg, WRITE_Q=write_q,
-        BLOCK_D=block_d, BLOCK_K=block_k, num_warps=num_warps,
+        HAS_MASK=clip_mask is not None, SKG=skg, WRITE_Q=write_q, **launch,
     )  # fmt: skip
     return loss, (q if write_q else None), (cos, norm, lse, s)
 
@@ -377,7 +418,7 @@ def siamese_backward(
     mask = clip_mask.contiguous().view(torch.uint8) if clip_mask is not None else logits
     grad = grad.contiguous()
     grad_stride = 1 if grad.numel() == V and grad.dim() == 1 else 0
-    block_d, block_k, num_warps = _launch_config(V, D, K, _sm_count(logits.device))
+    launch = _launch_settings(V, D, K, logits.device)
 
     dz = torch.empty_like(logits) if need_dz else logits
     df = torch.empty_like(features) if need_df else logits
@@ -387,8 +428,7 @@ def siamese_backward(
         dz, df, dtheta,
         N, D, K, float(omega), 1.0 / float(tau), float(scale),
         HAS_MASK=clip_mask is not None, SKG=skg, DETACH=detach,
-        NEED_DZ=need_dz, NEED_DF=need_df, NEED_DTHETA=need_dtheta,
-        BLOCK_D=block_d, BLOCK_K=block_k, num_warps=num_warps,
+        NEED_DZ=need_dz, NEED_DF=need_df, NEED_DTHETA=need_dtheta, **launch,
     )  # fmt: skip
     dth1 = dth2 = None
     if need_dtheta:

@@ -1,11 +1,16 @@
 #!/usr/bin/env bash
-# One-shot GPU check of the fused siamese kernels (issue 3), sized for at most 7 minutes on an H100:
-#   1. the CUDA-only tests (auto dispatch, large shapes in fp16 / bf16 / fp32, the sm_70 / sm_80 /
-#      sm_90 compile check);
+# One-shot GPU check of the fused siamese kernels (issue 3), sized for at most 10 minutes on an
+# H100 (about 6 with TUNE=0):
+#   1. tests/test_siamese_kernels.py on the GPU (every case, plus auto dispatch and large shapes in
+#      fp16 / bf16 / fp32; the ahead-of-time sm_70 / sm_90 compile test runs only without a GPU);
 #   2. bench_kernels --quick with --check: Triton and eager, every dtype and mode, each impl first
 #      verified against a float64 reference;
 #   3. the same points under torch.compile (default mode), fp16;
-#   4. torch.compile(mode="max-autotune") at the two target shapes, fp16, forward+backward.
+#   4. with TUNE=1 (the default): launch settings swept at the target shapes
+#      (bench_kernels.py --sweep-configs) and an Nsight Compute profile of both kernels at target B
+#      ($OUT/ncu.log: throughput, memory, occupancy, warp stalls);
+#   5. torch.compile(mode="max-autotune") at the two target shapes, fp16, forward+backward
+#      (MAX_AUTOTUNE_S seconds at most: it autotunes for minutes).
 # Each step has its own time limit and prints PASS / FAIL with its time; logs and CSVs go to $OUT.
 # PREPARE, if set, is a command run in the background during step 1 only (e.g. generating the data
 # of a later check), so that it never competes with the timed steps.
@@ -43,6 +48,15 @@ step bench_triton_eager 170 $PY benchmarks/bench_kernels.py --quick --check --im
   --out "$OUT" --tag triton-eager
 step bench_compile 90 $PY benchmarks/bench_kernels.py --quick --impls compile --dtypes fp16 \
   --out "$OUT" --tag compile
-step bench_compile_max 50 $PY benchmarks/bench_kernels.py --targets-only --impls compile-max \
-  --dtypes fp16 --modes full --out "$OUT" --tag compile-max
+if [ "${TUNE:-1}" = 1 ]; then
+  # Launch settings at the two target shapes (fp16), then where the time goes in each kernel.
+  step sweep_configs 150 $PY benchmarks/bench_kernels.py --sweep-configs --dtypes fp16 \
+    --out "$OUT"
+  step ncu 120 ncu -k regex:_siamese --launch-skip 2 --launch-count 2 --section SpeedOfLight \
+    --section MemoryWorkloadAnalysis --section Occupancy --section LaunchStats \
+    --section WarpStateStats --section SchedulerStats \
+    $PY scripts/ncu_siamese.py --V 4096 --D 768 --K 4096
+fi
+step bench_compile_max "${MAX_AUTOTUNE_S:-90}" $PY benchmarks/bench_kernels.py --targets-only \
+  --impls compile-max --dtypes fp16 --modes full --out "$OUT" --tag compile-max
 $PY benchmarks/bench_kernels.py --combine "$OUT"/bench_kernels_*.csv 2>&1 | tee "$OUT/combined.log"

@@ -1,6 +1,7 @@
 """benchmarks/bench_kernels.py --combine: merging timing CSVs of separate runs on one card."""
 
 import csv
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -53,3 +54,26 @@ def test_combine_refuses_mixed_devices(tmp_path):
         capture_output=True, text=True,
     )  # fmt: skip
     assert proc.returncode != 0 and "different devices" in proc.stderr
+
+
+def test_config_sweep_runs_in_the_interpreter(tmp_path):
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks/bench_kernels.py"), "--interpret", "--dtypes",
+         "fp32", "--sweep-configs", "block_k=16;num_warps=2,4", "--out", str(tmp_path)],
+        capture_output=True, text=True, env=env, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    (path,) = tmp_path.glob("bench_kernels_*_configs.csv")
+    rows = list(csv.DictReader(open(path)))
+    assert [r["config"] for r in rows] == [
+        "heuristic", "block_k=16,num_warps=2", "block_k=16,num_warps=4"]  # fmt: skip
+    assert [r["num_warps"] for r in rows[1:]] == ["2", "4"] and rows[1]["BLOCK_K"] == "16"
+    assert all(float(r["full_ms"]) > 0 and not r.get("error") for r in rows)
+
+
+def test_config_grid_errors():
+    assert bench_kernels.parse_grid("block_k=64,128;num_stages=2") == [
+        {"block_k": 64, "num_stages": 2}, {"block_k": 128, "num_stages": 2}]  # fmt: skip
+    with pytest.raises(SystemExit, match="is not KEY=INT"):
+        bench_kernels.parse_grid("block_k=big")

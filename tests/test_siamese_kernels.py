@@ -16,6 +16,7 @@ Tolerances (relative to the largest entry):
 
 import math
 import os
+import re
 
 import pytest
 import torch
@@ -280,6 +281,40 @@ def test_triton_limits_are_errors_that_say_what_is_supported():
         siamese_soft_label(f, z, t1.requires_grad_(), t2, impl="triton")
     with torch.no_grad():
         siamese_soft_label(f, z, t1, t2, impl="triton")
+
+
+@pytest.mark.parametrize("config", ["block_k=16,num_warps=2,num_stages=1", "block_d=16;block_k=64"])
+def test_launch_config_override_keeps_results(monkeypatch, config):
+    """SIASAM_KERNEL_CONFIG replaces the heuristic's tiles (several K and D loop trips here)."""
+    from siasam_kernels import siamese as ks
+
+    monkeypatch.setenv(ks.CONFIG_ENV, config)
+    launch = ks._launch_settings(2, 40, 100, torch.device(DEVICE))
+    want = ks.config_override(config)
+    assert all(launch[k.upper() if k.startswith("block") else k] == v for k, v in want.items())
+    f, z, t1, t2, m = make_inputs(2, 9, 40, 100, torch.float32, True, seed=5)
+    tri, ref = run_both(f, z, t1, t2, m)
+    assert_matches(tri, ref, torch.float32)
+
+
+@pytest.mark.parametrize(
+    "value, message",
+    [
+        ("block_k=100", "block_k=100: must be a power of 2 in"),
+        ("num_warps=64", "num_warps=64: must be a power of 2 in"),
+        ("block_d=8", "block_d=8: must be a power of 2 in"),
+        ("num_stages=0", "num_stages=0: must be in"),
+        ("tile=16", "'tile=16' is not KEY=VALUE with KEY one of block_d"),
+        ("block_k=big", "block_k='big' is not an integer"),
+    ],
+)
+def test_launch_config_override_errors_name_the_value(value, message):
+    from siasam_kernels import siamese as ks
+
+    with pytest.raises(ValueError, match=re.escape(message)):
+        ks.config_override(value)
+    assert ks.config_override("") == {} and ks.config_override(None) == {}
+    assert ks.config_override(" block_k=256, num_stages=3 ") == {"block_k": 256, "num_stages": 3}
 
 
 def test_dispatch_env_override(monkeypatch):
