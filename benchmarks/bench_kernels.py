@@ -45,7 +45,7 @@ IMPLS = ("triton", "eager", "compile", "compile-max")
 MODES = ("fwd", "bwd", "full")
 TARGET_A = dict(V=64, D=768, K=1500)
 TARGET_B = dict(V=4096, D=768, K=4096)
-DEFAULT_GRID = "block_k=128,256,512;num_warps=4,8;num_stages=1,3"
+DEFAULT_GRID = "block_k=128,256,512,1024;num_warps=4,8,16;num_stages=1,3"
 
 
 def parse_args(argv=None):
@@ -412,7 +412,7 @@ def sweep_configs(grid, dtypes, device, env, out_dir, tag):
     rows, saved = [], os.environ.get(ks.CONFIG_ENV)
     try:
         # The interpreter (no GPU) only shows that the sweep runs: tiny shapes.
-        shapes = (TARGET_A, TARGET_B) if device.type == "cuda" else (dict(V=2, D=32, K=64),)
+        shapes = (TARGET_B, TARGET_A) if device.type == "cuda" else (dict(V=2, D=32, K=64),)
         for shape, dname in ((s, d) for s in shapes for d in dtypes):
             inputs = make_inputs(shape["V"], N_CLIPS, shape["D"], shape["K"], DTYPES[dname], device)
             for cfg in configs:
