@@ -45,7 +45,7 @@ IMPLS = ("triton", "eager", "compile", "compile-max")
 MODES = ("fwd", "bwd", "full")
 TARGET_A = dict(V=64, D=768, K=1500)
 TARGET_B = dict(V=4096, D=768, K=4096)
-DEFAULT_GRID = "block_k=128,256,512,1024;num_warps=4,8,16;num_stages=1,3"
+DEFAULT_GRID = "block_k=256,512,1024;num_warps=4,8;prefetch=0,1;anchor_2d=0,1"
 
 
 def parse_args(argv=None):

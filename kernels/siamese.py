@@ -109,6 +109,25 @@ def _soft_label_coefficients(theta1_ptr, theta2_ptr, a_hat, valid, omega):
 
 
 @triton.jit
+def _logits_tile(z_rows, k0, K, valid, BLOCK_K: tl.constexpr):
+    """[16, BLOCK_K] logits from column k0 (zeros past K and for invalid clips)."""
+    offs_k = k0 + tl.arange(0, BLOCK_K)
+    return tl.load(z_rows + offs_k[None, :], mask=valid[:, None] & (offs_k < K)[None, :], other=0.0)
+
+
+@triton.jit
+def _anchor_row(z_base, offs_k, in_k, rows, ANCHOR_2D: tl.constexpr):
+    """The anchor's logits z_0 at offs_k, fp32, shaped to broadcast against a [16, BLOCK_K] tile.
+    ANCHOR_2D loads it once per row (the same addresses: cache hits) in the tile's own layout,
+    instead of one row whose layout is converted (through shared memory) to the tile's."""
+    if ANCHOR_2D:
+        ptrs = z_base + (rows * 0)[:, None] + offs_k[None, :]
+        return tl.load(ptrs, mask=(rows >= 0)[:, None] & in_k[None, :], other=0.0).to(tl.float32)
+    else:
+        return tl.load(z_base + offs_k, mask=in_k, other=0.0).to(tl.float32)[None, :]
+
+
+@triton.jit
 def _siamese_fwd_kernel(
     f_ptr,  # [V, N, D] features
     z_ptr,  # [V, N, K] logits
@@ -132,6 +151,8 @@ def _siamese_fwd_kernel(
     WRITE_Q: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    PREFETCH: tl.constexpr = False,
+    ANCHOR_2D: tl.constexpr = False,
 ):
     vid = tl.program_id(0).to(tl.int64)
     rows = tl.arange(0, BLOCK_N)
@@ -164,18 +185,23 @@ def _siamese_fwd_kernel(
     m = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)  # running max (log2 units)
     den = tl.zeros((BLOCK_N,), dtype=tl.float32)  # sum_k exp2(z2 - m)
     num = tl.zeros((BLOCK_N,), dtype=tl.float32)  # sum_k exp2(z2 - m) * z_0k
+    if PREFETCH:
+        z_next = _logits_tile(z_rows, 0, K, valid, BLOCK_K)
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         in_k = offs_k < K
         # Invalid clips read as zeros (finite stats, never used): their memory is never touched.
-        z = tl.load(z_rows + offs_k[None, :], mask=valid[:, None] & in_k[None, :], other=0.0)
+        if PREFETCH:  # the next tile's load is in flight while this one is reduced
+            z = z_next
+            z_next = _logits_tile(z_rows, k0 + BLOCK_K, K, valid, BLOCK_K)
+        else:
+            z = _logits_tile(z_rows, k0, K, valid, BLOCK_K)
         z2 = tl.where(in_k[None, :], z.to(tl.float32) * LOG2E, float("-inf"))
-        z0 = tl.load(z_base + offs_k, mask=in_k, other=0.0).to(tl.float32)  # the anchor's row
         m_new = tl.maximum(m, tl.max(z2, axis=1))
         rescale = tl.exp2(m - m_new)
         p = tl.exp2(z2 - m_new[:, None])
         den = den * rescale + tl.sum(p, axis=1)
-        num = num * rescale + tl.sum(p * z0[None, :], axis=1)
+        num = num * rescale + tl.sum(p * _anchor_row(z_base, offs_k, in_k, rows, ANCHOR_2D), axis=1)
         m = m_new
     lse = (m + tl.log2(den)) * LN2
     s = num / den
@@ -227,6 +253,8 @@ def _siamese_bwd_kernel(
     NEED_DTHETA: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    PREFETCH: tl.constexpr = False,
+    ANCHOR_2D: tl.constexpr = False,
 ):
     vid = tl.program_id(0).to(tl.int64)
     rows = tl.arange(0, BLOCK_N)
@@ -284,16 +312,22 @@ def _siamese_bwd_kernel(
         z_base = z_ptr + vid * N * K
         z_rows = z_base + rows[:, None] * K
         dz_rows = dz_ptr + vid * N * K + rows[:, None] * K
+        if PREFETCH:
+            z_next = _logits_tile(z_rows, 0, K, valid, BLOCK_K)
         for k0 in range(0, K, BLOCK_K):
             offs_k = k0 + tl.arange(0, BLOCK_K)
             in_k = offs_k < K
-            z = tl.load(z_rows + offs_k[None, :], mask=valid[:, None] & in_k[None, :], other=0.0)
+            if PREFETCH:
+                z = z_next
+                z_next = _logits_tile(z_rows, k0 + BLOCK_K, K, valid, BLOCK_K)
+            else:
+                z = _logits_tile(z_rows, k0, K, valid, BLOCK_K)
             p = tl.exp2(z.to(tl.float32) * LOG2E - lse2[:, None])
             q = tl.sum(c[:, None] * p, axis=0)  # eq. 5
             dz = tl.where(is_anchor[:, None], p - q[None, :], 0.0)  # through log softmax(z_0)
             if not DETACH:
-                z0 = tl.load(z_base + offs_k, mask=in_k, other=0.0).to(tl.float32)
-                dz += c[:, None] * p * (s[:, None] - z0[None, :])  # through Q (eq. 3-5)
+                z0 = _anchor_row(z_base, offs_k, in_k, rows, ANCHOR_2D)
+                dz += c[:, None] * p * (s[:, None] - z0)  # through Q (eq. 3-5)
             tl.store(
                 dz_rows + offs_k[None, :],
                 (dz * g).to(dz_ptr.dtype.element_ty),
@@ -309,13 +343,14 @@ def _sm_count(device: torch.device) -> int:
 
 
 CONFIG_ENV = "SIASAM_KERNEL_CONFIG"
-_CONFIG_KEYS = ("block_d", "block_k", "num_warps", "num_stages")
+_CONFIG_KEYS = ("block_d", "block_k", "num_warps", "num_stages", "prefetch", "anchor_2d")
 
 
 def config_override(value: str | None) -> dict:
     """Parse ``SIASAM_KERNEL_CONFIG`` ("block_k=256,num_warps=8,num_stages=2"; any subset of
-    block_d, block_k, num_warps, num_stages): launch settings that replace the heuristic's, for
-    tuning on a new GPU (``benchmarks/bench_kernels.py --sweep-configs``). Empty: none."""
+    block_d, block_k, num_warps, num_stages and the 0 / 1 switches prefetch (load the next logits
+    tile while reducing this one) and anchor_2d (see ``_anchor_row``)): settings that replace the
+    heuristic's, for tuning on a GPU (``benchmarks/bench_kernels.py --sweep-configs``)."""
     out: dict = {}
     for item in (value or "").replace(";", ",").split(","):
         if not item.strip():
@@ -330,8 +365,8 @@ def config_override(value: str | None) -> dict:
         except ValueError:
             raise ValueError(f"{CONFIG_ENV}: {key}={raw.strip()!r} is not an integer") from None
         lo, hi = {"block_d": (16, 4096), "block_k": (16, 65536), "num_warps": (1, 32),
-                  "num_stages": (1, 8)}[key]  # fmt: skip
-        power = key != "num_stages"
+                  "num_stages": (1, 8), "prefetch": (0, 1), "anchor_2d": (0, 1)}[key]  # fmt: skip
+        power = key.startswith("block") or key == "num_warps"
         if not lo <= val <= hi or (power and val & (val - 1)):
             kind = "a power of 2 " if power else ""
             raise ValueError(f"{CONFIG_ENV}: {key}={val}: must be {kind}in [{lo}, {hi}]")
@@ -344,7 +379,8 @@ def _launch_settings(V: int, D: int, K: int, device: torch.device) -> dict:
     block_d, block_k, num_warps = _launch_config(V, D, K, _sm_count(device))
     settings = dict(BLOCK_D=block_d, BLOCK_K=block_k, num_warps=num_warps)
     for key, val in config_override(os.environ.get(CONFIG_ENV)).items():
-        settings[key.upper() if key.startswith("block") else key] = val
+        settings[key if key.startswith("num_") else key.upper()] = bool(val) if key in (
+            "prefetch", "anchor_2d") else val
     return settings
 
 

@@ -283,7 +283,16 @@ def test_triton_limits_are_errors_that_say_what_is_supported():
         siamese_soft_label(f, z, t1, t2, impl="triton")
 
 
-@pytest.mark.parametrize("config", ["block_k=16,num_warps=2,num_stages=1", "block_d=16;block_k=64"])
+@pytest.mark.parametrize(
+    "config",
+    [
+        "block_k=16,num_warps=2,num_stages=1",
+        "block_d=16;block_k=64",
+        "block_k=32,prefetch=1,anchor_2d=1",
+        "block_k=16,prefetch=1",
+        "anchor_2d=1",
+    ],
+)
 def test_launch_config_override_keeps_results(monkeypatch, config):
     """SIASAM_KERNEL_CONFIG replaces the heuristic's tiles (several K and D loop trips here)."""
     from siasam_kernels import siamese as ks
@@ -291,7 +300,7 @@ def test_launch_config_override_keeps_results(monkeypatch, config):
     monkeypatch.setenv(ks.CONFIG_ENV, config)
     launch = ks._launch_settings(2, 40, 100, torch.device(DEVICE))
     want = ks.config_override(config)
-    assert all(launch[k.upper() if k.startswith("block") else k] == v for k, v in want.items())
+    assert all(launch[k if k.startswith("num_") else k.upper()] == v for k, v in want.items())
     f, z, t1, t2, m = make_inputs(2, 9, 40, 100, torch.float32, True, seed=5)
     tri, ref = run_both(f, z, t1, t2, m)
     assert_matches(tri, ref, torch.float32)
@@ -306,6 +315,7 @@ def test_launch_config_override_keeps_results(monkeypatch, config):
         ("num_stages=0", "num_stages=0: must be in"),
         ("tile=16", "'tile=16' is not KEY=VALUE with KEY one of block_d"),
         ("block_k=big", "block_k='big' is not an integer"),
+        ("prefetch=2", "prefetch=2: must be in [0, 1]"),
     ],
 )
 def test_launch_config_override_errors_name_the_value(value, message):
