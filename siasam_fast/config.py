@@ -96,6 +96,7 @@ class TrainConfig:
     max_steps: int = 0  # stop after this many steps (0: run all epochs)
     precision: str = "auto"  # auto: from the DeepSpeed config | fp32 | fp16 | bf16
     sync_timing: bool = False  # synchronise the GPU between phases to split the step time
+    init_from: str = ""  # a checkpoint (tag or run directory) whose model weights start a new run
 
     def __post_init__(self) -> None:
         _choice("train.optimizer", self.optimizer, OPTIMIZERS)

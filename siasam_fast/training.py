@@ -59,7 +59,8 @@ from siasam_fast.pipeline.manifest import load_manifest  # noqa: E402
 # Config fields that may change between a checkpoint and the run resuming (or evaluating) it.
 RESUMABLE_CHANGES = {
     "train.epochs", "train.max_steps", "train.out_dir", "train.log_every", "train.save_every",
-    "train.keep_checkpoints", "train.sync_timing", "data.num_workers", "data.backend",
+    "train.keep_checkpoints", "train.sync_timing", "train.init_from", "data.num_workers",
+    "data.backend",
     "data.manifest", "data.video_dir", "data.train", "data.val", "data.test", "eval.batch_size",
     "eval.num_clips", "eval.aggregation", "eval.split", "siamese.impl",
 }
@@ -521,13 +522,15 @@ def train(argv: list[str] | None = None) -> int:
     precision = ds_config.precision_of(ds)
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[precision]
 
-    tag_dir = None
+    tag_dir = init_dir = saved_vocab = None
     if args.resume:
         tag_dir = resolve_checkpoint(out_dir if args.resume == "auto" else args.resume)
-        saved_vocab = load_ans2label(tag_dir.parent.parent / "ans2label.json") \
-            if (tag_dir.parent.parent / "ans2label.json").is_file() else None
-    data = load_data(cfg, out_dir if rank0 else None,
-                     ans2label=saved_vocab if tag_dir is not None else None)
+    elif cfg.train.init_from:
+        init_dir = resolve_checkpoint(cfg.train.init_from)
+    for ckpt in (tag_dir, init_dir):  # the answer vocabulary the checkpoint was trained with
+        if ckpt is not None and (ckpt.parent.parent / "ans2label.json").is_file():
+            saved_vocab = load_ans2label(ckpt.parent.parent / "ans2label.json")
+    data = load_data(cfg, out_dir if rank0 else None, ans2label=saved_vocab)
     tokenizer = load_tokenizer(cfg.model)
     text = TextEncoder(tokenizer, cfg.task, cfg.data.max_question_len)
     train_loader = make_loader(cfg, data, "train", rank, world)
@@ -539,6 +542,10 @@ def train(argv: list[str] | None = None) -> int:
         raise ValueError("the train split has no usable examples (see the log for the reasons)")
     total_steps = steps_per_epoch * cfg.train.epochs
     model = build_model(cfg, len(data.ans2label), len(tokenizer))
+    if init_dir is not None:
+        note = init_model_from(model, init_dir, cfg, _vocab_hash(data.ans2label))
+        if rank0:
+            print(note)
     optimizer, optimizer_name = build_optimizer(model, cfg, device)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, warmup_linear_decay(total_steps, cfg.train.warmup_ratio))
@@ -719,6 +726,36 @@ def evaluate_checkpoint(checkpoint: str, config_path: str | None = None,
     loader = make_loader(cfg, data, split, rank, world)
     text = TextEncoder(tokenizer, cfg.task, cfg.data.max_question_len)
     return evaluate(model, loader, cfg, text, device, torch.float32, desc=f"eval {split}")
+
+
+def init_model_from(model: torch.nn.Module, tag_dir: Path, cfg: Config, vocab: str) -> str:
+    """``train.init_from``: start a new run from a checkpoint's model weights (no optimizer,
+    schedule or data position), e.g. SiaSamRea fine-tuned from a trained baseline, as the paper
+    fine-tunes a pretrained ClipBERT. The model, task and answer vocabulary must match; weights
+    whose shape differs (theta1 / theta2 when the number of clips changes) keep their
+    initialisation. Returns a one-line report."""
+    state = json.loads((tag_dir / "run_state.json").read_text())
+    saved = config_from_json(json.dumps(state["config"])).to_dict()
+    problems = [p for p in config_mismatches(saved, cfg.to_dict())
+                if p.startswith(("model.", "task"))]  # fmt: skip
+    if problems:
+        raise ValueError(f"train.init_from={str(tag_dir)!r} has another model:\n  "
+                         + "\n  ".join(problems))  # fmt: skip
+    if state["vocab"] != vocab:
+        raise ValueError(f"train.init_from={str(tag_dir)!r} was trained with another answer "
+                         "vocabulary")  # fmt: skip
+    weights = load_model_weights(tag_dir)
+    own = model.state_dict()
+    kept = sorted(k for k, v in weights.items() if k in own and own[k].shape != v.shape)
+    loaded = {k: v for k, v in weights.items() if k in own and own[k].shape == v.shape}
+    missing = sorted(set(own) - set(loaded) - set(kept))
+    model.load_state_dict(loaded, strict=False)
+    note = f"init_from {tag_dir}: {len(loaded)} of {len(own)} tensors loaded"
+    if kept:
+        note += f"; shape differs, initialised afresh: {', '.join(kept)}"
+    if missing:
+        note += f"; not in the checkpoint: {', '.join(missing)}"
+    return note
 
 
 def _apply(values: dict, overrides):

@@ -204,3 +204,26 @@ def test_arch_list_made_readable_for_deepspeed_fused_adam(value, expected):
     if expected:  # DeepSpeed 0.19's own sort key (op_builder/builder.py) must accept every entry
         for cc in expected.split(";"):
             tuple(int(part.split("+")[0]) for part in cc.split("."))
+
+
+def test_init_from_starts_a_new_run_from_trained_weights(synth, tmp_path):
+    import torch
+
+    from siasam_fast.training import load_model_weights, resolve_checkpoint
+
+    base, fine = tmp_path / "base", tmp_path / "fine"
+    train(base_args(synth, base, "--set", "train.max_steps=3", "--set", "siamese.alpha=0",
+                    "--set", "sampling.num_clips=1"))  # fmt: skip
+    # SiaSamRea with 3 clips from the 1-clip baseline; lr 0 keeps the loaded weights as they are.
+    proc = train(base_args(synth, fine, "--set", "train.max_steps=1", "--set", "train.lr=0",
+                           "--set", f"train.init_from={base}"))  # fmt: skip
+    assert "initialised afresh: reasoning.theta1, reasoning.theta2" in proc.stdout, proc.stdout
+    a, b = (load_model_weights(resolve_checkpoint(d)) for d in (base, fine))
+    shared = [k for k in a if a[k].shape == b[k].shape and "running_" not in k
+              and "num_batches" not in k]  # fmt: skip
+    assert len(shared) > 20 and all(torch.equal(a[k], b[k]) for k in shared)
+    assert b["reasoning.theta1"].shape == (3,)
+    mismatch = r"model.dropout: checkpoint has 0.1, this run has 0.3"
+    with pytest.raises(AssertionError, match=mismatch):
+        train(base_args(synth, tmp_path / "other", "--set", "model.dropout=0.3",
+                        "--set", f"train.init_from={base}"))  # fmt: skip
