@@ -13,8 +13,11 @@ import ablation  # noqa: E402
 from siasam_fast.config import load_config  # noqa: E402
 
 
-def overrides_of(name):
-    return dict(item.split("=", 1) for item in ablation.ALL_VARIANTS[name][1])
+def overrides_of(name, runs="runs/ablation", seed=0):
+    """A variant's overrides as plan_runs fills them in for one seed."""
+    items = [o.replace("{runs}", runs).replace("{seed}", str(seed))
+             for o in ablation.ALL_VARIANTS[name][1]]  # fmt: skip
+    return dict(item.split("=", 1) for item in items)
 
 
 def test_variants_cover_the_papers_ablations():
@@ -48,10 +51,16 @@ def test_variants_cover_the_papers_ablations():
 
 @pytest.mark.parametrize("name", sorted(ablation.ALL_VARIANTS))
 def test_every_variant_is_a_valid_config_that_differs_only_in_method_switches(name):
-    cfg = load_config(ROOT / "configs" / "demo.yaml", ablation.ALL_VARIANTS[name][1])
+    cfg = load_config(ROOT / "configs" / "demo.yaml", [f"{k}={v}" for k, v in
+                                                       overrides_of(name).items()])  # fmt: skip
     base = load_config(ROOT / "configs" / "demo.yaml")
     for section in ("data", "model", "train", "eval"):  # the hyper-parameters stay the demo's
-        assert getattr(cfg, section) == getattr(base, section), section
+        got, want = getattr(cfg, section), getattr(base, section)
+        if section == "train" and name.startswith("ft_"):  # fine-tuning: its start, epochs, lr
+            changed = {k for k in vars(got) if getattr(got, k) != getattr(want, k)}
+            assert changed == {"init_from", "epochs", "lr"}, changed
+        else:
+            assert got == want, section
     # Later overrides win, so each variant's own switches are what the run gets.
     for key, value in overrides_of(name).items():
         section, field = key.split(".")
@@ -173,3 +182,15 @@ def test_summary_keeps_columns_that_the_first_run_lacks():
     assert out[0]["flash_hidden_mean"] == pytest.approx(0.2) and out[0]["flash_hidden_std"] == 0.0
     assert out[0]["train_seconds_mean"] == pytest.approx(2.0)
     assert ablation.display_rows(out)[0]["flash_hidden"] == "20.0 +- 0.0"
+
+
+def test_fine_tuning_runs_wait_for_their_baseline(tmp_path):
+    args = ablation.parse_args(["--variants", "ft_skg_skr", "baseline", "--seeds", "1",
+                                "--runs", str(tmp_path)])  # fmt: skip
+    ft, base = ablation.plan_runs(args, tmp_path / "data")
+    sets = [ft["cmd"][i + 1] for i, a in enumerate(ft["cmd"]) if a == "--set"]
+    assert f"train.init_from={tmp_path / 'baseline-seed1'}" in sets
+    assert ft["needs"] == tmp_path / "baseline-seed1" and base["needs"] is None
+    # Without the baseline in the plan and without its finished run, nothing starts.
+    with pytest.raises(RuntimeError, match="starts from .*baseline-seed1, which has no finished"):
+        ablation.execute([ft], jobs=2)
