@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import statistics
 import subprocess
 import sys
@@ -136,6 +137,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--data-seed", type=int, default=0, help="seed of the synthetic set")
     p.add_argument(
+        "--train-label-noise",
+        type=float,
+        default=0.0,
+        metavar="P",
+        help="give this fraction of the training questions another answer, drawn uniformly from "
+        "the training answers (val and test stay clean); use its own --runs folder",
+    )
+    p.add_argument(
         "--videos", type=int, default=None, help="synthetic videos (default: the demo's)"
     )
     p.add_argument(
@@ -154,8 +163,32 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.seeds = [0] if args.quick else list(DEFAULT_SEEDS)
     if args.jobs < 1:
         p.error(f"--jobs={args.jobs}: must be >= 1")
+    if not 0.0 <= args.train_label_noise < 1.0:
+        p.error(f"--train-label-noise={args.train_label_noise}: must be in [0, 1)")
     args.runs = Path(args.runs or ROOT / "runs" / ("ablation-quick" if args.quick else "ablation"))
     return args
+
+
+def noisy_train_split(data_dir: Path, fraction: float, seed: int) -> Path:
+    """A copy of the training annotations (MSRVTT-QA JSON) in which ``fraction`` of the questions,
+    chosen at random, carry another answer drawn uniformly from the training answers: symmetric
+    label noise, the setting where soft labels from several clips could act as a regulariser."""
+    src = data_dir / "annotations" / "train_qa.json"
+    items = json.loads(src.read_text())
+    answers = sorted({x["answer"] for x in items})
+    if len(answers) < 2:
+        raise ValueError(f"{src}: label noise needs at least 2 distinct answers")
+    rng = random.Random(seed)
+    for i in rng.sample(range(len(items)), round(fraction * len(items))):
+        items[i] = {
+            **items[i],
+            "answer": rng.choice([a for a in answers if a != items[i]["answer"]]),
+        }
+    dst = src.with_name(f"train_qa_noise{fraction:g}_seed{seed}.json")
+    text = json.dumps(items)
+    if not dst.is_file() or dst.read_text() != text:
+        dst.write_text(text)
+    return dst
 
 
 def plan_runs(args: argparse.Namespace, data_dir: Path) -> list[dict]:
@@ -367,6 +400,9 @@ def main(argv: list[str] | None = None) -> int:
     options = demo.synthetic_options(args.videos, args.quick)
     data_dir = demo.ensure_dataset(args.runs / "data", args.data_seed, options)
     meta = load_meta(data_dir)
+    if args.train_label_noise:
+        noisy = noisy_train_split(data_dir, args.train_label_noise, args.data_seed)
+        args.set = [f"data.train={noisy}", *args.set]
     runs = plan_runs(args, data_dir)
     execute(runs, args.jobs)
     rows = run_rows(runs, meta)
@@ -380,12 +416,15 @@ def main(argv: list[str] | None = None) -> int:
         "size": options["size"],
         "config": str(demo.DEMO_CONFIG.relative_to(ROOT)),
         "overrides": " ".join(args.set),
+        "train_label_noise": args.train_label_noise,
     }
     csv_runs = write_csv(rows, results_path(f"{tag}_runs.csv", args.out), {**env, **extra})
     csv_sum = write_csv(summary, results_path(f"{tag}.csv", args.out), {**env, **extra})
     title = (
         f"SiaSamRea ablations, synthetic VideoQA ({options['num_videos']} videos, "
-        f"{'/'.join(options['question_types'])}), seeds {args.seeds}"
+        f"{'/'.join(options['question_types'])}"
+        + (f", {args.train_label_noise:.0%} train label noise" if args.train_label_noise else "")
+        + f"), seeds {args.seeds}"
     )
     png = plot(summary, rows, results_path(f"{tag}.png", args.out), title)
     table = display_rows(summary)

@@ -194,3 +194,28 @@ def test_fine_tuning_runs_wait_for_their_baseline(tmp_path):
     # Without the baseline in the plan and without its finished run, nothing starts.
     with pytest.raises(RuntimeError, match="starts from .*baseline-seed1, which has no finished"):
         ablation.execute([ft], jobs=2)
+
+
+def test_noisy_train_split_changes_exactly_that_fraction(tmp_path):
+    import json
+
+    ann = tmp_path / "annotations"
+    ann.mkdir()
+    colours = ["red", "blue", "green", "cyan"] * 25
+    items = [{"answer": c, "category_id": 0, "id": i, "question": "what color is it?",
+              "video_id": i} for i, c in enumerate(colours)]  # fmt: skip
+    (ann / "train_qa.json").write_text(json.dumps(items))
+    path = ablation.noisy_train_split(tmp_path, 0.3, seed=4)
+    noisy = json.loads(path.read_text())
+    changed = [a for a, b in zip(items, noisy) if a["answer"] != b["answer"]]
+    assert len(changed) == 30 and len(noisy) == 100
+    assert all(a["id"] == b["id"] and a["question"] == b["question"] for a, b in zip(items, noisy))
+    assert {b["answer"] for b in noisy} <= {"red", "blue", "green", "cyan"}
+    assert ablation.noisy_train_split(tmp_path, 0.3, seed=4).read_text() == path.read_text()
+    assert json.loads((ann / "train_qa.json").read_text()) == items  # the clean split is kept
+
+
+def test_label_noise_must_be_a_fraction(capsys):
+    with pytest.raises(SystemExit):
+        ablation.parse_args(["--train-label-noise", "1.5"])
+    assert "--train-label-noise=1.5: must be in [0, 1)" in capsys.readouterr().err
