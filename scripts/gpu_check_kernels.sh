@@ -6,7 +6,7 @@
 #   2. bench_kernels --quick with --check: Triton and eager, every dtype and mode, each impl first
 #      verified against a float64 reference;
 #   3. the same points under torch.compile (default mode), fp16;
-#   4. with TUNE=1 (the default): launch settings swept at the target shapes
+#   4. with TUNE=1 (the default): launch settings swept at target B (fp16)
 #      (bench_kernels.py --sweep-configs) and an Nsight Compute profile of both kernels at target B
 #      ($OUT/ncu.log: throughput, memory, occupancy, warp stalls);
 #   5. torch.compile(mode="max-autotune") at the two target shapes, fp16, forward+backward
@@ -49,7 +49,7 @@ step bench_triton_eager 170 $PY benchmarks/bench_kernels.py --quick --check --im
 step bench_compile 90 $PY benchmarks/bench_kernels.py --quick --impls compile --dtypes fp16 \
   --out "$OUT" --tag compile
 if [ "${TUNE:-1}" = 1 ]; then
-  # Launch settings at the two target shapes (fp16), then where the time goes in each kernel.
+  # Launch settings at target B (fp16), then where the time goes in each kernel.
   step sweep_configs 150 $PY benchmarks/bench_kernels.py --sweep-configs --dtypes fp16 \
     --out "$OUT"
   step ncu 120 ncu -k regex:_siamese --launch-skip 2 --launch-count 2 --section SpeedOfLight \
