@@ -16,13 +16,9 @@
 # of a later check), so that it never competes with the timed steps.
 # Combine the CSVs' target rows with: python benchmarks/bench_kernels.py --combine $OUT/*.csv
 set -u
-cd "$(dirname "$0")/.."
+source "$(dirname "$0")/gpu_env.sh"  # repository root, PYTHONPATH, $PY
 OUT=${OUT:-/tmp/gpu_check_kernels}
 mkdir -p "$OUT"
-# kernels/ is the package siasam_kernels once installed; uninstalled, a link gives it that name.
-KP=$(mktemp -d) && ln -s "$PWD/kernels" "$KP/siasam_kernels"
-export PYTHONPATH="${PYTHONPATH:-}:$PWD:$KP" PYTHONUNBUFFERED=1
-PY=${PYTHON:-python3}
 
 step() {  # name, time limit in seconds, then the command
   local name=$1 limit=$2 start=$SECONDS

@@ -14,16 +14,11 @@
 # About 6-8 minutes on an H100 (FusedAdam's JIT build included); QUICK=1 runs a third of the
 # steps (100 + 100 resumed fp16, 100 bf16, 100 triton, 10 per ZeRO stage) in about 3-4 minutes.
 set -u
-cd "$(dirname "$0")/.."
+source "$(dirname "$0")/gpu_env.sh"  # repository root, PYTHONPATH, $PY
 OUT=${OUT:-/tmp/gpu_check_train}
 mkdir -p "$OUT"
-# The kernels/ folder is the package siasam_kernels once installed; without installing, a link
-# under a temporary folder on the path gives it that name.
-KP=$(mktemp -d) && ln -s "$PWD/kernels" "$KP/siasam_kernels"
-export PYTHONPATH="${PYTHONPATH:-}:$PWD:$KP" PYTHONUNBUFFERED=1
 if [ "${QUICK:-0}" = 1 ]; then S_FULL=200; S_HALF=100; S_RUN=100; S_BASE=10; RUN_TIMEOUT=150
 else S_FULL=300; S_HALF=150; S_RUN=300; S_BASE=40; RUN_TIMEOUT=600; fi
-PY=${PYTHON:-python3}
 # The launcher script may not be on PATH when DeepSpeed was installed with pip --target.
 read -r -a LAUNCH <<< "$(command -v deepspeed || echo "$PY -m deepspeed.launcher.runner")"
 DATA=data/gpu_synthetic
