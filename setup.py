@@ -24,7 +24,7 @@ setup(
     # (which transformers probes for) owns the bare name.
     packages=["siasam_fast", "siasam_fast.pipeline", "siasam_fast.data", "siasam_kernels"],
     package_dir={"siasam_kernels": "kernels"},
-    package_data={"siasam_fast": ["assets/*", "assets/**/*"]},
+    package_data={"siasam_fast": ["assets/*", "assets/**/*"], "siasam_kernels": ["tuned.json"]},
     install_requires=[
         "torch>=2.4",
         "triton>=3.0",

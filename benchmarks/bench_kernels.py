@@ -66,6 +66,10 @@ def parse_args(argv=None):
     p.add_argument("--sweep-configs", nargs="?", const=DEFAULT_GRID, default=None, metavar="GRID",
                    help="time the Triton loss at target B's shape under every launch config of "
                         f"GRID (default {DEFAULT_GRID!r}) and the built-in heuristic")  # fmt: skip
+    p.add_argument("--compile-workers", type=int, default=None,
+                   help="--sweep-configs: processes compiling the grid's kernels in parallel "
+                        "before the timing (default 8 on a GPU, 1 = compile as each config is "
+                        "timed, the default without one)")  # fmt: skip
     p.add_argument("--combine", nargs="+", metavar="CSV", default=None,
                    help="no timing: merge the timing CSVs of runs on one card into one table "
                         "(ms per impl, Triton's speed-ups) and report the targets")  # fmt: skip
@@ -381,65 +385,194 @@ def interpreter_pass():
 
 
 def parse_grid(text):
-    """"block_k=128,256;num_warps=4,8" -> the cartesian product as a list of dicts."""
+    """"block_k=128,256;num_warps=4,8" -> the cartesian product as a list of dicts; grids joined
+    by "|" give the union of their products (in order, without repeats)."""
     import itertools
 
-    axes = []
-    for part in text.split(";"):
-        key, sep, values = part.partition("=")
-        try:
-            axes.append([(key.strip(), int(v)) for v in values.split(",") if v.strip()])
-        except ValueError:
-            raise SystemExit(f"--sweep-configs: {part!r} is not KEY=INT,INT,...") from None
-        if not sep or not axes[-1]:
-            raise SystemExit(f"--sweep-configs: {part!r} is not KEY=INT,INT,...")
-    return [dict(combo) for combo in itertools.product(*axes)]
+    configs = []
+    for grid in text.split("|"):
+        axes = []
+        for part in grid.split(";"):
+            key, sep, values = part.partition("=")
+            try:
+                axes.append([(key.strip(), int(v)) for v in values.split(",") if v.strip()])
+            except ValueError:
+                raise SystemExit(f"--sweep-configs: {part!r} is not KEY=INT,INT,...") from None
+            if not sep or not axes[-1]:
+                raise SystemExit(f"--sweep-configs: {part!r} is not KEY=INT,INT,...")
+        configs += [dict(combo) for combo in itertools.product(*axes)]
+    unique = []
+    for cfg in configs:
+        if cfg not in unique:
+            unique.append(cfg)
+    return unique
 
 
-def sweep_configs(grid, dtypes, device, env, out_dir, tag):
-    """Triton fwd and fwd+bwd at target B for the heuristic and each config of ``grid``
-    (through SIASAM_KERNEL_CONFIG): the data for choosing a GPU's launch heuristic."""
+def config_text(cfg):
+    return ",".join(f"{k}={v}" for k, v in cfg.items()) if cfg else ""
+
+
+def config_kinds(cfg):
+    """The kernels a config changes: a fwd_ / bwd_ prefix names one, a bare key both."""
+    if not cfg or any(not k.startswith(("fwd_", "bwd_")) for k in cfg):
+        return ("fwd", "bwd")
+    return tuple(kind for kind in ("fwd", "bwd") if any(k.startswith(kind + "_") for k in cfg))
+
+
+def settings_text(launch):
+    return " ".join(f"{k}={int(v) if isinstance(v, bool) else v}" for k, v in launch.items())
+
+
+def tunable_settings(launch):
+    """A launch's keyword arguments as SIASAM_KERNEL_CONFIG keys (block_d left to the heuristic)."""
+    return {k.lower(): int(v) for k, v in launch.items() if k != "BLOCK_D"}
+
+
+_WORKER_INPUTS = {}
+
+
+def _precompile(task):
+    """Spawned worker: launch the Triton loss forward and backward once under one config, so that
+    Triton's on-disk cache holds its kernels before the timing starts (compiling the grid in
+    parallel instead of one config after another). Returns an error message or None."""
+    from siasam_kernels import siamese as ks
+
+    text, shape, dname, device_type = task
+    key = (tuple(shape.values()), dname)
+    if key not in _WORKER_INPUTS:
+        _WORKER_INPUTS.clear()
+        _WORKER_INPUTS[key] = make_inputs(shape["V"], N_CLIPS, shape["D"], shape["K"],
+                                          DTYPES[dname], torch.device(device_type))  # fmt: skip
+    os.environ[ks.CONFIG_ENV] = text
+    try:
+        f, z, t1, t2, m = _WORKER_INPUTS[key]
+        make_impls(["triton"], device_type)["triton"](f, z, t1, t2, m).backward()
+        if device_type == "cuda":
+            torch.cuda.synchronize()
+        for x in (f, z, t1, t2):
+            x.grad = None
+    except Exception as err:  # noqa: BLE001 - reported by the timing pass
+        return f"{type(err).__name__}: {str(err)[:100]}"
+    return None
+
+
+def precompile(configs, shapes, dtypes, workers, device_type):
+    import concurrent.futures as cf
+    import multiprocessing as mp
+
+    tasks = [(config_text(c), s, d, device_type) for d in dtypes for s in shapes for c in configs]
+    # Each worker takes one dtype's configs in turn (its inputs are made once per dtype).
+    start = time.perf_counter()
+    with cf.ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
+        errors = [e for e in pool.map(_precompile, tasks, chunksize=max(1, len(tasks) // workers))
+                  if e]  # fmt: skip
+    print(f"compiled {len(tasks)} configs in {time.perf_counter() - start:.0f} s with {workers} "
+          f"processes ({len(errors)} failed: the timing pass reports them)", flush=True)
+
+
+def sweep_configs(grid, dtypes, device, env, out_dir, tag, workers=None):
+    """Triton forward and backward, each timed alone, at target B for the heuristic and each
+    config of ``grid`` (through SIASAM_KERNEL_CONFIG), then the fastest forward with the fastest
+    backward (fwd+bwd) against the heuristic: the data for a GPU's launch settings. Writes the
+    timings (CSV) and the winners as a tuned table (JSON, the format of SIASAM_KERNEL_TUNED)."""
+    import json
+
     from siasam_kernels import siamese as ks
 
     from siasam_fast.benchutil import format_table, results_path, write_csv
 
     configs = [None] + parse_grid(grid)
     for cfg in configs[1:]:  # refuse a bad grid before any timing
-        ks.config_override(",".join(f"{k}={v}" for k, v in cfg.items()))
+        ks.config_override(config_text(cfg))
     fn = make_impls(["triton"], device.type)["triton"]
     slug = "".join(c if c.isalnum() else "-" for c in env["device"]).strip("-").lower()
-    path = results_path(f"bench_kernels_{slug}_configs{('_' + tag) if tag else ''}.csv", out_dir)
+    suffix = ("_" + tag) if tag else ""
+    path = results_path(f"bench_kernels_{slug}_configs{suffix}.csv", out_dir)
+    # Target B only: at A's size every config is bound by host overheads (see the README).
+    # The interpreter (no GPU) only shows that the sweep runs: a tiny shape.
+    shapes = (TARGET_B,) if device.type == "cuda" else (dict(V=2, D=32, K=64),)
+    if workers is None:
+        workers = 8 if device.type == "cuda" else 1
+    if workers > 1:
+        precompile(configs, shapes, dtypes, workers, device.type)
     rows, saved = [], os.environ.get(ks.CONFIG_ENV)
+    tuned = {}
+
+    def time_config(shape, dname, inputs, cfg, label=None):
+        text = config_text(cfg)
+        os.environ[ks.CONFIG_ENV] = text
+        kinds = config_kinds(cfg)
+        row = dict(dtype=dname, N=N_CLIPS, **shape, config=label or text or "heuristic",
+                   kinds="+".join(kinds))  # fmt: skip
+        es = DTYPES[dname].itemsize
+        for kind in kinds:
+            row[f"{kind}_launch"] = settings_text(
+                ks._launch_settings(shape["V"], shape["D"], shape["K"], device, kind, es))
+        for mode in (("fwd", "bwd", "full") if len(kinds) == 2 else kinds):
+            try:
+                row[f"{mode}_ms"] = time_impl(fn, inputs, mode, device.type)[0]
+            except Exception as err:  # noqa: BLE001 - e.g. out of shared memory
+                row["error"] = f"{type(err).__name__}: {str(err)[:100]}"
+                break
+        rows.append(row)
+        timing = row.get("error") or "  ".join(
+            f"{m} {row[m + '_ms']:.4f} ms" for m in ("fwd", "bwd", "full") if m + "_ms" in row)
+        print(f"{dname} V={shape['V']} K={shape['K']} {row['config']}: {timing}", flush=True)
+        write_csv(rows, path, env)
+        return row
+
     try:
-        # Target B only: at A's size every config is bound by host overheads (see the README).
-        # The interpreter (no GPU) only shows that the sweep runs: a tiny shape.
-        shapes = (TARGET_B,) if device.type == "cuda" else (dict(V=2, D=32, K=64),)
         for shape, dname in ((s, d) for s in shapes for d in dtypes):
             inputs = make_inputs(shape["V"], N_CLIPS, shape["D"], shape["K"], DTYPES[dname], device)
-            for cfg in configs:
-                text = ",".join(f"{k}={v}" for k, v in cfg.items()) if cfg else ""
-                os.environ[ks.CONFIG_ENV] = text
-                launch = ks._launch_settings(shape["V"], shape["D"], shape["K"], device)
-                row = dict(dtype=dname, N=N_CLIPS, **shape, config=text or "heuristic", **launch)
-                for mode in ("fwd", "full"):
-                    try:
-                        row[f"{mode}_ms"] = time_impl(fn, inputs, mode, device.type)[0]
-                    except Exception as err:  # noqa: BLE001 - e.g. out of shared memory
-                        row["error"] = f"{type(err).__name__}: {str(err)[:100]}"
-                        break
-                rows.append(row)
-                timing = row.get("error") or "  ".join(
-                    f"{m} {row[m + '_ms']:.4f} ms" for m in ("fwd", "full"))
-                print(f"{dname} V={shape['V']} K={shape['K']} {row['config']}: {timing}")
-                write_csv(rows, path, env)
+            mine = [time_config(shape, dname, inputs, cfg) for cfg in configs]
+            best = {}
+            for kind in ("fwd", "bwd"):
+                timed = [r for r in mine if f"{kind}_ms" in r and not r.get("error")]
+                best[kind] = min(timed, key=lambda r: r[f"{kind}_ms"])
+            # The two winners together, by their effective settings (fwd_ / bwd_ keys).
+            es = DTYPES[dname].itemsize
+            chosen = {}
+            for kind in ("fwd", "bwd"):
+                os.environ[ks.CONFIG_ENV] = "" if best[kind]["config"] == "heuristic" else \
+                    best[kind]["config"]  # fmt: skip
+                launch = ks._launch_settings(shape["V"], shape["D"], shape["K"], device, kind, es)
+                chosen[kind] = tunable_settings(launch)
+            both = {f"{kind}_{k}": v for kind in ("fwd", "bwd") for k, v in chosen[kind].items()}
+            row = time_config(shape, dname, inputs, both, label="chosen: " + " | ".join(
+                best[k]["config"] for k in ("fwd", "bwd")))  # fmt: skip
+            heuristic = mine[0]
+            row["full_speedup_vs_heuristic"] = heuristic.get("full_ms", 0) / row["full_ms"] \
+                if row.get("full_ms") else None  # fmt: skip
+            if device.type == "cuda" and shape is TARGET_B:
+                entry = tuned.setdefault(torch.cuda.get_device_name(device), {})
+                key = str(es)
+                if key not in entry or dname == "fp16":  # fp16 speaks for bf16 unless alone
+                    entry[key] = dict(chosen, measured=f"{dname} V={shape['V']} D={shape['D']} "
+                                      f"K={shape['K']}: fwd+bwd {row['full_ms']:.4f} ms vs "
+                                      f"heuristic {heuristic.get('full_ms', float('nan')):.4f} ms, "
+                                      f"{env['date']}, torch {env['torch']}, "
+                                      f"triton {env['triton']}")  # fmt: skip
+            write_csv(rows, path, env)
     finally:
         if saved is None:
             os.environ.pop(ks.CONFIG_ENV, None)
         else:
             os.environ[ks.CONFIG_ENV] = saved
-    rows.sort(key=lambda r: (r["dtype"], r["V"], r.get("full_ms", float("inf"))))
-    print("\n" + format_table(rows, list(dict.fromkeys(k for r in rows for k in r))))
+    cols = ["dtype", "config", "kinds", "fwd_ms", "bwd_ms", "full_ms", "full_speedup_vs_heuristic",
+            "fwd_launch", "bwd_launch", "error"]  # fmt: skip
+    for kind in ("fwd", "bwd"):
+        ranked = sorted((r for r in rows if f"{kind}_ms" in r),
+                        key=lambda r: (r["dtype"], r[f"{kind}_ms"]))  # fmt: skip
+        print(f"\n{kind}, fastest first")
+        print(format_table(ranked, [c for c in cols if any(c in r for r in ranked)]))
+    final = [r for r in rows if r["config"] == "heuristic" or r["config"].startswith("chosen")]
+    print("\nheuristic vs chosen (fwd+bwd)")
+    print(format_table(final, [c for c in cols if any(c in r for r in final)]))
     print(f"\nwrote {path}")
+    if tuned:
+        tuned_path = results_path(f"tuned_{slug}{suffix}.json", out_dir)
+        tuned_path.write_text(json.dumps(tuned, indent=1) + "\n")
+        print(f"wrote {tuned_path} (use it with {ks.TUNED_ENV}={tuned_path})")
     return 0
 
 
@@ -529,7 +662,8 @@ def main(argv=None):
         if not cuda and not args.interpret:
             raise SystemExit("--sweep-configs times the Triton kernels: it needs a CUDA GPU "
                              "(or --interpret for a slow functional run)")  # fmt: skip
-        return sweep_configs(args.sweep_configs, dtypes, device, env, args.out, args.tag)
+        return sweep_configs(args.sweep_configs, dtypes, device, env, args.out, args.tag,
+                             workers=args.compile_workers)
     points = [] if args.targets_only else sweep_points(args.quick, device.type)
     if cuda and not args.no_targets:
         points += [("target", TARGET_A), ("target", TARGET_B)]

@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import functools
 import os
+from pathlib import Path
 
 import torch
 import triton
@@ -126,6 +127,73 @@ def _anchor_row(z_base, offs_k, in_k, rows, ANCHOR_2D: tl.constexpr):
     else:
         return tl.load(z_base + offs_k, mask=in_k, other=0.0).to(tl.float32)[None, :]
 
+@triton.jit
+def _online_stats(z_rows, z_base, rows, valid, K, BLOCK_K: tl.constexpr, PREFETCH: tl.constexpr,
+                  ANCHOR_2D: tl.constexpr):  # fmt: skip
+    """Per clip, over all K: the max m of z * log2(e), den = sum_k 2^(z2 - m) and
+    num = sum_k 2^(z2 - m) z_0k, with one running value per clip (three row reductions per
+    tile)."""
+    m = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)  # running max (log2 units)
+    den = tl.zeros((BLOCK_N,), dtype=tl.float32)  # sum_k exp2(z2 - m)
+    num = tl.zeros((BLOCK_N,), dtype=tl.float32)  # sum_k exp2(z2 - m) * z_0k
+    if PREFETCH:
+        z_next = _logits_tile(z_rows, 0, K, valid, BLOCK_K)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        in_k = offs_k < K
+        # Invalid clips read as zeros (finite stats, never used): their memory is never touched.
+        if PREFETCH:  # the next tile's load is in flight while this one is reduced
+            z = z_next
+            z_next = _logits_tile(z_rows, k0 + BLOCK_K, K, valid, BLOCK_K)
+        else:
+            z = _logits_tile(z_rows, k0, K, valid, BLOCK_K)
+        z2 = tl.where(in_k[None, :], z.to(tl.float32) * LOG2E, float("-inf"))
+        m_new = tl.maximum(m, tl.max(z2, axis=1))
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # a clip with only -inf so far
+        rescale = tl.exp2(m - m_ref)
+        p = tl.exp2(z2 - m_ref[:, None])
+        den = den * rescale + tl.sum(p, axis=1)
+        num = num * rescale + tl.sum(p * _anchor_row(z_base, offs_k, in_k, rows, ANCHOR_2D), axis=1)
+        m = m_new
+    return m, den, num
+
+
+@triton.jit
+def _online_stats_2d(z_rows, z_base, rows, valid, K, BLOCK_K: tl.constexpr,
+                     PREFETCH: tl.constexpr, ANCHOR_2D: tl.constexpr):  # fmt: skip
+    """The same three statistics as ``_online_stats``, kept per (clip, column slot) while the
+    tiles stream by and reduced over the columns once at the end: no reduction (shuffles,
+    barriers) inside the loop. Each update needs a single exp2: of the old and the new maximum,
+    one is the element itself, so one of the two rescale factors is exactly 1."""
+    m = tl.full((BLOCK_N, BLOCK_K), float("-inf"), dtype=tl.float32)
+    den = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    num = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    if PREFETCH:
+        z_next = _logits_tile(z_rows, 0, K, valid, BLOCK_K)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        in_k = offs_k < K
+        if PREFETCH:
+            z = z_next
+            z_next = _logits_tile(z_rows, k0 + BLOCK_K, K, valid, BLOCK_K)
+        else:
+            z = _logits_tile(z_rows, k0, K, valid, BLOCK_K)
+        z0 = _anchor_row(z_base, offs_k, in_k, rows, ANCHOR_2D)
+        z2 = z.to(tl.float32) * LOG2E
+        d = z2 - m  # +inf on a slot's first element
+        grow = d > 0.0
+        e = tl.exp2(-tl.abs(d))  # 2^(old max - new max) if grow, else 2^(z2 - max)
+        e = tl.where(d == d, e, 0.0)  # -inf on both sides (a -inf logit in an empty slot)
+        den_new = tl.where(grow, den * e + 1.0, den + e)
+        num_new = tl.where(grow, num * e + z0, num + e * z0)
+        keep = in_k[None, :]  # columns past K leave their slot as it was
+        den = tl.where(keep, den_new, den)
+        num = tl.where(keep, num_new, num)
+        m = tl.where(keep & grow, z2, m)
+    m_row = tl.max(m, axis=1)
+    w = tl.exp2(m - m_row[:, None])  # 0 for slots that never saw a column
+    return m_row, tl.sum(den * w, axis=1), tl.sum(num * w, axis=1)
+
 
 @triton.jit
 def _siamese_fwd_kernel(
@@ -153,6 +221,7 @@ def _siamese_fwd_kernel(
     BLOCK_K: tl.constexpr,
     PREFETCH: tl.constexpr = False,
     ANCHOR_2D: tl.constexpr = False,
+    ACC_2D: tl.constexpr = False,
 ):
     vid = tl.program_id(0).to(tl.int64)
     rows = tl.arange(0, BLOCK_N)
@@ -182,27 +251,10 @@ def _siamese_fwd_kernel(
     # ---- one pass over the logits: online softmax stats of every clip + s_j ----
     z_base = z_ptr + vid * N * K
     z_rows = z_base + rows[:, None] * K
-    m = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)  # running max (log2 units)
-    den = tl.zeros((BLOCK_N,), dtype=tl.float32)  # sum_k exp2(z2 - m)
-    num = tl.zeros((BLOCK_N,), dtype=tl.float32)  # sum_k exp2(z2 - m) * z_0k
-    if PREFETCH:
-        z_next = _logits_tile(z_rows, 0, K, valid, BLOCK_K)
-    for k0 in range(0, K, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        in_k = offs_k < K
-        # Invalid clips read as zeros (finite stats, never used): their memory is never touched.
-        if PREFETCH:  # the next tile's load is in flight while this one is reduced
-            z = z_next
-            z_next = _logits_tile(z_rows, k0 + BLOCK_K, K, valid, BLOCK_K)
-        else:
-            z = _logits_tile(z_rows, k0, K, valid, BLOCK_K)
-        z2 = tl.where(in_k[None, :], z.to(tl.float32) * LOG2E, float("-inf"))
-        m_new = tl.maximum(m, tl.max(z2, axis=1))
-        rescale = tl.exp2(m - m_new)
-        p = tl.exp2(z2 - m_new[:, None])
-        den = den * rescale + tl.sum(p, axis=1)
-        num = num * rescale + tl.sum(p * _anchor_row(z_base, offs_k, in_k, rows, ANCHOR_2D), axis=1)
-        m = m_new
+    if ACC_2D:
+        m, den, num = _online_stats_2d(z_rows, z_base, rows, valid, K, BLOCK_K, PREFETCH, ANCHOR_2D)
+    else:
+        m, den, num = _online_stats(z_rows, z_base, rows, valid, K, BLOCK_K, PREFETCH, ANCHOR_2D)
     lse = (m + tl.log2(den)) * LN2
     s = num / den
     tl.store(lse_ptr + stat_offs, lse)
@@ -343,14 +395,32 @@ def _sm_count(device: torch.device) -> int:
 
 
 CONFIG_ENV = "SIASAM_KERNEL_CONFIG"
-_CONFIG_KEYS = ("block_d", "block_k", "num_warps", "num_stages", "prefetch", "anchor_2d")
+TUNED_ENV = "SIASAM_KERNEL_TUNED"
+TUNED_FILE = Path(__file__).with_name("tuned.json")
+# key: (low, high, power of 2 only). Each may carry a "fwd_" / "bwd_" prefix: one kernel only.
+_SETTINGS = {
+    "block_d": (16, 4096, True),
+    "block_k": (16, 65536, True),
+    "num_warps": (1, 32, True),
+    "num_stages": (1, 8, False),
+    "prefetch": (0, 1, False),
+    "anchor_2d": (0, 1, False),
+    "acc_2d": (0, 1, False),
+}
+_FWD_ONLY = ("acc_2d",)
+_CONFIG_KEYS = tuple(_SETTINGS) + tuple(
+    f"{kind}_{key}" for kind in ("fwd", "bwd") for key in _SETTINGS
+    if not (kind == "bwd" and key in _FWD_ONLY)
+)  # fmt: skip
 
 
 def config_override(value: str | None) -> dict:
-    """Parse ``SIASAM_KERNEL_CONFIG`` ("block_k=256,num_warps=8,num_stages=2"; any subset of
-    block_d, block_k, num_warps, num_stages and the 0 / 1 switches prefetch (load the next logits
-    tile while reducing this one) and anchor_2d (see ``_anchor_row``)): settings that replace the
-    heuristic's, for tuning on a GPU (``benchmarks/bench_kernels.py --sweep-configs``)."""
+    """Parse ``SIASAM_KERNEL_CONFIG`` ("block_k=256,num_warps=8,num_stages=2"): settings that
+    replace the heuristic's (and a tuned table's), for tuning on a GPU
+    (``benchmarks/bench_kernels.py --sweep-configs``). Keys: block_d, block_k, num_warps,
+    num_stages and the 0 / 1 switches prefetch (load the next logits tile while reducing this
+    one), anchor_2d (see ``_anchor_row``) and acc_2d (forward only: ``_online_stats_2d``); a
+    "fwd_" or "bwd_" prefix applies a key to one kernel only ("fwd_block_k=128")."""
     out: dict = {}
     for item in (value or "").replace(";", ",").split(","):
         if not item.strip():
@@ -364,9 +434,7 @@ def config_override(value: str | None) -> dict:
             val = int(raw)
         except ValueError:
             raise ValueError(f"{CONFIG_ENV}: {key}={raw.strip()!r} is not an integer") from None
-        lo, hi = {"block_d": (16, 4096), "block_k": (16, 65536), "num_warps": (1, 32),
-                  "num_stages": (1, 8), "prefetch": (0, 1), "anchor_2d": (0, 1)}[key]  # fmt: skip
-        power = key.startswith("block") or key == "num_warps"
+        lo, hi, power = _SETTINGS[key.removeprefix("fwd_").removeprefix("bwd_")]
         if not lo <= val <= hi or (power and val & (val - 1)):
             kind = "a power of 2 " if power else ""
             raise ValueError(f"{CONFIG_ENV}: {key}={val}: must be {kind}in [{lo}, {hi}]")
@@ -374,13 +442,56 @@ def config_override(value: str | None) -> dict:
     return out
 
 
-def _launch_settings(V: int, D: int, K: int, device: torch.device) -> dict:
-    """Keyword arguments of a launch: the heuristic's, then any ``SIASAM_KERNEL_CONFIG``."""
+@functools.cache
+def _tuned_table(path: str) -> dict:
+    """A JSON file of launch settings measured on named GPUs (written by
+    ``bench_kernels.py --sweep-configs``): {device name: {"2" | "4" (bytes per logit):
+    {"fwd": {...}, "bwd": {...}}}}. A missing or unreadable file is an empty table."""
+    import json
+
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as err:
+        raise ValueError(f"{TUNED_ENV} / {path}: not a readable JSON table of launch settings "
+                         f"({err})") from None  # fmt: skip
+
+
+def _tuned_settings(V: int, K: int, element_size: int, device: torch.device, kind: str) -> dict:
+    """Settings measured on this GPU model, for the regime they were measured in: more videos
+    than SMs (one wave of programs or more) and K a multiple of 16 (vectorised loads)."""
+    if device.type != "cuda" or V <= _sm_count(device) or K % 16:
+        return {}
+    table = _tuned_table(os.environ.get(TUNED_ENV) or str(TUNED_FILE))
+    entry = table.get(torch.cuda.get_device_name(device), {}).get(str(element_size), {})
+    settings = entry.get(kind, {})
+    try:
+        return config_override(",".join(f"{k}={v}" for k, v in settings.items()))
+    except ValueError as err:
+        raise ValueError(f"tuned launch settings ({kind}, {element_size}-byte logits) of "
+                         f"{torch.cuda.get_device_name(device)}: {err}") from None  # fmt: skip
+
+
+def _launch_settings(V: int, D: int, K: int, device: torch.device, kind: str = "fwd",
+                     element_size: int = 2) -> dict:  # fmt: skip
+    """Keyword arguments of one kernel's launch (kind "fwd" or "bwd"): the heuristic's, then a
+    tuned table's for this GPU, then any ``SIASAM_KERNEL_CONFIG``."""
     block_d, block_k, num_warps = _launch_config(V, D, K, _sm_count(device))
-    settings = dict(BLOCK_D=block_d, BLOCK_K=block_k, num_warps=num_warps)
-    for key, val in config_override(os.environ.get(CONFIG_ENV)).items():
-        settings[key if key.startswith("num_") else key.upper()] = bool(val) if key in (
-            "prefetch", "anchor_2d") else val
+    chosen = dict(block_d=block_d, block_k=block_k, num_warps=num_warps)
+    chosen.update(_tuned_settings(V, K, element_size, device, kind))
+    override = config_override(os.environ.get(CONFIG_ENV))
+    chosen.update({k: v for k, v in override.items() if not k.startswith(("fwd_", "bwd_"))})
+    chosen.update({k[4:]: v for k, v in override.items() if k.startswith(kind + "_")})
+    settings = {}
+    for key, val in chosen.items():
+        if kind == "bwd" and key in _FWD_ONLY:
+            continue
+        if key in ("block_d", "block_k"):
+            val = min(val, max(triton.next_power_of_2(D if key == "block_d" else K), 16))
+        settings[key if key.startswith("num_") else key.upper()] = (
+            bool(val) if _SETTINGS[key][:2] == (0, 1) else val
+        )
     return settings
 
 
@@ -418,7 +529,7 @@ def siamese_forward(features, logits, theta1, theta2, clip_mask, omega, tau, skg
     logits = logits.contiguous()
     theta1, theta2 = theta1.contiguous(), theta2.contiguous()
     mask = clip_mask.contiguous().view(torch.uint8) if clip_mask is not None else logits
-    launch = _launch_settings(V, D, K, logits.device)
+    launch = _launch_settings(V, D, K, dev, "fwd", logits.element_size())
 
     f32 = dict(dtype=torch.float32, device=dev)
     loss = torch.empty(V, **f32)
@@ -454,7 +565,7 @@ def siamese_backward(
     mask = clip_mask.contiguous().view(torch.uint8) if clip_mask is not None else logits
     grad = grad.contiguous()
     grad_stride = 1 if grad.numel() == V and grad.dim() == 1 else 0
-    launch = _launch_settings(V, D, K, logits.device)
+    launch = _launch_settings(V, D, K, logits.device, "bwd", logits.element_size())
 
     dz = torch.empty_like(logits) if need_dz else logits
     df = torch.empty_like(features) if need_df else logits

@@ -13,6 +13,8 @@
 #   5. steps/s and peak GPU memory per ZeRO stage (0-3, fp16) on the ClipBERT-base-like config.
 # About 6-8 minutes on an H100 (FusedAdam's JIT build included); QUICK=1 runs a third of the
 # steps (100 + 100 resumed fp16, 100 bf16, 100 triton, 10 per ZeRO stage) in about 3-4 minutes.
+# RUNS, if set, names the runs to do (space-separated, from fp16_half fp16_resume bf16_zero2
+# fp16_triton base_zero2 base_zero3 base_zero1 base_zero0); the others are skipped.
 set -u
 source "$(dirname "$0")/gpu_env.sh"  # repository root, PYTHONPATH, $PY
 OUT=${OUT:-/tmp/gpu_check_train}
@@ -39,6 +41,9 @@ common=(--config configs/synthetic.yaml
 
 run() {  # name, then train.py arguments
   local name=$1; shift
+  if [ -n "${RUNS:-}" ] && [[ " $RUNS " != *" $name "* ]]; then
+    echo "SKIP $name (not in RUNS)"; return
+  fi
   if timeout "$RUN_TIMEOUT" "${LAUNCH[@]}" --num_gpus 1 train.py "$@" > "$OUT/$name.log" 2>&1; then
     echo "PASS $name"
   else
@@ -64,7 +69,7 @@ for stage in 2 3 1 0; do
 done
 
 $PY - "$OUT" <<'EOF'
-import csv, json, math, sys
+import csv, json, math, statistics, sys
 from pathlib import Path
 out = Path(sys.argv[1])
 rows = []
@@ -83,7 +88,12 @@ for run in sorted(p for p in out.iterdir() if p.is_dir()):
         "loss scale min/max": f"{min(float(r['loss_scale']) for r in steps):g}/"
                               f"{max(float(r['loss_scale']) for r in steps):g}",
         "skipped": steps[-1]["skipped_steps"],
-        "steps/s": summary.get("steps_per_s"), "peak GB": summary.get("peak_memory_gb"),
+        "steps/s": summary.get("steps_per_s"),
+        # steady state: the median step after the first 3 (cuDNN autotuning, allocator warm-up)
+        "median step s": statistics.median(float(r["step_s"]) for r in steps[3:] or steps),
+        "data wait %": 100 * sum(float(r["data_s"]) for r in steps[3:] or steps)
+                       / sum(float(r["step_s"]) for r in steps[3:] or steps),
+        "peak GB": summary.get("peak_memory_gb"),
         "zero": summary.get("zero_stage"), "precision": summary.get("precision"),
         "optimizer": summary.get("optimizer"),
     })

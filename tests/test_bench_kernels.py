@@ -58,22 +58,41 @@ def test_combine_refuses_mixed_devices(tmp_path):
 
 def test_config_sweep_runs_in_the_interpreter(tmp_path):
     env = {**os.environ, "TRITON_INTERPRET": "1"}
+    grid = "block_k=16;num_warps=2,4|fwd_acc_2d=1;fwd_block_k=32|bwd_block_k=64"
     proc = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks/bench_kernels.py"), "--interpret", "--dtypes",
-         "fp32", "--sweep-configs", "block_k=16;num_warps=2,4", "--out", str(tmp_path)],
+         "fp32", "--sweep-configs", grid, "--out", str(tmp_path), "--compile-workers", "2"],
         capture_output=True, text=True, env=env, timeout=600,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     (path,) = tmp_path.glob("bench_kernels_*_configs.csv")
     rows = list(csv.DictReader(open(path)))
-    assert [r["config"] for r in rows] == [
-        "heuristic", "block_k=16,num_warps=2", "block_k=16,num_warps=4"]  # fmt: skip
-    assert [r["num_warps"] for r in rows[1:]] == ["2", "4"] and rows[1]["BLOCK_K"] == "16"
-    assert all(float(r["full_ms"]) > 0 and not r.get("error") for r in rows)
+    assert [r["config"] for r in rows[:-1]] == [
+        "heuristic", "block_k=16,num_warps=2", "block_k=16,num_warps=4",
+        "fwd_acc_2d=1,fwd_block_k=32", "bwd_block_k=64"]  # fmt: skip
+    assert [r["kinds"] for r in rows] == ["fwd+bwd"] * 3 + ["fwd", "bwd", "fwd+bwd"]
+    assert "num_warps=2" in rows[1]["fwd_launch"] and "BLOCK_K=16" in rows[1]["bwd_launch"]
+    assert "ACC_2D=1" in rows[3]["fwd_launch"] and not rows[3]["bwd_launch"]
+    # one kernel's configs time that kernel alone; the others time fwd, bwd and fwd+bwd
+    assert rows[3]["fwd_ms"] and not rows[3]["bwd_ms"] and not rows[3]["full_ms"]
+    assert rows[4]["bwd_ms"] and not rows[4]["fwd_ms"]
+    # last: the fastest forward with the fastest backward, by their effective settings
+    last = rows[-1]
+    assert last["config"].startswith("chosen: ") and float(last["full_ms"]) > 0
+    fastest_fwd = min(rows[:-1], key=lambda r: float(r["fwd_ms"] or "inf"))["config"]
+    assert last["config"].startswith(f"chosen: {fastest_fwd} | ")
+    assert all(not r.get("error") for r in rows)
+    assert "compiled 5 configs" in proc.stdout and "(0 failed" in proc.stdout  # the worker pool
+    assert not list(tmp_path.glob("tuned_*.json"))  # interpreter timings tune nothing
 
 
 def test_config_grid_errors():
     assert bench_kernels.parse_grid("block_k=64,128;num_stages=2") == [
         {"block_k": 64, "num_stages": 2}, {"block_k": 128, "num_stages": 2}]  # fmt: skip
+    assert bench_kernels.parse_grid("block_k=64|block_k=64,32") == [
+        {"block_k": 64}, {"block_k": 32}]  # fmt: skip
+    assert bench_kernels.config_kinds({"fwd_acc_2d": 1}) == ("fwd",)
+    assert bench_kernels.config_kinds({"fwd_block_k": 1, "num_warps": 4}) == ("fwd", "bwd")
+    assert bench_kernels.config_kinds({}) == ("fwd", "bwd")
     with pytest.raises(SystemExit, match="is not KEY=INT"):
         bench_kernels.parse_grid("block_k=big")

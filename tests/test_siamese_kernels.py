@@ -231,6 +231,22 @@ def test_anchor_only_and_masked_nan_clips():
     check(q[0], torch.softmax(z[0, 0].double(), -1), 1e-5, "Q of the anchor-only video")
 
 
+@pytest.mark.parametrize("config", ["", "acc_2d=1,block_k=16", "anchor_2d=1,block_k=16"])
+def test_minus_infinity_logits_outside_the_anchor(monkeypatch, config):
+    """Masked answers (logit -inf) in siamese clips: zero probability, finite loss and gradients,
+    also where a whole tile of a clip is -inf (empty column slots of the 2-D statistics)."""
+    from siasam_kernels import siamese as ks
+
+    monkeypatch.setenv(ks.CONFIG_ENV, config)
+    f, z, t1, t2, m = make_inputs(2, 9, 33, 100, torch.float32, False, seed=21)
+    z[:, 1:, 7] = -math.inf  # one answer masked in every siamese clip
+    z[0, 3, :40] = -math.inf  # the first tiles of one clip
+    z[1, 5, ::3] = -math.inf
+    tri, ref = run_both(f, z, t1, t2, None, reduction="none")
+    assert torch.isfinite(tri[0]).all() and all(torch.isfinite(a).all() for a in tri[1])
+    assert_matches(tri, ref, torch.float32)
+
+
 def test_zero_feature_vector_and_large_logits():
     f, z, t1, t2, m = make_inputs(2, 9, 33, 500, torch.float32, True, seed=15, scale=30.0)
     f[0, 2] = 0.0
@@ -291,6 +307,9 @@ def test_triton_limits_are_errors_that_say_what_is_supported():
         "block_k=32,prefetch=1,anchor_2d=1",
         "block_k=16,prefetch=1",
         "anchor_2d=1",
+        "acc_2d=1,block_k=32",
+        "acc_2d=1,anchor_2d=1,prefetch=1,block_k=16",
+        "fwd_acc_2d=1,fwd_block_k=64,bwd_block_k=16,bwd_num_warps=2",
     ],
 )
 def test_launch_config_override_keeps_results(monkeypatch, config):
@@ -298,12 +317,78 @@ def test_launch_config_override_keeps_results(monkeypatch, config):
     from siasam_kernels import siamese as ks
 
     monkeypatch.setenv(ks.CONFIG_ENV, config)
-    launch = ks._launch_settings(2, 40, 100, torch.device(DEVICE))
     want = ks.config_override(config)
-    assert all(launch[k if k.startswith("num_") else k.upper()] == v for k, v in want.items())
+    for kind in ("fwd", "bwd"):
+        launch = ks._launch_settings(2, 40, 100, torch.device(DEVICE), kind)
+        for key, val in want.items():
+            if key.startswith(("fwd_", "bwd_")):
+                if not key.startswith(kind):
+                    continue
+                key = key[4:]
+            if kind == "bwd" and key == "acc_2d":
+                assert "ACC_2D" not in launch  # a forward-only switch
+                continue
+            assert launch[key if key.startswith("num_") else key.upper()] == val, (kind, key)
     f, z, t1, t2, m = make_inputs(2, 9, 40, 100, torch.float32, True, seed=5)
     tri, ref = run_both(f, z, t1, t2, m)
     assert_matches(tri, ref, torch.float32)
+
+
+def test_tuned_table_applies_to_its_gpu_and_regime(monkeypatch, tmp_path):
+    """Settings measured on a named GPU (SIASAM_KERNEL_TUNED) replace the heuristic's only on
+    that GPU, for more videos than SMs and K a multiple of 16; SIASAM_KERNEL_CONFIG still wins."""
+    import json
+
+    from siasam_kernels import siamese as ks
+
+    table = {"FakeGPU": {"2": {"fwd": {"block_k": 128, "acc_2d": 1, "num_warps": 4},
+                               "bwd": {"block_k": 512, "anchor_2d": 1}},
+                         "4": {"fwd": {"block_k": 64}}}}  # fmt: skip
+    path = tmp_path / "tuned.json"
+    path.write_text(json.dumps(table))
+    monkeypatch.setenv(ks.TUNED_ENV, str(path))
+    monkeypatch.delenv(ks.CONFIG_ENV, raising=False)
+    monkeypatch.setattr(ks, "_sm_count", lambda device: 4)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "FakeGPU")
+    gpu = torch.device("cuda")
+    fwd = ks._launch_settings(8, 768, 4096, gpu, "fwd", 2)
+    assert (fwd["BLOCK_K"], fwd["ACC_2D"], fwd["num_warps"]) == (128, True, 4)
+    bwd = ks._launch_settings(8, 768, 4096, gpu, "bwd", 2)
+    assert bwd["BLOCK_K"] == 512 and bwd["ANCHOR_2D"] and "ACC_2D" not in bwd
+    assert ks._launch_settings(8, 768, 4096, gpu, "fwd", 4)["BLOCK_K"] == 64
+    heuristic = dict(zip(("BLOCK_D", "BLOCK_K", "num_warps"), ks._launch_config(4, 768, 4096, 4)))
+    for V, K in ((4, 4096), (8, 4100)):  # one wave or fewer; K not a multiple of 16
+        few = ks._launch_settings(V, 768, K, gpu, "fwd", 2)
+        assert "ACC_2D" not in few and few == dict(
+            zip(("BLOCK_D", "BLOCK_K", "num_warps"), ks._launch_config(V, 768, K, 4)))
+    assert heuristic["BLOCK_K"] != 128
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "OtherGPU")
+    assert "ACC_2D" not in ks._launch_settings(8, 768, 4096, gpu, "fwd", 2)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "FakeGPU")
+    monkeypatch.setenv(ks.CONFIG_ENV, "fwd_block_k=256")
+    assert ks._launch_settings(8, 768, 4096, gpu, "fwd", 2)["BLOCK_K"] == 256
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    monkeypatch.setenv(ks.TUNED_ENV, str(bad))
+    with pytest.raises(ValueError, match="bad.json: not a readable JSON table"):
+        ks._launch_settings(8, 768, 4096, gpu, "fwd", 2)
+
+
+def test_shipped_tuned_table_is_valid():
+    """Every entry of kernels/tuned.json holds settings SIASAM_KERNEL_CONFIG would accept."""
+    import json
+
+    from siasam_kernels import siamese as ks
+
+    table = json.loads(ks.TUNED_FILE.read_text())
+    for gpu, by_size in table.items():
+        if gpu.startswith("_"):
+            continue
+        for size, kinds in by_size.items():
+            assert size in ("2", "4"), (gpu, size)
+            for kind in ("fwd", "bwd"):
+                text = ",".join(f"{kind}_{k}={v}" for k, v in kinds.get(kind, {}).items())
+                ks.config_override(text)
 
 
 @pytest.mark.parametrize(
@@ -316,6 +401,8 @@ def test_launch_config_override_keeps_results(monkeypatch, config):
         ("tile=16", "'tile=16' is not KEY=VALUE with KEY one of block_d"),
         ("block_k=big", "block_k='big' is not an integer"),
         ("prefetch=2", "prefetch=2: must be in [0, 1]"),
+        ("bwd_acc_2d=1", "'bwd_acc_2d=1' is not KEY=VALUE"),
+        ("fwd_block_k=48", "fwd_block_k=48: must be a power of 2 in"),
     ],
 )
 def test_launch_config_override_errors_name_the_value(value, message):
@@ -430,9 +517,17 @@ for cap, dtype in ((70, "fp16"), (70, "fp32"), (90, "fp16"), (90, "bf16")):
         bwd = compile_one(ks._siamese_bwd_kernel, dtype, dict(HAS_MASK=True, SKG=True,
                           DETACH=False, NEED_DZ=True, NEED_DF=True, NEED_DTHETA=True,
                           BLOCK_D=bd, BLOCK_K=bk), cap, warps, K)
+        # the switches the tuning sweep tries, at the largest tiles it pairs them with
+        fwd2 = compile_one(ks._siamese_fwd_kernel, dtype, dict(HAS_MASK=True, SKG=True,
+                           WRITE_Q=False, BLOCK_D=bd, BLOCK_K=256, ACC_2D=True, ANCHOR_2D=True,
+                           PREFETCH=True), cap, 8, K)
+        bwd2 = compile_one(ks._siamese_bwd_kernel, dtype, dict(HAS_MASK=True, SKG=True,
+                           DETACH=False, NEED_DZ=True, NEED_DF=True, NEED_DTHETA=True,
+                           BLOCK_D=bd, BLOCK_K=512, ANCHOR_2D=True, PREFETCH=True), cap, 8, K)
         print(f"sm_{cap} {dtype} K={K}: fwd regs={fwd[0]} spill={fwd[1]}, "
-              f"bwd regs={bwd[0]} spill={bwd[1]}")
-        assert fwd[1] == 0 and bwd[1] == 0, "register spills"
+              f"bwd regs={bwd[0]} spill={bwd[1]}; switches on: fwd regs={fwd2[0]} "
+              f"spill={fwd2[1]}, bwd regs={bwd2[0]} spill={bwd2[1]}")
+        assert fwd[1] == bwd[1] == fwd2[1] == bwd2[1] == 0, "register spills"
 print("OK")
 """
 
