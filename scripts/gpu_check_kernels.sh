@@ -61,10 +61,10 @@ if [ -n "${PREPARE:-}" ]; then
 fi
 step bench_triton_eager 150 $PY benchmarks/bench_kernels.py --quick --check --impls triton,eager \
   --out "$OUT" --tag triton-eager
-step bench_compile 70 $PY benchmarks/bench_kernels.py --targets-only --impls compile --dtypes fp16 \
+step bench_compile 60 $PY benchmarks/bench_kernels.py --targets-only --impls compile --dtypes fp16 \
   --modes full --out "$OUT" --tag compile
 if [ "${TUNE:-1}" = 1 ]; then
-  step ncu 60 ncu -k regex:_siamese --launch-skip 2 --launch-count 2 --section SpeedOfLight \
+  step ncu 50 ncu -k regex:_siamese --launch-skip 2 --launch-count 2 --section SpeedOfLight \
     --section MemoryWorkloadAnalysis --section Occupancy --section LaunchStats \
     --section WarpStateStats --section SchedulerStats \
     $PY scripts/ncu_siamese.py --V 4096 --D 768 --K 4096
