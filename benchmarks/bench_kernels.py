@@ -45,7 +45,14 @@ IMPLS = ("triton", "eager", "compile", "compile-max")
 MODES = ("fwd", "bwd", "full")
 TARGET_A = dict(V=64, D=768, K=1500)
 TARGET_B = dict(V=4096, D=768, K=4096)
-DEFAULT_GRID = "block_k=256,512,1024;num_warps=4,8;prefetch=0,1;anchor_2d=0,1"
+# Launch settings swept at target B by --sweep-configs: grids joined by "|", each the cartesian
+# product of its KEY=values lists; fwd_ / bwd_ keys tune one kernel, timed alone.
+DEFAULT_GRID = (
+    "fwd_acc_2d=0,1;fwd_anchor_2d=0,1;fwd_prefetch=0,1;fwd_block_k=128,256,512,1024;"
+    "fwd_num_warps=4,8"
+    "|bwd_anchor_2d=0,1;bwd_prefetch=0,1;bwd_block_k=256,512,1024;bwd_num_warps=4,8"
+    "|bwd_anchor_2d=0,1;bwd_block_k=1024,2048;bwd_num_warps=16"
+)
 
 
 def parse_args(argv=None):
