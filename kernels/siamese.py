@@ -463,14 +463,18 @@ def _tuned_settings(V: int, K: int, element_size: int, device: torch.device, kin
     than SMs (one wave of programs or more) and K a multiple of 16 (vectorised loads)."""
     if device.type != "cuda" or V <= _sm_count(device) or K % 16:
         return {}
-    table = _tuned_table(os.environ.get(TUNED_ENV) or str(TUNED_FILE))
-    entry = table.get(torch.cuda.get_device_name(device), {}).get(str(element_size), {})
-    settings = entry.get(kind, {})
+    path = os.environ.get(TUNED_ENV) or str(TUNED_FILE)
+    return _tuned_entry(path, torch.cuda.get_device_name(device), element_size, kind)
+
+
+@functools.cache
+def _tuned_entry(path: str, device_name: str, element_size: int, kind: str) -> dict:
+    settings = _tuned_table(path).get(device_name, {}).get(str(element_size), {}).get(kind, {})
     try:
         return config_override(",".join(f"{k}={v}" for k, v in settings.items()))
     except ValueError as err:
-        raise ValueError(f"tuned launch settings ({kind}, {element_size}-byte logits) of "
-                         f"{torch.cuda.get_device_name(device)}: {err}") from None  # fmt: skip
+        raise ValueError(f"{path}: tuned launch settings ({kind}, {element_size}-byte logits) of "
+                         f"{device_name}: {err}") from None  # fmt: skip
 
 
 def _launch_settings(V: int, D: int, K: int, device: torch.device, kind: str = "fwd",
@@ -479,7 +483,7 @@ def _launch_settings(V: int, D: int, K: int, device: torch.device, kind: str = "
     tuned table's for this GPU, then any ``SIASAM_KERNEL_CONFIG``."""
     block_d, block_k, num_warps = _launch_config(V, D, K, _sm_count(device))
     chosen = dict(block_d=block_d, block_k=block_k, num_warps=num_warps)
-    chosen.update(_tuned_settings(V, K, element_size, device, kind))
+    chosen.update(_tuned_settings(V, K, element_size, device, kind))  # (a cached dict: not mutated)
     override = config_override(os.environ.get(CONFIG_ENV))
     chosen.update({k: v for k, v in override.items() if not k.startswith(("fwd_", "bwd_"))})
     chosen.update({k[4:]: v for k, v in override.items() if k.startswith(kind + "_")})
