@@ -117,6 +117,27 @@ def _logits_tile(z_rows, k0, K, valid, BLOCK_K: tl.constexpr):
 
 
 @triton.jit
+def _stream_tile(z_rows, z_next, k0, K, valid, BLOCK_K: tl.constexpr, PREFETCH: tl.constexpr):
+    """This loop trip's logits tile, and the tile to carry into the next trip: with PREFETCH the
+    next tile's load is issued now and is in flight while this one is reduced (z_next holds it;
+    before the loop, ``_first_tile``)."""
+    if PREFETCH:
+        return z_next, _logits_tile(z_rows, k0 + BLOCK_K, K, valid, BLOCK_K)
+    else:
+        z = _logits_tile(z_rows, k0, K, valid, BLOCK_K)
+        return z, z_next
+
+
+@triton.jit
+def _first_tile(z_rows, K, valid, BLOCK_K: tl.constexpr, PREFETCH: tl.constexpr):
+    """The prefetched tile before the first trip (a placeholder without PREFETCH)."""
+    if PREFETCH:
+        return _logits_tile(z_rows, 0, K, valid, BLOCK_K)
+    else:
+        return 0.0
+
+
+@triton.jit
 def _anchor_row(z_base, offs_k, in_k, rows, ANCHOR_2D: tl.constexpr):
     """The anchor's logits z_0 at offs_k, fp32, shaped to broadcast against a [16, BLOCK_K] tile.
     ANCHOR_2D loads it once per row (the same addresses: cache hits) in the tile's own layout,
@@ -136,17 +157,12 @@ def _online_stats(z_rows, z_base, rows, valid, K, BLOCK_K: tl.constexpr, PREFETC
     m = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)  # running max (log2 units)
     den = tl.zeros((BLOCK_N,), dtype=tl.float32)  # sum_k exp2(z2 - m)
     num = tl.zeros((BLOCK_N,), dtype=tl.float32)  # sum_k exp2(z2 - m) * z_0k
-    if PREFETCH:
-        z_next = _logits_tile(z_rows, 0, K, valid, BLOCK_K)
+    z_next = _first_tile(z_rows, K, valid, BLOCK_K, PREFETCH)
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         in_k = offs_k < K
         # Invalid clips read as zeros (finite stats, never used): their memory is never touched.
-        if PREFETCH:  # the next tile's load is in flight while this one is reduced
-            z = z_next
-            z_next = _logits_tile(z_rows, k0 + BLOCK_K, K, valid, BLOCK_K)
-        else:
-            z = _logits_tile(z_rows, k0, K, valid, BLOCK_K)
+        z, z_next = _stream_tile(z_rows, z_next, k0, K, valid, BLOCK_K, PREFETCH)
         z2 = tl.where(in_k[None, :], z.to(tl.float32) * LOG2E, float("-inf"))
         m_new = tl.maximum(m, tl.max(z2, axis=1))
         m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # a clip with only -inf so far
@@ -168,16 +184,11 @@ def _online_stats_2d(z_rows, z_base, rows, valid, K, BLOCK_K: tl.constexpr,
     m = tl.full((BLOCK_N, BLOCK_K), float("-inf"), dtype=tl.float32)
     den = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
     num = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-    if PREFETCH:
-        z_next = _logits_tile(z_rows, 0, K, valid, BLOCK_K)
+    z_next = _first_tile(z_rows, K, valid, BLOCK_K, PREFETCH)
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         in_k = offs_k < K
-        if PREFETCH:
-            z = z_next
-            z_next = _logits_tile(z_rows, k0 + BLOCK_K, K, valid, BLOCK_K)
-        else:
-            z = _logits_tile(z_rows, k0, K, valid, BLOCK_K)
+        z, z_next = _stream_tile(z_rows, z_next, k0, K, valid, BLOCK_K, PREFETCH)
         z0 = _anchor_row(z_base, offs_k, in_k, rows, ANCHOR_2D)
         z2 = z.to(tl.float32) * LOG2E
         d = z2 - m  # +inf on a slot's first element
@@ -364,16 +375,11 @@ def _siamese_bwd_kernel(
         z_base = z_ptr + vid * N * K
         z_rows = z_base + rows[:, None] * K
         dz_rows = dz_ptr + vid * N * K + rows[:, None] * K
-        if PREFETCH:
-            z_next = _logits_tile(z_rows, 0, K, valid, BLOCK_K)
+        z_next = _first_tile(z_rows, K, valid, BLOCK_K, PREFETCH)
         for k0 in range(0, K, BLOCK_K):
             offs_k = k0 + tl.arange(0, BLOCK_K)
             in_k = offs_k < K
-            if PREFETCH:
-                z = z_next
-                z_next = _logits_tile(z_rows, k0 + BLOCK_K, K, valid, BLOCK_K)
-            else:
-                z = _logits_tile(z_rows, k0, K, valid, BLOCK_K)
+            z, z_next = _stream_tile(z_rows, z_next, k0, K, valid, BLOCK_K, PREFETCH)
             p = tl.exp2(z.to(tl.float32) * LOG2E - lse2[:, None])
             q = tl.sum(c[:, None] * p, axis=0)  # eq. 5
             dz = tl.where(is_anchor[:, None], p - q[None, :], 0.0)  # through log softmax(z_0)
