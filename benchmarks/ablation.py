@@ -39,6 +39,7 @@ from siasam_fast.benchutil import (  # noqa: E402
     format_table,
     markdown_table,
     results_path,
+    save_figure,
     write_csv,
 )
 from siasam_fast.data.synthetic import load_meta  # noqa: E402
@@ -387,11 +388,7 @@ def plot(summary: list[dict], rows: list[dict], path: Path, title: str) -> Path:
     ax.set_ylim(max(0, lo - 10), min(100, max(100 * r["accuracy"] for r in rows) + 5))
     ax.grid(axis="y", alpha=0.3)
     ax.set_title(title, fontsize=9)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def main(argv: list[str] | None = None) -> int:

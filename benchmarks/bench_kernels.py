@@ -344,6 +344,8 @@ def target_rows(rows, copy_gbps):
 def plot(rows, path, title):
     import matplotlib
 
+    from siasam_fast.benchutil import save_figure
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -366,10 +368,7 @@ def plot(rows, path, title):
         ax.grid(True, alpha=0.3)
     axes[0][-1].legend(fontsize=7)
     fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=120)
 
 
 def interpreter_pass():

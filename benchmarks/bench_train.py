@@ -127,6 +127,7 @@ try:  # siasam_fast.training imports DeepSpeed (and chooses its CPU accelerator 
         environment,
         format_table,
         markdown_table,
+        save_figure,
         write_csv,
     )
     from siasam_fast.config import Config, load_config
@@ -831,10 +832,7 @@ def plot(rows: list[dict], path: Path, title: str) -> Path | None:
     ax2.invert_yaxis()
     ax2.legend(fontsize=8)
     fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=120)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -97,3 +97,15 @@ def write_csv(rows: Sequence[dict], path: str | os.PathLike, env: dict | None = 
 
 def results_path(name: str, out_dir: str | os.PathLike | None = None) -> Path:
     return Path(out_dir) / name if out_dir else RESULTS_DIR / name
+
+
+def save_figure(fig, path: str | os.PathLike, dpi: int = 110) -> Path:
+    """Lay out, write (creating the folder) and close a matplotlib figure; returns the path."""
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+    return path

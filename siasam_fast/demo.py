@@ -268,6 +268,8 @@ def plot_curves(results: dict[str, dict], path: Path, title: str = "") -> Path:
     """Train loss (total and L_gt) and val accuracy per epoch, one colour per method."""
     import matplotlib
 
+    from siasam_fast.benchutil import save_figure
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -294,11 +296,7 @@ def plot_curves(results: dict[str, dict], path: Path, title: str = "") -> Path:
         ax.legend(fontsize=8)
     if title:
         fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 # ------------------------------------------------------------------------------------------------
