@@ -148,6 +148,7 @@ def _anchor_row(z_base, offs_k, in_k, rows, ANCHOR_2D: tl.constexpr):
     else:
         return tl.load(z_base + offs_k, mask=in_k, other=0.0).to(tl.float32)[None, :]
 
+
 @triton.jit
 def _online_stats(z_rows, z_base, rows, valid, K, BLOCK_K: tl.constexpr, PREFETCH: tl.constexpr,
                   ANCHOR_2D: tl.constexpr):  # fmt: skip
@@ -280,7 +281,7 @@ def _siamese_fwd_kernel(
         for k0 in range(0, K, BLOCK_K):
             offs_k = k0 + tl.arange(0, BLOCK_K)
             in_k = offs_k < K
-            z = tl.load(z_rows + offs_k[None, :], mask=valid[:, None] & in_k[None, :], other=0.0)
+            z = _logits_tile(z_rows, k0, K, valid, BLOCK_K)
             p = tl.exp2(z.to(tl.float32) * LOG2E - lse2[:, None])
             q = tl.sum(c[:, None] * p, axis=0)  # eq. 5
             tl.store(q_ptr + vid * K + offs_k, q, mask=in_k)
