@@ -34,7 +34,10 @@ steps after ``--warmup`` untimed ones, under each variant:
     ``amp-deepspeed``      the DeepSpeed engine, ZeRO stage ``--zero-stage``, with its own mixed
                            precision (fp16 + dynamic loss scaling on CUDA, bf16 on CPU) instead of
                            torch.amp;
-    ``amp-dali``           the DALI loader (NVDEC), still without de-duplication.
+    ``amp-dali``           the DALI loader (NVDEC), still without de-duplication;
+    ``amp-channels-last``  the CNN's frames and weights in channels_last (NHWC) memory layout
+                           (``model.memory_format``): cuDNN's tensor-core convolutions read NHWC, so
+                           NCHW tensors are transposed around every convolution.
     Why added to the baseline rather than removed from siasam-fast: each row then differs from one
     measured row (``base``) by exactly one thing, and a gain shows even when another part of the
     stack is the bottleneck (removed from the fast stack, an optimisation that does not touch the
@@ -170,6 +173,7 @@ class Variant:
     engine: str = "torch"  # "torch" (plain loop) | "deepspeed" (ZeRO engine)
     precision: str = "fp32"  # "fp32" | "amp" (torch.amp, or DeepSpeed's fp16 / bf16) | fp16 | bf16
     optimizer: str = "torch"  # "torch" (AdamW) | "fused" (DeepSpeed FusedAdam)
+    channels_last: bool = False  # the CNN in NHWC (model.memory_format=channels_last)
 
     def __post_init__(self) -> None:
         if self.dedup and not self.question_once:
@@ -179,16 +183,16 @@ class Variant:
 
 _AMP = dict(precision="amp", base="baseline-amp")
 _FAST = dict(loader="dali", dedup=True, question_once=True, siamese_impl="triton",
-             engine="deepspeed", optimizer="fused", base="baseline-amp")
+             engine="deepspeed", optimizer="fused", channels_last=True, base="baseline-amp")
 VARIANTS: tuple[Variant, ...] = (
     Variant("baseline-fp32", "baseline",
             "plain PyTorch: pyav, no dedup, question per clip, eager loss, AdamW, fp32"),
     Variant("baseline-amp", "baseline", "baseline-fp32 under torch.amp (fp16 + GradScaler on "
             "CUDA, bf16 autocast on CPU)", precision="amp", base="baseline-fp32"),
     Variant("fast-fp16", "siasam-fast", "DALI, dedup, question once, Triton loss, DeepSpeed ZeRO "
-            "fp16, FusedAdam", precision="fp16", **_FAST),
+            "fp16, FusedAdam, channels_last CNN", precision="fp16", **_FAST),
     Variant("fast-bf16", "siasam-fast", "DALI, dedup, question once, Triton loss, DeepSpeed ZeRO "
-            "bf16, FusedAdam", precision="bf16", **_FAST),
+            "bf16, FusedAdam, channels_last CNN", precision="bf16", **_FAST),
     Variant("amp-question-once", "toggle", "baseline-amp + question embedded once per video "
             "(the model's forward; CNN still on all N*B clip frames)", question_once=True, **_AMP),
     Variant("amp-dedup", "toggle", "baseline-amp + frames decoded and encoded once (the model's "
@@ -201,6 +205,8 @@ VARIANTS: tuple[Variant, ...] = (
             "instead of torch.amp)", engine="deepspeed", **_AMP),
     Variant("amp-dali", "toggle", "baseline-amp + DALI (NVDEC) loader, no dedup", loader="dali",
             **_AMP),
+    Variant("amp-channels-last", "toggle", "baseline-amp + the CNN's frames and weights in "
+            "channels_last (NHWC)", channels_last=True, **_AMP),
 )
 BY_NAME = {v.name: v for v in VARIANTS}
 
@@ -394,7 +400,8 @@ class Trainer:
         cfg.siamese.impl = plan.siamese_impl
         self.text = TextEncoder(tokenizer, cfg.task, cfg.data.max_question_len)
         seed_everything(cfg.train.seed, 0)  # same initial weights in every variant
-        model = build_model(cfg, len(data.ans2label), len(tokenizer)).to(device)
+        layout_device = device if plan.engine == "torch" else None  # DeepSpeed: frames only
+        model = build_model(cfg, len(data.ans2label), len(tokenizer), layout_device).to(device)
         self.num_params = sum(p.numel() for p in model.parameters())
         optimizer, self.optimizer_name = self._optimizer(model, device)
         scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -585,6 +592,7 @@ def run_variant(plan: Plan, cfg: Config, args, device: torch.device) -> dict:
     v = plan.variant
     vcfg = copy.deepcopy(cfg)
     vcfg.data.backend, vcfg.data.dedup = plan.loader, v.dedup
+    vcfg.model.memory_format = "channels_last" if v.channels_last else "contiguous"
     vcfg.data.num_workers = fit_workers_to_shm(vcfg, plan, plan.notes)
     V, N = cfg.train.batch_size, cfg.sampling.num_clips
     profiled = args.profile is not None and (not args.profile or v.name in args.profile)
@@ -717,6 +725,7 @@ def describe(plan: Plan) -> dict:
     return {"variant": v.name, "group": v.group, "base": v.base, "loader": plan.loader,
             "dedup": v.dedup, "question": "once" if v.question_once else "per clip",
             "siamese_impl": plan.siamese_impl, "engine": engine, "precision": plan.precision,
+            "cnn_layout": "NHWC" if v.channels_last else "NCHW",
             "optimizer": optimizer, "description": v.description}
 
 

@@ -23,6 +23,7 @@ BACKENDS = ("auto", "pyav", "dali")
 GT_CLIPS = ("anchor", "all")
 AGGREGATIONS = ("mean", "max", "logsumexp")
 OPTIMIZERS = ("auto", "torch", "deepspeed", "apex")
+MEMORY_FORMATS = ("auto", "channels_last", "contiguous")
 
 
 @dataclass
@@ -56,6 +57,12 @@ class ModelConfig:
     max_grid: int = 16  # rows/columns covered by the 2-D position embeddings
     dropout: float = 0.1
     projection_head: bool = False  # g() of eq. 1: a learned projection before the affinity
+    # Layout of the CNN's frames and weights: channels_last (NHWC) feeds tensor-core convolutions
+    # without the NCHW <-> NHWC transposes around each one; auto = channels_last on CUDA only.
+    memory_format: str = "auto"  # auto | channels_last | contiguous
+
+    def __post_init__(self) -> None:
+        _choice("model.memory_format", self.memory_format, MEMORY_FORMATS)
 
 
 @dataclass

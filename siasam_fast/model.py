@@ -58,6 +58,27 @@ def load_tokenizer(cfg: ModelConfig) -> BertTokenizerFast:
     return BertTokenizerFast(vocab={w: i for i, w in enumerate(words)}, do_lower_case=True)
 
 
+def resolve_channels_last(memory_format: str, device: torch.device | str) -> bool:
+    """``model.memory_format`` on a device: auto is channels_last on CUDA, contiguous elsewhere
+    (on CPU the oneDNN convolutions gain little and the tests compare against NCHW)."""
+    if memory_format == "auto":
+        return torch.device(device).type == "cuda"
+    return memory_format == "channels_last"
+
+
+def use_memory_format(model: nn.Module, device: torch.device | str) -> nn.Module:
+    """Stores the CNN trunk's 4-D weights in channels_last where ``model.memory_format`` asks for
+    it on ``device``. The frames are converted in the forward either way, and a convolution with
+    NHWC input and NCHW weights runs NHWC (the weight is re-laid per call, a small copy); weights
+    converted once save that copy. Not for a model that DeepSpeed will wrap: its engine
+    broadcasts every weight as bytes (``p.data.view(torch.uint8)``), which needs a unit last
+    stride, and ZeRO 1-2 flatten the weights into contiguous buffers anyway."""
+    visual = getattr(model, "visual", None)
+    if isinstance(visual, VisualEmbeddings) and visual.channels_last(torch.device(device)):
+        visual.trunk.to(memory_format=torch.channels_last)
+    return model
+
+
 def build_visual(name: str) -> ResNetModel:
     if name in VISUAL_PRESETS:
         return ResNetModel(ResNetConfig(**VISUAL_PRESETS[name]))
@@ -91,9 +112,18 @@ class VisualEmbeddings(nn.Module):
         self.norm = nn.LayerNorm(hidden)
         self.drop = nn.Dropout(cfg.dropout)
         self.max_grid = cfg.max_grid
+        self.memory_format = cfg.memory_format
+
+    def channels_last(self, device: torch.device) -> bool:
+        """Whether frames go through the CNN in channels_last (NHWC) layout on ``device``."""
+        return resolve_channels_last(self.memory_format, device)
 
     def encode_frames(self, frames: torch.Tensor) -> torch.Tensor:
         """[F, C, H, W] -> [F, hidden, h, w]: each unique frame goes through the CNN once."""
+        if self.channels_last(frames.device):
+            # Every convolution, BatchNorm, ReLU and residual add keeps the layout, so the whole
+            # trunk runs NHWC (cuDNN's tensor-core kernels need no transposes around each conv).
+            frames = frames.contiguous(memory_format=torch.channels_last)
         x = self.trunk(pixel_values=frames).last_hidden_state
         x = self.proj(x)
         if self.pool > 1:

@@ -52,7 +52,13 @@ from siasam_fast.data.vocab import (  # noqa: E402
     save_ans2label,
 )
 from siasam_fast.losses import total_loss  # noqa: E402
-from siasam_fast.model import SiaSamReaModel, aggregate_clips, load_tokenizer, task_scores  # noqa: E402
+from siasam_fast.model import (  # noqa: E402
+    SiaSamReaModel,
+    aggregate_clips,
+    load_tokenizer,
+    task_scores,
+    use_memory_format,
+)
 from siasam_fast.pipeline.loaders import build_video_loader  # noqa: E402
 from siasam_fast.pipeline.manifest import load_manifest  # noqa: E402
 
@@ -62,7 +68,7 @@ RESUMABLE_CHANGES = {
     "train.keep_checkpoints", "train.sync_timing", "train.init_from", "data.num_workers",
     "data.backend",
     "data.manifest", "data.video_dir", "data.train", "data.val", "data.test", "eval.batch_size",
-    "eval.num_clips", "eval.aggregation", "eval.split", "siamese.impl",
+    "eval.num_clips", "eval.aggregation", "eval.split", "siamese.impl", "model.memory_format",
 }
 
 
@@ -188,12 +194,17 @@ def make_loader(cfg: Config, data: Data, split: str, rank: int, world: int, epoc
     )
 
 
-def build_model(cfg: Config, num_answers: int, vocab_size: int) -> SiaSamReaModel:
+def build_model(cfg: Config, num_answers: int, vocab_size: int,
+                device: torch.device | None = None) -> SiaSamReaModel:
+    """The model of ``cfg.model``; with ``device``, its CNN weights in the layout that
+    ``model.memory_format`` resolves to there (the model stays on the CPU until moved; leave
+    ``device`` out for a model DeepSpeed wraps: see ``use_memory_format``)."""
     s = cfg.siamese
     siamese_kwargs = dict(omega=s.omega, tau=s.tau, skg=s.skg, learn_w1=s.learn_w1,
                           learn_w2=s.learn_w2, detach_soft_label=s.detach_soft_label, impl=s.impl)
-    return SiaSamReaModel(cfg.model, cfg.task, num_answers, vocab_size,
-                          num_clips=cfg.sampling.num_clips, siamese_kwargs=siamese_kwargs)
+    model = SiaSamReaModel(cfg.model, cfg.task, num_answers, vocab_size,
+                           num_clips=cfg.sampling.num_clips, siamese_kwargs=siamese_kwargs)
+    return model if device is None else use_memory_format(model, device)
 
 
 def deepspeed_arch_list(value: str | None) -> str | None:
@@ -541,6 +552,7 @@ def train(argv: list[str] | None = None) -> int:
     if steps_per_epoch == 0:
         raise ValueError("the train split has no usable examples (see the log for the reasons)")
     total_steps = steps_per_epoch * cfg.train.epochs
+    # Weights stay NCHW under DeepSpeed (model.use_memory_format); frames still go NHWC.
     model = build_model(cfg, len(data.ans2label), len(tokenizer))
     if init_dir is not None:
         note = init_model_from(model, init_dir, cfg, _vocab_hash(data.ans2label))
@@ -720,7 +732,7 @@ def evaluate_checkpoint(checkpoint: str, config_path: str | None = None,
         raise ValueError(f"checkpoint {tag_dir} was trained with another answer vocabulary")
     rank, world, device = init_distributed()
     tokenizer = load_tokenizer(cfg.model)
-    model = build_model(cfg, len(data.ans2label), len(tokenizer))
+    model = build_model(cfg, len(data.ans2label), len(tokenizer), device)
     model.load_state_dict(load_model_weights(tag_dir))
     model.to(device)
     loader = make_loader(cfg, data, split, rank, world)

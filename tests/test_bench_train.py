@@ -22,7 +22,8 @@ from siasam_fast.model import SiaSamReaModel, load_tokenizer  # noqa: E402
 from siasam_fast.training import TextEncoder  # noqa: E402
 
 COLUMNS = ["variant", "group", "base", "status", "reason", "loader", "dedup", "question",
-           "siamese_impl", "engine", "precision", "optimizer", "videos_per_s", "clips_per_s",
+           "siamese_impl", "engine", "precision", "cnn_layout", "optimizer", "videos_per_s",
+           "clips_per_s",
            "step_ms", "step_ms_synced", "data_ms", "forward_ms", "backward_ms", "optimizer_ms",
            "data_wait_ms_nosync", "peak_gpu_mem_gb", "tflop_per_step", "mfu",
            "frames_encoded_per_video", "speedup_vs_baseline_fp32", "speedup_vs_base",
@@ -73,6 +74,8 @@ def test_every_variant_runs_or_says_why_not(tmp_path):
     assert float(by["amp-dedup"]["tflop_per_step"]) < float(by["baseline-amp"]["tflop_per_step"])
     assert "pyav instead of DALI" in by["fast-bf16"]["notes"]
     assert by["fast-bf16"]["engine"] == "deepspeed-zero2"
+    assert by["fast-bf16"]["cnn_layout"] == by["amp-channels-last"]["cnn_layout"] == "NHWC"
+    assert by["baseline-amp"]["cnn_layout"] == "NCHW"
     assert (out / "bench_train_cpu_bench_tiny.png").stat().st_size > 0
     assert (out / "bench_train_cpu_bench_tiny.md").read_text().startswith("| variant")
     trace = out / "traces" / "trace_bench_train_cpu_bench_tiny_baseline-fp32.json"

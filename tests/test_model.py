@@ -190,3 +190,47 @@ def test_grid_too_large_is_a_clear_error(tokenizer):
 def test_unknown_presets_name_the_valid_ones():
     with pytest.raises(ValueError, match=r"model.visual='resnet9'.*tiny, resnet18, resnet50"):
         make_model("open", visual="resnet9")
+
+
+def test_channels_last_computes_the_same_function(tokenizer, monkeypatch):
+    """model.memory_format=channels_last runs the CNN in NHWC (frames and weights) and gives the
+    NCHW model's outputs and gradients; auto is NCHW on CPU; a bad value names the valid ones."""
+    from siasam_fast.model import resolve_channels_last, use_memory_format
+
+    batch = make_batch(tokenizer, "open")
+    results = []
+    for fmt in ("contiguous", "channels_last"):
+        model = use_memory_format(make_model("open", memory_format=fmt).train(), "cpu")
+        conv = next(m for m in model.visual.trunk.modules()
+                    if isinstance(m, torch.nn.Conv2d) and m.kernel_size[0] > 1)
+        nhwc = conv.weight.is_contiguous(memory_format=torch.channels_last)
+        assert nhwc == (fmt == "channels_last"), fmt
+        seen = []
+        monkeypatch.setattr(model.visual.trunk, "forward", _recording(model.visual.trunk, seen))
+        torch.manual_seed(1)  # the same dropout masks in both runs
+        out = model(batch)
+        (out["logits"].square().mean() + out["features"].mean()).backward()
+        layout = seen[0].is_contiguous(memory_format=torch.channels_last)
+        assert layout == (fmt == "channels_last"), fmt
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        results.append((out, grads))
+    (a, ga), (b, gb) = results
+    torch.testing.assert_close(b["logits"], a["logits"], rtol=1e-4, atol=1e-5)
+    assert ga.keys() == gb.keys()
+    for name in ga:
+        torch.testing.assert_close(gb[name], ga[name], rtol=1e-3, atol=1e-5, msg=name)
+    assert resolve_channels_last("auto", "cpu") is False
+    assert resolve_channels_last("auto", "cuda") is True
+    assert resolve_channels_last("contiguous", "cuda") is False
+    with pytest.raises(ValueError, match="model.memory_format='nhwc'.*channels_last"):
+        ModelConfig(memory_format="nhwc")
+
+
+def _recording(module, seen):
+    forward = module.forward
+
+    def record(*args, **kwargs):
+        seen.append(kwargs["pixel_values"])
+        return forward(*args, **kwargs)
+
+    return record
