@@ -34,6 +34,7 @@ what was in use before. Rows go to benchmarks/results/pipeline_<backends>.csv wi
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import resource
@@ -67,7 +68,9 @@ class Backend:
     uses_workers: bool = True  # False: the worker count is not a parameter (run once)
 
 
-def _pyav_loader(examples, manifest, cfg, *, batch_size, image_size, workers, dedup, seed):
+def _pyav_loader(examples, manifest, cfg, *, batch_size, image_size, workers, dedup, seed,
+                 threads=None):
+    del threads  # one decode thread per worker process
     return build_loader(
         examples,
         manifest,
@@ -82,7 +85,8 @@ def _pyav_loader(examples, manifest, cfg, *, batch_size, image_size, workers, de
     )
 
 
-def _dali_loader(examples, manifest, cfg, *, batch_size, image_size, workers, dedup, seed):
+def _dali_loader(examples, manifest, cfg, *, batch_size, image_size, workers, dedup, seed,
+                 threads=None):
     from siasam_fast.pipeline.dali import build_dali_loader
 
     return build_dali_loader(
@@ -96,6 +100,7 @@ def _dali_loader(examples, manifest, cfg, *, batch_size, image_size, workers, de
         seed=seed,
         dedup=dedup,
         device=dali_device(),
+        num_threads=threads,
     )
 
 
@@ -299,6 +304,7 @@ def measure(
     min_videos: int,
     seed: int = 0,
     max_seconds: float | None = None,
+    threads: int | None = None,
 ) -> dict:
     """One epoch of ``min_videos`` (rounded up to whole passes over the set), or what fits in
     ``max_seconds``. ``steady_videos_per_s`` leaves out the first batch (start-up)."""
@@ -320,6 +326,7 @@ def measure(
         workers=workers,
         dedup=dedup,
         seed=seed,
+        threads=threads,
     )
     videos = clip_frames = unique = first_videos = 0
     first_batch = None
@@ -367,9 +374,16 @@ def run_benchmark(
     image_size: int,
     min_videos: int,
     max_seconds: float | None = None,
+    dali_threads: list[int] | None = None,
+    dedup_modes: tuple[bool, ...] = (True, False),
     log=print,
 ) -> list[dict]:
-    """Rows for every (set, backend, dedup, workers); ``sets`` holds (name, records, codec)."""
+    """Rows for every (set, backend, dedup, workers, DALI threads); ``sets`` holds (name, records,
+    codec). ``dali_threads``: DALI's thread counts to try (its mixed video decoder decodes one
+    sample per thread, so they bound how many NVDEC sessions run at once); default: the
+    loader's own (``default_num_threads``)."""
+    from siasam_fast.pipeline.dali import default_num_threads
+
     rows = []
     for name, records, codec in sets:
         ok = [r for r in records.values() if r.ok]
@@ -383,36 +397,40 @@ def run_benchmark(
                 log(f"{name}: {backend_name} on {dali_device()} cannot decode {codec}, skipped")
                 continue
             counts = worker_counts if backend.uses_workers else [dali_workers]
-            for dedup in (True, False):
-                for workers in counts:
-                    result = measure(
-                        backend,
-                        records,
-                        workers=workers,
-                        dedup=dedup,
-                        batch_size=batch_size,
-                        image_size=image_size,
-                        min_videos=min_videos,
-                        max_seconds=max_seconds,
-                    )
-                    device = dali_device() if backend_name == "dali" else "cpu"
-                    rows.append(
-                        {
-                            "set": name,
-                            "resolution": resolution,
-                            "codec": codec,
-                            "backend": backend_name,
-                            "decoder": device,
-                            "dedup": dedup,
-                            "workers": workers,
-                            "batch_size": batch_size,
-                            **result,
-                        }
-                    )
-                    log(
-                        f"  {name} {backend_name} dedup={dedup} workers={workers}: "
-                        f"{result['videos_per_s']:.2f} videos/s"
-                    )
+            thread_counts = [None] if backend.uses_workers else (dali_threads or [None])
+            for dedup, workers, threads in itertools.product(dedup_modes, counts, thread_counts):
+                result = measure(
+                    backend,
+                    records,
+                    workers=workers,
+                    dedup=dedup,
+                    batch_size=batch_size,
+                    image_size=image_size,
+                    min_videos=min_videos,
+                    max_seconds=max_seconds,
+                    threads=threads,
+                )
+                device = dali_device() if backend_name == "dali" else "cpu"
+                rows.append(
+                    {
+                        "set": name,
+                        "resolution": resolution,
+                        "codec": codec,
+                        "backend": backend_name,
+                        "decoder": device,
+                        "dedup": dedup,
+                        "workers": workers,
+                        "threads": "" if backend.uses_workers else (
+                            threads or default_num_threads(dali_device(), batch_size)),
+                        "batch_size": batch_size,
+                        **result,
+                    }
+                )
+                log(
+                    f"  {name} {backend_name} dedup={dedup} workers={workers}"
+                    f"{'' if threads is None else f' threads={threads}'}: "
+                    f"{result['videos_per_s']:.2f} videos/s"
+                )
     return rows
 
 
@@ -424,6 +442,7 @@ COLUMNS = [
     "decoder",
     "dedup",
     "workers",
+    "threads",
     "videos",
     "seconds",
     "videos_per_s",
@@ -445,31 +464,32 @@ def start_up_bound(row: dict) -> bool:
 
 
 def summary_lines(rows: list[dict]) -> list[str]:
-    """Dedup speed-ups per (set, backend, workers) and DALI against the best PyAV row."""
+    """Dedup speed-ups per (set, backend, workers, threads) and the best DALI row against the
+    best PyAV row."""
     lines = []
     caveat = " (start-up bound: fewer than 3 batches measured)"
-    keys = sorted({(r["set"], r["backend"], r["workers"]) for r in rows}, key=str)
-    for name, backend, workers in keys:
-        pair = {
-            r["dedup"]: r
-            for r in rows
-            if (r["set"], r["backend"], r["workers"]) == (name, backend, workers)
-        }
+
+    def key(r):
+        return r["set"], r["backend"], r["workers"], r.get("threads", "")
+
+    for name, backend, workers, threads in sorted({key(r) for r in rows}, key=str):
+        pair = {r["dedup"]: r for r in rows if key(r) == (name, backend, workers, threads)}
         if len(pair) == 2:
             speedup = pair[True]["videos_per_s"] / pair[False]["videos_per_s"]
             note = caveat if any(start_up_bound(r) for r in pair.values()) else ""
-            lines.append(
-                f"{name}, {backend}, {workers} workers: dedup is {speedup:.2f}x faster{note}"
-            )
+            where = f"{workers} workers" + (f", {threads} threads" if threads != "" else "")
+            lines.append(f"{name}, {backend}, {where}: dedup is {speedup:.2f}x faster{note}")
     for name in sorted({r["set"] for r in rows}):
         dali = [r for r in rows if r["set"] == name and r["backend"] == "dali" and r["dedup"]]
         pyav = [r for r in rows if r["set"] == name and r["backend"] == "pyav" and r["dedup"]]
         if dali and pyav:
             best = max(pyav, key=lambda r: r["videos_per_s"])
-            ratio = dali[0]["videos_per_s"] / best["videos_per_s"]
-            note = caveat if start_up_bound(dali[0]) or start_up_bound(best) else ""
+            top = max(dali, key=lambda r: r["videos_per_s"])
+            ratio = top["videos_per_s"] / best["videos_per_s"]
+            note = caveat if start_up_bound(top) or start_up_bound(best) else ""
+            threads = f", {top['threads']} threads" if top.get("threads", "") != "" else ""
             lines.append(
-                f"{name}: dali ({dali[0]['decoder']}) {ratio:.2f}x the best pyav "
+                f"{name}: dali ({top['decoder']}{threads}) {ratio:.2f}x the best pyav "
                 f"({best['workers']} workers), dedup on both{note}"
             )
     return lines
@@ -496,6 +516,14 @@ def main(argv: list[str] | None = None) -> int:
         type=int,
         default=None,
         help="DALI's file-reading processes (default 4; --quick: 2)",
+    )
+    parser.add_argument(
+        "--dali-threads",
+        type=int,
+        nargs="+",
+        default=None,
+        help="DALI thread counts to compare (its mixed decoder decodes one video per thread; "
+        "default: the loader's own, one per video of the batch on the GPU, 4 to 16)",
     )
     parser.add_argument(
         "--codec",
@@ -578,6 +606,7 @@ def main(argv: list[str] | None = None) -> int:
         image_size=args.image_size,
         min_videos=min_videos,
         max_seconds=args.max_seconds,
+        dali_threads=args.dali_threads,
         log=lambda text: print(text, file=sys.stderr),
     )
 

@@ -608,7 +608,9 @@ def build_dali_loader(
 
     ``device``: "gpu" (NVDEC, the default when CUDA is available) or "cpu" (DALI's CPU decoder:
     VP8 / VP9 / MJPEG only; frames come back as CPU tensors). ``device_id``: the GPU (default: the
-    current torch device). ``num_threads``: DALI's CPU threads (default: up to 4).
+    current torch device). ``num_threads``: DALI's threads (default: ``default_num_threads``: on
+    the GPU one per video of the batch, 4 to 16, each driving one NVDEC session; on the CPU up to
+    4).
     ``num_workers``: DALI's file-reading processes (0: read in this process).
     ``prefetch_factor``: batches DALI prepares ahead. ``dtype``: of the frames, float16 (the
     default on the GPU) or float32 (the default on the CPU). ``multiprocessing_context``: how the
@@ -647,7 +649,7 @@ def build_dali_loader(
         raise ValueError(f"dtype={dtype}: the DALI backend yields torch.float16 or torch.float32")
     start_method = _start_method(multiprocessing_context)
     if num_threads is None:
-        num_threads = max(1, min(4, os.cpu_count() or 1))
+        num_threads = default_num_threads(device, batch_size)
     if num_threads < 1:
         raise ValueError(f"num_threads={num_threads}: must be >= 1")
     dataset, sampler = plan_epochs(
@@ -669,6 +671,23 @@ def build_dali_loader(
         prefetch_factor=prefetch_factor,
         start_method=start_method,
     )
+
+
+MAX_DEFAULT_THREADS = 16
+
+
+def default_num_threads(device: str = "cpu", batch_size: int = 1) -> int:
+    """DALI's threads when ``num_threads`` is not given.
+
+    On the CPU they decode and transform: up to 4, at most the cores. On the GPU the mixed video
+    decoder gives each sample of a batch to one thread of its own pool, and each thread drives
+    one NVDEC session (DALI's ``VideoDecoderBase``: decoders are created and run per sample on
+    that pool); with fewer threads than videos per batch, a batch takes several rounds of decodes.
+    There the threads mostly wait on NVDEC, so the default is one per video of the batch, at
+    least 4 and at most ``MAX_DEFAULT_THREADS``, whatever the core count."""
+    if device == "gpu":
+        return max(4, min(int(batch_size), MAX_DEFAULT_THREADS))
+    return max(1, min(4, os.cpu_count() or 1))
 
 
 def _start_method(context) -> str | None:
