@@ -20,6 +20,8 @@ the rows give:
   ``anchor_distribution``, mean over videos): what a sampling option costs in randomness;
 - ``videos_per_s``: a training epoch through the loader, pyav at each ``--workers`` count and,
   with ``--backend dali`` where DALI and a GPU are present, DALI on NVDEC (else skipped, noted);
+  start-up included; ``steady_videos_per_s`` leaves out the first batch (worker or pipeline
+  start-up), the rate of a long run: raise ``--min-videos`` where start-up weighs in;
 - ``bytes``, ``growth``: disk size of the set and its ratio to the original; ``transcode_s`` and
   ``encoder``: how the copy was made. The copies use ``--crf 23`` by default, the generator's own
   quality, so the growth is what the shorter GOP costs rather than a change of quality (the
@@ -122,19 +124,27 @@ def dali_loader_factory():
 
 def loader_rate(make_loader, records: dict, cfg: SamplingConfig, *, workers: int,
                 batch_size: int, image_size: int, min_videos: int, seed: int = 0) -> dict:
-    """Videos/s over one training epoch of ``min_videos`` or more examples (start-up included)."""
+    """Videos/s over one training epoch of ``min_videos`` or more examples, start-up included
+    (``videos_per_s``) and after the first batch (``steady_videos_per_s``: the rate a long
+    training run sees once the workers or DALI's pipeline are up)."""
     examples = bench_examples(records, min_videos)
+    start = time.perf_counter()
     loader = make_loader(examples, records, cfg, "train", batch_size=batch_size,
                          image_size=image_size, num_workers=workers, seed=seed)
-    videos = 0
-    start = time.perf_counter()
+    videos = first_videos = 0
+    first = None
     for batch in loader:
         videos += len(batch["example_index"])
+        if first is None:
+            first, first_videos = time.perf_counter() - start, videos
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
     del loader
-    return {"videos": videos, "seconds": seconds, "videos_per_s": videos / seconds}
+    steady = ((videos - first_videos) / (seconds - first)
+              if first is not None and videos > first_videos else None)
+    return {"videos": videos, "seconds": seconds, "videos_per_s": videos / seconds,
+            "steady_videos_per_s": steady, "first_batch_s": first}
 
 
 def set_bytes(records: dict) -> int:
@@ -234,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
     env = environment()
     columns = ["set", "resolution", "sampling", "bytes", "growth", "model_decoded_per_needed",
                "measured_decoded_per_needed", "model_exact", "anchor_choices", "backend",
-               "workers", "videos_per_s"]
+               "workers", "videos_per_s", "steady_videos_per_s"]
     print(f"\ntranscode benchmark on {env['device']} ({env['cpu_count']} CPUs): N=9 clips x B=8 "
           f"frames, stride 4, {len(original)} videos of {spec.num_frames} frames, "
           f"image {args.image_size}")

@@ -6,12 +6,9 @@
 #     bash scripts/gpu_bench_train.sh
 #
 # Steps (each prints its elapsed time):
-#  1. Staged packages, if any: the files of the .stage* folders carried with this call and of those
-#     earlier calls copied to /tmp/stage (one .stage folder per call: transfers are limited to
-#     64 MiB, and the machine stays warm only ~30 s between calls, so issue them back to back).
-#     part.* are reassembled (cat part.* | tar x), any other *.tar is unpacked, both into
-#     /tmp/stage; then *.whl install into /tmp/site with pip --target and *.tar.xz / *.tar.gz
-#     (installed trees) are extracted into /tmp/site, which goes on PYTHONPATH (its bin/ on PATH).
+#  1. Staged packages, if any (scripts/gpu_stage.sh): the .stage* folders carried with this call
+#     and those earlier calls copied to /tmp/stage, reassembled and installed into /tmp/site, which
+#     goes on PYTHONPATH (its bin/ on PATH).
 #     Needed on the H100 image: deepspeed (+ hjson, pydantic, pydantic-core, annotated-types,
 #     typing-inspection: bench_train imports siasam_fast.training, which imports DeepSpeed),
 #     av (PyAV), nvidia-dali-cuda130 (else the siasam-fast rows use pyav and say so, and amp-dali is
@@ -81,33 +78,8 @@ say() { echo "[$((SECONDS - T0)) s] $*"; }
 
 # 1. staged wheels -------------------------------------------------------------------------------
 if [ "${SKIP_STAGE:-0}" != 1 ]; then
-  mkdir -p "$STAGE" "$SITE"
-  for d in .stage*; do
-    [ -d "$d" ] && cp -n "$d"/* "$STAGE"/ 2>/dev/null
-  done
-  if compgen -G "$STAGE/part.*" >/dev/null || compgen -G "$STAGE/*.tar" >/dev/null; then
-    stamp=$(ls -l "$STAGE"/part.* "$STAGE"/*.tar 2>/dev/null | md5sum | cut -c1-12)
-    if [ "$(cat "$SITE/.staged" 2>/dev/null)" != "$stamp" ]; then
-      say "unpacking the staged files into $STAGE, installing into $SITE"
-      if compgen -G "$STAGE/part.*" >/dev/null; then
-        (cd "$STAGE" && cat part.* | tar x) || say "warning: the staged parts are incomplete" \
-          "(copy every .stage folder first); installing what was extracted"
-      fi
-      for pack in "$STAGE"/*.tar; do
-        [ -f "$pack" ] && { tar xf "$pack" -C "$STAGE" || say "warning: $pack did not unpack"; }
-      done
-      if compgen -G "$STAGE/*.whl" >/dev/null; then
-        "$PY" -m pip install -q --no-index --no-deps --no-compile --target "$SITE" \
-          "$STAGE"/*.whl || say "warning: some staged wheels did not install"
-      fi
-      for tree in "$STAGE"/*.tar.xz "$STAGE"/*.tar.gz "$STAGE"/*.tgz; do
-        [ -f "$tree" ] && { tar xf "$tree" -C "$SITE" || say "warning: $tree did not extract"; }
-      done
-      echo "$stamp" > "$SITE/.staged"
-    fi
-  else
-    say "no staged parts (.stage*/ or $STAGE): using what the image has"
-  fi
+  # shellcheck source=scripts/gpu_stage.sh
+  source scripts/gpu_stage.sh
 fi
 # siasam_fast and the kernels (installed as siasam_kernels) by path, without pip or the repo root
 # on sys.path (its kernels/ folder must not shadow PyPI's `kernels`, which transformers probes).

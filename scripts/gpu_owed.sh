@@ -1,0 +1,128 @@
+#!/usr/bin/env bash
+# The GPU measurements the open issues still owe, in one loan, each part within its own time:
+#
+#   dali       python scripts/gpu_check_dali.py           issue 5: NVDEC correctness + throughput
+#   transcode  python benchmarks/bench_transcode.py ...   issue 7: DALI on GOP 8/16/32 copies
+#   train      bash scripts/gpu_bench_train.sh            issue 6: baselines vs siasam-fast
+#
+# Run from the repository root after staging (docs/gpu_runbook.md: ../shared/tools/stage-gpu-wheels
+# here, then the run calls back to back, this script in the last one):
+#
+#     bash scripts/gpu_owed.sh
+#
+# Knobs: PARTS (default "dali transcode train": which parts, in this order), BUDGET_S (default
+# 780: the whole script, staging included; a 15-minute loan leaves about 14 minutes after the
+# machine starts), SKIP_STAGE=1, PY (python3), KEEP (default /tmp/owed: the full outputs).
+#
+# Time: each part gets what is left of BUDGET_S minus the minimum of the parts after it (MIN_dali
+# 240 s, MIN_transcode 120 s, MIN_train 240 s); a part whose share is below its own minimum is
+# skipped and said so. dali and transcode are cut by `timeout` at their share (dali ~5 min and
+# transcode ~2-3 min when not cut); train passes its share to gpu_bench_train.sh as DEADLINE_S,
+# whose time budget skips the variants that no longer fit and says so in its table. Put the part
+# that must finish first in PARTS.
+#
+# Output: every part writes under $KEEP/<part>/ (its console log included); after each part
+# $KEEP/<part> is packed into $OUT/<part>.tgz, so a run cut short still returns what finished
+# (at most 8 files come back from $OUT: three tarballs and owed.log). The console ends with each
+# part's status and table.
+#
+# A CPU dry run of the flow (the GPU parts fail or skip quickly and say why):
+#   SKIP_STAGE=1 PY=.venv/bin/python BUDGET_S=900 PARTS="dali transcode" OUT=/tmp/owed_out \
+#     bash scripts/gpu_owed.sh
+set -uo pipefail
+cd "$(dirname "$0")/.." || exit 1
+T0=$SECONDS
+PY=${PY:-python3}
+PARTS=${PARTS:-dali transcode train}
+BUDGET_S=${BUDGET_S:-780}
+KEEP=${KEEP:-/tmp/owed}
+declare -A MIN=([dali]=240 [transcode]=120 [train]=240)
+declare -A STATUS=()
+mkdir -p "$KEEP"
+[ -n "${OUT:-}" ] && mkdir -p "$OUT"
+LOG=$KEEP/owed.log
+: > "$LOG"
+say() { echo "[$((SECONDS - T0)) s] $*" | tee -a "$LOG"; }
+pack() {
+  [ -n "${OUT:-}" ] || return 0
+  tar czf "$OUT/$1.tgz" -C "$KEEP" "$1" 2>/dev/null && say "packed $KEEP/$1 -> \$OUT/$1.tgz"
+  cp "$LOG" "$OUT/owed.log"
+}
+for part in $PARTS; do
+  [ -n "${MIN[$part]:-}" ] || { echo "PARTS: unknown part '$part' (valid: dali transcode train)"; exit 2; }
+done
+
+# Staged packages, and siasam_fast / siasam_kernels importable by path (the repository root stays
+# off sys.path: its kernels/ folder must not shadow PyPI's `kernels`, which transformers probes).
+if [ "${SKIP_STAGE:-0}" != 1 ]; then
+  # shellcheck source=scripts/gpu_stage.sh
+  source scripts/gpu_stage.sh
+fi
+mkdir -p /tmp/owed_path
+ln -sfn "$PWD/siasam_fast" /tmp/owed_path/siasam_fast
+ln -sfn "$PWD/kernels" /tmp/owed_path/siasam_kernels
+export PYTHONPATH="/tmp/site:/tmp/owed_path${PYTHONPATH:+:$PYTHONPATH}"
+export PATH="/tmp/site/bin:$PATH" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1 | tee -a "$LOG"
+
+share() {  # seconds for part $1: what is left minus the minimum of the parts after it
+  local after=0 seen=0 p
+  for p in $PARTS; do
+    [ "$seen" = 1 ] && after=$((after + MIN[$p]))
+    [ "$p" = "$1" ] && seen=1
+  done
+  echo $((BUDGET_S - (SECONDS - T0) - after))
+}
+
+run_dali() {
+  local dir=$KEEP/dali
+  mkdir -p "$dir"
+  timeout --kill-after=10 "$1" "$PY" scripts/gpu_check_dali.py --out "$dir" \
+    --work /tmp/owed_dali_work 2>&1 | tee "$dir/console.log"
+  return "${PIPESTATUS[0]}"
+}
+
+run_transcode() {
+  local dir=$KEEP/transcode
+  mkdir -p "$dir"
+  timeout --kill-after=10 "$1" "$PY" benchmarks/bench_transcode.py --workers 16 --backend dali \
+    --samplings paper shift16 --batch-size 8 --min-videos 128 --out-dir "$dir" 2>&1 \
+    | tee "$dir/console.log"
+  return "${PIPESTATUS[0]}"
+}
+
+run_train() {
+  local dir=$KEEP/train
+  mkdir -p "$dir"
+  # gpu_bench_train.sh keeps its own clock: its deadline is this part's share.
+  SKIP_STAGE=1 DEADLINE_S="$1" OUT="$dir" PY="$PY" bash scripts/gpu_bench_train.sh 2>&1 \
+    | tee "$dir/console.log"
+  return "${PIPESTATUS[0]}"
+}
+
+for part in $PARTS; do
+  budget=$(share "$part")
+  if [ "$budget" -lt "${MIN[$part]}" ]; then
+    STATUS[$part]="skipped: ${budget} s left for it, it needs ${MIN[$part]} s"
+    say "$part ${STATUS[$part]}"
+    continue
+  fi
+  say "$part: up to $budget s"
+  start=$SECONDS
+  "run_$part" "$budget"
+  rc=$?
+  case $rc in
+    0) STATUS[$part]="ok" ;;
+    124 | 137) STATUS[$part]="cut at its ${budget} s share (what finished is in the log)" ;;
+    *) STATUS[$part]="exit status $rc" ;;
+  esac
+  say "$part: ${STATUS[$part]}, $((SECONDS - start)) s"
+  pack "$part"
+done
+
+say "summary (budget $BUDGET_S s)"
+for part in $PARTS; do
+  say "  $part: ${STATUS[$part]}"
+done
+[ -n "${OUT:-}" ] && cp "$LOG" "$OUT/owed.log"
+exit 0
