@@ -443,6 +443,7 @@ COLUMNS = [
     "dedup",
     "workers",
     "threads",
+    "batch_size",
     "videos",
     "seconds",
     "videos_per_s",
@@ -470,10 +471,11 @@ def summary_lines(rows: list[dict]) -> list[str]:
     caveat = " (start-up bound: fewer than 3 batches measured)"
 
     def key(r):
-        return r["set"], r["backend"], r["workers"], r.get("threads", "")
+        return r["set"], r["backend"], r["workers"], r.get("threads", ""), r.get("batch_size")
 
-    for name, backend, workers, threads in sorted({key(r) for r in rows}, key=str):
-        pair = {r["dedup"]: r for r in rows if key(r) == (name, backend, workers, threads)}
+    for name, backend, workers, threads, batch in sorted({key(r) for r in rows}, key=str):
+        pair = {r["dedup"]: r for r in rows
+                if key(r) == (name, backend, workers, threads, batch)}
         if len(pair) == 2:
             speedup = pair[True]["videos_per_s"] / pair[False]["videos_per_s"]
             note = caveat if any(start_up_bound(r) for r in pair.values()) else ""
@@ -488,6 +490,7 @@ def summary_lines(rows: list[dict]) -> list[str]:
             ratio = top["videos_per_s"] / best["videos_per_s"]
             note = caveat if start_up_bound(top) or start_up_bound(best) else ""
             threads = f", {top['threads']} threads" if top.get("threads", "") != "" else ""
+            threads += f", batches of {top['batch_size']}" if "batch_size" in top else ""
             lines.append(
                 f"{name}: dali ({top['decoder']}{threads}) {ratio:.2f}x the best pyav "
                 f"({best['workers']} workers), dedup on both{note}"
