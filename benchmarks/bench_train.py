@@ -779,8 +779,12 @@ def run_isolated(plan: Plan, args, argv: list[str], timeout: float | None) -> di
 
 def worker_main(args, cfg: Config, device: torch.device) -> int:
     plan = resolve(BY_NAME[args.worker], device, args.zero_stage)
+    print(f"variant {plan.variant.name} on {device}: {plan.variant.description}", flush=True)
     row = run_in_process(plan, cfg, args, device)
     Path(args.worker_json).write_text(json.dumps(row))
+    print(f"variant {plan.variant.name}: {row['status']}"
+          + (f", {row['videos_per_s']:.4g} videos/s" if row["status"] == "ok"
+             else f": {row['reason']}"), flush=True)
     return 0
 
 

@@ -82,6 +82,41 @@ def test_every_variant_runs_or_says_why_not(tmp_path):
     assert trace.stat().st_size > 0 and by["baseline-fp32"]["trace"] == str(trace)
 
 
+@pytest.mark.slow
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU report")
+def test_isolated_variants_report_rows_logs_and_timeouts(tmp_path):
+    """--isolate process (the GPU default): each variant in its own interpreter, its row back as
+    JSON and its output in a log; a variant past --variant-timeout is killed and says so."""
+    data = tmp_path / "synth"
+    out = tmp_path / "results"
+    base = [sys.executable, str(ROOT / "benchmarks" / "bench_train.py"),
+            "--config", str(ROOT / "configs" / "bench_tiny.yaml"),
+            "--set", f"data.train={data}/annotations/train_qa.json",
+            "--set", f"data.manifest={data}/manifest.jsonl",
+            "--num-videos", "24", "--steps", "1", "--warmup", "1", "--isolate", "process",
+            "--out", str(out)]
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "2"}
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT",
+                "TRITON_INTERPRET"):
+        env.pop(key, None)
+    proc = subprocess.run(base + ["--variants", "amp-channels-last"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    with (out / "bench_train_cpu_bench_tiny.csv").open() as fh:
+        (row,) = list(csv.DictReader(fh))
+    assert row["status"] == "ok" and float(row["videos_per_s"]) > 0, row
+    assert row["cnn_layout"] == "NHWC" and row["isolated"] == "True"
+    log = out / "logs" / "bench_train_cpu_bench_tiny_amp-channels-last.log"
+    assert log.stat().st_size > 0
+
+    proc = subprocess.run(base + ["--variants", "baseline-fp32", "--variant-timeout", "1"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 1, proc.stdout[-2000:]  # a variant that did not finish fails
+    with (out / "bench_train_cpu_bench_tiny.csv").open() as fh:
+        (row,) = list(csv.DictReader(fh))
+    assert row["status"] == "timeout" and "no result within 1 s" in row["reason"], row
+
+
 def _batch(V, N, frames_per_video, S=32, seed=0):
     """A batch decoded without de-duplication: clip n of video v is frames [n*b, (n+1)*b)."""
     g = torch.Generator().manual_seed(seed)
