@@ -97,6 +97,17 @@ def build_text(name: str, vocab_size: int, dropout: float) -> BertModel:
     raise ValueError(f"model.text={name!r}: use {', '.join(TEXT_PRESETS)} or a local directory")
 
 
+def real_frame_slots(num_unique: torch.Tensor, U: int, device: torch.device) -> torch.Tensor:
+    """Flat indices ``v * U + u`` (u < num_unique[v]) of the real frames of a [V, U] padded batch,
+    on ``device``. With ``num_unique`` on the CPU (as the loaders give it and ``to_device`` keeps
+    it) they are found on the host and copied without waiting for the GPU; boolean-mask indexing
+    on the GPU would synchronise the host with the device twice per forward (it must learn how
+    many frames are real before it can allocate), which stops the host from queueing the text
+    encoder's kernels while the CNN runs."""
+    valid = torch.arange(U, device=num_unique.device)[None, :] < num_unique[:, None]  # [V, U]
+    return valid.flatten().nonzero().squeeze(1).to(device, non_blocking=True)
+
+
 class VisualEmbeddings(nn.Module):
     """Unique frames -> grid tokens per clip: ResNet, 1x1 projection, pooling, mean over B and
     2-D position embeddings."""
@@ -133,10 +144,10 @@ class VisualEmbeddings(nn.Module):
     def forward(self, frames, num_unique, clip_index, frame_mask) -> torch.Tensor:
         """frames [V, U, C, H, W] -> tokens [V, N, h*w, hidden] (one grid per clip)."""
         V, U = frames.shape[:2]
-        valid = torch.arange(U, device=frames.device)[None, :] < num_unique[:, None]  # [V, U]
-        feats = self.encode_frames(frames[valid])  # [F, hidden, h, w], padding never encoded
-        grid = feats.new_zeros(V, U, *feats.shape[1:])
-        grid[valid] = feats
+        slots = real_frame_slots(num_unique, U, frames.device)  # [F]: padding never encoded
+        feats = self.encode_frames(frames.flatten(0, 1).index_select(0, slots))
+        grid = feats.new_zeros(V * U, *feats.shape[1:]).index_copy(0, slots, feats)
+        grid = grid.view(V, U, *feats.shape[1:])  # [V, U, hidden, h, w], zeros at padding
         # Gather every clip's B frames through the index map, mean over the valid ones.
         per_clip = grid[torch.arange(V, device=frames.device)[:, None, None], clip_index]
         weights = frame_mask.to(per_clip.dtype)[..., None, None, None]

@@ -285,10 +285,16 @@ def match_buffer_dtypes(module: torch.nn.Module) -> None:
                 setattr(mod, name, buf.to(params[0].dtype))
 
 
+HOST_KEYS = ("num_unique",)  # read on the host by the model (model.real_frame_slots)
+
+
 def to_device(batch: dict, device: torch.device, dtype: torch.dtype) -> dict:
+    """The batch's tensors on ``device`` (frames and clips in ``dtype``), but ``HOST_KEYS``,
+    which stay where the loader made them (the CPU) so that the model reads them without a
+    device-to-host copy."""
     out = {}
     for k, v in batch.items():
-        if torch.is_tensor(v):
+        if torch.is_tensor(v) and k not in HOST_KEYS:
             v = v.to(device, non_blocking=True)
             if v.is_floating_point() and k in ("frames", "clips"):
                 v = v.to(dtype)

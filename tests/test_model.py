@@ -234,3 +234,39 @@ def _recording(module, seen):
         return forward(*args, **kwargs)
 
     return record
+
+
+def test_real_frame_slots_and_host_side_counts():
+    """The real frames' flat slots are the boolean mask's, in its order; to_device leaves the
+    counts on the host, and the model gives the same outputs either way."""
+    from siasam_fast.model import real_frame_slots
+    from siasam_fast.training import to_device
+
+    num_unique = torch.tensor([3, 0, 5, 1])
+    U = 5
+    mask = torch.arange(U)[None, :] < num_unique[:, None]
+    want = torch.arange(4 * U).view(4, U)[mask]
+    assert real_frame_slots(num_unique, U, torch.device("cpu")).tolist() == want.tolist()
+    moved = to_device({"num_unique": num_unique, "frames": torch.zeros(2, 3)}, torch.device("meta"),
+                      torch.float16)
+    assert moved["num_unique"].device.type == "cpu" and moved["frames"].device.type == "meta"
+    assert moved["frames"].dtype == torch.float16
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (device syncs)")
+def test_visual_forward_never_waits_for_the_gpu(tokenizer):
+    """With the counts on the host, the visual embedding's forward and backward queue their
+    kernels without a device synchronisation (boolean-mask indexing would need two)."""
+    model = make_model("open").cuda().train()
+    batch = make_batch(tokenizer, "open")
+    frames = batch["frames"].cuda()
+    clip_index, frame_mask = batch["clip_index"].cuda(), batch["frame_mask"].cuda()
+    model.visual(frames, batch["num_unique"], clip_index, frame_mask)  # warm-up (cuDNN set-up)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        tokens = model.visual(frames, batch["num_unique"], clip_index, frame_mask)
+        tokens.float().square().mean().backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.isfinite(tokens).all()
