@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The GPU measurements the open issues still owe, in one loan, each part within its own time:
 #
+#   checks     python -m pytest tests/test_model.py      the GPU-only model tests (no device syncs)
 #   dali       python scripts/gpu_check_dali.py           issue 5: NVDEC correctness + throughput
 #   transcode  python benchmarks/bench_transcode.py ...   issue 7: DALI on GOP 8/16/32 copies
 #   train      bash scripts/gpu_bench_train.sh            issue 6: baselines vs siasam-fast
@@ -10,33 +11,33 @@
 #
 #     bash scripts/gpu_owed.sh
 #
-# Knobs: PARTS (default "dali transcode train": which parts, in this order), BUDGET_S (default
-# 780: the whole script, staging included; a 15-minute loan leaves about 14 minutes after the
-# machine starts), SKIP_STAGE=1, PY (python3), KEEP (default /tmp/owed: the full outputs).
+# Knobs: PARTS (default "checks dali transcode train": which parts, in this order), BUDGET_S
+# (default 780: the whole script, staging included; a 15-minute loan leaves about 14 minutes
+# after the machine starts), SKIP_STAGE=1, PY (python3), KEEP (default /tmp/owed: full outputs).
 #
-# Time: each part gets what is left of BUDGET_S minus the minimum of the parts after it (MIN_dali
-# 240 s, MIN_transcode 120 s, MIN_train 240 s); a part whose share is below its own minimum is
-# skipped and said so. dali and transcode are cut by `timeout` at their share (dali ~5 min and
-# transcode ~2-3 min when not cut); train passes its share to gpu_bench_train.sh as DEADLINE_S,
-# whose time budget skips the variants that no longer fit and says so in its table. Put the part
-# that must finish first in PARTS.
+# Time: each part gets what is left of BUDGET_S minus the minimum of the parts after it (checks
+# 20 s, dali 240 s, transcode 120 s, train 240 s); a part whose share is below its own minimum is
+# skipped and said so. checks (at most 90 s), dali (~5 min) and transcode (~2-3 min) are cut by
+# `timeout` at their share; train passes its share to gpu_bench_train.sh as DEADLINE_S, whose
+# time budget skips the variants that no longer fit and says so in its table. Put the part that
+# must finish first in PARTS.
 #
 # Output: every part writes under $KEEP/<part>/ (its console log included); after each part
 # $KEEP/<part> is packed into $OUT/<part>.tgz, so a run cut short still returns what finished
-# (at most 8 files come back from $OUT: three tarballs and owed.log). The console ends with each
-# part's status and table.
+# (at most 8 files come back from $OUT: four tarballs and owed.log). The console ends with each
+# part's status.
 #
 # A CPU dry run of the flow (the GPU parts fail or skip quickly and say why):
-#   SKIP_STAGE=1 PY=.venv/bin/python BUDGET_S=900 PARTS="dali transcode" OUT=/tmp/owed_out \
+#   SKIP_STAGE=1 PY=.venv/bin/python BUDGET_S=900 PARTS="checks dali" OUT=/tmp/owed_out \
 #     bash scripts/gpu_owed.sh
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 1
 T0=$SECONDS
 PY=${PY:-python3}
-PARTS=${PARTS:-dali transcode train}
+PARTS=${PARTS:-checks dali transcode train}
 BUDGET_S=${BUDGET_S:-780}
 KEEP=${KEEP:-/tmp/owed}
-declare -A MIN=([dali]=240 [transcode]=120 [train]=240)
+declare -A MIN=([checks]=20 [dali]=240 [transcode]=120 [train]=240)
 declare -A STATUS=()
 mkdir -p "$KEEP"
 [ -n "${OUT:-}" ] && mkdir -p "$OUT"
@@ -49,7 +50,8 @@ pack() {
   cp "$LOG" "$OUT/owed.log"
 }
 for part in $PARTS; do
-  [ -n "${MIN[$part]:-}" ] || { echo "PARTS: unknown part '$part' (valid: dali transcode train)"; exit 2; }
+  [ -n "${MIN[$part]:-}" ] || {
+    echo "PARTS: unknown part '$part' (valid: checks dali transcode train)"; exit 2; }
 done
 
 # Staged packages, and siasam_fast / siasam_kernels importable by path (the repository root stays
@@ -72,6 +74,15 @@ share() {  # seconds for part $1: what is left minus the minimum of the parts af
     [ "$p" = "$1" ] && seen=1
   done
   echo $((BUDGET_S - (SECONDS - T0) - after))
+}
+
+run_checks() {  # the GPU-only tests of the model (they skip on a CPU)
+  local dir=$KEEP/checks t=$1
+  mkdir -p "$dir"
+  [ "$t" -gt 90 ] && t=90
+  timeout --kill-after=10 "$t" "$PY" -m pytest -q -rs tests/test_model.py 2>&1 \
+    | tee "$dir/console.log"
+  return "${PIPESTATUS[0]}"
 }
 
 run_dali() {
