@@ -37,7 +37,10 @@ steps after ``--warmup`` untimed ones, under each variant:
     ``amp-dali``           the DALI loader (NVDEC), still without de-duplication;
     ``amp-channels-last``  the CNN's frames and weights in channels_last (NHWC) memory layout
                            (``model.memory_format``): cuDNN's tensor-core convolutions read NHWC, so
-                           NCHW tensors are transposed around every convolution.
+                           NCHW tensors are transposed around every convolution;
+    ``amp-cudnn-benchmark`` cuDNN autotuning (``train.cudnn_benchmark``): the frames per step are
+                           fixed by the sampling, so each convolution's algorithm is timed once, in
+                           the warm-up.
     Why added to the baseline rather than removed from siasam-fast: each row then differs from one
     measured row (``base``) by exactly one thing, and a gain shows even when another part of the
     stack is the bottleneck (removed from the fast stack, an optimisation that does not touch the
@@ -174,6 +177,7 @@ class Variant:
     precision: str = "fp32"  # "fp32" | "amp" (torch.amp, or DeepSpeed's fp16 / bf16) | fp16 | bf16
     optimizer: str = "torch"  # "torch" (AdamW) | "fused" (DeepSpeed FusedAdam)
     channels_last: bool = False  # the CNN in NHWC (model.memory_format=channels_last)
+    cudnn_benchmark: bool = False  # cuDNN times its algorithms per shape (train.cudnn_benchmark)
 
     def __post_init__(self) -> None:
         if self.dedup and not self.question_once:
@@ -183,16 +187,17 @@ class Variant:
 
 _AMP = dict(precision="amp", base="baseline-amp")
 _FAST = dict(loader="dali", dedup=True, question_once=True, siamese_impl="triton",
-             engine="deepspeed", optimizer="fused", channels_last=True, base="baseline-amp")
+             engine="deepspeed", optimizer="fused", channels_last=True, cudnn_benchmark=True,
+             base="baseline-amp")
 VARIANTS: tuple[Variant, ...] = (
     Variant("baseline-fp32", "baseline",
             "plain PyTorch: pyav, no dedup, question per clip, eager loss, AdamW, fp32"),
     Variant("baseline-amp", "baseline", "baseline-fp32 under torch.amp (fp16 + GradScaler on "
             "CUDA, bf16 autocast on CPU)", precision="amp", base="baseline-fp32"),
     Variant("fast-fp16", "siasam-fast", "DALI, dedup, question once, Triton loss, DeepSpeed ZeRO "
-            "fp16, FusedAdam, channels_last CNN", precision="fp16", **_FAST),
+            "fp16, FusedAdam, channels_last CNN, cuDNN autotuning", precision="fp16", **_FAST),
     Variant("fast-bf16", "siasam-fast", "DALI, dedup, question once, Triton loss, DeepSpeed ZeRO "
-            "bf16, FusedAdam, channels_last CNN", precision="bf16", **_FAST),
+            "bf16, FusedAdam, channels_last CNN, cuDNN autotuning", precision="bf16", **_FAST),
     Variant("amp-question-once", "toggle", "baseline-amp + question embedded once per video "
             "(the model's forward; CNN still on all N*B clip frames)", question_once=True, **_AMP),
     Variant("amp-dedup", "toggle", "baseline-amp + frames decoded and encoded once (the model's "
@@ -207,6 +212,9 @@ VARIANTS: tuple[Variant, ...] = (
             **_AMP),
     Variant("amp-channels-last", "toggle", "baseline-amp + the CNN's frames and weights in "
             "channels_last (NHWC)", channels_last=True, **_AMP),
+    Variant("amp-cudnn-benchmark", "toggle", "baseline-amp + cuDNN autotuning "
+            "(torch.backends.cudnn.benchmark: each convolution's fastest algorithm, timed once "
+            "per shape in the warm-up)", cudnn_benchmark=True, **_AMP),
 )
 BY_NAME = {v.name: v for v in VARIANTS}
 
@@ -593,6 +601,7 @@ def run_variant(plan: Plan, cfg: Config, args, device: torch.device) -> dict:
     vcfg = copy.deepcopy(cfg)
     vcfg.data.backend, vcfg.data.dedup = plan.loader, v.dedup
     vcfg.model.memory_format = "channels_last" if v.channels_last else "contiguous"
+    vcfg.train.cudnn_benchmark = v.cudnn_benchmark
     vcfg.data.num_workers = fit_workers_to_shm(vcfg, plan, plan.notes)
     V, N = cfg.train.batch_size, cfg.sampling.num_clips
     profiled = args.profile is not None and (not args.profile or v.name in args.profile)
@@ -613,6 +622,8 @@ def run_variant(plan: Plan, cfg: Config, args, device: torch.device) -> dict:
     num_params, optimizer_name = trainer.num_params, trainer.optimizer_name
     batches = start_batches(plan, vcfg, data, plan.notes)
     build_s = time.perf_counter() - t_build
+    cudnn_before = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = v.cudnn_benchmark and device.type == "cuda"
     try:
         t_warm = time.perf_counter()
         for _ in range(args.warmup):
@@ -655,6 +666,7 @@ def run_variant(plan: Plan, cfg: Config, args, device: torch.device) -> dict:
             plan.notes.append(f"FLOPs not counted: {type(err).__name__}: {_first_line(err)}")
             flops = None
     finally:
+        torch.backends.cudnn.benchmark = cudnn_before
         batches.close()  # stops the loader's workers / DALI's readers
         trainer.close()
         del trainer
@@ -726,6 +738,7 @@ def describe(plan: Plan) -> dict:
             "dedup": v.dedup, "question": "once" if v.question_once else "per clip",
             "siamese_impl": plan.siamese_impl, "engine": engine, "precision": plan.precision,
             "cnn_layout": "NHWC" if v.channels_last else "NCHW",
+            "cudnn_benchmark": v.cudnn_benchmark,
             "optimizer": optimizer, "description": v.description}
 
 
@@ -945,8 +958,7 @@ def main(argv: list[str] | None = None) -> int:
                isolated=isolate, peak_source=PEAK_SOURCE)
     if device.type == "cuda":
         env.update(tf32_matmul=torch.backends.cuda.matmul.allow_tf32,
-                   tf32_cudnn=torch.backends.cudnn.allow_tf32,
-                   cudnn_benchmark=torch.backends.cudnn.benchmark)
+                   tf32_cudnn=torch.backends.cudnn.allow_tf32)  # cudnn_benchmark: per row
     print("training benchmark:", ", ".join(f"{k}={env[k]}" for k in (
         "device", "torch", "deepspeed", "dali", "triton", "config")), flush=True)
 

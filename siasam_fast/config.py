@@ -103,6 +103,10 @@ class TrainConfig:
     max_steps: int = 0  # stop after this many steps (0: run all epochs)
     precision: str = "auto"  # auto: from the DeepSpeed config | fp32 | fp16 | bf16
     sync_timing: bool = False  # synchronise the GPU between phases to split the step time
+    # cuDNN times its convolution algorithms once per input shape and keeps the fastest. The frames
+    # per step are fixed by the sampling (37 unique a video at N=9, B=8, stride 4), so training
+    # tunes once (plus the evaluation's and a last short batch's shapes).
+    cudnn_benchmark: bool = True
     init_from: str = ""  # a checkpoint (tag or run directory) whose model weights start a new run
 
     def __post_init__(self) -> None:

@@ -66,6 +66,7 @@ from siasam_fast.pipeline.manifest import load_manifest  # noqa: E402
 RESUMABLE_CHANGES = {
     "train.epochs", "train.max_steps", "train.out_dir", "train.log_every", "train.save_every",
     "train.keep_checkpoints", "train.sync_timing", "train.init_from", "data.num_workers",
+    "train.cudnn_benchmark",
     "data.backend",
     "data.manifest", "data.video_dir", "data.train", "data.val", "data.test", "eval.batch_size",
     "eval.num_clips", "eval.aggregation", "eval.split", "siamese.impl", "model.memory_format",
@@ -532,6 +533,7 @@ def train(argv: list[str] | None = None) -> int:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
     seed_everything(cfg.train.seed, rank)
+    torch.backends.cudnn.benchmark = cfg.train.cudnn_benchmark and device.type == "cuda"
 
     # DeepSpeed config: precision and ZeRO from the file; batch size and clipping from ours.
     ds = ds_config.load_ds_config(getattr(args, "deepspeed_config", None), cfg.train.precision)

@@ -76,6 +76,9 @@ def test_every_variant_runs_or_says_why_not(tmp_path):
     assert by["fast-bf16"]["engine"] == "deepspeed-zero2"
     assert by["fast-bf16"]["cnn_layout"] == by["amp-channels-last"]["cnn_layout"] == "NHWC"
     assert by["baseline-amp"]["cnn_layout"] == "NCHW"
+    assert by["fast-bf16"]["cudnn_benchmark"] == by["amp-cudnn-benchmark"]["cudnn_benchmark"]
+    assert by["amp-cudnn-benchmark"]["cudnn_benchmark"] == "True"
+    assert by["baseline-amp"]["cudnn_benchmark"] == "False"
     assert (out / "bench_train_cpu_bench_tiny.png").stat().st_size > 0
     assert (out / "bench_train_cpu_bench_tiny.md").read_text().startswith("| variant")
     trace = out / "traces" / "trace_bench_train_cpu_bench_tiny_baseline-fp32.json"
