@@ -11,7 +11,8 @@
 #
 #     bash scripts/gpu_owed.sh
 #
-# Knobs: PARTS (default "checks dali transcode train": which parts, in this order), BUDGET_S
+# Knobs: PARTS (default "checks dali train": which parts, in this order; "transcode" takes the
+# next loan, or goes first where dali and train are done already), BUDGET_S
 # (default 780: the whole script, staging included; a 15-minute loan leaves about 14 minutes
 # after the machine starts), SKIP_STAGE=1, PY (python3), KEEP (default /tmp/owed: full outputs).
 #
@@ -24,7 +25,7 @@
 #
 # Output: every part writes under $KEEP/<part>/ (its console log included); after each part
 # $KEEP/<part> is packed into $OUT/<part>.tgz, so a run cut short still returns what finished
-# (at most 8 files come back from $OUT: four tarballs and owed.log). The console ends with each
+# (at most 8 files come back from $OUT: a tarball per part and owed.log). The console ends with each
 # part's status.
 #
 # A CPU dry run of the flow (the GPU parts fail or skip quickly and say why):
@@ -34,7 +35,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.." || exit 1
 T0=$SECONDS
 PY=${PY:-python3}
-PARTS=${PARTS:-checks dali transcode train}
+PARTS=${PARTS:-checks dali train}
 BUDGET_S=${BUDGET_S:-780}
 KEEP=${KEEP:-/tmp/owed}
 declare -A MIN=([checks]=20 [dali]=240 [transcode]=120 [train]=240)
