@@ -105,7 +105,10 @@ def real_frame_slots(num_unique: torch.Tensor, U: int, device: torch.device) -> 
     many frames are real before it can allocate), which stops the host from queueing the text
     encoder's kernels while the CNN runs."""
     valid = torch.arange(U, device=num_unique.device)[None, :] < num_unique[:, None]  # [V, U]
-    return valid.flatten().nonzero().squeeze(1).to(device, non_blocking=True)
+    slots = valid.flatten().nonzero().squeeze(1)
+    if slots.device.type == "cpu" and torch.device(device).type == "cuda":
+        slots = slots.pin_memory()  # an asynchronous copy from pinned memory never waits
+    return slots.to(device, non_blocking=True)
 
 
 class VisualEmbeddings(nn.Module):
