@@ -69,8 +69,8 @@ class Backend:
 
 
 def _pyav_loader(examples, manifest, cfg, *, batch_size, image_size, workers, dedup, seed,
-                 threads=None):
-    del threads  # one decode thread per worker process
+                 threads=None, group=1):
+    del threads, group  # DALI's knobs: one decode thread per worker process, batch by batch
     return build_loader(
         examples,
         manifest,
@@ -86,7 +86,7 @@ def _pyav_loader(examples, manifest, cfg, *, batch_size, image_size, workers, de
 
 
 def _dali_loader(examples, manifest, cfg, *, batch_size, image_size, workers, dedup, seed,
-                 threads=None):
+                 threads=None, group=1):
     from siasam_fast.pipeline.dali import build_dali_loader
 
     return build_dali_loader(
@@ -101,6 +101,7 @@ def _dali_loader(examples, manifest, cfg, *, batch_size, image_size, workers, de
         dedup=dedup,
         device=dali_device(),
         num_threads=threads,
+        decode_group=group,
     )
 
 
@@ -305,6 +306,7 @@ def measure(
     seed: int = 0,
     max_seconds: float | None = None,
     threads: int | None = None,
+    group: int = 1,
 ) -> dict:
     """One epoch of ``min_videos`` (rounded up to whole passes over the set), or what fits in
     ``max_seconds``. ``steady_videos_per_s`` leaves out the first batch (start-up)."""
@@ -327,6 +329,7 @@ def measure(
         dedup=dedup,
         seed=seed,
         threads=threads,
+        group=group,
     )
     videos = clip_frames = unique = first_videos = 0
     first_batch = None
@@ -375,13 +378,15 @@ def run_benchmark(
     min_videos: int,
     max_seconds: float | None = None,
     dali_threads: list[int] | None = None,
+    dali_groups: list[int] | None = None,
     dedup_modes: tuple[bool, ...] = (True, False),
     log=print,
 ) -> list[dict]:
     """Rows for every (set, backend, dedup, workers, DALI threads); ``sets`` holds (name, records,
     codec). ``dali_threads``: DALI's thread counts to try (its mixed video decoder decodes one
     sample per thread, so they bound how many NVDEC sessions run at once); default: the
-    loader's own (``default_num_threads``)."""
+    loader's own (``default_num_threads``). ``dali_groups``: DALI decode groups to try (batches
+    decoded per iteration, ``build_dali_loader(decode_group=...)``; default 1)."""
     from siasam_fast.pipeline.dali import default_num_threads
 
     rows = []
@@ -398,7 +403,9 @@ def run_benchmark(
                 continue
             counts = worker_counts if backend.uses_workers else [dali_workers]
             thread_counts = [None] if backend.uses_workers else (dali_threads or [None])
-            for dedup, workers, threads in itertools.product(dedup_modes, counts, thread_counts):
+            groups = [1] if backend.uses_workers else (dali_groups or [1])
+            for dedup, workers, threads, group in itertools.product(dedup_modes, counts,
+                                                                    thread_counts, groups):
                 result = measure(
                     backend,
                     records,
@@ -409,6 +416,7 @@ def run_benchmark(
                     min_videos=min_videos,
                     max_seconds=max_seconds,
                     threads=threads,
+                    group=group,
                 )
                 device = dali_device() if backend_name == "dali" else "cpu"
                 rows.append(
@@ -421,14 +429,16 @@ def run_benchmark(
                         "dedup": dedup,
                         "workers": workers,
                         "threads": "" if backend.uses_workers else (
-                            threads or default_num_threads(dali_device(), batch_size)),
+                            threads or default_num_threads(dali_device(), batch_size * group)),
+                        "group": "" if backend.uses_workers else group,
                         "batch_size": batch_size,
                         **result,
                     }
                 )
                 log(
                     f"  {name} {backend_name} dedup={dedup} workers={workers}"
-                    f"{'' if threads is None else f' threads={threads}'}: "
+                    f"{'' if threads is None else f' threads={threads}'}"
+                    f"{'' if group == 1 else f' group={group}'}: "
                     f"{result['videos_per_s']:.2f} videos/s"
                 )
     return rows
@@ -443,6 +453,7 @@ COLUMNS = [
     "dedup",
     "workers",
     "threads",
+    "group",
     "batch_size",
     "videos",
     "seconds",
@@ -471,15 +482,17 @@ def summary_lines(rows: list[dict]) -> list[str]:
     caveat = " (start-up bound: fewer than 3 batches measured)"
 
     def key(r):
-        return r["set"], r["backend"], r["workers"], r.get("threads", ""), r.get("batch_size")
+        return (r["set"], r["backend"], r["workers"], r.get("threads", ""), r.get("group", ""),
+                r.get("batch_size"))
 
-    for name, backend, workers, threads, batch in sorted({key(r) for r in rows}, key=str):
-        pair = {r["dedup"]: r for r in rows
-                if key(r) == (name, backend, workers, threads, batch)}
+    for k in sorted({key(r) for r in rows}, key=str):
+        name, backend, workers, threads, group = k[:5]
+        pair = {r["dedup"]: r for r in rows if key(r) == k}
         if len(pair) == 2:
             speedup = pair[True]["videos_per_s"] / pair[False]["videos_per_s"]
             note = caveat if any(start_up_bound(r) for r in pair.values()) else ""
             where = f"{workers} workers" + (f", {threads} threads" if threads != "" else "")
+            where += f", groups of {group}" if group not in ("", 1) else ""
             lines.append(f"{name}, {backend}, {where}: dedup is {speedup:.2f}x faster{note}")
     for name in sorted({r["set"] for r in rows}):
         dali = [r for r in rows if r["set"] == name and r["backend"] == "dali" and r["dedup"]]
@@ -491,6 +504,7 @@ def summary_lines(rows: list[dict]) -> list[str]:
             note = caveat if start_up_bound(top) or start_up_bound(best) else ""
             threads = f", {top['threads']} threads" if top.get("threads", "") != "" else ""
             threads += f", batches of {top['batch_size']}" if "batch_size" in top else ""
+            threads += f" in groups of {top['group']}" if top.get("group", 1) not in (1, "") else ""
             lines.append(
                 f"{name}: dali ({top['decoder']}{threads}) {ratio:.2f}x the best pyav "
                 f"({best['workers']} workers), dedup on both{note}"
@@ -527,6 +541,13 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="DALI thread counts to compare (its mixed decoder decodes one video per thread; "
         "default: the loader's own, one per video of the batch on the GPU, 4 to 16)",
+    )
+    parser.add_argument(
+        "--dali-groups",
+        type=int,
+        nargs="+",
+        default=None,
+        help="DALI decode groups to compare: batches decoded per DALI iteration (default 1)",
     )
     parser.add_argument(
         "--codec",
@@ -610,6 +631,7 @@ def main(argv: list[str] | None = None) -> int:
         min_videos=min_videos,
         max_seconds=args.max_seconds,
         dali_threads=args.dali_threads,
+        dali_groups=args.dali_groups,
         log=lambda text: print(text, file=sys.stderr),
     )
 

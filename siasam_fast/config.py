@@ -41,11 +41,17 @@ class DataConfig:
     image_size: int = 224
     num_workers: int = 2
     dedup: bool = True  # decode each unique frame once, gather per clip
+    # DALI: training batches decoded in one pipeline iteration (its video decoder runs one
+    # iteration's videos in parallel, one per thread, and waits for the slowest); 1 = each batch
+    decode_group: int = 1
     max_question_len: int = 32
     options: dict = field(default_factory=dict)  # extra keyword arguments of the reader
 
     def __post_init__(self) -> None:
         _choice("data.backend", self.backend, BACKENDS)
+        if self.decode_group < 1:
+            raise ValueError(f"data.decode_group={self.decode_group}: must be >= 1 (batches per "
+                             "DALI iteration)")
 
 
 @dataclass

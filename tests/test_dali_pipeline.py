@@ -46,6 +46,7 @@ VIDEOS = {
     "vp9_vfr": ("vp9", 90, 64, dict(gop=8, vfr=True)),
     "mjpeg": ("mjpeg", 80, 64, {}),
     "wide": ("vp9", 60, (48, 80), dict(gop=10)),  # centre crop of a non-square frame
+    "short": ("vp9", 24, 64, dict(gop=10)),  # shorter than the clips' span: 23 unique frames
 }
 COLOUR = {"colour_vp9": ("vp9", (48, 80)), "colour_mjpeg": ("mjpeg", (60, 84))}
 INDEXED = ["vp9", "vp9_vfr", "mjpeg"]  # square: the crop keeps every cell of the index code
@@ -269,6 +270,66 @@ def test_resume_continues_with_the_remaining_examples(manifest):
     assert torch.equal(rest[0]["frame_ids"], reference["frame_ids"])
 
 
+@pytest.mark.parametrize(
+    "group, num_workers, drop_last, dedup",
+    [(2, 0, False, True), (3, 2, True, True), (2, 2, False, False)],
+)
+def test_decode_groups_give_the_same_batches(manifest, group, num_workers, drop_last, dedup):
+    """Several batches per DALI iteration: the same videos, order, frames and resume positions as
+    one batch per iteration; each batch padded to its own largest frame count (the short videos'
+    batch holds fewer frames than the rest of its group)."""
+    names = ["vp9", "mjpeg", "short", "short", "vp9_vfr", "vp9", "mjpeg"]  # groups end short
+    kwargs = dict(batch_size=2, seed=4, epoch=2, dedup=dedup, drop_last=drop_last,
+                  shuffle=False)
+    one = dali(examples_for(names), manifest, **kwargs)
+    grouped = dali(examples_for(names), manifest, decode_group=group, num_workers=num_workers,
+                   **kwargs)
+    a, positions = [], []
+    for batch in grouped:
+        a.append(batch)
+        positions.append(grouped.state_dict()["position"])
+    b = list(one)
+    assert order(a) == order(b) and len(a) == len(one)
+    assert positions == [2, 4, 6, 7][: len(a)]
+    for x, y in zip(a, b):
+        assert x["frames"].shape == y["frames"].shape  # not the group's padding
+        assert x["frames"].shape[1] == int(x["num_unique"].max())
+        assert x["frames"].is_contiguous()
+        assert torch.equal(x["frames"], y["frames"]), x["video_id"]
+        assert torch.equal(x["frame_ids"], y["frame_ids"])
+        check_batch_frames(x, dedup=dedup)
+    if dedup:
+        assert [int(x["num_unique"].max()) for x in a][:2] == [37, 23]
+    assert grouped.skipped == []
+
+
+def test_decode_groups_feed_several_batches_per_iteration(manifest, monkeypatch):
+    sizes = []
+    original = dali_module.read_encoded_batch
+
+    def recording(batches, info):
+        if info.iteration < len(batches):
+            sizes.append(len(batches[info.iteration]))
+        return original(batches, info)
+
+    monkeypatch.setattr(dali_module, "read_encoded_batch", recording)
+    loader = dali(examples_for(INDEXED * 3), manifest, batch_size=2, decode_group=3)
+    assert len(list(loader)) == 5
+    assert sizes == [6, 3]  # 9 videos: a group of three batches, then two (one short)
+
+
+def test_decode_groups_skip_a_damaged_video_and_go_on(own_copy, caplog):
+    folder, manifest = own_copy
+    damaged = video_path(folder, "vp9", "vp9")
+    damage(damaged, "hidden")
+    names = ["vp9_vfr", "vp9", "mjpeg"] * 2
+    loader = dali(examples_for(names), manifest, batch_size=2, shuffle=False, decode_group=2)
+    with caplog.at_level("WARNING", logger="siasam_fast.pipeline.dali"):
+        got = [i for b in loader for i in b["example_index"].tolist()]
+    assert got == [0, 2, 3, 5]
+    assert [path for path, _ in loader.skipped] == [str(damaged)] * 2
+
+
 def test_frames_outlive_their_pipeline(manifest):
     """Zero-copy tensors keep DALI's buffer alive after the pass (and its pipeline) ended."""
     loader = dali(examples_for(INDEXED), manifest, batch_size=3)
@@ -389,6 +450,12 @@ def test_bad_arguments_name_the_valid_values(manifest):
         build_dali_loader(*args, device="tpu")
     with pytest.raises(ValueError, match="torch.float16 or torch.float32"):
         build_dali_loader(*args, device="cpu", dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="decode_group=0: must be >= 1"):
+        build_dali_loader(*args, device="cpu", decode_group=0)
+    from siasam_fast.config import DataConfig
+
+    with pytest.raises(ValueError, match="data.decode_group=0: must be >= 1"):
+        DataConfig(decode_group=0)
     with pytest.raises(ValueError, match="valid outputs are frames, clips"):
         build_dali_loader(*args, device="cpu", output="pixels")
     with pytest.raises(ValueError, match="fork or spawn"):

@@ -45,6 +45,13 @@ damage inside a frame's payload may decode into artefacts without any error, and
 crashes the process (DALI's video decoder can on some corrupt input) cannot be caught in-process:
 building the manifest with its default full-decode probe is what keeps such files away.
 
+Decode groups (``decode_group=G``, default 1): one DALI iteration decodes G consecutive batches
+(pipeline batch G x batch_size, one thread per video by default), and the loader hands them out one
+by one as views of the iteration's output, each cut to its own largest frame count. The mixed
+video decoder runs an iteration's videos in parallel and the iteration lasts as long as its
+slowest video, so a group puts more NVDEC sessions in flight. Order, contents, resume positions
+and fault handling are those of G = 1 (after an error the group's other batches are re-fed).
+
 Costs: each pass (each epoch, or the rest of an epoch after a resume) plans all its batches up front
 (the sampler is microseconds per example), builds one pipeline and, with ``num_workers > 0``,
 starts its reader processes. With CUDA initialised in the process (any GPU run) they are spawned,
@@ -216,6 +223,8 @@ class _Step:
     items: list[dict]
     jobs: list[_Job]
     live: list[_Job] | None = None  # the jobs fed to the current pipeline (known-bad files out)
+    first: bool = False  # the first step of its decode group: running the pipeline decodes it
+    offset: int = 0  # its place in the group: its videos' slots are offset * batch_size + slot
 
 
 # ----------------------------------------------------------------------------------------------
@@ -247,6 +256,7 @@ class DALIVideoLoader:
         num_threads: int,
         prefetch_factor: int,
         start_method: str | None,
+        decode_group: int = 1,
     ) -> None:
         self.dataset = dataset
         self.sampler = sampler
@@ -260,6 +270,7 @@ class DALIVideoLoader:
         self.num_threads = int(num_threads)
         self.prefetch_factor = int(prefetch_factor)
         self.start_method = start_method
+        self.decode_group = int(decode_group)
         self.skipped: list[tuple[str, str]] = []  # (path, reason) per example left out
         self._bad: dict[str, str] = {}  # path -> why it is left out for the rest of the run
         self._failed_in_a_row = 0
@@ -293,6 +304,7 @@ class DALIVideoLoader:
         steps = [self._step(chunk) for chunk in chunks]
         consumed = 0
         pipe, planned = None, False  # planned: the live jobs of the steps ahead are fed to pipe
+        decoded: dict[int, tuple[torch.Tensor | None, list[int]]] = {}  # the group's, by offset
         try:
             for i, step in enumerate(steps):
                 if not planned:
@@ -300,16 +312,19 @@ class DALIVideoLoader:
                 batch = None
                 if step.live:
                     try:
-                        frames, slots = self._run(pipe)
-                    except StopIteration as err:  # cannot happen: one DALI batch per live step
+                        if step.first:  # one DALI iteration decodes the whole group
+                            decoded = self._split(*self._run(pipe))
+                    except StopIteration as err:  # cannot happen: one DALI batch per group
                         raise RuntimeError("DALI ran out of batches before the sampler") from err
                     except Exception as err:  # noqa: BLE001 - DALI raises plain RuntimeError
                         _close(pipe)
-                        pipe, planned = None, False  # unusable after an error: rebuilt
-                        batch = self._recover(step, err)
+                        pipe, planned = None, False  # unusable after an error: rebuilt, and
+                        batch = self._recover(step, err)  # the group's other steps re-fed
                     else:
+                        frames, slots = decoded.pop(step.offset, (None, []))
                         self._report_missing(step, slots)
-                        batch = self._assemble(step, frames, slots)
+                        if slots:
+                            batch = self._assemble(step, frames, slots)
                         self._failed_in_a_row = 0
                 consumed += len(step.keys)
                 sampler.position = start + consumed
@@ -353,7 +368,8 @@ class DALIVideoLoader:
     def _pipeline(self, steps: Sequence[_Step]):
         """A built pipeline fed with the live jobs of ``steps`` (known-bad files left out), or
         None when no job is left."""
-        feed = []
+        feed: list[list[tuple]] = []
+        offset = self.decode_group  # the group so far is full: the next live step opens one
         for step in steps:
             step.live = []
             for job in step.jobs:
@@ -361,11 +377,19 @@ class DALIVideoLoader:
                     self._skip(job, step, self._bad[job.path])
                 else:
                     step.live.append(job)
-            if step.live:
-                feed.append(tuple(job.as_tuple() for job in step.live))
+            if not step.live:
+                continue
+            if offset == self.decode_group:
+                feed.append([])
+                offset = 0
+            step.first, step.offset = offset == 0, offset
+            base = offset * self.batch_size
+            feed[-1].extend((base + job.slot, *job.as_tuple()[1:]) for job in step.live)
+            offset += 1
         if not feed:
             return None
-        return self._build(feed, parallel=self.num_workers > 0, batch_size=self.batch_size)
+        return self._build([tuple(group) for group in feed], parallel=self.num_workers > 0,
+                           batch_size=self.batch_size * self.decode_group)
 
     def _build(self, feed: list, *, parallel: bool, batch_size: int):
         from nvidia.dali import Pipeline
@@ -413,6 +437,28 @@ class DALIVideoLoader:
             frames = torch.from_dlpack(frames_tl.as_tensor())
         return frames, slots
 
+    def _split(self, frames: torch.Tensor, slots: list[int]) -> dict:
+        """One DALI iteration's output -> {offset: (frames, slots)} per step of its group. The
+        reader keeps the feed's order, so each step's videos are consecutive rows: a view, cut to
+        the step's own largest frame count (the contract pads to the batch's, not the group's)."""
+        bs = self.batch_size
+        if self.decode_group == 1:
+            return {0: (frames, slots)}  # the zero-copy tensor as it came
+        out: dict[int, tuple[torch.Tensor, list[int]]] = {}
+        start = 0
+        while start < len(slots):
+            offset = slots[start] // bs
+            end = start
+            while end < len(slots) and slots[end] // bs == offset:
+                end += 1
+            if offset in out:
+                raise RuntimeError(f"DALI returned the videos of step {offset} of a decode group "
+                                   f"out of order: slots {slots}")
+            part = frames.narrow(0, start, end - start)
+            out[offset] = (part, [slot % bs for slot in slots[start:end]])
+            start = end
+        return out
+
     def _report_missing(self, step: _Step, slots: list[int]) -> None:
         """Jobs the reader left out: their file changed since the manifest was built."""
         returned = set(slots)
@@ -423,7 +469,10 @@ class DALIVideoLoader:
     def _assemble(self, step: _Step, frames: torch.Tensor, slots: list[int]) -> dict:
         """The batch contract from DALI's padded frames [V, U_max, 3, S, S] and the plans."""
         batch = collate_videos([step.items[s] for s in slots], output="frames")
-        if frames.shape[1] != int(batch["num_unique"].max()):
+        u_max = int(batch["num_unique"].max())
+        if self.decode_group > 1 and frames.shape[1] > u_max:  # padded to the group's largest
+            frames = frames[:, :u_max].contiguous()  # a device copy; dense as the contract says
+        if frames.shape[1] != u_max:
             raise RuntimeError(
                 f"DALI returned {frames.shape[1]} frames for a video that asked for "
                 f"{int(batch['num_unique'].max())}: files {[step.jobs[s].path for s in slots]}"
@@ -603,6 +652,7 @@ def build_dali_loader(
     device: str | None = None,
     device_id: int | None = None,
     num_threads: int | None = None,
+    decode_group: int = 1,
 ) -> DALIVideoLoader:
     """A DALI loader for ``split`` on this rank; the arguments of ``build_loader``, plus:
 
@@ -615,6 +665,12 @@ def build_dali_loader(
     ``prefetch_factor``: batches DALI prepares ahead. ``dtype``: of the frames, float16 (the
     default on the GPU) or float32 (the default on the CPU). ``multiprocessing_context``: how the
     reader processes start, "fork" or "spawn" (default: fork unless CUDA is initialised).
+    ``decode_group``: batches decoded together in one DALI iteration (default 1). The mixed
+    decoder runs the videos of one iteration in parallel, one per thread, and the iteration lasts
+    as long as its slowest video; a group of 2 puts 16 videos in flight for batches of 8. The
+    batches still come one by one, the same videos in the same order; with a group above 1 each
+    batch's frames are a view (or, when the group's videos need more frames than the batch's, a
+    device copy) of the group's output.
     ``pin_memory``, ``seek_threshold`` and ``decode_threads`` only concern the PyAV backend and are
     accepted so that both factories take the same arguments.
     """
@@ -633,6 +689,8 @@ def build_dali_loader(
         raise ValueError(f"num_workers={num_workers}: must be >= 0 (0 reads in this process)")
     if prefetch_factor < 1:
         raise ValueError(f"prefetch_factor={prefetch_factor}: must be >= 1")
+    if decode_group < 1:
+        raise ValueError(f"decode_group={decode_group}: must be >= 1 (batches per DALI iteration)")
     if device is None:
         device = "gpu" if torch.cuda.is_available() else "cpu"
     if device not in DEVICES:
@@ -649,7 +707,7 @@ def build_dali_loader(
         raise ValueError(f"dtype={dtype}: the DALI backend yields torch.float16 or torch.float32")
     start_method = _start_method(multiprocessing_context)
     if num_threads is None:
-        num_threads = default_num_threads(device, batch_size)
+        num_threads = default_num_threads(device, batch_size * decode_group)
     if num_threads < 1:
         raise ValueError(f"num_threads={num_threads}: must be >= 1")
     dataset, sampler = plan_epochs(
@@ -670,23 +728,25 @@ def build_dali_loader(
         num_threads=num_threads,
         prefetch_factor=prefetch_factor,
         start_method=start_method,
+        decode_group=decode_group,
     )
 
 
 MAX_DEFAULT_THREADS = 16
 
 
-def default_num_threads(device: str = "cpu", batch_size: int = 1) -> int:
+def default_num_threads(device: str = "cpu", videos: int = 1) -> int:
     """DALI's threads when ``num_threads`` is not given.
 
     On the CPU they decode and transform: up to 4, at most the cores. On the GPU the mixed video
     decoder gives each sample of a batch to one thread of its own pool, and each thread drives
     one NVDEC session (DALI's ``VideoDecoderBase``: decoders are created and run per sample on
-    that pool); with fewer threads than videos per batch, a batch takes several rounds of decodes.
-    There the threads mostly wait on NVDEC, so the default is one per video of the batch, at
-    least 4 and at most ``MAX_DEFAULT_THREADS``, whatever the core count."""
+    that pool); with fewer threads than ``videos`` per DALI iteration (a batch, or a decode group
+    of batches), an iteration takes several rounds of decodes. There the threads mostly wait on
+    NVDEC, so the default is one per video, at least 4 and at most ``MAX_DEFAULT_THREADS``,
+    whatever the core count."""
     if device == "gpu":
-        return max(4, min(int(batch_size), MAX_DEFAULT_THREADS))
+        return max(4, min(int(videos), MAX_DEFAULT_THREADS))
     return max(1, min(4, os.cpu_count() or 1))
 
 

@@ -53,6 +53,7 @@ def build_video_loader(examples, manifest, sampling_cfg, split, batch_size, back
         from siasam_fast.pipeline.dali import build_dali_loader
 
         return build_dali_loader(examples, manifest, sampling_cfg, split, batch_size, **kwargs)
-    kwargs.pop("device", None)  # a DALI-only argument
+    kwargs.pop("device", None)  # DALI-only arguments
+    kwargs.pop("decode_group", None)
     return build_loader(examples, manifest, sampling_cfg, split, batch_size, backend="pyav",
                         **kwargs)
