@@ -36,6 +36,7 @@ Rows go to benchmarks/results/transcode[_quick].csv with the environment.
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import sys
 import time
@@ -165,6 +166,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="pyav DataLoader worker counts (default 1 4 16; --quick: 1 2)")
     parser.add_argument("--samplings", nargs="+", choices=sorted(SAMPLINGS),
                         default=list(SAMPLINGS), help="sampling variants (default: all)")
+    parser.add_argument("--dali-groups", type=int, nargs="+", default=[1],
+                        help="DALI decode groups to measure (batches per DALI iteration; "
+                        "default 1)")
     parser.add_argument("--encoder", choices=("auto", "cpu", "nvenc"), default="auto")
     parser.add_argument("--crf", type=int, default=23,
                         help="quality of the copies (default 23: the generator's own)")
@@ -233,18 +237,24 @@ def main(argv: list[str] | None = None) -> int:
                 "anchor_choices": anchor_choices(records, cfg),
             }
             for backend, factory in backends.items():
-                for workers in worker_counts if backend == "pyav" else [min(4, cpus)]:
-                    rate = loader_rate(factory, records, cfg, workers=workers,
+                runs = ([(w, 1) for w in worker_counts] if backend == "pyav"
+                        else [(min(4, cpus), g) for g in args.dali_groups])
+                for workers, group in runs:
+                    make = factory if group == 1 else functools.partial(factory,
+                                                                        decode_group=group)
+                    rate = loader_rate(make, records, cfg, workers=workers,
                                        batch_size=args.batch_size, image_size=args.image_size,
                                        min_videos=min_videos)
-                    rows.append({**common, "backend": backend, "workers": workers, **rate})
-                    print(f"  {name} {sampling} {backend} workers={workers}: "
+                    rows.append({**common, "backend": backend, "workers": workers,
+                                 "group": "" if backend == "pyav" else group, **rate})
+                    print(f"  {name} {sampling} {backend} workers={workers}"
+                          f"{'' if group == 1 else f' group={group}'}: "
                           f"{rate['videos_per_s']:.2f} videos/s", file=sys.stderr)
 
     env = environment()
     columns = ["set", "resolution", "sampling", "bytes", "growth", "model_decoded_per_needed",
                "measured_decoded_per_needed", "model_exact", "anchor_choices", "backend",
-               "workers", "videos_per_s", "steady_videos_per_s"]
+               "workers", "group", "videos_per_s", "steady_videos_per_s"]
     print(f"\ntranscode benchmark on {env['device']} ({env['cpu_count']} CPUs): N=9 clips x B=8 "
           f"frames, stride 4, {len(original)} videos of {spec.num_frames} frames, "
           f"image {args.image_size}")
