@@ -76,20 +76,10 @@ RESULTS=benchmarks/results
 mkdir -p "$RESULTS/logs"
 say() { echo "[$((SECONDS - T0)) s] $*"; }
 
-# 1. staged wheels -------------------------------------------------------------------------------
-if [ "${SKIP_STAGE:-0}" != 1 ]; then
-  # shellcheck source=scripts/gpu_stage.sh
-  source scripts/gpu_stage.sh
-fi
-# siasam_fast and the kernels (installed as siasam_kernels) by path, without pip or the repo root
-# on sys.path (its kernels/ folder must not shadow PyPI's `kernels`, which transformers probes).
-mkdir -p /tmp/bench_train_path
-ln -sfn "$PWD/siasam_fast" /tmp/bench_train_path/siasam_fast
-ln -sfn "$PWD/kernels" /tmp/bench_train_path/siasam_kernels
-export PYTHONPATH="$SITE:/tmp/bench_train_path${PYTHONPATH:+:$PYTHONPATH}"
-export PATH="$SITE/bin:$PATH"
+# 1. staged wheels (unless SKIP_STAGE=1); siasam_fast and siasam_kernels on the path -------------
+# shellcheck source=scripts/gpu_stage.sh
+source scripts/gpu_stage.sh
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}  # DeepSpeed's JIT builds: this GPU only
-export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONUNBUFFERED=1
 
 # 2. what is importable ----------------------------------------------------------------------------
 say "environment"

@@ -55,17 +55,9 @@ for part in $PARTS; do
     echo "PARTS: unknown part '$part' (valid: checks dali transcode train)"; exit 2; }
 done
 
-# Staged packages, and siasam_fast / siasam_kernels importable by path (the repository root stays
-# off sys.path: its kernels/ folder must not shadow PyPI's `kernels`, which transformers probes).
-if [ "${SKIP_STAGE:-0}" != 1 ]; then
-  # shellcheck source=scripts/gpu_stage.sh
-  source scripts/gpu_stage.sh
-fi
-mkdir -p /tmp/owed_path
-ln -sfn "$PWD/siasam_fast" /tmp/owed_path/siasam_fast
-ln -sfn "$PWD/kernels" /tmp/owed_path/siasam_kernels
-export PYTHONPATH="/tmp/site:/tmp/owed_path${PYTHONPATH:+:$PYTHONPATH}"
-export PATH="/tmp/site/bin:$PATH" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+# Staged packages (unless SKIP_STAGE=1), and siasam_fast / siasam_kernels on the path.
+# shellcheck source=scripts/gpu_stage.sh
+source scripts/gpu_stage.sh
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1 | tee -a "$LOG"
 
 share() {  # seconds for part $1: what is left minus the minimum of the parts after it

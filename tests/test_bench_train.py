@@ -4,7 +4,6 @@ pseudo-videos computing the same function as the model's own forward."""
 
 import csv
 import math
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +15,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import bench_train  # noqa: E402
+from subprocess_env import cpu_env  # noqa: E402
 
 from siasam_fast.config import load_config  # noqa: E402
 from siasam_fast.model import SiaSamReaModel, load_tokenizer  # noqa: E402
@@ -45,10 +45,7 @@ def test_every_variant_runs_or_says_why_not(tmp_path):
            "--set", f"data.manifest={data}/manifest.jsonl",
            "--num-videos", "40", "--steps", "2", "--warmup", "1",
            "--profile", "baseline-fp32", "--profile-steps", "1", "--out", str(out)]
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "2"}
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT",
-                "TRITON_INTERPRET"):
-        env.pop(key, None)
+    env = cpu_env(OMP_NUM_THREADS="2", drop=("TRITON_INTERPRET",))
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
     header = proc.stdout.splitlines()[-len(bench_train.VARIANTS) - 2]  # the table comes last
@@ -98,10 +95,7 @@ def test_isolated_variants_report_rows_logs_and_timeouts(tmp_path):
             "--set", f"data.manifest={data}/manifest.jsonl",
             "--num-videos", "24", "--steps", "1", "--warmup", "1", "--isolate", "process",
             "--out", str(out)]
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "2"}
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT",
-                "TRITON_INTERPRET"):
-        env.pop(key, None)
+    env = cpu_env(OMP_NUM_THREADS="2", drop=("TRITON_INTERPRET",))
     proc = subprocess.run(base + ["--variants", "amp-channels-last"], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"

@@ -3,7 +3,6 @@ loan, where it costs device time that cannot be had back. Syntax of every script
 scripts/gpu_owed.sh (parts, shares, one tarball per part) through its checks and train parts with
 the tiny config."""
 
-import os
 import subprocess
 import sys
 import tarfile
@@ -11,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from subprocess_env import cpu_env
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPTS = sorted((ROOT / "scripts").glob("*.sh"))
@@ -26,14 +26,10 @@ def test_shell_syntax(script):
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU dry run")
 def test_owed_script_runs_its_parts_and_packs_each(tmp_path):
     out, keep = tmp_path / "out", tmp_path / "keep"
-    env = {**os.environ, "SKIP_STAGE": "1", "PY": sys.executable, "BUDGET_S": "900",
-           "PARTS": "checks train", "OUT": str(out), "KEEP": str(keep),
-           "CONFIG": "configs/bench_tiny.yaml", "STEPS": "1", "WARMUP": "1",
-           "VARIANTS": "baseline-fp32", "PROFILE": "baseline-fp32", "NUM_VIDEOS": "24",
-           "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "2"}
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT",
-                "TRITON_INTERPRET"):
-        env.pop(key, None)
+    env = cpu_env(SKIP_STAGE="1", PY=sys.executable, BUDGET_S="900", PARTS="checks train",
+                  OUT=str(out), KEEP=str(keep), CONFIG="configs/bench_tiny.yaml", STEPS="1",
+                  WARMUP="1", VARIANTS="baseline-fp32", PROFILE="baseline-fp32",
+                  NUM_VIDEOS="24", OMP_NUM_THREADS="2", drop=("TRITON_INTERPRET",))
     proc = subprocess.run(["bash", "scripts/gpu_owed.sh"], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -3,13 +3,13 @@ exact resume, standalone evaluation and refused checkpoints."""
 
 import csv
 import json
-import os
 import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from subprocess_env import cpu_env
 
 from siasam_fast.data.synthetic import generate
 from siasam_fast.pipeline.manifest import build_manifest
@@ -41,10 +41,7 @@ def base_args(synth: Path, out: Path, *extra: str) -> list[str]:
 
 
 def run(cmd: list[str], timeout=600) -> subprocess.CompletedProcess:
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONUNBUFFERED": "1",
-           "OMP_NUM_THREADS": "1"}
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(key, None)
+    env = cpu_env(OMP_NUM_THREADS="1")
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}"
