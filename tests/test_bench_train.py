@@ -34,19 +34,27 @@ POSITIVE = ["videos_per_s", "clips_per_s", "step_ms", "step_ms_synced", "data_ms
 GPU_ONLY = {"fast-fp16", "amp-triton", "amp-fused-adam", "amp-dali"}
 
 
+ENV = cpu_env(OMP_NUM_THREADS="2", drop=("TRITON_INTERPRET",))
+
+
+def bench_cmd(tmp_path, *options: str) -> list[str]:
+    """bench_train.py on the tiny config, its synthetic set under tmp_path/synth (generated on the
+    first run), results under tmp_path/results, one warm-up step, then ``options``."""
+    data = tmp_path / "synth"
+    return [sys.executable, str(ROOT / "benchmarks" / "bench_train.py"),
+            "--config", str(ROOT / "configs" / "bench_tiny.yaml"),
+            "--set", f"data.train={data}/annotations/train_qa.json",
+            "--set", f"data.manifest={data}/manifest.jsonl",
+            "--warmup", "1", "--out", str(tmp_path / "results"), *options]
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU report")
 def test_every_variant_runs_or_says_why_not(tmp_path):
-    data = tmp_path / "synth"
     out = tmp_path / "results"
-    cmd = [sys.executable, str(ROOT / "benchmarks" / "bench_train.py"),
-           "--config", str(ROOT / "configs" / "bench_tiny.yaml"),
-           "--set", f"data.train={data}/annotations/train_qa.json",
-           "--set", f"data.manifest={data}/manifest.jsonl",
-           "--num-videos", "40", "--steps", "2", "--warmup", "1",
-           "--profile", "baseline-fp32", "--profile-steps", "1", "--out", str(out)]
-    env = cpu_env(OMP_NUM_THREADS="2", drop=("TRITON_INTERPRET",))
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    cmd = bench_cmd(tmp_path, "--num-videos", "40", "--steps", "2", "--profile", "baseline-fp32",
+                    "--profile-steps", "1")
+    proc = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
     header = proc.stdout.splitlines()[-len(bench_train.VARIANTS) - 2]  # the table comes last
     assert header.split()[:2] == ["variant", "status"] and "videos/s" in header
@@ -87,15 +95,9 @@ def test_every_variant_runs_or_says_why_not(tmp_path):
 def test_isolated_variants_report_rows_logs_and_timeouts(tmp_path):
     """--isolate process (the GPU default): each variant in its own interpreter, its row back as
     JSON and its output in a log; a variant past --variant-timeout is killed and says so."""
-    data = tmp_path / "synth"
     out = tmp_path / "results"
-    base = [sys.executable, str(ROOT / "benchmarks" / "bench_train.py"),
-            "--config", str(ROOT / "configs" / "bench_tiny.yaml"),
-            "--set", f"data.train={data}/annotations/train_qa.json",
-            "--set", f"data.manifest={data}/manifest.jsonl",
-            "--num-videos", "24", "--steps", "1", "--warmup", "1", "--isolate", "process",
-            "--out", str(out)]
-    env = cpu_env(OMP_NUM_THREADS="2", drop=("TRITON_INTERPRET",))
+    base = bench_cmd(tmp_path, "--num-videos", "24", "--steps", "1", "--isolate", "process")
+    env = ENV
     proc = subprocess.run(base + ["--variants", "amp-channels-last"], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
