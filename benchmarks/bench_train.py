@@ -50,8 +50,8 @@ steps after ``--warmup`` untimed ones, under each variant:
 What a machine cannot run is reported, never dropped: a toggle whose subject is missing (Triton,
 FusedAdam, DALI on CPU, fp16 without CUDA, bf16 on V100) is a ``skipped`` row with the reason;
 the siasam-fast rows substitute what is missing (pyav for DALI, the reference for Triton, torch
-AdamW for FusedAdam) and say so in ``notes``. DALI's CPU decoder reads VP8 / VP9 / MJPEG, not
-the H.264 of the synthetic set, so DALI is a GPU-only option here.
+AdamW for FusedAdam, no cuDNN autotuning off CUDA) and say so in ``notes``. DALI's CPU decoder
+reads VP8 / VP9 / MJPEG, not the H.264 of the synthetic set, so DALI is a GPU-only option here.
 
 Columns (one row per variant; ``benchmarks/results/bench_train_<device>_<config>.csv``, with the
 device, library versions and config in every row, plus a .md table, a .png and a .json with the
@@ -78,6 +78,7 @@ full config):
   (``PEAK_TFLOPS``, from NVIDIA's datasheets, sparsity excluded; the same peak for every variant, so
   fp32 rows show how far plain fp32 is from it); ``n/a`` on CPU or an unknown GPU.
 - ``speedup_vs_baseline_fp32`` and ``speedup_vs_base`` (``base``: the row it differs from).
+- ``cnn_layout`` (NCHW or NHWC) and ``cudnn_benchmark``: how the variant runs the CNN.
 - ``skipped_steps``: optimizer steps skipped by the fp16 loss scaler during the timed passes (they
   make the optimizer look cheaper), ``final_loss`` a sanity check.
 
@@ -289,6 +290,11 @@ def resolve(variant: Variant, device: torch.device, zero_stage: int) -> Plan:
                                     "reference")
     if variant.optimizer == "fused" and not cuda:
         plan.optimizer = missing("FusedAdam", "DeepSpeed FusedAdam needs CUDA", "torch")
+    if variant.cudnn_benchmark and not cuda:
+        if toggle:
+            plan.skip = plan.skip or "cuDNN autotuning needs CUDA (cuDNN)"
+        else:
+            plan.notes.append("no cuDNN autotuning here: cuDNN is CUDA only")
     if variant.precision == "amp":
         if variant.engine == "torch":
             plan.precision = "amp-fp16" if cuda else "amp-bf16"

@@ -31,7 +31,7 @@ COLUMNS = ["variant", "group", "base", "status", "reason", "loader", "dedup", "q
 POSITIVE = ["videos_per_s", "clips_per_s", "step_ms", "step_ms_synced", "data_ms", "forward_ms",
             "backward_ms", "optimizer_ms", "tflop_per_step", "frames_encoded_per_video",
             "speedup_vs_baseline_fp32", "final_loss"]
-GPU_ONLY = {"fast-fp16", "amp-triton", "amp-fused-adam", "amp-dali"}
+GPU_ONLY = {"fast-fp16", "amp-triton", "amp-fused-adam", "amp-dali", "amp-cudnn-benchmark"}
 
 
 ENV = cpu_env(OMP_NUM_THREADS="2", drop=("TRITON_INTERPRET",))
@@ -78,6 +78,7 @@ def test_every_variant_runs_or_says_why_not(tmp_path):
     assert float(by["amp-dedup"]["frames_encoded_per_video"]) < 72  # unique frames only
     assert float(by["amp-dedup"]["tflop_per_step"]) < float(by["baseline-amp"]["tflop_per_step"])
     assert "pyav instead of DALI" in by["fast-bf16"]["notes"]
+    assert "no cuDNN autotuning here" in by["fast-bf16"]["notes"]
     assert by["fast-bf16"]["engine"] == "deepspeed-zero2"
     assert by["fast-bf16"]["cnn_layout"] == by["amp-channels-last"]["cnn_layout"] == "NHWC"
     assert by["baseline-amp"]["cnn_layout"] == "NCHW"
