@@ -11,7 +11,8 @@ and the script goes on:
 2. H.264 fixtures with B-frames (GOP 12 with 3 B-frames, variable frame rate, GOP 100), whose
    frames show their own index (tests/videos.py), and their manifest;
 3. exact frames through ``device="gpu"`` (NVDEC): every sampled frame index, dedup on / off, frames
-   and clips, three epochs, with 2 reader processes (spawned: CUDA is initialised);
+   and clips, three epochs, a decode group of 2 batches, with 2 reader processes (spawned: CUDA is
+   initialised);
 4. fp16 frames on the device through DLPack without a copy: dtype, device, torch's allocator
    untouched, the pointer is device memory (CuPy, where installed), no device-to-host copy in a
    profiled batch;
@@ -129,12 +130,13 @@ def main() -> int:
         cfg = SamplingConfig(num_clips=9, frames_per_clip=8, stride=4)
         names = ["bframes", "vfr", "long_gop"] * 3
         checked = 0
-        for dedup, output in ((True, "clips"), (False, "clips"), (True, "frames")):
+        for dedup, output, group in ((True, "clips", 1), (False, "clips", 1),
+                                     (True, "frames", 1), (True, "clips", 2)):
             loader = build_dali_loader(
                 examples_for(names), manifest, cfg, "train", 3, image_size=32, device="gpu",
-                num_workers=2, dedup=dedup, output=output, seed=11,
+                num_workers=2, dedup=dedup, output=output, seed=11, decode_group=group,
             )
-            for epoch in range(3 if dedup and output == "clips" else 1):
+            for epoch in range(3 if dedup and output == "clips" and group == 1 else 1):
                 loader.set_epoch(epoch)
                 for batch in loader:
                     checked += check_frames(batch, dedup)
