@@ -162,8 +162,8 @@ class VisualEmbeddings(nn.Module):
                 "grid_pool, or lower data.image_size"
             )
         tokens = per_clip.flatten(3).transpose(2, 3)  # [V, N, h*w, hidden]
-        rows = torch.arange(h, device=frames.device).repeat_interleave(w)
-        cols = torch.arange(w, device=frames.device).repeat(h)
+        cells = torch.arange(h * w, device=frames.device)  # row-major, as flatten(3) orders them
+        rows, cols = cells // w, cells % w
         tokens = tokens + self.row(rows) + self.col(cols)
         return self.drop(self.norm(tokens))
 
