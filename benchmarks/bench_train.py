@@ -629,7 +629,7 @@ def run_variant(plan: Plan, cfg: Config, args, device: torch.device) -> dict:
     batches = start_batches(plan, vcfg, data, plan.notes)
     build_s = time.perf_counter() - t_build
     cudnn_before = torch.backends.cudnn.benchmark
-    torch.backends.cudnn.benchmark = v.cudnn_benchmark and device.type == "cuda"
+    torch.backends.cudnn.benchmark = vcfg.train.cudnn_benchmark and device.type == "cuda"
     try:
         t_warm = time.perf_counter()
         for _ in range(args.warmup):
