@@ -835,6 +835,23 @@ def table_rows(rows: list[dict]) -> list[dict]:
     return out
 
 
+def save_rows(rows: list[dict], args, env: dict, cfg, argv, final: bool = False
+              ) -> tuple[Path, Path]:
+    """Write the CSV, the markdown table and the JSON of the rows so far. ``final`` adds the
+    speed-up columns (they need every row); before it the files hold the variants done so far."""
+    if final:
+        add_speedups(rows)
+    for r in rows:
+        r.setdefault("peak_tflops", "n/a")
+    csv_path = write_csv(rows, args.out_dir / f"{args.stem}.csv", env)
+    md_path = args.out_dir / f"{args.stem}.md"
+    md_path.write_text(markdown_table(table_rows(rows)) + "\n")
+    meta = {"env": env, "config": cfg.to_dict(), "argv": argv if argv is not None else
+            sys.argv[1:], "complete": final, "rows": rows}
+    (args.out_dir / f"{args.stem}.json").write_text(json.dumps(meta, indent=1, default=str))
+    return csv_path, md_path
+
+
 def plot(rows: list[dict], path: Path, title: str) -> Path | None:
     ok = [r for r in rows if r.get("status") == "ok"]
     if not ok:
@@ -997,16 +1014,10 @@ def main(argv: list[str] | None = None) -> int:
                   f"({row['wall_s']:.0f} s)", flush=True)
         else:
             print(f"    {row['status']}: {row['reason']}", flush=True)
-    add_speedups(rows)
-
-    for r in rows:
-        r.setdefault("peak_tflops", "n/a")
-    csv_path = write_csv(rows, args.out_dir / f"{args.stem}.csv", env)
-    md_path = args.out_dir / f"{args.stem}.md"
-    md_path.write_text(markdown_table(table_rows(rows)) + "\n")
-    meta = {"env": env, "config": cfg.to_dict(), "argv": argv if argv is not None else
-            sys.argv[1:], "rows": rows}
-    (args.out_dir / f"{args.stem}.json").write_text(json.dumps(meta, indent=1, default=str))
+        # Written after every variant, so that a run cut short (a device loan's limit) leaves
+        # the rows that finished; the last write adds the speed-ups and the plot.
+        save_rows(rows, args, env, cfg, argv)
+    csv_path, md_path = save_rows(rows, args, env, cfg, argv, final=True)
     png = plot(rows, args.out_dir / f"{args.stem}.png",
                f"bench_train {Path(args.config).name} on {env['device']}: V={cfg.train.batch_size} "
                f"N={cfg.sampling.num_clips} B={cfg.sampling.frames_per_clip} "

@@ -34,7 +34,9 @@
 #
 # Environment knobs: CONFIG (default configs/clipbert_base.yaml), STEPS (8), WARMUP (3),
 # VARIANTS (default: all), PROFILE ("baseline-amp fast-bf16"), DEADLINE_S (whole script, 450),
-# VARIANT_TIMEOUT_S (100), NUM_VIDEOS (384), SKIP_STAGE=1 (no staging step), PY (python3).
+# VARIANT_TIMEOUT_S (100), NUM_VIDEOS (384), SKIP_STAGE=1 (no staging step), PY (python3),
+# RESULTS (benchmarks/results: where bench_train.py writes; its CSV, table and JSON are rewritten
+# after every variant, so a run cut short keeps the variants that finished).
 # A CPU dry run of the flow: SKIP_STAGE=1 CONFIG=configs/bench_tiny.yaml STEPS=1 WARMUP=1
 # VARIANTS="baseline-fp32 fast-bf16" PROFILE=baseline-fp32 PY=.venv/bin/python bash <this file>
 #
@@ -72,7 +74,7 @@ VARIANT_TIMEOUT_S=${VARIANT_TIMEOUT_S:-100}
 NUM_VIDEOS=${NUM_VIDEOS:-384}
 SITE=/tmp/site
 STAGE=/tmp/stage
-RESULTS=benchmarks/results
+RESULTS=${RESULTS:-benchmarks/results}
 mkdir -p "$RESULTS/logs"
 say() { echo "[$((SECONDS - T0)) s] $*"; }
 
@@ -131,7 +133,8 @@ BUDGET=$((DEADLINE_S - (SECONDS - T0) - 15))
 say "bench_train: $CONFIG, $STEPS steps x 2 passes, time budget ${BUDGET} s"
 # shellcheck disable=SC2086  # VARIANTS and PROFILE are lists of variant names
 "$PY" benchmarks/bench_train.py --config "$CONFIG" --steps "$STEPS" --warmup "$WARMUP" \
-  ${VARIANTS:+--variants $VARIANTS} --profile $PROFILE --profile-steps 2 --profile-gzip \
+  --out "$RESULTS" ${VARIANTS:+--variants $VARIANTS} \
+  --profile $PROFILE --profile-steps 2 --profile-gzip \
   --isolate process \
   --time-budget "$BUDGET" --variant-timeout "$VARIANT_TIMEOUT_S" 2>&1 \
   | tee "$RESULTS/logs/console.log"

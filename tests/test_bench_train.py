@@ -3,9 +3,13 @@ with a reason), the CSV's rows and columns, a profiler trace, and the baseline's
 pseudo-videos computing the same function as the model's own forward."""
 
 import csv
+import json
 import math
+import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -115,6 +119,26 @@ def test_isolated_variants_report_rows_logs_and_timeouts(tmp_path):
     with (out / "bench_train_cpu_bench_tiny.csv").open() as fh:
         (row,) = list(csv.DictReader(fh))
     assert row["status"] == "timeout" and "no result within 1 s" in row["reason"], row
+
+    # Killed from outside after its first variant (a device loan's limit): that row is on disk.
+    csv_path = out / "bench_train_cpu_bench_tiny.csv"
+    meta_path = csv_path.with_suffix(".json")
+    csv_path.unlink()
+    proc = subprocess.Popen(base + ["--variants", "amp-channels-last", "baseline-fp32"], cwd=ROOT,
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not csv_path.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        time.sleep(0.5)  # the JSON is written right after the CSV
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    with csv_path.open() as fh:
+        rows = list(csv.DictReader(fh))
+    assert [r["variant"] for r in rows] == ["amp-channels-last"] and rows[0]["status"] == "ok"
+    assert json.loads(meta_path.read_text())["complete"] is False
 
 
 def _batch(V, N, frames_per_video, S=32, seed=0):

@@ -3,9 +3,12 @@ loan, where it costs device time that cannot be had back. Syntax of every script
 scripts/gpu_owed.sh (parts, shares, one tarball per part) through its checks and train parts with
 the tiny config."""
 
+import os
+import signal
 import subprocess
 import sys
 import tarfile
+import time
 from pathlib import Path
 
 import pytest
@@ -46,3 +49,29 @@ def test_owed_script_runs_its_parts_and_packs_each(tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0
     assert "train: skipped: " in (out / "owed.log").read_text()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU dry run")
+def test_owed_script_packs_a_running_part_so_a_killed_call_returns_it(tmp_path):
+    """The device tool stops a call at its limit from outside: the running part's folder must
+    already be in $OUT by then (packed every PACK_EVERY_S seconds, never half-written)."""
+    out, keep = tmp_path / "out", tmp_path / "keep"
+    env = cpu_env(SKIP_STAGE="1", PY=sys.executable, BUDGET_S="300", PARTS="checks",
+                  PACK_EVERY_S="1", OUT=str(out), KEEP=str(keep), OMP_NUM_THREADS="2",
+                  drop=("TRITON_INTERPRET",))
+    proc = subprocess.Popen(["bash", "scripts/gpu_owed.sh"], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (out / "checks.tgz").exists() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        time.sleep(1.5)  # a second pack, now with pytest's first output in the console log
+        running = "checks: " not in (keep / "owed.log").read_text().split("up to", 1)[-1]
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert running, "the part ended before the check: nothing was killed mid-part"
+    with tarfile.open(out / "checks.tgz") as tar:
+        assert "checks/console.log" in tar.getnames()
