@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The GPU measurements the open issues still owe, in one loan (two calls: the device stops a call at 600 s), each part within its own time:
+# The GPU measurements the open issues still owe, in one loan of two calls (the device stops a
+# call at 600 s), each part within its own time:
 #
 #   checks     python -m pytest tests/test_model.py      the GPU-only model tests (no device syncs)
 #   dali       python scripts/gpu_check_dali.py           issue 5: NVDEC correctness + throughput
