@@ -24,6 +24,7 @@ GT_CLIPS = ("anchor", "all")
 AGGREGATIONS = ("mean", "max", "logsumexp")
 OPTIMIZERS = ("auto", "torch", "deepspeed", "apex")
 MEMORY_FORMATS = ("auto", "channels_last", "contiguous")
+EVAL_SPLITS = ("val", "test", "none")
 
 
 @dataclass
@@ -52,6 +53,11 @@ class DataConfig:
         if self.decode_group < 1:
             raise ValueError(f"data.decode_group={self.decode_group}: must be >= 1 (batches per "
                              "DALI iteration)")
+        _at_least("data.num_answers", self.num_answers, 1)
+        _at_least("data.image_size", self.image_size, 8, "pixels")
+        _at_least("data.num_workers", self.num_workers, 0)
+        _at_least("data.max_question_len", self.max_question_len, 3,
+                  "tokens: [CLS], at least one word, [SEP]")
 
 
 @dataclass
@@ -69,6 +75,10 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         _choice("model.memory_format", self.memory_format, MEMORY_FORMATS)
+        _at_least("model.grid_pool", self.grid_pool, 1, "1 = no pooling")
+        _at_least("model.max_grid", self.max_grid, 1)
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"model.dropout={self.dropout}: must lie in [0, 1)")
 
 
 @dataclass
@@ -90,6 +100,8 @@ class SiameseConfig:
             raise ValueError(f"siamese.omega={self.omega}: must lie in [0, 1]")
         if self.tau <= 0:
             raise ValueError(f"siamese.tau={self.tau}: must be > 0")
+        if self.alpha < 0:
+            raise ValueError(f"siamese.alpha={self.alpha}: must be >= 0 (0 is the baseline)")
 
 
 @dataclass
@@ -114,10 +126,29 @@ class TrainConfig:
     # tunes once (plus the evaluation's and a last short batch's shapes).
     cudnn_benchmark: bool = True
     init_from: str = ""  # a checkpoint (tag or run directory) whose model weights start a new run
+    # A run refuses an out_dir that holds another run's checkpoints or metrics (nothing of it is
+    # lost by mistake); true replaces that run (its checkpoints, metrics and summary are deleted
+    # once the new run has started). --resume continues it instead.
+    overwrite: bool = False
 
     def __post_init__(self) -> None:
         _choice("train.optimizer", self.optimizer, OPTIMIZERS)
         _choice("train.precision", self.precision, ("auto", "fp32", "fp16", "bf16"))
+        _at_least("train.epochs", self.epochs, 1)
+        _at_least("train.batch_size", self.batch_size, 1, "videos per process per step")
+        if self.lr <= 0:
+            raise ValueError(f"train.lr={self.lr}: must be > 0")
+        _at_least("train.weight_decay", self.weight_decay, 0)
+        if not 0.0 <= self.warmup_ratio <= 1.0:
+            raise ValueError(f"train.warmup_ratio={self.warmup_ratio}: must lie in [0, 1] (the "
+                             "fraction of the steps spent warming up)")
+        _at_least("train.grad_clip", self.grad_clip, 0, "0 = no clipping")
+        _at_least("train.save_every", self.save_every, 0, "0 = at each epoch end only")
+        _at_least("train.keep_checkpoints", self.keep_checkpoints, 1)
+        _at_least("train.log_every", self.log_every, 1)
+        _at_least("train.max_steps", self.max_steps, 0, "0 = all epochs")
+        if not self.out_dir.strip():
+            raise ValueError("train.out_dir is empty: name the run's folder, e.g. runs/my_run")
 
 
 @dataclass
@@ -125,10 +156,13 @@ class EvalConfig:
     num_clips: int = 1  # 1: the anchor clip only (no inference cost beyond the baseline)
     aggregation: str = "mean"  # multi-clip score aggregation (ClipBERT): mean | max | logsumexp
     batch_size: int = 16
-    split: str = "val"
+    split: str = "val"  # the split evaluated after each epoch: val | test | none
 
     def __post_init__(self) -> None:
         _choice("eval.aggregation", self.aggregation, AGGREGATIONS)
+        _choice("eval.split", self.split, EVAL_SPLITS)
+        _at_least("eval.num_clips", self.num_clips, 1)
+        _at_least("eval.batch_size", self.batch_size, 1)
 
 
 @dataclass
@@ -163,8 +197,12 @@ class Config:
             if section_type is SamplingConfig:
                 kwargs[name] = SamplingConfig.from_dict(value)
             else:
-                _reject_unknown(name, value, {f.name: f for f in fields(section_type)})
-                kwargs[name] = section_type(**value)
+                known = {f.name: f for f in fields(section_type)}
+                _reject_unknown(name, value, known)
+                kwargs[name] = section_type(**{
+                    key: _typed(f"{name}.{key}", v, known[key]) for key, v in value.items()})
+        if "task" in kwargs:
+            kwargs["task"] = _typed("task", kwargs["task"], sections["task"])
         return cls(**kwargs)
 
 
@@ -176,6 +214,58 @@ _SECTIONS = {
     "train": TrainConfig,
     "eval": EvalConfig,
 }
+
+
+_TRUE, _FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
+
+
+def _typed(name: str, value: Any, f: dataclasses.Field) -> Any:
+    """``value`` as the field's type (int, float, bool, str or dict), or a ValueError naming the
+    key, the value and the type wanted. Numbers may come as strings: YAML reads ``1e-4`` (no dot)
+    as one."""
+    kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", "")
+    if kind == "bool":
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.strip().lower() in _TRUE + _FALSE:
+            return value.strip().lower() in _TRUE
+        raise ValueError(f"{name}={value!r}: expected true or false")
+    if kind == "int":
+        if isinstance(value, bool):
+            raise ValueError(f"{name}={value!r}: expected a whole number")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(value.strip())
+            except ValueError:
+                pass
+        raise ValueError(f"{name}={value!r}: expected a whole number")
+    if kind == "float":
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value.strip())
+            except ValueError:
+                pass
+        raise ValueError(f"{name}={value!r}: expected a number, e.g. 1e-4 or 0.5")
+    if kind == "str":
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ValueError(f"{name}={value!r}: expected a string")
+    if kind == "dict" and not isinstance(value, dict):
+        raise ValueError(f"{name}={value!r}: expected a mapping")
+    return value
+
+
+def _at_least(name: str, value: float, low: float, note: str = "") -> None:
+    if value < low:
+        raise ValueError(f"{name}={value}: must be >= {low}" + (f" ({note})" if note else ""))
 
 
 def _choice(name: str, value: str, valid: tuple[str, ...]) -> None:
@@ -194,7 +284,10 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if "=" not in text:
         raise ValueError(f"override {text!r}: expected section.key=value, e.g. train.lr=1e-4")
     key, raw = text.split("=", 1)
-    value = yaml.safe_load(raw) if raw.strip() else ""
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw  # a plain string (e.g. a path with ': '); the field's type check follows
     return key.strip().split("."), value
 
 
@@ -216,11 +309,21 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     values: dict = {}
     if path:
         path = Path(path)
+        if path.is_dir():
+            raise ValueError(f"config file {str(path)!r} is a folder; name a YAML file, e.g. "
+                             "configs/synthetic.yaml")
         if not path.is_file():
             raise FileNotFoundError(f"config file {str(path)!r} does not exist")
-        values = yaml.safe_load(path.read_text()) or {}
+        try:
+            values = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ValueError(f"{path}: not valid YAML: " + " ".join(str(err).split())) from None
         if not isinstance(values, dict):
             raise ValueError(f"{path}: a config file must hold a mapping of sections")
+        for name, section in values.items():
+            if name in _SECTIONS and not isinstance(section, dict):
+                raise ValueError(f"{path}: section {name!r} must be a mapping of keys, got "
+                                 f"{section!r}")
     return Config.from_dict(apply_overrides(values, overrides or []))
 
 

@@ -71,7 +71,20 @@ def load_ds_config(path: str | None, precision: str = "auto", stage: int = 2) ->
         p = Path(path)
         if not p.is_file():
             raise FileNotFoundError(f"DeepSpeed config {path!r} does not exist (see configs/ds/)")
-        config = json.loads(p.read_text())
+        try:
+            config = json.loads(p.read_text())
+        except json.JSONDecodeError as err:
+            raise ValueError(f"DeepSpeed config {path!r} is not valid JSON: {err}") from None
+        if not isinstance(config, dict):
+            raise ValueError(f"DeepSpeed config {path!r} must hold a JSON object of settings, got "
+                             f"a {type(config).__name__}")
+        for key in ("optimizer", "scheduler"):
+            if key in config:
+                raise ValueError(
+                    f"DeepSpeed config {path!r} has an {key!r} block, which siasam-fast does not "
+                    "use (it builds the optimizer from train.optimizer / train.lr / "
+                    "train.weight_decay and the warm-up schedule from train.warmup_ratio): "
+                    f"remove the block")
     else:
         config = make_ds_config(stage, default_precision() if precision == "auto" else precision)
     if precision != "auto":
@@ -95,7 +108,10 @@ def finalize(config: dict, micro_batch: int, grad_clip: float, world_size: int) 
         if value == "auto" or (isinstance(value, dict) and "auto" in value.values()):
             raise ValueError(f"DeepSpeed config key {key!r} uses 'auto', which plain DeepSpeed "
                              "ignores: write a real value (see configs/ds/)")
-    accum = int(config.get("gradient_accumulation_steps", 1))
+    accum = config.get("gradient_accumulation_steps", 1)
+    if isinstance(accum, bool) or not isinstance(accum, int) or accum < 1:
+        raise ValueError(f"DeepSpeed config: gradient_accumulation_steps={accum!r}: must be a "
+                         "whole number >= 1")
     config["train_micro_batch_size_per_gpu"] = micro_batch
     config["train_batch_size"] = micro_batch * accum * world_size
     config["gradient_clipping"] = grad_clip

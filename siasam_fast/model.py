@@ -47,12 +47,23 @@ def _is_path(name: str) -> bool:
     return os.sep in name or Path(name).is_dir()
 
 
+def _pretrained_dir(key: str, name: str, valid: str) -> str:
+    """``name`` when it is a folder (from_pretrained's local files), else a ValueError naming the
+    config key and what is valid."""
+    if not Path(name).is_dir():
+        raise ValueError(f"{key}={name!r}: no such folder; valid: {valid}, or a local folder "
+                         "saved with save_pretrained")
+    return name
+
+
 def load_tokenizer(cfg: ModelConfig) -> BertTokenizerFast:
     """The shipped tiny word-piece vocabulary, or a local from_pretrained directory."""
     if cfg.tokenizer:
-        return BertTokenizerFast.from_pretrained(cfg.tokenizer, local_files_only=True)
+        folder = _pretrained_dir("model.tokenizer", cfg.tokenizer, "empty (the tiny vocabulary)")
+        return BertTokenizerFast.from_pretrained(folder, local_files_only=True)
     if _is_path(cfg.text):
-        return BertTokenizerFast.from_pretrained(cfg.text, local_files_only=True)
+        folder = _pretrained_dir("model.text", cfg.text, ", ".join(TEXT_PRESETS))
+        return BertTokenizerFast.from_pretrained(folder, local_files_only=True)
     # transformers 5 ignores vocab_file= silently (every word becomes [UNK]): pass the mapping.
     words = TINY_VOCAB.read_text(encoding="utf-8").splitlines()
     return BertTokenizerFast(vocab={w: i for i, w in enumerate(words)}, do_lower_case=True)
@@ -83,7 +94,8 @@ def build_visual(name: str) -> ResNetModel:
     if name in VISUAL_PRESETS:
         return ResNetModel(ResNetConfig(**VISUAL_PRESETS[name]))
     if _is_path(name):
-        return ResNetModel.from_pretrained(name, local_files_only=True)
+        folder = _pretrained_dir("model.visual", name, ", ".join(VISUAL_PRESETS))
+        return ResNetModel.from_pretrained(folder, local_files_only=True)
     raise ValueError(f"model.visual={name!r}: use {', '.join(VISUAL_PRESETS)} or a local directory")
 
 
@@ -93,7 +105,8 @@ def build_text(name: str, vocab_size: int, dropout: float) -> BertModel:
                             attention_probs_dropout_prob=dropout, **TEXT_PRESETS[name])
         return BertModel(config)
     if _is_path(name):
-        return BertModel.from_pretrained(name, local_files_only=True)
+        folder = _pretrained_dir("model.text", name, ", ".join(TEXT_PRESETS))
+        return BertModel.from_pretrained(folder, local_files_only=True)
     raise ValueError(f"model.text={name!r}: use {', '.join(TEXT_PRESETS)} or a local directory")
 
 

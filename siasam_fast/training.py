@@ -145,6 +145,9 @@ def load_data(cfg: Config, out_dir: Path | None, ans2label: dict | None = None) 
     if not d.manifest:
         raise ValueError("data.manifest is empty: build one with `siasam-fast index VIDEO_DIR "
                          "--out manifest.jsonl` and set data.manifest")
+    if d.video_dir and not Path(d.video_dir).is_dir():
+        raise ValueError(f"data.video_dir={d.video_dir!r} is not a folder (it re-roots the "
+                         "manifest's video paths; leave it empty to use them as indexed)")
     manifest = load_manifest(d.manifest, video_dir=d.video_dir or None)
     examples = {}
     for split in ("train", "val", "test"):
@@ -154,6 +157,10 @@ def load_data(cfg: Config, out_dir: Path | None, ans2label: dict | None = None) 
                 ex for p in _split_paths(spec)
                 for ex in load_annotations(d.dataset, p, split=split if Path(p).is_dir() else None,
                                            fmt=d.format, **d.options)]
+            if cfg.task == "mc" and any(not ex.candidates for ex in examples[split]):
+                raise ValueError(f"task=mc needs answer candidates, but the data.{split} "
+                                 f"annotations ({spec}) have questions without them: use task=open "
+                                 "for open-ended answers, or a multiple-choice dataset")
     if "train" not in examples and ans2label is None:
         raise ValueError("data.train is empty: training needs the train annotations")
     labels: dict = {}
@@ -451,6 +458,29 @@ def load_run_state(tag_dir: Path, cfg: Config | None) -> dict:
 # Logging
 
 
+RUN_FILES = ("metrics_steps.csv", "metrics_epochs.csv", "summary.json", "predictions_test.jsonl")
+RUN_FOLDERS = ("checkpoints", "tensorboard")
+
+
+def previous_run(out_dir: Path) -> list[str]:
+    """What another run left in ``out_dir`` (checkpoint tags, metrics, summary); [] if nothing."""
+    found = []
+    ckpt = out_dir / "checkpoints"
+    if ckpt.is_dir():
+        tags = sorted(p.name for p in ckpt.iterdir() if p.is_dir())
+        if tags:
+            found.append("checkpoints " + ", ".join(tags))
+    return found + [name for name in RUN_FILES if (out_dir / name).is_file()]
+
+
+def clear_previous_run(out_dir: Path) -> None:
+    """Delete what :func:`previous_run` finds (and the run's TensorBoard logs); nothing else."""
+    for name in RUN_FOLDERS:
+        shutil.rmtree(out_dir / name, ignore_errors=True)
+    for name in RUN_FILES:
+        (out_dir / name).unlink(missing_ok=True)
+
+
 class MetricsLog:
     """Appends rows to a CSV (and TensorBoard when installed); rank 0 only."""
 
@@ -502,8 +532,8 @@ class MetricsLog:
 # The loop
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description="Train SiaSamRea with DeepSpeed.")
+def parse_args(argv: list[str] | None, prog: str | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog=prog, description="Train SiaSamRea with DeepSpeed.")
     parser.add_argument("--config", default=None, help="run config (YAML), e.g. configs/demo.yaml")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config value, e.g. --set train.lr=1e-4 (repeatable)")
@@ -514,24 +544,29 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     """Train; a bad config, path or checkpoint ends with one clear line (exit status 2)."""
     try:
-        return train(argv)
+        return train(argv, prog)
     except (ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
 
 
-def train(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+def train(argv: list[str] | None = None, prog: str | None = None) -> int:
+    args = parse_args(argv, prog)
     cfg = load_config(args.config, args.set)
     rank, world, device = init_distributed()
     out_dir = Path(cfg.train.out_dir)
     rank0 = rank == 0
-    if rank0:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+    # Nothing is written into out_dir until the config, data, model and checkpoint have been
+    # checked (a failed start leaves a previous run's files as they were), and another run's
+    # checkpoints and metrics are never replaced by mistake.
+    held = [] if args.resume else previous_run(out_dir)
+    if held and not cfg.train.overwrite:
+        raise ValueError(f"train.out_dir={out_dir} holds another run ({'; '.join(held)}): "
+                         "continue it with --resume auto, choose another train.out_dir, or "
+                         "replace it with --set train.overwrite=true")
     seed_everything(cfg.train.seed, rank)
     torch.backends.cudnn.benchmark = cfg.train.cudnn_benchmark and device.type == "cuda"
 
@@ -549,11 +584,14 @@ def train(argv: list[str] | None = None) -> int:
     for ckpt in (tag_dir, init_dir):  # the answer vocabulary the checkpoint was trained with
         if ckpt is not None and (ckpt.parent.parent / "ans2label.json").is_file():
             saved_vocab = load_ans2label(ckpt.parent.parent / "ans2label.json")
-    data = load_data(cfg, out_dir if rank0 else None, ans2label=saved_vocab)
+    data = load_data(cfg, None, ans2label=saved_vocab)
     tokenizer = load_tokenizer(cfg.model)
     text = TextEncoder(tokenizer, cfg.task, cfg.data.max_question_len)
     train_loader = make_loader(cfg, data, "train", rank, world)
     eval_split = cfg.eval.split if cfg.eval.split in data.examples else None
+    if rank0 and eval_split is None and cfg.eval.split != "none":
+        print(f"note: no evaluation during training: data.{cfg.eval.split} is empty "
+              "(eval.split: none says so without this note)")
     eval_loader = make_loader(cfg, data, eval_split, rank, world) if eval_split else None
 
     steps_per_epoch = len(train_loader)
@@ -589,6 +627,16 @@ def train(argv: list[str] | None = None) -> int:
             start_epoch += 1
         else:  # mid-epoch: the epoch's running loss sums continue
             resumed_sums = state.get("epoch_sums", {})
+    if rank0:  # the start has been checked: now the run's folder is written
+        if held:
+            clear_previous_run(out_dir)
+            print(f"train.overwrite: replaced the previous run in {out_dir} ({'; '.join(held)})")
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+        if data.ans2label:
+            save_ans2label(data.ans2label, out_dir / "ans2label.json")
+    if dist.is_initialized():
+        dist.barrier()
     steps_log = MetricsLog(out_dir / "metrics_steps.csv", rank0, step if tag_dir else None)
     epochs_log = MetricsLog(out_dir / "metrics_epochs.csv", rank0, step if tag_dir else None)
     if rank0:

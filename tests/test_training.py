@@ -224,3 +224,34 @@ def test_init_from_starts_a_new_run_from_trained_weights(synth, tmp_path):
     with pytest.raises(AssertionError, match=mismatch):
         train(base_args(synth, tmp_path / "other", "--set", "model.dropout=0.3",
                         "--set", f"train.init_from={base}"))  # fmt: skip
+
+
+def _snapshot(out: Path) -> dict:
+    return {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+
+
+def test_a_failed_start_or_a_rerun_leaves_the_previous_run_as_it_was(synth, tmp_path):
+    out = tmp_path / "run"
+    train(base_args(synth, out, "--set", "train.max_steps=2"))
+    before = _snapshot(out)
+    assert "ans2label.json" in before and "config.json" in before and "metrics_steps.csv" in before
+
+    # Fails late (the tokenizer loads after the data and its new 5-answer vocabulary): nothing of
+    # the previous run is rewritten, although overwrite was asked for.
+    with pytest.raises(AssertionError, match=r"model.tokenizer='/nonexistent/tok': no such folder"):
+        train(base_args(synth, out, "--set", "train.overwrite=true", "--set",
+                        "data.num_answers=5", "--set", "model.tokenizer=/nonexistent/tok"))
+    assert _snapshot(out) == before
+
+    # A new run into the same folder without --resume is refused.
+    with pytest.raises(AssertionError, match=r"holds another run \(checkpoints step2; "
+                                             r"metrics_steps.csv.*--resume auto"):
+        train(base_args(synth, out, "--set", "train.max_steps=1"))
+    assert _snapshot(out) == before
+
+    # train.overwrite=true replaces it: no step of the old run is left.
+    proc = train(base_args(synth, out, "--set", "train.max_steps=1", "--set",
+                           "train.overwrite=true"))
+    assert "replaced the previous run" in proc.stdout
+    assert len(losses(out)) == 1
+    assert sorted(p.name for p in (out / "checkpoints").iterdir() if p.is_dir()) == ["step1"]

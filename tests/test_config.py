@@ -1,0 +1,86 @@
+"""The run config: typed values, ranges and readable errors that name the key and what is valid."""
+
+from pathlib import Path
+
+import pytest
+
+from siasam_fast.config import load_config
+from siasam_fast.ds_config import load_ds_config
+
+ROOT = Path(__file__).resolve().parent.parent
+BASE = ROOT / "configs" / "synthetic.yaml"
+
+
+def test_values_take_the_type_of_their_key():
+    cfg = load_config(BASE, ["train.lr=1e-4", "data.dedup=false", "siamese.skg=no",
+                             "train.batch_size=4", "siamese.alpha=1", "train.out_dir=123"])
+    assert cfg.train.lr == 1e-4 and isinstance(cfg.train.lr, float)  # YAML reads 1e-4 as a string
+    assert cfg.data.dedup is False and cfg.siamese.skg is False
+    assert cfg.train.batch_size == 4 and cfg.siamese.alpha == 1.0
+    assert cfg.train.out_dir == "123"
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.batch_size=abc", "train.batch_size='abc': expected a whole number"),
+    ("train.batch_size=1.5", "train.batch_size=1.5: expected a whole number"),
+    ("train.lr=abc", "train.lr='abc': expected a number"),
+    ("siamese.skg=maybe", "siamese.skg='maybe': expected true or false"),
+    ("data.dedup=abc", "data.dedup='abc': expected true or false"),
+    ("data.options=3", "data.options=3: expected a mapping"),
+    ("train.epochs=0", "train.epochs=0: must be >= 1"),
+    ("train.batch_size=0", "train.batch_size=0: must be >= 1"),
+    ("train.lr=-1", "train.lr=-1.0: must be > 0"),
+    ("train.weight_decay=-1", "train.weight_decay=-1.0: must be >= 0"),
+    ("train.warmup_ratio=5", "train.warmup_ratio=5.0: must lie in [0, 1]"),
+    ("train.grad_clip=-1", "train.grad_clip=-1.0: must be >= 0"),
+    ("train.max_steps=-5", "train.max_steps=-5: must be >= 0"),
+    ("train.log_every=0", "train.log_every=0: must be >= 1"),
+    ("train.save_every=-1", "train.save_every=-1: must be >= 0"),
+    ("train.keep_checkpoints=0", "train.keep_checkpoints=0: must be >= 1"),
+    ("train.out_dir=", "train.out_dir is empty"),
+    ("siamese.alpha=-1", "siamese.alpha=-1.0: must be >= 0"),
+    ("model.grid_pool=0", "model.grid_pool=0: must be >= 1"),
+    ("model.dropout=2", "model.dropout=2.0: must lie in [0, 1)"),
+    ("data.max_question_len=0", "data.max_question_len=0: must be >= 3"),
+    ("data.num_answers=0", "data.num_answers=0: must be >= 1"),
+    ("data.image_size=0", "data.image_size=0: must be >= 8"),
+    ("eval.split=foo", "eval.split='foo': valid values are val, test, none"),
+    ("eval.num_clips=0", "eval.num_clips=0: must be >= 1"),
+    ("eval.batch_size=0", "eval.batch_size=0: must be >= 1"),
+])
+def test_bad_values_name_the_key_and_what_is_valid(override, message):
+    with pytest.raises(ValueError) as err:
+        load_config(BASE, [override])
+    assert message in str(err.value)
+
+
+def test_every_shipped_config_loads():
+    configs = sorted((ROOT / "configs").glob("*.yaml"))
+    assert len(configs) > 5
+    for path in configs:
+        load_config(path)
+
+
+def test_bad_files_are_one_line_errors(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train:\n  lr: [1,\n")
+    with pytest.raises(ValueError, match=r"bad.yaml: not valid YAML: "):
+        load_config(bad)
+    flat = tmp_path / "flat.yaml"
+    flat.write_text("train: 5\n")
+    with pytest.raises(ValueError, match=r"flat.yaml: section 'train' must be a mapping of keys"):
+        load_config(flat, ["train.max_steps=1"])
+    with pytest.raises(ValueError, match=r"is a folder"):
+        load_config(tmp_path)
+    listing = tmp_path / "ds.json"
+    listing.write_text("[1, 2]")
+    with pytest.raises(ValueError, match=r"must hold a JSON object of settings, got a list"):
+        load_ds_config(str(listing))
+    broken = tmp_path / "broken.json"
+    broken.write_text("{'a': 1}")
+    with pytest.raises(ValueError, match=r"broken.json' is not valid JSON"):
+        load_ds_config(str(broken))
+    adam = tmp_path / "adam.json"
+    adam.write_text('{"optimizer": {"type": "Adam"}}')
+    with pytest.raises(ValueError, match=r"has an 'optimizer' block, which siasam-fast does not"):
+        load_ds_config(str(adam))
