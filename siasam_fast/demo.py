@@ -26,6 +26,7 @@ import sys
 import time
 from collections import defaultdict
 from dataclasses import asdict, replace
+from decimal import ROUND_HALF_UP, Decimal
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -128,8 +129,10 @@ def data_overrides(data_dir: Path) -> list[str]:
 
 
 def train_command(config: Path, run_dir: Path, overrides: list[str]) -> list[str]:
+    """A fresh training run into ``run_dir``, replacing what an earlier demo (or a run cut short)
+    left there: the demo owns its output folder."""
     cmd = [sys.executable, "-m", "siasam_fast.training", "--config", str(config)]
-    for item in [*overrides, f"train.out_dir={run_dir}"]:
+    for item in [*overrides, f"train.out_dir={run_dir}", "train.overwrite=true"]:
         cmd += ["--set", item]
     return cmd
 
@@ -264,6 +267,21 @@ def comparison_rows(results: dict[str, dict]) -> list[dict]:
     return rows
 
 
+def _round3(value):
+    """``value`` as a string with 3 decimals, halves rounded away from zero (the accuracies are
+    ratios such as 42/160 = 0.2625, which binary floats hold as 0.26249999...)."""
+    if not isinstance(value, float) or not math.isfinite(value):
+        return value
+    rounded = Decimal(repr(round(value, 9))).quantize(Decimal("0.001"), rounding=ROUND_HALF_UP)
+    return str(rounded if rounded else abs(rounded))  # no "-0.000"
+
+
+def printed_rows(rows: list[dict]) -> list[dict]:
+    """The comparison table as the demo prints it: every number rounded to 3 decimals
+    (summary.json keeps the unrounded values)."""
+    return [{k: _round3(v) for k, v in row.items()} for row in rows]
+
+
 def plot_curves(results: dict[str, dict], path: Path, title: str = "") -> Path:
     """Train loss (total and L_gt) and val accuracy per epoch, one colour per method."""
     import matplotlib
@@ -388,7 +406,7 @@ def run_demo(
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
 
     print(f"\n{title}; test split ({base['num_test']} questions), anchor clip only")
-    print(format_table(rows))
+    print(format_table(printed_rows(rows)))
     print(
         "evidence on a frame of the eval clip (test split): "
         + ", ".join(f"{t} {v:.2f}" for t, v in visibility.items() if v is not None)

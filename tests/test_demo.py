@@ -151,6 +151,27 @@ def test_comparison_rows():
     assert by_label["val accuracy (last epoch)"]["delta"] is None  # a missing value: no delta
 
 
+def test_printed_table_rounds_to_three_decimals():
+    from siasam_fast.benchutil import format_table
+
+    rows = [
+        {"test accuracy": "overall", "baseline": 0.7, "siasamrea": 0.540625, "delta": -0.159375},
+        # 26/160 - 68/160 = -0.2625 exactly, held as -0.26249999999999996: rounds away from zero
+        {"test accuracy": "flash", "baseline": 0.425, "siasamrea": 0.1625, "delta": 0.1625 - 0.425},
+        {"test accuracy": "val", "baseline": 0.5, "siasamrea": 0.4999, "delta": -0.0001},
+        {"test accuracy": "none", "baseline": 0.74375, "siasamrea": None, "delta": None},
+    ]
+    printed = demo.printed_rows(rows)
+    assert [list(r.values())[1:] for r in printed] == [
+        ["0.700", "0.541", "-0.159"],
+        ["0.425", "0.163", "-0.263"],
+        ["0.500", "0.500", "0.000"],
+        ["0.744", None, None],
+    ]
+    assert rows[0]["siasamrea"] == 0.540625  # the rows themselves (summary.json) stay unrounded
+    assert "0.540625" not in format_table(printed) and "-0.263" in format_table(printed)
+
+
 def test_a_failed_training_raises_and_keeps_its_log(tmp_path, capfd):
     import sys
 
