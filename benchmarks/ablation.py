@@ -38,6 +38,7 @@ from siasam_fast.benchutil import (  # noqa: E402
     environment,
     format_table,
     markdown_table,
+    positive_int,
     results_path,
     save_figure,
     write_csv,
@@ -128,7 +129,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="trainings at a time (default 1; each gets cores / jobs threads)",
     )
     p.add_argument(
-        "--out", default=None, help="folder of the CSV / PNG (default benchmarks/results/)"
+        "--out",
+        "--out-dir",
+        default=None,
+        help="folder of the CSV / PNG (default benchmarks/results/)",
     )
     p.add_argument(
         "--runs",
@@ -146,7 +150,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "the training answers (val and test stay clean); use its own --runs folder",
     )
     p.add_argument(
-        "--videos", type=int, default=None, help="synthetic videos (default: the demo's)"
+        "--videos", type=positive_int, default=None, help="synthetic videos (default: the demo's)"
     )
     p.add_argument(
         "--set",
@@ -401,7 +405,11 @@ def main(argv: list[str] | None = None) -> int:
         noisy = noisy_train_split(data_dir, args.train_label_noise, args.data_seed)
         args.set = [f"data.train={noisy}", *args.set]
     runs = plan_runs(args, data_dir)
-    execute(runs, args.jobs)
+    try:
+        execute(runs, args.jobs)
+    except RuntimeError as err:  # a training failed: the earlier CSV / PNG / table stay
+        print(f"ablation: {err}; no result file written", file=sys.stderr)
+        return 1
     rows = run_rows(runs, meta)
     summary = summarise(rows, args.variants)
     env = environment()

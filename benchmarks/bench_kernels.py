@@ -38,6 +38,8 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
+from siasam_fast.benchutil import existing_file, positive_int  # noqa: E402
+
 N_CLIPS = 9
 NOMINAL_COPY_TBPS = 3.0  # H100 80GB device-to-device copy, measured (shared/HARDWARE.md)
 DTYPES = {"fp16": torch.float16, "fp32": torch.float32, "bf16": torch.bfloat16}
@@ -55,13 +57,14 @@ DEFAULT_GRID = (
 )
 
 
-def parse_args(argv=None):
+def build_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--quick", action="store_true", help="a few sweep points and the two targets")
     p.add_argument("--dtypes", default="fp16,fp32,bf16", help="comma list of fp16, fp32, bf16")
     p.add_argument("--impls", default=",".join(IMPLS), help=f"comma list of {', '.join(IMPLS)}")
     p.add_argument("--modes", default=",".join(MODES), help="comma list of fwd, bwd, full")
-    p.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
+    p.add_argument("--out", "--out-dir", default=None,
+                   help="results folder (default benchmarks/results)")
     p.add_argument("--check", action="store_true", help="verify each impl vs float64 first")
     p.add_argument("--no-targets", action="store_true", help="skip the two H100 target rows")
     p.add_argument("--targets-only", action="store_true",
@@ -73,25 +76,62 @@ def parse_args(argv=None):
     p.add_argument("--sweep-configs", nargs="?", const=DEFAULT_GRID, default=None, metavar="GRID",
                    help="time the Triton loss at target B's shape under every launch config of "
                         f"GRID (default {DEFAULT_GRID!r}) and the built-in heuristic")  # fmt: skip
-    p.add_argument("--compile-workers", type=int, default=None,
+    p.add_argument("--compile-workers", type=positive_int, default=None,
                    help="--sweep-configs: processes compiling the grid's kernels in parallel "
                         "before the timing (default 8 on a GPU, 1 = compile as each config is "
                         "timed, the default without one)")  # fmt: skip
-    p.add_argument("--combine", nargs="+", metavar="CSV", default=None,
+    p.add_argument("--combine", nargs="+", metavar="CSV", default=None, type=existing_file,
                    help="no timing: merge the timing CSVs of runs on one card into one table "
                         "(ms per impl, Triton's speed-ups) and report the targets")  # fmt: skip
+    return p
+
+
+def parse_args(argv=None):
+    """The options, checked before any work: a bad value ends with argparse's error (status 2)."""
+    p = build_parser()
     args = p.parse_args(argv)
-    args.dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
-    args.impls = [i.strip() for i in args.impls.split(",") if i.strip()]
-    args.modes = [m.strip() for m in args.modes.split(",") if m.strip()]
-    if args.targets_only and args.no_targets:
-        p.error("--targets-only and --no-targets exclude each other")
-    for name, values, valid in (("dtypes", args.dtypes, DTYPES), ("impls", args.impls, IMPLS),
-                                ("modes", args.modes, MODES)):  # fmt: skip
+    for name, valid in (("dtypes", DTYPES), ("impls", IMPLS), ("modes", MODES)):
+        text = getattr(args, name)
+        values = list(dict.fromkeys(v.strip() for v in text.split(",") if v.strip()))
         bad = [v for v in values if v not in valid]
         if bad:
             p.error(f"--{name} {','.join(bad)}: valid values are {', '.join(valid)}")
+        if not values:
+            p.error(f"--{name} {text!r}: give at least one of {', '.join(valid)}")
+        setattr(args, name, values)
+    if args.targets_only and args.no_targets:
+        p.error("--targets-only and --no-targets exclude each other")
+    if args.combine:
+        return args
+    cuda = torch.cuda.is_available()
+    if args.targets_only and not cuda:
+        p.error("--targets-only times the two H100 target shapes, which need a CUDA GPU "
+                "(without one, leave it out to time the reference at small sizes)")  # fmt: skip
+    if args.sweep_configs is not None:
+        check_sweep_grid(p, args.sweep_configs, cuda, args.interpret)
     return args
+
+
+def check_sweep_grid(p, grid, cuda, interpret):
+    """Refuse --sweep-configs without a GPU or --interpret, and a bad GRID, naming the flag."""
+    if not cuda and not interpret:
+        p.error("--sweep-configs times the Triton kernels: it needs a CUDA GPU (or --interpret "
+                "for a slow functional run)")  # fmt: skip
+    try:
+        configs = parse_grid(grid)
+    except SystemExit as err:
+        p.error(str(err))
+    if not cuda:
+        os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernels import Triton
+    try:
+        from siasam_kernels import siamese as ks
+    except ImportError as err:
+        p.error(f"--sweep-configs needs the Triton kernels (siasam_kernels): {err}")
+    for cfg in configs:
+        try:
+            ks.config_override(config_text(cfg))
+        except ValueError as err:
+            p.error(f"--sweep-configs: {str(err).removeprefix(ks.CONFIG_ENV + ': ')}")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -592,14 +632,19 @@ def combine(paths, out_dir=None):
 
     rows, devices, copy = [], set(), []
     for path in paths:
-        with open(path, newline="") as fh:
-            for r in csv.DictReader(fh):
-                if "mode" not in r or "sweep" not in r or not r.get("ms"):
-                    continue
-                devices.add(r.get("device", "?"))
-                if r.get("copy_gbps"):
-                    copy.append(float(r["copy_gbps"]))
-                rows.append(dict(r, ms=float(r["ms"]), V=int(r["V"]), D=int(r["D"]), K=int(r["K"])))
+        try:
+            with open(path, newline="") as fh:
+                for r in csv.DictReader(fh):
+                    if "mode" not in r or "sweep" not in r or not r.get("ms"):
+                        continue
+                    devices.add(r.get("device", "?"))
+                    if r.get("copy_gbps"):
+                        copy.append(float(r["copy_gbps"]))
+                    rows.append(dict(r, ms=float(r["ms"]), V=int(r["V"]), D=int(r["D"]),
+                                     K=int(r["K"])))  # fmt: skip
+        except (OSError, UnicodeDecodeError, csv.Error, KeyError, TypeError, ValueError) as err:
+            raise SystemExit(f"--combine: {path} is not a readable timing CSV of bench_kernels.py "
+                             f"({type(err).__name__}: {err})") from None
     if not rows:
         raise SystemExit(f"--combine: no timing rows in {', '.join(map(str, paths))}")
     if len(devices) > 1:
@@ -634,7 +679,13 @@ def main(argv=None):
     cuda = torch.cuda.is_available()
     if not cuda and args.interpret:
         os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports Triton kernels
-    from siasam_fast.benchutil import environment, format_table, results_path, write_csv
+    from siasam_fast.benchutil import (
+        environment,
+        format_table,
+        report_no_rows,
+        results_path,
+        write_csv,
+    )
 
     env = environment()
     device = torch.device("cuda" if cuda else "cpu")
@@ -658,6 +709,10 @@ def main(argv=None):
         )
         dtypes = [d for d in dtypes if d != "fp16"] or ["fp32"]  # fp16 matmuls are slow on CPU
         impl_names = ["eager"] + (["compile"] if args.cpu_compile else [])
+        if impl_names != args.impls or dtypes != args.dtypes:
+            print(f"asked for --impls {','.join(args.impls)} --dtypes {','.join(args.dtypes)}; "
+                  f"measuring --impls {','.join(impl_names)} --dtypes {','.join(dtypes)} "
+                  "instead (CPU: the reference only, no fp16)")  # fmt: skip
         torch.set_num_threads(1)  # steadier numbers on shared machines (CI, dev boxes)
     env["copy_gbps"] = copy_bandwidth_gbps(device.type)
     if env["copy_gbps"]:
@@ -665,9 +720,6 @@ def main(argv=None):
               f"(targets use the nominal {NOMINAL_COPY_TBPS} TB/s)")  # fmt: skip
 
     if args.sweep_configs:
-        if not cuda and not args.interpret:
-            raise SystemExit("--sweep-configs times the Triton kernels: it needs a CUDA GPU "
-                             "(or --interpret for a slow functional run)")  # fmt: skip
         return sweep_configs(args.sweep_configs, dtypes, device, env, args.out, args.tag,
                              workers=args.compile_workers)
     points = [] if args.targets_only else sweep_points(args.quick, device.type)
@@ -688,6 +740,8 @@ def main(argv=None):
     # The CSV is rewritten after every row, so a run stopped early keeps what it measured.
     rows = run_timings(impl_names, points, dtypes, args.modes, device,
                        on_row=lambda done: write_csv(done, csv_path, env))  # fmt: skip
+    if not rows:  # nothing timed (e.g. no dtype left): an earlier run's files stay as they were
+        return report_no_rows(csv_path, "no sweep point, dtype or impl left to time")
     cols = ["sweep", "dtype", "V", "N", "D", "K", "impl", "mode", "ms", "ms_p20", "ms_p80",
             "gbps", "error"]  # fmt: skip
     print("\n" + format_table(rows, [c for c in cols if any(c in r for r in rows)]))

@@ -47,7 +47,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from siasam_fast.benchutil import environment, format_table, results_path, write_csv
+from siasam_fast.benchutil import (
+    environment,
+    format_table,
+    nonneg_int,
+    positive_float,
+    positive_int,
+    report_no_rows,
+    results_path,
+    write_csv,
+)
 from siasam_fast.data.examples import QAExample
 from siasam_fast.pipeline.dataset import build_loader
 from siasam_fast.pipeline.manifest import build_manifest, load_manifest
@@ -512,7 +521,10 @@ def summary_lines(rows: list[dict]) -> list[str]:
     return lines
 
 
-def main(argv: list[str] | None = None) -> int:
+SET_NAMES = ("synthetic", *(spec.name for spec in video_sets(False)))
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument(
         "--backend",
@@ -523,20 +535,20 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--workers",
-        type=int,
+        type=nonneg_int,
         nargs="+",
         default=None,
-        help="pyav DataLoader worker counts (default 1 4 16; --quick: 1 2)",
+        help="pyav DataLoader worker counts (default 1 4 16; --quick: 1 2; 0: in this process)",
     )
     parser.add_argument(
         "--dali-workers",
-        type=int,
+        type=nonneg_int,
         default=None,
-        help="DALI's file-reading processes (default 4; --quick: 2)",
+        help="DALI's file-reading processes (default 4; --quick: 2; 0: in this process)",
     )
     parser.add_argument(
         "--dali-threads",
-        type=int,
+        type=positive_int,
         nargs="+",
         default=None,
         help="DALI thread counts to compare (its mixed decoder decodes one video per thread; "
@@ -544,7 +556,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--dali-groups",
-        type=int,
+        type=positive_int,
         nargs="+",
         default=None,
         help="DALI decode groups to compare: batches decoded per DALI iteration (default 1)",
@@ -571,25 +583,34 @@ def main(argv: list[str] | None = None) -> int:
         "--sets",
         nargs="+",
         default=None,
-        help="only these sets (synthetic, msrvtt-like, activitynet-like)",
+        choices=SET_NAMES,
+        help=f"only these sets ({', '.join(SET_NAMES)}; synthetic needs --synthetic)",
     )
-    parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("--batch-size", type=positive_int, default=4)
+    parser.add_argument("--image-size", type=positive_int, default=224)
     parser.add_argument(
         "--min-videos",
-        type=int,
+        type=positive_int,
         default=None,
         help="videos per measurement (default 64; --quick: 16)",
     )
     parser.add_argument(
         "--max-seconds",
-        type=float,
+        type=positive_float,
         default=None,
         help="stop a measurement after this long (default: whole epoch of --min-videos)",
     )
     parser.add_argument("--quick", action="store_true", help="few small videos: a CPU sanity run")
-    parser.add_argument("--out-dir", type=Path, default=None, help="CSV folder")
+    parser.add_argument("--out-dir", "--out", type=Path, default=None,
+                        help="CSV folder (default benchmarks/results)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
+    if args.sets and "synthetic" in args.sets and args.synthetic is None:
+        parser.error("--sets synthetic needs --synthetic DIR (the folder of the synthetic set)")
 
     backend_names = list(dict.fromkeys(args.backend))
     if "dali" in backend_names:
@@ -598,7 +619,10 @@ def main(argv: list[str] | None = None) -> int:
         if not dali_available():
             parser.error("--backend dali needs nvidia-dali (pip install 'siasam-fast[gpu]')")
     worker_counts = args.workers or ([1, 2] if args.quick else [1, 4, 16])
-    dali_workers = args.dali_workers or (2 if args.quick else 4)
+    if args.dali_workers is not None:
+        dali_workers = args.dali_workers
+    else:
+        dali_workers = 2 if args.quick else 4
     min_videos = args.min_videos or (16 if args.quick else 64)
     probe_workers = max(1, min(8, os.cpu_count() or 1))
     codec = args.codec
@@ -634,6 +658,10 @@ def main(argv: list[str] | None = None) -> int:
         dali_groups=args.dali_groups,
         log=lambda text: print(text, file=sys.stderr),
     )
+    suffix = "_quick" if args.quick else ""
+    name = f"pipeline_{'_'.join(backend_names)}{suffix}.csv"
+    if not rows:  # every set skipped: an earlier run's CSV stays as it was
+        return report_no_rows(results_path(name, args.out_dir), "every set was skipped: see above")
 
     env = environment()  # after measuring: it imports heavy libraries the workers need not fork
     print(
@@ -645,8 +673,6 @@ def main(argv: list[str] | None = None) -> int:
     print(format_table(rows, [c for c in COLUMNS if any(c in r for r in rows)]))
     for line in summary_lines(rows):
         print(line)
-    suffix = "_quick" if args.quick else ""
-    name = f"pipeline_{'_'.join(backend_names)}{suffix}.csv"
     path = write_csv(rows, results_path(name, args.out_dir), env)
     print(f"wrote {path}")
     return 0

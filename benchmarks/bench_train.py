@@ -1,4 +1,4 @@
-"""Training throughput: a plain PyTorch baseline against the siasam-fast stack, one table (issue 6).
+"""Training throughput: a plain PyTorch baseline against the siasam-fast stack, in one table.
 
     python benchmarks/bench_train.py --config configs/clipbert_base.yaml --steps 8      # a GPU
     python benchmarks/bench_train.py --config configs/bench_tiny.yaml --steps 2        # CPU check
@@ -134,6 +134,9 @@ try:  # siasam_fast.training imports DeepSpeed (and chooses its CPU accelerator 
         environment,
         format_table,
         markdown_table,
+        positive_float,
+        positive_int,
+        report_no_rows,
         save_figure,
         write_csv,
     )
@@ -891,26 +894,29 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="run config (YAML), e.g. configs/clipbert_base.yaml")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set train.batch_size=4 (repeatable)")
-    p.add_argument("--steps", type=int, default=10, help="timed steps per pass (two passes)")
-    p.add_argument("--warmup", type=int, default=3, help="untimed steps first (>= 1)")
+    p.add_argument("--steps", type=positive_int, default=10,
+                   help="timed steps per pass (two passes)")
+    p.add_argument("--warmup", type=positive_int, default=3, help="untimed steps first (>= 1)")
     p.add_argument("--variants", nargs="+", default=None, metavar="NAME",
                    help=f"variants to run (default: all): {', '.join(BY_NAME)}")
     p.add_argument("--zero-stage", type=int, default=2, choices=ds_config.STAGES,
                    help="DeepSpeed ZeRO stage of the DeepSpeed variants")
     p.add_argument("--profile", nargs="*", default=None, metavar="NAME",
                    help="write a chrome trace of these variants (no name: every variant)")
-    p.add_argument("--profile-steps", type=int, default=3, help="steps in each trace")
+    p.add_argument("--profile-steps", type=positive_int, default=3, help="steps in each trace")
     p.add_argument("--profile-gzip", action="store_true", help="write traces as .json.gz")
-    p.add_argument("--out", default=None, help="results folder (default: benchmarks/results)")
+    p.add_argument("--out", "--out-dir", default=None,
+                   help="results folder (default: benchmarks/results)")
     p.add_argument("--tag", default="", help="suffix of the result file names")
-    p.add_argument("--num-videos", type=int, default=384,
+    p.add_argument("--num-videos", type=positive_int, default=384,
                    help="videos to generate when the config's synthetic set is missing")
     p.add_argument("--isolate", choices=("auto", "process", "none"), default="auto",
                    help="each variant in its own process (auto: on CUDA) or all in this one")
-    p.add_argument("--variant-timeout", type=float, default=0,
-                   help="seconds one isolated variant may take (0: no limit)")
-    p.add_argument("--time-budget", type=float, default=0,
-                   help="seconds for all variants; the rest are skipped once spent (0: no limit)")
+    p.add_argument("--variant-timeout", type=positive_float, default=None, metavar="SECONDS",
+                   help="seconds one isolated variant may take (default: no limit)")
+    p.add_argument("--time-budget", type=positive_float, default=None, metavar="SECONDS",
+                   help="seconds for all variants; the rest are skipped once spent "
+                   "(default: no limit)")
     p.add_argument("--prepare-only", action="store_true",
                    help="generate the config's synthetic set if missing, then exit")
     p.add_argument("--list", action="store_true", help="list the variants and exit")
@@ -922,9 +928,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         unknown.append(args.worker)
     if unknown:
         p.error(f"unknown variant(s) {unknown}; valid: {', '.join(BY_NAME)}")
-    if args.steps < 1 or args.warmup < 1 or args.profile_steps < 1:
-        p.error(f"--steps={args.steps}, --warmup={args.warmup}, --profile-steps="
-                f"{args.profile_steps}: each must be >= 1")
     return args
 
 
@@ -994,7 +997,8 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(skipped_row(plan, "skipped", plan.skip))
             print(f"--- {name}: skipped ({plan.skip})", flush=True)
             continue
-        left = args.time_budget - (time.perf_counter() - started) if args.time_budget else None
+        left = (args.time_budget - (time.perf_counter() - started)
+                if args.time_budget is not None else None)
         if left is not None and left < (MIN_ISOLATED_S if isolate else 1):
             rows.append(skipped_row(plan, "skipped", f"--time-budget {args.time_budget:.0f} s "
                                     "spent before this variant"))
@@ -1003,7 +1007,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"--- {name}: {plan.variant.description}", flush=True)
         t0 = time.perf_counter()
         if isolate:
-            limits = [x for x in (args.variant_timeout or None, left) if x]
+            limits = [x for x in (args.variant_timeout, left) if x is not None]
             row = run_isolated(plan, args, worker_argv(args), min(limits) if limits else None)
         else:
             row = run_in_process(plan, cfg, args, device)
@@ -1017,6 +1021,9 @@ def main(argv: list[str] | None = None) -> int:
         # Written after every variant, so that a run cut short (a device loan's limit) leaves
         # the rows that finished; the last write adds the speed-ups and the plot.
         save_rows(rows, args, env, cfg, argv)
+    if all(r["status"] == "skipped" for r in rows):  # nothing ran: earlier results stay
+        return report_no_rows(args.out_dir / f"{args.stem}.csv",
+                              "every variant was skipped: see the reasons above")
     csv_path, md_path = save_rows(rows, args, env, cfg, argv, final=True)
     png = plot(rows, args.out_dir / f"{args.stem}.png",
                f"bench_train {Path(args.config).name} on {env['device']}: V={cfg.train.batch_size} "

@@ -49,12 +49,21 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_pipeline, when
 
 from bench_pipeline import VideoSet, bench_examples, prepare_set  # noqa: E402 - not a copy
 
-from siasam_fast.benchutil import environment, format_table, results_path, write_csv  # noqa: E402
+from siasam_fast.benchutil import (  # noqa: E402
+    environment,
+    format_table,
+    int_in_range,
+    nonneg_int,
+    positive_int,
+    report_no_rows,
+    results_path,
+    write_csv,
+)
 from siasam_fast.pipeline.dataset import build_loader  # noqa: E402
 from siasam_fast.pipeline.manifest import load_manifest  # noqa: E402
 from siasam_fast.pipeline.planner import decode_cost, sampling_cost  # noqa: E402
 from siasam_fast.pipeline.pyav_decode import DecodeStats, decode_frames  # noqa: E402
-from siasam_fast.pipeline.transcode import summary_row, transcode  # noqa: E402
+from siasam_fast.pipeline.transcode import nvenc_available, summary_row, transcode  # noqa: E402
 from siasam_fast.sampling import (  # noqa: E402
     SamplingConfig,
     anchor_distribution,
@@ -155,36 +164,60 @@ def set_bytes(records: dict) -> int:
 # ----------------------------------------------------------------------------------------------
 
 
-def main(argv: list[str] | None = None) -> int:
+def even_height(text: str) -> int:
+    """An argparse type: an even height >= 2 (4:2:0 chroma halves it)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = None
+    if value is None or value < 2 or value % 2:
+        raise argparse.ArgumentTypeError(f"invalid value {text!r}: must be an even integer >= 2 "
+                                          "(4:2:0 chroma)")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="small 320x240 set: a CPU run")
-    parser.add_argument("--gops", type=int, nargs="+", default=[8, 16, 32],
+    parser.add_argument("--gops", type=positive_int, nargs="+", default=[8, 16, 32],
                         help="keyframe spacings of the transcoded copies (default 8 16 32)")
     parser.add_argument("--backend", choices=("pyav", "dali"), default="pyav",
                         help="dali: also measure DALI videos/s (needs DALI and a GPU)")
-    parser.add_argument("--workers", type=int, nargs="+", default=None,
-                        help="pyav DataLoader worker counts (default 1 4 16; --quick: 1 2)")
+    parser.add_argument("--workers", type=nonneg_int, nargs="+", default=None,
+                        help="pyav DataLoader worker counts (default 1 4 16; --quick: 1 2; "
+                        "0: in this process)")
     parser.add_argument("--samplings", nargs="+", choices=sorted(SAMPLINGS),
                         default=list(SAMPLINGS), help="sampling variants (default: all)")
-    parser.add_argument("--dali-groups", type=int, nargs="+", default=[1],
+    parser.add_argument("--dali-groups", type=positive_int, nargs="+", default=[1],
                         help="DALI decode groups to measure (batches per DALI iteration; "
                         "default 1)")
     parser.add_argument("--encoder", choices=("auto", "cpu", "nvenc"), default="auto")
-    parser.add_argument("--crf", type=int, default=23,
-                        help="quality of the copies (default 23: the generator's own)")
-    parser.add_argument("--height", type=int, default=None,
-                        help="also downscale the copies to this height (default: keep)")
-    parser.add_argument("--draws", type=int, default=64, help="cost-model draws per video")
-    parser.add_argument("--measure-draws", type=int, default=None,
+    parser.add_argument("--crf", type=int_in_range(0, 51), default=23,
+                        help="quality of the copies, 0 to 51 (default 23: the generator's own)")
+    parser.add_argument("--height", type=even_height, default=None,
+                        help="also downscale the copies to this even height (default: keep)")
+    parser.add_argument("--draws", type=positive_int, default=64,
+                        help="cost-model draws per video")
+    parser.add_argument("--measure-draws", type=positive_int, default=None,
                         help="decoded draws per video (default 8; --quick: 4)")
-    parser.add_argument("--min-videos", type=int, default=None,
+    parser.add_argument("--min-videos", type=positive_int, default=None,
                         help="videos per throughput measurement (default 64; --quick: 16)")
-    parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("--batch-size", type=positive_int, default=4)
+    parser.add_argument("--image-size", type=positive_int, default=224)
     parser.add_argument("--work-dir", type=Path, default=ROOT / "data" / "bench_transcode",
                         help="where the generated and transcoded videos are cached")
-    parser.add_argument("--out-dir", type=Path, default=None, help="CSV folder")
+    parser.add_argument("--out-dir", "--out", type=Path, default=None,
+                        help="CSV folder (default benchmarks/results)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
+    if args.encoder == "nvenc":  # refused now rather than after generating the original set
+        ok, why = nvenc_available("h264")
+        if not ok:
+            parser.error(f"--encoder nvenc: {why}; use --encoder cpu or auto")
 
     worker_counts = args.workers or ([1, 2] if args.quick else [1, 4, 16])
     measure_draws = args.measure_draws or (4 if args.quick else 8)
@@ -218,6 +251,10 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for name, gop, records, made in sets:
         ok = [r for r in records.values() if r.ok]
+        if not ok:
+            notes.append(f"{name}: no video could be read, skipped")
+            print(notes[-1], file=sys.stderr)
+            continue
         resolution = f"{ok[0].width}x{ok[0].height}"
         for sampling in args.samplings:
             cfg = SAMPLINGS[sampling]
@@ -228,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
                 "resolution": resolution,
                 "sampling": sampling,
                 "bytes": set_bytes(records),
-                "growth": set_bytes(records) / base_bytes,
+                "growth": set_bytes(records) / base_bytes if base_bytes else None,
                 **made,
                 "needed": model.needed,
                 "model_decoded_per_needed": model.ratio,
@@ -251,6 +288,9 @@ def main(argv: list[str] | None = None) -> int:
                           f"{'' if group == 1 else f' group={group}'}: "
                           f"{rate['videos_per_s']:.2f} videos/s", file=sys.stderr)
 
+    path = results_path(f"transcode{'_quick' if args.quick else ''}.csv", args.out_dir)
+    if not rows:  # an earlier run's CSV stays as it was
+        return report_no_rows(path, "; ".join(notes))
     env = environment()
     columns = ["set", "resolution", "sampling", "bytes", "growth", "model_decoded_per_needed",
                "measured_decoded_per_needed", "model_exact", "anchor_choices", "backend",
@@ -261,8 +301,7 @@ def main(argv: list[str] | None = None) -> int:
     print(format_table(rows, columns))
     for note in notes:
         print(note)
-    path = write_csv(rows, results_path(f"transcode{'_quick' if args.quick else ''}.csv",
-                                        args.out_dir), env)
+    path = write_csv(rows, path, env)
     print(f"wrote {path}")
     return 0
 

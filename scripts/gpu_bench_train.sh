@@ -130,6 +130,10 @@ fi
 
 # 4. the benchmark --------------------------------------------------------------------------------
 BUDGET=$((DEADLINE_S - (SECONDS - T0) - 15))
+if [ "$BUDGET" -lt 30 ]; then
+  say "no time left for bench_train (DEADLINE_S=$DEADLINE_S, ${BUDGET} s left after the set-up)"
+  exit 5
+fi
 say "bench_train: $CONFIG, $STEPS steps x 2 passes, time budget ${BUDGET} s"
 # shellcheck disable=SC2086  # VARIANTS and PROFILE are lists of variant names
 "$PY" benchmarks/bench_train.py --config "$CONFIG" --steps "$STEPS" --warmup "$WARMUP" \

@@ -1,12 +1,16 @@
-"""Shared plumbing of the benchmark scripts: environment record, table printing, CSV and plots."""
+"""Shared plumbing of the benchmark scripts: environment record, table printing, CSV and plots,
+and the argparse ``type=`` checks of their options."""
 
 from __future__ import annotations
 
+import argparse
 import csv
 import datetime as _dt
+import math
 import os
 import platform
-from collections.abc import Sequence
+import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 RESULTS_DIR = Path(__file__).resolve().parent.parent / "benchmarks" / "results"
@@ -108,4 +112,76 @@ def save_figure(fig, path: str | os.PathLike, dpi: int = 110) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=dpi)
     plt.close(fig)
+    return path
+
+
+def report_no_rows(path: str | os.PathLike, why: str = "") -> int:
+    """Say that a run measured nothing and that ``path`` was left as it was; the exit status (1).
+    A run with no rows never writes its result file, so an earlier run's results survive."""
+    kept = "the existing file is kept" if Path(path).exists() else "no file written"
+    print(f"no rows measured{f' ({why})' if why else ''}: {path} not written ({kept})",
+          file=sys.stderr)
+    return 1
+
+
+# ----------------------------------------------------------------------------------------------
+# argparse ``type=`` checks: a bad value is refused while parsing ("error: argument --batch-size:
+# invalid value '0': must be an integer >= 1", exit status 2), before any work starts.
+
+
+def int_at_least(minimum: int) -> Callable[[str], int]:
+    """An argparse type: an integer >= ``minimum``."""
+
+    def check(text: str) -> int:
+        try:
+            value = int(text)
+        except (TypeError, ValueError):
+            value = None
+        if value is None or value < minimum:
+            raise argparse.ArgumentTypeError(
+                f"invalid value {text!r}: must be an integer >= {minimum}")
+        return value
+
+    check.__name__ = f"integer >= {minimum}"
+    return check
+
+
+def int_in_range(low: int, high: int) -> Callable[[str], int]:
+    """An argparse type: an integer in [low, high]."""
+
+    def check(text: str) -> int:
+        try:
+            value = int(text)
+        except (TypeError, ValueError):
+            value = None
+        if value is None or not low <= value <= high:
+            raise argparse.ArgumentTypeError(
+                f"invalid value {text!r}: must be an integer in [{low}, {high}]")
+        return value
+
+    check.__name__ = f"integer in [{low}, {high}]"
+    return check
+
+
+positive_int = int_at_least(1)
+nonneg_int = int_at_least(0)
+
+
+def positive_float(text: str) -> float:
+    """An argparse type: a finite number > 0."""
+    try:
+        value = float(text)
+    except (TypeError, ValueError):
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"invalid value {text!r}: must be a number > 0")
+    return value
+
+
+def existing_file(text: str) -> Path:
+    """An argparse type: the path of a file that exists."""
+    path = Path(text)
+    if not path.is_file():
+        why = "is a folder" if path.is_dir() else "does not exist"
+        raise argparse.ArgumentTypeError(f"{text!r} {why}: give an existing file")
     return path

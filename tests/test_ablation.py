@@ -131,7 +131,7 @@ def test_plan_runs_builds_one_command_per_variant_and_seed(tmp_path):
     assert cmd[:3] == [sys.executable, "-m", "siasam_fast.training"]
     sets = [cmd[i + 1] for i, a in enumerate(cmd) if a == "--set"]
     assert "train.seed=7" in sets and "sampling.num_clips=3" in sets and "train.lr=0.002" in sets
-    assert f"train.out_dir={tmp_path / 'clips_2-seed7'}" == sets[-1]
+    assert sets[-2:] == [f"train.out_dir={tmp_path / 'clips_2-seed7'}", "train.overwrite=true"]
     assert any(s.startswith("data.manifest=") for s in sets)
     assert not ablation._finished(runs[0])
 
