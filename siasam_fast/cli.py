@@ -1,18 +1,36 @@
-"""The ``siasam-fast`` command: synth, index, train, eval, demo.
+"""The ``siasam-fast`` command: synth, index, train, eval, transcode, demo.
 
-Each subcommand imports what it needs when it runs, so ``siasam-fast --help`` stays instant.
+Each subcommand imports what it needs (transformers, DeepSpeed, PyAV, ...) when it runs, so the
+parser itself loads nothing heavy. ``siasam-fast --help`` still takes about a second: importing
+the ``siasam_fast`` package imports torch (``siasam_fast/__init__.py``).
+
+Bad arguments end with a one-line error naming the value and exit status 2, before anything is
+written.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
+
+# What a subcommand raises for bad arguments (before it writes anything): a one-line error, exit 2.
+USAGE_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError)
+# `siasam-fast demo`'s synthetic set (siasam_fast.demo.SYNTHETIC / QUICK_SYNTHETIC; a test keeps
+# them in step): the parser does not import the demo module.
+DEMO_VIDEOS, DEMO_QUICK_VIDEOS = 800, 24
 
 
 def _synth(args: argparse.Namespace) -> int:
     from siasam_fast.data.synthetic import generate
     from siasam_fast.pipeline.manifest import build_manifest
 
+    out_dir = Path(args.out)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise NotADirectoryError(
+            f"--out {args.out!r} is a file; give a folder (new, or one holding a synthetic set)")
+    if args.videos < 1:
+        raise ValueError(f"--videos {args.videos}: must be >= 1")
     summary = generate(args.out, num_videos=args.videos, seed=args.seed, size=args.size,
                        workers=args.workers)
     out = f"{args.out}/manifest.jsonl"
@@ -39,7 +57,7 @@ def _index(args: argparse.Namespace) -> int:
 def _train(args: argparse.Namespace, rest: list[str]) -> int:
     from siasam_fast.training import main as train_main
 
-    return train_main(rest)
+    return train_main(rest, prog="siasam-fast train")
 
 
 def _eval(args: argparse.Namespace) -> int:
@@ -70,9 +88,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("synth", help="generate the synthetic VideoQA set (and its manifest)")
-    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--out", required=True,
+                   help="output folder: gets videos/, annotations/, meta.json, manifest.jsonl")
     p.add_argument("--videos", type=int, default=400, help="number of videos (default 400)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0,
+                   help="random seed: the same seed gives the same set (default 0)")
     p.add_argument("--size", type=int, default=64, help="frame size in pixels (default 64)")
     p.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
 
@@ -100,9 +120,14 @@ def build_parser() -> argparse.ArgumentParser:
     transcode_parser(p)
 
     p = sub.add_parser("demo", help="train baseline vs SiaSamRea on synthetic data (CPU)")
-    p.add_argument("--out", default="runs/demo")
-    p.add_argument("--videos", type=int, default=None, help="synthetic videos (default: demo's)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="runs/demo",
+                   help="folder for the synthetic set, both runs, summary.json and the plot "
+                   "(default runs/demo)")
+    p.add_argument("--videos", type=int, default=None,
+                   help=f"synthetic videos (default {DEMO_VIDEOS}; "
+                   f"{DEMO_QUICK_VIDEOS} with --quick)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seeds the synthetic set and both training runs (default 0)")
     p.add_argument("--quick", action="store_true", help="a few steps only (smoke test)")
     return parser
 
@@ -116,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
                "transcode": _transcode}[args.command]
     try:
         return handler(args)
-    except (ValueError, FileNotFoundError) as err:
+    except USAGE_ERRORS as err:
         print(f"siasam-fast {args.command}: error: {err}", file=sys.stderr)
         return 2
 

@@ -226,8 +226,12 @@ def test_load_manifest_reroots_paths(video_dir, tmp_path):
     video_dir.rename(moved)
     records = load_manifest(out, video_dir=moved)
     assert records["sub/x"].path == str(moved.resolve() / "sub" / "x.avi")
-    with pytest.raises(FileNotFoundError, match="build it with build_manifest"):
+    with pytest.raises(FileNotFoundError, match=r"does not exist; build it with `siasam-fast index "
+                       r"VIDEO_DIR --out .*missing.jsonl` \(or `siasam-fast synth --out DIR`"):
         load_manifest(tmp_path / "missing.jsonl")
+    with pytest.raises(FileNotFoundError, match=r"is a folder; give the manifest file, e.g. "
+                       r".*moved/manifest.jsonl"):
+        load_manifest(moved)
     (tmp_path / "bad.jsonl").write_text('{"video_id": "a"\n')
     with pytest.raises(ValueError, match="bad.jsonl:1: not a manifest record"):
         load_manifest(tmp_path / "bad.jsonl")
@@ -240,5 +244,98 @@ def test_cli_entry_point(video_dir, tmp_path, capsys):
     assert len(load_manifest(out)) == len(GOOD | set(CORRUPT))
     with pytest.raises(ValueError, match="valid probe modes are decode, demux"):
         build_manifest(video_dir, out, mode="fast")
-    with pytest.raises(NotADirectoryError, match="is not a folder"):
+    with pytest.raises(NotADirectoryError, match=r"is not a folder \(it does not exist\)"):
         build_manifest(tmp_path / "nowhere", out)
+    with pytest.raises(NotADirectoryError, match=r"is not a folder \(it is a file\)"):
+        build_manifest(out, tmp_path / "other.jsonl")
+
+
+@pytest.fixture
+def small_manifest(tmp_path):
+    """A folder of two tiny videos and its manifest."""
+    folder = tmp_path / "two"
+    write_index_video(video_path(folder, "a", "h264"), 10, "h264", size=16)
+    write_index_video(video_path(folder, "b", "mjpeg"), 5, "mjpeg", size=16)
+    out = tmp_path / "two.jsonl"
+    build_manifest(folder, out, workers=1, progress=False)
+    return folder, out
+
+
+def _no_probe(monkeypatch):
+    def probe(*args, **kwargs):
+        raise AssertionError("a video was probed before the arguments were checked")
+
+    monkeypatch.setattr(manifest_module, "probe_video", probe)
+
+
+def test_empty_folder_is_an_error_and_keeps_the_manifest(small_manifest, tmp_path):
+    _, out = small_manifest
+    before = out.read_bytes()
+    empty = tmp_path / "empty"
+    (empty / "sub").mkdir(parents=True)
+    (empty / "notes.txt").write_text("not a video")
+    with pytest.raises(ValueError, match=r"video_dir='.*empty' holds no videos \(looked for "
+                       r"\.mp4 \.m4v .*\.ogv files"):
+        build_manifest(empty, out, workers=1, progress=False)
+    assert out.read_bytes() == before and len(load_manifest(out)) == 2
+    with pytest.raises(ValueError, match="holds no videos"):
+        build_manifest(empty, tmp_path / "new.jsonl", workers=1, progress=False)
+    assert not (tmp_path / "new.jsonl").exists()
+    # allow_empty (what transcode uses to re-index its outputs) writes an empty manifest.
+    assert build_manifest(empty, tmp_path / "new.jsonl", progress=False, allow_empty=True) == {}
+    assert (tmp_path / "new.jsonl").read_bytes() == b""
+
+
+def test_output_path_checked_before_probing(small_manifest, tmp_path, monkeypatch):
+    folder, _ = small_manifest
+    _no_probe(monkeypatch)
+    (tmp_path / "somedir").mkdir()
+    with pytest.raises(IsADirectoryError, match=r"'.*somedir' is a folder; give a file path, "
+                       r"e.g. '.*somedir/manifest.jsonl'"):
+        build_manifest(folder, tmp_path / "somedir", workers=1, progress=False)
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(NotADirectoryError, match=r"'.*afile' is a file, not a folder"):
+        build_manifest(folder, tmp_path / "afile" / "m.jsonl", workers=1, progress=False)
+    assert (tmp_path / "afile").read_text() == "x"
+
+
+@pytest.mark.parametrize(
+    "name, content",
+    [
+        ("victim.yaml", b"model:\n  hidden: 256\n"),
+        ("annotations.jsonl", b'{"question": "what?", "answer": "a"}\n'),
+        ("list.json", b"[1, 2, 3]\n"),
+        ("image.png", b"\x89PNG\r\n\x1a\n\xff\xfe\x00\x00"),
+    ],
+)
+def test_file_that_is_not_a_manifest_is_never_overwritten(
+    small_manifest, tmp_path, monkeypatch, name, content
+):
+    folder, _ = small_manifest
+    victim = tmp_path / name
+    victim.write_bytes(content)
+    _no_probe(monkeypatch)
+    with pytest.raises(ValueError, match=r"exists and is not a video manifest .*refusing to "
+                       r"overwrite it"):
+        build_manifest(folder, victim, workers=1, progress=False)
+    assert victim.read_bytes() == content
+    assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []
+
+
+def test_existing_manifest_is_updated(small_manifest):
+    folder, out = small_manifest
+    (folder / "b.avi").unlink()
+    build = build_manifest(folder, out, workers=1, progress=False)
+    assert sorted(load_manifest(out)) == ["a"] and build.removed == ["b"]
+
+
+def test_main_index_bad_arguments_exit_2(small_manifest, tmp_path, capsys):
+    _, out = small_manifest
+    before = out.read_bytes()
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SystemExit) as exit_info:
+        main_index([str(tmp_path / "empty"), "--out", str(out), "--no-progress"])
+    assert exit_info.value.code == 2 and out.read_bytes() == before
+    err = capsys.readouterr().err
+    assert err.startswith("siasam-fast index: error: video_dir=") and "holds no videos" in err
+    assert len(err.strip().splitlines()) == 1

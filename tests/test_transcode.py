@@ -1,5 +1,6 @@
 """Short-GOP transcoding: frame counts and content kept, keyframes every G, resumable, robust."""
 
+import json
 import os
 import shutil
 
@@ -8,12 +9,15 @@ import numpy as np
 import pytest
 from videos import read_indices, video_path, write_index_video
 
+from siasam_fast.pipeline import transcode as transcode_module
 from siasam_fast.pipeline.manifest import load_manifest
 from siasam_fast.pipeline.planner import decode_cost
 from siasam_fast.pipeline.pyav_decode import DecodeStats, decode_frames
 from siasam_fast.pipeline.transcode import (
     PARAMS_NAME,
     TEMP_SUFFIX,
+    EncoderUnavailableError,
+    check_encoder,
     choose_encoder,
     encoder_options,
     main_transcode,
@@ -179,9 +183,15 @@ def test_nvenc(tmp_path):
 
 
 @pytest.mark.skipif(NVENC, reason="NVENC works here")
-def test_nvenc_requested_but_missing_says_why():
+def test_nvenc_requested_but_missing_says_why(tmp_path):
     with pytest.raises(RuntimeError, match=r"encoder='nvenc' asked for, but .*encoder='cpu'"):
         choose_encoder("h264", "nvenc")
+    # A bad argument for this machine (the CLI's one-line error), before anything is written.
+    with pytest.raises(EncoderUnavailableError) as err:
+        transcode(tmp_path, tmp_path.parent / f"{tmp_path.name}_dst", gop=8, encoder="nvenc",
+                  progress=False)
+    assert isinstance(err.value, ValueError) and "avcodec_open2" not in str(err.value)
+    assert not (tmp_path.parent / f"{tmp_path.name}_dst").exists()
     assert choose_encoder("h264", "auto") == ("libx264", False)
 
 
@@ -201,6 +211,9 @@ def test_cli(tmp_path, capsys):
     (src / "bad.mp4").write_bytes(b"nope")
     assert main_transcode([str(src), str(tmp_path / "dst2"), "--gop", "4", "--no-progress",
                            "--encoder", "cpu"]) == 1
+    out = capsys.readouterr().out
+    assert "0 transcoded" in out and "1 failed" in out and "disk: 0 videos" in out
+    assert "nan" not in out  # no "xnan" growth when no video has an output
 
 
 @pytest.mark.parametrize(
@@ -211,12 +224,121 @@ def test_cli(tmp_path, capsys):
         (dict(gop=8, codec="vp9"), ValueError, r"codec='vp9': valid codecs are h264, hevc"),
         (dict(gop=8, encoder="gpu"), ValueError, r"encoder='gpu': valid encoders are auto"),
         (dict(gop=8, workers=-1), ValueError, r"workers=-1: must be >= 0"),
+        (dict(gop=8, crf=99), ValueError, r"crf=99: libx264 takes a CRF from 0 .* to 51"),
+        (dict(gop=8, crf=-1), ValueError, r"crf=-1: libx264 takes a CRF from 0"),
+        (dict(gop=8, codec="hevc", crf=52), ValueError, r"crf=52: libx265 takes a CRF from 0"),
+        (dict(gop=8, bframes=-1), ValueError, r"bframes=-1: must be an integer from 0 .* to 16"),
+        (dict(gop=8, bframes=17), ValueError, r"bframes=17: must be an integer from 0"),
+        (dict(gop=8, preset="fsat"), ValueError,
+         r"preset='fsat': valid libx264 presets are ultrafast, superfast, .*, veryslow, placebo"),
     ],
 )
 def test_errors_name_the_value(tmp_path, kwargs, error, match):
-    (tmp_path / "src").mkdir()
+    write_sources(tmp_path / "src", ["small"])
+    if kwargs.get("codec") == "hevc" and not HAS_X265:
+        pytest.skip("this FFmpeg has no libx265")
     with pytest.raises(error, match=match):
-        transcode(tmp_path / "src", tmp_path / "dst", progress=False, **kwargs)
+        transcode(tmp_path / "src", tmp_path / "dst", progress=False,
+                  **{"encoder": "cpu", **kwargs})
+    assert not (tmp_path / "dst").exists()  # checked before anything is written
+
+
+def test_encoder_refusals_are_caught_up_front():
+    """What the encoder itself refuses (past the range checks): one ValueError naming the
+    settings, FFmpeg's reason, not PyAV's raw "avcodec_open2(name, {options})"."""
+    check_encoder("libx264", encoder_options("libx264", 16, 0, "veryslow", 0))
+    with pytest.raises(ValueError, match=r"the libx264 encoder refuses the settings "
+                       r"preset=fsat, crf=20, g=16 \(Invalid argument\)") as err:
+        check_encoder("libx264", {"preset": "fsat", "crf": "20", "g": "16"})
+    assert "{" not in str(err.value)
+
+
+def test_source_folder_errors(tmp_path):
+    with pytest.raises(NotADirectoryError, match=r"src_dir='.*nope' is not a folder \(it does "
+                       r"not exist\)"):
+        transcode(tmp_path / "nope", tmp_path / "dst", gop=8, progress=False)
+    (tmp_path / "src" / "sub").mkdir(parents=True)
+    (tmp_path / "src" / "readme.txt").write_text("no videos here")
+    with pytest.raises(ValueError, match=r"src_dir='.*src' holds no videos \(looked for \.mp4 "
+                       r"\.m4v .* files, in subfolders too"):
+        transcode(tmp_path / "src", tmp_path / "dst", gop=8, encoder="cpu", progress=False)
+    assert not (tmp_path / "dst").exists()
+    write_sources(tmp_path / "src", ["small"])
+    (tmp_path / "dst").write_text("a file")
+    with pytest.raises(NotADirectoryError, match=r"dst_dir='.*dst' is a file, not a folder"):
+        transcode(tmp_path / "src", tmp_path / "dst", gop=8, encoder="cpu", progress=False)
+
+
+def _snapshot(folder):
+    """Every file under ``folder``: bytes and mtime."""
+    return {p.relative_to(folder).as_posix(): (p.read_bytes(), p.stat().st_mtime_ns)
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture
+def complete_dst(tmp_path):
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    write_sources(src, ["small", "vfr"])
+    first = transcode(src, dst, gop=GOP, workers=1, encoder="cpu", progress=False)
+    assert len(first.done) == 2
+    return src, dst
+
+
+def test_bad_settings_leave_a_complete_dst_untouched(complete_dst, capsys):
+    """The audit's data loss: other parameters plus a preset typo deleted every finished output
+    and emptied the manifest, then failed. Now nothing is touched."""
+    src, dst = complete_dst
+    before = _snapshot(dst)
+    assert {"small.mp4", "vfr.mp4", "manifest.jsonl", PARAMS_NAME} <= set(before)
+    for bad in (dict(preset="fsat"), dict(crf=99), dict(bframes=-1)):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            transcode(src, dst, gop=16, workers=1, encoder="cpu", progress=False, **bad)
+        assert _snapshot(dst) == before, bad
+    with pytest.raises(SystemExit) as exit_info:
+        main_transcode([str(src), str(dst), "--gop", "16", "--preset", "fsat", "--workers", "1",
+                        "--encoder", "cpu", "--no-progress"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("siasam-fast transcode: error: preset='fsat': valid libx264 presets")
+    assert "ultrafast" in err and "veryslow" in err and len(err.splitlines()) == 1
+    assert _snapshot(dst) == before
+    assert len(load_manifest(dst / "manifest.jsonl")) == 2
+
+
+def test_changed_parameters_replace_outputs_only_once_verified(complete_dst, monkeypatch):
+    """Other parameters redo every output, but an output whose redo fails keeps its old version
+    and manifest record, and the next run redoes it."""
+    src, dst = complete_dst
+    old_small = (dst / "small.mp4").read_bytes()
+    old_record = load_manifest(dst / "manifest.jsonl")["small"]
+    encode = transcode_module._encode
+
+    def failing(source, tmp, job):
+        if job.video_id == "small":
+            tmp.write_bytes(b"half an mp4")
+            raise OSError("disk full")
+        return encode(source, tmp, job)
+
+    monkeypatch.setattr(transcode_module, "_encode", failing)
+    regop = transcode(src, dst, gop=4, workers=1, encoder="cpu", progress=False)
+    status = {r.video_id: (r.status, r.reason) for r in regop.results}
+    assert status["vfr"] == ("done", "")
+    assert status["small"][0] == "failed" and "disk full" in status["small"][1]
+    assert "previous parameters is kept" in status["small"][1]
+    assert (dst / "small.mp4").read_bytes() == old_small  # never deleted, never half-replaced
+    records = load_manifest(dst / "manifest.jsonl")
+    assert sorted(records) == ["small", "vfr"]  # the manifest keeps the record not redone
+    assert records["small"].keyframes == old_record.keyframes == list(range(0, 20, GOP))
+    assert records["vfr"].keyframes == list(range(0, 45, 4))
+    assert json.loads((dst / PARAMS_NAME).read_text())["stale"] == ["small"]
+    assert not list(dst.rglob(f"*{TEMP_SUFFIX}"))
+
+    monkeypatch.setattr(transcode_module, "_encode", encode)
+    again = transcode(src, dst, gop=4, workers=1, encoder="cpu", progress=False)
+    assert {r.video_id: r.status for r in again.results} == {"small": "done", "vfr": "skipped"}
+    records = load_manifest(dst / "manifest.jsonl")
+    assert all(r.keyframes == list(range(0, r.num_frames, 4)) for r in records.values())
+    assert json.loads((dst / PARAMS_NAME).read_text())["stale"] == []
 
 
 def test_folders_must_not_nest(tmp_path):

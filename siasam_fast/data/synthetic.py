@@ -1034,11 +1034,15 @@ def format_visibility(report: dict) -> str:
 def main(argv: Sequence[str] | None = None) -> None:
     """``python -m siasam_fast.data.synthetic --out DIR``: generate, then print the analysis."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", required=True)
-    parser.add_argument("--videos", type=int, default=400)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--size", type=int, default=64)
-    parser.add_argument("--workers", type=int, default=None)
+    parser.add_argument("--out", required=True,
+                        help="output folder: gets videos/, annotations/ and meta.json")
+    parser.add_argument("--videos", type=int, default=400, help="number of videos (default 400)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="random seed: the same seed gives the same set (default 0)")
+    parser.add_argument("--size", type=int, default=64,
+                        help="frame height = width in pixels, even (default 64)")
+    parser.add_argument("--workers", type=int, default=None,
+                        help="render processes (default: all CPUs; 0 or 1: in this process)")
     args = parser.parse_args(argv)
     result = generate(args.out, args.videos, args.seed, args.size, workers=args.workers)
     print(f"synthetic VideoQA: {result}")

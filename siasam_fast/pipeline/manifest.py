@@ -22,7 +22,9 @@ Probe modes:
 A re-run reads the old manifest and re-probes only files whose size or mtime changed (or whose
 record came from an older manifest version or a weaker probe mode). The file is written atomically
 (temp file + rename) at the end and every ``checkpoint_s`` seconds, so an interrupted run keeps the
-videos probed so far and the next run resumes from them.
+videos probed so far and the next run resumes from them. Bad arguments fail before anything is
+probed or written: a folder without videos, an output path that is a folder, or an existing file
+that is not a manifest (never overwritten).
 """
 
 from __future__ import annotations
@@ -296,21 +298,65 @@ def load_manifest(
 ) -> dict[str, VideoRecord]:
     """Records by video_id. ``video_dir`` re-roots every ``path`` (the videos moved since)."""
     path = Path(path)
+    if path.is_dir():  # FileNotFoundError too: callers catch that one for "no manifest here"
+        raise FileNotFoundError(
+            f"manifest {path} is a folder; give the manifest file, e.g. {path / 'manifest.jsonl'}"
+        )
     if not path.is_file():
-        raise FileNotFoundError(f"manifest {path} does not exist; build it with build_manifest()")
+        raise FileNotFoundError(
+            f"manifest {path} does not exist; build it with `siasam-fast index VIDEO_DIR --out "
+            f"{path}` (or `siasam-fast synth --out DIR` for the synthetic set)"
+        )
     records: dict[str, VideoRecord] = {}
     with path.open(encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                record = VideoRecord.from_dict(json.loads(line))
-            except (json.JSONDecodeError, TypeError) as err:
-                raise ValueError(f"{path}:{lineno}: not a manifest record ({err})") from err
-            if video_dir is not None:
-                record.path = str(Path(video_dir).resolve() / record.relpath)
-            records[record.video_id] = record
+        try:
+            for lineno, line in enumerate(fh, 1):
+                if not line.strip():
+                    continue
+                try:
+                    values = json.loads(line)
+                    if not isinstance(values, dict):
+                        raise TypeError(f"a JSON {type(values).__name__}, not an object")
+                    record = VideoRecord.from_dict(values)
+                except (json.JSONDecodeError, TypeError) as err:
+                    raise ValueError(f"{path}:{lineno}: not a manifest record ({err})") from err
+                if video_dir is not None:
+                    record.path = str(Path(video_dir).resolve() / record.relpath)
+                records[record.video_id] = record
+        except UnicodeDecodeError as err:
+            raise ValueError(f"{path}: not a manifest (not UTF-8 text)") from err
     return records
+
+
+def existing_manifest(path: str | os.PathLike) -> dict[str, VideoRecord]:
+    """The records of the manifest at ``path`` ({} when there is none yet), once it is checked
+    that a manifest may be written there: raises, before anything is written, when ``path`` is a
+    folder, lies under a file, or is an existing file that is not a manifest (a file that is not
+    a manifest is never overwritten)."""
+    path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(
+            f"manifest path {str(path)!r} is a folder; give a file path, "
+            f"e.g. {str(path / 'manifest.jsonl')!r}"
+        )
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise NotADirectoryError(
+                    f"manifest path {str(path)!r}: {str(parent)!r} is a file, not a folder"
+                )
+            break
+    if not path.exists():
+        return {}
+    if not path.is_file():
+        raise ValueError(f"manifest path {str(path)!r} exists and is not a regular file")
+    try:
+        return load_manifest(path)
+    except ValueError as err:
+        raise ValueError(
+            f"{str(path)!r} exists and is not a video manifest ({err}); refusing to overwrite it: "
+            "move it away or choose another manifest path"
+        ) from None
 
 
 def write_manifest(records: Iterable[VideoRecord], path: str | os.PathLike) -> Path:
@@ -340,8 +386,9 @@ def find_videos(
     """Video files under ``video_dir`` (recursively, hidden files skipped), sorted by path."""
     video_dir = Path(video_dir)
     if not video_dir.is_dir():
-        raise NotADirectoryError(f"video_dir={str(video_dir)!r} is not a folder")
-    exts = {e.lower() if e.startswith(".") else "." + e.lower() for e in extensions}
+        why = "it is a file" if video_dir.exists() else "it does not exist"
+        raise NotADirectoryError(f"video_dir={str(video_dir)!r} is not a folder ({why})")
+    exts = set(_extensions(extensions))
     found = []
     for root, dirs, files in os.walk(video_dir):
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
@@ -349,6 +396,26 @@ def find_videos(
             if not name.startswith(".") and Path(name).suffix.lower() in exts:
                 found.append(Path(root) / name)
     return sorted(found)
+
+
+def require_videos(
+    video_dir: str | os.PathLike,
+    extensions: Sequence[str] = VIDEO_EXTENSIONS,
+    name: str = "video_dir",
+) -> list[Path]:
+    """:func:`find_videos`, raising ValueError (named ``name``, with the extensions looked for)
+    when the folder holds none."""
+    found = find_videos(video_dir, extensions)
+    if not found:
+        raise ValueError(
+            f"{name}={str(video_dir)!r} holds no videos (looked for "
+            f"{' '.join(_extensions(extensions))} files, in subfolders too; hidden files skipped)"
+        )
+    return found
+
+
+def _extensions(extensions: Sequence[str]) -> list[str]:
+    return [e.lower() if e.startswith(".") else "." + e.lower() for e in extensions]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -363,6 +430,8 @@ def build_manifest(
     extensions: Sequence[str] = VIDEO_EXTENSIONS,
     progress: bool = True,
     checkpoint_s: float = 60.0,
+    *,
+    allow_empty: bool = False,
 ) -> ManifestBuild:
     """Probe every video under ``video_dir`` and write the manifest to ``out_path`` (JSONL).
 
@@ -370,6 +439,9 @@ def build_manifest(
     ``mode``: "decode" (every frame decoded: catches corrupt streams) or "demux" (packets only,
     much faster, misses corrupt data inside a stream); see the module docstring.
     Files whose size and mtime match the old manifest at ``out_path`` are not probed again.
+    Raises before anything is probed or written when ``video_dir`` is not a folder, when it holds
+    no video (unless ``allow_empty``: then an empty manifest is written) or when ``out_path`` is a
+    folder or an existing file that is not a manifest (:func:`existing_manifest`).
     Returns the records by video_id (a dict, as :func:`load_manifest`) with ``probed``,
     ``reused``, ``removed``, ``duplicates`` and ``summary()`` for this run.
     """
@@ -379,8 +451,10 @@ def build_manifest(
     workers = (os.cpu_count() or 1) if workers is None else int(workers)
     if workers < 0:
         raise ValueError(f"workers={workers}: must be >= 0 (0 or 1 probes in this process)")
-    files, duplicates = _unique_ids(find_videos(video_dir, extensions), video_dir)
-    old = _load_old(out_path)
+    found = find_videos(video_dir, extensions) if allow_empty else require_videos(
+        video_dir, extensions)
+    old = existing_manifest(out_path)
+    files, duplicates = _unique_ids(found, video_dir)
 
     records: dict[str, VideoRecord] = {}
     todo: list[Path] = []
@@ -435,16 +509,6 @@ def _unique_ids(paths: list[Path], video_dir: Path) -> tuple[dict[str, Path], li
     return files, duplicates
 
 
-def _load_old(out_path: Path) -> dict[str, VideoRecord]:
-    if not out_path.is_file():
-        return {}
-    try:
-        return load_manifest(out_path)
-    except ValueError as err:
-        logger.warning("ignoring the old manifest (%s): every file is probed again", err)
-        return {}
-
-
 _MODE_STRENGTH = {"demux": 0, "decode": 1}
 
 
@@ -493,7 +557,8 @@ def _crashed_record(path: Path, video_dir: Path, mode: str) -> VideoRecord:
 
 
 def main_index(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``siasam-fast index``; returns the exit status (0, or 1 if nothing is ok)."""
+    """Entry point of ``siasam-fast index``; returns the exit status (0, or 1 if nothing is ok;
+    bad arguments exit with status 2 and a one-line error)."""
     parser = argparse.ArgumentParser(
         prog="siasam-fast index",
         description="Probe every video of a folder once and write the video manifest (JSONL).",
@@ -518,13 +583,17 @@ def main_index(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
-    build = build_manifest(
-        args.video_dir,
-        args.out,
-        workers=args.workers,
-        mode=args.mode,
-        extensions=args.ext or VIDEO_EXTENSIONS,
-        progress=not args.no_progress,
-    )
+    try:
+        build = build_manifest(
+            args.video_dir,
+            args.out,
+            workers=args.workers,
+            mode=args.mode,
+            extensions=args.ext or VIDEO_EXTENSIONS,
+            progress=not args.no_progress,
+        )
+    except (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError) as err:
+        # Bad arguments: raised before anything is probed or written.
+        parser.exit(2, f"{parser.prog}: error: {err}\n")
     print(build.summary())
     return 0 if build.num_ok or not build else 1

@@ -19,9 +19,13 @@ Outputs mirror the source tree as ``<video_id>.mp4`` under ``dst_dir``. Videos a
 process pool with a progress bar. Each output is written to a hidden temp name, verified (decoded
 by the manifest probe: status ok and as many frames as the source manifest counts), then renamed,
 so an interrupted file never looks complete; a re-run skips verified outputs and redoes the rest.
-Corrupt inputs (per the source manifest) and videos that fail to transcode are reported and
-skipped, never fatal. The destination manifest (``dst_dir/manifest.jsonl``) is written with the
-manifest module's functions, so training can use it directly.
+A run with other parameters (``transcode.json``) redoes every output, each replaced only once its
+new version is verified: an output whose redo fails keeps its old version (and its manifest record)
+and is redone by the next run. Bad arguments (folders, values, settings the encoder refuses: it
+is opened once on a dummy frame first) fail before anything is written. Corrupt inputs (per the
+source manifest) and videos that fail to transcode are reported and skipped, never fatal. The
+destination manifest (``dst_dir/manifest.jsonl``) is written atomically with the manifest module's
+functions, so training can use it directly.
 
 Encoders: PyAV encodes on the CPU with libx264 / libx265. Where FFmpeg has NVENC (h264_nvenc /
 hevc_nvenc) and an NVENC-capable GPU is present, ``encoder="auto"`` uses it (decoding, scaling and
@@ -51,8 +55,9 @@ from siasam_fast.pipeline.manifest import (
     VIDEO_EXTENSIONS,
     VideoRecord,
     build_manifest,
-    load_manifest,
+    existing_manifest,
     probe_video,
+    require_videos,
     write_manifest,
 )
 from siasam_fast.pipeline.workpool import imap_isolated
@@ -67,12 +72,23 @@ NVENC_ENCODERS = {"h264": "h264_nvenc", "hevc": "hevc_nvenc"}
 # so a slower preset than the usual "veryfast" keeps the disk growth down.
 DEFAULT_CRF = {"h264": 20, "hevc": 22}
 DEFAULT_PRESET = {"cpu": "fast", "nvenc": "p4"}
+NVENC_DEFAULT_CQ = 23
+CRF_RANGE = (0, 51)  # x264 / x265 CRF and NVENC cq, 8-bit: 0 best ... 51 worst
+MAX_BFRAMES = 16  # x264 and x265 cap B-frames at 16
+X26X_PRESETS = ("ultrafast", "superfast", "veryfast", "faster", "fast", "medium", "slow",
+                "slower", "veryslow", "placebo")  # libx264 and libx265, fastest first
+NVENC_PRESETS = tuple(f"p{i}" for i in range(1, 8))  # p1 fastest ... p7 best (FFmpeg >= 4.4)
 MANIFEST_NAME = "manifest.jsonl"
 SOURCE_MANIFEST_NAME = "source_manifest.jsonl"
 PARAMS_NAME = "transcode.json"
 TEMP_SUFFIX = ".transcoding.mp4"  # hidden temp outputs: ".<name>.transcoding.mp4"
 # Consumer GPUs cap concurrent NVENC sessions (a handful): fewer encoding processes by default.
 NVENC_DEFAULT_WORKERS = 4
+
+
+class EncoderUnavailableError(ValueError, RuntimeError):
+    """The encoder asked for cannot run here (no NVENC GPU, an FFmpeg without libx265, ...): a
+    bad choice of argument for this machine (ValueError), RuntimeError for older callers."""
 
 
 @dataclass(frozen=True)
@@ -90,6 +106,7 @@ class _Job:
     options: dict
     threads: int
     probe_mode: str
+    redo: bool = False  # an existing output made with other parameters: replace it, never skip
 
 
 @dataclass
@@ -154,12 +171,13 @@ class TranscodeSummary:
         kind = "NVENC (GPU)" if self.hardware else "CPU"
         scale = f", height <= {self.height}" if self.height else ""
         ok = len(self.done) + len(self.skipped)
+        growth = f"x{self.growth:.2f}, " if self.bytes_in else ""  # never "xnan"
         text = (
             f"transcode {self.codec} gop={self.gop}{scale} with {self.encoder} ({kind}): "
             f"{len(self.done)} transcoded, {len(self.skipped)} already complete, "
             f"{len(self.failed)} failed, in {self.seconds:.1f} s\n"
             f"  disk: {ok} videos {_human(self.bytes_in)} -> {_human(self.bytes_out)} "
-            f"(x{self.growth:.2f}, {self.bytes_out - self.bytes_in:+,} bytes)\n"
+            f"({growth}{self.bytes_out - self.bytes_in:+,} bytes)\n"
             f"  manifest: {self.manifest_path}"
         )
         irregular = [r for r in self._with("done", "skipped") if r.irregular_keyframes]
@@ -203,8 +221,17 @@ def nvenc_available(codec: str = "h264") -> tuple[bool, str]:
         ctx.time_base, ctx.framerate = Fraction(1, 25), Fraction(25)
         ctx.open()
     except Exception as err:  # noqa: BLE001 - no GPU, no driver, no NVENC on this GPU, ...
-        return False, f"{name} does not open ({type(err).__name__}: {err})"
+        return False, f"{name} does not open here ({_ffmpeg_reason(err)}: no NVENC GPU or driver?)"
     return True, ""
+
+
+def _ffmpeg_reason(err: Exception) -> str:
+    """FFmpeg's reason of an error, without PyAV's "avcodec_open2(name, {options})" suffix."""
+    import av
+
+    if isinstance(err, av.error.FFmpegError) and err.strerror:
+        return str(err.strerror)
+    return f"{type(err).__name__}: {err}"
 
 
 def choose_encoder(codec: str = "h264", encoder: str = "auto") -> tuple[str, bool]:
@@ -219,12 +246,13 @@ def choose_encoder(codec: str = "h264", encoder: str = "auto") -> tuple[str, boo
         if ok:
             return NVENC_ENCODERS[codec], True
         if encoder == "nvenc":
-            raise RuntimeError(f"encoder='nvenc' asked for, but {why}; use encoder='cpu' or 'auto'")
+            raise EncoderUnavailableError(
+                f"encoder='nvenc' asked for, but {why}; use encoder='cpu' or 'auto'")
         logger.info("NVENC not used: %s", why)
     name = CPU_ENCODERS[codec]
     if name not in av.codecs_available:
         have = sorted(c for c in av.codecs_available if c in CPU_ENCODERS.values())
-        raise RuntimeError(
+        raise EncoderUnavailableError(
             f"codec={codec!r} needs the {name} encoder, which this FFmpeg lacks "
             f"(CPU encoders present: {', '.join(have) or 'none'})"
         )
@@ -234,7 +262,12 @@ def choose_encoder(codec: str = "h264", encoder: str = "auto") -> tuple[str, boo
 def encoder_options(
     encoder: str, gop: int, crf: int | None, preset: str | None, bframes: int | None
 ) -> dict:
-    """FFmpeg options for a fixed, closed GOP of ``gop`` frames without scene-cut keyframes."""
+    """FFmpeg options for a fixed, closed GOP of ``gop`` frames without scene-cut keyframes.
+
+    Raises ValueError naming the value when ``crf`` (0-51), ``bframes`` (0-16) or, for libx264 /
+    libx265, ``preset`` (``X26X_PRESETS``) is out of range; :func:`check_encoder` then tries the
+    options on the encoder itself (what else it refuses, e.g. an unknown NVENC preset)."""
+    _check_quality(encoder, crf, preset, bframes)
     g = str(gop)
     if encoder == "libx264":
         options = {
@@ -259,13 +292,72 @@ def encoder_options(
             "no-scenecut": "1",
             "preset": preset or DEFAULT_PRESET["nvenc"],
             "rc": "vbr",
-            "cq": str(23 if crf is None else crf),
+            "cq": str(NVENC_DEFAULT_CQ if crf is None else crf),
         }
     else:
         raise ValueError(f"encoder={encoder!r}: valid encoders are libx264, libx265, *_nvenc")
     if bframes is not None:
         options["bf"] = str(bframes)
     return options
+
+
+def _check_quality(encoder: str, crf, preset, bframes) -> None:
+    lo, hi = CRF_RANGE
+    if crf is not None and (
+        isinstance(crf, bool) or not isinstance(crf, (int, float)) or not lo <= crf <= hi
+    ):
+        what = "NVENC cq" if encoder in NVENC_ENCODERS.values() else "CRF"
+        raise ValueError(
+            f"crf={crf!r}: {encoder} takes a {what} from {lo} (best quality) to {hi} "
+            f"(smallest files); default: {_crf_defaults()}"
+        )
+    if bframes is not None and (
+        isinstance(bframes, bool) or not isinstance(bframes, int) or not 0 <= bframes <= MAX_BFRAMES
+    ):
+        raise ValueError(
+            f"bframes={bframes!r}: must be an integer from 0 (no B-frames) to {MAX_BFRAMES}, "
+            "or None for the preset's"
+        )
+    if preset is not None and encoder in CPU_ENCODERS.values() and preset not in X26X_PRESETS:
+        raise ValueError(
+            f"preset={preset!r}: valid {encoder} presets are {', '.join(X26X_PRESETS)} "
+            f"(fastest first; default {DEFAULT_PRESET['cpu']})"
+        )
+
+
+def _crf_defaults() -> str:
+    return (f"{DEFAULT_CRF['h264']} for h264, {DEFAULT_CRF['hevc']} for hevc, "
+            f"cq {NVENC_DEFAULT_CQ} with NVENC")
+
+
+def check_encoder(encoder: str, options: dict) -> None:
+    """Open ``encoder`` once with ``options`` and encode one small dummy frame; raises ValueError
+    naming the settings when the encoder refuses them. Run before any output is touched."""
+    import av
+    import numpy as np
+
+    side = 256  # NVENC refuses tiny frames
+    try:
+        ctx = av.CodecContext.create(encoder, "w")
+        ctx.width, ctx.height, ctx.pix_fmt = side, side, "yuv420p"
+        ctx.time_base, ctx.framerate = Fraction(1, 25), Fraction(25)
+        ctx.thread_count = 1
+        ctx.options = dict(options)
+        ctx.open()
+        frame = av.VideoFrame.from_ndarray(np.zeros((side, side, 3), np.uint8), format="rgb24")
+        frame = frame.reformat(format="yuv420p")
+        frame.pts = 0
+        ctx.encode(frame)
+        ctx.encode(None)
+    except Exception as err:  # noqa: BLE001 - whatever the encoder refuses, say so up front
+        shown = ("preset", "crf", "cq", "bf", "g")
+        settings = ", ".join(f"{k}={options[k]}" for k in shown if k in options)
+        hint = ""
+        if encoder in NVENC_ENCODERS.values():
+            hint = f"; NVENC presets are {', '.join(NVENC_PRESETS)} (fastest to best)"
+        raise ValueError(
+            f"the {encoder} encoder refuses the settings {settings} ({_ffmpeg_reason(err)}){hint}"
+        ) from None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -290,7 +382,7 @@ def _transcode_one(job: _Job) -> TranscodeResult:
     result = TranscodeResult(job.video_id, "", "failed", bytes_in=_size(src))
     tmp = temp_path(dst)
     try:
-        if dst.exists():  # complete from an earlier run whose manifest was not written?
+        if dst.exists() and not job.redo:  # complete from an earlier run, manifest not written?
             record = _verify(dst, job)
             if isinstance(record, VideoRecord):
                 result.status, result.record = "skipped", record
@@ -310,7 +402,9 @@ def _transcode_one(job: _Job) -> TranscodeResult:
         if not isinstance(record, VideoRecord):
             result.reason = f"output failed verification: {record}"
             return result
-        os.replace(tmp, dst)  # the rename keeps size and mtime: the record stays valid
+        # Atomic: an output made with other parameters is only replaced by a verified one. The
+        # rename keeps size and mtime: the record stays valid.
+        os.replace(tmp, dst)
         _name_record(record, dst, job)
         result.status, result.record = "done", record
         result.bytes_out = record.size
@@ -420,12 +514,22 @@ def transcode(
     existing one from ``siasam-fast index`` costs nothing; default
     ``dst_dir/source_manifest.jsonl``).
     ``probe_mode``: how sources and outputs are probed ("decode": every frame, the default).
+    Bad arguments raise before anything is written: ValueError (values, settings the encoder
+    refuses, a ``src_dir`` without videos, a manifest path holding another file),
+    NotADirectoryError (folders), :class:`EncoderUnavailableError` (encoder missing here).
     """
     start = time.perf_counter()
     src_dir, dst_dir = Path(src_dir).resolve(), Path(dst_dir).resolve()
+    # Every check first: nothing under dst_dir is touched before the arguments are known good.
     _check_args(src_dir, dst_dir, gop, height, codec, workers, probe_mode)
     name, hardware = choose_encoder(codec, encoder)
     options = encoder_options(name, gop, crf, preset, bframes)
+    check_encoder(name, options)
+    require_videos(src_dir, extensions, name="src_dir")
+    source_path = Path(source_manifest) if source_manifest else dst_dir / SOURCE_MANIFEST_NAME
+    existing_manifest(source_path)
+    manifest_path = dst_dir / MANIFEST_NAME
+    old = existing_manifest(manifest_path)
     cpus = os.cpu_count() or 1
     if workers is None:
         workers = min(cpus, NVENC_DEFAULT_WORKERS) if hardware else cpus
@@ -436,7 +540,7 @@ def transcode(
 
     sources = build_manifest(
         src_dir,
-        Path(source_manifest) if source_manifest else dst_dir / SOURCE_MANIFEST_NAME,
+        source_path,
         workers=workers,
         mode=probe_mode,
         extensions=extensions,
@@ -444,15 +548,12 @@ def transcode(
     )
     params = {"gop": gop, "height": height, "codec": codec, "crf": crf, "preset": preset,
               "bframes": bframes}
-    fresh = _params_changed(dst_dir, params)
-    stamp = dst_dir / f".{PARAMS_NAME}.tmp"
-    stamp.write_text(json.dumps({**params, "encoder": name}, indent=1) + "\n")
-    os.replace(stamp, dst_dir / PARAMS_NAME)  # atomic: a torn file would force a full redo
-    for stale in dst_dir.rglob(f".*{TEMP_SUFFIX}"):  # left by an interrupted run
-        stale.unlink(missing_ok=True)
+    # Outputs made with other parameters: redone, each kept until its new version is verified.
+    stale = _stale_outputs(dst_dir, params, sources)
+    _write_params(dst_dir, params, name, stale)
+    for leftover in dst_dir.rglob(f".*{TEMP_SUFFIX}"):  # left by an interrupted run
+        leftover.unlink(missing_ok=True)
 
-    manifest_path = dst_dir / MANIFEST_NAME
-    old = _load_old(manifest_path) if not fresh else {}
     records: dict[str, VideoRecord] = {}
     summary = TranscodeSummary(dst_dir, manifest_path, name, hardware, gop, height, codec)
     jobs: list[_Job] = []
@@ -465,43 +566,53 @@ def transcode(
                 vid, src.relpath, "failed", f"corrupt input: {src.reason}", bytes_in=src.size))
             continue
         dst = dst_dir / f"{vid}.mp4"
-        if fresh:
-            dst.unlink(missing_ok=True)  # made with other parameters
         done = _complete(old.get(vid), dst, src)
-        if done is not None:
+        if done is not None and vid not in stale:
             records[vid] = done
             summary.results.append(TranscodeResult(
                 vid, src.relpath, "skipped", bytes_in=src.size, bytes_out=done.size, record=done,
                 irregular_keyframes=not _regular(done, gop)))
             continue
+        if done is not None:
+            records[vid] = done  # the old output's record stays until the output is replaced
         jobs.append(_Job(str(Path(src.path)), str(dst), str(dst_dir), vid, src.num_frames, gop,
-                         height, name, options, threads, probe_mode))
+                         height, name, options, threads, probe_mode, redo=vid in stale))
 
     relpaths = {vid: r.relpath for vid, r in sources.items()}
     bar = tqdm(total=len(jobs), desc=f"transcode gop={gop}", unit="video", disable=not progress)
     last_write = time.monotonic()
+
+    def save() -> None:
+        write_manifest(records.values(), manifest_path)
+        _write_params(dst_dir, params, name, stale)
+
     try:
         for result in _run_all(jobs, workers):
-            result.relpath = relpaths[result.video_id]
+            vid = result.video_id
+            result.relpath = relpaths[vid]
             summary.results.append(result)
             if result.record is not None:
-                records[result.video_id] = result.record
+                records[vid] = result.record
+                stale.discard(vid)
             if result.status == "failed":
+                if vid in stale and (dst_dir / f"{vid}.mp4").exists():
+                    result.reason += " (the output made with the previous parameters is kept)"
                 logger.warning("transcode failed: %s: %s", result.relpath, result.reason)
             bar.update(1)
             bar.set_postfix_str(f"{_human(summary.bytes_in)} -> {_human(summary.bytes_out)}")
             if time.monotonic() - last_write > 60:
-                write_manifest(records.values(), manifest_path)
+                save()
                 last_write = time.monotonic()
     except BaseException:
-        write_manifest(records.values(), manifest_path)  # what is done stays done
+        save()  # what is done stays done
         raise
     finally:
         bar.close()
-    write_manifest(records.values(), manifest_path)
+    save()
     # Re-index: every record just written is reused (same size and mtime); files of dst_dir that
     # are not outputs of this run's sources are probed too, and vanished ones dropped.
-    build_manifest(dst_dir, manifest_path, workers=workers, mode=probe_mode, progress=False)
+    build_manifest(dst_dir, manifest_path, workers=workers, mode=probe_mode, progress=False,
+                   allow_empty=True)
     summary.seconds = time.perf_counter() - start
     logger.info("%s", summary.summary())
     return summary
@@ -509,7 +620,11 @@ def transcode(
 
 def _check_args(src_dir, dst_dir, gop, height, codec, workers, probe_mode) -> None:
     if not src_dir.is_dir():
-        raise NotADirectoryError(f"src_dir={str(src_dir)!r} is not a folder")
+        why = "it is a file" if src_dir.exists() else "it does not exist"
+        raise NotADirectoryError(
+            f"src_dir={str(src_dir)!r} is not a folder ({why}); give the folder of source videos")
+    if dst_dir.exists() and not dst_dir.is_dir():
+        raise NotADirectoryError(f"dst_dir={str(dst_dir)!r} is a file, not a folder")
     if dst_dir == src_dir or dst_dir.is_relative_to(src_dir) or src_dir.is_relative_to(dst_dir):
         raise ValueError(
             f"dst_dir={str(dst_dir)!r} and src_dir={str(src_dir)!r} must not contain each other "
@@ -534,29 +649,36 @@ def _check_codec(codec: str) -> str:
     return codec
 
 
-def _params_changed(dst_dir: Path, params: dict) -> bool:
+def _stale_outputs(dst_dir: Path, params: dict, sources: dict[str, VideoRecord]) -> set[str]:
+    """video_ids of the outputs made with other parameters than ``params``: all existing outputs
+    when the parameters changed, else those an earlier run left to redo (``stale`` in
+    ``transcode.json``)."""
     path = dst_dir / PARAMS_NAME
     if not path.is_file():
-        return False
+        return set()
     try:
-        old = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return True
-    old = {k: old.get(k) for k in params}
-    if old != params:
-        logger.warning("%s: made with %s, now %s: every output is redone", dst_dir, old, params)
-        return True
-    return False
+        stamp = json.loads(path.read_text())
+    except (OSError, ValueError):
+        stamp = None
+    if not isinstance(stamp, dict):
+        stamp = {}
+    if {k: stamp.get(k) for k in params} == params:
+        left = stamp.get("stale")
+        return {v for v in left if isinstance(v, str)} if isinstance(left, list) else set()
+    outputs = {vid for vid in sources if (dst_dir / f"{vid}.mp4").exists()}
+    if outputs:
+        old = ", ".join(f"{k}={stamp.get(k)}" for k in params)
+        now = ", ".join(f"{k}={v}" for k, v in params.items())
+        logger.warning("%s: made with %s, now %s: every output is redone (each replaced once its "
+                       "new version is verified)", dst_dir, old, now)
+    return outputs
 
 
-def _load_old(path: Path) -> dict[str, VideoRecord]:
-    if not path.is_file():
-        return {}
-    try:
-        return load_manifest(path)
-    except ValueError as err:
-        logger.warning("ignoring %s (%s): existing outputs are verified again", path, err)
-        return {}
+def _write_params(dst_dir: Path, params: dict, encoder: str, stale: set[str]) -> None:
+    stamp = dst_dir / f".{PARAMS_NAME}.tmp"
+    stamp.write_text(json.dumps({**params, "encoder": encoder, "stale": sorted(stale)}, indent=1)
+                     + "\n")
+    os.replace(stamp, dst_dir / PARAMS_NAME)  # atomic: a torn file would force a full redo
 
 
 def _complete(old: VideoRecord | None, dst: Path, src: VideoRecord) -> VideoRecord | None:
@@ -598,16 +720,20 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     parser.add_argument("--gop", type=int, required=True, help="frames between keyframes, e.g. 16")
     parser.add_argument("--height", type=int, default=None,
                         help="downscale taller videos to this (even) height, aspect kept")
-    parser.add_argument("--codec", choices=CODECS, default="h264")
+    parser.add_argument("--codec", choices=CODECS, default="h264", help="default h264")
     parser.add_argument("--workers", type=int, default=None,
                         help="encoding processes (default: all CPUs; 4 with NVENC)")
     parser.add_argument("--encoder", choices=ENCODERS, default="auto",
-                        help="auto: NVENC when present, else CPU (libx264 / libx265)")
+                        help="auto (default): NVENC when present, else CPU (libx264 / libx265)")
     parser.add_argument("--crf", type=int, default=None,
-                        help=f"quality (default {DEFAULT_CRF}; NVENC: cq 23)")
+                        help=f"quality, {CRF_RANGE[0]} (best) to {CRF_RANGE[1]} (smallest files): "
+                        f"CRF for x264 / x265, cq for NVENC (default {_crf_defaults()})")
     parser.add_argument("--preset", default=None,
-                        help=f"encoder preset (default {DEFAULT_PRESET})")
-    parser.add_argument("--bframes", type=int, default=None, help="B-frames (default: preset's)")
+                        help=f"encoder preset: {' '.join(X26X_PRESETS)} for x264 / x265 "
+                        f"(default {DEFAULT_PRESET['cpu']}); {NVENC_PRESETS[0]} to "
+                        f"{NVENC_PRESETS[-1]} for NVENC (default {DEFAULT_PRESET['nvenc']})")
+    parser.add_argument("--bframes", type=int, default=None,
+                        help=f"B-frames, 0 to {MAX_BFRAMES} (default: the preset's)")
     parser.add_argument("--source-manifest", default=None,
                         help="manifest of src_dir, e.g. from `siasam-fast index` "
                         f"(default: DST_DIR/{SOURCE_MANIFEST_NAME})")
@@ -617,9 +743,13 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
 
 def main_transcode(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``siasam-fast transcode``; returns the exit status (0, or 1 when there were
-    sources and none has an output)."""
-    args = build_parser().parse_args(argv)
-    return run_from_args(args)
+    sources and none has an output; bad arguments exit with status 2 and a one-line error)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return run_from_args(args)
+    except (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError) as err:
+        parser.exit(2, f"{parser.prog}: error: {err}\n")
 
 
 def run_from_args(args: argparse.Namespace) -> int:
@@ -662,9 +792,11 @@ def summary_row(summary: TranscodeSummary) -> dict:
 
 
 __all__ = [
+    "EncoderUnavailableError",
     "TranscodeResult",
     "TranscodeSummary",
     "build_parser",
+    "check_encoder",
     "choose_encoder",
     "encoder_options",
     "main_transcode",

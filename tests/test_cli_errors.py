@@ -1,0 +1,224 @@
+"""`siasam-fast` bad input: a one-line error naming the value, exit status 2, nothing lost; and
+help texts written in words."""
+
+import subprocess
+import sys
+
+import av
+import pytest
+from subprocess_env import cpu_env
+from videos import video_path, write_index_video
+
+from siasam_fast import cli
+from siasam_fast.pipeline import manifest as manifest_module
+from siasam_fast.pipeline.manifest import build_manifest, load_manifest
+
+HAS_NVENC = "h264_nvenc" in av.codecs_available
+
+
+def run_cli(capsys, *argv):
+    """(exit status, stdout, stderr) of ``siasam-fast ARGV`` run in this process."""
+    try:
+        code = cli.main([str(a) for a in argv])
+    except SystemExit as exit_info:  # argparse errors
+        code = exit_info.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_usage_error(code, err, command, *fragments):
+    assert code == 2, err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert err.startswith(f"siasam-fast {command}: error: "), err
+    for fragment in fragments:
+        assert fragment in err, (fragment, err)
+
+
+@pytest.fixture
+def videos(tmp_path):
+    """A folder of two tiny videos and its (24-video-like) manifest next to it."""
+    folder = tmp_path / "videos"
+    write_index_video(video_path(folder, "a", "h264"), 10, "h264", size=16)
+    write_index_video(video_path(folder, "b", "mjpeg"), 5, "mjpeg", size=16)
+    manifest = tmp_path / "existing.jsonl"
+    build_manifest(folder, manifest, workers=1, progress=False)
+    return folder, manifest
+
+
+# ----------------------------------------------------------------------------------------------
+# index
+
+
+def test_index_missing_folder(capsys, tmp_path):
+    code, _, err = run_cli(capsys, "index", tmp_path / "nope", "--out", tmp_path / "m.jsonl")
+    assert_usage_error(code, err, "index", "nope", "is not a folder (it does not exist)")
+    assert not (tmp_path / "m.jsonl").exists()
+
+
+def test_index_out_is_a_folder_checked_before_probing(capsys, videos, tmp_path, monkeypatch):
+    folder, _ = videos
+
+    def probe(*args, **kwargs):
+        raise AssertionError("probed before --out was checked")
+
+    monkeypatch.setattr(manifest_module, "probe_video", probe)
+    (tmp_path / "somedir").mkdir()
+    code, _, err = run_cli(capsys, "index", folder, "--out", tmp_path / "somedir", "--workers", 1)
+    assert_usage_error(code, err, "index", "somedir' is a folder", "manifest.jsonl")
+    assert list((tmp_path / "somedir").iterdir()) == []
+
+
+def test_index_never_overwrites_a_file_that_is_not_a_manifest(capsys, videos, tmp_path):
+    folder, _ = videos
+    victim = tmp_path / "victim.yaml"
+    victim.write_text("train:\n  epochs: 3\n")
+    code, out, err = run_cli(capsys, "index", folder, "--out", victim, "--workers", 1)
+    assert_usage_error(code, err, "index", "victim.yaml", "is not a video manifest",
+                       "refusing to overwrite")
+    assert "ignoring" not in out + err
+    assert victim.read_text() == "train:\n  epochs: 3\n"
+
+
+def test_index_empty_folder_keeps_the_existing_manifest(capsys, videos, tmp_path):
+    _, manifest = videos
+    before = manifest.read_bytes()
+    (tmp_path / "empty").mkdir()
+    code, _, err = run_cli(capsys, "index", tmp_path / "empty", "--out", manifest)
+    assert_usage_error(code, err, "index", "empty' holds no videos", ".mp4", ".webm")
+    assert manifest.read_bytes() == before and len(load_manifest(manifest)) == 2
+
+
+def test_index_updates_a_manifest(capsys, videos):
+    folder, manifest = videos
+    code, out, _ = run_cli(capsys, "index", folder, "--out", manifest, "--workers", 1)
+    assert code == 0 and "2 ok, 0 corrupt" in out
+
+
+# ----------------------------------------------------------------------------------------------
+# transcode
+
+
+def test_transcode_preset_typo_leaves_a_complete_dst_byte_identical(capsys, videos, tmp_path):
+    folder, _ = videos
+    dst = tmp_path / "dst"
+    common = ["--workers", 1, "--encoder", "cpu", "--no-progress"]
+    code, out, _ = run_cli(capsys, "transcode", folder, dst, "--gop", 4, *common)
+    assert code == 0 and "2 transcoded" in out
+    before = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in dst.rglob("*") if p.is_file()}
+    assert {"a.mp4", "b.mp4", "manifest.jsonl"} <= {p.name for p in before}
+
+    for args, fragments in [
+        (["--preset", "fsat"], ["preset='fsat'", "ultrafast", "veryslow"]),
+        (["--crf", 99], ["crf=99", "from 0", "to 51"]),
+        (["--crf", -1], ["crf=-1", "from 0"]),
+        (["--bframes", -1], ["bframes=-1", "from 0"]),
+    ]:
+        code, _, err = run_cli(capsys, "transcode", folder, dst, "--gop", 16, *args, *common)
+        assert_usage_error(code, err, "transcode", *fragments)
+        after = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in dst.rglob("*") if p.is_file()}
+        assert after == before, args
+    assert len(load_manifest(dst / "manifest.jsonl")) == 2
+
+
+def test_transcode_missing_and_empty_source(capsys, tmp_path):
+    code, _, err = run_cli(capsys, "transcode", tmp_path / "nope", tmp_path / "out", "--gop", 16)
+    assert_usage_error(code, err, "transcode", "src_dir=", "nope", "does not exist")
+    (tmp_path / "empty").mkdir()
+    code, out, err = run_cli(capsys, "transcode", tmp_path / "empty", tmp_path / "out", "--gop",
+                             16, "--encoder", "cpu", "--no-progress")
+    assert_usage_error(code, err, "transcode", "empty' holds no videos", ".mp4", ".mkv")
+    assert "nan" not in out + err and not (tmp_path / "out").exists()
+
+
+@pytest.mark.skipif(not HAS_NVENC, reason="this FFmpeg has no NVENC encoder")
+def test_transcode_nvenc_without_a_gpu(capsys, videos, tmp_path):
+    from siasam_fast.pipeline.transcode import nvenc_available
+
+    if nvenc_available("h264")[0]:
+        pytest.skip("NVENC works here")
+    folder, _ = videos
+    code, _, err = run_cli(capsys, "transcode", folder, tmp_path / "out", "--gop", 16,
+                           "--encoder", "nvenc", "--no-progress")
+    assert_usage_error(code, err, "transcode", "encoder='nvenc' asked for", "encoder='cpu'")
+    assert not (tmp_path / "out").exists()
+
+
+# ----------------------------------------------------------------------------------------------
+# synth
+
+
+def test_synth_out_is_a_file(capsys, tmp_path):
+    victim = tmp_path / "notes.txt"
+    victim.write_text("keep me")
+    code, _, err = run_cli(capsys, "synth", "--out", victim, "--videos", 2, "--workers", 1)
+    assert_usage_error(code, err, "synth", "--out", "notes.txt", "is a file")
+    assert victim.read_text() == "keep me"
+    code, _, err = run_cli(capsys, "synth", "--out", tmp_path / "new", "--videos", 0)
+    assert_usage_error(code, err, "synth", "--videos 0", ">= 1")
+    assert not (tmp_path / "new").exists()
+
+
+def test_error_from_a_real_process(tmp_path):
+    """The console command itself (a child process): one line, exit 2, no traceback."""
+    run = subprocess.run(
+        [sys.executable, "-m", "siasam_fast.cli", "index", str(tmp_path / "nope"), "--out",
+         str(tmp_path / "m.jsonl")],
+        capture_output=True, text=True, env=cpu_env(), timeout=120,
+    )
+    assert run.returncode == 2 and "Traceback" not in run.stderr
+    assert run.stderr.strip().splitlines() == [
+        f"siasam-fast index: error: video_dir={str(tmp_path / 'nope')!r} is not a folder "
+        "(it does not exist)"
+    ]
+
+
+# ----------------------------------------------------------------------------------------------
+# help texts
+
+
+def subcommand_help(name):
+    parser = cli.build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command")
+    return sub.choices[name].format_help()
+
+
+def test_transcode_help_in_words():
+    text = " ".join(subcommand_help("transcode").split())
+    assert "{'" not in text and "':" not in text  # no Python dicts
+    assert "default 20 for h264, 22 for hevc, cq 23 with NVENC" in text
+    assert "ultrafast" in text and "(default fast)" in text and "p1 to p7" in text
+
+
+def test_demo_and_synth_help():
+    from siasam_fast import demo
+
+    demo_help = " ".join(subcommand_help("demo").split())
+    videos = demo.SYNTHETIC["num_videos"]
+    quick = demo.QUICK_SYNTHETIC["num_videos"]
+    assert f"(default {videos}; {quick} with --quick)" in demo_help
+    assert "demo's" not in demo_help and "(default runs/demo)" in demo_help
+    assert "seeds the synthetic set" in demo_help
+    synth_help = " ".join(subcommand_help("synth").split())
+    assert "random seed" in synth_help and "output folder" in synth_help
+
+
+def test_synthetic_module_help(capsys):
+    from siasam_fast.data import synthetic
+
+    with pytest.raises(SystemExit):
+        synthetic.main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for option, words in [("--out", "output folder"), ("--videos", "number of videos"),
+                          ("--seed", "random seed"), ("--size", "frame height"),
+                          ("--workers", "render processes")]:
+        assert f"{option} " in text and words in text, option
+
+
+def test_parser_imports_nothing_heavy():
+    code = ("import sys; from siasam_fast.cli import build_parser; build_parser(); "
+            "print(sorted(m for m in ('av', 'transformers', 'deepspeed', 'siasam_fast.training', "
+            "'siasam_fast.demo') if m in sys.modules))")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env=cpu_env(), timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == "[]"
