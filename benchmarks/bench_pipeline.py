@@ -78,8 +78,8 @@ class Backend:
 
 
 def _pyav_loader(examples, manifest, cfg, *, batch_size, image_size, workers, dedup, seed,
-                 threads=None, group=1):
-    del threads, group  # DALI's knobs: one decode thread per worker process, batch by batch
+                 threads=None, group=1, trim=False):
+    del threads, group, trim  # DALI's knobs: one decode thread per worker process, batch by batch
     return build_loader(
         examples,
         manifest,
@@ -95,7 +95,7 @@ def _pyav_loader(examples, manifest, cfg, *, batch_size, image_size, workers, de
 
 
 def _dali_loader(examples, manifest, cfg, *, batch_size, image_size, workers, dedup, seed,
-                 threads=None, group=1):
+                 threads=None, group=1, trim=False):
     from siasam_fast.pipeline.dali import build_dali_loader
 
     return build_dali_loader(
@@ -111,6 +111,7 @@ def _dali_loader(examples, manifest, cfg, *, batch_size, image_size, workers, de
         device=dali_device(),
         num_threads=threads,
         decode_group=group,
+        trim=trim,
     )
 
 
@@ -316,6 +317,7 @@ def measure(
     max_seconds: float | None = None,
     threads: int | None = None,
     group: int = 1,
+    trim: bool = False,
 ) -> dict:
     """One epoch of ``min_videos`` (rounded up to whole passes over the set), or what fits in
     ``max_seconds``. ``steady_videos_per_s`` leaves out the first batch (start-up)."""
@@ -339,6 +341,7 @@ def measure(
         seed=seed,
         threads=threads,
         group=group,
+        trim=trim,
     )
     videos = clip_frames = unique = first_videos = 0
     first_batch = None
@@ -388,6 +391,7 @@ def run_benchmark(
     max_seconds: float | None = None,
     dali_threads: list[int] | None = None,
     dali_groups: list[int] | None = None,
+    dali_trims: tuple[bool, ...] = (False,),
     dedup_modes: tuple[bool, ...] = (True, False),
     log=print,
 ) -> list[dict]:
@@ -395,7 +399,9 @@ def run_benchmark(
     codec). ``dali_threads``: DALI's thread counts to try (its mixed video decoder decodes one
     sample per thread, so they bound how many NVDEC sessions run at once); default: the
     loader's own (``default_num_threads``). ``dali_groups``: DALI decode groups to try (batches
-    decoded per iteration, ``build_dali_loader(decode_group=...)``; default 1)."""
+    decoded per iteration, ``build_dali_loader(decode_group=...)``; default 1). ``dali_trims``:
+    whether DALI gets each file whole or only the stretch its frames need
+    (``build_dali_loader(trim=...)``; default whole only)."""
     from siasam_fast.pipeline.dali import default_num_threads
 
     rows = []
@@ -413,8 +419,9 @@ def run_benchmark(
             counts = worker_counts if backend.uses_workers else [dali_workers]
             thread_counts = [None] if backend.uses_workers else (dali_threads or [None])
             groups = [1] if backend.uses_workers else (dali_groups or [1])
-            for dedup, workers, threads, group in itertools.product(dedup_modes, counts,
-                                                                    thread_counts, groups):
+            trims = (False,) if backend.uses_workers else dali_trims
+            for dedup, workers, threads, group, trim in itertools.product(
+                    dedup_modes, counts, thread_counts, groups, trims):
                 result = measure(
                     backend,
                     records,
@@ -426,6 +433,7 @@ def run_benchmark(
                     max_seconds=max_seconds,
                     threads=threads,
                     group=group,
+                    trim=trim,
                 )
                 device = dali_device() if backend_name == "dali" else "cpu"
                 rows.append(
@@ -440,6 +448,7 @@ def run_benchmark(
                         "threads": "" if backend.uses_workers else (
                             threads or default_num_threads(dali_device(), batch_size * group)),
                         "group": "" if backend.uses_workers else group,
+                        "trim": "" if backend.uses_workers else trim,
                         "batch_size": batch_size,
                         **result,
                     }
@@ -447,7 +456,8 @@ def run_benchmark(
                 log(
                     f"  {name} {backend_name} dedup={dedup} workers={workers}"
                     f"{'' if threads is None else f' threads={threads}'}"
-                    f"{'' if group == 1 else f' group={group}'}: "
+                    f"{'' if group == 1 else f' group={group}'}"
+                    f"{' trim' if trim else ''}: "
                     f"{result['videos_per_s']:.2f} videos/s"
                 )
     return rows
@@ -463,6 +473,7 @@ COLUMNS = [
     "workers",
     "threads",
     "group",
+    "trim",
     "batch_size",
     "videos",
     "seconds",
@@ -492,16 +503,17 @@ def summary_lines(rows: list[dict]) -> list[str]:
 
     def key(r):
         return (r["set"], r["backend"], r["workers"], r.get("threads", ""), r.get("group", ""),
-                r.get("batch_size"))
+                r.get("trim", ""), r.get("batch_size"))
 
     for k in sorted({key(r) for r in rows}, key=str):
-        name, backend, workers, threads, group = k[:5]
+        name, backend, workers, threads, group, trim = k[:6]
         pair = {r["dedup"]: r for r in rows if key(r) == k}
         if len(pair) == 2:
             speedup = pair[True]["videos_per_s"] / pair[False]["videos_per_s"]
             note = caveat if any(start_up_bound(r) for r in pair.values()) else ""
             where = f"{workers} workers" + (f", {threads} threads" if threads != "" else "")
             where += f", groups of {group}" if group not in ("", 1) else ""
+            where += ", trimmed" if trim is True else ""
             lines.append(f"{name}, {backend}, {where}: dedup is {speedup:.2f}x faster{note}")
     for name in sorted({r["set"] for r in rows}):
         dali = [r for r in rows if r["set"] == name and r["backend"] == "dali" and r["dedup"]]
@@ -514,6 +526,7 @@ def summary_lines(rows: list[dict]) -> list[str]:
             threads = f", {top['threads']} threads" if top.get("threads", "") != "" else ""
             threads += f", batches of {top['batch_size']}" if "batch_size" in top else ""
             threads += f" in groups of {top['group']}" if top.get("group", 1) not in (1, "") else ""
+            threads += ", trimmed" if top.get("trim") is True else ""
             lines.append(
                 f"{name}: dali ({top['decoder']}{threads}) {ratio:.2f}x the best pyav "
                 f"({best['workers']} workers), dedup on both{note}"
@@ -560,6 +573,13 @@ def build_parser() -> argparse.ArgumentParser:
         nargs="+",
         default=None,
         help="DALI decode groups to compare: batches decoded per DALI iteration (default 1)",
+    )
+    parser.add_argument(
+        "--dali-trim",
+        choices=["off", "on", "both"],
+        default="off",
+        help="DALI gets each file whole (off, the default), only the stretch its frames need "
+        "(on: data.dali_trim), or both, compared",
     )
     parser.add_argument(
         "--codec",
@@ -656,6 +676,7 @@ def main(argv: list[str] | None = None) -> int:
         max_seconds=args.max_seconds,
         dali_threads=args.dali_threads,
         dali_groups=args.dali_groups,
+        dali_trims={"off": (False,), "on": (True,), "both": (False, True)}[args.dali_trim],
         log=lambda text: print(text, file=sys.stderr),
     )
     suffix = "_quick" if args.quick else ""

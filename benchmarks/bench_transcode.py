@@ -191,6 +191,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dali-groups", type=positive_int, nargs="+", default=[1],
                         help="DALI decode groups to measure (batches per DALI iteration; "
                         "default 1)")
+    parser.add_argument("--dali-trim", choices=("off", "on", "both"), default="off",
+                        help="DALI gets each file whole (off, the default), only the stretch its "
+                        "frames need (on: data.dali_trim), or both, compared")
     parser.add_argument("--encoder", choices=("auto", "cpu", "nvenc"), default="auto")
     parser.add_argument("--crf", type=int_in_range(0, 51), default=23,
                         help="quality of the copies, 0 to 51 (default 23: the generator's own)")
@@ -274,18 +277,21 @@ def main(argv: list[str] | None = None) -> int:
                 "anchor_choices": anchor_choices(records, cfg),
             }
             for backend, factory in backends.items():
-                runs = ([(w, 1) for w in worker_counts] if backend == "pyav"
-                        else [(min(4, cpus), g) for g in args.dali_groups])
-                for workers, group in runs:
-                    make = factory if group == 1 else functools.partial(factory,
-                                                                        decode_group=group)
+                trims = {"off": [False], "on": [True], "both": [False, True]}[args.dali_trim]
+                runs = ([(w, 1, False) for w in worker_counts] if backend == "pyav"
+                        else [(min(4, cpus), g, t) for g in args.dali_groups for t in trims])
+                for workers, group, trim in runs:
+                    knobs = {"decode_group": group} if group != 1 else {}
+                    knobs.update({"trim": True} if trim else {})
+                    make = functools.partial(factory, **knobs) if knobs else factory
                     rate = loader_rate(make, records, cfg, workers=workers,
                                        batch_size=args.batch_size, image_size=args.image_size,
                                        min_videos=min_videos)
                     rows.append({**common, "backend": backend, "workers": workers,
-                                 "group": "" if backend == "pyav" else group, **rate})
+                                 "group": "" if backend == "pyav" else group,
+                                 "trim": "" if backend == "pyav" else trim, **rate})
                     print(f"  {name} {sampling} {backend} workers={workers}"
-                          f"{'' if group == 1 else f' group={group}'}: "
+                          f"{'' if group == 1 else f' group={group}'}{' trim' if trim else ''}: "
                           f"{rate['videos_per_s']:.2f} videos/s", file=sys.stderr)
 
     path = results_path(f"transcode{'_quick' if args.quick else ''}.csv", args.out_dir)
@@ -294,7 +300,7 @@ def main(argv: list[str] | None = None) -> int:
     env = environment()
     columns = ["set", "resolution", "sampling", "bytes", "growth", "model_decoded_per_needed",
                "measured_decoded_per_needed", "model_exact", "anchor_choices", "backend",
-               "workers", "group", "videos_per_s", "steady_videos_per_s"]
+               "workers", "group", "trim", "videos_per_s", "steady_videos_per_s"]
     print(f"\ntranscode benchmark on {env['device']} ({env['cpu_count']} CPUs): N=9 clips x B=8 "
           f"frames, stride 4, {len(original)} videos of {spec.num_frames} frames, "
           f"image {args.image_size}")

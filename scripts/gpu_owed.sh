@@ -101,7 +101,7 @@ run_transcode() {
   local dir=$KEEP/transcode
   mkdir -p "$dir"
   timeout --kill-after=10 "$1" "$PY" benchmarks/bench_transcode.py --workers 16 --backend dali \
-    --samplings paper shift16 --batch-size 8 --min-videos 128 --dali-groups 1 2 \
+    --samplings paper shift16 --batch-size 8 --min-videos 128 --dali-groups 1 --dali-trim both \
     --out-dir "$dir" 2>&1 \
     | tee "$dir/console.log"
   return "${PIPESTATUS[0]}"

@@ -66,7 +66,7 @@ from siasam_fast.pipeline.manifest import load_manifest  # noqa: E402
 RESUMABLE_CHANGES = {
     "train.epochs", "train.max_steps", "train.out_dir", "train.log_every", "train.save_every",
     "train.keep_checkpoints", "train.sync_timing", "train.init_from", "data.num_workers",
-    "train.cudnn_benchmark", "data.decode_group",
+    "train.cudnn_benchmark", "data.decode_group", "data.dali_trim", "train.overwrite",
     "data.backend",
     "data.manifest", "data.video_dir", "data.train", "data.val", "data.test", "eval.batch_size",
     "eval.num_clips", "eval.aggregation", "eval.split", "siamese.impl", "model.memory_format",
@@ -199,6 +199,7 @@ def make_loader(cfg: Config, data: Data, split: str, rank: int, world: int, epoc
         image_size=cfg.data.image_size, num_workers=cfg.data.num_workers, seed=cfg.train.seed,
         rank=rank, world_size=world, backend=cfg.data.backend, dedup=cfg.data.dedup,
         label_fn=label_fn, epoch=epoch, decode_group=cfg.data.decode_group,
+        trim=cfg.data.dali_trim,
     )
 
 

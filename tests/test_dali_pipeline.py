@@ -307,10 +307,10 @@ def test_decode_groups_feed_several_batches_per_iteration(manifest, monkeypatch)
     sizes = []
     original = dali_module.read_encoded_batch
 
-    def recording(batches, info):
+    def recording(batches, info, *rest):
         if info.iteration < len(batches):
             sizes.append(len(batches[info.iteration]))
-        return original(batches, info)
+        return original(batches, info, *rest)
 
     monkeypatch.setattr(dali_module, "read_encoded_batch", recording)
     loader = dali(examples_for(INDEXED * 3), manifest, batch_size=2, decode_group=3)
@@ -348,10 +348,10 @@ def test_corrupt_in_manifest_never_reaches_dali(manifest, monkeypatch):
     read = []
     original = dali_module.read_encoded_batch
 
-    def recording(batches, info):
+    def recording(batches, info, *rest):
         if info.iteration < len(batches):
             read.extend(job[1] for job in batches[info.iteration])
-        return original(batches, info)
+        return original(batches, info, *rest)
 
     monkeypatch.setattr(dali_module, "read_encoded_batch", recording)
     loader = dali(examples_for(["vp9", "broken", "mjpeg"]), manifest, batch_size=3)
@@ -467,6 +467,98 @@ def test_bad_arguments_name_the_valid_values(manifest):
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="torch sees no CUDA device"):
             build_dali_loader(*args, device="gpu")
+
+
+# -- trimmed streams ---------------------------------------------------------------------------
+
+
+def decoded_indices(data: np.ndarray) -> list[int]:
+    """The index every picture of an encoded video shows, in presentation order (PyAV)."""
+    import io
+
+    import av
+
+    with av.open(io.BytesIO(data.tobytes())) as container:
+        frames = sorted(container.decode(video=0), key=lambda f: f.pts)
+        return [read_index(f.to_ndarray(format="rgb24")) for f in frames]
+
+
+@pytest.mark.parametrize("name, options", [
+    ("bframes", dict(num_frames=160, gop=12, bframes=3)),
+    ("vfr", dict(num_frames=120, gop=10, bframes=2, vfr=True)),
+    ("long_gop", dict(num_frames=200, gop=100, bframes=3)),
+])
+def test_trim_keeps_exactly_the_wanted_frames_of_h264(tmp_path, name, options):
+    """H.264 with B-frames (PyAV decodes the stretch here; NVDEC does in the GPU check): the
+    stretch decodes to the wanted frames at their renumbered positions, and is smaller."""
+    path = write_index_video(tmp_path / f"{name}.mp4", codec="h264", size=64, **options)
+    data = np.fromfile(path, dtype=np.uint8)
+    n = options["num_frames"]
+    for seed in range(4):
+        clips = sample_siamese_clips(n, CFG, example_rng(seed, 0, 0))
+        for wanted in (clips.unique.astype(np.int32), clips.clips.reshape(-1).astype(np.int32)):
+            cut = dali_module.trim_stretch(data, wanted)
+            if cut is None:  # only when the stretch is nearly the whole file
+                assert wanted.min() < options["gop"]
+                continue
+            stretch, renumbered = cut
+            assert stretch.size < data.size and renumbered.dtype == np.int32
+            shown = decoded_indices(stretch)
+            assert [shown[i] for i in renumbered] == wanted.tolist()
+            assert shown == sorted(shown) and shown[0] <= wanted.min()
+
+
+def test_trim_hands_the_whole_file_back_when_it_cannot_help(folder, manifest):
+    data = np.fromfile(manifest["vp9"].path, dtype=np.uint8)
+    n = manifest["vp9"].num_frames
+    assert dali_module.trim_stretch(data, np.array([0, n - 1], np.int32)) is None  # all of it
+    assert dali_module.trim_stretch(data, np.array([n], np.int32)) is None  # past the end
+    junk = np.frombuffer(b"not a video at all", dtype=np.uint8)
+    assert dali_module.trim_stretch(junk, np.array([3], np.int32)) is None
+
+
+@pytest.mark.parametrize("dedup, num_workers", [(True, 0), (False, 0), (True, 2)])
+def test_trimmed_streams_give_exactly_the_sampled_frames(manifest, monkeypatch, dedup,
+                                                         num_workers):
+    """DALI's CPU decoder on the stretches (Matroska for VP9, AVI for MJPEG): the same batches as
+    without trim; the stretches are really used (in-process reads are counted)."""
+    names = [*INDEXED, "short"] * 2
+    trimmed = []
+    original = dali_module.trim_stretch
+
+    def counting(data, wanted):
+        cut = original(data, wanted)
+        trimmed.append(cut is not None)
+        return cut
+
+    monkeypatch.setattr(dali_module, "trim_stretch", counting)
+    kwargs = dict(batch_size=4, seed=3, epoch=1, dedup=dedup, output="clips",
+                  num_workers=num_workers)
+    plain = list(dali(examples_for(names), manifest, **kwargs))
+    cut = list(dali(examples_for(names), manifest, trim=True, **kwargs))
+    assert len(plain) == len(cut) == 2
+    for a, b in zip(plain, cut):
+        check_batch_frames(b, dedup=dedup)
+        assert torch.equal(a["frame_ids"], b["frame_ids"])
+        assert torch.equal(a["clips"], b["clips"])  # same frames, decoded from the stretch
+    if num_workers == 0:
+        assert len(trimmed) == len(names) and sum(trimmed) >= len(INDEXED) * 2
+
+
+def test_pipeline_benchmark_compares_whole_and_trimmed_files(manifest):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    import bench_pipeline
+
+    records = {k: r for k, r in manifest.items() if k in INDEXED}
+    rows = bench_pipeline.run_benchmark(
+        ["dali"], [("indexed", records, "vp9")], worker_counts=[], dali_workers=0, batch_size=2,
+        image_size=SIZE, min_videos=6, dali_trims=(False, True), dedup_modes=(True,),
+        log=lambda text: None)
+    assert [r["trim"] for r in rows] == [False, True]
+    assert all(r["videos"] >= 6 and r["videos_per_s"] > 0 for r in rows)
 
 
 # -- GPU (NVDEC) -------------------------------------------------------------------------------

@@ -13,6 +13,9 @@ origin. The graph, one DALI pipeline per pass over the epoch:
    list (the sorted unique frames U of its clips; with ``dedup=False`` every clip's frames in clip
    order, overlaps decoded again), the resized size and the crop position. A file whose size or
    mtime no longer matches the manifest is left out of its batch (the loader warns, naming it).
+   With ``trim=True`` (``data.dali_trim``) they hand over only the stretch of the file that the
+   frames need, copied packet by packet by PyAV, and the frame list renumbered to it
+   (:func:`trim_stretch`).
 2. ``fn.decoders.video(frames=U, pad_mode="none")`` on NVDEC (``device="mixed"``) or on the CPU
    (``device="cpu"``: VP8 / VP9 / MJPEG only, for tests). Frame ``i`` is the i-th frame in
    presentation order, as in the manifest. ``pad_mode="none"`` turns a frame past the end of the
@@ -108,18 +111,89 @@ def dali_available() -> bool:
 
 
 # ----------------------------------------------------------------------------------------------
-# What DALI's reader processes run. Self-contained (numpy and os only) and pickled by value: the
-# processes never import this package or torch.
+# What DALI's reader processes run. Self-contained (numpy and os; PyAV to trim) and pickled by
+# value: the processes never import this package or torch.
 
 
-def read_encoded_batch(batches, info):
+# Containers trim_stretch writes (libavformat muxer names), by the demuxer's name.
+TRIM_MUXERS = {"mov,mp4,m4a,3gp,3g2,mj2": "mp4", "matroska,webm": "matroska", "avi": "avi"}
+# Trim only when the stretch keeps at most this share of the packets (else the remux costs more
+# than it saves).
+TRIM_MAX_SHARE = 0.9
+
+
+def trim_stretch(data, wanted):
+    """The stretch of one encoded video that the frames ``wanted`` need, or None (feed it whole).
+
+    The stretch is the packets, in decode order, from the keyframe at or before the first wanted
+    frame to the last packet that holds a wanted frame, without the keyframe's leading pictures
+    (open GOP: shown before it, they reference the GOP before). A picture's references always come
+    before it in decode order, so every picture kept decodes, wanted ones included. The packets are
+    copied as they are (no decoding, no re-encoding) by PyAV into an in-memory file of the same
+    container family, with their timestamps. Returns (its bytes as uint8, ``wanted`` renumbered: a
+    frame's position among the kept pictures in presentation order, as the manifest counts frames)
+    or None when the stream cannot be put in presentation order (a packet without pts), the
+    container has no muxer here, a wanted frame is past the end (the decoder then reports it), the
+    stretch would keep more than ``TRIM_MAX_SHARE`` of the packets, or PyAV fails (DALI then sees
+    the whole file and reports what is wrong with it).
+
+    Why: DALI's video decoder builds its frame index by demuxing the whole file, per sample and
+    per iteration, and decodes from a keyframe (or, without an index, from the first frame); a
+    stretch makes both proportional to what the clips need."""
+    import io
+
+    import av  # demuxing and muxing only
+
+    try:
+        with av.open(io.BytesIO(memoryview(data))) as src:
+            muxer = TRIM_MUXERS.get(src.format.name)
+            if muxer is None or not src.streams.video:
+                return None
+            stream = src.streams.video[0]
+            packets = [p for p in src.demux(stream) if p.size]
+            if not packets or any(p.pts is None for p in packets):
+                return None
+            rank = {pts: i for i, pts in enumerate(sorted(p.pts for p in packets))}
+            if len(rank) != len(packets):
+                return None  # two pictures with one pts: no presentation order
+            need = {int(f) for f in wanted}
+            if max(need) >= len(rank) or min(need) < 0:
+                return None
+            first = min(need)
+            starts = [i for i, p in enumerate(packets) if p.is_keyframe and rank[p.pts] <= first]
+            if not starts:
+                return None
+            start = max(starts, key=lambda i: rank[packets[i].pts])
+            key_pts = packets[start].pts
+            end = max(i for i, p in enumerate(packets) if rank[p.pts] in need)
+            kept = [p for p in packets[start:end + 1] if p.pts >= key_pts]
+            if len(kept) > TRIM_MAX_SHARE * len(packets):
+                return None
+            position = {pts: i for i, pts in enumerate(sorted(p.pts for p in kept))}
+            by_rank = {rank[p.pts]: position[p.pts] for p in kept}
+            if not need <= by_rank.keys():
+                return None
+            out_buf = io.BytesIO()
+            with av.open(out_buf, "w", format=muxer) as out:
+                copy = out.add_stream_from_template(stream)
+                for packet in kept:
+                    packet.stream = copy
+                    out.mux(packet)
+    except Exception:  # noqa: BLE001 - any PyAV failure: DALI gets the whole file, as without trim
+        return None
+    renumbered = np.array([by_rank[int(f)] for f in wanted], dtype=np.int32)
+    return np.frombuffer(out_buf.getvalue(), dtype=np.uint8), renumbered
+
+
+def read_encoded_batch(batches, info, trim=False):
     """The external source: the inputs of DALI iteration ``info.iteration``.
 
     ``batches[k]`` is a tuple of jobs ``(slot, path, size, mtime_ns, frames int32, resize float32
     [2], crop_pos float32 [2])``. Returns five lists (encoded uint8 bytes, frames, resize,
     crop_pos, slot int32) without the jobs whose file no longer matches the manifest; raises
     ``RuntimeError`` when none is left (DALI refuses empty batches) and ``StopIteration`` past the
-    last batch.
+    last batch. ``trim``: each video's bytes are cut to the stretch its frames need
+    (:func:`trim_stretch`) and its frames renumbered to match.
     """
     k = info.iteration
     if k >= len(batches):
@@ -139,6 +213,10 @@ def read_encoded_batch(batches, info):
         if data.size != size:  # rewritten between fstat and read
             changed.append(path)
             continue
+        if trim:
+            cut = trim_stretch(data, wanted)
+            if cut is not None:
+                data, wanted = cut
         encoded.append(data)
         frames.append(wanted)
         sizes.append(resize)
@@ -151,12 +229,12 @@ def read_encoded_batch(batches, info):
     return encoded, frames, sizes, crops, slots
 
 
-def _source(batches):
+def _source(batches, trim=False):
     """``read_encoded_batch`` bound to ``batches``: a local function, which DALI pickles by value
     (a ``functools.partial`` would not do: DALI wants a one-argument signature)."""
 
     def source(info):
-        return read_encoded_batch(batches, info)
+        return read_encoded_batch(batches, info, trim)
 
     return source
 
@@ -257,6 +335,7 @@ class DALIVideoLoader:
         prefetch_factor: int,
         start_method: str | None,
         decode_group: int = 1,
+        trim: bool = False,
     ) -> None:
         self.dataset = dataset
         self.sampler = sampler
@@ -271,6 +350,7 @@ class DALIVideoLoader:
         self.prefetch_factor = int(prefetch_factor)
         self.start_method = start_method
         self.decode_group = int(decode_group)
+        self.trim = bool(trim)
         self.skipped: list[tuple[str, str]] = []  # (path, reason) per example left out
         self._bad: dict[str, str] = {}  # path -> why it is left out for the rest of the run
         self._failed_in_a_row = 0
@@ -396,7 +476,8 @@ class DALIVideoLoader:
         from nvidia.dali.pickling import pickle_by_value
 
         pickle_by_value(read_encoded_batch)  # the reader processes need not import this package
-        source = _source(feed)
+        pickle_by_value(trim_stretch)
+        source = _source(feed, self.trim)
         kwargs = {}
         if parallel:
             kwargs = {
@@ -653,6 +734,7 @@ def build_dali_loader(
     device_id: int | None = None,
     num_threads: int | None = None,
     decode_group: int = 1,
+    trim: bool = False,
 ) -> DALIVideoLoader:
     """A DALI loader for ``split`` on this rank; the arguments of ``build_loader``, plus:
 
@@ -671,6 +753,9 @@ def build_dali_loader(
     batches still come one by one, the same videos in the same order; with a group above 1 each
     batch's frames are a view (or, when the group's videos need more frames than the batch's, a
     device copy) of the group's output.
+    ``trim``: the reader processes hand DALI only the stretch of each file that its frames need
+    (:func:`trim_stretch`: packets copied by PyAV, nothing decoded), so that the decoder's
+    per-sample frame index and its pre-roll cover that stretch, not the whole file. Default off.
     ``pin_memory``, ``seek_threshold`` and ``decode_threads`` only concern the PyAV backend and are
     accepted so that both factories take the same arguments.
     """
@@ -729,6 +814,7 @@ def build_dali_loader(
         prefetch_factor=prefetch_factor,
         start_method=start_method,
         decode_group=decode_group,
+        trim=trim,
     )
 
 

@@ -55,5 +55,6 @@ def build_video_loader(examples, manifest, sampling_cfg, split, batch_size, back
         return build_dali_loader(examples, manifest, sampling_cfg, split, batch_size, **kwargs)
     kwargs.pop("device", None)  # DALI-only arguments
     kwargs.pop("decode_group", None)
+    kwargs.pop("trim", None)
     return build_loader(examples, manifest, sampling_cfg, split, batch_size, backend="pyav",
                         **kwargs)
