@@ -112,6 +112,11 @@ def finalize(config: dict, micro_batch: int, grad_clip: float, world_size: int) 
     if isinstance(accum, bool) or not isinstance(accum, int) or accum < 1:
         raise ValueError(f"DeepSpeed config: gradient_accumulation_steps={accum!r}: must be a "
                          "whole number >= 1")
+    zero = config.get("zero_optimization", {})
+    stage = zero.get("stage", 0) if isinstance(zero, dict) else zero
+    if stage not in STAGES:
+        raise ValueError(f"DeepSpeed config: zero_optimization.stage={stage!r}: valid stages are "
+                         f"{', '.join(map(str, STAGES))}")
     config["train_micro_batch_size_per_gpu"] = micro_batch
     config["train_batch_size"] = micro_batch * accum * world_size
     config["gradient_clipping"] = grad_clip

@@ -161,6 +161,9 @@ def load_data(cfg: Config, out_dir: Path | None, ans2label: dict | None = None) 
                 raise ValueError(f"task=mc needs answer candidates, but the data.{split} "
                                  f"annotations ({spec}) have questions without them: use task=open "
                                  "for open-ended answers, or a multiple-choice dataset")
+    if d.ans2label and ans2label is None and not Path(d.ans2label).is_file():
+        raise ValueError(f"data.ans2label={d.ans2label!r} does not exist (leave it empty to build "
+                         "the vocabulary from train's top data.num_answers answers)")
     if "train" not in examples and ans2label is None:
         raise ValueError("data.train is empty: training needs the train annotations")
     labels: dict = {}
@@ -777,6 +780,8 @@ def evaluate_checkpoint(checkpoint: str, config_path: str | None = None,
         raise ValueError(f"checkpoint {tag_dir} does not fit this config:\n  "
                          + "\n  ".join(problems))
     split = split or cfg.eval.split
+    if split not in ("train", "val", "test"):
+        raise ValueError(f"split={split!r}: valid splits are train, val, test")
     cfg.eval.split = split
     run_dir = tag_dir.parent.parent
     vocab_file = run_dir / "ans2label.json"

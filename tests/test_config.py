@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from siasam_fast.config import load_config
-from siasam_fast.ds_config import load_ds_config
+from siasam_fast.ds_config import finalize, load_ds_config
 
 ROOT = Path(__file__).resolve().parent.parent
 BASE = ROOT / "configs" / "synthetic.yaml"
@@ -84,3 +84,7 @@ def test_bad_files_are_one_line_errors(tmp_path):
     adam.write_text('{"optimizer": {"type": "Adam"}}')
     with pytest.raises(ValueError, match=r"has an 'optimizer' block, which siasam-fast does not"):
         load_ds_config(str(adam))
+    with pytest.raises(ValueError, match=r"zero_optimization.stage=7: valid stages are 0, 1, 2, 3"):
+        finalize({"zero_optimization": {"stage": 7}}, 4, 1.0, 1)
+    with pytest.raises(ValueError, match=r"gradient_accumulation_steps='abc': must be a whole"):
+        finalize({"gradient_accumulation_steps": "abc"}, 4, 1.0, 1)
