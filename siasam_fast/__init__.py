@@ -1,26 +1,22 @@
 """siasam-fast: SiaSamRea (Siamese Sampling and Reasoning for VideoQA, NeurIPS 2021), fast on GPUs.
 
-The public surface: a config, a model, a loss, a loader factory and a train entry point. Heavy
-imports (transformers, DeepSpeed, DALI) happen on first use, so ``import siasam_fast`` is quick.
+The public surface: a config, a model, a loss, a loader factory and a train entry point. Every
+name is imported on first use (torch included), so ``import siasam_fast`` and
+``siasam-fast --help`` are quick.
 """
-
-from siasam_fast.sampling import (
-    ClipIndices,
-    SamplingConfig,
-    sample_eval_clips,
-    sample_siamese_clips,
-)
-from siasam_fast.siamese import (
-    SiameseReasoning,
-    siamese_count_loss,
-    siamese_knowledge,
-    siamese_loss,
-    siamese_soft_label,
-)
 
 __version__ = "0.1.0"
 
 _LAZY = {
+    "ClipIndices": ("siasam_fast.sampling", "ClipIndices"),
+    "SamplingConfig": ("siasam_fast.sampling", "SamplingConfig"),
+    "sample_eval_clips": ("siasam_fast.sampling", "sample_eval_clips"),
+    "sample_siamese_clips": ("siasam_fast.sampling", "sample_siamese_clips"),
+    "SiameseReasoning": ("siasam_fast.siamese", "SiameseReasoning"),
+    "siamese_count_loss": ("siasam_fast.siamese", "siamese_count_loss"),
+    "siamese_knowledge": ("siasam_fast.siamese", "siamese_knowledge"),
+    "siamese_loss": ("siasam_fast.siamese", "siamese_loss"),
+    "siamese_soft_label": ("siasam_fast.siamese", "siamese_soft_label"),
     "Config": ("siasam_fast.config", "Config"),
     "load_config": ("siasam_fast.config", "load_config"),
     "SiaSamReaModel": ("siasam_fast.model", "SiaSamReaModel"),

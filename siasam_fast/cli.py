@@ -1,8 +1,8 @@
 """The ``siasam-fast`` command: synth, index, train, eval, transcode, demo.
 
-Each subcommand imports what it needs (transformers, DeepSpeed, PyAV, ...) when it runs, so the
-parser itself loads nothing heavy. ``siasam-fast --help`` still takes about a second: importing
-the ``siasam_fast`` package imports torch (``siasam_fast/__init__.py``).
+Each subcommand imports what it needs (torch, transformers, DeepSpeed, PyAV, ...) when it runs,
+and the ``siasam_fast`` package imports its names on first use, so ``siasam-fast --help`` loads
+nothing heavy.
 
 Bad arguments end with a one-line error naming the value and exit status 2, before anything is
 written.

@@ -216,8 +216,8 @@ def test_synthetic_module_help(capsys):
 
 def test_parser_imports_nothing_heavy():
     code = ("import sys; from siasam_fast.cli import build_parser; build_parser(); "
-            "print(sorted(m for m in ('av', 'transformers', 'deepspeed', 'siasam_fast.training', "
-            "'siasam_fast.demo') if m in sys.modules))")
+            "print(sorted(m for m in ('torch', 'av', 'transformers', 'deepspeed', "
+            "'siasam_fast.training', 'siasam_fast.demo') if m in sys.modules))")
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          env=cpu_env(), timeout=120)
     assert run.returncode == 0, run.stderr
