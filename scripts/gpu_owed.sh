@@ -13,7 +13,7 @@
 # calls (the machine stays warm between them and the second call finds the packages installed):
 #
 #     bash scripts/gpu_owed.sh                          # checks + dali, within 570 s
-#     PARTS=train BUDGET_S=480 bash scripts/gpu_owed.sh # the next call
+#     PARTS=train BUDGET_S=330 bash scripts/gpu_owed.sh # the next call (what is left)
 #
 # Knobs: PARTS (default "checks dali": which parts, in this order; "train" takes the second call
 # of a loan, "transcode" the next loan), BUDGET_S (default 570: this call, staging included; keep
