@@ -229,7 +229,24 @@ def _finished(run: dict) -> bool:
     if not ((d / "summary.json").is_file() and (d / "predictions_test.jsonl").is_file()):
         return False
     cmd_file = d / "command.json"
-    return cmd_file.is_file() and json.loads(cmd_file.read_text()) == run["cmd"][1:]
+    return cmd_file.is_file() and _same(json.loads(cmd_file.read_text()), run["cmd"][1:])
+
+
+def _same(saved: list[str], cmd: list[str]) -> bool:
+    """The same training, whether or not the command says ``train.overwrite=true`` (runs made
+    before that switch existed are still reused)."""
+
+    def strip(args: list[str]) -> list[str]:
+        out, i = [], 0
+        while i < len(args):
+            if args[i] == "--set" and i + 1 < len(args) and args[i + 1] == "train.overwrite=true":
+                i += 2
+                continue
+            out.append(args[i])
+            i += 1
+        return out
+
+    return strip(saved) == strip(cmd)
 
 
 def execute(runs: list[dict], jobs: int) -> None:

@@ -150,6 +150,11 @@ def test_a_finished_run_is_reused_only_for_the_same_command(tmp_path):
     assert ablation._finished(run)
     (d / "command.json").write_text(json.dumps([*run["cmd"][1:], "--set", "train.lr=0.002"]))
     assert not ablation._finished(run)
+    # A run made before train.overwrite existed: the same training.
+    older = run["cmd"][1:-2]
+    assert run["cmd"][-2:] == ["--set", "train.overwrite=true"]
+    (d / "command.json").write_text(json.dumps(older))
+    assert ablation._finished(run)
 
 
 def test_summary_mean_and_std():
