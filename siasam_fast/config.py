@@ -140,8 +140,7 @@ class TrainConfig:
         _choice("train.precision", self.precision, ("auto", "fp32", "fp16", "bf16"))
         _at_least("train.epochs", self.epochs, 1)
         _at_least("train.batch_size", self.batch_size, 1, "videos per process per step")
-        if self.lr <= 0:
-            raise ValueError(f"train.lr={self.lr}: must be > 0")
+        _at_least("train.lr", self.lr, 0, "0 keeps the weights as they are")
         _at_least("train.weight_decay", self.weight_decay, 0)
         if not 0.0 <= self.warmup_ratio <= 1.0:
             raise ValueError(f"train.warmup_ratio={self.warmup_ratio}: must lie in [0, 1] (the "

@@ -29,7 +29,7 @@ def test_values_take_the_type_of_their_key():
     ("data.options=3", "data.options=3: expected a mapping"),
     ("train.epochs=0", "train.epochs=0: must be >= 1"),
     ("train.batch_size=0", "train.batch_size=0: must be >= 1"),
-    ("train.lr=-1", "train.lr=-1.0: must be > 0"),
+    ("train.lr=-1", "train.lr=-1.0: must be >= 0"),
     ("train.weight_decay=-1", "train.weight_decay=-1.0: must be >= 0"),
     ("train.warmup_ratio=5", "train.warmup_ratio=5.0: must lie in [0, 1]"),
     ("train.grad_clip=-1", "train.grad_clip=-1.0: must be >= 0"),
