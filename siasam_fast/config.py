@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -139,6 +140,7 @@ class TrainConfig:
         _choice("train.optimizer", self.optimizer, OPTIMIZERS)
         _choice("train.precision", self.precision, ("auto", "fp32", "fp16", "bf16"))
         _at_least("train.epochs", self.epochs, 1)
+        _at_least("train.seed", self.seed, 0)
         _at_least("train.batch_size", self.batch_size, 1, "videos per process per step")
         _at_least("train.lr", self.lr, 0, "0 keeps the weights as they are")
         _at_least("train.weight_decay", self.weight_decay, 0)
@@ -198,7 +200,13 @@ class Config:
             if not isinstance(value, dict):
                 raise ValueError(f"config section {name!r} must be a mapping, got {value!r}")
             if section_type is SamplingConfig:
-                kwargs[name] = SamplingConfig.from_dict(value)
+                try:
+                    kwargs[name] = SamplingConfig.from_dict(value)
+                except ValueError as err:  # its messages name the bare field: add the section
+                    text = str(err)
+                    field_name = text.split("=", 1)[0]
+                    known = {f.name for f in fields(SamplingConfig)}
+                    raise ValueError(f"sampling.{text}" if field_name in known else text) from None
             else:
                 known = {f.name: f for f in fields(section_type)}
                 _reject_unknown(name, value, known)
@@ -247,14 +255,17 @@ def _typed(name: str, value: Any, f: dataclasses.Field) -> Any:
                 pass
         raise ValueError(f"{name}={value!r}: expected a whole number")
     if kind == "float":
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
+            number = float(value)
+        elif isinstance(value, str):
             try:
-                return float(value.strip())
+                number = float(value.strip())
             except ValueError:
                 pass
-        raise ValueError(f"{name}={value!r}: expected a number, e.g. 1e-4 or 0.5")
+        if number is None or not math.isfinite(number):
+            raise ValueError(f"{name}={value!r}: expected a finite number, e.g. 1e-4 or 0.5")
+        return number
     if kind == "str":
         if isinstance(value, str):
             return value

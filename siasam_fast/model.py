@@ -47,23 +47,43 @@ def _is_path(name: str) -> bool:
     return os.sep in name or Path(name).is_dir()
 
 
-def _pretrained_dir(key: str, name: str, valid: str) -> str:
-    """``name`` when it is a folder (from_pretrained's local files), else a ValueError naming the
-    config key and what is valid."""
-    if not Path(name).is_dir():
+def _pretrained_dir(key: str, name: str, valid: str, needs: tuple[str, ...] = ()) -> str:
+    """``name`` when it is a folder (from_pretrained's local files) holding one of ``needs``, else
+    a ValueError naming the config key and what is valid."""
+    folder = Path(name)
+    if not folder.is_dir():
         raise ValueError(f"{key}={name!r}: no such folder; valid: {valid}, or a local folder "
                          "saved with save_pretrained")
+    if needs and not any((folder / f).is_file() for f in needs):
+        raise ValueError(f"{key}={name!r}: the folder holds none of {', '.join(needs)}; valid: "
+                         f"{valid}, or a local folder saved with save_pretrained")
     return name
+
+
+TOKENIZER_FILES = ("tokenizer.json", "vocab.txt")
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json",
+                "pytorch_model.bin.index.json")
+
+
+def _from_pretrained(cls, key: str, folder: str):
+    """``cls.from_pretrained`` of a checked folder; what transformers refuses becomes a
+    ValueError naming the key."""
+    try:
+        return cls.from_pretrained(folder, local_files_only=True)
+    except Exception as err:  # noqa: BLE001 - OSError, ValueError, safetensors' own errors...
+        raise ValueError(f"{key}={folder!r}: transformers cannot load it as a "
+                         f"{cls.__name__}: {' '.join(str(err).split())[:300]}") from None
 
 
 def load_tokenizer(cfg: ModelConfig) -> BertTokenizerFast:
     """The shipped tiny word-piece vocabulary, or a local from_pretrained directory."""
     if cfg.tokenizer:
-        folder = _pretrained_dir("model.tokenizer", cfg.tokenizer, "empty (the tiny vocabulary)")
-        return BertTokenizerFast.from_pretrained(folder, local_files_only=True)
+        folder = _pretrained_dir("model.tokenizer", cfg.tokenizer, "empty (the tiny vocabulary)",
+                                 TOKENIZER_FILES)
+        return _from_pretrained(BertTokenizerFast, "model.tokenizer", folder)
     if _is_path(cfg.text):
-        folder = _pretrained_dir("model.text", cfg.text, ", ".join(TEXT_PRESETS))
-        return BertTokenizerFast.from_pretrained(folder, local_files_only=True)
+        folder = _pretrained_dir("model.text", cfg.text, ", ".join(TEXT_PRESETS), TOKENIZER_FILES)
+        return _from_pretrained(BertTokenizerFast, "model.text", folder)
     # transformers 5 ignores vocab_file= silently (every word becomes [UNK]): pass the mapping.
     words = TINY_VOCAB.read_text(encoding="utf-8").splitlines()
     return BertTokenizerFast(vocab={w: i for i, w in enumerate(words)}, do_lower_case=True)
@@ -94,8 +114,8 @@ def build_visual(name: str) -> ResNetModel:
     if name in VISUAL_PRESETS:
         return ResNetModel(ResNetConfig(**VISUAL_PRESETS[name]))
     if _is_path(name):
-        folder = _pretrained_dir("model.visual", name, ", ".join(VISUAL_PRESETS))
-        return ResNetModel.from_pretrained(folder, local_files_only=True)
+        folder = _pretrained_dir("model.visual", name, ", ".join(VISUAL_PRESETS), WEIGHT_FILES)
+        return _from_pretrained(ResNetModel, "model.visual", folder)
     raise ValueError(f"model.visual={name!r}: use {', '.join(VISUAL_PRESETS)} or a local directory")
 
 
@@ -105,8 +125,8 @@ def build_text(name: str, vocab_size: int, dropout: float) -> BertModel:
                             attention_probs_dropout_prob=dropout, **TEXT_PRESETS[name])
         return BertModel(config)
     if _is_path(name):
-        folder = _pretrained_dir("model.text", name, ", ".join(TEXT_PRESETS))
-        return BertModel.from_pretrained(folder, local_files_only=True)
+        folder = _pretrained_dir("model.text", name, ", ".join(TEXT_PRESETS), WEIGHT_FILES)
+        return _from_pretrained(BertModel, "model.text", folder)
     raise ValueError(f"model.text={name!r}: use {', '.join(TEXT_PRESETS)} or a local directory")
 
 

@@ -80,7 +80,9 @@ class SamplingConfig:
     def __post_init__(self) -> None:
         fpc = self.frames_per_clip
         if isinstance(fpc, (list, tuple)):
-            if len(fpc) != 2 or not all(isinstance(x, (int, np.integer)) for x in fpc):
+            if len(fpc) != 2 or not all(
+                isinstance(x, (int, np.integer)) and not isinstance(x, bool) for x in fpc
+            ):
                 raise ValueError(
                     f"frames_per_clip={fpc!r}: give one integer B or a range [lo, hi] "
                     "of two integers"
@@ -89,14 +91,16 @@ class SamplingConfig:
             if not 1 <= lo <= hi:
                 raise ValueError(f"frames_per_clip={fpc!r}: the range needs 1 <= lo <= hi")
             object.__setattr__(self, "frames_per_clip", (lo, hi))
-        elif not isinstance(fpc, (int, np.integer)) or fpc < 1:
+        elif isinstance(fpc, bool) or not isinstance(fpc, (int, np.integer)) or fpc < 1:
             raise ValueError(
                 f"frames_per_clip={fpc!r}: must be an integer >= 1 or a range [lo, hi]"
             )
         for name in ("num_clips", "stride", "start_spacing", "min_frames", "eval_clips"):
             value = getattr(self, name)
-            if not isinstance(value, (int, np.integer)) or value < 1:
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
                 raise ValueError(f"{name}={value!r}: must be an integer >= 1")
+        if not isinstance(self.anchor_copies, (bool, np.bool_)):
+            raise ValueError(f"anchor_copies={self.anchor_copies!r}: expected true or false")
         _check_choice("pace", self.pace, PACES)
         _check_choice("short_video", self.short_video, SHORT_VIDEO_POLICIES)
         _check_choice("eval_placement", self.eval_placement, EVAL_PLACEMENTS)

@@ -41,7 +41,7 @@ import deepspeed  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from siasam_fast import ds_config  # noqa: E402
+from siasam_fast import ds_config, siamese  # noqa: E402
 from siasam_fast.config import Config, config_from_json, load_config  # noqa: E402
 from siasam_fast.data.annotations import load_annotations  # noqa: E402
 from siasam_fast.data.vocab import (  # noqa: E402
@@ -448,8 +448,27 @@ def _write_json(path: Path, value) -> None:
     tmp.replace(path)  # atomic: an interrupted save never leaves half a file
 
 
+RUN_STATE_KEYS = ("step", "epoch", "sampler", "config", "vocab")
+
+
+def read_run_state(tag_dir: Path) -> dict:
+    """A checkpoint's run_state.json, or a ValueError naming the file and what is wrong."""
+    path = tag_dir / "run_state.json"
+    if not path.is_file():
+        raise ValueError(f"checkpoint {tag_dir} has no run_state.json: not a checkpoint this "
+                         "package wrote, or a damaged one ('latest' may name a deleted tag)")
+    try:
+        state = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is damaged (not valid JSON: {err})") from None
+    missing = [k for k in RUN_STATE_KEYS if not isinstance(state, dict) or k not in state]
+    if missing:
+        raise ValueError(f"{path} is damaged: it lacks {', '.join(missing)}")
+    return state
+
+
 def load_run_state(tag_dir: Path, cfg: Config | None) -> dict:
-    state = json.loads((tag_dir / "run_state.json").read_text())
+    state = read_run_state(tag_dir)
     if cfg is not None:
         problems = config_mismatches(state["config"], cfg.to_dict())
         if problems:
@@ -477,12 +496,32 @@ def previous_run(out_dir: Path) -> list[str]:
     return found + [name for name in RUN_FILES if (out_dir / name).is_file()]
 
 
-def clear_previous_run(out_dir: Path) -> None:
-    """Delete what :func:`previous_run` finds (and the run's TensorBoard logs); nothing else."""
-    for name in RUN_FOLDERS:
-        shutil.rmtree(out_dir / name, ignore_errors=True)
-    for name in RUN_FILES:
-        (out_dir / name).unlink(missing_ok=True)
+def set_aside_previous_run(out_dir: Path) -> Path:
+    """Move what :func:`previous_run` finds (and the run's TensorBoard logs, config and answer
+    vocabulary) into ``out_dir/replaced-<UTC time>/``; returns that folder. Nothing else in
+    ``out_dir`` is touched."""
+    aside = out_dir / time.strftime("replaced-%Y%m%d-%H%M%S", time.gmtime())
+    aside.mkdir()
+    for name in (*RUN_FOLDERS, *RUN_FILES, "config.json", "ans2label.json"):
+        if (out_dir / name).exists():
+            (out_dir / name).rename(aside / name)
+    return aside
+
+
+def _same_dir(a: Path, b: Path) -> bool:
+    return a.resolve() == b.resolve()
+
+
+def check_siamese_impl(impl: str, device: torch.device) -> None:
+    """siamese.impl (and the SIASAM_IMPL variable) checked before the run starts, not at its
+    first step."""
+    env = os.environ.get(siamese.IMPL_ENV, "").strip().lower()
+    if env and env not in siamese.IMPLS:
+        raise ValueError(f"environment variable {siamese.IMPL_ENV}={env!r}: valid values are "
+                         f"{', '.join(siamese.IMPLS)}")
+    if impl == "triton" and device.type != "cuda" and not siamese._interpreting():
+        raise ValueError("siamese.impl=triton needs a CUDA GPU (or TRITON_INTERPRET=1 for the "
+                         "Triton interpreter on CPU); use siamese.impl=auto or reference")
 
 
 class MetricsLog:
@@ -566,11 +605,14 @@ def train(argv: list[str] | None = None, prog: str | None = None) -> int:
     # Nothing is written into out_dir until the config, data, model and checkpoint have been
     # checked (a failed start leaves a previous run's files as they were), and another run's
     # checkpoints and metrics are never replaced by mistake.
-    held = [] if args.resume else previous_run(out_dir)
+    resuming_here = args.resume is not None and (
+        args.resume == "auto" or _same_dir(resolve_checkpoint(args.resume).parent.parent, out_dir))
+    held = [] if resuming_here else previous_run(out_dir)
     if held and not cfg.train.overwrite:
         raise ValueError(f"train.out_dir={out_dir} holds another run ({'; '.join(held)}): "
                          "continue it with --resume auto, choose another train.out_dir, or "
                          "replace it with --set train.overwrite=true")
+    check_siamese_impl(cfg.siamese.impl, device)
     seed_everything(cfg.train.seed, rank)
     torch.backends.cudnn.benchmark = cfg.train.cudnn_benchmark and device.type == "cuda"
 
@@ -584,7 +626,10 @@ def train(argv: list[str] | None = None, prog: str | None = None) -> int:
     if args.resume:
         tag_dir = resolve_checkpoint(out_dir if args.resume == "auto" else args.resume)
     elif cfg.train.init_from:
-        init_dir = resolve_checkpoint(cfg.train.init_from)
+        try:
+            init_dir = resolve_checkpoint(cfg.train.init_from)
+        except FileNotFoundError as err:
+            raise ValueError(f"train.init_from: {err}") from None
     for ckpt in (tag_dir, init_dir):  # the answer vocabulary the checkpoint was trained with
         if ckpt is not None and (ckpt.parent.parent / "ans2label.json").is_file():
             saved_vocab = load_ans2label(ckpt.parent.parent / "ans2label.json")
@@ -631,10 +676,12 @@ def train(argv: list[str] | None = None, prog: str | None = None) -> int:
             start_epoch += 1
         else:  # mid-epoch: the epoch's running loss sums continue
             resumed_sums = state.get("epoch_sums", {})
+    replaced = None  # the previous run, moved aside until this one has saved a checkpoint
     if rank0:  # the start has been checked: now the run's folder is written
         if held:
-            clear_previous_run(out_dir)
-            print(f"train.overwrite: replaced the previous run in {out_dir} ({'; '.join(held)})")
+            replaced = set_aside_previous_run(out_dir)
+            print(f"train.overwrite: moved the previous run in {out_dir} ({'; '.join(held)}) to "
+                  f"{replaced}; it is deleted once this run has saved its first checkpoint")
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
         if data.ans2label:
@@ -648,6 +695,14 @@ def train(argv: list[str] | None = None, prog: str | None = None) -> int:
               f"{engine.zero_optimization_stage()}, {optimizer_name}; {len(train_loader.dataset)} "
               f"train examples, {steps_per_epoch} steps/epoch x {cfg.train.epochs} epochs; "
               f"siamese alpha={cfg.siamese.alpha} N={cfg.sampling.num_clips} -> {out_dir}")
+
+    def checkpoint(epoch: int) -> None:
+        nonlocal replaced
+        save_checkpoint(engine, out_dir, f"step{step}", run_state(epoch),
+                        cfg.train.keep_checkpoints, rank)
+        if replaced is not None:  # this run can be resumed now: the old one goes
+            shutil.rmtree(replaced, ignore_errors=True)
+            replaced = None
 
     def run_state(epoch: int) -> dict:
         return {"step": step, "epoch": epoch, "sampler": train_loader.state_dict(),
@@ -712,8 +767,7 @@ def train(argv: list[str] | None = None, prog: str | None = None) -> int:
             if step % max(1, cfg.train.log_every) == 0:
                 bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}")
             if cfg.train.save_every and step % cfg.train.save_every == 0:
-                save_checkpoint(engine, out_dir, f"step{step}", run_state(epoch),
-                                cfg.train.keep_checkpoints, rank)
+                checkpoint(epoch)
             if cfg.train.max_steps and step >= cfg.train.max_steps:
                 stop = True
                 break
@@ -721,8 +775,7 @@ def train(argv: list[str] | None = None, prog: str | None = None) -> int:
         bar.close()
         epoch_done = not stop or train_loader.sampler.position >= len(train_loader.sampler)
         if stop and not (cfg.train.save_every and step % cfg.train.save_every == 0):
-            save_checkpoint(engine, out_dir, f"step{step}", run_state(epoch),
-                            cfg.train.keep_checkpoints, rank)
+            checkpoint(epoch)
         if epoch_done:
             metrics = evaluate(engine, eval_loader, cfg, text, device, dtype,
                                desc=f"eval {eval_split}") if eval_loader is not None else {}
@@ -737,8 +790,7 @@ def train(argv: list[str] | None = None, prog: str | None = None) -> int:
                 print(f"epoch {epoch + 1}: train loss {row.get('train_loss', float('nan')):.4f}, "
                       f"{eval_split} {key} {metrics[key]:.4f}")
             if not stop:
-                save_checkpoint(engine, out_dir, f"step{step}", run_state(epoch),
-                                cfg.train.keep_checkpoints, rank)
+                checkpoint(epoch)
         if stop:
             break
 
@@ -770,7 +822,7 @@ def evaluate_checkpoint(checkpoint: str, config_path: str | None = None,
                         overrides: list[str] | None = None, split: str | None = None) -> dict:
     """``siasam-fast eval``: load a checkpoint's weights and evaluate one split."""
     tag_dir = resolve_checkpoint(checkpoint)
-    state = json.loads((tag_dir / "run_state.json").read_text())
+    state = read_run_state(tag_dir)
     saved = config_from_json(json.dumps(state["config"]))
     cfg = load_config(config_path, overrides) if config_path else \
         Config.from_dict(_apply(saved.to_dict(), overrides))

@@ -23,7 +23,7 @@ def test_values_take_the_type_of_their_key():
 @pytest.mark.parametrize("override, message", [
     ("train.batch_size=abc", "train.batch_size='abc': expected a whole number"),
     ("train.batch_size=1.5", "train.batch_size=1.5: expected a whole number"),
-    ("train.lr=abc", "train.lr='abc': expected a number"),
+    ("train.lr=abc", "train.lr='abc': expected a finite number"),
     ("siamese.skg=maybe", "siamese.skg='maybe': expected true or false"),
     ("data.dedup=abc", "data.dedup='abc': expected true or false"),
     ("data.options=3", "data.options=3: expected a mapping"),
@@ -47,6 +47,14 @@ def test_values_take_the_type_of_their_key():
     ("eval.split=foo", "eval.split='foo': valid values are val, test, none"),
     ("eval.num_clips=0", "eval.num_clips=0: must be >= 1"),
     ("eval.batch_size=0", "eval.batch_size=0: must be >= 1"),
+    ("train.lr=inf", "train.lr='inf': expected a finite number"),
+    ("train.lr=.inf", "train.lr=inf: expected a finite number"),
+    ("siamese.alpha=nan", "siamese.alpha='nan': expected a finite number"),
+    ("train.seed=-1", "train.seed=-1: must be >= 0"),
+    ("sampling.num_clips=0", "sampling.num_clips=0: must be an integer >= 1"),
+    ("sampling.num_clips=true", "sampling.num_clips=True: must be an integer >= 1"),
+    ("sampling.frames_per_clip=true", "sampling.frames_per_clip=True: must be an integer"),
+    ("sampling.anchor_copies=maybe", "sampling.anchor_copies='maybe': expected true or false"),
 ])
 def test_bad_values_name_the_key_and_what_is_valid(override, message):
     with pytest.raises(ValueError) as err:
@@ -88,3 +96,17 @@ def test_bad_files_are_one_line_errors(tmp_path):
         finalize({"zero_optimization": {"stage": 7}}, 4, 1.0, 1)
     with pytest.raises(ValueError, match=r"gradient_accumulation_steps='abc': must be a whole"):
         finalize({"gradient_accumulation_steps": "abc"}, 4, 1.0, 1)
+
+
+def test_model_folders_are_checked_before_loading(tmp_path):
+    from siasam_fast.config import ModelConfig
+    from siasam_fast.model import build_text, build_visual, load_tokenizer
+
+    (tmp_path / "notes.txt").write_text("not a model")
+    with pytest.raises(ValueError, match=r"model.tokenizer=.*holds none of tokenizer.json, vocab"):
+        load_tokenizer(ModelConfig(tokenizer=str(tmp_path)))
+    with pytest.raises(ValueError, match=r"model.visual=.*holds none of model.safetensors"):
+        build_visual(str(tmp_path))
+    (tmp_path / "model.safetensors").write_bytes(b"garbage")
+    with pytest.raises(ValueError, match=r"model.text=.*cannot load it as a BertModel"):
+        build_text(str(tmp_path), 100, 0.1)

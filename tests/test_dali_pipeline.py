@@ -561,6 +561,17 @@ def test_pipeline_benchmark_compares_whole_and_trimmed_files(manifest):
     assert all(r["videos"] >= 6 and r["videos_per_s"] > 0 for r in rows)
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="DALI's CPU decoder only")
+def test_explicit_dali_backend_refuses_codecs_it_cannot_decode_here(tmp_path):
+    from siasam_fast.pipeline.loaders import resolve_backend
+
+    write_index_video(tmp_path / "a.mp4", 12, codec="h264", size=32)
+    manifest = build_manifest(tmp_path, tmp_path / "manifest.jsonl", workers=1, progress=False)
+    with pytest.raises(ValueError, match=r"DALI's CPU decoder \(no GPU here\) cannot decode h264"):
+        resolve_backend("dali", manifest)
+    assert resolve_backend("auto", manifest) == "pyav"
+
+
 # -- GPU (NVDEC) -------------------------------------------------------------------------------
 
 

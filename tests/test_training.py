@@ -249,9 +249,18 @@ def test_a_failed_start_or_a_rerun_leaves_the_previous_run_as_it_was(synth, tmp_
         train(base_args(synth, out, "--set", "train.max_steps=1"))
     assert _snapshot(out) == before
 
-    # train.overwrite=true replaces it: no step of the old run is left.
+    # Resuming another run's checkpoint into this folder would mix the two: refused too.
+    other = tmp_path / "other"
+    train(base_args(synth, other, "--set", "train.max_steps=1"))
+    with pytest.raises(AssertionError, match=r"holds another run"):
+        train(base_args(synth, out, "--resume", str(other), "--set", "train.max_steps=2"))
+    assert _snapshot(out) == before
+
+    # train.overwrite=true replaces it: the old run is set aside until the new one has saved a
+    # checkpoint, then deleted; no step of it is left.
     proc = train(base_args(synth, out, "--set", "train.max_steps=1", "--set",
                            "train.overwrite=true"))
-    assert "replaced the previous run" in proc.stdout
+    assert "moved the previous run" in proc.stdout
     assert len(losses(out)) == 1
     assert sorted(p.name for p in (out / "checkpoints").iterdir() if p.is_dir()) == ["step1"]
+    assert not list(out.glob("replaced-*"))

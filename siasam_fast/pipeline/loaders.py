@@ -23,6 +23,7 @@ def dali_available() -> bool:
 
 # Codecs DALI's video decoder reads on the GPU (NVDEC); its CPU decoder reads VP8, VP9, MJPEG.
 DALI_GPU_CODECS = frozenset({"h264", "hevc", "vp8", "vp9", "mjpeg", "av1"})
+DALI_CPU_CODECS = frozenset({"vp8", "vp9", "mjpeg"})
 
 
 def resolve_backend(name: str, manifest: dict | None = None) -> str:
@@ -42,6 +43,14 @@ def resolve_backend(name: str, manifest: dict | None = None) -> str:
     if name == "dali" and not dali_available():
         raise ValueError("backend='dali' but nvidia-dali is not installed: pip install "
                          "'siasam-fast[gpu]' (CUDA 13) or 'siasam-fast[gpu-cu120]' (CUDA 12)")
+    if name == "dali":
+        codecs = {r.codec for r in (manifest or {}).values() if r.ok}
+        valid = DALI_GPU_CODECS if torch.cuda.is_available() else DALI_CPU_CODECS
+        unsupported = sorted(codecs - valid)
+        if unsupported:
+            where = "NVDEC" if torch.cuda.is_available() else "DALI's CPU decoder (no GPU here)"
+            raise ValueError(f"backend='dali': {where} cannot decode {', '.join(unsupported)} "
+                             f"(it reads {', '.join(sorted(valid))}); use backend=pyav or auto")
     return name
 
 
