@@ -12,25 +12,37 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
+
+from siasam_fast.benchutil import nonneg_int, positive_int
 
 # What a subcommand raises for bad arguments (before it writes anything): a one-line error, exit 2.
 USAGE_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError)
 # `siasam-fast demo`'s synthetic set (siasam_fast.demo.SYNTHETIC / QUICK_SYNTHETIC; a test keeps
 # them in step): the parser does not import the demo module.
 DEMO_VIDEOS, DEMO_QUICK_VIDEOS = 800, 24
+# Frame sizes the synthetic generator renders (SynthConfig.size; a test keeps them in step).
+FRAME_SIZES = (16, 1024)
+
+
+def frame_size(text: str) -> int:
+    """An argparse type: a synthetic frame size, an even integer in 16..1024."""
+    low, high = FRAME_SIZES
+    try:
+        value = int(text)
+    except (TypeError, ValueError):
+        value = None
+    if value is None or not low <= value <= high or value % 2:
+        raise argparse.ArgumentTypeError(
+            f"invalid value {text!r}: must be an even integer from {low} to {high}")
+    return value
 
 
 def _synth(args: argparse.Namespace) -> int:
-    from siasam_fast.data.synthetic import generate
+    from siasam_fast.data.synthetic import check_output_dir, generate
     from siasam_fast.pipeline.manifest import build_manifest
 
-    out_dir = Path(args.out)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise NotADirectoryError(
-            f"--out {args.out!r} is a file; give a folder (new, or one holding a synthetic set)")
-    if args.videos < 1:
-        raise ValueError(f"--videos {args.videos}: must be >= 1")
+    # --out: new, empty or a synthetic set (regenerated); never a file or someone else's folder.
+    check_output_dir(args.out, "--out")
     summary = generate(args.out, num_videos=args.videos, seed=args.seed, size=args.size,
                        workers=args.workers)
     out = f"{args.out}/manifest.jsonl"
@@ -89,17 +101,22 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("synth", help="generate the synthetic VideoQA set (and its manifest)")
     p.add_argument("--out", required=True,
-                   help="output folder: gets videos/, annotations/, meta.json, manifest.jsonl")
-    p.add_argument("--videos", type=int, default=400, help="number of videos (default 400)")
-    p.add_argument("--seed", type=int, default=0,
-                   help="random seed: the same seed gives the same set (default 0)")
-    p.add_argument("--size", type=int, default=64, help="frame size in pixels (default 64)")
-    p.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
+                   help="output folder: gets videos/, annotations/, meta.json, manifest.jsonl "
+                   "(new, empty, or holding a synthetic set, which is regenerated)")
+    p.add_argument("--videos", type=positive_int, default=400,
+                   help="number of videos (default 400)")
+    p.add_argument("--seed", type=nonneg_int, default=0,
+                   help="random seed, >= 0: the same seed gives the same set (default 0)")
+    p.add_argument("--size", type=frame_size, default=64,
+                   help="frame size in pixels, even, 16 to 1024 (default 64)")
+    p.add_argument("--workers", type=nonneg_int, default=None,
+                   help="processes (default: all cores)")
 
     p = sub.add_parser("index", help="probe every video once and write the manifest (JSONL)")
     p.add_argument("video_dir")
     p.add_argument("--out", required=True, help="manifest path, e.g. data/msrvtt/manifest.jsonl")
-    p.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
+    p.add_argument("--workers", type=nonneg_int, default=None,
+                   help="processes (default: all cores)")
     p.add_argument("--fast", action="store_true",
                    help="demux only (no full decode): faster, but misses corrupt frame data")
 
@@ -123,11 +140,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/demo",
                    help="folder for the synthetic set, both runs, summary.json and the plot "
                    "(default runs/demo)")
-    p.add_argument("--videos", type=int, default=None,
+    p.add_argument("--videos", type=positive_int, default=None,
                    help=f"synthetic videos (default {DEMO_VIDEOS}; "
                    f"{DEMO_QUICK_VIDEOS} with --quick)")
-    p.add_argument("--seed", type=int, default=0,
-                   help="seeds the synthetic set and both training runs (default 0)")
+    p.add_argument("--seed", type=nonneg_int, default=0,
+                   help="seeds the synthetic set and both training runs, >= 0 (default 0)")
     p.add_argument("--quick", action="store_true", help="a few steps only (smoke test)")
     return parser
 

@@ -96,19 +96,25 @@ def dataset_matches(data_dir: Path, seed: int, options: dict) -> bool:
 
 
 def ensure_dataset(data_dir: str | os.PathLike, seed: int, options: dict, workers: int = 2) -> Path:
-    """Generate the synthetic set and its manifest, unless ``data_dir`` already holds it."""
-    from siasam_fast.data.synthetic import generate
+    """Generate the synthetic set and its manifest, unless ``data_dir`` already holds it.
+
+    ``data_dir`` must be new, empty or a synthetic set (regenerated when it does not match):
+    a folder holding anything else is refused with a ValueError before anything is written."""
+    from siasam_fast.data.synthetic import check_output_dir, generate
     from siasam_fast.pipeline.manifest import build_manifest
 
     data_dir = Path(data_dir)
     if dataset_matches(data_dir, seed, options):
         print(f"demo: reusing the synthetic set in {data_dir}")
         return data_dir
+    check_output_dir(data_dir, "the demo's data folder")
     opts = dict(options)
     n = opts.pop("num_videos")
-    result = generate(data_dir, n, seed=seed, workers=workers, **opts)
     manifest = data_dir / "manifest.jsonl"
-    manifest.unlink(missing_ok=True)  # the videos were rewritten: probe them all again
+    # The videos are about to be rewritten: the old manifest goes first, so a generation cut short
+    # is never reused with it (generate also removes meta.json until it completes).
+    manifest.unlink(missing_ok=True)
+    result = generate(data_dir, n, seed=seed, workers=workers, **opts)
     build_manifest(data_dir / "videos", manifest, workers=workers)
     print(f"demo: synthetic set: {result}")
     return data_dir
@@ -334,20 +340,38 @@ def run_demo(
     synthetic videos; ``quick`` is a smoke test of the whole path (tiny set, one epoch). Returns
     what it writes to ``<out_dir>/summary.json``."""
     from siasam_fast.benchutil import environment, format_table
-    from siasam_fast.data.synthetic import eval_clip_sees_evidence, load_meta
+    from siasam_fast.data.synthetic import (
+        check_output_dir,
+        eval_clip_sees_evidence,
+        file_in_the_way,
+        load_meta,
+    )
 
     started = time.perf_counter()
     out = Path(out_dir).resolve()
-    out.mkdir(parents=True, exist_ok=True)
+    # Arguments first, then the folder is written.
+    blocker = file_in_the_way(out)
+    if blocker is not None:
+        where = "is a file" if blocker == out else f"is inside {str(blocker)!r}, a file"
+        raise NotADirectoryError(
+            f"{str(out_dir)!r} {where}, not a folder: give --out a new folder or one an earlier "
+            "demo wrote"
+        )
     config = Path(config or DEMO_CONFIG)
     if not config.is_file():
         raise FileNotFoundError(
             f"demo config {str(config)!r} does not exist (run from a checkout "
             "of the repository, which holds configs/demo.yaml)"
         )
+    if videos is not None and int(videos) < 1:
+        raise ValueError(f"videos={videos}: must be >= 1")
+    if int(seed) < 0:
+        raise ValueError(f"seed={seed}: must be >= 0")
+    options = synthetic_options(videos, quick)
+    check_output_dir(out / "data", "the demo's data folder")
+    out.mkdir(parents=True, exist_ok=True)
     seconds: dict[str, float] = {}
 
-    options = synthetic_options(videos, quick)
     t = time.perf_counter()
     data_dir = ensure_dataset(out / "data", seed, options)
     seconds["data"] = time.perf_counter() - t

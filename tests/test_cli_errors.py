@@ -34,6 +34,45 @@ def assert_usage_error(code, err, command, *fragments):
         assert fragment in err, (fragment, err)
 
 
+def assert_argument_error(code, err, command, option, value, *fragments):
+    """argparse refused ``option value``: exit 2, its usage line and one error line naming both."""
+    assert code == 2, err
+    assert "Traceback" not in err, err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith(
+        f"siasam-fast {command}: error: argument {option}: invalid value {str(value)!r}"), err
+    for fragment in fragments:
+        assert fragment in last, (fragment, err)
+
+
+def snapshot(folder):
+    """Every entry under ``folder``: file bytes, or None for a folder."""
+    return {str(p.relative_to(folder)): None if p.is_dir() else p.read_bytes()
+            for p in sorted(folder.rglob("*"))}
+
+
+def users_folder(tmp_path):
+    """A folder of the user's own files, laid out like a synthetic set but not made by it."""
+    folder = tmp_path / "userdir"
+    (folder / "annotations").mkdir(parents=True)
+    (folder / "annotations" / "train_qa.json").write_text('[{"answer": "mine", "id": 7}]')
+    (folder / "notes.txt").write_text("keep me")
+    return folder
+
+
+@pytest.fixture
+def no_demo_work(monkeypatch):
+    """The demo fails loudly (not slowly) if it gets past its argument checks."""
+    from siasam_fast import demo
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the demo started working before its arguments were checked")
+
+    monkeypatch.setattr(demo, "ensure_dataset", refuse)
+    monkeypatch.setattr(demo, "run_training", refuse)
+    return demo
+
+
 @pytest.fixture
 def videos(tmp_path):
     """A folder of two tiny videos and its (24-video-like) manifest next to it."""
@@ -153,9 +192,153 @@ def test_synth_out_is_a_file(capsys, tmp_path):
     code, _, err = run_cli(capsys, "synth", "--out", victim, "--videos", 2, "--workers", 1)
     assert_usage_error(code, err, "synth", "--out", "notes.txt", "is a file")
     assert victim.read_text() == "keep me"
-    code, _, err = run_cli(capsys, "synth", "--out", tmp_path / "new", "--videos", 0)
-    assert_usage_error(code, err, "synth", "--videos 0", ">= 1")
+    code, _, err = run_cli(capsys, "synth", "--out", victim / "sub", "--videos", 2)
+    assert_usage_error(code, err, "synth", "notes.txt', a file")
+    assert victim.read_text() == "keep me"
+
+
+@pytest.mark.parametrize("option, value, valid", [
+    ("--videos", 0, ">= 1"), ("--videos", -2, ">= 1"), ("--videos", "ten", ">= 1"),
+    ("--size", 63, "even integer from 16 to 1024"), ("--size", 8, "16 to 1024"),
+    ("--size", 2048, "16 to 1024"), ("--seed", -1, ">= 0"), ("--workers", -1, ">= 0"),
+])
+def test_synth_bad_values_refused_before_anything_is_written(capsys, tmp_path, option, value,
+                                                             valid):
+    code, _, err = run_cli(capsys, "synth", "--out", tmp_path / "new", option, value)
+    assert_argument_error(code, err, "synth", option, value, valid)
     assert not (tmp_path / "new").exists()
+    # The module's own command checks the same values.
+    from siasam_fast.data import synthetic
+
+    with pytest.raises(SystemExit) as exit_info:
+        synthetic.main(["--out", str(tmp_path / "new"), option, str(value)])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "Traceback" not in err
+    assert f"argument {option}: invalid value {str(value)!r}" in err and valid in err
+    assert not (tmp_path / "new").exists()
+
+
+def test_frame_size_check_agrees_with_the_generator():
+    import argparse
+
+    from siasam_fast.data.synthetic import SynthConfig
+
+    for size in (2, 14, 15, 16, 17, 48, 63, 64, 1022, 1024, 1025, 1026):
+        try:
+            SynthConfig(size=size)
+            generator_ok = True
+        except ValueError:
+            generator_ok = False
+        try:
+            cli.frame_size(str(size))
+            cli_ok = True
+        except argparse.ArgumentTypeError:
+            cli_ok = False
+        assert cli_ok == generator_ok, size
+
+
+def test_synth_never_writes_into_someone_elses_folder(capsys, tmp_path):
+    from siasam_fast.data import synthetic
+
+    folder = users_folder(tmp_path)
+    before = snapshot(folder)
+    code, _, err = run_cli(capsys, "synth", "--out", folder, "--videos", 2, "--size", 32,
+                           "--workers", 1)
+    assert_usage_error(code, err, "synth", f"--out {str(folder)!r}", "not a synthetic set",
+                       "new or empty folder")
+    assert snapshot(folder) == before
+
+    with pytest.raises(SystemExit) as exit_info:
+        synthetic.main(["--out", str(folder), "--videos", "2", "--size", "32", "--workers", "1"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "Traceback" not in err
+    assert err.strip().splitlines() == [
+        f"python -m siasam_fast.data.synthetic: error: --out {str(folder)!r} is a folder holding "
+        "other files, not a synthetic set (it has no meta.json written by "
+        "siasam_fast.data.synthetic): refusing to write into it; give a new or empty folder, or "
+        "one holding a synthetic set"]
+    assert snapshot(folder) == before
+
+    # A meta.json of someone else's is no mark either.
+    (folder / "meta.json").write_text('{"project": "mine"}')
+    before = snapshot(folder)
+    code, _, err = run_cli(capsys, "synth", "--out", folder, "--videos", 2, "--workers", 1)
+    assert_usage_error(code, err, "synth", "not a synthetic set")
+    assert snapshot(folder) == before
+
+
+def test_synth_writes_into_new_empty_and_synthetic_folders(capsys, tmp_path):
+    from siasam_fast.data.synthetic import IN_PROGRESS, load_meta
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    for folder, videos in [(tmp_path / "new" / "set", 2), (empty, 2), (empty, 3)]:  # 3: again
+        code, out, err = run_cli(capsys, "synth", "--out", folder, "--videos", videos, "--size",
+                                 16, "--workers", 1)
+        assert code == 0, err
+        assert f"manifest {folder}/manifest.jsonl: {videos}/{videos} videos ok" in out
+        assert load_meta(folder)["num_videos"] == videos and not (folder / IN_PROGRESS).exists()
+    assert sorted(p.name for p in (empty / "videos").iterdir()) == [
+        "video0.mp4", "video1.mp4", "video2.mp4"]
+
+    # A generation cut short (its in-progress mark, no meta.json yet) is generated again.
+    (empty / "meta.json").unlink()
+    (empty / IN_PROGRESS).write_text('{"generator": "siasam_fast.data.synthetic"}')
+    code, _, err = run_cli(capsys, "synth", "--out", empty, "--videos", 2, "--size", 16,
+                           "--workers", 1)
+    assert code == 0, err
+    assert load_meta(empty)["num_videos"] == 2 and not (empty / IN_PROGRESS).exists()
+
+
+# ----------------------------------------------------------------------------------------------
+# demo
+
+
+@pytest.mark.parametrize("option, value, valid", [
+    ("--seed", -1, ">= 0"), ("--seed", "x", ">= 0"), ("--videos", 0, ">= 1"),
+    ("--videos", -5, ">= 1"),
+])
+def test_demo_bad_values_refused_before_anything_is_written(capsys, tmp_path, no_demo_work,
+                                                            option, value, valid):
+    code, _, err = run_cli(capsys, "demo", "--out", tmp_path / "runs" / "demo", "--quick",
+                           option, value)
+    assert_argument_error(code, err, "demo", option, value, valid)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_demo_out_is_a_file(capsys, tmp_path, no_demo_work):
+    victim = tmp_path / "demofile"
+    victim.write_bytes(b"keep me\n")
+    code, _, err = run_cli(capsys, "demo", "--out", victim, "--quick")
+    assert_usage_error(code, err, "demo", str(victim), "is a file", "give --out a new folder")
+    code, _, err = run_cli(capsys, "demo", "--out", victim / "inside", "--quick")
+    assert_usage_error(code, err, "demo", f"is inside {str(victim)!r}, a file")
+    assert victim.read_bytes() == b"keep me\n" and [p.name for p in tmp_path.iterdir()] == [
+        "demofile"]
+
+
+def test_demo_never_writes_into_someone_elses_data_folder(capsys, tmp_path, monkeypatch):
+    from siasam_fast import demo
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("training started")
+
+    monkeypatch.setattr(demo, "run_training", no_training)
+    out = tmp_path / "project"
+    users_folder(out)
+    (out / "userdir").rename(out / "data")
+    before = snapshot(out)
+    code, _, err = run_cli(capsys, "demo", "--out", out, "--quick")
+    assert_usage_error(code, err, "demo", f"data folder {str(out / 'data')!r}",
+                       "not a synthetic set")
+    assert snapshot(out) == before
+
+
+def test_index_bad_workers(capsys, videos, tmp_path):
+    folder, _ = videos
+    code, _, err = run_cli(capsys, "index", folder, "--out", tmp_path / "m.jsonl", "--workers", -1)
+    assert_argument_error(code, err, "index", "--workers", -1, ">= 0")
+    assert not (tmp_path / "m.jsonl").exists()
 
 
 def test_error_from_a_real_process(tmp_path):

@@ -182,3 +182,40 @@ def test_a_failed_training_raises_and_keeps_its_log(tmp_path, capfd):
     assert "step 1" in log.read_text() and "step 1" in capfd.readouterr().out
     ok = [sys.executable, "-c", "print('done')"]
     assert demo.run_training(ok, log) > 0 and log.read_text().strip() == "done"
+
+
+def test_regeneration_cut_short_is_never_reused_and_is_generated_again(tmp_path, monkeypatch):
+    """The demo regenerates its own set; a generation cut short leaves no meta.json or manifest
+    that could pass for the old set, and the next run generates it again."""
+    from siasam_fast.data import synthetic
+
+    data = tmp_path / "data"
+    options = {"num_videos": 2, "size": 16, "question_types": ["color", "flash"]}
+    demo.ensure_dataset(data, 0, options, workers=1)
+    assert demo.dataset_matches(data, 0, options)
+
+    def cut_short(job):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(synthetic, "_render_job", cut_short)
+        with pytest.raises(KeyboardInterrupt):
+            demo.ensure_dataset(data, 1, options, workers=1)
+    assert not (data / "meta.json").exists() and not (data / "manifest.jsonl").exists()
+    assert not demo.dataset_matches(data, 0, options)
+    assert synthetic.is_synthetic_set(data)  # still the generator's folder: it may write again
+    demo.ensure_dataset(data, 0, options, workers=1)
+    assert demo.dataset_matches(data, 0, options)
+    assert not (data / synthetic.IN_PROGRESS).exists()
+
+
+def test_a_data_folder_of_someone_elses_is_refused(tmp_path):
+    data = tmp_path / "data"
+    (data / "annotations").mkdir(parents=True)
+    (data / "annotations" / "train_qa.json").write_text("[]")
+    (data / "manifest.jsonl").write_text("mine\n")
+    with pytest.raises(ValueError, match="not a synthetic set"):
+        demo.ensure_dataset(data, 0, {"num_videos": 2, "size": 16}, workers=1)
+    assert (data / "manifest.jsonl").read_text() == "mine\n"
+    assert sorted(p.name for p in data.rglob("*")) == ["annotations", "manifest.jsonl",
+                                                       "train_qa.json"]

@@ -224,3 +224,30 @@ def test_bad_options_name_what_is_valid(tmp_path):
         SynthConfig(question_types=("colour",))
     with pytest.raises(ValueError, match="min_frames"):
         SynthConfig(min_frames=50, max_frames=40)
+
+
+def test_generate_writes_only_into_new_empty_or_synthetic_folders(tmp_path):
+    from siasam_fast.data.synthetic import IN_PROGRESS, check_output_dir, is_synthetic_set
+
+    theirs = tmp_path / "theirs"
+    (theirs / "videos").mkdir(parents=True)
+    (theirs / "videos" / "video0.mp4").write_bytes(b"their video")
+    with pytest.raises(ValueError, match=r"theirs' is a folder holding other files.*not a synth"):
+        generate(theirs, 2, 0, size=16, workers=1, progress=False)
+    assert [p.name for p in theirs.rglob("*")] == ["videos", "video0.mp4"]
+    assert (theirs / "videos" / "video0.mp4").read_bytes() == b"their video"
+    (theirs / "note").write_text("x")
+    with pytest.raises(NotADirectoryError, match="is a file"):
+        generate(theirs / "note", 2, 0, size=16, workers=1, progress=False)
+    with pytest.raises(ValueError, match="num_videos=0"):
+        generate(tmp_path / "none", 0, 0, size=16, workers=1, progress=False)
+    assert not (tmp_path / "none").exists()
+
+    ours = tmp_path / "ours"
+    check_output_dir(ours)  # new
+    ours.mkdir()
+    check_output_dir(ours)  # empty
+    generate(ours, 2, 0, size=16, workers=1, progress=False)
+    assert is_synthetic_set(ours) and not (ours / IN_PROGRESS).exists()
+    generate(ours, 3, 1, size=16, workers=1, progress=False)  # regenerated in place
+    assert json.loads((ours / "meta.json").read_text())["num_videos"] == 3

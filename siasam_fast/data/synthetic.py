@@ -766,6 +766,57 @@ def _write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+# How the generator marks a folder as its own: meta.json naming this generator (written last, once
+# the set is complete), or, while a generation runs or after one was cut short, the in-progress
+# file below (written first, removed once meta.json is written). Only such folders, empty ones and
+# new ones are written into: a folder holding anything else is someone's files.
+GENERATOR_NAME = "siasam_fast.data.synthetic"
+IN_PROGRESS = ".synthetic-in-progress.json"
+
+
+def _names_this_generator(path: Path) -> bool:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and data.get("generator") == GENERATOR_NAME
+
+
+def is_synthetic_set(folder: str | os.PathLike) -> bool:
+    """Whether ``folder`` was written by :func:`generate` (a complete set, or one whose
+    generation is running or was cut short)."""
+    folder = Path(folder)
+    return _names_this_generator(folder / "meta.json") or _names_this_generator(
+        folder / IN_PROGRESS)
+
+
+def file_in_the_way(folder: str | os.PathLike) -> Path | None:
+    """The file (``folder`` itself or one of its parents) that stops ``folder`` being a folder,
+    or None."""
+    folder = Path(folder)
+    for path in (folder, *folder.parents):
+        if path.exists():
+            return None if path.is_dir() else path
+    return None
+
+
+def check_output_dir(out_dir: str | os.PathLike, what: str = "out_dir") -> None:
+    """Raise unless :func:`generate` may write into ``out_dir``: a new folder, an empty one, or a
+    synthetic set (which is then regenerated). ``what`` names the argument in the message."""
+    path = Path(out_dir)
+    blocker = file_in_the_way(path)
+    if blocker is not None:
+        where = "is a file" if blocker == path else f"is inside {str(blocker)!r}, a file"
+        raise NotADirectoryError(
+            f"{what} {str(out_dir)!r} {where}; give a folder (new, or one holding a synthetic "
+            "set)")
+    if path.is_dir() and any(path.iterdir()) and not is_synthetic_set(path):
+        raise ValueError(
+            f"{what} {str(out_dir)!r} is a folder holding other files, not a synthetic set (it "
+            f"has no meta.json written by {GENERATOR_NAME}): refusing to write into it; give a "
+            "new or empty folder, or one holding a synthetic set")
+
+
 def generate(
     out_dir: str | os.PathLike,
     num_videos: int,
@@ -783,15 +834,31 @@ def generate(
     ``options`` are further :class:`SynthConfig` fields (``noise``, ``flash_on``, ...). ``workers``:
     render processes (default: the CPU count; 0 or 1 renders in this process). Old ``video<N>.mp4``
     files beyond this dataset are removed so the folder holds exactly one dataset.
+
+    ``out_dir`` must be new, empty or a synthetic set (:func:`check_output_dir`): a folder holding
+    anything else is refused (ValueError) before anything is written. While it runs, the folder
+    holds ``.synthetic-in-progress.json`` instead of ``meta.json``, so a set cut short is never
+    taken for a complete one and can be generated again.
     """
     cfg = SynthConfig.from_dict({"size": size, "min_frames": min_frames,
                                  "max_frames": max_frames, **options})
     started = time.perf_counter()
     out = Path(out_dir)
-    (out / "videos").mkdir(parents=True, exist_ok=True)
-    (out / "annotations").mkdir(parents=True, exist_ok=True)
+    check_output_dir(out)
+    if int(num_videos) < 1:
+        raise ValueError(f"num_videos={num_videos}: must be >= 1")
     videos = plan(int(num_videos), int(seed), cfg)
     open_qa, mc_qa = _annotations(videos, cfg)
+
+    # Checked and planned: now the folder is written. meta.json goes first (it describes the old
+    # videos, which are about to be replaced) and comes back last.
+    out.mkdir(parents=True, exist_ok=True)
+    _write_text(out / IN_PROGRESS, json.dumps({
+        "generator": GENERATOR_NAME, "version": GENERATOR_VERSION,
+        "note": "generation running or cut short; meta.json is written when it completes"}))
+    (out / "meta.json").unlink(missing_ok=True)
+    (out / "videos").mkdir(exist_ok=True)
+    (out / "annotations").mkdir(exist_ok=True)
 
     keep = {f"{v['video_id']}.mp4" for v in videos}
     for old in (out / "videos").glob("video*.mp4"):
@@ -827,6 +894,7 @@ def generate(
         )
     meta = _meta(videos, cfg, int(seed), open_qa, mc_qa)
     _write_text(out / "meta.json", json.dumps(meta, indent=1))
+    (out / IN_PROGRESS).unlink(missing_ok=True)
     return SyntheticSet(
         root=out,
         num_videos=len(videos),
@@ -858,7 +926,7 @@ def _progress(total: int, enabled: bool):
 def _meta(videos, cfg: SynthConfig, seed: int, open_qa: dict, mc_qa: dict) -> dict:
     vocab = sorted({a for q in cfg.question_types for a in cfg.answers(q)})
     return {
-        "generator": "siasam_fast.data.synthetic",
+        "generator": GENERATOR_NAME,
         "version": GENERATOR_VERSION,
         "seed": seed,
         "num_videos": len(videos),
@@ -1031,23 +1099,36 @@ def format_visibility(report: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    """``python -m siasam_fast.data.synthetic --out DIR``: generate, then print the analysis."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m siasam_fast.data.synthetic --out DIR``: generate, then print the analysis.
+
+    Bad values end with one line naming them (exit status 2) before anything is written."""
+    from siasam_fast.benchutil import nonneg_int, positive_int
+    from siasam_fast.cli import frame_size
+
+    parser = argparse.ArgumentParser(prog="python -m siasam_fast.data.synthetic",
+                                     description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True,
-                        help="output folder: gets videos/, annotations/ and meta.json")
-    parser.add_argument("--videos", type=int, default=400, help="number of videos (default 400)")
-    parser.add_argument("--seed", type=int, default=0,
-                        help="random seed: the same seed gives the same set (default 0)")
-    parser.add_argument("--size", type=int, default=64,
-                        help="frame height = width in pixels, even (default 64)")
-    parser.add_argument("--workers", type=int, default=None,
+                        help="output folder: gets videos/, annotations/ and meta.json (new, "
+                        "empty, or holding a synthetic set, which is regenerated)")
+    parser.add_argument("--videos", type=positive_int, default=400,
+                        help="number of videos (default 400)")
+    parser.add_argument("--seed", type=nonneg_int, default=0,
+                        help="random seed, >= 0: the same seed gives the same set (default 0)")
+    parser.add_argument("--size", type=frame_size, default=64,
+                        help="frame height = width in pixels, even, 16 to 1024 (default 64)")
+    parser.add_argument("--workers", type=nonneg_int, default=None,
                         help="render processes (default: all CPUs; 0 or 1: in this process)")
     args = parser.parse_args(argv)
-    result = generate(args.out, args.videos, args.seed, args.size, workers=args.workers)
+    try:
+        check_output_dir(args.out, "--out")
+        result = generate(args.out, args.videos, args.seed, args.size, workers=args.workers)
+    except (ValueError, NotADirectoryError) as err:
+        parser.exit(2, f"{parser.prog}: error: {err}\n")
     print(f"synthetic VideoQA: {result}")
     print(format_visibility(evidence_visibility(result)))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
