@@ -182,6 +182,10 @@ class Config:
 
     def __post_init__(self) -> None:
         _choice("task", self.task, TASKS)
+        if self.sampling.eval_clips != 1:
+            raise ValueError(f"sampling.eval_clips={self.sampling.eval_clips}: a run's clips per "
+                             "video at evaluation are set by eval.num_clips; leave "
+                             "sampling.eval_clips out")
 
     def to_dict(self) -> dict:
         return json.loads(json.dumps(dataclasses.asdict(self)))

@@ -55,6 +55,8 @@ def test_values_take_the_type_of_their_key():
     ("sampling.num_clips=true", "sampling.num_clips=True: must be an integer >= 1"),
     ("sampling.frames_per_clip=true", "sampling.frames_per_clip=True: must be an integer"),
     ("sampling.anchor_copies=maybe", "sampling.anchor_copies='maybe': expected true or false"),
+    ("sampling.eval_clips=4", "sampling.eval_clips=4: a run's clips per video at evaluation are "
+     "set by eval.num_clips"),
 ])
 def test_bad_values_name_the_key_and_what_is_valid(override, message):
     with pytest.raises(ValueError) as err:
