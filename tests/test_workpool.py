@@ -20,3 +20,15 @@ def test_a_crashing_item_fails_alone():
 
 def test_serial_when_one_worker():
     assert list(imap_isolated(abs, [-1, -2], workers=1, on_crash=None)) == [1, 2]
+
+
+def test_a_crash_seen_while_submitting_loses_no_item():
+    """A worker can die between one future finishing and the next submit (the pool is then
+    broken and refuses it): that item runs alone like the others. Many rounds make the race
+    likely; every item must come back once."""
+    for _ in range(3):
+        out = list(imap_isolated(square_or_die, range(24), workers=2, in_flight_per_worker=1,
+                                 on_crash=lambda x: ("crash", x)))
+        assert sorted(o for o in out if isinstance(o, int)) == [
+            x * x for x in range(24) if x != 3]
+        assert [o for o in out if not isinstance(o, int)] == [("crash", 3)]

@@ -41,7 +41,10 @@ def imap_isolated(fn: Callable, items: Iterable, workers: int, on_crash: Callabl
                     continue
                 if not crashed:
                     for nxt in _take(queue, 1):
-                        pending[pool.submit(fn, nxt)] = nxt
+                        try:
+                            pending[pool.submit(fn, nxt)] = nxt
+                        except BrokenProcessPool:  # a worker died since this future finished
+                            crashed.append(nxt)
         crashed += list(queue)
     for item in crashed:
         yield _run_alone(fn, item, on_crash, context)
