@@ -619,7 +619,7 @@ def run_variant(plan: Plan, cfg: Config, args, device: torch.device) -> dict:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     t_build = time.perf_counter()
-    data = load_data(vcfg, None)
+    data = load_data(vcfg)
     tokenizer = load_tokenizer(vcfg.model)
     usable = len(data.examples["train"])
     if usable < V:

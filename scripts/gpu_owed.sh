@@ -58,8 +58,16 @@ pack() {  # $KEEP/$1 -> $OUT/$1.tgz (written aside, then renamed: never half a t
     && [ -z "${2:-}" ] && say "packed $KEEP/$1 -> \$OUT/$1.tgz"
   cp "$LOG" "$OUT/owed.log"
 }
-packer() {  # pack part $1 every PACK_EVERY_S seconds until killed
-  while sleep "$PACK_EVERY_S"; do pack "$1" quiet; done
+packer() {  # pack part $1 every PACK_EVERY_S seconds until TERM
+  # On TERM a pack in progress finishes first (bash runs the trap after its foreground tar), so
+  # the final pack below never races a half-written one; the sleep is waited on in the background
+  # so that TERM ends it at once.
+  trap 'exit 0' TERM
+  while :; do
+    sleep "$PACK_EVERY_S" &
+    wait $!
+    pack "$1" quiet
+  done
 }
 for part in $PARTS; do
   [ -n "${MIN[$part]:-}" ] || {

@@ -55,9 +55,7 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         _choice("data.backend", self.backend, BACKENDS)
-        if self.decode_group < 1:
-            raise ValueError(f"data.decode_group={self.decode_group}: must be >= 1 (batches per "
-                             "DALI iteration)")
+        _at_least("data.decode_group", self.decode_group, 1, "batches per DALI iteration")
         _at_least("data.num_answers", self.num_answers, 1)
         _at_least("data.image_size", self.image_size, 8, "pixels")
         _at_least("data.num_workers", self.num_workers, 0)
@@ -204,6 +202,10 @@ class Config:
             if not isinstance(value, dict):
                 raise ValueError(f"config section {name!r} must be a mapping, got {value!r}")
             if section_type is SamplingConfig:
+                typed = {f.name: f for f in fields(SamplingConfig)
+                         if f.type in ("int", "float", "bool", "str", "float | None")}
+                value = {k: (v if k not in typed or (v is None and "None" in typed[k].type)
+                             else _typed(f"sampling.{k}", v, typed[k])) for k, v in value.items()}
                 try:
                     kwargs[name] = SamplingConfig.from_dict(value)
                 except ValueError as err:  # its messages name the bare field: add the section
@@ -239,6 +241,7 @@ def _typed(name: str, value: Any, f: dataclasses.Field) -> Any:
     key, the value and the type wanted. Numbers may come as strings: YAML reads ``1e-4`` (no dot)
     as one."""
     kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", "")
+    kind = kind.removesuffix(" | None")
     if kind == "bool":
         if isinstance(value, bool):
             return value

@@ -340,12 +340,8 @@ def run_demo(
     synthetic videos; ``quick`` is a smoke test of the whole path (tiny set, one epoch). Returns
     what it writes to ``<out_dir>/summary.json``."""
     from siasam_fast.benchutil import environment, format_table
-    from siasam_fast.data.synthetic import (
-        check_output_dir,
-        eval_clip_sees_evidence,
-        file_in_the_way,
-        load_meta,
-    )
+    from siasam_fast.data.synthetic import check_output_dir, eval_clip_sees_evidence, load_meta
+    from siasam_fast.paths import file_in_the_way
 
     started = time.perf_counter()
     out = Path(out_dir).resolve()

@@ -281,13 +281,14 @@ def _check_inputs(
         raise ValueError(f"reduction={reduction!r}: valid values are {REDUCTIONS}")
 
 
-def _interpreting() -> bool:
+def interpreting() -> bool:
+    """Whether TRITON_INTERPRET asks for the Triton interpreter (kernels on CPU tensors)."""
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def _triton_unsupported(features, logits, theta1, theta2, skg) -> str | None:
     """Why the fused kernels cannot run these inputs (None if they can)."""
-    if logits.device.type != "cuda" and not _interpreting():
+    if logits.device.type != "cuda" and not interpreting():
         # Checked before the import: the kernels must not be compiled for a GPU in a process
         # that may still turn on the interpreter.
         return (
@@ -328,14 +329,9 @@ def _triton_unsupported(features, logits, theta1, theta2, skg) -> str | None:
     return None
 
 
-def resolve_impl(impl: str, features, logits, theta1, theta2, skg: bool = True) -> str:
-    """'triton' or 'reference' for these inputs.
-
-    "auto" (or the ``SIASAM_IMPL`` environment variable, which overrides "auto" only) picks the
-    fused kernels for CUDA tensors they support and the reference otherwise (with a warning when a
-    CUDA input is outside the kernels' limits; float64 falls back silently, it is a testing dtype).
-    An explicit "triton" raises ValueError when the kernels cannot run the inputs.
-    """
+def requested_impl(impl: str) -> str:
+    """``impl`` with the ``SIASAM_IMPL`` environment variable applied (it overrides "auto" only);
+    a ValueError names a bad value of either."""
     if impl not in IMPLS:
         raise ValueError(f"impl={impl!r}: valid values are {IMPLS}")
     if impl == "auto":
@@ -345,6 +341,18 @@ def resolve_impl(impl: str, features, logits, theta1, theta2, skg: bool = True) 
                 f"environment variable {IMPL_ENV}={os.environ[IMPL_ENV]!r}: valid values are "
                 f"{IMPLS}"
             )
+    return impl
+
+
+def resolve_impl(impl: str, features, logits, theta1, theta2, skg: bool = True) -> str:
+    """'triton' or 'reference' for these inputs.
+
+    "auto" (or the ``SIASAM_IMPL`` environment variable, which overrides "auto" only) picks the
+    fused kernels for CUDA tensors they support and the reference otherwise (with a warning when a
+    CUDA input is outside the kernels' limits; float64 falls back silently, it is a testing dtype).
+    An explicit "triton" raises ValueError when the kernels cannot run the inputs.
+    """
+    impl = requested_impl(impl)
     if impl == "reference" or (impl == "auto" and logits.device.type != "cuda"):
         return "reference"  # (without importing Triton)
     reason = _triton_unsupported(features, logits, theta1, theta2, skg)

@@ -59,6 +59,7 @@ from siasam_fast.model import (  # noqa: E402
     task_scores,
     use_memory_format,
 )
+from siasam_fast.paths import file_in_the_way  # noqa: E402
 from siasam_fast.pipeline.loaders import build_video_loader  # noqa: E402
 from siasam_fast.pipeline.manifest import load_manifest  # noqa: E402
 
@@ -139,7 +140,7 @@ def _split_paths(spec: str) -> list[str]:
     return [p.strip() for p in spec.split(",") if p.strip()]
 
 
-def load_data(cfg: Config, out_dir: Path | None, ans2label: dict | None = None) -> Data:
+def load_data(cfg: Config, ans2label: dict | None = None) -> Data:
     """Annotations of every configured split, the answer vocabulary and the manifest."""
     d = cfg.data
     if not d.manifest:
@@ -175,8 +176,6 @@ def load_data(cfg: Config, out_dir: Path | None, ans2label: dict | None = None) 
             encoded = apply_answer_vocab(exs, ans2label, oov="drop" if split == "train" else "keep")
             examples[split] = encoded.examples
             labels[split] = encoded.labels
-    if out_dir is not None and ans2label:
-        save_ans2label(ans2label, out_dir / "ans2label.json")
     return Data(examples, labels, ans2label or {}, manifest)
 
 
@@ -515,13 +514,12 @@ def _same_dir(a: Path, b: Path) -> bool:
 def check_siamese_impl(impl: str, device: torch.device) -> None:
     """siamese.impl (and the SIASAM_IMPL variable) checked before the run starts, not at its
     first step."""
-    env = os.environ.get(siamese.IMPL_ENV, "").strip().lower()
-    if env and env not in siamese.IMPLS:
-        raise ValueError(f"environment variable {siamese.IMPL_ENV}={env!r}: valid values are "
-                         f"{', '.join(siamese.IMPLS)}")
-    if impl == "triton" and device.type != "cuda" and not siamese._interpreting():
-        raise ValueError("siamese.impl=triton needs a CUDA GPU (or TRITON_INTERPRET=1 for the "
-                         "Triton interpreter on CPU); use siamese.impl=auto or reference")
+    if siamese.requested_impl(impl) == "triton" and device.type != "cuda" \
+            and not siamese.interpreting():
+        raise ValueError(f"siamese.impl={impl} ({siamese.IMPL_ENV}="
+                         f"{os.environ.get(siamese.IMPL_ENV, '')!r}) asks for the Triton kernels, "
+                         "which need a CUDA GPU (or TRITON_INTERPRET=1 for the Triton interpreter "
+                         "on CPU); use siamese.impl=reference")
 
 
 class MetricsLog:
@@ -605,8 +603,14 @@ def train(argv: list[str] | None = None, prog: str | None = None) -> int:
     # Nothing is written into out_dir until the config, data, model and checkpoint have been
     # checked (a failed start leaves a previous run's files as they were), and another run's
     # checkpoints and metrics are never replaced by mistake.
-    resuming_here = args.resume is not None and (
-        args.resume == "auto" or _same_dir(resolve_checkpoint(args.resume).parent.parent, out_dir))
+    blocker = file_in_the_way(out_dir)
+    if blocker is not None:
+        raise ValueError(f"train.out_dir={str(out_dir)!r}: {str(blocker)!r} is a file, not a "
+                         "folder")
+    tag_dir = None
+    if args.resume:
+        tag_dir = resolve_checkpoint(out_dir if args.resume == "auto" else args.resume)
+    resuming_here = tag_dir is not None and _same_dir(tag_dir.parent.parent, out_dir)
     held = [] if resuming_here else previous_run(out_dir)
     if held and not cfg.train.overwrite:
         raise ValueError(f"train.out_dir={out_dir} holds another run ({'; '.join(held)}): "
@@ -622,10 +626,8 @@ def train(argv: list[str] | None = None, prog: str | None = None) -> int:
     precision = ds_config.precision_of(ds)
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[precision]
 
-    tag_dir = init_dir = saved_vocab = None
-    if args.resume:
-        tag_dir = resolve_checkpoint(out_dir if args.resume == "auto" else args.resume)
-    elif cfg.train.init_from:
+    init_dir = saved_vocab = None
+    if tag_dir is None and cfg.train.init_from:
         try:
             init_dir = resolve_checkpoint(cfg.train.init_from)
         except FileNotFoundError as err:
@@ -633,7 +635,7 @@ def train(argv: list[str] | None = None, prog: str | None = None) -> int:
     for ckpt in (tag_dir, init_dir):  # the answer vocabulary the checkpoint was trained with
         if ckpt is not None and (ckpt.parent.parent / "ans2label.json").is_file():
             saved_vocab = load_ans2label(ckpt.parent.parent / "ans2label.json")
-    data = load_data(cfg, None, ans2label=saved_vocab)
+    data = load_data(cfg, ans2label=saved_vocab)
     tokenizer = load_tokenizer(cfg.model)
     text = TextEncoder(tokenizer, cfg.task, cfg.data.max_question_len)
     train_loader = make_loader(cfg, data, "train", rank, world)
@@ -838,7 +840,7 @@ def evaluate_checkpoint(checkpoint: str, config_path: str | None = None,
     run_dir = tag_dir.parent.parent
     vocab_file = run_dir / "ans2label.json"
     ans2label = load_ans2label(vocab_file) if vocab_file.is_file() else None
-    data = load_data(cfg, None, ans2label=ans2label)
+    data = load_data(cfg, ans2label=ans2label)
     if split not in data.examples:
         raise ValueError(f"split {split!r} has no annotations in this config "
                          f"(data.{split} is empty)")

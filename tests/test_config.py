@@ -18,6 +18,12 @@ def test_values_take_the_type_of_their_key():
     assert cfg.data.dedup is False and cfg.siamese.skg is False
     assert cfg.train.batch_size == 4 and cfg.siamese.alpha == 1.0
     assert cfg.train.out_dir == "123"
+    cfg = load_config(BASE, ["sampling.preroll_temperature=1e-3", "sampling.keyframe_max_shift=4",
+                             "sampling.anchor_copies=false"])
+    assert cfg.sampling.preroll_temperature == 1e-3 and cfg.sampling.keyframe_max_shift == 4
+    assert cfg.sampling.anchor_copies is False
+    assert load_config(BASE, ["sampling.preroll_temperature=null"]).sampling.preroll_temperature \
+        is None
 
 
 @pytest.mark.parametrize("override, message", [
@@ -52,7 +58,7 @@ def test_values_take_the_type_of_their_key():
     ("siamese.alpha=nan", "siamese.alpha='nan': expected a finite number"),
     ("train.seed=-1", "train.seed=-1: must be >= 0"),
     ("sampling.num_clips=0", "sampling.num_clips=0: must be an integer >= 1"),
-    ("sampling.num_clips=true", "sampling.num_clips=True: must be an integer >= 1"),
+    ("sampling.num_clips=true", "sampling.num_clips=True: expected a whole number"),
     ("sampling.frames_per_clip=true", "sampling.frames_per_clip=True: must be an integer"),
     ("sampling.anchor_copies=maybe", "sampling.anchor_copies='maybe': expected true or false"),
     ("sampling.eval_clips=4", "sampling.eval_clips=4: a run's clips per video at evaluation are "

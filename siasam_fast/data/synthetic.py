@@ -86,6 +86,7 @@ from pathlib import Path
 
 import numpy as np
 
+from siasam_fast.paths import file_in_the_way
 from siasam_fast.sampling import SamplingConfig, sample_eval_clips, sample_siamese_clips
 
 GENERATOR_VERSION = 1
@@ -788,16 +789,6 @@ def is_synthetic_set(folder: str | os.PathLike) -> bool:
     folder = Path(folder)
     return _names_this_generator(folder / "meta.json") or _names_this_generator(
         folder / IN_PROGRESS)
-
-
-def file_in_the_way(folder: str | os.PathLike) -> Path | None:
-    """The file (``folder`` itself or one of its parents) that stops ``folder`` being a folder,
-    or None."""
-    folder = Path(folder)
-    for path in (folder, *folder.parents):
-        if path.exists():
-            return None if path.is_dir() else path
-    return None
 
 
 def check_output_dir(out_dir: str | os.PathLike, what: str = "out_dir") -> None:

@@ -31,10 +31,10 @@ def resolve_backend(name: str, manifest: dict | None = None) -> str:
     (TGIF's GIFs, say, it does not), else PyAV."""
     if name not in BACKENDS:
         raise ValueError(f"backend={name!r}: valid backends are {', '.join(BACKENDS)}")
+    codecs = {r.codec for r in (manifest or {}).values() if r.ok}
     if name == "auto":
         if not (torch.cuda.is_available() and dali_available()):
             return "pyav"
-        codecs = {r.codec for r in (manifest or {}).values() if r.ok}
         unsupported = sorted(codecs - DALI_GPU_CODECS)
         if unsupported:
             logger.warning("data.backend=auto: DALI cannot decode %s; using pyav", unsupported)
@@ -44,7 +44,6 @@ def resolve_backend(name: str, manifest: dict | None = None) -> str:
         raise ValueError("backend='dali' but nvidia-dali is not installed: pip install "
                          "'siasam-fast[gpu]' (CUDA 13) or 'siasam-fast[gpu-cu120]' (CUDA 12)")
     if name == "dali":
-        codecs = {r.codec for r in (manifest or {}).values() if r.ok}
         valid = DALI_GPU_CODECS if torch.cuda.is_available() else DALI_CPU_CODECS
         unsupported = sorted(codecs - valid)
         if unsupported:

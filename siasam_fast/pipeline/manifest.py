@@ -44,6 +44,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from siasam_fast.paths import file_in_the_way
 from siasam_fast.pipeline.workpool import imap_isolated
 
 logger = logging.getLogger(__name__)
@@ -339,13 +340,11 @@ def existing_manifest(path: str | os.PathLike) -> dict[str, VideoRecord]:
             f"manifest path {str(path)!r} is a folder; give a file path, "
             f"e.g. {str(path / 'manifest.jsonl')!r}"
         )
-    for parent in path.parents:
-        if parent.exists():
-            if not parent.is_dir():
-                raise NotADirectoryError(
-                    f"manifest path {str(path)!r}: {str(parent)!r} is a file, not a folder"
-                )
-            break
+    blocker = file_in_the_way(path.parent)
+    if blocker is not None:
+        raise NotADirectoryError(
+            f"manifest path {str(path)!r}: {str(blocker)!r} is a file, not a folder"
+        )
     if not path.exists():
         return {}
     if not path.is_file():

@@ -1,0 +1,16 @@
+"""Small path checks shared by the commands that write folders (no heavy imports)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def file_in_the_way(folder: str | os.PathLike) -> Path | None:
+    """The file (``folder`` itself or one of its parents) that stops ``folder`` being a folder,
+    or None."""
+    folder = Path(folder)
+    for path in (folder, *folder.parents):
+        if path.exists():
+            return None if path.is_dir() else path
+    return None
