@@ -48,6 +48,7 @@ import numpy as np
 import torch
 
 from siasam_fast.benchutil import (
+    DALI_TRIM_MODES,
     environment,
     format_table,
     nonneg_int,
@@ -576,7 +577,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--dali-trim",
-        choices=["off", "on", "both"],
+        choices=list(DALI_TRIM_MODES),
         default="off",
         help="DALI gets each file whole (off, the default), only the stretch its frames need "
         "(on: data.dali_trim), or both, compared",
@@ -676,7 +677,7 @@ def main(argv: list[str] | None = None) -> int:
         max_seconds=args.max_seconds,
         dali_threads=args.dali_threads,
         dali_groups=args.dali_groups,
-        dali_trims={"off": (False,), "on": (True,), "both": (False, True)}[args.dali_trim],
+        dali_trims=DALI_TRIM_MODES[args.dali_trim],
         log=lambda text: print(text, file=sys.stderr),
     )
     suffix = "_quick" if args.quick else ""

@@ -50,6 +50,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_pipeline, when
 from bench_pipeline import VideoSet, bench_examples, prepare_set  # noqa: E402 - not a copy
 
 from siasam_fast.benchutil import (  # noqa: E402
+    DALI_TRIM_MODES,
     environment,
     format_table,
     int_in_range,
@@ -191,7 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dali-groups", type=positive_int, nargs="+", default=[1],
                         help="DALI decode groups to measure (batches per DALI iteration; "
                         "default 1)")
-    parser.add_argument("--dali-trim", choices=("off", "on", "both"), default="off",
+    parser.add_argument("--dali-trim", choices=list(DALI_TRIM_MODES), default="off",
                         help="DALI gets each file whole (off, the default), only the stretch its "
                         "frames need (on: data.dali_trim), or both, compared")
     parser.add_argument("--encoder", choices=("auto", "cpu", "nvenc"), default="auto")
@@ -277,7 +278,7 @@ def main(argv: list[str] | None = None) -> int:
                 "anchor_choices": anchor_choices(records, cfg),
             }
             for backend, factory in backends.items():
-                trims = {"off": [False], "on": [True], "both": [False, True]}[args.dali_trim]
+                trims = DALI_TRIM_MODES[args.dali_trim]
                 runs = ([(w, 1, False) for w in worker_counts] if backend == "pyav"
                         else [(min(4, cpus), g, t) for g in args.dali_groups for t in trims])
                 for workers, group, trim in runs:

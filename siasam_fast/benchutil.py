@@ -185,3 +185,8 @@ def existing_file(text: str) -> Path:
         why = "is a folder" if path.is_dir() else "does not exist"
         raise argparse.ArgumentTypeError(f"{text!r} {why}: give an existing file")
     return path
+
+
+# --dali-trim of the pipeline benchmarks: which of whole files (False) and trimmed ones (True)
+# DALI decodes, in the order measured.
+DALI_TRIM_MODES = {"off": (False,), "on": (True,), "both": (False, True)}

@@ -14,9 +14,9 @@ import argparse
 import sys
 
 from siasam_fast.benchutil import nonneg_int, positive_int
+from siasam_fast.paths import USAGE_ERRORS
 
 # What a subcommand raises for bad arguments (before it writes anything): a one-line error, exit 2.
-USAGE_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError)
 # `siasam-fast demo`'s synthetic set (siasam_fast.demo.SYNTHETIC / QUICK_SYNTHETIC; a test keeps
 # them in step): the parser does not import the demo module.
 DEMO_VIDEOS, DEMO_QUICK_VIDEOS = 800, 24

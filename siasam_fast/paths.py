@@ -1,9 +1,13 @@
-"""Small path checks shared by the commands that write folders (no heavy imports)."""
+"""Small path checks shared by the commands that write folders, and the errors those commands
+report as one line (no heavy imports)."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
+
+# What a command reports as a one-line usage error (exit status 2): bad values and paths.
+USAGE_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError)
 
 
 def file_in_the_way(folder: str | os.PathLike) -> Path | None:

@@ -59,7 +59,7 @@ from siasam_fast.model import (  # noqa: E402
     task_scores,
     use_memory_format,
 )
-from siasam_fast.paths import file_in_the_way  # noqa: E402
+from siasam_fast.paths import USAGE_ERRORS, file_in_the_way  # noqa: E402
 from siasam_fast.pipeline.loaders import build_video_loader  # noqa: E402
 from siasam_fast.pipeline.manifest import load_manifest  # noqa: E402
 
@@ -589,7 +589,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     """Train; a bad config, path or checkpoint ends with one clear line (exit status 2)."""
     try:
         return train(argv, prog)
-    except (ValueError, FileNotFoundError) as err:
+    except USAGE_ERRORS as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
 

@@ -86,7 +86,7 @@ from pathlib import Path
 
 import numpy as np
 
-from siasam_fast.paths import file_in_the_way
+from siasam_fast.paths import USAGE_ERRORS, file_in_the_way
 from siasam_fast.sampling import SamplingConfig, sample_eval_clips, sample_siamese_clips
 
 GENERATOR_VERSION = 1
@@ -1114,7 +1114,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         check_output_dir(args.out, "--out")
         result = generate(args.out, args.videos, args.seed, args.size, workers=args.workers)
-    except (ValueError, NotADirectoryError) as err:
+    except USAGE_ERRORS as err:
         parser.exit(2, f"{parser.prog}: error: {err}\n")
     print(f"synthetic VideoQA: {result}")
     print(format_visibility(evidence_visibility(result)))

@@ -44,7 +44,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from siasam_fast.paths import file_in_the_way
+from siasam_fast.paths import USAGE_ERRORS, file_in_the_way
 from siasam_fast.pipeline.workpool import imap_isolated
 
 logger = logging.getLogger(__name__)
@@ -591,7 +591,7 @@ def main_index(argv: Sequence[str] | None = None) -> int:
             extensions=args.ext or VIDEO_EXTENSIONS,
             progress=not args.no_progress,
         )
-    except (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError) as err:
+    except USAGE_ERRORS as err:
         # Bad arguments: raised before anything is probed or written.
         parser.exit(2, f"{parser.prog}: error: {err}\n")
     print(build.summary())

@@ -50,6 +50,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from siasam_fast.paths import USAGE_ERRORS
 from siasam_fast.pipeline.manifest import (
     PROBE_MODES,
     VIDEO_EXTENSIONS,
@@ -748,7 +749,7 @@ def main_transcode(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return run_from_args(args)
-    except (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError) as err:
+    except USAGE_ERRORS as err:
         parser.exit(2, f"{parser.prog}: error: {err}\n")
 
 
