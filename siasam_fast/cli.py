@@ -94,23 +94,29 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_synth_options(parser: argparse.ArgumentParser, outputs: str) -> None:
+    """The synthetic generator's options (``siasam-fast synth`` and ``python -m
+    siasam_fast.data.synthetic``); ``outputs`` says what --out gets."""
+    parser.add_argument("--out", required=True,
+                        help=f"output folder: gets {outputs} (new, empty, or holding a synthetic "
+                        "set, which is regenerated)")
+    parser.add_argument("--videos", type=positive_int, default=400,
+                        help="number of videos (default 400)")
+    parser.add_argument("--seed", type=nonneg_int, default=0,
+                        help="random seed, >= 0: the same seed gives the same set (default 0)")
+    parser.add_argument("--size", type=frame_size, default=64,
+                        help="frame height = width in pixels, even, 16 to 1024 (default 64)")
+    parser.add_argument("--workers", type=nonneg_int, default=None,
+                        help="render processes (default: all CPUs; 0 or 1: in this process)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="siasam-fast", description="Fast SiaSamRea training for VideoQA.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("synth", help="generate the synthetic VideoQA set (and its manifest)")
-    p.add_argument("--out", required=True,
-                   help="output folder: gets videos/, annotations/, meta.json, manifest.jsonl "
-                   "(new, empty, or holding a synthetic set, which is regenerated)")
-    p.add_argument("--videos", type=positive_int, default=400,
-                   help="number of videos (default 400)")
-    p.add_argument("--seed", type=nonneg_int, default=0,
-                   help="random seed, >= 0: the same seed gives the same set (default 0)")
-    p.add_argument("--size", type=frame_size, default=64,
-                   help="frame size in pixels, even, 16 to 1024 (default 64)")
-    p.add_argument("--workers", type=nonneg_int, default=None,
-                   help="processes (default: all cores)")
+    add_synth_options(p, "videos/, annotations/, meta.json, manifest.jsonl")
 
     p = sub.add_parser("index", help="probe every video once and write the manifest (JSONL)")
     p.add_argument("video_dir")

@@ -1094,22 +1094,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     """``python -m siasam_fast.data.synthetic --out DIR``: generate, then print the analysis.
 
     Bad values end with one line naming them (exit status 2) before anything is written."""
-    from siasam_fast.benchutil import nonneg_int, positive_int
-    from siasam_fast.cli import frame_size
+    from siasam_fast.cli import add_synth_options
 
     parser = argparse.ArgumentParser(prog="python -m siasam_fast.data.synthetic",
                                      description=__doc__.splitlines()[0])
-    parser.add_argument("--out", required=True,
-                        help="output folder: gets videos/, annotations/ and meta.json (new, "
-                        "empty, or holding a synthetic set, which is regenerated)")
-    parser.add_argument("--videos", type=positive_int, default=400,
-                        help="number of videos (default 400)")
-    parser.add_argument("--seed", type=nonneg_int, default=0,
-                        help="random seed, >= 0: the same seed gives the same set (default 0)")
-    parser.add_argument("--size", type=frame_size, default=64,
-                        help="frame height = width in pixels, even, 16 to 1024 (default 64)")
-    parser.add_argument("--workers", type=nonneg_int, default=None,
-                        help="render processes (default: all CPUs; 0 or 1: in this process)")
+    add_synth_options(parser, "videos/, annotations/ and meta.json")
     args = parser.parse_args(argv)
     try:
         check_output_dir(args.out, "--out")
