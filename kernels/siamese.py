@@ -453,16 +453,27 @@ def config_override(value: str | None) -> dict:
 def _tuned_table(path: str) -> dict:
     """A JSON file of launch settings measured on named GPUs (written by
     ``bench_kernels.py --sweep-configs``): {device name: {"2" | "4" (bytes per logit):
-    {"fwd": {...}, "bwd": {...}}}}. A missing or unreadable file is an empty table."""
+    {"fwd": {...}, "bwd": {...}}}}. The shipped file, if missing, is an empty table; a file named
+    by the environment variable must exist; either must hold that mapping."""
     import json
 
     try:
-        return json.loads(Path(path).read_text())
+        table = json.loads(Path(path).read_text())
     except FileNotFoundError:
+        if os.environ.get(TUNED_ENV):
+            raise ValueError(f"{TUNED_ENV}={path}: no such file (unset it to use the shipped "
+                             "table)") from None
         return {}
     except (OSError, ValueError) as err:
         raise ValueError(f"{TUNED_ENV} / {path}: not a readable JSON table of launch settings "
                          f"({err})") from None  # fmt: skip
+    if not isinstance(table, dict) or not all(  # "_..." keys are notes
+            k.startswith("_") or (isinstance(v, dict) and all(isinstance(x, dict)
+                                                               for x in v.values()))
+            for k, v in table.items()):
+        raise ValueError(f"{TUNED_ENV} / {path}: expected {{GPU name: {{'2' | '4': {{'fwd': "
+                         "{...}, 'bwd': {...}}}}}}, as bench_kernels.py --sweep-configs writes")
+    return table
 
 
 def _tuned_settings(V: int, K: int, element_size: int, device: torch.device, kind: str) -> dict:

@@ -378,6 +378,15 @@ def test_tuned_table_applies_to_its_gpu_and_regime(monkeypatch, tmp_path):
     want = r"wrong.json: tuned launch settings \(fwd, 2-byte logits\) of FakeGPU: .*'tile=3'"
     with pytest.raises(ValueError, match=want):
         ks._launch_settings(8, 768, 4096, gpu, "fwd", 2)
+    listing = tmp_path / "listing.json"
+    listing.write_text("[1, 2]")
+    monkeypatch.setenv(ks.TUNED_ENV, str(listing))
+    with pytest.raises(ValueError, match=r"listing.json: expected \{GPU name"):
+        ks._launch_settings(8, 768, 4096, gpu, "fwd", 2)
+    monkeypatch.setenv(ks.TUNED_ENV, str(tmp_path / "missing.json"))
+    with pytest.raises(ValueError, match=r"missing.json: no such file"):
+        ks._launch_settings(8, 768, 4096, gpu, "fwd", 2)
+    assert ks._tuned_table(str(ks.TUNED_FILE))  # the shipped table, its "_about" note included
 
 
 def test_shipped_tuned_table_is_valid():
