@@ -16,3 +16,18 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import pytest  # noqa: E402
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.fixture
+def two_videos(tmp_path):
+    """A folder of two tiny videos (H.264 and MJPEG) and its manifest: (folder, manifest path)."""
+    from videos import video_path, write_index_video
+
+    from siasam_fast.pipeline.manifest import build_manifest
+
+    folder = tmp_path / "two"
+    write_index_video(video_path(folder, "a", "h264"), 10, "h264", size=16)
+    write_index_video(video_path(folder, "b", "mjpeg"), 5, "mjpeg", size=16)
+    out = tmp_path / "two.jsonl"
+    build_manifest(folder, out, workers=1, progress=False)
+    return folder, out

@@ -7,11 +7,10 @@ import sys
 import av
 import pytest
 from subprocess_env import cpu_env
-from videos import video_path, write_index_video
 
 from siasam_fast import cli
 from siasam_fast.pipeline import manifest as manifest_module
-from siasam_fast.pipeline.manifest import build_manifest, load_manifest
+from siasam_fast.pipeline.manifest import load_manifest
 
 HAS_NVENC = "h264_nvenc" in av.codecs_available
 
@@ -73,17 +72,6 @@ def no_demo_work(monkeypatch):
     return demo
 
 
-@pytest.fixture
-def videos(tmp_path):
-    """A folder of two tiny videos and its (24-video-like) manifest next to it."""
-    folder = tmp_path / "videos"
-    write_index_video(video_path(folder, "a", "h264"), 10, "h264", size=16)
-    write_index_video(video_path(folder, "b", "mjpeg"), 5, "mjpeg", size=16)
-    manifest = tmp_path / "existing.jsonl"
-    build_manifest(folder, manifest, workers=1, progress=False)
-    return folder, manifest
-
-
 # ----------------------------------------------------------------------------------------------
 # index
 
@@ -94,8 +82,8 @@ def test_index_missing_folder(capsys, tmp_path):
     assert not (tmp_path / "m.jsonl").exists()
 
 
-def test_index_out_is_a_folder_checked_before_probing(capsys, videos, tmp_path, monkeypatch):
-    folder, _ = videos
+def test_index_out_is_a_folder_checked_before_probing(capsys, two_videos, tmp_path, monkeypatch):
+    folder, _ = two_videos
 
     def probe(*args, **kwargs):
         raise AssertionError("probed before --out was checked")
@@ -107,8 +95,8 @@ def test_index_out_is_a_folder_checked_before_probing(capsys, videos, tmp_path, 
     assert list((tmp_path / "somedir").iterdir()) == []
 
 
-def test_index_never_overwrites_a_file_that_is_not_a_manifest(capsys, videos, tmp_path):
-    folder, _ = videos
+def test_index_never_overwrites_a_file_that_is_not_a_manifest(capsys, two_videos, tmp_path):
+    folder, _ = two_videos
     victim = tmp_path / "victim.yaml"
     victim.write_text("train:\n  epochs: 3\n")
     code, out, err = run_cli(capsys, "index", folder, "--out", victim, "--workers", 1)
@@ -118,8 +106,8 @@ def test_index_never_overwrites_a_file_that_is_not_a_manifest(capsys, videos, tm
     assert victim.read_text() == "train:\n  epochs: 3\n"
 
 
-def test_index_empty_folder_keeps_the_existing_manifest(capsys, videos, tmp_path):
-    _, manifest = videos
+def test_index_empty_folder_keeps_the_existing_manifest(capsys, two_videos, tmp_path):
+    _, manifest = two_videos
     before = manifest.read_bytes()
     (tmp_path / "empty").mkdir()
     code, _, err = run_cli(capsys, "index", tmp_path / "empty", "--out", manifest)
@@ -127,8 +115,8 @@ def test_index_empty_folder_keeps_the_existing_manifest(capsys, videos, tmp_path
     assert manifest.read_bytes() == before and len(load_manifest(manifest)) == 2
 
 
-def test_index_updates_a_manifest(capsys, videos):
-    folder, manifest = videos
+def test_index_updates_a_manifest(capsys, two_videos):
+    folder, manifest = two_videos
     code, out, _ = run_cli(capsys, "index", folder, "--out", manifest, "--workers", 1)
     assert code == 0 and "2 ok, 0 corrupt" in out
 
@@ -137,8 +125,8 @@ def test_index_updates_a_manifest(capsys, videos):
 # transcode
 
 
-def test_transcode_preset_typo_leaves_a_complete_dst_byte_identical(capsys, videos, tmp_path):
-    folder, _ = videos
+def test_transcode_preset_typo_leaves_a_complete_dst_byte_identical(capsys, two_videos, tmp_path):
+    folder, _ = two_videos
     dst = tmp_path / "dst"
     common = ["--workers", 1, "--encoder", "cpu", "--no-progress"]
     code, out, _ = run_cli(capsys, "transcode", folder, dst, "--gop", 4, *common)
@@ -170,12 +158,12 @@ def test_transcode_missing_and_empty_source(capsys, tmp_path):
 
 
 @pytest.mark.skipif(not HAS_NVENC, reason="this FFmpeg has no NVENC encoder")
-def test_transcode_nvenc_without_a_gpu(capsys, videos, tmp_path):
+def test_transcode_nvenc_without_a_gpu(capsys, two_videos, tmp_path):
     from siasam_fast.pipeline.transcode import nvenc_available
 
     if nvenc_available("h264")[0]:
         pytest.skip("NVENC works here")
-    folder, _ = videos
+    folder, _ = two_videos
     code, _, err = run_cli(capsys, "transcode", folder, tmp_path / "out", "--gop", 16,
                            "--encoder", "nvenc", "--no-progress")
     assert_usage_error(code, err, "transcode", "encoder='nvenc' asked for", "encoder='cpu'")
@@ -334,8 +322,8 @@ def test_demo_never_writes_into_someone_elses_data_folder(capsys, tmp_path, monk
     assert snapshot(out) == before
 
 
-def test_index_bad_workers(capsys, videos, tmp_path):
-    folder, _ = videos
+def test_index_bad_workers(capsys, two_videos, tmp_path):
+    folder, _ = two_videos
     code, _, err = run_cli(capsys, "index", folder, "--out", tmp_path / "m.jsonl", "--workers", -1)
     assert_argument_error(code, err, "index", "--workers", -1, ">= 0")
     assert not (tmp_path / "m.jsonl").exists()

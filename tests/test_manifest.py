@@ -250,17 +250,6 @@ def test_cli_entry_point(video_dir, tmp_path, capsys):
         build_manifest(out, tmp_path / "other.jsonl")
 
 
-@pytest.fixture
-def small_manifest(tmp_path):
-    """A folder of two tiny videos and its manifest."""
-    folder = tmp_path / "two"
-    write_index_video(video_path(folder, "a", "h264"), 10, "h264", size=16)
-    write_index_video(video_path(folder, "b", "mjpeg"), 5, "mjpeg", size=16)
-    out = tmp_path / "two.jsonl"
-    build_manifest(folder, out, workers=1, progress=False)
-    return folder, out
-
-
 def _no_probe(monkeypatch):
     def probe(*args, **kwargs):
         raise AssertionError("a video was probed before the arguments were checked")
@@ -268,8 +257,8 @@ def _no_probe(monkeypatch):
     monkeypatch.setattr(manifest_module, "probe_video", probe)
 
 
-def test_empty_folder_is_an_error_and_keeps_the_manifest(small_manifest, tmp_path):
-    _, out = small_manifest
+def test_empty_folder_is_an_error_and_keeps_the_manifest(two_videos, tmp_path):
+    _, out = two_videos
     before = out.read_bytes()
     empty = tmp_path / "empty"
     (empty / "sub").mkdir(parents=True)
@@ -286,8 +275,8 @@ def test_empty_folder_is_an_error_and_keeps_the_manifest(small_manifest, tmp_pat
     assert (tmp_path / "new.jsonl").read_bytes() == b""
 
 
-def test_output_path_checked_before_probing(small_manifest, tmp_path, monkeypatch):
-    folder, _ = small_manifest
+def test_output_path_checked_before_probing(two_videos, tmp_path, monkeypatch):
+    folder, _ = two_videos
     _no_probe(monkeypatch)
     (tmp_path / "somedir").mkdir()
     with pytest.raises(IsADirectoryError, match=r"'.*somedir' is a folder; give a file path, "
@@ -309,9 +298,9 @@ def test_output_path_checked_before_probing(small_manifest, tmp_path, monkeypatc
     ],
 )
 def test_file_that_is_not_a_manifest_is_never_overwritten(
-    small_manifest, tmp_path, monkeypatch, name, content
+    two_videos, tmp_path, monkeypatch, name, content
 ):
-    folder, _ = small_manifest
+    folder, _ = two_videos
     victim = tmp_path / name
     victim.write_bytes(content)
     _no_probe(monkeypatch)
@@ -322,15 +311,15 @@ def test_file_that_is_not_a_manifest_is_never_overwritten(
     assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []
 
 
-def test_existing_manifest_is_updated(small_manifest):
-    folder, out = small_manifest
+def test_existing_manifest_is_updated(two_videos):
+    folder, out = two_videos
     (folder / "b.avi").unlink()
     build = build_manifest(folder, out, workers=1, progress=False)
     assert sorted(load_manifest(out)) == ["a"] and build.removed == ["b"]
 
 
-def test_main_index_bad_arguments_exit_2(small_manifest, tmp_path, capsys):
-    _, out = small_manifest
+def test_main_index_bad_arguments_exit_2(two_videos, tmp_path, capsys):
+    _, out = two_videos
     before = out.read_bytes()
     (tmp_path / "empty").mkdir()
     with pytest.raises(SystemExit) as exit_info:
