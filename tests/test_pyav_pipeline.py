@@ -288,6 +288,24 @@ def test_eval_mode_uses_the_evaluation_clips(manifest):
     check_batch_frames(batch)
 
 
+def test_eval_clips_that_share_frames_are_counted_and_reported(manifest, caplog):
+    """eval.num_clips larger than a video holds: clips overlap, the videos are kept, and the run
+    says how many videos that hits."""
+    cfg = SamplingConfig(num_clips=9, frames_per_clip=8, stride=4, eval_clips=4)
+    names = ["h264", "short", "tiny"]  # 160, 30 and 10 frames: 4 x 8 frames fit only the first
+    with caplog.at_level("WARNING", logger="siasam_fast.pipeline.dataset"):
+        ds = VideoQADataset(examples_for(names), manifest, cfg, split="val", image_size=SIZE)
+    assert len(ds) == 3 and ds.overlapping_eval_videos == 2
+    assert "eval.num_clips=4: 2 of 3 videos are too short" in caplog.text
+    assert "shortest: 10 frames" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="siasam_fast.pipeline.dataset"):
+        ds = VideoQADataset(examples_for(["h264"]), manifest, cfg, split="val", image_size=SIZE)
+    assert ds.overlapping_eval_videos == 0 and "too short" not in caplog.text
+    train = VideoQADataset(examples_for(names), manifest, cfg, split="train", image_size=SIZE)
+    assert train.overlapping_eval_videos == 0
+
+
 def test_segments_restrict_sampling(manifest):
     record = manifest["h264"]  # 25 fps, 160 frames
     ex = QAExample(

@@ -145,6 +145,7 @@ class VideoQADataset(Dataset):
         self.records: list[VideoRecord] = []
         self.segments: list[tuple[int, int]] = []  # (first frame, frame count) per position
         self.dropped: list[tuple[int, str, str]] = []  # (example index, qid, reason)
+        self.overlapping_eval_videos = 0  # evaluation: videos whose eval clips share frames
         for i, ex in enumerate(self.examples):
             record = self.manifest.get(ex.video_id)
             if record is None and by_name.get(ex.video_id):
@@ -169,6 +170,7 @@ class VideoQADataset(Dataset):
             self.records.append(record)
             self.segments.append(segment)
         self.drop_reasons = Counter(_reason_kind(r) for _, _, r in self.dropped)
+        self._warn_overlapping_eval_clips()
         if self.dropped:
             logger.warning(
                 "%s: kept %d of %d examples; dropped %d: %s",
@@ -180,6 +182,29 @@ class VideoQADataset(Dataset):
             )
         else:
             logger.info("%s: kept all %d examples", self.split, len(self.indices))
+
+    def _warn_overlapping_eval_clips(self) -> None:
+        """Evaluation asks for ``eval_clips`` clips per video, one per equal segment; a video with
+        segments shorter than a clip gets clips that share frames (nothing is dropped: the clips
+        are still valid input, just not distinct). Says how many videos that hits."""
+        if self.training or self.cfg.eval_clips <= 1 or not self.segments:
+            return
+        memo: dict[int, bool] = {}
+        short = []
+        for _, count in self.segments:
+            if count not in memo:
+                clips = sample_eval_clips(count, self.cfg)
+                memo[count] = clips.unique.size < clips.clips.size
+            if memo[count]:
+                short.append(count)
+        if short:
+            logger.warning(
+                "%s: eval.num_clips=%d: %d of %d videos are too short for %d clips without shared "
+                "frames (shortest: %d frames); their clips overlap",
+                self.split, self.cfg.eval_clips, len(short), len(self.segments),
+                self.cfg.eval_clips, min(short),
+            )
+        self.overlapping_eval_videos = len(short)
 
     def _skip_reason(self, num_frames: int) -> str:
         if self.training:
