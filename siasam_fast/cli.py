@@ -144,8 +144,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="train baseline vs SiaSamRea on synthetic data (CPU)")
     p.add_argument("--out", default="runs/demo",
-                   help="folder for the synthetic set, both runs, summary.json and the plot "
-                   "(default runs/demo)")
+                   help="folder for the synthetic set, both runs, their logs, summary.json and "
+                   "the plot: new, empty, or one an earlier demo wrote (default runs/demo)")
     p.add_argument("--videos", type=positive_int, default=None,
                    help=f"synthetic videos (default {DEMO_VIDEOS}; "
                    f"{DEMO_QUICK_VIDEOS} with --quick)")

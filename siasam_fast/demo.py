@@ -327,6 +327,39 @@ def plot_curves(results: dict[str, dict], path: Path, title: str = "") -> Path:
 # The demo
 
 
+def demo_outputs() -> set[str]:
+    """The names the demo writes in its folder: every one is rewritten by the next demo."""
+    return {"data", "summary.json", "learning_curves.png"} | {
+        n for name in METHODS for n in (name, f"{name}.log")}
+
+
+def check_demo_dir(out: Path, given: str | os.PathLike) -> None:
+    """Raise unless the demo may write into ``out``: a new or empty folder, or one holding only
+    what a demo writes (``demo_outputs``; its data folder a synthetic set). ``given``: the folder
+    as the user wrote it, for the message."""
+    from siasam_fast.data.synthetic import check_output_dir
+    from siasam_fast.paths import file_in_the_way
+
+    blocker = file_in_the_way(out)
+    if blocker is not None:
+        where = "is a file" if blocker == out else f"is inside {str(blocker)!r}, a file"
+        raise NotADirectoryError(
+            f"{str(given)!r} {where}, not a folder: give --out a new folder or one an earlier "
+            "demo wrote"
+        )
+    if out.is_dir():
+        foreign = sorted(p.name for p in out.iterdir() if p.name not in demo_outputs())
+        if foreign:
+            shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5
+                                              else "")
+            raise ValueError(
+                f"--out {str(given)!r} holds files the demo did not write ({shown}); the demo "
+                f"rewrites {', '.join(sorted(demo_outputs()))} there: give --out a new folder or "
+                "one an earlier demo wrote"
+            )
+    check_output_dir(out / "data", "the demo's data folder")
+
+
 def run_demo(
     out_dir: str | os.PathLike = "runs/demo",
     videos: int | None = None,
@@ -340,19 +373,11 @@ def run_demo(
     synthetic videos; ``quick`` is a smoke test of the whole path (tiny set, one epoch). Returns
     what it writes to ``<out_dir>/summary.json``."""
     from siasam_fast.benchutil import environment, format_table
-    from siasam_fast.data.synthetic import check_output_dir, eval_clip_sees_evidence, load_meta
-    from siasam_fast.paths import file_in_the_way
+    from siasam_fast.data.synthetic import eval_clip_sees_evidence, load_meta
 
     started = time.perf_counter()
     out = Path(out_dir).resolve()
     # Arguments first, then the folder is written.
-    blocker = file_in_the_way(out)
-    if blocker is not None:
-        where = "is a file" if blocker == out else f"is inside {str(blocker)!r}, a file"
-        raise NotADirectoryError(
-            f"{str(out_dir)!r} {where}, not a folder: give --out a new folder or one an earlier "
-            "demo wrote"
-        )
     config = Path(config or DEMO_CONFIG)
     if not config.is_file():
         raise FileNotFoundError(
@@ -364,7 +389,7 @@ def run_demo(
     if int(seed) < 0:
         raise ValueError(f"seed={seed}: must be >= 0")
     options = synthetic_options(videos, quick)
-    check_output_dir(out / "data", "the demo's data folder")
+    check_demo_dir(out, out_dir)
     out.mkdir(parents=True, exist_ok=True)
     seconds: dict[str, float] = {}
 

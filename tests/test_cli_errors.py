@@ -322,6 +322,24 @@ def test_demo_never_writes_into_someone_elses_data_folder(capsys, tmp_path, monk
     assert snapshot(out) == before
 
 
+def test_demo_never_overwrites_files_it_did_not_write(capsys, tmp_path, no_demo_work):
+    """A folder holding the user's own summary.json next to other files: the demo would rewrite
+    summary.json, so the whole folder is refused; its own names alone are fine."""
+    out = tmp_path / "results"
+    out.mkdir()
+    (out / "summary.json").write_text('{"mine": 1}')
+    (out / "paper.tex").write_text("keep me")
+    before = snapshot(out)
+    code, _, err = run_cli(capsys, "demo", "--out", out, "--quick")
+    assert_usage_error(code, err, "demo", str(out), "holds files the demo did not write (paper.tex)",
+                       "summary.json", "give --out a new folder")
+    assert snapshot(out) == before
+    (out / "paper.tex").unlink()  # only the demo's names: an earlier demo's folder, reused
+    (out / "baseline.log").write_text("old log")
+    with pytest.raises(AssertionError, match="started working"):
+        run_cli(capsys, "demo", "--out", out, "--quick")
+
+
 def test_index_bad_workers(capsys, two_videos, tmp_path):
     folder, _ = two_videos
     code, _, err = run_cli(capsys, "index", folder, "--out", tmp_path / "m.jsonl", "--workers", -1)
