@@ -129,38 +129,26 @@ def report_no_rows(path: str | os.PathLike, why: str = "") -> int:
 # invalid value '0': must be an integer >= 1", exit status 2), before any work starts.
 
 
+def int_in_range(low: int, high: int | None = None) -> Callable[[str], int]:
+    """An argparse type: an integer in [low, high] (``high`` None: no upper bound)."""
+    valid = f"an integer >= {low}" if high is None else f"an integer in [{low}, {high}]"
+
+    def check(text: str) -> int:
+        try:
+            value = int(text)
+        except (TypeError, ValueError):
+            value = None
+        if value is None or value < low or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"invalid value {text!r}: must be {valid}")
+        return value
+
+    check.__name__ = valid.removeprefix("an ")
+    return check
+
+
 def int_at_least(minimum: int) -> Callable[[str], int]:
     """An argparse type: an integer >= ``minimum``."""
-
-    def check(text: str) -> int:
-        try:
-            value = int(text)
-        except (TypeError, ValueError):
-            value = None
-        if value is None or value < minimum:
-            raise argparse.ArgumentTypeError(
-                f"invalid value {text!r}: must be an integer >= {minimum}")
-        return value
-
-    check.__name__ = f"integer >= {minimum}"
-    return check
-
-
-def int_in_range(low: int, high: int) -> Callable[[str], int]:
-    """An argparse type: an integer in [low, high]."""
-
-    def check(text: str) -> int:
-        try:
-            value = int(text)
-        except (TypeError, ValueError):
-            value = None
-        if value is None or not low <= value <= high:
-            raise argparse.ArgumentTypeError(
-                f"invalid value {text!r}: must be an integer in [{low}, {high}]")
-        return value
-
-    check.__name__ = f"integer in [{low}, {high}]"
-    return check
+    return int_in_range(minimum)
 
 
 positive_int = int_at_least(1)
