@@ -348,7 +348,8 @@ def check_demo_dir(out: Path, given: str | os.PathLike) -> None:
             "demo wrote"
         )
     if out.is_dir():
-        foreign = sorted(p.name for p in out.iterdir() if p.name not in demo_outputs())
+        foreign = sorted(p.name for p in out.iterdir()  # hidden files (.DS_Store) are not at risk
+                         if p.name not in demo_outputs() and not p.name.startswith("."))
         if foreign:
             shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5
                                               else "")

@@ -336,6 +336,7 @@ def test_demo_never_overwrites_files_it_did_not_write(capsys, tmp_path, no_demo_
     assert snapshot(out) == before
     (out / "paper.tex").unlink()  # only the demo's names: an earlier demo's folder, reused
     (out / "baseline.log").write_text("old log")
+    (out / ".DS_Store").write_bytes(b"")  # hidden: never a demo name, not in the way
     with pytest.raises(AssertionError, match="started working"):
         run_cli(capsys, "demo", "--out", out, "--quick")
 
