@@ -331,8 +331,9 @@ def test_demo_never_overwrites_files_it_did_not_write(capsys, tmp_path, no_demo_
     (out / "paper.tex").write_text("keep me")
     before = snapshot(out)
     code, _, err = run_cli(capsys, "demo", "--out", out, "--quick")
-    assert_usage_error(code, err, "demo", str(out), "holds files the demo did not write (paper.tex)",
-                       "summary.json", "give --out a new folder")
+    assert_usage_error(code, err, "demo", str(out),
+                       "holds files the demo did not write (paper.tex)", "summary.json",
+                       "give --out a new folder")
     assert snapshot(out) == before
     (out / "paper.tex").unlink()  # only the demo's names: an earlier demo's folder, reused
     (out / "baseline.log").write_text("old log")

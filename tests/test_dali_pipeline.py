@@ -32,7 +32,7 @@ from siasam_fast.pipeline import dali as dali_module
 from siasam_fast.pipeline.dali import DALIVideoLoader, build_dali_loader
 from siasam_fast.pipeline.dataset import build_loader
 from siasam_fast.pipeline.loaders import build_video_loader
-from siasam_fast.pipeline.manifest import build_manifest
+from siasam_fast.pipeline.manifest import build_manifest, probe_video
 from siasam_fast.pipeline.transforms import denormalize
 from siasam_fast.sampling import SamplingConfig, example_rng, sample_siamese_clips
 
@@ -483,29 +483,81 @@ def decoded_indices(data: np.ndarray) -> list[int]:
         return [read_index(f.to_ndarray(format="rgb24")) for f in frames]
 
 
-@pytest.mark.parametrize("name, options", [
+H264_TRIM_CASES = [
     ("bframes", dict(num_frames=160, gop=12, bframes=3)),
     ("vfr", dict(num_frames=120, gop=10, bframes=2, vfr=True)),
     ("long_gop", dict(num_frames=200, gop=100, bframes=3)),
-])
+    ("open_gop", dict(num_frames=160, gop=12, bframes=3, open_gop=True)),
+]
+
+
+def check_stretch(cut, wanted, whole_size):
+    """The stretch decodes to the wanted frames at their renumbered positions, and is smaller."""
+    stretch, renumbered = cut
+    assert stretch.size < whole_size and renumbered.dtype == np.int32
+    shown = decoded_indices(stretch)
+    assert [shown[i] for i in renumbered] == wanted.tolist()
+    assert shown == sorted(shown) and shown[0] <= wanted.min()
+
+
+def sampled_frame_lists(n, seeds=4):
+    for seed in range(seeds):
+        clips = sample_siamese_clips(n, CFG, example_rng(seed, 0, 0))
+        yield clips.unique.astype(np.int32)
+        yield clips.clips.reshape(-1).astype(np.int32)
+
+
+@pytest.mark.parametrize("name, options", H264_TRIM_CASES)
 def test_trim_keeps_exactly_the_wanted_frames_of_h264(tmp_path, name, options):
-    """H.264 with B-frames (PyAV decodes the stretch here; NVDEC does in the GPU check): the
-    stretch decodes to the wanted frames at their renumbered positions, and is smaller."""
+    """H.264 with B-frames, variable frame rate and open GOPs (PyAV decodes the stretch here; NVDEC
+    does in the GPU check)."""
     path = write_index_video(tmp_path / f"{name}.mp4", codec="h264", size=64, **options)
     data = np.fromfile(path, dtype=np.uint8)
+    for wanted in sampled_frame_lists(options["num_frames"]):
+        cut = dali_module.trim_stretch(data, wanted)
+        if cut is None:  # only when the stretch is nearly the whole file
+            assert wanted.min() < options["gop"]
+            continue
+        check_stretch(cut, wanted, data.size)
+
+
+@pytest.mark.parametrize("name, options", H264_TRIM_CASES)
+def test_trim_from_the_file_with_the_manifests_keyframes(tmp_path, name, options):
+    """trim_file seeks with the manifest's keyframes and reads up to the next keyframe's leading
+    pictures: the same frames as trim_stretch's whole-file demux, from a path or an open file."""
+    path = write_index_video(tmp_path / f"{name}.mp4", codec="h264", size=64, **options)
+    record = probe_video(path, tmp_path)
+    assert record.ok and len(record.keyframes) > 1
+    size = path.stat().st_size
+    for k, wanted in enumerate(sampled_frame_lists(options["num_frames"])):
+        span = dali_module.keyframe_span(record, wanted)
+        key, _, after, after_pts = span.tolist()
+        assert key <= wanted.min() and key in record.keyframes
+        if after_pts < 0:
+            assert after == options["num_frames"]
+        else:
+            assert after > wanted.max() and after in record.keyframes
+        if k % 2:
+            with open(path, "rb") as fh:
+                cut = dali_module.trim_file(fh, wanted, span)
+        else:
+            cut = dali_module.trim_file(path, wanted, span)
+        if key == 0 and after == -1:
+            assert cut is None  # the whole file
+            continue
+        assert cut is not None
+        check_stretch(cut, wanted, size)
+    # A span that disagrees with the file: None (the caller reads the whole file), never wrong
+    # frames. Frames after the last keyframe (the frame count checks them), then between two.
     n = options["num_frames"]
-    for seed in range(4):
-        clips = sample_siamese_clips(n, CFG, example_rng(seed, 0, 0))
-        for wanted in (clips.unique.astype(np.int32), clips.clips.reshape(-1).astype(np.int32)):
-            cut = dali_module.trim_stretch(data, wanted)
-            if cut is None:  # only when the stretch is nearly the whole file
-                assert wanted.min() < options["gop"]
-                continue
-            stretch, renumbered = cut
-            assert stretch.size < data.size and renumbered.dtype == np.int32
-            shown = decoded_indices(stretch)
-            assert [shown[i] for i in renumbered] == wanted.tolist()
-            assert shown == sorted(shown) and shown[0] <= wanted.min()
+    for wanted in (np.array([n - 3, n - 1], np.int32), np.array([1, 3], np.int32) + options["gop"]):
+        key, key_pts, after, after_pts = dali_module.keyframe_span(record, wanted).tolist()
+        assert dali_module.trim_file(path, wanted, np.array([key, key_pts, after, after_pts]))
+        for bad in ([key, key_pts, after + 1, after_pts],  # a frame count the file does not have
+                    [key - 1, key_pts, after, after_pts],  # the keyframe's index off by one
+                    [key, key_pts + 1, after, after_pts],  # no keyframe at that pts
+                    [wanted.max() + 1, key_pts, after, after_pts]):  # key after the wanted frames
+            assert dali_module.trim_file(path, wanted, np.array(bad, np.int64)) is None, bad
 
 
 def test_trim_hands_the_whole_file_back_when_it_cannot_help(folder, manifest):
@@ -521,17 +573,25 @@ def test_trim_hands_the_whole_file_back_when_it_cannot_help(folder, manifest):
 def test_trimmed_streams_give_exactly_the_sampled_frames(manifest, monkeypatch, dedup,
                                                          num_workers):
     """DALI's CPU decoder on the stretches (Matroska for VP9, AVI for MJPEG): the same batches as
-    without trim; the stretches are really used (in-process reads are counted)."""
+    without trim; the stretches are really used, read from the files with the manifest's
+    keyframes (in-process reads are counted)."""
     names = [*INDEXED, "short"] * 2
-    trimmed = []
-    original = dali_module.trim_stretch
+    trimmed = []  # per video: "file" (trim_file), "whole" (trim_stretch) or None (not cut)
+    from_file, from_whole = dali_module.trim_file, dali_module.trim_stretch
 
-    def counting(data, wanted):
-        cut = original(data, wanted)
-        trimmed.append(cut is not None)
+    def counting_file(source, wanted, span):
+        cut = from_file(source, wanted, span)
+        if cut is not None:
+            trimmed.append("file")
         return cut
 
-    monkeypatch.setattr(dali_module, "trim_stretch", counting)
+    def counting_whole(data, wanted):
+        cut = from_whole(data, wanted)
+        trimmed.append("whole" if cut is not None else None)
+        return cut
+
+    monkeypatch.setattr(dali_module, "trim_file", counting_file)
+    monkeypatch.setattr(dali_module, "trim_stretch", counting_whole)
     kwargs = dict(batch_size=4, seed=3, epoch=1, dedup=dedup, output="clips",
                   num_workers=num_workers)
     plain = list(dali(examples_for(names), manifest, **kwargs))
@@ -542,7 +602,7 @@ def test_trimmed_streams_give_exactly_the_sampled_frames(manifest, monkeypatch, 
         assert torch.equal(a["frame_ids"], b["frame_ids"])
         assert torch.equal(a["clips"], b["clips"])  # same frames, decoded from the stretch
     if num_workers == 0:
-        assert len(trimmed) == len(names) and sum(trimmed) >= len(INDEXED) * 2
+        assert len(trimmed) == len(names) and trimmed.count("file") >= len(INDEXED) * 2
 
 
 def test_pipeline_benchmark_compares_whole_and_trimmed_files(manifest):

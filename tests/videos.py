@@ -77,12 +77,15 @@ def write_index_video(
     bframes: int = 2,
     vfr: bool = False,
     first_index: int = 0,
+    open_gop: bool = False,
 ) -> Path:
     """Write a video whose frame ``i`` shows ``first_index + i``; returns the path.
 
     ``size``: side of a square frame or (height, width) (even numbers: 4:2:0 chroma). ``gop``:
     frames between keyframes (H.264 / VP9; MJPEG is all keyframes). ``bframes``: H.264 B-frames.
-    ``vfr``: irregular frame durations (pts steps cycle through ``VFR_STEPS_MS``).
+    ``vfr``: irregular frame durations (pts steps cycle through ``VFR_STEPS_MS``). ``open_gop``:
+    H.264 keyframes after the first are recovery-point I-frames whose leading B-frames reference
+    the GOP before (x264's open-gop).
     """
     import av
 
@@ -104,6 +107,7 @@ def write_index_video(
                 "g": str(gop),
                 "keyint_min": str(gop),
                 "sc_threshold": "0",
+                **({"x264-params": "open-gop=1"} if open_gop else {}),
             }
         elif codec == "vp9":
             stream.options = {

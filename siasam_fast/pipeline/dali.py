@@ -14,8 +14,9 @@ origin. The graph, one DALI pipeline per pass over the epoch:
    order, overlaps decoded again), the resized size and the crop position. A file whose size or
    mtime no longer matches the manifest is left out of its batch (the loader warns, naming it).
    With ``trim=True`` (``data.dali_trim``) they hand over only the stretch of the file that the
-   frames need, copied packet by packet by PyAV, and the frame list renumbered to it
-   (:func:`trim_stretch`).
+   frames need, copied packet by packet by PyAV, and the frame list renumbered to it: read alone
+   after a seek to the manifest's keyframe (:func:`trim_file`), or cut from the whole file
+   (:func:`trim_stretch`) when the manifest's keyframes do not match the file.
 2. ``fn.decoders.video(frames=U, pad_mode="none")`` on NVDEC (``device="mixed"``) or on the CPU
    (``device="cpu"``: VP8 / VP9 / MJPEG only, for tests). Frame ``i`` is the i-th frame in
    presentation order, as in the manifest. ``pad_mode="none"`` turns a frame past the end of the
@@ -139,7 +140,8 @@ def trim_stretch(data, wanted):
 
     Why: DALI's video decoder builds its frame index by demuxing the whole file, per sample and
     per iteration, and decodes from a keyframe (or, without an index, from the first frame); a
-    stretch makes both proportional to what the clips need."""
+    stretch makes both proportional to what the clips need. This demuxes all of ``data``; with the
+    manifest's keyframes, :func:`trim_file` reads only the stretch."""
     import io
 
     import av  # demuxing and muxing only
@@ -165,58 +167,157 @@ def trim_stretch(data, wanted):
                 return None
             start = max(starts, key=lambda i: rank[packets[i].pts])
             key_pts = packets[start].pts
-            end = max(i for i, p in enumerate(packets) if rank[p.pts] in need)
-            kept = [p for p in packets[start:end + 1] if p.pts >= key_pts]
-            if len(kept) > TRIM_MAX_SHARE * len(packets):
-                return None
-            position = {pts: i for i, pts in enumerate(sorted(p.pts for p in kept))}
-            by_rank = {rank[p.pts]: position[p.pts] for p in kept}
-            if not need <= by_rank.keys():
-                return None
-            out_buf = io.BytesIO()
-            with av.open(out_buf, "w", format=muxer) as out:
-                copy = out.add_stream_from_template(stream)
-                for packet in kept:
-                    packet.stream = copy
-                    out.mux(packet)
+            kept = [p for p in packets[start:] if p.pts >= key_pts]
+            return _mux_stretch(stream, muxer, kept, rank, wanted, max_packets=TRIM_MAX_SHARE *
+                                len(packets))
     except Exception:  # noqa: BLE001 - any PyAV failure: DALI gets the whole file, as without trim
         return None
+
+
+def trim_file(source, wanted, span):
+    """:func:`trim_stretch` for a file on disk whose keyframes the manifest knows: it seeks to the
+    keyframe and reads only the stretch (and the container's index), not the whole file.
+    ``source``: its path, or the file opened in binary mode.
+
+    ``span`` (int64 [4], from the manifest, :func:`keyframe_span`): the frame index and pts of the
+    keyframe at or before the first wanted frame, then the frame index and pts of the first
+    keyframe after the last one, or the frame count and -1 when there is none (read to the end).
+    Reading stops after that next keyframe's leading pictures (the first packet shown after it).
+    The frames from the keyframe to the next one (or the end) must number exactly what the manifest
+    says, else (and whenever :func:`trim_stretch` would) it returns None, and the caller reads the
+    whole file."""
+    import av  # demuxing and muxing only
+
+    key_index, key_pts, next_index, next_pts = (int(v) for v in span)
+    to_end = next_pts < 0  # next_index is then the frame count
+    need = {int(f) for f in wanted}
+    if min(need) < key_index or max(need) >= next_index:
+        return None
+    if key_index == 0 and to_end:
+        return None  # the stretch is the whole file
+    try:
+        with av.open(source if hasattr(source, "read") else str(source)) as src:
+            muxer = TRIM_MUXERS.get(src.format.name)
+            if muxer is None or not src.streams.video:
+                return None
+            stream = src.streams.video[0]
+            src.seek(key_pts, stream=stream, backward=True, any_frame=False)
+            kept, started, past_next = [], False, False
+            for p in src.demux(stream):
+                if not p.size:
+                    continue
+                if p.pts is None:
+                    return None
+                if not started:  # packets before the keyframe (the seek may land earlier)
+                    if p.pts == key_pts and p.is_keyframe:
+                        started = True
+                    elif not to_end and p.pts >= next_pts:
+                        return None  # the seek went past it: the index disagrees with the file
+                    else:
+                        continue
+                if past_next and p.pts > next_pts:
+                    break  # the next keyframe's leading pictures are over
+                if p.pts >= key_pts:
+                    kept.append(p)
+                if p.pts == next_pts:
+                    past_next = True
+            if not started or not (to_end or past_next):
+                return None
+            shown = sorted(p.pts for p in kept)
+            if len(set(shown)) != len(shown):
+                return None
+            rank = {pts: key_index + i for i, pts in enumerate(shown)}
+            if (key_index + len(shown) if to_end else rank[next_pts]) != next_index:
+                return None  # not the manifest's frame count from the keyframe
+            return _mux_stretch(stream, muxer, kept, rank, wanted)
+    except Exception:  # noqa: BLE001 - any PyAV failure: the whole file, as without the manifest
+        return None
+
+
+def _mux_stretch(stream, muxer, kept, rank, wanted, max_packets=None):
+    """The end of :func:`trim_stretch` and :func:`trim_file`: ``kept`` (decode order, from the
+    keyframe, its leading pictures out) cut after the last wanted picture, muxed into memory.
+    ``rank``: frame index by pts. Returns (bytes uint8, ``wanted`` renumbered) or None."""
+    import io
+
+    import av
+
+    need = {int(f) for f in wanted}
+    ends = [i for i, p in enumerate(kept) if rank[p.pts] in need]
+    if not ends:
+        return None
+    kept = kept[: max(ends) + 1]
+    if max_packets is not None and len(kept) > max_packets:
+        return None
+    position = {pts: i for i, pts in enumerate(sorted(p.pts for p in kept))}
+    by_rank = {rank[p.pts]: position[p.pts] for p in kept}
+    if not need <= by_rank.keys():
+        return None
+    out_buf = io.BytesIO()
+    with av.open(out_buf, "w", format=muxer) as out:
+        copy = out.add_stream_from_template(stream)
+        for packet in kept:
+            packet.stream = copy
+            out.mux(packet)
     renumbered = np.array([by_rank[int(f)] for f in wanted], dtype=np.int32)
     return np.frombuffer(out_buf.getvalue(), dtype=np.uint8), renumbered
+
+
+def keyframe_span(record, wanted) -> np.ndarray:
+    """``span`` for :func:`trim_file`, from the manifest: the keyframe at or before
+    ``min(wanted)``, and the first keyframe after ``max(wanted)`` or (frame count, -1) (int64 [4];
+    empty when the manifest has no usable keyframe list)."""
+    keys, pts = record.keyframes, record.keyframe_pts
+    if not keys or len(keys) != len(pts) or keys[0] > int(np.min(wanted)):
+        return np.zeros(0, np.int64)
+    i = int(np.searchsorted(keys, int(np.min(wanted)), side="right")) - 1
+    j = int(np.searchsorted(keys, int(np.max(wanted)), side="right"))
+    after = (keys[j], pts[j]) if j < len(keys) else (int(record.num_frames), -1)
+    return np.array([keys[i], pts[i], *after], np.int64)
 
 
 def read_encoded_batch(batches, info, trim=False):
     """The external source: the inputs of DALI iteration ``info.iteration``.
 
     ``batches[k]`` is a tuple of jobs ``(slot, path, size, mtime_ns, frames int32, resize float32
-    [2], crop_pos float32 [2])``. Returns five lists (encoded uint8 bytes, frames, resize,
-    crop_pos, slot int32) without the jobs whose file no longer matches the manifest; raises
-    ``RuntimeError`` when none is left (DALI refuses empty batches) and ``StopIteration`` past the
-    last batch. ``trim``: each video's bytes are cut to the stretch its frames need
-    (:func:`trim_stretch`) and its frames renumbered to match.
+    [2], crop_pos float32 [2], span int64 [4] or [0])``. Returns five lists (encoded uint8 bytes,
+    frames, resize, crop_pos, slot int32) without the jobs whose file no longer matches the
+    manifest; raises ``RuntimeError`` when none is left (DALI refuses empty batches) and
+    ``StopIteration`` past the last batch. ``trim``: each video's bytes are cut to the stretch its
+    frames need and its frames renumbered to match: read from the file alone with the manifest's
+    keyframes (``span``, :func:`trim_file`), else cut from the whole file (:func:`trim_stretch`).
     """
     k = info.iteration
     if k >= len(batches):
         raise StopIteration
     encoded, frames, sizes, crops, slots, changed = [], [], [], [], [], []
-    for slot, path, size, mtime_ns, wanted, resize, crop in batches[k]:
+    for slot, path, size, mtime_ns, wanted, resize, crop, span in batches[k]:
+        cut = None
         try:
             with open(path, "rb") as fh:
                 st = os.fstat(fh.fileno())
                 if st.st_size != size or st.st_mtime_ns != mtime_ns:
                     changed.append(path)
                     continue
-                data = np.fromfile(fh, dtype=np.uint8)
+                if trim and len(span):
+                    cut = trim_file(fh, wanted, span)
+                    st = os.fstat(fh.fileno())  # rewritten while it was read?
+                    if st.st_size != size or st.st_mtime_ns != mtime_ns:
+                        changed.append(path)
+                        continue
+                if cut is None:
+                    fh.seek(0)
+                    data = np.fromfile(fh, dtype=np.uint8)
+                    if data.size != size:  # rewritten between fstat and read
+                        changed.append(path)
+                        continue
         except OSError:
             changed.append(path)
             continue
-        if data.size != size:  # rewritten between fstat and read
-            changed.append(path)
-            continue
-        if trim:
+        if trim and cut is None:
             cut = trim_stretch(data, wanted)
-            if cut is not None:
-                data, wanted = cut
+        if cut is not None:
+            data, wanted = cut
         encoded.append(data)
         frames.append(wanted)
         sizes.append(resize)
@@ -287,10 +388,11 @@ class _Job:
     frames: np.ndarray  # int32, the frames to decode in output order
     resize: np.ndarray  # float32 [h, w] after resizing
     crop_pos: np.ndarray  # float32 [x, y] in 0..1
+    span: np.ndarray  # int64 [4] for trim_file (keyframes around the frames), or [0]: none
 
     def as_tuple(self) -> tuple:
         return (self.slot, self.path, self.size, self.mtime_ns, self.frames, self.resize,
-                self.crop_pos)
+                self.crop_pos, self.span)
 
 
 @dataclass
@@ -440,7 +542,7 @@ class DALIVideoLoader:
                     **example_fields(plan.example, plan.example_index, dataset.label_fn),
                 }
             )
-            jobs.append(_job(slot, record, wanted, S))
+            jobs.append(_job(slot, record, wanted, S, self.trim))
         return _Step(keys, items, jobs)
 
     # -- running ---------------------------------------------------------------------------------
@@ -476,7 +578,8 @@ class DALIVideoLoader:
         from nvidia.dali.pickling import pickle_by_value
 
         pickle_by_value(read_encoded_batch)  # the reader processes need not import this package
-        pickle_by_value(trim_stretch)
+        for helper in (trim_stretch, trim_file, _mux_stretch):
+            pickle_by_value(helper)
         source = _source(feed, self.trim)
         kwargs = {}
         if parallel:
@@ -628,7 +731,8 @@ class DALIVideoLoader:
         self.skipped.append((job.path, reason))
 
 
-def _job(slot: int, record: VideoRecord, wanted: np.ndarray, image_size: int) -> _Job:
+def _job(slot: int, record: VideoRecord, wanted: np.ndarray, image_size: int,
+         trim: bool = False) -> _Job:
     rh, rw = resized_shape(record.height, record.width, image_size)
     top, left = center_crop_box(rh, rw, image_size)
     # DALI's anchor is crop_pos * (extent - crop); +0.25 lands on `left` / `top` whether DALI
@@ -642,6 +746,7 @@ def _job(slot: int, record: VideoRecord, wanted: np.ndarray, image_size: int) ->
         frames=np.ascontiguousarray(wanted, dtype=np.int32),
         resize=np.array([rh, rw], dtype=np.float32),
         crop_pos=np.array(crop_pos, dtype=np.float32),
+        span=keyframe_span(record, wanted) if trim and len(wanted) else np.zeros(0, np.int64),
     )
 
 
@@ -754,7 +859,7 @@ def build_dali_loader(
     batch's frames are a view (or, when the group's videos need more frames than the batch's, a
     device copy) of the group's output.
     ``trim``: the reader processes hand DALI only the stretch of each file that its frames need
-    (:func:`trim_stretch`: packets copied by PyAV, nothing decoded), so that the decoder's
+    (:func:`trim_file`: packets copied by PyAV, nothing decoded), so that the decoder's
     per-sample frame index and its pre-roll cover that stretch, not the whole file. Default off.
     ``pin_memory``, ``seek_threshold`` and ``decode_threads`` only concern the PyAV backend and are
     accepted so that both factories take the same arguments.
