@@ -560,6 +560,47 @@ def test_trim_from_the_file_with_the_manifests_keyframes(tmp_path, name, options
             assert dali_module.trim_file(path, wanted, np.array(bad, np.int64)) is None, bad
 
 
+READER_PROCESS = """
+import pickle, sys, types
+import numpy as np
+sys.modules["siasam_fast"] = None  # a reader process: this package cannot be imported
+source = pickle.loads(sys.stdin.buffer.read())
+reader = source.__globals__["read_encoded_batch"]
+
+def whole_file_cut(data, wanted):
+    raise AssertionError("trim_file failed in the reader process: the whole file was read")
+
+reader.__globals__["trim_stretch"] = whole_file_cut
+encoded, frames, _, _, _ = source(types.SimpleNamespace(iteration=0))
+print(encoded[0].size, *frames[0].tolist())
+"""
+
+
+def test_reader_processes_trim_from_the_file_without_this_package(tmp_path):
+    """What DALI's reader processes run, pickled as DALI pickles it, in a process where
+    ``siasam_fast`` cannot be imported: it cuts the stretch with trim_file (a failure there would
+    fall back to the whole file silently; here it raises)."""
+    import subprocess
+    import sys
+
+    from nvidia.dali.pickling import _DaliPickle
+
+    path = write_index_video(tmp_path / "v.mp4", 60, codec="h264", size=32, gop=12, bframes=2)
+    record = probe_video(path, tmp_path)
+    wanted = np.array([26, 30, 34], np.int32)
+    job = dali_module._job(0, record, wanted, 32, trim=True)
+    assert job.span.tolist()[::2] == [24, 36]  # keyframes 24 and 36 around the frames
+    blob = _DaliPickle.dumps(dali_module.reader_source([(job.as_tuple(),)], trim=True))
+    out = subprocess.run([sys.executable, "-c", READER_PROCESS], input=blob, capture_output=True,
+                         cwd=tmp_path, check=False)
+    assert out.returncode == 0, out.stderr.decode()[-2000:]
+    size, *renumbered = (int(v) for v in out.stdout.split())
+    expected, expected_frames = dali_module.trim_file(path, wanted, job.span)
+    assert size == expected.size < path.stat().st_size
+    assert renumbered == expected_frames.tolist()
+    assert renumbered[0] == 2  # frame 26, two after the keyframe (later ones: B-frames cut off)
+
+
 def test_trim_hands_the_whole_file_back_when_it_cannot_help(folder, manifest):
     data = np.fromfile(manifest["vp9"].path, dtype=np.uint8)
     n = manifest["vp9"].num_frames

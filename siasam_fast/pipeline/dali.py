@@ -330,9 +330,14 @@ def read_encoded_batch(batches, info, trim=False):
     return encoded, frames, sizes, crops, slots
 
 
-def _source(batches, trim=False):
+def reader_source(batches, trim=False):
     """``read_encoded_batch`` bound to ``batches``: a local function, which DALI pickles by value
-    (a ``functools.partial`` would not do: DALI wants a one-argument signature)."""
+    (a ``functools.partial`` would not do: DALI wants a one-argument signature), and so are the
+    module's functions it calls, so that the reader processes need not import this package."""
+    from nvidia.dali.pickling import pickle_by_value
+
+    for function in (read_encoded_batch, trim_stretch, trim_file, _mux_stretch):
+        pickle_by_value(function)
 
     def source(info):
         return read_encoded_batch(batches, info, trim)
@@ -575,12 +580,8 @@ class DALIVideoLoader:
 
     def _build(self, feed: list, *, parallel: bool, batch_size: int):
         from nvidia.dali import Pipeline
-        from nvidia.dali.pickling import pickle_by_value
 
-        pickle_by_value(read_encoded_batch)  # the reader processes need not import this package
-        for helper in (trim_stretch, trim_file, _mux_stretch):
-            pickle_by_value(helper)
-        source = _source(feed, self.trim)
+        source = reader_source(feed, self.trim)
         kwargs = {}
         if parallel:
             kwargs = {
