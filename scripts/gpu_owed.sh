@@ -2,7 +2,8 @@
 # The GPU measurements the open issues still owe, in one loan of two calls (the device stops a
 # call at 600 s), each part within its own time:
 #
-#   checks     python -m pytest tests/test_model.py      the GPU-only model tests (no device syncs)
+#   checks     siasam-fast env; pytest tests/test_model.py  the machine report (fused loss and NVDEC
+#                                                         on tiny inputs), the GPU-only model tests
 #   dali       python scripts/gpu_check_dali.py           issue 5: NVDEC correctness + throughput
 #   transcode  python benchmarks/bench_transcode.py ...   issue 7: DALI on GOP 8/16/32 copies
 #   train      bash scripts/gpu_bench_train.sh            issue 6: baselines vs siasam-fast
@@ -23,7 +24,7 @@
 #
 # Time: each part gets what is left of BUDGET_S minus the minimum of the parts after it (checks
 # 20 s, dali 240 s, transcode 120 s, train 240 s); a part whose share is below its own minimum is
-# skipped and said so. checks (at most 90 s), dali (~5 min) and transcode (~2-3 min) are cut by
+# skipped and said so. checks (at most 120 s), dali (~5 min) and transcode (~2-3 min) are cut by
 # `timeout` at their share; train passes its share to gpu_bench_train.sh as DEADLINE_S, whose
 # time budget skips the variants that no longer fit and says so in its table. Put the part that
 # must finish first in PARTS.
@@ -88,9 +89,15 @@ share() {  # seconds for part $1: what is left minus the minimum of the parts af
   echo $((BUDGET_S - (SECONDS - T0) - after))
 }
 
-run_checks() {  # the GPU-only tests of the model (they skip on a CPU)
-  local dir=$KEEP/checks t=$1
+run_checks() {  # `siasam-fast env` (at most 30 s), then the GPU-only tests of the model
+  local dir=$KEEP/checks t=$1 start=$SECONDS rc
   mkdir -p "$dir"
+  [ "$t" -gt 120 ] && t=120
+  timeout --kill-after=5 30 "$PY" -m siasam_fast.envcheck --json "$dir/env.json" 2>&1 \
+    | tee "$dir/env.log"
+  rc=${PIPESTATUS[0]}
+  echo "siasam-fast env: exit status $rc (1: a fail row; 124: cut at 30 s)" | tee -a "$dir/env.log"
+  t=$((t - (SECONDS - start)))
   [ "$t" -gt 90 ] && t=90
   timeout --kill-after=10 "$t" "$PY" -m pytest -q -rs tests/test_model.py 2>&1 \
     | tee "$dir/console.log"

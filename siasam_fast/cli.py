@@ -1,4 +1,4 @@
-"""The ``siasam-fast`` command: synth, index, train, eval, transcode, demo.
+"""The ``siasam-fast`` command: env, synth, index, train, eval, transcode, demo.
 
 Each subcommand imports what it needs (torch, transformers, DeepSpeed, PyAV, ...) when it runs,
 and the ``siasam_fast`` package imports its names on first use, so ``siasam-fast --help`` loads
@@ -35,6 +35,12 @@ def frame_size(text: str) -> int:
         raise argparse.ArgumentTypeError(
             f"invalid value {text!r}: must be an even integer from {low} to {high}")
     return value
+
+
+def _env(args: argparse.Namespace) -> int:
+    from siasam_fast.envcheck import run_from_args
+
+    return run_from_args(args)
 
 
 def _synth(args: argparse.Namespace) -> int:
@@ -115,6 +121,13 @@ def build_parser() -> argparse.ArgumentParser:
         prog="siasam-fast", description="Fast SiaSamRea training for VideoQA.")
     sub = parser.add_subparsers(dest="command", required=True)
 
+    p = sub.add_parser("env", help="what this machine can run (GPU, precision, kernels, DALI, "
+                       "DeepSpeed, codecs) and what a run here would pick")
+    p.add_argument("--json", default=None, metavar="PATH",
+                   help="also write the rows as JSON to PATH")
+    p.add_argument("--no-decode", action="store_true",
+                   help="skip the DALI decoding check (a second or two)")
+
     p = sub.add_parser("synth", help="generate the synthetic VideoQA set (and its manifest)")
     add_synth_options(p, "videos/, annotations/, meta.json, manifest.jsonl")
 
@@ -160,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["train"]:
         return _train(argparse.Namespace(), argv[1:])
     args = build_parser().parse_args(argv)
-    handler = {"synth": _synth, "index": _index, "eval": _eval, "demo": _demo,
+    handler = {"env": _env, "synth": _synth, "index": _index, "eval": _eval, "demo": _demo,
                "transcode": _transcode}[args.command]
     try:
         return handler(args)

@@ -39,6 +39,10 @@ def test_owed_script_runs_its_parts_and_packs_each(tmp_path):
     assert sorted(p.name for p in out.iterdir()) == ["checks.tgz", "owed.log", "train.tgz"]
     log = (out / "owed.log").read_text()
     assert "checks: ok" in log and "train: ok" in log, log
+    with tarfile.open(out / "checks.tgz") as tar:
+        assert {"checks/env.json", "checks/env.log", "checks/console.log"} <= set(tar.getnames())
+        env_log = tar.extractfile("checks/env.log").read().decode()
+    assert "siasam-fast env: exit status 0" in env_log, env_log
     with tarfile.open(out / "train.tgz") as tar:
         names = tar.getnames()
     assert any(n.endswith("_bench_tiny.csv") for n in names), names
@@ -67,11 +71,11 @@ def test_owed_script_packs_a_running_part_so_a_killed_call_returns_it(tmp_path):
         deadline = time.monotonic() + 120
         while not (out / "checks.tgz").exists() and time.monotonic() < deadline:
             time.sleep(0.2)
-        time.sleep(1.5)  # a second pack, now with pytest's first output in the console log
+        time.sleep(1.5)  # a second pack, now with the first output in the part's logs
         running = "checks: " not in (keep / "owed.log").read_text().split("up to", 1)[-1]
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
     assert running, "the part ended before the check: nothing was killed mid-part"
     with tarfile.open(out / "checks.tgz") as tar:
-        assert "checks/console.log" in tar.getnames()
+        assert {"checks/env.log", "checks/console.log"} & set(tar.getnames())

@@ -1,0 +1,453 @@
+"""``siasam-fast env``: what this machine can run, and what a training run here would pick.
+
+Each check tries the real thing on a tiny input where it can (the fused loss against the reference,
+forward and backward; DALI decoding three chosen frames of a small encoded clip) and otherwise
+reports versions and availability. A check never raises: an error inside it becomes a ``fail`` row
+with the error's first line. Statuses:
+
+- ``ok``: present and working;
+- ``info``: a fact, or a choice this machine makes (e.g. no GPU: fp32, PyAV, the reference loss);
+- ``missing``: an optional part is not installed (a hint says what it would add);
+- ``fail``: installed but broken, or mismatched with this machine (the exit status is then 1).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+STATUSES = ("ok", "info", "missing", "fail")
+
+
+@dataclass
+class Check:
+    name: str
+    status: str  # one of STATUSES
+    detail: str
+    hint: str = ""
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0] if text else ''}".rstrip(": ")
+
+
+def cuda_driver_version() -> tuple[int, int] | None:
+    """The CUDA version the installed NVIDIA driver supports, (major, minor), or None (no
+    driver). Read from libcuda itself, so it is right whatever CUDA build torch has."""
+    import ctypes
+
+    for name in ("libcuda.so.1", "libcuda.so", "nvcuda.dll"):
+        try:
+            lib = ctypes.CDLL(name)
+        except OSError:
+            continue
+        version = ctypes.c_int(0)
+        if lib.cuDriverGetVersion(ctypes.byref(version)) == 0 and version.value:
+            return version.value // 1000, version.value % 1000 // 10
+    return None
+
+
+# -- the checks --------------------------------------------------------------------------------
+
+
+def check_python() -> list[Check]:
+    return [Check("python", "info", f"{platform.python_version()} on {platform.platform()}")]
+
+
+def check_torch() -> list[Check]:
+    import torch
+
+    build = torch.version.cuda
+    rows = [Check("torch", "ok", f"{torch.__version__}, "
+                  + (f"CUDA {build} build" if build else "CPU build (no CUDA)"))]
+    if not torch.cuda.is_available():
+        driver = cuda_driver_version()
+        hint = ("an NVIDIA driver is installed but this torch build has no CUDA: install a CUDA "
+                "build (README, Install on a GPU machine)") if driver and not build else ""
+        rows.append(Check("GPU", "info", "no CUDA GPU visible: training runs on the CPU (fp32, "
+                          "PyAV decoding, the reference loss)", hint))
+        return rows
+    arch_list = torch.cuda.get_arch_list()
+    driver = cuda_driver_version()
+    for i in range(torch.cuda.device_count()):
+        props = torch.cuda.get_device_properties(i)
+        cc = (props.major, props.minor)
+        detail = (f"{i}: {props.name}, compute capability {cc[0]}.{cc[1]}, "
+                  f"{props.total_memory / 2**30:.0f} GiB"
+                  + (f", driver CUDA {driver[0]}.{driver[1]}" if driver else ""))
+        if _runs_on(cc, arch_list):
+            rows.append(Check("GPU", "ok", detail))
+        else:
+            rows.append(Check(
+                "GPU", "fail", f"{detail}; this torch build has code for {', '.join(arch_list)} "
+                "only", "V100 (7.0) needs a cu126 torch build (README, Install on a GPU machine)"))
+    return rows
+
+
+def _runs_on(cc: tuple[int, int], arch_list: list[str]) -> bool:
+    """Whether a torch build with ``arch_list`` (sm_XY cubins, compute_XY PTX) runs on a GPU of
+    compute capability ``cc``: a cubin of the same major and a minor not above, or PTX not
+    above (JIT-compiled by the driver)."""
+    import re
+
+    for arch in arch_list:
+        m = re.fullmatch(r"(sm|compute)_(\d+)(\d)[a-z]?", arch)
+        if not m:
+            continue
+        kind, major, minor = m.group(1), int(m.group(2)), int(m.group(3))
+        if kind == "sm" and major == cc[0] and minor <= cc[1]:
+            return True
+        if kind == "compute" and (major, minor) <= cc:
+            return True
+    return False
+
+
+def check_precision() -> list[Check]:
+    from siasam_fast.ds_config import config_file_name, default_precision
+
+    precision = default_precision()
+    why = {"fp32": "no GPU: DeepSpeed refuses fp16 on the CPU",
+           "fp16": "no bf16 on this GPU: fp16 with dynamic loss scaling",
+           "bf16": "this GPU has bf16"}[precision]
+    return [Check("precision", "info", f"{precision} ({why}); DeepSpeed config "
+                  f"configs/ds/{config_file_name(2, precision)} for ZeRO-2")]
+
+
+def check_kernels() -> list[Check]:
+    import torch
+
+    from siasam_fast import siamese
+
+    try:
+        import triton
+    except ImportError:
+        return [Check("Triton kernels", "missing", "triton is not installed: the reference loss "
+                      "(eager PyTorch) is used", "pip install triton")]
+    on_gpu = torch.cuda.is_available()
+    if not on_gpu and not siamese.interpreting():
+        return [Check("Triton kernels", "info", f"Triton {triton.__version__}; the fused kernels "
+                      "need a CUDA GPU: training here uses the reference loss",
+                      "TRITON_INTERPRET=1 runs them on the CPU through Triton's interpreter "
+                      "(slow; for tests)")]
+    device = torch.device("cuda" if on_gpu else "cpu")
+    if on_gpu and torch.cuda.get_device_capability(device) < (7, 5) and \
+            _version_tuple(triton.__version__) >= (3, 9):
+        return [Check("Triton kernels", "fail", f"Triton {triton.__version__} cannot compile for "
+                      f"{torch.cuda.get_device_name(device)} (sm_70): its bundled ptxas rejects "
+                      "the PTX it emits", "pip install triton==3.8.0 (README, V100 notes)")]
+    worst = _kernel_vs_reference(device)
+    where = torch.cuda.get_device_name(device) if on_gpu else "the CPU (Triton interpreter)"
+    detail = (f"Triton {triton.__version__}: the fused loss matches the reference on {where} "
+              f"(forward and backward, largest relative error {worst:.1e})")
+    rows = []
+    if worst > 1e-3:
+        rows.append(Check("Triton kernels", "fail", detail.replace("matches", "differs from"),
+                          "report it with this output"))
+    else:
+        rows.append(Check("Triton kernels", "ok", detail))
+    if on_gpu:
+        rows.append(_tuned_row(torch.cuda.get_device_name(device)))
+    return rows
+
+
+def _version_tuple(version: str) -> tuple[int, ...]:
+    """(3, 8, 0) of "3.8.0+git..." (the leading numbers only)."""
+    import re
+
+    return tuple(int(n) for n in re.findall(r"\d+", version.split("+")[0])[:3])
+
+
+def _kernel_vs_reference(device) -> float:
+    """The largest relative difference between the fused and the reference loss (and their
+    gradients) on a small random input, float32."""
+    import torch
+
+    from siasam_fast import siamese
+
+    gen = torch.Generator().manual_seed(0)
+    V, N, D, K = 4, 3, 32, 16
+    inputs = [torch.randn(V, N, D, generator=gen), torch.randn(V, N, K, generator=gen),
+              torch.randn(N, generator=gen), torch.randn(N, generator=gen)]
+    mask = torch.ones(V, N, dtype=torch.bool)
+    mask[1, 2] = False  # a masked clip, as in short videos
+    results = []
+    for impl in ("triton", "reference"):
+        leaves = [t.to(device).requires_grad_() for t in inputs]
+        loss = siamese.siamese_loss(*leaves, clip_mask=mask.to(device), impl=impl)
+        loss.backward()
+        results.append([loss.detach(), *(t.grad for t in leaves)])
+    worst = 0.0
+    for a, b in zip(*results):
+        scale = b.abs().max().clamp_min(1e-6)
+        worst = max(worst, float((a.float() - b.float()).abs().max() / scale))
+    return worst
+
+
+def _tuned_row(device_name: str) -> Check:
+    import os
+
+    from siasam_kernels import siamese as kern
+
+    path = os.environ.get(kern.TUNED_ENV) or str(kern.TUNED_FILE)
+    if device_name in kern._tuned_table(path):
+        return Check("kernel settings", "ok", f"launch settings measured on {device_name} "
+                     f"({path})")
+    return Check("kernel settings", "info", f"no measured launch settings for {device_name}: "
+                 "the built-in heuristic applies",
+                 "python benchmarks/bench_kernels.py --sweep-configs (about a minute) writes "
+                 "them; README, Benchmarks")
+
+
+def dali_wheel() -> str | None:
+    """The installed nvidia-dali distribution's name (nvidia-dali-cuda120, ...), or None."""
+    from importlib import metadata
+
+    names = sorted(
+        (d.metadata["Name"] or "") for d in metadata.distributions()
+        if (d.metadata["Name"] or "").lower().replace("_", "-").startswith("nvidia-dali")
+    )
+    return names[0] if names else None
+
+
+def check_dali(decode: bool = True) -> list[Check]:
+    import torch
+
+    from siasam_fast.pipeline.loaders import resolve_backend
+
+    on_gpu = torch.cuda.is_available()
+    try:
+        import nvidia.dali as dali
+    except ImportError:
+        rows = [Check("DALI", "missing", "nvidia-dali is not installed: videos are decoded by "
+                      "PyAV on the CPU", "pip install 'siasam-fast[gpu]' (CUDA 13 driver) or "
+                      "'siasam-fast[gpu-cu120]' (CUDA 12, V100); README, Install on a GPU machine")]
+    else:
+        wheel = dali_wheel() or "nvidia-dali"
+        rows = [Check("DALI", "ok", f"{wheel} {dali.__version__}")]
+        wheel_cuda = _wheel_cuda_major(wheel)
+        driver = cuda_driver_version()
+        if on_gpu and wheel_cuda and driver and driver[0] < wheel_cuda:
+            rows[0] = Check("DALI", "fail", f"{wheel} {dali.__version__} needs a CUDA "
+                            f"{wheel_cuda} driver; this driver supports CUDA {driver[0]}."
+                            f"{driver[1]}", f"pip install nvidia-dali-cuda{driver[0]}0 instead "
+                            "(README, Install on a GPU machine)")
+        elif decode:
+            rows.append(_dali_decode_row(on_gpu))
+    backend = resolve_backend("auto")
+    why = ("DALI on NVDEC" if backend == "dali" else "PyAV on the CPU: DALI needs "
+           + ("a CUDA GPU" if not on_gpu else "nvidia-dali"))
+    rows.append(Check("data.backend=auto", "info", f"{backend} ({why})"))
+    return rows
+
+
+def _wheel_cuda_major(wheel: str) -> int | None:
+    tail = wheel.lower().rpartition("cuda")[2]
+    return int(tail[:-1]) if tail[:-1].isdigit() and tail.endswith("0") else None
+
+
+# Brightness of frame i of the decode check's clip: 15 grey levels apart, so a frame off by one is
+# seen; the decode check wants frames 3, 7 and 11 of 16.
+_CLIP_FRAMES, _WANTED = 16, (3, 7, 11)
+
+
+def _grey(i: int) -> int:
+    return 8 + 15 * i
+
+
+def _test_clip(codec: str) -> bytes:
+    """A 64x64 clip of ``_CLIP_FRAMES`` flat grey frames (frame i at ``_grey(i)``), encoded in
+    memory: H.264 with B-frames (MP4) or VP9 (WebM)."""
+    import io
+
+    import av
+    import numpy as np
+
+    buf = io.BytesIO()
+    with av.open(buf, "w", format="mp4" if codec == "h264" else "webm") as out:
+        stream = out.add_stream("libx264" if codec == "h264" else "libvpx-vp9", rate=25)
+        stream.width = stream.height = 64
+        stream.pix_fmt = "yuv420p"
+        stream.options = ({"g": "8", "bf": "2", "crf": "10"} if codec == "h264" else
+                          {"g": "8", "crf": "10", "b": "0", "deadline": "realtime"})
+        for i in range(_CLIP_FRAMES):
+            image = np.full((64, 64, 3), _grey(i), np.uint8)
+            for packet in stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+    return buf.getvalue()
+
+
+def _dali_decode_row(on_gpu: bool) -> Check:
+    """Decode frames ``_WANTED`` of a small clip with DALI's video decoder, as the pipeline does
+    (NVDEC with a GPU, else DALI's CPU decoder), and check each one's brightness."""
+    import numpy as np
+    from nvidia.dali import fn, pipeline_def, types
+
+    codec = "h264" if on_gpu else "vp9"  # DALI's CPU decoder reads VP8 / VP9 / MJPEG only
+    data = np.frombuffer(_test_clip(codec), np.uint8)
+    wanted = np.array(_WANTED, np.int32)
+
+    @pipeline_def(batch_size=1, num_threads=1, device_id=0 if on_gpu else None)
+    def pipe():
+        encoded, frames = fn.external_source(
+            source=lambda: ([data], [wanted]), num_outputs=2, batch=True,
+            dtype=[types.UINT8, types.INT32], ndim=[1, 1])
+        return fn.decoders.video(encoded, device="mixed" if on_gpu else "cpu", frames=frames,
+                                 pad_mode="none")
+
+    p = pipe()
+    p.build()
+    (out,) = p.run()
+    video = np.asarray((out.as_cpu() if on_gpu else out)[0])  # [F, H, W, 3] uint8
+    got = [round(float(frame.mean())) for frame in video]
+    want = [_grey(i) for i in _WANTED]
+    where = "NVDEC (H.264 with B-frames)" if on_gpu else "DALI's CPU decoder (VP9)"
+    detail = f"decoded frames {', '.join(map(str, _WANTED))} of a {_CLIP_FRAMES}-frame clip on " \
+             f"{where}"
+    if len(got) == len(want) and all(abs(g - w) <= 5 for g, w in zip(got, want)):
+        return Check("DALI decode", "ok", detail + ": the right frames")
+    return Check("DALI decode", "fail", f"{detail}: grey levels {got}, expected {want}",
+                 "report it with this output; data.backend=pyav avoids DALI")
+
+
+def check_deepspeed() -> list[Check]:
+    import os
+    import shutil
+
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # as train.py does on a CPU machine
+    try:
+        import deepspeed
+        from deepspeed.accelerator import get_accelerator
+    except ImportError as err:
+        return [Check("DeepSpeed", "fail", f"cannot import deepspeed ({_first_line(err)}): "
+                      "train.py needs it", "pip install deepspeed")]
+    rows = [Check("DeepSpeed", "ok", f"{deepspeed.__version__}, accelerator "
+                  f"{get_accelerator().device_name()}")]
+    if not torch.cuda.is_available():
+        rows.append(Check("optimizer", "info", "torch AdamW (DeepSpeed's FusedAdam needs CUDA)"))
+        return rows
+    from deepspeed.ops.op_builder import FusedAdamBuilder
+
+    from siasam_fast.training import deepspeed_arch_list
+
+    nvcc = shutil.which("nvcc") or (os.environ.get("CUDA_HOME") and
+                                    Path(os.environ["CUDA_HOME"], "bin", "nvcc").is_file())
+    note = ""
+    fixed = deepspeed_arch_list(os.environ.get("TORCH_CUDA_ARCH_LIST"))
+    if fixed is not None:
+        note = f"; train.py hands its build TORCH_CUDA_ARCH_LIST={fixed!r}"
+    if FusedAdamBuilder().is_compatible(verbose=False) and nvcc:
+        rows.append(Check("optimizer", "ok", "DeepSpeed FusedAdam (built on first use, about a "
+                          f"minute, then cached){note}"))
+    else:
+        rows.append(Check("optimizer", "missing", "DeepSpeed FusedAdam cannot be built here "
+                          "(no nvcc / CUDA_HOME)", "install the CUDA toolkit, or "
+                          "--set train.optimizer=torch"))
+    return rows
+
+
+def check_apex() -> list[Check]:
+    try:
+        from apex.optimizers import FusedAdam  # noqa: F401
+    except ImportError:
+        return [Check("apex", "missing", "not installed (optional: train.optimizer=apex)",
+                      "not on PyPI: see NVIDIA/apex's README")]
+    return [Check("apex", "ok", "apex FusedAdam available (train.optimizer=apex)")]
+
+
+def check_pyav() -> list[Check]:
+    import av
+
+    from siasam_fast.pipeline.transcode import nvenc_available
+
+    codecs = av.codecs_available
+    decoders = [c for c in ("h264", "hevc", "vp9", "mjpeg") if c in codecs]
+    encoders = [c for c in ("libx264", "libx265") if c in codecs]
+    status = "ok" if "h264" in decoders else "fail"
+    rows = [Check("PyAV", status, f"{av.__version__}; decodes {', '.join(decoders) or 'nothing'}; "
+                  f"encodes {', '.join(encoders) or 'neither libx264 nor libx265'} (transcode)")]
+    ok, why = nvenc_available("h264")
+    rows.append(Check("NVENC", "ok" if ok else "info",
+                      "h264_nvenc opens: transcode encodes on the GPU" if ok else
+                      f"{why}; transcode encodes on the CPU"))
+    return rows
+
+
+def check_transformers() -> list[Check]:
+    import transformers
+    from transformers import BertModel, ResNetModel  # noqa: F401
+
+    return [Check("transformers", "ok", f"{transformers.__version__} (BertModel, ResNetModel)")]
+
+
+CHECKS: tuple[Callable[..., list[Check]], ...] = (
+    check_python, check_torch, check_precision, check_kernels, check_dali, check_deepspeed,
+    check_apex, check_pyav, check_transformers,
+)
+
+
+def run_checks(decode: bool = True) -> list[Check]:
+    """Every check in order; an error inside one becomes a ``fail`` row naming it."""
+    rows: list[Check] = []
+    for check in CHECKS:
+        name = check.__name__.removeprefix("check_")
+        try:
+            rows.extend(check(decode) if check is check_dali else check())
+        except Exception as err:  # noqa: BLE001 - a broken part is a row, not a crash
+            rows.append(Check(name, "fail", f"the check raised {_first_line(err)}",
+                              "report it with this output"))
+    return rows
+
+
+def format_rows(rows: list[Check]) -> str:
+    width = max(len(r.name) for r in rows)
+    lines = []
+    for r in rows:
+        lines.append(f"{r.name:<{width}}  {r.status:<7}  {r.detail}")
+        if r.hint:
+            lines.append(f"{'':<{width}}  {'':<7}  -> {r.hint}")
+    return "\n".join(lines)
+
+
+def run_from_args(args: argparse.Namespace) -> int:
+    """Print the table (and write --json); exit status 1 if any row is ``fail``."""
+    from siasam_fast.paths import file_in_the_way
+
+    if args.json is not None:
+        args.json = Path(args.json)
+        blocker = file_in_the_way(args.json.parent)
+        if args.json.is_dir() or blocker is not None:
+            raise ValueError(f"--json {str(args.json)!r}: "
+                             + ("is a folder" if args.json.is_dir() else
+                                f"{str(blocker)!r} is a file, not a folder")
+                             + "; give a file path")
+    rows = run_checks(decode=not args.no_decode)
+    print(format_rows(rows))
+    failed = [r.name for r in rows if r.status == "fail"]
+    print(f"\n{len(rows)} checks: " + ", ".join(
+        f"{sum(r.status == s for r in rows)} {s}" for s in STATUSES)
+        + (f"; failed: {', '.join(failed)}" if failed else ""))
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps([asdict(r) for r in rows], indent=1) + "\n")
+    return 1 if failed else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    from siasam_fast.cli import main as cli_main
+
+    return cli_main(["env", *(sys.argv[1:] if argv is None else argv)])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
