@@ -79,11 +79,30 @@ def _train(args: argparse.Namespace, rest: list[str]) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
+    import json
+
+    import torch.distributed as dist
+
+    from siasam_fast.paths import check_output_file
     from siasam_fast.training import evaluate_checkpoint
 
+    outputs = {option: check_output_file(path, option) for option, path in
+               (("--json", args.json), ("--predictions", args.predictions)) if path}
     metrics = evaluate_checkpoint(args.checkpoint, config_path=args.config,
-                                  overrides=args.set, split=args.split)
-    print(metrics)
+                                  overrides=args.set, split=args.split,
+                                  predictions=outputs.get("--predictions"))
+    if dist.is_initialized() and dist.get_rank() != 0:
+        return 0
+    width = max(len(k) for k in metrics)
+    print(f"{'metric':<{width}}  value")
+    for key, value in metrics.items():
+        print(f"{key:<{width}}  {value:.4f}" if isinstance(value, float) else
+              f"{key:<{width}}  {value}")
+    if "--json" in outputs:
+        outputs["--json"].parent.mkdir(parents=True, exist_ok=True)
+        outputs["--json"].write_text(json.dumps(metrics, indent=1) + "\n")
+    for option, path in outputs.items():
+        print(f"{option.removeprefix('--')}: {path}")
     return 0
 
 
@@ -148,6 +167,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. eval.num_clips=4")
     p.add_argument("--split", default=None, help="val or test (default: eval.split)")
+    p.add_argument("--json", default=None, metavar="PATH",
+                   help="also write the metrics (unrounded) as JSON to PATH")
+    p.add_argument("--predictions", default=None, metavar="PATH",
+                   help="write one JSON line per question (qid, question type, prediction, "
+                   "its score) to PATH")
 
     p = sub.add_parser("transcode", help="re-encode videos once for fast random access "
                        "(short GOP, constant frame rate)")

@@ -421,16 +421,10 @@ def format_rows(rows: list[Check]) -> str:
 
 def run_from_args(args: argparse.Namespace) -> int:
     """Print the table (and write --json); exit status 1 if any row is ``fail``."""
-    from siasam_fast.paths import file_in_the_way
+    from siasam_fast.paths import check_output_file
 
     if args.json is not None:
-        args.json = Path(args.json)
-        blocker = file_in_the_way(args.json.parent)
-        if args.json.is_dir() or blocker is not None:
-            raise ValueError(f"--json {str(args.json)!r}: "
-                             + ("is a folder" if args.json.is_dir() else
-                                f"{str(blocker)!r} is a file, not a folder")
-                             + "; give a file path")
+        args.json = check_output_file(args.json, "--json")
     rows = run_checks(decode=not args.no_decode)
     print(format_rows(rows))
     failed = [r.name for r in rows if r.status == "fail"]

@@ -18,3 +18,16 @@ def file_in_the_way(folder: str | os.PathLike) -> Path | None:
         if path.exists():
             return None if path.is_dir() else path
     return None
+
+
+def check_output_file(path: str | os.PathLike, option: str) -> Path:
+    """``path`` as a Path, or a ValueError naming ``option`` when no file can be written there:
+    it is a folder, or a file stands where one of its folders should be. Nothing is created."""
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{option} {str(path)!r} is a folder; give a file path")
+    blocker = file_in_the_way(path.parent)
+    if blocker is not None:
+        raise ValueError(f"{option} {str(path)!r}: {str(blocker)!r} is a file, not a folder; "
+                         "give a file path")
+    return path

@@ -356,6 +356,7 @@ def evaluate(model, loader, cfg: Config, text: TextEncoder, device, dtype, desc=
     for qtype in sorted({r[0] for r in rows.values()}):
         result[f"{metric}/{qtype or 'all'}"] = _mean(r[1] for r in rows.values() if r[0] == qtype)
     if predictions is not None and rank0:
+        predictions.parent.mkdir(parents=True, exist_ok=True)
         with predictions.open("w") as fh:
             for idx in sorted(rows):
                 qtype, value, qid, p = rows[idx]
@@ -821,8 +822,10 @@ def train(argv: list[str] | None = None, prog: str | None = None) -> int:
 
 
 def evaluate_checkpoint(checkpoint: str, config_path: str | None = None,
-                        overrides: list[str] | None = None, split: str | None = None) -> dict:
-    """``siasam-fast eval``: load a checkpoint's weights and evaluate one split."""
+                        overrides: list[str] | None = None, split: str | None = None,
+                        predictions: str | Path | None = None) -> dict:
+    """``siasam-fast eval``: load a checkpoint's weights and evaluate one split. ``predictions``:
+    a JSONL file of one row per question (qid, question type, prediction, its score)."""
     tag_dir = resolve_checkpoint(checkpoint)
     state = read_run_state(tag_dir)
     saved = config_from_json(json.dumps(state["config"]))
@@ -853,7 +856,8 @@ def evaluate_checkpoint(checkpoint: str, config_path: str | None = None,
     model.to(device)
     loader = make_loader(cfg, data, split, rank, world)
     text = TextEncoder(tokenizer, cfg.task, cfg.data.max_question_len)
-    return evaluate(model, loader, cfg, text, device, torch.float32, desc=f"eval {split}")
+    return evaluate(model, loader, cfg, text, device, torch.float32, desc=f"eval {split}",
+                    predictions=Path(predictions) if predictions else None)
 
 
 def init_model_from(model: torch.nn.Module, tag_dir: Path, cfg: Config, vocab: str) -> str:

@@ -342,6 +342,22 @@ def test_demo_never_overwrites_files_it_did_not_write(capsys, tmp_path, no_demo_
         run_cli(capsys, "demo", "--out", out, "--quick")
 
 
+def test_eval_output_paths_are_checked_before_evaluating(capsys, tmp_path, monkeypatch):
+    from siasam_fast import training
+
+    def no_eval(*args, **kwargs):
+        raise AssertionError("the evaluation started before its output paths were checked")
+
+    monkeypatch.setattr(training, "evaluate_checkpoint", no_eval)
+    victim = tmp_path / "file"
+    victim.write_text("keep")
+    code, _, err = run_cli(capsys, "eval", "--checkpoint", tmp_path, "--json", victim / "m.json")
+    assert_usage_error(code, err, "eval", "--json", f"{str(victim)!r} is a file, not a folder")
+    code, _, err = run_cli(capsys, "eval", "--checkpoint", tmp_path, "--predictions", tmp_path)
+    assert_usage_error(code, err, "eval", "--predictions", "is a folder")
+    assert victim.read_text() == "keep"
+
+
 def test_index_bad_workers(capsys, two_videos, tmp_path):
     folder, _ = two_videos
     code, _, err = run_cli(capsys, "index", folder, "--out", tmp_path / "m.jsonl", "--workers", -1)

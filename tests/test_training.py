@@ -3,6 +3,7 @@ exact resume, standalone evaluation and refused checkpoints."""
 
 import csv
 import json
+import re
 import socket
 import subprocess
 import sys
@@ -83,8 +84,15 @@ def test_single_process_trains_evaluates_and_checkpoints(synth, tmp_path):
     assert (out / "ans2label.json").is_file()
 
     # Standalone evaluation of the latest checkpoint gives the same accuracy as the last epoch.
-    proc = run([sys.executable, "-m", "siasam_fast.cli", "eval", "--checkpoint", str(out)])
-    assert f"'accuracy': {summary['val']['accuracy']}" in proc.stdout
+    metrics, preds = tmp_path / "eval" / "metrics.json", tmp_path / "eval" / "val.jsonl"
+    proc = run([sys.executable, "-m", "siasam_fast.cli", "eval", "--checkpoint", str(out),
+                "--json", str(metrics), "--predictions", str(preds)])
+    assert json.loads(metrics.read_text()) == summary["val"]
+    assert re.search(rf"\naccuracy +{summary['val']['accuracy']:.4f}\n", proc.stdout)
+    rows = [json.loads(line) for line in preds.read_text().splitlines()]
+    assert len(rows) == summary["val"]["num_examples"]
+    assert sum(r["accuracy"] for r in rows) / len(rows) == summary["val"]["accuracy"]
+    assert {"qid", "question_type", "prediction"} <= rows[0].keys()
 
 
 def test_resume_continues_the_same_run_exactly(synth, tmp_path):
@@ -147,7 +155,7 @@ def test_two_processes_with_zero(synth, tmp_path, stage, precision, launcher):
     if stage == 3:
         assert "model_weights.pt" in files  # gathered, for weights_only evaluation
     proc = run([sys.executable, "-m", "siasam_fast.cli", "eval", "--checkpoint", str(out)])
-    assert "'accuracy':" in proc.stdout
+    assert re.search(r"\naccuracy +[01]\.\d{4}\n", proc.stdout)
 
 
 def test_multiple_choice_task(synth, tmp_path):
