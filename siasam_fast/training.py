@@ -62,6 +62,7 @@ from siasam_fast.model import (  # noqa: E402
 from siasam_fast.paths import USAGE_ERRORS, file_in_the_way  # noqa: E402
 from siasam_fast.pipeline.loaders import build_video_loader  # noqa: E402
 from siasam_fast.pipeline.manifest import load_manifest  # noqa: E402
+from siasam_fast.stopping import StopRequest  # noqa: E402
 
 # Config fields that may change between a checkpoint and the run resuming (or evaluating) it.
 RESUMABLE_CHANGES = {
@@ -719,84 +720,102 @@ def train(argv: list[str] | None = None, prog: str | None = None) -> int:
 
     history: list[dict] = []
     stop = False
+    stopped_by = None  # the stop signal this run stopped for
     first_step = step
     step_seconds = 0.0  # time inside training steps (data wait included, evaluation excluded)
     t_run = time.perf_counter()
-    for epoch in range(start_epoch, cfg.train.epochs):
-        train_loader.set_epoch(epoch)  # keeps a restored mid-epoch position of this epoch
-        engine.train()
-        bar = tqdm(total=steps_per_epoch, initial=train_loader.sampler.position // max(
-            1, cfg.train.batch_size), desc=f"epoch {epoch + 1}/{cfg.train.epochs}",
-            disable=not rank0, dynamic_ncols=True)
-        sums = {k: v for k, v in resumed_sums.items() if k != "_steps"}
-        n_steps = int(resumed_sums.get("_steps", 0))
-        resumed_sums = {}
-        t_data = time.perf_counter()
-        for batch in train_loader:
-            batch.update(text(batch))
-            batch = to_device(batch, device, dtype)
-            sync()
-            t_fwd = time.perf_counter()
-            outputs = engine(batch)
-            loss, parts = total_loss(outputs, batch, cfg.task, cfg.siamese, engine.module.reasoning)
-            sync()
-            t_bwd = time.perf_counter()
-            engine.backward(loss)
-            sync()
-            t_opt = time.perf_counter()
-            engine.step()
-            sync()
-            t_end = time.perf_counter()
-            step += 1
-            n_steps += 1
-            step_seconds += t_end - t_data
-            if not math.isfinite(float(parts["loss"])) and precision != "fp16":
-                raise FloatingPointError(f"loss is {float(parts['loss'])} at step {step}: lower "
-                                         "train.lr or check the data (fp16 overflow steps are "
-                                         "skipped by the loss scaler instead)")
-            row = {"step": step, "epoch": epoch + 1, **{k: float(v) for k, v in parts.items()},
-                   "lr": scheduler.get_last_lr()[0],
-                   "loss_scale": float(getattr(optimizer, "cur_scale",
-                                               getattr(optimizer, "loss_scale", 1.0)) or 1.0),
-                   "skipped_steps": int(engine.skipped_steps),
-                   "data_s": t_fwd - t_data, "forward_s": t_bwd - t_fwd,
-                   "backward_s": t_opt - t_bwd, "optimizer_s": t_end - t_opt,
-                   "step_s": t_end - t_data,
-                   "videos_per_s": len(batch["example_index"]) * world / (t_end - t_data)}
-            for k in parts:
-                sums[k] = sums.get(k, 0.0) + row[k]
-            steps_log.write(row)
-            bar.update(1)
-            if step % max(1, cfg.train.log_every) == 0:
-                bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}")
-            if cfg.train.save_every and step % cfg.train.save_every == 0:
-                checkpoint(epoch)
-            if cfg.train.max_steps and step >= cfg.train.max_steps:
-                stop = True
-                break
+    # SIGTERM / SIGINT / SIGUSR1 (a scheduler's stop or pre-emption, Ctrl-C): finish the step,
+    # save a checkpoint, exit 128 + the signal's number. Processes agree over a gloo group.
+    stop_request = StopRequest(world, dist.new_group(backend="gloo") if world > 1 else None)
+    with stop_request:
+        for epoch in range(start_epoch, cfg.train.epochs):
+            train_loader.set_epoch(epoch)  # keeps a restored mid-epoch position of this epoch
+            engine.train()
+            bar = tqdm(total=steps_per_epoch, initial=train_loader.sampler.position // max(
+                1, cfg.train.batch_size), desc=f"epoch {epoch + 1}/{cfg.train.epochs}",
+                disable=not rank0, dynamic_ncols=True)
+            sums = {k: v for k, v in resumed_sums.items() if k != "_steps"}
+            n_steps = int(resumed_sums.get("_steps", 0))
+            resumed_sums = {}
             t_data = time.perf_counter()
-        bar.close()
-        epoch_done = not stop or train_loader.sampler.position >= len(train_loader.sampler)
-        if stop and not (cfg.train.save_every and step % cfg.train.save_every == 0):
-            checkpoint(epoch)
-        if epoch_done:
-            metrics = evaluate(engine, eval_loader, cfg, text, device, dtype,
-                               desc=f"eval {eval_split}") if eval_loader is not None else {}
-            row = {"step": step, "epoch": epoch + 1,
-                   **{f"train_{k}": v / max(1, n_steps) for k, v in sums.items()},
-                   **{f"{eval_split}_{k}": v for k, v in metrics.items()},
-                   "elapsed_s": time.perf_counter() - t_run}
-            epochs_log.write(row)
-            history.append(row)
-            if rank0 and metrics:
-                key = "mse" if cfg.task == "count" else "accuracy"
-                print(f"epoch {epoch + 1}: train loss {row.get('train_loss', float('nan')):.4f}, "
-                      f"{eval_split} {key} {metrics[key]:.4f}")
-            if not stop:
+            for batch in train_loader:
+                batch.update(text(batch))
+                batch = to_device(batch, device, dtype)
+                sync()
+                t_fwd = time.perf_counter()
+                outputs = engine(batch)
+                loss, parts = total_loss(outputs, batch, cfg.task, cfg.siamese,
+                                         engine.module.reasoning)
+                sync()
+                t_bwd = time.perf_counter()
+                engine.backward(loss)
+                sync()
+                t_opt = time.perf_counter()
+                engine.step()
+                sync()
+                t_end = time.perf_counter()
+                step += 1
+                n_steps += 1
+                step_seconds += t_end - t_data
+                if not math.isfinite(float(parts["loss"])) and precision != "fp16":
+                    raise FloatingPointError(
+                        f"loss is {float(parts['loss'])} at step {step}: lower train.lr or check "
+                        "the data (fp16 overflow steps are skipped by the loss scaler instead)")
+                row = {"step": step, "epoch": epoch + 1, **{k: float(v) for k, v in parts.items()},
+                       "lr": scheduler.get_last_lr()[0],
+                       "loss_scale": float(getattr(optimizer, "cur_scale",
+                                                   getattr(optimizer, "loss_scale", 1.0)) or 1.0),
+                       "skipped_steps": int(engine.skipped_steps),
+                       "data_s": t_fwd - t_data, "forward_s": t_bwd - t_fwd,
+                       "backward_s": t_opt - t_bwd, "optimizer_s": t_end - t_opt,
+                       "step_s": t_end - t_data,
+                       "videos_per_s": len(batch["example_index"]) * world / (t_end - t_data)}
+                for k in parts:
+                    sums[k] = sums.get(k, 0.0) + row[k]
+                steps_log.write(row)
+                bar.update(1)
+                if step % max(1, cfg.train.log_every) == 0:
+                    bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}")
+                if cfg.train.save_every and step % cfg.train.save_every == 0:
+                    checkpoint(epoch)
+                if cfg.train.max_steps and step >= cfg.train.max_steps:
+                    stop = True
+                    break
+                epoch_end = train_loader.sampler.position >= len(train_loader.sampler)
+                if stop_request.should_stop(step, epoch_end):
+                    stop, stopped_by = True, stop_request.signal
+                    break
+                t_data = time.perf_counter()
+            bar.close()
+            epoch_done = not stop or train_loader.sampler.position >= len(train_loader.sampler)
+            if stop and not (cfg.train.save_every and step % cfg.train.save_every == 0):
                 checkpoint(epoch)
-        if stop:
-            break
+            if epoch_done and stopped_by is None:
+                metrics = evaluate(engine, eval_loader, cfg, text, device, dtype,
+                                   desc=f"eval {eval_split}") if eval_loader is not None else {}
+                row = {"step": step, "epoch": epoch + 1,
+                       **{f"train_{k}": v / max(1, n_steps) for k, v in sums.items()},
+                       **{f"{eval_split}_{k}": v for k, v in metrics.items()},
+                       "elapsed_s": time.perf_counter() - t_run}
+                epochs_log.write(row)
+                history.append(row)
+                if rank0 and metrics:
+                    key = "mse" if cfg.task == "count" else "accuracy"
+                    loss_text = f"{row.get('train_loss', float('nan')):.4f}"
+                    print(f"epoch {epoch + 1}: train loss {loss_text}, {eval_split} {key} "
+                          f"{metrics[key]:.4f}")
+                if not stop:
+                    checkpoint(epoch)
+            if stop:
+                break
 
+    if stopped_by is not None:
+        if rank0:
+            print(f"stopped by {stopped_by} after step {step}: checkpoint saved in "
+                  f"{out_dir / 'checkpoints'}; continue with --resume auto"
+                  + ("" if train_loader.sampler.position < len(train_loader.sampler) else
+                     f" (epoch {epoch + 1}'s evaluation was skipped)"))
+        return stop_request.exit_status
     steps_run = step - first_step
     summary = {"steps": step, "epochs_completed": len(history), "precision": precision,
                "steps_per_s": steps_run / max(1e-9, step_seconds),  # training steps only

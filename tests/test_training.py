@@ -3,10 +3,13 @@ exact resume, standalone evaluation and refused checkpoints."""
 
 import csv
 import json
+import os
 import re
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -108,6 +111,61 @@ def test_resume_continues_the_same_run_exactly(synth, tmp_path):
     b = json.loads((part / "summary.json").read_text())
     assert a["val"] == b["val"]
     assert a["history"][-1]["train_loss"] == b["history"][-1]["train_loss"]
+
+
+def signal_after_steps(cmd: list[str], out: Path, steps: int, sig: int, group: bool):
+    """Run ``cmd`` in a session of its own; once ``out`` has logged ``steps`` steps, send ``sig``
+    to its whole process group (``group``: as a scheduler does) or to it alone. Returns the
+    completed process."""
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=cpu_env(OMP_NUM_THREADS="1"), text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            start_new_session=True)
+    log = out / "metrics_steps.csv"
+    deadline = time.monotonic() + 300
+    while proc.poll() is None and time.monotonic() < deadline:
+        if log.is_file() and log.read_text().count("\n") - 1 >= steps:
+            (os.killpg if group else os.kill)(proc.pid, sig)
+            break
+        time.sleep(0.05)
+    stdout, stderr = proc.communicate(timeout=300)
+    return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
+
+
+def test_a_stop_signal_saves_a_checkpoint_and_the_run_resumes_exactly(synth, tmp_path):
+    """SIGTERM to the whole process group (a scheduler's stop: the loader's workers get it too):
+    the run finishes its step, saves, exits 143; --resume auto then gives the uninterrupted run's
+    losses, bit for bit."""
+    full, part = tmp_path / "full", tmp_path / "part"
+    extra = ("--set", "data.num_workers=2", "--set", "train.epochs=3")
+    train(base_args(synth, full, *extra))
+    proc = signal_after_steps([sys.executable, "train.py", *base_args(synth, part, *extra)], part,
+                              2, signal.SIGTERM, group=True)
+    assert proc.returncode == 128 + signal.SIGTERM, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert "stopped by SIGTERM after step" in proc.stdout and "--resume auto" in proc.stdout
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    stopped_at = len(losses(part))
+    assert 2 <= stopped_at < len(losses(full))
+    assert (part / "checkpoints" / "latest").read_text().strip() == f"step{stopped_at}"
+    assert not (part / "summary.json").exists()  # the run is not over
+    train(base_args(synth, part, *extra, "--resume", "auto"))
+    assert losses(part) == losses(full)
+
+
+def test_two_processes_stop_together(synth, tmp_path):
+    """torchrun passes SIGTERM on to both processes; they agree on one step (here the first epoch
+    end), save one checkpoint together and exit; a resume finishes the run."""
+    out = tmp_path / "two"
+    args = base_args(synth, out, "--set", "train.epochs=3")
+    cmd = [*LAUNCHERS["torchrun"], "--master_port", str(free_port()), "train.py", *args]
+    proc = signal_after_steps(cmd, out, 1, signal.SIGTERM, group=False)
+    assert proc.returncode != 0
+    assert "stopped by SIGTERM after step" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-3000:]
+    tag = (out / "checkpoints" / "latest").read_text().strip()
+    assert {"rng_rank0.json", "rng_rank1.json"} <= {p.name for p in (out / "checkpoints" / tag)
+                                                    .iterdir()}
+    run([*LAUNCHERS["torchrun"], "--master_port", str(free_port()), "train.py", *args,
+         "--resume", "auto"])
+    assert json.loads((out / "summary.json").read_text())["epochs_completed"] >= 1
 
 
 def test_incompatible_checkpoint_is_refused(synth, tmp_path):

@@ -276,7 +276,7 @@ def keyframe_span(record, wanted) -> np.ndarray:
     return np.array([keys[i], pts[i], *after], np.int64)
 
 
-def read_encoded_batch(batches, info, trim=False):
+def read_encoded_batch(batches, info, trim=False, reader_process=False):
     """The external source: the inputs of DALI iteration ``info.iteration``.
 
     ``batches[k]`` is a tuple of jobs ``(slot, path, size, mtime_ns, frames int32, resize float32
@@ -287,6 +287,15 @@ def read_encoded_batch(batches, info, trim=False):
     frames need and its frames renumbered to match: read from the file alone with the manifest's
     keyframes (``span``, :func:`trim_file`), else cut from the whole file (:func:`trim_stretch`).
     """
+    if reader_process:  # a scheduler's SIGTERM reaches DALI's readers too: the main process
+        # decides (training saves a checkpoint first) and ends them (siasam_fast.stopping)
+        import signal
+
+        for name in ("SIGTERM", "SIGINT", "SIGUSR1"):
+            try:
+                signal.signal(getattr(signal, name), signal.SIG_IGN)
+            except (AttributeError, ValueError):  # no such signal here; not the main thread
+                pass
     k = info.iteration
     if k >= len(batches):
         raise StopIteration
@@ -330,17 +339,18 @@ def read_encoded_batch(batches, info, trim=False):
     return encoded, frames, sizes, crops, slots
 
 
-def reader_source(batches, trim=False):
+def reader_source(batches, trim=False, reader_process=False):
     """``read_encoded_batch`` bound to ``batches``: a local function, which DALI pickles by value
     (a ``functools.partial`` would not do: DALI wants a one-argument signature), and so are the
-    module's functions it calls, so that the reader processes need not import this package."""
+    module's functions it calls, so that the reader processes need not import this package.
+    ``reader_process``: it runs in DALI's reader processes (``num_workers > 0``), not here."""
     from nvidia.dali.pickling import pickle_by_value
 
     for function in (read_encoded_batch, trim_stretch, trim_file, _mux_stretch):
         pickle_by_value(function)
 
     def source(info):
-        return read_encoded_batch(batches, info, trim)
+        return read_encoded_batch(batches, info, trim, reader_process)
 
     return source
 
@@ -581,7 +591,7 @@ class DALIVideoLoader:
     def _build(self, feed: list, *, parallel: bool, batch_size: int):
         from nvidia.dali import Pipeline
 
-        source = reader_source(feed, self.trim)
+        source = reader_source(feed, self.trim, reader_process=parallel)
         kwargs = {}
         if parallel:
             kwargs = {

@@ -64,6 +64,7 @@ from siasam_fast.sampling import (
     sample_eval_clips,
     sample_siamese_clips,
 )
+from siasam_fast.stopping import ignore_stop_signals
 
 logger = logging.getLogger(__name__)
 
@@ -634,6 +635,9 @@ def build_loader(
             "persistent_workers": True,
             "prefetch_factor": prefetch_factor,
             "multiprocessing_context": multiprocessing_context,
+            # A scheduler's SIGTERM reaches the workers too: the main process decides (training
+            # saves a checkpoint first) and shuts them down (siasam_fast.stopping).
+            "worker_init_fn": ignore_stop_signals,
         }
     return VideoQALoader(
         dataset,

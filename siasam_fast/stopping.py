@@ -1,0 +1,112 @@
+"""A graceful stop for training: on SIGTERM, SIGINT or SIGUSR1 the run finishes its current step,
+saves a checkpoint and exits with status 128 + the signal's number (143 for SIGTERM, 130 for
+Ctrl-C), so that ``--resume auto`` continues it exactly.
+
+Cluster schedulers stop or pre-empt a job with SIGTERM (Slurm, Kubernetes), after a grace period
+SIGKILL; ``#SBATCH --signal=USR1@120`` asks Slurm for SIGUSR1 two minutes before the time limit;
+``torchrun`` and the ``deepspeed`` launcher pass SIGTERM (and SIGINT) on to every training
+process, with 30 s before they kill. A second Ctrl-C (a second after the first or later) stops
+at once with KeyboardInterrupt; a repeated SIGTERM or SIGUSR1 changes nothing (a launcher passes
+on the signal its process group already got, and the scheduler's SIGKILL ends the grace period).
+
+Several processes must stop at the same step, since the checkpoint is a collective operation. So
+they agree every ``CHECK_EVERY`` steps and at each epoch's end, with one all-reduce of one number
+over a gloo (CPU) group: no GPU synchronisation, a few hundred microseconds on a node. A single
+process checks its flag after every step.
+
+Loader worker processes get the same signals when a scheduler signals the whole process group;
+:func:`ignore_stop_signals` (the PyAV loader's worker initialiser, and DALI's reader processes)
+leaves them to the main process, which shuts its workers down as it always does. Without that,
+the workers die on SIGTERM and the next batch fails before the checkpoint.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+import threading
+import time
+
+STOP_SIGNALS = ("SIGTERM", "SIGINT", "SIGUSR1")
+# Steps between the processes' agreement on stopping (several processes only), besides the last
+# step of every epoch.
+CHECK_EVERY = 10
+# A second signal this soon after the first is the launcher passing on the same stop.
+REPEAT_WINDOW_S = 1.0
+
+
+def ignore_stop_signals(*_args) -> None:
+    """Ignore the stop signals in this process (a loader worker: its main process decides).
+    Accepts and ignores arguments, so that it serves as a ``worker_init_fn``."""
+    for name in STOP_SIGNALS:
+        if hasattr(signal, name):
+            signal.signal(getattr(signal, name), signal.SIG_IGN)
+
+
+class StopRequest:
+    """Within ``with StopRequest(world, group):``, the stop signals set a flag instead of ending
+    the process; ``should_stop(step)`` says (the same on every process) when to stop. Outside the
+    main thread it installs nothing and never asks to stop. The previous handlers come back on
+    exit."""
+
+    def __init__(self, world_size: int = 1, group=None, check_every: int = CHECK_EVERY):
+        self.world_size, self.group, self.check_every = int(world_size), group, int(check_every)
+        self.signal: str | None = None  # the first stop signal received here (or by a peer)
+        self._since = 0.0
+        self._previous: dict[int, object] = {}
+
+    def __enter__(self) -> StopRequest:
+        if threading.current_thread() is threading.main_thread():
+            for name in STOP_SIGNALS:
+                if hasattr(signal, name):
+                    number = getattr(signal, name)
+                    self._previous[number] = signal.signal(number, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._restore()
+
+    def _restore(self) -> None:
+        for number, handler in self._previous.items():
+            signal.signal(number, handler)
+        self._previous = {}
+
+    def _handle(self, number, frame) -> None:
+        name = signal.Signals(number).name
+        now = time.monotonic()
+        if self.signal is not None:
+            # Launchers pass on the signal their process group also got (torchrun, deepspeed):
+            # a repeat within REPEAT_WINDOW_S is that echo. A later Ctrl-C stops at once;
+            # SIGTERM / SIGUSR1 repeats are left to the scheduler's own SIGKILL.
+            if number == signal.SIGINT and now - self._since > REPEAT_WINDOW_S:
+                self._restore()
+                raise KeyboardInterrupt
+            return
+        self.signal, self._since = name, now
+        again = "; Ctrl-C again stops at once" if number == signal.SIGINT else ""
+        print(f"\n{name}: stopping after this step with a checkpoint (resume with --resume "
+              f"auto){again}", file=sys.stderr, flush=True)
+
+    @property
+    def exit_status(self) -> int:
+        """128 + the signal's number, the shell's status for a process ended by it."""
+        if self.signal is None or not hasattr(signal, self.signal):
+            return 128 + int(signal.SIGTERM)  # a peer's signal (its name is not known here)
+        return 128 + int(getattr(signal, self.signal))
+
+    def should_stop(self, step: int, epoch_end: bool = False) -> bool:
+        """Whether to stop after step ``step``: at once for one process; for several, at the
+        next multiple of ``check_every`` or epoch end (``epoch_end``: every process passes the
+        same) after any of them got a signal, all of them together."""
+        if self.world_size <= 1:
+            return self.signal is not None
+        if step % self.check_every and not epoch_end:
+            return False
+        import torch
+        import torch.distributed as dist
+
+        flag = torch.tensor([0 if self.signal is None else 1], dtype=torch.int32)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
+        if flag.item() and self.signal is None:
+            self.signal = "another process's stop signal"
+        return bool(flag.item())

@@ -1,0 +1,59 @@
+"""siasam_fast.stopping: stop signals become a flag, repeats from launchers are one stop, and loader
+workers leave the signals to their main process."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from siasam_fast import stopping
+from siasam_fast.stopping import StopRequest
+
+
+def test_a_signal_asks_for_a_stop_and_the_old_handlers_come_back(capsys):
+    before = {name: signal.getsignal(getattr(signal, name)) for name in stopping.STOP_SIGNALS}
+    with StopRequest() as stop:
+        assert not stop.should_stop(1)
+        os.kill(os.getpid(), signal.SIGUSR1)
+        assert stop.should_stop(2) and stop.signal == "SIGUSR1"
+        assert stop.exit_status == 128 + signal.SIGUSR1
+        os.kill(os.getpid(), signal.SIGTERM)  # a launcher passing the same stop on: no effect
+        assert stop.signal == "SIGUSR1"
+    assert {name: signal.getsignal(getattr(signal, name)) for name in stopping.STOP_SIGNALS} == \
+        before
+    assert "SIGUSR1: stopping after this step with a checkpoint" in capsys.readouterr().err
+
+
+def test_ctrl_c_twice_stops_at_once_but_an_echo_does_not(monkeypatch):
+    monkeypatch.setattr(stopping, "REPEAT_WINDOW_S", 0.2)
+    with StopRequest() as stop:
+        os.kill(os.getpid(), signal.SIGINT)
+        os.kill(os.getpid(), signal.SIGINT)  # within the window: the launcher's echo
+        assert stop.signal == "SIGINT" and stop.exit_status == 130
+        time.sleep(0.3)
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1)  # the handler runs here at the latest
+
+
+def test_several_processes_wait_for_the_agreed_step():
+    """Without a group to ask (world > 1), only the agreed steps read the flag: the others say
+    nothing, whatever the flag."""
+    stop = StopRequest(world_size=2, check_every=10)
+    stop.signal = "SIGTERM"
+    assert not stop.should_stop(7)
+
+
+def test_loader_workers_leave_stop_signals_to_the_main_process():
+    code = ("import os, signal, time\n"
+            "from siasam_fast.stopping import ignore_stop_signals\n"
+            "ignore_stop_signals(0)\n"
+            "for s in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):\n"
+            "    os.kill(os.getpid(), s)\n"
+            "time.sleep(0.2)\n"
+            "print('still here')\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and "still here" in out.stdout, out.stderr
