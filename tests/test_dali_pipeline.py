@@ -524,7 +524,7 @@ def test_trim_keeps_exactly_the_wanted_frames_of_h264(tmp_path, name, options):
 @pytest.mark.parametrize("name, options", H264_TRIM_CASES)
 def test_trim_from_the_file_with_the_manifests_keyframes(tmp_path, name, options):
     """trim_file seeks with the manifest's keyframes and reads up to the next keyframe's leading
-    pictures: the same frames as trim_stretch's whole-file demux, from a path or an open file."""
+    pictures: the wanted frames, from a path or an open file."""
     path = write_index_video(tmp_path / f"{name}.mp4", codec="h264", size=64, **options)
     record = probe_video(path, tmp_path)
     assert record.ok and len(record.keyframes) > 1
@@ -567,7 +567,7 @@ sys.modules["siasam_fast"] = None  # a reader process: this package cannot be im
 source = pickle.loads(sys.stdin.buffer.read())
 reader = source.__globals__["read_encoded_batch"]
 
-def whole_file_cut(data, wanted):
+def whole_file_cut(*args):
     raise AssertionError("trim_file failed in the reader process: the whole file was read")
 
 reader.__globals__["trim_stretch"] = whole_file_cut
@@ -601,6 +601,39 @@ def test_reader_processes_trim_from_the_file_without_this_package(tmp_path):
     assert renumbered[0] == 2  # frame 26, two after the keyframe (later ones: B-frames cut off)
 
 
+def test_trim_never_numbers_frames_it_cannot_order(tmp_path):
+    """Two files whose pictures cannot be matched to the manifest's numbering by their packets:
+    H.264 with B-frames in AVI (no presentation times: PyAV's pts is the decode order) and a
+    stream copy that starts 5 packets into a GOP (those packets decode to nothing, so a
+    decoding manifest counts fewer frames than there are packets). Neither is trimmed."""
+    import av
+
+    avi = write_index_video(tmp_path / "b.avi", 60, codec="h264", gop=12, bframes=2)
+    wanted = np.array([26, 27, 28], np.int32)
+    assert dali_module.trim_stretch(np.fromfile(avi, np.uint8), wanted) is None
+    demuxed = probe_video(avi, tmp_path, mode="demux")  # decoding it marks it corrupt
+    assert demuxed.probe == "decode" and not demuxed.ok, demuxed
+    mp4 = write_index_video(tmp_path / "whole.mp4", 60, codec="h264", gop=12, bframes=2)
+    cut = tmp_path / "cut.mkv"
+    with av.open(str(mp4)) as src, av.open(str(cut), "w") as out:
+        copy = out.add_stream_from_template(src.streams.video[0])
+        for packet in [p for p in src.demux(video=0) if p.size][5:]:
+            packet.stream = copy
+            out.mux(packet)
+    record = probe_video(cut, tmp_path)
+    assert record.ok and record.num_frames < 55  # the packets before the first keyframe
+    data = np.fromfile(cut, np.uint8)
+    wanted = np.array([20, 21, 22], np.int32)
+    assert dali_module.trim_stretch(data, wanted, record.num_frames) is None
+    cut_file = dali_module.trim_file(cut, wanted, dali_module.keyframe_span(record, wanted))
+    assert cut_file is not None
+    shown = decoded_indices(cut_file[0])
+    with av.open(str(cut)) as container:  # what the manifest's frames 20-22 show
+        frames = sorted(container.decode(video=0), key=lambda f: f.pts)
+        expected = [read_index(frames[i].to_ndarray(format="rgb24")) for i in wanted]
+    assert [shown[i] for i in cut_file[1]] == expected
+
+
 def test_trim_hands_the_whole_file_back_when_it_cannot_help(folder, manifest):
     data = np.fromfile(manifest["vp9"].path, dtype=np.uint8)
     n = manifest["vp9"].num_frames
@@ -626,8 +659,8 @@ def test_trimmed_streams_give_exactly_the_sampled_frames(manifest, monkeypatch, 
             trimmed.append("file")
         return cut
 
-    def counting_whole(data, wanted):
-        cut = from_whole(data, wanted)
+    def counting_whole(data, wanted, num_frames=None):
+        cut = from_whole(data, wanted, num_frames)
         trimmed.append("whole" if cut is not None else None)
         return cut
 

@@ -123,7 +123,7 @@ TRIM_MUXERS = {"mov,mp4,m4a,3gp,3g2,mj2": "mp4", "matroska,webm": "matroska", "a
 TRIM_MAX_SHARE = 0.9
 
 
-def trim_stretch(data, wanted):
+def trim_stretch(data, wanted, num_frames=None):
     """The stretch of one encoded video that the frames ``wanted`` need, or None (feed it whole).
 
     The stretch is the packets, in decode order, from the keyframe at or before the first wanted
@@ -135,8 +135,10 @@ def trim_stretch(data, wanted):
     frame's position among the kept pictures in presentation order, as the manifest counts frames)
     or None when the stream cannot be put in presentation order (a packet without pts), the
     container has no muxer here, a wanted frame is past the end (the decoder then reports it), the
-    stretch would keep more than ``TRIM_MAX_SHARE`` of the packets, or PyAV fails (DALI then sees
-    the whole file and reports what is wrong with it).
+    stretch would keep more than ``TRIM_MAX_SHARE`` of the packets, the file holds another number
+    of pictures than ``num_frames`` (the manifest's count, when given: e.g. packets before the
+    first keyframe, which decode to nothing), or PyAV fails (DALI then sees the whole file and
+    reports what is wrong with it).
 
     Why: DALI's video decoder builds its frame index by demuxing the whole file, per sample and
     per iteration, and decodes from a keyframe (or, without an index, from the first frame); a
@@ -148,16 +150,17 @@ def trim_stretch(data, wanted):
 
     try:
         with av.open(io.BytesIO(memoryview(data))) as src:
-            muxer = TRIM_MUXERS.get(src.format.name)
-            if muxer is None or not src.streams.video:
+            muxer, stream = _trimmable(src)
+            if muxer is None:
                 return None
-            stream = src.streams.video[0]
             packets = [p for p in src.demux(stream) if p.size]
             if not packets or any(p.pts is None for p in packets):
                 return None
             rank = {pts: i for i, pts in enumerate(sorted(p.pts for p in packets))}
             if len(rank) != len(packets):
                 return None  # two pictures with one pts: no presentation order
+            if num_frames is not None and len(rank) != num_frames:
+                return None  # not the manifest's frames (e.g. packets before the first keyframe)
             need = {int(f) for f in wanted}
             if max(need) >= len(rank) or min(need) < 0:
                 return None
@@ -197,10 +200,9 @@ def trim_file(source, wanted, span):
         return None  # the stretch is the whole file
     try:
         with av.open(source if hasattr(source, "read") else str(source)) as src:
-            muxer = TRIM_MUXERS.get(src.format.name)
-            if muxer is None or not src.streams.video:
+            muxer, stream = _trimmable(src)
+            if muxer is None:
                 return None
-            stream = src.streams.video[0]
             src.seek(key_pts, stream=stream, backward=True, any_frame=False)
             kept, started, past_next = [], False, False
             for p in src.demux(stream):
@@ -232,6 +234,20 @@ def trim_file(source, wanted, span):
             return _mux_stretch(stream, muxer, kept, rank, wanted)
     except Exception:  # noqa: BLE001 - any PyAV failure: the whole file, as without the manifest
         return None
+
+
+def _trimmable(src):
+    """(the muxer a stretch of ``src`` is written with, its video stream), or (None, None) when it
+    is not trimmed: no video, a container without a muxer here, or AVI with a codec that is not
+    intra-only (AVI stores no presentation times: PyAV's pts is the decode order there, so
+    pictures that B-frames reorder cannot be numbered)."""
+    muxer = TRIM_MUXERS.get(src.format.name)
+    if muxer is None or not src.streams.video:
+        return None, None
+    stream = src.streams.video[0]
+    if muxer == "avi" and not stream.codec_context.codec.intra_only:
+        return None, None
+    return muxer, stream
 
 
 def _mux_stretch(stream, muxer, kept, rank, wanted, max_packets=None):
@@ -280,12 +296,13 @@ def read_encoded_batch(batches, info, trim=False, reader_process=False):
     """The external source: the inputs of DALI iteration ``info.iteration``.
 
     ``batches[k]`` is a tuple of jobs ``(slot, path, size, mtime_ns, frames int32, resize float32
-    [2], crop_pos float32 [2], span int64 [4] or [0])``. Returns five lists (encoded uint8 bytes,
-    frames, resize, crop_pos, slot int32) without the jobs whose file no longer matches the
-    manifest; raises ``RuntimeError`` when none is left (DALI refuses empty batches) and
-    ``StopIteration`` past the last batch. ``trim``: each video's bytes are cut to the stretch its
-    frames need and its frames renumbered to match: read from the file alone with the manifest's
-    keyframes (``span``, :func:`trim_file`), else cut from the whole file (:func:`trim_stretch`).
+    [2], crop_pos float32 [2], span int64 [4] or [0], the manifest's frame count)``. Returns five
+    lists (encoded uint8 bytes, frames, resize, crop_pos, slot int32) without the jobs whose file
+    no longer matches the manifest; raises ``RuntimeError`` when none is left (DALI refuses empty
+    batches) and ``StopIteration`` past the last batch. ``trim``: each video's bytes are cut to the
+    stretch its frames need and its frames renumbered to match: read from the file alone with the
+    manifest's keyframes (``span``, :func:`trim_file`), else cut from the whole file
+    (:func:`trim_stretch`).
     """
     if reader_process:  # a scheduler's SIGTERM reaches DALI's readers too: the main process
         # decides (training saves a checkpoint first) and ends them (siasam_fast.stopping)
@@ -300,7 +317,7 @@ def read_encoded_batch(batches, info, trim=False, reader_process=False):
     if k >= len(batches):
         raise StopIteration
     encoded, frames, sizes, crops, slots, changed = [], [], [], [], [], []
-    for slot, path, size, mtime_ns, wanted, resize, crop, span in batches[k]:
+    for slot, path, size, mtime_ns, wanted, resize, crop, span, num_frames in batches[k]:
         cut = None
         try:
             with open(path, "rb") as fh:
@@ -324,7 +341,7 @@ def read_encoded_batch(batches, info, trim=False, reader_process=False):
             changed.append(path)
             continue
         if trim and cut is None:
-            cut = trim_stretch(data, wanted)
+            cut = trim_stretch(data, wanted, num_frames)
         if cut is not None:
             data, wanted = cut
         encoded.append(data)
@@ -346,7 +363,7 @@ def reader_source(batches, trim=False, reader_process=False):
     ``reader_process``: it runs in DALI's reader processes (``num_workers > 0``), not here."""
     from nvidia.dali.pickling import pickle_by_value
 
-    for function in (read_encoded_batch, trim_stretch, trim_file, _mux_stretch):
+    for function in (read_encoded_batch, trim_stretch, trim_file, _trimmable, _mux_stretch):
         pickle_by_value(function)
 
     def source(info):
@@ -404,10 +421,11 @@ class _Job:
     resize: np.ndarray  # float32 [h, w] after resizing
     crop_pos: np.ndarray  # float32 [x, y] in 0..1
     span: np.ndarray  # int64 [4] for trim_file (keyframes around the frames), or [0]: none
+    num_frames: int  # the manifest's frame count
 
     def as_tuple(self) -> tuple:
         return (self.slot, self.path, self.size, self.mtime_ns, self.frames, self.resize,
-                self.crop_pos, self.span)
+                self.crop_pos, self.span, self.num_frames)
 
 
 @dataclass
@@ -758,6 +776,7 @@ def _job(slot: int, record: VideoRecord, wanted: np.ndarray, image_size: int,
         resize=np.array([rh, rw], dtype=np.float32),
         crop_pos=np.array(crop_pos, dtype=np.float32),
         span=keyframe_span(record, wanted) if trim and len(wanted) else np.zeros(0, np.int64),
+        num_frames=int(record.num_frames),
     )
 
 

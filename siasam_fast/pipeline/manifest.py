@@ -219,8 +219,11 @@ def _probe_stream(path: Path, record: VideoRecord, mode: str) -> None:
         rate = stream.average_rate or stream.guessed_rate  # read before the container closes
         record.time_base = f"{time_base.numerator}/{time_base.denominator}"
 
+        # AVI stores no presentation times (PyAV's packet pts is the decode order there): the
+        # packets of a codec that reorders pictures cannot be numbered without decoding.
+        no_pts = container.format.name == "avi" and not ctx.codec.intra_only
         frame_pts, keyframe_pts, packet_pts_missing = _read_stream(container, stream, mode)
-        if mode == "demux" and packet_pts_missing:
+        if mode == "demux" and (packet_pts_missing or no_pts):
             # Packets without pts cannot be put in presentation order: decode instead.
             record.probe = "decode"
             container.seek(0)
