@@ -90,15 +90,22 @@ share() {  # seconds for part $1: what is left minus the minimum of the parts af
 }
 
 run_checks() {  # `siasam-fast env` (at most 30 s), then the GPU-only tests of the model
-  local dir=$KEEP/checks t=$1 start=$SECONDS rc
+  local dir=$KEEP/checks t=$1 start=$SECONDS rc env_t
   mkdir -p "$dir"
   [ "$t" -gt 120 ] && t=120
-  timeout --kill-after=5 30 "$PY" -m siasam_fast.envcheck --json "$dir/env.json" 2>&1 \
+  env_t=$((t / 2))
+  [ "$env_t" -gt 30 ] && env_t=30
+  timeout --kill-after=5 "$env_t" "$PY" -m siasam_fast.envcheck --json "$dir/env.json" 2>&1 \
     | tee "$dir/env.log"
   rc=${PIPESTATUS[0]}
-  echo "siasam-fast env: exit status $rc (1: a fail row; 124: cut at 30 s)" | tee -a "$dir/env.log"
+  echo "siasam-fast env: exit status $rc (1: a fail row; 124: cut at $env_t s)" \
+    | tee -a "$dir/env.log"
   t=$((t - (SECONDS - start)))
   [ "$t" -gt 90 ] && t=90
+  if [ "$t" -lt 10 ]; then
+    echo "tests/test_model.py: not run, $t s left of the part's share" | tee "$dir/console.log"
+    return 124
+  fi
   timeout --kill-after=10 "$t" "$PY" -m pytest -q -rs tests/test_model.py 2>&1 \
     | tee "$dir/console.log"
   return "${PIPESTATUS[0]}"

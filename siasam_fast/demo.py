@@ -350,6 +350,11 @@ def check_demo_dir(out: Path, given: str | os.PathLike) -> None:
     if out.is_dir():
         foreign = sorted(p.name for p in out.iterdir()  # hidden files (.DS_Store) are not at risk
                          if p.name not in demo_outputs() and not p.name.startswith("."))
+        # The demo's own names, when they hold something else: another run, another summary.
+        foreign += [f"{name}/ (not a run of this demo)" for name in METHODS
+                    if not _demo_run(out / name, out / "data")]
+        if (out / "summary.json").exists() and not _demo_summary(out / "summary.json"):
+            foreign.append("summary.json (not a demo's summary)")
         if foreign:
             shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5
                                               else "")
@@ -359,6 +364,31 @@ def check_demo_dir(out: Path, given: str | os.PathLike) -> None:
                 "one an earlier demo wrote"
             )
     check_output_dir(out / "data", "the demo's data folder")
+
+
+def _demo_run(run_dir: Path, data_dir: Path) -> bool:
+    """Whether ``run_dir`` may be replaced by a demo run: absent, empty, or a run that trained on
+    the demo's data folder (its config.json says so)."""
+    if not run_dir.exists():
+        return True
+    if not run_dir.is_dir():
+        return False
+    if not any(run_dir.iterdir()):
+        return True
+    try:
+        saved = json.loads((run_dir / "config.json").read_text())
+        manifest = Path(saved["data"]["manifest"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    return manifest.resolve() == (data_dir / "manifest.jsonl").resolve()
+
+
+def _demo_summary(path: Path) -> bool:
+    try:
+        summary = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(summary, dict) and {"baseline", "siasamrea", "delta"} <= summary.keys()
 
 
 def run_demo(

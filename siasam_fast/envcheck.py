@@ -84,9 +84,11 @@ def check_torch() -> list[Check]:
         if _runs_on(cc, arch_list):
             rows.append(Check("GPU", "ok", detail))
         else:
+            hint = ("V100 (7.0) needs a cu126 torch build" if cc == (7, 0) else
+                    f"install a torch build with code for sm_{cc[0]}{cc[1]}")
             rows.append(Check(
                 "GPU", "fail", f"{detail}; this torch build has code for {', '.join(arch_list)} "
-                "only", "V100 (7.0) needs a cu126 torch build (README, Install on a GPU machine)"))
+                "only", f"{hint} (README, Install on a GPU machine)"))
     return rows
 
 
@@ -223,10 +225,17 @@ def check_dali(decode: bool = True) -> list[Check]:
     on_gpu = torch.cuda.is_available()
     try:
         import nvidia.dali as dali
-    except ImportError:
-        rows = [Check("DALI", "missing", "nvidia-dali is not installed: videos are decoded by "
-                      "PyAV on the CPU", "pip install 'siasam-fast[gpu]' (CUDA 13 driver) or "
-                      "'siasam-fast[gpu-cu120]' (CUDA 12, V100); README, Install on a GPU machine")]
+    except ImportError as err:
+        wheel = dali_wheel()
+        if wheel:  # installed, but it does not import
+            rows = [Check("DALI", "fail", f"{wheel} is installed but does not import "
+                          f"({_first_line(err)})", "reinstall it, or the nvidia-dali wheel for "
+                          "this driver's CUDA version (README, Install on a GPU machine)")]
+        else:
+            rows = [Check("DALI", "missing", "nvidia-dali is not installed: videos are decoded "
+                          "by PyAV on the CPU", "pip install 'siasam-fast[gpu]' (CUDA 13 driver) "
+                          "or 'siasam-fast[gpu-cu120]' (CUDA 12, V100); README, Install on a GPU "
+                          "machine")]
     else:
         wheel = dali_wheel() or "nvidia-dali"
         rows = [Check("DALI", "ok", f"{wheel} {dali.__version__}")]
@@ -238,7 +247,11 @@ def check_dali(decode: bool = True) -> list[Check]:
                             f"{driver[1]}", f"pip install nvidia-dali-cuda{driver[0]}0 instead "
                             "(README, Install on a GPU machine)")
         elif decode:
-            rows.append(_dali_decode_row(on_gpu))
+            try:
+                rows.append(_dali_decode_row(on_gpu))
+            except Exception as err:  # noqa: BLE001 - e.g. no NVDEC in this container
+                rows.append(Check("DALI decode", "fail", f"decoding a small clip raised "
+                                  f"{_first_line(err)}", "data.backend=pyav avoids DALI"))
     backend = resolve_backend("auto")
     why = ("DALI on NVDEC" if backend == "dali" else "PyAV on the CPU: DALI needs "
            + ("a CUDA GPU" if not on_gpu else "nvidia-dali"))
@@ -390,17 +403,18 @@ def check_transformers() -> list[Check]:
     return [Check("transformers", "ok", f"{transformers.__version__} (BertModel, ResNetModel)")]
 
 
-CHECKS: tuple[Callable[..., list[Check]], ...] = (
-    check_python, check_torch, check_precision, check_kernels, check_dali, check_deepspeed,
-    check_apex, check_pyav, check_transformers,
+# (the name of its first row, the check), in order.
+CHECKS: tuple[tuple[str, Callable[..., list[Check]]], ...] = (
+    ("python", check_python), ("torch", check_torch), ("precision", check_precision),
+    ("Triton kernels", check_kernels), ("DALI", check_dali), ("DeepSpeed", check_deepspeed),
+    ("apex", check_apex), ("PyAV", check_pyav), ("transformers", check_transformers),
 )
 
 
 def run_checks(decode: bool = True) -> list[Check]:
-    """Every check in order; an error inside one becomes a ``fail`` row naming it."""
+    """Every check in order; an error inside one becomes a ``fail`` row of its name."""
     rows: list[Check] = []
-    for check in CHECKS:
-        name = check.__name__.removeprefix("check_")
+    for name, check in CHECKS:
         try:
             rows.extend(check(decode) if check is check_dali else check())
         except Exception as err:  # noqa: BLE001 - a broken part is a row, not a crash
@@ -424,7 +438,7 @@ def run_from_args(args: argparse.Namespace) -> int:
     from siasam_fast.paths import check_output_file
 
     if args.json is not None:
-        args.json = check_output_file(args.json, "--json")
+        args.json = check_output_file(args.json, "--json", writable=True)
     rows = run_checks(decode=not args.no_decode)
     print(format_rows(rows))
     failed = [r.name for r in rows if r.status == "fail"]
@@ -432,8 +446,13 @@ def run_from_args(args: argparse.Namespace) -> int:
         f"{sum(r.status == s for r in rows)} {s}" for s in STATUSES)
         + (f"; failed: {', '.join(failed)}" if failed else ""))
     if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps([asdict(r) for r in rows], indent=1) + "\n")
+        try:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps([asdict(r) for r in rows], indent=1) + "\n")
+        except OSError as err:
+            print(f"siasam-fast env: error: --json {str(args.json)!r}: {err.strerror or err}",
+                  file=sys.stderr)
+            return 2
     return 1 if failed else 0
 
 

@@ -20,9 +20,12 @@ def file_in_the_way(folder: str | os.PathLike) -> Path | None:
     return None
 
 
-def check_output_file(path: str | os.PathLike, option: str) -> Path:
+def check_output_file(path: str | os.PathLike, option: str, writable: bool = False) -> Path:
     """``path`` as a Path, or a ValueError naming ``option`` when no file can be written there:
-    it is a folder, or a file stands where one of its folders should be. Nothing is created."""
+    it is empty or a folder, or a file stands where one of its folders should be; ``writable``:
+    also when the nearest existing folder on its way is not writable here. Nothing is created."""
+    if not str(path):
+        raise ValueError(f"{option} is empty; give a file path")
     path = Path(path)
     if path.is_dir():
         raise ValueError(f"{option} {str(path)!r} is a folder; give a file path")
@@ -30,4 +33,9 @@ def check_output_file(path: str | os.PathLike, option: str) -> Path:
     if blocker is not None:
         raise ValueError(f"{option} {str(path)!r}: {str(blocker)!r} is a file, not a folder; "
                          "give a file path")
+    if writable:
+        target = path if path.exists() else next(p for p in path.absolute().parents
+                                                  if p.exists())
+        if not os.access(target, os.W_OK):
+            raise ValueError(f"{option} {str(path)!r}: {str(target)!r} is not writable here")
     return path

@@ -1,6 +1,7 @@
 """`siasam-fast` bad input: a one-line error naming the value, exit status 2, nothing lost; and
 help texts written in words."""
 
+import json
 import subprocess
 import sys
 
@@ -332,10 +333,24 @@ def test_demo_never_overwrites_files_it_did_not_write(capsys, tmp_path, no_demo_
     before = snapshot(out)
     code, _, err = run_cli(capsys, "demo", "--out", out, "--quick")
     assert_usage_error(code, err, "demo", str(out),
-                       "holds files the demo did not write (paper.tex)", "summary.json",
+                       "holds files the demo did not write (paper.tex, summary.json (not a "
+                       "demo's summary))",
                        "give --out a new folder")
     assert snapshot(out) == before
-    (out / "paper.tex").unlink()  # only the demo's names: an earlier demo's folder, reused
+    (out / "paper.tex").unlink()  # only the demo's names, but not what the demo writes there
+    (out / "baseline").mkdir()
+    (out / "baseline" / "config.json").write_text(json.dumps(
+        {"data": {"manifest": str(tmp_path / "elsewhere" / "manifest.jsonl")}}))
+    before = snapshot(out)
+    code, _, err = run_cli(capsys, "demo", "--out", out, "--quick")
+    assert_usage_error(code, err, "demo", "baseline/ (not a run of this demo)",
+                       "summary.json (not a demo's summary)")
+    assert snapshot(out) == before
+    # An earlier demo's folder: its runs trained on its data, its summary is a demo's.
+    (out / "baseline" / "config.json").write_text(json.dumps(
+        {"data": {"manifest": str(out / "data" / "manifest.jsonl")}}))
+    (out / "summary.json").write_text(json.dumps({"baseline": {}, "siasamrea": {}, "delta": 0}))
+    (out / "siasamrea").mkdir()  # a run that had not written anything yet
     (out / "baseline.log").write_text("old log")
     (out / ".DS_Store").write_bytes(b"")  # hidden: never a demo name, not in the way
     with pytest.raises(AssertionError, match="started working"):

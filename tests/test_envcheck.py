@@ -1,6 +1,7 @@
 """`siasam-fast env`: the machine report, its real checks, and how it reports a broken part."""
 
 import json
+import sys
 
 import pytest
 import torch
@@ -88,11 +89,35 @@ def test_a_check_that_raises_is_a_failed_row(capsys, monkeypatch):
     def broken():
         raise RuntimeError("libsomething.so: cannot open shared object file\nmore text")
 
-    monkeypatch.setattr(envcheck, "CHECKS", (envcheck.check_python, broken))
+    monkeypatch.setattr(envcheck, "CHECKS", (("python", envcheck.check_python),
+                                             ("PyAV", broken)))
     code, out, _ = run_env(capsys, "--no-decode")
     assert code == 1
     assert "the check raised RuntimeError: libsomething.so: cannot open shared object file" in out
-    assert "more text" not in out and "failed: broken" in out
+    assert "more text" not in out and "failed: PyAV" in out
+
+
+def test_an_installed_dali_that_does_not_import_is_a_failure(monkeypatch):
+    monkeypatch.setattr(envcheck, "dali_wheel", lambda: "nvidia-dali-cuda130")
+    monkeypatch.setitem(sys.modules, "nvidia.dali", None)  # its import raises ImportError
+    rows = {r.name: r for r in envcheck.check_dali()}
+    assert rows["DALI"].status == "fail" and "installed but does not import" in rows["DALI"].detail
+    monkeypatch.setattr(envcheck, "dali_wheel", lambda: None)
+    rows = {r.name: r for r in envcheck.check_dali()}
+    assert rows["DALI"].status == "missing" and "data.backend=auto" in rows
+
+
+def test_a_decoder_that_raises_keeps_the_other_dali_rows(monkeypatch):
+    pytest.importorskip("nvidia.dali")
+
+    def no_decoder(on_gpu):
+        raise RuntimeError("no NVDEC in this container")
+
+    monkeypatch.setattr(envcheck, "_dali_decode_row", no_decoder)
+    rows = {r.name: r for r in envcheck.check_dali()}
+    assert rows["DALI"].status == "ok" and "data.backend=auto" in rows
+    assert rows["DALI decode"].status == "fail" and "no NVDEC" in rows["DALI decode"].detail
+    assert "data.backend=pyav" in rows["DALI decode"].hint
 
 
 @pytest.mark.parametrize("cc, arch_list, runs", [
@@ -132,6 +157,8 @@ def test_json_path_under_a_file_is_refused_before_any_check(capsys, tmp_path, mo
     assert code == 2 and "is a file, not a folder" in err and len(err.strip().splitlines()) == 1
     code, _, err = run_env(capsys, "--json", tmp_path)
     assert code == 2 and "is a folder" in err
+    code, _, err = run_env(capsys, "--json", "")
+    assert code == 2 and "--json is empty" in err
     assert victim.read_text() == "keep"
 
 
