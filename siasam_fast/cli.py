@@ -84,13 +84,22 @@ def _eval(args: argparse.Namespace) -> int:
     import torch.distributed as dist
 
     from siasam_fast.paths import check_output_file
+    from siasam_fast.pipeline.dataset import close_loaders
     from siasam_fast.training import evaluate_checkpoint
 
-    outputs = {option: check_output_file(path, option) for option, path in
-               (("--json", args.json), ("--predictions", args.predictions)) if path}
-    metrics = evaluate_checkpoint(args.checkpoint, config_path=args.config,
-                                  overrides=args.set, split=args.split,
-                                  predictions=outputs.get("--predictions"))
+    outputs = {option: check_output_file(path, option, writable=True) for option, path in
+               (("--json", args.json), ("--predictions", args.predictions)) if path is not None}
+    if len(outputs) == 2 and outputs["--json"].absolute() == outputs["--predictions"].absolute():
+        raise ValueError(f"--json and --predictions name the same file "
+                         f"({str(outputs['--json'])!r}): give two paths")
+    try:
+        metrics = evaluate_checkpoint(args.checkpoint, config_path=args.config,
+                                      overrides=args.set, split=args.split,
+                                      predictions=outputs.get("--predictions"))
+    except PermissionError as err:  # a path the checks above could not foresee
+        raise ValueError(f"cannot write {err.filename!r}: {err.strerror}") from None
+    finally:
+        close_loaders()  # a failing evaluation's traceback keeps its loader's workers alive
     if dist.is_initialized() and dist.get_rank() != 0:
         return 0
     width = max(len(k) for k in metrics)
@@ -99,8 +108,11 @@ def _eval(args: argparse.Namespace) -> int:
         print(f"{key:<{width}}  {value:.4f}" if isinstance(value, float) else
               f"{key:<{width}}  {value}")
     if "--json" in outputs:
-        outputs["--json"].parent.mkdir(parents=True, exist_ok=True)
-        outputs["--json"].write_text(json.dumps(metrics, indent=1) + "\n")
+        try:
+            outputs["--json"].parent.mkdir(parents=True, exist_ok=True)
+            outputs["--json"].write_text(json.dumps(metrics, indent=1) + "\n")
+        except OSError as err:
+            raise ValueError(f"--json {str(outputs['--json'])!r}: {err.strerror or err}") from None
     for option, path in outputs.items():
         print(f"{option.removeprefix('--')}: {path}")
     return 0

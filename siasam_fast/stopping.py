@@ -15,9 +15,9 @@ over a gloo (CPU) group: no GPU synchronisation, a few hundred microseconds on a
 process checks its flag after every step.
 
 Loader worker processes get the same signals when a scheduler signals the whole process group;
-:func:`ignore_stop_signals` (the PyAV loader's worker initialiser, and DALI's reader processes)
-leaves them to the main process, which shuts its workers down as it always does. Without that,
-the workers die on SIGTERM and the next batch fails before the checkpoint.
+:func:`defer_stop_signals` (the PyAV loader's worker initialiser in training, and DALI's reader
+processes) leaves them to the main process, which shuts its workers down as it always does.
+Without that, the workers die on SIGTERM and the next batch fails before the checkpoint.
 """
 
 from __future__ import annotations
@@ -33,14 +33,35 @@ STOP_SIGNALS = ("SIGTERM", "SIGINT", "SIGUSR1")
 CHECK_EVERY = 10
 # A second signal this soon after the first is the launcher passing on the same stop.
 REPEAT_WINDOW_S = 1.0
+# How long a loader worker outlives a SIGTERM (torchrun and the deepspeed launcher SIGKILL 30 s
+# after their SIGTERM): time for its main process to finish the step and save.
+WORKER_GRACE_S = 30.0
 
 
-def ignore_stop_signals(*_args) -> None:
-    """Ignore the stop signals in this process (a loader worker: its main process decides).
-    Accepts and ignores arguments, so that it serves as a ``worker_init_fn``."""
-    for name in STOP_SIGNALS:
+def defer_stop_signals(*_args) -> None:
+    """In a loader worker: SIGINT and SIGUSR1 are ignored, and SIGTERM makes the process exit
+    (status 0) ``WORKER_GRACE_S`` seconds later, not at once. Its main process decides: training
+    finishes its step (which may be waiting for this worker's batch) and saves a checkpoint, then
+    shuts its workers down as it always does. The delayed exit still ends a worker that nobody
+    shuts down, e.g. when its main process fails and Python's exit handler SIGTERMs it and waits
+    (status 0, so that PyTorch does not report a worker killed mid-epoch). Accepts and ignores
+    arguments, so that it serves as a ``worker_init_fn``."""
+    import os
+
+    if getattr(defer_stop_signals, "installed_in", None) == os.getpid():
+        return  # (DALI's readers call it for every batch)
+    for name in ("SIGINT", "SIGUSR1"):
         if hasattr(signal, name):
             signal.signal(getattr(signal, name), signal.SIG_IGN)
+
+    def on_sigterm(number, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        timer = threading.Timer(WORKER_GRACE_S, os._exit, (0,))
+        timer.daemon = True
+        timer.start()
+
+    signal.signal(signal.SIGTERM, on_sigterm)
+    defer_stop_signals.installed_in = os.getpid()
 
 
 class StopRequest:

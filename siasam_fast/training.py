@@ -60,6 +60,7 @@ from siasam_fast.model import (  # noqa: E402
     use_memory_format,
 )
 from siasam_fast.paths import USAGE_ERRORS, file_in_the_way  # noqa: E402
+from siasam_fast.pipeline.dataset import close_loaders  # noqa: E402
 from siasam_fast.pipeline.loaders import build_video_loader  # noqa: E402
 from siasam_fast.pipeline.manifest import load_manifest  # noqa: E402
 from siasam_fast.stopping import StopRequest  # noqa: E402
@@ -202,7 +203,7 @@ def make_loader(cfg: Config, data: Data, split: str, rank: int, world: int, epoc
         image_size=cfg.data.image_size, num_workers=cfg.data.num_workers, seed=cfg.train.seed,
         rank=rank, world_size=world, backend=cfg.data.backend, dedup=cfg.data.dedup,
         label_fn=label_fn, epoch=epoch, decode_group=cfg.data.decode_group,
-        trim=cfg.data.dali_trim,
+        trim=cfg.data.dali_trim, defer_stop_signals=True,
     )
 
 
@@ -393,11 +394,19 @@ def _vocab_hash(ans2label: dict) -> str:
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
-    """A tag directory, or a run / checkpoints directory (then its latest tag)."""
+    """A tag directory, or a run / checkpoints directory (then its latest tag: the one ``latest``
+    names or, when that one is incomplete, the newest complete one)."""
     path = Path(path)
     for base in (path, path / "checkpoints"):
         if (base / "latest").is_file():
-            return base / (base / "latest").read_text().strip()
+            tag_dir = base / (base / "latest").read_text().strip()
+            complete = complete_tags(base)
+            if tag_dir in complete or not complete:
+                return tag_dir
+            print(f"note: {base / 'latest'} names {tag_dir.name}, which is incomplete (a save cut "
+                  f"short); using {complete[-1].name}, the newest complete checkpoint",
+                  file=sys.stderr)
+            return complete[-1]
     if (path / "run_state.json").is_file():
         return path
     raise FileNotFoundError(f"no checkpoint at {str(path)!r}: expected a tag directory with "
@@ -424,17 +433,22 @@ def _set_rng_state(state: dict) -> None:
 
 
 def save_checkpoint(engine, out_dir: Path, tag: str, run_state: dict, keep: int, rank: int) -> Path:
+    """Save tag ``tag``; ``checkpoints/latest`` names it only once every file of it is written (a
+    save cut short leaves ``latest`` on the previous, complete tag)."""
     ckpt_dir = out_dir / "checkpoints"
-    engine.save_checkpoint(str(ckpt_dir), tag=tag)  # collective: every rank calls it
+    # collective: every rank calls it
+    engine.save_checkpoint(str(ckpt_dir), tag=tag, save_latest=False)
     tag_dir = ckpt_dir / tag
     if engine.zero_optimization_stage() == 3:
         _save_gathered_weights(engine, tag_dir / "model_weights.pt", rank)
     _write_json(tag_dir / f"rng_rank{rank}.json", _rng_state())
     if rank == 0:
         _write_json(tag_dir / "run_state.json", run_state)
-        tags = sorted((p for p in ckpt_dir.iterdir() if (p / "run_state.json").is_file()),
-                      key=lambda p: json.loads((p / "run_state.json").read_text())["step"])
-        for old in tags[:-keep] if keep > 0 else []:
+    if dist.is_initialized():
+        dist.barrier()  # every rank's files are written
+    if rank == 0:
+        _write_text(ckpt_dir / "latest", tag)
+        for old in complete_tags(ckpt_dir)[:-keep] if keep > 0 else []:
             if old.name != tag:
                 shutil.rmtree(old, ignore_errors=True)
     if dist.is_initialized():
@@ -442,10 +456,25 @@ def save_checkpoint(engine, out_dir: Path, tag: str, run_state: dict, keep: int,
     return tag_dir
 
 
+def complete_tags(ckpt_dir: Path) -> list[Path]:
+    """The tags of ``ckpt_dir`` with a readable run_state.json, oldest step first."""
+    tags = []
+    for path in ckpt_dir.iterdir() if ckpt_dir.is_dir() else []:
+        try:
+            tags.append((int(json.loads((path / "run_state.json").read_text())["step"]), path))
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    return [path for _, path in sorted(tags)]
+
+
 def _write_json(path: Path, value) -> None:
+    _write_text(path, json.dumps(value))
+
+
+def _write_text(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(value))
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
     tmp.replace(path)  # atomic: an interrupted save never leaves half a file
 
 
@@ -524,17 +553,29 @@ def check_siamese_impl(impl: str, device: torch.device) -> None:
                          "on CPU); use siamese.impl=reference")
 
 
+def _number(text: str):
+    """A CSV cell back as the int or float it was written from (text if it is neither)."""
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except (TypeError, ValueError):
+            pass
+    return text
+
+
 class MetricsLog:
     """Appends rows to a CSV (and TensorBoard when installed); rank 0 only."""
 
     def __init__(self, path: Path, enabled: bool, resume_step: int | None = None):
         self.path, self.enabled = path, enabled
         self.writer = None
+        self.rows: list[dict] = []  # the rows kept from before a resume, as numbers
         if not enabled:
             return
         if resume_step is not None and path.is_file():  # drop rows past the resumed step
             with path.open() as fh:
                 rows = [r for r in csv.DictReader(fh) if int(r["step"]) <= resume_step]
+            self.rows = [{k: _number(v) for k, v in r.items()} for r in rows]
             self.columns = list(rows[0].keys()) if rows else None
             with path.open("w", newline="") as fh:
                 if rows:
@@ -594,6 +635,8 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     except USAGE_ERRORS as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    finally:  # a failing run's traceback keeps its loaders, and their workers, alive
+        close_loaders()
 
 
 def train(argv: list[str] | None = None, prog: str | None = None) -> int:
@@ -710,7 +753,7 @@ def train(argv: list[str] | None = None, prog: str | None = None) -> int:
 
     def run_state(epoch: int) -> dict:
         return {"step": step, "epoch": epoch, "sampler": train_loader.state_dict(),
-                "epoch_sums": {**sums, "_steps": n_steps},
+                "epoch_sums": {**sums, "_steps": n_steps}, "eval_due": eval_due,
                 "config": cfg.to_dict(), "vocab": _vocab_hash(data.ans2label),
                 "precision": precision, "world_size": world}
 
@@ -718,12 +761,34 @@ def train(argv: list[str] | None = None, prog: str | None = None) -> int:
         if cfg.train.sync_timing and device.type == "cuda":
             torch.cuda.synchronize()
 
-    history: list[dict] = []
+    def end_of_epoch(epoch: int, sums: dict, n_steps: int) -> None:
+        """The epoch's evaluation and its row of metrics_epochs.csv."""
+        metrics = evaluate(engine, eval_loader, cfg, text, device, dtype,
+                           desc=f"eval {eval_split}") if eval_loader is not None else {}
+        row = {"step": step, "epoch": epoch + 1,
+               **{f"train_{k}": v / max(1, n_steps) for k, v in sums.items()},
+               **{f"{eval_split}_{k}": v for k, v in metrics.items()},
+               "elapsed_s": time.perf_counter() - t_run}
+        epochs_log.write(row)
+        history.append(row)
+        if rank0 and metrics:
+            key = "mse" if cfg.task == "count" else "accuracy"
+            loss_text = f"{row.get('train_loss', float('nan')):.4f}"
+            print(f"epoch {epoch + 1}: train loss {loss_text}, {eval_split} {key} "
+                  f"{metrics[key]:.4f}")
+
+    history: list[dict] = list(epochs_log.rows)  # a resumed run's summary covers the whole run
     stop = False
     stopped_by = None  # the stop signal this run stopped for
+    eval_due = False  # a stop at an epoch's end leaves its evaluation to the resumed run
     first_step = step
     step_seconds = 0.0  # time inside training steps (data wait included, evaluation excluded)
     t_run = time.perf_counter()
+    if tag_dir is not None and state.get("eval_due"):  # stopped right at that epoch's end
+        due_sums = dict(state.get("epoch_sums", {}))
+        end_of_epoch(state["epoch"], due_sums, int(due_sums.pop("_steps", 0)))
+        if rank0:  # done: a second resume from this checkpoint must not evaluate it again
+            _write_json(tag_dir / "run_state.json", {**state, "eval_due": False})
     # SIGTERM / SIGINT / SIGUSR1 (a scheduler's stop or pre-emption, Ctrl-C): finish the step,
     # save a checkpoint, exit 128 + the signal's number. Processes agree over a gloo group.
     stop_request = StopRequest(world, dist.new_group(backend="gloo") if world > 1 else None)
@@ -788,33 +853,30 @@ def train(argv: list[str] | None = None, prog: str | None = None) -> int:
                 t_data = time.perf_counter()
             bar.close()
             epoch_done = not stop or train_loader.sampler.position >= len(train_loader.sampler)
-            if stop and not (cfg.train.save_every and step % cfg.train.save_every == 0):
+            # Stopped by a signal at the epoch's end: its evaluation is left to the resumed run
+            # (the checkpoint says so), not done inside the scheduler's grace period.
+            eval_due = epoch_done and stopped_by is not None
+            if stop and (eval_due or not (cfg.train.save_every
+                                          and step % cfg.train.save_every == 0)):
                 checkpoint(epoch)
-            if epoch_done and stopped_by is None:
-                metrics = evaluate(engine, eval_loader, cfg, text, device, dtype,
-                                   desc=f"eval {eval_split}") if eval_loader is not None else {}
-                row = {"step": step, "epoch": epoch + 1,
-                       **{f"train_{k}": v / max(1, n_steps) for k, v in sums.items()},
-                       **{f"{eval_split}_{k}": v for k, v in metrics.items()},
-                       "elapsed_s": time.perf_counter() - t_run}
-                epochs_log.write(row)
-                history.append(row)
-                if rank0 and metrics:
-                    key = "mse" if cfg.task == "count" else "accuracy"
-                    loss_text = f"{row.get('train_loss', float('nan')):.4f}"
-                    print(f"epoch {epoch + 1}: train loss {loss_text}, {eval_split} {key} "
-                          f"{metrics[key]:.4f}")
+            if epoch_done and not eval_due:
+                end_of_epoch(epoch, sums, n_steps)
                 if not stop:
                     checkpoint(epoch)
             if stop:
                 break
 
+        # A signal after the last check (in the last epoch's evaluation, say): the training is
+        # over and saved; the test evaluation and the summary are left to --resume auto.
+        if stopped_by is None and stop_request.should_stop(step, epoch_end=True):
+            stopped_by = stop_request.signal
     if stopped_by is not None:
         if rank0:
+            left = ("the rest of the run" if not train_loader.sampler.position >= len(
+                train_loader.sampler) else f"epoch {epoch + 1}'s evaluation" if eval_due else
+                "the test evaluation and summary.json")
             print(f"stopped by {stopped_by} after step {step}: checkpoint saved in "
-                  f"{out_dir / 'checkpoints'}; continue with --resume auto"
-                  + ("" if train_loader.sampler.position < len(train_loader.sampler) else
-                     f" (epoch {epoch + 1}'s evaluation was skipped)"))
+                  f"{out_dir / 'checkpoints'}; --resume auto continues with {left}")
         return stop_request.exit_status
     steps_run = step - first_step
     summary = {"steps": step, "epochs_completed": len(history), "precision": precision,

@@ -306,6 +306,21 @@ def test_eval_clips_that_share_frames_are_counted_and_reported(manifest, caplog)
     assert train.overlapping_eval_videos == 0
 
 
+def test_close_loaders_ends_the_workers_at_once(manifest):
+    """Workers that defer SIGTERM (training's loaders) are ended by close_loaders(), as a failing
+    run does on its way out, instead of outliving their main process's exit."""
+    from siasam_fast.pipeline.dataset import close_loaders
+
+    loader = build_loader(examples_for(["h264", "vp9"]), manifest, CFG, "train", batch_size=1,
+                          image_size=SIZE, num_workers=2, defer_stop_signals=True)
+    next(iter(loader))
+    workers = list(loader._iterator._workers)
+    assert len(workers) == 2 and all(w.is_alive() for w in workers)
+    close_loaders()
+    assert loader._iterator is None and not any(w.is_alive() for w in workers)
+    assert len(list(loader)) == 2  # a later pass starts new workers
+
+
 def test_segments_restrict_sampling(manifest):
     record = manifest["h264"]  # 25 fps, 160 frames
     ex = QAExample(

@@ -168,6 +168,79 @@ def test_two_processes_stop_together(synth, tmp_path):
     assert json.loads((out / "summary.json").read_text())["epochs_completed"] >= 1
 
 
+SIGNAL_AT_STEP = """
+import os, signal, sys
+from siasam_fast import training
+at = int(sys.argv[1])
+write = training.MetricsLog.write
+
+def write_then_signal(self, row):  # right after step `at` (its row of metrics_steps.csv)
+    write(self, row)
+    if row.get("step") == at and "loss" in row:
+        os.kill(os.getpid(), signal.SIGTERM)
+
+training.MetricsLog.write = write_then_signal
+sys.exit(training.main(sys.argv[2:]))
+"""
+
+
+def test_a_stop_at_an_epochs_last_step_leaves_its_evaluation_to_the_resume(synth, tmp_path):
+    """SIGTERM right after an epoch's last step: no evaluation inside the grace period, and the
+    resumed run evaluates that epoch first, so metrics_epochs.csv and the summary hold every
+    epoch, as in the uninterrupted run."""
+    full, part = tmp_path / "full", tmp_path / "part"
+    train(base_args(synth, full))
+    with (full / "metrics_steps.csv").open() as fh:
+        last_of_first = max(int(r["step"]) for r in csv.DictReader(fh) if r["epoch"] == "1")
+    cmd = [sys.executable, "-c", SIGNAL_AT_STEP, str(last_of_first), *base_args(synth, part)]
+    proc = subprocess.run(cmd, cwd=ROOT, env=cpu_env(OMP_NUM_THREADS="1"), capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 128 + signal.SIGTERM, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert "--resume auto continues with epoch 1's evaluation" in proc.stdout
+    assert not (part / "metrics_epochs.csv").is_file() or len(epoch_rows(part)) == 0
+    train(base_args(synth, part, "--resume", "auto"))
+    drop = ("elapsed_s",)
+    assert epoch_rows(part, drop) == epoch_rows(full, drop)
+    a = json.loads((full / "summary.json").read_text())
+    b = json.loads((part / "summary.json").read_text())
+    assert b["epochs_completed"] == 2 and a["val"] == b["val"]
+    # A second resume from that checkpoint would not evaluate epoch 1 again.
+    tag = (part / "checkpoints").glob(f"step{last_of_first}")
+    assert all(not json.loads((t / "run_state.json").read_text())["eval_due"] for t in tag)
+
+
+def epoch_rows(out: Path, drop=()) -> list[dict]:
+    with (out / "metrics_epochs.csv").open() as fh:
+        return [{k: v for k, v in r.items() if k not in drop} for r in csv.DictReader(fh)]
+
+
+def test_a_failing_run_with_loader_workers_exits(synth, tmp_path):
+    """An error mid-run (here a non-finite loss) ends the process, though its traceback keeps the
+    loader, whose workers defer SIGTERM, alive: the workers are shut down on the way out."""
+    cmd = [sys.executable, "train.py", *base_args(synth, tmp_path / "r", "--set",
+                                                   "data.num_workers=2", "--set", "train.lr=1e30")]
+    start = time.monotonic()
+    proc = subprocess.run(cmd, cwd=ROOT, env=cpu_env(OMP_NUM_THREADS="1"), capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 1 and "FloatingPointError" in proc.stderr, proc.stderr[-3000:]
+    assert time.monotonic() - start < 120
+
+
+def test_an_incomplete_latest_checkpoint_falls_back_to_the_newest_complete_one(tmp_path, capsys):
+    from siasam_fast.training import resolve_checkpoint
+
+    ckpt = tmp_path / "run" / "checkpoints"
+    for step in (3, 6):
+        (ckpt / f"step{step}").mkdir(parents=True)
+        (ckpt / f"step{step}" / "run_state.json").write_text(json.dumps({"step": step}))
+    (ckpt / "step9").mkdir()  # cut short: no run_state.json
+    (ckpt / "latest").write_text("step9")
+    assert resolve_checkpoint(tmp_path / "run") == ckpt / "step6"
+    assert "step9, which is incomplete" in capsys.readouterr().err
+    (ckpt / "latest").write_text("step3")
+    assert resolve_checkpoint(tmp_path / "run") == ckpt / "step3"
+
+
 def test_incompatible_checkpoint_is_refused(synth, tmp_path):
     out = tmp_path / "run"
     train(base_args(synth, out, "--set", "train.max_steps=2"))

@@ -91,6 +91,7 @@ from siasam_fast.pipeline.manifest import VideoRecord
 from siasam_fast.pipeline.pyav_decode import DEFAULT_SEEK_THRESHOLD
 from siasam_fast.pipeline.transforms import center_crop_box, resized_shape
 from siasam_fast.sampling import SamplingConfig
+from siasam_fast.stopping import defer_stop_signals
 
 logger = logging.getLogger(__name__)
 
@@ -292,7 +293,7 @@ def keyframe_span(record, wanted) -> np.ndarray:
     return np.array([keys[i], pts[i], *after], np.int64)
 
 
-def read_encoded_batch(batches, info, trim=False, reader_process=False):
+def read_encoded_batch(batches, info, trim=False, defer_signals=False):
     """The external source: the inputs of DALI iteration ``info.iteration``.
 
     ``batches[k]`` is a tuple of jobs ``(slot, path, size, mtime_ns, frames int32, resize float32
@@ -304,15 +305,12 @@ def read_encoded_batch(batches, info, trim=False, reader_process=False):
     manifest's keyframes (``span``, :func:`trim_file`), else cut from the whole file
     (:func:`trim_stretch`).
     """
-    if reader_process:  # a scheduler's SIGTERM reaches DALI's readers too: the main process
+    if defer_signals:  # a scheduler's SIGTERM reaches DALI's readers too: the main process
         # decides (training saves a checkpoint first) and ends them (siasam_fast.stopping)
-        import signal
-
-        for name in ("SIGTERM", "SIGINT", "SIGUSR1"):
-            try:
-                signal.signal(getattr(signal, name), signal.SIG_IGN)
-            except (AttributeError, ValueError):  # no such signal here; not the main thread
-                pass
+        try:
+            defer_stop_signals()
+        except ValueError:  # not the process's main thread: signals are not ours to set here
+            pass
     k = info.iteration
     if k >= len(batches):
         raise StopIteration
@@ -356,18 +354,20 @@ def read_encoded_batch(batches, info, trim=False, reader_process=False):
     return encoded, frames, sizes, crops, slots
 
 
-def reader_source(batches, trim=False, reader_process=False):
+def reader_source(batches, trim=False, defer_signals=False):
     """``read_encoded_batch`` bound to ``batches``: a local function, which DALI pickles by value
     (a ``functools.partial`` would not do: DALI wants a one-argument signature), and so are the
     module's functions it calls, so that the reader processes need not import this package.
-    ``reader_process``: it runs in DALI's reader processes (``num_workers > 0``), not here."""
+    ``defer_signals``: it runs in DALI's reader processes, which then leave the stop signals to
+    this process (:func:`~siasam_fast.stopping.defer_stop_signals`)."""
     from nvidia.dali.pickling import pickle_by_value
 
-    for function in (read_encoded_batch, trim_stretch, trim_file, _trimmable, _mux_stretch):
+    for function in (read_encoded_batch, trim_stretch, trim_file, _trimmable, _mux_stretch,
+                     defer_stop_signals):
         pickle_by_value(function)
 
     def source(info):
-        return read_encoded_batch(batches, info, trim, reader_process)
+        return read_encoded_batch(batches, info, trim, defer_signals)
 
     return source
 
@@ -471,6 +471,7 @@ class DALIVideoLoader:
         start_method: str | None,
         decode_group: int = 1,
         trim: bool = False,
+        defer_stop_signals: bool = False,
     ) -> None:
         self.dataset = dataset
         self.sampler = sampler
@@ -486,6 +487,7 @@ class DALIVideoLoader:
         self.start_method = start_method
         self.decode_group = int(decode_group)
         self.trim = bool(trim)
+        self.defer_stop_signals = bool(defer_stop_signals)
         self.skipped: list[tuple[str, str]] = []  # (path, reason) per example left out
         self._bad: dict[str, str] = {}  # path -> why it is left out for the rest of the run
         self._failed_in_a_row = 0
@@ -609,7 +611,8 @@ class DALIVideoLoader:
     def _build(self, feed: list, *, parallel: bool, batch_size: int):
         from nvidia.dali import Pipeline
 
-        source = reader_source(feed, self.trim, reader_process=parallel)
+        source = reader_source(feed, self.trim,
+                               defer_signals=parallel and self.defer_stop_signals)
         kwargs = {}
         if parallel:
             kwargs = {
@@ -870,6 +873,7 @@ def build_dali_loader(
     num_threads: int | None = None,
     decode_group: int = 1,
     trim: bool = False,
+    defer_stop_signals: bool = False,
 ) -> DALIVideoLoader:
     """A DALI loader for ``split`` on this rank; the arguments of ``build_loader``, plus:
 
@@ -891,6 +895,8 @@ def build_dali_loader(
     ``trim``: the reader processes hand DALI only the stretch of each file that its frames need
     (:func:`trim_file`: packets copied by PyAV, nothing decoded), so that the decoder's
     per-sample frame index and its pre-roll cover that stretch, not the whole file. Default off.
+    ``defer_stop_signals``: the reader processes leave SIGTERM, SIGINT and SIGUSR1 to this process
+    (:mod:`siasam_fast.stopping`; training sets it).
     ``pin_memory``, ``seek_threshold`` and ``decode_threads`` only concern the PyAV backend and are
     accepted so that both factories take the same arguments.
     """
@@ -950,6 +956,7 @@ def build_dali_loader(
         start_method=start_method,
         decode_group=decode_group,
         trim=trim,
+        defer_stop_signals=defer_stop_signals,
     )
 
 

@@ -45,6 +45,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import weakref
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -64,7 +65,7 @@ from siasam_fast.sampling import (
     sample_eval_clips,
     sample_siamese_clips,
 )
-from siasam_fast.stopping import ignore_stop_signals
+from siasam_fast.stopping import defer_stop_signals as _defer_stop_signals
 
 logger = logging.getLogger(__name__)
 
@@ -510,8 +511,31 @@ class ShardedSampler(Sampler):
 # The loader
 
 
+# Every VideoQALoader alive, so that close_loaders() can end their workers on the way out.
+_LOADERS: weakref.WeakSet = weakref.WeakSet()
+
+
+def close_loaders() -> None:
+    """Shut down the worker processes of every live loader now. For a failing run: its traceback
+    keeps the loaders alive past the point where Python's exit handler waits for their workers."""
+    for loader in list(_LOADERS):
+        loader.close()
+
+
 class VideoQALoader(DataLoader):
     """A DataLoader that tracks how many examples the caller received (for exact resume)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        _LOADERS.add(self)
+
+    def close(self) -> None:
+        """End the worker processes now (they also end when the loader is freed); a later
+        iteration starts new ones."""
+        iterator = getattr(self, "_iterator", None)
+        if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+            iterator._shutdown_workers()
+        self._iterator = None
 
     def __iter__(self):
         sampler = self.sampler
@@ -590,6 +614,7 @@ def build_loader(
     seek_threshold: int = DEFAULT_SEEK_THRESHOLD,
     decode_threads: int = 1,
     multiprocessing_context=None,
+    defer_stop_signals: bool = False,
 ) -> VideoQALoader:
     """A loader of batches in the contract of the module docstring, one shard per rank.
 
@@ -598,7 +623,8 @@ def build_loader(
     partial last batch. ``pin_memory`` defaults to whether CUDA is available. Call
     ``loader.set_epoch(e)`` before each epoch; ``loader.state_dict()`` / ``load_state_dict()``
     save and restore the position within the epoch. ``label_fn`` must be picklable (a module-level
-    function) when workers do not fork.
+    function) when workers do not fork. ``defer_stop_signals``: the workers leave SIGTERM, SIGINT
+    and SIGUSR1 to this process (:mod:`siasam_fast.stopping`; training sets it).
     """
     if backend in OTHER_BACKENDS:  # one factory for every backend: loaders.build_video_loader
         from siasam_fast.pipeline.loaders import build_video_loader
@@ -610,6 +636,7 @@ def build_loader(
             label_fn=label_fn, shuffle=shuffle, drop_last=drop_last, epoch=epoch,
             prefetch_factor=prefetch_factor, dtype=dtype, seek_threshold=seek_threshold,
             decode_threads=decode_threads, multiprocessing_context=multiprocessing_context,
+            defer_stop_signals=defer_stop_signals,
         )
     if backend not in BACKENDS:
         raise ValueError(
@@ -635,10 +662,11 @@ def build_loader(
             "persistent_workers": True,
             "prefetch_factor": prefetch_factor,
             "multiprocessing_context": multiprocessing_context,
+        }
+        if defer_stop_signals:
             # A scheduler's SIGTERM reaches the workers too: the main process decides (training
             # saves a checkpoint first) and shuts them down (siasam_fast.stopping).
-            "worker_init_fn": ignore_stop_signals,
-        }
+            extra["worker_init_fn"] = _defer_stop_signals
     return VideoQALoader(
         dataset,
         batch_size=batch_size,
