@@ -370,6 +370,10 @@ def test_eval_output_paths_are_checked_before_evaluating(capsys, tmp_path, monke
     assert_usage_error(code, err, "eval", "--json", f"{str(victim)!r} is a file, not a folder")
     code, _, err = run_cli(capsys, "eval", "--checkpoint", tmp_path, "--predictions", tmp_path)
     assert_usage_error(code, err, "eval", "--predictions", "is a folder")
+    same = tmp_path / "out" / "same.json"
+    code, _, err = run_cli(capsys, "eval", "--checkpoint", tmp_path, "--json", same,
+                           "--predictions", same)
+    assert_usage_error(code, err, "eval", "--json and --predictions name the same file")
     assert victim.read_text() == "keep"
 
 
