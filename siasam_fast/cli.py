@@ -89,7 +89,7 @@ def _eval(args: argparse.Namespace) -> int:
 
     outputs = {option: check_output_file(path, option, writable=True) for option, path in
                (("--json", args.json), ("--predictions", args.predictions)) if path is not None}
-    if len(outputs) == 2 and outputs["--json"].absolute() == outputs["--predictions"].absolute():
+    if len(outputs) == 2 and outputs["--json"].resolve() == outputs["--predictions"].resolve():
         raise ValueError(f"--json and --predictions name the same file "
                          f"({str(outputs['--json'])!r}): give two paths")
     try:

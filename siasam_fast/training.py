@@ -448,7 +448,10 @@ def save_checkpoint(engine, out_dir: Path, tag: str, run_state: dict, keep: int,
         dist.barrier()  # every rank's files are written
     if rank == 0:
         _write_text(ckpt_dir / "latest", tag)
-        for old in complete_tags(ckpt_dir)[:-keep] if keep > 0 else []:
+        complete = complete_tags(ckpt_dir)
+        cut_short = [p for p in ckpt_dir.iterdir() if p.is_dir() and p not in complete
+                     and re.fullmatch(r"step\d+", p.name)]  # saves interrupted before
+        for old in [*cut_short, *(complete[:-keep] if keep > 0 else [])]:
             if old.name != tag:
                 shutil.rmtree(old, ignore_errors=True)
     if dist.is_initialized():
@@ -784,15 +787,19 @@ def train(argv: list[str] | None = None, prog: str | None = None) -> int:
     first_step = step
     step_seconds = 0.0  # time inside training steps (data wait included, evaluation excluded)
     t_run = time.perf_counter()
-    if tag_dir is not None and state.get("eval_due"):  # stopped right at that epoch's end
-        due_sums = dict(state.get("epoch_sums", {}))
-        end_of_epoch(state["epoch"], due_sums, int(due_sums.pop("_steps", 0)))
-        if rank0:  # done: a second resume from this checkpoint must not evaluate it again
-            _write_json(tag_dir / "run_state.json", {**state, "eval_due": False})
     # SIGTERM / SIGINT / SIGUSR1 (a scheduler's stop or pre-emption, Ctrl-C): finish the step,
     # save a checkpoint, exit 128 + the signal's number. Processes agree over a gloo group.
     stop_request = StopRequest(world, dist.new_group(backend="gloo") if world > 1 else None)
     with stop_request:
+        if tag_dir is not None and state.get("eval_due"):  # stopped right at that epoch's end
+            due_sums = dict(state.get("epoch_sums", {}))
+            end_of_epoch(state["epoch"], due_sums, int(due_sums.pop("_steps", 0)))
+            if rank0 and resuming_here:  # done: resuming this checkpoint again must not redo it
+                try:  # (another run's checkpoint is left as it is)
+                    _write_json(tag_dir / "run_state.json", {**state, "eval_due": False})
+                except OSError as err:
+                    print(f"note: could not mark {tag_dir} as evaluated ({err})",
+                          file=sys.stderr)
         for epoch in range(start_epoch, cfg.train.epochs):
             train_loader.set_epoch(epoch)  # keeps a restored mid-epoch position of this epoch
             engine.train()

@@ -374,6 +374,9 @@ def test_eval_output_paths_are_checked_before_evaluating(capsys, tmp_path, monke
     code, _, err = run_cli(capsys, "eval", "--checkpoint", tmp_path, "--json", same,
                            "--predictions", same)
     assert_usage_error(code, err, "eval", "--json and --predictions name the same file")
+    code, _, err = run_cli(capsys, "eval", "--checkpoint", tmp_path, "--json",
+                           tmp_path / "out" / "sub" / ".." / "same.json", "--predictions", same)
+    assert_usage_error(code, err, "eval", "--json and --predictions name the same file")
     assert victim.read_text() == "keep"
 
 
