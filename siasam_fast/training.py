@@ -624,8 +624,10 @@ def parse_args(argv: list[str] | None, prog: str | None = None) -> argparse.Name
     parser.add_argument("--config", default=None, help="run config (YAML), e.g. configs/demo.yaml")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config value, e.g. --set train.lr=1e-4 (repeatable)")
-    parser.add_argument("--resume", default=None, metavar="auto|PATH",
-                        help="continue a run: 'auto' = the latest checkpoint of train.out_dir")
+    parser.add_argument("--resume", default=None, metavar="auto|if-any|PATH",
+                        help="continue a run: 'auto' = the latest checkpoint of train.out_dir; "
+                        "'if-any' = that if there is one, else a new run (for jobs that are "
+                        "requeued); or a checkpoint folder")
     parser.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)
     parser = deepspeed.add_config_arguments(parser)
     return parser.parse_args(argv)
@@ -656,11 +658,19 @@ def train(argv: list[str] | None = None, prog: str | None = None) -> int:
         raise ValueError(f"train.out_dir={str(out_dir)!r}: {str(blocker)!r} is a file, not a "
                          "folder")
     tag_dir = None
-    if args.resume:
+    if args.resume == "if-any":  # a job that may have run before (requeued): continue it if so
+        try:
+            tag_dir = resolve_checkpoint(out_dir)
+        except FileNotFoundError:
+            tag_dir = None
+    elif args.resume:
         tag_dir = resolve_checkpoint(out_dir if args.resume == "auto" else args.resume)
     resuming_here = tag_dir is not None and _same_dir(tag_dir.parent.parent, out_dir)
     held = [] if resuming_here else previous_run(out_dir)
-    if held and not cfg.train.overwrite:
+    # if-any and no checkpoint: what is there is an earlier try that never saved one (its
+    # metrics only), which cannot be resumed: it is replaced, as with train.overwrite.
+    unresumable = args.resume == "if-any" and not any(h.startswith("checkpoints") for h in held)
+    if held and not (cfg.train.overwrite or unresumable):
         raise ValueError(f"train.out_dir={out_dir} holds another run ({'; '.join(held)}): "
                          "continue it with --resume auto, choose another train.out_dir, or "
                          "replace it with --set train.overwrite=true")
@@ -730,7 +740,9 @@ def train(argv: list[str] | None = None, prog: str | None = None) -> int:
     if rank0:  # the start has been checked: now the run's folder is written
         if held:
             replaced = set_aside_previous_run(out_dir)
-            print(f"train.overwrite: moved the previous run in {out_dir} ({'; '.join(held)}) to "
+            why = ("train.overwrite" if cfg.train.overwrite else
+                   "--resume if-any, no checkpoint to continue")
+            print(f"{why}: moved the previous run in {out_dir} ({'; '.join(held)}) to "
                   f"{replaced}; it is deleted once this run has saved its first checkpoint")
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))

@@ -250,6 +250,24 @@ def test_an_incomplete_latest_checkpoint_falls_back_to_the_newest_complete_one(t
     assert resolve_checkpoint(tmp_path / "run") == ckpt / "step3"
 
 
+def test_resume_if_any_starts_or_continues(synth, tmp_path):
+    """--resume if-any, for jobs that are requeued: a new run in an empty folder, a resume where a
+    checkpoint is, and a new run over an earlier try that never saved one."""
+    out = tmp_path / "job"
+    proc = train(base_args(synth, out, "--set", "train.max_steps=2", "--resume", "if-any"))
+    assert len(losses(out)) == 2 and "moved the previous run" not in proc.stdout
+    proc = train(base_args(synth, out, "--set", "train.max_steps=4", "--resume", "if-any"))
+    assert len(losses(out)) == 4  # continued from step 2: its rows kept, two more
+    tries = tmp_path / "tries"
+    tries.mkdir()
+    (tries / "metrics_steps.csv").write_text("step,loss\n1,5.0\n")  # died before a checkpoint
+    proc = train(base_args(synth, tries, "--set", "train.max_steps=2", "--resume", "if-any"))
+    assert "--resume if-any, no checkpoint to continue: moved the previous run" in proc.stdout
+    assert len(losses(tries)) == 2 and not list(tries.glob("replaced-*"))
+    with pytest.raises(AssertionError, match="holds another run"):  # plain start: refused
+        train(base_args(synth, out, "--set", "train.max_steps=2"))
+
+
 def test_incompatible_checkpoint_is_refused(synth, tmp_path):
     out = tmp_path / "run"
     train(base_args(synth, out, "--set", "train.max_steps=2"))
