@@ -4,6 +4,7 @@ report as one line (no heavy imports)."""
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 # What a command reports as a one-line usage error (exit status 2): bad values and paths.
@@ -23,7 +24,10 @@ def file_in_the_way(folder: str | os.PathLike) -> Path | None:
 def check_output_file(path: str | os.PathLike, option: str, writable: bool = False) -> Path:
     """``path`` as a Path, or a ValueError naming ``option`` when no file can be written there:
     it is empty or a folder, or a file stands where one of its folders should be; ``writable``:
-    also when the nearest existing folder on its way is not writable here. Nothing is created."""
+    also when the file (if it exists) cannot be opened for writing, or the nearest existing folder
+    on its way takes no new file (tried with a probe file, removed at once: permissions alone
+    pass /proc, /sys and read-only mounts for root). The file itself is neither created nor
+    changed."""
     if not str(path):
         raise ValueError(f"{option} is empty; give a file path")
     path = Path(path)
@@ -36,6 +40,25 @@ def check_output_file(path: str | os.PathLike, option: str, writable: bool = Fal
     if writable:
         target = path if path.exists() else next(p for p in path.absolute().parents
                                                   if p.exists())
-        if not os.access(target, os.W_OK):
-            raise ValueError(f"{option} {str(path)!r}: {str(target)!r} is not writable here")
+        why = _not_writable(target)
+        if why:
+            raise ValueError(f"{option} {str(path)!r}: {str(target)!r} is not writable here "
+                             f"({why})")
     return path
+
+
+def _not_writable(target: Path) -> str:
+    """Why nothing can be written at ``target`` (an existing file: opened for appending, nothing
+    written; a folder: a probe file created and removed), or ""."""
+    if not os.access(target, os.W_OK):
+        return "no write permission"
+    try:
+        if target.is_dir():
+            with tempfile.NamedTemporaryFile(dir=target, prefix=".siasam-probe-"):
+                pass
+        else:
+            with open(target, "ab"):
+                pass
+    except OSError as err:
+        return err.strerror or type(err).__name__
+    return ""

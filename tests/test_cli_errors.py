@@ -2,6 +2,7 @@
 help texts written in words."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -378,6 +379,25 @@ def test_eval_output_paths_are_checked_before_evaluating(capsys, tmp_path, monke
                            tmp_path / "out" / "sub" / ".." / "same.json", "--predictions", same)
     assert_usage_error(code, err, "eval", "--json and --predictions name the same file")
     assert victim.read_text() == "keep"
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs Linux's /proc")
+def test_output_file_check_tries_the_folder_not_only_its_permissions(tmp_path):
+    """/proc takes no new file, even for root, whom permissions alone let through: refused up
+    front; a writable folder passes, and the probe leaves nothing behind."""
+    from siasam_fast.paths import check_output_file
+
+    with pytest.raises(ValueError, match=r"--json '/proc/self/m.json': '/proc/self' is not "
+                                         r"writable here \("):
+        check_output_file("/proc/self/m.json", "--json", writable=True)
+    with pytest.raises(ValueError, match="--json '/proc/version': '/proc/version' is not writable"):
+        check_output_file("/proc/version", "--json", writable=True)
+    assert check_output_file(tmp_path / "new" / "m.json", "--json", writable=True).name == "m.json"
+    kept = tmp_path / "kept.json"
+    kept.write_text("old")
+    check_output_file(kept, "--json", writable=True)
+    assert kept.read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["kept.json"]
 
 
 def test_index_bad_workers(capsys, two_videos, tmp_path):
