@@ -328,3 +328,33 @@ def test_main_index_bad_arguments_exit_2(two_videos, tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("siasam-fast index: error: video_dir=") and "holds no videos" in err
     assert len(err.strip().splitlines()) == 1
+
+
+def test_old_fast_records_of_avi_with_bframes_are_probed_again(tmp_path, caplog):
+    """Before demux mode learnt to decode them, `index --fast` numbered the frames of H.264 with
+    B-frames in AVI by packets (decode order there). Loading such a manifest warns, and `index`
+    probes those records again (decoding marks the file corrupt); intra-only AVI (MJPEG) keeps
+    its fast record."""
+    folder = tmp_path / "videos"
+    folder.mkdir()
+    write_index_video(folder / "b.avi", 30, codec="h264", gop=12, bframes=2)
+    write_index_video(folder / "m.avi", 30, codec="mjpeg")
+    out = tmp_path / "manifest.jsonl"
+    build = build_manifest(folder, out, mode="demux", workers=1, progress=False)
+    assert build["b"].probe == "decode" and not build["b"].ok  # what demux mode does now
+    assert build["m"].probe == "demux" and build["m"].ok
+    # What an older version wrote for b.avi: an ok record numbered by its packets.
+    old = VideoRecord(**{**build["b"].__dict__, "status": "ok", "reason": "", "probe": "demux",
+                         "num_frames": 30, "keyframes": [0, 12, 24]})
+    lines = [old.to_json(), build["m"].to_json()]
+    out.write_text("\n".join(lines) + "\n")
+    with caplog.at_level("WARNING"):
+        loaded = load_manifest(out)
+    assert loaded["b"].ok
+    assert "1 AVI video(s) were indexed with --fast" in caplog.text and "b.avi" in caplog.text
+    again = build_manifest(folder, out, mode="demux", workers=1, progress=False)
+    assert again.probed == ["b"] and not again["b"].ok
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        load_manifest(out)
+    assert "indexed with --fast" not in caplog.text

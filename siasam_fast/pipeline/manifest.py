@@ -329,6 +329,13 @@ def load_manifest(
                 records[record.video_id] = record
         except UnicodeDecodeError as err:
             raise ValueError(f"{path}: not a manifest (not UTF-8 text)") from err
+    misnumbered = [r.relpath for r in records.values() if numbered_in_decode_order(r)]
+    if misnumbered:
+        logger.warning(
+            "%s: %d AVI video(s) were indexed with --fast by an older siasam-fast that numbered "
+            "their frames in decode order (%s%s): their sampled frames may be the wrong ones; "
+            "re-run `siasam-fast index` on the folder (it probes these again)", path,
+            len(misnumbered), ", ".join(misnumbered[:3]), ", ..." if len(misnumbered) > 3 else "")
     return records
 
 
@@ -514,6 +521,25 @@ def _unique_ids(paths: list[Path], video_dir: Path) -> tuple[dict[str, Path], li
 _MODE_STRENGTH = {"demux": 0, "decode": 1}
 
 
+def numbered_in_decode_order(record: VideoRecord) -> bool:
+    """Whether ``record`` numbered an AVI file's frames by its packets although the codec
+    reorders pictures (B-frames): AVI stores no presentation times, so such frames came out in
+    decode order. Demux-mode probes did that before they learnt to decode these files; ``index``
+    probes such records again, and :func:`load_manifest` warns about them."""
+    return (record.ok and record.probe == "demux" and record.relpath.lower().endswith(".avi")
+            and not _intra_only(record.codec))
+
+
+@functools.cache
+def _intra_only(codec: str) -> bool:
+    import av
+
+    try:
+        return bool(av.Codec(codec, "r").intra_only)
+    except Exception:  # noqa: BLE001 - an unknown codec name: assume it reorders
+        return False
+
+
 def _still_valid(record: VideoRecord, path: Path, video_dir: Path, mode: str) -> bool:
     try:
         st = path.stat()
@@ -525,6 +551,7 @@ def _still_valid(record: VideoRecord, path: Path, video_dir: Path, mode: str) ->
         and record.mtime_ns == st.st_mtime_ns
         and record.relpath == path.relative_to(video_dir).as_posix()
         and _MODE_STRENGTH.get(record.probe, -1) >= _MODE_STRENGTH[mode]
+        and not numbered_in_decode_order(record)
         # Worth another try: permissions may have been fixed, a crash may not be the file's fault.
         and not record.reason.startswith(("unreadable", "decoder crashed"))
     )
