@@ -31,16 +31,23 @@ do nothing and the result is exactly that of the options off (same draws from th
   starts as the uniform draw, with probability proportional to ``exp(-r / tau)``, ``r`` the
   pre-roll of the group that anchor produces (left after the shift below, when both are on).
   tau = inf is the paper's uniform draw; tau = 0 draws uniformly among the anchors of least
-  pre-roll (groups that start on a keyframe); in between every feasible anchor keeps a probability
-  at least ``exp(-gop / tau)`` times the likeliest one's (gop: the keyframe spacing), e.g. gop 32
-  and tau 16: an anchor just after a keyframe is e^2 = 7.4x likelier than one just before the next.
+  pre-roll (groups that start on a keyframe, when any feasible group can); in between every
+  feasible anchor keeps a probability at least ``exp(-r_max / tau)`` times the likeliest one's,
+  ``r_max`` the largest pre-roll of a feasible group. With a keyframe every ``gop`` frames and one
+  at or before frame 0 (a segment passes the keyframe before it as a negative index),
+  ``r_max <= gop - 1``: e.g. gop 32 and tau 16, a group starting on a keyframe is at most
+  e^(31/16) ~ 6.9x likelier than one starting just before the next. Frames with no keyframe at or
+  before them count their pre-roll from frame 0, so when the first keyframe given is after frame
+  0, ``r_max`` can reach its index - 1 and the floor is lower.
 - ``keyframe_max_shift`` (M, frames; 0 = off): the anchor is drawn as without it, then the whole
-  group moves back by ``min(r, M)`` frames (never before frame 0), so its pre-roll becomes
-  ``r - min(r, M)``: groups starting within M frames after a keyframe snap onto it, all others move
-  M frames earlier. In distribution: each keyframe-aligned group start gains the probability of the
-  M starts after it, and the M starts just before each keyframe lose theirs (as do the last M
-  anchors of the first third, which no later anchor moves onto). With M >= gop - 1 every group
-  starts on a keyframe.
+  group moves back by ``min(r, M)`` frames, but never before frame 0, so its pre-roll becomes
+  ``r`` minus the shift: groups starting within M frames after a keyframe snap onto it, all others
+  move M frames earlier (or to frame 0). In distribution: each keyframe-aligned group start gains
+  the probability of the M starts after it, and the M starts just before each keyframe lose
+  theirs (as do the last M anchors of the first third, which no later anchor moves onto). With
+  M >= ``r_max`` (gop - 1 for a keyframe every gop frames) every group starts on a keyframe, except
+  groups whose keyframe lies before frame 0 (a segment that starts mid-GOP) or that have no
+  keyframe at or before them: those stop at frame 0, a keyframe only if one is there.
 
 :func:`anchor_distribution` returns the exact distribution of the anchor start for a video, with or
 without the options (for ablation reports); ``siasam_fast.pipeline.planner`` models the frames the
@@ -192,9 +199,26 @@ def _skipped(reason: str) -> ClipIndices:
     return ClipIndices(empty, np.zeros(0, np.int64), empty, skipped=True, reason=reason)
 
 
+def _frame_count(num_frames) -> int:
+    """``num_frames`` as an int, or a ValueError naming it (a float is not silently truncated)."""
+    if (
+        isinstance(num_frames, bool)
+        or not isinstance(num_frames, (int, np.integer))
+        or num_frames < 0
+    ):
+        raise ValueError(
+            f"num_frames={num_frames!r}: must be an integer >= 0 (the frames of the video or "
+            "segment; 0 gives a skipped result)"
+        )
+    return int(num_frames)
+
+
 def _finish(starts: np.ndarray, B: int, s: int, d: int, T: int, reason: str) -> ClipIndices:
+    # Only "pad" ever reaches past the end: such frames (and clip starts) repeat the last frame,
+    # so ``starts`` stays equal to ``clips[:, 0]`` and inside the video.
+    starts = np.minimum(starts, T - 1)
     clips = starts[:, None] + s * np.arange(B, dtype=np.int64)[None, :]
-    clips = np.minimum(clips, T - 1)  # only "pad" ever reaches past the end
+    clips = np.minimum(clips, T - 1)
     unique, inverse = np.unique(clips, return_inverse=True)
     return ClipIndices(
         clips=clips,
@@ -269,8 +293,10 @@ def sample_siamese_clips(
     values below 0 are keyframes before the segment). Only the keyframe-aware options read them
     (module docstring); with the options off, or ``keyframes`` None or empty, the result is exactly
     that of the options off.
+
+    ``num_frames`` must be an integer >= 0 (ValueError otherwise); 0 frames give a skipped result.
     """
-    T = int(num_frames)
+    T = _frame_count(num_frames)
     cfg = config
     plan = _plan(T, cfg)
     if isinstance(plan, ClipIndices):
@@ -313,7 +339,7 @@ def anchor_distribution(
     included (after the shift of ``keyframe_max_shift``): only starts of nonzero probability;
     empty arrays for a skipped video.
     """
-    T = int(num_frames)
+    T = _frame_count(num_frames)
     plan = _plan(T, config)
     if isinstance(plan, ClipIndices):
         return np.zeros(0, np.int64), np.zeros(0, np.float64)
@@ -439,36 +465,70 @@ def _shift_amount(first, preroll, max_shift: int):
 def sample_eval_clips(
     num_frames: int, config: SamplingConfig, num_clips: int | None = None
 ) -> ClipIndices:
-    """Deterministic evaluation clips: ``num_clips`` (default ``config.eval_clips``) clips, one per
-    equal segment of the video. "middle": B frames with the training stride centred in the segment
-    (stride shrunk if the segment is too short); "uniform": B frames spread evenly over the segment.
+    """Deterministic evaluation clips: E = ``num_clips`` clips (None: ``config.eval_clips``; an
+    integer >= 1, else ValueError), one per equal segment of the video (segment lengths differ by
+    at most one frame when E does not divide the frame count).
+
+    Every clip of a video has the same B and, for "middle", the same stride, chosen as training
+    chooses them for a one-clip group (``num_clips=1``) in a video as long as the shortest
+    segment: B is the largest of ``frames_per_clip`` whose clip fits that segment at the training
+    stride (its lower end if none does), then the stride shrinks to the largest that fits
+    ("stride shrunk ..." in ``reason``). With E = 1 the segment is the whole video.
+
+    - "middle": B frames with that stride, centred in the segment. A clip longer than its segment
+      (stride already 1) reaches into the next one, or back into the previous one rather than
+      past the end; only when the video itself is shorter than the clip do the last frames repeat
+      the last frame ("padded with the last frame ..." in ``reason``). ``stride`` is the stride.
+    - "uniform": B frames spread evenly over the segment; ``stride`` is 0 (no constant stride).
+      A segment shorter than B gives repeated frames ("frames repeated ..." in ``reason``).
+
+    Unlike training, evaluation ignores ``min_frames`` and ``short_video`` (no "skip", no "pad"
+    policy): every evaluated example is scored, however short its video, so only a video with
+    0 frames gives a skipped result. ``starts`` is ``clips[:, 0]``; ``start_spacing`` is 0.
     """
-    T = int(num_frames)
+    T = _frame_count(num_frames)
     cfg = config
-    E = int(num_clips or cfg.eval_clips)
-    if E < 1:
-        raise ValueError(f"num_clips={num_clips!r}: must be >= 1")
+    E = cfg.eval_clips if num_clips is None else num_clips
+    if isinstance(E, bool) or not isinstance(E, (int, np.integer)) or E < 1:
+        raise ValueError(
+            f"num_clips={num_clips!r}: must be an integer >= 1 (evaluation clips per video), "
+            f"or None for config.eval_clips ({cfg.eval_clips})"
+        )
+    E = int(E)
     if T < 1:
         return _skipped(f"video has {T} frames")
-    B = _choose_frames_per_clip(T, cfg, 1)
-    clips = np.empty((E, B), np.int64)
-    s_used, reason = cfg.stride, ""
-    for e in range(E):
-        seg_lo = (e * T) // E
-        seg_hi = max(((e + 1) * T) // E, seg_lo + 1)  # exclusive
-        seg_len = seg_hi - seg_lo
-        if cfg.eval_placement == "uniform":
-            clips[e] = seg_lo + ((np.arange(B) + 0.5) * seg_len / B).astype(np.int64)
-            s_used = 0  # not a constant stride
-        else:
-            s = cfg.stride
-            while s > 1 and clip_span(B, s) > seg_len:
-                s -= 1
-            if s != cfg.stride:
-                reason = f"stride shrunk from {cfg.stride} to {s} to fit a {seg_len}-frame segment"
-            s_used = s
-            start = seg_lo + max(0, (seg_len - clip_span(B, s)) // 2)
-            clips[e] = start + s * np.arange(B)
+    seg_lo = (np.arange(E, dtype=np.int64) * T) // E
+    seg_hi = np.maximum((np.arange(1, E + 1, dtype=np.int64) * T) // E, seg_lo + 1)  # exclusive
+    seg_len = seg_hi - seg_lo
+    L = int(seg_len.min())  # the shortest segment decides B and the stride for every clip
+    where = (
+        f"the {T}-frame video" if E == 1
+        else f"the shortest of {E} segments of the {T}-frame video ({L} frames)"
+    )
+    B = _choose_frames_per_clip(L, cfg, 1)
+    reasons = []
+    if cfg.eval_placement == "uniform":
+        offsets = ((np.arange(B) + 0.5)[None, :] * seg_len[:, None] / B).astype(np.int64)
+        clips = seg_lo[:, None] + offsets
+        s_used = 0  # not a constant stride
+        if B > L:
+            reasons.append(f"frames repeated: {B} frames spread over {where}")
+    else:
+        s = cfg.stride
+        while s > 1 and clip_span(B, s) > L:
+            s -= 1
+        if s != cfg.stride:
+            reasons.append(f"stride shrunk from {cfg.stride} to {s} to fit {where}")
+        span = clip_span(B, s)
+        starts = seg_lo + np.maximum(0, (seg_len - span) // 2)
+        starts = np.maximum(0, np.minimum(starts, T - span))  # not past the end while it fits
+        if span > T:
+            reasons.append(
+                f"padded with the last frame: video has {T} frames, a clip of {B} frames at "
+                f"stride {s} needs {span}"
+            )
+        s_used = s
+        clips = starts[:, None] + s * np.arange(B, dtype=np.int64)[None, :]
     clips = np.minimum(clips, T - 1)
     unique, inverse = np.unique(clips, return_inverse=True)
     return ClipIndices(
@@ -479,7 +539,7 @@ def sample_eval_clips(
         stride=s_used,
         start_spacing=0,
         frames_per_clip=B,
-        reason=reason,
+        reason="; ".join(reasons),
         starts=clips[:, 0].copy(),
     )
 

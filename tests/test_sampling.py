@@ -43,6 +43,7 @@ def check_invariants(r, T, cfg):
     assert np.all(np.diff(r.unique) > 0)
     assert set(r.unique.tolist()) == set(r.clips.ravel().tolist())
     np.testing.assert_array_equal(r.unique[r.inverse], r.clips)
+    np.testing.assert_array_equal(r.starts, r.clips[:, 0])  # pad mode included
     padded = "padded" in r.reason
     if not padded:
         # One stride for all clips.
@@ -202,6 +203,112 @@ def test_eval_clips(placement, T, E):
         # Centred: as many frames before the clip as after it (within one frame).
         before, after = r.clips[0, 0], T - 1 - r.clips[0, -1]
         assert abs(before - after) <= 1 and r.stride == 4
+
+
+def _training_one_clip(L, cfg):
+    """What training draws for a one-clip group in an L-frame video (no skipping)."""
+    one = SamplingConfig(**{**cfg.__dict__, "num_clips": 1, "short_video": "shrink_stride",
+                            "min_frames": 1})
+    return sample_siamese_clips(L, one, np.random.default_rng(0))
+
+
+@settings(max_examples=300, deadline=None)
+@given(T=st.integers(1, 2000), cfg=configs, E=st.integers(1, 12),
+       placement=st.sampled_from(["middle", "uniform"]), min_frames=st.integers(1, 100))
+def test_eval_clips_share_one_stride_and_say_what_changed(T, cfg, E, placement, min_frames):
+    """Every eval clip of a video has the B and stride training picks for a one-clip group in the
+    shortest segment; ``stride`` and ``reason`` describe every clip; nothing is skipped."""
+    cfg = SamplingConfig(**{**cfg.__dict__, "eval_placement": placement,
+                            "min_frames": min_frames})
+    r = sample_eval_clips(T, cfg, E)
+    assert not r.skipped  # min_frames and short_video="skip" are ignored at evaluation
+    B = r.frames_per_clip
+    assert r.clips.shape == (E, B) and r.clips.min() >= 0 and r.clips.max() < T
+    np.testing.assert_array_equal(r.unique[r.inverse], r.clips)
+    np.testing.assert_array_equal(r.starts, r.clips[:, 0])
+    shortest = max(T // E, 1)
+    train = _training_one_clip(shortest, cfg)
+    assert B == train.frames_per_clip
+    if placement == "uniform":
+        assert r.stride == 0
+        repeated = any(len(set(c)) < B for c in r.clips.tolist())
+        assert repeated == ("frames repeated" in r.reason)
+        return
+    assert r.stride == train.stride
+    assert ("stride shrunk" in r.reason) == (r.stride != cfg.stride)
+    padded = clip_span(B, r.stride) > T
+    assert padded == ("padded" in r.reason)
+    if not padded and B > 1:
+        assert np.all(np.diff(r.clips, axis=1) == r.stride)  # one stride for every clip
+
+
+def test_multi_clip_eval_uses_one_stride():
+    """57 frames in 2 segments (28 and 29 frames): 8 frames at stride 4 need 29, so both clips use
+    stride 3, not 3 for one and 4 for the other."""
+    r = sample_eval_clips(57, SamplingConfig(frames_per_clip=8, stride=4), num_clips=2)
+    assert {int(x) for x in np.diff(r.clips, axis=1).ravel()} == {3}
+    assert r.stride == 3
+    assert "stride shrunk from 4 to 3" in r.reason and "shortest of 2 segments" in r.reason
+    # Each clip centred in its segment.
+    assert r.clips[:, 0].tolist() == [3, 31]
+
+
+@pytest.mark.parametrize("E, B, stride", [(1, 15, 4), (2, 8, 4), (4, 5, 3)])
+def test_eval_frames_per_clip_range_follows_the_segment(E, B, stride):
+    """B from a range is chosen for the segment each clip reads, as training chooses it for a
+    video of that length: 60 frames in 2 segments of 30 keep stride 4 with B=8 (not B=15 at
+    stride 2); in 4 segments of 15 even B=5 needs stride 3 (not B=15 at stride 1)."""
+    cfg = SamplingConfig(frames_per_clip=(5, 16), stride=4)
+    r = sample_eval_clips(60, cfg, E)
+    assert (r.frames_per_clip, r.stride) == (B, stride)
+    train = _training_one_clip(60 // E, cfg)
+    assert (train.frames_per_clip, train.stride) == (B, stride)
+
+
+def test_eval_num_clips_none_zero_and_invalid():
+    cfg = SamplingConfig(eval_clips=3)
+    assert sample_eval_clips(100, cfg).clips.shape[0] == 3  # None: config.eval_clips
+    assert sample_eval_clips(100, cfg, np.int64(2)).clips.shape[0] == 2
+    for bad in (0, -1, 2.5, True):
+        with pytest.raises(ValueError, match=rf"num_clips={bad!r}: must be an integer >= 1"):
+            sample_eval_clips(100, cfg, bad)
+
+
+def test_eval_says_when_it_pads_or_repeats_frames():
+    """Evaluation scores every video, however short, and says what it did to fit the clip."""
+    r = sample_eval_clips(3, SamplingConfig(frames_per_clip=8, stride=1))
+    assert r.clips.tolist() == [[0, 1, 2, 2, 2, 2, 2, 2]]
+    assert "padded with the last frame" in r.reason and "video has 3 frames" in r.reason
+    cfg = SamplingConfig(frames_per_clip=8, stride=4, min_frames=40, short_video="skip")
+    r = sample_eval_clips(3, cfg)
+    assert not r.skipped and "stride shrunk from 4 to 1" in r.reason and "padded" in r.reason
+    r = sample_eval_clips(3, SamplingConfig(frames_per_clip=8, eval_placement="uniform"))
+    assert r.clips.tolist() == [[0, 0, 0, 1, 1, 2, 2, 2]] and "frames repeated" in r.reason
+    # Long enough: nothing to say.
+    assert sample_eval_clips(29, SamplingConfig(frames_per_clip=8, stride=4)).reason == ""
+    # A clip longer than the last segment reads back into the previous one, not past the end.
+    r = sample_eval_clips(20, SamplingConfig(frames_per_clip=8, stride=1), 3)
+    assert r.clips[-1].tolist() == list(range(12, 20)) and r.reason.count("padded") == 0
+
+
+def test_pad_mode_starts_are_the_clips_first_frames():
+    r = sample_siamese_clips(4, SamplingConfig(num_clips=9, frames_per_clip=8, stride=4,
+                                               short_video="pad"), np.random.default_rng(0))
+    assert r.starts.tolist() == r.clips[:, 0].tolist() == [0, 1, 2, 3, 3, 3, 3, 3, 3]
+
+
+@pytest.mark.parametrize("bad", [40.5, 40.0, -1, True, "40"])
+def test_num_frames_must_be_a_nonnegative_integer(bad):
+    cfg = SamplingConfig()
+    match = rf"num_frames={bad!r}: must be an integer >= 0"
+    with pytest.raises(ValueError, match=match):
+        sample_siamese_clips(bad, cfg, np.random.default_rng(0))
+    with pytest.raises(ValueError, match=match):
+        anchor_distribution(bad, cfg)
+    with pytest.raises(ValueError, match=match):
+        sample_eval_clips(bad, cfg)
+    ok = sample_siamese_clips(np.int64(40), cfg, np.random.default_rng(0))
+    assert not ok.skipped and ok.clips.max() < 40
 
 
 def test_example_rng_independent_of_order():
@@ -466,3 +573,21 @@ def test_keyframes_must_be_integers():
     with pytest.raises(ValueError, match=r"keyframes=\[0.5"):
         sample_siamese_clips(100, SamplingConfig(keyframe_max_shift=2), np.random.default_rng(0),
                              keyframes=[0.5, 10.0])
+
+
+def test_preroll_floor_and_shift_stop_as_the_module_docstring_says():
+    """The documented bounds: a keyframe every 32 frames from frame 0 and tau 16 give at most
+    e^(31/16) between the likeliest and least likely anchor; frames before a first keyframe at 40
+    count their pre-roll from frame 0 (up to 39, so e^(39/16)); with a large M, groups whose
+    keyframe is before frame 0 (a segment starting mid-GOP) stop at frame 0, not on a keyframe."""
+    cfg = SamplingConfig(preroll_temperature=16.0)
+    _, p = anchor_distribution(3000, cfg, list(range(0, 3000, 32)))
+    assert math.isclose(p.max() / p.min(), math.exp(31 / 16), rel_tol=1e-9)
+    _, p = anchor_distribution(300, cfg, list(range(40, 300, 32)))
+    assert math.isclose(p.max() / p.min(), math.exp(39 / 16), rel_tol=1e-9)
+    segment_keyframes = list(range(-20, 300, 32))  # -20, 12, 44, ...
+    shift = SamplingConfig(keyframe_max_shift=1000)
+    on_keyframe = sample_siamese_clips(300, shift, FixedAnchor(40), keyframes=segment_keyframes)
+    assert on_keyframe.starts.min() == 12
+    at_zero = sample_siamese_clips(300, shift, FixedAnchor(5), keyframes=segment_keyframes)
+    assert at_zero.starts.min() == 0 and 0 not in segment_keyframes
