@@ -28,7 +28,7 @@ import shutil
 import socket
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -45,9 +45,9 @@ from siasam_fast import ds_config, siamese  # noqa: E402
 from siasam_fast.config import Config, config_from_json, load_config  # noqa: E402
 from siasam_fast.data.annotations import load_annotations  # noqa: E402
 from siasam_fast.data.vocab import (  # noqa: E402
-    OOV_LABEL,
     apply_answer_vocab,
     build_answer_vocab,
+    encode_answer,
     load_ans2label,
     save_ans2label,
 )
@@ -136,14 +136,22 @@ class Data:
     labels: dict  # split -> {example index: label}
     ans2label: dict
     manifest: dict
+    notes: list = field(default_factory=list)  # what loading did (OOV answers, duplicate qids)
 
 
 def _split_paths(spec: str) -> list[str]:
     return [p.strip() for p in spec.split(",") if p.strip()]
 
 
-def load_data(cfg: Config, ans2label: dict | None = None) -> Data:
-    """Annotations of every configured split, the answer vocabulary and the manifest."""
+# The task each config task takes examples of (QAExample.task), and what to set otherwise.
+_TASK_HINT = {"open": "open-ended answers", "mc": "multiple choice (candidates)",
+              "count": "counting (integer answers)"}
+
+
+def load_data(cfg: Config, ans2label: dict | None = None, need_train: bool = True) -> Data:
+    """Annotations of every configured split, the answer vocabulary and the manifest.
+    ``need_train``: data.train must be set (training); evaluation needs it only to build an
+    open-ended vocabulary that is not given."""
     d = cfg.data
     if not d.manifest:
         raise ValueError("data.manifest is empty: build one with `siasam-fast index VIDEO_DIR "
@@ -152,7 +160,7 @@ def load_data(cfg: Config, ans2label: dict | None = None) -> Data:
         raise ValueError(f"data.video_dir={d.video_dir!r} is not a folder (it re-roots the "
                          "manifest's video paths; leave it empty to use them as indexed)")
     manifest = load_manifest(d.manifest, video_dir=d.video_dir or None)
-    examples = {}
+    examples, notes = {}, []
     for split in ("train", "val", "test"):
         spec = getattr(d, split)
         if spec:
@@ -160,15 +168,22 @@ def load_data(cfg: Config, ans2label: dict | None = None) -> Data:
                 ex for p in _split_paths(spec)
                 for ex in load_annotations(d.dataset, p, split=split if Path(p).is_dir() else None,
                                            fmt=d.format, **d.options)]
-            if cfg.task == "mc" and any(not ex.candidates for ex in examples[split]):
-                raise ValueError(f"task=mc needs answer candidates, but the data.{split} "
-                                 f"annotations ({spec}) have questions without them: use task=open "
-                                 "for open-ended answers, or a multiple-choice dataset")
+            _check_task(cfg, split, spec, examples[split])
+            duplicates = _duplicate_qids(examples[split])
+            if duplicates:
+                notes.append(f"data.{split}: {len(duplicates)} question id(s) occur more than "
+                             f"once ({', '.join(map(repr, duplicates[:3]))}"
+                             f"{', ...' if len(duplicates) > 3 else ''}); each occurrence is "
+                             "its own question, but --predictions rows cannot tell them apart")
     if d.ans2label and ans2label is None and not Path(d.ans2label).is_file():
         raise ValueError(f"data.ans2label={d.ans2label!r} does not exist (leave it empty to build "
                          "the vocabulary from train's top data.num_answers answers)")
-    if "train" not in examples and ans2label is None:
-        raise ValueError("data.train is empty: training needs the train annotations")
+    if "train" not in examples:
+        if need_train:
+            raise ValueError("data.train is empty: training needs the train annotations")
+        if cfg.task == "open" and ans2label is None and not d.ans2label:
+            raise ValueError("data.train is empty: task=open builds its answer vocabulary from "
+                             "train's answers; set data.train, or data.ans2label to a saved one")
     labels: dict = {}
     if cfg.task == "open":
         if ans2label is None:
@@ -178,22 +193,47 @@ def load_data(cfg: Config, ans2label: dict | None = None) -> Data:
             encoded = apply_answer_vocab(exs, ans2label, oov="drop" if split == "train" else "keep")
             examples[split] = encoded.examples
             labels[split] = encoded.labels
-    return Data(examples, labels, ans2label or {}, manifest)
+            notes.append(f"data.{split} answers ({len(ans2label)}-answer vocabulary): "
+                         f"{encoded.summary()}")
+    return Data(examples, labels, ans2label or {}, manifest, notes)
+
+
+def _check_task(cfg: Config, split: str, spec: str, examples: list) -> None:
+    """Every example of ``split`` fits ``cfg.task``, else a ValueError that says what to set."""
+    if cfg.task == "mc":
+        wrong = next((ex for ex in examples if not ex.candidates), None)
+    else:
+        wrong = next((ex for ex in examples if ex.task != cfg.task), None)
+    if wrong is not None:
+        raise ValueError(
+            f"task={cfg.task} needs {_TASK_HINT[cfg.task]}, but the data.{split} annotations "
+            f"({spec}, dataset {cfg.data.dataset}) hold {_TASK_HINT[wrong.task]} (question "
+            f"{wrong.qid!r}): set task: {wrong.task}, or use a {cfg.task} dataset")
+
+
+def _duplicate_qids(examples: list) -> list[str]:
+    seen, repeated = set(), {}
+    for ex in examples:
+        if ex.qid in seen:
+            repeated[ex.qid] = None
+        seen.add(ex.qid)
+    return list(repeated)
 
 
 class LabelLookup:
-    """label_fn for the loader: picklable (workers may spawn)."""
+    """label_fn for the loader: the label of an example's answer (picklable: workers may
+    spawn). Keyed by the answer, not the question id, which need not be unique."""
 
-    def __init__(self, examples, labels):
-        self.by_qid = {ex.qid: int(lab) for ex, lab in zip(examples, labels)}
+    def __init__(self, ans2label: dict):
+        self.ans2label = ans2label
 
     def __call__(self, example) -> int:
-        return self.by_qid.get(example.qid, OOV_LABEL)
+        return encode_answer(example.answer, self.ans2label)
 
 
 def make_loader(cfg: Config, data: Data, split: str, rank: int, world: int, epoch: int = 0):
     train = split == "train"
-    label_fn = LabelLookup(data.examples[split], data.labels[split]) if data.labels else None
+    label_fn = LabelLookup(data.ans2label) if cfg.task == "open" else None
     sampling = cfg.sampling
     if not train:  # evaluation: eval.num_clips clips per video, placed by sampling.eval_placement
         sampling = type(sampling)(**{**sampling.__dict__, "eval_clips": cfg.eval.num_clips})
@@ -694,6 +734,9 @@ def train(argv: list[str] | None = None, prog: str | None = None) -> int:
         if ckpt is not None and (ckpt.parent.parent / "ans2label.json").is_file():
             saved_vocab = load_ans2label(ckpt.parent.parent / "ans2label.json")
     data = load_data(cfg, ans2label=saved_vocab)
+    if rank0:
+        for note in data.notes:
+            print(f"note: {note}")
     tokenizer = load_tokenizer(cfg.model)
     text = TextEncoder(tokenizer, cfg.task, cfg.data.max_question_len)
     train_loader = make_loader(cfg, data, "train", rank, world)
@@ -943,13 +986,16 @@ def evaluate_checkpoint(checkpoint: str, config_path: str | None = None,
     run_dir = tag_dir.parent.parent
     vocab_file = run_dir / "ans2label.json"
     ans2label = load_ans2label(vocab_file) if vocab_file.is_file() else None
-    data = load_data(cfg, ans2label=ans2label)
+    data = load_data(cfg, ans2label=ans2label, need_train=False)
     if split not in data.examples:
         raise ValueError(f"split {split!r} has no annotations in this config "
                          f"(data.{split} is empty)")
     if state["vocab"] != _vocab_hash(data.ans2label):
         raise ValueError(f"checkpoint {tag_dir} was trained with another answer vocabulary")
     rank, world, device = init_distributed()
+    for note in data.notes if rank == 0 else ():
+        if note.startswith(f"data.{split}"):
+            print(f"note: {note}", file=sys.stderr)
     tokenizer = load_tokenizer(cfg.model)
     model = build_model(cfg, len(data.ans2label), len(tokenizer), device)
     model.load_state_dict(load_model_weights(tag_dir))

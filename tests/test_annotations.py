@@ -516,3 +516,96 @@ def test_normalize_answer():
     assert normalize_answer("  Ice  Cream \t") == "ice cream"
     assert normalize_answer("Café") == "café"
     assert normalize_answer("3") == "3"
+
+
+# ---------------------------------------------------------------- files of the wrong kind
+
+FRAMEQA_TSV = ("gif_name\tquestion\tanswer\ttype\tvid_id\tkey\tdescription\n"
+               "tumblr_b\thow many dogs are there ?\t2\t1\tFRAMEQA1\t7\ttwo dogs\n")
+
+
+@pytest.mark.parametrize("dataset, text, name, fits", [
+    ("tgif_count", ACTION_TSV, "a1", "tgif_action or tgif_transition"),
+    ("tgif_frameqa", ACTION_TSV, "a1", "tgif_action or tgif_transition"),
+    ("tgif_count", FRAMEQA_TSV, "type", "tgif_frameqa"),
+])
+def test_tgif_count_and_frameqa_refuse_another_tasks_file(tmp_path, dataset, text, name, fits):
+    """The count (and frameqa) columns are a subset of the action ones: without a check an action
+    file's option index became the count, silently."""
+    path = write(tmp_path / "Train_x_question.csv", text)
+    with pytest.raises(AnnotationError, match=rf"line 1: field '{name}' belongs to {fits} files, "
+                                              rf"not {dataset}: set data.dataset to {fits}"):
+        load_annotations(dataset, path)
+
+
+@pytest.mark.parametrize("dataset", ["tgif_count", "tgif_frameqa"])
+def test_tgif_jsonl_with_options_is_not_count_or_frameqa(tmp_path, dataset):
+    line = {"gif_name": "tumblr_a", "question": "what?", "options": list("abcde"), "answer": 3}
+    path = write(tmp_path / "action_train.jsonl", json.dumps(line) + "\n")
+    with pytest.raises(AnnotationError, match="line 1: field 'options' belongs to tgif_action"):
+        load_annotations(dataset, path)
+
+
+def test_tgif_comma_separated_file_says_it_must_be_tabs(tmp_path):
+    path = write(tmp_path / "Train_count_question.csv",
+                 "gif_name,question,answer,vid_id,key\ntumblr_a,how many?,3,COUNT1,1\n")
+    with pytest.raises(AnnotationError, match="tab-separated, this one is not"):
+        load_annotations("tgif_count", path)
+
+
+def test_tgif_clipbert_bad_option_is_named_by_position(tmp_path):
+    line = {"gif_name": "g", "question": "what?", "options": ["a", "b", "c", "d", " "],
+            "answer": 0}
+    path = write(tmp_path / "action_train.jsonl", json.dumps(line) + "\n")
+    with pytest.raises(AnnotationError, match=r"field 'options\[4\]' is empty"):
+        load_annotations("tgif_action", path)
+
+
+@pytest.mark.parametrize("encoding, name", [("utf-16", "UTF-16"), ("utf-32", "UTF-32")])
+def test_wide_unicode_files_are_named_as_such(tmp_path, encoding, name):
+    """Excel's "Unicode text" is UTF-16 with a BOM: said so, not "looks like CSV (starts with
+    '\ufffd')"."""
+    path = tmp_path / "Train_count_question.csv"
+    path.write_bytes("gif_name\tquestion\tanswer\n".encode(encoding))
+    for fmt in ("auto", "official"):
+        with pytest.raises(AnnotationError, match=f"not UTF-8 text \\({name}"):
+            load_annotations("tgif_count", path, fmt=fmt)
+
+
+def test_unclosed_quote_gets_a_hint(tmp_path):
+    text = "gif_name\tquestion\tanswer\n" + 'g\t"what is it\t3\n' + ("x" * 140_000) + "\n"
+    path = write(tmp_path / "Train_count_question.csv", text)
+    with pytest.raises(AnnotationError, match="a quote opened and never closed"):
+        load_annotations("tgif_count", path)
+
+
+def test_activitynet_swapped_files_are_named(tmp_path):
+    write(tmp_path / "val_q.json", json.dumps(
+        [{"question": "is it?", "question_id": "v_1_0", "video_name": "1"}]))
+    write(tmp_path / "val_a.json", json.dumps([{"answer": "yes", "question_id": "v_1_0",
+                                                "type": 3}]))
+    with pytest.raises(AnnotationError, match=r"the files are swapped\? Give \(questions, "
+                                              r"answers\): \(val_q.json, val_a.json\)"):
+        load_annotations("activitynet_qa", [tmp_path / "val_a.json", tmp_path / "val_q.json"])
+
+
+def test_value_jsonl_needs_one_candidate_count(tmp_path):
+    rec = {"vid_name": "v", "ts": "1-2", "qid": "q0", "q": "what?", "a0": "a", "a1": "b",
+           "a2": "c", "a3": "d", "answer_idx": 0}
+    short = {k: v for k, v in rec.items() if k != "a3"} | {"qid": "q1"}
+    path = write(tmp_path / "how2qa_val.jsonl", json.dumps(rec) + "\n" + json.dumps(short) + "\n")
+    with pytest.raises(AnnotationError, match="line 2: 3 candidates .* first record has 4"):
+        load_annotations("how2qa", path)
+
+
+def test_msvd_mapping_duplicates_folders_and_extensions(tmp_path):
+    write(tmp_path / "test_qa.json", json.dumps(
+        [{"answer": "a", "id": 0, "question": "what?", "video_id": 1}]))
+    mapping = write(tmp_path / "youtube_mapping.txt", "clipA.avi vid1\n")
+    (ex,) = load_annotations("msvd_qa", tmp_path / "test_qa.json")
+    assert ex.video_id == "clipA"  # a video id has no extension
+    write(mapping, "clipA vid1\nclipB vid1\n")
+    with pytest.raises(AnnotationError, match=r"line 2: vid1 already maps to 'clipA' \(line 1\)"):
+        load_annotations("msvd_qa", tmp_path / "test_qa.json")
+    with pytest.raises(FileNotFoundError, match="is a folder; give the file"):
+        load_annotations("msvd_qa", tmp_path / "test_qa.json", mapping=tmp_path)

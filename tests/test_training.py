@@ -328,6 +328,11 @@ def test_multiple_choice_task(synth, tmp_path):
     with (out / "metrics_steps.csv").open() as fh:
         rows = list(csv.DictReader(fh))
     assert all(float(r["loss_siamese"]) >= 0 for r in rows)
+    # Evaluating needs no train annotations: multiple choice has no answer vocabulary to build.
+    proc = run([sys.executable, "-m", "siasam_fast.cli", "eval", "--checkpoint", str(out),
+                "--set", "data.train=", "--json", str(tmp_path / "eval.json")])
+    metrics = json.loads((tmp_path / "eval.json").read_text())
+    assert metrics["accuracy"] == pytest.approx(summary["val"]["accuracy"]), proc.stdout
 
 
 def test_count_task(synth, tmp_path):
@@ -430,3 +435,57 @@ def test_a_failed_start_or_a_rerun_leaves_the_previous_run_as_it_was(synth, tmp_
     assert len(losses(out)) == 1
     assert sorted(p.name for p in (out / "checkpoints").iterdir() if p.is_dir()) == ["step1"]
     assert not list(out.glob("replaced-*"))
+
+
+def _config(synth: Path, **sets):
+    from siasam_fast.config import load_config
+
+    ann = synth / "annotations"
+    values = {"data.train": ann / "train_qa.json", "data.val": ann / "val_qa.json",
+              "data.test": "", "data.manifest": synth / "manifest.jsonl", **sets}
+    return load_config(ROOT / "configs" / "synthetic.yaml",
+                       [f"{k}={v}" for k, v in values.items()])
+
+
+def test_data_of_another_task_is_refused_with_the_task_to_set(synth, tmp_path):
+    """task=count on open-ended answers made NaN targets (fp16 then skipped every step silently);
+    task=open on a count file failed deep in the vocabulary code."""
+    from siasam_fast.training import load_data
+
+    with pytest.raises(ValueError, match=r"task=count needs counting \(integer answers\), but "
+                                         r"the data.train annotations .* hold open-ended answers "
+                                         r".*: set task: open, or use a count dataset"):
+        load_data(_config(synth, task="count"))
+    path = tmp_path / "Train_count_question.csv"
+    path.write_text("gif_name\tquestion\tanswer\tvid_id\tkey\nv\thow many?\t3\tCOUNT1\t1\n")
+    with pytest.raises(ValueError, match="task=open needs open-ended answers, .* hold counting "
+                                         r"\(integer answers\) .*: set task: count"):
+        load_data(_config(synth, **{"data.dataset": "tgif_count", "data.train": path,
+                                    "data.val": path}))
+
+
+def test_labels_follow_answers_even_when_question_ids_repeat(synth, tmp_path):
+    """Two files of one split may reuse question ids (ClipBERT JSONL without ids numbers each
+    file from 0): each question keeps its own answer's label, and a note says ids repeat. The
+    loading notes also count the out-of-vocabulary answers."""
+    from siasam_fast.training import LabelLookup, load_data
+
+    ann = synth / "annotations"
+    records = json.loads((ann / "train_qa.json").read_text())
+    other = [{**r, "answer": records[(i + 1) % len(records)]["answer"]}
+             for i, r in enumerate(records)]  # same ids, other answers
+    (tmp_path / "other.json").write_text(json.dumps(other))
+    data = load_data(_config(synth, **{"data.train": f"{ann / 'train_qa.json'},"
+                                                     f"{tmp_path / 'other.json'}"}))
+    label_of = LabelLookup(data.ans2label)
+    train = data.examples["train"]
+    assert [label_of(ex) for ex in train] == list(data.labels["train"])
+    assert len({ex.qid for ex in train}) < len(train)
+    firsts = {}
+    for ex in train:  # one qid, two answers, two labels
+        firsts.setdefault(ex.qid, set()).add(label_of(ex))
+    assert any(len(labels) == 2 for labels in firsts.values())
+    notes = "\n".join(data.notes)
+    assert "data.train: " in notes and "question id(s) occur more than once" in notes
+    assert re.search(r"data.val answers \(\d+-answer vocabulary\): \d+ examples, 0 dropped "
+                     r"and \d+ kept as OOV", notes), notes

@@ -39,6 +39,7 @@ from os import PathLike
 from pathlib import Path
 
 from siasam_fast.data.examples import QAExample
+from siasam_fast.pipeline.manifest import VIDEO_EXTENSIONS
 
 FORMATS = ("official", "clipbert", "value")
 
@@ -64,6 +65,7 @@ ACTIVITYNET_TYPES = (
 FRAMEQA_TYPES = ("object", "number", "color", "location")
 
 TGIF_NUM_OPTIONS = 5
+_VIDEO_SUFFIXES = frozenset(VIDEO_EXTENSIONS)
 HOW2QA_CSV_COLUMNS = ("video_id", "timestamps", "wrong1", "wrong2", "wrong3", "question", "answer")
 
 
@@ -201,6 +203,7 @@ _KIND_NAMES = {"json_array": "a JSON array", "jsonl": "JSONL", "text": "CSV/TSV"
 
 def _first_char(path: Path) -> str:
     """The first non-whitespace character ('' for an empty file), without reading it all."""
+    _check_not_utf16(path)
     with open(path, encoding="utf-8-sig", errors="replace") as f:
         while chunk := f.read(4096):
             if chunk.strip():
@@ -208,9 +211,24 @@ def _first_char(path: Path) -> str:
     return ""
 
 
+# Byte-order marks of the encodings spreadsheet programs write as "Unicode text".
+_WIDE_BOMS = ((b"\xff\xfe\x00\x00", "UTF-32"), (b"\x00\x00\xfe\xff", "UTF-32"),
+              (b"\xff\xfe", "UTF-16"), (b"\xfe\xff", "UTF-16"))
+
+
+def _check_not_utf16(path: Path) -> None:
+    with open(path, "rb") as f:
+        head = f.read(4)
+    for bom, name in _WIDE_BOMS:
+        if head.startswith(bom):
+            raise AnnotationError(f"{path}: not UTF-8 text ({name}, as Excel's \"Unicode text\" "
+                                  "saves it); save it as UTF-8")
+
+
 def _read_text(path: Path) -> str:
     # utf-8-sig drops a leading BOM; newline="" keeps "\r\n" so the csv module (and our own line
     # splitting) sees the real line ends and line numbers stay those an editor shows.
+    _check_not_utf16(path)
     try:
         with open(path, encoding="utf-8-sig", newline="") as f:
             return f.read()
@@ -280,7 +298,8 @@ def _load_delimited(path: Path, delimiter: str) -> list[tuple[_Where, list[str]]
         except StopIteration:
             break
         except csv.Error as e:
-            raise AnnotationError(f"{path} line {next_line}: {e}") from None
+            hint = " (a quote opened and never closed?)" if "field limit" in str(e) else ""
+            raise AnnotationError(f"{path} line {next_line}: {e}{hint}") from None
         start, next_line = next_line, reader.line_num + 1
         row = [field.strip() for field in row]
         if any(row):
@@ -427,9 +446,13 @@ def _load_youtube_mapping(annotation: Path, mapping) -> tuple[dict[int, str], Pa
         path = found[0]
     else:
         path = Path(mapping)
+        if path.is_dir():
+            raise FileNotFoundError(f"msvd_qa: mapping {path} is a folder; give the file, e.g. "
+                                    f"{path / 'youtube_mapping.txt'}")
         if not path.is_file():
             raise FileNotFoundError(f"msvd_qa: mapping file {path} does not exist")
-    table = {}
+    table: dict[int, str] = {}
+    where: dict[int, int] = {}
     for lineno, line in enumerate(_read_text(path).split("\n"), start=1):
         if not line.strip():
             continue
@@ -439,7 +462,14 @@ def _load_youtube_mapping(annotation: Path, mapping) -> tuple[dict[int, str], Pa
             raise AnnotationError(
                 f"{path} line {lineno}: expected '<clip name> vid<N>', got {line.strip()!r}"
             )
-        table[int(m.group(1))] = parts[0]
+        vid, clip = int(m.group(1)), parts[0]
+        if Path(clip).suffix.lower() in _VIDEO_SUFFIXES:  # video ids carry no extension
+            clip = clip[: -len(Path(clip).suffix)]
+        if vid in table:
+            raise AnnotationError(
+                f"{path} line {lineno}: vid{vid} already maps to {table[vid]!r} (line "
+                f"{where[vid]}); each vid<N> must map to one clip")
+        table[vid], where[vid] = clip, lineno
     return table, path
 
 
@@ -493,8 +523,13 @@ def _read_activitynet_official(
             )
         answers[qid] = (where, rec)
 
+    questions = _load_json_array(q_path)
+    if questions and "question" not in questions[0][1] and "answer" in questions[0][1]:
+        raise AnnotationError(
+            f"{questions[0][0]}: an answer record where questions were expected: the files are "
+            f"swapped? Give (questions, answers): ({a_path.name}, {q_path.name})")
     out, seen = [], set()
-    for where, rec in _load_json_array(q_path):
+    for where, rec in questions:
         qid = _field(where, rec, "question_id")
         if qid in seen:
             raise AnnotationError(f"{where}: question_id {qid!r} appears twice in {q_path}")
@@ -589,6 +624,11 @@ def _read_how2qa_value(paths, subtask) -> list[QAExample]:
             candidates.append(_field(where, rec, f"a{len(candidates)}"))
         if len(candidates) < 2:
             raise AnnotationError(f"{where}: field 'a{len(candidates)}' missing (need a0..a3)")
+        if out and len(candidates) != len(out[0].candidates):
+            raise AnnotationError(
+                f"{where}: {len(candidates)} candidates (a0..a{len(candidates) - 1}), but the "
+                f"file's first record has {len(out[0].candidates)}; every question needs the "
+                "same number")
         # answer_idx is absent in hidden-label test files: such examples carry no answer.
         answer_index = _field(where, rec, "answer_idx", "int", default=None)
         if answer_index is not None:
@@ -631,11 +671,14 @@ def _read_tgif_official(paths, subtask) -> list[QAExample]:
     if not rows:
         raise AnnotationError(f"{paths[0]}: no header row")
     header_where, header = rows[0]
+    _check_tgif_task(header_where, subtask, set(header))
     missing = [c for c in _TGIF_COLUMNS[subtask] if c not in header]
     if missing:
+        hint = (" (TGIF-QA's official files are tab-separated, this one is not)"
+                if len(header) == 1 and "," in header[0] else "")
         raise AnnotationError(
             f"{header_where}: header lacks column(s) {', '.join(map(repr, missing))} needed "
-            f"for tgif_{subtask} (header: {', '.join(header)})"
+            f"for tgif_{subtask} (header: {', '.join(header)}){hint}"
         )
     out = []
     for where, row in rows[1:]:
@@ -647,10 +690,30 @@ def _read_tgif_official(paths, subtask) -> list[QAExample]:
 def _read_tgif_clipbert(paths, subtask) -> list[QAExample]:
     out = []
     for where, rec in _load_jsonl(paths[0]):
+        _check_tgif_task(where, subtask, set(rec))
         out.append(
             _tgif_example(where, rec, subtask, f"{paths[0].stem}-{len(out)}", official=False)
         )
     return out
+
+
+# Fields that only another TGIF-QA task's files have: the count and frameqa columns are a subset
+# of the others', so without this check their readers take an action file's option index (or a
+# frameqa word) for the answer.
+_TGIF_FOREIGN = {
+    "count": {"a1": "tgif_action or tgif_transition", "options": "tgif_action or tgif_transition",
+              "type": "tgif_frameqa", "answer_type": "tgif_frameqa"},
+    "frameqa": {"a1": "tgif_action or tgif_transition",
+                "options": "tgif_action or tgif_transition"},
+}
+
+
+def _check_tgif_task(where, subtask: str, names: set) -> None:
+    for name, dataset in _TGIF_FOREIGN.get(subtask, {}).items():
+        if name in names:
+            raise AnnotationError(
+                f"{where}: field {name!r} belongs to {dataset} files, not tgif_{subtask}: "
+                f"set data.dataset to {dataset}")
 
 
 def _tgif_example(where, rec: dict, subtask: str, fallback_qid: str, official: bool) -> QAExample:
@@ -675,7 +738,8 @@ def _tgif_example(where, rec: dict, subtask: str, fallback_qid: str, official: b
                     f"got {_typename(options)}"
                     + (f" of {len(options)}" if isinstance(options, list) else "")
                 )
-            candidates = [_field(where, {"options": o}, "options") for o in options]
+            candidates = [_field(where, {f"options[{i}]": o}, f"options[{i}]")
+                          for i, o in enumerate(options)]
         idx = _answer_index(where, _field(where, rec, "answer", "int"), len(candidates), "answer")
         return QAExample(
             **common,
