@@ -39,6 +39,7 @@ class DataConfig:
     video_dir: str = ""  # re-roots the manifest's paths when the videos moved since indexing
     ans2label: str = ""  # answer vocabulary file; built from train (top-K) when empty
     num_answers: int = 1000  # K for the open-ended vocabulary built from train
+    min_answer_count: int = 1  # ... of answers seen at least this often in train (Just Ask: 2)
     backend: str = "auto"  # auto (DALI with a GPU and DALI installed, else pyav) | pyav | dali
     image_size: int = 224
     num_workers: int = 2
@@ -57,6 +58,7 @@ class DataConfig:
         _choice("data.backend", self.backend, BACKENDS)
         _at_least("data.decode_group", self.decode_group, 1, "batches per DALI iteration")
         _at_least("data.num_answers", self.num_answers, 1)
+        _at_least("data.min_answer_count", self.min_answer_count, 1, "times in train")
         _at_least("data.image_size", self.image_size, 8, "pixels")
         _at_least("data.num_workers", self.num_workers, 0)
         _at_least("data.max_question_len", self.max_question_len, 3,

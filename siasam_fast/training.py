@@ -188,7 +188,8 @@ def load_data(cfg: Config, ans2label: dict | None = None, need_train: bool = Tru
     if cfg.task == "open":
         if ans2label is None:
             ans2label = (load_ans2label(d.ans2label) if d.ans2label
-                         else build_answer_vocab(examples["train"], top_k=d.num_answers))
+                         else build_answer_vocab(examples["train"], top_k=d.num_answers,
+                                                 min_count=d.min_answer_count))
         for split, exs in examples.items():
             encoded = apply_answer_vocab(exs, ans2label, oov="drop" if split == "train" else "keep")
             examples[split] = encoded.examples
@@ -416,6 +417,12 @@ def _mean(values) -> float:
 # Checkpoints
 
 
+def saved_config(state: dict) -> dict:
+    """A checkpoint's config with today's defaults for the fields it predates (a field added
+    since must not make an older run's checkpoint incompatible)."""
+    return config_from_json(json.dumps(state["config"])).to_dict()
+
+
 def config_mismatches(saved: dict, current: dict, prefix: str = "") -> list[str]:
     """Fields that differ and are not allowed to (RESUMABLE_CHANGES may)."""
     out = []
@@ -543,7 +550,7 @@ def read_run_state(tag_dir: Path) -> dict:
 def load_run_state(tag_dir: Path, cfg: Config | None) -> dict:
     state = read_run_state(tag_dir)
     if cfg is not None:
-        problems = config_mismatches(state["config"], cfg.to_dict())
+        problems = config_mismatches(saved_config(state), cfg.to_dict())
         if problems:
             raise ValueError(f"checkpoint {tag_dir} comes from an incompatible config:\n  "
                              + "\n  ".join(problems))
@@ -1013,8 +1020,7 @@ def init_model_from(model: torch.nn.Module, tag_dir: Path, cfg: Config, vocab: s
     whose shape differs (theta1 / theta2 when the number of clips changes) keep their
     initialisation. Returns a one-line report."""
     state = json.loads((tag_dir / "run_state.json").read_text())
-    saved = config_from_json(json.dumps(state["config"])).to_dict()
-    problems = [p for p in config_mismatches(saved, cfg.to_dict())
+    problems = [p for p in config_mismatches(saved_config(state), cfg.to_dict())
                 if p.startswith(("model.", "task"))]  # fmt: skip
     if problems:
         raise ValueError(f"train.init_from={str(tag_dir)!r} has another model:\n  "

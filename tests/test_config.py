@@ -118,3 +118,22 @@ def test_model_folders_are_checked_before_loading(tmp_path):
     (tmp_path / "model.safetensors").write_bytes(b"garbage")
     with pytest.raises(ValueError, match=r"model.text=.*cannot load it as a BertModel"):
         build_text(str(tmp_path), 100, 0.1)
+
+
+def test_a_checkpoint_older_than_a_config_field_stays_compatible():
+    """A run saved before a field existed (here data.min_answer_count) resumes: its config is
+    compared with today's defaults filled in, not with the field missing."""
+    import json
+
+    from siasam_fast.config import Config
+    from siasam_fast.training import config_mismatches, saved_config
+
+    cfg = Config()
+    old = json.loads(json.dumps(cfg.to_dict()))
+    del old["data"]["min_answer_count"]
+    assert config_mismatches(old, cfg.to_dict())  # what the raw comparison said
+    assert config_mismatches(saved_config({"config": old}), cfg.to_dict()) == []
+    changed = json.loads(json.dumps(cfg.to_dict()))
+    changed["model"]["visual"] = "resnet50"
+    assert config_mismatches(saved_config({"config": changed}), cfg.to_dict()) == [
+        "model.visual: checkpoint has 'resnet50', this run has 'tiny'"]

@@ -489,3 +489,16 @@ def test_labels_follow_answers_even_when_question_ids_repeat(synth, tmp_path):
     assert "data.train: " in notes and "question id(s) occur more than once" in notes
     assert re.search(r"data.val answers \(\d+-answer vocabulary\): \d+ examples, 0 dropped "
                      r"and \d+ kept as OOV", notes), notes
+
+
+def test_min_answer_count_keeps_answers_seen_that_often(synth):
+    from collections import Counter
+
+    from siasam_fast.training import load_data
+
+    counts = Counter(ex.answer for ex in load_data(_config(synth)).examples["train"])
+    data = load_data(_config(synth, **{"data.min_answer_count": 4}))
+    assert set(data.ans2label) == {a for a, n in counts.items() if n >= 4}
+    assert 0 < len(data.ans2label) < len(counts)
+    with pytest.raises(ValueError, match=r"data.min_answer_count=0: must be >= 1"):
+        _config(synth, **{"data.min_answer_count": 0})
