@@ -168,6 +168,8 @@ def load_data(cfg: Config, ans2label: dict | None = None, need_train: bool = Tru
                 ex for p in _split_paths(spec)
                 for ex in load_annotations(d.dataset, p, split=split if Path(p).is_dir() else None,
                                            fmt=d.format, **d.options)]
+            if not examples[split]:
+                raise ValueError(f"data.{split} ({spec}) holds no questions")
             _check_task(cfg, split, spec, examples[split])
             duplicates = _duplicate_qids(examples[split])
             if duplicates:

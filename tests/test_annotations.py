@@ -609,3 +609,20 @@ def test_msvd_mapping_duplicates_folders_and_extensions(tmp_path):
         load_annotations("msvd_qa", tmp_path / "test_qa.json")
     with pytest.raises(FileNotFoundError, match="is a folder; give the file"):
         load_annotations("msvd_qa", tmp_path / "test_qa.json", mapping=tmp_path)
+
+
+def test_jsonl_with_old_mac_line_ends(tmp_path):
+    lines = [json.dumps({"video_id": f"video{i}", "question": "what?", "answer": "a"})
+             for i in range(3)]
+    path = tmp_path / "train.jsonl"
+    path.write_bytes("\r".join(lines).encode())
+    assert [ex.video_id for ex in load_annotations("msrvtt_qa", path)] == [
+        "video0", "video1", "video2"]
+
+
+def test_how2qa_csv_header_row_gets_a_hint(tmp_path):
+    path = write(tmp_path / "how2QA_val_release.csv",
+                 "video_id,timestamps,wrong1,wrong2,wrong3,question,answer\n"
+                 "v1,[1.0:2.0],a,b,c,what?,d\n")
+    with pytest.raises(AnnotationError, match="line 1: .* has no header row: remove it"):
+        load_annotations("how2qa", path)

@@ -502,3 +502,11 @@ def test_min_answer_count_keeps_answers_seen_that_often(synth):
     assert 0 < len(data.ans2label) < len(counts)
     with pytest.raises(ValueError, match=r"data.min_answer_count=0: must be >= 1"):
         _config(synth, **{"data.min_answer_count": 0})
+
+
+def test_a_split_without_questions_is_refused(synth, tmp_path):
+    from siasam_fast.training import load_data
+
+    (tmp_path / "val_qa.json").write_text("[]")
+    with pytest.raises(ValueError, match=r"data.val \(.*val_qa.json\) holds no questions"):
+        load_data(_config(synth, **{"data.val": tmp_path / "val_qa.json"}))

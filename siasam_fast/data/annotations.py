@@ -271,8 +271,10 @@ def _load_json_array(path: Path) -> list[tuple[_Where, dict]]:
 
 def _load_jsonl(path: Path) -> list[tuple[_Where, dict]]:
     out = []
-    # split on "\n" only: str.splitlines would also break on U+2028 etc. inside JSON strings.
-    for lineno, line in enumerate(_read_text(path).split("\n"), start=1):
+    # split on "\n" only: str.splitlines would also break on U+2028 etc. inside JSON strings. A
+    # raw CR cannot be inside a JSON string, so old Mac line ends (a lone CR) are line ends too.
+    text = _read_text(path).replace("\r\n", "\n").replace("\r", "\n")
+    for lineno, line in enumerate(text.split("\n"), start=1):
         line = line.strip()
         if not line:
             continue
@@ -576,6 +578,10 @@ def _read_how2qa_official(paths, subtask, *, shuffle_candidates: bool = True, se
                 f"({', '.join(HOW2QA_CSV_COLUMNS)})"
             )
         rec = dict(zip(HOW2QA_CSV_COLUMNS, row))
+        if not out and not re.search(r"\d", rec["timestamps"]):
+            raise AnnotationError(
+                f"{where}: {rec['timestamps']!r} is not a time span like [7.2:18.0]; the "
+                "official How2QA CSV has no header row: remove it if this is one")
         m = re.fullmatch(r"\[\s*([0-9.]+)\s*:\s*([0-9.]+)\s*\]", rec["timestamps"])
         start, end = _segment(where, "timestamps", rec["timestamps"], m)
         candidates = [_field(where, rec, k) for k in ("wrong1", "wrong2", "wrong3", "answer")]
