@@ -849,6 +849,7 @@ def train(argv: list[str] | None = None, prog: str | None = None) -> int:
     stopped_by = None  # the stop signal this run stopped for
     eval_due = False  # a stop at an epoch's end leaves its evaluation to the resumed run
     first_step = step
+    stand_ins = 0  # examples whose video failed at decode time, replaced (pipeline.dataset)
     step_seconds = 0.0  # time inside training steps (data wait included, evaluation excluded)
     t_run = time.perf_counter()
     # SIGTERM / SIGINT / SIGUSR1 (a scheduler's stop or pre-emption, Ctrl-C): finish the step,
@@ -875,6 +876,7 @@ def train(argv: list[str] | None = None, prog: str | None = None) -> int:
             resumed_sums = {}
             t_data = time.perf_counter()
             for batch in train_loader:
+                stand_ins += int(batch["stand_in"].sum())  # a CPU tensor: no device sync
                 batch.update(text(batch))
                 batch = to_device(batch, device, dtype)
                 sync()
@@ -950,13 +952,20 @@ def train(argv: list[str] | None = None, prog: str | None = None) -> int:
                   f"{out_dir / 'checkpoints'}; --resume auto continues with {left}")
         return stop_request.exit_status
     steps_run = step - first_step
+    if dist.is_initialized() and world > 1:
+        counts = [0] * world
+        dist.all_gather_object(counts, stand_ins)
+        stand_ins = sum(counts)
+    if rank0 and stand_ins:
+        print(f"note: {stand_ins} training example(s) got a stand-in because their video failed "
+              "at decode time (the warnings name the files; `siasam-fast index` again)")
     summary = {"steps": step, "epochs_completed": len(history), "precision": precision,
                "steps_per_s": steps_run / max(1e-9, step_seconds),  # training steps only
                "peak_memory_gb": (torch.cuda.max_memory_allocated(device) / 2**30
                                   if device.type == "cuda" else None),
                "zero_stage": engine.zero_optimization_stage(), "world_size": world,
                "optimizer": optimizer_name, "train_seconds": time.perf_counter() - t_run,
-               "history": history}
+               "stand_in_examples": stand_ins, "history": history}
     if "test" in data.examples and not stop:
         test_loader = make_loader(cfg, data, "test", rank, world)
         summary["test"] = evaluate(engine, test_loader, cfg, text, device, dtype, desc="test",

@@ -325,8 +325,13 @@ def test_decode_groups_skip_a_damaged_video_and_go_on(own_copy, caplog):
     names = ["vp9_vfr", "vp9", "mjpeg"] * 2
     loader = dali(examples_for(names), manifest, batch_size=2, shuffle=False, decode_group=2)
     with caplog.at_level("WARNING", logger="siasam_fast.pipeline.dali"):
-        got = [i for b in loader for i in b["example_index"].tolist()]
-    assert got == [0, 2, 3, 5]
+        batches = list(loader)
+    # vp9's examples (1 and 4) get the next examples (2 and 5) as stand-ins, at their batch's end
+    assert [b["example_index"].tolist() for b in batches] == [[0, 2], [2, 3], [5, 5]]
+    assert [b["stand_in"].tolist() for b in batches] == [[False, True], [False, False],
+                                                        [False, True]]
+    for batch in batches:
+        check_batch_frames(batch)
     assert [path for path, _ in loader.skipped] == [str(damaged)] * 2
 
 
@@ -393,7 +398,8 @@ def damage(path, how):
      ("hidden", 2, 2)],
 )
 def test_file_turned_corrupt_after_indexing(own_copy, caplog, how, batch_size, num_workers):
-    """The damaged video is skipped with a warning naming it, the rest of the epoch goes on."""
+    """The damaged video is skipped with a warning naming it, its examples get stand-ins (the
+    next example whose video decodes) and the rest of the epoch goes on, every batch full."""
     folder, manifest = own_copy
     damaged = video_path(folder, "vp9", "vp9")
     damage(damaged, how)
@@ -402,20 +408,69 @@ def test_file_turned_corrupt_after_indexing(own_copy, caplog, how, batch_size, n
                   num_workers=num_workers)
     with caplog.at_level("WARNING", logger="siasam_fast.pipeline.dali"):
         batches = list(loader)
+    assert [len(b["example_index"]) for b in batches] == [batch_size] * (6 // batch_size)
     got = [i for b in batches for i in b["example_index"].tolist()]
-    assert got == [1, 2, 4, 5]  # the examples of vp9 (0 and 3) are left out, the others come
+    stand_ins = [i for b in batches for i, s in zip(b["example_index"].tolist(),
+                                                     b["stand_in"].tolist()) if s]
+    assert stand_ins == [1, 4]  # vp9's examples (0 and 3) stand in for by the next ones
+    assert sorted(got) == [1, 1, 2, 4, 4, 5] and loader.stand_ins == 2
     for batch in batches:
         check_batch_frames(batch)
     assert [path for path, _ in loader.skipped] == [str(damaged)] * 2
     reason = loader.skipped[0][1]
-    if how == "hidden":
+    if how == "truncate":
+        assert reason.startswith("changed since the manifest was built (size ")
+    else:  # same size: only the decoder can tell (modification times are not compared)
         assert reason.startswith("decoding failed: ")
-    else:
-        assert reason.startswith("changed since the manifest was built")
     assert f"skipping video {damaged}" in caplog.text
     assert loader.state_dict()["position"] == len(names)  # skipped examples count as consumed
     again = [i for b in loader for i in b["example_index"].tolist()]
     assert again == got  # the next epoch skips the file without trying it
+
+
+def test_every_rank_yields_its_batches_when_a_whole_batch_fails(own_copy):
+    """A batch whose every video failed was not yielded: that rank then ran fewer steps than the
+    others and hung their collectives. It now holds stand-ins, and every rank yields
+    len(loader) batches of full size."""
+    folder, manifest = own_copy
+    damaged = video_path(folder, "vp9", "vp9")
+    damage(damaged, "truncate")
+    names = ["vp9", "vp9_vfr", "mjpeg", "vp9"] * 2
+    for rank in range(2):
+        loader = dali(examples_for(names), manifest, batch_size=1, shuffle=False, rank=rank,
+                      world_size=2)
+        batches = list(loader)
+        assert len(batches) == len(loader) == 4
+        assert all(len(b["example_index"]) == 1 for b in batches)
+        assert "vp9" not in [v for b in batches for v in b["video_id"]]
+        for batch in batches:
+            check_batch_frames(batch)
+
+
+def test_copied_videos_with_new_modification_times_are_not_skipped(own_copy, tmp_path_factory):
+    """Copies (cp -r, cloud tools) get new modification times: comparing them skipped every
+    video and an epoch yielded nothing. Sizes are compared instead."""
+    from siasam_fast.pipeline.manifest import load_manifest
+
+    folder, _ = own_copy
+    moved = tmp_path_factory.mktemp("moved")
+    for path in folder.iterdir():
+        shutil.copy(path, moved / path.name)  # not copy2: new modification times
+    manifest = load_manifest(folder / "manifest.jsonl", video_dir=moved)
+    loader = dali(examples_for(INDEXED), manifest, batch_size=3, shuffle=False)
+    (batch,) = list(loader)
+    assert loader.skipped == [] and not batch["stand_in"].any()
+    check_batch_frames(batch)
+
+
+def test_when_every_stand_in_fails_too_the_loader_says_so(own_copy):
+    folder, manifest = own_copy
+    for name, codec in (("vp9", "vp9"), ("vp9_vfr", "vp9"), ("mjpeg", "mjpeg")):
+        video_path(folder, name, codec).unlink()
+    loader = dali(examples_for(INDEXED * 2), manifest, batch_size=3, shuffle=False)
+    with pytest.raises(RuntimeError, match="failed and so did every stand-in tried after it"):
+        list(loader)
+    assert len(loader.skipped) == 3  # the first batch's examples, once each
 
 
 def test_repeated_decode_failures_stop_the_run(own_copy, monkeypatch):

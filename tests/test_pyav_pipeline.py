@@ -514,3 +514,129 @@ def test_loader_resume_continues_with_the_remaining_examples(manifest):
     assert resumed.state_dict()["position"] == len(NAMES)
     reference = run_epoch(manifest, 1, num_workers=0, batch_size=2)[2]
     assert torch.equal(rest[0]["frame_ids"], reference["frame_ids"])
+
+
+# -- faults at decode time ---------------------------------------------------------------------
+
+
+@pytest.fixture
+def own_videos(tmp_path):
+    """Three videos of their own and their manifest: the tests below damage files."""
+    for name in ("h264", "vp9", "mjpeg"):
+        codec, n, options = VIDEOS[name]
+        write_index_video(video_path(tmp_path, name, codec), n, codec=codec, size=SIZE, **options)
+    return tmp_path, build_manifest(tmp_path, tmp_path / "manifest.jsonl", workers=1,
+                                    progress=False)
+
+
+def test_decode_refuses_a_file_rewritten_since_indexing(own_videos):
+    """A re-encoded file (a frame fewer, keyframes where they were) decoded to shifted frames
+    silently: a file whose size differs from the manifest's is refused, naming it."""
+    folder, manifest = own_videos
+    path = video_path(folder, "h264", "h264")
+    write_index_video(path, 159, codec="h264", size=SIZE, gop=12, bframes=2)
+    assert path.stat().st_size != manifest["h264"].size
+    with pytest.raises(DecodeError, match=f"{path}: changed since the manifest was built"):
+        decode_frames(manifest["h264"], [33, 41])
+    path.unlink()
+    with pytest.raises(DecodeError, match=f"{path}: unreadable"):
+        decode_frames(manifest["h264"], [33, 41])
+
+
+def test_copied_videos_with_new_modification_times_still_decode(own_videos, tmp_path_factory):
+    """`cp -r` gives new mtimes: the sizes match, so nothing is refused (both backends)."""
+    import shutil
+
+    from siasam_fast.pipeline.manifest import load_manifest
+
+    folder, _ = own_videos
+    moved = tmp_path_factory.mktemp("moved")
+    for path in folder.iterdir():
+        shutil.copy(path, moved / path.name)  # not copy2: new modification times
+    manifest = load_manifest(folder / "manifest.jsonl", video_dir=moved)
+    loader = build_loader(examples_for(["h264", "vp9", "mjpeg"]), manifest, CFG, "train",
+                          batch_size=3, image_size=SIZE, num_workers=0)
+    (batch,) = list(loader)
+    assert not batch["stand_in"].any()
+    check_batch_frames(batch)
+
+
+def test_damaged_videos_get_stand_ins_and_every_rank_keeps_its_batches(own_videos, caplog):
+    """A file damaged after indexing no longer stops training: its examples get stand-ins (the
+    next example whose video decodes), every batch stays full and every rank yields len(loader)
+    batches (one that yielded fewer would hang the others' collectives)."""
+    folder, manifest = own_videos
+    damaged = video_path(folder, "vp9", "vp9")
+    damaged.write_bytes(damaged.read_bytes()[: damaged.stat().st_size // 2])
+    names = ["vp9", "h264", "mjpeg"] * 3
+    for workers in (0, 2):
+        for world in (1, 2):
+            counts = []
+            for rank in range(world):
+                loader = build_loader(examples_for(names), manifest, CFG, "train", batch_size=2,
+                                      image_size=SIZE, num_workers=workers, rank=rank,
+                                      world_size=world, shuffle=False)
+                with caplog.at_level("WARNING", logger="siasam_fast.pipeline.dataset"):
+                    batches = list(loader)
+                counts.append(len(batches))
+                assert len(batches) == len(loader)
+                for batch in batches:
+                    check_batch_frames(batch)
+                    assert "vp9" not in batch["video_id"]
+                    shown = [v for v, s in zip(batch["video_id"], batch["stand_in"]) if s]
+                    assert shown and set(shown) <= {"h264", "mjpeg"} or not shown
+                stand_ins = sum(int(b["stand_in"].sum()) for b in batches)
+                assert stand_ins == sum(1 for p in loader.sampler.shard() if names[p] == "vp9")
+            assert len(set(counts)) == 1
+    assert f"video {damaged} failed" in caplog.text
+
+
+def test_evaluation_leaves_a_damaged_video_out_without_counting_a_stand_in_twice(own_videos):
+    folder, manifest = own_videos
+    damaged = video_path(folder, "mjpeg", "mjpeg")
+    damaged.write_bytes(b"\0" * damaged.stat().st_size)  # same size: only decoding can tell
+    loader = build_loader(examples_for(["h264", "mjpeg", "vp9"]), manifest, CFG, "val",
+                          batch_size=3, image_size=SIZE, num_workers=0)
+    (batch,) = list(loader)
+    assert batch["example_index"].tolist() == [0, 2, 2]  # mjpeg's stand-in: the next, vp9
+    assert batch["stand_in"].tolist() == [False, True, False]
+    assert set(batch["example_index"].tolist()) == {0, 2}  # scored once each by example_index
+
+
+def test_when_every_stand_in_fails_too_the_loader_says_so(own_videos):
+    folder, manifest = own_videos
+    for path in folder.glob("*.*"):
+        if path.suffix != ".jsonl":
+            path.unlink()
+    loader = build_loader(examples_for(["h264", "vp9", "mjpeg"]), manifest, CFG, "train",
+                          batch_size=3, image_size=SIZE, num_workers=0, shuffle=False)
+    with pytest.raises(DecodeError, match=r"failed and so did every stand-in tried after it "
+                                          r"\(3 videos failed in this process"):
+        list(loader)
+
+
+def test_a_tag_that_is_not_utf8_is_no_fault(own_videos):
+    """A Latin-1 byte in a metadata tag made the probe mark a good file corrupt, and decoding
+    raise a UnicodeDecodeError without the file's name."""
+    from siasam_fast.pipeline.manifest import probe_video
+
+    folder, manifest = own_videos
+    path = video_path(folder, "h264", "h264")
+    data = path.read_bytes()
+    at = data.find(b"Lavf")
+    assert at > 0
+    path.write_bytes(data[:at] + b"Caf\xe9" + data[at + 4:])
+    record = probe_video(path, folder)
+    assert record.ok, record.reason
+    assert read_indices(decode_frames(record, [3, 40])) == [3, 40]
+
+
+def test_segments_use_the_measured_rate_and_name_a_reversed_span(manifest):
+    from dataclasses import replace
+
+    record = replace(manifest["h264"], fps=50.0)  # a nominal rate twice the real one
+    ex = QAExample(qid="a", video_id="h264", question="?", start=2.0, end=4.4)
+    assert segment_frames(ex, record) == (50, 60)  # 160 frames over 6.4 s: 25 per second
+    reversed_span = QAExample(qid="b", video_id="h264", question="?", start=4.0, end=2.0)
+    assert segment_frames(reversed_span, record) == (
+        "segment empty: it ends (2.0 s) before it starts (4.0 s)")

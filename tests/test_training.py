@@ -510,3 +510,22 @@ def test_a_split_without_questions_is_refused(synth, tmp_path):
     (tmp_path / "val_qa.json").write_text("[]")
     with pytest.raises(ValueError, match=r"data.val \(.*val_qa.json\) holds no questions"):
         load_data(_config(synth, **{"data.val": tmp_path / "val_qa.json"}))
+
+
+def test_a_video_damaged_after_indexing_gets_stand_ins_and_training_goes_on(synth, tmp_path):
+    """Before, the PyAV loader's DecodeError ended the run at the first batch holding it."""
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(synth, data)
+    manifest = json.loads((data / "manifest.jsonl").read_text().splitlines()[0])
+    victim = data / "videos" / manifest["relpath"]
+    victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 3])
+    out = tmp_path / "run"
+    args = base_args(data, out, "--set", "train.epochs=1", "--set",
+                     f"data.video_dir={data / 'videos'}")
+    proc = train(args)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["stand_in_examples"] >= 1
+    assert f"video {victim} failed" in proc.stderr
+    assert "got a stand-in because their video failed" in proc.stdout

@@ -9,10 +9,11 @@ origin. The graph, one DALI pipeline per pass over the epoch:
 
 1. ``fn.external_source(parallel=True, batch=True)``: DALI's Python workers (``num_workers``; 0
    reads in this process) read each video's file once (one ``open``, its ``fstat``, one read; the
-   manifest gave the path, size and mtime, so no probe) and hand over its encoded bytes, its frame
+   manifest gave the path and size, so no probe) and hand over its encoded bytes, its frame
    list (the sorted unique frames U of its clips; with ``dedup=False`` every clip's frames in clip
-   order, overlaps decoded again), the resized size and the crop position. A file whose size or
-   mtime no longer matches the manifest is left out of its batch (the loader warns, naming it).
+   order, overlaps decoded again), the resized size and the crop position. A file whose size no
+   longer matches the manifest is left out of its batch (the loader warns, naming it, and puts a
+   stand-in in its place: below).
    With ``trim=True`` (``data.dali_trim``) they hand over only the stretch of the file that the
    frames need, copied packet by packet by PyAV, and the frame list renumbered to it: read alone
    after a seek to the manifest's keyframe (:func:`trim_file`), or cut from the whole file
@@ -38,13 +39,17 @@ unique frames as well, a second pipeline output of N x B frames per video, and t
 would still be applied in torch afterwards.
 
 Faults. Files marked corrupt in the manifest never reach DALI (the dataset drops their examples, as
-for PyAV). A file changed since indexing (size or mtime differs) is left out with a warning. If DALI
-raises during a run (a file whose stream is damaged, although its size and mtime did not change),
-the loader warns with the error, decodes the batch's videos one at a time in a throw-away pipeline
-to find the bad ones, yields the batch without them, and rebuilds the pipeline (DALI's pipeline is
-unusable after an error) for the rest of the pass. The bad files are skipped for the rest of the
-loader's life; ``loader.skipped`` lists ``(path, reason)``. Skipped examples still count as consumed
-for ``state_dict`` (a resume does not replay them). A batch left empty is not yielded. Limits:
+for PyAV). A file changed since indexing (its size differs; modification times are not compared,
+copies rarely keep them) is left out with a warning. If DALI raises during a run (a file whose
+stream is damaged, although its size did not change), the loader warns with the error, decodes the
+batch's videos one at a time in a throw-away pipeline to find the bad ones, and rebuilds the
+pipeline (DALI's pipeline is unusable after an error) for the rest of the pass. Each example left
+out gets a stand-in, as with PyAV (``siasam_fast.pipeline.dataset``): the next example of the
+dataset whose video decodes, decoded alone and put at the batch's end, so that every batch keeps
+its size and every rank its number of batches. The bad files are skipped for the rest of the
+loader's life; ``loader.skipped`` lists ``(path, reason)`` per example left out and
+``loader.stand_ins`` counts the stand-ins. Skipped examples still count as consumed for
+``state_dict`` (a resume does not replay them). Limits:
 damage inside a frame's payload may decode into artefacts without any error, and a decoder that
 crashes the process (DALI's video decoder can on some corrupt input) cannot be caught in-process:
 building the manifest with its default full-decode probe is what keeps such files away.
@@ -72,7 +77,7 @@ import logging
 import math
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -85,10 +90,12 @@ from siasam_fast.pipeline.dataset import (
     collate_videos,
     example_fields,
     gather_clips,
+    no_stand_in,
     plan_epochs,
+    stand_in_positions,
 )
 from siasam_fast.pipeline.manifest import VideoRecord
-from siasam_fast.pipeline.pyav_decode import DEFAULT_SEEK_THRESHOLD
+from siasam_fast.pipeline.pyav_decode import DEFAULT_SEEK_THRESHOLD, file_change
 from siasam_fast.pipeline.transforms import center_crop_box, resized_shape
 from siasam_fast.sampling import SamplingConfig
 from siasam_fast.stopping import defer_stop_signals
@@ -150,7 +157,7 @@ def trim_stretch(data, wanted, num_frames=None):
     import av  # demuxing and muxing only
 
     try:
-        with av.open(io.BytesIO(memoryview(data))) as src:
+        with av.open(io.BytesIO(memoryview(data)), metadata_errors="ignore") as src:
             muxer, stream = _trimmable(src)
             if muxer is None:
                 return None
@@ -200,7 +207,8 @@ def trim_file(source, wanted, span):
     if key_index == 0 and to_end:
         return None  # the stretch is the whole file
     try:
-        with av.open(source if hasattr(source, "read") else str(source)) as src:
+        with av.open(source if hasattr(source, "read") else str(source),
+                     metadata_errors="ignore") as src:
             muxer, stream = _trimmable(src)
             if muxer is None:
                 return None
@@ -296,8 +304,8 @@ def keyframe_span(record, wanted) -> np.ndarray:
 def read_encoded_batch(batches, info, trim=False, defer_signals=False):
     """The external source: the inputs of DALI iteration ``info.iteration``.
 
-    ``batches[k]`` is a tuple of jobs ``(slot, path, size, mtime_ns, frames int32, resize float32
-    [2], crop_pos float32 [2], span int64 [4] or [0], the manifest's frame count)``. Returns five
+    ``batches[k]`` is a tuple of jobs ``(slot, path, size, frames int32, resize float32 [2],
+    crop_pos float32 [2], span int64 [4] or [0], the manifest's frame count)``. Returns five
     lists (encoded uint8 bytes, frames, resize, crop_pos, slot int32) without the jobs whose file
     no longer matches the manifest; raises ``RuntimeError`` when none is left (DALI refuses empty
     batches) and ``StopIteration`` past the last batch. ``trim``: each video's bytes are cut to the
@@ -315,18 +323,16 @@ def read_encoded_batch(batches, info, trim=False, defer_signals=False):
     if k >= len(batches):
         raise StopIteration
     encoded, frames, sizes, crops, slots, changed = [], [], [], [], [], []
-    for slot, path, size, mtime_ns, wanted, resize, crop, span, num_frames in batches[k]:
+    for slot, path, size, wanted, resize, crop, span, num_frames in batches[k]:
         cut = None
         try:
             with open(path, "rb") as fh:
-                st = os.fstat(fh.fileno())
-                if st.st_size != size or st.st_mtime_ns != mtime_ns:
+                if os.fstat(fh.fileno()).st_size != size:
                     changed.append(path)
                     continue
                 if trim and len(span):
                     cut = trim_file(fh, wanted, span)
-                    st = os.fstat(fh.fileno())  # rewritten while it was read?
-                    if st.st_size != size or st.st_mtime_ns != mtime_ns:
+                    if os.fstat(fh.fileno()).st_size != size:  # rewritten while it was read?
                         changed.append(path)
                         continue
                 if cut is None:
@@ -415,8 +421,8 @@ class _Job:
 
     slot: int  # position in its batch
     path: str
-    size: int
-    mtime_ns: int
+    size: int  # the manifest's: a file of another size has changed since (mtimes are not
+    # compared: copies made with cp -r or cloud tools rarely keep them)
     frames: np.ndarray  # int32, the frames to decode in output order
     resize: np.ndarray  # float32 [h, w] after resizing
     crop_pos: np.ndarray  # float32 [x, y] in 0..1
@@ -424,8 +430,8 @@ class _Job:
     num_frames: int  # the manifest's frame count
 
     def as_tuple(self) -> tuple:
-        return (self.slot, self.path, self.size, self.mtime_ns, self.frames, self.resize,
-                self.crop_pos, self.span, self.num_frames)
+        return (self.slot, self.path, self.size, self.frames, self.resize, self.crop_pos,
+                self.span, self.num_frames)
 
 
 @dataclass
@@ -438,6 +444,7 @@ class _Step:
     live: list[_Job] | None = None  # the jobs fed to the current pipeline (known-bad files out)
     first: bool = False  # the first step of its decode group: running the pipeline decodes it
     offset: int = 0  # its place in the group: its videos' slots are offset * batch_size + slot
+    skipped: set = field(default_factory=set)  # slots left out (each gets a stand-in)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -489,6 +496,7 @@ class DALIVideoLoader:
         self.trim = bool(trim)
         self.defer_stop_signals = bool(defer_stop_signals)
         self.skipped: list[tuple[str, str]] = []  # (path, reason) per example left out
+        self.stand_ins = 0  # stand-ins yielded in their place
         self._bad: dict[str, str] = {}  # path -> why it is left out for the rest of the run
         self._failed_in_a_row = 0
 
@@ -526,7 +534,7 @@ class DALIVideoLoader:
             for i, step in enumerate(steps):
                 if not planned:
                     pipe, planned = self._pipeline(steps[i:]), True
-                batch = None
+                frames, slots = None, []
                 if step.live:
                     try:
                         if step.first:  # one DALI iteration decodes the whole group
@@ -536,17 +544,16 @@ class DALIVideoLoader:
                     except Exception as err:  # noqa: BLE001 - DALI raises plain RuntimeError
                         _close(pipe)
                         pipe, planned = None, False  # unusable after an error: rebuilt, and
-                        batch = self._recover(step, err)  # the group's other steps re-fed
+                        frames, slots = self._recover(step, err)  # the group's others re-fed
                     else:
                         frames, slots = decoded.pop(step.offset, (None, []))
                         self._report_missing(step, slots)
                         if slots:
-                            batch = self._assemble(step, frames, slots)
-                        self._failed_in_a_row = 0
+                            self._failed_in_a_row = 0
+                batch = self._batch(step, frames, slots)  # stand-ins for the videos left out
                 consumed += len(step.keys)
                 sampler.position = start + consumed
-                if batch is not None:
-                    yield batch
+                yield batch
         finally:
             if pipe is not None:
                 _close(pipe)
@@ -555,30 +562,29 @@ class DALIVideoLoader:
 
     def _step(self, keys: list) -> _Step:
         """Plan one batch with the dataset's ``plan`` (the one sampling function)."""
+        planned = [self._plan(key, slot) for slot, key in enumerate(keys)]
+        return _Step(keys, [item for item, _ in planned], [job for _, job in planned])
+
+    def _plan(self, key, slot: int) -> tuple[dict, _Job]:
+        """One video's batch item (frames left out) and its reader job."""
         dataset = self.dataset
-        S = dataset.image_size
-        items, jobs = [], []
-        for slot, key in enumerate(keys):
-            plan = dataset.plan(key)
-            ci, record = plan.clips, plan.record
-            if dataset.dedup:
-                wanted = ci.unique
-                clip_index = torch.from_numpy(ci.inverse)
-            else:  # baseline: every clip's frames in clip order, overlaps decoded again
-                wanted = ci.clips.reshape(-1)
-                clip_index = torch.arange(ci.clips.size, dtype=torch.long).view(ci.clips.shape)
-            items.append(
-                {
-                    # A size-0 stand-in: collate_videos builds every index tensor and mask of the
-                    # contract from it; the real frames come from DALI already batched.
-                    "frames": torch.empty((len(wanted), 0, 0, 0), dtype=self.dtype),
-                    "clip_index": clip_index,
-                    "frame_ids": torch.from_numpy(ci.clips),
-                    **example_fields(plan.example, plan.example_index, dataset.label_fn),
-                }
-            )
-            jobs.append(_job(slot, record, wanted, S, self.trim))
-        return _Step(keys, items, jobs)
+        plan = dataset.plan(key)
+        ci, record = plan.clips, plan.record
+        if dataset.dedup:
+            wanted = ci.unique
+            clip_index = torch.from_numpy(ci.inverse)
+        else:  # baseline: every clip's frames in clip order, overlaps decoded again
+            wanted = ci.clips.reshape(-1)
+            clip_index = torch.arange(ci.clips.size, dtype=torch.long).view(ci.clips.shape)
+        item = {
+            # A size-0 placeholder: collate_videos builds every index tensor and mask of the
+            # contract from it; the real frames come from DALI already batched.
+            "frames": torch.empty((len(wanted), 0, 0, 0), dtype=self.dtype),
+            "clip_index": clip_index,
+            "frame_ids": torch.from_numpy(ci.clips),
+            **example_fields(plan.example, plan.example_index, dataset.label_fn),
+        }
+        return item, _job(slot, record, wanted, dataset.image_size, self.trim)
 
     # -- running ---------------------------------------------------------------------------------
 
@@ -682,16 +688,32 @@ class DALIVideoLoader:
             if job.slot not in returned:
                 self._skip(job, step, _file_change(job) or "changed while the batch was read")
 
-    def _assemble(self, step: _Step, frames: torch.Tensor, slots: list[int]) -> dict:
+    def _batch(self, step: _Step, frames: torch.Tensor | None, slots: list[int]) -> dict:
+        """The step's batch: DALI's frames of the videos in ``slots`` and a stand-in (decoded on
+        its own) for each video left out, so that every batch keeps its size."""
+        items = [step.items[s] for s in slots]
+        missing = [s for s in range(len(step.jobs)) if s not in set(slots)]
+        if missing:
+            parts = [] if frames is None else [
+                frames[v, : item["frames"].shape[0]] for v, item in enumerate(items)]
+            for slot in missing:
+                item, alone = self._stand_in(step, slot)
+                items.append(item)
+                parts.append(alone)
+            frames = _pad_stack(parts)
+            slots = slots + missing
+        return self._assemble(items, frames, [step.jobs[s].path for s in slots])
+
+    def _assemble(self, items: list[dict], frames: torch.Tensor, paths: list[str]) -> dict:
         """The batch contract from DALI's padded frames [V, U_max, 3, S, S] and the plans."""
-        batch = collate_videos([step.items[s] for s in slots], output="frames")
+        batch = collate_videos(items, output="frames")
         u_max = int(batch["num_unique"].max())
         if self.decode_group > 1 and frames.shape[1] > u_max:  # padded to the group's largest
             frames = frames[:, :u_max].contiguous()  # a device copy; dense as the contract says
         if frames.shape[1] != u_max:
             raise RuntimeError(
                 f"DALI returned {frames.shape[1]} frames for a video that asked for "
-                f"{int(batch['num_unique'].max())}: files {[step.jobs[s].path for s in slots]}"
+                f"{int(batch['num_unique'].max())}: files {paths}"
             )
         batch["frames"] = frames
         if self.output == "clips":
@@ -703,8 +725,9 @@ class DALIVideoLoader:
 
     # -- faults ----------------------------------------------------------------------------------
 
-    def _recover(self, step: _Step, err: Exception) -> dict | None:
-        """DALI raised on ``step``: find its bad videos one by one; the batch without them.
+    def _recover(self, step: _Step, err: Exception) -> tuple[torch.Tensor | None, list[int]]:
+        """DALI raised on ``step``: find its bad videos one by one; the frames and slots of the
+        others.
 
         The error may come from a batch prefetched after this one (a reader error surfaces early):
         then every video here decodes on its own and the next pipeline meets the error again.
@@ -736,12 +759,8 @@ class DALIVideoLoader:
             else:
                 good.append((job.slot, frames))
         if not good:
-            return None
-        u_max = max(f.shape[0] for _, f in good)
-        padded = good[0][1].new_zeros((len(good), u_max, *good[0][1].shape[1:]))
-        for v, (_, f) in enumerate(good):
-            padded[v, : f.shape[0]] = f
-        return self._assemble(step, padded, [slot for slot, _ in good])
+            return None, []
+        return _pad_stack([f for _, f in good]), [slot for slot, _ in good]
 
     def _decode_alone(self, job: _Job) -> torch.Tensor:
         """One video through a throw-away pipeline (read in this process): [U, 3, S, S]."""
@@ -753,14 +772,52 @@ class DALIVideoLoader:
         return frames[0].clone()  # owned by torch, whatever becomes of DALI's buffer
 
     def _skip(self, job: _Job, step: _Step, reason: str) -> None:
-        """Leave one example out; its file is left out for the rest of the run."""
-        qid = step.items[job.slot]["qid"]
-        if job.path not in self._bad:
-            self._bad[job.path] = reason
-            logger.warning("skipping video %s for the rest of this run: %s", job.path, reason)
-        else:
-            logger.debug("skipping video %s (question %s): %s", job.path, qid, reason)
+        """Leave one example out (it gets a stand-in); its file is left out for the rest of the
+        run. Once per example: a pipeline rebuilt after an error plans its steps again."""
+        if job.slot in step.skipped:
+            return
+        step.skipped.add(job.slot)
+        self._mark_bad(job.path, reason)
+        logger.debug("skipping video %s (question %s): %s", job.path,
+                     step.items[job.slot]["qid"], reason)
         self.skipped.append((job.path, reason))
+
+    def _mark_bad(self, path: str, reason: str) -> None:
+        if path not in self._bad:
+            self._bad[path] = reason
+            logger.warning("skipping video %s for the rest of this run (its examples get "
+                           "stand-ins): %s", path, reason)
+
+    def _stand_in(self, step: _Step, slot: int) -> tuple[dict, torch.Tensor]:
+        """A stand-in for the video left out of ``slot``: the next example of the dataset
+        (wrapping) whose video decodes, decoded on its own; its batch item and frames."""
+        epoch, position = step.keys[slot]
+        for candidate in stand_in_positions(position, len(self.dataset)):
+            item, job = self._plan((epoch, candidate), slot)
+            if job.path in self._bad:
+                continue
+            reason = _file_change(job)
+            if reason is None:
+                try:
+                    frames = self._decode_alone(job)
+                except Exception as err:  # noqa: BLE001 - whatever DALI raised for this file
+                    reason = f"decoding failed: {_first_line(err)}"
+            if reason is not None:
+                self._mark_bad(job.path, reason)
+                continue
+            item["stand_in"] = True
+            self.stand_ins += 1
+            return item, frames
+        raise RuntimeError(no_stand_in(step.jobs[slot].path, self._bad))
+
+
+def _pad_stack(parts: list[torch.Tensor]) -> torch.Tensor:
+    """[U_v, 3, S, S] per video -> [V, U_max, 3, S, S], zeros past each video's frames."""
+    u_max = max(p.shape[0] for p in parts)
+    out = parts[0].new_zeros((len(parts), u_max, *parts[0].shape[1:]))
+    for v, p in enumerate(parts):
+        out[v, : p.shape[0]] = p
+    return out
 
 
 def _job(slot: int, record: VideoRecord, wanted: np.ndarray, image_size: int,
@@ -774,7 +831,6 @@ def _job(slot: int, record: VideoRecord, wanted: np.ndarray, image_size: int,
         slot=slot,
         path=record.path,
         size=int(record.size),
-        mtime_ns=int(record.mtime_ns),
         frames=np.ascontiguousarray(wanted, dtype=np.int32),
         resize=np.array([rh, rw], dtype=np.float32),
         crop_pos=np.array(crop_pos, dtype=np.float32),
@@ -785,16 +841,7 @@ def _job(slot: int, record: VideoRecord, wanted: np.ndarray, image_size: int,
 
 def _file_change(job: _Job) -> str | None:
     """Why the file no longer matches its manifest record, or None if it still does."""
-    try:
-        st = os.stat(job.path)
-    except OSError as err:
-        return f"unreadable: {err}"
-    if st.st_size != job.size or st.st_mtime_ns != job.mtime_ns:
-        return (
-            f"changed since the manifest was built (size {job.size} -> {st.st_size} bytes, "
-            f"mtime_ns {job.mtime_ns} -> {st.st_mtime_ns}); re-run `siasam-fast index`"
-        )
-    return None
+    return file_change(job.path, job.size)
 
 
 def _first_line(err: BaseException) -> str:

@@ -31,9 +31,20 @@ key                 type, shape                 meaning
 ``answer_index``    long [V]                    correct candidate (mc), -1 if unknown
 ``label``           long [V]                    ``label_fn(example)``, -1 without a label_fn
 ``count``           float [V]                   the count answer (count task), NaN otherwise
+``stand_in``        bool [V]                    a stand-in for an example whose video failed
+                                                at decode time (below)
 ``video_id``, ``qid``, ``question``, ``question_type``, ``task``, ``answer``: lists of str [V];
 ``candidates``: list [V] of lists of str (empty unless mc)
 ==================  ==========================  ==============================================
+
+Videos that fail at decode time (changed, deleted or damaged since the manifest was built) do not
+stop a run and do not shrink a batch: the example is replaced by a stand-in, the next example of
+the dataset (wrapping around) whose video decodes, marked ``stand_in``, with a warning naming the
+failed file, which is not tried again by that process. Every rank thus yields the same number of
+equal batches (a rank that yielded fewer would hang the others' collectives). Evaluation scores
+each example once by ``example_index``, so a stand-in adds no question and the failed one is left
+out of ``num_examples``. After ``STAND_IN_TRIES`` failures in a row the loader raises: the fault
+is then not one file's.
 
 Clip 0 is the anchor clip (training) or the first evaluation clip. With ``dedup=False`` every clip
 is decoded on its own (overlapping frames decoded again: the baseline the benchmarks compare
@@ -56,7 +67,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from siasam_fast.data.examples import QAExample
 from siasam_fast.pipeline.manifest import VideoRecord
-from siasam_fast.pipeline.pyav_decode import DEFAULT_SEEK_THRESHOLD, decode_frames
+from siasam_fast.pipeline.pyav_decode import DEFAULT_SEEK_THRESHOLD, DecodeError, decode_frames
 from siasam_fast.pipeline.transforms import IMAGENET_MEAN, IMAGENET_STD, video_transform
 from siasam_fast.sampling import (
     ClipIndices,
@@ -74,6 +85,8 @@ EVAL_SPLITS = ("val", "test", "eval")
 OUTPUTS = ("frames", "clips")
 BACKENDS = ("pyav",)  # implemented here
 OTHER_BACKENDS = ("dali", "auto")  # built by siasam_fast.pipeline.loaders
+# Videos tried in a row, the failed one's stand-ins included, before a loader gives up.
+STAND_IN_TRIES = 16
 
 
 @dataclass
@@ -133,6 +146,7 @@ class VideoQADataset(Dataset):
         self.seek_threshold = int(seek_threshold)
         self.decode_threads = int(decode_threads)
         self.epoch = 0
+        self.failed: dict[str, str] = {}  # path -> why, videos that failed at decode time here
         self._filter()
 
     # -- construction-time filtering ------------------------------------------------------------
@@ -247,7 +261,33 @@ class VideoQADataset(Dataset):
         return VideoPlan(position, index, self.examples[index], self.records[position], clips)
 
     def __getitem__(self, key: int | tuple[int, int]) -> dict:
-        plan = self.plan(key)
+        epoch, position = key if isinstance(key, tuple) else (self.epoch, key)
+        plan = self.plan((epoch, position))
+        try:
+            return self._decode(plan)
+        except DecodeError as err:
+            self._failed(plan, err)
+        for candidate in stand_in_positions(position, len(self)):
+            stand_in = self.plan((epoch, candidate))
+            if stand_in.record.path in self.failed:
+                continue
+            try:
+                item = self._decode(stand_in)
+            except DecodeError as err:
+                self._failed(stand_in, err)
+                continue
+            item["stand_in"] = True
+            return item
+        raise DecodeError(no_stand_in(plan.record.path, self.failed))
+
+    def _failed(self, plan: VideoPlan, err: Exception) -> None:
+        path = plan.record.path
+        if path not in self.failed:
+            logger.warning("video %s failed (%s): its examples get stand-ins from now on", path,
+                           err)
+        self.failed[path] = str(err)
+
+    def _decode(self, plan: VideoPlan) -> dict:
         ci = plan.clips
         if self.dedup:
             raw = decode_frames(
@@ -276,20 +316,41 @@ class VideoQADataset(Dataset):
         return frames[inverse.reshape(-1)]
 
 
+def stand_in_positions(position: int, size: int):
+    """The dataset positions tried, in order, for a stand-in of ``position``: the following ones,
+    wrapping around, at most ``STAND_IN_TRIES - 1`` (the failed one was the first try)."""
+    for k in range(1, min(size, STAND_IN_TRIES)):
+        yield (position + k) % size
+
+
+def no_stand_in(path: str, failed: dict[str, str]) -> str:
+    """The error once a failed video's stand-ins failed too."""
+    last = next(reversed(failed.values()), "")
+    return (f"video {path} failed and so did every stand-in tried after it ({len(failed)} "
+            f"videos failed in this process, the last: {last}); with this many, the fault is "
+            "likely not the files' (moved or re-encoded videos need `siasam-fast index` again)")
+
+
 def segment_frames(example: QAExample, record: VideoRecord) -> tuple[int, int] | str:
     """(first frame, frame count) of the example's segment, or why it is empty.
 
-    Seconds map to frames with the manifest's average fps: ``[floor(start * fps),
-    ceil(end * fps))`` clamped to the video (approximate for variable frame rate videos).
+    Seconds map to frames at the video's measured rate, its frames over its duration (the
+    container's nominal rate can be far off for variable frame rate video; the manifest's fps
+    when the duration is unknown): ``[floor(start * rate), ceil(end * rate))`` clamped to the
+    video (approximate for variable frame rate videos).
     """
     T = record.num_frames
     if example.start is None and example.end is None:
         return 0, T
-    if record.fps <= 0:
+    if (example.start is not None and example.end is not None
+            and example.end < example.start):
+        return f"segment empty: it ends ({example.end} s) before it starts ({example.start} s)"
+    rate = T / record.duration if record.duration > 0 else record.fps
+    if rate <= 0:
         return f"segment given but the video's fps is unknown ({record.fps})"
     eps = 1e-6  # 7.2 s * 25 fps is 180.00000000000003: not frame 181
-    first = 0 if example.start is None else math.floor(example.start * record.fps + eps)
-    end = T if example.end is None else math.ceil(example.end * record.fps - eps)
+    first = 0 if example.start is None else math.floor(example.start * rate + eps)
+    end = T if example.end is None else math.ceil(example.end * rate - eps)
     first, end = max(0, min(first, T)), max(0, min(end, T))
     if end <= first:
         return (
@@ -328,6 +389,7 @@ def example_fields(example: QAExample, example_index: int, label_fn=None) -> dic
         "answer_index": -1 if example.answer_index is None else int(example.answer_index),
         "label": -1 if label_fn is None else int(label_fn(example)),
         "count": count,
+        "stand_in": False,
     }
 
 
@@ -376,6 +438,7 @@ def collate_videos(items: Sequence[dict], output: str = "frames") -> dict:
         "answer_index": torch.tensor([it["answer_index"] for it in items], dtype=torch.long),
         "label": torch.tensor([it["label"] for it in items], dtype=torch.long),
         "count": torch.tensor([it["count"] for it in items], dtype=torch.float32),
+        "stand_in": torch.tensor([it.get("stand_in", False) for it in items], dtype=torch.bool),
     }
     for key in TEXT_KEYS:
         batch[key] = [it[key] for it in items]

@@ -205,7 +205,7 @@ def _describe_error(err: Exception) -> str:
 def _probe_stream(path: Path, record: VideoRecord, mode: str) -> None:
     import av
 
-    with av.open(str(path)) as container:
+    with av.open(str(path), metadata_errors="ignore") as container:  # a tag's text is no fault
         if not container.streams.video:
             record.reason = "no video stream"
             return

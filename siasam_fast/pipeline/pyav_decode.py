@@ -15,6 +15,7 @@ with an imprecise index), the video is decoded again from the start without seek
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -78,6 +79,9 @@ def decode_frames(
         return np.zeros((0, record.height, record.width, 3), np.uint8)
     if seek_threshold < 0:
         raise ValueError(f"seek_threshold={seek_threshold}: must be >= 0")
+    changed = file_change(path, record.size)
+    if changed:  # frames would be numbered by a record of another file: refused, not guessed
+        raise DecodeError(f"{path}: {changed}")
     try:
         try:
             out = _decode(av, path, record, wanted, seek_threshold, threads, stats, seek=True)
@@ -85,12 +89,29 @@ def decode_frames(
             stats.restarts += 1
             logger.debug("%s: a seek landed past the wanted frame; decoding from the start", path)
             out = _decode(av, path, record, wanted, seek_threshold, threads, stats, seek=False)
-    except av.error.FFmpegError as err:
-        raise DecodeError(
-            f"{path}: decoding failed ({err}); the manifest says ok, re-run `siasam-fast index`"
+    except DecodeError:
+        raise
+    except Exception as err:  # noqa: BLE001 - FFmpeg's errors, and what a damaged header raises
+        raise DecodeError(  # (IndexError, AttributeError, ... from PyAV): always with the path
+            f"{path}: decoding failed ({type(err).__name__}: {err}); the manifest says ok, "
+            "re-run `siasam-fast index`"
         ) from err
     stats.returned += len(out)
     return np.stack(out)
+
+
+def file_change(path: str | Path, size: int) -> str | None:
+    """Why the file at ``path`` is not the one the manifest measured (``size`` bytes; 0:
+    unknown), or None. Sizes are compared, not modification times: copies (``cp -r``, cloud
+    sync) rarely keep those."""
+    try:
+        now = os.stat(path).st_size
+    except OSError as err:
+        return f"unreadable: {err.strerror or err}"
+    if size and now != size:
+        return (f"changed since the manifest was built (size {size} -> {now} bytes); "
+                "re-run `siasam-fast index`")
+    return None
 
 
 def _check_frames(frames, record: VideoRecord) -> np.ndarray:
@@ -115,7 +136,7 @@ def _decode(av, path, record, wanted, seek_threshold, threads, stats, seek: bool
     keyframe_pts = [int(p) for p in record.keyframe_pts]
     sync = dict(zip(keyframe_pts, (int(k) for k in keyframes)))
     out: list[np.ndarray] = []
-    with av.open(path) as container:
+    with av.open(path, metadata_errors="ignore") as container:
         stream = container.streams.video[0]
         ctx = stream.codec_context
         if threads != 1:
