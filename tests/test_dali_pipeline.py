@@ -835,3 +835,21 @@ def test_auto_backend_falls_back_for_codecs_dali_cannot_decode(monkeypatch):
     assert loaders.resolve_backend("auto", gif) == "pyav"
     with pytest.raises(ValueError, match="valid backends are auto, pyav, dali"):
         loaders.resolve_backend("opencv")
+
+
+def test_close_loaders_ends_a_pass_in_progress(manifest, monkeypatch):
+    """An iterator held in a variable (a failing run's traceback holds one) kept its pipeline
+    and reader processes alive until garbage collection: close_loaders() ends it."""
+    from siasam_fast.pipeline.dataset import close_loaders
+
+    closed = []
+    original = dali_module._close
+    monkeypatch.setattr(dali_module, "_close", lambda pipe: (closed.append(pipe),
+                                                             original(pipe)))
+    loader = dali(examples_for(INDEXED * 2), manifest, batch_size=2, num_workers=2)
+    running = iter(loader)
+    next(running)
+    assert closed == []
+    close_loaders()
+    assert len(closed) == 1
+    assert len(list(loader)) == 3  # a later pass starts a new pipeline

@@ -76,6 +76,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -84,6 +85,7 @@ import torch
 
 from siasam_fast.data.examples import QAExample
 from siasam_fast.pipeline.dataset import (
+    _LOADERS,
     OUTPUTS,
     ShardedSampler,
     VideoQADataset,
@@ -497,6 +499,8 @@ class DALIVideoLoader:
         self.defer_stop_signals = bool(defer_stop_signals)
         self.skipped: list[tuple[str, str]] = []  # (path, reason) per example left out
         self.stand_ins = 0  # stand-ins yielded in their place
+        self._passes: weakref.WeakSet = weakref.WeakSet()  # iterations in progress
+        _LOADERS.add(self)  # close_loaders() ends them on a failing run's way out
         self._bad: dict[str, str] = {}  # path -> why it is left out for the rest of the run
         self._failed_in_a_row = 0
 
@@ -517,7 +521,18 @@ class DALIVideoLoader:
         self.sampler.load_state_dict(state)
         self.dataset.set_epoch(self.sampler.epoch)
 
+    def close(self) -> None:
+        """End the passes in progress now: their pipelines and reader processes go (as they do
+        when a pass ends or is freed); a later iteration starts a new one."""
+        for running in list(self._passes):
+            running.close()
+
     def __iter__(self):
+        running = self._iterate()
+        self._passes.add(running)
+        return running
+
+    def _iterate(self):
         sampler = self.sampler
         start = sampler._resume_from  # the same resume protocol as VideoQALoader
         keys = list(sampler)  # (epoch, position) of the rest of this epoch's shard

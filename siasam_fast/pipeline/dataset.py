@@ -574,7 +574,8 @@ class ShardedSampler(Sampler):
 # The loader
 
 
-# Every VideoQALoader alive, so that close_loaders() can end their workers on the way out.
+# Every loader alive (VideoQALoader, DALIVideoLoader), so that close_loaders() can end their
+# workers on the way out.
 _LOADERS: weakref.WeakSet = weakref.WeakSet()
 
 
