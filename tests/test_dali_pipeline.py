@@ -468,7 +468,9 @@ def test_when_every_stand_in_fails_too_the_loader_says_so(own_copy):
     for name, codec in (("vp9", "vp9"), ("vp9_vfr", "vp9"), ("mjpeg", "mjpeg")):
         video_path(folder, name, codec).unlink()
     loader = dali(examples_for(INDEXED * 2), manifest, batch_size=3, shuffle=False)
-    with pytest.raises(RuntimeError, match="failed and so did every stand-in tried after it"):
+    with pytest.raises(RuntimeError, match=r"no other video could stand in for it \(0 more "
+                                           r"decoded without success; 3 video\(s\) failed in "
+                                           r"this process: 3 unreadable\)"):
         list(loader)
     assert len(loader.skipped) == 3  # the first batch's examples, once each
 
@@ -853,3 +855,13 @@ def test_close_loaders_ends_a_pass_in_progress(manifest, monkeypatch):
     close_loaders()
     assert len(closed) == 1
     assert len(list(loader)) == 3  # a later pass starts a new pipeline
+
+
+def test_a_video_with_many_consecutive_questions_gets_stand_ins(own_copy):
+    folder, manifest = own_copy
+    video_path(folder, "vp9", "vp9").unlink()
+    names = ["vp9"] * 20 + ["vp9_vfr"] * 4 + ["mjpeg"] * 4
+    loader = dali(examples_for(names), manifest, batch_size=4, shuffle=False)
+    batches = list(loader)
+    assert len(batches) == 7 and loader.stand_ins == 20
+    assert "vp9" not in [v for b in batches for v in b["video_id"]]

@@ -47,9 +47,12 @@ pipeline (DALI's pipeline is unusable after an error) for the rest of the pass. 
 out gets a stand-in, as with PyAV (``siasam_fast.pipeline.dataset``): the next example of the
 dataset whose video decodes, decoded alone and put at the batch's end, so that every batch keeps
 its size and every rank its number of batches. The bad files are skipped for the rest of the
-loader's life; ``loader.skipped`` lists ``(path, reason)`` per example left out and
-``loader.stand_ins`` counts the stand-ins. Skipped examples still count as consumed for
-``state_dict`` (a resume does not replay them). Limits:
+loader's life (unlike PyAV, which tries a file whose size did not change again for each example:
+a failed DALI pipeline is rebuilt, and some damaged streams crash its decoder; so after a stream
+fails, DALI's batches can differ from those of a fresh process, e.g. a resumed run's).
+``loader.skipped`` lists ``(path, reason)`` per example left out and ``loader.stand_ins`` counts
+the stand-ins. Skipped examples still count as consumed for ``state_dict`` (a resume does not
+replay them). Limits:
 damage inside a frame's payload may decode into artefacts without any error, and a decoder that
 crashes the process (DALI's video decoder can on some corrupt input) cannot be caught in-process:
 building the manifest with its default full-decode probe is what keeps such files away.
@@ -87,8 +90,10 @@ from siasam_fast.data.examples import QAExample
 from siasam_fast.pipeline.dataset import (
     _LOADERS,
     OUTPUTS,
+    STAND_IN_TRIES,
     ShardedSampler,
     VideoQADataset,
+    check_failed_share,
     collate_videos,
     example_fields,
     gather_clips,
@@ -97,7 +102,7 @@ from siasam_fast.pipeline.dataset import (
     stand_in_positions,
 )
 from siasam_fast.pipeline.manifest import VideoRecord
-from siasam_fast.pipeline.pyav_decode import DEFAULT_SEEK_THRESHOLD, file_change
+from siasam_fast.pipeline.pyav_decode import DEFAULT_SEEK_THRESHOLD, DecodeError, file_change
 from siasam_fast.pipeline.transforms import center_crop_box, resized_shape
 from siasam_fast.sampling import SamplingConfig
 from siasam_fast.stopping import defer_stop_signals
@@ -802,28 +807,36 @@ class DALIVideoLoader:
             self._bad[path] = reason
             logger.warning("skipping video %s for the rest of this run (its examples get "
                            "stand-ins): %s", path, reason)
+            check_failed_share(self._bad, self.dataset.num_videos, "this DALI loader")
 
     def _stand_in(self, step: _Step, slot: int) -> tuple[dict, torch.Tensor]:
         """A stand-in for the video left out of ``slot``: the next example of the dataset
-        (wrapping) whose video decodes, decoded on its own; its batch item and frames."""
+        (wrapping) whose video decodes, decoded on its own; its batch item and frames. Videos
+        already left out, or whose size changed, are passed over without counting as tries."""
         epoch, position = step.keys[slot]
+        records = self.dataset.records
+        tried = {step.jobs[slot].path}
         for candidate in stand_in_positions(position, len(self.dataset)):
-            item, job = self._plan((epoch, candidate), slot)
-            if job.path in self._bad:
+            path = records[candidate].path
+            if path in tried or path in self._bad:
                 continue
-            reason = _file_change(job)
-            if reason is None:
-                try:
-                    frames = self._decode_alone(job)
-                except Exception as err:  # noqa: BLE001 - whatever DALI raised for this file
-                    reason = f"decoding failed: {_first_line(err)}"
-            if reason is not None:
-                self._mark_bad(job.path, reason)
+            changed = file_change(path, records[candidate].size)
+            if changed:
+                self._mark_bad(path, changed)
+                continue
+            if len(tried) >= STAND_IN_TRIES:
+                break
+            tried.add(path)
+            item, job = self._plan((epoch, candidate), slot)
+            try:
+                frames = self._decode_alone(job)
+            except Exception as err:  # noqa: BLE001 - whatever DALI raised for this file
+                self._mark_bad(path, f"decoding failed: {_first_line(err)}")
                 continue
             item["stand_in"] = True
             self.stand_ins += 1
             return item, frames
-        raise RuntimeError(no_stand_in(step.jobs[slot].path, self._bad))
+        raise DecodeError(no_stand_in(step.jobs[slot].path, len(tried), self._bad))
 
 
 def _pad_stack(parts: list[torch.Tensor]) -> torch.Tensor:

@@ -40,11 +40,14 @@ key                 type, shape                 meaning
 Videos that fail at decode time (changed, deleted or damaged since the manifest was built) do not
 stop a run and do not shrink a batch: the example is replaced by a stand-in, the next example of
 the dataset (wrapping around) whose video decodes, marked ``stand_in``, with a warning naming the
-failed file, which is not tried again by that process. Every rank thus yields the same number of
-equal batches (a rank that yielded fewer would hang the others' collectives). Evaluation scores
-each example once by ``example_index``, so a stand-in adds no question and the failed one is left
-out of ``num_examples``. After ``STAND_IN_TRIES`` failures in a row the loader raises: the fault
-is then not one file's.
+failed file. Every rank thus yields the same number of equal batches (a rank that yielded fewer
+would hang the others' collectives). The stand-in does not depend on what the process met before
+(so not on ``num_workers`` or a resume): files whose size differs from the manifest's are passed
+over, other candidates are decoded. Evaluation scores each example once by ``example_index``, so a
+stand-in adds no question and the failed one is left out of ``num_examples``. The loader raises
+when ``STAND_IN_TRIES`` videos in a row fail for one example, or when more than
+``STAND_IN_MAX_SHARE`` of the dataset's videos failed: the fault is then not a few files', and
+``siasam-fast index`` must run again.
 
 Clip 0 is the anchor clip (training) or the first evaluation clip. With ``dedup=False`` every clip
 is decoded on its own (overlapping frames decoded again: the baseline the benchmarks compare
@@ -67,7 +70,12 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from siasam_fast.data.examples import QAExample
 from siasam_fast.pipeline.manifest import VideoRecord
-from siasam_fast.pipeline.pyav_decode import DEFAULT_SEEK_THRESHOLD, DecodeError, decode_frames
+from siasam_fast.pipeline.pyav_decode import (
+    DEFAULT_SEEK_THRESHOLD,
+    DecodeError,
+    decode_frames,
+    file_change,
+)
 from siasam_fast.pipeline.transforms import IMAGENET_MEAN, IMAGENET_STD, video_transform
 from siasam_fast.sampling import (
     ClipIndices,
@@ -85,8 +93,10 @@ EVAL_SPLITS = ("val", "test", "eval")
 OUTPUTS = ("frames", "clips")
 BACKENDS = ("pyav",)  # implemented here
 OTHER_BACKENDS = ("dali", "auto")  # built by siasam_fast.pipeline.loaders
-# Videos tried in a row, the failed one's stand-ins included, before a loader gives up.
+# Videos decoded for one example, the failed one included, before a loader gives up.
 STAND_IN_TRIES = 16
+# The share of the dataset's videos that may fail at decode time before a loader gives up.
+STAND_IN_MAX_SHARE = 0.1
 
 
 @dataclass
@@ -147,7 +157,9 @@ class VideoQADataset(Dataset):
         self.decode_threads = int(decode_threads)
         self.epoch = 0
         self.failed: dict[str, str] = {}  # path -> why, videos that failed at decode time here
+        self.stand_ins = 0  # stand-ins this process's copy gave (a worker's, or the only one)
         self._filter()
+        self.num_videos = len({record.path for record in self.records})
 
     # -- construction-time filtering ------------------------------------------------------------
 
@@ -266,26 +278,39 @@ class VideoQADataset(Dataset):
         try:
             return self._decode(plan)
         except DecodeError as err:
-            self._failed(plan, err)
+            self._failed(plan.record.path, err)
+        # Whatever this process met before, the same stand-in: files whose size no longer matches
+        # the manifest are passed over (a stat, the same answer everywhere), every other
+        # candidate is decoded, and only those decodes count as tries.
+        tried = {plan.record.path}
         for candidate in stand_in_positions(position, len(self)):
-            stand_in = self.plan((epoch, candidate))
-            if stand_in.record.path in self.failed:
+            record = self.records[candidate]
+            if record.path in tried:
                 continue
+            changed = file_change(record.path, record.size)
+            if changed:
+                self._failed(record.path, changed)
+                continue
+            if len(tried) >= STAND_IN_TRIES:
+                break
+            tried.add(record.path)
+            stand_in = self.plan((epoch, candidate))
             try:
                 item = self._decode(stand_in)
             except DecodeError as err:
-                self._failed(stand_in, err)
+                self._failed(stand_in.record.path, err)
                 continue
             item["stand_in"] = True
+            self.stand_ins += 1
             return item
-        raise DecodeError(no_stand_in(plan.record.path, self.failed))
+        raise DecodeError(no_stand_in(plan.record.path, len(tried), self.failed))
 
-    def _failed(self, plan: VideoPlan, err: Exception) -> None:
-        path = plan.record.path
+    def _failed(self, path: str, err: Exception | str) -> None:
+        reason = str(err).removeprefix(f"{path}: ")
         if path not in self.failed:
-            logger.warning("video %s failed (%s): its examples get stand-ins from now on", path,
-                           err)
-        self.failed[path] = str(err)
+            logger.warning("video %s failed (%s): its examples get stand-ins", path, reason)
+        self.failed[path] = reason
+        check_failed_share(self.failed, self.num_videos, "this loader process")
 
     def _decode(self, plan: VideoPlan) -> dict:
         ci = plan.clips
@@ -317,18 +342,40 @@ class VideoQADataset(Dataset):
 
 
 def stand_in_positions(position: int, size: int):
-    """The dataset positions tried, in order, for a stand-in of ``position``: the following ones,
-    wrapping around, at most ``STAND_IN_TRIES - 1`` (the failed one was the first try)."""
-    for k in range(1, min(size, STAND_IN_TRIES)):
+    """The dataset positions, in order, that may stand in for ``position``: the following ones,
+    wrapping around. Callers skip the positions of videos already tried (the questions of one
+    video are usually consecutive) and of files whose size changed, and decode at most
+    ``STAND_IN_TRIES`` videos, the failed one included."""
+    for k in range(1, size):
         yield (position + k) % size
 
 
-def no_stand_in(path: str, failed: dict[str, str]) -> str:
+def no_stand_in(path: str, tried: int, failed: dict[str, str]) -> str:
     """The error once a failed video's stand-ins failed too."""
-    last = next(reversed(failed.values()), "")
-    return (f"video {path} failed and so did every stand-in tried after it ({len(failed)} "
-            f"videos failed in this process, the last: {last}); with this many, the fault is "
-            "likely not the files' (moved or re-encoded videos need `siasam-fast index` again)")
+    return (f"video {path} failed, and no other video could stand in for it ({tried - 1} more "
+            f"decoded without success; {len(failed)} video(s) failed in this process: "
+            f"{_failure_kinds(failed)}); with this many, "
+            "the fault is likely not the files': moved or re-encoded videos need `siasam-fast "
+            "index` again")
+
+
+def _failure_kinds(failed: dict[str, str]) -> str:
+    """'3 unreadable, 1 decoding failed': the commonest kinds of reasons."""
+    kinds = Counter(reason.split(" (")[0].split(":")[0] for reason in failed.values())
+    return ", ".join(f"{n} {kind}" for kind, n in kinds.most_common(3))
+
+
+def check_failed_share(failed: dict[str, str], num_videos: int, where: str) -> None:
+    """Raise once more than ``STAND_IN_MAX_SHARE`` of the dataset's videos (and more than
+    ``STAND_IN_TRIES``) failed: training on the rest's duplicates is not a run worth having, and
+    re-indexing marks the damaged files corrupt and drops their questions instead."""
+    if len(failed) > STAND_IN_TRIES and len(failed) > STAND_IN_MAX_SHARE * num_videos:
+        raise DecodeError(
+            f"{len(failed)} of the {num_videos} videos failed at decode time in {where} (more "
+            f"than {STAND_IN_MAX_SHARE:.0%}; {_failure_kinds(failed)}"
+            "): they changed since the manifest was built; run `siasam-fast index` on the folder "
+            "again: it marks damaged files corrupt, and their questions are dropped rather than "
+            "given stand-ins")
 
 
 def segment_frames(example: QAExample, record: VideoRecord) -> tuple[int, int] | str:
