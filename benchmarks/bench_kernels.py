@@ -39,6 +39,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
 from siasam_fast.benchutil import existing_file, positive_int  # noqa: E402
+from siasam_fast.ds_config import has_bf16  # noqa: E402
 
 N_CLIPS = 9
 NOMINAL_COPY_TBPS = 3.0  # H100 80GB device-to-device copy, measured (shared/HARDWARE.md)
@@ -693,7 +694,7 @@ def main(argv=None):
           ("device", "torch", "triton", "python")))  # fmt: skip
     dtypes = list(args.dtypes)
     if cuda:
-        if "bf16" in dtypes and not torch.cuda.is_bf16_supported():
+        if "bf16" in dtypes and not has_bf16():
             print("bf16 not supported on this GPU: skipped")
             dtypes.remove("bf16")
         impl_names = args.impls

@@ -305,7 +305,7 @@ def resolve(variant: Variant, device: torch.device, zero_stage: int) -> Plan:
             plan.precision = "fp16" if cuda else "bf16"
     if plan.engine == "deepspeed" and plan.precision == "fp16" and not cuda:
         plan.skip = plan.skip or "fp16 needs a CUDA GPU (DeepSpeed refuses it on CPU)"
-    if plan.precision in ("bf16", "amp-bf16") and cuda and not torch.cuda.is_bf16_supported():
+    if plan.precision in ("bf16", "amp-bf16") and cuda and not ds_config.has_bf16():
         plan.skip = plan.skip or f"{torch.cuda.get_device_name()} has no bf16 (e.g. V100)"
     return plan
 

@@ -123,7 +123,8 @@ class TrainConfig:
     keep_checkpoints: int = 2
     out_dir: str = "runs/default"
     log_every: int = 10
-    max_steps: int = 0  # stop after this many steps (0: run all epochs)
+    max_steps: int = 0  # stop after this many steps (0: run all epochs); the lr schedule still
+    # spans all epochs, so that `--resume` continues the run exactly
     precision: str = "auto"  # auto: from the DeepSpeed config | fp32 | fp16 | bf16
     sync_timing: bool = False  # synchronise the GPU between phases to split the step time
     # cuDNN times its convolution algorithms once per input shape and keeps the fastest. The frames

@@ -58,11 +58,18 @@ def config_file_name(stage: int, precision: str) -> str:
     return f"zero{stage}_{precision}.json"
 
 
+def has_bf16() -> bool:
+    """Whether this machine's GPU computes in bf16 (Ampere, sm_80, and later). Not
+    ``torch.cuda.is_bf16_supported()``: by default it counts emulation, and says True on a V100,
+    where bf16 runs emulated and slowly."""
+    return torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 0)
+
+
 def default_precision() -> str:
     """bf16 where the GPU has it (Ampere+), fp16 on V100, fp32 on CPU (no fp16 there)."""
     if not torch.cuda.is_available():
         return "fp32"
-    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "bf16" if has_bf16() else "fp16"
 
 
 def load_ds_config(path: str | None, precision: str = "auto", stage: int = 2) -> dict:
@@ -87,13 +94,28 @@ def load_ds_config(path: str | None, precision: str = "auto", stage: int = 2) ->
                     f"remove the block")
     else:
         config = make_ds_config(stage, default_precision() if precision == "auto" else precision)
+    config = _bf16_key(config, path)
     if precision != "auto":
         config["fp16"] = dict(FP16_DYNAMIC) if precision == "fp16" else {"enabled": False}
         config["bf16"] = {"enabled": precision == "bf16"}
     return config
 
 
+def _bf16_key(config: dict, source: str | None) -> dict:
+    """DeepSpeed's older spelling "bfloat16" as "bf16" (both enable bf16 in DeepSpeed 0.19)."""
+    if "bfloat16" not in config:
+        return config
+    config = dict(config)
+    old = config.pop("bfloat16")
+    if "bf16" in config and config["bf16"] != old:
+        raise ValueError(f"DeepSpeed config {source or ''!r} has both 'bf16' and 'bfloat16', "
+                         "which disagree: keep 'bf16'")
+    config["bf16"] = old
+    return config
+
+
 def precision_of(config: dict) -> str:
+    config = _bf16_key(config, None)
     if config.get("fp16", {}).get("enabled"):
         return "fp16"
     if config.get("bf16", {}).get("enabled"):
@@ -108,23 +130,35 @@ def finalize(config: dict, micro_batch: int, grad_clip: float, world_size: int) 
         if value == "auto" or (isinstance(value, dict) and "auto" in value.values()):
             raise ValueError(f"DeepSpeed config key {key!r} uses 'auto', which plain DeepSpeed "
                              "ignores: write a real value (see configs/ds/)")
+    config = _bf16_key(config, None)
     accum = config.get("gradient_accumulation_steps", 1)
     if isinstance(accum, bool) or not isinstance(accum, int) or accum < 1:
         raise ValueError(f"DeepSpeed config: gradient_accumulation_steps={accum!r}: must be a "
                          "whole number >= 1")
+    if accum > 1:  # the loop counts batches as optimizer steps (schedule, saves, exact resume)
+        raise ValueError(
+            f"DeepSpeed config: gradient_accumulation_steps={accum}: siasam-fast steps the "
+            "optimizer on every batch (its warm-up schedule, checkpoints and exact resume count "
+            "batches); set it to 1 and raise train.batch_size, or train on more GPUs")
+    wanted = config.get("train_batch_size")
+    if wanted is not None and wanted != micro_batch * world_size:
+        raise ValueError(
+            f"DeepSpeed config: train_batch_size={wanted!r}, but train.batch_size={micro_batch} "
+            f"per process x {world_size} process(es) is {micro_batch * world_size}: the run "
+            "config sets the batch; remove train_batch_size from the file or make it agree")
     zero = config.get("zero_optimization", {})
     stage = zero.get("stage", 0) if isinstance(zero, dict) else zero
     if stage not in STAGES:
         raise ValueError(f"DeepSpeed config: zero_optimization.stage={stage!r}: valid stages are "
                          f"{', '.join(map(str, STAGES))}")
     config["train_micro_batch_size_per_gpu"] = micro_batch
-    config["train_batch_size"] = micro_batch * accum * world_size
+    config["train_batch_size"] = micro_batch * world_size
     config["gradient_clipping"] = grad_clip
     precision = precision_of(config)
     if not torch.cuda.is_available() and precision == "fp16":
         raise ValueError("fp16 needs a CUDA GPU (DeepSpeed refuses it on CPU): use a bf16 or fp32 "
                          "config, e.g. configs/ds/zero2_fp32.json")
-    if torch.cuda.is_available() and precision == "bf16" and not torch.cuda.is_bf16_supported():
+    if torch.cuda.is_available() and precision == "bf16" and not has_bf16():
         raise ValueError(f"{torch.cuda.get_device_name()} has no bf16 (e.g. V100): use "
                          "configs/ds/zero2_fp16.json (fp16 with dynamic loss scaling)")
     return config

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from siasam_fast.config import SiameseConfig
 from siasam_fast.model import task_scores
-from siasam_fast.siamese import SiameseReasoning, siamese_count_loss
+from siasam_fast.siamese import SiameseReasoning
 
 IGNORE = -1  # label of examples without a usable target (answers outside the vocabulary)
 
@@ -59,12 +59,8 @@ def siamese_term(
     """L_siamese (eq. 5 and the first term of eq. 8), averaged over videos."""
     features = outputs["features"]
     clip_mask = batch["clip_mask"]
-    if task == "count":
-        return siamese_count_loss(
-            features, outputs["prediction"], reasoning.theta1, reasoning.theta2,
-            omega=reasoning.omega, tau=reasoning.tau, clip_mask=clip_mask, skg=reasoning.skg,
-            detach_soft_label=reasoning.detach_soft_label,
-        )
+    if task == "count":  # through the module call: ZeRO-3 gathers its partitioned theta1 / theta2
+        return reasoning(features, outputs["prediction"], clip_mask=clip_mask, count=True)
     return reasoning(features, task_scores(outputs, task), clip_mask=clip_mask, reduction="mean")
 
 

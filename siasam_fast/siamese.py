@@ -504,9 +504,13 @@ class SiameseReasoning(nn.Module):
 
     def forward(
         self, features: Tensor | None, logits: Tensor, clip_mask: Tensor | None = None,
-        reduction: str = "mean",
+        reduction: str = "mean", count: bool = False,
     ) -> Tensor:  # fmt: skip
-        """L_siamese for features [V, N, D] and logits [V, N, K] (N = num_clips)."""
+        """L_siamese for features [V, N, D] and logits [V, N, K] (N = num_clips); ``count``: the
+        count task's term for scalar predictions [V, N] (:meth:`count_loss`). Called as a module
+        (not through ``count_loss``), ZeRO-3 gathers theta1 / theta2 first."""
+        if count:
+            return self.count_loss(features, logits, clip_mask, reduction)
         return siamese_loss(
             features, logits, self.theta1, self.theta2, self.omega, self.tau, clip_mask,
             self.skg, self.detach_soft_label, reduction, self.impl,

@@ -313,7 +313,16 @@ def build_optimizer(model: torch.nn.Module, cfg: Config, device: torch.device):
             print(f"TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']!r} -> {fixed!r} "
                   "for DeepSpeed's FusedAdam build (it cannot parse suffixed entries)")  # fmt: skip
             os.environ["TORCH_CUDA_ARCH_LIST"] = fixed
-        return FusedAdam(groups, lr=cfg.train.lr, adam_w_mode=True), "DeepSpeed FusedAdam"
+        try:
+            return FusedAdam(groups, lr=cfg.train.lr, adam_w_mode=True), "DeepSpeed FusedAdam"
+        except Exception as err:  # noqa: BLE001 - its JIT build: no nvcc / ninja, a bad arch list
+            why = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
+            if cfg.train.optimizer != "auto":
+                raise ValueError(f"train.optimizer='deepspeed': DeepSpeed's FusedAdam could not "
+                                 f"be built here ({why}); use train.optimizer=torch "
+                                 "(`siasam-fast env` says what the build needs)") from err
+            print(f"note: DeepSpeed's FusedAdam could not be built here ({why}); using torch "
+                  "AdamW (`siasam-fast env` says what the build needs)", file=sys.stderr)
     return torch.optim.AdamW(groups, lr=cfg.train.lr), "torch AdamW"
 
 
@@ -758,7 +767,7 @@ def train(argv: list[str] | None = None, prog: str | None = None) -> int:
     steps_per_epoch = len(train_loader)
     if steps_per_epoch == 0:
         raise ValueError("the train split has no usable examples (see the log for the reasons)")
-    total_steps = steps_per_epoch * cfg.train.epochs
+    total_steps = steps_per_epoch * cfg.train.epochs  # not max_steps: a stop a resume continues
     # Weights stay NCHW under DeepSpeed (model.use_memory_format); frames still go NHWC.
     model = build_model(cfg, len(data.ans2label), len(tokenizer))
     if init_dir is not None:
@@ -778,6 +787,12 @@ def train(argv: list[str] | None = None, prog: str | None = None) -> int:
         state = load_run_state(tag_dir, cfg)
         if state["vocab"] != _vocab_hash(data.ans2label):
             raise ValueError(f"checkpoint {tag_dir} was trained with another answer vocabulary")
+        if state.get("precision", precision) != precision:
+            raise ValueError(
+                f"checkpoint {tag_dir} was trained in {state['precision']}, this run is "
+                f"{precision}: resume with a DeepSpeed config of the same precision (its "
+                "optimizer state cannot be loaded across precisions), or start a new run from "
+                "its weights with train.init_from")
         engine.load_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
         step, start_epoch = state["step"], state["epoch"]
         train_loader.load_state_dict(state["sampler"])
@@ -889,6 +904,7 @@ def train(argv: list[str] | None = None, prog: str | None = None) -> int:
                 engine.backward(loss)
                 sync()
                 t_opt = time.perf_counter()
+                lr = scheduler.get_last_lr()[0]  # the rate this step uses (step() moves it on)
                 engine.step()
                 sync()
                 t_end = time.perf_counter()
@@ -900,7 +916,7 @@ def train(argv: list[str] | None = None, prog: str | None = None) -> int:
                         f"loss is {float(parts['loss'])} at step {step}: lower train.lr or check "
                         "the data (fp16 overflow steps are skipped by the loss scaler instead)")
                 row = {"step": step, "epoch": epoch + 1, **{k: float(v) for k, v in parts.items()},
-                       "lr": scheduler.get_last_lr()[0],
+                       "lr": lr,
                        "loss_scale": float(getattr(optimizer, "cur_scale",
                                                    getattr(optimizer, "loss_scale", 1.0)) or 1.0),
                        "skipped_steps": int(engine.skipped_steps),

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from siasam_fast.config import load_config
+from siasam_fast.config import Config, load_config
 from siasam_fast.ds_config import finalize, load_ds_config
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -125,7 +125,6 @@ def test_a_checkpoint_older_than_a_config_field_stays_compatible():
     compared with today's defaults filled in, not with the field missing."""
     import json
 
-    from siasam_fast.config import Config
     from siasam_fast.training import config_mismatches, saved_config
 
     cfg = Config()
@@ -137,3 +136,63 @@ def test_a_checkpoint_older_than_a_config_field_stays_compatible():
     changed["model"]["visual"] = "resnet50"
     assert config_mismatches(saved_config({"config": changed}), cfg.to_dict()) == [
         "model.visual: checkpoint has 'resnet50', this run has 'tiny'"]
+
+
+def test_a_v100_gets_fp16_not_emulated_bf16(monkeypatch):
+    """torch.cuda.is_bf16_supported() counts emulation and says True on a V100: bf16 was chosen
+    there, and bf16 configs were accepted. The compute capability decides now."""
+    import torch
+
+    from siasam_fast import ds_config
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Tesla V100-SXM2-32GB")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (7, 0))
+    assert not ds_config.has_bf16() and ds_config.default_precision() == "fp16"
+    with pytest.raises(ValueError, match="Tesla V100-SXM2-32GB has no bf16"):
+        finalize(ds_config.make_ds_config(2, "bf16"), 4, 1.0, 1)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))
+    assert ds_config.has_bf16() and ds_config.default_precision() == "bf16"
+
+
+def test_deepspeed_config_spellings_and_batch_settings(tmp_path):
+    import json
+
+    from siasam_fast.ds_config import precision_of
+
+    old = tmp_path / "old.json"
+    old.write_text(json.dumps({"zero_optimization": {"stage": 2}, "bfloat16": {"enabled": True}}))
+    config = load_ds_config(str(old))
+    assert precision_of(config) == "bf16" and "bfloat16" not in config
+    assert precision_of(load_ds_config(str(old), precision="fp32")) == "fp32"
+    final = finalize(config, 4, 1.0, 2)
+    assert final["bf16"] == {"enabled": True} and final["train_batch_size"] == 8
+    with pytest.raises(ValueError, match=r"gradient_accumulation_steps=4: siasam-fast steps the "
+                                         r"optimizer on every batch"):
+        finalize({"gradient_accumulation_steps": 4}, 4, 1.0, 1)
+    with pytest.raises(ValueError, match=r"train_batch_size=256, but train.batch_size=8 per "
+                                         r"process x 8 process\(es\) is 64"):
+        finalize({"train_batch_size": 256}, 8, 1.0, 8)
+    assert finalize({"train_batch_size": 64}, 8, 1.0, 8)["train_batch_size"] == 64
+
+
+def test_fused_adam_that_cannot_be_built_falls_back_to_torch_adamw(monkeypatch, capsys):
+    import deepspeed.ops.adam
+    import torch
+
+    from siasam_fast.training import build_optimizer
+
+    def no_build(*args, **kwargs):
+        raise RuntimeError("Ninja is required to load C++ extensions")
+
+    monkeypatch.setattr(deepspeed.ops.adam, "FusedAdam", no_build)
+    model = torch.nn.Linear(3, 2)
+    cfg = Config()
+    optimizer, name = build_optimizer(model, cfg, torch.device("cuda"))
+    assert name == "torch AdamW" and isinstance(optimizer, torch.optim.AdamW)
+    assert "FusedAdam could not be built here (Ninja is required" in capsys.readouterr().err
+    cfg.train.optimizer = "deepspeed"
+    with pytest.raises(ValueError, match=r"train.optimizer='deepspeed': .* use "
+                                         r"train.optimizer=torch"):
+        build_optimizer(model, cfg, torch.device("cuda"))

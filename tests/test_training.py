@@ -77,6 +77,10 @@ def test_single_process_trains_evaluates_and_checkpoints(synth, tmp_path):
     assert 0.0 <= summary["val"]["accuracy"] <= 1.0 and summary["val"]["num_examples"] > 0
     steps = losses(out)
     assert len(steps) == summary["steps"] and all(x == x for x in steps)  # no NaN
+    with (out / "metrics_steps.csv").open() as fh:  # each row: the rate its step used
+        rates = [float(r["lr"]) for r in csv.DictReader(fh)]
+    warmup = max(1, round(len(rates) * 0.1))  # configs/synthetic.yaml: lr 0.001, warm-up 10%
+    assert rates[0] == pytest.approx(0.001 / warmup) and max(rates) == pytest.approx(0.001)
     with (out / "metrics_epochs.csv").open() as fh:
         epochs = list(csv.DictReader(fh))
     assert [int(r["epoch"]) for r in epochs] == [1, 2] and "val_accuracy" in epochs[0]
@@ -274,6 +278,10 @@ def test_incompatible_checkpoint_is_refused(synth, tmp_path):
     mismatch = r"model.dropout: checkpoint has 0.1, this run has 0.3"
     with pytest.raises(AssertionError, match=mismatch):
         train(base_args(synth, out, "--set", "model.dropout=0.3", "--resume", "auto"))
+    with pytest.raises(AssertionError, match=r"was trained in fp32, this run is bf16: resume "
+                                             r"with a DeepSpeed config of the same precision"):
+        train(base_args(synth, out, "--resume", "auto", "--deepspeed_config",
+                        str(ROOT / "configs" / "ds" / "zero2_bf16.json")))
     mismatch = r"sampling.num_clips: checkpoint has 3, this run has 4"
     with pytest.raises(AssertionError, match=mismatch):
         run([sys.executable, "-m", "siasam_fast.cli", "eval", "--checkpoint", str(out),
@@ -346,9 +354,11 @@ def test_count_task(synth, tmp_path):
         lines.append(f"{vid}\t{q['open_question']}\t{n}\tCOUNT{video['index']}\t{video['index']}")
     path.write_text("\r\n".join(lines) + "\r\n")
     out = tmp_path / "count"
+    # ZeRO-3: the count term reads theta1 / theta2, partitioned unless gathered by a module call
     train(base_args(synth, out, "--set", "task=count", "--set", "data.dataset=tgif_count",
                     "--set", f"data.train={path}", "--set", f"data.val={path}",
-                    "--set", "train.epochs=1"))
+                    "--set", "train.epochs=1", "--deepspeed_config",
+                    str(ROOT / "configs" / "ds" / "zero3_fp32.json")))
     summary = json.loads((out / "summary.json").read_text())
     assert summary["val"]["num_examples"] == len(lines) - 1
     assert summary["val"]["mse"] >= 0
