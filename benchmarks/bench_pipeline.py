@@ -22,24 +22,58 @@ file-reading processes, run once). DALI's CPU decoder reads VP8 / VP9 / MJPEG on
 on the CPU the generated sets are VP9 variants (``--codec auto``; every backend reads the same
 files, so the comparison stays like for like) and the synthetic set (H.264) is skipped for DALI.
 
-Timing covers a whole epoch of the loader (or ``--max-seconds`` of it), worker / pipeline start-up
-included (``first_batch_s`` shows it); ``steady_videos_per_s`` leaves the first batch out. Other
-columns: ``cpu_util``, CPU seconds of this process and its children
-(workers, DALI's readers) per wall second, i.e. cores kept busy; ``torch_mem_mb``,
-``torch.cuda.max_memory_allocated`` during the run; ``device_mem_mb``, the peak of the GPU memory
-in use by any allocator (DALI's pool included: it has no query of its own in 2.4) over the run, less
-what was in use before. Rows go to benchmarks/results/pipeline_<backends>.csv with the environment.
+Cells (one backend, dedup mode, worker count, ...) are sized by rounds, not by videos. A loader
+delivers its batches in rounds: PyAV's W workers, started together, finish a batch each at about
+the same time (a round of W batches, then nothing for a batch's decode time); DALI delivers one
+iteration (a decode group of batches) at a time. A cell runs its warm-up (the batches queued
+before the first is taken: W x prefetch_factor for PyAV, DALI's prefetch depth in iterations)
+and ``--min-steady-rounds`` (4) whole rounds after it, or ``--min-videos`` when more (rounded up
+to whole passes over the set). ``steady_videos_per_s`` counts the whole rounds after the warm-up
+only, from a round's end to a later round's end (``benchutil.steady_rate``): the rate a long run
+sees, and the one the summary compares backends and dedup modes on. ``videos_per_s`` is the
+overall rate, start-up (``first_batch_s``) and the work in flight at a stop included. A cell with
+fewer whole rounds than ``--min-steady-rounds`` after its warm-up is ``status`` ``short`` (its
+steady rate missing or rough; the summary flags it).
+
+Caps (``benchutil.stop_now``, checked as each batch arrives, so that a batch is never cut and the
+first, the start-up, always counts): ``--max-seconds`` is soft, a cell that holds its steady
+rounds stops at a round's end before it (more rounds where they are cheap, as with DALI);
+``--hard-max-seconds`` (default 3x that) stops a cell whatever it holds, at the first batch past
+it or at a round's end when the next round (as long as the last) would end past it.
+
+Every cell gives a row with a ``status``: ``ok``, ``short``, ``skipped`` (a codec the backend
+cannot decode here, a set without readable videos) or ``failed`` (the cell raised; ``reason``
+says why, the next cells run). The CSV, benchmarks/results/pipeline_<backends>.csv with the
+environment, is rewritten atomically after every row once a cell has been measured (a run cut
+short keeps what finished; a run that measures nothing leaves an earlier CSV as it was).
+
+Other columns: ``cpu_util``, CPU seconds of this process and its children (workers, DALI's
+readers) per wall second, i.e. cores kept busy; ``transformed_per_s`` and
+``transformed_per_video``: frames the decoder handed on to the transform (the unique frames with
+dedup, every clip frame without), not the frames it decoded (it also decodes the pre-roll from
+the keyframe before each: bench_transcode measures that); ``out_dtype`` / ``out_device``: of the
+frames the loader yields (DALI on the GPU: float16 on the device; PyAV: float32 on the host,
+pinned when CUDA is here); ``torch_mem_mb``, ``torch.cuda.max_memory_allocated`` during the cell:
+torch's caching allocator only, which cannot see DALI's buffers (DALI's output reaches torch
+through DLPack from DALI's own pool); ``device_mem_mb``, the peak of the GPU memory in use by any
+allocator (DALI's pool included: it has no query of its own in 2.4), sampled as each batch
+arrives, less what was in use at the cell's start, after DALI's pools
+(``nvidia.dali.backend.ReleaseUnusedMemory``) and torch's cache were emptied of what earlier
+cells left, so it does not depend on the order of the cells.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
+import inspect
 import itertools
 import json
 import os
 import resource
 import sys
 import time
+import traceback
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,13 +83,19 @@ import torch
 
 from siasam_fast.benchutil import (
     DALI_TRIM_MODES,
-    environment,
+    MIN_STEADY_ROUNDS,
+    Rounds,
+    dali_rounds,
+    environment_isolated,
     format_table,
     nonneg_int,
     positive_float,
     positive_int,
+    pyav_rounds,
     report_no_rows,
     results_path,
+    steady_rate,
+    stop_now,
     write_csv,
 )
 from siasam_fast.data.examples import QAExample
@@ -158,6 +198,10 @@ class VideoSet:
         return ".mp4" if self.codec == "h264" else ".webm"
 
 
+# libx264 settings of the generated H.264 sets (bench_transcode encodes its copies alike)
+H264_OPTIONS = {"preset": "veryfast", "crf": "23", "bf": "3"}
+
+
 def video_sets(quick: bool, codec: str = "h264") -> list[VideoSet]:
     if quick:
         return [
@@ -206,7 +250,7 @@ def write_textured_video(path: Path, spec: VideoSet, seed: int) -> None:
     container = av.open(str(tmp), "w")
     if spec.codec == "h264":
         stream = container.add_stream("libx264", rate=spec.fps)
-        stream.options = {"preset": "veryfast", "crf": "23", "g": str(spec.gop), "bf": "3"}
+        stream.options = {**H264_OPTIONS, "g": str(spec.gop)}
     elif spec.codec == "vp9":
         stream = container.add_stream("libvpx-vp9", rate=spec.fps)
         stream.options = {"crf": "32", "b": "0", "g": str(spec.gop), "deadline": "realtime",
@@ -294,6 +338,26 @@ def device_memory_in_use() -> int:
     return total - free
 
 
+def release_device_memory() -> None:
+    """Give back the GPU memory that the cells before kept cached: the loaders freed (gc), DALI's
+    memory pools (``nvidia.dali.backend.ReleaseUnusedMemory``, where this DALI has it; only when
+    DALI is already imported) and torch's cache. Called before and after every cell, so that each
+    cell's ``device_mem_mb`` starts from a fresh baseline whatever ran before it."""
+    gc.collect()
+    if "nvidia.dali" in sys.modules:
+        try:
+            from nvidia.dali import backend as dali_backend
+
+            release = getattr(dali_backend, "ReleaseUnusedMemory", None)
+            if release is not None:
+                release()
+        except Exception as err:  # noqa: BLE001 - a missing or failing release: just a baseline
+            print(f"nvidia.dali.backend.ReleaseUnusedMemory failed: {err}", file=sys.stderr)
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+
+
 def bench_examples(records: dict, min_videos: int) -> list[QAExample]:
     """One question per ok video, repeated in whole passes until there are ``min_videos``."""
     ok = [vid for vid, r in sorted(records.items()) if r.ok]
@@ -303,6 +367,122 @@ def bench_examples(records: dict, min_videos: int) -> list[QAExample]:
         for k in range(repeats)
         for vid in ok
     ]
+
+
+def cell_videos(rounds: Rounds, batch_size: int, min_videos: int = 0,
+                min_steady_rounds: int = MIN_STEADY_ROUNDS) -> int:
+    """Videos of a cell: its warm-up and ``min_steady_rounds`` whole rounds after it, or
+    ``min_videos`` when more (``bench_examples`` rounds it up to whole passes over the set)."""
+    return max(min_videos, rounds.cell_batches(min_steady_rounds) * batch_size)
+
+
+def time_epoch(
+    make_loader: Callable[[], Iterable[dict]],
+    rounds: Rounds,
+    *,
+    max_seconds: float | None = None,
+    hard_max_seconds: float | None = None,
+    min_steady_rounds: int = MIN_STEADY_ROUNDS,
+) -> dict:
+    """Time one epoch of the loader that ``make_loader()`` builds (its start-up included), or
+    what ``stop_now`` lets run of it; returns the measured columns of a row.
+
+    ``rounds``: how its batches arrive (``pyav_rounds`` / ``dali_rounds``);
+    ``steady_videos_per_s`` counts whole rounds after the warm-up only (``steady_rate``); a cell
+    with fewer than ``min_steady_rounds`` of them is ``status="short"``. GPU memory: the caches of
+    earlier cells are released first and the peak is taken against the memory in use then."""
+    cuda = torch.cuda.is_available()
+    release_device_memory()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+        torch_before = torch.cuda.memory_allocated()
+        device_before = device_peak = device_memory_in_use()
+    arrivals: list[float] = []
+    sizes: list[int] = []
+    clip_frames = unique = 0
+    out_dtype = out_device = ""
+    stopped_by = "epoch"
+    cpu_start = cpu_seconds()
+    start = time.perf_counter()
+    loader = batches = batch = None
+    try:
+        loader = make_loader()
+        batches = iter(loader)
+        for batch in batches:
+            arrivals.append(time.perf_counter() - start)
+            sizes.append(len(batch["example_index"]))
+            clip_frames += int(batch["frame_mask"].sum())
+            unique += int(batch["num_unique"].sum())
+            if not out_dtype:
+                frames = batch["frames"]
+                out_dtype = str(frames.dtype).removeprefix("torch.")
+                out_device = frames.device.type
+            if cuda:
+                device_peak = max(device_peak, device_memory_in_use())
+            if stop_now(arrivals, rounds, max_seconds=max_seconds,
+                        hard_max_seconds=hard_max_seconds, min_steady_rounds=min_steady_rounds):
+                stopped_by = "cap"
+                break
+        if cuda:
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - start
+        cpu = cpu_seconds() - cpu_start
+    finally:
+        close = getattr(batches, "close", None)
+        if close is not None:  # a DALI pass: its pipeline and reader processes end now
+            close()
+        del batch, batches, loader  # stops the workers / the pipeline
+        if cuda:
+            torch_peak = torch.cuda.max_memory_allocated()
+        release_device_memory()
+    videos = sum(sizes)
+    steady = steady_rate(arrivals, sizes, rounds)
+    short = steady.rounds < min_steady_rounds
+    row = {
+        "status": "short" if short else "ok",
+        "reason": (f"{steady.rounds} whole rounds of {rounds.round_batches} batches after a "
+                   f"warm-up of {rounds.warmup_batches} (< {min_steady_rounds}; stopped by the "
+                   f"{'time cap' if stopped_by == 'cap' else 'end of the epoch'}): "
+                   + ("no steady rate" if steady.videos_per_s is None else "a rough steady rate")
+                   ) if short else "",
+        "videos": videos,
+        "batches": len(sizes),
+        "seconds": seconds,
+        "videos_per_s": videos / seconds,  # start-up and the work in flight at a stop included
+        "steady_videos_per_s": steady.videos_per_s,
+        "steady_rounds": steady.rounds,
+        "steady_s": steady.seconds,
+        "round_batches": rounds.round_batches,
+        "warmup_batches": rounds.warmup_batches,
+        "stopped_by": stopped_by,
+        "frames_per_s": clip_frames / seconds,  # output clip frames (N x B per video)
+        # frames the decoder handed to the transform (the unique frames with dedup, every clip
+        # frame without); the decoder decodes more (its pre-roll from the keyframe before each)
+        "transformed_per_s": unique / seconds,
+        "transformed_per_video": unique / max(videos, 1),
+        "first_batch_s": arrivals[0] if arrivals else None,  # start-up and the first batch
+        "cpu_util": cpu / seconds,  # cores kept busy (this process and its children)
+        "out_dtype": out_dtype,
+        "out_device": out_device,
+    }
+    if cuda:
+        row["torch_mem_mb"] = (torch_peak - torch_before) / 2**20
+        row["device_mem_mb"] = (device_peak - device_before) / 2**20
+    return row
+
+
+def _default(factory: Callable, name: str):
+    return inspect.signature(factory).parameters[name].default
+
+
+def cell_rounds(backend: Backend, workers: int, group: int = 1) -> Rounds:
+    """How the backend's loader delivers batches, with the loader factory's own prefetch
+    depth (``prefetch_factor``, which the benchmark leaves at its default)."""
+    if backend.name == "dali":
+        from siasam_fast.pipeline.dali import build_dali_loader
+
+        return dali_rounds(group, _default(build_dali_loader, "prefetch_factor"))
+    return pyav_rounds(workers, _default(build_loader, "prefetch_factor"))
 
 
 def measure(
@@ -316,68 +496,43 @@ def measure(
     min_videos: int,
     seed: int = 0,
     max_seconds: float | None = None,
+    hard_max_seconds: float | None = None,
     threads: int | None = None,
     group: int = 1,
     trim: bool = False,
+    min_steady_rounds: int = MIN_STEADY_ROUNDS,
 ) -> dict:
-    """One epoch of ``min_videos`` (rounded up to whole passes over the set), or what fits in
-    ``max_seconds``. ``steady_videos_per_s`` leaves out the first batch (start-up)."""
-    examples = bench_examples(records, min_videos)
-    cuda = torch.cuda.is_available()
-    if cuda:
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        torch_before = torch.cuda.memory_allocated()
-        device_before = device_peak = device_memory_in_use()
-    cpu_start = cpu_seconds()
-    start = time.perf_counter()
-    loader = backend.make_loader(
-        examples,
-        records,
-        SAMPLING,
-        batch_size=batch_size,
-        image_size=image_size,
-        workers=workers,
-        dedup=dedup,
-        seed=seed,
-        threads=threads,
-        group=group,
-        trim=trim,
-    )
-    videos = clip_frames = unique = first_videos = 0
-    first_batch = None
-    batches = iter(loader)
-    for batch in batches:
-        videos += len(batch["example_index"])
-        clip_frames += int(batch["frame_mask"].sum())
-        unique += int(batch["num_unique"].sum())
-        if first_batch is None:
-            first_batch, first_videos = time.perf_counter() - start, videos
-        if cuda:
-            device_peak = max(device_peak, device_memory_in_use())
-        if max_seconds is not None and time.perf_counter() - start > max_seconds:
-            break
-    if cuda:
-        torch.cuda.synchronize()
-    seconds = time.perf_counter() - start
-    cpu = cpu_seconds() - cpu_start
-    del batches, loader  # stops the workers / the pipeline
-    steady = (videos - first_videos) / (seconds - first_batch) if videos > first_videos else None
-    row = {
-        "videos": videos,
-        "seconds": seconds,
-        "videos_per_s": videos / seconds,
-        "steady_videos_per_s": steady,
-        "frames_per_s": clip_frames / seconds,  # output clip frames (N x B per video)
-        "decoded_per_s": unique / seconds,  # frames decoded and transformed
-        "unique_per_video": unique / max(videos, 1),
-        "first_batch_s": first_batch,  # worker / pipeline start-up and the first batch
-        "cpu_util": cpu / seconds,  # cores kept busy (this process and its children)
-    }
-    if cuda:
-        row["torch_mem_mb"] = (torch.cuda.max_memory_allocated() - torch_before) / 2**20
-        row["device_mem_mb"] = (device_peak - device_before) / 2**20
-    return row
+    """One epoch sized by rounds (``cell_videos``: the warm-up and ``min_steady_rounds`` whole
+    rounds, at least ``min_videos``, rounded up to whole passes over the set), or what the caps
+    let run of it (``stop_now``); the columns of ``time_epoch``."""
+    rounds = cell_rounds(backend, workers, group)
+    examples = bench_examples(
+        records, cell_videos(rounds, batch_size, min_videos, min_steady_rounds))
+
+    def make():
+        return backend.make_loader(
+            examples,
+            records,
+            SAMPLING,
+            batch_size=batch_size,
+            image_size=image_size,
+            workers=workers,
+            dedup=dedup,
+            seed=seed,
+            threads=threads,
+            group=group,
+            trim=trim,
+        )
+
+    return time_epoch(make, rounds, max_seconds=max_seconds, hard_max_seconds=hard_max_seconds,
+                      min_steady_rounds=min_steady_rounds)
+
+
+MEASURED = ("ok", "short")  # statuses of the rows that hold a measurement
+
+
+def failure_reason(err: BaseException) -> str:
+    return f"{type(err).__name__}: {err}".splitlines()[0][:300]
 
 
 def run_benchmark(
@@ -390,11 +545,14 @@ def run_benchmark(
     image_size: int,
     min_videos: int,
     max_seconds: float | None = None,
+    hard_max_seconds: float | None = None,
     dali_threads: list[int] | None = None,
     dali_groups: list[int] | None = None,
     dali_trims: tuple[bool, ...] = (False,),
     dedup_modes: tuple[bool, ...] = (True, False),
+    min_steady_rounds: int = MIN_STEADY_ROUNDS,
     log=print,
+    on_row: Callable[[dict], None] | None = None,
 ) -> list[dict]:
     """Rows for every (set, backend, dedup, workers, DALI threads); ``sets`` holds (name, records,
     codec). ``dali_threads``: DALI's thread counts to try (its mixed video decoder decodes one
@@ -402,20 +560,40 @@ def run_benchmark(
     loader's own (``default_num_threads``). ``dali_groups``: DALI decode groups to try (batches
     decoded per iteration, ``build_dali_loader(decode_group=...)``; default 1). ``dali_trims``:
     whether DALI gets each file whole or only the stretch its frames need
-    (``build_dali_loader(trim=...)``; default whole only)."""
+    (``build_dali_loader(trim=...)``; default whole only).
+
+    Every cell gives a row, ``status`` saying what it holds: ``ok`` / ``short`` (measured; short:
+    fewer than ``min_steady_rounds`` whole rounds after the warm-up), ``skipped`` (a set without a
+    readable video, a codec the backend cannot decode here) or ``failed`` (the cell raised: the
+    error is in ``reason`` and the traceback in the log; the next cells still run). ``on_row``
+    is called with each row as soon as it is made (main rewrites the CSV there)."""
     from siasam_fast.pipeline.dali import default_num_threads
 
-    rows = []
+    rows: list[dict] = []
+
+    def add(row: dict) -> None:
+        rows.append(row)
+        if on_row is not None:
+            on_row(row)
+
     for name, records, codec in sets:
         ok = [r for r in records.values() if r.ok]
         if not ok:
             log(f"{name}: no ok video, skipped")
+            for backend_name in backend_names:
+                add({"set": name, "codec": codec, "backend": backend_name, "status": "skipped",
+                     "reason": "no readable video in the set"})
             continue
         resolution = f"{ok[0].width}x{ok[0].height}"
         for backend_name in backend_names:
             backend = BACKENDS[backend_name]
+            device = dali_device() if backend_name == "dali" else "cpu"
             if not decodes(backend_name, codec):
-                log(f"{name}: {backend_name} on {dali_device()} cannot decode {codec}, skipped")
+                why = f"{backend_name} on {dali_device()} cannot decode {codec}"
+                log(f"{name}: {why}, skipped")
+                add({"set": name, "resolution": resolution, "codec": codec,
+                     "backend": backend_name, "decoder": device, "batch_size": batch_size,
+                     "status": "skipped", "reason": why})
                 continue
             counts = worker_counts if backend.uses_workers else [dali_workers]
             thread_counts = [None] if backend.uses_workers else (dali_threads or [None])
@@ -423,44 +601,50 @@ def run_benchmark(
             trims = (False,) if backend.uses_workers else dali_trims
             for dedup, workers, threads, group, trim in itertools.product(
                     dedup_modes, counts, thread_counts, groups, trims):
-                result = measure(
-                    backend,
-                    records,
-                    workers=workers,
-                    dedup=dedup,
-                    batch_size=batch_size,
-                    image_size=image_size,
-                    min_videos=min_videos,
-                    max_seconds=max_seconds,
-                    threads=threads,
-                    group=group,
-                    trim=trim,
-                )
-                device = dali_device() if backend_name == "dali" else "cpu"
-                rows.append(
-                    {
-                        "set": name,
-                        "resolution": resolution,
-                        "codec": codec,
-                        "backend": backend_name,
-                        "decoder": device,
-                        "dedup": dedup,
-                        "workers": workers,
-                        "threads": "" if backend.uses_workers else (
-                            threads or default_num_threads(dali_device(), batch_size * group)),
-                        "group": "" if backend.uses_workers else group,
-                        "trim": "" if backend.uses_workers else trim,
-                        "batch_size": batch_size,
-                        **result,
-                    }
-                )
-                log(
-                    f"  {name} {backend_name} dedup={dedup} workers={workers}"
-                    f"{'' if threads is None else f' threads={threads}'}"
-                    f"{'' if group == 1 else f' group={group}'}"
-                    f"{' trim' if trim else ''}: "
-                    f"{result['videos_per_s']:.2f} videos/s"
-                )
+                where = (f"  {name} {backend_name} dedup={dedup} workers={workers}"
+                         f"{'' if threads is None else f' threads={threads}'}"
+                         f"{'' if group == 1 else f' group={group}'}"
+                         f"{' trim' if trim else ''}")
+                cell = {
+                    "set": name,
+                    "resolution": resolution,
+                    "codec": codec,
+                    "backend": backend_name,
+                    "decoder": device,
+                    "dedup": dedup,
+                    "workers": workers,
+                    "threads": "" if backend.uses_workers else (
+                        threads or default_num_threads(dali_device(), batch_size * group)),
+                    "group": "" if backend.uses_workers else group,
+                    "trim": "" if backend.uses_workers else trim,
+                    "batch_size": batch_size,
+                }
+                try:
+                    result = measure(
+                        backend,
+                        records,
+                        workers=workers,
+                        dedup=dedup,
+                        batch_size=batch_size,
+                        image_size=image_size,
+                        min_videos=min_videos,
+                        max_seconds=max_seconds,
+                        hard_max_seconds=hard_max_seconds,
+                        threads=threads,
+                        group=group,
+                        trim=trim,
+                        min_steady_rounds=min_steady_rounds,
+                    )
+                except Exception as err:  # noqa: BLE001 - one failing cell must not end the rest
+                    log(traceback.format_exc())
+                    add({**cell, "status": "failed", "reason": failure_reason(err)})
+                    log(f"{where}: FAILED {failure_reason(err)}")
+                    continue
+                add({**cell, **result})
+                steady = result["steady_videos_per_s"]
+                log(f"{where}: {result['videos_per_s']:.2f} videos/s, steady "
+                    f"{'-' if steady is None else f'{steady:.2f}'} over {result['steady_rounds']}"
+                    f" rounds{' (short)' if result['status'] == 'short' else ''}")
     return rows
 
 
@@ -476,62 +660,99 @@ COLUMNS = [
     "group",
     "trim",
     "batch_size",
+    "status",
     "videos",
     "seconds",
     "videos_per_s",
     "steady_videos_per_s",
+    "steady_rounds",
     "frames_per_s",
-    "decoded_per_s",
-    "unique_per_video",
+    "transformed_per_s",
+    "transformed_per_video",
     "first_batch_s",
     "cpu_util",
+    "out_dtype",
+    "out_device",
     "torch_mem_mb",
     "device_mem_mb",
+    "reason",
 ]
 
 
 def start_up_bound(row: dict) -> bool:
-    """Fewer than 3 batches measured (a --max-seconds cap hit during start-up): the rate mostly
-    measures the start-up and the work still in flight is not counted."""
-    return row["videos"] < 3 * row.get("batch_size", 1)
+    """Fewer than ``MIN_STEADY_ROUNDS`` whole rounds measured after the warm-up (a cap hit during
+    the start-up, or an epoch too short): no steady rate, or a rough one."""
+    if "steady_rounds" in row and row["steady_rounds"] not in ("", None):
+        return int(row["steady_rounds"]) < MIN_STEADY_ROUNDS
+    return True  # a row without the count (an older CSV): not to be trusted
+
+
+def rate(row: dict) -> float | None:
+    """The rate backends are compared on: the steady one (whole rounds after the warm-up)."""
+    value = row.get("steady_videos_per_s")
+    return None if value in ("", None) else float(value)
 
 
 def summary_lines(rows: list[dict]) -> list[str]:
     """Dedup speed-ups per (set, backend, workers, threads) and the best DALI row against the
-    best PyAV row."""
+    best PyAV row, on the steady rates (``rate``); cells with fewer than ``MIN_STEADY_ROUNDS``
+    whole rounds after the warm-up are flagged, cells without a steady rate are named."""
+    rows = [r for r in rows if r.get("status", "ok") in MEASURED]
     lines = []
-    caveat = " (start-up bound: fewer than 3 batches measured)"
+    caveat = f" (start-up bound: fewer than {MIN_STEADY_ROUNDS} whole rounds after the warm-up)"
 
     def key(r):
         return (r["set"], r["backend"], r["workers"], r.get("threads", ""), r.get("group", ""),
                 r.get("trim", ""), r.get("batch_size"))
 
+    def none_steady(*cells) -> str:
+        return ", ".join(f"{r['backend']} {r['workers']} workers dedup={r['dedup']}"
+                         for r in cells if rate(r) is None)
+
     for k in sorted({key(r) for r in rows}, key=str):
         name, backend, workers, threads, group, trim = k[:6]
         pair = {r["dedup"]: r for r in rows if key(r) == k}
-        if len(pair) == 2:
-            speedup = pair[True]["videos_per_s"] / pair[False]["videos_per_s"]
-            note = caveat if any(start_up_bound(r) for r in pair.values()) else ""
-            where = f"{workers} workers" + (f", {threads} threads" if threads != "" else "")
-            where += f", groups of {group}" if group not in ("", 1) else ""
-            where += ", trimmed" if trim is True else ""
-            lines.append(f"{name}, {backend}, {where}: dedup is {speedup:.2f}x faster{note}")
+        if len(pair) != 2:
+            continue
+        where = f"{workers} workers" + (f", {threads} threads" if threads != "" else "")
+        where += f", groups of {group}" if group not in ("", 1) else ""
+        where += ", trimmed" if trim is True else ""
+        missing = none_steady(*pair.values())
+        if missing:
+            lines.append(f"{name}, {backend}, {where}: dedup speed-up not measured (no steady "
+                         f"rate: {missing})")
+            continue
+        speedup = rate(pair[True]) / rate(pair[False])
+        note = caveat if any(start_up_bound(r) for r in pair.values()) else ""
+        lines.append(f"{name}, {backend}, {where}: dedup is {speedup:.2f}x faster (steady "
+                     f"rates){note}")
     for name in sorted({r["set"] for r in rows}):
         dali = [r for r in rows if r["set"] == name and r["backend"] == "dali" and r["dedup"]]
         pyav = [r for r in rows if r["set"] == name and r["backend"] == "pyav" and r["dedup"]]
-        if dali and pyav:
-            best = max(pyav, key=lambda r: r["videos_per_s"])
-            top = max(dali, key=lambda r: r["videos_per_s"])
-            ratio = top["videos_per_s"] / best["videos_per_s"]
-            note = caveat if start_up_bound(top) or start_up_bound(best) else ""
-            threads = f", {top['threads']} threads" if top.get("threads", "") != "" else ""
-            threads += f", batches of {top['batch_size']}" if "batch_size" in top else ""
-            threads += f" in groups of {top['group']}" if top.get("group", 1) not in (1, "") else ""
-            threads += ", trimmed" if top.get("trim") is True else ""
-            lines.append(
-                f"{name}: dali ({top['decoder']}{threads}) {ratio:.2f}x the best pyav "
-                f"({best['workers']} workers), dedup on both{note}"
-            )
+        if not (dali and pyav):
+            continue
+        dali_steady = [r for r in dali if rate(r) is not None]
+        pyav_steady = [r for r in pyav if rate(r) is not None]
+        if not (dali_steady and pyav_steady):
+            lines.append(f"{name}: dali against pyav not measured (no steady rate: "
+                         f"{none_steady(*dali, *pyav)})")
+            continue
+        best = max(pyav_steady, key=rate)
+        top = max(dali_steady, key=rate)
+        ratio = rate(top) / rate(best)
+        note = caveat if start_up_bound(top) or start_up_bound(best) else ""
+        threads = f", {top['threads']} threads" if top.get("threads", "") != "" else ""
+        threads += f", batches of {top['batch_size']}" if "batch_size" in top else ""
+        threads += f" in groups of {top['group']}" if top.get("group", 1) not in (1, "") else ""
+        threads += ", trimmed" if top.get("trim") is True else ""
+        lines.append(
+            f"{name}: dali ({top['decoder']}{threads}) {ratio:.2f}x the best pyav "
+            f"({best['workers']} workers), steady rates {rate(top):.1f} / {rate(best):.1f} "
+            f"videos/s, dedup on both{note}"
+        )
+        missing = none_steady(*dali, *pyav)
+        if missing:
+            lines.append(f"{name}: left out of that comparison (no steady rate): {missing}")
     return lines
 
 
@@ -613,13 +834,30 @@ def build_parser() -> argparse.ArgumentParser:
         "--min-videos",
         type=positive_int,
         default=None,
-        help="videos per measurement (default 64; --quick: 16)",
+        help="at least this many videos per cell (default 64; --quick: 16); a cell also holds "
+        "its warm-up and --min-steady-rounds whole rounds (one batch per worker; DALI: one "
+        "iteration) after it, whichever is more",
+    )
+    parser.add_argument(
+        "--min-steady-rounds",
+        type=positive_int,
+        default=MIN_STEADY_ROUNDS,
+        help=f"whole rounds after the warm-up that a cell is sized for, and below which it is "
+        f"flagged short (default {MIN_STEADY_ROUNDS})",
     )
     parser.add_argument(
         "--max-seconds",
         type=positive_float,
         default=None,
-        help="stop a measurement after this long (default: whole epoch of --min-videos)",
+        help="soft cap: a cell that holds its --min-steady-rounds stops at a round's end before "
+        "this (default: none, the whole sized epoch)",
+    )
+    parser.add_argument(
+        "--hard-max-seconds",
+        type=positive_float,
+        default=None,
+        help="hard cap: a cell stops at the first batch past this, or at a round's end when the "
+        "next round would end past it, whatever it holds (default: 3 x --max-seconds, or none)",
     )
     parser.add_argument("--quick", action="store_true", help="few small videos: a CPU sanity run")
     parser.add_argument("--out-dir", "--out", type=Path, default=None,
@@ -656,17 +894,46 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
 
+    hard_max_seconds = args.hard_max_seconds
+    if hard_max_seconds is None and args.max_seconds is not None:
+        hard_max_seconds = 3 * args.max_seconds
+    suffix = "_quick" if args.quick else ""
+    path = results_path(f"pipeline_{'_'.join(backend_names)}{suffix}.csv", args.out_dir)
+    rows: list[dict] = []
+    env: dict = {}
+
+    def add(row: dict) -> None:
+        """Keep the row; rewrite the CSV (atomically) once a cell has been measured, so that a
+        run cut short keeps every row made so far; until then an earlier CSV stays as it was."""
+        rows.append(row)
+        if any(r.get("status") in MEASURED for r in rows):
+            if not env:  # in a child process: its heavy imports stay out of the workers
+                env.update(environment_isolated())
+            write_csv(rows, path, env)
+
+    def log(text: str) -> None:
+        print(text, file=sys.stderr, flush=True)
+
     sets: list[tuple[str, dict, str]] = []
     if args.synthetic is not None and (not args.sets or "synthetic" in args.sets):
         records = synthetic_set(args.synthetic, args.work_dir, probe_workers)
         if records:
             codecs = {r.codec for r in records.values() if r.ok}
             sets.append(("synthetic", records, codecs.pop() if len(codecs) == 1 else "mixed"))
+        else:
+            add({"set": "synthetic", "status": "skipped",
+                 "reason": f"--synthetic {args.synthetic}: not a folder"})
     for spec in video_sets(args.quick, codec):
-        if not args.sets or spec.name in args.sets:
+        if args.sets and spec.name not in args.sets:
+            continue
+        try:
             sets.append((spec.name, prepare_set(spec, args.work_dir, probe_workers), codec))
+        except Exception as err:  # noqa: BLE001 - the other sets still run
+            log(traceback.format_exc())
+            add({"set": spec.name, "resolution": f"{spec.width}x{spec.height}", "codec": codec,
+                 "status": "failed", "reason": f"generating the set: {failure_reason(err)}"})
 
-    rows = run_benchmark(
+    run_benchmark(
         backend_names,
         sets,
         worker_counts=worker_counts,
@@ -675,17 +942,19 @@ def main(argv: list[str] | None = None) -> int:
         image_size=args.image_size,
         min_videos=min_videos,
         max_seconds=args.max_seconds,
+        hard_max_seconds=hard_max_seconds,
         dali_threads=args.dali_threads,
         dali_groups=args.dali_groups,
         dali_trims=DALI_TRIM_MODES[args.dali_trim],
-        log=lambda text: print(text, file=sys.stderr),
+        min_steady_rounds=args.min_steady_rounds,
+        log=log,
+        on_row=add,
     )
-    suffix = "_quick" if args.quick else ""
-    name = f"pipeline_{'_'.join(backend_names)}{suffix}.csv"
-    if not rows:  # every set skipped: an earlier run's CSV stays as it was
-        return report_no_rows(results_path(name, args.out_dir), "every set was skipped: see above")
+    if not any(r.get("status") in MEASURED for r in rows):  # an earlier CSV stays as it was
+        reasons = "; ".join(f"{r['set']} {r.get('backend', '')}: {r['reason']}".replace(" :", ":")
+                            for r in rows)
+        return report_no_rows(path, reasons or "nothing to measure")
 
-    env = environment()  # after measuring: it imports heavy libraries the workers need not fork
     print(
         f"\npipeline backends={' '.join(backend_names)} on {env['device']} "
         f"({env['cpu_count']} CPUs), N={SAMPLING.num_clips} clips x "
@@ -695,7 +964,6 @@ def main(argv: list[str] | None = None) -> int:
     print(format_table(rows, [c for c in COLUMNS if any(c in r for r in rows)]))
     for line in summary_lines(rows):
         print(line)
-    path = write_csv(rows, results_path(name, args.out_dir), env)
     print(f"wrote {path}")
     return 0
 

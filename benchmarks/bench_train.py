@@ -15,7 +15,8 @@ steps after ``--warmup`` untimed ones, under each variant:
                        pseudo-videos, so every clip's frames go through the CNN separately and the
                        question is tokenised and embedded once per clip (model.py unchanged: the
                        outputs are reshaped back to [V, N, ...] for the loss); the eager reference
-                       siamese loss; torch AdamW; fp32.
+                       siamese loss; torch AdamW; fp32 with PyTorch's defaults (on CUDA cuDNN runs
+                       the convolutions in TF32: ``precision`` says ``fp32 (tf32 convs)``).
     ``baseline-amp``   the same under torch.amp: fp16 autocast + GradScaler on CUDA, bf16 autocast
                        on CPU.
 (b) siasam-fast:
@@ -48,10 +49,17 @@ steps after ``--warmup`` untimed ones, under each variant:
     toggle; ``fast-*`` against ``baseline-amp`` is everything together.
 
 What a machine cannot run is reported, never dropped: a toggle whose subject is missing (Triton,
-FusedAdam, DALI on CPU, fp16 without CUDA, bf16 on V100) is a ``skipped`` row with the reason;
-the siasam-fast rows substitute what is missing (pyav for DALI, the reference for Triton, torch
-AdamW for FusedAdam, no cuDNN autotuning off CUDA) and say so in ``notes``. DALI's CPU decoder
-reads VP8 / VP9 / MJPEG, not the H.264 of the synthetic set, so DALI is a GPU-only option here.
+FusedAdam off CUDA or when its JIT build fails, DALI on CPU, fp16 without CUDA, bf16 on V100) is a
+``skipped`` row with the reason; a toggle is never measured with a stand-in for its subject. A
+skipped row (for whatever reason: a missing subject, fp16 on CPU, the time budget) describes the
+variant as meant (loader=dali, siamese_impl=triton, ...), not a substitute. The siasam-fast rows
+substitute what is missing (pyav for DALI, the reference for Triton, torch AdamW(fused=True) for
+FusedAdam, no cuDNN autotuning off CUDA) and say so in ``substituted`` (short, also the ``notes``
+column of the .md table) and ``notes`` (the reason). DALI's CPU decoder reads VP8 / VP9 /
+MJPEG, not the H.264 of the synthetic set, so DALI is a GPU-only option here. ``precision`` says
+``fp32 (tf32 convs)`` for the fp32 baseline on CUDA: PyTorch's defaults are kept
+(``torch.backends.cudnn.allow_tf32`` is True, so cuDNN runs its convolutions in TF32; matrix
+products stay fp32 unless ``allow_tf32`` is set for them too, which the label then says).
 
 Columns (one row per variant; ``benchmarks/results/bench_train_<device>_<config>.csv``, with the
 device, library versions and config in every row, plus a .md table, a .png and a .json with the
@@ -60,37 +68,66 @@ full config):
 - ``videos_per_s``, ``clips_per_s`` (= videos x N), ``step_ms``: from a pass of ``--steps`` steps
   with no synchronisation other than what the stack does itself (GradScaler and DeepSpeed's fp16
   overflow checks read a flag each step), closed by one device sync. These are the throughput.
+- ``data_wait_frac`` (``wait%`` in the table) and ``data_wait_ms_nosync``: the share of that same
+  pass's wall time, and the mean per step, that the host spent blocked in the loader's ``next()``.
+  Near 0: the loader kept up; well above 0: the loader starves the step (videos_per_s is then the
+  loader's rate). Where the host runs ahead of the device (no per-step sync) part of a wait can
+  overlap queued GPU work, so it is an upper bound on the GPU's idle time.
 - ``step_ms_synced`` = ``data_ms + forward_ms + backward_ms + optimizer_ms``: means over a second
   pass of ``--steps`` steps that synchronises the device between phases (timing mode). data: waiting
   for the loader, tokenising, the host-to-device copy (and the pseudo-video reshape of the
   baseline); forward: model + loss; backward; optimizer: clipping, unscaling, step, schedule.
-  ``data_wait_ms_nosync`` is the host's wait for data in the unsynchronised pass: where it is well
-  above zero the loader starves the GPU.
+- ``warmup_steps`` (untimed training steps actually run: ``--warmup`` + ``SETTLE_STEPS``),
+  ``drained_batches`` and ``loader_prefetch``: see "Warm-up" below.
 - ``peak_gpu_mem_gb``: ``torch.cuda.max_memory_allocated`` over the run (model, optimizer, the
   steps; DALI's own pool is not torch's and is not counted); ``n/a`` on CPU. ``peak_host_rss_gb``:
   the process's peak resident memory (cumulative when variants share one process).
-- ``tflop_per_step``: the forward and backward FLOPs of one step of this variant, counted with
-  ``torch.utils.flop_counter.FlopCounterMode`` on one extra step after the timing (matrix products,
-  convolutions, attention; the siamese loss and elementwise work are not counted, they are
-  negligible here). De-duplication lowers it: fewer frames go through the CNN.
-  ``frames_encoded_per_video``: frames through the CNN per video (N*B without de-duplication).
-- ``mfu`` = tflop_per_step / step time / the card's dense fp16/bf16 tensor-core peak
+- ``model_tflop_per_step`` and ``mfu`` (model FLOPs utilisation): ONE figure for every row, the
+  useful work of a step: the forward and backward FLOPs of the de-duplicated model (each distinct
+  frame through the CNN once, the question embedded once per video) on the epoch's first batch (the
+  same videos in every variant), counted with ``torch.utils.flop_counter.FlopCounterMode`` (matrix
+  products, convolutions, attention; the loss and elementwise work are not counted, they are
+  negligible here). Each variant counts it in its own process (``model_tflop_counted``: equal in
+  every row by construction, a check); the table's figure is the first row's, and
+  ``mfu`` = model_tflop_per_step / step time / the card's dense fp16/bf16 tensor-core peak
   (``PEAK_TFLOPS``, from NVIDIA's datasheets, sparsity excluded; the same peak for every variant, so
-  fp32 rows show how far plain fp32 is from it); ``n/a`` on CPU or an unknown GPU.
+  fp32 rows show how far plain fp32 is from it). So a variant that encodes duplicate frames gets no
+  credit for them: its MFU is lower exactly by its extra time.
+- ``tflop_per_step``, ``achieved_tflops`` and ``hfu`` (hardware FLOPs utilisation): the FLOPs this
+  variant actually executed, counted the same way on one extra step of its own after the timing
+  (duplicate frames included: the baseline's count is ~1.8x the de-duplicated one on ClipBERT-base,
+  pseudo-videos and the eager loss's products included), per step, per second, and over the peak.
+  ``frames_encoded_per_video``: frames through the CNN per video (N*B without de-duplication).
+  ``mfu`` and ``hfu`` are ``n/a`` on CPU or an unknown GPU.
 - ``speedup_vs_baseline_fp32`` and ``speedup_vs_base`` (``base``: the row it differs from).
 - ``cnn_layout`` (NCHW or NHWC) and ``cudnn_benchmark``: how the variant runs the CNN.
 - ``skipped_steps``: optimizer steps skipped by the fp16 loss scaler during the timed passes (they
   make the optimizer look cheaper), ``final_loss`` a sanity check.
 
-Caveats. The loader runs ahead of the model: up to ``num_workers x prefetch_factor`` batches (pyav)
-may be ready when timing starts, so a short run understates a data-bound loader; raise ``--steps``
-to see the steady state (``data_wait_ms_nosync`` then grows). BatchNorm sees duplicated frames in
-the baseline and unique frames with de-duplication, so the two compute the same function in
-evaluation mode (tests check it) and slightly different batch statistics in training.
+Warm-up. The loader runs ahead of the model: up to ``loader_prefetch`` batches (pyav:
+``num_workers x prefetch_factor``, 24 with the ClipBERT-base config; DALI: its queue of
+``prefetch_factor x data.decode_group``) are ready after the slow first steps, and a timed window
+of a few steps served from that backlog would read as compute-bound with no data wait even where
+the loader cannot keep up. So after ``--warmup`` untimed steps the backlog is drained (that many
+batches taken from the loader and dropped, no training: ``drained_batches``; seconds, not steps),
+then ``SETTLE_STEPS`` untimed steps let the loader's queue reach its steady level (empty when the
+loader is the slower side, growing when it is the faster) before both timed passes. The drained
+batches are batches the timed steps do not see: the pyav and DALI rows time different (equally
+shaped) batches of the same epoch order. A loader that is only just faster than the step starts
+the window with a near-empty queue, so its small hiccups show (a slightly pessimistic reading).
+
+Caveats. BatchNorm sees duplicated frames in the baseline and unique frames with de-duplication,
+so the two compute the same function in evaluation mode (tests check it) and slightly different
+batch statistics in training.
 
 Variants run one after the other: in-process on CPU, each in its own subprocess on CUDA
 (``--isolate``): DeepSpeed, DALI's reader processes and the CUDA caching allocator then start clean
 for every variant, its memory peak is its own, and a crash or out-of-memory ends that row only.
+``--time-budget``: a variant is skipped (said in its row) when less time is left than its base
+row took (the median of the rows so far when its base did not run; at least ``MIN_ISOLATED_S``
+isolated), so the budget runs the baselines and siasam-fast first and cuts the toggles that no
+longer fit instead of starting one that the budget would kill. The CSV, .md and JSON are rewritten
+after every variant (``complete`` False until the last, in the CSV's rows and the JSON).
 ``--profile [VARIANT ...]`` writes a torch.profiler chrome trace of ``--profile-steps`` extra steps
 per profiled variant (all when no name is given) under ``<out>/traces/`` (``--profile-gzip``:
 .json.gz, for large GPU traces); the phases are labelled ``data``, ``forward``, ``backward``,
@@ -108,10 +145,12 @@ import argparse
 import contextlib
 import copy
 import gc
+import inspect
 import json
 import logging
 import math
 import os
+import re
 import resource
 import signal
 import statistics
@@ -223,27 +262,39 @@ VARIANTS: tuple[Variant, ...] = (
 BY_NAME = {v.name: v for v in VARIANTS}
 
 # Dense fp16 / bf16 tensor-core peaks in TFLOP/s (NVIDIA datasheets: H100 SXM5 989.4 (1,979 with
-# sparsity), H100 PCIe 756, H100 NVL 835, H200 989, A100 312, V100 SXM2 125 / PCIe 112 / V100S 130,
-# L40S 362, A10 / A10G 125, L4 121). Matched in order against torch.cuda.get_device_name(): the
-# H100 SXM reports itself as "NVIDIA H100 80GB HBM3". HARDWARE.md: about 800 TFLOP/s measured for
+# sparsity), H100 PCIe 756, H100 NVL 835, H200 989 / H200 NVL 835, A100 312, V100 SXM2 125 /
+# PCIe 112 / V100S 130, L40S 362, L40 181, A10 / A10G 125, L4 121). Matched in order, as whole
+# words, against torch.cuda.get_device_name() (peak_for_name: "L4" is not "L40"): the H100 SXM
+# reports itself as "NVIDIA H100 80GB HBM3". HARDWARE.md: about 800 TFLOP/s measured for
 # a large bf16 matrix product on this project's H100, i.e. 81% of the datasheet number.
 PEAK_TFLOPS: tuple[tuple[str, float], ...] = (
-    ("GH200", 989.4), ("H200", 989.4), ("H100 PCIe", 756.0), ("H100 NVL", 835.0),
-    ("H100", 989.4), ("H800", 989.4), ("A100", 312.0), ("A800", 312.0), ("V100S", 130.0),
-    ("V100-PCIE", 112.0), ("V100", 125.0), ("L40S", 362.0), ("A10G", 125.0), ("A10", 125.0),
-    ("L4", 121.0),
+    ("GH200", 989.4), ("H200 NVL", 835.0), ("H200", 989.4), ("H100 PCIe", 756.0),
+    ("H100 NVL", 835.0), ("H100", 989.4), ("H800", 989.4), ("A100", 312.0), ("A800", 312.0),
+    ("V100S", 130.0), ("V100 PCIE", 112.0), ("V100", 125.0), ("L40S", 362.0), ("L40", 181.0),
+    ("A10G", 125.0), ("A10", 125.0), ("L4", 121.0),
 )
 PEAK_SOURCE = "NVIDIA datasheet, dense fp16/bf16 tensor core"
+
+
+def _words(text: str) -> list[str]:
+    return re.findall(r"[a-z0-9]+", text.lower())
+
+
+def peak_for_name(name: str) -> float | None:
+    """The first ``PEAK_TFLOPS`` key whose words appear as whole, consecutive words of ``name``
+    ("L4" matches "NVIDIA L4", not "NVIDIA L40S"; "V100 PCIE" matches "Tesla V100-PCIE-32GB")."""
+    words = _words(name)
+    for key, value in PEAK_TFLOPS:
+        k = _words(key)
+        if any(words[i:i + len(k)] == k for i in range(len(words) - len(k) + 1)):
+            return value
+    return None
 
 
 def peak_tflops(device: torch.device) -> float | None:
     if device.type != "cuda":
         return None
-    name = torch.cuda.get_device_name(device)
-    for key, value in PEAK_TFLOPS:
-        if key in name:
-            return value
-    return None
+    return peak_for_name(torch.cuda.get_device_name(device))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -252,7 +303,8 @@ def peak_tflops(device: torch.device) -> float | None:
 
 @dataclass
 class Plan:
-    """What a variant runs here (substitutions in ``notes``), or why it cannot (``skip``)."""
+    """What a variant runs here (substitutions in ``substituted`` and ``notes``), or why it
+    cannot (``skip``: the plan then keeps the variant's own settings)."""
 
     variant: Variant
     loader: str
@@ -262,7 +314,27 @@ class Plan:
     optimizer: str  # torch | fused
     zero_stage: int
     notes: list[str] = field(default_factory=list)
+    substituted: list[str] = field(default_factory=list)  # short: "pyav for DALI", ...
     skip: str = ""
+    tf32: str = ""  # fp32 on CUDA: what PyTorch's TF32 switches let run in TF32
+
+
+class SubjectMissing(Exception):
+    """A toggle's subject cannot run here (found while building it): the row is skipped."""
+
+
+def substitute(plan: Plan, what: str, fallback: str, reason: str) -> None:
+    """Record that a siasam-fast row runs ``fallback`` instead of ``what``."""
+    plan.notes.append(f"{fallback} instead of {what}: {reason}")
+    plan.substituted.append(f"{fallback} for {what}")
+
+
+def tf32_label() -> str:
+    """What PyTorch's TF32 switches let an fp32 step run in TF32 on CUDA (its defaults: cuDNN's
+    convolutions yes, matrix products no)."""
+    parts = [what for what, on in (("convs", torch.backends.cudnn.allow_tf32),
+                                   ("matmuls", torch.backends.cuda.matmul.allow_tf32)) if on]
+    return f"tf32 {' + '.join(parts)}" if parts else ""
 
 
 def resolve(variant: Variant, device: torch.device, zero_stage: int) -> Plan:
@@ -271,11 +343,13 @@ def resolve(variant: Variant, device: torch.device, zero_stage: int) -> Plan:
                 variant.optimizer, zero_stage)
     toggle = variant.group == "toggle"
 
-    def missing(what: str, reason: str, fallback: str) -> str:
+    def missing(what: str, reason: str, fallback: str, intended: str) -> str:
+        """A toggle is skipped and keeps its own setting (``intended``: what the row describes);
+        a siasam-fast row runs ``fallback`` and says so."""
         if toggle:
             plan.skip = plan.skip or reason
-        else:
-            plan.notes.append(f"{fallback} instead of {what}: {reason}")
+            return intended
+        substitute(plan, what, {"torch": "torch AdamW"}.get(fallback, fallback), reason)
         return fallback
 
     if variant.loader == "dali":
@@ -286,18 +360,20 @@ def resolve(variant: Variant, device: torch.device, zero_stage: int) -> Plan:
         elif not dali_available():
             reason = "nvidia-dali is not installed"
         if reason:
-            plan.loader = missing("DALI", reason, "pyav")
+            plan.loader = missing("DALI", reason, "pyav", variant.loader)
     if variant.siamese_impl == "triton" and not cuda:
         plan.siamese_impl = missing("Triton", "the fused Triton kernels need CUDA (the Triton "
                                     "interpreter runs them on CPU, but that is no speed)",
-                                    "reference")
+                                    "reference", variant.siamese_impl)
     if variant.optimizer == "fused" and not cuda:
-        plan.optimizer = missing("FusedAdam", "DeepSpeed FusedAdam needs CUDA", "torch")
+        plan.optimizer = missing("FusedAdam", "DeepSpeed FusedAdam needs CUDA", "torch",
+                                 variant.optimizer)
     if variant.cudnn_benchmark and not cuda:
         if toggle:
             plan.skip = plan.skip or "cuDNN autotuning needs CUDA (cuDNN)"
         else:
             plan.notes.append("no cuDNN autotuning here: cuDNN is CUDA only")
+            plan.substituted.append("no cuDNN autotuning")
     if variant.precision == "amp":
         if variant.engine == "torch":
             plan.precision = "amp-fp16" if cuda else "amp-bf16"
@@ -307,6 +383,8 @@ def resolve(variant: Variant, device: torch.device, zero_stage: int) -> Plan:
         plan.skip = plan.skip or "fp16 needs a CUDA GPU (DeepSpeed refuses it on CPU)"
     if plan.precision in ("bf16", "amp-bf16") and cuda and not ds_config.has_bf16():
         plan.skip = plan.skip or f"{torch.cuda.get_device_name()} has no bf16 (e.g. V100)"
+    if plan.precision == "fp32" and cuda:
+        plan.tf32 = tf32_label()  # PyTorch's defaults are kept: said, not changed
     return plan
 
 
@@ -456,8 +534,10 @@ class Trainer:
                 return build_optimizer(model, cfg, device)
             except Exception as err:  # noqa: BLE001 - a JIT build can fail many ways
                 first = str(err).strip().splitlines()[0] if str(err).strip() else repr(err)
-                self.plan.notes.append(f"torch AdamW(fused=True) instead of DeepSpeed FusedAdam, "
-                                       f"which did not load: {first[:200]}")
+                why = f"DeepSpeed FusedAdam did not load: {first[:200]}"
+                if self.plan.variant.group == "toggle":  # its subject: no stand-in measured
+                    raise SubjectMissing(why) from err
+                substitute(self.plan, "FusedAdam", "torch AdamW(fused=True)", why)
                 cfg.train.optimizer = "torch"
                 plain, _ = build_optimizer(model, cfg, device)
                 groups = [{"params": g["params"], "weight_decay": g["weight_decay"]}
@@ -539,7 +619,9 @@ def run_step(trainer: Trainer, batches, timing: bool) -> tuple[dict, torch.Tenso
     hold = (lambda: sync(device)) if timing else (lambda: None)
     t0 = time.perf_counter()
     with torch.profiler.record_function("data"):
-        batch, targets, encoded = trainer.prepare(next(batches))
+        raw = next(batches)
+        t_wait = time.perf_counter()
+        batch, targets, encoded = trainer.prepare(raw)
         hold()
     t1 = time.perf_counter()
     with torch.profiler.record_function("forward"):
@@ -554,12 +636,13 @@ def run_step(trainer: Trainer, batches, timing: bool) -> tuple[dict, torch.Tenso
         trainer.step()
         hold()
     t4 = time.perf_counter()
-    return {"data": t1 - t0, "forward": t2 - t1, "backward": t3 - t2, "optimizer": t4 - t3,
-            "step": t4 - t0}, loss, encoded
+    return {"wait": t_wait - t0, "data": t1 - t0, "forward": t2 - t1, "backward": t3 - t2,
+            "optimizer": t4 - t3, "step": t4 - t0}, loss, encoded
 
 
 def count_flops(trainer: Trainer, batches, notes: list[str]) -> float:
-    """FLOPs of one step's forward and backward (FlopCounterMode), then the step itself."""
+    """FLOPs of one step of this variant as it runs (FlopCounterMode), forward and backward, then
+    the step itself: what the hardware executed (duplicate frames and pseudo-videos included)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     batch, targets, _ = trainer.prepare(next(batches))
@@ -575,12 +658,128 @@ def count_flops(trainer: Trainer, batches, notes: list[str]) -> float:
     return total
 
 
+def count_model_flops(trainer: Trainer, raw: dict, notes: list[str]) -> float:
+    """FLOPs of the de-duplicated model on ``raw`` (a :func:`dedup_batch`): its forward and the
+    backward to every trainable parameter (``autograd.grad``: no ``.grad`` written, no optimizer
+    hook fires), the loss left out. The same number in every variant: it depends only on the
+    model, the batch's shapes and the de-duplicated forward, not on how the variant runs."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    batch = to_device({**raw, **trainer.text(raw)}, trainer.device, trainer.dtype)
+    params = [p for p in trainer.module.parameters() if p.requires_grad]
+    with FlopCounterMode(display=False) as counter:
+        with trainer.autocast():
+            outputs = trainer.module(batch)
+        forward = counter.get_total_flops()
+        surrogate = sum(o.float().sum() for o in outputs.values()
+                        if torch.is_tensor(o) and o.is_floating_point())
+        torch.autograd.grad(surrogate, params, allow_unused=True)
+    total = float(counter.get_total_flops())
+    if total < 1.5 * forward:
+        notes.append("model backward FLOPs not seen by FlopCounterMode: counted as 2x forward")
+        total = 3.0 * forward
+    return total
+
+
+def dedup_batch(raw: dict) -> dict:
+    """The de-duplicated form of a loader batch, on the CPU: each video's distinct frames (by
+    ``frame_ids``, the source frame numbers) once, ``clip_index`` pointing at them, the text and
+    the targets as they were. A batch already de-duplicated comes back the same up to the order
+    of its frames. Used to count the model FLOPs of a step in every variant on the same work."""
+    ids = raw["frame_ids"].cpu()
+    mask = raw["frame_mask"].cpu()
+    index = raw["clip_index"].cpu()
+    V = index.shape[0]
+    picks, counts = [], []
+    new_index = torch.zeros_like(index)
+    for v in range(V):
+        valid = mask[v]
+        unique, inverse = torch.unique(ids[v][valid], return_inverse=True)
+        # the slot of one occurrence of each distinct frame (any: they hold the same pixels)
+        slot = torch.zeros(len(unique), dtype=torch.long).scatter_(0, inverse, index[v][valid])
+        new_index[v][valid] = inverse
+        picks.append(slot)
+        counts.append(len(unique))
+    source = raw["frames"]  # on the GPU from DALI: copied over one video at a time
+    frames = torch.zeros(V, max(counts), *source.shape[2:], dtype=source.dtype)
+    for v, slot in enumerate(picks):
+        frames[v, : len(slot)] = source[v].index_select(0, slot.to(source.device)).cpu()
+    out = {k: (v.cpu() if torch.is_tensor(v) else v) for k, v in raw.items()
+           if k not in ("frames", "clips")}
+    out.update(frames=frames, num_unique=torch.tensor(counts, dtype=torch.long),
+               clip_index=new_index, frame_mask=mask.clone())
+    return out
+
+
 def _prepend(first, rest):
-    yield first
-    yield from rest
+    try:
+        yield first
+        yield from rest
+    finally:
+        rest.close()  # closed early too (after ``first``): stops the loader's workers
 
 
-def start_batches(plan: Plan, cfg: Config, data, notes: list[str]):
+def loader_prefetch(plan: Plan, cfg: Config) -> int:
+    """Batches the loader can hold ready ahead of the step: pyav's DataLoader keeps
+    ``prefetch_factor`` batches in flight per worker, DALI ``prefetch_factor`` iterations of
+    ``decode_group`` batches (``build_video_loader``'s default ``prefetch_factor``, which
+    ``make_loader`` keeps)."""
+    from siasam_fast.pipeline.dataset import build_loader
+
+    factor = inspect.signature(build_loader).parameters["prefetch_factor"].default
+    if plan.loader == "dali":
+        return factor * max(1, int(getattr(cfg.data, "decode_group", 1) or 1))
+    return factor * cfg.data.num_workers if cfg.data.num_workers > 0 else 0
+
+
+SETTLE_STEPS = 2  # untimed steps after the drain (the first waits for a freshly decoded batch)
+
+
+def measure(trainer: Trainer, batches, device: torch.device, warmup: int, steps: int,
+            prefetch: int) -> dict:
+    """Warm up, drain the loader's backlog, settle, then the two timed passes (unsynchronised,
+    then synchronised between phases)."""
+    t_warm = time.perf_counter()
+    for _ in range(warmup):
+        run_step(trainer, batches, timing=False)
+    # The slow first steps let the loader fill its queue; timed steps served from that backlog
+    # would hide a loader slower than the step. Take it out (no training), then let the queue
+    # find its steady level.
+    t_drain = time.perf_counter()
+    for _ in range(prefetch):
+        next(batches)
+    drain_s = time.perf_counter() - t_drain
+    for _ in range(SETTLE_STEPS):
+        run_step(trainer, batches, timing=False)
+    sync(device)
+    warmup_s = time.perf_counter() - t_warm
+    skipped0 = trainer.skipped_steps()
+
+    # Throughput: no synchronisation but the stack's own, one sync at the end.
+    waits, bounds, encoded = [], [], []
+    t_start = time.perf_counter()
+    for _ in range(steps):
+        times, loss, enc = run_step(trainer, batches, timing=False)
+        waits.append(times["wait"])
+        bounds.append(time.perf_counter())
+        encoded.append(enc)
+    sync(device)
+    total = time.perf_counter() - t_start
+    gaps = [b - a for a, b in zip([t_start] + bounds[:-1], bounds)]
+
+    # Phase split: synchronised after every phase.
+    phases = []
+    for _ in range(steps):
+        times, loss, enc = run_step(trainer, batches, timing=True)
+        phases.append(times)
+        encoded.append(enc)
+    return {"total": total, "gaps": gaps, "waits": waits, "phases": phases, "encoded": encoded,
+            "loss": float(loss.detach()), "skipped": trainer.skipped_steps() - skipped0,
+            "warmup_s": warmup_s, "warmup_steps": warmup + SETTLE_STEPS,
+            "drained": prefetch, "drain_s": drain_s}
+
+
+def start_batches(plan: Plan, cfg: Config, data):
     """The loader's endless batches; a DALI loader that fails before its first batch gives way
     to pyav in the siasam-fast rows (said in the notes) and fails the DALI toggle."""
     V = cfg.train.batch_size
@@ -593,9 +792,9 @@ def start_batches(plan: Plan, cfg: Config, data, notes: list[str]):
         batches.close()
         if plan.variant.group == "toggle":
             raise
-        notes.append(f"pyav instead of DALI, whose loader failed: {_first_line(err)}")
+        substitute(plan, "DALI", "pyav", f"DALI's loader failed: {_first_line(err)}")
         plan.loader = cfg.data.backend = "pyav"
-        cfg.data.num_workers = fit_workers_to_shm(cfg, plan, notes)
+        cfg.data.num_workers = fit_workers_to_shm(cfg, plan, plan.notes)
         return endless(make_loader(cfg, data, "train", 0, 1), V)
     return _prepend(first, batches)
 
@@ -615,7 +814,7 @@ def run_variant(plan: Plan, cfg: Config, args, device: torch.device) -> dict:
     V, N = cfg.train.batch_size, cfg.sampling.num_clips
     profiled = args.profile is not None and (not args.profile or v.name in args.profile)
     profile_steps = args.profile_steps if profiled else 0
-    total_steps = args.warmup + 2 * args.steps + profile_steps + 1  # + the FLOP count
+    total_steps = args.warmup + SETTLE_STEPS + 2 * args.steps + profile_steps + 1  # + FLOP count
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     t_build = time.perf_counter()
@@ -625,42 +824,25 @@ def run_variant(plan: Plan, cfg: Config, args, device: torch.device) -> dict:
     if usable < V:
         raise ValueError(f"the train split has {usable} examples, fewer than "
                          f"train.batch_size={V}: generate more (--num-videos)")
-    if usable < V * total_steps:
-        plan.notes.append(f"{usable} train examples for {V * total_steps} per run: epochs wrap")
     trainer = Trainer(plan, vcfg, data, tokenizer, device, total_steps)
     num_params, optimizer_name = trainer.num_params, trainer.optimizer_name
-    batches = start_batches(plan, vcfg, data, plan.notes)
-    build_s = time.perf_counter() - t_build
+    source = start_batches(plan, vcfg, data)
+    prefetch = loader_prefetch(plan, vcfg)  # after start_batches: DALI may have given way to pyav
+    batches = source
     cudnn_before = torch.backends.cudnn.benchmark
     torch.backends.cudnn.benchmark = vcfg.train.cudnn_benchmark and device.type == "cuda"
     try:
-        t_warm = time.perf_counter()
-        for _ in range(args.warmup):
-            run_step(trainer, batches, timing=False)
-        sync(device)
-        warmup_s = time.perf_counter() - t_warm
-        skipped0 = trainer.skipped_steps()
-
-        # Throughput: no synchronisation but the stack's own, one sync at the end.
-        waits, bounds, encoded = [], [], []
-        t_start = time.perf_counter()
-        for _ in range(args.steps):
-            times, loss, enc = run_step(trainer, batches, timing=False)
-            waits.append(times["data"])
-            bounds.append(time.perf_counter())
-            encoded.append(enc)
-        sync(device)
-        total = time.perf_counter() - t_start
-        gaps = [b - a for a, b in zip([t_start] + bounds[:-1], bounds)]
-
-        # Phase split: synchronised after every phase.
-        phases = []
-        for _ in range(args.steps):
-            times, loss, enc = run_step(trainer, batches, timing=True)
-            phases.append(times)
-            encoded.append(enc)
-        final_loss = float(loss.detach())
-        skipped = trainer.skipped_steps() - skipped0
+        # The epoch's first batch, de-duplicated and kept on the host: the model-FLOPs count runs
+        # on it in every variant (the same videos everywhere, whatever the loader).
+        first = next(source)
+        model_batch = dedup_batch(first)
+        batches = _prepend(first, source)
+        del first
+        used = V * (total_steps + prefetch)
+        if usable < used:
+            plan.notes.append(f"{usable} train examples for {used} per run: epochs wrap")
+        build_s = time.perf_counter() - t_build
+        m = measure(trainer, batches, device, args.warmup, args.steps, prefetch)
         mem = (torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda"
                else None)
         reserved = (torch.cuda.max_memory_reserved(device) / 1e9 if device.type == "cuda"
@@ -669,23 +851,30 @@ def run_variant(plan: Plan, cfg: Config, args, device: torch.device) -> dict:
         trace = ""
         if profiled:
             trace = profile_variant(trainer, batches, args, v.name, device)
+        flops = model_flops = None
         try:  # last: a failure here must not cost the timings
             flops = count_flops(trainer, batches, plan.notes)
         except Exception as err:  # noqa: BLE001
             plan.notes.append(f"FLOPs not counted: {type(err).__name__}: {_first_line(err)}")
-            flops = None
+        try:
+            model_flops = count_model_flops(trainer, model_batch, plan.notes)
+        except Exception as err:  # noqa: BLE001
+            plan.notes.append(f"model FLOPs not counted: {type(err).__name__}: "
+                              f"{_first_line(err)}")
     finally:
         torch.backends.cudnn.benchmark = cudnn_before
         batches.close()  # stops the loader's workers / DALI's readers
+        source.close()
         trainer.close()
         del trainer
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
 
-    step_s = total / args.steps
+    step_s = m["total"] / args.steps
     peak = peak_tflops(device)
     na = "n/a"
+    phases = m["phases"]
     mean = {k: statistics.fmean(p[k] for p in phases) for k in phases[0]}
     ms = 1e3
     return {
@@ -696,27 +885,33 @@ def run_variant(plan: Plan, cfg: Config, args, device: torch.device) -> dict:
         "videos_per_s": V / step_s,
         "clips_per_s": V * N / step_s,
         "step_ms": step_s * ms,
-        "step_ms_p50": statistics.median(gaps) * ms,
+        "step_ms_p50": statistics.median(m["gaps"]) * ms,
+        "data_wait_frac": sum(m["waits"]) / m["total"],
+        "data_wait_ms_nosync": statistics.fmean(m["waits"]) * ms,
         "step_ms_synced": mean["step"] * ms,
         "step_ms_synced_p50": statistics.median(p["step"] for p in phases) * ms,
         "data_ms": mean["data"] * ms,
         "forward_ms": mean["forward"] * ms,
         "backward_ms": mean["backward"] * ms,
         "optimizer_ms": mean["optimizer"] * ms,
-        "data_wait_ms_nosync": statistics.fmean(waits) * ms,
         "peak_gpu_mem_gb": "n/a" if mem is None else mem,
         "peak_gpu_reserved_gb": "n/a" if reserved is None else reserved,
         "peak_host_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+        "model_tflop_counted": na if model_flops is None else model_flops / 1e12,
         "tflop_per_step": na if flops is None else flops / 1e12,
         "achieved_tflops": na if flops is None else flops / step_s / 1e12,
-        "mfu": na if peak is None or flops is None else flops / step_s / (peak * 1e12),
+        "hfu": na if peak is None or flops is None else flops / step_s / (peak * 1e12),
         "peak_tflops": "n/a" if peak is None else peak,
-        "frames_encoded_per_video": statistics.fmean(encoded) / V,
+        "frames_encoded_per_video": statistics.fmean(m["encoded"]) / V,
         "num_params": num_params,
-        "skipped_steps": skipped,
-        "final_loss": final_loss,
+        "skipped_steps": m["skipped"],
+        "final_loss": m["loss"],
         "build_s": build_s,
-        "warmup_s": warmup_s,
+        "warmup_s": m["warmup_s"],
+        "warmup_steps": m["warmup_steps"],
+        "drained_batches": m["drained"],
+        "drain_s": m["drain_s"],
+        "loader_prefetch": prefetch,
         "loader_workers": vcfg.data.num_workers,
         "trace": trace,
         "notes": "; ".join(plan.notes),
@@ -743,15 +938,24 @@ def describe(plan: Plan) -> dict:
     v = plan.variant
     engine = "torch" if plan.engine == "torch" else f"deepspeed-zero{plan.zero_stage}"
     optimizer = {"torch": "torch AdamW", "fused": "DeepSpeed FusedAdam"}[plan.optimizer]
+    precision = plan.precision + (f" ({plan.tf32})" if plan.tf32 else "")
     return {"variant": v.name, "group": v.group, "base": v.base, "loader": plan.loader,
             "dedup": v.dedup, "question": "once" if v.question_once else "per clip",
-            "siamese_impl": plan.siamese_impl, "engine": engine, "precision": plan.precision,
+            "siamese_impl": plan.siamese_impl, "engine": engine, "precision": precision,
             "cnn_layout": "NHWC" if v.channels_last else "NCHW",
             "cudnn_benchmark": v.cudnn_benchmark,
-            "optimizer": optimizer, "description": v.description}
+            "optimizer": optimizer, "description": v.description,
+            "substituted": "; ".join(plan.substituted)}
 
 
 def skipped_row(plan: Plan, status: str, reason: str) -> dict:
+    """The row of a variant that has no timings. ``skipped``: nothing ran, so the row describes
+    the variant as meant (no stand-ins: a fast row skipped here shows loader=dali, not the pyav it
+    would have fallen back to). ``failed`` / ``timeout`` / ``oom``: the plan as it ran."""
+    if status == "skipped":
+        v = plan.variant
+        plan = Plan(v, v.loader, v.siamese_impl, v.engine, plan.precision, v.optimizer,
+                    plan.zero_stage, skip=plan.skip, tf32=plan.tf32)
     return {**describe(plan), "status": status, "reason": reason, "notes": "; ".join(plan.notes)}
 
 
@@ -762,6 +966,8 @@ def skipped_row(plan: Plan, status: str, reason: str) -> dict:
 def run_in_process(plan: Plan, cfg: Config, args, device) -> dict:
     try:
         return run_variant(plan, cfg, args, device)
+    except SubjectMissing as err:  # a toggle whose subject turned out missing: said, not timed
+        return skipped_row(plan, "skipped", str(err))
     except Exception as err:  # noqa: BLE001 - one failed variant must not end the others
         traceback.print_exc()
         status = "oom" if isinstance(err, torch.cuda.OutOfMemoryError) else "failed"
@@ -810,6 +1016,34 @@ def worker_main(args, cfg: Config, device: torch.device) -> int:
     return 0
 
 
+def apply_model_flops(rows: list[dict]) -> float | None:
+    """One model-FLOPs figure for every row (the first row's count of the de-duplicated step:
+    every row counts the same batch the same way) and each row's MFU from it. Returns the figure
+    in TFLOP, or None when no row counted it."""
+    figure = next((r["model_tflop_counted"] for r in rows
+                   if isinstance(r.get("model_tflop_counted"), float)), None)
+    for r in rows:
+        if r.get("status") != "ok":
+            continue
+        r["model_tflop_per_step"] = "n/a" if figure is None else figure
+        peak, step_ms = r.get("peak_tflops"), r.get("step_ms")
+        r["mfu"] = (figure / (step_ms / 1e3) / peak
+                    if figure is not None and isinstance(peak, (int, float))
+                    and isinstance(step_ms, (int, float)) else "n/a")
+    return figure
+
+
+def expected_seconds(variant: Variant, rows: list[dict], floor: float) -> float:
+    """About how long ``variant`` will take: what its base row took (wall time: start, build,
+    warm-up with the drain, both passes, counts), else the median of the rows run so far;
+    ``floor`` at least."""
+    walls = {r["variant"]: r["wall_s"] for r in rows
+             if r.get("status") == "ok" and isinstance(r.get("wall_s"), (int, float))}
+    if variant.base in walls:
+        return max(floor, walls[variant.base])
+    return max(floor, statistics.median(walls.values())) if walls else floor
+
+
 def add_speedups(rows: list[dict]) -> None:
     speed = {r["variant"]: r["videos_per_s"] for r in rows if r.get("status") == "ok"}
     for r in rows:
@@ -822,33 +1056,52 @@ def add_speedups(rows: list[dict]) -> None:
 
 TABLE = [("variant", "variant"), ("status", "status"), ("loader", "loader"),
          ("precision", "precision"), ("videos/s", "videos_per_s"), ("clips/s", "clips_per_s"),
-         ("step_ms", "step_ms"), ("synced_ms", "step_ms_synced"), ("data_ms", "data_ms"),
-         ("fwd_ms", "forward_ms"), ("bwd_ms", "backward_ms"), ("opt_ms", "optimizer_ms"),
-         ("mem_GB", "peak_gpu_mem_gb"), ("TFLOP/step", "tflop_per_step"), ("MFU", "mfu"),
+         ("step_ms", "step_ms"), ("wait%", "data_wait_frac"), ("synced_ms", "step_ms_synced"),
+         ("data_ms", "data_ms"), ("fwd_ms", "forward_ms"), ("bwd_ms", "backward_ms"),
+         ("opt_ms", "optimizer_ms"), ("mem_GB", "peak_gpu_mem_gb"),
+         ("own_TFLOP", "tflop_per_step"), ("MFU", "mfu"), ("HFU", "hfu"),
          ("x_fp32", "speedup_vs_baseline_fp32"), ("x_base", "speedup_vs_base")]
+PERCENT = ("wait%", "MFU", "HFU")
+NOTE_CHARS = 90  # the .md table's notes: what a row substituted, or why it did not run
 
 
-def table_rows(rows: list[dict]) -> list[dict]:
+def table_rows(rows: list[dict], notes: bool = False) -> list[dict]:
     out = []
     for r in rows:
         row = {label: r.get(key, "") for label, key in TABLE}
-        if isinstance(row["MFU"], float):
-            row["MFU"] = f"{100 * row['MFU']:.1f}%"
+        for label in PERCENT:
+            if isinstance(row[label], float):
+                row[label] = f"{100 * row[label]:.1f}%"
+        if notes:
+            text = r.get("substituted", "") if r.get("status") == "ok" else r.get("reason", "")
+            text = str(text).replace("|", "/").replace("\n", " ")
+            row["notes"] = text if len(text) <= NOTE_CHARS else text[: NOTE_CHARS - 3] + "..."
         out.append(row)
     return out
+
+
+def table_legend(figure: float | None) -> str:
+    model = f"{figure:.4g} TFLOP/step" if figure is not None else "n/a"
+    return ("MFU: model FLOPs (the de-duplicated step: each distinct frame through the CNN once, "
+            f"the question once per video; {model}, the same for every row) / step time / the "
+            "card's dense fp16/bf16 peak. HFU and own_TFLOP: the FLOPs each row actually ran "
+            "(duplicate frames included). wait%: share of the unsynchronised pass spent waiting "
+            "for the loader. notes: what a siasam-fast row substituted, or why a row did not run.")
 
 
 def save_rows(rows: list[dict], args, env: dict, cfg, argv, final: bool = False
               ) -> tuple[Path, Path]:
     """Write the CSV, the markdown table and the JSON of the rows so far. ``final`` adds the
     speed-up columns (they need every row); before it the files hold the variants done so far."""
+    figure = apply_model_flops(rows)
     if final:
         add_speedups(rows)
     for r in rows:
         r.setdefault("peak_tflops", "n/a")
-    csv_path = write_csv(rows, args.out_dir / f"{args.stem}.csv", env)
+    csv_path = write_csv(rows, args.out_dir / f"{args.stem}.csv", {**env, "complete": final})
     md_path = args.out_dir / f"{args.stem}.md"
-    md_path.write_text(markdown_table(table_rows(rows)) + "\n")
+    md_path.write_text(markdown_table(table_rows(rows, notes=True)) + "\n\n"
+                       + table_legend(figure) + "\n")
     meta = {"env": env, "config": cfg.to_dict(), "argv": argv if argv is not None else
             sys.argv[1:], "complete": final, "rows": rows}
     (args.out_dir / f"{args.stem}.json").write_text(json.dumps(meta, indent=1, default=str))
@@ -896,7 +1149,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="override a config value, e.g. --set train.batch_size=4 (repeatable)")
     p.add_argument("--steps", type=positive_int, default=10,
                    help="timed steps per pass (two passes)")
-    p.add_argument("--warmup", type=positive_int, default=3, help="untimed steps first (>= 1)")
+    p.add_argument("--warmup", type=positive_int, default=3,
+                   help="untimed steps first (>= 1); then the loader's prefetched batches are "
+                   f"dropped and {SETTLE_STEPS} more untimed steps run")
     p.add_argument("--variants", nargs="+", default=None, metavar="NAME",
                    help=f"variants to run (default: all): {', '.join(BY_NAME)}")
     p.add_argument("--zero-stage", type=int, default=2, choices=ds_config.STAGES,
@@ -980,7 +1235,8 @@ def main(argv: list[str] | None = None) -> int:
                text=cfg.model.text, image_size=cfg.data.image_size,
                batch_videos=cfg.train.batch_size, num_clips=cfg.sampling.num_clips,
                frames_per_clip=str(cfg.sampling.frames_per_clip), stride=cfg.sampling.stride,
-               steps=args.steps, warmup=args.warmup, zero_stage=args.zero_stage,
+               steps=args.steps, warmup=args.warmup, settle_steps=SETTLE_STEPS,
+               zero_stage=args.zero_stage,
                isolated=isolate, peak_source=PEAK_SOURCE)
     if device.type == "cuda":
         env.update(tf32_matmul=torch.backends.cuda.matmul.allow_tf32,
@@ -999,10 +1255,12 @@ def main(argv: list[str] | None = None) -> int:
             continue
         left = (args.time_budget - (time.perf_counter() - started)
                 if args.time_budget is not None else None)
-        if left is not None and left < (MIN_ISOLATED_S if isolate else 1):
-            rows.append(skipped_row(plan, "skipped", f"--time-budget {args.time_budget:.0f} s "
-                                    "spent before this variant"))
-            print(f"--- {name}: skipped (time budget spent)", flush=True)
+        need = expected_seconds(plan.variant, rows, MIN_ISOLATED_S if isolate else 1)
+        if left is not None and left < need:
+            rows.append(skipped_row(plan, "skipped", f"--time-budget {args.time_budget:.0f} s: "
+                                    f"{max(left, 0):.0f} s left, about {need:.0f} s needed"))
+            print(f"--- {name}: skipped (time budget: {max(left, 0):.0f} s left, about "
+                  f"{need:.0f} s needed)", flush=True)
             continue
         print(f"--- {name}: {plan.variant.description}", flush=True)
         t0 = time.perf_counter()
@@ -1040,11 +1298,19 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {r['variant']}: [{r['status']}] {text}")
     peak = next((r["peak_tflops"] for r in rows if r.get("peak_tflops") not in (None, "n/a")),
                 "n/a")
+    figure = apply_model_flops(rows)
+    counted = {round(r["model_tflop_counted"], 9) for r in rows
+               if isinstance(r.get("model_tflop_counted"), float)}
+    if len(counted) > 1:
+        print(f"warning: the rows counted different model FLOPs ({sorted(counted)} TFLOP): MFU "
+              f"uses the first, {figure:.6g}")
     print(f"\n{env['device']} ({env['cpu_count']} CPUs), config {args.config}, "
           f"V={cfg.train.batch_size} videos/step, N={cfg.sampling.num_clips} clips, "
-          f"{args.steps} timed steps x 2 passes after {args.warmup} warm-up; MFU against "
-          f"{peak} TFLOP/s ({PEAK_SOURCE}); x_fp32 / x_base: speed-up over baseline-fp32 / the "
-          "row's base")
+          f"{args.steps} timed steps x 2 passes after {args.warmup} + {SETTLE_STEPS} warm-up "
+          f"steps (the loader's backlog drained between them); MFU: "
+          f"{'n/a' if figure is None else f'{figure:.4g}'} model TFLOP/step (de-duplicated, "
+          f"every row) against {peak} TFLOP/s ({PEAK_SOURCE}); HFU / own_TFLOP: each row's own "
+          "count; x_fp32 / x_base: speed-up over baseline-fp32 / the row's base")
     print(format_table(table_rows(rows)))
     return 0 if all(r["status"] in ("ok", "skipped") for r in rows) else 1
 

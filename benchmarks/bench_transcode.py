@@ -19,13 +19,27 @@ the rows give:
 - ``anchor_choices``: the effective number of anchor starts (exp of the entropy of
   ``anchor_distribution``, mean over videos): what a sampling option costs in randomness;
 - ``videos_per_s``: a training epoch through the loader, pyav at each ``--workers`` count and,
-  with ``--backend dali`` where DALI and a GPU are present, DALI on NVDEC (else skipped, noted);
-  start-up included; ``steady_videos_per_s`` leaves out the first batch (worker or pipeline
-  start-up), the rate of a long run: raise ``--min-videos`` where start-up weighs in;
-- ``bytes``, ``growth``: disk size of the set and its ratio to the original; ``transcode_s`` and
-  ``encoder``: how the copy was made. The copies use ``--crf 23`` by default, the generator's own
-  quality, so the growth is what the shorter GOP costs rather than a change of quality (the
-  generated sensor noise makes every keyframe expensive: real footage grows less).
+  with ``--backend dali`` where DALI and a GPU are present, DALI on NVDEC (measured first; else a
+  ``skipped`` row per cell, with the reason); start-up included. ``steady_videos_per_s``: whole
+  rounds after the warm-up only (bench_pipeline's cells: one batch per worker or one DALI
+  iteration per round, a warm-up of the batches queued at the start, cells sized by rounds:
+  ``--min-steady-rounds``, at least ``--min-videos``; ``steady_rounds`` below that: ``short``);
+  ``--max-seconds`` / ``--hard-max-seconds`` cap cells as in bench_pipeline;
+- ``bytes``, ``growth``: disk size of the set and its ratio to the original, both on the same
+  videos (``compared_videos``: those whose copy succeeded, on both sides); ``failed_transcodes``
+  counts the others. The copies are encoded like the originals (libx264, the generator's preset
+  ``veryfast``, 3 B-frames, ``--crf 23``), only the GOP differs, so the growth is what the shorter
+  GOP costs rather than a change of preset or quality (the generated sensor noise makes every
+  keyframe expensive: real footage grows less). ``growth_vs_control``: against a control copy, the
+  original GOP re-encoded with the copies' very settings (``--no-control`` skips it), which holds
+  whatever a re-encode costs by itself (and the preset, where ``--preset`` or NVENC changes it);
+  ``transcode_s``, ``encoder``, ``preset``: how the copy was made. The copies are cached per GOP,
+  height, encoder and preset.
+
+Every row has a ``status``: ``disk`` (a set's sizes, one row per set written first, so that a run
+cut short keeps every copy's growth), ``ok`` / ``short`` (a throughput cell), ``skipped`` or
+``failed`` (``reason`` says why; a failing transcode, sampling or cell ends no other). The CSV is
+rewritten atomically after every row once one holds a result.
 
 The measured ratio comes from the first ``--measure-draws`` of the model's draws (the same random
 numbers), so it is the noisier of the two; ``model_exact`` says the model matched each decode.
@@ -37,9 +51,10 @@ from __future__ import annotations
 
 import argparse
 import functools
+import inspect
 import math
 import sys
-import time
+import traceback
 from pathlib import Path
 
 import numpy as np
@@ -47,15 +62,28 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_pipeline, when imported
 
-from bench_pipeline import VideoSet, bench_examples, prepare_set  # noqa: E402 - not a copy
+from bench_pipeline import (  # noqa: E402 - not a copy
+    H264_OPTIONS,
+    VideoSet,
+    bench_examples,
+    cell_videos,
+    failure_reason,
+    prepare_set,
+    time_epoch,
+)
 
 from siasam_fast.benchutil import (  # noqa: E402
     DALI_TRIM_MODES,
-    environment,
+    MIN_STEADY_ROUNDS,
+    Rounds,
+    dali_rounds,
+    environment_isolated,
     format_table,
     int_in_range,
     nonneg_int,
+    positive_float,
     positive_int,
+    pyav_rounds,
     report_no_rows,
     results_path,
     write_csv,
@@ -64,7 +92,14 @@ from siasam_fast.pipeline.dataset import build_loader  # noqa: E402
 from siasam_fast.pipeline.manifest import load_manifest  # noqa: E402
 from siasam_fast.pipeline.planner import decode_cost, sampling_cost  # noqa: E402
 from siasam_fast.pipeline.pyav_decode import DecodeStats, decode_frames  # noqa: E402
-from siasam_fast.pipeline.transcode import nvenc_available, summary_row, transcode  # noqa: E402
+from siasam_fast.pipeline.transcode import (  # noqa: E402
+    NVENC_PRESETS,
+    X26X_PRESETS,
+    choose_encoder,
+    nvenc_available,
+    summary_row,
+    transcode,
+)
 from siasam_fast.sampling import (  # noqa: E402
     SamplingConfig,
     anchor_distribution,
@@ -133,33 +168,53 @@ def dali_loader_factory():
     return build_dali_loader, ""
 
 
+def loader_rounds(backend: str, workers: int, group: int = 1) -> Rounds:
+    """How the loader's batches arrive (``benchutil.Rounds``), with the factories' own prefetch
+    depth."""
+    if backend == "dali":
+        from siasam_fast.pipeline.dali import build_dali_loader
+
+        depth = inspect.signature(build_dali_loader).parameters["prefetch_factor"].default
+        return dali_rounds(group, depth)
+    depth = inspect.signature(build_loader).parameters["prefetch_factor"].default
+    return pyav_rounds(workers, depth)
+
+
 def loader_rate(make_loader, records: dict, cfg: SamplingConfig, *, workers: int,
-                batch_size: int, image_size: int, min_videos: int, seed: int = 0) -> dict:
-    """Videos/s over one training epoch of ``min_videos`` or more examples, start-up included
-    (``videos_per_s``) and after the first batch (``steady_videos_per_s``: the rate a long
-    training run sees once the workers or DALI's pipeline are up)."""
-    examples = bench_examples(records, min_videos)
-    start = time.perf_counter()
-    loader = make_loader(examples, records, cfg, "train", batch_size=batch_size,
-                         image_size=image_size, num_workers=workers, seed=seed)
-    videos = first_videos = 0
-    first = None
-    for batch in loader:
-        videos += len(batch["example_index"])
-        if first is None:
-            first, first_videos = time.perf_counter() - start, videos
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    seconds = time.perf_counter() - start
-    del loader
-    steady = ((videos - first_videos) / (seconds - first)
-              if first is not None and videos > first_videos else None)
-    return {"videos": videos, "seconds": seconds, "videos_per_s": videos / seconds,
-            "steady_videos_per_s": steady, "first_batch_s": first}
+                batch_size: int, image_size: int, min_videos: int, rounds: Rounds,
+                seed: int = 0, max_seconds: float | None = None,
+                hard_max_seconds: float | None = None,
+                min_steady_rounds: int = MIN_STEADY_ROUNDS) -> dict:
+    """Videos/s over one training epoch sized by rounds (bench_pipeline's ``cell_videos``: the
+    warm-up and ``min_steady_rounds`` whole rounds, at least ``min_videos``), or what the caps let
+    run of it: ``videos_per_s`` with the start-up, ``steady_videos_per_s`` over the whole rounds
+    after the warm-up (the rate a long training run sees); bench_pipeline's ``time_epoch``."""
+    examples = bench_examples(records, cell_videos(rounds, batch_size, min_videos,
+                                                   min_steady_rounds))
+
+    def make():
+        return make_loader(examples, records, cfg, "train", batch_size=batch_size,
+                           image_size=image_size, num_workers=workers, seed=seed)
+
+    return time_epoch(make, rounds, max_seconds=max_seconds, hard_max_seconds=hard_max_seconds,
+                      min_steady_rounds=min_steady_rounds)
 
 
-def set_bytes(records: dict) -> int:
-    return sum(r.size for r in records.values() if r.ok)
+def set_bytes(records: dict, ids=None) -> int:
+    """Bytes of the ok videos of ``records`` (only those in ``ids`` when given)."""
+    return sum(r.size for vid, r in records.items() if r.ok and (ids is None or vid in ids))
+
+
+def ok_ids(records: dict) -> set[str]:
+    return {vid for vid, r in records.items() if r.ok}
+
+
+def growth(copy: dict, base: dict) -> tuple[float | None, int]:
+    """Disk growth of ``copy`` over ``base`` on the same videos: those ok on both sides (a video
+    whose copy failed counts on neither); (ratio or None, videos compared)."""
+    ids = ok_ids(copy) & ok_ids(base)
+    base_bytes = set_bytes(base, ids)
+    return (set_bytes(copy, ids) / base_bytes if base_bytes else None), len(ids)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -196,8 +251,15 @@ def build_parser() -> argparse.ArgumentParser:
                         help="DALI gets each file whole (off, the default), only the stretch its "
                         "frames need (on: data.dali_trim), or both, compared")
     parser.add_argument("--encoder", choices=("auto", "cpu", "nvenc"), default="auto")
-    parser.add_argument("--crf", type=int_in_range(0, 51), default=23,
-                        help="quality of the copies, 0 to 51 (default 23: the generator's own)")
+    parser.add_argument("--crf", type=int_in_range(0, 51), default=int(H264_OPTIONS["crf"]),
+                        help="quality of the copies, 0 to 51 (default "
+                        f"{H264_OPTIONS['crf']}: the generator's own)")
+    parser.add_argument("--preset", choices=[*X26X_PRESETS, *NVENC_PRESETS], default=None,
+                        help="encoder preset of the copies (default: the generator's own, "
+                        f"{H264_OPTIONS['preset']}, with libx264; NVENC's default with NVENC)")
+    parser.add_argument("--no-control", dest="control", action="store_false",
+                        help="skip the control copy (the original GOP re-encoded with the copies' "
+                        "settings) that growth_vs_control is measured against")
     parser.add_argument("--height", type=even_height, default=None,
                         help="also downscale the copies to this even height (default: keep)")
     parser.add_argument("--draws", type=positive_int, default=64,
@@ -205,7 +267,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--measure-draws", type=positive_int, default=None,
                         help="decoded draws per video (default 8; --quick: 4)")
     parser.add_argument("--min-videos", type=positive_int, default=None,
-                        help="videos per throughput measurement (default 64; --quick: 16)")
+                        help="at least this many videos per throughput cell (default 64; "
+                        "--quick: 16); a cell also holds its warm-up and --min-steady-rounds "
+                        "whole rounds after it, whichever is more")
+    parser.add_argument("--min-steady-rounds", type=positive_int, default=MIN_STEADY_ROUNDS,
+                        help="whole rounds after the warm-up a cell is sized for, and below "
+                        f"which it is flagged short (default {MIN_STEADY_ROUNDS})")
+    parser.add_argument("--max-seconds", type=positive_float, default=None,
+                        help="soft cap: a cell that holds its --min-steady-rounds stops at a "
+                        "round's end before this (default: none)")
+    parser.add_argument("--hard-max-seconds", type=positive_float, default=None,
+                        help="hard cap: a cell stops at the first batch past this, whatever it "
+                        "holds (default: 3 x --max-seconds, or none)")
     parser.add_argument("--batch-size", type=positive_int, default=4)
     parser.add_argument("--image-size", type=positive_int, default=224)
     parser.add_argument("--work-dir", type=Path, default=ROOT / "data" / "bench_transcode",
@@ -213,6 +286,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out-dir", "--out", type=Path, default=None,
                         help="CSV folder (default benchmarks/results)")
     return parser
+
+
+STATUS_NO_RESULT = ("skipped", "failed")  # rows that hold neither a measurement nor sizes
+COLUMNS = ["set", "resolution", "sampling", "status", "bytes", "compared_videos", "growth",
+           "growth_vs_control", "failed_transcodes", "model_decoded_per_needed",
+           "measured_decoded_per_needed", "model_exact", "anchor_choices", "backend", "workers",
+           "group", "trim", "videos_per_s", "steady_videos_per_s", "steady_rounds", "out_dtype",
+           "reason"]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -226,89 +307,163 @@ def main(argv: list[str] | None = None) -> int:
     worker_counts = args.workers or ([1, 2] if args.quick else [1, 4, 16])
     measure_draws = args.measure_draws or (4 if args.quick else 8)
     min_videos = args.min_videos or (16 if args.quick else 64)
+    hard_max_seconds = args.hard_max_seconds
+    if hard_max_seconds is None and args.max_seconds is not None:
+        hard_max_seconds = 3 * args.max_seconds
     cpus = torch.multiprocessing.cpu_count()
-    backends = {"pyav": build_loader}
-    notes = []
+    path = results_path(f"transcode{'_quick' if args.quick else ''}.csv", args.out_dir)
+    rows: list[dict] = []
+    env: dict = {}
+
+    def log(text: str) -> None:
+        print(text, file=sys.stderr, flush=True)
+
+    def add(row: dict) -> None:
+        """Keep the row; rewrite the CSV (atomically) once a row holds a result, so that a run
+        cut short keeps every row so far; until then an earlier CSV stays as it was."""
+        rows.append(row)
+        if any(r.get("status") not in STATUS_NO_RESULT for r in rows):
+            if not env:  # in a child process: its heavy imports stay out of the workers
+                env.update(environment_isolated())
+            write_csv(rows, path, env)
+
+    factories = {"pyav": build_loader}
+    dali_why = ""
     if args.backend == "dali":
-        factory, why = dali_loader_factory()
+        factory, dali_why = dali_loader_factory()
         if factory is None:
-            notes.append(f"dali skipped: {why}")
-            print(notes[-1], file=sys.stderr)
-        else:
-            backends["dali"] = factory
+            log(f"dali skipped: {dali_why}")
+        factories = {"dali": factory, **factories}  # the target of --backend dali: measured first
 
     spec = original_set(args.quick)
     original = prepare_set(spec, args.work_dir, workers=max(1, min(8, cpus)))
     folder = Path(next(iter(original.values())).path).parent
-    sets = [(f"gop{spec.gop} (original)", spec.gop, original, {})]
-    for gop in args.gops:
-        suffix = f"-h{args.height}" if args.height else ""
-        dst = args.work_dir / f"{folder.name}-gop{gop}{suffix}"
-        summary = transcode(folder, dst, gop=gop, height=args.height, encoder=args.encoder,
-                            crf=args.crf, workers=cpus, source_manifest=folder / "manifest.jsonl")
-        print(summary.summary(), file=sys.stderr)
-        info = summary_row(summary)
-        sets.append((f"gop{gop}", gop, load_manifest(dst / "manifest.jsonl"),
-                     {"encoder": info["encoder"], "transcode_s": info["seconds"]}))
+    # The copies are made like the originals (libx264, the generator's preset, B-frames and CRF),
+    # only the GOP differs; the control re-encodes the original GOP with those same settings.
+    encoder_name, hardware = choose_encoder("h264", args.encoder)
+    preset = args.preset or (None if hardware else H264_OPTIONS["preset"])
+    bframes = int(H264_OPTIONS["bf"])
 
-    base_bytes = set_bytes(original)
-    rows = []
+    def copy(gop: int) -> tuple[dict | None, dict]:
+        """Transcode the original set with a keyframe every ``gop`` frames (cached per GOP,
+        height, encoder and preset; transcode's own stamp redoes a copy whose settings
+        changed); (manifest records or None, what the rows say about the copy)."""
+        tag = f"-h{args.height}" if args.height else ""
+        tag += f"-{encoder_name}" + (f"-{preset}" if preset else "")
+        dst = args.work_dir / f"{folder.name}-gop{gop}{tag}"
+        try:
+            summary = transcode(folder, dst, gop=gop, height=args.height, encoder=args.encoder,
+                                crf=args.crf, preset=preset, bframes=bframes, workers=cpus,
+                                source_manifest=folder / "manifest.jsonl")
+        except Exception as err:  # noqa: BLE001 - the other copies still run
+            log(traceback.format_exc())
+            return None, {"reason": f"transcode: {failure_reason(err)}"}
+        log(summary.summary())
+        info = summary_row(summary)
+        made = {"encoder": info["encoder"], "preset": preset or "default", "crf": args.crf,
+                "transcode_s": info["seconds"], "failed_transcodes": info["failed"]}
+        return load_manifest(dst / "manifest.jsonl"), made
+
+    generator = {"encoder": "libx264 (generator)", "preset": H264_OPTIONS["preset"],
+                 "crf": int(H264_OPTIONS["crf"]), "failed_transcodes": 0}
+    sets = [(f"gop{spec.gop} (original)", spec.gop, original, generator)]
+    sets += [(f"gop{gop}", gop, *copy(gop)) for gop in args.gops]
+    control, control_made = copy(spec.gop) if args.control else (None, {})
+
+    def disk(records: dict) -> dict:
+        """Sizes on the same videos: those ok in the original, in this set (and in the control,
+        for growth_vs_control); a video whose copy failed counts on neither side."""
+        grown, compared = growth(records, original)
+        ids = ok_ids(records) & ok_ids(original)
+        versus = growth(records, control)[0] if control is not None else None
+        return {"bytes": set_bytes(records, ids), "compared_videos": compared, "growth": grown,
+                "growth_vs_control": versus}
+
+    # Sizes first, one row per set: a run cut short keeps the disk growth of every copy.
     for name, gop, records, made in sets:
+        if records is None:
+            add({"set": name, "gop": gop, "status": "failed", **made})
+        else:
+            add({"set": name, "gop": gop, "status": "disk", **disk(records), **made})
+    if args.control:
+        name = f"gop{spec.gop} (control: re-encoded like the copies)"
+        if control is None:
+            add({"set": name, "gop": spec.gop, "status": "failed", **control_made})
+        else:
+            add({"set": name, "gop": spec.gop, "status": "disk", **disk(control), **control_made})
+
+    for name, gop, records, made in sets:
+        if records is None:
+            continue
         ok = [r for r in records.values() if r.ok]
         if not ok:
-            notes.append(f"{name}: no video could be read, skipped")
-            print(notes[-1], file=sys.stderr)
+            add({"set": name, "gop": gop, "status": "skipped",
+                 "reason": "no video of the set could be read", **made})
             continue
         resolution = f"{ok[0].width}x{ok[0].height}"
         for sampling in args.samplings:
             cfg = SAMPLINGS[sampling]
-            model = sampling_cost(records.values(), cfg, draws=args.draws)
-            common = {
-                "set": name,
-                "gop": gop,
-                "resolution": resolution,
-                "sampling": sampling,
-                "bytes": set_bytes(records),
-                "growth": set_bytes(records) / base_bytes if base_bytes else None,
-                **made,
-                "needed": model.needed,
-                "model_decoded_per_needed": model.ratio,
-                "model_preroll": model.preroll,
-                **decode_ratios(records, cfg, measure_draws),
-                "anchor_choices": anchor_choices(records, cfg),
-            }
-            for backend, factory in backends.items():
+            where = {"set": name, "gop": gop, "resolution": resolution, "sampling": sampling}
+            try:
+                model = sampling_cost(records.values(), cfg, draws=args.draws)
+                common = {
+                    **where,
+                    **disk(records),
+                    **made,
+                    "needed": model.needed,
+                    "model_decoded_per_needed": model.ratio,
+                    "model_preroll": model.preroll,
+                    **decode_ratios(records, cfg, measure_draws),
+                    "anchor_choices": anchor_choices(records, cfg),
+                }
+            except Exception as err:  # noqa: BLE001 - the other samplings and sets still run
+                log(traceback.format_exc())
+                add({**where, "status": "failed", "reason": f"cost: {failure_reason(err)}"})
+                continue
+            for backend, factory in factories.items():
                 trims = DALI_TRIM_MODES[args.dali_trim]
                 runs = ([(w, 1, False) for w in worker_counts] if backend == "pyav"
                         else [(min(4, cpus), g, t) for g in args.dali_groups for t in trims])
                 for workers, group, trim in runs:
+                    cell = {**common, "backend": backend, "workers": workers,
+                            "group": "" if backend == "pyav" else group,
+                            "trim": "" if backend == "pyav" else trim,
+                            "batch_size": args.batch_size}
+                    label = (f"  {name} {sampling} {backend} workers={workers}"
+                             f"{'' if group == 1 else f' group={group}'}{' trim' if trim else ''}")
+                    if factory is None:
+                        add({**cell, "status": "skipped", "reason": f"dali: {dali_why}"})
+                        continue
                     knobs = {"decode_group": group} if group != 1 else {}
                     knobs.update({"trim": True} if trim else {})
                     make = functools.partial(factory, **knobs) if knobs else factory
-                    rate = loader_rate(make, records, cfg, workers=workers,
-                                       batch_size=args.batch_size, image_size=args.image_size,
-                                       min_videos=min_videos)
-                    rows.append({**common, "backend": backend, "workers": workers,
-                                 "group": "" if backend == "pyav" else group,
-                                 "trim": "" if backend == "pyav" else trim, **rate})
-                    print(f"  {name} {sampling} {backend} workers={workers}"
-                          f"{'' if group == 1 else f' group={group}'}{' trim' if trim else ''}: "
-                          f"{rate['videos_per_s']:.2f} videos/s", file=sys.stderr)
+                    try:
+                        rate = loader_rate(make, records, cfg, workers=workers,
+                                           batch_size=args.batch_size,
+                                           image_size=args.image_size, min_videos=min_videos,
+                                           rounds=loader_rounds(backend, workers, group),
+                                           max_seconds=args.max_seconds,
+                                           hard_max_seconds=hard_max_seconds,
+                                           min_steady_rounds=args.min_steady_rounds)
+                    except Exception as err:  # noqa: BLE001 - one failing cell ends no other
+                        log(traceback.format_exc())
+                        add({**cell, "status": "failed", "reason": failure_reason(err)})
+                        log(f"{label}: FAILED {failure_reason(err)}")
+                        continue
+                    add({**cell, **rate})
+                    steady = rate["steady_videos_per_s"]
+                    log(f"{label}: {rate['videos_per_s']:.2f} videos/s, steady "
+                        f"{'-' if steady is None else f'{steady:.2f}'} over "
+                        f"{rate['steady_rounds']} rounds"
+                        f"{' (short)' if rate['status'] == 'short' else ''}")
 
-    path = results_path(f"transcode{'_quick' if args.quick else ''}.csv", args.out_dir)
-    if not rows:  # an earlier run's CSV stays as it was
-        return report_no_rows(path, "; ".join(notes))
-    env = environment()
-    columns = ["set", "resolution", "sampling", "bytes", "growth", "model_decoded_per_needed",
-               "measured_decoded_per_needed", "model_exact", "anchor_choices", "backend",
-               "workers", "group", "trim", "videos_per_s", "steady_videos_per_s"]
+    if not any(r.get("status") not in STATUS_NO_RESULT for r in rows):  # earlier CSV kept
+        return report_no_rows(path, "; ".join(f"{r['set']}: {r.get('reason', '')}"
+                                              for r in rows))
     print(f"\ntranscode benchmark on {env['device']} ({env['cpu_count']} CPUs): N=9 clips x B=8 "
           f"frames, stride 4, {len(original)} videos of {spec.num_frames} frames, "
           f"image {args.image_size}")
-    print(format_table(rows, columns))
-    for note in notes:
-        print(note)
-    path = write_csv(rows, path, env)
+    print(format_table(rows, [c for c in COLUMNS if any(c in r for r in rows)]))
     print(f"wrote {path}")
     return 0
 

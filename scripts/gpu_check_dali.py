@@ -23,12 +23,18 @@ and the script goes on:
    stand-ins (the next example), every batch stays full and the epoch goes on (in a subprocess:
    a decoder crash must not end the check);
 7. the throughput comparison of benchmarks/bench_pipeline.py on the activitynet-like (1280x720,
-   first) and msrvtt-like (320x240) H.264 sets: pyav with 1, 4, 16 workers, dali, dedup on and
-   off, batches of 8, each measurement up to 9 s (``steady_videos_per_s`` leaves out the
-   start-up); then dali with 4 and 16 threads (dedup on) against its default of one thread per
-   video, and dali decoding two batches per iteration (``decode_group=2``, 16 threads), and dali
-   on trimmed files (groups of 1 and 2). The CSV is rewritten after each measurement, so a run cut
-   short keeps what finished.
+   first) and msrvtt-like (320x240) H.264 sets, batches of 8: pyav with 1, 4, 16 workers and
+   dali, dedup on; pyav with 16 workers and dali, dedup off; then dali with 4 and 16 threads
+   (dedup on) against its default of one thread per video, dali decoding two batches per
+   iteration (``decode_group=2``, 16 threads), and dali on trimmed files (groups of 1 and 2).
+   Cells are sized by rounds (a warm-up of the batches queued at the start, then 4 whole rounds:
+   one batch per PyAV worker, one DALI iteration; at least 256 videos) and compared on
+   ``steady_videos_per_s`` (whole rounds after the warm-up); a soft cap of 9 s ends a cell that
+   holds its rounds, a hard cap (45 s for dedup on, 20 s for dedup off, 27 s for DALI's variants)
+   any other, flagged ``short``. Every cell gives a row (``status`` ok / short / skipped /
+   failed, with a ``reason``; a failing cell ends no other), and the CSV is rewritten after
+   each one, so a run cut short keeps what finished. ``device_mem_mb`` is taken against a fresh
+   baseline per cell (DALI's pools and torch's cache emptied first).
 
 A summary of the sections and the benchmark table are printed last. Sized for an H100 host
 (16 cores) to finish in about 5 minutes; ``--skip-bench`` stops after section 6.
@@ -263,48 +269,66 @@ def main() -> int:
             from siasam_fast.benchutil import environment, results_path, write_csv
 
             env = environment()
+            path = results_path("pipeline_pyav_dali_gpu_check.csv", args.out)
 
-            def save() -> Path:  # after every measurement: a run cut short keeps what finished
-                return write_csv(rows, results_path("pipeline_pyav_dali_gpu_check.csv", args.out),
-                                 env)
+            def add(row: dict) -> None:  # after every cell: a run cut short keeps what finished
+                rows.append(row)
+                write_csv(rows, path, env)
+
+            def failed(name: str, what: str, err: Exception) -> None:
+                traceback.print_exc()
+                add({"set": name, "status": "failed",
+                     "reason": f"{what}: {type(err).__name__}: {err}".splitlines()[0][:300]})
 
             sets = []
             # 720p first: issue 5's target is there, and a run cut short keeps what finished.
             for spec in (bench.VideoSet("activitynet-like", 1280, 720, 4, 300),
                          bench.VideoSet("msrvtt-like", 320, 240, 8, 300)):
-                sets.append((spec.name, bench.prepare_set(spec, work / "bench", 16), "h264"))
-            for name, records, codec in sets:
-                rows.extend(bench.run_benchmark(
-                    ["pyav", "dali"], [(name, records, codec)], worker_counts=[1, 4, 16],
-                    dali_workers=4, batch_size=8, image_size=224, min_videos=256,
-                    max_seconds=9.0,
-                ))
-                save()
+                try:
+                    sets.append((spec.name, bench.prepare_set(spec, work / "bench", 16), "h264"))
+                except Exception as err:  # noqa: BLE001 - the other set still runs
+                    failed(spec.name, "generating the set", err)
+            # Cells are sized by rounds (bench_pipeline: a warm-up of W x 2 batches for PyAV, 2
+            # iterations for DALI, then 4 whole rounds; at least 256 videos). The soft cap (9 s)
+            # ends a cell that holds those rounds; the hard cap bounds the rest: 45 s for the
+            # dedup-on comparison (pyav 16 workers at 720p needs ~6 rounds of ~5 s), 20 s for
+            # dedup off (at 720p a PyAV round or a DALI batch takes 7-18 s there: flagged
+            # short, no steady rate), 27 s for DALI's variants. One failing cell ends no other.
+            plans = [
+                # dedup on: the comparison of issue 5
+                dict(backend_names=["pyav", "dali"], worker_counts=[1, 4, 16],
+                     dedup_modes=(True,), hard_max_seconds=45.0),
+                # dedup off: pyav 16 workers and dali, for the dedup speed-ups
+                dict(backend_names=["pyav", "dali"], worker_counts=[16], dedup_modes=(False,),
+                     hard_max_seconds=20.0),
                 # DALI's thread count bounds the NVDEC sessions in flight (one video per thread;
                 # the default above is one per video of the batch): 4 (the old default) and 16.
-                rows.extend(bench.run_benchmark(
-                    ["dali"], [(name, records, codec)], worker_counts=[], dali_workers=4,
-                    batch_size=8, image_size=224, min_videos=256, max_seconds=9.0,
-                    dali_threads=[4, 16], dedup_modes=(True,),
-                ))
-                save()
+                dict(backend_names=["dali"], worker_counts=[], dali_threads=[4, 16],
+                     dedup_modes=(True,), hard_max_seconds=27.0),
                 # A DALI iteration bounds the decodes in flight too (and waits for its slowest
                 # video): batches of 8 decoded two at a time (decode_group=2, 16 threads).
-                rows.extend(bench.run_benchmark(
-                    ["dali"], [(name, records, codec)], worker_counts=[], dali_workers=4,
-                    batch_size=8, image_size=224, min_videos=256, max_seconds=9.0,
-                    dali_groups=[2], dedup_modes=(True,),
-                ))
-                save()
+                dict(backend_names=["dali"], worker_counts=[], dali_groups=[2],
+                     dedup_modes=(True,), hard_max_seconds=27.0),
                 # Each file trimmed to the stretch its frames need (PyAV remux in the readers):
                 # DALI's per-sample frame index and its pre-roll then cover that stretch only.
-                rows.extend(bench.run_benchmark(
-                    ["dali"], [(name, records, codec)], worker_counts=[], dali_workers=4,
-                    batch_size=8, image_size=224, min_videos=256, max_seconds=9.0,
-                    dali_groups=[1, 2], dali_trims=(True,), dedup_modes=(True,),
-                ))
-                save()
-            return f"{len(rows)} rows -> {save()}"
+                dict(backend_names=["dali"], worker_counts=[], dali_groups=[1, 2],
+                     dali_trims=(True,), dedup_modes=(True,), hard_max_seconds=27.0),
+            ]
+            for name, records, codec in sets:
+                for plan in plans:
+                    try:
+                        bench.run_benchmark(
+                            sets=[(name, records, codec)], dali_workers=4, batch_size=8,
+                            image_size=224, min_videos=256, max_seconds=9.0, on_row=add,
+                            **plan,
+                        )
+                    except Exception as err:  # noqa: BLE001 - cells fail alone; this is the rest
+                        failed(name, f"run_benchmark({plan})", err)
+            if not rows:
+                write_csv(rows, path, env)
+            bad = [r for r in rows if r.get("status") == "failed"]
+            detail = f"{len(rows)} rows ({len(bad)} failed) -> {path}"
+            return ("FAIL", detail) if bad else detail
 
     return summary(args.out, rows)
 

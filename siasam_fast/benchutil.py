@@ -6,11 +6,14 @@ from __future__ import annotations
 import argparse
 import csv
 import datetime as _dt
+import json
 import math
 import os
 import platform
+import subprocess
 import sys
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 RESULTS_DIR = Path(__file__).resolve().parent.parent / "benchmarks" / "results"
@@ -41,6 +44,23 @@ def environment() -> dict:
         env[name] = _version(name)
     env["dali"] = _version("nvidia.dali")
     return env
+
+
+def environment_isolated(timeout: float = 120.0) -> dict:
+    """:func:`environment`, gathered in a child process: its imports (transformers, DeepSpeed,
+    Triton, ...) stay out of this process, so that DataLoader workers forked later do not inherit
+    them. Falls back to :func:`environment` here when the child fails."""
+    code = ("import json, sys; sys.path[:0] = json.loads(sys.argv[1]); "
+            "from siasam_fast.benchutil import environment; print(json.dumps(environment()))")
+    try:
+        proc = subprocess.run([sys.executable, "-c", code, json.dumps(sys.path)],
+                              capture_output=True, text=True, timeout=timeout, check=True)
+        env = json.loads(proc.stdout.strip().splitlines()[-1])
+        if isinstance(env, dict):
+            return env
+    except (OSError, ValueError, IndexError, subprocess.SubprocessError):
+        pass
+    return environment()
 
 
 def _version(module: str) -> str:
@@ -85,17 +105,26 @@ def markdown_table(rows: Sequence[dict], columns: Sequence[str] | None = None) -
 
 
 def write_csv(rows: Sequence[dict], path: str | os.PathLike, env: dict | None = None) -> Path:
-    """Write rows (each merged with ``env``) to ``path``; columns are the union of the keys."""
+    """Write rows (each merged with ``env``) to ``path``; columns are the union of the keys.
+
+    Atomic: written to a temporary file beside ``path``, then renamed over it, so a run killed
+    while writing (benchmarks rewrite their CSV after every measurement) leaves the previous
+    complete version, never a torn file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     merged = [{**(env or {}), **r} for r in rows]
     columns: list[str] = []
     for r in merged:
         columns += [k for k in r if k not in columns]
-    with path.open("w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(merged)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with tmp.open("w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=columns)
+            writer.writeheader()
+            writer.writerows(merged)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
     return path
 
 
@@ -178,3 +207,111 @@ def existing_file(text: str) -> Path:
 # --dali-trim of the pipeline benchmarks: which of whole files (False) and trimmed ones (True)
 # DALI decodes, in the order measured.
 DALI_TRIM_MODES = {"off": (False,), "on": (True,), "both": (False, True)}
+
+
+# ----------------------------------------------------------------------------------------------
+# Loader throughput: warm-up, rounds and the steady rate (bench_pipeline, bench_transcode).
+#
+# A loader delivers batches in rounds: PyAV's DataLoader gives batch i to worker i mod W, and the
+# W workers, started together, finish their batches at about the same time, so W batches arrive
+# at once, then nothing for a batch's decode time. DALI delivers one decode group per iteration.
+# A rate counted from one arrival to another inside a round counts a round's videos over almost
+# no time; so the steady rate counts whole rounds only, from a round's end to a later round's end,
+# after a warm-up of the batches the loader queues before the first one is taken (PyAV: W x
+# prefetch_factor; DALI: its prefetch depth in iterations), which carry the start-up's skew.
+
+MIN_STEADY_ROUNDS = 4  # whole rounds after the warm-up for a steady figure that is not "short"
+
+
+@dataclass(frozen=True)
+class Rounds:
+    """How a loader's batches arrive: ``round_batches`` at a time (one round), the first
+    ``warmup_batches`` (whole rounds) being start-up."""
+
+    round_batches: int
+    warmup_batches: int
+
+    def __post_init__(self) -> None:
+        if self.round_batches < 1 or self.warmup_batches < 1:
+            raise ValueError(f"{self}: a round and the warm-up hold at least one batch")
+        if self.warmup_batches % self.round_batches:
+            raise ValueError(f"{self}: the warm-up must be whole rounds")
+
+    def cell_batches(self, steady_rounds: int = MIN_STEADY_ROUNDS) -> int:
+        """Batches of a cell sized for ``steady_rounds`` whole rounds after the warm-up."""
+        return self.warmup_batches + steady_rounds * self.round_batches
+
+
+def pyav_rounds(workers: int, prefetch_factor: int = 2) -> Rounds:
+    """PyAV's DataLoader: a round is one batch per worker; the warm-up is the
+    ``workers x prefetch_factor`` batches queued at the start (in this process, workers=0: the
+    first batch)."""
+    if workers <= 0:
+        return Rounds(1, 1)
+    return Rounds(workers, workers * prefetch_factor)
+
+
+def dali_rounds(decode_group: int = 1, prefetch_depth: int = 2) -> Rounds:
+    """DALI: a round is one iteration (a decode group of batches); the warm-up is its prefetch
+    queue's depth in iterations."""
+    return Rounds(decode_group, decode_group * prefetch_depth)
+
+
+@dataclass(frozen=True)
+class Steady:
+    """The steady part of a timeline: ``videos_per_s`` (None: no whole round after the warm-up),
+    the whole ``rounds`` counted, their ``videos`` and ``seconds``."""
+
+    videos_per_s: float | None
+    rounds: int
+    videos: int
+    seconds: float
+
+
+def steady_rate(arrivals: Sequence[float], videos: Sequence[int], rounds: Rounds) -> Steady:
+    """Videos per second over the whole rounds after the warm-up.
+
+    ``arrivals[i]``: when batch i arrived (seconds, any origin); ``videos[i]``: its videos. The
+    clock starts at the arrival of the warm-up's last batch and stops at the arrival of the last
+    batch of the last whole round; the videos counted are those of the batches in between (after
+    the warm-up, up to that batch). A partial last round is left out."""
+    if len(arrivals) != len(videos):
+        raise ValueError(f"{len(arrivals)} arrival times for {len(videos)} batch sizes")
+    warm, per = max(1, rounds.warmup_batches), rounds.round_batches  # the clock starts at a batch
+    whole = max(0, (len(arrivals) - warm) // per)
+    if whole == 0:
+        return Steady(None, 0, 0, 0.0)
+    end = warm + whole * per  # one past the last batch counted
+    counted = int(sum(videos[warm:end]))
+    seconds = float(arrivals[end - 1] - arrivals[warm - 1])
+    return Steady(counted / seconds if seconds > 0 else None, whole, counted, seconds)
+
+
+def stop_now(arrivals: Sequence[float], rounds: Rounds, *, max_seconds: float | None = None,
+             hard_max_seconds: float | None = None,
+             min_steady_rounds: int = MIN_STEADY_ROUNDS) -> bool:
+    """Whether a cell stops after its latest batch (``arrivals``: seconds since the cell began).
+
+    - ``hard_max_seconds``: the cell stops at the first arrival at or past it, and at a round's
+      end when the next round, as long as the last one (the first: as long as the start-up and
+      that round), would end past it;
+    - ``max_seconds``: once the cell holds ``min_steady_rounds`` whole rounds after the warm-up,
+      it stops at a round's end when the next round would end past ``max_seconds``.
+
+    Checked only when a batch arrives (a batch cannot be cut), so a cell may overrun the hard cap
+    by one batch interval at most, and its first batch (the start-up) is never cut."""
+    n = len(arrivals)
+    if n == 0:
+        return False
+    now = arrivals[-1]
+    if hard_max_seconds is not None and now >= hard_max_seconds:
+        return True
+    per = rounds.round_batches
+    if n % per:  # inside a round: its other batches are on their way
+        return False
+    period = now - (arrivals[n - 1 - per] if n > per else 0.0)
+    if hard_max_seconds is not None and now + period > hard_max_seconds:
+        return True
+    steady = max(0, (n - rounds.warmup_batches) // per)
+    return (max_seconds is not None and steady >= min_steady_rounds
+            and now + period > max_seconds)

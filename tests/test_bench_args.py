@@ -86,6 +86,8 @@ def test_shared_types_accept_good_values(tmp_path):
         (["--dali-workers", "-1"], ["--dali-workers", "'-1'", ">= 0"]),
         (["--min-videos", "-1"], ["--min-videos", "'-1'", ">= 1"]),
         (["--max-seconds", "-1"], ["--max-seconds", "'-1'", "> 0"]),
+        (["--hard-max-seconds", "0"], ["--hard-max-seconds", "'0'", "> 0"]),
+        (["--min-steady-rounds", "0"], ["--min-steady-rounds", "'0'", ">= 1"]),
     ],
 )
 def test_bench_pipeline_refuses_bad_options(argv, expected, tmp_path, monkeypatch, capsys):
@@ -127,6 +129,10 @@ def test_bench_pipeline_run_with_no_rows_keeps_the_csv(tmp_path, capsys):
         (["--dali-groups", "0"], ["--dali-groups", "'0'", ">= 1"]),
         (["--min-videos", "0"], ["--min-videos", "'0'", ">= 1"]),
         (["--crf", "99"], ["--crf", "'99'", "[0, 51]"]),
+        (["--preset", "snail"], ["--preset", "'snail'", "veryfast"]),
+        (["--max-seconds", "0"], ["--max-seconds", "'0'", "> 0"]),
+        (["--hard-max-seconds", "-2"], ["--hard-max-seconds", "'-2'", "> 0"]),
+        (["--min-steady-rounds", "0"], ["--min-steady-rounds", "'0'", ">= 1"]),
     ],
 )
 def test_bench_transcode_refuses_bad_options(argv, expected, tmp_path, monkeypatch, capsys):

@@ -29,12 +29,14 @@ COLUMNS = ["variant", "group", "base", "status", "reason", "loader", "dedup", "q
            "siamese_impl", "engine", "precision", "cnn_layout", "optimizer", "videos_per_s",
            "clips_per_s",
            "step_ms", "step_ms_synced", "data_ms", "forward_ms", "backward_ms", "optimizer_ms",
-           "data_wait_ms_nosync", "peak_gpu_mem_gb", "tflop_per_step", "mfu",
+           "data_wait_ms_nosync", "data_wait_frac", "peak_gpu_mem_gb", "tflop_per_step",
+           "model_tflop_per_step", "model_tflop_counted", "mfu", "hfu", "achieved_tflops",
            "frames_encoded_per_video", "speedup_vs_baseline_fp32", "speedup_vs_base",
+           "warmup_steps", "drained_batches", "loader_prefetch", "substituted", "complete",
            "device", "torch", "deepspeed", "config", "notes"]
 POSITIVE = ["videos_per_s", "clips_per_s", "step_ms", "step_ms_synced", "data_ms", "forward_ms",
-            "backward_ms", "optimizer_ms", "tflop_per_step", "frames_encoded_per_video",
-            "speedup_vs_baseline_fp32", "final_loss"]
+            "backward_ms", "optimizer_ms", "tflop_per_step", "model_tflop_per_step",
+            "frames_encoded_per_video", "speedup_vs_baseline_fp32", "final_loss"]
 GPU_ONLY = {"fast-fp16", "amp-triton", "amp-fused-adam", "amp-dali", "amp-cudnn-benchmark"}
 
 
@@ -75,9 +77,21 @@ def test_every_variant_runs_or_says_why_not(tmp_path):
         for column in POSITIVE:
             value = float(r[column])
             assert math.isfinite(value) and value > 0, (r["variant"], column, r[column])
-        assert r["mfu"] == "n/a" and r["peak_gpu_mem_gb"] == "n/a"  # no GPU, no peak
-        assert r["device"] == "cpu"
+        assert r["mfu"] == r["hfu"] == r["peak_gpu_mem_gb"] == "n/a"  # no GPU, no peak
+        assert r["device"] == "cpu" and r["complete"] == "True"
+        assert 0 <= float(r["data_wait_frac"]) <= 1
+        assert int(r["warmup_steps"]) == 1 + bench_train.SETTLE_STEPS
+        assert int(r["drained_batches"]) == int(r["loader_prefetch"]) == 2  # 1 worker x 2
     by = {r["variant"]: r for r in rows}
+    ok = [r for r in rows if r["status"] == "ok"]
+    assert len({r["model_tflop_per_step"] for r in ok}) == 1  # one figure for every row
+    assert len({r["model_tflop_counted"] for r in ok}) == 1  # and every row counted the same
+    assert float(by["baseline-amp"]["tflop_per_step"]) > 1.5 * float(
+        by["baseline-amp"]["model_tflop_per_step"])
+    # skipped toggles describe themselves, not a fallback
+    assert by["amp-dali"]["loader"] == "dali" and by["amp-triton"]["siamese_impl"] == "triton"
+    assert by["amp-fused-adam"]["optimizer"] == "DeepSpeed FusedAdam"
+    assert "pyav for DALI" in by["fast-bf16"]["substituted"]
     assert float(by["baseline-fp32"]["frames_encoded_per_video"]) == 72  # N*B, no dedup
     assert float(by["amp-dedup"]["frames_encoded_per_video"]) < 72  # unique frames only
     assert float(by["amp-dedup"]["tflop_per_step"]) < float(by["baseline-amp"]["tflop_per_step"])
@@ -90,7 +104,8 @@ def test_every_variant_runs_or_says_why_not(tmp_path):
     assert by["amp-cudnn-benchmark"]["cudnn_benchmark"] == "True"
     assert by["baseline-amp"]["cudnn_benchmark"] == "False"
     assert (out / "bench_train_cpu_bench_tiny.png").stat().st_size > 0
-    assert (out / "bench_train_cpu_bench_tiny.md").read_text().startswith("| variant")
+    md = (out / "bench_train_cpu_bench_tiny.md").read_text()
+    assert md.startswith("| variant") and "| notes |" in md and "pyav for DALI" in md
     trace = out / "traces" / "trace_bench_train_cpu_bench_tiny_baseline-fp32.json"
     assert trace.stat().st_size > 0 and by["baseline-fp32"]["trace"] == str(trace)
 
@@ -138,6 +153,7 @@ def test_isolated_variants_report_rows_logs_and_timeouts(tmp_path):
     with csv_path.open() as fh:
         rows = list(csv.DictReader(fh))
     assert [r["variant"] for r in rows] == ["amp-channels-last"] and rows[0]["status"] == "ok"
+    assert rows[0]["complete"] == "False"
     assert json.loads(meta_path.read_text())["complete"] is False
 
 
@@ -175,3 +191,316 @@ def test_single_clip_videos_compute_what_the_model_computes(frames_per_video):
     for key in ("features", "logits"):
         assert got[key].shape == expected[key].shape
         torch.testing.assert_close(got[key], expected[key], rtol=1e-4, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------
+# Review fixes: one model-FLOPs figure for MFU, the timed window past the loader's backlog, a
+# toggle never timed on a stand-in, skipped rows with their own settings, the small ones.
+
+
+def _tiny_setup(tmp_path, num_videos=24):
+    """The tiny config, its synthetic set under tmp_path/synth, and a short run's options."""
+    data = tmp_path / "synth"
+    cfg = load_config(ROOT / "configs" / "bench_tiny.yaml",
+                      [f"data.train={data}/annotations/train_qa.json",
+                       f"data.manifest={data}/manifest.jsonl"])
+    bench_train.ensure_data(cfg, num_videos)
+    args = bench_train.parse_args(["--steps", "2", "--warmup", "1", "--out", str(tmp_path / "out")])
+    args.out_dir, args.stem = Path(args.out), "bench_train_test"
+    return cfg, args
+
+
+def test_apply_model_flops_gives_every_row_the_same_model_flops():
+    """The baseline's own count (duplicate frames) is ~1.8x the de-duplicated one: its MFU must
+    come from the de-duplicated figure like every other row's, its own count only in HFU."""
+    rows = [
+        {"variant": "baseline-amp", "status": "ok", "step_ms": 200.0, "peak_tflops": 100.0,
+         "tflop_per_step": 17.7, "model_tflop_counted": 10.0},
+        {"variant": "fast-bf16", "status": "ok", "step_ms": 100.0, "peak_tflops": 100.0,
+         "tflop_per_step": 10.0, "model_tflop_counted": 10.0},
+        {"variant": "amp-dedup", "status": "ok", "step_ms": 150.0, "peak_tflops": 100.0,
+         "tflop_per_step": 10.0, "model_tflop_counted": "n/a"},  # its count failed
+        {"variant": "amp-dali", "status": "skipped", "reason": "no DALI"},
+    ]
+    assert bench_train.apply_model_flops(rows) == 10.0
+    assert [r.get("model_tflop_per_step") for r in rows] == [10.0, 10.0, 10.0, None]
+    assert rows[0]["mfu"] == pytest.approx(10.0 / 0.2 / 100.0)  # not 17.7 / 0.2 / 100
+    assert rows[1]["mfu"] == pytest.approx(10.0 / 0.1 / 100.0)
+    assert rows[2]["mfu"] == pytest.approx(10.0 / 0.15 / 100.0)
+    assert rows[1]["mfu"] / rows[0]["mfu"] == pytest.approx(2.0)  # the step-time ratio, no more
+    assert "mfu" not in rows[3]
+    no_peak = [{**rows[1], "peak_tflops": "n/a"}]
+    bench_train.apply_model_flops(no_peak)
+    assert no_peak[0]["mfu"] == "n/a" and no_peak[0]["model_tflop_per_step"] == 10.0
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU report")
+def test_mfu_uses_the_same_model_flops_for_baseline_and_dedup_rows(tmp_path, monkeypatch):
+    """Counted in each variant's own run: the model figure is the same in both rows (the same
+    first batch, de-duplicated), the baseline's own count is larger (duplicate frames), and the
+    MFU ratio is exactly the step-time ratio."""
+    cfg, args = _tiny_setup(tmp_path)
+    monkeypatch.setattr(bench_train, "peak_tflops", lambda device: 0.01)  # a "GPU" peak on CPU
+    out = tmp_path / "out"
+    status = bench_train.main([
+        "--config", str(ROOT / "configs" / "bench_tiny.yaml"),
+        "--set", f"data.train={cfg.data.train}", "--set", f"data.manifest={cfg.data.manifest}",
+        "--steps", "2", "--warmup", "1", "--out", str(out),
+        "--variants", "baseline-amp", "amp-dedup"])
+    assert status == 0
+    with (out / "bench_train_cpu_bench_tiny.csv").open() as fh:
+        by = {r["variant"]: r for r in csv.DictReader(fh)}
+    base, dedup = by["baseline-amp"], by["amp-dedup"]
+    assert base["status"] == dedup["status"] == "ok"
+    assert base["model_tflop_counted"] == dedup["model_tflop_counted"]
+    assert base["model_tflop_per_step"] == dedup["model_tflop_per_step"]
+    model = float(base["model_tflop_per_step"])
+    assert float(base["tflop_per_step"]) > 1.5 * model  # 72 clip frames vs ~37 distinct
+    assert float(dedup["tflop_per_step"]) == pytest.approx(model, rel=0.15)  # other batch, + loss
+    mfu_ratio = float(dedup["mfu"]) / float(base["mfu"])
+    assert mfu_ratio == pytest.approx(float(base["step_ms"]) / float(dedup["step_ms"]))
+    assert float(base["mfu"]) == pytest.approx(model / (float(base["step_ms"]) / 1e3) / 0.01)
+    assert float(base["hfu"]) > float(base["mfu"])  # its own count includes the duplicates
+    md = (out / "bench_train_cpu_bench_tiny.md").read_text()
+    assert "| MFU | HFU |" in md and "the same for every row" in md
+
+
+def test_dedup_batch_keeps_each_frame_once_and_the_model_output():
+    """The batch the model FLOPs are counted on: distinct frames only, the same function."""
+    cfg = load_config(ROOT / "configs" / "bench_tiny.yaml")
+    V, N, B = 2, 3, 4
+    batch = _batch(V, N, (B, B))
+    # Overlapping clips, as the sampler makes them: clip n starts at frame 2n (ids 2n .. 2n+3).
+    ids = torch.arange(B).view(1, 1, B) + 2 * torch.arange(N).view(1, N, 1)
+    batch["frame_ids"] = ids.expand(V, N, B).clone()
+    g = torch.Generator().manual_seed(1)
+    distinct = torch.randn(V, 2 * N + 2, 3, 32, 32, generator=g)
+    for v in range(V):  # the non-de-duplicated batch repeats each shared frame's pixels
+        batch["frames"][v, : N * B] = distinct[v, batch["frame_ids"][v].flatten()]
+    out = bench_train.dedup_batch(batch)
+    assert out["num_unique"].tolist() == [2 * N + 2] * V  # 8 distinct of 12 clip frames
+    assert out["frames"].shape[:2] == (V, 2 * N + 2)
+    torch.testing.assert_close(bench_train.dedup_batch(out)["frames"], out["frames"])  # idempotent
+    torch.manual_seed(0)
+    model = SiaSamReaModel(cfg.model, "open", num_answers=7, vocab_size=500, num_clips=N).eval()
+    text = TextEncoder(load_tokenizer(cfg.model), "open", 32)
+    with torch.no_grad():
+        expected = model({**batch, **text(batch)})
+        got = model({**out, **text(out)})
+    torch.testing.assert_close(got["logits"], expected["logits"], rtol=1e-4, atol=1e-5)
+
+
+class _Prefetched:
+    """A loader like the real ones: ``depth`` batches ready at the start (what the workers made
+    during the slow first steps), then one every ``period`` seconds, at most ``depth`` ahead."""
+
+    def __init__(self, depth: int, period: float):
+        import queue
+        import threading
+
+        self.q = queue.Queue(maxsize=depth)
+        for i in range(depth):
+            self.q.put(i)
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._produce, args=(depth, period), daemon=True)
+        self.thread.start()
+
+    def _produce(self, i, period):
+        while not self.stop.is_set():
+            time.sleep(period)
+            while not self.stop.is_set():
+                try:
+                    self.q.put(i, timeout=0.05)
+                    break
+                except Exception:  # noqa: BLE001 - queue.Full: try again
+                    continue
+            i += 1
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        return self.q.get()
+
+    def close(self):
+        self.stop.set()
+
+
+class _SleepyTrainer:
+    """run_step's view of a trainer whose step takes ``step_s`` seconds."""
+
+    def __init__(self, step_s: float):
+        self.step_s, self.device = step_s, torch.device("cpu")
+
+    def prepare(self, raw):
+        return raw, raw, 1
+
+    def forward(self, batch, targets):
+        time.sleep(self.step_s)
+        return torch.zeros(()), {}
+
+    def backward(self, loss):
+        pass
+
+    def step(self):
+        pass
+
+    def skipped_steps(self):
+        return 0.0
+
+
+def test_timed_window_is_not_served_from_the_loader_backlog():
+    """A loader 10x slower than the step with 12 batches queued up at the start (the ClipBERT
+    config queues 24): the timed window must see the loader's rate, not the backlog."""
+    depth, period, step_s, steps = 12, 0.05, 0.005, 4
+    loader = _Prefetched(depth, period)
+    try:
+        m = bench_train.measure(_SleepyTrainer(step_s), loader, torch.device("cpu"), warmup=1,
+                                steps=steps, prefetch=depth)
+    finally:
+        loader.close()
+    assert m["drained"] == depth and m["warmup_steps"] == 1 + bench_train.SETTLE_STEPS
+    wait_frac = sum(m["waits"]) / m["total"]
+    assert wait_frac > 0.5, m  # data-bound: ~0.9 here; ~0 when timed on the backlog
+    assert m["total"] / steps > 0.5 * period  # the loader's period per step, not the step's
+
+
+def test_loader_prefetch_is_what_the_loader_holds_ahead():
+    cfg = load_config(ROOT / "configs" / "clipbert_base.yaml")
+    pyav = bench_train.resolve(bench_train.BY_NAME["baseline-amp"], torch.device("cpu"), 2)
+    assert bench_train.loader_prefetch(pyav, cfg) == 24  # 12 workers x prefetch_factor 2
+    cfg.data.num_workers = 0
+    assert bench_train.loader_prefetch(pyav, cfg) == 0
+    dali = bench_train.resolve(bench_train.BY_NAME["amp-dali"], torch.device("cpu"), 2)
+    assert dali.loader == "dali" and bench_train.loader_prefetch(dali, cfg) == 2
+
+
+def test_skipped_toggles_keep_their_own_settings():
+    """On CPU the DALI, Triton and FusedAdam toggles are skipped: their rows describe the toggle
+    (what was not measured), not the fallback a siasam-fast row would use."""
+    cpu = torch.device("cpu")
+    rows = {}
+    for name in ("amp-dali", "amp-triton", "amp-fused-adam", "amp-cudnn-benchmark", "fast-fp16",
+                 "fast-bf16"):
+        plan = bench_train.resolve(bench_train.BY_NAME[name], cpu, 2)
+        rows[name] = bench_train.skipped_row(plan, "skipped", plan.skip or "time budget")
+    for name in ("amp-dali", "amp-triton", "amp-fused-adam", "amp-cudnn-benchmark", "fast-fp16",
+                 "fast-bf16"):
+        assert rows[name]["reason"] and not rows[name]["notes"] and not rows[name]["substituted"]
+    assert rows["amp-dali"]["loader"] == "dali"
+    assert rows["amp-triton"]["siamese_impl"] == "triton"
+    assert rows["amp-fused-adam"]["optimizer"] == "DeepSpeed FusedAdam"
+    assert rows["amp-cudnn-benchmark"]["cudnn_benchmark"] is True
+    for name in ("fast-fp16", "fast-bf16"):  # skipped (fp16 on CPU; the budget): as meant
+        assert (rows[name]["loader"], rows[name]["siamese_impl"], rows[name]["optimizer"]) == (
+            "dali", "triton", "DeepSpeed FusedAdam"), rows[name]
+    fast = bench_train.describe(bench_train.resolve(bench_train.BY_NAME["fast-bf16"], cpu, 2))
+    assert (fast["loader"], fast["siamese_impl"], fast["optimizer"]) == (  # runs: stand-ins
+        "pyav", "reference", "torch AdamW")
+    assert fast["substituted"] == ("pyav for DALI; reference for Triton; torch AdamW for "
+                                   "FusedAdam; no cuDNN autotuning")
+
+
+def _failing_fused_adam(monkeypatch):
+    """build_optimizer as on a GPU whose FusedAdam JIT build fails."""
+    real = bench_train.build_optimizer
+
+    def build(model, cfg, device):
+        if cfg.train.optimizer == "deepspeed":
+            raise RuntimeError("Error building extension 'fused_adam'\nninja: build stopped")
+        return real(model, cfg, device)
+
+    monkeypatch.setattr(bench_train, "build_optimizer", build)
+
+
+@pytest.mark.slow
+def test_a_toggle_whose_subject_fails_is_skipped_not_timed_on_a_stand_in(tmp_path, monkeypatch):
+    """FusedAdam's build fails: amp-fused-adam is skipped with the reason (it measured torch AdamW
+    under FusedAdam's name before); a siasam-fast row falls back and says so in the table."""
+    cfg, args = _tiny_setup(tmp_path)
+    _failing_fused_adam(monkeypatch)
+    cpu = torch.device("cpu")
+    toggle = bench_train.resolve(bench_train.BY_NAME["amp-fused-adam"], cpu, 2)
+    toggle.optimizer, toggle.skip = "fused", ""  # as resolved on a GPU
+    row = bench_train.run_in_process(toggle, cfg, args, cpu)
+    assert row["status"] == "skipped", row
+    assert "FusedAdam did not load" in row["reason"] and "fused_adam" in row["reason"]
+    assert row["optimizer"] == "DeepSpeed FusedAdam"
+
+    fast = bench_train.Variant("fast-test", "siasam-fast", "baseline-amp + FusedAdam (a fast row)",
+                               optimizer="fused", precision="amp", base="baseline-amp")
+    plan = bench_train.resolve(fast, cpu, 2)
+    plan.optimizer, plan.notes, plan.substituted = "fused", [], []  # as resolved on a GPU
+    row = bench_train.run_in_process(plan, cfg, args, cpu)
+    assert row["status"] == "ok", row
+    assert row["optimizer"] == "torch AdamW (fused)"
+    assert "torch AdamW(fused=True) for FusedAdam" in row["substituted"]
+    (table,) = bench_train.table_rows([row], notes=True)
+    assert "torch AdamW(fused=True) for FusedAdam" in table["notes"]
+
+
+def test_peak_table_matches_whole_model_names():
+    peak = bench_train.peak_for_name
+    assert peak("NVIDIA L4") == 121.0
+    assert peak("NVIDIA L40") == 181.0  # not the L4's
+    assert peak("NVIDIA L40S") == 362.0
+    assert peak("NVIDIA H100 80GB HBM3") == 989.4
+    assert peak("NVIDIA H100 PCIe") == 756.0
+    assert peak("NVIDIA H100 NVL") == 835.0
+    assert peak("Tesla V100-PCIE-32GB") == 112.0
+    assert peak("Tesla V100S-PCIE-32GB") == 130.0
+    assert peak("Tesla V100-SXM2-16GB") == 125.0
+    assert peak("NVIDIA A10") == 125.0 and peak("NVIDIA A100-SXM4-80GB") == 312.0
+    assert peak("NVIDIA A10G") == 125.0
+    assert peak("NVIDIA GeForce RTX 4090") is None
+
+
+def test_fp32_baseline_says_it_runs_convolutions_in_tf32():
+    cuda = torch.device("cuda", 0)  # resolve() only looks at the type: no GPU needed
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    try:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = True, False
+        plan = bench_train.resolve(bench_train.BY_NAME["baseline-fp32"], cuda, 2)
+        assert bench_train.describe(plan)["precision"] == "fp32 (tf32 convs)"  # the defaults
+        assert plan.precision == "fp32"  # what the trainer reads is unchanged
+        torch.backends.cuda.matmul.allow_tf32 = True
+        plan = bench_train.resolve(bench_train.BY_NAME["baseline-fp32"], cuda, 2)
+        assert bench_train.describe(plan)["precision"] == "fp32 (tf32 convs + matmuls)"
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = False, False
+        plan = bench_train.resolve(bench_train.BY_NAME["baseline-fp32"], cuda, 2)
+        assert bench_train.describe(plan)["precision"] == "fp32"
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+    cpu = bench_train.resolve(bench_train.BY_NAME["baseline-fp32"], torch.device("cpu"), 2)
+    assert bench_train.describe(cpu)["precision"] == "fp32"
+    amp = bench_train.resolve(bench_train.BY_NAME["baseline-amp"], cuda, 2)
+    assert bench_train.describe(amp)["precision"] == "amp-fp16"
+
+
+def test_partial_results_say_they_are_incomplete(tmp_path):
+    """The CSV written after each variant carries ``complete`` like the JSON, and the .md table
+    a notes column (the reason a row did not run, or what it substituted)."""
+    cfg = load_config(ROOT / "configs" / "bench_tiny.yaml")
+    args = bench_train.parse_args(["--out", str(tmp_path)])
+    args.out_dir, args.stem = tmp_path, "bt"
+    plan = bench_train.resolve(bench_train.BY_NAME["amp-dali"], torch.device("cpu"), 2)
+    rows = [bench_train.skipped_row(plan, "skipped", "a reason | with a bar")]
+    for final in (False, True):
+        csv_path, md_path = bench_train.save_rows(rows, args, {"device": "cpu"}, cfg, [], final)
+        with csv_path.open() as fh:
+            (row,) = list(csv.DictReader(fh))
+        assert row["complete"] == str(final)
+        assert json.loads(csv_path.with_suffix(".json").read_text())["complete"] is final
+    header, _, line = md_path.read_text().splitlines()[:3]
+    assert header.endswith("| notes |") and line.endswith("| a reason / with a bar |")
+
+
+def test_time_budget_expects_a_variant_to_take_what_its_base_took():
+    rows = [{"variant": "baseline-fp32", "status": "ok", "wall_s": 80.0},
+            {"variant": "baseline-amp", "status": "ok", "wall_s": 50.0},
+            {"variant": "fast-fp16", "status": "failed", "wall_s": 5.0}]
+    expect = bench_train.expected_seconds
+    assert expect(bench_train.BY_NAME["amp-dedup"], rows, 30) == 50.0  # its base
+    assert expect(bench_train.BY_NAME["baseline-fp32"], rows, 30) == 65.0  # median of the ok rows
+    assert expect(bench_train.BY_NAME["amp-dedup"], [], 30) == 30  # nothing yet: the floor

@@ -1,0 +1,355 @@
+"""How the pipeline benchmarks measure: the steady rate counts whole rounds after the warm-up
+(many-worker PyAV delivers a round of batches at once), cells are sized by rounds, the caps stop
+a cell where they say, every cell gives a row (skipped and failed ones too) and the CSV is
+rewritten after each; bench_transcode's disk growth compares the same videos, encoded with the
+originals' settings."""
+
+import csv
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import bench_pipeline  # noqa: E402
+import bench_transcode  # noqa: E402
+
+from siasam_fast import benchutil  # noqa: E402
+from siasam_fast.benchutil import (  # noqa: E402
+    MIN_STEADY_ROUNDS,
+    Rounds,
+    dali_rounds,
+    pyav_rounds,
+    steady_rate,
+    stop_now,
+)
+
+
+def round_timeline(workers, rounds, *, start_up=3.0, batch_s=1.0, videos=4, jitter=0.01):
+    """Arrival times of ``rounds`` rounds of W workers started together: worker k's batches
+    arrive every ``batch_s`` after the start-up, the W batches of a round a few ms apart."""
+    arrivals = [start_up + (i // workers + 1) * batch_s + (i % workers) * jitter
+                for i in range(workers * rounds)]
+    return arrivals, [videos] * len(arrivals)
+
+
+# ------------------------------------------------------------------------------------------------
+# the steady rate
+
+
+@pytest.mark.parametrize("workers", [1, 2, 4, 16])
+def test_steady_rate_is_the_true_rate_of_a_round_timeline(workers):
+    arrivals, videos = round_timeline(workers, rounds=8)
+    rounds = pyav_rounds(workers)
+    steady = steady_rate(arrivals, videos, rounds)
+    true_rate = workers * 4 / 1.0  # W batches of 4 videos per second
+    assert steady.videos_per_s == pytest.approx(true_rate, rel=1e-9)
+    assert steady.rounds == 8 - 2  # the warm-up: W x prefetch_factor (2) batches = 2 rounds
+    # The old figure, (videos - first batch's) / (seconds - first batch), counts the first
+    # round's W-1 batches that arrive right after the first over almost no time.
+    old = (sum(videos) - videos[0]) / (arrivals[-1] - arrivals[0])
+    if workers > 1:
+        assert old > true_rate * 1.05  # 8 rounds: R / (R - 1); one round: unbounded
+
+
+def test_steady_rate_of_one_round_is_none_as_in_runbook_run_3():
+    """--workers 16 --batch-size 8 --min-videos 128 measured one round: no steady figure."""
+    arrivals, videos = round_timeline(16, rounds=1)
+    steady = steady_rate(arrivals, videos, pyav_rounds(16))
+    assert steady.videos_per_s is None and steady.rounds == 0
+    # ... and a cell is now sized for its warm-up and MIN_STEADY_ROUNDS rounds after it
+    assert bench_pipeline.cell_videos(pyav_rounds(16), 8, 128) == (32 + 16 * MIN_STEADY_ROUNDS) * 8
+    assert bench_pipeline.cell_videos(pyav_rounds(1), 8, 256) == 256  # --min-videos: a floor
+
+
+def test_steady_rate_leaves_out_a_partial_last_round():
+    arrivals, videos = round_timeline(4, rounds=6)
+    whole = steady_rate(arrivals, videos, pyav_rounds(4))
+    # the cap stopped the cell just after the first batch of a seventh round
+    arrivals.append(arrivals[-1] + 1.0)
+    videos.append(4)
+    partial = steady_rate(arrivals, videos, pyav_rounds(4))
+    assert partial == whole
+    # a bunched arrival right after a round's end counts no time either
+    arrivals[-1] = arrivals[-2] + 0.001
+    assert steady_rate(arrivals, videos, pyav_rounds(4)) == whole
+
+
+def test_rounds_of_the_backends():
+    assert pyav_rounds(16) == Rounds(16, 32)
+    assert pyav_rounds(4, prefetch_factor=3) == Rounds(4, 12)
+    assert pyav_rounds(0) == Rounds(1, 1)  # in this process: the first batch is the start-up
+    assert dali_rounds(1) == Rounds(1, 2)  # DALI's prefetch depth, in iterations
+    assert dali_rounds(2) == Rounds(2, 4)  # a decode group arrives at once
+    assert Rounds(4, 8).cell_batches() == 8 + 4 * MIN_STEADY_ROUNDS
+    with pytest.raises(ValueError, match="whole rounds"):
+        Rounds(4, 6)
+
+
+def test_bench_rounds_use_the_loader_factories_prefetch_depth():
+    backend = bench_pipeline.BACKENDS
+    assert bench_pipeline.cell_rounds(backend["pyav"], 16) == Rounds(16, 32)
+    assert bench_pipeline.cell_rounds(backend["dali"], 4, group=2) == Rounds(2, 4)
+    assert bench_transcode.loader_rounds("pyav", 16) == Rounds(16, 32)
+    assert bench_transcode.loader_rounds("dali", 4, 1) == Rounds(1, 2)
+
+
+# ------------------------------------------------------------------------------------------------
+# the caps
+
+
+def test_soft_cap_waits_for_the_steady_rounds():
+    rounds = pyav_rounds(2)  # rounds of 2 batches, warm-up 4 batches
+    arrivals, _ = round_timeline(2, rounds=8, start_up=0.0, batch_s=1.0, jitter=0.0)
+    stops = [n for n in range(1, len(arrivals) + 1)
+             if stop_now(arrivals[:n], rounds, max_seconds=2.5)]
+    # 2 + 4 rounds hold the warm-up and MIN_STEADY_ROUNDS: the first stop is at that round's end,
+    # long past the soft cap, and never inside a round
+    assert stops[0] == 2 * (2 + MIN_STEADY_ROUNDS)
+    assert all(n % 2 == 0 for n in stops)
+
+
+def test_soft_cap_stops_before_it_once_the_rounds_are_in():
+    rounds = dali_rounds(1)
+    arrivals = [3.0 + 0.5 * i for i in range(40)]  # DALI: start-up 3 s, then a batch each 0.5 s
+    first = next(n for n in range(1, 41) if stop_now(arrivals[:n], rounds, max_seconds=9.0))
+    assert arrivals[first - 1] <= 9.0 < arrivals[first - 1] + 0.5
+
+
+def test_hard_cap_stops_before_a_round_that_would_overrun_it():
+    rounds = pyav_rounds(16)
+    # 720p without dedup: the first round arrives at 18.5 s, the next would at 37 s
+    arrivals, _ = round_timeline(16, rounds=3, start_up=0.0, batch_s=18.5, jitter=0.0)
+    assert not stop_now(arrivals[:15], rounds, hard_max_seconds=20.0)  # inside the round
+    assert stop_now(arrivals[:16], rounds, hard_max_seconds=20.0)  # 18.5 + 18.5 > 20
+    assert not stop_now(arrivals[:16], rounds, hard_max_seconds=40.0)
+    assert stop_now([41.0], rounds, hard_max_seconds=40.0)  # past it: at any batch
+
+
+def fake_batches(count, *, size=2, sleep=0.0, frames_dtype=torch.float16):
+    for _ in range(count):
+        if sleep:
+            time.sleep(sleep)
+        yield {"example_index": torch.arange(size),
+               "frame_mask": torch.ones(size, 3, 2, dtype=torch.bool),
+               "num_unique": torch.full((size,), 4),
+               "frames": torch.zeros(size, 1, dtype=frames_dtype)}
+
+
+def test_time_epoch_records_rounds_dtype_and_a_short_cell():
+    row = bench_pipeline.time_epoch(lambda: fake_batches(3 + 4 * 2), Rounds(2, 2))
+    assert row["status"] == "ok" and row["steady_rounds"] == 4 and row["batches"] == 11
+    assert row["videos"] == 22 and row["out_dtype"] == "float16" and row["out_device"] == "cpu"
+    assert row["transformed_per_video"] == 4 and row["stopped_by"] == "epoch"
+    short = bench_pipeline.time_epoch(lambda: fake_batches(5), Rounds(2, 2))
+    assert short["status"] == "short" and short["steady_rounds"] == 1
+    assert "1 whole rounds" in short["reason"] and "end of the epoch" in short["reason"]
+    none = bench_pipeline.time_epoch(lambda: fake_batches(2), Rounds(2, 2))
+    assert none["steady_videos_per_s"] is None and "no steady rate" in none["reason"]
+
+
+def test_time_epoch_hard_cap_ends_an_endless_loader():
+    start = time.perf_counter()
+    row = bench_pipeline.time_epoch(lambda: fake_batches(10**6, sleep=0.01), Rounds(1, 1),
+                                    max_seconds=0.05, hard_max_seconds=0.3,
+                                    min_steady_rounds=10**6)
+    assert row["stopped_by"] == "cap" and row["status"] == "short"
+    assert row["seconds"] < 0.4 and time.perf_counter() - start < 2
+
+
+def test_release_device_memory_runs_here_with_dali_imported():
+    pytest.importorskip("nvidia.dali")
+    import nvidia.dali.backend as dali_backend
+
+    assert hasattr(dali_backend, "ReleaseUnusedMemory")  # present in DALI 2.4
+    bench_pipeline.release_device_memory()
+
+
+# ------------------------------------------------------------------------------------------------
+# rows for every cell, the CSV after each
+
+
+def fake_records(ok=True, codec="h264"):
+    return {"v0": SimpleNamespace(ok=ok, width=32, height=24, codec=codec)}
+
+
+def fake_result(videos_per_s=10.0, steady=12.0, rounds=MIN_STEADY_ROUNDS):
+    return {"status": "ok" if rounds >= MIN_STEADY_ROUNDS else "short", "reason": "",
+            "videos": 8, "seconds": 0.8, "videos_per_s": videos_per_s,
+            "steady_videos_per_s": steady, "steady_rounds": rounds}
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="DALI's CPU decoder: no H.264")
+def test_skipped_and_failed_cells_are_rows_and_the_rest_runs(monkeypatch):
+    calls = []
+
+    def measure(backend, records, *, workers, dedup, **kwargs):
+        calls.append((backend.name, workers, dedup))
+        if workers == 1 and dedup:
+            raise RuntimeError("decoder crashed\nsecond line")
+        return fake_result()
+
+    monkeypatch.setattr(bench_pipeline, "measure", measure)
+    seen = []
+    rows = bench_pipeline.run_benchmark(
+        ["pyav", "dali"], [("empty", fake_records(ok=False), "h264"),
+                           ("h264-set", fake_records(), "h264")],
+        worker_counts=[1, 2], dali_workers=0, batch_size=2, image_size=32, min_videos=4,
+        log=lambda text: None, on_row=seen.append)
+    assert seen == rows
+    status = [(r["set"], r["backend"], r.get("workers"), r.get("dedup"), r["status"])
+              for r in rows]
+    assert status == [
+        ("empty", "pyav", None, None, "skipped"),
+        ("empty", "dali", None, None, "skipped"),
+        ("h264-set", "pyav", 1, True, "failed"),
+        ("h264-set", "pyav", 2, True, "ok"),
+        ("h264-set", "pyav", 1, False, "ok"),
+        ("h264-set", "pyav", 2, False, "ok"),
+        ("h264-set", "dali", None, None, "skipped"),
+    ]
+    assert rows[2]["reason"] == "RuntimeError: decoder crashed"
+    assert "cannot decode h264" in rows[-1]["reason"] and "no readable" in rows[0]["reason"]
+    assert len(calls) == 4  # the failing cell ended no other
+
+
+def test_main_rewrites_the_csv_after_every_cell(tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    csv_path = out / "pipeline_pyav_quick.csv"
+    seen_before = []
+
+    def measure(backend, records, *, workers, dedup, **kwargs):
+        # the CSV on disk holds every cell before this one (none before the first)
+        seen_before.append(len(read_rows(csv_path)) if csv_path.exists() else 0)
+        if workers == 2 and not dedup:
+            raise ValueError("boom")
+        return fake_result(steady=None if workers == 2 else 12.0, rounds=0 if workers == 2 else 4)
+
+    monkeypatch.setattr(bench_pipeline, "measure", measure)
+    monkeypatch.setattr(bench_pipeline, "prepare_set", lambda spec, work_dir, workers:
+                        fake_records())
+    monkeypatch.setattr(bench_pipeline, "environment_isolated", lambda: {"device": "cpu",
+                                                                         "cpu_count": 2})
+    status = bench_pipeline.main(["--quick", "--sets", "msrvtt-like", "--workers", "1", "2",
+                                  "--work-dir", str(tmp_path / "work"), "--out-dir", str(out)])
+    assert status == 0
+    assert seen_before == [0, 1, 2, 3]
+    rows = read_rows(csv_path)
+    assert [(r["workers"], r["dedup"], r["status"]) for r in rows] == [
+        ("1", "True", "ok"), ("2", "True", "short"), ("1", "False", "ok"),
+        ("2", "False", "failed")]
+    assert rows[-1]["reason"] == "ValueError: boom" and rows[0]["device"] == "cpu"
+    assert not [p.name for p in out.iterdir() if p.name != csv_path.name]  # no temp file
+
+
+def read_rows(path):
+    with open(path, newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def test_write_csv_is_atomic(tmp_path, monkeypatch):
+    path = tmp_path / "r.csv"
+    benchutil.write_csv([{"a": 1}], path)
+
+    def torn(self, rows):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(csv.DictWriter, "writerows", torn)
+    with pytest.raises(OSError):
+        benchutil.write_csv([{"a": 2}, {"a": 3}], path)
+    assert path.read_text().splitlines() == ["a", "1"]
+    assert [p.name for p in tmp_path.iterdir()] == ["r.csv"]
+
+
+def test_summary_compares_steady_rates_and_flags_short_cells():
+    base = {"set": "s", "resolution": "x", "threads": "", "group": "", "trim": "",
+            "batch_size": 8, "decoder": "gpu"}
+    rows = [
+        {**base, "backend": "pyav", "workers": 16, "dedup": True, **fake_result(50, 20)},
+        {**base, "backend": "pyav", "workers": 4, "dedup": True, **fake_result(30, 10)},
+        {**base, "backend": "pyav", "workers": 16, "dedup": False, **fake_result(5, None, 0)},
+        {**base, "backend": "dali", "workers": 4, "threads": 8, "group": 1, "trim": False,
+         "dedup": True, **fake_result(30, 90, 2)},
+        {**base, "backend": "dali", "workers": 4, "dedup": False, "status": "skipped"},
+    ]
+    lines = bench_pipeline.summary_lines(rows)
+    compare = [line for line in lines if "the best pyav" in line]
+    # on the steady rates (90 / 20), not the overall ones (30 / 50); DALI's cell is short
+    assert len(compare) == 1 and "4.50x the best pyav (16 workers)" in compare[0]
+    assert "start-up bound" in compare[0]
+    assert any("dedup speed-up not measured" in line and "pyav 16 workers dedup=False" in line
+               for line in lines)
+    assert bench_pipeline.start_up_bound(rows[3]) and not bench_pipeline.start_up_bound(rows[0])
+
+
+# ------------------------------------------------------------------------------------------------
+# bench_transcode
+
+
+def test_growth_compares_the_same_videos():
+    def rec(size, ok=True):
+        return SimpleNamespace(size=size, ok=ok)
+
+    original = {"a": rec(100), "b": rec(100), "c": rec(100), "d": rec(50, ok=False)}
+    copy = {"a": rec(150), "b": rec(170)}  # c's transcode failed, d was corrupt
+    ratio, compared = bench_transcode.growth(copy, original)
+    assert compared == 2 and ratio == pytest.approx(320 / 200)
+    assert bench_transcode.growth({}, original) == (None, 0)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU behaviour (no DALI)")
+def test_transcode_bench_copies_like_the_originals_and_records_every_cell(tmp_path,
+                                                                         monkeypatch):
+    """Tiny videos: the copies and the control are made with the generator's preset, B-frames
+    and CRF; a copy that lost a video is compared on the others; DALI without a GPU gives
+    skipped rows; the CSV holds the disk rows first, then every cell."""
+    calls = []
+    real_transcode, real_load = bench_transcode.transcode, bench_transcode.load_manifest
+
+    def transcode(src, dst, **kwargs):
+        calls.append((Path(dst).name, kwargs))
+        return real_transcode(src, dst, progress=False, **kwargs)
+
+    def load_manifest(path):  # the GOP-8 copy of video1 "failed"
+        records = real_load(path)
+        if "gop8" in str(path):
+            records.pop("video1")
+        return records
+
+    monkeypatch.setattr(bench_transcode, "original_set",
+                        lambda quick: bench_pipeline.VideoSet("tiny", 64, 48, 2, 40, gop=20))
+    monkeypatch.setattr(bench_transcode, "transcode", transcode)
+    monkeypatch.setattr(bench_transcode, "load_manifest", load_manifest)
+    monkeypatch.setattr(bench_transcode, "environment_isolated",
+                        lambda: {"device": "cpu", "cpu_count": 2})
+    out = tmp_path / "out"
+    status = bench_transcode.main([
+        "--quick", "--gops", "8", "--samplings", "paper", "--backend", "dali", "--workers", "0",
+        "--draws", "2", "--measure-draws", "1", "--min-videos", "2", "--batch-size", "2",
+        "--image-size", "16", "--encoder", "cpu", "--work-dir", str(tmp_path / "work"),
+        "--out-dir", str(out)])
+    assert status == 0
+    assert [name for name, _ in calls] == ["tiny-gop8-libx264-veryfast",
+                                           "tiny-gop20-libx264-veryfast"]
+    for _, kwargs in calls:
+        assert kwargs["preset"] == "veryfast" and kwargs["bframes"] == 3 and kwargs["crf"] == 23
+    rows = read_rows(out / "transcode_quick.csv")
+    disk = {r["set"]: r for r in rows if r["status"] == "disk"}
+    assert list(disk) == ["gop20 (original)", "gop8",
+                          "gop20 (control: re-encoded like the copies)"]
+    original = real_load(tmp_path / "work" / "tiny" / "manifest.jsonl")
+    copy = real_load(tmp_path / "work" / "tiny-gop8-libx264-veryfast" / "manifest.jsonl")
+    assert disk["gop8"]["compared_videos"] == "1"  # video0 only, on both sides
+    assert float(disk["gop8"]["growth"]) == pytest.approx(copy["video0"].size
+                                                          / original["video0"].size)
+    assert disk["gop8"]["failed_transcodes"] == "0" and disk["gop8"]["preset"] == "veryfast"
+    cells = [(r["set"], r["backend"], r["status"]) for r in rows if r["status"] != "disk"]
+    assert cells == [("gop20 (original)", "dali", "skipped"), ("gop20 (original)", "pyav", "ok"),
+                     ("gop8", "dali", "skipped"), ("gop8", "pyav", "ok")]
+    skipped = [r for r in rows if r["status"] == "skipped"]
+    assert all("no CUDA GPU" in r["reason"] for r in skipped)
