@@ -795,6 +795,13 @@ def train(argv: list[str] | None = None, prog: str | None = None) -> int:
                 "its weights with train.init_from")
         engine.load_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
         step, start_epoch = state["step"], state["epoch"]
+        old_epochs = state["config"].get("train", {}).get("epochs", cfg.train.epochs)
+        if rank0 and old_epochs != cfg.train.epochs:
+            was = warmup_linear_decay(steps_per_epoch * old_epochs, cfg.train.warmup_ratio)(step)
+            now = warmup_linear_decay(total_steps, cfg.train.warmup_ratio)(step)
+            print(f"note: train.epochs changed from {old_epochs} to {cfg.train.epochs}: the "
+                  f"learning-rate schedule now decays over {cfg.train.epochs} epochs, so the rate "
+                  f"at step {step} goes from {was * cfg.train.lr:.3g} to {now * cfg.train.lr:.3g}")
         train_loader.load_state_dict(state["sampler"])
         rng_file = tag_dir / f"rng_rank{rank}.json"
         if rng_file.is_file():

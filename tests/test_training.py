@@ -539,3 +539,13 @@ def test_a_video_damaged_after_indexing_gets_stand_ins_and_training_goes_on(synt
     assert summary["stand_in_examples"] >= 1
     assert f"video {victim} failed" in proc.stderr
     assert "got a stand-in because their video failed" in proc.stdout
+
+
+def test_more_epochs_on_resume_says_how_the_schedule_changes(synth, tmp_path):
+    out = tmp_path / "run"
+    train(base_args(synth, out, "--set", "train.max_steps=2"))
+    proc = train(base_args(synth, out, "--set", "train.epochs=3", "--set", "train.max_steps=3",
+                           "--resume", "auto"))
+    assert re.search(r"note: train.epochs changed from 2 to 3: the learning-rate schedule now "
+                     r"decays over 3 epochs, so the rate at step 2 goes from \S+ to \S+",
+                     proc.stdout), proc.stdout[-2000:]
