@@ -25,6 +25,7 @@ GT_CLIPS = ("anchor", "all")
 AGGREGATIONS = ("mean", "max", "logsumexp")
 OPTIMIZERS = ("auto", "torch", "deepspeed", "apex")
 MEMORY_FORMATS = ("auto", "channels_last", "contiguous")
+LAYER_NORMS = ("auto", "torch", "apex")
 EVAL_SPLITS = ("val", "test", "none")
 
 
@@ -77,9 +78,12 @@ class ModelConfig:
     # Layout of the CNN's frames and weights: channels_last (NHWC) feeds tensor-core convolutions
     # without the NCHW <-> NHWC transposes around each one; auto = channels_last on CUDA only.
     memory_format: str = "auto"  # auto | channels_last | contiguous
+    # LayerNorms (BERT's): apex's FusedLayerNorm, or torch's; auto = apex on CUDA when installed
+    layer_norm: str = "auto"  # auto | torch | apex
 
     def __post_init__(self) -> None:
         _choice("model.memory_format", self.memory_format, MEMORY_FORMATS)
+        _choice("model.layer_norm", self.layer_norm, LAYER_NORMS)
         _at_least("model.grid_pool", self.grid_pool, 1, "1 = no pooling")
         _at_least("model.max_grid", self.max_grid, 1)
         if not 0.0 <= self.dropout < 1.0:
@@ -117,7 +121,9 @@ class TrainConfig:
     weight_decay: float = 0.01
     warmup_ratio: float = 0.1  # linear warm-up over the first 10% of steps, then linear decay
     grad_clip: float = 1.0
-    optimizer: str = "auto"  # auto: DeepSpeed FusedAdam on CUDA, torch AdamW elsewhere
+    # auto: on CUDA apex FusedAdam when apex is installed, else DeepSpeed FusedAdam (torch AdamW
+    # when that cannot be built); torch AdamW elsewhere
+    optimizer: str = "auto"
     seed: int = 42
     save_every: int = 0  # steps between checkpoints (0: only at each epoch end)
     keep_checkpoints: int = 2

@@ -351,7 +351,13 @@ def check_deepspeed() -> list[Check]:
         return rows
     from deepspeed.ops.op_builder import FusedAdamBuilder
 
+    from siasam_fast.model import apex_available
     from siasam_fast.training import deepspeed_arch_list
+
+    if apex_available():
+        rows.append(Check("optimizer", "ok", "apex FusedAdam (apex is installed; "
+                          "train.optimizer=deepspeed picks DeepSpeed's)"))
+        return rows
 
     nvcc = shutil.which("nvcc") or (os.environ.get("CUDA_HOME") and
                                     Path(os.environ["CUDA_HOME"], "bin", "nvcc").is_file())
@@ -370,12 +376,14 @@ def check_deepspeed() -> list[Check]:
 
 
 def check_apex() -> list[Check]:
-    try:
-        from apex.optimizers import FusedAdam  # noqa: F401
-    except ImportError:
-        return [Check("apex", "missing", "not installed (optional: train.optimizer=apex)",
+    from siasam_fast.model import apex_available
+
+    if not apex_available():
+        return [Check("apex", "missing", "not installed (optional: its FusedAdam and "
+                      "FusedLayerNorm are used on CUDA when it is)",
                       "not on PyPI: see NVIDIA/apex's README")]
-    return [Check("apex", "ok", "apex FusedAdam available (train.optimizer=apex)")]
+    return [Check("apex", "ok", "FusedAdam and FusedLayerNorm used on CUDA (train.optimizer / "
+                  "model.layer_norm: auto)")]
 
 
 def check_pyav() -> list[Check]:

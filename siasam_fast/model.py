@@ -110,6 +110,35 @@ def use_memory_format(model: nn.Module, device: torch.device | str) -> nn.Module
     return model
 
 
+def apex_available() -> bool:
+    """Whether NVIDIA apex's fused CUDA ops import here (apex is not on PyPI: never required)."""
+    try:
+        from apex.normalization import FusedLayerNorm  # noqa: F401
+        from apex.optimizers import FusedAdam  # noqa: F401
+    except Exception:  # noqa: BLE001 - ImportError, or an apex built for another torch / CUDA
+        return False
+    return True
+
+
+def use_apex_layer_norm(model: nn.Module) -> int:
+    """Replace every ``nn.LayerNorm`` of ``model`` with apex's FusedLayerNorm, the same shape,
+    eps and weights (one CUDA kernel instead of several); returns how many were replaced."""
+    from apex.normalization import FusedLayerNorm
+
+    replaced = 0
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is nn.LayerNorm:
+                fused = FusedLayerNorm(child.normalized_shape, eps=child.eps,
+                                       elementwise_affine=child.elementwise_affine)
+                if child.elementwise_affine:
+                    fused.load_state_dict(child.state_dict())
+                setattr(parent, name, fused.to(next(child.parameters()).device)
+                        if child.elementwise_affine else fused)
+                replaced += 1
+    return replaced
+
+
 def build_visual(name: str) -> ResNetModel:
     if name in VISUAL_PRESETS:
         return ResNetModel(ResNetConfig(**VISUAL_PRESETS[name]))

@@ -55,8 +55,10 @@ from siasam_fast.losses import total_loss  # noqa: E402
 from siasam_fast.model import (  # noqa: E402
     SiaSamReaModel,
     aggregate_clips,
+    apex_available,
     load_tokenizer,
     task_scores,
+    use_apex_layer_norm,
     use_memory_format,
 )
 from siasam_fast.paths import USAGE_ERRORS, file_in_the_way  # noqa: E402
@@ -70,7 +72,7 @@ RESUMABLE_CHANGES = {
     "train.epochs", "train.max_steps", "train.out_dir", "train.log_every", "train.save_every",
     "train.keep_checkpoints", "train.sync_timing", "train.init_from", "data.num_workers",
     "train.cudnn_benchmark", "data.decode_group", "data.dali_trim", "train.overwrite",
-    "data.backend",
+    "data.backend", "model.layer_norm",
     "data.manifest", "data.video_dir", "data.train", "data.val", "data.test", "eval.batch_size",
     "eval.num_clips", "eval.aggregation", "eval.split", "siamese.impl", "model.memory_format",
 }
@@ -294,7 +296,8 @@ def build_optimizer(model: torch.nn.Module, cfg: Config, device: torch.device):
               {"params": no_decay, "weight_decay": 0.0}]
     choice = cfg.train.optimizer
     if choice == "auto":
-        choice = "deepspeed" if device.type == "cuda" else "torch"
+        choice = ("torch" if device.type != "cuda" else "apex" if apex_available() else
+                  "deepspeed")
     if choice == "apex":
         try:
             from apex.optimizers import FusedAdam as ApexFusedAdam
@@ -324,6 +327,21 @@ def build_optimizer(model: torch.nn.Module, cfg: Config, device: torch.device):
             print(f"note: DeepSpeed's FusedAdam could not be built here ({why}); using torch "
                   "AdamW (`siasam-fast env` says what the build needs)", file=sys.stderr)
     return torch.optim.AdamW(groups, lr=cfg.train.lr), "torch AdamW"
+
+
+def fused_layer_norm(cfg: Config, device: torch.device) -> bool:
+    """Whether ``model.layer_norm`` puts apex's FusedLayerNorm in the model on ``device``."""
+    choice = cfg.model.layer_norm
+    if choice == "torch" or (choice == "auto" and device.type != "cuda"):
+        return False
+    if device.type != "cuda":
+        raise ValueError("model.layer_norm='apex' needs CUDA (apex's kernels); use torch or auto")
+    if not apex_available():
+        if choice == "apex":
+            raise ValueError("model.layer_norm='apex' but apex is not installed (it is not on "
+                             "PyPI; see its README); use torch or auto")
+        return False
+    return True
 
 
 def warmup_linear_decay(total_steps: int, warmup_ratio: float):
@@ -774,6 +792,11 @@ def train(argv: list[str] | None = None, prog: str | None = None) -> int:
         note = init_model_from(model, init_dir, cfg, _vocab_hash(data.ans2label))
         if rank0:
             print(note)
+    if fused_layer_norm(cfg, device):
+        replaced = use_apex_layer_norm(model)
+        if rank0:
+            print(f"apex FusedLayerNorm in place of {replaced} torch LayerNorm(s) "
+                  "(model.layer_norm=torch keeps torch's)")
     optimizer, optimizer_name = build_optimizer(model, cfg, device)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, warmup_linear_decay(total_steps, cfg.train.warmup_ratio))

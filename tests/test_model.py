@@ -270,3 +270,78 @@ def test_visual_forward_never_waits_for_the_gpu(tokenizer):
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert torch.isfinite(tokens).all()
+
+
+FAKE_APEX = {
+    "apex/__init__.py": "",
+    "apex/normalization/__init__.py": (
+        "import torch\n\n"
+        "class FusedLayerNorm(torch.nn.LayerNorm):\n"
+        "    pass\n"),
+    "apex/optimizers/__init__.py": (
+        "import torch\n\n"
+        "class FusedAdam(torch.optim.AdamW):\n"
+        "    def __init__(self, params, lr, adam_w_mode=True, **kwargs):\n"
+        "        super().__init__(params, lr=lr)\n"),
+}
+
+
+@pytest.fixture
+def fake_apex(tmp_path, monkeypatch):
+    """A stand-in for NVIDIA apex (not on PyPI, not installed here): its two fused classes as
+    torch subclasses, to check what the package does when apex is present."""
+    import sys
+
+    for name, text in FAKE_APEX.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for name in [m for m in sys.modules if m == "apex" or m.startswith("apex.")]:
+        monkeypatch.delitem(sys.modules, name)
+    yield
+    for name in [m for m in sys.modules if m == "apex" or m.startswith("apex.")]:
+        sys.modules.pop(name, None)
+
+
+def test_apex_is_used_when_installed(fake_apex, tokenizer):
+    """DESIGN section 5: apex's FusedAdam and FusedLayerNorm are used where apex is installed
+    (on CUDA), never required; the model computes the same function with them."""
+    from apex.normalization import FusedLayerNorm
+
+    from siasam_fast.config import Config
+    from siasam_fast.model import apex_available, use_apex_layer_norm
+    from siasam_fast.training import build_optimizer, fused_layer_norm
+
+    assert apex_available()
+    cfg = Config()
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert fused_layer_norm(cfg, cuda) and not fused_layer_norm(cfg, cpu)
+    cfg.model.layer_norm = "torch"
+    assert not fused_layer_norm(cfg, cuda)
+    model = make_model("open")
+    batch = make_batch(tokenizer, "open")
+    before = model(batch)["logits"]
+    norms = sum(type(m) is torch.nn.LayerNorm for m in model.modules())
+    assert norms > 0 and use_apex_layer_norm(model) == norms
+    assert not any(type(m) is torch.nn.LayerNorm for m in model.modules())
+    assert sum(isinstance(m, FusedLayerNorm) for m in model.modules()) == norms
+    torch.testing.assert_close(model(batch)["logits"], before)
+    _, name = build_optimizer(model, cfg, cuda)
+    assert name == "apex FusedAdam"
+    assert build_optimizer(model, cfg, cpu)[1] == "torch AdamW"
+
+
+def test_apex_asked_for_but_missing_is_a_clear_error(monkeypatch):
+    import sys
+
+    from siasam_fast.config import Config
+    from siasam_fast.training import fused_layer_norm
+
+    monkeypatch.setitem(sys.modules, "apex", None)  # import apex raises ImportError
+    cfg = Config()
+    assert not fused_layer_norm(cfg, torch.device("cuda"))  # auto: torch's, silently
+    cfg.model.layer_norm = "apex"
+    with pytest.raises(ValueError, match="model.layer_norm='apex' but apex is not installed"):
+        fused_layer_norm(cfg, torch.device("cuda"))
+    with pytest.raises(ValueError, match="model.layer_norm='apex' needs CUDA"):
+        fused_layer_norm(cfg, torch.device("cpu"))
