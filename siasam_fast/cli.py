@@ -11,6 +11,7 @@ written.
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 
 from siasam_fast.benchutil import nonneg_int, positive_int
@@ -211,11 +212,25 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handler = {"env": _env, "synth": _synth, "index": _index, "eval": _eval, "demo": _demo,
                "transcode": _transcode}[args.command]
+    if args.command in ("synth", "index", "transcode"):
+        # A scheduler's SIGTERM takes the Ctrl-C path: what was done is written before exiting.
+        signal.signal(signal.SIGTERM, _interrupt)
     try:
         return handler(args)
     except USAGE_ERRORS as err:
         print(f"siasam-fast {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        if args.command not in ("synth", "index", "transcode"):
+            raise
+        print(f"siasam-fast {args.command}: interrupted; what was done is kept, and running the "
+              "same command again continues from there", file=sys.stderr)
+        return 130
+
+
+def _interrupt(signum, frame) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM ends the process at once
+    raise KeyboardInterrupt
 
 
 if __name__ == "__main__":

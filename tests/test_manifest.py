@@ -358,3 +358,76 @@ def test_old_fast_records_of_avi_with_bframes_are_probed_again(tmp_path, caplog)
     with caplog.at_level("WARNING"):
         load_manifest(out)
     assert "indexed with --fast" not in caplog.text
+
+
+def test_an_interrupted_reindex_keeps_the_records_it_had_not_redone(tmp_path, monkeypatch):
+    """Upgrading a --fast manifest (or re-probing touched files) and stopping half way wrote a
+    manifest without the files not yet probed again: training then dropped their questions."""
+    folder = tmp_path / "videos"
+    folder.mkdir()
+    for i in range(6):
+        write_index_video(folder / f"v{i}.mp4", 12, codec="h264", size=32, gop=4)
+    out = tmp_path / "manifest.jsonl"
+    build_manifest(folder, out, mode="demux", workers=1, progress=False)
+    real = manifest_module._probe_all
+
+    def two_then_stop(*args, **kwargs):
+        for n, record in enumerate(real(*args, **kwargs)):
+            if n == 2:
+                raise KeyboardInterrupt
+            yield record
+
+    monkeypatch.setattr(manifest_module, "_probe_all", two_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        build_manifest(folder, out, mode="decode", workers=1, progress=False)
+    records = load_manifest(out)
+    assert sorted(records) == [f"v{i}" for i in range(6)]
+    assert sorted(r.probe for r in records.values()) == ["decode"] * 2 + ["demux"] * 4
+    monkeypatch.setattr(manifest_module, "_probe_all", real)
+    resumed = build_manifest(folder, out, mode="decode", workers=1, progress=False)
+    assert len(resumed.probed) == 4 and {r.probe for r in resumed.values()} == {"decode"}
+
+
+SLOW_INDEX = """
+import sys, time
+from siasam_fast import cli
+from siasam_fast.pipeline import manifest
+real = manifest.probe_video
+def slow(*args, **kwargs):
+    open(sys.argv[2] + ".started", "w").close()
+    time.sleep(0.4)
+    return real(*args, **kwargs)
+manifest.probe_video = slow
+sys.exit(cli.main(["index", sys.argv[1], "--out", sys.argv[2], "--workers", "1"]))
+"""
+
+
+def test_sigterm_to_index_keeps_what_was_probed(tmp_path):
+    """A scheduler's SIGTERM ended `index` without writing anything: it now takes the Ctrl-C
+    path, writes the videos probed so far and exits 130 with one line, no traceback."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from subprocess_env import cpu_env
+
+    folder = tmp_path / "videos"
+    folder.mkdir()
+    for i in range(12):
+        write_index_video(folder / f"v{i:02d}.mp4", 8, codec="h264", size=32, gop=4)
+    out = tmp_path / "manifest.jsonl"
+    proc = subprocess.Popen([sys.executable, "-c", SLOW_INDEX, str(folder), str(out)],
+                            env=cpu_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    started = tmp_path / "manifest.jsonl.started"
+    deadline = time.monotonic() + 120
+    while not started.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    time.sleep(1.0)  # a few videos probed (0.4 s each), most not
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err[-2000:]
+    assert "interrupted; what was done is kept" in err and "Traceback" not in err
+    kept = load_manifest(out)
+    assert 0 < len(kept) < 12

@@ -372,3 +372,25 @@ def test_duplicate_video_ids_reported(tmp_path):
     assert [r.relpath for r in summary.done] == ["small.avi"]
     assert [(r.relpath, r.status) for r in summary.failed] == [("small.mp4", "failed")]
     assert "same video_id" in summary.summary()
+
+
+@pytest.mark.parametrize("older_mtime", [False, True])
+def test_a_replaced_source_redoes_its_output(tmp_path, older_mtime):
+    """A source replaced by other content with the same frame count kept its old output: with
+    a newer mtime the job saw a complete output of the right length and skipped it; with an
+    older one (rsync -a, cp -p, tar) the output was trusted outright."""
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    write_sources(src, ["long_gop", "small"])
+    transcode(src, dst, gop=GOP, workers=1, encoder="cpu", progress=False)
+    path = video_path(src, "long_gop", "h264")
+    before = path.stat()
+    write_index_video(path, 60, codec="h264", size=64, gop=30, bframes=2, first_index=500)
+    if older_mtime:
+        os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns - 10**9))
+    again = transcode(src, dst, gop=GOP, workers=1, encoder="cpu", progress=False)
+    status = {r.video_id: r.status for r in again.results}
+    assert status == {"long_gop": "done", "small": "skipped"}
+    out = load_manifest(dst / "manifest.jsonl")["long_gop"]
+    assert read_indices(decode_frames(out, [0, 59])) == [500, 559]
+    third = transcode(src, dst, gop=GOP, workers=1, encoder="cpu", progress=False)
+    assert {r.status for r in third.results} == {"skipped"}  # its source is the one recorded

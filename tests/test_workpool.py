@@ -32,3 +32,21 @@ def test_a_crash_seen_while_submitting_loses_no_item():
         assert sorted(o for o in out if isinstance(o, int)) == [
             x * x for x in range(24) if x != 3]
         assert [o for o in out if not isinstance(o, int)] == [("crash", 3)]
+
+
+def test_an_interrupted_pool_leaves_no_worker_behind():
+    """Ctrl-C, SIGTERM or a consumer that stops: the work in flight is dropped at once, not
+    waited for, and no worker process outlives the pool (they were left sleeping, orphaned)."""
+    import multiprocessing
+    import time
+
+    results = imap_isolated(time.sleep, [0, 30, 30, 30], workers=2, on_crash=None)
+    assert next(results) is None
+    workers = multiprocessing.active_children()
+    assert workers
+    start = time.monotonic()
+    results.close()
+    assert time.monotonic() - start < 10
+    for process in workers:
+        process.join(10)
+    assert not any(process.is_alive() for process in workers)

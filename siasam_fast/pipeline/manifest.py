@@ -477,6 +477,15 @@ def build_manifest(
         else:
             todo.append(path)
     removed = sorted(set(old) - set(files))
+    # Until a file queued for probing has its new record, an interim write keeps its old one: an
+    # interrupted re-index (--fast -> decode, touched or copied files) must not shrink the
+    # manifest that training reads. The next run probes those files again.
+    pending = {video_id_of(p.relative_to(video_dir).as_posix()) for p in todo}
+    pending = {vid: old[vid] for vid in pending if vid in old}
+
+    def interim() -> list[VideoRecord]:
+        return [*records.values(), *(r for vid, r in pending.items() if vid not in records)]
+
     probed: list[str] = []
     last_write = time.monotonic()
     bar = tqdm(total=len(todo), desc="probing videos", unit="video", disable=not progress)
@@ -486,11 +495,11 @@ def build_manifest(
             probed.append(record.video_id)
             bar.update(1)
             if time.monotonic() - last_write > checkpoint_s:
-                write_manifest(records.values(), out_path)
+                write_manifest(interim(), out_path)
                 last_write = time.monotonic()
     except BaseException:
         # Keep what was probed (KeyboardInterrupt included): the next run resumes from it.
-        write_manifest(records.values(), out_path)
+        write_manifest(interim(), out_path)
         raise
     finally:
         bar.close()

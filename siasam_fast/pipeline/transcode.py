@@ -558,6 +558,9 @@ def transcode(
     records: dict[str, VideoRecord] = {}
     summary = TranscodeSummary(dst_dir, manifest_path, name, hardware, gop, height, codec)
     jobs: list[_Job] = []
+    made_from = _made_from(dst_dir)  # video_id -> [size, mtime_ns] of the source of its output
+    fingerprints: dict[str, list[int]] = {}
+    changed_sources: set[str] = set()
     for relpath in getattr(sources, "duplicates", []):
         summary.results.append(TranscodeResult(
             "", relpath, "failed", "another file has the same video_id (name without extension)"))
@@ -567,9 +570,19 @@ def transcode(
                 vid, src.relpath, "failed", f"corrupt input: {src.reason}", bytes_in=src.size))
             continue
         dst = dst_dir / f"{vid}.mp4"
-        done = _complete(old.get(vid), dst, src)
+        # Which version of the source an output was made from: a source replaced since (other
+        # content, perhaps the same frame count, an older or newer mtime) redoes its output.
+        fingerprints[vid] = [int(src.size), int(src.mtime_ns)]
+        known = made_from.get(vid)
+        replaced_source = dst.exists() and (
+            (known is not None and known != fingerprints[vid])
+            or (known is None and vid in getattr(sources, "probed", ())))
+        if replaced_source:
+            changed_sources.add(vid)
+        done = None if replaced_source else _complete(old.get(vid), dst, src)
         if done is not None and vid not in stale:
             records[vid] = done
+            made_from[vid] = fingerprints[vid]
             summary.results.append(TranscodeResult(
                 vid, src.relpath, "skipped", bytes_in=src.size, bytes_out=done.size, record=done,
                 irregular_keyframes=not _regular(done, gop)))
@@ -577,7 +590,8 @@ def transcode(
         if done is not None:
             records[vid] = done  # the old output's record stays until the output is replaced
         jobs.append(_Job(str(Path(src.path)), str(dst), str(dst_dir), vid, src.num_frames, gop,
-                         height, name, options, threads, probe_mode, redo=vid in stale))
+                         height, name, options, threads, probe_mode,
+                         redo=vid in stale or replaced_source))
 
     relpaths = {vid: r.relpath for vid, r in sources.items()}
     bar = tqdm(total=len(jobs), desc=f"transcode gop={gop}", unit="video", disable=not progress)
@@ -585,7 +599,7 @@ def transcode(
 
     def save() -> None:
         write_manifest(records.values(), manifest_path)
-        _write_params(dst_dir, params, name, stale)
+        _write_params(dst_dir, params, name, stale, made_from)
 
     try:
         for result in _run_all(jobs, workers):
@@ -595,8 +609,15 @@ def transcode(
             if result.record is not None:
                 records[vid] = result.record
                 stale.discard(vid)
+                made_from[vid] = fingerprints[vid]
             if result.status == "failed":
-                if vid in stale and (dst_dir / f"{vid}.mp4").exists():
+                output = dst_dir / f"{vid}.mp4"
+                if vid in changed_sources and output.exists():
+                    output.unlink()  # made from another version of the source: not kept as its
+                    made_from.pop(vid, None)  # output (the re-index below would list it)
+                    result.reason += (" (the output made from the source's earlier version was "
+                                      "removed)")
+                elif vid in stale and output.exists():
                     result.reason += " (the output made with the previous parameters is kept)"
                 logger.warning("transcode failed: %s: %s", result.relpath, result.reason)
             bar.update(1)
@@ -675,11 +696,27 @@ def _stale_outputs(dst_dir: Path, params: dict, sources: dict[str, VideoRecord])
     return outputs
 
 
-def _write_params(dst_dir: Path, params: dict, encoder: str, stale: set[str]) -> None:
+def _write_params(dst_dir: Path, params: dict, encoder: str, stale: set[str],
+                  made_from: dict[str, list[int]] | None = None) -> None:
     stamp = dst_dir / f".{PARAMS_NAME}.tmp"
-    stamp.write_text(json.dumps({**params, "encoder": encoder, "stale": sorted(stale)}, indent=1)
-                     + "\n")
+    values = {**params, "encoder": encoder, "stale": sorted(stale)}
+    if made_from is None:  # keep what the file says (a write before the outputs are known)
+        made_from = _made_from(dst_dir)
+    values["sources"] = dict(sorted(made_from.items()))
+    stamp.write_text(json.dumps(values, indent=1) + "\n")
     os.replace(stamp, dst_dir / PARAMS_NAME)  # atomic: a torn file would force a full redo
+
+
+def _made_from(dst_dir: Path) -> dict[str, list[int]]:
+    """``transcode.json``'s ``sources``: the [size, mtime_ns] of the source each output was made
+    from ({} when absent: outputs of an older version are trusted as before)."""
+    try:
+        values = json.loads((dst_dir / PARAMS_NAME).read_text()).get("sources", {})
+    except (OSError, ValueError, AttributeError):
+        return {}
+    if not isinstance(values, dict):
+        return {}
+    return {k: v for k, v in values.items() if isinstance(v, list) and len(v) == 2}
 
 
 def _complete(old: VideoRecord | None, dst: Path, src: VideoRecord) -> VideoRecord | None:

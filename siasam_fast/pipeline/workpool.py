@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import signal
+import sys
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
@@ -27,31 +29,59 @@ def imap_isolated(fn: Callable, items: Iterable, workers: int, on_crash: Callabl
     context = multiprocessing.get_context("spawn")
     crashed: list = []
     queue = iter(items)
-    with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
-        pending = {pool.submit(fn, item): item for item in _take(queue, in_flight_per_worker
-                                                                 * workers)}
-        while pending:
-            done, _ = wait(pending, return_when=FIRST_COMPLETED)
-            for future in done:
-                item = pending.pop(future)
-                try:
-                    yield future.result()
-                except BrokenProcessPool:
-                    crashed.append(item)
-                    continue
-                if not crashed:
-                    for nxt in _take(queue, 1):
-                        try:
-                            pending[pool.submit(fn, nxt)] = nxt
-                        except BrokenProcessPool:  # a worker died since this future finished
-                            crashed.append(nxt)
+    with ProcessPoolExecutor(max_workers=workers, mp_context=context,
+                             initializer=_die_with_parent) as pool:
+        try:
+            yield from _run_pool(pool, fn, queue, workers * in_flight_per_worker, crashed)
+        except BaseException:  # interrupted (Ctrl-C, SIGTERM, the consumer stopped): the work in
+            _abandon(pool)  # flight is dropped at once, not waited for, and no worker outlives us
+            raise
         crashed += list(queue)
     for item in crashed:
         yield _run_alone(fn, item, on_crash, context)
 
 
+def _run_pool(pool, fn: Callable, queue: Iterator, in_flight: int, crashed: list) -> Iterator:
+    pending = {pool.submit(fn, item): item for item in _take(queue, in_flight)}
+    while pending:
+        done, _ = wait(pending, return_when=FIRST_COMPLETED)
+        for future in done:
+            item = pending.pop(future)
+            try:
+                yield future.result()
+            except BrokenProcessPool:
+                crashed.append(item)
+                continue
+            if not crashed:
+                for nxt in _take(queue, 1):
+                    try:
+                        pending[pool.submit(fn, nxt)] = nxt
+                    except BrokenProcessPool:  # a worker died since this future finished
+                        crashed.append(nxt)
+
+
+def _abandon(pool: ProcessPoolExecutor) -> None:
+    processes = list((getattr(pool, "_processes", None) or {}).values())
+    pool.shutdown(wait=False, cancel_futures=True)
+    for process in processes:
+        if process.is_alive():
+            process.terminate()
+
+
+def _die_with_parent() -> None:
+    """A worker ends when its parent does (Linux), even one killed with SIGKILL: no orphans."""
+    if sys.platform.startswith("linux"):
+        try:
+            import ctypes
+
+            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            pass
+
+
 def _run_alone(fn: Callable, item, on_crash: Callable, context):
-    with ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
+    with ProcessPoolExecutor(max_workers=1, mp_context=context,
+                             initializer=_die_with_parent) as pool:
         try:
             pool.submit(os.getpid).result()
         except BrokenProcessPool as err:
