@@ -9,6 +9,10 @@ STAMP  := $(VENV)/.siasam-installed
 # Triton is pinned for the interpreter tests and the sm_70 (V100) compile check: Triton 3.9 emits
 # PTX 9.4, which its bundled ptxas 12.9 cannot assemble and CUDA 13's ptxas no longer targets sm_70.
 TORCH_CPU ?= torch==2.13.0 triton==3.8.0
+# Where the CPU build of torch comes from. This project's machines (CI included) hold it as a
+# local wheel that pip finds by itself; elsewhere PyPI's torch 2.13.0 is the CUDA build (and pins
+# another triton): `make test TORCH_INDEX=https://download.pytorch.org/whl/cpu`.
+TORCH_INDEX ?=
 EXTRAS ?= dev,gpu
 
 .PHONY: install test demo lint clean
@@ -18,7 +22,7 @@ install: $(STAMP)
 $(STAMP): setup.py
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q $(TORCH_CPU)
+	$(BIN)/python -m pip install -q $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX)) $(TORCH_CPU)
 	$(BIN)/python -m pip install -q -e ".[$(EXTRAS)]"
 	@touch $(STAMP)
 

@@ -162,6 +162,13 @@ def load_data(cfg: Config, ans2label: dict | None = None, need_train: bool = Tru
         raise ValueError(f"data.video_dir={d.video_dir!r} is not a folder (it re-roots the "
                          "manifest's video paths; leave it empty to use them as indexed)")
     manifest = load_manifest(d.manifest, video_dir=d.video_dir or None)
+    sample = [r for r in manifest.values() if r.ok][:20]
+    if sample and not any(Path(r.path).exists() for r in sample):
+        where = "data.video_dir" if d.video_dir else "the manifest"
+        raise ValueError(
+            f"none of the first {len(sample)} videos is where {where} puts it (e.g. "
+            f"{sample[0].path}): if the videos moved, set data.video_dir to their folder (the "
+            "manifest stores absolute paths; data.video_dir re-roots them), or index them again")
     examples, notes = {}, []
     for split in ("train", "val", "test"):
         spec = getattr(d, split)
@@ -911,6 +918,9 @@ def train(argv: list[str] | None = None, prog: str | None = None) -> int:
                     print(f"note: could not mark {tag_dir} as evaluated ({err})",
                           file=sys.stderr)
         for epoch in range(start_epoch, cfg.train.epochs):
+            if cfg.train.max_steps and step >= cfg.train.max_steps:  # a resume already there
+                stop = True
+                break
             train_loader.set_epoch(epoch)  # keeps a restored mid-epoch position of this epoch
             engine.train()
             bar = tqdm(total=steps_per_epoch, initial=train_loader.sampler.position // max(

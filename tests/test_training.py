@@ -549,3 +549,30 @@ def test_more_epochs_on_resume_says_how_the_schedule_changes(synth, tmp_path):
     assert re.search(r"note: train.epochs changed from 2 to 3: the learning-rate schedule now "
                      r"decays over 3 epochs, so the rate at step 2 goes from \S+ to \S+",
                      proc.stdout), proc.stdout[-2000:]
+
+
+def test_a_resume_already_at_max_steps_trains_no_further(synth, tmp_path):
+    out = tmp_path / "run"
+    train(base_args(synth, out, "--set", "train.max_steps=3"))
+    proc = train(base_args(synth, out, "--set", "train.max_steps=3", "--resume", "auto"))
+    assert "done: 3 steps" in proc.stdout, proc.stdout[-1500:]
+    assert len(losses(out)) == 3
+    assert sorted(p.name for p in (out / "checkpoints").iterdir() if p.is_dir()) == ["step3"]
+
+
+def test_moved_videos_are_named_before_training(synth, tmp_path):
+    import shutil
+
+    from siasam_fast.training import load_data
+
+    moved = tmp_path / "elsewhere"
+    shutil.copytree(synth, moved)
+    cfg = _config(moved)  # its manifest still names the original folder: fine while it exists
+    cfg.data.manifest = str(moved / "manifest.jsonl")
+    cfg.data.video_dir = str(tmp_path / "nowhere")
+    (tmp_path / "nowhere").mkdir()
+    with pytest.raises(ValueError, match=r"none of the first 16 videos is where data.video_dir "
+                                         r"puts it .* set data.video_dir to their folder"):
+        load_data(cfg)
+    cfg.data.video_dir = str(moved / "videos")
+    assert load_data(cfg).examples["train"]

@@ -375,7 +375,7 @@ def check_failed_share(failed: dict[str, str], num_videos: int, where: str) -> N
             f"than {STAND_IN_MAX_SHARE:.0%}; {_failure_kinds(failed)}"
             "): they changed since the manifest was built; run `siasam-fast index` on the folder "
             "again: it marks damaged files corrupt, and their questions are dropped rather than "
-            "given stand-ins")
+            "given stand-ins (videos moved elsewhere: set data.video_dir to their folder)")
 
 
 def segment_frames(example: QAExample, record: VideoRecord) -> tuple[int, int] | str:
