@@ -535,6 +535,14 @@ def failure_reason(err: BaseException) -> str:
     return f"{type(err).__name__}: {err}".splitlines()[0][:300]
 
 
+def rate_line(label: str, result: dict) -> str:
+    """One measured cell as the log shows it."""
+    steady = result["steady_videos_per_s"]
+    return (f"{label}: {result['videos_per_s']:.2f} videos/s, steady "
+            f"{'-' if steady is None else f'{steady:.2f}'} over {result['steady_rounds']} rounds"
+            f"{' (short)' if result['status'] == 'short' else ''}")
+
+
 def run_benchmark(
     backend_names: list[str],
     sets: list[tuple[str, dict, str]],
@@ -641,10 +649,7 @@ def run_benchmark(
                     log(f"{where}: FAILED {failure_reason(err)}")
                     continue
                 add({**cell, **result})
-                steady = result["steady_videos_per_s"]
-                log(f"{where}: {result['videos_per_s']:.2f} videos/s, steady "
-                    f"{'-' if steady is None else f'{steady:.2f}'} over {result['steady_rounds']}"
-                    f" rounds{' (short)' if result['status'] == 'short' else ''}")
+                log(rate_line(where, result))
     return rows
 
 

@@ -69,6 +69,7 @@ from bench_pipeline import (  # noqa: E402 - not a copy
     cell_videos,
     failure_reason,
     prepare_set,
+    rate_line,
     time_epoch,
 )
 
@@ -451,11 +452,7 @@ def main(argv: list[str] | None = None) -> int:
                         log(f"{label}: FAILED {failure_reason(err)}")
                         continue
                     add({**cell, **rate})
-                    steady = rate["steady_videos_per_s"]
-                    log(f"{label}: {rate['videos_per_s']:.2f} videos/s, steady "
-                        f"{'-' if steady is None else f'{steady:.2f}'} over "
-                        f"{rate['steady_rounds']} rounds"
-                        f"{' (short)' if rate['status'] == 'short' else ''}")
+                    log(rate_line(label, rate))
 
     if not any(r.get("status") not in STATUS_NO_RESULT for r in rows):  # earlier CSV kept
         return report_no_rows(path, "; ".join(f"{r['set']}: {r.get('reason', '')}"
