@@ -535,6 +535,14 @@ def failure_reason(err: BaseException) -> str:
     return f"{type(err).__name__}: {err}".splitlines()[0][:300]
 
 
+def record_failure(add: Callable, log: Callable, cell: dict, label: str,
+                   err: BaseException) -> None:
+    """A cell that raised: its traceback in the log, and a ``failed`` row with the reason."""
+    log(traceback.format_exc())
+    add({**cell, "status": "failed", "reason": failure_reason(err)})
+    log(f"{label}: FAILED {failure_reason(err)}")
+
+
 def rate_line(label: str, result: dict) -> str:
     """One measured cell as the log shows it."""
     steady = result["steady_videos_per_s"]
@@ -644,9 +652,7 @@ def run_benchmark(
                         min_steady_rounds=min_steady_rounds,
                     )
                 except Exception as err:  # noqa: BLE001 - one failing cell must not end the rest
-                    log(traceback.format_exc())
-                    add({**cell, "status": "failed", "reason": failure_reason(err)})
-                    log(f"{where}: FAILED {failure_reason(err)}")
+                    record_failure(add, log, cell, where, err)
                     continue
                 add({**cell, **result})
                 log(rate_line(where, result))

@@ -70,6 +70,7 @@ from bench_pipeline import (  # noqa: E402 - not a copy
     failure_reason,
     prepare_set,
     rate_line,
+    record_failure,
     time_epoch,
 )
 
@@ -447,9 +448,7 @@ def main(argv: list[str] | None = None) -> int:
                                            hard_max_seconds=hard_max_seconds,
                                            min_steady_rounds=args.min_steady_rounds)
                     except Exception as err:  # noqa: BLE001 - one failing cell ends no other
-                        log(traceback.format_exc())
-                        add({**cell, "status": "failed", "reason": failure_reason(err)})
-                        log(f"{label}: FAILED {failure_reason(err)}")
+                        record_failure(add, log, cell, label, err)
                         continue
                     add({**cell, **rate})
                     log(rate_line(label, rate))

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import csv
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -162,7 +163,7 @@ def load_data(cfg: Config, ans2label: dict | None = None, need_train: bool = Tru
         raise ValueError(f"data.video_dir={d.video_dir!r} is not a folder (it re-roots the "
                          "manifest's video paths; leave it empty to use them as indexed)")
     manifest = load_manifest(d.manifest, video_dir=d.video_dir or None)
-    sample = [r for r in manifest.values() if r.ok][:20]
+    sample = list(itertools.islice((r for r in manifest.values() if r.ok), 20))
     if sample and not any(Path(r.path).exists() for r in sample):
         where = "data.video_dir" if d.video_dir else "the manifest"
         raise ValueError(
