@@ -1213,6 +1213,10 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    if cfg.train.grad_accum != 1 and not args.worker:
+        print(f"note: train.grad_accum={cfg.train.grad_accum} is not benchmarked: every row steps "
+              "the optimizer on each batch of train.batch_size videos (with accumulation the "
+              "optimizer's share of a step shrinks by that factor)")
     device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
     slug = "".join(c if c.isalnum() else "-" for c in
                    (torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu"))

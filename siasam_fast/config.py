@@ -116,7 +116,11 @@ class SiameseConfig:
 @dataclass
 class TrainConfig:
     epochs: int = 10
-    batch_size: int = 8  # videos per process per step
+    batch_size: int = 8  # videos per process per micro-batch
+    # micro-batches whose gradients add up to one optimizer step: the effective batch is
+    # batch_size x grad_accum x processes. Steps (schedule, max_steps, save_every, the steps CSV)
+    # count optimizer steps; an epoch's last step may take fewer micro-batches (their mean).
+    grad_accum: int = 1
     lr: float = 5e-4
     weight_decay: float = 0.01
     warmup_ratio: float = 0.1  # linear warm-up over the first 10% of steps, then linear decay
@@ -148,7 +152,9 @@ class TrainConfig:
         _choice("train.precision", self.precision, ("auto", "fp32", "fp16", "bf16"))
         _at_least("train.epochs", self.epochs, 1)
         _at_least("train.seed", self.seed, 0)
-        _at_least("train.batch_size", self.batch_size, 1, "videos per process per step")
+        _at_least("train.batch_size", self.batch_size, 1, "videos per process per micro-batch")
+        _at_least("train.grad_accum", self.grad_accum, 1,
+                  "micro-batches per optimizer step; 1 = none")
         _at_least("train.lr", self.lr, 0, "0 keeps the weights as they are")
         _at_least("train.weight_decay", self.weight_decay, 0)
         if not 0.0 <= self.warmup_ratio <= 1.0:

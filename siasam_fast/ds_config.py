@@ -1,8 +1,8 @@
 """DeepSpeed configurations: ZeRO stage 0-3 x fp16 / bf16 / fp32 (the files under configs/ds/).
 
 Plain DeepSpeed ignores the value "auto" (that is a HF Trainer feature), so every value is real.
-The run config owns the batch size and the clipping norm: :func:`finalize` writes them into the
-DeepSpeed dict at start-up, so one DeepSpeed file serves every model size.
+The run config owns the batch size, the gradient accumulation and the clipping norm: :func:`finalize`
+writes them into the DeepSpeed dict at start-up, so one DeepSpeed file serves every model size.
 """
 
 from __future__ import annotations
@@ -123,8 +123,10 @@ def precision_of(config: dict) -> str:
     return "fp32"
 
 
-def finalize(config: dict, micro_batch: int, grad_clip: float, world_size: int) -> dict:
-    """Write the run's batch size and clipping into the DeepSpeed dict; check it for this device."""
+def finalize(config: dict, micro_batch: int, grad_clip: float, world_size: int,
+             grad_accum: int = 1) -> dict:
+    """Write the run's batch size, gradient accumulation and clipping into the DeepSpeed dict;
+    check it for this device."""
     config = json.loads(json.dumps(config))
     for key, value in list(config.items()):
         if value == "auto" or (isinstance(value, dict) and "auto" in value.values()):
@@ -135,24 +137,27 @@ def finalize(config: dict, micro_batch: int, grad_clip: float, world_size: int) 
     if isinstance(accum, bool) or not isinstance(accum, int) or accum < 1:
         raise ValueError(f"DeepSpeed config: gradient_accumulation_steps={accum!r}: must be a "
                          "whole number >= 1")
-    if accum > 1:  # the loop counts batches as optimizer steps (schedule, saves, exact resume)
+    if accum not in (1, grad_accum):  # the run config owns it, as it owns the batch size
         raise ValueError(
-            f"DeepSpeed config: gradient_accumulation_steps={accum}: siasam-fast steps the "
-            "optimizer on every batch (its warm-up schedule, checkpoints and exact resume count "
-            "batches); set it to 1 and raise train.batch_size, or train on more GPUs")
+            f"DeepSpeed config: gradient_accumulation_steps={accum}, but train.grad_accum="
+            f"{grad_accum}: the run config sets the accumulation; use --set train.grad_accum="
+            f"{accum} (and leave the file's value at 1 or make it agree)")
     wanted = config.get("train_batch_size")
-    if wanted is not None and wanted != micro_batch * world_size:
+    effective = micro_batch * world_size * grad_accum
+    if wanted is not None and wanted != effective:
         raise ValueError(
             f"DeepSpeed config: train_batch_size={wanted!r}, but train.batch_size={micro_batch} "
-            f"per process x {world_size} process(es) is {micro_batch * world_size}: the run "
-            "config sets the batch; remove train_batch_size from the file or make it agree")
+            f"per process x {world_size} process(es) x train.grad_accum={grad_accum} is "
+            f"{effective}: the run config sets the batch; remove train_batch_size from the file "
+            "or make it agree")
     zero = config.get("zero_optimization", {})
     stage = zero.get("stage", 0) if isinstance(zero, dict) else zero
     if stage not in STAGES:
         raise ValueError(f"DeepSpeed config: zero_optimization.stage={stage!r}: valid stages are "
                          f"{', '.join(map(str, STAGES))}")
     config["train_micro_batch_size_per_gpu"] = micro_batch
-    config["train_batch_size"] = micro_batch * world_size
+    config["gradient_accumulation_steps"] = grad_accum
+    config["train_batch_size"] = effective
     config["gradient_clipping"] = grad_clip
     precision = precision_of(config)
     if not torch.cuda.is_available() and precision == "fp16":

@@ -364,6 +364,43 @@ def warmup_linear_decay(total_steps: int, warmup_ratio: float):
     return factor
 
 
+def optimizer_steps(batches: int, grad_accum: int) -> int:
+    """Optimizer steps in ``batches`` micro-batches (an epoch's last step may take fewer)."""
+    return -(-batches // grad_accum)
+
+
+def accumulation_group(index: int, batches: int, grad_accum: int) -> tuple[int, bool]:
+    """Micro-batch ``index`` (from 0) of an epoch of ``batches``: how many micro-batches its
+    optimizer step takes, and whether it is that step's last. Steps take ``grad_accum``
+    micro-batches from the epoch's start; the epoch's last step takes what is left."""
+    if not 0 <= index < batches:
+        raise IndexError(f"micro-batch {index} of an epoch of {batches}")
+    start = index - index % grad_accum
+    size = min(grad_accum, batches - start)
+    return size, index == start + size - 1
+
+
+def micro_step(engine, forward, group: int, last: bool, sync=lambda: None):
+    """One micro-batch of an optimizer step that takes ``group`` of them: forward, backward of
+    loss / group (the step's gradient is the mean over its micro-batches, also for an epoch's
+    shorter last step), and ``engine.step()``, which updates the weights (and moves the lr
+    schedule on) on the step's last micro-batch only. DeepSpeed's own micro-step counter would
+    let an epoch's leftover micro-batches run into the next epoch's first step (and into a
+    checkpoint); the boundary is set here instead. Returns ``forward()``'s loss terms and the
+    times before forward, backward, the optimizer and after it."""
+    engine.set_gradient_accumulation_boundary(last)
+    t_fwd = time.perf_counter()
+    loss, parts = forward()
+    sync()
+    t_bwd = time.perf_counter()
+    engine.backward(loss / group, scale_wrt_gas=False)
+    sync()
+    t_opt = time.perf_counter()
+    engine.step()
+    sync()
+    return parts, (t_fwd, t_bwd, t_opt, time.perf_counter())
+
+
 def match_buffer_dtypes(module: torch.nn.Module) -> None:
     """DeepSpeed's bf16 mode casts parameters but not buffers; BatchNorm then refuses bf16 input
     with fp32 running statistics (CPU). Give every floating buffer its module's parameter dtype."""
@@ -764,7 +801,8 @@ def train(argv: list[str] | None = None, prog: str | None = None) -> int:
 
     # DeepSpeed config: precision and ZeRO from the file; batch size and clipping from ours.
     ds = ds_config.load_ds_config(getattr(args, "deepspeed_config", None), cfg.train.precision)
-    ds = ds_config.finalize(ds, cfg.train.batch_size, cfg.train.grad_clip, world)
+    ds = ds_config.finalize(ds, cfg.train.batch_size, cfg.train.grad_clip, world,
+                            cfg.train.grad_accum)
     precision = ds_config.precision_of(ds)
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[precision]
 
@@ -790,9 +828,11 @@ def train(argv: list[str] | None = None, prog: str | None = None) -> int:
               "(eval.split: none says so without this note)")
     eval_loader = make_loader(cfg, data, eval_split, rank, world) if eval_split else None
 
-    steps_per_epoch = len(train_loader)
-    if steps_per_epoch == 0:
+    batches_per_epoch = len(train_loader)  # micro-batches of train.batch_size on each process
+    if batches_per_epoch == 0:
         raise ValueError("the train split has no usable examples (see the log for the reasons)")
+    accum = cfg.train.grad_accum
+    steps_per_epoch = optimizer_steps(batches_per_epoch, accum)
     total_steps = steps_per_epoch * cfg.train.epochs  # not max_steps: a stop a resume continues
     # Weights stay NCHW under DeepSpeed (model.use_memory_format); frames still go NHWC.
     model = build_model(cfg, len(data.ans2label), len(tokenizer))
@@ -860,7 +900,9 @@ def train(argv: list[str] | None = None, prog: str | None = None) -> int:
     if rank0:
         print(f"siasam-fast: {world} process(es) on {device}, {precision}, ZeRO stage "
               f"{engine.zero_optimization_stage()}, {optimizer_name}; {len(train_loader.dataset)} "
-              f"train examples, {steps_per_epoch} steps/epoch x {cfg.train.epochs} epochs; "
+              f"train examples, {steps_per_epoch} steps/epoch x {cfg.train.epochs} epochs"
+              + (f" (each step {accum} micro-batches of {cfg.train.batch_size} per process)"
+                 if accum > 1 else "") + "; "
               f"siamese alpha={cfg.siamese.alpha} N={cfg.sampling.num_clips} -> {out_dir}")
 
     def checkpoint(epoch: int) -> None:
@@ -924,48 +966,59 @@ def train(argv: list[str] | None = None, prog: str | None = None) -> int:
                 break
             train_loader.set_epoch(epoch)  # keeps a restored mid-epoch position of this epoch
             engine.train()
-            bar = tqdm(total=steps_per_epoch, initial=train_loader.sampler.position // max(
-                1, cfg.train.batch_size), desc=f"epoch {epoch + 1}/{cfg.train.epochs}",
-                disable=not rank0, dynamic_ncols=True)
+            done = train_loader.sampler.position // cfg.train.batch_size  # this epoch's batches
+            bar = tqdm(total=steps_per_epoch, initial=optimizer_steps(done, accum),
+                       desc=f"epoch {epoch + 1}/{cfg.train.epochs}", disable=not rank0,
+                       dynamic_ncols=True)
             sums = {k: v for k, v in resumed_sums.items() if k != "_steps"}
             n_steps = int(resumed_sums.get("_steps", 0))
             resumed_sums = {}
             t_data = time.perf_counter()
-            for batch in train_loader:
+            for index, batch in enumerate(train_loader, start=done):
+                # Micro-batch `index` of the epoch: its optimizer step's size and whether it ends it
+                group, last = accumulation_group(index, batches_per_epoch, accum)
+                if index == done or index % accum == 0:  # the first micro-batch of a step
+                    step_parts: dict = {}
+                    times = dict.fromkeys(("data_s", "forward_s", "backward_s", "optimizer_s"), 0.0)
+                    videos = 0
+                    lr = scheduler.get_last_lr()[0]  # the rate this step uses (step() moves it)
                 stand_ins += int(batch["stand_in"].sum())  # a CPU tensor: no device sync
+                videos += len(batch["example_index"])
                 batch.update(text(batch))
                 batch = to_device(batch, device, dtype)
                 sync()
-                t_fwd = time.perf_counter()
-                outputs = engine(batch)
-                loss, parts = total_loss(outputs, batch, cfg.task, cfg.siamese,
-                                         engine.module.reasoning)
-                sync()
-                t_bwd = time.perf_counter()
-                engine.backward(loss)
-                sync()
-                t_opt = time.perf_counter()
-                lr = scheduler.get_last_lr()[0]  # the rate this step uses (step() moves it on)
-                engine.step()
-                sync()
-                t_end = time.perf_counter()
-                step += 1
-                n_steps += 1
-                step_seconds += t_end - t_data
+
+                def forward(batch=batch):
+                    outputs = engine(batch)
+                    return total_loss(outputs, batch, cfg.task, cfg.siamese,
+                                      engine.module.reasoning)
+
+                parts, (t_fwd, t_bwd, t_opt, t_end) = micro_step(engine, forward, group, last,
+                                                                 sync)
+                for key, start, end in (("data_s", t_data, t_fwd), ("forward_s", t_fwd, t_bwd),
+                                        ("backward_s", t_bwd, t_opt),
+                                        ("optimizer_s", t_opt, t_end)):
+                    times[key] += end - start
+                for k, v in parts.items():  # the step's loss terms: the mean of its micro-batches
+                    step_parts[k] = step_parts.get(k, 0.0) + float(v) / group
                 if not math.isfinite(float(parts["loss"])) and precision != "fp16":
                     raise FloatingPointError(
-                        f"loss is {float(parts['loss'])} at step {step}: lower train.lr or check "
-                        "the data (fp16 overflow steps are skipped by the loss scaler instead)")
-                row = {"step": step, "epoch": epoch + 1, **{k: float(v) for k, v in parts.items()},
-                       "lr": lr,
+                        f"loss is {float(parts['loss'])} at step {step + 1}: lower train.lr or "
+                        "check the data (fp16 overflow steps are skipped by the loss scaler "
+                        "instead)")
+                if not last:  # the step goes on with the next micro-batch
+                    t_data = time.perf_counter()
+                    continue
+                step += 1
+                n_steps += 1
+                step_time = sum(times.values())
+                step_seconds += step_time
+                row = {"step": step, "epoch": epoch + 1, **step_parts, "lr": lr,
                        "loss_scale": float(getattr(optimizer, "cur_scale",
                                                    getattr(optimizer, "loss_scale", 1.0)) or 1.0),
-                       "skipped_steps": int(engine.skipped_steps),
-                       "data_s": t_fwd - t_data, "forward_s": t_bwd - t_fwd,
-                       "backward_s": t_opt - t_bwd, "optimizer_s": t_end - t_opt,
-                       "step_s": t_end - t_data,
-                       "videos_per_s": len(batch["example_index"]) * world / (t_end - t_data)}
-                for k in parts:
+                       "skipped_steps": int(engine.skipped_steps), **times,
+                       "step_s": step_time, "videos_per_s": videos * world / step_time}
+                for k in step_parts:
                     sums[k] = sums.get(k, 0.0) + row[k]
                 steps_log.write(row)
                 bar.update(1)

@@ -168,13 +168,23 @@ def test_deepspeed_config_spellings_and_batch_settings(tmp_path):
     assert precision_of(load_ds_config(str(old), precision="fp32")) == "fp32"
     final = finalize(config, 4, 1.0, 2)
     assert final["bf16"] == {"enabled": True} and final["train_batch_size"] == 8
-    with pytest.raises(ValueError, match=r"gradient_accumulation_steps=4: siasam-fast steps the "
-                                         r"optimizer on every batch"):
+    with pytest.raises(ValueError, match=r"gradient_accumulation_steps=4, but train.grad_accum=1: "
+                                         r"the run config sets the accumulation; use --set "
+                                         r"train.grad_accum=4"):
         finalize({"gradient_accumulation_steps": 4}, 4, 1.0, 1)
     with pytest.raises(ValueError, match=r"train_batch_size=256, but train.batch_size=8 per "
-                                         r"process x 8 process\(es\) is 64"):
+                                         r"process x 8 process\(es\) x train.grad_accum=1 is 64"):
         finalize({"train_batch_size": 256}, 8, 1.0, 8)
     assert finalize({"train_batch_size": 64}, 8, 1.0, 8)["train_batch_size"] == 64
+    # train.grad_accum sets DeepSpeed's accumulation and the effective batch; a file may repeat it
+    for file_value in (1, 4):
+        final = finalize({"gradient_accumulation_steps": file_value}, 8, 1.0, 2, grad_accum=4)
+        assert final["gradient_accumulation_steps"] == 4 and final["train_batch_size"] == 64
+        assert final["train_micro_batch_size_per_gpu"] == 8
+    with pytest.raises(ValueError, match=r"train_batch_size=16, .* x train.grad_accum=4 is 64"):
+        finalize({"train_batch_size": 16}, 8, 1.0, 2, grad_accum=4)
+    with pytest.raises(ValueError, match=r"gradient_accumulation_steps=2, but train.grad_accum=4"):
+        finalize({"gradient_accumulation_steps": 2}, 8, 1.0, 2, grad_accum=4)
 
 
 def test_fused_adam_that_cannot_be_built_falls_back_to_torch_adamw(monkeypatch, capsys):

@@ -576,3 +576,31 @@ def test_moved_videos_are_named_before_training(synth, tmp_path):
         load_data(cfg)
     cfg.data.video_dir = str(moved / "videos")
     assert load_data(cfg).examples["train"]
+
+
+def test_gradient_accumulation_steps_resume_and_schedule(synth, tmp_path):
+    """train.grad_accum=3 with 4 videos a micro-batch: an epoch's 17 micro-batches (66 examples)
+    make 6 optimizer steps, the last of 2 micro-batches; the lr schedule, max_steps and the steps
+    CSV count optimizer steps, and a resume mid-epoch continues the run exactly."""
+    full, part = tmp_path / "full", tmp_path / "part"
+    accum = ("--set", "train.grad_accum=3")
+    proc = train(base_args(synth, full, *accum))
+    assert "6 steps/epoch x 2 epochs (each step 3 micro-batches of 4 per process)" in proc.stdout
+    summary = json.loads((full / "summary.json").read_text())
+    assert summary["steps"] == 12 and len(losses(full)) == 12
+    with (full / "metrics_steps.csv").open() as fh:
+        rows = list(csv.DictReader(fh))
+    assert [int(r["epoch"]) for r in rows] == [1] * 6 + [2] * 6
+    rates = [float(r["lr"]) for r in rows]  # warm-up of 10% of 12 steps: 1 step, then decay
+    assert rates[:2] == [pytest.approx(0.001), pytest.approx(0.001)]
+    assert rates[-1] == pytest.approx(0.001 / 11) and rates == sorted(rates, reverse=True)
+    train(base_args(synth, part, *accum, "--set", "train.max_steps=4"))
+    assert len(losses(part)) == 4
+    proc = train(base_args(synth, part, *accum, "--resume", "auto"))
+    assert losses(part) == losses(full)  # bit for bit (fp32 on CPU)
+    # Another accumulation is another run (the schedule's steps would change): refused
+    proc = subprocess.run([sys.executable, "train.py", *base_args(synth, part, "--resume", "auto")],
+                          cwd=ROOT, env=cpu_env(OMP_NUM_THREADS="1"), capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 2
+    assert "train.grad_accum: checkpoint has 3, this run has 1" in proc.stderr

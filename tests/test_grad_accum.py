@@ -1,0 +1,110 @@
+"""Gradient accumulation (train.grad_accum): how an epoch's micro-batches make optimizer steps,
+and that a step of several micro-batches through DeepSpeed (ZeRO 0, 2, 3) updates the weights as
+one step over all their examples would, also for an epoch's shorter last step."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from subprocess_env import cpu_env
+
+from siasam_fast.training import accumulation_group, optimizer_steps
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.parametrize("batches", range(1, 12))
+@pytest.mark.parametrize("accum", [1, 2, 3, 4, 16])
+def test_micro_batches_make_whole_steps_from_the_epochs_start(batches, accum):
+    groups, current = [], []
+    for index in range(batches):
+        size, last = accumulation_group(index, batches, accum)
+        current.append((index, size))
+        if last:
+            groups.append(current)
+            current = []
+    assert current == []  # the epoch's last micro-batch ends a step
+    assert len(groups) == optimizer_steps(batches, accum)
+    assert [i for g in groups for i, _ in g] == list(range(batches))
+    for k, g in enumerate(groups):
+        assert all(size == len(g) for _, size in g)  # each micro-batch knows its step's size
+        assert g[0][0] == k * accum  # steps start at multiples of grad_accum (resume positions)
+        assert len(g) == accum or k == len(groups) - 1  # only the last step may be shorter
+    with pytest.raises(IndexError, match=f"micro-batch {batches} of an epoch of {batches}"):
+        accumulation_group(batches, batches, accum)
+
+
+# One process, DeepSpeed's CPU accelerator: engine A takes 3 micro-batches of 2 examples, then an
+# epoch's short last step of 1 micro-batch of 2; engine B takes the same examples as single batches
+# of 6 and 2. Same weights after each step (fp32, torch AdamW; clipping is set but never reached,
+# since clipping would hide a gradient's wrong scale), same lr schedule.
+SCRIPT = r"""
+import json, os, socket, sys
+import torch, deepspeed
+from siasam_fast.training import micro_step, optimizer_steps, accumulation_group
+with socket.socket() as s:
+    s.bind(("127.0.0.1", 0)); port = s.getsockname()[1]
+os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                  MASTER_PORT=str(port))
+deepspeed.init_distributed(dist_backend="gloo")
+stage = int(sys.argv[1])
+torch.manual_seed(0)
+x, y = torch.randn(8, 5), torch.randn(8, 3)
+init = torch.nn.Linear(5, 3).state_dict()
+
+def engine(micro, accum):
+    model = torch.nn.Linear(5, 3)
+    model.load_state_dict(init)
+    opt = torch.optim.AdamW(model.parameters(), lr=0.1, weight_decay=0.01)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0 / (step + 1))
+    config = {"train_micro_batch_size_per_gpu": micro, "gradient_accumulation_steps": accum,
+              "train_batch_size": micro * accum, "gradient_clipping": 100.0,
+              "zero_optimization": {"stage": stage}, "zero_allow_untested_optimizer": True,
+              "steps_per_print": 10**6}
+    eng, _, _, sched = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched,
+                                            config=config)
+    return eng, sched
+
+def weights(eng):
+    if stage == 3:
+        with deepspeed.zero.GatheredParameters(list(eng.module.parameters())):
+            return [p.detach().clone() for p in eng.module.parameters()]
+    return [p.detach().clone() for p in eng.module.parameters()]
+
+def loss_of(eng, rows):
+    def forward():
+        loss = torch.nn.functional.mse_loss(eng(x[rows]), y[rows])
+        return loss, {"loss": loss.detach()}
+    return forward
+
+a, sched_a = engine(2, 3)
+b, sched_b = engine(6, 1)
+batches = [[0, 1], [2, 3], [4, 5], [6, 7]]  # an epoch of 4 micro-batches, grad_accum 3
+diffs, lrs = [], []
+for index, rows in enumerate(batches):
+    group, last = accumulation_group(index, len(batches), 3)
+    micro_step(a, loss_of(a, rows), group, last)
+    if last:
+        whole = [r for rows_ in batches[index + 1 - group:index + 1] for r in rows_]
+        micro_step(b, loss_of(b, whole), 1, True)
+        diffs.append(max(float((p - q).abs().max()) for p, q in zip(weights(a), weights(b))))
+        lrs.append((sched_a.get_last_lr()[0], sched_b.get_last_lr()[0]))
+moved = max(float((p - q).abs().max()) for p, q in zip(weights(a), init.values()))
+print(json.dumps({"diffs": diffs, "lrs": lrs, "steps": [a.global_steps, b.global_steps],
+                  "moved": moved}))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", [0, 2, 3])
+def test_accumulated_steps_update_as_one_batch_of_their_examples(stage):
+    proc = subprocess.run([sys.executable, "-c", SCRIPT, str(stage)], cwd=ROOT, timeout=600,
+                          env=cpu_env(OMP_NUM_THREADS="1"), capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["steps"] == [2, 2]  # two optimizer steps each: 3 + 1 micro-batches against 1 + 1
+    assert result["moved"] > 1e-2  # the weights did change
+    assert len(result["diffs"]) == 2 and max(result["diffs"]) < 1e-6, result
+    assert result["lrs"] == [[0.05, 0.05], [0.1 / 3, 0.1 / 3]]  # the schedule moved per step
