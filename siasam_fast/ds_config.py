@@ -1,8 +1,9 @@
 """DeepSpeed configurations: ZeRO stage 0-3 x fp16 / bf16 / fp32 (the files under configs/ds/).
 
 Plain DeepSpeed ignores the value "auto" (that is a HF Trainer feature), so every value is real.
-The run config owns the batch size, the gradient accumulation and the clipping norm: :func:`finalize`
-writes them into the DeepSpeed dict at start-up, so one DeepSpeed file serves every model size.
+The run config owns the batch size, the gradient accumulation and the clipping norm:
+:func:`finalize` writes them into the DeepSpeed dict at start-up, so one DeepSpeed file serves
+every model size.
 """
 
 from __future__ import annotations

@@ -3,6 +3,7 @@ and that a step of several micro-batches through DeepSpeed (ZeRO 0, 2, 3) update
 one step over all their examples would, also for an epoch's shorter last step."""
 
 import json
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +14,12 @@ from subprocess_env import cpu_env
 from siasam_fast.training import accumulation_group, optimizer_steps
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 @pytest.mark.parametrize("batches", range(1, 12))
@@ -36,22 +43,24 @@ def test_micro_batches_make_whole_steps_from_the_epochs_start(batches, accum):
         accumulation_group(batches, batches, accum)
 
 
-# One process, DeepSpeed's CPU accelerator: engine A takes 3 micro-batches of 2 examples, then an
-# epoch's short last step of 1 micro-batch of 2; engine B takes the same examples as single batches
-# of 6 and 2. Same weights after each step (fp32, torch AdamW; clipping is set but never reached,
-# since clipping would hide a gradient's wrong scale), same lr schedule.
+# One or two processes, DeepSpeed's CPU accelerator. On each, engine A takes 3 micro-batches of 2
+# examples, then an epoch's short last step of 1 micro-batch of 2; engine B takes the same
+# examples as single batches of 6 and 2. Same weights after each step (fp32, torch AdamW; clipping
+# is set but never reached, since clipping would hide a gradient's wrong scale), same lr schedule.
 SCRIPT = r"""
 import json, os, socket, sys
 import torch, deepspeed
 from siasam_fast.training import micro_step, optimizer_steps, accumulation_group
-with socket.socket() as s:
-    s.bind(("127.0.0.1", 0)); port = s.getsockname()[1]
-os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-                  MASTER_PORT=str(port))
+if "RANK" not in os.environ:  # one process without a launcher
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0)); port = s.getsockname()[1]
+    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
 deepspeed.init_distributed(dist_backend="gloo")
-stage = int(sys.argv[1])
+stage, rank = int(sys.argv[1]), int(os.environ["RANK"])
 torch.manual_seed(0)
-x, y = torch.randn(8, 5), torch.randn(8, 3)
+x, y = torch.randn(16, 5), torch.randn(16, 3)
+x, y = x[8 * rank:8 * rank + 8], y[8 * rank:8 * rank + 8]  # this rank's examples
 init = torch.nn.Linear(5, 3).state_dict()
 
 def engine(micro, accum):
@@ -60,7 +69,8 @@ def engine(micro, accum):
     opt = torch.optim.AdamW(model.parameters(), lr=0.1, weight_decay=0.01)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0 / (step + 1))
     config = {"train_micro_batch_size_per_gpu": micro, "gradient_accumulation_steps": accum,
-              "train_batch_size": micro * accum, "gradient_clipping": 100.0,
+              "train_batch_size": micro * accum * int(os.environ["WORLD_SIZE"]),
+              "gradient_clipping": 100.0,
               "zero_optimization": {"stage": stage}, "zero_allow_untested_optimizer": True,
               "steps_per_print": 10**6}
     eng, _, _, sched = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched,
@@ -92,15 +102,21 @@ for index, rows in enumerate(batches):
         diffs.append(max(float((p - q).abs().max()) for p, q in zip(weights(a), weights(b))))
         lrs.append((sched_a.get_last_lr()[0], sched_b.get_last_lr()[0]))
 moved = max(float((p - q).abs().max()) for p, q in zip(weights(a), init.values()))
-print(json.dumps({"diffs": diffs, "lrs": lrs, "steps": [a.global_steps, b.global_steps],
-                  "moved": moved}))
+if rank == 0:
+    print(json.dumps({"diffs": diffs, "lrs": lrs, "steps": [a.global_steps, b.global_steps],
+                      "moved": moved}))
 """
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage", [0, 2, 3])
-def test_accumulated_steps_update_as_one_batch_of_their_examples(stage):
-    proc = subprocess.run([sys.executable, "-c", SCRIPT, str(stage)], cwd=ROOT, timeout=600,
+@pytest.mark.parametrize("stage, processes", [(0, 1), (2, 1), (3, 1), (2, 2), (3, 2)])
+def test_accumulated_steps_update_as_one_batch_of_their_examples(stage, processes, tmp_path):
+    script = tmp_path / "accumulate.py"
+    script.write_text(SCRIPT)
+    launch = [sys.executable] if processes == 1 else [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
+        "--master_port", str(free_port())]
+    proc = subprocess.run([*launch, str(script), str(stage)], cwd=ROOT, timeout=600,
                           env=cpu_env(OMP_NUM_THREADS="1"), capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-4000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])

@@ -431,3 +431,21 @@ def test_sigterm_to_index_keeps_what_was_probed(tmp_path):
     assert "interrupted; what was done is kept" in err and "Traceback" not in err
     kept = load_manifest(out)
     assert 0 < len(kept) < 12
+
+
+def test_symlinked_subfolders_are_followed_once_and_loops_are_not(tmp_path):
+    """A dataset assembled from links: a linked folder elsewhere is indexed; a link back up the
+    tree, and a second link to a folder already listed, add nothing."""
+    from siasam_fast.pipeline.manifest import find_videos
+
+    root, elsewhere = tmp_path / "videos", tmp_path / "other_disk" / "part2"
+    (root / "part1").mkdir(parents=True)
+    elsewhere.mkdir(parents=True)
+    for path in (root / "part1" / "a.mp4", elsewhere / "b.mp4", root / "c.mp4"):
+        path.write_bytes(b"x")
+    (root / "part2").symlink_to(elsewhere, target_is_directory=True)
+    (root / "part1" / "up").symlink_to(root, target_is_directory=True)  # a loop
+    (root / "zz_again").symlink_to(root / "part1", target_is_directory=True)  # listed already
+    (root / "dangling").symlink_to(tmp_path / "gone", target_is_directory=True)
+    found = [p.relative_to(root).as_posix() for p in find_videos(root)]
+    assert found == ["c.mp4", "part1/a.mp4", "part2/b.mp4"]

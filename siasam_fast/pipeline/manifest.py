@@ -392,15 +392,26 @@ def write_manifest(records: Iterable[VideoRecord], path: str | os.PathLike) -> P
 def find_videos(
     video_dir: str | os.PathLike, extensions: Sequence[str] = VIDEO_EXTENSIONS
 ) -> list[Path]:
-    """Video files under ``video_dir`` (recursively, hidden files skipped), sorted by path."""
+    """Video files under ``video_dir`` (recursively, hidden files skipped), sorted by path.
+
+    Symlinked subfolders are followed (datasets are often assembled from links to other disks),
+    each real folder once: a link back up the tree, or a second link to a folder already listed,
+    is skipped, so no video is listed twice."""
     video_dir = Path(video_dir)
     if not video_dir.is_dir():
         why = "it is a file" if video_dir.exists() else "it does not exist"
         raise NotADirectoryError(f"video_dir={str(video_dir)!r} is not a folder ({why})")
     exts = set(_extensions(extensions))
     found = []
-    for root, dirs, files in os.walk(video_dir):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+    seen = {os.path.realpath(video_dir)}
+    for root, dirs, files in os.walk(video_dir, followlinks=True):
+        keep = []
+        for name in sorted(dirs):
+            real = os.path.realpath(os.path.join(root, name))
+            if not name.startswith(".") and real not in seen:
+                seen.add(real)
+                keep.append(name)
+        dirs[:] = keep
         for name in files:
             if not name.startswith(".") and Path(name).suffix.lower() in exts:
                 found.append(Path(root) / name)
