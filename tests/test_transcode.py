@@ -394,3 +394,20 @@ def test_a_replaced_source_redoes_its_output(tmp_path, older_mtime):
     assert read_indices(decode_frames(out, [0, 59])) == [500, 559]
     third = transcode(src, dst, gop=GOP, workers=1, encoder="cpu", progress=False)
     assert {r.status for r in third.results} == {"skipped"}  # its source is the one recorded
+
+
+def test_outputs_of_deleted_sources_are_kept_and_named(tmp_path):
+    """A source deleted after its transcode (to save disk, say) leaves its output the only copy:
+    kept in dst and its manifest, and the summary names it, so that training on a manifest with
+    more videos than the sources never goes unnoticed."""
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    write_sources(src, ["long_gop", "small"])
+    first = transcode(src, dst, gop=GOP, workers=1, encoder="cpu", progress=False)
+    assert first.orphans == [] and "no output of a source" not in first.summary()
+    video_path(src, "long_gop", "h264").unlink()
+    again = transcode(src, dst, gop=GOP, workers=1, encoder="cpu", progress=False)
+    assert again.orphans == ["long_gop"]
+    assert (dst / "long_gop.mp4").is_file()
+    assert set(load_manifest(dst / "manifest.jsonl")) == {"long_gop", "small"}
+    assert ("1 video(s) of the manifest are no output of a source video (deleted or moved since "
+            "they were transcoded, or put there): long_gop; kept") in again.summary()

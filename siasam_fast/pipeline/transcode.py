@@ -138,6 +138,10 @@ class TranscodeSummary:
     codec: str
     results: list[TranscodeResult] = field(default_factory=list)
     seconds: float = 0.0
+    # videos of dst_dir's manifest that are no output of src_dir's videos: sources deleted or
+    # moved since an earlier run made them, or files put there. Kept (a source deleted after its
+    # transcode to save disk leaves its output the only copy), and named in the summary.
+    orphans: list[str] = field(default_factory=list)
 
     def _with(self, *statuses: str) -> list[TranscodeResult]:
         return [r for r in self.results if r.status in statuses]
@@ -191,6 +195,12 @@ class TranscodeSummary:
             text += f"\n  failed: {r.relpath}: {r.reason}"
         if len(self.failed) > 20:
             text += f"\n  ... and {len(self.failed) - 20} more"
+        if self.orphans:
+            shown = ", ".join(self.orphans[:5]) + (", ..." if len(self.orphans) > 5 else "")
+            text += (f"\n  {len(self.orphans)} video(s) of the manifest are no output of a source "
+                     f"video (deleted or moved since they were transcoded, or put there): {shown}; "
+                     "kept, and training on this manifest uses them: delete their files and run "
+                     "this again to leave them out")
         return text
 
 
@@ -633,8 +643,9 @@ def transcode(
     save()
     # Re-index: every record just written is reused (same size and mtime); files of dst_dir that
     # are not outputs of this run's sources are probed too, and vanished ones dropped.
-    build_manifest(dst_dir, manifest_path, workers=workers, mode=probe_mode, progress=False,
-                   allow_empty=True)
+    final = build_manifest(dst_dir, manifest_path, workers=workers, mode=probe_mode,
+                           progress=False, allow_empty=True)
+    summary.orphans = sorted(set(final) - set(sources))
     summary.seconds = time.perf_counter() - start
     logger.info("%s", summary.summary())
     return summary
