@@ -11,7 +11,11 @@ and is evaluated on the test split with the anchor clip only. Per variant: mean 
 of the test accuracy, overall, per question type, and on the questions whose evidence is visible /
 hidden in the evaluation clip. A table is printed; CSV (one row per run, and the summary) and a PNG
 go to benchmarks/results/ (``--out`` elsewhere). Runs already finished under ``--runs`` with the
-same command are reused, so an interrupted sweep continues where it stopped.
+same command and the same synthetic set are reused, so an interrupted sweep continues where it
+stopped. Finished runs made otherwise (another ``--set``, seed or data set) are never replaced
+silently: the sweep refuses to start unless ``--replace`` says to retrain them. A failed training
+leaves the others' results: the table and files cover the runs that finished, and the exit status
+is 1.
 
 Paper rows -> variants: Table 1 baseline / w/ SKR / w/ SKG + SKR -> baseline, skr_only, skg_skr;
 "without W1 / W2 / both" -> no_w1, no_w2, no_w1_w2; Table 2, 1 / 2 / 4 / 8 siamese clips ->
@@ -21,6 +25,7 @@ clips_1, clips_2, clips_4, skg_skr (N = 9); "8 copies of the anchor" -> anchor_c
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import random
@@ -140,7 +145,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="folder of the runs and the synthetic set (default runs/ablation, "
         "runs/ablation-quick with --quick)",
     )
-    p.add_argument("--data-seed", type=int, default=0, help="seed of the synthetic set")
+    p.add_argument("--data-seed", type=int, default=0, help="seed of the synthetic set (>= 0)")
+    p.add_argument(
+        "--replace",
+        action="store_true",
+        help="retrain the finished runs under --runs that were made with another command or "
+        "synthetic set (their results are deleted), and regenerate the synthetic set if this "
+        "command asks for another; without it the sweep refuses to start",
+    )
     p.add_argument(
         "--train-label-noise",
         type=float,
@@ -166,6 +178,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"unknown variant(s) {unknown}; valid: {', '.join(ALL_VARIANTS)}")
     if args.seeds is None:
         args.seeds = [0] if args.quick else list(DEFAULT_SEEDS)
+    negative = [s for s in [*args.seeds, args.data_seed] if s < 0]
+    if negative:
+        p.error(f"seed {negative[0]}: seeds (--seeds, --data-seed) must be >= 0")
+    # A name given twice would train twice into one folder at once: each run once, in order.
+    for key in ("variants", "seeds"):
+        values = getattr(args, key)
+        if len(set(values)) < len(values):
+            setattr(args, key, list(dict.fromkeys(values)))
+            print(f"note: --{key} repeats values; each runs once: "
+                  f"{' '.join(map(str, getattr(args, key)))}", file=sys.stderr)
     if args.jobs < 1:
         p.error(f"--jobs={args.jobs}: must be >= 1")
     if not 0.0 <= args.train_label_noise < 1.0:
@@ -196,6 +218,17 @@ def noisy_train_split(data_dir: Path, fraction: float, seed: int) -> Path:
     return dst
 
 
+def data_fingerprint(data_dir: Path) -> str | None:
+    """Which synthetic set ``data_dir`` holds (generator version, seed, size, options: what decides
+    its content); None when it holds none."""
+    try:
+        meta = load_meta(data_dir)
+    except (OSError, ValueError):
+        return None
+    key = {k: meta.get(k) for k in ("version", "seed", "num_videos", "params")}
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+
+
 def plan_runs(args: argparse.Namespace, data_dir: Path) -> list[dict]:
     """One entry per (variant, seed): its run folder and training command."""
     common = [
@@ -204,6 +237,7 @@ def plan_runs(args: argparse.Namespace, data_dir: Path) -> list[dict]:
         *args.set,
     ]
     runs = []
+    data = data_fingerprint(data_dir)
     for variant in args.variants:
         for seed in args.seeds:
             run_dir = args.runs / f"{variant}-seed{seed}"
@@ -218,18 +252,42 @@ def plan_runs(args: argparse.Namespace, data_dir: Path) -> list[dict]:
                     "run_dir": run_dir,
                     "cmd": demo.train_command(demo.DEMO_CONFIG, run_dir, overrides),
                     "needs": needs[0] if needs else None,  # a run that must finish first
+                    "data": data,
+                    "data_dir": data_dir,
                 }
             )
     return runs
 
 
 def _finished(run: dict) -> bool:
-    """A finished run made by the same command (so its results can be reused)."""
+    """A finished run made by the same command on the same synthetic set (so its results can be
+    reused)."""
+    return not_reusable(run) is None
+
+
+def not_reusable(run: dict) -> str | None:
+    """Why ``run``'s folder holds no result this sweep can reuse (None: it does)."""
     d = run["run_dir"]
-    if not ((d / "summary.json").is_file() and (d / "predictions_test.jsonl").is_file()):
-        return False
+    summary = d / "summary.json"
+    if not (summary.is_file() and (d / "predictions_test.jsonl").is_file()):
+        return "not finished"
     cmd_file = d / "command.json"
-    return cmd_file.is_file() and _same(json.loads(cmd_file.read_text()), run["cmd"][1:])
+    try:
+        saved = json.loads(cmd_file.read_text())
+    except (OSError, ValueError):
+        return "not made by this script (no readable command.json)"
+    if isinstance(saved, list):  # written before the data set was recorded: trusted if the set
+        meta = run["data_dir"] / "meta.json"  # has not been generated again since the run ended
+        cmd = saved
+        same_data = meta.is_file() and meta.stat().st_mtime <= summary.stat().st_mtime
+    else:
+        cmd = saved.get("command", []) if isinstance(saved, dict) else []
+        same_data = isinstance(saved, dict) and saved.get("data") == run["data"]
+    if not _same(cmd, run["cmd"][1:]):
+        return "made with another command (--set, seed or variant switches)"
+    if not same_data:
+        return "trained on another synthetic set (--data-seed, --videos or --quick)"
+    return None
 
 
 def _same(saved: list[str], cmd: list[str]) -> bool:
@@ -249,8 +307,9 @@ def _same(saved: list[str], cmd: list[str]) -> bool:
     return strip(saved) == strip(cmd)
 
 
-def execute(runs: list[dict], jobs: int) -> None:
-    """Run the unfinished trainings, ``jobs`` at a time, each logging to <run_dir>.log."""
+def execute(runs: list[dict], jobs: int) -> list[dict]:
+    """Run the unfinished trainings, ``jobs`` at a time, each logging to <run_dir>.log; returns
+    the runs that failed (a fine-tuning run whose baseline failed among them)."""
     todo = [r for r in runs if not _finished(r)]
     print(
         f"ablation: {len(runs)} runs, {len(runs) - len(todo)} already done, "
@@ -264,10 +323,17 @@ def execute(runs: list[dict], jobs: int) -> None:
     queue = list(todo)
     failed = []
 
-    def ready(run):
-        return run["needs"] is None or (run["needs"] / "summary.json").is_file()
+    def ready(run):  # its baseline finished: not waiting, running or failed in this sweep
+        pending = {r["run_dir"] for r in queue} | {item[0]["run_dir"] for item in running}
+        return run["needs"] is None or (run["needs"] not in pending
+                                        and (run["needs"] / "summary.json").is_file())
 
     while queue or running:
+        failed_dirs = {r["run_dir"] for r in failed}
+        for r in [r for r in queue if r["needs"] in failed_dirs]:
+            queue.remove(r)
+            failed.append(r)
+            print(f"  SKIPPED {r['variant']} seed {r['seed']}: its baseline failed", flush=True)
         if queue and not running and not any(ready(r) for r in queue):
             r = queue[0]
             raise RuntimeError(
@@ -291,7 +357,8 @@ def execute(runs: list[dict], jobs: int) -> None:
             log.close()
             secs = time.perf_counter() - t0
             if proc.returncode == 0:
-                (run["run_dir"] / "command.json").write_text(json.dumps(run["cmd"][1:]))
+                (run["run_dir"] / "command.json").write_text(
+                    json.dumps({"command": run["cmd"][1:], "data": run["data"]}))
                 print(f"  done {run['variant']} seed {run['seed']} in {secs:.0f} s", flush=True)
             else:
                 failed.append(run)
@@ -300,11 +367,7 @@ def execute(runs: list[dict], jobs: int) -> None:
                     f"log {run['run_dir'].with_suffix('.log')}",
                     flush=True,
                 )
-    if failed:
-        raise RuntimeError(
-            f"{len(failed)} training(s) failed: "
-            + ", ".join(f"{r['variant']}/seed{r['seed']}" for r in failed)
-        )
+    return failed
 
 
 def run_rows(runs: list[dict], meta: dict) -> list[dict]:
@@ -412,22 +475,53 @@ def plot(summary: list[dict], rows: list[dict], path: Path, title: str) -> Path:
     return save_figure(fig, path)
 
 
+def finished_runs(runs_dir: Path) -> list[Path]:
+    """The run folders under ``runs_dir`` that hold a finished run (any variant or seed)."""
+    return sorted(p.parent for p in runs_dir.glob("*-seed*/summary.json"))
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     started = time.perf_counter()
     options = demo.synthetic_options(args.videos, args.quick)
-    data_dir = demo.ensure_dataset(args.runs / "data", args.data_seed, options)
+    data_dir = args.runs / "data"
+    done = finished_runs(args.runs)
+    if (data_fingerprint(data_dir) is not None and done and not args.replace
+            and not demo.dataset_matches(data_dir, args.data_seed, options)):
+        old = load_meta(data_dir)
+        print(f"ablation: error: {args.runs} holds {len(done)} finished run(s) trained on its "
+              f"synthetic set (data seed {old.get('seed')}, {old.get('num_videos')} videos); this "
+              f"command asks for another (data seed {args.data_seed}, {options['num_videos']} "
+              "videos): use another --runs folder, or --replace to generate the new set there and "
+              "retrain", file=sys.stderr)
+        return 2
+    data_dir = demo.ensure_dataset(data_dir, args.data_seed, options)
     meta = load_meta(data_dir)
     if args.train_label_noise:
         noisy = noisy_train_split(data_dir, args.train_label_noise, args.data_seed)
         args.set = [f"data.train={noisy}", *args.set]
     runs = plan_runs(args, data_dir)
+    replaced = [(r, not_reusable(r)) for r in runs if (r["run_dir"] / "summary.json").is_file()
+                and not _finished(r)]
+    if replaced and not args.replace:
+        shown = "; ".join(f"{r['run_dir'].name}: {why}" for r, why in replaced[:5])
+        more = f" and {len(replaced) - 5} more" if len(replaced) > 5 else ""
+        print(f"ablation: error: {len(replaced)} finished run(s) under {args.runs} would be "
+              f"retrained and their results deleted ({shown}{more}): use another --runs folder "
+              "for this command, or --replace to retrain them", file=sys.stderr)
+        return 2
     try:
-        execute(runs, args.jobs)
-    except RuntimeError as err:  # a training failed: the earlier CSV / PNG / table stay
-        print(f"ablation: {err}; no result file written", file=sys.stderr)
+        failed = execute(runs, args.jobs)
+    except RuntimeError as err:  # a fine-tuning run without its baseline: nothing was trained
+        print(f"ablation: {err}", file=sys.stderr)
         return 1
-    rows = run_rows(runs, meta)
+    finished = [r for r in runs if _finished(r)]
+    failure = ("; failed: " + ", ".join(f"{r['variant']}/seed{r['seed']}" for r in failed)
+               if failed else "")
+    if not finished:
+        print(f"ablation: no run finished{failure}; no result file written", file=sys.stderr)
+        return 1
+    rows = run_rows(finished, meta)
     summary = summarise(rows, args.variants)
     env = environment()
     tag = "ablation_quick" if args.quick else "ablation"
@@ -439,6 +533,7 @@ def main(argv: list[str] | None = None) -> int:
         "config": str(demo.DEMO_CONFIG.relative_to(ROOT)),
         "overrides": " ".join(args.set),
         "train_label_noise": args.train_label_noise,
+        "failed_runs": " ".join(f"{r['variant']}/seed{r['seed']}" for r in failed),
     }
     csv_runs = write_csv(rows, results_path(f"{tag}_runs.csv", args.out), {**env, **extra})
     csv_sum = write_csv(summary, results_path(f"{tag}.csv", args.out), {**env, **extra})
@@ -450,11 +545,18 @@ def main(argv: list[str] | None = None) -> int:
     )
     png = plot(summary, rows, results_path(f"{tag}.png", args.out), title)
     table = display_rows(summary)
-    print(f"\n{title}; test accuracy (%), anchor clip only, mean +- std over seeds")
+    legend = ("test accuracy (%) with the anchor clip only, mean +- std over seeds "
+              "(best_val_accuracy: the val split at its best epoch); delta: accuracy minus the "
+              "baseline's")
+    print(f"\n{title}\n{legend}")
     print(format_table(table))
     md = results_path(f"{tag}.md", args.out)
-    md.write_text(f"{title}\n\n{markdown_table(table)}\n")
+    md.write_text(f"{title}\n\n{legend}{failure}\n\n{markdown_table(table)}\n")
     print(f"\n{time.perf_counter() - started:.0f} s; {csv_runs}, {csv_sum}, {png}, {md}")
+    if failed:
+        print(f"ablation: {len(failed)} training(s) did not finish{failure}: the results above "
+              "cover the others; run the same command again to retry them", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -119,7 +119,8 @@ class TrainConfig:
     batch_size: int = 8  # videos per process per micro-batch
     # micro-batches whose gradients add up to one optimizer step: the effective batch is
     # batch_size x grad_accum x processes. Steps (schedule, max_steps, save_every, the steps CSV)
-    # count optimizer steps; an epoch's last step may take fewer micro-batches (their mean).
+    # count optimizer steps; an epoch's last step may take fewer micro-batches (a step's gradient
+    # is the mean over its examples).
     grad_accum: int = 1
     lr: float = 5e-4
     weight_decay: float = 0.01
@@ -195,6 +196,10 @@ class Config:
 
     def __post_init__(self) -> None:
         _choice("task", self.task, TASKS)
+        if self.task == "count" and self.eval.aggregation == "logsumexp":
+            raise ValueError("eval.aggregation=logsumexp: task=count predicts a number per clip, "
+                             "not class scores (logsumexp would add log(clips) to each count); "
+                             "valid for count: mean, max")
         if self.sampling.eval_clips != 1:
             raise ValueError(f"sampling.eval_clips={self.sampling.eval_clips}: a run's clips per "
                              "video at evaluation are set by eval.num_clips; leave "

@@ -66,7 +66,7 @@ from siasam_fast.paths import USAGE_ERRORS, file_in_the_way  # noqa: E402
 from siasam_fast.pipeline.dataset import close_loaders  # noqa: E402
 from siasam_fast.pipeline.loaders import build_video_loader  # noqa: E402
 from siasam_fast.pipeline.manifest import load_manifest  # noqa: E402
-from siasam_fast.stopping import StopRequest  # noqa: E402
+from siasam_fast.stopping import CHECK_EVERY, StopRequest  # noqa: E402
 
 # Config fields that may change between a checkpoint and the run resuming (or evaluating) it.
 RESUMABLE_CHANGES = {
@@ -151,10 +151,11 @@ _TASK_HINT = {"open": "open-ended answers", "mc": "multiple choice (candidates)"
               "count": "counting (integer answers)"}
 
 
-def load_data(cfg: Config, ans2label: dict | None = None, need_train: bool = True) -> Data:
-    """Annotations of every configured split, the answer vocabulary and the manifest.
-    ``need_train``: data.train must be set (training); evaluation needs it only to build an
-    open-ended vocabulary that is not given."""
+def load_data(cfg: Config, ans2label: dict | None = None, need_train: bool = True,
+              splits: tuple[str, ...] = ("train", "val", "test")) -> Data:
+    """Annotations of the configured splits among ``splits``, the answer vocabulary and the
+    manifest. ``need_train``: data.train must be set (training); evaluation needs it only to build
+    an open-ended vocabulary that is not given."""
     d = cfg.data
     if not d.manifest:
         raise ValueError("data.manifest is empty: build one with `siasam-fast index VIDEO_DIR "
@@ -171,9 +172,14 @@ def load_data(cfg: Config, ans2label: dict | None = None, need_train: bool = Tru
             f"{sample[0].path}): if the videos moved, set data.video_dir to their folder (the "
             "manifest stores absolute paths; data.video_dir re-roots them), or index them again")
     examples, notes = {}, []
-    for split in ("train", "val", "test"):
+    for split in splits:
         spec = getattr(d, split)
         if spec:
+            missing = [p for p in _split_paths(spec) if not Path(p).exists()]
+            if missing:
+                raise ValueError(f"data.{split}={spec!r}: {missing[0]} does not exist (set "
+                                 f"data.{split} to the {split} annotations, e.g. --set "
+                                 f"data.{split}=PATH, or leave it empty)")
             examples[split] = [
                 ex for p in _split_paths(spec)
                 for ex in load_annotations(d.dataset, p, split=split if Path(p).is_dir() else None,
@@ -380,20 +386,31 @@ def accumulation_group(index: int, batches: int, grad_accum: int) -> tuple[int, 
     return size, index == start + size - 1
 
 
-def micro_step(engine, forward, group: int, last: bool, sync=lambda: None):
-    """One micro-batch of an optimizer step that takes ``group`` of them: forward, backward of
-    loss / group (the step's gradient is the mean over its micro-batches, also for an epoch's
-    shorter last step), and ``engine.step()``, which updates the weights (and moves the lr
-    schedule on) on the step's last micro-batch only. DeepSpeed's own micro-step counter would
-    let an epoch's leftover micro-batches run into the next epoch's first step (and into a
-    checkpoint); the boundary is set here instead. Returns ``forward()``'s loss terms and the
-    times before forward, backward, the optimizer and after it."""
+def micro_batch_weight(index: int, batches: int, grad_accum: int, examples: int,
+                       batch_size: int) -> float:
+    """The share of micro-batch ``index`` in its optimizer step: its examples over the step's
+    (``examples`` on this process in the epoch, in micro-batches of ``batch_size``, the last one
+    partial). A step then weighs each of its examples equally, as one batch of them would, also
+    an epoch's last step with a partial micro-batch. 1 without accumulation."""
+    start = index - index % grad_accum
+    sizes = [min(batch_size, examples - i * batch_size)
+             for i in range(start, min(start + grad_accum, batches))]
+    return sizes[index - start] / sum(sizes)
+
+
+def micro_step(engine, forward, weight: float, last: bool, sync=lambda: None):
+    """One micro-batch of an optimizer step: forward, backward of loss x ``weight`` (its share
+    of the step, :func:`micro_batch_weight`), and ``engine.step()``, which updates the weights
+    (and moves the lr schedule on) on the step's ``last`` micro-batch only. DeepSpeed's own
+    micro-step counter would let an epoch's leftover micro-batches run into the next epoch's
+    first step (and into a checkpoint); the boundary is set here instead. Returns ``forward()``'s
+    loss terms and the times before forward, backward, the optimizer and after it."""
     engine.set_gradient_accumulation_boundary(last)
     t_fwd = time.perf_counter()
     loss, parts = forward()
     sync()
     t_bwd = time.perf_counter()
-    engine.backward(loss / group, scale_wrt_gas=False)
+    engine.backward(loss * weight, scale_wrt_gas=False)
     sync()
     t_opt = time.perf_counter()
     engine.step()
@@ -833,6 +850,10 @@ def train(argv: list[str] | None = None, prog: str | None = None) -> int:
         raise ValueError("the train split has no usable examples (see the log for the reasons)")
     accum = cfg.train.grad_accum
     steps_per_epoch = optimizer_steps(batches_per_epoch, accum)
+    if rank0 and accum > batches_per_epoch:
+        print(f"note: train.grad_accum={accum} is more than an epoch's {batches_per_epoch} "
+              f"micro-batches: each step takes one epoch ({len(train_loader.sampler)} videos per "
+              "process), not the batch train.grad_accum x train.batch_size asks for")
     total_steps = steps_per_epoch * cfg.train.epochs  # not max_steps: a stop a resume continues
     # Weights stay NCHW under DeepSpeed (model.use_memory_format); frames still go NHWC.
     model = build_model(cfg, len(data.ans2label), len(tokenizer))
@@ -949,7 +970,9 @@ def train(argv: list[str] | None = None, prog: str | None = None) -> int:
     t_run = time.perf_counter()
     # SIGTERM / SIGINT / SIGUSR1 (a scheduler's stop or pre-emption, Ctrl-C): finish the step,
     # save a checkpoint, exit 128 + the signal's number. Processes agree over a gloo group.
-    stop_request = StopRequest(world, dist.new_group(backend="gloo") if world > 1 else None)
+    # The processes agree on a stop every CHECK_EVERY micro-batches or so (at step ends).
+    stop_request = StopRequest(world, dist.new_group(backend="gloo") if world > 1 else None,
+                               check_every=max(1, CHECK_EVERY // accum))
     with stop_request:
         if tag_dir is not None and state.get("eval_due"):  # stopped right at that epoch's end
             due_sums = dict(state.get("epoch_sums", {}))
@@ -977,6 +1000,8 @@ def train(argv: list[str] | None = None, prog: str | None = None) -> int:
             for index, batch in enumerate(train_loader, start=done):
                 # Micro-batch `index` of the epoch: its optimizer step's size and whether it ends it
                 group, last = accumulation_group(index, batches_per_epoch, accum)
+                weight = micro_batch_weight(index, batches_per_epoch, accum,
+                                            len(train_loader.sampler), cfg.train.batch_size)
                 if index == done or index % accum == 0:  # the first micro-batch of a step
                     step_parts: dict = {}
                     times = dict.fromkeys(("data_s", "forward_s", "backward_s", "optimizer_s"), 0.0)
@@ -993,14 +1018,14 @@ def train(argv: list[str] | None = None, prog: str | None = None) -> int:
                     return total_loss(outputs, batch, cfg.task, cfg.siamese,
                                       engine.module.reasoning)
 
-                parts, (t_fwd, t_bwd, t_opt, t_end) = micro_step(engine, forward, group, last,
+                parts, (t_fwd, t_bwd, t_opt, t_end) = micro_step(engine, forward, weight, last,
                                                                  sync)
                 for key, start, end in (("data_s", t_data, t_fwd), ("forward_s", t_fwd, t_bwd),
                                         ("backward_s", t_bwd, t_opt),
                                         ("optimizer_s", t_opt, t_end)):
                     times[key] += end - start
-                for k, v in parts.items():  # the step's loss terms: the mean of its micro-batches
-                    step_parts[k] = step_parts.get(k, 0.0) + float(v) / group
+                for k, v in parts.items():  # the step's loss terms: the mean over its examples
+                    step_parts[k] = step_parts.get(k, 0.0) + float(v) * weight
                 if not math.isfinite(float(parts["loss"])) and precision != "fp16":
                     raise FloatingPointError(
                         f"loss is {float(parts['loss'])} at step {step + 1}: lower train.lr or "
@@ -1114,7 +1139,11 @@ def evaluate_checkpoint(checkpoint: str, config_path: str | None = None,
     run_dir = tag_dir.parent.parent
     vocab_file = run_dir / "ans2label.json"
     ans2label = load_ans2label(vocab_file) if vocab_file.is_file() else None
-    data = load_data(cfg, ans2label=ans2label, need_train=False)
+    # Only the split evaluated is read, and train's annotations only when the answer vocabulary
+    # must be built from them (a run saves it: its data may have moved since).
+    needs_train = cfg.task == "open" and ans2label is None and not cfg.data.ans2label
+    data = load_data(cfg, ans2label=ans2label, need_train=False,
+                     splits=tuple(dict.fromkeys((split, "train") if needs_train else (split,))))
     if split not in data.examples:
         raise ValueError(f"split {split!r} has no annotations in this config "
                          f"(data.{split} is empty)")

@@ -136,25 +136,129 @@ def test_plan_runs_builds_one_command_per_variant_and_seed(tmp_path):
     assert not ablation._finished(runs[0])
 
 
-def test_a_finished_run_is_reused_only_for_the_same_command(tmp_path):
+def test_a_finished_run_is_reused_only_for_the_same_command_and_data(tmp_path):
     import json
+    import os
 
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "meta.json").write_text(json.dumps({"version": 3, "seed": 0, "num_videos": 8}))
     args = ablation.parse_args(["--variants", "baseline", "--seeds", "0", "--runs", str(tmp_path)])
-    run = ablation.plan_runs(args, tmp_path / "data")[0]
+    run = ablation.plan_runs(args, data)[0]
+    assert run["data"] == ablation.data_fingerprint(data) is not None
     d = run["run_dir"]
     d.mkdir()
     (d / "summary.json").write_text("{}")
     (d / "predictions_test.jsonl").write_text("")
     assert not ablation._finished(run)  # no command.json: made by something else
-    (d / "command.json").write_text(json.dumps(run["cmd"][1:]))
+    record = {"command": run["cmd"][1:], "data": run["data"]}
+    (d / "command.json").write_text(json.dumps(record))
     assert ablation._finished(run)
-    (d / "command.json").write_text(json.dumps([*run["cmd"][1:], "--set", "train.lr=0.002"]))
-    assert not ablation._finished(run)
+    (d / "command.json").write_text(json.dumps(
+        {**record, "command": [*run["cmd"][1:], "--set", "train.lr=0.002"]}))
+    assert ablation.not_reusable(run) == ("made with another command (--set, seed or variant "
+                                          "switches)")
+    # The synthetic set was generated again with another seed since: not the same data
+    (d / "command.json").write_text(json.dumps(record))
+    (data / "meta.json").write_text(json.dumps({"version": 3, "seed": 1, "num_videos": 8}))
+    rerun = ablation.plan_runs(args, data)[0]
+    assert ablation.not_reusable(rerun) == ("trained on another synthetic set (--data-seed, "
+                                            "--videos or --quick)")
     # A run made before train.overwrite existed: the same training.
     older = run["cmd"][1:-2]
     assert run["cmd"][-2:] == ["--set", "train.overwrite=true"]
-    (d / "command.json").write_text(json.dumps(older))
+    (d / "command.json").write_text(json.dumps({**record, "command": older}))
     assert ablation._finished(run)
+    # command.json of older versions (the command alone): reused while the data set is older
+    (d / "command.json").write_text(json.dumps(run["cmd"][1:]))
+    summary_time = (d / "summary.json").stat().st_mtime
+    os.utime(data / "meta.json", (summary_time - 10, summary_time - 10))
+    assert ablation._finished(run)
+    os.utime(data / "meta.json", (summary_time + 10, summary_time + 10))
+    assert not ablation._finished(run)
+
+
+def test_repeated_variants_and_seeds_run_once_and_seeds_must_not_be_negative(capsys):
+    args = ablation.parse_args(["--variants", "clips_1", "baseline", "clips_1",
+                                "--seeds", "1", "0", "1"])  # fmt: skip
+    assert args.variants == ["clips_1", "baseline"] and args.seeds == [1, 0]
+    err = capsys.readouterr().err
+    assert "--variants repeats values; each runs once: clips_1 baseline" in err
+    assert "--seeds repeats values; each runs once: 1 0" in err
+    for bad in (["--seeds", "0", "-1"], ["--data-seed", "-3"]):
+        with pytest.raises(SystemExit):
+            ablation.parse_args(bad)
+        assert "must be >= 0" in capsys.readouterr().err
+
+
+def _fake_run(tmp_path, name, script, needs=None):
+    """A plan entry whose "training" is a small Python script (run with the run folder)."""
+    d = tmp_path / name
+    return {"variant": name.split("-")[0], "seed": 0, "run_dir": d, "needs": needs,
+            "cmd": [sys.executable, "-c", script, str(d)], "data": "d", "data_dir": tmp_path}
+
+
+FINISH = ("import sys, time, pathlib; d = pathlib.Path(sys.argv[1]); time.sleep(2); "
+          "(d / 'predictions_test.jsonl').write_text(''); (d / 'summary.json').write_text('new')")
+SEE_BASELINE = ("import sys, pathlib; d = pathlib.Path(sys.argv[1]); "
+                "(d / 'saw.txt').write_text((d.parent / 'baseline-seed0' / 'summary.json')"
+                ".read_text()); (d / 'predictions_test.jsonl').write_text(''); "
+                "(d / 'summary.json').write_text('{}')")
+
+
+def test_a_fine_tuning_run_waits_for_its_baseline_being_retrained(tmp_path):
+    """The old baseline's summary.json is there while its retraining runs: the fine-tuning run
+    must not start from it (it starts once this sweep's baseline has finished)."""
+    base = _fake_run(tmp_path, "baseline-seed0", FINISH)
+    base["run_dir"].mkdir()
+    (base["run_dir"] / "summary.json").write_text("old")
+    ft = _fake_run(tmp_path, "ft_baseline-seed0", SEE_BASELINE, needs=base["run_dir"])
+    assert ablation.execute([base, ft], jobs=2) == []
+    assert (ft["run_dir"] / "saw.txt").read_text() == "new"
+
+
+def test_a_failed_baseline_skips_its_fine_tuning_runs(tmp_path, capsys):
+    base = _fake_run(tmp_path, "baseline-seed0", "import sys; sys.exit(3)")
+    base["run_dir"].mkdir()
+    (base["run_dir"] / "summary.json").write_text("old")  # a failed start leaves the old run
+    ft = _fake_run(tmp_path, "ft_baseline-seed0", SEE_BASELINE, needs=base["run_dir"])
+    assert [r["variant"] for r in ablation.execute([base, ft], jobs=2)] == ["baseline",
+                                                                              "ft_baseline"]
+    out = capsys.readouterr().out
+    assert "FAILED baseline seed 0 (exit 3)" in out and "SKIPPED ft_baseline seed 0: its " \
+        "baseline failed" in out
+    assert not (ft["run_dir"] / "saw.txt").exists()
+
+
+def test_finished_runs_are_not_replaced_without_replace(tmp_path, monkeypatch, capsys):
+    """Another data seed would regenerate the set the finished runs were trained on; another
+    --set would retrain them: both refused (exit 2) before anything is written."""
+    import json
+
+    data = tmp_path / "data"
+    data.mkdir()
+    meta = {"version": 3, "seed": 0, "num_videos": 8, "params": {}}
+    (data / "meta.json").write_text(json.dumps(meta))
+    args = ablation.parse_args(["--variants", "baseline", "--seeds", "0", "--runs", str(tmp_path)])
+    run = ablation.plan_runs(args, data)[0]
+    run["run_dir"].mkdir()
+    (run["run_dir"] / "summary.json").write_text("{}")
+    (run["run_dir"] / "predictions_test.jsonl").write_text("")
+    (run["run_dir"] / "command.json").write_text(json.dumps({"command": run["cmd"][1:],
+                                                             "data": run["data"]}))
+    before = (data / "meta.json").read_text()
+    argv = ["--variants", "baseline", "--seeds", "0", "--runs", str(tmp_path)]
+    assert ablation.main([*argv, "--data-seed", "1"]) == 2
+    err = capsys.readouterr().err
+    assert f"{tmp_path} holds 1 finished run(s) trained on its synthetic set (data seed 0" in err
+    assert "--replace" in err and (data / "meta.json").read_text() == before
+    # Same data, another command: refused, naming the run and why
+    monkeypatch.setattr(ablation.demo, "dataset_matches", lambda d, seed, options: True)
+    monkeypatch.setattr(ablation.demo, "ensure_dataset", lambda d, seed, options: d)
+    assert ablation.main([*argv, "--set", "train.lr=0.002"]) == 2
+    err = capsys.readouterr().err
+    assert "1 finished run(s) under" in err and "baseline-seed0: made with another command" in err
+    assert (run["run_dir"] / "summary.json").is_file()
 
 
 def test_summary_mean_and_std():

@@ -41,6 +41,7 @@ def test_values_take_the_type_of_their_key():
     ("train.grad_clip=-1", "train.grad_clip=-1.0: must be >= 0"),
     ("train.max_steps=-5", "train.max_steps=-5: must be >= 0"),
     ("train.log_every=0", "train.log_every=0: must be >= 1"),
+    ("train.grad_accum=0", "train.grad_accum=0: must be >= 1 (micro-batches per optimizer step"),
     ("train.save_every=-1", "train.save_every=-1: must be >= 0"),
     ("train.keep_checkpoints=0", "train.keep_checkpoints=0: must be >= 1"),
     ("train.out_dir=", "train.out_dir is empty"),
@@ -68,6 +69,13 @@ def test_bad_values_name_the_key_and_what_is_valid(override, message):
     with pytest.raises(ValueError) as err:
         load_config(BASE, [override])
     assert message in str(err.value)
+
+
+def test_count_refuses_an_aggregation_of_class_scores():
+    with pytest.raises(ValueError, match=r"eval.aggregation=logsumexp: task=count predicts a "
+                                         r"number .* valid for count: mean, max"):
+        load_config(BASE, ["task=count", "eval.aggregation=logsumexp"])
+    assert load_config(BASE, ["task=count", "eval.aggregation=max"]).eval.aggregation == "max"
 
 
 def test_every_shipped_config_loads():

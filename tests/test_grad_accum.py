@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from subprocess_env import cpu_env
 
-from siasam_fast.training import accumulation_group, optimizer_steps
+from siasam_fast.training import accumulation_group, micro_batch_weight, optimizer_steps
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -43,14 +43,30 @@ def test_micro_batches_make_whole_steps_from_the_epochs_start(batches, accum):
         accumulation_group(batches, batches, accum)
 
 
+@pytest.mark.parametrize("examples", range(1, 30))
+@pytest.mark.parametrize("accum", [1, 2, 3, 5])
+def test_each_example_weighs_the_same_in_its_step(examples, accum):
+    batch_size = 4
+    batches = -(-examples // batch_size)  # the last micro-batch partial
+    for index in range(batches):
+        group, _ = accumulation_group(index, batches, accum)
+        start = index - index % accum
+        step_examples = min(examples, (start + group) * batch_size) - start * batch_size
+        mine = min(batch_size, examples - index * batch_size)
+        assert micro_batch_weight(index, batches, accum, examples, batch_size) == \
+            pytest.approx(mine / step_examples)
+    assert micro_batch_weight(0, 1, 1, 3, 4) == 1.0  # no accumulation: the loss as it is
+
+
 # One or two processes, DeepSpeed's CPU accelerator. On each, engine A takes 3 micro-batches of 2
-# examples, then an epoch's short last step of 1 micro-batch of 2; engine B takes the same
-# examples as single batches of 6 and 2. Same weights after each step (fp32, torch AdamW; clipping
-# is set but never reached, since clipping would hide a gradient's wrong scale), same lr schedule.
+# examples, then an epoch's short last step of a micro-batch of 2 and a partial one of 1; engine B
+# takes the same examples as single batches of 6 and 3. Same weights after each step (fp32, torch
+# AdamW; clipping is set but never reached, since clipping would hide a gradient's wrong scale),
+# same lr schedule.
 SCRIPT = r"""
 import json, os, socket, sys
 import torch, deepspeed
-from siasam_fast.training import micro_step, optimizer_steps, accumulation_group
+from siasam_fast.training import micro_step, micro_batch_weight, accumulation_group
 if "RANK" not in os.environ:  # one process without a launcher
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0)); port = s.getsockname()[1]
@@ -91,14 +107,14 @@ def loss_of(eng, rows):
 
 a, sched_a = engine(2, 3)
 b, sched_b = engine(6, 1)
-batches = [[0, 1], [2, 3], [4, 5], [6, 7]]  # an epoch of 4 micro-batches, grad_accum 3
+batches = [[0, 1], [2, 3], [4, 5], [6, 7], [0]]  # an epoch of 9 examples, grad_accum 3
 diffs, lrs = [], []
 for index, rows in enumerate(batches):
     group, last = accumulation_group(index, len(batches), 3)
-    micro_step(a, loss_of(a, rows), group, last)
+    micro_step(a, loss_of(a, rows), micro_batch_weight(index, len(batches), 3, 9, 2), last)
     if last:
         whole = [r for rows_ in batches[index + 1 - group:index + 1] for r in rows_]
-        micro_step(b, loss_of(b, whole), 1, True)
+        micro_step(b, loss_of(b, whole), 1.0, True)
         diffs.append(max(float((p - q).abs().max()) for p, q in zip(weights(a), weights(b))))
         lrs.append((sched_a.get_last_lr()[0], sched_b.get_last_lr()[0]))
 moved = max(float((p - q).abs().max()) for p, q in zip(weights(a), init.values()))

@@ -100,6 +100,11 @@ def test_single_process_trains_evaluates_and_checkpoints(synth, tmp_path):
     assert len(rows) == summary["val"]["num_examples"]
     assert sum(r["accuracy"] for r in rows) / len(rows) == summary["val"]["accuracy"]
     assert {"qid", "question_type", "prediction"} <= rows[0].keys()
+    # The train annotations moved since: eval reads only the split it evaluates (the run saved
+    # its answer vocabulary), so it still works
+    proc = run([sys.executable, "-m", "siasam_fast.cli", "eval", "--checkpoint", str(out),
+                "--set", f"data.train={tmp_path / 'moved' / 'train_qa.json'}"])
+    assert re.search(rf"\naccuracy +{summary['val']['accuracy']:.4f}\n", proc.stdout)
 
 
 def test_resume_continues_the_same_run_exactly(synth, tmp_path):
@@ -457,6 +462,18 @@ def _config(synth: Path, **sets):
                        [f"{k}={v}" for k, v in values.items()])
 
 
+def test_a_missing_annotation_file_names_its_key(synth, tmp_path):
+    from siasam_fast.training import load_data
+
+    gone = tmp_path / "gone.json"
+    with pytest.raises(ValueError, match=rf"data.val='{gone}': {gone} does not exist \(set "
+                                         r"data.val to the val annotations, e.g. --set "
+                                         r"data.val=PATH, or leave it empty\)"):
+        load_data(_config(synth, **{"data.val": gone}))
+    assert set(load_data(_config(synth, **{"data.val": gone}), splits=("train",)).examples) \
+        == {"train"}
+
+
 def test_data_of_another_task_is_refused_with_the_task_to_set(synth, tmp_path):
     """task=count on open-ended answers made NaN targets (fp16 then skipped every step silently);
     task=open on a count file failed deep in the vocabulary code."""
@@ -580,8 +597,9 @@ def test_moved_videos_are_named_before_training(synth, tmp_path):
 
 def test_gradient_accumulation_steps_resume_and_schedule(synth, tmp_path):
     """train.grad_accum=3 with 4 videos a micro-batch: an epoch's 17 micro-batches (66 examples)
-    make 6 optimizer steps, the last of 2 micro-batches; the lr schedule, max_steps and the steps
-    CSV count optimizer steps, and a resume mid-epoch continues the run exactly."""
+    make 6 optimizer steps, the last of 2 micro-batches (4 + 2 videos); the lr schedule,
+    max_steps and the steps CSV count optimizer steps, and a resume mid-epoch continues the run
+    exactly. A grad_accum above an epoch's micro-batches says each step is one epoch."""
     full, part = tmp_path / "full", tmp_path / "part"
     accum = ("--set", "train.grad_accum=3")
     proc = train(base_args(synth, full, *accum))
@@ -604,3 +622,8 @@ def test_gradient_accumulation_steps_resume_and_schedule(synth, tmp_path):
                           text=True, timeout=600)
     assert proc.returncode == 2
     assert "train.grad_accum: checkpoint has 3, this run has 1" in proc.stderr
+    proc = train(base_args(synth, tmp_path / "huge", "--set", "train.grad_accum=100",
+                           "--set", "train.epochs=1"))
+    assert ("note: train.grad_accum=100 is more than an epoch's 17 micro-batches: each step takes "
+            "one epoch (66 videos per process)") in proc.stdout
+    assert len(losses(tmp_path / "huge")) == 1
