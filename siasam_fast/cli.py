@@ -212,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handler = {"env": _env, "synth": _synth, "index": _index, "eval": _eval, "demo": _demo,
                "transcode": _transcode}[args.command]
-    if args.command in ("synth", "index", "transcode"):
+    if args.command in INTERRUPTED:
         # A scheduler's SIGTERM takes the Ctrl-C path: what was done is written before exiting.
         signal.signal(signal.SIGTERM, _interrupt)
     try:
@@ -221,11 +221,20 @@ def main(argv: list[str] | None = None) -> int:
         print(f"siasam-fast {args.command}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        if args.command not in ("synth", "index", "transcode"):
+        if args.command not in INTERRUPTED:
             raise
-        print(f"siasam-fast {args.command}: interrupted; what was done is kept, and running the "
-              "same command again continues from there", file=sys.stderr)
+        print(f"siasam-fast {args.command}: interrupted; {INTERRUPTED[args.command]}",
+              file=sys.stderr)
         return 130
+
+
+# What an interrupted command (Ctrl-C, SIGTERM) leaves: one line, exit status 130.
+CONTINUES = "what was done is kept, and running the same command again continues from there"
+INTERRUPTED = {
+    "synth": CONTINUES, "index": CONTINUES, "transcode": CONTINUES,
+    "demo": "the previous demo's runs and summary (if any) are kept as they were; running it "
+            "again trains both runs anew",
+}
 
 
 def _interrupt(signum, frame) -> None:

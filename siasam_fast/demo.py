@@ -21,6 +21,8 @@ import csv
 import json
 import math
 import os
+import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -143,6 +145,10 @@ def train_command(config: Path, run_dir: Path, overrides: list[str]) -> list[str
     return cmd
 
 
+# Exit statuses of a training stopped by SIGINT, SIGTERM or SIGUSR1 (siasam_fast.stopping).
+STOPPED = (128 + signal.SIGINT, 128 + signal.SIGTERM, 128 + signal.SIGUSR1)
+
+
 def run_training(cmd: list[str], log: Path) -> float:
     """Run one training process, its output streamed to stdout and copied to ``log``; returns
     seconds. Raises RuntimeError if it fails."""
@@ -153,11 +159,23 @@ def run_training(cmd: list[str], log: Path) -> float:
     log.parent.mkdir(parents=True, exist_ok=True)
     with log.open("wb") as fh:
         proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-        for chunk in iter(lambda: proc.stdout.read1(4096), b""):
-            fh.write(chunk)
-            sys.stdout.buffer.write(chunk)
-            sys.stdout.flush()
-        proc.wait()
+        try:
+            for chunk in iter(lambda: proc.stdout.read1(4096), b""):
+                fh.write(chunk)
+                sys.stdout.buffer.write(chunk)
+                sys.stdout.flush()
+            proc.wait()
+        except BaseException:  # the demo was stopped: the training stops too, not orphaned
+            if proc.poll() is None:
+                proc.terminate()
+                try:
+                    proc.wait(timeout=120)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+            raise
+    if proc.returncode in STOPPED:  # Ctrl-C or a scheduler's stop reached the training too
+        raise KeyboardInterrupt
     if proc.returncode != 0:
         raise RuntimeError(
             f"training failed with exit code {proc.returncode} (log: {log}): " + " ".join(cmd)
@@ -327,6 +345,9 @@ def plot_curves(results: dict[str, dict], path: Path, title: str = "") -> Path:
 # The demo
 
 
+PARTIAL = ".{}.partial"  # a run in training, until both runs have finished
+
+
 def demo_outputs() -> set[str]:
     """The names the demo writes in its folder: every one is rewritten by the next demo."""
     return {"data", "summary.json", "learning_curves.png"} | {
@@ -430,14 +451,25 @@ def run_demo(
     meta = load_meta(data_dir)
 
     common = [*data_overrides(data_dir), f"train.seed={seed}", *(QUICK_OVERRIDES if quick else [])]
-    results = {}
+    # The new runs train in hidden folders and replace the previous demo's runs (and summary)
+    # only once both have finished: a demo stopped or failing midway leaves the previous one's
+    # results as they were.
     for name, switches in METHODS.items():
-        run_dir = out / name
-        print(f"\ndemo: training {name} ({', '.join(switches)}) -> {run_dir}", flush=True)
+        partial = out / PARTIAL.format(name)
+        shutil.rmtree(partial, ignore_errors=True)  # left by a demo stopped before
+        print(f"\ndemo: training {name} ({', '.join(switches)})", flush=True)
         seconds[name] = run_training(
-            train_command(config, run_dir, [*common, *switches]), log=out / f"{name}.log"
+            train_command(config, partial, [*common, *switches]),
+            log=partial.with_name(partial.name + ".log"),
         )
-        results[name] = analyse_run(run_dir, meta)
+    (out / "summary.json").unlink(missing_ok=True)  # it describes the runs being replaced
+    results = {}
+    for name in METHODS:
+        partial = out / PARTIAL.format(name)
+        shutil.rmtree(out / name, ignore_errors=True)
+        partial.rename(out / name)
+        partial.with_name(partial.name + ".log").replace(out / f"{name}.log")
+        results[name] = analyse_run(out / name, meta)
 
     # What the evaluation clip can see, per question type of the test split (both runs are
     # evaluated with the same sampling: only the method switches differ).

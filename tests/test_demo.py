@@ -219,3 +219,44 @@ def test_a_data_folder_of_someone_elses_is_refused(tmp_path):
     assert (data / "manifest.jsonl").read_text() == "mine\n"
     assert sorted(p.name for p in data.rglob("*")) == ["annotations", "manifest.jsonl",
                                                        "train_qa.json"]
+
+
+def test_a_stopped_demo_keeps_the_previous_results(quick_demo):
+    """Ctrl-C (SIGINT to the process group) while a second demo trains into the same folder: one
+    line and exit 130; the previous demo's runs and summary are as they were, and the training
+    process is not left behind."""
+    import hashlib
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from subprocess_env import cpu_env
+
+    out, _ = quick_demo
+
+    def snapshot():
+        return {str(p.relative_to(out)): hashlib.md5(p.read_bytes()).hexdigest()
+                for p in sorted(out.rglob("*")) if p.is_file() and not any(
+                    part.endswith(".partial") or part.endswith(".partial.log")
+                    for part in p.relative_to(out).parts)}
+
+    before = snapshot()
+    proc = subprocess.Popen([sys.executable, "-m", "siasam_fast.cli", "demo", "--quick",
+                             "--seed", "1", "--out", str(out)], env=cpu_env(OMP_NUM_THREADS="1"),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    steps = out / ".baseline.partial" / "metrics_steps.csv"
+    deadline = time.monotonic() + 300
+    while proc.poll() is None and time.monotonic() < deadline and not steps.is_file():
+        time.sleep(0.1)
+    os.killpg(proc.pid, signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 130, stderr[-3000:]
+    assert "siasam-fast demo: interrupted; the previous demo's runs and summary (if any) are " \
+           "kept as they were" in stderr
+    assert "Traceback" not in stderr, stderr[-3000:]
+    assert snapshot() == before
+    alive = subprocess.run(["pgrep", "-s", str(proc.pid)], capture_output=True, text=True)
+    assert alive.stdout.strip() == ""  # nothing of its session is left running
