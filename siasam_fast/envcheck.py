@@ -255,6 +255,11 @@ def check_dali(decode: bool = True) -> list[Check]:
     backend = resolve_backend("auto")
     why = ("DALI on NVDEC" if backend == "dali" else "PyAV on the CPU: DALI needs "
            + ("a CUDA GPU" if not on_gpu else "nvidia-dali"))
+    if backend == "pyav":
+        try:
+            import av  # noqa: F401
+        except Exception:  # noqa: BLE001 - reported by the PyAV row
+            why += "; but PyAV does not import (see its row): no backend works here"
     rows.append(Check("data.backend=auto", "info", f"{backend} ({why})"))
     return rows
 
@@ -419,12 +424,21 @@ CHECKS: tuple[tuple[str, Callable[..., list[Check]]], ...] = (
 )
 
 
+# pip's name of the package behind a check (the CPU set-up pins torch; see the Makefile)
+PIP_NAMES = {"PyAV": "av", "DeepSpeed": "deepspeed", "torch": "torch==2.13.0",
+             "Triton kernels": "triton==3.8.0", "DALI": "nvidia-dali-cuda130"}
+
+
 def run_checks(decode: bool = True) -> list[Check]:
     """Every check in order; an error inside one becomes a ``fail`` row of its name."""
     rows: list[Check] = []
     for name, check in CHECKS:
         try:
             rows.extend(check(decode) if check is check_dali else check())
+        except ImportError as err:  # installed but broken (or missing): reinstall it
+            rows.append(Check(name, "fail", f"does not import: {_first_line(err)}",
+                              f"reinstall it: pip install --force-reinstall "
+                              f"{PIP_NAMES.get(name, name)}"))
         except Exception as err:  # noqa: BLE001 - a broken part is a row, not a crash
             rows.append(Check(name, "fail", f"the check raised {_first_line(err)}",
                               "report it with this output"))

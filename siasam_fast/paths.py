@@ -52,13 +52,15 @@ def _not_writable(target: Path) -> str:
     written; a folder: a probe file created and removed), or ""."""
     if not os.access(target, os.W_OK):
         return "no write permission"
+    folder = target.is_dir()
     try:
-        if target.is_dir():
+        if folder:
             with tempfile.NamedTemporaryFile(dir=target, prefix=".siasam-probe-"):
                 pass
         else:
             with open(target, "ab"):
                 pass
-    except OSError as err:
-        return err.strerror or type(err).__name__
+    except OSError as err:  # /proc says "No such file or directory": say what was tried
+        what = "creating a file in it" if folder else "opening it for writing"
+        return f"{what} fails: {err.strerror or type(err).__name__}"
     return ""

@@ -487,8 +487,10 @@ def evaluate(model, loader, cfg: Config, text: TextEncoder, device, dtype, desc=
     model.train(was_training)
     metric = "mse" if cfg.task == "count" else "accuracy"
     result = {"num_examples": len(rows), metric: _mean(r[1] for r in rows.values())}
-    for qtype in sorted({r[0] for r in rows.values()}):
-        result[f"{metric}/{qtype or 'all'}"] = _mean(r[1] for r in rows.values() if r[0] == qtype)
+    types = sorted({r[0] for r in rows.values()})
+    for qtype in types if types != [""] else []:  # no breakdown when no question has a type
+        result[f"{metric}/{qtype or 'untyped'}"] = _mean(r[1] for r in rows.values()
+                                                          if r[0] == qtype)
     if predictions is not None and rank0:
         predictions.parent.mkdir(parents=True, exist_ok=True)
         with predictions.open("w") as fh:
@@ -1134,7 +1136,9 @@ def evaluate_checkpoint(checkpoint: str, config_path: str | None = None,
                          + "\n  ".join(problems))
     split = split or cfg.eval.split
     if split not in ("train", "val", "test"):
-        raise ValueError(f"split={split!r}: valid splits are train, val, test")
+        hint = (" (the run's eval.split is 'none': choose one with --split)"
+                if split == "none" else "")
+        raise ValueError(f"split={split!r}: valid splits are train, val, test{hint}")
     cfg.eval.split = split
     run_dir = tag_dir.parent.parent
     vocab_file = run_dir / "ans2label.json"

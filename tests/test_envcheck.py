@@ -97,6 +97,18 @@ def test_a_check_that_raises_is_a_failed_row(capsys, monkeypatch):
     assert "more text" not in out and "failed: PyAV" in out
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU machine's report")
+def test_a_package_that_does_not_import_says_to_reinstall_it(capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "av", None)  # `import av` raises ImportError
+    monkeypatch.setattr(envcheck, "CHECKS", (("python", envcheck.check_python),
+                                             ("DALI", envcheck.check_dali),
+                                             ("PyAV", envcheck.check_pyav)))
+    code, out, _ = run_env(capsys, "--no-decode")
+    assert code == 1
+    assert "-> reinstall it: pip install --force-reinstall av" in out
+    assert "but PyAV does not import (see its row): no backend works here" in out
+
+
 def test_an_installed_dali_that_does_not_import_is_a_failure(monkeypatch):
     monkeypatch.setattr(envcheck, "dali_wheel", lambda: "nvidia-dali-cuda130")
     monkeypatch.setitem(sys.modules, "nvidia.dali", None)  # its import raises ImportError
