@@ -56,6 +56,10 @@ def _synth(args: argparse.Namespace) -> int:
     records = build_manifest(f"{args.out}/videos", out, workers=args.workers)
     ok = sum(r.status == "ok" for r in records.values())
     print(f"synthetic set: {summary} ; manifest {out}: {ok}/{len(records)} videos ok")
+    foreign = sorted(set(records) - set(summary.meta["videos"]))
+    if foreign:
+        print(f"note: {len(foreign)} video(s) in {args.out}/videos are not of this set (e.g. "
+              f"{records[foreign[0]].relpath}): indexed too; remove them to leave them out")
     return 0
 
 

@@ -279,6 +279,14 @@ def test_synth_writes_into_new_empty_and_synthetic_folders(capsys, tmp_path):
     assert code == 0, err
     assert load_meta(empty)["num_videos"] == 2 and not (empty / IN_PROGRESS).exists()
 
+    # A video the user put there is kept, and the manifest's count says it is not of the set
+    (empty / "videos" / "my_clip.mp4").write_bytes((empty / "videos" / "video0.mp4").read_bytes())
+    code, out, err = run_cli(capsys, "synth", "--out", empty, "--videos", 2, "--size", 16,
+                             "--workers", 1, "--seed", 5)
+    assert code == 0, err
+    assert (f"note: 1 video(s) in {empty}/videos are not of this set (e.g. my_clip.mp4): indexed "
+            "too; remove them to leave them out") in out
+
 
 # ----------------------------------------------------------------------------------------------
 # demo
