@@ -10,8 +10,16 @@ and, because every row of Â and both W sum to one (so does Q),
     L = -sum_k Q_k log softmax(z_0)_k = lse_0 - sum_j c_j s_j,   s_j = <P_j, z_0>      (eq. 8)
 
 so the forward needs one online-softmax pass over z that keeps, per clip, the running max, the
-sum of exponentials and the exponential-weighted sum of the anchor's logits. Gradients (g the
-upstream gradient of the video's loss, gc_j = dL/dc_j = lse_0 - s_j):
+sum of exponentials and the exponential-weighted sum of the anchor's logits.
+
+Large logits: every exponent is taken of a difference of logits, z - max (then scaled to log2
+units), never of z * log2(e) minus a saved logsumexp, and s_j, lse_0 and the backward's z_0k are
+taken relative to one logit of the anchor, ref (L and dz only need their differences, and the
+c_j sum to one). So logits of any size (a clip filled with -1e9, or with the fp32 minimum, as a
+hand-made mask might) give the probabilities and gradients the reference gives; with absolute
+values the rounding of z near 1e9 (64 in fp32) broke them.
+
+Gradients (g the upstream gradient of the video's loss, gc_j = dL/dc_j = lse_0 - s_j):
 
     dz_j   = g * (c_j P_j * (s_j - z_0) + [j = 0] (P_0 - Q))
     dW1_i  = omega * r_i,  r_i = sum_j Â(i, j) gc_j;   dW2_j = (1 - omega) * gc_j
@@ -150,33 +158,41 @@ def _anchor_row(z_base, offs_k, in_k, rows, ANCHOR_2D: tl.constexpr):
 
 
 @triton.jit
-def _online_stats(z_rows, z_base, rows, valid, K, BLOCK_K: tl.constexpr, PREFETCH: tl.constexpr,
-                  ANCHOR_2D: tl.constexpr):  # fmt: skip
-    """Per clip, over all K: the max m of z * log2(e), den = sum_k 2^(z2 - m) and
-    num = sum_k 2^(z2 - m) z_0k, with one running value per clip (three row reductions per
+def _anchor_ref(z_base):
+    """The anchor's first logit (0 if it is not finite): s_j and lse_0 are kept relative to it."""
+    ref = tl.load(z_base).to(tl.float32)
+    return tl.where(tl.abs(ref) < float("inf"), ref, 0.0)
+
+
+@triton.jit
+def _online_stats(z_rows, z_base, rows, valid, K, ref, BLOCK_K: tl.constexpr,
+                  PREFETCH: tl.constexpr, ANCHOR_2D: tl.constexpr):  # fmt: skip
+    """Per clip, over all K: the max m of z, den = sum_k e^(z - m) and
+    num = sum_k e^(z - m) (z_0k - ref), with one running value per clip (three row reductions per
     tile)."""
-    m = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)  # running max (log2 units)
-    den = tl.zeros((BLOCK_N,), dtype=tl.float32)  # sum_k exp2(z2 - m)
-    num = tl.zeros((BLOCK_N,), dtype=tl.float32)  # sum_k exp2(z2 - m) * z_0k
+    m = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)  # running max
+    den = tl.zeros((BLOCK_N,), dtype=tl.float32)  # sum_k exp(z - m)
+    num = tl.zeros((BLOCK_N,), dtype=tl.float32)  # sum_k exp(z - m) * (z_0k - ref)
     z_next = _first_tile(z_rows, K, valid, BLOCK_K, PREFETCH)
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         in_k = offs_k < K
         # Invalid clips read as zeros (finite stats, never used): their memory is never touched.
         z, z_next = _stream_tile(z_rows, z_next, k0, K, valid, BLOCK_K, PREFETCH)
-        z2 = tl.where(in_k[None, :], z.to(tl.float32) * LOG2E, float("-inf"))
-        m_new = tl.maximum(m, tl.max(z2, axis=1))
+        zf = tl.where(in_k[None, :], z.to(tl.float32), float("-inf"))
+        m_new = tl.maximum(m, tl.max(zf, axis=1))
         m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # a clip with only -inf so far
-        rescale = tl.exp2(m - m_ref)
-        p = tl.exp2(z2 - m_ref[:, None])
+        rescale = tl.exp2((m - m_ref) * LOG2E)
+        p = tl.exp2((zf - m_ref[:, None]) * LOG2E)
         den = den * rescale + tl.sum(p, axis=1)
-        num = num * rescale + tl.sum(p * _anchor_row(z_base, offs_k, in_k, rows, ANCHOR_2D), axis=1)
+        z0 = _anchor_row(z_base, offs_k, in_k, rows, ANCHOR_2D) - ref
+        num = num * rescale + tl.sum(p * z0, axis=1)
         m = m_new
     return m, den, num
 
 
 @triton.jit
-def _online_stats_2d(z_rows, z_base, rows, valid, K, BLOCK_K: tl.constexpr,
+def _online_stats_2d(z_rows, z_base, rows, valid, K, ref, BLOCK_K: tl.constexpr,
                      PREFETCH: tl.constexpr, ANCHOR_2D: tl.constexpr):  # fmt: skip
     """The same three statistics as ``_online_stats``, kept per (clip, column slot) while the
     tiles stream by and reduced over the columns once at the end: no reduction (shuffles,
@@ -190,21 +206,29 @@ def _online_stats_2d(z_rows, z_base, rows, valid, K, BLOCK_K: tl.constexpr,
         offs_k = k0 + tl.arange(0, BLOCK_K)
         in_k = offs_k < K
         z, z_next = _stream_tile(z_rows, z_next, k0, K, valid, BLOCK_K, PREFETCH)
-        z0 = _anchor_row(z_base, offs_k, in_k, rows, ANCHOR_2D)
-        z2 = z.to(tl.float32) * LOG2E
-        d = z2 - m  # +inf on a slot's first element
+        z0 = _anchor_row(z_base, offs_k, in_k, rows, ANCHOR_2D) - ref
+        zf = z.to(tl.float32)
+        d = (zf - m) * LOG2E  # +inf on a slot's first element
         grow = d > 0.0
-        e = tl.exp2(-tl.abs(d))  # 2^(old max - new max) if grow, else 2^(z2 - max)
+        e = tl.exp2(-tl.abs(d))  # e^(old max - new max) if grow, else e^(z - max)
         e = tl.where(d == d, e, 0.0)  # -inf on both sides (a -inf logit in an empty slot)
         den_new = tl.where(grow, den * e + 1.0, den + e)
         num_new = tl.where(grow, num * e + z0, num + e * z0)
         keep = in_k[None, :]  # columns past K leave their slot as it was
         den = tl.where(keep, den_new, den)
         num = tl.where(keep, num_new, num)
-        m = tl.where(keep & grow, z2, m)
+        m = tl.where(keep & grow, zf, m)
     m_row = tl.max(m, axis=1)
-    w = tl.exp2(m - m_row[:, None])  # 0 for slots that never saw a column
-    return m_row, tl.sum(den * w, axis=1), tl.sum(num * w, axis=1)
+    w = tl.exp2((m - m_row[:, None]) * LOG2E)  # 0 for slots that never saw a column
+    # A slot far below the row's max (w = 0) adds nothing, even if its own num overflowed
+    # (columns at the fp32 minimum against anchor logits at it too): 0 * inf would be NaN.
+    return m_row, tl.sum(den * w, axis=1), tl.sum(tl.where(w > 0.0, num * w, 0.0), axis=1)
+
+
+@triton.jit
+def _probabilities(z, m, l2):
+    """softmax(z) of a [16, BLOCK_K] tile from its rows' max and log2 sum of exponentials."""
+    return tl.exp2((z.to(tl.float32) - m[:, None]) * LOG2E - l2[:, None])
 
 
 @triton.jit
@@ -218,8 +242,9 @@ def _siamese_fwd_kernel(
     q_ptr,  # [V, K] fp32 soft labels (WRITE_Q only)
     cos_ptr,  # [V, 16, 16] fp32 cosine matrix, saved for backward (SKG only)
     norm_ptr,  # [V, 16] fp32 max(|f_i|, eps) (SKG only)
-    lse_ptr,  # [V, 16] fp32 logsumexp of every clip's logits
-    s_ptr,  # [V, 16] fp32 s_j = <P_j, z_0>
+    m_ptr,  # [V, 16] fp32 max of every clip's logits
+    l2_ptr,  # [V, 16] fp32 log2 sum_k e^(z - max): P = 2^((z - max) log2(e) - l2)
+    s_ptr,  # [V, 16] fp32 s_j - ref = <P_j, z_0 - ref>, ref the anchor's first logit
     N,
     D,
     K,
@@ -263,26 +288,33 @@ def _siamese_fwd_kernel(
     # ---- one pass over the logits: online softmax stats of every clip + s_j ----
     z_base = z_ptr + vid * N * K
     z_rows = z_base + rows[:, None] * K
+    ref = _anchor_ref(z_base)
     if ACC_2D:
-        m, den, num = _online_stats_2d(z_rows, z_base, rows, valid, K, BLOCK_K, PREFETCH, ANCHOR_2D)
+        m, den, num = _online_stats_2d(z_rows, z_base, rows, valid, K, ref, BLOCK_K, PREFETCH,
+                                       ANCHOR_2D)
     else:
-        m, den, num = _online_stats(z_rows, z_base, rows, valid, K, BLOCK_K, PREFETCH, ANCHOR_2D)
-    lse = (m + tl.log2(den)) * LN2
-    s = num / den
-    tl.store(lse_ptr + stat_offs, lse)
+        m, den, num = _online_stats(z_rows, z_base, rows, valid, K, ref, BLOCK_K, PREFETCH,
+                                    ANCHOR_2D)
+    l2 = tl.log2(den)
+    s = num / den  # s_j - ref
+    lse0 = tl.sum(tl.where(rows == 0, (m - ref) + l2 * LN2, 0.0), axis=0)  # lse_0 - ref
+    # Invalid clips (c_j = 0) read zeros: their uniform P can overflow s_j against huge anchor
+    # logits, and 0 * inf would be NaN
+    s = tl.where(valid, s, 0.0)
+    tl.store(m_ptr + stat_offs, m)
+    tl.store(l2_ptr + stat_offs, l2)
     tl.store(s_ptr + stat_offs, s)
 
-    lse0 = tl.sum(tl.where(rows == 0, lse, 0.0), axis=0)
-    loss = lse0 - tl.sum(c * s, axis=0)  # eq. 8 (first term) through Q = c^T P, sum_k Q_k = 1
+    # eq. 8 (first term) through Q = c^T P: sum_j c_j (lse_0 - s_j), each a difference first
+    loss = tl.sum(c * (lse0 - s), axis=0)
     tl.store(loss_ptr + vid, loss * scale)
 
     if WRITE_Q:
-        lse2 = lse * LOG2E
         for k0 in range(0, K, BLOCK_K):
             offs_k = k0 + tl.arange(0, BLOCK_K)
             in_k = offs_k < K
             z = _logits_tile(z_rows, k0, K, valid, BLOCK_K)
-            p = tl.exp2(z.to(tl.float32) * LOG2E - lse2[:, None])
+            p = _probabilities(z, m, l2)
             q = tl.sum(c[:, None] * p, axis=0)  # eq. 5
             tl.store(q_ptr + vid * K + offs_k, q, mask=in_k)
 
@@ -296,7 +328,8 @@ def _siamese_bwd_kernel(
     mask_ptr,
     cos_ptr,
     norm_ptr,
-    lse_ptr,
+    m_ptr,
+    l2_ptr,
     s_ptr,
     grad_ptr,  # upstream gradient: one value (stride 0) or one per video
     grad_stride,
@@ -333,13 +366,16 @@ def _siamese_bwd_kernel(
         cos = tl.zeros((BLOCK_N, BLOCK_N), dtype=tl.float32)
     a_hat, pair = _knowledge(cos, valid, inv_tau, SKG)
     c, w1, w2 = _soft_label_coefficients(theta1_ptr, theta2_ptr, a_hat, valid, omega)
-    lse = tl.load(lse_ptr + stat_offs)
-    s = tl.load(s_ptr + stat_offs)
+    m = tl.load(m_ptr + stat_offs)
+    l2 = tl.load(l2_ptr + stat_offs)
+    s = tl.load(s_ptr + stat_offs)  # s_j - ref
     g = tl.load(grad_ptr + vid * grad_stride).to(tl.float32) * scale
+    z_base = z_ptr + vid * N * K
 
     if not DETACH:
-        lse0 = tl.sum(tl.where(is_anchor, lse, 0.0), axis=0)
-        gc = (lse0 - s) * g  # dL/dc_j = -<P_j, log softmax(z_0)>
+        ref = _anchor_ref(z_base)
+        lse0 = tl.sum(tl.where(is_anchor, (m - ref) + l2 * LN2, 0.0), axis=0)  # lse_0 - ref
+        gc = (lse0 - s) * g  # dL/dc_j = lse_0 - s_j = -<P_j, log softmax(z_0)>
         r = tl.sum(a_hat * gc[None, :], axis=1)  # r_i = sum_j Â(i, j) gc_j
         if NEED_DTHETA:
             dw1 = omega * r
@@ -372,8 +408,6 @@ def _siamese_bwd_kernel(
 
     if NEED_DZ:
         # One pass: read z, write dz. Invalid clips have c_j = 0 and get zeros.
-        lse2 = lse * LOG2E
-        z_base = z_ptr + vid * N * K
         z_rows = z_base + rows[:, None] * K
         dz_rows = dz_ptr + vid * N * K + rows[:, None] * K
         z_next = _first_tile(z_rows, K, valid, BLOCK_K, PREFETCH)
@@ -381,12 +415,12 @@ def _siamese_bwd_kernel(
             offs_k = k0 + tl.arange(0, BLOCK_K)
             in_k = offs_k < K
             z, z_next = _stream_tile(z_rows, z_next, k0, K, valid, BLOCK_K, PREFETCH)
-            p = tl.exp2(z.to(tl.float32) * LOG2E - lse2[:, None])
+            p = _probabilities(z, m, l2)
             q = tl.sum(c[:, None] * p, axis=0)  # eq. 5
             dz = tl.where(is_anchor[:, None], p - q[None, :], 0.0)  # through log softmax(z_0)
             if not DETACH:
-                z0 = _anchor_row(z_base, offs_k, in_k, rows, ANCHOR_2D)
-                dz += c[:, None] * p * (s[:, None] - z0)  # through Q (eq. 3-5)
+                z0 = _anchor_row(z_base, offs_k, in_k, rows, ANCHOR_2D) - _anchor_ref(z_base)
+                dz += c[:, None] * p * (s[:, None] - z0)  # through Q (eq. 3-5), s_j - z_0k
             tl.store(
                 dz_rows + offs_k[None, :],
                 (dz * g).to(dz_ptr.dtype.element_ty),
@@ -557,17 +591,18 @@ def siamese_forward(features, logits, theta1, theta2, clip_mask, omega, tau, skg
 
     f32 = dict(dtype=torch.float32, device=dev)
     loss = torch.empty(V, **f32)
-    lse = torch.empty(V, 16, **f32)
+    m = torch.empty(V, 16, **f32)
+    l2 = torch.empty(V, 16, **f32)
     s = torch.empty(V, 16, **f32)
-    cos = torch.empty(V, 16, 16, **f32) if skg else lse
-    norm = torch.empty(V, 16, **f32) if skg else lse
+    cos = torch.empty(V, 16, 16, **f32) if skg else m
+    norm = torch.empty(V, 16, **f32) if skg else m
     q = torch.empty(V, K, **f32) if write_q else loss
     _siamese_fwd_kernel[(V,)](
-        features, logits, theta1, theta2, mask, loss, q, cos, norm, lse, s,
+        features, logits, theta1, theta2, mask, loss, q, cos, norm, m, l2, s,
         N, D, K, float(omega), 1.0 / float(tau), float(scale),
         HAS_MASK=clip_mask is not None, SKG=skg, WRITE_Q=write_q, **launch,
     )  # fmt: skip
-    return loss, (q if write_q else None), (cos, norm, lse, s)
+    return loss, (q if write_q else None), (cos, norm, m, l2, s)
 
 
 def siamese_backward(
@@ -576,7 +611,7 @@ def siamese_backward(
 ):  # fmt: skip
     """Launch the backward kernel; returns (d features, d logits, d theta1, d theta2), None where
     a gradient is not needed (or is zero by construction: features without SKG, detach)."""
-    cos, norm, lse, s = saved
+    cos, norm, m, l2, s = saved
     V, N, K = logits.shape
     D = features.shape[-1] if skg else 1
     need_df = need_df and skg and not detach
@@ -595,7 +630,7 @@ def siamese_backward(
     df = torch.empty_like(features) if need_df else logits
     dtheta = torch.empty(V, 2, 16, dtype=torch.float32, device=logits.device) if need_dtheta else s
     _siamese_bwd_kernel[(V,)](
-        features, logits, theta1, theta2, mask, cos, norm, lse, s, grad, grad_stride,
+        features, logits, theta1, theta2, mask, cos, norm, m, l2, s, grad, grad_stride,
         dz, df, dtheta,
         N, D, K, float(omega), 1.0 / float(tau), float(scale),
         HAS_MASK=clip_mask is not None, SKG=skg, DETACH=detach,

@@ -118,6 +118,8 @@ for index, rows in enumerate(batches):
         diffs.append(max(float((p - q).abs().max()) for p, q in zip(weights(a), weights(b))))
         lrs.append((sched_a.get_last_lr()[0], sched_b.get_last_lr()[0]))
 moved = max(float((p - q).abs().max()) for p, q in zip(weights(a), init.values()))
+torch.distributed.barrier()
+torch.distributed.destroy_process_group()  # (a process that exits without it may abort)
 if rank == 0:
     print(json.dumps({"diffs": diffs, "lrs": lrs, "steps": [a.global_steps, b.global_steps],
                       "moved": moved}))
