@@ -110,7 +110,15 @@ def siamese_knowledge(
     a valid clip without any valid other clip gets the identity row (it keeps its own prediction).
     ``skg=False`` gives the "SKR only" ablation: uniform over the other valid clips.
     """
+    if not isinstance(features, Tensor) or features.dim() != 3 or min(features.shape) < 1:
+        got = tuple(features.shape) if isinstance(features, Tensor) else type(features).__name__
+        raise ValueError(f"features must be a [V, N, D] tensor with V, N, D >= 1, got {got}")
+    if not features.is_floating_point():
+        raise TypeError(f"features must be floating point, got {features.dtype}")
     V, N = features.shape[:2]
+    _check_mask(clip_mask, V, N, features.device, "features")
+    if not (isinstance(tau, (int, float)) and math.isfinite(tau) and tau > 0):
+        raise ValueError(f"tau={tau!r}: must be a finite number > 0 (eq. 1 divides by it)")
     valid = _valid_clips(clip_mask, V, N, features.device)
     with _full_precision(features.device):
         return _knowledge(features, valid, tau, skg, _compute_dtype(features))
@@ -225,6 +233,20 @@ def siamese_count_loss(
 # ----------------------------------------------------------------------------------------------
 
 
+def _check_mask(clip_mask, V: int, N: int, device, other: str) -> None:
+    """clip_mask: None or a bool [V, N] tensor on ``other``'s device."""
+    if clip_mask is None:
+        return
+    if not isinstance(clip_mask, Tensor) or clip_mask.dtype != torch.bool:
+        got = clip_mask.dtype if isinstance(clip_mask, Tensor) else type(clip_mask).__name__
+        raise TypeError(f"clip_mask must be a bool tensor [V, N], got {got}")
+    if tuple(clip_mask.shape) != (V, N):
+        raise ValueError(f"clip_mask must have shape [V, N] = [{V}, {N}], got "
+                         f"{tuple(clip_mask.shape)}")  # fmt: skip
+    if clip_mask.device != device:
+        raise ValueError(f"clip_mask is on {clip_mask.device} but {other} on {device}")
+
+
 def _check_inputs(
     features, logits, theta1, theta2, omega, tau, clip_mask, skg, reduction, logits_name="logits"
 ) -> None:
@@ -264,15 +286,7 @@ def _check_inputs(
             raise TypeError(f"{name} must be floating point, got {theta.dtype}")
         if theta.device != device:
             raise ValueError(f"{name} is on {theta.device} but {logits_name} on {device}")
-    if clip_mask is not None:
-        if not isinstance(clip_mask, Tensor) or clip_mask.dtype != torch.bool:
-            got = clip_mask.dtype if isinstance(clip_mask, Tensor) else type(clip_mask).__name__
-            raise TypeError(f"clip_mask must be a bool tensor [V, N], got {got}")
-        if tuple(clip_mask.shape) != (V, N):
-            raise ValueError(f"clip_mask must have shape [V, N] = [{V}, {N}], got "
-                             f"{tuple(clip_mask.shape)}")  # fmt: skip
-        if clip_mask.device != device:
-            raise ValueError(f"clip_mask is on {clip_mask.device} but {logits_name} on {device}")
+    _check_mask(clip_mask, V, N, device, logits_name)
     if not (isinstance(omega, (int, float)) and 0.0 <= omega <= 1.0):
         raise ValueError(f"omega={omega!r}: must be a number in [0, 1] (eq. 5)")
     if not (isinstance(tau, (int, float)) and math.isfinite(tau) and tau > 0):
@@ -282,8 +296,9 @@ def _check_inputs(
 
 
 def interpreting() -> bool:
-    """Whether TRITON_INTERPRET asks for the Triton interpreter (kernels on CPU tensors)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    """Whether TRITON_INTERPRET asks for the Triton interpreter (kernels on CPU tensors), read as
+    Triton reads it (1, true, on, yes in any case; anything else is off)."""
+    return os.environ.get("TRITON_INTERPRET", "").strip().lower() in ("1", "true", "on", "yes")
 
 
 def _triton_unsupported(features, logits, theta1, theta2, skg) -> str | None:
@@ -300,6 +315,11 @@ def _triton_unsupported(features, logits, theta1, theta2, skg) -> str | None:
         from siasam_kernels import siamese as kern
     except ImportError as err:  # triton missing or broken
         return f"impl='triton' needs Triton ({err}); use impl='reference'"
+    if logits.device.type != "cuda" and \
+            type(kern._siamese_fwd_kernel).__name__ != "InterpretedFunction":
+        return ("impl='triton' on CPU tensors: TRITON_INTERPRET=1 was set after siasam_kernels "
+                "was imported, so its kernels were built for a GPU; set it before the first "
+                "import (e.g. in the shell), or use impl='reference'")
     V, N, K = logits.shape
     if N > kern.MAX_CLIPS:
         return (
@@ -352,13 +372,16 @@ def resolve_impl(impl: str, features, logits, theta1, theta2, skg: bool = True) 
     CUDA input is outside the kernels' limits; float64 falls back silently, it is a testing dtype).
     An explicit "triton" raises ValueError when the kernels cannot run the inputs.
     """
+    asked = impl
     impl = requested_impl(impl)
     if impl == "reference" or (impl == "auto" and logits.device.type != "cuda"):
         return "reference"  # (without importing Triton)
     reason = _triton_unsupported(features, logits, theta1, theta2, skg)
     if impl == "triton":
         if reason:
-            raise ValueError(reason)
+            source = "" if asked == "triton" else \
+                f" (impl='triton' comes from {IMPL_ENV}={os.environ[IMPL_ENV]!r})"
+            raise ValueError(reason + source)
         return impl
     if reason:
         if not any(t is not None and t.dtype == torch.float64 for t in (features, logits)):
@@ -444,9 +467,13 @@ def siamese_soft_label(
     )
     if chosen == "triton" and wants_grad:
         if impl == "triton":
+            needing = [n for n, t in zip(("features", "logits", "theta1", "theta2"),
+                                         (features, logits, theta1, theta2))
+                       if t is not None and t.requires_grad]
             raise ValueError(
-                "impl='triton' computes the soft label without autograd, but an input requires "
-                "grad: call it under torch.no_grad(), train with siamese_loss, or use "
+                "impl='triton' computes the soft label without autograd, but "
+                f"{', '.join(needing)} require grad (SiameseReasoning's theta1 / theta2 are "
+                "parameters): call it under torch.no_grad(), train with siamese_loss, or use "
                 "impl='reference'"
             )
         chosen = "reference"
@@ -481,7 +508,7 @@ class SiameseReasoning(nn.Module):
         impl: str = "auto",
     ) -> None:
         super().__init__()
-        if not isinstance(num_clips, int) or num_clips < 1:
+        if isinstance(num_clips, bool) or not isinstance(num_clips, int) or num_clips < 1:
             raise ValueError(f"num_clips={num_clips!r}: must be an integer >= 1 (anchor included)")
         if not (isinstance(omega, (int, float)) and 0.0 <= omega <= 1.0):
             raise ValueError(f"omega={omega!r}: must be a number in [0, 1] (eq. 5)")
@@ -509,6 +536,7 @@ class SiameseReasoning(nn.Module):
         """L_siamese for features [V, N, D] and logits [V, N, K] (N = num_clips); ``count``: the
         count task's term for scalar predictions [V, N] (:meth:`count_loss`). Called as a module
         (not through ``count_loss``), ZeRO-3 gathers theta1 / theta2 first."""
+        self._check_clips(logits, 2 if count else 3)
         if count:
             return self.count_loss(features, logits, clip_mask, reduction)
         return siamese_loss(
@@ -516,8 +544,19 @@ class SiameseReasoning(nn.Module):
             self.skg, self.detach_soft_label, reduction, self.impl,
         )  # fmt: skip
 
+    def _check_clips(self, logits, dims: int = 3) -> None:
+        """Its theta1 / theta2 hold one weight per clip: N must be num_clips (other shapes are
+        left to the functions' own checks)."""
+        if isinstance(logits, Tensor) and logits.dim() == dims and \
+                logits.shape[1] != self.num_clips:
+            raise ValueError(
+                f"SiameseReasoning(num_clips={self.num_clips}) got {logits.shape[1]} clips per "
+                f"video (shape {tuple(logits.shape)}, clips on dim 1): build it with num_clips="
+                f"{logits.shape[1]} (sampling.num_clips in a config)")
+
     def soft_label(self, features, logits, clip_mask=None) -> Tensor:
         """Q [V, K] (eq. 5)."""
+        self._check_clips(logits)
         return siamese_soft_label(
             features, logits, self.theta1, self.theta2, self.omega, self.tau, clip_mask,
             self.skg, self.impl,
@@ -525,6 +564,7 @@ class SiameseReasoning(nn.Module):
 
     def count_loss(self, features, predictions, clip_mask=None, reduction="mean") -> Tensor:
         """Siamese term of the count task, (y_anchor - Q)^2 (see :func:`siamese_count_loss`)."""
+        self._check_clips(predictions, 2)
         return siamese_count_loss(
             features, predictions, self.theta1, self.theta2, self.omega, self.tau, clip_mask,
             self.skg, self.detach_soft_label, reduction,

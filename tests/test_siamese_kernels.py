@@ -468,6 +468,51 @@ def test_dispatch_env_override(monkeypatch):
     assert called == ([1, 1] if CUDA else [1])  # auto: the kernels on CUDA, the reference on CPU
 
 
+def test_errors_name_what_caused_them(monkeypatch):
+    f, z, t1, t2, _ = make_inputs(2, 3, 4, 5, torch.float32, False, seed=24)
+    reasoning = SiameseReasoning(3, impl="triton").to(DEVICE)
+    with pytest.raises(ValueError, match=r"theta1, theta2 require grad \(SiameseReasoning's "):
+        reasoning.soft_label(f, z)
+    with torch.no_grad():
+        assert reasoning.soft_label(f, z).shape == (2, 5)
+    if CUDA:
+        return
+    monkeypatch.setenv(S.IMPL_ENV, "triton")
+    for value in ("false", "off", "0", ""):  # off, as Triton itself reads the variable
+        monkeypatch.setenv("TRITON_INTERPRET", value)
+        assert not S.interpreting()
+        with pytest.raises(ValueError, match=r"needs CUDA tensors.*\(impl='triton' comes from "
+                                             r"SIASAM_IMPL='triton'\)"):
+            siamese_loss(f, z, t1, t2)
+    monkeypatch.setenv("TRITON_INTERPRET", "TRUE")
+    assert S.interpreting()
+
+
+LATE_INTERPRETER = """
+import os, torch
+import siasam_kernels.siamese  # built for a GPU: TRITON_INTERPRET is not set yet
+os.environ["TRITON_INTERPRET"] = "1"
+from siasam_fast.siamese import siamese_loss
+try:
+    siamese_loss(torch.randn(1, 2, 3), torch.randn(1, 2, 4), torch.zeros(2), torch.zeros(2),
+                 impl="triton")
+except ValueError as err:
+    print(err)
+"""
+
+
+@pytest.mark.skipif(CUDA, reason="CPU tensors and the interpreter")
+def test_an_interpreter_asked_for_after_the_import_is_named():
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", LATE_INTERPRETER], capture_output=True,
+                         text=True, env=env, timeout=300)
+    assert "TRITON_INTERPRET=1 was set after siasam_kernels was imported" in out.stdout, \
+        out.stdout + out.stderr[-2000:]
+
+
 # ---------------------------------------------------------------------------------- GPU only
 
 

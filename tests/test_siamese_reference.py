@@ -368,6 +368,18 @@ def test_module_and_count_errors():
         siamese_count_loss(f, z, t1, t2)
     with pytest.raises(ValueError, match=r"logits must be a \[V, N, K\] tensor"):
         SiameseReasoning(3)(f, z[0])
+    with pytest.raises(ValueError, match=r"SiameseReasoning\(num_clips=4\) got 3 clips per video "
+                                         r"\(shape \(2, 3, 5\), clips on dim 1\): build it with "
+                                         r"num_clips=3"):
+        SiameseReasoning(4)(f, z)
+    with pytest.raises(ValueError, match=r"num_clips=True: must be an integer"):
+        SiameseReasoning(True)
+    with pytest.raises(ValueError, match=r"features must be a \[V, N, D\] tensor .* got \(3, 4\)"):
+        siamese_knowledge(f[0])  # [N, D]: one video without its V axis
+    with pytest.raises(ValueError, match=r"clip_mask must have shape \[V, N\] = \[2, 3\]"):
+        siamese_knowledge(f, torch.ones(3, 2, dtype=torch.bool))
+    with pytest.raises(TypeError, match=r"clip_mask must be a bool tensor"):
+        siamese_knowledge(f, torch.ones(2, 3, dtype=torch.uint8))
 
 
 # ---------------------------------------------------------------------------------- dispatch
