@@ -472,9 +472,9 @@ def siamese_soft_label(
                        if t is not None and t.requires_grad]
             raise ValueError(
                 "impl='triton' computes the soft label without autograd, but "
-                f"{', '.join(needing)} require grad (SiameseReasoning's theta1 / theta2 are "
-                "parameters): call it under torch.no_grad(), train with siamese_loss, or use "
-                "impl='reference'"
+                f"{', '.join(needing)} {'requires' if len(needing) == 1 else 'require'} grad "
+                "(SiameseReasoning's theta1 / theta2 are parameters): call it under "
+                "torch.no_grad(), train with siamese_loss, or use impl='reference'"
             )
         chosen = "reference"
     if chosen == "reference":

@@ -315,7 +315,7 @@ def test_triton_limits_are_errors_that_say_what_is_supported():
     f, z, t1, t2, _ = make_inputs(1, 2, 4, 5, torch.float32, False, seed=18)
     with pytest.raises(ValueError, match=r"got logits dtype torch.float64; use impl='reference'"):
         siamese_loss(f, z.double(), t1, t2, impl="triton")
-    with pytest.raises(ValueError, match=r"without autograd, but an input requires grad"):
+    with pytest.raises(ValueError, match=r"without autograd, but theta1 requires grad"):
         siamese_soft_label(f, z, t1.requires_grad_(), t2, impl="triton")
     with torch.no_grad():
         siamese_soft_label(f, z, t1, t2, impl="triton")
