@@ -360,7 +360,10 @@ def target_rows(rows, copy_gbps):
     if tri_a and compiled:
         row["vs_compile_best"] = min(compiled) / tri_a
         row["goal_compile"] = ">= 1.5"
-    row["pass"] = bool(row.get("vs_eager", 0) >= 5 and row.get("vs_compile_best", 0) >= 1.5)
+    missing = [name for name, t in (("triton", tri_a), ("eager", eager_a),
+                                    ("compile", compiled)) if not t]
+    row["pass"] = (f"not measured (no {', '.join(missing)} row)" if missing else
+                   bool(row["vs_eager"] >= 5 and row["vs_compile_best"] >= 1.5))
     out.append(row)
 
     tri_b = ms(TARGET_B, "triton")
@@ -374,6 +377,8 @@ def target_rows(rows, copy_gbps):
         if copy_gbps:
             row["floor_ratio_measured_copy"] = tri_b / (nbytes / (copy_gbps * 1e9) * 1e3)
         row["pass"] = row["floor_ratio"] <= 2
+    else:
+        row["pass"] = "not measured (no triton row)"
     out.append(row)
     return out
 
@@ -623,6 +628,11 @@ def sweep_configs(grid, dtypes, device, env, out_dir, tag, workers=None):
     return 0
 
 
+# A timing row's own columns (the rest of a CSV's columns are the environment's)
+TIMING_COLUMNS = ("sweep", "dtype", "V", "N", "D", "K", "impl", "mode", "ms", "ms_p20", "ms_p80",
+                  "bytes", "gbps", "error")
+
+
 def combine(paths, out_dir=None):
     """Merge timing CSVs (e.g. Triton + eager, compile and compile-max from separate runs on one
     card) into one row per (sweep, dtype, shape, mode) with each impl's ms and Triton's speed-ups,
@@ -669,7 +679,10 @@ def combine(paths, out_dir=None):
     print("\ntargets (fp16, fwd+bwd)")
     print(format_table(targets, list(dict.fromkeys(k for r in targets for k in r))))
     out = results_path("bench_kernels_combined.csv", out_dir or Path(paths[0]).parent)
-    print(f"\nwrote {write_csv(table, out)}")
+    # The environment columns the inputs share (device, versions): the combined rows' too
+    env_cols = [k for k in rows[0] if k not in TIMING_COLUMNS
+                and all(r.get(k) == rows[0][k] for r in rows)]
+    print(f"\nwrote {write_csv(table, out, {k: rows[0][k] for k in env_cols})}")
     return 0
 
 
@@ -682,7 +695,9 @@ def main(argv=None):
         os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports Triton kernels
     from siasam_fast.benchutil import (
         environment,
+        finish_csv,
         format_table,
+        partial_path,
         report_no_rows,
         results_path,
         write_csv,
@@ -738,9 +753,16 @@ def main(argv=None):
     slug = "".join(c if c.isalnum() else "-" for c in env["device"]).strip("-").lower()
     stem = f"bench_kernels_{slug}{('_' + args.tag) if args.tag else ''}"
     csv_path = results_path(f"{stem}.csv", args.out)
-    # The CSV is rewritten after every row, so a run stopped early keeps what it measured.
-    rows = run_timings(impl_names, points, dtypes, args.modes, device,
-                       on_row=lambda done: write_csv(done, csv_path, env))  # fmt: skip
+    # The rows so far go to NAME.partial.csv after every row, so a run stopped early keeps what
+    # it measured, and an earlier finished run's NAME.csv stays until this one finishes.
+    try:
+        rows = run_timings(impl_names, points, dtypes, args.modes, device,
+                           on_row=lambda done: write_csv(done, partial_path(csv_path), env))
+    except KeyboardInterrupt:
+        kept = partial_path(csv_path)
+        print(f"\ninterrupted: the rows measured so far are in {kept}" if kept.exists() else
+              "\ninterrupted before the first row", file=sys.stderr)
+        return 130
     if not rows:  # nothing timed (e.g. no dtype left): an earlier run's files stay as they were
         return report_no_rows(csv_path, "no sweep point, dtype or impl left to time")
     cols = ["sweep", "dtype", "V", "N", "D", "K", "impl", "mode", "ms", "ms_p20", "ms_p80",
@@ -754,11 +776,15 @@ def main(argv=None):
     elif not cuda:
         print("\ntargets: not measured (they need the H100)")
 
-    write_csv(rows, csv_path, env)
+    finish_csv(rows, csv_path, env)
     print(f"\nwrote {csv_path}")
     for extra, name in ((check_rows + interp_rows, "check"), (targets, "targets")):
+        companion = results_path(f"{stem}_{name}.csv", args.out)
         if extra:
-            print(f"wrote {write_csv(extra, results_path(f'{stem}_{name}.csv', args.out), env)}")
+            print(f"wrote {write_csv(extra, companion, env)}")
+        elif companion.exists():  # an earlier run's, beside this run's timings: misleading
+            companion.unlink()
+            print(f"removed {companion} (an earlier run's; this run made no {name} rows)")
     png = plot(rows, results_path(f"{stem}.png", args.out),
                f"siamese loss, N={N_CLIPS}: {env['device']}, torch {env['torch']}, "
                f"triton {env['triton']}")  # fmt: skip

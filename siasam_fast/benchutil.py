@@ -128,6 +128,21 @@ def write_csv(rows: Sequence[dict], path: str | os.PathLike, env: dict | None = 
     return path
 
 
+def partial_path(path: str | os.PathLike) -> Path:
+    """Where a run still in progress keeps ``path``'s rows: NAME.partial.csv beside NAME.csv."""
+    path = Path(path)
+    return path.with_name(f"{path.stem}.partial{path.suffix}")
+
+
+def finish_csv(rows: Sequence[dict], path: str | os.PathLike, env: dict | None = None) -> Path:
+    """Write a finished run's rows to ``path`` and drop its partial file (:func:`partial_path`,
+    rewritten after each measurement while the run went on): a run stopped early leaves its rows
+    in the partial file and an earlier finished run's ``path`` as it was."""
+    written = write_csv(rows, path, env)
+    partial_path(path).unlink(missing_ok=True)
+    return written
+
+
 def results_path(name: str, out_dir: str | os.PathLike | None = None) -> Path:
     return Path(out_dir) / name if out_dir else RESULTS_DIR / name
 

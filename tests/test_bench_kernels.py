@@ -96,3 +96,46 @@ def test_config_grid_errors():
     assert bench_kernels.config_kinds({}) == ("fwd", "bwd")
     with pytest.raises(SystemExit, match="is not KEY=INT"):
         bench_kernels.parse_grid("block_k=big")
+
+
+def test_combine_says_what_was_not_measured_and_keeps_the_environment(tmp_path, capsys):
+    write(tmp_path / "a.csv", "GPU", [row(A, "triton", 0.5)])
+    assert bench_kernels.main(["--combine", str(tmp_path / "a.csv")]) == 0
+    out = capsys.readouterr().out
+    a = next(line for line in out.splitlines() if line.strip().startswith("A:"))
+    b = next(line for line in out.splitlines() if line.strip().startswith("B:"))
+    assert "not measured (no eager, compile row)" in a and "not measured (no triton row)" in b
+    merged = list(csv.DictReader(open(tmp_path / "bench_kernels_combined.csv")))
+    assert merged[0]["device"] == "GPU" and merged[0]["copy_gbps"] == "3000.0"
+
+
+def test_a_stopped_run_keeps_the_earlier_results(tmp_path, monkeypatch, capsys):
+    """Ctrl-C after one row: the rows so far in NAME.partial.csv, the earlier run's NAME.csv as it
+    was, exit 130; a finished run replaces NAME.csv, drops the partial file and an earlier run's
+    check CSV that it did not make again."""
+    from siasam_fast import benchutil
+
+    monkeypatch.setattr(benchutil, "environment", lambda: {
+        "device": "cpu", "torch": "t", "triton": "t", "python": "p"})  # fmt: skip
+    done = dict(sweep="V", dtype="fp32", V=4, N=9, D=8, K=16, impl="eager", mode="fwd", ms=1.0)
+
+    def stopped(*args, on_row=None, **kwargs):
+        on_row([done])
+        raise KeyboardInterrupt
+
+    earlier = tmp_path / "bench_kernels_cpu.csv"
+    earlier.write_text("impl,ms\neager,9.0\n")
+    (tmp_path / "bench_kernels_cpu_check.csv").write_text("old check\n")
+    monkeypatch.setattr(bench_kernels, "run_timings", stopped)
+    assert bench_kernels.main(["--quick", "--out-dir", str(tmp_path)]) == 130
+    assert "interrupted: the rows measured so far are in" in capsys.readouterr().err
+    assert earlier.read_text() == "impl,ms\neager,9.0\n"
+    partial = list(csv.DictReader(open(tmp_path / "bench_kernels_cpu.partial.csv")))
+    assert [r["ms"] for r in partial] == ["1.0"]
+
+    monkeypatch.setattr(bench_kernels, "run_timings", lambda *a, **k: [done])
+    monkeypatch.setattr(bench_kernels, "plot", lambda *a, **k: None)
+    assert bench_kernels.main(["--quick", "--out-dir", str(tmp_path)]) == 0
+    assert [r["ms"] for r in csv.DictReader(open(earlier))] == ["1.0"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bench_kernels_cpu.csv"]
+    assert "removed" in capsys.readouterr().out
