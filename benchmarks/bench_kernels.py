@@ -335,7 +335,7 @@ def _one_line(row):
            f"{row['impl']:>11} {row['mode']:>4}"  # fmt: skip
     if "error" in row:
         return f"{head}: {row['error']}"
-    return f"{head}: {row['ms']:.4f} ms  {row['gbps']:.0f} GB/s"
+    return f"{head}: {row['ms']:.4f} ms  {row['gbps']:.3g} GB/s"
 
 
 def target_rows(rows, copy_gbps):

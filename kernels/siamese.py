@@ -664,6 +664,10 @@ class SiameseLossFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_output):
+        if torch.is_grad_enabled():  # create_graph=True: the kernel's gradients have no graph
+            raise RuntimeError("the fused siamese loss (impl='triton') has no second derivative "
+                               "(backward with create_graph=True, or autograd.grad of its "
+                               "gradients): use impl='reference' for higher-order gradients")
         features, logits, theta1, theta2, clip_mask, *saved = ctx.saved_tensors
         omega, tau, skg, detach, scale = ctx.config
         need = ctx.needs_input_grad

@@ -488,6 +488,17 @@ def test_errors_name_what_caused_them(monkeypatch):
     assert S.interpreting()
 
 
+def test_a_second_derivative_is_refused_with_the_way_out():
+    f, z, t1, t2, _ = make_inputs(2, 3, 4, 5, torch.float32, False, seed=25)
+    z.requires_grad_()
+    loss = siamese_loss(f, z, t1, t2, impl="triton")
+    with pytest.raises(RuntimeError, match=r"has no second derivative .* use impl='reference'"):
+        torch.autograd.grad(loss, z, create_graph=True)
+    loss = siamese_loss(f, z, t1, t2, impl="reference")
+    (g,) = torch.autograd.grad(loss, z, create_graph=True)
+    g.sum().backward()  # the reference has one
+
+
 LATE_INTERPRETER = """
 import os, torch
 import siasam_kernels.siamese  # built for a GPU: TRITON_INTERPRET is not set yet
