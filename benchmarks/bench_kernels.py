@@ -395,7 +395,9 @@ def plot(rows, path, title):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    sweeps = [s for s in ("V", "K", "D") if any(r["sweep"] == s for r in rows)]
+    # The plot shows fwd+bwd timings: none (e.g. --modes fwd) makes no PNG, not an empty one
+    sweeps = [s for s in ("V", "K", "D") if any(r["sweep"] == s and r["mode"] == "full"
+                                                and "ms" in r for r in rows)]
     if not sweeps:
         return None
     fig, axes = plt.subplots(1, len(sweeps), figsize=(5 * len(sweeps), 4), squeeze=False)
@@ -790,6 +792,8 @@ def main(argv=None):
                f"triton {env['triton']}")  # fmt: skip
     if png:
         print(f"wrote {png}")
+    else:
+        print("no PNG: it plots fwd+bwd timings (--modes full), and this run has none")
     return 0
 
 

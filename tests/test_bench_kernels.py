@@ -139,3 +139,11 @@ def test_a_stopped_run_keeps_the_earlier_results(tmp_path, monkeypatch, capsys):
     assert [r["ms"] for r in csv.DictReader(open(earlier))] == ["1.0"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bench_kernels_cpu.csv"]
     assert "removed" in capsys.readouterr().out
+
+
+def test_no_png_without_full_mode_timings(tmp_path):
+    rows = [dict(sweep="V", dtype="fp32", V=4, N=9, D=8, K=16, impl="eager", mode="fwd", ms=1.0)]
+    assert bench_kernels.plot(rows, tmp_path / "x.png", "t") is None
+    assert not (tmp_path / "x.png").exists()
+    rows.append({**rows[0], "mode": "full"})
+    assert bench_kernels.plot(rows, tmp_path / "x.png", "t").is_file()
