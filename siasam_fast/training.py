@@ -572,9 +572,11 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in state["cuda"]])
 
 
-def save_checkpoint(engine, out_dir: Path, tag: str, run_state: dict, keep: int, rank: int) -> Path:
+def save_checkpoint(engine, out_dir: Path, tag: str, run_state: dict, keep: int, rank: int,
+                    loader_state: dict | None = None) -> Path:
     """Save tag ``tag``; ``checkpoints/latest`` names it only once every file of it is written (a
-    save cut short leaves ``latest`` on the previous, complete tag)."""
+    save cut short leaves ``latest`` on the previous, complete tag). ``loader_state``: this
+    process's train loader state (its own videos left out by DALI), beside its RNG state."""
     ckpt_dir = out_dir / "checkpoints"
     # collective: every rank calls it
     engine.save_checkpoint(str(ckpt_dir), tag=tag, save_latest=False)
@@ -582,6 +584,8 @@ def save_checkpoint(engine, out_dir: Path, tag: str, run_state: dict, keep: int,
     if engine.zero_optimization_stage() == 3:
         _save_gathered_weights(engine, tag_dir / "model_weights.pt", rank)
     _write_json(tag_dir / f"rng_rank{rank}.json", _rng_state())
+    if loader_state is not None:
+        _write_json(tag_dir / f"loader_rank{rank}.json", loader_state)
     if rank == 0:
         _write_json(tag_dir / "run_state.json", run_state)
     if dist.is_initialized():
@@ -896,7 +900,9 @@ def train(argv: list[str] | None = None, prog: str | None = None) -> int:
             print(f"note: train.epochs changed from {old_epochs} to {cfg.train.epochs}: the "
                   f"learning-rate schedule now decays over {cfg.train.epochs} epochs, so the rate "
                   f"at step {step} goes from {was * cfg.train.lr:.3g} to {now * cfg.train.lr:.3g}")
-        train_loader.load_state_dict(state["sampler"])
+        loader_file = tag_dir / f"loader_rank{rank}.json"  # this process's own (older: none)
+        train_loader.load_state_dict(json.loads(loader_file.read_text())
+                                     if loader_file.is_file() else state["sampler"])
         rng_file = tag_dir / f"rng_rank{rank}.json"
         if rng_file.is_file():
             _set_rng_state(json.loads(rng_file.read_text()))
@@ -931,7 +937,7 @@ def train(argv: list[str] | None = None, prog: str | None = None) -> int:
     def checkpoint(epoch: int) -> None:
         nonlocal replaced
         save_checkpoint(engine, out_dir, f"step{step}", run_state(epoch),
-                        cfg.train.keep_checkpoints, rank)
+                        cfg.train.keep_checkpoints, rank, train_loader.state_dict())
         if replaced is not None:  # this run can be resumed now: the old one goes
             shutil.rmtree(replaced, ignore_errors=True)
             replaced = None

@@ -237,7 +237,8 @@ def test_order_per_seed_epoch_rank_is_the_pyav_one(manifest, drop_last):
             a, b = list(ours), list(theirs)
             assert order(a) == order(b)
             assert [x["frame_ids"].tolist() for x in a] == [x["frame_ids"].tolist() for x in b]
-            assert ours.state_dict() == theirs.state_dict()
+            # the same sampler state; DALI's also names the videos it left out (none here)
+            assert ours.state_dict() == {**theirs.state_dict(), "bad_videos": {}}
 
 
 def test_set_epoch_changes_order_and_clips(manifest):
@@ -426,6 +427,31 @@ def test_file_turned_corrupt_after_indexing(own_copy, caplog, how, batch_size, n
     assert loader.state_dict()["position"] == len(names)  # skipped examples count as consumed
     again = [i for b in loader for i in b["example_index"].tolist()]
     assert again == got  # the next epoch skips the file without trying it
+
+
+def test_a_resumed_loader_leaves_out_the_videos_its_state_names(own_copy, caplog):
+    """A video that failed in one loader is left out by a loader resumed from its state too,
+    without being tried again: both give the same batches (a damaged stream may decode for some
+    frame lists and not others, so trying it again could change them)."""
+    folder, manifest = own_copy
+    damaged = video_path(folder, "vp9", "vp9")
+    damage(damaged, "hidden")
+    names = ["vp9", "vp9_vfr", "mjpeg"] * 2
+    whole = order(dali(examples_for(names), manifest, batch_size=3, shuffle=False))
+    first = dali(examples_for(names), manifest, batch_size=3, shuffle=False)
+    it = iter(first)
+    next(it)  # the batch in which the damaged video fails
+    state = first.state_dict()
+    it.close()
+    assert list(state["bad_videos"]) == [str(damaged)] and state["position"] == 3
+    resumed = dali(examples_for(names), manifest, batch_size=3, shuffle=False)
+    resumed.load_state_dict(state)
+    caplog.clear()  # the first loaders' warnings
+    with caplog.at_level("WARNING", logger="siasam_fast.pipeline.dali"):
+        rest = list(resumed)
+    assert "DALI raised" not in caplog.text  # not decoded again
+    assert order(rest) == whole[1:]
+    assert [reason for _, reason in resumed.skipped] == [state["bad_videos"][str(damaged)]]
 
 
 def test_every_rank_yields_its_batches_when_a_whole_batch_fails(own_copy):

@@ -322,7 +322,8 @@ def test_two_processes_with_zero(synth, tmp_path, stage, precision, launcher):
     assert summary["val"]["num_examples"] == n_val
     tag = (out / "checkpoints" / "latest").read_text().strip()
     files = {p.name for p in (out / "checkpoints" / tag).iterdir()}
-    assert {"rng_rank0.json", "rng_rank1.json", "run_state.json"} <= files
+    assert {"rng_rank0.json", "rng_rank1.json", "loader_rank0.json", "loader_rank1.json",
+            "run_state.json"} <= files
     if stage == 3:
         assert "model_weights.pt" in files  # gathered, for weights_only evaluation
     proc = run([sys.executable, "-m", "siasam_fast.cli", "eval", "--checkpoint", str(out)])

@@ -49,7 +49,8 @@ dataset whose video decodes, decoded alone and put at the batch's end, so that e
 its size and every rank its number of batches. The bad files are skipped for the rest of the
 loader's life (unlike PyAV, which tries a file whose size did not change again for each example:
 a failed DALI pipeline is rebuilt, and some damaged streams crash its decoder; so after a stream
-fails, DALI's batches can differ from those of a fresh process, e.g. a resumed run's).
+fails, DALI's batches could differ from those of a fresh process: ``state_dict`` carries the
+videos left out, so a resumed run leaves them out too).
 ``loader.skipped`` lists ``(path, reason)`` per example left out and ``loader.stand_ins`` counts
 the stand-ins. Skipped examples still count as consumed for ``state_dict`` (a resume does not
 replay them). Limits:
@@ -520,9 +521,14 @@ class DALIVideoLoader:
         self.dataset.set_epoch(epoch)
 
     def state_dict(self) -> dict:
-        return self.sampler.state_dict()
+        """The sampler's position, and the videos this loader has left out (a resumed loader
+        leaves them out too, as the uninterrupted one would have: a damaged stream can decode for
+        some frame lists and not others)."""
+        return {**self.sampler.state_dict(), "bad_videos": dict(self._bad)}
 
     def load_state_dict(self, state: dict) -> None:
+        state = dict(state)
+        self._bad.update(state.pop("bad_videos", {}))
         self.sampler.load_state_dict(state)
         self.dataset.set_epoch(self.sampler.epoch)
 
