@@ -246,7 +246,8 @@ def copy_bandwidth_gbps(device_type):
 
 
 def relative_errors(fn, V, N, D, K, dtype, device, seed=1):
-    """max |a - b| / max |b| of the loss and each gradient vs the float64 reference."""
+    """max |a - b| / max |b| of the loss and each gradient vs the float64 reference, as columns
+    named <quantity>_rel_err (relative errors, not values)."""
     from siasam_fast.siamese import siamese_loss_reference
 
     inputs = make_inputs(V, N, D, K, dtype, device, seed)
@@ -261,7 +262,7 @@ def relative_errors(fn, V, N, D, K, dtype, device, seed=1):
                           [loss, f.grad, z.grad, t1.grad, t2.grad],
                           [ref] + [x.grad for x in ref_in]):  # fmt: skip
         a, b = a.detach().double(), b.detach()
-        errs[name] = ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
+        errs[f"{name}_rel_err"] = ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
     return errs
 
 
@@ -422,8 +423,9 @@ def plot(rows, path, title):
 def interpreter_pass():
     """Tiny shapes through the Triton interpreter (CPU): correctness only, no timing."""
     from siasam_fast.benchutil import format_table
+    from siasam_fast.siamese import interpreting
 
-    if os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+    if not interpreting():
         print("interpreter pass skipped: TRITON_INTERPRET was not set before Triton was imported")
         return []
     impls = make_impls(["triton"], "cpu")
