@@ -419,7 +419,7 @@ def _siamese_bwd_kernel(
             q = tl.sum(c[:, None] * p, axis=0)  # eq. 5
             dz = tl.where(is_anchor[:, None], p - q[None, :], 0.0)  # through log softmax(z_0)
             if not DETACH:
-                z0 = _anchor_row(z_base, offs_k, in_k, rows, ANCHOR_2D) - _anchor_ref(z_base)
+                z0 = _anchor_row(z_base, offs_k, in_k, rows, ANCHOR_2D) - ref  # loaded once
                 dz += c[:, None] * p * (s[:, None] - z0)  # through Q (eq. 3-5), s_j - z_0k
             tl.store(
                 dz_rows + offs_k[None, :],

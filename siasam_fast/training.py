@@ -1007,7 +1007,7 @@ def train(argv: list[str] | None = None, prog: str | None = None) -> int:
             t_data = time.perf_counter()
             for index, batch in enumerate(train_loader, start=done):
                 # Micro-batch `index` of the epoch: its optimizer step's size and whether it ends it
-                group, last = accumulation_group(index, batches_per_epoch, accum)
+                _, last = accumulation_group(index, batches_per_epoch, accum)
                 weight = micro_batch_weight(index, batches_per_epoch, accum,
                                             len(train_loader.sampler), cfg.train.batch_size)
                 if index == done or index % accum == 0:  # the first micro-batch of a step

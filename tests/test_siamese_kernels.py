@@ -621,7 +621,7 @@ for cap, dtype in ((70, "fp16"), (70, "fp32"), (90, "fp16"), (90, "bf16")):
               f"bwd regs={bwd[0]} spill={bwd[1]}; switches on: fwd regs={fwd2[0]} "
               f"spill={fwd2[1]}, bwd regs={bwd2[0]} spill={bwd2[1]}")
         # The backward keeps each clip's max and log-sum (exact for huge logits) where it kept one
-        # logsumexp: a few bytes spill at two settings (4 at sm_90 bf16 K=4096; 40 at sm_70 with
+        # logsumexp: a few bytes spill at two settings (4 at sm_90 K=4096; 40 at sm_70 with
         # every switch on, a sweep candidate already at the 255-register cap before); more is a
         # regression.
         assert fwd[1] == fwd2[1] == 0 and bwd[1] <= 8 and bwd2[1] <= 64, "register spills"
