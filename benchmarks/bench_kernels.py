@@ -702,6 +702,7 @@ def main(argv=None):
         finish_csv,
         format_table,
         partial_path,
+        report_interrupted,
         report_no_rows,
         results_path,
         write_csv,
@@ -759,14 +760,13 @@ def main(argv=None):
     csv_path = results_path(f"{stem}.csv", args.out)
     # The rows so far go to NAME.partial.csv after every row, so a run stopped early keeps what
     # it measured, and an earlier finished run's NAME.csv stays until this one finishes.
+    wrote: list[Path] = []
     try:
         rows = run_timings(impl_names, points, dtypes, args.modes, device,
-                           on_row=lambda done: write_csv(done, partial_path(csv_path), env))
+                           on_row=lambda done: wrote.append(
+                               write_csv(done, partial_path(csv_path), env)))
     except KeyboardInterrupt:
-        kept = partial_path(csv_path)
-        print(f"\ninterrupted: the rows measured so far are in {kept}" if kept.exists() else
-              "\ninterrupted before the first row", file=sys.stderr)
-        return 130
+        return report_interrupted(csv_path, bool(wrote))
     if not rows:  # nothing timed (e.g. no dtype left): an earlier run's files stay as they were
         return report_no_rows(csv_path, "no sweep point, dtype or impl left to time")
     cols = ["sweep", "dtype", "V", "N", "D", "K", "impl", "mode", "ms", "ms_p20", "ms_p80",

@@ -44,8 +44,10 @@ it or at a round's end when the next round (as long as the last) would end past 
 Every cell gives a row with a ``status``: ``ok``, ``short``, ``skipped`` (a codec the backend
 cannot decode here, a set without readable videos) or ``failed`` (the cell raised; ``reason``
 says why, the next cells run). The CSV, benchmarks/results/pipeline_<backends>.csv with the
-environment, is rewritten atomically after every row once a cell has been measured (a run cut
-short keeps what finished; a run that measures nothing leaves an earlier CSV as it was).
+environment, is written when the run ends. Until then the rows go to
+pipeline_<backends>.partial.csv, rewritten atomically after every row once a cell has been
+measured: a run cut short (Ctrl-C: exit status 130) keeps what finished there and leaves an
+earlier finished CSV as it was, and so does a run that measures nothing.
 
 Other columns: ``cpu_util``, CPU seconds of this process and its children (workers, DALI's
 readers) per wall second, i.e. cores kept busy; ``transformed_per_s`` and
@@ -85,6 +87,7 @@ from siasam_fast.benchutil import (
     DALI_TRIM_MODES,
     MIN_STEADY_ROUNDS,
     Rounds,
+    RowLog,
     dali_rounds,
     environment_isolated,
     format_table,
@@ -96,7 +99,6 @@ from siasam_fast.benchutil import (
     results_path,
     steady_rate,
     stop_now,
-    write_csv,
 )
 from siasam_fast.data.examples import QAExample
 from siasam_fast.pipeline.dataset import build_loader
@@ -910,58 +912,55 @@ def main(argv: list[str] | None = None) -> int:
         hard_max_seconds = 3 * args.max_seconds
     suffix = "_quick" if args.quick else ""
     path = results_path(f"pipeline_{'_'.join(backend_names)}{suffix}.csv", args.out_dir)
-    rows: list[dict] = []
-    env: dict = {}
-
-    def add(row: dict) -> None:
-        """Keep the row; rewrite the CSV (atomically) once a cell has been measured, so that a
-        run cut short keeps every row made so far; until then an earlier CSV stays as it was."""
-        rows.append(row)
-        if any(r.get("status") in MEASURED for r in rows):
-            if not env:  # in a child process: its heavy imports stay out of the workers
-                env.update(environment_isolated())
-            write_csv(rows, path, env)
+    # Rows go to NAME.partial.csv once a cell has been measured (environment_isolated: a child
+    # process, so that its heavy imports stay out of the workers); NAME.csv is written when the
+    # run ends, so an interrupted run leaves an earlier finished one as it was.
+    results = RowLog(path, environment_isolated, lambda r: r.get("status") in MEASURED)
+    rows, env, add = results.rows, results.env, results.add
 
     def log(text: str) -> None:
         print(text, file=sys.stderr, flush=True)
 
-    sets: list[tuple[str, dict, str]] = []
-    if args.synthetic is not None and (not args.sets or "synthetic" in args.sets):
-        records = synthetic_set(args.synthetic, args.work_dir, probe_workers)
-        if records:
-            codecs = {r.codec for r in records.values() if r.ok}
-            sets.append(("synthetic", records, codecs.pop() if len(codecs) == 1 else "mixed"))
-        else:
-            add({"set": "synthetic", "status": "skipped",
-                 "reason": f"--synthetic {args.synthetic}: not a folder"})
-    for spec in video_sets(args.quick, codec):
-        if args.sets and spec.name not in args.sets:
-            continue
-        try:
-            sets.append((spec.name, prepare_set(spec, args.work_dir, probe_workers), codec))
-        except Exception as err:  # noqa: BLE001 - the other sets still run
-            log(traceback.format_exc())
-            add({"set": spec.name, "resolution": f"{spec.width}x{spec.height}", "codec": codec,
-                 "status": "failed", "reason": f"generating the set: {failure_reason(err)}"})
+    try:
+        sets: list[tuple[str, dict, str]] = []
+        if args.synthetic is not None and (not args.sets or "synthetic" in args.sets):
+            records = synthetic_set(args.synthetic, args.work_dir, probe_workers)
+            if records:
+                codecs = {r.codec for r in records.values() if r.ok}
+                sets.append(("synthetic", records, codecs.pop() if len(codecs) == 1 else "mixed"))
+            else:
+                add({"set": "synthetic", "status": "skipped",
+                     "reason": f"--synthetic {args.synthetic}: not a folder"})
+        for spec in video_sets(args.quick, codec):
+            if args.sets and spec.name not in args.sets:
+                continue
+            try:
+                sets.append((spec.name, prepare_set(spec, args.work_dir, probe_workers), codec))
+            except Exception as err:  # noqa: BLE001 - the other sets still run
+                log(traceback.format_exc())
+                add({"set": spec.name, "resolution": f"{spec.width}x{spec.height}", "codec": codec,
+                     "status": "failed", "reason": f"generating the set: {failure_reason(err)}"})
 
-    run_benchmark(
-        backend_names,
-        sets,
-        worker_counts=worker_counts,
-        dali_workers=dali_workers,
-        batch_size=args.batch_size,
-        image_size=args.image_size,
-        min_videos=min_videos,
-        max_seconds=args.max_seconds,
-        hard_max_seconds=hard_max_seconds,
-        dali_threads=args.dali_threads,
-        dali_groups=args.dali_groups,
-        dali_trims=DALI_TRIM_MODES[args.dali_trim],
-        min_steady_rounds=args.min_steady_rounds,
-        log=log,
-        on_row=add,
-    )
-    if not any(r.get("status") in MEASURED for r in rows):  # an earlier CSV stays as it was
+        run_benchmark(
+            backend_names,
+            sets,
+            worker_counts=worker_counts,
+            dali_workers=dali_workers,
+            batch_size=args.batch_size,
+            image_size=args.image_size,
+            min_videos=min_videos,
+            max_seconds=args.max_seconds,
+            hard_max_seconds=hard_max_seconds,
+            dali_threads=args.dali_threads,
+            dali_groups=args.dali_groups,
+            dali_trims=DALI_TRIM_MODES[args.dali_trim],
+            min_steady_rounds=args.min_steady_rounds,
+            log=log,
+            on_row=add,
+        )
+    except KeyboardInterrupt:
+        return results.interrupted()
+    if not results.measured():  # an earlier CSV stays as it was
         reasons = "; ".join(f"{r['set']} {r.get('backend', '')}: {r['reason']}".replace(" :", ":")
                             for r in rows)
         return report_no_rows(path, reasons or "nothing to measure")
@@ -975,7 +974,7 @@ def main(argv: list[str] | None = None) -> int:
     print(format_table(rows, [c for c in COLUMNS if any(c in r for r in rows)]))
     for line in summary_lines(rows):
         print(line)
-    print(f"wrote {path}")
+    print(f"wrote {results.finish()}")
     return 0
 
 

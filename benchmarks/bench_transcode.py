@@ -38,13 +38,17 @@ the rows give:
 
 Every row has a ``status``: ``disk`` (a set's sizes, one row per set written first, so that a run
 cut short keeps every copy's growth), ``ok`` / ``short`` (a throughput cell), ``skipped`` or
-``failed`` (``reason`` says why; a failing transcode, sampling or cell ends no other). The CSV is
-rewritten atomically after every row once one holds a result.
+``failed`` (``reason`` says why; a failing transcode, sampling or cell ends no other).
+
+Rows go to benchmarks/results/transcode[_quick].partial.csv, rewritten atomically after every row
+once one holds a result, and to transcode[_quick].csv when the run ends: a run cut short (Ctrl-C:
+exit status 130) keeps what finished in the partial file and leaves an earlier finished CSV as it
+was, and so does a run that measures nothing.
 
 The measured ratio comes from the first ``--measure-draws`` of the model's draws (the same random
 numbers), so it is the noisier of the two; ``model_exact`` says the model matched each decode.
 
-Rows go to benchmarks/results/transcode[_quick].csv with the environment.
+Every row carries the environment (device, versions).
 """
 
 from __future__ import annotations
@@ -78,6 +82,7 @@ from siasam_fast.benchutil import (  # noqa: E402
     DALI_TRIM_MODES,
     MIN_STEADY_ROUNDS,
     Rounds,
+    RowLog,
     dali_rounds,
     environment_isolated,
     format_table,
@@ -88,7 +93,6 @@ from siasam_fast.benchutil import (  # noqa: E402
     pyav_rounds,
     report_no_rows,
     results_path,
-    write_csv,
 )
 from siasam_fast.pipeline.dataset import build_loader  # noqa: E402
 from siasam_fast.pipeline.manifest import load_manifest  # noqa: E402
@@ -314,20 +318,15 @@ def main(argv: list[str] | None = None) -> int:
         hard_max_seconds = 3 * args.max_seconds
     cpus = torch.multiprocessing.cpu_count()
     path = results_path(f"transcode{'_quick' if args.quick else ''}.csv", args.out_dir)
-    rows: list[dict] = []
-    env: dict = {}
+    # Rows go to NAME.partial.csv once one holds a result (environment_isolated: a child
+    # process, so that its heavy imports stay out of the workers); NAME.csv is written when the
+    # run ends, so an interrupted run leaves an earlier finished one as it was.
+    results = RowLog(path, environment_isolated,
+                     lambda r: r.get("status") not in STATUS_NO_RESULT)
+    rows, env, add = results.rows, results.env, results.add
 
     def log(text: str) -> None:
         print(text, file=sys.stderr, flush=True)
-
-    def add(row: dict) -> None:
-        """Keep the row; rewrite the CSV (atomically) once a row holds a result, so that a run
-        cut short keeps every row so far; until then an earlier CSV stays as it was."""
-        rows.append(row)
-        if any(r.get("status") not in STATUS_NO_RESULT for r in rows):
-            if not env:  # in a child process: its heavy imports stay out of the workers
-                env.update(environment_isolated())
-            write_csv(rows, path, env)
 
     factories = {"pyav": build_loader}
     dali_why = ""
@@ -337,130 +336,136 @@ def main(argv: list[str] | None = None) -> int:
             log(f"dali skipped: {dali_why}")
         factories = {"dali": factory, **factories}  # the target of --backend dali: measured first
 
-    spec = original_set(args.quick)
-    original = prepare_set(spec, args.work_dir, workers=max(1, min(8, cpus)))
-    folder = Path(next(iter(original.values())).path).parent
-    # The copies are made like the originals (libx264, the generator's preset, B-frames and CRF),
-    # only the GOP differs; the control re-encodes the original GOP with those same settings.
-    encoder_name, hardware = choose_encoder("h264", args.encoder)
-    preset = args.preset or (None if hardware else H264_OPTIONS["preset"])
-    bframes = int(H264_OPTIONS["bf"])
+    try:
+        spec = original_set(args.quick)
+        original = prepare_set(spec, args.work_dir, workers=max(1, min(8, cpus)))
+        folder = Path(next(iter(original.values())).path).parent
+        # The copies are made like the originals (libx264, the generator's preset, B-frames and
+        # CRF), only the GOP differs; the control re-encodes the original GOP with those same
+        # settings.
+        encoder_name, hardware = choose_encoder("h264", args.encoder)
+        preset = args.preset or (None if hardware else H264_OPTIONS["preset"])
+        bframes = int(H264_OPTIONS["bf"])
 
-    def copy(gop: int) -> tuple[dict | None, dict]:
-        """Transcode the original set with a keyframe every ``gop`` frames (cached per GOP,
-        height, encoder and preset; transcode's own stamp redoes a copy whose settings
-        changed); (manifest records or None, what the rows say about the copy)."""
-        tag = f"-h{args.height}" if args.height else ""
-        tag += f"-{encoder_name}" + (f"-{preset}" if preset else "")
-        dst = args.work_dir / f"{folder.name}-gop{gop}{tag}"
-        try:
-            summary = transcode(folder, dst, gop=gop, height=args.height, encoder=args.encoder,
-                                crf=args.crf, preset=preset, bframes=bframes, workers=cpus,
-                                source_manifest=folder / "manifest.jsonl")
-        except Exception as err:  # noqa: BLE001 - the other copies still run
-            log(traceback.format_exc())
-            return None, {"reason": f"transcode: {failure_reason(err)}"}
-        log(summary.summary())
-        info = summary_row(summary)
-        made = {"encoder": info["encoder"], "preset": preset or "default", "crf": args.crf,
-                "transcode_s": info["seconds"], "failed_transcodes": info["failed"]}
-        return load_manifest(dst / "manifest.jsonl"), made
-
-    generator = {"encoder": "libx264 (generator)", "preset": H264_OPTIONS["preset"],
-                 "crf": int(H264_OPTIONS["crf"]), "failed_transcodes": 0}
-    sets = [(f"gop{spec.gop} (original)", spec.gop, original, generator)]
-    sets += [(f"gop{gop}", gop, *copy(gop)) for gop in args.gops]
-    control, control_made = copy(spec.gop) if args.control else (None, {})
-
-    def disk(records: dict) -> dict:
-        """Sizes on the same videos: those ok in the original, in this set (and in the control,
-        for growth_vs_control); a video whose copy failed counts on neither side."""
-        grown, compared = growth(records, original)
-        ids = ok_ids(records) & ok_ids(original)
-        versus = growth(records, control)[0] if control is not None else None
-        return {"bytes": set_bytes(records, ids), "compared_videos": compared, "growth": grown,
-                "growth_vs_control": versus}
-
-    # Sizes first, one row per set: a run cut short keeps the disk growth of every copy.
-    for name, gop, records, made in sets:
-        if records is None:
-            add({"set": name, "gop": gop, "status": "failed", **made})
-        else:
-            add({"set": name, "gop": gop, "status": "disk", **disk(records), **made})
-    if args.control:
-        name = f"gop{spec.gop} (control: re-encoded like the copies)"
-        if control is None:
-            add({"set": name, "gop": spec.gop, "status": "failed", **control_made})
-        else:
-            add({"set": name, "gop": spec.gop, "status": "disk", **disk(control), **control_made})
-
-    for name, gop, records, made in sets:
-        if records is None:
-            continue
-        ok = [r for r in records.values() if r.ok]
-        if not ok:
-            add({"set": name, "gop": gop, "status": "skipped",
-                 "reason": "no video of the set could be read", **made})
-            continue
-        resolution = f"{ok[0].width}x{ok[0].height}"
-        for sampling in args.samplings:
-            cfg = SAMPLINGS[sampling]
-            where = {"set": name, "gop": gop, "resolution": resolution, "sampling": sampling}
+        def copy(gop: int) -> tuple[dict | None, dict]:
+            """Transcode the original set with a keyframe every ``gop`` frames (cached per GOP,
+            height, encoder and preset; transcode's own stamp redoes a copy whose settings
+            changed); (manifest records or None, what the rows say about the copy)."""
+            tag = f"-h{args.height}" if args.height else ""
+            tag += f"-{encoder_name}" + (f"-{preset}" if preset else "")
+            dst = args.work_dir / f"{folder.name}-gop{gop}{tag}"
             try:
-                model = sampling_cost(records.values(), cfg, draws=args.draws)
-                common = {
-                    **where,
-                    **disk(records),
-                    **made,
-                    "needed": model.needed,
-                    "model_decoded_per_needed": model.ratio,
-                    "model_preroll": model.preroll,
-                    **decode_ratios(records, cfg, measure_draws),
-                    "anchor_choices": anchor_choices(records, cfg),
-                }
-            except Exception as err:  # noqa: BLE001 - the other samplings and sets still run
+                summary = transcode(folder, dst, gop=gop, height=args.height, encoder=args.encoder,
+                                    crf=args.crf, preset=preset, bframes=bframes, workers=cpus,
+                                    source_manifest=folder / "manifest.jsonl")
+            except Exception as err:  # noqa: BLE001 - the other copies still run
                 log(traceback.format_exc())
-                add({**where, "status": "failed", "reason": f"cost: {failure_reason(err)}"})
-                continue
-            for backend, factory in factories.items():
-                trims = DALI_TRIM_MODES[args.dali_trim]
-                runs = ([(w, 1, False) for w in worker_counts] if backend == "pyav"
-                        else [(min(4, cpus), g, t) for g in args.dali_groups for t in trims])
-                for workers, group, trim in runs:
-                    cell = {**common, "backend": backend, "workers": workers,
-                            "group": "" if backend == "pyav" else group,
-                            "trim": "" if backend == "pyav" else trim,
-                            "batch_size": args.batch_size}
-                    label = (f"  {name} {sampling} {backend} workers={workers}"
-                             f"{'' if group == 1 else f' group={group}'}{' trim' if trim else ''}")
-                    if factory is None:
-                        add({**cell, "status": "skipped", "reason": f"dali: {dali_why}"})
-                        continue
-                    knobs = {"decode_group": group} if group != 1 else {}
-                    knobs.update({"trim": True} if trim else {})
-                    make = functools.partial(factory, **knobs) if knobs else factory
-                    try:
-                        rate = loader_rate(make, records, cfg, workers=workers,
-                                           batch_size=args.batch_size,
-                                           image_size=args.image_size, min_videos=min_videos,
-                                           rounds=loader_rounds(backend, workers, group),
-                                           max_seconds=args.max_seconds,
-                                           hard_max_seconds=hard_max_seconds,
-                                           min_steady_rounds=args.min_steady_rounds)
-                    except Exception as err:  # noqa: BLE001 - one failing cell ends no other
-                        record_failure(add, log, cell, label, err)
-                        continue
-                    add({**cell, **rate})
-                    log(rate_line(label, rate))
+                return None, {"reason": f"transcode: {failure_reason(err)}"}
+            log(summary.summary())
+            info = summary_row(summary)
+            made = {"encoder": info["encoder"], "preset": preset or "default", "crf": args.crf,
+                    "transcode_s": info["seconds"], "failed_transcodes": info["failed"]}
+            return load_manifest(dst / "manifest.jsonl"), made
 
-    if not any(r.get("status") not in STATUS_NO_RESULT for r in rows):  # earlier CSV kept
+        generator = {"encoder": "libx264 (generator)", "preset": H264_OPTIONS["preset"],
+                     "crf": int(H264_OPTIONS["crf"]), "failed_transcodes": 0}
+        sets = [(f"gop{spec.gop} (original)", spec.gop, original, generator)]
+        sets += [(f"gop{gop}", gop, *copy(gop)) for gop in args.gops]
+        control, control_made = copy(spec.gop) if args.control else (None, {})
+
+        def disk(records: dict) -> dict:
+            """Sizes on the same videos: those ok in the original, in this set (and in the control,
+            for growth_vs_control); a video whose copy failed counts on neither side."""
+            grown, compared = growth(records, original)
+            ids = ok_ids(records) & ok_ids(original)
+            versus = growth(records, control)[0] if control is not None else None
+            return {"bytes": set_bytes(records, ids), "compared_videos": compared, "growth": grown,
+                    "growth_vs_control": versus}
+
+        # Sizes first, one row per set: a run cut short keeps the disk growth of every copy.
+        for name, gop, records, made in sets:
+            if records is None:
+                add({"set": name, "gop": gop, "status": "failed", **made})
+            else:
+                add({"set": name, "gop": gop, "status": "disk", **disk(records), **made})
+        if args.control:
+            name = f"gop{spec.gop} (control: re-encoded like the copies)"
+            if control is None:
+                add({"set": name, "gop": spec.gop, "status": "failed", **control_made})
+            else:
+                add({"set": name, "gop": spec.gop, "status": "disk", **disk(control),
+                     **control_made})
+
+        for name, gop, records, made in sets:
+            if records is None:
+                continue
+            ok = [r for r in records.values() if r.ok]
+            if not ok:
+                add({"set": name, "gop": gop, "status": "skipped",
+                     "reason": "no video of the set could be read", **made})
+                continue
+            resolution = f"{ok[0].width}x{ok[0].height}"
+            for sampling in args.samplings:
+                cfg = SAMPLINGS[sampling]
+                where = {"set": name, "gop": gop, "resolution": resolution, "sampling": sampling}
+                try:
+                    model = sampling_cost(records.values(), cfg, draws=args.draws)
+                    common = {
+                        **where,
+                        **disk(records),
+                        **made,
+                        "needed": model.needed,
+                        "model_decoded_per_needed": model.ratio,
+                        "model_preroll": model.preroll,
+                        **decode_ratios(records, cfg, measure_draws),
+                        "anchor_choices": anchor_choices(records, cfg),
+                    }
+                except Exception as err:  # noqa: BLE001 - the other samplings and sets still run
+                    log(traceback.format_exc())
+                    add({**where, "status": "failed", "reason": f"cost: {failure_reason(err)}"})
+                    continue
+                for backend, factory in factories.items():
+                    trims = DALI_TRIM_MODES[args.dali_trim]
+                    runs = ([(w, 1, False) for w in worker_counts] if backend == "pyav"
+                            else [(min(4, cpus), g, t) for g in args.dali_groups for t in trims])
+                    for workers, group, trim in runs:
+                        cell = {**common, "backend": backend, "workers": workers,
+                                "group": "" if backend == "pyav" else group,
+                                "trim": "" if backend == "pyav" else trim,
+                                "batch_size": args.batch_size}
+                        label = (f"  {name} {sampling} {backend} workers={workers}"
+                                 f"{'' if group == 1 else f' group={group}'}"
+                                 f"{' trim' if trim else ''}")
+                        if factory is None:
+                            add({**cell, "status": "skipped", "reason": f"dali: {dali_why}"})
+                            continue
+                        knobs = {"decode_group": group} if group != 1 else {}
+                        knobs.update({"trim": True} if trim else {})
+                        make = functools.partial(factory, **knobs) if knobs else factory
+                        try:
+                            rate = loader_rate(make, records, cfg, workers=workers,
+                                               batch_size=args.batch_size,
+                                               image_size=args.image_size, min_videos=min_videos,
+                                               rounds=loader_rounds(backend, workers, group),
+                                               max_seconds=args.max_seconds,
+                                               hard_max_seconds=hard_max_seconds,
+                                               min_steady_rounds=args.min_steady_rounds)
+                        except Exception as err:  # noqa: BLE001 - one failing cell ends no other
+                            record_failure(add, log, cell, label, err)
+                            continue
+                        add({**cell, **rate})
+                        log(rate_line(label, rate))
+
+    except KeyboardInterrupt:
+        return results.interrupted()
+    if not results.measured():  # an earlier CSV stays as it was
         return report_no_rows(path, "; ".join(f"{r['set']}: {r.get('reason', '')}"
                                               for r in rows))
     print(f"\ntranscode benchmark on {env['device']} ({env['cpu_count']} CPUs): N=9 clips x B=8 "
           f"frames, stride 4, {len(original)} videos of {spec.num_frames} frames, "
           f"image {args.image_size}")
     print(format_table(rows, [c for c in COLUMNS if any(c in r for r in rows)]))
-    print(f"wrote {path}")
+    print(f"wrote {results.finish()}")
     return 0
 
 

@@ -143,6 +143,52 @@ def finish_csv(rows: Sequence[dict], path: str | os.PathLike, env: dict | None =
     return written
 
 
+def report_interrupted(path: str | os.PathLike, wrote_partial: bool) -> int:
+    """Say where a run stopped by Ctrl-C left its rows; the exit status (130, as for SIGINT)."""
+    print(f"\ninterrupted: the rows measured so far are in {partial_path(path)}; "
+          f"{Path(path).name} is as it was" if wrote_partial else
+          f"\ninterrupted before the first measurement: {Path(path).name} is as it was",
+          file=sys.stderr)
+    return 130
+
+
+class RowLog:
+    """The rows of a benchmark run in progress, kept on disk as it goes.
+
+    ``add(row)`` keeps a row and, once any row holds a result (``has_result``), rewrites
+    NAME.partial.csv (:func:`partial_path`) with every row so far; ``finish()`` writes NAME.csv
+    and drops the partial file. A run stopped early (Ctrl-C, a time limit) thus keeps what it
+    measured in the partial file, and an earlier finished run's NAME.csv stays as it was until
+    this run finishes. ``env`` (the environment columns) is made on the first write, by
+    ``make_env``."""
+
+    def __init__(self, path: str | os.PathLike, make_env: Callable[[], dict],
+                 has_result: Callable[[dict], bool]):
+        self.path = Path(path)
+        self.rows: list[dict] = []
+        self.env: dict = {}
+        self.wrote_partial = False
+        self._make_env = make_env
+        self._has_result = has_result
+
+    def measured(self) -> bool:
+        return any(self._has_result(r) for r in self.rows)
+
+    def add(self, row: dict) -> None:
+        self.rows.append(row)
+        if self.measured():
+            if not self.env:
+                self.env.update(self._make_env())
+            write_csv(self.rows, partial_path(self.path), self.env)
+            self.wrote_partial = True
+
+    def finish(self) -> Path:
+        return finish_csv(self.rows, self.path, self.env)
+
+    def interrupted(self) -> int:
+        return report_interrupted(self.path, self.wrote_partial)
+
+
 def results_path(name: str, out_dir: str | os.PathLike | None = None) -> Path:
     return Path(out_dir) / name if out_dir else RESULTS_DIR / name
 

@@ -1,8 +1,8 @@
 """How the pipeline benchmarks measure: the steady rate counts whole rounds after the warm-up
 (many-worker PyAV delivers a round of batches at once), cells are sized by rounds, the caps stop
-a cell where they say, every cell gives a row (skipped and failed ones too) and the CSV is
-rewritten after each; bench_transcode's disk growth compares the same videos, encoded with the
-originals' settings."""
+a cell where they say, every cell gives a row (skipped and failed ones too) and the partial
+CSV is rewritten after each (the CSV once the run ends); bench_transcode's disk growth compares
+the same videos, encoded with the originals' settings."""
 
 import csv
 import sys
@@ -218,33 +218,75 @@ def test_skipped_and_failed_cells_are_rows_and_the_rest_runs(monkeypatch):
     assert len(calls) == 4  # the failing cell ended no other
 
 
-def test_main_rewrites_the_csv_after_every_cell(tmp_path, monkeypatch):
+def run_pipeline_main(tmp_path, monkeypatch, measure):
     out = tmp_path / "out"
-    csv_path = out / "pipeline_pyav_quick.csv"
-    seen_before = []
-
-    def measure(backend, records, *, workers, dedup, **kwargs):
-        # the CSV on disk holds every cell before this one (none before the first)
-        seen_before.append(len(read_rows(csv_path)) if csv_path.exists() else 0)
-        if workers == 2 and not dedup:
-            raise ValueError("boom")
-        return fake_result(steady=None if workers == 2 else 12.0, rounds=0 if workers == 2 else 4)
-
     monkeypatch.setattr(bench_pipeline, "measure", measure)
     monkeypatch.setattr(bench_pipeline, "prepare_set", lambda spec, work_dir, workers:
                         fake_records())
     monkeypatch.setattr(bench_pipeline, "environment_isolated", lambda: {"device": "cpu",
                                                                          "cpu_count": 2})
-    status = bench_pipeline.main(["--quick", "--sets", "msrvtt-like", "--workers", "1", "2",
-                                  "--work-dir", str(tmp_path / "work"), "--out-dir", str(out)])
-    assert status == 0
+    return bench_pipeline.main(["--quick", "--sets", "msrvtt-like", "--workers", "1", "2",
+                                "--work-dir", str(tmp_path / "work"), "--out-dir", str(out)])
+
+
+def test_main_rewrites_the_partial_csv_after_every_cell(tmp_path, monkeypatch):
+    """The rows so far are in NAME.partial.csv after every cell; the finished run writes NAME.csv
+    (replacing an earlier run's) and drops the partial file."""
+    out = tmp_path / "out"
+    csv_path = out / "pipeline_pyav_quick.csv"
+    partial = out / "pipeline_pyav_quick.partial.csv"
+    out.mkdir()
+    csv_path.write_text("set,status\nearlier,ok\n")
+    seen_before = []
+
+    def measure(backend, records, *, workers, dedup, **kwargs):
+        # the partial CSV on disk holds every cell before this one (none before the first)
+        seen_before.append(len(read_rows(partial)) if partial.exists() else 0)
+        assert csv_path.read_text() == "set,status\nearlier,ok\n"  # until the run ends
+        if workers == 2 and not dedup:
+            raise ValueError("boom")
+        return fake_result(steady=None if workers == 2 else 12.0, rounds=0 if workers == 2 else 4)
+
+    assert run_pipeline_main(tmp_path, monkeypatch, measure) == 0
     assert seen_before == [0, 1, 2, 3]
     rows = read_rows(csv_path)
     assert [(r["workers"], r["dedup"], r["status"]) for r in rows] == [
         ("1", "True", "ok"), ("2", "True", "short"), ("1", "False", "ok"),
         ("2", "False", "failed")]
     assert rows[-1]["reason"] == "ValueError: boom" and rows[0]["device"] == "cpu"
-    assert not [p.name for p in out.iterdir() if p.name != csv_path.name]  # no temp file
+    assert [p.name for p in out.iterdir()] == [csv_path.name]  # no partial or temp file
+
+
+def test_main_stopped_by_ctrl_c_keeps_the_earlier_csv(tmp_path, monkeypatch, capsys):
+    """Ctrl-C in the third cell: exit 130, the two measured rows in NAME.partial.csv, an earlier
+    finished NAME.csv as it was; Ctrl-C before any cell leaves no partial file."""
+    out = tmp_path / "out"
+    out.mkdir()
+    csv_path = out / "pipeline_pyav_quick.csv"
+    csv_path.write_text("set,status\nearlier,ok\n")
+    cells = []
+
+    def measure(backend, records, *, workers, dedup, **kwargs):
+        cells.append(workers)
+        if len(cells) == 3:
+            raise KeyboardInterrupt
+        return fake_result()
+
+    assert run_pipeline_main(tmp_path, monkeypatch, measure) == 130
+    err = capsys.readouterr().err
+    assert "interrupted: the rows measured so far are in" in err and "Traceback" not in err
+    assert csv_path.read_text() == "set,status\nearlier,ok\n"
+    partial = out / "pipeline_pyav_quick.partial.csv"
+    assert [r["workers"] for r in read_rows(partial)] == ["1", "2"]
+
+    partial.unlink()
+
+    def stop_at_once(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    assert run_pipeline_main(tmp_path, monkeypatch, stop_at_once) == 130
+    assert "interrupted before the first measurement" in capsys.readouterr().err
+    assert [p.name for p in out.iterdir()] == [csv_path.name]
 
 
 def read_rows(path):
@@ -353,3 +395,33 @@ def test_transcode_bench_copies_like_the_originals_and_records_every_cell(tmp_pa
                      ("gop8", "dali", "skipped"), ("gop8", "pyav", "ok")]
     skipped = [r for r in rows if r["status"] == "skipped"]
     assert all("no CUDA GPU" in r["reason"] for r in skipped)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU behaviour (no DALI)")
+def test_transcode_bench_stopped_by_ctrl_c_keeps_the_earlier_csv(tmp_path, monkeypatch, capsys):
+    """Ctrl-C in the first throughput cell: exit 130, the disk rows (written first) in the
+    partial CSV, an earlier finished CSV as it was."""
+    monkeypatch.setattr(bench_transcode, "original_set",
+                        lambda quick: bench_pipeline.VideoSet("tiny", 64, 48, 2, 40, gop=20))
+    monkeypatch.setattr(bench_transcode, "environment_isolated",
+                        lambda: {"device": "cpu", "cpu_count": 2})
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(bench_transcode, "loader_rate", stopped)
+    out = tmp_path / "out"
+    out.mkdir()
+    earlier = out / "transcode_quick.csv"
+    earlier.write_text("set,status\nearlier,ok\n")
+    status = bench_transcode.main([
+        "--quick", "--gops", "8", "--samplings", "paper", "--workers", "1", "--no-control",
+        "--draws", "2", "--measure-draws", "1", "--min-videos", "2", "--batch-size", "2",
+        "--image-size", "16", "--encoder", "cpu", "--work-dir", str(tmp_path / "work"),
+        "--out-dir", str(out)])
+    assert status == 130
+    assert "interrupted: the rows measured so far are in" in capsys.readouterr().err
+    assert earlier.read_text() == "set,status\nearlier,ok\n"
+    rows = read_rows(out / "transcode_quick.partial.csv")
+    assert [(r["set"], r["status"]) for r in rows] == [("gop20 (original)", "disk"),
+                                                      ("gop8", "disk")]
