@@ -126,8 +126,10 @@ for every variant, its memory peak is its own, and a crash or out-of-memory ends
 ``--time-budget``: a variant is skipped (said in its row) when less time is left than its base
 row took (the median of the rows so far when its base did not run; at least ``MIN_ISOLATED_S``
 isolated), so the budget runs the baselines and siasam-fast first and cuts the toggles that no
-longer fit instead of starting one that the budget would kill. The CSV, .md and JSON are rewritten
-after every variant (``complete`` False until the last, in the CSV's rows and the JSON).
+longer fit instead of starting one that the budget would kill. The rows so far are rewritten after
+every variant to STEM.partial.{csv,md,json} (``complete`` False, in the CSV's rows and the JSON);
+the finished run writes STEM.{csv,md,json,png} and drops them, so a run cut short (a time limit,
+Ctrl-C: exit status 130) leaves an earlier finished run's files as they were.
 ``--profile [VARIANT ...]`` writes a torch.profiler chrome trace of ``--profile-steps`` extra steps
 per profiled variant (all when no name is given) under ``<out>/traces/`` (``--profile-gzip``:
 .json.gz, for large GPU traces); the phases are labelled ``data``, ``forward``, ``backward``,
@@ -175,6 +177,7 @@ try:  # siasam_fast.training imports DeepSpeed (and chooses its CPU accelerator 
         markdown_table,
         positive_float,
         positive_int,
+        report_interrupted,
         report_no_rows,
         save_figure,
         write_csv,
@@ -182,6 +185,7 @@ try:  # siasam_fast.training imports DeepSpeed (and chooses its CPU accelerator 
     from siasam_fast.config import Config, load_config
     from siasam_fast.losses import total_loss
     from siasam_fast.model import load_tokenizer
+    from siasam_fast.paths import write_text_atomic
     from siasam_fast.pipeline.dataset import gather_clips
     from siasam_fast.pipeline.loaders import dali_available
     from siasam_fast.training import (
@@ -998,6 +1002,10 @@ def run_isolated(plan: Plan, args, argv: list[str], timeout: float | None) -> di
                 proc.wait()
                 return skipped_row(plan, "timeout", f"no result within {timeout:.0f} s "
                                    f"(log: {log})")
+            except KeyboardInterrupt:  # its own session does not see the terminal's Ctrl-C
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+                raise
         if out.is_file():
             return json.loads(out.read_text())
     tail = [line for line in log.read_text(errors="replace").splitlines() if line.strip()]
@@ -1091,20 +1099,27 @@ def table_legend(figure: float | None) -> str:
 
 def save_rows(rows: list[dict], args, env: dict, cfg, argv, final: bool = False
               ) -> tuple[Path, Path]:
-    """Write the CSV, the markdown table and the JSON of the rows so far. ``final`` adds the
-    speed-up columns (they need every row); before it the files hold the variants done so far."""
+    """Write the CSV, the markdown table and the JSON of the rows so far. Before ``final`` they
+    go to STEM.partial.{csv,md,json} and hold the variants done so far (``complete`` False), so
+    that an earlier finished run's STEM.{csv,md,json} stay as they were until this run ends;
+    ``final`` adds the speed-up columns (they need every row), writes STEM.{csv,md,json} and
+    drops the partial files."""
     figure = apply_model_flops(rows)
     if final:
         add_speedups(rows)
     for r in rows:
         r.setdefault("peak_tflops", "n/a")
-    csv_path = write_csv(rows, args.out_dir / f"{args.stem}.csv", {**env, "complete": final})
-    md_path = args.out_dir / f"{args.stem}.md"
-    md_path.write_text(markdown_table(table_rows(rows, notes=True)) + "\n\n"
-                       + table_legend(figure) + "\n")
+    stem = args.stem if final else f"{args.stem}.partial"
+    csv_path = write_csv(rows, args.out_dir / f"{stem}.csv", {**env, "complete": final})
+    md_path = args.out_dir / f"{stem}.md"
+    write_text_atomic(md_path, markdown_table(table_rows(rows, notes=True)) + "\n\n"
+                      + table_legend(figure) + "\n")
     meta = {"env": env, "config": cfg.to_dict(), "argv": argv if argv is not None else
             sys.argv[1:], "complete": final, "rows": rows}
-    (args.out_dir / f"{args.stem}.json").write_text(json.dumps(meta, indent=1, default=str))
+    write_text_atomic(args.out_dir / f"{stem}.json", json.dumps(meta, indent=1, default=str))
+    if final:
+        for suffix in (".csv", ".md", ".json"):
+            (args.out_dir / f"{args.stem}.partial{suffix}").unlink(missing_ok=True)
     return csv_path, md_path
 
 
@@ -1200,6 +1215,46 @@ def worker_argv(args) -> list[str]:
     return argv
 
 
+def run_variants(names: list[str], rows: list[dict], args, cfg, env: dict, device,
+                 isolate: bool, argv) -> None:
+    """Run the variants in turn, appending each one's row to ``rows`` (skipped ones too) and
+    saving the rows so far after each (STEM.partial.*)."""
+    started = time.perf_counter()
+    for name in names:
+        plan = resolve(BY_NAME[name], device, args.zero_stage)
+        if plan.skip:
+            rows.append(skipped_row(plan, "skipped", plan.skip))
+            print(f"--- {name}: skipped ({plan.skip})", flush=True)
+            continue
+        left = (args.time_budget - (time.perf_counter() - started)
+                if args.time_budget is not None else None)
+        need = expected_seconds(plan.variant, rows, MIN_ISOLATED_S if isolate else 1)
+        if left is not None and left < need:
+            rows.append(skipped_row(plan, "skipped", f"--time-budget {args.time_budget:.0f} s: "
+                                    f"{max(left, 0):.0f} s left, about {need:.0f} s needed"))
+            print(f"--- {name}: skipped (time budget: {max(left, 0):.0f} s left, about "
+                  f"{need:.0f} s needed)", flush=True)
+            continue
+        print(f"--- {name}: {plan.variant.description}", flush=True)
+        t0 = time.perf_counter()
+        if isolate:
+            limits = [x for x in (args.variant_timeout, left) if x is not None]
+            row = run_isolated(plan, args, worker_argv(args), min(limits) if limits else None)
+        else:
+            row = run_in_process(plan, cfg, args, device)
+        row["wall_s"] = time.perf_counter() - t0
+        rows.append(row)
+        if row["status"] == "ok":
+            print(f"    {row['videos_per_s']:.3g} videos/s, step {row['step_ms']:.4g} ms "
+                  f"({row['wall_s']:.0f} s)", flush=True)
+        else:
+            print(f"    {row['status']}: {row['reason']}", flush=True)
+        # Written (STEM.partial.*) after every variant, so that a run cut short (a device
+        # loan's limit, Ctrl-C) leaves the rows that finished and an earlier finished run's
+        # STEM.* as they were; the last write (STEM.*) adds the speed-ups and the plot.
+        save_rows(rows, args, env, cfg, argv)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.list:
@@ -1250,39 +1305,11 @@ def main(argv: list[str] | None = None) -> int:
 
     names = args.variants or list(BY_NAME)
     rows: list[dict] = []
-    started = time.perf_counter()
-    for name in names:
-        plan = resolve(BY_NAME[name], device, args.zero_stage)
-        if plan.skip:
-            rows.append(skipped_row(plan, "skipped", plan.skip))
-            print(f"--- {name}: skipped ({plan.skip})", flush=True)
-            continue
-        left = (args.time_budget - (time.perf_counter() - started)
-                if args.time_budget is not None else None)
-        need = expected_seconds(plan.variant, rows, MIN_ISOLATED_S if isolate else 1)
-        if left is not None and left < need:
-            rows.append(skipped_row(plan, "skipped", f"--time-budget {args.time_budget:.0f} s: "
-                                    f"{max(left, 0):.0f} s left, about {need:.0f} s needed"))
-            print(f"--- {name}: skipped (time budget: {max(left, 0):.0f} s left, about "
-                  f"{need:.0f} s needed)", flush=True)
-            continue
-        print(f"--- {name}: {plan.variant.description}", flush=True)
-        t0 = time.perf_counter()
-        if isolate:
-            limits = [x for x in (args.variant_timeout, left) if x is not None]
-            row = run_isolated(plan, args, worker_argv(args), min(limits) if limits else None)
-        else:
-            row = run_in_process(plan, cfg, args, device)
-        row["wall_s"] = time.perf_counter() - t0
-        rows.append(row)
-        if row["status"] == "ok":
-            print(f"    {row['videos_per_s']:.3g} videos/s, step {row['step_ms']:.4g} ms "
-                  f"({row['wall_s']:.0f} s)", flush=True)
-        else:
-            print(f"    {row['status']}: {row['reason']}", flush=True)
-        # Written after every variant, so that a run cut short (a device loan's limit) leaves
-        # the rows that finished; the last write adds the speed-ups and the plot.
-        save_rows(rows, args, env, cfg, argv)
+    try:
+        run_variants(names, rows, args, cfg, env, device, isolate, argv)
+    except KeyboardInterrupt:
+        return report_interrupted(args.out_dir / f"{args.stem}.csv",
+                                  any(r["status"] != "skipped" for r in rows))
     if all(r["status"] == "skipped" for r in rows):  # nothing ran: earlier results stay
         return report_no_rows(args.out_dir / f"{args.stem}.csv",
                               "every variant was skipped: see the reasons above")

@@ -150,10 +150,18 @@ say "bench_train: $CONFIG, $STEPS steps x 2 passes, time budget ${BUDGET} s"
 STATUS=${PIPESTATUS[0]}
 
 # 5. results to $OUT, then the table last ---------------------------------------------------------
-STEM=$(ls -t "$RESULTS"/bench_train_*_"$(basename "$CONFIG" .yaml)".csv 2>/dev/null | head -1)
-STEM=${STEM%.csv}
-if [ -n "${OUT:-}" ] && [ -n "$STEM" ]; then
-  cp "$STEM".csv "$STEM".md "$STEM".png "$STEM".json "$OUT"/ 2>/dev/null
+# The newest of STEM.csv (a finished run) and STEM.partial.csv (a run cut short: the variants
+# that finished, "complete" False).
+CFG_NAME=$(basename "$CONFIG" .yaml)
+NEWEST=$(ls -t "$RESULTS"/bench_train_*_"$CFG_NAME".csv \
+  "$RESULTS"/bench_train_*_"$CFG_NAME".partial.csv 2>/dev/null | head -1)
+STEM=${NEWEST%.csv}
+STEM=${STEM%.partial}
+if [ -n "${OUT:-}" ] && [ -n "$NEWEST" ]; then
+  FILES=("$STEM".csv "$STEM".md "$STEM".png "$STEM".json)
+  [ "$NEWEST" = "$STEM.partial.csv" ] && FILES=("$STEM".partial.csv "$STEM".partial.md \
+    "$STEM".partial.json)
+  cp "${FILES[@]}" "$OUT"/ 2>/dev/null
   for t in "$RESULTS"/traces/trace_"$(basename "$STEM")"_*.json.gz; do
     [ -f "$t" ] && cp "$t" "$OUT"/
   done

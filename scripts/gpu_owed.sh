@@ -32,8 +32,8 @@
 # Output: every part writes under $KEEP/<part>/ (its console log included). While a part runs,
 # its folder is packed into $OUT/<part>.tgz every PACK_EVERY_S seconds, and once more when it ends,
 # so a call stopped from outside (the device's limit) still returns what had finished: the DALI
-# check and bench_train.py rewrite their CSVs after each measurement, bench_transcode.py its
-# transcode.partial.csv (transcode.csv once it finishes). At most 8 files come back
+# check rewrites its CSV after each measurement, bench_train.py and bench_transcode.py their
+# NAME.partial.csv (NAME.csv once they finish). At most 8 files come back
 # from $OUT: a tarball per part and owed.log. The console ends with each part's status.
 #
 # A CPU dry run of the flow (the GPU parts fail or skip quickly and say why):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import csv
 import datetime as _dt
+import io
 import json
 import math
 import os
@@ -15,6 +16,8 @@ import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+
+from siasam_fast.paths import write_text_atomic
 
 RESULTS_DIR = Path(__file__).resolve().parent.parent / "benchmarks" / "results"
 
@@ -110,22 +113,15 @@ def write_csv(rows: Sequence[dict], path: str | os.PathLike, env: dict | None = 
     Atomic: written to a temporary file beside ``path``, then renamed over it, so a run killed
     while writing (benchmarks rewrite their CSV after every measurement) leaves the previous
     complete version, never a torn file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     merged = [{**(env or {}), **r} for r in rows]
     columns: list[str] = []
     for r in merged:
         columns += [k for k in r if k not in columns]
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with tmp.open("w", newline="") as fh:
-            writer = csv.DictWriter(fh, fieldnames=columns)
-            writer.writeheader()
-            writer.writerows(merged)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, fieldnames=columns)
+    writer.writeheader()
+    writer.writerows(merged)
+    return write_text_atomic(path, text.getvalue())
 
 
 def partial_path(path: str | os.PathLike) -> Path:

@@ -64,3 +64,17 @@ def _not_writable(target: Path) -> str:
         what = "creating a file in it" if folder else "opening it for writing"
         return f"{what} fails: {err.strerror or type(err).__name__}"
     return ""
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
+    """Write ``text`` to ``path`` through a temporary file beside it, renamed over it: a write cut
+    short (a kill, a full disk) leaves the previous version, never half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path

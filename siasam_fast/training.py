@@ -62,7 +62,7 @@ from siasam_fast.model import (  # noqa: E402
     use_apex_layer_norm,
     use_memory_format,
 )
-from siasam_fast.paths import USAGE_ERRORS, file_in_the_way  # noqa: E402
+from siasam_fast.paths import USAGE_ERRORS, file_in_the_way, write_text_atomic  # noqa: E402
 from siasam_fast.pipeline.dataset import close_loaders  # noqa: E402
 from siasam_fast.pipeline.loaders import build_video_loader  # noqa: E402
 from siasam_fast.pipeline.manifest import load_manifest  # noqa: E402
@@ -619,10 +619,7 @@ def _write_json(path: Path, value) -> None:
 
 
 def _write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)  # atomic: an interrupted save never leaves half a file
+    write_text_atomic(path, text)  # an interrupted save never leaves half a file
 
 
 RUN_STATE_KEYS = ("step", "epoch", "sampler", "config", "vocab")

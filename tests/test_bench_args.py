@@ -2,6 +2,7 @@
 exit status 2, naming the value), before any video is generated or anything timed; both spellings
 of the output folder work; a run that measures nothing leaves an earlier result file untouched."""
 
+import csv
 import sys
 from pathlib import Path
 
@@ -281,3 +282,35 @@ def test_bench_train_with_every_variant_skipped_keeps_the_csv(bench_train, tmp_p
     assert csv_path.read_text() == "variant,status\nbaseline-fp32,ok\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bench_train_cpu_bench_tiny.csv"]
     assert "no rows measured" in capsys.readouterr().err
+
+
+@no_cuda
+def test_bench_train_stopped_by_ctrl_c_keeps_the_earlier_results(bench_train, tmp_path,
+                                                                 monkeypatch, capsys):
+    """Ctrl-C in the second variant: exit 130, the first variant's row in STEM.partial.csv (and
+    .md / .json), an earlier finished run's STEM.csv as it was; no traceback."""
+    monkeypatch.setattr(bench_train, "ensure_data", lambda cfg, num_videos: None)
+    monkeypatch.setattr(bench_train, "environment", lambda: {
+        "device": "cpu", "torch": "t", "deepspeed": "d", "dali": "x", "triton": "t"})  # fmt: skip
+    ran = []
+
+    def run_in_process(plan, cfg, args, device):
+        ran.append(plan.variant.name)
+        if len(ran) == 2:
+            raise KeyboardInterrupt
+        return bench_train.skipped_row(plan, "failed", "stand-in row")
+
+    monkeypatch.setattr(bench_train, "run_in_process", run_in_process)
+    csv_path = tmp_path / "bench_train_cpu_bench_tiny.csv"
+    csv_path.write_text("variant,status\nbaseline-fp32,ok\n")
+    status = bench_train.main(["--variants", "baseline-fp32", "baseline-amp", "--out",
+                               str(tmp_path), "--isolate", "none"])
+    assert status == 130 and ran == ["baseline-fp32", "baseline-amp"]
+    err = capsys.readouterr().err
+    assert "interrupted: the rows measured so far are in" in err and "Traceback" not in err
+    assert csv_path.read_text() == "variant,status\nbaseline-fp32,ok\n"
+    with (tmp_path / "bench_train_cpu_bench_tiny.partial.csv").open() as fh:
+        assert [r["variant"] for r in csv.DictReader(fh)] == ["baseline-fp32"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "bench_train_cpu_bench_tiny.csv", "bench_train_cpu_bench_tiny.partial.csv",
+        "bench_train_cpu_bench_tiny.partial.json", "bench_train_cpu_bench_tiny.partial.md"]

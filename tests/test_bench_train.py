@@ -135,10 +135,12 @@ def test_isolated_variants_report_rows_logs_and_timeouts(tmp_path):
         (row,) = list(csv.DictReader(fh))
     assert row["status"] == "timeout" and "no result within 1 s" in row["reason"], row
 
-    # Killed from outside after its first variant (a device loan's limit): that row is on disk.
-    csv_path = out / "bench_train_cpu_bench_tiny.csv"
+    # Killed from outside after its first variant (a device loan's limit): that row is on disk
+    # in the partial files, and the earlier finished run's files are as they were.
+    finished = out / "bench_train_cpu_bench_tiny.csv"
+    before = finished.read_text()
+    csv_path = out / "bench_train_cpu_bench_tiny.partial.csv"
     meta_path = csv_path.with_suffix(".json")
-    csv_path.unlink()
     proc = subprocess.Popen(base + ["--variants", "amp-channels-last", "baseline-fp32"], cwd=ROOT,
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
@@ -155,6 +157,7 @@ def test_isolated_variants_report_rows_logs_and_timeouts(tmp_path):
     assert [r["variant"] for r in rows] == ["amp-channels-last"] and rows[0]["status"] == "ok"
     assert rows[0]["complete"] == "False"
     assert json.loads(meta_path.read_text())["complete"] is False
+    assert finished.read_text() == before
 
 
 def _batch(V, N, frames_per_video, S=32, seed=0):
@@ -479,8 +482,9 @@ def test_fp32_baseline_says_it_runs_convolutions_in_tf32():
 
 
 def test_partial_results_say_they_are_incomplete(tmp_path):
-    """The CSV written after each variant carries ``complete`` like the JSON, and the .md table
-    a notes column (the reason a row did not run, or what it substituted)."""
+    """The CSV written after each variant (STEM.partial.csv; STEM.csv at the end, which drops the
+    partial files) carries ``complete`` like the JSON, and the .md table a notes column (the
+    reason a row did not run, or what it substituted)."""
     cfg = load_config(ROOT / "configs" / "bench_tiny.yaml")
     args = bench_train.parse_args(["--out", str(tmp_path)])
     args.out_dir, args.stem = tmp_path, "bt"
@@ -488,10 +492,12 @@ def test_partial_results_say_they_are_incomplete(tmp_path):
     rows = [bench_train.skipped_row(plan, "skipped", "a reason | with a bar")]
     for final in (False, True):
         csv_path, md_path = bench_train.save_rows(rows, args, {"device": "cpu"}, cfg, [], final)
+        assert csv_path.name == ("bt.csv" if final else "bt.partial.csv")
         with csv_path.open() as fh:
             (row,) = list(csv.DictReader(fh))
         assert row["complete"] == str(final)
         assert json.loads(csv_path.with_suffix(".json").read_text())["complete"] is final
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bt.csv", "bt.json", "bt.md"]
     header, _, line = md_path.read_text().splitlines()[:3]
     assert header.endswith("| notes |") and line.endswith("| a reason / with a bar |")
 
