@@ -220,7 +220,7 @@ def dali_wheel() -> str | None:
 def check_dali(decode: bool = True) -> list[Check]:
     import torch
 
-    from siasam_fast.pipeline.loaders import resolve_backend
+    from siasam_fast.pipeline.loaders import dali_gpu_problem, resolve_backend
 
     on_gpu = torch.cuda.is_available()
     try:
@@ -246,6 +246,9 @@ def check_dali(decode: bool = True) -> list[Check]:
                             f"{wheel_cuda} driver; this driver supports CUDA {driver[0]}."
                             f"{driver[1]}", f"pip install nvidia-dali-cuda{driver[0]}0 instead "
                             "(README, Install on a GPU machine)")
+        elif on_gpu and dali_gpu_problem():
+            rows[0] = Check("DALI", "fail", dali_gpu_problem(), "pip install "
+                            "nvidia-dali-cuda120 (README, Install on a GPU machine: V100 row)")
         elif decode:
             try:
                 rows.append(_dali_decode_row(on_gpu))
@@ -254,7 +257,8 @@ def check_dali(decode: bool = True) -> list[Check]:
                                   f"{_first_line(err)}", "data.backend=pyav avoids DALI"))
     backend = resolve_backend("auto")
     why = ("DALI on NVDEC" if backend == "dali" else "PyAV on the CPU: DALI needs "
-           + ("a CUDA GPU" if not on_gpu else "nvidia-dali"))
+           + ("a CUDA GPU" if not on_gpu else "a wheel with code for this GPU"
+              if dali_gpu_problem() else "nvidia-dali"))
     if backend == "pyav":
         try:
             import av  # noqa: F401
@@ -370,7 +374,23 @@ def check_deepspeed() -> list[Check]:
     fixed = deepspeed_arch_list(os.environ.get("TORCH_CUDA_ARCH_LIST"))
     if fixed is not None:
         note = f"; train.py hands its build TORCH_CUDA_ARCH_LIST={fixed!r}"
-    if FusedAdamBuilder().is_compatible(verbose=False) and nvcc:
+    toolkit = _nvcc_release(shutil.which("nvcc") or str(Path(os.environ.get("CUDA_HOME", ""),
+                                                          "bin", "nvcc"))) if nvcc else None
+    built_for = torch.version.cuda
+    oldest = min(torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count()))
+    clash = None
+    if toolkit and built_for and toolkit[0] != int(built_for.split(".")[0]):
+        clash = (f"nvcc is CUDA {toolkit[0]}.{toolkit[1]} but torch was built with CUDA "
+                 f"{built_for}: torch's extension builder refuses a different major version")
+    elif toolkit and toolkit[0] >= 13 and oldest < (7, 5):
+        clash = (f"nvcc is CUDA {toolkit[0]}.{toolkit[1]}, which cannot compile for "
+                 f"sm_{oldest[0]}{oldest[1]}")
+    if clash:
+        rows.append(Check("optimizer", "missing", f"DeepSpeed FusedAdam cannot be built here "
+                          f"({clash}): train.optimizer=auto falls back to torch AdamW",
+                          f"put a CUDA {built_for} toolkit first on PATH (or CUDA_HOME), or "
+                          "--set train.optimizer=torch"))
+    elif FusedAdamBuilder().is_compatible(verbose=False) and nvcc:
         rows.append(Check("optimizer", "ok", "DeepSpeed FusedAdam (built on first use, about a "
                           f"minute, then cached){note}"))
     else:
@@ -380,13 +400,32 @@ def check_deepspeed() -> list[Check]:
     return rows
 
 
-def check_apex() -> list[Check]:
-    from siasam_fast.model import apex_available
+def _nvcc_release(nvcc: str) -> tuple[int, int] | None:
+    """(major, minor) of ``nvcc --version`` ("release 12.6"), or None if it does not run."""
+    import re
+    import subprocess
 
-    if not apex_available():
+    try:
+        text = subprocess.run([nvcc, "--version"], capture_output=True, text=True,
+                              timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    m = re.search(r"release (\d+)\.(\d+)", text)
+    return (int(m.group(1)), int(m.group(2))) if m else None
+
+
+def check_apex() -> list[Check]:
+    from siasam_fast.model import apex_problem
+
+    problem = apex_problem()
+    if problem == "apex is not installed":
         return [Check("apex", "missing", "not installed (optional: its FusedAdam and "
                       "FusedLayerNorm are used on CUDA when it is)",
                       "not on PyPI: see NVIDIA/apex's README")]
+    if problem:
+        return [Check("apex", "missing", f"{problem}: training uses DeepSpeed's FusedAdam and "
+                      "torch's LayerNorm instead", "rebuild apex with its CUDA extensions "
+                      "(--cpp_ext --cuda_ext; see NVIDIA/apex's README)")]
     return [Check("apex", "ok", "FusedAdam and FusedLayerNorm used on CUDA (train.optimizer / "
                   "model.layer_norm: auto)")]
 
@@ -424,21 +463,45 @@ CHECKS: tuple[tuple[str, Callable[..., list[Check]]], ...] = (
 )
 
 
-# pip's name of the package behind a check (the CPU set-up pins torch; see the Makefile)
-PIP_NAMES = {"PyAV": "av", "DeepSpeed": "deepspeed", "torch": "torch==2.13.0",
-             "Triton kernels": "triton==3.8.0", "DALI": "nvidia-dali-cuda130"}
+# pip's name of the package behind a check (the CPU set-up pins torch; see the Makefile), or the
+# whole hint where a plain reinstall from PyPI would be wrong: PyPI's torch is a CUDA 13 build
+# (no sm_70 code), PyPI's "apex" is another project, and the DALI wheel depends on the GPU.
+PIP_NAMES = {"PyAV": "av", "DeepSpeed": "deepspeed", "Triton kernels": "triton==3.8.0"}
+REINSTALL_HINTS = {
+    "torch": "reinstall the torch build for this machine (README, Install on a GPU machine: a "
+             "cu126 wheel on V100; without a GPU, torch==2.13.0 from PyTorch's CPU index)",
+    "DALI": "pip install --force-reinstall nvidia-dali-cuda120 (CUDA 12 drivers, and every V100) "
+            "or nvidia-dali-cuda130 (CUDA 13 drivers, Turing and newer)",
+    "apex": "rebuild NVIDIA apex for this torch with its CUDA extensions (not on PyPI: PyPI's "
+            "'apex' is another project; see NVIDIA/apex's README)",
+}
+# Checks that import torch: when torch itself does not import, they say so instead of blaming
+# (and reinstalling) their own package.
+NEEDS_TORCH = frozenset({"precision", "Triton kernels", "DALI", "DeepSpeed", "apex",
+                         "transformers"})
+
+
+def _reinstall_hint(name: str) -> str:
+    return REINSTALL_HINTS.get(name) or \
+        f"reinstall it: pip install --force-reinstall {PIP_NAMES.get(name, name)}"
 
 
 def run_checks(decode: bool = True) -> list[Check]:
     """Every check in order; an error inside one becomes a ``fail`` row of its name."""
     rows: list[Check] = []
+    torch_error = None
     for name, check in CHECKS:
+        if torch_error is not None and name in NEEDS_TORCH:
+            rows.append(Check(name, "fail", f"not checked: needs torch, which does not import "
+                              f"({torch_error})", "fix torch first (see its row)"))
+            continue
         try:
             rows.extend(check(decode) if check is check_dali else check())
         except ImportError as err:  # installed but broken (or missing): reinstall it
+            if name == "torch":
+                torch_error = _first_line(err)
             rows.append(Check(name, "fail", f"does not import: {_first_line(err)}",
-                              f"reinstall it: pip install --force-reinstall "
-                              f"{PIP_NAMES.get(name, name)}"))
+                              _reinstall_hint(name)))
         except Exception as err:  # noqa: BLE001 - a broken part is a row, not a crash
             rows.append(Check(name, "fail", f"the check raised {_first_line(err)}",
                               "report it with this output"))

@@ -10,6 +10,7 @@ weights are trained and checkpointed with the model.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from pathlib import Path
 
@@ -110,14 +111,39 @@ def use_memory_format(model: nn.Module, device: torch.device | str) -> nn.Module
     return model
 
 
-def apex_available() -> bool:
-    """Whether NVIDIA apex's fused CUDA ops import here (apex is not on PyPI: never required)."""
+# apex's compiled CUDA ops behind FusedAdam (amp_C) and FusedLayerNorm (fused_layer_norm_cuda).
+# A Python-only apex build (no --cuda_ext) imports both classes but refuses to construct them.
+APEX_EXTENSIONS = ("amp_C", "fused_layer_norm_cuda")
+
+
+def apex_problem() -> str | None:
+    """Why NVIDIA apex's fused CUDA ops cannot be used here, or None when they can (apex is not
+    on PyPI: never required)."""
     try:
         from apex.normalization import FusedLayerNorm  # noqa: F401
         from apex.optimizers import FusedAdam  # noqa: F401
-    except Exception:  # noqa: BLE001 - ImportError, or an apex built for another torch / CUDA
-        return False
-    return True
+    except ImportError:
+        return "apex is not installed"
+    except Exception as err:  # noqa: BLE001 - an apex built for another torch / CUDA
+        text = str(err).strip()
+        return f"apex does not import ({text.splitlines()[0] if text else type(err).__name__})"
+    missing = []
+    for name in APEX_EXTENSIONS:
+        try:
+            found = importlib.util.find_spec(name) is not None
+        except (ImportError, ValueError):
+            found = False
+        if not found:
+            missing.append(name)
+    if missing:
+        return (f"apex is installed without its CUDA extensions ({', '.join(missing)} missing: "
+                "a Python-only build, whose FusedAdam and FusedLayerNorm refuse to run)")
+    return None
+
+
+def apex_available() -> bool:
+    """Whether NVIDIA apex's fused CUDA ops can be used here (see :func:`apex_problem`)."""
+    return apex_problem() is None
 
 
 def use_apex_layer_norm(model: nn.Module) -> int:

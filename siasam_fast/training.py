@@ -57,6 +57,7 @@ from siasam_fast.model import (  # noqa: E402
     SiaSamReaModel,
     aggregate_clips,
     apex_available,
+    apex_problem,
     load_tokenizer,
     task_scores,
     use_apex_layer_norm,
@@ -313,11 +314,12 @@ def build_optimizer(model: torch.nn.Module, cfg: Config, device: torch.device):
         choice = ("torch" if device.type != "cuda" else "apex" if apex_available() else
                   "deepspeed")
     if choice == "apex":
-        try:
-            from apex.optimizers import FusedAdam as ApexFusedAdam
-        except ImportError as err:
-            raise ValueError("train.optimizer='apex' but apex is not installed (it is not on PyPI; "
-                             "see its README), use 'deepspeed' or 'torch'") from err
+        problem = apex_problem()
+        if problem:
+            raise ValueError(f"train.optimizer='apex' but {problem} (apex is not on PyPI; see "
+                             "its README), use 'deepspeed' or 'torch'")
+        from apex.optimizers import FusedAdam as ApexFusedAdam
+
         return ApexFusedAdam(groups, lr=cfg.train.lr, adam_w_mode=True), "apex FusedAdam"
     if choice == "deepspeed":
         if device.type != "cuda":
@@ -350,10 +352,11 @@ def fused_layer_norm(cfg: Config, device: torch.device) -> bool:
         return False
     if device.type != "cuda":
         raise ValueError("model.layer_norm='apex' needs CUDA (apex's kernels); use torch or auto")
-    if not apex_available():
+    problem = apex_problem()
+    if problem:
         if choice == "apex":
-            raise ValueError("model.layer_norm='apex' but apex is not installed (it is not on "
-                             "PyPI; see its README); use torch or auto")
+            raise ValueError(f"model.layer_norm='apex' but {problem} (apex is not on PyPI; see "
+                             "its README); use torch or auto")
         return False
     return True
 

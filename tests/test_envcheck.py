@@ -183,3 +183,74 @@ def test_gpu_report(capsys, tmp_path):
     assert rows["Triton kernels"]["status"] == "ok"
     if "DALI decode" in rows:
         assert rows["DALI decode"]["status"] == "ok" and "NVDEC" in rows["DALI decode"]["detail"]
+
+
+def test_a_cuda13_dali_wheel_on_a_v100_is_refused_and_auto_picks_pyav(monkeypatch):
+    """nvidia-dali-cuda130 holds no sm_70 code (its fat binaries start at sm_75): on a V100,
+    whatever CUDA version the driver reports, `env` says to install nvidia-dali-cuda120 and
+    data.backend=auto does not pick DALI."""
+    pytest.importorskip("nvidia.dali")
+    from siasam_fast.pipeline import loaders
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (7, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Tesla V100-SXM2-16GB")
+    monkeypatch.setattr(envcheck, "cuda_driver_version", lambda: (13, 0))  # an R580 driver
+    monkeypatch.setattr(envcheck, "dali_wheel", lambda: "nvidia-dali-cuda130")
+    monkeypatch.setattr(loaders, "dali_available", lambda: True)
+    assert loaders.resolve_backend("auto", {}) == "pyav"
+    with pytest.raises(ValueError, match="nvidia-dali-cuda120"):
+        loaders.resolve_backend("dali", {})
+    rows = {r.name: r for r in envcheck.check_dali(decode=False)}
+    assert rows["DALI"].status == "fail" and "nvidia-dali-cuda120" in rows["DALI"].hint
+    assert rows["data.backend=auto"].detail.startswith("pyav")
+    # the CUDA 12 wheel, or a Turing+ GPU, is fine
+    monkeypatch.setattr(envcheck, "dali_wheel", lambda: "nvidia-dali-cuda120")
+    assert loaders.resolve_backend("auto", {}) == "dali"
+    monkeypatch.setattr(envcheck, "dali_wheel", lambda: "nvidia-dali-cuda130")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (8, 0))
+    assert loaders.resolve_backend("auto", {}) == "dali"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU machine's report")
+def test_a_torch_that_does_not_import_is_blamed_once_with_the_right_reinstall(capsys,
+                                                                               monkeypatch):
+    """A broken torch (a CUDA library missing on a cluster node, say) is the torch row's
+    failure, with the README's per-GPU install as the hint: not `pip install torch==2.13.0`
+    (PyPI's torch is a CUDA 13 build, without sm_70 code), nor reinstalls of the packages that
+    merely import torch ('apex' on PyPI is another project; there is no 'precision' package)."""
+    monkeypatch.setitem(sys.modules, "torch", None)  # `import torch` raises ImportError
+    monkeypatch.setattr(envcheck, "CHECKS", (("python", envcheck.check_python),
+                                             ("torch", envcheck.check_torch),
+                                             ("precision", envcheck.check_precision),
+                                             ("apex", envcheck.check_apex),
+                                             ("transformers", envcheck.check_transformers)))
+    rows = {r.name: r for r in envcheck.run_checks(decode=False)}
+    assert rows["torch"].status == "fail" and "cu126" in rows["torch"].hint
+    assert "torch==2.13.0" not in rows["torch"].hint.split("without a GPU")[0]
+    for name in ("precision", "apex", "transformers"):
+        assert rows[name].status == "fail" and "needs torch" in rows[name].detail, name
+        assert "pip install" not in rows[name].hint, name
+
+
+def test_an_nvcc_that_cannot_build_fused_adam_for_this_gpu_is_not_ok(monkeypatch, tmp_path):
+    """A V100 node with a cu126 torch and CUDA 13's nvcc first on PATH: torch's extension builder
+    refuses the major-version mismatch (and CUDA 13 has no sm_70), so FusedAdam is not built and
+    training falls back to torch AdamW; `env` must not report FusedAdam as ok."""
+    pytest.importorskip("deepspeed")
+    nvcc = tmp_path / "nvcc"
+    nvcc.write_text("#!/bin/sh\necho 'Cuda compilation tools, release 13.0, V13.0.48'\n")
+    nvcc.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:" + __import__("os").environ["PATH"])
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (7, 0))
+    monkeypatch.setattr(torch.version, "cuda", "12.6")
+    monkeypatch.setitem(sys.modules, "apex", None)  # no apex: `import apex` raises
+    rows = {r.name: r for r in envcheck.check_deepspeed()}
+    assert rows["optimizer"].status == "missing", rows["optimizer"]
+    assert "CUDA 13.0" in rows["optimizer"].detail and "12.6" in rows["optimizer"].hint
+    nvcc.write_text("#!/bin/sh\necho 'Cuda compilation tools, release 12.6, V12.6.85'\n")
+    rows = {r.name: r for r in envcheck.check_deepspeed()}
+    assert rows["optimizer"].status == "ok", rows["optimizer"]

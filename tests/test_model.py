@@ -283,6 +283,9 @@ FAKE_APEX = {
         "class FusedAdam(torch.optim.AdamW):\n"
         "    def __init__(self, params, lr, adam_w_mode=True, **kwargs):\n"
         "        super().__init__(params, lr=lr)\n"),
+    # the compiled CUDA extensions of a full build (--cpp_ext --cuda_ext)
+    "amp_C.py": "",
+    "fused_layer_norm_cuda.py": "",
 }
 
 
@@ -329,6 +332,33 @@ def test_apex_is_used_when_installed(fake_apex, tokenizer):
     _, name = build_optimizer(model, cfg, cuda)
     assert name == "apex FusedAdam"
     assert build_optimizer(model, cfg, cpu)[1] == "torch AdamW"
+
+
+def test_a_python_only_apex_build_is_not_used(fake_apex, tmp_path):
+    """apex built without its CUDA extensions imports FusedAdam and FusedLayerNorm but refuses to
+    construct them: auto leaves it out, asking for it names the missing extensions, and
+    `siasam-fast env` says to rebuild it."""
+    import importlib
+
+    from siasam_fast import envcheck
+    from siasam_fast.config import Config
+    from siasam_fast.model import apex_available, apex_problem
+    from siasam_fast.training import build_optimizer, fused_layer_norm
+
+    assert apex_available()
+    (tmp_path / "amp_C.py").unlink()
+    importlib.invalidate_caches()
+    assert not apex_available() and "amp_C missing" in apex_problem()
+    cfg = Config()
+    assert not fused_layer_norm(cfg, torch.device("cuda"))  # auto: torch's LayerNorm
+    cfg.model.layer_norm = "apex"
+    with pytest.raises(ValueError, match="without its CUDA extensions"):
+        fused_layer_norm(cfg, torch.device("cuda"))
+    cfg.train.optimizer = "apex"
+    with pytest.raises(ValueError, match=r"train.optimizer='apex' but .*amp_C"):
+        build_optimizer(make_model("open"), cfg, torch.device("cuda"))
+    (row,) = envcheck.check_apex()
+    assert row.status == "missing" and "--cuda_ext" in row.hint and "amp_C" in row.detail
 
 
 def test_apex_asked_for_but_missing_is_a_clear_error(monkeypatch):

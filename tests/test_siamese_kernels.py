@@ -625,6 +625,22 @@ for cap, dtype in ((70, "fp16"), (70, "fp32"), (90, "fp16"), (90, "bf16")):
         # every switch on, a sweep candidate already at the 255-register cap before); more is a
         # regression.
         assert fwd[1] == fwd2[1] == 0 and bwd[1] <= 8 and bwd2[1] <= 64, "register spills"
+# What training launches on a V100: a per-GPU batch of videos (V = 8) below its 80 SMs takes the
+# few-videos settings (16 x 512 logit tiles, 128-wide feature tiles, 8 warps); the soft-label and
+# detached variants too.
+for dtype in ("fp16", "fp32"):
+    for K in (1500, 5):
+        bd, bk, warps = ks._launch_config(8, 768, K, sm_count=80)
+        for kernel, consts in (
+                (ks._siamese_fwd_kernel, dict(WRITE_Q=False)), (ks._siamese_fwd_kernel,
+                dict(WRITE_Q=True)), (ks._siamese_bwd_kernel, dict(DETACH=False, NEED_DZ=True,
+                NEED_DF=True, NEED_DTHETA=True)), (ks._siamese_bwd_kernel, dict(DETACH=True,
+                NEED_DZ=True, NEED_DF=False, NEED_DTHETA=False))):
+            regs, spill = compile_one(kernel, dtype, dict(HAS_MASK=True, SKG=True, BLOCK_D=bd,
+                                      BLOCK_K=bk, **consts), 70, warps, K)
+            print(f"sm_70 {dtype} V=8 K={K} {kernel.__name__} {consts}: regs={regs} "
+                  f"spill={spill}")
+            assert spill == 0, "register spills at the V100's training launch settings"
 print("OK")
 """
 

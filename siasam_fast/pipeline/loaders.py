@@ -21,6 +21,32 @@ def dali_available() -> bool:
     return importlib.util.find_spec("nvidia.dali") is not None
 
 
+# The oldest GPU that DALI's CUDA 13 wheels hold code for: CUDA 13 cannot target Volta, and
+# nvidia-dali-cuda130 2.4.0's fat binaries start at sm_75 (nvidia-dali-cuda120 2.4.0 has sm_70).
+DALI_CUDA13_MIN_CAPABILITY = (7, 5)
+
+
+def dali_gpu_problem() -> str | None:
+    """Why the installed DALI wheel cannot run on this GPU (None if it can, or without a GPU):
+    a CUDA 13 wheel on a V100 (sm_70) has no kernels for it, whatever CUDA the driver supports."""
+    if not torch.cuda.is_available():
+        return None
+    from siasam_fast.envcheck import _wheel_cuda_major, dali_wheel
+
+    wheel = dali_wheel()
+    if not wheel or (_wheel_cuda_major(wheel) or 0) < 13:
+        return None
+    try:
+        cc = tuple(torch.cuda.get_device_capability())
+    except (AssertionError, RuntimeError):  # no usable device after all: nothing to say
+        return None
+    if cc < DALI_CUDA13_MIN_CAPABILITY:
+        return (f"{wheel} has no code for {torch.cuda.get_device_name()} (sm_{cc[0]}{cc[1]}): "
+                "DALI's CUDA 13 wheels start at sm_75; install nvidia-dali-cuda120 instead "
+                "(pip install 'siasam-fast[gpu-cu120]'; it runs on CUDA 12 and 13 drivers)")
+    return None
+
+
 # Codecs DALI's video decoder reads on the GPU (NVDEC); its CPU decoder reads VP8, VP9, MJPEG.
 DALI_GPU_CODECS = frozenset({"h264", "hevc", "vp8", "vp9", "mjpeg", "av1"})
 DALI_CPU_CODECS = frozenset({"vp8", "vp9", "mjpeg"})
@@ -35,6 +61,10 @@ def resolve_backend(name: str, manifest: dict | None = None) -> str:
     if name == "auto":
         if not (torch.cuda.is_available() and dali_available()):
             return "pyav"
+        problem = dali_gpu_problem()
+        if problem:
+            logger.warning("data.backend=auto: %s; using pyav", problem)
+            return "pyav"
         unsupported = sorted(codecs - DALI_GPU_CODECS)
         if unsupported:
             logger.warning("data.backend=auto: DALI cannot decode %s; using pyav", unsupported)
@@ -43,6 +73,8 @@ def resolve_backend(name: str, manifest: dict | None = None) -> str:
     if name == "dali" and not dali_available():
         raise ValueError("backend='dali' but nvidia-dali is not installed: pip install "
                          "'siasam-fast[gpu]' (CUDA 13) or 'siasam-fast[gpu-cu120]' (CUDA 12)")
+    if name == "dali" and dali_gpu_problem():
+        raise ValueError(f"backend='dali': {dali_gpu_problem()}")
     if name == "dali":
         valid = DALI_GPU_CODECS if torch.cuda.is_available() else DALI_CPU_CODECS
         unsupported = sorted(codecs - valid)
