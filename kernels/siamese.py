@@ -14,7 +14,7 @@ sum of exponentials and the exponential-weighted sum of the anchor's logits.
 
 Large logits: every exponent is taken of a difference of logits, z - max (then scaled to log2
 units), never of z * log2(e) minus a saved logsumexp, and s_j, lse_0 and the backward's z_0k are
-taken relative to one logit of the anchor, ref (L and dz only need their differences, and the
+taken relative to the anchor's largest logit, ref (L and dz only need their differences, and the
 c_j sum to one). So logits of any size (a clip filled with -1e9, or with the fp32 minimum, as a
 hand-made mask might) give the probabilities and gradients the reference gives; with absolute
 values the rounding of z near 1e9 (64 in fp32) broke them.
@@ -158,10 +158,23 @@ def _anchor_row(z_base, offs_k, in_k, rows, ANCHOR_2D: tl.constexpr):
 
 
 @triton.jit
-def _anchor_ref(z_base):
-    """The anchor's first logit (0 if it is not finite): s_j and lse_0 are kept relative to it."""
-    ref = tl.load(z_base).to(tl.float32)
-    return tl.where(tl.abs(ref) < float("inf"), ref, 0.0)
+def _finite_or_zero(x):
+    return tl.where(tl.abs(x) < float("inf"), x, 0.0)
+
+
+@triton.jit
+def _anchor_ref(z_base, K, BLOCK_K: tl.constexpr):
+    """The anchor's largest logit (0 if it is not finite): s_j and lse_0 are kept relative to it.
+    Every z_0k - ref is then <= 0, and lse_0 - s_j = sum_k P_jk (lse_0 - z_0k) a sum of terms of
+    one sign: no cancellation between two large numbers (with one arbitrary logit of the anchor
+    as ref, an answer masked with -1e9 there made every z_0k - ref ~1e9, fp32 step 64). The
+    backward reads the same value from the saved per-clip max (m_0)."""
+    mx = tl.full((BLOCK_K,), float("-inf"), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        z = tl.load(z_base + offs_k, mask=offs_k < K, other=float("-inf")).to(tl.float32)
+        mx = tl.maximum(mx, z)
+    return _finite_or_zero(tl.max(mx, axis=0))
 
 
 @triton.jit
@@ -244,7 +257,7 @@ def _siamese_fwd_kernel(
     norm_ptr,  # [V, 16] fp32 max(|f_i|, eps) (SKG only)
     m_ptr,  # [V, 16] fp32 max of every clip's logits
     l2_ptr,  # [V, 16] fp32 log2 sum_k e^(z - max): P = 2^((z - max) log2(e) - l2)
-    s_ptr,  # [V, 16] fp32 s_j - ref = <P_j, z_0 - ref>, ref the anchor's first logit
+    s_ptr,  # [V, 16] fp32 s_j - ref = <P_j, z_0 - ref>, ref the anchor's largest logit
     N,
     D,
     K,
@@ -288,7 +301,7 @@ def _siamese_fwd_kernel(
     # ---- one pass over the logits: online softmax stats of every clip + s_j ----
     z_base = z_ptr + vid * N * K
     z_rows = z_base + rows[:, None] * K
-    ref = _anchor_ref(z_base)
+    ref = _anchor_ref(z_base, K, BLOCK_K)
     if ACC_2D:
         m, den, num = _online_stats_2d(z_rows, z_base, rows, valid, K, ref, BLOCK_K, PREFETCH,
                                        ANCHOR_2D)
@@ -373,7 +386,7 @@ def _siamese_bwd_kernel(
     z_base = z_ptr + vid * N * K
 
     if not DETACH:
-        ref = _anchor_ref(z_base)
+        ref = _finite_or_zero(tl.sum(tl.where(is_anchor, m, 0.0), axis=0))  # the forward's ref
         lse0 = tl.sum(tl.where(is_anchor, (m - ref) + l2 * LN2, 0.0), axis=0)  # lse_0 - ref
         gc = (lse0 - s) * g  # dL/dc_j = lse_0 - s_j = -<P_j, log softmax(z_0)>
         r = tl.sum(a_hat * gc[None, :], axis=1)  # r_i = sum_j Â(i, j) gc_j

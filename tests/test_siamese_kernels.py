@@ -276,6 +276,23 @@ def test_huge_logits_as_hand_made_masks_keep_the_references_gradients(monkeypatc
     assert_matches(tri, ref, torch.float32)
 
 
+@pytest.mark.parametrize("config", ["", "acc_2d=1,block_k=16", "anchor_2d=1,block_k=16"])
+@pytest.mark.parametrize("fill", [-1e4, -1e9, torch.finfo(torch.float32).min])
+def test_a_masked_first_answer_keeps_the_references_loss(monkeypatch, config, fill):
+    """Answer 0 masked by hand (-1e9, the fp32 minimum) in every clip, or in the anchor only, the
+    other logits ordinary: s_j and lse_0 were kept relative to the anchor's first logit, so every
+    z_0k - ref was ~1e9 (fp32 step 64) and the loss came out negative (-67 for 7.08)."""
+    from siasam_kernels import siamese as ks
+
+    monkeypatch.setenv(ks.CONFIG_ENV, config)
+    f, z, t1, t2, _ = make_inputs(2, 4, 9, 37, torch.float32, False, seed=29)
+    z[0, :, 0] = fill  # every clip
+    z[1, 0, 0] = fill  # the anchor only
+    tri, ref = run_both(f, z, t1, t2, None, reduction="none")
+    assert torch.isfinite(tri[0]).all() and all(torch.isfinite(a).all() for a in tri[1])
+    assert_matches(tri, ref, torch.float32)
+
+
 def test_non_contiguous_and_mixed_dtype_inputs():
     f, z, t1, t2, m = make_inputs(3, 9, 66, 200, torch.float32, True, seed=16)
     f_nc = f.half()[:, :, ::2]  # D = 33, strided
