@@ -454,6 +454,59 @@ def test_a_resumed_loader_leaves_out_the_videos_its_state_names(own_copy, caplog
     assert [reason for _, reason in resumed.skipped] == [state["bad_videos"][str(damaged)]]
 
 
+def test_a_resumed_loader_finds_the_videos_its_state_names_after_they_moved(own_copy, caplog,
+                                                                           tmp_path_factory):
+    """The videos moved (data.video_dir re-roots the manifest's paths) between the save and the
+    resume: the state's absolute paths name the old place, and the damaged video was tried (and
+    decoded) again. It is found by its path in the manifest, left out, and the resume says so."""
+    from siasam_fast.pipeline.manifest import load_manifest
+
+    folder, _ = own_copy
+    damaged = video_path(folder, "vp9", "vp9")
+    damage(damaged, "hidden")
+    names = ["vp9", "vp9_vfr", "mjpeg"] * 2
+    first = dali(examples_for(names), load_manifest(folder / "manifest.jsonl"), batch_size=3,
+                 shuffle=False)
+    it = iter(first)
+    next(it)
+    state = first.state_dict()
+    it.close()
+    moved = tmp_path_factory.mktemp("moved")
+    for path in folder.iterdir():
+        shutil.move(str(path), moved / path.name)
+    manifest = load_manifest(moved / "manifest.jsonl", video_dir=moved)
+    resumed = dali(examples_for(names), manifest, batch_size=3, shuffle=False)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="siasam_fast.pipeline.dali"):
+        resumed.load_state_dict(state)
+        list(resumed)
+    assert "DALI raised" not in caplog.text  # not decoded again
+    assert f"skipping video {moved / damaged.name} for the rest of this run, as before" \
+        in caplog.text
+    assert list(resumed.state_dict()["bad_videos"]) == [str(moved / damaged.name)]
+
+
+def test_a_video_put_back_as_indexed_is_not_left_out_after_a_resume(own_copy):
+    """A video left out because its size changed, then put back as the manifest measured it
+    before the resume: the resumed loader decodes it (it stayed out for good, silently)."""
+    folder, manifest = own_copy
+    damaged = video_path(folder, "vp9", "vp9")
+    good = damaged.read_bytes()
+    damage(damaged, "truncate")
+    names = ["vp9", "vp9_vfr", "mjpeg"] * 2
+    first = dali(examples_for(names), manifest, batch_size=3, shuffle=False)
+    it = iter(first)
+    next(it)
+    state = first.state_dict()
+    it.close()
+    assert list(state["bad_videos"]) == [str(damaged)]
+    damaged.write_bytes(good)
+    resumed = dali(examples_for(names), manifest, batch_size=3, shuffle=False)
+    resumed.load_state_dict(state)
+    rest = list(resumed)
+    assert resumed.skipped == [] and not any(b["stand_in"].any() for b in rest)
+
+
 def test_every_rank_yields_its_batches_when_a_whole_batch_fails(own_copy):
     """A batch whose every video failed was not yielded: that rank then ran fewer steps than the
     others and hung their collectives. It now holds stand-ins, and every rank yields

@@ -83,6 +83,7 @@ import os
 import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -103,7 +104,12 @@ from siasam_fast.pipeline.dataset import (
     stand_in_positions,
 )
 from siasam_fast.pipeline.manifest import VideoRecord
-from siasam_fast.pipeline.pyav_decode import DEFAULT_SEEK_THRESHOLD, DecodeError, file_change
+from siasam_fast.pipeline.pyav_decode import (
+    CHANGED_SINCE_INDEXING,
+    DEFAULT_SEEK_THRESHOLD,
+    DecodeError,
+    file_change,
+)
 from siasam_fast.pipeline.transforms import center_crop_box, resized_shape
 from siasam_fast.sampling import SamplingConfig
 from siasam_fast.stopping import defer_stop_signals
@@ -528,9 +534,21 @@ class DALIVideoLoader:
 
     def load_state_dict(self, state: dict) -> None:
         state = dict(state)
-        self._bad.update(state.pop("bad_videos", {}))
+        carried = state.pop("bad_videos", {})
         self.sampler.load_state_dict(state)
         self.dataset.set_epoch(self.sampler.epoch)
+        records = {r.path: r for r in self.dataset.records}
+        for saved, reason in carried.items():
+            path = saved if saved in records else _moved_path(saved, records)
+            if path is None:  # not a video of this data set (any more)
+                continue
+            if (reason.startswith(CHANGED_SINCE_INDEXING)
+                    and file_change(path, records[path].size) is None):
+                continue  # the file is the one indexed again (put back, or indexed again)
+            if path not in self._bad:
+                self._bad[path] = reason
+                logger.warning("skipping video %s for the rest of this run, as before the resume "
+                               "(its examples get stand-ins): %s", path, reason)
 
     def close(self) -> None:
         """End the passes in progress now: their pipelines and reader processes go (as they do
@@ -843,6 +861,19 @@ class DALIVideoLoader:
             self.stand_ins += 1
             return item, frames
         raise DecodeError(no_stand_in(step.jobs[slot].path, len(tried), self._bad))
+
+
+def _moved_path(saved: str, records: dict) -> str | None:
+    """The path in ``records`` of the video a loader state named ``saved`` before the videos moved
+    (``data.video_dir`` re-roots the manifest's paths): the record whose manifest-relative path
+    ends ``saved``, the longest such; None if there is none."""
+    parts = Path(saved).parts
+    best = None
+    for path, record in records.items():
+        rel = Path(record.relpath).parts
+        if rel and parts[-len(rel):] == rel and (best is None or len(rel) > best[0]):
+            best = (len(rel), path)
+    return None if best is None else best[1]
 
 
 def _pad_stack(parts: list[torch.Tensor]) -> torch.Tensor:

@@ -100,6 +100,10 @@ def decode_frames(
     return np.stack(out)
 
 
+# How file_change's reason for a size that differs from the manifest's begins.
+CHANGED_SINCE_INDEXING = "changed since the manifest was built"
+
+
 def file_change(path: str | Path, size: int) -> str | None:
     """Why the file at ``path`` is not the one the manifest measured (``size`` bytes; 0:
     unknown), or None. Sizes are compared, not modification times: copies (``cp -r``, cloud
@@ -109,7 +113,7 @@ def file_change(path: str | Path, size: int) -> str | None:
     except OSError as err:
         return f"unreadable: {err.strerror or err}"
     if size and now != size:
-        return (f"changed since the manifest was built (size {size} -> {now} bytes); "
+        return (f"{CHANGED_SINCE_INDEXING} (size {size} -> {now} bytes); "
                 "re-run `siasam-fast index`")
     return None
 
