@@ -346,6 +346,11 @@ def plot_curves(results: dict[str, dict], path: Path, title: str = "") -> Path:
 
 
 PARTIAL = ".{}.partial"  # a run in training, until both runs have finished
+# The previous demo's outputs while a new synthetic set replaces its data (its runs and summary
+# would no longer match data/): put back if the new demo stops or fails before its runs are in
+# place, renamed to DISCARDED (then deleted) once they are.
+PREVIOUS = ".previous"
+DISCARDED = ".previous.discarded"
 
 
 def demo_outputs() -> set[str]:
@@ -385,6 +390,36 @@ def check_demo_dir(out: Path, given: str | os.PathLike) -> None:
                 "one an earlier demo wrote"
             )
     check_output_dir(out / "data", "the demo's data folder")
+
+
+def _set_aside_previous(out: Path) -> bool:
+    """Move the previous demo's outputs (data, runs, logs, summary, plot) into ``out/.previous``;
+    whether there were any."""
+    names = sorted(n for n in demo_outputs() if (out / n).exists() or (out / n).is_symlink())
+    if not names:
+        return False
+    keep = out / PREVIOUS
+    keep.mkdir()
+    for name in names:
+        (out / name).rename(keep / name)
+    return True
+
+
+def _restore_previous(out: Path) -> bool:
+    """Put back what :func:`_set_aside_previous` moved, replacing what a new demo had written in
+    its place (a new data set); whether there was anything to put back."""
+    keep = out / PREVIOUS
+    if not keep.is_dir():
+        return False
+    for item in sorted(keep.iterdir()):
+        target = out / item.name
+        if target.is_dir() and not target.is_symlink():
+            shutil.rmtree(target)
+        else:
+            target.unlink(missing_ok=True)
+        item.rename(target)
+    keep.rmdir()
+    return True
 
 
 def _demo_run(run_dir: Path, data_dir: Path) -> bool:
@@ -443,33 +478,54 @@ def run_demo(
     options = synthetic_options(videos, quick)
     check_demo_dir(out, out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    # A demo killed (SIGKILL, a power cut) while it replaced the data set left the previous
+    # demo's outputs aside: they are the last complete demo.
+    shutil.rmtree(out / DISCARDED, ignore_errors=True)
+    if _restore_previous(out):
+        print("demo: put back the previous demo's data, runs and summary, set aside by a demo "
+              "that did not finish")
     seconds: dict[str, float] = {}
 
-    t = time.perf_counter()
-    data_dir = ensure_dataset(out / "data", seed, options)
-    seconds["data"] = time.perf_counter() - t
-    meta = load_meta(data_dir)
-
-    common = [*data_overrides(data_dir), f"train.seed={seed}", *(QUICK_OVERRIDES if quick else [])]
     # The new runs train in hidden folders and replace the previous demo's runs (and summary)
     # only once both have finished: a demo stopped or failing midway leaves the previous one's
-    # results as they were.
-    for name, switches in METHODS.items():
-        partial = out / PARTIAL.format(name)
-        shutil.rmtree(partial, ignore_errors=True)  # left by a demo stopped before
-        print(f"\ndemo: training {name} ({', '.join(switches)})", flush=True)
-        seconds[name] = run_training(
-            train_command(config, partial, [*common, *switches]),
-            log=partial.with_name(partial.name + ".log"),
-        )
+    # results as they were. A new synthetic set (another seed or size) would leave those results
+    # describing data that is no longer there, so the previous outputs, data included, are set
+    # aside first and put back if this demo does not finish.
+    set_aside = False
+    try:
+        if not dataset_matches(out / "data", seed, options):
+            set_aside = _set_aside_previous(out)
+        t = time.perf_counter()
+        data_dir = ensure_dataset(out / "data", seed, options)
+        seconds["data"] = time.perf_counter() - t
+        meta = load_meta(data_dir)
+
+        common = [*data_overrides(data_dir), f"train.seed={seed}",
+                  *(QUICK_OVERRIDES if quick else [])]
+        for name, switches in METHODS.items():
+            partial = out / PARTIAL.format(name)
+            shutil.rmtree(partial, ignore_errors=True)  # left by a demo stopped before
+            print(f"\ndemo: training {name} ({', '.join(switches)})", flush=True)
+            seconds[name] = run_training(
+                train_command(config, partial, [*common, *switches]),
+                log=partial.with_name(partial.name + ".log"),
+            )
+    except BaseException:
+        if set_aside:
+            _restore_previous(out)
+        raise
+    # Both runs finished: they replace the previous demo's (renamed first, then analysed, so that
+    # an error in the analysis cannot leave one new run beside an old one).
+    if set_aside:
+        (out / PREVIOUS).rename(out / DISCARDED)
     (out / "summary.json").unlink(missing_ok=True)  # it describes the runs being replaced
-    results = {}
     for name in METHODS:
         partial = out / PARTIAL.format(name)
         shutil.rmtree(out / name, ignore_errors=True)
         partial.rename(out / name)
         partial.with_name(partial.name + ".log").replace(out / f"{name}.log")
-        results[name] = analyse_run(out / name, meta)
+    shutil.rmtree(out / DISCARDED, ignore_errors=True)
+    results = {name: analyse_run(out / name, meta) for name in METHODS}
 
     # What the evaluation clip can see, per question type of the test split (both runs are
     # evaluated with the same sampling: only the method switches differ).

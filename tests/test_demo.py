@@ -221,11 +221,20 @@ def test_a_data_folder_of_someone_elses_is_refused(tmp_path):
                                                        "train_qa.json"]
 
 
+def snapshot(out):
+    """Every file under ``out`` (runs in training excepted) and a hash of its content."""
+    import hashlib
+
+    return {str(p.relative_to(out)): hashlib.md5(p.read_bytes()).hexdigest()
+            for p in sorted(out.rglob("*")) if p.is_file() and not any(
+                part.endswith(".partial") or part.endswith(".partial.log")
+                for part in p.relative_to(out).parts)}
+
+
 def test_a_stopped_demo_keeps_the_previous_results(quick_demo):
     """Ctrl-C (SIGINT to the process group) while a second demo trains into the same folder: one
     line and exit 130; the previous demo's runs and summary are as they were, and the training
     process is not left behind."""
-    import hashlib
     import os
     import signal
     import subprocess
@@ -235,14 +244,7 @@ def test_a_stopped_demo_keeps_the_previous_results(quick_demo):
     from subprocess_env import cpu_env
 
     out, _ = quick_demo
-
-    def snapshot():
-        return {str(p.relative_to(out)): hashlib.md5(p.read_bytes()).hexdigest()
-                for p in sorted(out.rglob("*")) if p.is_file() and not any(
-                    part.endswith(".partial") or part.endswith(".partial.log")
-                    for part in p.relative_to(out).parts)}
-
-    before = snapshot()
+    before = snapshot(out)
     proc = subprocess.Popen([sys.executable, "-m", "siasam_fast.cli", "demo", "--quick",
                              "--seed", "1", "--out", str(out)], env=cpu_env(OMP_NUM_THREADS="1"),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -257,6 +259,45 @@ def test_a_stopped_demo_keeps_the_previous_results(quick_demo):
     assert "siasam-fast demo: interrupted; the previous demo's runs and summary (if any) are " \
            "kept as they were" in stderr
     assert "Traceback" not in stderr, stderr[-3000:]
-    assert snapshot() == before
+    assert snapshot(out) == before
     alive = subprocess.run(["pgrep", "-s", str(proc.pid)], capture_output=True, text=True)
     assert alive.stdout.strip() == ""  # nothing of its session is left running
+
+
+def test_a_stopped_demo_with_a_new_data_set_keeps_the_previous_data_too(quick_demo, monkeypatch):
+    """Another seed regenerates the synthetic set: the previous demo's data, runs and summary are
+    set aside and put back when the new demo stops, so its runs never describe data that is no
+    longer there (the data used to be replaced in place at once)."""
+    out, _ = quick_demo
+    before = snapshot(out)
+    trained = []
+
+    def stopped(cmd, log):
+        trained.append(cmd)
+        assert json.loads((out / "data" / "meta.json").read_text())["seed"] == 2  # the new set
+        assert (out / demo.PREVIOUS / "summary.json").is_file()
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(demo, "run_training", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        demo.run_demo(out, quick=True, seed=2)
+    assert trained and snapshot(out) == before
+    assert not (out / demo.PREVIOUS).exists()
+
+
+def test_outputs_set_aside_by_a_killed_demo_are_put_back(quick_demo, monkeypatch, capsys):
+    """A demo killed (no chance to clean up) while it generated a new set left the previous
+    outputs in .previous and a new data folder begun: the next demo puts them back first."""
+    out, _ = quick_demo
+    before = snapshot(out)
+    assert demo._set_aside_previous(out)
+    (out / "data").mkdir()  # a generation just begun
+
+    def stopped(cmd, log):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(demo, "run_training", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        demo.run_demo(out, quick=True, seed=1)
+    assert "put back the previous demo's data, runs and summary" in capsys.readouterr().out
+    assert snapshot(out) == before and not (out / demo.PREVIOUS).exists()
