@@ -515,15 +515,22 @@ def run_demo(
             _restore_previous(out)
         raise
     # Both runs finished: they replace the previous demo's (renamed first, then analysed, so that
-    # an error in the analysis cannot leave one new run beside an old one).
+    # an error in the analysis cannot leave one new run beside an old one). The previous outputs
+    # set aside are given up only once both new runs are in place: a demo stopped or killed
+    # before that has them put back (here on Ctrl-C, else by the next demo).
+    try:
+        (out / "summary.json").unlink(missing_ok=True)  # it describes the runs being replaced
+        for name in METHODS:
+            partial = out / PARTIAL.format(name)
+            shutil.rmtree(out / name, ignore_errors=True)
+            partial.rename(out / name)
+            partial.with_name(partial.name + ".log").replace(out / f"{name}.log")
+    except BaseException:
+        if set_aside:
+            _restore_previous(out)
+        raise
     if set_aside:
         (out / PREVIOUS).rename(out / DISCARDED)
-    (out / "summary.json").unlink(missing_ok=True)  # it describes the runs being replaced
-    for name in METHODS:
-        partial = out / PARTIAL.format(name)
-        shutil.rmtree(out / name, ignore_errors=True)
-        partial.rename(out / name)
-        partial.with_name(partial.name + ".log").replace(out / f"{name}.log")
     shutil.rmtree(out / DISCARDED, ignore_errors=True)
     results = {name: analyse_run(out / name, meta) for name in METHODS}
 

@@ -301,3 +301,50 @@ def test_outputs_set_aside_by_a_killed_demo_are_put_back(quick_demo, monkeypatch
         demo.run_demo(out, quick=True, seed=1)
     assert "put back the previous demo's data, runs and summary" in capsys.readouterr().out
     assert snapshot(out) == before and not (out / demo.PREVIOUS).exists()
+
+
+def test_a_demo_stopped_while_its_new_runs_are_renamed_into_place_keeps_the_previous_one(
+        quick_demo, monkeypatch):
+    """Another seed, both new runs finished, Ctrl-C between the two renames into place: the
+    previous demo's data, runs and summary were already given up (.previous.discarded, deleted
+    by the next demo first). They must come back, as for a stop during the training."""
+    import shutil
+    from pathlib import Path
+
+    out, _ = quick_demo
+    before = snapshot(out)
+    runs = {n: out / n for n in demo.METHODS}
+    saved = {n: out.parent / f"saved-{n}" for n in demo.METHODS}
+    for n in demo.METHODS:  # stand-ins for the new runs: copies of the finished ones
+        shutil.rmtree(saved[n], ignore_errors=True)
+        shutil.copytree(runs[n], saved[n])
+
+    def trained(cmd, log):
+        run_dir = Path(next(c.split("=", 1)[1] for c in cmd if c.startswith("train.out_dir=")))
+        name = "baseline" if "sampling.num_clips=1" in cmd else "siasamrea"
+        shutil.copytree(saved[name], run_dir)
+        log.write_text("")
+        return 0.0
+
+    real_rename = Path.rename
+
+    def rename(self, target):
+        if Path(target) == runs["siasamrea"]:
+            raise KeyboardInterrupt  # after the new baseline's rename, before the siasamrea's
+        return real_rename(self, target)
+
+    monkeypatch.setattr(demo, "run_training", trained)
+    monkeypatch.setattr(Path, "rename", rename)
+    with pytest.raises(KeyboardInterrupt):
+        demo.run_demo(out, quick=True, seed=3)
+    monkeypatch.setattr(Path, "rename", real_rename)
+
+    def stopped(cmd, log):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(demo, "run_training", stopped)
+    with pytest.raises(KeyboardInterrupt):  # the next demo, with the previous demo's seed
+        demo.run_demo(out, quick=True, seed=1)
+    assert snapshot(out) == before
+    for n in demo.METHODS:
+        shutil.rmtree(saved[n], ignore_errors=True)
