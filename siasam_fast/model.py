@@ -127,7 +127,7 @@ def apex_problem() -> str | None:
     except Exception as err:  # noqa: BLE001 - an apex built for another torch / CUDA
         text = str(err).strip()
         return f"apex does not import ({text.splitlines()[0] if text else type(err).__name__})"
-    missing = []
+    missing, broken = [], []
     for name in APEX_EXTENSIONS:
         try:
             found = importlib.util.find_spec(name) is not None
@@ -135,9 +135,18 @@ def apex_problem() -> str | None:
             found = False
         if not found:
             missing.append(name)
+            continue
+        try:  # found is not enough: built for another torch, it fails to load (undefined symbol)
+            importlib.import_module(name)
+        except Exception as err:  # noqa: BLE001 - ImportError, OSError: not usable either way
+            text = str(err).strip()
+            broken.append(f"{name}: {text.splitlines()[0] if text else type(err).__name__}")
     if missing:
         return (f"apex is installed without its CUDA extensions ({', '.join(missing)} missing: "
                 "a Python-only build, whose FusedAdam and FusedLayerNorm refuse to run)")
+    if broken:
+        return (f"apex's CUDA extensions do not load ({'; '.join(broken)}): built for another "
+                "torch / CUDA, rebuild apex")
     return None
 
 

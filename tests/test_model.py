@@ -299,10 +299,11 @@ def fake_apex(tmp_path, monkeypatch):
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_text(text)
     monkeypatch.syspath_prepend(str(tmp_path))
-    for name in [m for m in sys.modules if m == "apex" or m.startswith("apex.")]:
+    ours = ("apex", "amp_C", "fused_layer_norm_cuda")  # apex_problem loads the extensions
+    for name in [m for m in sys.modules if m in ours or m.startswith("apex.")]:
         monkeypatch.delitem(sys.modules, name)
     yield
-    for name in [m for m in sys.modules if m == "apex" or m.startswith("apex.")]:
+    for name in [m for m in sys.modules if m in ours or m.startswith("apex.")]:
         sys.modules.pop(name, None)
 
 
@@ -339,6 +340,7 @@ def test_a_python_only_apex_build_is_not_used(fake_apex, tmp_path):
     construct them: auto leaves it out, asking for it names the missing extensions, and
     `siasam-fast env` says to rebuild it."""
     import importlib
+    import sys
 
     from siasam_fast import envcheck
     from siasam_fast.config import Config
@@ -347,6 +349,7 @@ def test_a_python_only_apex_build_is_not_used(fake_apex, tmp_path):
 
     assert apex_available()
     (tmp_path / "amp_C.py").unlink()
+    sys.modules.pop("amp_C", None)
     importlib.invalidate_caches()
     assert not apex_available() and "amp_C missing" in apex_problem()
     cfg = Config()
@@ -375,3 +378,26 @@ def test_apex_asked_for_but_missing_is_a_clear_error(monkeypatch):
         fused_layer_norm(cfg, torch.device("cuda"))
     with pytest.raises(ValueError, match="model.layer_norm='apex' needs CUDA"):
         fused_layer_norm(cfg, torch.device("cpu"))
+
+
+def test_an_apex_whose_extensions_do_not_load_is_not_used(fake_apex, tmp_path):
+    """apex's CUDA extensions present but built for another torch (ImportError: undefined
+    symbol when loaded): apex.multi_tensor_apply swallows that ImportError and FusedAdam then
+    refuses to construct, so auto must leave apex out, as for a Python-only build."""
+    import importlib
+    import sys
+
+    from siasam_fast.config import Config
+    from siasam_fast.model import apex_available, apex_problem
+    from siasam_fast.training import build_optimizer, fused_layer_norm
+
+    (tmp_path / "amp_C.py").write_text("raise ImportError('amp_C.so: undefined symbol: "
+                                       "_ZN3c104cuda9SetDeviceEi')\n")
+    sys.modules.pop("amp_C", None)
+    importlib.invalidate_caches()
+    assert not apex_available() and "undefined symbol" in apex_problem()
+    cfg = Config()
+    assert not fused_layer_norm(cfg, torch.device("cuda"))  # auto leaves it out
+    cfg.train.optimizer = "apex"
+    with pytest.raises(ValueError, match="extensions do not load"):
+        build_optimizer(make_model("open"), cfg, torch.device("cuda"))
