@@ -944,3 +944,31 @@ def test_a_video_with_many_consecutive_questions_gets_stand_ins(own_copy):
     batches = list(loader)
     assert len(batches) == 7 and loader.stand_ins == 20
     assert "vp9" not in [v for b in batches for v in b["video_id"]]
+
+
+def test_a_saved_path_is_matched_to_the_video_it_named_and_no_other():
+    """A loader state's path is found again after the videos moved (same relpath under another
+    folder; of two relpaths ending it, the longest), but a video that left the data set while the
+    videos stayed put is not taken for another one whose relpath ends its path (x.mp4 for
+    b/x.mp4), and many moved entries against many records take no time."""
+    import time
+    from types import SimpleNamespace
+
+    def index(root, rels):
+        return dali_module._relpath_index({f"{root}/{r}": SimpleNamespace(relpath=r)
+                                           for r in rels})
+
+    moved = dali_module._moved_path
+    new = index("/new", ["x.mp4", "a/x.mp4", "b/y.mp4"])
+    assert moved("/old/a/x.mp4", *new) == "/new/a/x.mp4"
+    assert moved("/old/b/y.mp4", *new) == "/new/b/y.mp4"
+    assert moved("/old/x.mp4", *new) == "/new/x.mp4"
+    assert moved("/old/c/z.mp4", *new) is None
+    same = index("/data", ["x.mp4", "a/x.mp4"])
+    assert moved("/data/b/x.mp4", *same) is None  # b/x.mp4 left the data set: not /data/x.mp4
+    assert moved("/data/a/x.mp4", *same) == "/data/a/x.mp4"
+    many = index("/new", [f"d{i % 100}/v{i}.mp4" for i in range(20_000)])
+    started = time.perf_counter()
+    assert all(moved(f"/old/d{i % 100}/v{i}.mp4", *many) == f"/new/d{i % 100}/v{i}.mp4"
+               for i in range(2_000))
+    assert time.perf_counter() - started < 2.0

@@ -538,8 +538,13 @@ class DALIVideoLoader:
         self.sampler.load_state_dict(state)
         self.dataset.set_epoch(self.sampler.epoch)
         records = {r.path: r for r in self.dataset.records}
+        by_relpath = None
         for saved, reason in carried.items():
-            path = saved if saved in records else _moved_path(saved, records)
+            if saved in records:
+                path = saved
+            else:
+                by_relpath = by_relpath or _relpath_index(records)
+                path = _moved_path(saved, *by_relpath)
             if path is None:  # not a video of this data set (any more)
                 continue
             if (reason.startswith(CHANGED_SINCE_INDEXING)
@@ -863,17 +868,33 @@ class DALIVideoLoader:
         raise DecodeError(no_stand_in(step.jobs[slot].path, len(tried), self._bad))
 
 
-def _moved_path(saved: str, records: dict) -> str | None:
-    """The path in ``records`` of the video a loader state named ``saved`` before the videos moved
-    (``data.video_dir`` re-roots the manifest's paths): the record whose manifest-relative path
-    ends ``saved``, the longest such; None if there is none."""
-    parts = Path(saved).parts
-    best = None
+def _relpath_index(records: dict) -> tuple[dict, set]:
+    """For :func:`_moved_path`: each record's path by its manifest-relative path's parts, and the
+    folders the records lie in now (each path less its relpath)."""
+    by_rel, roots = {}, set()
     for path, record in records.items():
         rel = Path(record.relpath).parts
-        if rel and parts[-len(rel):] == rel and (best is None or len(rel) > best[0]):
-            best = (len(rel), path)
-    return None if best is None else best[1]
+        if rel:
+            by_rel[rel] = path
+            full = Path(path).parts
+            if full[-len(rel):] == rel:
+                roots.add(full[:-len(rel)])
+    return by_rel, roots
+
+
+def _moved_path(saved: str, by_rel: dict, roots: set) -> str | None:
+    """The path of the video a loader state named ``saved`` before the videos moved
+    (``data.video_dir`` re-roots the manifest's paths): the record whose manifest-relative path
+    ends ``saved``, the longest such; None if there is none, or if ``saved`` lies in a folder the
+    records lie in now (the videos did not move: that video left the data set)."""
+    parts = Path(saved).parts
+    for root in roots:
+        if root and parts[:len(root)] == root:
+            return by_rel.get(parts[len(root):])
+    for i in range(len(parts)):  # the longest suffix first
+        if parts[i:] in by_rel:
+            return by_rel[parts[i:]]
+    return None
 
 
 def _pad_stack(parts: list[torch.Tensor]) -> torch.Tensor:
