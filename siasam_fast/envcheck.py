@@ -341,7 +341,6 @@ def _dali_decode_row(on_gpu: bool) -> Check:
 
 def check_deepspeed() -> list[Check]:
     import os
-    import shutil
 
     import torch
 
@@ -368,28 +367,28 @@ def check_deepspeed() -> list[Check]:
                           "train.optimizer=deepspeed picks DeepSpeed's)"))
         return rows
 
-    nvcc = shutil.which("nvcc") or (os.environ.get("CUDA_HOME") and
-                                    Path(os.environ["CUDA_HOME"], "bin", "nvcc").is_file())
+    nvcc = _build_nvcc()
     note = ""
     fixed = deepspeed_arch_list(os.environ.get("TORCH_CUDA_ARCH_LIST"))
     if fixed is not None:
         note = f"; train.py hands its build TORCH_CUDA_ARCH_LIST={fixed!r}"
-    toolkit = _nvcc_release(shutil.which("nvcc") or str(Path(os.environ.get("CUDA_HOME", ""),
-                                                          "bin", "nvcc"))) if nvcc else None
+    toolkit = _nvcc_release(str(nvcc)) if nvcc else None
     built_for = torch.version.cuda
     oldest = min(torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count()))
     clash = None
-    if toolkit and built_for and toolkit[0] != int(built_for.split(".")[0]):
-        clash = (f"nvcc is CUDA {toolkit[0]}.{toolkit[1]} but torch was built with CUDA "
-                 f"{built_for}: torch's extension builder refuses a different major version")
-    elif toolkit and toolkit[0] >= 13 and oldest < (7, 5):
-        clash = (f"nvcc is CUDA {toolkit[0]}.{toolkit[1]}, which cannot compile for "
+    hint = (f"use a CUDA {built_for} toolkit for the build (CUDA_HOME, or its nvcc first on "
+            "PATH), or --set train.optimizer=torch")
+    if toolkit and toolkit[0] >= 13 and oldest < (7, 5):
+        clash = (f"{nvcc} is CUDA {toolkit[0]}.{toolkit[1]}, which cannot compile for "
                  f"sm_{oldest[0]}{oldest[1]}")
+        hint = ("this GPU needs a cu126 torch and a CUDA 12 toolkit (README, Install on a GPU "
+                "machine), or --set train.optimizer=torch")
+    elif toolkit and built_for and toolkit[0] != int(built_for.split(".")[0]):
+        clash = (f"{nvcc} is CUDA {toolkit[0]}.{toolkit[1]} but torch was built with CUDA "
+                 f"{built_for}: torch's extension builder refuses a different major version")
     if clash:
         rows.append(Check("optimizer", "missing", f"DeepSpeed FusedAdam cannot be built here "
-                          f"({clash}): train.optimizer=auto falls back to torch AdamW",
-                          f"put a CUDA {built_for} toolkit first on PATH (or CUDA_HOME), or "
-                          "--set train.optimizer=torch"))
+                          f"({clash}): train.optimizer=auto falls back to torch AdamW", hint))
     elif FusedAdamBuilder().is_compatible(verbose=False) and nvcc:
         rows.append(Check("optimizer", "ok", "DeepSpeed FusedAdam (built on first use, about a "
                           f"minute, then cached){note}"))
@@ -398,6 +397,24 @@ def check_deepspeed() -> list[Check]:
                           "(no nvcc / CUDA_HOME)", "install the CUDA toolkit, or "
                           "--set train.optimizer=torch"))
     return rows
+
+
+def _build_nvcc() -> Path | None:
+    """The nvcc that torch's extension builder (and so DeepSpeed's FusedAdam build) would use:
+    CUDA_HOME / CUDA_PATH first, then the nvcc on PATH, then /usr/local/cuda; None if none."""
+    import os
+    import shutil
+
+    from torch.utils import cpp_extension
+
+    try:
+        home = cpp_extension._find_cuda_home()  # looked up now: the environment may have changed
+    except Exception:  # noqa: BLE001 - a private helper: fall back to its documented order
+        home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
+        if not home and shutil.which("nvcc"):
+            home = str(Path(shutil.which("nvcc")).resolve().parent.parent)
+    nvcc = Path(home, "bin", "nvcc") if home else None
+    return nvcc if nvcc is not None and nvcc.is_file() else None
 
 
 def _nvcc_release(nvcc: str) -> tuple[int, int] | None:

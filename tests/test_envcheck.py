@@ -234,23 +234,45 @@ def test_a_torch_that_does_not_import_is_blamed_once_with_the_right_reinstall(ca
 
 
 def test_an_nvcc_that_cannot_build_fused_adam_for_this_gpu_is_not_ok(monkeypatch, tmp_path):
-    """A V100 node with a cu126 torch and CUDA 13's nvcc first on PATH: torch's extension builder
-    refuses the major-version mismatch (and CUDA 13 has no sm_70), so FusedAdam is not built and
-    training falls back to torch AdamW; `env` must not report FusedAdam as ok."""
+    """The nvcc torch's extension builder would use (CUDA_HOME first, then PATH) decides whether
+    FusedAdam can be built: a CUDA 13 nvcc cannot compile for a V100 (sm_70), and one of another
+    major version than torch's CUDA is refused by the builder; training then falls back to torch
+    AdamW, so `env` must not report FusedAdam as ok."""
+    import os
+
     pytest.importorskip("deepspeed")
-    nvcc = tmp_path / "nvcc"
-    nvcc.write_text("#!/bin/sh\necho 'Cuda compilation tools, release 13.0, V13.0.48'\n")
-    nvcc.chmod(0o755)
-    monkeypatch.setenv("PATH", f"{tmp_path}:" + __import__("os").environ["PATH"])
+
+    def toolkit(name, release):
+        nvcc = tmp_path / name / "bin" / "nvcc"
+        nvcc.parent.mkdir(parents=True, exist_ok=True)
+        nvcc.write_text(f"#!/bin/sh\necho 'Cuda compilation tools, release {release}'\n")
+        nvcc.chmod(0o755)
+        return nvcc.parent.parent
+
+    cuda13, cuda12 = toolkit("cuda-13.0", "13.0"), toolkit("cuda-12.6", "12.6")
+    monkeypatch.delenv("CUDA_HOME", raising=False)
+    monkeypatch.delenv("CUDA_PATH", raising=False)
+    monkeypatch.setenv("PATH", f"{cuda13 / 'bin'}:" + os.environ["PATH"])
     monkeypatch.setenv("DS_ACCELERATOR", "cpu")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (7, 0))
     monkeypatch.setattr(torch.version, "cuda", "12.6")
     monkeypatch.setitem(sys.modules, "apex", None)  # no apex: `import apex` raises
-    rows = {r.name: r for r in envcheck.check_deepspeed()}
-    assert rows["optimizer"].status == "missing", rows["optimizer"]
-    assert "CUDA 13.0" in rows["optimizer"].detail and "12.6" in rows["optimizer"].hint
-    nvcc.write_text("#!/bin/sh\necho 'Cuda compilation tools, release 12.6, V12.6.85'\n")
-    rows = {r.name: r for r in envcheck.check_deepspeed()}
-    assert rows["optimizer"].status == "ok", rows["optimizer"]
+
+    def optimizer_row():
+        return {r.name: r for r in envcheck.check_deepspeed()}["optimizer"]
+
+    row = optimizer_row()  # a V100, CUDA 13's nvcc first on PATH
+    assert row.status == "missing" and "CUDA 13.0" in row.detail and "sm_70" in row.detail
+    assert "cu126 torch and a CUDA 12 toolkit" in row.hint
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (8, 0))
+    row = optimizer_row()  # an A100: the major version still differs from torch's
+    assert row.status == "missing" and "refuses a different major version" in row.detail
+    assert "CUDA 12.6 toolkit" in row.hint
+    monkeypatch.setenv("CUDA_HOME", str(cuda12))  # what the build uses, whatever PATH says
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (7, 0))
+    assert optimizer_row().status == "ok", optimizer_row()
+    monkeypatch.setenv("CUDA_HOME", str(cuda13))
+    monkeypatch.setenv("PATH", f"{cuda12 / 'bin'}:" + os.environ["PATH"])
+    assert optimizer_row().status == "missing"
