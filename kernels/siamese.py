@@ -224,7 +224,8 @@ def _online_stats_2d(z_rows, z_base, rows, valid, K, ref, BLOCK_K: tl.constexpr,
         d = (zf - m) * LOG2E  # +inf on a slot's first element
         grow = d > 0.0
         e = tl.exp2(-tl.abs(d))  # e^(old max - new max) if grow, else e^(z - max)
-        e = tl.where(d == d, e, 0.0)  # -inf on both sides (a -inf logit in an empty slot)
+        # -inf on both sides (a -inf logit in an empty slot) adds nothing; a NaN logit stays NaN
+        e = tl.where((d == d) | (zf != zf), e, 0.0)
         den_new = tl.where(grow, den * e + 1.0, den + e)
         num_new = tl.where(grow, num * e + z0, num + e * z0)
         keep = in_k[None, :]  # columns past K leave their slot as it was

@@ -293,6 +293,22 @@ def test_a_masked_first_answer_keeps_the_references_loss(monkeypatch, config, fi
     assert_matches(tri, ref, torch.float32)
 
 
+@pytest.mark.parametrize("config", ["", "acc_2d=1,block_k=16", "anchor_2d=1,block_k=16"])
+def test_a_nan_logit_in_a_valid_clip_gives_a_nan_loss_as_the_reference_does(monkeypatch, config):
+    """A NaN logit in a valid siamese clip (a diverged step) must show in that video's loss, as
+    the reference's does (fp16 loss scaling and users watch for it); the column-slot statistics
+    (acc_2d) used to drop it and give a finite loss."""
+    from siasam_kernels import siamese as ks
+
+    monkeypatch.setenv(ks.CONFIG_ENV, config)
+    f, z, t1, t2, _ = make_inputs(2, 4, 9, 37, torch.float32, False, seed=31)
+    z[0, 2, 20] = float("nan")
+    tri, ref = run_both(f, z, t1, t2, None, reduction="none")
+    assert torch.isnan(ref[0][0]) and torch.isfinite(ref[0][1])
+    assert torch.isnan(tri[0][0]) and torch.isfinite(tri[0][1])
+    torch.testing.assert_close(tri[0][1].double(), ref[0][1], rtol=1e-5, atol=1e-6)
+
+
 def test_non_contiguous_and_mixed_dtype_inputs():
     f, z, t1, t2, m = make_inputs(3, 9, 66, 200, torch.float32, True, seed=16)
     f_nc = f.half()[:, :, ::2]  # D = 33, strided
