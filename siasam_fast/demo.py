@@ -392,10 +392,11 @@ def check_demo_dir(out: Path, given: str | os.PathLike) -> None:
     check_output_dir(out / "data", "the demo's data folder")
 
 
-def _set_aside_previous(out: Path) -> bool:
-    """Move the previous demo's outputs (data, runs, logs, summary, plot) into ``out/.previous``;
-    whether there were any."""
-    names = sorted(n for n in demo_outputs() if (out / n).exists() or (out / n).is_symlink())
+def _set_aside_previous(out: Path, names: set[str] | None = None) -> bool:
+    """Move the previous demo's outputs (``names``, default all: data, runs, logs, summary, plot)
+    into ``out/.previous``; whether there were any."""
+    names = sorted(n for n in (demo_outputs() if names is None else names)
+                   if (out / n).exists() or (out / n).is_symlink())
     if not names:
         return False
     keep = out / PREVIOUS
@@ -515,14 +516,15 @@ def run_demo(
             _restore_previous(out)
         raise
     # Both runs finished: they replace the previous demo's (renamed first, then analysed, so that
-    # an error in the analysis cannot leave one new run beside an old one). The previous outputs
-    # set aside are given up only once both new runs are in place: a demo stopped or killed
-    # before that has them put back (here on Ctrl-C, else by the next demo).
+    # an error in the analysis cannot leave one new run beside an old one). The previous runs,
+    # logs, summary and plot are set aside (with the data, if it was replaced) and given up only
+    # once both new runs are in place: a demo stopped or killed before that has them put back
+    # (here on Ctrl-C, else by the next demo), never half a deleted run.
     try:
-        (out / "summary.json").unlink(missing_ok=True)  # it describes the runs being replaced
+        if not set_aside:
+            set_aside = _set_aside_previous(out, demo_outputs() - {"data"})
         for name in METHODS:
             partial = out / PARTIAL.format(name)
-            shutil.rmtree(out / name, ignore_errors=True)
             partial.rename(out / name)
             partial.with_name(partial.name + ".log").replace(out / f"{name}.log")
     except BaseException:

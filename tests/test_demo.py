@@ -303,11 +303,13 @@ def test_outputs_set_aside_by_a_killed_demo_are_put_back(quick_demo, monkeypatch
     assert snapshot(out) == before and not (out / demo.PREVIOUS).exists()
 
 
+@pytest.mark.parametrize("seed", [3, 1])
 def test_a_demo_stopped_while_its_new_runs_are_renamed_into_place_keeps_the_previous_one(
-        quick_demo, monkeypatch):
-    """Another seed, both new runs finished, Ctrl-C between the two renames into place: the
-    previous demo's data, runs and summary were already given up (.previous.discarded, deleted
-    by the next demo first). They must come back, as for a stop during the training."""
+        quick_demo, monkeypatch, seed):
+    """Both new runs finished, Ctrl-C between the two renames into place: the previous demo's
+    data (another seed), runs and summary were already given up (.previous.discarded, deleted by
+    the next demo first), or (the same seed) the previous run was being deleted, which could
+    leave half of it. They must come back, as for a stop during the training."""
     import shutil
     from pathlib import Path
 
@@ -327,17 +329,20 @@ def test_a_demo_stopped_while_its_new_runs_are_renamed_into_place_keeps_the_prev
         return 0.0
 
     real_rename = Path.rename
+    stops = []
 
-    def rename(self, target):
-        if Path(target) == runs["siasamrea"]:
-            raise KeyboardInterrupt  # after the new baseline's rename, before the siasamrea's
+    def rename(self, target):  # once: after the new baseline's rename, before the siasamrea's
+        if Path(target) == runs["siasamrea"] and self.name.endswith(".partial") and not stops:
+            stops.append(self)
+            raise KeyboardInterrupt
         return real_rename(self, target)
 
     monkeypatch.setattr(demo, "run_training", trained)
     monkeypatch.setattr(Path, "rename", rename)
     with pytest.raises(KeyboardInterrupt):
-        demo.run_demo(out, quick=True, seed=3)
+        demo.run_demo(out, quick=True, seed=seed)
     monkeypatch.setattr(Path, "rename", real_rename)
+    assert stops and snapshot(out) == before
 
     def stopped(cmd, log):
         raise KeyboardInterrupt
