@@ -251,3 +251,28 @@ def test_generate_writes_only_into_new_empty_or_synthetic_folders(tmp_path):
     assert is_synthetic_set(ours) and not (ours / IN_PROGRESS).exists()
     generate(ours, 3, 1, size=16, workers=1, progress=False)  # regenerated in place
     assert json.loads((ours / "meta.json").read_text())["num_videos"] == 3
+
+
+def test_regeneration_cut_short_leaves_no_old_annotations_or_manifest(tmp_path, monkeypatch):
+    """A regeneration stopped midway (Ctrl-C) must not leave the old set's annotations and
+    manifest beside a mix of old and new videos: training would pair new videos with old labels."""
+    from siasam_fast.data import synthetic
+    from siasam_fast.data.synthetic import IN_PROGRESS
+
+    out = tmp_path / "set"
+    generate(out, 4, 0, size=16, workers=1, progress=False)
+    (out / "manifest.jsonl").write_text("{}\n")  # as `siasam-fast synth` writes it
+    render, calls = synthetic._render_job, []
+
+    def stopped_after_two(job):
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        calls.append(job)
+        return render(job)
+
+    monkeypatch.setattr(synthetic, "_render_job", stopped_after_two)
+    with pytest.raises(KeyboardInterrupt):
+        generate(out, 4, 1, size=16, workers=1, progress=False)
+    assert (out / IN_PROGRESS).exists() and not (out / "meta.json").exists()
+    assert not (out / "manifest.jsonl").exists()
+    assert sorted(p.name for p in (out / "annotations").iterdir()) == []

@@ -848,6 +848,13 @@ def generate(
         "generator": GENERATOR_NAME, "version": GENERATOR_VERSION,
         "note": "generation running or cut short; meta.json is written when it completes"}))
     (out / "meta.json").unlink(missing_ok=True)
+    # The old set's annotations and manifest describe the videos about to be replaced: a
+    # generation cut short must not leave them beside a mix of old and new videos (training on
+    # them, or re-indexing as a decode failure suggests, would pair new videos with old labels).
+    for split in SPLITS:
+        (out / "annotations" / f"{split}_qa.json").unlink(missing_ok=True)
+        (out / "annotations" / f"how2qa_{split}.jsonl").unlink(missing_ok=True)
+    (out / "manifest.jsonl").unlink(missing_ok=True)
     (out / "videos").mkdir(exist_ok=True)
     (out / "annotations").mkdir(exist_ok=True)
 
