@@ -29,6 +29,7 @@ import hashlib
 import json
 import os
 import random
+import signal
 import statistics
 import subprocess
 import sys
@@ -272,6 +273,13 @@ def not_reusable(run: dict) -> str | None:
     if not (summary.is_file() and (d / "predictions_test.jsonl").is_file()):
         return "not finished"
     cmd_file = d / "command.json"
+    started = d / STARTED
+    if not cmd_file.is_file() and started.is_file() and (
+            summary.stat().st_mtime_ns >= started.stat().st_mtime_ns):
+        # Started by this script, finished after that (the sweep was stopped or killed while
+        # the training ended): the summary is that training's own (train.overwrite moved any
+        # older one aside when it started).
+        cmd_file = started
     try:
         saved = json.loads(cmd_file.read_text())
     except (OSError, ValueError):
@@ -307,6 +315,31 @@ def _same(saved: list[str], cmd: list[str]) -> bool:
     return strip(saved) == strip(cmd)
 
 
+# The command a run was started with, written before it starts (command.json, which says a run's
+# results are reusable, is removed then and written once it has finished).
+STARTED = "command.started.json"
+
+
+def _record(run: dict) -> str:
+    return json.dumps({"command": run["cmd"][1:], "data": run["data"]})
+
+
+def _finish(run: dict, proc: subprocess.Popen, log, t0: float, failed: list) -> None:
+    log.close()
+    secs = time.perf_counter() - t0
+    if proc.returncode == 0:
+        (run["run_dir"] / "command.json").write_text(_record(run))
+        (run["run_dir"] / STARTED).unlink(missing_ok=True)
+        print(f"  done {run['variant']} seed {run['seed']} in {secs:.0f} s", flush=True)
+    else:
+        failed.append(run)
+        print(
+            f"  FAILED {run['variant']} seed {run['seed']} (exit {proc.returncode}); "
+            f"log {run['run_dir'].with_suffix('.log')}",
+            flush=True,
+        )
+
+
 def execute(runs: list[dict], jobs: int) -> list[dict]:
     """Run the unfinished trainings, ``jobs`` at a time, each logging to <run_dir>.log; returns
     the runs that failed (a fine-tuning run whose baseline failed among them)."""
@@ -322,7 +355,23 @@ def execute(runs: list[dict], jobs: int) -> list[dict]:
     running: list[tuple[dict, subprocess.Popen, float, object]] = []
     queue = list(todo)
     failed = []
+    try:
+        _execute(queue, running, failed, jobs, env)
+    except BaseException:  # stopped: the trainings stop too (checkpoint saved), none is orphaned
+        for run, proc, t0, log in running:
+            if proc.poll() is None:
+                proc.terminate()  # after the group's Ctrl-C: an echo the training ignores
+            try:
+                proc.wait(timeout=120)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+            _finish(run, proc, log, t0, [])
+        raise
+    return failed
 
+
+def _execute(queue: list[dict], running: list, failed: list[dict], jobs: int, env: dict) -> None:
     def ready(run):  # its baseline finished: not waiting, running or failed in this sweep
         pending = {r["run_dir"] for r in queue} | {item[0]["run_dir"] for item in running}
         return run["needs"] is None or (run["needs"] not in pending
@@ -344,6 +393,9 @@ def execute(runs: list[dict], jobs: int) -> list[dict]:
             run = next(r for r in queue if ready(r))
             queue.remove(run)
             run["run_dir"].mkdir(parents=True, exist_ok=True)
+            # Retrained: its folder's results are no longer those of command.json's command.
+            (run["run_dir"] / "command.json").unlink(missing_ok=True)
+            (run["run_dir"] / STARTED).write_text(_record(run))
             log = open(run["run_dir"].with_suffix(".log"), "wb")
             proc = subprocess.Popen(run["cmd"], env=env, stdout=log, stderr=subprocess.STDOUT)
             running.append((run, proc, time.perf_counter(), log))
@@ -354,20 +406,7 @@ def execute(runs: list[dict], jobs: int) -> list[dict]:
             if proc.poll() is None:
                 continue
             running.remove(item)
-            log.close()
-            secs = time.perf_counter() - t0
-            if proc.returncode == 0:
-                (run["run_dir"] / "command.json").write_text(
-                    json.dumps({"command": run["cmd"][1:], "data": run["data"]}))
-                print(f"  done {run['variant']} seed {run['seed']} in {secs:.0f} s", flush=True)
-            else:
-                failed.append(run)
-                print(
-                    f"  FAILED {run['variant']} seed {run['seed']} (exit {proc.returncode}); "
-                    f"log {run['run_dir'].with_suffix('.log')}",
-                    flush=True,
-                )
-    return failed
+            _finish(run, proc, log, t0, failed)
 
 
 def run_rows(runs: list[dict], meta: dict) -> list[dict]:
@@ -480,8 +519,26 @@ def finished_runs(runs_dir: Path) -> list[Path]:
     return sorted(p.parent for p in runs_dir.glob("*-seed*/summary.json"))
 
 
+def _stop(signum, frame) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM ends the process at once
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    previous = signal.signal(signal.SIGTERM, _stop)  # a scheduler's stop takes the Ctrl-C path
+    try:
+        return _main(args)
+    except KeyboardInterrupt:
+        print("ablation: interrupted; the finished runs are kept, the stopped ones saved a "
+              "checkpoint, and the result files are as they were: run the same command again to "
+              "continue", file=sys.stderr)
+        return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _main(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     options = demo.synthetic_options(args.videos, args.quick)
     data_dir = args.runs / "data"
@@ -535,23 +592,35 @@ def main(argv: list[str] | None = None) -> int:
         "train_label_noise": args.train_label_noise,
         "failed_runs": " ".join(f"{r['variant']}/seed{r['seed']}" for r in failed),
     }
-    csv_runs = write_csv(rows, results_path(f"{tag}_runs.csv", args.out), {**env, **extra})
-    csv_sum = write_csv(summary, results_path(f"{tag}.csv", args.out), {**env, **extra})
+    # Every result file is written under a hidden name first and renamed into place together at
+    # the end: a stop while they are made leaves the previous sweep's files as they were, never
+    # new CSVs beside an old table and plot.
+    made: list[tuple[Path, Path]] = []
+
+    def staged(name: str) -> Path:
+        final = results_path(name, args.out)
+        made.append((final.with_name(f".{final.stem}.partial{final.suffix}"), final))
+        return made[-1][0]
+
+    csv_runs = write_csv(rows, staged(f"{tag}_runs.csv"), {**env, **extra})
+    csv_sum = write_csv(summary, staged(f"{tag}.csv"), {**env, **extra})
     title = (
         f"SiaSamRea ablations, synthetic VideoQA ({options['num_videos']} videos, "
         f"{'/'.join(options['question_types'])}"
         + (f", {args.train_label_noise:.0%} train label noise" if args.train_label_noise else "")
         + f"), seeds {args.seeds}"
     )
-    png = plot(summary, rows, results_path(f"{tag}.png", args.out), title)
+    png = plot(summary, rows, staged(f"{tag}.png"), title)
     table = display_rows(summary)
     legend = ("test accuracy (%) with the anchor clip only, mean +- std over seeds "
               "(best_val_accuracy: the val split at its best epoch); delta: accuracy minus the "
               "baseline's")
     print(f"\n{title}\n{legend}")
     print(format_table(table))
-    md = results_path(f"{tag}.md", args.out)
-    md.write_text(f"{title}\n\n{legend}{failure}\n\n{markdown_table(table)}\n")
+    staged(f"{tag}.md").write_text(f"{title}\n\n{legend}{failure}\n\n{markdown_table(table)}\n")
+    for tmp, final in made:
+        os.replace(tmp, final)
+    csv_runs, csv_sum, png, md = (final for _, final in made)
     print(f"\n{time.perf_counter() - started:.0f} s; {csv_runs}, {csv_sum}, {png}, {md}")
     if failed:
         print(f"ablation: {len(failed)} training(s) did not finish{failure}: the results above "

@@ -328,3 +328,25 @@ def test_label_noise_must_be_a_fraction(capsys):
     with pytest.raises(SystemExit):
         ablation.parse_args(["--train-label-noise", "1.5"])
     assert "--train-label-noise=1.5: must be in [0, 1)" in capsys.readouterr().err
+
+
+def test_a_run_retrained_under_another_command_is_not_reused_by_the_old_one(tmp_path,
+                                                                            monkeypatch):
+    """The sweep stopped or killed (SIGTERM to it alone, SIGKILL) while a run it retrains under
+    another command finishes on its own: the old command.json must not make the new results pass
+    for the old command's, and the command that made them reuses them."""
+    import json
+    import os
+
+    run = _fake_run(tmp_path, "baseline-seed0", FINISH)
+    d = run["run_dir"]
+    d.mkdir()
+    old = {"command": ["--set", "train.lr=0.001"], "data": "d"}
+    (d / "command.json").write_text(json.dumps(old))
+    # The sweep dies once the training has ended, before it records anything about it.
+    monkeypatch.setattr(ablation, "_finish", lambda *a, **k: None)
+    ablation._execute([run], [], [], 1, dict(os.environ))
+    assert (d / "summary.json").read_text() == "new"
+    old_run = {**run, "cmd": [sys.executable, *old["command"]]}
+    assert not ablation._finished(old_run)
+    assert ablation._finished(run)
