@@ -85,10 +85,11 @@ def _train(args: argparse.Namespace, rest: list[str]) -> int:
 
 def _eval(args: argparse.Namespace) -> int:
     import json
+    import os
 
     import torch.distributed as dist
 
-    from siasam_fast.paths import check_output_file
+    from siasam_fast.paths import check_output_file, write_text_atomic
     from siasam_fast.pipeline.dataset import close_loaders
     from siasam_fast.training import evaluate_checkpoint
 
@@ -97,27 +98,38 @@ def _eval(args: argparse.Namespace) -> int:
     if len(outputs) == 2 and outputs["--json"].resolve() == outputs["--predictions"].resolve():
         raise ValueError(f"--json and --predictions name the same file "
                          f"({str(outputs['--json'])!r}): give two paths")
+    # Both files are made under hidden names and renamed into place together once the evaluation
+    # has finished: a stop or a failure keeps the earlier pair as it was (never a new file beside
+    # an old one).
+    staged = {option: path.with_name(f".{path.name}.{os.getpid()}.partial")
+              for option, path in outputs.items()}
     try:
-        metrics = evaluate_checkpoint(args.checkpoint, config_path=args.config,
-                                      overrides=args.set, split=args.split,
-                                      predictions=outputs.get("--predictions"))
-    except PermissionError as err:  # a path the checks above could not foresee
-        raise ValueError(f"cannot write {err.filename!r}: {err.strerror}") from None
+        try:
+            metrics = evaluate_checkpoint(args.checkpoint, config_path=args.config,
+                                          overrides=args.set, split=args.split,
+                                          predictions=staged.get("--predictions"))
+        except PermissionError as err:  # a path the checks above could not foresee
+            raise ValueError(f"cannot write {err.filename!r}: {err.strerror}") from None
+        finally:
+            close_loaders()  # a failing evaluation's traceback keeps its loader's workers alive
+        if dist.is_initialized() and dist.get_rank() != 0:
+            return 0
+        if "--json" in outputs:
+            try:
+                write_text_atomic(staged["--json"], json.dumps(metrics, indent=1) + "\n")
+            except OSError as err:
+                raise ValueError(f"--json {str(outputs['--json'])!r}: {err.strerror or err}") \
+                    from None
+        for option, path in outputs.items():
+            os.replace(staged[option], path)
     finally:
-        close_loaders()  # a failing evaluation's traceback keeps its loader's workers alive
-    if dist.is_initialized() and dist.get_rank() != 0:
-        return 0
+        for path in staged.values():
+            path.unlink(missing_ok=True)
     width = max(len(k) for k in metrics)
     print(f"{'metric':<{width}}  value")
     for key, value in metrics.items():
         print(f"{key:<{width}}  {value:.4f}" if isinstance(value, float) else
               f"{key:<{width}}  {value}")
-    if "--json" in outputs:
-        try:
-            outputs["--json"].parent.mkdir(parents=True, exist_ok=True)
-            outputs["--json"].write_text(json.dumps(metrics, indent=1) + "\n")
-        except OSError as err:
-            raise ValueError(f"--json {str(outputs['--json'])!r}: {err.strerror or err}") from None
     for option, path in outputs.items():
         print(f"{option.removeprefix('--')}: {path}")
     return 0
@@ -238,6 +250,8 @@ INTERRUPTED = {
     "synth": CONTINUES, "index": CONTINUES, "transcode": CONTINUES,
     "demo": "the previous demo's runs and summary (if any) are kept as they were; running it "
             "again trains both runs anew",
+    "eval": "nothing was written (--json / --predictions are replaced only once the evaluation "
+            "has finished)",
 }
 
 

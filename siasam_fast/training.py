@@ -494,13 +494,10 @@ def evaluate(model, loader, cfg: Config, text: TextEncoder, device, dtype, desc=
     for qtype in types if types != [""] else []:  # no breakdown when no question has a type
         result[f"{metric}/{qtype or 'untyped'}"] = _mean(r[1] for r in rows.values()
                                                           if r[0] == qtype)
-    if predictions is not None and rank0:
-        predictions.parent.mkdir(parents=True, exist_ok=True)
-        with predictions.open("w") as fh:
-            for idx in sorted(rows):
-                qtype, value, qid, p = rows[idx]
-                fh.write(json.dumps({"qid": qid, "question_type": qtype, "prediction": p,
-                                     metric: value}) + "\n")
+    if predictions is not None and rank0:  # atomic: a stop while writing keeps an earlier file
+        write_text_atomic(predictions, "".join(
+            json.dumps({"qid": qid, "question_type": qtype, "prediction": p, metric: value}) + "\n"
+            for qtype, value, qid, p in (rows[idx] for idx in sorted(rows))))
     return result
 
 

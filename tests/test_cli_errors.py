@@ -480,3 +480,43 @@ def test_parser_imports_nothing_heavy():
                          env=cpu_env(), timeout=120)
     assert run.returncode == 0, run.stderr
     assert run.stdout.strip() == "[]"
+
+
+def test_eval_replaces_its_output_files_together_and_a_stop_keeps_the_earlier_pair(
+        capsys, tmp_path, monkeypatch):
+    """--json and --predictions are made under hidden names and renamed into place together once
+    the evaluation has finished: Ctrl-C while the predictions are written (or before the JSON is)
+    gives one line and exit 130 and keeps the earlier pair; a finished evaluation replaces both."""
+    import json
+
+    from siasam_fast import training
+
+    out = tmp_path / "out"
+    out.mkdir()
+    metrics, preds = out / "m.json", out / "p.jsonl"
+    metrics.write_text("old metrics\n")
+    preds.write_text("old predictions\n")
+
+    def stopped(*args, predictions=None, **kwargs):
+        predictions.write_text('{"qid": 1}\n')  # half of the new predictions
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(training, "evaluate_checkpoint", stopped)
+    code, _, err = run_cli(capsys, "eval", "--checkpoint", tmp_path, "--json", metrics,
+                           "--predictions", preds)
+    assert code == 130 and "siasam-fast eval: interrupted; nothing was written" in err
+    assert "Traceback" not in err
+    assert metrics.read_text() == "old metrics\n" and preds.read_text() == "old predictions\n"
+    assert sorted(p.name for p in out.iterdir()) == ["m.json", "p.jsonl"]
+
+    def finished(*args, predictions=None, **kwargs):
+        predictions.write_text('{"qid": 1}\n{"qid": 2}\n')
+        return {"num_examples": 2, "accuracy": 0.5}
+
+    monkeypatch.setattr(training, "evaluate_checkpoint", finished)
+    code, stdout, _ = run_cli(capsys, "eval", "--checkpoint", tmp_path, "--json", metrics,
+                              "--predictions", preds)
+    assert code == 0 and "accuracy" in stdout
+    assert json.loads(metrics.read_text()) == {"num_examples": 2, "accuracy": 0.5}
+    assert preds.read_text() == '{"qid": 1}\n{"qid": 2}\n'
+    assert sorted(p.name for p in out.iterdir()) == ["m.json", "p.jsonl"]
