@@ -131,3 +131,37 @@ class StopRequest:
         if flag.item() and self.signal is None:
             self.signal = "another process's stop signal"
         return bool(flag.item())
+
+
+class Stopped(BaseException):
+    """A stop signal received within :func:`stop_raises` (a BaseException, as KeyboardInterrupt:
+    no ``except Exception`` swallows it)."""
+
+    def __init__(self, number: int):
+        super().__init__(signal.Signals(number).name)
+        self.name = signal.Signals(number).name
+        self.exit_status = 128 + int(number)
+
+
+class stop_raises:  # noqa: N801 - used as a context manager, like a function
+    """Within ``with stop_raises():``, a stop signal raises :class:`Stopped` at once: for work that
+    cannot stop halfway with a checkpoint but can be redone on resume (training's test evaluation,
+    after its last checkpoint). Outside the main thread it installs nothing. The previous handlers
+    come back on exit."""
+
+    def __enter__(self) -> stop_raises:
+        self._previous: dict[int, object] = {}
+        if threading.current_thread() is threading.main_thread():
+            for name in STOP_SIGNALS:
+                if hasattr(signal, name):
+                    number = getattr(signal, name)
+                    self._previous[number] = signal.signal(number, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for number, handler in self._previous.items():
+            signal.signal(number, handler)
+
+    @staticmethod
+    def _handle(number, frame) -> None:
+        raise Stopped(number)

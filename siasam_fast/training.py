@@ -67,7 +67,7 @@ from siasam_fast.paths import USAGE_ERRORS, file_in_the_way, write_text_atomic  
 from siasam_fast.pipeline.dataset import close_loaders  # noqa: E402
 from siasam_fast.pipeline.loaders import build_video_loader  # noqa: E402
 from siasam_fast.pipeline.manifest import load_manifest  # noqa: E402
-from siasam_fast.stopping import CHECK_EVERY, StopRequest  # noqa: E402
+from siasam_fast.stopping import CHECK_EVERY, Stopped, StopRequest, stop_raises  # noqa: E402
 
 # Config fields that may change between a checkpoint and the run resuming (or evaluating) it.
 RESUMABLE_CHANGES = {
@@ -1107,9 +1107,20 @@ def train(argv: list[str] | None = None, prog: str | None = None) -> int:
                "optimizer": optimizer_name, "train_seconds": time.perf_counter() - t_run,
                "stand_in_examples": stand_ins, "history": history}
     if "test" in data.examples and not stop:
-        test_loader = make_loader(cfg, data, "test", rank, world)
-        summary["test"] = evaluate(engine, test_loader, cfg, text, device, dtype, desc="test",
-                                   predictions=out_dir / "predictions_test.jsonl")
+        # The training is over and saved: a stop signal now ends the test evaluation at once and
+        # leaves it (and summary.json) to --resume auto.
+        try:
+            with stop_raises():
+                test_loader = make_loader(cfg, data, "test", rank, world)
+                summary["test"] = evaluate(engine, test_loader, cfg, text, device, dtype,
+                                           desc="test",
+                                           predictions=out_dir / "predictions_test.jsonl")
+        except Stopped as stopped:
+            if rank0:
+                print(f"\nstopped by {stopped.name} during the test evaluation, after step {step}: "
+                      f"the training is saved in {out_dir / 'checkpoints'}; --resume auto does "
+                      "the test evaluation and summary.json")
+            return stopped.exit_status
     if eval_split and history:
         summary[eval_split] = {k[len(eval_split) + 1:]: v for k, v in history[-1].items()
                                if k.startswith(eval_split + "_")}

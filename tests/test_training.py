@@ -227,6 +227,41 @@ def test_a_stop_at_an_epochs_last_step_leaves_its_evaluation_to_the_resume(synth
     assert not tag.exists() or not json.loads((tag / "run_state.json").read_text())["eval_due"]
 
 
+SIGNAL_IN_TEST_EVAL = """
+import os, signal, sys
+from siasam_fast import training
+evaluate = training.evaluate
+
+def evaluate_then_signal(*args, desc="", **kwargs):  # a stop during the test evaluation
+    if desc == "test":
+        os.kill(os.getpid(), signal.SIGINT)
+    return evaluate(*args, desc=desc, **kwargs)
+
+training.evaluate = evaluate_then_signal
+sys.exit(training.main(sys.argv[1:]))
+"""
+
+
+def test_a_stop_during_the_test_evaluation_leaves_it_to_the_resume(synth, tmp_path):
+    """Ctrl-C during the test evaluation (after the last checkpoint): one line naming what is
+    left, exit 130, no summary; --resume auto then evaluates the test split and writes it (it
+    was a traceback, and the demo read the exit status as a failed training)."""
+    out = tmp_path / "run"
+    ann = synth / "annotations"
+    args = base_args(synth, out, "--set", f"data.test={ann / 'test_qa.json'}",
+                     "--set", "train.epochs=1")
+    proc = subprocess.run([sys.executable, "-c", SIGNAL_IN_TEST_EVAL, *args], cwd=ROOT,
+                          env=cpu_env(OMP_NUM_THREADS="1"), capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 128 + signal.SIGINT, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert "stopped by SIGINT during the test evaluation" in proc.stdout
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert not (out / "summary.json").exists()
+    train([*args, "--resume", "auto"])
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["test"]["num_examples"] > 0 and (out / "predictions_test.jsonl").is_file()
+
+
 def epoch_rows(out: Path, drop=()) -> list[dict]:
     with (out / "metrics_epochs.csv").open() as fh:
         return [{k: v for k, v in r.items() if k not in drop} for r in csv.DictReader(fh)]
