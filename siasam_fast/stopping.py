@@ -158,10 +158,28 @@ class stop_raises:  # noqa: N801 - used as a context manager, like a function
                     self._previous[number] = signal.signal(number, self._handle)
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, exc_type, *exc) -> None:
+        if exc_type is not None and issubclass(exc_type, Stopped):
+            # The process is on its way out: the launcher's echo of the same stop (torchrun and
+            # the deepspeed launcher pass on what their group also got; the demo and ablation
+            # SIGTERM their training after a Ctrl-C) must not kill it (-15) or print a
+            # KeyboardInterrupt traceback. A later Ctrl-C still stops at once.
+            for number in self._previous:
+                signal.signal(number, self._echo)
+            self._previous = {}
+            return
         for number, handler in self._previous.items():
             signal.signal(number, handler)
 
-    @staticmethod
-    def _handle(number, frame) -> None:
+    _since = 0.0
+
+    def _handle(self, number, frame) -> None:
+        stop_raises._since = time.monotonic()
+        for other in self._previous:  # a second signal while the first one unwinds: ignored
+            signal.signal(other, self._echo)
         raise Stopped(number)
+
+    @staticmethod
+    def _echo(number, frame) -> None:
+        if number == signal.SIGINT and time.monotonic() - stop_raises._since > REPEAT_WINDOW_S:
+            raise KeyboardInterrupt

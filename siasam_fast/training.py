@@ -1091,36 +1091,37 @@ def train(argv: list[str] | None = None, prog: str | None = None) -> int:
             print(f"stopped by {stopped_by} after step {step}: checkpoint saved in "
                   f"{out_dir / 'checkpoints'}; --resume auto continues with {left}")
         return stop_request.exit_status
-    steps_run = step - first_step
-    if dist.is_initialized() and world > 1:
-        counts = [0] * world
-        dist.all_gather_object(counts, stand_ins)
-        stand_ins = sum(counts)
-    if rank0 and stand_ins:
-        print(f"note: {stand_ins} training example(s) got a stand-in because their video failed "
-              "at decode time (the warnings name the files; `siasam-fast index` again)")
-    summary = {"steps": step, "epochs_completed": len(history), "precision": precision,
-               "steps_per_s": steps_run / max(1e-9, step_seconds),  # training steps only
-               "peak_memory_gb": (torch.cuda.max_memory_allocated(device) / 2**30
-                                  if device.type == "cuda" else None),
-               "zero_stage": engine.zero_optimization_stage(), "world_size": world,
-               "optimizer": optimizer_name, "train_seconds": time.perf_counter() - t_run,
-               "stand_in_examples": stand_ins, "history": history}
-    if "test" in data.examples and not stop:
-        # The training is over and saved: a stop signal now ends the test evaluation at once and
-        # leaves it (and summary.json) to --resume auto.
-        try:
-            with stop_raises():
+    # The training is over and saved: a stop signal from here to the summary ends the run at once
+    # and leaves the test evaluation and summary.json to --resume auto.
+    try:
+        with stop_raises():
+            steps_run = step - first_step
+            if dist.is_initialized() and world > 1:
+                counts = [0] * world
+                dist.all_gather_object(counts, stand_ins)
+                stand_ins = sum(counts)
+            if rank0 and stand_ins:
+                print(f"note: {stand_ins} training example(s) got a stand-in because their video "
+                      "failed at decode time (the warnings name the files; `siasam-fast index` "
+                      "again)")
+            summary = {"steps": step, "epochs_completed": len(history), "precision": precision,
+                       "steps_per_s": steps_run / max(1e-9, step_seconds),  # training steps only
+                       "peak_memory_gb": (torch.cuda.max_memory_allocated(device) / 2**30
+                                          if device.type == "cuda" else None),
+                       "zero_stage": engine.zero_optimization_stage(), "world_size": world,
+                       "optimizer": optimizer_name, "train_seconds": time.perf_counter() - t_run,
+                       "stand_in_examples": stand_ins, "history": history}
+            if "test" in data.examples and not stop:
                 test_loader = make_loader(cfg, data, "test", rank, world)
                 summary["test"] = evaluate(engine, test_loader, cfg, text, device, dtype,
                                            desc="test",
                                            predictions=out_dir / "predictions_test.jsonl")
-        except Stopped as stopped:
-            if rank0:
-                print(f"\nstopped by {stopped.name} during the test evaluation, after step {step}: "
-                      f"the training is saved in {out_dir / 'checkpoints'}; --resume auto does "
-                      "the test evaluation and summary.json")
-            return stopped.exit_status
+    except Stopped as stopped:
+        if rank0:
+            print(f"\nstopped by {stopped.name} after the training (step {step}, saved in "
+                  f"{out_dir / 'checkpoints'}), before the test evaluation finished: --resume "
+                  "auto does the test evaluation and summary.json")
+        return stopped.exit_status
     if eval_split and history:
         summary[eval_split] = {k[len(eval_split) + 1:]: v for k, v in history[-1].items()
                                if k.startswith(eval_split + "_")}

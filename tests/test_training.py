@@ -254,7 +254,8 @@ def test_a_stop_during_the_test_evaluation_leaves_it_to_the_resume(synth, tmp_pa
                           env=cpu_env(OMP_NUM_THREADS="1"), capture_output=True, text=True,
                           timeout=600)
     assert proc.returncode == 128 + signal.SIGINT, proc.stdout[-2000:] + proc.stderr[-3000:]
-    assert "stopped by SIGINT during the test evaluation" in proc.stdout
+    assert "stopped by SIGINT after the training" in proc.stdout
+    assert "before the test evaluation finished: --resume auto does" in proc.stdout
     assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert not (out / "summary.json").exists()
     train([*args, "--resume", "auto"])
