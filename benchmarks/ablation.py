@@ -324,10 +324,14 @@ def _record(run: dict) -> str:
     return json.dumps({"command": run["cmd"][1:], "data": run["data"]})
 
 
-def _finish(run: dict, proc: subprocess.Popen, log, t0: float, failed: list) -> None:
+def _finish(run: dict, proc: subprocess.Popen, log, t0: float, failed: list,
+            stopped: bool = False) -> None:
     log.close()
     secs = time.perf_counter() - t0
-    if proc.returncode == 0:
+    if stopped and proc.returncode != 0:
+        print(f"  stopped {run['variant']} seed {run['seed']} (exit {proc.returncode}): the next "
+              "sweep trains it again", flush=True)
+    elif proc.returncode == 0:
         (run["run_dir"] / "command.json").write_text(_record(run))
         (run["run_dir"] / STARTED).unlink(missing_ok=True)
         print(f"  done {run['variant']} seed {run['seed']} in {secs:.0f} s", flush=True)
@@ -357,16 +361,18 @@ def execute(runs: list[dict], jobs: int) -> list[dict]:
     failed = []
     try:
         _execute(queue, running, failed, jobs, env)
-    except BaseException:  # stopped: the trainings stop too (checkpoint saved), none is orphaned
-        for run, proc, t0, log in running:
+    except BaseException:  # stopped: the trainings stop too, none is orphaned
+        for _, proc, _, _ in running:  # every training first, then wait for them together
             if proc.poll() is None:
                 proc.terminate()  # after the group's Ctrl-C: an echo the training ignores
+        deadline = time.monotonic() + 120
+        for run, proc, t0, log in running:
             try:
-                proc.wait(timeout=120)
+                proc.wait(timeout=max(0.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
-            _finish(run, proc, log, t0, [])
+            _finish(run, proc, log, t0, [], stopped=True)
         raise
     return failed
 
@@ -530,9 +536,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return _main(args)
     except KeyboardInterrupt:
-        print("ablation: interrupted; the finished runs are kept, the stopped ones saved a "
-              "checkpoint, and the result files are as they were: run the same command again to "
-              "continue", file=sys.stderr)
+        print("ablation: interrupted; the finished runs are kept (the stopped trainings are "
+              "trained again by the next sweep) and the result files are as they were: run the "
+              "same command again to continue", file=sys.stderr)
         return 130
     finally:
         signal.signal(signal.SIGTERM, previous)

@@ -350,3 +350,37 @@ def test_a_run_retrained_under_another_command_is_not_reused_by_the_old_one(tmp_
     old_run = {**run, "cmd": [sys.executable, *old["command"]]}
     assert not ablation._finished(old_run)
     assert ablation._finished(run)
+
+
+def test_a_stopped_sweep_signals_every_running_training_at_once(tmp_path, monkeypatch):
+    """--jobs 2 stopped: both trainings get their SIGTERM together (each then takes its time to
+    save a checkpoint), not the second only once the first has exited."""
+    import textwrap
+
+    fake = tmp_path / "fake.py"
+    fake.write_text(textwrap.dedent("""
+        import signal, sys, time
+        def on_term(n, f):
+            open(sys.argv[1], "w").write(repr(time.time()))
+            time.sleep(2)  # saving a checkpoint
+            sys.exit(143)
+        signal.signal(signal.SIGTERM, on_term)
+        open(sys.argv[1] + ".ready", "w").close()
+        while True:
+            time.sleep(0.05)
+    """))
+    runs = [{"variant": f"v{i}", "seed": 0, "run_dir": tmp_path / f"v{i}-seed0", "needs": None,
+             "data": "d", "data_dir": tmp_path,
+             "cmd": [sys.executable, str(fake), str(tmp_path / f"v{i}.t")]} for i in range(2)]
+    real_sleep = ablation.time.sleep
+
+    def sleep_then_stop(seconds):  # the sweep's Ctrl-C, once both trainings are up
+        real_sleep(seconds)
+        if all((tmp_path / f"v{i}.t.ready").exists() for i in range(2)):
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(ablation.time, "sleep", sleep_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        ablation.execute(runs, 2)
+    first, second = sorted(float((tmp_path / f"v{i}.t").read_text()) for i in range(2))
+    assert second - first < 1.0
