@@ -86,6 +86,8 @@ def _train(args: argparse.Namespace, rest: list[str]) -> int:
 def _eval(args: argparse.Namespace) -> int:
     import json
     import os
+    import tempfile
+    from pathlib import Path
 
     import torch.distributed as dist
 
@@ -101,8 +103,15 @@ def _eval(args: argparse.Namespace) -> int:
     # Both files are made under hidden names and renamed into place together once the evaluation
     # has finished: a stop or a failure keeps the earlier pair as it was (never a new file beside
     # an old one).
-    staged = {option: path.with_name(f".{path.name}.{os.getpid()}.partial")
-              for option, path in outputs.items()}
+    # A symlink's file is the output (the link stays). A special file (/dev/stdout, a pipe), or
+    # a writable file in a folder that takes no new file, is written in place at the end: its
+    # staged copy waits in the temporary folder.
+    real = {option: path if path.exists() and not path.is_file() else
+            Path(os.path.realpath(path)) for option, path in outputs.items()}
+    special = {option for option, path in real.items()
+               if (path.exists() and not path.is_file()) or not _takes_new_files(path.parent)}
+    staged = {option: (Path(tempfile.gettempdir()) if option in special else path.parent)
+              / f".{path.name}.{os.getpid()}.partial" for option, path in real.items()}
     try:
         try:
             metrics = evaluate_checkpoint(args.checkpoint, config_path=args.config,
@@ -120,8 +129,12 @@ def _eval(args: argparse.Namespace) -> int:
             except OSError as err:
                 raise ValueError(f"--json {str(outputs['--json'])!r}: {err.strerror or err}") \
                     from None
-        for option, path in outputs.items():
-            os.replace(staged[option], path)
+        for option, path in real.items():
+            if option in special:
+                with open(path, "w") as fh:
+                    fh.write(staged[option].read_text())
+            else:
+                os.replace(staged[option], path)
     finally:
         for path in staged.values():
             path.unlink(missing_ok=True)
@@ -133,6 +146,23 @@ def _eval(args: argparse.Namespace) -> int:
     for option, path in outputs.items():
         print(f"{option.removeprefix('--')}: {path}")
     return 0
+
+
+def _takes_new_files(folder) -> bool:
+    """Whether a new file can be made in ``folder`` (tried; a folder not made yet: its nearest
+    existing parent)."""
+    import os
+    import tempfile
+
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".siasam-probe-", dir=folder)
+    except OSError:
+        return False
+    os.close(fd)
+    os.unlink(probe)
+    return True
 
 
 def _transcode(args: argparse.Namespace) -> int:

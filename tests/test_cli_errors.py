@@ -520,3 +520,54 @@ def test_eval_replaces_its_output_files_together_and_a_stop_keeps_the_earlier_pa
     assert json.loads(metrics.read_text()) == {"num_examples": 2, "accuracy": 0.5}
     assert preds.read_text() == '{"qid": 1}\n{"qid": 2}\n'
     assert sorted(p.name for p in out.iterdir()) == ["m.json", "p.jsonl"]
+
+
+def test_eval_writes_the_file_behind_a_symlinked_output(capsys, tmp_path, monkeypatch):
+    """--json / --predictions naming a symlink write its file (the link stays), as before the
+    outputs were staged."""
+    from siasam_fast import training
+
+    shared, results = tmp_path / "shared", tmp_path / "results"
+    shared.mkdir()
+    results.mkdir()
+    (shared / "m.json").write_text("old\n")
+    (shared / "p.jsonl").write_text("old\n")
+    (results / "m.json").symlink_to(shared / "m.json")
+    (results / "p.jsonl").symlink_to(shared / "p.jsonl")
+
+    def finished(*args, predictions=None, **kwargs):
+        if predictions is not None:
+            predictions.write_text('{"qid": 1}\n')
+        return {"num_examples": 1, "accuracy": 1.0}
+
+    monkeypatch.setattr(training, "evaluate_checkpoint", finished)
+    code, _, err = run_cli(capsys, "eval", "--checkpoint", tmp_path, "--json",
+                           results / "m.json", "--predictions", results / "p.jsonl")
+    assert code == 0, err
+    assert (results / "m.json").is_symlink() and (results / "p.jsonl").is_symlink()
+    assert '"accuracy": 1.0' in (shared / "m.json").read_text()
+    assert (shared / "p.jsonl").read_text() == '{"qid": 1}\n'
+
+
+def test_eval_writes_in_place_where_the_folder_takes_no_new_file(capsys, tmp_path, monkeypatch):
+    """A writable output file in a folder that takes no new file (read-only folder, /dev): the
+    staged copy waits in the temporary folder and is written into the file at the end, after the
+    evaluation as before; nothing is left in the temporary folder."""
+    import tempfile
+
+    from siasam_fast import cli as cli_module
+    from siasam_fast import training
+
+    out = tmp_path / "ro"
+    out.mkdir()
+    (out / "m.json").write_text("old\n")
+    monkeypatch.setattr(cli_module, "_takes_new_files", lambda folder: folder != out)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.setattr(training, "evaluate_checkpoint",
+                        lambda *a, **k: {"num_examples": 1, "accuracy": 1.0})
+    code, _, err = run_cli(capsys, "eval", "--checkpoint", tmp_path, "--json", out / "m.json")
+    assert code == 0, err
+    assert '"accuracy": 1.0' in (out / "m.json").read_text()
+    assert list((tmp_path / "tmp").iterdir()) == [] and [p.name for p in out.iterdir()] == [
+        "m.json"]
