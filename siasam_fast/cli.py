@@ -91,7 +91,7 @@ def _eval(args: argparse.Namespace) -> int:
 
     import torch.distributed as dist
 
-    from siasam_fast.paths import check_output_file, write_text_atomic
+    from siasam_fast.paths import check_output_file, takes_new_files, write_text_atomic
     from siasam_fast.pipeline.dataset import close_loaders
     from siasam_fast.training import evaluate_checkpoint
 
@@ -109,7 +109,7 @@ def _eval(args: argparse.Namespace) -> int:
     real = {option: path if path.exists() and not path.is_file() else
             Path(os.path.realpath(path)) for option, path in outputs.items()}
     special = {option for option, path in real.items()
-               if (path.exists() and not path.is_file()) or not _takes_new_files(path.parent)}
+               if (path.exists() and not path.is_file()) or not takes_new_files(path.parent)}
     staged = {option: (Path(tempfile.gettempdir()) if option in special else path.parent)
               / f".{path.name}.{os.getpid()}.partial" for option, path in real.items()}
     try:
@@ -146,23 +146,6 @@ def _eval(args: argparse.Namespace) -> int:
     for option, path in outputs.items():
         print(f"{option.removeprefix('--')}: {path}")
     return 0
-
-
-def _takes_new_files(folder) -> bool:
-    """Whether a new file can be made in ``folder`` (tried; a folder not made yet: its nearest
-    existing parent)."""
-    import os
-    import tempfile
-
-    while not folder.exists() and folder != folder.parent:
-        folder = folder.parent
-    try:
-        fd, probe = tempfile.mkstemp(prefix=".siasam-probe-", dir=folder)
-    except OSError:
-        return False
-    os.close(fd)
-    os.unlink(probe)
-    return True
 
 
 def _transcode(args: argparse.Namespace) -> int:

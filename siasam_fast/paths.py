@@ -66,6 +66,14 @@ def _not_writable(target: Path) -> str:
     return ""
 
 
+def takes_new_files(folder: str | os.PathLike) -> bool:
+    """Whether a new file can be made in ``folder`` (not made yet: its nearest existing parent),
+    tried with a probe file as :func:`check_output_file` does."""
+    folder = Path(folder).absolute()
+    target = next(p for p in (folder, *folder.parents) if p.exists())
+    return target.is_dir() and not _not_writable(target)
+
+
 def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
     """Write ``text`` to ``path`` through a temporary file beside it, renamed over it: a write cut
     short (a kill, a full disk) leaves the previous version, never half a file."""

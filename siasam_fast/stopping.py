@@ -64,6 +64,18 @@ def defer_stop_signals(*_args) -> None:
     defer_stop_signals.installed_in = os.getpid()
 
 
+def _install(handler) -> dict[int, object]:
+    """``handler`` for every stop signal (in the main thread only: elsewhere nothing); the
+    previous handlers, by signal number."""
+    previous: dict[int, object] = {}
+    if threading.current_thread() is threading.main_thread():
+        for name in STOP_SIGNALS:
+            if hasattr(signal, name):
+                number = getattr(signal, name)
+                previous[number] = signal.signal(number, handler)
+    return previous
+
+
 class StopRequest:
     """Within ``with StopRequest(world, group):``, the stop signals set a flag instead of ending
     the process; ``should_stop(step)`` says (the same on every process) when to stop. Outside the
@@ -77,11 +89,7 @@ class StopRequest:
         self._previous: dict[int, object] = {}
 
     def __enter__(self) -> StopRequest:
-        if threading.current_thread() is threading.main_thread():
-            for name in STOP_SIGNALS:
-                if hasattr(signal, name):
-                    number = getattr(signal, name)
-                    self._previous[number] = signal.signal(number, self._handle)
+        self._previous = _install(self._handle)
         return self
 
     def __exit__(self, *exc) -> None:
@@ -150,12 +158,7 @@ class stop_raises:  # noqa: N801 - used as a context manager, like a function
     come back on exit."""
 
     def __enter__(self) -> stop_raises:
-        self._previous: dict[int, object] = {}
-        if threading.current_thread() is threading.main_thread():
-            for name in STOP_SIGNALS:
-                if hasattr(signal, name):
-                    number = getattr(signal, name)
-                    self._previous[number] = signal.signal(number, self._handle)
+        self._previous = _install(self._handle)
         return self
 
     def __exit__(self, exc_type, *exc) -> None:

@@ -555,13 +555,12 @@ def test_eval_writes_in_place_where_the_folder_takes_no_new_file(capsys, tmp_pat
     evaluation as before; nothing is left in the temporary folder."""
     import tempfile
 
-    from siasam_fast import cli as cli_module
-    from siasam_fast import training
+    from siasam_fast import paths, training
 
     out = tmp_path / "ro"
     out.mkdir()
     (out / "m.json").write_text("old\n")
-    monkeypatch.setattr(cli_module, "_takes_new_files", lambda folder: folder != out)
+    monkeypatch.setattr(paths, "takes_new_files", lambda folder: folder != out)
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
     (tmp_path / "tmp").mkdir()
     monkeypatch.setattr(training, "evaluate_checkpoint",
