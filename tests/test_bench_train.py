@@ -146,9 +146,9 @@ def test_isolated_variants_report_rows_logs_and_timeouts(tmp_path):
                             start_new_session=True)
     try:
         deadline = time.monotonic() + 300
-        while not csv_path.exists() and proc.poll() is None and time.monotonic() < deadline:
+        # The JSON is written last of the three (CSV, table, JSON), each atomically.
+        while not meta_path.exists() and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.2)
-        time.sleep(0.5)  # the JSON is written right after the CSV
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
