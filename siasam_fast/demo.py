@@ -346,9 +346,10 @@ def plot_curves(results: dict[str, dict], path: Path, title: str = "") -> Path:
 
 
 PARTIAL = ".{}.partial"  # a run in training, until both runs have finished
-# The previous demo's outputs while a new synthetic set replaces its data (its runs and summary
-# would no longer match data/): put back if the new demo stops or fails before its runs are in
-# place, renamed to DISCARDED (then deleted) once they are.
+# The previous demo's outputs while they are being replaced (from the start when a new synthetic
+# set replaces its data, which its runs and summary would no longer match; else while the new runs
+# are renamed into place): put back if the new demo stops or fails before its runs are in place,
+# renamed to DISCARDED (then deleted) once they are.
 PREVIOUS = ".previous"
 DISCARDED = ".previous.discarded"
 
@@ -511,23 +512,17 @@ def run_demo(
                 train_command(config, partial, [*common, *switches]),
                 log=partial.with_name(partial.name + ".log"),
             )
-    except BaseException:
-        if set_aside:
-            _restore_previous(out)
-        raise
-    # Both runs finished: they replace the previous demo's (renamed first, then analysed, so that
-    # an error in the analysis cannot leave one new run beside an old one). The previous runs,
-    # logs, summary and plot are set aside (with the data, if it was replaced) and given up only
-    # once both new runs are in place: a demo stopped or killed before that has them put back
-    # (here on Ctrl-C, else by the next demo), never half a deleted run.
-    try:
+        # Both runs finished: they replace the previous demo's (renamed first, then analysed, so
+        # that an error in the analysis cannot leave one new run beside an old one). The previous
+        # runs, logs, summary and plot are set aside too (with the data, if it was replaced) and
+        # given up only once both new runs are in place: never half a deleted run.
         if not set_aside:
             set_aside = _set_aside_previous(out, demo_outputs() - {"data"})
         for name in METHODS:
             partial = out / PARTIAL.format(name)
             partial.rename(out / name)
             partial.with_name(partial.name + ".log").replace(out / f"{name}.log")
-    except BaseException:
+    except BaseException:  # a stop or a failure: the previous demo's outputs come back
         if set_aside:
             _restore_previous(out)
         raise

@@ -223,6 +223,7 @@ def check_dali(decode: bool = True) -> list[Check]:
     from siasam_fast.pipeline.loaders import dali_gpu_problem, resolve_backend
 
     on_gpu = torch.cuda.is_available()
+    gpu_problem = dali_gpu_problem()  # None without a GPU
     try:
         import nvidia.dali as dali
     except ImportError as err:
@@ -246,8 +247,8 @@ def check_dali(decode: bool = True) -> list[Check]:
                             f"{wheel_cuda} driver; this driver supports CUDA {driver[0]}."
                             f"{driver[1]}", f"pip install nvidia-dali-cuda{driver[0]}0 instead "
                             "(README, Install on a GPU machine)")
-        elif on_gpu and dali_gpu_problem():
-            rows[0] = Check("DALI", "fail", dali_gpu_problem(), "pip install "
+        elif gpu_problem:
+            rows[0] = Check("DALI", "fail", gpu_problem, "pip install "
                             "nvidia-dali-cuda120 (README, Install on a GPU machine: V100 row)")
         elif decode:
             try:
@@ -258,7 +259,7 @@ def check_dali(decode: bool = True) -> list[Check]:
     backend = resolve_backend("auto")
     why = ("DALI on NVDEC" if backend == "dali" else "PyAV on the CPU: DALI needs "
            + ("a CUDA GPU" if not on_gpu else "a wheel with code for this GPU"
-              if dali_gpu_problem() else "nvidia-dali"))
+              if gpu_problem else "nvidia-dali"))
     if backend == "pyav":
         try:
             import av  # noqa: F401

@@ -73,9 +73,10 @@ def resolve_backend(name: str, manifest: dict | None = None) -> str:
     if name == "dali" and not dali_available():
         raise ValueError("backend='dali' but nvidia-dali is not installed: pip install "
                          "'siasam-fast[gpu]' (CUDA 13) or 'siasam-fast[gpu-cu120]' (CUDA 12)")
-    if name == "dali" and dali_gpu_problem():
-        raise ValueError(f"backend='dali': {dali_gpu_problem()}")
     if name == "dali":
+        problem = dali_gpu_problem()
+        if problem:
+            raise ValueError(f"backend='dali': {problem}")
         valid = DALI_GPU_CODECS if torch.cuda.is_available() else DALI_CPU_CODECS
         unsupported = sorted(codecs - valid)
         if unsupported:
