@@ -21,6 +21,9 @@
 # it under the 600 s per-call limit so that the last part's files get packed), PACK_EVERY_S
 # (default 20: how often the running part's folder is packed), SKIP_STAGE=1, PY (python3), KEEP
 # (default /tmp/owed: full outputs).
+# CHECKS_S (default 120: the most the checks part takes; `siasam-fast env` gets half of it, at
+# most 30 s, the model tests the rest, at most 90 s), TRANSCODE_ARGS (default: the runbook's run 3
+# arguments of bench_transcode.py, without --out-dir).
 #
 # Time: each part gets what is left of BUDGET_S minus the minimum of the parts after it (checks
 # 20 s, dali 240 s, transcode 120 s, train 240 s); a part whose share is below its own minimum is
@@ -46,6 +49,8 @@ PY=${PY:-python3}
 PARTS=${PARTS:-checks dali}
 BUDGET_S=${BUDGET_S:-570}
 PACK_EVERY_S=${PACK_EVERY_S:-20}
+CHECKS_S=${CHECKS_S:-120}
+TRANSCODE_ARGS=${TRANSCODE_ARGS:---workers 16 --backend dali --samplings paper shift16 --batch-size 8 --min-videos 128 --dali-groups 1 --dali-trim both}
 KEEP=${KEEP:-/tmp/owed}
 declare -A MIN=([checks]=20 [dali]=240 [transcode]=120 [train]=240)
 declare -A STATUS=()
@@ -93,7 +98,7 @@ share() {  # seconds for part $1: what is left minus the minimum of the parts af
 run_checks() {  # `siasam-fast env` (at most 30 s), then the GPU-only tests of the model
   local dir=$KEEP/checks t=$1 start=$SECONDS rc env_t
   mkdir -p "$dir"
-  [ "$t" -gt 120 ] && t=120
+  [ "$t" -gt "$CHECKS_S" ] && t=$CHECKS_S
   env_t=$((t / 2))
   [ "$env_t" -gt 30 ] && env_t=30
   timeout --kill-after=5 "$env_t" "$PY" -m siasam_fast.envcheck --json "$dir/env.json" 2>&1 \
@@ -123,8 +128,8 @@ run_dali() {
 run_transcode() {
   local dir=$KEEP/transcode
   mkdir -p "$dir"
-  timeout --kill-after=10 "$1" "$PY" benchmarks/bench_transcode.py --workers 16 --backend dali \
-    --samplings paper shift16 --batch-size 8 --min-videos 128 --dali-groups 1 --dali-trim both \
+  # shellcheck disable=SC2086  # TRANSCODE_ARGS is a list of arguments
+  timeout --kill-after=10 "$1" "$PY" benchmarks/bench_transcode.py $TRANSCODE_ARGS \
     --out-dir "$dir" 2>&1 \
     | tee "$dir/console.log"
   return "${PIPESTATUS[0]}"
