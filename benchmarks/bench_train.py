@@ -146,6 +146,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import faulthandler
+import functools
 import gc
 import inspect
 import json
@@ -190,6 +192,7 @@ try:  # siasam_fast.training imports DeepSpeed (and chooses its CPU accelerator 
     from siasam_fast.pipeline.loaders import dali_available
     from siasam_fast.training import (
         TextEncoder,
+        build_fused_adam_op,
         build_model,
         build_optimizer,
         init_distributed,
@@ -484,6 +487,34 @@ def per_video_outputs(outputs: dict, V: int, N: int) -> dict:
 
 LOSS_KEYS = ("clip_mask", "label", "answer_index", "count")
 MIN_ISOLATED_S = 30  # an isolated variant needs this much at least (start, imports, model build)
+# Set by the parent when its one FusedAdam build failed: the variants then fall back (or skip the
+# FusedAdam toggle) at once instead of each retrying a build that eats its --variant-timeout.
+FUSED_ADAM_PROBLEM_ENV = "SIASAM_BENCH_FUSED_ADAM_PROBLEM"
+FUSED_ADAM_BUILD_S = 300  # the most the one FusedAdam build may take (nvcc: about a minute)
+STACK_WAIT_S = 3  # how long a timed-out variant gets to write its stacks
+# The parent sends this to an isolated variant past its time before killing it: the variant's log
+# then ends with where each of its threads was (faulthandler).
+STACK_SIGNAL = signal.SIGUSR2
+
+
+def _process_seconds() -> float:
+    """Seconds since this process started (its imports included)."""
+    try:
+        import psutil
+
+        return time.time() - psutil.Process().create_time()
+    except Exception:  # noqa: BLE001 - psutil missing or refused: since this module's import
+        return time.perf_counter() - _IMPORTED
+
+
+_IMPORTED = time.perf_counter()
+
+
+def progress(args, text: str) -> None:
+    """A time-stamped line in an isolated variant's log (its process's age): where a variant's
+    time goes, and where one that timed out was."""
+    if getattr(args, "worker", None):
+        print(f"[{_process_seconds():6.1f} s] {text}", flush=True)
 
 # ------------------------------------------------------------------------------------------------
 # One variant's training step, in phases
@@ -535,6 +566,9 @@ class Trainer:
         if self.plan.optimizer == "fused":
             cfg.train.optimizer = "deepspeed"
             try:
+                problem = os.environ.get(FUSED_ADAM_PROBLEM_ENV)
+                if problem:  # the parent's build failed: no second try
+                    raise RuntimeError(problem)
                 return build_optimizer(model, cfg, device)
             except Exception as err:  # noqa: BLE001 - a JIT build can fail many ways
                 first = str(err).strip().splitlines()[0] if str(err).strip() else repr(err)
@@ -740,12 +774,14 @@ SETTLE_STEPS = 2  # untimed steps after the drain (the first waits for a freshly
 
 
 def measure(trainer: Trainer, batches, device: torch.device, warmup: int, steps: int,
-            prefetch: int) -> dict:
+            prefetch: int, say=lambda text: None) -> dict:
     """Warm up, drain the loader's backlog, settle, then the two timed passes (unsynchronised,
-    then synchronised between phases)."""
+    then synchronised between phases); ``say`` reports each stage."""
     t_warm = time.perf_counter()
-    for _ in range(warmup):
+    for i in range(warmup):
+        t = time.perf_counter()
         run_step(trainer, batches, timing=False)
+        say(f"warm-up step {i + 1}/{warmup}: {time.perf_counter() - t:.2f} s (unsynchronised)")
     # The slow first steps let the loader fill its queue; timed steps served from that backlog
     # would hide a loader slower than the step. Take it out (no training), then let the queue
     # find its steady level.
@@ -753,10 +789,12 @@ def measure(trainer: Trainer, batches, device: torch.device, warmup: int, steps:
     for _ in range(prefetch):
         next(batches)
     drain_s = time.perf_counter() - t_drain
+    say(f"drained the loader's {prefetch} prefetched batches in {drain_s:.2f} s")
     for _ in range(SETTLE_STEPS):
         run_step(trainer, batches, timing=False)
     sync(device)
     warmup_s = time.perf_counter() - t_warm
+    say(f"{SETTLE_STEPS} settling steps done; timing {steps} steps x 2 passes")
     skipped0 = trainer.skipped_steps()
 
     # Throughput: no synchronisation but the stack's own, one sync at the end.
@@ -770,6 +808,7 @@ def measure(trainer: Trainer, batches, device: torch.device, warmup: int, steps:
     sync(device)
     total = time.perf_counter() - t_start
     gaps = [b - a for a, b in zip([t_start] + bounds[:-1], bounds)]
+    say(f"pass 1 (unsynchronised): {total / steps * 1e3:.1f} ms/step")
 
     # Phase split: synchronised after every phase.
     phases = []
@@ -777,6 +816,8 @@ def measure(trainer: Trainer, batches, device: torch.device, warmup: int, steps:
         times, loss, enc = run_step(trainer, batches, timing=True)
         phases.append(times)
         encoded.append(enc)
+    say(f"pass 2 (synchronised phases): "
+        f"{statistics.fmean(p['step'] for p in phases) * 1e3:.1f} ms/step")
     return {"total": total, "gaps": gaps, "waits": waits, "phases": phases, "encoded": encoded,
             "loss": float(loss.detach()), "skipped": trainer.skipped_steps() - skipped0,
             "warmup_s": warmup_s, "warmup_steps": warmup + SETTLE_STEPS,
@@ -821,15 +862,19 @@ def run_variant(plan: Plan, cfg: Config, args, device: torch.device) -> dict:
     total_steps = args.warmup + SETTLE_STEPS + 2 * args.steps + profile_steps + 1  # + FLOP count
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+    say = functools.partial(progress, args)
     t_build = time.perf_counter()
     data = load_data(vcfg)
     tokenizer = load_tokenizer(vcfg.model)
+    say(f"data and tokenizer loaded ({len(data.examples['train'])} train examples)")
     usable = len(data.examples["train"])
     if usable < V:
         raise ValueError(f"the train split has {usable} examples, fewer than "
                          f"train.batch_size={V}: generate more (--num-videos)")
     trainer = Trainer(plan, vcfg, data, tokenizer, device, total_steps)
     num_params, optimizer_name = trainer.num_params, trainer.optimizer_name
+    say(f"model and {optimizer_name} built; starting the {plan.loader} loader "
+        f"({vcfg.data.num_workers} workers)")
     source = start_batches(plan, vcfg, data)
     prefetch = loader_prefetch(plan, vcfg)  # after start_batches: DALI may have given way to pyav
     batches = source
@@ -846,7 +891,8 @@ def run_variant(plan: Plan, cfg: Config, args, device: torch.device) -> dict:
         if usable < used:
             plan.notes.append(f"{usable} train examples for {used} per run: epochs wrap")
         build_s = time.perf_counter() - t_build
-        m = measure(trainer, batches, device, args.warmup, args.steps, prefetch)
+        say(f"first batch after {build_s:.1f} s of building")
+        m = measure(trainer, batches, device, args.warmup, args.steps, prefetch, say)
         mem = (torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda"
                else None)
         reserved = (torch.cuda.max_memory_reserved(device) / 1e9 if device.type == "cuda"
@@ -855,6 +901,7 @@ def run_variant(plan: Plan, cfg: Config, args, device: torch.device) -> dict:
         trace = ""
         if profiled:
             trace = profile_variant(trainer, batches, args, v.name, device)
+            say(f"profiled {args.profile_steps} steps: {trace}")
         flops = model_flops = None
         try:  # last: a failure here must not cost the timings
             flops = count_flops(trainer, batches, plan.notes)
@@ -865,6 +912,7 @@ def run_variant(plan: Plan, cfg: Config, args, device: torch.device) -> dict:
         except Exception as err:  # noqa: BLE001
             plan.notes.append(f"model FLOPs not counted: {type(err).__name__}: "
                               f"{_first_line(err)}")
+        say("FLOPs counted; closing the loader")
     finally:
         torch.backends.cudnn.benchmark = cudnn_before
         batches.close()  # stops the loader's workers / DALI's readers
@@ -983,6 +1031,25 @@ def _first_line(err: BaseException) -> str:
     return (text.splitlines()[0] if text else repr(err))[:300]
 
 
+def register_stack_dump() -> None:
+    """In an isolated variant: on ``STACK_SIGNAL`` every thread's traceback goes to stderr (its
+    log), and the process runs on."""
+    faulthandler.register(STACK_SIGNAL, all_threads=True)
+
+
+def stop_with_stacks(proc: subprocess.Popen) -> None:
+    """Stop an isolated variant that ran out of time: ask it for its stacks (its log then ends
+    with where it was), give it ``STACK_WAIT_S`` to write them, then kill its process group (the
+    variant and its loader's processes)."""
+    with contextlib.suppress(OSError):
+        os.kill(proc.pid, STACK_SIGNAL)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(timeout=STACK_WAIT_S)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
 def run_isolated(plan: Plan, args, argv: list[str], timeout: float | None) -> dict:
     """The variant in a fresh interpreter: its row comes back as JSON, its output in a log."""
     logs = Path(args.out_dir) / "logs"
@@ -998,10 +1065,9 @@ def run_isolated(plan: Plan, args, argv: list[str], timeout: float | None) -> di
             try:
                 rc = proc.wait(timeout=timeout)
             except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)  # the worker and its loader processes
-                proc.wait()
+                stop_with_stacks(proc)
                 return skipped_row(plan, "timeout", f"no result within {timeout:.0f} s "
-                                   f"(log: {log})")
+                                   f"(log: {log}, which ends with where it was)")
             except KeyboardInterrupt:  # its own session does not see the terminal's Ctrl-C
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
@@ -1014,6 +1080,7 @@ def run_isolated(plan: Plan, args, argv: list[str], timeout: float | None) -> di
 
 
 def worker_main(args, cfg: Config, device: torch.device) -> int:
+    register_stack_dump()  # its time up, the parent asks for the stacks, then kills it
     plan = resolve(BY_NAME[args.worker], device, args.zero_stage)
     print(f"variant {plan.variant.name} on {device}: {plan.variant.description}", flush=True)
     row = run_in_process(plan, cfg, args, device)
@@ -1191,6 +1258,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="generate the config's synthetic set if missing, then exit")
     p.add_argument("--list", action="store_true", help="list the variants and exit")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--build-fused-adam", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--worker-json", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     unknown = [n for n in (args.variants or []) + (args.profile or []) if n not in BY_NAME]
@@ -1215,11 +1283,57 @@ def worker_argv(args) -> list[str]:
     return argv
 
 
+def prebuild_fused_adam(names: list[str], args, device: torch.device) -> None:
+    """On CUDA, when a variant to run uses FusedAdam: build its JIT extension once, in a child
+    process (this one stays off the GPU), before the variants, whose --variant-timeout would
+    otherwise pay for the build (an H200 run lost both siasam-fast rows to it). A failed build is
+    said once and handed to the variants (``FUSED_ADAM_PROBLEM_ENV``): the siasam-fast rows fall
+    back to torch AdamW(fused=True) at once and the FusedAdam toggle is skipped."""
+    if device.type != "cuda":
+        return
+    plans = [resolve(BY_NAME[n], device, args.zero_stage) for n in names]
+    wanted = [p.variant.name for p in plans if p.optimizer == "fused" and not p.skip]
+    if not wanted or os.environ.get(FUSED_ADAM_PROBLEM_ENV):
+        return
+    print(f"building DeepSpeed's FusedAdam once for {', '.join(wanted)} (JIT: about a minute the "
+          "first time, then cached) ...", flush=True)
+    t0 = time.perf_counter()
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--config", args.config,
+           "--build-fused-adam"]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=FUSED_ADAM_BUILD_S)
+        lines = [x for x in (proc.stdout + proc.stderr).splitlines() if x.strip()]
+        problem = "" if proc.returncode == 0 else (lines[-1] if lines else
+                                                   f"exit status {proc.returncode}")
+    except subprocess.TimeoutExpired:
+        problem = f"the build took over {FUSED_ADAM_BUILD_S} s"
+    if problem:
+        os.environ[FUSED_ADAM_PROBLEM_ENV] = f"its build failed: {problem[:300]}"
+        print(f"    FusedAdam build failed ({problem[:300]}): the siasam-fast rows use torch "
+              "AdamW(fused=True) and say so; amp-fused-adam is skipped", flush=True)
+    else:
+        print(f"    FusedAdam ready ({time.perf_counter() - t0:.0f} s)", flush=True)
+
+
+def build_fused_adam_main() -> int:
+    """--build-fused-adam: build (or load from the cache) FusedAdam's extension; the last line
+    says why when it fails."""
+    try:
+        build_fused_adam_op()
+    except Exception as err:  # noqa: BLE001 - the caller reads the last line
+        traceback.print_exc()
+        print(f"{type(err).__name__}: {_first_line(err)}", file=sys.stderr)
+        return 1
+    print("FusedAdam built")
+    return 0
+
+
 def run_variants(names: list[str], rows: list[dict], args, cfg, env: dict, device,
-                 isolate: bool, argv) -> None:
+                 isolate: bool, argv, started: float | None = None) -> None:
     """Run the variants in turn, appending each one's row to ``rows`` (skipped ones too) and
-    saving the rows so far after each (STEM.partial.*)."""
-    started = time.perf_counter()
+    saving the rows so far after each (STEM.partial.*). ``started``: when the --time-budget
+    began (default: now)."""
+    started = time.perf_counter() if started is None else started
     for name in names:
         plan = resolve(BY_NAME[name], device, args.zero_stage)
         if plan.skip:
@@ -1272,6 +1386,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"note: train.grad_accum={cfg.train.grad_accum} is not benchmarked: every row steps "
               "the optimizer on each batch of train.batch_size videos (with accumulation the "
               "optimizer's share of a step shrinks by that factor)")
+    if args.build_fused_adam:
+        return build_fused_adam_main()
     device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
     slug = "".join(c if c.isalnum() else "-" for c in
                    (torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu"))
@@ -1305,8 +1421,10 @@ def main(argv: list[str] | None = None) -> int:
 
     names = args.variants or list(BY_NAME)
     rows: list[dict] = []
+    started = time.perf_counter()  # the --time-budget includes the FusedAdam build
     try:
-        run_variants(names, rows, args, cfg, env, device, isolate, argv)
+        prebuild_fused_adam(names, args, device)
+        run_variants(names, rows, args, cfg, env, device, isolate, argv, started)
     except KeyboardInterrupt:
         return report_interrupted(args.out_dir / f"{args.stem}.csv",
                                   any(r["status"] != "skipped" for r in rows))

@@ -300,6 +300,27 @@ def deepspeed_arch_list(value: str | None) -> str | None:
     return None if joined == value.strip() else joined
 
 
+def use_deepspeed_arch_list() -> None:
+    """Rewrite TORCH_CUDA_ARCH_LIST in this process's environment as DeepSpeed's JIT builder can
+    read it (:func:`deepspeed_arch_list`), saying so; nothing when it can read it as is."""
+    fixed = deepspeed_arch_list(os.environ.get("TORCH_CUDA_ARCH_LIST"))
+    if fixed is not None:
+        print(f"TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']!r} -> {fixed!r} "
+              "for DeepSpeed's FusedAdam build (it cannot parse suffixed entries)")  # fmt: skip
+        os.environ["TORCH_CUDA_ARCH_LIST"] = fixed
+
+
+def build_fused_adam_op() -> None:
+    """Build DeepSpeed's FusedAdam CUDA extension now (JIT: nvcc and ninja, about a minute the
+    first time), or load it from torch's extension cache (~/.cache/torch_extensions), with the
+    arch list that :func:`build_optimizer` uses, so that its build is found there later. Raises
+    what the build raises."""
+    use_deepspeed_arch_list()
+    from deepspeed.ops.op_builder import FusedAdamBuilder
+
+    FusedAdamBuilder().load()
+
+
 def build_optimizer(model: torch.nn.Module, cfg: Config, device: torch.device):
     """AdamW; no weight decay on biases and norms. DeepSpeed FusedAdam on CUDA, torch AdamW on
     CPU, apex FusedAdam when asked for and installed."""
@@ -327,11 +348,7 @@ def build_optimizer(model: torch.nn.Module, cfg: Config, device: torch.device):
                              "use 'torch' on CPU")
         from deepspeed.ops.adam import FusedAdam
 
-        fixed = deepspeed_arch_list(os.environ.get("TORCH_CUDA_ARCH_LIST"))
-        if fixed is not None:
-            print(f"TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']!r} -> {fixed!r} "
-                  "for DeepSpeed's FusedAdam build (it cannot parse suffixed entries)")  # fmt: skip
-            os.environ["TORCH_CUDA_ARCH_LIST"] = fixed
+        use_deepspeed_arch_list()
         try:
             return FusedAdam(groups, lr=cfg.train.lr, adam_w_mode=True), "DeepSpeed FusedAdam"
         except Exception as err:  # noqa: BLE001 - its JIT build: no nvcc / ninja, a bad arch list

@@ -126,7 +126,10 @@ def test_isolated_variants_report_rows_logs_and_timeouts(tmp_path):
     assert row["status"] == "ok" and float(row["videos_per_s"]) > 0, row
     assert row["cnn_layout"] == "NHWC" and row["isolated"] == "True"
     log = out / "logs" / "bench_train_cpu_bench_tiny_amp-channels-last.log"
-    assert log.stat().st_size > 0
+    text = log.read_text()
+    for stage in ("model and", "first batch after", "warm-up step 1/1", "drained the loader's",
+                  "pass 1 (unsynchronised)", "pass 2 (synchronised phases)", "FLOPs counted"):
+        assert stage in text, (stage, text)  # time-stamped: where a variant's time went
 
     proc = subprocess.run(base + ["--variants", "baseline-fp32", "--variant-timeout", "1"],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
@@ -510,3 +513,103 @@ def test_time_budget_expects_a_variant_to_take_what_its_base_took():
     assert expect(bench_train.BY_NAME["amp-dedup"], rows, 30) == 50.0  # its base
     assert expect(bench_train.BY_NAME["baseline-fp32"], rows, 30) == 65.0  # median of the ok rows
     assert expect(bench_train.BY_NAME["amp-dedup"], [], 30) == 30  # nothing yet: the floor
+
+
+def _fused_plans(monkeypatch):
+    """resolve() as on a GPU: the siasam-fast row and the FusedAdam toggle use FusedAdam."""
+    real = bench_train.resolve
+
+    def resolve(variant, device, zero_stage):
+        plan = real(variant, torch.device("cpu"), zero_stage)
+        if variant.optimizer == "fused":
+            plan.optimizer, plan.skip = "fused", ""
+        return plan
+
+    monkeypatch.setattr(bench_train, "resolve", resolve)
+
+
+def test_a_failed_fusedadam_build_is_said_once_and_handed_to_the_variants(monkeypatch, capsys):
+    """On CUDA the parent builds FusedAdam once before the variants (each variant used to build it
+    inside its --variant-timeout: an H200 run lost both siasam-fast rows to it). A failed build
+    is said once, with its last line, and handed to the variants through the environment."""
+    _fused_plans(monkeypatch)
+    monkeypatch.delenv(bench_train.FUSED_ADAM_PROBLEM_ENV, raising=False)
+    calls = []
+
+    def run(cmd, **kwargs):
+        calls.append(cmd)
+        return subprocess.CompletedProcess(cmd, 1, "", "Traceback ...\nValueError: invalid "
+                                           "literal for int() with base 10: '0a'\n")
+
+    monkeypatch.setattr(bench_train.subprocess, "run", run)
+    args = bench_train.parse_args(["--config", str(ROOT / "configs" / "bench_tiny.yaml")])
+    gpu = torch.device("cuda", 0)
+    bench_train.prebuild_fused_adam(["baseline-fp32"], args, gpu)
+    assert calls == []  # no variant wants it: no build
+    bench_train.prebuild_fused_adam(["baseline-fp32", "fast-fp16", "amp-fused-adam"], args, gpu)
+    assert len(calls) == 1 and "--build-fused-adam" in calls[0]
+    problem = os.environ[bench_train.FUSED_ADAM_PROBLEM_ENV]
+    assert "invalid literal for int() with base 10: '0a'" in problem
+    out = capsys.readouterr().out
+    assert "FusedAdam build failed" in out and "fast-fp16, amp-fused-adam" in out
+    bench_train.prebuild_fused_adam(["fast-fp16"], args, gpu)  # said already: not again
+    assert len(calls) == 1
+    bench_train.prebuild_fused_adam(["fast-fp16"], args, torch.device("cpu"))
+    assert len(calls) == 1
+
+
+@pytest.mark.slow
+def test_variants_told_of_a_failed_build_do_not_build_again(tmp_path, monkeypatch):
+    """With the parent's failure in the environment, the siasam-fast row falls back at once and
+    the toggle is skipped with that reason; DeepSpeed's FusedAdam is never asked for."""
+    cfg, args = _tiny_setup(tmp_path)
+    real = bench_train.build_optimizer
+
+    def build(model, cfg, device):
+        assert cfg.train.optimizer != "deepspeed", "a variant tried to build FusedAdam again"
+        return real(model, cfg, device)
+
+    monkeypatch.setattr(bench_train, "build_optimizer", build)
+    monkeypatch.setenv(bench_train.FUSED_ADAM_PROBLEM_ENV, "its build failed: ValueError: '0a'")
+    cpu = torch.device("cpu")
+    toggle = bench_train.resolve(bench_train.BY_NAME["amp-fused-adam"], cpu, 2)
+    toggle.optimizer, toggle.skip = "fused", ""  # as resolved on a GPU
+    row = bench_train.run_in_process(toggle, cfg, args, cpu)
+    assert row["status"] == "skipped" and "its build failed: ValueError: '0a'" in row["reason"]
+    fast = bench_train.Variant("fast-test", "siasam-fast", "baseline-amp + FusedAdam (a fast row)",
+                               optimizer="fused", precision="amp", base="baseline-amp")
+    plan = bench_train.resolve(fast, cpu, 2)
+    plan.optimizer, plan.notes, plan.substituted = "fused", [], []
+    row = bench_train.run_in_process(plan, cfg, args, cpu)
+    assert row["status"] == "ok" and row["optimizer"] == "torch AdamW (fused)", row
+    assert "its build failed" in row["notes"], row["notes"]
+
+
+def test_a_variant_out_of_time_leaves_its_stacks_in_its_log(tmp_path):
+    """A timed-out isolated variant is asked for its stacks before it is killed, so that its log
+    says where it was (an H200 run's two timed-out rows left only their first line)."""
+    log = tmp_path / "variant.log"
+    script = tmp_path / "stuck.py"
+    script.write_text(
+        "import sys, time\n"
+        f"sys.path.insert(0, {str(ROOT / 'benchmarks')!r})\n"
+        "import bench_train\n"
+        "bench_train.register_stack_dump()\n"
+        "def building_the_optimizer():\n"
+        "    print('ready', flush=True)\n"
+        "    time.sleep(600)\n"
+        "building_the_optimizer()\n")
+    with log.open("w") as fh:
+        proc = subprocess.Popen([sys.executable, str(script)], stdout=fh, stderr=subprocess.STDOUT,
+                                start_new_session=True, env=ENV)
+        deadline = time.monotonic() + 120
+        while "ready" not in log.read_text() and proc.poll() is None:
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.2)
+        assert proc.poll() is None, log.read_text()
+        t0 = time.monotonic()
+        bench_train.stop_with_stacks(proc)
+    assert proc.returncode == -signal.SIGKILL
+    assert time.monotonic() - t0 < bench_train.STACK_WAIT_S + 5
+    text = log.read_text()
+    assert "building_the_optimizer" in text and "stuck.py" in text, text
