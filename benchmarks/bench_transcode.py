@@ -5,7 +5,10 @@
     python benchmarks/bench_transcode.py --backend dali       # + DALI videos/s (GPU)
 
 The original set is bench_pipeline's generator (textured, panning, noisy H.264 with B-frames, GOP
-100: ``activitynet-like`` 1280x720, 8 videos of 300 frames; ``--quick``: 320x240, 4 videos), and
+100: ``activitynet-like`` 1280x720, 8 videos of 300 frames; ``--quick``: 320x240, 4 videos;
+``--original-gop`` / ``--original-frames`` change the keyframe spacing and length: with GOP 100 a
+draw decodes about 2.2 frames per needed frame, whatever the length, so no copy can be more than
+about 2.2x cheaper to decode; x264's default GOP of 250 in 900-frame videos gives about 4), and
 ``transcode.py`` makes copies with a keyframe every 8, 16 and 32 frames (``--gops``). For each set
 and each sampling variant (``paper``: the uniform anchor of the paper; ``shift16``:
 ``keyframe_max_shift=16``; ``tau16``: ``preroll_temperature=16``; N=9 clips x B=8 frames, stride 4)
@@ -122,10 +125,14 @@ SAMPLINGS = {
 }
 
 
-def original_set(quick: bool) -> VideoSet:
-    if quick:
-        return VideoSet("msrvtt-like", 320, 240, 4, 300, gop=100)
-    return VideoSet("activitynet-like", 1280, 720, 8, 300, gop=100)
+def original_set(quick: bool, gop: int = 100, frames: int = 300) -> VideoSet:
+    """The original set: 1280x720 (``quick``: 320x240), ``frames`` frames a video, a keyframe
+    every ``gop`` frames; other GOPs and lengths are cached under names of their own."""
+    name, width, height, videos = (("msrvtt-like", 320, 240, 4) if quick else
+                                   ("activitynet-like", 1280, 720, 8))
+    if (gop, frames) != (100, 300):
+        name += f"-gop{gop}-{frames}f"
+    return VideoSet(name, width, height, videos, frames, gop=gop)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -243,6 +250,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--quick", action="store_true", help="small 320x240 set: a CPU run")
     parser.add_argument("--gops", type=positive_int, nargs="+", default=[8, 16, 32],
                         help="keyframe spacings of the transcoded copies (default 8 16 32)")
+    parser.add_argument("--original-gop", type=positive_int, default=100,
+                        help="keyframe spacing of the generated originals (default 100; x264's "
+                        "own default is 250, common in downloaded video)")
+    parser.add_argument("--original-frames", type=int_in_range(64, 100_000), default=300,
+                        help="frames per generated original, 64 to 100000 (default 300)")
     parser.add_argument("--backend", choices=("pyav", "dali"), default="pyav",
                         help="dali: also measure DALI videos/s (needs DALI and a GPU)")
     parser.add_argument("--workers", type=nonneg_int, nargs="+", default=None,
@@ -337,7 +349,7 @@ def main(argv: list[str] | None = None) -> int:
         factories = {"dali": factory, **factories}  # the target of --backend dali: measured first
 
     try:
-        spec = original_set(args.quick)
+        spec = original_set(args.quick, args.original_gop, args.original_frames)
         original = prepare_set(spec, args.work_dir, workers=max(1, min(8, cpus)))
         folder = Path(next(iter(original.values())).path).parent
         # The copies are made like the originals (libx264, the generator's preset, B-frames and

@@ -314,3 +314,17 @@ def test_bench_train_stopped_by_ctrl_c_keeps_the_earlier_results(bench_train, tm
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         "bench_train_cpu_bench_tiny.csv", "bench_train_cpu_bench_tiny.partial.csv",
         "bench_train_cpu_bench_tiny.partial.json", "bench_train_cpu_bench_tiny.partial.md"]
+
+
+def test_bench_transcode_original_set_is_configurable_and_cached_apart():
+    """--original-gop / --original-frames make another original set, cached under its own name
+    (the default set keeps its name and cache); a too-short original is refused."""
+    default = bench_transcode.original_set(False)
+    assert (default.name, default.gop, default.num_frames) == ("activitynet-like", 100, 300)
+    args = bench_transcode.build_parser().parse_args(["--original-gop", "250",
+                                                      "--original-frames", "900"])
+    spec = bench_transcode.original_set(False, args.original_gop, args.original_frames)
+    assert (spec.gop, spec.num_frames, spec.width) == (250, 900, 1280)
+    assert spec.folder_name != default.folder_name
+    with pytest.raises(SystemExit):
+        bench_transcode.build_parser().parse_args(["--original-frames", "10"])

@@ -364,7 +364,7 @@ def test_transcode_bench_copies_like_the_originals_and_records_every_cell(tmp_pa
         return records
 
     monkeypatch.setattr(bench_transcode, "original_set",
-                        lambda quick: bench_pipeline.VideoSet("tiny", 64, 48, 2, 40, gop=20))
+                        lambda quick, *a: bench_pipeline.VideoSet("tiny", 64, 48, 2, 40, gop=20))
     monkeypatch.setattr(bench_transcode, "transcode", transcode)
     monkeypatch.setattr(bench_transcode, "load_manifest", load_manifest)
     monkeypatch.setattr(bench_transcode, "environment_isolated",
@@ -402,7 +402,7 @@ def test_transcode_bench_stopped_by_ctrl_c_keeps_the_earlier_csv(tmp_path, monke
     """Ctrl-C in the first throughput cell: exit 130, the disk rows (written first) in the
     partial CSV, an earlier finished CSV as it was."""
     monkeypatch.setattr(bench_transcode, "original_set",
-                        lambda quick: bench_pipeline.VideoSet("tiny", 64, 48, 2, 40, gop=20))
+                        lambda quick, *a: bench_pipeline.VideoSet("tiny", 64, 48, 2, 40, gop=20))
     monkeypatch.setattr(bench_transcode, "environment_isolated",
                         lambda: {"device": "cpu", "cpu_count": 2})
 
