@@ -161,7 +161,7 @@ NEWEST=$(ls -t "$RESULTS"/bench_train_*_"$CFG_NAME".csv \
   "$RESULTS"/bench_train_*_"$CFG_NAME".partial.csv 2>/dev/null | head -1)
 STEM=${NEWEST%.csv}
 STEM=${STEM%.partial}
-if [ -n "${OUT:-}" ] && [ -n "$NEWEST" ]; then
+if [ -n "${OUT:-}" ] && [ -n "$NEWEST" ] && mkdir -p "$OUT"; then
   FILES=("$STEM".csv "$STEM".md "$STEM".png "$STEM".json)
   [ "$NEWEST" = "$STEM.partial.csv" ] && FILES=("$STEM".partial.csv "$STEM".partial.md \
     "$STEM".partial.json)
