@@ -166,7 +166,13 @@ import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
+if __name__ == "__main__" and "--worker" in sys.argv[1:]:
+    # An isolated variant: its stacks on SIGUSR2 (stop_with_stacks) from the start, not only once
+    # torch, DeepSpeed and siasam_fast are imported (seconds): SIGUSR2's default action would
+    # kill it silently, leaving an empty log that the timeout row says ends with its stacks.
+    faulthandler.register(signal.SIGUSR2, all_threads=True)
+
+import torch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -1041,13 +1047,15 @@ def stop_with_stacks(proc: subprocess.Popen) -> None:
     """Stop an isolated variant that ran out of time: ask it for its stacks (its log then ends
     with where it was), give it ``STACK_WAIT_S`` to write them, then kill its process group (the
     variant and its loader's processes)."""
-    with contextlib.suppress(OSError):
-        os.kill(proc.pid, STACK_SIGNAL)
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        proc.wait(timeout=STACK_WAIT_S)
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    try:
+        with contextlib.suppress(OSError):
+            os.kill(proc.pid, STACK_SIGNAL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=STACK_WAIT_S)
+    finally:  # Ctrl-C in the wait too: its own session would not see it and run on
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
 
 
 def run_isolated(plan: Plan, args, argv: list[str], timeout: float | None) -> dict:
@@ -1283,34 +1291,69 @@ def worker_argv(args) -> list[str]:
     return argv
 
 
-def prebuild_fused_adam(names: list[str], args, device: torch.device) -> None:
+def fused_adam_build_cmd(args) -> list[str]:
+    """The command of the one FusedAdam build (this script's --build-fused-adam)."""
+    return [sys.executable, str(Path(__file__).resolve()), "--config", args.config,
+            "--build-fused-adam"]
+
+
+def run_build(cmd: list[str], timeout: float) -> tuple[int | None, str]:
+    """(exit status, output) of ``cmd``; (None, output so far) past ``timeout``, its whole process
+    group killed (ninja and nvcc too: left running they would hold the build's lock and the CPUs
+    through the variants' timings)."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+        return proc.returncode, out
+    except subprocess.TimeoutExpired:
+        return None, ""
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+
+
+def prebuild_fused_adam(names: list[str], args, device: torch.device,
+                        started: float | None = None) -> None:
     """On CUDA, when a variant to run uses FusedAdam: build its JIT extension once, in a child
-    process (this one stays off the GPU), before the variants, whose --variant-timeout would
-    otherwise pay for the build (an H200 run lost both siasam-fast rows to it). A failed build is
-    said once and handed to the variants (``FUSED_ADAM_PROBLEM_ENV``): the siasam-fast rows fall
-    back to torch AdamW(fused=True) at once and the FusedAdam toggle is skipped."""
+    process, before the variants, whose --variant-timeout would otherwise pay for the build (an
+    H200 run lost both siasam-fast rows to it). A failed build is said once and handed to the
+    variants (``FUSED_ADAM_PROBLEM_ENV``): the siasam-fast rows fall back to torch
+    AdamW(fused=True) at once and the FusedAdam toggle is skipped. The build gets at most
+    ``FUSED_ADAM_BUILD_S``, and at most half of what is left of --time-budget (counted from
+    ``started``): a stuck build must not take the baselines' time."""
     if device.type != "cuda":
         return
     plans = [resolve(BY_NAME[n], device, args.zero_stage) for n in names]
     wanted = [p.variant.name for p in plans if p.optimizer == "fused" and not p.skip]
-    if not wanted or os.environ.get(FUSED_ADAM_PROBLEM_ENV):
+    toggles = [p.variant.name for p in plans
+               if p.variant.name in wanted and p.variant.group == "toggle"]
+    fallback = [name for name in wanted if name not in toggles]
+    then = [f"{', '.join(fallback)} use torch AdamW(fused=True) and say so"] if fallback else []
+    then += [f"{', '.join(toggles)} skipped"] if toggles else []
+    if not wanted:
+        return
+    if os.environ.get(FUSED_ADAM_PROBLEM_ENV):  # a caller's build failed (gpu_bench_train.sh)
+        print(f"FusedAdam not built here: {os.environ[FUSED_ADAM_PROBLEM_ENV][:300]}: "
+              f"{'; '.join(then)}", flush=True)
         return
     print(f"building DeepSpeed's FusedAdam once for {', '.join(wanted)} (JIT: about a minute the "
           "first time, then cached) ...", flush=True)
     t0 = time.perf_counter()
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--config", args.config,
-           "--build-fused-adam"]
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=FUSED_ADAM_BUILD_S)
-        lines = [x for x in (proc.stdout + proc.stderr).splitlines() if x.strip()]
-        problem = "" if proc.returncode == 0 else (lines[-1] if lines else
-                                                   f"exit status {proc.returncode}")
-    except subprocess.TimeoutExpired:
-        problem = f"the build took over {FUSED_ADAM_BUILD_S} s"
+    limit = float(FUSED_ADAM_BUILD_S)
+    if args.time_budget is not None:
+        left = args.time_budget - (t0 - (t0 if started is None else started))
+        limit = max(1.0, min(limit, left / 2))
+    rc, output = run_build(fused_adam_build_cmd(args), limit)
+    lines = [x for x in output.splitlines() if x.strip()]
+    if rc is None:
+        problem = f"the build took over {limit:.0f} s"
+    else:
+        problem = "" if rc == 0 else (lines[-1] if lines else f"exit status {rc}")
     if problem:
         os.environ[FUSED_ADAM_PROBLEM_ENV] = f"its build failed: {problem[:300]}"
-        print(f"    FusedAdam build failed ({problem[:300]}): the siasam-fast rows use torch "
-              "AdamW(fused=True) and say so; amp-fused-adam is skipped", flush=True)
+        print(f"    FusedAdam build failed ({problem[:300]}): {'; '.join(then)}", flush=True)
     else:
         print(f"    FusedAdam ready ({time.perf_counter() - t0:.0f} s)", flush=True)
 
@@ -1423,7 +1466,7 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[dict] = []
     started = time.perf_counter()  # the --time-budget includes the FusedAdam build
     try:
-        prebuild_fused_adam(names, args, device)
+        prebuild_fused_adam(names, args, device, started)
         run_variants(names, rows, args, cfg, env, device, isolate, argv, started)
     except KeyboardInterrupt:
         return report_interrupted(args.out_dir / f"{args.stem}.csv",

@@ -25,9 +25,10 @@
 #  3. DeepSpeed FusedAdam JIT build (ninja + nvcc, sm_90) in the background while the 224 px
 #     synthetic set is generated (384 videos under data/bench_train/, cached; 16 cores: ~30 s).
 #     bench_train.py loads it from the cache once more before the variants (it builds it there
-#     when this step did not): if the build fails, the fast-* rows use torch AdamW(fused=True) and
-#     say so (the table's notes column), and the amp-fused-adam toggle is skipped with the reason
-#     (never timed on a stand-in); no variant spends its own time on the build.
+#     when this step did not run): if the build fails (here or there: a failure here is handed to
+#     bench_train.py, which then does not try again), the fast-* rows use torch AdamW(fused=True)
+#     and say so (the table's notes column), and the amp-fused-adam toggle is skipped with the
+#     reason (never timed on a stand-in); no variant spends its own time on the build.
 #  4. bench_train.py --config configs/clipbert_base.yaml: 12 variants, each in its own process;
 #     per variant 3 warm-up steps, then the loader's prefetched batches dropped (pyav: 12 workers x
 #     2, DALI: 2; no training, so seconds) and 2 settling steps, so that the timed window is not
@@ -132,9 +133,14 @@ if [ -z "$BUILD" ]; then
 elif wait "$BUILD"; then
   say "data ready, FusedAdam built"
 else
+  rc=$?
   say "FusedAdam build failed (tail of $RESULTS/logs/fused_adam_build.log below): the fast-*" \
     "rows fall back to torch AdamW(fused=True) and say so; amp-fused-adam is skipped"
   tail -5 "$RESULTS/logs/fused_adam_build.log"
+  # Handed to bench_train.py: it does not build again (the same failure, or the same 300 s).
+  why=$(grep -v '^[[:space:]]*$' "$RESULTS/logs/fused_adam_build.log" | tail -1 | cut -c1-300)
+  [ "$rc" -eq 124 ] && why="the build took over 300 s"
+  export SIASAM_BENCH_FUSED_ADAM_PROBLEM="its build failed: ${why:-exit status $rc}"
 fi
 
 # 4. the benchmark --------------------------------------------------------------------------------

@@ -427,11 +427,22 @@ def test_transcode_bench_stopped_by_ctrl_c_keeps_the_earlier_csv(tmp_path, monke
                                                       ("gop8", "disk")]
 
 
-def test_prepare_set_generates_in_parallel_the_videos_it_makes_one_by_one(tmp_path):
+def test_prepare_set_generates_in_parallel_the_videos_it_makes_one_by_one(tmp_path, monkeypatch):
     """Several workers generate the same videos (the same decoded frames per seed) as one worker
-    does, and leave no partial file (an H200 run spent 55 s making 8 videos one by one)."""
+    does, in a pool of spawned processes, and leave no partial file (an H200 run spent 55 s
+    making 8 videos one by one)."""
+    import concurrent.futures as cf
+
     import av
 
+    pools = []
+
+    class Pool(cf.ProcessPoolExecutor):
+        def __init__(self, max_workers=None, mp_context=None, **kwargs):
+            pools.append((max_workers, mp_context.get_start_method()))
+            super().__init__(max_workers, mp_context, **kwargs)
+
+    monkeypatch.setattr(cf, "ProcessPoolExecutor", Pool)
     spec = bench_pipeline.VideoSet("tiny-par", 64, 48, 3, 12, 25, 6, "h264")
 
     def frames(path):
@@ -439,7 +450,9 @@ def test_prepare_set_generates_in_parallel_the_videos_it_makes_one_by_one(tmp_pa
             return [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
 
     one = bench_pipeline.prepare_set(spec, tmp_path / "one", workers=1)
+    assert pools == []  # one worker: in this process
     many = bench_pipeline.prepare_set(spec, tmp_path / "many", workers=3)
+    assert pools == [(3, "spawn")]  # spawn: safe after CUDA or DALI started in the caller
     assert sorted(one) == sorted(many) and len(many) == 3
     for vid in one:
         a, b = frames(one[vid].path), frames(many[vid].path)

@@ -216,6 +216,32 @@ def _tiny_setup(tmp_path, num_videos=24):
     return cfg, args
 
 
+def test_ctrl_c_while_a_variant_writes_its_stacks_still_kills_it():
+    """Ctrl-C during stop_with_stacks' wait: the variant's process group (its own session, which
+    the terminal's Ctrl-C does not reach) is killed all the same."""
+    proc = subprocess.Popen(
+        [sys.executable, "-c", "import faulthandler, signal, time; faulthandler.register("
+         "signal.SIGUSR2); print('ready', flush=True); time.sleep(120)"],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, start_new_session=True)
+    assert proc.stdout.readline().strip() == "ready"  # it survives SIGUSR2, as a variant does
+    real_wait = proc.wait
+
+    def wait(timeout=None):
+        if timeout is not None:
+            raise KeyboardInterrupt
+        return real_wait()
+
+    proc.wait = wait
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            bench_train.stop_with_stacks(proc)
+        assert real_wait(timeout=10) == -signal.SIGKILL
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            real_wait()
+
+
 def test_apply_model_flops_gives_every_row_the_same_model_flops():
     """The baseline's own count (duplicate frames) is ~1.8x the de-duplicated one: its MFU must
     come from the de-duplicated figure like every other row's, its own count only in HFU."""
@@ -515,6 +541,20 @@ def test_time_budget_expects_a_variant_to_take_what_its_base_took():
     assert expect(bench_train.BY_NAME["amp-dedup"], [], 30) == 30  # nothing yet: the floor
 
 
+def test_a_variant_out_of_time_while_importing_leaves_its_stacks(tmp_path):
+    """SIGUSR2 during the worker's imports (torch, DeepSpeed: seconds) dumps its stacks too: the
+    handler is armed before them, not in worker_main (else SIGUSR2's default action kills the
+    worker and its log is empty, though its row says the log ends with where it was)."""
+    args = bench_train.parse_args(["--config", str(ROOT / "configs" / "bench_tiny.yaml"),
+                                   "--out", str(tmp_path)])
+    args.out_dir, args.stem = Path(args.out), "stuck"
+    plan = bench_train.resolve(bench_train.BY_NAME["baseline-fp32"], torch.device("cpu"), 2)
+    row = bench_train.run_isolated(plan, args, bench_train.worker_argv(args), 1.5)
+    assert row["status"] == "timeout", row
+    text = (tmp_path / "logs" / "stuck_baseline-fp32.log").read_text()
+    assert "most recent call first" in text, text
+
+
 def _fused_plans(monkeypatch):
     """resolve() as on a GPU: the siasam-fast row and the FusedAdam toggle use FusedAdam."""
     real = bench_train.resolve
@@ -533,15 +573,17 @@ def test_a_failed_fusedadam_build_is_said_once_and_handed_to_the_variants(monkey
     inside its --variant-timeout: an H200 run lost both siasam-fast rows to it). A failed build
     is said once, with its last line, and handed to the variants through the environment."""
     _fused_plans(monkeypatch)
-    monkeypatch.delenv(bench_train.FUSED_ADAM_PROBLEM_ENV, raising=False)
+    # set, then deleted: monkeypatch then deletes what prebuild_fused_adam sets (a bare delenv
+    # of an absent name records nothing, and the failure leaked into the tests after this one)
+    monkeypatch.setenv(bench_train.FUSED_ADAM_PROBLEM_ENV, "")
+    monkeypatch.delenv(bench_train.FUSED_ADAM_PROBLEM_ENV)
     calls = []
 
-    def run(cmd, **kwargs):
+    def run(cmd, timeout):
         calls.append(cmd)
-        return subprocess.CompletedProcess(cmd, 1, "", "Traceback ...\nValueError: invalid "
-                                           "literal for int() with base 10: '0a'\n")
+        return 1, "Traceback ...\nValueError: invalid literal for int() with base 10: '0a'\n"
 
-    monkeypatch.setattr(bench_train.subprocess, "run", run)
+    monkeypatch.setattr(bench_train, "run_build", run)
     args = bench_train.parse_args(["--config", str(ROOT / "configs" / "bench_tiny.yaml")])
     gpu = torch.device("cuda", 0)
     bench_train.prebuild_fused_adam(["baseline-fp32"], args, gpu)
@@ -552,10 +594,15 @@ def test_a_failed_fusedadam_build_is_said_once_and_handed_to_the_variants(monkey
     assert "invalid literal for int() with base 10: '0a'" in problem
     out = capsys.readouterr().out
     assert "FusedAdam build failed" in out and "fast-fp16, amp-fused-adam" in out
+    assert "fast-fp16 use torch AdamW(fused=True)" in out and "amp-fused-adam skipped" in out
     bench_train.prebuild_fused_adam(["fast-fp16"], args, gpu)  # said already: not again
     assert len(calls) == 1
+    monkeypatch.setenv(bench_train.FUSED_ADAM_PROBLEM_ENV, "")  # only the toggle: no fast row
+    bench_train.prebuild_fused_adam(["baseline-amp", "amp-fused-adam"], args, gpu)
+    out = capsys.readouterr().out
+    assert "amp-fused-adam skipped" in out and "AdamW" not in out.split("failed")[-1], out
     bench_train.prebuild_fused_adam(["fast-fp16"], args, torch.device("cpu"))
-    assert len(calls) == 1
+    assert len(calls) == 2
 
 
 @pytest.mark.slow
@@ -613,3 +660,22 @@ def test_a_variant_out_of_time_leaves_its_stacks_in_its_log(tmp_path):
     assert time.monotonic() - t0 < bench_train.STACK_WAIT_S + 5
     text = log.read_text()
     assert "building_the_optimizer" in text and "stuck.py" in text, text
+
+
+def test_a_stuck_fusedadam_build_gets_half_the_time_budget_and_is_killed(tmp_path, monkeypatch):
+    """A build that hangs (a stale torch-extension lock, a stuck nvcc) is stopped within half of
+    what is left of --time-budget, its process group with it (no compiler left running through
+    the variants' timings), and said as the variants' reason."""
+    _fused_plans(monkeypatch)
+    monkeypatch.setenv(bench_train.FUSED_ADAM_PROBLEM_ENV, "")
+    marker = tmp_path / "compiler_still_running"
+    monkeypatch.setattr(bench_train, "fused_adam_build_cmd", lambda args: [
+        "bash", "-c", f"(sleep 4; touch {marker}) & wait"])
+    args = bench_train.parse_args(["--config", str(ROOT / "configs" / "bench_tiny.yaml"),
+                                   "--time-budget", "60"])
+    t0 = time.perf_counter()
+    bench_train.prebuild_fused_adam(["fast-fp16"], args, torch.device("cuda", 0), t0 - 56)
+    assert time.perf_counter() - t0 < 4
+    assert "the build took over 2 s" in os.environ[bench_train.FUSED_ADAM_PROBLEM_ENV]
+    time.sleep(5)
+    assert not marker.exists()  # the build's children went with it
