@@ -701,3 +701,26 @@ def test_too_many_stand_ins_stop_the_run(tmp_path, monkeypatch):
                                           r"loader process \(more than 10%; 5 unreadable\).*"
                                           r"run `siasam-fast index`"):
         list(loader)
+
+
+@pytest.mark.parametrize("dedup", [True, False])
+def test_frames_resized_while_decoding_equal_the_stacked_video_transform(manifest, dedup):
+    """The loader resizes each frame as it is decoded (transforms.frame_resizer), never stacking
+    a video's full-size frames: its frames equal video_transform of those frames stacked, value
+    for value, with a resize (32 -> 24 px) and without de-duplication too."""
+    names = ["h264", "vp9_vfr", "mjpeg"]
+    size = 24
+    loader = build_loader(examples_for(names), manifest, CFG, "train", batch_size=3,
+                          image_size=size, num_workers=0, seed=2, dedup=dedup)
+    batch = next(iter(loader))
+    for v, index in enumerate(batch["example_index"].tolist()):
+        record = manifest[names[index]]
+        ids = batch["frame_ids"][v]
+        wanted = (sorted(set(ids[batch["frame_mask"][v]].tolist())) if dedup
+                  else ids[batch["frame_mask"][v]].tolist())
+        unique, inverse = np.unique(wanted, return_inverse=True)
+        raw = decode_frames(record, unique)[inverse]  # full-size frames, stacked
+        expected = video_transform(raw, size)
+        u = int(batch["num_unique"][v])
+        assert u == len(wanted)
+        assert torch.equal(batch["frames"][v, :u], expected), (names[index], dedup)

@@ -76,7 +76,7 @@ from siasam_fast.pipeline.pyav_decode import (
     decode_frames,
     file_change,
 )
-from siasam_fast.pipeline.transforms import IMAGENET_MEAN, IMAGENET_STD, video_transform
+from siasam_fast.pipeline.transforms import IMAGENET_MEAN, IMAGENET_STD, frame_resizer, normalize
 from siasam_fast.sampling import (
     ClipIndices,
     SamplingConfig,
@@ -314,18 +314,25 @@ class VideoQADataset(Dataset):
 
     def _decode(self, plan: VideoPlan) -> dict:
         ci = plan.clips
+        # Each frame resized and cropped as it is decoded (transforms.frame_resizer), then the
+        # small frames normalised together: what video_transform gives the stacked full-size
+        # frames, value for value.
+        resize = frame_resizer(self.image_size)
         if self.dedup:
-            raw = decode_frames(
+            small = decode_frames(
                 plan.record,
                 ci.unique,
                 seek_threshold=self.seek_threshold,
                 threads=self.decode_threads,
+                convert=resize,
             )
             clip_index = torch.from_numpy(ci.inverse)
         else:  # baseline: every clip decoded on its own, overlapping frames decoded again
-            raw = np.concatenate([self._decode_clip(plan.record, clip) for clip in ci.clips])
+            small = [f for clip in ci.clips for f in self._decode_clip(plan.record, clip, resize)]
             clip_index = torch.arange(ci.clips.size, dtype=torch.long).view(ci.clips.shape)
-        frames = video_transform(raw, self.image_size, self.mean, self.std, self.dtype)
+        S = self.image_size
+        stacked = torch.stack(small) if small else torch.zeros((0, 3, S, S), dtype=torch.uint8)
+        frames = normalize(stacked, self.mean, self.std, self.dtype)
         return {
             "frames": frames,
             "clip_index": clip_index,
@@ -333,12 +340,13 @@ class VideoQADataset(Dataset):
             **example_fields(plan.example, plan.example_index, self.label_fn),
         }
 
-    def _decode_clip(self, record: VideoRecord, clip: np.ndarray) -> np.ndarray:
+    def _decode_clip(self, record: VideoRecord, clip: np.ndarray, convert) -> list:
         unique, inverse = np.unique(clip, return_inverse=True)  # "pad" repeats the last frame
         frames = decode_frames(
-            record, unique, seek_threshold=self.seek_threshold, threads=self.decode_threads
+            record, unique, seek_threshold=self.seek_threshold, threads=self.decode_threads,
+            convert=convert,
         )
-        return frames[inverse.reshape(-1)]
+        return [frames[k] for k in inverse.reshape(-1)]
 
 
 def stand_in_positions(position: int, size: int):

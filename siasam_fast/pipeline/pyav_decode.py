@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -57,13 +59,17 @@ def decode_frames(
     threads: int = 1,
     stats: DecodeStats | None = None,
     path: str | Path | None = None,
-) -> np.ndarray:
+    convert: Callable[[np.ndarray], Any] | None = None,
+):
     """Decode the given frames of one video: uint8 RGB ``[len(frames), H, W, 3]``.
 
     ``frames`` must be sorted, unique and within ``[0, record.num_frames)`` (the ``unique`` of a
     :class:`~siasam_fast.sampling.ClipIndices`). ``threads``: decoder threads (1 by default: the
     DataLoader workers are the parallelism; 0 lets FFmpeg choose). ``path`` overrides
-    ``record.path``.
+    ``record.path``. ``convert``: applied to each frame (uint8 RGB ``[H, W, 3]``) as it is
+    decoded; the result is then the list of what it returned, in order (e.g.
+    :func:`~siasam_fast.pipeline.transforms.frame_resizer`: one full-size frame in memory at a
+    time, not the whole video's).
     """
     import av
 
@@ -76,6 +82,8 @@ def decode_frames(
     stats = stats if stats is not None else DecodeStats()
     path = str(path or record.path)
     if wanted.size == 0:
+        if convert is not None:
+            return []
         return np.zeros((0, record.height, record.width, 3), np.uint8)
     if seek_threshold < 0:
         raise ValueError(f"seek_threshold={seek_threshold}: must be >= 0")
@@ -84,11 +92,13 @@ def decode_frames(
         raise DecodeError(f"{path}: {changed}")
     try:
         try:
-            out = _decode(av, path, record, wanted, seek_threshold, threads, stats, seek=True)
+            out = _decode(av, path, record, wanted, seek_threshold, threads, stats, seek=True,
+                          convert=convert)
         except _SeekMissed:
             stats.restarts += 1
             logger.debug("%s: a seek landed past the wanted frame; decoding from the start", path)
-            out = _decode(av, path, record, wanted, seek_threshold, threads, stats, seek=False)
+            out = _decode(av, path, record, wanted, seek_threshold, threads, stats, seek=False,
+                          convert=convert)
     except DecodeError:
         raise
     except Exception as err:  # noqa: BLE001 - FFmpeg's errors, and what a damaged header raises
@@ -97,7 +107,7 @@ def decode_frames(
             "re-run `siasam-fast index`"
         ) from err
     stats.returned += len(out)
-    return np.stack(out)
+    return out if convert is not None else np.stack(out)
 
 
 # How file_change's reason for a size that differs from the manifest's begins.
@@ -135,7 +145,8 @@ def _check_frames(frames, record: VideoRecord) -> np.ndarray:
     return wanted
 
 
-def _decode(av, path, record, wanted, seek_threshold, threads, stats, seek: bool) -> list:
+def _decode(av, path, record, wanted, seek_threshold, threads, stats, seek: bool,
+            convert=None) -> list:
     keyframes = np.asarray(record.keyframes, dtype=np.int64)
     keyframe_pts = [int(p) for p in record.keyframe_pts]
     sync = dict(zip(keyframe_pts, (int(k) for k in keyframes)))
@@ -192,7 +203,8 @@ def _decode(av, path, record, wanted, seek_threshold, threads, stats, seek: bool
                     continue
                 if cur > target:
                     raise _SeekMissed()
-                out.append(frame.to_ndarray(format="rgb24"))
+                rgb = frame.to_ndarray(format="rgb24")
+                out.append(rgb if convert is None else convert(rgb))
                 i += 1
                 if i == len(wanted):
                     break

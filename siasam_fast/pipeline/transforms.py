@@ -91,6 +91,25 @@ def video_transform(
     return normalize(resize_and_crop(x, image_size), mean, std, dtype)
 
 
+def frame_resizer(image_size: int):
+    """Steps 2-3 for one decoded frame as it comes: uint8 RGB ``[H, W, 3]`` -> uint8
+    ``[3, S, S]``, exactly what :func:`resize_and_crop` gives that frame within a batch. The PyAV
+    backend applies it to each frame while decoding, then :func:`normalize` to their stack: the
+    same values as :func:`video_transform`, without stacking a video's full-size frames first (at
+    1280x720: 100 MB for 37 frames, and about 12% of a worker's time per video on one CPU core)."""
+    if image_size < 1:
+        raise ValueError(f"image_size={image_size}: must be >= 1")
+
+    def resize(frame: np.ndarray) -> torch.Tensor:
+        x = torch.as_tensor(frame)
+        if x.dtype != torch.uint8 or x.dim() != 3 or x.shape[-1] != 3:
+            raise ValueError(f"frame: expected uint8 RGB [H, W, 3], got {x.dtype} "
+                             f"{tuple(x.shape)}")
+        return resize_and_crop(x.permute(2, 0, 1).unsqueeze(0), image_size)[0]
+
+    return resize
+
+
 def denormalize(
     frames: torch.Tensor,
     mean: tuple[float, float, float] = IMAGENET_MEAN,
