@@ -42,7 +42,8 @@
 # Environment knobs: CONFIG (default configs/clipbert_base.yaml), STEPS (8), WARMUP (3: before the
 # drain; bench_train adds 2 settling steps after it),
 # VARIANTS (default: all), PROFILE ("baseline-amp fast-bf16"), DEADLINE_S (whole script, 450),
-# VARIANT_TIMEOUT_S (100), NUM_VIDEOS (384), SKIP_STAGE=1 (no staging step), PY (python3),
+# VARIANT_TIMEOUT_S (150: the siasam-fast rows had never run on a GPU when it was set; the
+# baselines took 44-51 s on an H200), NUM_VIDEOS (384), SKIP_STAGE=1 (no staging step), PY (python3),
 # RESULTS (benchmarks/results: where bench_train.py writes; its CSV, table and JSON are rewritten
 # after every variant, so a run cut short keeps the variants that finished).
 # A CPU dry run of the flow: SKIP_STAGE=1 CONFIG=configs/bench_tiny.yaml STEPS=1 WARMUP=1
@@ -78,7 +79,7 @@ WARMUP=${WARMUP:-3}
 VARIANTS=${VARIANTS:-}
 PROFILE=${PROFILE:-baseline-amp fast-bf16}
 DEADLINE_S=${DEADLINE_S:-450}
-VARIANT_TIMEOUT_S=${VARIANT_TIMEOUT_S:-100}
+VARIANT_TIMEOUT_S=${VARIANT_TIMEOUT_S:-150}
 NUM_VIDEOS=${NUM_VIDEOS:-384}
 SITE=/tmp/site
 STAGE=/tmp/stage
