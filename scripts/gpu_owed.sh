@@ -24,7 +24,9 @@
 # CHECKS_S (default 120: the most the checks part takes; `siasam-fast env` gets half of it, at
 # most 30 s, the model tests the rest, at most 90 s), TRANSCODE_ARGS (default: the runbook's run 3
 # arguments of bench_transcode.py, without --out-dir), DALI_ARGS (more arguments of
-# gpu_check_dali.py, e.g. --skip-bench: its correctness sections only, trimmed files included).
+# gpu_check_dali.py, e.g. --skip-bench: its correctness sections only, trimmed files included),
+# DALI_S (default: none: the most the dali part takes, below its share; e.g. 150 with
+# --skip-bench, so that a slow check leaves the next part its time).
 #
 # Time: each part gets what is left of BUDGET_S minus the minimum of the parts after it (checks
 # 20 s, dali 240 s, transcode 120 s, train 240 s); a part whose share is below its own minimum is
@@ -52,6 +54,7 @@ BUDGET_S=${BUDGET_S:-570}
 PACK_EVERY_S=${PACK_EVERY_S:-20}
 CHECKS_S=${CHECKS_S:-120}
 DALI_ARGS=${DALI_ARGS:-}
+DALI_S=${DALI_S:-}
 TRANSCODE_ARGS=${TRANSCODE_ARGS:---workers 16 --backend dali --samplings paper shift16 --batch-size 8 --min-videos 128 --dali-groups 1 --dali-trim both}
 KEEP=${KEEP:-/tmp/owed}
 declare -A MIN=([checks]=20 [dali]=240 [transcode]=120 [train]=240)
@@ -120,10 +123,11 @@ run_checks() {  # `siasam-fast env` (at most 30 s), then the GPU-only tests of t
 }
 
 run_dali() {
-  local dir=$KEEP/dali
+  local dir=$KEEP/dali t=$1
   mkdir -p "$dir"
+  [ -n "$DALI_S" ] && [ "$t" -gt "$DALI_S" ] && t=$DALI_S
   # shellcheck disable=SC2086  # DALI_ARGS is a list of arguments
-  timeout --kill-after=10 "$1" "$PY" scripts/gpu_check_dali.py --out "$dir" \
+  timeout --kill-after=10 "$t" "$PY" scripts/gpu_check_dali.py --out "$dir" \
     --work /tmp/owed_dali_work $DALI_ARGS 2>&1 | tee "$dir/console.log"
   return "${PIPESTATUS[0]}"
 }
