@@ -166,11 +166,14 @@ import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 
+# The parent sends this to an isolated variant past its time before killing it
+# (stop_with_stacks): the variant's log then ends with where each of its threads was.
+STACK_SIGNAL = signal.SIGUSR2
 if __name__ == "__main__" and "--worker" in sys.argv[1:]:
-    # An isolated variant: its stacks on SIGUSR2 (stop_with_stacks) from the start, not only once
-    # torch, DeepSpeed and siasam_fast are imported (seconds): SIGUSR2's default action would
-    # kill it silently, leaving an empty log that the timeout row says ends with its stacks.
-    faulthandler.register(signal.SIGUSR2, all_threads=True)
+    # An isolated variant: armed from the start, not only once torch, DeepSpeed and siasam_fast
+    # are imported (seconds): the signal's default action would kill it silently, leaving an
+    # empty log that the timeout row says ends with its stacks.
+    faulthandler.register(STACK_SIGNAL, all_threads=True)
 
 import torch  # noqa: E402
 
@@ -498,9 +501,6 @@ MIN_ISOLATED_S = 30  # an isolated variant needs this much at least (start, impo
 FUSED_ADAM_PROBLEM_ENV = "SIASAM_BENCH_FUSED_ADAM_PROBLEM"
 FUSED_ADAM_BUILD_S = 300  # the most the one FusedAdam build may take (nvcc: about a minute)
 STACK_WAIT_S = 3  # how long a timed-out variant gets to write its stacks
-# The parent sends this to an isolated variant past its time before killing it: the variant's log
-# then ends with where each of its threads was (faulthandler).
-STACK_SIGNAL = signal.SIGUSR2
 
 
 def _process_seconds() -> float:
@@ -1037,12 +1037,6 @@ def _first_line(err: BaseException) -> str:
     return (text.splitlines()[0] if text else repr(err))[:300]
 
 
-def register_stack_dump() -> None:
-    """In an isolated variant: on ``STACK_SIGNAL`` every thread's traceback goes to stderr (its
-    log), and the process runs on."""
-    faulthandler.register(STACK_SIGNAL, all_threads=True)
-
-
 def stop_with_stacks(proc: subprocess.Popen) -> None:
     """Stop an isolated variant that ran out of time: ask it for its stacks (its log then ends
     with where it was), give it ``STACK_WAIT_S`` to write them, then kill its process group (the
@@ -1088,7 +1082,6 @@ def run_isolated(plan: Plan, args, argv: list[str], timeout: float | None) -> di
 
 
 def worker_main(args, cfg: Config, device: torch.device) -> int:
-    register_stack_dump()  # its time up, the parent asks for the stacks, then kills it
     plan = resolve(BY_NAME[args.worker], device, args.zero_stage)
     print(f"variant {plan.variant.name} on {device}: {plan.variant.description}", flush=True)
     row = run_in_process(plan, cfg, args, device)
