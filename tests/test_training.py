@@ -346,7 +346,8 @@ LAUNCHERS = {
 ])
 def test_two_processes_with_zero(synth, tmp_path, stage, precision, launcher):
     out = tmp_path / f"zero{stage}"
-    cmd = [*LAUNCHERS[launcher], "--master_port", str(free_port()), "train.py",
+    port = free_port()
+    cmd = [*LAUNCHERS[launcher], "--master_port", str(port), "train.py",
            "--deepspeed_config", str(ROOT / f"configs/ds/zero{stage}_{precision}.json"),
            *base_args(synth, out, "--set", "train.epochs=1")]
     proc = run(cmd)
@@ -362,6 +363,10 @@ def test_two_processes_with_zero(synth, tmp_path, stage, precision, launcher):
             "run_state.json"} <= files
     if stage == 3:
         assert "model_weights.pt" in files  # gathered, for weights_only evaluation
+    # DeepSpeed's CPU all-reduce buffers (66 MB per rank in /dev/shm; the deepspeed launcher
+    # sets LOCAL_SIZE, which turns them on) are gone once the run ends.
+    left = sorted(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
+    assert not left, f"left in /dev/shm: {[p.name for p in left]}"
     proc = run([sys.executable, "-m", "siasam_fast.cli", "eval", "--checkpoint", str(out)])
     assert re.search(r"\naccuracy +[01]\.\d{4}\n", proc.stdout)
 
