@@ -265,9 +265,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dali-groups", type=positive_int, nargs="+", default=[1],
                         help="DALI decode groups to measure (batches per DALI iteration; "
                         "default 1)")
-    parser.add_argument("--dali-trim", choices=list(DALI_TRIM_MODES), default="off",
-                        help="DALI gets each file whole (off, the default), only the stretch its "
-                        "frames need (on: data.dali_trim), or both, compared")
+    parser.add_argument("--dali-trim", choices=list(DALI_TRIM_MODES), default="on",
+                        help="DALI gets only the stretch of each file that its frames need (on, "
+                        "the default, as data.dali_trim), each file whole (off), or both, "
+                        "compared")
     parser.add_argument("--encoder", choices=("auto", "cpu", "nvenc"), default="auto")
     parser.add_argument("--crf", type=int_in_range(0, 51), default=int(H264_OPTIONS["crf"]),
                         help="quality of the copies, 0 to 51 (default "

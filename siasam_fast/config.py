@@ -48,10 +48,11 @@ class DataConfig:
     # DALI: training batches decoded in one pipeline iteration (its video decoder runs one
     # iteration's videos in parallel, one per thread, and waits for the slowest); 1 = each batch
     decode_group: int = 1
-    # DALI: hand the decoder only the stretch of each file its frames need (packets copied by
-    # PyAV in the reader processes; nothing decoded on the CPU), so that its per-sample frame
-    # index and its pre-roll cover that stretch, not the whole file
-    dali_trim: bool = False
+    # DALI gets only the stretch of each file that its frames need (packets copied by PyAV in the
+    # reader processes; nothing decoded on the CPU): DALI 2.4's decoder does not seek, it decodes
+    # a whole file from its first frame. On the GPU the loader checks once that NVDEC decodes a
+    # trimmed clip exactly, else it hands over whole files and says why
+    dali_trim: bool = True
     max_question_len: int = 32
     options: dict = field(default_factory=dict)  # extra keyword arguments of the reader
 

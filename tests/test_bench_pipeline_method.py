@@ -459,3 +459,18 @@ def test_prepare_set_generates_in_parallel_the_videos_it_makes_one_by_one(tmp_pa
         assert len(a) == len(b) == 12 and all((x == y).all() for x, y in zip(a, b)), vid
     folder = tmp_path / "many" / spec.folder_name
     assert not list(folder.glob("*.partial*"))
+
+
+def test_generated_sets_take_another_length_and_keyframe_spacing(monkeypatch):
+    """--frames / --gop: long videos (real MSRVTT clips run 10-30 s, ActivityNet videos minutes),
+    cached under names of their own; --sets still picks them by their plain names."""
+    plain = bench_pipeline.video_sets(False, "vp9")
+    long = bench_pipeline.video_sets(False, "vp9", frames=1800, gop=250)
+    assert [s.name for s in long] == ["msrvtt-like-gop250-1800f", "activitynet-like-gop250-1800f"]
+    assert all(s.num_frames == 1800 and s.gop == 250 and s.codec == "vp9" for s in long)
+    assert [(s.width, s.height, s.num_videos) for s in long] == \
+        [(s.width, s.height, s.num_videos) for s in plain]
+    assert bench_pipeline.video_sets(True, frames=150) == bench_pipeline.video_sets(True)
+    assert len({s.folder_name for s in [*plain, *long]}) == 4
+    args = bench_pipeline.build_parser().parse_args(["--frames", "900", "--gop", "16"])
+    assert (args.frames, args.gop, args.dali_trim) == (900, 16, "on")

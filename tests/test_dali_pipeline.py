@@ -608,6 +608,61 @@ def test_bad_arguments_name_the_valid_values(manifest):
 # -- trimmed streams ---------------------------------------------------------------------------
 
 
+def test_trimming_is_checked_on_the_gpu_before_it_is_used(monkeypatch, caplog):
+    """On the GPU, data.dali_trim holds only after NVDEC has decoded a trimmed clip exactly;
+    otherwise whole files, with a warning naming what went wrong. On the CPU nothing is checked
+    (the tests here check DALI's CPU decoder)."""
+    from siasam_fast.pipeline import dali_check
+
+    calls = []
+
+    def check(ok):
+        def run(device_id):
+            calls.append(device_id)
+            return ok, "decoded frames 9, 12, 14: grey levels [1, 2, 3], expected [143, 188, 218]"
+        return run
+
+    assert dali_check.resolve_trim(True, "cpu", None, check(False)) is True
+    assert dali_check.resolve_trim(False, "gpu", 0, check(False)) is False
+    assert calls == []
+    assert dali_check.resolve_trim(True, "gpu", 1, check(True)) is True
+    with caplog.at_level("WARNING", logger=dali_check.__name__):
+        assert dali_check.resolve_trim(True, "gpu", 0, check(False)) is False
+    assert calls == [1, 0]
+    assert "data.dali_trim is off for this run" in caplog.text and "[1, 2, 3]" in caplog.text
+
+    def broken(on_gpu, trimmed=False, device_id=0):
+        raise RuntimeError("no NVDEC here")
+
+    dali_check.gpu_trims_exactly.cache_clear()
+    monkeypatch.setattr(dali_check, "decode_check", broken)
+    try:
+        ok, detail = dali_check.gpu_trims_exactly(0)
+    finally:
+        dali_check.gpu_trims_exactly.cache_clear()
+    assert not ok and "RuntimeError: no NVDEC here" in detail
+
+
+def test_the_trimmed_decode_check_passes_on_dalis_cpu_decoder():
+    """What the loader checks on NVDEC, through DALI's CPU decoder (VP9): the clip is really cut
+    (its frames renumbered) and the right frames come out."""
+    from siasam_fast.pipeline import dali_check
+
+    ok, detail = dali_check.decode_check(False, trimmed=True)
+    assert ok, detail
+    assert "(frames 1, 4, 6 there) on DALI's CPU decoder" in detail  # 9, 12, 14 counted from the keyframe at 8
+
+
+def test_dali_loaders_trim_by_default():
+    import inspect
+
+    from siasam_fast.config import DataConfig
+
+    assert inspect.signature(build_dali_loader).parameters["trim"].default is True
+    assert DataConfig().dali_trim is True
+
+
+
 def decoded_indices(data: np.ndarray) -> list[int]:
     """The index every picture of an encoded video shows, in presentation order (PyAV)."""
     import io
@@ -804,7 +859,7 @@ def test_trimmed_streams_give_exactly_the_sampled_frames(manifest, monkeypatch, 
     monkeypatch.setattr(dali_module, "trim_stretch", counting_whole)
     kwargs = dict(batch_size=4, seed=3, epoch=1, dedup=dedup, output="clips",
                   num_workers=num_workers)
-    plain = list(dali(examples_for(names), manifest, **kwargs))
+    plain = list(dali(examples_for(names), manifest, trim=False, **kwargs))
     cut = list(dali(examples_for(names), manifest, trim=True, **kwargs))
     assert len(plain) == len(cut) == 2
     for a, b in zip(plain, cut):

@@ -36,6 +36,8 @@ def test_cpu_report(capsys, tmp_path):
     assert "matches the reference on the CPU (Triton interpreter)" in \
         rows["Triton kernels"]["detail"]
     assert rows["DALI decode"]["status"] == "ok" and "VP9" in rows["DALI decode"]["detail"]
+    assert rows["DALI trimmed"]["status"] == "ok"
+    assert "from the stretch that data.dali_trim cuts" in rows["DALI trimmed"]["detail"]
     assert rows["data.backend=auto"]["detail"].startswith("pyav")
     assert rows["DeepSpeed"]["status"] == "ok" and "accelerator cpu" in rows["DeepSpeed"]["detail"]
     assert rows["PyAV"]["status"] == "ok" and "h264" in rows["PyAV"]["detail"]
@@ -67,22 +69,26 @@ def envcheck_interpreting():
     return siamese.interpreting()
 
 
-def test_dali_decode_check_sees_a_wrong_frame(monkeypatch):
+@pytest.mark.parametrize("trimmed", [False, True])
+def test_dali_decode_check_sees_a_wrong_frame(monkeypatch, trimmed):
     """The decoding check reads each decoded frame's brightness: a clip whose frames are one off
-    fails it."""
+    fails it, whole or trimmed."""
     pytest.importorskip("nvidia.dali")
-    original = envcheck._test_clip
+    from siasam_fast.pipeline import dali_check
+
+    original = dali_check.make_clip
 
     def shifted(codec):
-        monkeypatch.setattr(envcheck, "_grey", lambda i: 8 + 15 * (i + 1))
+        monkeypatch.setattr(dali_check, "grey", lambda i: 8 + 15 * (i + 1))
         try:
             return original(codec)
         finally:
-            monkeypatch.setattr(envcheck, "_grey", lambda i: 8 + 15 * i)
+            monkeypatch.setattr(dali_check, "grey", lambda i: 8 + 15 * i)
 
-    monkeypatch.setattr(envcheck, "_test_clip", shifted)
-    row = envcheck._dali_decode_row(torch.cuda.is_available())
-    assert row.status == "fail" and "expected [53, 113, 173]" in row.detail
+    monkeypatch.setattr(dali_check, "make_clip", shifted)
+    ok, detail = dali_check.decode_check(torch.cuda.is_available(), trimmed=trimmed)
+    expected = "[143, 188, 218]" if trimmed else "[53, 113, 173]"
+    assert not ok and f"expected {expected}" in detail
 
 
 def test_a_check_that_raises_is_a_failed_row(capsys, monkeypatch):
@@ -122,14 +128,31 @@ def test_an_installed_dali_that_does_not_import_is_a_failure(monkeypatch):
 def test_a_decoder_that_raises_keeps_the_other_dali_rows(monkeypatch):
     pytest.importorskip("nvidia.dali")
 
-    def no_decoder(on_gpu):
+    from siasam_fast.pipeline import dali_check
+
+    def no_decoder(on_gpu, trimmed=False):
         raise RuntimeError("no NVDEC in this container")
 
-    monkeypatch.setattr(envcheck, "_dali_decode_row", no_decoder)
+    monkeypatch.setattr(dali_check, "decode_check", no_decoder)
     rows = {r.name: r for r in envcheck.check_dali()}
     assert rows["DALI"].status == "ok" and "data.backend=auto" in rows
     assert rows["DALI decode"].status == "fail" and "no NVDEC" in rows["DALI decode"].detail
     assert "data.backend=pyav" in rows["DALI decode"].hint
+    assert "DALI trimmed" not in rows  # it would only say the same
+
+
+def test_a_trimmed_decode_that_fails_is_its_own_row(monkeypatch):
+    pytest.importorskip("nvidia.dali")
+    from siasam_fast.pipeline import dali_check
+
+    def trimmed_wrong(on_gpu, trimmed=False):
+        return (not trimmed, "decoded frames 9, 12, 14: grey levels [1, 2, 3]")
+
+    monkeypatch.setattr(dali_check, "decode_check", trimmed_wrong)
+    rows = {r.name: r for r in envcheck.check_dali()}
+    assert rows["DALI decode"].status == "ok"
+    assert rows["DALI trimmed"].status == "fail" and "[1, 2, 3]" in rows["DALI trimmed"].detail
+    assert "whole files" in rows["DALI trimmed"].hint
 
 
 @pytest.mark.parametrize("cc, arch_list, runs", [
@@ -183,6 +206,7 @@ def test_gpu_report(capsys, tmp_path):
     assert rows["Triton kernels"]["status"] == "ok"
     if "DALI decode" in rows:
         assert rows["DALI decode"]["status"] == "ok" and "NVDEC" in rows["DALI decode"]["detail"]
+        assert rows["DALI trimmed"]["status"] == "ok", rows["DALI trimmed"]
 
 
 def test_a_cuda13_dali_wheel_on_a_v100_is_refused_and_auto_picks_pyav(monkeypatch):

@@ -89,6 +89,7 @@ import numpy as np
 import torch
 
 from siasam_fast.data.examples import QAExample
+from siasam_fast.pipeline.dali_check import resolve_trim
 from siasam_fast.pipeline.dataset import (
     _LOADERS,
     OUTPUTS,
@@ -1005,7 +1006,7 @@ def build_dali_loader(
     device_id: int | None = None,
     num_threads: int | None = None,
     decode_group: int = 1,
-    trim: bool = False,
+    trim: bool = True,
     defer_stop_signals: bool = False,
 ) -> DALIVideoLoader:
     """A DALI loader for ``split`` on this rank; the arguments of ``build_loader``, plus:
@@ -1026,8 +1027,12 @@ def build_dali_loader(
     batch's frames are a view (or, when the group's videos need more frames than the batch's, a
     device copy) of the group's output.
     ``trim``: the reader processes hand DALI only the stretch of each file that its frames need
-    (:func:`trim_file`: packets copied by PyAV, nothing decoded), so that the decoder's
-    per-sample frame index and its pre-roll cover that stretch, not the whole file. Default off.
+    (:func:`trim_file`: packets copied by PyAV, nothing decoded). Default on: DALI 2.4's video
+    decoder does not seek, it decodes every file from its first frame up to the last frame
+    wanted (README, "Trimmed files for DALI"), so a whole file costs in proportion to where the
+    clips lie, a stretch only what they need. On the GPU the loader first checks, once per
+    process, that NVDEC decodes a trimmed clip exactly (:mod:`~siasam_fast.pipeline.dali_check`),
+    and hands over whole files, with a warning, if it does not.
     ``defer_stop_signals``: the reader processes leave SIGTERM, SIGINT and SIGUSR1 to this process
     (:mod:`siasam_fast.stopping`; training sets it).
     ``pin_memory``, ``seek_threshold`` and ``decode_threads`` only concern the PyAV backend and are
@@ -1065,6 +1070,7 @@ def build_dali_loader(
     if dtype not in DTYPES:
         raise ValueError(f"dtype={dtype}: the DALI backend yields torch.float16 or torch.float32")
     start_method = _start_method(multiprocessing_context)
+    trim = resolve_trim(bool(trim), device, device_id)
     if num_threads is None:
         num_threads = default_num_threads(device, batch_size * decode_group)
     if num_threads < 1:
