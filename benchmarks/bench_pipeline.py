@@ -601,7 +601,7 @@ def run_benchmark(
     hard_max_seconds: float | None = None,
     dali_threads: list[int] | None = None,
     dali_groups: list[int] | None = None,
-    dali_trims: tuple[bool, ...] = (False,),
+    dali_trims: tuple[bool, ...] = (True,),
     dedup_modes: tuple[bool, ...] = (True, False),
     min_steady_rounds: int = MIN_STEADY_ROUNDS,
     log=print,
@@ -613,7 +613,7 @@ def run_benchmark(
     loader's own (``default_num_threads``). ``dali_groups``: DALI decode groups to try (batches
     decoded per iteration, ``build_dali_loader(decode_group=...)``; default 1). ``dali_trims``:
     whether DALI gets each file whole or only the stretch its frames need
-    (``build_dali_loader(trim=...)``; default whole only).
+    (``build_dali_loader(trim=...)``; default trimmed only, as the loader).
 
     Every cell gives a row, ``status`` saying what it holds: ``ok`` / ``short`` (measured; short:
     fewer than ``min_steady_rounds`` whole rounds after the warm-up), ``skipped`` (a set without a

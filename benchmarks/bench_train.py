@@ -883,6 +883,12 @@ def run_variant(plan: Plan, cfg: Config, args, device: torch.device) -> dict:
         f"({vcfg.data.num_workers} workers)")
     source = start_batches(plan, vcfg, data)
     prefetch = loader_prefetch(plan, vcfg)  # after start_batches: DALI may have given way to pyav
+    if plan.loader == "dali" and vcfg.data.dali_trim and device.type == "cuda":
+        from siasam_fast.pipeline.dali_check import gpu_trims_exactly
+
+        trims, why = gpu_trims_exactly(device.index or 0)  # the loader's check, cached
+        if not trims:
+            plan.notes.append(f"DALI decoded whole files: {why}")
     batches = source
     cudnn_before = torch.backends.cudnn.benchmark
     torch.backends.cudnn.benchmark = vcfg.train.cudnn_benchmark and device.type == "cuda"

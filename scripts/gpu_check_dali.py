@@ -26,7 +26,8 @@ and the script goes on:
    first) and msrvtt-like (320x240) H.264 sets, batches of 8: pyav with 1, 4, 16 workers and
    dali, dedup on; pyav with 16 workers and dali, dedup off; then dali with 4 and 16 threads
    (dedup on) against its default of one thread per video, dali decoding two batches per
-   iteration (``decode_group=2``, 16 threads), and dali on trimmed files (groups of 1 and 2).
+   iteration (``decode_group=2``, 16 threads), and dali on whole files (groups of 1 and 2; the
+   other DALI cells trim, the loader's default).
    Cells are sized by rounds (a warm-up of the batches queued at the start, then 4 whole rounds:
    one batch per PyAV worker, one DALI iteration; at least 256 videos) and compared on
    ``steady_videos_per_s`` (whole rounds after the warm-up); a soft cap of 9 s ends a cell that
@@ -148,6 +149,11 @@ def main() -> int:
                 num_workers=2, dedup=dedup, output=output, seed=11, decode_group=group,
                 trim=trim,
             )
+            if trim and not loader.trim:  # the loader's own NVDEC check turned trimming off
+                from siasam_fast.pipeline.dali_check import gpu_trims_exactly
+
+                raise AssertionError("trimmed files were not checked: the loader's check of "
+                                     f"trimmed decoding failed: {gpu_trims_exactly(0)[1]}")
             three = dedup and output == "clips" and group == 1
             for epoch in range(3 if three else 1):
                 loader.set_epoch(epoch)
@@ -309,10 +315,10 @@ def main() -> int:
                 # video): batches of 8 decoded two at a time (decode_group=2, 16 threads).
                 dict(backend_names=["dali"], worker_counts=[], dali_groups=[2],
                      dedup_modes=(True,), hard_max_seconds=27.0),
-                # Each file trimmed to the stretch its frames need (PyAV remux in the readers):
-                # DALI's per-sample frame index and its pre-roll then cover that stretch only.
+                # Whole files (data.dali_trim=false; the cells above trim, the loader's default):
+                # DALI's decoder then decodes each file from its first frame.
                 dict(backend_names=["dali"], worker_counts=[], dali_groups=[1, 2],
-                     dali_trims=(True,), dedup_modes=(True,), hard_max_seconds=27.0),
+                     dali_trims=(False,), dedup_modes=(True,), hard_max_seconds=27.0),
             ]
             for name, records, codec in sets:
                 for plan in plans:
