@@ -175,46 +175,51 @@ if __name__ == "__main__" and "--worker" in sys.argv[1:]:
     # empty log that the timeout row says ends with its stacks.
     faulthandler.register(STACK_SIGNAL, all_threads=True)
 
-import torch  # noqa: E402
-
 ROOT = Path(__file__).resolve().parent.parent
 
-try:  # siasam_fast.training imports DeepSpeed (and chooses its CPU accelerator when no GPU)
-    from siasam_fast import ds_config
-    from siasam_fast.benchutil import (
-        RESULTS_DIR,
-        environment,
-        format_table,
-        markdown_table,
-        positive_float,
-        positive_int,
-        report_interrupted,
-        report_no_rows,
-        save_figure,
-        write_csv,
-    )
-    from siasam_fast.config import Config, load_config
-    from siasam_fast.losses import total_loss
-    from siasam_fast.model import load_tokenizer
-    from siasam_fast.paths import write_text_atomic
-    from siasam_fast.pipeline.dataset import gather_clips
-    from siasam_fast.pipeline.loaders import dali_available
-    from siasam_fast.training import (
-        TextEncoder,
-        build_fused_adam_op,
-        build_model,
-        build_optimizer,
-        init_distributed,
-        load_data,
-        make_loader,
-        match_buffer_dtypes,
-        seed_everything,
-        to_device,
-        warmup_linear_decay,
-    )
-except ImportError as _err:  # pragma: no cover - an install problem, said plainly
-    raise SystemExit(f"bench_train.py needs siasam-fast and its dependencies importable "
-                     f"(DeepSpeed included: siasam_fast.training imports it): {_err}") from _err
+# DALI's reader processes (the DALI rows) start with spawn, CUDA being initialised here, and so
+# run this file again as "__mp_main__" before they read a byte. They need none of torch,
+# DeepSpeed or siasam_fast (what they run is pickled by value), whose imports cost each of them
+# seconds and ~0.4 GB: with configs/clipbert_base.yaml, 12 of them at every DALI pass's start.
+if __name__ != "__mp_main__":
+    import torch  # noqa: E402
+
+    try:  # siasam_fast.training imports DeepSpeed (and chooses its CPU accelerator when no GPU)
+        from siasam_fast import ds_config
+        from siasam_fast.benchutil import (
+            RESULTS_DIR,
+            environment,
+            format_table,
+            markdown_table,
+            positive_float,
+            positive_int,
+            report_interrupted,
+            report_no_rows,
+            save_figure,
+            write_csv,
+        )
+        from siasam_fast.config import Config, load_config
+        from siasam_fast.losses import total_loss
+        from siasam_fast.model import load_tokenizer
+        from siasam_fast.paths import write_text_atomic
+        from siasam_fast.pipeline.dataset import gather_clips
+        from siasam_fast.pipeline.loaders import dali_available
+        from siasam_fast.training import (
+            TextEncoder,
+            build_fused_adam_op,
+            build_model,
+            build_optimizer,
+            init_distributed,
+            load_data,
+            make_loader,
+            match_buffer_dtypes,
+            seed_everything,
+            to_device,
+            warmup_linear_decay,
+        )
+    except ImportError as _err:  # pragma: no cover - an install problem, said plainly
+        raise SystemExit(f"bench_train.py needs siasam-fast and its dependencies importable "
+                         f"(DeepSpeed included: siasam_fast.training imports it): {_err}") from _err
 
 # ------------------------------------------------------------------------------------------------
 # Variants
@@ -635,7 +640,9 @@ class Trainer:
         else:
             self.optimizer.step()
         self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        # No set_to_none: DeepSpeed's FusedAdam (amp-fused-adam) overrides zero_grad() without
+        # arguments (a TypeError); it sets the grads to None by default, as torch's optimizers do.
+        self.optimizer.zero_grad()
 
     def skipped_steps(self) -> float:
         """Optimizer steps skipped by loss scaling so far (a counter or the scale's halvings)."""

@@ -158,6 +158,11 @@ def finalize(config: dict, micro_batch: int, grad_clip: float, world_size: int,
                          f"{', '.join(map(str, STAGES))}")
     config["train_micro_batch_size_per_gpu"] = micro_batch
     config["gradient_accumulation_steps"] = grad_accum
+    # DeepSpeed's throughput timer is on by default and synchronises the device when each forward
+    # starts and each step ends (from the third step): two device-wide syncs per step that keep
+    # the host from queueing ahead, for a rate that is printed only every steps_per_print steps.
+    # The trainer times its own steps; a file that sets "timers" keeps its setting.
+    config.setdefault("timers", {"throughput": {"enabled": False}})
     config["train_batch_size"] = effective
     config["gradient_clipping"] = grad_clip
     precision = precision_of(config)

@@ -216,6 +216,20 @@ def _tiny_setup(tmp_path, num_videos=24):
     return cfg, args
 
 
+@pytest.mark.parametrize("script", ["benchmarks/bench_train.py", "train.py"])
+def test_dalis_spawned_readers_do_not_import_torch_deepspeed_or_the_package(script):
+    """DALI's reader processes start with spawn on a GPU and run the main script again as
+    __mp_main__ before reading a byte: torch, DeepSpeed and transformers cost each of them
+    seconds (7 s here) and ~0.4 GB, 12 of them per DALI pass with configs/clipbert_base.yaml."""
+    code = ("import runpy, sys; runpy.run_path(sys.argv[1], run_name='__mp_main__'); "
+            "print(sorted(m for m in ('torch', 'deepspeed', 'transformers', 'siasam_fast') "
+            "if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code, str(ROOT / script)],
+                         env=ENV, capture_output=True, text=True, timeout=120, check=False)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip() == "[]", out.stdout
+
+
 def test_ctrl_c_while_a_variant_writes_its_stacks_still_kills_it():
     """Ctrl-C during stop_with_stacks' wait: the variant's process group (its own session, which
     the terminal's Ctrl-C does not reach) is killed all the same."""
@@ -470,6 +484,39 @@ def test_a_toggle_whose_subject_fails_is_skipped_not_timed_on_a_stand_in(tmp_pat
     assert "torch AdamW(fused=True) for FusedAdam" in row["substituted"]
     (table,) = bench_train.table_rows([row], notes=True)
     assert "torch AdamW(fused=True) for FusedAdam" in table["notes"]
+
+
+@pytest.mark.slow
+def test_the_fused_adam_toggle_steps_with_deepspeeds_own_zero_grad(tmp_path, monkeypatch):
+    """amp-fused-adam steps DeepSpeed's FusedAdam in the plain torch loop, whose zero_grad() takes
+    no arguments (DeepSpeed 0.19): zero_grad(set_to_none=True) failed its first step on a GPU.
+    FusedAdam itself needs CUDA, so its own zero_grad runs here on torch AdamW's CPU step."""
+    from deepspeed.ops.adam import FusedAdam
+
+    cfg, args = _tiny_setup(tmp_path)
+    real = bench_train.build_optimizer
+
+    class CpuFusedAdam(torch.optim.AdamW):
+        zero_grad = FusedAdam.zero_grad  # DeepSpeed's: no set_to_none argument
+        set_grad_none = True
+
+    def build(model, cfg, device):
+        if cfg.train.optimizer != "deepspeed":
+            return real(model, cfg, device)
+        cfg.train.optimizer = "torch"
+        plain, _ = real(model, cfg, device)
+        cfg.train.optimizer = "deepspeed"
+        groups = [{"params": g["params"], "weight_decay": g["weight_decay"]}
+                  for g in plain.param_groups]
+        return CpuFusedAdam(groups, lr=cfg.train.lr), "DeepSpeed FusedAdam"
+
+    monkeypatch.setattr(bench_train, "build_optimizer", build)
+    cpu = torch.device("cpu")
+    toggle = bench_train.resolve(bench_train.BY_NAME["amp-fused-adam"], cpu, 2)
+    toggle.optimizer, toggle.skip = "fused", ""  # as resolved on a GPU
+    row = bench_train.run_in_process(toggle, cfg, args, cpu)
+    assert row["status"] == "ok", row
+    assert row["optimizer"] == "DeepSpeed FusedAdam"
 
 
 def test_peak_table_matches_whole_model_names():

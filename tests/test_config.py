@@ -195,6 +195,53 @@ def test_deepspeed_config_spellings_and_batch_settings(tmp_path):
         finalize({"gradient_accumulation_steps": 2}, 8, 1.0, 2, grad_accum=4)
 
 
+SYNC_COUNT = """
+import torch
+from siasam_fast.training import init_distributed  # DeepSpeed's CPU accelerator, gloo
+from siasam_fast.ds_config import finalize, load_ds_config
+import deepspeed
+from deepspeed.accelerator import get_accelerator
+
+init_distributed()
+accelerator, calls = get_accelerator(), []
+real = accelerator.synchronize
+accelerator.synchronize = lambda *a, **k: (calls.append(1), real(*a, **k))[1]
+for default in (True, False):
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 1)
+    config = finalize(load_ds_config(None, "bf16", stage=2), 2, 1.0, 1)
+    if default:
+        del config["timers"]  # DeepSpeed's own default
+    engine, *_ = deepspeed.initialize(
+        model=model, optimizer=torch.optim.AdamW(model.parameters()), config=config)
+    x = torch.randn(2, 4, dtype=torch.bfloat16)
+    for _ in range(4):  # the timer synchronises from the third step on
+        calls.clear()
+        engine.backward(engine(x).float().pow(2).mean())
+        engine.step()
+    print("syncs", len(calls))
+"""
+
+
+@pytest.mark.slow
+def test_deepspeeds_throughput_timer_does_not_synchronise_every_step():
+    """DeepSpeed's throughput timer (on by default) synchronises the device when each forward
+    starts and each step ends; finalize turns it off unless the file sets it."""
+    import subprocess
+    import sys
+
+    from subprocess_env import cpu_env
+
+    assert finalize({}, 4, 1.0, 1)["timers"] == {"throughput": {"enabled": False}}
+    own = {"throughput": {"enabled": True, "synchronized": False}}
+    assert finalize({"timers": own}, 4, 1.0, 1)["timers"] == own
+    out = subprocess.run([sys.executable, "-c", SYNC_COUNT], capture_output=True, text=True,
+                         env=cpu_env(), timeout=170, check=False)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert [line for line in out.stdout.splitlines() if line.startswith("syncs")] == [
+        "syncs 2", "syncs 0"], out.stdout[-2000:]
+
+
 def test_fused_adam_that_cannot_be_built_falls_back_to_torch_adamw(monkeypatch, capsys):
     import deepspeed.ops.adam
     import torch

@@ -650,7 +650,8 @@ def test_the_trimmed_decode_check_passes_on_dalis_cpu_decoder():
 
     ok, detail = dali_check.decode_check(False, trimmed=True)
     assert ok, detail
-    assert "(frames 1, 4, 6 there) on DALI's CPU decoder" in detail  # 9, 12, 14 counted from the keyframe at 8
+    # 9, 12, 14 counted from the keyframe at 8
+    assert "(frames 1, 4, 6 there) on DALI's CPU decoder" in detail
 
 
 def test_dali_loaders_trim_by_default():
