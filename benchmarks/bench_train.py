@@ -74,7 +74,8 @@ full config):
   loader's rate). Where the host runs ahead of the device (no per-step sync) part of a wait can
   overlap queued GPU work, so it is an upper bound on the GPU's idle time.
 - ``step_ms_synced`` = ``data_ms + forward_ms + backward_ms + optimizer_ms``: means over a second
-  pass of ``--steps`` steps that synchronises the device between phases (timing mode). data: waiting
+  pass of ``--steps`` steps that synchronises torch's stream between phases (timing mode; not
+  DALI's streams, whose prefetch of later batches is not this step's work). data: waiting
   for the loader, tokenising, the host-to-device copy (and the pseudo-video reshape of the
   baseline); forward: model + loss; backward; optimizer: clipping, unscaling, step, schedule.
 - ``warmup_steps`` (untimed training steps actually run: ``--warmup`` + ``SETTLE_STEPS``),
@@ -664,10 +665,18 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def phase_sync(device: torch.device) -> None:
+    """Wait for the work queued on torch's current stream (DeepSpeed joins its side streams to
+    it), not for every stream of the device: DALI prefetches the next batches on streams of its
+    own, and a device-wide wait would bill that work to the training phases."""
+    if device.type == "cuda":
+        torch.cuda.current_stream(device).synchronize()
+
+
 def run_step(trainer: Trainer, batches, timing: bool) -> tuple[dict, torch.Tensor, int]:
-    """One step; with ``timing`` the device is synchronised after each phase."""
+    """One step; with ``timing`` torch's stream is synchronised after each phase."""
     device = trainer.device
-    hold = (lambda: sync(device)) if timing else (lambda: None)
+    hold = (lambda: phase_sync(device)) if timing else (lambda: None)
     t0 = time.perf_counter()
     with torch.profiler.record_function("data"):
         raw = next(batches)

@@ -991,9 +991,9 @@ def train(argv: list[str] | None = None, prog: str | None = None) -> int:
                 "config": cfg.to_dict(), "vocab": _vocab_hash(data.ans2label),
                 "precision": precision, "world_size": world}
 
-    def sync():
+    def sync():  # torch's stream only: DALI's prefetch on its own streams is not this phase's
         if cfg.train.sync_timing and device.type == "cuda":
-            torch.cuda.synchronize()
+            torch.cuda.current_stream(device).synchronize()
 
     def end_of_epoch(epoch: int, sums: dict, n_steps: int) -> None:
         """The epoch's evaluation and its row of metrics_epochs.csv."""
