@@ -449,3 +449,23 @@ def test_symlinked_subfolders_are_followed_once_and_loops_are_not(tmp_path):
     (root / "dangling").symlink_to(tmp_path / "gone", target_is_directory=True)
     found = [p.relative_to(root).as_posix() for p in find_videos(root)]
     assert found == ["c.mp4", "part1/a.mp4", "part2/b.mp4"]
+
+
+def test_a_manifest_is_readable_as_any_new_file_is(tmp_path):
+    """mkstemp makes its file 0600; a manifest is shared data (other users, other nodes' jobs), so
+    it gets the mode open() would give: 0666 less the umask."""
+    from siasam_fast.pipeline.manifest import write_manifest
+
+    path = write_index_video(tmp_path / "videos" / "a.webm", 8, codec="vp9")
+    records = list(build_manifest(tmp_path / "videos", tmp_path / "first.jsonl",
+                                  progress=False).values())
+    old = os.umask(0o022)
+    try:
+        write_manifest(records, tmp_path / "m.jsonl")
+        os.umask(0o077)
+        write_manifest(records, tmp_path / "private.jsonl")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "m.jsonl").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "private.jsonl").stat().st_mode & 0o777 == 0o600
+    assert path.exists()

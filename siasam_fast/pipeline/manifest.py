@@ -374,6 +374,11 @@ def write_manifest(records: Iterable[VideoRecord], path: str | os.PathLike) -> P
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        # mkstemp makes the file 0600; a manifest is shared data (other users, other nodes' jobs):
+        # give it the mode any new file gets here (0666 less the umask), as open() would.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.fchmod(fd, 0o666 & ~umask)
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             for record in sorted(records, key=lambda r: r.video_id):
                 fh.write(record.to_json() + "\n")
