@@ -57,6 +57,15 @@ class DataConfig:
     options: dict = field(default_factory=dict)  # extra keyword arguments of the reader
 
     def __post_init__(self) -> None:
+        # the readers' registry (a light import); checked here, up front and under the config's
+        # key names, not only when the annotations are read (after DeepSpeed's start-up)
+        from siasam_fast.data.annotations import _DATASETS
+
+        _choice("data.dataset", self.dataset, tuple(_DATASETS))
+        formats = ("auto", *_DATASETS[self.dataset].readers)
+        if self.format not in formats:
+            raise ValueError(f"data.format={self.format!r}: valid values for data.dataset="
+                             f"{self.dataset} are {', '.join(formats)}")
         _choice("data.backend", self.backend, BACKENDS)
         _at_least("data.decode_group", self.decode_group, 1, "batches per DALI iteration")
         _at_least("data.num_answers", self.num_answers, 1)

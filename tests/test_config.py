@@ -52,6 +52,8 @@ def test_values_take_the_type_of_their_key():
     ("data.num_answers=0", "data.num_answers=0: must be >= 1"),
     ("data.image_size=0", "data.image_size=0: must be >= 8"),
     ("eval.split=foo", "eval.split='foo': valid values are val, test, none"),
+    ("data.dataset=msrvtt", "data.dataset='msrvtt': valid values are "),
+    ("data.format=jsonl", "data.format='jsonl': valid values for data.dataset="),
     ("eval.num_clips=0", "eval.num_clips=0: must be >= 1"),
     ("eval.batch_size=0", "eval.batch_size=0: must be >= 1"),
     ("train.lr=inf", "train.lr='inf': expected a finite number"),
