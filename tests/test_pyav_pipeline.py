@@ -360,6 +360,20 @@ def test_bad_examples_are_dropped_at_construction(manifest, caplog):
     assert "kept 2 of 5 examples; dropped 3" in caplog.text
 
 
+def test_nested_videos_are_found_by_file_name_unless_the_name_repeats(manifest):
+    """A manifest of a folder with subfolders keys videos as ``sub/name``: an annotation's bare
+    ``name`` finds its video when one subfolder holds it; a name in two subfolders finds neither,
+    and the drop reason says why (not "missing")."""
+    nested = {"train/h264": manifest["h264"], "a/vp9": manifest["vp9"], "b/vp9": manifest["vp9"]}
+    cfg = SamplingConfig(num_clips=9, frames_per_clip=8, stride=4)
+    ds = VideoQADataset(examples_for(["h264", "vp9", "nowhere"]), nested, cfg, "train",
+                        image_size=SIZE)
+    assert ds.indices == [0]
+    reasons = {qid: reason for _, qid, reason in ds.dropped}
+    assert reasons["q1"].startswith("video name in several subfolders")
+    assert reasons["q2"] == "video missing from the manifest"
+
+
 def test_labels_and_text_pass_through(manifest):
     examples = [
         QAExample(qid="o", video_id="mjpeg", question="what?", answer="dog", question_type="what"),

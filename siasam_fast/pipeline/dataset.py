@@ -179,7 +179,10 @@ class VideoQADataset(Dataset):
             if record is None and by_name.get(ex.video_id):
                 record = self.manifest[by_name[ex.video_id]]
             if record is None:
-                self.dropped.append((i, ex.qid, "video missing from the manifest"))
+                self.dropped.append((i, ex.qid, "video name in several subfolders of the manifest "
+                                     "(rename the files to unique names)"
+                                     if ex.video_id in by_name else
+                                     "video missing from the manifest"))
                 continue
             if not record.ok:
                 self.dropped.append((i, ex.qid, f"video corrupt: {_first(record.reason)}"))
