@@ -237,7 +237,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["train"]:
-        return _train(argparse.Namespace(), argv[1:])
+        try:
+            return _train(argparse.Namespace(), argv[1:])
+        except KeyboardInterrupt:  # while the training modules import (main handles the rest)
+            print("siasam-fast train: interrupted while starting: nothing was written",
+                  file=sys.stderr)
+            return 130
     args = build_parser().parse_args(argv)
     handler = {"env": _env, "synth": _synth, "index": _index, "eval": _eval, "demo": _demo,
                "transcode": _transcode}[args.command]
@@ -260,7 +265,10 @@ def main(argv: list[str] | None = None) -> int:
 # What an interrupted command (Ctrl-C, SIGTERM) leaves: one line, exit status 130.
 CONTINUES = "what was done is kept, and running the same command again continues from there"
 INTERRUPTED = {
-    "synth": CONTINUES, "index": CONTINUES, "transcode": CONTINUES,
+    # generate() renders every video again (it does not skip finished ones): say so
+    "synth": "the set is left incomplete (no meta.json or manifest, so it is never taken for a "
+             "complete one); running the same command again generates it anew",
+    "index": CONTINUES, "transcode": CONTINUES,
     "demo": "the previous demo's runs and summary (if any) are kept as they were; running it "
             "again trains both runs anew",
     "eval": "nothing was written (--json / --predictions are replaced only once the evaluation "

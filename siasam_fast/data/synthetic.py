@@ -868,21 +868,24 @@ def generate(
     workers = (os.cpu_count() or 1) if workers is None else int(workers)
     workers = max(1, min(workers, len(jobs)))
     bar = _progress(len(jobs), progress)
-    if workers == 1:
-        for job in jobs:
-            _render_job(job)
-            bar.update()
-    else:
-        # fork on Linux: it works from any caller (stdin, notebooks, scripts without a __main__
-        # guard), and the workers only run numpy and libav (never torch / OpenMP / CUDA), which
-        # are what make forking a threaded parent unsafe. spawn elsewhere (macOS, Windows).
-        method = "fork" if sys.platform.startswith("linux") else "spawn"
-        context = multiprocessing.get_context(method)
-        with ProcessPoolExecutor(workers, mp_context=context) as pool:
-            chunk = max(1, min(8, len(jobs) // (4 * workers)))
-            for _ in pool.map(_render_job, jobs, chunksize=chunk):
+    try:  # closed on an interrupt too: the caller's message then starts on a line of its own
+        if workers == 1:
+            for job in jobs:
+                _render_job(job)
                 bar.update()
-    bar.close()
+        else:
+            # fork on Linux: it works from any caller (stdin, notebooks, scripts without a
+            # __main__ guard), and the workers only run numpy and libav (never torch / OpenMP /
+            # CUDA), which are what make forking a threaded parent unsafe. spawn elsewhere (macOS,
+            # Windows).
+            method = "fork" if sys.platform.startswith("linux") else "spawn"
+            context = multiprocessing.get_context(method)
+            with ProcessPoolExecutor(workers, mp_context=context) as pool:
+                chunk = max(1, min(8, len(jobs) // (4 * workers)))
+                for _ in pool.map(_render_job, jobs, chunksize=chunk):
+                    bar.update()
+    finally:
+        bar.close()
 
     for split in SPLITS:
         _write_text(out / "annotations" / f"{split}_qa.json", json.dumps(open_qa[split]))
