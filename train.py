@@ -13,6 +13,10 @@ or transformers, which would cost each of them seconds and ~0.4 GB.
 import sys
 
 if __name__ == "__main__":
-    from siasam_fast.training import main
+    try:
+        from siasam_fast.training import main
+    except KeyboardInterrupt:  # Ctrl-C while torch, DeepSpeed and transformers import: one line
+        print("interrupted while starting: nothing was written", file=sys.stderr)
+        sys.exit(130)
 
     sys.exit(main())

@@ -26,6 +26,7 @@ import os
 import random
 import re
 import shutil
+import signal
 import socket
 import sys
 import time
@@ -827,6 +828,13 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     except USAGE_ERRORS as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        # Ctrl-C during the start-up (before the run's stop handling is in place: nothing has
+        # been written to train.out_dir yet) or a second one, which stops at once: one line, not a
+        # traceback
+        print("interrupted: stopped at once; train.out_dir keeps its last complete checkpoint, "
+              "if any (--resume auto continues from it)", file=sys.stderr)
+        return 128 + signal.SIGINT
     finally:  # a failing run's traceback keeps its loaders, and their workers, alive
         close_loaders()
 

@@ -329,6 +329,21 @@ def test_incompatible_checkpoint_is_refused(synth, tmp_path):
              "--set", "sampling.num_clips=4"])
 
 
+def test_ctrl_c_while_training_starts_is_one_line(synth, tmp_path):
+    """Ctrl-C in the first seconds (torch, DeepSpeed and transformers importing, DeepSpeed
+    starting): one line and status 130, not a traceback; nothing written."""
+    out = tmp_path / "r"
+    proc = subprocess.Popen([sys.executable, "train.py", *base_args(synth, out)], cwd=ROOT,
+                            env=cpu_env(OMP_NUM_THREADS="1"), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    time.sleep(0.7)  # Python is up and importing (torch alone takes longer than this)
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stdout[-2000:] + stderr[-3000:]
+    assert "Traceback" not in stderr and "interrupted" in stderr, stderr[-3000:]
+    assert not (out / "summary.json").exists()
+
+
 def test_fp16_on_cpu_is_a_clear_error(synth, tmp_path):
     with pytest.raises(AssertionError, match=r"fp16 needs a CUDA GPU"):
         train(base_args(synth, tmp_path / "r", "--deepspeed_config",
