@@ -263,7 +263,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 # What an interrupted command (Ctrl-C, SIGTERM) leaves: one line, exit status 130.
-CONTINUES = "what was done is kept, and running the same command again continues from there"
+CONTINUES = ("what was done is kept, and running the same command again continues from there "
+             "(until then the manifest is marked incomplete, and training refuses it)")
 INTERRUPTED = {
     # generate() renders every video again (it does not skip finished ones): say so
     "synth": "the set is left incomplete (no meta.json or manifest, so it is never taken for a "

@@ -156,6 +156,34 @@ def test_resume_skips_complete_and_redoes_partial(tmp_path):
     assert '"gop": 4' in (dst / PARAMS_NAME).read_text()
 
 
+def test_an_interrupted_transcode_leaves_a_manifest_marked_incomplete(tmp_path, monkeypatch):
+    """Stopped after its first output, transcode keeps what is done (the next run continues), and
+    its manifest says it is incomplete: loading it for training is refused until a run ends."""
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    write_sources(src, ["long_gop", "vfr", "small"])
+    real = transcode_module._run_all
+
+    def one_then_stop(*args, **kwargs):
+        for n, result in enumerate(real(*args, **kwargs)):
+            if n == 1:
+                raise KeyboardInterrupt
+            yield result
+
+    monkeypatch.setattr(transcode_module, "_run_all", one_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        transcode(src, dst, gop=GOP, workers=1, encoder="cpu", progress=False)
+    with pytest.raises(ValueError, match=r"is incomplete \(2 video\(s\) had no record yet when "
+                       r"`siasam-fast transcode` stopped\)"):
+        load_manifest(dst / "manifest.jsonl")
+    assert len(load_manifest(dst / "manifest.jsonl", allow_incomplete=True)) == 1
+    monkeypatch.setattr(transcode_module, "_run_all", real)
+    resumed = transcode(src, dst, gop=GOP, workers=1, encoder="cpu", progress=False)
+    # the second output may have been finished when the stop came: verified and kept
+    assert len(resumed.skipped) + len(resumed.done) == 3 and resumed.done
+    assert sorted(load_manifest(dst / "manifest.jsonl")) == ["long_gop", "small", "vfr"]
+    assert not (dst / "manifest.jsonl.incomplete").exists()
+
+
 @pytest.mark.skipif(not HAS_X265, reason="this FFmpeg has no libx265")
 def test_hevc(tmp_path):
     src = tmp_path / "src"

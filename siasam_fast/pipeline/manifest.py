@@ -297,10 +297,21 @@ def video_id_of(relpath: str) -> str:
 # Reading and writing
 
 
+def incomplete_marker(path: str | os.PathLike) -> Path:
+    """The file next to a manifest that says the run writing it has not finished."""
+    path = Path(path)
+    return path.with_name(path.name + ".incomplete")
+
+
 def load_manifest(
-    path: str | os.PathLike, video_dir: str | os.PathLike | None = None
+    path: str | os.PathLike, video_dir: str | os.PathLike | None = None, *,
+    allow_incomplete: bool = False,
 ) -> dict[str, VideoRecord]:
-    """Records by video_id. ``video_dir`` re-roots every ``path`` (the videos moved since)."""
+    """Records by video_id. ``video_dir`` re-roots every ``path`` (the videos moved since).
+
+    A manifest that an interrupted ``index`` or ``transcode`` left (its ``.incomplete`` marker
+    beside it: videos still without a record) is refused with what to do, unless
+    ``allow_incomplete`` (those commands themselves, to continue it)."""
     path = Path(path)
     if path.is_dir():  # FileNotFoundError too: callers catch that one for "no manifest here"
         raise FileNotFoundError(
@@ -310,6 +321,17 @@ def load_manifest(
         raise FileNotFoundError(
             f"manifest {path} does not exist; build it with `siasam-fast index VIDEO_DIR --out "
             f"{path}` (or `siasam-fast synth --out DIR` for the synthetic set)"
+        )
+    marker = incomplete_marker(path)
+    if not allow_incomplete and marker.is_file():
+        try:
+            left = json.loads(marker.read_text())
+            note = f"{left['missing']} video(s) had no record yet when `{left['made_by']}` stopped"
+        except (OSError, ValueError, TypeError, KeyError):
+            note = "the run writing it did not finish"
+        raise ValueError(
+            f"manifest {path} is incomplete ({note}): run the same command again, which continues "
+            f"where it stopped, or delete {marker} to use the manifest as it is"
         )
     records: dict[str, VideoRecord] = {}
     with path.open(encoding="utf-8") as fh:
@@ -360,7 +382,7 @@ def existing_manifest(path: str | os.PathLike) -> dict[str, VideoRecord]:
     if not path.is_file():
         raise ValueError(f"manifest path {str(path)!r} exists and is not a regular file")
     try:
-        return load_manifest(path)
+        return load_manifest(path, allow_incomplete=True)
     except ValueError as err:
         raise ValueError(
             f"{str(path)!r} exists and is not a video manifest ({err}); refusing to overwrite it: "
@@ -368,8 +390,13 @@ def existing_manifest(path: str | os.PathLike) -> dict[str, VideoRecord]:
         ) from None
 
 
-def write_manifest(records: Iterable[VideoRecord], path: str | os.PathLike) -> Path:
-    """Write JSONL atomically: a temp file in the same folder, fsync, then rename over ``path``."""
+def write_manifest(records: Iterable[VideoRecord], path: str | os.PathLike, *,
+                   missing: int = 0, made_by: str = "siasam-fast index") -> Path:
+    """Write JSONL atomically: a temp file in the same folder, fsync, then rename over ``path``.
+
+    ``missing``: videos of the run (``made_by``) that have no record yet: an interim write of a
+    run that goes on, or was stopped. Then ``incomplete_marker(path)`` says so, and
+    :func:`load_manifest` refuses the manifest; a write with none missing removes the marker."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -384,7 +411,12 @@ def write_manifest(records: Iterable[VideoRecord], path: str | os.PathLike) -> P
                 fh.write(record.to_json() + "\n")
             fh.flush()
             os.fsync(fh.fileno())
+        marker = incomplete_marker(path)
+        if missing:  # the marker first: the manifest is never seen without it while incomplete
+            marker.write_text(json.dumps({"missing": int(missing), "made_by": made_by}) + "\n")
         os.replace(tmp, path)
+        if not missing:
+            marker.unlink(missing_ok=True)
     except BaseException:
         try:
             os.unlink(tmp)
@@ -502,6 +534,10 @@ def build_manifest(
     def interim() -> list[VideoRecord]:
         return [*records.values(), *(r for vid, r in pending.items() if vid not in records)]
 
+    def write_interim() -> None:
+        kept = interim()
+        write_manifest(kept, out_path, missing=len(files) - len(kept))
+
     probed: list[str] = []
     last_write = time.monotonic()
     bar = tqdm(total=len(todo), desc="probing videos", unit="video", disable=not progress)
@@ -511,11 +547,11 @@ def build_manifest(
             probed.append(record.video_id)
             bar.update(1)
             if time.monotonic() - last_write > checkpoint_s:
-                write_manifest(interim(), out_path)
+                write_interim()
                 last_write = time.monotonic()
     except BaseException:
         # Keep what was probed (KeyboardInterrupt included): the next run resumes from it.
-        write_manifest(interim(), out_path)
+        write_interim()
         raise
     finally:
         bar.close()

@@ -607,12 +607,16 @@ def transcode(
     bar = tqdm(total=len(jobs), desc=f"transcode gop={gop}", unit="video", disable=not progress)
     last_write = time.monotonic()
 
+    left = len(jobs)  # not yet transcoded: an interim manifest lacks their new records
+
     def save() -> None:
-        write_manifest(records.values(), manifest_path)
+        write_manifest(records.values(), manifest_path, missing=left,
+                       made_by="siasam-fast transcode")
         _write_params(dst_dir, params, name, stale, made_from)
 
     try:
         for result in _run_all(jobs, workers):
+            left -= 1
             vid = result.video_id
             result.relpath = relpaths[vid]
             summary.results.append(result)
