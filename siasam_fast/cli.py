@@ -208,7 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", default=None, help="config file (default: the checkpoint's)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. eval.num_clips=4")
-    p.add_argument("--split", default=None, help="val or test (default: eval.split)")
+    p.add_argument("--split", default=None, help="val, test or train (default: eval.split)")
     p.add_argument("--json", default=None, metavar="PATH",
                    help="also write the metrics (unrounded) as JSON to PATH")
     p.add_argument("--predictions", default=None, metavar="PATH",
