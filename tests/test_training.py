@@ -333,9 +333,12 @@ def test_ctrl_c_while_training_starts_is_one_line(synth, tmp_path):
     """Ctrl-C in the first seconds (torch, DeepSpeed and transformers importing, DeepSpeed
     starting): one line and status 130, not a traceback; nothing written."""
     out = tmp_path / "r"
+    # SIGINT's default action restored: a suite started in the background by a non-interactive
+    # shell runs with SIGINT ignored, which the child would inherit (no KeyboardInterrupt then).
     proc = subprocess.Popen([sys.executable, "train.py", *base_args(synth, out)], cwd=ROOT,
                             env=cpu_env(OMP_NUM_THREADS="1"), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     time.sleep(0.7)  # Python is up and importing (torch alone takes longer than this)
     proc.send_signal(signal.SIGINT)
     stdout, stderr = proc.communicate(timeout=120)
