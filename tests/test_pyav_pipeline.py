@@ -5,6 +5,8 @@ import math
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from videos import index_image, read_index, read_indices, video_path, write_index_video
 
 from siasam_fast.data.examples import QAExample
@@ -13,6 +15,7 @@ from siasam_fast.pipeline.dataset import (
     VideoQADataset,
     build_loader,
     collate_videos,
+    resharded_position,
     segment_frames,
 )
 from siasam_fast.pipeline.manifest import build_manifest
@@ -508,8 +511,60 @@ def test_sampler_state_resumes_exactly():
     resumed.load_state_dict(state)
     assert head + list(resumed) == full
     assert list(resumed) == full  # the following pass starts the epoch again
-    with pytest.raises(ValueError, match="world_size=3"):
-        ShardedSampler(23, seed=4, rank=1, world_size=3).load_state_dict(state)
+    with pytest.raises(ValueError, match="seed=5"):
+        ShardedSampler(23, seed=5, rank=1, world_size=2).load_state_dict(state)
+
+
+@settings(max_examples=200, deadline=None)
+@given(num_examples=st.integers(1, 40), old_world=st.integers(1, 5), new_world=st.integers(1, 5),
+       drop_last=st.booleans(), cut=st.floats(0, 1), epoch=st.integers(0, 3),
+       align=st.integers(1, 4))
+def test_sampler_state_resumes_on_another_number_of_processes(num_examples, old_world, new_world,
+                                                              drop_last, cut, epoch, align):
+    """A run stopped at a position of every old shard and resumed on ``new_world`` processes
+    gives every example of the epoch that the old shards had not given yet, skips none, starts
+    at a multiple of ``align`` (a step's examples), and gives again fewer than
+    ``new_world x align`` of those already given."""
+    old = [ShardedSampler(num_examples, seed=3, rank=r, world_size=old_world, drop_last=drop_last)
+           for r in range(old_world)]
+    length = len(old[0])
+    position = round(cut * length)
+    given_before = []
+    for sampler in old:
+        sampler.set_epoch(epoch)
+        it = iter(sampler)
+        given_before += [next(it) for _ in range(position)]
+    state = old[0].state_dict()
+    assert all(s.state_dict()["position"] == position for s in old)
+    after = []
+    for r in range(new_world):
+        new = ShardedSampler(num_examples, seed=3, rank=r, world_size=new_world,
+                             drop_last=drop_last)
+        new.load_state_dict({**state, "rank": r}, align)
+        assert new.epoch == epoch
+        if old_world == new_world:  # the same shards: exactly where they stopped
+            assert new.position == position
+        else:
+            assert new.position % align == 0 or new.position == len(new)
+        after += list(new)
+    if position == length > 0:  # a complete epoch stays complete
+        assert after == []
+        return
+    fresh = [ShardedSampler(num_examples, seed=3, rank=r, world_size=new_world,
+                            drop_last=drop_last) for r in range(new_world)]
+    # The epoch's examples on new_world processes (all of them unless drop_last drops a tail).
+    target = {i for sampler in fresh for i in sampler.shard(epoch).tolist()}
+    missing = target - set(given_before) - set(after)
+    assert not missing, f"skipped {sorted(missing)}"
+    # Given more than once: fewer than new_world x align at the cut, plus the wrap-around.
+    extra = len(after) - len(target - set(given_before))
+    wrap = max(0, len(fresh[0]) * new_world - num_examples)
+    assert extra <= new_world * align - 1 + wrap, (extra, position)
+
+
+def test_resharded_position_refuses_a_position_past_the_shard():
+    with pytest.raises(ValueError, match="position=9: must be in 0..8"):
+        resharded_position(9, 3, 2, 23, False)
 
 
 def test_loader_resume_continues_with_the_remaining_examples(manifest):

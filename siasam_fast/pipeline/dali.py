@@ -533,10 +533,11 @@ class DALIVideoLoader:
         some frame lists and not others)."""
         return {**self.sampler.state_dict(), "bad_videos": dict(self._bad)}
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, state: dict, align: int = 1) -> None:
+        """``align``: see :meth:`ShardedSampler.load_state_dict`."""
         state = dict(state)
         carried = state.pop("bad_videos", {})
-        self.sampler.load_state_dict(state)
+        self.sampler.load_state_dict(state, align)
         self.dataset.set_epoch(self.sampler.epoch)
         records = {r.path: r for r in self.dataset.records}
         by_relpath = None

@@ -532,6 +532,33 @@ def gather_clips(
 # Sampling order
 
 
+def shard_length(num_examples: int, world_size: int, drop_last: bool) -> int:
+    """Examples in each of ``world_size`` equal shards (:class:`ShardedSampler`)."""
+    return num_examples // world_size if drop_last else math.ceil(num_examples / world_size)
+
+
+def resharded_position(position: int, old_world: int, new_world: int, num_examples: int,
+                       drop_last: bool, align: int = 1) -> int:
+    """The position in a shard of ``new_world`` shards that continues an epoch stopped at
+    ``position`` of ``old_world`` shards: the shards are interleaved, so the examples given out
+    are the order's first ``position x old_world``; the new shards restart at the last multiple
+    of ``new_world x align`` at or before that point (``align``: the examples of one optimizer
+    step per process, so that the run resumes at a step's start; up to ``new_world x align - 1``
+    examples are given again, none is skipped). An epoch that was complete stays complete."""
+    if old_world < 1 or new_world < 1:
+        raise ValueError(f"world sizes must be >= 1, got {old_world} and {new_world}")
+    old_len = shard_length(num_examples, old_world, drop_last)
+    new_len = shard_length(num_examples, new_world, drop_last)
+    if not 0 <= position <= old_len:
+        raise ValueError(f"sampler state position={position}: must be in 0..{old_len} "
+                         f"(shards of {old_world} processes)")
+    if position == old_len and old_len > 0:
+        return new_len
+    if align < 1:
+        raise ValueError(f"align={align}: must be >= 1")
+    return min(position * old_world // (new_world * align) * align, new_len)
+
+
 class ShardedSampler(Sampler):
     """Deterministic shuffle per (seed, epoch), split into ``world_size`` equal shards.
 
@@ -562,10 +589,7 @@ class ShardedSampler(Sampler):
         self.num_examples = int(num_examples)
         self.seed, self.rank, self.world_size = int(seed), int(rank), int(world_size)
         self.shuffle, self.drop_last, self.with_epoch = bool(shuffle), bool(drop_last), with_epoch
-        if drop_last:
-            self.num_samples = self.num_examples // self.world_size
-        else:
-            self.num_samples = math.ceil(self.num_examples / self.world_size)
+        self.num_samples = shard_length(self.num_examples, self.world_size, drop_last)
         self.epoch = 0
         self.position = 0  # examples of this epoch's shard already consumed
         self._resume_from = 0
@@ -614,14 +638,24 @@ class ShardedSampler(Sampler):
             "drop_last": self.drop_last,
         }
 
-    def load_state_dict(self, state: dict) -> None:
-        for key in ("seed", "num_examples", "world_size", "shuffle", "drop_last"):
+    def load_state_dict(self, state: dict, align: int = 1) -> None:
+        """Continue from ``state``. A state saved with another ``world_size`` (a run resumed on
+        more or fewer processes) continues at the same point of the epoch's order: the shards
+        are interleaved, so the first ``position`` examples of every old shard are the order's
+        first ``position x old world_size``, and the new shards start at or just before that
+        point, at a multiple of ``align`` examples per shard; up to ``world_size x align - 1``
+        examples are given again, none is skipped (:func:`resharded_position`)."""
+        for key in ("seed", "num_examples", "shuffle", "drop_last"):
             if key in state and state[key] != getattr(self, key):
                 raise ValueError(
                     f"sampler state has {key}={state[key]!r} but this sampler has "
-                    f"{key}={getattr(self, key)!r}: resume with the same data and world size"
+                    f"{key}={getattr(self, key)!r}: resume with the same data"
                 )
+        old_world = int(state.get("world_size", self.world_size))
         position = int(state["position"])
+        if old_world != self.world_size:
+            position = resharded_position(position, old_world, self.world_size,
+                                          self.num_examples, self.drop_last, align)
         if not 0 <= position <= self.num_samples:
             raise ValueError(f"sampler state position={position}: must be in 0..{self.num_samples}")
         self.epoch = int(state["epoch"])
@@ -675,8 +709,9 @@ class VideoQALoader(DataLoader):
     def state_dict(self) -> dict:
         return self.sampler.state_dict()
 
-    def load_state_dict(self, state: dict) -> None:
-        self.sampler.load_state_dict(state)
+    def load_state_dict(self, state: dict, align: int = 1) -> None:
+        """``align``: see :meth:`ShardedSampler.load_state_dict`."""
+        self.sampler.load_state_dict(state, align)
         self.dataset.set_epoch(self.sampler.epoch)
 
 
