@@ -28,6 +28,7 @@ import re
 import shutil
 import signal
 import socket
+import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -65,7 +66,11 @@ from siasam_fast.model import (  # noqa: E402
     use_memory_format,
 )
 from siasam_fast.paths import USAGE_ERRORS, file_in_the_way, write_text_atomic  # noqa: E402
-from siasam_fast.pipeline.dataset import close_loaders  # noqa: E402
+from siasam_fast.pipeline.dataset import (  # noqa: E402
+    close_loaders,
+    resharded_position,
+    shard_length,
+)
 from siasam_fast.pipeline.loaders import build_video_loader  # noqa: E402
 from siasam_fast.pipeline.manifest import load_manifest  # noqa: E402
 from siasam_fast.stopping import CHECK_EVERY, Stopped, StopRequest, stop_raises  # noqa: E402
@@ -688,14 +693,178 @@ def read_run_state(tag_dir: Path) -> dict:
     return state
 
 
-def load_run_state(tag_dir: Path, cfg: Config | None) -> dict:
+def load_run_state(tag_dir: Path, cfg: Config | None, world: int | None = None) -> dict:
+    """``tag_dir``'s run state, checked against ``cfg``. With ``world`` (this run's number of
+    processes) other than the checkpoint's, ``train.grad_accum`` may change too: it is how a run
+    on fewer (or more) processes keeps its batch."""
     state = read_run_state(tag_dir)
     if cfg is not None:
         problems = config_mismatches(saved_config(state), cfg.to_dict())
+        if world is not None and world != checkpoint_world_size(tag_dir, state):
+            problems = [p for p in problems if not p.startswith("train.grad_accum:")]
         if problems:
             raise ValueError(f"checkpoint {tag_dir} comes from an incompatible config:\n  "
                              + "\n  ".join(problems))
     return state
+
+
+def checkpoint_world_size(tag_dir: Path, state: dict) -> int:
+    """How many processes saved ``tag_dir`` (run_state.json says since 2026-11-27; before, its
+    per-process RNG files do)."""
+    if "world_size" in state:
+        return int(state["world_size"])
+    return max(1, len(list(tag_dir.glob("rng_rank*.json"))))
+
+
+def zero_partitions(tag_dir: Path) -> int:
+    """The number of ZeRO optimizer partitions in ``tag_dir`` (one per process that saved it;
+    0 without ZeRO, whose optimizer state is whole in the model file)."""
+    return len(list(tag_dir.glob("*zero_pp_rank_*_mp_rank_00_optim_states.pt")))
+
+
+UNIVERSAL = "universal"  # the tag of a universal checkpoint's folder
+
+
+def zero_stage_of(tag_dir: Path, state: dict) -> int | None:
+    """The ZeRO stage that saved ``tag_dir`` (run_state.json says since 2026-11-27; before, its
+    files tell stage 3 and stage 0 apart from stages 1-2: None for those)."""
+    if "zero_stage" in state:
+        return int(state["zero_stage"])
+    if list(tag_dir.glob("zero_pp_rank_*_mp_rank_00_model_states.pt")):
+        return 3
+    return None if zero_partitions(tag_dir) else 0
+
+
+def check_zero_stage(tag_dir: Path, state: dict, stage: int) -> None:
+    """DeepSpeed moves optimizer state between ZeRO stages 1 and 2, not between those, stage 0
+    (no partitions) and stage 3 (parameters partitioned too): refuse such a resume by name."""
+    saved = zero_stage_of(tag_dir, state)
+    family = {0: "0", 1: "1-2", 2: "1-2", 3: "3"}
+    if family.get(saved if saved is not None else 1) != family.get(stage):
+        was = f"ZeRO stage {saved}" if saved is not None else "ZeRO stage 1 or 2"
+        raise ValueError(
+            f"checkpoint {tag_dir} was saved with {was}, this run's DeepSpeed config has stage "
+            f"{stage}: DeepSpeed loads optimizer state across stages 1 and 2 only; resume with a "
+            "config of the checkpoint's stage, or start a new run from its weights with "
+            "train.init_from")
+
+
+def universal_checkpoint(tag_dir: Path, rank: int, world: int) -> Path:
+    """``tag_dir`` as a DeepSpeed universal checkpoint, for a run on another number of processes
+    than saved it (ZeRO partitions its optimizer state by process, and DeepSpeed loads such a
+    checkpoint only on as many). Process 0 converts it with DeepSpeed's ``ds_to_universal`` into
+    the hidden folder ``.<tag>.universal`` beside it (on a file system every process reads),
+    the others wait, and every process raises the same error if it fails. Returns that folder:
+    ``engine.load_checkpoint``'s ``load_dir``, with tag ``universal``; remove it once every
+    process has loaded (:func:`remove_universal`)."""
+    load_dir = tag_dir.parent / f".{tag_dir.name}.universal"
+    error = None
+    if rank == 0:
+        shutil.rmtree(load_dir, ignore_errors=True)  # a conversion cut short
+        workers = str(max(1, min(4, (os.cpu_count() or 1) // 2)))
+        # (ds_to_universal also writes a 'latest_universal' file beside its output folder)
+        cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal",
+               "--input_folder", str(tag_dir), "--output_folder", str(load_dir / UNIVERSAL),
+               "--inject_missing_state", "--num_extract_workers", workers,
+               "--num_merge_workers", workers]
+        print(f"converting {tag_dir} ({zero_partitions(tag_dir)} ZeRO partitions) to a universal "
+              f"checkpoint for {world} process(es) in {load_dir}", flush=True)
+        start = time.perf_counter()
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+        except OSError as err:
+            error = f"could not run DeepSpeed's ds_to_universal: {err}"
+        else:
+            if proc.returncode != 0:
+                lines = (proc.stdout + proc.stderr).strip().splitlines() or ["(no output)"]
+                error = (f"DeepSpeed's ds_to_universal failed (exit status {proc.returncode}) "
+                         f"converting {tag_dir}: {lines[-1]}\n(its full output: "
+                         f"python {' '.join(cmd[1:4])} {tag_dir} --output_folder /tmp/universal "
+                         "--inject_missing_state)")
+            else:
+                print(f"universal checkpoint written in {time.perf_counter() - start:.1f} s",
+                      flush=True)
+        if error is not None:
+            shutil.rmtree(load_dir, ignore_errors=True)
+    if dist.is_initialized() and world > 1:
+        box = [error]
+        dist.broadcast_object_list(box, src=0)
+        error = box[0]
+    if error is not None:
+        raise ValueError(f"{error}\nResume on the {zero_partitions(tag_dir)} process(es) that "
+                         "saved it, or start a new run from its weights with train.init_from")
+    return load_dir
+
+
+def restore_buffers(module: torch.nn.Module, tag_dir: Path) -> None:
+    """Copy the module's buffers (BatchNorm's running statistics and counts) from ``tag_dir``:
+    DeepSpeed 0.19's universal checkpoint load restores parameters and optimizer state, not
+    buffers (they stay as initialised)."""
+    saved = load_model_weights(tag_dir)
+    with torch.no_grad():
+        for name, buf in module.named_buffers():
+            if name in saved:
+                buf.copy_(saved[name])
+
+
+def remove_universal(load_dir: Path, rank: int, world: int) -> None:
+    """Remove a universal checkpoint once every process has loaded it (the run's own checkpoints
+    from here on are saved for its number of processes)."""
+    if dist.is_initialized() and world > 1:
+        dist.barrier()
+    if rank == 0:
+        shutil.rmtree(load_dir, ignore_errors=True)
+
+
+def resharded_loader_state(tag_dir: Path, state: dict, saved_world: int) -> dict:
+    """The train loader state for a run on another number of processes than ``tag_dir``'s: the
+    sampler's position is the same in every saved process (the loader's ``load_state_dict``
+    maps it onto the new shards), and the videos any process left out are left out by all."""
+    loader, bad = dict(state["sampler"]), {}
+    for r in range(saved_world):
+        path = tag_dir / f"loader_rank{r}.json"
+        if path.is_file():
+            bad.update(json.loads(path.read_text()).get("bad_videos", {}))
+    return {**loader, "bad_videos": bad} if bad else loader
+
+
+def resharding_note(tag_dir: Path, state: dict, saved_world: int, world: int, cfg: Config,
+                    align: int) -> str:
+    """What a resume on another number of processes changes (printed by process 0); ``align``:
+    the examples of one of its optimizer steps per process."""
+    saved_train = state["config"].get("train", {})
+    old_batch = (int(saved_train.get("batch_size", cfg.train.batch_size)) * saved_world
+                 * int(saved_train.get("grad_accum", 1)))
+    batch = cfg.train.batch_size * world * cfg.train.grad_accum
+    sampler = state["sampler"]
+    n, drop_last = int(sampler["num_examples"]), bool(sampler.get("drop_last", False))
+    done = min(int(sampler["position"]) * saved_world, n)
+    again = max(0, done - world * resharded_position(int(sampler["position"]), saved_world, world,
+                                                     n, drop_last, align))
+    note = (f"note: checkpoint {tag_dir.name} was saved by {saved_world} process(es), this run "
+            f"has {world}: epoch {int(sampler['epoch']) + 1} continues after its first {done} of "
+            f"{n} examples" + (f" ({again} of them given again)" if again else ""))
+    if zero_partitions(tag_dir):
+        note += "; ZeRO's optimizer state is re-partitioned (DeepSpeed universal checkpoint)"
+    if batch != old_batch:
+        per_accum = cfg.train.batch_size * world
+        keep = (f"--set train.grad_accum={old_batch // per_accum} keeps it"
+                if old_batch % per_accum == 0 else
+                f"no train.grad_accum keeps it at train.batch_size={cfg.train.batch_size}")
+        note += (f". The batch per step changes from {old_batch} to {batch} examples "
+                 f"(train.batch_size x processes x train.grad_accum): {keep}")
+    return note
+
+
+def saved_steps_per_epoch(state: dict) -> int:
+    """Optimizer steps per epoch of the run that saved ``state`` (its sampler state and config)."""
+    if "steps_per_epoch" in state:
+        return int(state["steps_per_epoch"])
+    sampler, train_cfg = state["sampler"], state["config"].get("train", {})
+    shard = shard_length(int(sampler["num_examples"]), int(sampler["world_size"]),
+                         bool(sampler.get("drop_last", False)))
+    batches = -(-shard // int(train_cfg.get("batch_size", 1)))
+    return optimizer_steps(batches, int(train_cfg.get("grad_accum", 1)))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -711,7 +880,7 @@ def previous_run(out_dir: Path) -> list[str]:
     found = []
     ckpt = out_dir / "checkpoints"
     if ckpt.is_dir():
-        tags = sorted(p.name for p in ckpt.iterdir() if p.is_dir())
+        tags = sorted(p.name for p in ckpt.iterdir() if p.is_dir() and not p.name.startswith("."))
         if tags:
             found.append("checkpoints " + ", ".join(tags))
     return found + [name for name in RUN_FILES if (out_dir / name).is_file()]
@@ -878,6 +1047,7 @@ def train(argv: list[str] | None = None, prog: str | None = None) -> int:
     ds = ds_config.finalize(ds, cfg.train.batch_size, cfg.train.grad_clip, world,
                             cfg.train.grad_accum)
     precision = ds_config.precision_of(ds)
+    zero_stage = int(ds.get("zero_optimization", {}).get("stage", 0))
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[precision]
 
     init_dir = saved_vocab = None
@@ -926,14 +1096,9 @@ def train(argv: list[str] | None = None, prog: str | None = None) -> int:
     optimizer, optimizer_name = build_optimizer(model, cfg, device)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, warmup_linear_decay(total_steps, cfg.train.warmup_ratio))
-    engine, optimizer, _, scheduler = deepspeed.initialize(
-        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds)
-    match_buffer_dtypes(engine.module)
-
-    step, start_epoch = 0, 0
-    resumed_sums: dict = {}
-    if tag_dir is not None:
-        state = load_run_state(tag_dir, cfg)
+    state = saved_world = None
+    if tag_dir is not None:  # checked before DeepSpeed starts, and before any file is written
+        state = load_run_state(tag_dir, cfg, world)
         if state["vocab"] != _vocab_hash(data.ans2label):
             raise ValueError(f"checkpoint {tag_dir} was trained with another answer vocabulary")
         if state.get("precision", precision) != precision:
@@ -942,22 +1107,54 @@ def train(argv: list[str] | None = None, prog: str | None = None) -> int:
                 f"{precision}: resume with a DeepSpeed config of the same precision (its "
                 "optimizer state cannot be loaded across precisions), or start a new run from "
                 "its weights with train.init_from")
-        engine.load_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
+        check_zero_stage(tag_dir, state, zero_stage)
+        saved_world = checkpoint_world_size(tag_dir, state)
+        universal = saved_world != world and zero_partitions(tag_dir) > 0  # ZeRO partitions
+        load_dir, load_tag = tag_dir.parent, tag_dir.name
+        if universal:  # re-partitioned for this number of processes
+            load_dir, load_tag = universal_checkpoint(tag_dir, rank, world), UNIVERSAL
+            ds = {**ds, "checkpoint": {**ds.get("checkpoint", {}), "load_universal": True}}
+    engine, optimizer, _, scheduler = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds)
+    match_buffer_dtypes(engine.module)
+
+    step, start_epoch = 0, 0
+    resumed_sums: dict = {}
+    if tag_dir is not None:
+        engine.load_checkpoint(str(load_dir), tag=load_tag)
+        if universal:
+            restore_buffers(engine.module, tag_dir)
+            remove_universal(load_dir, rank, world)
         step, start_epoch = state["step"], state["epoch"]
-        old_epochs = state["config"].get("train", {}).get("epochs", cfg.train.epochs)
-        if rank0 and old_epochs != cfg.train.epochs:
-            was = warmup_linear_decay(steps_per_epoch * old_epochs, cfg.train.warmup_ratio)(step)
+        saved_cfg = state["config"].get("train", {})
+        old_epochs = saved_cfg.get("epochs", cfg.train.epochs)
+        old_steps = saved_steps_per_epoch(state)
+        align = cfg.train.batch_size * accum  # examples of one optimizer step, per process
+        if saved_world != world:
+            if rank0:
+                print(resharding_note(tag_dir, state, saved_world, world, cfg, align))
+            loader_state = resharded_loader_state(tag_dir, state, saved_world)
+        else:
+            loader_file = tag_dir / f"loader_rank{rank}.json"  # this process's own (older: none)
+            loader_state = (json.loads(loader_file.read_text()) if loader_file.is_file()
+                            else state["sampler"])
+        if rank0 and old_steps * old_epochs != total_steps:
+            was = warmup_linear_decay(old_steps * old_epochs, cfg.train.warmup_ratio)(step)
             now = warmup_linear_decay(total_steps, cfg.train.warmup_ratio)(step)
-            print(f"note: train.epochs changed from {old_epochs} to {cfg.train.epochs}: the "
-                  f"learning-rate schedule now decays over {cfg.train.epochs} epochs, so the rate "
-                  f"at step {step} goes from {was * cfg.train.lr:.3g} to {now * cfg.train.lr:.3g}")
-        loader_file = tag_dir / f"loader_rank{rank}.json"  # this process's own (older: none)
-        train_loader.load_state_dict(json.loads(loader_file.read_text())
-                                     if loader_file.is_file() else state["sampler"])
+            why = ([f"train.epochs changed from {old_epochs} to {cfg.train.epochs}"]
+                   if old_epochs != cfg.train.epochs else [])
+            if old_steps != steps_per_epoch:
+                why.append(f"an epoch takes {steps_per_epoch} steps (was {old_steps})")
+            print(f"note: {' and '.join(why)}: the learning-rate schedule now decays over "
+                  f"{cfg.train.epochs} epochs of {steps_per_epoch} steps, so the rate at step "
+                  f"{step} goes from {was * cfg.train.lr:.3g} to {now * cfg.train.lr:.3g}")
+        train_loader.load_state_dict(loader_state, align)  # resumes at one of its steps' start
         rng_file = tag_dir / f"rng_rank{rank}.json"
         if rng_file.is_file():
             _set_rng_state(json.loads(rng_file.read_text()))
-        if state["sampler"]["position"] >= len(train_loader.sampler):  # saved at an epoch end
+        else:  # a process the checkpoint had not: not the streams of a new run's start
+            seed_everything(cfg.train.seed + 7919 * step, rank)
+        if train_loader.sampler.position >= len(train_loader.sampler):  # saved at an epoch end
             start_epoch += 1
         else:  # mid-epoch: the epoch's running loss sums continue
             resumed_sums = state.get("epoch_sums", {})
@@ -997,7 +1194,8 @@ def train(argv: list[str] | None = None, prog: str | None = None) -> int:
         return {"step": step, "epoch": epoch, "sampler": train_loader.state_dict(),
                 "epoch_sums": {**sums, "_steps": n_steps}, "eval_due": eval_due,
                 "config": cfg.to_dict(), "vocab": _vocab_hash(data.ans2label),
-                "precision": precision, "world_size": world}
+                "precision": precision, "world_size": world, "steps_per_epoch": steps_per_epoch,
+                "zero_stage": zero_stage}
 
     def sync():  # torch's stream only: DALI's prefetch on its own streams is not this phase's
         if cfg.train.sync_timing and device.type == "cuda":

@@ -5,6 +5,7 @@ import csv
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -389,6 +390,85 @@ def test_two_processes_with_zero(synth, tmp_path, stage, precision, launcher):
     assert re.search(r"\naccuracy +[01]\.\d{4}\n", proc.stdout)
 
 
+def adam_steps(tag_dir: Path) -> list[int]:
+    """The Adam step count of each ZeRO partition saved in ``tag_dir``."""
+    import torch
+
+    counts = []
+    for path in sorted(tag_dir.glob("zero_pp_rank_*_mp_rank_00_optim_states.pt")):
+        saved = torch.load(path, map_location="cpu", weights_only=False)
+        state = saved["optimizer_state_dict"]["base_optimizer_state"]["state"]
+        counts += sorted({int(v["step"]) for v in state.values()})
+    return counts
+
+
+def failed_train(args: list[str]) -> subprocess.CompletedProcess:
+    """train.py that must fail with a usage error (status 2)."""
+    proc = subprocess.run([sys.executable, "train.py", *args], cwd=ROOT,
+                          env=cpu_env(OMP_NUM_THREADS="1"), capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-3000:]
+    return proc
+
+
+def bn_batches(tag_dir: Path) -> int:
+    """num_batches_tracked of the first BatchNorm in ``tag_dir``'s saved module."""
+    import torch
+
+    module = torch.load(tag_dir / "mp_rank_00_model_states.pt", map_location="cpu",
+                        weights_only=False)["module"]
+    return int(next(v for k, v in module.items() if k.endswith("num_batches_tracked")))
+
+
+def test_resume_on_another_number_of_processes(synth, tmp_path):
+    """A ZeRO run saved by 2 processes continues on 1, then on 2 again (a requeued job on a
+    smaller or larger allocation): the optimizer state goes through a universal checkpoint, the
+    epoch continues where it stopped, and train.grad_accum may change to keep the batch."""
+    out = tmp_path / "run"
+    zero2 = ["--deepspeed_config", str(ROOT / "configs/ds/zero2_fp32.json")]
+    run([*LAUNCHERS["torchrun"], "--master_port", str(free_port()), "train.py", *zero2,
+         *base_args(synth, out, "--set", "train.max_steps=2")])
+    assert adam_steps(out / "checkpoints" / "step2") == [2, 2]
+    # A checkpoint DeepSpeed cannot convert: one error that says so and the ways out.
+    broken = tmp_path / "broken"
+    shutil.copytree(out, broken)
+    part = broken / "checkpoints" / "step2" / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
+    part.write_bytes(part.read_bytes()[:1000])
+    proc = failed_train([*zero2, *base_args(synth, broken, "--set", "train.max_steps=3",
+                                            "--resume", "auto")])
+    assert "error: DeepSpeed's ds_to_universal failed" in proc.stderr, proc.stderr[-3000:]
+    assert "Resume on the 2 process(es) that saved it, or start a new run" in proc.stderr
+    assert "Traceback (most recent call last):\n  File \"/" not in proc.stderr.split("error:")[-1]
+    assert sorted(p.name for p in (broken / "checkpoints").iterdir() if p.is_dir()) == ["step2"]
+    # ZeRO-2's optimizer state does not load into ZeRO-3: refused by name before DeepSpeed starts.
+    proc = failed_train(["--deepspeed_config", str(ROOT / "configs/ds/zero3_fp32.json"),
+                         *base_args(synth, out, "--set", "train.max_steps=3", "--resume", "auto")])
+    assert ("was saved with ZeRO stage 2, this run's DeepSpeed config has stage 3: DeepSpeed loads "
+            "optimizer state across stages 1 and 2 only") in proc.stderr, proc.stderr[-3000:]
+    proc = train([*zero2, *base_args(synth, out, "--set", "train.max_steps=3",
+                                     "--set", "train.grad_accum=2", "--resume", "auto")])
+    assert "universal checkpoint written" in proc.stdout
+    assert sorted(p.name for p in (out / "checkpoints").iterdir() if p.is_dir()) == [
+        "step2", "step3"]  # the universal checkpoint is removed once loaded
+    assert re.search(r"note: checkpoint step2 was saved by 2 process\(es\), this run has 1: "
+                     r"epoch 1 continues after its first 16 of \d+ examples; ZeRO's optimizer "
+                     r"state is re-partitioned", proc.stdout), proc.stdout[-3000:]
+    assert "batch per step changes" not in proc.stdout  # 4 x 1 x 2 = 4 x 2 x 1
+    assert "done: 3 steps" in proc.stdout
+    assert adam_steps(out / "checkpoints" / "step3") == [3]  # continued, not restarted
+    # BatchNorm's batch count (a buffer, which DeepSpeed's universal load leaves out) continues:
+    # step 3 is 2 micro-batches on 1 process, after rank 0's 2 of steps 1-2.
+    ckpts = out / "checkpoints"
+    assert bn_batches(ckpts / "step3") == bn_batches(ckpts / "step2") + 2
+    with (out / "metrics_steps.csv").open() as fh:
+        assert [int(r["step"]) for r in csv.DictReader(fh)][-3:] == [1, 2, 3]
+    proc = run([*LAUNCHERS["torchrun"], "--master_port", str(free_port()), "train.py", *zero2,
+                *base_args(synth, out, "--set", "train.max_steps=4", "--resume", "auto")])
+    assert "was saved by 1 process(es), this run has 2" in proc.stdout, proc.stdout[-3000:]
+    assert "done: 4 steps" in proc.stdout
+    assert adam_steps(out / "checkpoints" / "step4") == [4, 4]
+
+
 def test_multiple_choice_task(synth, tmp_path):
     """How2QA-style (VALUE JSONL) multiple choice: hinge L_gt, siamese loss over candidates."""
     out = tmp_path / "mc"
@@ -624,7 +704,8 @@ def test_more_epochs_on_resume_says_how_the_schedule_changes(synth, tmp_path):
     proc = train(base_args(synth, out, "--set", "train.epochs=3", "--set", "train.max_steps=3",
                            "--resume", "auto"))
     assert re.search(r"note: train.epochs changed from 2 to 3: the learning-rate schedule now "
-                     r"decays over 3 epochs, so the rate at step 2 goes from \S+ to \S+",
+                     r"decays over 3 epochs of \d+ steps, so the rate at step 2 goes from \S+ "
+                     r"to \S+",
                      proc.stdout), proc.stdout[-2000:]
 
 
