@@ -647,6 +647,8 @@ def save_checkpoint(engine, out_dir: Path, tag: str, run_state: dict, keep: int,
         complete = complete_tags(ckpt_dir)
         cut_short = [p for p in ckpt_dir.iterdir() if p.is_dir() and p not in complete
                      and re.fullmatch(r"step\d+", p.name)]  # saves interrupted before
+        # universal checkpoints a stop left behind (loading one is over once a run saves)
+        cut_short += sorted(ckpt_dir.glob(f".step*.{UNIVERSAL}"))
         for old in [*cut_short, *(complete[:-keep] if keep > 0 else [])]:
             if old.name != tag:
                 shutil.rmtree(old, ignore_errors=True)

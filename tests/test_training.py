@@ -462,11 +462,14 @@ def test_resume_on_another_number_of_processes(synth, tmp_path):
     assert bn_batches(ckpts / "step3") == bn_batches(ckpts / "step2") + 2
     with (out / "metrics_steps.csv").open() as fh:
         assert [int(r["step"]) for r in csv.DictReader(fh)][-3:] == [1, 2, 3]
+    (out / "checkpoints" / ".step1.universal" / "universal").mkdir(parents=True)  # left by a stop
     proc = run([*LAUNCHERS["torchrun"], "--master_port", str(free_port()), "train.py", *zero2,
                 *base_args(synth, out, "--set", "train.max_steps=4", "--resume", "auto")])
     assert "was saved by 1 process(es), this run has 2" in proc.stdout, proc.stdout[-3000:]
     assert "done: 4 steps" in proc.stdout
     assert adam_steps(out / "checkpoints" / "step4") == [4, 4]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir() if p.is_dir()) == [
+        "step3", "step4"]  # keep_checkpoints=2; the universal ones are gone
 
 
 def test_multiple_choice_task(synth, tmp_path):
