@@ -26,6 +26,7 @@ AGGREGATIONS = ("mean", "max", "logsumexp")
 OPTIMIZERS = ("auto", "torch", "deepspeed", "apex")
 MEMORY_FORMATS = ("auto", "channels_last", "contiguous")
 LAYER_NORMS = ("auto", "torch", "apex")
+ACTIVATION_CHECKPOINTING = ("none", "cnn", "all")
 EVAL_SPLITS = ("val", "test", "none")
 
 
@@ -90,10 +91,15 @@ class ModelConfig:
     memory_format: str = "auto"  # auto | channels_last | contiguous
     # LayerNorms (BERT's): apex's FusedLayerNorm, or torch's; auto = apex on CUDA when installed
     layer_norm: str = "auto"  # auto | torch | apex
+    # Recompute activations in the backward instead of keeping them (memory for time): cnn = the
+    # ResNet trunk's stem and stages (most of the activation memory), all = also BERT's layers.
+    activation_checkpointing: str = "none"  # none | cnn | all
 
     def __post_init__(self) -> None:
         _choice("model.memory_format", self.memory_format, MEMORY_FORMATS)
         _choice("model.layer_norm", self.layer_norm, LAYER_NORMS)
+        _choice("model.activation_checkpointing", self.activation_checkpointing,
+                ACTIVATION_CHECKPOINTING)
         _at_least("model.grid_pool", self.grid_pool, 1, "1 = no pooling")
         _at_least("model.max_grid", self.max_grid, 1)
         if not 0.0 <= self.dropout < 1.0:

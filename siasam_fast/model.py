@@ -10,6 +10,7 @@ weights are trained and checkpointed with the model.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 from pathlib import Path
@@ -17,6 +18,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from transformers import BertConfig, BertModel, BertTokenizerFast, ResNetConfig, ResNetModel
 
 from siasam_fast.config import ModelConfig
@@ -208,6 +210,33 @@ def real_frame_slots(num_unique: torch.Tensor, U: int, device: torch.device) -> 
     return slots.to(device, non_blocking=True)
 
 
+@contextlib.contextmanager
+def batchnorm_stats_frozen(module: nn.Module):
+    """Inside: ``module``'s BatchNorms in training mode normalise with the batch's statistics as
+    usual but leave their running statistics and batch count as they were. For the recomputation
+    of a checkpointed segment in the backward: its forward has updated them once already."""
+    saved = []
+    for m in module.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training and m.track_running_stats:
+            saved.append((m, m.momentum, m.num_batches_tracked.clone()))
+            m.momentum = 0.0  # running = (1 - 0) x running + 0 x batch
+    try:
+        yield
+    finally:
+        for m, momentum, count in saved:
+            m.momentum = momentum
+            m.num_batches_tracked.copy_(count)
+
+
+def checkpointed(segment: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``segment(x)`` keeping only ``x`` for the backward, which runs ``segment`` again (torch's
+    non-reentrant checkpoint: the same dropout draws; BatchNorm statistics updated once)."""
+    def contexts():  # (the forward's, the recomputation's)
+        return contextlib.nullcontext(), batchnorm_stats_frozen(segment)
+
+    return checkpoint(segment, x, use_reentrant=False, context_fn=contexts)
+
+
 class VisualEmbeddings(nn.Module):
     """Unique frames -> grid tokens per clip: ResNet, 1x1 projection, pooling, mean over B and
     2-D position embeddings."""
@@ -224,6 +253,7 @@ class VisualEmbeddings(nn.Module):
         self.drop = nn.Dropout(cfg.dropout)
         self.max_grid = cfg.max_grid
         self.memory_format = cfg.memory_format
+        self.checkpoint_cnn = cfg.activation_checkpointing in ("cnn", "all")
 
     def channels_last(self, device: torch.device) -> bool:
         """Whether frames go through the CNN in channels_last (NHWC) layout on ``device``."""
@@ -235,7 +265,14 @@ class VisualEmbeddings(nn.Module):
             # Every convolution, BatchNorm, ReLU and residual add keeps the layout, so the whole
             # trunk runs NHWC (cuDNN's tensor-core kernels need no transposes around each conv).
             frames = frames.contiguous(memory_format=torch.channels_last)
-        x = self.trunk(pixel_values=frames).last_hidden_state
+        if self.checkpoint_cnn and self.training and torch.is_grad_enabled():
+            # model.activation_checkpointing: the stem and each stage keep only their input for
+            # the backward (ResNetModel's forward, less its unused pooler)
+            x = checkpointed(self.trunk.embedder, frames)
+            for stage in self.trunk.encoder.stages:
+                x = checkpointed(stage, x)
+        else:
+            x = self.trunk(pixel_values=frames).last_hidden_state
         x = self.proj(x)
         if self.pool > 1:
             x = F.avg_pool2d(x, self.pool, ceil_mode=True)
@@ -275,6 +312,13 @@ class SiaSamReaModel(nn.Module):
             raise ValueError(f"num_answers={num_answers}: an open-ended head needs >= 1 answer")
         self.task = task
         self.text = build_text(cfg.text, vocab_size, cfg.dropout)
+        if cfg.activation_checkpointing == "all":  # BERT's layers recomputed in the backward
+            enable = getattr(self.text, "activation_checkpointing_enable", None)
+            if enable is not None:  # transformers 5.x
+                enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            else:  # 4.x
+                self.text.gradient_checkpointing_enable(
+                    gradient_checkpointing_kwargs={"use_reentrant": False})
         hidden = self.text.config.hidden_size
         self.visual = VisualEmbeddings(build_visual(cfg.visual), hidden, cfg)
         # g() of eq. 1: identity by default, a learned projection when asked for.

@@ -83,6 +83,7 @@ RESUMABLE_CHANGES = {
     "data.backend", "model.layer_norm",
     "data.manifest", "data.video_dir", "data.train", "data.val", "data.test", "eval.batch_size",
     "eval.num_clips", "eval.aggregation", "eval.split", "siamese.impl", "model.memory_format",
+    "model.activation_checkpointing",
 }
 
 

@@ -401,3 +401,49 @@ def test_an_apex_whose_extensions_do_not_load_is_not_used(fake_apex, tmp_path):
     cfg.train.optimizer = "apex"
     with pytest.raises(ValueError, match="extensions do not load"):
         build_optimizer(make_model("open"), cfg, torch.device("cuda"))
+
+
+def saved_for_backward(model, batch) -> tuple[int, dict]:
+    """Bytes of the tensors the forward keeps for the backward (each storage once), and the
+    outputs."""
+    storages = {}
+
+    def pack(t):
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = model(batch)
+    return sum(storages.values()), out
+
+
+@pytest.mark.parametrize("mode", ["cnn", "all"])
+def test_activation_checkpointing_changes_memory_not_results(tokenizer, mode):
+    """model.activation_checkpointing recomputes the CNN (and BERT) in the backward: the same
+    outputs, gradients (dropout draws included) and BatchNorm statistics as without it (each
+    BatchNorm updated once per step, not again by the recomputation), for less memory kept."""
+    batch = make_batch(tokenizer, "open")
+    plain = make_model("open").train()
+    ckpt = make_model("open", activation_checkpointing=mode).train()
+    ckpt.load_state_dict(plain.state_dict())
+    results = []
+    for model in (plain, ckpt):
+        torch.manual_seed(7)  # the dropout draws
+        kept, out = saved_for_backward(model, batch)
+        loss, _ = total_loss(out, batch, "open", SiameseConfig(), model.reasoning)
+        loss.backward()
+        results.append((kept, out["logits"].detach(), loss.item()))
+    (kept_plain, logits_plain, loss_plain), (kept_ckpt, logits_ckpt, loss_ckpt) = results
+    torch.testing.assert_close(logits_ckpt, logits_plain, rtol=0, atol=0)
+    assert loss_ckpt == loss_plain
+    for (name, a), b in zip(plain.named_parameters(), ckpt.parameters()):
+        if a.grad is not None:
+            torch.testing.assert_close(b.grad, a.grad, rtol=1e-5, atol=1e-7, msg=name)
+    for (name, a), b in zip(plain.named_buffers(), ckpt.buffers()):
+        torch.testing.assert_close(b, a, rtol=0, atol=0, msg=name)
+    assert any(n.endswith("num_batches_tracked") and int(b) == 1
+               for n, b in ckpt.named_buffers())  # updated once, by the forward
+    assert kept_ckpt < 0.5 * kept_plain, (kept_ckpt, kept_plain)
+    # Evaluation and no-grad forwards take the plain path.
+    with torch.no_grad():
+        torch.testing.assert_close(ckpt.eval()(batch)["logits"], plain.eval()(batch)["logits"])
