@@ -705,6 +705,8 @@ def load_run_state(tag_dir: Path, cfg: Config | None, world: int | None = None) 
         problems = config_mismatches(saved_config(state), cfg.to_dict())
         if world is not None and world != checkpoint_world_size(tag_dir, state):
             problems = [p for p in problems if not p.startswith("train.grad_accum:")]
+        problems = [p + (" (it may change only with the number of processes)"
+                         if p.startswith("train.grad_accum:") else "") for p in problems]
         if problems:
             raise ValueError(f"checkpoint {tag_dir} comes from an incompatible config:\n  "
                              + "\n  ".join(problems))
@@ -752,34 +754,40 @@ def check_zero_stage(tag_dir: Path, state: dict, stage: int) -> None:
             "train.init_from")
 
 
-def universal_checkpoint(tag_dir: Path, rank: int, world: int) -> Path:
+def universal_checkpoint(tag_dir: Path, ckpt_dir: Path, rank: int, world: int) -> Path:
     """``tag_dir`` as a DeepSpeed universal checkpoint, for a run on another number of processes
     than saved it (ZeRO partitions its optimizer state by process, and DeepSpeed loads such a
     checkpoint only on as many). Process 0 converts it with DeepSpeed's ``ds_to_universal`` into
-    the hidden folder ``.<tag>.universal`` beside it (on a file system every process reads),
-    the others wait, and every process raises the same error if it fails. Returns that folder:
-    ``engine.load_checkpoint``'s ``load_dir``, with tag ``universal``; remove it once every
-    process has loaded (:func:`remove_universal`)."""
-    load_dir = tag_dir.parent / f".{tag_dir.name}.universal"
+    the hidden folder ``.<tag>.universal`` of ``ckpt_dir`` (this run's checkpoints folder, on a
+    file system every process reads), the others wait, and every process raises the same error
+    if it fails. Returns that folder: ``engine.load_checkpoint``'s ``load_dir``, with tag
+    ``universal``; remove it once every process has loaded (:func:`remove_universal`)."""
+    load_dir = ckpt_dir / f".{tag_dir.name}.universal"
     error = None
     if rank == 0:
         shutil.rmtree(load_dir, ignore_errors=True)  # a conversion cut short
+        load_dir.mkdir(parents=True)
         workers = str(max(1, min(4, (os.cpu_count() or 1) // 2)))
         # (ds_to_universal also writes a 'latest_universal' file beside its output folder)
         cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal",
                "--input_folder", str(tag_dir), "--output_folder", str(load_dir / UNIVERSAL),
                "--inject_missing_state", "--num_extract_workers", workers,
                "--num_merge_workers", workers]
-        print(f"converting {tag_dir} ({zero_partitions(tag_dir)} ZeRO partitions) to a universal "
-              f"checkpoint for {world} process(es) in {load_dir}", flush=True)
+        print(f"converting {tag_dir} ({zero_partitions(tag_dir)} ZeRO partition(s)) to a "
+              f"universal checkpoint for {world} process(es) in {load_dir}", flush=True)
         start = time.perf_counter()
         try:
-            proc = subprocess.run(cmd, capture_output=True, text=True)
+            proc = run_to_end(cmd)
         except OSError as err:
             error = f"could not run DeepSpeed's ds_to_universal: {err}"
+        except BaseException:  # stopped (Ctrl-C, SIGTERM): nothing half-made is kept
+            shutil.rmtree(load_dir, ignore_errors=True)
+            print("stopped while converting the checkpoint (the conversion was ended too, and "
+                  "nothing of it kept): the next --resume converts it again", file=sys.stderr)
+            raise
         else:
             if proc.returncode != 0:
-                lines = (proc.stdout + proc.stderr).strip().splitlines() or ["(no output)"]
+                lines = proc.stdout.strip().splitlines() or ["(no output)"]
                 error = (f"DeepSpeed's ds_to_universal failed (exit status {proc.returncode}) "
                          f"converting {tag_dir}: {lines[-1]}\n(its full output: "
                          f"python {' '.join(cmd[1:4])} {tag_dir} --output_folder /tmp/universal "
@@ -799,6 +807,26 @@ def universal_checkpoint(tag_dir: Path, rank: int, world: int) -> Path:
     return load_dir
 
 
+def run_to_end(cmd: list[str]) -> subprocess.CompletedProcess:
+    """Run ``cmd`` (its output and errors captured together). A SIGTERM meanwhile (a scheduler
+    stopping the job while it starts) ends it too, and this process with status 143, where the
+    default action would leave the command running on its own."""
+    def stop(signum, frame):
+        raise SystemExit(128 + signum)
+
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        output, _ = proc.communicate()
+    except BaseException:
+        proc.kill()
+        proc.wait()
+        raise
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    return subprocess.CompletedProcess(cmd, proc.returncode, output, "")
+
+
 def restore_buffers(module: torch.nn.Module, tag_dir: Path) -> None:
     """Copy the module's buffers (BatchNorm's running statistics and counts) from ``tag_dir``:
     DeepSpeed 0.19's universal checkpoint load restores parameters and optimizer state, not
@@ -808,6 +836,25 @@ def restore_buffers(module: torch.nn.Module, tag_dir: Path) -> None:
         for name, buf in module.named_buffers():
             if name in saved:
                 buf.copy_(saved[name])
+
+
+def unshare_optimizer_steps(optimizer) -> int:
+    """Give every parameter's optimizer state its own ``step`` tensor. DeepSpeed 0.19's ZeRO-3
+    universal load assigns one tensor to every sub-group's ``step``, and torch's Adam(W) adds 1
+    to it in place per sub-group: the step count would grow by the number of sub-groups per
+    step (and keep doing so in every checkpoint saved from then on, torch.save keeps the alias).
+    Returns the number of aliases undone."""
+    while hasattr(optimizer, "optimizer"):  # DeepSpeed's ZeRO wrapper -> the torch optimizer
+        optimizer = optimizer.optimizer
+    seen, undone = set(), 0
+    for state in getattr(optimizer, "state", {}).values():
+        step = state.get("step") if isinstance(state, dict) else None
+        if torch.is_tensor(step):
+            if id(step) in seen:
+                state["step"] = step.clone()
+                undone += 1
+            seen.add(id(step))
+    return undone
 
 
 def remove_universal(load_dir: Path, rank: int, world: int) -> None:
@@ -844,16 +891,21 @@ def resharding_note(tag_dir: Path, state: dict, saved_world: int, world: int, cf
     done = min(int(sampler["position"]) * saved_world, n)
     again = max(0, done - world * resharded_position(int(sampler["position"]), saved_world, world,
                                                      n, drop_last, align))
+    epoch = int(sampler["epoch"]) + 1
+    complete = int(sampler["position"]) >= shard_length(n, saved_world, drop_last)
     note = (f"note: checkpoint {tag_dir.name} was saved by {saved_world} process(es), this run "
-            f"has {world}: epoch {int(sampler['epoch']) + 1} continues after its first {done} of "
-            f"{n} examples" + (f" ({again} of them given again)" if again else ""))
+            f"has {world}: " + (f"epoch {epoch + 1} starts (epoch {epoch} was complete)"
+                                if complete else
+                                f"epoch {epoch} continues after its first {done} of {n} "
+                                "examples" + (f" ({again} of them given again)" if again else "")))
     if zero_partitions(tag_dir):
         note += "; ZeRO's optimizer state is re-partitioned (DeepSpeed universal checkpoint)"
     if batch != old_batch:
         per_accum = cfg.train.batch_size * world
         keep = (f"--set train.grad_accum={old_batch // per_accum} keeps it"
                 if old_batch % per_accum == 0 else
-                f"no train.grad_accum keeps it at train.batch_size={cfg.train.batch_size}")
+                f"no train.grad_accum keeps it on {world} process(es) (train.batch_size cannot "
+                "change on a resume)")
         note += (f". The batch per step changes from {old_batch} to {batch} examples "
                  f"(train.batch_size x processes x train.grad_accum): {keep}")
     return note
@@ -1097,8 +1149,11 @@ def train(argv: list[str] | None = None, prog: str | None = None) -> int:
             print(f"apex FusedLayerNorm in place of {replaced} torch LayerNorm(s) "
                   "(model.layer_norm=torch keeps torch's)")
     optimizer, optimizer_name = build_optimizer(model, cfg, device)
+    # The schedule's length: a resume that changes the steps per epoch sets it to the steps done
+    # plus the steps left (saved as schedule_steps, for the resumes after it).
+    schedule = {"total": total_steps}
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, warmup_linear_decay(total_steps, cfg.train.warmup_ratio))
+        optimizer, lambda s: warmup_linear_decay(schedule["total"], cfg.train.warmup_ratio)(s))
     state = saved_world = None
     if tag_dir is not None:  # checked before DeepSpeed starts, and before any file is written
         state = load_run_state(tag_dir, cfg, world)
@@ -1115,7 +1170,8 @@ def train(argv: list[str] | None = None, prog: str | None = None) -> int:
         universal = saved_world != world and zero_partitions(tag_dir) > 0  # ZeRO partitions
         load_dir, load_tag = tag_dir.parent, tag_dir.name
         if universal:  # re-partitioned for this number of processes
-            load_dir, load_tag = universal_checkpoint(tag_dir, rank, world), UNIVERSAL
+            load_dir = universal_checkpoint(tag_dir, out_dir / "checkpoints", rank, world)
+            load_tag = UNIVERSAL
             ds = {**ds, "checkpoint": {**ds.get("checkpoint", {}), "load_universal": True}}
     engine, optimizer, _, scheduler = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds)
@@ -1125,6 +1181,7 @@ def train(argv: list[str] | None = None, prog: str | None = None) -> int:
     resumed_sums: dict = {}
     if tag_dir is not None:
         engine.load_checkpoint(str(load_dir), tag=load_tag)
+        unshare_optimizer_steps(engine.optimizer)  # (also heals a checkpoint saved aliased)
         if universal:
             restore_buffers(engine.module, tag_dir)
             remove_universal(load_dir, rank, world)
@@ -1141,17 +1198,32 @@ def train(argv: list[str] | None = None, prog: str | None = None) -> int:
             loader_file = tag_dir / f"loader_rank{rank}.json"  # this process's own (older: none)
             loader_state = (json.loads(loader_file.read_text()) if loader_file.is_file()
                             else state["sampler"])
-        if rank0 and old_steps * old_epochs != total_steps:
-            was = warmup_linear_decay(old_steps * old_epochs, cfg.train.warmup_ratio)(step)
-            now = warmup_linear_decay(total_steps, cfg.train.warmup_ratio)(step)
-            why = ([f"train.epochs changed from {old_epochs} to {cfg.train.epochs}"]
-                   if old_epochs != cfg.train.epochs else [])
-            if old_steps != steps_per_epoch:
-                why.append(f"an epoch takes {steps_per_epoch} steps (was {old_steps})")
-            print(f"note: {' and '.join(why)}: the learning-rate schedule now decays over "
-                  f"{cfg.train.epochs} epochs of {steps_per_epoch} steps, so the rate at step "
-                  f"{step} goes from {was * cfg.train.lr:.3g} to {now * cfg.train.lr:.3g}")
         train_loader.load_state_dict(loader_state, align)  # resumes at one of its steps' start
+        saved_total = int(state.get("schedule_steps", old_steps * old_epochs))
+        if old_steps == steps_per_epoch:
+            schedule["total"] = saved_total + (cfg.train.epochs - old_epochs) * steps_per_epoch
+        else:  # the steps done, then the rest of the run at this run's steps per epoch
+            position = train_loader.sampler.position
+            left = (0 if position >= len(train_loader.sampler) else
+                    steps_per_epoch - optimizer_steps(position // cfg.train.batch_size, accum))
+            schedule["total"] = (step + left
+                                 + max(0, cfg.train.epochs - int(state["epoch"]) - 1)
+                                 * steps_per_epoch)
+        if schedule["total"] != saved_total:
+            was = warmup_linear_decay(saved_total, cfg.train.warmup_ratio)(step)
+            now = warmup_linear_decay(schedule["total"], cfg.train.warmup_ratio)(step)
+            for group, base in zip(scheduler.optimizer.param_groups, scheduler.base_lrs):
+                group["lr"] = base * now  # from the next step on, not one step later
+            scheduler._last_lr = [group["lr"] for group in scheduler.optimizer.param_groups]
+            if rank0:
+                why = ([f"train.epochs changed from {old_epochs} to {cfg.train.epochs}"]
+                       if old_epochs != cfg.train.epochs else [])
+                if old_steps != steps_per_epoch:
+                    why.append(f"an epoch takes {steps_per_epoch} steps (was {old_steps})")
+                print(f"note: {' and '.join(why)}: the learning rate now decays to zero at step "
+                      f"{schedule['total']} (was {saved_total}), the run's end; the rate of "
+                      f"step {step + 1} is {now * cfg.train.lr:.3g} (was "
+                      f"{was * cfg.train.lr:.3g})")
         rng_file = tag_dir / f"rng_rank{rank}.json"
         if rng_file.is_file():
             _set_rng_state(json.loads(rng_file.read_text()))
@@ -1198,6 +1270,7 @@ def train(argv: list[str] | None = None, prog: str | None = None) -> int:
                 "epoch_sums": {**sums, "_steps": n_steps}, "eval_due": eval_due,
                 "config": cfg.to_dict(), "vocab": _vocab_hash(data.ans2label),
                 "precision": precision, "world_size": world, "steps_per_epoch": steps_per_epoch,
+                "schedule_steps": schedule["total"],
                 "zero_stage": zero_stage}
 
     def sync():  # torch's stream only: DALI's prefetch on its own streams is not this phase's

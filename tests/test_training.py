@@ -391,14 +391,15 @@ def test_two_processes_with_zero(synth, tmp_path, stage, precision, launcher):
 
 
 def adam_steps(tag_dir: Path) -> list[int]:
-    """The Adam step count of each ZeRO partition saved in ``tag_dir``."""
+    """The Adam step counts of each ZeRO partition saved in ``tag_dir`` (stages 1-2: the base
+    optimizer's state; stage 3: its own), one list entry per distinct count of a partition."""
     import torch
 
     counts = []
     for path in sorted(tag_dir.glob("zero_pp_rank_*_mp_rank_00_optim_states.pt")):
-        saved = torch.load(path, map_location="cpu", weights_only=False)
-        state = saved["optimizer_state_dict"]["base_optimizer_state"]["state"]
-        counts += sorted({int(v["step"]) for v in state.values()})
+        saved = torch.load(path, map_location="cpu", weights_only=False)["optimizer_state_dict"]
+        inner = saved.get("base_optimizer_state") or saved["optimizer_state_dict"]
+        counts += sorted({int(v["step"]) for v in inner["state"].values()})
     return counts
 
 
@@ -470,6 +471,32 @@ def test_resume_on_another_number_of_processes(synth, tmp_path):
     assert adam_steps(out / "checkpoints" / "step4") == [4, 4]
     assert sorted(p.name for p in (out / "checkpoints").iterdir() if p.is_dir()) == [
         "step3", "step4"]  # keep_checkpoints=2; the universal ones are gone
+
+
+def test_zero3_resume_on_fewer_processes_keeps_the_step_count_and_schedule(synth, tmp_path):
+    """ZeRO-3 saved by 2 processes, resumed on 1 with the same train.grad_accum: Adam's step
+    count continues by one a step (DeepSpeed's ZeRO-3 universal load gives every parameter group
+    one shared step tensor, which AdamW would advance once per group), and the epoch now takes
+    17 steps instead of 9: the learning rate decays to zero at the run's new end (the steps done
+    plus the steps left), from the next step on."""
+    from siasam_fast.training import warmup_linear_decay
+
+    out = tmp_path / "run"
+    zero3 = ["--deepspeed_config", str(ROOT / "configs/ds/zero3_fp32.json")]
+    run([*LAUNCHERS["torchrun"], "--master_port", str(free_port()), "train.py", *zero3,
+         *base_args(synth, out, "--set", "train.max_steps=2")])
+    proc = train([*zero3, *base_args(synth, out, "--set", "train.max_steps=4",
+                                     "--resume", "auto")])
+    # 2 steps x 4 x 2 processes = 16 examples done: micro-batch 4 of 17; 13 steps left in the
+    # epoch, then 17 in the second: 2 + 13 + 17 = 32.
+    assert re.search(r"an epoch takes 17 steps \(was 9\): the learning rate now decays to zero "
+                     r"at step 32 \(was 18\)", proc.stdout), proc.stdout[-3000:]
+    with (out / "metrics_steps.csv").open() as fh:
+        rows = {int(r["step"]): float(r["lr"]) for r in csv.DictReader(fh)}
+    lr = 1e-3  # configs/synthetic.yaml
+    for step in (3, 4):  # the rate of step s is the schedule's at s - 1
+        assert rows[step] == pytest.approx(lr * warmup_linear_decay(32, 0.1)(step - 1))
+    assert adam_steps(out / "checkpoints" / "step4") == [4]
 
 
 def test_multiple_choice_task(synth, tmp_path):
@@ -706,9 +733,9 @@ def test_more_epochs_on_resume_says_how_the_schedule_changes(synth, tmp_path):
     train(base_args(synth, out, "--set", "train.max_steps=2"))
     proc = train(base_args(synth, out, "--set", "train.epochs=3", "--set", "train.max_steps=3",
                            "--resume", "auto"))
-    assert re.search(r"note: train.epochs changed from 2 to 3: the learning-rate schedule now "
-                     r"decays over 3 epochs of \d+ steps, so the rate at step 2 goes from \S+ "
-                     r"to \S+",
+    assert re.search(r"note: train.epochs changed from 2 to 3: the learning rate now decays to "
+                     r"zero at step \d+ \(was \d+\), the run's end; the rate of step 3 is \S+ "
+                     r"\(was \S+\)",
                      proc.stdout), proc.stdout[-2000:]
 
 
