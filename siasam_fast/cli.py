@@ -1,4 +1,4 @@
-"""The ``siasam-fast`` command: env, synth, index, train, eval, transcode, demo.
+"""The ``siasam-fast`` command: env, synth, index, train, eval, transcode, demo, weights.
 
 Each subcommand imports what it needs (torch, transformers, DeepSpeed, PyAV, ...) when it runs,
 and the ``siasam_fast`` package imports its names on first use, so ``siasam-fast --help`` loads
@@ -177,6 +177,15 @@ def add_synth_options(parser: argparse.ArgumentParser, outputs: str) -> None:
                         help="render processes (default: all CPUs; 0 or 1: in this process)")
 
 
+def _weights(args: argparse.Namespace) -> int:
+    from siasam_fast.weights import TEXT, VISUAL, config_lines, fetch_weights
+
+    folders = fetch_weights(args.out, visual=args.visual or VISUAL, text=args.text or TEXT,
+                            force=args.force)
+    print("\nTo start from them, put this in the config:\n" + config_lines(folders))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="siasam-fast", description="Fast SiaSamRea training for VideoQA.")
@@ -221,6 +230,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     transcode_parser(p)
 
+    p = sub.add_parser("weights", help="fetch the pretrained ResNet-50 and BERT-base that "
+                       "ClipBERT starts from into local folders for model.visual / model.text")
+    p.add_argument("out", nargs="?", default="weights",
+                   help="folder to put them in (default: weights)")
+    p.add_argument("--visual", default=None,
+                   help="a Hub id or a local save_pretrained folder of a ResNet "
+                   "(default: microsoft/resnet-50, ImageNet-trained)")
+    p.add_argument("--text", default=None,
+                   help="a Hub id or a local save_pretrained folder of a BERT with its tokenizer "
+                   "(default: google-bert/bert-base-uncased)")
+    p.add_argument("--force", action="store_true",
+                   help="fetch again folders that are already there")
+
     p = sub.add_parser("demo", help="train baseline vs SiaSamRea on synthetic data (CPU)")
     p.add_argument("--out", default="runs/demo",
                    help="folder for the synthetic set, both runs, their logs, summary.json and "
@@ -245,7 +267,7 @@ def main(argv: list[str] | None = None) -> int:
             return 130
     args = build_parser().parse_args(argv)
     handler = {"env": _env, "synth": _synth, "index": _index, "eval": _eval, "demo": _demo,
-               "transcode": _transcode}[args.command]
+               "transcode": _transcode, "weights": _weights}[args.command]
     if args.command in INTERRUPTED:
         # A scheduler's SIGTERM takes the Ctrl-C path: what was done is written before exiting.
         signal.signal(signal.SIGTERM, _interrupt)
@@ -274,6 +296,8 @@ INTERRUPTED = {
             "again trains both runs anew",
     "eval": "nothing was written (--json / --predictions are replaced only once the evaluation "
             "has finished)",
+    "weights": "the folders already complete are kept; the one being fetched was not kept, and "
+               "running the same command again fetches it",
 }
 
 

@@ -68,14 +68,42 @@ WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "model.safetensors.ind
                 "pytorch_model.bin.index.json")
 
 
-def _from_pretrained(cls, key: str, folder: str):
-    """``cls.from_pretrained`` of a checked folder; what transformers refuses becomes a
-    ValueError naming the key."""
+def from_pretrained_checked(cls, key: str, source: str, local_only: bool = True,
+                            hint: str = ""):
+    """``cls.from_pretrained(source)``; what transformers refuses becomes a ValueError naming
+    ``key`` (and ``hint``). A model (not a tokenizer) must also be of ``cls``'s kind and bring
+    every one of its weights: transformers would otherwise build it silently, randomly
+    initialised where the checkpoint has nothing (a BERT folder given as a ResNet, say)."""
+    from transformers.utils import logging as hf_logging
+
+    is_model = hasattr(cls, "config_class")
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # its load report: what matters is checked below
     try:
-        return cls.from_pretrained(folder, local_files_only=True)
+        if not is_model:
+            return cls.from_pretrained(source, local_files_only=local_only)
+        model, info = cls.from_pretrained(source, local_files_only=local_only,
+                                          output_loading_info=True)
     except Exception as err:  # noqa: BLE001 - OSError, ValueError, safetensors' own errors...
-        raise ValueError(f"{key}={folder!r}: transformers cannot load it as a "
-                         f"{cls.__name__}: {' '.join(str(err).split())[:300]}") from None
+        raise ValueError(f"{key}={source!r}: transformers could not load it as a "
+                         f"{cls.__name__}: {' '.join(str(err).split())[:300]}{hint}") from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    kind = cls.config_class.model_type
+    found = getattr(model.config, "model_type", kind)
+    # BatchNorm's batch counters are not weights (a checkpoint converted from elsewhere may
+    # leave them out); anything else missing would start random.
+    missing = [k for k in info.get("missing_keys") or [] if not k.endswith("num_batches_tracked")]
+    if found != kind or missing:
+        why = (f"its config is a {found!r} model, not {kind!r}" if found != kind else
+               f"{len(missing)} of its weights are missing (e.g. {sorted(missing)[0]})")
+        raise ValueError(f"{key}={source!r}: not a {cls.__name__} checkpoint: {why}{hint}")
+    return model
+
+
+def _from_pretrained(cls, key: str, folder: str):
+    """:func:`from_pretrained_checked` of a local folder."""
+    return from_pretrained_checked(cls, key, folder)
 
 
 def load_tokenizer(cfg: ModelConfig) -> BertTokenizerFast:

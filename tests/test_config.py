@@ -126,8 +126,18 @@ def test_model_folders_are_checked_before_loading(tmp_path):
     with pytest.raises(ValueError, match=r"model.visual=.*holds none of model.safetensors"):
         build_visual(str(tmp_path))
     (tmp_path / "model.safetensors").write_bytes(b"garbage")
-    with pytest.raises(ValueError, match=r"model.text=.*cannot load it as a BertModel"):
+    with pytest.raises(ValueError, match=r"model.text=.*could not load it as a BertModel"):
         build_text(str(tmp_path), 100, 0.1)
+    # A complete checkpoint of another kind is refused too (transformers would build the model
+    # with random weights where the checkpoint has none, and say so only in its log).
+    from transformers import BertConfig, BertModel
+
+    bert = tmp_path / "bert"
+    BertModel(BertConfig(vocab_size=100, hidden_size=16, num_hidden_layers=1,
+                         num_attention_heads=2, intermediate_size=32)).save_pretrained(bert)
+    with pytest.raises(ValueError, match=r"model.visual=.*not a ResNetModel checkpoint: its "
+                       r"config is a 'bert' model, not 'resnet'"):
+        build_visual(str(bert))
 
 
 def test_a_checkpoint_older_than_a_config_field_stays_compatible():

@@ -1,0 +1,125 @@
+"""siasam-fast weights, and a model started from local pretrained folders (offline: tiny random
+models saved with save_pretrained stand in for the Hub's ResNet-50 and BERT-base)."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from subprocess_env import cpu_env
+from transformers import BertConfig, BertModel, ResNetConfig, ResNetModel
+
+from siasam_fast.config import ModelConfig
+from siasam_fast.model import TEXT_PRESETS, VISUAL_PRESETS, SiaSamReaModel, load_tokenizer
+from siasam_fast.weights import config_lines, fetch_weights, folder_name
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def sources(tmp_path_factory):
+    """A 'pretrained' tiny ResNet and a tiny BERT with the shipped vocabulary, as
+    save_pretrained folders (what the Hub's repositories hold)."""
+    root = tmp_path_factory.mktemp("hub")
+    torch.manual_seed(11)
+    visual = root / "tiny-resnet"
+    ResNetModel(ResNetConfig(**VISUAL_PRESETS["tiny"])).save_pretrained(visual)
+    tokenizer = load_tokenizer(ModelConfig())
+    text = root / "tiny-bert"
+    BertModel(BertConfig(vocab_size=len(tokenizer), **TEXT_PRESETS["tiny"])).save_pretrained(text)
+    tokenizer.save_pretrained(text)
+    return visual, text
+
+
+def test_fetch_saves_folders_the_model_loads(sources, tmp_path):
+    visual, text = sources
+    lines = []
+    folders = fetch_weights(tmp_path / "weights", visual=str(visual), text=str(text),
+                            log=lines.append)
+    assert folders == {"visual": tmp_path / "weights" / "tiny-resnet",
+                       "text": tmp_path / "weights" / "tiny-bert"}
+    assert {"tokenizer.json", "vocab.txt"} & {p.name for p in folders["text"].iterdir()}
+    assert not list((tmp_path / "weights").glob(".*"))  # no partial folder left
+    # A model built from them starts from exactly the saved weights, with their tokenizer.
+    model = SiaSamReaModel(ModelConfig(visual=str(folders["visual"]), text=str(folders["text"])),
+                           "open", num_answers=5, vocab_size=1, num_clips=3)
+    saved_visual = ResNetModel.from_pretrained(visual).state_dict()
+    for name, value in model.visual.trunk.state_dict().items():
+        assert torch.equal(value, saved_visual[name]), name
+    saved_text = BertModel.from_pretrained(text).state_dict()
+    for name, value in model.text.state_dict().items():
+        assert torch.equal(value, saved_text[name]), name
+    tokens = load_tokenizer(ModelConfig(text=str(folders["text"]))).tokenize("what color is it")
+    assert tokens == ["what", "color", "is", "it"]
+    assert "model:\n  visual: " in config_lines(folders)
+    # A second fetch keeps what is there.
+    stamp = (folders["visual"] / "config.json").stat().st_mtime_ns
+    lines.clear()
+    fetch_weights(tmp_path / "weights", visual=str(visual), text=str(text), log=lines.append)
+    assert sum("already there" in line for line in lines) == 2
+    assert (folders["visual"] / "config.json").stat().st_mtime_ns == stamp
+
+
+def test_folder_names():
+    assert folder_name("microsoft/resnet-50") == "microsoft--resnet-50"
+    assert folder_name("google-bert/bert-base-uncased") == "google-bert--bert-base-uncased"
+
+
+def test_cli_fetches_and_reports_bad_sources(sources, tmp_path):
+    visual, text = sources
+    env = cpu_env(HF_HUB_OFFLINE="1")
+    cmd = [sys.executable, "-m", "siasam_fast.cli", "weights", str(tmp_path / "w")]
+    proc = subprocess.run([*cmd, "--visual", str(visual), "--text", str(text)], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert f"visual: {tmp_path / 'w' / 'tiny-resnet'}" in proc.stdout
+    assert f"--set model.text={tmp_path / 'w' / 'tiny-bert'}" in proc.stdout
+    # A BERT folder is not a ResNet: one line naming the option, status 2, nothing left behind.
+    proc = subprocess.run([*cmd, "--visual", str(text), "--text", str(text), "--force"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert (f"siasam-fast weights: error: --visual={str(text)!r}: not a ResNetModel checkpoint: "
+            "its config is a 'bert' model, not 'resnet'") in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not list((tmp_path / "w").glob(".*"))
+    # No network here (HF_HUB_OFFLINE): a Hub id fails the same way, with the way out.
+    proc = subprocess.run([*cmd, "--visual", "microsoft/resnet-50", "--text", str(text)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "--visual='microsoft/resnet-50': transformers could not load it" in proc.stderr
+    assert "copy the output folder over" in proc.stderr
+
+
+def test_training_and_evaluation_start_from_the_fetched_folders(sources, tmp_path):
+    """train.py with model.visual / model.text at fetched folders (their tokenizer too), then
+    siasam-fast eval of the checkpoint, offline."""
+    from siasam_fast.data.synthetic import generate
+    from siasam_fast.pipeline.manifest import build_manifest
+
+    visual, text = sources
+    folders = fetch_weights(tmp_path / "weights", visual=str(visual), text=str(text),
+                            log=lambda line: None)
+    data = tmp_path / "synth"
+    generate(data, num_videos=8, seed=5, size=64, workers=1, progress=False)
+    build_manifest(data / "videos", data / "manifest.jsonl", workers=1, progress=False)
+    out = tmp_path / "run"
+    sets = {"data.train": data / "annotations" / "train_qa.json",
+            "data.val": data / "annotations" / "val_qa.json", "data.test": "",
+            "data.manifest": data / "manifest.jsonl", "data.num_workers": 0,
+            "train.batch_size": 4, "train.max_steps": 2, "train.out_dir": out,
+            "sampling.num_clips": 3, "sampling.frames_per_clip": 2,
+            "model.visual": folders["visual"], "model.text": folders["text"]}
+    args = ["--config", str(ROOT / "configs" / "synthetic.yaml")]
+    for key, value in sets.items():
+        args += ["--set", f"{key}={value}"]
+    env = cpu_env(HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "train.py", *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert "done: 2 steps" in proc.stdout
+    proc = subprocess.run([sys.executable, "-m", "siasam_fast.cli", "eval", "--checkpoint",
+                           str(out)], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "accuracy" in proc.stdout
