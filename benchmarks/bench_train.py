@@ -725,9 +725,12 @@ def count_model_flops(trainer: Trainer, raw: dict, notes: list[str]) -> float:
     model, the batch's shapes and the de-duplicated forward, not on how the variant runs."""
     from torch.utils.flop_counter import FlopCounterMode
 
+    from siasam_fast.model import activation_checkpointing_off
+
     batch = to_device({**raw, **trainer.text(raw)}, trainer.device, trainer.dtype)
     params = [p for p in trainer.module.parameters() if p.requires_grad]
-    with FlopCounterMode(display=False) as counter:
+    # model.activation_checkpointing's recomputation is not useful work (HFU counts it, not MFU)
+    with activation_checkpointing_off(trainer.module), FlopCounterMode(display=False) as counter:
         with trainer.autocast():
             outputs = trainer.module(batch)
         forward = counter.get_total_flops()
@@ -877,6 +880,9 @@ def run_variant(plan: Plan, cfg: Config, args, device: torch.device) -> dict:
     vcfg.data.backend, vcfg.data.dedup = plan.loader, v.dedup
     vcfg.model.memory_format = "channels_last" if v.channels_last else "contiguous"
     vcfg.train.cudnn_benchmark = v.cudnn_benchmark
+    if vcfg.model.activation_checkpointing != "none":  # from --set: the row recomputes
+        plan.notes.append(f"model.activation_checkpointing={vcfg.model.activation_checkpointing}"
+                          ": activations recomputed in the backward (in HFU, not in MFU)")
     vcfg.data.num_workers = fit_workers_to_shm(vcfg, plan, plan.notes)
     V, N = cfg.train.batch_size, cfg.sampling.num_clips
     profiled = args.profile is not None and (not args.profile or v.name in args.profile)

@@ -81,19 +81,31 @@ def from_pretrained_checked(cls, key: str, source: str, local_only: bool = True,
     hf_logging.set_verbosity_error()  # its load report: what matters is checked below
     try:
         if not is_model:
-            return cls.from_pretrained(source, local_files_only=local_only)
-        model, info = cls.from_pretrained(source, local_files_only=local_only,
-                                          output_loading_info=True)
+            tokenizer = cls.from_pretrained(source, local_files_only=local_only)
+        else:
+            model, info = cls.from_pretrained(source, local_files_only=local_only,
+                                              output_loading_info=True)
     except Exception as err:  # noqa: BLE001 - OSError, ValueError, safetensors' own errors...
         raise ValueError(f"{key}={source!r}: transformers could not load it as a "
                          f"{cls.__name__}: {' '.join(str(err).split())[:300]}{hint}") from None
     finally:
         hf_logging.set_verbosity(verbosity)
+    if not is_model:
+        # transformers 5 builds an empty tokenizer from a folder without vocab.txt /
+        # tokenizer.json (every word would be [UNK])
+        if len(tokenizer.get_vocab()) <= len(set(tokenizer.all_special_tokens)):
+            raise ValueError(f"{key}={source!r}: no tokenizer vocabulary there (none of "
+                             f"{', '.join(TOKENIZER_FILES)}){hint}")
+        return tokenizer
     kind = cls.config_class.model_type
     found = getattr(model.config, "model_type", kind)
     # BatchNorm's batch counters are not weights (a checkpoint converted from elsewhere may
     # leave them out); anything else missing would start random.
-    missing = [k for k in info.get("missing_keys") or [] if not k.endswith("num_batches_tracked")]
+    # BERT's pooler was trained for next-sentence prediction only: a masked-LM checkpoint
+    # (BertForMaskedLM.save_pretrained) has none, and it starts fresh as in any fine-tuning.
+    missing = [k for k in info.get("missing_keys") or []
+               if not k.endswith("num_batches_tracked")
+               and not (kind == "bert" and k.startswith("pooler."))]
     if found != kind or missing:
         why = (f"its config is a {found!r} model, not {kind!r}" if found != kind else
                f"{len(missing)} of its weights are missing (e.g. {sorted(missing)[0]})")
@@ -254,6 +266,23 @@ def batchnorm_stats_frozen(module: nn.Module):
         for m, momentum, count in saved:
             m.momentum = momentum
             m.num_batches_tracked.copy_(count)
+
+
+@contextlib.contextmanager
+def activation_checkpointing_off(model: nn.Module):
+    """Inside: ``model`` runs without model.activation_checkpointing (no recomputation in the
+    backward), e.g. to count its useful FLOPs (MFU leaves recomputation out; HFU counts it)."""
+    switches = [(m, "checkpoint_cnn") for m in model.modules() if isinstance(m, VisualEmbeddings)]
+    switches += [(m, "gradient_checkpointing") for m in model.modules()
+                 if m is not model and getattr(m, "gradient_checkpointing", False) is True]
+    saved = [(m, name, getattr(m, name)) for m, name in switches]
+    for m, name, _ in saved:
+        setattr(m, name, False)
+    try:
+        yield
+    finally:
+        for m, name, value in saved:
+            setattr(m, name, value)
 
 
 def checkpointed(segment: nn.Module, x: torch.Tensor) -> torch.Tensor:

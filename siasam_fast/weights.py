@@ -83,12 +83,23 @@ def fetch_weights(out: str | Path, visual: str = VISUAL, text: str = TEXT, force
     package loads is kept unless ``force``."""
     from transformers import BertModel, BertTokenizerFast, ResNetModel
 
-    out = Path(out)
+    out = Path(out).absolute()  # the printed config lines work from any working directory
     if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {str(out)!r} is a file, not a folder")
+        raise ValueError(f"OUT {str(out)!r} is a file, not a folder")
+    try:  # before anything is downloaded
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write-probe"
+        probe.touch()
+        probe.unlink()
+    except OSError as err:
+        raise ValueError(f"OUT {str(out)!r}: cannot write there ({err.strerror})") from None
+    names = {"visual": folder_name(visual), "text": folder_name(text)}
+    if names["visual"] == names["text"] and visual != text:  # text would replace the ResNet
+        raise ValueError(f"--visual {visual!r} and --text {text!r} would both be saved as "
+                         f"{str(out / names['visual'])!r}; copy one to a folder of another name")
     folders = {}
     for kind, source in (("visual", visual), ("text", text)):
-        target = out / folder_name(source)
+        target = out / names[kind]
         if not force and target.is_dir() and _loads(kind, target):
             log(f"{kind}: {target} is already there (it loads); kept")
             folders[kind] = target

@@ -447,3 +447,29 @@ def test_activation_checkpointing_changes_memory_not_results(tokenizer, mode):
     # Evaluation and no-grad forwards take the plain path.
     with torch.no_grad():
         torch.testing.assert_close(ckpt.eval()(batch)["logits"], plain.eval()(batch)["logits"])
+
+
+
+@pytest.mark.parametrize("mode", ["cnn", "all"])
+def test_activation_checkpointing_off_counts_no_recomputation(tokenizer, mode):
+    """bench_train's model FLOPs (MFU's numerator, "the same in every variant") are counted
+    inside activation_checkpointing_off: without it they grew by the recomputation."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from siasam_fast.model import activation_checkpointing_off
+
+    batch = make_batch(tokenizer, "open")
+
+    def flops(model):
+        with FlopCounterMode(display=False) as counter:
+            out = model(batch)
+            total_loss(out, batch, "open", SiameseConfig(), model.reasoning)[0].backward()
+        return counter.get_total_flops()
+
+    plain = make_model("open").train()
+    ckpt = make_model("open", activation_checkpointing=mode).train()
+    assert flops(ckpt) > flops(plain)  # the recomputation
+    with activation_checkpointing_off(ckpt):
+        assert flops(ckpt) == flops(plain)
+    assert ckpt.visual.checkpoint_cnn
+    assert ckpt.text.encoder.layer[0].gradient_checkpointing == (mode == "all")

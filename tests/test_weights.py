@@ -123,3 +123,53 @@ def test_training_and_evaluation_start_from_the_fetched_folders(sources, tmp_pat
                           timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "accuracy" in proc.stdout
+
+
+def test_fetch_refuses_two_sources_saved_under_one_name(sources, tmp_path):
+    """--visual a/model --text b/model: the text fetch replaced the ResNet folder (exit 0, both
+    config lines naming the BERT)."""
+    visual, text = sources
+    import shutil
+    shutil.copytree(visual, tmp_path / "a" / "model")
+    shutil.copytree(text, tmp_path / "b" / "model")
+    with pytest.raises(ValueError, match="would both be saved as"):
+        fetch_weights(tmp_path / "w", visual=str(tmp_path / "a" / "model"),
+                      text=str(tmp_path / "b" / "model"), log=lambda line: None)
+
+
+def test_fetch_refuses_a_text_folder_without_tokenizer(sources, tmp_path):
+    """transformers 5 builds an empty tokenizer there: every word became [UNK], silently."""
+    import shutil
+    visual, text = sources
+    bare = tmp_path / "bare-bert"
+    bare.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(text / name, bare / name)
+    with pytest.raises(ValueError, match="no tokenizer vocabulary"):
+        fetch_weights(tmp_path / "w", visual=str(visual), text=str(bare), log=lambda line: None)
+    assert not (tmp_path / "w" / "bare-bert").exists()
+
+
+def test_printed_folders_are_absolute(sources, tmp_path, monkeypatch):
+    visual, text = sources
+    monkeypatch.chdir(tmp_path)
+    folders = fetch_weights("w", visual=str(visual), text=str(text), log=lambda line: None)
+    assert folders["visual"] == tmp_path / "w" / "tiny-resnet"
+    assert f"model.text={tmp_path / 'w' / 'tiny-bert'}" in config_lines(folders)
+
+
+def test_head_checkpoints_load(tmp_path):
+    """What the Hub holds: microsoft/resnet-50 is a ResNetForImageClassification,
+    bert-base-uncased a BertForMaskedLM (masked-LM folders have no pooler)."""
+    from transformers import BertForMaskedLM, BertForPreTraining, ResNetForImageClassification
+
+    from siasam_fast.model import build_text, build_visual
+
+    tokenizer = load_tokenizer(ModelConfig())
+    ResNetForImageClassification(ResNetConfig(num_labels=7, **VISUAL_PRESETS["tiny"])
+                                 ).save_pretrained(tmp_path / "cls")
+    assert isinstance(build_visual(str(tmp_path / "cls")), ResNetModel)
+    for cls in (BertForPreTraining, BertForMaskedLM):
+        folder = tmp_path / cls.__name__
+        cls(BertConfig(vocab_size=len(tokenizer), **TEXT_PRESETS["tiny"])).save_pretrained(folder)
+        assert isinstance(build_text(str(folder), len(tokenizer), 0.1), BertModel)
