@@ -1,4 +1,5 @@
-"""The ``siasam-fast`` command: env, synth, index, train, eval, transcode, demo, weights.
+"""The ``siasam-fast`` command: env, synth, index, train, eval, ask, transcode, demo,
+weights.
 
 Each subcommand imports what it needs (torch, transformers, DeepSpeed, PyAV, ...) when it runs,
 and the ``siasam_fast`` package imports its names on first use, so ``siasam-fast --help`` loads
@@ -186,6 +187,30 @@ def _weights(args: argparse.Namespace) -> int:
     return 0
 
 
+def _ask(args: argparse.Namespace) -> int:
+    import json
+
+    from siasam_fast.training import answer_question
+
+    candidates = None
+    if args.candidates is not None:
+        candidates = [c.strip() for c in args.candidates.split("|")]
+        if len(candidates) < 2 or not all(candidates):
+            raise ValueError(f"--candidates {args.candidates!r}: give two or more non-empty "
+                             "answers separated by |")
+    result = answer_question(args.checkpoint, args.video, args.question, candidates, args.top,
+                             args.set)
+    if args.json:
+        print(json.dumps(result))
+    elif result["task"] == "count":
+        print(f"count: {result['count']:.2f}")
+    else:
+        width = max(len(answer) for answer, _ in result["answers"])
+        for answer, prob in result["answers"]:
+            print(f"{answer:<{width}}  {prob:6.1%}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="siasam-fast", description="Fast SiaSamRea training for VideoQA.")
@@ -223,6 +248,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--predictions", default=None, metavar="PATH",
                    help="write one JSON line per question (qid, question type, prediction, "
                    "its score) to PATH")
+
+    p = sub.add_parser("ask", help="answer one question about one video with a checkpoint")
+    p.add_argument("--checkpoint", required=True, help="a checkpoint directory (a run's or a tag)")
+    p.add_argument("--video", required=True, help="a video file")
+    p.add_argument("--question", required=True, help="the question, e.g. 'what is the man doing?'")
+    p.add_argument("--candidates", default=None, metavar="A|B|...",
+                   help="multiple choice (a task=mc checkpoint): the answers, separated by |")
+    p.add_argument("--top", type=positive_int, default=5,
+                   help="open-ended: how many of the most likely answers to show (default 5)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. eval.num_clips=4")
+    p.add_argument("--json", action="store_true", help="print the answers as JSON")
 
     p = sub.add_parser("transcode", help="re-encode videos once for fast random access "
                        "(short GOP, constant frame rate)")
@@ -267,7 +304,7 @@ def main(argv: list[str] | None = None) -> int:
             return 130
     args = build_parser().parse_args(argv)
     handler = {"env": _env, "synth": _synth, "index": _index, "eval": _eval, "demo": _demo,
-               "transcode": _transcode, "weights": _weights}[args.command]
+               "transcode": _transcode, "weights": _weights, "ask": _ask}[args.command]
     if args.command in INTERRUPTED:
         # A scheduler's SIGTERM takes the Ctrl-C path: what was done is written before exiting.
         signal.signal(signal.SIGTERM, _interrupt)

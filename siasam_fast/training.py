@@ -1462,11 +1462,10 @@ def train(argv: list[str] | None = None, prog: str | None = None) -> int:
     return 0
 
 
-def evaluate_checkpoint(checkpoint: str, config_path: str | None = None,
-                        overrides: list[str] | None = None, split: str | None = None,
-                        predictions: str | Path | None = None) -> dict:
-    """``siasam-fast eval``: load a checkpoint's weights and evaluate one split. ``predictions``:
-    a JSONL file of one row per question (qid, question type, prediction, its score)."""
+def checkpoint_config(checkpoint: str, config_path: str | None = None,
+                      overrides: list[str] | None = None) -> tuple[Path, dict, Config]:
+    """A checkpoint's tag folder, run state and config (its own, or ``config_path``, with
+    ``overrides``); a config whose model or task does not fit the weights is refused."""
     tag_dir = resolve_checkpoint(checkpoint)
     state = read_run_state(tag_dir)
     saved = config_from_json(json.dumps(state["config"]))
@@ -1477,6 +1476,86 @@ def evaluate_checkpoint(checkpoint: str, config_path: str | None = None,
     if problems:
         raise ValueError(f"checkpoint {tag_dir} does not fit this config:\n  "
                          + "\n  ".join(problems))
+    return tag_dir, state, cfg
+
+
+def answer_question(checkpoint: str, video: str, question: str,
+                    candidates: list[str] | None = None, top: int = 5,
+                    overrides: list[str] | None = None) -> dict:
+    """``siasam-fast ask``: one question about one video file, answered by a checkpoint as its
+    evaluation would (eval.num_clips clips placed by sampling.eval_placement, scores aggregated
+    by eval.aggregation). Returns ``{"task", "answers": [(answer, probability), ...]}`` (open:
+    the ``top`` most likely answers of the vocabulary; mc: every candidate) or ``{"task",
+    "count"}``."""
+    from siasam_fast.data.examples import QAExample
+    from siasam_fast.pipeline.manifest import probe_video
+
+    # One video: PyAV in this process (DALI would start a pipeline and its readers for it).
+    tag_dir, state, cfg = checkpoint_config(
+        checkpoint, None, [*(overrides or []), "data.backend=pyav", "data.num_workers=0",
+                           "eval.batch_size=1"])
+    if not question.strip():
+        raise ValueError("--question is empty")
+    if cfg.task == "mc" and not candidates:
+        raise ValueError("this checkpoint answers multiple-choice questions (task=mc): give the "
+                         "answers to choose from with --candidates 'first|second|...'")
+    if cfg.task != "mc" and candidates:
+        raise ValueError(f"--candidates: this checkpoint's task is {cfg.task!r}, which takes none")
+    ans2label = {}
+    if cfg.task == "open":
+        vocab_file = tag_dir.parent.parent / "ans2label.json"
+        if not vocab_file.is_file():
+            raise ValueError(f"checkpoint {tag_dir}: its run folder has no ans2label.json (the "
+                             "answer vocabulary the run was trained with)")
+        ans2label = load_ans2label(vocab_file)
+        if state["vocab"] != _vocab_hash(ans2label):
+            raise ValueError(f"{vocab_file} is not the answer vocabulary {tag_dir} was trained "
+                             "with")
+    path = Path(video)
+    if not path.is_file():
+        raise ValueError(f"--video {video!r}: no such file")
+    record = probe_video(path.resolve(), path.resolve().parent)
+    if not record.ok:
+        raise ValueError(f"--video {video!r}: cannot be decoded: {record.reason}")
+    example = QAExample(qid="ask", video_id=record.video_id, question=question, task=cfg.task,
+                        answer="0" if cfg.task == "count" else "", candidates=candidates,
+                        answer_index=0 if cfg.task == "mc" else None)
+    data = Data(examples={"test": [example]}, labels={"test": {0: 0}}, ans2label=ans2label,
+                manifest={record.video_id: record})
+    device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    tokenizer = load_tokenizer(cfg.model)
+    model = build_model(cfg, len(ans2label), len(tokenizer), device)
+    model.load_state_dict(load_model_weights(tag_dir))
+    model.to(device).eval()
+    text = TextEncoder(tokenizer, cfg.task, cfg.data.max_question_len)
+    loader = make_loader(cfg, data, "test", 0, 1)
+    try:
+        batch = next(iter(loader))
+    finally:
+        close_loaders()
+    batch.update(text(batch))
+    batch = to_device(batch, device, torch.float32)
+    with torch.no_grad():
+        outputs = model(batch)
+    scores = aggregate_clips(task_scores(outputs, cfg.task).float(), batch["clip_mask"],
+                             cfg.eval.aggregation)[0]
+    if cfg.task == "count":
+        return {"task": "count", "count": float(scores)}
+    probs = scores.softmax(-1)
+    if cfg.task == "mc":
+        return {"task": "mc", "answers": [(c, float(p)) for c, p in zip(candidates, probs)]}
+    label2ans = {label: answer for answer, label in ans2label.items()}
+    best = probs.topk(min(top, len(probs)))
+    return {"task": "open", "answers": [(label2ans[int(i)], float(p))
+                                        for p, i in zip(best.values, best.indices)]}
+
+
+def evaluate_checkpoint(checkpoint: str, config_path: str | None = None,
+                        overrides: list[str] | None = None, split: str | None = None,
+                        predictions: str | Path | None = None) -> dict:
+    """``siasam-fast eval``: load a checkpoint's weights and evaluate one split. ``predictions``:
+    a JSONL file of one row per question (qid, question type, prediction, its score)."""
+    tag_dir, state, cfg = checkpoint_config(checkpoint, config_path, overrides)
     split = split or cfg.eval.split
     if split not in ("train", "val", "test"):
         hint = (" (the run's eval.split is 'none': choose one with --split)"

@@ -516,6 +516,50 @@ def test_multiple_choice_task(synth, tmp_path):
                 "--set", "data.train=", "--json", str(tmp_path / "eval.json")])
     metrics = json.loads((tmp_path / "eval.json").read_text())
     assert metrics["accuracy"] == pytest.approx(summary["val"]["accuracy"]), proc.stdout
+    # One question about one video: a probability for every candidate.
+    proc = ask(out, synth / "videos" / "video0.mp4", "What color is the big triangle?",
+               "--candidates", "it is red|it is cyan|it is green", "--json")
+    answers = json.loads(proc.stdout)["answers"]
+    assert [a for a, _ in answers] == ["it is red", "it is cyan", "it is green"]
+    assert sum(p for _, p in answers) == pytest.approx(1.0)
+    proc = ask(out, synth / "videos" / "video0.mp4", "What color?", ok=False)
+    assert "task=mc): give the answers to choose from with --candidates" in proc.stderr
+
+
+def ask(run_dir: Path, video: Path, question: str, *options: str,
+        ok: bool = True) -> subprocess.CompletedProcess:
+    """siasam-fast ask; ``ok=False``: it must fail with a usage error (status 2)."""
+    proc = subprocess.run([sys.executable, "-m", "siasam_fast.cli", "ask", "--checkpoint",
+                           str(run_dir), "--video", str(video), "--question", question,
+                           *options], cwd=ROOT, env=cpu_env(OMP_NUM_THREADS="1"),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == (0 if ok else 2), proc.stdout[-2000:] + proc.stderr[-3000:]
+    return proc
+
+
+def test_ask_answers_one_question_about_one_video(synth, tmp_path):
+    out = tmp_path / "run"
+    train(base_args(synth, out, "--set", "train.max_steps=2"))
+    vocab = json.loads((out / "ans2label.json").read_text())
+    proc = ask(out, synth / "videos" / "video0.mp4", "what is the color of the large triangle?",
+               "--top", "3", "--json")
+    answers = json.loads(proc.stdout)["answers"]
+    assert len(answers) == 3 and all(a in vocab for a, _ in answers)
+    probs = [p for _, p in answers]
+    assert probs == sorted(probs, reverse=True) and 0 < sum(probs) <= 1 + 1e-6
+    proc = ask(out, synth / "videos" / "video0.mp4", "what is the color of the large triangle?")
+    assert re.fullmatch(r"(\S+ +\d+\.\d%\n){5}", proc.stdout), proc.stdout
+    # Bad input: one line each, naming the option.
+    proc = ask(out, tmp_path / "nope.mp4", "what?", ok=False)
+    assert f"--video {str(tmp_path / 'nope.mp4')!r}: no such file" in proc.stderr
+    broken = tmp_path / "broken.mp4"
+    broken.write_bytes(b"not a video" * 100)
+    proc = ask(out, broken, "what?", ok=False)
+    assert f"--video {str(broken)!r}: cannot be decoded:" in proc.stderr
+    proc = ask(out, synth / "videos" / "video0.mp4", "what?", "--candidates", "a|b", ok=False)
+    assert "--candidates: this checkpoint's task is 'open', which takes none" in proc.stderr
+    proc = ask(out, synth / "videos" / "video0.mp4", "what?", "--candidates", "a", ok=False)
+    assert "--candidates 'a': give two or more non-empty answers separated by |" in proc.stderr
 
 
 def test_count_task(synth, tmp_path):
@@ -537,6 +581,8 @@ def test_count_task(synth, tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["val"]["num_examples"] == len(lines) - 1
     assert summary["val"]["mse"] >= 0
+    proc = ask(out, synth / "videos" / "video0.mp4", "how many rings appear?")
+    assert re.fullmatch(r"count: -?\d+\.\d\d\n", proc.stdout), proc.stdout
 
 
 @pytest.mark.parametrize(
