@@ -252,6 +252,17 @@ def positive_float(text: str) -> float:
     return value
 
 
+def nonneg_float(text: str) -> float:
+    """An argparse type: a finite number >= 0."""
+    try:
+        value = float(text)
+    except (TypeError, ValueError):
+        value = math.nan
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"invalid value {text!r}: must be a number >= 0")
+    return value
+
+
 def existing_file(text: str) -> Path:
     """An argparse type: the path of a file that exists."""
     path = Path(text)

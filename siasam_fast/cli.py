@@ -15,7 +15,7 @@ import argparse
 import signal
 import sys
 
-from siasam_fast.benchutil import nonneg_int, positive_int
+from siasam_fast.benchutil import nonneg_float, nonneg_int, positive_int
 from siasam_fast.paths import USAGE_ERRORS
 
 # What a subcommand raises for bad arguments (before it writes anything): a one-line error, exit 2.
@@ -199,7 +199,7 @@ def _ask(args: argparse.Namespace) -> int:
             raise ValueError(f"--candidates {args.candidates!r}: give two or more non-empty "
                              "answers separated by |")
     result = answer_question(args.checkpoint, args.video, args.question, candidates, args.top,
-                             args.set)
+                             args.set, start=args.start, end=args.end)
     if args.json:
         print(json.dumps(result))
     elif result["task"] == "count":
@@ -259,6 +259,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="open-ended: how many of the most likely answers to show (default 5)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. eval.num_clips=4")
+    p.add_argument("--start", type=nonneg_float, default=None, metavar="SECONDS",
+                   help="only the video's segment from SECONDS on (How2QA's ts), as eval would")
+    p.add_argument("--end", type=nonneg_float, default=None, metavar="SECONDS",
+                   help="only the video's segment up to SECONDS")
     p.add_argument("--json", action="store_true", help="print the answers as JSON")
 
     p = sub.add_parser("transcode", help="re-encode videos once for fast random access "
@@ -333,6 +337,7 @@ INTERRUPTED = {
             "again trains both runs anew",
     "eval": "nothing was written (--json / --predictions are replaced only once the evaluation "
             "has finished)",
+    "ask": "nothing was written",
     "weights": "the folders already complete are kept; the one being fetched was not kept, and "
                "running the same command again fetches it",
 }

@@ -1481,13 +1481,16 @@ def checkpoint_config(checkpoint: str, config_path: str | None = None,
 
 def answer_question(checkpoint: str, video: str, question: str,
                     candidates: list[str] | None = None, top: int = 5,
-                    overrides: list[str] | None = None) -> dict:
+                    overrides: list[str] | None = None, start: float | None = None,
+                    end: float | None = None) -> dict:
     """``siasam-fast ask``: one question about one video file, answered by a checkpoint as its
     evaluation would (eval.num_clips clips placed by sampling.eval_placement, scores aggregated
     by eval.aggregation). Returns ``{"task", "answers": [(answer, probability), ...]}`` (open:
     the ``top`` most likely answers of the vocabulary; mc: every candidate) or ``{"task",
-    "count"}``."""
+    "count"}``. ``start`` / ``end`` (seconds): only that segment of the video, as a How2QA
+    question's ``ts`` limits its evaluation."""
     from siasam_fast.data.examples import QAExample
+    from siasam_fast.pipeline.dataset import segment_frames
     from siasam_fast.pipeline.manifest import probe_video
 
     # One video: PyAV in this process (DALI would start a pipeline and its readers for it).
@@ -1504,9 +1507,12 @@ def answer_question(checkpoint: str, video: str, question: str,
     ans2label = {}
     if cfg.task == "open":
         vocab_file = tag_dir.parent.parent / "ans2label.json"
+        if not vocab_file.is_file() and cfg.data.ans2label:  # the config's (or --set) file
+            vocab_file = Path(cfg.data.ans2label)
         if not vocab_file.is_file():
             raise ValueError(f"checkpoint {tag_dir}: its run folder has no ans2label.json (the "
-                             "answer vocabulary the run was trained with)")
+                             "answer vocabulary the run was trained with): give it with --set "
+                             "data.ans2label=FILE")
         ans2label = load_ans2label(vocab_file)
         if state["vocab"] != _vocab_hash(ans2label):
             raise ValueError(f"{vocab_file} is not the answer vocabulary {tag_dir} was trained "
@@ -1519,7 +1525,10 @@ def answer_question(checkpoint: str, video: str, question: str,
         raise ValueError(f"--video {video!r}: cannot be decoded: {record.reason}")
     example = QAExample(qid="ask", video_id=record.video_id, question=question, task=cfg.task,
                         answer="0" if cfg.task == "count" else "", candidates=candidates,
-                        answer_index=0 if cfg.task == "mc" else None)
+                        answer_index=0 if cfg.task == "mc" else None, start=start, end=end)
+    segment = segment_frames(example, record)
+    if isinstance(segment, str):
+        raise ValueError(f"--start / --end: {segment}")
     data = Data(examples={"test": [example]}, labels={"test": {0: 0}}, ans2label=ans2label,
                 manifest={record.video_id: record})
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")

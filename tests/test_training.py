@@ -560,6 +560,21 @@ def test_ask_answers_one_question_about_one_video(synth, tmp_path):
     assert "--candidates: this checkpoint's task is 'open', which takes none" in proc.stderr
     proc = ask(out, synth / "videos" / "video0.mp4", "what?", "--candidates", "a", ok=False)
     assert "--candidates 'a': give two or more non-empty answers separated by |" in proc.stderr
+    # A segment (How2QA's ts) as eval would take it; an empty one is refused.
+    proc = ask(out, synth / "videos" / "video0.mp4", "what?", "--start", "0.5", "--end", "2",
+               "--json")
+    assert len(json.loads(proc.stdout)["answers"]) == 5
+    proc = ask(out, synth / "videos" / "video0.mp4", "what?", "--start", "3", "--end", "1",
+               ok=False)
+    assert "--start / --end: segment empty: it ends (1.0 s) before it starts (3.0 s)" in proc.stderr
+    # A run folder without ans2label.json: the vocabulary can be given with data.ans2label.
+    vocab_file = tmp_path / "vocab.json"
+    (out / "ans2label.json").rename(vocab_file)
+    proc = ask(out, synth / "videos" / "video0.mp4", "what?", ok=False)
+    assert "give it with --set data.ans2label=FILE" in proc.stderr
+    proc = ask(out, synth / "videos" / "video0.mp4", "what?", "--set",
+               f"data.ans2label={vocab_file}", "--json")
+    assert len(json.loads(proc.stdout)["answers"]) == 5
 
 
 def test_count_task(synth, tmp_path):
