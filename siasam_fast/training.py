@@ -66,11 +66,7 @@ from siasam_fast.model import (  # noqa: E402
     use_memory_format,
 )
 from siasam_fast.paths import USAGE_ERRORS, file_in_the_way, write_text_atomic  # noqa: E402
-from siasam_fast.pipeline.dataset import (  # noqa: E402
-    close_loaders,
-    resharded_position,
-    shard_length,
-)
+from siasam_fast.pipeline.dataset import close_loaders, shard_length  # noqa: E402
 from siasam_fast.pipeline.loaders import build_video_loader  # noqa: E402
 from siasam_fast.pipeline.manifest import load_manifest  # noqa: E402
 from siasam_fast.stopping import CHECK_EVERY, Stopped, StopRequest, stop_raises  # noqa: E402
@@ -879,9 +875,9 @@ def resharded_loader_state(tag_dir: Path, state: dict, saved_world: int) -> dict
 
 
 def resharding_note(tag_dir: Path, state: dict, saved_world: int, world: int, cfg: Config,
-                    align: int) -> str:
-    """What a resume on another number of processes changes (printed by process 0); ``align``:
-    the examples of one of its optimizer steps per process."""
+                    position: int) -> str:
+    """What a resume on another number of processes changes (printed by process 0);
+    ``position``: where the train loader now starts in each new shard."""
     saved_train = state["config"].get("train", {})
     old_batch = (int(saved_train.get("batch_size", cfg.train.batch_size)) * saved_world
                  * int(saved_train.get("grad_accum", 1)))
@@ -889,8 +885,7 @@ def resharding_note(tag_dir: Path, state: dict, saved_world: int, world: int, cf
     sampler = state["sampler"]
     n, drop_last = int(sampler["num_examples"]), bool(sampler.get("drop_last", False))
     done = min(int(sampler["position"]) * saved_world, n)
-    again = max(0, done - world * resharded_position(int(sampler["position"]), saved_world, world,
-                                                     n, drop_last, align))
+    again = max(0, done - world * position)
     epoch = int(sampler["epoch"]) + 1
     complete = int(sampler["position"]) >= shard_length(n, saved_world, drop_last)
     note = (f"note: checkpoint {tag_dir.name} was saved by {saved_world} process(es), this run "
@@ -1191,14 +1186,15 @@ def train(argv: list[str] | None = None, prog: str | None = None) -> int:
         old_steps = saved_steps_per_epoch(state)
         align = cfg.train.batch_size * accum  # examples of one optimizer step, per process
         if saved_world != world:
-            if rank0:
-                print(resharding_note(tag_dir, state, saved_world, world, cfg, align))
             loader_state = resharded_loader_state(tag_dir, state, saved_world)
         else:
             loader_file = tag_dir / f"loader_rank{rank}.json"  # this process's own (older: none)
             loader_state = (json.loads(loader_file.read_text()) if loader_file.is_file()
                             else state["sampler"])
         train_loader.load_state_dict(loader_state, align)  # resumes at one of its steps' start
+        if rank0 and saved_world != world:
+            print(resharding_note(tag_dir, state, saved_world, world, cfg,
+                                  train_loader.sampler.position))
         saved_total = int(state.get("schedule_steps", old_steps * old_epochs))
         if old_steps == steps_per_epoch:
             schedule["total"] = saved_total + (cfg.train.epochs - old_epochs) * steps_per_epoch
