@@ -712,6 +712,24 @@ def test_segments_use_the_measured_rate_and_name_a_reversed_span(manifest):
         "segment empty: it ends (2.0 s) before it starts (4.0 s)")
 
 
+def test_a_zero_length_segment_is_the_frame_at_its_time():
+    """How2QA's official CSVs hold instants such as [0.0:0.0], [60.0:60.0] and [121.56:121.56]: the
+    question is about the frame shown then, not an empty segment (it was dropped, so evaluation
+    left it out of the accuracy, with a reason that called it outside the video)."""
+    from siasam_fast.pipeline.manifest import VideoRecord
+
+    record = VideoRecord(video_id="v", path="v.mp4", relpath="v.mp4", status="ok",
+                         num_frames=7200, fps=30.0, duration=240.0)
+    at = QAExample(qid="a", video_id="v", question="?", start=60.0, end=60.0)
+    assert segment_frames(at, record) == (1800, 1)  # 60 s x 30 fps: frame 1800
+    off = QAExample(qid="b", video_id="v", question="?", start=121.56, end=121.56)
+    assert segment_frames(off, record) == (3646, 1)
+    first = QAExample(qid="d", video_id="v", question="?", start=0.0, end=0.0)
+    assert segment_frames(first, record) == (0, 1)  # [0.0:0.0]: several in how2QA_val_release
+    late = QAExample(qid="c", video_id="v", question="?", start=300.0, end=300.0)
+    assert "segment empty" in segment_frames(late, record)  # past the end: still empty
+
+
 def test_a_video_with_many_consecutive_questions_gets_stand_ins(own_videos):
     """MSRVTT-QA lists a video's ~20 questions one after another: its failed video used up every
     try on its own other questions, and the run stopped."""

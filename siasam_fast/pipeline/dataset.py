@@ -395,7 +395,8 @@ def segment_frames(example: QAExample, record: VideoRecord) -> tuple[int, int] |
     Seconds map to frames at the video's measured rate, its frames over its duration (the
     container's nominal rate can be far off for variable frame rate video; the manifest's fps
     when the duration is unknown): ``[floor(start * rate), ceil(end * rate))`` clamped to the
-    video (approximate for variable frame rate videos).
+    video (approximate for variable frame rate videos). A zero-length segment ``[t:t]`` (How2QA's
+    official CSVs have some, e.g. ``[60.0:60.0]``) is the one frame at ``t``.
     """
     T = record.num_frames
     if example.start is None and example.end is None:
@@ -409,6 +410,8 @@ def segment_frames(example: QAExample, record: VideoRecord) -> tuple[int, int] |
     eps = 1e-6  # 7.2 s * 25 fps is 180.00000000000003: not frame 181
     first = 0 if example.start is None else math.floor(example.start * rate + eps)
     end = T if example.end is None else math.ceil(example.end * rate - eps)
+    if example.start is not None and example.end == example.start:
+        end = max(end, first + 1)  # an instant: the frame shown at that time
     first, end = max(0, min(first, T)), max(0, min(end, T))
     if end <= first:
         return (
