@@ -811,3 +811,20 @@ def test_frames_resized_while_decoding_equal_the_stacked_video_transform(manifes
         u = int(batch["num_unique"][v])
         assert u == len(wanted)
         assert torch.equal(batch["frames"][v, :u], expected), (names[index], dedup)
+
+
+def test_backend_choice_without_any_nvidia_package(monkeypatch):
+    """Without DALI and without any other `nvidia` package (a torch that is not PyPI's CUDA
+    wheel: NGC containers, conda), data.backend=auto falls back to PyAV and backend=dali says
+    how to install DALI: importlib's find_spec("nvidia.dali") raised ModuleNotFoundError there."""
+    import sys
+
+    from siasam_fast.pipeline import loaders
+
+    monkeypatch.delitem(sys.modules, "nvidia.dali", raising=False)
+    monkeypatch.setitem(sys.modules, "nvidia", None)  # import nvidia -> ModuleNotFoundError
+    monkeypatch.setattr(loaders.torch.cuda, "is_available", lambda: True)
+    assert loaders.dali_available() is False
+    assert loaders.resolve_backend("auto", {}) == "pyav"
+    with pytest.raises(ValueError, match=r"siasam-fast\[gpu\]"):
+        loaders.resolve_backend("dali", {})

@@ -18,7 +18,10 @@ logger = logging.getLogger(__name__)
 
 
 def dali_available() -> bool:
-    return importlib.util.find_spec("nvidia.dali") is not None
+    try:
+        return importlib.util.find_spec("nvidia.dali") is not None
+    except ImportError:  # no `nvidia` package at all (torch not from PyPI's CUDA wheels, no DALI)
+        return False
 
 
 # The oldest GPU that DALI's CUDA 13 wheels hold code for: CUDA 13 cannot target Volta, and
