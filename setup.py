@@ -21,10 +21,14 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     # The top-level `kernels/` folder is installed as `siasam_kernels`: PyPI's `kernels` package
-    # (which transformers probes for) owns the bare name.
-    packages=["siasam_fast", "siasam_fast.pipeline", "siasam_fast.data", "siasam_kernels"],
-    package_dir={"siasam_kernels": "kernels"},
-    package_data={"siasam_fast": ["assets/*", "assets/**/*"], "siasam_kernels": ["tuned.json"]},
+    # (which transformers probes for) owns the bare name. `configs/` (run and DeepSpeed configs)
+    # is installed as siasam_fast/configs/, where a wheel's `--config configs/...` finds it
+    # (siasam_fast.paths.shipped_config) and the demo its configs/demo.yaml.
+    packages=["siasam_fast", "siasam_fast.pipeline", "siasam_fast.data", "siasam_kernels",
+              "siasam_fast.configs"],
+    package_dir={"siasam_kernels": "kernels", "siasam_fast.configs": "configs"},
+    package_data={"siasam_fast": ["assets/*", "assets/**/*"], "siasam_kernels": ["tuned.json"],
+                  "siasam_fast.configs": ["*.yaml", "ds/*.json"]},
     install_requires=[
         "torch>=2.4",
         "triton>=3.0",

@@ -17,6 +17,7 @@ from typing import Any
 
 import yaml
 
+from siasam_fast.paths import shipped_config
 from siasam_fast.sampling import SamplingConfig
 
 TASKS = ("open", "mc", "count")
@@ -365,7 +366,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     """Read a YAML config (relative paths inside stay relative to the working directory)."""
     values: dict = {}
     if path:
-        path = Path(path)
+        path = shipped_config(path)
         if path.is_dir():
             raise ValueError(f"config file {str(path)!r} is a folder; name a YAML file, e.g. "
                              "configs/synthetic.yaml")

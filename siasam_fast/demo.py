@@ -31,8 +31,9 @@ from dataclasses import asdict, replace
 from decimal import ROUND_HALF_UP, Decimal
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-DEMO_CONFIG = ROOT / "configs" / "demo.yaml"
+from siasam_fast.paths import packaged_config
+
+DEMO_CONFIG = packaged_config("demo.yaml")  # installed with the package, or the checkout's
 
 # The synthetic set of the demo (SynthConfig knobs; docs/experiments.md says why). Only the two
 # colour questions are written: "color" (the big object, visible in every frame: the control) and
@@ -470,8 +471,8 @@ def run_demo(
     config = Path(config or DEMO_CONFIG)
     if not config.is_file():
         raise FileNotFoundError(
-            f"demo config {str(config)!r} does not exist (run from a checkout "
-            "of the repository, which holds configs/demo.yaml)"
+            f"demo config {str(config)!r} does not exist (siasam-fast installs configs/demo.yaml "
+            "with the package: reinstall it)"
         )
     if videos is not None and int(videos) < 1:
         raise ValueError(f"videos={videos}: must be >= 1")

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import torch
 
+from siasam_fast.paths import shipped_config
+
 STAGES = (0, 1, 2, 3)
 PRECISIONS = ("fp16", "bf16", "fp32")
 
@@ -76,7 +78,7 @@ def default_precision() -> str:
 def load_ds_config(path: str | None, precision: str = "auto", stage: int = 2) -> dict:
     """The DeepSpeed dict from a file, or the default for this machine."""
     if path:
-        p = Path(path)
+        p = shipped_config(path)
         if not p.is_file():
             raise FileNotFoundError(f"DeepSpeed config {path!r} does not exist (see configs/ds/)")
         try:

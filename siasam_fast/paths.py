@@ -10,6 +10,33 @@ from pathlib import Path
 # What a command reports as a one-line usage error (exit status 2): bad values and paths.
 USAGE_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError)
 
+# The repository's configs/ (run configs, configs/ds/ DeepSpeed configs): a wheel installs it as
+# siasam_fast/configs/ (setup.py); an editable install reads it from the checkout.
+PACKAGE_CONFIGS = Path(__file__).resolve().parent / "configs"
+CHECKOUT_CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+
+
+def packaged_config(name: str | os.PathLike) -> Path:
+    """The file ``name`` (e.g. "demo.yaml", "ds/zero2_fp32.json") of the configs shipped with the
+    package: the installed copy, else the checkout's (that path, missing, if neither has it)."""
+    for folder in (PACKAGE_CONFIGS, CHECKOUT_CONFIGS):
+        if (folder / name).is_file():
+            return folder / name
+    return CHECKOUT_CONFIGS / name
+
+
+def shipped_config(path: str | os.PathLike) -> Path:
+    """A ``--config`` / ``--deepspeed_config`` path: itself if it exists; a relative
+    ``configs/...`` path that does not exist here names the config shipped with the package, so
+    the README's commands (``--config configs/synthetic.yaml``) run from any folder and from an
+    installed wheel. A file of that name in the working folder comes first."""
+    path = Path(path)
+    if path.exists() or path.is_absolute() or path.parts[:1] != ("configs",) or \
+            len(path.parts) < 2:
+        return path
+    found = packaged_config(Path(*path.parts[1:]))
+    return found if found.is_file() else path
+
 
 def file_in_the_way(folder: str | os.PathLike) -> Path | None:
     """The file (``folder`` itself or one of its parents) that stops ``folder`` being a folder,

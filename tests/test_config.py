@@ -1,5 +1,6 @@
 """The run config: typed values, ranges and readable errors that name the key and what is valid."""
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -273,3 +274,46 @@ def test_fused_adam_that_cannot_be_built_falls_back_to_torch_adamw(monkeypatch, 
     with pytest.raises(ValueError, match=r"train.optimizer='deepspeed': .* use "
                                          r"train.optimizer=torch"):
         build_optimizer(model, cfg, torch.device("cuda"))
+
+
+def test_shipped_configs_are_found_from_any_folder(tmp_path, monkeypatch):
+    """`--config configs/synthetic.yaml` / `--deepspeed_config configs/ds/...` (the README's
+    commands) read the configs shipped with the package when the working folder has none (an
+    installed wheel, used outside the repository); a file in the working folder comes first."""
+    from siasam_fast import paths
+
+    monkeypatch.chdir(tmp_path)
+    assert load_config("configs/synthetic.yaml").train.out_dir == "runs/synthetic"
+    assert load_ds_config("configs/ds/zero3_fp32.json")["zero_optimization"]["stage"] == 3
+    with pytest.raises(FileNotFoundError, match="'configs/nope.yaml' does not exist"):
+        load_config("configs/nope.yaml")
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "configs" / "synthetic.yaml").write_text("train:\n  out_dir: mine\n")
+    assert load_config("configs/synthetic.yaml").train.out_dir == "mine"
+    # installed from a wheel: siasam_fast/configs/, and no checkout beside the package
+    installed = tmp_path / "site" / "configs"
+    shutil.copytree(ROOT / "configs", installed)
+    monkeypatch.setattr(paths, "PACKAGE_CONFIGS", installed)
+    monkeypatch.setattr(paths, "CHECKOUT_CONFIGS", tmp_path / "no-checkout")
+    assert paths.shipped_config("configs/ds/zero2_fp32.json") == installed / "ds/zero2_fp32.json"
+    assert paths.packaged_config("demo.yaml") == installed / "demo.yaml"
+
+
+def test_wheel_holds_every_config(monkeypatch):
+    """setup.py installs configs/ as siasam_fast/configs/, every file of it (what
+    paths.PACKAGE_CONFIGS reads in an installed wheel)."""
+    import fnmatch
+    import runpy
+
+    import setuptools
+
+    seen = {}
+    monkeypatch.setattr(setuptools, "setup", lambda **kw: seen.update(kw))
+    runpy.run_path(str(ROOT / "setup.py"))
+    assert "siasam_fast.configs" in seen["packages"]
+    assert seen["package_dir"]["siasam_fast.configs"] == "configs"
+    patterns = seen["package_data"]["siasam_fast.configs"]
+    files = [p.relative_to(ROOT / "configs").as_posix()
+             for p in (ROOT / "configs").rglob("*") if p.is_file()]
+    assert files and all(any(fnmatch.fnmatch(f, pat) and f.count("/") == pat.count("/")
+                             for pat in patterns) for f in files), (files, patterns)
