@@ -122,8 +122,13 @@ def _eval(args: argparse.Namespace) -> int:
             raise ValueError(f"cannot write {err.filename!r}: {err.strerror}") from None
         finally:
             close_loaders()  # a failing evaluation's traceback keeps its loader's workers alive
-        if dist.is_initialized() and dist.get_rank() != 0:
-            return 0
+        if dist.is_initialized():  # every process has its metrics: no collective is left
+            rank = dist.get_rank()
+            # Left to the exit, gloo's threads can abort it (SIGABRT, "terminate called without
+            # an active exception"): torchrun then reports the evaluation as failed.
+            dist.destroy_process_group()
+            if rank != 0:
+                return 0
         if "--json" in outputs:
             try:
                 write_text_atomic(staged["--json"], json.dumps(metrics, indent=1) + "\n")
