@@ -80,6 +80,7 @@ RESUMABLE_CHANGES = {
     "data.manifest", "data.video_dir", "data.train", "data.val", "data.test", "eval.batch_size",
     "eval.num_clips", "eval.aggregation", "eval.split", "siamese.impl", "model.memory_format",
     "model.activation_checkpointing",
+    "sampling.eval_placement",  # where the evaluation clips go: evaluation only, as eval.num_clips
 }
 
 
@@ -510,7 +511,11 @@ def evaluate(model, loader, cfg: Config, text: TextEncoder, device, dtype, desc=
 
     Every rank evaluates its shard; results are gathered and de-duplicated by example (shards are
     padded to equal length by wrapping, which ZeRO-3's collective forward needs). ``predictions``:
-    a JSONL file of one row per example (qid, prediction, value) written by rank 0."""
+    a JSONL file of one row per example (qid, prediction, value) written by rank 0.
+
+    Questions without an answer (multiple choice with hidden test labels: no ``answer_idx``) are
+    predicted but not scored: their rows' value is null, they are left out of ``num_examples``
+    and the metrics, and ``num_unlabeled`` counts them (present only when there are some)."""
     was_training = model.training
     model.eval()
     rows: dict[int, tuple] = {}
@@ -525,28 +530,46 @@ def evaluate(model, loader, cfg: Config, text: TextEncoder, device, dtype, desc=
             pred = scores
             target = batch["count"].float()
             values = ((pred - target) ** 2).tolist()
+            labeled = target.isfinite().tolist()  # NaN: no count given
         else:
             pred = scores.argmax(-1)
             target = batch["label"] if cfg.task == "open" else batch["answer_index"]
             values = (pred == target).float().tolist()
-        for idx, qid, qtype, p, value in zip(batch["example_index"].tolist(), batch["qid"],
-                                             batch["question_type"], pred.tolist(), values):
-            rows[idx] = (qtype, value, qid, p)
+            # open: label -1 is an answer outside the vocabulary (wrong); mc: -1 is no answer
+            labeled = (target >= 0).tolist() if cfg.task == "mc" else [True] * len(values)
+        for idx, qid, qtype, p, value, known in zip(
+                batch["example_index"].tolist(), batch["qid"], batch["question_type"],
+                pred.tolist(), values, labeled):
+            rows[idx] = (qtype, value if known else None, qid, p)
     if dist.is_initialized() and dist.get_world_size() > 1:
         gathered = [None] * dist.get_world_size()
         dist.all_gather_object(gathered, rows)
         rows = {k: v for part in gathered for k, v in part.items()}
     model.train(was_training)
     metric = "mse" if cfg.task == "count" else "accuracy"
-    result = {"num_examples": len(rows), metric: _mean(r[1] for r in rows.values())}
-    types = sorted({r[0] for r in rows.values()})
+    scored = [r for r in rows.values() if r[1] is not None]
+    result = {"num_examples": len(scored)}
+    if len(scored) < len(rows):
+        result["num_unlabeled"] = len(rows) - len(scored)
+    result[metric] = _mean(r[1] for r in scored)
+    types = sorted({r[0] for r in scored})
     for qtype in types if types != [""] else []:  # no breakdown when no question has a type
-        result[f"{metric}/{qtype or 'untyped'}"] = _mean(r[1] for r in rows.values()
-                                                          if r[0] == qtype)
+        result[f"{metric}/{qtype or 'untyped'}"] = _mean(r[1] for r in scored if r[0] == qtype)
     if predictions is not None and rank0:  # atomic: a stop while writing keeps an earlier file
         write_text_atomic(predictions, "".join(
             json.dumps({"qid": qid, "question_type": qtype, "prediction": p, metric: value}) + "\n"
             for qtype, value, qid, p in (rows[idx] for idx in sorted(rows))))
+    # Examples whose video failed at decode time are not scored (their stand-in is the next
+    # example, scored as itself): num_failed counts them, so that metrics over fewer questions
+    # are not taken for the split's (the dataset's examples: those whose video is ok in the
+    # manifest).
+    failed = len(set(getattr(getattr(loader, "dataset", None), "indices", ())) - rows.keys())
+    if failed:
+        result["num_failed"] = failed
+        if rank0:
+            print(f"note: {desc}: {failed} question(s) not scored, their video failed at decode "
+                  f"time (the warnings name the files; `siasam-fast index` again); the metrics "
+                  f"cover the other {result['num_examples']}", file=sys.stderr)
     return result
 
 

@@ -159,6 +159,24 @@ def test_a_checkpoint_older_than_a_config_field_stays_compatible():
         "model.visual: checkpoint has 'resnet50', this run has 'tiny'"]
 
 
+def test_evaluation_settings_may_differ_from_the_checkpoints():
+    """`siasam-fast eval --set sampling.eval_placement=uniform` (and `ask`) used to be refused as
+    a checkpoint that "does not fit this config", though the placement of the evaluation clips,
+    like eval.num_clips and eval.aggregation, changes no weight and nothing of training."""
+    import json
+
+    from siasam_fast.training import config_mismatches, saved_config
+
+    cfg = Config()
+    changed = json.loads(json.dumps(cfg.to_dict()))
+    changed["sampling"]["eval_placement"] = "uniform"
+    changed["eval"].update(num_clips=4, aggregation="max")
+    assert config_mismatches(saved_config({"config": changed}), cfg.to_dict()) == []
+    changed["sampling"]["stride"] = cfg.sampling.stride + 1  # training's clips: still refused
+    assert [p.split(":")[0] for p in config_mismatches(changed, cfg.to_dict())] == [
+        "sampling.stride"]
+
+
 def test_a_v100_gets_fp16_not_emulated_bf16(monkeypatch):
     """torch.cuda.is_bf16_supported() counts emulation and says True on a V100: bf16 was chosen
     there, and bf16 configs were accepted. The compute capability decides now."""
