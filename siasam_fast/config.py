@@ -161,8 +161,9 @@ class TrainConfig:
     cudnn_benchmark: bool = True
     init_from: str = ""  # a checkpoint (tag or run directory) whose model weights start a new run
     # A run refuses an out_dir that holds another run's checkpoints or metrics (nothing of it is
-    # lost by mistake); true replaces that run (its checkpoints, metrics and summary are deleted
-    # once the new run has started). --resume continues it instead.
+    # lost by mistake); true replaces that run (its checkpoints, metrics and summary are moved to
+    # replaced-<UTC time>/ there and deleted once the new run has saved its first checkpoint).
+    # --resume continues it instead.
     overwrite: bool = False
 
     def __post_init__(self) -> None:
