@@ -1129,9 +1129,11 @@ def train(argv: list[str] | None = None, prog: str | None = None) -> int:
             init_dir = resolve_checkpoint(cfg.train.init_from)
         except FileNotFoundError as err:
             raise ValueError(f"train.init_from: {err}") from None
-    for ckpt in (tag_dir, init_dir):  # the answer vocabulary the checkpoint was trained with
-        if ckpt is not None and (ckpt.parent.parent / "ans2label.json").is_file():
-            saved_vocab = load_ans2label(ckpt.parent.parent / "ans2label.json")
+    # A resume keeps the answer vocabulary it was trained with. A run started from another's
+    # weights (init_from) builds its own, from its own train answers as any new run does (the
+    # same one on the same data): init_model_from carries the classifier's rows over by answer.
+    if tag_dir is not None and (tag_dir.parent.parent / "ans2label.json").is_file():
+        saved_vocab = load_ans2label(tag_dir.parent.parent / "ans2label.json")
     data = load_data(cfg, ans2label=saved_vocab)
     if rank0:
         for note in data.notes:
@@ -1158,7 +1160,7 @@ def train(argv: list[str] | None = None, prog: str | None = None) -> int:
     # Weights stay NCHW under DeepSpeed (model.use_memory_format); frames still go NHWC.
     model = build_model(cfg, len(data.ans2label), len(tokenizer))
     if init_dir is not None:
-        note = init_model_from(model, init_dir, cfg, _vocab_hash(data.ans2label))
+        note = init_model_from(model, init_dir, cfg, data.ans2label)
         if rank0:
             print(note)
     if fused_layer_norm(cfg, device):
@@ -1617,28 +1619,58 @@ def evaluate_checkpoint(checkpoint: str, config_path: str | None = None,
                     predictions=Path(predictions) if predictions else None)
 
 
-def init_model_from(model: torch.nn.Module, tag_dir: Path, cfg: Config, vocab: str) -> str:
+def init_model_from(model: torch.nn.Module, tag_dir: Path, cfg: Config, ans2label: dict) -> str:
     """``train.init_from``: start a new run from a checkpoint's model weights (no optimizer,
-    schedule or data position), e.g. SiaSamRea fine-tuned from a trained baseline, as the paper
-    fine-tunes a pretrained ClipBERT. The model, task and answer vocabulary must match; weights
-    whose shape differs (theta1 / theta2 when the number of clips changes) keep their
-    initialisation. Returns a one-line report."""
+    schedule or data position): SiaSamRea fine-tuned from a trained baseline, or the paper's
+    recipe, a model pre-trained on one dataset (TGIF-QA) fine-tuned on another. The model
+    (``model.*``) must match. What depends on the task and the answers:
+
+    - another task (open / mc / count): the head starts fresh, everything else is loaded;
+    - open-ended with another answer vocabulary (``ans2label``, this run's): the classifier's
+      hidden layers are loaded, and its output row (weight and bias) of every answer that the
+      checkpoint's vocabulary also holds is carried over; the other answers' rows start fresh;
+    - weights whose shape differs (theta1 / theta2 when the number of clips changes) keep their
+      initialisation.
+
+    Returns a one-line report."""
     state = json.loads((tag_dir / "run_state.json").read_text())
-    problems = [p for p in config_mismatches(saved_config(state), cfg.to_dict())
-                if p.startswith(("model.", "task"))]  # fmt: skip
+    saved = saved_config(state)
+    problems = [p for p in config_mismatches(saved, cfg.to_dict()) if p.startswith("model.")]
     if problems:
         raise ValueError(f"train.init_from={str(tag_dir)!r} has another model:\n  "
                          + "\n  ".join(problems))  # fmt: skip
-    if state["vocab"] != vocab:
-        raise ValueError(f"train.init_from={str(tag_dir)!r} was trained with another answer "
-                         "vocabulary")  # fmt: skip
     weights = load_model_weights(tag_dir)
     own = model.state_dict()
-    kept = sorted(k for k, v in weights.items() if k in own and own[k].shape != v.shape)
-    loaded = {k: v for k, v in weights.items() if k in own and own[k].shape == v.shape}
-    missing = sorted(set(own) - set(loaded) - set(kept))
+    heads = sorted(k for k in own if k.startswith("head."))
+    fresh_head, answers_note = [], ""
+    if saved["task"] != cfg.task:
+        fresh_head = heads
+        answers_note = f"; head initialised afresh (the checkpoint's task is {saved['task']!r})"
+    elif cfg.task == "open" and state["vocab"] != _vocab_hash(ans2label):
+        last = [n for n, m in model.head.named_modules() if isinstance(m, torch.nn.Linear)][-1]
+        out_w, out_b = f"head.{last}.weight", f"head.{last}.bias"  # the layer with a row per answer
+        fresh_head = [out_w, out_b]
+        vocab_file = tag_dir.parent.parent / "ans2label.json"
+        old = load_ans2label(vocab_file) if vocab_file.is_file() else {}
+        pairs = [(label, old[answer]) for answer, label in ans2label.items() if answer in old]
+        if pairs and out_w in weights and out_b in weights:
+            new_rows, old_rows = (torch.tensor(x) for x in zip(*pairs))
+            w, b = own[out_w].clone(), own[out_b].clone()
+            w[new_rows] = weights[out_w][old_rows].to(w.dtype)
+            b[new_rows] = weights[out_b][old_rows].to(b.dtype)
+            model.load_state_dict({out_w: w, out_b: b}, strict=False)
+        answers_note = (f"; answers: {len(pairs)} of this run's {len(ans2label)} carried over "
+                        f"from the checkpoint's {len(old) or 'unknown'}-answer classifier, the "
+                        "others start fresh")
+        if not vocab_file.is_file():
+            answers_note += f" (no {vocab_file})"
+    kept = sorted(k for k, v in weights.items() if k in own and own[k].shape != v.shape
+                  and k not in fresh_head)  # fmt: skip
+    loaded = {k: v for k, v in weights.items()
+              if k in own and own[k].shape == v.shape and k not in fresh_head}
+    missing = sorted(set(own) - set(loaded) - set(kept) - set(fresh_head))
     model.load_state_dict(loaded, strict=False)
-    note = f"init_from {tag_dir}: {len(loaded)} of {len(own)} tensors loaded"
+    note = f"init_from {tag_dir}: {len(loaded)} of {len(own)} tensors loaded{answers_note}"
     if kept:
         note += f"; shape differs, initialised afresh: {', '.join(kept)}"
     if missing:

@@ -637,10 +637,75 @@ def test_init_from_starts_a_new_run_from_trained_weights(synth, tmp_path):
               and "num_batches" not in k]  # fmt: skip
     assert len(shared) > 20 and all(torch.equal(a[k], b[k]) for k in shared)
     assert b["reasoning.theta1"].shape == (3,)
+    # A run with other answers builds its own vocabulary (here the top 3 of the same data).
+    proc = train(base_args(synth, tmp_path / "fewer", "--set", "train.max_steps=1", "--set",
+                           "train.lr=0", "--set", "data.num_answers=3",
+                           "--set", f"train.init_from={base}"))  # fmt: skip
+    assert re.search(r"answers: 3 of this run's 3 carried over from the checkpoint's \d+-answer",
+                     proc.stdout), proc.stdout
+    assert len(json.loads((tmp_path / "fewer" / "ans2label.json").read_text())) == 3
     mismatch = r"model.dropout: checkpoint has 0.1, this run has 0.3"
     with pytest.raises(AssertionError, match=mismatch):
         train(base_args(synth, tmp_path / "other", "--set", "model.dropout=0.3",
                         "--set", f"train.init_from={base}"))  # fmt: skip
+
+
+def _checkpoint_of(model, cfg, ans2label: dict, tag_dir: Path) -> Path:
+    """A checkpoint folder as a run saves it, for init_model_from (no training)."""
+    import torch
+
+    from siasam_fast.data.vocab import save_ans2label
+    from siasam_fast.training import _vocab_hash
+
+    tag_dir.mkdir(parents=True)
+    torch.save(model.state_dict(), tag_dir / "model_weights.pt")
+    (tag_dir / "run_state.json").write_text(json.dumps(
+        {"config": cfg.to_dict(), "vocab": _vocab_hash(ans2label)}))
+    save_ans2label(ans2label, tag_dir.parent.parent / "ans2label.json")
+    return tag_dir
+
+
+def test_init_from_another_dataset_or_task_keeps_what_carries_over(tmp_path):
+    """The paper's recipe, pre-training on TGIF-QA and fine-tuning on another dataset: its answers
+    differ (the classifier's rows are carried over by answer) and so may its task (the head starts
+    fresh). Before, another task was refused and the new run took the checkpoint's vocabulary:
+    every answer of the new dataset outside it was dropped from training."""
+    import torch
+
+    from siasam_fast.config import load_config
+    from siasam_fast.training import build_model, init_model_from
+
+    cfg = load_config(ROOT / "configs" / "synthetic.yaml", ["sampling.num_clips=3"])
+    torch.manual_seed(0)
+    old_vocab = {"red": 0, "blue": 1, "green": 2, "cat": 3}
+    pre = build_model(cfg, len(old_vocab), 64)
+    tag = _checkpoint_of(pre, cfg, old_vocab, tmp_path / "pre" / "checkpoints" / "step5")
+    before = pre.state_dict()
+    out = [n for n, m in pre.head.named_modules() if isinstance(m, torch.nn.Linear)][-1]
+
+    new_vocab = {"dog": 0, "cat": 1, "red": 2}  # another dataset's answers
+    fine = build_model(cfg, len(new_vocab), 64)
+    fresh = {k: v.clone() for k, v in fine.state_dict().items()}
+    note = init_model_from(fine, tag, cfg, new_vocab)
+    assert "answers: 2 of this run's 3 carried over from the checkpoint's 4-answer" in note, note
+    after = fine.state_dict()
+    w, b = f"head.{out}.weight", f"head.{out}.bias"
+    assert torch.equal(after[w][1], before[w][3]) and torch.equal(after[b][1], before[b][3])
+    assert torch.equal(after[w][2], before[w][0]) and torch.equal(after[b][2], before[b][0])
+    assert torch.equal(after[w][0], fresh[w][0])  # "dog": new
+    backbone = [k for k in after if not k.startswith("head.") and "num_batches" not in k]
+    assert len(backbone) > 20 and all(torch.equal(after[k], before[k]) for k in backbone)
+    assert all(torch.equal(after[k], before[k]) for k in after
+               if k.startswith("head.") and k not in (w, b))  # the hidden layers
+
+    mc = load_config(ROOT / "configs" / "synthetic.yaml", ["sampling.num_clips=3", "task=mc"])
+    scorer = build_model(mc, 0, 64)
+    fresh = {k: v.clone() for k, v in scorer.state_dict().items()}
+    note = init_model_from(scorer, tag, mc, {})
+    assert "head initialised afresh (the checkpoint's task is 'open')" in note, note
+    after = scorer.state_dict()
+    assert all(torch.equal(after[k], fresh[k]) for k in after if k.startswith("head."))
+    assert all(torch.equal(after[k], before[k]) for k in backbone)
 
 
 def _snapshot(out: Path) -> dict:
