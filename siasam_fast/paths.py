@@ -3,8 +3,15 @@ report as one line (no heavy imports)."""
 
 from __future__ import annotations
 
+import errno
+import fcntl
+import json
 import os
+import shlex
+import socket
+import sys
 import tempfile
+import time
 from pathlib import Path
 
 # What a command reports as a one-line usage error (exit status 2): bad values and paths.
@@ -113,3 +120,99 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
     finally:
         tmp.unlink(missing_ok=True)
     return path
+
+
+# The lock file of a folder that one process at a time may write (a training's train.out_dir),
+# and the errors of a file system that takes no flock (some NFS and Lustre mounts).
+LOCK_FILE = ".lock"
+NO_LOCKS = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS)
+
+
+class FolderLock:
+    """An exclusive ``flock`` on a folder's :data:`LOCK_FILE`, held until :meth:`release` or the
+    process's end (the kernel frees it even on a SIGKILL). ``fd`` is None where the file system
+    takes no lock."""
+
+    def __init__(self, path: Path, fd: int | None, made: list[Path]):
+        self.path, self.fd, self.made = path, fd, made
+
+    def release(self) -> None:
+        """Remove the lock file (still held, so no one takes the lock of a file about to go) and
+        free the lock; remove the folders the lock made if they are still empty (a failed start
+        leaves nothing)."""
+        if self.fd is not None:
+            self.path.unlink(missing_ok=True)
+            os.close(self.fd)
+            self.fd = None
+        for folder in reversed(self.made):
+            try:
+                folder.rmdir()
+            except OSError:  # the run wrote into it
+                break
+        self.made = []
+
+
+def lock_folder(folder: str | os.PathLike, option: str) -> FolderLock:
+    """Take the exclusive lock of ``folder`` (made if need be) and write who holds it (host, pid,
+    start time, Slurm job, command) into its lock file. Another process holding it: a ValueError
+    naming ``option``, the folder and the holder. A file system without locks: a warning, and a
+    FolderLock that holds nothing."""
+    folder = Path(folder)
+    path = folder / LOCK_FILE
+    made = [p for p in (*reversed(folder.parents), folder) if not p.exists()]
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        while True:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.read(fd, 65536).decode(errors="replace")
+                os.close(fd)
+                FolderLock(path, None, made).release()
+                raise ValueError(f"{option}={str(folder)!r} is in use by another training "
+                                 f"({_holder(holder)}): wait for it to end, stop it, or choose "
+                                 f"another {option}") from None
+            except OSError as err:
+                os.close(fd)
+                if err.errno not in NO_LOCKS:
+                    raise
+                path.unlink(missing_ok=True)
+                print(f"warning: {option}={str(folder)!r}: its file system takes no file locks "
+                      f"({err.strerror}): nothing stops another training from using the folder "
+                      "at the same time", file=sys.stderr)
+                return FolderLock(path, None, made)
+            try:  # the lock of the file now at ``path``, not of one its holder just removed
+                same = os.path.samestat(os.fstat(fd), os.stat(path))
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)
+        lock = FolderLock(path, fd, made)
+        holder = {"host": socket.gethostname(), "pid": os.getpid(),
+                  "since": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+                  "slurm_job": os.environ.get("SLURM_JOB_ID"), "command": shlex.join(sys.argv)}
+        try:
+            os.ftruncate(fd, 0)
+            os.write(fd, (json.dumps(holder) + "\n").encode())
+        except BaseException:
+            lock.release()
+            raise
+        return lock
+    except OSError as err:
+        FolderLock(path, None, made).release()
+        raise ValueError(f"{option}={str(folder)!r}: cannot lock {str(path)!r} "
+                         f"({err.strerror or err})") from None
+
+
+def _holder(text: str) -> str:
+    """The holder a lock file names, in words."""
+    try:
+        who = json.loads(text)
+        command = " ".join(str(who["command"]).split())
+        job = f", Slurm job {who['slurm_job']}" if who.get("slurm_job") else ""
+        return (f"pid {who['pid']} on {who['host']}{job}, since {who['since']}: "
+                f"{command[:160]}{'...' if len(command) > 160 else ''}")
+    except (ValueError, TypeError, KeyError):
+        return "its holder has not written its name yet"

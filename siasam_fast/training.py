@@ -65,7 +65,13 @@ from siasam_fast.model import (  # noqa: E402
     use_apex_layer_norm,
     use_memory_format,
 )
-from siasam_fast.paths import USAGE_ERRORS, file_in_the_way, write_text_atomic  # noqa: E402
+from siasam_fast.paths import (  # noqa: E402
+    USAGE_ERRORS,
+    FolderLock,
+    file_in_the_way,
+    lock_folder,
+    write_text_atomic,
+)
 from siasam_fast.pipeline.dataset import close_loaders, shard_length  # noqa: E402
 from siasam_fast.pipeline.loaders import build_video_loader  # noqa: E402
 from siasam_fast.pipeline.manifest import load_manifest  # noqa: E402
@@ -1081,19 +1087,50 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         close_loaders()
 
 
+def lock_run_folder(out_dir: Path, rank: int, world: int) -> FolderLock | None:
+    """Process 0 takes the run folder's lock for the whole training (see :func:`lock_folder`),
+    the others take none; if it is held by another training, every process raises the same
+    error. None on the processes other than 0."""
+    lock = error = None
+    if rank == 0:
+        try:
+            lock = lock_folder(out_dir, "train.out_dir")
+        except ValueError as err:
+            error = str(err)
+    if dist.is_initialized() and world > 1:
+        box = [error]
+        dist.broadcast_object_list(box, src=0)
+        error = box[0]
+    if error is not None:
+        raise ValueError(error)
+    return lock
+
+
 def train(argv: list[str] | None = None, prog: str | None = None) -> int:
     args = parse_args(argv, prog)
     cfg = load_config(args.config, args.set)
     rank, world, device = init_distributed()
     out_dir = Path(cfg.train.out_dir)
-    rank0 = rank == 0
-    # Nothing is written into out_dir until the config, data, model and checkpoint have been
-    # checked (a failed start leaves a previous run's files as they were), and another run's
-    # checkpoints and metrics are never replaced by mistake.
+    # Nothing is written into out_dir (but its lock file, removed at the end) until the config,
+    # data, model and checkpoint have been checked (a failed start leaves a previous run's files
+    # as they were), and another run's checkpoints and metrics are never replaced by mistake.
     blocker = file_in_the_way(out_dir)
     if blocker is not None:
         raise ValueError(f"train.out_dir={str(out_dir)!r}: {str(blocker)!r} is a file, not a "
                          "folder")
+    # One training at a time in out_dir: a second one (even with --resume auto) stops here,
+    # before it reads a checkpoint or changes anything there.
+    lock = lock_run_folder(out_dir, rank, world)
+    try:
+        return run_training(args, cfg, rank, world, device, out_dir)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def run_training(args: argparse.Namespace, cfg: Config, rank: int, world: int,
+                 device: torch.device, out_dir: Path) -> int:
+    rank0 = rank == 0
     tag_dir = None
     if args.resume == "if-any":  # a job that may have run before (requeued): continue it if so
         try:

@@ -1,0 +1,133 @@
+"""One training at a time in a run folder: the lock of ``train.out_dir`` (siasam_fast.paths
+.lock_folder), its holder named in the refusal, freed when the holder dies, skipped with a warning
+where the file system takes no lock; and a training refused before it touches the folder."""
+
+import errno
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from subprocess_env import cpu_env
+
+from siasam_fast import paths
+from siasam_fast.paths import LOCK_FILE, lock_folder
+
+ROOT = Path(__file__).resolve().parent.parent
+HOLD = ("import sys, time\nfrom siasam_fast.paths import lock_folder\n"
+        "lock = lock_folder(sys.argv[1], 'train.out_dir')\nprint('held', flush=True)\n"
+        "time.sleep(300)\n")
+
+
+@pytest.fixture
+def holder():
+    """Start a process that takes a folder's lock and keeps it: holder(folder) -> the process
+    (killed at the end of the test)."""
+    procs = []
+
+    def start(folder: Path) -> subprocess.Popen:
+        proc = subprocess.Popen([sys.executable, "-c", HOLD, str(folder), "--job", "x"],
+                                cwd=ROOT, env=cpu_env(), stdout=subprocess.PIPE, text=True)
+        procs.append(proc)
+        assert proc.stdout.readline().strip() == "held"
+        return proc
+
+    yield start
+    for proc in procs:
+        proc.kill()
+        proc.wait()
+
+
+def test_a_second_holder_is_refused_with_the_first_named_until_it_is_killed(tmp_path, holder):
+    run = tmp_path / "run"
+    proc = holder(run)
+    with pytest.raises(ValueError) as refused:
+        lock_folder(run, "train.out_dir")
+    message = str(refused.value)
+    assert message.startswith(f"train.out_dir={str(run)!r} is in use by another training (pid "
+                              f"{proc.pid} on {socket.gethostname()}, since 20")
+    assert "UTC: -c " in message and "--job x" in message and "\n" not in message
+    assert message.endswith("wait for it to end, stop it, or choose another train.out_dir")
+    # SIGKILL: no clean-up ran (its lock file is left), but the kernel freed the lock.
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert (run / LOCK_FILE).is_file()
+    lock = lock_folder(run, "train.out_dir")
+    assert f'"pid": {os.getpid()}' in (run / LOCK_FILE).read_text()
+    lock.release()
+    assert run.is_dir() and not (run / LOCK_FILE).exists()  # not made by this lock: kept
+
+
+def test_a_released_lock_leaves_nothing_behind(tmp_path):
+    run = tmp_path / "new" / "run"
+    lock = lock_folder(run, "train.out_dir")
+    assert (run / LOCK_FILE).is_file()
+    lock.release()
+    assert list(tmp_path.iterdir()) == []  # the folders it made, still empty, are gone
+    lock = lock_folder(tmp_path, "train.out_dir")
+    (tmp_path / "kept.txt").write_text("x")
+    lock.release()
+    assert [p.name for p in tmp_path.iterdir()] == ["kept.txt"]
+
+
+@pytest.mark.parametrize("code", [errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS])
+def test_a_file_system_without_locks_warns_and_goes_on(tmp_path, monkeypatch, capsys, code):
+    def no_flock(fd, operation):
+        raise OSError(code, os.strerror(code))
+
+    monkeypatch.setattr(paths.fcntl, "flock", no_flock)
+    run = tmp_path / "run"
+    lock = lock_folder(run, "train.out_dir")
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"warning: train.out_dir={str(run)!r}: its "
+                                                   "file system takes no file locks")
+    assert os.strerror(code) in err and lock.fd is None and not (run / LOCK_FILE).exists()
+    lock.release()
+    assert not run.exists()
+
+
+def _snapshot(folder: Path) -> dict:
+    return {str(p.relative_to(folder)): (p.read_bytes(), p.stat().st_mtime_ns)
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("launcher, extra", [
+    ([], ["--resume", "auto"]),
+    (["-m", "torch.distributed.run", "--nproc_per_node", "2"], ["--set", "train.overwrite=true"]),
+], ids=["one-process-resume", "torchrun-2-overwrite"])
+def test_a_training_on_a_held_folder_stops_before_touching_it(tmp_path, holder, launcher, extra):
+    """Another training holds the folder: this one (every process of it) stops with one line,
+    before it reads its checkpoint, sets the run aside or opens the logs."""
+    run = tmp_path / "run"
+    (run / "checkpoints" / "step2").mkdir(parents=True)
+    (run / "checkpoints" / "step2" / "run_state.json").write_text("{}")
+    (run / "checkpoints" / "latest").write_text("step2\n")
+    for name in ("metrics_steps.csv", "metrics_epochs.csv"):
+        (run / name).write_text("step,loss\n1,2.0\n2,1.5\n")
+    (run / "config.json").write_text("{}")
+    proc = holder(run)
+    before = _snapshot(run)
+    port = ["--master_port", str(_free_port())] if launcher else []
+    cmd = [sys.executable, *launcher, *port, "train.py", "--config", "configs/synthetic.yaml",
+           "--set", f"train.out_dir={run}", *extra]
+    done = subprocess.run(cmd, cwd=ROOT, env=cpu_env(OMP_NUM_THREADS="1"), capture_output=True,
+                          text=True, timeout=120)
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
+    assert errors and all(line == errors[0] for line in errors), done.stderr[-3000:]
+    assert len(errors) == (2 if launcher else 1)  # every process stopped, none hung
+    assert errors[0].startswith(f"error: train.out_dir={str(run)!r} is in use by another "
+                                f"training (pid {proc.pid} on {socket.gethostname()}, since")
+    assert done.returncode == (1 if launcher else 2)  # torchrun: 1 for any failed worker
+    if not launcher:  # (torchrun prints a traceback of its own for a failed worker)
+        assert "Traceback" not in done.stderr
+    assert _snapshot(run) == before and not list(run.glob("replaced-*"))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
