@@ -126,6 +126,22 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
 # and the errors of a file system that takes no flock (some NFS and Lustre mounts).
 LOCK_FILE = ".lock"
 NO_LOCKS = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS)
+# The descriptors of the locks this process holds. A forked child (a DataLoader worker, DALI's
+# readers) would share each lock (flock is per open file description) and keep it after its
+# parent's SIGKILL, locking a restarted training out while naming a dead pid: children close them.
+_HELD: set[int] = set()
+
+
+def _close_held_locks_in_child() -> None:
+    for fd in _HELD:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    _HELD.clear()
+
+
+os.register_at_fork(after_in_child=_close_held_locks_in_child)
 
 
 class FolderLock:
@@ -135,13 +151,19 @@ class FolderLock:
 
     def __init__(self, path: Path, fd: int | None, made: list[Path]):
         self.path, self.fd, self.made = path, fd, made
+        self.pid = os.getpid()  # a forked child holds nothing (its copy of fd is closed)
+        if fd is not None:
+            _HELD.add(fd)
 
     def release(self) -> None:
         """Remove the lock file (still held, so no one takes the lock of a file about to go) and
         free the lock; remove the folders the lock made if they are still empty (a failed start
         leaves nothing)."""
+        if self.pid != os.getpid():
+            return
         if self.fd is not None:
             self.path.unlink(missing_ok=True)
+            _HELD.discard(self.fd)
             os.close(self.fd)
             self.fd = None
         for folder in reversed(self.made):

@@ -1689,6 +1689,8 @@ def init_model_from(model: torch.nn.Module, tag_dir: Path, cfg: Config, ans2labe
         fresh_head = [out_w, out_b]
         vocab_file = tag_dir.parent.parent / "ans2label.json"
         old = load_ans2label(vocab_file) if vocab_file.is_file() else {}
+        if old and _vocab_hash(old) != state["vocab"]:  # rewritten since: its rows are not these
+            old = {}
         pairs = [(label, old[answer]) for answer, label in ans2label.items() if answer in old]
         if pairs and out_w in weights and out_b in weights:
             new_rows, old_rows = (torch.tensor(x) for x in zip(*pairs))
@@ -1696,11 +1698,13 @@ def init_model_from(model: torch.nn.Module, tag_dir: Path, cfg: Config, ans2labe
             w[new_rows] = weights[out_w][old_rows].to(w.dtype)
             b[new_rows] = weights[out_b][old_rows].to(b.dtype)
             model.load_state_dict({out_w: w, out_b: b}, strict=False)
+        rows = weights[out_w].shape[0] if out_w in weights else "?"
         answers_note = (f"; answers: {len(pairs)} of this run's {len(ans2label)} carried over "
-                        f"from the checkpoint's {len(old) or 'unknown'}-answer classifier, the "
-                        "others start fresh")
-        if not vocab_file.is_file():
-            answers_note += f" (no {vocab_file})"
+                        f"from the checkpoint's {rows}-answer classifier"
+                        + (", the others start fresh" if len(pairs) < len(ans2label) else ""))
+        if not old:
+            answers_note += (f" ({vocab_file} is missing or is not the vocabulary it was trained "
+                             "with: its answers are unknown)")
     kept = sorted(k for k, v in weights.items() if k in own and own[k].shape != v.shape
                   and k not in fresh_head)  # fmt: skip
     loaded = {k: v for k, v in weights.items()

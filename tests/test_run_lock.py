@@ -131,3 +131,39 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+FORK_AND_DIE = ("import os, signal, sys, time\nfrom siasam_fast.paths import lock_folder\n"
+                "lock = lock_folder(sys.argv[1], 'train.out_dir')\nchild = os.fork()\n"
+                "if child == 0:\n    null = os.open(os.devnull, os.O_RDWR)\n"
+                "    os.dup2(null, 1)\n    os.dup2(null, 2)\n    time.sleep(60)\n    os._exit(0)\n"
+                "print(child, flush=True)\nos.kill(os.getpid(), signal.SIGKILL)\n")
+
+
+def test_a_forked_child_does_not_keep_the_lock_of_its_killed_parent(tmp_path):
+    """A data-loading worker (forked) outlives its training process's SIGKILL by seconds (up to
+    30 s after a SIGTERM): it must not lock a restarted training out, naming a dead pid."""
+    run = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-c", FORK_AND_DIE, str(run)], cwd=ROOT, env=cpu_env(),
+                          capture_output=True, text=True, timeout=60)
+    child = int(proc.stdout.split()[0])
+    try:
+        os.kill(child, 0)  # still alive
+        lock = lock_folder(run, "train.out_dir")  # refused before: the child held the lock
+        lock.release()
+    finally:
+        os.kill(child, signal.SIGKILL)
+
+
+def test_a_forked_child_leaves_its_parents_lock_held(tmp_path):
+    run = tmp_path / "run"
+    lock = lock_folder(run, "train.out_dir")
+    child = os.fork()
+    if child == 0:  # closes its copy of the lock, and releasing does nothing here
+        lock.release()
+        os._exit(0 if (run / LOCK_FILE).exists() else 1)
+    assert os.waitpid(child, 0)[1] == 0
+    with pytest.raises(ValueError, match="is in use by another training"):
+        lock_folder(run, "train.out_dir")
+    lock.release()
+    assert not run.exists()

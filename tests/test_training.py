@@ -698,6 +698,13 @@ def test_init_from_another_dataset_or_task_keeps_what_carries_over(tmp_path):
     assert all(torch.equal(after[k], before[k]) for k in after
                if k.startswith("head.") and k not in (w, b))  # the hidden layers
 
+    # An ans2label.json rewritten since the checkpoint (not the vocabulary its rows follow): no row
+    # is carried over rather than the wrong ones.
+    (tmp_path / "pre" / "ans2label.json").write_text(json.dumps({"cat": 0, "red": 1}))
+    note = init_model_from(build_model(cfg, len(new_vocab), 64), tag, cfg, new_vocab)
+    assert "answers: 0 of this run's 3 carried over from the checkpoint's 4-answer" in note, note
+    assert "is not the vocabulary it was trained with" in note
+
     mc = load_config(ROOT / "configs" / "synthetic.yaml", ["sampling.num_clips=3", "task=mc"])
     scorer = build_model(mc, 0, 64)
     fresh = {k: v.clone() for k, v in scorer.state_dict().items()}
