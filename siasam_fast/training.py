@@ -1085,6 +1085,19 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         return 128 + signal.SIGINT
     finally:  # a failing run's traceback keeps its loaders, and their workers, alive
         close_loaders()
+        end_process_group()
+
+
+def end_process_group() -> None:
+    """Shut the process group down before the interpreter's exit: left to the exit, gloo's
+    threads sometimes abort it (SIGABRT, "terminate called without an active exception"; seen
+    with `siasam-fast eval` and with a start refused on two processes), and the launcher then
+    reports a failure, or another one than the error the run printed."""
+    if dist.is_initialized():
+        try:
+            dist.destroy_process_group()
+        except Exception:  # noqa: BLE001  (a broken group: the exit ends it anyway)
+            pass
 
 
 def lock_run_folder(out_dir: Path, rank: int, world: int) -> FolderLock | None:
