@@ -68,8 +68,8 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     "clips_4": ("4 siamese clips", [*SIAMESE, "sampling.num_clips=5"]),
     "anchor_copies": ("8 copies of the anchor", [*SIAMESE, "sampling.anchor_copies=true"]),
 }
-# Not in the default sweep (the paper's 12 clips; the stop-gradient and L_gt-on-every-clip probes
-# of docs/experiments.md). Ask for them by name with --variants.
+# Not in the default sweep (the paper's 12 clips; the stop-gradient, L_gt-on-every-clip and
+# alpha warm-up probes of docs/experiments.md). Ask for them by name with --variants.
 EXTRA_VARIANTS: dict[str, tuple[str, list[str]]] = {
     "clips_12": ("12 siamese clips", [*SIAMESE, "sampling.num_clips=13"]),
     "detach": (
@@ -77,6 +77,10 @@ EXTRA_VARIANTS: dict[str, tuple[str, list[str]]] = {
         [*SIAMESE, "siamese.detach_soft_label=true"],
     ),
     "gt_all": ("w/ SKG + SKR, L_gt on every clip", [*SIAMESE, "siamese.gt_clips=all"]),
+    "alpha_warmup": (
+        "w/ SKG + SKR, alpha ramped up over the first half of training",
+        [*SIAMESE, "siamese.alpha_warmup=0.5"],
+    ),
     "baseline_gt_all": (
         "alpha = 0, 9 clips, L_gt on every clip",
         ["siamese.alpha=0", "sampling.num_clips=9", "siamese.gt_clips=all"],

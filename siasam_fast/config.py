@@ -117,6 +117,10 @@ class SiameseConfig:
     learn_w2: bool = True
     detach_soft_label: bool = False  # BAKE-style stop-gradient through Q
     gt_clips: str = "anchor"  # L_gt on the anchor clip only or on every clip
+    # Ramp alpha linearly from 0 over this fraction of the training steps (0: alpha from the
+    # start, as the paper). For models trained from scratch, whose early guesses L_siamese would
+    # lock in (docs/experiments.md section 4).
+    alpha_warmup: float = 0.0
     impl: str = "auto"  # auto | triton | reference
 
     def __post_init__(self) -> None:
@@ -128,6 +132,9 @@ class SiameseConfig:
             raise ValueError(f"siamese.tau={self.tau}: must be > 0")
         if self.alpha < 0:
             raise ValueError(f"siamese.alpha={self.alpha}: must be >= 0 (0 is the baseline)")
+        if not 0.0 <= self.alpha_warmup <= 1.0:
+            raise ValueError(f"siamese.alpha_warmup={self.alpha_warmup}: must lie in [0, 1] (the "
+                             "fraction of the steps over which alpha ramps up from 0)")
 
 
 @dataclass

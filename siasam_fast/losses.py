@@ -65,15 +65,30 @@ def siamese_term(
 
 
 def total_loss(outputs: dict, batch: dict, task: str, cfg: SiameseConfig,
-               reasoning: SiameseReasoning) -> tuple[torch.Tensor, dict]:
-    """L = alpha * L_siamese + L_gt (eq. 8); returns the loss and its parts as floats."""
+               reasoning: SiameseReasoning,
+               alpha: float | None = None) -> tuple[torch.Tensor, dict]:
+    """L = alpha * L_siamese + L_gt (eq. 8); returns the loss and its parts as floats.
+
+    ``alpha``: this step's weight when it differs from ``cfg.alpha`` (``siamese.alpha_warmup``
+    ramps it up: :func:`alpha_at`); the siamese term is still computed at 0, so every step uses
+    the same parameters."""
     l_gt = gt_loss(outputs, batch, task, cfg.gt_clips)
     parts = {"loss_gt": l_gt.detach()}
     loss = l_gt
     num_clips = batch["clip_mask"].shape[1]
     if cfg.alpha > 0 and num_clips > 1:
         l_siamese = siamese_term(outputs, batch, task, reasoning)
-        loss = loss + cfg.alpha * l_siamese
+        loss = loss + (cfg.alpha if alpha is None else alpha) * l_siamese
         parts["loss_siamese"] = l_siamese.detach()
     parts["loss"] = loss.detach()
     return loss, parts
+
+
+def alpha_at(cfg: SiameseConfig, step: int, total_steps: int) -> float:
+    """The siamese term's weight at optimizer step ``step`` (0-based) of ``total_steps``:
+    ``siamese.alpha``, ramped linearly from 0 over the first ``siamese.alpha_warmup`` of the
+    steps when that is set (step 0 trains on L_gt alone)."""
+    warmup = cfg.alpha_warmup * total_steps
+    if warmup <= 0 or step >= warmup:
+        return cfg.alpha
+    return cfg.alpha * step / warmup

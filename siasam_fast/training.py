@@ -54,7 +54,7 @@ from siasam_fast.data.vocab import (  # noqa: E402
     load_ans2label,
     save_ans2label,
 )
-from siasam_fast.losses import total_loss  # noqa: E402
+from siasam_fast.losses import alpha_at, total_loss  # noqa: E402
 from siasam_fast.model import (  # noqa: E402
     SiaSamReaModel,
     aggregate_clips,
@@ -1411,16 +1411,17 @@ def run_training(args: argparse.Namespace, cfg: Config, rank: int, world: int,
                     times = dict.fromkeys(("data_s", "forward_s", "backward_s", "optimizer_s"), 0.0)
                     videos = 0
                     lr = scheduler.get_last_lr()[0]  # the rate this step uses (step() moves it)
+                    alpha = alpha_at(cfg.siamese, step, schedule["total"])
                 stand_ins += int(batch["stand_in"].sum())  # a CPU tensor: no device sync
                 videos += len(batch["example_index"])
                 batch.update(text(batch))
                 batch = to_device(batch, device, dtype)
                 sync()
 
-                def forward(batch=batch):
+                def forward(batch=batch, alpha=alpha):
                     outputs = engine(batch)
                     return total_loss(outputs, batch, cfg.task, cfg.siamese,
-                                      engine.module.reasoning)
+                                      engine.module.reasoning, alpha=alpha)
 
                 parts, (t_fwd, t_bwd, t_opt, t_end) = micro_step(engine, forward, weight, last,
                                                                  sync)
@@ -1443,6 +1444,7 @@ def run_training(args: argparse.Namespace, cfg: Config, rank: int, world: int,
                 step_time = sum(times.values())
                 step_seconds += step_time
                 row = {"step": step, "epoch": epoch + 1, **step_parts, "lr": lr,
+                       **({"alpha": alpha} if cfg.siamese.alpha_warmup else {}),
                        "loss_scale": float(getattr(optimizer, "cur_scale",
                                                    getattr(optimizer, "loss_scale", 1.0)) or 1.0),
                        "skipped_steps": int(engine.skipped_steps), **times,

@@ -715,6 +715,31 @@ def test_init_from_another_dataset_or_task_keeps_what_carries_over(tmp_path):
     assert all(torch.equal(after[k], before[k]) for k in backbone)
 
 
+def test_alpha_warmup_ramps_the_siamese_weight(synth, tmp_path):
+    """siamese.alpha_warmup: alpha grows linearly from 0 over that fraction of the steps (the
+    steps CSV logs it), and each step's loss is L_gt + alpha_t * L_siamese."""
+    from siasam_fast.config import SiameseConfig
+    from siasam_fast.losses import alpha_at
+
+    ramp = SiameseConfig(alpha=2.0, alpha_warmup=0.25)
+    assert [alpha_at(ramp, s, 40) for s in (0, 5, 9, 10, 39)] == [0.0, 1.0, 1.8, 2.0, 2.0]
+    assert alpha_at(SiameseConfig(alpha=2.0), 0, 40) == 2.0  # no warm-up: the paper's
+    with pytest.raises(ValueError, match=r"siamese.alpha_warmup=1.5: must lie in \[0, 1\]"):
+        SiameseConfig(alpha_warmup=1.5)
+
+    out = tmp_path / "ramp"  # the ramp spans half of the 2 epochs' steps (max_steps stops early)
+    train(base_args(synth, out, "--set", "train.max_steps=3", "--set", "siamese.alpha_warmup=0.5",
+                    "--set", "siamese.alpha=1"))
+    with (out / "metrics_steps.csv").open() as fh:
+        rows = list(csv.DictReader(fh))
+    alphas = [float(r["alpha"]) for r in rows]
+    assert len(alphas) == 3 and alphas[0] == 0.0 and 0 < alphas[1] < 1, alphas
+    assert alphas[2] == pytest.approx(2 * alphas[1]), alphas  # linear
+    for r in rows:
+        assert float(r["loss"]) == pytest.approx(
+            float(r["loss_gt"]) + float(r["alpha"]) * float(r["loss_siamese"]), rel=1e-5)
+
+
 def _snapshot(out: Path) -> dict:
     return {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
 
