@@ -94,7 +94,7 @@ def _eval(args: argparse.Namespace) -> int:
 
     from siasam_fast.paths import check_output_file, takes_new_files, write_text_atomic
     from siasam_fast.pipeline.dataset import close_loaders
-    from siasam_fast.training import evaluate_checkpoint
+    from siasam_fast.training import end_process_group, evaluate_checkpoint
 
     outputs = {option: check_output_file(path, option, writable=True) for option, path in
                (("--json", args.json), ("--predictions", args.predictions)) if path is not None}
@@ -124,9 +124,7 @@ def _eval(args: argparse.Namespace) -> int:
             close_loaders()  # a failing evaluation's traceback keeps its loader's workers alive
         if dist.is_initialized():  # every process has its metrics: no collective is left
             rank = dist.get_rank()
-            # Left to the exit, gloo's threads can abort it (SIGABRT, "terminate called without
-            # an active exception"): torchrun then reports the evaluation as failed.
-            dist.destroy_process_group()
+            end_process_group()
             if rank != 0:
                 return 0
         if "--json" in outputs:
