@@ -184,6 +184,19 @@ def add_synth_options(parser: argparse.ArgumentParser, outputs: str) -> None:
 def _weights(args: argparse.Namespace) -> int:
     from siasam_fast.weights import TEXT, VISUAL, config_lines, fetch_weights
 
+    if args.clipbert:
+        from siasam_fast.clipbert import config_lines as clipbert_lines
+        from siasam_fast.clipbert import convert_clipbert
+
+        if args.visual:
+            raise ValueError("--visual and --clipbert: the ResNet comes from the ClipBERT "
+                             "checkpoint; give one of them")
+        folders = convert_clipbert(args.clipbert, args.out, tokenizer=args.text or TEXT,
+                                   force=args.force, num_heads=args.heads)
+        print("\nTo start from them, put this in the config:\n" + clipbert_lines(folders))
+        return 0
+    if args.heads is not None:
+        raise ValueError("--heads goes with --clipbert (a BERT folder has its own config)")
     folders = fetch_weights(args.out, visual=args.visual or VISUAL, text=args.text or TEXT,
                             force=args.force)
     print("\nTo start from them, put this in the config:\n" + config_lines(folders))
@@ -286,6 +299,14 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: google-bert/bert-base-uncased)")
     p.add_argument("--force", action="store_true",
                    help="fetch again folders that are already there")
+    p.add_argument("--clipbert", default=None, metavar="CKPT",
+                   help="convert ClipBERT's image-text pre-trained checkpoint "
+                   "(clipbert_image_text_pretrained.pt, the paper's starting point) into "
+                   "OUT/clipbert-visual and OUT/clipbert-text instead; --text then names only "
+                   "the tokenizer (default: google-bert/bert-base-uncased, ClipBERT's)")
+    p.add_argument("--heads", type=int, default=None,
+                   help="with --clipbert: BERT's attention heads (default: hidden size / 64, "
+                   "12 for ClipBERT's BERT-base)")
 
     p = sub.add_parser("demo", help="train baseline vs SiaSamRea on synthetic data (CPU)")
     p.add_argument("--out", default="runs/demo",

@@ -28,6 +28,8 @@ OPTIMIZERS = ("auto", "torch", "deepspeed", "apex")
 MEMORY_FORMATS = ("auto", "channels_last", "contiguous")
 LAYER_NORMS = ("auto", "torch", "apex")
 ACTIVATION_CHECKPOINTING = ("none", "cnn", "all")
+VISUAL_HEADS = ("auto", "proj", "clipbert")
+CNN_FREEZES = ("auto", "none", "batchnorm", "detectron2")
 EVAL_SPLITS = ("val", "test", "none")
 
 
@@ -95,8 +97,21 @@ class ModelConfig:
     # Recompute activations in the backward instead of keeping them (memory for time): cnn = the
     # ResNet trunk's stem and stages (most of the activation memory), all = also BERT's layers.
     activation_checkpointing: str = "none"  # none | cnn | all
+    # From the CNN's feature map to grid tokens: proj = 1x1 convolution and average pooling over
+    # ImageNet-normalised frames; clipbert = ClipBERT's grid encoder (3x3 convolution, max
+    # pooling, ReLU) over its detectron2 trunk's input (0..255 less the pixel mean, its BGR order
+    # folded into the first convolution). auto: clipbert when model.visual is a folder converted by
+    # `siasam-fast weights --clipbert`, proj otherwise.
+    visual_head: str = "auto"  # auto | proj | clipbert
+    # What of the CNN stays fixed: batchnorm = every BatchNorm normalises with its running
+    # statistics and keeps its scale and shift (detectron2's FrozenBN); detectron2 = that, and the
+    # stem and first stage are not trained either (detectron2's FREEZE_AT=2, as ClipBERT trains).
+    # auto: detectron2 for a converted ClipBERT folder, none otherwise.
+    cnn_freeze: str = "auto"  # auto | none | batchnorm | detectron2
 
     def __post_init__(self) -> None:
+        _choice("model.visual_head", self.visual_head, VISUAL_HEADS)
+        _choice("model.cnn_freeze", self.cnn_freeze, CNN_FREEZES)
         _choice("model.memory_format", self.memory_format, MEMORY_FORMATS)
         _choice("model.layer_norm", self.layer_norm, LAYER_NORMS)
         _choice("model.activation_checkpointing", self.activation_checkpointing,

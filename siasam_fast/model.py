@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import json
 import os
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from torch.utils.checkpoint import checkpoint
 from transformers import BertConfig, BertModel, BertTokenizerFast, ResNetConfig, ResNetModel
 
 from siasam_fast.config import ModelConfig
+from siasam_fast.pipeline.transforms import IMAGENET_MEAN, IMAGENET_STD
 from siasam_fast.siamese import SiameseReasoning
 
 ASSETS = Path(__file__).resolve().parent / "assets"
@@ -236,6 +238,93 @@ def build_text(name: str, vocab_size: int, dropout: float) -> BertModel:
     raise ValueError(f"model.text={name!r}: use {', '.join(TEXT_PRESETS)} or a local directory")
 
 
+# A model.visual folder converted from ClipBERT's checkpoint (siasam_fast/clipbert.py) holds, beside
+# the ResNet's save_pretrained files, this marker and the weights of ClipBERT's grid encoder,
+# position embeddings and LayerNorm in VisualEmbeddings' names.
+CLIPBERT_MARKER = "siasam_visual.json"
+CLIPBERT_HEAD = "siasam_visual_head.safetensors"
+# detectron2's MSRA-style input, which ClipBERT's CNN was trained on: 0..255 less this mean (its
+# img_pixel_mean, RGB order; its pixel std is 1).
+CAFFE_MEAN_RGB = (123.675, 116.28, 103.53)
+CLIPBERT_LAYER_NORM_EPS = 1e-12  # its visual LayerNorm's (BERT's)
+
+
+def converted_visual(cfg: ModelConfig) -> dict | None:
+    """The marker of a ``model.visual`` folder converted from ClipBERT, or None."""
+    if not _is_path(cfg.visual):
+        return None
+    marker = Path(cfg.visual) / CLIPBERT_MARKER
+    if not marker.is_file():
+        return None
+    try:
+        return json.loads(marker.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise ValueError(f"model.visual={cfg.visual!r}: cannot read {marker} ({err}); convert "
+                         "ClipBERT's checkpoint again (siasam-fast weights --clipbert)") from None
+
+
+def resolve_visual_head(cfg: ModelConfig) -> str:
+    """``model.visual_head`` with auto resolved: clipbert for a converted ClipBERT folder."""
+    converted = converted_visual(cfg) is not None
+    head = cfg.visual_head
+    if head == "auto":
+        return "clipbert" if converted else "proj"
+    if converted and head != "clipbert":
+        raise ValueError(
+            f"model.visual_head={head!r}: model.visual={cfg.visual!r} is ClipBERT's CNN "
+            "(converted by `siasam-fast weights --clipbert`), trained on detectron2's input, "
+            "which only ClipBERT's head gives it; valid for this folder: clipbert or auto")
+    if head == "clipbert" and _is_path(cfg.visual) and not converted:
+        raise ValueError(
+            f"model.visual_head=clipbert: model.visual={cfg.visual!r} has no {CLIPBERT_MARKER}, "
+            "so it is not ClipBERT's CNN converted by `siasam-fast weights --clipbert`, and its "
+            "input is not detectron2's; valid for this folder: proj or auto")
+    return head
+
+
+def resolve_cnn_freeze(cfg: ModelConfig) -> str:
+    """``model.cnn_freeze`` with auto resolved: detectron2 for a converted ClipBERT folder."""
+    if cfg.cnn_freeze != "auto":
+        return cfg.cnn_freeze
+    return "detectron2" if converted_visual(cfg) is not None else "none"
+
+
+class FrozenBatchNorm2d(nn.Module):
+    """A BatchNorm2d that always normalises with its running statistics, its scale and shift
+    buffers rather than parameters (detectron2's FrozenBN): nothing of it changes in training."""
+
+    def __init__(self, bn: nn.BatchNorm2d):
+        super().__init__()
+        n, self.eps = bn.num_features, bn.eps
+        defaults = {"weight": torch.ones(n), "bias": torch.zeros(n),
+                    "running_mean": torch.zeros(n), "running_var": torch.ones(n)}
+        for name, default in defaults.items():
+            value = getattr(bn, name, None)
+            self.register_buffer(name, default if value is None else value.detach().clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scale = self.weight.float() * (self.running_var.float() + self.eps).rsqrt()
+        shift = self.bias.float() - self.running_mean.float() * scale
+        return x * scale.to(x.dtype).view(1, -1, 1, 1) + shift.to(x.dtype).view(1, -1, 1, 1)
+
+    def extra_repr(self) -> str:
+        return f"{self.weight.shape[0]}, eps={self.eps}"
+
+
+def freeze_cnn(trunk: ResNetModel, how: str) -> None:
+    """``model.cnn_freeze`` on ``trunk`` (resolved: none | batchnorm | detectron2)."""
+    if how == "none":
+        return
+    for name, module in list(trunk.named_modules()):
+        if isinstance(module, nn.BatchNorm2d):
+            parent, _, attr = name.rpartition(".")
+            setattr(trunk.get_submodule(parent) if parent else trunk, attr,
+                    FrozenBatchNorm2d(module))
+    if how == "detectron2":  # FREEZE_AT=2: the stem and the first stage
+        for p in (*trunk.embedder.parameters(), *trunk.encoder.stages[0].parameters()):
+            p.requires_grad_(False)
+
+
 def real_frame_slots(num_unique: torch.Tensor, U: int, device: torch.device) -> torch.Tensor:
     """Flat indices ``v * U + u`` (u < num_unique[v]) of the real frames of a [V, U] padded batch,
     on ``device``. With ``num_unique`` on the CPU (as the loaders give it and ``to_device`` keeps
@@ -295,22 +384,62 @@ def checkpointed(segment: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 class VisualEmbeddings(nn.Module):
-    """Unique frames -> grid tokens per clip: ResNet, 1x1 projection, pooling, mean over B and
-    2-D position embeddings."""
+    """Unique frames -> grid tokens per clip: ResNet, projection, pooling, mean over B and 2-D
+    position embeddings. ``model.visual_head``: proj = a 1x1 projection and average pooling;
+    clipbert = ClipBERT's grid encoder (3x3 projection without bias, max pooling, ReLU) over
+    detectron2's input (ImageNet-normalised frames mapped back to 0..255 less its pixel mean)."""
 
     def __init__(self, trunk: ResNetModel, hidden: int, cfg: ModelConfig):
         super().__init__()
         self.trunk = trunk
+        self.head = resolve_visual_head(cfg)
+        freeze_cnn(trunk, resolve_cnn_freeze(cfg))
         channels = trunk.config.hidden_sizes[-1]
-        self.proj = nn.Conv2d(channels, hidden, kernel_size=1)
+        if self.head == "clipbert":
+            self.proj = nn.Conv2d(channels, hidden, kernel_size=3, padding=1, bias=False)
+            self.norm = nn.LayerNorm(hidden, eps=CLIPBERT_LAYER_NORM_EPS)
+            mean, std = torch.tensor(IMAGENET_MEAN), torch.tensor(IMAGENET_STD)
+            self.register_buffer("pixel_scale", (255 * std).view(1, 3, 1, 1), persistent=False)
+            self.register_buffer("pixel_shift", (255 * mean - torch.tensor(CAFFE_MEAN_RGB))
+                                 .view(1, 3, 1, 1), persistent=False)  # fmt: skip
+        else:
+            self.proj = nn.Conv2d(channels, hidden, kernel_size=1)
+            self.norm = nn.LayerNorm(hidden)
         self.pool = cfg.grid_pool
         self.row = nn.Embedding(cfg.max_grid, hidden)
         self.col = nn.Embedding(cfg.max_grid, hidden)
-        self.norm = nn.LayerNorm(hidden)
         self.drop = nn.Dropout(cfg.dropout)
         self.max_grid = cfg.max_grid
         self.memory_format = cfg.memory_format
         self.checkpoint_cnn = cfg.activation_checkpointing in ("cnn", "all")
+        if converted_visual(cfg) is not None:
+            self.load_converted_head(Path(cfg.visual) / CLIPBERT_HEAD)
+
+    def load_converted_head(self, path: Path) -> None:
+        """The grid encoder, position embeddings and LayerNorm of a converted ClipBERT folder."""
+        from safetensors.torch import load_file
+
+        if not path.is_file():
+            raise ValueError(f"model.visual: {path} is missing; convert ClipBERT's checkpoint "
+                             "again with `siasam-fast weights --clipbert`")
+        saved = load_file(str(path))
+        for key in ("row.weight", "col.weight"):  # ClipBERT has 100 rows / columns
+            if key in saved and saved[key].shape[0] < self.max_grid:
+                raise ValueError(f"model.max_grid={self.max_grid}: {path} has position "
+                                 f"embeddings for {saved[key].shape[0]} rows / columns only; "
+                                 f"valid: at most {saved[key].shape[0]}")
+            if key in saved:
+                saved[key] = saved[key][: self.max_grid]
+        own = self.state_dict()
+        wanted = ("proj.weight", "row.weight", "col.weight", "norm.weight", "norm.bias")
+        problems = [f"{k}: missing" for k in wanted if k not in saved]
+        problems += [f"{k}: {tuple(saved[k].shape)} there, {tuple(own[k].shape)} here"
+                     for k in wanted if k in saved and saved[k].shape != own[k].shape]
+        if problems:
+            raise ValueError(f"model.visual: {path} does not fit this model (its text side sets "
+                             "the hidden size: use the BERT converted with it as model.text): "
+                             + "; ".join(problems))  # fmt: skip
+        self.load_state_dict({k: saved[k].to(own[k].dtype) for k in wanted}, strict=False)
 
     def channels_last(self, device: torch.device) -> bool:
         """Whether frames go through the CNN in channels_last (NHWC) layout on ``device``."""
@@ -322,6 +451,8 @@ class VisualEmbeddings(nn.Module):
             # Every convolution, BatchNorm, ReLU and residual add keeps the layout, so the whole
             # trunk runs NHWC (cuDNN's tensor-core kernels need no transposes around each conv).
             frames = frames.contiguous(memory_format=torch.channels_last)
+        if self.head == "clipbert":  # back to 0..255, less detectron2's pixel mean
+            frames = frames * self.pixel_scale.to(frames.dtype) + self.pixel_shift.to(frames.dtype)
         if self.checkpoint_cnn and self.training and torch.is_grad_enabled():
             # model.activation_checkpointing: the stem and each stage keep only their input for
             # the backward (ResNetModel's forward, less its unused pooler)
@@ -331,6 +462,10 @@ class VisualEmbeddings(nn.Module):
         else:
             x = self.trunk(pixel_values=frames).last_hidden_state
         x = self.proj(x)
+        if self.head == "clipbert":  # ClipBERT's grid encoder: max pooling (floor), then ReLU
+            if self.pool > 1:
+                x = F.max_pool2d(x, self.pool)
+            return F.relu(x)
         if self.pool > 1:
             x = F.avg_pool2d(x, self.pool, ceil_mode=True)
         return x

@@ -319,6 +319,23 @@ def build_model(cfg: Config, num_answers: int, vocab_size: int,
     return model if device is None else use_memory_format(model, device)
 
 
+def model_visual_note(cfg) -> str | None:
+    """One start-up line when the CNN's head or freezing is not the default (a converted ClipBERT
+    folder sets both through auto), so that a run says what it trains."""
+    from siasam_fast.model import resolve_cnn_freeze, resolve_visual_head
+
+    head, freeze = resolve_visual_head(cfg), resolve_cnn_freeze(cfg)
+    if head == "proj" and freeze == "none":
+        return None
+    frozen = {"none": "all of the CNN trains",
+              "batchnorm": "the CNN's BatchNorms are frozen",
+              "detectron2": "the CNN's BatchNorms, stem and first stage are frozen"}[freeze]
+    return (f"model: visual head {head}"
+            + (" (ClipBERT's grid encoder, detectron2's pixel input)" if head == "clipbert" else "")
+            + f"; {frozen} (model.visual_head={cfg.visual_head}, "
+            f"model.cnn_freeze={cfg.cnn_freeze})")
+
+
 def deepspeed_arch_list(value: str | None) -> str | None:
     """TORCH_CUDA_ARCH_LIST as DeepSpeed 0.19's JIT builder can read it, or None if it can as is.
 
@@ -1327,6 +1344,9 @@ def run_training(args: argparse.Namespace, cfg: Config, rank: int, world: int,
               + (f" (each step {accum} micro-batches of {cfg.train.batch_size} per process)"
                  if accum > 1 else "") + "; "
               f"siamese alpha={cfg.siamese.alpha} N={cfg.sampling.num_clips} -> {out_dir}")
+        visual_note = model_visual_note(cfg.model)
+        if visual_note:
+            print(visual_note)
 
     def checkpoint(epoch: int) -> None:
         nonlocal replaced

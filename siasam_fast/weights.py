@@ -76,6 +76,22 @@ def _loads(kind: str, folder: Path) -> bool:
     return True
 
 
+def writable_out(out: str | Path) -> Path:
+    """``out`` made absolute (the printed config lines work from any working directory), created,
+    and checked writable before anything is downloaded or converted."""
+    out = Path(out).absolute()
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"OUT {str(out)!r} is a file, not a folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write-probe"
+        probe.touch()
+        probe.unlink()
+    except OSError as err:
+        raise ValueError(f"OUT {str(out)!r}: cannot write there ({err.strerror})") from None
+    return out
+
+
 def fetch_weights(out: str | Path, visual: str = VISUAL, text: str = TEXT, force: bool = False,
                   log=print) -> dict[str, Path]:
     """Fetch ``visual`` (a ResNet) and ``text`` (a BERT and its tokenizer) into folders of
@@ -83,16 +99,7 @@ def fetch_weights(out: str | Path, visual: str = VISUAL, text: str = TEXT, force
     package loads is kept unless ``force``."""
     from transformers import BertModel, BertTokenizerFast, ResNetModel
 
-    out = Path(out).absolute()  # the printed config lines work from any working directory
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"OUT {str(out)!r} is a file, not a folder")
-    try:  # before anything is downloaded
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".write-probe"
-        probe.touch()
-        probe.unlink()
-    except OSError as err:
-        raise ValueError(f"OUT {str(out)!r}: cannot write there ({err.strerror})") from None
+    out = writable_out(out)
     names = {"visual": folder_name(visual), "text": folder_name(text)}
     if names["visual"] == names["text"] and visual != text:  # text would replace the ResNet
         raise ValueError(f"--visual {visual!r} and --text {text!r} would both be saved as "
