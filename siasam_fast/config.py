@@ -31,6 +31,7 @@ ACTIVATION_CHECKPOINTING = ("none", "cnn", "all")
 VISUAL_HEADS = ("auto", "proj", "clipbert")
 CNN_FREEZES = ("auto", "none", "batchnorm", "detectron2")
 EVAL_SPLITS = ("val", "test", "none")
+FRAME_FITS = ("crop", "pad")  # siasam_fast.pipeline.transforms.FRAME_FITS
 
 
 @dataclass
@@ -47,6 +48,10 @@ class DataConfig:
     min_answer_count: int = 1  # ... of answers seen at least this often in train (Just Ask: 2)
     backend: str = "auto"  # auto (DALI with a GPU and DALI installed, else pyav) | pyav | dali
     image_size: int = 224
+    # How a frame becomes image_size x image_size: crop = shorter side to image_size, centre
+    # square crop; pad = longer side to image_size, black at the right and bottom (ClipBERT's:
+    # the whole frame is seen). Both backends; fixed per run (a resume must keep it)
+    frame_fit: str = "crop"  # crop | pad
     num_workers: int = 2
     dedup: bool = True  # decode each unique frame once, gather per clip
     # DALI: training batches decoded in one pipeline iteration (its video decoder runs one
@@ -71,6 +76,7 @@ class DataConfig:
             raise ValueError(f"data.format={self.format!r}: valid values for data.dataset="
                              f"{self.dataset} are {', '.join(formats)}")
         _choice("data.backend", self.backend, BACKENDS)
+        _choice("data.frame_fit", self.frame_fit, FRAME_FITS)
         _at_least("data.decode_group", self.decode_group, 1, "batches per DALI iteration")
         _at_least("data.num_answers", self.num_answers, 1)
         _at_least("data.min_answer_count", self.min_answer_count, 1, "times in train")

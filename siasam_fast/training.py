@@ -302,7 +302,7 @@ def make_loader(cfg: Config, data: Data, split: str, rank: int, world: int, epoc
         image_size=cfg.data.image_size, num_workers=cfg.data.num_workers, seed=cfg.train.seed,
         rank=rank, world_size=world, backend=cfg.data.backend, dedup=cfg.data.dedup,
         label_fn=label_fn, epoch=epoch, decode_group=cfg.data.decode_group,
-        trim=cfg.data.dali_trim, defer_stop_signals=True,
+        trim=cfg.data.dali_trim, defer_stop_signals=True, frame_fit=cfg.data.frame_fit,
     )
 
 

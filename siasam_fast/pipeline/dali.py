@@ -23,11 +23,17 @@ origin. The graph, one DALI pipeline per pass over the epoch:
    presentation order, as in the manifest. ``pad_mode="none"`` turns a frame past the end of the
    stream (a stale manifest, a damaged file) into an error instead of a black frame.
 3. transforms.py step by step, on the GPU: ``fn.resize`` to the size that
-   :func:`~siasam_fast.pipeline.transforms.resized_shape` gives (bilinear, antialiased, uint8);
+   :func:`~siasam_fast.pipeline.transforms.fitted_shape` gives (bilinear, antialiased, uint8);
    ``fn.crop_mirror_normalize`` at the window of
    :func:`~siasam_fast.pipeline.transforms.center_crop_box` (passed as a crop position that lands on
    the same pixel whether DALI rounds or floors), ``(x - 255 mean) / (255 std)``, fp16, ``FCHW``;
-   ``fn.pad`` of the frame axis to the batch's largest U (zeros, as the contract wants).
+   ``fn.pad`` of the frame axis to the batch's largest U (zeros, as the contract wants). With
+   ``frame_fit="pad"`` the resize takes the longer side to S and the S x S window is anchored at
+   (0, 0) with ``out_of_bounds_policy="pad"``: what lies past the resized frame (right, bottom) is
+   filled with ``fill_values``, which DALI writes as they are into the output (after the
+   normalisation), so they are the normalised black of
+   :func:`~siasam_fast.pipeline.transforms.normalized_black`, what PyAV's zero padding becomes. The
+   fit is a build argument of the graph (one per run); the crop graph is the one it always was.
 4. The frames reach torch through DLPack with no copy (``torch.from_dlpack`` of the pipeline's
    output; DALI's dynamic executor gives every iteration its own output buffer, which the tensor
    keeps alive). The index tensors are built on the CPU from the plans, exactly as for PyAV.
@@ -111,7 +117,12 @@ from siasam_fast.pipeline.pyav_decode import (
     DecodeError,
     file_change,
 )
-from siasam_fast.pipeline.transforms import center_crop_box, resized_shape
+from siasam_fast.pipeline.transforms import (
+    center_crop_box,
+    check_fit,
+    fitted_shape,
+    normalized_black,
+)
 from siasam_fast.sampling import SamplingConfig
 from siasam_fast.stopping import defer_stop_signals
 
@@ -397,9 +408,18 @@ def reader_source(batches, trim=False, defer_signals=False):
 # The graph
 
 
-def _define_graph(source, *, device, parallel, source_prefetch, image_size, mean, std, dtype):
-    """Build the nodes inside an active ``Pipeline``; returns (frames, slot)."""
+def _define_graph(source, *, device, parallel, source_prefetch, image_size, mean, std, dtype,
+                  frame_fit="crop"):
+    """Build the nodes inside an active ``Pipeline``; returns (frames, slot). ``frame_fit="pad"``:
+    the window (at crop_pos (0, 0), see :func:`_job`) reaches past the resized frame's right or
+    bottom edge, and DALI fills what lies outside with ``fill_values``: output values, written
+    after the normalisation (DALI's slice-flip-normalize kernels, CPU and GPU, store them
+    unchanged), so they must be the normalised black that PyAV's zero padding becomes."""
     from nvidia.dali import fn, types
+
+    pad = {}
+    if check_fit(frame_fit) == "pad":
+        pad = {"out_of_bounds_policy": "pad", "fill_values": normalized_black(mean, std)}
 
     extra = {"prefetch_queue_depth": source_prefetch} if parallel else {}
     encoded, frames, size, crop_pos, slot = fn.external_source(
@@ -425,6 +445,7 @@ def _define_graph(source, *, device, parallel, source_prefetch, image_size, mean
         std=[255.0 * s for s in std],
         dtype=types.FLOAT16 if dtype == torch.float16 else types.FLOAT,
         output_layout="FCHW",
+        **pad,
     )
     video = fn.pad(video, axis_names="F", fill_value=0)  # [U_max, 3, S, S] per sample
     return video, slot
@@ -635,7 +656,8 @@ class DALIVideoLoader:
             "frame_ids": torch.from_numpy(ci.clips),
             **example_fields(plan.example, plan.example_index, dataset.label_fn),
         }
-        return item, _job(slot, record, wanted, dataset.image_size, self.trim)
+        return item, _job(slot, record, wanted, dataset.image_size, self.trim,
+                          fit=dataset.frame_fit)
 
     # -- running ---------------------------------------------------------------------------------
 
@@ -695,6 +717,7 @@ class DALIVideoLoader:
                     mean=self.dataset.mean,
                     std=self.dataset.std,
                     dtype=self.dtype,
+                    frame_fit=self.dataset.frame_fit,
                 )
             )
         pipe.build()
@@ -909,12 +932,18 @@ def _pad_stack(parts: list[torch.Tensor]) -> torch.Tensor:
 
 
 def _job(slot: int, record: VideoRecord, wanted: np.ndarray, image_size: int,
-         trim: bool = False) -> _Job:
-    rh, rw = resized_shape(record.height, record.width, image_size)
-    top, left = center_crop_box(rh, rw, image_size)
-    # DALI's anchor is crop_pos * (extent - crop); +0.25 lands on `left` / `top` whether DALI
-    # rounds or floors it.
-    crop_pos = ((left + 0.25) / max(rw - image_size, 1), (top + 0.25) / max(rh - image_size, 1))
+         trim: bool = False, fit: str = "crop") -> _Job:
+    rh, rw = fitted_shape(record.height, record.width, image_size, fit)
+    if fit == "pad":
+        # The window at (0, 0): DALI's anchor crop_pos * (extent - crop) is 0 (the extent is at
+        # most the crop), and the graph pads what lies past the frame (right, bottom).
+        crop_pos = (0.0, 0.0)
+    else:
+        top, left = center_crop_box(rh, rw, image_size)
+        # DALI's anchor is crop_pos * (extent - crop); +0.25 lands on `left` / `top` whether DALI
+        # rounds or floors it.
+        crop_pos = ((left + 0.25) / max(rw - image_size, 1),
+                    (top + 0.25) / max(rh - image_size, 1))
     return _Job(
         slot=slot,
         path=record.path,
@@ -1009,6 +1038,7 @@ def build_dali_loader(
     decode_group: int = 1,
     trim: bool = True,
     defer_stop_signals: bool = False,
+    frame_fit: str = "crop",
 ) -> DALIVideoLoader:
     """A DALI loader for ``split`` on this rank; the arguments of ``build_loader``, plus:
 
@@ -1036,6 +1066,7 @@ def build_dali_loader(
     and hands over whole files, with a warning, if it does not.
     ``defer_stop_signals``: the reader processes leave SIGTERM, SIGINT and SIGUSR1 to this process
     (:mod:`siasam_fast.stopping`; training sets it).
+    ``frame_fit``: "crop" (the default) or "pad", as ``build_loader``'s (``data.frame_fit``).
     ``pin_memory``, ``seek_threshold`` and ``decode_threads`` only concern the PyAV backend and are
     accepted so that both factories take the same arguments.
     """
@@ -1079,7 +1110,7 @@ def build_dali_loader(
     dataset, sampler = plan_epochs(
         examples, manifest, sampling_cfg, split, seed=seed, rank=rank, world_size=world_size,
         shuffle=shuffle, drop_last=drop_last, epoch=epoch, image_size=image_size, dedup=dedup,
-        label_fn=label_fn, dtype=dtype,
+        label_fn=label_fn, dtype=dtype, frame_fit=frame_fit,
     )
     return DALIVideoLoader(
         dataset,

@@ -76,7 +76,13 @@ from siasam_fast.pipeline.pyav_decode import (
     decode_frames,
     file_change,
 )
-from siasam_fast.pipeline.transforms import IMAGENET_MEAN, IMAGENET_STD, frame_resizer, normalize
+from siasam_fast.pipeline.transforms import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    check_fit,
+    frame_resizer,
+    normalize,
+)
 from siasam_fast.sampling import (
     ClipIndices,
     SamplingConfig,
@@ -133,6 +139,7 @@ class VideoQADataset(Dataset):
         dtype: torch.dtype = torch.float32,
         seek_threshold: int = DEFAULT_SEEK_THRESHOLD,
         decode_threads: int = 1,
+        frame_fit: str = "crop",
     ) -> None:
         if isinstance(sampling_cfg, dict):
             sampling_cfg = SamplingConfig.from_dict(sampling_cfg)
@@ -149,6 +156,8 @@ class VideoQADataset(Dataset):
         self.split = split
         self.training = split in TRAIN_SPLITS
         self.image_size = int(image_size)
+        # how a frame becomes S x S (transforms.py): "crop" (centre crop) or "pad" (ClipBERT's)
+        self.frame_fit = check_fit(frame_fit)
         self.seed = int(seed)
         self.dedup = bool(dedup)
         self.label_fn = label_fn
@@ -317,10 +326,10 @@ class VideoQADataset(Dataset):
 
     def _decode(self, plan: VideoPlan) -> dict:
         ci = plan.clips
-        # Each frame resized and cropped as it is decoded (transforms.frame_resizer), then the
-        # small frames normalised together: what video_transform gives the stacked full-size
-        # frames, value for value.
-        resize = frame_resizer(self.image_size)
+        # Each frame resized and cropped (or padded) as it is decoded (transforms.frame_resizer),
+        # then the small frames normalised together: what video_transform gives the stacked
+        # full-size frames, value for value.
+        resize = frame_resizer(self.image_size, self.frame_fit)
         if self.dedup:
             small = decode_frames(
                 plan.record,
@@ -775,6 +784,7 @@ def build_loader(
     decode_threads: int = 1,
     multiprocessing_context=None,
     defer_stop_signals: bool = False,
+    frame_fit: str = "crop",
 ) -> VideoQALoader:
     """A loader of batches in the contract of the module docstring, one shard per rank.
 
@@ -784,7 +794,10 @@ def build_loader(
     ``loader.set_epoch(e)`` before each epoch; ``loader.state_dict()`` / ``load_state_dict()``
     save and restore the position within the epoch. ``label_fn`` must be picklable (a module-level
     function) when workers do not fork. ``defer_stop_signals``: the workers leave SIGTERM, SIGINT
-    and SIGUSR1 to this process (:mod:`siasam_fast.stopping`; training sets it).
+    and SIGUSR1 to this process (:mod:`siasam_fast.stopping`; training sets it). ``frame_fit``:
+    how a frame becomes ``image_size x image_size`` (``data.frame_fit``): "crop" (shorter side to
+    the size, centre crop) or "pad" (longer side to the size, black at the right and bottom;
+    ClipBERT's), see :mod:`siasam_fast.pipeline.transforms`.
     """
     if backend in OTHER_BACKENDS:  # one factory for every backend: loaders.build_video_loader
         from siasam_fast.pipeline.loaders import build_video_loader
@@ -796,7 +809,7 @@ def build_loader(
             label_fn=label_fn, shuffle=shuffle, drop_last=drop_last, epoch=epoch,
             prefetch_factor=prefetch_factor, dtype=dtype, seek_threshold=seek_threshold,
             decode_threads=decode_threads, multiprocessing_context=multiprocessing_context,
-            defer_stop_signals=defer_stop_signals,
+            defer_stop_signals=defer_stop_signals, frame_fit=frame_fit,
         )
     if backend not in BACKENDS:
         raise ValueError(
@@ -812,7 +825,7 @@ def build_loader(
         examples, manifest, sampling_cfg, split, seed=seed, rank=rank, world_size=world_size,
         shuffle=shuffle, drop_last=drop_last, epoch=epoch, image_size=image_size, dedup=dedup,
         label_fn=label_fn, dtype=dtype, seek_threshold=seek_threshold,
-        decode_threads=decode_threads,
+        decode_threads=decode_threads, frame_fit=frame_fit,
     )
     if pin_memory is None:
         pin_memory = torch.cuda.is_available()

@@ -1,4 +1,4 @@
-"""Frame transforms shared by the decoding backends: resize, centre crop, normalise, CHW.
+"""Frame transforms shared by the decoding backends: resize, centre crop (or pad), normalise, CHW.
 
 What :func:`video_transform` computes, exactly (the DALI backend mirrors it step by step):
 
@@ -16,6 +16,22 @@ What :func:`video_transform` computes, exactly (the DALI backend mirrors it step
    channels first: ``[U, 3, S, S]``. DALI: ``fn.crop_mirror_normalize(mean=255 * mean,
    std=255 * std, output_layout="FCHW")``.
 
+``fit="pad"`` (``data.frame_fit: pad``; ClipBERT's ``ImageResize`` and ``ImagePad``) replaces
+steps 2-3:
+
+2'. Resize so the longer side equals ``image_size``: the shorter side becomes
+   ``max(1, floor(shorter * image_size / longer + 0.5))`` (see :func:`fitted_shape`: the rounding
+   rule of :func:`resized_shape`; ClipBERT's ``get_resize_size`` truncates instead, which differs
+   only where the product's fraction is 0.5 or more: not at 16:9 or 4:3 with S = 224 or 448).
+   The same filter as step 2; a square frame is resized to ``S x S`` as with the crop.
+3'. Pad with uint8 0 (black) at the right and bottom to ``image_size x image_size``: the image keeps
+   the top-left corner (ClipBERT's ``get_padding(pad_all=False)``). Padding comes before step 4, so
+   a padded pixel normalises to ``-mean / std`` per channel, exactly what a black pixel gives
+   (:func:`normalized_black`). DALI: ``fn.resize`` to :func:`fitted_shape`, then
+   ``fn.crop_mirror_normalize`` with the window anchored at (0, 0), ``out_of_bounds_policy="pad"``
+   and ``fill_values=normalized_black(mean, std)`` (DALI writes ``fill_values`` as output values,
+   after normalisation).
+
 No torchvision: it does not import beside our torch build; torch ops only.
 """
 
@@ -27,6 +43,9 @@ import torch.nn.functional as F
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+# How a frame becomes a square (data.frame_fit): crop = shorter side to S, centre crop (the
+# default); pad = longer side to S, black at the right and bottom (ClipBERT's)
+FRAME_FITS = ("crop", "pad")
 
 
 def resized_shape(height: int, width: int, size: int) -> tuple[int, int]:
@@ -36,6 +55,34 @@ def resized_shape(height: int, width: int, size: int) -> tuple[int, int]:
     if height <= width:
         return size, max(size, int(np.floor(width * size / height + 0.5)))
     return max(size, int(np.floor(height * size / width + 0.5))), size
+
+
+def check_fit(fit: str) -> str:
+    if fit not in FRAME_FITS:
+        raise ValueError(f"frame fit {fit!r}: valid values are {', '.join(FRAME_FITS)}")
+    return fit
+
+
+def fitted_shape(height: int, width: int, size: int, fit: str = "crop") -> tuple[int, int]:
+    """(h, w) after the resize of ``fit``: crop = :func:`resized_shape` (shorter side to ``size``);
+    pad = longer side to ``size``, the shorter one scaled by the same factor with
+    :func:`resized_shape`'s rounding, at least 1 pixel."""
+    if check_fit(fit) == "crop":
+        return resized_shape(height, width, size)
+    if height <= 0 or width <= 0:
+        raise ValueError(f"frame size {height}x{width}: both sides must be positive")
+    if height >= width:
+        return size, min(size, max(1, int(np.floor(width * size / height + 0.5))))
+    return min(size, max(1, int(np.floor(height * size / width + 0.5)))), size
+
+
+def normalized_black(
+    mean: tuple[float, float, float] = IMAGENET_MEAN,
+    std: tuple[float, float, float] = IMAGENET_STD,
+) -> list[float]:
+    """What :func:`normalize` makes of a black (0) pixel, per channel: ``-mean / std`` as the
+    float32 values it computes (the value of the padding of ``fit="pad"``)."""
+    return [-float(np.float32(m / s)) for m, s in zip(mean, std)]
 
 
 def center_crop_box(height: int, width: int, size: int) -> tuple[int, int]:
@@ -53,6 +100,29 @@ def resize_and_crop(frames: torch.Tensor, image_size: int) -> torch.Tensor:
         )
     top, left = center_crop_box(rh, rw, image_size)
     return frames[:, :, top : top + image_size, left : left + image_size]
+
+
+def resize_and_pad(frames: torch.Tensor, image_size: int) -> torch.Tensor:
+    """Steps 2'-3' on uint8 ``[U, 3, H, W]``: longer side to ``image_size``, zeros (black) at the
+    right and bottom to ``image_size x image_size``, the image at the top-left corner."""
+    u, c, h, w = frames.shape
+    rh, rw = fitted_shape(h, w, image_size, "pad")
+    if (rh, rw) != (h, w):
+        frames = F.interpolate(
+            frames, size=(rh, rw), mode="bilinear", antialias=True, align_corners=False
+        )
+    if (rh, rw) == (image_size, image_size):
+        return frames
+    out = frames.new_zeros((u, c, image_size, image_size))
+    out[:, :, :rh, :rw] = frames
+    return out
+
+
+def resize_and_fit(frames: torch.Tensor, image_size: int, fit: str = "crop") -> torch.Tensor:
+    """Steps 2-3 (``fit="crop"``) or 2'-3' (``fit="pad"``) on uint8 ``[U, 3, H, W]``."""
+    if check_fit(fit) == "crop":
+        return resize_and_crop(frames, image_size)
+    return resize_and_pad(frames, image_size)
 
 
 def normalize(
@@ -78,34 +148,39 @@ def video_transform(
     mean: tuple[float, float, float] = IMAGENET_MEAN,
     std: tuple[float, float, float] = IMAGENET_STD,
     dtype: torch.dtype = torch.float32,
+    fit: str = "crop",
 ) -> torch.Tensor:
-    """uint8 RGB ``[U, H, W, 3]`` -> normalised ``[U, 3, S, S]`` (see the module docstring)."""
+    """uint8 RGB ``[U, H, W, 3]`` -> normalised ``[U, 3, S, S]`` (see the module docstring;
+    ``fit``: "crop" or "pad")."""
     if image_size < 1:
         raise ValueError(f"image_size={image_size}: must be >= 1")
+    check_fit(fit)
     x = torch.as_tensor(frames)
     if x.dtype != torch.uint8 or x.dim() != 4 or x.shape[-1] != 3:
         raise ValueError(f"frames: expected uint8 RGB [U, H, W, 3], got {x.dtype} {tuple(x.shape)}")
     x = x.permute(0, 3, 1, 2)  # channels-last strides: what the uint8 resize kernel likes
     if x.shape[0] == 0:
         return torch.zeros((0, 3, image_size, image_size), dtype=dtype)
-    return normalize(resize_and_crop(x, image_size), mean, std, dtype)
+    return normalize(resize_and_fit(x, image_size, fit), mean, std, dtype)
 
 
-def frame_resizer(image_size: int):
-    """Steps 2-3 for one decoded frame as it comes: uint8 RGB ``[H, W, 3]`` -> uint8
-    ``[3, S, S]``, exactly what :func:`resize_and_crop` gives that frame within a batch. The PyAV
+def frame_resizer(image_size: int, fit: str = "crop"):
+    """Steps 2-3 (or 2'-3' with ``fit="pad"``) for one decoded frame as it comes: uint8 RGB
+    ``[H, W, 3]`` -> uint8 ``[3, S, S]``, exactly what :func:`resize_and_fit` gives that frame
+    within a batch. The PyAV
     backend applies it to each frame while decoding, then :func:`normalize` to their stack: the
     same values as :func:`video_transform`, without stacking a video's full-size frames first (at
     1280x720: 100 MB for 37 frames, and about 12% of a worker's time per video on one CPU core)."""
     if image_size < 1:
         raise ValueError(f"image_size={image_size}: must be >= 1")
+    check_fit(fit)
 
     def resize(frame: np.ndarray) -> torch.Tensor:
         x = torch.as_tensor(frame)
         if x.dtype != torch.uint8 or x.dim() != 3 or x.shape[-1] != 3:
             raise ValueError(f"frame: expected uint8 RGB [H, W, 3], got {x.dtype} "
                              f"{tuple(x.shape)}")
-        return resize_and_crop(x.permute(2, 0, 1).unsqueeze(0), image_size)[0]
+        return resize_and_fit(x.permute(2, 0, 1).unsqueeze(0), image_size, fit)[0]
 
     return resize
 
