@@ -71,6 +71,7 @@ def black_image(size, mean=IMAGENET_MEAN, std=IMAGENET_STD):
         (48, 80, 32, (19, 32)),  # 19.2 -> 19
         (80, 48, 32, (32, 19)),
         (30, 44, 32, (22, 32)),  # 21.82 -> 22: rounded, as resized_shape rounds
+        (44, 30, 32, (32, 22)),
         (64, 64, 32, (32, 32)),  # square
         (20, 20, 32, (32, 32)),  # square, upscaled
         (1, 100, 32, (1, 32)),  # 1-pixel thin: 0.32 -> at least 1
