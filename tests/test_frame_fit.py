@@ -375,3 +375,25 @@ def test_dali_jobs_anchor_the_pad_window_at_the_origin(manifest):
     assert crop.resize.tolist() == [32, 53]
     # left (53 - 32) // 2 = 10: DALI's anchor crop_pos * (53 - 32) rounds or floors to 10
     assert int(crop.crop_pos[0] * 21) == 10 and round(float(crop.crop_pos[0]) * 21) == 10
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.gpu
+def test_gpu_pad_matches_pyav(manifest):
+    """NVDEC (H.264) and the GPU's crop-mirror-normalize kernel, fp16: test_dali_pipeline's NVDEC
+    tolerance (max 4, mean 1.5 grey levels) against PyAV's pad, and the padding within 1e-3 of
+    the normalised black (fp16 rounds ImageNet's -mean / std by at most 7.2e-4). Not run where
+    the tests were written (no GPU there)."""
+    pytest.importorskip("nvidia.dali")
+    from siasam_fast.pipeline.dali import build_dali_loader
+
+    names = ["wide_h264"]
+    kwargs = dict(image_size=SIZE, num_workers=0, frame_fit="pad")
+    a = next(iter(build_dali_loader(examples_for(names), manifest, CFG, "val", 1, device="gpu",
+                                    **kwargs)))
+    b = next(iter(build_loader(examples_for(names), manifest, CFG, "val", 1, **kwargs)))
+    assert a["frames"].is_cuda and a["frames"].dtype == torch.float16
+    a = {k: v.cpu() if torch.is_tensor(v) else v for k, v in a.items()}
+    diff = (grey_levels(a["frames"]) - grey_levels(b["frames"])).abs()
+    assert diff.max() <= 4 and diff.mean() <= 1.5, (diff.max(), diff.mean())
+    check_padded_batch(a, manifest, names, SIZE, exact=False)
