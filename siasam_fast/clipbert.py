@@ -319,5 +319,5 @@ def config_lines(folders: dict[str, Path]) -> str:
 
     return (lines(folders) + "\nmodel.visual_head and model.cnn_freeze (auto) then follow "
             "ClipBERT: its grid encoder and input, its frozen BatchNorms, stem and first stage. "
-            "ClipBERT fine-tuned on frames of up to 448 px (data.image_size: 448 gives its 7x7 "
-            "grid after pooling).")
+            "ClipBERT fine-tuned on frames resized to 448 px on the longer side and padded with "
+            "black: data.image_size: 448 and data.frame_fit: pad give it the same input.")
