@@ -207,6 +207,7 @@ if __name__ != "__mp_main__":
         from siasam_fast.pipeline.loaders import dali_available
         from siasam_fast.training import (
             TextEncoder,
+            adam_kwargs,
             build_fused_adam_op,
             build_model,
             build_optimizer,
@@ -592,7 +593,7 @@ class Trainer:
                 plain, _ = build_optimizer(model, cfg, device)
                 groups = [{"params": g["params"], "weight_decay": g["weight_decay"]}
                           for g in plain.param_groups]
-                return torch.optim.AdamW(groups, lr=cfg.train.lr, fused=True), \
+                return torch.optim.AdamW(groups, fused=True, **adam_kwargs(cfg)), \
                     "torch AdamW (fused)"
         cfg.train.optimizer = "torch"
         optimizer, name = build_optimizer(model, cfg, device)

@@ -171,6 +171,11 @@ class TrainConfig:
     weight_decay: float = 0.01
     warmup_ratio: float = 0.1  # linear warm-up over the first 10% of steps, then linear decay
     grad_clip: float = 1.0
+    # AdamW's (torch's defaults; ClipBERT fine-tuned with 0.9, 0.98 and 1e-6, which the dataset
+    # configs use)
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
     # auto: on CUDA apex FusedAdam when apex is installed, else DeepSpeed FusedAdam (torch AdamW
     # when that cannot be built); torch AdamW elsewhere
     optimizer: str = "auto"
@@ -208,6 +213,11 @@ class TrainConfig:
             raise ValueError(f"train.warmup_ratio={self.warmup_ratio}: must lie in [0, 1] (the "
                              "fraction of the steps spent warming up)")
         _at_least("train.grad_clip", self.grad_clip, 0, "0 = no clipping")
+        for name, beta in (("adam_beta1", self.adam_beta1), ("adam_beta2", self.adam_beta2)):
+            if not 0.0 <= beta < 1.0:
+                raise ValueError(f"train.{name}={beta}: must lie in [0, 1)")
+        if not self.adam_eps > 0:
+            raise ValueError(f"train.adam_eps={self.adam_eps}: must be > 0 (e.g. 1e-8)")
         _at_least("train.save_every", self.save_every, 0, "0 = at each epoch end only")
         _at_least("train.keep_checkpoints", self.keep_checkpoints, 1)
         _at_least("train.log_every", self.log_every, 1)

@@ -377,6 +377,12 @@ def build_fused_adam_op() -> None:
     FusedAdamBuilder().load()
 
 
+def adam_kwargs(cfg: Config) -> dict:
+    """AdamW's hyperparameters from ``train.*``, as every optimizer here takes them."""
+    t = cfg.train
+    return {"lr": t.lr, "betas": (t.adam_beta1, t.adam_beta2), "eps": t.adam_eps}
+
+
 def build_optimizer(model: torch.nn.Module, cfg: Config, device: torch.device):
     """AdamW; no weight decay on biases and norms. DeepSpeed FusedAdam on CUDA, torch AdamW on
     CPU, apex FusedAdam when asked for and installed."""
@@ -386,6 +392,7 @@ def build_optimizer(model: torch.nn.Module, cfg: Config, device: torch.device):
             (no_decay if p.ndim < 2 or "norm" in name.lower() else decay).append(p)
     groups = [{"params": decay, "weight_decay": cfg.train.weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]
+    adam = adam_kwargs(cfg)
     choice = cfg.train.optimizer
     if choice == "auto":
         choice = ("torch" if device.type != "cuda" else "apex" if apex_available() else
@@ -397,7 +404,7 @@ def build_optimizer(model: torch.nn.Module, cfg: Config, device: torch.device):
                              "its README), use 'deepspeed' or 'torch'")
         from apex.optimizers import FusedAdam as ApexFusedAdam
 
-        return ApexFusedAdam(groups, lr=cfg.train.lr, adam_w_mode=True), "apex FusedAdam"
+        return ApexFusedAdam(groups, adam_w_mode=True, **adam), "apex FusedAdam"
     if choice == "deepspeed":
         if device.type != "cuda":
             raise ValueError("train.optimizer='deepspeed' (FusedAdam) needs CUDA; "
@@ -406,7 +413,7 @@ def build_optimizer(model: torch.nn.Module, cfg: Config, device: torch.device):
 
         use_deepspeed_arch_list()
         try:
-            return FusedAdam(groups, lr=cfg.train.lr, adam_w_mode=True), "DeepSpeed FusedAdam"
+            return FusedAdam(groups, adam_w_mode=True, **adam), "DeepSpeed FusedAdam"
         except Exception as err:  # noqa: BLE001 - its JIT build: no nvcc / ninja, a bad arch list
             why = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
             if cfg.train.optimizer != "auto":
@@ -415,7 +422,7 @@ def build_optimizer(model: torch.nn.Module, cfg: Config, device: torch.device):
                                  "(`siasam-fast env` says what the build needs)") from err
             print(f"note: DeepSpeed's FusedAdam could not be built here ({why}); using torch "
                   "AdamW (`siasam-fast env` says what the build needs)", file=sys.stderr)
-    return torch.optim.AdamW(groups, lr=cfg.train.lr), "torch AdamW"
+    return torch.optim.AdamW(groups, **adam), "torch AdamW"
 
 
 def fused_layer_norm(cfg: Config, device: torch.device) -> bool:

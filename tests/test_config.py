@@ -335,3 +335,38 @@ def test_wheel_holds_every_config(monkeypatch):
              for p in (ROOT / "configs").rglob("*") if p.is_file()]
     assert files and all(any(fnmatch.fnmatch(f, pat) and f.count("/") == pat.count("/")
                              for pat in patterns) for f in files), (files, patterns)
+
+
+def test_adam_hyperparameters_reach_every_optimizer(monkeypatch):
+    """train.adam_beta1 / adam_beta2 / adam_eps go to torch AdamW and to the fused optimizers
+    (DeepSpeed's FusedAdam checked through a stand-in that records its arguments); the dataset
+    configs carry ClipBERT's fine-tuning values; bad values are named."""
+    import deepspeed.ops.adam
+    import torch
+
+    from siasam_fast.training import build_optimizer
+
+    cfg = load_config(ROOT / "configs" / "msrvtt_qa.yaml")
+    t = cfg.train
+    assert (t.lr, t.weight_decay, t.adam_beta1, t.adam_beta2, t.adam_eps, t.grad_clip) == (
+        5e-5, 1e-3, 0.9, 0.98, 1e-6, 5.0)
+    model = torch.nn.Linear(3, 2)
+    optimizer, _ = build_optimizer(model, cfg, torch.device("cpu"))
+    assert {(g["betas"], g["eps"], g["lr"]) for g in optimizer.param_groups} == {
+        ((0.9, 0.98), 1e-6, 5e-5)}
+    seen = {}
+
+    def fused(groups, **kwargs):
+        seen.update(kwargs)
+        return torch.optim.AdamW(groups, lr=kwargs["lr"])
+
+    monkeypatch.setattr(deepspeed.ops.adam, "FusedAdam", fused)
+    cfg.train.optimizer = "deepspeed"
+    build_optimizer(model, cfg, torch.device("cuda"))
+    assert seen == {"lr": 5e-5, "betas": (0.9, 0.98), "eps": 1e-6, "adam_w_mode": True}
+    default = Config().train
+    assert (default.adam_beta1, default.adam_beta2, default.adam_eps) == (0.9, 0.999, 1e-8)
+    with pytest.raises(ValueError, match=r"train.adam_beta2=1.0: must lie in \[0, 1\)"):
+        load_config(None, ["train.adam_beta2=1.0"])
+    with pytest.raises(ValueError, match=r"train.adam_eps=0.0: must be > 0"):
+        load_config(None, ["train.adam_eps=0"])
