@@ -2,8 +2,9 @@
 # The GPU measurements the open issues still owe, in one loan of two calls (the device stops a
 # call at 600 s), each part within its own time:
 #
-#   checks     siasam-fast env; pytest tests/test_model.py  the machine report (fused loss and NVDEC
-#                                                         on tiny inputs), the GPU-only model tests
+#   checks     siasam-fast env; pytest tests/test_model.py tests/test_frame_fit.py  the machine
+#              report (fused loss and NVDEC on tiny inputs), the GPU-only model tests, and NVDEC's
+#              data.frame_fit=pad against PyAV
 #   dali       python scripts/gpu_check_dali.py           issue 5: NVDEC correctness + throughput
 #   transcode  python benchmarks/bench_transcode.py ...   issue 7: DALI on GOP 8/16/32 copies
 #   train      bash scripts/gpu_bench_train.sh            issue 6: baselines vs siasam-fast
@@ -126,10 +127,11 @@ run_checks() {  # `siasam-fast env` (at most 30 s), then the GPU-only tests of t
   t=$((t - (SECONDS - start)))
   [ "$t" -gt 90 ] && t=90
   if [ "$t" -lt 10 ]; then
-    echo "tests/test_model.py: not run, $t s left of the part's share" | tee "$dir/console.log"
+    echo "tests/test_model.py tests/test_frame_fit.py: not run, $t s left of the part's share" \
+      | tee "$dir/console.log"
     return 124
   fi
-  timeout --kill-after=10 "$t" "$PY" -m pytest -q -rs tests/test_model.py 2>&1 \
+  timeout --kill-after=10 "$t" "$PY" -m pytest -q -rs tests/test_model.py tests/test_frame_fit.py 2>&1 \
     | tee "$dir/console.log"
   return "${PIPESTATUS[0]}"
 }
