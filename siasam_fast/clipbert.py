@@ -49,6 +49,9 @@ VISUAL_EMB = BERT + "visual_embeddings."
 WRAPPERS = ("model", "model_state_dict", "state_dict")  # other saves put the state_dict under these
 VISUAL_FOLDER = "clipbert-visual"
 TEXT_FOLDER = "clipbert-text"
+# Beside the text folder's BERT: the checkpoint it was converted from (the visual folder's marker
+# says the same of the CNN), so that two folders of different conversions are never kept as one
+TEXT_SOURCE = "siasam_clipbert_source.json"
 
 
 def load_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
@@ -246,7 +249,9 @@ def convert_clipbert(ckpt: str | Path, out: str | Path, tokenizer: str, force: b
             previous = json.loads(marker.read_text(encoding="utf-8")).get("source")
         except ValueError:
             previous = None
-        if previous == source and _build_problem(folders) is None:
+        # an interrupted replacement (--force) leaves the new BERT beside the old CNN
+        text_source = _read_source(folders["text"] / TEXT_SOURCE)
+        if previous == source == text_source and _build_problem(folders) is None:
             log(f"{folders['visual']} and {folders['text']}: already converted from {ckpt} "
                 "(they load); kept")
             return folders
@@ -279,6 +284,8 @@ def convert_clipbert(ckpt: str | Path, out: str | Path, tokenizer: str, force: b
     def write_text(folder: Path) -> None:
         bert.save_pretrained(folder)
         tok.save_pretrained(folder)
+        (folder / TEXT_SOURCE).write_text(json.dumps({"source": source}, indent=2) + "\n",
+                                          encoding="utf-8")
 
     _save(out, TEXT_FOLDER, write_text)  # the marker's folder last: its presence means complete
     _save(out, VISUAL_FOLDER, write_visual)
@@ -291,6 +298,14 @@ def convert_clipbert(ckpt: str | Path, out: str | Path, tokenizer: str, force: b
         f"{bert.config.hidden_size}, vocabulary {bert.config.vocab_size}) -> {folders['text']}")
     log(f"not carried over (pre-training heads, detector parts): {left_out}")
     return folders
+
+
+def _read_source(path: Path) -> dict | None:
+    """The ``source`` recorded in ``path`` (None: no such file, or unreadable)."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8")).get("source")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def _build_problem(folders: dict[str, Path]) -> str | None:

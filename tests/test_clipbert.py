@@ -354,3 +354,30 @@ def test_training_from_the_converted_checkpoint_keeps_the_frozen_part(converted,
     moved = "visual.trunk.encoder.stages.1.layers.0.layer.1.convolution.weight"
     assert not torch.equal(trained[moved], start[moved])  # trained
     assert not torch.equal(trained["visual.proj.weight"], start["visual.proj.weight"])
+
+
+def test_an_interrupted_replacement_is_not_kept_as_the_old_conversion(converted, tmp_path,
+                                                                       monkeypatch, capsys):
+    """--force from another file, stopped (Ctrl-C / SIGTERM) after the new BERT is in place but
+    before the new CNN is: the same command with the first file must convert again, not keep a
+    CNN of one checkpoint beside the BERT of another."""
+    out, tok = tmp_path / "w", str(converted["tok"])
+    first = ["weights", str(out), "--text", tok, "--heads", "2", "--clipbert"]
+    assert main([*first, str(converted["ckpt"])]) == 0
+    bert_a = (out / "clipbert-text" / "model.safetensors").read_bytes()
+    other = tmp_path / "other.pt"
+    torch.save(fake_clipbert(converted["vocab"], seed=5), other)
+
+    def interrupted(self, *args, **kwargs):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(ResNetModel, "save_pretrained", interrupted)
+        assert main([*first, str(other), "--force"]) == 130
+    assert (out / "clipbert-text" / "model.safetensors").read_bytes() != bert_a  # other's BERT
+    capsys.readouterr()
+    assert main([*first, str(converted["ckpt"])]) == 0
+    assert "kept" not in capsys.readouterr().out
+    assert (out / "clipbert-text" / "model.safetensors").read_bytes() == bert_a
+    assert main([*first, str(converted["ckpt"])]) == 0  # now complete: kept
+    assert "kept" in capsys.readouterr().out
