@@ -58,14 +58,30 @@ def load_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
     """ClipBERT's state_dict from ``path`` as fp32 tensors (its saves may hold fp16), with a
     wrapper dict or DistributedDataParallel's ``module.`` prefix removed."""
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"--clipbert {str(path)!r} is a folder; give the checkpoint file in it "
+                         "(clipbert_image_text_pretrained.pt)")
     if not path.is_file():
         raise ValueError(f"--clipbert {str(path)!r}: no such file")
+    with path.open("rb") as fh:
+        head = fh.read(256)
+    if not head:
+        raise ValueError(f"--clipbert {str(path)!r} is empty (0 bytes): download it again")
+    if all(32 <= c < 127 or c in b"\t\r\n" for c in head):  # e.g. a server's error page
+        text = " ".join(head.decode("ascii").split())[:120]
+        raise ValueError(f"--clipbert {str(path)!r} is text, not a torch checkpoint (it begins "
+                         f"{text!r}"
+                         + (": a web server's error page?" if text.startswith("<") else "")
+                         + "); download it again")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # pickle, zip and torch's own errors: all mean "not such a file"
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ValueError(f"--clipbert {str(path)!r}: not a torch checkpoint of tensors that "
-                         f"loads safely ({first})") from None
+        # (torch's own advice, weights_only=False, would unpickle arbitrary code: not given)
+        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        first = first.split(". In PyTorch 2.6", 1)[0]
+        raise ValueError(f"--clipbert {str(path)!r} ({path.stat().st_size} bytes): not a torch "
+                         f"checkpoint of tensors that loads safely ({type(err).__name__}"
+                         f"{': ' + first if first else ''}); a truncated download?") from None
     for key in WRAPPERS:
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
@@ -81,7 +97,7 @@ def load_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
     needed = (CNN + "stem.conv1.weight", GRID, BERT + "embeddings.word_embeddings.weight")
     absent = [k for k in needed if k not in tensors]
     if absent:
-        sample = ", ".join(sorted(tensors)[:3]) or "no tensors"
+        sample = ", ".join(map(str, sorted(tensors or state, key=str)[:3])) or "nothing"
         raise ValueError(f"--clipbert {str(path)!r}: not a ClipBERT checkpoint (no "
                          f"{', '.join(absent)}; its keys begin {sample})")
     return tensors

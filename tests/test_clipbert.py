@@ -381,3 +381,26 @@ def test_an_interrupted_replacement_is_not_kept_as_the_old_conversion(converted,
     assert (out / "clipbert-text" / "model.safetensors").read_bytes() == bert_a
     assert main([*first, str(converted["ckpt"])]) == 0  # now complete: kept
     assert "kept" in capsys.readouterr().out
+
+
+def test_a_failed_download_is_named_as_such(converted, tmp_path, capsys):
+    """What a failed download leaves under the checkpoint's name: a server's error page, an empty
+    file, a truncated one; and a folder given for the file."""
+    base = ["weights", str(tmp_path / "w"), "--text", str(converted["tok"]), "--heads", "2",
+            "--clipbert"]
+    page = tmp_path / "page.pt"
+    page.write_text('<?xml version="1.0" encoding="utf-8"?><Error><Code>BlobNotFound</Code>')
+    assert main([*base, str(page)]) == 2
+    err = capsys.readouterr().err
+    assert "is text, not a torch checkpoint" in err and "error page" in err
+    assert "weights_only" not in err  # torch's advice to unpickle it anyway is not passed on
+    empty = tmp_path / "empty.pt"
+    empty.write_bytes(b"")
+    assert main([*base, str(empty)]) == 2
+    assert "is empty (0 bytes)" in capsys.readouterr().err
+    cut = tmp_path / "cut.pt"
+    cut.write_bytes(converted["ckpt"].read_bytes()[:50_000])
+    assert main([*base, str(cut)]) == 2
+    assert "(50000 bytes): not a torch checkpoint" in capsys.readouterr().err
+    assert main([*base, str(tmp_path)]) == 2
+    assert "is a folder; give the checkpoint file" in capsys.readouterr().err
