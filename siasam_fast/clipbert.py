@@ -252,8 +252,13 @@ def convert_clipbert(ckpt: str | Path, out: str | Path, tokenizer: str, force: b
     from safetensors.torch import save_file
     from transformers import BertTokenizerFast
 
-    from siasam_fast.model import CLIPBERT_HEAD, CLIPBERT_MARKER
-    from siasam_fast.weights import _load, _save, writable_out
+    from siasam_fast.model import (
+        CLIPBERT_HEAD,
+        CLIPBERT_MARKER,
+        TOKENIZER_FILES,
+        from_pretrained_checked,
+    )
+    from siasam_fast.weights import _save, writable_out
 
     ckpt = Path(ckpt)
     out = writable_out(out)
@@ -276,12 +281,18 @@ def convert_clipbert(ckpt: str | Path, out: str | Path, tokenizer: str, force: b
                              f"({previous['bytes']} bytes), not from this --clipbert file; "
                              "give another OUT, or --force to replace it")
 
+    # the tokenizer first: a Hub that cannot be reached is said before the checkpoint is read
+    tok = from_pretrained_checked(
+        BertTokenizerFast, "--text", tokenizer, local_only=False,
+        hint=(". --clipbert takes the tokenizer of ClipBERT's vocabulary (bert-base-uncased's) "
+              "from --text: a Hub id, or, where the Hub cannot be reached, a local folder "
+              f"holding it ({' or '.join(TOKENIZER_FILES)}; e.g. saved with "
+              "BertTokenizerFast.save_pretrained where it can)"))
     log(f"reading {ckpt} ...")
     sd = load_checkpoint(ckpt)
     resnet, taken_cnn = resnet_from_detectron2(sd)
     bert, taken_text = bert_from_clipbert(sd, num_heads)
     head, taken_head = visual_head(sd, bert.config.hidden_size, resnet.config.hidden_sizes[-1])
-    tok = _load(BertTokenizerFast, tokenizer, "--text")
     if len(tok) != bert.config.vocab_size:
         raise ValueError(f"--text {tokenizer!r}: its tokenizer has {len(tok)} tokens, ClipBERT's "
                          f"word embeddings {bert.config.vocab_size}; give the vocabulary it was "

@@ -96,6 +96,10 @@ def from_pretrained_checked(cls, key: str, source: str, local_only: bool = True,
         # transformers 5 builds an empty tokenizer from a folder without vocab.txt /
         # tokenizer.json (every word would be [UNK])
         if len(tokenizer.get_vocab()) <= len(set(tokenizer.all_special_tokens)):
+            if not local_only and not Path(source).is_dir():  # a Hub id
+                raise ValueError(f"{key}={source!r}: no tokenizer vocabulary came from the "
+                                 "Hugging Face Hub (not reachable from here, offline mode, or "
+                                 f"no such repository){hint}")
             raise ValueError(f"{key}={source!r}: no tokenizer vocabulary there (none of "
                              f"{', '.join(TOKENIZER_FILES)}){hint}")
         return tokenizer

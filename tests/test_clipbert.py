@@ -404,3 +404,17 @@ def test_a_failed_download_is_named_as_such(converted, tmp_path, capsys):
     assert "(50000 bytes): not a torch checkpoint" in capsys.readouterr().err
     assert main([*base, str(tmp_path)]) == 2
     assert "is a folder; give the checkpoint file" in capsys.readouterr().err
+
+
+def test_without_text_where_the_hub_cannot_be_reached(converted, tmp_path):
+    """--clipbert without --text takes bert-base-uncased's tokenizer from the Hub: where it
+    cannot be reached (offline mode here), the error says so and names --text, before the
+    checkpoint (about 1 GB for the released one) is read."""
+    cmd = [sys.executable, "-m", "siasam_fast.cli", "weights", str(tmp_path / "w"),
+           "--clipbert", str(converted["ckpt"]), "--heads", "2"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=cpu_env(HF_HUB_OFFLINE="1"), capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "no tokenizer vocabulary came from the Hugging Face Hub" in proc.stderr
+    assert "a local folder holding it" in proc.stderr
+    assert "reading" not in proc.stdout
