@@ -82,3 +82,19 @@ def test_relative_links_resolve(path):
         elif anchor and linked.suffix == ".md" and anchor not in _anchors(linked):
             broken.append(target)
     assert not broken, f"{path.name}: links that point nowhere: {broken}"
+
+
+CLIPBERT_SET = "model.visual=weights/clipbert-visual"
+
+
+@pytest.mark.parametrize("path", DOCS + CONFIGS, ids=lambda p: p.relative_to(ROOT).as_posix())
+def test_clipbert_commands_carry_its_input(path):
+    """Every command or comment that starts from the converted ClipBERT folders also gives
+    ClipBERT's input (README, "ClipBERT's checkpoint": data.frame_fit=pad at data.image_size=448);
+    without them a run trains it on centre-cropped 224 px frames."""
+    text = _text(path)
+    for m in re.finditer(re.escape(CLIPBERT_SET), text):
+        near = text[max(0, m.start() - 300): m.end() + 300]
+        assert "data.frame_fit=pad" in near and "data.image_size=448" in near, (
+            f"{path.name}: --set {CLIPBERT_SET} without data.frame_fit=pad and "
+            f"data.image_size=448 near it")
