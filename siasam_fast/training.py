@@ -618,6 +618,16 @@ def saved_config(state: dict) -> dict:
     return config_from_json(json.dumps(state["config"])).to_dict()
 
 
+# Config fields naming a folder: the same folder written another way (relative or absolute, as
+# `siasam-fast weights` prints it) is no change.
+FOLDER_FIELDS = {"model.visual", "model.text", "model.tokenizer"}
+
+
+def _same_folder(a, b) -> bool:
+    return (isinstance(a, str) and isinstance(b, str) and bool(a) and bool(b)
+            and Path(a).is_dir() and Path(b).is_dir() and _same_dir(Path(a), Path(b)))
+
+
 def config_mismatches(saved: dict, current: dict, prefix: str = "") -> list[str]:
     """Fields that differ and are not allowed to (RESUMABLE_CHANGES may)."""
     out = []
@@ -626,7 +636,8 @@ def config_mismatches(saved: dict, current: dict, prefix: str = "") -> list[str]
         a, b = saved.get(key), current.get(key)
         if isinstance(a, dict) and isinstance(b, dict):
             out += config_mismatches(a, b, name + ".")
-        elif a != b and name not in RESUMABLE_CHANGES:
+        elif a != b and name not in RESUMABLE_CHANGES and not (
+                name in FOLDER_FIELDS and _same_folder(a, b)):
             out.append(f"{name}: checkpoint has {a!r}, this run has {b!r}")
     return out
 

@@ -370,3 +370,24 @@ def test_adam_hyperparameters_reach_every_optimizer(monkeypatch):
         load_config(None, ["train.adam_beta2=1.0"])
     with pytest.raises(ValueError, match=r"train.adam_eps=0.0: must be > 0"):
         load_config(None, ["train.adam_eps=0"])
+
+
+def test_a_model_folder_written_relative_or_absolute_is_the_same_model(tmp_path, monkeypatch):
+    """`siasam-fast weights` prints absolute folders, the docs' recipe relative ones: a run
+    started with one and continued (or init_from, eval) with the other names the same folders,
+    not another model; a different folder still is one."""
+    from siasam_fast.training import config_mismatches
+
+    for name in ("clipbert-visual", "clipbert-text", "other"):
+        (tmp_path / "weights" / name).mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    saved = Config().to_dict()
+    saved["model"].update(visual=str(tmp_path / "weights" / "clipbert-visual"),
+                          text=str(tmp_path / "weights" / "clipbert-text"))
+    now = Config().to_dict()
+    now["model"].update(visual="weights/clipbert-visual", text="weights/clipbert-text/")
+    assert config_mismatches(saved, now) == []
+    now["model"]["visual"] = "weights/other"
+    assert config_mismatches(saved, now) == [
+        f"model.visual: checkpoint has '{tmp_path}/weights/clipbert-visual', this run has "
+        "'weights/other'"]
