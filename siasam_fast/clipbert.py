@@ -66,7 +66,9 @@ def load_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
     with path.open("rb") as fh:
         head = fh.read(256)
     if not head:
-        raise ValueError(f"--clipbert {str(path)!r} is empty (0 bytes): download it again")
+        raise ValueError(f"--clipbert {str(path)!r} is empty (0 bytes): delete it and download "
+                         "it again (ClipBERT's script, wget -nc -O, leaves an empty file when the "
+                         "download fails and keeps it on the next run)")
     if all(32 <= c < 127 or c in b"\t\r\n" for c in head):  # e.g. a server's error page
         text = " ".join(head.decode("ascii").split())[:120]
         raise ValueError(f"--clipbert {str(path)!r} is text, not a torch checkpoint (it begins "
@@ -286,8 +288,8 @@ def convert_clipbert(ckpt: str | Path, out: str | Path, tokenizer: str, force: b
         BertTokenizerFast, "--text", tokenizer, local_only=False,
         hint=(". --clipbert takes the tokenizer of ClipBERT's vocabulary (bert-base-uncased's) "
               "from --text: a Hub id, or, where the Hub cannot be reached, a local folder "
-              f"holding it ({' or '.join(TOKENIZER_FILES)}; e.g. saved with "
-              "BertTokenizerFast.save_pretrained where it can)"))
+              f"holding it ({' or '.join(TOKENIZER_FILES)}): ClipBERT's "
+              "scripts/download_pretrained.sh fetches one into pretrained/bert-base-uncased"))
     log(f"reading {ckpt} ...")
     sd = load_checkpoint(ckpt)
     resnet, taken_cnn = resnet_from_detectron2(sd)
