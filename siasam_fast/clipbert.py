@@ -324,7 +324,9 @@ def convert_clipbert(ckpt: str | Path, out: str | Path, tokenizer: str, force: b
                          f"{problem}")
     log(f"converted {len(taken)} tensors: ResNet (depths {resnet.config.depths}) -> "
         f"{folders['visual']}; BERT ({bert.config.num_hidden_layers} layers, hidden "
-        f"{bert.config.hidden_size}, vocabulary {bert.config.vocab_size}) -> {folders['text']}")
+        f"{bert.config.hidden_size}, {bert.config.num_attention_heads} attention heads "
+        f"({'--heads' if num_heads else 'hidden / 64: the weights do not tell; --heads sets it'}), "
+        f"vocabulary {bert.config.vocab_size}) -> {folders['text']}")
     log(f"not carried over (pre-training heads, detector parts): {left_out}")
     return folders
 

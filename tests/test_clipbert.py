@@ -245,6 +245,7 @@ def test_cli_converts_keeps_and_refuses_another_checkpoint(converted, tmp_path, 
     assert main(args) == 0
     printed = capsys.readouterr().out
     assert f"visual: {out / 'clipbert-visual'}" in printed
+    assert "hidden 32, 2 attention heads (--heads), vocabulary" in printed  # not from the weights
     assert ("not carried over (pre-training heads, detector parts): cnn.feature.pixel_mean (1), "
             "cnn.feature.roi_heads.* (1), transformer.bert.visual_embeddings.* (1), "
             "transformer.cls.predictions.* (1), transformer.cls.seq_relationship.* (1)") in printed
