@@ -362,8 +362,8 @@ INTERRUPTED = {
     "eval": "nothing was written (--json / --predictions are replaced only once the evaluation "
             "has finished)",
     "ask": "nothing was written",
-    "weights": "the folders already complete are kept; the one being fetched was not kept, and "
-               "running the same command again fetches it",
+    "weights": "the folders already complete are kept; the one being written was not kept, and "
+               "running the same command again fetches or converts it",
 }
 
 

@@ -365,5 +365,6 @@ def config_lines(folders: dict[str, Path]) -> str:
 
     return (lines(folders) + "\nmodel.visual_head and model.cnn_freeze (auto) then follow "
             "ClipBERT: its grid encoder and input, its frozen BatchNorms, stem and first stage. "
-            "ClipBERT fine-tuned on frames resized to 448 px on the longer side and padded with "
-            "black: data.image_size: 448 and data.frame_fit: pad give it the same input.")
+            "ClipBERT fine-tuned on frames resized on the longer side and padded with black, "
+            "at 448 px on MSRVTT-QA and 768 px on TGIF-QA: data.frame_fit: pad with "
+            "data.image_size: 448 (or 768) gives it the same input.")

@@ -58,7 +58,7 @@ def _pretrained_dir(key: str, name: str, valid: str, needs: tuple[str, ...] = ()
     folder = Path(name)
     if not folder.is_dir():
         raise ValueError(f"{key}={name!r}: no such folder; valid: {valid}, or a local folder "
-                         "saved with save_pretrained")
+                         f"saved with save_pretrained (if it moved: --set {key}=ITS_NEW_PLACE)")
     if needs and not any((folder / f).is_file() for f in needs):
         raise ValueError(f"{key}={name!r}: the folder holds none of {', '.join(needs)}; valid: "
                          f"{valid}, or a local folder saved with save_pretrained")

@@ -319,21 +319,27 @@ def build_model(cfg: Config, num_answers: int, vocab_size: int,
     return model if device is None else use_memory_format(model, device)
 
 
-def model_visual_note(cfg) -> str | None:
+def model_visual_note(config: Config) -> str | None:
     """One start-up line when the CNN's head or freezing is not the default (a converted ClipBERT
-    folder sets both through auto), so that a run says what it trains."""
+    folder sets both through auto), so that a run says what it trains, and whether its frames are
+    prepared as ClipBERT's were."""
     from siasam_fast.model import resolve_cnn_freeze, resolve_visual_head
 
+    cfg, data = config.model, config.data
     head, freeze = resolve_visual_head(cfg), resolve_cnn_freeze(cfg)
     if head == "proj" and freeze == "none":
         return None
     frozen = {"none": "all of the CNN trains",
               "batchnorm": "the CNN's BatchNorms are frozen",
               "detectron2": "the CNN's BatchNorms, stem and first stage are frozen"}[freeze]
+    frames = ""
+    if head == "clipbert" and (data.frame_fit, data.image_size) not in (("pad", 448), ("pad", 768)):
+        frames = (f"; frames: data.frame_fit={data.frame_fit}, data.image_size={data.image_size} "
+                  "(ClipBERT's: pad at 448, or 768 on TGIF-QA)")
     return (f"model: visual head {head}"
             + (" (ClipBERT's grid encoder, detectron2's pixel input)" if head == "clipbert" else "")
             + f"; {frozen} (model.visual_head={cfg.visual_head}, "
-            f"model.cnn_freeze={cfg.cnn_freeze})")
+            f"model.cnn_freeze={cfg.cnn_freeze})" + frames)
 
 
 def deepspeed_arch_list(value: str | None) -> str | None:
@@ -619,13 +625,27 @@ def saved_config(state: dict) -> dict:
 
 
 # Config fields naming a folder: the same folder written another way (relative or absolute, as
-# `siasam-fast weights` prints it) is no change.
+# `siasam-fast weights` prints it) is no change; nor is another folder where the checkpoint's is
+# gone (the weights folders moved, or the run was copied to another machine): the checkpoint holds
+# every weight, the folder gives only the architecture and the tokenizer (a note says so).
 FOLDER_FIELDS = {"model.visual", "model.text", "model.tokenizer"}
 
 
 def _same_folder(a, b) -> bool:
     return (isinstance(a, str) and isinstance(b, str) and bool(a) and bool(b)
             and Path(a).is_dir() and Path(b).is_dir() and _same_dir(Path(a), Path(b)))
+
+
+def _replaced_folder(name: str, a, b) -> bool:
+    """``b`` stands in for the checkpoint's folder ``a``, which is gone; says so once (rank 0)."""
+    if not (isinstance(a, str) and isinstance(b, str) and a and b and not Path(a).exists()
+            and Path(b).is_dir()):
+        return False
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"note: {name}: the checkpoint's folder {a!r} is not here; {b!r} stands in for it "
+              "(the checkpoint's weights are loaded over it: it must be a copy of the same "
+              "model and tokenizer)", file=sys.stderr)
+    return True
 
 
 def config_mismatches(saved: dict, current: dict, prefix: str = "") -> list[str]:
@@ -637,7 +657,7 @@ def config_mismatches(saved: dict, current: dict, prefix: str = "") -> list[str]
         if isinstance(a, dict) and isinstance(b, dict):
             out += config_mismatches(a, b, name + ".")
         elif a != b and name not in RESUMABLE_CHANGES and not (
-                name in FOLDER_FIELDS and _same_folder(a, b)):
+                name in FOLDER_FIELDS and (_same_folder(a, b) or _replaced_folder(name, a, b))):
             out.append(f"{name}: checkpoint has {a!r}, this run has {b!r}")
     return out
 
@@ -1291,6 +1311,8 @@ def run_training(args: argparse.Namespace, cfg: Config, rank: int, world: int,
             restore_buffers(engine.module, tag_dir)
             remove_universal(load_dir, rank, world)
         step, start_epoch = state["step"], state["epoch"]
+        if rank0:
+            print(f"resumed from {tag_dir} ({step} steps done)")
         saved_cfg = state["config"].get("train", {})
         old_epochs = saved_cfg.get("epochs", cfg.train.epochs)
         old_steps = saved_steps_per_epoch(state)
@@ -1362,7 +1384,7 @@ def run_training(args: argparse.Namespace, cfg: Config, rank: int, world: int,
               + (f" (each step {accum} micro-batches of {cfg.train.batch_size} per process)"
                  if accum > 1 else "") + "; "
               f"siamese alpha={cfg.siamese.alpha} N={cfg.sampling.num_clips} -> {out_dir}")
-        visual_note = model_visual_note(cfg.model)
+        visual_note = model_visual_note(cfg)
         if visual_note:
             print(visual_note)
 
@@ -1583,11 +1605,19 @@ def checkpoint_config(checkpoint: str, config_path: str | None = None,
     cfg = load_config(config_path, overrides) if config_path else \
         Config.from_dict(_apply(saved.to_dict(), overrides))
     problems = config_mismatches(saved.to_dict(), cfg.to_dict())
+    seen = [p for p in problems if p.startswith(SEEN_FIELDS)]
     problems = [p for p in problems if not p.startswith(("train.", "data."))]
     if problems:
         raise ValueError(f"checkpoint {tag_dir} does not fit this config:\n  "
                          + "\n  ".join(problems))
+    if seen and int(os.environ.get("RANK", "0")) == 0:
+        print("note: the frames are prepared otherwise than in training (allowed, but the model "
+              "did not learn on them): " + "; ".join(seen), file=sys.stderr)
     return tag_dir, state, cfg
+
+
+# How a frame reaches the model: an evaluation may change these, with a note
+SEEN_FIELDS = ("data.frame_fit:", "data.image_size:")
 
 
 def answer_question(checkpoint: str, video: str, question: str,

@@ -345,6 +345,8 @@ def test_training_from_the_converted_checkpoint_keeps_the_frozen_part(converted,
     assert ("model: visual head clipbert (ClipBERT's grid encoder, detectron2's pixel input); the "
             "CNN's BatchNorms, stem and first stage are frozen (model.visual_head=auto, "
             "model.cnn_freeze=auto)") in proc.stdout
+    assert ("; frames: data.frame_fit=crop, data.image_size=64 (ClipBERT's: pad at 448, or 768 "
+            "on TGIF-QA)") in proc.stdout
     tag = (out / "checkpoints" / "latest").read_text().strip()
     trained = load_model_weights(out / "checkpoints" / tag)
     start = build(folders).state_dict()

@@ -391,3 +391,47 @@ def test_a_model_folder_written_relative_or_absolute_is_the_same_model(tmp_path,
     assert config_mismatches(saved, now) == [
         f"model.visual: checkpoint has '{tmp_path}/weights/clipbert-visual', this run has "
         "'weights/other'"]
+
+
+def test_a_model_folder_that_moved_is_replaced_with_a_note(tmp_path, monkeypatch, capsys):
+    """The checkpoint's weights folder is gone (moved, or the run copied to another machine):
+    another existing folder stands in for it, with a note; a folder that is still there is
+    another model, and a stand-in that does not exist is refused."""
+    from siasam_fast.training import config_mismatches
+
+    (tmp_path / "moved" / "clipbert-visual").mkdir(parents=True)
+    (tmp_path / "old" / "clipbert-visual").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    saved = Config().to_dict()
+    saved["model"]["visual"] = str(tmp_path / "gone" / "clipbert-visual")
+    now = Config().to_dict()
+    now["model"]["visual"] = "moved/clipbert-visual"
+    assert config_mismatches(saved, now) == []
+    assert "the checkpoint's folder" in capsys.readouterr().err
+    now["model"]["visual"] = "nowhere/clipbert-visual"
+    assert len(config_mismatches(saved, now)) == 1
+    saved["model"]["visual"] = str(tmp_path / "old" / "clipbert-visual")  # still there
+    now["model"]["visual"] = "moved/clipbert-visual"
+    assert len(config_mismatches(saved, now)) == 1
+
+
+def test_evaluating_with_other_frames_than_trained_says_so(tmp_path, capsys):
+    """eval / ask with another data.frame_fit or data.image_size than the checkpoint's: allowed
+    (the weights fit), with a note naming both values."""
+    import json
+
+    from siasam_fast.training import checkpoint_config
+
+    tag = tmp_path / "run" / "checkpoints" / "step1"
+    tag.mkdir(parents=True)
+    saved = Config().to_dict()
+    saved["data"]["frame_fit"] = "pad"
+    (tag / "run_state.json").write_text(json.dumps(
+        {"step": 1, "epoch": 0, "sampler": {}, "config": saved, "vocab": "", "world_size": 1}))
+    (tag.parent / "latest").write_text("step1")
+    checkpoint_config(str(tag), overrides=["data.frame_fit=crop", "data.image_size=32"])
+    err = capsys.readouterr().err
+    assert "data.frame_fit: checkpoint has 'pad', this run has 'crop'" in err
+    assert "data.image_size: checkpoint has 224, this run has 32" in err
+    checkpoint_config(str(tag))
+    assert "frames are prepared otherwise" not in capsys.readouterr().err
