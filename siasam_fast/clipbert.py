@@ -246,6 +246,20 @@ def _source_id(path: Path) -> dict:
 
 def convert_clipbert(ckpt: str | Path, out: str | Path, tokenizer: str, force: bool = False,
                      num_heads: int | None = None, log=print) -> dict[str, Path]:
+    """:func:`_convert`; an OUT folder that it made and that stayed empty (a refused file, an
+    interruption before anything was written) is removed again."""
+    made = not Path(out).exists()
+    try:
+        return _convert(ckpt, out, tokenizer, force, num_heads, log)
+    except BaseException:
+        folder = Path(out)
+        if made and folder.is_dir() and not any(folder.iterdir()):
+            folder.rmdir()
+        raise
+
+
+def _convert(ckpt: str | Path, out: str | Path, tokenizer: str, force: bool = False,
+             num_heads: int | None = None, log=print) -> dict[str, Path]:
     """Convert ClipBERT's checkpoint ``ckpt`` into ``out/clipbert-visual`` (model.visual) and
     ``out/clipbert-text`` (model.text, with the tokenizer of ``tokenizer``: a Hub id or a local
     folder; ClipBERT's is bert-base-uncased). Folders already converted from this same file are
@@ -327,7 +341,7 @@ def convert_clipbert(ckpt: str | Path, out: str | Path, tokenizer: str, force: b
         f"{bert.config.hidden_size}, {bert.config.num_attention_heads} attention heads "
         f"({'--heads' if num_heads else 'hidden / 64: the weights do not tell; --heads sets it'}), "
         f"vocabulary {bert.config.vocab_size}) -> {folders['text']}")
-    log(f"not carried over (pre-training heads, detector parts): {left_out}")
+    log(f"not carried over (pre-training heads, detector parts, unused embeddings): {left_out}")
     return folders
 
 

@@ -246,7 +246,8 @@ def test_cli_converts_keeps_and_refuses_another_checkpoint(converted, tmp_path, 
     printed = capsys.readouterr().out
     assert f"visual: {out / 'clipbert-visual'}" in printed
     assert "hidden 32, 2 attention heads (--heads), vocabulary" in printed  # not from the weights
-    assert ("not carried over (pre-training heads, detector parts): cnn.feature.pixel_mean (1), "
+    assert ("not carried over (pre-training heads, detector parts, unused embeddings): "
+            "cnn.feature.pixel_mean (1), "
             "cnn.feature.roi_heads.* (1), transformer.bert.visual_embeddings.* (1), "
             "transformer.cls.predictions.* (1), transformer.cls.seq_relationship.* (1)") in printed
     marker = json.loads((out / "clipbert-visual" / "siasam_visual.json").read_text())
@@ -285,6 +286,7 @@ def test_bad_checkpoints_and_settings_are_named(converted, tmp_path, capsys):
     tok = str(converted["tok"])
     base = ["weights", str(tmp_path / "w"), "--text", tok, "--heads", "2", "--clipbert"]
     assert main([*base, str(tmp_path / "missing.pt")]) == 2
+    assert not (tmp_path / "w").exists()  # the OUT it made for nothing is gone again
     assert "missing.pt': no such file" in capsys.readouterr().err
     junk = tmp_path / "junk.pt"
     junk.write_bytes(b"not a checkpoint")
