@@ -541,7 +541,8 @@ class Trainer:
         self.plan, self.cfg, self.device = plan, copy.deepcopy(cfg), device
         cfg = self.cfg
         cfg.siamese.impl = plan.siamese_impl
-        self.text = TextEncoder(tokenizer, cfg.task, cfg.data.max_question_len)
+        self.text = TextEncoder(tokenizer, cfg.task, cfg.data.max_question_len,
+                                cfg.data.mc_text)
         seed_everything(cfg.train.seed, 0)  # same initial weights in every variant
         layout_device = device if plan.engine == "torch" else None  # DeepSpeed: frames only
         model = build_model(cfg, len(data.ans2label), len(tokenizer), layout_device).to(device)

@@ -219,7 +219,9 @@ def _ask(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(result))
     elif result["task"] == "count":
-        print(f"count: {result['count']:.2f}")
+        count = result["count"]  # an integer: rounded and clipped (eval.count_metric tgif)
+        print(f"count: {count} (model output {result['output']:.2f})" if isinstance(count, int)
+              else f"count: {count:.2f}")
     else:
         width = max(len(answer) for answer, _ in result["answers"])
         for answer, prob in result["answers"]:

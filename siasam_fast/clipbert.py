@@ -22,8 +22,9 @@ the ResNet as transformers' ``ResNetModel`` (``downsample_in_bottleneck=True``, 
 convolution's input channels reordered so that it takes RGB), with the grid encoder, position
 embeddings (the token-type row folded into the row embeddings: both are added to every grid
 token) and LayerNorm beside it in VisualEmbeddings' names; BERT as ``BertModel`` with the
-tokenizer. With those folders ``model.visual_head`` and ``model.cnn_freeze`` resolve (auto) to
-ClipBERT's: its grid encoder and input, its frozen BatchNorms, stem and first stage. The pixel mean
+tokenizer. With those folders ``model.visual_head``, ``model.cnn_freeze`` and ``model.qa_head``
+resolve (auto) to ClipBERT's: its grid encoder and input, its frozen BatchNorms, stem and first
+stage, its answer classifier (not in the file: it starts fresh). The pixel mean
 and BGR order need no change in the data pipelines: the model maps their ImageNet-normalised RGB
 frames back (model.py, VisualEmbeddings).
 
@@ -377,8 +378,9 @@ def config_lines(folders: dict[str, Path]) -> str:
     """The config that starts from the converted folders."""
     from siasam_fast.weights import config_lines as lines
 
-    return (lines(folders) + "\nmodel.visual_head and model.cnn_freeze (auto) then follow "
-            "ClipBERT: its grid encoder and input, its frozen BatchNorms, stem and first stage. "
+    return (lines(folders) + "\nmodel.visual_head, model.cnn_freeze and model.qa_head (auto) "
+            "then follow ClipBERT: its grid encoder and input, its frozen BatchNorms, stem and "
+            "first stage, its answer classifier (Linear, ReLU, Linear; it starts fresh). "
             "ClipBERT fine-tuned on frames resized on the longer side and padded with black, "
             "at 448 px on MSRVTT-QA and 768 px on TGIF-QA: data.frame_fit: pad with "
             "data.image_size: 448 (or 768) gives it the same input.")

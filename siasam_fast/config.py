@@ -23,13 +23,17 @@ from siasam_fast.sampling import SamplingConfig
 TASKS = ("open", "mc", "count")
 BACKENDS = ("auto", "pyav", "dali")
 GT_CLIPS = ("anchor", "all")
+MC_LOSSES = ("hinge", "ce")
+MC_TEXTS = ("pair", "joined")
 AGGREGATIONS = ("mean", "max", "logsumexp")
+COUNT_METRICS = ("tgif", "raw")
 OPTIMIZERS = ("auto", "torch", "deepspeed", "apex")
 MEMORY_FORMATS = ("auto", "channels_last", "contiguous")
 LAYER_NORMS = ("auto", "torch", "apex")
 ACTIVATION_CHECKPOINTING = ("none", "cnn", "all")
 VISUAL_HEADS = ("auto", "proj", "clipbert")
 CNN_FREEZES = ("auto", "none", "batchnorm", "detectron2")
+QA_HEADS = ("auto", "siasam", "clipbert")
 EVAL_SPLITS = ("val", "test", "none")
 FRAME_FITS = ("crop", "pad")  # siasam_fast.pipeline.transforms.FRAME_FITS
 
@@ -63,6 +67,11 @@ class DataConfig:
     # trimmed clip exactly, else it hands over whole files and says why
     dali_trim: bool = True
     max_question_len: int = 32
+    # Multiple choice: how a question and a candidate make one text. pair = [CLS] question [SEP]
+    # candidate [SEP] (BERT's sentence pair, the longer of the two trimmed to max_question_len);
+    # joined = [CLS] question candidate [SEP], one sentence, as ClipBERT fine-tunes TGIF-QA
+    # action / transition (its collator joins them with a space; cut at the end).
+    mc_text: str = "pair"  # pair | joined
     options: dict = field(default_factory=dict)  # extra keyword arguments of the reader
 
     def __post_init__(self) -> None:
@@ -82,6 +91,7 @@ class DataConfig:
         _at_least("data.min_answer_count", self.min_answer_count, 1, "times in train")
         _at_least("data.image_size", self.image_size, 8, "pixels")
         _at_least("data.num_workers", self.num_workers, 0)
+        _choice("data.mc_text", self.mc_text, MC_TEXTS)
         _at_least("data.max_question_len", self.max_question_len, 3,
                   "tokens: [CLS], at least one word, [SEP]")
 
@@ -114,8 +124,14 @@ class ModelConfig:
     # stem and first stage are not trained either (detectron2's FREEZE_AT=2, as ClipBERT trains).
     # auto: detectron2 for a converted ClipBERT folder, none otherwise.
     cnn_freeze: str = "auto"  # auto | none | batchnorm | detectron2
+    # The answer head over each clip's pooled [CLS]: siasam = Linear, GELU, LayerNorm, Linear
+    # (2 x hidden wide; mc and count: Linear, GELU, Linear, hidden wide); clipbert = ClipBERT's
+    # classifier for every task: dropout, Linear (2 x hidden), ReLU, Linear, initialised as BERT's
+    # (normal, std 0.02). auto: clipbert for a converted ClipBERT folder, siasam otherwise.
+    qa_head: str = "auto"  # auto | siasam | clipbert
 
     def __post_init__(self) -> None:
+        _choice("model.qa_head", self.qa_head, QA_HEADS)
         _choice("model.visual_head", self.visual_head, VISUAL_HEADS)
         _choice("model.cnn_freeze", self.cnn_freeze, CNN_FREEZES)
         _choice("model.memory_format", self.memory_format, MEMORY_FORMATS)
@@ -138,6 +154,10 @@ class SiameseConfig:
     learn_w2: bool = True
     detach_soft_label: bool = False  # BAKE-style stop-gradient through Q
     gt_clips: str = "anchor"  # L_gt on the anchor clip only or on every clip
+    # L_gt for multiple choice: hinge = the paper's summed pairwise hinge (sec. 3.4); ce =
+    # cross-entropy over the candidates' scores, as ClipBERT fine-tunes TGIF-QA action /
+    # transition (the loss of a ClipBERT baseline to compare with)
+    mc_loss: str = "hinge"  # hinge | ce
     # Ramp alpha linearly from 0 over this fraction of the training steps (0: alpha from the
     # start, as the paper). For models trained from scratch, whose early guesses L_siamese would
     # lock in (docs/experiments.md section 4).
@@ -146,6 +166,7 @@ class SiameseConfig:
 
     def __post_init__(self) -> None:
         _choice("siamese.gt_clips", self.gt_clips, GT_CLIPS)
+        _choice("siamese.mc_loss", self.mc_loss, MC_LOSSES)
         _choice("siamese.impl", self.impl, ("auto", "triton", "reference"))
         if not 0.0 <= self.omega <= 1.0:
             raise ValueError(f"siamese.omega={self.omega}: must lie in [0, 1]")
@@ -182,6 +203,9 @@ class TrainConfig:
     seed: int = 42
     save_every: int = 0  # steps between checkpoints (0: only at each epoch end)
     keep_checkpoints: int = 2
+    # also keep the checkpoint of the epoch whose evaluation (eval.split) was best, besides the
+    # last keep_checkpoints (the paper reports each run's best epoch; summary.json's "best")
+    keep_best: bool = True
     out_dir: str = "runs/default"
     log_every: int = 10
     max_steps: int = 0  # stop after this many steps (0: run all epochs); the lr schedule still
@@ -232,9 +256,15 @@ class EvalConfig:
     aggregation: str = "mean"  # multi-clip score aggregation (ClipBERT): mean | max | logsumexp
     batch_size: int = 16
     split: str = "val"  # the split evaluated after each epoch: val | test | none
+    # task=count: the answer a prediction gives, and so the MSE. tgif = the regression output
+    # rounded to the nearest integer and clipped to 1..10, as the TGIF-QA Count numbers are
+    # scored (HCRN's evaluation: (logits + 0.5).long().clamp(1, 10)); raw = the output itself,
+    # which is then the only MSE reported (with tgif, mse_raw gives the output's beside it).
+    count_metric: str = "tgif"  # tgif | raw
 
     def __post_init__(self) -> None:
         _choice("eval.aggregation", self.aggregation, AGGREGATIONS)
+        _choice("eval.count_metric", self.count_metric, COUNT_METRICS)
         _choice("eval.split", self.split, EVAL_SPLITS)
         _at_least("eval.num_clips", self.num_clips, 1)
         _at_least("eval.batch_size", self.batch_size, 1)
@@ -427,6 +457,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 def config_from_json(text: str) -> Config:
     """Inverse of ``json.dumps(config.to_dict())`` (checkpoints store configs this way)."""
     values = json.loads(text)
+    # Fields whose default is not what a checkpoint that predates them trained with
+    model = values.get("model")
+    if isinstance(model, dict):
+        model.setdefault("qa_head", "siasam")  # before model.qa_head: always siasam's
     fpc = values.get("sampling", {}).get("frames_per_clip")
     if isinstance(fpc, list):
         values["sampling"]["frames_per_clip"] = tuple(fpc)

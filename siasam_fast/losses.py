@@ -1,7 +1,8 @@
 """The SiaSamRea objective, eq. 8: L = alpha * L_siamese + L_gt.
 
 L_gt per task (section 3.4): cross-entropy (open-ended), summed pairwise hinge
-max(0, 1 - (s_pos - s_neg)) (multiple choice), MSE (count). It covers the anchor clip or every clip
+max(0, 1 - (s_pos - s_neg)) (multiple choice; ``siamese.mc_loss: ce`` takes ClipBERT's
+cross-entropy over the candidates instead), MSE (count). It covers the anchor clip or every clip
 (``siamese.gt_clips``). L_siamese is the soft cross-entropy between the soft label Q (eq. 5) and the
 anchor's prediction; for multiple choice the candidates' scores play the role of logits (K = M);
 for count the clips' scalar predictions are propagated instead of distributions.
@@ -28,7 +29,8 @@ def _clip_weights(clip_mask: torch.Tensor, gt_clips: str) -> torch.Tensor:
     return clip_mask.float()
 
 
-def gt_loss(outputs: dict, batch: dict, task: str, gt_clips: str = "anchor") -> torch.Tensor:
+def gt_loss(outputs: dict, batch: dict, task: str, gt_clips: str = "anchor",
+            mc_loss: str = "hinge") -> torch.Tensor:
     """L_gt averaged over the covered clips of the videos that have a target."""
     scores = task_scores(outputs, task).float()
     V, N = scores.shape[:2]
@@ -41,9 +43,11 @@ def gt_loss(outputs: dict, batch: dict, task: str, gt_clips: str = "anchor") -> 
         label = (batch["label"] if task == "open" else batch["answer_index"]).long()
         valid = label != IGNORE
         safe = label.clamp_min(0).view(V, 1).expand(V, N)
-        if task == "open":
+        if task == "open" or mc_loss == "ce":  # over the answers, or over the candidates
             per_clip = F.cross_entropy(scores.flatten(0, 1), safe.reshape(-1), reduction="none")
             per_clip = per_clip.view(V, N)
+        elif mc_loss != "hinge":
+            raise ValueError(f"siamese.mc_loss={mc_loss!r}: valid values are hinge, ce")
         else:  # summed pairwise hinge between the positive and every negative candidate
             pos = scores.gather(2, safe[..., None])  # [V, N, 1]
             hinge = (1.0 - (pos - scores)).clamp_min(0)
@@ -72,7 +76,7 @@ def total_loss(outputs: dict, batch: dict, task: str, cfg: SiameseConfig,
     ``alpha``: this step's weight when it differs from ``cfg.alpha`` (``siamese.alpha_warmup``
     ramps it up: :func:`alpha_at`); the siamese term is still computed at 0, so every step uses
     the same parameters."""
-    l_gt = gt_loss(outputs, batch, task, cfg.gt_clips)
+    l_gt = gt_loss(outputs, batch, task, cfg.gt_clips, cfg.mc_loss)
     parts = {"loss_gt": l_gt.detach()}
     loss = l_gt
     num_clips = batch["clip_mask"].shape[1]

@@ -293,6 +293,29 @@ def resolve_cnn_freeze(cfg: ModelConfig) -> str:
     return "detectron2" if converted_visual(cfg) is not None else "none"
 
 
+def resolve_qa_head(cfg: ModelConfig) -> str:
+    """``model.qa_head`` with auto resolved: clipbert for a converted ClipBERT folder."""
+    if cfg.qa_head != "auto":
+        return cfg.qa_head
+    return "clipbert" if converted_visual(cfg) is not None else "siasam"
+
+
+def build_qa_head(how: str, task: str, hidden: int, outputs: int, dropout: float) -> nn.Module:
+    """The answer head over a clip's pooled [CLS] (``model.qa_head``, resolved): ``outputs``
+    scores (the answers for open, 1 for mc and count)."""
+    if how == "clipbert":  # ClipBERT's classifier (ClipBertForSequenceClassification / MC)
+        head = nn.Sequential(nn.Dropout(dropout), nn.Linear(hidden, hidden * 2), nn.ReLU(),
+                             nn.Linear(hidden * 2, outputs))
+        for layer in (head[1], head[3]):  # BERT's init, as ClipBERT's init_weights gives them
+            nn.init.normal_(layer.weight, std=0.02)
+            nn.init.zeros_(layer.bias)
+        return head
+    if task == "open":
+        return nn.Sequential(nn.Linear(hidden, hidden * 2), nn.GELU(), nn.LayerNorm(hidden * 2),
+                             nn.Linear(hidden * 2, outputs))
+    return nn.Sequential(nn.Linear(hidden, hidden), nn.GELU(), nn.Linear(hidden, outputs))
+
+
 class FrozenBatchNorm2d(nn.Module):
     """A BatchNorm2d that always normalises with its running statistics, its scale and shift
     buffers rather than parameters (detectron2's FrozenBN): nothing of it changes in training."""
@@ -519,11 +542,9 @@ class SiaSamReaModel(nn.Module):
         self.visual = VisualEmbeddings(build_visual(cfg.visual), hidden, cfg)
         # g() of eq. 1: identity by default, a learned projection when asked for.
         self.projection_head = nn.Linear(hidden, hidden) if cfg.projection_head else nn.Identity()
-        if task == "open":
-            self.head = nn.Sequential(nn.Linear(hidden, hidden * 2), nn.GELU(),
-                                      nn.LayerNorm(hidden * 2), nn.Linear(hidden * 2, num_answers))
-        else:  # one score per (question + candidate) for mc, one number for count
-            self.head = nn.Sequential(nn.Linear(hidden, hidden), nn.GELU(), nn.Linear(hidden, 1))
+        # one score per answer for open; per (question + candidate) for mc; one number for count
+        self.head = build_qa_head(resolve_qa_head(cfg), task, hidden,
+                                  num_answers if task == "open" else 1, cfg.dropout)
         self.reasoning = SiameseReasoning(num_clips, **(siamese_kwargs or {}))
 
     def text_embeddings(self, input_ids, attention_mask) -> torch.Tensor:
@@ -570,6 +591,22 @@ class SiaSamReaModel(nn.Module):
 def task_scores(outputs: dict, task: str) -> torch.Tensor:
     """The per-clip prediction tensor the siamese loss and evaluation read."""
     return outputs[{"open": "logits", "mc": "scores", "count": "prediction"}[task]]
+
+
+# TGIF-QA's repetition counts lie in 1..10; the Count numbers published for it (HCRN's
+# evaluation, which the later works follow) round the regression output to the nearest integer
+# and clip it to that range before the squared error.
+COUNT_RANGE = (1, 10)
+
+
+def count_answer(prediction: torch.Tensor, how: str = "tgif") -> torch.Tensor:
+    """The count a regression output answers (``eval.count_metric``): tgif = floor(x + 0.5)
+    clipped to 1..10 (HCRN's ``(logits + 0.5).long().clamp(min=1, max=10)``); raw = x."""
+    if how == "raw":
+        return prediction
+    if how != "tgif":
+        raise ValueError(f"eval.count_metric={how!r}: valid values are tgif, raw")
+    return (prediction + 0.5).floor().clamp(*COUNT_RANGE)
 
 
 def aggregate_clips(scores: torch.Tensor, clip_mask: torch.Tensor, how: str) -> torch.Tensor:

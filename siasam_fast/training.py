@@ -31,6 +31,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -60,6 +61,7 @@ from siasam_fast.model import (  # noqa: E402
     aggregate_clips,
     apex_available,
     apex_problem,
+    count_answer,
     load_tokenizer,
     task_scores,
     use_apex_layer_norm,
@@ -80,11 +82,13 @@ from siasam_fast.stopping import CHECK_EVERY, Stopped, StopRequest, stop_raises 
 # Config fields that may change between a checkpoint and the run resuming (or evaluating) it.
 RESUMABLE_CHANGES = {
     "train.epochs", "train.max_steps", "train.out_dir", "train.log_every", "train.save_every",
-    "train.keep_checkpoints", "train.sync_timing", "train.init_from", "data.num_workers",
+    "train.keep_checkpoints", "train.keep_best", "train.sync_timing", "train.init_from",
+    "data.num_workers",
     "train.cudnn_benchmark", "data.decode_group", "data.dali_trim", "train.overwrite",
     "data.backend", "model.layer_norm",
     "data.manifest", "data.video_dir", "data.train", "data.val", "data.test", "eval.batch_size",
-    "eval.num_clips", "eval.aggregation", "eval.split", "siamese.impl", "model.memory_format",
+    "eval.num_clips", "eval.aggregation", "eval.split", "eval.count_metric", "siamese.impl",
+    "model.memory_format",
     "model.activation_checkpointing",
     "sampling.eval_placement",  # where the evaluation clips go: evaluation only, as eval.num_clips
 }
@@ -151,8 +155,10 @@ def seed_everything(seed: int, rank: int) -> None:
 class TextEncoder:
     """Tokenises each question once per video (question + candidate pairs for multiple choice)."""
 
-    def __init__(self, tokenizer, task: str, max_len: int):
-        self.tokenizer, self.task, self.max_len = tokenizer, task, max_len
+    def __init__(self, tokenizer, task: str, max_len: int, mc_text: str = "pair"):
+        if mc_text not in ("pair", "joined"):
+            raise ValueError(f"data.mc_text={mc_text!r}: valid values are pair, joined")
+        self.tokenizer, self.task, self.max_len, self.mc_text = tokenizer, task, max_len, mc_text
 
     def __call__(self, batch: dict) -> dict:
         questions = batch["question"]
@@ -164,8 +170,13 @@ class TextEncoder:
                                  f"{sorted({len(c) for c in cands})}")
             firsts = [q for q in questions for _ in range(M)]
             seconds = [c for cs in cands for c in cs]
-            enc = self.tokenizer(firsts, seconds, padding=True, truncation=True,
-                                 max_length=self.max_len, return_tensors="pt")
+            if self.mc_text == "joined":  # one sentence: "question candidate"
+                texts = [f"{q} {c}" for q, c in zip(firsts, seconds)]
+                enc = self.tokenizer(texts, padding=True, truncation=True,
+                                     max_length=self.max_len, return_tensors="pt")
+            else:
+                enc = self.tokenizer(firsts, seconds, padding=True, truncation=True,
+                                     max_length=self.max_len, return_tensors="pt")
             V = len(questions)
             return {k: enc[k].view(V, M, -1) for k in ("input_ids", "attention_mask")}
         enc = self.tokenizer(list(questions), padding=True, truncation=True,
@@ -320,14 +331,14 @@ def build_model(cfg: Config, num_answers: int, vocab_size: int,
 
 
 def model_visual_note(config: Config) -> str | None:
-    """One start-up line when the CNN's head or freezing is not the default (a converted ClipBERT
-    folder sets both through auto), so that a run says what it trains, and whether its frames are
-    prepared as ClipBERT's were."""
-    from siasam_fast.model import resolve_cnn_freeze, resolve_visual_head
+    """One start-up line when the CNN's head or freezing, or the answer head, is not the default
+    (a converted ClipBERT folder sets all three through auto), so that a run says what it trains,
+    and whether its frames are prepared as ClipBERT's were."""
+    from siasam_fast.model import resolve_cnn_freeze, resolve_qa_head, resolve_visual_head
 
     cfg, data = config.model, config.data
-    head, freeze = resolve_visual_head(cfg), resolve_cnn_freeze(cfg)
-    if head == "proj" and freeze == "none":
+    head, freeze, qa = resolve_visual_head(cfg), resolve_cnn_freeze(cfg), resolve_qa_head(cfg)
+    if head == "proj" and freeze == "none" and qa == "siasam":
         return None
     frozen = {"none": "all of the CNN trains",
               "batchnorm": "the CNN's BatchNorms are frozen",
@@ -338,8 +349,10 @@ def model_visual_note(config: Config) -> str | None:
                   "(ClipBERT's: pad at 448, or 768 on TGIF-QA)")
     return (f"model: visual head {head}"
             + (" (ClipBERT's grid encoder, detectron2's pixel input)" if head == "clipbert" else "")
-            + f"; {frozen} (model.visual_head={cfg.visual_head}, "
-            f"model.cnn_freeze={cfg.cnn_freeze})" + frames)
+            + f"; {frozen}; answer head {qa}"
+            + (" (ClipBERT's: Linear, ReLU, Linear)" if qa == "clipbert" else "")
+            + f" (model.visual_head={cfg.visual_head}, model.cnn_freeze={cfg.cnn_freeze}, "
+            f"model.qa_head={cfg.qa_head})" + frames)
 
 
 def deepspeed_arch_list(value: str | None) -> str | None:
@@ -543,7 +556,9 @@ def to_device(batch: dict, device: torch.device, dtype: torch.dtype) -> dict:
 @torch.no_grad()
 def evaluate(model, loader, cfg: Config, text: TextEncoder, device, dtype, desc="eval",
              predictions: Path | None = None) -> dict:
-    """Top-1 accuracy (open / mc) overall and per question type, or MSE (count).
+    """Top-1 accuracy (open / mc) overall and per question type, or MSE (count: of the answer
+    ``eval.count_metric`` takes, tgif = rounded and clipped to 1..10, with ``mse_raw`` the
+    regression output's).
 
     Every rank evaluates its shard; results are gathered and de-duplicated by example (shards are
     padded to equal length by wrapping, which ZeRO-3's collective forward needs). ``predictions``:
@@ -562,21 +577,26 @@ def evaluate(model, loader, cfg: Config, text: TextEncoder, device, dtype, desc=
         outputs = model(batch)
         scores = aggregate_clips(task_scores(outputs, cfg.task).float(), batch["clip_mask"],
                                  cfg.eval.aggregation)
+        raw = [None] * len(scores)  # count: the regression output, before count_answer
         if cfg.task == "count":
-            pred = scores
+            pred = count_answer(scores, cfg.eval.count_metric)
             target = batch["count"].float()
             values = ((pred - target) ** 2).tolist()
             labeled = target.isfinite().tolist()  # NaN: no count given
+            raw = scores.tolist()
+            if cfg.eval.count_metric == "tgif":
+                pred = pred.long()  # an integer answer
         else:
             pred = scores.argmax(-1)
             target = batch["label"] if cfg.task == "open" else batch["answer_index"]
             values = (pred == target).float().tolist()
             # open: label -1 is an answer outside the vocabulary (wrong); mc: -1 is no answer
             labeled = (target >= 0).tolist() if cfg.task == "mc" else [True] * len(values)
-        for idx, qid, qtype, p, value, known in zip(
+        for idx, qid, qtype, p, value, known, out, t in zip(
                 batch["example_index"].tolist(), batch["qid"], batch["question_type"],
-                pred.tolist(), values, labeled):
-            rows[idx] = (qtype, value if known else None, qid, p)
+                pred.tolist(), values, labeled, raw, target.tolist()):
+            rows[idx] = (qtype, value if known else None, qid, p,
+                         None if out is None else (out, (out - t) ** 2 if known else None))
     if dist.is_initialized() and dist.get_world_size() > 1:
         gathered = [None] * dist.get_world_size()
         dist.all_gather_object(gathered, rows)
@@ -588,25 +608,76 @@ def evaluate(model, loader, cfg: Config, text: TextEncoder, device, dtype, desc=
     if len(scored) < len(rows):
         result["num_unlabeled"] = len(rows) - len(scored)
     result[metric] = _mean(r[1] for r in scored)
+    if cfg.task == "count" and cfg.eval.count_metric != "raw":  # the unrounded output's too
+        result["mse_raw"] = _mean(r[4][1] for r in scored)
     types = sorted({r[0] for r in scored})
     for qtype in types if types != [""] else []:  # no breakdown when no question has a type
         result[f"{metric}/{qtype or 'untyped'}"] = _mean(r[1] for r in scored if r[0] == qtype)
     if predictions is not None and rank0:  # atomic: a stop while writing keeps an earlier file
         write_text_atomic(predictions, "".join(
-            json.dumps({"qid": qid, "question_type": qtype, "prediction": p, metric: value}) + "\n"
-            for qtype, value, qid, p in (rows[idx] for idx in sorted(rows))))
+            json.dumps({"qid": qid, "question_type": qtype, "prediction": p,
+                        **({} if raw is None else {"output": raw[0]}), metric: value}) + "\n"
+            for qtype, value, qid, p, raw in (rows[idx] for idx in sorted(rows))))
     # Examples whose video failed at decode time are not scored (their stand-in is the next
     # example, scored as itself): num_failed counts them, so that metrics over fewer questions
     # are not taken for the split's (the dataset's examples: those whose video is ok in the
     # manifest).
-    failed = len(set(getattr(getattr(loader, "dataset", None), "indices", ())) - rows.keys())
+    dataset = getattr(loader, "dataset", None)
+    failed = set(getattr(dataset, "indices", ())) - rows.keys()
     if failed:
-        result["num_failed"] = failed
+        result["num_failed"] = len(failed)
         if rank0:
-            print(f"note: {desc}: {failed} question(s) not scored, their video failed at decode "
-                  f"time (the warnings name the files; `siasam-fast index` again); the metrics "
-                  f"cover the other {result['num_examples']}", file=sys.stderr)
+            print(f"note: {desc}: {len(failed)} question(s) not scored, their video failed at "
+                  f"decode time (the warnings name the files; `siasam-fast index` again); the "
+                  f"metrics cover the other {result['num_examples']}", file=sys.stderr)
+    # Questions left out when the loader was built (video missing from the manifest or corrupt in
+    # it, a segment outside the video, the sampler's short-video policy): published numbers are
+    # over every question of a split, so they are counted, and accuracy_all counts every one
+    # that has an answer, the ones not scored as wrong.
+    dropped = list(getattr(dataset, "dropped", ()))
+    if dropped:
+        result["num_dropped"] = len(dropped)
+        if rank0:
+            reasons = ", ".join(f"{n} {kind}" for kind, n in
+                                getattr(dataset, "drop_reasons", Counter()).most_common())
+            print(f"note: {desc}: {len(dropped)} question(s) of the split not scored, left out "
+                  f"when the loader was built ({reasons}); the metrics cover the other "
+                  f"{result['num_examples']}" + ("; accuracy_all counts them as wrong"
+                                                 if metric == "accuracy" else ""),
+                  file=sys.stderr)
+    if metric == "accuracy" and (failed or dropped):
+        examples = getattr(dataset, "examples", [])
+        unscored = [examples[i] for i in (*failed, *(i for i, _, _ in dropped))
+                    if i < len(examples)]
+        answered = sum(1 for ex in unscored if cfg.task == "open" or ex.answer_index is not None)
+        result["accuracy_all"] = (sum(r[1] for r in scored) / (len(scored) + answered)
+                                  if scored or answered else float("nan"))
     return result
+
+
+def best_epoch(history: list[dict], split: str, metric: str, ckpt_dir: Path) -> dict | None:
+    """The epoch whose ``split`` evaluation was best (highest accuracy, lowest MSE; the earliest
+    of equals), as the paper reports its results ("validate ... after each epoch ... report the
+    best metrics"): ``{"split", "epoch", "step", <the split's metrics>, "checkpoint"}`` (the
+    checkpoint saved at that epoch's end while ``train.keep_checkpoints`` keeps it, else None)."""
+    key = f"{split}_{metric}"
+    rows = [r for r in history if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])]
+    if not rows:
+        return None
+    sign = -1 if metric == "mse" else 1
+    row = max(rows, key=lambda r: (sign * r[key], -r["epoch"]))
+    tag = ckpt_dir / f"step{int(row['step'])}"
+    return {"split": split, "epoch": int(row["epoch"]), "step": int(row["step"]),
+            **{k[len(split) + 1:]: v for k, v in row.items() if k.startswith(split + "_")},
+            "checkpoint": str(tag) if tag.is_dir() else None}
+
+
+def best_line(best: dict) -> str:
+    metric = "mse" if "mse" in best else "accuracy"
+    where = (f"checkpoint {best['checkpoint']}" if best["checkpoint"] else
+             "its checkpoint is no longer kept (train.keep_checkpoints)")
+    return (f"best {best['split']} {metric} {best[metric]:.4f} at epoch {best['epoch']} "
+            f"(step {best['step']}; {where})")
 
 
 def _mean(values) -> float:
@@ -648,6 +719,26 @@ def _replaced_folder(name: str, a, b) -> bool:
     return True
 
 
+# Model fields whose auto picks a value from model.visual: auto and what it picks there are the
+# same model (a run saved before model.qa_head has siasam, today's default config auto).
+AUTO_FIELDS = ("model.qa_head", "model.visual_head", "model.cnn_freeze")
+
+
+def _resolved(name: str, section: dict, value):
+    """``value`` of the model field ``name`` with auto resolved in its own ``section``."""
+    if value != "auto" or name not in AUTO_FIELDS:
+        return value
+    from siasam_fast.config import ModelConfig
+    from siasam_fast.model import resolve_cnn_freeze, resolve_qa_head, resolve_visual_head
+
+    resolve = {"model.qa_head": resolve_qa_head, "model.visual_head": resolve_visual_head,
+               "model.cnn_freeze": resolve_cnn_freeze}[name]
+    try:
+        return resolve(ModelConfig(**section))
+    except (TypeError, ValueError):  # not a valid model section: compared as written
+        return value
+
+
 def config_mismatches(saved: dict, current: dict, prefix: str = "") -> list[str]:
     """Fields that differ and are not allowed to (RESUMABLE_CHANGES may)."""
     out = []
@@ -656,9 +747,14 @@ def config_mismatches(saved: dict, current: dict, prefix: str = "") -> list[str]
         a, b = saved.get(key), current.get(key)
         if isinstance(a, dict) and isinstance(b, dict):
             out += config_mismatches(a, b, name + ".")
-        elif a != b and name not in RESUMABLE_CHANGES and not (
+            continue
+        ra, rb = _resolved(name, saved, a), _resolved(name, current, b)
+        if a != b and ra != rb and name not in RESUMABLE_CHANGES and not (
                 name in FOLDER_FIELDS and (_same_folder(a, b) or _replaced_folder(name, a, b))):
-            out.append(f"{name}: checkpoint has {a!r}, this run has {b!r}")
+            auto = "".join(f" ({side} auto is {r!r} there; --set {name}={ra} for the "
+                           "checkpoint's)" for side, v, r in
+                           (("the checkpoint's", a, ra), ("this run's", b, rb)) if v != r)
+            out.append(f"{name}: checkpoint has {a!r}, this run has {b!r}{auto}")
     return out
 
 
@@ -706,10 +802,11 @@ def _set_rng_state(state: dict) -> None:
 
 
 def save_checkpoint(engine, out_dir: Path, tag: str, run_state: dict, keep: int, rank: int,
-                    loader_state: dict | None = None) -> Path:
+                    loader_state: dict | None = None, protect: str | None = None) -> Path:
     """Save tag ``tag``; ``checkpoints/latest`` names it only once every file of it is written (a
     save cut short leaves ``latest`` on the previous, complete tag). ``loader_state``: this
-    process's train loader state (its own videos left out by DALI), beside its RNG state."""
+    process's train loader state (its own videos left out by DALI), beside its RNG state. The
+    last ``keep`` complete tags are kept, and ``protect`` (the best epoch's tag) too."""
     ckpt_dir = out_dir / "checkpoints"
     # collective: every rank calls it
     engine.save_checkpoint(str(ckpt_dir), tag=tag, save_latest=False)
@@ -725,17 +822,23 @@ def save_checkpoint(engine, out_dir: Path, tag: str, run_state: dict, keep: int,
         dist.barrier()  # every rank's files are written
     if rank == 0:
         _write_text(ckpt_dir / "latest", tag)
-        complete = complete_tags(ckpt_dir)
-        cut_short = [p for p in ckpt_dir.iterdir() if p.is_dir() and p not in complete
-                     and re.fullmatch(r"step\d+", p.name)]  # saves interrupted before
-        # universal checkpoints a stop left behind (loading one is over once a run saves)
-        cut_short += sorted(ckpt_dir.glob(f".step*.{UNIVERSAL}"))
-        for old in [*cut_short, *(complete[:-keep] if keep > 0 else [])]:
-            if old.name != tag:
-                shutil.rmtree(old, ignore_errors=True)
+        prune_checkpoints(ckpt_dir, keep, tag, protect)
     if dist.is_initialized():
         dist.barrier()
     return tag_dir
+
+
+def prune_checkpoints(ckpt_dir: Path, keep: int, tag: str, protect: str | None = None) -> None:
+    """Remove all but the newest ``keep`` complete tags (``tag``, just saved, and ``protect``
+    stay whatever their age), saves cut short, and universal checkpoints a stop left behind."""
+    complete = complete_tags(ckpt_dir)
+    cut_short = [p for p in ckpt_dir.iterdir() if p.is_dir() and p not in complete
+                 and re.fullmatch(r"step\d+", p.name)]  # saves interrupted before
+    # universal checkpoints a stop left behind (loading one is over once a run saves)
+    cut_short += sorted(ckpt_dir.glob(f".step*.{UNIVERSAL}"))
+    for old in [*cut_short, *(complete[:-keep] if keep > 0 else [])]:
+        if old.name not in (tag, protect):
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def complete_tags(ckpt_dir: Path) -> list[Path]:
@@ -1244,7 +1347,7 @@ def run_training(args: argparse.Namespace, cfg: Config, rank: int, world: int,
         for note in data.notes:
             print(f"note: {note}")
     tokenizer = load_tokenizer(cfg.model)
-    text = TextEncoder(tokenizer, cfg.task, cfg.data.max_question_len)
+    text = TextEncoder(tokenizer, cfg.task, cfg.data.max_question_len, cfg.data.mc_text)
     train_loader = make_loader(cfg, data, "train", rank, world)
     eval_split = cfg.eval.split if cfg.eval.split in data.examples else None
     if rank0 and eval_split is None and cfg.eval.split != "none":
@@ -1390,8 +1493,12 @@ def run_training(args: argparse.Namespace, cfg: Config, rank: int, world: int,
 
     def checkpoint(epoch: int) -> None:
         nonlocal replaced
+        best = (best_epoch(history, eval_split, "mse" if cfg.task == "count" else "accuracy",
+                           out_dir / "checkpoints")
+                if cfg.train.keep_best and eval_split else None)
         save_checkpoint(engine, out_dir, f"step{step}", run_state(epoch),
-                        cfg.train.keep_checkpoints, rank, train_loader.state_dict())
+                        cfg.train.keep_checkpoints, rank, train_loader.state_dict(),
+                        protect=f"step{best['step']}" if best else None)
         if replaced is not None:  # this run can be resumed now: the old one goes
             shutil.rmtree(replaced, ignore_errors=True)
             replaced = None
@@ -1586,10 +1693,16 @@ def run_training(args: argparse.Namespace, cfg: Config, rank: int, world: int,
     if eval_split and history:
         summary[eval_split] = {k[len(eval_split) + 1:]: v for k, v in history[-1].items()
                                if k.startswith(eval_split + "_")}
+        best = best_epoch(history, eval_split, "mse" if cfg.task == "count" else "accuracy",
+                          out_dir / "checkpoints")
+        if best:
+            summary["best"] = best
     if rank0:
         _write_json(out_dir / "summary.json", summary)
         final = summary.get("test") or summary.get(eval_split or "", {})
         print(f"done: {step} steps in {summary['train_seconds']:.1f} s; final metrics {final}")
+        if "best" in summary:
+            print(best_line(summary["best"]))
     if dist.is_initialized():
         dist.barrier()
     return 0
@@ -1611,13 +1724,13 @@ def checkpoint_config(checkpoint: str, config_path: str | None = None,
         raise ValueError(f"checkpoint {tag_dir} does not fit this config:\n  "
                          + "\n  ".join(problems))
     if seen and int(os.environ.get("RANK", "0")) == 0:
-        print("note: the frames are prepared otherwise than in training (allowed, but the model "
-              "did not learn on them): " + "; ".join(seen), file=sys.stderr)
+        print("note: the input is prepared otherwise than in training (allowed, but the model "
+              "did not learn on it): " + "; ".join(seen), file=sys.stderr)
     return tag_dir, state, cfg
 
 
-# How a frame reaches the model: an evaluation may change these, with a note
-SEEN_FIELDS = ("data.frame_fit:", "data.image_size:")
+# How a frame or a question reaches the model: an evaluation may change these, with a note
+SEEN_FIELDS = ("data.frame_fit:", "data.image_size:", "data.mc_text:")
 
 
 def answer_question(checkpoint: str, video: str, question: str,
@@ -1677,7 +1790,7 @@ def answer_question(checkpoint: str, video: str, question: str,
     model = build_model(cfg, len(ans2label), len(tokenizer), device)
     model.load_state_dict(load_model_weights(tag_dir))
     model.to(device).eval()
-    text = TextEncoder(tokenizer, cfg.task, cfg.data.max_question_len)
+    text = TextEncoder(tokenizer, cfg.task, cfg.data.max_question_len, cfg.data.mc_text)
     loader = make_loader(cfg, data, "test", 0, 1)
     try:
         batch = next(iter(loader))
@@ -1689,8 +1802,11 @@ def answer_question(checkpoint: str, video: str, question: str,
         outputs = model(batch)
     scores = aggregate_clips(task_scores(outputs, cfg.task).float(), batch["clip_mask"],
                              cfg.eval.aggregation)[0]
-    if cfg.task == "count":
-        return {"task": "count", "count": float(scores)}
+    if cfg.task == "count":  # the answer as evaluation takes it (eval.count_metric), and the output
+        answer = count_answer(scores, cfg.eval.count_metric)
+        return {"task": "count",
+                "count": int(answer) if cfg.eval.count_metric == "tgif" else float(answer),
+                "output": float(scores)}
     probs = scores.softmax(-1)
     if cfg.task == "mc":
         return {"task": "mc", "answers": [(c, float(p)) for c, p in zip(candidates, probs)]}
@@ -1734,7 +1850,7 @@ def evaluate_checkpoint(checkpoint: str, config_path: str | None = None,
     model.load_state_dict(load_model_weights(tag_dir))
     model.to(device)
     loader = make_loader(cfg, data, split, rank, world)
-    text = TextEncoder(tokenizer, cfg.task, cfg.data.max_question_len)
+    text = TextEncoder(tokenizer, cfg.task, cfg.data.max_question_len, cfg.data.mc_text)
     return evaluate(model, loader, cfg, text, device, torch.float32, desc=f"eval {split}",
                     predictions=Path(predictions) if predictions else None)
 

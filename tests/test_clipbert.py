@@ -186,7 +186,8 @@ def test_converted_clip_text_features_equal_clipberts(converted):
     mask = (ids != 0).long()
     batch.update(input_ids=ids, attention_mask=mask, clip_mask=torch.ones(1, 2, dtype=torch.bool))
     with torch.no_grad():
-        got = model(batch)["features"][0]  # [N, hidden]
+        outputs = model(batch)
+    got = outputs["features"][0]  # [N, hidden]
     bert = BertModel(BertConfig(vocab_size=converted["vocab"], hidden_size=HIDDEN,
                                 num_hidden_layers=2, num_attention_heads=2,
                                 intermediate_size=64, max_position_embeddings=64,
@@ -206,7 +207,14 @@ def test_converted_clip_text_features_equal_clipberts(converted):
             additive = (1.0 - keep[:, None, None, :].float()) * torch.finfo(torch.float32).min
             out = bert.encoder(hidden, attention_mask=additive).last_hidden_state
             want.append(bert.pooler(out)[0])
-    torch.testing.assert_close(got, torch.stack(want), rtol=1e-4, atol=1e-4)
+    want = torch.stack(want)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    # ClipBERT's classifier over each clip's pooled output (qa_head auto -> clipbert):
+    # Linear(hidden, 2 hidden), ReLU, Linear(2 hidden, answers); dropout is off in eval
+    w1, b1, w2, b2 = (model.state_dict()[f"head.{k}"] for k in
+                      ("1.weight", "1.bias", "3.weight", "3.bias"))
+    logits = F.relu(want @ w1.T + b1) @ w2.T + b2
+    torch.testing.assert_close(outputs["logits"][0], logits, rtol=1e-4, atol=1e-4)
 
 
 def test_clipbert_cnn_trains_as_clipbert_did(converted):
@@ -322,6 +330,15 @@ def test_bad_checkpoints_and_settings_are_named(converted, tmp_path, capsys):
     assert build({"visual": plain, "text": folders["text"]}).visual.head == "proj"  # auto
 
 
+def test_qa_head_auto_follows_the_folder(converted, tmp_path):
+    folders = converted["folders"]
+    assert isinstance(build(folders).head[2], torch.nn.ReLU)  # auto: ClipBERT's
+    assert isinstance(build(folders, qa_head="siasam").head[1], torch.nn.GELU)  # asked for
+    plain = tmp_path / "plain"
+    ResNetModel.from_pretrained(str(folders["visual"])).save_pretrained(plain)
+    assert isinstance(build({"visual": plain, "text": folders["text"]}).head[1], torch.nn.GELU)
+
+
 @pytest.mark.slow
 def test_training_from_the_converted_checkpoint_keeps_the_frozen_part(converted, tmp_path):
     from siasam_fast.data.synthetic import generate
@@ -345,8 +362,9 @@ def test_training_from_the_converted_checkpoint_keeps_the_frozen_part(converted,
                           text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert ("model: visual head clipbert (ClipBERT's grid encoder, detectron2's pixel input); the "
-            "CNN's BatchNorms, stem and first stage are frozen (model.visual_head=auto, "
-            "model.cnn_freeze=auto)") in proc.stdout
+            "CNN's BatchNorms, stem and first stage are frozen; answer head clipbert (ClipBERT's: "
+            "Linear, ReLU, Linear) (model.visual_head=auto, model.cnn_freeze=auto, "
+            "model.qa_head=auto)") in proc.stdout
     assert ("; frames: data.frame_fit=crop, data.image_size=64 (ClipBERT's: pad at 448, or 768 "
             "on TGIF-QA)") in proc.stdout
     tag = (out / "checkpoints" / "latest").read_text().strip()

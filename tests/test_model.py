@@ -56,11 +56,12 @@ def test_tokenizer_knows_real_words(tokenizer):
     assert "[UNK]" not in tokenizer.tokenize("zebra xylophone")
 
 
+@pytest.mark.parametrize("qa_head", ["siasam", "clipbert"])
 @pytest.mark.parametrize("task, key, shape", [
     ("open", "logits", (V, N, 6)), ("mc", "scores", (V, N, 4)), ("count", "prediction", (V, N)),
 ])
-def test_output_shapes_and_gradients(tokenizer, task, key, shape):
-    model = make_model(task).train()
+def test_output_shapes_and_gradients(tokenizer, task, key, shape, qa_head):
+    model = make_model(task, qa_head=qa_head).train()
     batch = make_batch(tokenizer, task)
     out = model(batch)
     assert out[key].shape == shape
@@ -74,6 +75,35 @@ def test_output_shapes_and_gradients(tokenizer, task, key, shape):
     # module on the path does.
     assert not [n for n in missing if not n.startswith(("visual.row", "visual.col"))], missing
     assert model.reasoning.theta1.grad is not None and model.reasoning.theta1.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("task, outputs", [("open", 6), ("mc", 1), ("count", 1)])
+def test_clipbert_qa_head_is_clipberts_classifier(task, outputs):
+    """model.qa_head=clipbert: ClipBERT's ClipBertForSequenceClassification / MultipleChoice
+    classifier (dropout on the pooled [CLS], Linear to 2 x hidden, ReLU, Linear), BERT's init."""
+    torch.manual_seed(0)
+    head = make_model(task, qa_head="clipbert", dropout=0.25).head
+    hidden = 64  # the tiny text preset
+    assert [type(m) for m in head] == [torch.nn.Dropout, torch.nn.Linear, torch.nn.ReLU,
+                                       torch.nn.Linear]
+    assert head[0].p == 0.25
+    assert head[1].weight.shape == (2 * hidden, hidden)
+    assert head[3].weight.shape == (outputs, 2 * hidden)
+    assert abs(head[1].weight.std().item() - 0.02) < 0.002  # normal(0, 0.02), not torch's default
+    assert not head[1].bias.any() and not head[3].bias.any()
+    x = torch.randn(5, hidden)
+    want = torch.relu(x @ head[1].weight.T + head[1].bias) @ head[3].weight.T + head[3].bias
+    torch.testing.assert_close(head.eval()(x), want)
+
+
+@pytest.mark.parametrize("task", ["open", "mc"])
+def test_qa_head_default_on_presets_is_siasams(task):
+    head = make_model(task).head  # auto: not a converted ClipBERT folder
+    assert any(isinstance(m, torch.nn.GELU) for m in head)
+    assert any(isinstance(m, torch.nn.LayerNorm) for m in head) == (task == "open")
+    with pytest.raises(ValueError, match=r"model.qa_head='relu': valid values are auto, siasam, "
+                                         r"clipbert"):
+        ModelConfig(qa_head="relu")
 
 
 def test_padding_does_not_change_outputs(tokenizer):
@@ -149,6 +179,13 @@ def test_gt_losses_by_hand():
     # Video 1: all zero: three negatives, each 1.
     expected = (0.8 + 3.0) / 2
     assert gt_loss({"scores": scores}, batch, "mc").item() == pytest.approx(expected)
+    # siamese.mc_loss=ce (ClipBERT's): cross-entropy over the candidates, by hand
+    ce0 = -(2.0 - torch.tensor([2.0, 0.5, 1.8, -1.0]).exp().sum().log())
+    ce1 = -(0.0 - torch.tensor(4.0).log())
+    assert gt_loss({"scores": scores}, batch, "mc", mc_loss="ce").item() == pytest.approx(
+        ((ce0 + ce1) / 2).item())
+    with pytest.raises(ValueError, match="siamese.mc_loss='bce': valid values are hinge, ce"):
+        gt_loss({"scores": scores}, batch, "mc", mc_loss="bce")
     logits = torch.tensor([[[1.0, 2.0, 3.0]], [[0.0, 0.0, 0.0]]])
     batch = {"clip_mask": torch.ones(2, 1, dtype=torch.bool), "label": torch.tensor([2, -1])}
     ce = torch.nn.functional.cross_entropy(logits[0], torch.tensor([2]))
@@ -169,6 +206,13 @@ def test_alpha_zero_is_the_baseline(tokenizer):
     assert loss.item() == pytest.approx(gt_loss(out, batch, "open").item())
     loss1, parts1 = total_loss(out, batch, "open", SiameseConfig(alpha=1.0), model.reasoning)
     assert loss1.item() == pytest.approx(loss.item() + parts1["loss_siamese"].item(), rel=1e-5)
+    # multiple choice: siamese.mc_loss reaches L_gt
+    model, batch = make_model("mc"), make_batch(tokenizer, "mc")
+    out = model(batch)
+    for how in ("hinge", "ce"):
+        loss, _ = total_loss(out, batch, "mc", SiameseConfig(alpha=0.0, mc_loss=how),
+                             model.reasoning)
+        assert loss.item() == pytest.approx(gt_loss(out, batch, "mc", mc_loss=how).item())
 
 
 @pytest.mark.parametrize("how", ["mean", "max", "logsumexp"])
@@ -473,3 +517,23 @@ def test_activation_checkpointing_off_counts_no_recomputation(tokenizer, mode):
         assert flops(ckpt) == flops(plain)
     assert ckpt.visual.checkpoint_cnn
     assert ckpt.text.encoder.layer[0].gradient_checkpointing == (mode == "all")
+
+
+def test_mc_text_pairs_or_joins_question_and_candidate(tokenizer):
+    """data.mc_text: pair = BERT's sentence pair; joined = one sentence "question candidate", as
+    ClipBERT's collator builds TGIF-QA action / transition inputs."""
+    from siasam_fast.training import TextEncoder
+
+    batch = {"question": ["what color is it?"], "candidates": [["red square", "blue"]]}
+
+    def tokens(mc_text):
+        enc = TextEncoder(tokenizer, "mc", 32, mc_text)(batch)
+        assert enc["input_ids"].shape[:2] == (1, 2)  # [V, M, L]
+        ids = enc["input_ids"][0, 0][enc["attention_mask"][0, 0].bool()]
+        return tokenizer.convert_ids_to_tokens(ids.tolist())
+
+    question = ["what", "color", "is", "it", "?"]
+    assert tokens("pair") == ["[CLS]", *question, "[SEP]", "red", "square", "[SEP]"]
+    assert tokens("joined") == ["[CLS]", *question, "red", "square", "[SEP]"]
+    with pytest.raises(ValueError, match="data.mc_text='both': valid values are pair, joined"):
+        TextEncoder(tokenizer, "mc", 32, "both")

@@ -85,8 +85,19 @@ def test_single_process_trains_evaluates_and_checkpoints(synth, tmp_path):
     with (out / "metrics_epochs.csv").open() as fh:
         epochs = list(csv.DictReader(fh))
     assert [int(r["epoch"]) for r in epochs] == [1, 2] and "val_accuracy" in epochs[0]
-    tags = sorted(p.name for p in (out / "checkpoints").iterdir() if p.is_dir())
-    assert len(tags) == 2  # keep_checkpoints=2: older ones were removed
+    tags = sorted((p.name for p in (out / "checkpoints").iterdir() if p.is_dir()),
+                  key=lambda name: int(name[4:]))
+    # the paper's protocol: each run's best epoch, its checkpoint kept (train.keep_best)
+    best = summary["best"]
+    assert best["split"] == "val" and best["accuracy"] == max(
+        float(r["val_accuracy"]) for r in epochs)
+    assert best["epoch"] == min(int(r["epoch"]) for r in epochs
+                                if float(r["val_accuracy"]) == best["accuracy"])
+    assert best["step"] == int(epochs[best["epoch"] - 1]["step"])
+    assert best["checkpoint"] == str(out / "checkpoints" / f"step{best['step']}")
+    # keep_checkpoints=2: older ones were removed, but for the best epoch's
+    assert tags == sorted({*tags[-2:], f"step{best['step']}"}, key=lambda name: int(name[4:]))
+    assert f"best val accuracy {best['accuracy']:.4f} at epoch {best['epoch']}" in proc.stdout
     state = json.loads((out / "checkpoints" / tags[-1] / "run_state.json").read_text())
     assert state["config"]["train"]["save_every"] == 3
     assert (out / "ans2label.json").is_file()
@@ -294,6 +305,38 @@ def test_an_incomplete_latest_checkpoint_falls_back_to_the_newest_complete_one(t
     assert "step9, which is incomplete" in capsys.readouterr().err
     (ckpt / "latest").write_text("step3")
     assert resolve_checkpoint(tmp_path / "run") == ckpt / "step3"
+
+
+def test_the_best_epoch_and_its_checkpoint_are_kept(tmp_path):
+    """summary.json's best epoch (highest accuracy, lowest MSE, the earliest of equals) and the
+    pruning that keeps its checkpoint besides the newest keep_checkpoints."""
+    from siasam_fast.training import best_epoch, best_line, prune_checkpoints
+
+    ckpt = tmp_path / "checkpoints"
+    for step in (2, 4, 6, 8):
+        (ckpt / f"step{step}").mkdir(parents=True)
+        (ckpt / f"step{step}" / "run_state.json").write_text(json.dumps({"step": step}))
+    (ckpt / "step9").mkdir()  # a save cut short
+    history = [{"step": 2, "epoch": 1, "val_accuracy": 0.5, "val_num_examples": 10},
+               {"step": 4, "epoch": 2, "val_accuracy": 0.7, "val_num_examples": 10},
+               {"step": 6, "epoch": 3, "val_accuracy": 0.7, "val_num_examples": 10},
+               {"step": 8, "epoch": 4, "val_accuracy": float("nan")}]
+    best = best_epoch(history, "val", "accuracy", ckpt)
+    assert best == {"split": "val", "epoch": 2, "step": 4, "accuracy": 0.7, "num_examples": 10,
+                    "checkpoint": str(ckpt / "step4")}
+    prune_checkpoints(ckpt, 1, "step8", protect="step4")
+    assert sorted(p.name for p in ckpt.iterdir()) == ["step4", "step8"]
+    assert best_line(best) == (f"best val accuracy 0.7000 at epoch 2 (step 4; checkpoint "
+                               f"{ckpt / 'step4'})")
+    mse = [{"step": 2, "epoch": 1, "test_mse": 4.0}, {"step": 4, "epoch": 2, "test_mse": 3.5}]
+    best = best_epoch(mse, "test", "mse", ckpt)
+    assert (best["epoch"], best["mse"]) == (2, 3.5)
+    prune_checkpoints(ckpt, 1, "step8")  # without protect: the newest only
+    assert sorted(p.name for p in ckpt.iterdir()) == ["step8"]
+    assert best_epoch(mse[:1], "test", "mse", ckpt)["checkpoint"] is None
+    line = best_line(best_epoch(mse, "test", "mse", ckpt))
+    assert line.startswith("best test mse 3.5000 at epoch 2 (step 4; its checkpoint is no longer")
+    assert best_epoch([{"step": 1, "epoch": 1}], "val", "accuracy", ckpt) is None
 
 
 def test_resume_if_any_starts_or_continues(synth, tmp_path):
@@ -597,7 +640,14 @@ def test_count_task(synth, tmp_path):
     assert summary["val"]["num_examples"] == len(lines) - 1
     assert summary["val"]["mse"] >= 0
     proc = ask(out, synth / "videos" / "video0.mp4", "how many rings appear?")
-    assert re.fullmatch(r"count: -?\d+\.\d\d\n", proc.stdout), proc.stdout
+    # the answer as evaluation takes it (rounded, 1..10: eval.count_metric tgif) and the output
+    match = re.fullmatch(r"count: (\d+) \(model output (-?\d+\.\d\d)\)\n", proc.stdout)
+    assert match and 1 <= int(match[1]) <= 10, proc.stdout
+    assert int(match[1]) == min(10, max(1, int(float(match[2]) + 0.5)))
+    proc = ask(out, synth / "videos" / "video0.mp4", "how many rings appear?", "--json",
+               "--set", "eval.count_metric=raw")
+    result = json.loads(proc.stdout)
+    assert result["count"] == result["output"] and isinstance(result["count"], float)
 
 
 @pytest.mark.parametrize(
