@@ -210,6 +210,10 @@ class TrainConfig:
     log_every: int = 10
     max_steps: int = 0  # stop after this many steps (0: run all epochs); the lr schedule still
     # spans all epochs, so that `--resume` continues the run exactly
+    # Stop once this many epochs in a row gave no better eval.split metric than the best before
+    # them (0: run every epoch). The paper stops "when its validation performance stabilizes".
+    # The test evaluation and summary.json follow as after the last epoch.
+    early_stop: int = 0
     precision: str = "auto"  # auto: from the DeepSpeed config | fp32 | fp16 | bf16
     sync_timing: bool = False  # synchronise the GPU between phases to split the step time
     # cuDNN times its convolution algorithms once per input shape and keeps the fastest. The frames
@@ -246,6 +250,8 @@ class TrainConfig:
         _at_least("train.keep_checkpoints", self.keep_checkpoints, 1)
         _at_least("train.log_every", self.log_every, 1)
         _at_least("train.max_steps", self.max_steps, 0, "0 = all epochs")
+        _at_least("train.early_stop", self.early_stop, 0,
+                  "epochs without a better evaluation; 0 = run every epoch")
         if not self.out_dir.strip():
             raise ValueError("train.out_dir is empty: name the run's folder, e.g. runs/my_run")
 
@@ -286,6 +292,9 @@ class Config:
             raise ValueError("eval.aggregation=logsumexp: task=count predicts a number per clip, "
                              "not class scores (logsumexp would add log(clips) to each count); "
                              "valid for count: mean, max")
+        if self.train.early_stop and self.eval.split == "none":
+            raise ValueError(f"train.early_stop={self.train.early_stop} needs an evaluation after "
+                             "each epoch: set eval.split to val or test (or early_stop to 0)")
         if self.sampling.eval_clips != 1:
             raise ValueError(f"sampling.eval_clips={self.sampling.eval_clips}: a run's clips per "
                              "video at evaluation are set by eval.num_clips; leave "

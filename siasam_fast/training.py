@@ -82,7 +82,8 @@ from siasam_fast.stopping import CHECK_EVERY, Stopped, StopRequest, stop_raises 
 # Config fields that may change between a checkpoint and the run resuming (or evaluating) it.
 RESUMABLE_CHANGES = {
     "train.epochs", "train.max_steps", "train.out_dir", "train.log_every", "train.save_every",
-    "train.keep_checkpoints", "train.keep_best", "train.sync_timing", "train.init_from",
+    "train.keep_checkpoints", "train.keep_best", "train.early_stop", "train.sync_timing",
+    "train.init_from",
     "data.num_workers",
     "train.cudnn_benchmark", "data.decode_group", "data.dali_trim", "train.overwrite",
     "data.backend", "model.layer_norm",
@@ -670,6 +671,21 @@ def best_epoch(history: list[dict], split: str, metric: str, ckpt_dir: Path) -> 
     return {"split": split, "epoch": int(row["epoch"]), "step": int(row["step"]),
             **{k[len(split) + 1:]: v for k, v in row.items() if k.startswith(split + "_")},
             "checkpoint": str(tag) if tag.is_dir() else None}
+
+
+def early_stop_reason(history: list[dict], split: str | None, metric: str,
+                      patience: int) -> str | None:
+    """Why training stops here (``train.early_stop``): the last ``patience`` evaluated epochs gave
+    no better ``split`` metric than the best before them; None to go on."""
+    if not patience or not split:
+        return None
+    best = best_epoch(history, split, metric, Path("/nonexistent"))
+    evaluated = [int(r["epoch"]) for r in history if f"{split}_{metric}" in r]
+    if best is None or not evaluated or max(evaluated) - best["epoch"] < patience:
+        return None
+    return (f"early stop (train.early_stop={patience}): {split} {metric} has not improved for "
+            f"{max(evaluated) - best['epoch']} epochs since epoch {best['epoch']} "
+            f"({best[metric]:.4f})")
 
 
 def best_line(best: dict) -> str:
@@ -1350,6 +1366,10 @@ def run_training(args: argparse.Namespace, cfg: Config, rank: int, world: int,
     text = TextEncoder(tokenizer, cfg.task, cfg.data.max_question_len, cfg.data.mc_text)
     train_loader = make_loader(cfg, data, "train", rank, world)
     eval_split = cfg.eval.split if cfg.eval.split in data.examples else None
+    if eval_split is None and cfg.train.early_stop:
+        raise ValueError(f"train.early_stop={cfg.train.early_stop} needs an evaluation after each "
+                         f"epoch, but data.{cfg.eval.split} is empty: give that split, or set "
+                         "train.early_stop=0")
     if rank0 and eval_split is None and cfg.eval.split != "none":
         print(f"note: no evaluation during training: data.{cfg.eval.split} is empty "
               "(eval.split: none says so without this note)")
@@ -1532,6 +1552,7 @@ def run_training(args: argparse.Namespace, cfg: Config, rank: int, world: int,
                   f"{metrics[key]:.4f}")
 
     history: list[dict] = list(epochs_log.rows)  # a resumed run's summary covers the whole run
+    metric_name = "mse" if cfg.task == "count" else "accuracy"
     stop = False
     stopped_by = None  # the stop signal this run stopped for
     eval_due = False  # a stop at an epoch's end leaves its evaluation to the resumed run
@@ -1557,6 +1578,15 @@ def run_training(args: argparse.Namespace, cfg: Config, rank: int, world: int,
         for epoch in range(start_epoch, cfg.train.epochs):
             if cfg.train.max_steps and step >= cfg.train.max_steps:  # a resume already there
                 stop = True
+                break
+            # rank 0 holds the whole history (a resumed run's earlier epochs are in its CSV)
+            reason = [early_stop_reason(history, eval_split, metric_name, cfg.train.early_stop)
+                      if rank0 else None]
+            if world > 1 and cfg.train.early_stop:
+                dist.broadcast_object_list(reason, src=0)
+            if reason[0]:
+                if rank0:
+                    print(f"{reason[0]}; epochs {epoch + 1}-{cfg.train.epochs} are not run")
                 break
             train_loader.set_epoch(epoch)  # keeps a restored mid-epoch position of this epoch
             engine.train()

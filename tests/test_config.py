@@ -45,6 +45,7 @@ def test_values_take_the_type_of_their_key():
     ("train.grad_accum=0", "train.grad_accum=0: must be >= 1 (micro-batches per optimizer step"),
     ("train.save_every=-1", "train.save_every=-1: must be >= 0"),
     ("train.keep_checkpoints=0", "train.keep_checkpoints=0: must be >= 1"),
+    ("train.early_stop=-1", "train.early_stop=-1: must be >= 0"),
     ("train.out_dir=", "train.out_dir is empty"),
     ("siamese.alpha=-1", "siamese.alpha=-1.0: must be >= 0"),
     ("model.grid_pool=0", "model.grid_pool=0: must be >= 1"),
@@ -72,6 +73,13 @@ def test_bad_values_name_the_key_and_what_is_valid(override, message):
     with pytest.raises(ValueError) as err:
         load_config(BASE, [override])
     assert message in str(err.value)
+
+
+def test_early_stop_needs_an_evaluation():
+    with pytest.raises(ValueError, match=r"train.early_stop=2 needs an evaluation after each "
+                                         r"epoch: set eval.split to val or test"):
+        load_config(BASE, ["train.early_stop=2", "eval.split=none"])
+    assert load_config(BASE, ["train.early_stop=2"]).train.early_stop == 2
 
 
 def test_count_refuses_an_aggregation_of_class_scores():

@@ -339,6 +339,38 @@ def test_the_best_epoch_and_its_checkpoint_are_kept(tmp_path):
     assert best_epoch([{"step": 1, "epoch": 1}], "val", "accuracy", ckpt) is None
 
 
+def test_early_stop_ends_the_run_when_the_evaluation_stops_improving(synth, tmp_path):
+    """train.early_stop=1 with weights that cannot change (lr 0, BatchNorms frozen): epoch 2's
+    val accuracy equals epoch 1's, so epoch 3 is not run; the test evaluation and summary.json
+    follow. A resume of that run (the history from its CSV) stops again at once."""
+    out = tmp_path / "run"
+    extra = ["--set", "train.epochs=3", "--set", "train.early_stop=1", "--set", "train.lr=0",
+             "--set", "model.cnn_freeze=batchnorm",
+             "--set", f"data.test={synth / 'annotations' / 'test_qa.json'}"]
+    proc = train(base_args(synth, out, *extra))
+    assert re.search(r"early stop \(train.early_stop=1\): val accuracy has not improved for 1 "
+                     r"epochs since epoch 1 \(\d\.\d{4}\); epochs 3-3 are not run", proc.stdout)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["epochs_completed"] == 2 and summary["best"]["epoch"] == 1
+    assert summary["test"]["num_examples"] > 0
+    proc = train(base_args(synth, out, *extra, "--resume", "auto"))
+    assert "epochs 3-3 are not run" in proc.stdout
+    assert json.loads((out / "summary.json").read_text())["epochs_completed"] == 2
+
+
+def test_early_stop_reason_counts_epochs_since_the_best():
+    from siasam_fast.training import early_stop_reason
+
+    rows = [{"step": 2 * e, "epoch": e, "val_mse": v} for e, v in enumerate([5.0, 4.0, 4.5], 1)]
+    assert early_stop_reason(rows, "val", "mse", 2) is None  # 1 epoch since the best (2)
+    assert early_stop_reason(rows, "val", "mse", 1) == (
+        "early stop (train.early_stop=1): val mse has not improved for 1 epochs since epoch 2 "
+        "(4.0000)")
+    assert early_stop_reason(rows, "val", "mse", 0) is None  # off
+    assert early_stop_reason(rows, None, "mse", 1) is None  # no evaluation
+    assert early_stop_reason([], "val", "mse", 1) is None
+
+
 def test_resume_if_any_starts_or_continues(synth, tmp_path):
     """--resume if-any, for jobs that are requeued: a new run in an empty folder, a resume where a
     checkpoint is, and a new run over an earlier try that never saved one."""
