@@ -441,13 +441,19 @@ LAUNCHERS = {
 def test_two_processes_with_zero(synth, tmp_path, stage, precision, launcher):
     out = tmp_path / f"zero{stage}"
     port = free_port()
+    # stage 1: train.early_stop decided on rank 0 and followed by both (the weights cannot
+    # change: epoch 2 is no better than epoch 1, so epoch 3 is not run)
+    early = (["--set", "train.epochs=3", "--set", "train.early_stop=1", "--set", "train.lr=0",
+              "--set", "model.cnn_freeze=batchnorm"] if stage == 1 else [])
     cmd = [*LAUNCHERS[launcher], "--master_port", str(port), "train.py",
            "--deepspeed_config", str(ROOT / f"configs/ds/zero{stage}_{precision}.json"),
-           *base_args(synth, out, "--set", "train.epochs=1")]
+           *base_args(synth, out, "--set", "train.epochs=1", *early)]
     proc = run(cmd)
     assert f"2 process(es) on cpu, {precision}, ZeRO stage {stage}" in proc.stdout
     summary = json.loads((out / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["zero_stage"] == stage
+    if early:
+        assert "epochs 3-3 are not run" in proc.stdout and summary["epochs_completed"] == 2
     # Evaluation gathers both shards without duplicates: every val example once.
     n_val = len(json.loads((synth / "annotations" / "val_qa.json").read_text()))
     assert summary["val"]["num_examples"] == n_val
