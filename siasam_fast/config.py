@@ -22,7 +22,7 @@ from siasam_fast.sampling import SamplingConfig
 
 TASKS = ("open", "mc", "count")
 BACKENDS = ("auto", "pyav", "dali")
-GT_CLIPS = ("anchor", "all")
+GT_CLIPS = ("anchor", "all", "pooled")
 MC_LOSSES = ("hinge", "ce")
 MC_TEXTS = ("pair", "joined")
 AGGREGATIONS = ("mean", "max", "logsumexp")
@@ -153,7 +153,10 @@ class SiameseConfig:
     learn_w1: bool = True  # False: the "without W1" ablation (fixed uniform)
     learn_w2: bool = True
     detach_soft_label: bool = False  # BAKE-style stop-gradient through Q
-    gt_clips: str = "anchor"  # L_gt on the anchor clip only or on every clip
+    # L_gt on the anchor clip only, on every clip, or (pooled) once per video on the clips'
+    # scores pooled by gt_pool, as ClipBERT trains with several clips (logsumexp on MSRVTT-QA)
+    gt_clips: str = "anchor"  # anchor | all | pooled
+    gt_pool: str = "logsumexp"  # mean | max | logsumexp (count: mean | max)
     # L_gt for multiple choice: hinge = the paper's summed pairwise hinge (sec. 3.4); ce =
     # cross-entropy over the candidates' scores, as ClipBERT fine-tunes TGIF-QA action /
     # transition (the loss of a ClipBERT baseline to compare with)
@@ -166,6 +169,7 @@ class SiameseConfig:
 
     def __post_init__(self) -> None:
         _choice("siamese.gt_clips", self.gt_clips, GT_CLIPS)
+        _choice("siamese.gt_pool", self.gt_pool, AGGREGATIONS)
         _choice("siamese.mc_loss", self.mc_loss, MC_LOSSES)
         _choice("siamese.impl", self.impl, ("auto", "triton", "reference"))
         if not 0.0 <= self.omega <= 1.0:
@@ -288,6 +292,10 @@ class Config:
 
     def __post_init__(self) -> None:
         _choice("task", self.task, TASKS)
+        if (self.task == "count" and self.siamese.gt_clips == "pooled"
+                and self.siamese.gt_pool == "logsumexp"):
+            raise ValueError("siamese.gt_pool=logsumexp: task=count predicts a number per clip, "
+                             "not class scores; valid for count: mean, max")
         if self.task == "count" and self.eval.aggregation == "logsumexp":
             raise ValueError("eval.aggregation=logsumexp: task=count predicts a number per clip, "
                              "not class scores (logsumexp would add log(clips) to each count); "

@@ -3,9 +3,11 @@
 L_gt per task (section 3.4): cross-entropy (open-ended), summed pairwise hinge
 max(0, 1 - (s_pos - s_neg)) (multiple choice; ``siamese.mc_loss: ce`` takes ClipBERT's
 cross-entropy over the candidates instead), MSE (count). It covers the anchor clip or every clip
-(``siamese.gt_clips``). L_siamese is the soft cross-entropy between the soft label Q (eq. 5) and the
-anchor's prediction; for multiple choice the candidates' scores play the role of logits (K = M);
-for count the clips' scalar predictions are propagated instead of distributions.
+(``siamese.gt_clips``), or the clips' scores pooled per video (``pooled``, ClipBERT's multi-clip
+training: logsumexp, mean or max by ``siamese.gt_pool``). L_siamese is the soft cross-entropy
+between the soft label Q (eq. 5) and the anchor's prediction; for multiple choice the candidates'
+scores play the role of logits (K = M); for count the clips' scalar predictions are propagated
+instead of distributions.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from siasam_fast.config import SiameseConfig
-from siasam_fast.model import task_scores
+from siasam_fast.model import aggregate_clips, task_scores
 from siasam_fast.siamese import SiameseReasoning
 
 IGNORE = -1  # label of examples without a usable target (answers outside the vocabulary)
@@ -30,11 +32,16 @@ def _clip_weights(clip_mask: torch.Tensor, gt_clips: str) -> torch.Tensor:
 
 
 def gt_loss(outputs: dict, batch: dict, task: str, gt_clips: str = "anchor",
-            mc_loss: str = "hinge") -> torch.Tensor:
-    """L_gt averaged over the covered clips of the videos that have a target."""
+            mc_loss: str = "hinge", gt_pool: str = "logsumexp") -> torch.Tensor:
+    """L_gt averaged over the covered clips of the videos that have a target (pooled: one
+    pooled score per video)."""
     scores = task_scores(outputs, task).float()
+    if gt_clips == "pooled":  # [V, N, ...] -> [V, 1, ...]: one "clip", the pooled scores
+        scores = aggregate_clips(scores, batch["clip_mask"], gt_pool).unsqueeze(1)
+        weights = torch.ones(scores.shape[:2], dtype=torch.float32, device=scores.device)
+    else:
+        weights = _clip_weights(batch["clip_mask"], gt_clips)
     V, N = scores.shape[:2]
-    weights = _clip_weights(batch["clip_mask"], gt_clips)
     if task == "count":
         target = batch["count"].float().view(V, 1).expand(V, N)
         per_clip = (scores - target) ** 2
@@ -76,7 +83,7 @@ def total_loss(outputs: dict, batch: dict, task: str, cfg: SiameseConfig,
     ``alpha``: this step's weight when it differs from ``cfg.alpha`` (``siamese.alpha_warmup``
     ramps it up: :func:`alpha_at`); the siamese term is still computed at 0, so every step uses
     the same parameters."""
-    l_gt = gt_loss(outputs, batch, task, cfg.gt_clips, cfg.mc_loss)
+    l_gt = gt_loss(outputs, batch, task, cfg.gt_clips, cfg.mc_loss, cfg.gt_pool)
     parts = {"loss_gt": l_gt.detach()}
     loss = l_gt
     num_clips = batch["clip_mask"].shape[1]

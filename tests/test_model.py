@@ -197,6 +197,38 @@ def test_gt_losses_by_hand():
     assert gt_loss({"prediction": pred}, batch, "count", "all").item() == pytest.approx((1 + 9) / 4)
 
 
+def test_gt_on_pooled_clips_is_clipberts_multi_clip_loss():
+    """siamese.gt_clips=pooled: ClipBERT's training loss over several clips. With logsumexp it
+    writes the loss as logsumexp over (clips, answers) less logsumexp over the clips of the
+    label's logit (run_video_qa.py); a masked clip takes no part."""
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 3, 5, generator=g)  # [V, N, K]
+    mask = torch.tensor([[True, True, True], [True, True, False]])
+    label = torch.tensor([4, 1])
+    batch = {"clip_mask": mask, "label": label}
+    want = []
+    for v in range(2):
+        kept = logits[v][mask[v]]  # [clips, K]
+        want.append(kept.flatten().logsumexp(0) - kept[:, label[v]].logsumexp(0))
+    got = gt_loss({"logits": logits}, batch, "open", "pooled", gt_pool="logsumexp")
+    assert got.item() == pytest.approx(torch.stack(want).mean().item(), rel=1e-6)
+    # mean pooling: cross-entropy of the mean logits
+    mean = torch.stack([logits[v][mask[v]].mean(0) for v in range(2)])
+    ce = torch.nn.functional.cross_entropy(mean, label)
+    got = gt_loss({"logits": logits}, batch, "open", "pooled", gt_pool="mean")
+    assert got.item() == pytest.approx(ce.item(), rel=1e-6)
+    # count: the mean prediction's squared error
+    pred = torch.tensor([[1.0, 3.0, 8.0], [2.0, 4.0, 100.0]])
+    batch = {"clip_mask": mask, "count": torch.tensor([4.0, 3.0])}
+    got = gt_loss({"prediction": pred}, batch, "count", "pooled", gt_pool="mean")
+    assert got.item() == pytest.approx(((4 - 4) ** 2 + (3 - 3) ** 2) / 2)
+    with pytest.raises(ValueError, match=r"siamese.gt_pool=logsumexp: task=count predicts a "
+                                         r"number per clip"):
+        from siasam_fast.config import Config
+
+        Config.from_dict({"task": "count", "siamese": {"gt_clips": "pooled"}})
+
+
 def test_alpha_zero_is_the_baseline(tokenizer):
     model = make_model("open")
     batch = make_batch(tokenizer, "open")
