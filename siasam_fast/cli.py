@@ -229,6 +229,19 @@ def _ask(args: argparse.Namespace) -> int:
     return 0
 
 
+def _runs(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from siasam_fast.runs import format_table, run_folders, summarize_run, write_csv
+
+    rows = [summarize_run(path) for path in run_folders(args.folders)]
+    print(format_table(rows))
+    if args.csv:
+        write_csv(rows, Path(args.csv))
+        print(f"wrote {args.csv}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="siasam-fast", description="Fast SiaSamRea training for VideoQA.")
@@ -310,6 +323,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --clipbert: BERT's attention heads (default: hidden size / 64, "
                    "12 for ClipBERT's BERT-base)")
 
+    p = sub.add_parser("runs", help="one table of training runs (best / last / test metric, "
+                       "speed) to compare them")
+    p.add_argument("folders", nargs="+", metavar="RUN",
+                   help="run folders (train.out_dir), or a folder of them such as runs/")
+    p.add_argument("--csv", default=None, metavar="FILE", help="also write the table as CSV")
     p = sub.add_parser("demo", help="train baseline vs SiaSamRea on synthetic data (CPU)")
     p.add_argument("--out", default="runs/demo",
                    help="folder for the synthetic set, both runs, their logs, summary.json and "
@@ -334,7 +352,8 @@ def main(argv: list[str] | None = None) -> int:
             return 130
     args = build_parser().parse_args(argv)
     handler = {"env": _env, "synth": _synth, "index": _index, "eval": _eval, "demo": _demo,
-               "transcode": _transcode, "weights": _weights, "ask": _ask}[args.command]
+               "transcode": _transcode, "weights": _weights, "ask": _ask,
+               "runs": _runs}[args.command]
     if args.command in INTERRUPTED:
         # A scheduler's SIGTERM takes the Ctrl-C path: what was done is written before exiting.
         signal.signal(signal.SIGTERM, _interrupt)

@@ -353,6 +353,11 @@ def test_early_stop_ends_the_run_when_the_evaluation_stops_improving(synth, tmp_
     summary = json.loads((out / "summary.json").read_text())
     assert summary["epochs_completed"] == 2 and summary["best"]["epoch"] == 1
     assert summary["test"]["num_examples"] > 0
+    # siasam-fast runs reads the folder training wrote
+    row = run([sys.executable, "-m", "siasam_fast.cli", "runs", str(out)]).stdout.splitlines()[1]
+    best = f"{summary['best']['accuracy']:.4f}"
+    assert row.split()[1:-1] == ["open", "1", "3", "done", "2", best, "1", best,
+                                 f"{summary['test']['accuracy']:.4f}"]  # then steps/s
     proc = train(base_args(synth, out, *extra, "--resume", "auto"))
     assert "epochs 3-3 are not run" in proc.stdout
     assert json.loads((out / "summary.json").read_text())["epochs_completed"] == 2

@@ -1,0 +1,74 @@
+"""``siasam-fast runs``: the table of run folders, from hand-made run folders (what training
+writes: config.json, metrics_epochs.csv, summary.json, checkpoints/latest)."""
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+
+from siasam_fast.cli import main
+from siasam_fast.config import Config
+
+
+def make_run(path: Path, alpha: float, accuracies: list[float], summary: dict | None = None,
+             latest: int | None = None, task: str = "open") -> Path:
+    path.mkdir(parents=True)
+    cfg = Config.from_dict({"task": task, "siamese": {"alpha": alpha}}).to_dict()
+    (path / "config.json").write_text(json.dumps(cfg))
+    metric = "mse" if task == "count" else "accuracy"
+    with (path / "metrics_epochs.csv").open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=["step", "epoch", "train_loss", f"val_{metric}"])
+        writer.writeheader()
+        for e, value in enumerate(accuracies, 1):
+            writer.writerow({"step": 10 * e, "epoch": e, "train_loss": 1.0 / e,
+                             f"val_{metric}": value})
+    if summary is not None:
+        (path / "summary.json").write_text(json.dumps(summary))
+    if latest is not None:
+        (path / "checkpoints" / f"step{latest}").mkdir(parents=True)
+        (path / "checkpoints" / "latest").write_text(f"step{latest}")
+    return path
+
+
+def test_runs_table_compares_finished_and_unfinished_runs(tmp_path, capsys):
+    runs = tmp_path / "runs"
+    make_run(runs / "baseline", 0.0, [0.40, 0.45, 0.44],
+             {"steps": 30, "steps_per_s": 2.5, "test": {"accuracy": 0.43}}, latest=30)
+    make_run(runs / "siasamrea", 1.0, [0.42, 0.47], latest=20)  # stopped by a signal
+    (runs / "notes").mkdir()  # not a run: passed over inside a folder of runs
+    csv_file = tmp_path / "out" / "runs.csv"
+    assert main(["runs", str(runs), "--csv", str(csv_file)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ["run", "task", "alpha", "clips", "status", "epochs", "best", "val",
+                                "accuracy", "at", "epoch", "last", "val", "accuracy", "test",
+                                "accuracy", "steps/s"]
+    assert lines[1].split() == [str(runs / "baseline"), "open", "0", "9", "done", "3",
+                                "0.4500", "2", "0.4400", "0.4300", "2.5000"]
+    assert lines[2].split() == [str(runs / "siasamrea"), "open", "1", "9", "saved", "at",
+                                "step", "20", "2", "0.4700", "2", "0.4700", "-", "-"]
+    assert lines[3] == f"wrote {csv_file}"
+    rows = list(csv.DictReader(csv_file.open()))
+    assert [r["best"] for r in rows] == ["0.45", "0.47"] and rows[0]["best_metric"] == "accuracy"
+
+
+def test_runs_reads_count_runs_and_names_bad_folders(tmp_path, capsys):
+    run = make_run(tmp_path / "count", 1.0, [4.2, 3.9, 4.0], task="count")
+    assert main(["runs", str(run)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert "best val mse" in out[0] and out[1].split()[7:9] == ["3.9000", "2"]
+    assert out[1].split()[4:6] == ["no", "checkpoint"]  # and no summary
+    assert main(["runs", str(tmp_path / "missing")]) == 2
+    assert "is not a folder: give run folders" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert main(["runs", str(tmp_path / "empty")]) == 2
+    assert "is neither a run folder (no config.json) nor a folder of runs" in (
+        capsys.readouterr().err)
+
+
+@pytest.mark.parametrize("values", [[], [float("nan")]])
+def test_runs_without_an_evaluation_show_dashes(tmp_path, capsys, values):
+    run = make_run(tmp_path / "r", 1.0, values)
+    assert main(["runs", str(run)]) == 0
+    row = capsys.readouterr().out.splitlines()[1].split()
+    assert row[-4:] == ["-", "-", "-", "-"]
