@@ -16,7 +16,7 @@ import math
 from pathlib import Path
 
 COLUMNS = ("run", "task", "alpha", "clips", "status", "epochs", "best_split", "best_metric",
-           "best", "best_epoch", "last", "test", "steps_per_s")
+           "best", "best_epoch", "last", "test", "steps_per_s")  # best_split / _metric: headers
 
 
 def _number(text: str):
@@ -88,7 +88,7 @@ def summarize_run(path: Path) -> dict:
         "alpha": config.get("siamese", {}).get("alpha"),
         "clips": config.get("sampling", {}).get("num_clips"),
         "status": status, "epochs": len(history),
-        "best_split": split if best else None, "best_metric": metric if best else None,
+        "best_split": split, "best_metric": metric,  # the run's evaluation, best or not
         "best": best[metric] if best else None, "best_epoch": best["epoch"] if best else None,
         "last": last, "test": test, "steps_per_s": (summary or {}).get("steps_per_s"),
     }
