@@ -1575,6 +1575,10 @@ def run_training(args: argparse.Namespace, cfg: Config, rank: int, world: int,
                 except OSError as err:
                     print(f"note: could not mark {tag_dir} as evaluated ({err})",
                           file=sys.stderr)
+        if rank0 and tag_dir is not None and start_epoch >= cfg.train.epochs:
+            print(f"note: {tag_dir.name} ends the run's {cfg.train.epochs} epoch(s): nothing is "
+                  "left to train (raise train.epochs to train on); the test evaluation and "
+                  "summary.json are done again")
         for epoch in range(start_epoch, cfg.train.epochs):
             if cfg.train.max_steps and step >= cfg.train.max_steps:  # a resume already there
                 stop = True
@@ -1709,6 +1713,13 @@ def run_training(args: argparse.Namespace, cfg: Config, rank: int, world: int,
                        "zero_stage": engine.zero_optimization_stage(), "world_size": world,
                        "optimizer": optimizer_name, "train_seconds": time.perf_counter() - t_run,
                        "stand_in_examples": stand_ins, "history": history}
+            previous = out_dir / "summary.json"
+            if steps_run == 0 and rank0 and previous.is_file():  # a finished run started again:
+                try:  # its training's speed stays what it was, not this start's nothing
+                    old = json.loads(previous.read_text())
+                    summary.update({k: old[k] for k in SPEED_KEYS if k in old})
+                except (OSError, ValueError):
+                    pass
             if "test" in data.examples and not stop:
                 test_loader = make_loader(cfg, data, "test", rank, world)
                 summary["test"] = evaluate(engine, test_loader, cfg, text, device, dtype,
@@ -1736,6 +1747,10 @@ def run_training(args: argparse.Namespace, cfg: Config, rank: int, world: int,
     if dist.is_initialized():
         dist.barrier()
     return 0
+
+
+# What summary.json says of the training's speed (kept when a finished run is started again)
+SPEED_KEYS = ("steps_per_s", "peak_memory_gb", "train_seconds", "stand_in_examples")
 
 
 def checkpoint_config(checkpoint: str, config_path: str | None = None,

@@ -360,7 +360,15 @@ def test_early_stop_ends_the_run_when_the_evaluation_stops_improving(synth, tmp_
                                  f"{summary['test']['accuracy']:.4f}"]  # then steps/s
     proc = train(base_args(synth, out, *extra, "--resume", "auto"))
     assert "epochs 3-3 are not run" in proc.stdout
-    assert json.loads((out / "summary.json").read_text())["epochs_completed"] == 2
+    again = json.loads((out / "summary.json").read_text())
+    assert again["epochs_completed"] == 2
+    # nothing trained in this start: the training's speed stays the first start's
+    assert [again[k] for k in ("steps_per_s", "train_seconds")] == [
+        summary[k] for k in ("steps_per_s", "train_seconds")]
+    proc = train(base_args(synth, out, *extra, "--set", "train.epochs=2", "--resume", "auto"))
+    assert ("ends the run's 2 epoch(s): nothing is left to train (raise train.epochs to train "
+            "on); the test evaluation and summary.json are done again") in proc.stdout
+    assert json.loads((out / "summary.json").read_text())["steps_per_s"] == summary["steps_per_s"]
 
 
 def test_early_stop_reason_counts_epochs_since_the_best():
