@@ -723,10 +723,15 @@ def _same_folder(a, b) -> bool:
             and Path(a).is_dir() and Path(b).is_dir() and _same_dir(Path(a), Path(b)))
 
 
+def _stands_in(a, b) -> bool:
+    """``b`` stands in for the checkpoint's folder ``a``, which is gone."""
+    return (isinstance(a, str) and isinstance(b, str) and bool(a) and bool(b)
+            and not Path(a).exists() and Path(b).is_dir())
+
+
 def _replaced_folder(name: str, a, b) -> bool:
     """``b`` stands in for the checkpoint's folder ``a``, which is gone; says so once (rank 0)."""
-    if not (isinstance(a, str) and isinstance(b, str) and a and b and not Path(a).exists()
-            and Path(b).is_dir()):
+    if not _stands_in(a, b):
         return False
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"note: {name}: the checkpoint's folder {a!r} is not here; {b!r} stands in for it "
@@ -740,10 +745,14 @@ def _replaced_folder(name: str, a, b) -> bool:
 AUTO_FIELDS = ("model.qa_head", "model.visual_head", "model.cnn_freeze")
 
 
-def _resolved(name: str, section: dict, value):
-    """``value`` of the model field ``name`` with auto resolved in its own ``section``."""
+def _resolved(name: str, section: dict, value, stand_in: dict | None = None):
+    """``value`` of the model field ``name`` with auto resolved in its own ``section``; the
+    checkpoint's (``stand_in``: this run's section) where its model.visual folder is gone, in the
+    folder that stands in for it (the checkpoint's auto picked there what it picks in the copy)."""
     if value != "auto" or name not in AUTO_FIELDS:
         return value
+    if stand_in is not None and _stands_in(section.get("visual"), stand_in.get("visual")):
+        section = {**section, "visual": stand_in["visual"]}
     from siasam_fast.config import ModelConfig
     from siasam_fast.model import resolve_cnn_freeze, resolve_qa_head, resolve_visual_head
 
@@ -764,7 +773,7 @@ def config_mismatches(saved: dict, current: dict, prefix: str = "") -> list[str]
         if isinstance(a, dict) and isinstance(b, dict):
             out += config_mismatches(a, b, name + ".")
             continue
-        ra, rb = _resolved(name, saved, a), _resolved(name, current, b)
+        ra, rb = _resolved(name, saved, a, current), _resolved(name, current, b)
         if a != b and ra != rb and name not in RESUMABLE_CHANGES and not (
                 name in FOLDER_FIELDS and (_same_folder(a, b) or _replaced_folder(name, a, b))):
             auto = "".join(f" ({side} auto is {r!r} there; --set {name}={ra} for the "

@@ -196,6 +196,44 @@ def test_a_checkpoint_from_before_model_qa_head_keeps_its_head(tmp_path):
     assert config_mismatches(new, cfg.to_dict()) == []
 
 
+def test_auto_fields_resolve_in_each_sides_folder(tmp_path, capsys):
+    """model.qa_head / visual_head / cnn_freeze: auto is resolved in the checkpoint's model.visual
+    for the checkpoint and in this run's for this run; where the checkpoint's folder is gone, in
+    the folder that stands in for it (a ClipBERT run's auto picked ClipBERT's there too)."""
+    import json
+
+    from siasam_fast.training import config_mismatches, saved_config
+
+    converted, plain = tmp_path / "clipbert-visual", tmp_path / "plain"
+    converted.mkdir()
+    (converted / "siasam_visual.json").write_text("{}")
+    plain.mkdir()
+    cfg = Config()
+    saved = json.loads(json.dumps(cfg.to_dict()))
+    saved["model"]["visual"] = str(converted)
+    cfg.model.visual = str(plain)
+    # another folder: model.visual differs; auto == auto is no difference of its own
+    assert config_mismatches(saved_config({"config": saved}), cfg.to_dict()) == [
+        f"model.visual: checkpoint has {str(converted)!r}, this run has {str(plain)!r}"]
+    # the checkpoint's auto resolves in its own folder, not in this run's
+    cfg.model.qa_head = "siasam"
+    assert config_mismatches(saved_config({"config": saved}), cfg.to_dict())[0] == (
+        "model.qa_head: checkpoint has 'auto', this run has 'siasam' (the checkpoint's auto is "
+        "'clipbert' there; --set model.qa_head=clipbert for the checkpoint's)")
+    # the checkpoint's folder moved: the copy stands in, and auto means what it meant there
+    saved["model"]["visual"] = str(tmp_path / "moved-away")
+    cfg = Config()
+    cfg.model.visual = str(converted)
+    cfg.model.qa_head, cfg.model.visual_head, cfg.model.cnn_freeze = (
+        "clipbert", "clipbert", "detectron2")
+    assert config_mismatches(saved_config({"config": saved}), cfg.to_dict()) == []
+    assert "moved-away' is not here" in capsys.readouterr().err
+    cfg.model.qa_head = "siasam"  # another head than the checkpoint's auto picked: named
+    assert config_mismatches(saved_config({"config": saved}), cfg.to_dict()) == [
+        "model.qa_head: checkpoint has 'auto', this run has 'siasam' (the checkpoint's auto is "
+        "'clipbert' there; --set model.qa_head=clipbert for the checkpoint's)"]
+
+
 def test_evaluation_settings_may_differ_from_the_checkpoints():
     """`siasam-fast eval --set sampling.eval_placement=uniform` (and `ask`) used to be refused as
     a checkpoint that "does not fit this config", though the placement of the evaluation clips,
