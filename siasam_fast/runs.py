@@ -20,6 +20,7 @@ COLUMNS = ("run", "task", "alpha", "clips", "status", "epochs", "best_split", "b
 
 
 def _number(text: str):
+    """A CSV cell back as the int or float it was written from (text if it is neither)."""
     for kind in (int, float):
         try:
             return kind(text)
@@ -33,6 +34,58 @@ def _read_json(path: Path):
         return json.loads(path.read_text())
     except (OSError, ValueError):
         return None
+
+
+# Each run's best epoch (summary.json's "best", train.keep_best, train.early_stop)
+
+
+def best_epoch(history: list[dict], split: str, metric: str, ckpt_dir: Path) -> dict | None:
+    """The epoch whose ``split`` evaluation was best (highest accuracy, lowest MSE; the earliest
+    of equals), as the paper reports its results ("validate ... after each epoch ... report the
+    best metrics"): ``{"split", "epoch", "step", <the split's metrics>, "checkpoint"}`` (the
+    checkpoint saved at that epoch's end while ``train.keep_checkpoints`` keeps it, else None)."""
+    key = f"{split}_{metric}"
+    rows = [r for r in history if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])]
+    if not rows:
+        return None
+    sign = -1 if metric == "mse" else 1
+    row = max(rows, key=lambda r: (sign * r[key], -r["epoch"]))
+    tag = ckpt_dir / f"step{int(row['step'])}"
+    return {"split": split, "epoch": int(row["epoch"]), "step": int(row["step"]),
+            **{k[len(split) + 1:]: v for k, v in row.items() if k.startswith(split + "_")},
+            "checkpoint": str(tag) if tag.is_dir() else None}
+
+
+def early_stop_reason(history: list[dict], split: str | None, metric: str,
+                      patience: int) -> str | None:
+    """Why training stops here (``train.early_stop``): the last ``patience`` evaluated epochs gave
+    no better ``split`` metric than the best before them; None to go on."""
+    if not patience or not split:
+        return None
+    best = best_epoch(history, split, metric, Path("/nonexistent"))
+    evaluated = [int(r["epoch"]) for r in history if f"{split}_{metric}" in r]
+    if best is None or not evaluated or max(evaluated) - best["epoch"] < patience:
+        return None
+    return (f"early stop (train.early_stop={patience}): {split} {metric} has not improved for "
+            f"{max(evaluated) - best['epoch']} epochs since epoch {best['epoch']} "
+            f"({best[metric]:.4f})")
+
+
+def best_line(best: dict) -> str:
+    metric = "mse" if "mse" in best else "accuracy"
+    where = (f"checkpoint {best['checkpoint']}" if best["checkpoint"] else
+             "its checkpoint is no longer kept (train.keep_checkpoints)")
+    return (f"best {best['split']} {metric} {best[metric]:.4f} at epoch {best['epoch']} "
+            f"(step {best['step']}; {where})")
+
+
+def kept_best_tag(history: list[dict], cfg, split: str | None, ckpt_dir: Path) -> str | None:
+    """The tag ``train.keep_best`` keeps from pruning: the best ``split`` epoch's so far (None
+    with keep_best off, no evaluation during training, or no finite metric yet)."""
+    if not (cfg.train.keep_best and split):
+        return None
+    best = best_epoch(history, split, "mse" if cfg.task == "count" else "accuracy", ckpt_dir)
+    return f"step{best['step']}" if best else None
 
 
 def run_folders(paths: list[str | Path]) -> list[Path]:
@@ -57,8 +110,6 @@ def run_folders(paths: list[str | Path]) -> list[Path]:
 
 def summarize_run(path: Path) -> dict:
     """One row of the table (``COLUMNS``) for the run folder ``path``."""
-    from siasam_fast.training import best_epoch
-
     config = _read_json(path / "config.json") or {}
     task = config.get("task", "?")
     metric = "mse" if task == "count" else "accuracy"

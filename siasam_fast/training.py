@@ -77,6 +77,13 @@ from siasam_fast.paths import (  # noqa: E402
 from siasam_fast.pipeline.dataset import close_loaders, shard_length  # noqa: E402
 from siasam_fast.pipeline.loaders import build_video_loader  # noqa: E402
 from siasam_fast.pipeline.manifest import load_manifest  # noqa: E402
+from siasam_fast.runs import (  # noqa: E402
+    _number,
+    best_epoch,
+    best_line,
+    early_stop_reason,
+    kept_best_tag,
+)
 from siasam_fast.stopping import CHECK_EVERY, Stopped, StopRequest, stop_raises  # noqa: E402
 
 # Config fields that may change between a checkpoint and the run resuming (or evaluating) it.
@@ -656,46 +663,6 @@ def evaluate(model, loader, cfg: Config, text: TextEncoder, device, dtype, desc=
     return result
 
 
-def best_epoch(history: list[dict], split: str, metric: str, ckpt_dir: Path) -> dict | None:
-    """The epoch whose ``split`` evaluation was best (highest accuracy, lowest MSE; the earliest
-    of equals), as the paper reports its results ("validate ... after each epoch ... report the
-    best metrics"): ``{"split", "epoch", "step", <the split's metrics>, "checkpoint"}`` (the
-    checkpoint saved at that epoch's end while ``train.keep_checkpoints`` keeps it, else None)."""
-    key = f"{split}_{metric}"
-    rows = [r for r in history if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])]
-    if not rows:
-        return None
-    sign = -1 if metric == "mse" else 1
-    row = max(rows, key=lambda r: (sign * r[key], -r["epoch"]))
-    tag = ckpt_dir / f"step{int(row['step'])}"
-    return {"split": split, "epoch": int(row["epoch"]), "step": int(row["step"]),
-            **{k[len(split) + 1:]: v for k, v in row.items() if k.startswith(split + "_")},
-            "checkpoint": str(tag) if tag.is_dir() else None}
-
-
-def early_stop_reason(history: list[dict], split: str | None, metric: str,
-                      patience: int) -> str | None:
-    """Why training stops here (``train.early_stop``): the last ``patience`` evaluated epochs gave
-    no better ``split`` metric than the best before them; None to go on."""
-    if not patience or not split:
-        return None
-    best = best_epoch(history, split, metric, Path("/nonexistent"))
-    evaluated = [int(r["epoch"]) for r in history if f"{split}_{metric}" in r]
-    if best is None or not evaluated or max(evaluated) - best["epoch"] < patience:
-        return None
-    return (f"early stop (train.early_stop={patience}): {split} {metric} has not improved for "
-            f"{max(evaluated) - best['epoch']} epochs since epoch {best['epoch']} "
-            f"({best[metric]:.4f})")
-
-
-def best_line(best: dict) -> str:
-    metric = "mse" if "mse" in best else "accuracy"
-    where = (f"checkpoint {best['checkpoint']}" if best["checkpoint"] else
-             "its checkpoint is no longer kept (train.keep_checkpoints)")
-    return (f"best {best['split']} {metric} {best[metric]:.4f} at epoch {best['epoch']} "
-            f"(step {best['step']}; {where})")
-
-
 def _mean(values) -> float:
     values = list(values)
     return float(sum(values) / len(values)) if values else float("nan")
@@ -1175,16 +1142,6 @@ def check_siamese_impl(impl: str, device: torch.device) -> None:
                          "on CPU); use siamese.impl=reference")
 
 
-def _number(text: str):
-    """A CSV cell back as the int or float it was written from (text if it is neither)."""
-    for kind in (int, float):
-        try:
-            return kind(text)
-        except (TypeError, ValueError):
-            pass
-    return text
-
-
 class MetricsLog:
     """Appends rows to a CSV (and TensorBoard when installed); rank 0 only."""
 
@@ -1522,12 +1479,9 @@ def run_training(args: argparse.Namespace, cfg: Config, rank: int, world: int,
 
     def checkpoint(epoch: int) -> None:
         nonlocal replaced
-        best = (best_epoch(history, eval_split, "mse" if cfg.task == "count" else "accuracy",
-                           out_dir / "checkpoints")
-                if cfg.train.keep_best and eval_split else None)
         save_checkpoint(engine, out_dir, f"step{step}", run_state(epoch),
                         cfg.train.keep_checkpoints, rank, train_loader.state_dict(),
-                        protect=f"step{best['step']}" if best else None)
+                        protect=kept_best_tag(history, cfg, eval_split, out_dir / "checkpoints"))
         if replaced is not None:  # this run can be resumed now: the old one goes
             shutil.rmtree(replaced, ignore_errors=True)
             replaced = None

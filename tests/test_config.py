@@ -252,6 +252,37 @@ def test_evaluation_settings_may_differ_from_the_checkpoints():
         "sampling.stride"]
 
 
+def test_clipbert_comparison_settings_resume_or_not():
+    """eval.count_metric and train.keep_best change no weight: a resume or an evaluation may set
+    them. The answer head, the mc loss and the mc text are what the model learned with: refused
+    on resume (an evaluation may change data.mc_text, with a note). Bad values are named."""
+    import json
+
+    from siasam_fast.training import config_mismatches, model_visual_note, saved_config
+
+    cfg = Config.from_dict({"task": "mc"})
+    changed = json.loads(json.dumps(cfg.to_dict()))
+    changed["eval"]["count_metric"], changed["train"]["keep_best"] = "raw", False
+    assert config_mismatches(saved_config({"config": changed}), cfg.to_dict()) == []
+    changed = json.loads(json.dumps(cfg.to_dict()))
+    changed["model"]["qa_head"], changed["siamese"]["mc_loss"] = "clipbert", "ce"
+    changed["data"]["mc_text"] = "joined"
+    assert [p.split(":")[0] for p in config_mismatches(saved_config({"config": changed}),
+                                                       cfg.to_dict())] == [
+        "data.mc_text", "model.qa_head", "siamese.mc_loss"]
+    for key, value, valid in (("siamese.mc_loss", "bce", "hinge, ce"),
+                              ("data.mc_text", "both", "pair, joined"),
+                              ("eval.count_metric", "round", "tgif, raw")):
+        section, field = key.split(".")
+        with pytest.raises(ValueError, match=f"{key}={value!r}: valid values are {valid}"):
+            Config.from_dict({section: {field: value}})
+    # the start-up line says which answer head trains when it is not siasam's
+    assert model_visual_note(Config()) is None
+    cfg = Config()
+    cfg.model.qa_head = "clipbert"
+    assert "; answer head clipbert (ClipBERT's: Linear, ReLU, Linear) (" in model_visual_note(cfg)
+
+
 def test_a_v100_gets_fp16_not_emulated_bf16(monkeypatch):
     """torch.cuda.is_bf16_supported() counts emulation and says True on a V100: bf16 was chosen
     there, and bf16 configs were accepted. The compute capability decides now."""

@@ -384,6 +384,36 @@ def test_early_stop_reason_counts_epochs_since_the_best():
     assert early_stop_reason([], "val", "mse", 1) is None
 
 
+def test_the_best_epoch_of_a_resumed_run_and_the_tag_kept(tmp_path):
+    """A resumed run's history comes back from metrics_epochs.csv (cells as numbers, NaN too); a
+    NaN before the best is no best; train.keep_best off, or no evaluation, keeps no tag."""
+    from siasam_fast.config import Config
+    from siasam_fast.training import MetricsLog, best_epoch, kept_best_tag
+
+    path = tmp_path / "metrics_epochs.csv"
+    log = MetricsLog(path, True)
+    for row in ({"step": 2, "epoch": 1, "val_accuracy": float("nan"), "val_num_examples": 10},
+                {"step": 4, "epoch": 2, "val_accuracy": 0.25, "val_num_examples": 10},
+                {"step": 6, "epoch": 3, "val_accuracy": 0.5, "val_num_examples": 10},
+                {"step": 8, "epoch": 4, "val_accuracy": 0.5, "val_num_examples": 10}):
+        log.write(row)
+    history = MetricsLog(path, True, resume_step=6).rows  # the rows up to the resumed step
+    assert [r["epoch"] for r in history] == [1, 2, 3]
+    best = best_epoch(history, "val", "accuracy", tmp_path)
+    assert (best["epoch"], best["step"], best["accuracy"], best["checkpoint"]) == (3, 6, 0.5, None)
+    assert best_epoch(history[:1], "val", "accuracy", tmp_path) is None  # NaN only
+    cfg = Config()
+    assert kept_best_tag(history, cfg, "val", tmp_path) == "step6"
+    assert kept_best_tag(history, cfg, None, tmp_path) is None  # eval.split none
+    assert kept_best_tag(history[:1], cfg, "val", tmp_path) is None
+    cfg.train.keep_best = False
+    assert kept_best_tag(history, cfg, "val", tmp_path) is None
+    cfg = Config.from_dict({"task": "count"})  # the lowest MSE
+    mse = [{"step": 2, "epoch": 1, "val_mse": 2.0}, {"step": 4, "epoch": 2, "val_mse": 1.5},
+           {"step": 6, "epoch": 3, "val_mse": 3.0}]
+    assert kept_best_tag(mse, cfg, "val", tmp_path) == "step4"
+
+
 def test_resume_if_any_starts_or_continues(synth, tmp_path):
     """--resume if-any, for jobs that are requeued: a new run in an empty folder, a resume where a
     checkpoint is, and a new run over an earlier try that never saved one."""
