@@ -220,8 +220,11 @@ def _ask(args: argparse.Namespace) -> int:
         print(json.dumps(result))
     elif result["task"] == "count":
         count = result["count"]  # an integer: rounded and clipped (eval.count_metric tgif)
-        print(f"count: {count} (model output {result['output']:.2f})" if isinstance(count, int)
-              else f"count: {count:.2f}")
+        if count is None or isinstance(count, int):  # None: the output is not a number
+            print(f"count: {'-' if count is None else count} (model output "
+                  f"{result['output']:.2f})")
+        else:
+            print(f"count: {count:.2f}")
     else:
         width = max(len(answer) for answer, _ in result["answers"])
         for answer, prob in result["answers"]:

@@ -43,9 +43,10 @@ def gt_loss(outputs: dict, batch: dict, task: str, gt_clips: str = "anchor",
         weights = _clip_weights(batch["clip_mask"], gt_clips)
     V, N = scores.shape[:2]
     if task == "count":
-        target = batch["count"].float().view(V, 1).expand(V, N)
+        count = batch["count"].float()
+        valid = count.isfinite()  # NaN: no count given (left out, as evaluation leaves it out)
+        target = torch.where(valid, count, torch.zeros_like(count)).view(V, 1).expand(V, N)
         per_clip = (scores - target) ** 2
-        valid = torch.ones(V, dtype=torch.bool, device=scores.device)
     else:
         label = (batch["label"] if task == "open" else batch["answer_index"]).long()
         valid = label != IGNORE

@@ -592,17 +592,18 @@ def evaluate(model, loader, cfg: Config, text: TextEncoder, device, dtype, desc=
             values = ((pred - target) ** 2).tolist()
             labeled = target.isfinite().tolist()  # NaN: no count given
             raw = scores.tolist()
-            if cfg.eval.count_metric == "tgif":
-                pred = pred.long()  # an integer answer
         else:
             pred = scores.argmax(-1)
             target = batch["label"] if cfg.task == "open" else batch["answer_index"]
             values = (pred == target).float().tolist()
             # open: label -1 is an answer outside the vocabulary (wrong); mc: -1 is no answer
             labeled = (target >= 0).tolist() if cfg.task == "mc" else [True] * len(values)
+        pred_values = pred.tolist()
+        if cfg.task == "count" and cfg.eval.count_metric == "tgif":  # an integer answer (none
+            pred_values = [int(x) if math.isfinite(x) else None for x in pred_values]  # for NaN)
         for idx, qid, qtype, p, value, known, out, t in zip(
                 batch["example_index"].tolist(), batch["qid"], batch["question_type"],
-                pred.tolist(), values, labeled, raw, target.tolist()):
+                pred_values, values, labeled, raw, target.tolist()):
             rows[idx] = (qtype, value if known else None, qid, p,
                          None if out is None else (out, (out - t) ** 2 if known else None))
     if dist.is_initialized() and dist.get_world_size() > 1:
@@ -1812,9 +1813,10 @@ def answer_question(checkpoint: str, video: str, question: str,
                              cfg.eval.aggregation)[0]
     if cfg.task == "count":  # the answer as evaluation takes it (eval.count_metric), and the output
         answer = count_answer(scores, cfg.eval.count_metric)
-        return {"task": "count",
-                "count": int(answer) if cfg.eval.count_metric == "tgif" else float(answer),
-                "output": float(scores)}
+        count = float(answer)
+        if cfg.eval.count_metric == "tgif":  # an integer (none when the output is not a number)
+            count = int(count) if math.isfinite(count) else None
+        return {"task": "count", "count": count, "output": float(scores)}
     probs = scores.softmax(-1)
     if cfg.task == "mc":
         return {"task": "mc", "answers": [(c, float(p)) for c, p in zip(candidates, probs)]}
@@ -1879,8 +1881,9 @@ def init_model_from(model: torch.nn.Module, tag_dir: Path, cfg: Config, ans2labe
     Returns a one-line report."""
     state = json.loads((tag_dir / "run_state.json").read_text())
     saved = saved_config(state)
-    problems = [p for p in config_mismatches(saved, cfg.to_dict()) if p.startswith("model.")]
-    if problems:
+    problems = [p for p in config_mismatches(saved, cfg.to_dict()) if p.startswith("model.")
+                and not (p.startswith("model.qa_head:") and saved["task"] != cfg.task)]
+    if problems:  # (another task's head starts fresh, whichever it is)
         raise ValueError(f"train.init_from={str(tag_dir)!r} has another model:\n  "
                          + "\n  ".join(problems))  # fmt: skip
     weights = load_model_weights(tag_dir)

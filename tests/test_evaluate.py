@@ -94,6 +94,15 @@ def test_count_is_scored_as_published_tgif_qa_count_numbers_are(tmp_path):
     assert [r["prediction"] for r in rows] == pytest.approx(outputs)
 
 
+def test_a_count_output_that_is_not_a_number_answers_nothing(tmp_path):
+    """A diverged model's NaN output: no integer answer (null, not a garbage integer), and the
+    MSE says NaN rather than a number."""
+    counts = [batch("count", [0, 1], [float("nan"), 3.2], count=[2.0, 3.0])]
+    metrics, rows = run("count", counts, tmp_path)
+    assert [r["prediction"] for r in rows] == [None, 3]
+    assert metrics["mse"] != metrics["mse"]  # NaN
+
+
 class Loader(list):
     """Batches with the dataset facts evaluate reads: the examples, the positions kept and the
     examples left out when the loader was built."""

@@ -195,6 +195,8 @@ def test_gt_losses_by_hand():
     batch = {"clip_mask": torch.ones(2, 2, dtype=torch.bool), "count": torch.tensor([2.0, 3.0])}
     assert gt_loss({"prediction": pred}, batch, "count").item() == pytest.approx(0.5)
     assert gt_loss({"prediction": pred}, batch, "count", "all").item() == pytest.approx((1 + 9) / 4)
+    batch["count"] = torch.tensor([2.0, float("nan")])  # no count given: left out, not NaN
+    assert gt_loss({"prediction": pred}, batch, "count").item() == pytest.approx(1.0)
 
 
 def test_gt_on_pooled_clips_is_clipberts_multi_clip_loss():

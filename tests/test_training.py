@@ -844,6 +844,14 @@ def test_init_from_another_dataset_or_task_keeps_what_carries_over(tmp_path):
     after = scorer.state_dict()
     assert all(torch.equal(after[k], fresh[k]) for k in after if k.startswith("head."))
     assert all(torch.equal(after[k], before[k]) for k in backbone)
+    # another task's head starts fresh whichever it is: ClipBERT's here, the checkpoint's siasam
+    mc.model.qa_head = "clipbert"
+    note = init_model_from(build_model(mc, 0, 64), tag, mc, {})
+    assert "head initialised afresh (the checkpoint's task is 'open')" in note, note
+    cfg.model.qa_head = "clipbert"  # the same task: another head is another model
+    with pytest.raises(ValueError, match="has another model:\n  model.qa_head: checkpoint has "
+                                         "'auto', this run has 'clipbert'"):
+        init_model_from(build_model(cfg, len(new_vocab), 64), tag, cfg, new_vocab)
 
 
 def test_alpha_warmup_ramps_the_siamese_weight(synth, tmp_path):
