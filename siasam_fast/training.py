@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import csv
 import hashlib
+import io
 import itertools
 import json
 import math
@@ -1181,11 +1182,23 @@ class MetricsLog:
         new = not self.path.is_file() or self.columns is None
         if new:
             self.columns = list(row.keys())
-        with self.path.open("a", newline="") as fh:
-            w = csv.DictWriter(fh, fieldnames=self.columns, extrasaction="ignore")
-            if new:
-                w.writeheader()
+        added = [k for k in row if k not in self.columns]
+        if added:  # a column first seen now (num_failed, say): the file is written again with it
+            with self.path.open(newline="") as fh:
+                rows = list(csv.DictReader(fh))
+            self.columns += added
+            buffer = io.StringIO()
+            w = csv.DictWriter(buffer, fieldnames=self.columns)
+            w.writeheader()
+            w.writerows(rows)
             w.writerow(row)
+            write_text_atomic(self.path, buffer.getvalue())
+        else:
+            with self.path.open("a", newline="") as fh:
+                w = csv.DictWriter(fh, fieldnames=self.columns, extrasaction="ignore")
+                if new:
+                    w.writeheader()
+                w.writerow(row)
         if self.writer is not None:
             for k, v in row.items():
                 if isinstance(v, (int, float)) and k != "step":

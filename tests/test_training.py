@@ -414,6 +414,24 @@ def test_the_best_epoch_of_a_resumed_run_and_the_tag_kept(tmp_path):
     assert kept_best_tag(mse, cfg, "val", tmp_path) == "step4"
 
 
+def test_a_metric_first_seen_in_a_later_epoch_gets_its_column(tmp_path):
+    """num_failed, num_dropped, accuracy_all appear only when there is something to count: a
+    column first seen in epoch 2 used to be dropped from metrics_epochs.csv silently."""
+    from siasam_fast.training import MetricsLog
+
+    path = tmp_path / "metrics_epochs.csv"
+    log = MetricsLog(path, True)
+    log.write({"step": 2, "epoch": 1, "val_accuracy": 0.5})
+    log.write({"step": 4, "epoch": 2, "val_accuracy": 0.25, "val_num_failed": 3})
+    log.write({"step": 6, "epoch": 3, "val_accuracy": 0.75})
+    with path.open(newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert [r["val_num_failed"] for r in rows] == ["", "3", ""]
+    assert [r["val_accuracy"] for r in rows] == ["0.5", "0.25", "0.75"]
+    resumed = MetricsLog(path, True, resume_step=4).rows
+    assert [r["val_num_failed"] for r in resumed] == ["", 3]
+
+
 def test_resume_if_any_starts_or_continues(synth, tmp_path):
     """--resume if-any, for jobs that are requeued: a new run in an empty folder, a resume where a
     checkpoint is, and a new run over an earlier try that never saved one."""
