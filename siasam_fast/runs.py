@@ -36,6 +36,11 @@ def _read_json(path: Path):
         return None
 
 
+def task_metric(task: str) -> str:
+    """The metric a task is evaluated by: MSE for count (lower is better), accuracy otherwise."""
+    return "mse" if task == "count" else "accuracy"
+
+
 # Each run's best epoch (summary.json's "best", train.keep_best, train.early_stop)
 
 
@@ -84,7 +89,7 @@ def kept_best_tag(history: list[dict], cfg, split: str | None, ckpt_dir: Path) -
     with keep_best off, no evaluation during training, or no finite metric yet)."""
     if not (cfg.train.keep_best and split):
         return None
-    best = best_epoch(history, split, "mse" if cfg.task == "count" else "accuracy", ckpt_dir)
+    best = best_epoch(history, split, task_metric(cfg.task), ckpt_dir)
     return f"step{best['step']}" if best else None
 
 
@@ -112,7 +117,7 @@ def summarize_run(path: Path) -> dict:
     """One row of the table (``COLUMNS``) for the run folder ``path``."""
     config = _read_json(path / "config.json") or {}
     task = config.get("task", "?")
-    metric = "mse" if task == "count" else "accuracy"
+    metric = task_metric(task)
     split = config.get("eval", {}).get("split", "val")
     history = []
     if (path / "metrics_epochs.csv").is_file():

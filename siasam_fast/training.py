@@ -84,6 +84,7 @@ from siasam_fast.runs import (  # noqa: E402
     best_line,
     early_stop_reason,
     kept_best_tag,
+    task_metric,
 )
 from siasam_fast.stopping import CHECK_EVERY, Stopped, StopRequest, stop_raises  # noqa: E402
 
@@ -612,7 +613,7 @@ def evaluate(model, loader, cfg: Config, text: TextEncoder, device, dtype, desc=
         dist.all_gather_object(gathered, rows)
         rows = {k: v for part in gathered for k, v in part.items()}
     model.train(was_training)
-    metric = "mse" if cfg.task == "count" else "accuracy"
+    metric = task_metric(cfg.task)
     scored = [r for r in rows.values() if r[1] is not None]
     result = {"num_examples": len(scored)}
     if len(scored) < len(rows):
@@ -1523,13 +1524,12 @@ def run_training(args: argparse.Namespace, cfg: Config, rank: int, world: int,
         epochs_log.write(row)
         history.append(row)
         if rank0 and metrics:
-            key = "mse" if cfg.task == "count" else "accuracy"
             loss_text = f"{row.get('train_loss', float('nan')):.4f}"
-            print(f"epoch {epoch + 1}: train loss {loss_text}, {eval_split} {key} "
-                  f"{metrics[key]:.4f}")
+            print(f"epoch {epoch + 1}: train loss {loss_text}, {eval_split} {metric_name} "
+                  f"{metrics[metric_name]:.4f}")
 
     history: list[dict] = list(epochs_log.rows)  # a resumed run's summary covers the whole run
-    metric_name = "mse" if cfg.task == "count" else "accuracy"
+    metric_name = task_metric(cfg.task)
     stop = False
     stopped_by = None  # the stop signal this run stopped for
     eval_due = False  # a stop at an epoch's end leaves its evaluation to the resumed run
@@ -1711,8 +1711,7 @@ def run_training(args: argparse.Namespace, cfg: Config, rank: int, world: int,
     if eval_split and history:
         summary[eval_split] = {k[len(eval_split) + 1:]: v for k, v in history[-1].items()
                                if k.startswith(eval_split + "_")}
-        best = best_epoch(history, eval_split, "mse" if cfg.task == "count" else "accuracy",
-                          out_dir / "checkpoints")
+        best = best_epoch(history, eval_split, metric_name, out_dir / "checkpoints")
         if best:
             summary["best"] = best
     if rank0:
