@@ -363,7 +363,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return handler(args)
     except USAGE_ERRORS as err:
-        print(f"siasam-fast {args.command}: error: {err}", file=sys.stderr)
+        # one write (eval under a launcher: every process's line whole, as training's)
+        sys.stderr.write(f"siasam-fast {args.command}: error: {err}\n")
+        sys.stderr.flush()
         return 2
     except KeyboardInterrupt:
         if args.command not in INTERRUPTED:

@@ -1229,7 +1229,11 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     try:
         return train(argv, prog)
     except USAGE_ERRORS as err:
-        print(f"error: {err}", file=sys.stderr)
+        # one write of the whole line: several processes' lines (an error every process raises)
+        # then never run into each other in the launcher's output (print writes the text and the
+        # newline apart)
+        sys.stderr.write(f"error: {err}\n")
+        sys.stderr.flush()
         return 2
     except KeyboardInterrupt:
         # Ctrl-C during the start-up (before the run's stop handling is in place: nothing has
