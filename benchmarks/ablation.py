@@ -85,6 +85,10 @@ EXTRA_VARIANTS: dict[str, tuple[str, list[str]]] = {
         "alpha = 0, 9 clips, L_gt on every clip",
         ["siamese.alpha=0", "sampling.num_clips=9", "siamese.gt_clips=all"],
     ),
+    # The paper's Figure 1 (b) against (c): the same reasoning over 8 clips drawn independently
+    # anywhere in the video (ClipBERT's sparse sampling) instead of 8 siamese clips
+    "sparse": ("w/ SKG + SKR over 8 sparse clips (not siamese)",
+               [*SIAMESE, "sampling.placement=sparse"]),
 }
 # Fine-tuning from the trained baseline of the same seed (the paper fine-tunes a pretrained
 # ClipBERT rather than training from scratch): 4 more epochs at a lower learning rate, without

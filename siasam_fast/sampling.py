@@ -18,6 +18,14 @@ Rules (DESIGN section 2):
   fits, then the spacing, then padding), "pad" (repeat the last frame) or "skip"; the reason is
   recorded.
 
+``placement="sparse"`` replaces the siamese group by ClipBERT's sparse sampling (the paper's
+Figure 1 (b)), for a ClipBERT baseline and for the ablation "the same reasoning over independent
+clips": each of the N clips starts anywhere its B frames fit, drawn independently and uniformly
+(clip 0 is the anchor; no first-third rule, spacing or pace). B, the stride and ``short_video``
+apply to one clip. ClipBERT's clip of ``num_frm`` frames at ``fps`` spans num_frm x (video fps) /
+fps frames, its frames spread over that span: at 30 fps, MSRVTT-QA's 2 frames at 2 fps are 29
+frames apart (``stride: 29``, ``frames_per_clip: 2``, ``num_clips: 8``).
+
 Keyframe-aware options (issue 7: fast random access). A decoder that seeks to the keyframe at or
 before the group's first frame decodes and throws away every frame from that keyframe up to the
 first frame the clips read (the *pre-roll*, ``r``); with keyframes seconds apart that is most of the
@@ -62,8 +70,9 @@ from dataclasses import dataclass, field, fields
 import numpy as np
 
 PACES = ("both", "after")
+PLACEMENTS = ("siamese", "sparse")
 SHORT_VIDEO_POLICIES = ("shrink_stride", "pad", "skip")
-EVAL_PLACEMENTS = ("middle", "uniform")
+EVAL_PLACEMENTS = ("middle", "uniform", "clipbert")
 
 
 @dataclass(frozen=True)
@@ -77,7 +86,11 @@ class SamplingConfig:
     pace: str = "both"  # "both": a+d, a-d, a+2d, ...; "after": a+d, a+2d, ...
     short_video: str = "shrink_stride"  # "shrink_stride" | "pad" | "skip"
     min_frames: int = 1  # videos shorter than this are skipped (the paper skips < 40 frames)
-    eval_placement: str = "middle"  # "middle" | "uniform"
+    # Training clips: "siamese" (the paper's, above) or "sparse": N clips whose starts are drawn
+    # independently and uniformly over the whole video (ClipBERT's random training clips, the
+    # paper's Figure 1 (b)); start_spacing, pace and the first-third rule do not apply there
+    placement: str = "siamese"  # "siamese" | "sparse"
+    eval_placement: str = "middle"  # "middle" | "uniform" | "clipbert"
     eval_clips: int = 1  # clips per video at evaluation (1 = anchor only, as in the paper)
     anchor_copies: bool = False  # ablation: N copies of the anchor instead of siamese clips
     # Keyframe-aware options (module docstring), off by default; they need the video's keyframes.
@@ -109,6 +122,7 @@ class SamplingConfig:
         if not isinstance(self.anchor_copies, (bool, np.bool_)):
             raise ValueError(f"anchor_copies={self.anchor_copies!r}: expected true or false")
         _check_choice("pace", self.pace, PACES)
+        _check_choice("placement", self.placement, PLACEMENTS)
         _check_choice("short_video", self.short_video, SHORT_VIDEO_POLICIES)
         _check_choice("eval_placement", self.eval_placement, EVAL_PLACEMENTS)
         tau = self.preroll_temperature
@@ -128,6 +142,12 @@ class SamplingConfig:
         if isinstance(shift, bool) or not isinstance(shift, (int, np.integer)) or shift < 0:
             raise ValueError(
                 f"keyframe_max_shift={shift!r}: must be an integer number of frames >= 0 (0: off)"
+            )
+        if self.placement == "sparse" and self.keyframe_aware:
+            raise ValueError(
+                "placement='sparse' draws each clip anywhere in the video; the keyframe-aware "
+                "options (preroll_temperature, keyframe_max_shift) move a siamese group and "
+                "apply to placement='siamese' only: leave them off with sparse clips"
             )
 
     @classmethod
@@ -265,7 +285,7 @@ def _fit_short(T: int, N: int, B: int, cfg: SamplingConfig) -> tuple[int, int, b
     """(stride, spacing, pad, reason) for a video shorter than the group, or None to skip."""
     s, d = cfg.stride, cfg.start_spacing
     need = group_span(N, B, s, d)
-    what = f"video has {T} frames, the group of {N} clips x {B} frames needs {need}"
+    what = f"video has {T} frames, {_group_text(N, B)} needs {need}"
     if cfg.short_video == "skip":
         return None
     if cfg.short_video == "pad":
@@ -298,6 +318,8 @@ def sample_siamese_clips(
     """
     T = _frame_count(num_frames)
     cfg = config
+    if cfg.placement == "sparse":
+        return _sample_sparse(T, cfg, rng)
     plan = _plan(T, cfg)
     if isinstance(plan, ClipIndices):
         return plan  # skipped
@@ -330,6 +352,24 @@ def sample_siamese_clips(
     return result
 
 
+def _sample_sparse(T: int, cfg: SamplingConfig, rng: np.random.Generator) -> ClipIndices:
+    """``placement="sparse"``: N clip starts drawn independently and uniformly over every start
+    at which one clip fits (ClipBERT's random training clips); clip 0 is the anchor. B, the stride
+    and the short-video policy are those of a one-clip group; ``start_spacing`` is 0 (none)."""
+    plan = _plan(T, cfg, num_clips=1)
+    if isinstance(plan, ClipIndices):
+        return plan  # skipped
+    _, B, s, _, pad, reason = plan
+    N = cfg.num_clips
+    if pad:  # the clip does not fit: it starts at frame 0 and repeats the last frame
+        starts = np.zeros(N, np.int64)
+    else:
+        starts = rng.integers(0, T - clip_span(B, s) + 1, size=N).astype(np.int64)
+    if cfg.anchor_copies:
+        starts[:] = starts[0]  # ablation: the anchor clip N times
+    return _finish(starts, B, s, 0, T, reason)
+
+
 def anchor_distribution(
     num_frames: int, config: SamplingConfig, keyframes=None
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -340,12 +380,16 @@ def anchor_distribution(
     empty arrays for a skipped video.
     """
     T = _frame_count(num_frames)
-    plan = _plan(T, config)
+    sparse = config.placement == "sparse"
+    plan = _plan(T, config, num_clips=1 if sparse else None)
     if isinstance(plan, ClipIndices):
         return np.zeros(0, np.int64), np.zeros(0, np.float64)
     N, B, s, d, pad, _ = plan
     if pad:
         return np.zeros(1, np.int64), np.ones(1, np.float64)
+    if sparse:  # uniform over every start at which the clip fits
+        starts = np.arange(T - clip_span(B, s) + 1, dtype=np.int64)
+        return starts, np.full(starts.size, 1.0 / starts.size)
     kf = _keyframe_array(keyframes) if config.keyframe_aware else None
     max_start = T - clip_span(B, s)
     candidates, _ = _anchor_candidates(T, max_start, N, d)
@@ -364,13 +408,16 @@ def anchor_distribution(
     return starts[keep].astype(np.int64), p[keep]
 
 
-def _plan(T: int, cfg: SamplingConfig) -> tuple[int, int, int, int, bool, str] | ClipIndices:
-    """(N, B, stride, spacing, pad, reason) for a T-frame video, or the skipped result."""
+def _plan(
+    T: int, cfg: SamplingConfig, num_clips: int | None = None
+) -> tuple[int, int, int, int, bool, str] | ClipIndices:
+    """(N, B, stride, spacing, pad, reason) for a T-frame video and a group of ``num_clips``
+    clips (None: ``cfg.num_clips``), or the skipped result."""
     if T < 1:
         return _skipped(f"video has {T} frames")
     if T < cfg.min_frames:
         return _skipped(f"video has {T} frames, fewer than min_frames={cfg.min_frames}")
-    N = cfg.num_clips
+    N = cfg.num_clips if num_clips is None else num_clips
     B = _choose_frames_per_clip(T, cfg, N)
     s, d, pad, reason = cfg.stride, cfg.start_spacing, False, ""
     if group_span(N, B, s, d) > T:
@@ -378,11 +425,14 @@ def _plan(T: int, cfg: SamplingConfig) -> tuple[int, int, int, int, bool, str] |
         if fitted is None:
             need = group_span(N, B, s, d)
             return _skipped(
-                f"video has {T} frames, the group of {N} clips x {B} frames needs {need} "
-                "(short_video='skip')"
+                f"video has {T} frames, {_group_text(N, B)} needs {need} (short_video='skip')"
             )
         s, d, pad, reason = fitted
     return N, B, s, d, pad, reason
+
+
+def _group_text(N: int, B: int) -> str:
+    return f"a clip of {B} frames" if N == 1 else f"the group of {N} clips x {B} frames"
 
 
 def _anchor_candidates(T: int, max_start: int, N: int, d: int) -> tuple[np.ndarray, str]:
@@ -481,6 +531,9 @@ def sample_eval_clips(
       the last frame ("padded with the last frame ..." in ``reason``). ``stride`` is the stride.
     - "uniform": B frames spread evenly over the segment; ``stride`` is 0 (no constant stride).
       A segment shorter than B gives repeated frames ("frames repeated ..." in ``reason``).
+    - "clipbert": ClipBERT's placement, not per segment: clip i starts at ceil(i (T - span) / E)
+      (:func:`_clipbert_eval_clips`; E = 1 reads the video's first frames), B fitted to the whole
+      video, the stride never shrunk (a clip longer than the video repeats its last frame).
 
     Unlike training, evaluation ignores ``min_frames`` and ``short_video`` (no "skip", no "pad"
     policy): every evaluated example is scored, however short its video, so only a video with
@@ -497,6 +550,8 @@ def sample_eval_clips(
     E = int(E)
     if T < 1:
         return _skipped(f"video has {T} frames")
+    if cfg.eval_placement == "clipbert":
+        return _clipbert_eval_clips(T, cfg, E)
     seg_lo = (np.arange(E, dtype=np.int64) * T) // E
     seg_hi = np.maximum((np.arange(1, E + 1, dtype=np.int64) * T) // E, seg_lo + 1)  # exclusive
     seg_len = seg_hi - seg_lo
@@ -529,6 +584,29 @@ def sample_eval_clips(
             )
         s_used = s
         clips = starts[:, None] + s * np.arange(B, dtype=np.int64)[None, :]
+    return _eval_result(clips, T, s_used, B, reasons)
+
+
+def _clipbert_eval_clips(T: int, cfg: SamplingConfig, E: int) -> ClipIndices:
+    """``eval_placement="clipbert"``: ClipBERT's multi-clip inference (its decoder's
+    ``get_start_end_idx`` with ``clip_idx`` i of ``num_clips`` E): clip i starts at
+    ceil(i * (T - span) / E), span = the clip's frames at the training stride, so E = 1 reads the
+    video's first frames. B is the largest of ``frames_per_clip`` whose clip fits the video; the
+    stride is kept, and a clip longer than the video repeats its last frame, as ClipBERT's does."""
+    B = _choose_frames_per_clip(T, cfg, 1)
+    s = cfg.stride
+    span = clip_span(B, s)
+    delta = max(T - span, 0)
+    starts = -((-delta * np.arange(E, dtype=np.int64)) // E)  # ceil: the first frame at or after
+    clips = starts[:, None] + s * np.arange(B, dtype=np.int64)[None, :]
+    reasons = []
+    if span > T:
+        reasons.append(f"padded with the last frame: video has {T} frames, a clip of {B} frames "
+                       f"at stride {s} needs {span}")
+    return _eval_result(clips, T, s, B, reasons)
+
+
+def _eval_result(clips: np.ndarray, T: int, stride: int, B: int, reasons: list) -> ClipIndices:
     clips = np.minimum(clips, T - 1)
     unique, inverse = np.unique(clips, return_inverse=True)
     return ClipIndices(
@@ -536,7 +614,7 @@ def sample_eval_clips(
         unique=unique.astype(np.int64),
         inverse=inverse.reshape(clips.shape).astype(np.int64),
         anchor_start=int(clips[0, 0]),
-        stride=s_used,
+        stride=stride,
         start_spacing=0,
         frames_per_clip=B,
         reason="; ".join(reasons),

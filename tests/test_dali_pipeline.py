@@ -172,6 +172,25 @@ def test_frames_are_exactly_the_sampled_frames(manifest, dedup, output, num_work
     assert loader.skipped == []
 
 
+def test_sparse_clips_are_exactly_the_sampled_frames(manifest):
+    """ClipBERT's sparse clips (sampling.placement=sparse) through the same DALI graph: clips
+    anywhere in the video, overlapping or not, decoded from the sorted unique frames."""
+    cfg = SamplingConfig(**{**CFG.__dict__, "placement": "sparse"})
+    names = INDEXED
+    loader = build_dali_loader(examples_for(names), manifest, cfg, "train", 4, image_size=SIZE,
+                               num_workers=0, device="cpu", seed=3, epoch=5)
+    seen = []
+    for batch in loader:
+        check_batch_frames(batch)
+        for v, index in enumerate(batch["example_index"].tolist()):
+            record = manifest[names[index]]
+            expected = sample_siamese_clips(record.num_frames, cfg, example_rng(3, 5, index))
+            assert batch["frame_ids"][v].tolist() == expected.clips.tolist()
+            assert int(batch["num_unique"][v]) == len(expected.unique)
+            seen.append(index)
+    assert sorted(seen) == list(range(len(names)))
+
+
 # -- agreement with the PyAV backend -----------------------------------------------------------
 
 

@@ -176,12 +176,14 @@ def test_transform_keeps_the_index_code():
 # -- dataset and batch contract -----------------------------------------------------------------
 
 
-def test_batch_matches_the_sampler(manifest):
+@pytest.mark.parametrize("placement", ["siamese", "sparse"])
+def test_batch_matches_the_sampler(manifest, placement):
+    cfg = SamplingConfig(**{**CFG.__dict__, "placement": placement})
     names = ["h264", "h264_vfr", "vp9", "mjpeg"]
     loader = build_loader(
         examples_for(names),
         manifest,
-        CFG,
+        cfg,
         "train",
         batch_size=2,
         image_size=SIZE,
@@ -197,7 +199,7 @@ def test_batch_matches_the_sampler(manifest):
         check_batch_frames(batch)
         for v, index in enumerate(batch["example_index"].tolist()):
             record = manifest[names[index]]
-            expected = sample_siamese_clips(record.num_frames, CFG, example_rng(3, 5, index))
+            expected = sample_siamese_clips(record.num_frames, cfg, example_rng(3, 5, index))
             assert batch["frame_ids"][v].tolist() == expected.clips.tolist()
             assert batch["clip_index"][v].tolist() == expected.inverse.tolist()
             assert int(batch["num_unique"][v]) == len(expected.unique)

@@ -591,3 +591,124 @@ def test_preroll_floor_and_shift_stop_as_the_module_docstring_says():
     assert on_keyframe.starts.min() == 12
     at_zero = sample_siamese_clips(300, shift, FixedAnchor(5), keyframes=segment_keyframes)
     assert at_zero.starts.min() == 0 and 0 not in segment_keyframes
+
+
+# -- sparse training clips and ClipBERT's evaluation placement ----------------------------------
+
+
+def sparse(cfg, **kwargs):
+    return SamplingConfig(**{**cfg.__dict__, "placement": "sparse", **kwargs})
+
+
+@settings(max_examples=300, deadline=None)
+@given(T=st.integers(1, 2000), cfg=configs, seed=st.integers(0, 2**32 - 1))
+def test_sparse_clips_are_clips_of_one_stride_anywhere_a_clip_fits(T, cfg, seed):
+    """placement=sparse: N clips of one stride, each fitting the video, independent starts; B,
+    the stride and the short-video policy those of a one-clip group of the same config."""
+    cfg = sparse(cfg)
+    r = sample_siamese_clips(T, cfg, np.random.default_rng(seed))
+    one = sample_siamese_clips(T, SamplingConfig(**{**cfg.__dict__, "num_clips": 1}),
+                               np.random.default_rng(seed))
+    assert r.skipped == one.skipped and r.reason == one.reason
+    if r.skipped:
+        return
+    N, B = r.clips.shape
+    assert N == cfg.num_clips and B == one.frames_per_clip and r.stride == one.stride
+    assert r.start_spacing == 0
+    np.testing.assert_array_equal(r.unique[r.inverse], r.clips)
+    np.testing.assert_array_equal(r.starts, r.clips[:, 0])
+    assert r.anchor_start == r.clips[0, 0]
+    if "padded" in r.reason:
+        assert np.all(r.starts == 0)
+        return
+    assert r.clips.min() >= 0 and r.clips.max() <= T - 1
+    if B > 1:
+        assert np.all(np.diff(r.clips, axis=1) == r.stride)
+    assert r.starts.max() <= T - clip_span(B, r.stride)
+    # the same draw again: deterministic per generator
+    again = sample_siamese_clips(T, cfg, np.random.default_rng(seed))
+    np.testing.assert_array_equal(again.clips, r.clips)
+
+
+def test_sparse_starts_are_uniform_over_the_video_and_independent():
+    """Unlike the siamese anchor (first third, neighbours d apart), every sparse clip start is
+    uniform over the 172 starts at which a clip of 8 frames at stride 4 fits 200 frames."""
+    cfg = SamplingConfig(placement="sparse")  # N 9, B 8, stride 4
+    starts = np.stack([sample_siamese_clips(200, cfg, example_rng(0, 0, i)).starts
+                       for i in range(3000)])  # [draws, N]
+    assert starts.min() == 0 and starts.max() == 200 - clip_span(8, 4)
+    for clip in range(9):  # each clip's start: mean (171 / 2) and spread of a uniform draw
+        assert abs(starts[:, clip].mean() - 85.5) < 4
+        assert abs(starts[:, clip].std() - math.sqrt((172**2 - 1) / 12)) < 3
+    assert (starts[:, 0] >= 200 / 3).mean() > 0.6  # the anchor is not held to the first third
+    # independent: neighbouring clips' starts are uncorrelated (siamese ones are d apart)
+    assert abs(np.corrcoef(starts[:, 0], starts[:, 1])[0, 1]) < 0.06
+    siamese = np.stack([sample_siamese_clips(200, SamplingConfig(), example_rng(0, 0, i)).starts
+                        for i in range(300)])
+    assert np.corrcoef(siamese[:, 0], siamese[:, 1])[0, 1] > 0.99
+
+
+def test_sparse_anchor_distribution_is_the_samplers():
+    cfg = SamplingConfig(placement="sparse", frames_per_clip=4, stride=2)
+    starts, p = anchor_distribution(30, cfg)
+    np.testing.assert_array_equal(starts, np.arange(30 - clip_span(4, 2) + 1))
+    np.testing.assert_allclose(p, 1 / starts.size)
+    drawn = {sample_siamese_clips(30, cfg, example_rng(1, 0, i)).anchor_start for i in range(500)}
+    assert drawn == set(starts.tolist())
+    padded = SamplingConfig(placement="sparse", short_video="pad")  # 8 x 4 does not fit 10 frames
+    assert anchor_distribution(10, padded)[0].tolist() == [0]
+    skipped = SamplingConfig(placement="sparse", min_frames=40)
+    assert anchor_distribution(39, skipped)[0].size == 0
+
+
+def test_sparse_short_videos_follow_the_policy_for_one_clip():
+    cfg = SamplingConfig(placement="sparse", short_video="skip")  # one clip needs 29 frames
+    assert not sample_siamese_clips(29, cfg, example_rng(0, 0, 0)).skipped  # a group needs 37
+    r = sample_siamese_clips(28, cfg, example_rng(0, 0, 0))
+    assert r.skipped and "a clip of 8 frames needs 29" in r.reason
+    r = sample_siamese_clips(20, SamplingConfig(placement="sparse"), example_rng(0, 0, 0))
+    assert r.stride == 2 and "stride shrunk from 4 to 2" in r.reason
+
+
+def test_sparse_anchor_copies():
+    r = sample_siamese_clips(200, SamplingConfig(placement="sparse", anchor_copies=True),
+                             example_rng(0, 0, 5))
+    assert np.all(r.clips == r.clips[0]) and len(r.unique) == 8
+
+
+def test_placement_errors_name_the_value():
+    with pytest.raises(ValueError, match=r"placement='random': valid values are siamese, sparse"):
+        SamplingConfig(placement="random")
+    for option in (dict(preroll_temperature=8.0), dict(keyframe_max_shift=4)):
+        with pytest.raises(ValueError, match=r"apply to placement='siamese' only"):
+            SamplingConfig(placement="sparse", **option)
+    with pytest.raises(ValueError, match=r"sampling\.placement='sparse' draws each clip"):
+        load_config("configs/synthetic.yaml", ["sampling.placement=sparse",
+                                               "sampling.keyframe_max_shift=2"])
+    cfg = load_config("configs/synthetic.yaml", ["sampling.placement=sparse"])
+    assert cfg.sampling.placement == "sparse"
+
+
+@pytest.mark.parametrize(
+    "T, E, starts",
+    [(100, 1, [0]), (100, 3, [0, 24, 48]), (29, 2, [0, 0]), (30, 4, [0, 1, 1, 1]),
+     (1000, 16, [-(-971 * i // 16) for i in range(16)])],
+)
+def test_clipbert_eval_placement_is_clipberts_uniform_clips(T, E, starts):
+    """ClipBERT's get_start_end_idx(T, span, i, E): start i * (T - span) / E, read from the first
+    frame at or after it; one clip (E = 1) reads the video's first frames."""
+    cfg = SamplingConfig(eval_placement="clipbert")  # B 8, stride 4: span 29
+    r = sample_eval_clips(T, cfg, E)
+    assert r.starts.tolist() == starts and r.stride == 4 and r.frames_per_clip == 8
+    np.testing.assert_array_equal(r.clips, np.array(starts)[:, None] + 4 * np.arange(8))
+    np.testing.assert_array_equal(r.unique[r.inverse], r.clips)
+    assert r.reason == ""
+
+
+def test_clipbert_eval_placement_repeats_the_last_frame_of_a_short_video():
+    r = sample_eval_clips(10, SamplingConfig(eval_placement="clipbert"), 2)
+    assert r.clips.tolist() == [[0, 4, 8, 9, 9, 9, 9, 9]] * 2
+    assert "padded with the last frame: video has 10 frames" in r.reason
+    # a range of frames per clip: the largest that fits the whole video
+    r = sample_eval_clips(25, SamplingConfig(eval_placement="clipbert", frames_per_clip=(2, 8)))
+    assert r.frames_per_clip == 7 and r.reason == ""
