@@ -139,10 +139,14 @@ def summarize_run(path: Path) -> dict:
     key = f"{split}_{metric}"
     last = next((r[key] for r in reversed(history) if isinstance(r.get(key), (int, float))), None)
     test = (summary or {}).get("test", {}).get(metric)
+    sampling = config.get("sampling", {})
+    clips = sampling.get("num_clips")
+    if clips is not None and sampling.get("placement", "siamese") != "siamese":
+        clips = f"{clips} {sampling['placement']}"  # e.g. "8 sparse": not a siamese group
     return {
         "run": str(path), "task": task,
         "alpha": config.get("siamese", {}).get("alpha"),
-        "clips": config.get("sampling", {}).get("num_clips"),
+        "clips": clips,
         "status": status, "epochs": len(history),
         "best_split": split, "best_metric": metric,  # the run's evaluation, best or not
         "best": best[metric] if best else None, "best_epoch": best["epoch"] if best else None,

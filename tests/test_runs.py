@@ -72,3 +72,12 @@ def test_runs_without_an_evaluation_show_dashes(tmp_path, capsys, values):
     assert main(["runs", str(run)]) == 0
     row = capsys.readouterr().out.splitlines()[1].split()
     assert row[-4:] == ["-", "-", "-", "-"]
+
+
+def test_runs_say_when_the_clips_are_not_a_siamese_group(tmp_path, capsys):
+    run = make_run(tmp_path / "clipbert", 0.0, [0.40])
+    cfg = Config.from_dict({"siamese": {"alpha": 0.0},
+                            "sampling": {"placement": "sparse", "num_clips": 8}}).to_dict()
+    (run / "config.json").write_text(json.dumps(cfg))
+    assert main(["runs", str(run)]) == 0
+    assert capsys.readouterr().out.splitlines()[1].split()[2:5] == ["0", "8", "sparse"]
