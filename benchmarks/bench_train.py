@@ -1448,6 +1448,11 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    if cfg.task == "multi":
+        print(f"error: {args.config} is a task=multi config; bench_train.py times one task's "
+              "steps: give a one-task config (each task of data.tasks as its own config)",
+              file=sys.stderr)
+        return 2
     if cfg.train.grad_accum != 1 and not args.worker:
         print(f"note: train.grad_accum={cfg.train.grad_accum} is not benchmarked: every row steps "
               "the optimizer on each batch of train.batch_size videos (with accumulation the "

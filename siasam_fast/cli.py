@@ -215,7 +215,7 @@ def _ask(args: argparse.Namespace) -> int:
             raise ValueError(f"--candidates {args.candidates!r}: give two or more non-empty "
                              "answers separated by |")
     result = answer_question(args.checkpoint, args.video, args.question, candidates, args.top,
-                             args.set, start=args.start, end=args.end)
+                             args.set, start=args.start, end=args.end, task=args.task)
     if args.json:
         print(json.dumps(result))
     elif result["task"] == "count":
@@ -297,6 +297,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="only the video's segment from SECONDS on (How2QA's ts), as eval would")
     p.add_argument("--end", type=nonneg_float, default=None, metavar="SECONDS",
                    help="only the video's segment up to SECONDS")
+    p.add_argument("--task", default=None, metavar="NAME",
+                   help="a task=multi checkpoint: which of its tasks (data.tasks) answers")
     p.add_argument("--json", action="store_true", help="print the answers as JSON")
 
     p = sub.add_parser("transcode", help="re-encode videos once for fast random access "

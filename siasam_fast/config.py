@@ -20,7 +20,11 @@ import yaml
 from siasam_fast.paths import shipped_config
 from siasam_fast.sampling import SamplingConfig
 
-TASKS = ("open", "mc", "count")
+TASKS = ("open", "mc", "count", "multi")
+# One task of a task=multi run (data.tasks.NAME): its task and the data fields it sets for itself
+STREAM_TASKS = ("open", "mc", "count")
+STREAM_KEYS = ("task", "dataset", "format", "train", "val", "test", "ans2label", "num_answers",
+               "min_answer_count", "options")
 BACKENDS = ("auto", "pyav", "dali")
 GT_CLIPS = ("anchor", "all", "pooled")
 MC_LOSSES = ("hinge", "ce")
@@ -73,6 +77,12 @@ class DataConfig:
     # action / transition (its collator joins them with a space; cut at the end).
     mc_text: str = "pair"  # pair | joined
     options: dict = field(default_factory=dict)  # extra keyword arguments of the reader
+    # task: multi trains one model on several tasks at once (the paper's pre-training on TGIF-QA's
+    # open-ended and multiple-choice tasks): NAME -> {task: open | mc | count, and any of dataset,
+    # format, train, val, test, ans2label, num_answers, min_answer_count, options}, each NAME's
+    # own annotations; the other data fields (manifest, image size, ...) are shared. Empty for
+    # the other tasks.
+    tasks: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         # the readers' registry (a light import); checked here, up front and under the config's
@@ -292,6 +302,12 @@ class Config:
 
     def __post_init__(self) -> None:
         _choice("task", self.task, TASKS)
+        if self.task == "multi":
+            self._check_multi()
+            return
+        if self.data.tasks:
+            raise ValueError(f"data.tasks lists the tasks of a task=multi run; this run's task is "
+                             f"{self.task}: leave data.tasks out, or set task: multi")
         if (self.task == "count" and self.siamese.gt_clips == "pooled"
                 and self.siamese.gt_pool == "logsumexp"):
             raise ValueError("siamese.gt_pool=logsumexp: task=count predicts a number per clip, "
@@ -307,6 +323,55 @@ class Config:
             raise ValueError(f"sampling.eval_clips={self.sampling.eval_clips}: a run's clips per "
                              "video at evaluation are set by eval.num_clips; leave "
                              "sampling.eval_clips out")
+
+    def _check_multi(self) -> None:
+        d = self.data
+        if not d.tasks:
+            raise ValueError("task=multi trains on several tasks at once: list them under "
+                             "data.tasks, e.g. {frameqa: {task: open, dataset: tgif_frameqa, "
+                             "train: ...}, action: {task: mc, dataset: tgif_action, train: ...}}")
+        given = [f"data.{split}" for split in ("train", "val", "test") if getattr(d, split)]
+        if given:
+            raise ValueError(f"task=multi: {', '.join(given)} must be empty; each task's "
+                             "annotations go under data.tasks.NAME (train, val, test)")
+        streams = {name: self.stream(name) for name in d.tasks}  # each checked as a run of its own
+        opens = [name for name, c in streams.items() if c.task == "open"]
+        if len(opens) > 1:
+            raise ValueError(f"task=multi: data.tasks {', '.join(opens)} are all open-ended; a "
+                             "run has one answer vocabulary, so one open-ended task at most")
+        if all(c.task == "count" for c in streams.values()):
+            raise ValueError("task=multi: every task of data.tasks is count; a run selects its "
+                             "best epoch by the mean accuracy of its open-ended and "
+                             "multiple-choice tasks, so give at least one (or use task: count)")
+
+    def stream(self, name: str) -> Config:
+        """Task ``name`` of a task=multi run (``data.tasks.NAME``) as a run of its own: its task,
+        its data fields over the run's, everything else the run's."""
+        spec = self.data.tasks.get(name)
+        if not name.replace("_", "").isalnum() or not name.isascii():
+            raise ValueError(f"data.tasks: the name {name!r} must be letters, digits and _ (it "
+                             "names the task's metrics and prediction files)")
+        if not isinstance(spec, dict):
+            raise ValueError(f"data.tasks.{name} must be a mapping (task, dataset, train, ...), "
+                             f"got {spec!r}")
+        _reject_unknown(f"data.tasks.{name}", spec, dict.fromkeys(STREAM_KEYS))
+        if spec.get("task") not in STREAM_TASKS:
+            raise ValueError(f"data.tasks.{name}.task={spec.get('task')!r}: valid values are "
+                             f"{', '.join(STREAM_TASKS)}")
+        values = self.to_dict()
+        values["task"] = spec["task"]
+        values["data"] = {**values["data"], "tasks": {},
+                          **{k: v for k, v in spec.items() if k != "task"}}
+        try:
+            return Config.from_dict(values)
+        except ValueError as err:
+            raise ValueError(f"data.tasks.{name}: {err}") from None
+
+    def streams(self) -> dict[str, Config]:
+        """NAME -> each task's run config (task=multi), or {"": this config} for one task."""
+        if self.task != "multi":
+            return {"": self}
+        return {name: self.stream(name) for name in self.data.tasks}
 
     def to_dict(self) -> dict:
         return json.loads(json.dumps(dataclasses.asdict(self)))

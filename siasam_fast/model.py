@@ -525,9 +525,16 @@ class SiaSamReaModel(nn.Module):
     """ClipBERT-like model: f_i = [CLS]( BERT([question ; clip i]) ); heads per task."""
 
     def __init__(self, cfg: ModelConfig, task: str, num_answers: int, vocab_size: int,
-                 num_clips: int, siamese_kwargs: dict | None = None):
+                 num_clips: int, siamese_kwargs: dict | None = None,
+                 heads: dict[str, str] | None = None):
+        """``task`` open / mc / count: one head (``head``); multi: one head per task of ``heads``
+        (NAME -> open / mc / count; ``heads.NAME``), the rest shared, and each batch names the
+        head it trains or asks (``batch["head"]``)."""
         super().__init__()
-        if task == "open" and num_answers < 1:
+        self.head_tasks = dict(heads or {}) if task == "multi" else {}
+        if task == "multi" and not self.head_tasks:
+            raise ValueError("task=multi: give the heads, NAME -> open / mc / count")
+        if num_answers < 1 and (task == "open" or "open" in self.head_tasks.values()):
             raise ValueError(f"num_answers={num_answers}: an open-ended head needs >= 1 answer")
         self.task = task
         self.text = build_text(cfg.text, vocab_size, cfg.dropout)
@@ -543,9 +550,25 @@ class SiaSamReaModel(nn.Module):
         # g() of eq. 1: identity by default, a learned projection when asked for.
         self.projection_head = nn.Linear(hidden, hidden) if cfg.projection_head else nn.Identity()
         # one score per answer for open; per (question + candidate) for mc; one number for count
-        self.head = build_qa_head(resolve_qa_head(cfg), task, hidden,
-                                  num_answers if task == "open" else 1, cfg.dropout)
+        how = resolve_qa_head(cfg)
+        if self.head_tasks:
+            self.heads = nn.ModuleDict({
+                name: build_qa_head(how, kind, hidden, num_answers if kind == "open" else 1,
+                                    cfg.dropout) for name, kind in self.head_tasks.items()})
+        else:
+            self.head = build_qa_head(how, task, hidden, num_answers if task == "open" else 1,
+                                      cfg.dropout)
         self.reasoning = SiameseReasoning(num_clips, **(siamese_kwargs or {}))
+
+    def task_of(self, batch: dict) -> str:
+        """The task a batch is (open / mc / count): task=multi, its head's (``batch["head"]``)."""
+        if not self.head_tasks:
+            return self.task
+        name = batch.get("head")
+        if name not in self.head_tasks:
+            raise ValueError(f"batch['head']={name!r}: this model's heads are "
+                             f"{', '.join(self.head_tasks)}")
+        return self.head_tasks[name]
 
     def text_embeddings(self, input_ids, attention_mask) -> torch.Tensor:
         """Question tokens embedded once per video (reused by its N clips)."""
@@ -578,10 +601,11 @@ class SiaSamReaModel(nn.Module):
             cls = self.text.pooler(out)
         cls = cls.view(V, M, N, H)
         result = {"features": self.projection_head(cls.mean(1))}  # mc: mean over candidates
-        head = self.head(cls)
-        if self.task == "open":
+        task = self.task_of(batch)
+        head = (self.heads[batch["head"]] if self.head_tasks else self.head)(cls)
+        if task == "open":
             result["logits"] = head[:, 0]  # [V, N, K]
-        elif self.task == "mc":
+        elif task == "mc":
             result["scores"] = head[..., 0].transpose(1, 2)  # [V, N, M]
         else:
             result["prediction"] = head[:, 0, :, 0]  # [V, N]

@@ -78,6 +78,7 @@ from siasam_fast.paths import (  # noqa: E402
 from siasam_fast.pipeline.dataset import close_loaders, shard_length  # noqa: E402
 from siasam_fast.pipeline.loaders import build_video_loader  # noqa: E402
 from siasam_fast.pipeline.manifest import load_manifest  # noqa: E402
+from siasam_fast.pipeline.multitask import MultiTaskLoader  # noqa: E402
 from siasam_fast.runs import (  # noqa: E402
     _number,
     best_epoch,
@@ -213,10 +214,12 @@ _TASK_HINT = {"open": "open-ended answers", "mc": "multiple choice (candidates)"
 
 
 def load_data(cfg: Config, ans2label: dict | None = None, need_train: bool = True,
-              splits: tuple[str, ...] = ("train", "val", "test")) -> Data:
+              splits: tuple[str, ...] = ("train", "val", "test"),
+              manifest: dict | None = None) -> Data:
     """Annotations of the configured splits among ``splits``, the answer vocabulary and the
-    manifest. ``need_train``: data.train must be set (training); evaluation needs it only to build
-    an open-ended vocabulary that is not given."""
+    manifest (``manifest``: already loaded from data.manifest). ``need_train``: data.train must
+    be set (training); evaluation needs it only to build an open-ended vocabulary that is not
+    given."""
     d = cfg.data
     if not d.manifest:
         raise ValueError("data.manifest is empty: build one with `siasam-fast index VIDEO_DIR "
@@ -224,7 +227,8 @@ def load_data(cfg: Config, ans2label: dict | None = None, need_train: bool = Tru
     if d.video_dir and not Path(d.video_dir).is_dir():
         raise ValueError(f"data.video_dir={d.video_dir!r} is not a folder (it re-roots the "
                          "manifest's video paths; leave it empty to use them as indexed)")
-    manifest = load_manifest(d.manifest, video_dir=d.video_dir or None)
+    if manifest is None:
+        manifest = load_manifest(d.manifest, video_dir=d.video_dir or None)
     sample = list(itertools.islice((r for r in manifest.values() if r.ok), 20))
     if sample and not any(Path(r.path).exists() for r in sample):
         where = "data.video_dir" if d.video_dir else "the manifest"
@@ -278,6 +282,33 @@ def load_data(cfg: Config, ans2label: dict | None = None, need_train: bool = Tru
     return Data(examples, labels, ans2label or {}, manifest, notes)
 
 
+def load_streams(cfg: Config, ans2label: dict | None = None, need_train: bool = True,
+                 splits: tuple[str, ...] = ("train", "val", "test"),
+                 ) -> tuple[dict[str, Config], dict[str, Data]]:
+    """Each task's run config and data (:meth:`Config.streams`): NAME -> ... for task=multi
+    (one manifest for all; ``ans2label`` is the open-ended task's), {"": ...} for one task."""
+    streams = cfg.streams()
+    if cfg.task != "multi":
+        return streams, {"": load_data(cfg, ans2label, need_train, splits)}
+    datas: dict[str, Data] = {}
+    manifest = None
+    for name, stream in streams.items():
+        try:
+            data = load_data(stream, ans2label if stream.task == "open" else None, need_train,
+                             splits, manifest)
+        except ValueError as err:
+            raise ValueError(f"data.tasks.{name}: {err}") from None
+        manifest = data.manifest
+        data.notes = [f"data.tasks.{name}: {note}" for note in data.notes]
+        datas[name] = data
+    return streams, datas
+
+
+def run_vocabulary(streams: dict[str, Config], datas: dict[str, Data]) -> dict:
+    """The run's answer vocabulary: its open-ended task's (one at most), else empty."""
+    return next((datas[n].ans2label for n, s in streams.items() if s.task == "open"), {})
+
+
 def _check_task(cfg: Config, split: str, spec: str, examples: list) -> None:
     """Every example of ``split`` fits ``cfg.task``, else a ValueError that says what to set."""
     if cfg.task == "mc":
@@ -327,6 +358,16 @@ def make_loader(cfg: Config, data: Data, split: str, rank: int, world: int, epoc
     )
 
 
+def make_train_loader(cfg: Config, streams: dict[str, Config], datas: dict[str, Data],
+                      rank: int, world: int):
+    """The train loader of a run: its task's, or (task=multi) every task's interleaved."""
+    if cfg.task != "multi":
+        return make_loader(cfg, datas[""], "train", rank, world)
+    return MultiTaskLoader({name: make_loader(stream, datas[name], "train", rank, world)
+                            for name, stream in streams.items()},
+                           seed=cfg.train.seed, batch_size=cfg.train.batch_size)
+
+
 def build_model(cfg: Config, num_answers: int, vocab_size: int,
                 device: torch.device | None = None) -> SiaSamReaModel:
     """The model of ``cfg.model``; with ``device``, its CNN weights in the layout that
@@ -335,8 +376,11 @@ def build_model(cfg: Config, num_answers: int, vocab_size: int,
     s = cfg.siamese
     siamese_kwargs = dict(omega=s.omega, tau=s.tau, skg=s.skg, learn_w1=s.learn_w1,
                           learn_w2=s.learn_w2, detach_soft_label=s.detach_soft_label, impl=s.impl)
+    heads = {name: stream.task for name, stream in cfg.streams().items()} \
+        if cfg.task == "multi" else None
     model = SiaSamReaModel(cfg.model, cfg.task, num_answers, vocab_size,
-                           num_clips=cfg.sampling.num_clips, siamese_kwargs=siamese_kwargs)
+                           num_clips=cfg.sampling.num_clips, siamese_kwargs=siamese_kwargs,
+                           heads=heads)
     return model if device is None else use_memory_format(model, device)
 
 
@@ -565,7 +609,7 @@ def to_device(batch: dict, device: torch.device, dtype: torch.dtype) -> dict:
 
 @torch.no_grad()
 def evaluate(model, loader, cfg: Config, text: TextEncoder, device, dtype, desc="eval",
-             predictions: Path | None = None) -> dict:
+             predictions: Path | list | None = None, head: str | None = None) -> dict:
     """Top-1 accuracy (open / mc) overall and per question type, or MSE (count: of the answer
     ``eval.count_metric`` takes, tgif = rounded and clipped to 1..10, with ``mse_raw`` the
     regression output's).
@@ -576,13 +620,19 @@ def evaluate(model, loader, cfg: Config, text: TextEncoder, device, dtype, desc=
 
     Questions without an answer (multiple choice with hidden test labels: no ``answer_idx``) are
     predicted but not scored: their rows' value is null, they are left out of ``num_examples``
-    and the metrics, and ``num_unlabeled`` counts them (present only when there are some)."""
+    and the metrics, and ``num_unlabeled`` counts them (present only when there are some).
+
+    ``head``: the task of a task=multi model that answers (``cfg`` is that task's config); its
+    name is in each prediction row (``task``), and a list as ``predictions`` collects the rows
+    (rank 0) instead of writing them."""
     was_training = model.training
     model.eval()
     rows: dict[int, tuple] = {}
     rank0 = not dist.is_initialized() or dist.get_rank() == 0
     for batch in tqdm(loader, desc=desc, disable=not rank0, leave=False):
         batch.update(text(batch))
+        if head is not None:
+            batch["head"] = head
         batch = to_device(batch, device, dtype)
         outputs = model(batch)
         scores = aggregate_clips(task_scores(outputs, cfg.task).float(), batch["clip_mask"],
@@ -624,11 +674,15 @@ def evaluate(model, loader, cfg: Config, text: TextEncoder, device, dtype, desc=
     types = sorted({r[0] for r in scored})
     for qtype in types if types != [""] else []:  # no breakdown when no question has a type
         result[f"{metric}/{qtype or 'untyped'}"] = _mean(r[1] for r in scored if r[0] == qtype)
-    if predictions is not None and rank0:  # atomic: a stop while writing keeps an earlier file
-        write_text_atomic(predictions, "".join(
-            json.dumps({"qid": qid, "question_type": qtype, "prediction": p,
-                        **({} if raw is None else {"output": raw[0]}), metric: value}) + "\n"
-            for qtype, value, qid, p, raw in (rows[idx] for idx in sorted(rows))))
+    if predictions is not None and rank0:
+        lines = [{**({"task": head} if head is not None else {}), "qid": qid,
+                  "question_type": qtype, "prediction": p,
+                  **({} if raw is None else {"output": raw[0]}), metric: value}
+                 for qtype, value, qid, p, raw in (rows[idx] for idx in sorted(rows))]
+        if isinstance(predictions, list):
+            predictions.extend(lines)
+        else:  # atomic: a stop while writing keeps an earlier file
+            write_text_atomic(predictions, "".join(json.dumps(line) + "\n" for line in lines))
     # Examples whose video failed at decode time are not scored (their stand-in is the next
     # example, scored as itself): num_failed counts them, so that metrics over fewer questions
     # are not taken for the split's (the dataset's examples: those whose video is ok in the
@@ -664,6 +718,50 @@ def evaluate(model, loader, cfg: Config, text: TextEncoder, device, dtype, desc=
         result["accuracy_all"] = (sum(r[1] for r in scored) / (len(scored) + answered)
                                   if scored or answered else float("nan"))
     return result
+
+
+def evaluate_tasks(model, loaders: dict, streams: dict[str, Config], texts: dict, device,
+                   dtype, desc: str = "eval", predictions: Path | None = None) -> dict:
+    """:func:`evaluate` of each task's loader (NAME -> loader; {"": ...} for a one-task run,
+    whose metrics come back as they are). task=multi: each task's metrics prefixed ``NAME_``,
+    ``accuracy`` the mean of its open-ended and multiple-choice tasks' accuracies (the run's
+    metric: best epoch, early stop) and ``num_examples`` the sum; ``predictions`` gets every
+    task's rows, each naming its task."""
+    if list(loaders) == [""]:
+        return evaluate(model, loaders[""], streams[""], texts[""], device, dtype, desc=desc,
+                        predictions=predictions)
+    result: dict = {"accuracy": float("nan"), "num_examples": 0}
+    accuracies, rows = [], ([] if predictions is not None else None)
+    for name, loader in loaders.items():
+        metrics = evaluate(model, loader, streams[name], texts[name], device, dtype,
+                           desc=f"{desc} {name}", predictions=rows, head=name)
+        result["num_examples"] += metrics["num_examples"]
+        if "accuracy" in metrics:
+            accuracies.append(metrics["accuracy"])
+        result.update({f"{name}_{key}": value for key, value in metrics.items()})
+    if accuracies:
+        result["accuracy"] = _mean(accuracies)
+    rank0 = not dist.is_initialized() or dist.get_rank() == 0
+    if predictions is not None and rank0:  # atomic: a stop while writing keeps an earlier file
+        write_text_atomic(predictions, "".join(json.dumps(row) + "\n" for row in rows))
+    return result
+
+
+def tasks_line(metrics: dict, streams: dict[str, Config]) -> str:
+    """``accuracy 0.5123 (frameqa 0.4000, action 0.6246; count mse 3.91)``: a task=multi
+    evaluation in one line."""
+    parts, counts = [], []
+    for name, stream in streams.items():
+        metric = task_metric(stream.task)
+        value = metrics.get(f"{name}_{metric}")
+        if value is None:
+            continue
+        if metric == "mse":
+            counts.append(f"{name} mse {value:.4f}")
+        else:
+            parts.append(f"{name} {value:.4f}")
+    inside = ", ".join(parts) + ("; " if parts and counts else "") + ", ".join(counts)
+    return f"accuracy {metrics.get('accuracy', float('nan')):.4f} ({inside})"
 
 
 def _mean(values) -> float:
@@ -744,13 +842,20 @@ def config_mismatches(saved: dict, current: dict, prefix: str = "") -> list[str]
             out += config_mismatches(a, b, name + ".")
             continue
         ra, rb = _resolved(name, saved, a, current), _resolved(name, current, b)
-        if a != b and ra != rb and name not in RESUMABLE_CHANGES and not (
+        if a != b and ra != rb and not _resumable(name) and not (
                 name in FOLDER_FIELDS and (_same_folder(a, b) or _replaced_folder(name, a, b))):
             auto = "".join(f" ({side} auto is {r!r} there; --set {name}={ra} for the "
                            "checkpoint's)" for side, v, r in
                            (("the checkpoint's", a, ra), ("this run's", b, rb)) if v != r)
             out.append(f"{name}: checkpoint has {a!r}, this run has {b!r}{auto}")
     return out
+
+
+def _resumable(name: str) -> bool:
+    """A field that may change on a resume: RESUMABLE_CHANGES, and where a task=multi run's
+    tasks find their data (data.tasks.NAME.train, val, test)."""
+    return name in RESUMABLE_CHANGES or re.fullmatch(r"data\.tasks\.\w+\.(train|val|test)",
+                                                     name) is not None
 
 
 def _vocab_hash(ans2label: dict) -> str:
@@ -1343,14 +1448,18 @@ def run_training(args: argparse.Namespace, cfg: Config, rank: int, world: int,
     # same one on the same data): init_model_from carries the classifier's rows over by answer.
     if tag_dir is not None and (tag_dir.parent.parent / "ans2label.json").is_file():
         saved_vocab = load_ans2label(tag_dir.parent.parent / "ans2label.json")
-    data = load_data(cfg, ans2label=saved_vocab)
+    streams, datas = load_streams(cfg, ans2label=saved_vocab)
+    vocab = run_vocabulary(streams, datas)
     if rank0:
-        for note in data.notes:
+        for note in (note for data in datas.values() for note in data.notes):
             print(f"note: {note}")
     tokenizer = load_tokenizer(cfg.model)
-    text = TextEncoder(tokenizer, cfg.task, cfg.data.max_question_len, cfg.data.mc_text)
-    train_loader = make_loader(cfg, data, "train", rank, world)
-    eval_split = cfg.eval.split if cfg.eval.split in data.examples else None
+    texts = {name: TextEncoder(tokenizer, stream.task, cfg.data.max_question_len,
+                               cfg.data.mc_text) for name, stream in streams.items()}
+    stream_task = {name: stream.task for name, stream in streams.items()}
+    train_loader = make_train_loader(cfg, streams, datas, rank, world)
+    eval_split = (cfg.eval.split if any(cfg.eval.split in data.examples
+                                        for data in datas.values()) else None)
     if eval_split is None and cfg.train.early_stop:
         raise ValueError(f"train.early_stop={cfg.train.early_stop} needs an evaluation after each "
                          f"epoch, but data.{cfg.eval.split} is empty: give that split, or set "
@@ -1358,7 +1467,11 @@ def run_training(args: argparse.Namespace, cfg: Config, rank: int, world: int,
     if rank0 and eval_split is None and cfg.eval.split != "none":
         print(f"note: no evaluation during training: data.{cfg.eval.split} is empty "
               "(eval.split: none says so without this note)")
-    eval_loader = make_loader(cfg, data, eval_split, rank, world) if eval_split else None
+    eval_loaders = {name: make_loader(streams[name], data, eval_split, rank, world)
+                    for name, data in datas.items() if eval_split in data.examples}
+    if rank0 and cfg.task == "multi" and eval_split and len(eval_loaders) < len(datas):
+        print(f"note: data.tasks {', '.join(n for n in datas if n not in eval_loaders)}: no "
+              f"{eval_split} annotations, not evaluated during training")
 
     batches_per_epoch = len(train_loader)  # micro-batches of train.batch_size on each process
     if batches_per_epoch == 0:
@@ -1371,9 +1484,9 @@ def run_training(args: argparse.Namespace, cfg: Config, rank: int, world: int,
               "process), not the batch train.grad_accum x train.batch_size asks for")
     total_steps = steps_per_epoch * cfg.train.epochs  # not max_steps: a stop a resume continues
     # Weights stay NCHW under DeepSpeed (model.use_memory_format); frames still go NHWC.
-    model = build_model(cfg, len(data.ans2label), len(tokenizer))
+    model = build_model(cfg, len(vocab), len(tokenizer))
     if init_dir is not None:
-        note = init_model_from(model, init_dir, cfg, data.ans2label)
+        note = init_model_from(model, init_dir, cfg, vocab)
         if rank0:
             print(note)
     if fused_layer_norm(cfg, device):
@@ -1390,7 +1503,7 @@ def run_training(args: argparse.Namespace, cfg: Config, rank: int, world: int,
     state = saved_world = None
     if tag_dir is not None:  # checked before DeepSpeed starts, and before any file is written
         state = load_run_state(tag_dir, cfg, world)
-        if state["vocab"] != _vocab_hash(data.ans2label):
+        if state["vocab"] != _vocab_hash(vocab):
             raise ValueError(f"checkpoint {tag_dir} was trained with another answer vocabulary")
         if state.get("precision", precision) != precision:
             raise ValueError(
@@ -1400,6 +1513,11 @@ def run_training(args: argparse.Namespace, cfg: Config, rank: int, world: int,
                 "its weights with train.init_from")
         check_zero_stage(tag_dir, state, zero_stage)
         saved_world = checkpoint_world_size(tag_dir, state)
+        if cfg.task == "multi" and saved_world != world:
+            raise ValueError(f"checkpoint {tag_dir} of a task=multi run was saved by "
+                             f"{saved_world} process(es), this run has {world}: a multi-task run "
+                             "resumes on as many processes as it saved with (or start a new run "
+                             "from its weights with train.init_from)")
         universal = saved_world != world and zero_partitions(tag_dir) > 0  # ZeRO partitions
         load_dir, load_tag = tag_dir.parent, tag_dir.name
         if universal:  # re-partitioned for this number of processes
@@ -1479,8 +1597,8 @@ def run_training(args: argparse.Namespace, cfg: Config, rank: int, world: int,
                   f"{replaced}; it is deleted once this run has saved its first checkpoint")
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
-        if data.ans2label:
-            save_ans2label(data.ans2label, out_dir / "ans2label.json")
+        if vocab:
+            save_ans2label(vocab, out_dir / "ans2label.json")
     if dist.is_initialized():
         dist.barrier()
     steps_log = MetricsLog(out_dir / "metrics_steps.csv", rank0, step if tag_dir else None)
@@ -1508,7 +1626,7 @@ def run_training(args: argparse.Namespace, cfg: Config, rank: int, world: int,
     def run_state(epoch: int) -> dict:
         return {"step": step, "epoch": epoch, "sampler": train_loader.state_dict(),
                 "epoch_sums": {**sums, "_steps": n_steps}, "eval_due": eval_due,
-                "config": cfg.to_dict(), "vocab": _vocab_hash(data.ans2label),
+                "config": cfg.to_dict(), "vocab": _vocab_hash(vocab),
                 "precision": precision, "world_size": world, "steps_per_epoch": steps_per_epoch,
                 "schedule_steps": schedule["total"],
                 "zero_stage": zero_stage}
@@ -1519,8 +1637,8 @@ def run_training(args: argparse.Namespace, cfg: Config, rank: int, world: int,
 
     def end_of_epoch(epoch: int, sums: dict, n_steps: int) -> None:
         """The epoch's evaluation and its row of metrics_epochs.csv."""
-        metrics = evaluate(engine, eval_loader, cfg, text, device, dtype,
-                           desc=f"eval {eval_split}") if eval_loader is not None else {}
+        metrics = evaluate_tasks(engine, eval_loaders, streams, texts, device, dtype,
+                                 desc=f"eval {eval_split}") if eval_loaders else {}
         row = {"step": step, "epoch": epoch + 1,
                **{f"train_{k}": v / max(1, n_steps) for k, v in sums.items()},
                **{f"{eval_split}_{k}": v for k, v in metrics.items()},
@@ -1529,8 +1647,9 @@ def run_training(args: argparse.Namespace, cfg: Config, rank: int, world: int,
         history.append(row)
         if rank0 and metrics:
             loss_text = f"{row.get('train_loss', float('nan')):.4f}"
-            print(f"epoch {epoch + 1}: train loss {loss_text}, {eval_split} {metric_name} "
-                  f"{metrics[metric_name]:.4f}")
+            result = (tasks_line(metrics, streams) if cfg.task == "multi" else
+                      f"{metric_name} {metrics[metric_name]:.4f}")
+            print(f"epoch {epoch + 1}: train loss {loss_text}, {eval_split} {result}")
 
     history: list[dict] = list(epochs_log.rows)  # a resumed run's summary covers the whole run
     metric_name = task_metric(cfg.task)
@@ -1591,18 +1710,20 @@ def run_training(args: argparse.Namespace, cfg: Config, rank: int, world: int,
                 if index == done or index % accum == 0:  # the first micro-batch of a step
                     step_parts: dict = {}
                     times = dict.fromkeys(("data_s", "forward_s", "backward_s", "optimizer_s"), 0.0)
-                    videos = 0
+                    videos, step_tasks = 0, {}
                     lr = scheduler.get_last_lr()[0]  # the rate this step uses (step() moves it)
                     alpha = alpha_at(cfg.siamese, step, schedule["total"])
                 stand_ins += int(batch["stand_in"].sum())  # a CPU tensor: no device sync
                 videos += len(batch["example_index"])
-                batch.update(text(batch))
+                name = batch.get("head", "")  # task=multi: the task of this micro-batch
+                step_tasks[name] = None
+                batch.update(texts[name](batch))
                 batch = to_device(batch, device, dtype)
                 sync()
 
-                def forward(batch=batch, alpha=alpha):
+                def forward(batch=batch, alpha=alpha, task=stream_task[name]):
                     outputs = engine(batch)
-                    return total_loss(outputs, batch, cfg.task, cfg.siamese,
+                    return total_loss(outputs, batch, task, cfg.siamese,
                                       engine.module.reasoning, alpha=alpha)
 
                 parts, (t_fwd, t_bwd, t_opt, t_end) = micro_step(engine, forward, weight, last,
@@ -1625,7 +1746,9 @@ def run_training(args: argparse.Namespace, cfg: Config, rank: int, world: int,
                 n_steps += 1
                 step_time = sum(times.values())
                 step_seconds += step_time
-                row = {"step": step, "epoch": epoch + 1, **step_parts, "lr": lr,
+                row = {"step": step, "epoch": epoch + 1,
+                       **({"task": "+".join(step_tasks)} if cfg.task == "multi" else {}),
+                       **step_parts, "lr": lr,
                        **({"alpha": alpha} if cfg.siamese.alpha_warmup else {}),
                        "loss_scale": float(getattr(optimizer, "cur_scale",
                                                    getattr(optimizer, "loss_scale", 1.0)) or 1.0),
@@ -1701,11 +1824,12 @@ def run_training(args: argparse.Namespace, cfg: Config, rank: int, world: int,
                     summary.update({k: old[k] for k in SPEED_KEYS if k in old})
                 except (OSError, ValueError):
                     pass
-            if "test" in data.examples and not stop:
-                test_loader = make_loader(cfg, data, "test", rank, world)
-                summary["test"] = evaluate(engine, test_loader, cfg, text, device, dtype,
-                                           desc="test",
-                                           predictions=out_dir / "predictions_test.jsonl")
+            test_loaders = {name: make_loader(streams[name], data, "test", rank, world)
+                            for name, data in datas.items() if "test" in data.examples}
+            if test_loaders and not stop:
+                summary["test"] = evaluate_tasks(engine, test_loaders, streams, texts, device,
+                                                 dtype, desc="test",
+                                                 predictions=out_dir / "predictions_test.jsonl")
     except Stopped as stopped:
         if rank0:
             print(f"\nstopped by {stopped.name} after the training (step {step}, saved in "
@@ -1761,13 +1885,14 @@ SEEN_FIELDS = ("data.frame_fit:", "data.image_size:", "data.mc_text:")
 def answer_question(checkpoint: str, video: str, question: str,
                     candidates: list[str] | None = None, top: int = 5,
                     overrides: list[str] | None = None, start: float | None = None,
-                    end: float | None = None) -> dict:
+                    end: float | None = None, task: str | None = None) -> dict:
     """``siasam-fast ask``: one question about one video file, answered by a checkpoint as its
     evaluation would (eval.num_clips clips placed by sampling.eval_placement, scores aggregated
     by eval.aggregation). Returns ``{"task", "answers": [(answer, probability), ...]}`` (open:
     the ``top`` most likely answers of the vocabulary; mc: every candidate) or ``{"task",
     "count"}``. ``start`` / ``end`` (seconds): only that segment of the video, as a How2QA
-    question's ``ts`` limits its evaluation."""
+    question's ``ts`` limits its evaluation. ``task``: which task of a task=multi checkpoint
+    answers (its data.tasks NAME)."""
     from siasam_fast.data.examples import QAExample
     from siasam_fast.pipeline.dataset import segment_frames
     from siasam_fast.pipeline.manifest import probe_video
@@ -1778,16 +1903,29 @@ def answer_question(checkpoint: str, video: str, question: str,
                            "eval.batch_size=1"])
     if not question.strip():
         raise ValueError("--question is empty")
+    run_cfg, head = cfg, None
+    if cfg.task == "multi":
+        names = ", ".join(cfg.data.tasks)
+        if task is None:
+            raise ValueError(f"this checkpoint was trained on several tasks (task=multi: "
+                             f"{names}): choose the one that answers with --task NAME")
+        if task not in cfg.data.tasks:
+            raise ValueError(f"--task {task!r}: this checkpoint's tasks are {names}")
+        cfg, head = cfg.stream(task), task
+    elif task is not None:
+        raise ValueError(f"--task {task!r}: this checkpoint was trained on one task "
+                         f"({cfg.task}); --task chooses among a task=multi checkpoint's")
     if cfg.task == "mc" and not candidates:
         raise ValueError("this checkpoint answers multiple-choice questions (task=mc): give the "
                          "answers to choose from with --candidates 'first|second|...'")
     if cfg.task != "mc" and candidates:
         raise ValueError(f"--candidates: this checkpoint's task is {cfg.task!r}, which takes none")
     ans2label = {}
-    if cfg.task == "open":
+    open_cfg = next((s for s in run_cfg.streams().values() if s.task == "open"), None)
+    if open_cfg is not None:  # the model has an open-ended head: its answers
         vocab_file = tag_dir.parent.parent / "ans2label.json"
-        if not vocab_file.is_file() and cfg.data.ans2label:  # the config's (or --set) file
-            vocab_file = Path(cfg.data.ans2label)
+        if not vocab_file.is_file() and open_cfg.data.ans2label:  # the config's (or --set) file
+            vocab_file = Path(open_cfg.data.ans2label)
         if not vocab_file.is_file():
             raise ValueError(f"checkpoint {tag_dir}: its run folder has no ans2label.json (the "
                              "answer vocabulary the run was trained with): give it with --set "
@@ -1812,7 +1950,7 @@ def answer_question(checkpoint: str, video: str, question: str,
                 manifest={record.video_id: record})
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     tokenizer = load_tokenizer(cfg.model)
-    model = build_model(cfg, len(ans2label), len(tokenizer), device)
+    model = build_model(run_cfg, len(ans2label), len(tokenizer), device)
     model.load_state_dict(load_model_weights(tag_dir))
     model.to(device).eval()
     text = TextEncoder(tokenizer, cfg.task, cfg.data.max_question_len, cfg.data.mc_text)
@@ -1822,6 +1960,8 @@ def answer_question(checkpoint: str, video: str, question: str,
     finally:
         close_loaders()
     batch.update(text(batch))
+    if head is not None:
+        batch["head"] = head
     batch = to_device(batch, device, torch.float32)
     with torch.no_grad():
         outputs = model(batch)
@@ -1853,32 +1993,39 @@ def evaluate_checkpoint(checkpoint: str, config_path: str | None = None,
         hint = (" (the run's eval.split is 'none': choose one with --split)"
                 if split == "none" else "")
         raise ValueError(f"split={split!r}: valid splits are train, val, test{hint}")
-    cfg.eval.split = split
+    if split != "train":  # (not an eval.split value: a task=multi config checks its tasks')
+        cfg.eval.split = split
     run_dir = tag_dir.parent.parent
     vocab_file = run_dir / "ans2label.json"
     ans2label = load_ans2label(vocab_file) if vocab_file.is_file() else None
     # Only the split evaluated is read, and train's annotations only when the answer vocabulary
     # must be built from them (a run saves it: its data may have moved since).
-    needs_train = cfg.task == "open" and ans2label is None and not cfg.data.ans2label
-    data = load_data(cfg, ans2label=ans2label, need_train=False,
-                     splits=tuple(dict.fromkeys((split, "train") if needs_train else (split,))))
-    if split not in data.examples:
-        raise ValueError(f"split {split!r} has no annotations in this config "
-                         f"(data.{split} is empty)")
-    if state["vocab"] != _vocab_hash(data.ans2label):
+    needs_train = ans2label is None and any(
+        stream.task == "open" and not stream.data.ans2label for stream in cfg.streams().values())
+    streams, datas = load_streams(
+        cfg, ans2label=ans2label, need_train=False,
+        splits=tuple(dict.fromkeys((split, "train") if needs_train else (split,))))
+    if not any(split in data.examples for data in datas.values()):
+        where = ("data.tasks.NAME." if cfg.task == "multi" else "data.") + split
+        raise ValueError(f"split {split!r} has no annotations in this config ({where} is empty)")
+    vocab = run_vocabulary(streams, datas)
+    if state["vocab"] != _vocab_hash(vocab):
         raise ValueError(f"checkpoint {tag_dir} was trained with another answer vocabulary")
     rank, world, device = init_distributed()
-    for note in data.notes if rank == 0 else ():
-        if note.startswith(f"data.{split}"):
+    for note in (n for data in datas.values() for n in data.notes) if rank == 0 else ():
+        if re.sub(r"^data\.tasks\.\w+: ", "", note).startswith(f"data.{split}"):
             print(f"note: {note}", file=sys.stderr)
     tokenizer = load_tokenizer(cfg.model)
-    model = build_model(cfg, len(data.ans2label), len(tokenizer), device)
+    model = build_model(cfg, len(vocab), len(tokenizer), device)
     model.load_state_dict(load_model_weights(tag_dir))
     model.to(device)
-    loader = make_loader(cfg, data, split, rank, world)
-    text = TextEncoder(tokenizer, cfg.task, cfg.data.max_question_len, cfg.data.mc_text)
-    return evaluate(model, loader, cfg, text, device, torch.float32, desc=f"eval {split}",
-                    predictions=Path(predictions) if predictions else None)
+    loaders = {name: make_loader(streams[name], data, split, rank, world)
+               for name, data in datas.items() if split in data.examples}
+    texts = {name: TextEncoder(tokenizer, streams[name].task, cfg.data.max_question_len,
+                               cfg.data.mc_text) for name in loaders}
+    return evaluate_tasks(model, loaders, streams, texts, device, torch.float32,
+                          desc=f"eval {split}",
+                          predictions=Path(predictions) if predictions else None)
 
 
 def init_model_from(model: torch.nn.Module, tag_dir: Path, cfg: Config, ans2label: dict) -> str:
@@ -1888,6 +2035,10 @@ def init_model_from(model: torch.nn.Module, tag_dir: Path, cfg: Config, ans2labe
     (``model.*``) must match. What depends on the task and the answers:
 
     - another task (open / mc / count): the head starts fresh, everything else is loaded;
+    - task=multi (one head per task, ``heads.NAME``), into or out of it: a head starts from the
+      checkpoint's head of the same name and task, or from its only head of that task when one
+      side has one task (a one-task run fine-tuned from a multi-task pre-training takes the head
+      of its task); otherwise it starts fresh;
     - open-ended with another answer vocabulary (``ans2label``, this run's): the classifier's
       hidden layers are loaded, and its output row (weight and bias) of every answer that the
       checkpoint's vocabulary also holds is carried over; the other answers' rows start fresh;
@@ -1904,33 +2055,31 @@ def init_model_from(model: torch.nn.Module, tag_dir: Path, cfg: Config, ans2labe
                          + "\n  ".join(problems))  # fmt: skip
     weights = load_model_weights(tag_dir)
     own = model.state_dict()
-    heads = sorted(k for k in own if k.startswith("head."))
-    fresh_head, answers_note = [], ""
-    if saved["task"] != cfg.task:
-        fresh_head = heads
-        answers_note = f"; head initialised afresh (the checkpoint's task is {saved['task']!r})"
-    elif cfg.task == "open" and state["vocab"] != _vocab_hash(ans2label):
-        last = [n for n, m in model.head.named_modules() if isinstance(m, torch.nn.Linear)][-1]
-        out_w, out_b = f"head.{last}.weight", f"head.{last}.bias"  # the layer with a row per answer
-        fresh_head = [out_w, out_b]
-        vocab_file = tag_dir.parent.parent / "ans2label.json"
-        old = load_ans2label(vocab_file) if vocab_file.is_file() else {}
-        if old and _vocab_hash(old) != state["vocab"]:  # rewritten since: its rows are not these
-            old = {}
-        pairs = [(label, old[answer]) for answer, label in ans2label.items() if answer in old]
-        if pairs and out_w in weights and out_b in weights:
-            new_rows, old_rows = (torch.tensor(x) for x in zip(*pairs))
-            w, b = own[out_w].clone(), own[out_b].clone()
-            w[new_rows] = weights[out_w][old_rows].to(w.dtype)
-            b[new_rows] = weights[out_b][old_rows].to(b.dtype)
-            model.load_state_dict({out_w: w, out_b: b}, strict=False)
-        rows = weights[out_w].shape[0] if out_w in weights else "?"
-        answers_note = (f"; answers: {len(pairs)} of this run's {len(ans2label)} carried over "
-                        f"from the checkpoint's {rows}-answer classifier"
-                        + (", the others start fresh" if len(pairs) < len(ans2label) else ""))
-        if not old:
-            answers_note += (f" ({vocab_file} is missing or is not the vocabulary it was trained "
-                             "with: its answers are unknown)")
+    own_heads, saved_heads = _head_prefixes(cfg.to_dict()), _head_prefixes(saved)
+    body = {k: v for k, v in weights.items() if not k.startswith(tuple(saved_heads))}
+    fresh_head, notes = [], []
+    for prefix, task in own_heads.items():
+        source = _head_source(prefix, task, saved_heads)
+        name = prefix[len("heads."):-1] if prefix.startswith("heads.") else ""
+        label = f"head {name}" if name else "head"
+        if source is None:
+            fresh_head += [k for k in own if k.startswith(prefix)]
+            same = [p[len("heads."):-1] for p, t in saved_heads.items() if t == task]
+            why = (f"the checkpoint's task is {saved['task']!r}" if saved["task"] != "multi" else
+                   f"the checkpoint has no {task} head" if not same else
+                   f"the checkpoint has {len(same)} {task} heads, {', '.join(same)}")
+            notes.append(f"{label} initialised afresh ({why})")
+            continue
+        body.update({prefix + k[len(source):]: v for k, v in weights.items()
+                     if k.startswith(source)})
+        if source != prefix:
+            notes.append(f"{label} from the checkpoint's {source[:-1]}")
+        if task == "open" and state["vocab"] != _vocab_hash(ans2label):
+            fresh, note = _carry_answer_rows(model, prefix, body, own, tag_dir, state, ans2label)
+            fresh_head += fresh
+            notes.append(note)
+    weights = body
+    answers_note = "".join(f"; {note}" for note in notes)
     kept = sorted(k for k, v in weights.items() if k in own and own[k].shape != v.shape
                   and k not in fresh_head)  # fmt: skip
     loaded = {k: v for k, v in weights.items()
@@ -1943,6 +2092,56 @@ def init_model_from(model: torch.nn.Module, tag_dir: Path, cfg: Config, ans2labe
     if missing:
         note += f"; not in the checkpoint: {', '.join(missing)}"
     return note
+
+
+def _head_prefixes(config: dict) -> dict[str, str]:
+    """The state-dict prefix of each answer head of a model with this config -> its task."""
+    if config.get("task") == "multi":
+        return {f"heads.{name}.": spec.get("task")
+                for name, spec in config.get("data", {}).get("tasks", {}).items()}
+    return {"head.": config.get("task")}
+
+
+def _head_source(prefix: str, task: str, saved: dict[str, str]) -> str | None:
+    """The checkpoint's head that starts this model's head ``prefix`` (of ``task``): the one of
+    the same name and task; for a one-task model, the multi-task checkpoint's only head of its
+    task; for a multi-task model's head, a one-task checkpoint of its task. None: it starts
+    fresh."""
+    if saved.get(prefix) == task:
+        return prefix
+    same_task = [p for p, t in saved.items() if t == task]
+    if len(same_task) == 1 and (prefix == "head." or same_task == ["head."]):
+        return same_task[0]
+    return None
+
+
+def _carry_answer_rows(model, prefix: str, weights: dict, own: dict, tag_dir: Path, state: dict,
+                       ans2label: dict) -> tuple[list[str], str]:
+    """An open-ended head loaded from a checkpoint with another answer vocabulary: its output
+    rows of the answers both vocabularies hold are carried over (into ``model``), the others
+    start fresh. Returns the keys left to their initialisation and a note."""
+    module = model.get_submodule(prefix[:-1])
+    last = [n for n, m in module.named_modules() if isinstance(m, torch.nn.Linear)][-1]
+    out_w, out_b = f"{prefix}{last}.weight", f"{prefix}{last}.bias"  # a row per answer
+    vocab_file = tag_dir.parent.parent / "ans2label.json"
+    old = load_ans2label(vocab_file) if vocab_file.is_file() else {}
+    if old and _vocab_hash(old) != state["vocab"]:  # rewritten since: its rows are not these
+        old = {}
+    pairs = [(label, old[answer]) for answer, label in ans2label.items() if answer in old]
+    if pairs and out_w in weights and out_b in weights:
+        new_rows, old_rows = (torch.tensor(x) for x in zip(*pairs))
+        w, b = own[out_w].clone(), own[out_b].clone()
+        w[new_rows] = weights[out_w][old_rows].to(w.dtype)
+        b[new_rows] = weights[out_b][old_rows].to(b.dtype)
+        model.load_state_dict({out_w: w, out_b: b}, strict=False)
+    rows = weights[out_w].shape[0] if out_w in weights else "?"
+    note = (f"answers: {len(pairs)} of this run's {len(ans2label)} carried over from the "
+            f"checkpoint's {rows}-answer classifier"
+            + (", the others start fresh" if len(pairs) < len(ans2label) else ""))
+    if not old:
+        note += (f" ({vocab_file} is missing or is not the vocabulary it was trained with: its "
+                 "answers are unknown)")
+    return [out_w, out_b], note
 
 
 def _apply(values: dict, overrides):

@@ -727,3 +727,9 @@ def test_a_stuck_fusedadam_build_gets_half_the_time_budget_and_is_killed(tmp_pat
     assert "the build took over 2 s" in os.environ[bench_train.FUSED_ADAM_PROBLEM_ENV]
     time.sleep(5)
     assert not marker.exists()  # the build's children went with it
+
+
+def test_a_multi_task_config_is_refused_with_what_to_give(capsys):
+    assert bench_train.main(["--config", str(ROOT / "configs" / "tgif_pretrain.yaml")]) == 2
+    assert "is a task=multi config; bench_train.py times one task's steps" in \
+        capsys.readouterr().err

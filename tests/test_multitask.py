@@ -1,0 +1,381 @@
+"""task: multi, one model trained on several tasks at once (the paper's TGIF-QA pre-training):
+the config, the interleaving loader, the model's heads, init_from across one-task and multi-task
+runs, and (slow) training, resuming, evaluating and asking on the synthetic set."""
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from subprocess_env import cpu_env
+
+from siasam_fast.config import Config, load_config
+from siasam_fast.pipeline.multitask import MultiTaskLoader
+
+ROOT = Path(__file__).resolve().parent.parent
+TASKS = {"qa": {"task": "open", "train": "a.json"},
+         "action": {"task": "mc", "dataset": "tgif_action", "train": "b.csv"},
+         "count": {"task": "count", "dataset": "tgif_count", "train": "c.csv"}}
+
+
+def multi(tasks=None, **sections) -> Config:
+    data = {"tasks": TASKS if tasks is None else tasks, **sections.pop("data", {})}
+    return Config.from_dict({"task": "multi", "data": data, **sections})
+
+
+# -- config ---------------------------------------------------------------------------------------
+
+
+def test_each_task_is_a_run_config_of_its_own():
+    cfg = multi(data={"manifest": "m.jsonl", "image_size": 96})
+    streams = cfg.streams()
+    assert list(streams) == ["qa", "action", "count"]
+    assert [(s.task, s.data.dataset, s.data.train) for s in streams.values()] == [
+        ("open", "msrvtt_qa", "a.json"), ("mc", "tgif_action", "b.csv"),
+        ("count", "tgif_count", "c.csv")]
+    assert all(s.data.manifest == "m.jsonl" and s.data.image_size == 96 and not s.data.tasks
+               for s in streams.values())  # the shared fields are the run's
+    one = load_config(ROOT / "configs" / "synthetic.yaml")
+    assert one.streams() == {"": one}
+    shipped = load_config(ROOT / "configs" / "tgif_pretrain.yaml",
+                          ["data.tasks.frameqa.train=other.csv"])  # a task's key, from --set
+    assert shipped.stream("frameqa").data.train == "other.csv"
+    assert [s.task for s in shipped.streams().values()] == ["open", "mc", "mc"]
+
+
+@pytest.mark.parametrize("values, message", [
+    ({"task": "multi"}, r"task=multi trains on several tasks at once: list them under data.tasks"),
+    ({"task": "multi", "data": {"tasks": TASKS, "train": "x"}},
+     r"task=multi: data.train must be empty; each task's annotations go under data.tasks.NAME"),
+    ({"task": "open", "data": {"tasks": TASKS}},
+     r"data.tasks lists the tasks of a task=multi run; this run's task is open"),
+    ({"task": "multi", "data": {"tasks": {"a b": {"task": "open"}}}},
+     r"data.tasks: the name 'a b' must be letters, digits and _"),
+    ({"task": "multi", "data": {"tasks": {"x": {"task": "multi"}}}},
+     r"data.tasks.x.task='multi': valid values are open, mc, count"),
+    ({"task": "multi", "data": {"tasks": {"x": {"task": "mc", "trian": "p"}}}},
+     r"unknown key\(s\) \['trian'\] in data.tasks.x; valid: \['ans2label', 'dataset'"),
+    ({"task": "multi", "data": {"tasks": {"x": "open"}}},
+     r"data.tasks.x must be a mapping \(task, dataset, train, ...\), got 'open'"),
+    ({"task": "multi", "data": {"tasks": {"x": {"task": "mc", "dataset": "nope"}}}},
+     r"data.tasks.x: data.dataset='nope': valid values are msrvtt_qa"),
+    ({"task": "multi", "data": {"tasks": {"a": {"task": "open"}, "b": {"task": "open"}}}},
+     r"data.tasks a, b are all open-ended; a run has one answer vocabulary"),
+    ({"task": "multi", "data": {"tasks": {"c": {"task": "count"}}}},
+     r"every task of data.tasks is count"),
+    ({"task": "multi", "data": {"tasks": TASKS}, "eval": {"aggregation": "logsumexp"}},
+     r"data.tasks.count: eval.aggregation=logsumexp: task=count predicts a number per clip"),
+])
+def test_config_errors_name_the_task_and_what_is_valid(values, message):
+    with pytest.raises(ValueError, match=message):
+        Config.from_dict(values)
+
+
+# -- the interleaving loader ----------------------------------------------------------------------
+
+
+class FakeLoader:
+    """What MultiTaskLoader reads of a task's loader: batches of ``batch_size`` example indices
+    of a shard of ``n`` examples, a sampler position in examples, exact resume."""
+
+    def __init__(self, n: int, batch_size: int, tag: str):
+        self.n, self.batch_size, self.tag = n, batch_size, tag
+        self.dataset = range(n)
+        self.sampler = type("S", (), {"position": 0})()
+        self.epoch, self._resume = 0, 0
+
+    def __len__(self):
+        return -(-self.n // self.batch_size)
+
+    def set_epoch(self, epoch):
+        if epoch != self.epoch:
+            self.epoch, self.sampler.position, self._resume = epoch, 0, 0
+
+    def __iter__(self):
+        start, self._resume = self._resume, 0
+        self.sampler.position = start
+        for first in range(start, self.n, self.batch_size):
+            index = list(range(first, min(first + self.batch_size, self.n)))
+            self.sampler.position = index[-1] + 1
+            yield {"example_index": torch.tensor(index), "from": self.tag, "epoch": self.epoch}
+
+    def state_dict(self):
+        return {"epoch": self.epoch, "position": self.sampler.position, "world_size": 1}
+
+    def load_state_dict(self, state, align=1):
+        self.epoch = state["epoch"]
+        self.sampler.position = self._resume = state["position"]
+
+
+def loaders(sizes=(10, 4, 7), batch_size=3):
+    return {name: FakeLoader(n, batch_size, name) for name, n in zip(("qa", "action", "count"),
+                                                                    sizes)}
+
+
+def batches(loader):
+    return [(b["head"], b["from"], b["example_index"].tolist()) for b in loader]
+
+
+def test_an_epoch_is_every_tasks_batches_once_in_a_seeded_order():
+    mix = MultiTaskLoader(loaders(), seed=7, batch_size=3)
+    assert len(mix) == 4 + 2 + 3 and len(mix.dataset) == 21 and len(mix.sampler) == 27
+    got = batches(mix)
+    assert all(head == source for head, source, _ in got)  # each batch names its own task
+    for name, n in (("qa", 10), ("action", 4), ("count", 7)):  # each task's batches in its order
+        assert sum((ix for head, _, ix in got if head == name), []) == list(range(n))
+    assert mix.sampler.position == len(mix.sampler)
+    order = [head for head, _, _ in got]
+    assert order == mix.order(0) == MultiTaskLoader(loaders(), seed=7, batch_size=3).order(0)
+    assert sorted(order) != order  # interleaved, not one task after another
+    mix.set_epoch(1)
+    assert mix.sampler.position == 0 and mix.order(1) != mix.order(0)
+    assert [head for head, _, _ in batches(mix)] == mix.order(1)
+    assert MultiTaskLoader(loaders(), seed=8, batch_size=3).order(0) != order
+
+
+def test_a_resumed_epoch_gives_exactly_the_batches_left():
+    whole = batches(MultiTaskLoader(loaders(), seed=3, batch_size=3))
+    first = MultiTaskLoader(loaders(), seed=3, batch_size=3)
+    it = iter(first)
+    head = [next(it) for _ in range(5)]
+    state = json.loads(json.dumps(first.state_dict()))  # as a checkpoint stores it
+    assert state["done"] == 5 and first.sampler.position == 15
+    again = MultiTaskLoader(loaders(), seed=3, batch_size=3)
+    again.load_state_dict(state)
+    again.set_epoch(0)  # the loop's call keeps a restored position of the same epoch
+    rest = batches(again)
+    assert [(b["head"], b["example_index"].tolist()) for b in head] + \
+        [(h, ix) for h, _, ix in rest] == [(h, ix) for h, _, ix in whole]
+
+
+def test_a_state_that_does_not_fit_is_refused():
+    mix = MultiTaskLoader(loaders(), seed=3, batch_size=3)
+    with pytest.raises(ValueError, match="a one-task run's, not a task=multi run's"):
+        mix.load_state_dict({"epoch": 0, "position": 3})
+    state = mix.state_dict()
+    with pytest.raises(ValueError, match="loader state has the tasks action, qa, this run has "
+                                         "action, count, qa"):
+        mix.load_state_dict({**state, "tasks": {k: state["tasks"][k] for k in ("qa", "action")}})
+    state["done"] = 4  # but no task's loader has moved
+    with pytest.raises(ValueError, match=r"task \w+ has given 0 batches of epoch 1, the order "
+                                         r"says [1-4]"):
+        mix.load_state_dict(state)
+
+
+# -- the model ------------------------------------------------------------------------------------
+
+
+def tiny_batch(V=2, N=3, M=None):
+    U, B, L = 4, 2, 6
+    ids = torch.randint(5, 60, (V, M, L) if M else (V, L))
+    return {"frames": torch.randn(V, U, 3, 32, 32), "num_unique": torch.full((V,), U),
+            "clip_index": torch.randint(0, U, (V, N, B)),
+            "frame_mask": torch.ones(V, N, B, dtype=torch.bool),
+            "clip_mask": torch.ones(V, N, dtype=torch.bool), "input_ids": ids,
+            "attention_mask": torch.ones_like(ids)}
+
+
+def test_one_head_per_task_and_each_batch_trains_its_own():
+    from siasam_fast.training import build_model
+
+    cfg = multi(sampling={"num_clips": 3}, model={"grid_pool": 1})
+    model = build_model(cfg, 5, 64)
+    assert sorted(model.heads) == ["action", "count", "qa"] and not hasattr(model, "head")
+    out = model({**tiny_batch(), "head": "qa"})
+    assert out["logits"].shape == (2, 3, 5)
+    out = model({**tiny_batch(M=4), "head": "action"})
+    assert out["scores"].shape == (2, 3, 4)
+    out = model({**tiny_batch(), "head": "count"})
+    assert out["prediction"].shape == (2, 3)
+    out["prediction"].sum().backward()
+    grads = {name: [p.grad for p in head.parameters()] for name, head in model.heads.items()}
+    assert all(g is not None for g in grads["count"])
+    assert all(g is None for g in grads["qa"] + grads["action"])  # only the batch's head
+    with pytest.raises(ValueError, match=r"batch\['head'\]='nope': this model's heads are qa, "
+                                         r"action, count"):
+        model({**tiny_batch(), "head": "nope"})
+
+
+def _checkpoint(model, cfg, vocab, tag_dir):
+    from siasam_fast.data.vocab import save_ans2label
+    from siasam_fast.training import _vocab_hash
+
+    tag_dir.mkdir(parents=True)
+    torch.save(model.state_dict(), tag_dir / "model_weights.pt")
+    (tag_dir / "run_state.json").write_text(json.dumps(
+        {"config": cfg.to_dict(), "vocab": _vocab_hash(vocab)}))
+    save_ans2label(vocab, tag_dir.parent.parent / "ans2label.json")
+    return tag_dir
+
+
+def test_init_from_maps_heads_between_one_task_and_multi_task_runs(tmp_path):
+    """The paper's recipe: a multi-task pre-training fine-tuned on one task takes the head of
+    that task (an open-ended one its rows of shared answers); a head without a single match
+    starts fresh, and the note says why."""
+    from siasam_fast.training import build_model, init_model_from
+
+    sets = dict(sampling={"num_clips": 3}, model={"grid_pool": 1})
+    tasks = {**TASKS, "transition": {"task": "mc", "dataset": "tgif_transition", "train": "d"}}
+    pre_cfg = multi(tasks, **sets)
+    torch.manual_seed(0)
+    vocab = {"red": 0, "blue": 1, "cat": 2}
+    pre = build_model(pre_cfg, len(vocab), 64)
+    tag = _checkpoint(pre, pre_cfg, vocab, tmp_path / "pre" / "checkpoints" / "step9")
+    before = pre.state_dict()
+
+    one = Config.from_dict({"task": "open", **sets})
+    new_vocab = {"cat": 0, "dog": 1}
+    fine = build_model(one, len(new_vocab), 64)
+    note = init_model_from(fine, tag, one, new_vocab)
+    assert "head from the checkpoint's heads.qa; answers: 1 of this run's 2 carried" in note, note
+    after = fine.state_dict()
+    hidden = [k for k in after if k.startswith("head.") and not k.startswith("head.3.")]
+    assert hidden and all(torch.equal(after[k], before["heads.qa." + k[5:]]) for k in hidden)
+    assert torch.equal(after["head.3.weight"][0], before["heads.qa.3.weight"][2])  # "cat"
+    body = [k for k in after if not k.startswith("head.") and "num_batches" not in k]
+    assert all(torch.equal(after[k], before[k]) for k in body)
+
+    count = Config.from_dict({"task": "count", **sets})
+    note = init_model_from(build_model(count, 0, 64), tag, count, {})
+    assert "head from the checkpoint's heads.count" in note, note
+    mc = Config.from_dict({"task": "mc", **sets})
+    note = init_model_from(build_model(mc, 0, 64), tag, mc, {})
+    assert "head initialised afresh (the checkpoint has 2 mc heads, action, transition)" in note
+
+    # and back: a one-task checkpoint starts the multi-task model's head of its task
+    one_tag = _checkpoint(fine, one, new_vocab, tmp_path / "one" / "checkpoints" / "step1")
+    again = build_model(pre_cfg, len(new_vocab), 64)
+    note = init_model_from(again, one_tag, pre_cfg, new_vocab)
+    assert "head qa from the checkpoint's head" in note, note
+    assert "head action initialised afresh (the checkpoint's task is 'open')" in note
+    assert torch.equal(again.state_dict()["heads.qa.3.weight"], after["head.3.weight"])
+
+
+# -- training, resuming, evaluating, asking (slow) ------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def synth(tmp_path_factory):
+    from siasam_fast.data.synthetic import generate
+    from siasam_fast.pipeline.manifest import build_manifest
+
+    root = tmp_path_factory.mktemp("synth")
+    generate(root, num_videos=16, seed=3, size=64, workers=1, progress=False)
+    build_manifest(root / "videos", root / "manifest.jsonl", workers=1, progress=False)
+    meta = json.loads((root / "meta.json").read_text())
+    lines = ["gif_name\tquestion\tanswer\tvid_id\tkey"]
+    for vid, video in meta["videos"].items():
+        question, n = video["questions"]["count"], video["events"]["count"]["count"]
+        lines.append(f"{vid}\t{question['open_question']}\t{n}\tCOUNT{video['index']}\t"
+                     f"{video['index']}")
+    (root / "count.csv").write_text("\r\n".join(lines) + "\r\n")
+    return root
+
+
+def multi_args(synth: Path, out: Path, *extra: str) -> list[str]:
+    ann = synth / "annotations"
+    tasks = (f"{{qa: {{task: open, train: {ann / 'train_qa.json'}, val: {ann / 'val_qa.json'}, "
+             f"test: {ann / 'test_qa.json'}}}, choice: {{task: mc, dataset: how2qa, train: "
+             f"{ann / 'how2qa_train.jsonl'}, val: {ann / 'how2qa_val.jsonl'}}}, count: {{task: "
+             f"count, dataset: tgif_count, train: {synth / 'count.csv'}, test: "
+             f"{synth / 'count.csv'}}}}}")
+    sets = {"task": "multi", "data.train": "", "data.val": "", "data.test": "",
+            "data.tasks": tasks, "data.manifest": synth / "manifest.jsonl",
+            "data.num_workers": 1, "train.epochs": 2, "train.batch_size": 4,
+            "train.out_dir": out, "sampling.num_clips": 3, "sampling.frames_per_clip": 4,
+            "eval.batch_size": 8}
+    args = ["--config", str(ROOT / "configs" / "synthetic.yaml")]
+    for key, value in sets.items():
+        args += ["--set", f"{key}={value}"]
+    return args + list(extra)
+
+
+def run(cmd: list[str], ok: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run(cmd, cwd=ROOT, env=cpu_env(OMP_NUM_THREADS="1"), capture_output=True,
+                          text=True, timeout=600)
+    assert (proc.returncode == 0) == ok, (f"{' '.join(cmd)}: {proc.returncode}\n"
+                                          f"{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    return proc
+
+
+def step_losses(out: Path) -> list[str]:
+    with (out / "metrics_steps.csv").open() as fh:
+        return [row["loss"] for row in csv.DictReader(fh)]
+
+
+@pytest.mark.slow
+def test_a_multi_task_run_trains_resumes_exactly_and_reports_each_task(synth, tmp_path):
+    whole = tmp_path / "whole"
+    proc = run([sys.executable, "train.py", *multi_args(synth, whole)])
+    assert "note: data.tasks count: no val annotations, not evaluated during training" in \
+        proc.stdout
+    assert "148 train examples" in proc.stdout  # 66 open + 66 mc + 16 count
+    assert "val accuracy" in proc.stdout and "(qa 0." in proc.stdout
+    summary = json.loads((whole / "summary.json").read_text())
+    val, test = summary["val"], summary["test"]
+    assert val["accuracy"] == pytest.approx((val["qa_accuracy"] + val["choice_accuracy"]) / 2)
+    assert val["num_examples"] == val["qa_num_examples"] + val["choice_num_examples"] == 24
+    assert test["count_num_examples"] == 16 and test["count_mse"] >= 0
+    assert test["accuracy"] == test["qa_accuracy"]  # count is not in the mean
+    assert summary["best"]["epoch"] in (1, 2)
+    with (whole / "metrics_steps.csv").open() as fh:  # each step's task
+        assert {row["task"] for row in csv.DictReader(fh)} == {"qa", "choice", "count"}
+    rows = [json.loads(line) for line in (whole / "predictions_test.jsonl").open()]
+    assert {r["task"] for r in rows} == {"qa", "count"} and len(rows) == 18 + 16
+
+    # stopped after 50 of its 76 steps (in epoch 2) and resumed: the same steps as the whole run
+    part = tmp_path / "part"
+    run([sys.executable, "train.py", *multi_args(synth, part, "--set", "train.max_steps=50")])
+    proc = run([sys.executable, "train.py", *multi_args(synth, part, "--resume", "auto")])
+    assert "resumed from" in proc.stdout
+    assert step_losses(part) == step_losses(whole) and len(step_losses(whole)) == 76
+
+    # evaluation of any split, every task's questions in one predictions file
+    preds = tmp_path / "val.jsonl"
+    proc = run([sys.executable, "-m", "siasam_fast.cli", "eval", "--checkpoint", str(whole),
+                "--split", "val", "--json", str(tmp_path / "val.json"), "--predictions",
+                str(preds)])
+    metrics = json.loads((tmp_path / "val.json").read_text())
+    assert metrics["accuracy"] == pytest.approx(val["accuracy"])
+    assert {json.loads(line)["task"] for line in preds.open()} == {"qa", "choice"}
+
+    video = str(synth / "videos" / "video0.mp4")
+    ask = [sys.executable, "-m", "siasam_fast.cli", "ask", "--checkpoint", str(whole), "--video",
+           video, "--question", "what color is the big triangle?"]
+    proc = run(ask, ok=False)
+    assert "trained on several tasks (task=multi: qa, choice, count): choose the one that " \
+        "answers with --task NAME" in proc.stderr
+    proc = run([*ask, "--task", "choice", "--candidates", "red|green", "--json"])
+    assert [a for a, _ in json.loads(proc.stdout)["answers"]] == ["red", "green"]
+    proc = run([*ask, "--task", "qa", "--json", "--top", "2"])
+    assert len(json.loads(proc.stdout)["answers"]) == 2
+    proc = run([*ask, "--task", "count"])
+    assert proc.stdout.startswith("count: ")
+
+
+@pytest.mark.slow
+def test_two_processes_train_the_same_task_at_each_step(synth, tmp_path):
+    """ZeRO-2 in bf16 over 2 processes: every micro-batch is the same task's on both (else the
+    gradient reduction of the heads would not match and the run would hang or fail)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "two"
+    proc = run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                "--master_port", str(port), "train.py", "--deepspeed_config",
+                str(ROOT / "configs" / "ds" / "zero2_bf16.json"),
+                *multi_args(synth, out, "--set", "train.epochs=1")])
+    assert "2 process(es) on cpu, bf16, ZeRO stage 2" in proc.stdout
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["val"]["num_examples"] == 24
+    # resuming on another number of processes is refused, with what to do instead
+    proc = run([sys.executable, "train.py", "--deepspeed_config",
+                str(ROOT / "configs" / "ds" / "zero2_bf16.json"),
+                *multi_args(synth, out, "--resume", "auto", "--set", "train.epochs=2")],
+               ok=False)
+    assert "a multi-task run resumes on as many processes as it saved with" in proc.stderr
