@@ -12,11 +12,14 @@
 #   4. fp16 with the fused Triton siamese kernels (siamese.impl=triton);
 #   5. steps/s and peak GPU memory per ZeRO stage (0-3, fp16) on the ClipBERT-base-like config;
 #   6. fp16 with gradient accumulation (train.grad_accum=4 x 4 videos, the batch of 16 of the other
-#      runs): the loss scaler with steps of several micro-batches (the CPU tests cannot run fp16).
+#      runs): the loss scaler with steps of several micro-batches (the CPU tests cannot run fp16);
+#   7. fp16 with task=multi (open-ended and multiple-choice batches interleaved, one head each):
+#      the loss scaler with heads that a step leaves without a gradient.
 # About 6-8 minutes on an H100 (FusedAdam's JIT build included); QUICK=1 runs a third of the
 # steps (100 + 100 resumed fp16, 100 bf16, 100 triton, 10 per ZeRO stage) in about 3-4 minutes.
 # RUNS, if set, names the runs to do (space-separated, from fp16_half fp16_resume bf16_zero2
-# fp16_triton fp16_accum base_zero2 base_zero3 base_zero1 base_zero0); the others are skipped.
+# fp16_triton fp16_accum fp16_multi base_zero2 base_zero3 base_zero1 base_zero0); the others are
+# skipped.
 set -u
 source "$(dirname "$0")/gpu_env.sh"  # repository root, PYTHONPATH, $PY
 OUT=${OUT:-/tmp/gpu_check_train}
@@ -65,6 +68,10 @@ run fp16_triton --deepspeed_config configs/ds/zero2_fp16.json "${common[@]}" \
 run fp16_accum --deepspeed_config configs/ds/zero2_fp16.json "${common[@]}" \
   --set train.batch_size=4 --set train.grad_accum=4 --set train.max_steps=$S_RUN \
   --set "train.out_dir=$OUT/fp16_accum"
+run fp16_multi --deepspeed_config configs/ds/zero2_fp16.json "${common[@]}" \
+  --set task=multi --set data.train= --set data.val= \
+  --set "data.tasks={qa: {task: open, train: $DATA/annotations/train_qa.json, val: $DATA/annotations/val_qa.json}, choice: {task: mc, dataset: how2qa, train: $DATA/annotations/how2qa_train.jsonl, val: $DATA/annotations/how2qa_val.jsonl}}" \
+  --set train.max_steps=$S_RUN --set "train.out_dir=$OUT/fp16_multi"
 for stage in 2 3 1 0; do
   run "base_zero$stage" --deepspeed_config "configs/ds/zero${stage}_fp16.json" \
     --config configs/clipbert_base.yaml --set "data.train=$DATA/annotations/train_qa.json" \
