@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from checkpoints import write_checkpoint
 from subprocess_env import cpu_env
 
 from siasam_fast.config import Config, load_config
@@ -199,18 +200,6 @@ def test_one_head_per_task_and_each_batch_trains_its_own():
         model({**tiny_batch(), "head": "nope"})
 
 
-def _checkpoint(model, cfg, vocab, tag_dir):
-    from siasam_fast.data.vocab import save_ans2label
-    from siasam_fast.training import _vocab_hash
-
-    tag_dir.mkdir(parents=True)
-    torch.save(model.state_dict(), tag_dir / "model_weights.pt")
-    (tag_dir / "run_state.json").write_text(json.dumps(
-        {"config": cfg.to_dict(), "vocab": _vocab_hash(vocab)}))
-    save_ans2label(vocab, tag_dir.parent.parent / "ans2label.json")
-    return tag_dir
-
-
 def test_init_from_maps_heads_between_one_task_and_multi_task_runs(tmp_path):
     """The paper's recipe: a multi-task pre-training fine-tuned on one task takes the head of
     that task (an open-ended one its rows of shared answers); a head without a single match
@@ -223,7 +212,7 @@ def test_init_from_maps_heads_between_one_task_and_multi_task_runs(tmp_path):
     torch.manual_seed(0)
     vocab = {"red": 0, "blue": 1, "cat": 2}
     pre = build_model(pre_cfg, len(vocab), 64)
-    tag = _checkpoint(pre, pre_cfg, vocab, tmp_path / "pre" / "checkpoints" / "step9")
+    tag = write_checkpoint(pre, pre_cfg, vocab, tmp_path / "pre" / "checkpoints" / "step9")
     before = pre.state_dict()
 
     one = Config.from_dict({"task": "open", **sets})
@@ -246,7 +235,7 @@ def test_init_from_maps_heads_between_one_task_and_multi_task_runs(tmp_path):
     assert "head initialised afresh (the checkpoint has 2 mc heads, action, transition)" in note
 
     # and back: a one-task checkpoint starts the multi-task model's head of its task
-    one_tag = _checkpoint(fine, one, new_vocab, tmp_path / "one" / "checkpoints" / "step1")
+    one_tag = write_checkpoint(fine, one, new_vocab, tmp_path / "one" / "checkpoints" / "step1")
     again = build_model(pre_cfg, len(new_vocab), 64)
     note = init_model_from(again, one_tag, pre_cfg, new_vocab)
     assert "head qa from the checkpoint's head" in note, note

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+from checkpoints import write_checkpoint
 from subprocess_env import cpu_env
 
 from siasam_fast.data.synthetic import generate
@@ -799,21 +800,6 @@ def test_init_from_starts_a_new_run_from_trained_weights(synth, tmp_path):
                         "--set", f"train.init_from={base}"))  # fmt: skip
 
 
-def _checkpoint_of(model, cfg, ans2label: dict, tag_dir: Path) -> Path:
-    """A checkpoint folder as a run saves it, for init_model_from (no training)."""
-    import torch
-
-    from siasam_fast.data.vocab import save_ans2label
-    from siasam_fast.training import _vocab_hash
-
-    tag_dir.mkdir(parents=True)
-    torch.save(model.state_dict(), tag_dir / "model_weights.pt")
-    (tag_dir / "run_state.json").write_text(json.dumps(
-        {"config": cfg.to_dict(), "vocab": _vocab_hash(ans2label)}))
-    save_ans2label(ans2label, tag_dir.parent.parent / "ans2label.json")
-    return tag_dir
-
-
 def test_init_from_another_dataset_or_task_keeps_what_carries_over(tmp_path):
     """The paper's recipe, pre-training on TGIF-QA and fine-tuning on another dataset: its answers
     differ (the classifier's rows are carried over by answer) and so may its task (the head starts
@@ -828,7 +814,7 @@ def test_init_from_another_dataset_or_task_keeps_what_carries_over(tmp_path):
     torch.manual_seed(0)
     old_vocab = {"red": 0, "blue": 1, "green": 2, "cat": 3}
     pre = build_model(cfg, len(old_vocab), 64)
-    tag = _checkpoint_of(pre, cfg, old_vocab, tmp_path / "pre" / "checkpoints" / "step5")
+    tag = write_checkpoint(pre, cfg, old_vocab, tmp_path / "pre" / "checkpoints" / "step5")
     before = pre.state_dict()
     out = [n for n, m in pre.head.named_modules() if isinstance(m, torch.nn.Linear)][-1]
 
