@@ -2048,9 +2048,13 @@ def init_model_from(model: torch.nn.Module, tag_dir: Path, cfg: Config, ans2labe
     Returns a one-line report."""
     state = json.loads((tag_dir / "run_state.json").read_text())
     saved = saved_config(state)
-    problems = [p for p in config_mismatches(saved, cfg.to_dict()) if p.startswith("model.")
-                and not (p.startswith("model.qa_head:") and saved["task"] != cfg.task)]
-    if problems:  # (another task's head starts fresh, whichever it is)
+    model_problems = [p for p in config_mismatches(saved, cfg.to_dict()) if p.startswith("model.")]
+    # Another task's head starts fresh, whichever it is; so does every head when the heads are
+    # built otherwise (model.qa_head), which only a change of task allows.
+    other_heads = next((p for p in model_problems if p.startswith("model.qa_head:")), None)
+    problems = [p for p in model_problems
+                if not (p.startswith("model.qa_head:") and saved["task"] != cfg.task)]
+    if problems:
         raise ValueError(f"train.init_from={str(tag_dir)!r} has another model:\n  "
                          + "\n  ".join(problems))  # fmt: skip
     weights = load_model_weights(tag_dir)
@@ -2062,10 +2066,12 @@ def init_model_from(model: torch.nn.Module, tag_dir: Path, cfg: Config, ans2labe
         source = _head_source(prefix, task, saved_heads)
         name = prefix[len("heads."):-1] if prefix.startswith("heads.") else ""
         label = f"head {name}" if name else "head"
-        if source is None:
+        if source is None or other_heads:
             fresh_head += [k for k in own if k.startswith(prefix)]
             same = [p[len("heads."):-1] for p, t in saved_heads.items() if t == task]
-            why = (f"the checkpoint's task is {saved['task']!r}" if saved["task"] != "multi" else
+            why = (f"the checkpoint's {source[:-1]} is another answer head: {other_heads}"
+                   if source is not None else
+                   f"the checkpoint's task is {saved['task']!r}" if saved["task"] != "multi" else
                    f"the checkpoint has no {task} head" if not same else
                    f"the checkpoint has {len(same)} {task} heads, {', '.join(same)}")
             notes.append(f"{label} initialised afresh ({why})")

@@ -1,0 +1,35 @@
+"""Review of task=multi, sparse placement and clipbert evaluation placement: each test shows a
+bug or gap found in review."""
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from test_multitask import TASKS, _checkpoint, multi  # noqa: E402
+
+from siasam_fast.config import Config  # noqa: E402
+
+SETS = dict(sampling={"num_clips": 3})
+
+
+def test_init_from_does_not_carry_a_head_of_another_qa_head_architecture(tmp_path):
+    """model.qa_head may differ only when every head starts fresh ("another task's head starts
+    fresh, whichever it is"); a multi-task checkpoint's siasam open head must not be poured into
+    a one-task run's clipbert head (its output layer carried over, the rest missing)."""
+    from siasam_fast.training import build_model, init_model_from
+
+    pre_cfg = multi(TASKS, model={"grid_pool": 1, "qa_head": "siasam"}, **SETS)
+    vocab = {"red": 0, "blue": 1, "cat": 2}
+    pre = build_model(pre_cfg, len(vocab), 64)
+    tag = _checkpoint(pre, pre_cfg, vocab, tmp_path / "pre" / "checkpoints" / "step9")
+    one = Config.from_dict({"task": "open", "model": {"grid_pool": 1, "qa_head": "clipbert"},
+                            **SETS})
+    fine = build_model(one, len(vocab), 64)
+    fresh = {k: v.clone() for k, v in fine.state_dict().items() if k.startswith("head.")}
+    note = init_model_from(fine, tag, one, vocab)
+    after = fine.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in fresh.items()), note
+    assert "head initialised afresh" in note and "qa_head" in note, note
