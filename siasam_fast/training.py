@@ -363,9 +363,13 @@ def make_train_loader(cfg: Config, streams: dict[str, Config], datas: dict[str, 
     """The train loader of a run: its task's, or (task=multi) every task's interleaved."""
     if cfg.task != "multi":
         return make_loader(cfg, datas[""], "train", rank, world)
-    return MultiTaskLoader({name: make_loader(stream, datas[name], "train", rank, world)
-                            for name, stream in streams.items()},
-                           seed=cfg.train.seed, batch_size=cfg.train.batch_size)
+    loaders = {name: make_loader(stream, datas[name], "train", rank, world)
+               for name, stream in streams.items()}
+    for name, loader in loaders.items():  # a head never trained, yet evaluated: refused
+        if len(loader) == 0:
+            raise ValueError(f"data.tasks.{name}: the train split has no usable examples (see "
+                             "the log for the reasons)")
+    return MultiTaskLoader(loaders, seed=cfg.train.seed, batch_size=cfg.train.batch_size)
 
 
 def build_model(cfg: Config, num_answers: int, vocab_size: int,

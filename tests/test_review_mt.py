@@ -33,3 +33,28 @@ def test_init_from_does_not_carry_a_head_of_another_qa_head_architecture(tmp_pat
     after = fine.state_dict()
     assert all(torch.equal(after[k], v) for k, v in fresh.items()), note
     assert "head initialised afresh" in note and "qa_head" in note, note
+
+
+# -- training runs (slow) -------------------------------------------------------------------------
+
+from test_multitask import multi_args, run, step_losses, synth  # noqa: E402,F401
+
+
+def _without_videos(synth: Path, out: Path) -> Path:
+    """count.csv with every question about a video the manifest does not have."""
+    lines = (synth / "count.csv").read_text().splitlines()
+    out.write_text("\r\n".join([lines[0], *("gone" + line for line in lines[1:])]) + "\r\n")
+    return out
+
+
+@pytest.mark.slow
+def test_a_task_without_usable_train_examples_is_refused(synth, tmp_path):
+    """A one-task run whose train split has no usable example stops ("the train split has no
+    usable examples"); a task=multi run trained its other tasks and evaluated (and counted) the
+    head of that task, never trained, without a word naming it."""
+    bad = _without_videos(synth, tmp_path / "count.csv")
+    proc = run([sys.executable, "train.py", *multi_args(
+        synth, tmp_path / "run", "--set", f"data.tasks.count.train={bad}",
+        "--set", "train.epochs=1")], ok=False)
+    assert "data.tasks.count: the train split has no usable examples" in proc.stderr, \
+        proc.stderr[-2000:]
