@@ -1464,13 +1464,27 @@ def run_training(args: argparse.Namespace, cfg: Config, rank: int, world: int,
     train_loader = make_train_loader(cfg, streams, datas, rank, world)
     eval_split = (cfg.eval.split if any(cfg.eval.split in data.examples
                                         for data in datas.values()) else None)
+    where = ("every data.tasks.NAME." if cfg.task == "multi" else "data.") + cfg.eval.split
     if eval_split is None and cfg.train.early_stop:
         raise ValueError(f"train.early_stop={cfg.train.early_stop} needs an evaluation after each "
-                         f"epoch, but data.{cfg.eval.split} is empty: give that split, or set "
+                         f"epoch, but {where} is empty: give that split, or set "
                          "train.early_stop=0")
     if rank0 and eval_split is None and cfg.eval.split != "none":
-        print(f"note: no evaluation during training: data.{cfg.eval.split} is empty "
+        print(f"note: no evaluation during training: {where} is empty "
               "(eval.split: none says so without this note)")
+    # task=multi: the run's metric is the mean accuracy of the open-ended and multiple-choice
+    # tasks evaluated; a split only count tasks have gives none (no best epoch, no early stop)
+    scored = [name for name, data in datas.items()
+              if eval_split in data.examples and streams[name].task != "count"]
+    if cfg.task == "multi" and eval_split and not scored:
+        what = (f"only count tasks have {eval_split} annotations, and the run's metric is the "
+                "mean accuracy of its open-ended and multiple-choice tasks")
+        if cfg.train.early_stop:
+            raise ValueError(f"train.early_stop={cfg.train.early_stop}: {what}: give one of "
+                             f"them a {eval_split} split (data.tasks.NAME.{eval_split}), or set "
+                             "train.early_stop=0")
+        if rank0:
+            print(f"note: {what}: no best epoch is chosen")
     eval_loaders = {name: make_loader(streams[name], data, eval_split, rank, world)
                     for name, data in datas.items() if eval_split in data.examples}
     if rank0 and cfg.task == "multi" and eval_split and len(eval_loaders) < len(datas):

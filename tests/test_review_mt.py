@@ -58,3 +58,20 @@ def test_a_task_without_usable_train_examples_is_refused(synth, tmp_path):
         "--set", "train.epochs=1")], ok=False)
     assert "data.tasks.count: the train split has no usable examples" in proc.stderr, \
         proc.stderr[-2000:]
+
+
+@pytest.mark.slow
+def test_early_stop_of_a_multi_task_run_names_where_its_split_goes(synth, tmp_path):
+    """task=multi: data.val must be empty (each task's val is data.tasks.NAME.val), so "data.val
+    is empty" tells nothing; and a split that only count tasks have gives no metric (the mean
+    accuracy of the open-ended and multiple-choice tasks is NaN every epoch): train.early_stop
+    would never stop the run and no best epoch would be found, silently."""
+    unset = ["--set", "data.tasks.qa.val=", "--set", "data.tasks.choice.val="]
+    proc = run([sys.executable, "train.py", *multi_args(
+        synth, tmp_path / "none", *unset, "--set", "train.early_stop=1")], ok=False)
+    assert "data.tasks.NAME.val" in proc.stderr and "data.val is empty" not in proc.stderr, \
+        proc.stderr[-2000:]
+    proc = run([sys.executable, "train.py", *multi_args(
+        synth, tmp_path / "count", *unset, "--set", f"data.tasks.count.val={synth / 'count.csv'}",
+        "--set", "train.early_stop=1", "--set", "train.epochs=3")], ok=False)
+    assert "train.early_stop=1" in proc.stderr and "count" in proc.stderr, proc.stderr[-2000:]
