@@ -303,6 +303,7 @@ class Config:
     def __post_init__(self) -> None:
         _choice("task", self.task, TASKS)
         if self.task == "multi":
+            self._check_run()  # the run's own settings first: not blamed on one of its tasks
             self._check_multi()
             return
         if self.data.tasks:
@@ -316,6 +317,10 @@ class Config:
             raise ValueError("eval.aggregation=logsumexp: task=count predicts a number per clip, "
                              "not class scores (logsumexp would add log(clips) to each count); "
                              "valid for count: mean, max")
+        self._check_run()
+
+    def _check_run(self) -> None:
+        """The checks of settings that are the run's whatever its task."""
         if self.train.early_stop and self.eval.split == "none":
             raise ValueError(f"train.early_stop={self.train.early_stop} needs an evaluation after "
                              "each epoch: set eval.split to val or test (or early_stop to 0)")
@@ -348,7 +353,8 @@ class Config:
         """Task ``name`` of a task=multi run (``data.tasks.NAME``) as a run of its own: its task,
         its data fields over the run's, everything else the run's."""
         spec = self.data.tasks.get(name)
-        if not name.replace("_", "").isalnum() or not name.isascii():
+        if (not isinstance(name, str) or not name.replace("_", "").isalnum()
+                or not name.isascii()):
             raise ValueError(f"data.tasks: the name {name!r} must be letters, digits and _ (it "
                              "names the task's metrics and prediction files)")
         if not isinstance(spec, dict):

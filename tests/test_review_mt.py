@@ -75,3 +75,19 @@ def test_early_stop_of_a_multi_task_run_names_where_its_split_goes(synth, tmp_pa
         synth, tmp_path / "count", *unset, "--set", f"data.tasks.count.val={synth / 'count.csv'}",
         "--set", "train.early_stop=1", "--set", "train.epochs=3")], ok=False)
     assert "train.early_stop=1" in proc.stderr and "count" in proc.stderr, proc.stderr[-2000:]
+
+
+@pytest.mark.parametrize("values, message", [
+    # a YAML task name that is a number (2019: {...}) was an AttributeError ('int' object has no
+    # attribute 'replace'), not the config's error
+    ({"task": "multi", "data": {"tasks": {2019: {"task": "open"}}}},
+     r"data.tasks: the name 2019 must be letters, digits and _"),
+    # a setting of the run, not of one task: the error does not blame the first task for it
+    ({"task": "multi", "data": {"tasks": {"a": {"task": "mc"}}}, "train": {"early_stop": 2},
+      "eval": {"split": "none"}}, r"^train.early_stop=2 needs an evaluation after each epoch"),
+    ({"task": "multi", "data": {"tasks": {"a": {"task": "mc"}}}, "sampling": {"eval_clips": 3}},
+     r"^sampling.eval_clips=3: a run's clips per video at evaluation are set by eval.num_clips"),
+])
+def test_multi_config_errors_name_the_bad_value(values, message):
+    with pytest.raises(ValueError, match=message):
+        Config.from_dict(values)
