@@ -91,3 +91,37 @@ def test_early_stop_of_a_multi_task_run_names_where_its_split_goes(synth, tmp_pa
 def test_multi_config_errors_name_the_bad_value(values, message):
     with pytest.raises(ValueError, match=message):
         Config.from_dict(values)
+
+
+class _SamplerLoader:
+    """A task loader over a real ShardedSampler (what refuses a state of other data)."""
+
+    def __init__(self, n: int, batch_size: int = 2):
+        from siasam_fast.pipeline.dataset import ShardedSampler
+
+        self.sampler, self.batch_size, self.dataset = ShardedSampler(n), batch_size, range(n)
+
+    def __len__(self):
+        return -(-len(self.sampler) // self.batch_size)
+
+    def set_epoch(self, epoch):
+        self.sampler.set_epoch(epoch)
+
+    def state_dict(self):
+        return self.sampler.state_dict()
+
+    def load_state_dict(self, state, align=1):
+        self.sampler.load_state_dict(state, align)
+
+
+def test_a_resume_on_changed_task_data_names_the_task():
+    """A resume whose data.tasks.NAME.train may change (a resumable field) but now holds another
+    number of examples is refused by that task's sampler: "sampler state has num_examples=16 but
+    this sampler has num_examples=11: resume with the same data" did not say which task."""
+    from siasam_fast.pipeline.multitask import MultiTaskLoader
+
+    saved = MultiTaskLoader({"qa": _SamplerLoader(10), "count": _SamplerLoader(16)}, 0, 2)
+    state = saved.state_dict()
+    again = MultiTaskLoader({"qa": _SamplerLoader(10), "count": _SamplerLoader(11)}, 0, 2)
+    with pytest.raises(ValueError, match=r"data.tasks.count: sampler state has num_examples=16"):
+        again.load_state_dict(state)

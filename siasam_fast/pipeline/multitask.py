@@ -126,6 +126,9 @@ class MultiTaskLoader:
             raise ValueError(f"loader state has seed={state['seed']}, this run has "
                              f"train.seed={self.seed}")
         for name, loader in self.loaders.items():
-            loader.load_state_dict(tasks[name], 1)
+            try:
+                loader.load_state_dict(tasks[name], 1)
+            except ValueError as err:  # e.g. other data: say which task's
+                raise ValueError(f"data.tasks.{name}: {err}") from None
         self.epoch, self.done = int(state["epoch"]), int(state["done"])
         self._check_positions(self.order())
