@@ -1843,8 +1843,9 @@ def run_training(args: argparse.Namespace, cfg: Config, rank: int, world: int,
                 except (OSError, ValueError):
                     pass
             test_loaders = {name: make_loader(streams[name], data, "test", rank, world)
-                            for name, data in datas.items() if "test" in data.examples}
-            if test_loaders and not stop:
+                            for name, data in datas.items() if "test" in data.examples
+                            and not stop}  # (a run train.max_steps stopped is not tested)
+            if test_loaders:
                 summary["test"] = evaluate_tasks(engine, test_loaders, streams, texts, device,
                                                  dtype, desc="test",
                                                  predictions=out_dir / "predictions_test.jsonl")

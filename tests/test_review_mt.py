@@ -125,3 +125,36 @@ def test_a_resume_on_changed_task_data_names_the_task():
     again = MultiTaskLoader({"qa": _SamplerLoader(10), "count": _SamplerLoader(11)}, 0, 2)
     with pytest.raises(ValueError, match=r"data.tasks.count: sampler state has num_examples=16"):
         again.load_state_dict(state)
+
+
+COUNT_TEST_LOADERS = """
+import sys
+from siasam_fast import training
+make_loader = training.make_loader
+
+def counting(cfg, data, split, *args, **kwargs):
+    if split == "test":
+        print("test loader built", flush=True)
+    return make_loader(cfg, data, split, *args, **kwargs)
+
+training.make_loader = counting
+sys.exit(training.main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.slow
+def test_a_run_stopped_by_max_steps_builds_no_test_loader(synth, tmp_path):
+    """One-task behaviour before task=multi: a run that train.max_steps stops does no test
+    evaluation and built no test loader (nor read its videos' plans, nor logged its drops); the
+    refactor builds every task's test loader before it checks the stop."""
+    ann = synth / "annotations"
+    args = ["--config", str(Path(__file__).resolve().parent.parent / "configs" / "synthetic.yaml")]
+    for key, value in {"data.train": ann / "train_qa.json", "data.val": "",
+                       "data.test": ann / "test_qa.json", "data.manifest": synth / "manifest.jsonl",
+                       "data.num_workers": 0, "train.batch_size": 4, "train.max_steps": 1,
+                       "train.out_dir": tmp_path / "run", "sampling.num_clips": 3,
+                       "sampling.frames_per_clip": 4, "eval.split": "none"}.items():
+        args += ["--set", f"{key}={value}"]
+    proc = run([sys.executable, "-c", COUNT_TEST_LOADERS, *args])
+    assert "done: 1 steps" in proc.stdout
+    assert "test loader built" not in proc.stdout
