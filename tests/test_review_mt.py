@@ -37,7 +37,10 @@ def test_init_from_does_not_carry_a_head_of_another_qa_head_architecture(tmp_pat
 
 # -- training runs (slow) -------------------------------------------------------------------------
 
-from test_multitask import multi_args, run, step_losses, synth  # noqa: E402,F401
+import test_multitask  # noqa: E402
+
+multi_args, run = test_multitask.multi_args, test_multitask.run
+synth = test_multitask.synth  # the module's synthetic set (a fixture)
 
 
 def _without_videos(synth: Path, out: Path) -> Path:
