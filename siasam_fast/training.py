@@ -372,6 +372,13 @@ def make_train_loader(cfg: Config, streams: dict[str, Config], datas: dict[str, 
     return MultiTaskLoader(loaders, seed=cfg.train.seed, batch_size=cfg.train.batch_size)
 
 
+def epoch_videos(loader) -> int:
+    """Examples a process trains on in an epoch (every task's, for task=multi)."""
+    if isinstance(loader, MultiTaskLoader):
+        return sum(len(task_loader.sampler) for task_loader in loader.loaders.values())
+    return len(loader.sampler)
+
+
 def build_model(cfg: Config, num_answers: int, vocab_size: int,
                 device: torch.device | None = None) -> SiaSamReaModel:
     """The model of ``cfg.model``; with ``device``, its CNN weights in the layout that
@@ -1498,8 +1505,8 @@ def run_training(args: argparse.Namespace, cfg: Config, rank: int, world: int,
     steps_per_epoch = optimizer_steps(batches_per_epoch, accum)
     if rank0 and accum > batches_per_epoch:
         print(f"note: train.grad_accum={accum} is more than an epoch's {batches_per_epoch} "
-              f"micro-batches: each step takes one epoch ({len(train_loader.sampler)} videos per "
-              "process), not the batch train.grad_accum x train.batch_size asks for")
+              f"micro-batches: each step takes one epoch ({epoch_videos(train_loader)} videos "
+              "per process), not the batch train.grad_accum x train.batch_size asks for")
     total_steps = steps_per_epoch * cfg.train.epochs  # not max_steps: a stop a resume continues
     # Weights stay NCHW under DeepSpeed (model.use_memory_format); frames still go NHWC.
     model = build_model(cfg, len(vocab), len(tokenizer))
@@ -2055,9 +2062,9 @@ def init_model_from(model: torch.nn.Module, tag_dir: Path, cfg: Config, ans2labe
 
     - another task (open / mc / count): the head starts fresh, everything else is loaded;
     - task=multi (one head per task, ``heads.NAME``), into or out of it: a head starts from the
-      checkpoint's head of the same name and task, or from its only head of that task when one
-      side has one task (a one-task run fine-tuned from a multi-task pre-training takes the head
-      of its task); otherwise it starts fresh;
+      checkpoint's head of the same name and task, else from the checkpoint's only head of its
+      task (a one-task run fine-tuned from a multi-task pre-training takes the head of its task);
+      with none, or several and none of its name, it starts fresh;
     - open-ended with another answer vocabulary (``ans2label``, this run's): the classifier's
       hidden layers are loaded, and its output row (weight and bias) of every answer that the
       checkpoint's vocabulary also holds is carried over; the other answers' rows start fresh;
@@ -2129,15 +2136,12 @@ def _head_prefixes(config: dict) -> dict[str, str]:
 
 def _head_source(prefix: str, task: str, saved: dict[str, str]) -> str | None:
     """The checkpoint's head that starts this model's head ``prefix`` (of ``task``): the one of
-    the same name and task; for a one-task model, the multi-task checkpoint's only head of its
-    task; for a multi-task model's head, a one-task checkpoint of its task. None: it starts
-    fresh."""
+    the same name and task, else the checkpoint's only head of that task (a one-task checkpoint's
+    head, or a multi-task one's only head of the task). None: it starts fresh."""
     if saved.get(prefix) == task:
         return prefix
     same_task = [p for p, t in saved.items() if t == task]
-    if len(same_task) == 1 and (prefix == "head." or same_task == ["head."]):
-        return same_task[0]
-    return None
+    return same_task[0] if len(same_task) == 1 else None
 
 
 def _carry_answer_rows(model, prefix: str, weights: dict, own: dict, tag_dir: Path, state: dict,
