@@ -372,6 +372,18 @@ def make_train_loader(cfg: Config, streams: dict[str, Config], datas: dict[str, 
     return MultiTaskLoader(loaders, seed=cfg.train.seed, batch_size=cfg.train.batch_size)
 
 
+def epoch_means(sums: dict, n_steps: int) -> dict:
+    """An epoch's ``train_*`` columns: the steps' loss terms averaged over its ``n_steps`` steps,
+    and (task=multi) each task's ``NAME_loss`` over its ``NAME_batches`` micro-batches."""
+    out = {}
+    for key, value in sums.items():
+        if key.endswith("_batches"):
+            continue
+        count = sums.get(key.removesuffix("_loss") + "_batches") if key.endswith("_loss") else None
+        out[f"train_{key}"] = value / max(1, count if count is not None else n_steps)
+    return out
+
+
 def epoch_videos(loader) -> int:
     """Examples a process trains on in an epoch (every task's, for task=multi)."""
     if isinstance(loader, MultiTaskLoader):
@@ -1665,7 +1677,7 @@ def run_training(args: argparse.Namespace, cfg: Config, rank: int, world: int,
         metrics = evaluate_tasks(engine, eval_loaders, streams, texts, device, dtype,
                                  desc=f"eval {eval_split}") if eval_loaders else {}
         row = {"step": step, "epoch": epoch + 1,
-               **{f"train_{k}": v / max(1, n_steps) for k, v in sums.items()},
+               **epoch_means(sums, n_steps),
                **{f"{eval_split}_{k}": v for k, v in metrics.items()},
                "elapsed_s": time.perf_counter() - t_run}
         epochs_log.write(row)
@@ -1759,6 +1771,9 @@ def run_training(args: argparse.Namespace, cfg: Config, rank: int, world: int,
                     times[key] += end - start
                 for k, v in parts.items():  # the step's loss terms: the mean over its examples
                     step_parts[k] = step_parts.get(k, 0.0) + float(v) * weight
+                if name:  # task=multi: each task's loss over its micro-batches of the epoch
+                    sums[f"{name}_loss"] = sums.get(f"{name}_loss", 0.0) + float(parts["loss"])
+                    sums[f"{name}_batches"] = sums.get(f"{name}_batches", 0) + 1
                 if not math.isfinite(float(parts["loss"])) and precision != "fp16":
                     raise FloatingPointError(
                         f"loss is {float(parts['loss'])} at step {step + 1}: lower train.lr or "

@@ -328,6 +328,13 @@ def test_a_multi_task_run_trains_resumes_exactly_and_reports_each_task(synth, tm
     proc = run([sys.executable, "train.py", *multi_args(synth, part, "--resume", "auto")])
     assert "resumed from" in proc.stdout
     assert step_losses(part) == step_losses(whole) and len(step_losses(whole)) == 76
+    # each task's training loss per epoch, its sums carried through the resume
+    task_losses = [[{k: v for k, v in row.items() if k.startswith("train_")}
+                    for row in csv.DictReader((out / "metrics_epochs.csv").open())]
+                   for out in (whole, part)]
+    assert task_losses[0] == task_losses[1] and len(task_losses[0]) == 2
+    assert {"train_qa_loss", "train_choice_loss", "train_count_loss"} <= set(task_losses[0][0])
+    assert not any(k.endswith("_batches") for k in task_losses[0][0])
 
     # evaluation of any split, every task's questions in one predictions file
     preds = tmp_path / "val.jsonl"
