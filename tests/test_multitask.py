@@ -427,6 +427,8 @@ def test_a_task_without_usable_train_examples_is_refused(synth, tmp_path):
         "--set", "train.epochs=1")], ok=False)
     assert "data.tasks.count: the train split has no usable examples" in proc.stderr, \
         proc.stderr[-2000:]
+    # the loader's own line names the task too
+    assert "data.tasks.count: train: kept 0 of 16 examples" in proc.stderr, proc.stderr[-2000:]
 
 
 @pytest.mark.slow
