@@ -89,6 +89,11 @@ EXTRA_VARIANTS: dict[str, tuple[str, list[str]]] = {
     # anywhere in the video (ClipBERT's sparse sampling) instead of 8 siamese clips
     "sparse": ("w/ SKG + SKR over 8 sparse clips (not siamese)",
                [*SIAMESE, "sampling.placement=sparse"]),
+    # ClipBERT's own multi-clip training: 9 sparse clips, their scores pooled (lse) before L_gt,
+    # no siamese term (evaluated, like every variant, on the anchor clip alone)
+    "clipbert": ("ClipBERT-style: 9 sparse clips, L_gt on their pooled scores, alpha = 0",
+                 ["siamese.alpha=0", "sampling.num_clips=9", "sampling.placement=sparse",
+                  "siamese.gt_clips=pooled", "siamese.gt_pool=logsumexp"]),
 }
 # Fine-tuning from the trained baseline of the same seed (the paper fine-tunes a pretrained
 # ClipBERT rather than training from scratch): 4 more epochs at a lower learning rate, without
