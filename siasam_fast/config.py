@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -371,7 +372,7 @@ class Config:
         try:
             return Config.from_dict(values)
         except ValueError as err:
-            raise ValueError(f"data.tasks.{name}: {err}") from None
+            raise ValueError(task_message(name, str(err))) from None
 
     def streams(self) -> dict[str, Config]:
         """NAME -> each task's run config (task=multi), or {"": this config} for one task."""
@@ -476,6 +477,14 @@ def _typed(name: str, value: Any, f: dataclasses.Field) -> Any:
     if kind == "dict" and not isinstance(value, dict):
         raise ValueError(f"{name}={value!r}: expected a mapping")
     return value
+
+
+def task_message(name: str, text: str) -> str:
+    """A message about task ``name`` of a task=multi run, its fields named where they are set:
+    data.train -> data.tasks.NAME.train (and the other STREAM_KEYS); otherwise prefixed."""
+    keys = "|".join(k for k in STREAM_KEYS if k != "task")
+    text, count = re.subn(rf"\bdata\.({keys})\b", rf"data.tasks.{name}.\1", text)
+    return text if count else f"data.tasks.{name}: {text}"
 
 
 def _at_least(name: str, value: float, low: float, note: str = "") -> None:

@@ -48,7 +48,7 @@ import torch.distributed as dist  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from siasam_fast import ds_config, siamese  # noqa: E402
-from siasam_fast.config import Config, config_from_json, load_config  # noqa: E402
+from siasam_fast.config import Config, config_from_json, load_config, task_message  # noqa: E402
 from siasam_fast.data.annotations import load_annotations  # noqa: E402
 from siasam_fast.data.vocab import (  # noqa: E402
     apply_answer_vocab,
@@ -298,7 +298,7 @@ def load_streams(cfg: Config, ans2label: dict | None = None, need_train: bool = 
             data = load_data(stream, ans2label if stream.task == "open" else None, need_train,
                              splits, manifest)
         except ValueError as err:
-            raise ValueError(f"data.tasks.{name}: {err}") from None
+            raise ValueError(task_message(name, str(err))) from None
         manifest = data.manifest
         data.notes = [f"data.tasks.{name}: {note}" for note in data.notes]
         datas[name] = data

@@ -62,7 +62,7 @@ def test_each_task_is_a_run_config_of_its_own():
     ({"task": "multi", "data": {"tasks": {"x": "open"}}},
      r"data.tasks.x must be a mapping \(task, dataset, train, ...\), got 'open'"),
     ({"task": "multi", "data": {"tasks": {"x": {"task": "mc", "dataset": "nope"}}}},
-     r"data.tasks.x: data.dataset='nope': valid values are msrvtt_qa"),
+     r"data.tasks.x.dataset='nope': valid values are msrvtt_qa"),
     ({"task": "multi", "data": {"tasks": {"a": {"task": "open"}, "b": {"task": "open"}}}},
      r"data.tasks a, b are all open-ended; a run has one answer vocabulary"),
     ({"task": "multi", "data": {"tasks": {"c": {"task": "count"}}}},
@@ -529,3 +529,17 @@ def test_a_run_stopped_by_max_steps_builds_no_test_loader(synth, tmp_path):
     proc = run([sys.executable, "-c", COUNT_TEST_LOADERS, *args])
     assert "done: 1 steps" in proc.stdout
     assert "test loader built" not in proc.stdout
+
+
+def test_a_missing_task_file_names_the_key_that_sets_it(synth, tmp_path):
+    """load_data's "data.train=...: ... does not exist (set data.train ..., e.g. --set
+    data.train=PATH" named a key a task=multi run must leave empty: the task's key instead."""
+    from siasam_fast.training import load_streams
+
+    args = multi_args(synth, tmp_path / "run", "--set", f"data.tasks.qa.train={tmp_path}/no.json")
+    cfg = load_config(args[1], [args[i + 1] for i in range(2, len(args), 2)])
+    with pytest.raises(ValueError, match=r"^data.tasks.qa.train='.*no.json': .* does not exist "
+                                         r"\(set data.tasks.qa.train to the train annotations, "
+                                         r"e.g. --set data.tasks.qa.train=PATH"):
+        load_streams(cfg)
+
