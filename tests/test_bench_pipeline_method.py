@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 
@@ -456,7 +457,13 @@ def test_prepare_set_generates_in_parallel_the_videos_it_makes_one_by_one(tmp_pa
     assert sorted(one) == sorted(many) and len(many) == 3
     for vid in one:
         a, b = frames(one[vid].path), frames(many[vid].path)
-        assert len(a) == len(b) == 12 and all((x == y).all() for x, y in zip(a, b)), vid
+        assert len(a) == len(b) == 12, vid
+        # The same content, not always the same bytes: at 64 px libx264's macroblock-tree rate
+        # control is not bit-reproducible from run to run (a CI run decoded other pixels from the
+        # same seed). Re-encoding one seed's frames differently (crf 22, mbtree off) moves a frame
+        # by 5 to 7 grey levels on average; another seed's video is about 47 away.
+        diff = [np.abs(x.astype(int) - y.astype(int)).mean() for x, y in zip(a, b)]
+        assert max(diff) < 12, (vid, diff)
     folder = tmp_path / "many" / spec.folder_name
     assert not list(folder.glob("*.partial*"))
 
