@@ -691,6 +691,14 @@ def combine(paths, out_dir=None):
 
 
 def main(argv=None):
+    threads = torch.get_num_threads()  # set to 1 on CPU below; restored for a calling program
+    try:
+        return _main(argv)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _main(argv):
     args = parse_args(argv)
     if args.combine:
         return combine(args.combine, args.out)

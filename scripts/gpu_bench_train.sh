@@ -81,8 +81,8 @@ PROFILE=${PROFILE:-baseline-amp fast-bf16}
 DEADLINE_S=${DEADLINE_S:-450}
 VARIANT_TIMEOUT_S=${VARIANT_TIMEOUT_S:-150}
 NUM_VIDEOS=${NUM_VIDEOS:-384}
-SITE=/tmp/site
-STAGE=/tmp/stage
+SITE=${SITE:-/tmp/site}
+STAGE=${STAGE:-/tmp/stage}
 RESULTS=${RESULTS:-benchmarks/results}
 mkdir -p "$RESULTS/logs"
 say() { echo "[$((SECONDS - T0)) s] $*"; }

@@ -45,7 +45,7 @@ if [ "${SKIP_STAGE:-0}" != 1 ]; then
     say "no staged parts (.stage*/ or $STAGE): using what the image has"
   fi
 fi
-SIASAM_PATH=$(mktemp -d /tmp/siasam_path.XXXX)
+SIASAM_PATH=$(mktemp -d -t siasam_path.XXXX)  # under $TMPDIR, else /tmp
 ln -s "$PWD/siasam_fast" "$SIASAM_PATH/siasam_fast"
 ln -s "$PWD/kernels" "$SIASAM_PATH/siasam_kernels"
 export PYTHONPATH="$SITE:$SIASAM_PATH${PYTHONPATH:+:$PYTHONPATH}"

@@ -18,6 +18,17 @@ import pytest  # noqa: E402
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
+@pytest.fixture(autouse=True)
+def _torch_threads_as_found():
+    """A test that changes torch's thread count (a benchmark's main() sets one thread on CPU)
+    must not change the numbers of the tests after it: a run of the whole suite computes as a
+    run of one file does."""
+    threads = torch.get_num_threads()
+    yield
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def two_videos(tmp_path):
     """A folder of two tiny videos (H.264 and MJPEG) and its manifest: (folder, manifest path)."""

@@ -160,7 +160,8 @@ def test_time_epoch_hard_cap_ends_an_endless_loader():
                                     max_seconds=0.05, hard_max_seconds=0.3,
                                     min_steady_rounds=10**6)
     assert row["stopped_by"] == "cap" and row["status"] == "short"
-    assert row["seconds"] < 0.4 and time.perf_counter() - start < 2
+    # stopped near the 0.3 s cap, not after 10**6 batches (a loaded CI machine may add a stall)
+    assert row["seconds"] < 1.0 and time.perf_counter() - start < 3
 
 
 def test_release_device_memory_runs_here_with_dali_imported():

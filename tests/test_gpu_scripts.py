@@ -19,6 +19,13 @@ ROOT = Path(__file__).resolve().parent.parent
 SCRIPTS = sorted((ROOT / "scripts").glob("*.sh"))
 
 
+def scratch(tmp_path: Path) -> dict:
+    """The staged-wheel folders (/tmp/site, /tmp/stage on the GPU machine) and the scripts' temp
+    folders under the test's own folder: wheels staged on this machine are never imported."""
+    return {"SITE": str(tmp_path / "site"), "STAGE": str(tmp_path / "stage"),
+            "TMPDIR": str(tmp_path)}
+
+
 @pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
 def test_shell_syntax(script):
     proc = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
@@ -29,7 +36,8 @@ def test_shell_syntax(script):
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU dry run")
 def test_owed_script_runs_its_parts_and_packs_each(tmp_path):
     out, keep = tmp_path / "out", tmp_path / "keep"
-    env = cpu_env(SKIP_STAGE="1", PY=sys.executable, BUDGET_S="900", PARTS="checks train",
+    env = cpu_env(SKIP_STAGE="1", **scratch(tmp_path),
+                  PY=sys.executable, BUDGET_S="900", PARTS="checks train",
                   OUT=str(out), KEEP=str(keep), CONFIG="configs/bench_tiny.yaml", STEPS="1",
                   WARMUP="1", VARIANTS="baseline-fp32", PROFILE="baseline-fp32",
                   NUM_VIDEOS="24", OMP_NUM_THREADS="2", drop=("TRITON_INTERPRET",))
@@ -60,7 +68,8 @@ def test_the_runbooks_second_call_runs_the_train_part(tmp_path):
     the first) runs bench_train: the part's minimum used to be 240 s, so it was skipped at once.
     PY=true stands in for Python: only the part's scheduling is checked."""
     out, keep = tmp_path / "out", tmp_path / "keep"
-    env = cpu_env(SKIP_STAGE="1", PY="true", BUDGET_S="230", PARTS="train", OUT=str(out),
+    env = cpu_env(SKIP_STAGE="1", **scratch(tmp_path),
+                  PY="true", BUDGET_S="230", PARTS="train", OUT=str(out),
                   KEEP=str(keep), VARIANTS="baseline-amp amp-deepspeed", PACK_EVERY_S="1")
     proc = subprocess.run(["bash", "scripts/gpu_owed.sh"], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=60)
@@ -75,7 +84,8 @@ def test_owed_script_packs_a_running_part_so_a_killed_call_returns_it(tmp_path):
     """The device tool stops a call at its limit from outside: the running part's folder must
     already be in $OUT by then (packed every PACK_EVERY_S seconds, never half-written)."""
     out, keep = tmp_path / "out", tmp_path / "keep"
-    env = cpu_env(SKIP_STAGE="1", PY=sys.executable, BUDGET_S="300", PARTS="checks",
+    env = cpu_env(SKIP_STAGE="1", **scratch(tmp_path),
+                  PY=sys.executable, BUDGET_S="300", PARTS="checks",
                   PACK_EVERY_S="1", OUT=str(out), KEEP=str(keep), OMP_NUM_THREADS="2",
                   drop=("TRITON_INTERPRET",))
     proc = subprocess.Popen(["bash", "scripts/gpu_owed.sh"], cwd=ROOT, env=env,
