@@ -200,6 +200,7 @@ if __name__ != "__mp_main__":
             write_csv,
         )
         from siasam_fast.config import Config, load_config
+        from siasam_fast.extlock import remove_lock_of_killed_build
         from siasam_fast.losses import total_loss
         from siasam_fast.model import load_tokenizer
         from siasam_fast.paths import write_text_atomic
@@ -1368,10 +1369,14 @@ def prebuild_fused_adam(names: list[str], args, device: torch.device,
     if args.time_budget is not None:
         left = args.time_budget - (t0 - (t0 if started is None else started))
         limit = max(1.0, min(limit, left / 2))
+    wall = time.time()
     rc, output = run_build(fused_adam_build_cmd(args), limit)
     lines = [x for x in output.splitlines() if x.strip()]
     if rc is None:
         problem = f"the build took over {limit:.0f} s"
+        lock = remove_lock_of_killed_build("fused_adam", wall)
+        if lock is not None:  # else every later FusedAdam load on this machine waits for ever
+            print(f"    removed {lock}, the lock the killed build left", flush=True)
     else:
         problem = "" if rc == 0 else (lines[-1] if lines else f"exit status {rc}")
     if problem:

@@ -17,6 +17,7 @@ loss scaler) plus ``run_state.json`` (config, step, epoch, sampler position) and
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import hashlib
 import io
@@ -57,6 +58,7 @@ from siasam_fast.data.vocab import (  # noqa: E402
     load_ans2label,
     save_ans2label,
 )
+from siasam_fast.extlock import watch_build_lock  # noqa: E402
 from siasam_fast.losses import alpha_at, total_loss  # noqa: E402
 from siasam_fast.model import (  # noqa: E402
     SiaSamReaModel,
@@ -120,7 +122,9 @@ def init_distributed() -> tuple[int, int, torch.device]:
                           MASTER_PORT=os.environ.get("MASTER_PORT", str(port)))
     cuda = torch.cuda.is_available()
     if not dist.is_initialized():
-        deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
+        # on CPU, DeepSpeed builds (or loads) its shared-memory all-reduce op here
+        with watch_build_lock("deepspeed_shm_comm") if not cuda else contextlib.nullcontext():
+            deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
         if not cuda:
             release_shm_buffer(dist.get_rank(), dist.get_world_size())
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -501,7 +505,8 @@ def build_fused_adam_op() -> None:
     use_deepspeed_arch_list()
     from deepspeed.ops.op_builder import FusedAdamBuilder
 
-    FusedAdamBuilder().load()
+    with watch_build_lock(FusedAdamBuilder.NAME):
+        FusedAdamBuilder().load()
 
 
 def adam_kwargs(cfg: Config) -> dict:
@@ -540,7 +545,8 @@ def build_optimizer(model: torch.nn.Module, cfg: Config, device: torch.device):
 
         use_deepspeed_arch_list()
         try:
-            return FusedAdam(groups, adam_w_mode=True, **adam), "DeepSpeed FusedAdam"
+            with watch_build_lock("fused_adam"):  # its JIT build or load
+                return FusedAdam(groups, adam_w_mode=True, **adam), "DeepSpeed FusedAdam"
         except Exception as err:  # noqa: BLE001 - its JIT build: no nvcc / ninja, a bad arch list
             why = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
             if cfg.train.optimizer != "auto":

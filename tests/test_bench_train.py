@@ -710,21 +710,27 @@ def test_a_variant_out_of_time_leaves_its_stacks_in_its_log(tmp_path):
     assert "building_the_optimizer" in text and "stuck.py" in text, text
 
 
-def test_a_stuck_fusedadam_build_gets_half_the_time_budget_and_is_killed(tmp_path, monkeypatch):
+def test_a_stuck_fusedadam_build_gets_half_the_time_budget_and_is_killed(tmp_path, monkeypatch,
+                                                                         capsys):
     """A build that hangs (a stale torch-extension lock, a stuck nvcc) is stopped within half of
     what is left of --time-budget, its process group with it (no compiler left running through
-    the variants' timings), and said as the variants' reason."""
+    the variants' timings), and said as the variants' reason. The lock it made goes too: torch
+    would make every later FusedAdam load on the machine wait for it for ever."""
     _fused_plans(monkeypatch)
     monkeypatch.setenv(bench_train.FUSED_ADAM_PROBLEM_ENV, "")
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "ext"))
+    lock = tmp_path / "ext" / "fused_adam" / "lock"
     marker = tmp_path / "compiler_still_running"
     monkeypatch.setattr(bench_train, "fused_adam_build_cmd", lambda args: [
-        "bash", "-c", f"(sleep 4; touch {marker}) & wait"])
+        "bash", "-c",
+        f"mkdir -p {lock.parent}; touch {lock}; (sleep 4; touch {marker}) & wait"])
     args = bench_train.parse_args(["--config", str(ROOT / "configs" / "bench_tiny.yaml"),
                                    "--time-budget", "60"])
     t0 = time.perf_counter()
     bench_train.prebuild_fused_adam(["fast-fp16"], args, torch.device("cuda", 0), t0 - 56)
     assert time.perf_counter() - t0 < 4
     assert "the build took over 2 s" in os.environ[bench_train.FUSED_ADAM_PROBLEM_ENV]
+    assert not lock.exists() and f"removed {lock}" in capsys.readouterr().out
     time.sleep(5)
     assert not marker.exists()  # the build's children went with it
 
