@@ -1213,33 +1213,56 @@ def resharded_loader_state(tag_dir: Path, state: dict, saved_world: int) -> dict
     """The train loader state for a run on another number of processes than ``tag_dir``'s: the
     sampler's position is the same in every saved process (the loader's ``load_state_dict``
     maps it onto the new shards), and the videos any process left out are left out by all."""
-    loader, bad = dict(state["sampler"]), {}
-    for r in range(saved_world):
-        path = tag_dir / f"loader_rank{r}.json"
-        if path.is_file():
-            bad.update(json.loads(path.read_text()).get("bad_videos", {}))
-    return {**loader, "bad_videos": bad} if bad else loader
+    saved = [json.loads(path.read_text()) for path in
+             (tag_dir / f"loader_rank{r}.json" for r in range(saved_world)) if path.is_file()]
+
+    def merged(loader: dict, of) -> dict:  # ``of``: a rank's file -> that loader's state
+        bad = {}
+        for each in saved:
+            bad.update((of(each) or {}).get("bad_videos", {}))
+        return {**loader, "bad_videos": bad} if bad else dict(loader)
+
+    loader = state["sampler"]
+    if "tasks" in loader:  # task=multi: each task's loader
+        tasks = {name: merged(task, lambda each, name=name: each.get("tasks", {}).get(name))
+                 for name, task in loader["tasks"].items()}
+        return {**loader, "tasks": tasks}
+    return merged(loader, lambda each: each)
 
 
 def resharding_note(tag_dir: Path, state: dict, saved_world: int, world: int, cfg: Config,
-                    position: int) -> str:
+                    position: int | dict) -> str:
     """What a resume on another number of processes changes (printed by process 0);
-    ``position``: where the train loader now starts in each new shard."""
+    ``position``: where the train loader now starts in each new shard (task=multi: each task's
+    loader, by task name)."""
     saved_train = state["config"].get("train", {})
     old_batch = (int(saved_train.get("batch_size", cfg.train.batch_size)) * saved_world
                  * int(saved_train.get("grad_accum", 1)))
     batch = cfg.train.batch_size * world * cfg.train.grad_accum
     sampler = state["sampler"]
-    n, drop_last = int(sampler["num_examples"]), bool(sampler.get("drop_last", False))
-    done = min(int(sampler["position"]) * saved_world, n)
-    again = max(0, done - world * position)
     epoch = int(sampler["epoch"]) + 1
-    complete = int(sampler["position"]) >= shard_length(n, saved_world, drop_last)
     note = (f"note: checkpoint {tag_dir.name} was saved by {saved_world} process(es), this run "
-            f"has {world}: " + (f"epoch {epoch + 1} starts (epoch {epoch} was complete)"
-                                if complete else
-                                f"epoch {epoch} continues after its first {done} of {n} "
-                                "examples" + (f" ({again} of them given again)" if again else "")))
+            f"has {world}: ")
+    if "tasks" in sampler:  # task=multi: ``position`` is {task: where its loader now starts}
+        parts, complete = [], True
+        for name, task in sampler["tasks"].items():
+            n, drop_last = int(task["num_examples"]), bool(task.get("drop_last", False))
+            done = min(int(task["position"]) * saved_world, n)
+            again = max(0, done - world * position[name])
+            complete &= int(task["position"]) >= shard_length(n, saved_world, drop_last)
+            parts.append(f"{name} after its first {done} of {n} examples"
+                         + (f" ({again} given again)" if again else ""))
+        note += (f"epoch {epoch + 1} starts (epoch {epoch} was complete)" if complete else
+                 f"epoch {epoch} continues, each task where it was ({'; '.join(parts)}), "
+                 "its batches left in a new order")
+    else:
+        n, drop_last = int(sampler["num_examples"]), bool(sampler.get("drop_last", False))
+        done = min(int(sampler["position"]) * saved_world, n)
+        again = max(0, done - world * position)
+        complete = int(sampler["position"]) >= shard_length(n, saved_world, drop_last)
+        note += (f"epoch {epoch + 1} starts (epoch {epoch} was complete)" if complete else
+                 f"epoch {epoch} continues after its first {done} of {n} examples"
+                 + (f" ({again} of them given again)" if again else ""))
     if zero_partitions(tag_dir):
         note += "; ZeRO's optimizer state is re-partitioned (DeepSpeed universal checkpoint)"
     if batch != old_batch:
@@ -1588,11 +1611,6 @@ def run_training(args: argparse.Namespace, cfg: Config, rank: int, world: int,
                 "its weights with train.init_from")
         check_zero_stage(tag_dir, state, zero_stage)
         saved_world = checkpoint_world_size(tag_dir, state)
-        if cfg.task == "multi" and saved_world != world:
-            raise ValueError(f"checkpoint {tag_dir} of a task=multi run was saved by "
-                             f"{saved_world} process(es), this run has {world}: a multi-task run "
-                             "resumes on as many processes as it saved with (or start a new run "
-                             "from its weights with train.init_from)")
         universal = saved_world != world and zero_partitions(tag_dir) > 0  # ZeRO partitions
         load_dir, load_tag = tag_dir.parent, tag_dir.name
         if universal:  # re-partitioned for this number of processes
@@ -1626,8 +1644,10 @@ def run_training(args: argparse.Namespace, cfg: Config, rank: int, world: int,
                             else state["sampler"])
         train_loader.load_state_dict(loader_state, align)  # resumes at one of its steps' start
         if rank0 and saved_world != world:
-            print(resharding_note(tag_dir, state, saved_world, world, cfg,
-                                  train_loader.sampler.position))
+            where = (train_loader.sampler.position if cfg.task != "multi" else
+                     {name: loader.sampler.position
+                      for name, loader in train_loader.loaders.items()})
+            print(resharding_note(tag_dir, state, saved_world, world, cfg, where))
         saved_total = int(state.get("schedule_steps", old_steps * old_epochs))
         if old_steps == steps_per_epoch:
             schedule["total"] = saved_total + (cfg.train.epochs - old_epochs) * steps_per_epoch

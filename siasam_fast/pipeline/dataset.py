@@ -617,6 +617,13 @@ class ShardedSampler(Sampler):
             self.position = 0
             self._resume_from = 0
 
+    def rewind(self, position: int) -> None:
+        """Start the current epoch again at ``position`` of the shard, at or before where it
+        stands: the examples in between are given again (a resume's alignment)."""
+        if not 0 <= position <= self.position:
+            raise ValueError(f"rewind to position={position}: must be in 0..{self.position}")
+        self.position = self._resume_from = int(position)
+
     def shard(self, epoch: int | None = None) -> np.ndarray:
         """This rank's dataset positions for ``epoch`` (default: the current one), in order."""
         epoch = self.epoch if epoch is None else int(epoch)

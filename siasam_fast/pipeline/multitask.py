@@ -12,8 +12,13 @@ batches, as MT-DNN samples tasks for multi-task learning.
 
 What the training loop reads of a loader is here too: ``len()`` (micro-batches an epoch),
 ``sampler.position`` / ``len(sampler)`` (progress in the epoch, counted in ``batch_size``
-examples a micro-batch), ``set_epoch``, ``state_dict`` / ``load_state_dict`` (exact resume on the
-same number of processes), ``dataset`` (``len()``: the examples of every task).
+examples a micro-batch), ``set_epoch``, ``state_dict`` / ``load_state_dict``, ``dataset``
+(``len()``: the examples of every task).
+
+A resume on as many processes as saved with is exact. On another number, each task's loader
+continues its own epoch where the old processes together had left it (its shards re-cut, a few of
+its examples given again, none skipped), and the batches left are interleaved in a new order
+drawn from (seed, epoch, the new number of processes); the epochs after it are as always.
 """
 
 from __future__ import annotations
@@ -60,6 +65,9 @@ class MultiTaskLoader:
         self.seed, self.batch_size = int(seed), int(batch_size)
         self.epoch = 0
         self.done = 0  # micro-batches of this epoch already given out
+        # an epoch continued on another number of processes: {"epoch", "world_size", "done":
+        # {task: its batches given before}}; its order is those, then the rest reshuffled
+        self.resumed: dict | None = None
         self.sampler = _Progress(self)
         self.dataset = _Examples(self.loaders)
 
@@ -69,15 +77,20 @@ class MultiTaskLoader:
     def order(self, epoch: int | None = None) -> list[str]:
         """The task of each micro-batch of ``epoch`` (default: the current one)."""
         epoch = self.epoch if epoch is None else int(epoch)
-        names = [name for name, loader in self.loaders.items() for _ in range(len(loader))]
-        shuffled = np.random.default_rng([self.seed, epoch, _MIX_STREAM]).permutation(len(names))
-        return [names[i] for i in shuffled]
+        resumed = self.resumed if self.resumed and int(self.resumed["epoch"]) == epoch else None
+        before = resumed["done"] if resumed else dict.fromkeys(self.loaders, 0)
+        names = [name for name, loader in self.loaders.items()
+                 for _ in range(len(loader) - before[name])]
+        key = [self.seed, epoch, _MIX_STREAM] + ([int(resumed["world_size"])] if resumed else [])
+        shuffled = np.random.default_rng(key).permutation(len(names))
+        done = [name for name in self.loaders for _ in range(before[name])]
+        return done + [names[i] for i in shuffled]
 
     def set_epoch(self, epoch: int) -> None:
         """Start epoch ``epoch`` from its beginning (a restored state for it is kept)."""
         epoch = int(epoch)
         if epoch != self.epoch:
-            self.epoch, self.done = epoch, 0
+            self.epoch, self.done, self.resumed = epoch, 0, None
         for loader in self.loaders.values():
             loader.set_epoch(epoch)
 
@@ -110,12 +123,20 @@ class MultiTaskLoader:
     def state_dict(self) -> dict:
         states = {name: loader.state_dict() for name, loader in self.loaders.items()}
         first = next(iter(states.values()))
-        return {"epoch": self.epoch, "done": self.done, "seed": self.seed,
-                "world_size": first.get("world_size", 1), "tasks": states}
+        state = {"epoch": self.epoch, "done": self.done, "seed": self.seed,
+                 "world_size": first.get("world_size", 1), "tasks": states}
+        if self.resumed and int(self.resumed["epoch"]) == self.epoch:
+            state["resumed"] = self.resumed
+        return state
+
+    def world_size(self) -> int:
+        sampler = next(iter(self.loaders.values())).sampler
+        return int(getattr(sampler, "world_size", 1))
 
     def load_state_dict(self, state: dict, align: int = 1) -> None:
-        """Continue from ``state`` (saved by a run on the same number of processes, at the end
-        of an optimizer step)."""
+        """Continue from ``state``, saved at the end of an optimizer step (``align``: the
+        examples of one step per process, ``batch_size`` x grad_accum). Saved by another number
+        of processes: each task continues its epoch (:meth:`_reshard`)."""
         tasks = state.get("tasks")
         if not isinstance(tasks, dict):
             raise ValueError("this loader state is a one-task run's, not a task=multi run's")
@@ -125,10 +146,36 @@ class MultiTaskLoader:
         if int(state.get("seed", self.seed)) != self.seed:
             raise ValueError(f"loader state has seed={state['seed']}, this run has "
                              f"train.seed={self.seed}")
+        same = int(state.get("world_size", 1)) == self.world_size()
         for name, loader in self.loaders.items():
-            try:
-                loader.load_state_dict(tasks[name], 1)
+            try:  # on another number of processes: re-cut at whole batches
+                loader.load_state_dict(tasks[name], 1 if same else self.batch_size)
             except ValueError as err:  # e.g. other data: say which task's
                 raise ValueError(f"data.tasks.{name}: {err}") from None
-        self.epoch, self.done = int(state["epoch"]), int(state["done"])
+        self.epoch = int(state["epoch"])
+        if same:
+            self.done = int(state["done"])
+            resumed = state.get("resumed")
+            self.resumed = (dict(resumed) if resumed and int(resumed["epoch"]) == self.epoch
+                            else None)
+        else:
+            self._reshard(max(1, int(align) // self.batch_size))
         self._check_positions(self.order())
+
+    def _reshard(self, accum: int) -> None:
+        """After each task's loader has re-cut its epoch for this number of processes: the
+        batches each has given count as done (the order's first ones); a few more are given again
+        (taken from the task with the most batches done) so that the done batches make whole
+        optimizer steps of ``accum`` micro-batches, unless the epoch was complete."""
+        done = {name: -(-loader.sampler.position // self.batch_size)
+                for name, loader in self.loaders.items()}
+        if sum(done.values()) < len(self):
+            for _ in range(sum(done.values()) % accum):
+                name = max(reversed(list(done)), key=done.get)
+                done[name] -= 1
+        for name, loader in self.loaders.items():
+            position = min(done[name] * self.batch_size, loader.sampler.position)
+            if position != loader.sampler.position:
+                loader.sampler.rewind(position)
+        self.done = sum(done.values())
+        self.resumed = {"epoch": self.epoch, "world_size": self.world_size(), "done": done}
