@@ -1649,9 +1649,13 @@ def run_training(args: argparse.Namespace, cfg: Config, rank: int, world: int,
                       for name, loader in train_loader.loaders.items()})
             print(resharding_note(tag_dir, state, saved_world, world, cfg, where))
         saved_total = int(state.get("schedule_steps", old_steps * old_epochs))
-        if old_steps == steps_per_epoch:
-            schedule["total"] = saved_total + (cfg.train.epochs - old_epochs) * steps_per_epoch
-        else:  # the steps done, then the rest of the run at this run's steps per epoch
+        # the saved end, moved by the epochs added or removed
+        moved = saved_total + (cfg.train.epochs - old_epochs) * steps_per_epoch
+        if old_steps == steps_per_epoch and saved_world == world:
+            schedule["total"] = moved
+        else:  # the steps done, then the rest of the run at this run's steps per epoch (on
+            # another number of processes also with the same steps per epoch: a task=multi
+            # epoch's re-cut can give a step again)
             position = train_loader.sampler.position
             left = (0 if position >= len(train_loader.sampler) else
                     steps_per_epoch - optimizer_steps(position // cfg.train.batch_size, accum))
@@ -1669,6 +1673,11 @@ def run_training(args: argparse.Namespace, cfg: Config, rank: int, world: int,
                        if old_epochs != cfg.train.epochs else [])
                 if old_steps != steps_per_epoch:
                     why.append(f"an epoch takes {steps_per_epoch} steps (was {old_steps})")
+                elif schedule["total"] != moved:
+                    again = schedule["total"] - moved
+                    why.append(f"epoch {int(state['epoch']) + 1} continued on {world} "
+                               f"process(es) takes {abs(again)} step(s) "
+                               f"{'more' if again > 0 else 'fewer'} than on {saved_world}")
                 print(f"note: {' and '.join(why)}: the learning rate now decays to zero at step "
                       f"{schedule['total']} (was {saved_total}), the run's end; the rate of "
                       f"step {step + 1} is {now * cfg.train.lr:.3g} (was "

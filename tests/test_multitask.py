@@ -687,3 +687,34 @@ def test_a_missing_task_file_names_the_key_that_sets_it(synth, tmp_path):
                                          r"e.g. --set data.tasks.qa.train=PATH"):
         load_streams(cfg)
 
+
+
+@pytest.mark.slow
+def test_the_learning_rate_reaches_zero_at_the_end_of_an_epoch_continued_on_more_processes(
+        synth, tmp_path):
+    """The batch per step kept (1 process x 2 x grad_accum 4 = 2 x 2 x 2): the steps per epoch
+    stay 19, but each task's epoch is re-cut at whole batches and the done batches rounded to
+    whole steps, so the continued epoch gives a step again. The schedule must end at the run's
+    real end (its last step trains at a rate above zero), as a one-task run's does; it kept the
+    saved end, and the run's last step had the rate 0."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "run"
+    keep = ("--set", "train.epochs=1", "--set", "train.batch_size=2")
+    run([sys.executable, "train.py",
+         *multi_args(synth, out, *keep, "--set", "train.grad_accum=4", "--set",
+                     "train.max_steps=4")])
+    proc = run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                "--master_port", str(port), "train.py",
+                *multi_args(synth, out, *keep, "--set", "train.grad_accum=2", "--resume",
+                            "auto")])
+    assert "19 steps/epoch" in proc.stdout and "given again" in proc.stdout, proc.stdout
+    with (out / "metrics_steps.csv").open() as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) > 19  # (train.seed 42: 3 of the 4 steps done count as done on 2 processes)
+    assert float(rows[-1]["lr"]) > 0, [(r["step"], r["lr"]) for r in rows[-3:]]
+    assert f"the learning rate now decays to zero at step {len(rows)} (was 19)" in proc.stdout, \
+        proc.stdout
