@@ -688,7 +688,6 @@ def test_a_missing_task_file_names_the_key_that_sets_it(synth, tmp_path):
         load_streams(cfg)
 
 
-
 @pytest.mark.slow
 def test_the_learning_rate_reaches_zero_at_the_end_of_an_epoch_continued_on_more_processes(
         synth, tmp_path):
