@@ -1243,26 +1243,27 @@ def resharding_note(tag_dir: Path, state: dict, saved_world: int, world: int, cf
     epoch = int(sampler["epoch"]) + 1
     note = (f"note: checkpoint {tag_dir.name} was saved by {saved_world} process(es), this run "
             f"has {world}: ")
+
+    def progress(saved: dict, now: int) -> tuple[int, int, int, bool]:
+        """(examples done, examples, given again, complete) of a sampler's epoch."""
+        n, drop_last = int(saved["num_examples"]), bool(saved.get("drop_last", False))
+        done = min(int(saved["position"]) * saved_world, n)
+        complete = int(saved["position"]) >= shard_length(n, saved_world, drop_last)
+        return done, n, max(0, done - world * now), complete
+
     if "tasks" in sampler:  # task=multi: ``position`` is {task: where its loader now starts}
-        parts, complete = [], True
-        for name, task in sampler["tasks"].items():
-            n, drop_last = int(task["num_examples"]), bool(task.get("drop_last", False))
-            done = min(int(task["position"]) * saved_world, n)
-            again = max(0, done - world * position[name])
-            complete &= int(task["position"]) >= shard_length(n, saved_world, drop_last)
-            parts.append(f"{name} after its first {done} of {n} examples"
-                         + (f" ({again} given again)" if again else ""))
-        note += (f"epoch {epoch + 1} starts (epoch {epoch} was complete)" if complete else
-                 f"epoch {epoch} continues, each task where it was ({'; '.join(parts)}), "
-                 "its batches left in a new order")
+        each = {name: progress(task, position[name]) for name, task in sampler["tasks"].items()}
+        parts = [f"{name} after its first {done} of {n} examples"
+                 + (f" ({again} given again)" if again else "")
+                 for name, (done, n, again, _) in each.items()]
+        complete = all(p[3] for p in each.values())
+        where = f"epoch {epoch} continues, each task where it was ({'; '.join(parts)}), its " \
+                "batches left in a new order"
     else:
-        n, drop_last = int(sampler["num_examples"]), bool(sampler.get("drop_last", False))
-        done = min(int(sampler["position"]) * saved_world, n)
-        again = max(0, done - world * position)
-        complete = int(sampler["position"]) >= shard_length(n, saved_world, drop_last)
-        note += (f"epoch {epoch + 1} starts (epoch {epoch} was complete)" if complete else
-                 f"epoch {epoch} continues after its first {done} of {n} examples"
+        done, n, again, complete = progress(sampler, position)
+        where = (f"epoch {epoch} continues after its first {done} of {n} examples"
                  + (f" ({again} of them given again)" if again else ""))
+    note += f"epoch {epoch + 1} starts (epoch {epoch} was complete)" if complete else where
     if zero_partitions(tag_dir):
         note += "; ZeRO's optimizer state is re-partitioned (DeepSpeed universal checkpoint)"
     if batch != old_batch:
