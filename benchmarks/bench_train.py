@@ -200,7 +200,7 @@ if __name__ != "__mp_main__":
             write_csv,
         )
         from siasam_fast.config import Config, load_config
-        from siasam_fast.extlock import remove_lock_of_killed_build
+        from siasam_fast.extlock import FUSED_ADAM, remove_lock_of_killed_build
         from siasam_fast.losses import total_loss
         from siasam_fast.model import load_tokenizer
         from siasam_fast.paths import write_text_atomic
@@ -1374,7 +1374,7 @@ def prebuild_fused_adam(names: list[str], args, device: torch.device,
     lines = [x for x in output.splitlines() if x.strip()]
     if rc is None:
         problem = f"the build took over {limit:.0f} s"
-        lock = remove_lock_of_killed_build("fused_adam", wall)
+        lock = remove_lock_of_killed_build(FUSED_ADAM, wall)
         if lock is not None:  # else every later FusedAdam load on this machine waits for ever
             print(f"    removed {lock}, the lock the killed build left", flush=True)
     else:

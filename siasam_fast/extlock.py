@@ -19,6 +19,7 @@ import threading
 import time
 from pathlib import Path
 
+FUSED_ADAM = "fused_adam"  # DeepSpeed's FusedAdamBuilder.NAME, the extension's build folder
 WATCH_AFTER_S = 300.0  # FusedAdam's first build takes about a minute, the CPU comm op about one
 
 

@@ -58,7 +58,7 @@ from siasam_fast.data.vocab import (  # noqa: E402
     load_ans2label,
     save_ans2label,
 )
-from siasam_fast.extlock import watch_build_lock  # noqa: E402
+from siasam_fast.extlock import FUSED_ADAM, watch_build_lock  # noqa: E402
 from siasam_fast.losses import alpha_at, total_loss  # noqa: E402
 from siasam_fast.model import (  # noqa: E402
     SiaSamReaModel,
@@ -505,7 +505,7 @@ def build_fused_adam_op() -> None:
     use_deepspeed_arch_list()
     from deepspeed.ops.op_builder import FusedAdamBuilder
 
-    with watch_build_lock(FusedAdamBuilder.NAME):
+    with watch_build_lock(FUSED_ADAM):
         FusedAdamBuilder().load()
 
 
@@ -545,7 +545,7 @@ def build_optimizer(model: torch.nn.Module, cfg: Config, device: torch.device):
 
         use_deepspeed_arch_list()
         try:
-            with watch_build_lock("fused_adam"):  # its JIT build or load
+            with watch_build_lock(FUSED_ADAM):  # its JIT build or load
                 return FusedAdam(groups, adam_w_mode=True, **adam), "DeepSpeed FusedAdam"
         except Exception as err:  # noqa: BLE001 - its JIT build: no nvcc / ninja, a bad arch list
             why = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
