@@ -19,6 +19,7 @@ CONSTRAINTS ?= constraints.txt
 PIP_C := $(if $(CONSTRAINTS),-c $(CONSTRAINTS))
 # One stamp per kind of install, so that switching between the two reinstalls
 STAMP := $(VENV)/.siasam-installed$(if $(CONSTRAINTS),,-newest)
+# (TORCH_CPU is named again with the package: an upgrade would otherwise replace the CPU torch)
 UPGRADE := $(if $(CONSTRAINTS),,--upgrade --upgrade-strategy eager)
 
 .PHONY: install test demo lint clean constraints
@@ -29,7 +30,8 @@ $(STAMP): setup.py $(CONSTRAINTS)
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q $(PIP_C) $(UPGRADE) $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX)) $(TORCH_CPU)
-	$(BIN)/python -m pip install -q $(PIP_C) $(UPGRADE) -e ".[$(EXTRAS)]"
+	$(BIN)/python -m pip install -q $(PIP_C) $(UPGRADE) $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX)) \
+	  -e ".[$(EXTRAS)]" $(TORCH_CPU)
 	@rm -f $(VENV)/.siasam-installed*
 	@touch $(STAMP)
 

@@ -57,8 +57,10 @@ def test_every_dependency_is_pinned_within_setup_py_s_range():
 
 
 def test_the_makefile_installs_with_the_constraints():
-    makefile = (ROOT / "Makefile").read_text()
+    makefile = (ROOT / "Makefile").read_text().replace("\\\n", " ")
     assert re.search(r"^CONSTRAINTS \?= constraints\.txt$", makefile, re.M)
     installs = [line for line in makefile.splitlines() if "pip install -q" in line
                 and "--upgrade pip" not in line]
     assert len(installs) == 2 and all("$(PIP_C)" in line for line in installs), installs
+    # torch's CPU pins stay in the package's install too (an upgrade would pull a CUDA torch)
+    assert all("$(TORCH_CPU)" in line for line in installs), installs
