@@ -1,4 +1,4 @@
-"""constraints.txt: the versions `make test` / `make demo` install, kept consistent with setup.py."""
+"""constraints.txt: the versions `make test` and `make demo` install, within setup.py's ranges."""
 
 from __future__ import annotations
 
