@@ -251,3 +251,17 @@ def test_sampling_cost_uses_the_training_rng():
         for i in range(10)
     ])
     assert sampling_cost((T, keyframes), REAL, draws=10, seed=7).decoded == expected
+
+
+def test_sampling_cost_takes_records_in_a_tuple():
+    """A tuple of records is an iterable of records, not a (num_frames, keyframes) pair."""
+    from siasam_fast.pipeline.manifest import VideoRecord
+
+    records = tuple(
+        VideoRecord(video_id=f"v{gop}", path=f"/v{gop}.mp4", relpath=f"v{gop}.mp4", status="ok",
+                    num_frames=300, keyframes=list(range(0, 300, gop)))
+        for gop in (12, 45))
+    expected = sampling_cost(list(records), REAL, draws=5)
+    assert expected.draws == 10
+    assert sampling_cost(records, REAL, draws=5) == expected
+    assert sampling_cost(records[:1], REAL, draws=5) == sampling_cost([records[0]], REAL, draws=5)

@@ -151,7 +151,11 @@ def sampling_cost(
     """
     if draws < 1:
         raise ValueError(f"draws={draws}: must be >= 1")
-    if isinstance(videos, tuple):
+    if isinstance(videos, tuple) and videos and not isinstance(videos[0], VideoRecord):
+        # one (num_frames, keyframes) pair; a tuple of records is an iterable of records
+        if len(videos) != 2:
+            raise ValueError(f"videos: expected manifest records or one (num_frames, keyframes) "
+                             f"pair, got a tuple of {len(videos)} items")
         items = [(int(videos[0]), np.asarray(videos[1], dtype=np.int64))]
     else:
         records = [videos] if isinstance(videos, VideoRecord) else list(videos)
