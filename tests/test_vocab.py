@@ -148,3 +148,11 @@ def test_readers_to_labels_end_to_end(tmp_path):
     te = apply_answer_vocab(load_annotations("msrvtt_qa", tmp_path, split="test"), vocab, "keep")
     assert (len(tr.examples), tr.num_dropped) == (5, 1)
     assert te.labels == [1, OOV_LABEL]
+
+
+def test_load_names_a_file_that_is_not_utf8(tmp_path):
+    path = tmp_path / "ans2label.json"
+    path.write_bytes('{"café": 0}'.encode("latin-1"))
+    with pytest.raises(ValueError, match=r"ans2label\.json: not UTF-8 text .*byte 5"):
+        load_ans2label(path)
+

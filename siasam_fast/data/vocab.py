@@ -66,6 +66,9 @@ def load_ans2label(path: str | PathLike) -> dict[str, int]:
     path = Path(path)
     try:
         data = json.loads(path.read_text(encoding="utf-8-sig"))
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason}); JSON files are "
+                         "UTF-8, non-ASCII answers may also be written as \\u escapes") from None
     except json.JSONDecodeError as e:
         raise ValueError(f"{path} line {e.lineno}: invalid JSON ({e.msg})") from None
     if not isinstance(data, dict):
