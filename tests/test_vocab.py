@@ -156,3 +156,15 @@ def test_load_names_a_file_that_is_not_utf8(tmp_path):
     with pytest.raises(ValueError, match=r"ans2label\.json: not UTF-8 text .*byte 5"):
         load_ans2label(path)
 
+
+@pytest.mark.parametrize(
+    "content",
+    ['{"a": 0, "b": 1, "a": 1, "b": 0}',  # would load as a valid {"a": 1, "b": 0}
+     '{"a": 0, "b": 1, "a": 2}'],  # would say "labels have gaps"
+)
+def test_load_refuses_an_answer_given_twice(tmp_path, content):
+    path = tmp_path / "ans2label.json"
+    path.write_text(content, encoding="utf-8")
+    with pytest.raises(ValueError, match=r"answer 'a' appears more than once"):
+        load_ans2label(path)
+

@@ -65,7 +65,10 @@ def load_ans2label(path: str | PathLike) -> dict[str, int]:
     """Read an ``ans2label`` JSON file; answers are normalised as the readers normalise them."""
     path = Path(path)
     try:
-        data = json.loads(path.read_text(encoding="utf-8-sig"))
+        data = json.loads(path.read_text(encoding="utf-8-sig"), object_pairs_hook=_no_repeats)
+    except _RepeatedKey as e:
+        raise ValueError(f"{path}: answer {e.args[0]!r} appears more than once (JSON keeps only "
+                         "its last label); give each answer one label") from None
     except UnicodeDecodeError as e:
         raise ValueError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason}); JSON files are "
                          "UTF-8, non-ASCII answers may also be written as \\u escapes") from None
@@ -149,6 +152,21 @@ def _check_open(ex: QAExample) -> None:
         )
     if ex.answer is None:
         raise ValueError(f"qid={ex.qid!r}: no answer to put in the vocabulary")
+
+
+class _RepeatedKey(Exception):
+    pass
+
+
+def _no_repeats(pairs: list) -> dict:
+    """``object_pairs_hook`` of :func:`load_ans2label`: json keeps the last of repeated keys
+    silently, which could turn a file into another valid vocabulary."""
+    out = {}
+    for key, value in pairs:
+        if key in out:
+            raise _RepeatedKey(key)
+        out[key] = value
+    return out
 
 
 def _validate(ans2label: Mapping[str, int], source: str) -> None:
