@@ -168,3 +168,16 @@ def test_load_refuses_an_answer_given_twice(tmp_path, content):
     with pytest.raises(ValueError, match=r"answer 'a' appears more than once"):
         load_ans2label(path)
 
+
+def test_an_empty_vocabulary_is_refused(tmp_path):
+    path = tmp_path / "ans2label.json"
+    path.write_text("{}", encoding="utf-8")
+    with pytest.raises(ValueError, match=r"ans2label\.json: no answers"):
+        load_ans2label(path)
+    with pytest.raises(ValueError, match=r"no answers"):
+        save_ans2label({}, tmp_path / "out.json")
+    # min_count above every answer's count: the error says so, not a 0-answer head later
+    with pytest.raises(ValueError, match=r"min_count=5: no answer occurs 5 times .*'man', 4 times"):
+        build_answer_vocab(open_examples(TRAIN), min_count=5)
+    with pytest.raises(ValueError, match=r"no examples"):
+        build_answer_vocab([])

@@ -35,7 +35,8 @@ def build_answer_vocab(
     examples: Iterable[QAExample], top_k: int | None = None, min_count: int = 1
 ) -> dict[str, int]:
     """ans2label of the ``top_k`` most frequent answers (all if None) seen at least ``min_count``
-    times, label 0 the most frequent.
+    times, label 0 the most frequent. ValueError when that leaves no answer (no examples, or
+    ``min_count`` above every answer's count).
 
     Ties in frequency are broken by the answer string (alphabetical), so the vocabulary depends
     only on the answer counts, not on file order. Pass the train split only.
@@ -48,7 +49,16 @@ def build_answer_vocab(
     for ex in examples:
         _check_open(ex)
         counts[normalize_answer(ex.answer)] += 1
+    if not counts:
+        raise ValueError("no examples to build the answer vocabulary from (pass the train split)")
     ranked = sorted((a for a, n in counts.items() if n >= min_count), key=lambda a: (-counts[a], a))
+    if not ranked:  # an empty vocabulary: every train example would be dropped as OOV
+        top, n = min(counts.items(), key=lambda kv: (-kv[1], kv[0]))
+        raise ValueError(
+            f"min_count={min_count}: no answer occurs {min_count} times in the "
+            f"{sum(counts.values())} examples (the most frequent, {top!r}, {n} times); lower "
+            "it (data.min_answer_count)"
+        )
     return {answer: label for label, answer in enumerate(ranked[:top_k])}
 
 
@@ -173,6 +183,8 @@ def _validate(ans2label: Mapping[str, int], source: str) -> None:
     for answer, label in ans2label.items():
         if not isinstance(answer, str) or isinstance(label, bool) or not isinstance(label, int):
             raise ValueError(f"{source}: entry {answer!r}: {label!r}: expected a string -> int")
+    if not ans2label:
+        raise ValueError(f"{source}: no answers; an answer vocabulary needs at least one")
     labels = sorted(ans2label.values())
     if labels != list(range(len(labels))):
         dup = next((a for a, b in zip(labels, labels[1:]) if a == b), None)
