@@ -488,14 +488,15 @@ def _keyframe_array(keyframes) -> np.ndarray | None:
     """Sorted unique keyframe indices, or None when there are none."""
     if keyframes is None:
         return None
-    kf = np.asarray(keyframes)
+    valid = "must be integer frame indices (VideoRecord.keyframes)"
+    try:
+        kf = np.asarray(keyframes)
+    except ValueError:  # ragged nesting: numpy's message names neither the value nor the rule
+        raise ValueError(f"keyframes={str(keyframes)[:80]}: {valid}") from None
     if kf.size == 0:
         return None
     if not np.issubdtype(kf.dtype, np.integer):
-        raise ValueError(
-            f"keyframes={kf.reshape(-1)[:8].tolist()}...: must be integer frame indices "
-            "(VideoRecord.keyframes)"
-        )
+        raise ValueError(f"keyframes={kf.reshape(-1)[:8].tolist()}...: {valid}")
     return np.unique(kf.astype(np.int64).reshape(-1))
 
 

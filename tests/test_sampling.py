@@ -575,6 +575,18 @@ def test_keyframes_must_be_integers():
                              keyframes=[0.5, 10.0])
 
 
+@pytest.mark.parametrize("bad", [[[0, 32], [64]], [0, [32, 64]]])
+def test_ragged_keyframes_are_named_in_the_error(bad):
+    """Nested lists of unequal length are not frame indices: the error names the value and what
+    is valid, not numpy's "inhomogeneous shape" message."""
+    cfg = SamplingConfig(keyframe_max_shift=2)
+    match = r"keyframes=\[.*must be integer frame indices"
+    with pytest.raises(ValueError, match=match):
+        sample_siamese_clips(100, cfg, np.random.default_rng(0), keyframes=bad)
+    with pytest.raises(ValueError, match=match):
+        anchor_distribution(100, cfg, bad)
+
+
 def test_preroll_floor_and_shift_stop_as_the_module_docstring_says():
     """The documented bounds: a keyframe every 32 frames from frame 0 and tau 16 give at most
     e^(31/16) between the likeliest and least likely anchor; frames before a first keyframe at 40
