@@ -110,7 +110,7 @@ from siasam_fast.pipeline.dataset import (
     plan_epochs,
     stand_in_positions,
 )
-from siasam_fast.pipeline.manifest import VideoRecord
+from siasam_fast.pipeline.manifest import VideoRecord, open_video
 from siasam_fast.pipeline.pyav_decode import (
     CHANGED_SINCE_INDEXING,
     DEFAULT_SEEK_THRESHOLD,
@@ -180,10 +180,8 @@ def trim_stretch(data, wanted, num_frames=None):
     manifest's keyframes, :func:`trim_file` reads only the stretch."""
     import io
 
-    import av  # demuxing and muxing only
-
     try:
-        with av.open(io.BytesIO(memoryview(data)), metadata_errors="ignore") as src:
+        with open_video(io.BytesIO(memoryview(data))) as src:
             muxer, stream = _trimmable(src)
             if muxer is None:
                 return None
@@ -223,8 +221,6 @@ def trim_file(source, wanted, span):
     The frames from the keyframe to the next one (or the end) must number exactly what the manifest
     says, else (and whenever :func:`trim_stretch` would) it returns None, and the caller reads the
     whole file."""
-    import av  # demuxing and muxing only
-
     key_index, key_pts, next_index, next_pts = (int(v) for v in span)
     to_end = next_pts < 0  # next_index is then the frame count
     need = {int(f) for f in wanted}
@@ -233,8 +229,7 @@ def trim_file(source, wanted, span):
     if key_index == 0 and to_end:
         return None  # the stretch is the whole file
     try:
-        with av.open(source if hasattr(source, "read") else str(source),
-                     metadata_errors="ignore") as src:
+        with open_video(source if hasattr(source, "read") else str(source)) as src:
             muxer, stream = _trimmable(src)
             if muxer is None:
                 return None
@@ -395,7 +390,7 @@ def reader_source(batches, trim=False, defer_signals=False):
     from nvidia.dali.pickling import pickle_by_value
 
     for function in (read_encoded_batch, trim_stretch, trim_file, _trimmable, _mux_stretch,
-                     defer_stop_signals):
+                     open_video, defer_stop_signals):
         pickle_by_value(function)
 
     def source(info):

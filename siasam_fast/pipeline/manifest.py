@@ -159,6 +159,18 @@ def _short_reason(reason: str) -> str:
 # Probing one file
 
 
+def open_video(file):
+    """``av.open(file)`` for reading, such that a metadata tag's text that is not UTF-8 (e.g. a
+    Latin-1 byte) is no error: PyAV < 19 decodes tags strictly unless given
+    ``metadata_errors="ignore"``; PyAV 19 (Python >= 3.12) removed that argument (a TypeError)
+    and always decodes them with ``surrogateescape``. Self-contained: DALI's reader processes run
+    it pickled by value (:func:`siasam_fast.pipeline.dali.reader_source`)."""
+    import av
+
+    major = int(av.__version__.split(".")[0])
+    return av.open(file) if major >= 19 else av.open(file, metadata_errors="ignore")
+
+
 def probe_video(
     path: str | os.PathLike, video_dir: str | os.PathLike, mode: str = "decode"
 ) -> VideoRecord:
@@ -203,9 +215,7 @@ def _describe_error(err: Exception) -> str:
 
 
 def _probe_stream(path: Path, record: VideoRecord, mode: str) -> None:
-    import av
-
-    with av.open(str(path), metadata_errors="ignore") as container:  # a tag's text is no fault
+    with open_video(str(path)) as container:  # a tag's text is no fault
         if not container.streams.video:
             record.reason = "no video stream"
             return

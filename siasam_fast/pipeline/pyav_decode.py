@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from siasam_fast.pipeline.manifest import VideoRecord
+from siasam_fast.pipeline.manifest import VideoRecord, open_video
 
 logger = logging.getLogger(__name__)
 
@@ -151,7 +151,7 @@ def _decode(av, path, record, wanted, seek_threshold, threads, stats, seek: bool
     keyframe_pts = [int(p) for p in record.keyframe_pts]
     sync = dict(zip(keyframe_pts, (int(k) for k in keyframes)))
     out: list[np.ndarray] = []
-    with av.open(path, metadata_errors="ignore") as container:
+    with open_video(path) as container:
         stream = container.streams.video[0]
         ctx = stream.codec_context
         if threads != 1:
