@@ -151,6 +151,12 @@ def _decode(av, path, record, wanted, seek_threshold, threads, stats, seek: bool
     keyframe_pts = [int(p) for p in record.keyframe_pts]
     sync = dict(zip(keyframe_pts, (int(k) for k in keyframes)))
     out: list[np.ndarray] = []
+    # A reformatter of this call's own: PyAV 19's frame.to_ndarray(format=...) uses one per
+    # thread, which a forked DataLoader worker inherits from its parent (swscale's slice threads
+    # included) and then hangs freeing.
+    from av.video.reformatter import VideoReformatter
+
+    reformatter = VideoReformatter()
     with open_video(path) as container:
         stream = container.streams.video[0]
         ctx = stream.codec_context
@@ -203,7 +209,7 @@ def _decode(av, path, record, wanted, seek_threshold, threads, stats, seek: bool
                     continue
                 if cur > target:
                     raise _SeekMissed()
-                rgb = frame.to_ndarray(format="rgb24")
+                rgb = reformatter.reformat(frame, format="rgb24").to_ndarray()
                 out.append(rgb if convert is None else convert(rgb))
                 i += 1
                 if i == len(wanted):

@@ -346,6 +346,7 @@ def check_encoder(encoder: str, options: dict) -> None:
     naming the settings when the encoder refuses them. Run before any output is touched."""
     import av
     import numpy as np
+    from av.video.reformatter import VideoReformatter
 
     side = 256  # NVENC refuses tiny frames
     try:
@@ -356,7 +357,7 @@ def check_encoder(encoder: str, options: dict) -> None:
         ctx.options = dict(options)
         ctx.open()
         frame = av.VideoFrame.from_ndarray(np.zeros((side, side, 3), np.uint8), format="rgb24")
-        frame = frame.reformat(format="yuv420p")
+        frame = VideoReformatter().reformat(frame, format="yuv420p")  # see _encode
         frame.pts = 0
         ctx.encode(frame)
         ctx.encode(None)
@@ -439,7 +440,11 @@ def _encode(src: Path, tmp: Path, job: _Job) -> int:
     """Decode ``src`` and encode every frame into ``tmp``; returns the number of frames."""
     import av
     from av.video.frame import PictureType
+    from av.video.reformatter import VideoReformatter
 
+    # A reformatter of this call's own: PyAV 19's frame.reformat() uses one per thread, which a
+    # forked worker inherits from its parent (swscale's slice threads included) and hangs freeing.
+    reformatter = VideoReformatter()
     count = 0
     with av.open(str(src)) as source, av.open(str(tmp), "w", format="mp4") as out:
         stream = source.streams.video[0]
@@ -455,8 +460,8 @@ def _encode(src: Path, tmp: Path, job: _Job) -> int:
                 ostream.codec_context.time_base = 1 / rate
                 ostream.codec_context.thread_count = job.threads
                 ostream.options = dict(job.options)
-            image = frame.reformat(
-                width=width, height=height, format="yuv420p", interpolation="AREA"
+            image = reformatter.reformat(
+                frame, width=width, height=height, format="yuv420p", interpolation="AREA"
             )
             # Constant frame rate: frame i at i / rate. No keyframe forced by the source's picture
             # types (libx264 honours an input I-frame as a keyframe request).
