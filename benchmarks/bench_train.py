@@ -206,6 +206,7 @@ if __name__ != "__mp_main__":
         from siasam_fast.paths import write_text_atomic
         from siasam_fast.pipeline.dataset import gather_clips
         from siasam_fast.pipeline.loaders import dali_available
+        from siasam_fast.pipeline.workpool import die_with_parent
         from siasam_fast.training import (
             TextEncoder,
             adam_kwargs,
@@ -463,13 +464,21 @@ def fit_workers_to_shm(cfg: Config, plan: Plan, notes: list[str]) -> int:
 
 
 def endless(loader, batch_size: int):
-    """Full batches forever (epochs wrap around; a short last batch is dropped)."""
+    """Full batches forever (epochs wrap around; a short last batch is dropped). An epoch that
+    gives no full batch (no examples left, or fewer than ``batch_size``) is an error: it would
+    never give one."""
     epoch = 0
     while True:
         loader.set_epoch(epoch)
+        full = 0
         for batch in loader:
             if len(batch["example_index"]) == batch_size:
+                full += 1
                 yield batch
+        if not full:
+            raise RuntimeError(
+                f"the train loader gave no full batch of {batch_size} videos in epoch {epoch} "
+                "(too few examples left after the manifest's corrupt or missing videos?)")
         epoch += 1
 
 
@@ -1083,6 +1092,14 @@ def stop_with_stacks(proc: subprocess.Popen) -> None:
         proc.wait()
 
 
+def popen_own_session(cmd: list[str], **kwargs) -> subprocess.Popen:
+    """``cmd`` in a session of its own (its process group is stopped as a whole; the terminal's
+    Ctrl-C reaches only this script, which stops it), ended when this script ends, even killed
+    with SIGKILL (a job's time limit): a variant left running would hold the GPU."""
+    return subprocess.Popen(cmd, start_new_session=True,
+                            preexec_fn=functools.partial(die_with_parent, os.getpid()), **kwargs)
+
+
 def run_isolated(plan: Plan, args, argv: list[str], timeout: float | None) -> dict:
     """The variant in a fresh interpreter: its row comes back as JSON, its output in a log."""
     logs = Path(args.out_dir) / "logs"
@@ -1093,8 +1110,7 @@ def run_isolated(plan: Plan, args, argv: list[str], timeout: float | None) -> di
         cmd = [sys.executable, str(Path(__file__).resolve()), *argv,
                "--worker", plan.variant.name, "--worker-json", str(out)]
         with log.open("w") as fh:
-            proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT,
-                                    start_new_session=True)
+            proc = popen_own_session(cmd, stdout=fh, stderr=subprocess.STDOUT)
             try:
                 rc = proc.wait(timeout=timeout)
             except subprocess.TimeoutExpired:
@@ -1325,8 +1341,7 @@ def run_build(cmd: list[str], timeout: float) -> tuple[int | None, str]:
     """(exit status, output) of ``cmd``; (None, output so far) past ``timeout``, its whole process
     group killed (ninja and nvcc too: left running they would hold the build's lock and the CPUs
     through the variants' timings)."""
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+    proc = popen_own_session(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         out, _ = proc.communicate(timeout=timeout)
         return proc.returncode, out

@@ -739,3 +739,69 @@ def test_a_multi_task_config_is_refused_with_what_to_give(capsys):
     assert bench_train.main(["--config", str(ROOT / "configs" / "tgif_pretrain.yaml")]) == 2
     assert "is a task=multi config; bench_train.py times one task's steps" in \
         capsys.readouterr().err
+
+
+class _ShortBatches:
+    """A loader whose epochs give only batches shorter than asked (too few examples)."""
+
+    def __init__(self, sizes):
+        self.sizes, self.epochs = sizes, []
+
+    def set_epoch(self, epoch):
+        self.epochs.append(epoch)
+
+    def __iter__(self):
+        return iter({"example_index": list(range(n))} for n in self.sizes)
+
+
+def test_endless_stops_on_a_loader_that_gives_no_full_batch():
+    """It looped for ever (a benchmark hung when PyAV failed every video: no examples left)."""
+    with pytest.raises(RuntimeError, match="no full batch of 4 videos in epoch 0"):
+        next(bench_train.endless(_ShortBatches([3]), 4))
+    with pytest.raises(RuntimeError, match="no full batch"):
+        next(bench_train.endless(_ShortBatches([]), 4))
+    loader = _ShortBatches([4, 4, 2])
+    batches = bench_train.endless(loader, 4)
+    assert [len(next(batches)["example_index"]) for _ in range(5)] == [4] * 5
+    assert loader.epochs == [0, 1, 2]  # epochs wrap around, the short batch dropped
+
+
+def test_a_variant_process_ends_with_the_script_even_killed(tmp_path):
+    """popen_own_session's child (a variant, the FusedAdam build) dies when this script is killed
+    with SIGKILL (its own session keeps it from the terminal's signals: it was left running)."""
+    pid_file = tmp_path / "child.pid"
+    parent = subprocess.Popen([sys.executable, "-c", f"""
+import sys, time
+sys.path[:0] = [{str(ROOT / 'benchmarks')!r}, {str(ROOT)!r}]
+import bench_train
+child = bench_train.popen_own_session([sys.executable, "-c", "import time; time.sleep(120)"])
+open({str(pid_file)!r}, "w").write(str(child.pid))
+time.sleep(120)
+"""])
+    try:
+        deadline = time.monotonic() + 60
+        while not (pid_file.exists() and pid_file.read_text()) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        child = int(pid_file.read_text())
+        os.kill(child, 0)  # running
+        parent.kill()
+        parent.wait()
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                os.kill(child, 0)
+            except ProcessLookupError:
+                break
+            # reaped by init once it ends; a zombie still answers kill(0): read its state
+            try:
+                state = Path(f"/proc/{child}/stat").read_text().rsplit(")", 1)[1].split()[0]
+            except FileNotFoundError:
+                break
+            if state == "Z":
+                break
+            time.sleep(0.1)
+        else:
+            os.kill(child, signal.SIGKILL)
+            pytest.fail("the variant process outlived its killed parent")
+    finally:
+        parent.kill()

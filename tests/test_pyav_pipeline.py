@@ -703,6 +703,23 @@ def test_a_tag_that_is_not_utf8_is_no_fault(own_videos):
     assert read_indices(decode_frames(record, [3, 40])) == [3, 40]
 
 
+def test_open_video_gives_metadata_errors_only_to_pyav_before_19(monkeypatch):
+    """PyAV 19 (the newest on Python 3.12) removed av.open's metadata_errors: a TypeError for every
+    probe, so every video was marked corrupt. This machine's PyAV is older: both sides, faked."""
+    import av
+
+    from siasam_fast.pipeline.manifest import open_video
+
+    calls = []
+    monkeypatch.setattr(av, "open", lambda file, **kwargs: calls.append((file, kwargs)))
+    for version, kwargs in (("19.0.2", {}), ("20.1.0", {}),
+                            ("18.1.0", {"metadata_errors": "ignore"}),
+                            ("12.3.0", {"metadata_errors": "ignore"})):
+        monkeypatch.setattr(av, "__version__", version)
+        open_video("v.mp4")
+        assert calls.pop() == ("v.mp4", kwargs), version
+
+
 def test_segments_use_the_measured_rate_and_name_a_reversed_span(manifest):
     from dataclasses import replace
 

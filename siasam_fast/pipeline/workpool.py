@@ -30,7 +30,7 @@ def imap_isolated(fn: Callable, items: Iterable, workers: int, on_crash: Callabl
     crashed: list = []
     queue = iter(items)
     with ProcessPoolExecutor(max_workers=workers, mp_context=context,
-                             initializer=_die_with_parent) as pool:
+                             initializer=die_with_parent) as pool:
         try:
             yield from _run_pool(pool, fn, queue, workers * in_flight_per_worker, crashed)
         except BaseException:  # interrupted (Ctrl-C, SIGTERM, the consumer stopped): the work in
@@ -68,20 +68,25 @@ def _abandon(pool: ProcessPoolExecutor) -> None:
             process.terminate()
 
 
-def _die_with_parent() -> None:
-    """A worker ends when its parent does (Linux), even one killed with SIGKILL: no orphans."""
+def die_with_parent(parent: int | None = None) -> None:
+    """A worker ends when its parent does (Linux), even one killed with SIGKILL: no orphans.
+
+    Also a ``preexec_fn`` for ``subprocess.Popen``; given the parent's pid (taken before the
+    fork), a child whose parent died before this call ends at once too."""
     if sys.platform.startswith("linux"):
         try:
             import ctypes
 
             ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
         except (OSError, AttributeError):
-            pass
+            return
+        if parent is not None and os.getppid() != parent:
+            os.kill(os.getpid(), signal.SIGTERM)
 
 
 def _run_alone(fn: Callable, item, on_crash: Callable, context):
     with ProcessPoolExecutor(max_workers=1, mp_context=context,
-                             initializer=_die_with_parent) as pool:
+                             initializer=die_with_parent) as pool:
         try:
             pool.submit(os.getpid).result()
         except BrokenProcessPool as err:
