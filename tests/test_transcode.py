@@ -97,6 +97,22 @@ def test_corrupt_inputs_reported_and_skipped(converted):
     assert not list(dst.rglob(f"*{TEMP_SUFFIX}"))
 
 
+def test_a_tag_that_is_not_utf8_is_no_fault(tmp_path):
+    """A Latin-1 byte in a metadata tag: the index calls the file ok, and its transcode failed
+    with a bare UnicodeDecodeError (the source was opened without manifest.open_video)."""
+    source = video_path(tmp_path / "src", "tag", "h264")
+    write_index_video(source, 30, codec="h264", size=(32, 32), gop=10)
+    data = source.read_bytes()
+    at = data.find(b"Lavf")
+    assert at > 0
+    source.write_bytes(data[:at] + b"Caf\xe9" + data[at + 4:])
+    summary = transcode(tmp_path / "src", tmp_path / "dst", gop=GOP, height=32, workers=1,
+                        encoder="cpu", progress=False)
+    assert not summary.failed, summary.summary()
+    assert read_indices(decode_frames(load_manifest(tmp_path / "dst" / "manifest.jsonl")["tag"],
+                                      [0, 29])) == [0, 29]
+
+
 def test_short_gop_reduces_measured_decoding(converted):
     """The point of it all: the same late frames cost fewer decoded frames after transcoding,
     as the cost model predicts."""

@@ -57,6 +57,7 @@ from siasam_fast.pipeline.manifest import (
     VideoRecord,
     build_manifest,
     existing_manifest,
+    open_video,
     probe_video,
     require_videos,
     write_manifest,
@@ -446,7 +447,7 @@ def _encode(src: Path, tmp: Path, job: _Job) -> int:
     # forked worker inherits from its parent (swscale's slice threads included) and hangs freeing.
     reformatter = VideoReformatter()
     count = 0
-    with av.open(str(src)) as source, av.open(str(tmp), "w", format="mp4") as out:
+    with open_video(str(src)) as source, av.open(str(tmp), "w", format="mp4") as out:
         stream = source.streams.video[0]
         stream.thread_type = "AUTO"
         rate = stream.average_rate or stream.guessed_rate or Fraction(25)
