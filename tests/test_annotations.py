@@ -626,3 +626,15 @@ def test_how2qa_csv_header_row_gets_a_hint(tmp_path):
                  "v1,[1.0:2.0],a,b,c,what?,d\n")
     with pytest.raises(AnnotationError, match="line 1: .* has no header row: remove it"):
         load_annotations("how2qa", path)
+
+
+def test_csv_and_tsv_with_old_mac_line_ends(tmp_path):
+    """Excel's "CSV (Macintosh)" ends lines with a lone CR; line numbers count them as editors
+    do."""
+    how2qa = tmp_path / "how2QA_val_release.csv"
+    how2qa.write_bytes(b"v1,[1.0:2.0],a,b,c,what?,d\rv2,[1.0:2.0],a,b,c,who?,e\r")
+    assert [ex.video_id for ex in load_annotations("how2qa", how2qa)] == ["v1", "v2"]
+    tgif = tmp_path / "Test_count_question.csv"
+    tgif.write_bytes(b"gif_name\tquestion\tanswer\rg1\thow many?\t3\rg2\thow many?\tx\r")
+    with pytest.raises(AnnotationError, match=r"line 3: field 'answer' must be an integer"):
+        load_annotations("tgif_count", tgif)

@@ -291,8 +291,11 @@ def _load_jsonl(path: Path) -> list[tuple[_Where, dict]]:
 
 def _load_delimited(path: Path, delimiter: str) -> list[tuple[_Where, list[str]]]:
     """Rows of a CSV/TSV with every field stripped; blank lines skipped; quotes as in Excel."""
-    # skipinitialspace: a quoted field preceded by spaces ('a,  "b, c"') is still quoted.
-    reader = csv.reader(io.StringIO(_read_text(path)), delimiter=delimiter, skipinitialspace=True)
+    # skipinitialspace: a quoted field preceded by spaces ('a,  "b, c"') is still quoted. A lone
+    # CR (Excel's "CSV (Macintosh)") is a line end, as editors count it; the csv module refuses it
+    # unquoted. Inside a quoted field it is whitespace, which the fields collapse anyway.
+    text = _read_text(path).replace("\r\n", "\n").replace("\r", "\n")
+    reader = csv.reader(io.StringIO(text), delimiter=delimiter, skipinitialspace=True)
     out, next_line = [], 1
     while True:
         try:
