@@ -638,3 +638,15 @@ def test_csv_and_tsv_with_old_mac_line_ends(tmp_path):
     tgif.write_bytes(b"gif_name\tquestion\tanswer\rg1\thow many?\t3\rg2\thow many?\tx\r")
     with pytest.raises(AnnotationError, match=r"line 3: field 'answer' must be an integer"):
         load_annotations("tgif_count", tgif)
+
+
+def test_non_utf8_file_names_the_line(tmp_path):
+    """Excel on Windows saves "CSV (Comma delimited)" as cp1252: the error names the line of the
+    first bad byte (not only its byte offset) and what to do."""
+    path = tmp_path / "how2QA_val_release.csv"
+    path.write_bytes("v1,[1.0:2.0],a,b,c,what?,d\nv2,[1.0:2.0],a,b,c,who?,e\n"
+                     "v3,[1.0:2.0],a,b,c,what\u2019s this?,f\n".encode("cp1252"))
+    with pytest.raises(AnnotationError, match=r"how2QA_val_release.csv line 3: not UTF-8 "
+                                              r"text \(byte 0x92: invalid start byte\); save it "
+                                              r"as UTF-8"):
+        load_annotations("how2qa", path)

@@ -226,14 +226,21 @@ def _check_not_utf16(path: Path) -> None:
 
 
 def _read_text(path: Path) -> str:
-    # utf-8-sig drops a leading BOM; newline="" keeps "\r\n" so the csv module (and our own line
-    # splitting) sees the real line ends and line numbers stay those an editor shows.
+    # A leading UTF-8 BOM is dropped; line ends stay as they are ("\r\n" too), so each reader's
+    # own line splitting sees the real ones and line numbers stay those an editor shows.
     _check_not_utf16(path)
+    data = path.read_bytes()
+    data = data[3:] if data.startswith(b"\xef\xbb\xbf") else data
     try:
-        with open(path, encoding="utf-8-sig", newline="") as f:
-            return f.read()
+        return data.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise AnnotationError(f"{path}: not UTF-8 text ({e})") from None
+        # The line of the first bad byte (a byte offset alone is no help in a 2 MB file);
+        # latin-1 / cp1252 (Excel's "CSV (Comma delimited)" on Windows) are the usual culprits.
+        line = len(re.split(rb"\r\n|\r|\n", data[: e.start]))
+        raise AnnotationError(
+            f"{path} line {line}: not UTF-8 text (byte 0x{data[e.start]:02x}: {e.reason}); "
+            "save it as UTF-8"
+        ) from None
 
 
 # --------------------------------------------------------------------------------------------
