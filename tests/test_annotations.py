@@ -650,3 +650,15 @@ def test_non_utf8_file_names_the_line(tmp_path):
                                               r"text \(byte 0x92: invalid start byte\); save it "
                                               r"as UTF-8"):
         load_annotations("how2qa", path)
+
+
+def test_activitynet_video_prefix_must_be_text(tmp_path):
+    """A config's `options: {video_prefix: }` gives None: said so, not a TypeError."""
+    write(tmp_path / "val_q.json", json.dumps(
+        [{"question": "is it?", "question_id": "v_1_0", "video_name": "1"}]))
+    write(tmp_path / "val_a.json", json.dumps([{"answer": "yes", "question_id": "v_1_0",
+                                                "type": 3}]))
+    with pytest.raises(ValueError, match=r"video_prefix=None: .*\"v_\".*\"\""):
+        load_annotations("activitynet_qa", tmp_path / "val_q.json", video_prefix=None)
+    (ex,) = load_annotations("activitynet_qa", tmp_path / "val_q.json", video_prefix="")
+    assert ex.video_id == "1"

@@ -509,6 +509,11 @@ def _read_open_jsonl(paths, subtask) -> list[QAExample]:
 def _read_activitynet_official(
     paths, subtask, *, video_prefix: str = "v_", answers_path: str | PathLike | None = None
 ):
+    if not isinstance(video_prefix, str):
+        raise ValueError(
+            f"activitynet_qa: video_prefix={video_prefix!r}: must be text, \"v_\" (the default, "
+            "for ActivityNet's v_<youtube id> files) or \"\" (files named by the bare id)"
+        )
     q_path = paths[0]
     if len(paths) == 2:
         if answers_path is not None:
