@@ -276,3 +276,22 @@ def test_regeneration_cut_short_leaves_no_old_annotations_or_manifest(tmp_path, 
     assert (out / IN_PROGRESS).exists() and not (out / "meta.json").exists()
     assert not (out / "manifest.jsonl").exists()
     assert sorted(p.name for p in (out / "annotations").iterdir()) == []
+
+
+def test_module_cli_interrupted_says_one_line_and_exits_130(tmp_path, monkeypatch, capsys):
+    """``python -m siasam_fast.data.synthetic`` stopped midway (Ctrl-C, SIGTERM) ends as
+    ``siasam-fast synth`` does: one line saying what is left, exit status 130, no traceback."""
+    from siasam_fast.data import synthetic
+
+    def stopped(job):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(synthetic, "_render_job", stopped)
+    out = tmp_path / "set"
+    code = synthetic.main(["--out", str(out), "--videos", "2", "--size", "16", "--workers", "1"])
+    err = capsys.readouterr().err
+    assert code == 130, err
+    assert "Traceback" not in err
+    assert err.strip().splitlines()[-1].startswith(
+        "python -m siasam_fast.data.synthetic: interrupted; the set is left incomplete"), err
+    assert (out / synthetic.IN_PROGRESS).exists() and not (out / "meta.json").exists()

@@ -1103,18 +1103,27 @@ def format_visibility(report: dict) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m siasam_fast.data.synthetic --out DIR``: generate, then print the analysis.
 
-    Bad values end with one line naming them (exit status 2) before anything is written."""
-    from siasam_fast.cli import add_synth_options
+    Bad values end with one line naming them (exit status 2) before anything is written. Stopped
+    midway (Ctrl-C, SIGTERM), it ends as ``siasam-fast synth`` does: one line, exit status 130."""
+    import signal
+
+    from siasam_fast.cli import INTERRUPTED, _interrupt, add_synth_options
 
     parser = argparse.ArgumentParser(prog="python -m siasam_fast.data.synthetic",
                                      description=__doc__.splitlines()[0])
     add_synth_options(parser, "videos/, annotations/ and meta.json")
     args = parser.parse_args(argv)
+    previous = signal.signal(signal.SIGTERM, _interrupt)  # a scheduler's stop: the Ctrl-C path
     try:
         check_output_dir(args.out, "--out")
         result = generate(args.out, args.videos, args.seed, args.size, workers=args.workers)
     except USAGE_ERRORS as err:
         parser.exit(2, f"{parser.prog}: error: {err}\n")
+    except KeyboardInterrupt:
+        print(f"{parser.prog}: interrupted; {INTERRUPTED['synth']}", file=sys.stderr)
+        return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     print(f"synthetic VideoQA: {result}")
     print(format_visibility(evidence_visibility(result)))
     return 0
