@@ -295,3 +295,18 @@ def test_module_cli_interrupted_says_one_line_and_exits_130(tmp_path, monkeypatc
     assert err.strip().splitlines()[-1].startswith(
         "python -m siasam_fast.data.synthetic: interrupted; the set is left incomplete"), err
     assert (out / synthetic.IN_PROGRESS).exists() and not (out / "meta.json").exists()
+
+
+def test_regeneration_removes_the_partial_files_a_stopped_run_left(tmp_path):
+    """A run killed while encoding leaves ``videos/video<N>.mp4.tmp`` (and, between a write and
+    its rename, ``<file>.tmp``): the next generation removes them, so the folder holds one set."""
+    out = tmp_path / "set"
+    generate(out, 3, 0, size=16, workers=1, progress=False)
+    leftovers = [out / "videos" / "video7.mp4.tmp", out / "annotations" / "train_qa.json.tmp",
+                 out / "meta.json.tmp"]
+    for path in leftovers:
+        path.write_bytes(b"partial")
+    (out / "videos" / "notes.tmp").write_text("the user's")  # not the generator's: kept
+    generate(out, 3, 0, size=16, workers=1, progress=False)
+    assert [p for p in leftovers if p.exists()] == []
+    assert (out / "videos" / "notes.tmp").read_text() == "the user's"

@@ -824,7 +824,8 @@ def generate(
 
     ``options`` are further :class:`SynthConfig` fields (``noise``, ``flash_on``, ...). ``workers``:
     render processes (default: the CPU count; 0 or 1 renders in this process). Old ``video<N>.mp4``
-    files beyond this dataset are removed so the folder holds exactly one dataset.
+    files beyond this dataset, and the partial ``*.tmp`` files a killed run left, are removed so
+    the folder holds exactly one dataset.
 
     ``out_dir`` must be new, empty or a synthetic set (:func:`check_output_dir`): a folder holding
     anything else is refused (ValueError) before anything is written. While it runs, the folder
@@ -862,6 +863,13 @@ def generate(
     for old in (out / "videos").glob("video*.mp4"):
         if old.name not in keep and old.name[5:-4].isdigit():
             old.unlink()
+    # Partial files of a run killed between a write and its rename (_encode, _write_text).
+    for old in (out / "videos").glob("video*.mp4.tmp"):
+        if old.name[5:-8].isdigit():
+            old.unlink()
+    for name in ["meta.json", IN_PROGRESS, *(f"annotations/{s}_qa.json" for s in SPLITS),
+                 *(f"annotations/how2qa_{s}.jsonl" for s in SPLITS)]:
+        (out / f"{name}.tmp").unlink(missing_ok=True)
 
     enc = {"crf": cfg.crf, "preset": cfg.preset, "gop": cfg.gop}
     jobs = [(v, enc, str(out / "videos" / f"{v['video_id']}.mp4")) for v in videos]
