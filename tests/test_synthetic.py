@@ -310,3 +310,20 @@ def test_regeneration_removes_the_partial_files_a_stopped_run_left(tmp_path):
     generate(out, 3, 0, size=16, workers=1, progress=False)
     assert [p for p in leftovers if p.exists()] == []
     assert (out / "videos" / "notes.tmp").read_text() == "the user's"
+
+
+def test_bad_seed_fps_and_preset_are_named_before_anything_is_written(tmp_path):
+    """A negative seed, no frame rate to choose from and an unknown libx264 preset are refused
+    with the value and what is valid, before an existing set is touched (an unknown preset used
+    to fail in the encoder after the old set's meta.json and annotations were removed)."""
+    out = tmp_path / "set"
+    generate(out, 2, 0, size=16, workers=1, progress=False)
+    before = sorted(p.relative_to(out) for p in out.rglob("*"))
+    with pytest.raises(ValueError, match=r"seed=-1: .*>= 0"):
+        generate(out, 2, -1, size=16, workers=1, progress=False)
+    with pytest.raises(ValueError, match=r"fps_choices=\[\]: .*one frame rate"):
+        generate(out, 2, 0, size=16, workers=1, progress=False, fps_choices=[])
+    with pytest.raises(ValueError, match=r"preset='fastest': valid: ultrafast, .*veryfast"):
+        generate(out, 2, 0, size=16, workers=1, progress=False, preset="fastest")
+    assert sorted(p.relative_to(out) for p in out.rglob("*")) == before
+    assert (out / "meta.json").is_file()

@@ -146,6 +146,8 @@ MC_CHOICES = {
     "direction": "the comet moves {answer}",
 }
 NUM_CHOICES = 4  # How2QA: one correct and three wrong answers
+X264_PRESETS = ("ultrafast", "superfast", "veryfast", "faster", "fast", "medium", "slow", "slower",
+                "veryslow", "placebo")
 
 
 @dataclass(frozen=True)
@@ -183,6 +185,10 @@ class SynthConfig:
                 raise ValueError(f"{name}={value!r}: give a list")
             object.__setattr__(self, name, tuple(value))
         object.__setattr__(self, "fps_choices", tuple(str(f) for f in self.fps_choices))
+        if not self.fps_choices:
+            raise ValueError("fps_choices=[]: give one frame rate at least, e.g. ['30000/1001']")
+        if self.preset not in X264_PRESETS:
+            raise ValueError(f"preset={self.preset!r}: valid: {', '.join(X264_PRESETS)}")
         if not (isinstance(self.size, int) and 16 <= self.size <= 1024 and self.size % 2 == 0):
             raise ValueError(f"size={self.size!r}: must be an even integer in 16..1024")
         if not 1 <= self.min_frames <= self.max_frames:
@@ -501,6 +507,8 @@ def plan(num_videos: int, seed: int, config: SynthConfig) -> list[dict]:
     """Every video's description (ground truth included), in video order; no rendering."""
     if num_videos < 1:
         raise ValueError(f"num_videos={num_videos!r}: must be >= 1")
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise ValueError(f"seed={seed!r}: must be an integer >= 0")
     rng = np.random.default_rng([seed, 0])
     order = rng.permutation(num_videos)
     counts = _split_counts(num_videos, config.split_fractions)
