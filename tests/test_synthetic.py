@@ -327,3 +327,13 @@ def test_bad_seed_fps_and_preset_are_named_before_anything_is_written(tmp_path):
         generate(out, 2, 0, size=16, workers=1, progress=False, preset="fastest")
     assert sorted(p.relative_to(out) for p in out.rglob("*")) == before
     assert (out / "meta.json").is_file()
+
+
+def test_evidence_visibility_names_bad_arguments():
+    videos = plan(3, 0, SynthConfig(size=16))
+    with pytest.raises(ValueError, match=r"draws=0: .*>= 1"):
+        evidence_visibility(videos, draws=0)
+    with pytest.raises(ValueError, match=r"question_types: unknown \['colour'\]; valid: color"):
+        evidence_visibility(videos, question_types=["colour"])
+    with pytest.raises(ValueError, match=r"splits: unknown \['tran'\]; valid: train, val, test"):
+        evidence_visibility(videos, splits=["tran"])

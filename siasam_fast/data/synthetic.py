@@ -1048,8 +1048,15 @@ def evidence_visibility(
         meta = load_meta(meta)
         videos, default_types = list(meta["videos"].values()), meta["params"]["question_types"]
     cfg = sampling or SamplingConfig()
+    if isinstance(draws, bool) or not isinstance(draws, (int, np.integer)) or draws < 1:
+        raise ValueError(f"draws={draws!r}: must be an integer >= 1")
     wanted_splits = set(splits or SPLITS)
     qtypes = list(question_types or default_types)
+    for name, given, valid in (("splits", wanted_splits, SPLITS),
+                               ("question_types", qtypes, QUESTION_TYPES)):
+        bad = sorted(set(given) - set(valid))
+        if bad:
+            raise ValueError(f"{name}: unknown {bad}; valid: {', '.join(valid)}")
     rows: dict[str, list[tuple[float, ...]]] = {q: [] for q in qtypes}
     missed: dict[str, list[float]] = {q: [] for q in qtypes}  # per anchor-miss draw: union saw it
     for video in videos:
