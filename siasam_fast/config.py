@@ -358,6 +358,12 @@ class Config:
                 or not name.isascii()):
             raise ValueError(f"data.tasks: the name {name!r} must be letters, digits and _ (it "
                              "names the task's metrics and prediction files)")
+        import torch.nn  # (only here: a task=multi config's names)
+
+        if hasattr(torch.nn.ModuleDict(), name):  # the model's heads: a ModuleDict by task name
+            raise ValueError(f"data.tasks: the name {name!r} is taken by the model's heads (a "
+                             "torch ModuleDict, whose attribute it is): choose another, e.g. "
+                             f"{name}_task")
         if not isinstance(spec, dict):
             raise ValueError(f"data.tasks.{name} must be a mapping (task, dataset, train, ...), "
                              f"got {spec!r}")

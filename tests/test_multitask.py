@@ -717,3 +717,12 @@ def test_the_learning_rate_reaches_zero_at_the_end_of_an_epoch_continued_on_more
     assert float(rows[-1]["lr"]) > 0, [(r["step"], r["lr"]) for r in rows[-3:]]
     assert f"the learning rate now decays to zero at step {len(rows)} (was 19)" in proc.stdout, \
         proc.stdout
+
+
+@pytest.mark.parametrize("name", ["train", "eval", "type", "keys", "values", "update", "training"])
+def test_a_task_name_the_models_heads_cannot_take_is_refused_by_the_config(name):
+    """The heads are a torch ModuleDict keyed by task name; a name that is one of its attributes
+    (train, eval, type, keys, ...) passed the config and failed at build_model, after the data
+    was read, with a bare KeyError "attribute 'train' already exists"."""
+    with pytest.raises(ValueError, match=rf"data.tasks: the name {name!r} .*choose another"):
+        multi({name: {"task": "mc"}, "qa": {"task": "open"}})
