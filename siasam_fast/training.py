@@ -899,6 +899,12 @@ def config_mismatches(saved: dict, current: dict, prefix: str = "") -> list[str]
         name = f"{prefix}{key}"
         a, b = saved.get(key), current.get(key)
         if isinstance(a, dict) and isinstance(b, dict):
+            if name == "data.tasks" and set(a) == set(b) and list(a) != list(b):
+                # the order of the model's heads, so of the optimizer state DeepSpeed loads by
+                # position, and of the batches
+                out.append(f"data.tasks: checkpoint lists the tasks {', '.join(a)}, this run "
+                           f"{', '.join(b)} (the order of the model's heads and of the optimizer "
+                           "state): list them in the checkpoint's order")
             out += config_mismatches(a, b, name + ".")
             continue
         ra, rb = _resolved(name, saved, a, current), _resolved(name, current, b)

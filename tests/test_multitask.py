@@ -726,3 +726,25 @@ def test_a_task_name_the_models_heads_cannot_take_is_refused_by_the_config(name)
     was read, with a bare KeyError "attribute 'train' already exists"."""
     with pytest.raises(ValueError, match=rf"data.tasks: the name {name!r} .*choose another"):
         multi({name: {"task": "mc"}, "qa": {"task": "open"}})
+
+
+def test_a_resume_refuses_the_tasks_listed_in_another_order(tmp_path):
+    """The order of data.tasks orders the model's heads' parameters (and so the optimizer state,
+    which DeepSpeed loads by position: one head's Adam moments, under ZeRO its weights, went to
+    another's) and the batches; config_mismatches compares keys, so a YAML that lists the same
+    tasks in another order was let through."""
+    from siasam_fast.training import config_mismatches, load_run_state
+
+    order = multi(sampling={"num_clips": 3})
+    other = multi({k: TASKS[k] for k in ("action", "qa", "count")}, sampling={"num_clips": 3})
+    problems = config_mismatches(order.to_dict(), other.to_dict())
+    assert problems == ["data.tasks: checkpoint lists the tasks qa, action, count, this run "
+                        "action, qa, count (the order of the model's heads and of the optimizer "
+                        "state): list them in the checkpoint's order"], problems
+    tag = tmp_path / "step1"
+    tag.mkdir()
+    (tag / "run_state.json").write_text(json.dumps({
+        "config": order.to_dict(), "step": 1, "epoch": 0, "sampler": {}, "vocab": ""}))
+    with pytest.raises(ValueError, match=r"incompatible config:\n  data.tasks: checkpoint lists"):
+        load_run_state(tag, other)
+    assert load_run_state(tag, order) is not None  # the same order: fine
