@@ -748,3 +748,13 @@ def test_a_resume_refuses_the_tasks_listed_in_another_order(tmp_path):
     with pytest.raises(ValueError, match=r"incompatible config:\n  data.tasks: checkpoint lists"):
         load_run_state(tag, other)
     assert load_run_state(tag, order) is not None  # the same order: fine
+
+
+def test_a_task_loader_of_another_batch_size_is_refused():
+    """Progress and resume count each task's batches in the run's batch_size; a task loader of
+    another size gave wrong progress, and its resume failed with "the state does not belong to
+    these tasks and data"."""
+    with pytest.raises(ValueError, match=r"task action: its loader's batch_size is 4, the "
+                                         r"multi-task loader's 3"):
+        MultiTaskLoader({"qa": FakeLoader(10, 3, "qa"), "action": FakeLoader(10, 4, "action")},
+                        seed=1, batch_size=3)

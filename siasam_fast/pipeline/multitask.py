@@ -63,6 +63,12 @@ class MultiTaskLoader:
             raise ValueError("MultiTaskLoader: no task loaders")
         self.loaders = dict(loaders)
         self.seed, self.batch_size = int(seed), int(batch_size)
+        for name, loader in self.loaders.items():  # progress and resume count in batch_size
+            size = getattr(loader, "batch_size", self.batch_size)
+            if size != self.batch_size:
+                raise ValueError(f"task {name}: its loader's batch_size is {size}, the "
+                                 f"multi-task loader's {self.batch_size}: give every task's "
+                                 "loader the same")
         self.epoch = 0
         self.done = 0  # micro-batches of this epoch already given out
         # an epoch continued on another number of processes: {"epoch", "world_size", "done":
