@@ -23,7 +23,7 @@ fp32: a slight underestimate). Allocator overhead and cuDNN workspaces are not c
 check, the default at 224 px counts 41.1 MiB per frame at 16 bits here (2-core CPU, 2026-11-27),
 and the H100's peak allocation for a whole ClipBERT-base step gave about 42 MiB per unique 224 px
 frame beside the model state (README, "V100 memory").
-Writes a table and ``benchmarks/results/memory.csv``.
+Writes a table and ``benchmarks/results/memory.csv`` (``memory.partial.csv`` while it runs).
 """
 
 from __future__ import annotations
@@ -38,12 +38,12 @@ sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 import torch  # noqa: E402
 
 from siasam_fast.benchutil import (  # noqa: E402
+    RowLog,
     environment,
     format_table,
     int_at_least,
     report_no_rows,
     results_path,
-    write_csv,
 )
 
 # (name, model.visual_head, model.cnn_freeze, model.activation_checkpointing)
@@ -80,7 +80,7 @@ def saved_bytes_per_frame(model: torch.nn.Module, size: int, frames: int,
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
     parser.add_argument("--config", default=str(ROOT / "configs" / "clipbert_base.yaml"),
                         help="the model to measure (its model.* section; default: "
                         "configs/clipbert_base.yaml, ResNet-50 and BERT-base, random init)")
@@ -104,45 +104,57 @@ def main(argv: list[str] | None = None) -> int:
     from siasam_fast.config import load_config
     from siasam_fast.model import SiaSamReaModel
 
-    device = torch.device(args.device)
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:  # torch's message lists every device type it knows of
+        print(f"error: --device {args.device!r}: not a device (cpu or cuda)", file=sys.stderr)
+        return 2
+    try:
+        base = load_config(args.config, args.set)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: no CUDA GPU here; use --device cpu")
-    base = load_config(args.config, args.set)
+        print("error: --device cuda: no CUDA GPU here; use --device cpu", file=sys.stderr)
+        return 2
     path = results_path("memory.csv", args.out_dir)
-    env = environment()
-    rows = []
-    for size in args.sizes:
-        for name, head, freeze, checkpointing in SETTINGS:
-            if name not in args.settings:
-                continue
-            overrides = [*args.set, f"model.visual_head={head}", f"model.cnn_freeze={freeze}",
-                         f"model.activation_checkpointing={checkpointing}"]
-            cfg = load_config(args.config, overrides)
-            torch.manual_seed(0)
-            model = SiaSamReaModel(cfg.model, "open", 2, 64, cfg.sampling.num_clips).to(device)
-            model.train()
-            per_frame = saved_bytes_per_frame(model, size, args.frames, device)
-            rows.append({"setting": name, "visual_head": head, "cnn_freeze": freeze,
-                         "activation_checkpointing": checkpointing, "image_size": size,
-                         "bytes_per_frame_fp32": int(per_frame),
-                         "mib_per_frame_fp32": round(per_frame / 2**20, 2),
-                         "mib_per_frame_16bit": round(per_frame / 2**21, 2)})
-            print(f"{name} {size} px: {per_frame / 2**20:.1f} MiB / frame (fp32)", flush=True)
-            write_csv(rows, path, env)  # after each row: a stopped run keeps what it measured
+    # memory.partial.csv after each row; memory.csv once the run has finished (a stopped run
+    # keeps what it measured, and an earlier run's memory.csv stays as it was)
+    results = RowLog(path, environment, lambda row: True)
+    try:
+        for size in args.sizes:
+            for name, head, freeze, checkpointing in SETTINGS:
+                if name not in args.settings:
+                    continue
+                overrides = [*args.set, f"model.visual_head={head}", f"model.cnn_freeze={freeze}",
+                             f"model.activation_checkpointing={checkpointing}"]
+                cfg = load_config(args.config, overrides)
+                torch.manual_seed(0)
+                model = SiaSamReaModel(cfg.model, "open", 2, 64, cfg.sampling.num_clips).to(device)
+                model.train()
+                per_frame = saved_bytes_per_frame(model, size, args.frames, device)
+                results.add({"setting": name, "visual_head": head, "cnn_freeze": freeze,
+                             "activation_checkpointing": checkpointing, "image_size": size,
+                             "bytes_per_frame_fp32": int(per_frame),
+                             "mib_per_frame_fp32": round(per_frame / 2**20, 2),
+                             "mib_per_frame_16bit": round(per_frame / 2**21, 2)})
+                print(f"{name} {size} px: {per_frame / 2**20:.1f} MiB / frame (fp32)", flush=True)
+    except KeyboardInterrupt:
+        return results.interrupted()
+    rows = results.rows
     if not rows:
         return report_no_rows(path)
     defaults = [r for r in rows if r["setting"] == "default"]
     ref = min(defaults, key=lambda r: r["image_size"])["bytes_per_frame_fp32"] if defaults else 0
     for r in rows:  # against the default setting at the smallest size measured
         r["vs_default_smallest"] = round(r["bytes_per_frame_fp32"] / ref, 2) if ref else None
-    write_csv(rows, path, env)
+    results.finish()
     print(f"\nmodel: visual={base.model.visual}, text={base.model.text}, on {device}; "
           f"{args.frames} frames a measurement\n")
     print(format_table(rows, ["setting", "image_size", "mib_per_frame_fp32",
                               "mib_per_frame_16bit", "vs_default_smallest"]))
     print(f"\nwrote {path}")
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -30,3 +30,64 @@ def test_bench_memory_counts_activations_per_frame(tmp_path):
     # up to the grid's rounding)
     assert 3.5 < got["default", 128] / got["default", 64] < 4.5
     assert "vs_default_smallest" in rows[0] and "wrote" in proc.stdout
+
+
+def _bench_memory():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import bench_memory
+
+    return bench_memory
+
+
+def test_bench_memory_stopped_by_ctrl_c_keeps_the_earlier_results(tmp_path, monkeypatch, capsys):
+    """As every benchmark (README, "Benchmarks"): Ctrl-C after the first row exits 130 with one
+    line, the row measured so far in memory.partial.csv, an earlier finished run's memory.csv as
+    it was (it was rewritten with the partial rows, and a traceback printed)."""
+    bench_memory = _bench_memory()
+    calls = []
+
+    def measure(model, size, frames, device):
+        calls.append(size)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return 1024.0
+
+    monkeypatch.setattr(bench_memory, "saved_bytes_per_frame", measure)
+    csv_path = tmp_path / "memory.csv"
+    csv_path.write_text("setting,image_size\ndefault,224\n")
+    status = bench_memory.main(["--config", "configs/synthetic.yaml", "--settings", "default",
+                                "--sizes", "16", "32", "--out-dir", str(tmp_path)])
+    assert status == 130 and calls == [16, 32]
+    err = capsys.readouterr().err
+    assert "interrupted: the rows measured so far are in" in err and "Traceback" not in err
+    assert csv_path.read_text() == "setting,image_size\ndefault,224\n"
+    with (tmp_path / "memory.partial.csv").open() as fh:
+        assert [r["image_size"] for r in csv.DictReader(fh)] == ["16"]
+    # a finished run replaces memory.csv and drops the partial file
+    monkeypatch.setattr(bench_memory, "saved_bytes_per_frame", lambda *a: 1024.0)
+    assert bench_memory.main(["--config", "configs/synthetic.yaml", "--settings", "default",
+                              "--sizes", "16", "--out-dir", str(tmp_path)]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["memory.csv"]
+
+
+def test_bench_memory_bad_config_or_device_is_one_line(tmp_path, capsys):
+    """A missing config, an unknown key and a device torch does not know (``--device gpu``) end
+    with one line naming the value, exit status 2, nothing written (they were tracebacks)."""
+    bench_memory = _bench_memory()
+    for argv, expected in (
+        (["--config", "configs/nope.yaml"], "configs/nope.yaml"),
+        (["--config", "configs/synthetic.yaml", "--set", "model.visul=tiny"], "visul"),
+        (["--config", "configs/synthetic.yaml", "--device", "gpu"], "'gpu'"),
+    ):
+        status = bench_memory.main([*argv, "--sizes", "16", "--out-dir", str(tmp_path)])
+        err = capsys.readouterr().err
+        assert status == 2, (argv, err)
+        assert expected in err and "Traceback" not in err and len(err.splitlines()) == 1, err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_bench_memory_help_describes_it_in_a_whole_sentence(capsys):
+    """--help's description is the docstring's first sentence, not its first line cut mid-way."""
+    bench_memory = _bench_memory()
+    description = bench_memory.build_parser().description
+    assert description.endswith("."), description
