@@ -408,6 +408,33 @@ def _set_aside_previous(out: Path, names: set[str] | None = None) -> bool:
     return True
 
 
+def _repoint_run(partial: Path, final: Path) -> None:
+    """Make a run trained in ``partial`` name ``final``, the folder it is about to be renamed to:
+    its summary.json's best checkpoint (for ``siasam-fast eval --checkpoint``) and its
+    config.json's train.out_dir (which ``--resume auto`` with that config continues)."""
+    from siasam_fast.paths import write_text_atomic
+
+    old, new = str(partial.resolve()), str(final.resolve())
+
+    def moved(path):
+        if isinstance(path, str) and (path == old or path.startswith(old + os.sep)):
+            return new + path[len(old):]
+        return path
+
+    for name, keys in (("summary.json", ("best", "checkpoint")),
+                       ("config.json", ("train", "out_dir"))):
+        file = partial / name
+        try:
+            data = json.loads(file.read_text())
+            section = data[keys[0]]
+            value = section[keys[1]]
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        if moved(value) != value:
+            section[keys[1]] = moved(value)
+            write_text_atomic(file, json.dumps(data, indent=2 if name == "config.json" else None))
+
+
 def _restore_previous(out: Path) -> bool:
     """Put back what :func:`_set_aside_previous` moved, replacing what a new demo had written in
     its place (a new data set); whether there was anything to put back."""
@@ -519,6 +546,8 @@ def run_demo(
         # given up only once both new runs are in place: never half a deleted run.
         if not set_aside:
             set_aside = _set_aside_previous(out, demo_outputs() - {"data"})
+        for name in METHODS:
+            _repoint_run(out / PARTIAL.format(name), out / name)
         for name in METHODS:
             partial = out / PARTIAL.format(name)
             partial.rename(out / name)

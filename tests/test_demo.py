@@ -51,6 +51,19 @@ def test_summary_has_both_models_delta_config_and_time(quick_demo):
     assert summary["table"][0]["test accuracy"] == "overall"
 
 
+def test_runs_name_their_own_folder_not_the_hidden_one_they_trained_in(quick_demo):
+    """Each run trains in a hidden .NAME.partial folder, renamed once both finished: its
+    summary.json's best checkpoint (README: for `siasam-fast eval --checkpoint`) and its
+    config.json's train.out_dir name the folder it is in (they named the gone .partial one)."""
+    out, _ = quick_demo
+    for name in ("baseline", "siasamrea"):
+        run = out / name
+        best = json.loads((run / "summary.json").read_text())["best"]
+        assert best["checkpoint"] == str(run / "checkpoints" / f"step{best['step']}")
+        assert (run / "checkpoints" / f"step{best['step']}").is_dir()
+        assert json.loads((run / "config.json").read_text())["train"]["out_dir"] == str(run)
+
+
 def test_learning_curve_png(quick_demo):
     out, summary = quick_demo
     png = out / "learning_curves.png"
