@@ -278,6 +278,8 @@ def _convert(ckpt: str | Path, out: str | Path, tokenizer: str, force: bool = Fa
     from siasam_fast.weights import _save, writable_out
 
     ckpt = Path(ckpt)
+    if not ckpt.is_file():  # a mistyped path is said first (not the tokenizer, or OUT's folders)
+        load_checkpoint(ckpt)  # raises, naming it (a folder, or no such file)
     out = writable_out(out)
     folders = {"visual": out / VISUAL_FOLDER, "text": out / TEXT_FOLDER}
     source = _source_id(ckpt) if ckpt.is_file() else None

@@ -441,3 +441,15 @@ def test_without_text_where_the_hub_cannot_be_reached(converted, tmp_path):
     assert "no tokenizer vocabulary came from the Hugging Face Hub" in proc.stderr
     assert "a local folder holding it" in proc.stderr
     assert "reading" not in proc.stdout
+
+
+def test_a_missing_checkpoint_is_named_before_the_tokenizer_is_fetched(tmp_path, capsys):
+    """A mistyped --clipbert path is said first: before, the tokenizer was fetched first, so
+    with the default --text (the Hub) on a machine without internet, or a --text folder not
+    there yet, the error was about the tokenizer and never named the missing checkpoint."""
+    status = main(["weights", str(tmp_path / "w"), "--clipbert", str(tmp_path / "missing.pt"),
+                   "--text", str(tmp_path / "no-tokenizer-here")])
+    err = capsys.readouterr().err
+    assert status == 2
+    assert "missing.pt': no such file" in err and "tokenizer" not in err, err
+    assert not (tmp_path / "w").exists()
