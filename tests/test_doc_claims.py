@@ -98,3 +98,42 @@ def test_clipbert_commands_carry_its_input(path):
         assert "data.frame_fit=pad" in near and "data.image_size=448" in near, (
             f"{path.name}: --set {CLIPBERT_SET} without data.frame_fit=pad and "
             f"data.image_size=448 near it")
+
+
+def test_scaling_doc_bandwidth_table_follows_from_the_model():
+    """docs/scaling.md, section 2: each cell of the bandwidth-term table is the per-GPU volume of
+    DeepSpeed's ZeRO-2 as ``configs/ds/`` sets it up (gradient buckets all-reduced, since
+    ``use_multi_rank_bucket_allreduce`` is left at its default true, then the weights all-gathered:
+    3 Psi x 2 B x (n-1)/n) over the bus bandwidth the cell names, Psi counted from the model."""
+    import json
+
+    import torch
+
+    from siasam_fast.model import load_tokenizer
+    from siasam_fast.training import build_model
+
+    for path in sorted((ROOT / "configs" / "ds").glob("*.json")):
+        zero = json.loads(path.read_text(encoding="utf-8")).get("zero_optimization", {})
+        assert "use_multi_rank_bucket_allreduce" not in zero, f"{path.name}: section 2's premise"
+    try:
+        from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+    except ImportError:
+        pass
+    else:
+        assert DeepSpeedZeroConfig().use_multi_rank_bucket_allreduce is True
+
+    cfg = load_config(ROOT / "configs" / "clipbert_base.yaml", [])
+    with torch.device("meta"):  # 18: the synthetic set's open-ended answers (section 1's K)
+        model = build_model(cfg, 18, len(load_tokenizer(cfg.model)))
+    psi = sum(p.numel() for p in model.parameters())
+    text = (ROOT / "docs" / "scaling.md").read_text(encoding="utf-8")
+    assert f"**{psi:,}**" in text
+    rows = re.findall(r"^\| (\d+) \([^)]*\) \| (?:NVLink|IB) \| (.*) \| (.*) \|$", text, re.M)
+    assert [n for n, *_ in rows] == ["8", "64", "512"]
+    for n, *cells in rows:
+        volume_mb = 3 * psi * 2 * (int(n) - 1) / int(n) / 1e6
+        for cell in cells:
+            cell_re = r"(\d+) MB / (\d+) GB/s = \*\*([\d.]+) ms\*\*"
+            mb, gbps, ms = re.fullmatch(cell_re, cell).groups()
+            assert abs(int(mb) - volume_mb) < 1, f"{n} GPUs: {cell}, volume {volume_mb:.0f} MB"
+            assert abs(float(ms) - volume_mb / int(gbps)) < 0.06, f"{n} GPUs: {cell}"
