@@ -137,3 +137,13 @@ def test_scaling_doc_bandwidth_table_follows_from_the_model():
             mb, gbps, ms = re.fullmatch(cell_re, cell).groups()
             assert abs(int(mb) - volume_mb) < 1, f"{n} GPUs: {cell}, volume {volume_mb:.0f} MB"
             assert abs(float(ms) - volume_mb / int(gbps)) < 0.06, f"{n} GPUs: {cell}"
+
+
+def test_scaling_doc_decode_share():
+    """docs/scaling.md, section 4: the decode-bound share of an H100's compute is the NVDEC rates
+    it names over the step's videos/s."""
+    text = (ROOT / "docs" / "scaling.md").read_text(encoding="utf-8")
+    lo, hi, a, b, step = map(int, re.search(
+        r"decode-bound at (\d+)-(\d+)% of its compute capacity\*\* \((\d+) or (\d+) of (\d+)",
+        text).groups())
+    assert (lo, hi) == (round(100 * a / step), round(100 * b / step))
