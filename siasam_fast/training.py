@@ -1473,9 +1473,20 @@ def lock_run_folder(out_dir: Path, rank: int, world: int) -> FolderLock | None:
     return lock
 
 
+def check_start_args(args: argparse.Namespace, cfg: Config) -> None:
+    """Refuse, naming what is valid, a ``--resume`` value that is neither a keyword nor an
+    existing path."""
+    if args.resume and args.resume not in ("auto", "if-any") and not Path(args.resume).exists():
+        raise FileNotFoundError(f"--resume {args.resume!r}: no such checkpoint folder; give "
+                                "'auto' (the latest checkpoint of train.out_dir), 'if-any' (that "
+                                "if there is one, else a new run) or a checkpoint folder (a run's, "
+                                "its checkpoints/ or one tag)")
+
+
 def train(argv: list[str] | None = None, prog: str | None = None) -> int:
     args = parse_args(argv, prog)
     cfg = load_config(args.config, args.set)
+    check_start_args(args, cfg)
     rank, world, device = init_distributed()
     out_dir = Path(cfg.train.out_dir)
     # Nothing is written into out_dir (but its lock file, removed at the end) until the config,

@@ -308,6 +308,30 @@ def test_an_incomplete_latest_checkpoint_falls_back_to_the_newest_complete_one(t
     assert resolve_checkpoint(tmp_path / "run") == ckpt / "step3"
 
 
+def _no_launcher_env(monkeypatch):
+    """The variables a lone training sets for itself, restored after the test."""
+    for name, value in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"),
+                        ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", str(free_port()))):
+        monkeypatch.setenv(name, value)
+
+
+@pytest.mark.parametrize("value", ["latest", "last", "runs/nope"])
+def test_a_resume_value_that_names_nothing_lists_the_valid_ones(tmp_path, capsys, monkeypatch,
+                                                                value):
+    from siasam_fast.training import main
+
+    _no_launcher_env(monkeypatch)
+    monkeypatch.chdir(tmp_path)
+    code = main(["--config", str(ROOT / "configs" / "synthetic.yaml"),
+                 "--set", f"train.out_dir={tmp_path / 'run'}", "--resume", value])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    for fragment in (f"--resume {value!r}", "'auto'", "'if-any'", "checkpoint folder"):
+        assert fragment in err, (fragment, err)
+    assert not (tmp_path / "run").exists()
+
+
 def test_the_best_epoch_and_its_checkpoint_are_kept(tmp_path):
     """summary.json's best epoch (highest accuracy, lowest MSE, the earliest of equals) and the
     pruning that keeps its checkpoint besides the newest keep_checkpoints."""
