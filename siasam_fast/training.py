@@ -76,6 +76,7 @@ from siasam_fast.paths import (  # noqa: E402
     FolderLock,
     file_in_the_way,
     lock_folder,
+    packaged_config,
     write_text_atomic,
 )
 from siasam_fast.pipeline.dataset import close_loaders, shard_length  # noqa: E402
@@ -1474,8 +1475,14 @@ def lock_run_folder(out_dir: Path, rank: int, world: int) -> FolderLock | None:
 
 
 def check_start_args(args: argparse.Namespace, cfg: Config) -> None:
-    """Refuse, naming what is valid, a ``--resume`` value that is neither a keyword nor an
-    existing path."""
+    """Refuse, naming what is valid, a training without a run config (every setting at its
+    default: no data) and a ``--resume`` value that is neither a keyword nor an existing path."""
+    if not args.config and not cfg.data.manifest:
+        shipped = sorted(p.name for p in packaged_config("synthetic.yaml").parent.glob("*.yaml"))
+        raise ValueError("no --config given (without one every setting is its default, with no "
+                         "data): name a run config, e.g. --config configs/synthetic.yaml (after "
+                         "`siasam-fast synth --out data/synthetic`); configs/ holds "
+                         + ", ".join(shipped))
     if args.resume and args.resume not in ("auto", "if-any") and not Path(args.resume).exists():
         raise FileNotFoundError(f"--resume {args.resume!r}: no such checkpoint folder; give "
                                 "'auto' (the latest checkpoint of train.out_dir), 'if-any' (that "

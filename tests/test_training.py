@@ -332,6 +332,20 @@ def test_a_resume_value_that_names_nothing_lists_the_valid_ones(tmp_path, capsys
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("extra", [[], ["--set", "train.epochs=1"]])
+def test_training_without_a_config_says_so(tmp_path, capsys, monkeypatch, extra):
+    from siasam_fast.training import main
+
+    _no_launcher_env(monkeypatch)
+    monkeypatch.chdir(tmp_path)
+    code = main(extra)
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    for fragment in ("no --config", "--config configs/synthetic.yaml", "msrvtt_qa.yaml"):
+        assert fragment in err, (fragment, err)
+
+
 def test_the_best_epoch_and_its_checkpoint_are_kept(tmp_path):
     """summary.json's best epoch (highest accuracy, lowest MSE, the earliest of equals) and the
     pruning that keeps its checkpoint besides the newest keep_checkpoints."""
