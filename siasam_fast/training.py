@@ -113,6 +113,36 @@ RESUMABLE_CHANGES = {
 # Set-up
 
 
+class DropBuildNote:
+    """``stream``, but for DeepSpeed's "DeepSpeed OP built successfully" lines (a print: the text,
+    then its newline); everything else is written through at once."""
+
+    NOTE = re.compile(r"DeepSpeed \S+ built successfully")
+
+    def __init__(self, stream):
+        self._stream, self._held = stream, ""
+
+    def write(self, text: str) -> int:
+        held, self._held = self._held, ""
+        if held and text == "\n":  # the note's whole line: dropped
+            return len(text)
+        if held:
+            self._stream.write(held)
+        if self.NOTE.fullmatch(text):  # held until the next write says whether its line ends
+            self._held = text
+            return len(text)
+        return self._stream.write(text)
+
+    def flush(self) -> None:
+        if self._held:
+            self._stream.write(self._held)
+            self._held = ""
+        self._stream.flush()
+
+    def __getattr__(self, name: str):
+        return getattr(self._stream, name)
+
+
 def init_distributed() -> tuple[int, int, torch.device]:
     """Rank, world size, device. A lone process gets the env a launcher would have set."""
     if "RANK" not in os.environ:  # python train.py: no launcher
@@ -123,8 +153,11 @@ def init_distributed() -> tuple[int, int, torch.device]:
                           MASTER_PORT=os.environ.get("MASTER_PORT", str(port)))
     cuda = torch.cuda.is_available()
     if not dist.is_initialized():
-        # on CPU, DeepSpeed builds (or loads) its shared-memory all-reduce op here
-        with watch_build_lock("deepspeed_shm_comm") if not cuda else contextlib.nullcontext():
+        # on CPU, DeepSpeed builds (or loads) its shared-memory all-reduce op here, and prints
+        # "DeepSpeed ... built successfully" each time (a print, no logging level to quiet it):
+        # that one line is dropped, anything else it prints passes
+        with watch_build_lock("deepspeed_shm_comm") if not cuda else contextlib.nullcontext(), \
+                contextlib.redirect_stdout(DropBuildNote(sys.stdout)):
             deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
         if not cuda:
             release_shm_buffer(dist.get_rank(), dist.get_world_size())

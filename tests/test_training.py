@@ -1080,11 +1080,32 @@ def test_more_epochs_on_resume_says_how_the_schedule_changes(synth, tmp_path):
 
 def test_a_resume_already_at_max_steps_trains_no_further(synth, tmp_path):
     out = tmp_path / "run"
-    train(base_args(synth, out, "--set", "train.max_steps=3"))
+    proc = train(base_args(synth, out, "--set", "train.max_steps=3"))
+    # DeepSpeed's CPU all-reduce op loads quietly (it printed "DeepSpeed ... built successfully")
+    assert "built successfully" not in proc.stdout + proc.stderr, proc.stdout[:500]
     proc = train(base_args(synth, out, "--set", "train.max_steps=3", "--resume", "auto"))
     assert "done: 3 steps" in proc.stdout, proc.stdout[-1500:]
+    assert "built successfully" not in proc.stdout + proc.stderr, proc.stdout[:500]
     assert len(losses(out)) == 3
     assert sorted(p.name for p in (out / "checkpoints").iterdir() if p.is_dir()) == ["step3"]
+
+
+def test_only_deepspeeds_build_note_is_dropped(capsys):
+    import contextlib
+
+    from siasam_fast.training import DropBuildNote
+
+    note = "DeepSpeed deepspeed.ops.comm.deepspeed_shm_comm_op built successfully"
+    with contextlib.redirect_stdout(DropBuildNote(sys.stdout)):
+        print(note)
+        print("[WARNING] ShareMemCommBuilder requires the 'g++' command")
+        print(note, "and more")
+        print(note, end="", flush=True)
+        print()
+        print(note)
+    assert capsys.readouterr().out == (
+        "[WARNING] ShareMemCommBuilder requires the 'g++' command\n"
+        f"{note} and more\n{note}\n")
 
 
 def test_moved_videos_are_named_before_training(synth, tmp_path):
