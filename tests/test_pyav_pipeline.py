@@ -365,6 +365,21 @@ def test_bad_examples_are_dropped_at_construction(manifest, caplog):
     assert "kept 2 of 5 examples; dropped 3" in caplog.text
 
 
+def test_drop_log_names_an_example_and_its_reason(manifest, caplog):
+    """The one log line about dropped examples is all a user sees before "the train split has no
+    usable examples (see the log for the reasons)": it names, for each kind of reason, a question
+    and its video with the full reason (the frame count against sampling.min_frames; the video id
+    the manifest lacks, e.g. an ActivityNet id without its v_ prefix), not only the kind."""
+    cfg = SamplingConfig(num_clips=9, frames_per_clip=8, stride=4, min_frames=40)
+    names = ["short", "TIEzvhv6xaI", "mjpeg"]
+    with caplog.at_level("WARNING"):
+        VideoQADataset(examples_for(names), manifest, cfg, "train", image_size=SIZE)
+    line = next(r.getMessage() for r in caplog.records if "dropped" in r.getMessage())
+    assert "1 sampler skipped" in line and "1 video missing from the manifest" in line
+    assert "fewer than min_frames=40" in line and "q0" in line
+    assert "'TIEzvhv6xaI'" in line and "q1" in line
+
+
 def test_nested_videos_are_found_by_file_name_unless_the_name_repeats(manifest):
     """A manifest of a folder with subfolders keys videos as ``sub/name``: an annotation's bare
     ``name`` finds its video when one subfolder holds it; a name in two subfolders finds neither,

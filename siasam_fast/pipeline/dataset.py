@@ -212,13 +212,19 @@ class VideoQADataset(Dataset):
         self.drop_reasons = Counter(_reason_kind(r) for _, _, r in self.dropped)
         self._warn_overlapping_eval_clips()
         if self.dropped:
+            # each kind with its first question, video and full reason: the kind alone ("sampler
+            # skipped", "video missing from the manifest") does not say which id or limit failed
+            first: dict[str, tuple[int, str, str]] = {}
+            for drop in self.dropped:
+                first.setdefault(_reason_kind(drop[2]), drop)
             logger.warning(
                 "%s: kept %d of %d examples; dropped %d: %s",
                 self.split,
                 len(self.indices),
                 len(self.examples),
                 len(self.dropped),
-                ", ".join(f"{n} {k}" for k, n in self.drop_reasons.most_common()),
+                ", ".join(f"{n} {k} ({_drop_example(self.examples, first[k], k)})"
+                          for k, n in self.drop_reasons.most_common()),
             )
         else:
             logger.info("%s: kept all %d examples", self.split, len(self.indices))
@@ -432,6 +438,14 @@ def segment_frames(example: QAExample, record: VideoRecord) -> tuple[int, int] |
 
 def _first(reason: str) -> str:
     return reason.split(":")[0] if reason else "unknown"
+
+
+def _drop_example(examples: list, drop: tuple[int, str, str], kind: str) -> str:
+    """'e.g. qid q1, video 'v_x': the reason's detail' for the log line of dropped examples."""
+    index, qid, reason = drop
+    detail = reason[len(kind):].lstrip(": ") if reason.startswith(kind) else reason
+    return (f"e.g. qid {qid}, video {examples[index].video_id!r}"
+            + (f": {detail}" if detail else ""))
 
 
 def _reason_kind(reason: str) -> str:
