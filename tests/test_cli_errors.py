@@ -389,6 +389,24 @@ def test_eval_output_paths_are_checked_before_evaluating(capsys, tmp_path, monke
     assert victim.read_text() == "keep"
 
 
+def test_eval_json_writes_an_unscorable_metric_as_null(capsys, tmp_path, monkeypatch):
+    """A split whose answers are all hidden (How2QA's public test) has accuracy NaN: --json holds
+    strict JSON (null), which JSON.parse-like readers take; the bare word NaN they refuse."""
+    from siasam_fast import training
+
+    metrics = {"accuracy": float("nan"), "num_examples": 0, "num_unlabeled": 3,
+               "per_type": {"what": float("inf")}, "curve": [1.0, float("nan")]}
+    monkeypatch.setattr(training, "evaluate_checkpoint", lambda *args, **kwargs: dict(metrics))
+    out = tmp_path / "m.json"
+    code, _, err = run_cli(capsys, "eval", "--checkpoint", tmp_path, "--json", out)
+    assert code == 0, err
+    text = out.read_text()
+    assert "NaN" not in text and "Infinity" not in text
+    assert json.loads(text, parse_constant=lambda word: pytest.fail(f"non-JSON {word}")) == {
+        "accuracy": None, "num_examples": 0, "num_unlabeled": 3, "per_type": {"what": None},
+        "curve": [1.0, None]}
+
+
 @pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs Linux's /proc")
 def test_output_file_check_tries_the_folder_not_only_its_permissions(tmp_path):
     """/proc takes no new file, even for root, whom permissions alone let through: refused up
