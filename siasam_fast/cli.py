@@ -71,7 +71,10 @@ def _index(args: argparse.Namespace) -> int:
     records = build_manifest(args.video_dir, args.out, workers=args.workers,
                              mode="demux" if args.fast else "decode")
     bad = [r for r in records.values() if r.status != "ok"]
-    print(f"{args.out}: {len(records) - len(bad)} ok, {len(bad)} corrupt")
+    skipped = len(records.duplicates)  # each one was warned about as it was skipped
+    taken = (f", {skipped} file{'s' if skipped != 1 else ''} skipped (video_id already taken)"
+             if skipped else "")
+    print(f"{args.out}: {len(records) - len(bad)} ok, {len(bad)} corrupt{taken}")
     for r in bad[:20]:
         print(f"  corrupt: {r.path}: {r.reason}")
     if len(bad) > 20:

@@ -123,6 +123,14 @@ def test_index_updates_a_manifest(capsys, two_videos):
     assert code == 0 and "2 ok, 0 corrupt" in out
 
 
+def test_index_summary_counts_files_skipped_for_a_taken_video_id(capsys, two_videos):
+    folder, manifest = two_videos
+    (folder / "a.mkv").write_bytes((folder / "a.mp4").read_bytes())  # video_id 'a' twice
+    code, out, _ = run_cli(capsys, "index", folder, "--out", manifest, "--workers", 1)
+    assert code == 0 and "2 ok, 0 corrupt" in out
+    assert "1 file skipped (video_id already taken)" in out, out
+
+
 # ----------------------------------------------------------------------------------------------
 # transcode
 
