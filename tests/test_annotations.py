@@ -113,8 +113,10 @@ def test_msvd_mapping_errors(tmp_path):
     recs = [{"answer": "a", "id": 0, "question": "what?", "video_id": 3}]
     (tmp_path / "sub").mkdir()
     path = write(tmp_path / "sub" / "test_qa.json", json.dumps(recs))
-    with pytest.raises(FileNotFoundError, match=r"youtube_mapping\.txt.*mapping=False"):
+    with pytest.raises(FileNotFoundError, match=r"youtube_mapping\.txt.*mapping=False") as err:
         load_annotations("msvd_qa", path)
+    # A config user sets the mapping as data.options.mapping: the message names that form too.
+    assert "data.options.mapping" in str(err.value) and "mapping=PATH" in str(err.value)
     mapping = write(tmp_path / "map.txt", "clip_a vid1\nclip_b vid2\n")
     with pytest.raises(AnnotationError, match=r"test_qa\.json record 0: field 'video_id' = 3"):
         load_annotations("msvd_qa", path, mapping=mapping)
@@ -213,8 +215,10 @@ def test_activitynet_join_errors(tmp_path, questions, answers, message):
 
 def test_activitynet_needs_its_answer_file(tmp_path):
     q = write(tmp_path / "questions.json", json.dumps(ANET_Q))
-    with pytest.raises(ValueError, match=r"cannot tell the answer file.*answers_path"):
+    with pytest.raises(ValueError, match=r"cannot tell the answer file.*answers_path") as err:
         load_annotations("activitynet_qa", q)
+    # A config loads each split's file alone, with one data.options for every split.
+    assert "data.options.answers_path" in str(err.value) and "_q.json" in str(err.value)
     q = write(tmp_path / "test_q.json", json.dumps(ANET_Q))
     with pytest.raises(FileNotFoundError, match=r"test_a\.json does not exist"):
         load_annotations("activitynet_qa", q)
@@ -501,7 +505,7 @@ def test_registry_and_entry_point_errors(tmp_path):
     with pytest.raises(
         ValueError,
         match=r"train_qa\.json \(official\) and train\.jsonl "
-        r"\(clipbert\); pass fmt=",
+        r"\(clipbert\); pass fmt=.*data\.format",
     ):
         load_annotations("msrvtt_qa", tmp_path, split="train")
     assert len(load_annotations("msrvtt_qa", tmp_path, split="train", fmt="clipbert")) == 1

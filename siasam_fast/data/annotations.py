@@ -178,7 +178,8 @@ def _find_in_folder(dataset, spec, folder: Path, split, fmt) -> tuple[str, Path]
     if len(found) > 1:
         raise ValueError(
             f"{dataset} split={split!r}: {folder} holds "
-            f"{' and '.join(f'{p.name} ({f})' for f, p in found)}; pass fmt= to choose"
+            f"{' and '.join(f'{p.name} ({f})' for f, p in found)}; pass fmt= to choose "
+            "(data.format in a config)"
         )
     return found[0]
 
@@ -452,8 +453,9 @@ def _load_youtube_mapping(annotation: Path, mapping) -> tuple[dict[int, str], Pa
         if not found:
             raise FileNotFoundError(
                 f"msvd_qa needs youtube_mapping.txt to turn video ids into clip names; not in "
-                f"{' or '.join(str(c.parent) for c in candidates)}; pass mapping=PATH, or "
-                "mapping=False to keep 'vid<N>' names"
+                f"{' or '.join(str(c.parent) for c in candidates)}; set data.options.mapping to "
+                "its path (mapping=PATH in Python), or to false (mapping=False) to keep "
+                "'vid<N>' names"
             )
         path = found[0]
     else:
@@ -526,7 +528,9 @@ def _read_activitynet_official(
     else:
         raise ValueError(
             f"activitynet_qa: cannot tell the answer file of {q_path} (expected a *_q.json "
-            "name); pass (questions, answers) or answers_path="
+            "name); pass (questions, answers) or answers_path= (in a config, where each split "
+            "reads its file alone: name the files <split>_q.json and <split>_a.json, or set "
+            "data.options.answers_path, which every split then reads)"
         )
     if not a_path.is_file():
         raise FileNotFoundError(f"activitynet_qa: answer file {a_path} does not exist")
