@@ -311,6 +311,27 @@ def test_eval_clips_that_share_frames_are_counted_and_reported(manifest, caplog)
     assert train.overlapping_eval_videos == 0
 
 
+def test_eval_clips_that_share_frames_count_videos_not_questions(manifest, caplog):
+    """Several questions on one video (MSRVTT-QA has about 4 per test video) count the video
+    once; How2QA-style segments of one video count as segments; the questions are counted too."""
+    cfg = SamplingConfig(num_clips=9, frames_per_clip=8, stride=4, eval_clips=4)
+    names = ["h264", "h264", "short", "short", "short", "tiny"]  # 160, 30 and 10 frames
+    with caplog.at_level("WARNING", logger="siasam_fast.pipeline.dataset"):
+        ds = VideoQADataset(examples_for(names), manifest, cfg, split="val", image_size=SIZE)
+    assert len(ds) == 6 and ds.overlapping_eval_videos == 2
+    assert "2 of 3 videos are too short for 4 clips" in caplog.text, caplog.text
+    assert "4 of 6 questions" in caplog.text, caplog.text
+    caplog.clear()
+    # Two segments of h264 (160 frames): [0, 1) s is short, [0, 100) s the whole video.
+    segments = [QAExample(qid=f"s{i}", video_id="h264", question="what?", start=0.0, end=end)
+                for i, end in enumerate([1.0, 1.0, 100.0])]
+    with caplog.at_level("WARNING", logger="siasam_fast.pipeline.dataset"):
+        ds = VideoQADataset(segments, manifest, cfg, split="val", image_size=SIZE)
+    assert ds.overlapping_eval_videos == 1
+    assert "1 of 2 video segments are too short for 4 clips" in caplog.text, caplog.text
+    assert "2 of 3 questions" in caplog.text, caplog.text
+
+
 def test_close_loaders_ends_the_workers_at_once(manifest):
     """Workers that defer SIGTERM (training's loaders) are ended by close_loaders(), as a failing
     run does on its way out, instead of outliving their main process's exit."""

@@ -182,7 +182,7 @@ class VideoQADataset(Dataset):
         self.records: list[VideoRecord] = []
         self.segments: list[tuple[int, int]] = []  # (first frame, frame count) per position
         self.dropped: list[tuple[int, str, str]] = []  # (example index, qid, reason)
-        self.overlapping_eval_videos = 0  # evaluation: videos whose eval clips share frames
+        self.overlapping_eval_videos = 0  # evaluation: videos (segments) whose clips overlap
         for i, ex in enumerate(self.examples):
             record = self.manifest.get(ex.video_id)
             if record is None and by_name.get(ex.video_id):
@@ -232,23 +232,30 @@ class VideoQADataset(Dataset):
     def _warn_overlapping_eval_clips(self) -> None:
         """Evaluation asks for ``eval_clips`` clips per video, one per equal segment; a video with
         segments shorter than a clip gets clips that share frames (nothing is dropped: the clips
-        are still valid input, just not distinct). Says how many videos that hits."""
+        are still valid input, just not distinct). Says how many videos (How2QA: video segments)
+        that hits, each counted once however many questions it has, and how many questions."""
         if self.training or self.cfg.eval_clips <= 1 or not self.segments:
             return
         memo: dict[int, bool] = {}
-        short = []
-        for _, count in self.segments:
+        clips_of, short = set(), set()  # (video, first frame, frame count): what gets the clips
+        questions = 0
+        for record, (first, count) in zip(self.records, self.segments):
             if count not in memo:
                 clips = sample_eval_clips(count, self.cfg)
                 memo[count] = clips.unique.size < clips.clips.size
+            clips_of.add((record.video_id, first, count))
             if memo[count]:
-                short.append(count)
+                short.add((record.video_id, first, count))
+                questions += 1
         if short:
+            whole = all(count == record.num_frames
+                        for record, (_, count) in zip(self.records, self.segments))
             logger.warning(
-                "%s: eval.num_clips=%d: %d of %d videos are too short for %d clips without shared "
-                "frames (shortest: %d frames); their clips overlap",
-                self.split, self.cfg.eval_clips, len(short), len(self.segments),
-                self.cfg.eval_clips, min(short),
+                "%s: eval.num_clips=%d: %d of %d %s are too short for %d clips without shared "
+                "frames (%d of %d questions; shortest: %d frames); their clips overlap",
+                self.split, self.cfg.eval_clips, len(short), len(clips_of),
+                "videos" if whole else "video segments", self.cfg.eval_clips, questions,
+                len(self.segments), min(count for _, _, count in short),
             )
         self.overlapping_eval_videos = len(short)
 
