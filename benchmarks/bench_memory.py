@@ -94,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="frames per measurement (default: 2)")
     parser.add_argument("--device", default="cpu",
                         help="cpu (default) or cuda: where the model runs, in fp32")
-    parser.add_argument("--out-dir", default=None, help="where memory.csv goes "
+    parser.add_argument("--out-dir", "--out", default=None, help="where memory.csv goes "
                         "(default: benchmarks/results)")
     return parser
 

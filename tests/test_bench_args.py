@@ -14,6 +14,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import ablation  # noqa: E402
 import bench_kernels  # noqa: E402
+import bench_memory  # noqa: E402
 import bench_pipeline  # noqa: E402
 import bench_transcode  # noqa: E402
 
@@ -228,6 +229,9 @@ def test_every_script_takes_out_and_out_dir():
         assert bench_transcode.build_parser().parse_args([flag, "x"]).out_dir == Path("x")
         assert bench_kernels.parse_args([flag, "x"]).out == "x"
         assert ablation.parse_args([flag, "x"]).out == "x"
+        assert bench_memory.build_parser().parse_args([flag, "x"]).out_dir == "x"
+    # bench_memory's --out worked only as argparse's abbreviation of --out-dir, unlisted in --help
+    assert "--out-dir OUT_DIR, --out OUT_DIR" in bench_memory.build_parser().format_help()
 
 
 # ------------------------------------------------------------------------------------------------
