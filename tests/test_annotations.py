@@ -583,11 +583,16 @@ def test_unclosed_quote_gets_a_hint(tmp_path):
         load_annotations("tgif_count", path)
 
 
-def test_activitynet_swapped_files_are_named(tmp_path):
-    write(tmp_path / "val_q.json", json.dumps(
+def write_activitynet_pair(folder):
+    """val_q.json / val_a.json: one ActivityNet-QA question and its answer."""
+    write(folder / "val_q.json", json.dumps(
         [{"question": "is it?", "question_id": "v_1_0", "video_name": "1"}]))
-    write(tmp_path / "val_a.json", json.dumps([{"answer": "yes", "question_id": "v_1_0",
-                                                "type": 3}]))
+    write(folder / "val_a.json", json.dumps([{"answer": "yes", "question_id": "v_1_0",
+                                              "type": 3}]))
+
+
+def test_activitynet_swapped_files_are_named(tmp_path):
+    write_activitynet_pair(tmp_path)
     with pytest.raises(AnnotationError, match=r"the files are swapped\? Give \(questions, "
                                               r"answers\): \(val_q.json, val_a.json\)"):
         load_annotations("activitynet_qa", [tmp_path / "val_a.json", tmp_path / "val_q.json"])
@@ -658,10 +663,7 @@ def test_non_utf8_file_names_the_line(tmp_path):
 
 def test_activitynet_video_prefix_must_be_text(tmp_path):
     """A config's `options: {video_prefix: }` gives None: said so, not a TypeError."""
-    write(tmp_path / "val_q.json", json.dumps(
-        [{"question": "is it?", "question_id": "v_1_0", "video_name": "1"}]))
-    write(tmp_path / "val_a.json", json.dumps([{"answer": "yes", "question_id": "v_1_0",
-                                                "type": 3}]))
+    write_activitynet_pair(tmp_path)
     with pytest.raises(ValueError, match=r"video_prefix=None: .*\"v_\".*\"\""):
         load_annotations("activitynet_qa", tmp_path / "val_q.json", video_prefix=None)
     (ex,) = load_annotations("activitynet_qa", tmp_path / "val_q.json", video_prefix="")
