@@ -282,7 +282,7 @@ def _convert(ckpt: str | Path, out: str | Path, tokenizer: str, force: bool = Fa
         load_checkpoint(ckpt)  # raises, naming it (a folder, or no such file)
     out = writable_out(out)
     folders = {"visual": out / VISUAL_FOLDER, "text": out / TEXT_FOLDER}
-    source = _source_id(ckpt) if ckpt.is_file() else None
+    source = _source_id(ckpt)
     marker = folders["visual"] / CLIPBERT_MARKER
     if marker.is_file() and folders["text"].is_dir() and not force:
         try:
