@@ -3,11 +3,15 @@ saves a checkpoint and exits with status 128 + the signal's number (143 for SIGT
 Ctrl-C), so that ``--resume auto`` continues it exactly.
 
 Cluster schedulers stop or pre-empt a job with SIGTERM (Slurm, Kubernetes), after a grace period
-SIGKILL; ``#SBATCH --signal=USR1@120`` asks Slurm for SIGUSR1 two minutes before the time limit;
-``torchrun`` and the ``deepspeed`` launcher pass SIGTERM (and SIGINT) on to every training
-process, with 30 s before they kill. A second Ctrl-C (a second after the first or later) stops
-at once with KeyboardInterrupt; a repeated SIGTERM or SIGUSR1 changes nothing (a launcher passes
-on the signal its process group already got, and the scheduler's SIGKILL ends the grace period).
+SIGKILL; ``#SBATCH --signal=TERM@120`` (or ``USR1@120``) asks Slurm to signal the job's ``srun``
+steps two minutes before the time limit. ``torchrun`` passes SIGTERM, SIGINT, SIGHUP and SIGQUIT
+on to every training process (other signals only when listed in its ``--signals-to-handle``) and
+kills 30 s later. On one node the ``deepspeed`` command itself ends at once on SIGTERM, while its
+child ``deepspeed.launcher.launch`` passes SIGINT and SIGTERM on, so under Slurm torchrun is the
+launcher to use (README, "Stopping and pre-emption"). A second Ctrl-C (a second after the first
+or later) stops at once with KeyboardInterrupt; a repeated SIGTERM or SIGUSR1 changes nothing (a
+launcher passes on the signal its process group already got, and the scheduler's SIGKILL ends
+the grace period).
 
 Several processes must stop at the same step, since the checkpoint is a collective operation. So
 they agree every ``CHECK_EVERY`` steps and at each epoch's end, with one all-reduce of one number
