@@ -724,3 +724,159 @@ def test_clipbert_eval_placement_repeats_the_last_frame_of_a_short_video():
     # a range of frames per clip: the largest that fits the whole video
     r = sample_eval_clips(25, SamplingConfig(eval_placement="clipbert", frames_per_clip=(2, 8)))
     assert r.frames_per_clip == 7 and r.reason == ""
+
+
+# -- gaps found by mutation testing: pace "both" with even N, the short-video fit, both options ---
+
+
+@pytest.mark.parametrize("d", [1, 3])
+@pytest.mark.parametrize("N", range(1, 13))
+def test_pace_both_order_away_from_the_ends(N, d):
+    """Far from either end the group is a, a+d, a-d, a+2d, a-2d, ... cut at N clips: with an even
+    N the one clip more is after the anchor (a, a+d for N = 2), not before it."""
+    cfg = SamplingConfig(num_clips=N, frames_per_clip=2, stride=1, start_spacing=d)
+    a = 100  # in the first third of 3000 frames, with room for 6 steps of 3 on both sides
+    r = sample_siamese_clips(3000, cfg, FixedAnchor(a))
+    offsets = [0] + [k for j in range(1, N) for k in (j, -j)]
+    assert r.starts.tolist() == [a + d * k for k in offsets[:N]]
+
+
+def _expected_short_fit(T, N, B, s, d):
+    """(stride, spacing, padded) of shrink_stride, from its rule: the largest stride that fits,
+    then (stride 1) the largest spacing that fits, else stride 1, spacing 1 and padding."""
+    if group_span(N, B, s, d) <= T:
+        return s, d, False
+    for s2 in range(s - 1, 0, -1):
+        if group_span(N, B, s2, d) <= T:
+            return s2, d, False
+    for d2 in range(d - 1, 0, -1):
+        if group_span(N, B, 1, d2) <= T:
+            return 1, d2, False
+    return 1, 1, True
+
+
+@settings(max_examples=150, deadline=None)
+@given(N=st.integers(1, 12), B=st.integers(1, 16), s=st.integers(1, 8), d=st.integers(1, 6),
+       data=st.data())
+def test_shrink_stride_takes_the_largest_stride_then_spacing_that_fits(N, B, s, d, data):
+    """Lengths around every stride's and spacing's exact fit: a group that fits exactly keeps
+    that stride (or spacing), and no larger one fits."""
+    fits = [group_span(N, B, s2, d) for s2 in range(1, s + 1)]
+    fits += [group_span(N, B, 1, d2) for d2 in range(1, d + 1)]
+    T = max(1, data.draw(st.sampled_from(fits)) + data.draw(st.sampled_from([-1, 0, 1])))
+    cfg = SamplingConfig(num_clips=N, frames_per_clip=B, stride=s, start_spacing=d)
+    r = sample_siamese_clips(T, cfg, np.random.default_rng(0))
+    stride, spacing, padded = _expected_short_fit(T, N, B, s, d)
+    assert (r.stride, r.start_spacing, "padded" in r.reason) == (stride, spacing, padded)
+    if not padded:
+        assert group_span(N, B, r.stride, r.start_spacing) <= T
+        check_invariants(r, T, cfg)
+
+
+def test_shrink_stride_exact_fits():
+    """The module's own example lengths: 30 frames hold 9 clips of 8 frames at stride 3 exactly;
+    14 frames hold 5 clips of 2 frames at stride 1 and spacing 3 exactly."""
+    r = sample_siamese_clips(30, SamplingConfig(**SPAN_CFG), np.random.default_rng(0))
+    assert r.stride == 3 and "stride shrunk from 4 to 3" in r.reason
+    cfg = SamplingConfig(num_clips=5, frames_per_clip=2, stride=2, start_spacing=4)
+    for T in (14, 15):
+        r = sample_siamese_clips(T, cfg, np.random.default_rng(0))
+        assert (r.stride, r.start_spacing) == (1, 3)
+        assert "stride shrunk from 2 to 1 and spacing from 4 to 3" in r.reason
+
+
+@settings(max_examples=120, deadline=None)
+@given(gop=st.integers(2, 60), offset=st.integers(0, 59), T=st.integers(40, 700),
+       tau=st.sampled_from([0.0, 0.5, 3.0, 20.0]), max_shift=st.integers(1, 70),
+       anchor_copies=st.booleans(), cfg=configs)
+def test_both_options_weigh_the_preroll_left_after_the_shift(
+    gop, offset, T, tau, max_shift, anchor_copies, cfg
+):
+    """Both options on: anchor a of the uniform draw (group first frame f, pre-roll r) is drawn
+    with weight exp(-(r - shift) / tau), shift = min(r, M, f), and lands at a - shift (module
+    docstring). Built here from the paper's group around each anchor (FixedAnchor), anchor copies
+    included (their group starts at the anchor)."""
+    cfg = SamplingConfig(**{**cfg.__dict__, "anchor_copies": anchor_copies})
+    keyframes = list(range(-(offset % gop), T, gop))
+    kcfg = with_options(cfg, {"preroll_temperature": tau, "keyframe_max_shift": max_shift})
+    probe = sample_siamese_clips(T, cfg, np.random.default_rng(0))
+    if probe.skipped or "padded" in probe.reason:
+        return
+    uniform_starts, _ = anchor_distribution(T, cfg)
+    left, landed = [], []
+    for a in uniform_starts.tolist():
+        first = int(_group_first_of(T, cfg, a))
+        if anchor_copies:
+            assert first == a
+        preroll = distance_to_keyframe(keyframes, first)
+        shift = min(preroll, max_shift, first)
+        left.append(preroll - shift)
+        landed.append(a - shift)
+    left = np.array(left, dtype=np.float64)
+    r = left - left.min()
+    w = (r == 0).astype(np.float64) if tau == 0 else np.exp(-r / tau)
+    expected = {}
+    for start, weight in zip(landed, w / w.sum()):
+        expected[start] = expected.get(start, 0.0) + weight
+    expected = {k: v for k, v in expected.items() if v > 0}
+    starts, p = anchor_distribution(T, kcfg, keyframes)
+    assert starts.tolist() == sorted(expected)
+    np.testing.assert_allclose(p, [expected[k] for k in sorted(expected)], rtol=1e-9, atol=1e-15)
+    drawn = sample_siamese_clips(T, kcfg, np.random.default_rng(1), keyframes=keyframes)
+    assert drawn.anchor_start in expected
+
+
+def test_preroll_temperature_zero_distribution_holds_only_aligned_anchors():
+    """tau = 0: anchor_distribution lists only the anchors drawn (those whose group starts on a
+    keyframe), each as likely: 9 clips x 8 frames at stride 4 in 300 frames, a keyframe every 16
+    frames, anchors 0..4 (group from frame 0) and 20, 36, ..., 84 (group from a - 4)."""
+    cfg = SamplingConfig(preroll_temperature=0)
+    starts, p = anchor_distribution(300, cfg, list(range(0, 300, 16)))
+    assert starts.tolist() == [0, 1, 2, 3, 4, 20, 36, 52, 68, 84]
+    np.testing.assert_allclose(p, 0.1)
+
+
+@settings(max_examples=100, deadline=None)
+@given(data=st.data(), T=st.integers(1, 800), cfg=configs, options=keyframe_options,
+       seed=st.integers(0, 2**32 - 1))
+def test_keyframes_in_any_order_with_repeats_give_the_same_result(data, T, cfg, options, seed):
+    """keyframes are a set of frame indices: their order and repeats do not matter."""
+    keyframes = data.draw(video_keyframes(T))
+    shuffled = data.draw(st.permutations(keyframes + keyframes[:3]))
+    kcfg = with_options(cfg, options)
+    a = sample_siamese_clips(T, kcfg, np.random.default_rng(seed), keyframes=keyframes)
+    b = sample_siamese_clips(T, kcfg, np.random.default_rng(seed), keyframes=shuffled)
+    np.testing.assert_array_equal(a.clips, b.clips)
+    assert a.keyframe_shift == b.keyframe_shift
+    ordered = anchor_distribution(T, kcfg, keyframes)
+    for x, y in zip(ordered, anchor_distribution(T, kcfg, shuffled)):
+        np.testing.assert_array_equal(x, y)
+
+
+def test_keyframes_are_not_read_with_the_options_off():
+    """Options off: the keyframes argument is not read, so not even checked."""
+    plain = sample_siamese_clips(100, SamplingConfig(), np.random.default_rng(0))
+    r = sample_siamese_clips(100, SamplingConfig(), np.random.default_rng(0), keyframes=[0.5, 7.5])
+    np.testing.assert_array_equal(r.clips, plain.clips)
+
+
+@settings(max_examples=200, deadline=None)
+@given(T=st.integers(1, 2000), E=st.integers(1, 12), cfg=configs,
+       placement=st.sampled_from(["middle", "uniform"]))
+def test_eval_clips_sit_in_their_equal_segments(T, E, cfg, placement):
+    """Clip i reads segment [i T // E, (i + 1) T // E): "middle" centres its clip there (as many
+    frames before it as after it, within one), "uniform" reads for frame j the frame that holds
+    the centre of the j-th of B equal parts of the segment, whenever the clip fits the segment."""
+    cfg = SamplingConfig(**{**cfg.__dict__, "eval_placement": placement})
+    r = sample_eval_clips(T, cfg, E)
+    B = r.frames_per_clip
+    for i, clip in enumerate(r.clips.tolist()):
+        lo, hi = i * T // E, max((i + 1) * T // E, i * T // E + 1)
+        n = hi - lo
+        if placement == "uniform":
+            if B <= n:
+                for j, f in enumerate(clip):
+                    assert f <= lo + (j + 0.5) * n / B < f + 1
+        elif clip_span(B, r.stride) <= n:
+            assert lo <= clip[0] and clip[-1] < hi
+            assert abs((clip[0] - lo) - (hi - 1 - clip[-1])) <= 1
