@@ -121,6 +121,20 @@ def test_cost_decomposes(keyframes, frames, threshold):
         assert c.decoded == 0 and math.isnan(c.ratio)
     assert list(c.seek_targets) == sorted(set(c.seek_targets))  # forward seeks only
     assert set(c.seek_targets) <= set(keyframes)
+    # keyframes are a set: any order, with repeats, costs the same
+    assert decode_cost(sorted(keyframes, reverse=True) + [min(keyframes)], frames, threshold) == c
+
+
+def test_first_keyframe_after_frame_0():
+    """Keyframes need not include frame 0: a frame past the first keyframe seeks to it (keyframe
+    index 0 is a keyframe like any other); a frame before it decodes from frame 0."""
+    c = decode_cost([50, 100], [60])
+    assert c.seek_targets == (50,) and c.decoded == 11 and c.preroll == 10
+    c = decode_cost([50, 100], [40])
+    assert c.seeks == 0 and c.decoded == 41 and c.preroll == 40
+    c = decode_cost([50, 100], [40, 60, 105])  # 0..40 | 50..60 | 100..105
+    assert c.seek_targets == (50, 100) and c.gaps == 0 and c.preroll == 40 + 10 + 5
+    assert c.decoded == 41 + 11 + 6
 
 
 @pytest.mark.parametrize(
@@ -265,3 +279,37 @@ def test_sampling_cost_takes_records_in_a_tuple():
     assert expected.draws == 10
     assert sampling_cost(records, REAL, draws=5) == expected
     assert sampling_cost(records[:1], REAL, draws=5) == sampling_cost([records[0]], REAL, draws=5)
+
+
+@pytest.mark.parametrize("threshold", [0, 2, 8])
+def test_sampling_cost_is_the_mean_of_decode_cost(threshold):
+    """Every field of sampling_cost is the mean of decode_cost's over the draws, at the seek
+    threshold asked for."""
+    T, keyframes = 300, list(range(0, 300, 5))
+    costs = [
+        decode_cost(keyframes, sample_siamese_clips(T, REAL, example_rng(3, i, 0)).unique,
+                    threshold)
+        for i in range(12)
+    ]
+    got = sampling_cost((T, keyframes), REAL, draws=12, seed=3, seek_threshold=threshold)
+    assert got.draws == 12
+    for name in ("needed", "decoded", "preroll", "gaps", "seeks"):
+        assert getattr(got, name) == pytest.approx(np.mean([getattr(c, name) for c in costs])), name
+
+
+def test_sampling_cost_averages_only_the_draws_it_decodes():
+    """Skipped draws (a video too short with short_video='skip') and corrupt records count
+    neither as draws nor in the means."""
+    from siasam_fast.pipeline.manifest import VideoRecord
+
+    def record(name, status, num_frames):
+        return VideoRecord(video_id=name, path=f"/{name}.mp4", relpath=f"{name}.mp4",
+                           status=status, num_frames=num_frames,
+                           keyframes=list(range(0, num_frames, 12)))
+
+    cfg = SamplingConfig(**{**REAL.__dict__, "short_video": "skip"})  # the group needs 37 frames
+    long = record("long", "ok", 300)
+    alone = sampling_cost([long], cfg, draws=6)
+    assert alone.draws == 6 and alone.needed == 37
+    mixed = [long, record("short", "ok", 20), record("bad", "corrupt", 300)]
+    assert sampling_cost(mixed, cfg, draws=6) == alone
