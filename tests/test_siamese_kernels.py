@@ -693,3 +693,87 @@ def test_kernels_compile_for_v100_and_h100_without_spills():
     if "SKIP" in out.stdout:
         pytest.skip(out.stdout.strip())
     assert out.returncode == 0 and "OK" in out.stdout, out.stdout + out.stderr[-3000:]
+
+
+# ------------------------------------------------------------------- mutation-review additions
+
+
+@pytest.mark.parametrize("tau, theta_scale", [(0.01, 1.0), (0.8, 100.0)],
+                         ids=["sharp_affinities", "large_theta"])  # fmt: skip
+def test_sharp_affinities_and_large_clip_weights_stay_finite(tau, theta_scale):
+    """Both softmaxes of the N x N math subtract their max: near-duplicate clips (cos ~ 0.99, as
+    siamese clips of one video are) at tau = 0.01 put cos / tau * log2(e) ~ 143 past fp32's 2^128,
+    and theta ~ 100 does the same to W = softmax(theta); the reference's softmax handles both."""
+    f, z, t1, t2, m = make_inputs(3, 9, 33, 50, torch.float32, True, seed=41)
+    f = f[:, :1] + 0.1 * f  # every clip close to its anchor
+    t1, t2 = theta_scale * t1, theta_scale * t2
+    tri, ref = run_both(f, z, t1, t2, m, reduction="none", tau=tau)
+    assert torch.isfinite(tri[0]).all() and all(torch.isfinite(a).all() for a in tri[1])
+    # fp32 rounding of cos (~6e-8) reaches the affinities multiplied by 1 / tau
+    tol = 1e-5 * max(1.0, 0.1 / tau)
+    check(tri[0], ref[0], tol, "loss", floor=LOSS_FLOOR)
+    for name, a, b in zip(("features", "logits", "theta1", "theta2"), tri[1], ref[1]):
+        check(a, b, tol, name)
+
+
+def test_features_below_the_norm_floor_take_the_linear_gradient():
+    """|f| < eps: f^ = f / eps is linear in f, so the features' gradient has no projection term
+    (the reference's clamp_min passes no gradient to |f|); a zero vector cannot tell the two."""
+    f, z, t1, t2, m = make_inputs(2, 5, 33, 40, torch.float32, False, seed=42)
+    f[0, 2] = 0.5 * S.EPS * f[0, 2] / f[0, 2].norm()  # |f| = eps / 2: f^ has norm 1/2
+    tri, ref = run_both(f, z, t1, t2, m, reduction="none")
+    assert_matches(tri, ref, torch.float32)
+
+
+def test_dispatch_limits_are_inclusive_and_name_unsupported_dtypes():
+    """D = 4096 and K = 65536 are inside the kernels' limits (no launch here); float64
+    features or theta are outside them, named in the error of an explicit impl='triton'."""
+    from siasam_kernels import siamese as ks
+
+    g = torch.Generator().manual_seed(43)
+    f = torch.randn(1, 2, ks.MAX_FEATURE_DIM, generator=g).to(DEVICE)
+    z = torch.randn(1, 2, ks.MAX_CLASSES, generator=g).to(DEVICE)
+    t = torch.zeros(2, device=DEVICE)
+    assert S._triton_unsupported(f, z, t, t, True) is None
+    assert S._triton_unsupported(f[..., :4], z[..., :5], t, t, True) is None
+    assert "up to D=4096" in S._triton_unsupported(torch.cat([f, f[..., :1]], -1), z, t, t, True)
+    assert "up to 65536 classes" in S._triton_unsupported(f, torch.cat([z, z[..., :1]], -1), t, t,
+                                                           True)  # fmt: skip
+    f, z = f[..., :4], z[..., :5]
+    for name, args in (("features", (f.double(), z, t, t)), ("theta1", (f, z, t.double(), t)),
+                       ("theta2", (f, z, t, t.double()))):  # fmt: skip
+        with pytest.raises(ValueError, match=rf"got {name} dtype torch.float64; use impl='ref"):
+            siamese_loss(*args, impl="triton")
+        assert S.resolve_impl("auto", *args) == "reference"  # (warns on CUDA for theta)
+
+
+def test_launch_tiles_are_clamped_to_the_problem(monkeypatch):
+    """A tile wider than the data is cut to the next power of 2 of D (features) and K (logits),
+    16 at least: tuning for K = 4096 must not launch 4096-wide tiles for 100 answers."""
+    from siasam_kernels import siamese as ks
+
+    cpu = torch.device("cpu")
+    monkeypatch.setenv(ks.CONFIG_ENV, "block_d=4096,block_k=65536")
+    for kind in ("fwd", "bwd"):
+        launch = ks._launch_settings(2, 40, 100, cpu, kind)
+        assert (launch["BLOCK_D"], launch["BLOCK_K"]) == (64, 128), (kind, launch)
+        launch = ks._launch_settings(2, 1, 3, cpu, kind)
+        assert (launch["BLOCK_D"], launch["BLOCK_K"]) == (16, 16), (kind, launch)
+
+
+def test_tuned_regime_is_any_multiple_of_16(monkeypatch, tmp_path):
+    """The tuned settings cover every K that is a multiple of 16 (vectorised loads), not only
+    multiples of 32 or of the tile."""
+    import json
+
+    from siasam_kernels import siamese as ks
+
+    path = tmp_path / "tuned.json"
+    path.write_text(json.dumps({"FakeGPU": {"2": {"fwd": {"block_k": 64}}}}))
+    monkeypatch.setenv(ks.TUNED_ENV, str(path))
+    monkeypatch.delenv(ks.CONFIG_ENV, raising=False)
+    monkeypatch.setattr(ks, "_sm_count", lambda device: 4)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "FakeGPU")
+    gpu = torch.device("cuda")
+    assert ks._launch_settings(8, 768, 16 * 257, gpu, "fwd", 2)["BLOCK_K"] == 64
+    assert ks._launch_settings(8, 768, 16 * 257 + 8, gpu, "fwd", 2)["BLOCK_K"] != 64
