@@ -427,3 +427,100 @@ def test_reference_ignores_autocast():
         got = siamese_loss_reference(f, z, t1, t2, clip_mask=m)
     assert got.dtype == torch.float32
     torch.testing.assert_close(got, want)
+
+
+# ------------------------------------------------------------------- mutation-review additions
+
+
+def test_count_loss_ignores_masked_predictions_and_detach_trains_the_anchor_only():
+    f, _, t1, t2, m = make_inputs(V=3, N=5, seed=16)
+    y = torch.rand(3, 5, dtype=F64, generator=torch.Generator().manual_seed(4)) * 10
+    valid = m | (torch.arange(5) == 0)
+    y_nan = torch.where(valid, y, math.nan)  # masked clips may hold anything
+    got = siamese_count_loss(f, y_nan, t1, t2, 0.3, 1.0, m, reduction="none")
+    torch.testing.assert_close(got, naive_count_loss(f, y, t1, t2, 0.3, m))
+    ins = [x.clone().requires_grad_() for x in (f, y_nan, t1, t2)]
+    siamese_count_loss(*ins, 0.3, 1.0, m, detach_soft_label=True).backward()
+    assert ins[0].grad is None and ins[2].grad is None and ins[3].grad is None  # Q is a constant
+    assert ins[1].grad[:, 1:].abs().max() == 0 and ins[1].grad[:, 0].abs().max() > 0
+
+
+def test_impl_environment_variable_is_read_as_written():
+    """SIASAM_IMPL is read in any case and with blanks around it, as TRITON_INTERPRET is."""
+    f, z, t1, t2, _ = _ok()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(S.IMPL_ENV, " Reference\n")
+        assert S.requested_impl("auto") == "reference"
+        assert S.resolve_impl("auto", f, z, t1, t2) == "reference"
+        mp.setenv(S.IMPL_ENV, "")
+        assert S.requested_impl("auto") == "auto"
+
+
+def test_knowledge_checks_tau():
+    f, _, _, _, _ = _ok()
+    for tau in (0.0, -1.0, math.inf, math.nan):
+        with pytest.raises(ValueError, match=r"tau=.*: must be a finite number > 0"):
+            siamese_knowledge(f, tau=tau)
+
+
+# ---------------------------------------------------------------------- losses (eq. 8)
+
+
+def _open_outputs(V=3, N=4, D=6, K=5, seed=17):
+    g = torch.Generator().manual_seed(seed)
+    outputs = {"features": torch.randn(V, N, D, generator=g),
+               "logits": 2 * torch.randn(V, N, K, generator=g)}  # fmt: skip
+    mask = torch.ones(V, N, dtype=torch.bool)
+    mask[0, 2:] = False
+    mask[2, 1:] = False
+    batch = {"clip_mask": mask, "label": torch.tensor([1, 4, 0])}
+    return outputs, batch
+
+
+def test_gt_loss_on_every_clip_averages_the_valid_clips_only():
+    import torch.nn.functional as F
+
+    from siasam_fast.losses import IGNORE, gt_loss
+
+    outputs, batch = _open_outputs()
+    mask, label = batch["clip_mask"], batch["label"]
+    logits = outputs["logits"]
+    ce = F.cross_entropy(logits.flatten(0, 1), label.repeat_interleave(4), reduction="none")
+    want = ce.view(3, 4)[mask].mean()
+    assert gt_loss(outputs, batch, "open", "all").item() == pytest.approx(want.item(), rel=1e-6)
+    # No usable target anywhere: zero, not 0 / 0
+    none = {**batch, "label": torch.full((3,), IGNORE)}
+    for clips in ("anchor", "all", "pooled"):
+        assert gt_loss(outputs, none, "open", clips).item() == 0.0
+    counts = {"clip_mask": mask, "count": torch.full((3,), math.nan)}
+    assert gt_loss({"prediction": logits[..., 0]}, counts, "count", "all").item() == 0.0
+
+
+def test_siamese_term_is_the_masked_mean_and_skipped_for_one_clip():
+    from siasam_fast.config import SiameseConfig
+    from siasam_fast.losses import gt_loss, siamese_term, total_loss
+
+    outputs, batch = _open_outputs()
+    mask = batch["clip_mask"]
+    reasoning = SiameseReasoning(4, omega=0.3, tau=0.7, impl="reference")
+    with torch.no_grad():
+        reasoning.theta1.copy_(torch.linspace(-1, 1, 4))
+    nan_outputs = {k: torch.where(mask[..., None], v, math.nan) for k, v in outputs.items()}
+    want = siamese_loss_reference(outputs["features"], outputs["logits"], reasoning.theta1,
+                                  reasoning.theta2, 0.3, 0.7, mask)  # fmt: skip
+    torch.testing.assert_close(siamese_term(nan_outputs, batch, "open", reasoning), want)
+    # count: the scalar predictions, masked the same way
+    pred = outputs["logits"][..., 0]
+    want = siamese_count_loss(outputs["features"], pred, reasoning.theta1, reasoning.theta2, 0.3,
+                              0.7, mask)  # fmt: skip
+    count_out = {"features": nan_outputs["features"],
+                 "prediction": torch.where(mask, pred, math.nan)}  # fmt: skip
+    torch.testing.assert_close(siamese_term(count_out, {"clip_mask": mask}, "count", reasoning),
+                               want)  # fmt: skip
+    # One clip per video (the baseline's sampling): no siamese term, only L_gt
+    one = {k: v[:, :1] for k, v in outputs.items()}
+    one_batch = {**batch, "clip_mask": mask[:, :1]}
+    loss, parts = total_loss(one, one_batch, "open", SiameseConfig(alpha=1.0),
+                             SiameseReasoning(1, impl="reference"))  # fmt: skip
+    assert "loss_siamese" not in parts
+    assert loss.item() == pytest.approx(gt_loss(one, one_batch, "open").item())
