@@ -135,6 +135,107 @@ def test_decode_detects_a_stale_manifest(manifest):
         decode_frames(stale, [35])
 
 
+def test_decode_rejects_repeated_and_negative_frames(manifest):
+    record = manifest["h264"]
+    with pytest.raises(ValueError, match="sorted and unique"):
+        decode_frames(record, [3, 3])
+    with pytest.raises(ValueError, match="valid frames are 0..159"):
+        decode_frames(record, [-1, 3])
+    assert decode_frames(record, [], convert=lambda frame: frame) == []
+
+
+def test_decode_seek_threshold_bounds(manifest):
+    """A keyframe exactly ``seek_threshold`` frames ahead is decoded up to, farther is sought; a
+    wanted keyframe is sought itself, not the one before it; 0 is a valid threshold."""
+    record = manifest["h264"]  # keyframes every 12 frames
+    stats = DecodeStats()
+    assert read_indices(decode_frames(record, [13], stats=stats, seek_threshold=12)) == [13]
+    assert stats.seeks == 0 and stats.returned == 1
+    stats = DecodeStats()
+    assert read_indices(decode_frames(record, [13], stats=stats, seek_threshold=11)) == [13]
+    assert stats.seek_targets == [12]
+    stats = DecodeStats()
+    assert read_indices(decode_frames(record, [0, 144], stats=stats)) == [0, 144]
+    assert stats.seek_targets == [144] and stats.returned == 2
+    stats = DecodeStats()
+    wanted = [2, 30, 31, 90]
+    assert read_indices(decode_frames(record, wanted, stats=stats, seek_threshold=0)) == wanted
+    assert stats.seek_targets == [24, 84]
+    with pytest.raises(ValueError, match="seek_threshold=-1: must be >= 0"):
+        decode_frames(record, [5], seek_threshold=-1)
+
+
+class _Container:
+    """A PyAV input container whose seeks land one keyframe late (``late_seek``: an imprecise
+    index) or whose decoder outputs frame ``repeat`` twice (a repeated timestamp)."""
+
+    def __init__(self, container, keyframe_pts, late_seek=False, repeat=None):
+        self.container, self.keyframe_pts = container, list(keyframe_pts)
+        self.late_seek, self.repeat = late_seek, repeat
+        self.streams = container.streams
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.container.close()
+
+    def seek(self, pts, **kwargs):
+        if self.late_seek:
+            pts = self.keyframe_pts[self.keyframe_pts.index(pts) + 1]
+        return self.container.seek(pts, **kwargs)
+
+    def decode(self, stream):
+        for n, frame in enumerate(self.container.decode(stream)):
+            yield frame
+            if n == self.repeat:
+                yield frame
+
+
+def test_decode_starts_again_when_a_seek_lands_past_the_wanted_frame(manifest, monkeypatch):
+    from siasam_fast.pipeline import pyav_decode
+
+    record, open_video = manifest["h264"], pyav_decode.open_video
+    monkeypatch.setattr(pyav_decode, "open_video", lambda path: _Container(
+        open_video(path), record.keyframe_pts, late_seek=True))
+    stats = DecodeStats()
+    assert read_indices(decode_frames(record, [40, 41, 100], stats=stats)) == [40, 41, 100]
+    assert stats.restarts == 1 and stats.seek_targets == [36]
+    assert stats.decoded > 100  # the second pass decoded from the start, without seeking
+
+
+def test_decode_refuses_repeated_timestamps(manifest, monkeypatch):
+    from siasam_fast.pipeline import pyav_decode
+
+    record, open_video = manifest["h264"], pyav_decode.open_video
+    monkeypatch.setattr(pyav_decode, "open_video", lambda path: _Container(
+        open_video(path), record.keyframe_pts, repeat=4))
+    with pytest.raises(DecodeError, match="timestamps not increasing"):
+        decode_frames(record, [8], seek_threshold=10**6)
+
+
+def test_decode_detects_keyframes_the_manifest_numbers_otherwise(manifest):
+    """A keyframe met while decoding forward at another frame number than the manifest's: the
+    manifest is stale (the frames would be numbered wrong), refused."""
+    from dataclasses import replace
+
+    record = manifest["h264"]
+    stale = replace(record, keyframes=[0] + [k + 1 for k in record.keyframes[1:]])
+    with pytest.raises(DecodeError, match="manifest is stale"):
+        decode_frames(stale, [20], seek_threshold=10**6)
+
+
+def test_a_size_of_zero_in_the_manifest_means_unknown(manifest):
+    from dataclasses import replace
+
+    from siasam_fast.pipeline.pyav_decode import file_change
+
+    record = manifest["h264"]
+    assert file_change(record.path, 0) is None
+    assert file_change(record.path, record.size + 1).startswith("changed since")
+    assert read_indices(decode_frames(replace(record, size=0), [3])) == [3]
+
+
 # -- transforms --------------------------------------------------------------------------------
 
 
@@ -143,6 +244,9 @@ def test_resized_shape():
     assert resized_shape(720, 1280, 224) == (224, 398)
     assert resized_shape(320, 240, 224) == (299, 224)
     assert resized_shape(64, 64, 32) == (32, 32)
+    # rounded to nearest both ways: 325 * 224 / 240 = 303.33 -> 303 (not 304)
+    assert resized_shape(325, 240, 224) == (303, 224)
+    assert resized_shape(240, 325, 224) == (224, 303)
 
 
 def test_transform_resize_crop_normalise():
@@ -165,6 +269,25 @@ def test_transform_resize_crop_normalise():
         align_corners=False,
     )[0, :, :, 4:28]
     assert (out - ref).abs().max() <= 1.01  # uint8 resize: within one grey level
+
+
+def test_transform_gives_the_dtype_asked_for():
+    frames = np.full((2, 40, 30, 3), (30, 120, 200), np.uint8)
+    reference = video_transform(frames, 16)
+    for dtype in (torch.float16, torch.bfloat16):
+        out = video_transform(frames, 16, dtype=dtype)
+        assert out.dtype == dtype and out.shape == (2, 3, 16, 16)
+        torch.testing.assert_close(out.float(), reference, atol=2e-2, rtol=0)
+    assert video_transform(frames[:0], 16, dtype=torch.float16).dtype == torch.float16
+
+
+def test_transform_refuses_an_image_size_below_one():
+    from siasam_fast.pipeline.transforms import frame_resizer
+
+    frames = np.zeros((1, 8, 8, 3), np.uint8)
+    for call in (lambda: video_transform(frames, 0), lambda: frame_resizer(0)):
+        with pytest.raises(ValueError, match="image_size=0: must be >= 1"):
+            call()
 
 
 def test_transform_keeps_the_index_code():
@@ -373,6 +496,20 @@ def test_segments_restrict_sampling(manifest):
     assert item["candidates"] == ["x", "y"] and item["answer_index"] == 1
 
 
+def test_keyframe_aware_sampling_in_a_segment_uses_the_videos_keyframes(manifest):
+    """A segment starting mid-GOP (frame 50; keyframes every 12 frames): with keyframe_max_shift
+    covering a GOP, every group starts on one of the video's keyframes, or at the segment's start
+    (its keyframe, 48, lies before it)."""
+    record = manifest["h264"]
+    ex = QAExample(qid="a", video_id="h264", question="?", start=2.0, end=4.4)
+    cfg = SamplingConfig(num_clips=3, frames_per_clip=4, stride=4, keyframe_max_shift=11)
+    ds = VideoQADataset([ex], manifest, cfg, "train", image_size=SIZE)
+    starts = set()
+    for epoch in range(20):
+        starts.add(int(ds.plan((epoch, 0)).clips.clips.min()))
+    assert starts <= {50} | set(record.keyframes) and starts - {50}, starts
+
+
 def test_bad_examples_are_dropped_at_construction(manifest, caplog):
     cfg = SamplingConfig(num_clips=9, frames_per_clip=8, stride=4, short_video="skip")
     names = ["h264", "broken", "nowhere", "tiny", "vp9"]
@@ -508,7 +645,7 @@ def test_loader_epochs_with_persistent_workers(manifest):
 
 
 @pytest.mark.parametrize("drop_last", [False, True])
-@pytest.mark.parametrize("num_examples, world_size", [(10, 3), (12, 4), (2, 3), (7, 1)])
+@pytest.mark.parametrize("num_examples, world_size", [(10, 3), (12, 4), (2, 3), (7, 1), (1, 3)])
 def test_shards_are_disjoint_equal_and_cover(num_examples, world_size, drop_last):
     shards = [
         list(
@@ -523,6 +660,9 @@ def test_shards_are_disjoint_equal_and_cover(num_examples, world_size, drop_last
     else:
         assert set(flat) == set(range(num_examples))
         assert len(flat) - len(set(flat)) == len(flat) - num_examples  # only the wrap repeats
+        # the shards interleave the order, made equal by the start of the order again
+        order = [shards[k % world_size][k // world_size] for k in range(len(flat))]
+        assert order[num_examples:] == order[: len(flat) - num_examples]
     again = list(
         ShardedSampler(num_examples, seed=1, rank=0, world_size=world_size, drop_last=drop_last)
     )
@@ -551,6 +691,42 @@ def test_sampler_state_resumes_exactly():
     assert list(resumed) == full  # the following pass starts the epoch again
     with pytest.raises(ValueError, match="seed=5"):
         ShardedSampler(23, seed=5, rank=1, world_size=2).load_state_dict(state)
+    with pytest.raises(ValueError, match="drop_last=False but this sampler has drop_last=True"):
+        ShardedSampler(23, seed=4, rank=1, world_size=2, drop_last=True).load_state_dict(state)
+    resumed.load_state_dict(state)
+    with pytest.raises(ValueError, match="rewind to position=6: must be in 0..5"):
+        resumed.rewind(6)  # only ever back
+    resumed.rewind(2)
+    assert list(resumed) == full[2:]
+
+
+def test_set_epoch_keeps_a_restored_state_for_that_epoch():
+    """A resumed run calls set_epoch with the restored epoch: the position stays; another epoch
+    starts from its beginning."""
+    sampler = ShardedSampler(23, seed=4, rank=1, world_size=2)
+    sampler.set_epoch(6)
+    full = list(sampler)
+    resumed = ShardedSampler(23, seed=4, rank=1, world_size=2)
+    resumed.load_state_dict({**sampler.state_dict(), "position": 5})
+    resumed.set_epoch(6)
+    assert list(resumed) == full[5:]
+    resumed.load_state_dict({**sampler.state_dict(), "position": 5})
+    resumed.set_epoch(7)
+    assert resumed.position == 0 and len(list(resumed)) == len(full)
+
+
+def test_failed_share_is_more_than_a_tenth_and_more_than_the_tries():
+    from siasam_fast.pipeline.dataset import STAND_IN_TRIES, check_failed_share
+
+    def failed(n):
+        return {f"v{i}": "unreadable: gone" for i in range(n)}
+
+    check_failed_share(failed(STAND_IN_TRIES), 10, "here")  # every video, but no more than tries
+    check_failed_share(failed(17), 170, "here")  # exactly a tenth
+    with pytest.raises(DecodeError, match="18 of the 170 videos failed at decode time in here"):
+        check_failed_share(failed(18), 170, "here")
+    with pytest.raises(DecodeError, match=f"{STAND_IN_TRIES + 1} of the 10 videos"):
+        check_failed_share(failed(STAND_IN_TRIES + 1), 10, "here")
 
 
 @settings(max_examples=200, deadline=None)
@@ -720,6 +896,22 @@ def test_when_every_stand_in_fails_too_the_loader_says_so(own_videos):
     with pytest.raises(DecodeError, match=r"failed, and no other video could stand in for it "
                                           r"\(0 more decoded without success; 3 video\(s\) "
                                           r"failed in this process: 3 unreadable\)"):
+        list(loader)
+
+
+def test_stand_in_tries_are_counted_with_the_failed_video(own_videos, monkeypatch):
+    """At most STAND_IN_TRIES videos decoded for one example, the failed one included."""
+    from siasam_fast.pipeline import dataset as dataset_module
+
+    folder, manifest = own_videos
+    for name, codec in (("h264", "h264"), ("vp9", "vp9")):
+        path = video_path(folder, name, codec)
+        path.write_bytes(b"\0" * path.stat().st_size)  # same size: only decoding can tell
+    monkeypatch.setattr(dataset_module, "STAND_IN_TRIES", 2)
+    loader = build_loader(examples_for(["h264", "vp9", "mjpeg"]), manifest, CFG, "train",
+                          batch_size=1, image_size=SIZE, num_workers=0, shuffle=False)
+    with pytest.raises(DecodeError, match=r"no other video could stand in for it \(1 more "
+                                          r"decoded without success"):
         list(loader)
 
 
