@@ -584,6 +584,85 @@ def test_repeated_decode_failures_stop_the_run(own_copy, monkeypatch):
         list(loader)
 
 
+@pytest.mark.parametrize("batch_size", [1, 3])
+def test_decode_failures_with_a_success_between_are_not_in_a_row(own_copy, monkeypatch,
+                                                                   batch_size):
+    """Two damaged videos, a good one decoded between them (in its own batch, or on its own in the
+    same batch): not two failures in a row."""
+    folder, manifest = own_copy
+    for name, codec in (("vp9", "vp9"), ("vp9_vfr", "vp9")):
+        damage(video_path(folder, name, codec), "hidden")
+    monkeypatch.setattr(dali_module, "MAX_FAILED_VIDEOS", 2)
+    loader = dali(examples_for(["vp9", "mjpeg", "vp9_vfr"]), manifest, batch_size=batch_size,
+                  shuffle=False, prefetch_factor=1)
+    batches = list(loader)
+    assert [i for b in batches for i in b["example_index"].tolist()] == [1, 1, 1]
+    assert len(loader.skipped) == 2 and loader.stand_ins == 2
+
+
+def test_stand_in_tries_are_counted_with_the_failed_video(own_copy, monkeypatch):
+    """At most STAND_IN_TRIES videos decoded for one example, the failed one included."""
+    folder, manifest = own_copy
+    for name, codec in (("vp9", "vp9"), ("vp9_vfr", "vp9")):
+        damage(video_path(folder, name, codec), "hidden")
+    monkeypatch.setattr(dali_module, "STAND_IN_TRIES", 2)
+    loader = dali(examples_for(["vp9", "vp9_vfr", "mjpeg"]), manifest, batch_size=1,
+                  shuffle=False)
+    with pytest.raises(RuntimeError, match=r"no other video could stand in for it \(1 more "
+                                           r"decoded without success"):
+        list(loader)
+
+
+def test_videos_already_left_out_are_no_stand_in_tries(own_copy, monkeypatch):
+    """A video left out earlier is passed over when looking for a stand-in, without being decoded
+    again or counting as a try."""
+    folder, manifest = own_copy
+    for name, codec in (("vp9", "vp9"), ("vp9_vfr", "vp9")):
+        damage(video_path(folder, name, codec), "hidden")
+    monkeypatch.setattr(dali_module, "STAND_IN_TRIES", 2)
+    loader = dali(examples_for(["vp9", "mjpeg", "vp9_vfr", "vp9"]), manifest, batch_size=1,
+                  shuffle=False)
+    batches = list(loader)  # vp9_vfr's stand-in: vp9 (left out) passed over, then mjpeg
+    assert [b["example_index"].tolist() for b in batches] == [[1], [1], [1], [1]]
+    assert loader.stand_ins == 3
+
+
+def copy_videos(folder, tmp_path, names):
+    for name in names:
+        path = video_path(folder, name, VIDEOS[name][0])
+        shutil.copy2(path, tmp_path / path.name)
+    return build_manifest(tmp_path, tmp_path / "manifest.jsonl", workers=1, progress=False)
+
+
+def test_stand_ins_with_fewer_frames_are_padded_with_zeros(folder, tmp_path):
+    """A batch with a stand-in is stacked again: the videos with fewer unique frames than the
+    batch's largest are padded with zeros, as the contract says."""
+    manifest = copy_videos(folder, tmp_path, ["vp9", "short", "mjpeg"])
+    damage(video_path(tmp_path, "vp9", "vp9"), "truncate")
+    loader = dali(examples_for(["vp9", "short", "mjpeg"]), manifest, batch_size=3,
+                  shuffle=False)
+    (batch,) = list(loader)
+    assert batch["example_index"].tolist() == [1, 2, 1]
+    assert batch["num_unique"].tolist() == [23, 37, 23]
+    check_batch_frames(batch)
+
+
+def test_each_example_left_out_is_listed_once(folder, tmp_path):
+    """A pipeline rebuilt after an error plans the rest of the pass again: a video already left
+    out there is not listed again for the same example."""
+    manifest = copy_videos(folder, tmp_path, ["vp9", "vp9_vfr", "mjpeg", "wide"])
+    damage(video_path(tmp_path, "vp9", "vp9"), "truncate")
+    for name in ("vp9_vfr", "wide"):
+        damage(video_path(tmp_path, name, "vp9"), "hidden")
+    names = ["vp9", "vp9_vfr", "mjpeg", "wide", "vp9"]
+    loader = dali(examples_for(names), manifest, batch_size=1, shuffle=False)
+    batches = list(loader)
+    assert [b["example_index"].tolist() for b in batches] == [[2]] * 5
+    assert loader.stand_ins == 4
+    assert sorted(path for path, _ in loader.skipped) == sorted(
+        str(video_path(tmp_path, name, "vp9")) for name in ["vp9", "vp9", "vp9_vfr", "wide"])
+
+
 # -- arguments ---------------------------------------------------------------------------------
 
 
@@ -625,6 +704,25 @@ def test_bad_arguments_name_the_valid_values(manifest):
 
 
 # -- trimmed streams ---------------------------------------------------------------------------
+
+
+def test_default_threads_follow_the_videos_per_iteration_on_the_gpu():
+    assert [dali_module.default_num_threads("gpu", v) for v in (1, 4, 8, 16, 40)] == \
+        [4, 4, 8, 16, dali_module.MAX_DEFAULT_THREADS]
+    assert 1 <= dali_module.default_num_threads("cpu", 40) <= 4
+
+
+def test_first_line_of_a_dali_error():
+    operator = RuntimeError("Critical error in pipeline:\nError in thread 0: [/opt/dali/op.cc:12] "
+                            "Assert on \"x\" failed\nError when executing CPU operator "
+                            "decoders__Video encountered:\n\n  Frame 99 is out of range\n"
+                            "Stacktrace (3 entries):\nC++ context: [/opt/dali/op.cc:12]")
+    assert dali_module._first_line(operator) == "Frame 99 is out of range"
+    reader = RuntimeError("Traceback (most recent call last):\n  File \"reader.py\", line 3\n"
+                          "OSError: [Errno 5] Input/output error\n"
+                          "Current pipeline object is no longer valid.")
+    assert dali_module._first_line(reader) == "OSError: [Errno 5] Input/output error"
+    assert dali_module._first_line(ValueError("")) == "ValueError"
 
 
 def test_trimming_is_checked_on_the_gpu_before_it_is_used(monkeypatch, caplog):
@@ -753,7 +851,7 @@ def test_trim_from_the_file_with_the_manifests_keyframes(tmp_path, name, options
                 cut = dali_module.trim_file(fh, wanted, span)
         else:
             cut = dali_module.trim_file(path, wanted, span)
-        if key == 0 and after == -1:
+        if key == 0 and after_pts < 0:
             assert cut is None  # the whole file
             continue
         assert cut is not None
@@ -761,6 +859,9 @@ def test_trim_from_the_file_with_the_manifests_keyframes(tmp_path, name, options
     # A span that disagrees with the file: None (the caller reads the whole file), never wrong
     # frames. Frames after the last keyframe (the frame count checks them), then between two.
     n = options["num_frames"]
+    whole = np.array([1, n - 2], np.int32)  # the stretch would be the whole file: None
+    assert dali_module.keyframe_span(record, whole).tolist()[::2] == [0, n]
+    assert dali_module.trim_file(path, whole, dali_module.keyframe_span(record, whole)) is None
     for wanted in (np.array([n - 3, n - 1], np.int32), np.array([1, 3], np.int32) + options["gop"]):
         key, key_pts, after, after_pts = dali_module.keyframe_span(record, wanted).tolist()
         assert dali_module.trim_file(path, wanted, np.array([key, key_pts, after, after_pts]))
@@ -852,6 +953,61 @@ def test_trim_hands_the_whole_file_back_when_it_cannot_help(folder, manifest):
     assert dali_module.trim_stretch(data, np.array([n], np.int32)) is None  # past the end
     junk = np.frombuffer(b"not a video at all", dtype=np.uint8)
     assert dali_module.trim_stretch(junk, np.array([3], np.int32)) is None
+
+
+def test_a_stretch_starts_at_the_wanted_keyframe_itself(tmp_path):
+    """The first wanted frame is a keyframe: the stretch starts there (not one GOP earlier), with
+    the manifest's keyframes or without; the span needs a keyframe at or before the frames."""
+    from dataclasses import replace
+
+    path = write_index_video(tmp_path / "k.mp4", 60, codec="h264", size=32, gop=12, bframes=2)
+    record = probe_video(path, tmp_path)
+    assert record.keyframes == [0, 12, 24, 36, 48]
+    wanted = np.array([24, 26], np.int32)
+    span = dali_module.keyframe_span(record, wanted)
+    assert span.tolist() == [24, record.keyframe_pts[2], 36, record.keyframe_pts[3]]
+    assert dali_module.keyframe_span(record, np.array([30, 36])).tolist()[::2] == [24, 48]
+    assert dali_module.keyframe_span(record, np.array([50])).tolist()[::2] == [48, 60]
+    for cut in (dali_module.trim_file(path, wanted, span),
+                dali_module.trim_stretch(np.fromfile(path, np.uint8), wanted)):
+        assert cut is not None and cut[1].tolist() == [0, 2]
+        assert decoded_indices(cut[0])[:3] == [24, 25, 26]
+    late = replace(record, keyframes=[12, 24, 36, 48], keyframe_pts=record.keyframe_pts[1:])
+    assert dali_module.keyframe_span(late, np.array([3, 20])).size == 0
+
+
+def test_trim_file_stops_reading_after_the_next_keyframe(tmp_path, monkeypatch):
+    """trim_file demuxes from the keyframe to the next keyframe's leading pictures, not to the
+    end of the file."""
+    path = write_index_video(tmp_path / "k.mp4", 160, codec="h264", size=32, gop=12, bframes=2)
+    record = probe_video(path, tmp_path)
+    demuxed = []
+    open_video = dali_module.open_video
+
+    class Counting:
+        def __init__(self, source):
+            self.container = open_video(source)
+            self.format, self.streams = self.container.format, self.container.streams
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.container.close()
+
+        def seek(self, *args, **kwargs):
+            return self.container.seek(*args, **kwargs)
+
+        def demux(self, *args):
+            for packet in self.container.demux(*args):
+                demuxed.append(packet.pts)
+                yield packet
+
+    monkeypatch.setattr(dali_module, "open_video", Counting)
+    wanted = np.array([26, 30], np.int32)
+    cut = dali_module.trim_file(path, wanted, dali_module.keyframe_span(record, wanted))
+    assert cut is not None and cut[1].tolist() == [2, 6]
+    assert 12 < len(demuxed) <= 24, len(demuxed)  # frames 24..35, the next keyframe, a B-frame
 
 
 @pytest.mark.parametrize("dedup, num_workers", [(True, 0), (False, 0), (True, 2)])
