@@ -2,6 +2,7 @@
 
 import json
 import os
+from fractions import Fraction
 
 import av
 import numpy as np
@@ -483,3 +484,198 @@ def test_a_manifest_is_readable_as_any_new_file_is(tmp_path):
     assert (tmp_path / "m.jsonl").stat().st_mode & 0o777 == 0o644
     assert (tmp_path / "private.jsonl").stat().st_mode & 0o777 == 0o600
     assert path.exists()
+
+
+def _remux(src, dst, fix=None):
+    """Copy the video packets of ``src`` into ``dst`` (the container by its extension), after
+    ``fix(i, packet)`` changed packet ``i`` as it likes."""
+    with av.open(str(src)) as inp, av.open(str(dst), "w") as out:
+        stream = out.add_stream_from_template(inp.streams.video[0])
+        for i, packet in enumerate(inp.demux(inp.streams.video[0])):
+            if packet.dts is not None:
+                if fix is not None:
+                    fix(i, packet)
+                packet.stream = stream
+                out.mux(packet)
+    return dst
+
+
+def test_frames_are_numbered_from_the_first_pts(tmp_path):
+    """A stream whose first frame is not at pts 0 (a cut, a capture): frame 0 is the first
+    frame, start_pts its pts, and the duration runs from it (not from pts 0)."""
+    src = write_index_video(tmp_path / "m.avi", 10, codec="mjpeg", size=16)
+
+    def shift(i, packet):  # 1 / 25 s per frame in ms, the first frame at 4 s
+        packet.time_base = Fraction(1, 1000)
+        packet.pts = packet.dts = 4000 + 40 * i
+
+    folder = tmp_path / "videos"
+    folder.mkdir()
+    _remux(src, folder / "late.mkv", shift)
+    record = probe_video(folder / "late.mkv", folder)
+    assert record.ok and record.num_frames == 10 and record.time_base == "1/1000"
+    assert record.start_pts == 4000
+    assert record.keyframes == list(range(10))
+    assert record.keyframe_pts == [4000 + 40 * i for i in range(10)]
+    assert record.fps == pytest.approx(25) and record.duration == pytest.approx(0.4)
+
+
+def test_repeated_timestamps_are_corrupt(tmp_path):
+    """Two frames at the same pts cannot both be frame i: the file is marked corrupt, not numbered
+    with a frame missing."""
+    src = write_index_video(tmp_path / "m.avi", 6, codec="mjpeg", size=16)
+
+    def repeat(i, packet):  # pts 0 1 1 2 3 4
+        if i >= 2:
+            packet.pts = packet.dts = i - 1
+
+    folder = tmp_path / "videos"
+    folder.mkdir()
+    _remux(src, folder / "dup.mkv", repeat)
+    record = probe_video(folder / "dup.mkv", folder)
+    assert not record.ok and record.reason.startswith("timestamps not increasing")
+
+
+def test_more_frames_than_the_header_declares_is_ok(tmp_path):
+    """The header's frame count is not trusted either way: fewer frames than it says is a
+    truncated file, more is fine (the stream is counted)."""
+    import struct
+
+    path = write_index_video(tmp_path / "a.avi", 20, codec="mjpeg", size=16)
+    data = bytearray(path.read_bytes())
+    at = data.find(b"strh")  # AVISTREAMHEADER: dwLength, the stream's frames, at byte 32
+    assert struct.unpack("<I", data[at + 40 : at + 44]) == (20,)
+    data[at + 40 : at + 44] = struct.pack("<I", 15)
+    path.write_bytes(bytes(data))
+    record = probe_video(path, tmp_path)
+    assert record.declared_frames == 15
+    assert record.ok and record.num_frames == 20 and record.keyframes == list(range(20))
+
+
+def test_demux_mode_decodes_avi_of_a_reordering_codec_from_the_start(tmp_path):
+    """H.264 in AVI has no pts to order packets by: demux mode decodes the file instead, from its
+    first frame (after the packets were read once)."""
+    path = write_index_video(tmp_path / "h.avi", 30, codec="h264", size=16, gop=10, bframes=0)
+    record = probe_video(path, tmp_path, mode="demux")
+    assert record.ok and record.probe == "decode"
+    assert record.num_frames == 30 and record.keyframes == [0, 10, 20]
+
+
+def test_rerun_probes_again_what_may_have_changed(two_videos, tmp_path):
+    """Kept only when the file has the size, mtime and name the record was made from, the record
+    is of this manifest version, and its failure was not one worth another try."""
+    folder, out = two_videos
+    # a's content replaced by a longer video, its mtime put back (cp -p, rsync -t)
+    stat = (folder / "a.mp4").stat()
+    write_index_video(folder / "a.mp4", 20, "h264", size=16)
+    os.utime(folder / "a.mp4", ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert (folder / "a.mp4").stat().st_size != stat.st_size
+    again = build_manifest(folder, out, workers=1, progress=False)
+    assert again.probed == ["a"] and again["a"].num_frames == 20
+
+    # b.avi renamed b.mkv: same size and mtime, another file
+    (folder / "b.avi").rename(folder / "b.mkv")
+    again = build_manifest(folder, out, workers=1, progress=False)
+    assert again.probed == ["b"] and again["b"].relpath == "b.mkv"
+    assert load_manifest(out, video_dir=folder)["b"].path == str((folder / "b.mkv").resolve())
+
+    # an older manifest version; a file that was unreadable; one that crashed its prober
+    records = load_manifest(out)
+    records["a"].version = manifest_module.MANIFEST_VERSION - 1
+    for vid, reason in (("b", "unreadable: [Errno 13] Permission denied"),
+                        ("c", "decoder crashed: the probing process died on this file")):
+        if vid == "c":
+            write_index_video(folder / "c.mp4", 8, "h264", size=16)
+            st = (folder / "c.mp4").stat()
+            records["c"] = VideoRecord("c", str(folder / "c.mp4"), "c.mp4", "corrupt",
+                                       size=st.st_size, mtime_ns=st.st_mtime_ns)
+        records[vid].status, records[vid].reason = "corrupt", reason
+    manifest_module.write_manifest(records.values(), out)
+    again = build_manifest(folder, out, workers=1, progress=False)
+    assert sorted(again.probed) == ["a", "b", "c"] and again.num_ok == 3
+
+
+def test_a_moved_folder_gets_the_new_paths(two_videos, tmp_path):
+    """Indexing the folder at its new place reuses every record (a move keeps size and mtime),
+    with the path of the file where it is now."""
+    folder, out = two_videos
+    moved = tmp_path / "moved"
+    folder.rename(moved)
+    again = build_manifest(moved, out, workers=1, progress=False)
+    assert again.probed == [] and len(again.reused) == 2
+    for vid, record in load_manifest(out).items():
+        assert record.path == str((moved / record.relpath).resolve()), vid
+
+
+def test_extensions_in_capitals_are_found(tmp_path):
+    folder = tmp_path / "videos"
+    write_index_video(folder / "A.MP4", 8, "h264", size=16)
+    write_index_video(folder / "b.Avi", 4, "mjpeg", size=16)
+    build = build_manifest(folder, tmp_path / "m.jsonl", workers=1, progress=False)
+    assert sorted(build) == ["A", "b"] and build.num_ok == 2
+
+
+def test_corrupt_avi_of_a_demux_run_is_not_probed_again(tmp_path, caplog):
+    """Only ok records can have been numbered in decode order: a corrupt AVI record of a demux
+    run is kept like any other, without the warning."""
+    folder = tmp_path / "videos"
+    write_index_video(folder / "m.avi", 4, "mjpeg", size=16)
+    (folder / "empty.avi").write_bytes(b"")
+    (folder / "text.avi").write_text("not a video\n" * 20)
+    out = tmp_path / "m.jsonl"
+    first = build_manifest(folder, out, mode="demux", workers=1, progress=False)
+    assert first.num_ok == 1 and first.num_corrupt == 2
+    with caplog.at_level("WARNING"):
+        again = build_manifest(folder, out, mode="demux", workers=1, progress=False)
+        load_manifest(out)
+    assert again.probed == [] and "indexed with --fast" not in caplog.text
+
+
+def test_checkpoints_write_what_was_probed_so_far(tmp_path, monkeypatch):
+    """Every checkpoint_s seconds the manifest on disk holds the videos probed so far (marked
+    incomplete): a run killed outright (SIGKILL, out of memory) keeps them."""
+    folder = tmp_path / "videos"
+    for i in range(3):
+        write_index_video(folder / f"v{i}.mp4", 4, "h264", size=16)
+    out = tmp_path / "m.jsonl"
+    probe = manifest_module.probe_video
+    on_disk = []
+
+    def watching(path, video_dir, mode="decode"):
+        on_disk.append(sorted(load_manifest(out, allow_incomplete=True)) if out.exists() else None)
+        return probe(path, video_dir, mode)
+
+    monkeypatch.setattr(manifest_module, "probe_video", watching)
+    build_manifest(folder, out, workers=1, progress=False, checkpoint_s=0)
+    assert on_disk == [None, ["v0"], ["v0", "v1"]]
+    assert not manifest_module.incomplete_marker(out).exists()
+
+
+def test_blank_lines_of_a_manifest_are_skipped(two_videos):
+    _, out = two_videos
+    lines = out.read_text().splitlines()
+    out.write_text("\n" + lines[0] + "\n\n  \n" + "\n".join(lines[1:]) + "\n\n")
+    assert sorted(load_manifest(out)) == ["a", "b"]
+
+
+def test_manifest_lines_are_sorted_by_video_id(two_videos, tmp_path):
+    """Whatever order the records come in (probing finishes in any order), the file is the same."""
+    _, out = two_videos
+    records = list(load_manifest(out).values())
+    manifest_module.write_manifest(records[::-1], tmp_path / "reversed.jsonl")
+    assert (tmp_path / "reversed.jsonl").read_bytes() == out.read_bytes()
+    assert [json.loads(line)["video_id"] for line in out.read_text().splitlines()] == ["a", "b"]
+
+
+def test_a_permission_error_is_unreadable(two_videos, monkeypatch):
+    """A file that cannot be opened says "unreadable" (tried again by the next run), also when
+    the error comes from the container library (tests as root can't chmod a file unreadable)."""
+    folder, _ = two_videos
+
+    def denied(file):
+        raise PermissionError(13, "Permission denied", file)
+
+    monkeypatch.setattr(manifest_module, "open_video", denied)
+    record = probe_video(folder / "a.mp4", folder)
+    assert record.status == "corrupt" and record.reason.startswith("unreadable: ")
+    assert "Permission denied" in record.reason
