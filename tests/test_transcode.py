@@ -398,6 +398,7 @@ def test_output_size_and_options():
     assert output_size(1920, 1080, None) == (1920, 1080)
     assert output_size(640, 360, 720) == (640, 360)  # never upscaled
     assert output_size(641, 361, None) == (640, 360)  # even sides for 4:2:0
+    assert output_size(218, 100, 20) == (44, 20)  # 43.6 wide: the nearest even width
     x264 = encoder_options("libx264", 16, None, None, None)
     assert x264["g"] == x264["keyint_min"] == "16" and x264["sc_threshold"] == "0"
     assert "open-gop=0" in x264["x264-params"] and "scenecut=0" in x264["x264-params"]
@@ -406,6 +407,7 @@ def test_output_size_and_options():
     assert x265["crf"] == "25" and x265["bf"] == "2"
     nv = encoder_options("h264_nvenc", 16, None, None, None)
     assert nv["g"] == "16" and nv["no-scenecut"] == "1" and nv["forced-idr"] == "1"
+    assert nv["strict_gop"] == "1"
 
 
 def test_duplicate_video_ids_reported(tmp_path):
@@ -455,3 +457,165 @@ def test_outputs_of_deleted_sources_are_kept_and_named(tmp_path):
     assert set(load_manifest(dst / "manifest.jsonl")) == {"long_gop", "small"}
     assert ("1 video(s) of the manifest are no output of a source video (deleted or moved since "
             "they were transcoded, or put there): long_gop; kept") in again.summary()
+
+
+def _statuses(summary):
+    return {r.video_id: r.status for r in summary.results}
+
+
+def test_a_source_manifest_counting_other_frames_fails_the_video(complete_dst):
+    """The source manifest is the reference: a count that the source (or its existing output)
+    does not have fails the video with the reason, never keeps an output of another length."""
+    src, dst = complete_dst
+    from siasam_fast.pipeline.manifest import write_manifest
+
+    records = load_manifest(dst / "source_manifest.jsonl")
+    records["small"].num_frames = 19  # size and mtime kept: the record is reused as it is
+    write_manifest(records.values(), dst / "source_manifest.jsonl")
+    again = transcode(src, dst, gop=GOP, workers=1, encoder="cpu", progress=False)
+    assert _statuses(again) == {"small": "failed", "vfr": "skipped"}
+    assert again.failed[0].reason == ("the source decoded to 20 frames but its manifest counts "
+                                      "19 (stale manifest?)")
+
+
+def test_an_output_changed_since_its_record_is_verified_again(complete_dst):
+    """An output whose size (mtime put back) or mtime (same size) differs from its manifest
+    record is verified again, and redone when it fails."""
+    src, dst = complete_dst
+    stat = (dst / "small.mp4").stat()
+    data = (dst / "small.mp4").read_bytes()
+    (dst / "small.mp4").write_bytes(data[: len(data) // 3])
+    os.utime(dst / "small.mp4", ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    size = (dst / "vfr.mp4").stat().st_size
+    (dst / "vfr.mp4").write_bytes(b"\0" * size)
+    again = transcode(src, dst, gop=GOP, workers=1, encoder="cpu", progress=False)
+    assert _statuses(again) == {"small": "done", "vfr": "done"}
+    for out in load_manifest(dst / "manifest.jsonl").values():
+        assert out.ok and read_indices(decode_frames(out, [out.num_frames - 1])) == [
+            out.num_frames - 1]
+
+
+def _forget_sources(dst):
+    """transcode.json as an older siasam-fast wrote it: no fingerprints of the sources."""
+    stamp = json.loads((dst / PARAMS_NAME).read_text())
+    del stamp["sources"]
+    (dst / PARAMS_NAME).write_text(json.dumps(stamp))
+
+
+def test_outputs_of_an_older_version_without_source_fingerprints(tmp_path):
+    """Outputs of a run that recorded no source fingerprints are kept and get theirs; a source
+    probed again since (it changed) redoes its output all the same."""
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    write_sources(src, ["long_gop", "small"])
+    transcode(src, dst, gop=GOP, workers=1, encoder="cpu", progress=False)
+    _forget_sources(dst)
+    again = transcode(src, dst, gop=GOP, workers=1, encoder="cpu", progress=False)
+    assert _statuses(again) == {"long_gop": "skipped", "small": "skipped"}
+    assert sorted(json.loads((dst / PARAMS_NAME).read_text())["sources"]) == ["long_gop", "small"]
+
+    _forget_sources(dst)
+    path = video_path(src, "long_gop", "h264")
+    before = path.stat()
+    write_index_video(path, 60, codec="h264", size=64, gop=30, bframes=2, first_index=500)
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns - 10**9))  # older: cp -p, rsync -a
+    third = transcode(src, dst, gop=GOP, workers=1, encoder="cpu", progress=False)
+    assert _statuses(third) == {"long_gop": "done", "small": "skipped"}
+    out = load_manifest(dst / "manifest.jsonl")["long_gop"]
+    assert read_indices(decode_frames(out, [0, 59])) == [500, 559]
+
+
+def test_a_source_replaced_and_indexed_before_the_transcode(tmp_path):
+    """`siasam-fast index` run on the sources after one was replaced: the transcode finds the
+    source manifest up to date (nothing probed) and still redoes that output."""
+    from siasam_fast.pipeline.manifest import build_manifest
+
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    write_sources(src, ["long_gop", "small"])
+    transcode(src, dst, gop=GOP, workers=1, encoder="cpu", progress=False)
+    write_index_video(video_path(src, "long_gop", "h264"), 60, codec="h264", size=64, gop=30,
+                      bframes=2, first_index=500)
+    indexed = build_manifest(src, dst / "source_manifest.jsonl", workers=1, progress=False)
+    assert indexed.probed == ["long_gop"]
+    again = transcode(src, dst, gop=GOP, workers=1, encoder="cpu", progress=False)
+    assert _statuses(again) == {"long_gop": "done", "small": "skipped"}
+    out = load_manifest(dst / "manifest.jsonl")["long_gop"]
+    assert read_indices(decode_frames(out, [0, 59])) == [500, 559]
+
+
+def test_an_interrupted_redo_keeps_the_records_of_outputs_not_yet_redone(complete_dst,
+                                                                        monkeypatch):
+    """Other parameters, stopped after the first output: the manifest still lists the other
+    output (its old version is still there), not only the one redone."""
+    src, dst = complete_dst
+    real = transcode_module._run_all
+
+    def one_then_stop(*args, **kwargs):
+        for result in real(*args, **kwargs):
+            yield result
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(transcode_module, "_run_all", one_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        transcode(src, dst, gop=4, workers=1, encoder="cpu", progress=False)
+    records = load_manifest(dst / "manifest.jsonl", allow_incomplete=True)
+    assert sorted(records) == ["small", "vfr"]
+    assert sorted(len(r.keyframes) for r in records.values()) in ([3, 12], [5, 6])
+
+
+def test_a_replaced_source_whose_transcode_fails_loses_its_old_output(tmp_path, monkeypatch):
+    """The old output shows another video than the source now: when the redo fails it is removed
+    (and left out of the manifest), never kept as the source's output."""
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    write_sources(src, ["long_gop", "small"])
+    transcode(src, dst, gop=GOP, workers=1, encoder="cpu", progress=False)
+    write_index_video(video_path(src, "long_gop", "h264"), 60, codec="h264", size=64, gop=30,
+                      bframes=2, first_index=500)
+    encode = transcode_module._encode
+
+    def failing(source, tmp, job):
+        if job.video_id == "long_gop":
+            raise OSError("disk full")
+        return encode(source, tmp, job)
+
+    monkeypatch.setattr(transcode_module, "_encode", failing)
+    again = transcode(src, dst, gop=GOP, workers=1, encoder="cpu", progress=False)
+    assert _statuses(again) == {"long_gop": "failed", "small": "skipped"}
+    assert "the output made from the source's earlier version was removed" in again.failed[0].reason
+    assert not (dst / "long_gop.mp4").exists()
+    assert sorted(load_manifest(dst / "manifest.jsonl")) == ["small"] and again.orphans == []
+
+
+def test_outputs_with_other_keyframes_are_reported(tmp_path, monkeypatch):
+    """An encoder that ignored the GOP settings: the outputs are kept and the summary names them,
+    also when such an output is verified again by a later run."""
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    write_sources(src, ["small"])
+    regular = transcode(src, dst, gop=GOP, workers=1, encoder="cpu", progress=False)
+    assert "keyframes other than" not in regular.summary()
+    options = transcode_module.encoder_options
+    monkeypatch.setattr(transcode_module, "encoder_options",
+                        lambda name, gop, *args: options(name, 5, *args))
+    other = tmp_path / "other"
+    irregular = transcode(src, other, gop=GOP, workers=1, encoder="cpu", progress=False)
+    assert load_manifest(other / "manifest.jsonl")["small"].keyframes == [0, 5, 10, 15]
+    text = "1 outputs have keyframes other than every 8 frames (encoder ignored the GOP settings?)"
+    assert text in irregular.summary()
+    from siasam_fast.pipeline.manifest import write_manifest
+
+    write_manifest([], other / "manifest.jsonl")  # the output is verified again, not redone
+    again = transcode(src, other, gop=GOP, workers=1, encoder="cpu", progress=False)
+    assert _statuses(again) == {"small": "skipped"} and text in again.summary()
+
+
+def test_source_inside_destination_is_refused(tmp_path):
+    (tmp_path / "out" / "src").mkdir(parents=True)
+    with pytest.raises(ValueError, match="must not contain each other"):
+        transcode(tmp_path / "out" / "src", tmp_path / "out", gop=8, progress=False)
+
+
+def test_another_height_redoes_every_output(complete_dst):
+    src, dst = complete_dst
+    again = transcode(src, dst, gop=GOP, height=16, workers=1, encoder="cpu", progress=False)
+    assert _statuses(again) == {"small": "done", "vfr": "done"}
+    assert {r.height for r in load_manifest(dst / "manifest.jsonl").values()} == {16}
+
