@@ -619,3 +619,22 @@ def test_another_height_redoes_every_output(complete_dst):
     assert _statuses(again) == {"small": "done", "vfr": "done"}
     assert {r.height for r in load_manifest(dst / "manifest.jsonl").values()} == {16}
 
+
+def test_a_source_replaced_and_indexed_since_an_older_version_made_its_output(tmp_path):
+    """No source fingerprints (transcode.json of an older siasam-fast) and the replaced source
+    indexed before the transcode (nothing probed by it): the source, newer than the output, was
+    seen to have changed, yet the job verified the old output and kept it."""
+    from siasam_fast.pipeline.manifest import build_manifest
+
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    write_sources(src, ["long_gop", "small"])
+    transcode(src, dst, gop=GOP, workers=1, encoder="cpu", progress=False)
+    _forget_sources(dst)
+    write_index_video(video_path(src, "long_gop", "h264"), 60, codec="h264", size=64, gop=30,
+                      bframes=2, first_index=500)
+    assert build_manifest(src, dst / "source_manifest.jsonl", workers=1,
+                          progress=False).probed == ["long_gop"]
+    again = transcode(src, dst, gop=GOP, workers=1, encoder="cpu", progress=False)
+    assert _statuses(again) == {"long_gop": "done", "small": "skipped"}
+    out = load_manifest(dst / "manifest.jsonl")["long_gop"]
+    assert read_indices(decode_frames(out, [0, 59])) == [500, 559]

@@ -588,11 +588,14 @@ def transcode(
         dst = dst_dir / f"{vid}.mp4"
         # Which version of the source an output was made from: a source replaced since (other
         # content, perhaps the same frame count, an older or newer mtime) redoes its output.
+        # Without a fingerprint (an output of an older siasam-fast): a source probed again by
+        # this run, or newer than its output (changed since; perhaps indexed before this run).
         fingerprints[vid] = [int(src.size), int(src.mtime_ns)]
         known = made_from.get(vid)
         replaced_source = dst.exists() and (
             (known is not None and known != fingerprints[vid])
-            or (known is None and vid in getattr(sources, "probed", ())))
+            or (known is None and (vid in getattr(sources, "probed", ())
+                                   or dst.stat().st_mtime_ns < src.mtime_ns)))
         if replaced_source:
             changed_sources.add(vid)
         done = None if replaced_source else _complete(old.get(vid), dst, src)
