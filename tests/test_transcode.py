@@ -525,15 +525,18 @@ def test_outputs_of_an_older_version_without_source_fingerprints(tmp_path):
 
 
 def test_a_source_replaced_and_indexed_before_the_transcode(tmp_path):
-    """`siasam-fast index` run on the sources after one was replaced: the transcode finds the
-    source manifest up to date (nothing probed) and still redoes that output."""
+    """`siasam-fast index` run on the sources after one was replaced (by a copy keeping an older
+    mtime): the transcode finds the source manifest up to date (nothing probed) and the output
+    newer than the source, and still redoes that output (the source's fingerprint tells)."""
     from siasam_fast.pipeline.manifest import build_manifest
 
     src, dst = tmp_path / "src", tmp_path / "dst"
     write_sources(src, ["long_gop", "small"])
     transcode(src, dst, gop=GOP, workers=1, encoder="cpu", progress=False)
-    write_index_video(video_path(src, "long_gop", "h264"), 60, codec="h264", size=64, gop=30,
-                      bframes=2, first_index=500)
+    path = video_path(src, "long_gop", "h264")
+    before = path.stat()
+    write_index_video(path, 60, codec="h264", size=64, gop=30, bframes=2, first_index=500)
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns - 10**9))
     indexed = build_manifest(src, dst / "source_manifest.jsonl", workers=1, progress=False)
     assert indexed.probed == ["long_gop"]
     again = transcode(src, dst, gop=GOP, workers=1, encoder="cpu", progress=False)
