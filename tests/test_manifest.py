@@ -679,3 +679,43 @@ def test_a_permission_error_is_unreadable(two_videos, monkeypatch):
     record = probe_video(folder / "a.mp4", folder)
     assert record.status == "corrupt" and record.reason.startswith("unreadable: ")
     assert "Permission denied" in record.reason
+
+
+def _cut_copy(src, dst, frames):
+    """``src`` without its first ``frames`` frames, cut as `ffmpeg -ss T -c copy` cuts: the
+    packets from the keyframe before the cut are kept, before pts 0, and the mp4 edit list hides
+    them (FFmpeg flags them discard: decoders drop their frames)."""
+    with av.open(str(src)) as inp, av.open(str(dst), "w") as out:
+        source = inp.streams.video[0]
+        shift = int(frames / source.average_rate / source.time_base)
+        stream = out.add_stream_from_template(source)
+        for packet in inp.demux(source):
+            if packet.dts is not None:
+                packet.pts, packet.dts = packet.pts - shift, packet.dts - shift
+                packet.stream = stream
+                out.mux(packet)
+    return dst
+
+
+@pytest.mark.parametrize("mode", ["decode", "demux"])
+def test_a_cut_with_an_edit_list_is_numbered_as_decoders_output_it(tmp_path, mode):
+    """A clip cut without re-encoding starts with packets that the edit list hides: the decoder
+    never outputs their frames. Decode mode called the file truncated (the header counts those
+    packets), demux mode counted them as frames 0..4 (every frame sampled 5 frames off)."""
+    from videos import read_indices
+
+    from siasam_fast.pipeline.pyav_decode import decode_frames
+
+    src = write_index_video(tmp_path / "s.mp4", 48, "h264", size=32, gop=24, bframes=0)
+    folder = tmp_path / "videos"
+    folder.mkdir()
+    _cut_copy(src, folder / "cut.mp4", 5)
+    record = probe_video(folder / "cut.mp4", folder, mode)
+    assert record.ok, record.reason
+    assert record.num_frames == 43 and record.start_pts == 0
+    # frame 0: reached from the hidden keyframe before it (a seek to its pts lands there)
+    assert record.keyframes == [0, 19] and record.keyframe_pts[0] == 0
+    assert record.duration == pytest.approx(43 / 25)
+    for frames in ([0, 18, 19, 42], [3], [42], [2, 30]):
+        assert read_indices(decode_frames(record, frames, seek_threshold=0)) == [
+            5 + f for f in frames], frames

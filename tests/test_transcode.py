@@ -641,3 +641,20 @@ def test_a_source_replaced_and_indexed_since_an_older_version_made_its_output(tm
     assert _statuses(again) == {"long_gop": "done", "small": "skipped"}
     out = load_manifest(dst / "manifest.jsonl")["long_gop"]
     assert read_indices(decode_frames(out, [0, 59])) == [500, 559]
+
+
+def test_a_cut_source_is_transcoded_from_its_first_shown_frame(tmp_path):
+    """A source cut without re-encoding (packets hidden by an mp4 edit list before its first
+    frame) was a corrupt input ("truncated"); its output starts at the cut."""
+    from test_manifest import _cut_copy
+
+    whole = write_index_video(tmp_path / "whole.mp4", 48, codec="h264", size=32, gop=24,
+                              bframes=0)
+    (tmp_path / "src").mkdir()
+    _cut_copy(whole, tmp_path / "src" / "cut.mp4", 5)
+    summary = transcode(tmp_path / "src", tmp_path / "dst", gop=GOP, workers=1, encoder="cpu",
+                        progress=False)
+    assert _statuses(summary) == {"cut": "done"}, summary.summary()
+    out = load_manifest(tmp_path / "dst" / "manifest.jsonl")["cut"]
+    assert out.num_frames == 43 and out.keyframes == list(range(0, 43, GOP))
+    assert read_indices(decode_frames(out, np.arange(43))) == list(range(5, 48))

@@ -8,7 +8,9 @@ status ``ok`` or ``corrupt`` with the reason. Loaders take ``ok`` records only, 
 reaches a decoder during training.
 
 Frame numbering, shared by every backend: frame ``i`` is the i-th frame in presentation order, i.e.
-the i-th smallest pts of the stream's frames (robust to B-frames and variable frame rate).
+the i-th smallest pts of the stream's frames (robust to B-frames and variable frame rate). Frames
+that an edit list hides (the pre-roll that a cut without re-encoding keeps before its first frame)
+are no frames: decoders never output them.
 
 Probe modes:
 - ``"decode"`` (default) decodes every frame. It catches truncated and corrupt streams (the
@@ -232,12 +234,12 @@ def _probe_stream(path: Path, record: VideoRecord, mode: str) -> None:
         # AVI stores no presentation times (PyAV's packet pts is the decode order there): the
         # packets of a codec that reorders pictures cannot be numbered without decoding.
         no_pts = container.format.name == "avi" and not ctx.codec.intra_only
-        frame_pts, keyframe_pts, packet_pts_missing = _read_stream(container, stream, mode)
+        frame_pts, keyframe_pts, packet_pts_missing, hidden = _read_stream(container, stream, mode)
         if mode == "demux" and (packet_pts_missing or no_pts):
             # Packets without pts cannot be put in presentation order: decode instead.
             record.probe = "decode"
             container.seek(0)
-            frame_pts, keyframe_pts, _ = _read_stream(container, stream, "decode")
+            frame_pts, keyframe_pts, _, hidden = _read_stream(container, stream, "decode")
 
     if not frame_pts:
         record.reason = "zero frames: the video stream holds no decodable frame"
@@ -246,7 +248,7 @@ def _probe_stream(path: Path, record: VideoRecord, mode: str) -> None:
         record.reason = "timestamps not increasing: frames cannot be indexed by pts"
         return
     n = len(frame_pts)
-    if record.declared_frames and n < record.declared_frames:
+    if record.declared_frames and n < record.declared_frames - hidden:
         record.reason = (
             f"truncated: the header declares {record.declared_frames} frames, "
             f"only {n} could be read"
@@ -254,6 +256,10 @@ def _probe_stream(path: Path, record: VideoRecord, mode: str) -> None:
         return
     rank = {p: i for i, p in enumerate(frame_pts)}
     keyframes = sorted((rank[p], p) for p in set(keyframe_pts) if p in rank)
+    if any(p < frame_pts[0] for p in keyframe_pts) and (not keyframes or keyframes[0][0] != 0):
+        # A keyframe before frame 0 whose own frame is never output (a cut's pre-roll that the
+        # edit list hides): a seek to frame 0's pts lands on it, and decoding goes on to frame 0.
+        keyframes.insert(0, (0, frame_pts[0]))
     if not keyframes:
         record.reason = "no keyframe: the stream cannot be seeked"
         return
@@ -273,19 +279,22 @@ def _probe_stream(path: Path, record: VideoRecord, mode: str) -> None:
     record.status, record.reason = "ok", ""
 
 
-def _read_stream(container, stream, mode: str) -> tuple[list[int], list[int], bool]:
-    """(sorted frame pts, keyframe packet pts, whether some packet lacked a pts)."""
+def _read_stream(container, stream, mode: str) -> tuple[list[int], list[int], bool, int]:
+    """(sorted frame pts, keyframe packet pts, whether some packet lacked a pts, the number of
+    packets flagged discard: hidden by an edit list, decoded but their frames never output)."""
     frame_pts: list[int] = []
     keyframe_pts: list[int] = []
     missing = False
+    hidden = 0
     for packet in container.demux(stream):
         if packet.size:
+            hidden += bool(packet.is_discard)
             if packet.pts is None:
                 missing = True
             else:
                 if packet.is_keyframe:
                     keyframe_pts.append(int(packet.pts))
-                if mode == "demux":
+                if mode == "demux" and not packet.is_discard:
                     frame_pts.append(int(packet.pts))
         if mode == "decode":  # the final empty packet flushes the decoder
             for frame in packet.decode():
@@ -294,7 +303,7 @@ def _read_stream(container, stream, mode: str) -> tuple[list[int], list[int], bo
                 frame_pts.append(int(frame.pts))
     if mode == "demux":
         frame_pts.sort()
-    return frame_pts, keyframe_pts, missing
+    return frame_pts, keyframe_pts, missing, hidden
 
 
 def video_id_of(relpath: str) -> str:
