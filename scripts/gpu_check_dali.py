@@ -13,7 +13,8 @@ and the script goes on:
 3. exact frames through ``device="gpu"`` (NVDEC): every sampled frame index, dedup on / off, frames
    and clips, three epochs, a decode group of 2 batches, trimmed files (``trim=True``: only the
    stretch the frames need, remuxed by PyAV), with 2 reader processes (spawned: CUDA is
-   initialised);
+   initialised); 3b: a clip cut without re-encoding (frames hidden by an mp4 edit list), whole
+   and trimmed;
 4. fp16 frames on the device through DLPack without a copy: dtype, device, torch's allocator
    untouched, the pointer is device memory (CuPy, where installed), no device-to-host copy in a
    profiled batch;
@@ -167,6 +168,10 @@ def main() -> int:
                         assert batch["frame_ids"][v].tolist() == want.clips.tolist()
             assert not loader.skipped, loader.skipped
         return f"{checked} frame indices read back, all equal to the sampler's"
+
+    @section("3b a clip cut without re-encoding (mp4 edit list) on NVDEC")
+    def _():
+        return check_cut_clip(work / "cut", "gpu", "h264")
 
     @section("4 fp16 on the device, DLPack without a copy")
     def _():
@@ -343,6 +348,47 @@ def examples_for(names):
     from siasam_fast.data.examples import QAExample
 
     return [QAExample(qid=f"q{i}", video_id=v, question="what?") for i, v in enumerate(names)]
+
+
+def check_cut_clip(folder: Path, device: str, codec: str) -> str:
+    """A clip cut without re-encoding (``ffmpeg -ss T -c copy``: the 5 frames before the cut stay
+    in the file, hidden by the mp4 edit list) decoded by the DALI loader on ``device``, whole and
+    trimmed: every frame must be the one the manifest's numbering names (frame i shows i + 5).
+    ``codec`` "h264" for NVDEC, "vp9" (in mp4) for DALI's CPU decoder. Raises AssertionError."""
+    from videos import cut_copy, read_indices, write_index_video
+
+    from siasam_fast.pipeline.dali import build_dali_loader
+    from siasam_fast.pipeline.manifest import build_manifest
+    from siasam_fast.pipeline.transforms import denormalize
+    from siasam_fast.sampling import SamplingConfig
+
+    folder.mkdir(parents=True, exist_ok=True)
+    whole = write_index_video(folder / "whole.mp4", 48, codec=codec, size=32, gop=12, bframes=0)
+    (folder / "cut").mkdir(exist_ok=True)
+    cut_copy(whole, folder / "cut" / "cut.mp4", 5)
+    manifest = build_manifest(folder / "cut", folder / "cut" / "manifest.jsonl", workers=1,
+                              progress=False)
+    record = manifest["cut"]
+    assert record.ok and record.num_frames == 43, (record.status, record.reason)
+    cfg = SamplingConfig(num_clips=3, frames_per_clip=4, stride=4)
+    seen: set[int] = set()
+    for trim in (False, True):
+        loader = build_dali_loader(examples_for(["cut"] * 8), manifest, cfg, "train", 4,
+                                   image_size=32, device=device, num_workers=0, trim=trim,
+                                   seed=3)
+        for batch in loader:
+            for v in range(batch["frames"].shape[0]):
+                u = int(batch["num_unique"][v])
+                got = read_indices(denormalize(batch["frames"][v, :u].float().cpu()))
+                want = sorted(set(batch["frame_ids"][v][batch["frame_mask"][v]].tolist()))
+                assert got == [f + 5 for f in want], (
+                    f"trim={trim}: decoded {got}, want {[f + 5 for f in want]} (frames {want})")
+                seen.update(want)
+        assert not loader.skipped, loader.skipped
+    first = min(seen)
+    assert first < 7, f"no frame before the first visible keyframe (7) was sampled: {first}"
+    return (f"a 43-frame cut (edit list hides 5 frames, keyframes {record.keyframes}): frames "
+            f"{first}..{max(seen)} right, whole and trimmed")
 
 
 def check_frames(batch, dedup: bool) -> int:

@@ -1203,3 +1203,19 @@ def test_a_saved_path_is_matched_to_the_video_it_named_and_no_other():
     assert all(moved(f"/old/d{i % 100}/v{i}.mp4", *many) == f"/new/d{i % 100}/v{i}.mp4"
                for i in range(2_000))
     assert time.perf_counter() - started < 2.0
+
+
+def test_a_clip_cut_with_an_edit_list_gives_the_manifests_frames(tmp_path):
+    """A clip cut without re-encoding: the frames its mp4 edit list hides are no frames for the
+    manifest, and DALI (whole and trimmed files) returns the frames that numbering names. The
+    same check runs on NVDEC with H.264 in scripts/gpu_check_dali.py (section 3b); here DALI's
+    CPU decoder reads VP9 in mp4."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "scripts" / "gpu_check_dali.py"
+    spec = importlib.util.spec_from_file_location("gpu_check_dali", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    detail = script.check_cut_clip(tmp_path, "cpu", "vp9")
+    assert "keyframes [0, 7, 19, 31]" in detail, detail

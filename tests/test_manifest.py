@@ -7,7 +7,7 @@ from fractions import Fraction
 import av
 import numpy as np
 import pytest
-from videos import video_path, write_index_video
+from videos import cut_copy, video_path, write_index_video
 
 from siasam_fast.pipeline import manifest as manifest_module
 from siasam_fast.pipeline.manifest import (
@@ -681,22 +681,6 @@ def test_a_permission_error_is_unreadable(two_videos, monkeypatch):
     assert "Permission denied" in record.reason
 
 
-def _cut_copy(src, dst, frames):
-    """``src`` without its first ``frames`` frames, cut as `ffmpeg -ss T -c copy` cuts: the
-    packets from the keyframe before the cut are kept, before pts 0, and the mp4 edit list hides
-    them (FFmpeg flags them discard: decoders drop their frames)."""
-    with av.open(str(src)) as inp, av.open(str(dst), "w") as out:
-        source = inp.streams.video[0]
-        shift = int(frames / source.average_rate / source.time_base)
-        stream = out.add_stream_from_template(source)
-        for packet in inp.demux(source):
-            if packet.dts is not None:
-                packet.pts, packet.dts = packet.pts - shift, packet.dts - shift
-                packet.stream = stream
-                out.mux(packet)
-    return dst
-
-
 @pytest.mark.parametrize("mode", ["decode", "demux"])
 def test_a_cut_with_an_edit_list_is_numbered_as_decoders_output_it(tmp_path, mode):
     """A clip cut without re-encoding starts with packets that the edit list hides: the decoder
@@ -709,7 +693,7 @@ def test_a_cut_with_an_edit_list_is_numbered_as_decoders_output_it(tmp_path, mod
     src = write_index_video(tmp_path / "s.mp4", 48, "h264", size=32, gop=24, bframes=0)
     folder = tmp_path / "videos"
     folder.mkdir()
-    _cut_copy(src, folder / "cut.mp4", 5)
+    cut_copy(src, folder / "cut.mp4", 5)
     record = probe_video(folder / "cut.mp4", folder, mode)
     assert record.ok, record.reason
     assert record.num_frames == 43 and record.start_pts == 0

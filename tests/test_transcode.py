@@ -7,7 +7,7 @@ import shutil
 import av
 import numpy as np
 import pytest
-from videos import read_indices, video_path, write_index_video
+from videos import cut_copy, read_indices, video_path, write_index_video
 
 from siasam_fast.pipeline import transcode as transcode_module
 from siasam_fast.pipeline.manifest import load_manifest
@@ -646,12 +646,10 @@ def test_a_source_replaced_and_indexed_since_an_older_version_made_its_output(tm
 def test_a_cut_source_is_transcoded_from_its_first_shown_frame(tmp_path):
     """A source cut without re-encoding (packets hidden by an mp4 edit list before its first
     frame) was a corrupt input ("truncated"); its output starts at the cut."""
-    from test_manifest import _cut_copy
-
     whole = write_index_video(tmp_path / "whole.mp4", 48, codec="h264", size=32, gop=24,
                               bframes=0)
     (tmp_path / "src").mkdir()
-    _cut_copy(whole, tmp_path / "src" / "cut.mp4", 5)
+    cut_copy(whole, tmp_path / "src" / "cut.mp4", 5)
     summary = transcode(tmp_path / "src", tmp_path / "dst", gop=GOP, workers=1, encoder="cpu",
                         progress=False)
     assert _statuses(summary) == {"cut": "done"}, summary.summary()

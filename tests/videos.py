@@ -140,3 +140,21 @@ def write_index_video(
 def video_path(folder: str | Path, name: str, codec: str) -> Path:
     """``folder/name`` with the codec's container extension."""
     return Path(folder) / (name + CODECS[codec][1])
+
+
+def cut_copy(src, dst, frames: int) -> Path:
+    """``src`` without its first ``frames`` frames, cut as `ffmpeg -ss T -c copy` cuts: the
+    packets from the keyframe before the cut are kept, before pts 0, and the mp4 edit list hides
+    them (FFmpeg flags them discard: decoders drop their frames)."""
+    import av
+
+    with av.open(str(src)) as inp, av.open(str(dst), "w") as out:
+        source = inp.streams.video[0]
+        shift = int(frames / source.average_rate / source.time_base)
+        stream = out.add_stream_from_template(source)
+        for packet in inp.demux(source):
+            if packet.dts is not None:
+                packet.pts, packet.dts = packet.pts - shift, packet.dts - shift
+                packet.stream = stream
+                out.mux(packet)
+    return Path(dst)
