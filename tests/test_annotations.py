@@ -668,3 +668,144 @@ def test_activitynet_video_prefix_must_be_text(tmp_path):
         load_annotations("activitynet_qa", tmp_path / "val_q.json", video_prefix=None)
     (ex,) = load_annotations("activitynet_qa", tmp_path / "val_q.json", video_prefix="")
     assert ex.video_id == "1"
+
+
+# ---------------------------------------------------------------- mutation-review gaps
+
+
+def test_json_array_after_leading_blank_lines_is_still_json(tmp_path):
+    """fmt=auto reads the first non-blank character: a release file that starts with a newline
+    or indentation (pretty-printers, concatenation) is still a JSON array."""
+    path = write(tmp_path / "val_qa.json", "\n  \n\t" + MSRVTT_JSON, bom=True)
+    assert [e.qid for e in load_annotations("msrvtt_qa", path)] == ["0", "1", "2"]
+
+
+def test_folder_lookup_takes_the_first_release_name_of_a_format(tmp_path):
+    """Two names of the same (ClipBERT) format in one folder are not ambiguous: the first listed
+    name ({split}.jsonl) is read; only files of two formats need fmt=."""
+    rec = {"video_id": "video1", "question": "what?", "answer": "a"}
+    write(tmp_path / "train.jsonl", json.dumps(rec))
+    write(tmp_path / "msrvtt_qa_train.jsonl", json.dumps({**rec, "video_id": "video2"}))
+    (ex,) = load_annotations("msrvtt_qa", tmp_path, split="train")
+    assert ex.video_id == "video1"
+
+
+def test_non_utf8_file_with_old_mac_line_ends_names_the_line(tmp_path):
+    """The line of the first bad byte counts lone CRs as line ends, as the readers do."""
+    path = tmp_path / "how2QA_val_release.csv"
+    path.write_bytes("v1,[1.0:2.0],a,b,c,what?,d\rv2,[1.0:2.0],a,b,c,who?,e\r"
+                     "v3,[1.0:2.0],a,b,c,what\u2019s this?,f\r".encode("cp1252"))
+    with pytest.raises(AnnotationError, match=r"how2QA_val_release.csv line 3: not UTF-8"):
+        load_annotations("how2qa", path)
+
+
+def test_rows_of_only_separators_are_blank_lines(tmp_path):
+    """A spreadsheet row cleared in Excel is saved as ',,,,,,' (tabs in a TSV): skipped like a
+    blank line, not read as a record with every field empty; line numbers still count it."""
+    how2qa = write(tmp_path / "how2QA_val_release.csv",
+                   "v1,[1.0:2.0],a,b,c,what?,d\n,,,,,,\n , ,,,,, \nv2,[1.0:2.0],a,b,c,who?,e\n")
+    assert [ex.video_id for ex in load_annotations("how2qa", how2qa)] == ["v1", "v2"]
+    tgif = write(tmp_path / "Test_count_question.csv",
+                 "gif_name\tquestion\tanswer\n\t\t\ng1\thow many?\t3\n\t\t\ng2\thow many?\tx\n")
+    with pytest.raises(AnnotationError, match=r"line 5: field 'answer' must be an integer"):
+        load_annotations("tgif_count", tgif)
+
+
+def test_tgif_official_blank_optional_cells(tmp_path):
+    """An empty vid_id cell gives the fallback id (file stem and example number, 0-based, as when
+    the column is absent); an empty key cell gives no 'key'."""
+    path = write(tmp_path / "Test_count_question.csv",
+                 "gif_name\tquestion\tanswer\tvid_id\tkey\n"
+                 "g1\thow many?\t3\tCOUNT7\t\n"
+                 "g2\thow many?\t0\t\t12\n")
+    a, b = load_annotations("tgif_count", path)
+    assert (a.qid, a.extra, b.qid, b.extra) == ("COUNT7", {}, "Test_count_question-1",
+                                                {"key": "12"})
+    assert (b.answer, b.task, b.question_type) == ("0", "count", "count")  # a count of 0 is one
+    path = write(tmp_path / "Test_count_question.csv",
+                 "gif_name\tquestion\tanswer\ng1\thow many?\t3\ng2\thow many?\t4\n")
+    assert [e.qid for e in load_annotations("tgif_count", path)] == [
+        "Test_count_question-0", "Test_count_question-1"]
+
+
+@pytest.mark.parametrize(("dataset", "text", "message"), [
+    ("tgif_action", "gif_name\tquestion\ta1\ta2\ta3\ta4\ta5\tanswer\ng\tq\ta\tb\tc\td\te\t-1\n",
+     r"line 2: field 'answer' = -1 out of range 0\.\.4"),
+    ("tgif_frameqa", "gif_name\tquestion\tanswer\ttype\ng\tq\ta\t-1\n",
+     r"line 2: field 'type' = -1 out of range 0\.\.3"),
+    # one field short, the last (optional) one: still refused, not read as absent
+    ("tgif_action", "gif_name\tquestion\ta1\ta2\ta3\ta4\ta5\tanswer\tvid_id\tkey\n"
+                    "g\tq\ta\tb\tc\td\te\t1\tACTION1\n",
+     r"line 2: 9 fields, the header has 10: field 'key' missing"),
+])
+def test_tgif_official_more_errors(tmp_path, dataset, text, message):
+    path = write(tmp_path / "Train_x_question.csv", text)
+    with pytest.raises(AnnotationError, match=r"Train_x_question\.csv " + message):
+        load_annotations(dataset, path)
+
+
+def test_tgif_clipbert_negative_answer_is_out_of_range(tmp_path):
+    rec = {"gif_name": "g", "question": "q", "options": list("abcde"), "answer": -1}
+    path = write(tmp_path / "action_val.jsonl", json.dumps(rec))
+    with pytest.raises(AnnotationError, match=r"line 1: field 'answer' = -1 out of range"):
+        load_annotations("tgif_action", path)
+
+
+def test_tgif_clipbert_frameqa_without_answer_type_has_no_type(tmp_path):
+    path = write(tmp_path / "frameqa_val.jsonl",
+                 json.dumps({"gif_name": "g", "question": "what is it ?", "answer": "Dog"}))
+    (ex,) = load_annotations("tgif_frameqa", path)
+    assert (ex.answer, ex.question_type) == ("dog", "")
+
+
+def test_msvd_mapping_beside_the_file_wins_and_lines_are_two_words(tmp_path):
+    ann = tmp_path / "annotations"
+    ann.mkdir()
+    write(ann / "test_qa.json", json.dumps(
+        [{"answer": "a", "id": 0, "question": "what?", "video_id": 1}]))
+    write(tmp_path / "youtube_mapping.txt", "up_clip vid1\n")
+    write(ann / "youtube_mapping.txt", "beside_clip.MP4 vid1\n")  # extension in any case
+    (ex,) = load_annotations("msvd_qa", ann / "test_qa.json")
+    assert ex.video_id == "beside_clip"
+    write(ann / "youtube_mapping.txt", "beside_clip vid1\nclip with spaces vid2\n")
+    with pytest.raises(AnnotationError, match=r"youtube_mapping\.txt line 2: expected "
+                                              r"'<clip name> vid<N>', got 'clip with spaces"):
+        load_annotations("msvd_qa", ann / "test_qa.json")
+
+
+def test_clipbert_answer_type_is_read_not_derived(tmp_path):
+    """ClipBERT's answer_type is the record's, even where the question's first word differs."""
+    path = write(tmp_path / "val.jsonl", json.dumps(
+        {"video_id": "video1", "question": "how many dogs?", "answer": "2",
+         "answer_type": "what"}))
+    assert load_annotations("msrvtt_qa", path)[0].question_type == "what"
+
+
+def test_how2qa_candidate_order_depends_on_seed_and_question(tmp_path):
+    """Each question's candidates get an order of their own (not one order for the whole file),
+    and seed= changes them."""
+    rows = "".join(f"v{i},[0:1],a,b,c,q{i}?,d\n" for i in range(12))
+    path = write(tmp_path / "how2QA_val_release.csv", rows)
+    seed0 = load_annotations("how2qa", path)
+    assert len({tuple(e.candidates) for e in seed0}) > 1
+    assert all(e.candidates[e.answer_index] == "d" for e in seed0)
+    seed1 = load_annotations("how2qa", path, seed=1)
+    assert [e.candidates for e in seed1] != [e.candidates for e in seed0]
+    assert load_annotations("how2qa", path, seed=1) == seed1
+
+
+def test_how2qa_value_spaced_span_and_too_few_candidates(tmp_path):
+    rec = {"vid_name": "v", "ts": "1.5 - 2", "qid": "q0", "q": "what?", "a0": "a", "a1": "b",
+           "answer_idx": 1}
+    path = write(tmp_path / "how2qa_val.jsonl", json.dumps(rec))
+    (ex,) = load_annotations("how2qa", path)
+    assert (ex.start, ex.end, ex.answer) == (1.5, 2.0, "b")
+    write(path, json.dumps({k: v for k, v in rec.items() if k not in ("a1", "answer_idx")}))
+    with pytest.raises(AnnotationError, match=r"line 1: field 'a1' missing \(need a0\.\.a3\)"):
+        load_annotations("how2qa", path)
+
+
+def test_activitynet_answer_file_name_replaces_only_the_q_suffix(tmp_path):
+    q = write(tmp_path / "anetqa_val_q.json", json.dumps(ANET_Q))
+    write(tmp_path / "anetqa_val_a.json", json.dumps(ANET_A))
+    assert [e.answer for e in load_annotations("activitynet_qa", q)] == ["no", "red"]
