@@ -92,6 +92,8 @@ def test_save_load_round_trip_and_clipbert_files(tmp_path):
         ('{"a": 0, "b": 2}', r"labels must be 0\.\.1, one per answer; labels have gaps"),
         ('{"a": 0, "b": 0}', r"label 0 is used twice"),
         ('{"a": "0"}', r"entry 'a': '0': expected a string -> int"),
+        # JSON true/false are not labels (Python would take them for 1 and 0)
+        ('{"a": false, "b": true}', r"entry 'a': False: expected a string -> int"),
         ('{"Yes": 0, "yes": 1}', r"answers 'Yes' and 'yes' both normalise to 'yes'"),
         ('["a", "b"]', r"expected a JSON object"),
         ('{"a": 0,}', r"line 1: invalid JSON"),
@@ -118,6 +120,7 @@ def test_oov_policy_drop_keep_error():
     assert [e.qid for e in evaluation.examples] == ["0", "1", "2", "3"]
     assert evaluation.labels == [2, OOV_LABEL, 0, OOV_LABEL]
     assert (evaluation.num_dropped, evaluation.num_oov_kept) == (0, 2)
+    assert "2 kept as OOV (50.00% out of vocabulary)" in evaluation.summary()
 
     with pytest.raises(ValueError, match=r"qid='1': answer 'Tree' is not in the vocabulary"):
         apply_answer_vocab(val, vocab, oov="error")
@@ -181,3 +184,42 @@ def test_an_empty_vocabulary_is_refused(tmp_path):
         build_answer_vocab(open_examples(TRAIN), min_count=5)
     with pytest.raises(ValueError, match=r"no examples"):
         build_answer_vocab([])
+
+
+# ---------------------------------------------------------------- mutation-review gaps
+
+
+def test_oov_label_is_the_label_the_loss_ignores():
+    """An OOV answer kept for evaluation must not train: its label is the one gt_loss skips."""
+    import torch
+
+    from siasam_fast.losses import gt_loss
+
+    vocab = {"man": 0, "dog": 1}
+    labels = apply_answer_vocab(open_examples(["dog", "zebra"]), vocab, oov="keep").labels
+    assert labels == [1, OOV_LABEL]
+    logits = torch.tensor([[[0.5, 2.0]], [[3.0, -1.0]]])  # [V=2, N=1, answers]
+    both = gt_loss({"logits": logits}, {"label": torch.tensor(labels),
+                                        "clip_mask": torch.ones(2, 1, dtype=torch.bool)}, "open")
+    first = gt_loss({"logits": logits[:1]}, {"label": torch.tensor(labels[:1]),
+                                             "clip_mask": torch.ones(1, 1, dtype=torch.bool)},
+                    "open")
+    assert torch.allclose(both, first)
+
+
+def test_saved_vocabulary_is_in_label_order(tmp_path):
+    path = tmp_path / "ans2label.json"
+    save_ans2label({"zebra": 0, "apple": 2, "man": 1}, path)
+    assert list(json.loads(path.read_text(encoding="utf-8"))) == ["zebra", "man", "apple"]
+
+
+def test_examples_without_an_open_answer_are_refused():
+    """A missing answer would be counted as the answer "none"; a count example has no label."""
+    (none,) = open_examples([None])
+    with pytest.raises(ValueError, match=r"qid='0': no answer to put in the vocabulary"):
+        build_answer_vocab([none])
+    with pytest.raises(ValueError, match=r"qid='0': no answer"):
+        apply_answer_vocab([none], {"none": 0}, oov="keep")
+    count = QAExample(qid="9", video_id="v", question="how many?", task="count", answer="3")
+    with pytest.raises(ValueError, match=r"qid='9': task='count' has no answer vocabulary"):
+        build_answer_vocab([count])
