@@ -758,3 +758,91 @@ def test_a_task_loader_of_another_batch_size_is_refused():
                                          r"multi-task loader's 3"):
         MultiTaskLoader({"qa": FakeLoader(10, 3, "qa"), "action": FakeLoader(10, 4, "action")},
                         seed=1, batch_size=3)
+
+
+# -- mutation-review gaps -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("old_world, new_world, stop, accum", [
+    (2, 1, 7, 2), (2, 3, 7, 2), (1, 2, 13, 3), (3, 2, 5, 1), (2, 3, 8, 3)])
+def test_a_continued_epoch_gives_again_fewer_batches_than_one_step(old_world, new_world, stop,
+                                                                   accum):
+    """``align`` is the examples of one optimizer step (batch_size x grad_accum): the done
+    micro-batches are rounded down to whole steps of grad_accum, no further."""
+    old = [sharded(r, old_world) for r in range(old_world)]
+    iters = [iter(mix) for mix in old]
+    for _ in range(stop):
+        for it in iters:
+            next(it)
+    state = json.loads(json.dumps(old[0].state_dict()))
+    plain = sharded(0, new_world)
+    plain.load_state_dict(state, align=2)  # one micro-batch a step: nothing given again
+    mix = sharded(0, new_world)
+    mix.load_state_dict(state, align=2 * accum)
+    assert 0 < plain.done < len(plain)
+    assert mix.done == plain.done - plain.done % accum
+
+
+def test_the_order_of_another_epoch_is_not_the_continued_ones():
+    """A continued epoch's order (its done batches first) is that epoch's only: ``order(e)`` of
+    any other epoch is the one every run has."""
+    old = [sharded(r, 2) for r in range(2)]
+    iters = [iter(mix) for mix in old]
+    for _ in range(5):
+        for it in iters:
+            next(it)
+    mix = sharded(0, 1)
+    mix.load_state_dict(json.loads(json.dumps(old[0].state_dict())), align=2)
+    assert mix.resumed is not None and mix.order(0) == mix.order()
+    assert mix.order(1) == sharded(0, 1).order(1)
+    assert mix.order(2) == sharded(0, 1).order(2)
+
+
+def test_a_state_of_another_seed_is_refused():
+    state = MultiTaskLoader(loaders(), seed=3, batch_size=3).state_dict()
+    with pytest.raises(ValueError, match=r"loader state has seed=3, this run has train.seed=4"):
+        MultiTaskLoader(loaders(), seed=4, batch_size=3).load_state_dict(state)
+
+
+class EndingLoader(FakeLoader):
+    """Records that its pass ran to its end (DALI closes its pipeline and reader processes
+    there), and can give fewer batches than ``len()`` promises."""
+
+    def __init__(self, *args, short: int = 0):
+        super().__init__(*args)
+        self.short, self.ended = short, 0
+
+    def __iter__(self):
+        for i, batch in enumerate(super().__iter__()):
+            if i >= len(self) - self.short:
+                return
+            yield batch
+        self.ended += 1
+
+
+def test_every_task_loaders_pass_ends_with_the_epoch():
+    tasks = {name: EndingLoader(n, 3, name) for name, n in (("qa", 10), ("action", 4))}
+    mix = MultiTaskLoader(tasks, seed=1, batch_size=3)
+    assert len(batches(mix)) == 6
+    assert {name: loader.ended for name, loader in tasks.items()} == {"qa": 1, "action": 1}
+
+
+def test_a_task_loader_that_ends_early_is_named():
+    tasks = {"qa": EndingLoader(10, 3, "qa"), "count": EndingLoader(7, 3, "count", short=1)}
+    with pytest.raises(RuntimeError, match=r"task count: its loader ended before its 3 batches "
+                                           r"of epoch 1"):
+        batches(MultiTaskLoader(tasks, seed=1, batch_size=3))
+
+
+def test_an_iteration_checks_where_each_task_loader_stands():
+    """A task loader moved back (its epoch restarted behind the multi-task loader's back) is
+    refused when the epoch goes on, rather than giving its batches again."""
+    mix = MultiTaskLoader(loaders(), seed=3, batch_size=3)
+    it = iter(mix)
+    heads = [next(it)["head"] for _ in range(4)]
+    task = mix.loaders[heads[0]]
+    task.set_epoch(1)
+    task.set_epoch(0)  # position 0 again
+    with pytest.raises(ValueError, match=rf"task {heads[0]} has given 0 batches of epoch 1, "
+                                         rf"the order says {heads.count(heads[0])}"):
+        next(iter(mix))
