@@ -107,6 +107,10 @@ def test_msvd_official_maps_ids_through_youtube_mapping(tmp_path):
     # mapping=False keeps the vid<N> names of Xu et al.'s preprocessing.
     exs = load_annotations("msvd_qa", ann / "train_qa.json", mapping=False)
     assert [e.video_id for e in exs] == ["vid1", "vid2"]
+    # Old Mac line ends (a lone CR), as the CSV / TSV / JSON readers accept them.
+    write(tmp_path / "youtube_mapping.txt", "-4wsuPCjDBc_5_15 vid1\r\rabc_0_9 vid2\r")
+    exs = load_annotations("msvd_qa", ann, split="train")
+    assert [e.video_id for e in exs] == ["-4wsuPCjDBc_5_15", "abc_0_9"]
 
 
 def test_msvd_mapping_errors(tmp_path):

@@ -467,7 +467,8 @@ def _load_youtube_mapping(annotation: Path, mapping) -> tuple[dict[int, str], Pa
             raise FileNotFoundError(f"msvd_qa: mapping file {path} does not exist")
     table: dict[int, str] = {}
     where: dict[int, int] = {}
-    for lineno, line in enumerate(_read_text(path).split("\n"), start=1):
+    lines = _read_text(path).replace("\r\n", "\n").replace("\r", "\n").split("\n")
+    for lineno, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         parts = line.split()
