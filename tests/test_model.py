@@ -574,3 +574,139 @@ def test_mc_text_pairs_or_joins_question_and_candidate(tokenizer):
     assert tokens("joined") == ["[CLS]", *question, "red", "square", "[SEP]"]
     with pytest.raises(ValueError, match="data.mc_text='both': valid values are pair, joined"):
         TextEncoder(tokenizer, "mc", 32, "both")
+
+
+def _changed(a, b):
+    """[V, N] bools: where two per-clip outputs differ at all (the tiny random model barely
+    responds to its input, ~1e-6; rows computed from the same inputs come out bit for bit the
+    same)."""
+    diff = (a - b).abs()
+    return diff.flatten(2).amax(2) > 0 if diff.dim() > 2 else diff > 0
+
+
+@pytest.mark.parametrize("task, key", [("open", "logits"), ("mc", "scores"),
+                                       ("count", "prediction")])
+def test_each_clips_output_is_its_own_frames_and_its_videos_question(tokenizer, task, key):
+    """Clip n of video v is scored from its own frames and video v's question: other frames for
+    one clip change that clip's outputs only; another question for one video changes that
+    video's clips only."""
+    model = make_model(task)
+    batch = make_batch(tokenizer, task)
+    ref = model(batch)[key]
+    moved = dict(batch)
+    moved["clip_index"] = batch["clip_index"].clone()
+    moved["clip_index"][1, 2] = (batch["clip_index"][1, 2] + 1) % 7
+    want = torch.zeros(V, N, dtype=torch.bool)
+    want[1, 2] = True
+    assert _changed(model(moved)[key], ref).tolist() == want.tolist()
+    asked = dict(batch)
+    ids = batch["input_ids"].clone()
+    ids[0, ..., 1] = tokenizer.convert_tokens_to_ids("where")
+    asked["input_ids"] = ids
+    want = torch.tensor([[True] * N, [False] * N])
+    assert _changed(model(asked)[key], ref).tolist() == want.tolist()
+
+
+def test_each_candidates_score_is_its_own_text(tokenizer):
+    """Multiple choice: score [v, n, m] is candidate m's; reordering the candidates reorders
+    the scores and leaves the clip features (the mean over the candidates) as they are."""
+    model = make_model("mc")
+    batch = make_batch(tokenizer, "mc")
+    out = model(batch)
+    order = torch.tensor([2, 0, 3, 1])
+    shuffled = dict(batch)
+    shuffled["input_ids"] = batch["input_ids"][:, order]
+    shuffled["attention_mask"] = batch["attention_mask"][:, order]
+    got = model(shuffled)
+    torch.testing.assert_close(got["scores"], out["scores"][..., order], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(got["features"], out["features"], rtol=1e-4, atol=1e-5)
+    other = dict(batch)  # one candidate's text changed: its score only, and the features
+    other["input_ids"] = batch["input_ids"].clone()
+    other["input_ids"][0, 3, 1] = tokenizer.convert_tokens_to_ids("where")
+    changed = _changed(model(other)["scores"].transpose(1, 2), out["scores"].transpose(1, 2))
+    assert changed.tolist() == [[False, False, False, True], [False] * 4]
+    assert not torch.allclose(model(other)["features"][0], out["features"][0])
+
+
+def test_a_padded_clip_without_frames_changes_nothing(tokenizer):
+    """A video with fewer clips than the batch's N (clip_mask False, no frame): the real clips'
+    outputs are those of the video without it, and every output stays finite (a NaN in a masked
+    clip would still poison the masked mean over clips, NaN x 0)."""
+    model = make_model("open")
+    batch = make_batch(tokenizer, "open")
+    ref = model(batch)["logits"]
+    padded = dict(batch)
+    padded["frame_mask"] = batch["frame_mask"].clone()
+    padded["frame_mask"][1, 2] = False
+    padded["clip_mask"] = batch["clip_mask"].clone()
+    padded["clip_mask"][1, 2] = False
+    got = model(padded)["logits"]
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got[0], ref[0])
+    torch.testing.assert_close(got[1, :2], ref[1, :2])
+    pooled = aggregate_clips(got, padded["clip_mask"], "mean")
+    torch.testing.assert_close(pooled[1], ref[1, :2].mean(0))
+
+
+def test_visual_grid_pooling_keeps_the_border_and_fits_max_grid_exactly(tokenizer):
+    """model.visual_head=proj pools the grid with ceil (an odd grid keeps its last row and
+    column: 5x5 -> 3x3); a grid of exactly model.max_grid rows is allowed."""
+    model = make_model("open", max_grid=3)
+    batch = make_batch(tokenizer, "open")
+    g = torch.Generator().manual_seed(1)
+    frames = torch.randn(V, batch["frames"].shape[1], 3, 80, 80, generator=g)  # 5x5 grid
+    tokens = model.visual(frames, batch["num_unique"], batch["clip_index"], batch["frame_mask"])
+    assert tokens.shape[2] == 9
+    model = make_model("open", max_grid=2)  # 64 px frames: a 2x2 grid
+    assert model(batch)["logits"].shape == (V, N, 6)
+
+
+def test_the_question_is_one_bert_segment(tokenizer):
+    """The text side embeds the question as BERT does a single sentence (token type 0)."""
+    model = make_model("open")
+    batch = make_batch(tokenizer, "open")
+    ids = batch["input_ids"]
+    torch.testing.assert_close(model.text_embeddings(ids, batch["attention_mask"]),
+                               model.text.embeddings(input_ids=ids))
+
+
+def test_projection_head_is_g_of_the_clip_text_features(tokenizer):
+    """model.projection_head: features are g(f_i) with a learned linear g, identity without."""
+    batch = make_batch(tokenizer, "open")
+    plain = make_model("open")(batch)["features"]
+    model = make_model("open", projection_head=True)  # same seed: the same BERT and CNN
+    assert isinstance(model.projection_head, torch.nn.Linear)
+    torch.testing.assert_close(model(batch)["features"], model.projection_head(plain))
+
+
+def test_frozen_batchnorm_normalises_as_batchnorm_in_eval_mode():
+    """FrozenBatchNorm2d (model.cnn_freeze) is BatchNorm2d's eval-mode function, eps included
+    (a channel of running variance 0 stays finite)."""
+    from siasam_fast.model import FrozenBatchNorm2d
+
+    g = torch.Generator().manual_seed(0)
+    bn = torch.nn.BatchNorm2d(4).eval()
+    with torch.no_grad():
+        bn.weight.copy_(torch.randn(4, generator=g))
+        bn.bias.copy_(torch.randn(4, generator=g))
+        bn.running_mean.copy_(torch.randn(4, generator=g))
+        bn.running_var.copy_(torch.tensor([0.0, 1e-5, 0.5, 2.0]))
+    x = torch.randn(2, 4, 3, 3, generator=g)
+    got = FrozenBatchNorm2d(bn)(x)
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got, bn(x))
+
+
+def test_a_bad_head_or_answer_count_is_a_clear_error():
+    with pytest.raises(ValueError, match=r"num_answers=0: an open-ended head needs >= 1 answer"):
+        SiaSamReaModel(
+            ModelConfig(), "open", num_answers=0, vocab_size=len(load_tokenizer(ModelConfig())),
+            num_clips=N)
+    model = SiaSamReaModel(ModelConfig(), "multi", num_answers=6,
+                           vocab_size=len(load_tokenizer(ModelConfig())), num_clips=N,
+                           heads={"frameqa": "open", "count": "count"})
+    assert model.task_of({"head": "count"}) == "count"
+    for bad in ("action", None):
+        with pytest.raises(ValueError, match=rf"batch\['head'\]={bad!r}: this model's heads "
+                                             r"are frameqa, count"):
+            model.task_of({"head": bad} if bad else {})
