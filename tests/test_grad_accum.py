@@ -11,7 +11,13 @@ from pathlib import Path
 import pytest
 from subprocess_env import cpu_env
 
-from siasam_fast.training import accumulation_group, micro_batch_weight, optimizer_steps
+from siasam_fast.training import (
+    accumulation_group,
+    epoch_means,
+    micro_batch_weight,
+    optimizer_steps,
+    warmup_linear_decay,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -146,3 +152,30 @@ def test_accumulated_steps_update_as_one_batch_of_their_examples(stage, processe
     assert result["moved"] > 1e-2  # the weights did change
     assert len(result["diffs"]) == 2 and max(result["diffs"]) < 1e-6, result
     assert result["lrs"] == [[0.05, 0.05], [0.1 / 3, 0.1 / 3]]  # the schedule moved per step
+
+
+def test_learning_rate_warms_up_linearly_then_decays_to_zero_at_the_end():
+    """train.warmup_ratio: the factor of step s (from 0) rises as (s + 1) / warmup over the first
+    round(total x ratio) steps, then falls linearly to zero at ``total_steps`` and stays there.
+    Worked by hand."""
+    factor = warmup_linear_decay(10, 0.2)  # warmup 2: 0.5, 1, then (10 - s) / 8
+    want = [0.5, 1.0, 1.0, 7 / 8, 6 / 8, 5 / 8, 4 / 8, 3 / 8, 2 / 8, 1 / 8, 0.0, 0.0, 0.0]
+    assert [factor(s) for s in range(13)] == pytest.approx(want)
+    factor = warmup_linear_decay(20, 0.13)  # 2.6 steps: rounded to 3, not cut to 2
+    assert [factor(s) for s in range(5)] == pytest.approx([1 / 3, 2 / 3, 1.0, 1.0, 16 / 17])
+    assert warmup_linear_decay(5, 0.0)(0) == 1.0  # no warm-up: the full rate from the start
+    factor = warmup_linear_decay(4, 1.0)  # warm-up the whole run: no division by zero after it
+    assert [factor(s) for s in range(6)] == pytest.approx([0.25, 0.5, 0.75, 1.0, 0.0, 0.0])
+
+
+def test_epoch_means_average_steps_and_each_tasks_micro_batches():
+    """The epoch's train_* columns: the loss terms summed per optimizer step over the epoch's
+    steps; a task=multi task's NAME_loss, summed per micro-batch, over its own micro-batches;
+    the micro-batch counts themselves are no column."""
+    sums = {"loss": 6.0, "loss_gt": 4.0, "frameqa_loss": 9.0, "frameqa_batches": 3,
+            "count_loss": 2.0, "count_batches": 4}
+    assert epoch_means(sums, 2) == pytest.approx(
+        {"train_loss": 3.0, "train_loss_gt": 2.0, "train_frameqa_loss": 3.0,
+         "train_count_loss": 0.5})
+    assert epoch_means({"loss": 0.0}, 0) == {"train_loss": 0.0}  # no step: no division by 0
+    assert epoch_means({"action_loss": 0.0, "action_batches": 0}, 3) == {"train_action_loss": 0.0}
