@@ -7,10 +7,17 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from siasam_fast import training
 from siasam_fast.config import Config
 from siasam_fast.data.examples import QAExample
 from siasam_fast.pipeline.dataset import _reason_kind
-from siasam_fast.training import evaluate
+from siasam_fast.training import (
+    LabelLookup,
+    _duplicate_qids,
+    evaluate,
+    evaluate_tasks,
+    tasks_line,
+)
 
 
 class Scores(torch.nn.Module):
@@ -21,13 +28,15 @@ class Scores(torch.nn.Module):
         return {key: batch["_scores"]}
 
 
-def batch(task, indices, scores, answer_index=None, count=None, qtype="what"):
+def batch(task, indices, scores, answer_index=None, count=None, qtype="what", label=None):
     V = len(indices)
     return {
         "_task": task, "_scores": torch.tensor(scores, dtype=torch.float32).unsqueeze(1),
         "example_index": torch.tensor(indices), "qid": [f"q{i}" for i in indices],
-        "question_type": [qtype] * V, "clip_mask": torch.ones(V, 1, dtype=torch.bool),
-        "label": torch.full((V,), -1), "count": torch.tensor(count or [float("nan")] * V),
+        "question_type": qtype if isinstance(qtype, list) else [qtype] * V,
+        "clip_mask": torch.ones(V, 1, dtype=torch.bool),
+        "label": torch.tensor(label) if label is not None else torch.full((V,), -1),
+        "count": torch.tensor(count or [float("nan")] * V),
         "answer_index": torch.tensor(answer_index if answer_index is not None else [-1] * V),
     }
 
@@ -144,3 +153,165 @@ def test_questions_left_out_of_the_split_are_counted(tmp_path, capsys):
     metrics = evaluate(Scores(), counts, Config.from_dict({"task": "count"}), lambda b: {},
                        torch.device("cpu"), torch.float32)
     assert metrics["num_dropped"] == 1 and "accuracy_all" not in metrics
+
+
+def test_open_ended_accuracy_counts_out_of_vocabulary_answers_as_wrong(tmp_path):
+    """Open-ended: the answer is the argmax over the vocabulary, scored against ``label``; the
+    label -1 (an answer outside the vocabulary) is a question answered wrong, not an unlabeled
+    one."""
+    scores = [[0.1, 2.0, 0.3], [3.0, 0.0, 0.0], [0.0, 0.0, 1.0], [1.0, 0.0, 0.0]]
+    metrics, rows = run("open", [batch("open", [0, 1, 2, 3], scores, label=[1, 0, -1, 2])],
+                        tmp_path)
+    assert metrics == {"num_examples": 4, "accuracy": 0.5, "accuracy/what": 0.5}
+    assert [r["prediction"] for r in rows] == [1, 0, 2, 0]
+    assert [r["accuracy"] for r in rows] == [1.0, 1.0, 0.0, 0.0]
+
+
+def test_a_count_question_without_a_count_is_predicted_not_scored(tmp_path):
+    """count NaN (no count given): its row keeps the prediction and output, its error is null,
+    and the MSEs are over the other questions."""
+    counts = [batch("count", [0, 1, 2], [2.0, 7.0, 4.0], count=[2.0, float("nan"), 5.0])]
+    metrics, rows = run("count", counts, tmp_path)
+    assert metrics == {"num_examples": 2, "num_unlabeled": 1, "mse": 0.5, "mse_raw": 0.5,
+                       "mse/what": 0.5}
+    assert [r["prediction"] for r in rows] == [2, 7, 4]
+    assert [r["output"] for r in rows] == [2.0, 7.0, 4.0]
+    assert [r["mse"] for r in rows] == [0.0, None, 1.0]
+
+
+def test_per_type_metrics_only_when_questions_have_types(tmp_path):
+    """No question has a type: no breakdown; some have: the others are 'untyped'."""
+    plain = [batch("mc", [0, 1], [[1, 0], [1, 0]], answer_index=[0, 1], qtype="")]
+    assert run("mc", plain, tmp_path)[0] == {"num_examples": 2, "accuracy": 0.5}
+    mixed = [batch("mc", [0, 1, 2], [[1, 0], [1, 0], [0, 1]], answer_index=[0, 1, 1],
+                   qtype=["", "what", "what"])]
+    assert run("mc", mixed, tmp_path)[0] == {"num_examples": 3, "accuracy": pytest.approx(2 / 3),
+                                             "accuracy/untyped": 1.0, "accuracy/what": 0.5}
+
+
+def test_every_processes_shard_is_scored_once_and_written_in_example_order(tmp_path,
+                                                                            monkeypatch):
+    """Two processes (torch.distributed stood in for): each scores its shard (the last one
+    padded by wrapping), rank 0 gathers them, counts each example once and writes the rows in the
+    examples' order."""
+    shards = {0: [batch("mc", [0, 2, 4], [[1, 0], [0, 1], [1, 0]], answer_index=[0, 0, 0])],
+              1: [batch("mc", [1, 3, 0], [[1, 0], [0, 1], [1, 0]], answer_index=[0, 1, 0])]}
+    gathered_rows = {}
+
+    def dist_of(rank):
+        def all_gather_object(out, rows):
+            gathered_rows[rank] = rows
+            out[:] = [gathered_rows.get(r, {}) for r in range(2)]
+        return SimpleNamespace(is_initialized=lambda: True, get_world_size=lambda: 2,
+                               get_rank=lambda: rank, all_gather_object=all_gather_object)
+
+    cfg = Config.from_dict({"task": "mc"})
+    monkeypatch.setattr(training, "dist", dist_of(1))
+    evaluate(Scores(), shards[1], cfg, lambda b: {}, torch.device("cpu"), torch.float32,
+             predictions=tmp_path / "rank1.jsonl")
+    assert not (tmp_path / "rank1.jsonl").exists()  # rank 0 writes
+    monkeypatch.setattr(training, "dist", dist_of(0))
+    preds = tmp_path / "preds.jsonl"
+    metrics = evaluate(Scores(), shards[0], cfg, lambda b: {}, torch.device("cpu"),
+                       torch.float32, predictions=preds)
+    # answers 0, 0, 0, 1, 0 for examples 0..4; right: 0, 1, 3, 4 (example 0 once, not twice)
+    assert metrics == {"num_examples": 5, "accuracy": 0.8, "accuracy/what": 0.8}
+    rows = [json.loads(line) for line in preds.read_text().splitlines()]
+    assert [r["qid"] for r in rows] == ["q0", "q1", "q2", "q3", "q4"]
+    assert [r["accuracy"] for r in rows] == [1.0, 1.0, 0.0, 1.0, 1.0]
+
+
+def test_accuracy_all_leaves_unanswered_questions_out_of_its_denominator(tmp_path):
+    """A hidden-label question that was scored (not counted) and a dropped answered one (counted
+    wrong): accuracy_all = right / (answered scored + answered not scored)."""
+    examples = _examples(3)
+    loader = Loader([batch("mc", [0, 1], [[1, 0], [1, 0]], answer_index=[0, -1])], examples,
+                    [0, 1], [(2, "q2", "video missing from the manifest")])
+    metrics = evaluate(Scores(), loader, Config.from_dict({"task": "mc"}), lambda b: {},
+                       torch.device("cpu"), torch.float32)
+    assert metrics["num_examples"] == 1 and metrics["num_unlabeled"] == 1
+    assert metrics["accuracy_all"] == 0.5
+
+
+def test_evaluation_leaves_the_models_mode_as_it_was(tmp_path):
+    for training_mode in (False, True):
+        model = Scores().train(training_mode)
+        evaluate(model, [batch("mc", [0], [[1, 0]], answer_index=[0])],
+                 Config.from_dict({"task": "mc"}), lambda b: {}, torch.device("cpu"),
+                 torch.float32)
+        assert model.training is training_mode
+
+
+def test_clips_are_pooled_in_float32_whatever_the_models_precision(tmp_path):
+    """A bf16 model's per-clip outputs are averaged in fp32: 2, 3, 2 pool to 7 / 3, not to
+    bf16's 2.328."""
+    b = batch("count", [0], [0.0], count=[2.0])
+    b["_scores"] = torch.tensor([[2.0, 3.0, 2.0]], dtype=torch.bfloat16)  # [V=1, N=3]
+    b["clip_mask"] = torch.ones(1, 3, dtype=torch.bool)
+    metrics, rows = run("count", [b], tmp_path, count_metric="raw")
+    assert rows[0]["output"] == pytest.approx(7 / 3, rel=1e-6)
+    assert metrics["mse"] == pytest.approx((7 / 3 - 2) ** 2, rel=1e-5)
+
+
+def _streams(**tasks):
+    return {name: Config.from_dict({"task": task}) for name, task in tasks.items()}
+
+
+def test_a_multi_task_evaluation_reports_each_task_and_their_mean_accuracy(tmp_path):
+    """task=multi: each task's metrics prefixed with its name, accuracy the mean of the open and
+    multiple-choice tasks' accuracies (count's MSE takes no part), num_examples the sum, and one
+    predictions file whose rows name their task."""
+    loaders = {
+        "frameqa": [batch("open", [0, 1, 2, 3], [[1, 0], [1, 0], [1, 0], [0, 1]],
+                          label=[0, 0, 0, 0])],  # 3 of 4
+        "action": [batch("mc", [0, 1], [[1, 0], [1, 0]], answer_index=[0, 1])],  # 1 of 2
+        "count": [batch("count", [0], [3.0], count=[4.0])],
+    }
+    streams = _streams(frameqa="open", action="mc", count="count")
+    preds = tmp_path / "preds.jsonl"
+    texts = {name: (lambda b: {}) for name in loaders}
+    metrics = evaluate_tasks(Scores(), loaders, streams, texts, torch.device("cpu"),
+                             torch.float32, predictions=preds)
+    assert metrics["accuracy"] == pytest.approx((0.75 + 0.5) / 2)
+    assert metrics["num_examples"] == 7
+    assert metrics["frameqa_accuracy"] == 0.75 and metrics["frameqa_num_examples"] == 4
+    assert metrics["action_accuracy"] == 0.5 and metrics["action_num_examples"] == 2
+    assert metrics["count_mse"] == 1.0 and metrics["count_num_examples"] == 1
+    rows = [json.loads(line) for line in preds.read_text().splitlines()]
+    assert [r["task"] for r in rows] == ["frameqa"] * 4 + ["action"] * 2 + ["count"]
+    assert tasks_line(metrics, streams) == \
+        "accuracy 0.6250 (frameqa 0.7500, action 0.5000; count mse 1.0000)"
+    # count alone: no accuracy to average
+    only = evaluate_tasks(Scores(), {"count": loaders["count"]}, _streams(count="count"),
+                          texts, torch.device("cpu"), torch.float32)
+    assert only["accuracy"] != only["accuracy"] and only["num_examples"] == 1
+    assert tasks_line(only, _streams(count="count")) == "accuracy nan (count mse 1.0000)"
+    assert tasks_line({"accuracy": 0.5, "a_accuracy": 0.5}, _streams(a="mc", b="open")) == \
+        "accuracy 0.5000 (a 0.5000)"  # a task without metrics is left out
+    # one task: its metrics as they are
+    one = evaluate_tasks(Scores(), {"": loaders["action"]}, {"": streams["action"]},
+                         {"": texts["action"]}, torch.device("cpu"), torch.float32)
+    assert one == {"num_examples": 2, "accuracy": 0.5, "accuracy/what": 0.5}
+
+
+def test_repeated_question_ids_are_named_once_each():
+    examples = [SimpleNamespace(qid=q) for q in ["a", "b", "a", "c", "a", "b"]]
+    assert _duplicate_qids(examples) == ["a", "b"]
+    assert _duplicate_qids([SimpleNamespace(qid=q) for q in ["a", "b"]]) == []
+
+
+def test_labels_come_from_the_normalised_answer():
+    label_of = LabelLookup({"red": 0, "two cats": 1})
+    assert [label_of(SimpleNamespace(answer=a)) for a in ["red", " Red ", "two  Cats", "blue"]] == \
+        [0, 0, 1, -1]
+
+
+@pytest.mark.parametrize("how, answer", [("mean", 1), ("max", 0), ("logsumexp", 0)])
+def test_clip_scores_are_pooled_as_eval_aggregation_says(tmp_path, how, answer):
+    """eval.aggregation pools the valid clips' scores before the argmax: clips scoring (3, 0)
+    and (-4, 1) answer 1 by their mean, 0 by their max; the masked third clip takes no part."""
+    b = batch("mc", [0], [[0.0, 0.0]], answer_index=[0])
+    b["_scores"] = torch.tensor([[[3.0, 0.0], [-4.0, 1.0], [100.0, -100.0]]])  # [V, N, M]
+    b["clip_mask"] = torch.tensor([[True, True, False]])
+    _, rows = run("mc", [b], tmp_path, aggregation=how)
+    assert rows[0]["prediction"] == answer
