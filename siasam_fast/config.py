@@ -75,7 +75,9 @@ class DataConfig:
     # Multiple choice: how a question and a candidate make one text. pair = [CLS] question [SEP]
     # candidate [SEP] (BERT's sentence pair, the longer of the two trimmed to max_question_len);
     # joined = [CLS] question candidate [SEP], one sentence, as ClipBERT fine-tunes TGIF-QA
-    # action / transition (its collator joins them with a space; cut at the end).
+    # action / transition (its collator joins them with a space; cut at the end). Either way every
+    # text token is embedded with token type 0 (segment A), as ClipBERT embeds its text: the
+    # candidate of a pair gets no segment-B embedding.
     mc_text: str = "pair"  # pair | joined
     options: dict = field(default_factory=dict)  # extra keyword arguments of the reader
     # task: multi trains one model on several tasks at once (the paper's pre-training on TGIF-QA's

@@ -576,6 +576,25 @@ def test_mc_text_pairs_or_joins_question_and_candidate(tokenizer):
         TextEncoder(tokenizer, "mc", 32, "both")
 
 
+def test_a_candidate_is_embedded_as_segment_a_as_clipbert_embeds_text(tokenizer):
+    """mc_text=pair: the tokenizer would give the candidate token type 1, but the model embeds
+    every text token with type 0 (ClipBERT's text embedding, which the README and config state):
+    the encoder passes no token types and the model's embedding ignores segment B's row."""
+    from siasam_fast.training import TextEncoder
+
+    batch = {"question": ["what color is it?"], "candidates": [["red square", "blue"]]}
+    enc = TextEncoder(tokenizer, "mc", 32, "pair")(batch)
+    assert set(enc) == {"input_ids", "attention_mask"}
+    assert tokenizer("what color is it?", "red square")["token_type_ids"][-1] == 1
+    model = make_model("mc")
+    ids = enc["input_ids"].flatten(0, 1)
+    with torch.no_grad():
+        model.text.embeddings.token_type_embeddings.weight[1].add_(1.0)  # segment B: unused
+    torch.testing.assert_close(model.text_embeddings(ids, enc["attention_mask"].flatten(0, 1)),
+                               model.text.embeddings(input_ids=ids,
+                                                     token_type_ids=torch.zeros_like(ids)))
+
+
 def _changed(a, b):
     """[V, N] bools: where two per-clip outputs differ at all (the tiny random model barely
     responds to its input, ~1e-6; rows computed from the same inputs come out bit for bit the
