@@ -609,7 +609,9 @@ def fused_layer_norm(cfg: Config, device: torch.device) -> bool:
 
 
 def warmup_linear_decay(total_steps: int, warmup_ratio: float):
-    """Linear warm-up over the first ``warmup_ratio`` of the steps, then linear decay to zero."""
+    """Linear warm-up over the first ``warmup_ratio`` of the steps, then linear decay to zero.
+    The warm-up takes one step at least (its last step and the decay's first both run at the full
+    rate), so with ``warmup_ratio`` 0 the first two steps run at the full rate."""
     warmup = max(1, int(round(total_steps * warmup_ratio)))
 
     def factor(step: int) -> float:
