@@ -81,7 +81,10 @@ def load_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
     except Exception as err:  # pickle, zip and torch's own errors: all mean "not such a file"
         # (torch's own advice, weights_only=False, would unpickle arbitrary code: not given)
         first = str(err).strip().splitlines()[0] if str(err).strip() else ""
-        first = first.split(". In PyTorch 2.6", 1)[0]
+        first = re.sub(r"\x1b\[[0-9;]*m", "", first)  # torch's bold text
+        # its advice: after ". In PyTorch 2.6" (older torch) or ". This file can still be loaded"
+        first = re.split(r"\. (?:In PyTorch 2\.6|This file can still be loaded)", first,
+                         maxsplit=1)[0]
         raise ValueError(f"--clipbert {str(path)!r} ({path.stat().st_size} bytes): not a torch "
                          f"checkpoint of tensors that loads safely ({type(err).__name__}"
                          f"{': ' + first if first else ''}); a truncated download?") from None

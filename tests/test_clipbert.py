@@ -17,7 +17,7 @@ from subprocess_env import cpu_env
 from transformers import BertConfig, BertModel, ResNetModel
 
 from siasam_fast.cli import main
-from siasam_fast.clipbert import convert_clipbert
+from siasam_fast.clipbert import convert_clipbert, load_checkpoint
 from siasam_fast.config import ModelConfig
 from siasam_fast.model import FrozenBatchNorm2d, SiaSamReaModel, load_tokenizer
 
@@ -453,3 +453,20 @@ def test_a_missing_checkpoint_is_named_before_the_tokenizer_is_fetched(tmp_path,
     assert status == 2
     assert "missing.pt': no such file" in err and "tokenizer" not in err, err
     assert not (tmp_path / "w").exists()
+
+
+def test_a_pickle_of_other_objects_is_refused_without_torchs_unsafe_advice(tmp_path):
+    """torch (2.13 here) begins its weights-only refusal with "Weights only load failed. This
+    file can still be loaded, to do so you have two options, <bold>do those steps only if you
+    trust the source...": the message quoted it, escape codes and all, and left the two options
+    (one being weights_only=False, which unpickles arbitrary code) dangling."""
+    import argparse
+
+    ckpt = tmp_path / "objects.pt"
+    torch.save({"args": argparse.Namespace(lr=1)}, ckpt)
+    with pytest.raises(ValueError) as err:
+        load_checkpoint(ckpt)
+    msg = str(err.value)
+    assert "not a torch checkpoint of tensors that loads safely (UnpicklingError: Weights only " \
+           "load failed)" in msg, msg
+    assert "\x1b" not in msg and "can still be loaded" not in msg and "weights_only" not in msg
