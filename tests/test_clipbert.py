@@ -6,6 +6,7 @@ detectron2's code (BGR input at 0..255 less the pixel mean, the stride in each s
 package's."""
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -17,7 +18,13 @@ from subprocess_env import cpu_env
 from transformers import BertConfig, BertModel, ResNetModel
 
 from siasam_fast.cli import main
-from siasam_fast.clipbert import convert_clipbert, load_checkpoint
+from siasam_fast.clipbert import (
+    bert_from_clipbert,
+    convert_clipbert,
+    load_checkpoint,
+    resnet_from_detectron2,
+    visual_head,
+)
 from siasam_fast.config import ModelConfig
 from siasam_fast.model import FrozenBatchNorm2d, SiaSamReaModel, load_tokenizer
 
@@ -288,6 +295,14 @@ def test_an_fp16_checkpoint_under_a_wrapper_and_module_prefix_converts(converted
         # the row embeddings hold a sum (token type folded in): rounded after, not before it
         tol = 2e-3 if k == "visual.row.weight" else 0
         torch.testing.assert_close(b[k], a[k].half().float(), rtol=tol, atol=tol, msg=k)
+    # exactly: the fp16 tensors made fp32 first, then summed (not summed, and saved, in fp16)
+    from safetensors.torch import load_file
+
+    head = load_file(str(folders["visual"] / "siasam_visual_head.safetensors"))
+    ve = "transformer.bert.visual_embeddings."
+    assert all(v.dtype == torch.float32 for v in head.values())
+    assert torch.equal(head["row.weight"], sd[ve + "row_position_embeddings.weight"].half().float()
+                       + sd[ve + "token_type_embeddings.weight"][0].half().float())
 
 
 def test_bad_checkpoints_and_settings_are_named(converted, tmp_path, capsys):
@@ -470,3 +485,108 @@ def test_a_pickle_of_other_objects_is_refused_without_torchs_unsafe_advice(tmp_p
     assert "not a torch checkpoint of tensors that loads safely (UnpicklingError: Weights only " \
            "load failed)" in msg, msg
     assert "\x1b" not in msg and "can still be loaded" not in msg and "weights_only" not in msg
+
+
+def test_entries_that_are_not_tensors_are_left_out(converted, tmp_path):
+    """A save with a step count or a note beside the tensors (weights_only loads those)."""
+    ckpt = tmp_path / "mixed.pt"
+    torch.save({**converted["sd"], "epoch": 3, "note": "image-text"}, ckpt)
+    assert load_checkpoint(ckpt).keys() == converted["sd"].keys()
+
+
+def test_resnet_layouts_transformers_cannot_hold_are_named(converted):
+    b, sd = "cnn.feature.backbone.", converted["sd"]
+
+    def refused(edit, match):
+        bad = dict(sd)
+        edit(bad)
+        with pytest.raises(ValueError, match=match):
+            resnet_from_detectron2(bad)
+
+    def drop_res3(d):
+        for k in [k for k in d if k.startswith(b + "res3.")]:
+            del d[k]
+
+    def skip_a_block(d):
+        for k in [k for k in d if k.startswith(b + "res2.1.")]:
+            d[k.replace("res2.1.", "res2.2.")] = d.pop(k)
+
+    refused(lambda d: d.update({b + "stem.conv1.weight": torch.zeros(STEM, 1, 7, 7)}),
+            r"stem.conv1.weight has shape \(8, 1, 7, 7\), not a 7x7 RGB stem")
+    refused(drop_res3, r"stages \['res2', 'res4', 'res5'\] .*; expected res2, res3, ... in order")
+    refused(skip_a_block, r"res2 has blocks \[0, 2\]")
+    refused(lambda d: d.update({b + "res2.0.conv1.weight": torch.zeros(OUTS[0] // 2, STEM, 1, 1)}),
+            r"res2's bottleneck is 8 channels for 16 out; transformers' ResNet needs 1/4")
+
+
+def test_bert_settings_the_weights_do_not_tell_and_old_layernorm_names():
+    """BERT-base's settings (hidden / 64 heads, LayerNorm eps 1e-12, exact GELU), the position
+    table's own length (BERT-base: 512), and the gamma / beta names of old BERT code."""
+    torch.manual_seed(3)
+    src = BertModel(BertConfig(vocab_size=30, hidden_size=128, num_hidden_layers=1,
+                               num_attention_heads=2, intermediate_size=64,
+                               max_position_embeddings=40))
+    own = src.state_dict()
+    for k, v in own.items():  # LayerNorms not at ones / zeros: a swap would show
+        if "LayerNorm" in k:
+            v.copy_(torch.randn_like(v))
+    old = {"transformer.bert." + re.sub(r"LayerNorm\.weight$", "LayerNorm.gamma",
+                                        re.sub(r"LayerNorm\.bias$", "LayerNorm.beta", k)): v
+           for k, v in own.items()}
+    model, taken = bert_from_clipbert(old)
+    cfg = model.config
+    assert (cfg.num_attention_heads, cfg.layer_norm_eps, cfg.hidden_act,
+            cfg.max_position_embeddings) == (2, 1e-12, "gelu", 40)
+    assert sorted(taken) == sorted(old)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, own[k]), k
+    with pytest.raises(ValueError, match="--heads 3: does not divide the hidden size 128"):
+        bert_from_clipbert(old, num_heads=3)
+    # a checkpoint of today's names without a LayerNorm's weight: named as it lacks it
+    modern = {"transformer.bert." + k: v for k, v in own.items()
+              if k != "embeddings.LayerNorm.weight"}
+    with pytest.raises(ValueError, match=r"transformer\.bert\.embeddings\.LayerNorm\.weight is "
+                                         "missing"):
+        bert_from_clipbert(modern)
+
+
+def test_a_grid_encoder_of_other_sizes_is_named_before_anything_is_written(converted):
+    sd = dict(converted["sd"])
+    sd["cnn.grid_encoder.0.weight"] = torch.zeros(HIDDEN, OUTS[-1] // 2, 3, 3)
+    with pytest.raises(ValueError, match=r"cnn\.grid_encoder\.0\.weight has shape "
+                                         r"\(32, 64, 3, 3\), expected \(32, 128, 3, 3\)"):
+        visual_head(sd, HIDDEN, OUTS[-1])
+
+
+def test_a_smaller_max_grid_takes_the_first_rows_and_columns(converted):
+    """ClipBERT has 100 rows / columns; a model.max_grid below that keeps rows 0.. of them."""
+    sd, ve = converted["sd"], "transformer.bert.visual_embeddings."
+    visual = build(converted["folders"], max_grid=4).visual
+    row = sd[ve + "row_position_embeddings.weight"] + sd[ve + "token_type_embeddings.weight"][0]
+    torch.testing.assert_close(visual.row.weight.detach(), row[:4], rtol=0, atol=0)
+    assert torch.equal(visual.col.weight.detach(), sd[ve + "col_position_embeddings.weight"][:4])
+
+
+def test_a_conversion_that_no_longer_loads_is_converted_again(converted, tmp_path, capsys):
+    out = tmp_path / "w"
+    args = ["weights", str(out), "--clipbert", str(converted["ckpt"]), "--text",
+            str(converted["tok"]), "--heads", "2"]
+    assert main(args) == 0
+    head = out / "clipbert-visual" / "siasam_visual_head.safetensors"
+    head.unlink()
+    capsys.readouterr()
+    assert main(args) == 0
+    assert "kept" not in capsys.readouterr().out
+    assert head.is_file()
+
+
+def test_a_refused_checkpoint_leaves_no_empty_out_behind(converted, tmp_path):
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"\x80\x02 not a checkpoint")
+    for out in (tmp_path / "new", tmp_path / "there"):
+        if out.name == "there":
+            out.mkdir()
+        with pytest.raises(ValueError, match="not a torch checkpoint"):
+            convert_clipbert(junk, out, tokenizer=str(converted["tok"]), num_heads=2,
+                             log=lambda *_: None)
+        assert out.exists() == (out.name == "there")  # one it made is removed, not another
