@@ -1,6 +1,7 @@
 """siasam-fast weights, and a model started from local pretrained folders (offline: tiny random
 models saved with save_pretrained stand in for the Hub's ResNet-50 and BERT-base)."""
 
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +13,7 @@ from transformers import BertConfig, BertModel, ResNetConfig, ResNetModel
 
 from siasam_fast.config import ModelConfig
 from siasam_fast.model import TEXT_PRESETS, VISUAL_PRESETS, SiaSamReaModel, load_tokenizer
-from siasam_fast.weights import config_lines, fetch_weights, folder_name
+from siasam_fast.weights import config_lines, fetch_weights, folder_name, writable_out
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -173,3 +174,75 @@ def test_head_checkpoints_load(tmp_path):
         folder = tmp_path / cls.__name__
         cls(BertConfig(vocab_size=len(tokenizer), **TEXT_PRESETS["tiny"])).save_pretrained(folder)
         assert isinstance(build_text(str(folder), len(tokenizer), 0.1), BertModel)
+
+
+def test_fetch_clears_leftovers_and_fetches_again_what_does_not_load(sources, tmp_path):
+    """A .NAME.partial folder left by a killed fetch (SIGKILL: no cleanup ran) does not block the
+    next; a folder in place that does not load (an empty ResNet folder, a BERT folder with its
+    tokenizer but not its weights) is fetched again; with force, one that loads too."""
+    from siasam_fast.model import build_text, build_visual
+
+    visual, text = sources
+    out = tmp_path / "w"
+    (out / ".tiny-resnet.partial").mkdir(parents=True)
+    (out / ".tiny-resnet.partial" / "config.json").write_text("{")
+    (out / "tiny-resnet").mkdir()
+    shutil.copytree(text, out / "tiny-bert")
+    (out / "tiny-bert" / "model.safetensors").unlink()
+    lines = []
+    folders = fetch_weights(out, visual=str(visual), text=str(text), log=lines.append)
+    assert not any("already there" in line for line in lines), lines
+    assert not list(out.glob(".*"))
+    build_visual(str(folders["visual"]))
+    build_text(str(folders["text"]), 1, 0.1)
+    lines.clear()
+    fetch_weights(out, visual=str(visual), text=str(text), force=True, log=lines.append)
+    assert sum("fetching" in line for line in lines) == 2, lines
+
+
+def test_a_failed_save_leaves_no_partial_folder(sources, tmp_path, monkeypatch):
+    from transformers import BertTokenizerFast
+
+    def full(self, *args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    visual, text = sources
+    monkeypatch.setattr(BertTokenizerFast, "save_pretrained", full)
+    with pytest.raises(OSError, match="No space left"):
+        fetch_weights(tmp_path / "w", visual=str(visual), text=str(text), log=lambda line: None)
+    assert not list((tmp_path / "w").glob(".*"))
+    assert not (tmp_path / "w" / "tiny-bert").exists()
+
+
+def test_an_out_that_is_a_file_or_not_writable_is_named(tmp_path):
+    file = tmp_path / "file"
+    file.write_text("")
+    with pytest.raises(ValueError, match="is a file, not a folder"):
+        writable_out(file)
+    if Path("/proc/self").is_dir():  # a folder nobody can write in, root included
+        with pytest.raises(ValueError, match="'/proc': cannot write there"):
+            writable_out("/proc")
+
+
+def test_a_folder_without_batchnorm_counters_loads_and_one_without_a_weight_does_not(tmp_path):
+    """Converted ResNets may leave num_batches_tracked out (not weights); a missing weight
+    would start random and is refused."""
+    from safetensors.torch import load_file, save_file
+
+    from siasam_fast.model import build_visual
+
+    folder = tmp_path / "r"
+    ResNetModel(ResNetConfig(**VISUAL_PRESETS["tiny"])).save_pretrained(folder)
+    weights = load_file(str(folder / "model.safetensors"))
+    kept = {k: v for k, v in weights.items() if not k.endswith("num_batches_tracked")}
+    assert len(kept) < len(weights)
+    save_file(kept, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    model = build_visual(str(folder))
+    for k, v in kept.items():
+        assert torch.equal(model.state_dict()[k], v), k
+    gone = "encoder.stages.0.layers.0.layer.0.convolution.weight"
+    save_file({k: v for k, v in kept.items() if k != gone}, str(folder / "model.safetensors"),
+              metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=f"not a ResNetModel checkpoint: 1 of its weights are "
+                                         f"missing \\(e.g. {gone}\\)"):
+        build_visual(str(folder))
