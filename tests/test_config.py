@@ -545,3 +545,256 @@ def test_evaluating_with_other_frames_than_trained_says_so(tmp_path, capsys):
         capsys.readouterr().err)
     checkpoint_config(str(tag))
     assert "prepared otherwise" not in capsys.readouterr().err
+
+
+def test_shipped_deepspeed_files_are_what_the_module_writes(tmp_path):
+    """configs/ds/*.json are make_ds_config's output (write_all regenerates them), with the
+    documented fp16 loss scaling and the ZeRO sections of each stage."""
+    import json
+
+    from siasam_fast.ds_config import FP16_DYNAMIC, make_ds_config, write_all
+
+    written = write_all(tmp_path)
+    shipped = sorted(p.name for p in (ROOT / "configs" / "ds").glob("*.json"))
+    assert sorted(p.name for p in written) == shipped and len(shipped) == 12
+    for path in written:
+        assert path.read_text() == (ROOT / "configs" / "ds" / path.name).read_text(), path.name
+    # fp16: dynamic loss scaling from 2**16, halved on overflow after one tolerated (hysteresis
+    # 2), doubled after 1000 clean steps, never below 1
+    assert FP16_DYNAMIC == {"enabled": True, "loss_scale": 0, "initial_scale_power": 16,
+                            "loss_scale_window": 1000, "hysteresis": 2, "min_loss_scale": 1}
+    buckets = {"overlap_comm": True, "contiguous_gradients": True,
+               "reduce_bucket_size": 50_000_000, "allgather_bucket_size": 50_000_000}
+    stage3 = {"stage3_prefetch_bucket_size": 50_000_000,
+              "stage3_param_persistence_threshold": 100_000}
+    for stage, zero in ((0, {"stage": 0}), (1, {"stage": 1, **buckets}),
+                        (2, {"stage": 2, **buckets}), (3, {"stage": 3, **buckets, **stage3})):
+        for precision in ("fp16", "bf16", "fp32"):
+            config = make_ds_config(stage, precision, micro_batch=3, grad_clip=0.5)
+            assert config["zero_optimization"] == zero
+            assert config["fp16"] == (FP16_DYNAMIC if precision == "fp16" else {"enabled": False})
+            assert config["bf16"] == {"enabled": precision == "bf16"}
+            assert (config["train_micro_batch_size_per_gpu"], config["gradient_accumulation_steps"],
+                    config["gradient_clipping"]) == (3, 1, 0.5)
+            assert config["zero_allow_untested_optimizer"] is True
+            assert json.loads(json.dumps(config)) == config
+    with pytest.raises(ValueError, match=r"ZeRO stage 4: valid stages are 0, 1, 2, 3"):
+        make_ds_config(4, "fp32")
+    with pytest.raises(ValueError, match=r"precision 'fp8': valid values are fp16, bf16, fp32"):
+        make_ds_config(2, "fp8")
+
+
+@pytest.mark.parametrize("capability, name, bf16", [
+    ((7, 0), "Tesla V100-SXM2-32GB", False), ((7, 5), "Tesla T4", False),
+    ((8, 0), "NVIDIA A100-SXM4-80GB", True), ((8, 6), "NVIDIA A10", True),
+    ((9, 0), "NVIDIA H100 80GB HBM3", True)])
+def test_precision_follows_the_compute_capability(monkeypatch, capability, name, bf16):
+    """bf16 from sm_80 (Ampere) on, sm_80 itself included; fp16 below; fp32 without a GPU."""
+    import torch
+
+    from siasam_fast import ds_config
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: name)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: capability)
+    assert ds_config.has_bf16() is bf16
+    assert ds_config.default_precision() == ("bf16" if bf16 else "fp16")
+    assert ds_config.precision_of(load_ds_config(None)) == ("bf16" if bf16 else "fp16")
+    for precision in ("fp16", "fp32", "bf16"):
+        config = ds_config.make_ds_config(2, precision)
+        if precision == "bf16" and not bf16:
+            with pytest.raises(ValueError, match=f"{name} has no bf16"):
+                finalize(config, 4, 1.0, 1)
+        else:
+            assert ds_config.precision_of(finalize(config, 4, 1.0, 1)) == precision
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert not ds_config.has_bf16() and ds_config.default_precision() == "fp32"
+    assert ds_config.precision_of(load_ds_config(None)) == "fp32"
+    with pytest.raises(ValueError, match=r"fp16 needs a CUDA GPU .*configs/ds/zero2_fp32.json"):
+        finalize(ds_config.make_ds_config(2, "fp16"), 4, 1.0, 1)
+    assert ds_config.precision_of(finalize(ds_config.make_ds_config(2, "bf16"), 4, 1.0, 1)) == (
+        "bf16")
+
+
+def test_deepspeed_file_precision_and_stage_settings(tmp_path, monkeypatch):
+    """train.precision (not auto) sets the file's precision; the stage comes from the file, or
+    the stage argument."""
+    import torch
+
+    from siasam_fast import ds_config
+    from siasam_fast.ds_config import FP16_DYNAMIC, config_file_name, precision_of
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert config_file_name(2, "fp32") == "zero2_fp32.json"
+    assert (ROOT / "configs" / "ds" / config_file_name(3, "bf16")).is_file()
+    with pytest.raises(FileNotFoundError, match=r"'nope.json' does not exist"):
+        load_ds_config("nope.json")
+    sched = tmp_path / "sched.json"
+    sched.write_text('{"scheduler": {"type": "WarmupLR"}}')
+    with pytest.raises(ValueError, match=r"has an 'scheduler' block"):
+        load_ds_config(str(sched))
+    fp32 = str(ROOT / "configs" / "ds" / "zero3_fp32.json")
+    assert load_ds_config(fp32)["fp16"] == {"enabled": False}
+    as_fp16 = load_ds_config(fp32, "fp16")
+    assert as_fp16["fp16"] == FP16_DYNAMIC and as_fp16["bf16"] == {"enabled": False}
+    assert as_fp16["zero_optimization"]["stage"] == 3
+    as_bf16 = load_ds_config(fp32, "bf16")
+    assert as_bf16["bf16"] == {"enabled": True} and as_bf16["fp16"] == {"enabled": False}
+    assert precision_of(load_ds_config(str(ROOT / "configs/ds/zero2_bf16.json"), "fp32")) == "fp32"
+    # the stage and precision arguments without a file
+    made = load_ds_config(None, "fp16", stage=3)
+    assert made["zero_optimization"]["stage"] == 3 and made["fp16"] == FP16_DYNAMIC
+    assert load_ds_config(None, "bf16", stage=0) == ds_config.make_ds_config(0, "bf16")
+
+
+def test_bf16_spellings_and_precision_of():
+    from siasam_fast.ds_config import _bf16_key, precision_of
+
+    raw = {"bfloat16": {"enabled": True}}
+    assert precision_of(raw) == "bf16" and raw == {"bfloat16": {"enabled": True}}  # not changed
+    assert _bf16_key({"bf16": {"enabled": True}, "bfloat16": {"enabled": True}}, "x.json") == {
+        "bf16": {"enabled": True}}
+    with pytest.raises(ValueError, match=r"'x.json' has both 'bf16' and 'bfloat16', which "
+                                         r"disagree: keep 'bf16'"):
+        _bf16_key({"bf16": {"enabled": False}, "bfloat16": {"enabled": True}}, "x.json")
+    assert precision_of({}) == "fp32" and precision_of({"fp16": {"enabled": False}}) == "fp32"
+    assert precision_of({"fp16": {"enabled": True}}) == "fp16"
+
+
+def test_finalize_writes_the_run_settings_and_refuses_what_deepspeed_would_misread(monkeypatch):
+    import torch
+
+    from siasam_fast.ds_config import make_ds_config
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    base = make_ds_config(2, "fp32", micro_batch=8, grad_clip=1.0)
+    before = repr(base)
+    final = finalize(base, 3, 0.25, 4, grad_accum=2)
+    assert repr(base) == before  # the caller's dict is not changed
+    assert (final["train_micro_batch_size_per_gpu"], final["gradient_accumulation_steps"],
+            final["train_batch_size"], final["gradient_clipping"]) == (3, 2, 24, 0.25)
+    assert final["timers"] == {"throughput": {"enabled": False}}
+    own = {"throughput": {"enabled": True, "synchronized": False}}
+    assert finalize({"timers": own}, 4, 1.0, 1)["timers"] == own
+    assert finalize({"bfloat16": {"enabled": True}}, 4, 1.0, 1)["bf16"] == {"enabled": True}
+    for config, key in (({"train_batch_size": "auto"}, "train_batch_size"),
+                        ({"zero_optimization": {"stage": 2, "reduce_bucket_size": "auto"}},
+                         "zero_optimization")):
+        with pytest.raises(ValueError, match=rf"key '{key}' uses 'auto', which plain DeepSpeed "
+                                             r"ignores: write a real value"):
+            finalize(config, 4, 1.0, 1)
+    for accum in (True, 0, -1, 1.5):
+        with pytest.raises(ValueError, match=rf"gradient_accumulation_steps={accum!r}: must be a "
+                                             r"whole number >= 1"):
+            finalize({"gradient_accumulation_steps": accum}, 4, 1.0, 1)
+    for stage in (0, 1, 2, 3):
+        assert finalize({"zero_optimization": {"stage": stage}}, 4, 1.0, 1)[
+            "zero_optimization"]["stage"] == stage
+
+
+@pytest.mark.parametrize("override", [
+    "model.dropout=0", "siamese.omega=0", "siamese.omega=1", "siamese.tau=1e-6",
+    "siamese.alpha=0", "siamese.alpha_warmup=1", "train.warmup_ratio=0", "train.warmup_ratio=1",
+    "train.grad_clip=0", "train.lr=0", "train.adam_beta1=0", "train.adam_eps=1e-12",
+    "data.num_workers=0", "data.image_size=8", "data.max_question_len=3",
+    "train.keep_checkpoints=1", "eval.num_clips=1", "train.save_every=0", "train.max_steps=0"])
+def test_the_ends_of_each_valid_range_are_accepted(override):
+    key, value = override.split("=")
+    section, name = key.split(".")
+    assert float(getattr(getattr(load_config(BASE, [override]), section), name)) == float(value)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("model.dropout=1", "model.dropout=1.0: must lie in [0, 1)"),
+    ("siamese.omega=1.5", "siamese.omega=1.5: must lie in [0, 1]"),
+    ("siamese.omega=-0.1", "siamese.omega=-0.1: must lie in [0, 1]"),
+    ("siamese.tau=0", "siamese.tau=0.0: must be > 0"),
+    ("siamese.alpha_warmup=1.5", "siamese.alpha_warmup=1.5: must lie in [0, 1]"),
+    ("train.adam_beta1=1", "train.adam_beta1=1.0: must lie in [0, 1)"),
+    ("data.image_size=7", "data.image_size=7: must be >= 8 (pixels)"),
+    ("data.max_question_len=2", "data.max_question_len=2: must be >= 3"),
+    ("data.num_workers=-1", "data.num_workers=-1: must be >= 0"),
+    ("data.decode_group=0", "data.decode_group=0: must be >= 1"),
+    ("data.min_answer_count=0", "data.min_answer_count=0: must be >= 1"),
+    ("model.max_grid=0", "model.max_grid=0: must be >= 1"),
+    ("siamese.alpha=true", "siamese.alpha=True: expected a finite number"),
+    ("train.batch_size=1e3", "train.batch_size='1e3': expected a whole number"),
+])
+def test_values_just_outside_a_range_name_the_key(override, message):
+    with pytest.raises(ValueError) as err:
+        load_config(BASE, [override])
+    assert message in str(err.value)
+
+
+CHOICES = [("data.backend", "auto, pyav, dali"), ("data.frame_fit", "crop, pad"),
+           ("data.mc_text", "pair, joined"), ("model.qa_head", "auto, siasam, clipbert"),
+           ("model.visual_head", "auto, proj, clipbert"),
+           ("model.cnn_freeze", "auto, none, batchnorm, detectron2"),
+           ("model.memory_format", "auto, channels_last, contiguous"),
+           ("model.layer_norm", "auto, torch, apex"),
+           ("model.activation_checkpointing", "none, cnn, all"),
+           ("siamese.gt_clips", "anchor, all, pooled"),
+           ("siamese.gt_pool", "mean, max, logsumexp"), ("siamese.mc_loss", "hinge, ce"),
+           ("siamese.impl", "auto, triton, reference"),
+           ("train.optimizer", "auto, torch, deepspeed, apex"),
+           ("train.precision", "auto, fp32, fp16, bf16"),
+           ("eval.aggregation", "mean, max, logsumexp"), ("eval.count_metric", "tgif, raw"),
+           ("eval.split", "val, test, none"), ("task", "open, mc, count, multi")]
+
+
+@pytest.mark.parametrize("key, valid", CHOICES)
+def test_every_choice_key_names_its_valid_values(key, valid):
+    with pytest.raises(ValueError) as err:
+        load_config(BASE, [f"{key}=bogus"])
+    assert f"{key}='bogus': valid values are {valid}" in str(err.value)
+    for value in valid.split(", "):
+        if value != "multi":  # (needs data.tasks)
+            load_config(BASE, [f"{key}={value}"])
+
+
+def test_booleans_numbers_and_strings_from_overrides_and_files(tmp_path):
+    """Quoted YAML strings are booleans too (true / yes / on / 1, any case and spacing)."""
+    quoted = tmp_path / "quoted.yaml"
+    quoted.write_text("data:\n  dedup: 'no'\nsiamese:\n  skg: ' Yes'\n  learn_w1: 'OFF'\n"
+                      "train:\n  keep_best: '0'\n  overwrite: '1'\n")
+    cfg = load_config(quoted)
+    assert (cfg.data.dedup, cfg.siamese.skg, cfg.siamese.learn_w1, cfg.train.keep_best,
+            cfg.train.overwrite) == (False, True, False, False, True)
+    with pytest.raises(ValueError, match=r"train.out_dir=True: expected a string"):
+        Config.from_dict({"train": {"out_dir": True}})  # a YAML file's unquoted true
+    with pytest.raises(ValueError, match=r"train.out_dir is empty"):
+        Config.from_dict({"train": {"out_dir": "  "}})
+    assert load_config(BASE, ["data.video_dir=[a"]).data.video_dir == "[a"  # not YAML: as given
+    assert load_config(BASE, [" train.lr = 2e-4"]).train.lr == 2e-4
+
+
+def test_overrides_and_files_edge_cases(tmp_path):
+    import json
+
+    from siasam_fast.config import apply_overrides, config_from_json
+
+    values = {"train": {"lr": 0.1}}
+    assert apply_overrides(values, ["train.lr=0.2", "eval.batch_size=4"]) == {
+        "train": {"lr": 0.2}, "eval": {"batch_size": 4}}
+    assert values == {"train": {"lr": 0.1}}  # the caller's dict is not changed
+    with pytest.raises(ValueError, match=r"override 'train.lr.x=1': 'lr' is not a section"):
+        apply_overrides(values, ["train.lr.x=1"])
+    with pytest.raises(ValueError, match=r"override 'train.lr': expected section.key=value"):
+        apply_overrides(values, ["train.lr"])
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("# nothing set: every default\n")
+    assert load_config(empty) == Config()
+    with pytest.raises(ValueError, match=r"unknown key\(s\) \['lrr'\] in train; valid: "):
+        load_config(BASE, ["train.lrr=1"])
+    with pytest.raises(ValueError, match=r"unknown key\(s\) \['trian'\] in config; valid: "):
+        load_config(BASE, ["trian.lr=1"])
+    with pytest.raises(ValueError, match=r"sampling.stride=0"):
+        load_config(BASE, ["sampling.stride=0"])
+    with pytest.raises(ValueError, match=r"siamese.gt_pool=logsumexp: task=count predicts a "
+                                         r"number per clip, .* valid for count: mean, max"):
+        load_config(BASE, ["task=count", "siamese.gt_clips=pooled"])
+    assert load_config(BASE, ["task=count", "siamese.gt_clips=pooled",
+                              "siamese.gt_pool=max"]).siamese.gt_pool == "max"
+    assert load_config(BASE, ["task=count"]).siamese.gt_pool == "logsumexp"  # unused: anchor
+    cfg = load_config(BASE, ["sampling.frames_per_clip=[5, 16]"])
+    assert config_from_json(json.dumps(cfg.to_dict())) == cfg
