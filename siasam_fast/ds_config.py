@@ -98,7 +98,7 @@ def load_ds_config(path: str | None, precision: str = "auto", stage: int = 2) ->
     else:
         config = make_ds_config(stage, default_precision() if precision == "auto" else precision)
     config = _bf16_key(config, path)
-    if precision != "auto":
+    if precision != "auto" and precision != precision_of(config):  # (else keep the file's block)
         config["fp16"] = dict(FP16_DYNAMIC) if precision == "fp16" else {"enabled": False}
         config["bf16"] = {"enabled": precision == "bf16"}
     return config

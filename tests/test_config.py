@@ -798,3 +798,23 @@ def test_overrides_and_files_edge_cases(tmp_path):
     assert load_config(BASE, ["task=count"]).siamese.gt_pool == "logsumexp"  # unused: anchor
     cfg = load_config(BASE, ["sampling.frames_per_clip=[5, 16]"])
     assert config_from_json(json.dumps(cfg.to_dict())) == cfg
+
+
+def test_train_precision_keeps_the_files_own_block_of_that_precision(tmp_path):
+    """--set train.precision=fp16 with an fp16 DeepSpeed file replaced the file's loss scaling
+    (initial_scale_power, loss_scale_window, hysteresis, min_loss_scale) with the defaults,
+    silently; it is kept now, and replaced only where the precision changes."""
+    import json
+
+    own = {"enabled": True, "loss_scale": 0, "initial_scale_power": 12, "loss_scale_window": 200,
+           "hysteresis": 4, "min_loss_scale": 0.5}
+    custom = tmp_path / "custom_fp16.json"
+    custom.write_text(json.dumps({"zero_optimization": {"stage": 2}, "fp16": own}))
+    assert load_ds_config(str(custom))["fp16"] == own
+    assert load_ds_config(str(custom), "fp16")["fp16"] == own
+    assert load_ds_config(str(custom), "bf16")["fp16"] == {"enabled": False}
+    bf16 = tmp_path / "custom_bf16.json"
+    bf16.write_text(json.dumps({"bf16": {"enabled": True, "immediate_grad_update": True}}))
+    assert load_ds_config(str(bf16), "bf16")["bf16"] == {"enabled": True,
+                                                         "immediate_grad_update": True}
+    assert load_ds_config(str(bf16), "fp32")["bf16"] == {"enabled": False}
