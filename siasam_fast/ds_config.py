@@ -154,7 +154,10 @@ def finalize(config: dict, micro_batch: int, grad_clip: float, world_size: int,
             f"{effective}: the run config sets the batch; remove train_batch_size from the file "
             "or make it agree")
     zero = config.get("zero_optimization", {})
-    stage = zero.get("stage", 0) if isinstance(zero, dict) else zero
+    if not isinstance(zero, dict):  # DeepSpeed's older true / false: the trainer reads a mapping
+        raise ValueError(f"DeepSpeed config: zero_optimization={zero!r}: must be a mapping such "
+                         'as {"stage": 2} (see configs/ds/)')
+    stage = zero.get("stage", 0)
     if stage not in STAGES:
         raise ValueError(f"DeepSpeed config: zero_optimization.stage={stage!r}: valid stages are "
                          f"{', '.join(map(str, STAGES))}")

@@ -818,3 +818,13 @@ def test_train_precision_keeps_the_files_own_block_of_that_precision(tmp_path):
     assert load_ds_config(str(bf16), "bf16")["bf16"] == {"enabled": True,
                                                          "immediate_grad_update": True}
     assert load_ds_config(str(bf16), "fp32")["bf16"] == {"enabled": False}
+
+
+
+def test_a_zero_optimization_that_is_not_a_mapping_is_refused():
+    """DeepSpeed's older "zero_optimization": true passed finalize (True counts as stage 1), and
+    the trainer then stopped with AttributeError: 'bool' object has no attribute 'get'."""
+    for zero in (True, False, 2):  # DeepSpeed's older true / false spelling, or a bare stage
+        with pytest.raises(ValueError, match=rf"zero_optimization={zero!r}: must be a mapping "
+                                             r"such as \{\"stage\": 2\}"):
+            finalize({"zero_optimization": zero}, 4, 1.0, 1)
