@@ -448,6 +448,8 @@ def _typed(name: str, value: Any, f: dataclasses.Field) -> Any:
     if kind == "bool":
         if isinstance(value, bool):
             return value
+        if isinstance(value, int) and value in (0, 1):  # --set key=1: YAML reads a number
+            return bool(value)
         if isinstance(value, str) and value.strip().lower() in _TRUE + _FALSE:
             return value.strip().lower() in _TRUE
         raise ValueError(f"{name}={value!r}: expected true or false")

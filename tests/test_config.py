@@ -828,3 +828,15 @@ def test_a_zero_optimization_that_is_not_a_mapping_is_refused():
         with pytest.raises(ValueError, match=rf"zero_optimization={zero!r}: must be a mapping "
                                              r"such as \{\"stage\": 2\}"):
             finalize({"zero_optimization": zero}, 4, 1.0, 1)
+
+
+
+def test_set_takes_1_and_0_for_a_boolean():
+    """_TRUE / _FALSE list "1" and "0", but --set data.dedup=1 reaches the config as the number 1
+    (YAML) and was refused."""
+    cfg = load_config(BASE, ["data.dedup=0", "train.overwrite=1"])
+    assert cfg.data.dedup is False and cfg.train.overwrite is True
+    with pytest.raises(ValueError, match=r"data.dedup=2: expected true or false"):
+        load_config(BASE, ["data.dedup=2"])
+    with pytest.raises(ValueError, match=r"data.dedup=1.0: expected true or false"):
+        load_config(BASE, ["data.dedup=1.0"])
