@@ -529,6 +529,8 @@ def apply_overrides(values: dict, overrides: list[str]) -> dict:
     values = json.loads(json.dumps(values))  # deep copy
     for text in overrides or []:
         path, value = parse_override(text)
+        if value is not None and not isinstance(value, str) and _string_key(path):
+            value = text.split("=", 1)[1].strip()  # as written: YAML reads 010 as 8, 1.10 as 1.1
         node = values
         for part in path[:-1]:
             node = node.setdefault(part, {})
@@ -536,6 +538,17 @@ def apply_overrides(values: dict, overrides: list[str]) -> dict:
                 raise ValueError(f"override {text!r}: {part!r} is not a section")
         node[path[-1]] = value
     return values
+
+
+def _string_key(path: list[str]) -> bool:
+    """Whether an override's key (task, section.key or data.tasks.NAME.key) is a string field."""
+    if path == ["task"]:
+        return True
+    if len(path) == 4 and path[:2] == ["data", "tasks"]:
+        path = ["data", path[3]]
+    if len(path) != 2 or path[0] not in _SECTIONS:
+        return False
+    return {f.name: f.type for f in fields(_SECTIONS[path[0]])}.get(path[1]) == "str"
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:

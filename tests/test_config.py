@@ -840,3 +840,19 @@ def test_set_takes_1_and_0_for_a_boolean():
         load_config(BASE, ["data.dedup=2"])
     with pytest.raises(ValueError, match=r"data.dedup=1.0: expected true or false"):
         load_config(BASE, ["data.dedup=1.0"])
+
+
+
+def test_set_gives_a_string_key_the_text_as_written():
+    """--set train.out_dir=010 ran in folder 8 (YAML 1.1 reads 010 as octal), 1.10 in 1.1;
+    a date and a path with ': ' (parse_override's own example) were refused as not a string."""
+    for text in ("010", "1.10", "2024-01-05", "/data/videos: old", "0x1F", "1_000", "true"):
+        cfg = load_config(BASE, [f"train.out_dir={text}", f"data.video_dir={text}",
+                                 f"model.tokenizer= {text}"])
+        assert cfg.train.out_dir == cfg.data.video_dir == cfg.model.tokenizer == text
+    assert load_config(BASE, ["train.out_dir='my run'"]).train.out_dir == "my run"  # YAML quotes
+    assert load_config(BASE, ["train.epochs=3"]).train.epochs == 3  # numbers stay numbers
+    cfg = load_config(None, ["task=multi", "data.tasks.qa.task=open", "data.tasks.qa.train=010",
+                             "data.tasks.qa.dataset=msrvtt_qa"])
+    assert cfg.stream("qa").data.train == "010"
+
