@@ -231,7 +231,10 @@ class TrainConfig:
     # them (0: run every epoch). The paper stops "when its validation performance stabilizes".
     # The test evaluation and summary.json follow as after the last epoch.
     early_stop: int = 0
-    precision: str = "auto"  # auto: from the DeepSpeed config | fp32 | fp16 | bf16
+    # auto: from the DeepSpeed config | fp32 | fp16 | bf16. Another precision than the file's
+    # replaces its fp16 / bf16 blocks (fp16: dynamic loss scaling, configs/ds/'s values); the
+    # file's own precision keeps its blocks (its loss-scale settings).
+    precision: str = "auto"
     sync_timing: bool = False  # synchronise the GPU between phases to split the step time
     # cuDNN times its convolution algorithms once per input shape and keeps the fastest. The frames
     # per step are fixed by the sampling (37 unique a video at N=9, B=8, stride 4), so training
