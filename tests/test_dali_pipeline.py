@@ -573,10 +573,15 @@ def test_when_every_stand_in_fails_too_the_loader_says_so(own_copy):
     assert len(loader.skipped) == 3  # the first batch's examples, once each
 
 
+def damage_both_vp9(folder):
+    """The two VP9 videos damaged after indexing (same size and mtime): mjpeg stays whole."""
+    for name in ("vp9", "vp9_vfr"):
+        damage(video_path(folder, name, "vp9"), "hidden")
+
+
 def test_repeated_decode_failures_stop_the_run(own_copy, monkeypatch):
     folder, manifest = own_copy
-    for name, codec in (("vp9", "vp9"), ("vp9_vfr", "vp9")):
-        damage(video_path(folder, name, codec), "hidden")
+    damage_both_vp9(folder)
     monkeypatch.setattr(dali_module, "MAX_FAILED_VIDEOS", 2)
     loader = dali(examples_for(["vp9", "vp9_vfr", "mjpeg"]), manifest, batch_size=3,
                   shuffle=False)
@@ -590,8 +595,7 @@ def test_decode_failures_with_a_success_between_are_not_in_a_row(own_copy, monke
     """Two damaged videos, a good one decoded between them (in its own batch, or on its own in the
     same batch): not two failures in a row."""
     folder, manifest = own_copy
-    for name, codec in (("vp9", "vp9"), ("vp9_vfr", "vp9")):
-        damage(video_path(folder, name, codec), "hidden")
+    damage_both_vp9(folder)
     monkeypatch.setattr(dali_module, "MAX_FAILED_VIDEOS", 2)
     loader = dali(examples_for(["vp9", "mjpeg", "vp9_vfr"]), manifest, batch_size=batch_size,
                   shuffle=False, prefetch_factor=1)
@@ -603,8 +607,7 @@ def test_decode_failures_with_a_success_between_are_not_in_a_row(own_copy, monke
 def test_stand_in_tries_are_counted_with_the_failed_video(own_copy, monkeypatch):
     """At most STAND_IN_TRIES videos decoded for one example, the failed one included."""
     folder, manifest = own_copy
-    for name, codec in (("vp9", "vp9"), ("vp9_vfr", "vp9")):
-        damage(video_path(folder, name, codec), "hidden")
+    damage_both_vp9(folder)
     monkeypatch.setattr(dali_module, "STAND_IN_TRIES", 2)
     loader = dali(examples_for(["vp9", "vp9_vfr", "mjpeg"]), manifest, batch_size=1,
                   shuffle=False)
@@ -617,8 +620,7 @@ def test_videos_already_left_out_are_no_stand_in_tries(own_copy, monkeypatch):
     """A video left out earlier is passed over when looking for a stand-in, without being decoded
     again or counting as a try."""
     folder, manifest = own_copy
-    for name, codec in (("vp9", "vp9"), ("vp9_vfr", "vp9")):
-        damage(video_path(folder, name, codec), "hidden")
+    damage_both_vp9(folder)
     monkeypatch.setattr(dali_module, "STAND_IN_TRIES", 2)
     loader = dali(examples_for(["vp9", "mjpeg", "vp9_vfr", "vp9"]), manifest, batch_size=1,
                   shuffle=False)

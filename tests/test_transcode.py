@@ -420,11 +420,9 @@ def test_duplicate_video_ids_reported(tmp_path):
     assert "same video_id" in summary.summary()
 
 
-@pytest.mark.parametrize("older_mtime", [False, True])
-def test_a_replaced_source_redoes_its_output(tmp_path, older_mtime):
-    """A source replaced by other content with the same frame count kept its old output: with
-    a newer mtime the job saw a complete output of the right length and skipped it; with an
-    older one (rsync -a, cp -p, tar) the output was trusted outright."""
+def _transcode_then_replace_a_source(tmp_path, older_mtime: bool):
+    """SRC (long_gop, small) transcoded to DST, then long_gop replaced by other content of the
+    same length (frames show 500..559), with a newer mtime or one a second older than before."""
     src, dst = tmp_path / "src", tmp_path / "dst"
     write_sources(src, ["long_gop", "small"])
     transcode(src, dst, gop=GOP, workers=1, encoder="cpu", progress=False)
@@ -433,6 +431,15 @@ def test_a_replaced_source_redoes_its_output(tmp_path, older_mtime):
     write_index_video(path, 60, codec="h264", size=64, gop=30, bframes=2, first_index=500)
     if older_mtime:
         os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns - 10**9))
+    return src, dst
+
+
+@pytest.mark.parametrize("older_mtime", [False, True])
+def test_a_replaced_source_redoes_its_output(tmp_path, older_mtime):
+    """A source replaced by other content with the same frame count kept its old output: with
+    a newer mtime the job saw a complete output of the right length and skipped it; with an
+    older one (rsync -a, cp -p, tar) the output was trusted outright."""
+    src, dst = _transcode_then_replace_a_source(tmp_path, older_mtime)
     again = transcode(src, dst, gop=GOP, workers=1, encoder="cpu", progress=False)
     status = {r.video_id: r.status for r in again.results}
     assert status == {"long_gop": "done", "small": "skipped"}
@@ -530,13 +537,7 @@ def test_a_source_replaced_and_indexed_before_the_transcode(tmp_path):
     newer than the source, and still redoes that output (the source's fingerprint tells)."""
     from siasam_fast.pipeline.manifest import build_manifest
 
-    src, dst = tmp_path / "src", tmp_path / "dst"
-    write_sources(src, ["long_gop", "small"])
-    transcode(src, dst, gop=GOP, workers=1, encoder="cpu", progress=False)
-    path = video_path(src, "long_gop", "h264")
-    before = path.stat()
-    write_index_video(path, 60, codec="h264", size=64, gop=30, bframes=2, first_index=500)
-    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns - 10**9))
+    src, dst = _transcode_then_replace_a_source(tmp_path, older_mtime=True)
     indexed = build_manifest(src, dst / "source_manifest.jsonl", workers=1, progress=False)
     assert indexed.probed == ["long_gop"]
     again = transcode(src, dst, gop=GOP, workers=1, encoder="cpu", progress=False)
