@@ -727,11 +727,12 @@ COLUMNS = [
 ]
 
 
-def start_up_bound(row: dict) -> bool:
-    """Fewer than ``MIN_STEADY_ROUNDS`` whole rounds measured after the warm-up (a cap hit during
-    the start-up, or an epoch too short): no steady rate, or a rough one."""
+def start_up_bound(row: dict, min_steady_rounds: int = MIN_STEADY_ROUNDS) -> bool:
+    """Fewer than ``min_steady_rounds`` (the run's --min-steady-rounds) whole rounds measured
+    after the warm-up (a cap hit during the start-up, or an epoch too short): no steady rate, or
+    a rough one."""
     if "steady_rounds" in row and row["steady_rounds"] not in ("", None):
-        return int(row["steady_rounds"]) < MIN_STEADY_ROUNDS
+        return int(row["steady_rounds"]) < min_steady_rounds
     return True  # a row without the count (an older CSV): not to be trusted
 
 
@@ -741,13 +742,17 @@ def rate(row: dict) -> float | None:
     return None if value in ("", None) else float(value)
 
 
-def summary_lines(rows: list[dict]) -> list[str]:
+def summary_lines(rows: list[dict], min_steady_rounds: int = MIN_STEADY_ROUNDS) -> list[str]:
     """Dedup speed-ups per (set, backend, workers, threads) and the best DALI row against the
-    best PyAV row, on the steady rates (``rate``); cells with fewer than ``MIN_STEADY_ROUNDS``
-    whole rounds after the warm-up are flagged, cells without a steady rate are named."""
+    best PyAV row, on the steady rates (``rate``); cells with fewer than ``min_steady_rounds``
+    (the run's --min-steady-rounds) whole rounds after the warm-up are flagged, cells without a
+    steady rate are named."""
     rows = [r for r in rows if r.get("status", "ok") in MEASURED]
     lines = []
-    caveat = f" (start-up bound: fewer than {MIN_STEADY_ROUNDS} whole rounds after the warm-up)"
+    caveat = f" (start-up bound: fewer than {min_steady_rounds} whole rounds after the warm-up)"
+
+    def start_up(r: dict) -> bool:
+        return start_up_bound(r, min_steady_rounds)
 
     def key(r):
         return (r["set"], r["backend"], r["workers"], r.get("threads", ""), r.get("group", ""),
@@ -771,7 +776,7 @@ def summary_lines(rows: list[dict]) -> list[str]:
                          f"rate: {missing})")
             continue
         speedup = rate(pair[True]) / rate(pair[False])
-        note = caveat if any(start_up_bound(r) for r in pair.values()) else ""
+        note = caveat if any(start_up(r) for r in pair.values()) else ""
         lines.append(f"{name}, {backend}, {where}: dedup is {speedup:.2f}x faster (steady "
                      f"rates){note}")
     for name in sorted({r["set"] for r in rows}):
@@ -788,7 +793,7 @@ def summary_lines(rows: list[dict]) -> list[str]:
         best = max(pyav_steady, key=rate)
         top = max(dali_steady, key=rate)
         ratio = rate(top) / rate(best)
-        note = caveat if start_up_bound(top) or start_up_bound(best) else ""
+        note = caveat if start_up(top) or start_up(best) else ""
         threads = f", {top['threads']} threads" if top.get("threads", "") != "" else ""
         threads += f", batches of {top['batch_size']}" if "batch_size" in top else ""
         threads += f" in groups of {top['group']}" if top.get("group", 1) not in (1, "") else ""
@@ -1021,7 +1026,7 @@ def main(argv: list[str] | None = None) -> int:
         f"batch {args.batch_size}"
     )
     print(format_table(rows, [c for c in COLUMNS if any(c in r for r in rows)]))
-    for line in summary_lines(rows):
+    for line in summary_lines(rows, args.min_steady_rounds):
         print(line)
     print(f"wrote {results.finish()}")
     return 0

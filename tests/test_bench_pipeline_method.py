@@ -482,3 +482,33 @@ def test_generated_sets_take_another_length_and_keyframe_spacing(monkeypatch):
     assert len({s.folder_name for s in [*plain, *long]}) == 4
     args = bench_pipeline.build_parser().parse_args(["--frames", "900", "--gop", "16"])
     assert (args.frames, args.gop, args.dali_trim) == (900, 16, "on")
+
+
+def test_summary_flags_the_cells_below_the_runs_min_steady_rounds(tmp_path, monkeypatch, capsys):
+    """--min-steady-rounds decides which cells are short, and the summary's flag follows it: a
+    cell of 2 whole rounds is ok (no flag) under --min-steady-rounds 2, one of 5 is short (and
+    flagged) under 8."""
+    for min_rounds, rounds, flagged in ((2, 2, False), (8, 5, True)):
+        def measure(backend, records, *, workers, dedup, min_steady_rounds, want=min_rounds,
+                    held=rounds, **kwargs):
+            assert min_steady_rounds == want
+            status = "ok" if held >= min_steady_rounds else "short"
+            return {**fake_result(steady=20.0 if dedup else 10.0, rounds=held), "status": status}
+
+        monkeypatch.setattr(bench_pipeline, "measure", measure)
+        monkeypatch.setattr(bench_pipeline, "prepare_set", lambda spec, work_dir, workers:
+                            fake_records())
+        monkeypatch.setattr(bench_pipeline, "environment_isolated",
+                            lambda: {"device": "cpu", "cpu_count": 2})
+        out = tmp_path / f"out{min_rounds}"
+        assert bench_pipeline.main(["--quick", "--sets", "msrvtt-like", "--workers", "1",
+                                    "--min-steady-rounds", str(min_rounds),
+                                    "--work-dir", str(tmp_path / "work"),
+                                    "--out-dir", str(out)]) == 0
+        rows = read_rows(out / "pipeline_pyav_quick.csv")
+        assert {r["status"] for r in rows} == {"ok" if not flagged else "short"}
+        (line,) = [line for line in capsys.readouterr().out.splitlines()
+                   if "dedup is 2.00x faster" in line]
+        assert ("start-up bound" in line) == flagged, line
+        if flagged:
+            assert f"fewer than {min_rounds} whole rounds" in line
