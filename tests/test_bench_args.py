@@ -55,6 +55,9 @@ def refused(call, capsys, *expected):
         (benchutil.positive_float, "0", "invalid value '0': must be a number > 0"),
         (benchutil.positive_float, "nan", "invalid value 'nan': must be a number > 0"),
         (benchutil.int_in_range(0, 51), "52", "invalid value '52': must be an integer in [0, 51]"),
+        (benchutil.positive_float, "inf", "invalid value 'inf': must be a number > 0"),
+        (benchutil.nonneg_float, "-0.5", "invalid value '-0.5': must be a number >= 0"),
+        (benchutil.nonneg_float, "inf", "invalid value 'inf': must be a number >= 0"),
     ],
 )
 def test_shared_types_refuse_bad_values(check, text, message):
@@ -67,6 +70,9 @@ def test_shared_types_refuse_bad_values(check, text, message):
 def test_shared_types_accept_good_values(tmp_path):
     assert benchutil.positive_int("3") == 3 and benchutil.nonneg_int("0") == 0
     assert benchutil.positive_float("0.5") == 0.5
+    assert benchutil.nonneg_float("0") == 0.0 and benchutil.nonneg_float("2.5") == 2.5
+    check = benchutil.int_in_range(0, 51)
+    assert check("0") == 0 and check("51") == 51  # both ends are in the range
     (tmp_path / "a.csv").write_text("x\n")
     assert benchutil.existing_file(str(tmp_path / "a.csv")) == tmp_path / "a.csv"
 
