@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -147,3 +148,73 @@ def test_no_png_without_full_mode_timings(tmp_path):
     assert not (tmp_path / "x.png").exists()
     rows.append({**rows[0], "mode": "full"})
     assert bench_kernels.plot(rows, tmp_path / "x.png", "t").is_file()
+
+
+def test_target_rows_ratios_and_memory_floor():
+    """Target A: eager / Triton and the best torch.compile / Triton on the fp16 fwd+bwd rows;
+    target B: Triton's time over the byte model's floor at 3 TB/s and at the measured copy rate."""
+    rows = [  # other modes and dtypes of the same shapes (first) are not the targets' rows
+            row(A, "triton", 5.0, mode="fwd"), row(A, "eager", 0.1, dtype="fp32"),
+            row(A, "triton", 50.0, mode="bwd"), row(B, "triton", 99.0, dtype="bf16"),
+            row(A, "triton", 0.5), row(A, "eager", 2.5), row(A, "compile", 1.0),
+            row(A, "compile-max", 0.75), row(B, "triton", 0.4)]
+    a, b = bench_kernels.target_rows(rows, copy_gbps=2000.0)
+    assert a["triton_ms"] == 0.5
+    assert a["vs_eager"] == pytest.approx(5.0) and a["vs_compile_best"] == pytest.approx(1.5)
+    assert a["pass"] is True  # exactly at both goals (>= 5, >= 1.5)
+    # fwd+bwd: z [V, N, K] and f [V, N, D] in fp16 read once and written once
+    nbytes = 2 * B["V"] * 9 * (B["K"] + B["D"]) * 2
+    assert bench_kernels.bytes_moved(B["V"], 9, B["D"], B["K"], bench_kernels.torch.float16,
+                                     "full") == nbytes
+    assert b["triton_ms"] == 0.4
+    assert b["floor_ms_3TBps"] == pytest.approx(nbytes / 3e12 * 1e3)
+    assert b["floor_ratio"] == pytest.approx(0.4 / (nbytes / 3e12 * 1e3))
+    assert b["floor_ratio_measured_copy"] == pytest.approx(0.4 / (nbytes / 2e12 * 1e3))
+    a, _ = bench_kernels.target_rows([row(A, "triton", 0.5), row(A, "eager", 2.4),
+                                      row(A, "compile", 0.75)], None)
+    assert a["pass"] is False  # 4.8x eager
+
+
+def test_combine_uses_the_copy_bandwidth_of_the_csvs(tmp_path, capsys):
+    write(tmp_path / "a.csv", "GPU", [row(B, "triton", 0.4)])
+    assert bench_kernels.main(["--combine", str(tmp_path / "a.csv")]) == 0
+    out = capsys.readouterr().out
+    header = next(line for line in out.splitlines() if "floor_ratio" in line)
+    assert "floor_ratio_measured_copy" in header  # write(): copy_gbps 3000 in every row
+
+
+def test_timing_rows_bytes_and_bandwidth(monkeypatch):
+    """Each timing row: the byte model of its dtype and mode at N = 9, and bytes / median time."""
+    monkeypatch.setattr(bench_kernels, "time_impl", lambda fn, inputs, mode, dev: (
+        {"fwd": 2.0, "full": 4.0}[mode], 1.0, 8.0))  # (p50, p20, p80) in ms
+    rows = bench_kernels.run_timings(["eager"], [("V", dict(V=2, D=8, K=16))], ["fp32", "fp16"],
+                                     ["fwd", "full"], bench_kernels.torch.device("cpu"))
+    by = {(r["dtype"], r["mode"]): r for r in rows}
+    once = 2 * 9 * (16 + 8)  # V x N x (K + D) elements
+    assert by["fp32", "fwd"]["bytes"] == once * 4 and by["fp16", "fwd"]["bytes"] == once * 2
+    assert by["fp32", "full"]["bytes"] == 2 * once * 4
+    assert by["fp32", "fwd"]["gbps"] == pytest.approx(once * 4 / 2e-3 / 1e9)
+    assert by["fp16", "full"]["gbps"] == pytest.approx(2 * once * 2 / 4e-3 / 1e9)
+    assert (by["fp32", "fwd"]["ms"], by["fp32", "fwd"]["ms_p20"], by["fp32", "fwd"]["ms_p80"]) == (
+        2.0, 1.0, 8.0)
+
+
+def test_cpu_timing_gives_the_median_and_quantiles_in_order(monkeypatch):
+    """(p50, p20, p80) of the repetitions, in that order, on a clock the test drives."""
+    clock = {"now": 0.0, "calls": 0}
+    durations = [0.001 * (1 + (7 * i) % 10) for i in range(1000)]  # 1 .. 10 ms, shuffled
+
+    def fn():
+        clock["now"] += durations[clock["calls"]]
+        clock["calls"] += 1
+
+    monkeypatch.setattr(bench_kernels, "time", SimpleNamespace(perf_counter=lambda: clock["now"]))
+    p50, p20, p80 = bench_kernels.bench(fn, "cpu")
+    reps = clock["calls"] - 1  # the first call is a warm-up
+    times = sorted(d * 1e3 for d in durations[1:1 + reps])
+    import statistics
+
+    qs = statistics.quantiles(times, n=100, method="inclusive")
+    assert p50 == pytest.approx(statistics.median(times))
+    assert (p20, p80) == (pytest.approx(qs[19]), pytest.approx(qs[79]))
+    assert p20 < p50 < p80
