@@ -5,6 +5,7 @@ CSV is rewritten after each (the CSV once the run ends); bench_transcode's disk 
 the same videos, encoded with the originals' settings."""
 
 import csv
+import math
 import sys
 import time
 from pathlib import Path
@@ -130,6 +131,7 @@ def test_hard_cap_stops_before_a_round_that_would_overrun_it():
     assert stop_now(arrivals[:16], rounds, hard_max_seconds=20.0)  # 18.5 + 18.5 > 20
     assert not stop_now(arrivals[:16], rounds, hard_max_seconds=40.0)
     assert stop_now([41.0], rounds, hard_max_seconds=40.0)  # past it: at any batch
+    assert stop_now([40.0], rounds, hard_max_seconds=40.0)  # at it, too
 
 
 def fake_batches(count, *, size=2, sleep=0.0, frames_dtype=torch.float16):
@@ -344,6 +346,11 @@ def test_growth_compares_the_same_videos():
     ratio, compared = bench_transcode.growth(copy, original)
     assert compared == 2 and ratio == pytest.approx(320 / 200)
     assert bench_transcode.growth({}, original) == (None, 0)
+    # against a control whose copy of b failed: b counts on neither side
+    control = {"a": rec(120), "c": rec(130)}
+    full_copy = {"a": rec(150), "b": rec(170), "c": rec(140)}
+    assert bench_transcode.growth(full_copy, control) == (pytest.approx(290 / 250), 2)
+    assert bench_transcode.set_bytes(original) == 300  # the ok videos only
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU behaviour (no DALI)")
@@ -374,7 +381,7 @@ def test_transcode_bench_copies_like_the_originals_and_records_every_cell(tmp_pa
     out = tmp_path / "out"
     status = bench_transcode.main([
         "--quick", "--gops", "8", "--samplings", "paper", "--backend", "dali", "--workers", "0",
-        "--draws", "2", "--measure-draws", "1", "--min-videos", "2", "--batch-size", "2",
+        "--draws", "2", "--measure-draws", "2", "--min-videos", "2", "--batch-size", "2",
         "--image-size", "16", "--encoder", "cpu", "--work-dir", str(tmp_path / "work"),
         "--out-dir", str(out)])
     assert status == 0
@@ -397,6 +404,12 @@ def test_transcode_bench_copies_like_the_originals_and_records_every_cell(tmp_pa
                      ("gop8", "dali", "skipped"), ("gop8", "pyav", "ok")]
     skipped = [r for r in rows if r["status"] == "skipped"]
     assert all("no CUDA GPU" in r["reason"] for r in skipped)
+    for r in rows:  # the measured ratio: on the model's very draws (--measure-draws = --draws)
+        if r["status"] == "ok":
+            assert r["model_exact"] == "True"
+            measured = float(r["measured_decoded_per_needed"])
+            assert measured == pytest.approx(float(r["model_decoded_per_needed"]))
+            assert measured > 1  # decoded per needed: the pre-roll from each keyframe
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU behaviour (no DALI)")
@@ -512,3 +525,149 @@ def test_summary_flags_the_cells_below_the_runs_min_steady_rounds(tmp_path, monk
         assert ("start-up bound" in line) == flagged, line
         if flagged:
             assert f"fewer than {min_rounds} whole rounds" in line
+
+
+def test_bench_examples_are_whole_passes_holding_at_least_min_videos():
+    records = {f"v{i}": SimpleNamespace(ok=i != 2) for i in range(5)}  # v2 unreadable: 4 ok
+    examples = bench_pipeline.bench_examples(records, 10)
+    assert len(examples) == 12  # 3 whole passes over the 4 ok videos: 10 rounded up
+    assert [e.video_id for e in examples[:4]] == ["v0", "v1", "v3", "v4"]
+    assert len(bench_pipeline.bench_examples(records, 8)) == 8
+    assert len(bench_pipeline.bench_examples(records, 1)) == 4  # one pass at least
+
+
+def test_time_epoch_rates_are_per_second_of_the_epoch(monkeypatch):
+    """Videos, output clip frames (the mask's true entries, padding left out) and transformed
+    frames (num_unique) per second of the same epoch; the first batch's arrival; CPU seconds
+    per wall second."""
+    cpu = iter([100.0, 103.0])  # this process and its children: 3 CPU seconds over the epoch
+    monkeypatch.setattr(bench_pipeline, "cpu_seconds", lambda: next(cpu))
+
+    def batches():
+        for i in range(6):
+            if i:  # the first batch at once, the others 20 ms apart
+                time.sleep(0.02)
+            mask = torch.ones(3, 2, 4, dtype=torch.bool)
+            mask[:, :, 3] = False  # padding: 3 x 2 x 3 = 18 clip frames per batch
+            yield {"example_index": torch.arange(3), "frame_mask": mask,
+                   "num_unique": torch.full((3,), 5), "frames": torch.zeros(3, 1)}
+
+    row = bench_pipeline.time_epoch(batches, Rounds(1, 1))
+    seconds = row["seconds"]
+    assert row["videos"] == 18 and row["batches"] == 6
+    assert row["videos_per_s"] == pytest.approx(18 / seconds)
+    assert row["frames_per_s"] == pytest.approx(6 * 18 / seconds)
+    assert row["transformed_per_s"] == pytest.approx(6 * 15 / seconds)
+    assert row["transformed_per_video"] == pytest.approx(5.0)
+    assert row["cpu_util"] == pytest.approx(3.0 / seconds)
+    assert 0 <= row["first_batch_s"] <= seconds - 0.1  # 5 batches of 20 ms came after it
+    assert row["steady_rounds"] == 5 and row["steady_s"] <= seconds
+
+
+def test_summary_compares_the_best_cells_the_right_way_round():
+    base = {"set": "s", "resolution": "x", "threads": "", "group": "", "trim": "",
+            "batch_size": 8, "decoder": "gpu"}
+    rows = [
+        {**base, "backend": "pyav", "workers": 4, "dedup": True, **fake_result(10, 30)},
+        {**base, "backend": "pyav", "workers": 4, "dedup": False, **fake_result(10, 15)},
+        {**base, "backend": "pyav", "workers": 8, "dedup": True, **fake_result(10, 40, 2)},
+        # without dedup, faster than every dedup pyav cell: not the dali comparison's reference
+        {**base, "backend": "pyav", "workers": 16, "dedup": False, **fake_result(10, 100)},
+        {**base, "backend": "dali", "workers": 2, "dedup": True, **fake_result(10, 60)},
+        {**base, "backend": "dali", "workers": 4, "dedup": True, **fake_result(10, 120)},
+        # failed and skipped cells are not compared, whatever they hold
+        {**base, "backend": "dali", "workers": 8, "dedup": True, "status": "failed",
+         "steady_videos_per_s": 900.0, "steady_rounds": 9},
+    ]
+    lines = bench_pipeline.summary_lines(rows)
+    (dedup,) = [line for line in lines if "dedup is" in line]
+    assert "4 workers: dedup is 2.00x faster" in dedup and "start-up bound" not in dedup
+    (compare,) = [line for line in lines if "the best pyav" in line]
+    # the best dali (120, 4 workers) against the best dedup pyav (40, 8 workers, short)
+    assert "3.00x the best pyav (8 workers)" in compare and "120.0 / 40.0" in compare
+    assert "start-up bound" in compare  # the pyav side is short
+    rows[2]["steady_rounds"] = MIN_STEADY_ROUNDS
+    rows[1]["steady_rounds"] = 1  # one side of the dedup pair short: flagged
+    lines = bench_pipeline.summary_lines(rows)
+    assert "start-up bound" in next(line for line in lines if "dedup is" in line)
+    assert "start-up bound" not in next(line for line in lines if "the best pyav" in line)
+    assert bench_pipeline.start_up_bound({}) and bench_pipeline.start_up_bound(
+        {"steady_rounds": ""})  # no count (an older CSV): not trusted
+
+
+def test_transcode_hard_cap_defaults_to_three_times_the_soft_cap(tmp_path, monkeypatch):
+    seen = {}
+
+    def stopped(*args, hard_max_seconds=None, max_seconds=None, **kwargs):
+        seen.update(hard=hard_max_seconds, soft=max_seconds)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(bench_transcode, "original_set",
+                        lambda quick, *a: bench_pipeline.VideoSet("tiny", 64, 48, 2, 40, gop=20))
+    monkeypatch.setattr(bench_transcode, "environment_isolated",
+                        lambda: {"device": "cpu", "cpu_count": 2})
+    monkeypatch.setattr(bench_transcode, "loader_rate", stopped)
+    status = bench_transcode.main([
+        "--quick", "--gops", "8", "--samplings", "paper", "--workers", "1", "--no-control",
+        "--draws", "1", "--measure-draws", "1", "--max-seconds", "2.5", "--image-size", "16",
+        "--encoder", "cpu", "--work-dir", str(tmp_path / "work"), "--out-dir", str(tmp_path)])
+    assert status == 130 and seen == {"hard": 7.5, "soft": 2.5}
+
+
+def test_pipeline_hard_cap_defaults_to_three_times_the_soft_cap(tmp_path, monkeypatch):
+    seen = []
+
+    def measure(backend, records, *, max_seconds, hard_max_seconds, **kwargs):
+        seen.append((max_seconds, hard_max_seconds))
+        return fake_result()
+
+    monkeypatch.setattr(bench_pipeline, "measure", measure)
+    monkeypatch.setattr(bench_pipeline, "prepare_set", lambda spec, work_dir, workers:
+                        fake_records())
+    monkeypatch.setattr(bench_pipeline, "environment_isolated", lambda: {"device": "cpu",
+                                                                         "cpu_count": 2})
+    assert bench_pipeline.main(["--quick", "--sets", "msrvtt-like", "--workers", "1",
+                                "--max-seconds", "2.5", "--work-dir", str(tmp_path / "work"),
+                                "--out-dir", str(tmp_path)]) == 0
+    assert seen and set(seen) == {(2.5, 7.5)}
+
+
+def test_anchor_choices_are_the_effective_number_of_starts_of_the_ok_videos():
+    ok = SimpleNamespace(ok=True, num_frames=300, keyframes=[0, 100, 200])
+    bad = SimpleNamespace(ok=False, num_frames=250, keyframes=[0, 100, 200])
+    # the paper's anchor is uniform over the 100 starts of a 300-frame video: exp(H) = 100
+    assert bench_transcode.anchor_choices({"a": ok, "b": bad}, bench_transcode.PAPER) == (
+        pytest.approx(100.0))
+    assert math.isnan(bench_transcode.anchor_choices({"b": bad}, bench_transcode.PAPER))
+
+
+def test_transcode_dali_rounds_are_decode_groups():
+    assert bench_transcode.loader_rounds("dali", 4, 2) == Rounds(2, 4)
+
+
+def test_decode_ratios_are_exact_only_when_the_model_matched_every_decode(monkeypatch):
+    """model_exact: every draw's modelled decode count equals the decoder's, with no restart;
+    the ratio is decoded frames over needed frames of all the draws."""
+    records = {"a": SimpleNamespace(ok=True, num_frames=300, keyframes=[0, 100, 200]),
+               "b": SimpleNamespace(ok=False, num_frames=300, keyframes=[0])}
+    decoded = []
+    case = {}
+
+    def decode(record, frames, stats):
+        assert record.ok
+        stats.decoded, stats.restarts = len(frames) + 3, case["restarts"]
+        decoded.append(stats.decoded)
+
+    def model(keyframes, frames):
+        return SimpleNamespace(decoded=len(frames) + 3 + case["off_by"])
+
+    monkeypatch.setattr(bench_transcode, "decode_frames", decode)
+    monkeypatch.setattr(bench_transcode, "decode_cost", model)
+    for off_by, restarts, exact in ((0, 0, True), (1, 0, False), (-1, 0, False), (0, 1, False)):
+        decoded.clear()
+        case.update(off_by=off_by, restarts=restarts)
+        out = bench_transcode.decode_ratios(records, bench_transcode.PAPER, draws=3)
+        assert out["model_exact"] is exact, case
+        assert len(decoded) == 3  # the ok video's draws only
+        needed = sum(n - 3 for n in decoded)
+        assert out["measured_decoded_per_needed"] == pytest.approx(sum(decoded) / needed)
