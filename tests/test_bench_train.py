@@ -193,6 +193,8 @@ def test_single_clip_videos_compute_what_the_model_computes(frames_per_video):
         expected = model({**batch, **text(batch)})
         single = bench_train.single_clip_videos(batch, text)
         assert single["frames"].shape[:2] == (len(frames_per_video) * N, max(frames_per_video))
+        # each pseudo-video encodes its clip's real frames, not the padding after them
+        assert single["num_unique"].tolist() == [b for b in frames_per_video for _ in range(N)]
         got = bench_train.per_video_outputs(model(single), len(frames_per_video), N)
     for key in ("features", "logits"):
         assert got[key].shape == expected[key].shape
@@ -275,6 +277,8 @@ def test_apply_model_flops_gives_every_row_the_same_model_flops():
     assert rows[2]["mfu"] == pytest.approx(10.0 / 0.15 / 100.0)
     assert rows[1]["mfu"] / rows[0]["mfu"] == pytest.approx(2.0)  # the step-time ratio, no more
     assert "mfu" not in rows[3]
+    differ = [{**rows[2]}, {**rows[0], "model_tflop_counted": 12.0}, {**rows[1]}]
+    assert bench_train.apply_model_flops(differ) == 12.0  # the first row that counted it
     no_peak = [{**rows[1], "peak_tflops": "n/a"}]
     bench_train.apply_model_flops(no_peak)
     assert no_peak[0]["mfu"] == "n/a" and no_peak[0]["model_tflop_per_step"] == 10.0
@@ -420,6 +424,8 @@ def test_loader_prefetch_is_what_the_loader_holds_ahead():
     assert bench_train.loader_prefetch(pyav, cfg) == 0
     dali = bench_train.resolve(bench_train.BY_NAME["amp-dali"], torch.device("cpu"), 2)
     assert dali.loader == "dali" and bench_train.loader_prefetch(dali, cfg) == 2
+    cfg.data.decode_group = 3  # DALI: prefetch_factor iterations of decode_group batches
+    assert bench_train.loader_prefetch(dali, cfg) == 6
 
 
 def test_skipped_toggles_keep_their_own_settings():
@@ -533,6 +539,7 @@ def test_peak_table_matches_whole_model_names():
     assert peak("NVIDIA A10") == 125.0 and peak("NVIDIA A100-SXM4-80GB") == 312.0
     assert peak("NVIDIA A10G") == 125.0
     assert peak("NVIDIA GeForce RTX 4090") is None
+    assert peak("NVIDIA H200") == 989.4 and peak("NVIDIA H200 NVL") == 835.0
 
 
 def test_fp32_baseline_says_it_runs_convolutions_in_tf32():
@@ -586,6 +593,8 @@ def test_time_budget_expects_a_variant_to_take_what_its_base_took():
     assert expect(bench_train.BY_NAME["amp-dedup"], rows, 30) == 50.0  # its base
     assert expect(bench_train.BY_NAME["baseline-fp32"], rows, 30) == 65.0  # median of the ok rows
     assert expect(bench_train.BY_NAME["amp-dedup"], [], 30) == 30  # nothing yet: the floor
+    rows.append({"variant": "fast-bf16", "status": "ok", "wall_s": 35.0})
+    assert expect(bench_train.BY_NAME["baseline-fp32"], rows, 30) == 50.0  # median, not mean
 
 
 def test_a_variant_out_of_time_while_importing_leaves_its_stacks(tmp_path):
@@ -805,3 +814,186 @@ time.sleep(120)
             pytest.fail("the variant process outlived its killed parent")
     finally:
         parent.kill()
+
+
+class _PhasedTrainer(_SleepyTrainer):
+    """A trainer whose phases take distinct, known minimum times (seconds)."""
+
+    def __init__(self, prepare_s, forward_s, backward_s, step_s):
+        super().__init__(forward_s)
+        self.prepare_s, self.backward_s, self.opt_s = prepare_s, backward_s, step_s
+
+    def prepare(self, raw):
+        time.sleep(self.prepare_s)
+        return raw, raw, 5
+
+    def backward(self, loss):
+        time.sleep(self.backward_s)
+
+    def step(self):
+        time.sleep(self.opt_s)
+
+
+def test_run_step_phases_add_up_to_the_step_and_data_includes_the_wait():
+    """step_ms_synced = data + forward + backward + optimizer (the README's split): each phase is
+    billed to its own column, and the data phase holds the loader wait and the preparation."""
+
+    def slow_loader():
+        while True:
+            time.sleep(0.02)
+            yield {}
+
+    trainer = _PhasedTrainer(prepare_s=0.01, forward_s=0.03, backward_s=0.05, step_s=0.015)
+    for timing in (False, True):
+        times, _, encoded = bench_train.run_step(trainer, slow_loader(), timing=timing)
+        assert encoded == 5
+        parts = times["data"] + times["forward"] + times["backward"] + times["optimizer"]
+        assert times["step"] == pytest.approx(parts, rel=1e-9, abs=1e-9)
+        assert times["wait"] >= 0.02 and times["data"] >= times["wait"] + 0.01
+        assert times["forward"] >= 0.03 and times["backward"] >= 0.05
+        assert times["optimizer"] >= 0.015
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU report")
+def test_a_rows_throughput_and_flop_columns_follow_from_its_timings(tmp_path, monkeypatch):
+    """run_variant's arithmetic, on timings and FLOP counts fixed here (the real ones vary):
+    videos/s and clips/s over the unsynchronised pass's mean step, the wait share of that pass,
+    the phase means of the synchronised one, and achieved TFLOP/s and HFU over the step time."""
+    cfg, args = _tiny_setup(tmp_path)
+    args.steps = 3
+    V, N = cfg.train.batch_size, cfg.sampling.num_clips
+    phases = [{"wait": 0.001, "data": 0.002, "forward": 0.010, "backward": 0.030,
+               "optimizer": 0.004, "step": 0.046},
+              {"wait": 0.003, "data": 0.006, "forward": 0.020, "backward": 0.050,
+               "optimizer": 0.008, "step": 0.084},
+              {"wait": 0.002, "data": 0.004, "forward": 0.015, "backward": 0.076,
+               "optimizer": 0.005, "step": 0.100}]
+    timed = {"total": 0.6, "gaps": [0.1, 0.15, 0.35], "waits": [0.05, 0.15, 0.1],
+             "phases": phases, "encoded": [V * 40, V * 50, V * 60, V * 70, V * 80, V * 30],
+             "loss": 1.25, "skipped": 0.0, "warmup_s": 1.0, "warmup_steps": 3, "drained": 2,
+             "drain_s": 0.1}
+    monkeypatch.setattr(bench_train, "measure", lambda *a, **k: timed)
+    monkeypatch.setattr(bench_train, "count_flops", lambda *a, **k: 6e12)
+    monkeypatch.setattr(bench_train, "count_model_flops", lambda *a, **k: 4e12)
+    monkeypatch.setattr(bench_train, "peak_tflops", lambda device: 100.0)
+    plan = bench_train.resolve(bench_train.BY_NAME["baseline-amp"], torch.device("cpu"), 2)
+    row = bench_train.run_variant(plan, cfg, args, torch.device("cpu"))
+    step_s = 0.6 / 3  # the pass's total over its steps
+    assert row["status"] == "ok"
+    assert row["videos_per_s"] == pytest.approx(V / step_s)
+    assert row["clips_per_s"] == pytest.approx(V * N / step_s)
+    assert row["step_ms"] == pytest.approx(200.0)
+    assert row["step_ms_p50"] == pytest.approx(150.0)  # the median of the step gaps
+    assert row["data_wait_frac"] == pytest.approx(0.3 / 0.6)
+    assert row["data_wait_ms_nosync"] == pytest.approx(100.0)  # mean wait per step
+    assert row["step_ms_synced"] == pytest.approx(1e3 * (0.046 + 0.084 + 0.1) / 3)
+    assert row["step_ms_synced_p50"] == pytest.approx(84.0)
+    assert row["data_ms"] == pytest.approx(4.0)
+    assert row["forward_ms"] == pytest.approx(15.0)
+    assert row["backward_ms"] == pytest.approx(52.0)
+    assert row["optimizer_ms"] == pytest.approx(17.0 / 3)
+    assert row["tflop_per_step"] == pytest.approx(6.0)
+    assert row["model_tflop_counted"] == pytest.approx(4.0)
+    assert row["achieved_tflops"] == pytest.approx(6.0 / step_s)
+    assert row["hfu"] == pytest.approx(6.0 / step_s / 100.0)
+    assert row["peak_tflops"] == 100.0
+    assert row["frames_encoded_per_video"] == pytest.approx(55.0)
+    assert row["warmup_steps"] == 3 and row["drained_batches"] == 2
+
+
+def test_speedups_are_each_rows_rate_over_its_references():
+    rows = [{"variant": "baseline-fp32", "status": "ok", "base": "", "videos_per_s": 10.0},
+            {"variant": "baseline-amp", "status": "ok", "base": "baseline-fp32",
+             "videos_per_s": 20.0},
+            {"variant": "amp-dedup", "status": "ok", "base": "baseline-amp", "videos_per_s": 30.0},
+            {"variant": "amp-dali", "status": "skipped", "base": "baseline-amp"},
+            {"variant": "fast-bf16", "status": "ok", "base": "amp-dali", "videos_per_s": 50.0}]
+    bench_train.add_speedups(rows)
+    by = {r["variant"]: r for r in rows}
+    assert by["amp-dedup"]["speedup_vs_baseline_fp32"] == pytest.approx(3.0)
+    assert by["amp-dedup"]["speedup_vs_base"] == pytest.approx(1.5)
+    assert by["baseline-amp"]["speedup_vs_base"] == pytest.approx(2.0)
+    assert by["baseline-fp32"]["speedup_vs_baseline_fp32"] == pytest.approx(1.0)
+    assert by["baseline-fp32"]["speedup_vs_base"] == "n/a"  # no base
+    assert by["fast-bf16"]["speedup_vs_base"] == "n/a"  # its base did not run
+    assert by["fast-bf16"]["speedup_vs_baseline_fp32"] == pytest.approx(5.0)
+    assert "speedup_vs_base" not in by["amp-dali"]
+
+
+def test_table_shows_the_fractions_as_percentages():
+    row = {"variant": "baseline-amp", "status": "ok", "data_wait_frac": 0.25, "mfu": 0.125,
+           "hfu": "n/a", "videos_per_s": 3.0}
+    (out,) = bench_train.table_rows([row])
+    assert out["wait%"] == "25.0%" and out["MFU"] == "12.5%" and out["HFU"] == "n/a"
+    assert out["videos/s"] == 3.0
+
+
+class _CountingTrainer(_SleepyTrainer):
+    """Counts its optimizer steps; the fp16 loss scaler of this one skips every step."""
+
+    def __init__(self, step_s: float):
+        super().__init__(step_s)
+        self.steps = 0
+
+    def step(self):
+        self.steps += 1
+
+    def skipped_steps(self):
+        return float(self.steps)
+
+
+def test_measure_counts_each_timed_step_and_only_the_timed_skips():
+    def batches():
+        while True:
+            yield {}
+
+    trainer = _CountingTrainer(0.002)
+    m = bench_train.measure(trainer, batches(), torch.device("cpu"), warmup=1, steps=1,
+                            prefetch=0)
+    assert len(m["gaps"]) == 1 and m["gaps"][0] >= 0.002  # one step: one gap, its own time
+    assert m["skipped"] == 2.0  # the two timed passes' steps, not the warm-up's
+    m = bench_train.measure(_CountingTrainer(0.002), batches(), torch.device("cpu"), warmup=2,
+                            steps=3, prefetch=0)
+    assert len(m["gaps"]) == 3 and min(m["gaps"]) >= 0.002 and sum(m["gaps"]) <= m["total"]
+    assert m["skipped"] == 6.0 and len(m["phases"]) == 3 and len(m["encoded"]) == 6
+
+
+class _MatmulTrainer(_SleepyTrainer):
+    """A forward of one [4, 8] x [8, 16] product (1024 FLOPs); ``seen``: whether its backward
+    runs where FlopCounterMode sees it."""
+
+    def __init__(self, seen: bool):
+        super().__init__(0.0)
+        self.seen = seen
+        self.w = torch.ones(8, 16, requires_grad=True)
+
+    def forward(self, batch, targets):
+        return (torch.ones(4, 8) @ self.w).sum(), {}
+
+    def backward(self, loss):
+        if self.seen:
+            loss.backward()
+
+
+def test_flop_count_takes_the_backward_as_twice_the_forward_when_it_is_not_seen():
+    notes = []
+    assert bench_train.count_flops(_MatmulTrainer(seen=True), iter([{}]), notes) == 2048.0
+    assert notes == []  # forward 1024 + the weight's gradient 1024, both seen
+    assert bench_train.count_flops(_MatmulTrainer(seen=False), iter([{}]), notes) == 3072.0
+    assert len(notes) == 1 and "counted as 2x the forward" in notes[0]
+
+
+def test_speedups_are_written_only_with_every_row(tmp_path):
+    """The partial files (rows so far) carry no speed-up columns: a base still to run would read
+    as n/a; the finished run's files have them."""
+    cfg = load_config(ROOT / "configs" / "bench_tiny.yaml")
+    args = bench_train.parse_args(["--out", str(tmp_path)])
+    args.out_dir, args.stem = tmp_path, "bt"
+    rows = [{"variant": "baseline-fp32", "status": "ok", "base": "", "videos_per_s": 10.0,
+             "step_ms": 100.0}]
+    csv_path, _ = bench_train.save_rows(rows, args, {"device": "cpu"}, cfg, [], final=False)
+    with csv_path.open() as fh:
+        assert "speedup_vs_base" not in next(csv.DictReader(fh))
+    csv_path, _ = bench_train.save_rows(rows, args, {"device": "cpu"}, cfg, [], final=True)
+    with csv_path.open() as fh:
+        assert next(csv.DictReader(fh))["speedup_vs_baseline_fp32"] == "1.0"
