@@ -983,6 +983,39 @@ def test_flop_count_takes_the_backward_as_twice_the_forward_when_it_is_not_seen(
     assert len(notes) == 1 and "counted as 2x the forward" in notes[0]
 
 
+class _TwoLayerModule(torch.nn.Module):
+    """x [4, 8] through two bias-free linear layers (8 -> 16 -> 16): a forward of 2 x 4 x 8 x 16
+    + 2 x 4 x 16 x 16 = 3072 FLOPs."""
+
+    def __init__(self):
+        super().__init__()
+        self.first = torch.nn.Linear(8, 16, bias=False)
+        self.second = torch.nn.Linear(16, 16, bias=False)
+
+    def forward(self, batch):
+        return {"logits": self.second(self.first(batch["x"])), "count": torch.tensor(3)}
+
+
+def test_model_flops_take_the_backward_to_every_trainable_parameter():
+    """count_model_flops: the forward, then the backward to every trainable parameter: the second
+    layer's weight (2048 FLOPs) and its input (2048), the first layer's weight (1024); the
+    input needs no gradient. A parameter frozen leaves its weight gradient out."""
+    from contextlib import nullcontext
+    from types import SimpleNamespace
+
+    module = _TwoLayerModule()
+    trainer = SimpleNamespace(module=module, device=torch.device("cpu"), dtype=torch.float32,
+                              text=lambda raw: {}, autocast=nullcontext)
+    raw = {"x": torch.ones(4, 8)}
+    notes = []
+    forward = 2 * 4 * 8 * 16 + 2 * 4 * 16 * 16
+    backward = 2 * 4 * 16 * 16 * 2 + 2 * 4 * 8 * 16
+    assert bench_train.count_model_flops(trainer, raw, notes) == forward + backward
+    module.first.weight.requires_grad_(False)  # frozen: no gradient for it, nor below layer 2
+    assert bench_train.count_model_flops(trainer, raw, notes) == forward + 2 * 4 * 16 * 16
+    assert notes == []
+
+
 def test_speedups_are_written_only_with_every_row(tmp_path):
     """The partial files (rows so far) carry no speed-up columns: a base still to run would read
     as n/a; the finished run's files have them."""
