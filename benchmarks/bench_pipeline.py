@@ -751,9 +751,6 @@ def summary_lines(rows: list[dict], min_steady_rounds: int = MIN_STEADY_ROUNDS) 
     lines = []
     caveat = f" (start-up bound: fewer than {min_steady_rounds} whole rounds after the warm-up)"
 
-    def start_up(r: dict) -> bool:
-        return start_up_bound(r, min_steady_rounds)
-
     def key(r):
         return (r["set"], r["backend"], r["workers"], r.get("threads", ""), r.get("group", ""),
                 r.get("trim", ""), r.get("batch_size"))
@@ -776,7 +773,7 @@ def summary_lines(rows: list[dict], min_steady_rounds: int = MIN_STEADY_ROUNDS) 
                          f"rate: {missing})")
             continue
         speedup = rate(pair[True]) / rate(pair[False])
-        note = caveat if any(start_up(r) for r in pair.values()) else ""
+        note = caveat if any(start_up_bound(r, min_steady_rounds) for r in pair.values()) else ""
         lines.append(f"{name}, {backend}, {where}: dedup is {speedup:.2f}x faster (steady "
                      f"rates){note}")
     for name in sorted({r["set"] for r in rows}):
@@ -793,7 +790,8 @@ def summary_lines(rows: list[dict], min_steady_rounds: int = MIN_STEADY_ROUNDS) 
         best = max(pyav_steady, key=rate)
         top = max(dali_steady, key=rate)
         ratio = rate(top) / rate(best)
-        note = caveat if start_up(top) or start_up(best) else ""
+        note = caveat if start_up_bound(top, min_steady_rounds) or start_up_bound(
+            best, min_steady_rounds) else ""
         threads = f", {top['threads']} threads" if top.get("threads", "") != "" else ""
         threads += f", batches of {top['batch_size']}" if "batch_size" in top else ""
         threads += f" in groups of {top['group']}" if top.get("group", 1) not in (1, "") else ""

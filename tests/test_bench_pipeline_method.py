@@ -312,9 +312,13 @@ def test_write_csv_is_atomic(tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == ["r.csv"]
 
 
+# The fields of a summary row that the tests do not vary.
+SUMMARY_CELL = {"set": "s", "resolution": "x", "threads": "", "group": "", "trim": "",
+                "batch_size": 8, "decoder": "gpu"}
+
+
 def test_summary_compares_steady_rates_and_flags_short_cells():
-    base = {"set": "s", "resolution": "x", "threads": "", "group": "", "trim": "",
-            "batch_size": 8, "decoder": "gpu"}
+    base = SUMMARY_CELL
     rows = [
         {**base, "backend": "pyav", "workers": 16, "dedup": True, **fake_result(50, 20)},
         {**base, "backend": "pyav", "workers": 4, "dedup": True, **fake_result(30, 10)},
@@ -565,8 +569,7 @@ def test_time_epoch_rates_are_per_second_of_the_epoch(monkeypatch):
 
 
 def test_summary_compares_the_best_cells_the_right_way_round():
-    base = {"set": "s", "resolution": "x", "threads": "", "group": "", "trim": "",
-            "batch_size": 8, "decoder": "gpu"}
+    base = SUMMARY_CELL
     rows = [
         {**base, "backend": "pyav", "workers": 4, "dedup": True, **fake_result(10, 30)},
         {**base, "backend": "pyav", "workers": 4, "dedup": False, **fake_result(10, 15)},
