@@ -81,8 +81,9 @@ full config):
 - ``warmup_steps`` (untimed training steps actually run: ``--warmup`` + ``SETTLE_STEPS``),
   ``drained_batches`` and ``loader_prefetch``: see "Warm-up" below.
 - ``peak_gpu_mem_gb``: ``torch.cuda.max_memory_allocated`` over the run (model, optimizer, the
-  steps; DALI's own pool is not torch's and is not counted); ``n/a`` on CPU. ``peak_host_rss_gb``:
-  the process's peak resident memory (cumulative when variants share one process).
+  steps; DALI's own pool is not torch's and is not counted), in GB (1e9 bytes); ``n/a`` on CPU.
+  ``peak_host_rss_gb``: the process's peak resident memory, in GB too (cumulative when variants
+  share one process).
 - ``model_tflop_per_step`` and ``mfu`` (model FLOPs utilisation): ONE figure for every row, the
   useful work of a step: the forward and backward FLOPs of the de-duplicated model (each distinct
   frame through the CNN once, the question embedded once per video) on the epoch's first batch (the
@@ -994,7 +995,7 @@ def run_variant(plan: Plan, cfg: Config, args, device: torch.device) -> dict:
         "optimizer_ms": mean["optimizer"] * ms,
         "peak_gpu_mem_gb": "n/a" if mem is None else mem,
         "peak_gpu_reserved_gb": "n/a" if reserved is None else reserved,
-        "peak_host_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+        "peak_host_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9,  # KiB
         "model_tflop_counted": na if model_flops is None else model_flops / 1e12,
         "tflop_per_step": na if flops is None else flops / 1e12,
         "achieved_tflops": na if flops is None else flops / step_s / 1e12,

@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 
 import pytest
@@ -876,6 +877,8 @@ def test_a_rows_throughput_and_flop_columns_follow_from_its_timings(tmp_path, mo
     monkeypatch.setattr(bench_train, "count_flops", lambda *a, **k: 6e12)
     monkeypatch.setattr(bench_train, "count_model_flops", lambda *a, **k: 4e12)
     monkeypatch.setattr(bench_train, "peak_tflops", lambda device: 100.0)
+    monkeypatch.setattr(bench_train.resource, "getrusage",
+                        lambda who: types.SimpleNamespace(ru_maxrss=3_000_000))
     plan = bench_train.resolve(bench_train.BY_NAME["baseline-amp"], torch.device("cpu"), 2)
     row = bench_train.run_variant(plan, cfg, args, torch.device("cpu"))
     step_s = 0.6 / 3  # the pass's total over its steps
@@ -899,6 +902,8 @@ def test_a_rows_throughput_and_flop_columns_follow_from_its_timings(tmp_path, mo
     assert row["peak_tflops"] == 100.0
     assert row["frames_encoded_per_video"] == pytest.approx(55.0)
     assert row["warmup_steps"] == 3 and row["drained_batches"] == 2
+    # Linux gives ru_maxrss in KiB; the column is in GB (1e9 bytes), as the GPU memory columns are
+    assert row["peak_host_rss_gb"] == pytest.approx(3_000_000 * 1024 / 1e9)
 
 
 def test_speedups_are_each_rows_rate_over_its_references():
