@@ -85,9 +85,14 @@ def load_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
         # its advice: after ". In PyTorch 2.6" (older torch) or ". This file can still be loaded"
         first = re.split(r"\. (?:In PyTorch 2\.6|This file can still be loaded)", first,
                          maxsplit=1)[0]
+        # a whole pickle that names a class or function: a save of objects, not of a state dict
+        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(err))
+        hint = ("; it holds Python objects besides tensors (" + found.group(1) + "): save the "
+                "weights alone, torch.save(model.state_dict(), PATH)" if found
+                else "; a truncated download?")
         raise ValueError(f"--clipbert {str(path)!r} ({path.stat().st_size} bytes): not a torch "
                          f"checkpoint of tensors that loads safely ({type(err).__name__}"
-                         f"{': ' + first if first else ''}); a truncated download?") from None
+                         f"{': ' + first if first else ''}){hint}") from None
     for key in WRAPPERS:
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]

@@ -485,6 +485,9 @@ def test_a_pickle_of_other_objects_is_refused_without_torchs_unsafe_advice(tmp_p
     assert "not a torch checkpoint of tensors that loads safely (UnpicklingError: Weights only " \
            "load failed)" in msg, msg
     assert "\x1b" not in msg and "can still be loaded" not in msg and "weights_only" not in msg
+    # the file is whole: it holds a Python object, named, and the way out is a state_dict save
+    assert "holds Python objects besides tensors (argparse.Namespace)" in msg, msg
+    assert "torch.save(model.state_dict(), PATH)" in msg and "truncated download" not in msg, msg
 
 
 def test_entries_that_are_not_tensors_are_left_out(converted, tmp_path):
