@@ -66,3 +66,45 @@ def test_loader_workers_leave_stop_signals_to_the_main_process():
     assert out.returncode == 0, out.stderr
     assert "still here" in out.stdout and "not ended" not in out.stdout
     assert time.monotonic() - start < 20
+
+
+def test_several_processes_stop_together_on_any_ones_signal(monkeypatch):
+    """The agreement (one all-reduce, MAX, over the given group) at the check steps and at an
+    epoch's end: a peer's signal stops this process too (status 143, its name unknown here), this
+    process's signal stops it, and no signal anywhere goes on. The peer is a stand-in."""
+    import torch.distributed as dist
+
+    peer, calls = {"flag": 0}, []
+
+    def all_reduce(tensor, op, group):
+        calls.append(group)
+        reduce = {dist.ReduceOp.MAX: max, dist.ReduceOp.MIN: min}[op]
+        tensor.fill_(reduce(int(tensor.item()), peer["flag"]))
+
+    monkeypatch.setattr(dist, "all_reduce", all_reduce)
+    alone = StopRequest(world_size=2, group="gloo group", check_every=10)
+    assert not alone.should_stop(10) and calls == ["gloo group"]  # nobody has a signal
+    peer["flag"] = 1
+    assert not alone.should_stop(7) and len(calls) == 1  # not a check step: nothing asked
+    assert alone.should_stop(7, epoch_end=True) and len(calls) == 2  # an epoch's end is one
+    assert alone.signal == "another process's stop signal" and alone.exit_status == 143
+    peer["flag"] = 0
+    signalled = StopRequest(world_size=2, group="gloo group", check_every=10)
+    signalled.signal = "SIGUSR1"
+    assert signalled.should_stop(20) and signalled.exit_status == 128 + signal.SIGUSR1
+
+
+def test_a_worker_that_ends_after_a_sigterm_is_not_held_for_the_grace_period():
+    """The delayed exit is a daemon timer: a worker shut down by its main process within the
+    grace period ends at once, not when the timer fires."""
+    code = ("import os, signal, time\n"
+            "from siasam_fast import stopping\n"
+            "stopping.WORKER_GRACE_S = 20.0\n"
+            "stopping.defer_stop_signals()\n"
+            "os.kill(os.getpid(), signal.SIGTERM)\n"
+            "time.sleep(0.2)\n"
+            "print('ended', flush=True)\n")
+    start = time.monotonic()
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and out.stdout == "ended\n", out.stderr
+    assert time.monotonic() - start < 10
