@@ -81,3 +81,45 @@ def test_runs_say_when_the_clips_are_not_a_siamese_group(tmp_path, capsys):
     (run / "config.json").write_text(json.dumps(cfg))
     assert main(["runs", str(run)]) == 0
     assert capsys.readouterr().out.splitlines()[1].split()[2:5] == ["0", "8", "sparse"]
+
+
+def test_runs_status_reads_a_summary_without_checkpoints_and_an_odd_latest(tmp_path, capsys):
+    """A run that ended without a checkpoint kept (summary.json, no checkpoints/latest) is done;
+    a ``latest`` that names no step (an interrupted write, a hand edit) counts as no checkpoint;
+    a folder of runs is read in name order; an empty metric cell (the column first written in a
+    later epoch) is no evaluation."""
+    runs = tmp_path / "runs"
+    for name in ("a", "b", "c", "d", "e"):  # made in order: a folder listing need not be
+        make_run(runs / name, 1.0, [0.5, "", 0.25] if name == "e" else [0.5])
+    (runs / "a" / "summary.json").write_text(json.dumps({"steps": 10}))
+    (runs / "b" / "checkpoints").mkdir()
+    (runs / "b" / "checkpoints" / "latest").write_text("stepfinal")
+    assert main(["runs", str(runs)]) == 0
+    rows = [line.split() for line in capsys.readouterr().out.splitlines()[1:]]
+    assert [row[0] for row in rows] == [str(runs / name) for name in "abcde"]
+    assert rows[0][4] == "done" and rows[1][4:6] == ["no", "checkpoint"]
+    assert rows[4][6:10] == ["3", "0.5000", "1", "0.2500"]  # epochs, best at epoch 1, last
+
+
+def test_runs_of_different_tasks_or_splits_share_neutral_headers():
+    from siasam_fast.runs import format_table
+
+    def row(metric, split):
+        return {c: None for c in ("run", "task", "alpha", "clips", "status", "epochs", "best",
+                                  "best_epoch", "last", "test", "steps_per_s")} | {
+            "best_metric": metric, "best_split": split}
+
+    same = format_table([row("mse", "val"), row("mse", "val")]).splitlines()[0]
+    assert "best val mse" in same and "test mse" in same
+    mixed = format_table([row("accuracy", "val"), row("mse", "test")]).splitlines()[0]
+    assert "best eval metric" in mixed and "last eval metric" in mixed and "test metric" in mixed
+
+
+def test_early_stop_counts_only_the_evaluated_epochs():
+    """Epochs without the split's metric (evaluation off, then on after a resume) are not
+    epochs without improvement."""
+    from siasam_fast.runs import early_stop_reason
+
+    rows = [{"step": 2, "epoch": 1, "val_accuracy": 0.5}, {"step": 4, "epoch": 2},
+            {"step": 6, "epoch": 3}]
+    assert early_stop_reason(rows, "val", "accuracy", 2) is None
