@@ -435,6 +435,31 @@ def test_output_file_check_tries_the_folder_not_only_its_permissions(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["kept.json"]
 
 
+def test_write_text_atomic_makes_folders_and_leaves_no_half_file(tmp_path, monkeypatch):
+    from siasam_fast import paths
+
+    path = paths.write_text_atomic(tmp_path / "new" / "m.json", "first")
+    assert path.read_text() == "first"
+
+    def disk_full(src, dst):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(paths.os, "replace", disk_full)
+    with pytest.raises(OSError):
+        paths.write_text_atomic(path, "second")
+    assert path.read_text() == "first" and os.listdir(path.parent) == ["m.json"]
+
+
+def test_takes_new_files_needs_a_writable_folder_on_the_way(tmp_path):
+    from siasam_fast import paths
+
+    assert paths.takes_new_files(tmp_path / "new" / "deeper")
+    (tmp_path / "file").write_text("x")
+    assert not paths.takes_new_files(tmp_path / "file")  # a file, not a folder
+    assert not paths.takes_new_files(tmp_path / "file" / "sub")
+    assert (tmp_path / "file").read_text() == "x" and sorted(os.listdir(tmp_path)) == ["file"]
+
+
 def test_index_bad_workers(capsys, two_videos, tmp_path):
     folder, _ = two_videos
     code, _, err = run_cli(capsys, "index", folder, "--out", tmp_path / "m.jsonl", "--workers", -1)

@@ -423,6 +423,21 @@ def test_shipped_configs_are_found_from_any_folder(tmp_path, monkeypatch):
     assert paths.packaged_config("demo.yaml") == installed / "demo.yaml"
 
 
+def test_the_installed_configs_come_before_the_checkouts(tmp_path, monkeypatch):
+    from siasam_fast import paths
+
+    installed, checkout = tmp_path / "installed", tmp_path / "checkout"
+    for folder in (installed, checkout):
+        (folder / "ds").mkdir(parents=True)
+        (folder / "demo.yaml").write_text(folder.name)
+    monkeypatch.setattr(paths, "PACKAGE_CONFIGS", installed)
+    monkeypatch.setattr(paths, "CHECKOUT_CONFIGS", checkout)
+    assert paths.packaged_config("demo.yaml") == installed / "demo.yaml"
+    (installed / "demo.yaml").unlink()
+    assert paths.packaged_config("demo.yaml") == checkout / "demo.yaml"
+    assert paths.packaged_config("ds/none.json") == checkout / "ds/none.json"  # missing
+
+
 def test_wheel_holds_every_config(monkeypatch):
     """setup.py installs configs/ as siasam_fast/configs/, every file of it (what
     paths.PACKAGE_CONFIGS reads in an installed wheel)."""

@@ -3,6 +3,7 @@
 where the file system takes no lock; and a training refused before it touches the folder."""
 
 import errno
+import json
 import os
 import signal
 import socket
@@ -167,3 +168,31 @@ def test_a_forked_child_leaves_its_parents_lock_held(tmp_path):
         lock_folder(run, "train.out_dir")
     lock.release()
     assert not run.exists()
+
+
+def test_a_lock_file_removed_by_its_previous_holder_is_not_the_one_held(tmp_path, monkeypatch):
+    """The holder before this one removes its lock file while releasing it: a lock taken on that
+    removed file would lock nothing (the next training opens a new file at the path). The lock
+    is taken again on the file now at the path, and its holder's line replaces what was there."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / LOCK_FILE).write_text(json.dumps({"command": "x" * 500}) + "\n")  # a longer line
+    real_flock, calls = paths.fcntl.flock, []
+
+    def flock_after_a_release(fd, operation):
+        calls.append(fd)
+        if len(calls) == 1:  # the previous holder's release, just before this lock
+            (run / LOCK_FILE).unlink()
+        return real_flock(fd, operation)
+
+    monkeypatch.setattr(paths.fcntl, "flock", flock_after_a_release)
+    lock = lock_folder(run, "train.out_dir")
+    assert len(calls) == 2
+    assert os.path.samestat(os.fstat(lock.fd), os.stat(run / LOCK_FILE))
+    assert json.loads((run / LOCK_FILE).read_text())["pid"] == os.getpid()
+    lock.release()
+    (run / LOCK_FILE).write_text(json.dumps({"command": "x" * 500}) + "\n")  # a killed holder's
+    monkeypatch.setattr(paths.fcntl, "flock", real_flock)
+    lock = lock_folder(run, "train.out_dir")
+    assert json.loads((run / LOCK_FILE).read_text())["pid"] == os.getpid()  # one line, whole
+    lock.release()
