@@ -3,6 +3,7 @@ the package says so (and removes the lock of a build it killed itself)."""
 
 import io
 import os
+import re
 import time
 
 from siasam_fast import extlock
@@ -27,6 +28,7 @@ def test_a_lock_still_there_after_the_wait_is_said_once_with_how_to_remove_it(tm
     said = out.getvalue()
     assert said.count("warning:") == 1, said
     assert f"rm {lock}" in said and "made 60 min ago" in said and "killed" in said
+    assert re.search(r"waited \d s for fused_adam's build lock", said), said  # ~0.2 s
 
 
 def test_nothing_is_said_without_a_lock_or_when_the_block_ends_first(tmp_path, monkeypatch):

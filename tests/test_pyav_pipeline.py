@@ -1075,3 +1075,33 @@ def test_backend_choice_without_any_nvidia_package(monkeypatch):
     assert loaders.resolve_backend("auto", {}) == "pyav"
     with pytest.raises(ValueError, match=r"siasam-fast\[gpu\]"):
         loaders.resolve_backend("dali", {})
+
+
+def test_backend_choice_reads_the_usable_videos_and_takes_a_t4(monkeypatch):
+    """A corrupt video (skipped by training, whatever its codec) does not decide the backend; a
+    T4 (sm_75, the first GPU that DALI's CUDA 13 wheels hold code for) gets DALI."""
+    from types import SimpleNamespace
+
+    from siasam_fast import envcheck
+    from siasam_fast.pipeline import loaders
+
+    monkeypatch.setattr(loaders.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(loaders.torch.cuda, "get_device_capability", lambda *a: (7, 5))
+    monkeypatch.setattr(loaders, "dali_available", lambda: True)
+    monkeypatch.setattr(envcheck, "dali_wheel", lambda: "nvidia-dali-cuda130")
+    manifest = {"a": SimpleNamespace(ok=True, codec="h264"),
+                "b": SimpleNamespace(ok=False, codec="gif")}
+    assert loaders.resolve_backend("auto", manifest) == "dali"
+    assert loaders.resolve_backend("dali", manifest) == "dali"
+
+
+def test_the_pyav_loader_is_not_given_the_dali_only_arguments(monkeypatch):
+    """build_video_loader takes DALI's arguments whatever the backend: PyAV's loader (data.backend
+    =auto without a GPU, say) gets the others only."""
+    from siasam_fast.pipeline import loaders
+
+    given = {}
+    monkeypatch.setattr(loaders, "build_loader", lambda *args, **kwargs: given.update(kwargs))
+    loaders.build_video_loader([], {}, CFG, "train", 2, backend="pyav", device="cuda:0",
+                               decode_group=4, trim=True, num_workers=0)
+    assert given == {"backend": "pyav", "num_workers": 0}
