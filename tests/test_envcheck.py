@@ -163,6 +163,8 @@ def test_a_trimmed_decode_that_fails_is_its_own_row(monkeypatch):
     ((8, 6), ["sm_80"], True),  # same major, lower minor: the cubin runs
     ((9, 0), ["sm_80"], False),
     ((9, 0), ["sm_80", "compute_80"], True),  # PTX, compiled by the driver
+    ((8, 0), ["compute_80"], True),  # PTX of the GPU's own capability
+    ((7, 5), ["compute_80"], False),
     ((9, 0), ["sm_90a"], True),
     ((10, 0), ["sm_100"], True),
     ((12, 0), ["sm_100", "sm_120"], True),
@@ -302,3 +304,179 @@ def test_an_nvcc_that_cannot_build_fused_adam_for_this_gpu_is_not_ok(monkeypatch
     monkeypatch.setenv("CUDA_HOME", str(cuda13))
     monkeypatch.setenv("PATH", f"{cuda12 / 'bin'}:" + os.environ["PATH"])
     assert optimizer_row().status == "missing"
+
+
+def test_cuda_driver_version_reads_major_and_minor(monkeypatch):
+    """libcuda's cuDriverGetVersion gives 1000 * major + 10 * minor (12060: CUDA 12.6)."""
+    import ctypes
+
+    class FakeLibcuda:
+        def __init__(self, value):
+            self.value = value
+
+        def cuDriverGetVersion(self, ref):  # noqa: N802 - libcuda's name
+            ref._obj.value = self.value
+            return 0
+
+    for value, expected in ((12060, (12, 6)), (13000, (13, 0)), (11080, (11, 8))):
+        monkeypatch.setattr(ctypes, "CDLL", lambda name, value=value: FakeLibcuda(value))
+        assert envcheck.cuda_driver_version() == expected, value
+
+    def no_library(name):
+        raise OSError(f"{name}: cannot open shared object file")
+
+    monkeypatch.setattr(ctypes, "CDLL", no_library)
+    assert envcheck.cuda_driver_version() is None
+
+
+def test_a_driver_without_a_cuda_torch_build_says_to_install_one(monkeypatch):
+    """No GPU visible to torch: the GPU row hints at a CUDA build only when an NVIDIA driver is
+    there and torch is a CPU build (a CUDA build without a GPU, or no driver: nothing to do)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for build, driver, hinted in ((None, (12, 6), True), ("12.6", (12, 6), False),
+                                  (None, None, False)):
+        monkeypatch.setattr(torch.version, "cuda", build)
+        monkeypatch.setattr(envcheck, "cuda_driver_version", lambda driver=driver: driver)
+        gpu = {r.name: r for r in envcheck.check_torch()}["GPU"]
+        assert gpu.status == "info", (build, driver)
+        assert ("install a CUDA build" in gpu.hint) is hinted, (build, driver, gpu.hint)
+
+
+def test_triton_that_cannot_compile_for_a_v100_is_a_failure(monkeypatch):
+    """Triton 3.9 and newer emits PTX that its ptxas refuses for sm_70 (V100): the kernel row
+    fails with the pin to install; Triton 3.8 there, or 3.9 on Turing (sm_75), is checked as usual
+    (the comparison itself is stubbed: there is no GPU here)."""
+    triton = pytest.importorskip("triton")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "a GPU")
+    monkeypatch.setattr(envcheck, "_kernel_vs_reference", lambda device: 0.0)
+    monkeypatch.setattr(envcheck, "_tuned_row",
+                        lambda name: envcheck.Check("kernel settings", "info", ""))
+    for cc, version, status in (((7, 0), "3.9.0", "fail"), ((7, 0), "3.10.1", "fail"),
+                                ((7, 0), "3.8.0", "ok"), ((7, 5), "3.9.0", "ok")):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a, cc=cc: cc)
+        monkeypatch.setattr(triton, "__version__", version)
+        row = envcheck.check_kernels()[0]
+        assert row.status == status, (cc, version, row)
+        if status == "fail":
+            assert "triton==3.8.0" in row.hint
+
+
+def test_fused_adam_is_judged_by_the_oldest_gpu(monkeypatch, tmp_path):
+    """A V100 beside an A100: the CUDA 13 nvcc cannot build FusedAdam for the V100 (sm_70),
+    whichever GPU comes first."""
+    pytest.importorskip("deepspeed")
+    nvcc = tmp_path / "cuda-13.0" / "bin" / "nvcc"
+    nvcc.parent.mkdir(parents=True)
+    nvcc.write_text("#!/bin/sh\necho 'Cuda compilation tools, release 13.0'\n")
+    nvcc.chmod(0o755)
+    monkeypatch.setenv("CUDA_HOME", str(nvcc.parent.parent))
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.version, "cuda", "13.0")
+    monkeypatch.setitem(sys.modules, "apex", None)
+    for capabilities in (((8, 0), (7, 0)), ((7, 0), (8, 0))):
+        monkeypatch.setattr(torch.cuda, "get_device_capability",
+                            lambda i=0, caps=capabilities: caps[i])
+        row = {r.name: r for r in envcheck.check_deepspeed()}["optimizer"]
+        assert row.status == "missing" and "sm_70" in row.detail, (capabilities, row)
+
+
+def test_fused_adam_without_an_nvcc_is_missing(monkeypatch):
+    """No nvcc for torch's extension builder: FusedAdam cannot be built, whatever DeepSpeed's
+    own compatibility check says."""
+    pytest.importorskip("deepspeed")
+    from deepspeed.ops.op_builder import FusedAdamBuilder
+
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (8, 0))
+    monkeypatch.setitem(sys.modules, "apex", None)
+    monkeypatch.setattr(envcheck, "_build_nvcc", lambda: None)
+    monkeypatch.setattr(FusedAdamBuilder, "is_compatible", lambda self, verbose=False: True)
+    row = {r.name: r for r in envcheck.check_deepspeed()}["optimizer"]
+    assert row.status == "missing" and "no nvcc" in row.detail, row
+
+
+def test_deepspeed_check_on_a_cpu_machine_picks_the_cpu_accelerator(monkeypatch):
+    """As train.py does: without a GPU, DS_ACCELERATOR=cpu unless it is set already."""
+    pytest.importorskip("deepspeed")
+    import os
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.delenv("DS_ACCELERATOR", raising=False)
+    envcheck.check_deepspeed()
+    assert os.environ.get("DS_ACCELERATOR") == "cpu"
+
+
+def test_pyav_without_an_h264_decoder_is_a_failure(monkeypatch):
+    import av
+
+    monkeypatch.setattr(av, "codecs_available", {"vp9", "libx264"})
+    row = envcheck.check_pyav()[0]
+    assert row.status == "fail" and "decodes vp9" in row.detail, row
+
+
+def test_only_the_checks_that_need_torch_are_skipped_when_torch_does_not_import(monkeypatch):
+    """A broken torch marks the checks that import it as not checked, not the others (PyAV);
+    another package that does not import (av) is its own row, not taken for torch's."""
+    def needs_torch():
+        import torch  # noqa: F401
+
+        return [envcheck.Check("precision", "info", "checked")]
+
+    import av
+
+    def needs_av():
+        import av  # noqa: F401
+
+        return [envcheck.Check("PyAV", "ok", "checked")]
+
+    monkeypatch.setattr(envcheck, "CHECKS", (("PyAV", needs_av), ("precision", needs_torch)))
+    monkeypatch.setitem(sys.modules, "av", None)
+    rows = {r.name: r for r in envcheck.run_checks(decode=False)}
+    assert rows["PyAV"].status == "fail" and "does not import" in rows["PyAV"].detail
+    assert rows["precision"].detail == "checked"
+    monkeypatch.setitem(sys.modules, "av", av)
+    monkeypatch.setitem(sys.modules, "torch", None)
+    monkeypatch.setattr(envcheck, "CHECKS", (("torch", envcheck.check_torch),
+                                             ("PyAV", needs_av), ("precision", needs_torch)))
+    rows = {r.name: r for r in envcheck.run_checks(decode=False)}
+    assert rows["torch"].status == "fail" and rows["PyAV"].detail == "checked"
+    assert rows["precision"].status == "fail" and "needs torch" in rows["precision"].detail
+
+
+@pytest.mark.parametrize("problem, status, hint", [
+    ("apex is not installed", "missing", "not on PyPI"),
+    ("apex_C is not built", "missing", "rebuild apex"),
+    (None, "ok", ""),
+])
+def test_apex_row(monkeypatch, problem, status, hint):
+    from siasam_fast import model
+
+    monkeypatch.setattr(model, "apex_problem", lambda: problem)
+    (row,) = envcheck.check_apex()
+    assert row.status == status and hint in row.hint, row
+
+
+def test_measured_kernel_settings_row(monkeypatch, tmp_path):
+    """The GPU's name in the measured table (SIASAM_KERNEL_TUNED's file here): ok; another GPU:
+    the heuristic, with the sweep that would measure it."""
+    import json
+
+    kern = pytest.importorskip("siasam_kernels.siamese")
+    table = tmp_path / "tuned.json"
+    table.write_text(json.dumps({"Some GPU": {"4": {"fwd": {}, "bwd": {}}}}))
+    monkeypatch.setenv(kern.TUNED_ENV, str(table))
+    assert envcheck._tuned_row("Some GPU").status == "ok"
+    row = envcheck._tuned_row("Another GPU")
+    assert row.status == "info" and "--sweep-configs" in row.hint
+
+
+def test_no_decode_skips_the_dali_decoding_rows(monkeypatch):
+    pytest.importorskip("nvidia.dali")
+    monkeypatch.setattr(envcheck, "CHECKS", (("DALI", envcheck.check_dali),))
+    names = [r.name for r in envcheck.run_checks(decode=False)]
+    assert "DALI" in names and "DALI decode" not in names and "DALI trimmed" not in names
