@@ -649,3 +649,212 @@ def test_eval_writes_in_place_where_the_folder_takes_no_new_file(capsys, tmp_pat
     assert '"accuracy": 1.0' in (out / "m.json").read_text()
     assert list((tmp_path / "tmp").iterdir()) == [] and [p.name for p in out.iterdir()] == [
         "m.json"]
+
+
+@pytest.mark.parametrize("num_bad, more", [(20, None), (21, "  ... and 1 more (see the manifest)")])
+def test_index_lists_at_most_20_corrupt_files(capsys, tmp_path, monkeypatch, num_bad, more):
+    """The summary names the first 20 corrupt files, then how many more; --fast demuxes only."""
+    from types import SimpleNamespace
+
+    modes = []
+
+    class Build(dict):
+        duplicates = []
+
+    def build(video_dir, out, workers=None, mode="decode"):
+        modes.append(mode)
+        return Build({f"v{i}": SimpleNamespace(status="ok" if i < 3 else "corrupt",
+                                               path=f"v{i}.mp4", reason="no frames")
+                      for i in range(3 + num_bad)})
+
+    monkeypatch.setattr(manifest_module, "build_manifest", build)
+    code, out, _ = run_cli(capsys, "index", tmp_path, "--out", tmp_path / "m.jsonl", "--fast")
+    lines = out.splitlines()
+    assert code == 0 and lines[0].endswith(f": 3 ok, {num_bad} corrupt") and modes == ["demux"]
+    assert [line for line in lines if line.startswith("  corrupt: ")] == [
+        f"  corrupt: v{i}.mp4: no frames" for i in range(3, 23)]
+    assert lines[21:] == ([more] if more else [])
+    run_cli(capsys, "index", tmp_path, "--out", tmp_path / "m.jsonl")
+    assert modes == ["demux", "decode"]
+
+
+def test_eval_stages_predictions_in_the_temporary_folder_where_the_folder_takes_no_new_file(
+        capsys, tmp_path, monkeypatch):
+    """The evaluation writes its predictions into a staged copy in the temporary folder (not
+    beside the output, where no new file can be made), copied into the output at the end."""
+    import tempfile
+
+    from siasam_fast import paths, training
+
+    out = tmp_path / "ro"
+    out.mkdir()
+    (out / "p.jsonl").write_text("old\n")
+    monkeypatch.setattr(paths, "takes_new_files", lambda folder: folder != out)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    staged = []
+
+    def evaluated(*args, predictions=None, **kwargs):
+        staged.append(predictions.parent)
+        predictions.write_text('{"qid": 1}\n')
+        return {"num_examples": 1, "accuracy": 1.0}
+
+    monkeypatch.setattr(training, "evaluate_checkpoint", evaluated)
+    code, _, err = run_cli(capsys, "eval", "--checkpoint", tmp_path, "--predictions",
+                           out / "p.jsonl")
+    assert code == 0, err
+    assert staged == [tmp_path / "tmp"] and (out / "p.jsonl").read_text() == '{"qid": 1}\n'
+
+
+def test_a_failing_evaluation_closes_its_loaders(capsys, tmp_path, monkeypatch):
+    """Its loader's workers would otherwise outlive the error (the traceback keeps them)."""
+    from siasam_fast import training
+    from siasam_fast.pipeline import dataset
+
+    closed = []
+    monkeypatch.setattr(dataset, "close_loaders", lambda: closed.append(True))
+
+    def failing(*args, **kwargs):
+        raise ValueError("eval.split='nope': valid: val, test, train")
+
+    monkeypatch.setattr(training, "evaluate_checkpoint", failing)
+    code, _, err = run_cli(capsys, "eval", "--checkpoint", tmp_path)
+    assert_usage_error(code, err, "eval", "eval.split='nope'")
+    assert closed == [True]
+
+
+def test_ask_candidates_and_printed_answers(capsys, tmp_path, monkeypatch):
+    """--candidates is split on | and stripped (fewer than two, or an empty one, refused before
+    the checkpoint is read); the answers print as percentages, a count as its integer."""
+    from siasam_fast import training
+
+    asked, result = [], {}
+
+    def answer(checkpoint, video, question, candidates, top, overrides, start=None, end=None,
+               task=None):
+        asked.append(candidates)
+        return dict(result)
+
+    monkeypatch.setattr(training, "answer_question", answer)
+    base = ["ask", "--checkpoint", tmp_path, "--video", tmp_path / "v.mp4", "--question", "what?"]
+    for bad in ("yes", "yes|", "yes| |no"):
+        code, _, err = run_cli(capsys, *base, "--candidates", bad)
+        assert_usage_error(code, err, "ask", f"--candidates {bad!r}", "two or more non-empty")
+    assert asked == []
+    result.update(task="mc", answers=[("yes", 0.75), ("no", 0.25)])
+    code, out, _ = run_cli(capsys, *base, "--candidates", " yes | no ")
+    assert code == 0 and asked == [["yes", "no"]]
+    assert out.splitlines() == ["yes   75.0%", "no    25.0%"]
+    for count, output, printed in ((3, 2.7, "count: 3 (model output 2.70)"),
+                                   (None, float("nan"), "count: - (model output nan)"),
+                                   (2.5, 2.5, "count: 2.50")):
+        result.clear()
+        result.update(task="count", count=count, output=output)
+        code, out, _ = run_cli(capsys, *base)
+        assert code == 0 and out.strip() == printed, out
+    code, _, err = run_cli(capsys, *base, "--top", 0)
+    assert_argument_error(code, err, "ask", "--top", 0, ">= 1")
+
+
+def test_eval_writes_into_a_fifo_in_place(capsys, tmp_path, monkeypatch):
+    """A special file (a named pipe here, /dev/stdout in use) is written into, never replaced by
+    the staged copy."""
+    import stat
+
+    from siasam_fast import training
+
+    fifo = tmp_path / "metrics.fifo"
+    os.mkfifo(fifo)
+    reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)  # a reader: the write does not block
+    try:
+        monkeypatch.setattr(training, "evaluate_checkpoint",
+                            lambda *a, **k: {"num_examples": 1, "accuracy": 1.0})
+        code, _, err = run_cli(capsys, "eval", "--checkpoint", tmp_path, "--json", fifo)
+        assert code == 0, err
+        assert stat.S_ISFIFO(os.stat(fifo).st_mode)
+        assert json.loads(os.read(reader, 65536)) == {"num_examples": 1, "accuracy": 1.0}
+    finally:
+        os.close(reader)
+
+
+def test_weights_passes_force_and_refuses_heads_without_clipbert(capsys, tmp_path, monkeypatch):
+    from siasam_fast import weights
+
+    calls = []
+
+    def fetch(out, visual, text, force=False):
+        calls.append(force)
+        return {}
+
+    monkeypatch.setattr(weights, "fetch_weights", fetch)
+    monkeypatch.setattr(weights, "config_lines", lambda folders: "")
+    for argv, force in (([], False), (["--force"], True)):
+        code, _, err = run_cli(capsys, "weights", tmp_path / "w", *argv)
+        assert code == 0 and calls[-1] is force, err
+    code, _, err = run_cli(capsys, "weights", tmp_path / "w", "--heads", 12)
+    assert_usage_error(code, err, "weights", "--heads goes with --clipbert")
+    assert len(calls) == 2
+
+
+def test_demo_gets_its_options(capsys, tmp_path, monkeypatch):
+    from siasam_fast import demo
+
+    calls = []
+    monkeypatch.setattr(demo, "run_demo", lambda *a, **k: calls.append((a, k)))
+    assert run_cli(capsys, "demo", "--out", tmp_path, "--videos", 5, "--seed", 3, "--quick")[0] \
+        == 0
+    assert calls == [((str(tmp_path),), {"videos": 5, "seed": 3, "quick": True})]
+
+
+def test_train_goes_to_the_training_entry_point(capsys, monkeypatch):
+    """`siasam-fast train ARGS` hands ARGS to train.py's main (its own parser); Ctrl-C while the
+    training modules import is one line and exit status 130."""
+    from siasam_fast import training
+
+    calls = []
+
+    def train_main(argv, prog=None):
+        calls.append((argv, prog))
+        return 7
+
+    monkeypatch.setattr(training, "main", train_main)
+    assert cli.main(["train", "--config", "x.yaml", "--set", "train.epochs=1"]) == 7
+    assert calls == [(["--config", "x.yaml", "--set", "train.epochs=1"], "siasam-fast train")]
+
+    def interrupted(argv, prog=None):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(training, "main", interrupted)
+    code, _, err = run_cli(capsys, "train")
+    assert code == 130 and "interrupted while starting: nothing was written" in err
+
+
+def test_sigterm_takes_the_ctrl_c_path_of_the_commands_that_keep_their_work(capsys, tmp_path,
+                                                                            monkeypatch):
+    """eval (one that writes what it has on a stop) gets SIGTERM as a KeyboardInterrupt; a
+    command with nothing to keep (env) lets Ctrl-C through as it is."""
+    import signal
+
+    from siasam_fast import envcheck, training
+
+    handlers = []
+
+    def evaluated(*args, **kwargs):
+        handlers.append(signal.getsignal(signal.SIGTERM))
+        raise KeyboardInterrupt
+
+    previous = signal.getsignal(signal.SIGTERM)
+    try:
+        monkeypatch.setattr(training, "evaluate_checkpoint", evaluated)
+        code, _, err = run_cli(capsys, "eval", "--checkpoint", tmp_path)
+        assert code == 130 and handlers == [cli._interrupt]
+        assert "siasam-fast eval: interrupted; nothing was written" in err
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(envcheck, "run_checks", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        cli.main(["env", "--no-decode"])
