@@ -384,3 +384,214 @@ def test_a_stopped_sweep_signals_every_running_training_at_once(tmp_path, monkey
         ablation.execute(runs, 2)
     first, second = sorted(float((tmp_path / f"v{i}.t").read_text()) for i in range(2))
     assert second - first < 1.0
+
+
+@pytest.mark.parametrize("value", ["1", "1.0", "-0.1"])
+def test_label_noise_outside_0_to_1_is_refused(capsys, value):
+    with pytest.raises(SystemExit):
+        ablation.parse_args(["--train-label-noise", value])
+    assert f"--train-label-noise={float(value)}: must be in [0, 1)" in capsys.readouterr().err
+
+
+def test_values_given_once_print_no_note(capsys):
+    args = ablation.parse_args(["--variants", "baseline", "clips_1", "--seeds", "2", "0"])
+    assert args.variants == ["baseline", "clips_1"] and args.seeds == [2, 0]
+    assert capsys.readouterr().err == ""
+
+
+def test_noisy_train_split_rounds_the_count_and_keeps_one_file_per_seed(tmp_path):
+    """0.29 of 100 questions is 29 (0.29 * 100 is 28.999999999999996 in binary); each seed's
+    split is a file of its own; a split of one answer cannot be given another."""
+    import json
+
+    ann = tmp_path / "annotations"
+    ann.mkdir()
+    items = [{"answer": ["red", "blue"][i % 2], "id": i, "question": "q", "video_id": i}
+             for i in range(100)]
+    (ann / "train_qa.json").write_text(json.dumps(items))
+    first = ablation.noisy_train_split(tmp_path, 0.29, seed=1)
+    noisy = json.loads(first.read_text())
+    assert sum(a["answer"] != b["answer"] for a, b in zip(items, noisy)) == 29
+    second = ablation.noisy_train_split(tmp_path, 0.29, seed=2)
+    assert second != first and json.loads(first.read_text()) == noisy
+    (ann / "train_qa.json").write_text(json.dumps([{**x, "answer": "red"} for x in items]))
+    with pytest.raises(ValueError, match="label noise needs at least 2 distinct answers"):
+        ablation.noisy_train_split(tmp_path, 0.29, seed=1)
+
+
+def test_data_fingerprint_covers_the_generator_seed_size_and_options(tmp_path):
+    import json
+
+    meta = {"version": 3, "seed": 0, "num_videos": 8, "params": {"size": 48}, "videos": {}}
+    (tmp_path / "meta.json").write_text(json.dumps(meta))
+    base = ablation.data_fingerprint(tmp_path)
+    assert base is not None
+    for key, value in (("version", 4), ("seed", 1), ("num_videos", 9), ("params", {"size": 64})):
+        (tmp_path / "meta.json").write_text(json.dumps({**meta, key: value}))
+        assert ablation.data_fingerprint(tmp_path) != base, key
+    assert ablation.data_fingerprint(tmp_path / "none") is None
+
+
+def test_a_run_without_its_test_predictions_is_not_finished(tmp_path):
+    import json
+
+    run = _fake_run(tmp_path, "baseline-seed0", "")
+    run["run_dir"].mkdir()
+    (run["run_dir"] / "summary.json").write_text("{}")
+    (run["run_dir"] / "command.json").write_text(ablation._record(run))
+    assert ablation.not_reusable(run) == "not finished"
+    (run["run_dir"] / "predictions_test.jsonl").write_text("")
+    assert ablation.not_reusable(run) is None and json.loads(ablation._record(run))["data"] == "d"
+
+
+def test_a_training_that_finished_as_the_sweep_stopped_is_recorded(tmp_path, capsys):
+    """Stopped with the sweep, but it had ended with status 0: its results are reused."""
+    from types import SimpleNamespace
+
+    run = _fake_run(tmp_path, "baseline-seed0", "")
+    run["run_dir"].mkdir()
+    (run["run_dir"] / ablation.STARTED).write_text(ablation._record(run))
+    log = open(tmp_path / "log", "wb")
+    ablation._finish(run, SimpleNamespace(returncode=0), log, 0.0, [], stopped=True)
+    assert (run["run_dir"] / "command.json").read_text() == ablation._record(run)
+    assert not (run["run_dir"] / ablation.STARTED).exists() and log.closed
+    assert "done baseline seed 0" in capsys.readouterr().out
+
+
+def test_execute_skips_finished_runs_and_runs_jobs_at_a_time(tmp_path, monkeypatch, capsys):
+    """A run already finished with the same command is not trained again; the others start at
+    most ``jobs`` at a time (trainings stubbed: each is running at its first poll, ended at the
+    next)."""
+    alive, most = [], []
+
+    class Training:
+        def __init__(self, cmd, **kwargs):
+            self.returncode, self.polls = None, 0
+            alive.append(self)
+            most.append(len(alive))
+
+        def poll(self):
+            self.polls += 1
+            if self.polls > 1:
+                self.returncode = 0
+                alive.remove(self)
+            return self.returncode
+
+    monkeypatch.setattr(ablation.subprocess, "Popen", Training)
+    monkeypatch.setattr(ablation.time, "sleep", lambda seconds: None)
+    done = _fake_run(tmp_path, "baseline-seed0", "")
+    done["run_dir"].mkdir()
+    for name, text in (("summary.json", "{}"), ("predictions_test.jsonl", ""),
+                       ("command.json", ablation._record(done))):
+        (done["run_dir"] / name).write_text(text)
+    for jobs in (1, 2):
+        runs = [done, *(_fake_run(tmp_path / str(jobs), f"v{i}-seed0", "") for i in range(3))]
+        most.clear()
+        assert ablation.execute(runs, jobs) == []
+        assert max(most) == jobs and len(most) == 3, (jobs, most)
+        assert f"4 runs, 1 already done, 3 to train, {jobs} at a time" in capsys.readouterr().out
+
+
+def test_run_rows_split_a_type_by_visibility_only_where_both_sides_exist(monkeypatch):
+    def analysed(run_dir, meta):
+        vis = {"num_visible": 4, "num_hidden": 0, "visible": 0.5, "hidden": None}
+        return {"accuracy": 0.5, "evidence_visible": 0.5, "evidence_hidden": 0.25,
+                "by_type": {"color": 0.75, "flash": 0.25},
+                "by_type_visibility": {"color": vis, "flash": {**vis, "num_hidden": 2,
+                                                                "hidden": 0.0}},
+                "best_val_accuracy": 0.6, "train_seconds": 3.0, "num_test": 8}
+
+    monkeypatch.setattr(ablation.demo, "analyse_run", analysed)
+    (row,) = ablation.run_rows([{"variant": "baseline", "seed": 2, "run_dir": None}], {})
+    assert row == {"variant": "baseline", "seed": 2, "accuracy": 0.5, "evidence_visible": 0.5,
+                   "evidence_hidden": 0.25, "color": 0.75, "flash": 0.25, "flash_visible": 0.5,
+                   "flash_hidden": 0.0, "best_val_accuracy": 0.6, "train_seconds": 3.0,
+                   "num_test": 8}
+
+
+def test_summary_leaves_out_the_counts_and_times_each_variant_by_its_own_runs():
+    rows = [{"variant": v, "seed": s, "accuracy": 0.5, "train_seconds": t, "num_test": 10}
+            for v, s, t in [("baseline", 0, 10.0), ("baseline", 1, 20.0), ("skg_skr", 0, 60.0)]]
+    base, sia = ablation.summarise(rows, ["baseline", "skg_skr"])
+    assert base["train_seconds_mean"] == 15.0 and sia["train_seconds_mean"] == 60.0
+    assert "num_test_mean" not in base and "seed_mean" not in base
+
+
+def test_replace_and_label_noise_reach_the_sweep(tmp_path, monkeypatch, capsys):
+    """--replace lets a sweep go on where a finished run was made on another synthetic set
+    (refused without it: test_finished_runs_are_not_replaced_without_replace), and
+    --train-label-noise trains on the noisy split (trainings stubbed: none finishes, exit 1)."""
+    import json
+
+    data = tmp_path / "data"
+    (data / "annotations").mkdir(parents=True)
+    (data / "meta.json").write_text(json.dumps({"version": 3, "seed": 0, "num_videos": 8,
+                                                "params": {}}))
+    (data / "annotations" / "train_qa.json").write_text(json.dumps(
+        [{"answer": a, "id": i, "question": "q", "video_id": i} for i, a in enumerate("abab")]))
+    argv = ["--variants", "baseline", "--seeds", "0", "--runs", str(tmp_path)]
+    run = ablation.plan_runs(ablation.parse_args(argv), data)[0]
+    run["run_dir"].mkdir()
+    for name, text in (("summary.json", "{}"), ("predictions_test.jsonl", ""),
+                       ("command.json", ablation._record(run))):
+        (run["run_dir"] / name).write_text(text)
+    swept = []
+
+    def generated(d, seed, options):  # the new set, as ensure_dataset would leave it
+        (d / "meta.json").write_text(json.dumps({**json.loads((d / "meta.json").read_text()),
+                                                 "seed": seed}))
+        return d
+
+    monkeypatch.setattr(ablation, "execute", lambda runs, jobs: swept.append(runs) or [])
+    monkeypatch.setattr(ablation.demo, "ensure_dataset", generated)
+    assert ablation.main([*argv, "--data-seed", "1", "--replace"]) == 1  # nothing finished
+    assert [r["run_dir"] for r in swept[0]] == [run["run_dir"]]
+    monkeypatch.setattr(ablation.demo, "dataset_matches", lambda d, seed, options: True)
+    assert ablation.main([*argv, "--train-label-noise", "0.5", "--data-seed", "1",
+                          "--replace"]) == 1
+    noisy = data / "annotations" / "train_qa_noise0.5_seed1.json"
+    assert f"data.train={noisy}" in swept[-1][0]["cmd"] and noisy.is_file()
+    assert "no run finished" in capsys.readouterr().err
+
+
+def test_quick_trains_with_the_demos_quick_settings(tmp_path):
+    def sets(argv):
+        (run,) = ablation.plan_runs(ablation.parse_args(
+            [*argv, "--variants", "baseline", "--runs", str(tmp_path)]), tmp_path / "data")
+        return [run["cmd"][i + 1] for i, a in enumerate(run["cmd"]) if a == "--set"]
+
+    quick = sets(["--quick"])
+    assert all(o in quick for o in ablation.demo.QUICK_OVERRIDES)
+    assert not any(o in sets(["--seeds", "0"]) for o in ablation.demo.QUICK_OVERRIDES)
+
+
+def test_a_sweep_with_a_failed_training_writes_the_others_and_exits_1(tmp_path, monkeypatch,
+                                                                       capsys):
+    """The table and files cover the runs that finished, name the failed one, exit status 1
+    (trainings and their read-out stubbed)."""
+    import csv
+    import json
+
+    data = tmp_path / "runs" / "data"
+    data.mkdir(parents=True)
+    (data / "meta.json").write_text(json.dumps({"version": 3, "seed": 0, "num_videos": 8,
+                                                "params": {}}))
+    argv = ["--variants", "baseline", "--seeds", "0", "1", "--runs", str(tmp_path / "runs"),
+            "--out", str(tmp_path / "results")]
+    done, failed = ablation.plan_runs(ablation.parse_args(argv), data)
+    done["run_dir"].mkdir()
+    for name, text in (("summary.json", "{}"), ("predictions_test.jsonl", ""),
+                       ("command.json", ablation._record(done))):
+        (done["run_dir"] / name).write_text(text)
+    monkeypatch.setattr(ablation.demo, "dataset_matches", lambda d, seed, options: True)
+    monkeypatch.setattr(ablation.demo, "ensure_dataset", lambda d, seed, options: d)
+    monkeypatch.setattr(ablation, "execute", lambda runs, jobs: [failed])
+    monkeypatch.setattr(ablation, "environment", lambda: {"python": "3"})
+    monkeypatch.setattr(ablation, "run_rows", lambda runs, meta: [
+        {"variant": r["variant"], "seed": r["seed"], "accuracy": 0.5, "train_seconds": 1.0,
+         "num_test": 8} for r in runs])
+    assert ablation.main(argv) == 1
+    assert "1 training(s) did not finish; failed: baseline/seed1" in capsys.readouterr().err
+    assert "failed: baseline/seed1" in (tmp_path / "results" / "ablation.md").read_text()
+    with open(tmp_path / "results" / "ablation_runs.csv", newline="") as fh:
+        assert [(r["variant"], r["seed"]) for r in csv.DictReader(fh)] == [("baseline", "0")]
