@@ -366,3 +366,45 @@ def test_a_demo_stopped_while_its_new_runs_are_renamed_into_place_keeps_the_prev
     assert snapshot(out) == before
     for n in demo.METHODS:
         shutil.rmtree(saved[n], ignore_errors=True)
+
+
+def test_a_training_stopped_by_a_signal_stops_the_demo(tmp_path, monkeypatch, capfd):
+    """A training that exits as a stopped one does (130: Ctrl-C reached it too) stops the demo
+    as Ctrl-C does, not as a failure; the training runs as a single process whatever launched the
+    demo (RANK and friends removed)."""
+    import sys
+
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    log = tmp_path / "run.log"
+    show = [sys.executable, "-c", "import os; print(os.environ.get('RANK'), "
+            "os.environ.get('WORLD_SIZE'))"]
+    demo.run_training(show, log)
+    assert log.read_text().strip() == "None None"
+    with pytest.raises(KeyboardInterrupt):
+        demo.run_training([sys.executable, "-c", "import sys; sys.exit(130)"], log)
+    capfd.readouterr()
+
+
+@pytest.mark.parametrize("kwargs, message", [({"videos": 0}, "videos=0: must be >= 1"),
+                                             ({"seed": -1}, "seed=-1: must be >= 0")])
+def test_run_demo_refuses_bad_values_before_writing(tmp_path, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        demo.run_demo(tmp_path / "out", **kwargs)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_set_whose_manifest_is_missing_is_not_reused(tmp_path):
+    """A demo stopped while it indexed its new set leaves meta.json without manifest.jsonl: the
+    next one generates the set again (it does not fail reading the manifest)."""
+    data = tmp_path / "data"
+    options = {"num_videos": 2, "size": 16, "question_types": ["color", "flash"]}
+    demo.ensure_dataset(data, 0, options, workers=1)
+    (data / "manifest.jsonl").unlink()
+    assert not demo.dataset_matches(data, 0, options)
+
+
+def test_synthetic_options_take_videos_and_quick():
+    assert demo.synthetic_options(None, False) == demo.SYNTHETIC
+    assert demo.synthetic_options(None, True)["num_videos"] == demo.QUICK_SYNTHETIC["num_videos"]
+    assert demo.synthetic_options(5, True) == {**demo.SYNTHETIC, "num_videos": 5}
