@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+import torch
 from subprocess_env import cpu_env
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -91,3 +93,55 @@ def test_bench_memory_help_describes_it_in_a_whole_sentence(capsys):
     bench_memory = _bench_memory()
     description = bench_memory.build_parser().description
     assert description.endswith("."), description
+
+
+def test_saved_bytes_per_frame_counts_each_kept_storage_once_per_frame():
+    """A toy encoder keeps its input (for the weight's gradient) and the ReLU's output, which a
+    view of it is saved as again (twice): two frame-sized storages per frame, the weight not
+    counted."""
+    bench_memory = _bench_memory()
+
+    class Visual(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.ones(()))
+
+        def encode_frames(self, x):
+            kept = (x * self.w).relu()
+            flat = kept.view(kept.shape[0], -1)
+            return flat * flat
+
+    model = torch.nn.Module()
+    model.visual = Visual()
+    size, frames = 8, 3
+    got = bench_memory.saved_bytes_per_frame(model, size, frames, torch.device("cpu"))
+    assert got == 2 * 3 * size * size * 4
+    assert model.visual.w.grad is not None  # the backward ran
+
+
+def test_bench_memory_columns_against_the_smallest_default(tmp_path, monkeypatch, capsys):
+    from siasam_fast import model
+
+    bench_memory = _bench_memory()
+    monkeypatch.setattr(model, "SiaSamReaModel", lambda *args: torch.nn.Linear(1, 1))
+    monkeypatch.setattr(bench_memory, "saved_bytes_per_frame",
+                        lambda model, size, frames, device: float(size * size * 2**12))
+    assert bench_memory.main(["--config", "configs/synthetic.yaml", "--settings", "default",
+                              "--sizes", "32", "16", "--out-dir", str(tmp_path)]) == 0
+    with (tmp_path / "memory.csv").open() as fh:
+        rows = {int(r["image_size"]): r for r in csv.DictReader(fh)}
+    assert float(rows[16]["vs_default_smallest"]) == 1.0
+    assert float(rows[32]["vs_default_smallest"]) == 4.0
+    assert float(rows[32]["mib_per_frame_fp32"]) == 4.0  # 32 * 32 * 4096 bytes
+    assert float(rows[32]["mib_per_frame_16bit"]) == 2.0
+    capsys.readouterr()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a machine without a GPU")
+def test_bench_memory_cuda_without_a_gpu_is_one_line(tmp_path, capsys):
+    bench_memory = _bench_memory()
+    assert bench_memory.main(["--config", "configs/synthetic.yaml", "--device", "cuda",
+                              "--out-dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.strip() == "error: --device cuda: no CUDA GPU here; use --device cpu"
+    assert list(tmp_path.iterdir()) == []
