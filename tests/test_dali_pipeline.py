@@ -1221,3 +1221,39 @@ def test_a_clip_cut_with_an_edit_list_gives_the_manifests_frames(tmp_path):
     spec.loader.exec_module(script)
     detail = script.check_cut_clip(tmp_path, "cpu", "vp9")
     assert "keyframes [0, 7, 19, 31]" in detail, detail
+
+
+def test_the_decode_check_fails_on_missing_frames_or_an_uncut_clip(monkeypatch):
+    """Fewer frames than asked for (the first ones right) fail the check, and so does a trimmed
+    check whose clip trim_stretch did not cut."""
+    from nvidia.dali import fn
+
+    from siasam_fast.pipeline import dali_check
+
+    decode = fn.decoders.video
+    with monkeypatch.context() as patch:
+        patch.setattr(fn.decoders, "video", lambda *a, **k: decode(*a, **k)[0:2])
+        ok, detail = dali_check.decode_check(False)
+    assert not ok and "expected [53, 113, 173]" in detail
+    monkeypatch.setattr(dali_module, "trim_stretch", lambda data, wanted, num_frames: None)
+    ok, detail = dali_check.decode_check(False, trimmed=True)
+    assert not ok and "the clip was not cut" in detail
+
+
+def test_the_gpu_trim_check_decodes_a_trimmed_clip_on_that_gpu(monkeypatch):
+    from siasam_fast.pipeline import dali_check
+
+    calls = []
+
+    def recorded(on_gpu, trimmed=False, device_id=0):
+        calls.append((on_gpu, trimmed, device_id))
+        return True, "the right frames"
+
+    dali_check.gpu_trims_exactly.cache_clear()
+    monkeypatch.setattr(dali_check, "decode_check", recorded)
+    try:
+        assert dali_check.gpu_trims_exactly(1) == (True, "the right frames")
+        dali_check.gpu_trims_exactly(1)  # once per process and GPU
+    finally:
+        dali_check.gpu_trims_exactly.cache_clear()
+    assert calls == [(True, True, 1)]
