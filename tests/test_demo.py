@@ -408,3 +408,32 @@ def test_synthetic_options_take_videos_and_quick():
     assert demo.synthetic_options(None, False) == demo.SYNTHETIC
     assert demo.synthetic_options(None, True)["num_videos"] == demo.QUICK_SYNTHETIC["num_videos"]
     assert demo.synthetic_options(5, True) == {**demo.SYNTHETIC, "num_videos": 5}
+
+
+def test_analyse_run_groups_test_accuracy_by_type_and_evidence_visibility(tmp_path,
+                                                                           monkeypatch):
+    """Per question: its type and whether the evaluation clip shows its evidence (stubbed here)
+    decide its groups; the best val accuracy is the highest epoch's, the last epoch's is kept."""
+    from siasam_fast.data import synthetic
+
+    seen = {1: {"type": "color", "visible": True}, 2: {"type": "flash", "visible": True},
+            3: {"type": "flash", "visible": False}, 4: {"type": "flash", "visible": False}}
+    monkeypatch.setattr(synthetic, "eval_clip_sees_evidence", lambda meta, sampling: seen)
+    monkeypatch.setattr(demo, "eval_sampling", lambda run_dir: None)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "predictions_test.jsonl").write_text("".join(
+        json.dumps({"qid": q, "accuracy": a}) + "\n" for q, a in ((1, 1), (2, 1), (3, 0), (4, 1))))
+    (run / "summary.json").write_text(json.dumps({"train_seconds": 5.0, "steps": 10}))
+    (run / "metrics_epochs.csv").write_text(
+        "epoch,train_loss,train_loss_gt,train_loss_siamese,val_accuracy\n"
+        "1,2.0,1.5,0.5,0.25\n2,1.0,0.75,0.25,0.75\n3,0.5,0.5,,0.5\n")
+    res = demo.analyse_run(run, {"params": {"question_types": ["color", "flash"]}})
+    assert res["accuracy"] == 0.75 and res["num_test"] == 4
+    assert res["by_type"] == {"color": 1.0, "flash": pytest.approx(2 / 3)}
+    assert res["evidence_visible"] == 1.0 and res["evidence_hidden"] == 0.5
+    assert res["by_type_visibility"]["flash"] == {"visible": 1.0, "hidden": 0.5,
+                                                  "num_visible": 1, "num_hidden": 2}
+    assert res["by_type_visibility"]["color"]["num_hidden"] == 0
+    assert res["best_val_accuracy"] == 0.75 and res["val_accuracy"] == 0.5
+    assert [h["train_loss_siamese"] for h in res["history"]] == [0.5, 0.25, None]
