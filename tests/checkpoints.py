@@ -1,5 +1,5 @@
 """A checkpoint folder as a training run saves it (model weights, run state, the run's answer
-vocabulary), without training: for tests of ``init_model_from``."""
+vocabulary), without training: for tests of ``init_model_from`` and ``answer_question``."""
 
 import json
 from pathlib import Path
@@ -14,6 +14,7 @@ def write_checkpoint(model, cfg, ans2label: dict, tag_dir: Path) -> Path:
     tag_dir.mkdir(parents=True)
     torch.save(model.state_dict(), tag_dir / "model_weights.pt")
     (tag_dir / "run_state.json").write_text(json.dumps(
-        {"config": cfg.to_dict(), "vocab": _vocab_hash(ans2label)}))
+        {"step": 1, "epoch": 0, "sampler": {}, "config": cfg.to_dict(),
+         "vocab": _vocab_hash(ans2label)}))
     save_ans2label(ans2label, tag_dir.parent.parent / "ans2label.json")
     return tag_dir

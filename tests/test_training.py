@@ -758,6 +758,73 @@ def test_ask_answers_one_question_about_one_video(synth, tmp_path):
     assert len(json.loads(proc.stdout)["answers"]) == 5
 
 
+def test_ask_answers_as_the_checkpoints_weights_say_and_names_bad_input(synth, tmp_path):
+    """answer_question called directly on a checkpoint written without training, whose answer
+    head favours one answer: it loads the weights, answers in evaluation mode (the same answer
+    twice), gives probabilities over the whole vocabulary, and refuses bad input, and a vocabulary
+    that is not the checkpoint's, before any decoding."""
+    import torch
+
+    from siasam_fast.data.vocab import save_ans2label
+    from siasam_fast.model import load_tokenizer
+    from siasam_fast.training import answer_question, build_model, load_data
+
+    cfg = _config(synth, **{"sampling.num_clips": 2, "sampling.frames_per_clip": 1,
+                            "data.image_size": 32, "model.dropout": 0.5})
+    vocab = load_data(cfg).ans2label
+    torch.manual_seed(0)
+    model = build_model(cfg, len(vocab), len(load_tokenizer(cfg.model)))
+    last = [m for m in model.head.modules() if isinstance(m, torch.nn.Linear)][-1]
+    favourite = sorted(vocab)[3]
+    with torch.no_grad():
+        last.bias[vocab[favourite]] = 50.0
+    tag = write_checkpoint(model, cfg, vocab, tmp_path / "run" / "checkpoints" / "step1")
+    video, question = synth / "videos" / "video0.mp4", "what is the color of the triangle?"
+
+    answers = answer_question(str(tag), str(video), question, top=len(vocab) + 5)
+    assert answers["task"] == "open" and len(answers["answers"]) == len(vocab)
+    assert answers["answers"][0][0] == favourite and answers["answers"][0][1] > 0.99
+    probs = [p for _, p in answers["answers"]]
+    assert probs == sorted(probs, reverse=True) and sum(probs) == pytest.approx(1.0, abs=1e-5)
+    other = tmp_path / "other.json"  # a data.ans2label: the run folder's vocabulary comes first
+    save_ans2label({"red": 0}, other)
+    assert answer_question(str(tag), str(video), question, top=len(vocab) + 5,
+                           overrides=[f"data.ans2label={other}"]) == answers
+
+    for kwargs, message in (
+            ({"question": " "}, "--question is empty"),
+            ({"candidates": ["a", "b"]}, "--candidates: this checkpoint's task is 'open'"),
+            ({"task": "qa"}, "--task 'qa': this checkpoint was trained on one task"),
+            ({"start": 3.0, "end": 1.0}, r"--start / --end: segment empty")):
+        with pytest.raises(ValueError, match=message):
+            answer_question(str(tag), str(video), **{"question": question, **kwargs})
+    save_ans2label({"red": 0}, tmp_path / "run" / "ans2label.json")
+    with pytest.raises(ValueError, match=r"run/ans2label.json is not the answer vocabulary"):
+        answer_question(str(tag), str(video), question)
+
+
+def test_eval_names_a_split_it_cannot_evaluate_and_another_vocabulary(synth, tmp_path):
+    """evaluate_checkpoint's refusals, before it starts a process group: a split that is not one,
+    or has no annotations, and a run folder's vocabulary that is not the checkpoint's (found
+    without reading train's annotations, which the run folder's vocabulary makes unneeded)."""
+    from siasam_fast.data.vocab import save_ans2label
+    from siasam_fast.training import build_model, evaluate_checkpoint, load_data
+
+    cfg = _config(synth, **{"sampling.num_clips": 2})
+    vocab = load_data(cfg).ans2label
+    tag = write_checkpoint(build_model(cfg, len(vocab), 64), cfg, vocab,
+                           tmp_path / "run" / "checkpoints" / "step1")
+    with pytest.raises(ValueError, match=r"split='none': valid splits are train, val, test \(the "
+                                         r"run's eval.split is 'none': choose one with --split"):
+        evaluate_checkpoint(str(tag), overrides=["eval.split=none"])
+    with pytest.raises(ValueError, match=r"split 'test' has no annotations in this config "
+                                         r"\(data.test is empty\)"):
+        evaluate_checkpoint(str(tag), split="test")
+    save_ans2label({"red": 0}, tmp_path / "run" / "ans2label.json")
+    with pytest.raises(ValueError, match=r"step1 was trained with another answer vocabulary"):
+        evaluate_checkpoint(str(tag), overrides=[f"data.train={tmp_path / 'moved.json'}"])
+
+
 def test_count_task(synth, tmp_path):
     """TGIF-QA count format (tab-separated, header): MSE L_gt, scalar siamese propagation."""
     meta = json.loads((synth / "meta.json").read_text())
@@ -896,6 +963,50 @@ def test_init_from_another_dataset_or_task_keeps_what_carries_over(tmp_path):
         init_model_from(build_model(cfg, len(new_vocab), 64), tag, cfg, new_vocab)
 
 
+def test_init_from_carries_each_answers_row_by_answer_and_says_what_it_loaded(tmp_path):
+    """The classifier's rows follow the answers even when both vocabularies are as long (no row
+    is taken by position); the note says what was loaded: everything for the same vocabulary,
+    and which weights keep their initialisation (another number of clips: theta1, theta2)."""
+    import torch
+
+    from siasam_fast.config import load_config
+    from siasam_fast.training import build_model, init_model_from
+
+    cfg = load_config(ROOT / "configs" / "synthetic.yaml", ["sampling.num_clips=3"])
+    torch.manual_seed(0)
+    old_vocab = {"red": 0, "blue": 1, "green": 2, "cat": 3}
+    pre = build_model(cfg, len(old_vocab), 64)
+    tag = write_checkpoint(pre, cfg, old_vocab, tmp_path / "pre" / "checkpoints" / "step5")
+    before = pre.state_dict()
+    out = [n for n, m in pre.head.named_modules() if isinstance(m, torch.nn.Linear)][-1]
+    w, b = f"head.{out}.weight", f"head.{out}.bias"
+
+    same = build_model(cfg, len(old_vocab), 64)
+    n = len(same.state_dict())
+    note = init_model_from(same, tag, cfg, old_vocab)
+    assert note == f"init_from {tag}: {n} of {n} tensors loaded"
+
+    new_vocab = {"cat": 0, "red": 1, "dog": 2, "blue": 3}  # as many answers, other ones
+    fine = build_model(cfg, len(new_vocab), 64)
+    fresh = {k: v.clone() for k, v in fine.state_dict().items()}
+    note = init_model_from(fine, tag, cfg, new_vocab)
+    after = fine.state_dict()
+    for new, old in ((0, 3), (1, 0), (3, 1)):
+        assert torch.equal(after[w][new], before[w][old]) and after[b][new] == before[b][old]
+    assert torch.equal(after[w][2], fresh[w][2]) and after[b][2] == fresh[b][2]  # "dog"
+    assert note.endswith("; answers: 3 of this run's 4 carried over from the checkpoint's "
+                         "4-answer classifier, the others start fresh"), note
+
+    fewer = load_config(ROOT / "configs" / "synthetic.yaml", ["sampling.num_clips=2"])
+    model = build_model(fewer, 2, 64)
+    theta = model.state_dict()["reasoning.theta1"].clone()
+    note = init_model_from(model, tag, fewer, {"cat": 0, "red": 1})
+    assert note.endswith("; answers: 2 of this run's 2 carried over from the checkpoint's "
+                         "4-answer classifier; shape differs, initialised afresh: "
+                         "reasoning.theta1, reasoning.theta2"), note
+    assert torch.equal(model.state_dict()["reasoning.theta1"], theta)
+
+
 def test_alpha_warmup_ramps_the_siamese_weight(synth, tmp_path):
     """siamese.alpha_warmup: alpha grows linearly from 0 over that fraction of the steps (the
     steps CSV logs it), and each step's loss is L_gt + alpha_t * L_siamese."""
@@ -992,6 +1103,9 @@ def test_data_of_another_task_is_refused_with_the_task_to_set(synth, tmp_path):
                                          r"the data.train annotations .* hold open-ended answers "
                                          r".*: set task: open, or use a count dataset"):
         load_data(_config(synth, task="count"))
+    with pytest.raises(ValueError, match=r"task=mc needs multiple choice \(candidates\), but the "
+                                         r"data.train annotations .* hold open-ended answers"):
+        load_data(_config(synth, task="mc"))
     path = tmp_path / "Train_count_question.csv"
     path.write_text("gif_name\tquestion\tanswer\tvid_id\tkey\nv\thow many?\t3\tCOUNT1\t1\n")
     with pytest.raises(ValueError, match="task=open needs open-ended answers, .* hold counting "
@@ -1038,6 +1152,124 @@ def test_min_answer_count_keeps_answers_seen_that_often(synth):
     assert 0 < len(data.ans2label) < len(counts)
     with pytest.raises(ValueError, match=r"data.min_answer_count=0: must be >= 1"):
         _config(synth, **{"data.min_answer_count": 0})
+
+
+def test_load_data_reads_the_splits_and_builds_loads_or_is_given_the_vocabulary(synth, tmp_path):
+    """load_data called directly: a folder of annotations takes the split's file; train drops
+    the answers outside the vocabulary and val keeps them (label -1); data.ans2label is read,
+    a vocabulary given (evaluation: the run's) wins over a data.ans2label file that is gone; an
+    empty data.train is refused where it is needed, and each bad key is named."""
+    from siasam_fast.data.vocab import save_ans2label
+    from siasam_fast.training import _split_paths, load_data
+
+    ann = synth / "annotations"
+    assert _split_paths(" a.json, ,b.json,") == ["a.json", "b.json"]
+    data = load_data(_config(synth, **{"data.train": ann, "data.val": ann}))
+    assert [ex.qid for ex in data.examples["train"]] == [
+        ex.qid for ex in load_data(_config(synth)).examples["train"]]
+    assert len(data.examples["val"]) == len(json.loads((ann / "val_qa.json").read_text()))
+    (tmp_path / "three.json").write_text(json.dumps(
+        json.loads((ann / "train_qa.json").read_text())[:3]))  # 3 ids again: each one named
+    notes = load_data(_config(synth, **{"data.train": f"{ann / 'train_qa.json'},"
+                                                      f"{tmp_path / 'three.json'}"})).notes
+    assert re.search(r"data.train: 3 question id\(s\) occur more than once \('\w+', '\w+', "
+                     r"'\w+'\); each occurrence", notes[0]), notes
+
+    data = load_data(_config(synth, **{"data.num_answers": 3}))
+    assert len(data.ans2label) == 3
+    train, val = data.examples["train"], data.examples["val"]
+    assert train and all(label >= 0 for label in data.labels["train"])
+    assert len(train) < len(json.loads((ann / "train_qa.json").read_text()))  # OOV dropped
+    assert len(val) == len(json.loads((ann / "val_qa.json").read_text()))  # OOV kept
+    assert -1 in data.labels["val"]
+
+    vocab = {data.examples["train"][0].answer: 0, "no such answer": 1}
+    save_ans2label(vocab, tmp_path / "ans2label.json")
+    assert load_data(_config(synth, **{"data.ans2label": tmp_path / "ans2label.json"})
+                     ).ans2label == vocab
+    gone = _config(synth, **{"data.ans2label": tmp_path / "gone.json"})
+    with pytest.raises(ValueError, match=r"data.ans2label='.*gone.json' does not exist"):
+        load_data(gone)
+    assert load_data(gone, ans2label=vocab).ans2label == vocab
+
+    no_train = _config(synth, **{"data.train": ""})
+    with pytest.raises(ValueError, match="data.train is empty: training needs the train"):
+        load_data(no_train)
+    with pytest.raises(ValueError, match="data.train is empty: task=open builds its answer"):
+        load_data(no_train, need_train=False)
+    saved = _config(synth, **{"data.train": "", "data.ans2label": tmp_path / "ans2label.json"})
+    data = load_data(saved, need_train=False)
+    assert set(data.examples) == {"val"} and data.ans2label == vocab
+
+    with pytest.raises(ValueError, match=r"data.manifest is empty: build one with"):
+        load_data(_config(synth, **{"data.manifest": ""}))
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ValueError, match=r"data.video_dir='.*file' is not a folder"):
+        load_data(_config(synth, **{"data.video_dir": tmp_path / "file"}))
+
+
+def test_videos_missing_from_the_manifest_start_are_only_refused_all_together(synth):
+    """The moved-videos check looks at the first 20 videos indexed without error: one of them
+    gone (deleted since) is left to the loader's stand-ins, as any damaged video is."""
+    import dataclasses
+
+    from siasam_fast.pipeline.manifest import load_manifest
+    from siasam_fast.training import load_data
+
+    manifest = load_manifest(synth / "manifest.jsonl")
+    first = next(iter(manifest))
+    manifest[first] = dataclasses.replace(manifest[first], path=str(synth / "gone.mp4"))
+    assert load_data(_config(synth), manifest=manifest).examples["train"]
+    moved = {k: dataclasses.replace(r, path=str(synth / "gone" / k)) for k, r in manifest.items()}
+    with pytest.raises(ValueError, match=r"none of the first 16 videos is where the manifest "
+                                         r"puts it \(e.g. .*gone/"):
+        load_data(_config(synth), manifest=moved)
+
+
+def test_each_split_gets_the_loader_its_config_asks_for(synth, monkeypatch, caplog):
+    """make_loader passes the config to the loader factory: train its batch size, clips and
+    answer labels; an evaluation split eval.batch_size and eval.num_clips clips; every split the
+    seed, rank, epoch and decoding settings. A task=multi task's loader names the task in the log
+    lines written while it is built, and only then."""
+    import logging
+
+    from siasam_fast import training
+
+    monkeypatch.setattr(training, "build_video_loader",
+                        lambda *args, **kwargs: (args, kwargs))
+    cfg = _config(synth, **{"train.batch_size": 3, "eval.batch_size": 5, "eval.num_clips": 2,
+                            "train.seed": 11, "data.dedup": False, "data.dali_trim": False,
+                            "data.decode_group": 2, "data.frame_fit": "pad",
+                            "data.backend": "pyav", "data.num_workers": 0})
+    data = training.load_data(cfg)
+    (examples, manifest, sampling), kw = training.make_loader(cfg, data, "train", 1, 2, epoch=4)
+    assert examples is data.examples["train"] and manifest is data.manifest
+    assert sampling == cfg.sampling and kw["split"] == "train" and kw["batch_size"] == 3
+    label = kw["label_fn"](data.examples["train"][0])
+    assert label == data.labels["train"][0] and label >= 0
+    expected = dict(image_size=cfg.data.image_size, num_workers=0, seed=11, rank=1, world_size=2,
+                    backend="pyav", dedup=False, epoch=4, decode_group=2, trim=False,
+                    defer_stop_signals=True, frame_fit="pad")
+    assert {k: kw[k] for k in expected} == expected
+    (examples, _, sampling), kw = training.make_loader(cfg, data, "val", 0, 1)
+    assert examples is data.examples["val"] and kw["split"] == "val" and kw["batch_size"] == 5
+    assert sampling.eval_clips == 2 and sampling.num_clips == cfg.sampling.num_clips
+    assert cfg.sampling.eval_clips == 1  # the config's own is left as it was
+    mc = _config(synth, **{"task": "mc", "data.dataset": "how2qa",
+                           "data.train": synth / "annotations" / "how2qa_train.jsonl",
+                           "data.val": ""})
+    assert training.make_loader(mc, training.load_data(mc), "train", 0, 1)[1]["label_fn"] is None
+
+    def logging_factory(*args, **kwargs):
+        logging.getLogger("siasam_fast.pipeline.dataset").warning("train: kept 3 of 4")
+        return "loader"
+
+    monkeypatch.setattr(training, "build_video_loader", logging_factory)
+    with caplog.at_level(logging.WARNING):
+        assert training.make_loader(cfg, data, "train", 0, 1, task_name="qa") == "loader"
+        training.make_loader(cfg, data, "train", 0, 1)
+    assert [r.getMessage() for r in caplog.records] == ["data.tasks.qa: train: kept 3 of 4",
+                                                        "train: kept 3 of 4"]
 
 
 def test_a_split_without_questions_is_refused(synth, tmp_path):
@@ -1088,6 +1320,31 @@ def test_a_resume_already_at_max_steps_trains_no_further(synth, tmp_path):
     assert "built successfully" not in proc.stdout + proc.stderr, proc.stdout[:500]
     assert len(losses(out)) == 3
     assert sorted(p.name for p in (out / "checkpoints").iterdir() if p.is_dir()) == ["step3"]
+
+
+def test_each_rank_draws_its_own_random_numbers_from_the_seed():
+    """seed_everything(seed, rank): the same draws for the same seed and rank (python, numpy and
+    torch), other draws on another rank (its own augmentation, dropout)."""
+    import random
+
+    import numpy as np
+    import torch
+
+    from siasam_fast.training import seed_everything
+
+    def draws(seed, rank):
+        seed_everything(seed, rank)
+        return random.random(), float(np.random.rand()), float(torch.rand(()))
+
+    states = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    try:
+        first = draws(5, 0)
+        assert draws(5, 0) == first
+        assert all(a != b for a, b in zip(draws(5, 1), first))
+    finally:
+        random.setstate(states[0])
+        np.random.set_state(states[1])
+        torch.set_rng_state(states[2])
 
 
 def test_only_deepspeeds_build_note_is_dropped(capsys):
