@@ -595,6 +595,28 @@ def test_a_candidate_is_embedded_as_segment_a_as_clipbert_embeds_text(tokenizer)
                                                      token_type_ids=torch.zeros_like(ids)))
 
 
+def test_each_videos_texts_are_its_question_with_each_of_its_candidates(tokenizer):
+    """TextEncoder on two videos: mc row [v, m] is video v's question paired with its candidate
+    m; a video with another number of candidates is refused; open-ended questions are cut at
+    max_len tokens."""
+    from siasam_fast.training import TextEncoder
+
+    batch = {"question": ["what color", "where"],
+             "candidates": [["red", "blue", "green"], ["left", "right", "up"]]}
+    enc = TextEncoder(tokenizer, "mc", 32, "pair")(batch)
+    assert enc["input_ids"].shape[:2] == (2, 3)
+    for v, question in enumerate(batch["question"]):
+        for m, candidate in enumerate(batch["candidates"][v]):
+            ids = enc["input_ids"][v, m][enc["attention_mask"][v, m].bool()]
+            assert tokenizer.decode(ids) == f"[CLS] {question} [SEP] {candidate} [SEP]"
+    with pytest.raises(ValueError, match=r"the same number of candidates, got \[2, 3\]"):
+        TextEncoder(tokenizer, "mc", 32)({**batch, "candidates": [["a", "b", "c"], ["a", "b"]]})
+    enc = TextEncoder(tokenizer, "open", 6)({"question": ["what is the color of the big one",
+                                                         "where"]})
+    assert enc["input_ids"].shape == (2, 6)
+    assert enc["attention_mask"][1].tolist() == [1, 1, 1, 0, 0, 0]  # [CLS] where [SEP], padding
+
+
 def _changed(a, b):
     """[V, N] bools: where two per-clip outputs differ at all (the tiny random model barely
     responds to its input, ~1e-6; rows computed from the same inputs come out bit for bit the
