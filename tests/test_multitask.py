@@ -4,6 +4,7 @@ runs, and (slow) training, resuming, evaluating and asking on the synthetic set.
 
 import csv
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -135,6 +136,18 @@ def test_an_epoch_is_every_tasks_batches_once_in_a_seeded_order():
     assert mix.sampler.position == 0 and mix.order(1) != mix.order(0)
     assert [head for head, _, _ in batches(mix)] == mix.order(1)
     assert MultiTaskLoader(loaders(), seed=8, batch_size=3).order(0) != order
+
+
+def test_an_epochs_videos_are_every_tasks_examples():
+    """epoch_videos (the start-up line of a run whose step is a whole epoch): the examples of
+    every task's shard, not the batches."""
+    from siasam_fast.training import epoch_videos
+
+    parts = loaders()
+    for loader in parts.values():
+        loader.sampler = type("S", (), {"position": 0, "__len__": lambda s, n=loader.n: n})()
+    assert epoch_videos(MultiTaskLoader(parts, seed=7, batch_size=3)) == 10 + 4 + 7
+    assert epoch_videos(parts["qa"]) == 10
 
 
 def test_a_resumed_epoch_gives_exactly_the_batches_left():
@@ -382,6 +395,11 @@ def test_init_from_maps_heads_between_one_task_and_multi_task_runs(tmp_path):
     assert "head frameqa from the checkpoint's heads.qa" in note, note
     assert "head how2qa initialised afresh (the checkpoint has 2 mc heads, action, " \
         "transition)" in note
+    # between runs of the same tasks: each head from its own, also where two share a task
+    same = build_model(pre_cfg, len(vocab), 64)
+    note = init_model_from(same, tag, pre_cfg, vocab)
+    assert "afresh" not in note and "from the checkpoint's" not in note, note
+    assert all(torch.equal(v, before[k]) for k, v in same.state_dict().items())
 
 
 # -- training, resuming, evaluating, asking (slow) ------------------------------------------------
@@ -686,6 +704,33 @@ def test_a_missing_task_file_names_the_key_that_sets_it(synth, tmp_path):
                                          r"\(set data.tasks.qa.train to the train annotations, "
                                          r"e.g. --set data.tasks.qa.train=PATH"):
         load_streams(cfg)
+
+
+def test_each_task_loads_its_own_data_and_the_run_takes_the_open_tasks_vocabulary(synth):
+    """load_streams: one Data per task, one manifest for all, each note naming its task; a
+    vocabulary given (evaluation: the run's) is the open-ended task's, and run_vocabulary is it
+    (none for a run without an open-ended task)."""
+    from siasam_fast.training import load_streams, run_vocabulary
+
+    args = multi_args(synth, synth / "unused")
+    cfg = load_config(args[1], [args[i + 1] for i in range(2, len(args), 2)])
+    streams, datas = load_streams(cfg)
+    assert list(streams) == list(datas) == ["qa", "choice", "count"]
+    assert [streams[name].task for name in streams] == ["open", "mc", "count"]
+    assert all(data.manifest is datas["qa"].manifest for data in datas.values())
+    assert datas["qa"].ans2label and not datas["choice"].ans2label
+    assert run_vocabulary(streams, datas) is datas["qa"].ans2label
+    notes = [note for data in datas.values() for note in data.notes]
+    assert "data.tasks.qa: data.train answers (" in "\n".join(notes)
+    assert all(re.match(r"data\.tasks\.(qa|choice|count): data\.", n) for n in notes), notes
+    vocab = {"red": 0, "blue": 1}
+    streams, datas = load_streams(cfg, ans2label=vocab)
+    assert [data.ans2label for data in datas.values()] == [vocab, {}, {}]
+    no_open = load_config(args[1], [args[i + 1] for i in range(2, len(args), 2)]
+                          + ["data.tasks.qa.task=count", "data.tasks.qa.dataset=tgif_count",
+                             f"data.tasks.qa.train={synth / 'count.csv'}", "data.tasks.qa.val=",
+                             "data.tasks.qa.test="])
+    assert run_vocabulary(*load_streams(no_open)) == {}
 
 
 @pytest.mark.slow
