@@ -281,6 +281,18 @@ def test_clipbert_comparison_settings_resume_or_not():
     cfg = Config()
     cfg.model.qa_head = "clipbert"
     assert "; answer head clipbert (ClipBERT's: Linear, ReLU, Linear) (" in model_visual_note(cfg)
+    # and when the CNN's freezing or head is not the default; frames unlike ClipBERT's are named
+    cfg = Config()
+    cfg.model.cnn_freeze = "batchnorm"
+    assert "visual head proj; the CNN's BatchNorms are frozen; answer head siasam (" in \
+        model_visual_note(cfg)
+    cfg = Config()
+    cfg.model.visual_head, cfg.data.frame_fit, cfg.data.image_size = "clipbert", "pad", 448
+    assert model_visual_note(cfg).endswith("model.qa_head=auto)")
+    cfg.data.frame_fit = "crop"
+    assert model_visual_note(cfg).endswith(
+        "; frames: data.frame_fit=crop, data.image_size=448 (ClipBERT's: pad at 448, or 768 on "
+        "TGIF-QA)")
 
 
 def test_a_v100_gets_fp16_not_emulated_bf16(monkeypatch):
@@ -491,6 +503,31 @@ def test_adam_hyperparameters_reach_every_optimizer(monkeypatch):
         load_config(None, ["train.adam_beta2=1.0"])
     with pytest.raises(ValueError, match=r"train.adam_eps=0.0: must be > 0"):
         load_config(None, ["train.adam_eps=0"])
+
+
+def test_weight_decay_leaves_biases_and_norms_out_and_frozen_weights_are_not_optimized():
+    """build_optimizer's two AdamW groups: train.weight_decay for the matrices, none for biases,
+    norms' weights and other 1-d parameters; frozen parameters are in neither."""
+    import torch
+
+    from siasam_fast.training import build_optimizer
+
+    model = torch.nn.Module()
+    model.proj, model.LayerNorm = torch.nn.Linear(3, 4), torch.nn.LayerNorm(4)
+    model.theta1 = torch.nn.Parameter(torch.ones(3))
+    model.frozen = torch.nn.Linear(4, 4).requires_grad_(False)
+    cfg = Config()
+    cfg.train.weight_decay = 0.25
+    optimizer, _ = build_optimizer(model, cfg, torch.device("cpu"))
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert [(sorted(names[id(p)] for p in g["params"]), g["weight_decay"])
+            for g in optimizer.param_groups] == [
+        (["proj.weight"], 0.25),
+        (["LayerNorm.bias", "LayerNorm.weight", "proj.bias", "theta1"], 0.0)]
+    cfg.train.optimizer = "deepspeed"
+    with pytest.raises(ValueError, match=r"train.optimizer='deepspeed' \(FusedAdam\) needs CUDA; "
+                                         r"use 'torch' on CPU"):
+        build_optimizer(model, cfg, torch.device("cpu"))
 
 
 def test_a_model_folder_written_relative_or_absolute_is_the_same_model(tmp_path, monkeypatch):
