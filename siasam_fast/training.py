@@ -1000,7 +1000,9 @@ def _set_rng_state(state: dict) -> None:
     kind, keys, *rest = state["numpy"]
     np.random.set_state((kind, np.array(keys, dtype=np.uint32), *rest))
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in state["cuda"]])
+        # the GPUs this process sees (a resume on a machine with fewer than saved has no others)
+        torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8)
+                                      for s in state["cuda"][:torch.cuda.device_count()]])
 
 
 def save_checkpoint(engine, out_dir: Path, tag: str, run_state: dict, keep: int, rank: int,

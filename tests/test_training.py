@@ -1415,3 +1415,32 @@ def test_gradient_accumulation_steps_resume_and_schedule(synth, tmp_path):
     assert ("note: train.grad_accum=100 is more than an epoch's 17 micro-batches: each step takes "
             "one epoch (66 videos per process)") in proc.stdout
     assert len(losses(tmp_path / "huge")) == 1
+
+
+# -- checkpoint helpers, called directly on hand-made checkpoint folders (no training) -------
+
+
+def test_a_resume_on_fewer_gpus_than_saved_restores_the_rng_of_the_gpus_it_has(monkeypatch):
+    """Each process of a run on 2 GPUs (torchrun: every process sees both) saves both GPUs' RNG
+    states; a resume on a machine with 1 GPU gave torch the state of a second GPU, which it
+    sets in torch.cuda.default_generators[1]: IndexError, no resume. (torch.cuda stands in for
+    a GPU here, as torch does it: one state per device it has.)"""
+    import torch
+
+    from siasam_fast.training import _rng_state, _set_rng_state
+
+    state = json.loads(json.dumps(_rng_state()))
+    state["cuda"] = [[1] * 16, [2] * 16]
+    restored = []
+
+    def set_rng_state_all(states):
+        for i, each in enumerate(states):
+            if i >= torch.cuda.device_count():
+                raise IndexError("tuple index out of range")  # default_generators[i]
+            restored.append(each.tolist())
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", set_rng_state_all)
+    _set_rng_state(state)
+    assert restored == [[1] * 16]
