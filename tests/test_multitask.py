@@ -795,6 +795,22 @@ def test_a_resume_refuses_the_tasks_listed_in_another_order(tmp_path):
     assert load_run_state(tag, order) is not None  # the same order: fine
 
 
+def test_a_resume_may_move_each_tasks_files_and_another_set_of_tasks_is_named_by_task():
+    """data.tasks.NAME.train, val and test may change on a resume (where the data is, as
+    data.train, val and test); a task added or dropped is named as such, without the note on
+    the order of the same tasks."""
+    from siasam_fast.training import config_mismatches
+
+    saved = multi().to_dict()
+    moved = {name: {**task, "train": f"new/{task['train']}", "val": "v.json", "test": "t.json"}
+             for name, task in TASKS.items()}
+    assert config_mismatches(saved, multi(moved).to_dict()) == []
+    fewer = {k: TASKS[k] for k in ("count", "qa")}  # action dropped, the others reordered
+    problems = config_mismatches(saved, multi(fewer).to_dict())
+    assert problems and all(p.startswith("data.tasks.action: checkpoint has {") and
+                            p.endswith("this run has None") for p in problems), problems
+
+
 def test_a_task_loader_of_another_batch_size_is_refused():
     """Progress and resume count each task's batches in the run's batch_size; a task loader of
     another size gave wrong progress, and its resume failed with "the state does not belong to
