@@ -4,14 +4,17 @@ exact resume, standalone evaluation and refused checkpoints."""
 import csv
 import json
 import os
+import random
 import re
 import shutil
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from checkpoints import write_checkpoint
@@ -1444,3 +1447,420 @@ def test_a_resume_on_fewer_gpus_than_saved_restores_the_rng_of_the_gpus_it_has(m
     monkeypatch.setattr(torch.cuda, "set_rng_state_all", set_rng_state_all)
     _set_rng_state(state)
     assert restored == [[1] * 16]
+
+
+def test_a_checkpoints_rng_state_restores_every_generator():
+    """rng_rank*.json (through JSON) gives back Python's, NumPy's and torch's streams, their
+    cached Gaussians too."""
+    import numpy as np
+    import torch
+
+    from siasam_fast.training import _rng_state, _set_rng_state
+
+    random.seed(1), np.random.seed(2), torch.manual_seed(3)
+    random.gauss(0, 1), np.random.randn()  # each keeps a second Gaussian for its next draw
+
+    def draws():
+        return (random.gauss(0, 1), random.random(), float(np.random.randn()),
+                float(np.random.rand()), torch.rand(2).tolist())
+
+    saved = json.loads(json.dumps(_rng_state()))
+    first = draws()
+    random.seed(9), np.random.seed(9), torch.manual_seed(9)
+    _set_rng_state(saved)
+    assert draws() == first
+
+
+class FakeEngine:
+    """What save_checkpoint asks of a DeepSpeed engine."""
+
+    def __init__(self, stage=0):
+        import torch
+
+        self.stage = stage
+        self.module = torch.nn.Linear(2, 3)
+
+    def save_checkpoint(self, save_dir, tag, save_latest=True):
+        assert save_latest is False  # 'latest' is ours: written once every file is
+        (Path(save_dir) / tag).mkdir(parents=True, exist_ok=True)
+        (Path(save_dir) / tag / "mp_rank_00_model_states.pt").write_text("weights")
+
+    def zero_optimization_stage(self):
+        return self.stage
+
+
+def test_save_checkpoint_writes_each_processs_files_then_latest_and_prunes(tmp_path):
+    import torch
+
+    from siasam_fast.training import save_checkpoint
+
+    ckpt = tmp_path / "checkpoints"
+    for step in (2, 4):
+        # rank 1 first: its RNG and loader state, no run state, 'latest' not moved
+        save_checkpoint(FakeEngine(), tmp_path, f"step{step}", {}, 2, 1, {"position": step})
+        assert step == 2 or (ckpt / "latest").read_text() == f"step{step - 2}"
+        assert not (ckpt / f"step{step}" / "run_state.json").exists()
+        tag = save_checkpoint(FakeEngine(), tmp_path, f"step{step}", {"step": step}, 1, 0,
+                              {"position": step + 100}, protect="step2")
+        assert tag == ckpt / f"step{step}"
+        assert (ckpt / "latest").read_text() == f"step{step}"
+        assert sorted(p.name for p in tag.iterdir()) == [
+            "loader_rank0.json", "loader_rank1.json", "mp_rank_00_model_states.pt",
+            "rng_rank0.json", "rng_rank1.json", "run_state.json"]
+        assert json.loads((tag / "loader_rank1.json").read_text()) == {"position": step}
+        assert json.loads((tag / "run_state.json").read_text()) == {"step": step}
+    assert sorted(p.name for p in ckpt.iterdir()) == ["latest", "step2", "step4"]  # protected
+    save_checkpoint(FakeEngine(), tmp_path, "step6", {"step": 6}, 1, 0)  # no loader state
+    assert sorted(p.name for p in ckpt.iterdir()) == ["latest", "step6"]
+    assert not list((ckpt / "step6").glob("loader_rank*"))
+    assert not (ckpt / "step6" / "model_weights.pt").exists()  # stages 0-2: DeepSpeed's file
+    for stage in (2, 3):  # ZeRO-3 partitions the weights: they are gathered into one file too
+        engine = FakeEngine(stage)
+        tag = save_checkpoint(engine, tmp_path, f"step{10 + stage}", {"step": 10 + stage}, 3, 0)
+        assert (tag / "model_weights.pt").is_file() == (stage == 3)
+    weights = torch.load(tag / "model_weights.pt", weights_only=True)
+    assert weights.keys() == {"weight", "bias"} and torch.equal(weights["bias"],
+                                                                 engine.module.bias)
+
+
+def _tag(ckpt: Path, name: str, step=None, state=None) -> Path:
+    (ckpt / name).mkdir(parents=True)
+    if step is not None or state is not None:
+        (ckpt / name / "run_state.json").write_text(json.dumps(
+            state if state is not None else {"step": step}))
+    return ckpt / name
+
+
+def test_pruning_keeps_the_newest_the_saved_and_protected_tags_only(tmp_path):
+    """keep=2 keeps two; the tag just saved stays even if older (a resume from an older tag);
+    saves cut short and universal checkpoints a stop left behind go; other folders stay."""
+    from siasam_fast.training import prune_checkpoints
+
+    ckpt = tmp_path / "checkpoints"
+    for step in (2, 4, 6, 10):
+        _tag(ckpt, f"step{step}", step)
+    _tag(ckpt, "step12")  # a save cut short
+    (ckpt / ".step4.universal" / "universal").mkdir(parents=True)  # a conversion a stop left
+    _tag(ckpt, "mine")  # not a tag of this package: not touched
+    prune_checkpoints(ckpt, 2, "step10")
+    assert sorted(p.name for p in ckpt.iterdir()) == ["mine", "step10", "step6"]
+    prune_checkpoints(ckpt, 1, "step6")  # resumed from step6 and saved it again
+    assert sorted(p.name for p in ckpt.iterdir()) == ["mine", "step10", "step6"]
+
+
+def test_resolve_checkpoint_takes_a_tag_a_checkpoints_or_a_run_folder(tmp_path, capsys):
+    from siasam_fast.training import complete_tags, resolve_checkpoint
+
+    ckpt = tmp_path / "run" / "checkpoints"
+    tags = [_tag(ckpt, f"step{s}", s) for s in (9, 10)]
+    _tag(ckpt, "step3", state=[3])  # not a run state (a list)
+    _tag(ckpt, "step4", state={"step": "four"})
+    assert complete_tags(ckpt) == tags  # steps as numbers: 10 after 9
+    (ckpt / "latest").write_text("step9\n")
+    for where in (tmp_path / "run", ckpt, str(ckpt)):
+        assert resolve_checkpoint(where) == tags[0]
+    assert resolve_checkpoint(ckpt / "step10") == tags[1]  # a tag folder
+    (ckpt / "latest").write_text("step11")  # deleted, or cut short
+    assert resolve_checkpoint(tmp_path / "run") == tags[1]
+    assert "step11, which is incomplete" in capsys.readouterr().err
+    with pytest.raises(FileNotFoundError, match="no checkpoint at .*expected a tag directory"):
+        resolve_checkpoint(tmp_path)
+    with pytest.raises(FileNotFoundError):
+        resolve_checkpoint(ckpt / "step3" / "nothing")
+    lone = tmp_path / "lone" / "checkpoints"  # no complete tag: 'latest' as named, for
+    _tag(lone, "step1")                       # read_run_state to say what is wrong
+    (lone / "latest").write_text("step1")
+    assert resolve_checkpoint(lone.parent) == lone / "step1"
+
+
+def test_a_damaged_run_state_is_named_with_what_is_wrong(tmp_path):
+    from siasam_fast.training import read_run_state
+
+    with pytest.raises(ValueError, match="has no run_state.json"):
+        read_run_state(tmp_path)
+    path = tmp_path / "run_state.json"
+    path.write_text('{"step": 1')
+    with pytest.raises(ValueError, match=r"run_state.json is damaged \(not valid JSON"):
+        read_run_state(tmp_path)
+    for text in ("[1, 2]", "5"):
+        path.write_text(text)
+        with pytest.raises(ValueError, match="lacks step, epoch, sampler, config, vocab"):
+            read_run_state(tmp_path)
+    path.write_text(json.dumps({"step": 1, "epoch": 0, "sampler": {}, "config": {}}))
+    with pytest.raises(ValueError, match="damaged: it lacks vocab$"):
+        read_run_state(tmp_path)
+
+
+def test_grad_accum_may_change_on_a_resume_only_with_the_number_of_processes(tmp_path):
+    from siasam_fast.config import Config
+    from siasam_fast.training import load_run_state
+
+    saved = Config()
+    tag = _tag(tmp_path, "step4", state={"step": 4, "epoch": 0, "sampler": {}, "vocab": "",
+                                         "config": saved.to_dict(), "world_size": 2})
+    cfg = Config()
+    cfg.train.grad_accum = 2
+    assert load_run_state(tag, cfg, 1)["step"] == 4  # 2 processes -> 1: keeps the batch
+    for world in (2, None):
+        with pytest.raises(ValueError, match=r"train.grad_accum: checkpoint has 1, this run has "
+                           r"2 \(it may change only with the number of processes\)"):
+            load_run_state(tag, cfg, world)
+    cfg.train.lr = saved.train.lr * 2
+    with pytest.raises(ValueError, match=r"incompatible config:\n  train.lr: checkpoint has"):
+        load_run_state(tag, cfg, 1)
+
+
+def test_processes_and_zero_stage_of_a_checkpoint_from_its_state_or_its_files(tmp_path):
+    """run_state.json says (since 2026-11-27); before, the files DeepSpeed wrote do."""
+    from siasam_fast.training import checkpoint_world_size, zero_partitions, zero_stage_of
+
+    tag = _tag(tmp_path, "step1")
+    assert (checkpoint_world_size(tag, {}), zero_partitions(tag), zero_stage_of(tag, {})) == \
+        (1, 0, 0)
+    for name in ("rng_rank0.json", "rng_rank1.json", "mp_rank_00_model_states.pt",
+                 "zero_pp_rank_0_mp_rank_00_optim_states.pt",
+                 "bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt"):  # bf16's own prefix
+        (tag / name).write_text("")
+    assert (checkpoint_world_size(tag, {}), zero_partitions(tag), zero_stage_of(tag, {})) == \
+        (2, 2, None)  # stage 1 or 2
+    (tag / "zero_pp_rank_0_mp_rank_00_model_states.pt").write_text("")
+    assert zero_stage_of(tag, {}) == 3
+    assert checkpoint_world_size(tag, {"world_size": 4}) == 4
+    assert zero_stage_of(tag, {"zero_stage": 1}) == 1
+
+
+@pytest.mark.parametrize("saved, stage, ok", [
+    (0, 0, True), (1, 2, True), (2, 1, True), (None, 1, True), (None, 2, True), (3, 3, True),
+    (0, 1, False), (1, 0, False), (2, 3, False), (3, 2, False), (None, 0, False),
+    (None, 3, False)])
+def test_a_resume_across_zero_stages_only_between_1_and_2(tmp_path, saved, stage, ok):
+    from siasam_fast.training import check_zero_stage
+
+    state = {} if saved is None else {"zero_stage": saved}
+    if saved is None:  # an older checkpoint of stage 1 or 2: its optimizer partitions tell
+        (tmp_path / "zero_pp_rank_0_mp_rank_00_optim_states.pt").write_text("")
+    if ok:
+        check_zero_stage(tmp_path, state, stage)
+        return
+    was = "ZeRO stage 1 or 2" if saved is None else f"ZeRO stage {saved}"
+    with pytest.raises(ValueError, match=rf"saved with {was}, this run's DeepSpeed config has "
+                       rf"stage {stage}: .*train.init_from"):
+        check_zero_stage(tmp_path, state, stage)
+
+
+def test_a_universal_conversion_that_fails_or_stops_leaves_nothing(tmp_path, monkeypatch):
+    from siasam_fast import training
+
+    tag = _tag(tmp_path / "old" / "checkpoints", "step6", 6)
+    for r in range(3):
+        (tag / f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt").write_text("")
+    ckpt = tmp_path / "run" / "checkpoints"
+    load_dir = ckpt / ".step6.universal"
+    (load_dir / "universal").mkdir(parents=True)
+    (load_dir / "universal" / "half").write_text("")  # a conversion cut short before
+    calls = []
+
+    def converted(cmd):
+        calls.append(cmd)
+        assert not (load_dir / "universal" / "half").exists()
+        out = Path(cmd[cmd.index("--output_folder") + 1])
+        out.mkdir()
+        (out / "done").write_text("")
+        return subprocess.CompletedProcess(cmd, 0, "", "")
+
+    monkeypatch.setattr(training, "run_to_end", converted)
+    assert training.universal_checkpoint(tag, ckpt, 0, 2) == load_dir
+    assert (load_dir / "universal" / "done").is_file()
+    cmd = calls[0]
+    assert cmd[cmd.index("--input_folder") + 1] == str(tag)
+    assert "--inject_missing_state" in cmd
+    training.remove_universal(load_dir, 1, 1)  # only process 0 removes it
+    assert load_dir.is_dir()
+    training.remove_universal(load_dir, 0, 1)
+    assert not load_dir.exists()
+
+    def failed(cmd):
+        Path(cmd[cmd.index("--output_folder") + 1]).mkdir()
+        return subprocess.CompletedProcess(cmd, 2, "working\nKeyError: 'param_shapes'\n", "")
+
+    for fake, message in (
+            (failed, r"ds_to_universal failed \(exit status 2\) converting .*step6: "
+                     r"KeyError: 'param_shapes'\n"),
+            (lambda cmd: subprocess.CompletedProcess(cmd, 1, "", ""), r"status 1\).*\(no output\)"),
+            (lambda cmd: (_ for _ in ()).throw(OSError("no python")),
+             "could not run DeepSpeed's ds_to_universal: no python")):
+        monkeypatch.setattr(training, "run_to_end", fake)
+        with pytest.raises(ValueError, match=message) as err:
+            training.universal_checkpoint(tag, ckpt, 0, 2)
+        assert "Resume on the 3 process(es) that saved it" in str(err.value)
+        assert not load_dir.exists()
+
+    def stopped(cmd):
+        Path(cmd[cmd.index("--output_folder") + 1]).mkdir()
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(training, "run_to_end", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        training.universal_checkpoint(tag, ckpt, 0, 2)
+    assert not load_dir.exists()
+
+
+def test_run_to_end_gives_output_and_errors_together_and_ends_the_command_on_sigterm(tmp_path):
+    from siasam_fast.training import run_to_end
+
+    before = signal.getsignal(signal.SIGTERM)
+    proc = run_to_end([sys.executable, "-c",
+                       "import sys; print('out', flush=True); sys.exit('fails here')"])
+    assert (proc.returncode, proc.stdout) == (1, "out\nfails here\n")
+    assert signal.getsignal(signal.SIGTERM) is before
+    pid_file = tmp_path / "pid"
+    child = (f"import os, time; open({str(pid_file)!r}, 'w').write(str(os.getpid())); "
+             "time.sleep(60)")
+
+    def stop_when_started():  # once the command runs and run_to_end's handler is in place
+        deadline = time.monotonic() + 30
+        while (signal.getsignal(signal.SIGTERM) is before
+               or not (pid_file.is_file() and pid_file.read_text())) \
+                and time.monotonic() < deadline:
+            time.sleep(0.01)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=stop_when_started, daemon=True).start()
+    start = time.monotonic()
+    with pytest.raises(SystemExit) as stop:
+        run_to_end([sys.executable, "-c", child])
+    assert stop.value.code == 128 + signal.SIGTERM and time.monotonic() - start < 30
+    with pytest.raises(ProcessLookupError):  # ended (and reaped)
+        os.kill(int(pid_file.read_text()), 0)
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_restore_buffers_copies_only_the_checkpoints_buffers(tmp_path):
+    import torch
+
+    from siasam_fast.training import restore_buffers
+
+    torch.manual_seed(0)
+    trained = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4))
+    trained(torch.randn(8, 3))  # running statistics and a batch count
+    torch.save({"module": trained.state_dict()}, tmp_path / "mp_rank_00_model_states.pt")
+    fresh = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4))
+    weight = fresh[0].weight.detach().clone()
+    restore_buffers(fresh, tmp_path)
+    for name, buf in trained.named_buffers():
+        assert torch.equal(dict(fresh.named_buffers())[name], buf), name
+    assert torch.equal(fresh[0].weight, weight)  # parameters are the universal load's
+
+
+def test_unshare_optimizer_steps_gives_each_parameter_its_own_step():
+    import torch
+
+    from siasam_fast.training import unshare_optimizer_steps
+
+    params = [torch.nn.Parameter(torch.ones(2)) for _ in range(3)]
+    opt = torch.optim.AdamW(params, lr=0.1)
+    for p in params:
+        p.grad = torch.ones(2)
+    opt.step()
+    shared = opt.state[params[0]]["step"]
+    for p in params[1:]:
+        opt.state[p]["step"] = shared  # as DeepSpeed's ZeRO-3 universal load leaves them
+    wrapper = SimpleNamespace(optimizer=opt)  # DeepSpeed's ZeRO optimizer
+    assert unshare_optimizer_steps(wrapper) == 2
+    assert unshare_optimizer_steps(wrapper) == 0
+    opt.step()
+    assert [float(opt.state[p]["step"]) for p in params] == [2.0, 2.0, 2.0]
+
+
+def test_the_resume_note_on_another_number_of_processes(tmp_path):
+    from siasam_fast.config import Config
+    from siasam_fast.training import resharding_note
+
+    cfg = Config()
+    cfg.train.batch_size = 4
+    sampler = {"epoch": 0, "position": 5, "num_examples": 20, "world_size": 2,
+               "drop_last": False}
+    state = {"config": {"train": {"batch_size": 4, "grad_accum": 1}}, "sampler": sampler}
+    note = resharding_note(tmp_path, state, 2, 1, cfg, 8)
+    assert note == (f"note: checkpoint {tmp_path.name} was saved by 2 process(es), this run has "
+                    "1: epoch 1 continues after its first 10 of 20 examples (2 of them given "
+                    "again). The batch per step changes from 8 to 4 examples (train.batch_size x "
+                    "processes x train.grad_accum): --set train.grad_accum=2 keeps it")
+    cfg.train.grad_accum = 2
+    note = resharding_note(tmp_path, state, 2, 1, cfg, 10)
+    assert note.endswith("first 10 of 20 examples")  # the same batch, nothing given again
+    (tmp_path / "zero_pp_rank_0_mp_rank_00_optim_states.pt").write_text("")
+    state["config"]["train"]["grad_accum"] = 3  # 4 x 2 x 3 = 24, not a multiple of 4 x 5
+    sampler["position"] = 10  # the whole shard: the epoch was complete
+    note = resharding_note(tmp_path, state, 2, 5, cfg, 4)
+    assert note == (f"note: checkpoint {tmp_path.name} was saved by 2 process(es), this run has "
+                    "5: epoch 2 starts (epoch 1 was complete); ZeRO's optimizer state is "
+                    "re-partitioned (DeepSpeed universal checkpoint). The batch per step changes "
+                    "from 24 to 40 examples (train.batch_size x processes x train.grad_accum): no "
+                    "train.grad_accum keeps it on 5 process(es) (train.batch_size cannot change "
+                    "on a resume)")
+    task = {"epoch": 0, "num_examples": 20, "world_size": 2, "drop_last": False, "position": 5}
+    state["sampler"] = {"epoch": 0, "done": 3, "world_size": 2, "tasks": {
+        "qa": task, "count": {**task, "num_examples": 15, "position": 8}}}  # count: complete
+    note = resharding_note(tmp_path, state, 2, 4, cfg, {"qa": 2, "count": 4})
+    assert ("epoch 1 continues, each task where it was (qa after its first 10 of 20 examples "
+            "(2 given again); count after its first 15 of 15 examples), its batches") in note
+
+
+def test_steps_per_epoch_of_a_checkpoint_from_before_it_was_saved():
+    from siasam_fast.training import saved_steps_per_epoch
+
+    # 21 examples on 2 processes: shards of 11, 3 batches of 4, 2 steps of 2 micro-batches
+    state = {"sampler": {"num_examples": 21, "world_size": 2},
+             "config": {"train": {"batch_size": 4, "grad_accum": 2}}}
+    assert saved_steps_per_epoch(state) == 2
+    state["sampler"]["drop_last"] = True  # shards of 10: still 3 batches
+    state["config"]["train"]["batch_size"] = 5  # 2 batches, 1 step
+    assert saved_steps_per_epoch(state) == 1
+    assert saved_steps_per_epoch({**state, "steps_per_epoch": 7}) == 7
+
+
+def test_a_previous_run_is_found_and_set_aside_whole(tmp_path):
+    from siasam_fast.training import previous_run, set_aside_previous_run
+
+    (tmp_path / "checkpoints" / ".step2.universal").mkdir(parents=True)  # a stop's leftover
+    (tmp_path / "notes.txt").write_text("mine")
+    assert previous_run(tmp_path) == []
+    (tmp_path / "checkpoints" / "step2").mkdir()
+    (tmp_path / "checkpoints" / "latest").write_text("step2")
+    run_files = ["metrics_steps.csv", "summary.json", "config.json", "ans2label.json"]
+    for name in run_files:
+        (tmp_path / name).write_text(name)
+    (tmp_path / "tensorboard").mkdir()
+    assert previous_run(tmp_path) == ["checkpoints step2", "metrics_steps.csv", "summary.json"]
+    aside = set_aside_previous_run(tmp_path)
+    assert aside.parent == tmp_path and aside.name.startswith("replaced-")
+    assert sorted(p.name for p in aside.iterdir()) == sorted(
+        ["checkpoints", "tensorboard", *run_files])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt", aside.name]
+    assert previous_run(tmp_path) == []
+
+
+def test_triton_kernels_on_cpu_are_refused_before_the_run_unless_interpreted(monkeypatch):
+    import torch
+
+    from siasam_fast.training import check_siamese_impl
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setenv("SIASAM_IMPL", "triton")
+    for impl in ("triton", "auto"):
+        with pytest.raises(ValueError, match=rf"siamese.impl={impl} \(SIASAM_IMPL='triton'\) "
+                           "asks for the Triton kernels, which need a CUDA GPU"):
+            check_siamese_impl(impl, torch.device("cpu"))
+    check_siamese_impl("reference", torch.device("cpu"))
+    check_siamese_impl("triton", torch.device("cuda"))
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    check_siamese_impl("triton", torch.device("cpu"))
+
+
+def test_the_vocabulary_hash_is_the_one_checkpoints_hold_whatever_the_order():
+    from siasam_fast.training import _vocab_hash
+
+    assert _vocab_hash({"yes": 0, "no": 1}) == _vocab_hash({"no": 1, "yes": 0}) == \
+        "2298a02ccb230039"  # what the run states saved so far hold
+    assert _vocab_hash({"yes": 0, "no": 1}) != _vocab_hash({"yes": 1, "no": 0})
