@@ -5,6 +5,7 @@ from types import SimpleNamespace
 import torch
 
 from siasam_fast.config import Config
+from siasam_fast.data.examples import QAExample
 from siasam_fast.training import evaluate
 
 
@@ -27,9 +28,9 @@ def batch(indices, stand_in=()):
 class Loader(list):
     """Batches, and the dataset's example indices as VideoQALoader / DALIVideoLoader have."""
 
-    def __init__(self, batches, indices):
+    def __init__(self, batches, indices, examples=()):
         super().__init__(batches)
-        self.dataset = SimpleNamespace(indices=indices)
+        self.dataset = SimpleNamespace(indices=indices, examples=list(examples))
 
 
 def run(loader):
@@ -43,6 +44,16 @@ def test_questions_of_a_failed_video_are_counted_and_said(capsys):
     metrics = run(Loader([batch([0, 1, 3, 3], stand_in=(2,))], indices=[0, 1, 2, 3]))
     assert metrics["num_examples"] == 3 and metrics["num_failed"] == 1
     assert "eval test: 1 question(s) not scored, their video failed" in capsys.readouterr().err
+
+
+def test_accuracy_all_counts_an_open_question_of_a_failed_video_as_wrong(capsys):
+    """Open-ended, nothing dropped when the loader was built: example 2's video failed at decode
+    time. accuracy_all counts it as answered wrong (an open-ended question always has an answer):
+    3 right of 4, where accuracy is 3 of the 3 scored."""
+    examples = [QAExample(qid=f"q{i}", video_id=f"v{i}", question="what?", answer="b")
+                for i in range(4)]
+    metrics = run(Loader([batch([0, 1, 3, 3], stand_in=(2,))], [0, 1, 2, 3], examples))
+    assert metrics["accuracy"] == 1.0 and metrics["accuracy_all"] == 0.75
 
 
 def test_nothing_failed_adds_no_key(capsys):
