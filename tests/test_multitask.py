@@ -487,6 +487,13 @@ def test_a_multi_task_run_trains_resumes_exactly_and_reports_each_task(synth, tm
     assert task_losses[0] == task_losses[1] and len(task_losses[0]) == 2
     assert {"train_qa_loss", "train_choice_loss", "train_count_loss"} <= set(task_losses[0][0])
     assert not any(k.endswith("_batches") for k in task_losses[0][0])
+    with (whole / "metrics_steps.csv").open() as fh:  # a task's loss: over its micro-batches
+        steps = list(csv.DictReader(fh))
+    for epoch, row in enumerate(task_losses[0], 1):
+        for task in ("qa", "choice", "count"):
+            mine = [float(r["loss"]) for r in steps if r["epoch"] == str(epoch)
+                    and r["task"] == task]
+            assert float(row[f"train_{task}_loss"]) == pytest.approx(sum(mine) / len(mine))
 
     # evaluation of any split, every task's questions in one predictions file
     preds = tmp_path / "val.jsonl"

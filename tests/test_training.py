@@ -89,6 +89,11 @@ def test_single_process_trains_evaluates_and_checkpoints(synth, tmp_path):
     with (out / "metrics_epochs.csv").open() as fh:
         epochs = list(csv.DictReader(fh))
     assert [int(r["epoch"]) for r in epochs] == [1, 2] and "val_accuracy" in epochs[0]
+    with (out / "metrics_steps.csv").open() as fh:
+        step_rows = list(csv.DictReader(fh))
+    for r in epochs:  # an epoch's training loss: the mean of its steps' losses
+        mine = [float(s["loss"]) for s in step_rows if s["epoch"] == r["epoch"]]
+        assert len(mine) == 17 and float(r["train_loss"]) == pytest.approx(sum(mine) / len(mine))
     tags = sorted((p.name for p in (out / "checkpoints").iterdir() if p.is_dir()),
                   key=lambda name: int(name[4:]))
     # the paper's protocol: each run's best epoch, its checkpoint kept (train.keep_best)
@@ -99,6 +104,8 @@ def test_single_process_trains_evaluates_and_checkpoints(synth, tmp_path):
                                 if float(r["val_accuracy"]) == best["accuracy"])
     assert best["step"] == int(epochs[best["epoch"] - 1]["step"])
     assert best["checkpoint"] == str(out / "checkpoints" / f"step{best['step']}")
+    # train.save_every=3 over 2 epochs of 17 steps: step 33, then the run's end at step 34
+    assert summary["steps"] == 34 and tags[-2:] == ["step33", "step34"]
     # keep_checkpoints=2: older ones were removed, but for the best epoch's
     assert tags == sorted({*tags[-2:], f"step{best['step']}"}, key=lambda name: int(name[4:]))
     assert f"best val accuracy {best['accuracy']:.4f} at epoch {best['epoch']}" in proc.stdout
@@ -136,6 +143,8 @@ def test_resume_continues_the_same_run_exactly(synth, tmp_path):
     b = json.loads((part / "summary.json").read_text())
     assert a["val"] == b["val"]
     assert a["history"][-1]["train_loss"] == b["history"][-1]["train_loss"]
+    # epoch 1, cut at step 5: its training loss is over all of its steps (the sums carried over)
+    assert epoch_rows(part, ("elapsed_s",)) == epoch_rows(full, ("elapsed_s",))
 
 
 def signal_after_steps(cmd: list[str], out: Path, steps: int, sig: int, group: bool):
@@ -186,6 +195,8 @@ def test_two_processes_stop_together(synth, tmp_path):
     assert proc.returncode != 0
     assert "stopped by SIGTERM after step" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-3000:]
     tag = (out / "checkpoints" / "latest").read_text().strip()
+    # an epoch is 9 steps on 2 processes: they agree at its end, not at step 10 (CHECK_EVERY)
+    assert tag == "step9", tag
     assert {"rng_rank0.json", "rng_rank1.json"} <= {p.name for p in (out / "checkpoints" / tag)
                                                     .iterdir()}
     run([*LAUNCHERS["torchrun"], "--master_port", str(free_port()), "train.py", *args,
@@ -474,6 +485,36 @@ def test_a_metric_first_seen_in_a_later_epoch_gets_its_column(tmp_path):
     assert [r["val_num_failed"] for r in resumed] == ["", 3]
 
 
+def test_a_resume_before_every_logged_row_starts_the_csv_again_with_its_header(tmp_path):
+    """--resume of a checkpoint older than every row (a run resumed from an early tag, its epoch
+    rows all later): the rows go, and the next row comes with the header."""
+    from siasam_fast.training import MetricsLog
+
+    path = tmp_path / "metrics_epochs.csv"
+    log = MetricsLog(path, True)
+    log.write({"step": 17, "epoch": 1, "val_accuracy": 0.5})
+    log.write({"step": 34, "epoch": 2, "val_accuracy": 0.75})
+    resumed = MetricsLog(path, True, resume_step=3)
+    assert resumed.rows == []
+    resumed.write({"step": 17, "epoch": 1, "val_accuracy": 0.25})
+    with path.open(newline="") as fh:
+        assert list(csv.DictReader(fh)) == [{"step": "17", "epoch": "1", "val_accuracy": "0.25"}]
+
+
+def test_a_run_without_a_config_file_but_its_data_set_is_not_refused():
+    """The check of "no --config" refuses a training whose every setting is the default (no
+    data), not one that gives its data with --set alone."""
+    import argparse
+
+    from siasam_fast.config import Config
+    from siasam_fast.training import check_start_args
+
+    cfg = Config.from_dict({"data": {"manifest": "data/manifest.jsonl"}})
+    check_start_args(argparse.Namespace(config=None, resume=None), cfg)
+    with pytest.raises(ValueError, match="no --config given"):
+        check_start_args(argparse.Namespace(config=None, resume=None), Config())
+
+
 def test_resume_if_any_starts_or_continues(synth, tmp_path):
     """--resume if-any, for jobs that are requeued: a new run in an empty folder, a resume where a
     checkpoint is, and a new run over an earlier try that never saved one."""
@@ -526,6 +567,38 @@ def test_ctrl_c_while_training_starts_is_one_line(synth, tmp_path):
     assert not (out / "summary.json").exists()
 
 
+def test_ctrl_c_after_the_imports_and_before_the_loop_is_one_line_and_status_130(monkeypatch,
+                                                                                capsys):
+    """Ctrl-C once training.main runs (DeepSpeed starting, the data loading), before the run's
+    stop handling is in place: main's own line and status 130, as in the imports."""
+    from siasam_fast import training
+
+    def interrupted(argv, prog):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(training, "train", interrupted)
+    assert training.main([]) == 130
+    err = capsys.readouterr().err
+    assert err.startswith("interrupted: stopped at once;") and "Traceback" not in err
+
+
+def test_an_out_dir_under_a_file_is_one_line_naming_the_file(tmp_path, capsys, monkeypatch):
+    """train.out_dir inside a file (a typo, a file named like the run): one line naming the file,
+    status 2; not the lock's FileExistsError traceback."""
+    from siasam_fast.training import main
+
+    _no_launcher_env(monkeypatch)
+    victim = tmp_path / "runs"
+    victim.write_text("keep")
+    code = main(["--config", str(ROOT / "configs" / "synthetic.yaml"),
+                 "--set", f"train.out_dir={victim / 'run'}"])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert err == (f"error: train.out_dir={str(victim / 'run')!r}: {str(victim)!r} is a file, "
+                   "not a folder\n")
+    assert victim.read_text() == "keep"
+
+
 def test_fp16_on_cpu_is_a_clear_error(synth, tmp_path):
     with pytest.raises(AssertionError, match=r"fp16 needs a CUDA GPU"):
         train(base_args(synth, tmp_path / "r", "--deepspeed_config",
@@ -555,6 +628,9 @@ def test_two_processes_with_zero(synth, tmp_path, stage, precision, launcher):
     assert f"2 process(es) on cpu, {precision}, ZeRO stage {stage}" in proc.stdout
     summary = json.loads((out / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["zero_stage"] == stage
+    with (out / "metrics_steps.csv").open() as fh:  # a step: 4 videos on each of 2 processes
+        first = next(csv.DictReader(fh))
+    assert float(first["videos_per_s"]) == pytest.approx(8 / float(first["step_s"]))
     if early:
         assert "epochs 3-3 are not run" in proc.stdout and summary["epochs_completed"] == 2
     # Evaluation gathers both shards without duplicates: every val example once.
@@ -1303,14 +1379,20 @@ def test_a_video_damaged_after_indexing_gets_stand_ins_and_training_goes_on(synt
 
 
 def test_more_epochs_on_resume_says_how_the_schedule_changes(synth, tmp_path):
+    from siasam_fast.training import warmup_linear_decay
+
     out = tmp_path / "run"
     train(base_args(synth, out, "--set", "train.max_steps=2"))
     proc = train(base_args(synth, out, "--set", "train.epochs=3", "--set", "train.max_steps=3",
                            "--resume", "auto"))
+    # 17 steps an epoch: the end moves by one epoch's steps, from 2 x 17 to 3 x 17
     assert re.search(r"note: train.epochs changed from 2 to 3: the learning rate now decays to "
-                     r"zero at step \d+ \(was \d+\), the run's end; the rate of step 3 is \S+ "
+                     r"zero at step 51 \(was 34\), the run's end; the rate of step 3 is \S+ "
                      r"\(was \S+\)",
                      proc.stdout), proc.stdout[-2000:]
+    with (out / "metrics_steps.csv").open() as fh:  # step 3 trains at the new schedule's rate
+        rate = float(list(csv.DictReader(fh))[2]["lr"])
+    assert rate == pytest.approx(0.001 * warmup_linear_decay(51, 0.1)(2))
 
 
 def test_a_resume_already_at_max_steps_trains_no_further(synth, tmp_path):
@@ -1413,11 +1495,14 @@ def test_gradient_accumulation_steps_resume_and_schedule(synth, tmp_path):
                           text=True, timeout=600)
     assert proc.returncode == 2
     assert "train.grad_accum: checkpoint has 3, this run has 1" in proc.stderr
+    # (train.max_steps stops it at the epoch's end: the epoch is evaluated all the same)
     proc = train(base_args(synth, tmp_path / "huge", "--set", "train.grad_accum=100",
-                           "--set", "train.epochs=1"))
+                           "--set", "train.epochs=1", "--set", "train.max_steps=1"))
     assert ("note: train.grad_accum=100 is more than an epoch's 17 micro-batches: each step takes "
             "one epoch (66 videos per process)") in proc.stdout
     assert len(losses(tmp_path / "huge")) == 1
+    summary = json.loads((tmp_path / "huge" / "summary.json").read_text())
+    assert summary["epochs_completed"] == 1 and summary["val"]["num_examples"] > 0
 
 
 # -- checkpoint helpers, called directly on hand-made checkpoint folders (no training) -------
