@@ -628,20 +628,29 @@ def test_eval_writes_the_file_behind_a_symlinked_output(capsys, tmp_path, monkey
     assert (shared / "p.jsonl").read_text() == '{"qid": 1}\n'
 
 
+def folder_taking_no_new_file(tmp_path, monkeypatch, name: str):
+    """tmp_path/ro holding the file ``name``, a folder in which no new file can be made (as
+    ``paths.takes_new_files`` says), with tmp_path/tmp as the temporary folder."""
+    import tempfile
+
+    from siasam_fast import paths
+
+    out = tmp_path / "ro"
+    out.mkdir()
+    (out / name).write_text("old\n")
+    monkeypatch.setattr(paths, "takes_new_files", lambda folder: folder != out)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    return out
+
+
 def test_eval_writes_in_place_where_the_folder_takes_no_new_file(capsys, tmp_path, monkeypatch):
     """A writable output file in a folder that takes no new file (read-only folder, /dev): the
     staged copy waits in the temporary folder and is written into the file at the end, after the
     evaluation as before; nothing is left in the temporary folder."""
-    import tempfile
+    from siasam_fast import training
 
-    from siasam_fast import paths, training
-
-    out = tmp_path / "ro"
-    out.mkdir()
-    (out / "m.json").write_text("old\n")
-    monkeypatch.setattr(paths, "takes_new_files", lambda folder: folder != out)
-    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
-    (tmp_path / "tmp").mkdir()
+    out = folder_taking_no_new_file(tmp_path, monkeypatch, "m.json")
     monkeypatch.setattr(training, "evaluate_checkpoint",
                         lambda *a, **k: {"num_examples": 1, "accuracy": 1.0})
     code, _, err = run_cli(capsys, "eval", "--checkpoint", tmp_path, "--json", out / "m.json")
@@ -682,16 +691,9 @@ def test_eval_stages_predictions_in_the_temporary_folder_where_the_folder_takes_
         capsys, tmp_path, monkeypatch):
     """The evaluation writes its predictions into a staged copy in the temporary folder (not
     beside the output, where no new file can be made), copied into the output at the end."""
-    import tempfile
+    from siasam_fast import training
 
-    from siasam_fast import paths, training
-
-    out = tmp_path / "ro"
-    out.mkdir()
-    (out / "p.jsonl").write_text("old\n")
-    monkeypatch.setattr(paths, "takes_new_files", lambda folder: folder != out)
-    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
-    (tmp_path / "tmp").mkdir()
+    out = folder_taking_no_new_file(tmp_path, monkeypatch, "p.jsonl")
     staged = []
 
     def evaluated(*args, predictions=None, **kwargs):

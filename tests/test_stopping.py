@@ -47,22 +47,23 @@ def test_several_processes_wait_for_the_agreed_step():
     assert not stop.should_stop(7)
 
 
+def run_worker(grace_s: float, *lines: str) -> subprocess.CompletedProcess:
+    """A Python process set up as a loader worker (``WORKER_GRACE_S`` = ``grace_s``) that then
+    runs ``lines``."""
+    code = "\n".join(["import os, signal, time", "from siasam_fast import stopping",
+                      f"stopping.WORKER_GRACE_S = {grace_s}", "stopping.defer_stop_signals(0)",
+                      *lines]) + "\n"
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+
+
 def test_loader_workers_leave_stop_signals_to_the_main_process():
     """A worker ignores SIGINT and SIGUSR1, outlives a SIGTERM by the grace period (its main
     process may still need the batch it is making), then exits with status 0 (PyTorch reports a
     worker killed by a signal as an error)."""
-    code = ("import os, signal, time\n"
-            "from siasam_fast import stopping\n"
-            "stopping.WORKER_GRACE_S = 1.0\n"
-            "stopping.defer_stop_signals(0)\n"
-            "for s in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGTERM):\n"
-            "    os.kill(os.getpid(), s)\n"
-            "time.sleep(0.3)\n"
-            "print('still here', flush=True)\n"
-            "time.sleep(30)\n"
-            "print('not ended')\n")
     start = time.monotonic()
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    out = run_worker(1.0, "for s in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, "
+                          "signal.SIGTERM):", "    os.kill(os.getpid(), s)", "time.sleep(0.3)",
+                     "print('still here', flush=True)", "time.sleep(30)", "print('not ended')")
     assert out.returncode == 0, out.stderr
     assert "still here" in out.stdout and "not ended" not in out.stdout
     assert time.monotonic() - start < 20
@@ -97,14 +98,8 @@ def test_several_processes_stop_together_on_any_ones_signal(monkeypatch):
 def test_a_worker_that_ends_after_a_sigterm_is_not_held_for_the_grace_period():
     """The delayed exit is a daemon timer: a worker shut down by its main process within the
     grace period ends at once, not when the timer fires."""
-    code = ("import os, signal, time\n"
-            "from siasam_fast import stopping\n"
-            "stopping.WORKER_GRACE_S = 20.0\n"
-            "stopping.defer_stop_signals()\n"
-            "os.kill(os.getpid(), signal.SIGTERM)\n"
-            "time.sleep(0.2)\n"
-            "print('ended', flush=True)\n")
     start = time.monotonic()
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    out = run_worker(20.0, "os.kill(os.getpid(), signal.SIGTERM)", "time.sleep(0.2)",
+                     "print('ended', flush=True)")
     assert out.returncode == 0 and out.stdout == "ended\n", out.stderr
     assert time.monotonic() - start < 10

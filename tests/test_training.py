@@ -984,6 +984,25 @@ def test_init_from_starts_a_new_run_from_trained_weights(synth, tmp_path):
                         "--set", f"train.init_from={base}"))  # fmt: skip
 
 
+PRE_VOCAB = {"red": 0, "blue": 1, "green": 2, "cat": 3}
+
+
+def pretrained_open_model(tmp_path):
+    """A checkpoint of an open-ended synthetic model (3 clips) with the answers red, blue, green,
+    cat: its config, tag folder, weights, and the name of the classifier's output layer."""
+    import torch
+
+    from siasam_fast.config import load_config
+    from siasam_fast.training import build_model
+
+    cfg = load_config(ROOT / "configs" / "synthetic.yaml", ["sampling.num_clips=3"])
+    torch.manual_seed(0)
+    pre = build_model(cfg, len(PRE_VOCAB), 64)
+    tag = write_checkpoint(pre, cfg, PRE_VOCAB, tmp_path / "pre" / "checkpoints" / "step5")
+    out = [n for n, m in pre.head.named_modules() if isinstance(m, torch.nn.Linear)][-1]
+    return cfg, tag, pre.state_dict(), out
+
+
 def test_init_from_another_dataset_or_task_keeps_what_carries_over(tmp_path):
     """The paper's recipe, pre-training on TGIF-QA and fine-tuning on another dataset: its answers
     differ (the classifier's rows are carried over by answer) and so may its task (the head starts
@@ -994,13 +1013,7 @@ def test_init_from_another_dataset_or_task_keeps_what_carries_over(tmp_path):
     from siasam_fast.config import load_config
     from siasam_fast.training import build_model, init_model_from
 
-    cfg = load_config(ROOT / "configs" / "synthetic.yaml", ["sampling.num_clips=3"])
-    torch.manual_seed(0)
-    old_vocab = {"red": 0, "blue": 1, "green": 2, "cat": 3}
-    pre = build_model(cfg, len(old_vocab), 64)
-    tag = write_checkpoint(pre, cfg, old_vocab, tmp_path / "pre" / "checkpoints" / "step5")
-    before = pre.state_dict()
-    out = [n for n, m in pre.head.named_modules() if isinstance(m, torch.nn.Linear)][-1]
+    cfg, tag, before, out = pretrained_open_model(tmp_path)
 
     new_vocab = {"dog": 0, "cat": 1, "red": 2}  # another dataset's answers
     fine = build_model(cfg, len(new_vocab), 64)
@@ -1051,18 +1064,12 @@ def test_init_from_carries_each_answers_row_by_answer_and_says_what_it_loaded(tm
     from siasam_fast.config import load_config
     from siasam_fast.training import build_model, init_model_from
 
-    cfg = load_config(ROOT / "configs" / "synthetic.yaml", ["sampling.num_clips=3"])
-    torch.manual_seed(0)
-    old_vocab = {"red": 0, "blue": 1, "green": 2, "cat": 3}
-    pre = build_model(cfg, len(old_vocab), 64)
-    tag = write_checkpoint(pre, cfg, old_vocab, tmp_path / "pre" / "checkpoints" / "step5")
-    before = pre.state_dict()
-    out = [n for n, m in pre.head.named_modules() if isinstance(m, torch.nn.Linear)][-1]
+    cfg, tag, before, out = pretrained_open_model(tmp_path)
     w, b = f"head.{out}.weight", f"head.{out}.bias"
 
-    same = build_model(cfg, len(old_vocab), 64)
+    same = build_model(cfg, len(PRE_VOCAB), 64)
     n = len(same.state_dict())
-    note = init_model_from(same, tag, cfg, old_vocab)
+    note = init_model_from(same, tag, cfg, PRE_VOCAB)
     assert note == f"init_from {tag}: {n} of {n} tensors loaded"
 
     new_vocab = {"cat": 0, "red": 1, "dog": 2, "blue": 3}  # as many answers, other ones
