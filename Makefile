@@ -42,7 +42,7 @@ demo: $(STAMP)
 	$(BIN)/siasam-fast demo --out runs/demo
 
 lint: $(STAMP)
-	$(BIN)/ruff check siasam_fast kernels benchmarks tests train.py
+	$(BIN)/ruff check siasam_fast kernels benchmarks tests train.py scripts
 
 # After `make test CONSTRAINTS=` passed with the newest releases: pin them (Python 3.11 only).
 constraints:
