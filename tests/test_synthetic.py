@@ -1,6 +1,8 @@
 """The synthetic VideoQA generator: determinism, file formats, ranges, splits, balance, evidence."""
 
+import copy
 import json
+import math
 import re
 from collections import Counter
 from fractions import Fraction
@@ -11,13 +13,17 @@ import pytest
 
 from siasam_fast.data.synthetic import (
     COLORS,
+    NUMBER_WORDS,
     QUESTION_TYPES,
     SPLITS,
     SynthConfig,
+    _main_position,
+    _shape_mask,
     evidence_visibility,
     format_visibility,
     generate,
     plan,
+    render_frames,
 )
 from siasam_fast.sampling import SamplingConfig
 
@@ -337,3 +343,288 @@ def test_evidence_visibility_names_bad_arguments():
         evidence_visibility(videos, question_types=["colour"])
     with pytest.raises(ValueError, match=r"splits: unknown \['tran'\]; valid: train, val, test"):
         evidence_visibility(videos, splits=["tran"])
+
+
+# --- Mutation review: what is drawn where, split sizes, annotations and analysis (all cheap:
+# planning and rendering without encoding, except two 16 px sets).
+
+
+def test_split_sizes_follow_the_fractions():
+    from siasam_fast.data.synthetic import _split_counts
+
+    fr = (0.7, 0.1, 0.2)
+    assert _split_counts(400, fr) == [280, 40, 80]
+    assert _split_counts(12, fr) == [9, 1, 2]
+    assert _split_counts(3, fr) == [1, 1, 1]  # every requested split gets a video ...
+    assert _split_counts(2, fr) == [1, 0, 1]  # ... as soon as there are enough videos for it
+    assert _split_counts(1, fr) == [1, 0, 0]
+    assert _split_counts(10, (1, 0, 0)) == [10, 0, 0]
+    with pytest.raises(ValueError, match=r"num_videos=2 is too few"):
+        _split_counts(2, (0.1, 0.9, 0))
+    videos = plan(12, 0, SynthConfig(size=16))
+    assert Counter(v["split"] for v in videos) == {"train": 9, "val": 1, "test": 2}
+
+
+def test_events_lie_in_the_event_range_and_last_as_long_as_asked():
+    cfg = SynthConfig(min_frames=100, max_frames=102)
+    videos = plan(200, 1, cfg)
+    lengths = {"flash": cfg.flash_window, "appear": cfg.appear_frames,
+               "count": cfg.count_frames, "direction": cfg.move_frames}
+    drawn = {name: set() for name in lengths}
+    for v in videos:
+        T = v["num_frames"]
+        lo, hi = math.floor(0.05 * T), math.ceil(0.7 * T)
+        for name, (shortest, longest) in lengths.items():
+            event = v["events"][name]
+            start, stop = event["window"] if name == "flash" else event["frames"][0]
+            assert lo <= start < stop <= hi, (v["video_id"], name, start, stop, T)
+            assert shortest <= stop - start <= longest
+            drawn[name].add(stop - start)
+    for name, (shortest, longest) in lengths.items():
+        assert drawn[name] == set(range(shortest, longest + 1)), name
+    assert {v["num_frames"] for v in videos} == {100, 101, 102}
+    assert {v["fps"] for v in videos} == set(cfg.fps_choices)
+    assert all(v["duration"] == pytest.approx(v["num_frames"] / float(Fraction(v["fps"])),
+                                              abs=1e-3) for v in videos)
+    # Events longer than the event range (or the video) still lie inside the video.
+    for v in plan(30, 2, SynthConfig(min_frames=20, max_frames=30, event_range=(0.9, 1.0))):
+        T = v["num_frames"]
+        for name in lengths:
+            event = v["events"][name]
+            start, stop = event["window"] if name == "flash" else event["frames"][0]
+            assert 0 <= start < stop <= T, (v["video_id"], name, start, stop, T)
+    assert {v["num_frames"] for v in plan(3, 0, SynthConfig(min_frames=40, max_frames=40))} == {
+        40}
+
+
+def test_flash_is_on_for_on_frames_of_every_period_inside_its_window():
+    videos = plan(100, 4, SynthConfig())
+    for v in videos:
+        flash = v["events"]["flash"]
+        f0, f1 = flash["window"]
+        assert flash["frames"] == [[s, min(s + flash["on"], f1)]
+                                   for s in range(f0, f1, flash["period"])], v["video_id"]
+    assert {v["events"]["flash"]["on"] for v in videos} == {1, 2}
+
+
+def test_rings_never_overlap_and_stay_in_the_frame():
+    for v in plan(100, 5, SynthConfig()):
+        count = v["events"]["count"]
+        size, boxes = count["size"], count["positions"]
+        assert len(boxes) == count["count"] == NUMBER_WORDS.index(v["questions"]["count"]["answer"])
+        for i, (x, y) in enumerate(boxes):
+            assert 0 <= x <= 64 - size and 0 <= y <= 64 - size
+            for x2, y2 in boxes[:i]:
+                assert abs(x - x2) >= size or abs(y - y2) >= size, (v["video_id"], boxes)
+
+
+def _without(video, event):
+    """The video with one event's frames emptied (rendered without it)."""
+    other = copy.deepcopy(video)
+    other["events"][event]["frames"] = [[0, 0]]
+    return other
+
+
+def test_comet_moves_the_way_the_answer_says_with_its_tail_behind():
+    videos = plan(8, 6, SynthConfig(min_frames=40, max_frames=72))
+    for v in videos:
+        comet = v["events"]["direction"]
+        assert comet["direction"] == v["questions"]["direction"]["answer"]
+        dx, dy = np.subtract(comet["end"], comet["start"])
+        assert {"left": dx < 0 and dy == 0, "right": dx > 0 and dy == 0,
+                "up": dy < 0 and dx == 0, "down": dy > 0 and dx == 0}[comet["direction"]]
+        changed = (render_frames(v) != render_frames(_without(v, "direction"))).any(axis=-1)
+        m0, m1 = comet["frames"][0]
+        shown = changed.any(axis=(1, 2))
+        assert shown[m0:m1].all() and not shown[:m0].any() and not shown[m1:].any(), v["video_id"]
+        u = np.array([dx, dy]) / math.hypot(dx, dy)
+        half = comet["size"] / 2
+        for i in range(m0, m1):
+            f = (i - m0) / max(1, m1 - m0 - 1)
+            head = (np.add(comet["start"], f * np.array([dx, dy])) + half) @ u
+            ys, xs = np.nonzero(changed[i])
+            along = np.stack([xs, ys], axis=1) @ u
+            assert along.max() <= head + half + 1, (v["video_id"], i)  # nothing ahead of the head
+            assert along.mean() <= head + 0.5, (v["video_id"], i)  # the tail trails behind
+
+
+def test_rings_and_white_shape_show_on_their_frames_uncovered():
+    videos = plan(16, 7, SynthConfig(min_frames=40, max_frames=72, noise=0.0))
+    for v in videos:
+        frames = render_frames(v)
+        for event in ("count", "appear"):
+            changed = (frames != render_frames(_without(v, event))).any(axis=-1).any(axis=(1, 2))
+            a, b = v["events"][event]["frames"][0]
+            assert changed[a:b].all() and not changed[:a].any() and not changed[b:].any()
+        appear = v["events"]["appear"]
+        a, b = appear["frames"][0]
+        area = _shape_mask(appear["shape"], appear["size"]).sum()
+        white = (frames == 250).all(axis=-1).sum(axis=(1, 2))  # WHITE, exactly (no grain)
+        assert (white[a:b] == area).all() and (white[:a] == 0).all() and (white[b:] == 0).all()
+
+
+def test_border_flashes_on_all_four_sides_and_grain_is_added():
+    v = plan(1, 8, SynthConfig(noise=0.0))[0]
+    frames = render_frames(v).astype(np.int16)
+    flash = v["events"]["flash"]
+    th, rgb = flash["thickness"], np.array(COLORS[flash["color"]])
+    lit = np.zeros(len(frames), bool)
+    for a, b in flash["frames"]:
+        lit[a:b] = True
+    for side in (frames[:, :th], frames[:, -th:], frames[:, :, :th], frames[:, :, -th:]):
+        on = (side == rgb).all(axis=-1).all(axis=(1, 2))
+        np.testing.assert_array_equal(on, lit)
+    grainy = copy.deepcopy(v)
+    grainy["background"]["noise"] = 6.0
+    grain = render_frames(grainy).astype(np.float64) - frames
+    assert 5 < grain.std() < 7
+
+
+def test_big_object_stays_in_the_frame_and_moves_smoothly():
+    for v in plan(40, 9, SynthConfig()):
+        main = v["main"]
+        x, y = _main_position(main, 64, np.arange(v["num_frames"]))
+        for p, vel in ((x, main["vel"][0]), (y, main["vel"][1])):
+            assert p.min() >= 0 and p.max() <= 64 - main["size"]
+            assert np.abs(np.diff(p)).max() <= abs(vel) + 1e-6
+
+
+def test_wrong_choices_are_distinct_and_flash_offers_the_big_objects_colour():
+    for v in plan(100, 10, SynthConfig(num_distractors=0)):
+        for qtype, q in v["questions"].items():
+            choices = q["mc_choices"]
+            assert len(set(choices)) == 4
+            answer = q["answer"]
+            assert [j for j, c in enumerate(choices) if re.search(rf"\b{answer}\b", c)] == [
+                q["mc_answer_idx"]], (v["video_id"], qtype, choices)
+        flash = v["questions"]["flash"]
+        assert any(v["main"]["color"] in c for c in flash["mc_choices"]), flash["mc_choices"]
+
+
+def test_annotations_and_meta_write_only_the_types_asked_for():
+    from siasam_fast.data.synthetic import CATEGORY_OF, _annotations, _meta
+
+    cfg = SynthConfig(size=16, question_types=("flash", "count", "direction"),
+                      mc_types=("direction",))
+    videos = plan(6, 0, cfg)
+    open_qa, mc_qa = _annotations(videos, cfg)
+    by_id = {q["open_id"]: (qtype, q) for v in videos for qtype, q in v["questions"].items()
+             if "open_id" in q}
+    rows = [r for s in SPLITS for r in open_qa[s]]
+    assert sorted(r["id"] for r in rows) == sorted(by_id) == list(range(18))
+    for row in rows:
+        qtype, q = by_id[row["id"]]
+        assert qtype in cfg.question_types and row["answer"] == q["answer"]
+        assert row["category_id"] == CATEGORY_OF[qtype] == {"flash": 0, "count": 2,
+                                                            "direction": 4}[qtype]
+    lines = [line for s in SPLITS for line in mc_qa[s]]
+    assert len(lines) == 6 and all(line["qid"].endswith("-direction") for line in lines)
+    meta = _meta(videos, cfg, 0, open_qa, mc_qa)
+    assert meta["answer_vocabulary"] == sorted(
+        [*COLORS, "two", "three", "four", "five", "left", "right", "up", "down"])
+    assert meta["num_questions"] == {
+        "open_ended": {s: 3 * len(meta["splits"][s]) for s in SPLITS},
+        "multiple_choice": {s: len(meta["splits"][s]) for s in SPLITS},
+    }
+
+
+def test_regenerating_fewer_videos_removes_the_old_ones(tmp_path):
+    out = tmp_path / "set"
+    generate(out, 4, 0, size=16, min_frames=4, max_frames=6, workers=1, progress=False)
+    generate(out, 2, 0, size=16, min_frames=4, max_frames=6, workers=1, progress=False)
+    assert sorted(p.name for p in (out / "videos").iterdir()) == ["video0.mp4", "video1.mp4"]
+
+
+def test_videos_get_a_keyframe_every_gop_frames(dataset):
+    root, meta = dataset
+    gop = meta["params"]["gop"]
+    for video_id in meta["videos"]:
+        with av.open(str(root / "videos" / f"{video_id}.mp4")) as container:
+            keys = [i for i, packet in enumerate(container.demux(video=0))
+                    if packet.size and packet.is_keyframe]
+        assert keys[0] == 0 and max(np.diff(keys + [meta["videos"][video_id]["num_frames"]])) <= gop
+
+
+def test_a_folder_with_someone_elses_meta_json_is_not_a_synthetic_set(tmp_path):
+    from siasam_fast.data.synthetic import check_output_dir, is_synthetic_set
+
+    (tmp_path / "meta.json").write_text('{"generator": "their tool", "num_videos": 3}')
+    assert not is_synthetic_set(tmp_path)
+    with pytest.raises(ValueError, match="not a synthetic set"):
+        check_output_dir(tmp_path)
+
+
+def test_visibility_report_counts_the_anchor_draws_splits_and_rescues():
+    from siasam_fast.data.synthetic import evidence_frames
+    from siasam_fast.sampling import sample_siamese_clips
+
+    videos = plan(40, 11, SynthConfig(size=16))
+    report = evidence_visibility(videos, draws=16)
+    for qtype, row in report["by_type"].items():
+        # Each question has the same number of draws: the union sees it when the anchor does, and
+        # otherwise in the "rescued" fraction of the draws the anchor missed.
+        rebuilt = row["anchor"] + (1 - row["anchor"]) * row["rescued"]
+        assert row["union"] == pytest.approx(rebuilt, abs=2e-3), qtype
+        assert row["anchor"] <= row["clip_mean"] + 0.05 and row["clip_mean"] <= row["union"]
+    flash = report["by_type"]["flash"]
+    assert flash["clip_mean"] < flash["union"] - 0.1 and flash["rescued"] < 1
+    # The anchor is clip 0 of each draw, and each draw is a fresh one.
+    video = videos[0]
+    one = evidence_visibility([video], draws=16, question_types=["flash"])["by_type"]["flash"]
+    mask = evidence_frames(video, "flash")
+    hits = [mask[sample_siamese_clips(video["num_frames"], SamplingConfig(),
+                                      np.random.default_rng([0, d, 0])).clips[0]].any()
+            for d in range(16)]
+    assert one["anchor"] == pytest.approx(np.mean(hits), abs=1e-4) and 0 < one["anchor"] < 1
+    val = [v for v in videos if v["split"] == "val"]
+    assert evidence_visibility(videos, draws=1, splits=["val"])["overall"]["questions"] == (
+        len(val) * len(QUESTION_TYPES))
+
+
+def test_bad_flash_split_and_event_range_are_refused():
+    with pytest.raises(ValueError, match=r"flash_period=2, flash_on=\(1, 2\)"):
+        SynthConfig(flash_period=2, flash_on=(1, 2))
+    with pytest.raises(ValueError, match=r"split_fractions=\(0\.8, -0\.1, 0\.3\)"):
+        SynthConfig(split_fractions=(0.8, -0.1, 0.3))
+    with pytest.raises(ValueError, match=r"event_range=\(0\.5, 0\.5\)"):
+        SynthConfig(event_range=(0.5, 0.5))
+
+
+def test_one_video_splits_never_ask_what_the_big_object_answers():
+    """A split of one video has nobody to swap a clashing answer with (the fallback draw)."""
+    for seed in range(100):
+        for v in plan(3, seed, SynthConfig(size=16)):  # 1 train, 1 val, 1 test video
+            assert v["events"]["flash"]["color"] != v["main"]["color"], (seed, v["video_id"])
+            assert v["events"]["appear"]["shape"] != v["main"]["shape"], (seed, v["video_id"])
+
+
+def test_shapes_differ_and_paste_blends_and_clips_at_the_edges():
+    from siasam_fast.data.synthetic import SHAPES, _paste, _texture
+
+    for n in (6, 18, 19):
+        assert len({_shape_mask(s, n).tobytes() for s in SHAPES}) == len(SHAPES), n
+    frame = np.zeros((8, 8, 3), np.float32)
+    _paste(frame, np.ones((4, 4), bool), (200, 100, 0), 6, -2, alpha=0.25)  # half outside
+    expected = np.zeros((8, 8, 3), np.float32)
+    expected[0:2, 6:8] = (50, 25, 0)
+    np.testing.assert_allclose(frame, expected)
+    assert np.allclose(_texture(5, 96, 0.0), 60)  # texture 0: flat grey
+    assert _texture(5, 96, 1.0).std() > 5
+
+
+def test_per_question_visibility_follows_the_questions_written():
+    from siasam_fast.data.synthetic import _annotations, _meta, eval_clip_sees_evidence
+
+    cfg = SynthConfig(size=16, question_types=("flash", "direction"))
+    videos = plan(30, 12, cfg)
+    open_qa, mc_qa = _annotations(videos, cfg)
+    meta = json.loads(json.dumps(_meta(videos, cfg, 12, open_qa, mc_qa)))  # as meta.json holds it
+    per_question = eval_clip_sees_evidence(meta)
+    assert sorted(per_question) == list(range(60))
+    report = evidence_visibility(meta, draws=1)
+    assert list(report["by_type"]) == ["flash", "direction"]
+    for qtype, row in report["by_type"].items():
+        mine = [q["visible"] for q in per_question.values() if q["type"] == qtype]
+        assert len(mine) == row["questions"] == 30
+        assert sum(mine) / len(mine) == pytest.approx(row["eval"], abs=1e-4)
+    assert report["by_type"]["flash"]["eval"] < 0.9

@@ -223,3 +223,10 @@ def test_examples_without_an_open_answer_are_refused():
     count = QAExample(qid="9", video_id="v", question="how many?", task="count", answer="3")
     with pytest.raises(ValueError, match=r"qid='9': task='count' has no answer vocabulary"):
         build_answer_vocab([count])
+
+
+def test_an_example_with_an_unknown_task_is_refused():
+    with pytest.raises(ValueError, match=r"task='choice': valid tasks are open, mc, count"):
+        QAExample(qid="1", video_id="v", question="q?", task="choice")
+    example = QAExample(qid="1", video_id="v", question="q?", task="count", answer="3")
+    assert example.to_dict()["task"] == "count" and example.to_dict()["extra"] == {}
