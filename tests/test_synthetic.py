@@ -628,3 +628,16 @@ def test_per_question_visibility_follows_the_questions_written():
         assert len(mine) == row["questions"] == 30
         assert sum(mine) / len(mine) == pytest.approx(row["eval"], abs=1e-4)
     assert report["by_type"]["flash"]["eval"] < 0.9
+
+
+def test_bad_crf_is_named_before_an_existing_set_is_touched(tmp_path):
+    """crf=-5 used to fail in libx264 (a bare OverflowError naming avcodec_open2) after the old
+    set's meta.json and annotations were removed."""
+    out = tmp_path / "set"
+    generate(out, 2, 0, size=16, workers=1, progress=False)
+    before = sorted(p.relative_to(out) for p in out.rglob("*"))
+    for crf in (-5, 52, "23", float("nan")):
+        with pytest.raises(ValueError, match=r"crf=.*: libx264's quality, a number in 0\.\.51"):
+            generate(out, 2, 0, size=16, workers=1, progress=False, crf=crf)
+    assert sorted(p.relative_to(out) for p in out.rglob("*")) == before
+    assert SynthConfig(crf=0).crf == 0 and SynthConfig(crf=51).crf == 51

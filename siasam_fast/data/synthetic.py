@@ -194,6 +194,14 @@ class SynthConfig:
             raise ValueError("fps_choices=[]: give one frame rate at least, e.g. ['30000/1001']")
         if self.preset not in X264_PRESETS:
             raise ValueError(f"preset={self.preset!r}: valid: {', '.join(X264_PRESETS)}")
+        # Checked here, not by the encoder: libx264 fails (below -1) or silently clamps (above 51)
+        # only once the old set's meta.json and annotations are gone.
+        if isinstance(self.crf, bool) or not isinstance(self.crf, (int, float)) or not (
+            0 <= self.crf <= 51
+        ):
+            raise ValueError(
+                f"crf={self.crf!r}: libx264's quality, a number in 0..51 (0 best, 23 its default)"
+            )
         if not (isinstance(self.size, int) and 16 <= self.size <= 1024 and self.size % 2 == 0):
             raise ValueError(f"size={self.size!r}: must be an even integer in 16..1024")
         if not 1 <= self.min_frames <= self.max_frames:
