@@ -641,3 +641,17 @@ def test_bad_crf_is_named_before_an_existing_set_is_touched(tmp_path):
             generate(out, 2, 0, size=16, workers=1, progress=False, crf=crf)
     assert sorted(p.relative_to(out) for p in out.rglob("*")) == before
     assert SynthConfig(crf=0).crf == 0 and SynthConfig(crf=51).crf == 51
+
+
+def test_bad_gop_is_named_before_an_existing_set_is_touched(tmp_path):
+    """gop='x' used to fail in libx264 (a bare av ArgumentError) after the old set's meta.json and
+    annotations were removed; gop=0 or -3 gave libx264's own keyframe interval while meta.json
+    recorded the value asked for."""
+    out = tmp_path / "set"
+    generate(out, 2, 0, size=16, workers=1, progress=False)
+    before = sorted(p.relative_to(out) for p in out.rglob("*"))
+    for gop in ("x", 0, -3, 1.5, True):
+        with pytest.raises(ValueError, match=r"gop=.*: must be an integer >= 1"):
+            generate(out, 2, 0, size=16, workers=1, progress=False, gop=gop)
+    assert sorted(p.relative_to(out) for p in out.rglob("*")) == before
+    assert SynthConfig(gop=1).gop == 1

@@ -194,14 +194,17 @@ class SynthConfig:
             raise ValueError("fps_choices=[]: give one frame rate at least, e.g. ['30000/1001']")
         if self.preset not in X264_PRESETS:
             raise ValueError(f"preset={self.preset!r}: valid: {', '.join(X264_PRESETS)}")
-        # Checked here, not by the encoder: libx264 fails (below -1) or silently clamps (above 51)
-        # only once the old set's meta.json and annotations are gone.
+        # Checked here, not by the encoder: libx264 fails (crf below -1, a gop not a number) or
+        # silently changes the value (crf above 51, a gop below 1) once the old set is gone.
         if isinstance(self.crf, bool) or not isinstance(self.crf, (int, float)) or not (
             0 <= self.crf <= 51
         ):
             raise ValueError(
                 f"crf={self.crf!r}: libx264's quality, a number in 0..51 (0 best, 23 its default)"
             )
+        if isinstance(self.gop, bool) or not isinstance(self.gop, int) or self.gop < 1:
+            raise ValueError(
+                f"gop={self.gop!r}: must be an integer >= 1 (frames between keyframes)")
         if not (isinstance(self.size, int) and 16 <= self.size <= 1024 and self.size % 2 == 0):
             raise ValueError(f"size={self.size!r}: must be an even integer in 16..1024")
         if not 1 <= self.min_frames <= self.max_frames:
