@@ -531,8 +531,10 @@ def test_annotations_and_meta_write_only_the_types_asked_for():
 def test_regenerating_fewer_videos_removes_the_old_ones(tmp_path):
     out = tmp_path / "set"
     generate(out, 4, 0, size=16, min_frames=4, max_frames=6, workers=1, progress=False)
-    generate(out, 2, 0, size=16, min_frames=4, max_frames=6, workers=1, progress=False)
+    result = generate(out, 2, 0, size=16, min_frames=4, max_frames=6, mc_types=["flash"],
+                      workers=1, progress=False)
     assert sorted(p.name for p in (out / "videos").iterdir()) == ["video0.mp4", "video1.mp4"]
+    assert (result.num_videos, result.num_open_ended, result.num_multiple_choice) == (2, 12, 2)
 
 
 def test_videos_get_a_keyframe_every_gop_frames(dataset):
@@ -566,6 +568,7 @@ def test_visibility_report_counts_the_anchor_draws_splits_and_rescues():
         rebuilt = row["anchor"] + (1 - row["anchor"]) * row["rescued"]
         assert row["union"] == pytest.approx(rebuilt, abs=2e-3), qtype
         assert row["anchor"] <= row["clip_mean"] + 0.05 and row["clip_mean"] <= row["union"]
+    assert all(evidence_frames(v, q).all() for v in videos for q in ("color", "shape"))
     flash = report["by_type"]["flash"]
     assert flash["clip_mean"] < flash["union"] - 0.1 and flash["rescued"] < 1
     # The anchor is clip 0 of each draw, and each draw is a fresh one.
@@ -655,3 +658,21 @@ def test_bad_gop_is_named_before_an_existing_set_is_touched(tmp_path):
             generate(out, 2, 0, size=16, workers=1, progress=False, gop=gop)
     assert sorted(p.relative_to(out) for p in out.rglob("*")) == before
     assert SynthConfig(gop=1).gop == 1
+
+
+def test_big_object_and_distractors_are_drawn_where_meta_says():
+    for v in plan(10, 13, SynthConfig(noise=0.0, min_frames=40, max_frames=72)):
+        frame = render_frames(v)[0]  # frame 0: no event yet (they start at 5% of the video)
+        # Who owns each pixel: the distractors in order, then the big object on top.
+        owner = np.full((64, 64), -1)
+        for j, d in enumerate(v["distractors"]):
+            x, y = (round(p) for p in d["pos0"])
+            owner[max(y, 0) : y + d["size"], max(x, 0) : x + d["size"]] = j
+        main = v["main"]
+        x, y = (round(p) for p in main["pos0"])
+        mask = _shape_mask(main["shape"], main["size"])
+        owner[y : y + main["size"], x : x + main["size"]][mask] = len(v["distractors"])
+        for j, d in enumerate([*v["distractors"], main]):
+            assert (frame[owner == j] == COLORS[d["color"]]).all(), (v["video_id"], j)
+        assert (owner == len(v["distractors"])).sum() == mask.sum()
+        assert sum((owner == j).any() for j in range(len(v["distractors"]))) >= 3
