@@ -92,6 +92,7 @@ from pathlib import Path
 import numpy as np
 
 from siasam_fast.paths import USAGE_ERRORS, file_in_the_way
+from siasam_fast.pipeline.transcode import CRF_RANGE, check_gop
 from siasam_fast.sampling import SamplingConfig, sample_eval_clips, sample_siamese_clips
 
 GENERATOR_VERSION = 1
@@ -196,15 +197,15 @@ class SynthConfig:
             raise ValueError(f"preset={self.preset!r}: valid: {', '.join(X264_PRESETS)}")
         # Checked here, not by the encoder: libx264 fails (crf below -1, a gop not a number) or
         # silently changes the value (crf above 51, a gop below 1) once the old set is gone.
+        lo, hi = CRF_RANGE
         if isinstance(self.crf, bool) or not isinstance(self.crf, (int, float)) or not (
-            0 <= self.crf <= 51
+            lo <= self.crf <= hi
         ):
             raise ValueError(
-                f"crf={self.crf!r}: libx264's quality, a number in 0..51 (0 best, 23 its default)"
+                f"crf={self.crf!r}: libx264's quality, a number in {lo}..{hi} (0 best, 23 its "
+                "default)"
             )
-        if isinstance(self.gop, bool) or not isinstance(self.gop, int) or self.gop < 1:
-            raise ValueError(
-                f"gop={self.gop!r}: must be an integer >= 1 (frames between keyframes)")
+        check_gop(self.gop)
         if not (isinstance(self.size, int) and 16 <= self.size <= 1024 and self.size % 2 == 0):
             raise ValueError(f"size={self.size!r}: must be an even integer in 16..1024")
         if not 1 <= self.min_frames <= self.max_frames:

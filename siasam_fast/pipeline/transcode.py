@@ -313,6 +313,13 @@ def encoder_options(
     return options
 
 
+def check_gop(gop) -> None:
+    """Raises ValueError naming ``gop`` unless it is an integer >= 1 (the encoders take a value
+    below 1 for their own default, silently)."""
+    if isinstance(gop, bool) or not isinstance(gop, int) or gop < 1:
+        raise ValueError(f"gop={gop!r}: must be an integer >= 1 (frames between keyframes)")
+
+
 def _check_quality(encoder: str, crf, preset, bframes) -> None:
     lo, hi = CRF_RANGE
     if crf is not None and (
@@ -676,8 +683,7 @@ def _check_args(src_dir, dst_dir, gop, height, codec, workers, probe_mode) -> No
             f"dst_dir={str(dst_dir)!r} and src_dir={str(src_dir)!r} must not contain each other "
             "(the outputs would be indexed as sources, or the sources as outputs)"
         )
-    if isinstance(gop, bool) or not isinstance(gop, int) or gop < 1:
-        raise ValueError(f"gop={gop!r}: must be an integer >= 1 (frames between keyframes)")
+    check_gop(gop)
     if height is not None and (
         isinstance(height, bool) or not isinstance(height, int) or height < 2 or height % 2
     ):
