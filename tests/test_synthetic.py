@@ -661,6 +661,26 @@ def test_bad_gop_is_named_before_an_existing_set_is_touched(tmp_path):
     assert SynthConfig(gop=1).gop == 1
 
 
+def test_options_of_a_wrong_type_are_named_not_a_bare_type_error():
+    """Through the Python API (the command line parses its types): a string, None or a float
+    where an integer goes used to end in a bare TypeError of a comparison ("'<' not supported
+    between instances of 'str' and 'int'", seed="abc" in int()'s message), and a float frame
+    count or period was taken and truncated."""
+    for kwargs, name in [({"noise": "3"}, "noise"), ({"texture": None}, "texture"),
+                         ({"noise": float("nan")}, "noise"), ({"texture": float("inf")}, "texture"),
+                         ({"min_frames": 4.5}, "min_frames"), ({"max_frames": "80"}, "max_frames"),
+                         ({"flash_period": 4.5}, "flash_period"), ({"size": True}, "size"),
+                         ({"num_distractors": 2.5}, "num_distractors")]:
+        with pytest.raises(ValueError, match=rf"^{name}=.*: give a"):
+            SynthConfig(**kwargs)
+    for num_videos, seed, name in [(2.5, 0, "num_videos"), ("3", 0, "num_videos"),
+                                   (3, "abc", "seed"), (3, 1.0, "seed")]:
+        with pytest.raises(ValueError, match=rf"^{name}="):
+            plan(num_videos, seed, SynthConfig())
+    assert SynthConfig(noise=np.float32(2.0), size=np.int64(32)).size == 32
+    assert len(plan(np.int64(3), np.int64(1), SynthConfig(size=16))) == 3
+
+
 def test_big_object_and_distractors_are_drawn_where_meta_says():
     for v in plan(10, 13, SynthConfig(noise=0.0, min_frames=40, max_frames=72)):
         frame = render_frames(v)[0]  # frame 0: no event yet (they start at 5% of the video)

@@ -80,6 +80,7 @@ import argparse
 import json
 import math
 import multiprocessing
+import numbers
 import os
 import sys
 import time
@@ -156,6 +157,13 @@ X264_PRESETS = ("ultrafast", "superfast", "veryfast", "faster", "fast", "medium"
                 "veryslow", "placebo")
 
 
+def _check_int(name: str, value) -> int:
+    """``value`` as an int (numpy integers too); a float, a bool or a string is refused by name."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ValueError(f"{name}={value!r}: give an integer")
+    return int(value)
+
+
 @dataclass(frozen=True)
 class SynthConfig:
     """Knobs of the generator; all recorded in meta.json. Frame counts are in frames."""
@@ -206,6 +214,18 @@ class SynthConfig:
                 "default)"
             )
         check_gop(self.gop)
+        # Types first (the Python API; the command line parses them): a string or None would
+        # fail in a comparison below with a bare TypeError, a float frame count be truncated.
+        # numpy numbers become Python's (meta.json is JSON).
+        for name in ("size", "min_frames", "max_frames", "flash_period", "num_distractors"):
+            object.__setattr__(self, name, _check_int(name, getattr(self, name)))
+        for name in ("noise", "texture"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not (
+                math.isfinite(value)
+            ):
+                raise ValueError(f"{name}={value!r}: give a number >= 0")
+            object.__setattr__(self, name, float(value))
         if not (isinstance(self.size, int) and 16 <= self.size <= 1024 and self.size % 2 == 0):
             raise ValueError(f"size={self.size!r}: must be an even integer in 16..1024")
         if not 1 <= self.min_frames <= self.max_frames:
@@ -522,7 +542,7 @@ def _plan_video(index: int, split: str, seed: int, cfg: SynthConfig, attrs: dict
 
 def plan(num_videos: int, seed: int, config: SynthConfig) -> list[dict]:
     """Every video's description (ground truth included), in video order; no rendering."""
-    if num_videos < 1:
+    if _check_int("num_videos", num_videos) < 1:
         raise ValueError(f"num_videos={num_videos!r}: must be >= 1")
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
         raise ValueError(f"seed={seed!r}: must be an integer >= 0")
@@ -862,9 +882,7 @@ def generate(
     started = time.perf_counter()
     out = Path(out_dir)
     check_output_dir(out)
-    if int(num_videos) < 1:
-        raise ValueError(f"num_videos={num_videos}: must be >= 1")
-    videos = plan(int(num_videos), int(seed), cfg)
+    videos = plan(num_videos, seed, cfg)  # (which checks both)
     open_qa, mc_qa = _annotations(videos, cfg)
 
     # Checked and planned: now the folder is written. meta.json goes first (it describes the old
