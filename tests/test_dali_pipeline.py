@@ -1223,6 +1223,42 @@ def test_a_clip_cut_with_an_edit_list_gives_the_manifests_frames(tmp_path):
     assert "keyframes [0, 7, 19, 31]" in detail, detail
 
 
+# NVDEC's smallest H.264 picture (cuvidGetDecoderCaps: nMinWidth x nMinHeight); DALI refuses a
+# smaller video ("Video is too small in at least one dimension", frames_decoder_gpu.cc; NVIDIA/DALI
+# issue 2197: a 32-pixel-wide H.264 video).
+NVDEC_H264_MIN_WIDTH, NVDEC_H264_MIN_HEIGHT = 48, 16
+
+
+def test_the_gpu_checks_cut_clip_is_large_enough_for_nvdec(monkeypatch, tmp_path):
+    """Section 3b of scripts/gpu_check_dali.py writes its H.264 clip at a size NVDEC decodes (a
+    stand-in for the GPU: the clip's size is read where it is written, nothing is decoded)."""
+    import importlib.util
+    from pathlib import Path
+
+    import videos
+
+    path = Path(__file__).resolve().parent.parent / "scripts" / "gpu_check_dali.py"
+    spec = importlib.util.spec_from_file_location("gpu_check_dali", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    written = []
+
+    class Written(Exception):
+        pass
+
+    def write(path, num_frames, codec="h264", size=64, **options):
+        written.append((codec, size))
+        raise Written
+
+    monkeypatch.setattr(videos, "write_index_video", write)
+    with pytest.raises(Written):
+        script.check_cut_clip(tmp_path, "gpu", "h264")
+    (codec, size), = written
+    height, width = (size, size) if isinstance(size, int) else size
+    assert codec == "h264"
+    assert width >= NVDEC_H264_MIN_WIDTH and height >= NVDEC_H264_MIN_HEIGHT, size
+
+
 def test_the_decode_check_fails_on_missing_frames_or_an_uncut_clip(monkeypatch):
     """Fewer frames than asked for (the first ones right) fail the check, and so does a trimmed
     check whose clip trim_stretch did not cut."""
