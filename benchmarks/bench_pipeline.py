@@ -141,7 +141,7 @@ def _dali_loader(examples, manifest, cfg, *, batch_size, image_size, workers, de
                  threads=None, group=1, trim=False):
     from siasam_fast.pipeline.dali import build_dali_loader
 
-    return build_dali_loader(
+    loader = build_dali_loader(
         examples,
         manifest,
         cfg,
@@ -156,6 +156,11 @@ def _dali_loader(examples, manifest, cfg, *, batch_size, image_size, workers, de
         decode_group=group,
         trim=trim,
     )
+    if trim and not loader.trim:  # the loader's NVDEC check of trimmed decoding failed
+        raise RuntimeError("trim was asked for, but the loader decodes whole files: its check of "
+                           "trimmed decoding on this GPU failed (the warning above says why); "
+                           "--dali-trim off measures whole files")
+    return loader
 
 
 def dali_device() -> str:

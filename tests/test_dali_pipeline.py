@@ -1064,6 +1064,25 @@ def test_pipeline_benchmark_compares_whole_and_trimmed_files(manifest):
     assert all(r["videos"] >= 6 and r["videos_per_s"] > 0 for r in rows)
 
 
+def test_pipeline_benchmark_never_labels_whole_files_trimmed(manifest, monkeypatch):
+    """On the GPU the loader turns trimming off when its NVDEC check fails (resolve_trim; a
+    stand-in here): a cell asked to trim must not measure whole files under the "trim" label."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    import bench_pipeline
+
+    monkeypatch.setattr(dali_module, "resolve_trim", lambda trim, device, device_id: False)
+    records = {k: r for k, r in manifest.items() if k in INDEXED}
+    rows = bench_pipeline.run_benchmark(
+        ["dali"], [("indexed", records, "vp9")], worker_counts=[], dali_workers=0, batch_size=2,
+        image_size=SIZE, min_videos=6, dali_trims=(True,), dedup_modes=(True,),
+        log=lambda text: None)
+    (row,) = rows
+    assert row["status"] == "failed" and "--dali-trim off" in row["reason"], row
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="DALI's CPU decoder only")
 def test_explicit_dali_backend_refuses_codecs_it_cannot_decode_here(tmp_path):
     from siasam_fast.pipeline.loaders import resolve_backend
