@@ -57,7 +57,6 @@ Every row carries the environment (device, versions).
 from __future__ import annotations
 
 import argparse
-import functools
 import inspect
 import math
 import sys
@@ -179,6 +178,23 @@ def dali_loader_factory():
     except ImportError as err:
         return None, f"DALI loader unavailable ({err})"
     return build_dali_loader, ""
+
+
+def dali_cell_factory(factory, group: int, trim: bool):
+    """``factory`` (DALI's) building the loader of a cell with decode group ``group`` and ``trim``,
+    both passed as they are (the loader trims by default: a whole-file cell says so). Raises
+    when the loader was asked to trim and turned it off (its check of trimmed decoding on NVDEC
+    failed): such a cell would measure whole files under the trim label."""
+
+    def make(*args, **kwargs):
+        loader = factory(*args, decode_group=group, trim=trim, **kwargs)
+        if trim and not loader.trim:
+            raise RuntimeError("trim was asked for, but the loader decodes whole files: its "
+                               "check of trimmed decoding on this GPU failed (the warning above "
+                               "says why); --dali-trim off measures whole files")
+        return loader
+
+    return make
 
 
 def loader_rounds(backend: str, workers: int, group: int = 1) -> Rounds:
@@ -452,9 +468,8 @@ def main(argv: list[str] | None = None) -> int:
                         if factory is None:
                             add({**cell, "status": "skipped", "reason": f"dali: {dali_why}"})
                             continue
-                        knobs = {"decode_group": group} if group != 1 else {}
-                        knobs.update({"trim": True} if trim else {})
-                        make = functools.partial(factory, **knobs) if knobs else factory
+                        make = (factory if backend == "pyav"
+                                else dali_cell_factory(factory, group, trim))
                         try:
                             rate = loader_rate(make, records, cfg, workers=workers,
                                                batch_size=args.batch_size,

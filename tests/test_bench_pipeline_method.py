@@ -674,3 +674,20 @@ def test_decode_ratios_are_exact_only_when_the_model_matched_every_decode(monkey
         assert len(decoded) == 3  # the ok video's draws only
         needed = sum(n - 3 for n in decoded)
         assert out["measured_decoded_per_needed"] == pytest.approx(sum(decoded) / needed)
+
+
+def test_transcode_bench_passes_each_dali_cell_its_own_trim():
+    """DALI's loader trims by default: a whole-file cell must say trim=False to it, and a cell
+    asked to trim must not measure a loader that turned trimming off (its NVDEC check failed)."""
+    calls = []
+
+    def factory(*args, trim=True, **kwargs):
+        calls.append({"trim": trim, **kwargs})
+        return SimpleNamespace(trim=trim and kwargs.get("nvdec_trims", True))
+
+    bench_transcode.dali_cell_factory(factory, 1, False)("examples", num_workers=0)
+    bench_transcode.dali_cell_factory(factory, 2, True)("examples", num_workers=0)
+    assert calls == [{"trim": False, "decode_group": 1, "num_workers": 0},
+                     {"trim": True, "decode_group": 2, "num_workers": 0}]
+    with pytest.raises(RuntimeError, match="--dali-trim off"):
+        bench_transcode.dali_cell_factory(factory, 1, True)("examples", nvdec_trims=False)
