@@ -990,7 +990,10 @@ def _rng_state() -> dict:
     np_state = np.random.get_state()
     state["numpy"] = [np_state[0], np_state[1].tolist(), *np_state[2:]]
     if torch.cuda.is_available():
-        state["cuda"] = [s.tolist() for s in torch.cuda.get_rng_state_all()]
+        # The generator of this process's own GPU, the only one it draws from: restored into the
+        # GPU the resuming process has, whichever GPUs each process sees (torchrun: all of the
+        # node's; a scheduler binding one per process: only its own).
+        state["cuda_own"] = torch.cuda.get_rng_state().tolist()
     return state
 
 
@@ -999,7 +1002,11 @@ def _set_rng_state(state: dict) -> None:
     random.setstate((3, tuple(state["python"]), state["python_pos"]))
     kind, keys, *rest = state["numpy"]
     np.random.set_state((kind, np.array(keys, dtype=np.uint32), *rest))
-    if "cuda" in state and torch.cuda.is_available():
+    if not torch.cuda.is_available():
+        return
+    if "cuda_own" in state:
+        torch.cuda.set_rng_state(torch.tensor(state["cuda_own"], dtype=torch.uint8))
+    elif "cuda" in state:  # saved before 2026-11-28: every GPU the process saw, by index
         # the GPUs this process sees (a resume on a machine with fewer than saved has no others)
         torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8)
                                       for s in state["cuda"][:torch.cuda.device_count()]])

@@ -1541,6 +1541,45 @@ def test_a_resume_on_fewer_gpus_than_saved_restores_the_rng_of_the_gpus_it_has(m
     assert restored == [[1] * 16]
 
 
+def test_a_resume_restores_the_cuda_rng_of_the_gpu_each_process_draws_from(monkeypatch):
+    """Rank 3 of a torchrun job (all 4 GPUs visible, its own is cuda:3) saves its GPU's RNG
+    state; resumed where each process sees only its own GPU (cuda:0 to it), that state goes to
+    cuda:0. Saving every visible GPU's state and restoring by index gave the resumed process
+    GPU 0's state, a generator rank 3 had never drawn from. (torch.cuda stands in for 4 GPUs,
+    then 1.)"""
+    import torch
+
+    from siasam_fast.training import _rng_state, _set_rng_state
+
+    gens = {i: [i] * 16 for i in range(4)}  # each GPU's generator state
+    current = {"device": 3}
+
+    def get_rng_state(device="cuda"):
+        return torch.tensor(gens[current["device"]], dtype=torch.uint8)
+
+    def set_rng_state(new, device="cuda"):
+        gens[current["device"]] = new.tolist()
+
+    def set_rng_state_all(states):
+        for i, each in enumerate(states):
+            gens[i] = each.tolist()
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: len(gens))
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: current["device"])
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all",
+                        lambda: [torch.tensor(g, dtype=torch.uint8) for g in gens.values()])
+    monkeypatch.setattr(torch.cuda, "get_rng_state", get_rng_state)
+    monkeypatch.setattr(torch.cuda, "set_rng_state", set_rng_state)
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", set_rng_state_all)
+    saved = json.loads(json.dumps(_rng_state()))
+    gens.clear()
+    gens[0] = [99] * 16  # the resuming process's one GPU
+    current["device"] = 0
+    _set_rng_state(saved)
+    assert gens == {0: [3] * 16}
+
+
 def test_a_checkpoints_rng_state_restores_every_generator():
     """rng_rank*.json (through JSON) gives back Python's, NumPy's and torch's streams, their
     cached Gaussians too."""
