@@ -665,9 +665,23 @@ def micro_step(engine, forward, weight: float, last: bool, sync=lambda: None):
     engine.backward(loss * weight, scale_wrt_gas=False)
     sync()
     t_opt = time.perf_counter()
-    engine.step()
+    try:
+        engine.step()
+    except Exception as err:
+        if FP16_SCALE_AT_MINIMUM not in str(err):
+            raise
+        raise FloatingPointError(
+            f"fp16: the gradients overflowed at every loss scale down to the DeepSpeed config's "
+            f"min_loss_scale (DeepSpeed: {err}); this micro-batch's loss is "
+            f"{float(parts['loss'])}: lower train.lr, or train in bf16 where the GPU has it "
+            "(A100, H100: configs/ds/zero2_bf16.json) or in fp32") from err
     sync()
     return parts, (t_fwd, t_bwd, t_opt, time.perf_counter())
+
+
+# DeepSpeed's fp16 loss scaler raises a bare Exception with this text when the gradients still
+# overflow at its min_loss_scale (deepspeed/runtime/fp16/loss_scaler.py)
+FP16_SCALE_AT_MINIMUM = "loss scale already at minimum"
 
 
 def match_buffer_dtypes(module: torch.nn.Module) -> None:

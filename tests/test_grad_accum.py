@@ -179,3 +179,41 @@ def test_epoch_means_average_steps_and_each_tasks_micro_batches():
          "train_count_loss": 0.5})
     assert epoch_means({"loss": 0.0}, 0) == {"train_loss": 0.0}  # no step: no division by 0
     assert epoch_means({"action_loss": 0.0, "action_batches": 0}, 3) == {"train_action_loss": 0.0}
+
+
+def test_fp16_loss_scale_at_its_minimum_is_named_with_what_to_do():
+    """DeepSpeed's fp16 loss scaler stops a run whose gradients overflow at every scale with a
+    bare Exception ("Current loss scale already at minimum - ... Exiting run."), no cause and no
+    way out; the step says fp16 overflowed, the loss, and what to change. Other errors of the
+    step pass unchanged. (A stand-in engine: DeepSpeed refuses fp16 on the CPU.)"""
+    import torch
+
+    from siasam_fast.training import micro_step
+
+    class Engine:
+        def __init__(self, error):
+            self.error = error
+
+        def set_gradient_accumulation_boundary(self, last):
+            pass
+
+        def backward(self, loss, scale_wrt_gas=True):
+            pass
+
+        def step(self):
+            raise self.error
+
+    def forward():
+        loss = torch.tensor(float("inf"))
+        return loss, {"loss": loss}
+
+    deepspeed_says = Exception("Current loss scale already at minimum - cannot decrease scale "
+                               "anymore. Exiting run.")
+    with pytest.raises(FloatingPointError, match=r"^fp16: the gradients overflowed .*"
+                       r"min_loss_scale .*loss is inf: lower train.lr, or train in bf16") as info:
+        micro_step(Engine(deepspeed_says), forward, 1.0, True)
+    assert info.value.__cause__ is deepspeed_says
+    other = RuntimeError("CUDA out of memory")
+    with pytest.raises(RuntimeError) as info:
+        micro_step(Engine(other), forward, 1.0, True)
+    assert info.value is other
