@@ -76,11 +76,15 @@ pack() {  # $KEEP/$1 -> $OUT/$1.tgz (written aside, then renamed: never half a t
 packer() {  # pack part $1 every PACK_EVERY_S seconds until TERM
   # On TERM a pack in progress finishes first (bash runs the trap after its foreground tar), so
   # the final pack below never races a half-written one; the sleep is waited on in the background
-  # so that TERM ends it at once.
-  trap 'exit 0' TERM
+  # so that TERM ends it at once, and the trap ends the sleep too: left running, it would hold
+  # this script's stdout open for up to PACK_EVERY_S after the script ended (a reader of the
+  # output through a pipe, the device tool's included, waits for that).
+  local nap=""
+  trap '[ -n "$nap" ] && kill "$nap" 2>/dev/null; exit 0' TERM
   while :; do
     sleep "$PACK_EVERY_S" &
-    wait $!
+    nap=$!
+    wait "$nap"
     pack "$1" quiet
   done
 }

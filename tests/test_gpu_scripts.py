@@ -103,3 +103,20 @@ def test_owed_script_packs_a_running_part_so_a_killed_call_returns_it(tmp_path):
     assert running, "the part ended before the check: nothing was killed mid-part"
     with tarfile.open(out / "checks.tgz") as tar:
         assert {"checks/env.log", "checks/console.log"} & set(tar.getnames())
+
+
+def test_owed_script_leaves_no_packer_sleep_holding_its_output(tmp_path):
+    """The packer's pause between packs must end with the packer: left running, it holds the
+    script's stdout, so that whoever reads it through a pipe (the device tool, `| tee`) waited up
+    to PACK_EVERY_S (20 s) after each part and after the script had ended (measured: 20 s more
+    per call). PY=true stands in for Python: only the packing is checked."""
+    out, keep = tmp_path / "out", tmp_path / "keep"
+    env = cpu_env(SKIP_STAGE="1", **scratch(tmp_path), PY="true", BUDGET_S="300",
+                  PARTS="checks", OUT=str(out), KEEP=str(keep), PACK_EVERY_S="30")
+    start = time.monotonic()
+    proc = subprocess.run(["bash", "scripts/gpu_owed.sh"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=120)
+    took = time.monotonic() - start
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "checks: ok" in (out / "owed.log").read_text()
+    assert took < 10, f"the output pipe closed {took:.0f} s after the start"
