@@ -24,7 +24,9 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 RUNBOOK = ROOT / "docs" / "gpu_runbook.md"
 
 RECORDER = """#!/usr/bin/env bash
-{ printf '%s' "$(basename "$0")"; printf ' %q' "$@"; echo; } >> "$RECORD"
+# one write per command: the scripts run some in the background, at the same time
+line="$(basename "$0")$(printf ' %q' "$@")"
+printf '%s\\n' "$line" >> "$RECORD"
 [ "${1:-}" = "-c" ] && echo 1   # gpu_check_train.sh's epoch count
 [ "${1:-}" = "-" ] && cat > /dev/null
 exit 0
