@@ -650,6 +650,23 @@ def micro_batch_weight(index: int, batches: int, grad_accum: int, examples: int,
     return sizes[index - start] / sum(sizes)
 
 
+def move_schedule_end(scheduler, old_total: int, new_total: int,
+                      warmup_ratio: float) -> tuple[float, float]:
+    """Give ``scheduler`` (a LambdaLR of :func:`warmup_linear_decay` whose length now reads
+    ``new_total``) the rate of the new schedule from the next step on, not one step later (a
+    LambdaLR changes its rate at its next ``step()``). Returns the factor of the next step's rate
+    under the old and the new schedule. At the scheduler's own count, not the run's steps:
+    DeepSpeed does not step the scheduler on a step the fp16 loss scaler skipped, so in fp16 it
+    is that many steps behind the run."""
+    at = scheduler.last_epoch
+    was = warmup_linear_decay(old_total, warmup_ratio)(at)
+    now = warmup_linear_decay(new_total, warmup_ratio)(at)
+    for group, base in zip(scheduler.optimizer.param_groups, scheduler.base_lrs):
+        group["lr"] = base * now
+    scheduler._last_lr = [group["lr"] for group in scheduler.optimizer.param_groups]
+    return was, now
+
+
 def micro_step(engine, forward, weight: float, last: bool, sync=lambda: None):
     """One micro-batch of an optimizer step: forward, backward of loss x ``weight`` (its share
     of the step, :func:`micro_batch_weight`), and ``engine.step()``, which updates the weights
@@ -1746,11 +1763,8 @@ def run_training(args: argparse.Namespace, cfg: Config, rank: int, world: int,
                                  + max(0, cfg.train.epochs - int(state["epoch"]) - 1)
                                  * steps_per_epoch)
         if schedule["total"] != saved_total:
-            was = warmup_linear_decay(saved_total, cfg.train.warmup_ratio)(step)
-            now = warmup_linear_decay(schedule["total"], cfg.train.warmup_ratio)(step)
-            for group, base in zip(scheduler.optimizer.param_groups, scheduler.base_lrs):
-                group["lr"] = base * now  # from the next step on, not one step later
-            scheduler._last_lr = [group["lr"] for group in scheduler.optimizer.param_groups]
+            was, now = move_schedule_end(scheduler, saved_total, schedule["total"],
+                                         cfg.train.warmup_ratio)
             if rank0:
                 why = ([f"train.epochs changed from {old_epochs} to {cfg.train.epochs}"]
                        if old_epochs != cfg.train.epochs else [])

@@ -217,3 +217,28 @@ def test_fp16_loss_scale_at_its_minimum_is_named_with_what_to_do():
     with pytest.raises(RuntimeError) as info:
         micro_step(Engine(other), forward, 1.0, True)
     assert info.value is other
+
+
+def test_a_moved_schedule_end_takes_the_rate_of_the_schedulers_own_step():
+    """A resume that changes the schedule's length gives the next step the new schedule's rate
+    at once, at the scheduler's own count: in fp16 DeepSpeed does not step the scheduler on a
+    step the loss scaler skipped, so it lags the run's steps (here 2 skipped of 6); the rate
+    was set at the run's step, and the scheduler's next step() jumped back to its own count."""
+    import torch
+
+    from siasam_fast.training import move_schedule_end
+
+    schedule = {"total": 10}
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=2.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: warmup_linear_decay(schedule["total"], 0.0)(s))
+    for _ in range(4):  # 6 steps run, 2 of them skipped by the fp16 loss scaler
+        opt.step()
+        scheduler.step()
+    schedule["total"] = 20
+    was, now = move_schedule_end(scheduler, 10, 20, 0.0)
+    assert (was, now) == (warmup_linear_decay(10, 0.0)(4), warmup_linear_decay(20, 0.0)(4))
+    assert scheduler.get_last_lr() == [2.0 * now] == [opt.param_groups[0]["lr"]]
+    opt.step()
+    scheduler.step()  # the rate goes on from there, one step of the new schedule later
+    assert scheduler.get_last_lr() == [pytest.approx(2.0 * warmup_linear_decay(20, 0.0)(5))]
