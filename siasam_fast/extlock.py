@@ -14,6 +14,7 @@ waited ``after_s`` seconds and the lock is still there (a real build takes about
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 import threading
 import time
@@ -45,6 +46,24 @@ def stale_lock_message(lock: Path, name: str, waited_s: float) -> str:
             f"rm {lock}")
 
 
+def held_here(lock: Path) -> bool:
+    """Whether this process has ``lock`` open: torch's build (``FileBaton``) keeps the lock file
+    it made open until the build ends, so this process is the one building (a slow build, not a
+    killed one's lock). False where ``/proc/self/fd`` cannot be read (not Linux)."""
+    try:
+        target = lock.resolve()
+        fds = os.listdir("/proc/self/fd")
+    except OSError:
+        return False
+    for fd in fds:
+        try:
+            if Path(os.readlink(f"/proc/self/fd/{fd}")) == target:
+                return True
+        except OSError:  # closed since listed (the listing's own descriptor among them)
+            continue
+    return False
+
+
 @contextlib.contextmanager
 def watch_build_lock(name: str, after_s: float = WATCH_AFTER_S, stream=None):
     """While the block runs, say once on ``stream`` (default stderr) if it has taken ``after_s``
@@ -56,7 +75,7 @@ def watch_build_lock(name: str, after_s: float = WATCH_AFTER_S, stream=None):
     started = time.monotonic()
 
     def check() -> None:
-        if lock.exists():
+        if lock.exists() and not held_here(lock):
             print(stale_lock_message(lock, name, time.monotonic() - started),
                   file=stream or sys.stderr, flush=True)
 

@@ -44,6 +44,28 @@ def test_nothing_is_said_without_a_lock_or_when_the_block_ends_first(tmp_path, m
     assert out.getvalue() == ""
 
 
+def test_nothing_is_said_while_this_process_builds_the_extension_itself(tmp_path, monkeypatch):
+    """torch's build keeps the lock file it made open while it builds: a slow build of this
+    process's own (nvcc on a busy machine) is not a killed build's lock, and telling the user to
+    remove it would make torch's release of the lock fail when the build ends."""
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    lock = tmp_path / "fused_adam" / "lock"
+    lock.parent.mkdir()
+    fd = os.open(lock, os.O_CREAT | os.O_EXCL)  # as torch's FileBaton.try_acquire
+    out = io.StringIO()
+    try:
+        assert extlock.held_here(lock)
+        with extlock.watch_build_lock("fused_adam", after_s=0.2, stream=out):
+            time.sleep(0.6)
+    finally:
+        os.close(fd)
+    assert out.getvalue() == ""
+    assert not extlock.held_here(lock)  # another process's (or a killed build's) lock
+    with extlock.watch_build_lock("fused_adam", after_s=0.2, stream=out):
+        time.sleep(0.6)
+    assert out.getvalue().count("warning:") == 1
+
+
 def test_only_the_lock_made_by_the_killed_build_is_removed(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
     lock = tmp_path / "fused_adam" / "lock"
