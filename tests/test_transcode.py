@@ -657,3 +657,14 @@ def test_a_cut_source_is_transcoded_from_its_first_shown_frame(tmp_path):
     out = load_manifest(tmp_path / "dst" / "manifest.jsonl")["cut"]
     assert out.num_frames == 43 and out.keyframes == list(range(0, 43, GOP))
     assert read_indices(decode_frames(out, np.arange(43))) == list(range(5, 48))
+
+
+def test_nvenc_crf_0_is_best_quality_not_automatic():
+    # NVENC's cq 0 means "automatic" (FFmpeg: "0 to 51, 0 means automatic"): plain VBR at the
+    # encoder's default 2 Mbit/s, not the best quality that --crf 0 promises.
+    for name in ("h264_nvenc", "hevc_nvenc"):
+        best = encoder_options(name, 16, 0, None, None)
+        assert best.get("cq") != "0"
+        assert best["rc"] == "constqp" and best["qp"] == "0"
+        assert encoder_options(name, 16, 1, None, None)["cq"] == "1"
+

@@ -306,6 +306,9 @@ def encoder_options(
             "rc": "vbr",
             "cq": str(NVENC_DEFAULT_CQ if crf is None else crf),
         }
+        if crf == 0:  # NVENC's cq 0 means "automatic" (VBR at 2 Mbit/s): QP 0 is the best
+            del options["cq"]
+            options.update(rc="constqp", qp="0")
     else:
         raise ValueError(f"encoder={encoder!r}: valid encoders are libx264, libx265, *_nvenc")
     if bframes is not None:
@@ -370,7 +373,7 @@ def check_encoder(encoder: str, options: dict) -> None:
         ctx.encode(frame)
         ctx.encode(None)
     except Exception as err:  # noqa: BLE001 - whatever the encoder refuses, say so up front
-        shown = ("preset", "crf", "cq", "bf", "g")
+        shown = ("preset", "crf", "cq", "qp", "bf", "g")
         settings = ", ".join(f"{k}={options[k]}" for k in shown if k in options)
         hint = ""
         if encoder in NVENC_ENCODERS.values():
