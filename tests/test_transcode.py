@@ -668,3 +668,21 @@ def test_nvenc_crf_0_is_best_quality_not_automatic():
         assert best["rc"] == "constqp" and best["qp"] == "0"
         assert encoder_options(name, 16, 1, None, None)["cq"] == "1"
 
+
+@pytest.mark.skipif(NVENC or "h264_nvenc" not in av.codecs_available,
+                    reason="needs an FFmpeg with h264_nvenc that does not open here")
+def test_nvenc_open_failure_of_one_video_says_why(tmp_path):
+    # NVENC opened on the check's 256x256 frame, but refuses a video (frames under its minimum
+    # size, more sessions than a GeForce allows): the reason says so, not a bare errno. Here the
+    # open fails for want of a GPU, which takes the same path.
+    src = write_index_video(tmp_path / "a.mp4", 4, size=32)
+    dst = tmp_path / "out"
+    dst.mkdir()
+    options = encoder_options("h264_nvenc", 4, None, None, None)
+    job = transcode_module._Job(str(src), str(dst / "a.mp4"), str(dst), "a", 4, 4, None,
+                                "h264_nvenc", options, 1, "decode")
+    result = transcode_module._transcode_one(job)
+    assert result.status == "failed"
+    assert "h264_nvenc did not open for this video" in result.reason
+    assert "145" in result.reason and "--workers" in result.reason
+    assert "--encoder cpu" in result.reason and "avcodec_open2" not in result.reason

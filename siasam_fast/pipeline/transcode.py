@@ -433,11 +433,25 @@ def _transcode_one(job: _Job) -> TranscodeResult:
         result.bytes_out = record.size
         result.irregular_keyframes = not _regular(record, job.gop)
     except Exception as err:  # noqa: BLE001 - a bad video fails alone, the run goes on
-        result.reason = f"{type(err).__name__}: {err}"
+        result.reason = _failure_reason(err, job)
     finally:
         tmp.unlink(missing_ok=True)
         result.seconds = time.perf_counter() - start
     return result
+
+
+def _failure_reason(err: Exception, job: _Job) -> str:
+    """Why a video failed; an NVENC encoder that did not open (it opened on the up-front check's
+    256x256 frame) gets the likely causes instead of a bare errno."""
+    import av
+
+    if (job.encoder in NVENC_ENCODERS.values() and isinstance(err, av.error.FFmpegError)
+            and str(err.filename or "").startswith("avcodec_open2")):
+        return (f"{job.encoder} did not open for this video ({_ffmpeg_reason(err)}): NVENC "
+                "(Turing and later) refuses frames under 145 px (H.264) or 129 px (HEVC) a side, "
+                "and a GeForce GPU runs only a few encoding sessions at once (fewer --workers); "
+                "--encoder cpu encodes it")
+    return f"{type(err).__name__}: {err}"
 
 
 def _size(path: Path) -> int:
