@@ -384,8 +384,10 @@ def main(argv: list[str] | None = None) -> int:
             tag += f"-{encoder_name}" + (f"-{preset}" if preset else "")
             dst = args.work_dir / f"{folder.name}-gop{gop}{tag}"
             try:
+                # workers: transcode's default, every CPU, or a few with NVENC (a GeForce runs
+                # only a few NVENC sessions at once)
                 summary = transcode(folder, dst, gop=gop, height=args.height, encoder=args.encoder,
-                                    crf=args.crf, preset=preset, bframes=bframes, workers=cpus,
+                                    crf=args.crf, preset=preset, bframes=bframes, workers=None,
                                     source_manifest=folder / "manifest.jsonl")
             except Exception as err:  # noqa: BLE001 - the other copies still run
                 log(traceback.format_exc())

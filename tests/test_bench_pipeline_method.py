@@ -691,3 +691,26 @@ def test_transcode_bench_passes_each_dali_cell_its_own_trim():
                      {"trim": True, "decode_group": 2, "num_workers": 0}]
     with pytest.raises(RuntimeError, match="--dali-trim off"):
         bench_transcode.dali_cell_factory(factory, 1, True)("examples", nvdec_trims=False)
+
+
+def test_copies_with_nvenc_keep_transcodes_nvenc_worker_default(tmp_path, monkeypatch):
+    # A GeForce runs only a few NVENC sessions at once: the copies leave the worker count to
+    # transcode (4 with NVENC, all CPUs without), never one process per CPU with NVENC.
+    class Stop(BaseException):
+        pass
+
+    calls = []
+
+    def fake_transcode(*args, **kwargs):
+        calls.append(kwargs)
+        raise Stop
+
+    folder = tmp_path / "original"
+    monkeypatch.setattr(bench_transcode, "prepare_set", lambda *a, **k: {
+        "v": SimpleNamespace(path=str(folder / "v.mp4"))})
+    monkeypatch.setattr(bench_transcode, "choose_encoder", lambda *a: ("h264_nvenc", True))
+    monkeypatch.setattr(bench_transcode, "transcode", fake_transcode)
+    with pytest.raises(Stop):
+        bench_transcode.main(["--quick", "--work-dir", str(tmp_path), "--out-dir",
+                              str(tmp_path / "out")])
+    assert calls and calls[0]["workers"] is None
