@@ -589,6 +589,17 @@ def _launch_config(V: int, D: int, K: int, sm_count: int) -> tuple[int, int, int
     return block_d, block_k, num_warps
 
 
+def _launch(kernel, device: torch.device, grid, *args, **kwargs):
+    """``kernel[grid](*args, **kwargs)`` on ``device``: Triton launches on the current CUDA device
+    and its current stream, not on the arguments' device, so tensors on cuda:1 while cuda:0 is
+    current would be read by a kernel on GPU 0 (an illegal address, or unordered with GPU 1's
+    stream). PyTorch's own ops switch devices themselves; a Triton launch must be told."""
+    if device.type == "cuda":
+        with torch.cuda.device(device):
+            return kernel[grid](*args, **kwargs)
+    return kernel[grid](*args, **kwargs)
+
+
 def siamese_forward(features, logits, theta1, theta2, clip_mask, omega, tau, skg, scale, write_q):
     """Launch the forward kernel. Inputs are validated by the caller (siasam_fast.siamese).
 
@@ -611,7 +622,8 @@ def siamese_forward(features, logits, theta1, theta2, clip_mask, omega, tau, skg
     cos = torch.empty(V, 16, 16, **f32) if skg else m
     norm = torch.empty(V, 16, **f32) if skg else m
     q = torch.empty(V, K, **f32) if write_q else loss
-    _siamese_fwd_kernel[(V,)](
+    _launch(
+        _siamese_fwd_kernel, dev, (V,),
         features, logits, theta1, theta2, mask, loss, q, cos, norm, m, l2, s,
         N, D, K, float(omega), 1.0 / float(tau), float(scale),
         HAS_MASK=clip_mask is not None, SKG=skg, WRITE_Q=write_q, **launch,
@@ -643,7 +655,8 @@ def siamese_backward(
     dz = torch.empty_like(logits) if need_dz else logits
     df = torch.empty_like(features) if need_df else logits
     dtheta = torch.empty(V, 2, 16, dtype=torch.float32, device=logits.device) if need_dtheta else s
-    _siamese_bwd_kernel[(V,)](
+    _launch(
+        _siamese_bwd_kernel, logits.device, (V,),
         features, logits, theta1, theta2, mask, cos, norm, m, l2, s, grad, grad_stride,
         dz, df, dtheta,
         N, D, K, float(omega), 1.0 / float(tau), float(scale),

@@ -777,3 +777,45 @@ def test_tuned_regime_is_any_multiple_of_16(monkeypatch, tmp_path):
     gpu = torch.device("cuda")
     assert ks._launch_settings(8, 768, 16 * 257, gpu, "fwd", 2)["BLOCK_K"] == 64
     assert ks._launch_settings(8, 768, 16 * 257 + 8, gpu, "fwd", 2)["BLOCK_K"] != 64
+
+
+def test_kernels_launch_on_the_inputs_gpu_not_the_current_one(monkeypatch):
+    """Triton launches on the current CUDA device and its stream, not on the tensors' device:
+    siamese_loss on cuda:1 while cuda:0 was current ran the kernel on GPU 0 with GPU 1's
+    pointers (an illegal address, or unordered with GPU 1's stream). Each launch makes the
+    logits' device current for its duration (torch.cuda.device stood in for: no GPU here)."""
+    import contextlib
+
+    from siasam_kernels import siamese as ks
+
+    current = ["cuda:0"]
+
+    @contextlib.contextmanager
+    def device(d):
+        saved, current[0] = current[0], str(torch.device(d))
+        try:
+            yield
+        finally:
+            current[0] = saved
+
+    monkeypatch.setattr(torch.cuda, "device", device)
+    seen = []
+
+    class Kernel:
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: seen.append((grid, args, kwargs, current[0]))
+
+    ks._launch(Kernel(), torch.device("cuda", 1), (3,), 1, 2, X=3)
+    assert seen == [((3,), (1, 2), dict(X=3), "cuda:1")] and current == ["cuda:0"]
+    # the forward and backward launch through it, with the logits' device
+    calls, real = [], ks._launch
+
+    def spy(kernel, dev, grid, *args, **kwargs):
+        calls.append((kernel, dev))
+        return real(kernel, dev, grid, *args, **kwargs)
+
+    monkeypatch.setattr(ks, "_launch", spy)
+    f, z, t1, t2, m = make_inputs(2, 3, 8, 5, torch.float32, True, seed=50)
+    z.requires_grad_()
+    siamese_loss(f, z, t1, t2, clip_mask=m, impl="triton").backward()
+    assert calls == [(ks._siamese_fwd_kernel, z.device), (ks._siamese_bwd_kernel, z.device)]
