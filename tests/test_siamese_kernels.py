@@ -599,12 +599,23 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from siasam_kernels import siamese as ks
 
+OFF_BY_DEFAULT = ("PREFETCH", "ANCHOR_2D", "ACC_2D")
 ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
 if not os.path.exists(ptxas):
     print("SKIP no ptxas in this Triton wheel")
     sys.exit(0)
 
-def compile_one(kernel, dtype, consts, cap, warps, K):
+# Shared memory one block may use (opt-in), by compute capability: Triton refuses a launch above
+# it ("out of resource: shared memory"): V100 96 KB, A100 163 KB, H100 227 KB.
+SHARED_LIMIT = {70: 96 * 1024, 80: 163 * 1024, 90: 227 * 1024}
+compiled = {}
+
+def compile_one(kernel, dtype, consts, cap, warps, K, stages=None, ptxas_v=True):
+    consts = {k: v for k, v in consts.items() if v is not False or k not in OFF_BY_DEFAULT}
+    key = (kernel.__name__, dtype, tuple(sorted(consts.items())), cap, warps, K % 16 == 0,
+           stages)
+    if key in compiled and (compiled[key][0] is not None or not ptxas_v):
+        return compiled[key]
     sig, attrs = {}, {}
     for i, n in enumerate(kernel.arg_names):
         if n in ("f_ptr", "z_ptr", "dz_ptr", "df_ptr"):
@@ -622,7 +633,16 @@ def compile_one(kernel, dtype, consts, cap, warps, K):
         if n.endswith("_ptr") or n == "D" or (n == "K" and K % 16 == 0):
             attrs[(i,)] = [["tt.divisibility", 16]]  # what the launcher's specialisation sees
     src = ASTSource(fn=kernel, signature=sig, constexprs=consts, attrs=attrs)
-    c = triton.compile(src, target=GPUTarget("cuda", cap, 32), options={"num_warps": warps})
+    options = {"num_warps": warps} if stages is None else {"num_warps": warps,
+                                                            "num_stages": stages}
+    c = triton.compile(src, target=GPUTarget("cuda", cap, 32), options=options)
+    assert c.metadata.num_warps == warps, (key, c.metadata.num_warps)
+    assert c.metadata.shared <= SHARED_LIMIT[cap], \
+        f"sm_{cap} {kernel.__name__} {dtype} {consts} num_warps={warps}: " \
+        f"{c.metadata.shared} bytes of shared memory, over the card's {SHARED_LIMIT[cap]}"
+    if not ptxas_v:  # (triton.compile ran ptxas already: the cubin exists)
+        compiled[key] = (None, None, c.metadata.shared)
+        return compiled[key]
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "k.ptx")
         open(path, "w").write(c.asm["ptx"])
@@ -633,7 +653,8 @@ def compile_one(kernel, dtype, consts, cap, warps, K):
     assert out.returncode == 0, text
     regs = int(re.findall(r"Used (\d+) registers", text)[0])
     spill = int(re.findall(r"(\d+) bytes spill stores", text)[0])
-    return regs, spill
+    compiled[key] = (regs, spill, c.metadata.shared)
+    return compiled[key]
 
 for cap, dtype in ((70, "fp16"), (70, "fp32"), (90, "fp16"), (90, "bf16")):
     for K in (4096, 1500):
@@ -669,11 +690,44 @@ for dtype in ("fp16", "fp32"):
                 dict(WRITE_Q=True)), (ks._siamese_bwd_kernel, dict(DETACH=False, NEED_DZ=True,
                 NEED_DF=True, NEED_DTHETA=True)), (ks._siamese_bwd_kernel, dict(DETACH=True,
                 NEED_DZ=True, NEED_DF=False, NEED_DTHETA=False))):
-            regs, spill = compile_one(kernel, dtype, dict(HAS_MASK=True, SKG=True, BLOCK_D=bd,
+            regs, spill, _ = compile_one(kernel, dtype, dict(HAS_MASK=True, SKG=True, BLOCK_D=bd,
                                       BLOCK_K=bk, **consts), 70, warps, K)
             print(f"sm_70 {dtype} V=8 K={K} {kernel.__name__} {consts}: regs={regs} "
                   f"spill={spill}")
             assert spill == 0, "register spills at the V100's training launch settings"
+# What each card really chooses (ks._launch_settings: the heuristic, tuned.json's entry for the
+# card's name), for a training batch (V = 8, fewer videos than SMs) and a large one (V = 4096),
+# K = 1500 and 4096 answers (K only matters through K % 16: tiles are clamped to 512 at most; at
+# V = 8 both K take the same tiles, and use the same shared memory), is within the card's shared
+# memory (checked in compile_one; registers cannot stop a launch: the
+# PTX's .reqntid makes ptxas fit them to the block).
+import torch
+from unittest import mock
+
+for env in (ks.CONFIG_ENV, ks.TUNED_ENV):
+    os.environ.pop(env, None)
+FWD = (ks._siamese_fwd_kernel, dict(HAS_MASK=True, SKG=True, WRITE_Q=False))
+BWD = (ks._siamese_bwd_kernel, dict(HAS_MASK=True, SKG=True, DETACH=False, NEED_DZ=True,
+                                    NEED_DF=True, NEED_DTHETA=True))
+tuned_used = set()
+for cap, name, sms in ((70, "Tesla V100-SXM2-32GB", 80), (80, "NVIDIA A100-SXM4-80GB", 108),
+                       (90, "NVIDIA H100 80GB HBM3", 132)):
+    with mock.patch.object(ks, "_sm_count", lambda device, n=sms: n), \
+            mock.patch.object(torch.cuda, "get_device_name", lambda device=None, n=name: n):
+        for dtype, size in (("fp16", 2), ("fp32", 4)):  # bf16: fp16's settings and layouts
+            for V in (8, 4096):
+                for K in ((1500, 4096) if V > sms else (4096,)):
+                    for kind, (kernel, consts) in (("fwd", FWD), ("bwd", BWD)):
+                        launch = ks._launch_settings(V, 768, K, torch.device("cuda", 0), kind,
+                                                     size)
+                        warps, stages = launch.pop("num_warps"), launch.pop("num_stages", None)
+                        if ks._tuned_settings(V, K, size, torch.device("cuda", 0), kind):
+                            tuned_used.add((cap, dtype, kind))
+                        shared = compile_one(kernel, dtype, dict(consts, **launch), cap, warps, K,
+                                             stages, ptxas_v=False)[2]
+                        print(f"{name} {dtype} V={V} K={K} {kind} {launch} num_warps={warps}: "
+                              f"shared={shared}")
+assert tuned_used == {(90, d, k) for d in ("fp16", "fp32") for k in ("fwd", "bwd")}, tuned_used
 print("OK")
 """
 
@@ -681,7 +735,9 @@ print("OK")
 @pytest.mark.slow
 def test_kernels_compile_for_v100_and_h100_without_spills():
     """The interpreter accepts code the GPU compiler may reject: compile to cubin for sm_70 (V100)
-    and sm_90 (H100) with Triton's bundled ptxas, no GPU needed, at the large-V launch configs."""
+    and sm_90 (H100) with Triton's bundled ptxas, no GPU needed, at the large-V launch configs;
+    and the settings V100, A100 (sm_80) and H100 would choose (heuristic, tuned.json) within each
+    card's shared memory per block."""
     import subprocess
     import sys
 
