@@ -730,6 +730,22 @@ def to_device(batch: dict, device: torch.device, dtype: torch.dtype) -> dict:
     return out
 
 
+def share_batchnorm_statistics(module: torch.nn.Module) -> None:
+    """Give every process process 0's BatchNorm running statistics and batch counts (a
+    collective: every process calls it). DeepSpeed makes the processes' parameters equal at its
+    start and keeps them so, never their buffers: each process's BatchNorms track its own
+    batches. Done before each evaluation and checkpoint, so that the metrics (gathered from every
+    process) are those of the model saved, process 0's, and the processes go on as a resumed run
+    does (every process loads process 0's)."""
+    if not dist.is_initialized() or dist.get_world_size() < 2:
+        return
+    for mod in module.modules():
+        if isinstance(mod, torch.nn.modules.batchnorm._BatchNorm) and mod.track_running_stats:
+            for buf in (mod.running_mean, mod.running_var, mod.num_batches_tracked):
+                if buf is not None:
+                    dist.broadcast(buf, src=0)
+
+
 # ------------------------------------------------------------------------------------------------
 # Evaluation
 
@@ -754,6 +770,7 @@ def evaluate(model, loader, cfg: Config, text: TextEncoder, device, dtype, desc=
     (rank 0) instead of writing them."""
     was_training = model.training
     model.eval()
+    share_batchnorm_statistics(model)
     rows: dict[int, tuple] = {}
     rank0 = not dist.is_initialized() or dist.get_rank() == 0
     for batch in tqdm(loader, desc=desc, disable=not rank0, leave=False):
@@ -1050,6 +1067,7 @@ def save_checkpoint(engine, out_dir: Path, tag: str, run_state: dict, keep: int,
     process's train loader state (its own videos left out by DALI), beside its RNG state. The
     last ``keep`` complete tags are kept, and ``protect`` (the best epoch's tag) too."""
     ckpt_dir = out_dir / "checkpoints"
+    share_batchnorm_statistics(engine.module)  # (process 0's are saved)
     # collective: every rank calls it
     engine.save_checkpoint(str(ckpt_dir), tag=tag, save_latest=False)
     tag_dir = ckpt_dir / tag

@@ -2,6 +2,7 @@
 
 import json
 from collections import Counter
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -315,3 +316,63 @@ def test_clip_scores_are_pooled_as_eval_aggregation_says(tmp_path, how, answer):
     b["clip_mask"] = torch.tensor([[True, True, False]])
     _, rows = run("mc", [b], tmp_path, aggregation=how)
     assert rows[0]["prediction"] == answer
+
+
+class BatchNormScores(Scores):
+    """Scores, with a BatchNorm whose running statistics are this process's own."""
+
+    def __init__(self, mean: float):
+        super().__init__()
+        self.bn = torch.nn.BatchNorm1d(2)
+        self.bn.running_mean.fill_(mean)
+        self.bn.num_batches_tracked.fill_(int(mean))
+        self.seen = None
+
+    def forward(self, batch):
+        self.seen = self.bn.running_mean.tolist()
+        return super().forward(batch)
+
+
+def batchnorm_dist(rank0_buffers: list, calls: list):
+    """torch.distributed stood in for, as process 1 of 2: broadcast gives process 0's tensors in
+    the order asked."""
+    def broadcast(tensor, src):
+        calls.append(src)
+        tensor.copy_(rank0_buffers[len(calls) - 1])
+    return SimpleNamespace(is_initialized=lambda: True, get_world_size=lambda: 2,
+                           get_rank=lambda: 1, broadcast=broadcast,
+                           all_gather_object=lambda out, rows: out.__setitem__(slice(None),
+                                                                                [rows, {}]))
+
+
+def test_every_process_evaluates_and_saves_process_0s_batchnorm_statistics(tmp_path,
+                                                                         monkeypatch):
+    """DeepSpeed keeps the processes' parameters equal, not their buffers: each process's
+    BatchNorms track its own batches. The evaluation (its metrics gathered from every process)
+    and the checkpoint (process 0's weights) must see process 0's running statistics."""
+    rank0 = BatchNormScores(3.0)
+    rank0_buffers = [rank0.bn.running_mean, rank0.bn.running_var, rank0.bn.num_batches_tracked]
+    calls: list = []
+    monkeypatch.setattr(training, "dist", batchnorm_dist(rank0_buffers, calls))
+    model = BatchNormScores(7.0)
+    evaluate(model, [batch("mc", [0], [[1, 0]], answer_index=[0])],
+             Config.from_dict({"task": "mc"}), lambda b: {}, torch.device("cpu"), torch.float32)
+    assert calls == [0, 0, 0] and model.seen == [3.0, 3.0]  # before the forward
+    assert int(model.bn.num_batches_tracked) == 3
+
+    class Engine:
+        module = BatchNormScores(5.0)
+
+        def save_checkpoint(self, save_dir, tag, save_latest=True):
+            self.saved_mean = self.module.bn.running_mean.tolist()
+            (Path(save_dir) / tag).mkdir(parents=True, exist_ok=True)
+
+        def zero_optimization_stage(self):
+            return 0
+
+    calls.clear()
+    monkeypatch.setattr(training, "dist", SimpleNamespace(
+        **{**vars(batchnorm_dist(rank0_buffers, calls)), "barrier": lambda: None}))
+    engine = Engine()
+    training.save_checkpoint(engine, tmp_path, "step1", {}, 1, 1)
+    assert calls == [0, 0, 0] and engine.saved_mean == [3.0, 3.0]
