@@ -152,6 +152,15 @@ def init_distributed() -> tuple[int, int, torch.device]:
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=os.environ.get("MASTER_PORT", str(port)))
     cuda = torch.cuda.is_available()
+    local = int(os.environ.get("LOCAL_RANK", 0))
+    if cuda and local >= torch.cuda.device_count():  # (DeepSpeed binds NCCL to cuda:LOCAL_RANK)
+        raise ValueError(
+            f"LOCAL_RANK={local}, but this process sees {torch.cuda.device_count()} GPU(s) "
+            f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', '(unset)')}): each "
+            "process takes the GPU of its LOCAL_RANK among the node's GPUs, so every process "
+            "must see all of them, as the deepspeed launcher and torchrun give them; a scheduler "
+            "that binds one GPU per task (Slurm's --gpus-per-task, --gpu-bind) gives each only "
+            "its own: start one torchrun per node instead (README: Slurm)")
     if not dist.is_initialized():
         # on CPU, DeepSpeed builds (or loads) its shared-memory all-reduce op here, and prints
         # "DeepSpeed ... built successfully" each time (a print, no logging level to quiet it):
@@ -162,7 +171,6 @@ def init_distributed() -> tuple[int, int, torch.device]:
         if not cuda:
             release_shm_buffer(dist.get_rank(), dist.get_world_size())
     rank, world = dist.get_rank(), dist.get_world_size()
-    local = int(os.environ.get("LOCAL_RANK", 0))
     if cuda:
         torch.cuda.set_device(local)
         return rank, world, torch.device("cuda", local)

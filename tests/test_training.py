@@ -1541,6 +1541,30 @@ def test_a_resume_on_fewer_gpus_than_saved_restores_the_rng_of_the_gpus_it_has(m
     assert restored == [[1] * 16]
 
 
+def test_a_process_that_sees_fewer_gpus_than_its_local_rank_is_told_how_to_launch(monkeypatch):
+    """A scheduler binding one GPU per task (Slurm's --gpus-per-task) shows process 3 only its own
+    GPU, as cuda:0; DeepSpeed then bound NCCL to cuda:3 and stopped with "device_id cuda:3 is out
+    of range". The start says why, before DeepSpeed is asked. (torch.cuda stands in for 1 GPU.)"""
+    import deepspeed
+    import torch
+
+    from siasam_fast.training import init_distributed
+
+    def not_reached(*args, **kwargs):
+        raise AssertionError("deepspeed.init_distributed was called")
+
+    monkeypatch.setenv("RANK", "3")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(deepspeed, "init_distributed", not_reached)
+    with pytest.raises(ValueError, match=r"^LOCAL_RANK=3, but this process sees 1 GPU\(s\) "
+                       r"\(CUDA_VISIBLE_DEVICES=3\): .*one torchrun per node"):
+        init_distributed()
+
+
 def test_a_resume_restores_the_cuda_rng_of_the_gpu_each_process_draws_from(monkeypatch):
     """Rank 3 of a torchrun job (all 4 GPUs visible, its own is cuda:3) saves its GPU's RNG
     state; resumed where each process sees only its own GPU (cuda:0 to it), that state goes to
