@@ -1105,3 +1105,27 @@ def test_the_pyav_loader_is_not_given_the_dali_only_arguments(monkeypatch):
     loaders.build_video_loader([], {}, CFG, "train", 2, backend="pyav", device="cuda:0",
                                decode_group=4, trim=True, num_workers=0)
     assert given == {"backend": "pyav", "num_workers": 0}
+
+
+def test_backend_choice_keeps_av1_off_the_nvdec_of_a_v100_or_t4(monkeypatch):
+    """NVDEC decodes AV1 from Ampere (sm_80) on: on a V100 (sm_70) or T4 (sm_75) DALI would fail
+    on every AV1 file and leave it out as damaged. data.backend=auto takes PyAV for an AV1
+    manifest there, and backend=dali says why, naming the GPU; sm_80 keeps DALI."""
+    from types import SimpleNamespace
+
+    from siasam_fast import envcheck
+    from siasam_fast.pipeline import loaders
+
+    monkeypatch.setattr(loaders.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(loaders, "dali_available", lambda: True)
+    monkeypatch.setattr(envcheck, "dali_wheel", lambda: "nvidia-dali-cuda120")
+    monkeypatch.setattr(loaders.torch.cuda, "get_device_name", lambda *a: "Tesla V100-SXM2-16GB")
+    av1 = {"a": SimpleNamespace(ok=True, codec="av1"), "b": SimpleNamespace(ok=True, codec="h264")}
+    for cc in ((7, 0), (7, 5)):
+        monkeypatch.setattr(loaders.torch.cuda, "get_device_capability", lambda *a, cc=cc: cc)
+        assert loaders.resolve_backend("auto", av1) == "pyav"
+        with pytest.raises(ValueError, match=r"NVDEC.*V100.*av1"):
+            loaders.resolve_backend("dali", av1)
+        assert loaders.resolve_backend("auto", {"b": av1["b"]}) == "dali"
+    monkeypatch.setattr(loaders.torch.cuda, "get_device_capability", lambda *a: (8, 0))
+    assert loaders.resolve_backend("auto", av1) == "dali"

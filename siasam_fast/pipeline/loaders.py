@@ -53,6 +53,26 @@ def dali_gpu_problem() -> str | None:
 # Codecs DALI's video decoder reads on the GPU (NVDEC); its CPU decoder reads VP8, VP9, MJPEG.
 DALI_GPU_CODECS = frozenset({"h264", "hevc", "vp8", "vp9", "mjpeg", "av1"})
 DALI_CPU_CODECS = frozenset({"vp8", "vp9", "mjpeg"})
+# NVDEC decodes AV1 from Ampere (sm_80) on; a V100's (sm_70) or T4's (sm_75) does not, and DALI
+# would fail on every AV1 file there (each left out as if damaged).
+NVDEC_AV1_MIN_CAPABILITY = (8, 0)
+
+
+def dali_gpu_codecs() -> frozenset[str]:
+    """The codecs NVDEC decodes on this machine's GPU (:data:`DALI_GPU_CODECS`, less AV1 before
+    sm_80)."""
+    try:
+        cc = tuple(torch.cuda.get_device_capability())
+    except (AssertionError, RuntimeError):  # no usable device: the full set, as before
+        return DALI_GPU_CODECS
+    return DALI_GPU_CODECS if cc >= NVDEC_AV1_MIN_CAPABILITY else DALI_GPU_CODECS - {"av1"}
+
+
+def _gpu_name() -> str:
+    try:
+        return torch.cuda.get_device_name()
+    except (AssertionError, RuntimeError):
+        return "this GPU"
 
 
 def resolve_backend(name: str, manifest: dict | None = None) -> str:
@@ -68,9 +88,10 @@ def resolve_backend(name: str, manifest: dict | None = None) -> str:
         if problem:
             logger.warning("data.backend=auto: %s; using pyav", problem)
             return "pyav"
-        unsupported = sorted(codecs - DALI_GPU_CODECS)
+        unsupported = sorted(codecs - dali_gpu_codecs())
         if unsupported:
-            logger.warning("data.backend=auto: DALI cannot decode %s; using pyav", unsupported)
+            logger.warning("data.backend=auto: DALI cannot decode %s on %s; using pyav",
+                           unsupported, _gpu_name())
             return "pyav"
         return "dali"
     if name == "dali" and not dali_available():
@@ -80,10 +101,11 @@ def resolve_backend(name: str, manifest: dict | None = None) -> str:
         problem = dali_gpu_problem()
         if problem:
             raise ValueError(f"backend='dali': {problem}")
-        valid = DALI_GPU_CODECS if torch.cuda.is_available() else DALI_CPU_CODECS
+        valid = dali_gpu_codecs() if torch.cuda.is_available() else DALI_CPU_CODECS
         unsupported = sorted(codecs - valid)
         if unsupported:
-            where = "NVDEC" if torch.cuda.is_available() else "DALI's CPU decoder (no GPU here)"
+            where = (f"NVDEC of {_gpu_name()}" if torch.cuda.is_available()
+                     else "DALI's CPU decoder (no GPU here)")
             raise ValueError(f"backend='dali': {where} cannot decode {', '.join(unsupported)} "
                              f"(it reads {', '.join(sorted(valid))}); use backend=pyav or auto")
     return name
