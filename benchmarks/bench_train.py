@@ -59,7 +59,8 @@ column of the .md table) and ``notes`` (the reason). DALI's CPU decoder reads VP
 MJPEG, not the H.264 of the synthetic set, so DALI is a GPU-only option here. ``precision`` says
 ``fp32 (tf32 convs)`` for the fp32 baseline on CUDA: PyTorch's defaults are kept
 (``torch.backends.cudnn.allow_tf32`` is True, so cuDNN runs its convolutions in TF32; matrix
-products stay fp32 unless ``allow_tf32`` is set for them too, which the label then says).
+products stay fp32 unless ``allow_tf32`` is set for them too, which the label then says). A
+V100 (sm_70) has no TF32: there the row says plain ``fp32``.
 
 Columns (one row per variant; ``benchmarks/results/bench_train_<device>_<config>.csv``, with the
 device, library versions and config in every row, plus a .md table, a .png and a .json with the
@@ -355,9 +356,15 @@ def substitute(plan: Plan, what: str, fallback: str, reason: str) -> None:
     plan.substituted.append(f"{fallback} for {what}")
 
 
-def tf32_label() -> str:
+def tf32_label(device: torch.device | None = None) -> str:
     """What PyTorch's TF32 switches let an fp32 step run in TF32 on CUDA (its defaults: cuDNN's
-    convolutions yes, matrix products no)."""
+    convolutions yes, matrix products no); nothing before Ampere (a V100, sm_70, has no TF32:
+    the switches change nothing there)."""
+    try:
+        if tuple(torch.cuda.get_device_capability(device)) < (8, 0):
+            return ""
+    except (AssertionError, RuntimeError):  # no usable device to ask: the switches say it
+        pass
     parts = [what for what, on in (("convs", torch.backends.cudnn.allow_tf32),
                                    ("matmuls", torch.backends.cuda.matmul.allow_tf32)) if on]
     return f"tf32 {' + '.join(parts)}" if parts else ""
@@ -410,7 +417,7 @@ def resolve(variant: Variant, device: torch.device, zero_stage: int) -> Plan:
     if plan.precision in ("bf16", "amp-bf16") and cuda and not ds_config.has_bf16():
         plan.skip = plan.skip or f"{torch.cuda.get_device_name()} has no bf16 (e.g. V100)"
     if plan.precision == "fp32" and cuda:
-        plan.tf32 = tf32_label()  # PyTorch's defaults are kept: said, not changed
+        plan.tf32 = tf32_label(device)  # PyTorch's defaults are kept: said, not changed
     return plan
 
 

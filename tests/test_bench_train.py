@@ -565,6 +565,19 @@ def test_fp32_baseline_says_it_runs_convolutions_in_tf32():
     assert bench_train.describe(amp)["precision"] == "amp-fp16"
 
 
+def test_fp32_baseline_on_a_v100_says_no_tf32(monkeypatch):
+    """A V100 (sm_70) has no TF32: cuDNN's allow_tf32 (True by default) changes nothing there, so
+    the fp32 row is plain fp32; an A100 (sm_80) keeps the label."""
+    cuda = torch.device("cuda", 0)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (7, 0))
+    plan = bench_train.resolve(bench_train.BY_NAME["baseline-fp32"], cuda, 2)
+    assert bench_train.describe(plan)["precision"] == "fp32"
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (8, 0))
+    plan = bench_train.resolve(bench_train.BY_NAME["baseline-fp32"], cuda, 2)
+    assert bench_train.describe(plan)["precision"].startswith("fp32 (tf32 convs")
+
+
 def test_partial_results_say_they_are_incomplete(tmp_path):
     """The CSV written after each variant (STEM.partial.csv; STEM.csv at the end, which drops the
     partial files) carries ``complete`` like the JSON, and the .md table a notes column (the
