@@ -176,7 +176,8 @@ def finalize(config: dict, micro_batch: int, grad_clip: float, world_size: int,
                          "config, e.g. configs/ds/zero2_fp32.json")
     if torch.cuda.is_available() and precision == "bf16" and not has_bf16():
         raise ValueError(f"{torch.cuda.get_device_name()} has no bf16 (e.g. V100): use "
-                         "configs/ds/zero2_fp16.json (fp16 with dynamic loss scaling)")
+                         "configs/ds/zero2_fp16.json (fp16 with dynamic loss scaling) with "
+                         "train.precision auto or fp16 (train.precision=bf16 overrides the file)")
     return config
 
 

@@ -313,6 +313,24 @@ def test_a_v100_gets_fp16_not_emulated_bf16(monkeypatch):
     assert ds_config.has_bf16() and ds_config.default_precision() == "bf16"
 
 
+def test_the_v100_bf16_refusal_names_train_precision_too(monkeypatch):
+    """train.precision=bf16 replaces the precision of any DeepSpeed file, the fp16 one that the
+    refusal advised included: taking that advice alone gave the same refusal. It names
+    train.precision too."""
+    import torch
+
+    from siasam_fast import ds_config
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Tesla V100-SXM2-16GB")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (7, 0))
+    advised = ds_config.load_ds_config("configs/ds/zero2_fp16.json", "bf16")
+    with pytest.raises(ValueError, match=r"zero2_fp16\.json.*train\.precision"):
+        finalize(advised, 4, 1.0, 1)
+    assert ds_config.precision_of(ds_config.load_ds_config("configs/ds/zero2_fp16.json",
+                                                           "auto")) == "fp16"
+
+
 def test_deepspeed_config_spellings_and_batch_settings(tmp_path):
     import json
 
