@@ -342,9 +342,22 @@ def check_deepspeed() -> list[Check]:
     elif toolkit and built_for and toolkit[0] != int(built_for.split(".")[0]):
         clash = (f"{nvcc} is CUDA {toolkit[0]}.{toolkit[1]} but torch was built with CUDA "
                  f"{built_for}: torch's extension builder refuses a different major version")
+    arch_list = fixed if fixed is not None else os.environ.get("TORCH_CUDA_ARCH_LIST", "")
+    built = _jit_arch_names(arch_list)  # [] when unset: DeepSpeed builds for the GPUs present
+    uncovered = sorted({cc for cc in (torch.cuda.get_device_capability(i)
+                                      for i in range(torch.cuda.device_count()))
+                        if built and not _runs_on(cc, built)})
     if clash:
         rows.append(Check("optimizer", "missing", f"DeepSpeed FusedAdam cannot be built here "
                           f"({clash}): train.optimizer=auto falls back to torch AdamW", hint))
+    elif uncovered:
+        gpus = ", ".join(f"sm_{a}{b}" for a, b in uncovered)
+        wanted = ";".join(f"{a}.{b}" for a, b in uncovered)
+        rows.append(Check("optimizer", "fail", f"TORCH_CUDA_ARCH_LIST={arch_list!r}: DeepSpeed "
+                          f"builds FusedAdam for that list, which has no code for {gpus}: the "
+                          "first optimizer step would fail ('no kernel image')",
+                          f"unset TORCH_CUDA_ARCH_LIST, or add {wanted} to it, or --set "
+                          "train.optimizer=torch"))
     elif FusedAdamBuilder().is_compatible(verbose=False) and nvcc:
         rows.append(Check("optimizer", "ok", "DeepSpeed FusedAdam (built on first use, about a "
                           f"minute, then cached){note}"))
@@ -353,6 +366,27 @@ def check_deepspeed() -> list[Check]:
                           "(no nvcc / CUDA_HOME)", "install the CUDA toolkit, or "
                           "--set train.optimizer=torch"))
     return rows
+
+
+def _jit_arch_names(arch_list: str) -> list[str]:
+    """The sm_XY / compute_XY code that DeepSpeed's JIT build makes of TORCH_CUDA_ARCH_LIST
+    ("7.0;8.0+PTX"): a cubin per entry, PTX for each "+PTX" one, and (as DeepSpeed adds it when no
+    entry has it) PTX for the highest."""
+    import re
+
+    names, archs = [], []
+    for entry in re.split(r"[;\s]+", arch_list.strip()):
+        m = re.fullmatch(r"(\d+)\.(\d+)[a-zA-Z]*(\+PTX)?", entry)
+        if m:
+            archs.append((int(m.group(1)), int(m.group(2)), bool(m.group(3))))
+    if archs and not any(ptx for *_, ptx in archs):
+        top = max(archs)
+        archs[archs.index(top)] = (top[0], top[1], True)
+    for major, minor, ptx in archs:
+        names.append(f"sm_{major}{minor}")
+        if ptx:
+            names.append(f"compute_{major}{minor}")
+    return names
 
 
 def _build_nvcc() -> Path | None:

@@ -306,6 +306,36 @@ def test_an_nvcc_that_cannot_build_fused_adam_for_this_gpu_is_not_ok(monkeypatch
     assert optimizer_row().status == "missing"
 
 
+def test_an_arch_list_without_the_gpu_makes_fused_adam_fail(monkeypatch, tmp_path):
+    """DeepSpeed's JIT build of FusedAdam compiles for TORCH_CUDA_ARCH_LIST when it is set, not
+    for the GPUs present: "8.0;9.0" (an A100 / H100 cluster's setting) on a V100 builds no code
+    that runs there, and the first optimizer step fails ("no kernel image"). The optimizer row
+    fails, naming the variable and sm_70; a list that covers 7.0 (a cubin, or older PTX) is ok."""
+    pytest.importorskip("deepspeed")
+    from deepspeed.ops.op_builder import FusedAdamBuilder
+
+    nvcc = tmp_path / "cuda-12.6" / "bin" / "nvcc"
+    nvcc.parent.mkdir(parents=True)
+    nvcc.write_text("#!/bin/sh\necho 'Cuda compilation tools, release 12.6'\n")
+    nvcc.chmod(0o755)
+    monkeypatch.setenv("CUDA_HOME", str(nvcc.parent.parent))
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (7, 0))
+    monkeypatch.setattr(torch.version, "cuda", "12.6")
+    monkeypatch.setitem(sys.modules, "apex", None)
+    monkeypatch.setattr(FusedAdamBuilder, "is_compatible", lambda self, verbose=False: True)
+    for value, status in (("8.0;9.0", "fail"), ("8.0 9.0a+PTX", "fail"), ("7.0;8.0", "ok"),
+                          ("6.0+PTX", "ok"), ("7.0+PTX", "ok"), ("", "ok")):
+        monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", value)
+        row = {r.name: r for r in envcheck.check_deepspeed()}["optimizer"]
+        assert row.status == status, (value, row)
+        if status == "fail":
+            assert "TORCH_CUDA_ARCH_LIST" in row.detail and "sm_70" in row.detail, row
+            assert "7.0" in row.hint, row
+
+
 def test_cuda_driver_version_reads_major_and_minor(monkeypatch):
     """libcuda's cuDriverGetVersion gives 1000 * major + 10 * minor (12060: CUDA 12.6)."""
     import ctypes
