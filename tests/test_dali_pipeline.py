@@ -1314,3 +1314,30 @@ def test_the_gpu_trim_check_decodes_a_trimmed_clip_on_that_gpu(monkeypatch):
     finally:
         dali_check.gpu_trims_exactly.cache_clear()
     assert calls == [(True, True, 1)]
+
+
+def test_a_video_decoded_alone_is_copied_before_its_pipeline_closes(monkeypatch):
+    """A stand-in's frames are DALI's buffer until cloned: the clone must come before the
+    throw-away pipeline shuts down (it came after, relying on DALI keeping a closed pipeline's
+    output alive: on the GPU, never run). Stand-ins for the pipeline and its output."""
+    events = []
+
+    class Frame:
+        def clone(self):
+            events.append("clone")
+            return "copy"
+
+    class Loader:
+        def _build(self, jobs, parallel, batch_size):
+            return "pipe"
+
+        def _run(self, pipe):
+            return [Frame()], [0]
+
+    class Job:
+        def as_tuple(self):
+            return ()
+
+    monkeypatch.setattr(dali_module, "_close", lambda pipe: events.append("close"))
+    assert DALIVideoLoader._decode_alone(Loader(), Job()) == "copy"
+    assert events == ["clone", "close"]

@@ -836,9 +836,11 @@ class DALIVideoLoader:
         pipe = self._build([(job.as_tuple(),)], parallel=False, batch_size=1)
         try:
             frames, _ = self._run(pipe)
+            # copied while the pipeline is still alive: owned by torch, whatever becomes of
+            # DALI's buffer when the pipeline shuts down
+            return frames[0].clone()
         finally:
             _close(pipe)
-        return frames[0].clone()  # owned by torch, whatever becomes of DALI's buffer
 
     def _skip(self, job: _Job, step: _Step, reason: str) -> None:
         """Leave one example out (it gets a stand-in); its file is left out for the rest of the
