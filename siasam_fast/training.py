@@ -408,8 +408,8 @@ PIPELINE_LOGGERS = ("siasam_fast.pipeline.dataset", "siasam_fast.pipeline.dali",
 
 def make_loader(cfg: Config, data: Data, split: str, rank: int, world: int, epoch: int = 0,
                 task_name: str = ""):
-    """The loader of ``split``; ``task_name``: the task=multi task it is for (its log lines
-    name it)."""
+    """The loader of ``split``; ``task_name``: the task=multi task it is for (the log lines
+    written while the loader is built name it; those of its batches name their video files)."""
     if task_name:
         prefix = _TaskLogPrefix(task_name)
         loggers = [logging.getLogger(name) for name in PIPELINE_LOGGERS]
