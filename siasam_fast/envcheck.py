@@ -343,10 +343,8 @@ def check_deepspeed() -> list[Check]:
         clash = (f"{nvcc} is CUDA {toolkit[0]}.{toolkit[1]} but torch was built with CUDA "
                  f"{built_for}: torch's extension builder refuses a different major version")
     arch_list = fixed if fixed is not None else os.environ.get("TORCH_CUDA_ARCH_LIST", "")
-    built = _jit_arch_names(arch_list)  # [] when unset: DeepSpeed builds for the GPUs present
-    uncovered = sorted({cc for cc in (torch.cuda.get_device_capability(i)
-                                      for i in range(torch.cuda.device_count()))
-                        if built and not _runs_on(cc, built)})
+    uncovered = arch_list_gaps(arch_list, [torch.cuda.get_device_capability(i)
+                                           for i in range(torch.cuda.device_count())])
     if clash:
         rows.append(Check("optimizer", "missing", f"DeepSpeed FusedAdam cannot be built here "
                           f"({clash}): train.optimizer=auto falls back to torch AdamW", hint))
@@ -366,6 +364,14 @@ def check_deepspeed() -> list[Check]:
                           "(no nvcc / CUDA_HOME)", "install the CUDA toolkit, or "
                           "--set train.optimizer=torch"))
     return rows
+
+
+def arch_list_gaps(arch_list: str, capabilities) -> list[tuple[int, int]]:
+    """The compute capabilities among ``capabilities`` that a JIT build for TORCH_CUDA_ARCH_LIST
+    ``arch_list`` (DeepSpeed's FusedAdam) has no code for; [] when the list is empty (DeepSpeed
+    then builds for the GPUs present)."""
+    built = _jit_arch_names(arch_list)
+    return sorted({tuple(cc) for cc in capabilities if built and not _runs_on(tuple(cc), built)})
 
 
 def _jit_arch_names(arch_list: str) -> list[str]:

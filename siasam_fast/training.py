@@ -585,8 +585,19 @@ def build_optimizer(model: torch.nn.Module, cfg: Config, device: torch.device):
                              "use 'torch' on CPU")
         from deepspeed.ops.adam import FusedAdam
 
+        from siasam_fast.envcheck import arch_list_gaps
+
         use_deepspeed_arch_list()
+        arch_list = os.environ.get("TORCH_CUDA_ARCH_LIST", "")
         try:
+            cc = torch.cuda.get_device_capability(device)
+        except (AssertionError, RuntimeError):  # no GPU to ask
+            cc = None
+        try:
+            if cc and arch_list_gaps(arch_list, [cc]):  # it would build, then fail at step one
+                raise RuntimeError(f"TORCH_CUDA_ARCH_LIST={arch_list!r}, which it is built for, "
+                                   f"has no code for this GPU (sm_{cc[0]}{cc[1]}): unset it or "
+                                   f"add {cc[0]}.{cc[1]}")
             with watch_build_lock(FUSED_ADAM):  # its JIT build or load
                 return FusedAdam(groups, adam_w_mode=True, **adam), "DeepSpeed FusedAdam"
         except Exception as err:  # noqa: BLE001 - its JIT build: no nvcc / ninja, a bad arch list

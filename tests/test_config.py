@@ -430,6 +430,34 @@ def test_fused_adam_that_cannot_be_built_falls_back_to_torch_adamw(monkeypatch, 
         build_optimizer(model, cfg, torch.device("cuda"))
 
 
+def test_an_arch_list_without_this_gpu_is_no_fused_adam(monkeypatch, capsys):
+    """DeepSpeed builds FusedAdam for TORCH_CUDA_ARCH_LIST, not for the GPU present: on a V100
+    (sm_70) with "8.0;9.0" (a cluster's A100 / H100 setting) the build succeeds and the first
+    optimizer step fails ('no kernel image'). train.optimizer=auto takes torch AdamW, saying
+    why; an explicit 'deepspeed' stops with it. (torch.cuda stands in for a V100.)"""
+    import deepspeed.ops.adam
+    import torch
+
+    from siasam_fast.training import build_optimizer
+
+    built = []
+    monkeypatch.setattr(deepspeed.ops.adam, "FusedAdam", lambda *a, **k: built.append(1))
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 0))
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+    model, cfg = torch.nn.Linear(3, 2), Config()
+    optimizer, name = build_optimizer(model, cfg, torch.device("cuda", 0))
+    assert name == "torch AdamW" and isinstance(optimizer, torch.optim.AdamW) and not built
+    assert ("FusedAdam could not be built here (TORCH_CUDA_ARCH_LIST='8.0;9.0', which it is "
+            "built for, has no code for this GPU (sm_70): unset it or add 7.0)"
+            in capsys.readouterr().err)
+    cfg.train.optimizer = "deepspeed"
+    with pytest.raises(ValueError, match=r"no code for this GPU \(sm_70\)"):
+        build_optimizer(model, cfg, torch.device("cuda", 0))
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "7.0;8.0")  # covered: FusedAdam as before
+    assert build_optimizer(model, cfg, torch.device("cuda", 0))[1] == "DeepSpeed FusedAdam"
+    assert built == [1]
+
+
 def test_shipped_configs_are_found_from_any_folder(tmp_path, monkeypatch):
     """`--config configs/synthetic.yaml` / `--deepspeed_config configs/ds/...` (the README's
     commands) read the configs shipped with the package when the working folder has none (an
