@@ -81,8 +81,12 @@ full config):
   baseline); forward: model + loss; backward; optimizer: clipping, unscaling, step, schedule.
 - ``warmup_steps`` (untimed training steps actually run: ``--warmup`` + ``SETTLE_STEPS``),
   ``drained_batches`` and ``loader_prefetch``: see "Warm-up" below.
-- ``peak_gpu_mem_gb``: ``torch.cuda.max_memory_allocated`` over the run (model, optimizer, the
-  steps; DALI's own pool is not torch's and is not counted), in GB (1e9 bytes); ``n/a`` on CPU.
+- ``peak_gpu_mem_gb``: ``torch.cuda.max_memory_allocated`` over the two timed passes (the
+  model, the optimizer's state and what the steps allocate; the counter is reset after the
+  warm-up, whose one-offs no timed step repeats: cuDNN's autotuning tries each algorithm with a
+  workspace of its own; DALI's own pool is not torch's and is not counted), in GB (1e9 bytes);
+  ``n/a`` on CPU. ``peak_gpu_reserved_gb``: ``max_memory_reserved`` over the same passes (it
+  starts from what torch's cache held after the warm-up).
   ``peak_host_rss_gb``: the process's peak resident memory, in GB too (cumulative when variants
   share one process).
 - ``model_tflop_per_step`` and ``mfu`` (model FLOPs utilisation): ONE figure for every row, the
@@ -839,6 +843,8 @@ def measure(trainer: Trainer, batches, device: torch.device, warmup: int, steps:
         run_step(trainer, batches, timing=False)
     sync(device)
     warmup_s = time.perf_counter() - t_warm
+    if device.type == "cuda":  # the peak of the timed steps, not the warm-up's one-offs
+        torch.cuda.reset_peak_memory_stats(device)
     say(f"{SETTLE_STEPS} settling steps done; timing {steps} steps x 2 passes")
     skipped0 = trainer.skipped_steps()
 

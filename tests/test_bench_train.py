@@ -1048,3 +1048,42 @@ def test_speedups_are_written_only_with_every_row(tmp_path):
     csv_path, _ = bench_train.save_rows(rows, args, {"device": "cpu"}, cfg, [], final=True)
     with csv_path.open() as fh:
         assert next(csv.DictReader(fh))["speedup_vs_baseline_fp32"] == "1.0"
+
+
+class _LoggingTrainer(_SleepyTrainer):
+    """Logs each step's forward in ``log`` (the peak-memory reset is logged there too)."""
+
+    def __init__(self, log: list):
+        super().__init__(0.0)
+        self.log = log
+
+    def forward(self, batch, targets):
+        self.log.append("step")
+        return torch.zeros(()), {}
+
+
+def test_peak_gpu_memory_is_reset_after_the_warm_up_on_the_cuda_path(monkeypatch):
+    """On CUDA the warm-up holds one-off allocations that no timed step makes (cuDNN's autotuning
+    tries each algorithm with its own workspace; Triton's first launch; the loader's start):
+    peak_gpu_mem_gb is the timed steps' peak, so the counter is reset once the warm-up and the
+    settling steps are done (and synchronised), before the first timed step. torch.cuda stood in."""
+    log: list = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: log.append("sync"))
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: types.SimpleNamespace(
+        synchronize=lambda: None))
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats",
+                        lambda device=None: log.append(("reset", device)))
+    cuda = torch.device("cuda", 0)
+
+    def batches():
+        while True:
+            yield {}
+
+    trainer = _LoggingTrainer(log)
+    bench_train.measure(trainer, batches(), cuda, warmup=2, steps=3, prefetch=1)
+    untimed = 2 + bench_train.SETTLE_STEPS
+    resets = [i for i, e in enumerate(log) if isinstance(e, tuple)]
+    assert [log[i] for i in resets] == [("reset", cuda)], log
+    (i,) = resets
+    assert log[:i].count("step") == untimed and log[i - 1] == "sync", log
+    assert log[i + 1:].count("step") == 2 * 3, log
