@@ -61,7 +61,8 @@ through DLPack from DALI's own pool); ``device_mem_mb``, the peak of the GPU mem
 allocator (DALI's pool included: it has no query of its own in 2.4), sampled as each batch
 arrives, less what was in use at the cell's start, after DALI's pools
 (``nvidia.dali.backend.ReleaseUnusedMemory``) and torch's cache were emptied of what earlier
-cells left, so it does not depend on the order of the cells.
+cells left, so it does not depend on the order of the cells. Both memory columns are in MiB
+(2^20 bytes), whatever their ``_mb`` says.
 """
 
 from __future__ import annotations
