@@ -701,8 +701,16 @@ def micro_step(engine, forward, weight: float, last: bool, sync=lambda: None):
     engine.backward(loss * weight, scale_wrt_gas=False)
     sync()
     t_opt = time.perf_counter()
+    # ZeRO-0's fp16 optimizers keep the scale at min_loss_scale and skip the step, where ZeRO
+    # 1-3's scaler raises: an overflow at a step's end at the minimum stops the run the same way
+    scaling = getattr(getattr(engine, "optimizer", None), "loss_scale_config", None)
+    at_minimum = (last and getattr(scaling, "dynamic_loss_scale", False)
+                  and scaling.cur_scale <= (scaling.min_loss_scale or 0))
     try:
         engine.step()
+        if at_minimum and getattr(engine.optimizer, "overflow", False):
+            raise Exception(f"ZeRO-0's fp16 optimizer: {FP16_SCALE_AT_MINIMUM} "
+                            f"({scaling.cur_scale:g}), and this step overflowed too")
     except Exception as err:
         if FP16_SCALE_AT_MINIMUM not in str(err):
             raise

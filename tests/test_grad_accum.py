@@ -242,3 +242,60 @@ def test_a_moved_schedule_end_takes_the_rate_of_the_schedulers_own_step():
     opt.step()
     scheduler.step()  # the rate goes on from there, one step of the new schedule later
     assert scheduler.get_last_lr() == [pytest.approx(2.0 * warmup_linear_decay(20, 0.0)(5))]
+
+
+def test_fp16_overflow_at_the_minimum_scale_stops_zero0_too():
+    """Under ZeRO-0, DeepSpeed's fp16 optimizers (FP16_Optimizer with FusedAdam,
+    FP16_UnfusedOptimizer with torch AdamW) keep the loss scale at min_loss_scale and skip every
+    step, without the exception of ZeRO 1-3's scaler: a run whose gradients overflow at every
+    scale would skip all its steps. The step stops it as under ZeRO 1-3 (README, "Which ZeRO stage
+    and precision"); an overflow above the minimum, or a step without overflow, goes on. (A
+    stand-in engine with DeepSpeed's own LossScaleConfig: DeepSpeed refuses fp16 on the CPU.)"""
+    import torch
+    from deepspeed.runtime.fp16.loss_scaler import (
+        INITIAL_LOSS_SCALE,
+        MIN_LOSS_SCALE,
+        SCALE_WINDOW,
+        LossScaleConfig,
+    )
+
+    from siasam_fast.training import micro_step
+
+    class Optimizer:  # what engine.step() reads and changes of FP16_Optimizer
+        def __init__(self, scale):
+            self.loss_scale_config = LossScaleConfig(
+                torch.float16, True, 0,
+                {INITIAL_LOSS_SCALE: scale, SCALE_WINDOW: 1000, MIN_LOSS_SCALE: 1})
+            self.overflow = False
+
+        def step(self, overflow):
+            config = self.loss_scale_config
+            self.overflow = overflow
+            if overflow:
+                config.cur_scale = max(config.cur_scale / 2, config.min_loss_scale)
+
+    class Engine:
+        def __init__(self, scale, overflow):
+            self.optimizer, self.overflow = Optimizer(scale), overflow
+
+        def set_gradient_accumulation_boundary(self, last):
+            self.last = last
+
+        def backward(self, loss, scale_wrt_gas=True):
+            pass
+
+        def step(self):
+            if self.last:
+                self.optimizer.step(self.overflow)
+
+    def forward():
+        loss = torch.tensor(3.5)
+        return loss, {"loss": loss}
+
+    with pytest.raises(FloatingPointError, match=r"^fp16: the gradients overflowed at every loss "
+                       r"scale .*min_loss_scale .*loss is 3.5: lower train.lr, or train in bf16"):
+        micro_step(Engine(1.0, overflow=True), forward, 1.0, True)
+    for scale, overflow, last in ((2.0, True, True), (1.0, False, True), (1.0, True, False)):
+        engine = Engine(scale, overflow)
+        engine.optimizer.overflow = True  # a skipped step before: read only at a step's end
+        micro_step(engine, forward, 1.0, last)
