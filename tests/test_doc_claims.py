@@ -147,3 +147,136 @@ def test_scaling_doc_decode_share():
         r"decode-bound at (\d+)-(\d+)% of its compute capacity\*\* \((\d+) or (\d+) of (\d+)",
         text).groups())
     assert (lo, hi) == (round(100 * a / step), round(100 * b / step))
+
+
+def _shell_commands(path: Path) -> list[str]:
+    """The command lines of a Markdown file's ```bash blocks: continuation lines joined, comments
+    dropped, shell variables set in the block (W="...") substituted."""
+    import shlex
+
+    lines, block = [], None
+    for line in path.read_text(encoding="utf-8").splitlines():
+        stripped = line.strip()
+        if stripped.startswith("```"):
+            block = [] if stripped == "```bash" and block is None else None
+        elif block is not None and lines and lines[-1].endswith("\\"):
+            lines[-1] = lines[-1][:-1] + " " + stripped
+        elif block is not None:
+            lines.append(stripped)
+    commands, env = [], {}
+    for line in lines:
+        words = shlex.split(line, comments=True)
+        if len(words) == 1 and re.fullmatch(r"[A-Z]+=.*", words[0]):
+            name, value = words[0].split("=", 1)
+            env[name] = value
+        elif words:
+            commands.append(line)
+    out = []
+    for command in commands:
+        for name, value in env.items():
+            command = command.replace(f"${name}", value)
+        out.append(" ".join(shlex.split(command, comments=True)))
+    return out
+
+
+GPU_OF = {"fp16": ((7, 0), "Tesla V100-SXM2-16GB"), "bf16": ((9, 0), "NVIDIA H100 80GB HBM3"),
+          "fp32": ((9, 0), "NVIDIA H100 80GB HBM3")}
+
+
+@pytest.mark.parametrize("path", [ROOT / "README.md", ROOT / "docs" / "datasets.md"],
+                         ids=lambda p: p.relative_to(ROOT).as_posix())
+def test_shown_training_commands_are_accepted(path):
+    """Every train.py command line of the file's shell blocks (python, deepspeed, torchrun; a
+    ``--config ...`` left for the reader is skipped) parses with train.py's own arguments, its
+    config builds with its --set overrides, and its DeepSpeed file is accepted on the GPU its
+    precision is for (fp16 on a V100, bf16 on an H100: README, "Install on a GPU machine")."""
+    import shlex
+    from unittest import mock
+
+    from siasam_fast import ds_config, training
+
+    checked = 0
+    for command in _shell_commands(path):
+        words = shlex.split(command)
+        if "train.py" not in words:
+            continue
+        args = words[words.index("train.py") + 1:]
+        if "..." in args:
+            continue
+        parsed = training.parse_args(args)
+        cfg = load_config(parsed.config, parsed.set)
+        training.check_start_args(parsed, cfg)
+        ds = ds_config.load_ds_config(parsed.deepspeed_config, cfg.train.precision)
+        cc, name = GPU_OF[ds_config.precision_of(ds)]
+        with mock.patch.multiple("torch.cuda", is_available=lambda: True,
+                                 get_device_capability=lambda *a, cc=cc: cc,
+                                 get_device_name=lambda *a, name=name: name):
+            ds_config.finalize(ds, cfg.train.batch_size, cfg.train.grad_clip, 8,
+                               cfg.train.grad_accum)
+        checked += 1
+    assert checked >= {"README.md": 5, "datasets.md": 3}[path.name], checked
+
+
+def test_shown_benchmark_commands_are_accepted():
+    """The README's benchmark command lines (its shell block, and those it gives in the text)
+    parse with each script's own arguments, their --config and --set included."""
+    import shlex
+    import sys
+
+    sys.path.insert(0, str(ROOT / "tests"))
+    from test_gpu_commands import check_all
+
+    text = " ".join((ROOT / "README.md").read_text(encoding="utf-8").split())
+    inline = ["bench_train.py --config configs/bench_tiny.yaml --steps 5",
+              "bench_kernels.py --quick --interpret", "bench_pipeline.py --quick",
+              "bench_transcode.py --quick", "ablation.py --quick", "ablation.py --variants sparse",
+              "bench_pipeline.py --quick --sets msrvtt-like --backend dali pyav --dali-trim both "
+              "--workers 2",
+              "bench_train.py --set model.activation_checkpointing=cnn",
+              "bench_kernels.py --sweep-configs --dtypes fp16,fp32",
+              "bench_transcode.py --backend dali --workers 16",
+              "--original-gop 250 --original-frames 900"]
+    commands = [c for c in _shell_commands(ROOT / "README.md") if c.startswith("python bench")]
+    for snippet in inline:
+        assert snippet in text, snippet
+        if snippet.startswith("--"):
+            snippet = "bench_transcode.py " + snippet
+        commands.append(f"python benchmarks/{snippet}")
+    commands.append("python benchmarks/bench_pipeline.py --backend pyav dali --dali-threads 4 8 "
+                    "16 --dali-groups 1 2 --dali-trim both")  # the block's comment's options
+    assert len(commands) >= 18, commands
+    for command in commands:
+        words = shlex.split(command)
+        if words[1] == "benchmarks/ablation.py":
+            import ablation
+
+            ablation.parse_args(words[2:])
+        elif words[1] == "benchmarks/bench_memory.py":
+            import bench_memory
+
+            bench_memory.build_parser().parse_args(words[2:])
+        else:
+            check_all([["py", *words[1:]]], ROOT)
+
+
+@pytest.mark.parametrize("path", [ROOT / "README.md", ROOT / "docs" / "datasets.md"],
+                         ids=lambda p: p.relative_to(ROOT).as_posix())
+def test_shown_cli_commands_are_accepted(path):
+    """The file's shell blocks' ``siasam-fast`` command lines parse with the CLI's own parser,
+    and each ``pip install -e .[EXTRA]`` names an extra that setup.py declares."""
+    import shlex
+
+    from siasam_fast import cli
+
+    extras = set(re.findall(r'^\s*"([\w-]+)": \[', (ROOT / "setup.py").read_text(), re.M))
+    checked = 0
+    for command in _shell_commands(path):
+        words = shlex.split(command)
+        if words[0] == "siasam-fast":
+            cli.build_parser().parse_args(words[1:])
+            checked += 1
+        elif words[:3] == ["pip", "install", "-e"]:
+            wanted = re.fullmatch(r"\.\[([\w,-]+)\]", words[3]).group(1).split(",")
+            assert set(wanted) <= extras, (command, extras)
+            checked += 1
+    assert checked >= {"README.md": 5, "datasets.md": 2}[path.name], checked
