@@ -23,8 +23,9 @@
 # (default 20: how often the running part's folder is packed), SKIP_STAGE=1, PY (python3), KEEP
 # (default /tmp/owed: full outputs).
 # CHECKS_S (default 120: the most the checks part takes; `siasam-fast env` gets half of it, at
-# most 30 s, the model tests the rest, at most 90 s), TRANSCODE_ARGS (default: the runbook's run 3
-# arguments of bench_transcode.py, without --out-dir), DALI_ARGS (more arguments of
+# most 30 s, the model tests the rest, at most 90 s), TRANSCODE_ARGS (arguments of
+# bench_transcode.py without --out-dir; default: the ones set below, not those of the runbook's
+# item 3, which passes its own), DALI_ARGS (more arguments of
 # gpu_check_dali.py, e.g. --skip-bench: its correctness sections only, trimmed files included),
 # DALI_S (default: none: the most the dali part takes, below its share; e.g. 150 with
 # --skip-bench, so that a slow check leaves the next part its time).
