@@ -261,6 +261,27 @@ def test_a_torch_that_does_not_import_is_blamed_once_with_the_right_reinstall(ca
         assert "pip install" not in rows[name].hint, name
 
 
+def fake_toolkit(folder, release: str):
+    """A CUDA toolkit folder whose ``bin/nvcc`` prints ``release`` as nvcc does."""
+    nvcc = folder / "bin" / "nvcc"
+    nvcc.parent.mkdir(parents=True, exist_ok=True)
+    nvcc.write_text(f"#!/bin/sh\necho 'Cuda compilation tools, release {release}'\n")
+    nvcc.chmod(0o755)
+    return folder
+
+
+def stand_in_gpus(monkeypatch, torch_cuda: str, count: int = 1, capability=(7, 0)):
+    """``count`` GPUs of ``capability`` (a callable of the index for mixed ones) for DeepSpeed's
+    check, a torch built with CUDA ``torch_cuda``, no apex (`import apex` raises)."""
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
+    monkeypatch.setattr(torch.cuda, "get_device_capability",
+                        capability if callable(capability) else lambda *a: capability)
+    monkeypatch.setattr(torch.version, "cuda", torch_cuda)
+    monkeypatch.setitem(sys.modules, "apex", None)
+
+
 def test_an_nvcc_that_cannot_build_fused_adam_for_this_gpu_is_not_ok(monkeypatch, tmp_path):
     """The nvcc torch's extension builder would use (CUDA_HOME first, then PATH) decides whether
     FusedAdam can be built: a CUDA 13 nvcc cannot compile for a V100 (sm_70), and one of another
@@ -269,24 +290,12 @@ def test_an_nvcc_that_cannot_build_fused_adam_for_this_gpu_is_not_ok(monkeypatch
     import os
 
     pytest.importorskip("deepspeed")
-
-    def toolkit(name, release):
-        nvcc = tmp_path / name / "bin" / "nvcc"
-        nvcc.parent.mkdir(parents=True, exist_ok=True)
-        nvcc.write_text(f"#!/bin/sh\necho 'Cuda compilation tools, release {release}'\n")
-        nvcc.chmod(0o755)
-        return nvcc.parent.parent
-
-    cuda13, cuda12 = toolkit("cuda-13.0", "13.0"), toolkit("cuda-12.6", "12.6")
+    cuda13 = fake_toolkit(tmp_path / "cuda-13.0", "13.0")
+    cuda12 = fake_toolkit(tmp_path / "cuda-12.6", "12.6")
     monkeypatch.delenv("CUDA_HOME", raising=False)
     monkeypatch.delenv("CUDA_PATH", raising=False)
     monkeypatch.setenv("PATH", f"{cuda13 / 'bin'}:" + os.environ["PATH"])
-    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (7, 0))
-    monkeypatch.setattr(torch.version, "cuda", "12.6")
-    monkeypatch.setitem(sys.modules, "apex", None)  # no apex: `import apex` raises
+    stand_in_gpus(monkeypatch, "12.6")
 
     def optimizer_row():
         return {r.name: r for r in envcheck.check_deepspeed()}["optimizer"]
@@ -314,17 +323,8 @@ def test_an_arch_list_without_the_gpu_makes_fused_adam_fail(monkeypatch, tmp_pat
     pytest.importorskip("deepspeed")
     from deepspeed.ops.op_builder import FusedAdamBuilder
 
-    nvcc = tmp_path / "cuda-12.6" / "bin" / "nvcc"
-    nvcc.parent.mkdir(parents=True)
-    nvcc.write_text("#!/bin/sh\necho 'Cuda compilation tools, release 12.6'\n")
-    nvcc.chmod(0o755)
-    monkeypatch.setenv("CUDA_HOME", str(nvcc.parent.parent))
-    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (7, 0))
-    monkeypatch.setattr(torch.version, "cuda", "12.6")
-    monkeypatch.setitem(sys.modules, "apex", None)
+    monkeypatch.setenv("CUDA_HOME", str(fake_toolkit(tmp_path / "cuda-12.6", "12.6")))
+    stand_in_gpus(monkeypatch, "12.6")
     monkeypatch.setattr(FusedAdamBuilder, "is_compatible", lambda self, verbose=False: True)
     for value, status in (("8.0;9.0", "fail"), ("8.0 9.0a+PTX", "fail"), ("7.0;8.0", "ok"),
                           ("6.0+PTX", "ok"), ("7.0+PTX", "ok"), ("", "ok")):
@@ -396,16 +396,8 @@ def test_fused_adam_is_judged_by_the_oldest_gpu(monkeypatch, tmp_path):
     """A V100 beside an A100: the CUDA 13 nvcc cannot build FusedAdam for the V100 (sm_70),
     whichever GPU comes first."""
     pytest.importorskip("deepspeed")
-    nvcc = tmp_path / "cuda-13.0" / "bin" / "nvcc"
-    nvcc.parent.mkdir(parents=True)
-    nvcc.write_text("#!/bin/sh\necho 'Cuda compilation tools, release 13.0'\n")
-    nvcc.chmod(0o755)
-    monkeypatch.setenv("CUDA_HOME", str(nvcc.parent.parent))
-    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
-    monkeypatch.setattr(torch.version, "cuda", "13.0")
-    monkeypatch.setitem(sys.modules, "apex", None)
+    monkeypatch.setenv("CUDA_HOME", str(fake_toolkit(tmp_path / "cuda-13.0", "13.0")))
+    stand_in_gpus(monkeypatch, "13.0", count=2)
     for capabilities in (((8, 0), (7, 0)), ((7, 0), (8, 0))):
         monkeypatch.setattr(torch.cuda, "get_device_capability",
                             lambda i=0, caps=capabilities: caps[i])
