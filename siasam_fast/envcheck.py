@@ -138,11 +138,12 @@ def check_kernels() -> list[Check]:
                       "TRITON_INTERPRET=1 runs them on the CPU through Triton's interpreter "
                       "(slow; for tests)")]
     device = torch.device("cuda" if on_gpu else "cpu")
-    if on_gpu and torch.cuda.get_device_capability(device) < (7, 5) and \
-            _version_tuple(triton.__version__) >= (3, 9):
-        return [Check("Triton kernels", "fail", f"Triton {triton.__version__} cannot compile for "
-                      f"{torch.cuda.get_device_name(device)} (sm_70): its bundled ptxas rejects "
-                      "the PTX it emits", "pip install triton==3.8.0 (README, V100 notes)")]
+    problem = on_gpu and siamese.triton_gpu_problem(torch.cuda.get_device_capability(device),
+                                                    triton.__version__)
+    if problem:
+        return [Check("Triton kernels", "fail", f"{torch.cuda.get_device_name(device)}: "
+                      f"{problem.split(': pip')[0]}; training falls back to the reference loss",
+                      "pip install triton==3.8.0 (README, V100 notes)")]
     worst = _kernel_vs_reference(device)
     where = torch.cuda.get_device_name(device) if on_gpu else "the CPU (Triton interpreter)"
     detail = (f"Triton {triton.__version__}: the fused loss matches the reference on {where} "
@@ -156,13 +157,6 @@ def check_kernels() -> list[Check]:
     if on_gpu:
         rows.append(_tuned_row(torch.cuda.get_device_name(device)))
     return rows
-
-
-def _version_tuple(version: str) -> tuple[int, ...]:
-    """(3, 8, 0) of "3.8.0+git..." (the leading numbers only)."""
-    import re
-
-    return tuple(int(n) for n in re.findall(r"\d+", version.split("+")[0])[:3])
 
 
 def _kernel_vs_reference(device) -> float:

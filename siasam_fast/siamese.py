@@ -301,6 +301,24 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "").strip().lower() in ("1", "true", "on", "yes")
 
 
+def _version_tuple(version: str) -> tuple[int, ...]:
+    """(3, 8, 0) of "3.8.0+git..." (the leading numbers only)."""
+    import re
+
+    return tuple(int(n) for n in re.findall(r"\d+", version.split("+")[0])[:3])
+
+
+def triton_gpu_problem(capability: tuple[int, int], triton_version: str) -> str | None:
+    """Why Triton ``triton_version`` cannot compile the kernels for a GPU of ``capability``, or
+    None: from Triton 3.9 its PTX (ISA 9.4) is more than its bundled ptxas 12.9 takes for sm_70
+    ("Unsupported .version 9.4"), and CUDA 13's ptxas no longer targets sm_70."""
+    if tuple(capability) < (7, 5) and _version_tuple(triton_version) >= (3, 9):
+        return (f"Triton {triton_version} cannot compile for sm_{capability[0]}{capability[1]} "
+                "(its bundled ptxas rejects the PTX it emits): pip install triton==3.8.0 (README, "
+                "V100 notes)")
+    return None
+
+
 def _triton_unsupported(features, logits, theta1, theta2, skg) -> str | None:
     """Why the fused kernels cannot run these inputs (None if they can)."""
     if logits.device.type != "cuda" and not interpreting():
@@ -320,6 +338,13 @@ def _triton_unsupported(features, logits, theta1, theta2, skg) -> str | None:
         return ("impl='triton' on CPU tensors: TRITON_INTERPRET=1 was set after siasam_kernels "
                 "was imported, so its kernels were built for a GPU; set it before the first "
                 "import (e.g. in the shell), or use impl='reference'")
+    if logits.device.type == "cuda":
+        import triton
+
+        problem = triton_gpu_problem(torch.cuda.get_device_capability(logits.device),
+                                     triton.__version__)
+        if problem:
+            return f"impl='triton': {problem}; or use impl='reference'"
     V, N, K = logits.shape
     if N > kern.MAX_CLIPS:
         return (

@@ -7,7 +7,7 @@ import pytest
 import torch
 from conftest import requires_cuda
 
-from siasam_fast import cli, envcheck
+from siasam_fast import cli, envcheck, siamese
 
 
 def run_env(capsys, *argv):
@@ -174,9 +174,9 @@ def test_torch_build_against_the_gpu(cc, arch_list, runs):
 
 
 def test_version_tuple():
-    assert envcheck._version_tuple("3.8.0") == (3, 8, 0) >= (3, 8)
-    assert envcheck._version_tuple("3.9.0+git1234abcd") == (3, 9, 0) >= (3, 9)
-    assert envcheck._version_tuple("3.10.1rc2") >= (3, 9)
+    assert siamese._version_tuple("3.8.0") == (3, 8, 0) >= (3, 8)
+    assert siamese._version_tuple("3.9.0+git1234abcd") == (3, 9, 0) >= (3, 9)
+    assert siamese._version_tuple("3.10.1rc2") >= (3, 9)
 
 
 def test_dali_wheel_cuda_version():

@@ -875,3 +875,26 @@ def test_kernels_launch_on_the_inputs_gpu_not_the_current_one(monkeypatch):
     z.requires_grad_()
     siamese_loss(f, z, t1, t2, clip_mask=m, impl="triton").backward()
     assert calls == [(ks._siamese_fwd_kernel, z.device), (ks._siamese_bwd_kernel, z.device)]
+
+
+def test_a_triton_that_cannot_compile_for_a_v100_falls_back_to_the_reference(monkeypatch):
+    """Triton 3.9+ cannot compile for sm_70 (its bundled ptxas rejects the PTX it emits): the
+    first training step on a V100 failed inside Triton's compiler. impl=auto now takes the
+    reference with a warning naming the fix, impl=triton refuses by name; `siasam-fast env`
+    says the same (one check, siamese.triton_gpu_problem). A stand-in for a CUDA tensor:
+    nothing is launched."""
+    import triton
+
+    class OnTheGpu:
+        device, dtype = torch.device("cuda", 0), torch.float16
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (7, 0))
+    monkeypatch.setattr(triton, "__version__", "3.9.0")
+    with pytest.warns(UserWarning, match=r"falls back to the reference: impl='triton': Triton "
+                                         r"3\.9\.0 cannot compile for sm_70 .*triton==3\.8\.0"):
+        assert S.resolve_impl("auto", None, OnTheGpu(), None, None, skg=False) == "reference"
+    with pytest.raises(ValueError, match=r"Triton 3\.9\.0 cannot compile for sm_70"):
+        S.resolve_impl("triton", None, OnTheGpu(), None, None, skg=False)
+    assert S.triton_gpu_problem((7, 0), "3.8.0") is None
+    assert S.triton_gpu_problem((7, 5), "3.10.1") is None
+    assert S.triton_gpu_problem((7, 0), "3.10.1+git12ab") is not None
