@@ -1594,6 +1594,61 @@ def lock_run_folder(out_dir: Path, rank: int, world: int) -> FolderLock | None:
     return lock
 
 
+def start_view(resume: str | None, out_dir: Path) -> dict:
+    """What this process finds at the start: the checkpoint ``--resume`` continues (``resume``,
+    None for a new run), or the error saying there is none (``error``), and what a previous run
+    left in ``out_dir`` (``held``, [] when resuming it), with this process's host."""
+    view = {"out_dir": str(out_dir), "resume": None, "held": [], "error": None,
+            "host": socket.gethostname()}
+    try:
+        if resume == "if-any":  # a job that may have run before (requeued): continue it if so
+            try:
+                view["resume"] = str(resolve_checkpoint(out_dir))
+            except FileNotFoundError:
+                pass
+        elif resume:
+            view["resume"] = str(resolve_checkpoint(out_dir if resume == "auto" else resume))
+    except FileNotFoundError as err:
+        view["error"] = str(err)
+        return view
+    tag_dir = Path(view["resume"]) if view["resume"] else None
+    if not (tag_dir is not None and _same_dir(tag_dir.parent.parent, out_dir)):
+        view["held"] = previous_run(out_dir)
+    return view
+
+
+def check_same_start(view: dict, world: int) -> None:
+    """Every process must resume the same checkpoint (or none) and find the same previous run.
+    On several nodes they differ where ``train.out_dir`` is not one folder every node shares (a
+    node-local disk): then every process stops with one error naming two that differ, where the
+    ones that found nothing would stop alone and leave the others waiting in the first
+    collective. The processes agreeing, the error they share (no checkpoint) is raised."""
+    if dist.is_initialized() and world > 1:
+        views = [None] * world
+        dist.all_gather_object(views, view)
+        keys = ("resume", "held", "error")
+        first = views[0]
+        other = next((r for r, v in enumerate(views) if any(v[k] != first[k] for k in keys)),
+                     None)
+        if other is not None:
+            def finds(v: dict) -> str:
+                if v["error"]:
+                    return f"finds no checkpoint ({v['error']})"
+                if v["resume"]:
+                    return f"resumes {v['resume']}"
+                return ("finds " + "; ".join(v["held"]) if v["held"] else
+                        "finds no previous run") + " (a new run)"
+
+            raise ValueError(
+                f"the processes find different things in train.out_dir={first['out_dir']}: "
+                f"process 0 (on {first['host']}) {finds(first)}, process {other} (on "
+                f"{views[other]['host']}) {finds(views[other])}: on several nodes, "
+                "train.out_dir must be a folder on a file system every node shares (not a "
+                "node-local disk such as /tmp)")
+    if view["error"]:
+        raise FileNotFoundError(view["error"])
+
+
 def check_start_args(args: argparse.Namespace, cfg: Config) -> None:
     """Refuse, naming what is valid, a training without a run config (every setting at its
     default: no data) and a ``--resume`` value that is neither a keyword nor an existing path."""
@@ -1636,16 +1691,11 @@ def train(argv: list[str] | None = None, prog: str | None = None) -> int:
 def run_training(args: argparse.Namespace, cfg: Config, rank: int, world: int,
                  device: torch.device, out_dir: Path) -> int:
     rank0 = rank == 0
-    tag_dir = None
-    if args.resume == "if-any":  # a job that may have run before (requeued): continue it if so
-        try:
-            tag_dir = resolve_checkpoint(out_dir)
-        except FileNotFoundError:
-            tag_dir = None
-    elif args.resume:
-        tag_dir = resolve_checkpoint(out_dir if args.resume == "auto" else args.resume)
+    view = start_view(args.resume, out_dir)
+    check_same_start(view, world)  # (on several nodes: the same checkpoint on every one)
+    tag_dir = Path(view["resume"]) if view["resume"] else None
     resuming_here = tag_dir is not None and _same_dir(tag_dir.parent.parent, out_dir)
-    held = [] if resuming_here else previous_run(out_dir)
+    held = view["held"]
     # if-any and no checkpoint: what is there is an earlier try that never saved one (its
     # metrics only), which cannot be resumed: it is replaced, as with train.overwrite.
     unresumable = args.resume == "if-any" and not any(h.startswith("checkpoints") for h in held)
