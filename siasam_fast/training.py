@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
+import dataclasses
 import hashlib
 import io
 import itertools
@@ -609,6 +610,28 @@ def build_optimizer(model: torch.nn.Module, cfg: Config, device: torch.device):
             print(f"note: DeepSpeed's FusedAdam could not be built here ({why}); using torch "
                   "AdamW (`siasam-fast env` says what the build needs)", file=sys.stderr)
     return torch.optim.AdamW(groups, **adam), "torch AdamW"
+
+
+def same_optimizer_everywhere(optimizer, name: str, model: torch.nn.Module, cfg: Config,
+                              device: torch.device, rank: int, world: int):
+    """``(optimizer, name)`` of :func:`build_optimizer`, the same on every process: where some
+    built another one (``train.optimizer=auto`` on several nodes: a node whose FusedAdam cannot
+    be built there, no nvcc and no build in its own ~/.cache, falls back alone), every process
+    takes torch AdamW, and process 0 says which hosts fell back. Mixed optimizers would step
+    each process's replica (ZeRO-0) or partition differently."""
+    if not (dist.is_initialized() and world > 1):
+        return optimizer, name
+    views = [None] * world
+    dist.all_gather_object(views, {"name": name, "host": socket.gethostname()})
+    if all(v["name"] == views[0]["name"] for v in views):
+        return optimizer, name
+    built = sorted({f"{v['name']} on {v['host']}" for v in views})
+    if rank == 0:
+        print(f"note: the processes built different optimizers ({'; '.join(built)}): every "
+              "process uses torch AdamW (train.optimizer=torch says so without this note)",
+              flush=True)
+    torch_cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, optimizer="torch"))
+    return build_optimizer(model, torch_cfg, device)
 
 
 def fused_layer_norm(cfg: Config, device: torch.device) -> bool:
@@ -1787,7 +1810,8 @@ def run_training(args: argparse.Namespace, cfg: Config, rank: int, world: int,
         if rank0:
             print(f"apex FusedLayerNorm in place of {replaced} torch LayerNorm(s) "
                   "(model.layer_norm=torch keeps torch's)")
-    optimizer, optimizer_name = build_optimizer(model, cfg, device)
+    optimizer, optimizer_name = same_optimizer_everywhere(
+        *build_optimizer(model, cfg, device), model, cfg, device, rank, world)
     # The schedule's length: a resume that changes the steps per epoch sets it to the steps done
     # plus the steps left (saved as schedule_steps, for the resumes after it).
     schedule = {"total": total_steps}

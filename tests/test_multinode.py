@@ -3,8 +3,10 @@ other nodes (their processes' views gathered by a monkeypatched ``dist.all_gathe
 processes must agree on the checkpoint they resume and on the optimizer they step with."""
 
 import pytest
+import torch
 
 from siasam_fast import training
+from siasam_fast.config import Config
 
 
 def _gathered(monkeypatch, others):
@@ -60,3 +62,21 @@ def test_processes_that_agree_go_on_and_share_an_error(tmp_path, monkeypatch):
 def test_one_process_checks_nothing_with_others(tmp_path, monkeypatch):
     monkeypatch.setattr(training.dist, "all_gather_object", None)  # not called
     training.check_same_start(training.start_view(None, tmp_path / "run"), 1)
+
+
+def test_a_node_that_could_not_build_fused_adam_makes_every_process_use_torch_adamw(
+        monkeypatch, capsys):
+    # node B has no cached FusedAdam build and no nvcc: it fell back (train.optimizer=auto)
+    model = torch.nn.Linear(2, 2)
+    cfg = Config()
+    fused = object()  # stands in for DeepSpeed's FusedAdam
+    _gathered(monkeypatch, [lambda mine: {**mine, "host": "node2", "name": "torch AdamW"}])
+    optimizer, name = training.same_optimizer_everywhere(
+        fused, "DeepSpeed FusedAdam", model, cfg, torch.device("cpu"), rank=0, world=2)
+    assert name == "torch AdamW" and isinstance(optimizer, torch.optim.AdamW)
+    assert "node2" in capsys.readouterr().out
+    # every process has the same: nothing changes
+    _gathered(monkeypatch, [lambda mine: {**mine, "host": "node2"}])
+    assert training.same_optimizer_everywhere(
+        fused, "DeepSpeed FusedAdam", model, cfg, torch.device("cpu"), rank=0,
+        world=2) == (fused, "DeepSpeed FusedAdam")
