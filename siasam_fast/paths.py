@@ -218,6 +218,12 @@ def lock_folder(folder: str | os.PathLike, option: str) -> FolderLock:
         try:
             os.ftruncate(fd, 0)
             os.write(fd, (json.dumps(holder) + "\n").encode())
+            # the file stays open: on NFS the line would reach the server (and a training
+            # refused from another node) only at writeback, up to ~30 s later
+            try:
+                os.fsync(fd)
+            except OSError:  # a file system that takes no fsync: the line is there all the same
+                pass
         except BaseException:
             lock.release()
             raise

@@ -196,3 +196,15 @@ def test_a_lock_file_removed_by_its_previous_holder_is_not_the_one_held(tmp_path
     lock = lock_folder(run, "train.out_dir")
     assert json.loads((run / LOCK_FILE).read_text())["pid"] == os.getpid()  # one line, whole
     lock.release()
+
+
+def test_the_holders_line_reaches_the_file_server_before_the_lock_is_used(tmp_path, monkeypatch):
+    """On NFS a write stays in the writer's page cache until close, fsync or writeback (up to
+    ~30 s): a training refused from another node in that time would read an empty lock file
+    ("its holder has not written its name yet"). The held file, never closed, is fsync'ed."""
+    synced = []
+    real_fsync = paths.os.fsync
+    monkeypatch.setattr(paths.os, "fsync", lambda fd: (synced.append(fd), real_fsync(fd)))
+    lock = lock_folder(tmp_path / "run", "train.out_dir")
+    assert lock.fd in synced
+    lock.release()
