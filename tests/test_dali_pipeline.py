@@ -446,6 +446,8 @@ def test_file_turned_corrupt_after_indexing(own_copy, caplog, how, batch_size, n
     assert loader.state_dict()["position"] == len(names)  # skipped examples count as consumed
     again = [i for b in loader for i in b["example_index"].tolist()]
     assert again == got  # the next epoch skips the file without trying it
+    # the list is the latest pass's: it does not grow with every epoch of a long run
+    assert [path for path, _ in loader.skipped] == [str(damaged)] * 2
 
 
 def test_a_resumed_loader_leaves_out_the_videos_its_state_names(own_copy, caplog):

@@ -57,9 +57,10 @@ loader's life (unlike PyAV, which tries a file whose size did not change again f
 a failed DALI pipeline is rebuilt, and some damaged streams crash its decoder; so after a stream
 fails, DALI's batches could differ from those of a fresh process: ``state_dict`` carries the
 videos left out, so a resumed run leaves them out too).
-``loader.skipped`` lists ``(path, reason)`` per example left out and ``loader.stand_ins`` counts
-the stand-ins. Skipped examples still count as consumed for ``state_dict`` (a resume does not
-replay them). Limits:
+``loader.skipped`` lists ``(path, reason)`` per example left out in the latest pass (the list
+starts again with each pass, so it does not grow with every epoch of a long run; the files left
+out stay in ``state_dict``) and ``loader.stand_ins`` counts the stand-ins. Skipped examples still
+count as consumed for ``state_dict`` (a resume does not replay them). Limits:
 damage inside a frame's payload may decode into artefacts without any error, and a decoder that
 crashes the process (DALI's video decoder can on some corrupt input) cannot be caught in-process:
 building the manifest with its default full-decode probe is what keeps such files away.
@@ -486,8 +487,8 @@ class DALIVideoLoader:
     """Batches of the batch contract decoded by DALI; the interface of ``VideoQALoader``.
 
     ``len``, ``set_epoch``, ``state_dict`` / ``load_state_dict``, ``.sampler``, ``.dataset``; built
-    by :func:`build_dali_loader`. ``skipped`` lists ``(path, reason)`` of the videos left out since
-    the loader was built (changed since indexing, or failed to decode).
+    by :func:`build_dali_loader`. ``skipped`` lists ``(path, reason)`` of the examples left out in
+    the latest pass (their video changed since indexing, or failed to decode).
     """
 
     backend = "dali"
@@ -526,7 +527,7 @@ class DALIVideoLoader:
         self.decode_group = int(decode_group)
         self.trim = bool(trim)
         self.defer_stop_signals = bool(defer_stop_signals)
-        self.skipped: list[tuple[str, str]] = []  # (path, reason) per example left out
+        self.skipped: list[tuple[str, str]] = []  # (path, reason) per example left out (a pass's)
         self.stand_ins = 0  # stand-ins yielded in their place
         self._passes: weakref.WeakSet = weakref.WeakSet()  # iterations in progress
         _LOADERS.add(self)  # close_loaders() ends them on a failing run's way out
@@ -585,6 +586,7 @@ class DALIVideoLoader:
         return running
 
     def _iterate(self):
+        self.skipped = []  # this pass's: a list kept over every epoch would only grow
         sampler = self.sampler
         start = sampler._resume_from  # the same resume protocol as VideoQALoader
         keys = list(sampler)  # (epoch, position) of the rest of this epoch's shard
