@@ -1485,9 +1485,12 @@ def check_siamese_impl(impl: str, device: torch.device) -> None:
 
 
 class MetricsLog:
-    """Appends rows to a CSV (and TensorBoard when installed); rank 0 only."""
+    """Appends rows to a CSV (and TensorBoard when installed); rank 0 only. ``keep_rows``: a
+    resumed log's earlier rows stay in ``rows`` (the epochs' history; not the steps': a run
+    resumed after 100k steps would hold some 90 MB of them, unused, to its end)."""
 
-    def __init__(self, path: Path, enabled: bool, resume_step: int | None = None):
+    def __init__(self, path: Path, enabled: bool, resume_step: int | None = None,
+                 keep_rows: bool = True):
         self.path, self.enabled = path, enabled
         self.writer = None
         self.rows: list[dict] = []  # the rows kept from before a resume, as numbers
@@ -1496,7 +1499,8 @@ class MetricsLog:
         if resume_step is not None and path.is_file():  # drop rows past the resumed step
             with path.open() as fh:
                 rows = [r for r in csv.DictReader(fh) if int(r["step"]) <= resume_step]
-            self.rows = [{k: _number(v) for k, v in r.items()} for r in rows]
+            if keep_rows:
+                self.rows = [{k: _number(v) for k, v in r.items()} for r in rows]
             self.columns = list(rows[0].keys()) if rows else None
             with path.open("w", newline="") as fh:
                 if rows:
@@ -1921,7 +1925,8 @@ def run_training(args: argparse.Namespace, cfg: Config, rank: int, world: int,
             save_ans2label(vocab, out_dir / "ans2label.json")
     if dist.is_initialized():
         dist.barrier()
-    steps_log = MetricsLog(out_dir / "metrics_steps.csv", rank0, step if tag_dir else None)
+    steps_log = MetricsLog(out_dir / "metrics_steps.csv", rank0, step if tag_dir else None,
+                           keep_rows=False)
     epochs_log = MetricsLog(out_dir / "metrics_epochs.csv", rank0, step if tag_dir else None)
     if rank0:
         print(f"siasam-fast: {world} process(es) on {device}, {precision}, ZeRO stage "

@@ -501,6 +501,30 @@ def test_a_resume_before_every_logged_row_starts_the_csv_again_with_its_header(t
         assert list(csv.DictReader(fh)) == [{"step": "17", "epoch": "1", "val_accuracy": "0.25"}]
 
 
+def test_the_steps_log_of_a_resumed_run_keeps_no_rows_in_memory(tmp_path):
+    """A resumed run's metrics_steps.csv is cut at the resumed step, its rows not kept: the run
+    never reads them, and a long run's (100k steps: some 90 MB) stayed in memory to its end."""
+    import inspect
+
+    from siasam_fast import training
+    from siasam_fast.training import MetricsLog
+
+    path = tmp_path / "metrics_steps.csv"
+    log = MetricsLog(path, True)
+    for step in range(1, 6):
+        log.write({"step": step, "loss": 1.0 / step})
+    resumed = MetricsLog(path, True, resume_step=3, keep_rows=False)
+    assert resumed.rows == []
+    with path.open(newline="") as fh:
+        assert [r["step"] for r in csv.DictReader(fh)] == ["1", "2", "3"]
+    resumed.write({"step": 4, "loss": 0.5})
+    with path.open(newline="") as fh:
+        assert [r["step"] for r in csv.DictReader(fh)] == ["1", "2", "3", "4"]
+    source = inspect.getsource(training.run_training)
+    assert 'MetricsLog(out_dir / "metrics_steps.csv"' in source
+    assert "keep_rows=False" in source.split('"metrics_steps.csv"', 1)[1].split(")", 1)[0]
+
+
 def test_a_run_without_a_config_file_but_its_data_set_is_not_refused():
     """The check of "no --config" refuses a training whose every setting is the default (no
     data), not one that gives its data with --set alone."""
