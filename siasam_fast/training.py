@@ -1547,6 +1547,9 @@ class MetricsLog:
             for k, v in row.items():
                 if isinstance(v, (int, float)) and k != "step":
                     self.writer.add_scalar(f"{self.path.stem}/{k}", v, row["step"])
+            # written out now, as the CSV row is: the writer is never closed, and its thread
+            # flushes only every 2 minutes (a process ending soon after lost the last ones)
+            self.writer.flush()
 
 
 # ------------------------------------------------------------------------------------------------
