@@ -1108,9 +1108,9 @@ def test_the_pyav_loader_is_not_given_the_dali_only_arguments(monkeypatch):
 
 
 def test_backend_choice_keeps_av1_off_the_nvdec_of_a_v100_or_t4(monkeypatch):
-    """NVDEC decodes AV1 from Ampere (sm_80) on: on a V100 (sm_70) or T4 (sm_75) DALI would fail
-    on every AV1 file and leave it out as damaged. data.backend=auto takes PyAV for an AV1
-    manifest there, and backend=dali says why, naming the GPU; sm_80 keeps DALI."""
+    """NVDEC has no AV1 on a V100 (sm_70) or T4 (sm_75): DALI would fail on every AV1 file and
+    leave it out as damaged. data.backend=auto takes PyAV for an AV1 manifest there, and
+    backend=dali says why, naming the GPU; an A10 (sm_86) keeps DALI."""
     from types import SimpleNamespace
 
     from siasam_fast import envcheck
@@ -1127,5 +1127,32 @@ def test_backend_choice_keeps_av1_off_the_nvdec_of_a_v100_or_t4(monkeypatch):
         with pytest.raises(ValueError, match=r"NVDEC.*V100.*av1"):
             loaders.resolve_backend("dali", av1)
         assert loaders.resolve_backend("auto", {"b": av1["b"]}) == "dali"
-    monkeypatch.setattr(loaders.torch.cuda, "get_device_capability", lambda *a: (8, 0))
+    monkeypatch.setattr(loaders.torch.cuda, "get_device_capability", lambda *a: (8, 6))
     assert loaders.resolve_backend("auto", av1) == "dali"
+
+
+@pytest.mark.parametrize("cc, name, av1", [
+    ((8, 0), "NVIDIA A100-SXM4-80GB", False), ((9, 0), "NVIDIA H100 80GB HBM3", False),
+    ((8, 6), "NVIDIA A10", True), ((8, 7), "Orin", True), ((8, 9), "NVIDIA L4", True),
+    ((10, 0), "NVIDIA B200", True), ((12, 0), "NVIDIA RTX PRO 6000", True)])
+def test_nvdec_av1_follows_nvidias_table_not_the_architecture_number(monkeypatch, cc, name, av1):
+    """NVIDIA's NVDEC application note (Video Codec SDK 12.2, 13.0): AV1 Main Profile decoding is
+    'N' for Turing / GA100 / Hopper and 'Y' for GA10x, Ada and Blackwell. An A100 (sm_80) or an
+    H100 (sm_90) with an AV1 manifest must get PyAV: DALI would leave out every AV1 file."""
+    from types import SimpleNamespace
+
+    from siasam_fast import envcheck
+    from siasam_fast.pipeline import loaders
+
+    monkeypatch.setattr(loaders.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(loaders, "dali_available", lambda: True)
+    monkeypatch.setattr(envcheck, "dali_wheel", lambda: "nvidia-dali-cuda120")
+    monkeypatch.setattr(loaders.torch.cuda, "get_device_name", lambda *a: name)
+    monkeypatch.setattr(loaders.torch.cuda, "get_device_capability", lambda *a: cc)
+    manifest = {"a": SimpleNamespace(ok=True, codec="av1")}
+    assert loaders.resolve_backend("auto", manifest) == ("dali" if av1 else "pyav")
+    if av1:
+        assert loaders.resolve_backend("dali", manifest) == "dali"
+    else:
+        with pytest.raises(ValueError, match=rf"NVDEC of {name}.*av1"):
+            loaders.resolve_backend("dali", manifest)

@@ -53,19 +53,25 @@ def dali_gpu_problem() -> str | None:
 # Codecs DALI's video decoder reads on the GPU (NVDEC); its CPU decoder reads VP8, VP9, MJPEG.
 DALI_GPU_CODECS = frozenset({"h264", "hevc", "vp8", "vp9", "mjpeg", "av1"})
 DALI_CPU_CODECS = frozenset({"vp8", "vp9", "mjpeg"})
-# NVDEC decodes AV1 from Ampere (sm_80) on; a V100's (sm_70) or T4's (sm_75) does not, and DALI
-# would fail on every AV1 file there (each left out as if damaged).
-NVDEC_AV1_MIN_CAPABILITY = (8, 0)
+
+
+def nvdec_decodes_av1(cc: tuple[int, int]) -> bool:
+    """Whether the NVDEC of a GPU of compute capability ``cc`` decodes AV1. NVIDIA's NVDEC
+    application note (Video Codec SDK 12.2, 13.0): GA10x (sm_86, sm_87), Ada (sm_89) and Blackwell
+    (sm_100 on) do; Volta, Turing, GA100 (A100, A30: sm_80) and Hopper (H100, H200: sm_90) do
+    not, and DALI would fail on every AV1 file there (each left out as if damaged)."""
+    major, minor = cc
+    return (major == 8 and minor >= 6) or major >= 10
 
 
 def dali_gpu_codecs() -> frozenset[str]:
-    """The codecs NVDEC decodes on this machine's GPU (:data:`DALI_GPU_CODECS`, less AV1 before
-    sm_80)."""
+    """The codecs NVDEC decodes on this machine's GPU (:data:`DALI_GPU_CODECS`, less AV1 where
+    :func:`nvdec_decodes_av1` says so)."""
     try:
         cc = tuple(torch.cuda.get_device_capability())
     except (AssertionError, RuntimeError):  # no usable device: the full set, as before
         return DALI_GPU_CODECS
-    return DALI_GPU_CODECS if cc >= NVDEC_AV1_MIN_CAPABILITY else DALI_GPU_CODECS - {"av1"}
+    return DALI_GPU_CODECS if nvdec_decodes_av1(cc) else DALI_GPU_CODECS - {"av1"}
 
 
 def _gpu_name() -> str:
