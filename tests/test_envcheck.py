@@ -502,3 +502,19 @@ def test_no_decode_skips_the_dali_decoding_rows(monkeypatch):
     monkeypatch.setattr(envcheck, "CHECKS", (("DALI", envcheck.check_dali),))
     names = [r.name for r in envcheck.run_checks(decode=False)]
     assert "DALI" in names and "DALI decode" not in names and "DALI trimmed" not in names
+
+
+@pytest.mark.parametrize("arch_list, cc, gap", [
+    ("8.0;9.0", (10, 0), False),  # DeepSpeed adds PTX to the highest (9.0): a B200 JITs it
+    ("8.0;9.0", (12, 0), False),  # the same on sm_120
+    ("8.0", (8, 6), False), ("8.0", (8, 9), False),  # an sm_80 cubin runs on sm_86 and sm_89
+    ("9.0", (9, 0), False), ("9.0a", (9, 0), False),  # (train.py hands DeepSpeed 9.0)
+    ("7.0 7.5", (8, 0), False),  # space-separated; PTX of 7.5
+    ("8.0+PTX;9.0", (10, 0), False),  # a +PTX entry: DeepSpeed adds none, compute_80 runs
+    ("8.6", (8, 0), True),  # a cubin runs on the same major, not on a lower minor
+    ("8.0;9.0", (7, 0), True),  # PTX runs on newer GPUs only
+    ("12.0", (10, 0), True), ("", (7, 0), False)])
+def test_arch_list_gaps_take_deepspeeds_added_ptx_and_binary_compatibility(arch_list, cc, gap):
+    """A TORCH_CUDA_ARCH_LIST without this GPU's own entry is no gap where its build still runs
+    here (a cubin of the same major, or PTX not above the GPU): training keeps FusedAdam there."""
+    assert envcheck.arch_list_gaps(arch_list, [cc]) == ([cc] if gap else [])

@@ -1596,7 +1596,9 @@ def test_a_resume_on_fewer_gpus_than_saved_restores_the_rng_of_the_gpus_it_has(m
     assert restored == [[1] * 16]
 
 
-def test_a_process_that_sees_fewer_gpus_than_its_local_rank_is_told_how_to_launch(monkeypatch):
+@pytest.mark.parametrize("local", [1, 3])  # 1: the first LOCAL_RANK past its one GPU
+def test_a_process_that_sees_fewer_gpus_than_its_local_rank_is_told_how_to_launch(monkeypatch,
+                                                                                  local):
     """A scheduler binding one GPU per task (Slurm's --gpus-per-task) shows process 3 only its own
     GPU, as cuda:0; DeepSpeed then bound NCCL to cuda:3 and stopped with "device_id cuda:3 is out
     of range". The start says why, before DeepSpeed is asked. (torch.cuda stands in for 1 GPU.)"""
@@ -1610,13 +1612,13 @@ def test_a_process_that_sees_fewer_gpus_than_its_local_rank_is_told_how_to_launc
 
     monkeypatch.setenv("RANK", "3")
     monkeypatch.setenv("WORLD_SIZE", "4")
-    monkeypatch.setenv("LOCAL_RANK", "3")
-    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3")
+    monkeypatch.setenv("LOCAL_RANK", str(local))
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", str(local))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     monkeypatch.setattr(deepspeed, "init_distributed", not_reached)
-    with pytest.raises(ValueError, match=r"^LOCAL_RANK=3, but this process sees 1 GPU\(s\) "
-                       r"\(CUDA_VISIBLE_DEVICES=3\): .*one torchrun per node"):
+    with pytest.raises(ValueError, match=rf"^LOCAL_RANK={local}, but this process sees 1 "
+                       rf"GPU\(s\) \(CUDA_VISIBLE_DEVICES={local}\): .*one torchrun per node"):
         init_distributed()
 
 
@@ -1633,11 +1635,16 @@ def test_a_resume_restores_the_cuda_rng_of_the_gpu_each_process_draws_from(monke
     gens = {i: [i] * 16 for i in range(4)}  # each GPU's generator state
     current = {"device": 3}
 
+    def index(device):  # torch.cuda's: "cuda" is the current device, else the one named
+        if device == "cuda":
+            return current["device"]
+        return device if isinstance(device, int) else torch.device(device).index
+
     def get_rng_state(device="cuda"):
-        return torch.tensor(gens[current["device"]], dtype=torch.uint8)
+        return torch.tensor(gens[index(device)], dtype=torch.uint8)
 
     def set_rng_state(new, device="cuda"):
-        gens[current["device"]] = new.tolist()
+        gens[index(device)] = new.tolist()
 
     def set_rng_state_all(states):
         for i, each in enumerate(states):
