@@ -142,8 +142,8 @@ def check_kernels() -> list[Check]:
                                                     triton.__version__)
     if problem:
         return [Check("Triton kernels", "fail", f"{torch.cuda.get_device_name(device)}: "
-                      f"{problem.split(': pip')[0]}; training falls back to the reference loss",
-                      "pip install triton==3.8.0 (README, V100 notes)")]
+                      f"{problem}; training falls back to the reference loss",
+                      f"pip install {siamese.TRITON_FOR_SM70} (README, V100 notes)")]
     worst = _kernel_vs_reference(device)
     where = torch.cuda.get_device_name(device) if on_gpu else "the CPU (Triton interpreter)"
     detail = (f"Triton {triton.__version__}: the fused loss matches the reference on {where} "

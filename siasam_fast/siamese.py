@@ -308,14 +308,16 @@ def _version_tuple(version: str) -> tuple[int, ...]:
     return tuple(int(n) for n in re.findall(r"\d+", version.split("+")[0])[:3])
 
 
+TRITON_FOR_SM70 = "triton==3.8.0"  # the newest Triton whose ptxas compiles for a V100
+
+
 def triton_gpu_problem(capability: tuple[int, int], triton_version: str) -> str | None:
     """Why Triton ``triton_version`` cannot compile the kernels for a GPU of ``capability``, or
     None: from Triton 3.9 its PTX (ISA 9.4) is more than its bundled ptxas 12.9 takes for sm_70
     ("Unsupported .version 9.4"), and CUDA 13's ptxas no longer targets sm_70."""
     if tuple(capability) < (7, 5) and _version_tuple(triton_version) >= (3, 9):
         return (f"Triton {triton_version} cannot compile for sm_{capability[0]}{capability[1]} "
-                "(its bundled ptxas rejects the PTX it emits): pip install triton==3.8.0 (README, "
-                "V100 notes)")
+                "(its bundled ptxas rejects the PTX it emits)")
     return None
 
 
@@ -344,7 +346,8 @@ def _triton_unsupported(features, logits, theta1, theta2, skg) -> str | None:
         problem = triton_gpu_problem(torch.cuda.get_device_capability(logits.device),
                                      triton.__version__)
         if problem:
-            return f"impl='triton': {problem}; or use impl='reference'"
+            return (f"impl='triton': {problem}: pip install {TRITON_FOR_SM70} (README, V100 "
+                    "notes), or use impl='reference'")
     V, N, K = logits.shape
     if N > kern.MAX_CLIPS:
         return (
