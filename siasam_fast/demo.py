@@ -146,6 +146,46 @@ def train_command(config: Path, run_dir: Path, overrides: list[str]) -> list[str
     return cmd
 
 
+def training_setup(config: str | os.PathLike, overrides: list[str] | tuple = (),
+                   manifest: str | os.PathLike | None = None) -> dict:
+    """What a training of ``config`` with ``overrides`` runs on here, as the training picks it
+    (one process, no DeepSpeed config): the device (the GPU's name, or "cpu"), the precision
+    (train.precision, "auto": :func:`ds_config.default_precision`) and the data backend
+    (data.backend through :func:`loaders.resolve_backend` for ``manifest``'s codecs). The demo
+    reports it (a GPU gives other numbers than the CPU); the ablation reuses only runs made on
+    the same."""
+    import torch
+
+    from siasam_fast import ds_config
+    from siasam_fast.config import load_config
+    from siasam_fast.pipeline.loaders import resolve_backend
+    from siasam_fast.pipeline.manifest import load_manifest
+
+    try:
+        cfg = load_config(config, list(overrides))
+        precision, backend = cfg.train.precision, cfg.data.backend
+    except (OSError, ValueError):  # the training itself refuses it, with its own message
+        precision, backend = "auto", "auto"
+    if precision == "auto":
+        precision = ds_config.default_precision()
+    records = None
+    if manifest is not None and Path(manifest).is_file():
+        try:
+            records = load_manifest(manifest)
+        except ValueError:
+            records = None
+    try:
+        backend = resolve_backend(backend, records)
+    except ValueError:  # (data.backend=dali without DALI: the training says why)
+        pass
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+    return {"device": device, "precision": precision, "backend": backend}
+
+
+def describe_setup(setup: dict) -> str:
+    return f"{setup['device']}, {setup['precision']}, data backend {setup['backend']}"
+
+
 # Exit statuses of a training stopped by SIGINT, SIGTERM or SIGUSR1 (siasam_fast.stopping).
 STOPPED = (128 + signal.SIGINT, 128 + signal.SIGTERM, 128 + signal.SIGUSR1)
 
@@ -532,6 +572,10 @@ def run_demo(
 
         common = [*data_overrides(data_dir), f"train.seed={seed}",
                   *(QUICK_OVERRIDES if quick else [])]
+        # A CUDA torch and a GPU: both runs train there (bf16 or fp16, DALI when installed), with
+        # other numbers than the README's CPU table
+        setup = training_setup(config, common, data_dir / "manifest.jsonl")
+        print(f"demo: both runs train on {describe_setup(setup)}", flush=True)
         for name, switches in METHODS.items():
             partial = out / PARTIAL.format(name)
             shutil.rmtree(partial, ignore_errors=True)  # left by a demo stopped before
@@ -593,6 +637,7 @@ def run_demo(
             "evaluation": "test split, one clip per video (eval.num_clips=1), placed by "
             "sampling.eval_placement",
             "quick": quick,
+            "setup": setup,
         },
         "eval_clip_evidence_visibility": visibility,
         "table": rows,
@@ -603,7 +648,8 @@ def run_demo(
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
 
-    print(f"\n{title}; test split ({base['num_test']} questions), anchor clip only")
+    print(f"\n{title}; test split ({base['num_test']} questions), anchor clip only; trained on "
+          f"{describe_setup(setup)}")
     print(format_table(printed_rows(rows)))
     print(
         "evidence on a frame of the eval clip (test split): "

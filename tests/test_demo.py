@@ -47,6 +47,9 @@ def test_summary_has_both_models_delta_config_and_time(quick_demo):
         a.pop("out_dir", None), b.pop("out_dir", None)
         assert a == b, section
     assert summary["config"]["quick"] is True and summary["config"]["synthetic"]["seed"] == 1
+    assert summary["config"]["setup"] == {"device": "cpu", "precision": "fp32", "backend": "pyav"}
+    for name in ("baseline", "siasamrea"):  # what the runs used, as the demo said
+        assert json.loads((out / name / "summary.json").read_text())["precision"] == "fp32"
     assert summary["seconds"] > 0 and summary["seconds_by_stage"]["siasamrea"] > 0
     assert summary["table"][0]["test accuracy"] == "overall"
 
@@ -437,3 +440,27 @@ def test_analyse_run_groups_test_accuracy_by_type_and_evidence_visibility(tmp_pa
     assert res["by_type_visibility"]["color"]["num_hidden"] == 0
     assert res["best_val_accuracy"] == 0.75 and res["val_accuracy"] == 0.5
     assert [h["train_loss_siamese"] for h in res["history"]] == [0.5, 0.25, None]
+
+
+def test_training_setup_names_the_device_precision_and_backend(tmp_path, monkeypatch):
+    """What the demo's trainings run on: the CPU (fp32, PyAV) here; with a GPU (stand-ins) the
+    GPU, bf16 from Ampere on and fp16 on a V100, and DALI when it is installed."""
+    import torch
+
+    from siasam_fast.pipeline import loaders
+
+    assert demo.training_setup(demo.DEMO_CONFIG) == {"device": "cpu", "precision": "fp32",
+                                                     "backend": "pyav"}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Tesla V100-SXM2-32GB")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (7, 0))
+    monkeypatch.setattr(loaders, "dali_available", lambda: False)
+    assert demo.training_setup(demo.DEMO_CONFIG) == {
+        "device": "Tesla V100-SXM2-32GB", "precision": "fp16", "backend": "pyav"}
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (8, 0))
+    monkeypatch.setattr(loaders, "dali_available", lambda: True)
+    monkeypatch.setattr(loaders, "dali_gpu_problem", lambda: None)
+    assert demo.training_setup(demo.DEMO_CONFIG, ["train.precision=fp32"]) == {
+        "device": "Tesla V100-SXM2-32GB", "precision": "fp32", "backend": "dali"}
+    assert demo.describe_setup(demo.training_setup(demo.DEMO_CONFIG)) == \
+        "Tesla V100-SXM2-32GB, bf16, data backend dali"
