@@ -12,10 +12,11 @@ of the test accuracy, overall, per question type, and on the questions whose evi
 hidden in the evaluation clip. A table is printed; CSV (one row per run, and the summary) and a PNG
 go to benchmarks/results/ (``--out`` elsewhere). Runs already finished under ``--runs`` with the
 same command and the same synthetic set are reused, so an interrupted sweep continues where it
-stopped. Finished runs made otherwise (another ``--set``, seed or data set) are never replaced
-silently: the sweep refuses to start unless ``--replace`` says to retrain them. A failed training
-leaves the others' results: the table and files cover the runs that finished, and the exit status
-is 1.
+stopped; also only runs made on the same device, precision and data backend (a GPU sweep never
+counts a CPU sweep's runs among its seeds). Finished runs made otherwise (another ``--set``, seed,
+data set or device) are never replaced silently: the sweep refuses to start unless ``--replace``
+says to retrain them. A failed training leaves the others' results: the table and files cover the
+runs that finished, and the exit status is 1.
 
 Paper rows -> variants: Table 1 baseline / w/ SKR / w/ SKG + SKR -> baseline, skr_only, skg_skr;
 "without W1 / W2 / both" -> no_w1, no_w2, no_w1_w2; Table 2, 1 / 2 / 4 / 8 siamese clips ->
@@ -163,9 +164,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--replace",
         action="store_true",
-        help="retrain the finished runs under --runs that were made with another command or "
-        "synthetic set (their results are deleted), and regenerate the synthetic set if this "
-        "command asks for another; without it the sweep refuses to start",
+        help="retrain the finished runs under --runs that were made with another command, "
+        "synthetic set or device / precision / data backend (their results are deleted), and "
+        "regenerate the synthetic set if this command asks for another; without it the sweep "
+        "refuses to start",
     )
     p.add_argument(
         "--train-label-noise",
@@ -252,6 +254,9 @@ def plan_runs(args: argparse.Namespace, data_dir: Path) -> list[dict]:
     ]
     runs = []
     data = data_fingerprint(data_dir)
+    # What the runs train on here (device, precision, data backend): a run made elsewhere is
+    # not one of this sweep's seeds
+    setup = demo.training_setup(demo.DEMO_CONFIG, args.set, data_dir / "manifest.jsonl")
     for variant in args.variants:
         for seed in args.seeds:
             run_dir = args.runs / f"{variant}-seed{seed}"
@@ -268,6 +273,7 @@ def plan_runs(args: argparse.Namespace, data_dir: Path) -> list[dict]:
                     "needs": needs[0] if needs else None,  # a run that must finish first
                     "data": data,
                     "data_dir": data_dir,
+                    "setup": setup,
                 }
             )
     return runs
@@ -308,7 +314,16 @@ def not_reusable(run: dict) -> str | None:
         return "made with another command (--set, seed or variant switches)"
     if not same_data:
         return "trained on another synthetic set (--data-seed, --videos or --quick)"
+    made_on = saved.get("setup", CPU_SETUP) if isinstance(saved, dict) else CPU_SETUP
+    here = run.get("setup", CPU_SETUP)
+    if made_on != here:
+        return (f"trained on {demo.describe_setup(made_on)}; this sweep trains on "
+                f"{demo.describe_setup(here)}")
     return None
+
+
+# The set-up of the runs recorded before command.json named one: every sweep so far ran on CPUs.
+CPU_SETUP = {"device": "cpu", "precision": "fp32", "backend": "pyav"}
 
 
 def _same(saved: list[str], cmd: list[str]) -> bool:
@@ -334,7 +349,8 @@ STARTED = "command.started.json"
 
 
 def _record(run: dict) -> str:
-    return json.dumps({"command": run["cmd"][1:], "data": run["data"]})
+    return json.dumps({"command": run["cmd"][1:], "data": run["data"],
+                       "setup": run.get("setup", CPU_SETUP)})
 
 
 def _finish(run: dict, proc: subprocess.Popen, log, t0: float, failed: list,

@@ -595,3 +595,51 @@ def test_a_sweep_with_a_failed_training_writes_the_others_and_exits_1(tmp_path, 
     assert "failed: baseline/seed1" in (tmp_path / "results" / "ablation.md").read_text()
     with open(tmp_path / "results" / "ablation_runs.csv", newline="") as fh:
         assert [(r["variant"], r["seed"]) for r in csv.DictReader(fh)] == [("baseline", "0")]
+
+
+def test_a_run_made_on_another_device_precision_or_backend_is_not_reused(tmp_path, monkeypatch):
+    """A sweep on a GPU (bf16, DALI) must not count the finished runs of a CPU sweep (fp32, PyAV)
+    in the same --runs folder as its own seeds, nor the other way round."""
+    import json
+
+    import torch
+
+    from siasam_fast.pipeline import loaders
+
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "meta.json").write_text(json.dumps({"version": 3, "seed": 0, "num_videos": 8}))
+    args = ablation.parse_args(["--variants", "baseline", "--seeds", "0", "--runs", str(tmp_path)])
+    cpu_run = ablation.plan_runs(args, data)[0]
+    assert cpu_run["setup"] == {"device": "cpu", "precision": "fp32", "backend": "pyav"}
+    d = cpu_run["run_dir"]
+    d.mkdir()
+    (d / "summary.json").write_text("{}")
+    (d / "predictions_test.jsonl").write_text("")
+    (d / "command.json").write_text(ablation._record(cpu_run))
+    assert ablation._finished(cpu_run)
+    # The same command on an H100 with DALI installed (stand-ins: no GPU here)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA H100 80GB HBM3")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))
+    monkeypatch.setattr(loaders, "dali_available", lambda: True)
+    monkeypatch.setattr(loaders, "dali_gpu_problem", lambda: None)
+    gpu_run = ablation.plan_runs(args, data)[0]
+    assert gpu_run["setup"] == {"device": "NVIDIA H100 80GB HBM3", "precision": "bf16",
+                                "backend": "dali"}
+    assert gpu_run["cmd"] == cpu_run["cmd"]
+    assert ablation.not_reusable(gpu_run) == (
+        "trained on cpu, fp32, data backend pyav; this sweep trains on NVIDIA H100 80GB HBM3, "
+        "bf16, data backend dali")
+    # Records written before the set-up was recorded: the CPU's (every sweep measured so far)
+    (d / "command.json").write_text(json.dumps({"command": cpu_run["cmd"][1:], "data":
+                                                cpu_run["data"]}))
+    assert ablation.not_reusable(gpu_run).startswith("trained on cpu, fp32")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert ablation._finished(ablation.plan_runs(args, data)[0])
+    # --set data.backend=pyav on the GPU: recorded as what it is
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    args = ablation.parse_args(["--variants", "baseline", "--seeds", "0", "--runs", str(tmp_path),
+                                "--set", "data.backend=pyav", "--set", "train.precision=fp32"])
+    assert ablation.plan_runs(args, data)[0]["setup"] == {
+        "device": "NVIDIA H100 80GB HBM3", "precision": "fp32", "backend": "pyav"}
