@@ -715,7 +715,24 @@ def micro_step(engine, forward, weight: float, last: bool, sync=lambda: None):
     (and moves the lr schedule on) on the step's ``last`` micro-batch only. DeepSpeed's own
     micro-step counter would let an epoch's leftover micro-batches run into the next epoch's
     first step (and into a checkpoint); the boundary is set here instead. Returns ``forward()``'s
-    loss terms and the times before forward, backward, the optimizer and after it."""
+    loss terms and the times before forward, backward, the optimizer and after it. Out of GPU
+    memory, it says which settings need less (torch's error, with its sizes, comes first)."""
+    try:
+        return _micro_step(engine, forward, weight, last, sync)
+    except torch.cuda.OutOfMemoryError as err:
+        raise torch.cuda.OutOfMemoryError(OOM_ADVICE) from err
+
+
+# What a training step out of GPU memory can change (the README's memory arithmetic: "V100
+# memory"; the activations of the CNN are most of it)
+OOM_ADVICE = (
+    "out of GPU memory in a training step: lower train.batch_size (train.grad_accum keeps the "
+    "batch of a step), set model.activation_checkpointing=cnn (or all), use a ZeRO stage that "
+    "shards more (configs/ds/zero2_* or zero3_*), or a smaller data.image_size; README: 'V100 "
+    "memory' and 'Activation checkpointing'")
+
+
+def _micro_step(engine, forward, weight: float, last: bool, sync):
     engine.set_gradient_accumulation_boundary(last)
     t_fwd = time.perf_counter()
     loss, parts = forward()

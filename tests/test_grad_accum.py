@@ -299,3 +299,28 @@ def test_fp16_overflow_at_the_minimum_scale_stops_zero0_too():
         engine = Engine(scale, overflow)
         engine.optimizer.overflow = True  # a skipped step before: read only at a step's end
         micro_step(engine, forward, 1.0, last)
+
+
+def test_a_step_out_of_gpu_memory_says_what_needs_less(monkeypatch):
+    """A CUDA out-of-memory error in a step (a V100 with 16 GB is at the limit with the
+    ClipBERT-base-like config) keeps torch's error, with its sizes, as the cause, and says which
+    settings need less memory. (A stand-in engine raises it in the backward.)"""
+    import torch
+
+    from siasam_fast.training import micro_step
+
+    class Engine:
+        def set_gradient_accumulation_boundary(self, last):
+            pass
+
+        def backward(self, loss, scale_wrt_gas=True):
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    def forward():
+        loss = torch.tensor(1.0)
+        return loss, {"loss": loss}
+
+    with pytest.raises(torch.cuda.OutOfMemoryError, match=r"^out of GPU memory in a training step: "
+                       r"lower train.batch_size .*activation_checkpointing=cnn") as info:
+        micro_step(Engine(), forward, 1.0, True)
+    assert "Tried to allocate 2.00 GiB" in str(info.value.__cause__)
