@@ -157,7 +157,13 @@ def _dali_loader(examples, manifest, cfg, *, batch_size, image_size, workers, de
         decode_group=group,
         trim=trim,
     )
-    if trim and not loader.trim:  # the loader's NVDEC check of trimmed decoding failed
+    return check_trimmed(loader, trim)
+
+
+def check_trimmed(loader, trim: bool):
+    """``loader``, refused when it was asked to ``trim`` and decodes whole files (its NVDEC check
+    of trimmed decoding failed): such a cell would measure whole files under the trim label."""
+    if trim and not loader.trim:
         raise RuntimeError("trim was asked for, but the loader decodes whole files: its check of "
                            "trimmed decoding on this GPU failed (the warning above says why); "
                            "--dali-trim off measures whole files")

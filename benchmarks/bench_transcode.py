@@ -73,6 +73,7 @@ from bench_pipeline import (  # noqa: E402 - not a copy
     VideoSet,
     bench_examples,
     cell_videos,
+    check_trimmed,
     failure_reason,
     prepare_set,
     rate_line,
@@ -187,12 +188,7 @@ def dali_cell_factory(factory, group: int, trim: bool):
     failed): such a cell would measure whole files under the trim label."""
 
     def make(*args, **kwargs):
-        loader = factory(*args, decode_group=group, trim=trim, **kwargs)
-        if trim and not loader.trim:
-            raise RuntimeError("trim was asked for, but the loader decodes whole files: its "
-                               "check of trimmed decoding on this GPU failed (the warning above "
-                               "says why); --dali-trim off measures whole files")
-        return loader
+        return check_trimmed(factory(*args, decode_group=group, trim=trim, **kwargs), trim)
 
     return make
 
