@@ -103,6 +103,7 @@ from siasam_fast.benchutil import (
 )
 from siasam_fast.data.examples import QAExample
 from siasam_fast.pipeline.dataset import build_loader
+from siasam_fast.pipeline.loaders import DALI_CPU_CODECS  # DALI's CPU decoder has no H.264
 from siasam_fast.pipeline.manifest import build_manifest, load_manifest
 from siasam_fast.sampling import SamplingConfig
 
@@ -178,10 +179,6 @@ BACKENDS: dict[str, Backend] = {
     "pyav": Backend("pyav", _pyav_loader),
     "dali": Backend("dali", _dali_loader, uses_workers=False),
 }
-# Codecs each backend decodes here: DALI's CPU decoder has no H.264.
-DALI_CPU_CODECS = ("vp8", "vp9", "mjpeg")
-
-
 def decodes(backend: str, codec: str) -> bool:
     if backend == "dali" and dali_device() == "cpu":
         return codec in DALI_CPU_CODECS

@@ -22,7 +22,10 @@ and the script goes on:
    RGB its own way, so the bound is looser than on the CPU);
 6. a stream damaged after indexing (same size and mtime): skipped with a warning, its examples get
    stand-ins (the next example), every batch stays full and the epoch goes on (in a subprocess:
-   a decoder crash must not end the check);
+   a decoder crash must not end the check); 6b: what NVDEC refuses (codec, pixel format, frame
+   size: 4:4:4, 10-bit and 4:2:2 H.264, H.264 under 48 px, HEVC 4:4:4 and under 144 px, VP9
+   4:4:4 and under 128 px, AV1) against ``siasam_fast/pipeline/nvdec.py``'s table, each video
+   decoded by the DALI loader beside a control it stands in for (in a subprocess too);
 7. the throughput comparison of benchmarks/bench_pipeline.py on the activitynet-like (1280x720,
    first) and msrvtt-like (320x240) H.264 sets, batches of 8: pyav with 1, 4, 16 workers and
    dali, dedup on; pyav with 16 workers and dali, dedup off; then dali with 4 and 16 threads
@@ -88,7 +91,12 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=None, help="folder for the CSV and a JSON log")
     parser.add_argument("--skip-bench", action="store_true", help="correctness sections only")
     parser.add_argument("--work", type=Path, default=None, help="scratch folder (default: tmp)")
+    parser.add_argument("--nvdec-table", type=Path, default=None,
+                        help="only section 6b's comparison, its videos in this folder")
     args = parser.parse_args()
+    if args.nvdec_table:
+        print(check_nvdec_table(args.nvdec_table), flush=True)
+        return 0
     work = args.work or Path(tempfile.mkdtemp(prefix="gpu_check_dali_"))
     work.mkdir(parents=True, exist_ok=True)
     state: dict = {}
@@ -270,6 +278,17 @@ def main() -> int:
         return (f"yielded {result['got']} (stand-ins {result['stand_ins']}), skipped "
                 f"{result['reasons'][0][:120]}")
 
+    @section("6b what NVDEC refuses, against pipeline/nvdec.py's table")
+    def _():
+        # In a child process: a decoder that crashes on a format it lacks must not end the check
+        proc = subprocess.run([sys.executable, __file__, "--nvdec-table", str(work / "formats")],
+                              capture_output=True, text=True, timeout=180)
+        tail = (proc.stdout + proc.stderr).strip().splitlines()
+        if proc.returncode < 0:
+            raise RuntimeError(f"the decoder killed the process (signal {-proc.returncode})")
+        assert proc.returncode == 0, "\n".join(tail[-6:])
+        return tail[-1]
+
     rows: list[dict] = []
     if not args.skip_bench:
 
@@ -393,6 +412,86 @@ def check_cut_clip(folder: Path, device: str, codec: str) -> str:
     assert first < 7, f"no frame before the first visible keyframe (7) was sampled: {first}"
     return (f"a 43-frame cut (edit list hides 5 frames, keyframes {record.keyframes}): frames "
             f"{first}..{max(seen)} right, whole and trimmed")
+
+
+# Section 6b: name -> (encoder, pixel format, width, height). "control" decodes on every NVDEC.
+NVDEC_CASES = {
+    "control": ("libx264", "yuv420p", 64, 64),
+    "h264_444": ("libx264", "yuv444p", 64, 64),
+    "h264_10bit": ("libx264", "yuv420p10le", 64, 64),
+    "h264_422": ("libx264", "yuv422p", 64, 64),
+    "h264_32px": ("libx264", "yuv420p", 32, 32),
+    "hevc_10bit": ("libx265", "yuv420p10le", 160, 160),
+    "hevc_444": ("libx265", "yuv444p", 160, 160),
+    "hevc_128px": ("libx265", "yuv420p", 128, 128),
+    "vp9_128px": ("libvpx-vp9", "yuv420p", 128, 128),
+    "vp9_96px": ("libvpx-vp9", "yuv420p", 96, 96),
+    "vp9_444": ("libvpx-vp9", "yuv444p", 128, 128),
+    "av1": ("libsvtav1", "yuv420p", 128, 128),
+}
+
+
+def nvdec_cases(folder: Path, cc: tuple[int, int]) -> tuple[dict, dict]:
+    """Write :data:`NVDEC_CASES` (24 frames each, keyframe every 12; the encoders PyAV lacks are
+    left out) and index them; returns the manifest and what ``nvdec.problem`` predicts for a GPU
+    of compute capability ``cc`` (None: decodes)."""
+    import av
+    import numpy as np
+
+    from siasam_fast.pipeline import nvdec
+    from siasam_fast.pipeline.manifest import build_manifest
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, (encoder, pix_fmt, width, height) in NVDEC_CASES.items():
+        if encoder not in av.codecs_available:
+            continue
+        with av.open(str(folder / f"{name}.mp4"), "w") as container:
+            stream = container.add_stream(encoder, rate=12)
+            stream.width, stream.height, stream.pix_fmt = width, height, pix_fmt
+            stream.options = {"g": "12"} if encoder != "libx265" else {"x265-params":
+                                                                        "keyint=12:log-level=0"}
+            for i in range(24):
+                rgb = np.full((height, width, 3), (i * 10) % 250, np.uint8)
+                for packet in stream.encode(av.VideoFrame.from_ndarray(rgb, format="rgb24")):
+                    container.mux(packet)
+            for packet in stream.encode():
+                container.mux(packet)
+    manifest = build_manifest(folder, folder / "manifest.jsonl", workers=4, progress=False)
+    bad = [vid for vid, r in manifest.items() if not r.ok]
+    assert not bad, f"fixtures not ok in the manifest: {bad}"
+    return manifest, {vid: nvdec.problem(r, cc) for vid, r in manifest.items()}
+
+
+def check_nvdec_table(folder: Path) -> str:
+    """Each case of :func:`nvdec_cases` through the DALI loader on NVDEC, with the control as the
+    dataset's other example (its stand-in when NVDEC refuses the case): refused when the loader
+    left it out. Raises AssertionError listing where NVDEC and the table disagree."""
+    import torch
+
+    from siasam_fast.pipeline.dali import build_dali_loader
+    from siasam_fast.sampling import SamplingConfig
+
+    cc = tuple(torch.cuda.get_device_capability())
+    manifest, predicted = nvdec_cases(folder, cc)
+    cfg = SamplingConfig(num_clips=2, frames_per_clip=2, stride=2)
+    seen, wrong = [], []
+    for name in sorted(manifest):
+        if name == "control":
+            continue
+        loader = build_dali_loader(examples_for([name, "control"]), manifest, cfg, "val", 2,
+                                   image_size=32, device="gpu", num_workers=0)
+        for _ in loader:
+            pass
+        reasons = [reason for path, reason in loader.skipped if Path(path).stem == name]
+        refused = bool(reasons)
+        seen.append(f"{name}: {'refused' if refused else 'decoded'}")
+        if refused != (predicted[name] is not None):
+            wrong.append(f"{name}: NVDEC {'refused' if refused else 'decoded'} it "
+                         f"({reasons[0][:120] if reasons else 'no error'}), the table says "
+                         f"{predicted[name] or 'decodes'}")
+        assert not [p for p, _ in loader.skipped if Path(p).stem == "control"], loader.skipped
+    assert not wrong, "; ".join(wrong)
+    return f"sm_{cc[0]}{cc[1]}: " + ", ".join(seen) + " (all as the table says)"
 
 
 def check_frames(batch, dedup: bool) -> int:

@@ -21,6 +21,7 @@ with DALI 2.4 and PyAV 18.1 over sizes 24..96 (downscale, upscale, none), square
 
 import os
 import shutil
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -29,6 +30,7 @@ from videos import read_index, read_indices, video_path, write_index_video
 
 from siasam_fast.data.examples import QAExample
 from siasam_fast.pipeline import dali as dali_module
+from siasam_fast.pipeline import nvdec
 from siasam_fast.pipeline.dali import DALIVideoLoader, build_dali_loader
 from siasam_fast.pipeline.dataset import build_loader
 from siasam_fast.pipeline.loaders import build_video_loader
@@ -1246,12 +1248,6 @@ def test_a_clip_cut_with_an_edit_list_gives_the_manifests_frames(tmp_path):
     assert "keyframes [0, 7, 19, 31]" in detail, detail
 
 
-# NVDEC's smallest H.264 picture (cuvidGetDecoderCaps: nMinWidth x nMinHeight); DALI refuses a
-# smaller video ("Video is too small in at least one dimension", frames_decoder_gpu.cc; NVIDIA/DALI
-# issue 2197: a 32-pixel-wide H.264 video).
-NVDEC_H264_MIN_WIDTH, NVDEC_H264_MIN_HEIGHT = 48, 16
-
-
 def test_the_gpu_checks_cut_clip_is_large_enough_for_nvdec(monkeypatch, tmp_path):
     """Section 3b of scripts/gpu_check_dali.py writes its H.264 clip at a size NVDEC decodes (a
     stand-in for the GPU: the clip's size is read where it is written, nothing is decoded)."""
@@ -1279,7 +1275,9 @@ def test_the_gpu_checks_cut_clip_is_large_enough_for_nvdec(monkeypatch, tmp_path
     (codec, size), = written
     height, width = (size, size) if isinstance(size, int) else size
     assert codec == "h264"
-    assert width >= NVDEC_H264_MIN_WIDTH and height >= NVDEC_H264_MIN_HEIGHT, size
+    # NVDEC's smallest H.264 frame is 48x16 (DALI: "Video is too small in at least one dimension")
+    clip = SimpleNamespace(codec=codec, pix_fmt="yuv420p", width=width, height=height)
+    assert nvdec.problem(clip, (9, 0)) is None and nvdec.problem(clip, (7, 0)) is None, size
 
 
 def test_the_decode_check_fails_on_missing_frames_or_an_uncut_clip(monkeypatch):

@@ -50,28 +50,15 @@ def dali_gpu_problem() -> str | None:
     return None
 
 
-# Codecs DALI's video decoder reads on the GPU (NVDEC); its CPU decoder reads VP8, VP9, MJPEG.
-DALI_GPU_CODECS = frozenset({"h264", "hevc", "vp8", "vp9", "mjpeg", "av1"})
+# Codecs DALI's CPU video decoder reads (no GPU: the graph runs with device="cpu").
 DALI_CPU_CODECS = frozenset({"vp8", "vp9", "mjpeg"})
 
 
-def nvdec_decodes_av1(cc: tuple[int, int]) -> bool:
-    """Whether the NVDEC of a GPU of compute capability ``cc`` decodes AV1. NVIDIA's NVDEC
-    application note (Video Codec SDK 12.2, 13.0): GA10x (sm_86, sm_87), Ada (sm_89) and Blackwell
-    (sm_100 on) do; Volta, Turing, GA100 (A100, A30: sm_80) and Hopper (H100, H200: sm_90) do
-    not, and DALI would fail on every AV1 file there (each left out as if damaged)."""
-    major, minor = cc
-    return (major == 8 and minor >= 6) or major >= 10
-
-
-def dali_gpu_codecs() -> frozenset[str]:
-    """The codecs NVDEC decodes on this machine's GPU (:data:`DALI_GPU_CODECS`, less AV1 where
-    :func:`nvdec_decodes_av1` says so)."""
+def _gpu_capability() -> tuple[int, int] | None:
     try:
-        cc = tuple(torch.cuda.get_device_capability())
-    except (AssertionError, RuntimeError):  # no usable device: the full set, as before
-        return DALI_GPU_CODECS
-    return DALI_GPU_CODECS if nvdec_decodes_av1(cc) else DALI_GPU_CODECS - {"av1"}
+        return tuple(torch.cuda.get_device_capability())
+    except (AssertionError, RuntimeError):  # no usable device after all
+        return None
 
 
 def _gpu_name() -> str:
@@ -81,12 +68,51 @@ def _gpu_name() -> str:
         return "this GPU"
 
 
+def nvdec_problems(manifest: dict | None) -> dict[str, list[str]]:
+    """The manifest's usable videos that this GPU's NVDEC cannot decode, by reason
+    (:func:`siasam_fast.pipeline.nvdec.problem`: codec, pixel format, frame size); without the
+    GPU's compute capability, the codecs no NVDEC decodes."""
+    from siasam_fast.pipeline import nvdec
+
+    cc = _gpu_capability()
+    problems: dict[str, list[str]] = {}
+    for vid, record in (manifest or {}).items():
+        if record.ok:
+            if cc is not None:
+                reason = nvdec.problem(record, cc)
+            else:
+                reason = None if record.codec in nvdec.CODECS else f"codec {record.codec}"
+            if reason:
+                problems.setdefault(reason, []).append(str(getattr(record, "relpath", "") or vid))
+    return problems
+
+
+def describe_problems(problems: dict[str, list[str]], shown: int = 3) -> str:
+    """``problems`` (:func:`nvdec_problems`) in one line: the count and a few files per reason."""
+    parts = []
+    for reason, files in sorted(problems.items(), key=lambda kv: -len(kv[1])):
+        more = f", ... ({len(files)} videos)" if len(files) > shown else ""
+        parts.append(f"{reason}: {', '.join(files[:shown])}{more}")
+    return "; ".join(parts)
+
+
+# What makes a set NVDEC can read (README: "Backends (`data.backend`)")
+NVDEC_ADVICE = ("`siasam-fast transcode SRC DST --gop 16` re-encodes a set as 8-bit 4:2:0 H.264, "
+                "which every NVDEC decodes (--height H for frames over 4096 px; frames under "
+                "48x16 stay with pyav)")
+
+
+def _videos(problems: dict[str, list[str]]) -> str:
+    n = sum(map(len, problems.values()))
+    return f"{n} video{'' if n == 1 else 's'}"
+
+
 def resolve_backend(name: str, manifest: dict | None = None) -> str:
-    """"auto" is DALI when a GPU and DALI are present and DALI decodes every codec in the manifest
-    (TGIF's GIFs, say, it does not), else PyAV."""
+    """"auto" is DALI when a GPU and DALI are present and NVDEC decodes every usable video in the
+    manifest (its codec, pixel format and frame size: :mod:`siasam_fast.pipeline.nvdec`; TGIF's
+    GIFs, say, it does not), else PyAV. "dali" refuses such a manifest, naming the videos."""
     if name not in BACKENDS:
         raise ValueError(f"backend={name!r}: valid backends are {', '.join(BACKENDS)}")
-    codecs = {r.codec for r in (manifest or {}).values() if r.ok}
     if name == "auto":
         if not (torch.cuda.is_available() and dali_available()):
             return "pyav"
@@ -94,10 +120,11 @@ def resolve_backend(name: str, manifest: dict | None = None) -> str:
         if problem:
             logger.warning("data.backend=auto: %s; using pyav", problem)
             return "pyav"
-        unsupported = sorted(codecs - dali_gpu_codecs())
-        if unsupported:
-            logger.warning("data.backend=auto: DALI cannot decode %s on %s; using pyav",
-                           unsupported, _gpu_name())
+        problems = nvdec_problems(manifest)
+        if problems:
+            logger.warning("data.backend=auto: the NVDEC of %s cannot decode %s (%s); using "
+                           "pyav. %s", _gpu_name(), _videos(problems),
+                           describe_problems(problems), NVDEC_ADVICE)
             return "pyav"
         return "dali"
     if name == "dali" and not dali_available():
@@ -107,13 +134,22 @@ def resolve_backend(name: str, manifest: dict | None = None) -> str:
         problem = dali_gpu_problem()
         if problem:
             raise ValueError(f"backend='dali': {problem}")
-        valid = dali_gpu_codecs() if torch.cuda.is_available() else DALI_CPU_CODECS
-        unsupported = sorted(codecs - valid)
-        if unsupported:
-            where = (f"NVDEC of {_gpu_name()}" if torch.cuda.is_available()
-                     else "DALI's CPU decoder (no GPU here)")
-            raise ValueError(f"backend='dali': {where} cannot decode {', '.join(unsupported)} "
-                             f"(it reads {', '.join(sorted(valid))}); use backend=pyav or auto")
+        if torch.cuda.is_available():
+            problems = nvdec_problems(manifest)
+            if problems:
+                raise ValueError(
+                    f"backend='dali': the NVDEC of {_gpu_name()} cannot decode "
+                    f"{_videos(problems)} of the manifest "
+                    f"({describe_problems(problems)}); use backend=pyav or auto, or "
+                    f"{NVDEC_ADVICE}")
+        else:
+            codecs = {r.codec for r in (manifest or {}).values() if r.ok}
+            unsupported = sorted(codecs - DALI_CPU_CODECS)
+            if unsupported:
+                raise ValueError(
+                    f"backend='dali': DALI's CPU decoder (no GPU here) cannot decode "
+                    f"{', '.join(unsupported)} (it reads {', '.join(sorted(DALI_CPU_CODECS))}); "
+                    "use backend=pyav or auto")
     return name
 
 

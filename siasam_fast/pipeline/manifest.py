@@ -87,6 +87,7 @@ class VideoRecord:
     codec: str = ""
     width: int = 0
     height: int = 0
+    pix_fmt: str = ""  # FFmpeg's pixel format ("yuv420p", "yuv420p10le"); "": not recorded
     duration: float = 0.0  # seconds, from the first frame's pts to the end of the last frame
     keyframes: list[int] = field(default_factory=list)  # frame indices of the seekable keyframes
     keyframe_pts: list[int] = field(default_factory=list)  # their pts, in time_base units
@@ -173,6 +174,16 @@ def open_video(file):
     return av.open(file) if major >= 19 else av.open(file, metadata_errors="ignore")
 
 
+def read_pix_fmt(path: str | os.PathLike) -> str:
+    """The pixel format of a video's first video stream, from its header alone ("" if it cannot
+    be read: the loader finds out)."""
+    try:
+        with open_video(str(path)) as container:
+            return container.streams.video[0].codec_context.pix_fmt or ""
+    except Exception:  # noqa: BLE001 - any failure: the format stays unknown, as before
+        return ""
+
+
 def probe_video(
     path: str | os.PathLike, video_dir: str | os.PathLike, mode: str = "decode"
 ) -> VideoRecord:
@@ -226,6 +237,7 @@ def _probe_stream(path: Path, record: VideoRecord, mode: str) -> None:
         ctx = stream.codec_context
         record.codec = ctx.name or ""
         record.width, record.height = int(ctx.width or 0), int(ctx.height or 0)
+        record.pix_fmt = ctx.pix_fmt or ""  # what NVDEC can decode depends on it (nvdec.py)
         record.declared_frames = int(stream.frames or 0)
         time_base = stream.time_base or Fraction(1, 1)
         rate = stream.average_rate or stream.guessed_rate  # read before the container closes
@@ -539,6 +551,8 @@ def build_manifest(
         previous = old.get(vid)
         if previous is not None and _still_valid(previous, path, video_dir, mode):
             previous.path = str(path.resolve())
+            if previous.ok and not previous.pix_fmt:  # a record from before pix_fmt was kept
+                previous.pix_fmt = read_pix_fmt(path)
             records[vid] = previous
             reused.append(vid)
         else:
