@@ -79,7 +79,23 @@ def _index(args: argparse.Namespace) -> int:
         print(f"  corrupt: {r.path}: {r.reason}")
     if len(bad) > 20:
         print(f"  ... and {len(bad) - 20} more (see the manifest)")
+    _note_nvdec(records)
     return 0
+
+
+def _note_nvdec(records: dict) -> None:
+    """On a GPU with DALI: say now which videos this GPU's NVDEC cannot decode (the training's
+    data.backend=auto would take PyAV for the set, backend=dali would refuse it)."""
+    import torch
+
+    from siasam_fast.pipeline import loaders
+
+    if not (torch.cuda.is_available() and loaders.dali_available()):
+        return
+    refusal = loaders.nvdec_refusal(records)
+    if refusal:
+        print(f"note: {refusal}: data.backend=auto will decode this set with PyAV. "
+              f"{loaders.NVDEC_ADVICE}")
 
 
 def _train(args: argparse.Namespace, rest: list[str]) -> int:

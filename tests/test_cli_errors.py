@@ -131,6 +131,27 @@ def test_index_summary_counts_files_skipped_for_a_taken_video_id(capsys, two_vid
     assert "1 file skipped (video_id already taken)" in out, out
 
 
+def test_index_on_a_gpu_says_which_videos_its_nvdec_cannot_decode(capsys, two_videos,
+                                                                   monkeypatch):
+    """On a GPU with DALI (stand-ins: a V100), `index` says at once which videos NVDEC cannot
+    decode (16 px H.264 and MJPEG: under its smallest frames), not the training's first epoch."""
+    from siasam_fast.pipeline import loaders
+
+    folder, manifest = two_videos
+    monkeypatch.setattr(loaders.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(loaders, "dali_available", lambda: True)
+    monkeypatch.setattr(loaders.torch.cuda, "get_device_capability", lambda *a: (7, 0))
+    monkeypatch.setattr(loaders.torch.cuda, "get_device_name", lambda *a: "Tesla V100-SXM2-16GB")
+    code, out, _ = run_cli(capsys, "index", folder, "--out", manifest, "--workers", 1)
+    assert code == 0 and "2 ok, 0 corrupt" in out
+    assert "note: the NVDEC of Tesla V100-SXM2-16GB cannot decode 2 videos" in out, out
+    assert "h264 16x16: under NVDEC's smallest h264 frame, 48x16: a.mp4" in out, out
+    assert "data.backend=auto will decode this set with PyAV" in out
+    monkeypatch.setattr(loaders.torch.cuda, "is_available", lambda: False)
+    code, out, _ = run_cli(capsys, "index", folder, "--out", manifest, "--workers", 1)
+    assert code == 0 and "NVDEC" not in out
+
+
 # ----------------------------------------------------------------------------------------------
 # transcode
 

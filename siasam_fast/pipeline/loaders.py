@@ -87,24 +87,25 @@ def nvdec_problems(manifest: dict | None) -> dict[str, list[str]]:
     return problems
 
 
-def describe_problems(problems: dict[str, list[str]], shown: int = 3) -> str:
-    """``problems`` (:func:`nvdec_problems`) in one line: the count and a few files per reason."""
-    parts = []
-    for reason, files in sorted(problems.items(), key=lambda kv: -len(kv[1])):
-        more = f", ... ({len(files)} videos)" if len(files) > shown else ""
-        parts.append(f"{reason}: {', '.join(files[:shown])}{more}")
-    return "; ".join(parts)
-
-
 # What makes a set NVDEC can read (README: "Backends (`data.backend`)")
 NVDEC_ADVICE = ("`siasam-fast transcode SRC DST --gop 16` re-encodes a set as 8-bit 4:2:0 H.264, "
                 "which every NVDEC decodes (--height H for frames over 4096 px; frames under "
                 "48x16 stay with pyav)")
 
 
-def _videos(problems: dict[str, list[str]]) -> str:
+def nvdec_refusal(manifest: dict | None, shown: int = 3) -> str | None:
+    """What this GPU's NVDEC cannot decode in ``manifest`` (:func:`nvdec_problems`), in one line:
+    how many videos, and a few files per reason; None if it decodes them all."""
+    problems = nvdec_problems(manifest)
+    if not problems:
+        return None
+    parts = []
+    for reason, files in sorted(problems.items(), key=lambda kv: -len(kv[1])):
+        more = f", ... ({len(files)} videos)" if len(files) > shown else ""
+        parts.append(f"{reason}: {', '.join(files[:shown])}{more}")
     n = sum(map(len, problems.values()))
-    return f"{n} video{'' if n == 1 else 's'}"
+    return (f"the NVDEC of {_gpu_name()} cannot decode {n} video{'' if n == 1 else 's'} of the "
+            f"manifest ({'; '.join(parts)})")
 
 
 def resolve_backend(name: str, manifest: dict | None = None) -> str:
@@ -120,11 +121,9 @@ def resolve_backend(name: str, manifest: dict | None = None) -> str:
         if problem:
             logger.warning("data.backend=auto: %s; using pyav", problem)
             return "pyav"
-        problems = nvdec_problems(manifest)
-        if problems:
-            logger.warning("data.backend=auto: the NVDEC of %s cannot decode %s (%s); using "
-                           "pyav. %s", _gpu_name(), _videos(problems),
-                           describe_problems(problems), NVDEC_ADVICE)
+        refusal = nvdec_refusal(manifest)
+        if refusal:
+            logger.warning("data.backend=auto: %s; using pyav. %s", refusal, NVDEC_ADVICE)
             return "pyav"
         return "dali"
     if name == "dali" and not dali_available():
@@ -135,13 +134,10 @@ def resolve_backend(name: str, manifest: dict | None = None) -> str:
         if problem:
             raise ValueError(f"backend='dali': {problem}")
         if torch.cuda.is_available():
-            problems = nvdec_problems(manifest)
-            if problems:
-                raise ValueError(
-                    f"backend='dali': the NVDEC of {_gpu_name()} cannot decode "
-                    f"{_videos(problems)} of the manifest "
-                    f"({describe_problems(problems)}); use backend=pyav or auto, or "
-                    f"{NVDEC_ADVICE}")
+            refusal = nvdec_refusal(manifest)
+            if refusal:
+                raise ValueError(f"backend='dali': {refusal}; use backend=pyav or auto, or "
+                                 f"{NVDEC_ADVICE}")
         else:
             codecs = {r.codec for r in (manifest or {}).values() if r.ok}
             unsupported = sorted(codecs - DALI_CPU_CODECS)
