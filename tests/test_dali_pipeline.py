@@ -593,6 +593,27 @@ def test_repeated_decode_failures_stop_the_run(own_copy, monkeypatch):
         list(loader)
 
 
+def test_a_video_the_decoder_cannot_read_is_told_from_damage(own_copy, monkeypatch):
+    """DALI's decoder refusing a video's codec (here the CPU decoder and H.264; on a GPU, NVDEC and
+    a pixel format or size it lacks, pipeline/nvdec.py) is no damage: the warning and the
+    in-a-row error say so and name what decodes it, instead of blaming the files or the GPU."""
+    folder, _ = own_copy
+    write_index_video(folder / "h264.mp4", 30, codec="h264", size=64, gop=10)
+    write_index_video(folder / "h264_b.mp4", 30, codec="h264", size=64, gop=10)
+    manifest = build_manifest(folder, folder / "manifest.jsonl", workers=1, progress=False)
+    loader = dali(examples_for(["h264", "vp9", "mjpeg"]), manifest, batch_size=3, shuffle=False)
+    list(loader)
+    (path, reason), = loader.skipped
+    assert path.endswith("h264.mp4")
+    assert reason.startswith("decoding failed: ") and "not damage" in reason, reason
+    assert "data.backend=pyav decodes it" in reason
+    monkeypatch.setattr(dali_module, "MAX_FAILED_VIDEOS", 2)
+    loader = dali(examples_for(["h264", "h264_b", "vp9"]), manifest, batch_size=3, shuffle=False)
+    with pytest.raises(RuntimeError, match="failed to decode 2 videos in a row") as err:
+        list(loader)
+    assert "not damage" in str(err.value) and "fault is elsewhere" not in str(err.value)
+
+
 @pytest.mark.parametrize("batch_size", [1, 3])
 def test_decode_failures_with_a_success_between_are_not_in_a_row(own_copy, monkeypatch,
                                                                    batch_size):

@@ -111,6 +111,7 @@ from siasam_fast.pipeline.dataset import (
     plan_epochs,
     stand_in_positions,
 )
+from siasam_fast.pipeline.loaders import DALI_CPU_CODECS
 from siasam_fast.pipeline.manifest import VideoRecord, open_video
 from siasam_fast.pipeline.pyav_decode import (
     CHANGED_SINCE_INDEXING,
@@ -815,13 +816,15 @@ class DALIVideoLoader:
                 try:
                     frames = self._decode_alone(job)
                 except Exception as alone:  # noqa: BLE001 - whatever DALI raised for this file
-                    reason = f"decoding failed: {_first_line(alone)}"
+                    limit = self._decoder_limit(job.path)
+                    reason = decode_failure(alone, limit)
                     self._failed_in_a_row += 1
                     if self._failed_in_a_row >= MAX_FAILED_VIDEOS:
                         raise RuntimeError(
                             f"DALI failed to decode {self._failed_in_a_row} videos in a row, the "
-                            f"last {job.path}: {_first_line(alone)}; if these files are fine, the "
-                            "fault is elsewhere (GPU memory, driver)"
+                            f"last {job.path}: {reason.removeprefix('decoding failed: ')}"
+                            + ("" if limit or refused_by_decoder(alone) else "; if these files "
+                               "are fine, the fault is elsewhere (GPU memory, driver)")
                         ) from alone
                 else:
                     self._failed_in_a_row = 0
@@ -843,6 +846,21 @@ class DALIVideoLoader:
             return frames[0].clone()
         finally:
             _close(pipe)
+
+    def _decoder_limit(self, path: str) -> str | None:
+        """What keeps this loader's decoder from reading the video at ``path``, by its manifest
+        record (None: nothing known; only asked after a failure)."""
+        record = next((r for r in self.dataset.records if r.path == path), None)
+        if record is None:
+            return None
+        if self.device == "gpu":
+            from siasam_fast.pipeline import nvdec
+
+            return nvdec.problem(record, tuple(torch.cuda.get_device_capability(self.device_id)))
+        if record.codec not in DALI_CPU_CODECS:
+            return (f"codec {record.codec}: DALI's CPU decoder reads "
+                    f"{', '.join(sorted(DALI_CPU_CODECS))}")
+        return None
 
     def _skip(self, job: _Job, step: _Step, reason: str) -> None:
         """Leave one example out (it gets a stand-in); its file is left out for the rest of the
@@ -884,7 +902,7 @@ class DALIVideoLoader:
             try:
                 frames = self._decode_alone(job)
             except Exception as err:  # noqa: BLE001 - whatever DALI raised for this file
-                self._mark_bad(path, f"decoding failed: {_first_line(err)}")
+                self._mark_bad(path, decode_failure(err, self._decoder_limit(path)))
                 continue
             item["stand_in"] = True
             self.stand_ins += 1
@@ -974,6 +992,29 @@ def _first_line(err: BaseException) -> str:
         line = lines[-1] if lines else ""
     line = line or type(err).__name__
     return line if len(line) <= 300 else line[:297] + "..."
+
+
+# DALI's words when its decoder cannot decode a video that is not damaged: NVDEC lacks the codec,
+# chroma format or bit depth, or the frame is outside its sizes (frames_decoder_gpu.cc); the CPU
+# decoder lacks the codec (frames_decoder_cpu.cc)
+DECODER_REFUSALS = ("not supported on this GPU", "Video is too small", "Video is too large",
+                    "not supported by the CPU variant")
+
+
+def refused_by_decoder(err: BaseException) -> bool:
+    return any(words in str(err) for words in DECODER_REFUSALS)
+
+
+def decode_failure(err: BaseException, limit: str | None = None) -> str:
+    """Why a video was left out after DALI raised ``err`` decoding it alone. A decoder that cannot
+    read the video (``limit``: what its manifest record says the decoder lacks; or DALI's words)
+    is told from damage, with what decodes it."""
+    hint = ""
+    if limit or refused_by_decoder(err):
+        what = limit or "the video's codec, pixel format or frame size"
+        hint = (f" (not damage: this decoder cannot read {what}; data.backend=pyav decodes it; "
+                "README: 'Backends')")
+    return f"decoding failed: {_first_line(err)}{hint}"
 
 
 def _close(pipe) -> None:
