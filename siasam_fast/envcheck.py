@@ -256,6 +256,12 @@ def check_dali(decode: bool = True) -> list[Check]:
         except Exception:  # noqa: BLE001 - reported by the PyAV row
             why += "; but PyAV does not import (see its row): no backend works here"
     rows.append(Check("data.backend=auto", "info", f"{backend} ({why})"))
+    if on_gpu:
+        from siasam_fast.pipeline import nvdec
+
+        # what a set must be for DALI (a manifest with other videos gets PyAV: README, Backends)
+        rows.append(Check("NVDEC decodes", "info",
+                          nvdec.summary(tuple(torch.cuda.get_device_capability()))))
     return rows
 
 

@@ -137,3 +137,27 @@ def decodes_av1(cc: tuple[int, int]) -> bool:
     """Whether the NVDEC of a GPU of compute capability ``cc`` decodes AV1 (GA10x, Ada, Blackwell;
     not Volta, Turing, GA100 (A100, A30) or Hopper (H100, H200))."""
     return architecture(cc) in _AV1
+
+
+def summary(cc: tuple[int, int]) -> str:
+    """What the NVDEC of a GPU of compute capability ``cc`` decodes, in one line (``env``)."""
+    arch = architecture(cc)
+    parts, missing = [], []
+    for codec in ("h264", "hevc", "vp9", "vp8", "av1", "mjpeg"):
+        shapes: dict[str, list[int]] = {}
+        for (c, chroma, bits), archs in _PROFILES.items():
+            if c == codec and arch in archs:
+                shapes.setdefault(chroma, []).append(bits)
+        if not shapes:
+            missing.append(codec)
+            continue
+        text = ", ".join(f"{chroma[0]}:{chroma[1]}:{chroma[2]} "
+                         f"{'/'.join(map(str, sorted(bits)))}-bit"
+                         for chroma, bits in sorted(shapes.items()))
+        if len(shapes) == 4 and all(bits == [8] for bits in shapes.values()):
+            text = "8-bit, any chroma"
+        min_w, min_h, max_w, _, _ = _SIZES[codec]
+        if codec == "h264" and arch == BLACKWELL:
+            max_w = _BLACKWELL_H264_MAX
+        parts.append(f"{codec} {text} ({min_w}x{min_h} to {max_w} px)")
+    return f"{arch}: " + "; ".join(parts) + (f"; no {', '.join(missing)}" if missing else "")
