@@ -546,6 +546,35 @@ def test_tgif_count_and_frameqa_refuse_another_tasks_file(tmp_path, dataset, tex
         load_annotations(dataset, path)
 
 
+# Real rows: Test_transition_question.csv and dataset/README.md's action example
+# (YunseokJANG/tgif-qa). Both tasks have the same ten columns; only vid_id tells them apart.
+TRANS_TSV = ("gif_name\tquestion\ta1\ta2\ta3\ta4\ta5\tanswer\tvid_id\tkey\n"
+             "tumblr_n9y2jhq01L1rts5xfo1_250\tWhat does the man do after sing passionately ?\t"
+             "point to the camera\tdance in black\tlick out tongue\tdrift into turn\tflicker\t0\t"
+             "TRANS24\t23\n")
+ACTION_README_TSV = ("gif_name\tquestion\ta1\ta2\ta3\ta4\ta5\tanswer\tvid_id\tkey\n"
+                     "tumblr_nqc2mbmU2J1uxhtnwo1_400\tWhat does the woman do 4 times ?\tflick\t"
+                     "do gymnastic\tchew food\tshake hips left and right\t"
+                     "pat the back of the other man\t2\tACTION1\t5\n")
+
+
+@pytest.mark.parametrize("dataset, text, vid_id, fits", [
+    ("tgif_action", TRANS_TSV, "TRANS24", "tgif_transition"),
+    ("tgif_transition", ACTION_README_TSV, "ACTION1", "tgif_action"),
+])
+def test_tgif_official_vid_id_names_the_task(tmp_path, dataset, text, vid_id, fits):
+    """action and transition files have the same columns: a config pointing tgif_action at
+    Train_transition_question.csv trained transition and reported it as action, silently."""
+    path = write(tmp_path / "Train_x_question.csv", text)
+    with pytest.raises(AnnotationError, match=rf"line 2: field 'vid_id' = '{vid_id}' is a "
+                                              rf"{fits} question.*set data.dataset to {fits}"):
+        load_annotations(dataset, path)
+    # The right dataset reads it; ids of another form (a hand-made file) are not checked.
+    assert load_annotations(fits, path)[0].qid == vid_id
+    other = write(tmp_path / "Train_y_question.csv", text.replace(vid_id, "Q7"))
+    assert load_annotations(dataset, other)[0].qid == "Q7"
+
+
 @pytest.mark.parametrize("dataset", ["tgif_count", "tgif_frameqa"])
 def test_tgif_jsonl_with_options_is_not_count_or_frameqa(tmp_path, dataset):
     line = {"gif_name": "tumblr_a", "question": "what?", "options": list("abcde"), "answer": 3}

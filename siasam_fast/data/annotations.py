@@ -709,8 +709,26 @@ def _read_tgif_official(paths, subtask) -> list[QAExample]:
     out = []
     for where, row in rows[1:]:
         rec = _row_dict(where, header, row)
+        _check_tgif_vid_id(where, subtask, rec.get("vid_id"))
         out.append(_tgif_example(where, rec, subtask, f"{paths[0].stem}-{len(out)}", official=True))
     return out
+
+
+# The official files number each question by task (ACTION4, TRANS24, FRAMEQA1159, COUNT12). The
+# action and transition files have the same columns, so this prefix is what tells them apart.
+_TGIF_VID_ID_TASKS = {"ACTION": "action", "TRANS": "transition", "FRAMEQA": "frameqa",
+                      "COUNT": "count"}
+
+
+def _check_tgif_vid_id(where, subtask: str, vid_id) -> None:
+    m = re.fullmatch(r"\s*([A-Z]+)\d+\s*", vid_id) if isinstance(vid_id, str) else None
+    task = _TGIF_VID_ID_TASKS.get(m.group(1)) if m else None
+    if task is not None and task != subtask:
+        raise AnnotationError(
+            f"{where}: field 'vid_id' = {vid_id.strip()!r} is a tgif_{task} question, not "
+            f"tgif_{subtask} (the official files number each question by task): set "
+            f"data.dataset to tgif_{task}, or point data.train / val / test at the "
+            f"{subtask} files")
 
 
 def _read_tgif_clipbert(paths, subtask) -> list[QAExample]:
