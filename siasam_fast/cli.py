@@ -1,5 +1,5 @@
-"""The ``siasam-fast`` command: env, synth, index, train, eval, ask, transcode, demo,
-weights.
+"""The ``siasam-fast`` command: env, synth, index, plan, train, eval, ask, transcode, demo,
+weights, runs.
 
 Each subcommand imports what it needs (torch, transformers, DeepSpeed, PyAV, ...) when it runs,
 and the ``siasam_fast`` package imports its names on first use, so ``siasam-fast --help`` loads
@@ -96,6 +96,44 @@ def _note_nvdec(records: dict) -> None:
     if refusal:
         print(f"note: {refusal}: data.backend=auto will decode this set with PyAV. "
               f"{loaders.NVDEC_ADVICE}")
+
+
+def _plan(args: argparse.Namespace) -> int:
+    from siasam_fast.config import load_config
+    from siasam_fast.pipeline.manifest import load_manifest
+    from siasam_fast.pipeline.planner import plan_set
+
+    sampling = load_config(args.config, args.set).sampling  # no config: the defaults (paper's)
+    records = load_manifest(args.manifest)
+    plan = plan_set(records, sampling, gops=args.gops, videos=args.videos, draws=args.draws)
+    frames = sampling.frames_per_clip
+    print(f"{args.manifest}: {plan['videos']} usable videos ({plan['sampled']} drawn), median "
+          f"{plan['frames']:.0f} frames, a keyframe every {plan['gop']:.0f} frames (median); "
+          f"sampling N={sampling.num_clips} clips of B={frames} frames, stride "
+          f"{sampling.stride}, {args.draws} draws a video")
+    print("decoded frames per needed frame (planner.py's model of the PyAV decoder):")
+    base = plan["rows"][0]["decoded_per_needed"]
+    print(f"  {'set':<12} {'GOP':>5} {'needed':>7} {'decoded':>8} {'per needed':>11} "
+          f"{'fewer':>6}")
+    for row in plan["rows"]:
+        print(f"  {row['set']:<12} {row['gop']:>5.0f} {row['needed']:>7.1f} "
+              f"{row['decoded']:>8.1f} {row['decoded_per_needed']:>11.2f} "
+              f"{base / row['decoded_per_needed']:>5.1f}x")
+    # GOP 16: the README's measured disk growth (under 2x at 720p) and most of GOP 8's saving
+    rows = {row["gop"]: row for row in plan["rows"][1:]}
+    pick = rows.get(16.0) or min(rows.values(), key=lambda row: row["decoded_per_needed"],
+                                 default=None)
+    if pick is not None and base >= 1.5 * pick["decoded_per_needed"]:
+        print(f"a transcode (siasam-fast transcode SRC DST {pick['set']}) would decode "
+              f"{base / pick['decoded_per_needed']:.1f}x fewer frames per video; the files grow "
+              "(README: 'Transcoded sets'). The sampler's keyframe-aware options "
+              "(sampling.preroll_temperature, sampling.keyframe_max_shift) cut pre-roll without "
+              "one, changing which clips are drawn")
+    elif pick is not None:
+        print(f"the set decodes {base:.2f} frames per needed frame as it is: a transcode would "
+              "save little")
+    _note_nvdec(records)
+    return 0
 
 
 def _train(args: argparse.Namespace, rest: list[str]) -> int:
@@ -302,6 +340,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fast", action="store_true",
                    help="demux only (no full decode): faster, but misses corrupt frame data")
 
+    p = sub.add_parser("plan", help="what the training's sampling costs to decode on a "
+                       "manifest's videos (cost model), and what a short-GOP transcode saves")
+    p.add_argument("manifest", help="a manifest (siasam-fast index)")
+    p.add_argument("--config", default=None,
+                   help="its sampling section (default: the paper's N=9, B=8, stride 4)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. sampling.stride=2")
+    p.add_argument("--gops", type=positive_int, nargs="+", default=[8, 16, 32],
+                   help="transcoded GOPs to compare (default: 8 16 32)")
+    p.add_argument("--videos", type=positive_int, default=500,
+                   help="videos drawn from the manifest (default 500)")
+    p.add_argument("--draws", type=positive_int, default=16,
+                   help="sampler draws a video (default 16)")
+
     sub.add_parser("train", help="train (same as `python train.py`; see `train --help`)",
                    add_help=False)
 
@@ -390,7 +442,8 @@ def main(argv: list[str] | None = None) -> int:
                   file=sys.stderr)
             return 130
     args = build_parser().parse_args(argv)
-    handler = {"env": _env, "synth": _synth, "index": _index, "eval": _eval, "demo": _demo,
+    handler = {"env": _env, "synth": _synth, "index": _index, "plan": _plan, "eval": _eval,
+               "demo": _demo,
                "transcode": _transcode, "weights": _weights, "ask": _ask,
                "runs": _runs}[args.command]
     if args.command in INTERRUPTED:

@@ -152,6 +152,32 @@ def test_index_on_a_gpu_says_which_videos_its_nvdec_cannot_decode(capsys, two_vi
     assert code == 0 and "NVDEC" not in out
 
 
+def test_plan_tells_whether_a_transcode_pays(capsys, tmp_path):
+    """`siasam-fast plan MANIFEST`: the decode cost table, and the advice a set with a keyframe
+    every 250 frames gets (transcode) and one with a keyframe every 8 frames gets (no need)."""
+    from siasam_fast.pipeline.manifest import VideoRecord, write_manifest
+
+    for gop in (250, 8):
+        write_manifest([VideoRecord(video_id=f"v{i}", path=f"/v/v{i}.mp4", relpath=f"v{i}.mp4",
+                                    status="ok", num_frames=900, codec="h264",
+                                    keyframes=list(range(0, 900, gop))) for i in range(6)],
+                       tmp_path / f"gop{gop}.jsonl")
+    code, out, _ = run_cli(capsys, "plan", tmp_path / "gop250.jsonl", "--draws", 4)
+    assert code == 0, out
+    assert "6 usable videos (6 drawn), median 900 frames, a keyframe every 250 frames" in out
+    assert "sampling N=9 clips of B=8 frames, stride 4, 4 draws a video" in out
+    assert [line.split()[0] for line in out.splitlines() if line.startswith("  ")] == [
+        "set", "as", "--gop", "--gop", "--gop"]
+    assert "a transcode (siasam-fast transcode SRC DST --gop 16) would decode" in out
+    code, out, _ = run_cli(capsys, "plan", tmp_path / "gop8.jsonl", "--draws", 4,
+                           "--set", "sampling.stride=2", "--gops", 16)
+    assert code == 0 and "stride 2" in out and "a transcode would save little" in out, out
+    code, _, err = run_cli(capsys, "plan", tmp_path / "missing.jsonl")
+    assert_usage_error(code, err, "plan", "missing.jsonl", "does not exist")
+    code, _, err = run_cli(capsys, "plan", tmp_path / "gop8.jsonl", "--set", "sampling.stride=0")
+    assert_usage_error(code, err, "plan", "stride")
+
+
 # ----------------------------------------------------------------------------------------------
 # transcode
 

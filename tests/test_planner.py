@@ -313,3 +313,58 @@ def test_sampling_cost_averages_only_the_draws_it_decodes():
     assert alone.draws == 6 and alone.needed == 37
     mixed = [long, record("short", "ok", 20), record("bad", "corrupt", 300)]
     assert sampling_cost(mixed, cfg, draws=6) == alone
+
+
+def long_records(n=30, gop=250):
+    from siasam_fast.pipeline.manifest import VideoRecord
+
+    return {f"v{i}": VideoRecord(video_id=f"v{i}", path=f"/videos/v{i}.mp4", relpath=f"v{i}.mp4",
+                                 status="ok", num_frames=900 + 7 * i, codec="h264",
+                                 keyframes=list(range(0, 900 + 7 * i, gop)))
+            for i in range(n)}
+
+
+def test_plan_set_models_the_set_as_indexed_and_as_transcoded():
+    """`siasam-fast plan`: the sampler's decode cost on the set's own keyframes, then on a keyframe
+    every G frames (what `transcode --gop G` writes): the same draws, so only the GOP differs."""
+    from dataclasses import replace
+
+    from siasam_fast.pipeline.planner import plan_set
+
+    records = long_records()
+    records["bad"] = replace(records["v0"], video_id="bad", status="corrupt")
+    cfg = SamplingConfig()
+    plan = plan_set(records, cfg, gops=(16, 8), videos=500, draws=4)
+    assert (plan["videos"], plan["sampled"], plan["gop"]) == (30, 30, 250.0)
+    assert [row["set"] for row in plan["rows"]] == ["as indexed", "--gop 16", "--gop 8"]
+    ok = [r for r in records.values() if r.ok]
+    assert plan["rows"][0]["decoded"] == sampling_cost(ok, cfg, draws=4).decoded
+    moved = [replace(r, keyframes=list(range(0, r.num_frames, 16))) for r in ok]
+    assert plan["rows"][1]["decoded"] == sampling_cost(moved, cfg, draws=4).decoded
+    ratios = [row["decoded_per_needed"] for row in plan["rows"]]
+    assert ratios[0] > 3 and 1 < ratios[2] < ratios[1] < 1.5, ratios
+    assert len({row["needed"] for row in plan["rows"]}) == 1  # the same draws each time
+    few = plan_set(records, cfg, gops=(16,), videos=7, draws=2)
+    assert (few["videos"], few["sampled"]) == (30, 7)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(videos=0), "videos=0: must be an integer >= 1"),
+    (dict(draws=2.5), r"draws=2.5: must be an integer >= 1"),
+    (dict(gops=(16, 0)), r"gops=\[16, 0\]: each GOP must be an integer >= 1"),
+])
+def test_plan_set_names_bad_arguments(kwargs, match):
+    from siasam_fast.pipeline.planner import plan_set
+
+    with pytest.raises(ValueError, match=match):
+        plan_set(long_records(2), SamplingConfig(), **kwargs)
+
+
+def test_plan_set_refuses_a_manifest_without_a_usable_video():
+    from dataclasses import replace
+
+    from siasam_fast.pipeline.planner import plan_set
+
+    records = {k: replace(r, status="corrupt") for k, r in long_records(2).items()}
+    with pytest.raises(ValueError, match="no usable video"):
+        plan_set(records, SamplingConfig())

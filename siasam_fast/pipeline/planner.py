@@ -172,3 +172,46 @@ def sampling_cost(
             count += 1
     mean = totals / max(count, 1)
     return SamplingCost(count, *(float(x) for x in mean))
+
+
+def plan_set(
+    records: dict[str, VideoRecord] | Iterable[VideoRecord],
+    config: SamplingConfig,
+    gops: Sequence[int] = (8, 16, 32),
+    videos: int = 500,
+    draws: int = 16,
+    seed: int = 0,
+) -> dict:
+    """What the training sampler's decoding costs on a manifest's videos, as they are and as a
+    ``siasam-fast transcode --gop G`` would leave them (a keyframe every G frames): up to
+    ``videos`` usable videos drawn at random, ``draws`` draws each (:func:`sampling_cost`).
+
+    Returns ``videos`` (usable ones), ``sampled``, ``frames`` and ``gop`` (medians over the
+    sample: frames, and frames between keyframes) and ``rows``: ``{"set", "gop", **SamplingCost.
+    as_dict()}``, the set as indexed first."""
+    from dataclasses import replace
+
+    for name, value in (("videos", videos), ("draws", draws)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name}={value!r}: must be an integer >= 1")
+    bad = [g for g in gops if isinstance(g, bool) or not isinstance(g, int) or g < 1]
+    if bad:
+        raise ValueError(f"gops={list(gops)!r}: each GOP must be an integer >= 1 (frames)")
+    ok = [r for r in (records.values() if isinstance(records, dict) else records) if r.ok]
+    if not ok:
+        raise ValueError("the manifest holds no usable video (every one is corrupt)")
+    usable = len(ok)
+    if usable > videos:
+        picked = np.random.default_rng(seed).choice(usable, videos, replace=False)
+        ok = [ok[i] for i in sorted(picked)]
+    frames = [r.num_frames for r in ok]
+    per_keyframe = [float(np.median(np.diff(r.keyframes))) if len(r.keyframes) > 1
+                    else float(r.num_frames) for r in ok]  # one keyframe: the whole video
+    rows = [{"set": "as indexed", "gop": float(np.median(per_keyframe)),
+             **sampling_cost(ok, config, draws=draws, seed=seed).as_dict()}]
+    for g in gops:
+        moved = [replace(r, keyframes=list(range(0, r.num_frames, g))) for r in ok]
+        rows.append({"set": f"--gop {g}", "gop": float(g),
+                     **sampling_cost(moved, config, draws=draws, seed=seed).as_dict()})
+    return {"videos": usable, "sampled": len(ok),
+            "frames": float(np.median(frames)), "gop": rows[0]["gop"], "rows": rows}
