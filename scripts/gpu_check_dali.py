@@ -24,7 +24,7 @@ and the script goes on:
    stand-ins (the next example), every batch stays full and the epoch goes on (in a subprocess:
    a decoder crash must not end the check); 6b: what NVDEC refuses (codec, pixel format, frame
    size: 4:4:4, 10-bit and 4:2:2 H.264, H.264 under 48 px, HEVC 4:4:4 and under 144 px, VP9
-   4:4:4 and under 128 px, AV1) against ``siasam_fast/pipeline/nvdec.py``'s table, each video
+   4:4:4 and under 128 px, AV1, MJPEG) against ``siasam_fast/pipeline/nvdec.py``'s table, each video
    decoded by the DALI loader beside a control it stands in for (in a subprocess too);
 7. the throughput comparison of benchmarks/bench_pipeline.py on the activitynet-like (1280x720,
    first) and msrvtt-like (320x240) H.264 sets, batches of 8: pyav with 1, 4, 16 workers and
@@ -428,6 +428,7 @@ NVDEC_CASES = {
     "vp9_96px": ("libvpx-vp9", "yuv420p", 96, 96),
     "vp9_444": ("libvpx-vp9", "yuv444p", 128, 128),
     "av1": ("libsvtav1", "yuv420p", 128, 128),
+    "mjpeg": ("mjpeg", "yuvj420p", 64, 64),  # NVDEC decodes JPEG; DALI's GPU decoder does not
 }
 
 

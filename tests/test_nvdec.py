@@ -75,7 +75,9 @@ def test_architecture_by_compute_capability(cc, arch):
     (rec("hevc", width=128, height=128), H100, "under NVDEC's smallest hevc frame, 144x144"),
     (rec("vp9", width=120, height=128), H100, "under NVDEC's smallest vp9 frame, 128x128"),
     (rec("vp9", width=128, height=128), H100, None),
-    (rec("mjpeg", "yuvj422p", width=48, height=64), H100, "smallest mjpeg frame, 64x64"),
+    # NVDEC decodes JPEG, but DALI's GPU video decoder leaves MJPEG out (see below)
+    (rec("mjpeg", "yuvj422p", width=48, height=64), H100, "codec mjpeg"),
+    (rec("mjpeg", "yuvj420p", width=320, height=240), B200, "codec mjpeg"),
     (rec(width=5120, height=2880), H100, "h264 5120x2880: over NVDEC's largest h264 frame"),
     (rec(width=5120, height=2880), B200, None),  # H.264 8192x8192 on Blackwell
     (rec("hevc", width=7680, height=4320), V100, None),
@@ -139,6 +141,22 @@ def test_backend_dali_refuses_such_a_set_naming_the_videos(h100):
     assert h100.resolve_backend("dali", manifest) == "dali"
 
 
+def test_backend_auto_keeps_an_mjpeg_set_off_dali(h100, caplog):
+    """NVDEC decodes JPEG, but DALI's GPU video decoder does not hand MJPEG to it: its
+    FramesDecoderGpu::SelectVideoStream lists H.264, HEVC, VP8, VP9, AV1 and MPEG-4 Part 2, with
+    MJPEG commented out ("TODO: add support for MJPEG"; NVIDIA/DALI
+    dali/operators/video/frames_decoder_gpu.cc), and the operator then fails with "Failed to
+    create video decoder". Before, auto took DALI for an MJPEG set on any GPU and every video
+    was left out as damaged, every epoch."""
+    manifest = {"a": rec("mjpeg", "yuvj420p", relpath="a.avi")}
+    with caplog.at_level(logging.WARNING, logger="siasam_fast.pipeline.loaders"):
+        assert h100.resolve_backend("auto", manifest) == "pyav"
+    assert "codec mjpeg" in caplog.text and "a.avi" in caplog.text
+    with pytest.raises(ValueError, match="codec mjpeg"):
+        h100.resolve_backend("dali", manifest)
+    assert nvdec.summary(H100).endswith("; no av1, mjpeg"), nvdec.summary(H100)
+
+
 def _encode(path: Path, pix_fmt: str, width=64, height=48, frames=3) -> Path:
     with av.open(str(path), "w") as container:
         stream = container.add_stream("libx264", rate=10)
@@ -191,7 +209,7 @@ def test_the_gpu_checks_nvdec_cases_are_written_and_predicted(tmp_path):
     manifest, predicted = script.nvdec_cases(tmp_path, H100)
     written = {name for name, (encoder, *_) in script.NVDEC_CASES.items()
                if encoder in av.codecs_available}
-    assert set(manifest) == written and {"control", "h264_444", "h264_32px"} <= written
+    assert set(manifest) == written and {"control", "h264_444", "h264_32px", "mjpeg"} <= written
     for name in written:
         encoder, pix_fmt, width, height = script.NVDEC_CASES[name]
         record = manifest[name]

@@ -11,9 +11,12 @@ files.
 
 The facts are NVIDIA's: the NVDEC application note of the Video Codec SDK 13.0 (which profiles each
 architecture decodes) and the NVDECODE programming guide's capability table (the smallest and
-largest frame per codec; the smallest H.264 frame, 48x16, and MJPEG's, 64x64, as NVIDIA's driver
-reports them on an RTX 3050). The GPU's own answer stays final: a format this table allows but
-the driver refuses is still left out by the loader, with DALI's message.
+largest frame per codec; the smallest H.264 frame, 48x16, as NVIDIA's driver reports it on an
+RTX 3050). NVDEC also decodes JPEG, but DALI's GPU video decoder does not hand MJPEG to it
+(``FramesDecoderGpu::SelectVideoStream`` in NVIDIA/DALI's frames_decoder_gpu.cc lists H.264,
+HEVC, VP8, VP9, AV1 and MPEG-4 Part 2, MJPEG commented out as a TODO), so MJPEG is not in the
+table. The GPU's own answer stays final: a format this table allows but the driver refuses is
+still left out by the loader, with DALI's message.
 """
 
 from __future__ import annotations
@@ -63,8 +66,7 @@ _PROFILES: dict[tuple[str, str, int], frozenset[str]] = {
     ("vp8", "420", 8): _ALL,
     # AV1 Main profile: 4:2:0 and monochrome, 8 and 10-bit.
     **{("av1", c, b): _AV1 for c in ("420", "400") for b in (8, 10)},
-    # Motion JPEG: 8-bit, any chroma.
-    **{("mjpeg", c, 8): _ALL for c in ("400", "420", "422", "444")},
+    # No MJPEG: NVDEC decodes JPEG, DALI's GPU video decoder does not (module docstring).
 }
 
 # codec -> (min width, min height, max width, max height, alignment of the coded size). NVDEC
@@ -75,7 +77,6 @@ _SIZES = {
     "hevc": (144, 144, 8192, 8192, 8),
     "vp9": (128, 128, 8192, 8192, 8),
     "av1": (128, 128, 8192, 8192, 8),
-    "mjpeg": (64, 64, 32768, 16384, 16),
 }
 _BLACKWELL_H264_MAX = 8192  # "H.264 8192x8192 Decoding support": Blackwell only
 
@@ -143,7 +144,7 @@ def summary(cc: tuple[int, int]) -> str:
     """What the NVDEC of a GPU of compute capability ``cc`` decodes, in one line (``env``)."""
     arch = architecture(cc)
     parts, missing = [], []
-    for codec in ("h264", "hevc", "vp9", "vp8", "av1", "mjpeg"):
+    for codec in ("h264", "hevc", "vp9", "vp8", "av1", "mjpeg"):  # mjpeg: always "no"
         shapes: dict[str, list[int]] = {}
         for (c, chroma, bits), archs in _PROFILES.items():
             if c == codec and arch in archs:
@@ -154,8 +155,6 @@ def summary(cc: tuple[int, int]) -> str:
         text = ", ".join(f"{chroma[0]}:{chroma[1]}:{chroma[2]} "
                          f"{'/'.join(map(str, sorted(bits)))}-bit"
                          for chroma, bits in sorted(shapes.items()))
-        if len(shapes) == 4 and all(bits == [8] for bits in shapes.values()):
-            text = "8-bit, any chroma"
         min_w, min_h, max_w, _, _ = _SIZES[codec]
         if codec == "h264" and arch == BLACKWELL:
             max_w = _BLACKWELL_H264_MAX
