@@ -27,7 +27,9 @@ def rec(codec="h264", pix_fmt="yuv420p", width=320, height=240, **kw):
     ("yuv420p", ("420", 8)), ("yuvj420p", ("420", 8)), ("nv12", ("420", 8)),
     ("yuv420p10le", ("420", 10)), ("yuv420p12le", ("420", 12)), ("p010le", ("420", 10)),
     ("yuv422p", ("422", 8)), ("yuv422p10le", ("422", 10)), ("yuv444p", ("444", 8)),
-    ("gray", ("400", 8)), ("gbrp", ("rgb", 8)), ("", None), ("no-such-format", None)])
+    ("gray", ("400", 8)), ("gbrp", ("rgb", 8)), ("", None), ("no-such-format", None),
+    ("yuv411p", ("411", 8)), ("yuvj440p", ("440", 8)), ("yuv410p", ("410", 8)),
+    ("cuda", None)])  # a hardware surface: no planes to tell
 def test_pixel_format_gives_chroma_and_bit_depth(name, expected):
     assert nvdec.pixel_format(name) == expected
 
@@ -52,6 +54,9 @@ def test_architecture_by_compute_capability(cc, arch):
     (rec(pix_fmt="yuv422p"), B200, None),  # High422 on Blackwell
     (rec(pix_fmt="gbrp"), H100, "h264 RGB (gbrp)"),
     (rec(pix_fmt="gray"), H100, "h264 8-bit 4:0:0"),
+    # chroma subsamplings no NVDEC decodes are named as such (not "o:t:h")
+    (rec(pix_fmt="yuv411p"), H100, "h264 8-bit 4:1:1 (yuv411p)"),
+    (rec("hevc", "yuv440p"), B200, "hevc 8-bit 4:4:0 (yuv440p)"),
     # HEVC: Main / Main 10 / Main 12 everywhere, 4:4:4 from Turing, 4:2:2 on Blackwell
     (rec("hevc", "yuv420p10le"), V100, None),
     (rec("hevc", "yuv420p12le"), V100, None),

@@ -86,7 +86,8 @@ CODECS = frozenset(codec for codec, _, _ in _PROFILES)
 @functools.cache
 def pixel_format(pix_fmt: str) -> tuple[str, int] | None:
     """(chroma, bit depth) of an FFmpeg pixel format name ("yuv420p10le": ("420", 10)); chroma
-    "rgb" for RGB formats; None for a name FFmpeg does not know (or "": not recorded)."""
+    "rgb" for RGB formats, "411" / "440" / "410" for subsamplings no NVDEC decodes ("other" for
+    any stranger one); None for a name FFmpeg does not know (or "": not recorded)."""
     if not pix_fmt:
         return None
     import av
@@ -95,13 +96,16 @@ def pixel_format(pix_fmt: str) -> tuple[str, int] | None:
         fmt = av.VideoFormat(pix_fmt)
     except (ValueError, TypeError):
         return None
+    if not fmt.components:  # a hardware surface ("cuda", "vaapi"): nothing to tell
+        return None
     bits = fmt.components[0].bits
     if fmt.is_rgb:
         return "rgb", bits
     if len(fmt.components) < 3:
         return "400", bits
     sub = (fmt.chroma_width(64), fmt.chroma_height(64))
-    return {(32, 32): "420", (32, 64): "422", (64, 64): "444"}.get(sub, "other"), bits
+    return {(32, 32): "420", (32, 64): "422", (64, 64): "444", (16, 64): "411", (64, 32): "440",
+            (16, 16): "410"}.get(sub, "other"), bits
 
 
 def problem(record, cc: tuple[int, int]) -> str | None:
@@ -118,7 +122,8 @@ def problem(record, cc: tuple[int, int]) -> str | None:
     fmt = pixel_format(pix_fmt)
     if fmt is not None and arch not in _PROFILES.get((codec, *fmt), ()):
         chroma, bits = fmt
-        shape = "RGB" if chroma == "rgb" else f"{bits}-bit {chroma[0]}:{chroma[1]}:{chroma[2]}"
+        shape = ("RGB" if chroma == "rgb" else f"{bits}-bit, chroma subsampled otherwise"
+                 if chroma == "other" else f"{bits}-bit {chroma[0]}:{chroma[1]}:{chroma[2]}")
         return f"{codec} {shape} ({pix_fmt})"
     width, height = int(getattr(record, "width", 0) or 0), int(getattr(record, "height", 0) or 0)
     if width and height and codec in _SIZES:
