@@ -108,6 +108,22 @@ def pixel_format(pix_fmt: str) -> tuple[str, int] | None:
             (16, 16): "410"}.get(sub, "other"), bits
 
 
+# DALI's GPU decoder creates its NVDEC decoders without choosing an output surface (the create
+# info is zeroed: NV12, 8-bit 4:2:0; frames_decoder_gpu.cc) and converts NV12 to RGB. NVDEC offers
+# no NV12 surface for 4:4:4 streams (NVIDIA/DALI#6079, open: "NVDEC doesn't support HEVC yuv444p
+# decode", on an RTX 6000 Ada) nor, by its surface formats, for 4:2:2 ones; whether it gives NV12
+# for 10 / 12-bit streams is not confirmed here. Until gpu_check_dali.py section 6b shows more on
+# a card, what NVDEC decodes reaches DALI only as 8-bit 4:2:0 (or when the record does not say).
+DALI_SHAPES = frozenset({("420", 8)})
+
+
+def _shape(pix_fmt: str, fmt: tuple[str, int]) -> str:
+    chroma, bits = fmt
+    shape = ("RGB" if chroma == "rgb" else f"{bits}-bit, chroma subsampled otherwise"
+             if chroma == "other" else f"{bits}-bit {chroma[0]}:{chroma[1]}:{chroma[2]}")
+    return f"{shape} ({pix_fmt})"
+
+
 def problem(record, cc: tuple[int, int]) -> str | None:
     """Why NVDEC of a GPU of compute capability ``cc`` cannot decode the manifest ``record``
     (None if it can, or if the record does not say: older manifests have no pixel format, and
@@ -121,10 +137,10 @@ def problem(record, cc: tuple[int, int]) -> str | None:
     pix_fmt = getattr(record, "pix_fmt", "")
     fmt = pixel_format(pix_fmt)
     if fmt is not None and arch not in _PROFILES.get((codec, *fmt), ()):
-        chroma, bits = fmt
-        shape = ("RGB" if chroma == "rgb" else f"{bits}-bit, chroma subsampled otherwise"
-                 if chroma == "other" else f"{bits}-bit {chroma[0]}:{chroma[1]}:{chroma[2]}")
-        return f"{codec} {shape} ({pix_fmt})"
+        return f"{codec} {_shape(pix_fmt, fmt)}"
+    if fmt is not None and fmt not in DALI_SHAPES:
+        return (f"{codec} {_shape(pix_fmt, fmt)}: NVDEC decodes it, but DALI takes 8-bit 4:2:0 "
+                "(NV12) frames from it only")
     width, height = int(getattr(record, "width", 0) or 0), int(getattr(record, "height", 0) or 0)
     if width and height and codec in _SIZES:
         min_w, min_h, max_w, max_h, align = _SIZES[codec]
@@ -146,22 +162,18 @@ def decodes_av1(cc: tuple[int, int]) -> bool:
 
 
 def summary(cc: tuple[int, int]) -> str:
-    """What the NVDEC of a GPU of compute capability ``cc`` decodes, in one line (``env``)."""
+    """What DALI decodes on the NVDEC of a GPU of compute capability ``cc``, in one line
+    (``env``): the codecs and frame sizes, 8-bit 4:2:0 (:data:`DALI_SHAPES`)."""
     arch = architecture(cc)
     parts, missing = [], []
     for codec in ("h264", "hevc", "vp9", "vp8", "av1", "mjpeg"):  # mjpeg: always "no"
-        shapes: dict[str, list[int]] = {}
-        for (c, chroma, bits), archs in _PROFILES.items():
-            if c == codec and arch in archs:
-                shapes.setdefault(chroma, []).append(bits)
-        if not shapes:
+        if not any(arch in archs for (c, chroma, bits), archs in _PROFILES.items()
+                   if c == codec and (chroma, bits) in DALI_SHAPES):
             missing.append(codec)
             continue
-        text = ", ".join(f"{chroma[0]}:{chroma[1]}:{chroma[2]} "
-                         f"{'/'.join(map(str, sorted(bits)))}-bit"
-                         for chroma, bits in sorted(shapes.items()))
         min_w, min_h, max_w, _, _ = _SIZES[codec]
         if codec == "h264" and arch == BLACKWELL:
             max_w = _BLACKWELL_H264_MAX
-        parts.append(f"{codec} {text} ({min_w}x{min_h} to {max_w} px)")
-    return f"{arch}: " + "; ".join(parts) + (f"; no {', '.join(missing)}" if missing else "")
+        parts.append(f"{codec} ({min_w}x{min_h} to {max_w} px)")
+    return (f"{arch}: 8-bit 4:2:0 " + ", ".join(parts)
+            + (f"; no {', '.join(missing)}" if missing else ""))
