@@ -179,6 +179,8 @@ BACKENDS: dict[str, Backend] = {
     "pyav": Backend("pyav", _pyav_loader),
     "dali": Backend("dali", _dali_loader, uses_workers=False),
 }
+
+
 def decodes(backend: str, codec: str) -> bool:
     if backend == "dali" and dali_device() == "cpu":
         return codec in DALI_CPU_CODECS
