@@ -130,7 +130,9 @@ def summarize_run(path: Path) -> dict:
         tag = latest.read_text().strip()
         saved_step = int(tag[4:]) if tag.startswith("step") and tag[4:].isdigit() else None
     if summary is not None and (saved_step is None or summary.get("steps", 0) >= saved_step):
-        status = "done"
+        # a run train.max_steps stopped is saved, not done: --resume auto continues it
+        status = (f"max_steps at step {summary.get('steps')}"
+                  if summary.get("ended") == "max_steps" else "done")
     elif saved_step is not None:
         status = f"saved at step {saved_step}"
     else:

@@ -2158,7 +2158,15 @@ def run_training(args: argparse.Namespace, cfg: Config, rank: int, world: int,
                 print(f"note: {stand_ins} training example(s) got a stand-in because their video "
                       "failed at decode time (the warnings name the files; `siasam-fast index` "
                       "again)")
+            at_max_steps = stop  # (a stop signal returned above; early stopping sets no stop)
+            if rank0 and at_max_steps:
+                print(f"stopped at train.max_steps={cfg.train.max_steps} ({step} of "
+                      f"{total_steps} steps planned): checkpoint saved in "
+                      f"{out_dir / 'checkpoints'}; --resume auto with a larger (or no) "
+                      "train.max_steps continues the run")
             summary = {"steps": step, "epochs_completed": len(history), "precision": precision,
+                       "ended": "max_steps" if at_max_steps else "complete",
+                       "planned_steps": total_steps,
                        "steps_per_s": steps_run / max(1e-9, step_seconds),  # training steps only
                        "peak_memory_gb": (torch.cuda.max_memory_allocated(device) / 2**30
                                           if device.type == "cuda" else None),

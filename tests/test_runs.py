@@ -101,6 +101,18 @@ def test_runs_status_reads_a_summary_without_checkpoints_and_an_odd_latest(tmp_p
     assert rows[4][6:10] == ["3", "0.5000", "1", "0.2500"]  # epochs, best at epoch 1, last
 
 
+def test_a_run_train_max_steps_stopped_is_not_done(tmp_path, capsys):
+    """A run stopped at train.max_steps writes summary.json (ended: max_steps) but is meant to be
+    continued (--resume auto with a larger train.max_steps): not "done"."""
+    runs = tmp_path / "runs"
+    make_run(runs / "short", 1.0, [], {"steps": 40, "ended": "max_steps",
+                                       "planned_steps": 1260}, latest=40)
+    make_run(runs / "whole", 1.0, [0.5], {"steps": 1260, "ended": "complete"}, latest=1260)
+    assert main(["runs", str(runs)]) == 0
+    rows = [line.split() for line in capsys.readouterr().out.splitlines()[1:]]
+    assert rows[0][4:8] == ["max_steps", "at", "step", "40"] and rows[1][4] == "done"
+
+
 def test_runs_of_different_tasks_or_splits_share_neutral_headers():
     from siasam_fast.runs import format_table
 

@@ -576,6 +576,11 @@ def test_resume_if_any_starts_or_continues(synth, tmp_path):
     out = tmp_path / "job"
     proc = train(base_args(synth, out, "--set", "train.max_steps=2", "--resume", "if-any"))
     assert len(losses(out)) == 2 and "moved the previous run" not in proc.stdout
+    # a max_steps stop says so, and summary.json says the run is not over
+    assert "stopped at train.max_steps=2 (2 of " in proc.stdout, proc.stdout
+    assert "--resume auto with a larger (or no) train.max_steps continues" in proc.stdout
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["ended"] == "max_steps" and summary["planned_steps"] > 2
     proc = train(base_args(synth, out, "--set", "train.max_steps=4", "--resume", "if-any"))
     assert len(losses(out)) == 4  # continued from step 2: its rows kept, two more
     tries = tmp_path / "tries"
