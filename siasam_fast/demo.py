@@ -475,6 +475,20 @@ def _repoint_run(partial: Path, final: Path) -> None:
             write_text_atomic(file, json.dumps(data, indent=2 if name == "config.json" else None))
 
 
+def _repoint_log(log: Path, partial: Path, final: Path) -> None:
+    """The training's log with the paths in ``partial`` (a checkpoint, the run folder) named as
+    in ``final``, the folder the run now has."""
+    old, new = str(partial.resolve()).encode(), str(final.resolve()).encode()
+    try:
+        data = log.read_bytes()
+        if old in data:
+            tmp = log.with_name(f".{log.name}.{os.getpid()}.tmp")
+            tmp.write_bytes(data.replace(old, new))
+            os.replace(tmp, log)
+    except OSError:  # the log keeps the training's own paths
+        pass
+
+
 def _restore_previous(out: Path) -> bool:
     """Put back what :func:`_set_aside_previous` moved, replacing what a new demo had written in
     its place (a new data set); whether there was anything to put back."""
@@ -575,7 +589,9 @@ def run_demo(
         # A CUDA torch and a GPU: both runs train there (bf16 or fp16, DALI when installed), with
         # other numbers than the README's CPU table
         setup = training_setup(config, common, data_dir / "manifest.jsonl")
-        print(f"demo: both runs train on {describe_setup(setup)}", flush=True)
+        print(f"demo: both runs train on {describe_setup(setup)}; each in "
+              f"{out / PARTIAL.format('NAME')}, which becomes {out / 'NAME'} once both have "
+              "finished (the paths the trainings print are the first)", flush=True)
         for name, switches in METHODS.items():
             partial = out / PARTIAL.format(name)
             shutil.rmtree(partial, ignore_errors=True)  # left by a demo stopped before
@@ -595,6 +611,7 @@ def run_demo(
         for name in METHODS:
             partial = out / PARTIAL.format(name)
             partial.rename(out / name)
+            _repoint_log(partial.with_name(partial.name + ".log"), partial, out / name)
             partial.with_name(partial.name + ".log").replace(out / f"{name}.log")
     except BaseException:  # a stop or a failure: the previous demo's outputs come back
         if set_aside:

@@ -65,6 +65,10 @@ def test_runs_name_their_own_folder_not_the_hidden_one_they_trained_in(quick_dem
         assert best["checkpoint"] == str(run / "checkpoints" / f"step{best['step']}")
         assert (run / "checkpoints" / f"step{best['step']}").is_dir()
         assert json.loads((run / "config.json").read_text())["train"]["out_dir"] == str(run)
+        # the run's log names its checkpoints where they are now (the walkthrough found the
+        # gone .partial folder there)
+        log = (out / f"{name}.log").read_text()
+        assert ".partial" not in log and str(run / "checkpoints" / "step") in log, log[-400:]
 
 
 def test_learning_curve_png(quick_demo):
