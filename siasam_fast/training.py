@@ -82,7 +82,7 @@ from siasam_fast.paths import (  # noqa: E402
 )
 from siasam_fast.pipeline.dataset import close_loaders, shard_length  # noqa: E402
 from siasam_fast.pipeline.loaders import build_video_loader  # noqa: E402
-from siasam_fast.pipeline.manifest import load_manifest  # noqa: E402
+from siasam_fast.pipeline.manifest import load_manifest, require_manifest_file  # noqa: E402
 from siasam_fast.pipeline.multitask import MultiTaskLoader  # noqa: E402
 from siasam_fast.runs import (  # noqa: E402
     _number,
@@ -166,7 +166,7 @@ def init_distributed() -> tuple[int, int, torch.device]:
         # on CPU, DeepSpeed builds (or loads) its shared-memory all-reduce op here, and prints
         # "DeepSpeed ... built successfully" each time (a print, no logging level to quiet it):
         # that one line is dropped, anything else it prints passes
-        with watch_build_lock("deepspeed_shm_comm") if not cuda else contextlib.nullcontext(), \
+        with building("deepspeed_shm_comm") if not cuda else contextlib.nullcontext(), \
                 contextlib.redirect_stdout(DropBuildNote(sys.stdout)):
             deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
         if not cuda:
@@ -540,6 +540,16 @@ def use_deepspeed_arch_list() -> None:
         os.environ["TORCH_CUDA_ARCH_LIST"] = fixed
 
 
+@contextlib.contextmanager
+def building(name: str):
+    """The JIT build (or load) of torch extension ``name``: a stop signal raises
+    :class:`Stopped` at once, so that torch's build ends through its ``finally`` and removes its
+    lock file (killed outright, the build leaves the lock, and every later run on the machine
+    waits on it), and the build lock is watched (:func:`watch_build_lock`)."""
+    with stop_raises(), watch_build_lock(name):
+        yield
+
+
 def build_fused_adam_op() -> None:
     """Build DeepSpeed's FusedAdam CUDA extension now (JIT: nvcc and ninja, about a minute the
     first time), or load it from torch's extension cache (~/.cache/torch_extensions), with the
@@ -548,7 +558,7 @@ def build_fused_adam_op() -> None:
     use_deepspeed_arch_list()
     from deepspeed.ops.op_builder import FusedAdamBuilder
 
-    with watch_build_lock(FUSED_ADAM):
+    with building(FUSED_ADAM):
         FusedAdamBuilder().load()
 
 
@@ -599,7 +609,7 @@ def build_optimizer(model: torch.nn.Module, cfg: Config, device: torch.device):
                 raise RuntimeError(f"TORCH_CUDA_ARCH_LIST={arch_list!r}, which it is built for, "
                                    f"has no code for this GPU (sm_{cc[0]}{cc[1]}): unset it or "
                                    f"add {cc[0]}.{cc[1]}")
-            with watch_build_lock(FUSED_ADAM):  # its JIT build or load
+            with building(FUSED_ADAM):  # its JIT build or load
                 return FusedAdam(groups, adam_w_mode=True, **adam), "DeepSpeed FusedAdam"
         except Exception as err:  # noqa: BLE001 - its JIT build: no nvcc / ninja, a bad arch list
             why = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
@@ -1598,6 +1608,11 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         sys.stderr.write(f"error: {err}\n")
         sys.stderr.flush()
         return 2
+    except Stopped as stopped:  # a stop signal while an extension was built, in the start-up
+        print(f"stopped by {stopped.name} during the start-up (an extension's build, its lock "
+              "released): nothing was written to train.out_dir; run again to start",
+              file=sys.stderr)
+        return stopped.exit_status
     except KeyboardInterrupt:
         # Ctrl-C during the start-up (before the run's stop handling is in place: nothing has
         # been written to train.out_dir yet) or a second one, which stops at once: one line, not a
@@ -1716,6 +1731,9 @@ def train(argv: list[str] | None = None, prog: str | None = None) -> int:
     args = parse_args(argv, prog)
     cfg = load_config(args.config, args.set)
     check_start_args(args, cfg)
+    for stream in cfg.streams().values():  # now, not after the start-up's slow part (below)
+        if stream.data.manifest:
+            require_manifest_file(stream.data.manifest)
     rank, world, device = init_distributed()
     out_dir = Path(cfg.train.out_dir)
     # Nothing is written into out_dir (but its lock file, removed at the end) until the config,

@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -103,3 +104,58 @@ def test_a_worker_that_ends_after_a_sigterm_is_not_held_for_the_grace_period():
                      "print('ended', flush=True)")
     assert out.returncode == 0 and out.stdout == "ended\n", out.stderr
     assert time.monotonic() - start < 10
+
+
+START_CHILD = r"""
+import os, signal, sys, time
+from pathlib import Path
+os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                  MASTER_PORT="29599")
+import siasam_fast.training as training
+
+lock = Path(sys.argv[1]) / "lock"
+
+def build(**kwargs):  # torch's JIT build: a lock file, removed in its finally
+    lock.write_text("")
+    try:
+        if sys.argv[3] == "signal":
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)
+        raise AssertionError("the start-up went past the build")
+    finally:
+        lock.unlink()
+
+training.deepspeed.init_distributed = build
+sys.exit(training.main(["--config", "configs/synthetic.yaml", "--set",
+                        f"data.manifest={sys.argv[2]}", "--set",
+                        f"train.out_dir={Path(sys.argv[1]) / 'run'}"]))
+"""
+
+
+def start(tmp_path, manifest, what):
+    root = Path(__file__).resolve().parent.parent
+    return subprocess.run([sys.executable, "-c", START_CHILD, str(tmp_path), str(manifest), what],
+                          capture_output=True, text=True, timeout=120, cwd=root)
+
+
+def test_a_sigterm_during_the_start_ups_build_releases_its_lock(tmp_path):
+    """A SIGTERM while DeepSpeed builds its CPU comm op (or FusedAdam) killed the run outright:
+    no message, and torch's build lock stayed, so every later run on the machine waited on it
+    (a newcomer walkthrough found it). Now the build ends through its own cleanup and the run
+    says what happened."""
+    manifest = tmp_path / "manifest.jsonl"
+    manifest.write_text("")
+    proc = start(tmp_path, manifest, "signal")
+    assert proc.returncode == 128 + signal.SIGTERM, proc.stderr
+    assert "stopped by SIGTERM during the start-up" in proc.stderr, proc.stderr
+    assert not (tmp_path / "lock").exists() and not (tmp_path / "run").exists()
+
+
+def test_a_missing_manifest_is_said_before_the_start_ups_slow_part(tmp_path):
+    """The manifest is checked before DeepSpeed's start-up (its CPU comm op build took about 30 s
+    before the error, for a newcomer without data); the error names the synth command that makes
+    it."""
+    proc = start(tmp_path, tmp_path / "syn" / "manifest.jsonl", "none")
+    assert proc.returncode == 2, proc.stderr
+    assert f"`siasam-fast synth --out {tmp_path / 'syn'}`" in proc.stderr, proc.stderr
+    assert not (tmp_path / "lock").exists()  # the build never began

@@ -334,6 +334,24 @@ def incomplete_marker(path: str | os.PathLike) -> Path:
     return path.with_name(path.name + ".incomplete")
 
 
+def require_manifest_file(path: str | os.PathLike) -> Path:
+    """``path`` as a Path if it is a file; else FileNotFoundError saying how to make it (a
+    training checks this before its slow start-up)."""
+    path = Path(path)
+    if path.is_dir():  # FileNotFoundError too: callers catch that one for "no manifest here"
+        raise FileNotFoundError(
+            f"manifest {path} is a folder; give the manifest file, e.g. {path / 'manifest.jsonl'}"
+        )
+    if not path.is_file():
+        synth = (f"`siasam-fast synth --out {path.parent}`" if path.name == "manifest.jsonl"
+                 else "`siasam-fast synth --out DIR` (DIR/manifest.jsonl)")
+        raise FileNotFoundError(
+            f"manifest {path} does not exist; build it with `siasam-fast index VIDEO_DIR --out "
+            f"{path}` (or {synth} for the synthetic set)"
+        )
+    return path
+
+
 def load_manifest(
     path: str | os.PathLike, video_dir: str | os.PathLike | None = None, *,
     allow_incomplete: bool = False,
@@ -343,16 +361,7 @@ def load_manifest(
     A manifest that an interrupted ``index`` or ``transcode`` left (its ``.incomplete`` marker
     beside it: videos still without a record) is refused with what to do, unless
     ``allow_incomplete`` (those commands themselves, to continue it)."""
-    path = Path(path)
-    if path.is_dir():  # FileNotFoundError too: callers catch that one for "no manifest here"
-        raise FileNotFoundError(
-            f"manifest {path} is a folder; give the manifest file, e.g. {path / 'manifest.jsonl'}"
-        )
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"manifest {path} does not exist; build it with `siasam-fast index VIDEO_DIR --out "
-            f"{path}` (or `siasam-fast synth --out DIR` for the synthetic set)"
-        )
+    path = require_manifest_file(path)
     marker = incomplete_marker(path)
     if not allow_incomplete and marker.is_file():
         try:
