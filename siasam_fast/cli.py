@@ -57,7 +57,7 @@ def _synth(args: argparse.Namespace) -> int:
     out = f"{args.out}/manifest.jsonl"
     records = build_manifest(f"{args.out}/videos", out, workers=args.workers)
     ok = sum(r.status == "ok" for r in records.values())
-    print(f"synthetic set: {summary} ; manifest {out}: {ok}/{len(records)} videos ok")
+    print(f"synthetic set: {summary}; manifest {out}: {ok}/{len(records)} videos ok")
     foreign = sorted(set(records) - set(summary.meta["videos"]))
     if foreign:
         print(f"note: {len(foreign)} video(s) in {args.out}/videos are not of this set (e.g. "
@@ -74,7 +74,9 @@ def _index(args: argparse.Namespace) -> int:
     skipped = len(records.duplicates)  # each one was warned about as it was skipped
     taken = (f", {skipped} file{'s' if skipped != 1 else ''} skipped (video_id already taken)"
              if skipped else "")
-    print(f"{args.out}: {len(records) - len(bad)} ok, {len(bad)} corrupt{taken}")
+    kept = len(records.reused)
+    kept = f", {kept} unchanged since the last run (not probed again)" if kept else ""
+    print(f"{args.out}: {len(records) - len(bad)} ok, {len(bad)} corrupt{kept}{taken}")
     for r in bad[:20]:
         print(f"  corrupt: {r.path}: {r.reason}")
     if len(bad) > 20:
@@ -114,11 +116,11 @@ def _plan(args: argparse.Namespace) -> int:
     print("decoded frames per needed frame (planner.py's model of the PyAV decoder):")
     base = plan["rows"][0]["decoded_per_needed"]
     print(f"  {'set':<12} {'GOP':>5} {'needed':>7} {'decoded':>8} {'per needed':>11} "
-          f"{'fewer':>6}")
+          f"{'vs as indexed':>14}")
     for row in plan["rows"]:
         print(f"  {row['set']:<12} {row['gop']:>5.0f} {row['needed']:>7.1f} "
               f"{row['decoded']:>8.1f} {row['decoded_per_needed']:>11.2f} "
-              f"{base / row['decoded_per_needed']:>5.1f}x")
+              f"{row['decoded_per_needed'] / base:>13.2f}x")
     # GOP 16: the README's measured disk growth (under 2x at 720p) and most of GOP 8's saving
     rows = {row["gop"]: row for row in plan["rows"][1:]}
     pick = rows.get(16.0) or min(rows.values(), key=lambda row: row["decoded_per_needed"],
@@ -126,7 +128,7 @@ def _plan(args: argparse.Namespace) -> int:
     if pick is not None and base >= 1.5 * pick["decoded_per_needed"]:
         print(f"a transcode (siasam-fast transcode SRC DST {pick['set']}) would decode "
               f"{base / pick['decoded_per_needed']:.1f}x fewer frames per video; the files grow "
-              "(README: 'Transcoded sets'). The sampler's keyframe-aware options "
+              "(README, Measured so far: 'Transcoded sets'). The sampler's keyframe-aware options "
               "(sampling.preroll_temperature, sampling.keyframe_max_shift) cut pre-roll without "
               "one, changing which clips are drawn")
     elif pick is not None:

@@ -120,7 +120,8 @@ def test_index_empty_folder_keeps_the_existing_manifest(capsys, two_videos, tmp_
 def test_index_updates_a_manifest(capsys, two_videos):
     folder, manifest = two_videos
     code, out, _ = run_cli(capsys, "index", folder, "--out", manifest, "--workers", 1)
-    assert code == 0 and "2 ok, 0 corrupt" in out
+    assert code == 0 and "2 ok, 0 corrupt, 2 unchanged since the last run (not probed again)" \
+        in out, out
 
 
 def test_index_summary_counts_files_skipped_for_a_taken_video_id(capsys, two_videos):
@@ -716,6 +717,7 @@ def test_index_lists_at_most_20_corrupt_files(capsys, tmp_path, monkeypatch, num
 
     class Build(dict):
         duplicates = []
+        reused = []
 
     def build(video_dir, out, workers=None, mode="decode"):
         modes.append(mode)

@@ -582,7 +582,8 @@ def build_manifest(
 
     probed: list[str] = []
     last_write = time.monotonic()
-    bar = tqdm(total=len(todo), desc="probing videos", unit="video", disable=not progress)
+    bar = tqdm(total=len(todo), desc="probing videos", unit="video",
+               disable=not progress or not todo)  # (a re-run with nothing new: no empty bar)
     try:
         for record in _probe_all(todo, video_dir, mode, workers):
             records[record.video_id] = record
