@@ -319,34 +319,40 @@ def _runs(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_command(sub, name: str, help: str, **kwargs) -> argparse.ArgumentParser:  # noqa: A002
+    """A subcommand whose ``--help`` starts with what it does (its line in the command list)."""
+    return sub.add_parser(name, help=help, description=help, **kwargs)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="siasam-fast", description="Fast SiaSamRea training for VideoQA.")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("env", help="what this machine can run (GPU, precision, kernels, DALI, "
+    p = add_command(sub, "env", help="what this machine can run (GPU, precision, kernels, DALI, "
                        "DeepSpeed, codecs) and what a run here would pick")
     p.add_argument("--json", default=None, metavar="PATH",
                    help="also write the rows as JSON to PATH")
     p.add_argument("--no-decode", action="store_true",
                    help="skip the DALI decoding check (a second or two)")
 
-    p = sub.add_parser("synth", help="generate the synthetic VideoQA set (and its manifest)")
+    p = add_command(sub, "synth", help="generate the synthetic VideoQA set (and its manifest)")
     add_synth_options(p, "videos/, annotations/, meta.json, manifest.jsonl")
 
-    p = sub.add_parser("index", help="probe every video once and write the manifest (JSONL)")
-    p.add_argument("video_dir")
+    p = add_command(sub, "index", help="probe every video once and write the manifest (JSONL)")
+    p.add_argument("video_dir", help="the folder of videos (subfolders too)")
     p.add_argument("--out", required=True, help="manifest path, e.g. data/msrvtt/manifest.jsonl")
     p.add_argument("--workers", type=nonneg_int, default=None,
                    help="processes (default: all cores)")
     p.add_argument("--fast", action="store_true",
                    help="demux only (no full decode): faster, but misses corrupt frame data")
 
-    p = sub.add_parser("plan", help="what the training's sampling costs to decode on a "
+    p = add_command(sub, "plan", help="what the training's sampling costs to decode on a "
                        "manifest's videos (cost model), and what a short-GOP transcode saves")
     p.add_argument("manifest", help="a manifest (siasam-fast index)")
     p.add_argument("--config", default=None,
-                   help="its sampling section (default: the paper's N=9, B=8, stride 4)")
+                   help="a run config whose sampling section the model draws with (default: "
+                   "the paper's N=9 clips, B=8 frames, stride 4)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. sampling.stride=2")
     p.add_argument("--gops", type=positive_int, nargs="+", default=[8, 16, 32],
@@ -356,10 +362,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--draws", type=positive_int, default=16,
                    help="sampler draws a video (default 16)")
 
-    sub.add_parser("train", help="train (same as `python train.py`; see `train --help`)",
+    add_command(sub, "train", help="train (same as `python train.py`; see `train --help`)",
                    add_help=False)
 
-    p = sub.add_parser("eval", help="evaluate a checkpoint")
+    p = add_command(sub, "eval", help="evaluate a checkpoint")
     p.add_argument("--checkpoint", required=True, help="a checkpoint directory (a run's or a tag)")
     p.add_argument("--config", default=None, help="config file (default: the checkpoint's)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -371,7 +377,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="write one JSON line per question (qid, question type, prediction, "
                    "its score) to PATH")
 
-    p = sub.add_parser("ask", help="answer one question about one video with a checkpoint")
+    p = add_command(sub, "ask", help="answer one question about one video with a checkpoint")
     p.add_argument("--checkpoint", required=True, help="a checkpoint directory (a run's or a tag)")
     p.add_argument("--video", required=True, help="a video file")
     p.add_argument("--question", required=True, help="the question, e.g. 'what is the man doing?'")
@@ -389,13 +395,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a task=multi checkpoint: which of its tasks (data.tasks) answers")
     p.add_argument("--json", action="store_true", help="print the answers as JSON")
 
-    p = sub.add_parser("transcode", help="re-encode videos once for fast random access "
+    p = add_command(sub, "transcode", help="re-encode videos once for fast random access "
                        "(short GOP, constant frame rate)")
     from siasam_fast.pipeline.transcode import build_parser as transcode_parser
 
     transcode_parser(p)
 
-    p = sub.add_parser("weights", help="fetch the pretrained ResNet-50 and BERT-base that "
+    p = add_command(sub, "weights", help="fetch the pretrained ResNet-50 and BERT-base that "
                        "ClipBERT starts from into local folders for model.visual / model.text")
     p.add_argument("out", nargs="?", default="weights",
                    help="folder to put them in (default: weights)")
@@ -416,12 +422,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --clipbert: BERT's attention heads (default: hidden size / 64, "
                    "12 for ClipBERT's BERT-base)")
 
-    p = sub.add_parser("runs", help="one table of training runs (best / last / test metric, "
+    p = add_command(sub, "runs", help="one table of training runs (best / last / test metric, "
                        "speed) to compare them")
     p.add_argument("folders", nargs="+", metavar="RUN",
                    help="run folders (train.out_dir), or a folder of them such as runs/")
     p.add_argument("--csv", default=None, metavar="FILE", help="also write the table as CSV")
-    p = sub.add_parser("demo", help="train baseline vs SiaSamRea on synthetic data (CPU)")
+    p = add_command(sub, "demo", help="train baseline vs SiaSamRea on synthetic data (CPU)")
     p.add_argument("--out", default="runs/demo",
                    help="folder for the synthetic set, both runs, their logs, summary.json and "
                    "the plot: new, empty, or one an earlier demo wrote (default runs/demo)")
