@@ -2399,6 +2399,12 @@ def evaluate_checkpoint(checkpoint: str, config_path: str | None = None,
                for name, data in datas.items() if split in data.examples}
     texts = {name: TextEncoder(tokenizer, streams[name].task, cfg.data.max_question_len,
                                cfg.data.mc_text) for name in loaders}
+    if rank == 0:  # what the table below is of
+        questions = sum(len(data.examples[split]) for data in datas.values()
+                        if split in data.examples)
+        print(f"evaluating {tag_dir} on {split} ({questions} questions; eval.num_clips="
+              f"{cfg.eval.num_clips}, sampling.eval_placement={cfg.sampling.eval_placement}, "
+              f"eval.aggregation={cfg.eval.aggregation})", flush=True)
     return evaluate_tasks(model, loaders, streams, texts, device, torch.float32,
                           desc=f"eval {split}",
                           predictions=Path(predictions) if predictions else None)

@@ -119,6 +119,10 @@ def test_single_process_trains_evaluates_and_checkpoints(synth, tmp_path):
                 "--json", str(metrics), "--predictions", str(preds)])
     assert json.loads(metrics.read_text()) == summary["val"]
     assert re.search(rf"\naccuracy +{summary['val']['accuracy']:.4f}\n", proc.stdout)
+    # the table says what it is of: the checkpoint, the split and the evaluation's settings
+    assert re.search(rf"evaluating {re.escape(str(out))}/checkpoints/step\d+ on val \(\d+ "
+                     r"questions; eval.num_clips=1, sampling.eval_placement=middle, "
+                     r"eval.aggregation=mean\)", proc.stdout), proc.stdout
     rows = [json.loads(line) for line in preds.read_text().splitlines()]
     assert len(rows) == summary["val"]["num_examples"]
     assert sum(r["accuracy"] for r in rows) / len(rows) == summary["val"]["accuracy"]
