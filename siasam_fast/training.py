@@ -1594,6 +1594,13 @@ def parse_args(argv: list[str] | None, prog: str | None = None) -> argparse.Name
                         "requeued); or a checkpoint folder")
     parser.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)
     parser = deepspeed.add_config_arguments(parser)
+    for action in parser._actions:  # DeepSpeed's own help for the flags a run of this uses
+        if action.dest == "deepspeed_config":
+            action.help = ("DeepSpeed config (JSON: ZeRO stage, precision), e.g. "
+                           "configs/ds/zero2_bf16.json; default: ZeRO stage 2 in the machine's "
+                           "precision (fp32 on a CPU, bf16 on an A100 / H100, fp16 on a V100)")
+        elif action.dest in ("deepscale", "deepscale_config", "deepspeed"):
+            action.help = argparse.SUPPRESS  # deprecated (deepscale), or unused: always DeepSpeed
     return parser.parse_args(argv)
 
 

@@ -909,3 +909,15 @@ def test_sigterm_takes_the_ctrl_c_path_of_the_commands_that_keep_their_work(caps
     monkeypatch.setattr(envcheck, "run_checks", stopped)
     with pytest.raises(KeyboardInterrupt):
         cli.main(["env", "--no-decode"])
+
+
+def test_train_help_shows_the_deepspeed_config_flag_not_deepspeeds_deprecated_ones(capsys):
+    """`train --help` listed DeepSpeed's deprecated --deepscale flags and said nothing of the
+    default DeepSpeed config (a newcomer walkthrough)."""
+    from siasam_fast.training import parse_args
+
+    with pytest.raises(SystemExit):
+        parse_args(["--help"])
+    out = capsys.readouterr().out
+    assert "deepscale" not in out and "default: ZeRO stage 2 in the machine's precision" in out
+    assert parse_args(["--deepspeed_config", "x.json"]).deepspeed_config == "x.json"
