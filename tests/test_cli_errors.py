@@ -918,6 +918,6 @@ def test_train_help_shows_the_deepspeed_config_flag_not_deepspeeds_deprecated_on
 
     with pytest.raises(SystemExit):
         parse_args(["--help"])
-    out = capsys.readouterr().out
+    out = " ".join(capsys.readouterr().out.split())  # (argparse wraps the help)
     assert "deepscale" not in out and "default: ZeRO stage 2 in the machine's precision" in out
     assert parse_args(["--deepspeed_config", "x.json"]).deepspeed_config == "x.json"
