@@ -2183,7 +2183,9 @@ def run_training(args: argparse.Namespace, cfg: Config, rank: int, world: int,
                 print(f"note: {stand_ins} training example(s) got a stand-in because their video "
                       "failed at decode time (the warnings name the files; `siasam-fast index` "
                       "again)")
-            at_max_steps = stop  # (a stop signal returned above; early stopping sets no stop)
+            # stopped short of the planned steps by train.max_steps (a stop signal returned
+            # above; early stopping sets no stop)
+            at_max_steps = stop and step < total_steps
             if rank0 and at_max_steps:
                 print(f"stopped at train.max_steps={cfg.train.max_steps} ({step} of "
                       f"{total_steps} steps planned): checkpoint saved in "
