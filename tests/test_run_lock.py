@@ -112,9 +112,11 @@ def test_a_training_on_a_held_folder_stops_before_touching_it(tmp_path, holder, 
     (run / "config.json").write_text("{}")
     proc = holder(run)
     before = _snapshot(run)
+    manifest = tmp_path / "manifest.jsonl"  # (checked first, for being there only)
+    manifest.write_text("")
     port = ["--master_port", str(_free_port())] if launcher else []
     cmd = [sys.executable, *launcher, *port, "train.py", "--config", "configs/synthetic.yaml",
-           "--set", f"train.out_dir={run}", *extra]
+           "--set", f"train.out_dir={run}", "--set", f"data.manifest={manifest}", *extra]
     done = subprocess.run(cmd, cwd=ROOT, env=cpu_env(OMP_NUM_THREADS="1"), capture_output=True,
                           text=True, timeout=120)
     errors = [line for line in done.stderr.splitlines() if line.startswith("error: ")]

@@ -654,8 +654,10 @@ def test_an_out_dir_under_a_file_is_one_line_naming_the_file(tmp_path, capsys, m
     _no_launcher_env(monkeypatch)
     victim = tmp_path / "runs"
     victim.write_text("keep")
+    manifest = tmp_path / "manifest.jsonl"  # (checked first, for being there only)
+    manifest.write_text("")
     code = main(["--config", str(ROOT / "configs" / "synthetic.yaml"),
-                 "--set", f"train.out_dir={victim / 'run'}"])
+                 "--set", f"train.out_dir={victim / 'run'}", "--set", f"data.manifest={manifest}"])
     err = capsys.readouterr().err
     assert code == 2, err
     assert err == (f"error: train.out_dir={str(victim / 'run')!r}: {str(victim)!r} is a file, "
