@@ -39,9 +39,8 @@ def dali_gpu_problem() -> str | None:
     wheel = dali_wheel()
     if not wheel or (_wheel_cuda_major(wheel) or 0) < 13:
         return None
-    try:
-        cc = tuple(torch.cuda.get_device_capability())
-    except (AssertionError, RuntimeError):  # no usable device after all: nothing to say
+    cc = _gpu_capability()
+    if cc is None:  # no usable device after all: nothing to say
         return None
     if cc < DALI_CUDA13_MIN_CAPABILITY:
         return (f"{wheel} has no code for {torch.cuda.get_device_name()} (sm_{cc[0]}{cc[1]}): "
