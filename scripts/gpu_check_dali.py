@@ -56,6 +56,7 @@ import sys
 import tempfile
 import time
 import traceback
+import weakref
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -190,7 +191,7 @@ def main() -> int:
 
         cfg = SamplingConfig(num_clips=9, frames_per_clip=8, stride=4)
         loader = build_dali_loader(
-            examples_for(["hd", "bframes", "vfr", "long_gop"] * 2), state["manifest"], cfg,
+            examples_for(["hd", "bframes", "vfr", "long_gop"] * 3), state["manifest"], cfg,
             "train", 4, image_size=224, device="gpu", num_workers=0,
         )
         it = iter(loader)
@@ -221,12 +222,21 @@ def main() -> int:
         dtoh = [n for n in names if "DtoH" in n or "Device -> Host" in n]
         htod = [n for n in names if "HtoD" in n or "Host -> Device" in n]
         assert not dtoh, f"device-to-host copies in a batch: {sorted(set(dtoh))}"
-        it.close()
+        shown = f"frames {tuple(frames.shape)} fp16 on {frames.device}"
+        # DALI's buffer stays referenced by the loader after the consumer drops it, until torch's
+        # stream has passed the next request (pipeline/dali.py, _StreamRelease), then goes.
+        output = weakref.ref(frames)
+        del batch, frames
+        assert output() is not None, "the loader let DALI's output go before the next request"
+        list(it)  # the next request, then the pass's end
+        torch.cuda.synchronize()
+        loader._release.mark()
+        assert output() is None, "DALI's output is still held after torch's stream passed it"
         # The proof of zero copy is the allocator and the pointer; the profiler only sees the
         # copies that CUPTI attributes to this process's streams (DALI's may not show).
-        return (f"frames {tuple(frames.shape)} fp16 on {frames.device}, {nbytes / 2**20:.1f} MiB, "
-                f"torch allocator +{grown} B, pointer {pointer}; the profiler saw {len(dtoh)} "
-                f"device-to-host and {len(htod)} host-to-device copies")
+        return (f"{shown}, {nbytes / 2**20:.1f} MiB, torch allocator +{grown} B, pointer "
+                f"{pointer}; the profiler saw {len(dtoh)} device-to-host and {len(htod)} "
+                "host-to-device copies; the output held until torch passed the next request")
 
     @section("5 pixels against PyAV")
     def _():

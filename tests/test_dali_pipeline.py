@@ -21,6 +21,7 @@ with DALI 2.4 and PyAV 18.1 over sizes 24..96 (downscale, upscale, none), square
 
 import os
 import shutil
+import weakref
 from types import SimpleNamespace
 
 import numpy as np
@@ -365,6 +366,71 @@ def test_frames_outlive_their_pipeline(manifest):
     for _ in range(2):
         list(loader)
     assert torch.equal(kept, copy)
+
+
+class FakeEvent:
+    """A CUDA event stood in for: done when the test says torch's stream got past it."""
+
+    made: list = []
+
+    def __init__(self):
+        self.done = False
+        FakeEvent.made.append(self)
+
+    def query(self):
+        return self.done
+
+
+def test_stream_release_keeps_buffers_until_torch_is_past_them():
+    FakeEvent.made = []
+    keeper = dali_module._StreamRelease(None, event_factory=FakeEvent)
+    first, second = torch.zeros(3), torch.ones(3)
+    alive = [weakref.ref(first), weakref.ref(second)]
+    keeper.hold(first)
+    del first
+    keeper.mark()  # the consumer asked for the next batch: an event covers the first
+    keeper.hold(second)
+    del second
+    keeper.mark()
+    assert [r() is not None for r in alive] == [True, True] and len(FakeEvent.made) == 2
+    FakeEvent.made[1].done = True  # events complete in stream order: the first one is waited for
+    keeper.mark()
+    assert [r() is not None for r in alive] == [True, True]
+    FakeEvent.made[0].done = True
+    keeper.mark()  # nothing new held: no new event, both let go
+    assert [r() is None for r in alive] == [True, True] and len(FakeEvent.made) == 2
+    assert len(keeper) == 0
+
+
+def test_the_loader_keeps_its_gpu_outputs_until_the_next_batch_is_asked_for(manifest,
+                                                                              monkeypatch):
+    """Each output DALI hands to torch on the GPU stays referenced by the loader until the consumer
+    has asked for the next batch and torch's stream has passed that point (here: its event
+    completes at once); the CPU run stands in for the GPU's by holding its outputs too."""
+    FakeEvent.made = []
+    loader = dali(examples_for(INDEXED * 2), manifest, batch_size=2, shuffle=False)
+    loader._release = dali_module._StreamRelease(None, event_factory=FakeEvent)
+    outputs = []
+    run = loader._run
+
+    def holding(pipe):
+        frames, slots = run(pipe)
+        loader._release.hold(frames)  # what _run does on the GPU
+        outputs.append(weakref.ref(frames))
+        return frames, slots
+
+    monkeypatch.setattr(loader, "_run", holding)
+    batches = iter(loader)
+    batch = next(batches)
+    batch["frames"] = batch["frames"].clone()  # the consumer lets DALI's buffer go
+    assert outputs[0]() is not None and FakeEvent.made == []  # held: nothing marked yet
+    batch = next(batches)  # asks for the next batch: the first output's event is recorded
+    assert len(FakeEvent.made) == 1 and outputs[0]() is not None
+    FakeEvent.made[0].done = True
+    del batch
+    rest = list(batches)  # the next request lets it go; the pass's end marks the last one
+    assert rest and outputs[0]() is None
+    assert len(FakeEvent.made) == len(outputs)
 
 
 # -- faults ------------------------------------------------------------------------------------
@@ -1362,3 +1428,22 @@ def test_a_video_decoded_alone_is_copied_before_its_pipeline_closes(monkeypatch)
     monkeypatch.setattr(dali_module, "_close", lambda pipe: events.append("close"))
     assert DALIVideoLoader._decode_alone(Loader(), Job()) == "copy"
     assert events == ["clone", "close"]
+
+
+@requires_cuda
+@pytest.mark.gpu
+def test_gpu_outputs_stay_held_until_torch_is_past_them(h264_manifest):
+    """On the GPU the loader holds each DALI output until torch's stream has passed the request
+    for the next batch (a real CUDA event), and lets it go after that, not before."""
+    loader = build_dali_loader(
+        examples_for(["bframes", "vfr", "long_gop"] * 2), h264_manifest, CFG, "train", 2,
+        image_size=SIZE, device="gpu", num_workers=0, shuffle=False,
+    )
+    batches = iter(loader)
+    first = weakref.ref(next(batches)["frames"])  # the batch itself is dropped at once
+    assert first() is not None and len(loader._release) == 1
+    next(batches)  # the request records the event; the consumer's stream is idle
+    torch.cuda.synchronize()
+    next(batches)  # the first output's event has completed: let go
+    assert first() is None
+    assert len(loader._release) <= 2

@@ -37,6 +37,13 @@ origin. The graph, one DALI pipeline per pass over the epoch:
 4. The frames reach torch through DLPack with no copy (``torch.from_dlpack`` of the pipeline's
    output; DALI's dynamic executor gives every iteration its own output buffer, which the tensor
    keeps alive). The index tensors are built on the CPU from the plans, exactly as for PyAV.
+   DALI's documentation promises that the buffer lives as long as a tensor refers to it, not that
+   its reuse after the last one dies waits for kernels queued on torch's stream since (a copy the
+   loader made from it, or the consumer's step), into which a prefetched iteration might otherwise
+   be decoded. So the loader keeps its own reference to each output until torch's stream has
+   passed the point where the consumer asked for the next batch (:class:`_StreamRelease`: a CUDA
+   event, no host sync). Not observed on a GPU; a guard, at the cost of one or two batches' frames
+   held a little longer.
 
 Clips (``output="clips"``) are gathered in torch from the unique frames, by the same
 ``gather_clips`` as the PyAV backend: one indexing kernel on the GPU. Gathering in DALI with
@@ -480,6 +487,45 @@ class _Step:
     skipped: set = field(default_factory=set)  # slots left out (each gets a stand-in)
 
 
+class _StreamRelease:
+    """References to DALI output buffers, dropped only once torch's stream has passed the work
+    queued on them.
+
+    ``hold(tensor)`` after each GPU output reaches torch (zero-copy). ``mark()`` when the consumer
+    asks for the next batch: an event recorded on torch's current stream of the loader's GPU then
+    covers every kernel queued so far, on the batches handed out and on the copies the loader made
+    from DALI's buffers (stand-ins, a decode group's trimmed copy); what was held before it is let
+    go once that event has completed (``query``: no host sync). A pass's end marks once more and
+    waits for nothing: what is still held then goes at a later mark or with the loader."""
+
+    def __init__(self, device_id: int | None, event_factory=None) -> None:
+        self.device_id = device_id
+        self._event_factory = event_factory
+        self._held: list[torch.Tensor] = []  # since the last mark
+        self._pending: list[tuple[object, list[torch.Tensor]]] = []  # (event, tensors), in order
+
+    def hold(self, tensor: torch.Tensor) -> None:
+        self._held.append(tensor)
+
+    def _event(self):
+        if self._event_factory is not None:
+            return self._event_factory()
+        event = torch.cuda.Event()
+        with torch.cuda.device(self.device_id):
+            event.record(torch.cuda.current_stream())
+        return event
+
+    def mark(self) -> None:
+        if self._held:
+            self._pending.append((self._event(), self._held))
+            self._held = []
+        while self._pending and self._pending[0][0].query():
+            self._pending.pop(0)
+
+    def __len__(self) -> int:  # tensors still referenced
+        return len(self._held) + sum(len(held) for _, held in self._pending)
+
+
 # ----------------------------------------------------------------------------------------------
 # The loader
 
@@ -534,6 +580,7 @@ class DALIVideoLoader:
         _LOADERS.add(self)  # close_loaders() ends them on a failing run's way out
         self._bad: dict[str, str] = {}  # path -> why it is left out for the rest of the run
         self._failed_in_a_row = 0
+        self._release = _StreamRelease(device_id)  # DALI's GPU buffers until torch is past them
 
     # -- the VideoQALoader interface -------------------------------------------------------------
 
@@ -624,7 +671,12 @@ class DALIVideoLoader:
                 consumed += len(step.keys)
                 sampler.position = start + consumed
                 yield batch
+                self._release.mark()  # the consumer asks for the next batch
         finally:
+            try:
+                self._release.mark()
+            except Exception:  # noqa: BLE001 - e.g. a pass finalised while CUDA shuts down
+                logger.debug("marking DALI's buffers at the end of a pass failed", exc_info=True)
             if pipe is not None:
                 _close(pipe)
 
@@ -727,6 +779,7 @@ class DALIVideoLoader:
         if self.device == "gpu":
             with torch.cuda.device(self.device_id):
                 frames = torch.from_dlpack(frames_tl.as_tensor())
+            self._release.hold(frames)  # not DALI's to reuse while torch's stream may read it
         else:
             frames = torch.from_dlpack(frames_tl.as_tensor())
         return frames, slots
@@ -842,7 +895,8 @@ class DALIVideoLoader:
         try:
             frames, _ = self._run(pipe)
             # copied while the pipeline is still alive: owned by torch, whatever becomes of
-            # DALI's buffer when the pipeline shuts down
+            # DALI's buffer when the pipeline shuts down (held by self._release until the copy,
+            # queued on torch's stream, has run)
             return frames[0].clone()
         finally:
             _close(pipe)
