@@ -68,7 +68,11 @@ full config):
 
 - ``videos_per_s``, ``clips_per_s`` (= videos x N), ``step_ms``: from a pass of ``--steps`` steps
   with no synchronisation other than what the stack does itself (GradScaler and DeepSpeed's fp16
-  overflow checks read a flag each step), closed by one device sync. These are the throughput.
+  overflow checks read a flag each step), closed by one wait for torch's stream (not the whole
+  device: DALI's prefetch of later batches runs on streams of its own). These are the throughput.
+  ``step_ms_p50``: the median of the host's step-to-step gaps in that pass; with no wait per step
+  a gap is the host's pace, which follows the device's only once the queue of launched work is
+  full (or the stack waits), so it is indicative; ``step_ms`` is the sound mean.
 - ``data_wait_frac`` (``wait%`` in the table) and ``data_wait_ms_nosync``: the share of that same
   pass's wall time, and the mean per step, that the host spent blocked in the loader's ``next()``.
   Near 0: the loader kept up; well above 0: the loader starves the step (videos_per_s is then the
@@ -856,7 +860,7 @@ def measure(trainer: Trainer, batches, device: torch.device, warmup: int, steps:
         waits.append(times["wait"])
         bounds.append(time.perf_counter())
         encoded.append(enc)
-    sync(device)
+    phase_sync(device)  # torch's stream: not DALI's prefetch of later batches
     total = time.perf_counter() - t_start
     gaps = [b - a for a, b in zip([t_start] + bounds[:-1], bounds)]
     say(f"pass 1 (unsynchronised): {total / steps * 1e3:.1f} ms/step")

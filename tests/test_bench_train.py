@@ -1087,3 +1087,25 @@ def test_peak_gpu_memory_is_reset_after_the_warm_up_on_the_cuda_path(monkeypatch
     (i,) = resets
     assert log[:i].count("step") == untimed and log[i - 1] == "sync", log
     assert log[i + 1:].count("step") == 2 * 3, log
+
+
+def test_the_throughput_pass_ends_waiting_for_torchs_stream_not_the_whole_device(monkeypatch):
+    """The unsynchronised pass is closed by a wait for torch's current stream only: a device-wide
+    synchronize would also wait for DALI's prefetch of later batches on its own streams and bill
+    that to the timed steps (as phase_sync leaves it out of the phases). torch.cuda stood in."""
+    log: list = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: log.append("device"))
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: types.SimpleNamespace(
+        synchronize=lambda: log.append("stream")))
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda device=None: None)
+
+    def batches():
+        while True:
+            yield {}
+
+    bench_train.measure(_LoggingTrainer(log), batches(), torch.device("cuda", 0), warmup=1,
+                        steps=2, prefetch=1)
+    first = [i for i, e in enumerate(log) if e == "step"]
+    pass1_end = first[-2 * 2 + 1]  # the last 2 x 2 steps are the two timed passes
+    after = next(e for e in log[pass1_end + 1:] if e in ("device", "stream"))
+    assert after == "stream", log
