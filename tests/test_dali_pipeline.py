@@ -380,57 +380,72 @@ class FakeEvent:
     def query(self):
         return self.done
 
+    def synchronize(self):
+        self.done = True
+
 
 def test_stream_release_keeps_buffers_until_torch_is_past_them():
     FakeEvent.made = []
     keeper = dali_module._StreamRelease(None, event_factory=FakeEvent)
-    first, second = torch.zeros(3), torch.ones(3)
-    alive = [weakref.ref(first), weakref.ref(second)]
+    first, second, third = torch.zeros(3), torch.ones(3), torch.full((3,), 2.0)
+    alive = [weakref.ref(first), weakref.ref(second), weakref.ref(third)]
     keeper.hold(first)
     del first
     keeper.mark()  # the consumer asked for the next batch: an event covers the first
     keeper.hold(second)
     del second
     keeper.mark()
-    assert [r() is not None for r in alive] == [True, True] and len(FakeEvent.made) == 2
+    assert [r() is not None for r in alive] == [True, True, True] and len(FakeEvent.made) == 2
     FakeEvent.made[1].done = True  # events complete in stream order: the first one is waited for
     keeper.mark()
-    assert [r() is not None for r in alive] == [True, True]
+    assert [r() is not None for r in alive] == [True, True, True]
     FakeEvent.made[0].done = True
     keeper.mark()  # nothing new held: no new event, both let go
-    assert [r() is None for r in alive] == [True, True] and len(FakeEvent.made) == 2
-    assert len(keeper) == 0
+    assert [r() is None for r in alive[:2]] == [True, True] and len(FakeEvent.made) == 2
+    keeper.hold(third)
+    del third
+    keeper.drain()  # a pass's end: marks, waits for the events, lets everything go
+    assert alive[2]() is None and len(keeper) == 0 and FakeEvent.made[2].done
 
 
-def test_the_loader_keeps_its_gpu_outputs_until_the_next_batch_is_asked_for(manifest,
-                                                                              monkeypatch):
-    """Each output DALI hands to torch on the GPU stays referenced by the loader until the consumer
-    has asked for the next batch and torch's stream has passed that point (here: its event
-    completes at once); the CPU run stands in for the GPU's by holding its outputs too."""
+@pytest.mark.parametrize("group", [1, 2])
+def test_the_loader_keeps_each_batchs_gpu_buffer_until_its_next_request_is_passed(
+        manifest, monkeypatch, group):
+    """What DALI hands to torch on the GPU stays referenced by the loader until the consumer has
+    asked for the batch after the last one made from it and torch's stream has passed that point,
+    including a decode group's later batches (views of the group's output); a pass's end lets go of
+    everything. The CPU run stands in for the GPU's (its outputs held as the GPU's are)."""
     FakeEvent.made = []
-    loader = dali(examples_for(INDEXED * 2), manifest, batch_size=2, shuffle=False)
+    loader = dali(examples_for(INDEXED * 2), manifest, batch_size=2, shuffle=False,
+                  decode_group=group)
     loader._release = dali_module._StreamRelease(None, event_factory=FakeEvent)
+    loader._holds = True  # what device="gpu" sets
     outputs = []
     run = loader._run
 
-    def holding(pipe):
+    def recording(pipe):
         frames, slots = run(pipe)
-        loader._release.hold(frames)  # what _run does on the GPU
         outputs.append(weakref.ref(frames))
         return frames, slots
 
-    monkeypatch.setattr(loader, "_run", holding)
+    monkeypatch.setattr(loader, "_run", recording)
+    assert len(INDEXED * 2) // 2 == 3  # three batches: (0, 1) [2] in groups of two
     batches = iter(loader)
     batch = next(batches)
-    batch["frames"] = batch["frames"].clone()  # the consumer lets DALI's buffer go
+    batch["frames"] = batch["frames"].clone()  # the consumer lets DALI's buffer go at once
     assert outputs[0]() is not None and FakeEvent.made == []  # held: nothing marked yet
-    batch = next(batches)  # asks for the next batch: the first output's event is recorded
-    assert len(FakeEvent.made) == 1 and outputs[0]() is not None
+    batch = next(batches)  # the request for batch 1: an event covers batch 0's work
+    batch["frames"] = batch["frames"].clone()
     FakeEvent.made[0].done = True
+    batch = next(batches)  # the request for batch 2: batch 1 gets its event, batch 0 goes
+    assert len(FakeEvent.made) == 2
+    # one batch per output: the first output goes with batch 0; a group of two: batch 1 (a view
+    # of the same output) still holds it until the second event completes
+    assert (outputs[0]() is None) == (group == 1)
+    FakeEvent.made[1].done = True
     del batch
-    rest = list(batches)  # the next request lets it go; the pass's end marks the last one
-    assert rest and outputs[0]() is None
-    assert len(FakeEvent.made) == len(outputs)
+    assert list(batches) == []  # the pass's end drains
+    assert all(out() is None for out in outputs) and len(loader._release) == 0
 
 
 # -- faults ------------------------------------------------------------------------------------
@@ -1441,9 +1456,11 @@ def test_gpu_outputs_stay_held_until_torch_is_past_them(h264_manifest):
     )
     batches = iter(loader)
     first = weakref.ref(next(batches)["frames"])  # the batch itself is dropped at once
-    assert first() is not None and len(loader._release) == 1
+    assert first() is not None and len(loader._release) >= 1
     next(batches)  # the request records the event; the consumer's stream is idle
     torch.cuda.synchronize()
     next(batches)  # the first output's event has completed: let go
     assert first() is None
-    assert len(loader._release) <= 2
+    assert len(loader._release) <= 4  # at most two batches' (an output and its batch's frames)
+    list(batches)
+    assert len(loader._release) == 0  # the pass's end lets go of everything

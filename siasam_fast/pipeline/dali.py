@@ -491,12 +491,19 @@ class _StreamRelease:
     """References to DALI output buffers, dropped only once torch's stream has passed the work
     queued on them.
 
-    ``hold(tensor)`` after each GPU output reaches torch (zero-copy). ``mark()`` when the consumer
-    asks for the next batch: an event recorded on torch's current stream of the loader's GPU then
-    covers every kernel queued so far, on the batches handed out and on the copies the loader made
-    from DALI's buffers (stand-ins, a decode group's trimmed copy); what was held before it is let
-    go once that event has completed (``query``: no host sync). A pass's end marks once more and
-    waits for nothing: what is still held then goes at a later mark or with the loader."""
+    ``hold(tensor)`` for each GPU output as it reaches torch (zero-copy) and for the frames of each
+    batch handed out (a decode group's later batches are views of an output held since the group
+    ran). ``mark()`` when the consumer asks for the next batch: an event recorded on torch's
+    current stream of the loader's GPU then covers every kernel queued so far, on the batches
+    handed out and on the copies the loader made from DALI's buffers (stand-ins, a decode group's
+    trimmed copy); what was held before it is let go once that event has completed (``query``: no
+    host sync). ``drain()`` at a pass's end waits for those events and lets everything go, so that
+    no batch stays held while another loader runs (one wait per pass).
+
+    Its limit: work queued on a batch after the consumer asked for the next one is not covered. A
+    consumer that keeps a batch past its next request, queues more work on it and drops it without
+    waiting for the GPU could still see its memory reused; the training loop and the benchmarks do
+    not (each step reads its loss on the host)."""
 
     def __init__(self, device_id: int | None, event_factory=None) -> None:
         self.device_id = device_id
@@ -521,6 +528,12 @@ class _StreamRelease:
             self._held = []
         while self._pending and self._pending[0][0].query():
             self._pending.pop(0)
+
+    def drain(self) -> None:
+        self.mark()
+        for event, _ in self._pending:
+            event.synchronize()
+        self._pending.clear()
 
     def __len__(self) -> int:  # tensors still referenced
         return len(self._held) + sum(len(held) for _, held in self._pending)
@@ -581,6 +594,7 @@ class DALIVideoLoader:
         self._bad: dict[str, str] = {}  # path -> why it is left out for the rest of the run
         self._failed_in_a_row = 0
         self._release = _StreamRelease(device_id)  # DALI's GPU buffers until torch is past them
+        self._holds = device == "gpu"  # (the CPU decoder's buffers are read synchronously)
 
     # -- the VideoQALoader interface -------------------------------------------------------------
 
@@ -667,6 +681,8 @@ class DALIVideoLoader:
                         self._report_missing(step, slots)
                         if slots:
                             self._failed_in_a_row = 0
+                if frames is not None:
+                    self._hold(frames)  # a decode group's later batches too
                 batch = self._batch(step, frames, slots)  # stand-ins for the videos left out
                 consumed += len(step.keys)
                 sampler.position = start + consumed
@@ -674,9 +690,9 @@ class DALIVideoLoader:
                 self._release.mark()  # the consumer asks for the next batch
         finally:
             try:
-                self._release.mark()
+                self._release.drain()
             except Exception:  # noqa: BLE001 - e.g. a pass finalised while CUDA shuts down
-                logger.debug("marking DALI's buffers at the end of a pass failed", exc_info=True)
+                logger.debug("releasing DALI's buffers at the end of a pass failed", exc_info=True)
             if pipe is not None:
                 _close(pipe)
 
@@ -779,10 +795,14 @@ class DALIVideoLoader:
         if self.device == "gpu":
             with torch.cuda.device(self.device_id):
                 frames = torch.from_dlpack(frames_tl.as_tensor())
-            self._release.hold(frames)  # not DALI's to reuse while torch's stream may read it
         else:
             frames = torch.from_dlpack(frames_tl.as_tensor())
+        self._hold(frames)  # not DALI's to reuse while torch's stream may read it
         return frames, slots
+
+    def _hold(self, frames: torch.Tensor) -> None:
+        if self._holds:
+            self._release.hold(frames)
 
     def _split(self, frames: torch.Tensor, slots: list[int]) -> dict:
         """One DALI iteration's output -> {offset: (frames, slots)} per step of its group. The
@@ -894,9 +914,8 @@ class DALIVideoLoader:
         pipe = self._build([(job.as_tuple(),)], parallel=False, batch_size=1)
         try:
             frames, _ = self._run(pipe)
-            # copied while the pipeline is still alive: owned by torch, whatever becomes of
-            # DALI's buffer when the pipeline shuts down (held by self._release until the copy,
-            # queued on torch's stream, has run)
+            # A copy owned by torch, queued on torch's stream while the pipeline is alive; DALI's
+            # buffer stays referenced (self._release) until torch's stream has run the copy.
             return frames[0].clone()
         finally:
             _close(pipe)
