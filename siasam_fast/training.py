@@ -2078,6 +2078,7 @@ def run_training(args: argparse.Namespace, cfg: Config, rank: int, world: int,
                 weight = micro_batch_weight(index, batches_per_epoch, accum,
                                             len(train_loader.sampler), cfg.train.batch_size)
                 if index == done or index % accum == 0:  # the first micro-batch of a step
+                    t_step = t_data  # the step's wall clock starts with its first batch's wait
                     step_parts: dict = {}
                     times = dict.fromkeys(("data_s", "forward_s", "backward_s", "optimizer_s"), 0.0)
                     videos, step_tasks = 0, {}
@@ -2117,7 +2118,10 @@ def run_training(args: argparse.Namespace, cfg: Config, rank: int, world: int,
                     continue
                 step += 1
                 n_steps += 1
-                step_time = sum(times.values())
+                # Wall time, up to the reads of the loss terms above: without train.sync_timing
+                # the phases' clocks stop when their Python returns, and the device's work left
+                # queued is waited for in those reads (or in a later micro-batch's phases)
+                step_time = time.perf_counter() - t_step
                 step_seconds += step_time
                 row = {"step": step, "epoch": epoch + 1,
                        **({"task": "+".join(step_tasks)} if cfg.task == "multi" else {}),

@@ -73,6 +73,48 @@ def losses(out: Path) -> list[float]:
         return [float(r["loss"]) for r in csv.DictReader(fh)]
 
 
+SLOW_LOSS_READ = """
+import sys, time
+import torch
+from siasam_fast import training
+micro_step = training.micro_step
+
+class Queued(torch.Tensor):  # a loss whose device work is still queued: reading it waits
+    def __float__(self):
+        time.sleep(0.25)
+        return super().__float__()
+
+def queued_micro_step(*args, **kwargs):
+    parts, times = micro_step(*args, **kwargs)
+    return {**parts, "loss": parts["loss"].detach().as_subclass(Queued)}, times
+
+training.micro_step = queued_micro_step
+sys.exit(training.main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.parametrize("accum", [1, 2])
+def test_step_time_includes_the_wait_in_the_loss_reads(synth, tmp_path, accum):
+    """Without train.sync_timing the phases' clocks stop when their Python returns; the device's
+    queued work is then waited for where the loss terms are read on the host. step_s (and
+    videos_per_s) is the step's wall time, those reads included (it was the sum of the phases,
+    which left that wait out of every step: too high a rate wherever the stack does not wait
+    inside its optimizer step). Stood in for: a loss whose read takes 0.25 s."""
+    out = tmp_path / "run"
+    args = base_args(synth, out, "--set", "train.max_steps=2", "--set", f"train.grad_accum={accum}")
+    proc = subprocess.run([sys.executable, "-c", SLOW_LOSS_READ, *args], cwd=ROOT,
+                          env=cpu_env(OMP_NUM_THREADS="1"), capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    with (out / "metrics_steps.csv").open() as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == 2
+    for r in rows:
+        phases = sum(float(r[k]) for k in ("data_s", "forward_s", "backward_s", "optimizer_s"))
+        assert float(r["step_s"]) >= 0.25 * accum + phases - 1e-6, r
+        assert float(r["videos_per_s"]) == pytest.approx(4 * accum / float(r["step_s"]), rel=1e-6)
+
+
 def test_single_process_trains_evaluates_and_checkpoints(synth, tmp_path):
     out = tmp_path / "run"
     proc = train(base_args(synth, out, "--set", "train.save_every=3"))
