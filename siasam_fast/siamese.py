@@ -119,6 +119,9 @@ def siamese_knowledge(
     _check_mask(clip_mask, V, N, features.device, "features")
     if not (isinstance(tau, (int, float)) and math.isfinite(tau) and tau > 0):
         raise ValueError(f"tau={tau!r}: must be a finite number > 0 (eq. 1 divides by it)")
+    if 1.0 / tau > FP32_MAX:
+        raise ValueError(f"tau={tau!r}: 1 / tau overflows fp32, in which the kernels scale the "
+                         f"affinities by it; must be at least {TAU_MIN:.3g}")
     valid = _valid_clips(clip_mask, V, N, features.device)
     with _full_precision(features.device):
         return _knowledge(features, valid, tau, skg, _compute_dtype(features))
@@ -291,8 +294,15 @@ def _check_inputs(
         raise ValueError(f"omega={omega!r}: must be a number in [0, 1] (eq. 5)")
     if not (isinstance(tau, (int, float)) and math.isfinite(tau) and tau > 0):
         raise ValueError(f"tau={tau!r}: must be a finite number > 0 (eq. 1 divides by it)")
+    if 1.0 / tau > FP32_MAX:
+        raise ValueError(f"tau={tau!r}: 1 / tau overflows fp32, in which the kernels scale the "
+                         f"affinities by it; must be at least {TAU_MIN:.3g}")
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction={reduction!r}: valid values are {REDUCTIONS}")
+
+
+FP32_MAX = float(torch.finfo(torch.float32).max)
+TAU_MIN = 1.0 / FP32_MAX  # the smallest tau whose 1 / tau is a finite fp32 number
 
 
 def interpreting() -> bool:
@@ -441,6 +451,9 @@ def siamese_loss(
     Args:
         features: [V, N, D] clip-text features f (clip 0 is the anchor); may be None if skg=False.
         logits: [V, N, K] the clips' logits z (K answers, or M candidates for multiple choice).
+            Mask an answer with a large finite negative number (``torch.finfo(dtype).min``, or
+            -1e4 in fp16), not -inf: a -inf in the anchor's logits makes 0 x -inf in the soft
+            cross-entropy: a NaN or infinite loss (-inf outside the anchor is fine).
         theta1, theta2: [N] parameters of W1 = softmax(theta1), W2 = softmax(theta2) (eq. 5),
             softmax taken over each video's valid clips.
         omega: weight of the propagated term in eq. 5, in [0, 1].

@@ -121,6 +121,16 @@ def test_loss_and_gradients_match_reference(V, N, D, K, dtype, mask, reduction):
     assert_matches(tri, ref, dtype)
 
 
+# Shapes and weights the covering set above leaves out: N neither 2, 9 nor 16 (with masks), K = 2,
+# one video, and omega at both ends of [0, 1] (eq. 5: only W2's term, only W1's).
+@pytest.mark.parametrize("V, N, K, omega", [(3, 3, 2, 0.5), (2, 5, 37, 0.0), (1, 5, 2, 1.0),
+                                            (1, 3, 37, 0.0)])
+def test_odd_clip_counts_one_video_and_omega_at_its_ends(V, N, K, omega):
+    f, z, t1, t2, m = make_inputs(V, N, 17, K, torch.float32, True, seed=V + 10 * N + K)
+    tri, ref = run_both(f, z, t1, t2, m, reduction="mean", omega=omega, tau=0.8)
+    assert_matches(tri, ref, torch.float32)
+
+
 @pytest.mark.parametrize("N, D, K, dtype", [(9, 33, 1000, torch.float32),
                                             (16, 768, 1537, torch.float16),
                                             (2, 1, 1, torch.float32)])  # fmt: skip
@@ -519,6 +529,15 @@ def test_errors_name_what_caused_them(monkeypatch):
             siamese_loss(f, z, t1, t2)
     monkeypatch.setenv("TRITON_INTERPRET", "TRUE")
     assert S.interpreting()
+
+
+def test_a_tau_whose_inverse_overflows_fp32_is_refused():
+    """1 / tau scales the affinities in fp32 inside the kernels: a tau of 1e-39 passed the
+    finite-and-positive check and gave a NaN loss and gradients (the reference stays finite)."""
+    f, z, t1, t2, m = make_inputs(2, 3, 5, 4, torch.float32, False, seed=1)
+    with pytest.raises(ValueError, match=r"tau=1e-39: 1 / tau overflows fp32.*at least 2.94e-39"):
+        siamese_loss(f, z, t1, t2, tau=1e-39)
+    assert torch.isfinite(siamese_loss(f, z, t1, t2, tau=1e-38, impl="reference"))
 
 
 def test_a_second_derivative_is_refused_with_the_way_out():
