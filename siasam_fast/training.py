@@ -263,11 +263,13 @@ _TASK_HINT = {"open": "open-ended answers", "mc": "multiple choice (candidates)"
 
 def load_data(cfg: Config, ans2label: dict | None = None, need_train: bool = True,
               splits: tuple[str, ...] = ("train", "val", "test"),
-              manifest: dict | None = None) -> Data:
+              manifest: dict | None = None, scoring: bool = False) -> Data:
     """Annotations of the configured splits among ``splits``, the answer vocabulary and the
     manifest (``manifest``: already loaded from data.manifest). ``need_train``: data.train must
     be set (training); evaluation needs it only to build an open-ended vocabulary that is not
-    given."""
+    given. ``scoring``: the splits are evaluated, train included: its questions whose answer is
+    outside the vocabulary are kept (scored wrong, as in every evaluated split), not dropped as
+    training drops them."""
     d = cfg.data
     if not d.manifest:
         raise ValueError("data.manifest is empty: build one with `siasam-fast index VIDEO_DIR "
@@ -322,7 +324,8 @@ def load_data(cfg: Config, ans2label: dict | None = None, need_train: bool = Tru
                          else build_answer_vocab(examples["train"], top_k=d.num_answers,
                                                  min_count=d.min_answer_count))
         for split, exs in examples.items():
-            encoded = apply_answer_vocab(exs, ans2label, oov="drop" if split == "train" else "keep")
+            drop = split == "train" and not scoring  # (no label to train on)
+            encoded = apply_answer_vocab(exs, ans2label, oov="drop" if drop else "keep")
             examples[split] = encoded.examples
             labels[split] = encoded.labels
             notes.append(f"data.{split} answers ({len(ans2label)}-answer vocabulary): "
@@ -331,19 +334,20 @@ def load_data(cfg: Config, ans2label: dict | None = None, need_train: bool = Tru
 
 
 def load_streams(cfg: Config, ans2label: dict | None = None, need_train: bool = True,
-                 splits: tuple[str, ...] = ("train", "val", "test"),
+                 splits: tuple[str, ...] = ("train", "val", "test"), scoring: bool = False,
                  ) -> tuple[dict[str, Config], dict[str, Data]]:
     """Each task's run config and data (:meth:`Config.streams`): NAME -> ... for task=multi
-    (one manifest for all; ``ans2label`` is the open-ended task's), {"": ...} for one task."""
+    (one manifest for all; ``ans2label`` is the open-ended task's), {"": ...} for one task.
+    ``scoring``: see :func:`load_data`."""
     streams = cfg.streams()
     if cfg.task != "multi":
-        return streams, {"": load_data(cfg, ans2label, need_train, splits)}
+        return streams, {"": load_data(cfg, ans2label, need_train, splits, scoring=scoring)}
     datas: dict[str, Data] = {}
     manifest = None
     for name, stream in streams.items():
         try:
             data = load_data(stream, ans2label if stream.task == "open" else None, need_train,
-                             splits, manifest)
+                             splits, manifest, scoring=scoring)
         except ValueError as err:
             raise ValueError(task_message(name, str(err))) from None
         manifest = data.manifest
@@ -408,26 +412,30 @@ PIPELINE_LOGGERS = ("siasam_fast.pipeline.dataset", "siasam_fast.pipeline.dali",
 
 
 def make_loader(cfg: Config, data: Data, split: str, rank: int, world: int, epoch: int = 0,
-                task_name: str = ""):
+                task_name: str = "", scoring: bool = False):
     """The loader of ``split``; ``task_name``: the task=multi task it is for (the log lines
-    written while the loader is built name it; those of its batches name their video files)."""
+    written while the loader is built name it; those of its batches name their video files).
+    ``scoring``: ``split`` is evaluated, train included: evaluation clips (eval.num_clips, placed
+    by sampling.eval_placement) in a fixed order, as for val and test, not training's siamese
+    sampling."""
     if task_name:
         prefix = _TaskLogPrefix(task_name)
         loggers = [logging.getLogger(name) for name in PIPELINE_LOGGERS]
         for logger in loggers:
             logger.addFilter(prefix)
         try:
-            return make_loader(cfg, data, split, rank, world, epoch)
+            return make_loader(cfg, data, split, rank, world, epoch, scoring=scoring)
         finally:
             for logger in loggers:
                 logger.removeFilter(prefix)
-    train = split == "train"
+    train = split == "train" and not scoring
     label_fn = LabelLookup(data.ans2label) if cfg.task == "open" else None
     sampling = cfg.sampling
     if not train:  # evaluation: eval.num_clips clips per video, placed by sampling.eval_placement
         sampling = type(sampling)(**{**sampling.__dict__, "eval_clips": cfg.eval.num_clips})
     return build_video_loader(
-        data.examples[split], data.manifest, sampling, split=split,
+        data.examples[split], data.manifest, sampling,
+        split="eval" if split == "train" and not train else split,  # evaluation sampling
         batch_size=cfg.train.batch_size if train else cfg.eval.batch_size,
         image_size=cfg.data.image_size, num_workers=cfg.data.num_workers, seed=cfg.train.seed,
         rank=rank, world_size=world, backend=cfg.data.backend, dedup=cfg.data.dedup,
@@ -868,10 +876,15 @@ def evaluate(model, loader, cfg: Config, text: TextEncoder, device, dtype, desc=
         else:
             pred = scores.argmax(-1)
             target = batch["label"] if cfg.task == "open" else batch["answer_index"]
-            values = (pred == target).float().tolist()
+            # NaN scores (a diverged model) are no answer: argmax would give the first one, the
+            # most frequent answer of an open-ended vocabulary, and the split's majority rate
+            finite = scores.isfinite().all(-1)
+            values = torch.where(finite, (pred == target).float(), float("nan")).tolist()
             # open: label -1 is an answer outside the vocabulary (wrong); mc: -1 is no answer
             labeled = (target >= 0).tolist() if cfg.task == "mc" else [True] * len(values)
         pred_values = pred.tolist()
+        if cfg.task != "count":
+            pred_values = [p if ok else None for p, ok in zip(pred_values, finite.tolist())]
         if cfg.task == "count" and cfg.eval.count_metric == "tgif":  # an integer answer (none
             pred_values = [int(x) if math.isfinite(x) else None for x in pred_values]  # for NaN)
         for idx, qid, qtype, p, value, known, out, t in zip(
@@ -887,6 +900,13 @@ def evaluate(model, loader, cfg: Config, text: TextEncoder, device, dtype, desc=
     metric = task_metric(cfg.task)
     scored = [r for r in rows.values() if r[1] is not None]
     result = {"num_examples": len(scored)}
+    nonfinite = sum(1 for r in rows.values() if r[3] is None and cfg.task != "count")
+    if nonfinite:  # NaN scores: the metrics are NaN (not the majority answer's rate)
+        result["num_nonfinite"] = nonfinite
+        if rank0:
+            print(f"warning: {desc}: the model gave {nonfinite} question(s) non-finite scores "
+                  "(NaN or inf: it has diverged); they count as NaN, so the metrics are NaN",
+                  file=sys.stderr)
     if len(scored) < len(rows):
         result["num_unlabeled"] = len(rows) - len(scored)
     result[metric] = _mean(r[1] for r in scored)
@@ -946,23 +966,32 @@ def evaluate_tasks(model, loaders: dict, streams: dict[str, Config], texts: dict
     """:func:`evaluate` of each task's loader (NAME -> loader; {"": ...} for a one-task run,
     whose metrics come back as they are). task=multi: each task's metrics prefixed ``NAME_``,
     ``accuracy`` the mean of its open-ended and multiple-choice tasks' accuracies (the run's
-    metric: best epoch, early stop) and ``num_examples`` the sum; ``predictions`` gets every
-    task's rows, each naming its task."""
+    metric: best epoch, early stop; a task that scored no question is left out of it, and
+    said) and ``num_examples`` the sum; ``predictions`` gets every task's rows, each naming its
+    task."""
     if list(loaders) == [""]:
         return evaluate(model, loaders[""], streams[""], texts[""], device, dtype, desc=desc,
                         predictions=predictions)
     result: dict = {"accuracy": float("nan"), "num_examples": 0}
-    accuracies, rows = [], ([] if predictions is not None else None)
+    accuracies, unscored, rows = [], [], ([] if predictions is not None else None)
     for name, loader in loaders.items():
         metrics = evaluate(model, loader, streams[name], texts[name], device, dtype,
                            desc=f"{desc} {name}", predictions=rows, head=name)
         result["num_examples"] += metrics["num_examples"]
         if "accuracy" in metrics:
-            accuracies.append(metrics["accuracy"])
+            if metrics["num_examples"]:
+                accuracies.append(metrics["accuracy"])
+            else:  # nothing to score (hidden labels, every video failed): NaN, not a measure
+                unscored.append(name)
         result.update({f"{name}_{key}": value for key, value in metrics.items()})
     if accuracies:
         result["accuracy"] = _mean(accuracies)
     rank0 = not dist.is_initialized() or dist.get_rank() == 0
+    if unscored and rank0:
+        print(f"note: {desc}: task(s) {', '.join(unscored)} scored no question (no answers "
+              "given, or every video failed); the mean accuracy covers "
+              + (', '.join(n for n in loaders if n not in unscored and
+                           f"{n}_accuracy" in result) or "no task: it is NaN"), file=sys.stderr)
     if predictions is not None and rank0:  # atomic: a stop while writing keeps an earlier file
         write_text_atomic(predictions, "".join(json.dumps(row) + "\n" for row in rows))
     return result
@@ -1767,6 +1796,7 @@ def run_training(args: argparse.Namespace, cfg: Config, rank: int, world: int,
     check_same_start(view, world)  # (on several nodes: the same checkpoint on every one)
     tag_dir = Path(view["resume"]) if view["resume"] else None
     resuming_here = tag_dir is not None and _same_dir(tag_dir.parent.parent, out_dir)
+    at_epoch_end = False  # the checkpoint resumed was saved at its epoch's last step
     held = view["held"]
     # if-any and no checkpoint: what is there is an earlier try that never saved one (its
     # metrics only), which cannot be resumed: it is replaced, as with train.overwrite.
@@ -1954,6 +1984,7 @@ def run_training(args: argparse.Namespace, cfg: Config, rank: int, world: int,
             seed_everything(cfg.train.seed + 7919 * step, rank)
         if train_loader.sampler.position >= len(train_loader.sampler):  # saved at an epoch end
             start_epoch += 1
+            at_epoch_end = True
         else:  # mid-epoch: the epoch's running loss sums continue
             resumed_sums = state.get("epoch_sums", {})
     replaced = None  # the previous run, moved aside until this one has saved a checkpoint
@@ -2035,6 +2066,21 @@ def run_training(args: argparse.Namespace, cfg: Config, rank: int, world: int,
     # The processes agree on a stop every CHECK_EVERY micro-batches or so (at step ends).
     stop_request = StopRequest(world, dist.new_group(backend="gloo") if world > 1 else None,
                                check_every=max(1, CHECK_EVERY // accum))
+    # A checkpoint saved at an epoch's last step (train.save_every) before that epoch's
+    # evaluation, which then never ended (the process killed outright, out of memory, a node
+    # lost): this run's metrics_epochs.csv has no row for the epoch, so it is evaluated first,
+    # as a stop signal's eval_due would have it. Rank 0 holds the history and decides.
+    unevaluated = [bool(resuming_here and at_epoch_end and not state.get("eval_due") and rank0
+                        and not any(r.get("epoch") == int(state["epoch"]) + 1
+                                    for r in history))]
+    if world > 1 and resuming_here and at_epoch_end:
+        dist.broadcast_object_list(unevaluated, src=0)
+    if unevaluated[0]:
+        if rank0:
+            print(f"note: {tag_dir.name} ends epoch {int(state['epoch']) + 1}, whose evaluation "
+                  f"has no row in {out_dir / 'metrics_epochs.csv'} (the run ended during it): "
+                  "evaluating it first")
+        state = {**state, "eval_due": True}
     with stop_request:
         if tag_dir is not None and state.get("eval_due"):  # stopped right at that epoch's end
             due_sums = dict(state.get("epoch_sums", {}))
@@ -2393,7 +2439,7 @@ def evaluate_checkpoint(checkpoint: str, config_path: str | None = None,
         stream.task == "open" and not stream.data.ans2label for stream in cfg.streams().values())
     streams, datas = load_streams(
         cfg, ans2label=ans2label, need_train=False,
-        splits=tuple(dict.fromkeys((split, "train") if needs_train else (split,))))
+        splits=tuple(dict.fromkeys((split, "train") if needs_train else (split,))), scoring=True)
     if not any(split in data.examples for data in datas.values()):
         where = ("data.tasks.NAME." if cfg.task == "multi" else "data.") + split
         raise ValueError(f"split {split!r} has no annotations in this config ({where} is empty)")
@@ -2408,7 +2454,8 @@ def evaluate_checkpoint(checkpoint: str, config_path: str | None = None,
     model = build_model(cfg, len(vocab), len(tokenizer), device)
     model.load_state_dict(load_model_weights(tag_dir))
     model.to(device)
-    loaders = {name: make_loader(streams[name], data, split, rank, world, task_name=name)
+    loaders = {name: make_loader(streams[name], data, split, rank, world, task_name=name,
+                                 scoring=True)
                for name, data in datas.items() if split in data.examples}
     texts = {name: TextEncoder(tokenizer, streams[name].task, cfg.data.max_question_len,
                                cfg.data.mc_text) for name in loaders}

@@ -1,6 +1,7 @@
 """training.evaluate on hand-made batches (no video, no checkpoint): what it scores and writes."""
 
 import json
+import math
 from collections import Counter
 from pathlib import Path
 from types import SimpleNamespace
@@ -168,6 +169,21 @@ def test_open_ended_accuracy_counts_out_of_vocabulary_answers_as_wrong(tmp_path)
     assert [r["accuracy"] for r in rows] == [1.0, 1.0, 0.0, 0.0]
 
 
+@pytest.mark.parametrize("task", ["open", "mc"])
+def test_nan_scores_are_no_answer_and_make_the_metrics_nan(tmp_path, task, capsys):
+    """A diverged model's NaN scores: argmax gave the first answer (an open-ended vocabulary's
+    most frequent), so a NaN model scored the split's majority rate and passed for a real one;
+    now such a question has no prediction, counts as NaN, and the run is told."""
+    nan = float("nan")
+    scores = [[nan, nan, nan], [3.0, 0.0, 0.0]]
+    keys = {"label": [0, 0]} if task == "open" else {"answer_index": [0, 0]}
+    metrics, rows = run(task, [batch(task, [0, 1], scores, **keys)], tmp_path)
+    assert math.isnan(metrics["accuracy"]) and metrics["num_nonfinite"] == 1
+    assert [r["prediction"] for r in rows] == [None, 0]
+    assert math.isnan(rows[0]["accuracy"]) and rows[1]["accuracy"] == 1.0
+    assert "non-finite scores" in capsys.readouterr().err
+
+
 def test_a_count_question_without_a_count_is_predicted_not_scored(tmp_path):
     """count NaN (no count given): its row keeps the prediction and output, its error is null,
     and the MSEs are over the other questions."""
@@ -293,6 +309,27 @@ def test_a_multi_task_evaluation_reports_each_task_and_their_mean_accuracy(tmp_p
     one = evaluate_tasks(Scores(), {"": loaders["action"]}, {"": streams["action"]},
                          {"": texts["action"]}, torch.device("cpu"), torch.float32)
     assert one == {"num_examples": 2, "accuracy": 0.5, "accuracy/what": 0.5}
+
+
+def test_a_task_that_scored_no_question_is_left_out_of_the_mean_and_said(tmp_path, capsys):
+    """A task whose split has no answers (How2QA's hidden-label test) made the multi-task mean NaN,
+    silently: no best epoch, no early stop; the mean now covers the tasks that scored, and says
+    which did not. A task's NaN from a diverged model still makes the mean NaN."""
+    loaders = {
+        "frameqa": [batch("open", [0, 1], [[1, 0], [0, 1]], label=[0, 0])],  # 1 of 2
+        "how2qa": [batch("mc", [0, 1], [[1, 0], [1, 0]])],  # no answers given
+    }
+    streams = _streams(frameqa="open", how2qa="mc")
+    texts = {name: (lambda b: {}) for name in loaders}
+    metrics = evaluate_tasks(Scores(), loaders, streams, texts, torch.device("cpu"),
+                             torch.float32)
+    assert metrics["accuracy"] == 0.5 and math.isnan(metrics["how2qa_accuracy"])
+    assert "task(s) how2qa scored no question" in capsys.readouterr().err
+    nan = float("nan")
+    loaders["how2qa"] = [batch("mc", [0, 1], [[nan, nan], [1, 0]], answer_index=[0, 0])]
+    metrics = evaluate_tasks(Scores(), loaders, streams, texts, torch.device("cpu"),
+                             torch.float32)
+    assert math.isnan(metrics["accuracy"])
 
 
 def test_repeated_question_ids_are_named_once_each():

@@ -17,6 +17,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+import torch
 from checkpoints import write_checkpoint
 from subprocess_env import cpu_env
 
@@ -2134,3 +2135,64 @@ def test_the_vocabulary_hash_is_the_one_checkpoints_hold_whatever_the_order():
     assert _vocab_hash({"yes": 0, "no": 1}) == _vocab_hash({"no": 1, "yes": 0}) == \
         "2298a02ccb230039"  # what the run states saved so far hold
     assert _vocab_hash({"yes": 0, "no": 1}) != _vocab_hash({"yes": 1, "no": 0})
+
+
+def test_the_train_split_is_scored_with_evaluation_clips_and_every_question(synth):
+    """`siasam-fast eval --split train` scores train as val and test are scored: eval.num_clips
+    clips at fixed places in a fixed order, and questions whose answer is outside the vocabulary
+    kept (scored wrong); training's loader samples siamese clips at random and drops those
+    questions (it has no label for them). Both were training's before."""
+    from siasam_fast.config import load_config
+    from siasam_fast.training import load_streams, make_loader
+
+    args = base_args(synth, synth / "unused", "--set", "eval.num_clips=2",
+                     "--set", "data.num_answers=2")
+    overrides = [args[i + 1] for i, a in enumerate(args) if a == "--set"]
+    cfg = load_config(ROOT / "configs" / "synthetic.yaml", overrides)
+    _, trained = load_streams(cfg, splits=("train",))
+    _, scored = load_streams(cfg, need_train=False, splits=("train",), scoring=True)
+    total = len(json.loads((synth / "annotations" / "train_qa.json").read_text()))
+    assert len(trained[""].examples["train"]) < total  # a 2-answer vocabulary leaves some out
+    assert len(scored[""].examples["train"]) == total
+    loader = make_loader(cfg, scored[""], "train", 0, 1, scoring=True)
+    assert not loader.dataset.training
+    batch = next(iter(loader))
+    assert batch["frame_ids"].shape[1] == 2  # eval.num_clips, not sampling.num_clips=3
+    again = next(iter(make_loader(cfg, scored[""], "train", 0, 1, scoring=True)))
+    assert batch["example_index"].tolist() == again["example_index"].tolist()
+    assert torch.equal(batch["frame_ids"], again["frame_ids"])
+    training_batch = next(iter(make_loader(cfg, trained[""], "train", 0, 1)))
+    assert training_batch["frame_ids"].shape[1] == 3
+
+
+KILLED_IN_EPOCH_EVAL = """
+import os, sys
+from siasam_fast import training
+evaluate_tasks = training.evaluate_tasks
+
+def killed(*args, desc="", **kwargs):  # the process dies outright in epoch 1's evaluation
+    if desc.startswith("eval"):
+        os._exit(137)
+    return evaluate_tasks(*args, desc=desc, **kwargs)
+
+training.evaluate_tasks = killed
+sys.exit(training.main(sys.argv[1:]))
+"""
+
+
+def test_an_epoch_whose_evaluation_died_is_evaluated_by_the_resume(synth, tmp_path):
+    """A checkpoint saved at an epoch's last step (train.save_every), then the process killed
+    outright in that epoch's evaluation: --resume auto evaluates the epoch first (it went on to
+    the next epoch, and metrics_epochs.csv, the best epoch and early stopping never had it)."""
+    out = tmp_path / "run"
+    args = base_args(synth, out, "--set", "train.save_every=17")  # an epoch is 17 steps
+    proc = subprocess.run([sys.executable, "-c", KILLED_IN_EPOCH_EVAL, *args], cwd=ROOT,
+                          env=cpu_env(OMP_NUM_THREADS="1"), capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 137, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert (out / "checkpoints" / "step17").is_dir()
+    proc = train([*args, "--resume", "auto"])
+    assert "step17 ends epoch 1, whose evaluation has no row" in proc.stdout, proc.stdout[-3000:]
+    assert [r["epoch"] for r in epoch_rows(out)] == ["1", "2"]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["epochs_completed"] == 2 and summary["steps"] == 34
