@@ -1156,3 +1156,20 @@ def test_nvdec_av1_follows_nvidias_table_not_the_architecture_number(monkeypatch
     else:
         with pytest.raises(ValueError, match=rf"NVDEC of {name}.*av1"):
             loaders.resolve_backend("dali", manifest)
+
+
+@pytest.mark.parametrize("name, codec, frames", [("seek.ts", "h264", 300),
+                                                 ("seek.mpg", "mpeg2", 200)])
+def test_mpeg_ts_and_ps_files_decode_the_right_frames_after_seeks(tmp_path, name, codec, frames):
+    """MPEG-TS and MPEG-PS files (no index): FFmpeg's seek to a keyframe's pts can land on the
+    next keyframe, past the last one (no frame at all), or give timestamps out of order. Each of
+    those failed the video as damaged ('re-run siasam-fast index', which changed nothing); a seek
+    that misses now decodes the video from its start, as it was indexed."""
+    path = write_index_video(tmp_path / name, frames, codec=codec, gop=25)
+    record = build_manifest(tmp_path, tmp_path / "manifest.jsonl", workers=1,
+                            progress=False)[path.stem]
+    assert record.ok, record.reason
+    for wanted in ([frames - 90], [frames - 10, frames - 9], [frames - 1], [40, 41, frames - 2]):
+        stats = DecodeStats()
+        out = decode_frames(record, wanted, seek_threshold=0, stats=stats)
+        assert [read_index(f) for f in out] == wanted

@@ -25,6 +25,7 @@ CODECS = {
     "h264": ("libx264", ".mp4", "yuv420p"),
     "vp9": ("libvpx-vp9", ".webm", "yuv420p"),
     "mjpeg": ("mjpeg", ".avi", "yuvj420p"),
+    "mpeg2": ("mpeg2video", ".mpg", "yuv420p"),  # MPEG-PS (.mpg) or MPEG-TS (.ts): no index
 }
 # Frame durations (in ms) cycled through by variable-frame-rate videos: irregular pts.
 VFR_STEPS_MS = (40, 20, 70, 33, 50, 25)
@@ -117,6 +118,8 @@ def write_index_video(
                 "deadline": "realtime",
                 "cpu-used": "8",
             }
+        elif codec == "mpeg2":
+            stream.options = {"g": str(gop), "bf": str(bframes), "q:v": "2"}
         else:
             stream.options = {"q:v": "2"}
         time_base = Fraction(1, 1000) if vfr else Fraction(1, fps)

@@ -173,6 +173,7 @@ def _decode(av, path, record, wanted, seek_threshold, threads, stats, seek: bool
         i = 0
         cur = -1  # index of the last frame output by the decoder; None: unknown (just seeked)
         last_pts = None
+        seeked = False  # a seek happened: what goes wrong after it may be the seek's doing
         frames_iter = container.decode(stream)
         while i < len(wanted):
             target = int(wanted[i])
@@ -182,18 +183,22 @@ def _decode(av, path, record, wanted, seek_threshold, threads, stats, seek: bool
                 container.seek(keyframe_pts[j], stream=stream, backward=True, any_frame=False)
                 stats.seeks += 1
                 stats.seek_targets.append(int(keyframes[j]))
-                cur, last_pts = None, None
+                cur, last_pts, seeked = None, None, True
                 frames_iter = container.decode(stream)
             for frame in frames_iter:
                 stats.decoded += 1
                 pts = frame.pts
                 if last_pts is not None and (pts is None or pts <= last_pts):
+                    if seeked:  # (MPEG-PS after a seek): decoded from the start, as indexed
+                        raise _SeekMissed()
                     raise DecodeError(
                         f"{path}: frame pts {pts} after {last_pts}: timestamps not increasing"
                     )
                 k = sync.get(pts)
                 if k is not None:
                     if cur is not None and k != cur + 1:
+                        if seeked:
+                            raise _SeekMissed()
                         raise DecodeError(
                             f"{path}: keyframe pts {pts} is frame {k} in the manifest but frame "
                             f"{cur + 1} in the stream; the manifest is stale, re-run "
@@ -219,6 +224,8 @@ def _decode(av, path, record, wanted, seek_threshold, threads, stats, seek: bool
                 if seek and j >= 0 and keyframes[j] > cur + 1 + seek_threshold:
                     break  # far ahead: the outer loop seeks to its keyframe
             else:
+                if seeked:  # e.g. MPEG-TS: a seek to a keyframe's pts can land on the next
+                    raise _SeekMissed()  # keyframe, or past the last one (no frame at all)
                 raise DecodeError(
                     f"{path}: the stream ended before frames {wanted[i:].tolist()[:8]} "
                     f"(last frame decoded: {cur}; the manifest counts {record.num_frames}); "
