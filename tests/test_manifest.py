@@ -703,3 +703,20 @@ def test_a_cut_with_an_edit_list_is_numbered_as_decoders_output_it(tmp_path, mod
     for frames in ([0, 18, 19, 42], [3], [42], [2, 30]):
         assert read_indices(decode_frames(record, frames, seek_threshold=0)) == [
             5 + f for f in frames], frames
+
+
+def test_demux_mode_does_not_count_packets_before_the_first_keyframe(tmp_path):
+    """A file cut mid-GOP (here an MPEG-TS whose head was cut off at a 188-byte packet): its
+    packets before the first keyframe decode to no frame. --fast (demux) counted them, so every
+    frame index was off by their number and each decode failed ('the manifest is stale'), which
+    re-running --fast did not change. It now counts what the decode probe counts."""
+    whole = write_index_video(tmp_path / "whole.ts", 120, codec="h264", gop=50, bframes=0)
+    data = whole.read_bytes()
+    cut = tmp_path / "cut.ts"
+    cut.write_bytes(data[(len(data) // 3) // 188 * 188:])
+    decoded = probe_video(cut, tmp_path, mode="decode")
+    demuxed = probe_video(cut, tmp_path, mode="demux")
+    assert decoded.ok and demuxed.ok, (decoded.reason, demuxed.reason)
+    assert decoded.num_frames < 120
+    assert (demuxed.num_frames, demuxed.keyframes) == (decoded.num_frames, decoded.keyframes)
+    assert demuxed.keyframe_pts == decoded.keyframe_pts

@@ -298,15 +298,17 @@ def _read_stream(container, stream, mode: str) -> tuple[list[int], list[int], bo
     keyframe_pts: list[int] = []
     missing = False
     hidden = 0
+    keyed = False  # demux: packets before the first keyframe (a file cut mid-GOP) decode to none
     for packet in container.demux(stream):
         if packet.size:
             hidden += bool(packet.is_discard)
+            keyed = keyed or bool(packet.is_keyframe)
             if packet.pts is None:
                 missing = True
             else:
                 if packet.is_keyframe:
                     keyframe_pts.append(int(packet.pts))
-                if mode == "demux" and not packet.is_discard:
+                if mode == "demux" and keyed and not packet.is_discard:
                     frame_pts.append(int(packet.pts))
         if mode == "decode":  # the final empty packet flushes the decoder
             for frame in packet.decode():
