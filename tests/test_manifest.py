@@ -68,8 +68,8 @@ def video_dir(tmp_path):
     faststart_copy(long, tmp_path / "fs.mp4")
     fs = (tmp_path / "fs.mp4").read_bytes()
     (folder / "truncated_faststart.mp4").write_bytes(fs[: len(fs) * 2 // 3])
-    garbled = bytearray(fs)
-    for i in range(len(fs) // 2, len(fs) // 2 + 300):
+    garbled = bytearray(fs)  # damage inside the frames' data, past the first keyframe's packet
+    for i in range(len(fs) * 3 // 4, len(fs) * 3 // 4 + 300):
         garbled[i] = (garbled[i] * 7 + 13) % 256
     (folder / "garbled.mp4").write_bytes(bytes(garbled))
     write_zero_frame_avi(folder / "zero.avi")
