@@ -10,7 +10,7 @@ import pytest
 from videos import cut_copy, read_indices, video_path, write_index_video
 
 from siasam_fast.pipeline import transcode as transcode_module
-from siasam_fast.pipeline.manifest import load_manifest
+from siasam_fast.pipeline.manifest import load_manifest, probe_video
 from siasam_fast.pipeline.planner import decode_cost
 from siasam_fast.pipeline.pyav_decode import DecodeStats, decode_frames
 from siasam_fast.pipeline.transcode import (
@@ -95,6 +95,24 @@ def test_corrupt_inputs_reported_and_skipped(converted):
     assert not (dst / "garbage.mp4").exists() and not (dst / "truncated.mp4").exists()
     assert "failed: garbage.mp4: corrupt input" in summary.summary()
     assert not list(dst.rglob(f"*{TEMP_SUFFIX}"))
+
+
+def test_a_source_whose_only_fault_is_its_timestamps_is_re_timed(tmp_path):
+    """H.264 with B-frames in AVI: its packets carry decode-order times, so its frames, which
+    decode in order, cannot be indexed by pts and the manifest marks it corrupt. The transcode,
+    which the reason names, used to refuse it as a corrupt input; it now makes an indexable copy
+    with every frame in its place."""
+    src = tmp_path / "src"
+    write_index_video(src / "bframes.avi", 40, "h264", size=32, gop=12, bframes=2)
+    summary = transcode(src, tmp_path / "dst", gop=GOP, workers=1, encoder="cpu",
+                        progress=False)
+    assert not summary.failed, summary.summary()
+    source = probe_video(src / "bframes.avi", src)
+    assert source.status == "corrupt" and source.num_frames == 40
+    assert "`siasam-fast transcode` re-times it" in source.reason
+    out = load_manifest(tmp_path / "dst" / "manifest.jsonl")["bframes"]
+    assert out.ok and out.num_frames == 40
+    assert read_indices(decode_frames(out, np.arange(40))) == list(range(40))
 
 
 def test_a_tag_that_is_not_utf8_is_no_fault(tmp_path):

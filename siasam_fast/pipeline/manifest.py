@@ -257,7 +257,12 @@ def _probe_stream(path: Path, record: VideoRecord, mode: str) -> None:
         record.reason = "zero frames: the video stream holds no decodable frame"
         return
     if any(b <= a for a, b in zip(frame_pts, frame_pts[1:])):
-        record.reason = "timestamps not increasing: frames cannot be indexed by pts"
+        # (H.264 with B-frames in AVI, whose packets carry decode-order times; duplicated times in
+        # MPEG-PS): the frames decode, in order, but cannot be found again by their times. The
+        # count stays, for transcode, which numbers frames as they come out and writes new times.
+        record.reason = (f"{TIMESTAMPS_NOT_INCREASING}: frames cannot be indexed by pts; "
+                         "`siasam-fast transcode` re-times it")
+        record.num_frames = len(frame_pts)
         return
     n = len(frame_pts)
     if record.declared_frames and n < record.declared_frames - hidden:
@@ -289,6 +294,16 @@ def _probe_stream(path: Path, record: VideoRecord, mode: str) -> None:
     record.fps = fps
     record.duration = span + (1.0 / fps if fps > 0 else 0.0)
     record.status, record.reason = "ok", ""
+
+
+TIMESTAMPS_NOT_INCREASING = "timestamps not increasing"
+
+
+def retimeable(record: VideoRecord) -> bool:
+    """A corrupt record whose only fault is its frames' times (they decode, in order): a
+    transcode, which numbers frames as they come out, makes an indexable copy of it."""
+    return (record.status == "corrupt" and record.reason.startswith(TIMESTAMPS_NOT_INCREASING)
+            and record.num_frames > 0)
 
 
 def _read_stream(container, stream, mode: str) -> tuple[list[int], list[int], bool, int]:

@@ -60,6 +60,7 @@ from siasam_fast.pipeline.manifest import (
     open_video,
     probe_video,
     require_videos,
+    retimeable,
     write_manifest,
 )
 from siasam_fast.pipeline.workpool import imap_isolated
@@ -605,7 +606,7 @@ def transcode(
         summary.results.append(TranscodeResult(
             "", relpath, "failed", "another file has the same video_id (name without extension)"))
     for vid, src in sorted(sources.items()):
-        if not src.ok:
+        if not src.ok and not retimeable(src):
             summary.results.append(TranscodeResult(
                 vid, src.relpath, "failed", f"corrupt input: {src.reason}", bytes_in=src.size))
             continue
