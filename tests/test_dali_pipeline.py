@@ -1464,3 +1464,48 @@ def test_gpu_outputs_stay_held_until_torch_is_past_them(h264_manifest):
     assert len(loader._release) <= 4  # at most two batches' (an output and its batch's frames)
     list(batches)
     assert len(loader._release) == 0  # the pass's end lets go of everything
+
+
+def test_a_video_left_out_in_a_stand_in_search_is_left_out_of_the_pass_as_after_a_resume(
+        folder, tmp_path):
+    """A stand-in search can leave a video out (it failed alone) while the pipeline, planned at
+    the pass's start, still holds its later examples: they were decoded (their frames missed the
+    damage), while a loader resumed from a state taken in between (which names the video) gave
+    them stand-ins. The pipeline is now rebuilt without it, so both give the same batches."""
+    for name in ("vp9", "vp9_vfr", "mjpeg", "wide"):
+        path = video_path(folder, name, VIDEOS[name][0])
+        shutil.copy2(path, tmp_path / path.name)
+    manifest = build_manifest(tmp_path, tmp_path / "manifest.jsonl", workers=1, progress=False)
+    vp9 = video_path(tmp_path, "vp9", "vp9")  # damaged past 30%, same size and time: its early
+    st = os.stat(vp9)  # frames decode, its late ones fail
+    data = bytearray(vp9.read_bytes())
+    data[int(len(data) * 0.3):] = bytes(len(data) - int(len(data) * 0.3))
+    vp9.write_bytes(bytes(data))
+    os.utime(vp9, ns=(st.st_atime_ns, st.st_mtime_ns))
+    wide = video_path(tmp_path, "wide", "vp9")  # its size changed: the reader leaves it out
+    wide.write_bytes(wide.read_bytes()[: wide.stat().st_size // 2])
+    cfg = SamplingConfig(num_clips=1, frames_per_clip=2, stride=1)
+    # rank 0 of 2 reads positions 0, 2, 4, ...: wide at 2 needs a stand-in, whose first candidate
+    # is vp9 at 3 (late frames: fails alone); vp9 at 4 has early frames (decodes)
+    names = ["mjpeg", "vp9_vfr", "wide", "vp9", "vp9", "mjpeg", "vp9_vfr", "mjpeg", "mjpeg",
+             "vp9_vfr"]
+
+    def loader():
+        return build_dali_loader(examples_for(names), manifest, cfg, "train", 2, image_size=SIZE,
+                                 num_workers=0, device="cpu", seed=1, shuffle=False, rank=0,
+                                 world_size=2)
+
+    def signature(batches):
+        return [(b["example_index"].tolist(), b["stand_in"].tolist()) for b in batches]
+
+    whole = signature(loader())
+    first = loader()
+    batches = iter(first)
+    head = [next(batches)]
+    state = first.state_dict()
+    batches.close()
+    assert str(vp9) in state["bad_videos"]  # left out during the first batch's stand-in search
+    resumed = loader()
+    resumed.load_state_dict(state)
+    assert signature(head) + signature(resumed) == whole
+    assert all(names[i] != "vp9" for b in whole for i in b[0])  # its examples: stand-ins

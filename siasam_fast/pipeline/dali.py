@@ -592,6 +592,7 @@ class DALIVideoLoader:
         self._passes: weakref.WeakSet = weakref.WeakSet()  # iterations in progress
         _LOADERS.add(self)  # close_loaders() ends them on a failing run's way out
         self._bad: dict[str, str] = {}  # path -> why it is left out for the rest of the run
+        self._newly_bad: set[str] = set()  # left out while the current batch was made
         self._failed_in_a_row = 0
         self._release = _StreamRelease(device_id)  # DALI's GPU buffers until torch is past them
         self._holds = device == "gpu"  # (the CPU decoder's buffers are read synchronously)
@@ -684,6 +685,13 @@ class DALIVideoLoader:
                 if frames is not None:
                     self._hold(frames)  # a decode group's later batches too
                 batch = self._batch(step, frames, slots)  # stand-ins for the videos left out
+                if pipe is not None and self._fed_later(steps[i + 1:]):
+                    # a file left out just now (a stand-in that failed alone) is still fed to the
+                    # pipeline for later batches: left out from here on, as a resumed loader
+                    # (its state names the file) would do
+                    _close(pipe)
+                    pipe, planned, decoded = None, False, {}
+                self._newly_bad.clear()
                 consumed += len(step.keys)
                 sampler.position = start + consumed
                 yield batch
@@ -946,8 +954,14 @@ class DALIVideoLoader:
                      step.items[job.slot]["qid"], reason)
         self.skipped.append((job.path, reason))
 
+    def _fed_later(self, steps: Sequence[_Step]) -> bool:
+        """Whether a file left out since the last batch is fed to the pipeline for ``steps``."""
+        return bool(self._newly_bad) and any(
+            job.path in self._newly_bad for step in steps for job in step.live or ())
+
     def _mark_bad(self, path: str, reason: str) -> None:
         if path not in self._bad:
+            self._newly_bad.add(path)
             self._bad[path] = reason
             logger.warning("skipping video %s for the rest of this run (its examples get "
                            "stand-ins): %s", path, reason)
