@@ -34,6 +34,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -144,14 +145,39 @@ class DropBuildNote:
         return getattr(self._stream, name)
 
 
+LAUNCHER_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+JOIN_NOTE_S = 30.0  # a process still waiting for the others after this long says so
+
+
+def _port_free(port: str) -> bool:
+    try:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", int(port)))
+        return True
+    except (OSError, ValueError, OverflowError):
+        return False
+
+
 def init_distributed() -> tuple[int, int, torch.device]:
     """Rank, world size, device. A lone process gets the env a launcher would have set."""
     if "RANK" not in os.environ:  # python train.py: no launcher
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
+        port = os.environ.get("MASTER_PORT")
+        if port is None or not _port_free(port):
+            if port is not None:
+                print(f"note: MASTER_PORT={port} (from the environment) is in use or not a "
+                      "port; this lone process takes a free one", file=sys.stderr)
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                port = str(s.getsockname()[1])
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=os.environ.get("MASTER_PORT", str(port)))
+                          MASTER_PORT=port)
+    missing = [name for name in LAUNCHER_ENV if name not in os.environ]
+    if missing:  # (DeepSpeed would then look for MPI: "No module named 'mpi4py'")
+        raise ValueError(
+            f"RANK={os.environ['RANK']} is set but {', '.join(missing)} not: a launcher "
+            "(torchrun, deepspeed) sets all of " + ", ".join(LAUNCHER_ENV) + " for each "
+            "process; set them all, start the processes with a launcher (README: Training, "
+            "Slurm), or unset RANK to train in one process")
     cuda = torch.cuda.is_available()
     local = int(os.environ.get("LOCAL_RANK", 0))
     if cuda and local >= torch.cuda.device_count():  # (DeepSpeed binds NCCL to cuda:LOCAL_RANK)
@@ -166,9 +192,29 @@ def init_distributed() -> tuple[int, int, torch.device]:
         # on CPU, DeepSpeed builds (or loads) its shared-memory all-reduce op here, and prints
         # "DeepSpeed ... built successfully" each time (a print, no logging level to quiet it):
         # that one line is dropped, anything else it prints passes
-        with building("deepspeed_shm_comm") if not cuda else contextlib.nullcontext(), \
-                contextlib.redirect_stdout(DropBuildNote(sys.stdout)):
-            deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
+        where = (f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}, process "
+                 f"{os.environ['RANK']} of WORLD_SIZE={os.environ['WORLD_SIZE']}")
+        note = threading.Timer(JOIN_NOTE_S, lambda: print(
+            f"note: still starting after {JOIN_NOTE_S:.0f} s at {where}: waiting for the other "
+            "processes to join (are all of them started? DeepSpeed waits up to "
+            f"DEEPSPEED_TIMEOUT={os.environ.get('DEEPSPEED_TIMEOUT', '10')} minutes)"
+            + ("" if cuda else ", or building DeepSpeed's CPU all-reduce op (a first run)"),
+            file=sys.stderr, flush=True))
+        note.daemon = True
+        if int(os.environ["WORLD_SIZE"]) > 1:
+            note.start()
+        try:
+            with building("deepspeed_shm_comm") if not cuda else contextlib.nullcontext(), \
+                    contextlib.redirect_stdout(DropBuildNote(sys.stdout)):
+                deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
+        except (dist.DistStoreError, dist.DistNetworkError) as err:
+            raise ValueError(
+                f"the processes could not meet at {where}: "
+                f"{(str(err).strip().splitlines() or [''])[0]}; start "
+                "WORLD_SIZE processes (torchrun and deepspeed start them), reachable at "
+                "MASTER_ADDR, with MASTER_PORT free there") from err
+        finally:
+            note.cancel()
         if not cuda:
             release_shm_buffer(dist.get_rank(), dist.get_world_size())
     rank, world = dist.get_rank(), dist.get_world_size()

@@ -2196,3 +2196,72 @@ def test_an_epoch_whose_evaluation_died_is_evaluated_by_the_resume(synth, tmp_pa
     assert [r["epoch"] for r in epoch_rows(out)] == ["1", "2"]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["epochs_completed"] == 2 and summary["steps"] == 34
+
+
+def test_a_partial_launcher_environment_is_named_not_sent_to_mpi(monkeypatch):
+    """RANK set (by hand, from a scheduler's variables) without the other four: DeepSpeed then
+    looked for MPI and the run ended in a traceback about mpi4py; now one error names them."""
+    from siasam_fast import training
+
+    for name in training.LAUNCHER_ENV:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    monkeypatch.setattr(training.dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(training.deepspeed, "init_distributed",
+                        lambda **kw: pytest.fail("DeepSpeed was started"))
+    with pytest.raises(ValueError, match=r"RANK=0 is set but LOCAL_RANK, MASTER_ADDR, "
+                                         r"MASTER_PORT not: a launcher \(torchrun, deepspeed\)"):
+        training.init_distributed()
+
+
+def test_processes_that_do_not_meet_are_waited_for_aloud_then_named(monkeypatch, capsys):
+    """WORLD_SIZE=2 with one process started: DeepSpeed waits (10 minutes by default) with no
+    word, then raised DistStoreError under a traceback. A process still waiting after
+    JOIN_NOTE_S says what it waits for, and the failure is one error naming the address."""
+    import time as _time
+
+    from siasam_fast import training
+
+    env = {"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": "29999"}
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(training, "JOIN_NOTE_S", 0.05)
+    monkeypatch.setattr(training.dist, "is_initialized", lambda: False)
+
+    def waits_then_fails(**kw):
+        _time.sleep(0.5)
+        raise training.dist.DistStoreError("Timed out after 61 seconds waiting for clients. "
+                                           "1/2 clients joined.")
+
+    monkeypatch.setattr(training.deepspeed, "init_distributed", waits_then_fails)
+    with pytest.raises(ValueError, match=r"could not meet at 127.0.0.1:29999, process 0 of "
+                                         r"WORLD_SIZE=2: Timed out after 61 seconds"):
+        training.init_distributed()
+    assert "still starting after 0 s at 127.0.0.1:29999" in capsys.readouterr().err
+
+
+INHERITED_PORT = """
+import socket, sys
+from siasam_fast.training import init_distributed
+with socket.socket() as busy:
+    busy.bind(("127.0.0.1", 0))
+    busy.listen()
+    port = busy.getsockname()[1]
+    import os
+    os.environ["MASTER_PORT"] = str(port)
+    rank, world, _ = init_distributed()
+    print("started", rank, world, os.environ["MASTER_PORT"] != str(port))
+"""
+
+
+def test_a_lone_process_with_an_inherited_port_in_use_takes_a_free_one():
+    """`python train.py` in a shell that still exports an earlier MASTER_PORT, now in use: the
+    one-process run failed with EADDRINUSE under a traceback; it now takes a free port."""
+    proc = subprocess.run([sys.executable, "-c", INHERITED_PORT], cwd=ROOT,
+                          env=cpu_env(OMP_NUM_THREADS="1"), capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert "started 0 1 True" in proc.stdout
+    assert "(from the environment) is in use or not a port" in proc.stderr
