@@ -535,7 +535,14 @@ def sweep_configs(grid, dtypes, device, env, out_dir, tag, workers=None):
 
     from siasam_kernels import siamese as ks
 
-    from siasam_fast.benchutil import format_table, results_path, write_csv
+    from siasam_fast.benchutil import (
+        finish_csv,
+        format_table,
+        partial_path,
+        report_interrupted,
+        results_path,
+        write_csv,
+    )
 
     configs = [None] + parse_grid(grid)
     for cfg in configs[1:]:  # refuse a bad grid before any timing
@@ -574,7 +581,7 @@ def sweep_configs(grid, dtypes, device, env, out_dir, tag, workers=None):
         timing = row.get("error") or "  ".join(
             f"{m} {row[m + '_ms']:.4f} ms" for m in ("fwd", "bwd", "full") if m + "_ms" in row)
         print(f"{dname} V={shape['V']} K={shape['K']} {row['config']}: {timing}", flush=True)
-        write_csv(rows, path, env)
+        write_csv(rows, partial_path(path), env)  # NAME.csv of an earlier sweep stays as it was
         return row
 
     try:
@@ -608,7 +615,9 @@ def sweep_configs(grid, dtypes, device, env, out_dir, tag, workers=None):
                                       f"heuristic {heuristic.get('full_ms', float('nan')):.4f} ms, "
                                       f"{env['date']}, torch {env['torch']}, "
                                       f"triton {env['triton']}")  # fmt: skip
-            write_csv(rows, path, env)
+            write_csv(rows, partial_path(path), env)
+    except KeyboardInterrupt:
+        return report_interrupted(path, bool(rows))
     finally:
         if saved is None:
             os.environ.pop(ks.CONFIG_ENV, None)
@@ -621,6 +630,7 @@ def sweep_configs(grid, dtypes, device, env, out_dir, tag, workers=None):
                         key=lambda r: (r["dtype"], r[f"{kind}_ms"]))  # fmt: skip
         print(f"\n{kind}, fastest first")
         print(format_table(ranked, [c for c in cols if any(c in r for r in ranked)]))
+    finish_csv(rows, path, env)
     final = [r for r in rows if r["config"] == "heuristic" or r["config"].startswith("chosen")]
     print("\nheuristic vs chosen (fwd+bwd)")
     print(format_table(final, [c for c in cols if any(c in r for r in final)]))

@@ -87,6 +87,39 @@ def test_config_sweep_runs_in_the_interpreter(tmp_path):
     assert not list(tmp_path.glob("tuned_*.json"))  # interpreter timings tune nothing
 
 
+def test_an_interrupted_config_sweep_keeps_the_finished_one(tmp_path, monkeypatch, capsys):
+    """The sweep rewrote NAME.csv after every config, so a Ctrl-C cut an earlier finished sweep's
+    file to the rows measured so far (and ended in a traceback). Rows in progress now go to
+    NAME.partial.csv, NAME.csv is written when the sweep ends, and Ctrl-C says where the rows
+    are (exit 130)."""
+    import torch
+
+    monkeypatch.setattr(bench_kernels, "make_impls", lambda impls, device: {"triton": None})
+    calls = []
+
+    def timing(fn, inputs, mode, device_type):
+        calls.append(mode)
+        if stop_after and len(calls) > stop_after:
+            raise KeyboardInterrupt
+        return (0.1,)
+
+    env = {"device": "cpu", "date": "d", "torch": "t", "triton": "t"}
+    args = ("block_k=16;num_warps=2,4", ["fp32"], torch.device("cpu"), env, tmp_path, "")
+    monkeypatch.setattr(bench_kernels, "time_impl", timing)
+    stop_after = 0
+    assert bench_kernels.sweep_configs(*args, workers=1) == 0
+    (done,) = tmp_path.glob("bench_kernels_*_configs.csv")
+    finished = done.read_text()
+    assert len(finished.splitlines()) == 1 + 4  # the heuristic, 2 configs, the chosen pair
+    calls.clear()
+    stop_after = 4  # the heuristic's 3 modes and one more
+    assert bench_kernels.sweep_configs(*args, workers=1) == 130
+    assert done.read_text() == finished
+    partial = done.with_name(done.stem + ".partial.csv")
+    assert len(partial.read_text().splitlines()) == 1 + 1
+    assert f"rows measured so far are in {partial}" in capsys.readouterr().err
+
+
 def test_config_grid_errors():
     assert bench_kernels.parse_grid("block_k=64,128;num_stages=2") == [
         {"block_k": 64, "num_stages": 2}, {"block_k": 128, "num_stages": 2}]  # fmt: skip
