@@ -37,7 +37,8 @@ the rows give:
   original GOP re-encoded with the copies' very settings (``--no-control`` skips it), which holds
   whatever a re-encode costs by itself (and the preset, where ``--preset`` or NVENC changes it);
   ``transcode_s``, ``encoder``, ``preset``: how the copy was made. The copies are cached per GOP,
-  height, encoder and preset.
+  height, encoder and preset: ``cached_copies`` counts the videos an earlier run had already
+  made, and ``transcode_s`` is empty when this run encoded none (its time is the earlier run's).
 
 Every row has a ``status``: ``disk`` (a set's sizes, one row per set written first, so that a run
 cut short keeps every copy's growth), ``ok`` / ``short`` (a throughput cell), ``skipped`` or
@@ -390,8 +391,11 @@ def main(argv: list[str] | None = None) -> int:
                 return None, {"reason": f"transcode: {failure_reason(err)}"}
             log(summary.summary())
             info = summary_row(summary)
+            # a copy cached by an earlier run: this run encoded nothing, so no time of its own
             made = {"encoder": info["encoder"], "preset": preset or "default", "crf": args.crf,
-                    "transcode_s": info["seconds"], "failed_transcodes": info["failed"]}
+                    "transcode_s": info["seconds"] if info["transcoded"] else None,
+                    "cached_copies": info["already_complete"],
+                    "failed_transcodes": info["failed"]}
             return load_manifest(dst / "manifest.jsonl"), made
 
         generator = {"encoder": "libx264 (generator)", "preset": H264_OPTIONS["preset"],

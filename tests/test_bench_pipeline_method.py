@@ -414,6 +414,16 @@ def test_transcode_bench_copies_like_the_originals_and_records_every_cell(tmp_pa
             measured = float(r["measured_decoded_per_needed"])
             assert measured == pytest.approx(float(r["model_decoded_per_needed"]))
             assert measured > 1  # decoded per needed: the pre-roll from each keyframe
+    assert float(disk["gop8"]["transcode_s"]) > 0 and disk["gop8"]["cached_copies"] == "0"
+    # Again: the copies are cached, so this run encoded nothing and has no time of its own (it
+    # reported the cache check's 0.1 s as the copy's transcode_s)
+    assert bench_transcode.main([
+        "--quick", "--gops", "8", "--samplings", "paper", "--backend", "pyav", "--workers", "0",
+        "--draws", "2", "--measure-draws", "2", "--min-videos", "2", "--batch-size", "2",
+        "--image-size", "16", "--encoder", "cpu", "--work-dir", str(tmp_path / "work"),
+        "--out-dir", str(out)]) == 0
+    again = {r["set"]: r for r in read_rows(out / "transcode_quick.csv") if r["status"] == "disk"}
+    assert again["gop8"]["transcode_s"] == "" and again["gop8"]["cached_copies"] == "2"
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU behaviour (no DALI)")
