@@ -107,7 +107,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         device = torch.device(args.device)
     except RuntimeError:  # torch's message lists every device type it knows of
-        print(f"error: --device {args.device!r}: not a device (cpu or cuda)", file=sys.stderr)
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        print(f"error: --device {args.device!r}: valid devices are cpu and cuda (or cuda:N)",
+              file=sys.stderr)
         return 2
     try:
         base = load_config(args.config, args.set)
@@ -133,7 +136,9 @@ def main(argv: list[str] | None = None) -> int:
                 model = SiaSamReaModel(cfg.model, "open", 2, 64, cfg.sampling.num_clips).to(device)
                 model.train()
                 per_frame = saved_bytes_per_frame(model, size, args.frames, device)
-                results.add({"setting": name, "visual_head": head, "cnn_freeze": freeze,
+                results.add({"run_device": str(device),  # (the environment's device column
+                             # names the machine's GPU even when the model ran on the CPU)
+                             "setting": name, "visual_head": head, "cnn_freeze": freeze,
                              "activation_checkpointing": checkpointing, "image_size": size,
                              "bytes_per_frame_fp32": int(per_frame),
                              "mib_per_frame_fp32": round(per_frame / 2**20, 2),

@@ -32,6 +32,8 @@ def test_bench_memory_counts_activations_per_frame(tmp_path):
     # up to the grid's rounding)
     assert 3.5 < got["default", 128] / got["default", 64] < 4.5
     assert "vs_default_smallest" in rows[0] and "wrote" in proc.stdout
+    # where the model ran (the device column is the machine's: its GPU's name where it has one)
+    assert {r["run_device"] for r in rows} == {"cpu"}
 
 
 def _bench_memory():
@@ -80,6 +82,8 @@ def test_bench_memory_bad_config_or_device_is_one_line(tmp_path, capsys):
         (["--config", "configs/nope.yaml"], "configs/nope.yaml"),
         (["--config", "configs/synthetic.yaml", "--set", "model.visul=tiny"], "visul"),
         (["--config", "configs/synthetic.yaml", "--device", "gpu"], "'gpu'"),
+        # a device torch knows but this benchmark cannot use (it was a RuntimeError traceback)
+        (["--config", "configs/synthetic.yaml", "--device", "mps"], "'mps': valid devices"),
     ):
         status = bench_memory.main([*argv, "--sizes", "16", "--out-dir", str(tmp_path)])
         err = capsys.readouterr().err
