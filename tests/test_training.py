@@ -1667,6 +1667,8 @@ def test_a_process_that_sees_fewer_gpus_than_its_local_rank_is_told_how_to_launc
     monkeypatch.setenv("RANK", "3")
     monkeypatch.setenv("WORLD_SIZE", "4")
     monkeypatch.setenv("LOCAL_RANK", str(local))
+    monkeypatch.setenv("MASTER_ADDR", "node1")  # a launcher sets all five
+    monkeypatch.setenv("MASTER_PORT", "29500")
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", str(local))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
