@@ -479,7 +479,7 @@ def summarise(rows: list[dict], variants: list[str]) -> list[dict]:
     skip = ("variant", "seed", "num_test", "train_seconds")
     metrics = [k for k in _keys(rows) if k not in skip]
     out = []
-    base = [r["accuracy"] for r in rows if r["variant"] == "baseline"]
+    base = {r["seed"]: r["accuracy"] for r in rows if r["variant"] == "baseline"}
     for v in variants:
         mine = [r for r in rows if r["variant"] == v]
         if not mine:
@@ -491,8 +491,15 @@ def summarise(rows: list[dict], variants: list[str]) -> list[dict]:
                 continue
             row[f"{m}_mean"] = statistics.fmean(vals)
             row[f"{m}_std"] = statistics.stdev(vals) if len(vals) > 1 else 0.0
-        if base:
-            row["delta_vs_baseline"] = row["accuracy_mean"] - statistics.fmean(base)
+        # Paired by seed (the same seed gives both runs the same initialisation and data order):
+        # a variant missing a seed the baseline has, or the other way round, is compared on the
+        # seeds both have, not with the mean of other seeds.
+        paired = sorted(r["seed"] for r in mine if r["seed"] in base)
+        diffs = [r["accuracy"] - base[r["seed"]] for r in mine if r["seed"] in base]
+        if diffs:
+            row["delta_vs_baseline"] = statistics.fmean(diffs)
+            row["delta_vs_baseline_std"] = statistics.stdev(diffs) if len(diffs) > 1 else 0.0
+            row["delta_seeds"] = " ".join(map(str, paired))
         row["train_seconds_mean"] = statistics.fmean(r["train_seconds"] for r in mine)
         out.append(row)
     return out
@@ -514,6 +521,9 @@ def display_rows(summary: list[dict]) -> list[dict]:
             d[k] = pm(row, k)
         if "delta_vs_baseline" in row:
             d["delta"] = f"{100 * row['delta_vs_baseline']:+.1f}"
+            paired = row["delta_seeds"].split()
+            if len(paired) != row["seeds"]:
+                d["delta"] += f" (seed{'s' if len(paired) > 1 else ''} {', '.join(paired)} only)"
         d["train s"] = f"{row['train_seconds_mean']:.0f}"
         out.append(d)
     return out
@@ -542,8 +552,8 @@ def plot(summary: list[dict], rows: list[dict], path: Path, title: str) -> Path:
         ax.plot([i] * len(pts), pts, "k.", ms=5)
     ax.set_xticks(list(x), names, rotation=30, ha="right")
     ax.set_ylabel("test accuracy (%), anchor clip only")
-    lo = min(100 * r["accuracy"] for r in rows)
-    ax.set_ylim(max(0, lo - 10), min(100, max(100 * r["accuracy"] for r in rows) + 5))
+    # Bars start at zero: a cut axis makes small differences look large.
+    ax.set_ylim(0, min(100, max(100 * r["accuracy"] for r in rows) + 5))
     ax.grid(axis="y", alpha=0.3)
     ax.set_title(title, fontsize=9)
     return save_figure(fig, path)
@@ -649,7 +659,7 @@ def _main(args: argparse.Namespace) -> int:
     table = display_rows(summary)
     legend = ("test accuracy (%) with the anchor clip only, mean +- std over seeds "
               "(best_val_accuracy: the val split at its best epoch); delta: accuracy minus the "
-              "baseline's")
+              "baseline's of the same seed, averaged over the seeds both have")
     print(f"\n{title}\n{legend}")
     print(format_table(table))
     staged(f"{tag}.md").write_text(f"{title}\n\n{legend}{failure}\n\n{markdown_table(table)}\n")

@@ -269,10 +269,33 @@ def test_summary_mean_and_std():
     out = ablation.summarise(rows, ["baseline", "skg_skr"])
     assert out[0]["accuracy_mean"] == pytest.approx(0.6)
     assert out[0]["accuracy_std"] == pytest.approx(0.1414, abs=1e-3)
-    assert out[1]["delta_vs_baseline"] == pytest.approx(0.2)
+    assert out[1]["delta_vs_baseline"] == pytest.approx(0.3)  # against the baseline's seed 0
     assert out[1]["accuracy_std"] == 0.0
     table = ablation.display_rows(out)
-    assert table[0]["accuracy"] == "60.0 +- 14.1" and table[1]["delta"] == "+20.0"
+    assert table[0]["accuracy"] == "60.0 +- 14.1" and table[1]["delta"] == "+30.0"
+
+
+def test_delta_pairs_runs_by_seed():
+    # The variant has seeds 1 and 2, the baseline 0 and 1: only seed 1 is shared. Against the
+    # mean of the baseline's seeds the delta would be 0.85 - 0.6 = +0.25; paired, 0.8 - 0.7.
+    rows = [
+        {"variant": v, "seed": s, "accuracy": a, "train_seconds": 1.0}
+        for v, s, a in [
+            ("baseline", 0, 0.5), ("baseline", 1, 0.7), ("skg_skr", 1, 0.8), ("skg_skr", 2, 0.9),
+            ("no_w1", 0, 0.6), ("no_w1", 1, 0.6), ("clips_1", 5, 0.1),
+        ]
+    ]
+    out = {r["variant"]: r for r in ablation.summarise(rows, ["baseline", "skg_skr", "no_w1",
+                                                                "clips_1"])}
+    assert out["skg_skr"]["delta_vs_baseline"] == pytest.approx(0.1)
+    assert out["skg_skr"]["delta_seeds"] == "1"
+    assert out["no_w1"]["delta_vs_baseline"] == pytest.approx(0.0)
+    assert out["no_w1"]["delta_vs_baseline_std"] == pytest.approx(0.1414, abs=1e-3)
+    assert "delta_vs_baseline" not in out["clips_1"]  # no seed in common: no delta
+    table = {r["variant"]: r for r in ablation.display_rows(list(out.values()))}
+    assert table["skg_skr"]["delta"] == "+10.0 (seed 1 only)"
+    assert table["no_w1"]["delta"] == "+0.0"
+    assert "delta" not in table["clips_1"]
 
 
 def test_summary_keeps_columns_that_the_first_run_lacks():
