@@ -68,23 +68,39 @@ def test_config_sweep_runs_in_the_interpreter(tmp_path):
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     (path,) = tmp_path.glob("bench_kernels_*_configs.csv")
     rows = list(csv.DictReader(open(path)))
-    assert [r["config"] for r in rows[:-1]] == [
+    assert [r["config"] for r in rows[:-2]] == [
         "heuristic", "block_k=16,num_warps=2", "block_k=16,num_warps=4",
         "fwd_acc_2d=1,fwd_block_k=32", "bwd_block_k=64"]  # fmt: skip
-    assert [r["kinds"] for r in rows] == ["fwd+bwd"] * 3 + ["fwd", "bwd", "fwd+bwd"]
+    assert [r["kinds"] for r in rows] == ["fwd+bwd"] * 3 + ["fwd", "bwd"] + ["fwd+bwd"] * 2
+    # the heuristic again after the pair; the speed-up is against the faster of its two timings
+    assert rows[-1]["config"] == "heuristic, again" and float(rows[-1]["full_ms"]) > 0
+    heuristic_ms = min(float(rows[0]["full_ms"]), float(rows[-1]["full_ms"]))
+    assert float(rows[-2]["full_speedup_vs_heuristic"]) == pytest.approx(
+        heuristic_ms / float(rows[-2]["full_ms"]), rel=1e-6)
+    assert rows[-2]["tuned"].startswith("yes" if heuristic_ms / float(rows[-2]["full_ms"]) >= 1.05
+                                        else "no (under 1.05x")
     assert "num_warps=2" in rows[1]["fwd_launch"] and "BLOCK_K=16" in rows[1]["bwd_launch"]
     assert "ACC_2D=1" in rows[3]["fwd_launch"] and not rows[3]["bwd_launch"]
     # one kernel's configs time that kernel alone; the others time fwd, bwd and fwd+bwd
     assert rows[3]["fwd_ms"] and not rows[3]["bwd_ms"] and not rows[3]["full_ms"]
     assert rows[4]["bwd_ms"] and not rows[4]["fwd_ms"]
     # last: the fastest forward with the fastest backward, by their effective settings
-    last = rows[-1]
+    last = rows[-2]
     assert last["config"].startswith("chosen: ") and float(last["full_ms"]) > 0
-    fastest_fwd = min(rows[:-1], key=lambda r: float(r["fwd_ms"] or "inf"))["config"]
+    fastest_fwd = min(rows[:-2], key=lambda r: float(r["fwd_ms"] or "inf"))["config"]
     assert last["config"].startswith(f"chosen: {fastest_fwd} | ")
     assert all(not r.get("error") for r in rows)
     assert "compiled 5 configs" in proc.stdout and "(0 failed" in proc.stdout  # the worker pool
     assert not list(tmp_path.glob("tuned_*.json"))  # interpreter timings tune nothing
+
+
+def test_only_a_clear_gain_is_tuned():
+    """A pair of launch settings within a repeat's noise of the heuristic was written to the
+    tuned table all the same."""
+    assert not bench_kernels.worth_tuning(None)
+    assert not bench_kernels.worth_tuning(1.02)
+    assert bench_kernels.worth_tuning(bench_kernels.TUNE_MIN_GAIN)
+    assert bench_kernels.worth_tuning(1.3)
 
 
 def test_an_interrupted_config_sweep_keeps_the_finished_one(tmp_path, monkeypatch, capsys):
@@ -110,7 +126,7 @@ def test_an_interrupted_config_sweep_keeps_the_finished_one(tmp_path, monkeypatc
     assert bench_kernels.sweep_configs(*args, workers=1) == 0
     (done,) = tmp_path.glob("bench_kernels_*_configs.csv")
     finished = done.read_text()
-    assert len(finished.splitlines()) == 1 + 4  # the heuristic, 2 configs, the chosen pair
+    assert len(finished.splitlines()) == 1 + 5  # heuristic, 2 configs, the chosen pair, heuristic
     calls.clear()
     stop_after = 4  # the heuristic's 3 modes and one more
     assert bench_kernels.sweep_configs(*args, workers=1) == 130
