@@ -3,8 +3,9 @@
 # H100 (each step has its own time limit; about 6-7 minutes in all):
 #   1. with TUNE=1 (the default): launch settings swept at target B (fp16, fp32): the forward and
 #      the backward kernel each timed alone under every config of bench_kernels.py's grid, the
-#      grid compiled in parallel first; the fastest pair is written as a tuned table
-#      ($OUT/tuned_<gpu>.json), which every later step uses (SIASAM_KERNEL_TUNED);
+#      grid compiled in parallel first; the fastest pair, where it beats the heuristic by 5% or
+#      more, is written as a tuned table ($OUT/tuned_<gpu>.json), which every later step uses
+#      (SIASAM_KERNEL_TUNED);
 #   2. tests/test_siamese_kernels.py on the GPU, with the fp16 winners forced on every shape
 #      (SIASAM_KERNEL_CONFIG), so that the chosen settings are checked everywhere, not only where
 #      the tuned table applies (the ahead-of-time sm_70 / sm_90 compile test runs only without a
@@ -44,9 +45,10 @@ if [ "${TUNE:-1}" = 1 ]; then
   if [ -n "$tuned" ]; then
     export SIASAM_KERNEL_TUNED=$tuned
     cat "$tuned"
-    # The fp16 winners as SIASAM_KERNEL_CONFIG keys, forced on every shape of the GPU tests.
+    # The fp16 winners as SIASAM_KERNEL_CONFIG keys, forced on every shape of the GPU tests
+    # (none when fp16's pair did not beat the heuristic clearly enough to be tuned).
     FORCE=$($PY -c "import json, sys; t = json.load(open(sys.argv[1])); e = next(iter(t.values()))
-print(','.join(f'{k}_{n}={v}' for k in ('fwd', 'bwd') for n, v in e['2'][k].items()))" "$tuned")
+print(','.join(f'{k}_{n}={v}' for k in ('fwd', 'bwd') for n, v in e.get('2', {}).get(k, {}).items()))" "$tuned")
   fi
 fi
 if [ -n "${PREPARE:-}" ]; then
