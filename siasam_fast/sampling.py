@@ -46,7 +46,10 @@ do nothing and the result is exactly that of the options off (same draws from th
   ``r_max <= gop - 1``: e.g. gop 32 and tau 16, a group starting on a keyframe is at most
   e^(31/16) ~ 6.9x likelier than one starting just before the next. Frames with no keyframe at or
   before them count their pre-roll from frame 0, so when the first keyframe given is after frame
-  0, ``r_max`` can reach its index - 1 and the floor is lower.
+  0, ``r_max`` can reach its index - 1 and the floor is lower. ``r`` is the pre-roll of a decoder
+  that seeks to that keyframe; the ``pyav`` backend decodes on from frame 0 rather than seek to a
+  keyframe within its seek threshold (8 frames), so a group on a keyframe among the first 8 frames
+  still decodes the frames before it (the planner's ``decode_cost`` counts them).
 - ``keyframe_max_shift`` (M, frames; 0 = off): the anchor is drawn as without it, then the whole
   group moves back by ``min(r, M)`` frames, but never before frame 0, so its pre-roll becomes
   ``r`` minus the shift: groups starting within M frames after a keyframe snap onto it, all others
@@ -297,7 +300,10 @@ def _fit_short(T: int, N: int, B: int, cfg: SamplingConfig) -> tuple[int, int, b
     for d2 in range(d - 1, 0, -1):
         if group_span(N, B, 1, d2) <= T:
             return 1, d2, False, f"stride shrunk from {s} to 1 and spacing from {d} to {d2}: {what}"
-    return 1, 1, True, f"stride shrunk from {s} to 1, spacing to 1, then padded: {what}"
+    shrunk = [f"stride shrunk from {s} to 1"] if s > 1 else []
+    if d > 1 and N > 1:  # (one clip has no spacing)
+        shrunk.append(f"spacing from {d} to 1")
+    return 1, 1, True, ", ".join([*shrunk, "padded with the last frame"]) + f": {what}"
 
 
 def sample_siamese_clips(

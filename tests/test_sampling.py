@@ -58,6 +58,14 @@ def check_invariants(r, T, cfg):
         # Siamese clips come nearest first: |offsets| never decrease.
         offsets = np.abs(r.clips[:, 0] - r.anchor_start)
         assert np.all(np.diff(offsets) >= 0)
+    else:
+        # Padded: the anchor at frame 0, the siamese clips after it one spacing apart, each clip
+        # one stride, and every frame past the end the last frame.
+        assert r.anchor_start == 0
+        d = 0 if cfg.anchor_copies else r.start_spacing
+        np.testing.assert_array_equal(r.starts, np.minimum(d * np.arange(N), T - 1))
+        np.testing.assert_array_equal(
+            r.clips, np.minimum(r.starts[:, None] + r.stride * np.arange(B), T - 1))
 
 
 @settings(max_examples=300, deadline=None)
@@ -529,6 +537,31 @@ def test_preroll_temperature_zero_draws_only_keyframe_aligned_groups():
     }
     assert firsts and all(f % 16 == 0 for f in firsts)
     assert len(firsts) == len([k for k in keyframes if k < 100 - 4])  # every aligned group drawn
+
+
+@pytest.mark.parametrize("T, kw", [
+    (240, {}),
+    (100, {"num_clips": 3, "start_spacing": 2}),
+    (150, {"pace": "after", "stride": 2}),
+    (60, {"num_clips": 5, "frames_per_clip": 4}),
+])
+def test_default_anchor_draw_is_uniform_over_the_first_third(T, kw):
+    """The paper's draw (options off): every feasible first-third anchor equally often. Only
+    the support was checked, so a biased draw passed every test."""
+    cfg = SamplingConfig(**kw)
+    starts, p = anchor_distribution(T, cfg, None)
+    assert starts.size > 3 and np.allclose(p, 1 / starts.size)
+    draws = 200 * starts.size
+    counts = np.zeros(starts.size)
+    for i in range(draws):
+        a = sample_siamese_clips(T, cfg, example_rng(2, 0, i)).anchor_start
+        counts[np.searchsorted(starts, a)] += 1
+    assert counts.min() > 0
+    # chi-square against uniform; the 0.999 quantile for up to ~80 degrees of freedom is < 130
+    expected = draws / starts.size
+    chi2 = ((counts - expected) ** 2 / expected).sum()
+    assert chi2 < 1.7 * starts.size + 20, (chi2, counts)
+    assert np.abs(counts / draws - 1 / starts.size).max() < 4 * np.sqrt(expected) / draws + 0.002
 
 
 def test_sampler_follows_anchor_distribution():
