@@ -113,7 +113,9 @@ def _plan(args: argparse.Namespace) -> int:
           f"{plan['frames']:.0f} frames, a keyframe every {plan['gop']:.0f} frames (median); "
           f"sampling N={sampling.num_clips} clips of B={frames} frames, stride "
           f"{sampling.stride}, {args.draws} draws a video")
-    print("decoded frames per needed frame (planner.py's model of the PyAV decoder):")
+    print("decoded frames per needed frame (planner.py's model of the PyAV decoder; clips drawn "
+          "over whole videos, where training on a set with question segments, such as How2QA "
+          "or ActivityNet, draws inside each segment):")
     base = plan["rows"][0]["decoded_per_needed"]
     print(f"  {'set':<12} {'GOP':>5} {'needed':>7} {'decoded':>8} {'per needed':>11} "
           f"{'vs as indexed':>14}")
