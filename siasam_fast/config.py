@@ -9,8 +9,10 @@ valid ones, so a typo never silently falls back to a default.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import math
+import os
 import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -111,7 +113,7 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    visual: str = "tiny"  # tiny | resnet50 (random init) | a local from_pretrained directory
+    visual: str = "tiny"  # tiny | resnet18 | resnet50 (random init) | a local from_pretrained dir
     text: str = "tiny"  # tiny | bert-base (random init) | a local from_pretrained directory
     tokenizer: str = ""  # a from_pretrained directory; empty: the shipped tiny vocabulary
     grid_pool: int = 2  # pooling of the visual feature grid (ClipBERT: 2x2)
@@ -408,6 +410,7 @@ class Config:
             if not isinstance(value, dict):
                 raise ValueError(f"config section {name!r} must be a mapping, got {value!r}")
             if section_type is SamplingConfig:
+                _reject_unknown(name, value, {f.name: f for f in fields(SamplingConfig)})
                 typed = {f.name: f for f in fields(SamplingConfig)
                          if f.type in ("int", "float", "bool", "str", "float | None")}
                 value = {k: (v if k not in typed or (v is None and "None" in typed[k].type)
@@ -440,6 +443,8 @@ _SECTIONS = {
 
 
 _TRUE, _FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
+# Float keys that may be infinite (tau = inf: the paper's uniform anchor draw)
+_INFINITE_OK = ("sampling.preroll_temperature",)
 
 
 def _typed(name: str, value: Any, f: dataclasses.Field) -> Any:
@@ -468,6 +473,13 @@ def _typed(name: str, value: Any, f: dataclasses.Field) -> Any:
                 return int(value.strip())
             except ValueError:
                 pass
+            try:  # 1e5: YAML reads it as a string, and as a float it is a whole number
+                number = float(value.strip())
+            except ValueError:
+                pass
+            else:
+                if number.is_integer():
+                    return int(number)
         raise ValueError(f"{name}={value!r}: expected a whole number")
     if kind == "float":
         number = None
@@ -478,6 +490,8 @@ def _typed(name: str, value: Any, f: dataclasses.Field) -> Any:
                 number = float(value.strip())
             except ValueError:
                 pass
+        if number is not None and name in _INFINITE_OK and number == math.inf:
+            return number
         if number is None or not math.isfinite(number):
             raise ValueError(f"{name}={value!r}: expected a finite number, e.g. 1e-4 or 0.5")
         return number
@@ -511,9 +525,15 @@ def _choice(name: str, value: str, valid: tuple[str, ...]) -> None:
 
 
 def _reject_unknown(where: str, values: dict, known: dict) -> None:
-    unknown = sorted(set(values) - set(known))
+    unknown = sorted(set(values) - set(known), key=str)
     if unknown:
-        raise ValueError(f"unknown key(s) {unknown} in {where}; valid: {sorted(known)}")
+        guesses = [(u, close[0]) for u in unknown
+                   for close in [difflib.get_close_matches(str(u), list(known), n=1)] if close]
+        hint = "; did you mean " + ", ".join(
+            f"{guess!r}" if len(unknown) == 1 else f"{guess!r} for {u!r}" for u, guess in guesses
+        ) + "?" if guesses else ""
+        raise ValueError(f"unknown key(s) {unknown} in {where}{hint}"
+                         f"{' ' if guesses else '; '}valid: {sorted(known)}")
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -532,8 +552,10 @@ def apply_overrides(values: dict, overrides: list[str]) -> dict:
     values = json.loads(json.dumps(values))  # deep copy
     for text in overrides or []:
         path, value = parse_override(text)
-        if value is not None and not isinstance(value, str) and _string_key(path):
-            value = text.split("=", 1)[1].strip()  # as written: YAML reads 010 as 8, 1.10 as 1.1
+        raw = text.split("=", 1)[1].strip()
+        if value is not None and _string_key(path) and not raw.startswith(("'", '"')):
+            # as written: YAML reads 010 as 8, 1.10 as 1.1, and cuts "runs/q #2.json" at " #"
+            value = raw
         node = values
         for part in path[:-1]:
             node = node.setdefault(part, {})
@@ -565,7 +587,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if not path.is_file():
             raise FileNotFoundError(f"config file {str(path)!r} does not exist")
         try:
-            values = yaml.safe_load(path.read_text()) or {}
+            values = yaml.load(path.read_text(), Loader=_UniqueKeyLoader) or {}
         except yaml.YAMLError as err:
             raise ValueError(f"{path}: not valid YAML: " + " ".join(str(err).split())) from None
         if not isinstance(values, dict):
@@ -574,7 +596,57 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             if name in _SECTIONS and not isinstance(section, dict):
                 raise ValueError(f"{path}: section {name!r} must be a mapping of keys, got "
                                  f"{section!r}")
-    return Config.from_dict(apply_overrides(values, overrides or []))
+    return Config.from_dict(_expand_home(apply_overrides(values, overrides or [])))
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """safe_load, but a key given twice in one mapping is an error: YAML keeps the last, so a
+    section or key repeated further down the file replaced the first silently."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} appears twice (lines {seen[key]} and {line}): "
+                    "YAML would keep only the last; give each key once", key_node.start_mark)
+            seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
+# Keys that name files or folders: a leading ~ is the home folder, as in a shell (the shell does
+# not expand it in --set train.out_dir=~/runs, nor does YAML)
+PATH_KEYS = {
+    "data": ("train", "val", "test", "manifest", "video_dir", "ans2label"),
+    "model": ("visual", "text", "tokenizer"),
+    "train": ("out_dir", "init_from"),
+}
+LIST_KEYS = ("train", "val", "test")  # a comma separates several files
+
+
+def _expand_home(values: dict) -> dict:
+    def expand(key: str, value):
+        if not isinstance(value, str) or "~" not in value:
+            return value
+        parts = value.split(",") if key in LIST_KEYS else [value]
+        return ",".join(os.path.expanduser(p.strip()) if p.strip().startswith("~") else p
+                        for p in parts)
+
+    for section, keys in PATH_KEYS.items():
+        node = values.get(section)
+        if isinstance(node, dict):
+            for key in keys:
+                if key in node:
+                    node[key] = expand(key, node[key])
+    tasks = values.get("data", {}).get("tasks") if isinstance(values.get("data"), dict) else None
+    for spec in (tasks or {}).values() if isinstance(tasks, dict) else ():
+        if isinstance(spec, dict):
+            for key in ("train", "val", "test", "ans2label"):
+                if key in spec:
+                    spec[key] = expand(key, spec[key])
+    return values
 
 
 def config_from_json(text: str) -> Config:

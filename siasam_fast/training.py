@@ -536,7 +536,18 @@ def build_model(cfg: Config, num_answers: int, vocab_size: int,
     model = SiaSamReaModel(cfg.model, cfg.task, num_answers, vocab_size,
                            num_clips=cfg.sampling.num_clips, siamese_kwargs=siamese_kwargs,
                            heads=heads)
+    check_question_len(cfg, model)
     return model if device is None else use_memory_format(model, device)
+
+
+def check_question_len(cfg: Config, model: SiaSamReaModel) -> None:
+    """A ValueError when ``data.max_question_len`` exceeds the text model's token positions (a
+    longer question failed mid-run with a traceback)."""
+    positions = model.text.config.max_position_embeddings
+    if cfg.data.max_question_len > positions:
+        raise ValueError(f"data.max_question_len={cfg.data.max_question_len}: model.text="
+                         f"{cfg.model.text} has {positions} token positions; use at most "
+                         f"{positions}")
 
 
 def model_visual_note(config: Config) -> str | None:
@@ -2432,6 +2443,7 @@ def answer_question(checkpoint: str, video: str, question: str,
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     tokenizer = load_tokenizer(cfg.model)
     model = build_model(run_cfg, len(ans2label), len(tokenizer), device)
+    check_question_len(cfg, model)  # (the questions are encoded with this command's settings)
     model.load_state_dict(load_model_weights(tag_dir))
     model.to(device).eval()
     text = TextEncoder(tokenizer, cfg.task, cfg.data.max_question_len, cfg.data.mc_text)

@@ -816,7 +816,7 @@ def test_the_ends_of_each_valid_range_are_accepted(override):
     ("data.min_answer_count=0", "data.min_answer_count=0: must be >= 1"),
     ("model.max_grid=0", "model.max_grid=0: must be >= 1"),
     ("siamese.alpha=true", "siamese.alpha=True: expected a finite number"),
-    ("train.batch_size=1e3", "train.batch_size='1e3': expected a whole number"),
+    ("train.batch_size=1e-3", "train.batch_size='1e-3': expected a whole number"),
 ])
 def test_values_just_outside_a_range_name_the_key(override, message):
     with pytest.raises(ValueError) as err:
@@ -882,9 +882,11 @@ def test_overrides_and_files_edge_cases(tmp_path):
     empty = tmp_path / "empty.yaml"
     empty.write_text("# nothing set: every default\n")
     assert load_config(empty) == Config()
-    with pytest.raises(ValueError, match=r"unknown key\(s\) \['lrr'\] in train; valid: "):
+    with pytest.raises(ValueError, match=r"unknown key\(s\) \['lrr'\] in train; did you mean "
+                                         r"'lr'\? valid: "):
         load_config(BASE, ["train.lrr=1"])
-    with pytest.raises(ValueError, match=r"unknown key\(s\) \['trian'\] in config; valid: "):
+    with pytest.raises(ValueError, match=r"unknown key\(s\) \['trian'\] in config; did you "
+                                         r"mean 'train'\? valid: "):
         load_config(BASE, ["trian.lr=1"])
     with pytest.raises(ValueError, match=r"sampling.stride=0"):
         load_config(BASE, ["sampling.stride=0"])

@@ -59,7 +59,8 @@ def test_each_task_is_a_run_config_of_its_own():
     ({"task": "multi", "data": {"tasks": {"x": {"task": "multi"}}}},
      r"data.tasks.x.task='multi': valid values are open, mc, count"),
     ({"task": "multi", "data": {"tasks": {"x": {"task": "mc", "trian": "p"}}}},
-     r"unknown key\(s\) \['trian'\] in data.tasks.x; valid: \['ans2label', 'dataset'"),
+     r"unknown key\(s\) \['trian'\] in data.tasks.x; did you mean 'train'\? valid: "
+     r"\['ans2label', 'dataset'"),
     ({"task": "multi", "data": {"tasks": {"x": "open"}}},
      r"data.tasks.x must be a mapping \(task, dataset, train, ...\), got 'open'"),
     ({"task": "multi", "data": {"tasks": {"x": {"task": "mc", "dataset": "nope"}}}},

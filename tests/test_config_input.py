@@ -1,0 +1,80 @@
+"""What a user writes in a config file or a --set, read as meant (found by the config review)."""
+
+import math
+import os
+from pathlib import Path
+
+import pytest
+
+from siasam_fast.config import load_config
+
+ROOT = Path(__file__).resolve().parent.parent
+BASE = ROOT / "configs" / "synthetic.yaml"
+
+
+def test_a_key_or_section_given_twice_is_an_error(tmp_path):
+    """YAML keeps the last of two equal keys: a second train section dropped the first one's lr
+    and epochs silently."""
+    twice = tmp_path / "twice.yaml"
+    twice.write_text("train:\n  lr: 0.001\n  epochs: 3\ntrain:\n  epochs: 5\n")
+    with pytest.raises(ValueError, match=r"key 'train' appears twice \(lines 1 and 4\)"):
+        load_config(twice)
+    inner = tmp_path / "inner.yaml"
+    inner.write_text("train: {lr: 0.001, epochs: 3, lr: 0.1}\n")
+    with pytest.raises(ValueError, match=r"key 'lr' appears twice"):
+        load_config(inner)
+    once = tmp_path / "once.yaml"
+    once.write_text("train: {lr: 0.001}\neval: {batch_size: 4}\n")
+    assert load_config(once).train.lr == 0.001
+
+
+def test_a_leading_tilde_in_a_path_is_the_home_folder(tmp_path, monkeypatch):
+    """The shell leaves ~ in --set train.out_dir=~/runs as it is: the run went to ./~/runs."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    cfg = load_config(BASE, ["train.out_dir=~/runs/a", "data.train=~/a.json, ~/b.json",
+                             "data.manifest=~/m.jsonl", "train.init_from=runs/~x"])
+    assert cfg.train.out_dir == os.path.join(str(tmp_path), "runs/a")
+    assert cfg.data.train == f"{tmp_path}/a.json,{tmp_path}/b.json"
+    assert cfg.data.manifest == f"{tmp_path}/m.jsonl"
+    assert cfg.train.init_from == "runs/~x"  # only a leading ~
+    multi = tmp_path / "multi.yaml"
+    multi.write_text("task: multi\ndata:\n  tasks:\n    qa: {task: open, train: ~/qa.json}\n")
+    assert load_config(multi).data.tasks["qa"]["train"] == f"{tmp_path}/qa.json"
+
+
+def test_a_mistyped_key_gets_a_suggestion():
+    with pytest.raises(ValueError, match=r"unknown key\(s\) \['nmu_clips'\] in sampling; did you "
+                                         r"mean 'num_clips'\? valid: "):
+        load_config(BASE, ["sampling.nmu_clips=3"])
+    with pytest.raises(ValueError, match=r"\['qqq'\] in train; valid: "):  # nothing close
+        load_config(BASE, ["train.qqq=3"])
+
+
+def test_a_string_key_keeps_its_text_as_written():
+    """YAML read ' #...' as a comment: data.train=runs/q #2.json became runs/q."""
+    cfg = load_config(BASE, ["data.train=runs/q #2.json", "train.out_dir='runs/x'"])
+    assert cfg.data.train == "runs/q #2.json"
+    assert cfg.train.out_dir == "runs/x"  # quoted: YAML's string
+
+
+@pytest.mark.parametrize("text, value", [("1e5", 100000), ("2E3", 2000), ("1000.0", 1000)])
+def test_a_whole_number_in_scientific_notation_is_an_integer(text, value):
+    assert load_config(BASE, [f"train.max_steps={text}"]).train.max_steps == value
+
+
+def test_preroll_temperature_may_be_infinite_as_documented(tmp_path):
+    assert load_config(BASE, ["sampling.preroll_temperature=.inf"]).sampling.preroll_temperature \
+        == math.inf
+    with pytest.raises(ValueError, match="expected a finite number"):
+        load_config(BASE, ["train.lr=.inf"])
+
+
+def test_max_question_len_beyond_the_text_models_positions_is_refused():
+    """A question longer than BERT's position embeddings failed mid-run with a traceback."""
+    from siasam_fast.training import build_model
+
+    cfg = load_config(BASE, ["data.max_question_len=200"])  # the tiny BERT has 128 positions
+    with pytest.raises(ValueError, match=r"data.max_question_len=200: model.text=tiny has 128 "
+                                         r"token positions; use at most 128"):
+        build_model(cfg, 5, 64)
+    assert build_model(load_config(BASE, ["data.max_question_len=128"]), 5, 64) is not None
