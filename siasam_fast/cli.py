@@ -321,6 +321,25 @@ def _runs(args: argparse.Namespace) -> int:
     return 0
 
 
+def _config(args: argparse.Namespace) -> int:
+    import yaml
+
+    from siasam_fast.config import Config, load_config
+
+    cfg = load_config(args.config, args.set).to_dict()
+    if args.changed:
+        defaults = Config().to_dict()
+        cfg = {section: ({k: v for k, v in values.items() if defaults[section].get(k) != v}
+                         if isinstance(values, dict) else values)
+               for section, values in cfg.items() if values != defaults[section]}
+    source = args.config or "the defaults"
+    extra = f" with {' '.join(args.set)}" if args.set else ""
+    what = "the keys that differ from the defaults" if args.changed else "every key"
+    print(f"# {source}{extra}: valid; {what}")
+    print(yaml.safe_dump(cfg, sort_keys=False, default_flow_style=False), end="")
+    return 0
+
+
 def add_command(sub, name: str, help: str, **kwargs) -> argparse.ArgumentParser:  # noqa: A002
     """A subcommand whose ``--help`` starts with what it does (its line in the command list)."""
     return sub.add_parser(name, help=help, description=help, **kwargs)
@@ -366,6 +385,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_command(sub, "train", help="train (same as `python train.py`; see `train --help`)",
                    add_help=False)
+
+    p = add_command(sub, "config", help="check a config and its --set values without starting "
+                       "anything, and print the resolved config (YAML)")
+    p.add_argument("config", nargs="?", default=None,
+                   help="a config file, e.g. configs/synthetic.yaml (the shipped configs are found "
+                   "from any folder; default: every default)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. train.lr=1e-4")
+    p.add_argument("--changed", action="store_true",
+                   help="print only the keys whose values differ from the defaults")
 
     p = add_command(sub, "eval", help="evaluate a checkpoint")
     p.add_argument("--checkpoint", required=True, help="a checkpoint directory (a run's or a tag)")
@@ -453,7 +482,7 @@ def main(argv: list[str] | None = None) -> int:
             return 130
     args = build_parser().parse_args(argv)
     handler = {"env": _env, "synth": _synth, "index": _index, "plan": _plan, "eval": _eval,
-               "demo": _demo,
+               "demo": _demo, "config": _config,
                "transcode": _transcode, "weights": _weights, "ask": _ask,
                "runs": _runs}[args.command]
     if args.command in INTERRUPTED:

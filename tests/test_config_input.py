@@ -78,3 +78,20 @@ def test_max_question_len_beyond_the_text_models_positions_is_refused():
                                          r"token positions; use at most 128"):
         build_model(cfg, 5, 64)
     assert build_model(load_config(BASE, ["data.max_question_len=128"]), 5, 64) is not None
+
+
+def test_config_command_checks_and_prints_without_starting_anything(capsys):
+    import yaml
+
+    from siasam_fast.cli import main
+
+    assert main(["config", str(BASE), "--set", "train.lr=1e-3", "--changed"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"# {BASE} with train.lr=1e-3: valid; the keys that differ")
+    printed = yaml.safe_load(out)
+    assert printed["train"]["lr"] == 0.001 and "model" not in printed  # unchanged: left out
+    assert main(["config"]) == 0
+    assert yaml.safe_load(capsys.readouterr().out)["train"]["lr"] == 5e-4  # every key
+    assert main(["config", str(BASE), "--set", "train.lrr=1"]) == 2
+    assert "siasam-fast config: error: unknown key(s) ['lrr'] in train; did you mean 'lr'?" \
+        in capsys.readouterr().err
