@@ -146,6 +146,11 @@ class ModelConfig:
     qa_head: str = "auto"  # auto | siasam | clipbert
 
     def __post_init__(self) -> None:
+        for key, value, presets in (("visual", self.visual, "tiny, resnet18, resnet50"),
+                                    ("text", self.text, "tiny, bert-base")):
+            if not value.strip():
+                raise ValueError(f"model.{key} is empty: valid: {presets}, or a local folder "
+                                 "saved with save_pretrained")
         _choice("model.qa_head", self.qa_head, QA_HEADS)
         _choice("model.visual_head", self.visual_head, VISUAL_HEADS)
         _choice("model.cnn_freeze", self.cnn_freeze, CNN_FREEZES)

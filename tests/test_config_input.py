@@ -95,3 +95,10 @@ def test_config_command_checks_and_prints_without_starting_anything(capsys):
     assert main(["config", str(BASE), "--set", "train.lrr=1"]) == 2
     assert "siasam-fast config: error: unknown key(s) ['lrr'] in train; did you mean 'lr'?" \
         in capsys.readouterr().err
+
+
+def test_an_empty_model_name_says_it_is_empty():
+    with pytest.raises(ValueError, match=r"model.visual is empty: valid: tiny, resnet18, "):
+        load_config(BASE, ["model.visual="])
+    with pytest.raises(ValueError, match=r"model.text is empty: valid: tiny, bert-base"):
+        load_config(BASE, ["model.text= "])

@@ -180,7 +180,8 @@ def test_an_empty_vocabulary_is_refused(tmp_path):
     with pytest.raises(ValueError, match=r"no answers"):
         save_ans2label({}, tmp_path / "out.json")
     # min_count above every answer's count: the error says so, not a 0-answer head later
-    with pytest.raises(ValueError, match=r"min_count=5: no answer occurs 5 times .*'man', 4 times"):
+    with pytest.raises(ValueError, match=r"data.min_answer_count=5: no answer occurs 5 times "
+                                         r".*'man', 4 times"):
         build_answer_vocab(open_examples(TRAIN), min_count=5)
     with pytest.raises(ValueError, match=r"no examples"):
         build_answer_vocab([])

@@ -55,9 +55,8 @@ def build_answer_vocab(
     if not ranked:  # an empty vocabulary: every train example would be dropped as OOV
         top, n = min(counts.items(), key=lambda kv: (-kv[1], kv[0]))
         raise ValueError(
-            f"min_count={min_count}: no answer occurs {min_count} times in the "
-            f"{sum(counts.values())} examples (the most frequent, {top!r}, {n} times); lower "
-            "it (data.min_answer_count)"
+            f"data.min_answer_count={min_count}: no answer occurs {min_count} times in the "
+            f"{sum(counts.values())} examples (the most frequent, {top!r}, {n} times); lower it"
         )
     return {answer: label for label, answer in enumerate(ranked[:top_k])}
 
