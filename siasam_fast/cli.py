@@ -235,9 +235,13 @@ def _transcode(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from siasam_fast.demo import run_demo
+    from siasam_fast.demo import TrainingFailed, run_demo
 
-    run_demo(args.out, videos=args.videos, seed=args.seed, quick=args.quick)
+    try:
+        run_demo(args.out, videos=args.videos, seed=args.seed, quick=args.quick)
+    except TrainingFailed as err:  # its log holds the traceback, if any: one line here
+        print(f"siasam-fast demo: error: {err}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -21,6 +21,7 @@ import csv
 import json
 import math
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -190,15 +191,25 @@ def describe_setup(setup: dict) -> str:
 STOPPED = (128 + signal.SIGINT, 128 + signal.SIGTERM, 128 + signal.SIGUSR1)
 
 
+class TrainingFailed(RuntimeError):
+    """A training of the demo ended with an error (its log says why; the message names it)."""
+
+
+def _last_line(log: Path) -> str:
+    lines = [line.strip() for line in log.read_text(errors="replace").splitlines() if line.strip()]
+    return lines[-1][:300] if lines else "(no output)"
+
+
 def run_training(cmd: list[str], log: Path) -> float:
     """Run one training process, its output streamed to stdout and copied to ``log``; returns
-    seconds. Raises RuntimeError if it fails."""
+    seconds. Raises :class:`TrainingFailed` if it fails."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)  # a clean single-process run, whatever launched us
     started = time.perf_counter()
     log.parent.mkdir(parents=True, exist_ok=True)
     with log.open("wb") as fh:
+        fh.write(f"$ {shlex.join(cmd)}\n".encode())
         proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         try:
             for chunk in iter(lambda: proc.stdout.read1(4096), b""):
@@ -218,9 +229,8 @@ def run_training(cmd: list[str], log: Path) -> float:
     if proc.returncode in STOPPED:  # Ctrl-C or a scheduler's stop reached the training too
         raise KeyboardInterrupt
     if proc.returncode != 0:
-        raise RuntimeError(
-            f"training failed with exit code {proc.returncode} (log: {log}): " + " ".join(cmd)
-        )
+        raise TrainingFailed(f"training failed with exit code {proc.returncode} (log: {log}, "
+                             f"which starts with its command); its last line: {_last_line(log)}")
     return time.perf_counter() - started
 
 
@@ -555,8 +565,9 @@ def run_demo(
             f"demo config {str(config)!r} does not exist (siasam-fast installs configs/demo.yaml "
             "with the package: reinstall it)"
         )
-    if videos is not None and int(videos) < 1:
-        raise ValueError(f"videos={videos}: must be >= 1")
+    if videos is not None and int(videos) < 3:
+        raise ValueError(f"--videos {videos}: the demo needs at least 3 videos (train, val and "
+                         "test get one each)")
     if int(seed) < 0:
         raise ValueError(f"seed={seed}: must be >= 0")
     options = synthetic_options(videos, quick)

@@ -197,11 +197,34 @@ def test_a_failed_training_raises_and_keeps_its_log(tmp_path, capfd):
 
     log = tmp_path / "logs" / "run.log"
     cmd = [sys.executable, "-c", "import sys; print('step 1'); sys.exit(3)"]
-    with pytest.raises(RuntimeError, match=r"exit code 3 \(log: .*run\.log\)"):
+    with pytest.raises(demo.TrainingFailed,
+                       match=r"exit code 3 \(log: .*run\.log, .*\); its last line: step 1$"):
         demo.run_training(cmd, log)
     assert "step 1" in log.read_text() and "step 1" in capfd.readouterr().out
+    assert log.read_text().startswith(f"$ {sys.executable} -c ")  # the command, for a rerun
     ok = [sys.executable, "-c", "print('done')"]
-    assert demo.run_training(ok, log) > 0 and log.read_text().strip() == "done"
+    assert demo.run_training(ok, log) > 0 and log.read_text().splitlines()[-1] == "done"
+
+
+def test_a_failed_demo_training_is_one_line(tmp_path, monkeypatch, capsys):
+    """It ended in a traceback (a RuntimeError the command did not expect)."""
+    from siasam_fast.cli import main
+
+    def fail(*args, **kwargs):
+        raise demo.TrainingFailed("training failed with exit code 2 (log: x.log, ...)")
+
+    monkeypatch.setattr(demo, "run_demo", fail)
+    assert main(["demo", "--out", str(tmp_path / "d")]) == 1
+    assert capsys.readouterr().err == (
+        "siasam-fast demo: error: training failed with exit code 2 (log: x.log, ...)\n")
+
+
+def test_the_demo_needs_three_videos(tmp_path, capsys):
+    from siasam_fast.cli import main
+
+    assert main(["demo", "--quick", "--videos", "2", "--out", str(tmp_path / "d")]) == 2
+    assert "--videos 2: the demo needs at least 3 videos" in capsys.readouterr().err
+    assert not (tmp_path / "d").exists()
 
 
 def test_regeneration_cut_short_is_never_reused_and_is_generated_again(tmp_path, monkeypatch):
@@ -387,13 +410,13 @@ def test_a_training_stopped_by_a_signal_stops_the_demo(tmp_path, monkeypatch, ca
     show = [sys.executable, "-c", "import os; print(os.environ.get('RANK'), "
             "os.environ.get('WORLD_SIZE'))"]
     demo.run_training(show, log)
-    assert log.read_text().strip() == "None None"
+    assert log.read_text().splitlines()[-1] == "None None"
     with pytest.raises(KeyboardInterrupt):
         demo.run_training([sys.executable, "-c", "import sys; sys.exit(130)"], log)
     capfd.readouterr()
 
 
-@pytest.mark.parametrize("kwargs, message", [({"videos": 0}, "videos=0: must be >= 1"),
+@pytest.mark.parametrize("kwargs, message", [({"videos": 2}, "--videos 2: the demo needs at least 3"),
                                              ({"seed": -1}, "seed=-1: must be >= 0")])
 def test_run_demo_refuses_bad_values_before_writing(tmp_path, kwargs, message):
     with pytest.raises(ValueError, match=message):
