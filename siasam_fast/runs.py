@@ -93,9 +93,26 @@ def kept_best_tag(history: list[dict], cfg, split: str | None, ckpt_dir: Path) -
     return f"step{best['step']}" if best else None
 
 
+RUN_SEARCH_DEPTH = 3  # folders below a given one searched for runs (runs/demo/baseline: 2)
+
+
+def _runs_below(path: Path, depth: int) -> list[Path]:
+    """The run folders under ``path`` (not itself), at most ``depth`` levels down, sorted by
+    path; a run's own subfolders and hidden folders (a demo's unfinished .NAME.partial) are not
+    searched."""
+    found = []
+    for inner in sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        if (inner / "config.json").is_file():
+            found.append(inner)
+        elif depth > 1:
+            found += _runs_below(inner, depth - 1)
+    return found
+
+
 def run_folders(paths: list[str | Path]) -> list[Path]:
     """The run folders among ``paths``: a folder with a ``config.json`` is a run; another folder
-    stands for the runs directly inside it (``runs/``), sorted by name."""
+    stands for the runs under it (``runs/``; up to :data:`RUN_SEARCH_DEPTH` levels down, so a
+    demo's two runs in ``runs/demo/`` too), sorted by path."""
     found = []
     for given in paths:
         path = Path(given)
@@ -105,10 +122,10 @@ def run_folders(paths: list[str | Path]) -> list[Path]:
         if (path / "config.json").is_file():
             found.append(path)
             continue
-        inner = sorted(p for p in path.iterdir() if (p / "config.json").is_file())
+        inner = _runs_below(path, RUN_SEARCH_DEPTH)
         if not inner:
             raise ValueError(f"{str(given)!r} is neither a run folder (no config.json) nor a "
-                             "folder of runs")
+                             f"folder of runs (none within {RUN_SEARCH_DEPTH} levels)")
         found += inner
     return found
 

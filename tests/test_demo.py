@@ -416,8 +416,10 @@ def test_a_training_stopped_by_a_signal_stops_the_demo(tmp_path, monkeypatch, ca
     capfd.readouterr()
 
 
-@pytest.mark.parametrize("kwargs, message", [({"videos": 2}, "--videos 2: the demo needs at least 3"),
-                                             ({"seed": -1}, "seed=-1: must be >= 0")])
+@pytest.mark.parametrize("kwargs, message", [
+    ({"videos": 2}, "--videos 2: the demo needs at least 3"),
+    ({"seed": -1}, "seed=-1: must be >= 0"),
+])
 def test_run_demo_refuses_bad_values_before_writing(tmp_path, kwargs, message):
     with pytest.raises(ValueError, match=message):
         demo.run_demo(tmp_path / "out", **kwargs)

@@ -135,3 +135,19 @@ def test_early_stop_counts_only_the_evaluated_epochs():
     rows = [{"step": 2, "epoch": 1, "val_accuracy": 0.5}, {"step": 4, "epoch": 2},
             {"step": 6, "epoch": 3}]
     assert early_stop_reason(rows, "val", "accuracy", 2) is None
+
+
+def test_a_folder_of_runs_includes_a_demos_runs_one_level_further(tmp_path, capsys):
+    """`siasam-fast runs runs/` after `make demo` (runs/demo/baseline, runs/demo/siasamrea)
+    found no run, or left the demo's out beside another run."""
+    runs = tmp_path / "runs"
+    make_run(runs / "syn1", 0.0, [0.4])
+    make_run(runs / "demo" / "baseline", 0.0, [0.4])
+    make_run(runs / "demo" / "siasamrea", 1.0, [0.4])
+    make_run(runs / "demo" / ".baseline.partial", 0.0, [0.4])  # unfinished: hidden, passed over
+    make_run(runs / "syn1" / "replaced-x", 0.0, [0.4])  # inside a run: not searched
+    assert main(["runs", str(runs)]) == 0
+    names = [line.split()[0] for line in capsys.readouterr().out.splitlines()[1:]]
+    assert names == [str(runs / "demo" / "baseline"), str(runs / "demo" / "siasamrea"),
+                     str(runs / "syn1")]
+    assert main(["runs", str(runs / "demo")]) == 0
