@@ -107,7 +107,11 @@ def _plan(args: argparse.Namespace) -> int:
 
     sampling = load_config(args.config, args.set).sampling  # no config: the defaults (paper's)
     records = load_manifest(args.manifest)
-    plan = plan_set(records, sampling, gops=args.gops, videos=args.videos, draws=args.draws)
+    try:
+        plan = plan_set(records, sampling, gops=args.gops, videos=args.videos, draws=args.draws)
+    except ValueError as err:
+        raise ValueError(str(err).replace("the manifest", f"manifest {args.manifest}", 1)) \
+            from None
     frames = sampling.frames_per_clip
     print(f"{args.manifest}: {plan['videos']} usable videos ({plan['sampled']} drawn), median "
           f"{plan['frames']:.0f} frames, a keyframe every {plan['gop']:.0f} frames (median); "
@@ -350,8 +354,11 @@ def add_command(sub, name: str, help: str, **kwargs) -> argparse.ArgumentParser:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from siasam_fast import __version__
+
     parser = argparse.ArgumentParser(
         prog="siasam-fast", description="Fast SiaSamRea training for VideoQA.")
+    parser.add_argument("--version", action="version", version=f"siasam-fast {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = add_command(sub, "env", help="what this machine can run (GPU, precision, kernels, DALI, "
@@ -453,7 +460,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "(clipbert_image_text_pretrained.pt, the paper's starting point) into "
                    "OUT/clipbert-visual and OUT/clipbert-text instead; --text then names only "
                    "the tokenizer (default: google-bert/bert-base-uncased, ClipBERT's)")
-    p.add_argument("--heads", type=int, default=None,
+    p.add_argument("--heads", type=positive_int, default=None,
                    help="with --clipbert: BERT's attention heads (default: hidden size / 64, "
                    "12 for ClipBERT's BERT-base)")
 

@@ -192,7 +192,10 @@ def bert_from_clipbert(sd: dict[str, torch.Tensor], num_heads: int | None = None
     if not numbers:
         raise ValueError(f"ClipBERT checkpoint: no {BERT}encoder.layer.* tensors")
     layers = 1 + max(numbers)
-    heads = num_heads or max(1, hidden // 64)
+    if num_heads is not None and (isinstance(num_heads, bool) or not isinstance(num_heads, int)
+                                  or num_heads < 1):
+        raise ValueError(f"--heads {num_heads}: must be an integer >= 1 (BERT's attention heads)")
+    heads = num_heads if num_heads is not None else max(1, hidden // 64)
     if hidden % heads:
         raise ValueError(f"--heads {heads}: does not divide the hidden size {hidden}")
     def rows(key: str) -> int:

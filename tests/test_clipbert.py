@@ -593,3 +593,18 @@ def test_a_refused_checkpoint_leaves_no_empty_out_behind(converted, tmp_path):
             convert_clipbert(junk, out, tokenizer=str(converted["tok"]), num_heads=2,
                              log=lambda *_: None)
         assert out.exists() == (out.name == "there")  # one it made is removed, not another
+
+
+@pytest.mark.parametrize("heads", [0, -2])
+def test_heads_below_one_are_refused(converted, tmp_path, heads, capsys):
+    """--heads -2 wrote num_attention_heads: -2 and said it had converted; 0 fell back to the
+    default silently."""
+    with pytest.raises(ValueError, match=rf"--heads {heads}: must be an integer >= 1"):
+        convert_clipbert(converted["ckpt"], tmp_path / "w", tokenizer=str(converted["tok"]),
+                         num_heads=heads, log=lambda *_: None)
+    assert not (tmp_path / "w").exists()
+    from siasam_fast.cli import main
+
+    with pytest.raises(SystemExit):  # argparse: before anything is fetched
+        main(["weights", str(tmp_path / "w"), "--clipbert", "x.pt", "--heads", str(heads)])
+    assert "--heads: " in capsys.readouterr().err

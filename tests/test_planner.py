@@ -368,3 +368,13 @@ def test_plan_set_refuses_a_manifest_without_a_usable_video():
     records = {k: replace(r, status="corrupt") for k, r in long_records(2).items()}
     with pytest.raises(ValueError, match="no usable video"):
         plan_set(records, SamplingConfig())
+
+
+def test_plan_of_an_empty_manifest_says_it_is_empty(tmp_path, capsys):
+    """It said 'every one is corrupt' of a manifest that holds no video, and named no file."""
+    from siasam_fast.cli import main
+
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    assert main(["plan", str(empty)]) == 2
+    assert f"manifest {empty} holds no videos" in capsys.readouterr().err

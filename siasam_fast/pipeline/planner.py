@@ -197,9 +197,12 @@ def plan_set(
     bad = [g for g in gops if isinstance(g, bool) or not isinstance(g, int) or g < 1]
     if bad:
         raise ValueError(f"gops={list(gops)!r}: each GOP must be an integer >= 1 (frames)")
-    ok = [r for r in (records.values() if isinstance(records, dict) else records) if r.ok]
+    every = list(records.values() if isinstance(records, dict) else records)
+    ok = [r for r in every if r.ok]
+    if not every:
+        raise ValueError("the manifest holds no videos")
     if not ok:
-        raise ValueError("the manifest holds no usable video (every one is corrupt)")
+        raise ValueError(f"the manifest holds no usable video (all {len(every)} are corrupt)")
     usable = len(ok)
     if usable > videos:
         picked = np.random.default_rng(seed).choice(usable, videos, replace=False)
