@@ -193,10 +193,11 @@ def test_transcode_preset_typo_leaves_a_complete_dst_byte_identical(capsys, two_
     assert {"a.mp4", "b.mp4", "manifest.jsonl"} <= {p.name for p in before}
 
     for args, fragments in [
-        (["--preset", "fsat"], ["preset='fsat'", "ultrafast", "veryslow"]),
-        (["--crf", 99], ["crf=99", "from 0", "to 51"]),
-        (["--crf", -1], ["crf=-1", "from 0"]),
-        (["--bframes", -1], ["bframes=-1", "from 0"]),
+        (["--preset", "fsat"], ["--preset fsat:", "ultrafast", "veryslow"]),
+        (["--crf", 99], ["--crf 99:", "from 0", "to 51"]),
+        (["--crf", -1], ["--crf -1:", "from 0"]),
+        (["--bframes", -1], ["--bframes -1:", "from 0"]),
+        (["--height", 33], ["--height 33: must be an even integer >= 2 (4:2:0 chroma)"]),
     ]:
         code, _, err = run_cli(capsys, "transcode", folder, dst, "--gop", 16, *args, *common)
         assert_usage_error(code, err, "transcode", *fragments)

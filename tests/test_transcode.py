@@ -365,7 +365,7 @@ def test_bad_settings_leave_a_complete_dst_untouched(complete_dst, capsys):
                         "--encoder", "cpu", "--no-progress"])
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("siasam-fast transcode: error: preset='fsat': valid libx264 presets")
+    assert err.startswith("siasam-fast transcode: error: --preset fsat: valid libx264 presets")
     assert "ultrafast" in err and "veryslow" in err and len(err.splitlines()) == 1
     assert _snapshot(dst) == before
     assert len(load_manifest(dst / "manifest.jsonl")) == 2

@@ -42,6 +42,7 @@ import argparse
 import json
 import logging
 import os
+import re
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -838,8 +839,27 @@ def main_transcode(argv: Sequence[str] | None = None) -> int:
         parser.exit(2, f"{parser.prog}: error: {err}\n")
 
 
+# transcode()'s argument names -> the command line's flags, for its messages
+FLAGS = {"gop": "--gop", "height": "--height", "workers": "--workers", "crf": "--crf",
+         "preset": "--preset", "bframes": "--bframes", "codec": "--codec", "encoder": "--encoder"}
+
+
 def run_from_args(args: argparse.Namespace) -> int:
     """Run a parsed ``siasam-fast transcode`` command line (for a CLI that adds a subparser)."""
+    try:
+        return _run_from_args(args)
+    except ValueError as err:  # name the flag the user typed, not the function's argument
+        text = str(err)
+        match = re.match(r"(\w+)=('[^']*'|[^\s:]+): (.*)", text, re.S)
+        if match and match.group(1) in FLAGS:
+            name, value, rest = match.groups()
+            value = value.strip("'")
+            rest = rest.removesuffix(", or None")
+            text = f"{FLAGS[name]} {value}: {rest}"
+        raise ValueError(text) from None
+
+
+def _run_from_args(args: argparse.Namespace) -> int:
     summary = transcode(
         args.src_dir,
         args.dst_dir,
