@@ -484,7 +484,9 @@ def test_segments_restrict_sampling(manifest):
     )
     assert segment_frames(ex, record) == (50, 60)
     late = QAExample(qid="b", video_id="h264", question="?", start=100.0, end=110.0)
-    assert "segment empty" in segment_frames(late, record)
+    assert segment_frames(late, record).startswith("segment empty: [100.0 s, 110.0 s] is outside")
+    open_end = QAExample(qid="c", video_id="h264", question="?", start=100.0)  # (ask --start)
+    assert segment_frames(open_end, record).startswith("segment empty: [100.0 s, end] is outside")
     ds = VideoQADataset([ex, late], manifest, CFG, "train", image_size=SIZE)
     assert len(ds) == 1 and ds.dropped[0][2].startswith("segment empty")
     for epoch in range(5):

@@ -437,7 +437,8 @@ def segment_frames(example: QAExample, record: VideoRecord) -> tuple[int, int] |
     first, end = max(0, min(first, T)), max(0, min(end, T))
     if end <= first:
         return (
-            f"segment empty: [{example.start}, {example.end}] s is outside the video's "
+            f"segment empty: [{0 if example.start is None else example.start} s, "
+            f"{'end' if example.end is None else f'{example.end} s'}] is outside the video's "
             f"{record.duration:.2f} s"
         )
     return first, end - first
