@@ -101,7 +101,8 @@ RESUMABLE_CHANGES = {
     "train.keep_checkpoints", "train.keep_best", "train.early_stop", "train.sync_timing",
     "train.init_from",
     "data.num_workers",
-    "train.cudnn_benchmark", "data.decode_group", "data.dali_trim", "train.overwrite",
+    "train.cudnn_benchmark", "data.decode_group", "data.dali_trim", "data.dedup",
+    "train.overwrite",
     "data.backend", "model.layer_norm",
     "data.manifest", "data.video_dir", "data.train", "data.val", "data.test", "eval.batch_size",
     "eval.num_clips", "eval.aggregation", "eval.split", "eval.count_metric", "siamese.impl",
@@ -1139,8 +1140,12 @@ def _resolved(name: str, section: dict, value, stand_in: dict | None = None):
         return value
 
 
-def config_mismatches(saved: dict, current: dict, prefix: str = "") -> list[str]:
-    """Fields that differ and are not allowed to (RESUMABLE_CHANGES may)."""
+def config_mismatches(saved: dict, current: dict, prefix: str = "",
+                      known: dict | None = None) -> list[str]:
+    """Fields that differ and are not allowed to (RESUMABLE_CHANGES may). ``known``: field name
+    -> (what the checkpoint's auto resolved to, what this run's does), either None where not
+    known (KNOWN_AUTO: recorded in the run state, resolved by the run): auto and the value it
+    resolved to are no change."""
     out = []
     for key in sorted(set(saved) | set(current)):
         name = f"{prefix}{key}"
@@ -1152,15 +1157,80 @@ def config_mismatches(saved: dict, current: dict, prefix: str = "") -> list[str]
                 out.append(f"data.tasks: checkpoint lists the tasks {', '.join(a)}, this run "
                            f"{', '.join(b)} (the order of the model's heads and of the optimizer "
                            "state): list them in the checkpoint's order")
-            out += config_mismatches(a, b, name + ".")
+            out += config_mismatches(a, b, name + ".", known)
             continue
-        ra, rb = _resolved(name, saved, a, current), _resolved(name, current, b)
+        if known is not None and name in known:
+            ka, kb = known[name]
+            ra = ka if a == "auto" and ka is not None else a
+            rb = kb if b == "auto" and kb is not None else b
+        else:
+            ra, rb = _resolved(name, saved, a, current), _resolved(name, current, b)
         if a != b and ra != rb and not _resumable(name) and not (
                 name in FOLDER_FIELDS and (_same_folder(a, b) or _replaced_folder(name, a, b))):
             auto = "".join(f" ({side} auto is {r!r} there; --set {name}={ra} for the "
                            "checkpoint's)" for side, v, r in
                            (("the checkpoint's", a, ra), ("this run's", b, rb)) if v != r)
+            if known is not None and name in known and a == "auto" and ra == "auto":
+                auto += (" (the checkpoint does not record what its auto chose: set this run's "
+                         "to auto)")
             out.append(f"{name}: checkpoint has {a!r}, this run has {b!r}{auto}")
+    return out
+
+
+# Fields whose auto the run resolves (precision: from the DeepSpeed config and the machine;
+# optimizer: by what builds here; data.format: by sniffing data.train): run_state.json records
+# what it resolved to ("resolved", since 2027-01; "precision" before), and a resume compares that
+# (config_mismatches' known). data.tasks.NAME.format too, for task=multi.
+KNOWN_AUTO = ("train.precision", "train.optimizer", "data.format")
+# build_optimizer's names -> train.optimizer's values
+OPTIMIZER_CHOICES = {"torch AdamW": "torch", "DeepSpeed FusedAdam": "deepspeed",
+                     "apex FusedAdam": "apex"}
+
+
+def train_formats(config: dict) -> dict[str, str]:
+    """What data.format (task=multi: each data.tasks.NAME.format) reads data.train as, auto
+    resolved by sniffing the train file(s): field name -> format, for each whose files are here
+    and agree (auto reads each file by its own look)."""
+    from siasam_fast.data.annotations import _DATASETS, _resolve
+
+    data = config.get("data") or {}
+    if config.get("task") == "multi":
+        sections = {f"data.tasks.{name}.format": {**data, **spec}
+                    for name, spec in (data.get("tasks") or {}).items() if isinstance(spec, dict)}
+    else:
+        sections = {"data.format": data}
+    out = {}
+    for name, section in sections.items():
+        fmt, spec = section.get("format", "auto"), _DATASETS.get(section.get("dataset"))
+        if fmt != "auto" or spec is None:
+            out[name] = fmt
+            continue
+        found = set()
+        for path in _split_paths(str(section.get("train") or "")):
+            try:
+                found.add(_resolve(section["dataset"], spec, path,
+                                   "train" if Path(path).is_dir() else None, "auto")[0])
+            except (OSError, ValueError):
+                found.add(None)
+        if len(found) == 1 and None not in found:
+            out[name] = found.pop()
+    return out
+
+
+def run_resolutions(cfg: Config, precision: str, optimizer_name: str) -> dict:
+    """What this run's auto fields (KNOWN_AUTO) resolved to, as run_state.json records it."""
+    return {"train.precision": precision,
+            "train.optimizer": OPTIMIZER_CHOICES.get(optimizer_name, optimizer_name),
+            **train_formats(cfg.to_dict())}
+
+
+def saved_resolutions(state: dict) -> dict:
+    """What a checkpoint's auto fields resolved to: recorded in its run state (new runs), its
+    precision (runs since 2026-11), its data.format sniffed from its own train file(s) where they
+    are still here (older runs); a field missing is not known."""
+    out = {**train_formats(saved_config(state)), **state.get("resolved", {})}
+    if "precision" in state:
+        out.setdefault("train.precision", state["precision"])
     return out
 
 
@@ -1302,13 +1372,30 @@ def read_run_state(tag_dir: Path) -> dict:
     return state
 
 
-def load_run_state(tag_dir: Path, cfg: Config | None, world: int | None = None) -> dict:
+# Fields that only say how a new run builds its answer vocabulary: a resume takes the run
+# folder's ans2label.json, and load_run_state (given the vocabulary) checks its hash.
+VOCAB_FIELD = re.compile(r"data\.(tasks\.\w+\.)?(ans2label|num_answers|min_answer_count)")
+
+
+def load_run_state(tag_dir: Path, cfg: Config | None, world: int | None = None,
+                   resolved: dict | None = None, vocab: dict | None = None) -> dict:
     """``tag_dir``'s run state, checked against ``cfg``. With ``world`` (this run's number of
     processes) other than the checkpoint's, ``train.grad_accum`` may change too: it is how a run
-    on fewer (or more) processes keeps its batch."""
+    on fewer (or more) processes keeps its batch. ``resolved``: what this run's auto fields
+    resolved to (:func:`run_resolutions`), compared with the checkpoint's. ``vocab``: this run's
+    answer vocabulary, which must be the checkpoint's (then the fields that only build one,
+    VOCAB_FIELD, may differ)."""
     state = read_run_state(tag_dir)
+    if vocab is not None and state["vocab"] != _vocab_hash(vocab):
+        raise ValueError(f"checkpoint {tag_dir} was trained with another answer vocabulary")
     if cfg is not None:
-        problems = config_mismatches(saved_config(state), cfg.to_dict())
+        known = None
+        if resolved is not None:
+            before = saved_resolutions(state)
+            known = {name: (before.get(name), value) for name, value in resolved.items()}
+        problems = config_mismatches(saved_config(state), cfg.to_dict(), known=known)
+        if vocab is not None:
+            problems = [p for p in problems if not VOCAB_FIELD.fullmatch(p.split(":")[0])]
         if world is not None and world != checkpoint_world_size(tag_dir, state):
             problems = [p for p in problems if not p.startswith("train.grad_accum:")]
         problems = [p + (" (it may change only with the number of processes)"
@@ -1948,6 +2035,7 @@ def run_training(args: argparse.Namespace, cfg: Config, rank: int, world: int,
                   "(model.layer_norm=torch keeps torch's)")
     optimizer, optimizer_name = same_optimizer_everywhere(
         *build_optimizer(model, cfg, device), model, cfg, device, rank, world)
+    resolved = run_resolutions(cfg, precision, optimizer_name)  # (recorded in run_state.json)
     # The schedule's length: a resume that changes the steps per epoch sets it to the steps done
     # plus the steps left (saved as schedule_steps, for the resumes after it).
     schedule = {"total": total_steps}
@@ -1955,9 +2043,7 @@ def run_training(args: argparse.Namespace, cfg: Config, rank: int, world: int,
         optimizer, lambda s: warmup_linear_decay(schedule["total"], cfg.train.warmup_ratio)(s))
     state = saved_world = None
     if tag_dir is not None:  # checked before DeepSpeed starts, and before any file is written
-        state = load_run_state(tag_dir, cfg, world)
-        if state["vocab"] != _vocab_hash(vocab):
-            raise ValueError(f"checkpoint {tag_dir} was trained with another answer vocabulary")
+        state = load_run_state(tag_dir, cfg, world, resolved, vocab)
         if state.get("precision", precision) != precision:
             raise ValueError(
                 f"checkpoint {tag_dir} was trained in {state['precision']}, this run is "
@@ -2087,7 +2173,7 @@ def run_training(args: argparse.Namespace, cfg: Config, rank: int, world: int,
                 "config": cfg.to_dict(), "vocab": _vocab_hash(vocab),
                 "precision": precision, "world_size": world, "steps_per_epoch": steps_per_epoch,
                 "schedule_steps": schedule["total"],
-                "zero_stage": zero_stage}
+                "zero_stage": zero_stage, "resolved": resolved}
 
     def sync():  # torch's stream only: DALI's prefetch on its own streams is not this phase's
         if cfg.train.sync_timing and device.type == "cuda":
