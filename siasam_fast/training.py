@@ -2446,7 +2446,7 @@ def checkpoint_config(checkpoint: str, config_path: str | None = None,
         Config.from_dict(_apply(saved.to_dict(), overrides))
     problems = config_mismatches(saved.to_dict(), cfg.to_dict())
     seen = [p for p in problems if p.startswith(SEEN_FIELDS)]
-    problems = [p for p in problems if not p.startswith(("train.", "data."))]
+    problems = [p for p in problems if not p.startswith(("train.", "data.", *LOSS_FIELDS))]
     if problems:
         raise ValueError(f"checkpoint {tag_dir} does not fit this config:\n  "
                          + "\n  ".join(problems))
@@ -2458,6 +2458,14 @@ def checkpoint_config(checkpoint: str, config_path: str | None = None,
 
 # How a frame or a question reaches the model: an evaluation may change these, with a note
 SEEN_FIELDS = ("data.frame_fit:", "data.image_size:", "data.mc_text:")
+# Settings of training only: the loss (losses.py; SiameseReasoning keeps omega, tau, skg and
+# detach_soft_label for L_siamese alone, never called in evaluation) and dropout (off in eval
+# mode; no parameters). An evaluation may change them. learn_w1 / learn_w2 stay: they make
+# theta1 / theta2 parameters or buffers.
+LOSS_FIELDS = tuple(f"{name}:" for name in (
+    "siamese.alpha", "siamese.omega", "siamese.tau", "siamese.skg", "siamese.detach_soft_label",
+    "siamese.gt_clips", "siamese.gt_pool", "siamese.mc_loss", "siamese.alpha_warmup",
+    "model.dropout"))
 
 
 def answer_question(checkpoint: str, video: str, question: str,

@@ -144,3 +144,23 @@ def test_vocabulary_fields_pass_where_the_vocabulary_hash_is_checked(tmp_path):
     with pytest.raises(ValueError) as err:
         load_run_state(tag, cfg, 1, vocab=vocab)
     assert _fields(err) == ["train.lr"]
+
+
+# -- evaluation: settings of training only ------------------------------------------------------
+
+
+def test_an_evaluation_may_change_what_only_shapes_the_loss(tmp_path):
+    """eval / ask load the weights: siamese.alpha, omega, ... (the loss's) and model.dropout (off
+    in evaluation) may differ; what makes other parameters (learn_w1, the CNN) may not."""
+    from siasam_fast.training import checkpoint_config
+
+    tag = _tag(tmp_path, _state(Config()))
+    (tag.parent / "latest").write_text(tag.name)
+    changes = ["siamese.alpha=0", "siamese.omega=0.3", "siamese.tau=2", "siamese.skg=false",
+               "siamese.detach_soft_label=true", "siamese.gt_clips=all", "siamese.gt_pool=mean",
+               "siamese.mc_loss=ce", "siamese.alpha_warmup=0.5", "model.dropout=0.0"]
+    assert checkpoint_config(str(tag), overrides=changes)[2].siamese.alpha == 0
+    for change in ("siamese.learn_w1=false", "siamese.learn_w2=false", "sampling.num_clips=3",
+                   "model.visual=resnet50"):
+        with pytest.raises(ValueError, match="does not fit this config:\n  " + change[:10]):
+            checkpoint_config(str(tag), overrides=[change])
