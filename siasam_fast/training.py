@@ -1406,6 +1406,48 @@ def load_run_state(tag_dir: Path, cfg: Config | None, world: int | None = None,
     return state
 
 
+def train_set(loader) -> dict:
+    """What the train loader's positions are (task=multi: each task's, by name; else ""): the
+    number of usable examples and a hash of their ids (qid, video, question) in order. Recorded
+    in run_state.json (since 2027-01): a resume must continue over the same examples, wherever
+    data.train now finds them."""
+    loaders = loader.loaders if isinstance(loader, MultiTaskLoader) else {"": loader}
+    out = {}
+    for name, task_loader in loaders.items():
+        dataset = task_loader.dataset
+        ids = [[ex.qid, ex.video_id, ex.question]
+               for ex in (dataset.examples[i] for i in dataset.indices)]
+        out[name] = {"num_examples": len(ids), "hash": hashlib.sha256(
+            json.dumps(ids).encode()).hexdigest()[:16]}
+    return out
+
+
+def check_train_set(tag_dir: Path, state: dict, cfg: Config, now: dict) -> None:
+    """Refuse, naming data.train (data.tasks.NAME.train) and both files and counts, a resume
+    whose train examples (:func:`train_set`) are not the checkpoint's. Run states from before
+    train_set was recorded: not checked here (the train sampler's example count is, at load)."""
+    saved_data = saved_config(state).get("data", {})
+    for name, was in (state.get("train_set") or {}).items():
+        this = now.get(name)
+        if this is None or this == was:
+            continue
+        field = f"data.tasks.{name}.train" if name else "data.train"
+        old = ((saved_data.get("tasks") or {}).get(name) or {}).get(
+            "train", saved_data.get("train")) if name else saved_data.get("train")
+        new = (cfg.data.tasks.get(name) or {}).get("train", cfg.data.train) if name else \
+            cfg.data.train
+        same = ("other questions" if this["num_examples"] == was["num_examples"] else
+                f"{this['num_examples']}")
+        why = (" (the same file: the videos data.manifest / data.video_dir give keep other "
+               "examples)" if old == new else "")
+        raise ValueError(
+            f"checkpoint {tag_dir} was trained on {was['num_examples']} usable examples of "
+            f"{field}={old!r}, this run has {same} in {field}={new!r}{why}: a resume continues "
+            f"its epoch over the same examples in the same order, so {field} may move only to "
+            "a copy of the same data; give the checkpoint's, or start a new run from its weights "
+            "with train.init_from")
+
+
 def checkpoint_world_size(tag_dir: Path, state: dict) -> int:
     """How many processes saved ``tag_dir`` (run_state.json says since 2026-11-27; before, its
     per-process RNG files do)."""
@@ -1982,6 +2024,7 @@ def run_training(args: argparse.Namespace, cfg: Config, rank: int, world: int,
                                cfg.data.mc_text) for name, stream in streams.items()}
     stream_task = {name: stream.task for name, stream in streams.items()}
     train_loader = make_train_loader(cfg, streams, datas, rank, world)
+    train_identity = train_set(train_loader)  # (recorded in run_state.json)
     eval_split = (cfg.eval.split if any(cfg.eval.split in data.examples
                                         for data in datas.values()) else None)
     where = ("every data.tasks.NAME." if cfg.task == "multi" else "data.") + cfg.eval.split
@@ -2044,6 +2087,7 @@ def run_training(args: argparse.Namespace, cfg: Config, rank: int, world: int,
     state = saved_world = None
     if tag_dir is not None:  # checked before DeepSpeed starts, and before any file is written
         state = load_run_state(tag_dir, cfg, world, resolved, vocab)
+        check_train_set(tag_dir, state, cfg, train_identity)
         if state.get("precision", precision) != precision:
             raise ValueError(
                 f"checkpoint {tag_dir} was trained in {state['precision']}, this run is "
@@ -2173,7 +2217,7 @@ def run_training(args: argparse.Namespace, cfg: Config, rank: int, world: int,
                 "config": cfg.to_dict(), "vocab": _vocab_hash(vocab),
                 "precision": precision, "world_size": world, "steps_per_epoch": steps_per_epoch,
                 "schedule_steps": schedule["total"],
-                "zero_stage": zero_stage, "resolved": resolved}
+                "zero_stage": zero_stage, "resolved": resolved, "train_set": train_identity}
 
     def sync():  # torch's stream only: DALI's prefetch on its own streams is not this phase's
         if cfg.train.sync_timing and device.type == "cuda":

@@ -164,3 +164,71 @@ def test_an_evaluation_may_change_what_only_shapes_the_loss(tmp_path):
                    "model.visual=resnet50"):
         with pytest.raises(ValueError, match="does not fit this config:\n  " + change[:10]):
             checkpoint_config(str(tag), overrides=[change])
+
+
+# -- the train set ------------------------------------------------------------------------------
+
+
+def _loader(*qids: str, dropped: tuple = ()):
+    from types import SimpleNamespace
+
+    from siasam_fast.data.examples import QAExample
+
+    examples = [QAExample(qid=q, video_id=f"video{q}", question=f"what is {q}") for q in qids]
+    return SimpleNamespace(dataset=SimpleNamespace(
+        examples=examples, indices=[i for i, q in enumerate(qids) if q not in dropped]))
+
+
+def test_a_resume_on_other_train_examples_is_refused_naming_data_train(tmp_path):
+    """data.train may move (the same data at another path), not change: the checkpoint records
+    its usable examples' count and ids; another file with as many questions is refused too."""
+    from siasam_fast.training import check_train_set, train_set
+
+    saved = Config()
+    saved.data.train = "/old/train_qa.json"
+    identity = train_set(_loader("1", "2", "3"))
+    assert identity[""]["num_examples"] == 3
+    state = _state(saved, train_set=identity)
+    cfg = Config()
+    cfg.data.train = "/new/train_qa.json"
+    check_train_set(tmp_path, state, cfg, train_set(_loader("1", "2", "3")))  # moved: fine
+    with pytest.raises(ValueError, match=r"trained on 3 usable examples of data.train="
+                       r"'/old/train_qa.json', this run has other questions in data.train="
+                       r"'/new/train_qa.json'"):
+        check_train_set(tmp_path, state, cfg, train_set(_loader("1", "2", "4")))
+    with pytest.raises(ValueError, match=r"this run has 12 in data.train='/new/"):
+        check_train_set(tmp_path, state, cfg, train_set(_loader(*map(str, range(12)))))
+    cfg.data.train = saved.data.train  # the same file, other videos: says so
+    with pytest.raises(ValueError, match=r"this run has 2 in .*\(the same file: the videos "
+                       r"data.manifest"):
+        check_train_set(tmp_path, state, cfg, train_set(_loader("1", "2", "3", dropped=("2",))))
+    # a run state from before train_set: not checked here
+    check_train_set(tmp_path, _state(saved), cfg, train_set(_loader("9")))
+
+
+def test_the_train_set_of_a_multi_task_run_is_checked_by_task(tmp_path):
+    from types import SimpleNamespace
+
+    from siasam_fast.pipeline.multitask import MultiTaskLoader
+    from siasam_fast.training import check_train_set, train_set
+
+    loader = MultiTaskLoader.__new__(MultiTaskLoader)
+    loader.loaders = {"frameqa": _loader("1", "2"), "action": _loader("a", "b")}
+    identity = train_set(loader)
+    assert set(identity) == {"frameqa", "action"}
+    def multi(action_train: str) -> Config:
+        values = Config().to_dict()
+        values["task"] = "multi"
+        values["data"]["tasks"] = {"frameqa": {"task": "open", "train": "f.json"},
+                                   "action": {"task": "mc", "train": action_train}}
+        return Config.from_dict(values)
+
+    saved, cfg = multi("a.json"), multi("a2.json")
+    state = _state(saved, train_set=identity)
+    check_train_set(tmp_path, state, cfg, identity)
+    other = {**identity, "action": train_set(SimpleNamespace(
+        dataset=_loader("a", "c").dataset))[""]}
+    with pytest.raises(ValueError, match=r"data.tasks.action.train='a.json', this run has "
+                       r"other questions in data.tasks.action.train='a2.json'"):
+        check_train_set(tmp_path, state, cfg, other)
+
