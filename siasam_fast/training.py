@@ -1448,6 +1448,35 @@ def check_train_set(tag_dir: Path, state: dict, cfg: Config, now: dict) -> None:
             "with train.init_from")
 
 
+# How an evaluation during training is measured (each may change on a resume)
+EVAL_SETTINGS = ("eval.num_clips", "eval.aggregation", "eval.count_metric",
+                 "sampling.eval_placement")
+
+
+def eval_settings_note(saved: dict, cfg: Config, split: str | None) -> str | None:
+    """The note a resume prints where it evaluates ``split`` otherwise than the checkpoint's run
+    did (EVAL_SETTINGS; eval.count_metric only with a count task): the earlier epochs' metrics,
+    which the best epoch and train.early_stop compare with the coming ones, were measured
+    otherwise. None where nothing changed or nothing is evaluated."""
+    if not split:
+        return None
+    now = cfg.to_dict()
+    counts = any(stream.task == "count" for stream in cfg.streams().values())
+    changed = []
+    for name in EVAL_SETTINGS:
+        if name == "eval.count_metric" and not counts:
+            continue
+        section, key = name.split(".")
+        was, this = saved.get(section, {}).get(key), now[section][key]
+        if was != this:
+            changed.append(f"{name} {was} -> {this}")
+    if not changed:
+        return None
+    return (f"note: {', '.join(changed)}: the earlier epochs' {split} metrics "
+            "(metrics_epochs.csv) were measured with the checkpoint's settings; the best epoch "
+            "and train.early_stop compare them with this run's as they are")
+
+
 def checkpoint_world_size(tag_dir: Path, state: dict) -> int:
     """How many processes saved ``tag_dir`` (run_state.json says since 2026-11-27; before, its
     per-process RNG files do)."""
@@ -2117,6 +2146,9 @@ def run_training(args: argparse.Namespace, cfg: Config, rank: int, world: int,
         step, start_epoch = state["step"], state["epoch"]
         if rank0:
             print(f"resumed from {tag_dir} ({step} steps done)")
+            note = eval_settings_note(saved_config(state), cfg, eval_split)
+            if note:
+                print(note)
         saved_cfg = state["config"].get("train", {})
         old_epochs = saved_cfg.get("epochs", cfg.train.epochs)
         old_steps = saved_steps_per_epoch(state)

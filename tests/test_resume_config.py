@@ -232,3 +232,24 @@ def test_the_train_set_of_a_multi_task_run_is_checked_by_task(tmp_path):
                        r"other questions in data.tasks.action.train='a2.json'"):
         check_train_set(tmp_path, state, cfg, other)
 
+
+# -- evaluation settings changed on a resume ---------------------------------------------------
+
+
+def test_a_resume_that_evaluates_otherwise_says_so():
+    from siasam_fast.training import eval_settings_note, saved_config
+
+    saved = saved_config(_state(Config()))
+    cfg = Config()
+    assert eval_settings_note(saved, cfg, "val") is None
+    cfg.eval.num_clips, cfg.eval.aggregation = 4, "max"
+    cfg.eval.count_metric = "raw"  # an open-ended run: no count metric to change
+    note = eval_settings_note(saved, cfg, "val")
+    assert note.startswith(f"note: eval.num_clips {Config().eval.num_clips} -> 4, "
+                           f"eval.aggregation {Config().eval.aggregation} -> max: the earlier "
+                           "epochs' val metrics")
+    assert "count_metric" not in note
+    assert eval_settings_note(saved, cfg, None) is None  # nothing evaluated
+    cfg = Config()
+    cfg.task, cfg.eval.count_metric = "count", "raw"
+    assert "eval.count_metric" in eval_settings_note(saved, cfg, "test")
