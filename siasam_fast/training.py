@@ -1179,8 +1179,8 @@ def config_mismatches(saved: dict, current: dict, prefix: str = "",
 
 # Fields whose auto the run resolves (precision: from the DeepSpeed config and the machine;
 # optimizer: by what builds here; data.format: by sniffing data.train): run_state.json records
-# what it resolved to ("resolved", since 2027-01; "precision" before), and a resume compares that
-# (config_mismatches' known). data.tasks.NAME.format too, for task=multi.
+# what it resolved to ("resolved", since 2026-11-28; "precision" before), and a resume compares
+# that (config_mismatches' known). data.tasks.NAME.format too, for task=multi.
 KNOWN_AUTO = ("train.precision", "train.optimizer", "data.format")
 # build_optimizer's names -> train.optimizer's values
 OPTIMIZER_CHOICES = {"torch AdamW": "torch", "DeepSpeed FusedAdam": "deepspeed",
@@ -1226,8 +1226,8 @@ def run_resolutions(cfg: Config, precision: str, optimizer_name: str) -> dict:
 
 def saved_resolutions(state: dict) -> dict:
     """What a checkpoint's auto fields resolved to: recorded in its run state (new runs), its
-    precision (runs since 2026-11), its data.format sniffed from its own train file(s) where they
-    are still here (older runs); a field missing is not known."""
+    precision (recorded since 2026-11-26), its data.format sniffed from its own train file(s)
+    where they are still here (older runs); a field missing is not known."""
     out = {**train_formats(saved_config(state)), **state.get("resolved", {})}
     if "precision" in state:
         out.setdefault("train.precision", state["precision"])
@@ -1409,7 +1409,7 @@ def load_run_state(tag_dir: Path, cfg: Config | None, world: int | None = None,
 def train_set(loader) -> dict:
     """What the train loader's positions are (task=multi: each task's, by name; else ""): the
     number of usable examples and a hash of their ids (qid, video, question) in order. Recorded
-    in run_state.json (since 2027-01): a resume must continue over the same examples, wherever
+    in run_state.json (since 2026-11-28): a resume must continue over the same examples, wherever
     data.train now finds them."""
     loaders = loader.loaders if isinstance(loader, MultiTaskLoader) else {"": loader}
     out = {}
