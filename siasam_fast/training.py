@@ -2582,6 +2582,15 @@ def answer_question(checkpoint: str, video: str, question: str,
                          "answers to choose from with --candidates 'first|second|...'")
     if cfg.task != "mc" and candidates:
         raise ValueError(f"--candidates: this checkpoint's task is {cfg.task!r}, which takes none")
+    twice = sorted({c for c in candidates or [] if [x.strip() for x in candidates].count(c.strip())
+                    > 1})
+    if twice:
+        raise ValueError(f"--candidates: {twice[0]!r} is given more than once; give each answer "
+                         "once")
+    given = [o.split("=", 1)[1].strip() for o in overrides or []
+             if o.split("=", 1)[0].strip().endswith(".ans2label")]
+    if given and given[-1] and not Path(given[-1]).expanduser().is_file():
+        raise ValueError(f"data.ans2label={given[-1]!r}: no such file")
     ans2label = {}
     open_cfg = next((s for s in run_cfg.streams().values() if s.task == "open"), None)
     if open_cfg is not None:  # the model has an open-ended head: its answers
@@ -2597,6 +2606,8 @@ def answer_question(checkpoint: str, video: str, question: str,
             raise ValueError(f"{vocab_file} is not the answer vocabulary {tag_dir} was trained "
                              "with")
     path = Path(video)
+    if path.is_dir():
+        raise ValueError(f"--video {video!r} is a folder: give one video file")
     if not path.is_file():
         raise ValueError(f"--video {video!r}: no such file")
     record = probe_video(path.resolve(), path.resolve().parent)

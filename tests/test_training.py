@@ -893,6 +893,9 @@ def test_multiple_choice_task(synth, tmp_path):
     assert sum(p for _, p in answers) == pytest.approx(1.0)
     proc = ask(out, synth / "videos" / "video0.mp4", "What color?", ok=False)
     assert "task=mc): give the answers to choose from with --candidates" in proc.stderr
+    proc = ask(out, synth / "videos" / "video0.mp4", "What color?", "--candidates",
+               "it is red|it is cyan| it is red", ok=False)  # (two rows at 50% each)
+    assert "--candidates: 'it is red' is given more than once" in proc.stderr
 
 
 def ask(run_dir: Path, video: Path, question: str, *options: str,
@@ -982,10 +985,13 @@ def test_ask_answers_as_the_checkpoints_weights_say_and_names_bad_input(synth, t
     for kwargs, message in (
             ({"question": " "}, "--question is empty"),
             ({"candidates": ["a", "b"]}, "--candidates: this checkpoint's task is 'open'"),
+            ({"video": str(tmp_path)}, r"--video '.*' is a folder: give one video file"),
+            ({"overrides": [f"data.ans2label={tmp_path / 'none.json'}"]},
+             r"data.ans2label='.*none.json': no such file"),
             ({"task": "qa"}, "--task 'qa': this checkpoint was trained on one task"),
             ({"start": 3.0, "end": 1.0}, r"--start / --end: segment empty")):
         with pytest.raises(ValueError, match=message):
-            answer_question(str(tag), str(video), **{"question": question, **kwargs})
+            answer_question(str(tag), **{"video": str(video), "question": question, **kwargs})
     save_ans2label({"red": 0}, tmp_path / "run" / "ans2label.json")
     with pytest.raises(ValueError, match=r"run/ans2label.json is not the answer vocabulary"):
         answer_question(str(tag), str(video), question)
