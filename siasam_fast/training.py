@@ -1978,6 +1978,18 @@ def check_start_args(args: argparse.Namespace, cfg: Config) -> None:
                                 "its checkpoints/ or one tag)")
 
 
+def check_ds_config_early(args: argparse.Namespace, cfg: Config) -> None:
+    """The DeepSpeed file (there, JSON, its settings against the run config's) and its
+    precision on this device, checked before the process group starts (on a CPU that start
+    builds or waits for DeepSpeed's all-reduce op: 30 s and more before a one-line error). Every
+    process reads the same file and raises the same error. The file's train_batch_size waits
+    for the run's check, once the number of processes is known (an inherited WORLD_SIZE may not
+    be this run's)."""
+    ds = ds_config.load_ds_config(getattr(args, "deepspeed_config", None), cfg.train.precision)
+    ds.pop("train_batch_size", None)
+    ds_config.finalize(ds, cfg.train.batch_size, cfg.train.grad_clip, 1, cfg.train.grad_accum)
+
+
 def train(argv: list[str] | None = None, prog: str | None = None) -> int:
     args = parse_args(argv, prog)
     cfg = load_config(args.config, args.set)
@@ -1985,6 +1997,7 @@ def train(argv: list[str] | None = None, prog: str | None = None) -> int:
     for stream in cfg.streams().values():  # now, not after the start-up's slow part (below)
         if stream.data.manifest:
             require_manifest_file(stream.data.manifest)
+    check_ds_config_early(args, cfg)
     rank, world, device = init_distributed()
     out_dir = Path(cfg.train.out_dir)
     # Nothing is written into out_dir (but its lock file, removed at the end) until the config,

@@ -102,3 +102,29 @@ def test_an_empty_model_name_says_it_is_empty():
         load_config(BASE, ["model.visual="])
     with pytest.raises(ValueError, match=r"model.text is empty: valid: tiny, bert-base"):
         load_config(BASE, ["model.text= "])
+
+
+@pytest.mark.parametrize("ds_args, message", [
+    (["--deepspeed_config", "/nope/ds.json"], "DeepSpeed config '/nope/ds.json' does not exist"),
+    (["--deepspeed_config", "configs/ds/zero2_fp16.json"], "fp16 needs a CUDA GPU"),
+])
+def test_a_bad_deepspeed_config_is_said_before_the_process_group_starts(
+        monkeypatch, capsys, tmp_path, ds_args, message):
+    """It was read only after init_distributed, which on a CPU builds or waits for DeepSpeed's
+    all-reduce op (24-45 s measured before the one-line error)."""
+    import torch
+
+    from siasam_fast import training
+
+    if torch.cuda.is_available() and "fp16" in message:
+        pytest.skip("a GPU takes fp16")
+
+    def started():
+        raise AssertionError("the process group started before the DeepSpeed file was checked")
+
+    monkeypatch.setattr(training, "init_distributed", started)
+    manifest = tmp_path / "manifest.jsonl"
+    manifest.write_text("")
+    assert training.main(["--config", str(BASE), "--set", f"data.manifest={manifest}",
+                          *ds_args]) == 2
+    assert message in capsys.readouterr().err
