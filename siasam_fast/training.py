@@ -2641,6 +2641,11 @@ def answer_question(checkpoint: str, video: str, question: str,
     model.load_state_dict(load_model_weights(tag_dir))
     model.to(device).eval()
     text = TextEncoder(tokenizer, cfg.task, cfg.data.max_question_len, cfg.data.mc_text)
+    tokens = len(tokenizer(question)["input_ids"])
+    if tokens > cfg.data.max_question_len:  # (truncated by the encoder, as in training)
+        print(f"note: the question is {tokens} tokens; the model reads its first "
+              f"{cfg.data.max_question_len} (data.max_question_len), as training did",
+              file=sys.stderr)
     loader = make_loader(cfg, data, "test", 0, 1)
     try:
         batch = next(iter(loader))

@@ -921,6 +921,10 @@ def test_ask_answers_one_question_about_one_video(synth, tmp_path):
     assert probs == sorted(probs, reverse=True) and 0 < sum(probs) <= 1 + 1e-6
     proc = ask(out, synth / "videos" / "video0.mp4", "what is the color of the large triangle?")
     assert re.fullmatch(r"(\S+ +\d+\.\d%\n){5}", proc.stdout), proc.stdout
+    assert "note: the question is" not in proc.stderr
+    proc = ask(out, synth / "videos" / "video0.mp4", "what is " + "the big red " * 20 + "?")
+    assert re.search(r"note: the question is \d+ tokens; the model reads its first 32 "
+                     r"\(data.max_question_len\)", proc.stderr), proc.stderr
     # Bad input: one line each, naming the option.
     proc = ask(out, tmp_path / "nope.mp4", "what?", ok=False)
     assert f"--video {str(tmp_path / 'nope.mp4')!r}: no such file" in proc.stderr
