@@ -1301,9 +1301,21 @@ def save_checkpoint(engine, out_dir: Path, tag: str, run_state: dict, keep: int,
     last ``keep`` complete tags are kept, and ``protect`` (the best epoch's tag) too."""
     ckpt_dir = out_dir / "checkpoints"
     share_batchnorm_statistics(engine.module)  # (process 0's are saved)
+    final_dir = ckpt_dir / tag
+    # A tag saved again (the epoch's last step: a save_every save, then the epoch-end one) is
+    # written beside the first and swapped in whole: saved in place, its files were rewritten
+    # while `latest` named it (a kill then left a complete-looking tag with a cut model file,
+    # with keep_checkpoints=1 the only one)
+    again = [(final_dir / "run_state.json").is_file()]  # (a complete save of it)
+    if dist.is_initialized():
+        dist.broadcast_object_list(again, src=0)
+    tag_dir = ckpt_dir / (f".{tag}{RESAVE}" if again[0] else tag)
+    if again[0] and rank == 0:
+        shutil.rmtree(tag_dir, ignore_errors=True)  # (a re-save cut short before)
+    if dist.is_initialized():
+        dist.barrier()
     # collective: every rank calls it
-    engine.save_checkpoint(str(ckpt_dir), tag=tag, save_latest=False)
-    tag_dir = ckpt_dir / tag
+    engine.save_checkpoint(str(ckpt_dir), tag=tag_dir.name, save_latest=False)
     if engine.zero_optimization_stage() == 3:
         _save_gathered_weights(engine, tag_dir / "model_weights.pt", rank)
     _write_json(tag_dir / f"rng_rank{rank}.json", _rng_state())
@@ -1314,11 +1326,21 @@ def save_checkpoint(engine, out_dir: Path, tag: str, run_state: dict, keep: int,
     if dist.is_initialized():
         dist.barrier()  # every rank's files are written
     if rank == 0:
+        if tag_dir != final_dir:  # the first save aside, the new one in its place: while they
+            # are swapped, the newest complete tag is one of the two (resolve_checkpoint)
+            old = ckpt_dir / f".{tag}{REPLACED}"
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(final_dir, old)
+            os.replace(tag_dir, final_dir)
+            shutil.rmtree(old, ignore_errors=True)
         _write_text(ckpt_dir / "latest", tag)
         prune_checkpoints(ckpt_dir, keep, tag, protect)
     if dist.is_initialized():
         dist.barrier()
-    return tag_dir
+    return final_dir
+
+
+RESAVE, REPLACED = ".resave", ".replaced"  # a tag saved again, and its first save (hidden names)
 
 
 def prune_checkpoints(ckpt_dir: Path, keep: int, tag: str, protect: str | None = None) -> None:
@@ -1326,7 +1348,8 @@ def prune_checkpoints(ckpt_dir: Path, keep: int, tag: str, protect: str | None =
     stay whatever their age), saves cut short, and universal checkpoints a stop left behind."""
     complete = complete_tags(ckpt_dir)
     cut_short = [p for p in ckpt_dir.iterdir() if p.is_dir() and p not in complete
-                 and re.fullmatch(r"step\d+", p.name)]  # saves interrupted before
+                 and re.fullmatch(rf"step\d+|\.step\d+({re.escape(RESAVE)}|{re.escape(REPLACED)})",
+                                  p.name)]  # saves interrupted before
     # universal checkpoints a stop left behind (loading one is over once a run saves)
     cut_short += sorted(ckpt_dir.glob(f".step*.{UNIVERSAL}"))
     for old in [*cut_short, *(complete[:-keep] if keep > 0 else [])]:

@@ -1806,6 +1806,39 @@ def test_save_checkpoint_writes_each_processs_files_then_latest_and_prunes(tmp_p
                                                                  engine.module.bias)
 
 
+def test_a_tag_saved_again_is_swapped_in_whole(tmp_path):
+    """The epoch's last step is saved twice (save_every, then the epoch's end). Saved in place,
+    the second save rewrote the model file while `latest` named the tag: a kill then left a
+    complete-looking tag with a cut file (with keep_checkpoints=1 the only checkpoint)."""
+    from siasam_fast.training import resolve_checkpoint, save_checkpoint
+
+    ckpt = tmp_path / "checkpoints"
+    save_checkpoint(FakeEngine(), tmp_path, "step26", {"step": 26, "v": 1}, 1, 0)
+
+    class Killed(FakeEngine):
+        def save_checkpoint(self, save_dir, tag, save_latest=True):
+            (Path(save_dir) / tag).mkdir(parents=True, exist_ok=True)
+            (Path(save_dir) / tag / "mp_rank_00_model_states.pt").write_text("wei")  # cut
+            raise KeyboardInterrupt  # the process dies here
+
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(Killed(), tmp_path, "step26", {"step": 26, "v": 2}, 1, 0)
+    assert (ckpt / "step26" / "mp_rank_00_model_states.pt").read_text() == "weights"
+    assert resolve_checkpoint(tmp_path) == ckpt / "step26"
+    assert json.loads((ckpt / "step26" / "run_state.json").read_text())["v"] == 1
+    # the next save of it replaces the first whole, and leaves no hidden folder
+    tag = save_checkpoint(FakeEngine(), tmp_path, "step26", {"step": 26, "v": 3}, 1, 0)
+    assert tag == ckpt / "step26" and json.loads((tag / "run_state.json").read_text())["v"] == 3
+    assert sorted(p.name for p in ckpt.iterdir()) == ["latest", "step26"]
+    # killed between the two renames: the newest complete tag is the new save, under its
+    # hidden name, and a later save prunes both
+    (ckpt / "step26").rename(ckpt / ".step26.replaced")
+    _tag(ckpt, ".step26.resave", state={"step": 26, "v": 4})
+    assert json.loads((resolve_checkpoint(tmp_path) / "run_state.json").read_text())["v"] == 4
+    save_checkpoint(FakeEngine(), tmp_path, "step27", {"step": 27}, 1, 0)
+    assert sorted(p.name for p in ckpt.iterdir()) == ["latest", "step27"]
+
+
 def _tag(ckpt: Path, name: str, step=None, state=None) -> Path:
     (ckpt / name).mkdir(parents=True)
     if step is not None or state is not None:
@@ -2208,6 +2241,10 @@ def test_an_epoch_whose_evaluation_died_is_evaluated_by_the_resume(synth, tmp_pa
     assert [r["epoch"] for r in epoch_rows(out)] == ["1", "2"]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["epochs_completed"] == 2 and summary["steps"] == 34
+    # step 34 was saved twice (save_every, then the epoch's end): the second swapped in whole
+    assert not list((out / "checkpoints").glob(".*"))
+    state = json.loads((out / "checkpoints" / "step34" / "run_state.json").read_text())
+    assert state["step"] == 34
 
 
 def test_a_partial_launcher_environment_is_named_not_sent_to_mpi(monkeypatch):
