@@ -2881,12 +2881,19 @@ def load_model_weights(tag_dir: Path) -> dict:
     ZeRO-3 partitions the parameters, so its saves also write the gathered ``model_weights.pt``;
     for stages 0-2 DeepSpeed's ``mp_rank_00_model_states.pt`` holds the whole module."""
     gathered = tag_dir / "model_weights.pt"
-    if gathered.is_file():
-        weights = torch.load(gathered, map_location="cpu", weights_only=True)
-    else:
-        states = torch.load(tag_dir / "mp_rank_00_model_states.pt", map_location="cpu",
-                            weights_only=True)
-        weights = states["module"]
+    try:
+        if gathered.is_file():
+            weights = torch.load(gathered, map_location="cpu", weights_only=True)
+        else:
+            states = torch.load(tag_dir / "mp_rank_00_model_states.pt", map_location="cpu",
+                                weights_only=True)
+            weights = states["module"]
+    except FileNotFoundError:
+        if tag_dir.is_dir():
+            raise
+        raise ValueError(f"checkpoint {tag_dir} was removed while this command ran (a training in "
+                         "that run folder keeps only its last train.keep_checkpoints): run it "
+                         "again, or name a kept tag") from None
     return {k: v.float() if v.is_floating_point() else v for k, v in weights.items()}
 
 

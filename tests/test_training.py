@@ -1839,6 +1839,19 @@ def test_a_tag_saved_again_is_swapped_in_whole(tmp_path):
     assert sorted(p.name for p in ckpt.iterdir()) == ["latest", "step27"]
 
 
+def test_a_checkpoint_pruned_while_being_read_is_named(tmp_path):
+    """`eval --checkpoint RUN` while that run trains with keep_checkpoints=1: the tag it picked
+    was pruned before the weights were read, and the error was a bare FileNotFoundError."""
+    from siasam_fast.training import load_model_weights
+
+    with pytest.raises(ValueError, match=r"step5 was removed while this command ran .* "
+                                         r"train.keep_checkpoints"):
+        load_model_weights(tmp_path / "checkpoints" / "step5")
+    (tmp_path / "step6").mkdir()  # there, without its model file: not a removal
+    with pytest.raises(FileNotFoundError):
+        load_model_weights(tmp_path / "step6")
+
+
 def _tag(ckpt: Path, name: str, step=None, state=None) -> Path:
     (ckpt / name).mkdir(parents=True)
     if step is not None or state is not None:
