@@ -2272,9 +2272,19 @@ def run_training(args: argparse.Namespace, cfg: Config, rank: int, world: int,
 
     def checkpoint(epoch: int) -> None:
         nonlocal replaced
-        save_checkpoint(engine, out_dir, f"step{step}", run_state(epoch),
-                        cfg.train.keep_checkpoints, rank, train_loader.state_dict(),
-                        protect=kept_best_tag(history, cfg, eval_split, out_dir / "checkpoints"))
+        try:
+            save_checkpoint(engine, out_dir, f"step{step}", run_state(epoch),
+                            cfg.train.keep_checkpoints, rank, train_loader.state_dict(),
+                            protect=kept_best_tag(history, cfg, eval_split,
+                                                  out_dir / "checkpoints"))
+        except OSError as err:  # a full disk, a permission: one line, and what is still there
+            latest = out_dir / "checkpoints" / "latest"
+            kept = latest.read_text().strip() if latest.is_file() else None
+            raise ValueError(
+                f"saving checkpoint step{step} in {out_dir / 'checkpoints'} failed: {err}; "
+                + (f"the last complete one, {kept}, is intact (--resume auto continues from "
+                   "it once the cause is fixed)" if kept else "no earlier checkpoint exists")
+            ) from None
         if replaced is not None:  # this run can be resumed now: the old one goes
             shutil.rmtree(replaced, ignore_errors=True)
             replaced = None

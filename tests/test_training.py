@@ -2327,3 +2327,37 @@ def test_a_lone_process_with_an_inherited_port_in_use_takes_a_free_one():
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert "started 0 1 True" in proc.stdout
     assert "(from the environment) is in use or not a port" in proc.stderr
+
+
+DISK_FULL_ON_SECOND_SAVE = """
+import sys
+from siasam_fast import training
+save_checkpoint, saves = training.save_checkpoint, []
+
+def full(engine, out_dir, tag, *args, **kwargs):  # the disk fills up during the second save
+    saves.append(tag)
+    if len(saves) == 2:
+        (out_dir / "checkpoints" / tag).mkdir(parents=True, exist_ok=True)
+        raise OSError(28, "No space left on device")
+    return save_checkpoint(engine, out_dir, tag, *args, **kwargs)
+
+training.save_checkpoint = full
+sys.exit(training.main(sys.argv[1:]))
+"""
+
+
+def test_a_failed_save_is_one_line_naming_the_checkpoint_left(synth, tmp_path):
+    """A full disk during a save ended in a 25-line traceback that said neither which file nor
+    that the previous checkpoint was intact."""
+    out = tmp_path / "run"
+    args = base_args(synth, out, "--set", "train.save_every=2", "--set", "train.max_steps=6")
+    proc = subprocess.run([sys.executable, "-c", DISK_FULL_ON_SECOND_SAVE, *args], cwd=ROOT,
+                          env=cpu_env(OMP_NUM_THREADS="1"), capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert (f"error: saving checkpoint step4 in {out / 'checkpoints'} failed: [Errno 28] No space "
+            "left on device; the last complete one, step2, is intact (--resume auto continues "
+            "from it once the cause is fixed)") in proc.stderr, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    proc = train([*args, "--resume", "auto"])
+    assert "resumed from" in proc.stdout and "step2" in proc.stdout
