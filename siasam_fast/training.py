@@ -1946,6 +1946,11 @@ def start_view(resume: str | None, out_dir: Path) -> dict:
             view["resume"] = str(resolve_checkpoint(out_dir if resume == "auto" else resume))
     except FileNotFoundError as err:
         view["error"] = str(err)
+        aside = sorted(out_dir.glob("replaced-*/checkpoints/latest"))  # train.overwrite's
+        if aside:  # a replacing run that never saved: the replaced one is still there
+            view["error"] += (f"; the run that train.overwrite set aside is in "
+                              f"{aside[-1].parent.parent}: --resume {aside[-1].parent.parent} "
+                              "continues it")
         return view
     tag_dir = Path(view["resume"]) if view["resume"] else None
     if not (tag_dir is not None and _same_dir(tag_dir.parent.parent, out_dir)):

@@ -80,3 +80,15 @@ def test_a_node_that_could_not_build_fused_adam_makes_every_process_use_torch_ad
     assert training.same_optimizer_everywhere(
         fused, "DeepSpeed FusedAdam", model, cfg, torch.device("cpu"), rank=0,
         world=2) == (fused, "DeepSpeed FusedAdam")
+
+
+def test_resume_auto_without_a_checkpoint_names_a_run_set_aside_by_overwrite(tmp_path):
+    """train.overwrite moved the old run to replaced-<time>/, and the replacing run died before
+    its first checkpoint: --resume auto said only "no checkpoint", not where the run was."""
+    run = tmp_path / "run"
+    _run_with_checkpoint(run / "replaced-20261128-190502")
+    view = training.start_view("auto", run)
+    assert view["error"].endswith(
+        f"; the run that train.overwrite set aside is in {run / 'replaced-20261128-190502'}: "
+        f"--resume {run / 'replaced-20261128-190502'} continues it")
+    assert training.start_view("auto", tmp_path / "new")["error"].startswith("no checkpoint at")
