@@ -2061,6 +2061,11 @@ def run_training(args: argparse.Namespace, cfg: Config, rank: int, world: int,
         raise ValueError(f"train.out_dir={out_dir} holds another run ({'; '.join(held)}): "
                          "continue it with --resume auto, choose another train.out_dir, or "
                          "replace it with --set train.overwrite=true")
+    aside = sorted(out_dir.glob("replaced-*/checkpoints/latest"))
+    if rank0 and tag_dir is None and aside and not cfg.train.overwrite:
+        print(f"note: {aside[-1].parent.parent} holds a run that train.overwrite set aside and "
+              "whose replacement never saved: it stays until you delete it (--resume it to "
+              "continue it instead)")
     check_siamese_impl(cfg.siamese.impl, device)
     seed_everything(cfg.train.seed, rank)
     torch.backends.cudnn.benchmark = cfg.train.cudnn_benchmark and device.type == "cuda"
