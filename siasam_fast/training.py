@@ -1321,11 +1321,12 @@ def save_checkpoint(engine, out_dir: Path, tag: str, run_state: dict, keep: int,
     _write_json(tag_dir / f"rng_rank{rank}.json", _rng_state())
     if loader_state is not None:
         _write_json(tag_dir / f"loader_rank{rank}.json", loader_state)
-    if rank == 0:
-        _write_json(tag_dir / "run_state.json", run_state)
     if dist.is_initialized():
         dist.barrier()  # every rank's files are written
     if rank == 0:
+        # last: run_state.json makes the tag complete (complete_tags), so only once every
+        # process's files are there
+        _write_json(tag_dir / "run_state.json", run_state)
         if tag_dir != final_dir:  # the first save aside, the new one in its place: while they
             # are swapped, the newest complete tag is one of the two (resolve_checkpoint)
             old = ckpt_dir / f".{tag}{REPLACED}"
