@@ -571,6 +571,7 @@ def sweep_configs(grid, dtypes, device, env, out_dir, tag, workers=None):
         precompile(configs, shapes, dtypes, workers, device.type)
     rows, saved = [], os.environ.get(ks.CONFIG_ENV)
     tuned = {}
+    heuristic_2 = False  # fp16's pair was not kept: 2-byte dtypes keep the heuristic
 
     def time_config(shape, dname, inputs, cfg, label=None):
         text = config_text(cfg)
@@ -627,9 +628,13 @@ def sweep_configs(grid, dtypes, device, env, out_dir, tag, workers=None):
             keep = worth_tuning(row["full_speedup_vs_heuristic"])
             row["tuned"] = "yes" if keep else \
                 f"no (under {TUNE_MIN_GAIN:.2f}x: the heuristic stays)"  # fmt: skip
-            if device.type == "cuda" and keep:  # (target B: the only shape swept there)
+            key = str(es)
+            if device.type == "cuda" and dname == "fp16" and not keep:  # fp16 speaks for bf16:
+                heuristic_2 = True  # its heuristic stays, whatever a bf16 pair did
+                tuned.get(torch.cuda.get_device_name(device), {}).pop(key, None)
+            if device.type == "cuda" and keep and not (es == 2 and heuristic_2):
+                # (target B: the only shape swept there)
                 entry = tuned.setdefault(torch.cuda.get_device_name(device), {})
-                key = str(es)
                 if key not in entry or dname == "fp16":  # fp16 speaks for bf16 unless alone
                     entry[key] = dict(chosen, measured=f"{dname} V={shape['V']} D={shape['D']} "
                                       f"K={shape['K']}: fwd+bwd {row['full_ms']:.4f} ms vs "

@@ -558,6 +558,8 @@ def apply_overrides(values: dict, overrides: list[str]) -> dict:
     for text in overrides or []:
         path, value = parse_override(text)
         raw = text.split("=", 1)[1].strip()
+        if raw == "~" and _string_key(path):
+            value = raw  # the home folder (expand_home), not YAML's null
         if value is not None and _string_key(path) and not raw.startswith(("'", '"')):
             # as written: YAML reads 010 as 8, 1.10 as 1.1, and cuts "runs/q #2.json" at " #"
             value = raw
@@ -601,7 +603,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             if name in _SECTIONS and not isinstance(section, dict):
                 raise ValueError(f"{path}: section {name!r} must be a mapping of keys, got "
                                  f"{section!r}")
-    return Config.from_dict(_expand_home(apply_overrides(values, overrides or [])))
+    return Config.from_dict(expand_home(apply_overrides(values, overrides or [])))
+
+
+MERGE_TAG = "tag:yaml.org,2002:merge"
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
@@ -611,6 +616,8 @@ class _UniqueKeyLoader(yaml.SafeLoader):
     def construct_mapping(self, node, deep=False):
         seen: dict = {}
         for key_node, _ in node.value:
+            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == MERGE_TAG:
+                continue  # a merge (<<: *anchor) is overridden by design; other keys: YAML's
             key = self.construct_object(key_node, deep=True)
             line = key_node.start_mark.line + 1
             if key in seen:
@@ -631,7 +638,8 @@ PATH_KEYS = {
 LIST_KEYS = ("train", "val", "test")  # a comma separates several files
 
 
-def _expand_home(values: dict) -> dict:
+def expand_home(values: dict) -> dict:
+    """``values`` (a config's dict) with a leading ~ of each path key (PATH_KEYS) expanded."""
     def expand(key: str, value):
         if not isinstance(value, str) or "~" not in value:
             return value

@@ -197,6 +197,7 @@ class TrainingFailed(RuntimeError):
 
 def _last_line(log: Path) -> str:
     lines = [line.strip() for line in log.read_text(errors="replace").splitlines() if line.strip()]
+    lines = lines[1:] if lines and lines[0].startswith("$ ") else lines  # (the command)
     return lines[-1][:300] if lines else "(no output)"
 
 

@@ -1342,15 +1342,19 @@ def save_checkpoint(engine, out_dir: Path, tag: str, run_state: dict, keep: int,
 
 
 RESAVE, REPLACED = ".resave", ".replaced"  # a tag saved again, and its first save (hidden names)
+# torch.save's RuntimeError when the file could not be written (a full disk: "[enforce fail at
+# inline_container.cc] . unexpected pos", or "PytorchStreamWriter failed writing file")
+WRITE_FAILED = re.compile(r"inline_container|PytorchStreamWriter|unexpected pos|file write failed")
 
 
 def prune_checkpoints(ckpt_dir: Path, keep: int, tag: str, protect: str | None = None) -> None:
     """Remove all but the newest ``keep`` complete tags (``tag``, just saved, and ``protect``
     stay whatever their age), saves cut short, and universal checkpoints a stop left behind."""
-    complete = complete_tags(ckpt_dir)
-    cut_short = [p for p in ckpt_dir.iterdir() if p.is_dir() and p not in complete
-                 and re.fullmatch(rf"step\d+|\.step\d+({re.escape(RESAVE)}|{re.escape(REPLACED)})",
-                                  p.name)]  # saves interrupted before
+    complete = [p for p in complete_tags(ckpt_dir) if not p.name.startswith(".")]
+    cut_short = [p for p in ckpt_dir.iterdir() if p.is_dir() and p not in complete and (
+        re.fullmatch(r"step\d+", p.name)  # saves interrupted before
+        # a re-save's copies a kill left (a tag is now saved and named by latest)
+        or re.fullmatch(rf"\.step\d+({re.escape(RESAVE)}|{re.escape(REPLACED)})", p.name))]
     # universal checkpoints a stop left behind (loading one is over once a run saves)
     cut_short += sorted(ckpt_dir.glob(f".step*.{UNIVERSAL}"))
     for old in [*cut_short, *(complete[:-keep] if keep > 0 else [])]:
@@ -2288,7 +2292,10 @@ def run_training(args: argparse.Namespace, cfg: Config, rank: int, world: int,
                             cfg.train.keep_checkpoints, rank, train_loader.state_dict(),
                             protect=kept_best_tag(history, cfg, eval_split,
                                                   out_dir / "checkpoints"))
-        except OSError as err:  # a full disk, a permission: one line, and what is still there
+        except (OSError, RuntimeError) as err:  # a full disk, a permission: one line, and
+            # what is still there (torch.save reports a failed write as a RuntimeError)
+            if isinstance(err, RuntimeError) and not WRITE_FAILED.search(str(err)):
+                raise
             latest = out_dir / "checkpoints" / "latest"
             kept = latest.read_text().strip() if latest.is_file() else None
             raise ValueError(
@@ -2644,12 +2651,12 @@ def answer_question(checkpoint: str, video: str, question: str,
     if twice:
         raise ValueError(f"--candidates: {twice[0]!r} is given more than once; give each answer "
                          "once")
-    given = [o.split("=", 1)[1].strip() for o in overrides or []
-             if o.split("=", 1)[0].strip().endswith(".ans2label")]
-    if given and given[-1] and not Path(given[-1]).expanduser().is_file():
-        raise ValueError(f"data.ans2label={given[-1]!r}: no such file")
     ans2label = {}
     open_cfg = next((s for s in run_cfg.streams().values() if s.task == "open"), None)
+    given = any(o.split("=", 1)[0].strip().endswith(".ans2label") for o in overrides or [])
+    if open_cfg is not None and given and open_cfg.data.ans2label and not Path(
+            open_cfg.data.ans2label).is_file():  # (the value as the config reads it)
+        raise ValueError(f"data.ans2label={open_cfg.data.ans2label!r}: no such file")
     if open_cfg is not None:  # the model has an open-ended head: its answers
         vocab_file = tag_dir.parent.parent / "ans2label.json"
         if not vocab_file.is_file() and open_cfg.data.ans2label:  # the config's (or --set) file
@@ -2891,9 +2898,9 @@ def _carry_answer_rows(model, prefix: str, weights: dict, own: dict, tag_dir: Pa
 
 
 def _apply(values: dict, overrides):
-    from siasam_fast.config import apply_overrides
+    from siasam_fast.config import apply_overrides, expand_home
 
-    return apply_overrides(values, overrides or [])
+    return expand_home(apply_overrides(values, overrides or []))
 
 
 def load_model_weights(tag_dir: Path) -> dict:

@@ -198,6 +198,7 @@ def test_transcode_preset_typo_leaves_a_complete_dst_byte_identical(capsys, two_
         (["--crf", -1], ["--crf -1:", "from 0"]),
         (["--bframes", -1], ["--bframes -1:", "from 0"]),
         (["--height", 33], ["--height 33: must be an even integer >= 2 (4:2:0 chroma)"]),
+        (["--bframes", 33], ["--bframes 33:", "or leave the flag out for the preset's"]),
     ]:
         code, _, err = run_cli(capsys, "transcode", folder, dst, "--gop", 16, *args, *common)
         assert_usage_error(code, err, "transcode", *fragments)

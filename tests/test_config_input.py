@@ -23,6 +23,14 @@ def test_a_key_or_section_given_twice_is_an_error(tmp_path):
     inner.write_text("train: {lr: 0.001, epochs: 3, lr: 0.1}\n")
     with pytest.raises(ValueError, match=r"key 'lr' appears twice"):
         load_config(inner)
+    merged = tmp_path / "merged.yaml"  # a merge key's values are overridden by design
+    merged.write_text("base: &b {lr: 0.001, epochs: 3}\ntrain: {<<: *b, epochs: 2}\n"
+                      "x: {}\n")
+    with pytest.raises(ValueError, match=r"unknown key\(s\) \['base', 'x'\] in config"):
+        load_config(merged)  # (loaded: the anchors' own sections are then unknown keys)
+    merged.write_text("data:\n  tasks:\n    a: &a {task: open, num_answers: 5}\n"
+                      "    b: {<<: *a, task: mc}\ntask: multi\n")
+    assert load_config(merged).data.tasks["b"] == {"task": "mc", "num_answers": 5}
     once = tmp_path / "once.yaml"
     once.write_text("train: {lr: 0.001}\neval: {batch_size: 4}\n")
     assert load_config(once).train.lr == 0.001
@@ -37,6 +45,10 @@ def test_a_leading_tilde_in_a_path_is_the_home_folder(tmp_path, monkeypatch):
     assert cfg.data.train == f"{tmp_path}/a.json,{tmp_path}/b.json"
     assert cfg.data.manifest == f"{tmp_path}/m.jsonl"
     assert cfg.train.init_from == "runs/~x"  # only a leading ~
+    assert load_config(BASE, ["train.out_dir=~"]).train.out_dir == str(tmp_path)  # not null
+    from siasam_fast.training import _apply  # eval / ask: the checkpoint's config, --set
+    assert _apply({"data": {"test": ""}}, ["data.test=~/x.json"])["data"]["test"] == \
+        f"{tmp_path}/x.json"
     multi = tmp_path / "multi.yaml"
     multi.write_text("task: multi\ndata:\n  tasks:\n    qa: {task: open, train: ~/qa.json}\n")
     assert load_config(multi).data.tasks["qa"]["train"] == f"{tmp_path}/qa.json"

@@ -204,6 +204,9 @@ def test_a_failed_training_raises_and_keeps_its_log(tmp_path, capfd):
     assert log.read_text().startswith(f"$ {sys.executable} -c ")  # the command, for a rerun
     ok = [sys.executable, "-c", "print('done')"]
     assert demo.run_training(ok, log) > 0 and log.read_text().splitlines()[-1] == "done"
+    silent = [sys.executable, "-c", "import sys; sys.exit(4)"]  # the command is not its output
+    with pytest.raises(demo.TrainingFailed, match=r"its last line: \(no output\)$"):
+        demo.run_training(silent, log)
 
 
 def test_a_failed_demo_training_is_one_line(tmp_path, monkeypatch, capsys):

@@ -985,6 +985,8 @@ def test_ask_answers_as_the_checkpoints_weights_say_and_names_bad_input(synth, t
     save_ans2label({"red": 0}, other)
     assert answer_question(str(tag), str(video), question, top=len(vocab) + 5,
                            overrides=[f"data.ans2label={other}"]) == answers
+    assert answer_question(str(tag), str(video), question, top=len(vocab) + 5,  # quoted
+                           overrides=[f"data.ans2label='{other}'"]) == answers
 
     for kwargs, message in (
             ({"question": " "}, "--question is empty"),
@@ -1837,6 +1839,25 @@ def test_a_tag_saved_again_is_swapped_in_whole(tmp_path):
     assert json.loads((resolve_checkpoint(tmp_path) / "run_state.json").read_text())["v"] == 4
     save_checkpoint(FakeEngine(), tmp_path, "step27", {"step": 27}, 1, 0)
     assert sorted(p.name for p in ckpt.iterdir()) == ["latest", "step27"]
+    # such copies never count among the tags kept: keep 3 keeps step27 and step28 here
+    _tag(ckpt, ".step27.replaced", step=27)
+    _tag(ckpt, ".step27.resave", step=27)
+    save_checkpoint(FakeEngine(), tmp_path, "step28", {"step": 28}, 3, 0)
+    assert sorted(p.name for p in ckpt.iterdir()) == ["latest", "step27", "step28"]
+
+
+def test_a_failed_checkpoint_write_is_recognised():
+    """torch.save to a path reports a full disk as a RuntimeError, not an OSError."""
+    import torch
+
+    from siasam_fast.training import WRITE_FAILED
+
+    if not Path("/dev/full").exists():
+        pytest.skip("no /dev/full (a device whose writes fail with ENOSPC) here")
+    with pytest.raises(RuntimeError) as err:
+        torch.save({"w": torch.zeros(1000)}, "/dev/full")
+    assert WRITE_FAILED.search(str(err.value)), str(err.value)
+    assert not WRITE_FAILED.search("CUDA error: an illegal memory access was encountered")
 
 
 def test_a_checkpoint_pruned_while_being_read_is_named(tmp_path):

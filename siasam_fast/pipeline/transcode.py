@@ -854,7 +854,8 @@ def run_from_args(args: argparse.Namespace) -> int:
         if match and match.group(1) in FLAGS:
             name, value, rest = match.groups()
             value = value.strip("'")
-            rest = rest.removesuffix(", or None")
+            rest = re.sub(r", or None\b( for)?", lambda m: ", or leave the flag out" + (
+                " for" if m.group(1) else ""), rest)
             text = f"{FLAGS[name]} {value}: {rest}"
         raise ValueError(text) from None
 
