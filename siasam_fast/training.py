@@ -1955,7 +1955,8 @@ def start_view(resume: str | None, out_dir: Path) -> dict:
         if aside:  # a replacing run that never saved: the replaced one is still there
             view["error"] += (f"; the run that train.overwrite set aside is in "
                               f"{aside[-1].parent.parent}: --resume {aside[-1].parent.parent} "
-                              "continues it")
+                              "continues it (with --set train.overwrite=true while "
+                              "train.out_dir holds the failed run's files)")
         return view
     tag_dir = Path(view["resume"]) if view["resume"] else None
     if not (tag_dir is not None and _same_dir(tag_dir.parent.parent, out_dir)):

@@ -90,5 +90,6 @@ def test_resume_auto_without_a_checkpoint_names_a_run_set_aside_by_overwrite(tmp
     view = training.start_view("auto", run)
     assert view["error"].endswith(
         f"; the run that train.overwrite set aside is in {run / 'replaced-20261128-190502'}: "
-        f"--resume {run / 'replaced-20261128-190502'} continues it")
+        f"--resume {run / 'replaced-20261128-190502'} continues it (with --set "
+        "train.overwrite=true while train.out_dir holds the failed run's files)")
     assert training.start_view("auto", tmp_path / "new")["error"].startswith("no checkpoint at")
