@@ -653,8 +653,9 @@ def expand_home(values: dict) -> dict:
             for key in keys:
                 if key in node:
                     node[key] = expand(key, node[key])
-    tasks = values.get("data", {}).get("tasks") if isinstance(values.get("data"), dict) else None
-    for spec in (tasks or {}).values() if isinstance(tasks, dict) else ():
+    data = values.get("data")
+    tasks = data.get("tasks") if isinstance(data, dict) else None
+    for spec in tasks.values() if isinstance(tasks, dict) else ():
         if isinstance(spec, dict):
             for key in ("train", "val", "test", "ans2label"):
                 if key in spec:
