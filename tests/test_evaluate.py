@@ -409,7 +409,9 @@ def test_every_process_evaluates_and_saves_process_0s_batchnorm_statistics(tmp_p
 
     calls.clear()
     monkeypatch.setattr(training, "dist", SimpleNamespace(
-        **{**vars(batchnorm_dist(rank0_buffers, calls)), "barrier": lambda: None}))
+        **{**vars(batchnorm_dist(rank0_buffers, calls)), "barrier": lambda: None,
+           # process 0's answer: the tag was not saved before
+           "broadcast_object_list": lambda objects, src: objects.__setitem__(0, False)}))
     engine = Engine()
     training.save_checkpoint(engine, tmp_path, "step1", {}, 1, 1)
     assert calls == [0, 0, 0] and engine.saved_mean == [3.0, 3.0]
