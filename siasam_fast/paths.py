@@ -108,18 +108,45 @@ def takes_new_files(folder: str | os.PathLike) -> bool:
     return target.is_dir() and not _not_writable(target)
 
 
-def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
+def write_text_atomic(path: str | os.PathLike, text: str, durable: bool = False) -> Path:
     """Write ``text`` to ``path`` through a temporary file beside it, renamed over it: a write cut
-    short (a kill, a full disk) leaves the previous version, never half a file."""
+    short (a kill, a full disk) leaves the previous version, never half a file. ``durable``: the
+    file's bytes reach the disk before the rename, and the rename before this returns (a power
+    loss then leaves the old version or the new one, never an empty file)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         tmp.write_text(text)
+        if durable:
+            fsync_path(tmp)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+    if durable:
+        fsync_path(path.parent)
     return path
+
+
+def fsync_path(path: str | os.PathLike) -> None:
+    """Flush a file's (or a folder's entries') writes to the disk. A file system that cannot
+    sync a folder (some network mounts answer EINVAL) is left to its own guarantees."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError as err:
+        if not (Path(path).is_dir() and err.errno in (errno.EINVAL, errno.EBADF, errno.ENOTSUP)):
+            raise
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(root: str | os.PathLike) -> None:
+    """:func:`fsync_path` on every file and folder under ``root``, ``root`` last."""
+    for folder, _, files in os.walk(root, topdown=False):
+        for name in files:
+            fsync_path(os.path.join(folder, name))
+        fsync_path(folder)
 
 
 # The lock file of a folder that one process at a time may write (a training's train.out_dir),

@@ -77,6 +77,7 @@ from siasam_fast.paths import (  # noqa: E402
     USAGE_ERRORS,
     FolderLock,
     file_in_the_way,
+    fsync_tree,
     lock_folder,
     packaged_config,
     write_text_atomic,
@@ -1321,12 +1322,15 @@ def save_checkpoint(engine, out_dir: Path, tag: str, run_state: dict, keep: int,
     _write_json(tag_dir / f"rng_rank{rank}.json", _rng_state())
     if loader_state is not None:
         _write_json(tag_dir / f"loader_rank{rank}.json", loader_state)
+    # on the disk, not only in this machine's cache (a power loss, a node lost): each process
+    # syncs the files it wrote (on a network file system only the writer's sync counts)
+    fsync_tree(tag_dir)
     if dist.is_initialized():
         dist.barrier()  # every rank's files are written
     if rank == 0:
         # last: run_state.json makes the tag complete (complete_tags), so only once every
         # process's files are there
-        _write_json(tag_dir / "run_state.json", run_state)
+        write_text_atomic(tag_dir / "run_state.json", json.dumps(run_state), durable=True)
         if tag_dir != final_dir:  # the first save aside, the new one in its place: while they
             # are swapped, the newest complete tag is one of the two (resolve_checkpoint)
             old = ckpt_dir / f".{tag}{REPLACED}"
@@ -1334,7 +1338,7 @@ def save_checkpoint(engine, out_dir: Path, tag: str, run_state: dict, keep: int,
             os.replace(final_dir, old)
             os.replace(tag_dir, final_dir)
             shutil.rmtree(old, ignore_errors=True)
-        _write_text(ckpt_dir / "latest", tag)
+        write_text_atomic(ckpt_dir / "latest", tag, durable=True)  # (and the renames above)
         prune_checkpoints(ckpt_dir, keep, tag, protect)
     if dist.is_initialized():
         dist.barrier()

@@ -1808,6 +1808,33 @@ def test_save_checkpoint_writes_each_processs_files_then_latest_and_prunes(tmp_p
                                                                  engine.module.bias)
 
 
+def test_save_checkpoint_syncs_every_file_before_the_tag_is_marked_complete(tmp_path,
+                                                                            monkeypatch):
+    """A power loss after a save: run_state.json (what makes a tag complete) and `latest` must not
+    reach the disk before the files they vouch for, which stay in the page cache otherwise."""
+    import siasam_fast.paths as paths
+    from siasam_fast.training import RESAVE, save_checkpoint
+
+    synced, real = [], os.fsync
+
+    def fsync(fd):
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real(fd)
+
+    monkeypatch.setattr(paths.os, "fsync", fsync)
+    save_checkpoint(FakeEngine(3), tmp_path, "step2", {"step": 2}, 1, 0, {"position": 1})
+    save_checkpoint(FakeEngine(), tmp_path, "step2", {"step": 2}, 1, 0)  # saved again: swapped
+    tag, ckpt = str(tmp_path / "checkpoints" / "step2"), str(tmp_path / "checkpoints")
+    first = synced[:synced.index(ckpt) + 1]
+    files = ["mp_rank_00_model_states.pt", "model_weights.pt", "rng_rank0.json",
+             "loader_rank0.json"]
+    marked = next(i for i, p in enumerate(first) if Path(p).name.startswith(".run_state.json"))
+    assert {f"{tag}/{name}" for name in files} <= set(first[:marked])  # the files, then the mark
+    assert first.index(tag) < marked and first[-1] == ckpt  # ... and `latest` with the renames
+    again = synced[len(first):]
+    assert f"{ckpt}/.step2{RESAVE}/mp_rank_00_model_states.pt" in again and again[-1] == ckpt
+
+
 def test_a_tag_saved_again_is_swapped_in_whole(tmp_path):
     """The epoch's last step is saved twice (save_every, then the epoch's end). Saved in place,
     the second save rewrote the model file while `latest` named the tag: a kill then left a
