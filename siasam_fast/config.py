@@ -603,10 +603,31 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             if name in _SECTIONS and not isinstance(section, dict):
                 raise ValueError(f"{path}: section {name!r} must be a mapping of keys, got "
                                  f"{section!r}")
+        _strings_as_written(values, yaml.compose(path.read_text(), Loader=_UniqueKeyLoader))
     return Config.from_dict(expand_home(apply_overrides(values, overrides or [])))
 
 
 MERGE_TAG = "tag:yaml.org,2002:merge"
+NUMBER_TAGS = ("tag:yaml.org,2002:int", "tag:yaml.org,2002:float")
+YAML11_NUMBER = re.compile(r"[-+]?(0[0-7_]+|[0-9][0-9_]*(:[0-5]?[0-9])+(\.[0-9_]*)?)")
+
+
+def _strings_as_written(values: dict, node, path: tuple[str, ...] = ()) -> None:
+    """String fields (``train.out_dir: 010``) keep the text written, as --set does: YAML 1.1
+    reads an unquoted 010 as 8, 1.10 as 1.1 and 1:30 as 90. So do numbers only YAML 1.1 reads
+    so (``train.epochs: 010`` is 10, and 1:30 is not a number)."""
+    if not isinstance(node, yaml.MappingNode) or not isinstance(values, dict):
+        return
+    for key_node, value_node in node.value:
+        if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == MERGE_TAG:
+            continue
+        key = (*path, key_node.value)
+        if isinstance(value_node, yaml.MappingNode):
+            _strings_as_written(values.get(key_node.value), value_node, key)
+        elif (isinstance(value_node, yaml.ScalarNode) and value_node.style is None
+              and value_node.tag in NUMBER_TAGS
+              and (_string_key(list(key)) or YAML11_NUMBER.fullmatch(value_node.value))):
+            values[key_node.value] = value_node.value
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):

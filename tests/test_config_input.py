@@ -36,6 +36,24 @@ def test_a_key_or_section_given_twice_is_an_error(tmp_path):
     assert load_config(once).train.lr == 0.001
 
 
+def test_numbers_in_a_file_read_as_written_where_yaml_1_1_would_change_them(tmp_path):
+    """YAML 1.1 reads an unquoted 010 as 8, 1.10 as 1.1 and 1:30 as 90: out_dir: 010 wrote into
+    ./8. String fields keep the text (as --set does); whole numbers read 010 as 10."""
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("train:\n  out_dir: 010\n  epochs: 010\n  lr: 1.10\ndata:\n"
+                   "  video_dir: 1:30\n  train: 1.10\n")
+    loaded = load_config(cfg)
+    assert (loaded.train.out_dir, loaded.train.epochs, loaded.train.lr) == ("010", 10, 1.1)
+    assert (loaded.data.video_dir, loaded.data.train) == ("1:30", "1.10")
+    cfg.write_text("data:\n  tasks:\n    a: {task: open, test: 0100}\ntask: multi\n")
+    assert load_config(cfg).data.tasks["a"]["test"] == "0100"
+    cfg.write_text("train:\n  epochs: 1:30\n")
+    with pytest.raises(ValueError, match=r"train.epochs='1:30': expected a whole number"):
+        load_config(cfg)
+    cfg.write_text("train:\n  epochs: 3\n  out_dir: '010'\n")  # (quoted: a string already)
+    assert (load_config(cfg).train.epochs, load_config(cfg).train.out_dir) == (3, "010")
+
+
 def test_a_leading_tilde_in_a_path_is_the_home_folder(tmp_path, monkeypatch):
     """The shell leaves ~ in --set train.out_dir=~/runs as it is: the run went to ./~/runs."""
     monkeypatch.setenv("HOME", str(tmp_path))
