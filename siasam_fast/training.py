@@ -290,6 +290,15 @@ class TextEncoder:
                              max_length=self.max_len, return_tensors="pt")
         return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
 
+    def tokens(self, question: str, candidates: list[str] | None = None) -> int:
+        """How many tokens the text the model reads for ``question`` has before the cut to
+        ``max_len``: for multiple choice, the longest question-and-candidate text."""
+        if self.task != "mc":
+            return len(self.tokenizer(question)["input_ids"])
+        if self.mc_text == "joined":
+            return max(len(self.tokenizer(f"{question} {c}")["input_ids"]) for c in candidates)
+        return max(len(self.tokenizer(question, c)["input_ids"]) for c in candidates)
+
 
 @dataclass
 class Data:
@@ -2697,11 +2706,12 @@ def answer_question(checkpoint: str, video: str, question: str,
     model.load_state_dict(load_model_weights(tag_dir))
     model.to(device).eval()
     text = TextEncoder(tokenizer, cfg.task, cfg.data.max_question_len, cfg.data.mc_text)
-    tokens = len(tokenizer(question)["input_ids"])
+    tokens = text.tokens(question, candidates)
     if tokens > cfg.data.max_question_len:  # (truncated by the encoder, as in training)
-        print(f"note: the question is {tokens} tokens; the model reads its first "
-              f"{cfg.data.max_question_len} (data.max_question_len), as training did",
-              file=sys.stderr)
+        what = ("the question with its longest candidate" if cfg.task == "mc" else
+                "the question")
+        print(f"note: {what} is {tokens} tokens; the model reads {cfg.data.max_question_len} "
+              "of them (data.max_question_len), as training did", file=sys.stderr)
     loader = make_loader(cfg, data, "test", 0, 1)
     try:
         batch = next(iter(loader))

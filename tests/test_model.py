@@ -576,6 +576,19 @@ def test_mc_text_pairs_or_joins_question_and_candidate(tokenizer):
         TextEncoder(tokenizer, "mc", 32, "both")
 
 
+def test_the_token_count_before_the_cut_counts_the_longest_candidate(tokenizer):
+    """`ask` notes a text cut at data.max_question_len; for multiple choice the model reads the
+    question with each candidate, so a short question with a long candidate is cut too."""
+    from siasam_fast.training import TextEncoder
+
+    question, candidates = "what color is it?", ["red square", "blue " * 40]
+    assert TextEncoder(tokenizer, "open", 32).tokens(question) == 7  # [CLS] 5 [SEP]
+    for mc_text, extra in (("pair", 1), ("joined", 0)):  # (a pair has one [SEP] more)
+        text = TextEncoder(tokenizer, "mc", 32, mc_text)
+        assert text.tokens(question, candidates) == 7 + 40 + extra
+        assert text.tokens(question, candidates[:1]) == 7 + 2 + extra
+
+
 def test_a_candidate_is_embedded_as_segment_a_as_clipbert_embeds_text(tokenizer):
     """mc_text=pair: the tokenizer would give the candidate token type 1, but the model embeds
     every text token with type 0 (ClipBERT's text embedding, which the README and config state):

@@ -891,6 +891,11 @@ def test_multiple_choice_task(synth, tmp_path):
     answers = json.loads(proc.stdout)["answers"]
     assert [a for a, _ in answers] == ["it is red", "it is cyan", "it is green"]
     assert sum(p for _, p in answers) == pytest.approx(1.0)
+    assert "note:" not in proc.stderr
+    proc = ask(out, synth / "videos" / "video0.mp4", "What color?", "--candidates",
+               "it is red|it is " + "a very light cyan " * 8)  # (the question is short)
+    assert re.search(r"note: the question with its longest candidate is \d+ tokens; the model "
+                     r"reads 32 of them", proc.stderr), proc.stderr
     proc = ask(out, synth / "videos" / "video0.mp4", "What color?", ok=False)
     assert "task=mc): give the answers to choose from with --candidates" in proc.stderr
     proc = ask(out, synth / "videos" / "video0.mp4", "What color?", "--candidates",
@@ -923,7 +928,7 @@ def test_ask_answers_one_question_about_one_video(synth, tmp_path):
     assert re.fullmatch(r"(\S+ +\d+\.\d%\n){5}", proc.stdout), proc.stdout
     assert "note: the question is" not in proc.stderr
     proc = ask(out, synth / "videos" / "video0.mp4", "what is " + "the big red " * 20 + "?")
-    assert re.search(r"note: the question is \d+ tokens; the model reads its first 32 "
+    assert re.search(r"note: the question is \d+ tokens; the model reads 32 of them "
                      r"\(data.max_question_len\)", proc.stderr), proc.stderr
     # Bad input: one line each, naming the option.
     proc = ask(out, tmp_path / "nope.mp4", "what?", ok=False)
