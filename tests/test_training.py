@@ -621,8 +621,14 @@ def test_resume_if_any_starts_or_continues(synth, tmp_path):
     """--resume if-any, for jobs that are requeued: a new run in an empty folder, a resume where a
     checkpoint is, and a new run over an earlier try that never saved one."""
     out = tmp_path / "job"
+    aside = out / "replaced-20261128-190502"  # an overwrite whose replacement never saved
+    (aside / "checkpoints").mkdir(parents=True)
+    (aside / "checkpoints" / "latest").write_text("step4")
     proc = train(base_args(synth, out, "--set", "train.max_steps=2", "--resume", "if-any"))
     assert len(losses(out)) == 2 and "moved the previous run" not in proc.stdout
+    assert (f"note: {aside} holds a run that train.overwrite set aside and whose replacement "
+            "never saved: it stays until you delete it") in proc.stdout, proc.stdout
+    assert aside.is_dir()
     # a max_steps stop says so, and summary.json says the run is not over
     assert "stopped at train.max_steps=2 (2 of " in proc.stdout, proc.stdout
     assert "--resume auto with a larger (or no) train.max_steps continues" in proc.stdout
