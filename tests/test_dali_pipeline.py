@@ -646,6 +646,21 @@ def test_copied_videos_with_new_modification_times_are_not_skipped(own_copy, tmp
     check_batch_frames(batch)
 
 
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_a_record_without_a_size_is_decoded_as_pyav_decodes_it(own_copy, num_workers):
+    """A manifest record of size 0 (unknown: file_change, which PyAV and the stand-in search ask,
+    does not compare it) is read, not left out as changed since indexing: every such file was
+    skipped and the loader gave up for want of stand-ins."""
+    folder, manifest = own_copy
+    for record in manifest.values():
+        record.size = 0
+    loader = dali(examples_for(INDEXED), manifest, batch_size=3, shuffle=False,
+                  num_workers=num_workers)
+    (batch,) = list(loader)
+    assert loader.skipped == [] and not batch["stand_in"].any()
+    check_batch_frames(batch)
+
+
 def test_when_every_stand_in_fails_too_the_loader_says_so(own_copy):
     folder, manifest = own_copy
     for name, codec in (("vp9", "vp9"), ("vp9_vfr", "vp9"), ("mjpeg", "mjpeg")):

@@ -341,7 +341,8 @@ def read_encoded_batch(batches, info, trim=False, defer_signals=False):
     batches) and ``StopIteration`` past the last batch. ``trim``: each video's bytes are cut to the
     stretch its frames need and its frames renumbered to match: read from the file alone with the
     manifest's keyframes (``span``, :func:`trim_file`), else cut from the whole file
-    (:func:`trim_stretch`).
+    (:func:`trim_stretch`). A ``size`` of 0 is unknown (as for
+    :func:`~siasam_fast.pipeline.pyav_decode.file_change`): the file is read, not compared.
     """
     if defer_signals:  # a scheduler's SIGTERM reaches DALI's readers too: the main process
         # decides (training saves a checkpoint first) and ends them (siasam_fast.stopping)
@@ -357,18 +358,18 @@ def read_encoded_batch(batches, info, trim=False, defer_signals=False):
         cut = None
         try:
             with open(path, "rb") as fh:
-                if os.fstat(fh.fileno()).st_size != size:
+                if size and os.fstat(fh.fileno()).st_size != size:
                     changed.append(path)
                     continue
                 if trim and len(span):
                     cut = trim_file(fh, wanted, span)
-                    if os.fstat(fh.fileno()).st_size != size:  # rewritten while it was read?
+                    if size and os.fstat(fh.fileno()).st_size != size:  # rewritten meanwhile?
                         changed.append(path)
                         continue
                 if cut is None:
                     fh.seek(0)
                     data = np.fromfile(fh, dtype=np.uint8)
-                    if data.size != size:  # rewritten between fstat and read
+                    if size and data.size != size:  # rewritten between fstat and read
                         changed.append(path)
                         continue
         except OSError:
