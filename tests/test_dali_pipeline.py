@@ -611,6 +611,41 @@ def test_a_video_put_back_as_indexed_is_not_left_out_after_a_resume(own_copy):
     assert resumed.skipped == [] and not any(b["stand_in"].any() for b in rest)
 
 
+@pytest.mark.parametrize("reason", ["unreadable: Permission denied",
+                                    "changed while the batch was read"])
+def test_a_video_left_out_for_a_read_error_is_tried_again_after_a_resume(own_copy, reason):
+    """A video the reader could not read (a permission taken away, a file rewritten while it was
+    read) stayed out for good after a resume, though readable and as indexed by then: only a
+    size change was tried again. A video that failed to decode stays out (its content)."""
+    folder, manifest = own_copy
+    path = str(video_path(folder, "vp9", "vp9"))
+    names = ["vp9", "vp9_vfr", "mjpeg"] * 2
+    state = dali(examples_for(names), manifest, batch_size=3, shuffle=False).state_dict()
+    for why, out in ((reason, False), ("decoding failed: Invalid data", True)):
+        resumed = dali(examples_for(names), manifest, batch_size=3, shuffle=False)
+        resumed.load_state_dict({**state, "bad_videos": {path: why}})
+        rest = list(resumed)
+        assert any(b["stand_in"].any() for b in rest) == out
+        assert [p for p, _ in resumed.skipped] == ([path] * 2 if out else [])
+
+
+def test_a_video_that_cannot_be_opened_is_named_unreadable(own_copy, monkeypatch):
+    """The reader leaves out a file it cannot open; its size still matches the manifest (a
+    permission taken away), so the reason said "changed while the batch was read"."""
+    from siasam_fast.pipeline import dali as module
+
+    folder, manifest = own_copy
+    path = str(video_path(folder, "vp9", "vp9"))
+    job = SimpleNamespace(path=path, size=0)  # (its size unknown: only the open is checked)
+    assert module._file_change(job) is None
+
+    def refuse(name, *args, **kwargs):
+        raise PermissionError(13, "Permission denied", name)
+
+    monkeypatch.setattr(module, "open", refuse, raising=False)
+    assert module._file_change(job) == "unreadable: Permission denied"
+
+
 def test_every_rank_yields_its_batches_when_a_whole_batch_fails(own_copy):
     """A batch whose every video failed was not yielded: that rank then ran fewer steps than the
     others and hung their collectives. It now holds stand-ins, and every rank yields

@@ -630,9 +630,9 @@ class DALIVideoLoader:
                 path = _moved_path(saved, *by_relpath)
             if path is None:  # not a video of this data set (any more)
                 continue
-            if (reason.startswith(CHANGED_SINCE_INDEXING)
-                    and file_change(path, records[path].size) is None):
-                continue  # the file is the one indexed again (put back, or indexed again)
+            if (reason.startswith(READ_REASONS) and file_change(path, records[path].size) is None
+                    and _open_error(path) is None):
+                continue  # the file is the one indexed again (put back, indexed again, readable)
             if path not in self._bad:
                 self._bad[path] = reason
                 logger.warning("skipping video %s for the rest of this run, as before the resume "
@@ -840,7 +840,7 @@ class DALIVideoLoader:
         returned = set(slots)
         for job in step.live:
             if job.slot not in returned:
-                self._skip(job, step, _file_change(job) or "changed while the batch was read")
+                self._skip(job, step, _file_change(job) or READ_RACE)
 
     def _batch(self, step: _Step, frames: torch.Tensor | None, slots: list[int]) -> dict:
         """The step's batch: DALI's frames of the videos in ``slots`` and a stand-in (decoded on
@@ -1062,8 +1062,23 @@ def _job(slot: int, record: VideoRecord, wanted: np.ndarray, image_size: int,
 
 
 def _file_change(job: _Job) -> str | None:
-    """Why the file no longer matches its manifest record, or None if it still does."""
-    return file_change(job.path, job.size)
+    """Why the file no longer matches its manifest record or cannot be read (a permission
+    taken away: its size still matches), or None if it is fine."""
+    return file_change(job.path, job.size) or _open_error(job.path)
+
+
+def _open_error(path: str) -> str | None:
+    try:
+        with open(path, "rb"):
+            return None
+    except OSError as err:
+        return f"unreadable: {err.strerror or err}"
+
+
+# The reasons the reader leaves a file out for (not its content's): a resumed run tries the file
+# again if it is readable and the one indexed by then
+READ_RACE = "changed while the batch was read"
+READ_REASONS = (CHANGED_SINCE_INDEXING, "unreadable", READ_RACE)
 
 
 def _first_line(err: BaseException) -> str:
