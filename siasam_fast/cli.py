@@ -118,8 +118,8 @@ def _plan(args: argparse.Namespace) -> int:
           f"sampling N={sampling.num_clips} clips of B={frames} frames, stride "
           f"{sampling.stride}, {args.draws} draws a video")
     print("decoded frames per needed frame (planner.py's model of the PyAV decoder; clips drawn "
-          "over whole videos, where training on a set with question segments, such as How2QA "
-          "or ActivityNet, draws inside each segment):")
+          "over whole videos, where training on a set with question segments, such as How2QA, "
+          "draws inside each segment):")
     base = plan["rows"][0]["decoded_per_needed"]
     print(f"  {'set':<12} {'GOP':>5} {'needed':>7} {'decoded':>8} {'per needed':>11} "
           f"{'vs as indexed':>14}")

@@ -170,6 +170,9 @@ def test_plan_tells_whether_a_transcode_pays(capsys, tmp_path):
     assert [line.split()[0] for line in out.splitlines() if line.startswith("  ")] == [
         "set", "as", "--gop", "--gop", "--gop"]
     assert "a transcode (siasam-fast transcode SRC DST --gop 16) would decode" in out
+    # ActivityNet-QA's questions carry no time segments (the reader gives whole videos): only
+    # How2QA's do, and the note names no other set.
+    assert "such as How2QA," in out and "ActivityNet" not in out, out
     code, out, _ = run_cli(capsys, "plan", tmp_path / "gop8.jsonl", "--draws", 4,
                            "--set", "sampling.stride=2", "--gops", 16)
     assert code == 0 and "stride 2" in out and "a transcode would save little" in out, out
