@@ -554,6 +554,28 @@ def test_nested_videos_are_found_by_file_name_unless_the_name_repeats(manifest):
     assert reasons["q2"] == "video missing from the manifest"
 
 
+def test_an_id_written_otherwise_finds_its_video_or_says_how_it_differs(manifest):
+    """An id in another Unicode form (a macOS copy writes "vide\u0301o" for the file "vidéo") or
+    with its video's extension ("v1.mp4") names that video; one that differs only in case is
+    not matched (a case-sensitive file system may hold both), and the drop reason names the
+    near miss, which looked the same as "missing" before."""
+    composed, decomposed = "vid\u00e9o", "vide\u0301o"
+    videos = {f"sub/{composed}": manifest["h264"], "clip7": manifest["vp9"],
+              "Video12": manifest["mjpeg"], "a/dup": manifest["h264"], "b/dup": manifest["vp9"]}
+    cfg = SamplingConfig(num_clips=3, frames_per_clip=4, stride=4)
+    ds = VideoQADataset(examples_for([decomposed, "clip7.MP4", "clip7.txt", "video12",
+                                      "dup.mp4", f"sub/{decomposed}"]), videos, cfg, "train",
+                        image_size=SIZE)
+    assert ds.indices == [0, 1, 5]
+    assert [r.path for r in ds.records] == [manifest["h264"].path, manifest["vp9"].path,
+                                            manifest["h264"].path]
+    reasons = {qid: reason for _, qid, reason in ds.dropped}
+    assert reasons["q2"] == "video missing from the manifest"  # (.txt: not a video extension)
+    assert reasons["q3"] == ("video missing from the manifest: no id 'video12', but 'Video12' "
+                             "differs only in upper / lower case")
+    assert reasons["q4"].startswith("video name in several subfolders")
+
+
 def test_labels_and_text_pass_through(manifest):
     examples = [
         QAExample(qid="o", video_id="mjpeg", question="what?", answer="dog", question_type="what"),

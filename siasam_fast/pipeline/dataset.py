@@ -59,6 +59,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import unicodedata
 import weakref
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -69,7 +70,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from siasam_fast.data.examples import QAExample
-from siasam_fast.pipeline.manifest import VideoRecord
+from siasam_fast.pipeline.manifest import VIDEO_EXTENSIONS, VideoRecord
 from siasam_fast.pipeline.pyav_decode import (
     DEFAULT_SEEK_THRESHOLD,
     DecodeError,
@@ -177,6 +178,7 @@ class VideoQADataset(Dataset):
         for vid in self.manifest:  # fallback lookup by file name for nested video folders
             name = vid.rsplit("/", 1)[-1]
             by_name[name] = None if name in by_name else vid
+        lookup = _VideoLookup(self.manifest, by_name)
         skip_memo: dict[int, str] = {}
         self.indices: list[int] = []  # example index of each position
         self.records: list[VideoRecord] = []
@@ -184,14 +186,9 @@ class VideoQADataset(Dataset):
         self.dropped: list[tuple[int, str, str]] = []  # (example index, qid, reason)
         self.overlapping_eval_videos = 0  # evaluation: videos (segments) whose clips overlap
         for i, ex in enumerate(self.examples):
-            record = self.manifest.get(ex.video_id)
-            if record is None and by_name.get(ex.video_id):
-                record = self.manifest[by_name[ex.video_id]]
+            record = lookup.find(ex.video_id)
             if record is None:
-                self.dropped.append((i, ex.qid, "video name in several subfolders of the manifest "
-                                     "(rename the files to unique names)"
-                                     if ex.video_id in by_name else
-                                     "video missing from the manifest"))
+                self.dropped.append((i, ex.qid, lookup.why_missing(ex.video_id)))
                 continue
             if not record.ok:
                 self.dropped.append((i, ex.qid, f"video corrupt: {_first(record.reason)}"))
@@ -454,6 +451,49 @@ def _drop_example(examples: list, drop: tuple[int, str, str], kind: str) -> str:
     detail = reason[len(kind):].lstrip(": ") if reason.startswith(kind) else reason
     return (f"e.g. qid {qid}, video {examples[index].video_id!r}"
             + (f": {detail}" if detail else ""))
+
+
+class _VideoLookup:
+    """An annotation's video id -> its manifest record: the id itself, else the file name (a
+    nested video folder), each also as written in another Unicode form (macOS copies write file
+    names decomposed: "vide\u0301o" for "vidéo") and without a video extension ("v1.mp4")."""
+
+    def __init__(self, manifest, by_name: dict[str, str | None]):
+        self.manifest, self.by_name = manifest, by_name
+        self.folded: dict[str, list[str]] = {}  # casefolded NFC id or name -> ids (the hint)
+        self.nfc: dict[str, str | None] = {}  # NFC id or name -> id (None: several)
+        for vid in manifest:
+            for key in {vid, vid.rsplit("/", 1)[-1]}:
+                norm = unicodedata.normalize("NFC", key)
+                self.nfc[norm] = None if self.nfc.get(norm, vid) != vid else vid
+                self.folded.setdefault(norm.casefold(), []).append(vid)
+
+    def _forms(self, video_id: str) -> list[str]:
+        stem, dot, ext = video_id.rpartition(".")
+        plain = [stem] if dot and f".{ext.lower()}" in VIDEO_EXTENSIONS and stem else []
+        return [video_id, *plain]
+
+    def find(self, video_id: str):
+        for form in self._forms(video_id):
+            if form in self.manifest:
+                return self.manifest[form]
+            if self.by_name.get(form):
+                return self.manifest[self.by_name[form]]
+            vid = self.nfc.get(unicodedata.normalize("NFC", form))
+            if vid:
+                return self.manifest[vid]
+        return None
+
+    def why_missing(self, video_id: str) -> str:
+        if any(form in self.by_name for form in self._forms(video_id)):
+            return ("video name in several subfolders of the manifest (rename the files to "
+                    "unique names)")
+        for form in self._forms(video_id):
+            near = self.folded.get(unicodedata.normalize("NFC", form).casefold())
+            if near:
+                return (f"video missing from the manifest: no id {video_id!r}, but "
+                        f"{near[0]!r} differs only in upper / lower case")
+        return "video missing from the manifest"
 
 
 def _reason_kind(reason: str) -> str:
