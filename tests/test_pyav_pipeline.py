@@ -983,6 +983,21 @@ def test_segments_use_the_measured_rate_and_name_a_reversed_span(manifest):
         "segment empty: it ends (2.0 s) before it starts (4.0 s)")
 
 
+def test_segments_ending_well_after_their_video_are_kept_cut_and_counted(manifest, caplog):
+    """A How2QA segment [10 s, 60 s] of a 6.4 s download was cut to the video's end without a
+    word: its question is about content the file may lack (another, shorter download)."""
+    cfg = SamplingConfig(num_clips=3, frames_per_clip=4, stride=4)
+    examples = [QAExample(qid=q, video_id="h264", question="?", start=start, end=end)
+                for q, start, end in (("in", 1.0, 6.4), ("near", 1.0, 7.3), ("far", 2.0, 60.0),
+                                      ("open", 2.0, None), ("far2", 0.0, 9.0))]
+    with caplog.at_level("WARNING"):
+        ds = VideoQADataset(examples, manifest, cfg, "train", image_size=SIZE)
+    assert ds.indices == [0, 1, 2, 3, 4] and ds.segments[2] == (50, 110)  # kept, cut
+    assert ds.segments_past_end == 2  # more than 1 s after the end of the 6.40 s video
+    assert ("train: 2 question(s) have a segment ending more than 1 s after their video's end "
+            "(e.g. qid far, video 'h264': [2.0 s, 60.0 s] of a 6.40 s video)") in caplog.text
+
+
 def test_a_zero_length_segment_is_the_frame_at_its_time():
     """How2QA's official CSVs hold instants such as [0.0:0.0], [60.0:60.0] and [121.56:121.56]: the
     question is about the frame shown then, not an empty segment (it was dropped, so evaluation

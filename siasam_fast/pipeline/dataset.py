@@ -180,6 +180,7 @@ class VideoQADataset(Dataset):
             by_name[name] = None if name in by_name else vid
         lookup = _VideoLookup(self.manifest, by_name)
         skip_memo: dict[int, str] = {}
+        overrun: list = []  # (example, record): a segment ending well after its video
         self.indices: list[int] = []  # example index of each position
         self.records: list[VideoRecord] = []
         self.segments: list[tuple[int, int]] = []  # (first frame, frame count) per position
@@ -206,8 +207,19 @@ class VideoQADataset(Dataset):
             self.indices.append(i)
             self.records.append(record)
             self.segments.append(segment)
+            if ex.end is not None and 0 < record.duration < ex.end - SEGMENT_OVERRUN_S:
+                overrun.append((ex, record))
         self.drop_reasons = Counter(_reason_kind(r) for _, _, r in self.dropped)
         self._warn_overlapping_eval_clips()
+        if overrun:  # kept (a segment cut at the video's end), but said: a shorter download
+            ex, record = overrun[0]  # than the annotated one answers from what it has
+            logger.warning(
+                "%s: %d question(s) have a segment ending more than %g s after their video's end "
+                "(e.g. qid %s, video %r: [%s s, %s s] of a %.2f s video); each is cut at the "
+                "video's end: a video shorter than the annotated one (another download?) is "
+                "asked about content it may lack", self.split, len(overrun),
+                SEGMENT_OVERRUN_S, ex.qid, ex.video_id, ex.start, ex.end, record.duration)
+        self.segments_past_end = len(overrun)
         if self.dropped:
             # each kind with its first question, video and full reason: the kind alone ("sampler
             # skipped", "video missing from the manifest") does not say which id or limit failed
@@ -406,6 +418,10 @@ def check_failed_share(failed: dict[str, str], num_videos: int, where: str) -> N
             "): they changed since the manifest was built; run `siasam-fast index` on the folder "
             "again: it marks damaged files corrupt, and their questions are dropped rather than "
             "given stand-ins (videos moved elsewhere: set data.video_dir to their folder)")
+
+
+# A segment that ends this much after its video's end is counted in a warning (kept, cut)
+SEGMENT_OVERRUN_S = 1.0
 
 
 def segment_frames(example: QAExample, record: VideoRecord) -> tuple[int, int] | str:
