@@ -466,6 +466,16 @@ def test_symlinked_subfolders_are_followed_once_and_loops_are_not(tmp_path):
     assert found == ["c.mp4", "part1/a.mp4", "part2/b.mp4"]
 
 
+def test_camera_transport_streams_are_videos_and_extensions_match_in_any_case(tmp_path):
+    """AVCHD cameras write .MTS / .m2ts (MPEG-TS): they were left out of the index without a
+    count, and their questions dropped as "missing from the manifest"."""
+    from siasam_fast.pipeline.manifest import find_videos
+
+    for name in ("a.MTS", "b.m2ts", "c.mp4", "notes.txt"):
+        (tmp_path / name).write_bytes(b"x")
+    assert [p.name for p in find_videos(tmp_path)] == ["a.MTS", "b.m2ts", "c.mp4"]
+
+
 def test_a_manifest_is_readable_as_any_new_file_is(tmp_path):
     """mkstemp makes its file 0600; a manifest is shared data (other users, other nodes' jobs), so
     it gets the mode open() would give: 0666 less the umask."""

@@ -68,6 +68,8 @@ VIDEO_EXTENSIONS = (
     ".mpg",
     ".mpeg",
     ".ts",
+    ".mts",
+    ".m2ts",
     ".3gp",
     ".ogv",
 )
