@@ -131,6 +131,54 @@ def test_a_tag_that_is_not_utf8_is_no_fault(tmp_path):
                                       [0, 29])) == [0, 29]
 
 
+def write_turned_video(path, degrees: int, frames: int = 6):
+    """A 64x32 H.264 video whose left half is white, marked to be shown turned by ``degrees``
+    counter-clockwise (a phone's portrait video is stored sideways with such a mark)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image = np.zeros((32, 64, 3), np.uint8)
+    image[:, :32] = 255
+    with av.open(str(path), "w") as out:
+        stream = out.add_stream("libx264", rate=10)
+        stream.width, stream.height, stream.pix_fmt = 64, 32, "yuv420p"
+        stream.set_display_rotation(degrees)
+        for _ in range(frames):
+            for packet in stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+
+
+@pytest.mark.parametrize("mode", ["decode", "demux"])
+def test_a_video_turned_for_display_is_indexed_as_such_and_transcoded_upright(tmp_path, mode):
+    """Rotation metadata was ignored: a phone's portrait video was indexed, trained on and
+    transcoded sideways without a word. The index records it and says so; the transcode turns
+    the frames and writes an upright copy (which has no rotation left)."""
+    from siasam_fast.pipeline.manifest import build_manifest
+
+    src = tmp_path / "src"
+    write_turned_video(src / "clockwise.mp4", -90)  # shown turned 90 degrees clockwise
+    write_turned_video(src / "upside.mp4", 180)
+    write_turned_video(src / "plain.mp4", 0)
+    build = build_manifest(src, tmp_path / "m.jsonl", workers=1, mode=mode, progress=False)
+    assert {k: r.rotation for k, r in build.items()} == {"clockwise": -90, "upside": 180,
+                                                         "plain": 0}
+    assert ("2 videos are turned for display (e.g. clockwise.mp4: -90 degrees): their frames are "
+            "read as stored, not turned; `siasam-fast transcode` writes upright copies"
+            ) in build.summary()
+    if mode == "demux":
+        return
+    transcode(src, tmp_path / "dst", gop=GOP, workers=1, encoder="cpu", progress=False)
+    out = load_manifest(tmp_path / "dst" / "manifest.jsonl")
+    assert {k: (r.width, r.height, r.rotation) for k, r in out.items()} == {
+        "clockwise": (32, 64, 0), "upside": (64, 32, 0), "plain": (64, 32, 0)}
+    first = {k: decode_frames(r, [0])[0].astype(float).mean(-1) for k, r in out.items()}
+    top, bottom = first["clockwise"][:32].mean(), first["clockwise"][32:].mean()
+    assert top > 200 and bottom < 50  # the white left side, turned clockwise, is on top
+    left, right = first["upside"][:, :32].mean(), first["upside"][:, 32:].mean()
+    assert right > 200 and left < 50  # upside down: white on the right
+    assert first["plain"][:, :32].mean() > 200 and first["plain"][:, 32:].mean() < 50
+
+
 def test_short_gop_reduces_measured_decoding(converted):
     """The point of it all: the same late frames cost fewer decoded frames after transcoding,
     as the cost model predicts."""

@@ -96,6 +96,10 @@ class VideoRecord:
     time_base: str = ""  # the video stream's time base, "num/den"
     start_pts: int = 0  # pts of frame 0
     declared_frames: int = 0  # what the container header says (0: unknown); not trusted
+    # degrees the picture is turned for display (the file's display matrix, as FFmpeg gives it:
+    # 90 counter-clockwise, -90, 180; phone videos); frames are decoded as stored. 0 in records
+    # probed before 2026-11-28
+    rotation: int = 0
     size: int = 0  # file size in bytes when probed
     mtime_ns: int = 0  # file modification time (ns) when probed
     probe: str = "decode"  # the probe mode that produced the record
@@ -151,6 +155,11 @@ class ManifestBuild(dict):
         )
         if self.duplicates:
             text += f"\n  {len(self.duplicates)} files skipped (video_id already taken)"
+        turned = [r for r in self.values() if r.ok and r.rotation]
+        if turned:
+            text += (f"\n  {len(turned)} videos are turned for display (e.g. {turned[0].relpath}:"
+                     f" {turned[0].rotation} degrees): their frames are read as stored, not "
+                     "turned; `siasam-fast transcode` writes upright copies")
         for reason, count in reasons.most_common(10):
             text += f"\n  corrupt x{count}: {reason}"
         return text
@@ -248,12 +257,17 @@ def _probe_stream(path: Path, record: VideoRecord, mode: str) -> None:
         # AVI stores no presentation times (PyAV's packet pts is the decode order there): the
         # packets of a codec that reorders pictures cannot be numbered without decoding.
         no_pts = container.format.name == "avi" and not ctx.codec.intra_only
-        frame_pts, keyframe_pts, packet_pts_missing, hidden = _read_stream(container, stream, mode)
+        frame_pts, keyframe_pts, packet_pts_missing, hidden, rotation = _read_stream(
+            container, stream, mode)
         if mode == "demux" and (packet_pts_missing or no_pts):
             # Packets without pts cannot be put in presentation order: decode instead.
             record.probe = "decode"
             container.seek(0)
-            frame_pts, keyframe_pts, _, hidden = _read_stream(container, stream, "decode")
+            frame_pts, keyframe_pts, _, hidden, rotation = _read_stream(container, stream,
+                                                                        "decode")
+        elif mode == "demux" and frame_pts:
+            rotation = _first_frame_rotation(container, stream)
+        record.rotation = rotation
 
     if not frame_pts:
         record.reason = "zero frames: the video stream holds no decodable frame"
@@ -308,9 +322,11 @@ def retimeable(record: VideoRecord) -> bool:
             and record.num_frames > 0)
 
 
-def _read_stream(container, stream, mode: str) -> tuple[list[int], list[int], bool, int]:
+def _read_stream(container, stream, mode: str) -> tuple[list[int], list[int], bool, int, int]:
     """(sorted frame pts, keyframe packet pts, whether some packet lacked a pts, the number of
-    packets flagged discard: hidden by an edit list, decoded but their frames never output)."""
+    packets flagged discard: hidden by an edit list, decoded but their frames never output, the
+    display rotation of the first frame: decode mode only, else 0)."""
+    rotation = 0
     frame_pts: list[int] = []
     keyframe_pts: list[int] = []
     missing = False
@@ -331,10 +347,33 @@ def _read_stream(container, stream, mode: str) -> tuple[list[int], list[int], bo
             for frame in packet.decode():
                 if frame.pts is None:
                     raise ValueError("a decoded frame has no pts: frames cannot be indexed by pts")
+                if not frame_pts:
+                    rotation = _rotation_of(frame)
                 frame_pts.append(int(frame.pts))
     if mode == "demux":
         frame_pts.sort()
-    return frame_pts, keyframe_pts, missing, hidden
+    return frame_pts, keyframe_pts, missing, hidden, rotation
+
+
+def _rotation_of(frame) -> int:
+    """The frame's display rotation in degrees counter-clockwise, in (-180, 180] (0, 90, -90,
+    180), from its display matrix."""
+    try:
+        degrees = int(round(float(frame.rotation or 0))) % 360
+    except (AttributeError, TypeError, ValueError):  # (a PyAV without Frame.rotation)
+        return 0
+    return degrees - 360 if degrees > 180 else degrees
+
+
+def _first_frame_rotation(container, stream) -> int:
+    """Demux mode decodes no frame: the first one, for its display rotation (0 if none)."""
+    try:
+        container.seek(0, stream=stream)
+        for frame in container.decode(stream):
+            return _rotation_of(frame)
+    except Exception:  # noqa: BLE001 - the rotation is a note; the probe's verdict stands
+        pass
+    return 0
 
 
 def video_id_of(relpath: str) -> str:

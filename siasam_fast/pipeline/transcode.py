@@ -13,6 +13,8 @@ once with a short fixed GOP:
   ``i`` of the output: the frame count and order are kept, no frame is dropped or duplicated, so
   annotations in frames or in seconds via fps keep pointing at the same content);
 - optional downscale to ``height`` (aspect kept, both sides even; never upscaled);
+- upright: a video marked to be shown turned (its display matrix: a phone's portrait video) is
+  written turned, with no such mark (``height`` is then the upright picture's);
 - video only: audio and other streams are dropped (the models read frames only).
 
 Outputs mirror the source tree as ``<video_id>.mp4`` under ``dst_dir``. Videos are encoded in a
@@ -396,6 +398,17 @@ def output_size(width: int, height: int, max_height: int | None) -> tuple[int, i
     return max(2, w - w % 2), max(2, h - h % 2)
 
 
+def quarter_turns(frame) -> int:
+    """How many quarter turns counter-clockwise (np.rot90's k, 0-3) display the frame upright:
+    its display matrix's rotation (PyAV's ``Frame.rotation``, degrees counter-clockwise), to
+    the nearest quarter."""
+    try:
+        degrees = float(getattr(frame, "rotation", 0) or 0)
+    except (TypeError, ValueError):
+        return 0
+    return round(degrees / 90) % 4
+
+
 def temp_path(dst: Path) -> Path:
     """The hidden name an output is written under until it is verified."""
     return dst.with_name(f".{dst.stem}{TEMP_SUFFIX}")
@@ -466,6 +479,7 @@ def _size(path: Path) -> int:
 def _encode(src: Path, tmp: Path, job: _Job) -> int:
     """Decode ``src`` and encode every frame into ``tmp``; returns the number of frames."""
     import av
+    import numpy as np
     from av.video.frame import PictureType
     from av.video.reformatter import VideoReformatter
 
@@ -479,14 +493,21 @@ def _encode(src: Path, tmp: Path, job: _Job) -> int:
         rate = stream.average_rate or stream.guessed_rate or Fraction(25)
         rate = Fraction(rate).limit_denominator(1001)
         ostream = None
+        turns = 0  # quarter turns counter-clockwise that make the picture upright
         for frame in source.decode(stream):
             if ostream is None:  # sized from the first frame: robust to odd headers
-                width, height = output_size(frame.width, frame.height, job.height)
+                turns = quarter_turns(frame)
+                upright = (frame.height, frame.width) if turns % 2 else (frame.width,
+                                                                        frame.height)
+                width, height = output_size(*upright, job.height)
                 ostream = out.add_stream(job.encoder, rate=rate)
                 ostream.width, ostream.height, ostream.pix_fmt = width, height, "yuv420p"
                 ostream.codec_context.time_base = 1 / rate
                 ostream.codec_context.thread_count = job.threads
                 ostream.options = dict(job.options)
+            if turns:  # a phone's portrait video, stored sideways: written upright
+                frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(
+                    np.rot90(frame.to_ndarray(format="rgb24"), turns)), format="rgb24")
             image = reformatter.reformat(
                 frame, width=width, height=height, format="yuv420p", interpolation="AREA"
             )
