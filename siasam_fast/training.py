@@ -365,6 +365,13 @@ def load_data(cfg: Config, ans2label: dict | None = None, need_train: bool = Tru
                              f"once ({', '.join(map(repr, duplicates[:3]))}"
                              f"{', ...' if len(duplicates) > 3 else ''}); each occurrence is "
                              "its own question, but --predictions rows cannot tell them apart")
+            same = [ex for ex in examples[split] if ex.candidates
+                    and len({c.strip().casefold() for c in ex.candidates}) < len(ex.candidates)]
+            if same:  # (How2QA has rows whose wrong answer repeats the right one)
+                notes.append(f"data.{split}: {len(same)} multiple-choice question(s) list one "
+                             f"candidate twice (e.g. qid {same[0].qid}: {same[0].candidates}); "
+                             "the model scores both alike, so which of them it picks follows "
+                             "their order, not the video")
     if d.ans2label and ans2label is None and not Path(d.ans2label).is_file():
         raise ValueError(f"data.ans2label={d.ans2label!r} does not exist (leave it empty to build "
                          "the vocabulary from train's top data.num_answers answers)")

@@ -1300,6 +1300,25 @@ def _config(synth: Path, **sets):
                        [f"{k}={v}" for k, v in values.items()])
 
 
+def test_a_multiple_choice_question_listing_a_candidate_twice_is_noted(synth, tmp_path):
+    """How2QA has rows whose wrong answer repeats the right one: the model scores the two alike
+    and the tie, not the video, decides; they loaded without a word."""
+    from siasam_fast.training import load_data
+
+    ann = synth / "annotations"
+    rows = [json.loads(line) for line in (ann / "how2qa_train.jsonl").read_text().splitlines()]
+    rows[1]["a2"] = rows[1]["a3"].upper() + " "  # the right answer again (case, space)
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    sets = {"task": "mc", "data.dataset": "how2qa", "data.train": tmp_path / "train.jsonl",
+            "data.val": ann / "how2qa_val.jsonl"}
+    notes = "\n".join(load_data(_config(synth, **sets)).notes)
+    assert (f"data.train: 1 multiple-choice question(s) list one candidate twice (e.g. qid "
+            f"{rows[1]['qid']}: ") in notes, notes
+    assert "data.val: " not in notes
+    assert "twice" not in "\n".join(load_data(_config(synth, **{
+        **sets, "data.train": ann / "how2qa_train.jsonl"})).notes)
+
+
 def test_a_missing_annotation_file_names_its_key(synth, tmp_path):
     from siasam_fast.training import load_data
 
