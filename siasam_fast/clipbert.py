@@ -229,12 +229,20 @@ def visual_head(sd: dict[str, torch.Tensor], hidden: int, channels: int):
     if grid.dim() != 4 or grid.shape[:2] != (hidden, channels) or grid.shape[2:] != (3, 3):
         raise ValueError(f"ClipBERT checkpoint: {GRID} has shape {tuple(grid.shape)}, expected "
                          f"({hidden}, {channels}, 3, 3)")
-    token_type = _require(sd, VISUAL_EMB + "token_type_embeddings.weight")[0]
-    row = _require(sd, VISUAL_EMB + "row_position_embeddings.weight")
+
+    def table(name: str, rows: int | None = None) -> torch.Tensor:
+        """An embedding table of ``hidden`` columns (and ``rows`` rows, where given)."""
+        value = _require(sd, VISUAL_EMB + name)
+        if value.dim() != 2 or value.shape[1] != hidden or rows not in (None, value.shape[0]):
+            raise ValueError(f"ClipBERT checkpoint: {VISUAL_EMB}{name} has shape "
+                             f"{tuple(value.shape)}, expected ({rows or 'rows'}, {hidden})")
+        return value
+
+    token_type = table("token_type_embeddings.weight", 1)[0]  # ClipBERT's: one row
     tensors = {
         "proj.weight": grid,
-        "row.weight": row + token_type,
-        "col.weight": _require(sd, VISUAL_EMB + "col_position_embeddings.weight"),
+        "row.weight": table("row_position_embeddings.weight") + token_type,
+        "col.weight": table("col_position_embeddings.weight"),
         "norm.weight": _require(sd, VISUAL_EMB + "LayerNorm.weight", (hidden,)),
         "norm.bias": _require(sd, VISUAL_EMB + "LayerNorm.bias", (hidden,)),
     }

@@ -608,3 +608,22 @@ def test_heads_below_one_are_refused(converted, tmp_path, heads, capsys):
     with pytest.raises(SystemExit):  # argparse: before anything is fetched
         main(["weights", str(tmp_path / "w"), "--clipbert", "x.pt", "--heads", str(heads)])
     assert "--heads: " in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("key,shape", [("row_position_embeddings.weight", (GRID_ROWS, 16)),
+                                       ("col_position_embeddings.weight", (GRID_ROWS, 16)),
+                                       ("token_type_embeddings.weight", (1, 16))])
+def test_visual_embeddings_of_another_hidden_size_are_named_before_anything_is_written(
+        converted, tmp_path, key, shape, capsys):
+    """A row table of another width raised torch's RuntimeError (a traceback, exit 1); a column
+    table of another width was written into OUT and only then refused."""
+    sd = dict(converted["sd"])
+    sd["transformer.bert.visual_embeddings." + key] = torch.zeros(shape)
+    ckpt = tmp_path / "c.pt"
+    torch.save(sd, ckpt)
+    out = tmp_path / "w"
+    assert main(["weights", str(out), "--clipbert", str(ckpt), "--text", str(converted["tok"]),
+                 "--heads", "2"]) == 2
+    err = capsys.readouterr().err
+    assert f"visual_embeddings.{key} has shape {shape}, expected (" in err, err
+    assert not out.exists()
