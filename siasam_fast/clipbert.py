@@ -283,8 +283,8 @@ def _convert(ckpt: str | Path, out: str | Path, tokenizer: str, force: bool = Fa
     """Convert ClipBERT's checkpoint ``ckpt`` into ``out/clipbert-visual`` (model.visual) and
     ``out/clipbert-text`` (model.text, with the tokenizer of ``tokenizer``: a Hub id or a local
     folder; ClipBERT's is bert-base-uncased). Folders already converted from this same file are
-    kept unless ``force``; folders converted from another file are replaced only with ``force``.
-    Returns ``{"visual": folder, "text": folder}``."""
+    kept unless ``force`` (or ``num_heads`` differs from theirs); folders converted from another
+    file are replaced only with ``force``. Returns ``{"visual": folder, "text": folder}``."""
     from safetensors.torch import save_file
     from transformers import BertTokenizerFast
 
@@ -311,9 +311,12 @@ def _convert(ckpt: str | Path, out: str | Path, tokenizer: str, force: bool = Fa
         # an interrupted replacement (--force) leaves the new BERT beside the old CNN
         text_source = _read_source(folders["text"] / TEXT_SOURCE)
         if previous == source == text_source and _build_problem(folders) is None:
-            log(f"{folders['visual']} and {folders['text']}: already converted from {ckpt} "
-                "(they load); kept")
-            return folders
+            other_heads = _other_heads(folders["text"], num_heads)
+            if other_heads is None:
+                log(f"{folders['visual']} and {folders['text']}: already converted from {ckpt} "
+                    "(they load); kept")
+                return folders
+            log(f"{folders['text']}: {other_heads} (--heads): converting {ckpt} again")
         if previous is not None and previous != source:
             raise ValueError(f"{folders['visual']} was converted from {previous['path']} "
                              f"({previous['bytes']} bytes), not from this --clipbert file; "
@@ -365,6 +368,19 @@ def _convert(ckpt: str | Path, out: str | Path, tokenizer: str, force: bool = Fa
         f"vocabulary {bert.config.vocab_size}) -> {folders['text']}")
     log(f"not carried over (pre-training heads, detector parts, unused embeddings): {left_out}")
     return folders
+
+
+def _other_heads(folder: Path, num_heads: int | None) -> str | None:
+    """How the BERT converted into ``folder`` differs from an explicit ``--heads`` (None: it
+    does not, or no --heads was given)."""
+    try:
+        had = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+        had = had["num_attention_heads"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if num_heads is None or had == num_heads:
+        return None
+    return f"its BERT has {had} attention heads, not {num_heads}"
 
 
 def _read_source(path: Path) -> dict | None:

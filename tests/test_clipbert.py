@@ -627,3 +627,21 @@ def test_visual_embeddings_of_another_hidden_size_are_named_before_anything_is_w
     err = capsys.readouterr().err
     assert f"visual_embeddings.{key} has shape {shape}, expected (" in err, err
     assert not out.exists()
+
+
+def test_another_heads_converts_the_same_checkpoint_again(converted, tmp_path, capsys):
+    """The same file again with another --heads was kept as it was ("already converted"): the
+    new --heads was ignored without a word."""
+    out = tmp_path / "w"
+    args = ["weights", str(out), "--clipbert", str(converted["ckpt"]), "--text",
+            str(converted["tok"]), "--heads", "2"]
+    assert main(args) == 0
+    config = out / "clipbert-text" / "config.json"
+    assert json.loads(config.read_text())["num_attention_heads"] == 2
+    capsys.readouterr()
+    args[-1] = "4"
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "kept" not in printed and "2 attention heads, not 4" in printed
+    assert json.loads(config.read_text())["num_attention_heads"] == 4
+    assert main(args) == 0 and "kept" in capsys.readouterr().out  # now it is what was asked
