@@ -85,8 +85,11 @@ def from_pretrained_checked(cls, key: str, source: str, local_only: bool = True,
         if not is_model:
             tokenizer = cls.from_pretrained(source, local_files_only=local_only)
         else:
+            # a weight of another shape is listed below, named (transformers' own refusal
+            # points at its load report, which the verbosity above silences)
             model, info = cls.from_pretrained(source, local_files_only=local_only,
-                                              output_loading_info=True)
+                                              output_loading_info=True,
+                                              ignore_mismatched_sizes=True)
     except Exception as err:  # noqa: BLE001 - OSError, ValueError, safetensors' own errors...
         raise ValueError(f"{key}={source!r}: transformers could not load it as a "
                          f"{cls.__name__}: {' '.join(str(err).split())[:300]}{hint}") from None
@@ -112,9 +115,14 @@ def from_pretrained_checked(cls, key: str, source: str, local_only: bool = True,
     missing = [k for k in info.get("missing_keys") or []
                if not k.endswith("num_batches_tracked")
                and not (kind == "bert" and k.startswith("pooler."))]
-    if found != kind or missing:
+    mismatched = sorted((str(k), tuple(there), tuple(here))
+                        for k, there, here in info.get("mismatched_keys") or [])
+    if found != kind or missing or mismatched:
         why = (f"its config is a {found!r} model, not {kind!r}" if found != kind else
-               f"{len(missing)} of its weights are missing (e.g. {sorted(missing)[0]})")
+               f"{len(missing)} of its weights are missing (e.g. {sorted(missing)[0]})"
+               if missing else
+               f"{len(mismatched)} of its weights have another shape (e.g. {mismatched[0][0]}: "
+               f"{mismatched[0][1]} there, {mismatched[0][2]} in its config)")
         raise ValueError(f"{key}={source!r}: not a {cls.__name__} checkpoint: {why}{hint}")
     return model
 

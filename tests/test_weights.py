@@ -246,3 +246,20 @@ def test_a_folder_without_batchnorm_counters_loads_and_one_without_a_weight_does
     with pytest.raises(ValueError, match=f"not a ResNetModel checkpoint: 1 of its weights are "
                                          f"missing \\(e.g. {gone}\\)"):
         build_visual(str(folder))
+
+
+def test_a_weight_of_another_shape_is_named(sources, tmp_path):
+    """transformers' refusal ("... thus raising an error. For details look at the above
+    report!") came without its report, which the loader silences: no weight was named."""
+    from safetensors.torch import load_file, save_file
+
+    text = tmp_path / "bert"
+    shutil.copytree(sources[1], text)
+    weights = load_file(str(text / "model.safetensors"))
+    bad = "encoder.layer.0.output.dense.bias"
+    weights[bad] = torch.zeros(7)
+    save_file(weights, str(text / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=rf"--text='{text}': not a BertModel checkpoint: 1 of its "
+                                         rf"weights have another shape \(e.g. {bad}: \(7,\) there, "
+                                         r"\(\d+,\) in its config\)"):
+        fetch_weights(tmp_path / "out", visual=str(sources[0]), text=str(text), log=lambda *_: 0)
