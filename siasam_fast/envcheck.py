@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import platform
 import sys
 from collections.abc import Callable
@@ -246,9 +247,15 @@ def check_dali(decode: bool = True) -> list[Check]:
                             "nvidia-dali-cuda120 (README, Install on a GPU machine: V100 row)")
         elif decode:
             rows.extend(_dali_decode_rows(on_gpu))
-    backend = resolve_backend("auto")
+    loaders_log = logging.getLogger("siasam_fast.pipeline.loaders")
+    level = loaders_log.level
+    loaders_log.setLevel(logging.ERROR)  # (its warning repeats the DALI row)
+    try:
+        backend = resolve_backend("auto")
+    finally:
+        loaders_log.setLevel(level)
     why = ("DALI on NVDEC" if backend == "dali" else "PyAV on the CPU: DALI needs "
-           + ("a CUDA GPU" if not on_gpu else "a wheel with code for this GPU"
+           + ("a CUDA GPU" if not on_gpu else "a DALI that runs on this GPU (see its row)"
               if gpu_problem else "nvidia-dali"))
     if backend == "pyav":
         try:

@@ -244,6 +244,41 @@ def test_a_cuda13_dali_wheel_on_a_v100_is_refused_and_auto_picks_pyav(monkeypatc
     assert loaders.resolve_backend("auto", {}) == "dali"
 
 
+def test_auto_does_not_pick_a_dali_that_cannot_run_here(monkeypatch, caplog):
+    """`env` failed the DALI row (it does not import; a cuda130 wheel on a CUDA 12 driver) and
+    then said data.backend=auto would use DALI, as training's auto did: the package was only
+    found, never imported, and the driver's CUDA never compared with the wheel's."""
+    pytest.importorskip("nvidia.dali")
+    from siasam_fast.pipeline import loaders
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA H100")
+    monkeypatch.setattr(envcheck, "dali_wheel", lambda: "nvidia-dali-cuda130")
+    monkeypatch.setattr(loaders, "dali_available", lambda: True)
+    monkeypatch.setattr(envcheck, "cuda_driver_version", lambda: (12, 8))
+    with caplog.at_level("WARNING"):
+        assert loaders.resolve_backend("auto", {}) == "pyav"
+    assert ("nvidia-dali-cuda130 needs a CUDA 13 driver; this driver supports CUDA 12.8: "
+            "install nvidia-dali-cuda120 instead; using pyav") in caplog.text
+    with pytest.raises(ValueError, match="backend='dali': nvidia-dali-cuda130 needs a CUDA 13"):
+        loaders.resolve_backend("dali", {})
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        rows = {r.name: r for r in envcheck.check_dali(decode=False)}
+    assert rows["DALI"].status == "fail"
+    assert rows["data.backend=auto"].detail.startswith("pyav (PyAV on the CPU: DALI needs a "
+                                                       "DALI that runs on this GPU (see its row)")
+    assert "using pyav" not in caplog.text  # (the DALI row says it: no warning above the table)
+    monkeypatch.setattr(envcheck, "cuda_driver_version", lambda: (13, 0))
+    monkeypatch.setitem(sys.modules, "nvidia.dali", None)  # its import raises ImportError
+    assert loaders.resolve_backend("auto", {}) == "pyav"
+    with pytest.raises(ValueError, match="is installed but does not import"):
+        loaders.resolve_backend("dali", {})
+    assert {r.name: r for r in envcheck.check_dali(decode=False)}[
+        "data.backend=auto"].detail.startswith("pyav")
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU machine's report")
 def test_a_torch_that_does_not_import_is_blamed_once_with_the_right_reinstall(capsys,
                                                                                monkeypatch):

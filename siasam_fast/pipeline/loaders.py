@@ -30,14 +30,25 @@ DALI_CUDA13_MIN_CAPABILITY = (7, 5)
 
 
 def dali_gpu_problem() -> str | None:
-    """Why the installed DALI wheel cannot run on this GPU (None if it can, or without a GPU):
-    a CUDA 13 wheel on a V100 (sm_70) has no kernels for it, whatever CUDA the driver supports."""
-    if not torch.cuda.is_available():
+    """Why the installed DALI cannot run on this GPU (None if it can, or without a GPU or DALI):
+    it does not import; its wheel needs a newer CUDA than the driver's (a cuda130 wheel on a
+    CUDA 12 driver); or a CUDA 13 wheel on a V100 (sm_70), which it has no kernels for, whatever
+    CUDA the driver supports."""
+    if not torch.cuda.is_available() or not dali_available():
         return None
-    from siasam_fast.envcheck import _wheel_cuda_major, dali_wheel
+    from siasam_fast.envcheck import _first_line, _wheel_cuda_major, cuda_driver_version, dali_wheel
 
     wheel = dali_wheel()
-    if not wheel or (_wheel_cuda_major(wheel) or 0) < 13:
+    try:
+        import nvidia.dali  # noqa: F401
+    except Exception as err:  # noqa: BLE001 - ImportError, or a library's OSError
+        return (f"{wheel or 'nvidia-dali'} is installed but does not import ({_first_line(err)})"
+                "; reinstall it (README, Install on a GPU machine)")
+    wheel_cuda, driver = _wheel_cuda_major(wheel or ""), cuda_driver_version()
+    if wheel_cuda and driver and driver[0] < wheel_cuda:
+        return (f"{wheel} needs a CUDA {wheel_cuda} driver; this driver supports CUDA "
+                f"{driver[0]}.{driver[1]}: install nvidia-dali-cuda{driver[0]}0 instead")
+    if not wheel or (wheel_cuda or 0) < 13:
         return None
     cc = _gpu_capability()
     if cc is None:  # no usable device after all: nothing to say
