@@ -130,8 +130,12 @@ def check_kernels() -> list[Check]:
     try:
         import triton
     except ImportError:
+        old_gpu = (torch.cuda.is_available()
+                   and tuple(torch.cuda.get_device_capability()) < (7, 5))
         return [Check("Triton kernels", "missing", "triton is not installed: the reference loss "
-                      "(eager PyTorch) is used", "pip install triton")]
+                      "(eager PyTorch) is used", f"pip install {siamese.TRITON_FOR_SM70} (the "
+                      "newest Triton that compiles for a V100)" if old_gpu else
+                      "pip install triton")]
     on_gpu = torch.cuda.is_available()
     if not on_gpu and not siamese.interpreting():
         return [Check("Triton kernels", "info", f"Triton {triton.__version__}; the fused kernels "

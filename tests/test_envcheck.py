@@ -244,6 +244,17 @@ def test_a_cuda13_dali_wheel_on_a_v100_is_refused_and_auto_picks_pyav(monkeypatc
     assert loaders.resolve_backend("auto", {}) == "dali"
 
 
+def test_no_triton_on_a_v100_names_the_triton_that_compiles_for_it(monkeypatch):
+    """`pip install triton` installs the newest, which cannot compile for sm_70."""
+    monkeypatch.setitem(sys.modules, "triton", None)  # its import raises ImportError
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    for capability, hint in (((7, 0), "pip install triton==3.8.0 (the newest Triton that "
+                                      "compiles for a V100)"), ((9, 0), "pip install triton")):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a, c=capability: c)
+        (row,) = envcheck.check_kernels()
+        assert (row.status, row.hint) == ("missing", hint)
+
+
 def test_auto_does_not_pick_a_dali_that_cannot_run_here(monkeypatch, caplog):
     """`env` failed the DALI row (it does not import; a cuda130 wheel on a CUDA 12 driver) and
     then said data.backend=auto would use DALI, as training's auto did: the package was only
