@@ -2081,8 +2081,9 @@ def run_training(args: argparse.Namespace, cfg: Config, rank: int, world: int,
     at_epoch_end = False  # the checkpoint resumed was saved at its epoch's last step
     held = view["held"]
     # if-any and no checkpoint: what is there is an earlier try that never saved one (its
-    # metrics only), which cannot be resumed: it is replaced, as with train.overwrite.
-    unresumable = args.resume == "if-any" and not any(h.startswith("checkpoints") for h in held)
+    # metrics only, or a first save cut short: a tag without run_state.json), which cannot be
+    # resumed: it is replaced, as with train.overwrite.
+    unresumable = args.resume == "if-any" and not complete_tags(out_dir / "checkpoints")
     if held and not (cfg.train.overwrite or unresumable):
         raise ValueError(f"train.out_dir={out_dir} holds another run ({'; '.join(held)}): "
                          "continue it with --resume auto, choose another train.out_dir, or "

@@ -159,3 +159,33 @@ def test_a_missing_manifest_is_said_before_the_start_ups_slow_part(tmp_path):
     assert proc.returncode == 2, proc.stderr
     assert f"`siasam-fast synth --out {tmp_path / 'syn'}`" in proc.stderr, proc.stderr
     assert not (tmp_path / "lock").exists()  # the build never began
+
+
+def test_resume_if_any_starts_again_over_a_first_save_cut_short(tmp_path, monkeypatch):
+    """A stop that ends during the run's first save (a scheduler's SIGKILL after its grace
+    period, a second Ctrl-C) leaves checkpoints/stepN without run_state.json and no `latest`:
+    nothing to resume. A requeued job's --resume if-any starts the run again (the earlier try set
+    aside, as for one that never saved); it was refused as "another run" and told to use
+    --resume auto, which finds no checkpoint, so the requeued job failed every time."""
+    import argparse
+
+    import torch
+
+    from siasam_fast import training
+    from siasam_fast.config import Config
+
+    out = tmp_path / "run"
+    (out / "checkpoints" / "step17").mkdir(parents=True)
+    (out / "checkpoints" / "step17" / "mp_rank_00_model_states.pt").write_bytes(b"cut")
+    (out / "metrics_steps.csv").write_text("step,loss\n1,5.0\n")
+
+    class Started(Exception):
+        pass
+
+    def started(*args):  # the first thing after the start's refusals
+        raise Started
+
+    monkeypatch.setattr(training, "check_siamese_impl", started)
+    with pytest.raises(Started):
+        training.run_training(argparse.Namespace(resume="if-any"), Config(), 0, 1,
+                              torch.device("cpu"), out)
