@@ -1971,6 +1971,14 @@ def start_view(resume: str | None, out_dir: Path) -> dict:
             view["resume"] = str(resolve_checkpoint(out_dir if resume == "auto" else resume))
     except FileNotFoundError as err:
         view["error"] = str(err)
+        cut = sorted(p.name for p in (out_dir / "checkpoints").glob("step*")
+                     if resume == "auto" and p.is_dir() and re.fullmatch(r"step\d+", p.name))
+        # a first save cut short (a SIGKILL after a stop signal, a second Ctrl-C)
+        if cut and not complete_tags(out_dir / "checkpoints"):
+            view["error"] += (f"; {out_dir / 'checkpoints'} holds only a save cut short "
+                              f"({', '.join(cut)}, without run_state.json): the run never saved "
+                              "a complete checkpoint, so start it again with --resume if-any "
+                              "(or --set train.overwrite=true)")
         aside = sorted(out_dir.glob("replaced-*/checkpoints/latest"))  # train.overwrite's
         if aside:  # a replacing run that never saved: the replaced one is still there
             view["error"] += (f"; the run that train.overwrite set aside is in "

@@ -189,3 +189,15 @@ def test_resume_if_any_starts_again_over_a_first_save_cut_short(tmp_path, monkey
     with pytest.raises(Started):
         training.run_training(argparse.Namespace(resume="if-any"), Config(), 0, 1,
                               torch.device("cpu"), out)
+
+
+def test_resume_auto_over_a_first_save_cut_short_says_what_to_do(tmp_path):
+    """--resume auto where the only save was cut short: the error names the tag and how to start
+    again (it said only what a checkpoint folder holds, as for a typo in the path)."""
+    from siasam_fast.training import start_view
+
+    out = tmp_path / "run"
+    (out / "checkpoints" / "step17").mkdir(parents=True)
+    error = start_view("auto", out)["error"]
+    assert "holds only a save cut short (step17, without run_state.json)" in error, error
+    assert "start it again with --resume if-any (or --set train.overwrite=true)" in error, error
