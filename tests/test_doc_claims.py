@@ -280,3 +280,19 @@ def test_shown_cli_commands_are_accepted(path):
             assert set(wanted) <= extras, (command, extras)
             checked += 1
     assert checked >= {"README.md": 5, "datasets.md": 2}[path.name], checked
+
+
+def test_the_slurm_templates_grace_period_reaches_the_training():
+    """README's Slurm template asks for SIGTERM some seconds before the time limit; torchrun
+    passes it on and SIGKILLs its workers 30 s later unless ``--shutdown-timeout`` says
+    otherwise, so each torchrun the template shows must wait most of that lead (it cut the
+    template's 120 s to 30 s: a stop's checkpoint save was killed halfway, checked on the CPU
+    with a save held for 45 s)."""
+    text = re.sub(r"\s+", " ", (ROOT / "README.md").read_text(encoding="utf-8"))
+    lead = int(re.search(r"#SBATCH [^#]*--signal=TERM@(\d+)", text).group(1))
+    launches = re.findall(r"srun --cpus-per-task=\$SLURM_CPUS_PER_TASK torchrun (.*?) train\.py",
+                          text)
+    assert len(launches) >= 2, launches  # the template's, and the one for several nodes
+    for options in launches:
+        wait = re.search(r"--shutdown-timeout (\d+)", options)
+        assert wait and 30 < int(wait.group(1)) < lead, (options, lead)
