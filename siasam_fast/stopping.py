@@ -21,11 +21,15 @@ process checks its flag after every step.
 Loader worker processes get the same signals when a scheduler signals the whole process group;
 :func:`defer_stop_signals` (the PyAV loader's worker initialiser in training, and DALI's reader
 processes) leaves them to the main process, which shuts its workers down as it always does.
-Without that, the workers die on SIGTERM and the next batch fails before the checkpoint.
+Without that, the workers die on SIGTERM and the next batch fails before the checkpoint. While
+their main process is in a graceful stop (it got the signal too), they stay as long as it lives;
+otherwise (a SIGTERM that only the worker got) they leave ``WORKER_GRACE_S`` later.
 """
 
 from __future__ import annotations
 
+import multiprocessing
+import os
 import signal
 import sys
 import threading
@@ -37,35 +41,58 @@ STOP_SIGNALS = ("SIGTERM", "SIGINT", "SIGUSR1")
 CHECK_EVERY = 10
 # A second signal this soon after the first is the launcher passing on the same stop.
 REPEAT_WINDOW_S = 1.0
-# How long a loader worker outlives a SIGTERM (torchrun and the deepspeed launcher SIGKILL 30 s
-# after their SIGTERM): time for its main process to finish the step and save.
+# How long a loader worker outlives a SIGTERM that its main process did not take as a stop (its
+# exit handler's, say): then nothing waits for its batches.
 WORKER_GRACE_S = 30.0
+# Set by a process that takes a stop signal as a graceful stop (StopRequest): shared memory made
+# at import, so the loader workers it forks later read it. While it is set, a worker outlives a
+# SIGTERM for as long as its main process lives: the step and the save may take longer than any
+# fixed grace (a scheduler's 120 s, a slow disk), and the worker's batch may be needed first.
+IN_GRACEFUL_STOP = multiprocessing.RawValue("b", 0)
+# How often a worker that got a SIGTERM looks at its main process
+WATCH_EVERY_S = 0.5
 
 
 def defer_stop_signals(*_args) -> None:
-    """In a loader worker: SIGINT and SIGUSR1 are ignored, and SIGTERM makes the process exit
-    (status 0) ``WORKER_GRACE_S`` seconds later, not at once. Its main process decides: training
-    finishes its step (which may be waiting for this worker's batch) and saves a checkpoint, then
-    shuts its workers down as it always does. The delayed exit still ends a worker that nobody
-    shuts down, e.g. when its main process fails and Python's exit handler SIGTERMs it and waits
-    (status 0, so that PyTorch does not report a worker killed mid-epoch). Accepts and ignores
-    arguments, so that it serves as a ``worker_init_fn``."""
-    import os
-
+    """In a loader worker: SIGINT and SIGUSR1 are ignored, and SIGTERM does not end the process
+    at once. Its main process decides: training finishes its step (which may be waiting for this
+    worker's batch) and saves a checkpoint, then shuts its workers down as it always does. After
+    a SIGTERM the worker exits (status 0, so that PyTorch does not report a worker killed
+    mid-epoch) when its main process is gone, or ``WORKER_GRACE_S`` later unless its main
+    process is in a graceful stop (:data:`IN_GRACEFUL_STOP`), or at a second SIGTERM more than
+    ``REPEAT_WINDOW_S`` after the first. The last two end a worker that nobody shuts down, e.g.
+    when its main process fails and Python's exit handler SIGTERMs it and waits. Accepts and
+    ignores arguments, so that it serves as a ``worker_init_fn``."""
     if getattr(defer_stop_signals, "installed_in", None) == os.getpid():
         return  # (DALI's readers call it for every batch)
     for name in ("SIGINT", "SIGUSR1"):
         if hasattr(signal, name):
             signal.signal(getattr(signal, name), signal.SIG_IGN)
+    first: list[float] = []
 
     def on_sigterm(number, frame):
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        timer = threading.Timer(WORKER_GRACE_S, os._exit, (0,))
-        timer.daemon = True
-        timer.start()
+        now = time.monotonic()
+        if first:  # the group's signal again (within the window), else its parent's exit
+            if now - first[0] > REPEAT_WINDOW_S:
+                os._exit(0)
+            return
+        first.append(now)
+        threading.Thread(target=_leave_when_unneeded, args=(os.getppid(), now),
+                         daemon=True).start()
 
     signal.signal(signal.SIGTERM, on_sigterm)
     defer_stop_signals.installed_in = os.getpid()
+
+
+def _leave_when_unneeded(parent: int, since: float) -> None:
+    """A worker's watch after a SIGTERM: exit when its main process ``parent`` is gone, or after
+    the grace period unless that process is in a graceful stop."""
+    while True:
+        time.sleep(WATCH_EVERY_S)
+        if os.getppid() != parent:  # (re-parented: its main process is gone)
+            os._exit(0)
+        if time.monotonic() - since >= WORKER_GRACE_S and not IN_GRACEFUL_STOP.value:
+            os._exit(0)
 
 
 def _install(handler) -> dict[int, object]:
@@ -100,6 +127,7 @@ class StopRequest:
         self._restore()
 
     def _restore(self) -> None:
+        IN_GRACEFUL_STOP.value = 0  # (over: a worker's SIGTERM from an exit handler ends it)
         for number, handler in self._previous.items():
             signal.signal(number, handler)
         self._previous = {}
@@ -116,6 +144,7 @@ class StopRequest:
                 raise KeyboardInterrupt
             return
         self.signal, self._since = name, now
+        IN_GRACEFUL_STOP.value = 1  # (its loader workers stay until it shuts them down)
         again = "; Ctrl-C again stops at once" if number == signal.SIGINT else ""
         print(f"\n{name}: stopping after this step with a checkpoint (resume with --resume "
               f"auto){again}", file=sys.stderr, flush=True)

@@ -106,6 +106,79 @@ def test_a_worker_that_ends_after_a_sigterm_is_not_held_for_the_grace_period():
     assert time.monotonic() - start < 10
 
 
+GRACEFUL_PARENT = r"""
+import os, signal, sys, time
+from siasam_fast import stopping
+stopping.WORKER_GRACE_S, stopping.WATCH_EVERY_S = 0.5, 0.05
+ready, told = os.pipe()
+worker = os.fork()
+if worker == 0:  # a loader worker, forked after the import (as the DataLoader's are)
+    stopping.defer_stop_signals(0)
+    os.write(told, b"r")
+    while True:
+        time.sleep(0.05)
+os.read(ready, 1)
+
+def gone(pid, wait_s):
+    end = time.monotonic() + wait_s
+    while time.monotonic() < end:
+        if os.waitpid(pid, os.WNOHANG) != (0, 0):
+            return True
+        time.sleep(0.05)
+    return False
+
+with stopping.StopRequest():
+    os.kill(os.getpid(), signal.SIGTERM)  # the scheduler signals the whole group
+    os.kill(worker, signal.SIGTERM)
+    time.sleep(0.1)
+    if sys.argv[1] == "orphan":  # the main process dies in its stop: the worker follows
+        print(worker, flush=True)
+        os._exit(0)
+    print("stays during the stop:", not gone(worker, 1.5), flush=True)  # 3x the grace
+print("leaves after it:", gone(worker, 2.0), flush=True)
+"""
+
+
+@pytest.mark.parametrize("how", ["stop", "orphan"])
+def test_a_worker_outlives_the_grace_period_while_its_main_process_saves(how):
+    """A worker left WORKER_GRACE_S (30 s) after a SIGTERM whatever its main process still did:
+    a step and a save longer than that (a scheduler's 120 s grace) then failed with "DataLoader
+    worker exited unexpectedly" and no checkpoint. It now stays while its main process is in a
+    graceful stop, and leaves once the stop is over or its main process is gone."""
+    root = Path(__file__).resolve().parent.parent
+    out = subprocess.run([sys.executable, "-c", GRACEFUL_PARENT, how], capture_output=True,
+                         text=True, timeout=60, cwd=root)
+    assert out.returncode == 0, out.stderr
+    if how == "stop":
+        assert out.stdout.splitlines() == ["stays during the stop: True", "leaves after it: True"]
+        return
+    worker = int(out.stdout.split()[0])
+    end = time.monotonic() + 5
+    while time.monotonic() < end:  # gone, or a zombie nobody reaps (a container's PID 1)
+        try:
+            state = Path(f"/proc/{worker}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            break
+        if state == "Z":
+            break
+        time.sleep(0.1)
+    else:
+        os.kill(worker, signal.SIGKILL)
+        pytest.fail("the worker outlived its main process")
+
+
+def test_a_later_sigterm_ends_a_worker_at_once():
+    """The exit handler of a main process that failed SIGTERMs its workers and waits for them:
+    a second SIGTERM, later than a launcher's echo, ends a worker without its grace period."""
+    start = time.monotonic()
+    out = run_worker(20.0, "stopping.IN_GRACEFUL_STOP.value = 1",
+                     "os.kill(os.getpid(), signal.SIGTERM)", "time.sleep(stopping.REPEAT_WINDOW_S"
+                     " + 0.2)", "print('first', flush=True)", "os.kill(os.getpid(), "
+                     "signal.SIGTERM)", "time.sleep(10)", "print('not ended')")
+    assert out.returncode == 0 and out.stdout == "first\n", out.stderr
+    assert time.monotonic() - start < 8
+
+
 START_CHILD = r"""
 import os, signal, sys, time
 from pathlib import Path
