@@ -636,6 +636,32 @@ def test_an_interrupted_redo_keeps_the_records_of_outputs_not_yet_redone(complet
     assert sorted(len(r.keyframes) for r in records.values()) in ([3, 12], [5, 6])
 
 
+def test_a_redo_marks_the_manifest_incomplete_before_it_replaces_an_output(complete_dst,
+                                                                            monkeypatch):
+    """A run killed outright (SIGKILL, the OOM killer) saves nothing on its way out: from its
+    first replaced output on, the manifest must already be refused, not list the old outputs'
+    records (size, keyframes) as if complete."""
+    src, dst = complete_dst
+    real = transcode_module._run_all
+    seen = []
+
+    def check_first(*args, **kwargs):
+        for result in real(*args, **kwargs):
+            # the first output has been replaced: a SIGKILL now leaves the manifest as it is
+            try:
+                load_manifest(dst / "manifest.jsonl")
+                seen.append("loads as complete")
+            except ValueError as err:
+                seen.append(str(err))
+            yield result
+
+    monkeypatch.setattr(transcode_module, "_run_all", check_first)
+    summary = transcode(src, dst, gop=4, workers=1, encoder="cpu", progress=False)
+    assert len(summary.done) == 2
+    assert seen and "is incomplete" in seen[0], seen
+    assert not (dst / "manifest.jsonl.incomplete").exists()  # the finished run removes it
+
+
 def test_a_replaced_source_whose_transcode_fails_loses_its_old_output(tmp_path, monkeypatch):
     """The old output shows another video than the source now: when the redo fails it is removed
     (and left out of the manifest), never kept as the source's output."""

@@ -670,6 +670,8 @@ def transcode(
                        made_by="siasam-fast transcode")
         _write_params(dst_dir, params, name, stale, made_from)
 
+    if jobs:  # marked incomplete before any output is replaced: a run killed outright (SIGKILL,
+        save()  # the OOM killer) saves nothing, and its old records would pass for complete
     try:
         for result in _run_all(jobs, workers):
             left -= 1
