@@ -662,6 +662,15 @@ def test_a_redo_marks_the_manifest_incomplete_before_it_replaces_an_output(compl
     assert not (dst / "manifest.jsonl.incomplete").exists()  # the finished run removes it
 
 
+def test_a_rerun_with_nothing_to_do_shows_no_empty_progress_bar(complete_dst, capsys):
+    """As ``index`` does: a re-run that finds every output complete draws no "0video" bar."""
+    src, dst = complete_dst
+    capsys.readouterr()
+    summary = transcode(src, dst, gop=GOP, workers=1, encoder="cpu", progress=True)
+    assert len(summary.skipped) == 2 and not summary.done
+    assert "transcode gop=" not in capsys.readouterr().err
+
+
 def test_a_replaced_source_whose_transcode_fails_loses_its_old_output(tmp_path, monkeypatch):
     """The old output shows another video than the source now: when the redo fails it is removed
     (and left out of the manifest), never kept as the source's output."""

@@ -660,7 +660,8 @@ def transcode(
                          redo=vid in stale or replaced_source))
 
     relpaths = {vid: r.relpath for vid, r in sources.items()}
-    bar = tqdm(total=len(jobs), desc=f"transcode gop={gop}", unit="video", disable=not progress)
+    bar = tqdm(total=len(jobs), desc=f"transcode gop={gop}", unit="video",
+               disable=not progress or not jobs)  # (all complete already: no empty bar)
     last_write = time.monotonic()
 
     left = len(jobs)  # not yet transcoded: an interim manifest lacks their new records
