@@ -621,8 +621,10 @@ def transcode(
     records: dict[str, VideoRecord] = {}
     summary = TranscodeSummary(dst_dir, manifest_path, name, hardware, gop, height, codec)
     jobs: list[_Job] = []
-    made_from = _made_from(dst_dir)  # video_id -> [size, mtime_ns] of the source of its output
-    fingerprints: dict[str, list[int]] = {}
+    # video_id -> [size, mtime_ns, digest] of the source of its output ([size, mtime_ns] from
+    # before 2026-11-28)
+    made_from = _made_from(dst_dir)
+    fingerprints: dict[str, list] = {}
     changed_sources: set[str] = set()
     for relpath in getattr(sources, "duplicates", []):
         summary.results.append(TranscodeResult(
@@ -637,15 +639,15 @@ def transcode(
         # content, perhaps the same frame count, an older or newer mtime) redoes its output.
         # Without a fingerprint (an output of an older siasam-fast): a source probed again by
         # this run, or newer than its output (changed since; perhaps indexed before this run).
-        fingerprints[vid] = [int(src.size), int(src.mtime_ns)]
         known = made_from.get(vid)
+        fingerprints[vid], copied = _fingerprint(src, known)
         replaced_source = dst.exists() and (
-            (known is not None and known != fingerprints[vid])
+            (known is not None and known[:2] != fingerprints[vid][:2] and not copied)
             or (known is None and (vid in getattr(sources, "probed", ())
                                    or dst.stat().st_mtime_ns < src.mtime_ns)))
         if replaced_source:
             changed_sources.add(vid)
-        done = None if replaced_source else _complete(old.get(vid), dst, src)
+        done = None if replaced_source else _complete(old.get(vid), dst, src, copied)
         if done is not None and vid not in stale:
             records[vid] = done
             made_from[vid] = fingerprints[vid]
@@ -770,7 +772,7 @@ def _stale_outputs(dst_dir: Path, params: dict, sources: dict[str, VideoRecord])
 
 
 def _write_params(dst_dir: Path, params: dict, encoder: str, stale: set[str],
-                  made_from: dict[str, list[int]] | None = None) -> None:
+                  made_from: dict[str, list] | None = None) -> None:
     stamp = dst_dir / f".{PARAMS_NAME}.tmp"
     values = {**params, "encoder": encoder, "stale": sorted(stale)}
     if made_from is None:  # keep what the file says (a write before the outputs are known)
@@ -780,28 +782,66 @@ def _write_params(dst_dir: Path, params: dict, encoder: str, stale: set[str],
     os.replace(stamp, dst_dir / PARAMS_NAME)  # atomic: a torn file would force a full redo
 
 
-def _made_from(dst_dir: Path) -> dict[str, list[int]]:
-    """``transcode.json``'s ``sources``: the [size, mtime_ns] of the source each output was made
-    from ({} when absent: outputs of an older version are trusted as before)."""
+def _made_from(dst_dir: Path) -> dict[str, list]:
+    """``transcode.json``'s ``sources``: the [size, mtime_ns, digest] of the source each output
+    was made from ({} when absent: outputs of an older version are trusted as before)."""
     try:
         values = json.loads((dst_dir / PARAMS_NAME).read_text()).get("sources", {})
     except (OSError, ValueError, AttributeError):
         return {}
     if not isinstance(values, dict):
         return {}
-    return {k: v for k, v in values.items() if isinstance(v, list) and len(v) == 2}
+    return {k: v for k, v in values.items() if isinstance(v, list) and len(v) in (2, 3)}
 
 
-def _complete(old: VideoRecord | None, dst: Path, src: VideoRecord) -> VideoRecord | None:
+DIGEST_BYTES = 1 << 16  # read from each end of a source for its digest
+
+
+def source_digest(path: str | os.PathLike) -> str:
+    """A digest of a file's size, first and last ``DIGEST_BYTES``: tells a copy of a source
+    (``cp -r`` gives every file a new mtime) from a replaced one, reading 128 KiB."""
+    import hashlib
+
+    digest = hashlib.sha1()
+    with open(path, "rb") as fh:
+        size = os.fstat(fh.fileno()).st_size
+        digest.update(str(size).encode())
+        digest.update(fh.read(DIGEST_BYTES))
+        if size > DIGEST_BYTES:
+            fh.seek(max(DIGEST_BYTES, size - DIGEST_BYTES))
+            digest.update(fh.read(DIGEST_BYTES))
+    return digest.hexdigest()[:20]
+
+
+def _fingerprint(src: VideoRecord, known: list | None) -> tuple[list, bool]:
+    """The source's [size, mtime_ns, digest], and whether it is a copy of the one ``known`` (the
+    fingerprint its output was made from) with another mtime. The digest is read only when no
+    earlier one can be kept (a new source, an mtime that changed, an older transcode.json)."""
+    size, mtime = int(src.size), int(src.mtime_ns)
+    if known is not None and known[:2] == [size, mtime] and len(known) == 3:
+        return list(known), False
+    try:
+        digest = source_digest(src.path)
+    except OSError:
+        return [size, mtime, ""], False
+    copied = (known is not None and len(known) == 3 and known[0] == size and known[1] != mtime
+              and bool(digest) and known[2] == digest)
+    return [size, mtime, digest], copied
+
+
+def _complete(old: VideoRecord | None, dst: Path, src: VideoRecord,
+              copied: bool = False) -> VideoRecord | None:
     """The output's record when the manifest already verified this very file, else None (an
-    existing file without such a record is verified again by its job)."""
+    existing file without such a record is verified again by its job). ``copied``: the source
+    is a copy of the one the output was made from, so a source newer than its output is fine."""
     if old is None or not old.ok or old.num_frames != src.num_frames:
         return None
     try:
         st = dst.stat()
     except OSError:
         return None
-    if st.st_size != old.size or st.st_mtime_ns != old.mtime_ns or st.st_mtime_ns < src.mtime_ns:
+    if st.st_size != old.size or st.st_mtime_ns != old.mtime_ns or (
+            st.st_mtime_ns < src.mtime_ns and not copied):
         return None  # rewritten since, or the source changed after the output was made
     return old
 
