@@ -461,6 +461,11 @@ def test_folders_must_not_nest(tmp_path):
         transcode(tmp_path / "src", tmp_path / "src" / "gop8", gop=8, progress=False)
     with pytest.raises(NotADirectoryError, match="is not a folder"):
         transcode(tmp_path / "nowhere", tmp_path / "dst", gop=8, progress=False)
+    # through a link: each run transcoded the previous outputs again, one folder deeper
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "src" / "out").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    with pytest.raises(ValueError, match=r"is inside src_dir=.* through the link '.*src/out'"):
+        transcode(tmp_path / "src", tmp_path / "elsewhere", gop=8, progress=False)
 
 
 def test_output_size_and_options():

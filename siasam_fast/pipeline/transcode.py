@@ -728,6 +728,13 @@ def _check_args(src_dir, dst_dir, gop, height, codec, workers, probe_mode) -> No
             f"dst_dir={str(dst_dir)!r} and src_dir={str(src_dir)!r} must not contain each other "
             "(the outputs would be indexed as sources, or the sources as outputs)"
         )
+    linked = _linked_into(src_dir, dst_dir)
+    if linked is not None:
+        raise ValueError(
+            f"dst_dir={str(dst_dir)!r} is inside src_dir={str(src_dir)!r} through the link "
+            f"{str(linked)!r} (the outputs would be indexed as sources, one folder deeper at "
+            "each run): choose a dst_dir outside it"
+        )
     check_gop(gop)
     if height is not None and (
         isinstance(height, bool) or not isinstance(height, int) or height < 2 or height % 2
@@ -738,6 +745,23 @@ def _check_args(src_dir, dst_dir, gop, height, codec, workers, probe_mode) -> No
         raise ValueError(f"workers={workers}: must be >= 0 (0 or 1: in this process)")
     if probe_mode not in PROBE_MODES:
         raise ValueError(f"probe_mode={probe_mode!r}: valid modes are {', '.join(PROBE_MODES)}")
+
+
+def _linked_into(src_dir: Path, dst_dir: Path) -> Path | None:
+    """A folder of ``src_dir`` (walked as the index walks it: links followed) that is
+    ``dst_dir`` or inside it, or None."""
+    if not dst_dir.exists():
+        return None
+    dst, seen = dst_dir.resolve(), set()
+    for folder, subfolders, _ in os.walk(src_dir, followlinks=True):
+        real = Path(folder).resolve()
+        if real in seen:  # (a link back up the tree)
+            subfolders[:] = []
+            continue
+        seen.add(real)
+        if real == dst or real.is_relative_to(dst):
+            return Path(folder)
+    return None
 
 
 def _check_codec(codec: str) -> str:
