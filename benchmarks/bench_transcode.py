@@ -45,9 +45,9 @@ cut short keeps every copy's growth), ``ok`` / ``short`` (a throughput cell), ``
 ``failed`` (``reason`` says why; a failing transcode, sampling or cell ends no other).
 
 Rows go to benchmarks/results/transcode[_quick].partial.csv, rewritten atomically after every row
-once one holds a result, and to transcode[_quick].csv when the run ends: a run cut short (Ctrl-C:
-exit status 130) keeps what finished in the partial file and leaves an earlier finished CSV as it
-was, and so does a run that measures nothing.
+once one holds a result, and to transcode[_quick].csv (with a plot, .png) when the run ends: a
+run cut short (Ctrl-C: exit status 130) keeps what finished in the partial file and leaves an
+earlier finished CSV as it was, and so does a run that measures nothing.
 
 The measured ratio comes from the first ``--measure-draws`` of the model's draws (the same random
 numbers), so it is the noisier of the two; ``model_exact`` says the model matched each decode.
@@ -97,6 +97,7 @@ from siasam_fast.benchutil import (  # noqa: E402
     pyav_rounds,
     report_no_rows,
     results_path,
+    save_figure,
 )
 from siasam_fast.pipeline.dataset import build_loader  # noqa: E402
 from siasam_fast.pipeline.manifest import load_manifest  # noqa: E402
@@ -256,6 +257,52 @@ def even_height(text: str) -> int:
         raise argparse.ArgumentTypeError(f"invalid value {text!r}: must be an even integer >= 2 "
                                           "(4:2:0 chroma)")
     return value
+
+
+def plot(rows: list[dict], path: Path, title: str) -> Path | None:
+    """Left: videos/s (steady rounds) of each measured cell, grouped by set, for the first
+    sampling measured; right: frames decoded per needed frame (the cost model) and the disk
+    growth of each set. None when no cell was measured."""
+    cells = [r for r in rows if r.get("status") in ("ok", "short")
+             and isinstance(r.get("steady_videos_per_s"), (int, float))]
+    if not cells:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sampling = cells[0]["sampling"]
+    cells = [r for r in cells if r["sampling"] == sampling]
+    sets = list(dict.fromkeys(r["set"] for r in cells))
+
+    def label(r: dict) -> str:
+        if r["backend"] == "pyav":
+            return f"pyav, {r['workers']} workers"
+        return (f"dali{', group ' + str(r['group']) if r.get('group') not in ('', 1) else ''}"
+                f"{', trimmed' if r.get('trim') else ''}")
+
+    labels = list(dict.fromkeys(label(r) for r in cells))
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 4.5))
+    width = 0.8 / len(labels)
+    for j, name in enumerate(labels):
+        rate = {r["set"]: r["steady_videos_per_s"] for r in cells if label(r) == name}
+        ax1.bar([i + j * width for i in range(len(sets))], [rate.get(s, 0) for s in sets],
+                width, label=name)
+    ax1.set_xticks([i + width * (len(labels) - 1) / 2 for i in range(len(sets))], sets,
+                   fontsize=8)
+    ax1.set_ylabel(f"videos/s (steady rounds), sampling {sampling}")
+    ax1.legend(fontsize=8)
+    first = {r["set"]: r for r in reversed(cells)}  # (the set's model and disk columns)
+    ratios = [first[s].get("model_decoded_per_needed") or 0 for s in sets]
+    growth = [first[s].get("growth") or 0 for s in sets]
+    ax2.bar([i - 0.2 for i in range(len(sets))], ratios, 0.4, label="decoded / needed frame")
+    ax2.bar([i + 0.2 for i in range(len(sets))], growth, 0.4, label="disk vs original")
+    ax2.set_xticks(range(len(sets)), sets, fontsize=8)
+    ax2.axhline(1.0, color="grey", linewidth=0.8)
+    ax2.legend(fontsize=8)
+    fig.suptitle(title, fontsize=9)
+    return save_figure(fig, path, dpi=120)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -495,7 +542,11 @@ def main(argv: list[str] | None = None) -> int:
           f"frames, stride 4, {len(original)} videos of {spec.num_frames} frames, "
           f"image {args.image_size}")
     print(format_table(rows, [c for c in COLUMNS if any(c in r for r in rows)]))
-    print(f"wrote {results.finish()}")
+    written = results.finish()
+    figure = plot(rows, written.with_suffix(".png"),
+                  f"transcode benchmark on {env['device']}: {len(original)} videos of "
+                  f"{spec.num_frames} frames, N=9 clips x B=8 frames, stride 4")
+    print(f"wrote {written}" + (f" and {figure}" if figure else ""))
     return 0
 
 

@@ -394,6 +394,7 @@ def test_transcode_bench_copies_like_the_originals_and_records_every_cell(tmp_pa
     for _, kwargs in calls:
         assert kwargs["preset"] == "veryfast" and kwargs["bframes"] == 3 and kwargs["crf"] == 23
     rows = read_rows(out / "transcode_quick.csv")
+    assert (out / "transcode_quick.png").stat().st_size > 1000  # (issue 7: a table, CSV, PNG)
     disk = {r["set"]: r for r in rows if r["status"] == "disk"}
     assert list(disk) == ["gop20 (original)", "gop8",
                           "gop20 (control: re-encoded like the copies)"]
@@ -451,6 +452,7 @@ def test_transcode_bench_stopped_by_ctrl_c_keeps_the_earlier_csv(tmp_path, monke
     assert status == 130
     assert "interrupted: the rows measured so far are in" in capsys.readouterr().err
     assert earlier.read_text() == "set,status\nearlier,ok\n"
+    assert not (out / "transcode_quick.png").exists()
     rows = read_rows(out / "transcode_quick.partial.csv")
     assert [(r["set"], r["status"]) for r in rows] == [("gop20 (original)", "disk"),
                                                       ("gop8", "disk")]

@@ -298,7 +298,8 @@ def test_nvenc(tmp_path):
 
 @pytest.mark.skipif(NVENC, reason="NVENC works here")
 def test_nvenc_requested_but_missing_says_why(tmp_path):
-    with pytest.raises(RuntimeError, match=r"encoder='nvenc' asked for, but .*encoder='cpu'"):
+    with pytest.raises(RuntimeError, match=r"encoder 'nvenc' asked for \(--encoder nvenc\), "
+                                           r"but .*encoder 'cpu'"):
         choose_encoder("h264", "nvenc")
     # A bad argument for this machine (the CLI's one-line error), before anything is written.
     with pytest.raises(EncoderUnavailableError) as err:

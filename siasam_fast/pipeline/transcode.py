@@ -263,7 +263,8 @@ def choose_encoder(codec: str = "h264", encoder: str = "auto") -> tuple[str, boo
             return NVENC_ENCODERS[codec], True
         if encoder == "nvenc":
             raise EncoderUnavailableError(
-                f"encoder='nvenc' asked for, but {why}; use encoder='cpu' or 'auto'")
+                f"encoder 'nvenc' asked for (--encoder nvenc), but {why}; use encoder 'cpu' "
+                "or 'auto'")
         logger.info("NVENC not used: %s", why)
     name = CPU_ENCODERS[codec]
     if name not in av.codecs_available:
