@@ -276,6 +276,14 @@ def test_hevc(tmp_path):
     assert summary.encoder == "libx265" and out.codec == "hevc"
     assert out.keyframes == list(range(0, 45, 5)) and out.height == 32
     assert read_indices(decode_frames(out, np.arange(45))) == list(range(45))
+    # a frame 4 px wide: libx265 does not open (a bare "ArgumentError ... returned 22" before)
+    write_index_video(video_path(tmp_path / "thin", "thin", "h264"), 10, codec="h264",
+                      size=(480, 4))
+    thin = transcode(tmp_path / "thin", tmp_path / "thin_dst", gop=5, codec="hevc", workers=1,
+                     encoder="cpu", progress=False)
+    assert [r.reason for r in thin.failed] == [
+        "libx265 did not open for this video (Invalid argument): it refuses frames a few pixels "
+        "wide or high; --codec h264 encodes them"]
 
 
 @pytest.mark.skipif(not NVENC, reason=f"no NVENC here: {NVENC_WHY}")

@@ -467,6 +467,10 @@ def _failure_reason(err: Exception, job: _Job) -> str:
                 "(Turing and later) refuses frames under 145 px (H.264) or 129 px (HEVC) a side, "
                 "and a GeForce GPU runs only a few encoding sessions at once (fewer --workers); "
                 "--encoder cpu encodes it")
+    if (job.encoder == CPU_ENCODERS["hevc"] and isinstance(err, av.error.FFmpegError)
+            and str(err.filename or "").startswith("avcodec_open2")):
+        return (f"{job.encoder} did not open for this video ({_ffmpeg_reason(err)}): it refuses "
+                "frames a few pixels wide or high; --codec h264 encodes them")
     return f"{type(err).__name__}: {err}"
 
 
