@@ -72,12 +72,23 @@ def test_msrvtt_official_missing_field_names_file_record_field(tmp_path):
         ({"answer": "  ", "id": 0, "question": "q", "video_id": 1}, "'answer' is empty"),
         ({"answer": "a", "id": 0, "question": "q", "video_id": "v1"}, "'video_id' must be an int"),
         ({"answer": "a", "id": 0, "question": "q", "video_id": True}, "'video_id' must be an int"),
+        ({"answer": float("nan"), "id": 0, "question": "q", "video_id": 1},  # (json writes NaN)
+         "'answer' must be a string, got nan"),
     ],
 )
 def test_msrvtt_official_bad_values(tmp_path, record, message):
     path = write(tmp_path / "val_qa.json", json.dumps([record]))
     with pytest.raises(AnnotationError, match=rf"val_qa\.json record 0: field {message}"):
         load_annotations("msrvtt_qa", path)
+
+
+def test_answers_written_as_json_numbers_read_as_written_whole_numbers(tmp_path):
+    """A JSON answer 2.0 (pandas writes whole numbers so) became the answer "2.0", another class
+    than the "2" of the same count written as 2; NaN became the answer "nan"."""
+    recs = [{"answer": a, "id": i, "question": "how many?", "video_id": 1}
+            for i, a in enumerate((2, 2.0, 2.5, "2"))]
+    path = write(tmp_path / "val_qa.json", json.dumps(recs))
+    assert [ex.answer for ex in load_annotations("msrvtt_qa", path)] == ["2", "2", "2.5", "2"]
 
 
 def test_invalid_json_reports_line_and_column(tmp_path):

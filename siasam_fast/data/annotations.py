@@ -31,6 +31,7 @@ import csv
 import inspect
 import io
 import json
+import math
 import random
 import re
 from collections.abc import Callable, Sequence
@@ -347,6 +348,10 @@ def _field(where, rec: dict, name: str, kind: str = "str", default=_MISSING):
             return int(value)
         raise AnnotationError(f"{where}: field {name!r} must be an integer, got {value!r}")
     # Answers/ids stored as JSON numbers are legal data (e.g. "answer": 2); take them as text.
+    if isinstance(value, float) and not math.isfinite(value):  # (Python's json reads NaN)
+        raise AnnotationError(f"{where}: field {name!r} must be a string, got {value!r}")
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)  # 2.0 -> "2", the answer written as 2 (as a count's)
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         value = str(value)
     if not isinstance(value, str):
