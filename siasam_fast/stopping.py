@@ -113,8 +113,10 @@ class StopRequest:
     main thread it installs nothing and never asks to stop. The previous handlers come back on
     exit."""
 
-    def __init__(self, world_size: int = 1, group=None, check_every: int = CHECK_EVERY):
+    def __init__(self, world_size: int = 1, group=None, check_every: int = CHECK_EVERY,
+                 announce: bool = True):
         self.world_size, self.group, self.check_every = int(world_size), group, int(check_every)
+        self.announce = announce  # print the stop's line (one process of several: process 0)
         self.signal: str | None = None  # the first stop signal received here (or by a peer)
         self._since = 0.0
         self._previous: dict[int, object] = {}
@@ -146,8 +148,9 @@ class StopRequest:
         self.signal, self._since = name, now
         IN_GRACEFUL_STOP.value = 1  # (its loader workers stay until it shuts them down)
         again = "; Ctrl-C again stops at once" if number == signal.SIGINT else ""
-        print(f"\n{name}: stopping after this step with a checkpoint (resume with --resume "
-              f"auto){again}", file=sys.stderr, flush=True)
+        if self.announce:
+            print(f"\n{name}: stopping after this step with a checkpoint (resume with --resume "
+                  f"auto){again}", file=sys.stderr, flush=True)
 
     @property
     def exit_status(self) -> int:

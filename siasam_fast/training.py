@@ -1278,6 +1278,12 @@ def resolve_checkpoint(path: str | Path) -> Path:
             return complete[-1]
     if (path / "run_state.json").is_file():
         return path
+    for base in (path, path / "checkpoints"):  # complete tags but no `latest`: a kill between
+        complete = complete_tags(base)  # the first save's run_state.json and its `latest`
+        if complete:
+            print(f"note: {base} has no 'latest' file; using {complete[-1].name}, the newest "
+                  "complete checkpoint", file=sys.stderr)
+            return complete[-1]
     raise FileNotFoundError(f"no checkpoint at {str(path)!r}: expected a tag directory with "
                             "run_state.json, or a directory holding a 'latest' file")
 
@@ -2365,6 +2371,26 @@ def run_training(args: argparse.Namespace, cfg: Config, rank: int, world: int,
                       f"{metric_name} {metrics[metric_name]:.4f}")
             print(f"epoch {epoch + 1}: train loss {loss_text}, {eval_split} {result}")
 
+    def evaluate_or_stop(epoch: int, sums: dict, n_steps: int) -> str | None:
+        """:func:`end_of_epoch` after the epoch's checkpoint; with one process a stop signal ends
+        the evaluation at once (its name is returned), since the checkpoint is saved. Several
+        processes finish it together (a signal on one would leave the others in its
+        collectives) and agree on the stop after it."""
+        if world > 1:
+            end_of_epoch(epoch, sums, n_steps)
+            return None
+        if stop_request.signal is not None:  # (during the save)
+            return stop_request.signal
+        try:
+            with stop_raises():
+                end_of_epoch(epoch, sums, n_steps)
+        except Stopped as stopped:
+            stop_request.signal = stopped.name
+            print(f"\n{stopped.name}: the evaluation of epoch {epoch + 1} is left to the "
+                  "resumed run (the epoch's checkpoint is saved)", file=sys.stderr, flush=True)
+            return stopped.name
+        return None
+
     history: list[dict] = list(epochs_log.rows)  # a resumed run's summary covers the whole run
     metric_name = task_metric(cfg.task)
     stop = False
@@ -2378,7 +2404,7 @@ def run_training(args: argparse.Namespace, cfg: Config, rank: int, world: int,
     # save a checkpoint, exit 128 + the signal's number. Processes agree over a gloo group.
     # The processes agree on a stop every CHECK_EVERY micro-batches or so (at step ends).
     stop_request = StopRequest(world, dist.new_group(backend="gloo") if world > 1 else None,
-                               check_every=max(1, CHECK_EVERY // accum))
+                               check_every=max(1, CHECK_EVERY // accum), announce=rank0)
     # A checkpoint saved at an epoch's last step (train.save_every) before that epoch's
     # evaluation, which then never ended (the process killed outright, out of memory, a node
     # lost): this run's metrics_epochs.csv has no row for the epoch, so it is evaluated first,
@@ -2511,13 +2537,23 @@ def run_training(args: argparse.Namespace, cfg: Config, rank: int, world: int,
             # Stopped by a signal at the epoch's end: its evaluation is left to the resumed run
             # (the checkpoint says so), not done inside the scheduler's grace period.
             eval_due = epoch_done and stopped_by is not None
-            if stop and (eval_due or not (cfg.train.save_every
-                                          and step % cfg.train.save_every == 0)):
+            saved = cfg.train.save_every and step % cfg.train.save_every == 0
+            # An epoch's end is saved before its evaluation: a kill during the evaluation (a
+            # scheduler's SIGKILL after its grace, out of memory) loses no training; the resumed
+            # run finds no metrics row for that epoch and evaluates it first (`unevaluated`)
+            if eval_due or ((stop or epoch_done) and not saved):
                 checkpoint(epoch)
             if epoch_done and not eval_due:
-                end_of_epoch(epoch, sums, n_steps)
-                if not stop:
-                    checkpoint(epoch)
+                stopped = evaluate_or_stop(epoch, sums, n_steps)
+                if stopped:  # a signal during the evaluation (one process): it is left to
+                    stop, stopped_by, eval_due = True, stopped, True  # the resumed run
+                elif rank0:  # (the best epoch, known now, is kept from the next prune on)
+                    prune_checkpoints(out_dir / "checkpoints", cfg.train.keep_checkpoints,
+                                      f"step{step}", kept_best_tag(history, cfg, eval_split,
+                                                                   out_dir / "checkpoints"))
+                if not stop and epoch + 1 < cfg.train.epochs and stop_request.should_stop(
+                        step, epoch_end=True):  # (a signal during the evaluation: not a step)
+                    stop, stopped_by = True, stop_request.signal
             if stop:
                 break
 
@@ -2527,9 +2563,12 @@ def run_training(args: argparse.Namespace, cfg: Config, rank: int, world: int,
             stopped_by = stop_request.signal
     if stopped_by is not None:
         if rank0:
-            left = ("the rest of the run" if not train_loader.sampler.position >= len(
-                train_loader.sampler) else f"epoch {epoch + 1}'s evaluation" if eval_due else
-                "the test evaluation and summary.json")
+            at_end = train_loader.sampler.position >= len(train_loader.sampler)
+            more = epoch + 1 < cfg.train.epochs
+            left = ("the rest of the run" if not at_end else
+                    f"epoch {epoch + 1}'s evaluation" + (" and the rest of the run" if more
+                                                          else "") if eval_due else
+                    "the rest of the run" if more else "the test evaluation and summary.json")
             print(f"stopped by {stopped_by} after step {step}: checkpoint saved in "
                   f"{out_dir / 'checkpoints'}; --resume auto continues with {left}")
         return stop_request.exit_status

@@ -28,6 +28,14 @@ def test_a_signal_asks_for_a_stop_and_the_old_handlers_come_back(capsys):
     assert "SIGUSR1: stopping after this step with a checkpoint" in capsys.readouterr().err
 
 
+def test_only_the_announcing_process_prints_the_stop(capsys):
+    """Every process of a run gets the scheduler's signal: 8 processes printed 8 lines."""
+    with StopRequest(announce=False) as stop:
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert stop.should_stop(1)
+    assert capsys.readouterr().err == ""
+
+
 def test_ctrl_c_twice_stops_at_once_but_an_echo_does_not(monkeypatch):
     monkeypatch.setattr(stopping, "REPEAT_WINDOW_S", 0.2)
     with StopRequest() as stop:

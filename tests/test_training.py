@@ -301,6 +301,45 @@ def test_a_stop_at_an_epochs_last_step_leaves_its_evaluation_to_the_resume(synth
     assert not tag.exists() or not json.loads((tag / "run_state.json").read_text())["eval_due"]
 
 
+SIGNAL_IN_EPOCH_EVAL = """
+import os, signal, sys
+from siasam_fast import training
+evaluate = training.evaluate
+
+def evaluate_then_signal(*args, desc="", **kwargs):  # a stop during the first epoch's evaluation
+    if desc.startswith("eval") and not getattr(evaluate_then_signal, "done", False):
+        evaluate_then_signal.done = True
+        os.kill(os.getpid(), signal.SIGTERM)
+    return evaluate(*args, desc=desc, **kwargs)
+
+training.evaluate = evaluate_then_signal
+sys.exit(training.main(sys.argv[1:]))
+"""
+
+
+def test_a_stop_during_an_epochs_evaluation_ends_it_with_the_epoch_saved(synth, tmp_path):
+    """The epoch's checkpoint was written after its evaluation, which a stop signal did not end:
+    a long evaluation used up the scheduler's grace, and its SIGKILL then lost the whole epoch.
+    The epoch is now saved first, a signal ends the evaluation at once, and the resumed run
+    evaluates that epoch first."""
+    out = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-c", SIGNAL_IN_EPOCH_EVAL, *base_args(synth, out)],
+                          cwd=ROOT, env=cpu_env(OMP_NUM_THREADS="1"), capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 128 + signal.SIGTERM, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert "SIGTERM: the evaluation of epoch 1 is left to the resumed run (the epoch's " \
+           "checkpoint is saved)" in proc.stderr
+    assert "--resume auto continues with epoch 1's evaluation and the rest of the run" \
+        in proc.stdout, proc.stdout[-2000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    tags = [p.name for p in (out / "checkpoints").glob("step*")]
+    assert len(tags) == 1 and not (out / "metrics_epochs.csv").is_file() or not epoch_rows(out)
+    proc = train(base_args(synth, out, "--resume", "auto"))
+    assert f"note: {tags[0]} ends epoch 1, whose evaluation has no row" in proc.stdout
+    assert [r["epoch"] for r in epoch_rows(out)] == ["1", "2"]
+    assert json.loads((out / "summary.json").read_text())["epochs_completed"] == 2
+
+
 SIGNAL_IN_TEST_EVAL = """
 import os, signal, sys
 from siasam_fast import training
@@ -367,6 +406,13 @@ def test_an_incomplete_latest_checkpoint_falls_back_to_the_newest_complete_one(t
     assert "step9, which is incomplete" in capsys.readouterr().err
     (ckpt / "latest").write_text("step3")
     assert resolve_checkpoint(tmp_path / "run") == ckpt / "step3"
+    # no `latest` at all (a kill between a first save's run_state.json and its `latest`)
+    (ckpt / "latest").unlink()
+    for path in (tmp_path / "run", ckpt):
+        assert resolve_checkpoint(path) == ckpt / "step6"
+    assert "has no 'latest' file; using step6, the newest complete" in capsys.readouterr().err
+    with pytest.raises(FileNotFoundError, match="no checkpoint at"):
+        resolve_checkpoint(tmp_path)
 
 
 def _no_launcher_env(monkeypatch):
