@@ -229,7 +229,8 @@ def test_transcode_nvenc_without_a_gpu(capsys, two_videos, tmp_path):
     folder, _ = two_videos
     code, _, err = run_cli(capsys, "transcode", folder, tmp_path / "out", "--gop", 16,
                            "--encoder", "nvenc", "--no-progress")
-    assert_usage_error(code, err, "transcode", "encoder='nvenc' asked for", "encoder='cpu'")
+    assert_usage_error(code, err, "transcode", "encoder 'nvenc' asked for (--encoder nvenc)",
+                       "encoder 'cpu'")
     assert not (tmp_path / "out").exists()
 
 
