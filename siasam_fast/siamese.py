@@ -119,9 +119,9 @@ def siamese_knowledge(
     _check_mask(clip_mask, V, N, features.device, "features")
     if not (isinstance(tau, (int, float)) and math.isfinite(tau) and tau > 0):
         raise ValueError(f"tau={tau!r}: must be a finite number > 0 (eq. 1 divides by it)")
-    if 1.0 / tau > FP32_MAX:
+    if tau < TAU_MIN:
         raise ValueError(f"tau={tau!r}: 1 / tau overflows fp32, in which the kernels scale the "
-                         f"affinities by it; must be at least {TAU_MIN:.3g}")
+                         f"affinities by it (times log2(e)); must be at least {TAU_MIN:.3g}")
     valid = _valid_clips(clip_mask, V, N, features.device)
     with _full_precision(features.device):
         return _knowledge(features, valid, tau, skg, _compute_dtype(features))
@@ -294,15 +294,18 @@ def _check_inputs(
         raise ValueError(f"omega={omega!r}: must be a number in [0, 1] (eq. 5)")
     if not (isinstance(tau, (int, float)) and math.isfinite(tau) and tau > 0):
         raise ValueError(f"tau={tau!r}: must be a finite number > 0 (eq. 1 divides by it)")
-    if 1.0 / tau > FP32_MAX:
+    if tau < TAU_MIN:
         raise ValueError(f"tau={tau!r}: 1 / tau overflows fp32, in which the kernels scale the "
-                         f"affinities by it; must be at least {TAU_MIN:.3g}")
+                         f"affinities by it (times log2(e)); must be at least {TAU_MIN:.3g}")
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction={reduction!r}: valid values are {REDUCTIONS}")
 
 
 FP32_MAX = float(torch.finfo(torch.float32).max)
-TAU_MIN = 1.0 / FP32_MAX  # the smallest tau whose 1 / tau is a finite fp32 number
+# The smallest tau accepted: the kernels scale cos by log2(e) / tau in fp32 (exp2), and cos may
+# round a little above 1; with 1 / tau <= FP32_MAX / 2 neither they nor the reference overflow
+# (1 / FP32_MAX let a tau below 4.2e-39 through, and the kernels' loss came out NaN).
+TAU_MIN = 2.0 / FP32_MAX
 
 
 def interpreting() -> bool:

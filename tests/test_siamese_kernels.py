@@ -535,9 +535,22 @@ def test_a_tau_whose_inverse_overflows_fp32_is_refused():
     """1 / tau scales the affinities in fp32 inside the kernels: a tau of 1e-39 passed the
     finite-and-positive check and gave a NaN loss and gradients (the reference stays finite)."""
     f, z, t1, t2, m = make_inputs(2, 3, 5, 4, torch.float32, False, seed=1)
-    with pytest.raises(ValueError, match=r"tau=1e-39: 1 / tau overflows fp32.*at least 2.94e-39"):
+    with pytest.raises(ValueError, match=r"tau=1e-39: 1 / tau overflows fp32.*at least 5.88e-39"):
         siamese_loss(f, z, t1, t2, tau=1e-39)
     assert torch.isfinite(siamese_loss(f, z, t1, t2, tau=1e-38, impl="reference"))
+
+
+def test_the_smallest_accepted_tau_keeps_the_kernels_finite():
+    """The kernels scale cos by log2(e) / tau in fp32: the bound 1 / FP32_MAX (2.94e-39) let
+    taus up to 4.2e-39 through, and there the fused loss and gradients were NaN (also at the
+    bound itself, for the duplicate clips of the "N copies of the anchor" ablation)."""
+    f, z, t1, t2, _ = make_inputs(2, 4, 6, 5, torch.float32, False, seed=44)
+    with pytest.raises(ValueError, match=r"tau=4e-39: .*at least 5.88e-39"):
+        siamese_loss(f, z, t1, t2, tau=4e-39, impl="triton")
+    copies = f[:, :1].expand(f.shape).clone()
+    tri, ref = run_both(copies, z, t1, t2, None, reduction="none", tau=S.TAU_MIN)
+    assert torch.isfinite(tri[0]).all() and all(torch.isfinite(a).all() for a in tri[1])
+    check(tri[0], ref[0], 1e-5, "loss", floor=LOSS_FLOOR)
 
 
 def test_a_second_derivative_is_refused_with_the_way_out():
