@@ -12,12 +12,11 @@ written.
 from __future__ import annotations
 
 import argparse
-import math
 import signal
 import sys
 
 from siasam_fast.benchutil import nonneg_float, nonneg_int, positive_int
-from siasam_fast.paths import USAGE_ERRORS
+from siasam_fast.paths import USAGE_ERRORS, json_nulls
 
 # What a subcommand raises for bad arguments (before it writes anything): a one-line error, exit 2.
 # `siasam-fast demo`'s synthetic set (siasam_fast.demo.SYNTHETIC / QUICK_SYNTHETIC; a test keeps
@@ -150,19 +149,6 @@ def _train(args: argparse.Namespace, rest: list[str]) -> int:
     return train_main(rest, prog="siasam-fast train")
 
 
-def _json_nulls(value):
-    """``value`` with NaN and infinite floats as None: ``--json`` is strict JSON (a metric with no
-    question to score, e.g. the accuracy of a split whose answers are all hidden, is NaN, which
-    Python's json writes as the bare word NaN that JSON.parse and other readers refuse)."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {key: _json_nulls(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_nulls(item) for item in value]
-    return value
-
-
 def _eval(args: argparse.Namespace) -> int:
     import json
     import os
@@ -208,7 +194,7 @@ def _eval(args: argparse.Namespace) -> int:
                 return 0
         if "--json" in outputs:
             try:
-                write_text_atomic(staged["--json"], json.dumps(_json_nulls(metrics), indent=1)
+                write_text_atomic(staged["--json"], json.dumps(json_nulls(metrics), indent=1)
                                   + "\n")
             except OSError as err:
                 raise ValueError(f"--json {str(outputs['--json'])!r}: {err.strerror or err}") \

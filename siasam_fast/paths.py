@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import json
+import math
 import os
 import shlex
 import socket
@@ -106,6 +107,20 @@ def takes_new_files(folder: str | os.PathLike) -> bool:
     folder = Path(folder).absolute()
     target = next(p for p in (folder, *folder.parents) if p.exists())
     return target.is_dir() and not _not_writable(target)
+
+
+def json_nulls(value):
+    """``value`` with NaN and infinite floats as None, for strict JSON files (``eval --json``,
+    summary.json): a metric with no question to score, e.g. the accuracy of a split whose answers
+    are all hidden, is NaN, which Python's json writes as the bare word NaN that JSON.parse and
+    other readers refuse."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: json_nulls(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_nulls(item) for item in value]
+    return value
 
 
 def write_text_atomic(path: str | os.PathLike, text: str, durable: bool = False) -> Path:

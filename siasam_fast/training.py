@@ -78,6 +78,7 @@ from siasam_fast.paths import (  # noqa: E402
     FolderLock,
     file_in_the_way,
     fsync_tree,
+    json_nulls,
     lock_folder,
     packaged_config,
     write_text_atomic,
@@ -1403,6 +1404,12 @@ def _write_json(path: Path, value) -> None:
     _write_text(path, json.dumps(value))
 
 
+def write_summary(path: Path, summary: dict) -> None:
+    """summary.json as strict JSON: a metric with nothing to score (NaN) is null, as in
+    ``siasam-fast eval --json``."""
+    _write_json(path, json_nulls(summary))
+
+
 def _write_text(path: Path, text: str) -> None:
     write_text_atomic(path, text)  # an interrupted save never leaves half a file
 
@@ -2630,7 +2637,7 @@ def run_training(args: argparse.Namespace, cfg: Config, rank: int, world: int,
         if best:
             summary["best"] = best
     if rank0:
-        _write_json(out_dir / "summary.json", summary)
+        write_summary(out_dir / "summary.json", summary)
         final = summary.get("test") or summary.get(eval_split or "", {})
         print(f"done: {step} steps in {summary['train_seconds']:.1f} s; final metrics {final}")
         if "best" in summary:

@@ -415,3 +415,20 @@ def test_every_process_evaluates_and_saves_process_0s_batchnorm_statistics(tmp_p
     engine = Engine()
     training.save_checkpoint(engine, tmp_path, "step1", {}, 1, 1)
     assert calls == [0, 0, 0] and engine.saved_mean == [3.0, 3.0]
+
+
+def test_summary_json_is_strict_json_when_a_metric_is_nan(tmp_path):
+    """A split with nothing to score (How2QA's hidden-label test: accuracy NaN) wrote the bare
+    word NaN into summary.json, which JSON.parse and other strict readers refuse (eval --json
+    already wrote null)."""
+    path = tmp_path / "summary.json"
+    training.write_summary(path, {"steps": 3, "test": {"num_examples": 0, "num_unlabeled": 18,
+                                                       "accuracy": float("nan")},
+                                  "history": [{"val_accuracy": float("inf")}]})
+
+    def refuse(word):
+        raise ValueError(f"not JSON: {word}")
+
+    summary = json.loads(path.read_text(), parse_constant=refuse)
+    assert summary["test"] == {"num_examples": 0, "num_unlabeled": 18, "accuracy": None}
+    assert summary["history"] == [{"val_accuracy": None}]
