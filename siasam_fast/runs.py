@@ -146,7 +146,10 @@ def summarize_run(path: Path) -> dict:
     if latest.is_file():
         tag = latest.read_text().strip()
         saved_step = int(tag[4:]) if tag.startswith("step") and tag[4:].isdigit() else None
-    if summary is not None and (saved_step is None or summary.get("steps", 0) >= saved_step):
+    # summary.json of an earlier end (a finished run resumed with more train.epochs) is not the
+    # last model's: its test metric is left out
+    current = summary is not None and (saved_step is None or summary.get("steps", 0) >= saved_step)
+    if current:
         # a run train.max_steps stopped is saved, not done: --resume auto continues it
         status = (f"max_steps at step {summary.get('steps')}"
                   if summary.get("ended") == "max_steps" else "done")
@@ -157,7 +160,7 @@ def summarize_run(path: Path) -> dict:
     best = best_epoch(history, split, metric, path / "checkpoints")
     key = f"{split}_{metric}"
     last = next((r[key] for r in reversed(history) if isinstance(r.get(key), (int, float))), None)
-    test = (summary or {}).get("test", {}).get(metric)
+    test = summary.get("test", {}).get(metric) if current else None
     sampling = config.get("sampling", {})
     clips = sampling.get("num_clips")
     if clips is not None and sampling.get("placement", "siamese") != "siamese":

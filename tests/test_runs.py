@@ -151,3 +151,15 @@ def test_a_folder_of_runs_includes_a_demos_runs_one_level_further(tmp_path, caps
     assert names == [str(runs / "demo" / "baseline"), str(runs / "demo" / "siasamrea"),
                      str(runs / "syn1")]
     assert main(["runs", str(runs / "demo")]) == 0
+
+
+def test_a_finished_run_resumed_for_more_epochs_shows_no_earlier_models_test(tmp_path, capsys):
+    """A finished run resumed with more train.epochs (then stopped, or still training) keeps the
+    summary.json of its earlier end: its test metric is of that earlier model, not of the last
+    one, which has no test evaluation yet (the table showed the old one beside the new epochs)."""
+    run = make_run(tmp_path / "more", 1.0, [0.40, 0.45, 0.44, 0.50],
+                   {"steps": 30, "steps_per_s": 2.5, "ended": "complete",
+                    "test": {"accuracy": 0.43}}, latest=40)
+    assert main(["runs", str(run)]) == 0
+    row = capsys.readouterr().out.splitlines()[1].split()
+    assert row[4:7] == ["saved", "at", "step"] and row[-2] == "-", row
