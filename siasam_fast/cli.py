@@ -305,9 +305,16 @@ def _ask(args: argparse.Namespace) -> int:
 def _runs(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from siasam_fast.runs import format_table, run_folders, summarize_run, write_csv
+    from siasam_fast.paths import check_output_file
+    from siasam_fast.runs import RUN_OUTPUTS, format_table, run_folders, summarize_run, write_csv
 
-    rows = [summarize_run(path) for path in run_folders(args.folders)]
+    folders = run_folders(args.folders)
+    if args.csv is not None:  # checked before the table: nothing printed, then an error
+        csv_path = check_output_file(args.csv, "--csv", writable=True).resolve()
+        if csv_path.name in RUN_OUTPUTS and any(csv_path.parent == f.resolve() for f in folders):
+            raise ValueError(f"--csv {args.csv!r} is a file of the run folder "
+                             f"{str(csv_path.parent)!r}, which training wrote; give another path")
+    rows = [summarize_run(path) for path in folders]
     print(format_table(rows))
     if args.csv:
         write_csv(rows, Path(args.csv))

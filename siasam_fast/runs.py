@@ -19,6 +19,11 @@ COLUMNS = ("run", "task", "alpha", "clips", "status", "epochs", "best_split", "b
            "best", "best_epoch", "last", "test", "steps_per_s")  # best_split / _metric: headers
 
 
+# The files training writes in a run folder (its own, which --csv must not replace)
+RUN_OUTPUTS = ("config.json", "ans2label.json", "metrics_epochs.csv", "metrics_steps.csv",
+               "summary.json", "predictions_test.jsonl")
+
+
 def _number(text: str):
     """A CSV cell back as the int or float it was written from (text if it is neither)."""
     for kind in (int, float):

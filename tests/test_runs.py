@@ -163,3 +163,18 @@ def test_a_finished_run_resumed_for_more_epochs_shows_no_earlier_models_test(tmp
     assert main(["runs", str(run)]) == 0
     row = capsys.readouterr().out.splitlines()[1].split()
     assert row[4:7] == ["saved", "at", "step"] and row[-2] == "-", row
+
+
+def test_a_bad_csv_path_is_refused_before_the_table_and_never_a_runs_own_file(tmp_path, capsys):
+    """--csv naming a folder failed after the table with a bare '[Errno 21] Is a directory'; one
+    naming a run's own file (its metrics_epochs.csv) replaced it with the table."""
+    run = make_run(tmp_path / "r", 1.0, [0.5])
+    before = (run / "metrics_epochs.csv").read_text()
+    assert main(["runs", str(run), "--csv", str(run)]) == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err == f"siasam-fast runs: error: --csv {str(run)!r} is a folder; give a file path\n"
+    assert main(["runs", str(tmp_path), "--csv", str(run / "metrics_epochs.csv")]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and "--csv" in err and "metrics_epochs.csv" in err and "run folder" in err
+    assert (run / "metrics_epochs.csv").read_text() == before
