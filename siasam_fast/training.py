@@ -1068,6 +1068,12 @@ def evaluate_tasks(model, loaders: dict, streams: dict[str, Config], texts: dict
               "given, or every video failed); the mean accuracy covers "
               + (', '.join(n for n in loaders if n not in unscored and
                            f"{n}_accuracy" in result) or "no task: it is NaN"), file=sys.stderr)
+    absent = [n for n, stream in streams.items() if n not in loaders and stream.task != "count"]
+    if absent and accuracies and rank0:  # (a test split only some tasks have, say)
+        print(f"note: {desc}: task(s) {', '.join(absent)} have no data here; the mean accuracy "
+              "covers " + ", ".join(n for n in loaders if n not in unscored
+                                    and f"{n}_accuracy" in result)
+              + " only, so it is not comparable with one over every task", file=sys.stderr)
     if predictions is not None and rank0:  # atomic: a stop while writing keeps an earlier file
         write_text_atomic(predictions, "".join(json.dumps(row) + "\n" for row in rows))
     return result

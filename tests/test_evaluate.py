@@ -332,6 +332,25 @@ def test_a_task_that_scored_no_question_is_left_out_of_the_mean_and_said(tmp_pat
     assert math.isnan(metrics["accuracy"])
 
 
+def test_a_split_that_only_some_tasks_have_says_what_its_mean_covers(capsys):
+    """task=multi: a test split that one task lacks (no test file) gave a mean over the others,
+    shown beside the val mean over every task without a word."""
+    loaders = {"frameqa": [batch("open", [0, 1], [[1, 0], [0, 1]], label=[0, 0])],
+               "count": [batch("count", [0], [3.0], count=[4.0])]}
+    streams = _streams(frameqa="open", how2qa="mc", count="count")
+    texts = {name: (lambda b: {}) for name in loaders}
+    metrics = evaluate_tasks(Scores(), loaders, streams, texts, torch.device("cpu"),
+                             torch.float32, desc="test")
+    assert metrics["accuracy"] == 0.5
+    assert ("note: test: task(s) how2qa have no data here; the mean accuracy covers frameqa only, "
+            "so it is not comparable with one over every task") in capsys.readouterr().err
+    evaluate_tasks(Scores(), {**loaders, "how2qa": [batch("mc", [0], [[1, 0]],
+                                                          answer_index=[0])]},
+                   streams, {**texts, "how2qa": texts["count"]}, torch.device("cpu"),
+                   torch.float32, desc="val")
+    assert "have no data here" not in capsys.readouterr().err
+
+
 def test_repeated_question_ids_are_named_once_each():
     examples = [SimpleNamespace(qid=q) for q in ["a", "b", "a", "c", "a", "b"]]
     assert _duplicate_qids(examples) == ["a", "b"]
