@@ -216,6 +216,20 @@ class FolderLock:
         self.made = []
 
 
+def _flock_soon(fd: int, tries: int = 5, every_s: float = 0.1) -> None:
+    """The exclusive lock of ``fd``, tried a few times over half a second: a look at the folder
+    (:func:`folder_holder`, `siasam-fast runs`) holds it shared for a moment; a training holds
+    it for good (then BlockingIOError)."""
+    for attempt in range(tries):
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            if attempt == tries - 1:
+                raise
+            time.sleep(every_s)
+
+
 def lock_folder(folder: str | os.PathLike, option: str) -> FolderLock:
     """Take the exclusive lock of ``folder`` (made if need be) and write who holds it (host, pid,
     start time, Slurm job, command) into its lock file. Another process holding it: a ValueError
@@ -229,7 +243,7 @@ def lock_folder(folder: str | os.PathLike, option: str) -> FolderLock:
         while True:
             fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                _flock_soon(fd)
             except BlockingIOError:
                 holder = os.read(fd, 65536).decode(errors="replace")
                 os.close(fd)
@@ -274,6 +288,30 @@ def lock_folder(folder: str | os.PathLike, option: str) -> FolderLock:
         FolderLock(path, None, made).release()
         raise ValueError(f"{option}={str(folder)!r}: cannot lock {str(path)!r} "
                          f"({err.strerror or err})") from None
+
+
+def folder_holder(folder: str | os.PathLike) -> dict | None:
+    """Who holds ``folder``'s lock (:func:`lock_folder`: a training running there), as its lock
+    file names it ({} before it has written its name), or None when nobody does (no lock file,
+    a lock left by a process that ended, a file system without locks)."""
+    try:
+        fd = os.open(Path(folder) / LOCK_FILE, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)  # (a training takes it at once or waits:
+    except BlockingIOError:  # lock_folder tries again for a moment)
+        try:
+            return json.loads(os.read(fd, 65536).decode(errors="replace"))
+        except ValueError:
+            return {}
+    except OSError:  # no locks on this file system
+        return None
+    else:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    finally:
+        os.close(fd)
 
 
 def _holder(text: str) -> str:

@@ -15,6 +15,8 @@ import json
 import math
 from pathlib import Path
 
+from siasam_fast.paths import folder_holder
+
 COLUMNS = ("run", "task", "alpha", "clips", "status", "epochs", "best_split", "best_metric",
            "best", "best_epoch", "last", "test", "steps_per_s")  # best_split / _metric: headers
 
@@ -162,6 +164,10 @@ def summarize_run(path: Path) -> dict:
         status = f"saved at step {saved_step}"
     else:
         status = "no checkpoint"
+    holder = folder_holder(path)
+    if holder is not None:  # training now (a resumed run too): not stopped where it saved
+        where = f" on {holder['host']}" if holder.get("host") else ""
+        status = f"training{where}" + (f", saved at step {saved_step}" if saved_step else "")
     best = best_epoch(history, split, metric, path / "checkpoints")
     key = f"{split}_{metric}"
     last = next((r[key] for r in reversed(history) if isinstance(r.get(key), (int, float))), None)

@@ -178,3 +178,34 @@ def test_a_bad_csv_path_is_refused_before_the_table_and_never_a_runs_own_file(tm
     out, err = capsys.readouterr()
     assert out == "" and "--csv" in err and "metrics_epochs.csv" in err and "run folder" in err
     assert (run / "metrics_epochs.csv").read_text() == before
+
+
+def test_a_run_still_training_says_so(tmp_path, capsys):
+    """A run whose training is going on (its folder's lock held) read "saved at step 51", as a
+    stopped or killed one does; `runs` now tells them apart, and so does a lock left behind."""
+    import subprocess
+    import sys
+
+    from siasam_fast.paths import LOCK_FILE, folder_holder, lock_folder
+
+    run = make_run(tmp_path / "busy", 1.0, [0.40], latest=51)
+    (run / LOCK_FILE).write_text('{"host": "gone", "pid": 1}\n')  # its holder ended: no lock
+    assert folder_holder(run) is None
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time\nfrom siasam_fast.paths import lock_folder\n"
+         f"lock_folder({str(run)!r}, 'train.out_dir')\nprint('held', flush=True)\n"
+         "time.sleep(60)"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        assert folder_holder(run)["pid"] == holder.pid
+        assert main(["runs", str(run)]) == 0
+        row = capsys.readouterr().out.splitlines()[1]
+        assert " training on " in row and "saved at step 51" in row, row
+        with pytest.raises(ValueError, match="is in use by another training"):
+            lock_folder(run, "train.out_dir")  # (runs' look did not take it)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert folder_holder(run) is None
+    assert main(["runs", str(run)]) == 0
+    assert " training on " not in capsys.readouterr().out
