@@ -134,7 +134,8 @@ def run_folders(paths: list[str | Path]) -> list[Path]:
             raise ValueError(f"{str(given)!r} is neither a run folder (no config.json) nor a "
                              f"folder of runs (none within {RUN_SEARCH_DEPTH} levels)")
         found += inner
-    return found
+    seen: set[Path] = set()  # each run once (runs/a runs/: a is in both)
+    return [p for p in found if not (p.resolve() in seen or seen.add(p.resolve()))]
 
 
 def summarize_run(path: Path) -> dict:

@@ -209,3 +209,11 @@ def test_a_run_still_training_says_so(tmp_path, capsys):
     assert folder_holder(run) is None
     assert main(["runs", str(run)]) == 0
     assert " training on " not in capsys.readouterr().out
+
+
+def test_a_run_named_twice_is_listed_once(tmp_path):
+    from siasam_fast.runs import run_folders
+
+    a = make_run(tmp_path / "runs" / "a", 1.0, [0.4])
+    b = make_run(tmp_path / "runs" / "b", 0.0, [0.3])
+    assert run_folders([a, tmp_path / "runs", str(a) + "/"]) == [a, b]
