@@ -207,7 +207,10 @@ def format_table(rows: list[dict]) -> str:
                "last": f"last {split} {name}", "test": f"test {name}", "steps_per_s": "steps/s"}
     shown = [c for c in COLUMNS if c not in ("best_split", "best_metric")]
     table = [[headers.get(c, c) for c in shown]]
-    table += [[_cell(r[c], c) for c in shown] for r in rows]
+    mixed = name == "metric"  # (count's MSE, lower is better, beside accuracies): each value
+    table += [[_cell(r[c], c) + (f" {r['best_metric']}" if mixed and c in ("best", "last", "test")
+                                  and _cell(r[c], c) != "-" else "")
+               for c in shown] for r in rows]  # names its metric
     widths = [max(len(line[i]) for line in table) for i in range(len(shown))]
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip()
                      for line in table)

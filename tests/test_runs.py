@@ -125,6 +125,11 @@ def test_runs_of_different_tasks_or_splits_share_neutral_headers():
     assert "best val mse" in same and "test mse" in same
     mixed = format_table([row("accuracy", "val"), row("mse", "test")]).splitlines()[0]
     assert "best eval metric" in mixed and "last eval metric" in mixed and "test metric" in mixed
+    # then each value names its metric (an MSE, lower is better, sat among accuracies)
+    lines = format_table([row("accuracy", "val") | {"best": 0.25, "last": 0.25},
+                          row("mse", "val") | {"best": 7.1875, "test": 8.0}]).splitlines()
+    assert "0.2500 accuracy" in lines[1] and "7.1875 mse" in lines[2] and "8.0000 mse" in lines[2]
+    assert "- accuracy" not in lines[1]
 
 
 def test_early_stop_counts_only_the_evaluated_epochs():
