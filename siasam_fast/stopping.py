@@ -59,40 +59,42 @@ def defer_stop_signals(*_args) -> None:
     worker's batch) and saves a checkpoint, then shuts its workers down as it always does. After
     a SIGTERM the worker exits (status 0, so that PyTorch does not report a worker killed
     mid-epoch) when its main process is gone, or ``WORKER_GRACE_S`` later unless its main
-    process is in a graceful stop (:data:`IN_GRACEFUL_STOP`), or at a second SIGTERM more than
-    ``REPEAT_WINDOW_S`` after the first. The last two end a worker that nobody shuts down, e.g.
-    when its main process fails and Python's exit handler SIGTERMs it and waits. Accepts and
-    ignores arguments, so that it serves as a ``worker_init_fn``."""
+    process is in a graceful stop (:data:`IN_GRACEFUL_STOP`: shared with the workers it forks;
+    DALI's spawned readers, which get this function pickled by value, see no flag and keep the
+    grace period), or at a second SIGTERM more than ``REPEAT_WINDOW_S`` after the first. The
+    last two end a worker that nobody shuts down, e.g. when its main process fails and Python's
+    exit handler SIGTERMs it and waits. Accepts and ignores arguments, so that it serves as a
+    ``worker_init_fn``. Self-contained (DALI's reader processes cannot import this package)."""
     if getattr(defer_stop_signals, "installed_in", None) == os.getpid():
         return  # (DALI's readers call it for every batch)
     for name in ("SIGINT", "SIGUSR1"):
         if hasattr(signal, name):
             signal.signal(getattr(signal, name), signal.SIG_IGN)
+    # looked up, not named: a copy pickled by value then finds none (and no module to import)
+    flag = globals().get("IN_GRACEFUL_STOP")
+    grace_s, every_s, window_s = WORKER_GRACE_S, WATCH_EVERY_S, REPEAT_WINDOW_S
     first: list[float] = []
+
+    def leave_when_unneeded(parent: int, since: float) -> None:
+        while True:
+            time.sleep(every_s)
+            if os.getppid() != parent:  # (re-parented: its main process is gone)
+                os._exit(0)
+            if time.monotonic() - since >= grace_s and not (flag is not None and flag.value):
+                os._exit(0)
 
     def on_sigterm(number, frame):
         now = time.monotonic()
         if first:  # the group's signal again (within the window), else its parent's exit
-            if now - first[0] > REPEAT_WINDOW_S:
+            if now - first[0] > window_s:
                 os._exit(0)
             return
         first.append(now)
-        threading.Thread(target=_leave_when_unneeded, args=(os.getppid(), now),
+        threading.Thread(target=leave_when_unneeded, args=(os.getppid(), now),
                          daemon=True).start()
 
     signal.signal(signal.SIGTERM, on_sigterm)
     defer_stop_signals.installed_in = os.getpid()
-
-
-def _leave_when_unneeded(parent: int, since: float) -> None:
-    """A worker's watch after a SIGTERM: exit when its main process ``parent`` is gone, or after
-    the grace period unless that process is in a graceful stop."""
-    while True:
-        time.sleep(WATCH_EVERY_S)
-        if os.getppid() != parent:  # (re-parented: its main process is gone)
-            os._exit(0)
-        if time.monotonic() - since >= WORKER_GRACE_S and not IN_GRACEFUL_STOP.value:
-            os._exit(0)
 
 
 def _install(handler) -> dict[int, object]:
