@@ -48,7 +48,14 @@ WORKER_GRACE_S = 30.0
 # at import, so the loader workers it forks later read it. While it is set, a worker outlives a
 # SIGTERM for as long as its main process lives: the step and the save may take longer than any
 # fixed grace (a scheduler's 120 s, a slow disk), and the worker's batch may be needed first.
-IN_GRACEFUL_STOP = multiprocessing.RawValue("b", 0)
+def _shared_flag():
+    try:
+        return multiprocessing.RawValue("b", 0)
+    except OSError:  # no shared memory to be had (a read-only /dev/shm and temp dir): workers
+        return None  # then keep the grace period
+
+
+IN_GRACEFUL_STOP = _shared_flag()
 # How often a worker that got a SIGTERM looks at its main process
 WATCH_EVERY_S = 0.5
 
@@ -97,6 +104,11 @@ def defer_stop_signals(*_args) -> None:
     defer_stop_signals.installed_in = os.getpid()
 
 
+def _set_graceful(value: int) -> None:
+    if IN_GRACEFUL_STOP is not None:
+        IN_GRACEFUL_STOP.value = value
+
+
 def _install(handler) -> dict[int, object]:
     """``handler`` for every stop signal (in the main thread only: elsewhere nothing); the
     previous handlers, by signal number."""
@@ -131,7 +143,7 @@ class StopRequest:
         self._restore()
 
     def _restore(self) -> None:
-        IN_GRACEFUL_STOP.value = 0  # (over: a worker's SIGTERM from an exit handler ends it)
+        _set_graceful(0)  # (over: a worker's SIGTERM from an exit handler ends it)
         for number, handler in self._previous.items():
             signal.signal(number, handler)
         self._previous = {}
@@ -148,7 +160,7 @@ class StopRequest:
                 raise KeyboardInterrupt
             return
         self.signal, self._since = name, now
-        IN_GRACEFUL_STOP.value = 1  # (its loader workers stay until it shuts them down)
+        _set_graceful(1)  # (its loader workers stay until it shuts them down)
         again = "; Ctrl-C again stops at once" if number == signal.SIGINT else ""
         if self.announce:
             print(f"\n{name}: stopping after this step with a checkpoint (resume with --resume "
