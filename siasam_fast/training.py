@@ -1915,10 +1915,15 @@ def parse_args(argv: list[str] | None, prog: str | None = None) -> argparse.Name
     return parser.parse_args(argv)
 
 
+_TRAINING: list[bool] = []  # non-empty once the run's first step is near (for main's message)
+
+
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     """Train; a bad config, path or checkpoint ends with one clear line (exit status 2)."""
+    _TRAINING.clear()
     try:
-        return train(argv, prog)
+        with stop_raises():  # the start-up: a scheduler's SIGTERM ends it with one line (the
+            return train(argv, prog)  # run's own stop handling takes over at the first step)
     except USAGE_ERRORS as err:
         # one write of the whole line: several processes' lines (an error every process raises)
         # then never run into each other in the launcher's output (print writes the text and the
@@ -1926,10 +1931,15 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         sys.stderr.write(f"error: {err}\n")
         sys.stderr.flush()
         return 2
-    except Stopped as stopped:  # a stop signal while an extension was built, in the start-up
-        print(f"stopped by {stopped.name} during the start-up (an extension's build, its lock "
-              "released): nothing was written to train.out_dir; run again to start",
-              file=sys.stderr)
+    except Stopped as stopped:  # a stop signal in the start-up (an extension's build ends
+        # through its own cleanup, its lock released), or in the moments after the training
+        how = ("interrupted: stopped" if stopped.name == "SIGINT" else
+               f"stopped by {stopped.name}")
+        print(f"{how} " + (
+            "after the training: train.out_dir keeps its last checkpoint (--resume auto "
+            "continues from it)" if _TRAINING else
+            "during the start-up, before the first step: nothing was trained; run the same "
+            "command again to start"), file=sys.stderr)
         return stopped.exit_status
     except KeyboardInterrupt:
         # Ctrl-C during the start-up (before the run's stop handling is in place: nothing has
@@ -2433,6 +2443,7 @@ def run_training(args: argparse.Namespace, cfg: Config, rank: int, world: int,
                   f"has no row in {out_dir / 'metrics_epochs.csv'} (the run ended during it): "
                   "evaluating it first")
         state = {**state, "eval_due": True}
+    _TRAINING.append(True)
     with stop_request:
         if tag_dir is not None and state.get("eval_due"):  # stopped right at that epoch's end
             due_sums = dict(state.get("epoch_sums", {}))

@@ -726,6 +726,34 @@ def test_ctrl_c_while_training_starts_is_one_line(synth, tmp_path):
     assert not (out / "summary.json").exists()
 
 
+SIGNAL_IN_MODEL_BUILD = """
+import os, signal, sys, time
+from siasam_fast import training
+
+def build(*args, **kwargs):  # a scheduler's SIGTERM while the model is built
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(5)
+    raise AssertionError("the start-up went on after the signal")
+
+training.build_model = build
+sys.exit(training.main(sys.argv[1:]))
+"""
+
+
+def test_a_sigterm_later_in_the_start_up_is_one_line_too(synth, tmp_path):
+    """A SIGTERM while the model was built (or the data loaded, a checkpoint read) ended the
+    process at once: no line at all, status -15. It now says so, and the run folder's lock goes."""
+    out = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-c", SIGNAL_IN_MODEL_BUILD, *base_args(synth, out)],
+                          cwd=ROOT, env=cpu_env(OMP_NUM_THREADS="1"), capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 128 + signal.SIGTERM, proc.stderr[-3000:]
+    assert ("stopped by SIGTERM during the start-up, before the first step: nothing was "
+            "trained; run the same command again to start") in proc.stderr, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    assert not (out / ".lock").exists()
+
+
 def test_ctrl_c_after_the_imports_and_before_the_loop_is_one_line_and_status_130(monkeypatch,
                                                                                 capsys):
     """Ctrl-C once training.main runs (DeepSpeed starting, the data loading), before the run's
