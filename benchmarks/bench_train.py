@@ -24,12 +24,15 @@ steps after ``--warmup`` untimed ones, under each variant:
     ``fast-bf16``      encoded once), the question embedded once per video, the fused Triton
                        siamese kernels, DeepSpeed ZeRO (``--zero-stage``, 2 by default) in fp16
                        (dynamic loss scaling) or bf16, DeepSpeed FusedAdam.
-(c) one optimisation at a time, each added alone to ``baseline-amp`` (named ``amp-<what>``):
+(c) one optimisation at a time, each added alone to ``baseline-amp`` (named ``amp-<what>``;
+    ``amp-dedup`` to ``amp-question-once``):
     ``amp-question-once``  the model's own forward on each video (dedup still off, so the CNN still
                            sees all N*B clip frames): the question is embedded once per video;
     ``amp-dedup``          frames decoded once and encoded once (the model's de-duplicated
                            forward, which also embeds the question once: model.py does both in one
-                           forward, so dedup minus question-once is the CNN's share);
+                           forward), so its ``base`` is ``amp-question-once``, not
+                           ``baseline-amp``: its ``speedup_vs_base`` is de-duplication's share
+                           alone;
     ``amp-triton``         the fused Triton siamese kernels instead of the eager reference;
     ``amp-fused-adam``     DeepSpeed FusedAdam instead of torch AdamW (foreach);
     ``amp-deepspeed``      the DeepSpeed engine, ZeRO stage ``--zero-stage``, with its own mixed
@@ -278,8 +281,9 @@ VARIANTS: tuple[Variant, ...] = (
             "bf16, FusedAdam, channels_last CNN, cuDNN autotuning", precision="bf16", **_FAST),
     Variant("amp-question-once", "toggle", "baseline-amp + question embedded once per video "
             "(the model's forward; CNN still on all N*B clip frames)", question_once=True, **_AMP),
-    Variant("amp-dedup", "toggle", "baseline-amp + frames decoded and encoded once (the model's "
-            "de-duplicated forward: question once too)", dedup=True, question_once=True, **_AMP),
+    Variant("amp-dedup", "toggle", "amp-question-once + frames decoded and encoded once (the "
+            "model's de-duplicated forward embeds the question once too)", dedup=True,
+            question_once=True, **{**_AMP, "base": "amp-question-once"}),
     Variant("amp-triton", "toggle", "baseline-amp + fused Triton siamese kernels",
             siamese_impl="triton", **_AMP),
     Variant("amp-fused-adam", "toggle", "baseline-amp + DeepSpeed FusedAdam", optimizer="fused",

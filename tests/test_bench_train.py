@@ -604,9 +604,9 @@ def test_time_budget_expects_a_variant_to_take_what_its_base_took():
             {"variant": "baseline-amp", "status": "ok", "wall_s": 50.0},
             {"variant": "fast-fp16", "status": "failed", "wall_s": 5.0}]
     expect = bench_train.expected_seconds
-    assert expect(bench_train.BY_NAME["amp-dedup"], rows, 30) == 50.0  # its base
+    assert expect(bench_train.BY_NAME["amp-triton"], rows, 30) == 50.0  # its base
     assert expect(bench_train.BY_NAME["baseline-fp32"], rows, 30) == 65.0  # median of the ok rows
-    assert expect(bench_train.BY_NAME["amp-dedup"], [], 30) == 30  # nothing yet: the floor
+    assert expect(bench_train.BY_NAME["amp-triton"], [], 30) == 30  # nothing yet: the floor
     rows.append({"variant": "fast-bf16", "status": "ok", "wall_s": 35.0})
     assert expect(bench_train.BY_NAME["baseline-fp32"], rows, 30) == 50.0  # median, not mean
 
@@ -1109,3 +1109,20 @@ def test_the_throughput_pass_ends_waiting_for_torchs_stream_not_the_whole_device
     pass1_end = first[-2 * 2 + 1]  # the last 2 x 2 steps are the two timed passes
     after = next(e for e in log[pass1_end + 1:] if e in ("device", "stream"))
     assert after == "stream", log
+
+
+def test_each_toggle_differs_from_its_base_row_in_one_setting():
+    """The attribution rows: every toggle (and baseline-amp) changes exactly one of the variant's
+    settings relative to the row named in its ``base``, so that ``speedup_vs_base`` is that one
+    optimisation's gain (amp-dedup's de-duplicated forward embeds the question once too: its base
+    is amp-question-once, not baseline-amp)."""
+    import dataclasses
+
+    settings = [f.name for f in dataclasses.fields(bench_train.Variant)
+                if f.name not in ("name", "group", "description", "base")]
+    for v in bench_train.VARIANTS:
+        if v.group == "siasam-fast" or not v.base:
+            continue
+        base = bench_train.BY_NAME[v.base]
+        changed = [s for s in settings if getattr(v, s) != getattr(base, s)]
+        assert len(changed) == 1, (v.name, v.base, changed)
