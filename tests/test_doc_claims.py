@@ -296,3 +296,21 @@ def test_the_slurm_templates_grace_period_reaches_the_training():
     for options in launches:
         wait = re.search(r"--shutdown-timeout (\d+)", options)
         assert wait and 30 < int(wait.group(1)) < lead, (options, lead)
+
+
+def test_scaling_doc_names_the_bench_train_column_it_quotes():
+    """docs/scaling.md, section 1: the TFLOP per step it quotes from bench_train.py's H200 CSV is
+    the value of the column it names (the CSV's ``tflop_per_step`` is each row's own count, 15.29
+    for the baseline's duplicate frames; the de-duplicated figure is ``model_tflop_per_step``)."""
+    import csv
+
+    text = (ROOT / "docs" / "scaling.md").read_text(encoding="utf-8")
+    m = re.search(r"reports\s+`(\w+)`:\s+([\d.]+) TFLOP in its H200 CSV of 2026-11-27", text)
+    assert m, "docs/scaling.md no longer quotes bench_train's H200 CSV"
+    column, value = m.group(1), float(m.group(2))
+    path = (ROOT / "benchmarks" / "measured" / "h200_2026-11-27" / "train"
+            / "bench_train_nvidia-h200_clipbert_base.csv")
+    with path.open(encoding="utf-8") as fh:
+        rows = [r for r in csv.DictReader(fh) if r["status"] == "ok"]
+    assert rows and all(round(float(r[column]), 2) == value for r in rows), (
+        column, value, [r[column] for r in rows])
