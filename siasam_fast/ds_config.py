@@ -171,6 +171,16 @@ def finalize(config: dict, micro_batch: int, grad_clip: float, world_size: int,
     config["train_batch_size"] = effective
     config["gradient_clipping"] = grad_clip
     precision = precision_of(config)
+    if precision == "fp16" and stage == 0:
+        # DeepSpeed 0.19's engine.backward() scales the loss for its ZeRO optimizers only: under
+        # ZeRO-0 its FP16_Optimizer / FP16_UnfusedOptimizer never see the loss scaled, yet their
+        # step() divides the gradients by the loss scale, so every update is loss-scale times
+        # (65536 at the start) too small (deepspeedai/DeepSpeed pull request #8393)
+        raise ValueError("fp16 with ZeRO stage 0: DeepSpeed's ZeRO-0 fp16 optimizer divides the "
+                         "gradients by the loss scale without the loss ever being scaled, so "
+                         "every update is the loss scale (65536) times too small: use "
+                         "configs/ds/zero2_fp16.json (or zero1_fp16.json), or ZeRO-0 in bf16 / "
+                         "fp32")
     if not torch.cuda.is_available() and precision == "fp16":
         raise ValueError("fp16 needs a CUDA GPU (DeepSpeed refuses it on CPU): use a bf16 or fp32 "
                          "config, e.g. configs/ds/zero2_fp32.json")

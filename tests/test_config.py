@@ -682,6 +682,32 @@ def test_shipped_deepspeed_files_are_what_the_module_writes(tmp_path):
         make_ds_config(2, "fp8")
 
 
+def test_fp16_with_zero_stage_0_is_refused(monkeypatch):
+    """DeepSpeed 0.19's engine.backward() scales the loss for its ZeRO optimizers only; under
+    ZeRO-0 its fp16 optimizer still divides the gradients by the loss scale, so every update was
+    65536 times too small (tests/test_grad_accum.py measures it). A V100 gets the refusal with
+    the configs that work; fp16 under ZeRO 1-3 and ZeRO-0 in bf16 / fp32 are accepted."""
+    import torch
+
+    from siasam_fast import ds_config
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Tesla V100-SXM2-32GB")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (7, 0))
+    for config in (ds_config.make_ds_config(0, "fp16"), {"fp16": dict(ds_config.FP16_DYNAMIC)},
+                   ds_config.load_ds_config("configs/ds/zero0_fp32.json", "fp16")):
+        with pytest.raises(ValueError, match=r"fp16 with ZeRO stage 0: .*65536.*"
+                                             r"configs/ds/zero2_fp16\.json"):
+            finalize(config, 4, 1.0, 1)
+    for stage in (1, 2, 3):
+        assert ds_config.precision_of(finalize(ds_config.make_ds_config(stage, "fp16"), 4, 1.0,
+                                               1)) == "fp16"
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))
+    for precision in ("bf16", "fp32"):
+        assert ds_config.precision_of(finalize(ds_config.make_ds_config(0, precision), 4, 1.0,
+                                               1)) == precision
+
+
 @pytest.mark.parametrize("capability, name, bf16", [
     ((7, 0), "Tesla V100-SXM2-32GB", False), ((7, 5), "Tesla T4", False),
     ((8, 0), "NVIDIA A100-SXM4-80GB", True), ((8, 6), "NVIDIA A10", True),
