@@ -18,7 +18,7 @@
 # About 6-8 minutes on an H100 (FusedAdam's JIT build included); QUICK=1 runs a third of the
 # steps (100 + 100 resumed fp16, 100 bf16, 100 triton, 10 per ZeRO stage) in about 3-4 minutes.
 # RUNS, if set, names the runs to do (space-separated, from fp16_half fp16_resume bf16_zero2
-# fp16_triton fp16_accum fp16_multi base_zero2 base_zero3 base_zero1 base_zero0); the others are
+# fp16_triton fp16_accum fp16_multi base_zero2 base_zero3 base_zero1); the others are
 # skipped.
 set -u
 source "$(dirname "$0")/gpu_env.sh"  # repository root, PYTHONPATH, $PY

@@ -198,6 +198,8 @@ def write_all(directory: str | Path) -> list[Path]:
     written = []
     for stage in STAGES:
         for precision in PRECISIONS:
+            if (stage, precision) == (0, "fp16"):  # refused (finalize): not shipped
+                continue
             path = directory / config_file_name(stage, precision)
             path.write_text(json.dumps(make_ds_config(stage, precision), indent=2) + "\n")
             written.append(path)

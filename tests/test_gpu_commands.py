@@ -224,7 +224,7 @@ def test_check_train_runs_are_accepted(runs, stubs, tmp_path):
                       OUT=str(tmp_path / "check_train"))
     checked = check_all(cmds, tmp_path)
     ran = checked.count("train.py")
-    assert ran == (len(runs.split()) if runs else 10), out
+    assert ran == (len(runs.split()) if runs else 9), out
     assert "FAIL" not in out
 
 
