@@ -775,15 +775,18 @@ def accumulation_group(index: int, batches: int, grad_accum: int) -> tuple[int, 
 
 
 def micro_batch_weight(index: int, batches: int, grad_accum: int, examples: int,
-                       batch_size: int) -> float:
+                       batch_size: int, sizes: list[int] | None = None) -> float:
     """The share of micro-batch ``index`` in its optimizer step: its examples over the step's
     (``examples`` on this process in the epoch, in micro-batches of ``batch_size``, the last one
-    partial). A step then weighs each of its examples equally, as one batch of them would, also
-    an epoch's last step with a partial micro-batch. 1 without accumulation."""
+    partial; or ``sizes``, each micro-batch's examples in the epoch's order, where short ones
+    occur mid-epoch: a task=multi epoch interleaves each task's last, short batch). A step then
+    weighs each of its examples equally, as one batch of them would, also an epoch's last step
+    with a partial micro-batch. 1 without accumulation."""
     start = index - index % grad_accum
-    sizes = [min(batch_size, examples - i * batch_size)
-             for i in range(start, min(start + grad_accum, batches))]
-    return sizes[index - start] / sum(sizes)
+    group = range(start, min(start + grad_accum, batches))
+    counts = ([sizes[i] for i in group] if sizes is not None else
+              [min(batch_size, examples - i * batch_size) for i in group])
+    return counts[index - start] / sum(counts)
 
 
 def move_schedule_end(scheduler, old_total: int, new_total: int,
@@ -2480,12 +2483,16 @@ def run_training(args: argparse.Namespace, cfg: Config, rank: int, world: int,
             sums = {k: v for k, v in resumed_sums.items() if k != "_steps"}
             n_steps = int(resumed_sums.get("_steps", 0))
             resumed_sums = {}
+            # task=multi: each micro-batch's examples (a task's short last batch comes mid-epoch)
+            sizes = (train_loader.micro_batch_sizes() if accum > 1
+                     and hasattr(train_loader, "micro_batch_sizes") else None)
             t_data = time.perf_counter()
             for index, batch in enumerate(train_loader, start=done):
                 # Micro-batch `index` of the epoch: its optimizer step's size and whether it ends it
                 _, last = accumulation_group(index, batches_per_epoch, accum)
                 weight = micro_batch_weight(index, batches_per_epoch, accum,
-                                            len(train_loader.sampler), cfg.train.batch_size)
+                                            len(train_loader.sampler), cfg.train.batch_size,
+                                            sizes)
                 if index == done or index % accum == 0:  # the first micro-batch of a step
                     t_step = t_data  # the step's wall clock starts with its first batch's wait
                     step_parts: dict = {}

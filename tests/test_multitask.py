@@ -87,7 +87,7 @@ class FakeLoader:
     def __init__(self, n: int, batch_size: int, tag: str):
         self.n, self.batch_size, self.tag = n, batch_size, tag
         self.dataset = range(n)
-        self.sampler = type("S", (), {"position": 0})()
+        self.sampler = type("S", (), {"position": 0, "__len__": lambda _, n=n: n})()
         self.epoch, self._resume = 0, 0
 
     def __len__(self):
@@ -137,6 +137,23 @@ def test_an_epoch_is_every_tasks_batches_once_in_a_seeded_order():
     assert mix.sampler.position == 0 and mix.order(1) != mix.order(0)
     assert [head for head, _, _ in batches(mix)] == mix.order(1)
     assert MultiTaskLoader(loaders(), seed=8, batch_size=3).order(0) != order
+
+
+def test_a_step_weighs_a_tasks_short_last_batch_by_its_examples():
+    """Accumulation weighs each micro-batch by its examples; in a task=multi epoch each task's
+    short last batch comes mid-epoch, where the one-task weights counted it as full: a step of 3
+    examples and 1 weighed them [0.5, 0.5], not [0.75, 0.25] (found by the numerics review)."""
+    from siasam_fast.training import micro_batch_weight
+
+    mix = MultiTaskLoader(loaders(), seed=7, batch_size=3)
+    got = batches(mix)
+    sizes = mix.micro_batch_sizes(0)
+    assert sizes == [len(ix) for _, _, ix in got] and sorted(sizes)[:4] == [1, 1, 1, 3]
+    for index in range(len(sizes)):
+        start = index - index % 2
+        pair = sizes[start:start + 2]
+        assert micro_batch_weight(index, len(sizes), 2, len(mix.sampler), 3, sizes) == \
+            pytest.approx(sizes[index] / sum(pair))
 
 
 def test_an_epochs_videos_are_every_tasks_examples():

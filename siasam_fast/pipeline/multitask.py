@@ -92,6 +92,18 @@ class MultiTaskLoader:
         done = [name for name in self.loaders for _ in range(before[name])]
         return done + [names[i] for i in shuffled]
 
+    def micro_batch_sizes(self, epoch: int | None = None) -> list[int]:
+        """The examples of each micro-batch of :meth:`order` on this process: each task's k-th
+        batch holds ``batch_size``, its last one what is left of its shard (so a step's weights
+        count examples, not batches)."""
+        seen = dict.fromkeys(self.loaders, 0)
+        sizes = []
+        for name in self.order(epoch):
+            examples = len(self.loaders[name].sampler)
+            sizes.append(max(0, min(self.batch_size, examples - seen[name] * self.batch_size)))
+            seen[name] += 1
+        return sizes
+
     def set_epoch(self, epoch: int) -> None:
         """Start epoch ``epoch`` from its beginning (a restored state for it is kept)."""
         epoch = int(epoch)
