@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import bench_train  # noqa: E402
-from subprocess_env import cpu_env  # noqa: E402
+from subprocess_env import cpu_env, ended  # noqa: E402
 
 from siasam_fast.config import load_config  # noqa: E402
 from siasam_fast.model import SiaSamReaModel, load_tokenizer  # noqa: E402
@@ -809,21 +809,7 @@ time.sleep(120)
         os.kill(child, 0)  # running
         parent.kill()
         parent.wait()
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            try:
-                os.kill(child, 0)
-            except ProcessLookupError:
-                break
-            # reaped by init once it ends; a zombie still answers kill(0): read its state
-            try:
-                state = Path(f"/proc/{child}/stat").read_text().rsplit(")", 1)[1].split()[0]
-            except FileNotFoundError:
-                break
-            if state == "Z":
-                break
-            time.sleep(0.1)
-        else:
+        if not ended(child, 10):  # (reaped by init once it ends, or a zombie)
             os.kill(child, signal.SIGKILL)
             pytest.fail("the variant process outlived its killed parent")
     finally:

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
+from subprocess_env import ended
 
 from siasam_fast import stopping
 from siasam_fast.stopping import StopRequest
@@ -161,16 +162,7 @@ def test_a_worker_outlives_the_grace_period_while_its_main_process_saves(how):
         assert out.stdout.splitlines() == ["stays during the stop: True", "leaves after it: True"]
         return
     worker = int(out.stdout.split()[0])
-    end = time.monotonic() + 5
-    while time.monotonic() < end:  # gone, or a zombie nobody reaps (a container's PID 1)
-        try:
-            state = Path(f"/proc/{worker}/stat").read_text().rsplit(")", 1)[1].split()[0]
-        except OSError:
-            break
-        if state == "Z":
-            break
-        time.sleep(0.1)
-    else:
+    if not ended(worker, 5):
         os.kill(worker, signal.SIGKILL)
         pytest.fail("the worker outlived its main process")
 
