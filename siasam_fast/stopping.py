@@ -44,10 +44,8 @@ REPEAT_WINDOW_S = 1.0
 # How long a loader worker outlives a SIGTERM that its main process did not take as a stop (its
 # exit handler's, say): then nothing waits for its batches.
 WORKER_GRACE_S = 30.0
-# Set by a process that takes a stop signal as a graceful stop (StopRequest): shared memory made
-# at import, so the loader workers it forks later read it. While it is set, a worker outlives a
-# SIGTERM for as long as its main process lives: the step and the save may take longer than any
-# fixed grace (a scheduler's 120 s, a slow disk), and the worker's batch may be needed first.
+
+
 def _shared_flag():
     try:
         return multiprocessing.RawValue("b", 0)
@@ -55,6 +53,10 @@ def _shared_flag():
         return None  # then keep the grace period
 
 
+# Set by a process that takes a stop signal as a graceful stop (StopRequest): shared memory made
+# at import, so the loader workers it forks later read it. While it is set, a worker outlives a
+# SIGTERM for as long as its main process lives: the step and the save may take longer than any
+# fixed grace (a scheduler's 120 s, a slow disk), and the worker's batch may be needed first.
 IN_GRACEFUL_STOP = _shared_flag()
 # How often a worker that got a SIGTERM looks at its main process
 WATCH_EVERY_S = 0.5
