@@ -157,10 +157,15 @@ def fsync_path(path: str | os.PathLike) -> None:
 
 
 def fsync_tree(root: str | os.PathLike) -> None:
-    """:func:`fsync_path` on every file and folder under ``root``, ``root`` last."""
+    """:func:`fsync_path` on every file and folder under ``root``, ``root`` last. A file gone
+    meanwhile is skipped: other processes write into the same folder (a checkpoint's ranks: their
+    temporary files are renamed or removed while this walks)."""
     for folder, _, files in os.walk(root, topdown=False):
         for name in files:
-            fsync_path(os.path.join(folder, name))
+            try:
+                fsync_path(os.path.join(folder, name))
+            except FileNotFoundError:
+                pass
         fsync_path(folder)
 
 

@@ -1939,6 +1939,18 @@ def test_save_checkpoint_syncs_every_file_before_the_tag_is_marked_complete(tmp_
     assert f"{ckpt}/.step2{RESAVE}/mp_rank_00_model_states.pt" in again and again[-1] == ckpt
 
 
+def test_syncing_a_checkpoint_skips_another_processs_file_gone_meanwhile(tmp_path):
+    """Each process syncs the whole tag folder while the others still write into it: a rank's
+    temporary file renamed meanwhile failed the save ("No such file or directory:
+    .../.loader_rank1.json.7847.tmp"), seen in a 2-process CPU run of the suite."""
+    from siasam_fast.paths import fsync_tree
+
+    (tmp_path / "tag").mkdir()
+    (tmp_path / "tag" / "model.pt").write_bytes(b"w")
+    (tmp_path / "tag" / ".loader_rank1.json.7847.tmp").symlink_to(tmp_path / "renamed")
+    fsync_tree(tmp_path / "tag")  # (a link to nothing: a file that went between list and open)
+
+
 def test_a_tag_saved_again_is_swapped_in_whole(tmp_path):
     """The epoch's last step is saved twice (save_every, then the epoch's end). Saved in place,
     the second save rewrote the model file while `latest` named the tag: a kill then left a
